@@ -1,0 +1,22 @@
+"""mistudio: a model's internal activations on disk, from a notebook, without babysitting a script."""
+from .api import extract, open_extraction
+from .config import HOOK_KINDS, DatasetSpec, HubDataset, ModelSpec
+from .data import sample_dataset, sample_texts
+from .errors import ExtractionFailed, InputError, JobCancelled, MistudioError, StoreBusy
+from .extraction import Extraction
+from .jobs import Job
+from .models import load_model, packaged_minilm_path
+from .workspace import Workspace
+
+__version__ = "0.1.0"
+__all__ = ["extract", "open_extraction", "sample_dataset", "sample_texts", "HubDataset", "ModelSpec", "DatasetSpec",
+           "Workspace", "Job", "Extraction", "load_model", "packaged_minilm_path", "HOOK_KINDS", "InputError",
+           "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy"]
+
+
+def __getattr__(name: str):
+    if name == "Studio":  # the notebook panel imports ipywidgets; load it only when asked
+        from .widgets import Studio
+
+        return Studio
+    raise AttributeError(f"module 'mistudio' has no attribute {name!r}")

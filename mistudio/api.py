@@ -1,0 +1,57 @@
+"""The blocking entry points: ``ms.extract`` and ``ms.open_extraction``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ExtractionFailed, InputError, JobCancelled
+from .extraction import Extraction
+from .progress import TqdmListener
+from .store import ExtractionStore
+from .workspace import Workspace
+
+
+def extract(model: Any, dataset: Any = "sample", layers: Any = (0,), hooks: Any = ("residual",), *,
+            workspace: str | os.PathLike | None = None, progress: bool = True, **options: Any) -> Extraction:
+    """Run one extraction to the end and return it (blocking; Ctrl-C cancels and keeps what was saved).
+
+    Arguments are those of :meth:`Workspace.submit`: ``batch_size``, ``max_samples``, ``max_length``,
+    ``dtype`` (storage), ``model_dtype``, ``device``, ``text_column``, ``oov_policy``, ``padding_side``,
+    ``timeout_s``, ``auto_retry_on_oom``. A failed job raises: bad input as ``InputError``, anything
+    else as ``ExtractionFailed`` carrying the error record and suggested retry.
+    """
+    ws = Workspace(workspace)
+    job = ws.submit(model, dataset, layers, hooks=hooks, **options)
+    bar = job.subscribe(TqdmListener()) if progress else None
+    try:
+        job.wait()
+    except KeyboardInterrupt:
+        job.cancel().wait()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    status = job.status
+    if status == "COMPLETED":
+        return job.extraction()
+    if status == "CANCELLED":
+        raise JobCancelled(f"extraction {job.id} was cancelled; what was saved is kept (ws.resume({job.id!r}))")
+    error = job.error or {"error_type": "UNKNOWN", "error_message": f"job ended {status}"}
+    if error["error_type"] == "VALIDATION":
+        raise InputError(error["error_message"])
+    raise ExtractionFailed(job.id, error)
+
+
+def open_extraction(id_or_path: str | os.PathLike, workspace: str | os.PathLike | None = None) -> Extraction:
+    """Open a stored extraction by id (in ``workspace``) or by the path/URL of its ``.zarr`` store."""
+    text = str(id_or_path)
+    if "://" in text:
+        return Extraction(ExtractionStore.open(text))
+    path = Path(text).expanduser()
+    if path.exists():
+        try:
+            return Extraction(ExtractionStore.open(str(path)))
+        except Exception as exc:
+            raise InputError(f"{text!r} is not a mistudio extraction store: {exc}") from exc
+    return Workspace(workspace).open(text)

@@ -1,0 +1,246 @@
+"""Read dataset rows, tokenize them, validate token ids, and plan length-bucketed batches."""
+from __future__ import annotations
+
+import gzip
+import json
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .config import DatasetSpec, HubDataset
+from .errors import InputError
+
+Row = tuple[int, object]  # (dataset row index, text or list of token ids)
+
+
+def sample_dataset() -> str:
+    """The bundled sample: ~2,000 paragraphs of real English prose (CPython's reference and docstrings)."""
+    return "sample"
+
+
+def sample_texts() -> list[str]:
+    """The bundled sample's texts, in row order."""
+    with resources.files("mistudio.resources").joinpath("sample_text.jsonl.gz").open("rb") as raw:
+        with gzip.open(raw, "rt", encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f]
+
+
+def _read_jsonl(path: Path, column: str) -> Iterator[object]:
+    with path.open(encoding="utf-8") as f:
+        first = True
+        for n, line in enumerate(f):
+            if not line.strip():
+                yield None
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path} line {n + 1} is not valid JSON ({exc.msg}): fix or remove that line") from exc
+            if not isinstance(rec, dict):
+                yield rec if isinstance(rec, str) else None
+                continue
+            if first and column not in rec:
+                raise InputError(
+                    f"text column {column!r} is not in {path}: its first record has keys {sorted(rec)}; "
+                    "pass text_column=<one of them>"
+                )
+            first = False
+            yield rec.get(column)
+
+
+def _read_table(path: Path, column: str) -> Iterator[object]:
+    import pandas as pd
+
+    if path.suffix.lower() == ".csv":
+        frame = pd.read_csv(path)
+    else:
+        frame = pd.read_parquet(path)
+    if column not in frame.columns:
+        raise InputError(
+            f"text column {column!r} is not in {path}: its columns are {list(frame.columns)}; "
+            "pass text_column=<one of them>"
+        )
+    for value in frame[column].tolist():
+        yield value
+
+
+def _read_datasets(ds, column: str, where: str) -> Iterator[object]:
+    import datasets
+
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        splits = list(ds.keys())
+        raise InputError(f"{where} holds several splits {splits}: point at one split, e.g. its {splits[0]!r} split")
+    if column not in (ds.column_names or []):
+        raise InputError(
+            f"text column {column!r} is not in {where}: its columns are {ds.column_names}; pass text_column=<one of them>"
+        )
+    for record in ds.select_columns([column]):
+        yield record[column]
+
+
+def _read_hub(spec: HubDataset) -> Iterator[object]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+    except Exception as exc:  # the datasets library raises many types for "not reachable"
+        raise InputError(
+            f"could not load Hub dataset {spec.name!r} (split {spec.split!r}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. The Hub may be unreachable from here: save the "
+            "dataset with save_to_disk on a machine with network and pass that folder, or pass a local file"
+        ) from exc
+    yield from _read_datasets(ds, spec.column, f"Hub dataset {spec.name!r}")
+
+
+def raw_values(spec: DatasetSpec) -> Iterator[object]:
+    """Every row's raw value (text, token ids, or junk), in dataset order."""
+    src = spec.source
+    if isinstance(src, HubDataset):
+        yield from _read_hub(src)
+    elif isinstance(src, list):
+        yield from src
+    elif src == "sample":
+        yield from sample_texts()
+    else:
+        path = Path(src)
+        if path.is_dir():
+            import datasets
+
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except FileNotFoundError as exc:
+                raise InputError(
+                    f"dataset folder {src!r} is not a `datasets` folder saved with save_to_disk: "
+                    "point at such a folder, or at a .txt/.jsonl/.csv/.parquet file"
+                ) from exc
+            yield from _read_datasets(ds, spec.text_column, f"dataset folder {src!r}")
+        elif path.suffix.lower() == ".txt":
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    yield line.rstrip("\n")
+        elif path.suffix.lower() in (".jsonl", ".json"):
+            yield from _read_jsonl(path, spec.text_column)
+        else:
+            yield from _read_table(path, spec.text_column)
+
+
+def _is_token_ids(value: object) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and np.issubdtype(value.dtype, np.integer)
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+
+
+@dataclass
+class TokenizedDataset:
+    """Token ids of every kept sample, with the dataset row it came from and what was dropped."""
+
+    ids: list[np.ndarray]
+    rows: np.ndarray
+    n_rows_read: int = 0
+    n_skipped_invalid: int = 0
+    n_skipped_oov: int = 0
+    n_clamped_tokens: int = 0
+    n_truncated: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(a) for a in self.ids), dtype=np.int64, count=len(self.ids))
+
+    def report(self) -> dict:
+        return {
+            "n_rows_read": self.n_rows_read,
+            "n_samples": len(self.ids),
+            "n_tokens": int(self.lengths.sum()),
+            "n_skipped_invalid": self.n_skipped_invalid,
+            "n_skipped_oov": self.n_skipped_oov,
+            "n_clamped_tokens": self.n_clamped_tokens,
+            "n_truncated": self.n_truncated,
+        }
+
+
+def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "clamp",
+             batch_rows: int = 1024) -> TokenizedDataset:
+    """Tokenize with the tokenizer's own call (special tokens as it adds them), truncate, check ids."""
+    out = TokenizedDataset(ids=[], rows=np.zeros(0, dtype=np.int64))
+    rows: list[int] = []
+    pending: list[tuple[int, str]] = []
+
+    def keep(row: int, ids: np.ndarray) -> None:
+        if len(ids) > spec.max_length:
+            ids = ids[: spec.max_length]
+            out.n_truncated += 1
+        bad = (ids < 0) | (ids >= vocab_size)
+        if bad.any():
+            first = int(ids[bad][0])
+            if oov_policy == "error":
+                raise InputError(
+                    f"dataset row {row} has token id {first}, outside the model's vocabulary (0..{vocab_size - 1}): "
+                    "use the tokenizer that matches the model, or oov_policy='clamp' or 'skip'"
+                )
+            if oov_policy == "skip":
+                out.n_skipped_oov += 1
+                return
+            out.n_clamped_tokens += int(bad.sum())
+            ids = np.clip(ids, 0, vocab_size - 1)
+        if len(ids) == 0:
+            out.n_skipped_invalid += 1
+            return
+        out.ids.append(ids.astype(np.int32))
+        rows.append(row)
+
+    def flush() -> None:
+        if not pending:
+            return
+        enc = tokenizer([t for _, t in pending], truncation=True, max_length=spec.max_length,
+                        add_special_tokens=spec.add_special_tokens)
+        for (row, _), ids in zip(pending, enc["input_ids"]):
+            keep(row, np.asarray(ids, dtype=np.int64))
+        pending.clear()
+
+    limit = spec.max_samples
+    for row, value in enumerate(raw_values(spec)):
+        if limit is not None and len(rows) + len(pending) >= limit:
+            flush()  # some pending rows may still be dropped; read on only if they were
+            if len(rows) >= limit:
+                break
+        out.n_rows_read += 1
+        if isinstance(value, str) and value.strip():
+            pending.append((row, value))
+            if len(pending) >= batch_rows:
+                flush()
+        elif _is_token_ids(value):
+            flush()
+            keep(row, np.asarray(value, dtype=np.int64))
+        else:
+            out.n_skipped_invalid += 1
+    flush()
+    out.rows = np.asarray(rows, dtype=np.int64)
+    if out.n_clamped_tokens:
+        warnings.warn(f"{out.n_clamped_tokens} token ids outside the vocabulary (0..{vocab_size - 1}) were clamped; "
+                      "the count is in the extraction's metadata", stacklevel=2)
+    if not out.ids:
+        raise InputError(
+            f"the dataset has no usable rows: {out.n_rows_read} read, {out.n_skipped_invalid} empty or not text, "
+            f"{out.n_skipped_oov} skipped for out-of-vocabulary ids. Give a dataset with text in column "
+            f"{spec.text_column!r}"
+        )
+    return out
+
+
+def plan_order(lengths: np.ndarray) -> np.ndarray:
+    """Stored order: longest first (OOM shows up in the first batch), stable, independent of batch size.
+
+    Any batch size cut from this order pads little, and a resume with another batch size keeps the order.
+    """
+    return np.argsort(-np.asarray(lengths), kind="stable")
+
+
+def batch_ranges(n_samples: int, batch_size: int, start: int = 0) -> list[tuple[int, int]]:
+    """Consecutive [begin, end) sample ranges of the stored order, from ``start``."""
+    return [(b, min(b + batch_size, n_samples)) for b in range(start, n_samples, batch_size)]

@@ -1,0 +1,130 @@
+"""The synchronous extraction loop: batched forward passes, hooks, early stop, rows to the writer.
+
+It knows nothing of threads or widgets: it takes a loaded model, an allocated store, what to
+capture, a ``check`` callable (raises to cancel or time out) and a ``progress`` callback.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import CaptureSpec
+from .data import batch_ranges
+from .errors import InputError
+from .models import LoadedModel
+from .store import ChunkWriter, ExtractionStore
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the last requested layer: the rest of the model is never run."""
+
+
+def _output_tensor(output) -> torch.Tensor:
+    """The hidden-state tensor of a sub-module's output (blocks and attention return tuples)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output[0] if hasattr(output, "__getitem__") else output.last_hidden_state
+
+
+def pad_batch(ids: np.ndarray, offsets: np.ndarray, begin: int, end: int, pad_id: int,
+              side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic padding of samples [begin, end): (input ids, attention mask), both (batch, longest)."""
+    lengths = offsets[begin + 1:end + 1] - offsets[begin:end]
+    width = int(lengths.max())
+    batch = np.full((end - begin, width), pad_id, dtype=np.int64)
+    mask = np.zeros((end - begin, width), dtype=np.int64)
+    for row, (start, length) in enumerate(zip(offsets[begin:end], lengths)):
+        cols = slice(0, length) if side == "right" else slice(width - length, width)
+        batch[row, cols] = ids[start:start + length]
+        mask[row, cols] = 1
+    return batch, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding shifts nothing."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, start_sample: int = 0,
+        check: Callable[[], None] | None = None, progress: Callable[[dict], None] | None = None,
+        before_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Extract every sample from ``start_sample`` on into ``store``; return throughput figures.
+
+    ``check()`` is called before each batch and may raise (cancel, timeout). ``before_batch(index,
+    batch_size)`` is a test hook for fault injection. Whatever the outcome, rows of finished batches
+    are written and committed before this returns or raises.
+    """
+    ids = store.input_ids()
+    offsets = store.sample_offsets()
+    n_samples = len(offsets) - 1
+    if len(ids) and (int(ids.max()) >= loaded.vocab_size or int(ids.min()) < 0):
+        raise InputError(f"stored token ids reach {int(ids.max())}, outside this model's vocabulary "
+                         f"(0..{loaded.vocab_size - 1}): resume with the model the extraction was made with")
+    storage_dtype = getattr(torch, capture.dtype)
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def capture_hook(hook_point: str):
+        def hook(_module, _inputs, output):
+            captured[hook_point] = _output_tensor(output)
+        return hook
+
+    def stop_hook(_module, _inputs, _output):
+        raise _StopForward
+
+    for hp in capture.hook_points():
+        _, layer, kind = hp.split(".")
+        handles.append(loaded.module(int(layer), kind).register_forward_hook(capture_hook(hp)))
+    handles.append(loaded.blocks[max(capture.layers)].register_forward_hook(stop_hook))
+
+    writer = ChunkWriter(store, start_sample)
+    device = loaded.device
+    tokens_total = int(offsets[-1] - offsets[start_sample])
+    done_tokens = 0
+    started = time.perf_counter()
+    try:
+        for index, (begin, end) in enumerate(batch_ranges(n_samples, capture.batch_size, start_sample)):
+            if check is not None:
+                check()
+            if before_batch is not None:
+                before_batch(index, capture.batch_size)
+            batch, mask = pad_batch(ids, offsets, begin, end, loaded.pad_id, capture.padding_side)
+            input_ids = torch.from_numpy(batch).to(device)
+            attention = torch.from_numpy(mask).to(device)
+            kwargs = {"input_ids": input_ids, "attention_mask": attention}
+            if "position_ids" in loaded.forward_args:
+                kwargs["position_ids"] = position_ids(attention)
+            if "use_cache" in loaded.forward_args:
+                kwargs["use_cache"] = False
+            captured.clear()
+            with torch.inference_mode():
+                try:
+                    loaded.model(**kwargs)
+                except _StopForward:
+                    pass
+                keep = attention.bool()
+                rows = {hp: captured[hp][keep].to(storage_dtype).cpu().numpy() for hp in capture.hook_points()}
+            captured.clear()
+            writer.put(end - begin, rows)
+            done_tokens += int(mask.sum())
+            if progress is not None:
+                elapsed = time.perf_counter() - started
+                rate = done_tokens / elapsed if elapsed > 0 else 0.0
+                progress({
+                    "samples_done": end, "samples_total": n_samples,
+                    "tokens_done": int(offsets[end]), "tokens_total": int(offsets[-1]),
+                    "tokens_per_s": rate, "eta_s": (tokens_total - done_tokens) / rate if rate else None,
+                    "batch_size": capture.batch_size,
+                })
+    finally:
+        for handle in handles:
+            handle.remove()
+        captured.clear()
+        writer.close(flush=True)
+    elapsed = time.perf_counter() - started
+    return {"tokens": done_tokens, "seconds": elapsed, "tokens_per_s": done_tokens / elapsed if elapsed else 0.0}

@@ -1,0 +1,121 @@
+"""Read access to one stored extraction: metadata, arrays, and a dataset row's activations."""
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import zarr
+
+from .errors import InputError
+from .store import ExtractionStore
+
+
+class Extraction:
+    """A stored extraction, any status. Reads only what is asked for."""
+
+    def __init__(self, store: ExtractionStore):
+        self.store = store
+
+    def __repr__(self) -> str:
+        return (f"Extraction({self.id!r}, status={self.status}, samples={self.n_samples}, tokens={self.n_tokens}, "
+                f"hook_points={self.hook_points})")
+
+    @property
+    def metadata(self) -> dict:
+        """The store's ``attrs['mistudio']``, read fresh."""
+        return self.store.refresh()
+
+    @property
+    def id(self) -> str:
+        return self.store.meta["id"]
+
+    @property
+    def location(self) -> str:
+        return self.store.location
+
+    @property
+    def status(self) -> str:
+        return self.metadata["status"]
+
+    @property
+    def hook_points(self) -> list[str]:
+        return list(self.store.meta.get("hook_points", []))
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in the extraction's plan (all of them once COMPLETED; see ``metadata['progress']``)."""
+        return int(self.store.meta.get("progress", {}).get("samples_total", 0))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.store.meta.get("progress", {}).get("tokens_total", 0))
+
+    def activations(self, hook_point: str) -> zarr.Array:
+        """The Zarr array ``(n_tokens, d)`` of one hook point, in stored order (lazy)."""
+        if hook_point not in self.hook_points:
+            raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {self.hook_points}")
+        return self.store.activations(hook_point)
+
+    @cached_property
+    def sample_index(self) -> np.ndarray:
+        """Dataset row of each stored sample, in stored order."""
+        return self.store.sample_index()
+
+    @cached_property
+    def sample_offsets(self) -> np.ndarray:
+        """Token range ``[offsets[k], offsets[k+1])`` of the k-th stored sample."""
+        return self.store.sample_offsets()
+
+    @cached_property
+    def _position_of_row(self) -> dict[int, int]:
+        return {int(row): pos for pos, row in enumerate(self.sample_index)}
+
+    @cached_property
+    def tokenizer(self):
+        """The tokenizer of the model the extraction was made with (loaded on first use)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.store.meta["model"]["name_or_path"])
+
+    def rows(self) -> np.ndarray:
+        """Dataset rows present in the extraction, ascending."""
+        return np.sort(self.sample_index)
+
+    def token_range(self, row: int) -> tuple[int, int]:
+        """``[start, stop)`` of a dataset row's tokens in every array."""
+        pos = self._position_of_row.get(int(row))
+        if pos is None:
+            rows = self.sample_index
+            raise InputError(f"dataset row {row} is not in extraction {self.id}: it holds {len(rows)} rows "
+                             f"({int(rows.min())}..{int(rows.max())}, empty and skipped rows excluded); "
+                             "see ext.rows()")
+        committed = int(self.store.meta.get("progress", {}).get("samples_committed", 0))
+        if pos >= committed and self.status != "COMPLETED":
+            raise InputError(f"dataset row {row} has not been extracted yet ({committed} of {self.n_samples} samples "
+                             f"are saved, status {self.status}): resume the job to extract it")
+        return int(self.sample_offsets[pos]), int(self.sample_offsets[pos + 1])
+
+    def sample(self, row: int, hook_points: list[str] | None = None, tokens: bool = True) -> dict:
+        """One dataset row: ``input_ids``, ``tokens`` (strings), ``activations`` {hook point: (len, d)}."""
+        start, stop = self.token_range(row)
+        input_ids = self.store.group["tokens/input_ids"][start:stop]
+        out = {
+            "row": int(row),
+            "input_ids": input_ids,
+            "activations": {hp: self.activations(hp)[start:stop] for hp in (hook_points or self.hook_points)},
+        }
+        out["tokens"] = self.tokenizer.convert_ids_to_tokens([int(i) for i in input_ids]) if tokens else None
+        return out
+
+    def to_xarray(self):
+        """Every hook point as a lazy ``xarray.Dataset`` over (token, feature)."""
+        import xarray as xr
+
+        return xr.open_zarr(self.store.location, consolidated=self.status == "COMPLETED",
+                            storage_options=self.store.storage_options, group="activations")
+
+    def to_dask(self, hook_point: str):
+        """One hook point as a lazy dask array."""
+        import dask.array as da
+
+        return da.from_zarr(self.activations(hook_point))

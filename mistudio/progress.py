@@ -1,0 +1,29 @@
+"""A tqdm progress bar as a job listener (used by the CLI and ``ms.extract``)."""
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+
+class TqdmListener:
+    """Draws a job's ``progress`` events as a tqdm bar over samples, with tokens/s; prints retries."""
+
+    def __init__(self, **tqdm_options):
+        self.options = {"unit": "sample", "dynamic_ncols": True, **tqdm_options}
+        self.bar: tqdm | None = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "progress":
+            if self.bar is None:
+                self.bar = tqdm(total=event["samples_total"], desc=event["job_id"], **self.options)
+            self.bar.n = event["samples_done"]
+            self.bar.set_postfix(tok_s=f"{event['tokens_per_s']:.0f}", batch=event["batch_size"], refresh=False)
+            self.bar.refresh()
+        elif kind == "retry" and self.bar is not None:
+            self.bar.write(f"out of memory: retrying with batch_size={event['batch_size']}")
+        elif kind == "failed" and self.bar is not None:
+            self.bar.write(f"failed [{event['error_type']}]: {event['error_message']}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

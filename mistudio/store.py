@@ -1,0 +1,283 @@
+"""One self-describing Zarr store per extraction, and the single writer thread that fills it."""
+from __future__ import annotations
+
+import copy
+import math
+import queue
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+
+FORMAT_VERSION = 1
+LIVE_STATES = ("QUEUED", "LOADING", "EXTRACTING", "SAVING")
+END_STATES = ("COMPLETED", "FAILED", "CANCELLED")
+
+
+def _jsonable(value: Any) -> Any:
+    """Numpy scalars and tuples into plain JSON types, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def chunk_rows(width: int, itemsize: int, chunk_mb: float) -> int:
+    """Rows per chunk so that a chunk holds about ``chunk_mb`` MB, a multiple of 64 rows."""
+    rows = int(chunk_mb * 2**20 / max(1, width * itemsize))
+    return max(64, rows // 64 * 64)
+
+
+class ExtractionStore:
+    """A Zarr group: ``attrs['mistudio']`` metadata, ``tokens/*`` and ``activations/<hook point>``."""
+
+    def __init__(self, location: str, group: zarr.Group, storage_options: dict | None = None):
+        self.location = location
+        self.group = group
+        self.storage_options = storage_options
+        self._lock = threading.RLock()
+        self._meta: dict = dict(group.attrs.get("mistudio", {}))
+
+    @classmethod
+    def create(cls, location: str, meta: dict, storage_options: dict | None = None) -> "ExtractionStore":
+        """A new store holding only its metadata (arrays come with :meth:`allocate`)."""
+        group = zarr.open_group(store=location, mode="w-", storage_options=storage_options, zarr_format=3)
+        store = cls(location, group, storage_options)
+        store.update(format_version=FORMAT_VERSION, **meta)
+        return store
+
+    @classmethod
+    def open(cls, location: str, storage_options: dict | None = None, writable: bool = False) -> "ExtractionStore":
+        group = zarr.open_group(store=location, mode="r+" if writable else "r", storage_options=storage_options,
+                                use_consolidated=False)
+        if "mistudio" not in group.attrs:
+            raise ValueError(f"{location} is a Zarr group but not a mistudio extraction (no 'mistudio' attributes)")
+        return cls(location, group, storage_options)
+
+    # -- metadata -------------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        """A deep copy of the metadata as this object last wrote or read it."""
+        with self._lock:
+            return copy.deepcopy(self._meta)
+
+    def refresh(self) -> dict:
+        """Re-read the metadata from storage (another process may have written it)."""
+        group = zarr.open_group(store=self.location, mode="r", storage_options=self.storage_options,
+                                use_consolidated=False)
+        with self._lock:
+            self._meta = dict(group.attrs.get("mistudio", {}))
+            return copy.deepcopy(self._meta)
+
+    def update(self, **sections: Any) -> dict:
+        """Replace top-level metadata sections (``progress=...``) and write them; dict sections merge."""
+        with self._lock:
+            for key, value in sections.items():
+                value = _jsonable(value)
+                if isinstance(value, dict) and isinstance(self._meta.get(key), dict) and key != "error":
+                    self._meta[key] = {**self._meta[key], **value}
+                else:
+                    self._meta[key] = value
+            self.group.attrs.update({"mistudio": self._meta})
+            return copy.deepcopy(self._meta)
+
+    # -- arrays ---------------------------------------------------------------------------------
+    @property
+    def is_allocated(self) -> bool:
+        return "tokens" in self.group and "sample_offsets" in self.group["tokens"]
+
+    def allocate(self, ids: list[np.ndarray], rows: np.ndarray, hook_dims: dict[str, int], dtype: str,
+                 chunk_mb: float) -> None:
+        """Create every array, sized now, and write the token plan (ids, offsets, rows) in stored order."""
+        lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        n_tokens = int(offsets[-1])
+        tokens = self.group.require_group("tokens")
+        flat = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)
+        for name, data in (("input_ids", flat), ("sample_offsets", offsets), ("sample_index", rows.astype(np.int64))):
+            arr = tokens.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(max(1, min(len(data), 2**20)),),
+                                      dimension_names=("token",) if name == "input_ids" else ("sample",),
+                                      compressors=None, overwrite=True)
+            arr[:] = data
+        acts = self.group.require_group("activations")
+        itemsize = np.dtype(dtype).itemsize
+        rows_per_chunk = chunk_rows(max(hook_dims.values()), itemsize, chunk_mb)
+        for hook_point, width in hook_dims.items():
+            acts.create_array(hook_point, shape=(n_tokens, width), chunks=(rows_per_chunk, width), dtype=dtype,
+                              fill_value=0, dimension_names=("token", "feature"), compressors=None, overwrite=True)
+        self.update(progress={"samples_total": len(ids), "tokens_total": n_tokens, "samples_committed": 0,
+                              "tokens_committed": 0, "chunk_rows": rows_per_chunk},
+                    hook_points=list(hook_dims))
+
+    def input_ids(self) -> np.ndarray:
+        return self.group["tokens/input_ids"][:]
+
+    def sample_offsets(self) -> np.ndarray:
+        return self.group["tokens/sample_offsets"][:]
+
+    def sample_index(self) -> np.ndarray:
+        return self.group["tokens/sample_index"][:]
+
+    def activations(self, hook_point: str) -> zarr.Array:
+        return self.group[f"activations/{hook_point}"]
+
+    def consolidate(self) -> None:
+        """Write consolidated metadata once, at the end, for fast `xarray.open_zarr`."""
+        import warnings
+
+        with warnings.catch_warnings():  # zarr notes consolidation is not in the v3 spec; xarray reads it fine
+            warnings.simplefilter("ignore", UserWarning)
+            zarr.consolidate_metadata(self.group.store)
+
+
+class _HookStats:
+    """Running mean/std/max-abs/zero-fraction of one hook point, exact over committed rows."""
+
+    @staticmethod
+    def empty() -> dict:
+        return {"count": 0, "sum": 0.0, "sum_sq": 0.0, "max_abs": 0.0, "zeros": 0}
+
+    @staticmethod
+    def add(acc: dict, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        values = rows.astype(np.float32, copy=False)
+        acc["count"] += int(values.size)
+        acc["sum"] += float(values.sum(dtype=np.float64))
+        acc["sum_sq"] += float(np.einsum("ij,ij->", values, values, dtype=np.float64))
+        acc["max_abs"] = max(acc["max_abs"], float(np.abs(values).max()))
+        acc["zeros"] += int(values.size - np.count_nonzero(values))
+
+    @staticmethod
+    def summary(acc: dict) -> dict:
+        n = acc["count"]
+        mean = acc["sum"] / n if n else 0.0
+        var = max(0.0, acc["sum_sq"] / n - mean * mean) if n else 0.0
+        return {**acc, "mean": mean, "std": math.sqrt(var), "frac_zeros": acc["zeros"] / n if n else 0.0}
+
+
+class ChunkWriter:
+    """The store's only writer: a thread that appends rows in stored order and writes whole chunks.
+
+    Rows arrive per batch (``put``). Whenever a chunk boundary is passed, the rows up to the last
+    boundary are written; then the commit mark moves to the last sample that ends inside the written
+    region, and ``progress.samples_committed``/``tokens_committed`` and the statistics are recorded.
+    Everything below the mark is final; a resumed job restarts at it.
+    """
+
+    _FLUSH = object()
+    _STOP = object()
+
+    def __init__(self, store: ExtractionStore, start_sample: int, on_commit: Callable[[dict], None] | None = None,
+                 queue_depth: int = 2):
+        self.store = store
+        self.offsets = store.sample_offsets()
+        self.hook_points = list(store.meta["hook_points"])
+        self.arrays = {hp: store.activations(hp) for hp in self.hook_points}
+        self.chunk = self.arrays[self.hook_points[0]].chunks[0]
+        self.on_commit = on_commit
+        saved = store.meta.get("statistics", {}) if start_sample else {}  # exact up to the commit mark
+        self.stats = {hp: {k: saved.get(hp, {}).get(k, v) for k, v in _HookStats.empty().items()}
+                      for hp in self.hook_points}
+        self.committed_sample = start_sample
+        self.received_sample = start_sample
+        self.written = int(self.offsets[start_sample])
+        self.buffer = {hp: [] for hp in self.hook_points}  # rows from the commit mark onward
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._thread = threading.Thread(target=self._loop, name="mistudio-writer", daemon=True)
+        self._thread.start()
+
+    # -- producer side ---------------------------------------------------------------------------
+    def put(self, n_samples: int, rows: dict[str, np.ndarray]) -> None:
+        """Queue the rows of the next ``n_samples`` samples (blocks while the writer is behind)."""
+        self._raise()
+        self._queue.put((n_samples, rows))
+
+    def flush(self) -> None:
+        """Write and commit everything queued, including a partial last chunk."""
+        done = threading.Event()
+        self._queue.put((self._FLUSH, done))
+        while not done.wait(0.05):
+            if not self._thread.is_alive():
+                break
+        self._raise()
+
+    def close(self, flush: bool = True) -> None:
+        """Stop the thread; with ``flush`` write what is queued first."""
+        if flush and self._thread.is_alive() and self.error is None:
+            self.flush()
+        self._queue.put((self._STOP, None))
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the store writer failed: {self.error}") from self.error
+
+    # -- writer thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            item, payload = self._queue.get()
+            if item is self._STOP:
+                return
+            if self.error is not None:
+                if item is self._FLUSH:
+                    payload.set()
+                continue  # drain: the producer sees the error on its next call
+            try:
+                if item is self._FLUSH:
+                    self._write_until(int(self.offsets[self.received_sample]))
+                    payload.set()
+                else:
+                    self._append(item, payload)
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                self.error = exc
+                if item is self._FLUSH:
+                    payload.set()
+
+    def _append(self, n_samples: int, rows: dict[str, np.ndarray]) -> None:
+        for hp in self.hook_points:
+            self.buffer[hp].append(rows[hp])
+        self.received_sample += n_samples
+        end = int(self.offsets[self.received_sample])
+        boundary = end // self.chunk * self.chunk
+        if boundary > self.written:
+            self._write_until(boundary)
+
+    def _write_until(self, stop: int) -> None:
+        """Write buffered rows [written, stop), then move the commit mark."""
+        if stop > self.written:
+            base = int(self.offsets[self.committed_sample])
+            for hp in self.hook_points:
+                self.arrays[hp][self.written:stop] = self._block(hp)[self.written - base: stop - base]
+            self.written = stop
+        self._commit()
+
+    def _block(self, hp: str) -> np.ndarray:
+        """The buffered rows of one hook point as one array (joined once, then reused)."""
+        if len(self.buffer[hp]) != 1:
+            self.buffer[hp] = [np.concatenate(self.buffer[hp])]
+        return self.buffer[hp][0]
+
+    def _commit(self) -> None:
+        new_sample = int(np.searchsorted(self.offsets, self.written, side="right")) - 1
+        new_sample = min(new_sample, self.received_sample)
+        if new_sample <= self.committed_sample:
+            return
+        base = int(self.offsets[self.committed_sample])
+        cut = int(self.offsets[new_sample]) - base
+        for hp in self.hook_points:
+            block = self._block(hp)
+            _HookStats.add(self.stats[hp], block[:cut])
+            self.buffer[hp] = [block[cut:]]
+        self.committed_sample = new_sample
+        progress = {"samples_committed": new_sample, "tokens_committed": int(self.offsets[new_sample])}
+        self.store.update(progress=progress,
+                          statistics={hp: _HookStats.summary(acc) for hp, acc in self.stats.items()})
+        if self.on_commit is not None:
+            self.on_commit(progress)
