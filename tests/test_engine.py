@@ -1,0 +1,160 @@
+"""Correctness of captured activations: hook points, padding invariance, storage, row mapping."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import mistudio as ms
+from conftest import TEXTS
+
+FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "phi", "bert"]
+ALL_HOOKS = ["residual", "mlp", "attention"]
+
+
+def _extract(folder, workspace, **kw):
+    args = dict(layers=[0, 1, 2], hooks=ALL_HOOKS, dtype="float32", workspace=workspace, progress=False)
+    args.update(kw)
+    return ms.extract(folder, TEXTS, **args)
+
+
+def _close(a, b, rel=1e-4):
+    scale = max(float(np.abs(b).max()), 1e-6)
+    return float(np.abs(a - b).max()) <= rel * scale
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_alone_and_residual_equals_hidden_states(family, tiny_models, workspace):
+    folder = tiny_models[family]
+    alone = _extract(folder, workspace, batch_size=1)
+    right = _extract(folder, workspace, batch_size=8, padding_side="right")
+    left = _extract(folder, workspace, batch_size=8, padding_side="left")
+    for hp in alone.hook_points:
+        ref = alone.activations(hp)[:]
+        assert np.isfinite(ref).all()
+        assert _close(right.activations(hp)[:], ref), f"{family} {hp}: right padding changed values"
+        assert _close(left.activations(hp)[:], ref), f"{family} {hp}: left padding changed values"
+
+    # residual == output_hidden_states of the same model, run one text at a time
+    model = AutoModel.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    n_layers = 3
+    for row in right.rows():
+        ids = tok(TEXTS[row])["input_ids"]
+        with torch.inference_mode():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        sample = right.sample(int(row), tokens=False)
+        assert list(sample["input_ids"]) == ids
+        for layer in range(n_layers if family == "bert" else n_layers - 1):  # decoders norm the last state
+            got = sample["activations"][f"layers.{layer}.residual"]
+            assert _close(got, hidden[layer + 1][0].numpy()), f"{family} layer {layer} residual != hidden_states"
+        # attention and mlp are the sub-module outputs before they are added back: for pre-norm decoders
+        # the block's update is exactly their sum
+        if family != "bert":
+            update = sample["activations"]["layers.1.residual"] - sample["activations"]["layers.0.residual"]
+            parts = sample["activations"]["layers.1.attention"] + sample["activations"]["layers.1.mlp"]
+            assert _close(parts, update), f"{family}: attention + mlp != residual update"
+
+
+def test_stored_tokens_and_rows_after_bucketing(gpt2_dir, workspace):
+    ext = _extract(gpt2_dir, workspace, batch_size=4, hooks=["residual"], layers=[1])
+    tok = AutoTokenizer.from_pretrained(gpt2_dir)
+    kept = [i for i, t in enumerate(TEXTS) if t.strip()]
+    real = sum(len(tok(TEXTS[i])["input_ids"]) for i in kept)
+    assert ext.n_tokens == real
+    assert ext.activations("layers.1.residual").shape == (real, 32)
+    assert sorted(ext.rows().tolist()) == kept
+    assert ext.metadata["dataset"]["report"]["n_skipped_invalid"] == 2  # "" and "   "
+    # stored order is longest first, so the row mapping is not the identity
+    assert ext.sample_index.tolist() != sorted(ext.sample_index.tolist())
+    for row in kept:
+        sample = ext.sample(row)
+        assert sample["tokens"] == tok.convert_ids_to_tokens(tok(TEXTS[row])["input_ids"])
+        assert sample["activations"]["layers.1.residual"].shape == (len(sample["tokens"]), 32)
+    with pytest.raises(ms.InputError, match="row 3 is not in extraction"):
+        ext.sample(3)
+
+
+def test_store_layout_chunks_stats_and_xarray(minilm_dir, workspace):
+    import xarray as xr
+    import zarr
+
+    ext = ms.extract(minilm_dir, "sample", layers=[2], hooks=["residual", "mlp"], max_samples=120,
+                     workspace=workspace, progress=False, batch_size=16)
+    meta = ext.metadata
+    assert meta["status"] == "COMPLETED" and meta["format_version"] == 1
+    arr = ext.activations("layers.2.residual")
+    assert arr.dtype == np.float16 and arr.metadata.dimension_names == ("token", "feature")
+    chunk_bytes = arr.chunks[0] * arr.chunks[1] * 2
+    assert 1 * 2**20 <= chunk_bytes <= 4 * 2**20
+    group = zarr.open_group(ext.location, mode="r")
+    offsets = group["tokens/sample_offsets"][:]
+    assert offsets[-1] == ext.n_tokens == group["tokens/input_ids"].shape[0]
+    values = arr[:].astype(np.float32)
+    stats = meta["statistics"]["layers.2.residual"]
+    assert stats["count"] == values.size
+    assert stats["mean"] == pytest.approx(values.mean(), rel=1e-4, abs=1e-6)
+    assert stats["std"] == pytest.approx(values.std(), rel=1e-3)
+    assert stats["max_abs"] == pytest.approx(np.abs(values).max())
+    assert meta["progress"]["tokens_committed"] == ext.n_tokens
+    ds = xr.open_zarr(ext.location, group="activations")
+    assert ds["layers.2.mlp"].dims == ("token", "feature")
+    np.testing.assert_array_equal(ds["layers.2.mlp"].values, ext.activations("layers.2.mlp")[:])
+
+
+def test_minilm_residual_matches_hidden_states(minilm_dir, workspace):
+    texts = ms.sample_texts()[:24]
+    ext = ms.extract(minilm_dir, texts, layers=[0, 5], hooks=["residual"], dtype="float32", batch_size=8,
+                     workspace=workspace, progress=False)
+    model = AutoModel.from_pretrained(minilm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    for row in (0, 7, 23):
+        enc = tok(texts[row], truncation=True, max_length=128, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**enc, output_hidden_states=True).hidden_states
+        sample = ext.sample(row)
+        assert sample["tokens"][0] == "[CLS]" and sample["tokens"][-1] == "[SEP]"
+        for layer in (0, 5):
+            assert _close(sample["activations"][f"layers.{layer}.residual"], hidden[layer + 1][0].numpy())
+
+
+def test_early_stop_runs_no_later_block(gpt2_dir, workspace):
+    from mistudio.models import load_model
+    from mistudio.config import ModelSpec
+
+    calls = []
+    loaded = load_model(ModelSpec(name_or_path=gpt2_dir))
+    loaded.blocks[2].register_forward_hook(lambda *a: calls.append(1))
+    from mistudio.jobs import ModelCache
+
+    cache = ModelCache()
+    cache._spec, cache._loaded = loaded.spec, loaded
+    ws = ms.Workspace(workspace)
+    ws.runner.models = cache
+    job = ws.submit(gpt2_dir, TEXTS, layers=[0], hooks=["residual"], model_dtype="auto", device="auto")
+    job.wait(60)
+    assert job.status == "COMPLETED" and calls == []
+
+
+def test_oov_policies(gpt2_dir, workspace):
+    vocab = len(AutoTokenizer.from_pretrained(gpt2_dir))
+    rows = [[1, 2, 3], [4, vocab + 5, 6, 7], [8, 9]]
+    with pytest.warns(UserWarning, match="1 token ids outside the vocabulary"):
+        clamped = ms.extract(gpt2_dir, rows, layers=[0], workspace=workspace, progress=False)
+    assert clamped.metadata["dataset"]["report"]["n_clamped_tokens"] == 1
+    assert clamped.sample(1, tokens=False)["input_ids"].tolist() == [4, vocab - 1, 6, 7]
+    skipped = ms.extract(gpt2_dir, rows, layers=[0], oov_policy="skip", workspace=workspace, progress=False)
+    assert sorted(skipped.rows().tolist()) == [0, 2]
+    assert skipped.metadata["dataset"]["report"]["n_skipped_oov"] == 1
+    with pytest.raises(ms.InputError, match=rf"row 1 has token id {vocab + 5}.*oov_policy"):
+        ms.extract(gpt2_dir, rows, layers=[0], oov_policy="error", workspace=workspace, progress=False)
+
+
+def test_truncation_and_max_samples(gpt2_dir, workspace):
+    ext = ms.extract(gpt2_dir, "sample", layers=[0], max_samples=30, max_length=8, workspace=workspace,
+                     progress=False)
+    assert ext.n_samples == 30
+    lengths = np.diff(ext.sample_offsets)
+    assert lengths.max() == 8
+    assert list(lengths) == sorted(lengths, reverse=True)  # bucketed: longest first
