@@ -129,7 +129,7 @@ class DatasetSpec(_Spec):
             )
         source = {"hub": lambda: HubDataset(**{k: v for k, v in src.items() if k != "kind"}),
                   "sample": lambda: "sample", "path": lambda: src["path"]}[kind]()
-        rest = {k: v for k, v in desc.items() if k != "source"}
+        rest = {k: v for k, v in desc.items() if k in cls.model_fields and k != "source"}
         return build(cls, source=source, **rest)
 
 

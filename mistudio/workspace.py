@@ -175,7 +175,8 @@ class Workspace:
                 meta = ExtractionStore.open(str(path)).meta
             except Exception as exc:
                 rows.append({"id": path.name.removesuffix(".zarr"), "status": "UNREADABLE", "error": str(exc)[:80],
-                             "size": human_bytes(_dir_bytes(path)), "bytes": _dir_bytes(path)})
+                             "size": human_bytes(_dir_bytes(path)), "bytes": _dir_bytes(path),
+                             "created_at": path.stat().st_mtime})
                 continue
             progress = meta.get("progress", {})
             size = _dir_bytes(path)
@@ -189,8 +190,9 @@ class Workspace:
                 "tokens": progress.get("tokens_total", 0),
                 "size": human_bytes(size), "bytes": size,
                 "created": dt.datetime.fromtimestamp(meta.get("timings", {}).get("created", 0)).strftime("%Y-%m-%d %H:%M"),
-                "retry_of": meta.get("retry_of") or "",
+                "retry_of": meta.get("retry_of") or "", "created_at": meta.get("timings", {}).get("created", 0),
             })
+        rows.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
         return Table(rows, ("id", "status", "error", "model", "dataset", "hook_points", "samples", "tokens", "size",
                             "created", "retry_of"))
 
