@@ -15,8 +15,9 @@ __all__ = ["extract", "open_extraction", "sample_dataset", "sample_texts", "HubD
 
 
 def __getattr__(name: str):
-    if name == "Studio":  # the notebook panel imports ipywidgets; load it only when asked
-        from .widgets import Studio
+    panels = ("Studio", "ModelPicker", "DatasetPicker", "ExtractionPanel", "JobsPanel", "ActivationBrowser")
+    if name in panels:  # the notebook panels import ipywidgets and matplotlib: load them only when asked
+        from . import widgets
 
-        return Studio
+        return getattr(widgets, name)
     raise AttributeError(f"module 'mistudio' has no attribute {name!r}")

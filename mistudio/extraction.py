@@ -95,6 +95,17 @@ class Extraction:
                              f"are saved, status {self.status}): resume the job to extract it")
         return int(self.sample_offsets[pos]), int(self.sample_offsets[pos + 1])
 
+    def committed_tokens(self) -> int:
+        """Tokens whose activations are final (all of them once COMPLETED)."""
+        if self.status == "COMPLETED":
+            return self.n_tokens
+        return int(self.store.meta.get("progress", {}).get("tokens_committed", 0))
+
+    def sample_tokens(self, row: int) -> list[str]:
+        """A dataset row's tokens as strings, as the model's tokenizer names them."""
+        start, stop = self.token_range(row)
+        return self.tokenizer.convert_ids_to_tokens([int(i) for i in self.store.group["tokens/input_ids"][start:stop]])
+
     def sample(self, row: int, hook_points: list[str] | None = None, tokens: bool = True) -> dict:
         """One dataset row: ``input_ids``, ``tokens`` (strings), ``activations`` {hook point: (len, d)}."""
         start, stop = self.token_range(row)
@@ -104,7 +115,7 @@ class Extraction:
             "input_ids": input_ids,
             "activations": {hp: self.activations(hp)[start:stop] for hp in (hook_points or self.hook_points)},
         }
-        out["tokens"] = self.tokenizer.convert_ids_to_tokens([int(i) for i in input_ids]) if tokens else None
+        out["tokens"] = self.sample_tokens(row) if tokens else None
         return out
 
     def to_xarray(self):

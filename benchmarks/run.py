@@ -1,0 +1,241 @@
+"""mistudio benchmarks: every figure is a ratio of two measurements taken in this one run.
+
+    python benchmarks/run.py            # full run (a few minutes on 2 CPU cores)
+    python benchmarks/run.py --quick    # smoke run, under a minute
+    python benchmarks/run.py --model PATH   # any local model folder instead of the tiny GPT-2
+
+Prints a table and writes benchmarks/out/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+
+import mistudio as ms
+from mistudio.config import CaptureSpec, ModelSpec
+from mistudio.data import plan_order, tokenize
+from mistudio.engine import pad_batch, position_ids
+from mistudio.models import load_model
+
+HERE = Path(__file__).resolve().parent
+
+
+def tiny_gpt2(folder: Path, n_layer: int = 12, width: int = 256) -> str:
+    """A GPT-2-shaped model from a config, with the MiniLM's real WordPiece tokenizer (no download)."""
+    import shutil
+
+    from transformers import AutoTokenizer, GPT2Config, GPT2Model
+
+    tok_src = ms.packaged_minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_embd=width, n_head=8, vocab_size=len(tokenizer), n_positions=512,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    GPT2Model(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tok_src / name).exists():
+            shutil.copy(tok_src / name, folder / name)
+    return str(folder)
+
+
+def texts(n: int) -> list[str]:
+    base = ms.sample_texts()
+    return [base[i % len(base)] for i in range(n)]
+
+
+def bare_forward(loaded, ids_list, order, batch_size, last_layer=None) -> tuple[float, int, int]:
+    """Seconds, real tokens and computed positions of plain batched forwards (no hooks, no writes)."""
+    ordered = [ids_list[i] for i in order]
+    flat = np.concatenate(ordered)
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in ordered])])
+    handle = None
+    if last_layer is not None:
+        def stop(*_):
+            raise StopIteration
+        handle = loaded.blocks[last_layer].register_forward_hook(stop)
+    real = computed = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(ordered), batch_size):
+            e = min(b + batch_size, len(ordered))
+            batch, mask = pad_batch(flat, offsets, b, e, loaded.pad_id, "right")
+            ids_t, mask_t = torch.from_numpy(batch), torch.from_numpy(mask)
+            try:
+                loaded.model(input_ids=ids_t, attention_mask=mask_t, position_ids=position_ids(mask_t),
+                             use_cache=False)
+            except StopIteration:
+                pass
+            real += int(mask.sum())
+            computed += mask.size
+    if handle is not None:
+        handle.remove()
+    return time.perf_counter() - start, real, computed
+
+
+def bench_overhead(model_dir, ws, n, batch_size, layers) -> dict:
+    loaded = load_model(ModelSpec(name_or_path=model_dir, device="cpu"))
+    data = tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
+    order = plan_order(data.lengths)
+    bare_forward(loaded, data.ids, order[: batch_size * 2], batch_size)  # warm-up
+    secs, real, _ = bare_forward(loaded, data.ids, order, batch_size, last_layer=max(layers))
+    ext = ms.extract(model_dir, texts(n), layers=layers, hooks=["residual", "mlp", "attention"],
+                     batch_size=batch_size, max_length=128, workspace=ws, progress=False, device="cpu")
+    timings = ext.metadata["timings"]
+    bare_tps = real / secs
+    return {"bare_tokens_per_s": bare_tps, "extract_tokens_per_s": timings["tokens_per_s"],
+            "ratio": timings["tokens_per_s"] / bare_tps, "target": ">= 0.95", "hook_points": len(ext.hook_points),
+            "tokens": ext.n_tokens, "bytes_written": sum(ext.activations(hp).nbytes for hp in ext.hook_points)}
+
+
+def bench_batching(model_dir, n) -> dict:
+    loaded = load_model(ModelSpec(name_or_path=model_dir, device="cpu"))
+    data = tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
+    dataset_order = np.arange(len(data.ids))
+    bucketed = plan_order(data.lengths)
+    rows = {}
+    secs, real, computed = bare_forward(loaded, data.ids, dataset_order, 1)
+    base = real / secs
+    rows["seed loop (batch 1)"] = {"tokens_per_s": base, "speedup": 1.0, "useful_fraction": real / computed}
+    for batch_size in (8, 32, 64):
+        for name, order in (("dataset order", dataset_order), ("bucketed", bucketed)):
+            secs, real, computed = bare_forward(loaded, data.ids, order, batch_size)
+            rows[f"batch {batch_size}, {name}"] = {"tokens_per_s": real / secs, "speedup": real / secs / base,
+                                                   "useful_fraction": real / computed}
+    return rows
+
+
+def bench_early_stop(model_dir, n) -> dict:
+    loaded = load_model(ModelSpec(name_or_path=model_dir, device="cpu"))
+    data = tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
+    order = plan_order(data.lengths)
+    bare_forward(loaded, data.ids, order[:16], 8)
+    full, _, _ = bare_forward(loaded, data.ids, order, 8)
+    early, _, _ = bare_forward(loaded, data.ids, order, 8, last_layer=1)
+    return {"full_s": full, "layer1_s": early, "ratio": early / full, "target": "<= 0.25",
+            "n_layers": loaded.n_layers}
+
+
+MEMORY_CHILD = """
+import resource, sys, json, os
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, sys.argv[4])
+import mistudio as ms
+from run import texts
+ext = ms.extract(sys.argv[1], texts(int(sys.argv[2])), layers=[0, 5], hooks=["residual", "mlp"], batch_size=16,
+                 max_length=64, workspace=sys.argv[3], progress=False, device="cpu")
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": ext.n_tokens}))
+"""
+
+
+def bench_memory(model_dir, ws, small, large) -> dict:
+    out = {}
+    for n in (small, large):
+        proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, model_dir, str(n), ws, str(HERE)],
+                              capture_output=True, text=True, check=True)
+        out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = out[large]["peak_rss_mb"] / out[small]["peak_rss_mb"] - 1
+    return {"samples": [small, large], "peak_rss_mb": [out[small]["peak_rss_mb"], out[large]["peak_rss_mb"]],
+            "tokens": [out[small]["tokens"], out[large]["tokens"]], "growth": growth, "target": "< 0.10"}
+
+
+def bench_cancel(model_dir, ws, n) -> dict:
+    batch_times, latencies = [], []
+    for _ in range(3):
+        stamps = []
+        job = ms.Workspace(ws).submit(model_dir, texts(n), layers=[11], hooks=["residual"], batch_size=8,
+                                      device="cpu", before_batch=lambda i, b: stamps.append(time.perf_counter()))
+        while len(stamps) < 6 and not job.done:
+            time.sleep(0.005)
+        asked = time.perf_counter()
+        job.cancel()
+        while job.status != "CANCELLED":
+            time.sleep(0.001)
+        latencies.append(time.perf_counter() - asked)
+        batch_times.append(float(np.median(np.diff(stamps))))
+    latency, batch = float(np.median(latencies)), float(np.median(batch_times))
+    return {"latency_s": latency, "batch_s": batch, "latency_in_batches": latency / batch, "target": "<= 1 batch"}
+
+
+def bench_write(ws, mb) -> dict:
+    import zarr
+
+    width, rows = 1024, int(mb * 2**20 / (1024 * 2))
+    data = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float16)
+    raw = Path(ws) / "raw.bin"
+    start = time.perf_counter()
+    with open(raw, "wb") as f:
+        for b in range(0, rows, 1024):
+            f.write(data[b:b + 1024].tobytes())
+    raw_s = time.perf_counter() - start
+    group = zarr.open_group(str(Path(ws) / "w.zarr"), mode="w")
+    arr = group.create_array("a", shape=data.shape, chunks=(1024, width), dtype="float16", compressors=None)
+    start = time.perf_counter()
+    for b in range(0, rows, 1024 * 4):
+        arr[b:b + 1024 * 4] = data[b:b + 1024 * 4]
+    zarr_s = time.perf_counter() - start
+    size = data.nbytes / 1e6
+    return {"mb": size, "raw_mb_s": size / raw_s, "zarr_mb_s": size / zarr_s, "ratio": raw_s / zarr_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run under a minute")
+    parser.add_argument("--model", default=None, help="a local model folder instead of the tiny GPT-2")
+    parser.add_argument("--out", default=str(HERE / "out" / "results.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    q = args.quick
+    results = {"quick": q, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = args.model or tiny_gpt2(tmp / "model", n_layer=12, width=128 if q else 256)
+        steps = [
+            ("overhead", lambda: bench_overhead(model_dir, str(tmp / "ws1"), 64 if q else 1024, 32, [3, 7, 11])),
+            ("batching", lambda: bench_batching(model_dir, 24 if q else 512)),
+            ("early_stop", lambda: bench_early_stop(model_dir, 32 if q else 512)),
+            ("memory", lambda: bench_memory(model_dir, str(tmp / "ws2"), *((50, 200) if q else (1000, 10000)))),
+            ("cancel", lambda: bench_cancel(model_dir, str(tmp / "ws3"), 120 if q else 400)),
+            ("write", lambda: bench_write(str(tmp), 64 if q else 512)),
+        ]
+        for name, step in steps:
+            started = time.perf_counter()
+            results[name] = step()
+            print(f"[{name}] {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    print_table(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+def print_table(r: dict) -> None:
+    o, e, m, c, w = r["overhead"], r["early_stop"], r["memory"], r["cancel"], r["write"]
+    print(f"\n{'figure':<44}{'value':>14}  target")
+    print(f"{'overhead: extract / bare forward tokens/s':<44}{o['ratio']:>14.3f}  >= 0.95"
+          f"   ({o['extract_tokens_per_s']:.0f} vs {o['bare_tokens_per_s']:.0f} tok/s)")
+    for name, row in r["batching"].items():
+        print(f"{'batching: ' + name:<44}{row['speedup']:>13.2f}x  useful tokens {row['useful_fraction']:.3f}"
+              f"  ({row['tokens_per_s']:.0f} tok/s)")
+    print(f"{'early stop: layer 1 of 12 / full forward':<44}{e['ratio']:>14.3f}  <= 0.25")
+    print(f"{'memory: peak RSS growth ' + str(m['samples'][0]) + ' -> ' + str(m['samples'][1]) + ' samples':<44}"
+          f"{m['growth']:>14.3f}  < 0.10   ({m['peak_rss_mb'][0]:.0f} -> {m['peak_rss_mb'][1]:.0f} MB)")
+    print(f"{'cancel latency (batches)':<44}{c['latency_in_batches']:>14.2f}  <= 1     ({c['latency_s'] * 1000:.0f} ms)")
+    print(f"{'write: zarr MB/s / raw file MB/s':<44}{w['ratio']:>14.3f}           ({w['zarr_mb_s']:.0f} vs "
+          f"{w['raw_mb_s']:.0f} MB/s)")
+
+
+if __name__ == "__main__":
+    main()

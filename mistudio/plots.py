@@ -1,0 +1,126 @@
+"""Pure plotting functions: a slice of a store in, a matplotlib Figure out. They read only what they draw."""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .extraction import Extraction
+
+DEFAULT_SCAN_TOKENS = 2_000_000
+
+
+def _clean(token: str) -> str:
+    return token.replace("Ġ", "·").replace("▁", "·").replace("Ċ", "\\n")
+
+
+def heatmap(ext: Extraction, row: int, hook_point: str, features: slice | None = None,
+            max_features: int = 64) -> Figure:
+    """Token × feature heatmap of one dataset row (tokens as labels); the first ``max_features`` by default."""
+    start, stop = ext.token_range(row)
+    features = features or slice(0, max_features)
+    values = np.asarray(ext.activations(hook_point)[start:stop, features], dtype=np.float32)
+    tokens = [_clean(t) for t in ext.sample_tokens(row)]
+    fig = Figure(figsize=(min(14, 2 + values.shape[1] * 0.16), min(12, 1.5 + len(tokens) * 0.22)))
+    ax = fig.add_subplot()
+    limit = float(np.abs(values).max()) or 1.0
+    image = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
+    first = features.start or 0
+    ticks = list(range(0, values.shape[1], max(1, values.shape[1] // 16)))
+    ax.set_xticks(ticks, [str(first + t) for t in ticks], fontsize=7)
+    ax.set_xlabel("feature")
+    ax.set_title(f"{hook_point} — row {row}", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def layer_norms(ext: Extraction, row: int, kind: str = "residual") -> Figure:
+    """L2 norm of every stored layer's ``kind`` activation along the row's tokens."""
+    start, stop = ext.token_range(row)
+    points = [hp for hp in ext.hook_points if hp.endswith("." + kind)]
+    tokens = [_clean(t) for t in ext.sample_tokens(row)]
+    fig = Figure(figsize=(max(6, 0.25 * len(tokens)), 3.5))
+    ax = fig.add_subplot()
+    for hp in points:
+        values = np.asarray(ext.activations(hp)[start:stop], dtype=np.float32)
+        ax.plot(np.linalg.norm(values, axis=1), marker=".", label=hp.split(".")[1])
+    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+    ax.set_ylabel("L2 norm")
+    ax.set_title(f"{kind} norm per layer — row {row}", fontsize=9)
+    ax.legend(title="layer", fontsize=7, ncol=min(6, len(points)))
+    fig.tight_layout()
+    return fig
+
+
+def feature_column(ext: Extraction, hook_point: str, feature: int,
+                   max_tokens: int = DEFAULT_SCAN_TOKENS) -> np.ndarray:
+    """One feature over the committed tokens, read chunk by chunk (at most ``max_tokens``)."""
+    arr = ext.activations(hook_point)
+    if not 0 <= feature < arr.shape[1]:
+        raise ValueError(f"feature {feature} is out of range: {hook_point} has features 0..{arr.shape[1] - 1}")
+    stop = min(ext.committed_tokens(), max_tokens)
+    step = arr.chunks[0]
+    return np.concatenate([np.asarray(arr[b:min(b + step, stop), feature], dtype=np.float32)
+                           for b in range(0, stop, step)] or [np.zeros(0, np.float32)])
+
+
+def feature_histogram(ext: Extraction, hook_point: str, feature: int, bins: int = 60,
+                      max_tokens: int = DEFAULT_SCAN_TOKENS) -> Figure:
+    """Histogram of one feature over every stored token."""
+    values = feature_column(ext, hook_point, feature, max_tokens)
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.add_subplot()
+    ax.hist(values, bins=bins, color="#4C72B0")
+    ax.set_yscale("log")
+    ax.set_xlabel("activation")
+    ax.set_ylabel("tokens")
+    ax.set_title(f"{hook_point} feature {feature} over {len(values)} tokens "
+                 f"(mean {values.mean():.3g}, max {values.max():.3g})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def top_tokens(ext: Extraction, hook_point: str, feature: int, k: int = 15, context: int = 4,
+               max_tokens: int = DEFAULT_SCAN_TOKENS) -> list[dict]:
+    """The ``k`` tokens where ``feature`` is largest, with dataset row, position and context."""
+    values = feature_column(ext, hook_point, feature, max_tokens)
+    k = min(k, len(values))
+    best = np.argpartition(-values, k - 1)[:k] if k else np.zeros(0, int)
+    best = best[np.argsort(-values[best])]
+    offsets, rows = ext.sample_offsets, ext.sample_index
+    ids = ext.store.group["tokens/input_ids"]
+    out = []
+    for token_index in best:
+        pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
+        start, stop = int(offsets[pos]), int(offsets[pos + 1])
+        lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
+        window = ext.tokenizer.convert_ids_to_tokens([int(i) for i in ids[lo:hi]])
+        at = int(token_index) - lo
+        out.append({"value": float(values[token_index]), "row": int(rows[pos]), "position": int(token_index) - start,
+                    "token": _clean(window[at]),
+                    "context": " ".join(_clean(t) if i != at else f"[[{_clean(t)}]]" for i, t in enumerate(window))})
+    return out
+
+
+def top_tokens_figure(ext: Extraction, hook_point: str, feature: int, k: int = 15, context: int = 4) -> Figure:
+    """Bar chart of the top-k activating tokens of a feature, labelled with their context."""
+    top = top_tokens(ext, hook_point, feature, k, context)
+    fig = Figure(figsize=(8, 0.8 + 0.3 * max(1, len(top))))
+    ax = fig.add_subplot()
+    ax.barh(range(len(top)), [t["value"] for t in top], color="#DD8452")
+    ax.set_yticks(range(len(top)), [f"row {t['row']}: {t['context']}" for t in top], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("activation")
+    ax.set_title(f"top {len(top)} tokens of {hook_point} feature {feature}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def to_png(fig: Figure, dpi: int = 90) -> bytes:
+    """PNG bytes of a figure (for ipywidgets.Image)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()

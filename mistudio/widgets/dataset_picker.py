@@ -1,0 +1,100 @@
+"""Dataset tab: sample, file, saved `datasets` folder or Hub dataset; sizes; a preview with token counts."""
+from __future__ import annotations
+
+import html
+from typing import Any, Callable
+
+import ipywidgets as W
+
+from ..config import DatasetSpec, HubDataset, build
+from ..data import raw_values
+from ..errors import InputError
+from .common import error_box
+
+SOURCES = [("Bundled sample", "sample"), ("File", "file"), ("Saved datasets folder", "folder"), ("Hub", "hub")]
+
+
+class DatasetPicker(W.VBox):
+    """The Dataset tab. ``dataset()`` and ``options()`` feed ``Workspace.submit``."""
+
+    def __init__(self, dataset: Any = None, tokenizer_for: Callable[[], Any] | None = None):
+        style = {"description_width": "100px"}
+        self.source = W.ToggleButtons(options=SOURCES, value="sample")
+        self.path = W.Text(description="Path", placeholder="/path/to/data.jsonl or saved folder", style=style,
+                           layout=W.Layout(width="70%"))
+        self.hub_name = W.Text(description="Hub name", placeholder="e.g. wikitext", style=style)
+        self.hub_config = W.Text(description="Hub config", placeholder="optional", style=style)
+        self.hub_split = W.Text(value="train", description="Split", style=style)
+        self.column = W.Text(value="text", description="Text column", style=style)
+        self.max_samples = W.IntText(value=1000, description="Max samples", style=style)
+        self.max_length = W.IntText(value=128, description="Max length", style=style)
+        self.preview_button = W.Button(description="Preview", button_style="info")
+        self.preview = W.HTML()
+        self._tokenizer_for = tokenizer_for
+        self._hub_box = W.VBox([self.hub_name, self.hub_config, self.hub_split])
+        self.source.observe(lambda _: self._show_fields(), "value")
+        self.preview_button.on_click(lambda _: self.show_preview())
+        if isinstance(dataset, HubDataset):
+            self.source.value = "hub"
+            self.hub_name.value, self.hub_split.value, self.column.value = dataset.name, dataset.split, dataset.column
+        elif isinstance(dataset, str) and dataset != "sample":
+            from pathlib import Path
+
+            self.source.value = "folder" if Path(dataset).is_dir() else "file"
+            self.path.value = dataset
+        super().__init__([W.HTML("<b>Dataset</b>"), self.source, self.path, self._hub_box, self.column,
+                          W.HBox([self.max_samples, self.max_length]), self.preview_button, self.preview])
+        self._show_fields()
+
+    def _show_fields(self) -> None:
+        kind = self.source.value
+        self.path.layout.display = "" if kind in ("file", "folder") else "none"
+        self._hub_box.layout.display = "" if kind == "hub" else "none"
+        self.column.layout.display = "none" if kind == "sample" else ""
+
+    def dataset(self) -> Any:
+        kind = self.source.value
+        if kind == "sample":
+            return "sample"
+        if kind == "hub":
+            return HubDataset(name=self.hub_name.value.strip(), split=self.hub_split.value.strip() or "train",
+                              column=self.column.value.strip() or "text", config=self.hub_config.value.strip() or None)
+        return self.path.value.strip()
+
+    def options(self) -> dict:
+        return {"max_samples": self.max_samples.value or None, "max_length": self.max_length.value,
+                "text_column": self.column.value.strip() or "text"}
+
+    def spec(self) -> DatasetSpec:
+        opts = self.options()
+        return build(DatasetSpec, source=self.dataset(), text_column=opts["text_column"],
+                     max_samples=opts["max_samples"], max_length=opts["max_length"])
+
+    def show_preview(self, n: int = 5) -> list[dict]:
+        """The first ``n`` rows with their token counts (with the Model tab's tokenizer), or a clear error."""
+        try:
+            spec = self.spec()
+            rows = []
+            for row, value in enumerate(raw_values(spec)):
+                rows.append({"row": row, "text": value})
+                if len(rows) >= n:
+                    break
+        except InputError as exc:
+            self.preview.value = error_box(html.escape(str(exc)))
+            return []
+        tokenizer = None
+        if self._tokenizer_for is not None:
+            try:
+                tokenizer = self._tokenizer_for()
+            except Exception:  # preview without counts rather than no preview
+                tokenizer = None
+        body = []
+        for r in rows:
+            text = r["text"] if isinstance(r["text"], str) else repr(r["text"])
+            if tokenizer is not None and isinstance(r["text"], str) and r["text"].strip():
+                r["tokens"] = len(tokenizer(r["text"], truncation=True, max_length=spec.max_length)["input_ids"])
+            body.append(f"<tr><td>{r['row']}</td><td>{r.get('tokens', '–')}</td>"
+                        f"<td>{html.escape(text[:160])}{'…' if len(text) > 160 else ''}</td></tr>")
+        self.preview.value = ("<table class='mistudio-preview'><tr><th>row</th><th>tokens</th><th>text</th></tr>"
+                              + "".join(body) + "</table>")
+        return rows
