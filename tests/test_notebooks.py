@@ -1,0 +1,25 @@
+"""The example notebooks run top to bottom in a real kernel."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_analysis.ipynb"])
+def test_notebook_runs(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("MISTUDIO_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    if name.startswith("01"):
+        assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
+        assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    assert os.listdir(tmp_path / "ws" / "extractions")
