@@ -13,7 +13,8 @@ from .workspace import Workspace
 
 
 def extract(model: Any, dataset: Any = "sample", layers: Any = (0,), hooks: Any = ("residual",), *,
-            workspace: str | os.PathLike | None = None, progress: bool = True, **options: Any) -> Extraction:
+            workspace: str | os.PathLike | None = None, storage_options: dict | None = None, progress: bool = True,
+            **options: Any) -> Extraction:
     """Run one extraction to the end and return it (blocking; Ctrl-C cancels and keeps what was saved).
 
     Arguments are those of :meth:`Workspace.submit`: ``batch_size``, ``max_samples``, ``max_length``,
@@ -21,7 +22,7 @@ def extract(model: Any, dataset: Any = "sample", layers: Any = (0,), hooks: Any 
     ``timeout_s``, ``auto_retry_on_oom``. A failed job raises: bad input as ``InputError``, anything
     else as ``ExtractionFailed`` carrying the error record and suggested retry.
     """
-    ws = Workspace(workspace)
+    ws = Workspace(workspace, storage_options=storage_options)
     job = ws.submit(model, dataset, layers, hooks=hooks, **options)
     bar = job.subscribe(TqdmListener()) if progress else None
     try:
@@ -43,15 +44,16 @@ def extract(model: Any, dataset: Any = "sample", layers: Any = (0,), hooks: Any 
     raise ExtractionFailed(job.id, error)
 
 
-def open_extraction(id_or_path: str | os.PathLike, workspace: str | os.PathLike | None = None) -> Extraction:
+def open_extraction(id_or_path: str | os.PathLike, workspace: str | os.PathLike | None = None,
+                    storage_options: dict | None = None) -> Extraction:
     """Open a stored extraction by id (in ``workspace``) or by the path/URL of its ``.zarr`` store."""
     text = str(id_or_path)
     if "://" in text:
-        return Extraction(ExtractionStore.open(text))
+        return Extraction(ExtractionStore.open(text, storage_options=storage_options))
     path = Path(text).expanduser()
     if path.exists():
         try:
             return Extraction(ExtractionStore.open(str(path)))
         except Exception as exc:
             raise InputError(f"{text!r} is not a mistudio extraction store: {exc}") from exc
-    return Workspace(workspace).open(text)
+    return Workspace(workspace, storage_options=storage_options).open(text)

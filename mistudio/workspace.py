@@ -4,11 +4,12 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
-import shutil
 import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import fsspec
 
 from .config import CaptureSpec, build
 from .errors import InputError
@@ -29,10 +30,6 @@ def default_workspace() -> str:
 def new_id() -> str:
     """Sortable, unique: ``ext_20261129_031502_1a2b3c``."""
     return f"ext_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 class Table(list):
@@ -75,12 +72,19 @@ class Workspace:
     Several ``Workspace`` objects on one folder share one job runner in this process.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, recover: bool = True):
-        self.root = Path(root if root is not None else default_workspace()).expanduser().resolve()
-        self.extractions_dir = self.root / "extractions"
+    def __init__(self, root: str | os.PathLike | None = None, storage_options: dict | None = None,
+                 recover: bool = True):
+        root = str(root if root is not None else default_workspace())
+        self.storage_options = storage_options or None
+        self.remote = "://" in root and not root.startswith("file://")
+        if not self.remote:
+            root = str(Path(root.removeprefix("file://")).expanduser().resolve())
+        self.root: str = root.rstrip("/")
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **(self.storage_options or {}))
+        self._extractions_path = f"{self._root_path}/extractions"
         self._listeners: list[Listener] = []
         self._jobs: dict[str, Job] = {}
-        if recover and self.extractions_dir.exists():
+        if recover and self.fs.exists(self._extractions_path):
             self.recover()
 
     def __repr__(self) -> str:
@@ -88,7 +92,7 @@ class Workspace:
 
     @property
     def runner(self) -> Runner:
-        key = str(self.root)
+        key = self.root
         with _RUNNERS_LOCK:
             if key not in _RUNNERS:
                 _RUNNERS[key] = Runner(key)
@@ -104,31 +108,46 @@ class Workspace:
             self._listeners.remove(listener)
 
     # -- stores -----------------------------------------------------------------------------------
-    def path_of(self, extraction_id: str) -> Path:
-        return self.extractions_dir / f"{extraction_id}.zarr"
+    def path_of(self, extraction_id: str) -> str:
+        """The store's location: a local path, or a URL for remote workspaces."""
+        return f"{self.root}/extractions/{extraction_id}.zarr"
+
+    def _url(self, fs_path: str) -> str:
+        return self.fs.unstrip_protocol(fs_path) if self.remote else fs_path
+
+    def _bytes(self, location: str) -> int:
+        path = self.fs._strip_protocol(location)
+        return int(self.fs.du(path)) if self.fs.exists(path) else 0
 
     def _check_writable(self) -> None:
         try:
-            self.extractions_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.extractions_dir / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            self.fs.makedirs(self._extractions_path, exist_ok=True)
+            probe = f"{self._extractions_path}/.write-test-{os.getpid()}"
+            self.fs.pipe(probe, b"")
+            self.fs.rm(probe)
         except OSError as exc:
-            raise InputError(f"workspace {str(self.root)!r} is not writable ({exc.strerror}): pass "
+            raise InputError(f"workspace {self.root!r} is not writable ({exc.strerror or exc}): pass "
                              "workspace=<a folder you can write>, or set $MISTUDIO_WORKSPACE") from exc
 
-    def store(self, extraction_id: str, writable: bool = False) -> ExtractionStore:
-        path = self.path_of(extraction_id)
-        if not path.exists():
-            known = [p.name.removesuffix(".zarr") for p in self._store_paths()][:5]
-            raise InputError(f"no extraction {extraction_id!r} in workspace {str(self.root)!r}"
-                             f"{'; recent ones: ' + ', '.join(known) if known else ' (it has none)'}")
-        return ExtractionStore.open(str(path), writable=writable)
+    def _open_store(self, location: str, writable: bool = False) -> ExtractionStore:
+        return ExtractionStore.open(location, storage_options=self.storage_options if self.remote else None,
+                                    writable=writable)
 
-    def _store_paths(self) -> list[Path]:
-        if not self.extractions_dir.exists():
+    def store(self, extraction_id: str, writable: bool = False) -> ExtractionStore:
+        location = self.path_of(extraction_id)
+        if not self.fs.exists(self.fs._strip_protocol(location)):
+            known = [loc.rsplit("/", 1)[1].removesuffix(".zarr") for loc in self._store_paths()][:5]
+            raise InputError(f"no extraction {extraction_id!r} in workspace {self.root!r}"
+                             f"{'; recent ones: ' + ', '.join(known) if known else ' (it has none)'}")
+        return self._open_store(location, writable)
+
+    def _store_paths(self) -> list[str]:
+        """Locations of every ``*.zarr`` in the workspace, newest id first."""
+        if not self.fs.exists(self._extractions_path):
             return []
-        return sorted(self.extractions_dir.glob("*.zarr"), reverse=True)
+        found = [self._url(p.rstrip("/")) for p in self.fs.ls(self._extractions_path, detail=False)
+                 if p.rstrip("/").endswith(".zarr")]
+        return sorted(found, reverse=True)
 
     def open(self, extraction_id: str) -> Extraction:
         return Extraction(self.store(extraction_id))
@@ -136,10 +155,10 @@ class Workspace:
     def recover(self) -> list[str]:
         """Mark live-state jobs whose process is gone as FAILED/INTERRUPTED; returns their ids."""
         marked = []
-        runner = _RUNNERS.get(str(self.root))
+        runner = _RUNNERS.get(self.root)
         for path in self._store_paths():
             try:
-                store = ExtractionStore.open(str(path), writable=True)
+                store = self._open_store(path, writable=True)
             except Exception:
                 continue  # unreadable stores are listed (and cleaned) elsewhere
             meta = store.meta
@@ -171,15 +190,14 @@ class Workspace:
         """Every store, any status, newest first, as a table (rows are dicts)."""
         rows = []
         for path in self._store_paths():
+            size = self._bytes(path)
             try:
-                meta = ExtractionStore.open(str(path)).meta
+                meta = self._open_store(path).meta
             except Exception as exc:
-                rows.append({"id": path.name.removesuffix(".zarr"), "status": "UNREADABLE", "error": str(exc)[:80],
-                             "size": human_bytes(_dir_bytes(path)), "bytes": _dir_bytes(path),
-                             "created_at": path.stat().st_mtime})
+                rows.append({"id": path.rsplit("/", 1)[1].removesuffix(".zarr"), "status": "UNREADABLE",
+                             "error": str(exc)[:80], "size": human_bytes(size), "bytes": size, "created_at": 0})
                 continue
             progress = meta.get("progress", {})
-            size = _dir_bytes(path)
             rows.append({
                 "id": meta.get("id"), "status": meta.get("status"),
                 "error": (meta.get("error") or {}).get("error_type", ""),
@@ -216,7 +234,8 @@ class Workspace:
             "timings": {"created": now()}, "heartbeat": {**owner(), "time": now()},
             "error": None, "attempts": [], **lineage,
         }
-        store = ExtractionStore.create(str(self.path_of(extraction_id)), meta)
+        store = ExtractionStore.create(self.path_of(extraction_id), meta,
+                                       storage_options=self.storage_options if self.remote else None)
         job = Job(self, store, request)
         job._active = True  # live from now: queued in this process
         self._jobs[extraction_id] = job
@@ -297,8 +316,8 @@ class Workspace:
         path = self.path_of(extraction_id)
         store = self.store(extraction_id)
         ensure_free(store, self.runner)
-        size = _dir_bytes(path)
-        shutil.rmtree(path)
+        size = self._bytes(path)
+        self.fs.rm(self.fs._strip_protocol(path), recursive=True)
         self._jobs.pop(extraction_id, None)
         return size
 
@@ -325,7 +344,9 @@ class Workspace:
                          "bytes": row["bytes"], "deleted": False})
         if not dry_run:
             for row in rows:
-                shutil.rmtree(self.path_of(row["id"]), ignore_errors=True)
+                location = self.fs._strip_protocol(self.path_of(row["id"]))
+                if self.fs.exists(location):
+                    self.fs.rm(location, recursive=True)
                 self._jobs.pop(row["id"], None)
                 row["deleted"] = True
         return Table(rows, ("id", "status", "reason", "size", "deleted"))

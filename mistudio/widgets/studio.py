@@ -23,7 +23,7 @@ class Studio(W.Tab):
     def __init__(self, workspace: str | os.PathLike | Workspace | None = None, model: str | None = None,
                  dataset: Any = None, **extract_options: Any):
         self.workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-        self.model_picker = ModelPicker(model, workspace_root=self.workspace.root)
+        self.model_picker = ModelPicker(model, workspace_root=None if self.workspace.remote else self.workspace.root)
         self.dataset_picker = DatasetPicker(dataset, tokenizer_for=self._tokenizer)
         self.extraction_panel = ExtractionPanel(self.workspace, self.model_picker, self.dataset_picker,
                                                 **extract_options)
