@@ -6,7 +6,7 @@ capture, a ``check`` callable (raises to cancel or time out) and a ``progress`` 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -50,21 +50,19 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, start_sample: int = 0,
-        check: Callable[[], None] | None = None, progress: Callable[[dict], None] | None = None,
-        before_batch: Callable[[int, int], None] | None = None) -> dict:
-    """Extract every sample from ``start_sample`` on into ``store``; return throughput figures.
-
-    ``check()`` is called before each batch and may raise (cancel, timeout). ``before_batch(index,
-    batch_size)`` is a test hook for fault injection. Whatever the outcome, rows of finished batches
-    are written and committed before this returns or raises.
-    """
-    ids = store.input_ids()
-    offsets = store.sample_offsets()
-    n_samples = len(offsets) - 1
+def check_ids(ids: np.ndarray, loaded: LoadedModel) -> None:
+    """Stored ids must fit this model's embedding (a resume with another model would not)."""
     if len(ids) and (int(ids.max()) >= loaded.vocab_size or int(ids.min()) < 0):
         raise InputError(f"stored token ids reach {int(ids.max())}, outside this model's vocabulary "
                          f"(0..{loaded.vocab_size - 1}): resume with the model the extraction was made with")
+
+
+def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, capture: CaptureSpec, begin: int,
+                    end: int, check: Callable[[], None] | None = None,
+                    before_batch: Callable[[int, int], None] | None = None
+                    ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """Batched forwards over stored samples [begin, end): yields ``(first, stop, rows)`` per batch, where
+    ``rows`` maps each hook point to its real-token rows (padding dropped) in stored order."""
     storage_dtype = getattr(torch, capture.dtype)
     captured: dict[str, torch.Tensor] = {}
     handles = []
@@ -81,22 +79,16 @@ def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, st
         _, layer, kind = hp.split(".")
         handles.append(loaded.module(int(layer), kind).register_forward_hook(capture_hook(hp)))
     handles.append(loaded.blocks[max(capture.layers)].register_forward_hook(stop_hook))
-
-    writer = ChunkWriter(store, start_sample)
     device = loaded.device
-    tokens_total = int(offsets[-1] - offsets[start_sample])
-    done_tokens = 0
-    started = time.perf_counter()
     try:
-        for index, (begin, end) in enumerate(batch_ranges(n_samples, capture.batch_size, start_sample)):
+        for index, (first, stop) in enumerate(batch_ranges(end, capture.batch_size, begin)):
             if check is not None:
                 check()
             if before_batch is not None:
                 before_batch(index, capture.batch_size)
-            batch, mask = pad_batch(ids, offsets, begin, end, loaded.pad_id, capture.padding_side)
-            input_ids = torch.from_numpy(batch).to(device)
+            batch, mask = pad_batch(ids, offsets, first, stop, loaded.pad_id, capture.padding_side)
             attention = torch.from_numpy(mask).to(device)
-            kwargs = {"input_ids": input_ids, "attention_mask": attention}
+            kwargs = {"input_ids": torch.from_numpy(batch).to(device), "attention_mask": attention}
             if "position_ids" in loaded.forward_args:
                 kwargs["position_ids"] = position_ids(attention)
             if "use_cache" in loaded.forward_args:
@@ -110,21 +102,45 @@ def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, st
                 keep = attention.bool()
                 rows = {hp: captured[hp][keep].to(storage_dtype).cpu().numpy() for hp in capture.hook_points()}
             captured.clear()
-            writer.put(end - begin, rows)
-            done_tokens += int(mask.sum())
-            if progress is not None:
-                elapsed = time.perf_counter() - started
-                rate = done_tokens / elapsed if elapsed > 0 else 0.0
-                progress({
-                    "samples_done": end, "samples_total": n_samples,
-                    "tokens_done": int(offsets[end]), "tokens_total": int(offsets[-1]),
-                    "tokens_per_s": rate, "eta_s": (tokens_total - done_tokens) / rate if rate else None,
-                    "batch_size": capture.batch_size,
-                })
+            yield first, stop, rows
     finally:
         for handle in handles:
             handle.remove()
         captured.clear()
+
+
+def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, start_sample: int = 0,
+        check: Callable[[], None] | None = None, progress: Callable[[dict], None] | None = None,
+        before_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Extract every sample from ``start_sample`` on into ``store``; return throughput figures.
+
+    ``check()`` is called before each batch and may raise (cancel, timeout). ``before_batch(index,
+    batch_size)`` is a test hook for fault injection. Whatever the outcome, rows of finished batches
+    are written and committed before this returns or raises.
+    """
+    ids = store.input_ids()
+    offsets = store.sample_offsets()
+    check_ids(ids, loaded)
+    n_samples = len(offsets) - 1
+    writer = ChunkWriter(store, start_sample)
+    tokens_total = int(offsets[-1] - offsets[start_sample])
+    done_tokens = 0
+    started = time.perf_counter()
+    try:
+        for first, stop, rows in forward_batches(loaded, ids, offsets, capture, start_sample, n_samples, check,
+                                                 before_batch):
+            writer.put(stop - first, rows)
+            done_tokens += int(offsets[stop] - offsets[first])
+            if progress is not None:
+                elapsed = time.perf_counter() - started
+                rate = done_tokens / elapsed if elapsed > 0 else 0.0
+                progress({
+                    "samples_done": stop, "samples_total": n_samples,
+                    "tokens_done": int(offsets[stop]), "tokens_total": int(offsets[-1]),
+                    "tokens_per_s": rate, "eta_s": (tokens_total - done_tokens) / rate if rate else None,
+                    "batch_size": capture.batch_size,
+                })
+    finally:
         writer.close(flush=True)
     elapsed = time.perf_counter() - started
     return {"tokens": done_tokens, "seconds": elapsed, "tokens_per_s": done_tokens / elapsed if elapsed else 0.0}

@@ -15,7 +15,8 @@ from . import engine
 from .config import CaptureSpec, DatasetSpec, ModelSpec, build
 from .data import plan_order, tokenize
 from .errors import JobCancelled, JobTimeout, StoreBusy, classify, is_oom
-from .models import check_layers, load_config, load_model, n_layers_of
+from .distributed import ShardedRun
+from .models import check_layers, describe_model, load_config, load_model, load_tokenizer, n_layers_of
 from .store import END_STATES, LIVE_STATES, ExtractionStore
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class JobRequest:
     timeout_s: float | None = None
     auto_retry_on_oom: bool = False
     before_batch: Callable[[int, int], None] | None = field(default=None, repr=False)
+    cluster: Any = field(default=None, repr=False)  # a dask.distributed Client: shard over its workers
 
     def params(self) -> dict:
         """Flat, JSON-able parameters: what the metadata records and a retry copies."""
@@ -90,7 +92,7 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: list[int], hooks:
                  text_column: str = "text", add_special_tokens: bool = True, oov_policy: str = "clamp",
                  padding_side: str = "right", chunk_mb: float = 2.0, timeout_s: float | None = None,
                  auto_retry_on_oom: bool = False, revision: str | None = None,
-                 before_batch: Callable[[int, int], None] | None = None) -> JobRequest:
+                 before_batch: Callable[[int, int], None] | None = None, cluster: Any = None) -> JobRequest:
     """Validate every argument of ``ms.extract`` / ``ws.submit`` before anything is loaded or written."""
     from .errors import InputError
 
@@ -110,7 +112,10 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: list[int], hooks:
                     oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb)
     if timeout_s is not None and timeout_s <= 0:
         raise InputError(f"timeout_s={timeout_s} must be a positive number of seconds, or None for no limit")
-    return JobRequest(model_spec, dataset_spec, capture, timeout_s, bool(auto_retry_on_oom), before_batch)
+    if cluster is not None and not (hasattr(cluster, "submit") and hasattr(cluster, "scheduler_info")):
+        raise InputError(f"cluster={cluster!r} is not a dask.distributed Client: pass Client(LocalCluster()) or "
+                         "Client('tcp://scheduler:8786')")
+    return JobRequest(model_spec, dataset_spec, capture, timeout_s, bool(auto_retry_on_oom), before_batch, cluster)
 
 
 def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -> JobRequest:
@@ -216,9 +221,9 @@ class Job:
         """A new job and store with this one's parameters and ``overrides``, linked by ``retry_of``."""
         return self.workspace.retry(self.id, **overrides)
 
-    def resume(self, batch_size: int | None = None) -> "Job":
-        """Continue in this store after its committed mark (optionally with another batch size)."""
-        return self.workspace.resume(self.id, batch_size=batch_size)
+    def resume(self, batch_size: int | None = None, cluster: Any = None) -> "Job":
+        """Continue in this store after its committed mark (optionally with another batch size or cluster)."""
+        return self.workspace.resume(self.id, batch_size=batch_size, cluster=cluster)
 
     # -- running (worker thread) ------------------------------------------------------------------
     def emit(self, event: str, **payload: Any) -> None:
@@ -288,17 +293,28 @@ class Job:
         self._set_state("LOADING", timings={"started": now()}, error=None)
         config = load_config(req.model)
         check_layers(req.capture.layers, n_layers_of(config))
-        loaded = model_cache.get(req.model)
-        self.store.update(model={**loaded.describe(), "revision": req.model.revision})
+        sharded = req.cluster is not None or "shards" in self.store.meta
+        if sharded:  # the coordinator needs the tokenizer and the facts, not the weights
+            loaded, facts, tokenizer = None, describe_model(req.model), load_tokenizer(req.model)
+        else:
+            loaded = model_cache.get(req.model)
+            facts, tokenizer = loaded.describe(), loaded.tokenizer
+        self.store.update(model={**facts, "revision": req.model.revision})
         self._check()
         if not self.store.is_allocated:
-            tokenized = tokenize(req.dataset, loaded.tokenizer, loaded.vocab_size, req.capture.oov_policy)
+            tokenized = tokenize(req.dataset, tokenizer, facts["vocab_size"], req.capture.oov_policy)
             self._check()
             order = plan_order(tokenized.lengths)
-            hook_dims = {hp: loaded.hidden_size for hp in req.capture.hook_points()}
+            hook_dims = {hp: facts["hidden_size"] for hp in req.capture.hook_points()}
             self.store.allocate([tokenized.ids[i] for i in order], tokenized.rows[order], hook_dims,
                                 req.capture.dtype, req.capture.chunk_mb)
             self.store.update(dataset={"report": tokenized.report()})
+        if sharded:
+            self._set_state("EXTRACTING")
+            workers = len(req.cluster.scheduler_info()["workers"]) if req.cluster is not None else 1
+            figures = ShardedRun(self.store, req.model, req.capture, self.id, self._check, self._on_progress,
+                                 n_shards=max(1, 2 * workers), before_batch=req.before_batch).run(req.cluster)
+            return self._complete(figures)
         attempts = list(self.store.meta.get("attempts", []))
         capture = req.capture
         while True:
@@ -323,7 +339,13 @@ class Job:
                 capture = capture.model_copy(update={"batch_size": smaller})
                 self.request = req = replace(req, capture=capture)
                 free_memory()
+        self._complete(figures)
+
+    def _complete(self, figures: dict) -> None:
         self._set_state("SAVING")
+        total = self.store.meta["progress"]["samples_total"]
+        self.store.update(progress={"samples_committed": total, "tokens_committed": self.store.meta["progress"][
+            "tokens_total"]})
         self.store.update(timings={"finished": now(), "tokens_per_s": figures["tokens_per_s"],
                                    "extract_seconds": figures["seconds"]})
         self.store.update(status="COMPLETED", heartbeat={**owner(), "time": now()})

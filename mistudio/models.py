@@ -170,6 +170,21 @@ def load_config(spec: ModelSpec):
         raise InputError(f"could not read the config of model {source!r}: {exc}") from exc
 
 
+def describe_model(spec: ModelSpec) -> dict:
+    """Architecture, layers, hidden size, vocabulary, parameters and memory estimate, without loading weights."""
+    from transformers import AutoModel
+
+    config = load_config(spec)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    bytes_per = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 4}[spec.dtype]
+    return {"name_or_path": spec.name_or_path, "architecture": type(model).__name__,
+            "model_type": config.model_type, "n_layers": n_layers_of(config), "hidden_size": int(config.hidden_size),
+            "vocab_size": int(model.get_input_embeddings().num_embeddings), "n_parameters": int(n_params),
+            "memory_gb": n_params * bytes_per / 1e9}
+
+
 def n_layers_of(config) -> int:
     """Block count from a transformers config."""
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -214,24 +229,38 @@ def find_blocks(model: nn.Module, model_type: str, n_layers: int) -> tuple[nn.Mo
     )
 
 
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer, given a pad token (eos, else unk/bos) if it has none."""
+    from transformers import AutoTokenizer
+
+    source = _source(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
+    except (OSError, ValueError) as exc:
+        if source == spec.name_or_path and not Path(source).exists():
+            raise _hub_error(source, exc) from exc
+        raise InputError(f"could not load the tokenizer of {source!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if fallback is not None:
+            tokenizer.pad_token = fallback  # the model is untouched: pads are masked and never stored
+    return tokenizer
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load model (base, no LM head) + tokenizer in eval mode; give the tokenizer a pad token if it lacks one."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     source = _source(spec)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
+    tokenizer = load_tokenizer(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
         model = AutoModel.from_pretrained(source, revision=spec.revision, dtype=dtype)
     except (OSError, ValueError) as exc:
         if source == spec.name_or_path and not Path(source).exists():
             raise _hub_error(source, exc) from exc
         raise InputError(f"could not load model {source!r}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
-        if fallback is not None:
-            tokenizer.pad_token = fallback  # the model is untouched: pads are masked and never stored
     model.to(device).eval()
     model.requires_grad_(False)
     model_type = model.config.model_type

@@ -272,7 +272,8 @@ class Workspace:
         if old.request is not None:
             req = old.request
             base = {"model": req.model.name_or_path, "dataset": req.dataset.source, "revision": req.model.revision,
-                    **{k: v for k, v in req.params().items()}, "before_batch": req.before_batch}
+                    **{k: v for k, v in req.params().items()}, "before_batch": req.before_batch,
+                    "cluster": req.cluster}
             base.update(overrides)
             request = make_request(**base)
         else:
@@ -283,8 +284,11 @@ class Workspace:
                        k: v for k, v in overrides.items() if k != "dataset" and not callable(v)}}
         return self._start(request, lineage)
 
-    def resume(self, extraction_id: str, batch_size: int | None = None) -> Job:
-        """Continue a FAILED/CANCELLED/INTERRUPTED job in its own store from the committed mark."""
+    def resume(self, extraction_id: str, batch_size: int | None = None, cluster: Any = None) -> Job:
+        """Continue a FAILED/CANCELLED/INTERRUPTED job in its own store from the committed mark.
+
+        A sharded (dask) extraction reruns only its unfinished shards: on ``cluster`` if given, else here.
+        """
         store = self.store(extraction_id, writable=True)
         ensure_free(store, self.runner)
         meta = store.meta
@@ -299,6 +303,8 @@ class Workspace:
         if batch_size:
             request = replace(request, capture=build(CaptureSpec, **{**request.capture.model_dump(),
                                                                      "batch_size": batch_size}))
+        if cluster is not None:
+            request = replace(request, cluster=cluster)
         store.update(status="QUEUED", heartbeat={**owner(), "time": now()},
                      params={"batch_size": request.capture.batch_size},
                      resumes=list(meta.get("resumes", [])) + [{"at": now(), "from_sample": meta.get(

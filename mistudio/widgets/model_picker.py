@@ -10,7 +10,7 @@ import ipywidgets as W
 
 from ..config import DEVICES, MODEL_DTYPES, ModelSpec, build
 from ..errors import InputError
-from ..models import load_config, n_layers_of, packaged_minilm_path
+from ..models import describe_model, packaged_minilm_path
 from .common import error_box
 
 
@@ -22,21 +22,6 @@ def cached_hub_models() -> list[str]:
         return sorted(r.repo_id for r in scan_cache_dir().repos if r.repo_type == "model")
     except Exception:  # no cache yet, or an unreadable one
         return []
-
-
-def describe_model(spec: ModelSpec) -> dict:
-    """Architecture, layers, hidden size, parameters and memory estimate, without loading weights."""
-    import torch
-    from transformers import AutoModel
-
-    config = load_config(spec)
-    with torch.device("meta"):
-        model = AutoModel.from_config(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    bytes_per = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 4}[spec.dtype]
-    return {"architecture": type(model).__name__, "model_type": config.model_type, "n_layers": n_layers_of(config),
-            "hidden_size": int(config.hidden_size), "n_parameters": int(n_params),
-            "memory_gb": n_params * bytes_per / 1e9}
 
 
 class ModelPicker(W.VBox):
