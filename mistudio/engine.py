@@ -62,7 +62,10 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
                     before_batch: Callable[[int, int], None] | None = None
                     ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """Batched forwards over stored samples [begin, end): yields ``(first, stop, rows)`` per batch, where
-    ``rows`` maps each hook point to its real-token rows (padding dropped) in stored order."""
+    ``rows`` maps each hook point to its real-token rows (padding dropped) in stored order.
+
+    ``check()`` runs before each batch and before each block, so a cancel lands within one block.
+    """
     storage_dtype = getattr(torch, capture.dtype)
     captured: dict[str, torch.Tensor] = {}
     handles = []
@@ -79,6 +82,9 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
         _, layer, kind = hp.split(".")
         handles.append(loaded.module(int(layer), kind).register_forward_hook(capture_hook(hp)))
     handles.append(loaded.blocks[max(capture.layers)].register_forward_hook(stop_hook))
+    if check is not None:  # cancel/timeout also between blocks: a long batch is abandoned, never half-written
+        for block in list(loaded.blocks)[: max(capture.layers) + 1]:
+            handles.append(block.register_forward_pre_hook(lambda _module, _inputs: check()))
     device = loaded.device
     try:
         for index, (first, stop) in enumerate(batch_ranges(end, capture.batch_size, begin)):

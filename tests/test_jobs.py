@@ -95,7 +95,7 @@ def test_cancel_while_extracting_keeps_committed(gpt2_dir, workspace, clean):
     assert job.status == "CANCELLED"
     meta = job.meta
     done = meta["progress"]["samples_committed"]
-    assert done == 56  # cancelled during batch 7 (index 6): it finishes that batch and stops before the 8th
+    assert done == 48  # cancelled during batch 7 (index 6): abandoned at its next block, six batches kept
     ext = job.extraction()
     stop = meta["progress"]["tokens_committed"]
     for hp, ref in clean[1].items():
@@ -106,7 +106,7 @@ def test_cancel_while_extracting_keeps_committed(gpt2_dir, workspace, clean):
     resumed = job.resume()
     assert resumed.wait(60).status == "COMPLETED"
     assert_same(resumed.extraction(), clean[1])
-    assert resumed.meta["resumes"][0]["from_sample"] == 56
+    assert resumed.meta["resumes"][0]["from_sample"] == 48
 
 
 def test_cancel_while_queued_and_order(gpt2_dir, workspace):
