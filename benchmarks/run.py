@@ -213,7 +213,7 @@ def main() -> None:
         model_dir = args.model or tiny_gpt2(tmp / "model", n_layer=12, width=128 if q else 256)
         steps = [
             ("overhead", lambda: bench_overhead(model_dir, str(tmp / "ws1"), 64 if q else 512, 8, [3, 7, 11],
-                                                1 if q else 3)),
+                                                1 if q else 5)),
             ("batching", lambda: bench_batching(model_dir, 24 if q else 1024)),
             ("early_stop", lambda: bench_early_stop(model_dir, 32 if q else 512)),
             ("memory", lambda: bench_memory(model_dir, str(tmp / "ws2"), *((50, 200) if q else (1000, 10000)))),

@@ -15,7 +15,7 @@ import numpy as np
 from .config import CaptureSpec, ModelSpec
 from .engine import check_ids, forward_batches
 from .errors import JobCancelled
-from .store import ExtractionStore, _HookStats
+from .store import ExtractionStore, HookStats
 
 _REPLICAS: dict[str, Any] = {}  # one loaded model per worker process
 
@@ -93,13 +93,13 @@ def run_shard(location: str, storage_options: dict | None, model: dict, capture:
     check_ids(ids, loaded)
     arrays = {hp: store.activations(hp) for hp in capture_spec.hook_points()}
     writer = ShardWriter(arrays, next(iter(arrays.values())).chunks[0], *shard["tokens"])
-    stats = {hp: _HookStats.empty() for hp in arrays}
+    stats = {hp: HookStats.empty() for hp in arrays}
     started = time.perf_counter()
-    for first, stop, rows in forward_batches(loaded, ids, offsets, capture_spec, shard["first"], shard["stop"], check,
-                                             before_batch):
+    for first, stop, rows, batch_stats in forward_batches(loaded, ids, offsets, capture_spec, shard["first"],
+                                                          shard["stop"], check, before_batch):
         writer.put(rows)
-        for hp, block in rows.items():
-            _HookStats.add(stats[hp], block)
+        for hp, delta in batch_stats.items():
+            HookStats.merge(stats[hp], delta)
         if on_batch is not None:
             on_batch(stop - first)
     assert writer.pos == shard["tokens"][1], "shard rows were not all placed"
@@ -154,13 +154,11 @@ class ShardedRun:
             if s["status"] != "done":
                 break
             prefix = s["stop"]
-        totals = {hp: _HookStats.empty() for hp in result["stats"]}
+        totals = {hp: HookStats.empty() for hp in result["stats"]}
         for s in self.shards:
             for hp, acc in (s.get("stats") or {}).items() if s["status"] == "done" else []:
-                for k in ("count", "sum", "sum_sq", "zeros"):
-                    totals[hp][k] += acc[k]
-                totals[hp]["max_abs"] = max(totals[hp]["max_abs"], acc["max_abs"])
-        self.store.update(shards=self.shards, statistics={hp: _HookStats.summary(a) for hp, a in totals.items()},
+                HookStats.merge(totals[hp], acc)
+        self.store.update(shards=self.shards, statistics={hp: HookStats.summary(a) for hp, a in totals.items()},
                           progress={"samples_committed": prefix, "tokens_committed": int(self.offsets[prefix])})
 
     def run(self, client=None) -> dict:

@@ -15,7 +15,7 @@ from .config import CaptureSpec
 from .data import batch_ranges
 from .errors import InputError
 from .models import LoadedModel
-from .store import ChunkWriter, ExtractionStore
+from .store import ChunkWriter, ExtractionStore, HookStats
 
 
 class _StopForward(Exception):
@@ -60,9 +60,10 @@ def check_ids(ids: np.ndarray, loaded: LoadedModel) -> None:
 def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, capture: CaptureSpec, begin: int,
                     end: int, check: Callable[[], None] | None = None,
                     before_batch: Callable[[int, int], None] | None = None
-                    ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-    """Batched forwards over stored samples [begin, end): yields ``(first, stop, rows)`` per batch, where
-    ``rows`` maps each hook point to its real-token rows (padding dropped) in stored order.
+                    ) -> Iterator[tuple[int, int, dict[str, np.ndarray], dict[str, dict]]]:
+    """Batched forwards over stored samples [begin, end): yields ``(first, stop, rows, stats)`` per batch:
+    ``rows`` maps each hook point to its real-token rows (padding dropped) in stored order, ``stats``
+    to their statistics accumulators (computed by torch on the model's values, before storage rounding).
 
     ``check()`` runs before each batch and before each block, so a cancel lands within one block.
     """
@@ -106,9 +107,11 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
                 except _StopForward:
                     pass
                 keep = attention.bool()
-                rows = {hp: captured[hp][keep].to(storage_dtype).cpu().numpy() for hp in capture.hook_points()}
+                real = {hp: captured[hp][keep] for hp in capture.hook_points()}
+                stats = {hp: HookStats.of_tensor(values) for hp, values in real.items()}
+                rows = {hp: values.to(storage_dtype).cpu().numpy() for hp, values in real.items()}
             captured.clear()
-            yield first, stop, rows
+            yield first, stop, rows, stats
     finally:
         for handle in handles:
             handle.remove()
@@ -133,9 +136,9 @@ def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, st
     done_tokens = 0
     started = time.perf_counter()
     try:
-        for first, stop, rows in forward_batches(loaded, ids, offsets, capture, start_sample, n_samples, check,
-                                                 before_batch):
-            writer.put(stop - first, rows)
+        for first, stop, rows, stats in forward_batches(loaded, ids, offsets, capture, start_sample, n_samples,
+                                                        check, before_batch):
+            writer.put(stop - first, rows, stats)
             done_tokens += int(offsets[stop] - offsets[first])
             if progress is not None:
                 elapsed = time.perf_counter() - started

@@ -150,6 +150,7 @@ class Job:
         self._listeners: list[Listener] = []
         self._progress: dict = {}
         self._active = False
+        self._deadline: float | None = None
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, status={self.status})"
@@ -240,12 +241,11 @@ class Job:
         self.emit("state", status=status, previous=previous)
 
     def _check(self) -> None:
+        """Raise if the job must stop. Called before every block of every batch: keep it cheap."""
         if self._cancel.is_set():
             raise JobCancelled("cancelled by the user")
-        limit = self.request.timeout_s if self.request else None
-        started = self.store.meta.get("timings", {}).get("started")
-        if limit and started and now() - started > limit:
-            raise JobTimeout(f"The job ran past its time limit of {limit:g} s.")
+        if self._deadline is not None and now() > self._deadline:
+            raise JobTimeout(f"The job ran past its time limit of {self.request.timeout_s:g} s.")
 
     def _on_progress(self, progress: dict) -> None:
         self._progress = progress
@@ -290,7 +290,9 @@ class Job:
         assert self.request is not None
         req = self.request
         self._check()
-        self._set_state("LOADING", timings={"started": now()}, error=None)
+        started = now()
+        self._deadline = started + req.timeout_s if req.timeout_s else None
+        self._set_state("LOADING", timings={"started": started}, error=None)
         config = load_config(req.model)
         check_layers(req.capture.layers, n_layers_of(config))
         sharded = req.cluster is not None or "shards" in self.store.meta

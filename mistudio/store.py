@@ -5,6 +5,7 @@ import copy
 import math
 import queue
 import threading
+from collections import deque
 from typing import Any, Callable
 
 import numpy as np
@@ -134,23 +135,33 @@ class ExtractionStore:
             zarr.consolidate_metadata(self.group.store)
 
 
-class _HookStats:
-    """Running mean/std/max-abs/zero-fraction of one hook point, exact over committed rows."""
+class HookStats:
+    """Mean/std/max-abs/zero-fraction accumulators of one hook point, exact over committed rows."""
+
+    KEYS = ("count", "sum", "sum_sq", "max_abs", "zeros")
 
     @staticmethod
     def empty() -> dict:
         return {"count": 0, "sum": 0.0, "sum_sq": 0.0, "max_abs": 0.0, "zeros": 0}
 
     @staticmethod
-    def add(acc: dict, rows: np.ndarray) -> None:
-        if rows.size == 0:
-            return
-        values = rows.astype(np.float32, copy=False)
-        acc["count"] += int(values.size)
-        acc["sum"] += float(values.sum(dtype=np.float64))
-        acc["sum_sq"] += float(np.einsum("ij,ij->", values, values, dtype=np.float64))
-        acc["max_abs"] = max(acc["max_abs"], float(np.abs(values).max()))
-        acc["zeros"] += int(values.size - np.count_nonzero(values))
+    def of_tensor(values) -> dict:
+        """One batch's accumulators, computed by torch where the values are (one device sync)."""
+        import torch
+
+        f = values.float().reshape(-1)
+        if not f.numel():
+            return HookStats.empty()
+        total, sum_sq, max_abs, zeros = torch.stack([
+            f.sum(dtype=torch.float64), torch.dot(f, f).double(), f.abs().max().double(),
+            (f == 0).sum().double()]).tolist()
+        return {"count": int(f.numel()), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros)}
+
+    @staticmethod
+    def merge(acc: dict, delta: dict) -> None:
+        for key in ("count", "sum", "sum_sq", "zeros"):
+            acc[key] += delta[key]
+        acc["max_abs"] = max(acc["max_abs"], delta["max_abs"])
 
     @staticmethod
     def summary(acc: dict) -> dict:
@@ -163,10 +174,10 @@ class _HookStats:
 class ChunkWriter:
     """The store's only writer: a thread that appends rows in stored order and writes whole chunks.
 
-    Rows arrive per batch (``put``). Whenever a chunk boundary is passed, the rows up to the last
-    boundary are written; then the commit mark moves to the last sample that ends inside the written
-    region, and ``progress.samples_committed``/``tokens_committed`` and the statistics are recorded.
-    Everything below the mark is final; a resumed job restarts at it.
+    Rows arrive per batch (``put``), with the batch's statistics. Whenever a chunk boundary is passed,
+    the rows up to the last boundary are written; then the commit mark moves to the last batch that
+    ends inside the written region, and ``progress.samples_committed``/``tokens_committed`` and the
+    statistics are recorded. Everything below the mark is final; a resumed job restarts at it.
     """
 
     _FLUSH = object()
@@ -181,8 +192,9 @@ class ChunkWriter:
         self.chunk = self.arrays[self.hook_points[0]].chunks[0]
         self.on_commit = on_commit
         saved = store.meta.get("statistics", {}) if start_sample else {}  # exact up to the commit mark
-        self.stats = {hp: {k: saved.get(hp, {}).get(k, v) for k, v in _HookStats.empty().items()}
+        self.stats = {hp: {k: saved.get(hp, {}).get(k, v) for k, v in HookStats.empty().items()}
                       for hp in self.hook_points}
+        self.batches: deque[tuple[int, dict]] = deque()  # (end sample, statistics) of uncommitted batches
         self.committed_sample = start_sample
         self.received_sample = start_sample
         self.written = int(self.offsets[start_sample])
@@ -193,10 +205,10 @@ class ChunkWriter:
         self._thread.start()
 
     # -- producer side ---------------------------------------------------------------------------
-    def put(self, n_samples: int, rows: dict[str, np.ndarray]) -> None:
-        """Queue the rows of the next ``n_samples`` samples (blocks while the writer is behind)."""
+    def put(self, n_samples: int, rows: dict[str, np.ndarray], stats: dict[str, dict]) -> None:
+        """Queue the rows and statistics of the next ``n_samples`` samples (blocks while the writer is behind)."""
         self._raise()
-        self._queue.put((n_samples, rows))
+        self._queue.put((n_samples, (rows, stats)))
 
     def flush(self) -> None:
         """Write and commit everything queued, including a partial last chunk."""
@@ -234,16 +246,17 @@ class ChunkWriter:
                     self._write_until(int(self.offsets[self.received_sample]))
                     payload.set()
                 else:
-                    self._append(item, payload)
+                    self._append(item, *payload)
             except BaseException as exc:  # noqa: BLE001 - handed to the producer
                 self.error = exc
                 if item is self._FLUSH:
                     payload.set()
 
-    def _append(self, n_samples: int, rows: dict[str, np.ndarray]) -> None:
+    def _append(self, n_samples: int, rows: dict[str, np.ndarray], stats: dict[str, dict]) -> None:
         for hp in self.hook_points:
             self.buffer[hp].append(rows[hp])
         self.received_sample += n_samples
+        self.batches.append((self.received_sample, stats))
         end = int(self.offsets[self.received_sample])
         boundary = end // self.chunk * self.chunk
         if boundary > self.written:
@@ -265,19 +278,19 @@ class ChunkWriter:
         return self.buffer[hp][0]
 
     def _commit(self) -> None:
-        new_sample = int(np.searchsorted(self.offsets, self.written, side="right")) - 1
-        new_sample = min(new_sample, self.received_sample)
-        if new_sample <= self.committed_sample:
+        new_sample = self.committed_sample
+        while self.batches and self.offsets[self.batches[0][0]] <= self.written:
+            new_sample, stats = self.batches.popleft()
+            for hp in self.hook_points:
+                HookStats.merge(self.stats[hp], stats[hp])
+        if new_sample == self.committed_sample:
             return
-        base = int(self.offsets[self.committed_sample])
-        cut = int(self.offsets[new_sample]) - base
+        cut = int(self.offsets[new_sample] - self.offsets[self.committed_sample])
         for hp in self.hook_points:
-            block = self._block(hp)
-            _HookStats.add(self.stats[hp], block[:cut])
-            self.buffer[hp] = [block[cut:]]
+            self.buffer[hp] = [self._block(hp)[cut:]]
         self.committed_sample = new_sample
         progress = {"samples_committed": new_sample, "tokens_committed": int(self.offsets[new_sample])}
         self.store.update(progress=progress,
-                          statistics={hp: _HookStats.summary(acc) for hp, acc in self.stats.items()})
+                          statistics={hp: HookStats.summary(acc) for hp, acc in self.stats.items()})
         if self.on_commit is not None:
             self.on_commit(progress)

@@ -96,7 +96,7 @@ def test_store_layout_chunks_stats_and_xarray(minilm_dir, workspace):
     assert stats["count"] == values.size
     assert stats["mean"] == pytest.approx(values.mean(), rel=1e-4, abs=1e-6)
     assert stats["std"] == pytest.approx(values.std(), rel=1e-3)
-    assert stats["max_abs"] == pytest.approx(np.abs(values).max())
+    assert stats["max_abs"] == pytest.approx(np.abs(values).max(), rel=1e-3)  # torch's values, before float16
     assert meta["progress"]["tokens_committed"] == ext.n_tokens
     ds = xr.open_zarr(ext.location, group="activations")
     assert ds["layers.2.mlp"].dims == ("token", "feature")
