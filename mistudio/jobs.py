@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import engine
 from .config import CaptureSpec, DatasetSpec, ModelSpec, build
 from .data import plan_order, tokenize
-from .errors import JobCancelled, JobTimeout, StoreBusy, classify, is_oom
+from .errors import InputError, JobCancelled, JobTimeout, StoreBusy, classify, is_oom
 from .distributed import ShardedRun
 from .models import check_layers, describe_model, load_config, load_model, load_tokenizer, n_layers_of
 from .store import END_STATES, LIVE_STATES, ExtractionStore
@@ -94,8 +94,6 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: list[int], hooks:
                  auto_retry_on_oom: bool = False, revision: str | None = None,
                  before_batch: Callable[[int, int], None] | None = None, cluster: Any = None) -> JobRequest:
     """Validate every argument of ``ms.extract`` / ``ws.submit`` before anything is loaded or written."""
-    from .errors import InputError
-
     if isinstance(layers, int):
         layers = [layers]
     if isinstance(hooks, str):
@@ -137,7 +135,22 @@ def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -
     return make_request(**args)
 
 
-class Job:
+class Observable:
+    """Keeps event listeners (widgets, tqdm bars, tests): plain callables taking one event dict."""
+
+    _listeners: list[Listener]
+
+    def subscribe(self, listener: Listener) -> Listener:
+        """Call ``listener(event_dict)`` for every event; returns it, for ``unsubscribe``."""
+        self._listeners.append(listener)
+        return listener
+
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+
+class Job(Observable):
     """Handle on one extraction job. Live in this process while it runs; otherwise reads its store."""
 
     def __init__(self, workspace: "Workspace", store: ExtractionStore, request: JobRequest | None = None):
@@ -181,15 +194,6 @@ class Job:
     @property
     def done(self) -> bool:
         return self.status in END_STATES
-
-    def subscribe(self, listener: Listener) -> Listener:
-        """Call ``listener(event_dict)`` for every event of this job; returns it for unsubscribe."""
-        self._listeners.append(listener)
-        return listener
-
-    def unsubscribe(self, listener: Listener) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
 
     def wait(self, timeout: float | None = None) -> "Job":
         """Block until the job ends (or ``timeout`` seconds pass); returns self."""
@@ -273,8 +277,15 @@ class Job:
         finally:
             stop_beat.set()
             beat.join()
-            self._active = False
-            self._done.set()
+            self._end()
+
+    def _end(self) -> None:
+        """Leave the runner's live set before anyone waiting is woken (so a resume right after works)."""
+        runner = self.workspace.runner
+        with runner.lock:
+            runner.active.pop(self.id, None)
+        self._active = False
+        self._done.set()
 
     def _fail(self, exc: BaseException) -> None:
         record = classify(exc, self.store.meta.get("params", {}))
@@ -410,15 +421,13 @@ class Runner:
     def _loop(self) -> None:
         while True:
             job = self.queue.get()
-            try:
-                if job._cancel.is_set():
+            if job._cancel.is_set():
+                try:
                     job._set_state("CANCELLED", timings={"finished": now()})
-                    job._done.set()
-                else:
-                    job.run(self.models)
-            finally:
-                with self.lock:
-                    self.active.pop(job.id, None)
+                finally:
+                    job._end()
+            else:
+                job.run(self.models)
 
 
 def ensure_free(store: ExtractionStore, runner: Runner) -> None:

@@ -14,7 +14,7 @@ import fsspec
 from .config import CaptureSpec, build
 from .errors import InputError
 from .extraction import Extraction
-from .jobs import (Job, Listener, Runner, ensure_free, make_request, now, owner, process_alive,
+from .jobs import (Job, Listener, Observable, Runner, ensure_free, make_request, now, owner, process_alive,
                    request_from_meta)
 from .store import END_STATES, LIVE_STATES, ExtractionStore
 
@@ -65,8 +65,9 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-class Workspace:
+class Workspace(Observable):
     """A folder of extraction stores (``<root>/extractions/<id>.zarr``) and the jobs that fill them.
+    Its listeners receive the events of every job submitted through this object.
 
     Opening one marks jobs whose process died (kernel restart, crash) as FAILED/INTERRUPTED.
     Several ``Workspace`` objects on one folder share one job runner in this process.
@@ -97,15 +98,6 @@ class Workspace:
             if key not in _RUNNERS:
                 _RUNNERS[key] = Runner(key)
             return _RUNNERS[key]
-
-    def subscribe(self, listener: Listener) -> Listener:
-        """Receive the events of every job submitted through this workspace object."""
-        self._listeners.append(listener)
-        return listener
-
-    def unsubscribe(self, listener: Listener) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
 
     # -- stores -----------------------------------------------------------------------------------
     def path_of(self, extraction_id: str) -> str:

@@ -1,0 +1,24 @@
+"""The benchmark script runs end to end in --quick mode (a smoke test: no timing is asserted)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_runs(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for step in ("overhead", "batching", "early_stop", "memory", "cancel", "write"):
+        assert step in results, step
+    assert results["overhead"]["ratio"] > 0 and results["early_stop"]["ratio"] > 0
+    assert results["batching"]["batch 8, bucketed"]["useful_fraction"] >= \
+        results["batching"]["batch 8, dataset order"]["useful_fraction"]  # bucketing never pads more
+    assert results["memory"]["peak_rss_mb"][1] > 0 and results["write"]["zarr_mb_s"] > 0
+    assert "overhead: extract / bare forward" in proc.stdout
