@@ -14,11 +14,11 @@ class TqdmListener:
     def __call__(self, event: dict) -> None:
         kind = event["event"]
         if kind == "progress":
-            if self.bar is None:
-                self.bar = tqdm(total=event["samples_total"], desc=event["job_id"], **self.options)
-            self.bar.n = event["samples_done"]
+            if self.bar is None:  # start at the first report, so a resumed job's rate is not inflated
+                self.bar = tqdm(total=event["samples_total"], initial=event["samples_done"], desc=event["job_id"],
+                                **self.options)
             self.bar.set_postfix(tok_s=f"{event['tokens_per_s']:.0f}", batch=event["batch_size"], refresh=False)
-            self.bar.refresh()
+            self.bar.update(event["samples_done"] - self.bar.n)
         elif kind == "retry" and self.bar is not None:
             self.bar.write(f"out of memory: retrying with batch_size={event['batch_size']}")
         elif kind == "failed" and self.bar is not None:
