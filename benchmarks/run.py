@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 import mistudio as ms
-from mistudio.config import CaptureSpec, ModelSpec
+from mistudio.config import ModelSpec
 from mistudio.data import plan_order, tokenize
 from mistudio.engine import pad_batch, position_ids
 from mistudio.models import load_model

@@ -6,7 +6,7 @@ import math
 import queue
 import threading
 from collections import deque
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import zarr
@@ -183,14 +183,12 @@ class ChunkWriter:
     _FLUSH = object()
     _STOP = object()
 
-    def __init__(self, store: ExtractionStore, start_sample: int, on_commit: Callable[[dict], None] | None = None,
-                 queue_depth: int = 2):
+    def __init__(self, store: ExtractionStore, start_sample: int, queue_depth: int = 2):
         self.store = store
         self.offsets = store.sample_offsets()
         self.hook_points = list(store.meta["hook_points"])
         self.arrays = {hp: store.activations(hp) for hp in self.hook_points}
         self.chunk = self.arrays[self.hook_points[0]].chunks[0]
-        self.on_commit = on_commit
         saved = store.meta.get("statistics", {}) if start_sample else {}  # exact up to the commit mark
         self.stats = {hp: {k: saved.get(hp, {}).get(k, v) for k, v in HookStats.empty().items()}
                       for hp in self.hook_points}
@@ -292,5 +290,3 @@ class ChunkWriter:
         progress = {"samples_committed": new_sample, "tokens_committed": int(self.offsets[new_sample])}
         self.store.update(progress=progress,
                           statistics={hp: HookStats.summary(acc) for hp, acc in self.stats.items()})
-        if self.on_commit is not None:
-            self.on_commit(progress)

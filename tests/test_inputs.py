@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 import mistudio as ms
-from conftest import TEXTS
 
 
 def _extract(model, dataset="sample", workspace=None, **kw):
