@@ -108,8 +108,23 @@ class Workspace(Observable):
         return self.fs.unstrip_protocol(fs_path) if self.remote else fs_path
 
     def _bytes(self, location: str) -> int:
+        """Bytes under a store. A live writer's temporary files come and go: sizes are best effort."""
         path = self.fs._strip_protocol(location)
-        return int(self.fs.du(path)) if self.fs.exists(path) else 0
+        if not self.remote:
+            total = 0
+            for folder, _, files in os.walk(path):
+                for name in files:
+                    try:
+                        total += os.stat(os.path.join(folder, name)).st_size
+                    except FileNotFoundError:  # renamed or removed since the listing
+                        pass
+            return total
+        for _ in range(3):
+            try:
+                return int(self.fs.du(path)) if self.fs.exists(path) else 0
+            except FileNotFoundError:
+                continue
+        return 0
 
     def _check_writable(self) -> None:
         try:
