@@ -86,15 +86,21 @@ def test_cluster_run_equals_single_process(gpt2_dir, workspace, client, single):
     assert stats["count"] == values.size and stats["mean"] == pytest.approx(values.mean(), rel=1e-4, abs=1e-7)
 
 
-def test_cancel_stops_all_workers_then_resume_here(gpt2_dir, workspace, client, single):
-    ws = ms.Workspace(workspace)
+def start_slow_job(ws, model_dir, client, progress_events: int):
+    """Submit a slowed-down sharded job and return it once it reported ``progress_events`` batches."""
     events = []
-    job = ws.submit(gpt2_dir, "sample", cluster=client, before_batch=slow, **ARGS)
+    job = ws.submit(model_dir, "sample", cluster=client, before_batch=slow, **ARGS)
     job.subscribe(events.append)
     deadline = time.monotonic() + 120
-    while not any(e["event"] == "progress" for e in events):
+    while sum(e["event"] == "progress" for e in events) < progress_events:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    return job
+
+
+def test_cancel_stops_all_workers_then_resume_here(gpt2_dir, workspace, client, single):
+    ws = ms.Workspace(workspace)
+    job = start_slow_job(ws, gpt2_dir, client, progress_events=1)
     asked = time.monotonic()
     job.cancel().wait(60)
     assert job.status == "CANCELLED" and time.monotonic() - asked < 10
@@ -107,13 +113,7 @@ def test_cancel_stops_all_workers_then_resume_here(gpt2_dir, workspace, client, 
 
 def test_killed_worker_shard_is_rerun(gpt2_dir, workspace, client, single):
     ws = ms.Workspace(workspace)
-    events = []
-    job = ws.submit(gpt2_dir, "sample", cluster=client, before_batch=slow, **ARGS)
-    job.subscribe(events.append)
-    deadline = time.monotonic() + 120
-    while sum(e["event"] == "progress" for e in events) < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    job = start_slow_job(ws, gpt2_dir, client, progress_events=3)
     pids = client.run(os.getpid)
     os.kill(next(iter(pids.values())), signal.SIGKILL)
     assert job.wait(180).status == "COMPLETED", job.error
