@@ -104,7 +104,10 @@ class Extraction:
     def sample_tokens(self, row: int) -> list[str]:
         """A dataset row's tokens as strings, as the model's tokenizer names them."""
         start, stop = self.token_range(row)
-        return self.tokenizer.convert_ids_to_tokens([int(i) for i in self.store.group["tokens/input_ids"][start:stop]])
+        return self._token_strings(self.store.group["tokens/input_ids"][start:stop])
+
+    def _token_strings(self, ids: np.ndarray) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
 
     def sample(self, row: int, hook_points: list[str] | None = None, tokens: bool = True) -> dict:
         """One dataset row: ``input_ids``, ``tokens`` (strings), ``activations`` {hook point: (len, d)}."""
@@ -115,7 +118,7 @@ class Extraction:
             "input_ids": input_ids,
             "activations": {hp: self.activations(hp)[start:stop] for hp in (hook_points or self.hook_points)},
         }
-        out["tokens"] = self.sample_tokens(row) if tokens else None
+        out["tokens"] = self._token_strings(input_ids) if tokens else None
         return out
 
     def to_xarray(self):

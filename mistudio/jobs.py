@@ -356,9 +356,9 @@ class Job(Observable):
 
     def _complete(self, figures: dict) -> None:
         self._set_state("SAVING")
-        total = self.store.meta["progress"]["samples_total"]
-        self.store.update(progress={"samples_committed": total, "tokens_committed": self.store.meta["progress"][
-            "tokens_total"]})
+        progress = self.store.meta["progress"]  # the local writer committed all; a sharded run marks it here
+        self.store.update(progress={"samples_committed": progress["samples_total"],
+                                    "tokens_committed": progress["tokens_total"]})
         self.store.update(timings={"finished": now(), "tokens_per_s": figures["tokens_per_s"],
                                    "extract_seconds": figures["seconds"]})
         self.store.update(status="COMPLETED", heartbeat={**owner(), "time": now()})

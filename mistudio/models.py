@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,17 +158,24 @@ def _hub_error(name: str, exc: Exception) -> InputError:
     )
 
 
+@contextmanager
+def _loading(spec: ModelSpec, source: str, what: str):
+    """Turn a from_pretrained failure into an InputError: the Hub message for ids, the cause for folders."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        if source == spec.name_or_path and not Path(source).exists():
+            raise _hub_error(source, exc) from exc
+        raise InputError(f"could not {what} {source!r}: {exc}") from exc
+
+
 def load_config(spec: ModelSpec):
     """The model's transformers config alone (fast): used to check layers before loading weights."""
     from transformers import AutoConfig
 
     source = _source(spec)
-    try:
+    with _loading(spec, source, "read the config of model"):
         return AutoConfig.from_pretrained(source, revision=spec.revision)
-    except (OSError, ValueError) as exc:
-        if source == spec.name_or_path and not Path(source).exists():
-            raise _hub_error(source, exc) from exc
-        raise InputError(f"could not read the config of model {source!r}: {exc}") from exc
 
 
 def describe_model(spec: ModelSpec) -> dict:
@@ -234,12 +242,8 @@ def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
     source = _source(spec)
-    try:
+    with _loading(spec, source, "load the tokenizer of"):
         tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
-    except (OSError, ValueError) as exc:
-        if source == spec.name_or_path and not Path(source).exists():
-            raise _hub_error(source, exc) from exc
-        raise InputError(f"could not load the tokenizer of {source!r}: {exc}") from exc
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
         if fallback is not None:
@@ -255,12 +259,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     tokenizer = load_tokenizer(spec)
-    try:
+    with _loading(spec, source, "load model"):
         model = AutoModel.from_pretrained(source, revision=spec.revision, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        if source == spec.name_or_path and not Path(source).exists():
-            raise _hub_error(source, exc) from exc
-        raise InputError(f"could not load model {source!r}: {exc}") from exc
     model.to(device).eval()
     model.requires_grad_(False)
     model_type = model.config.model_type

@@ -66,9 +66,9 @@ def feature_column(ext: Extraction, hook_point: str, feature: int,
 
 
 def feature_histogram(ext: Extraction, hook_point: str, feature: int, bins: int = 60,
-                      max_tokens: int = DEFAULT_SCAN_TOKENS) -> Figure:
-    """Histogram of one feature over every stored token."""
-    values = feature_column(ext, hook_point, feature, max_tokens)
+                      max_tokens: int = DEFAULT_SCAN_TOKENS, values: np.ndarray | None = None) -> Figure:
+    """Histogram of one feature over every stored token (``values``: a column already read)."""
+    values = feature_column(ext, hook_point, feature, max_tokens) if values is None else values
     fig = Figure(figsize=(6, 3.2))
     ax = fig.add_subplot()
     ax.hist(values, bins=bins, color="#4C72B0")
@@ -82,9 +82,9 @@ def feature_histogram(ext: Extraction, hook_point: str, feature: int, bins: int 
 
 
 def top_tokens(ext: Extraction, hook_point: str, feature: int, k: int = 15, context: int = 4,
-               max_tokens: int = DEFAULT_SCAN_TOKENS) -> list[dict]:
+               max_tokens: int = DEFAULT_SCAN_TOKENS, values: np.ndarray | None = None) -> list[dict]:
     """The ``k`` tokens where ``feature`` is largest, with dataset row, position and context."""
-    values = feature_column(ext, hook_point, feature, max_tokens)
+    values = feature_column(ext, hook_point, feature, max_tokens) if values is None else values
     k = min(k, len(values))
     best = np.argpartition(-values, k - 1)[:k] if k else np.zeros(0, int)
     best = best[np.argsort(-values[best])]
@@ -103,9 +103,10 @@ def top_tokens(ext: Extraction, hook_point: str, feature: int, k: int = 15, cont
     return out
 
 
-def top_tokens_figure(ext: Extraction, hook_point: str, feature: int, k: int = 15, context: int = 4) -> Figure:
-    """Bar chart of the top-k activating tokens of a feature, labelled with their context."""
-    top = top_tokens(ext, hook_point, feature, k, context)
+def top_tokens_figure(ext: Extraction, hook_point: str, feature: int, k: int = 15, context: int = 4,
+                      top: list[dict] | None = None) -> Figure:
+    """Bar chart of the top-k activating tokens of a feature (``top``: :func:`top_tokens`' list, if at hand)."""
+    top = top_tokens(ext, hook_point, feature, k, context) if top is None else top
     fig = Figure(figsize=(8, 0.8 + 0.3 * max(1, len(top))))
     ax = fig.add_subplot()
     ax.barh(range(len(top)), [t["value"] for t in top], color="#DD8452")

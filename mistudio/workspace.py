@@ -279,7 +279,7 @@ class Workspace(Observable):
         if old.request is not None:
             req = old.request
             base = {"model": req.model.name_or_path, "dataset": req.dataset.source, "revision": req.model.revision,
-                    **{k: v for k, v in req.params().items()}, "before_batch": req.before_batch,
+                    **req.params(), "before_batch": req.before_batch,
                     "cluster": req.cluster}
             base.update(overrides)
             request = make_request(**base)

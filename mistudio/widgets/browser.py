@@ -80,9 +80,10 @@ class ActivationBrowser(W.VBox):
         try:
             self.images["heatmap"].value = plots.to_png(plots.heatmap(ext, row, hp))
             self.images["norms"].value = plots.to_png(plots.layer_norms(ext, row, kind))
-            self.images["histogram"].value = plots.to_png(plots.feature_histogram(ext, hp, feature))
-            top = plots.top_tokens(ext, hp, feature, k=self.top_k.value)
-            self.images["top_tokens"].value = plots.to_png(plots.top_tokens_figure(ext, hp, feature, self.top_k.value))
+            column = plots.feature_column(ext, hp, feature)  # one scan of the store serves both plots
+            self.images["histogram"].value = plots.to_png(plots.feature_histogram(ext, hp, feature, values=column))
+            top = plots.top_tokens(ext, hp, feature, k=self.top_k.value, values=column)
+            self.images["top_tokens"].value = plots.to_png(plots.top_tokens_figure(ext, hp, feature, top=top))
         except (ValueError, KeyError) as exc:
             self.info.value = error_box(html.escape(str(exc)))
             return False
