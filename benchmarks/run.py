@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import mistudio as ms
-from mistudio.config import ModelSpec
+from mistudio.specs import ModelSpec
 from mistudio.data import plan_order, tokenize
 from mistudio.engine import pad_batch, position_ids
 from mistudio.models import load_model

@@ -1,6 +1,6 @@
 """mistudio: a model's internal activations on disk, from a notebook, without babysitting a script."""
 from .api import extract, open_extraction
-from .config import HOOK_KINDS, DatasetSpec, HubDataset, ModelSpec
+from .specs import HOOK_KINDS, DatasetSpec, HubDataset, ModelSpec
 from .data import sample_dataset, sample_texts
 from .errors import ExtractionFailed, InputError, JobCancelled, MistudioError, StoreBusy
 from .extraction import Extraction

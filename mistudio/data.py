@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import DatasetSpec, HubDataset
+from .specs import DatasetSpec, HubDataset
 from .errors import InputError
 
 Row = tuple[int, object]  # (dataset row index, text or list of token ids)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import CaptureSpec, ModelSpec
+from .specs import CaptureSpec, ModelSpec
 from .engine import check_ids, forward_batches
 from .errors import JobCancelled
 from .store import ExtractionStore, HookStats

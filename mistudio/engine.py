@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .config import CaptureSpec
+from .specs import CaptureSpec
 from .data import batch_ranges
 from .errors import InputError
 from .models import LoadedModel

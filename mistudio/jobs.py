@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import engine
-from .config import CaptureSpec, DatasetSpec, ModelSpec, build
+from .specs import CaptureSpec, DatasetSpec, ModelSpec, build
 from .data import plan_order, tokenize
 from .errors import InputError, JobCancelled, JobTimeout, StoreBusy, classify, is_oom
 from .distributed import ShardedRun

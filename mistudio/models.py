@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import HOOK_KINDS, ModelSpec
+from .specs import HOOK_KINDS, ModelSpec
 from .errors import InputError
 
 # model_type -> (blocks path, attention path inside a block, mlp path inside a block)

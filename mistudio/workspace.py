@@ -11,7 +11,7 @@ from typing import Any
 
 import fsspec
 
-from .config import CaptureSpec, build
+from .specs import CaptureSpec, build
 from .errors import InputError
 from .extraction import Extraction
 from .jobs import (Job, Listener, Observable, Runner, ensure_free, make_request, now, owner, process_alive,

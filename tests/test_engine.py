@@ -121,7 +121,7 @@ def test_minilm_residual_matches_hidden_states(minilm_dir, workspace):
 
 def test_early_stop_runs_no_later_block(gpt2_dir, workspace):
     from mistudio.models import load_model
-    from mistudio.config import ModelSpec
+    from mistudio.specs import ModelSpec
 
     calls = []
     loaded = load_model(ModelSpec(name_or_path=gpt2_dir))

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
-from ..config import DatasetSpec, HubDataset, build
+from ..specs import DatasetSpec, HubDataset, build
 from ..data import raw_values
 from ..errors import InputError
 from .common import error_box

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
-from ..config import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES
+from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES
 from ..errors import InputError
 from ..jobs import Job
 from ..models import load_config, n_layers_of

@@ -8,7 +8,7 @@ from typing import Callable
 
 import ipywidgets as W
 
-from ..config import DEVICES, MODEL_DTYPES, ModelSpec, build
+from ..specs import DEVICES, MODEL_DTYPES, ModelSpec, build
 from ..errors import InputError
 from ..models import describe_model, packaged_minilm_path
 from .common import error_box

@@ -1,4 +1,4 @@
-"""Validated settings of an extraction: which model, which data, what to capture, how to store it."""
+"""Validated specs of an extraction: which model, which data, what to capture, how to store it."""
 from __future__ import annotations
 
 import os
