@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Union
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -194,3 +195,75 @@ def build(cls: type[BaseModel], **values: Any) -> Any:
             else:
                 lines.append(f"{where}={err.get('input')!r}: {msg}")
         raise InputError("; ".join(lines)) from None
+
+
+@dataclass
+class JobRequest:
+    """Everything a job needs to run; ``before_batch`` is a fault-injection hook for tests."""
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    capture: CaptureSpec
+    timeout_s: float | None = None
+    auto_retry_on_oom: bool = False
+    before_batch: Callable[[int, int], None] | None = field(default=None, repr=False)
+    cluster: Any = field(default=None, repr=False)  # a dask.distributed Client: shard over its workers
+
+    def params(self) -> dict:
+        """Flat, JSON-able parameters: what the metadata records and a retry copies."""
+        return {
+            **self.capture.model_dump(),
+            "max_samples": self.dataset.max_samples, "max_length": self.dataset.max_length,
+            "text_column": self.dataset.text_column, "add_special_tokens": self.dataset.add_special_tokens,
+            "model_dtype": self.model.dtype, "device": self.model.device,
+            "timeout_s": self.timeout_s, "auto_retry_on_oom": self.auto_retry_on_oom,
+        }
+
+
+def make_request(model: str | ModelSpec, dataset: Any, layers: list[int], hooks: list[str] | tuple = ("residual",),
+                 batch_size: int = 8, max_samples: int | None = None, max_length: int = 128,
+                 dtype: str = "float16", model_dtype: str = "auto", device: str = "auto",
+                 text_column: str = "text", add_special_tokens: bool = True, oov_policy: str = "clamp",
+                 padding_side: str = "right", chunk_mb: float = 2.0, timeout_s: float | None = None,
+                 auto_retry_on_oom: bool = False, revision: str | None = None,
+                 before_batch: Callable[[int, int], None] | None = None, cluster: Any = None) -> JobRequest:
+    """Validate every argument of ``ms.extract`` / ``ws.submit`` before anything is loaded or written."""
+    if isinstance(layers, int):
+        layers = [layers]
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    model_spec = model if isinstance(model, ModelSpec) else build(
+        ModelSpec, name_or_path=str(model), dtype=model_dtype, device=device, revision=revision)
+    if dataset is None:
+        raise InputError("dataset is missing: pass ms.sample_dataset(), a file path, a list of strings, "
+                         "or ms.HubDataset(name, split, column)")
+    dataset_spec = dataset if isinstance(dataset, DatasetSpec) else build(
+        DatasetSpec, source=dataset, text_column=text_column, max_samples=max_samples, max_length=max_length,
+        add_special_tokens=add_special_tokens)
+    capture = build(CaptureSpec, layers=list(layers), hooks=list(hooks), batch_size=batch_size, dtype=dtype,
+                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb)
+    if timeout_s is not None and timeout_s <= 0:
+        raise InputError(f"timeout_s={timeout_s} must be a positive number of seconds, or None for no limit")
+    if cluster is not None and not (hasattr(cluster, "submit") and hasattr(cluster, "scheduler_info")):
+        raise InputError(f"cluster={cluster!r} is not a dask.distributed Client: pass Client(LocalCluster()) or "
+                         "Client('tcp://scheduler:8786')")
+    return JobRequest(model_spec, dataset_spec, capture, timeout_s, bool(auto_retry_on_oom), before_batch, cluster)
+
+
+def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -> JobRequest:
+    """Rebuild a job's request from its stored metadata, with overrides (retry/resume after a restart).
+
+    A resume of an allocated store reads its tokens from the store, so it needs no dataset.
+    """
+    params = dict(meta["params"])
+    dataset = overrides.pop("dataset", None)
+    if dataset is None and need_dataset:
+        dataset = DatasetSpec.from_description(meta["dataset"]).source
+    elif dataset is None:
+        dataset = ["(tokens are read from the store)"]
+    args = {"model": meta["model"]["name_or_path"], "dataset": dataset, "revision": meta["model"].get("revision"),
+            **{k: params[k] for k in ("layers", "hooks", "batch_size", "max_samples", "max_length", "dtype",
+                                      "model_dtype", "device", "text_column", "add_special_tokens", "oov_policy",
+                                      "padding_side", "chunk_mb", "timeout_s", "auto_retry_on_oom")}}
+    args.update(overrides)
+    return make_request(**args)

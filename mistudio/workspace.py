@@ -14,8 +14,8 @@ import fsspec
 from .specs import CaptureSpec, build
 from .errors import InputError
 from .extraction import Extraction
-from .jobs import (Job, Listener, Observable, Runner, ensure_free, make_request, now, owner, process_alive,
-                   request_from_meta)
+from .jobs import Job, Listener, Observable, Runner, ensure_free, now, owner, process_alive
+from .specs import make_request, request_from_meta
 from .store import END_STATES, LIVE_STATES, ExtractionStore
 
 DEFAULT_WORKSPACE = "./mistudio-workspace"
