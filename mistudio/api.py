@@ -7,6 +7,7 @@ from typing import Any
 
 from .errors import ExtractionFailed, InputError, JobCancelled
 from .extraction import Extraction
+from .jobs import Job
 from .progress import TqdmListener
 from .store import ExtractionStore
 from .workspace import Workspace
@@ -26,10 +27,7 @@ def extract(model: Any, dataset: Any = "sample", layers: Any = (0,), hooks: Any 
     job = ws.submit(model, dataset, layers, hooks=hooks, **options)
     bar = job.subscribe(TqdmListener()) if progress else None
     try:
-        job.wait()
-    except KeyboardInterrupt:
-        job.cancel().wait()
-        raise
+        wait_or_cancel(job, ws)
     finally:
         if bar is not None:
             bar.close()
@@ -42,6 +40,19 @@ def extract(model: Any, dataset: Any = "sample", layers: Any = (0,), hooks: Any 
     if error["error_type"] == "VALIDATION":
         raise InputError(error["error_message"])
     raise ExtractionFailed(job.id, error)
+
+
+def wait_or_cancel(job: Job, ws: Workspace) -> Job:
+    """Wait for a job; on Ctrl-C cancel it, keep what was saved, and say how to resume (KeyboardInterrupt)."""
+    try:
+        return job.wait()
+    except KeyboardInterrupt:
+        job.cancel().wait()
+        done = job.progress
+        raise KeyboardInterrupt(
+            f"extraction {job.id} was cancelled: {done['samples_done']} of {done['samples_total'] or '?'} samples "
+            f"are saved and kept in {job.store.location}; continue with `mistudio resume {job.id}` or "
+            f"ms.Workspace({str(ws.root)!r}).resume({job.id!r})") from None
 
 
 def open_extraction(id_or_path: str | os.PathLike, workspace: str | os.PathLike | None = None,

@@ -32,6 +32,19 @@ def _summary(ext, seconds_note: str = "") -> str:
     return "\n".join(lines)
 
 
+def _jobs_table(frame) -> str:
+    """The listing as a compact text table (the DataFrame has more columns: see ws.extractions())."""
+    if frame.empty:
+        return "(no extractions yet)"
+    frame = frame.assign(
+        samples=[f"{c}/{'?' if t != t or t is None else int(t)}" for c, t in zip(frame["samples_committed"],
+                                                                                frame["samples_total"])],
+        tokens=[f"{int(t):,}" for t in frame["tokens_committed"]], created=frame["created"].dt.strftime("%Y-%m-%d %H:%M"),
+        damaged=["DAMAGED" if d else "" for d in frame["damaged"]])
+    return frame[["id", "status", "error", "damaged", "model", "dataset", "samples", "tokens", "size",
+                  "created"]].to_string(index=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mistudio", description="Extract a model's activations into Zarr stores.")
     parser.add_argument("--workspace", default=None, help="workspace folder (default $MISTUDIO_WORKSPACE or "
@@ -59,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--auto-retry-on-oom", action="store_true")
 
     sub.add_parser("jobs", help="list every extraction in the workspace")
+    delete = sub.add_parser("delete", help="delete one extraction (a COMPLETED one only with --force)")
+    delete.add_argument("id")
+    delete.add_argument("--force", action="store_true", help="also delete a COMPLETED extraction")
     clean = sub.add_parser("cleanup", help="list (and with --delete remove) empty, failed and cancelled stores")
     clean.add_argument("--delete", action="store_true")
+    clean.add_argument("--force", action="store_true", help="also delete damaged stores")
     res = sub.add_parser("resume", help="continue a failed/cancelled/interrupted extraction")
     res.add_argument("id")
     res.add_argument("--batch-size", type=int, default=None)
@@ -94,21 +111,31 @@ def main(argv: list[str] | None = None) -> int:
                               timeout_s=args.timeout, auto_retry_on_oom=args.auto_retry_on_oom)
             print(_summary(ext))
         elif args.command == "jobs":
-            print(Workspace(args.workspace).extractions())
+            print(_jobs_table(Workspace(args.workspace).extractions()))
+        elif args.command == "delete":
+            freed = Workspace(args.workspace).delete(args.id, force=args.force)
+            print(f"deleted {args.id} ({human_bytes(freed)} freed)")
         elif args.command == "cleanup":
-            report = Workspace(args.workspace).cleanup(dry_run=not args.delete)
-            print(report)
-            total = sum(r["bytes"] for r in report)
-            print(f"{'deleted' if args.delete else 'would delete (run with --delete)'}: {len(report)} stores, "
-                  f"{human_bytes(total)}")
+            report = Workspace(args.workspace).cleanup(dry_run=not args.delete, force=args.force)
+            print(report.to_string(index=False) if len(report) else "(nothing to clean up)")
+            gone = report[report["deleted"]] if args.delete else report
+            print(f"{'deleted' if args.delete else 'would delete (run with --delete)'}: {len(gone)} stores, "
+                  f"{human_bytes(int(gone['bytes'].sum()))}")
         elif args.command == "resume":
-            job = Workspace(args.workspace).resume(args.id, batch_size=args.batch_size)
+            ws = Workspace(args.workspace)
+            job = ws.resume(args.id, batch_size=args.batch_size)
             bar = job.subscribe(TqdmListener())
-            job.wait()
-            bar.close()
+            try:
+                api.wait_or_cancel(job, ws)
+            finally:
+                bar.close()
             print(f"{job.id}: {job.status}" + (f" [{job.error['error_type']}] {job.error['error_message']}"
                                                  if job.error else ""))
             return 0 if job.status == "COMPLETED" else 1
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc}" if str(exc) else "interrupted: what was saved is kept; `mistudio jobs` lists it "
+              "and `mistudio resume <id>` continues it", file=sys.stderr)
+        return 130
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """Error types and the classification of failures into plain-words classes."""
 from __future__ import annotations
 
-ERROR_TYPES = ("OOM", "VALIDATION", "TIMEOUT", "INTERRUPTED", "UNKNOWN")
+import errno
+
+ERROR_TYPES = ("OOM", "VALIDATION", "TIMEOUT", "INTERRUPTED", "DISK_FULL", "STORE_LOST", "UNKNOWN")
 
 _OOM_MARKERS = (
     "out of memory",  # CUDA, HIP, generic
@@ -33,6 +35,47 @@ class StoreBusy(MistudioError):
     """A live job already owns the store this operation wants to write."""
 
 
+class StoreLost(MistudioError):
+    """The store a job was writing was deleted or replaced under it: the job stops without writing more."""
+
+
+class DiskFull(MistudioError, OSError):
+    """No space left (or quota exceeded) where the workspace lives. Carries bytes free and needed."""
+
+    def __init__(self, message: str, free: int | None = None, needed: int | None = None):
+        super().__init__(errno.ENOSPC, message)
+        self.message, self.free, self.needed = message, free, needed
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``exc`` (it may be wrapped by the writer or by zarr), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_message(where: str, free: int | None, needed: int | None, what: str) -> str:
+    have = f"{human_bytes(free)} free" if free is not None else "free space unknown"
+    need = f", about {human_bytes(needed)} more needed" if needed else ""
+    return (f"The disk holding {where} is full ({have}{need}). {what} Free some space (or move the workspace) and "
+            "resume the job: it continues from what was saved.")
+
+
 class ExtractionFailed(MistudioError):
     """``ms.extract`` ran a job that ended FAILED; carries the job's error record."""
 
@@ -62,9 +105,20 @@ def is_oom(exc: BaseException) -> bool:
     return False
 
 
-def classify(exc: BaseException, params: dict) -> dict:
-    """Turn an exception raised by a job into its error record (type, words, suggested retry)."""
+def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int | None] | None = None) -> dict:
+    """Turn an exception raised by a job into its error record (type, words, suggested retry).
+
+    ``disk`` is (where, bytes free, bytes still needed), used to word a full disk.
+    """
     batch_size = int(params.get("batch_size", 8))
+    if disk_full_cause(exc) is not None:
+        where, free, needed = disk or ("the workspace", None, None)
+        return {"error_type": "DISK_FULL", "suggested_retry_params": {}, "resume_available": True,
+                "error_message": disk_full_message(where, free, needed, "Everything committed before it is kept."),
+                "bytes_free": free, "bytes_needed": needed}
+    if isinstance(exc, StoreLost):
+        return {"error_type": "STORE_LOST", "error_message": str(exc), "suggested_retry_params": {},
+                "resume_available": False}
     if is_oom(exc):
         smaller = max(1, batch_size // 2)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -78,7 +132,8 @@ def classify(exc: BaseException, params: dict) -> dict:
             "suggested_retry_params": {"batch_size": smaller} if batch_size > 1 else {},
         }
     if isinstance(exc, (InputError, StoreBusy)):
-        return {"error_type": "VALIDATION", "error_message": str(exc), "suggested_retry_params": {}}
+        return {"error_type": "VALIDATION", "error_message": str(exc), "suggested_retry_params": {},
+                "resume_available": False}
     if isinstance(exc, JobTimeout):
         max_samples = params.get("max_samples")
         suggested = {"max_samples": max(1, int(max_samples) // 2)} if max_samples else {}

@@ -1,9 +1,10 @@
 """One self-describing Zarr store per extraction, and the single writer thread that fills it."""
 from __future__ import annotations
 
-import copy
 import math
+import os
 import queue
+import shutil
 import threading
 from collections import deque
 from typing import Any
@@ -11,20 +12,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-FORMAT_VERSION = 1
-LIVE_STATES = ("QUEUED", "LOADING", "EXTRACTING", "SAVING")
-END_STATES = ("COMPLETED", "FAILED", "CANCELLED")
-
-
-def _jsonable(value: Any) -> Any:
-    """Numpy scalars and tuples into plain JSON types, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+from . import metadata
+from .errors import MistudioError, StoreLost
+from .metadata import ExtractionMeta
 
 
 def chunk_rows(width: int, itemsize: int, chunk_mb: float) -> int:
@@ -34,22 +24,44 @@ def chunk_rows(width: int, itemsize: int, chunk_mb: float) -> int:
 
 
 class ExtractionStore:
-    """A Zarr group: ``attrs['mistudio']`` metadata, ``tokens/*`` and ``activations/<hook point>``."""
+    """A Zarr group: ``attrs['mistudio']`` metadata, ``tokens/*`` and ``activations/<hook point>``.
+
+    The metadata is an :class:`~mistudio.metadata.ExtractionMeta`; ``update`` is its only writer. A store
+    that a job writes is *guarded*: every write first checks that the store on disk is still the one this
+    object opened (same nonce), so a deleted or replaced store fails the job instead of being recreated.
+    """
 
     def __init__(self, location: str, group: zarr.Group, storage_options: dict | None = None):
         self.location = location
         self.group = group
         self.storage_options = storage_options
         self._lock = threading.RLock()
-        self._meta: dict = dict(group.attrs.get("mistudio", {}))
+        self._record = metadata.parse(group.attrs.get("mistudio"))
+        self.guarded = False
 
     @classmethod
-    def create(cls, location: str, meta: dict, storage_options: dict | None = None) -> "ExtractionStore":
-        """A new store holding only its metadata (arrays come with :meth:`allocate`)."""
-        group = zarr.open_group(store=location, mode="w-", storage_options=storage_options, zarr_format=3)
-        store = cls(location, group, storage_options)
-        store.update(format_version=FORMAT_VERSION, **meta)
-        return store
+    def create(cls, location: str, meta: ExtractionMeta, storage_options: dict | None = None) -> "ExtractionStore":
+        """A new store holding only its metadata (arrays come with :meth:`allocate`).
+
+        It appears whole or not at all: a local store is built under a hidden temporary name and renamed
+        into place; a remote one is created with its attributes in one write. Nobody (a ``cleanup`` in
+        another process, say) ever sees a store folder without its metadata.
+        """
+        attrs = {"mistudio": meta.to_json()}
+        if "://" in location and not location.startswith("file://"):
+            zarr.create_group(store=zarr.storage.FsspecStore.from_url(location, storage_options=storage_options),
+                              zarr_format=3, attributes=attrs)
+        else:
+            path = location.removeprefix("file://")
+            parent, name = os.path.split(path)
+            tmp = os.path.join(parent, f".creating-{name}-{meta.nonce or metadata.new_nonce()}")
+            try:
+                zarr.create_group(store=tmp, zarr_format=3, attributes=attrs)
+                os.rename(tmp, path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return cls.open(location, storage_options, writable=True)
 
     @classmethod
     def open(cls, location: str, storage_options: dict | None = None, writable: bool = False) -> "ExtractionStore":
@@ -59,32 +71,56 @@ class ExtractionStore:
             raise ValueError(f"{location} is a Zarr group but not a mistudio extraction (no 'mistudio' attributes)")
         return cls(location, group, storage_options)
 
+    @property
+    def name(self) -> str:
+        """The store's folder name without ``.zarr``: its id in the workspace it was found in."""
+        return self.location.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
+
     # -- metadata -------------------------------------------------------------------------------
     @property
-    def meta(self) -> dict:
-        """A deep copy of the metadata as this object last wrote or read it."""
+    def record(self) -> ExtractionMeta:
+        """The typed metadata as this object last wrote or read it (a copy)."""
         with self._lock:
-            return copy.deepcopy(self._meta)
+            return self._record.model_copy(deep=True)
+
+    @property
+    def meta(self) -> dict:
+        """The metadata as a plain dict (JSON types), as this object last wrote or read it."""
+        with self._lock:
+            return self._record.to_json()
+
+    def _read_disk(self) -> ExtractionMeta:
+        group = zarr.open_group(store=self.location, mode="r", storage_options=self.storage_options,
+                                use_consolidated=False)
+        return metadata.parse(group.attrs.get("mistudio"))
 
     def refresh(self) -> dict:
         """Re-read the metadata from storage (another process may have written it)."""
-        group = zarr.open_group(store=self.location, mode="r", storage_options=self.storage_options,
-                                use_consolidated=False)
+        record = self._read_disk()
         with self._lock:
-            self._meta = dict(group.attrs.get("mistudio", {}))
-            return copy.deepcopy(self._meta)
+            self._record = record
+            return record.to_json()
+
+    def check_same(self) -> None:
+        """Raise :class:`StoreLost` if the store on disk is gone or is not the one this object opened."""
+        try:
+            nonce = self._read_disk().nonce
+        except (FileNotFoundError, KeyError, ValueError, TypeError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreLost(f"the store {self.location} was deleted or damaged while its job ran ({exc or type(exc).__name__}); "
+                            "what it held is gone: retry the extraction") from exc
+        if nonce != self._record.nonce:
+            raise StoreLost(f"the store {self.location} was replaced by another store while its job ran: "
+                            "this job stopped without touching it; retry the extraction")
 
     def update(self, **sections: Any) -> dict:
         """Replace top-level metadata sections (``progress=...``) and write them; dict sections merge."""
         with self._lock:
-            for key, value in sections.items():
-                value = _jsonable(value)
-                if isinstance(value, dict) and isinstance(self._meta.get(key), dict) and key != "error":
-                    self._meta[key] = {**self._meta[key], **value}
-                else:
-                    self._meta[key] = value
-            self.group.attrs.update({"mistudio": self._meta})
-            return copy.deepcopy(self._meta)
+            if self.guarded:
+                self.check_same()
+            record = metadata.merged(self._record, sections)
+            self.group.attrs.update({"mistudio": record.to_json()})
+            self._record = record
+            return record.to_json()
 
     # -- arrays ---------------------------------------------------------------------------------
     @property
@@ -226,6 +262,8 @@ class ChunkWriter:
         self._raise()
 
     def _raise(self) -> None:
+        if isinstance(self.error, (MistudioError, OSError)):
+            raise self.error  # a lost store or a full disk keeps its type: the job reports it as such
         if self.error is not None:
             raise RuntimeError(f"the store writer failed: {self.error}") from self.error
 
@@ -263,6 +301,8 @@ class ChunkWriter:
     def _write_until(self, stop: int) -> None:
         """Write buffered rows [written, stop), then move the commit mark."""
         if stop > self.written:
+            if self.store.guarded:  # never recreate a store deleted under the job
+                self.store.check_same()
             base = int(self.offsets[self.committed_sample])
             for hp in self.hook_points:
                 self.arrays[hp][self.written:stop] = self._block(hp)[self.written - base: stop - base]

@@ -1,24 +1,39 @@
-"""A workspace folder: its extraction stores, its job runner, history, recovery and cleanup."""
+"""A workspace folder: where its stores are, the list of them, recovery, cleanup, and submitting jobs.
+
+Every store lives at ``<root>/extractions/<id>.zarr``. An id is a plain name (see :func:`check_id`),
+never a path, and a store's location is always the folder it was found in: nothing outside
+``<root>/extractions/`` is read, written or deleted through a workspace.
+"""
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import secrets
+import shutil
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import pandas as pd
 
-from .specs import CaptureSpec, build
-from .errors import InputError
+from .errors import DiskFull, InputError, StoreBusy, disk_full_cause, disk_full_message, human_bytes
 from .extraction import Extraction
-from .jobs import Job, Listener, Observable, Runner, ensure_free, now, owner, process_alive
-from .specs import make_request, request_from_meta
-from .store import END_STATES, LIVE_STATES, ExtractionStore
+from .jobs import Job, Observable
+from .liveness import heartbeat, live_owner
+from .metadata import FORMAT_VERSION, ExtractionMeta, Status, new_nonce, now
+from .runner import Runner
+from .specs import CaptureSpec, build, make_request, request_from_meta
+from .store import ExtractionStore
+
+__all__ = ["Workspace", "check_id", "human_bytes", "default_workspace"]
 
 DEFAULT_WORKSPACE = "./mistudio-workspace"
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+CREATING_GRACE_S = 120.0  # an unreadable store younger than this may still be being written: never cleaned
 _RUNNERS: dict[str, Runner] = {}
 _RUNNERS_LOCK = threading.Lock()
 
@@ -32,37 +47,20 @@ def new_id() -> str:
     return f"ext_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"
 
 
-class Table(list):
-    """Rows (dicts) that print as a text table and render as HTML in a notebook."""
+def check_id(extraction_id: Any) -> str:
+    """The one validator of extraction ids, used by the API, the CLI and the panels.
 
-    columns: tuple[str, ...] = ()
-
-    def __init__(self, rows: list[dict], columns: tuple[str, ...]):
-        super().__init__(rows)
-        self.columns = columns
-
-    def __repr__(self) -> str:
-        cells = [[str(r.get(c, "")) for c in self.columns] for r in self]
-        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(self.columns)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths))]
-        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-        return "\n".join(lines) if self else "(none)"
-
-    def _repr_html_(self) -> str:
-        import html
-
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in self.columns) + "</tr>"
-                       for r in self)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    An id is a name (letters, digits, ``_``, ``-``, ``.``), never a path: no separators, no ``..``.
+    """
+    text = str(extraction_id) if isinstance(extraction_id, str) else None
+    if text is not None and text.endswith(".zarr"):
+        text = text[:-5]
+    if text is None or not ID_PATTERN.fullmatch(text) or ".." in text:
+        raise InputError(
+            f"{extraction_id!r} is not an extraction id: ids are names such as 'ext_20261129_031502_1a2b3c' "
+            "(letters, digits, '_', '-', '.'), never paths. See ws.extractions() for the ids in a workspace; "
+            "to open a store by its path use ms.open_extraction(path)")
+    return text
 
 
 class Workspace(Observable):
@@ -75,6 +73,7 @@ class Workspace(Observable):
 
     def __init__(self, root: str | os.PathLike | None = None, storage_options: dict | None = None,
                  recover: bool = True):
+        super().__init__()
         root = str(root if root is not None else default_workspace())
         self.storage_options = storage_options or None
         self.remote = "://" in root and not root.startswith("file://")
@@ -83,8 +82,7 @@ class Workspace(Observable):
         self.root: str = root.rstrip("/")
         self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **(self.storage_options or {}))
         self._extractions_path = f"{self._root_path}/extractions"
-        self._listeners: list[Listener] = []
-        self._jobs: dict[str, Job] = {}
+        self._handles: dict[str, Job] = {}  # jobs started through this object, kept after they end
         if recover and self.fs.exists(self._extractions_path):
             self.recover()
 
@@ -93,23 +91,30 @@ class Workspace(Observable):
 
     @property
     def runner(self) -> Runner:
-        key = self.root
+        """The job runner of this folder, shared by every Workspace on it in this process."""
         with _RUNNERS_LOCK:
-            if key not in _RUNNERS:
-                _RUNNERS[key] = Runner(key)
-            return _RUNNERS[key]
+            if self.root not in _RUNNERS:
+                _RUNNERS[self.root] = Runner(self.root)
+            return _RUNNERS[self.root]
 
-    # -- stores -----------------------------------------------------------------------------------
+    # -- locations --------------------------------------------------------------------------------
     def path_of(self, extraction_id: str) -> str:
-        """The store's location: a local path, or a URL for remote workspaces."""
-        return f"{self.root}/extractions/{extraction_id}.zarr"
+        """The store's location (a local path, or a URL for remote workspaces); the id is validated."""
+        return f"{self.root}/extractions/{check_id(extraction_id)}.zarr"
 
-    def _url(self, fs_path: str) -> str:
-        return self.fs.unstrip_protocol(fs_path) if self.remote else fs_path
+    def _fs_path(self, location: str) -> str:
+        return self.fs._strip_protocol(location)
+
+    def _inside(self, location: str) -> bool:
+        """A local store must resolve (links followed) to a folder directly inside ``extractions/``."""
+        if self.remote:
+            return True
+        real = os.path.realpath(self._fs_path(location))
+        return os.path.dirname(real) == os.path.realpath(self._extractions_path)
 
     def _bytes(self, location: str) -> int:
         """Bytes under a store. A live writer's temporary files come and go: sizes are best effort."""
-        path = self.fs._strip_protocol(location)
+        path = self._fs_path(location)
         if not self.remote:
             total = 0
             for folder, _, files in os.walk(path):
@@ -126,169 +131,193 @@ class Workspace(Observable):
                 continue
         return 0
 
-    def _check_writable(self) -> None:
-        try:
-            self.fs.makedirs(self._extractions_path, exist_ok=True)
-            probe = f"{self._extractions_path}/.write-test-{os.getpid()}"
-            self.fs.pipe(probe, b"")
-            self.fs.rm(probe)
-        except OSError as exc:
-            raise InputError(f"workspace {self.root!r} is not writable ({exc.strerror or exc}): pass "
-                             "workspace=<a folder you can write>, or set $MISTUDIO_WORKSPACE") from exc
-
     def _open_store(self, location: str, writable: bool = False) -> ExtractionStore:
+        if not self._inside(location):
+            raise InputError(f"{location} links to a folder outside the workspace's extractions/: mistudio does not "
+                             "follow it. Open it by its real path with ms.open_extraction(path)")
         return ExtractionStore.open(location, storage_options=self.storage_options if self.remote else None,
                                     writable=writable)
 
     def store(self, extraction_id: str, writable: bool = False) -> ExtractionStore:
         location = self.path_of(extraction_id)
-        if not self.fs.exists(self.fs._strip_protocol(location)):
+        if not self.fs.exists(self._fs_path(location)):
             known = [loc.rsplit("/", 1)[1].removesuffix(".zarr") for loc in self._store_paths()][:5]
             raise InputError(f"no extraction {extraction_id!r} in workspace {self.root!r}"
                              f"{'; recent ones: ' + ', '.join(known) if known else ' (it has none)'}")
         return self._open_store(location, writable)
 
     def _store_paths(self) -> list[str]:
-        """Locations of every ``*.zarr`` in the workspace, newest id first."""
+        """Locations of every ``<id>.zarr`` in ``extractions/`` (hidden temporary folders excluded), newest first."""
         if not self.fs.exists(self._extractions_path):
             return []
-        found = [self._url(p.rstrip("/")) for p in self.fs.ls(self._extractions_path, detail=False)
-                 if p.rstrip("/").endswith(".zarr")]
+        found = []
+        for path in self.fs.ls(self._extractions_path, detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(".zarr") and not name.startswith("."):
+                found.append(self.fs.unstrip_protocol(path.rstrip("/")) if self.remote else path.rstrip("/"))
         return sorted(found, reverse=True)
 
     def open(self, extraction_id: str) -> Extraction:
         return Extraction(self.store(extraction_id))
 
+    # -- liveness ---------------------------------------------------------------------------------
+    def owner_of(self, extraction_id: str, meta: ExtractionMeta) -> str | None:
+        """Who runs this store's job now ("this kernel", "pid N on HOST"), or None."""
+        return live_owner(meta, self.runner.live_job(extraction_id) is not None)
+
+    def _ensure_free(self, extraction_id: str, store: ExtractionStore) -> ExtractionMeta:
+        """Refuse to write or delete a store whose job is live, here or in another process."""
+        meta = ExtractionMeta.model_validate(store.refresh())
+        who = self.owner_of(extraction_id, meta)
+        if who == "this kernel":
+            raise StoreBusy(f"extraction {extraction_id} is {meta.status} in this kernel: wait for it or cancel it "
+                            f"first (ws.cancel({extraction_id!r}))")
+        if who is not None:
+            raise StoreBusy(f"extraction {extraction_id} is {meta.status} in another process ({who}): wait for it, "
+                            "or cancel it from there")
+        return meta
+
     def recover(self) -> list[str]:
         """Mark live-state jobs whose process is gone as FAILED/INTERRUPTED; returns their ids."""
         marked = []
-        runner = _RUNNERS.get(self.root)
-        for path in self._store_paths():
+        for location in self._store_paths():
             try:
-                store = self._open_store(path, writable=True)
+                store = self._open_store(location, writable=True)
             except Exception:
                 continue  # unreadable stores are listed (and cleaned) elsewhere
-            meta = store.meta
-            if meta.get("status") not in LIVE_STATES:
+            meta = store.record
+            if not meta.live or self.owner_of(store.name, meta) is not None:
                 continue
-            if runner is not None and meta.get("id") in runner.active:
-                continue
-            heartbeat = meta.get("heartbeat", {})
-            same_process = heartbeat.get("pid") == os.getpid() and heartbeat.get("proc_start") == owner()["proc_start"]
-            if not same_process and process_alive(heartbeat):
-                continue
-            progress = meta.get("progress", {})
-            done, total = progress.get("samples_committed", 0), progress.get("samples_total")
+            done, total = meta.progress.samples_committed, meta.progress.samples_total
             saved = f"{done} of {total} samples were saved" if total else "no activations were saved yet"
+            beat = meta.heartbeat
             error = {
                 "error_type": "INTERRUPTED",
-                "error_message": (f"The process running this job (pid {heartbeat.get('pid')} on "
-                                  f"{heartbeat.get('host')}) ended while the job was {meta.get('status')}: most "
-                                  f"likely the kernel was restarted or crashed. {saved}; resume it to continue "
-                                  "from there, retry it from scratch, or clean it up."),
+                "error_message": (f"The process running this job (pid {beat.pid} on {beat.host}) ended while the "
+                                  f"job was {meta.status}: most likely the kernel was restarted or crashed. {saved}; "
+                                  "resume it to continue from there, retry it from scratch, or clean it up."),
                 "suggested_retry_params": {}, "retry_available": True, "resume_available": True,
-                "cancel_available": False, "failed_at": now(), "interrupted_in": meta.get("status"),
+                "cancel_available": False, "failed_at": now(), "interrupted_in": meta.status.value,
             }
-            store.update(status="FAILED", error=error)
-            marked.append(meta["id"])
+            store.update(status=Status.FAILED, error=error)
+            marked.append(store.name)
         return marked
 
-    def extractions(self) -> Table:
-        """Every store, any status, newest first, as a table (rows are dicts)."""
-        rows = []
-        for path in self._store_paths():
-            size = self._bytes(path)
-            try:
-                meta = self._open_store(path).meta
-            except Exception as exc:
-                rows.append({"id": path.rsplit("/", 1)[1].removesuffix(".zarr"), "status": "UNREADABLE",
-                             "error": str(exc)[:80], "size": human_bytes(size), "bytes": size, "created_at": 0})
-                continue
-            progress = meta.get("progress", {})
-            rows.append({
-                "id": meta.get("id"), "status": meta.get("status"),
-                "error": (meta.get("error") or {}).get("error_type", ""),
-                "model": _model_label(str(meta.get("model", {}).get("name_or_path", ""))),
-                "dataset": _dataset_label(meta.get("dataset", {})),
-                "hook_points": ", ".join(meta.get("hook_points", []) or meta.get("params", {}).get("hook_points", [])),
-                "samples": f"{progress.get('samples_committed', 0)}/{progress.get('samples_total', '?')}",
-                "tokens": progress.get("tokens_total", 0),
-                "size": human_bytes(size), "bytes": size,
-                "created": dt.datetime.fromtimestamp(meta.get("timings", {}).get("created", 0)).strftime("%Y-%m-%d %H:%M"),
-                "retry_of": meta.get("retry_of") or "", "created_at": meta.get("timings", {}).get("created", 0),
-            })
+    # -- listing ----------------------------------------------------------------------------------
+    def _row(self, location: str) -> dict:
+        name = location.rsplit("/", 1)[1].removesuffix(".zarr")
+        size = self._bytes(location) if self._inside(location) else 0
+        base = {**dict.fromkeys(_LIST_COLUMNS, ""), "id": name, "location": location, "bytes": size,
+                "size": human_bytes(size), "damaged": False, "created_at": 0.0, "nonce": None,
+                "samples_committed": 0, "tokens_committed": 0, "samples_total": None, "tokens_total": None}
+        try:
+            meta = self._open_store(location).record
+        except Exception as exc:  # noqa: BLE001 - shown as such; cleanup decides what to do with it
+            return {**base, "status": "UNREADABLE", "damaged": True, "problem": f"{type(exc).__name__}: {exc}"[:200],
+                    "created_at": self._mtime(location)}
+        progress = meta.progress
+        problem = "" if meta.id == name else f"its metadata names it {meta.id!r} (copied or renamed store)"
+        return {**base, "status": meta.status.value, "problem": problem, "nonce": meta.nonce,
+                "error": meta.error.error_type if meta.error else "",
+                "message": meta.error.error_message if meta.error else "",
+                "model": _model_label(str(meta.model.get("name_or_path", ""))),
+                "dataset": _dataset_label(meta.dataset),
+                "hook_points": ", ".join(meta.hook_points or meta.params.get("hook_points", [])),
+                "samples_committed": progress.samples_committed, "samples_total": progress.samples_total,
+                "tokens_committed": meta.committed_tokens(), "tokens_total": progress.tokens_total,
+                "created_at": meta.timings.created, "retry_of": meta.retry_of or ""}
+
+    def _mtime(self, location: str) -> float:
+        try:
+            return float(os.path.getmtime(self._fs_path(location))) if not self.remote else 0.0
+        except OSError:
+            return 0.0
+
+    def extractions(self) -> pd.DataFrame:
+        """Every store, any status, newest first: one row per store (``id`` is its folder name).
+
+        Columns: id, status, error (type), message, model, dataset, hook_points, samples_committed,
+        samples_total, tokens_committed, tokens_total, size, bytes, created (a timestamp), retry_of, damaged,
+        problem, location. Unreadable stores have status ``UNREADABLE`` and ``damaged`` True.
+        """
+        frame = pd.DataFrame(self._rows(), columns=_LIST_COLUMNS + ["created_at"])
+        frame["created"] = pd.to_datetime(frame.pop("created_at"), unit="s")
+        return frame.drop(columns=["nonce"])
+
+    def _rows(self) -> list[dict]:
+        rows = [self._row(location) for location in self._store_paths()]
         rows.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
-        return Table(rows, ("id", "status", "error", "model", "dataset", "hook_points", "samples", "tokens", "size",
-                            "created", "retry_of"))
+        return rows
 
     # -- jobs -------------------------------------------------------------------------------------
     def submit(self, model: Any, dataset: Any = "sample", layers: Any = (0,), **options: Any) -> Job:
         """Validate, create the store (QUEUED) and queue the job on the background worker."""
         request = make_request(model, dataset, layers, **options)
-        return self._start(request, lineage={"retry_of": None, "retry_count": 0, "retry_reason": None,
-                                             "auto_retried": False})
+        return self._start(request, lineage={})
 
     def _start(self, request, lineage: dict) -> Job:
-        self._check_writable()
         extraction_id = new_id()
-        meta = {
-            "id": extraction_id, "status": "QUEUED",
+        meta = ExtractionMeta.model_validate({
+            "format_version": FORMAT_VERSION, "id": extraction_id, "nonce": new_nonce(), "status": "QUEUED",
             "model": {"name_or_path": request.model.name_or_path, "revision": request.model.revision},
             "dataset": request.dataset.describe(),
             "params": {**request.params(), "hook_points": request.capture.hook_points()},
             "hook_points": request.capture.hook_points(),
-            "progress": {"samples_committed": 0, "tokens_committed": 0},
-            "timings": {"created": now()}, "heartbeat": {**owner(), "time": now()},
-            "error": None, "attempts": [], **lineage,
-        }
-        store = ExtractionStore.create(self.path_of(extraction_id), meta,
-                                       storage_options=self.storage_options if self.remote else None)
-        job = Job(self, store, request)
-        job._active = True  # live from now: queued in this process
-        self._jobs[extraction_id] = job
+            "timings": {"created": now()}, "heartbeat": heartbeat(), **lineage})
+        store = self._create(self.path_of(extraction_id), meta)
+        job = Job(self, store, request, also_notify=self.listeners)
+        self._handles[extraction_id] = job
         self.runner.enqueue(job)
-        job.emit("state", status="QUEUED", previous=None)
         return job
+
+    def _create(self, location: str, meta: ExtractionMeta) -> ExtractionStore:
+        """Create a store, or say plainly why the workspace cannot hold one (nothing is left behind)."""
+        try:
+            self.fs.makedirs(self._extractions_path, exist_ok=True)
+            return ExtractionStore.create(location, meta,
+                                          storage_options=self.storage_options if self.remote else None)
+        except OSError as exc:
+            if disk_full_cause(exc) is not None:
+                free = shutil.disk_usage(self._root_path).free if not self.remote else None
+                raise DiskFull(disk_full_message(f"workspace {self.root}", free, None, "No store was created."),
+                               free=free) from exc
+            raise InputError(f"workspace {self.root!r} is not writable ({exc.strerror or exc}): pass "
+                             "workspace=<a folder you can write>, or set $MISTUDIO_WORKSPACE") from exc
 
     def job(self, extraction_id: str) -> Job:
         """A handle for any extraction: the live one if it runs here, else one that reads its store."""
-        live = self.runner.active.get(extraction_id) or self._jobs.get(extraction_id)
-        if live is not None:
+        extraction_id = check_id(extraction_id)
+        live = self.runner.live_job(extraction_id) or self._handles.get(extraction_id)
+        if live is not None and (live.live or self.fs.exists(self._fs_path(self.path_of(extraction_id)))):
             return live
-        return Job(self, self.store(extraction_id))
-
-    def owned_elsewhere(self, meta: dict) -> bool:
-        """Is this store's job live in another process?"""
-        return meta.get("status") in LIVE_STATES and meta.get("heartbeat", {}).get("pid") != os.getpid() \
-            and process_alive(meta.get("heartbeat", {}))
+        return Job(self, self.store(extraction_id), also_notify=self.listeners)
 
     def cancel(self, extraction_id: str) -> Job:
+        """Cancel a job queued or running in this process (a job of another process: cancel it there)."""
         job = self.job(extraction_id)
-        if job.id not in self.runner.active:
-            status = job.status
-            if status in LIVE_STATES and self.owned_elsewhere(job.meta):
-                raise InputError(f"extraction {extraction_id} runs in another process: cancel it from there")
-            if status in END_STATES:
-                return job
+        if not job.live:
+            who = self.owner_of(job.id, job.record)
+            if who is not None:
+                raise InputError(f"extraction {job.id} runs in another process ({who}): cancel it from there")
+            return job
         return job.cancel()
 
     def retry(self, extraction_id: str, **overrides: Any) -> Job:
         """A new job linked to ``extraction_id`` (``retry_of``, ``retry_count``, ``retry_reason``)."""
         old = self.job(extraction_id)
-        meta = old.meta
+        meta = old.record
         if old.request is not None:
             req = old.request
             base = {"model": req.model.name_or_path, "dataset": req.dataset.source, "revision": req.model.revision,
-                    **req.params(), "before_batch": req.before_batch,
-                    "cluster": req.cluster}
+                    **req.params(), "before_batch": req.before_batch, "cluster": req.cluster}
             base.update(overrides)
             request = make_request(**base)
         else:
-            request = request_from_meta(meta, **overrides)
-        reason = (meta.get("error") or {}).get("error_type") or meta.get("status", "manual").lower()
-        lineage = {"retry_of": extraction_id, "retry_count": int(meta.get("retry_count", 0)) + 1,
-                   "retry_reason": reason, "auto_retried": False, "retry_overrides": {
-                       k: v for k, v in overrides.items() if k != "dataset" and not callable(v)}}
+            request = request_from_meta(meta.to_json(), **overrides)
+        reason = meta.error.error_type if meta.error else meta.status.value.lower()
+        lineage = {"retry_of": old.id, "retry_count": meta.retry_count + 1, "retry_reason": reason,
+                   "auto_retried": False,
+                   "retry_overrides": {k: v for k, v in overrides.items() if k != "dataset" and not callable(v)}}
         return self._start(request, lineage)
 
     def resume(self, extraction_id: str, batch_size: int | None = None, cluster: Any = None) -> Job:
@@ -296,73 +325,128 @@ class Workspace(Observable):
 
         A sharded (dask) extraction reruns only its unfinished shards: on ``cluster`` if given, else here.
         """
+        extraction_id = check_id(extraction_id)
         store = self.store(extraction_id, writable=True)
-        ensure_free(store, self.runner)
-        meta = store.meta
-        if meta.get("status") == "COMPLETED":
+        meta = self._ensure_free(extraction_id, store)
+        if meta.status == Status.COMPLETED:
             raise InputError(f"extraction {extraction_id} is already COMPLETED: nothing to resume "
                              "(use retry() to run it again with other parameters)")
-        old = self._jobs.get(extraction_id)
+        old = self._handles.get(extraction_id)
         if old is not None and old.request is not None:
             request = old.request
         else:
-            request = request_from_meta(meta, need_dataset=not store.is_allocated)
+            request = request_from_meta(meta.to_json(), need_dataset=not store.is_allocated)
         if batch_size:
             request = replace(request, capture=build(CaptureSpec, **{**request.capture.model_dump(),
                                                                      "batch_size": batch_size}))
         if cluster is not None:
             request = replace(request, cluster=cluster)
-        store.update(status="QUEUED", heartbeat={**owner(), "time": now()},
-                     params={"batch_size": request.capture.batch_size},
-                     resumes=list(meta.get("resumes", [])) + [{"at": now(), "from_sample": meta.get(
-                         "progress", {}).get("samples_committed", 0), "previous_status": meta.get("status")}])
-        job = Job(self, store, request)
-        job._active = True
-        self._jobs[extraction_id] = job
+        store.update(status=Status.QUEUED, heartbeat=heartbeat(), params={"batch_size": request.capture.batch_size},
+                     resumes=meta.resumes + [{"at": now(), "from_sample": meta.progress.samples_committed,
+                                              "previous_status": meta.status.value}])
+        job = Job(self, store, request, also_notify=self.listeners)
+        self._handles[extraction_id] = job
         self.runner.enqueue(job)
-        job.emit("state", status="QUEUED", previous=meta.get("status"))
         return job
 
-    # -- cleanup ----------------------------------------------------------------------------------
-    def delete(self, extraction_id: str) -> int:
-        """Delete one store that no live job owns; returns the bytes freed."""
-        path = self.path_of(extraction_id)
-        store = self.store(extraction_id)
-        ensure_free(store, self.runner)
-        size = self._bytes(path)
-        self.fs.rm(self.fs._strip_protocol(path), recursive=True)
-        self._jobs.pop(extraction_id, None)
+    # -- deleting ---------------------------------------------------------------------------------
+    def delete(self, extraction_id: str, force: bool = False) -> int:
+        """Delete one store that no live job owns; returns the bytes freed.
+
+        A COMPLETED store (finished activations) is deleted only with ``force=True``.
+        """
+        extraction_id = check_id(extraction_id)
+        location = self.path_of(extraction_id)
+        if not self.fs.exists(self._fs_path(location)):
+            self.store(extraction_id)  # raises the "no extraction" message
+        try:
+            store = self._open_store(location)
+        except InputError:
+            raise
+        except Exception:  # an unreadable store: nobody can own it
+            return self._remove(location)
+        meta = self._ensure_free(extraction_id, store)
+        if meta.status == Status.COMPLETED and not force:
+            raise InputError(f"extraction {extraction_id} is COMPLETED: deleting it loses its activations "
+                             f"({human_bytes(self._bytes(location))}). Pass force=True to delete it anyway")
+        return self._remove(location)
+
+    def _remove(self, location: str) -> int:
+        """Remove a store folder (inside extractions/ only). Locally it is first renamed to a hidden name,
+        so it vanishes from every listing at once and a job still writing it notices."""
+        if not self._inside(location):
+            raise InputError(f"{location} is outside the workspace's extractions/: not deleted")
+        size = self._bytes(location)
+        path = self._fs_path(location)
+        if self.remote:
+            self.fs.rm(path, recursive=True)
+        else:
+            trash = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}-{secrets.token_hex(4)}")
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        self._handles.pop(location.rsplit("/", 1)[1].removesuffix(".zarr"), None)
         return size
 
-    def cleanup(self, dry_run: bool = True) -> Table:
-        """Empty, unreadable, failed and cancelled stores with their bytes; deleted unless ``dry_run``.
+    def cleanup(self, dry_run: bool = True, force: bool = False) -> pd.DataFrame:
+        """Failed, cancelled and unreadable stores with their bytes; deleted unless ``dry_run``.
 
-        Never touches a COMPLETED store or one a live job owns.
+        Never touches a COMPLETED store or one a live job owns. Damaged stores (unreadable, or flagged by
+        the listing's checks) are deleted only with ``force=True``; an unreadable store younger than two
+        minutes may still be being created and is left alone. Each store is re-checked right before it is
+        deleted: one that changed since it was listed (resumed, say) is skipped.
         """
         rows = []
-        for row in self.extractions():
+        for row in self._rows():
             status = row["status"]
             if status == "UNREADABLE":
-                reason = "not a readable mistudio store"
+                if time.time() - row["created_at"] < CREATING_GRACE_S:
+                    continue
+                reason = f"not a readable mistudio store ({row['problem']})"
             elif status in ("FAILED", "CANCELLED"):
                 reason = f"incomplete ({status.lower()}{', ' + row['error'] if row['error'] else ''}; " \
-                         f"{row['samples']} samples)"
-                if row["samples"].startswith("0/"):
+                         f"{row['samples_committed']}/{row['samples_total']} samples)"
+                if row["samples_committed"] == 0:
                     reason = f"empty ({status.lower()})"
             else:
                 continue
-            if status != "UNREADABLE" and row["id"] in self.runner.active:
-                continue
             rows.append({"id": row["id"], "status": status, "reason": reason, "size": row["size"],
-                         "bytes": row["bytes"], "deleted": False})
+                         "bytes": row["bytes"], "damaged": bool(row["damaged"]), "deleted": False,
+                         "note": "" if force or not row["damaged"] else "damaged: kept (force=True deletes it)",
+                         "_location": row["location"], "_nonce": row["nonce"]})
         if not dry_run:
             for row in rows:
-                location = self.fs._strip_protocol(self.path_of(row["id"]))
-                if self.fs.exists(location):
-                    self.fs.rm(location, recursive=True)
-                self._jobs.pop(row["id"], None)
-                row["deleted"] = True
-        return Table(rows, ("id", "status", "reason", "size", "deleted"))
+                if row["damaged"] and not force:
+                    continue
+                row["note"] = self._delete_listed(row)
+                row["deleted"] = not row["note"]
+        return pd.DataFrame(rows, columns=["id", "status", "reason", "size", "bytes", "damaged", "deleted", "note",
+                                           "_location", "_nonce"]).drop(columns=["_location", "_nonce"])
+
+    def _delete_listed(self, row: dict) -> str:
+        """Delete the store listed in ``row`` if it is still what was listed; else say why not."""
+        location = row["_location"]
+        if not self.fs.exists(self._fs_path(location)):
+            return "gone before deletion"
+        if not self._inside(location):
+            return "links outside the workspace: kept"
+        try:
+            meta = self._open_store(location).record
+        except Exception:
+            meta = None
+        if (meta is None) != (row["status"] == "UNREADABLE"):
+            return "changed since listed: kept"
+        if meta is not None:
+            if meta.nonce != row["_nonce"] or meta.status.value != row["status"]:
+                return f"changed since listed (now {meta.status}): kept"
+            if self.owner_of(row["id"], meta) is not None:
+                return "owned by a live job: kept"
+        self._remove(location)
+        return ""
+
+
+_LIST_COLUMNS = ["id", "status", "error", "message", "model", "dataset", "hook_points", "samples_committed",
+                 "samples_total", "tokens_committed", "tokens_total", "size", "bytes", "created", "retry_of", "damaged",
+                 "problem", "location", "nonce"]
 
 
 def _model_label(name_or_path: str) -> str:

@@ -126,7 +126,7 @@ def test_early_stop_runs_no_later_block(gpt2_dir, workspace):
     calls = []
     loaded = load_model(ModelSpec(name_or_path=gpt2_dir))
     loaded.blocks[2].register_forward_hook(lambda *a: calls.append(1))
-    from mistudio.jobs import ModelCache
+    from mistudio.runner import ModelCache
 
     cache = ModelCache()
     cache._spec, cache._loaded = loaded.spec, loaded

@@ -39,7 +39,7 @@ def test_bad_parameters(bad, pattern, gpt2_dir, workspace):
 def test_bad_parameters_create_no_store(gpt2_dir, workspace):
     with pytest.raises(ms.InputError):
         _extract(gpt2_dir, workspace=workspace, batch_size=3)
-    assert ms.Workspace(workspace).extractions() == []
+    assert ms.Workspace(workspace).extractions().empty
 
 
 def test_missing_model_path(workspace, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mistudio as ms
-from mistudio import jobs as jobs_module
+from mistudio import runner as jobs_module
 
 HOOKS = ["residual", "mlp", "attention"]
 BASE = dict(layers=[0, 2], hooks=HOOKS, max_samples=120, dtype="float32", chunk_mb=0.01)
@@ -129,10 +129,10 @@ def test_cancel_while_queued_and_order(gpt2_dir, workspace):
     assert order.index((first.id, "COMPLETED")) < order.index((third.id, "LOADING"))
     assert (second.id, "LOADING") not in order
     # a second workspace object on the same folder sees the same history, newest first
-    table = ms.Workspace(workspace).extractions()
-    assert [r["id"] for r in table] == [third.id, second.id, first.id]
-    assert [r["status"] for r in table] == ["COMPLETED", "CANCELLED", "COMPLETED"]
-    assert "CANCELLED" in repr(table) and "<table>" in table._repr_html_()
+    table = ms.Workspace(workspace).extractions()  # a pandas DataFrame
+    assert list(table["id"]) == [third.id, second.id, first.id]
+    assert list(table["status"]) == ["COMPLETED", "CANCELLED", "COMPLETED"]
+    assert "CANCELLED" in table.to_string() and "<table" in table._repr_html_()
 
 
 def test_cancel_while_loading(gpt2_dir, workspace, monkeypatch):
@@ -263,14 +263,14 @@ def test_busy_store_refused_and_cleanup(gpt2_dir, workspace):
         ws.resume(running.id)
     with pytest.raises(ms.StoreBusy):
         ws.delete(running.id)
-    report = ws.cleanup(dry_run=True)
+    report = ws.cleanup(dry_run=True).to_dict("records")
     assert [r["id"] for r in report] == [empty.id] and report[0]["reason"].startswith("empty")
     assert report[0]["bytes"] > 0
     release.set()
     running.wait(60)
-    report = ws.cleanup(dry_run=False)
+    report = ws.cleanup(dry_run=False).to_dict("records")
     assert [r["id"] for r in report] == [empty.id] and report[0]["deleted"]
-    assert {r["id"] for r in ws.extractions()} == {done.id, running.id}
+    assert set(ws.extractions()["id"]) == {done.id, running.id}
     with pytest.raises(ms.InputError, match="already COMPLETED"):
         ws.resume(done.id)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import mistudio as ms
 
@@ -17,15 +18,17 @@ def test_memory_workspace_roundtrip(gpt2_dir):
     by_url = ms.open_extraction(ext.location)
     assert by_url.sample(int(by_url.rows()[0]), tokens=False)["activations"]["layers.0.residual"].shape[1] == 32
     ws = ms.Workspace(root)
-    rows = ws.extractions()
+    rows = ws.extractions().to_dict("records")
     assert [r["id"] for r in rows] == [ext.id] and rows[0]["bytes"] > 0
     ds = reopened.to_xarray()
     assert ds["layers.0.residual"].shape == (ext.n_tokens, 32)
     # cleanup and delete work through fsspec too
     failed = ws.submit(gpt2_dir, "sample", layers=[9]).wait(60)
     assert failed.status == "FAILED"
-    assert [r["id"] for r in ws.cleanup(dry_run=False)] == [failed.id]
-    assert ws.delete(ext.id) > 0 and ws.extractions() == []
+    assert list(ws.cleanup(dry_run=False)["id"]) == [failed.id]
+    with pytest.raises(ms.InputError, match="COMPLETED: deleting it loses"):
+        ws.delete(ext.id)
+    assert ws.delete(ext.id, force=True) > 0 and ws.extractions().empty
 
 
 def test_file_url_workspace_equals_local(gpt2_dir, tmp_path):
@@ -74,7 +77,7 @@ def test_s3_workspace_on_local_moto_server(gpt2_dir, tmp_path):
         assert colleague.status == "COMPLETED"
         for hp in ext.hook_points:
             np.testing.assert_array_equal(colleague.activations(hp)[:], local.activations(hp)[:])
-        assert [r["status"] for r in ms.Workspace(root, storage_options=options).extractions()] == ["COMPLETED"]
+        assert list(ms.Workspace(root, storage_options=options).extractions()["status"]) == ["COMPLETED"]
     finally:
         server.terminate()
         server.wait(10)

@@ -43,8 +43,8 @@ class ActivationBrowser(W.VBox):
     def refresh(self, select: str | None = None) -> None:
         """List stores that hold data (completed, or with committed samples), newest first."""
         options = []
-        for row in self.workspace.extractions():
-            if row["status"] == "COMPLETED" or not str(row.get("samples", "0/")).startswith("0/"):
+        for row in self.workspace.extractions().to_dict("records"):
+            if row["status"] == "COMPLETED" or row["samples_committed"]:
                 options.append((f"{row['id']} · {row['status']} · {row['model']} · {row['hook_points'][:40]}",
                                 row["id"]))
         current = select or self.extraction.value
