@@ -2,16 +2,17 @@
 from .api import extract, open_extraction
 from .specs import HOOK_KINDS, DatasetSpec, HubDataset, ModelSpec
 from .data import sample_dataset, sample_texts
-from .errors import ExtractionFailed, InputError, JobCancelled, MistudioError, StoreBusy
+from .errors import DiskFull, ExtractionFailed, InputError, JobCancelled, MistudioError, StoreBusy, StoreLost
 from .extraction import Extraction
 from .jobs import Job
+from .metadata import Status
 from .models import load_model, packaged_minilm_path
 from .workspace import Workspace
 
 __version__ = "0.1.0"
 __all__ = ["extract", "open_extraction", "sample_dataset", "sample_texts", "HubDataset", "ModelSpec", "DatasetSpec",
            "Workspace", "Job", "Extraction", "load_model", "packaged_minilm_path", "HOOK_KINDS", "InputError",
-           "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy"]
+           "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost", "DiskFull", "Status"]
 
 
 def __getattr__(name: str):

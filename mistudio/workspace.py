@@ -229,7 +229,7 @@ class Workspace(Observable):
 
     def _mtime(self, location: str) -> float:
         try:
-            return float(os.path.getmtime(self._fs_path(location))) if not self.remote else 0.0
+            return float(os.lstat(self._fs_path(location)).st_mtime) if not self.remote else 0.0
         except OSError:
             return 0.0
 
