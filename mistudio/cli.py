@@ -7,13 +7,6 @@ import sys
 from .errors import ExtractionFailed, InputError, JobCancelled
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer indices, e.g. 0,3") from None
-
-
 def _summary(ext, seconds_note: str = "") -> str:
     meta = ext.metadata
     timings = meta.get("timings", {})
@@ -59,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--dataset", default="sample", help="'sample', a .txt/.jsonl/.csv/.parquet file or a saved "
                                                         "`datasets` folder")
     ex.add_argument("--text-column", default="text")
-    ex.add_argument("--layers", type=_int_list, required=True, help="comma-separated block indices, e.g. 0,3")
+    ex.add_argument("--layers", required=True, help="block indices: 0,3 or a range 2-5 (inclusive) or all; "
+                                                     "read by the same parser as layers= (specs.parse_layers)")
     ex.add_argument("--hooks", default="residual", help="comma-separated kinds: residual,mlp,attention")
     ex.add_argument("--batch-size", type=int, default=8)
     ex.add_argument("--max-samples", type=int, default=None)

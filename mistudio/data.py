@@ -1,8 +1,10 @@
 """Read dataset rows, tokenize them, validate token ids, and plan length-bucketed batches."""
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -11,8 +13,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .specs import DatasetSpec, HubDataset
+from .specs import DATA_SUFFIXES, DatasetSpec, HubDataset, pandas_kind
 from .errors import InputError
+
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 Row = tuple[int, object]  # (dataset row index, text or list of token ids)
 
@@ -29,34 +33,101 @@ def sample_texts() -> list[str]:
             return [json.loads(line)["text"] for line in f]
 
 
-def _read_jsonl(path: Path, column: str) -> Iterator[object]:
-    with path.open(encoding="utf-8") as f:
-        first = True
-        for n, line in enumerate(f):
-            if not line.strip():
-                yield None
-                continue
+def _named(path: Path) -> str:
+    """The path as the user gave it, and the real file when it is a link."""
+    real = os.path.realpath(path)
+    return f"{str(path)!r}" + (f" (a link to {real!r})" if real != os.path.abspath(path) else "")
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """How to read a data file: 'txt', 'jsonl', 'csv' or 'parquet'.
+
+    Decided by the suffix of the path as given (a link's own name), else by its target's suffix, else by
+    the content: parquet's magic ``PAR1``, JSON lines starting with ``{``, else text (only for a file with
+    no suffix at all: an unknown suffix such as .docx is refused).
+    """
+    given = Path(path)
+    real = Path(os.path.realpath(given))
+    for p in (given, real):
+        if p.suffix.lower() in FORMATS:
+            return FORMATS[p.suffix.lower()]
+    with real.open("rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return "jsonl"
+    suffix = given.suffix or real.suffix
+    if suffix:
+        raise InputError(f"dataset file {_named(given)} has an unsupported type {suffix!r}: supported are "
+                         f"{', '.join(DATA_SUFFIXES)} files and saved `datasets` folders")
+    if b"\0" in head:
+        raise InputError(f"dataset file {_named(given)} has no suffix and looks binary, not text: point dataset= at "
+                         f"a {', '.join(DATA_SUFFIXES)} file, or name it with the suffix of its format")
+    return "txt"
+
+
+def _decode_error(path: Path, encoding: str) -> InputError:
+    """Which line of ``path`` is not ``encoding`` text, and the fix."""
+    decoder, line = codecs.getincrementaldecoder(encoding)(), 1
+    with path.open("rb") as f:
+        head = f.read(4096)
+        f.seek(0)
+        for raw in f:
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path} line {n + 1} is not valid JSON ({exc.msg}): fix or remove that line") from exc
-            if not isinstance(rec, dict):
-                yield rec if isinstance(rec, str) else None
-                continue
-            if first and column not in rec:
-                raise InputError(
-                    f"text column {column!r} is not in {path}: its first record has keys {sorted(rec)}; "
-                    "pass text_column=<one of them>"
-                )
-            first = False
-            yield rec.get(column)
+                line += decoder.decode(raw).count("\n")
+            except UnicodeDecodeError:
+                break
+    where = f"dataset file {_named(path)} line {line} is not {encoding} text"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return InputError(f"{where}: it looks like UTF-16 text; pass encoding='utf-16'")
+    if b"\0" in head:
+        return InputError(f"{where}: the file looks binary, not text: point dataset= at a "
+                          f"{', '.join(DATA_SUFFIXES)} file")
+    return InputError(f"{where}: if the file is in another encoding, pass encoding='latin-1' "
+                      "(or its own, e.g. encoding='cp1252')")
 
 
-def _read_table(path: Path, column: str) -> Iterator[object]:
+def _lines(path: Path, encoding: str) -> Iterator[str]:
+    """The file's lines without their newline; a decoding failure names the line and the fix."""
+    try:
+        with path.open(encoding=encoding) as f:
+            for line in f:
+                yield line.rstrip("\n")
+    except UnicodeDecodeError:
+        raise _decode_error(path, encoding) from None
+
+
+def _read_jsonl(path: Path, column: str, encoding: str) -> Iterator[object]:
+    first = True
+    for n, line in enumerate(_lines(path, encoding)):
+        if not line.strip():
+            yield None
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} line {n + 1} is not valid JSON ({exc.msg}): fix or remove that line") from exc
+        if not isinstance(rec, dict):
+            yield rec if isinstance(rec, str) else None
+            continue
+        if first and column not in rec:
+            raise InputError(
+                f"text column {column!r} is not in {path}: its first record has keys {sorted(rec)}; "
+                "pass text_column=<one of them>"
+            )
+        first = False
+        yield rec.get(column)
+
+
+def _read_table(path: Path, column: str, fmt: str, encoding: str) -> Iterator[object]:
     import pandas as pd
 
-    if path.suffix.lower() == ".csv":
-        frame = pd.read_csv(path)
+    if fmt == "csv":
+        try:
+            frame = pd.read_csv(path, encoding=encoding)
+        except UnicodeDecodeError:
+            raise _decode_error(path, encoding) from None
     else:
         frame = pd.read_parquet(path)
     if column not in frame.columns:
@@ -64,8 +135,7 @@ def _read_table(path: Path, column: str) -> Iterator[object]:
             f"text column {column!r} is not in {path}: its columns are {list(frame.columns)}; "
             "pass text_column=<one of them>"
         )
-    for value in frame[column].tolist():
-        yield value
+    yield from frame[column].tolist()
 
 
 def _read_datasets(ds, column: str, where: str) -> Iterator[object]:
@@ -99,8 +169,13 @@ def _read_hub(spec: HubDataset) -> Iterator[object]:
 def raw_values(spec: DatasetSpec) -> Iterator[object]:
     """Every row's raw value (text, token ids, or junk), in dataset order."""
     src = spec.source
+    kind = pandas_kind(src)
     if isinstance(src, HubDataset):
         yield from _read_hub(src)
+    elif kind == "dataframe":
+        yield from src[spec.text_column].tolist()
+    elif kind == "series":
+        yield from src.tolist()
     elif isinstance(src, list):
         yield from src
     elif src == "sample":
@@ -118,14 +193,14 @@ def raw_values(spec: DatasetSpec) -> Iterator[object]:
                     "point at such a folder, or at a .txt/.jsonl/.csv/.parquet file"
                 ) from exc
             yield from _read_datasets(ds, spec.text_column, f"dataset folder {src!r}")
-        elif path.suffix.lower() == ".txt":
-            with path.open(encoding="utf-8") as f:
-                for line in f:
-                    yield line.rstrip("\n")
-        elif path.suffix.lower() in (".jsonl", ".json"):
-            yield from _read_jsonl(path, spec.text_column)
+            return
+        fmt = file_format(path)
+        if fmt == "txt":
+            yield from _lines(path, spec.encoding)
+        elif fmt == "jsonl":
+            yield from _read_jsonl(path, spec.text_column, spec.encoding)
         else:
-            yield from _read_table(path, spec.text_column)
+            yield from _read_table(path, spec.text_column, fmt, spec.encoding)
 
 
 def _is_token_ids(value: object) -> bool:
@@ -145,7 +220,8 @@ class TokenizedDataset:
     n_skipped_invalid: int = 0
     n_skipped_oov: int = 0
     n_clamped_tokens: int = 0
-    n_truncated: int = 0
+    n_truncated: int = 0          # kept samples that were longer than max_length
+    n_truncated_tokens: int = 0   # tokens those samples lost
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -161,20 +237,24 @@ class TokenizedDataset:
             "n_skipped_oov": self.n_skipped_oov,
             "n_clamped_tokens": self.n_clamped_tokens,
             "n_truncated": self.n_truncated,
+            "n_truncated_tokens": self.n_truncated_tokens,
         }
 
 
 def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "clamp",
              batch_rows: int = 1024) -> TokenizedDataset:
-    """Tokenize with the tokenizer's own call (special tokens as it adds them), truncate, check ids."""
+    """Tokenize with the tokenizer's own call (special tokens as it adds them), truncate, check ids.
+
+    The tokenizer truncates (keeping its special tokens); rows it cut to ``max_length`` are tokenized
+    again in full to count what was dropped.
+    """
     out = TokenizedDataset(ids=[], rows=np.zeros(0, dtype=np.int64))
     rows: list[int] = []
     pending: list[tuple[int, str]] = []
 
-    def keep(row: int, ids: np.ndarray) -> None:
+    def keep(row: int, ids: np.ndarray, dropped: int = 0) -> None:
         if len(ids) > spec.max_length:
-            ids = ids[: spec.max_length]
-            out.n_truncated += 1
+            ids, dropped = ids[: spec.max_length], len(ids) - spec.max_length
         bad = (ids < 0) | (ids >= vocab_size)
         if bad.any():
             first = int(ids[bad][0])
@@ -191,16 +271,25 @@ def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "c
         if len(ids) == 0:
             out.n_skipped_invalid += 1
             return
+        out.n_truncated += dropped > 0
+        out.n_truncated_tokens += dropped
         out.ids.append(ids.astype(np.int32))
         rows.append(row)
 
     def flush() -> None:
         if not pending:
             return
-        enc = tokenizer([t for _, t in pending], truncation=True, max_length=spec.max_length,
-                        add_special_tokens=spec.add_special_tokens)
-        for (row, _), ids in zip(pending, enc["input_ids"]):
-            keep(row, np.asarray(ids, dtype=np.int64))
+        texts = [t for _, t in pending]
+        enc = tokenizer(texts, truncation=True, max_length=spec.max_length,
+                        add_special_tokens=spec.add_special_tokens)["input_ids"]
+        dropped = [0] * len(enc)
+        cut = [i for i, ids in enumerate(enc) if len(ids) >= spec.max_length]  # maybe truncated: measure in full
+        if cut:
+            whole = tokenizer([texts[i] for i in cut], add_special_tokens=spec.add_special_tokens, verbose=False)
+            for i, ids in zip(cut, whole["input_ids"]):
+                dropped[i] = len(ids) - len(enc[i])
+        for (row, _), ids, n in zip(pending, enc, dropped):
+            keep(row, np.asarray(ids, dtype=np.int64), n)
         pending.clear()
 
     limit = spec.max_samples

@@ -201,12 +201,24 @@ def n_layers_of(config) -> int:
     raise InputError(f"cannot tell how many layers model type {config.model_type!r} has")
 
 
+def max_positions_of(config) -> int | None:
+    """The longest input the model takes (its position table), or None when its config does not say."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if config.model_type in ("roberta", "xlm-roberta", "camembert"):  # positions start after the pad id
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
 def check_layers(layers: list[int], n_layers: int) -> None:
     """Every layer index must name a block: 0 .. n_layers-1."""
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
         raise InputError(
-            f"layer index {bad[0]} is out of range: this model has {n_layers} layers, use 0 to {n_layers - 1}"
+            f"layers={layers}: layer index {bad[0]} is out of range: this model has {n_layers} layers, "
+            f"use 0 to {n_layers - 1} (or layers='all')"
         )
 
 

@@ -1,13 +1,17 @@
 """Validated specs of an extraction: which model, which data, what to capture, how to store it."""
 from __future__ import annotations
 
+import codecs
 import os
+import re
+import sys
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Union
+from typing import Annotated, Any, Callable, Literal
 
+import numpy as np
 import pydantic
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from .errors import InputError
 
@@ -18,6 +22,79 @@ MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OOV_POLICIES = ("clamp", "skip", "error")
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+LAYER_FORMS = "an int, a list of ints, a string such as '0,3' or '2-5' (inclusive), or 'all'"
+_EXAMPLES = {"batch_size": "8", "max_length": "128", "max_samples": "1000", "chunk_mb": "2.0"}
+
+
+def _no_bool(value: Any, info: ValidationInfo) -> Any:
+    """Numbers are numbers: True is not 1 (pydantic's lax mode would take it); numpy scalars become Python's."""
+    if isinstance(value, (bool, np.bool_)):
+        name = info.field_name
+        raise ValueError(f"{name}={value!r} is a boolean, not a number: pass a number, e.g. "
+                         f"{name}={_EXAMPLES.get(name, '1')}")
+    return value.item() if isinstance(value, np.generic) else value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_layers(value: Any) -> list[int] | Literal["all"]:
+    """Block indices from an int, a list/tuple/set/range/array of ints, '0,3', '2-5' (inclusive) or 'all'.
+
+    Returns the sorted, de-duplicated indices, or ``"all"`` (which needs the model's layer count).
+    """
+    shown = _short(value)
+
+    def bad(why: str) -> InputError:
+        return InputError(f"layers={shown} {why}: give {LAYER_FORMS}")
+
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "all":
+            return "all"
+        items: list[int] = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
+            if m is None:
+                raise bad(f"has {part!r}, which is neither a layer index nor a range like '2-5'")
+            if m[3] is not None:
+                items.append(int(m[3]))
+            elif int(m[1]) > int(m[2]):
+                raise bad(f"has the range {part!r}, which runs backwards (write '{m[2]}-{m[1]}')")
+            else:
+                items.extend(range(int(m[1]), int(m[2]) + 1))
+    else:
+        if isinstance(value, np.ndarray):
+            value = value.tolist() if value.ndim else value.item()
+        values = value if isinstance(value, (list, tuple, range, set, frozenset)) else [value]
+        items = []
+        for x in values:
+            if isinstance(x, (bool, np.bool_)):
+                raise bad(f"has {x!r}, a boolean, not a layer index")
+            if not isinstance(x, (int, np.integer)):
+                raise bad(f"has {x!r}, which is not a whole number")
+            items.append(int(x))
+    if not items:
+        raise InputError(f"layers is empty: name at least one block index, e.g. layers=[0, 3]; give {LAYER_FORMS}")
+    negative = [i for i in items if i < 0]
+    if negative:
+        raise InputError(f"layers={shown}: layer index {negative[0]} is out of range: blocks count from 0; "
+                         f"give {LAYER_FORMS}")
+    return sorted(set(items))
+
+
+def pandas_kind(value: Any) -> str | None:
+    """'dataframe' or 'series' for pandas objects (without importing pandas when nobody did)."""
+    pd = sys.modules.get("pandas")
+    if pd is None:
+        return None
+    return "dataframe" if isinstance(value, pd.DataFrame) else "series" if isinstance(value, pd.Series) else None
 
 
 class _Spec(BaseModel):
@@ -58,13 +135,18 @@ class HubDataset(_Spec):
 
 
 class DatasetSpec(_Spec):
-    """Where the rows come from and how they are cut into tokens."""
+    """Where the rows come from and how they are cut into tokens.
 
-    source: Union[HubDataset, str, list]
+    ``source`` is ``"sample"``, a path (as given: a link keeps its own name, which decides the format), a list
+    of texts or token-id lists, a pandas DataFrame (read from ``text_column``) or Series, or a HubDataset.
+    """
+
+    source: Any
     text_column: str = "text"
-    max_samples: int | None = None
-    max_length: int = 128
+    max_samples: Int | None = None
+    max_length: Int = 128
     add_special_tokens: bool = True
+    encoding: str = "utf-8"
 
     @field_validator("max_length")
     @classmethod
@@ -80,36 +162,63 @@ class DatasetSpec(_Spec):
             raise ValueError(f"max_samples={v} must be positive, or None for every row")
         return v
 
-    @field_validator("source")
+    @field_validator("encoding")
     @classmethod
-    def _source(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("dataset is an empty list: give at least one text")
-            return v
-        if isinstance(v, (str, os.PathLike)):
-            v = str(v)
-            if v == "sample":
-                return v
-            path = Path(v).expanduser()
-            if not path.exists():
-                raise ValueError(
-                    f"dataset path {v!r} does not exist: give an existing .txt/.jsonl/.csv/.parquet file, "
-                    "a folder saved with datasets' save_to_disk, a list of strings, "
-                    "ms.sample_dataset(), or ms.HubDataset(name, split, column)"
-                )
-            if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
-                raise ValueError(
-                    f"dataset file {v!r} has an unsupported type {path.suffix!r}: "
-                    f"supported are {', '.join(DATA_SUFFIXES)} files and saved `datasets` folders"
-                )
-            return str(path.resolve())
+    def _encoding(cls, v: str) -> str:
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"encoding={v!r} is not a text encoding Python knows: use e.g. 'utf-8' or "
+                             "'latin-1'") from None
         return v
 
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, v: Any) -> Any:
+        if isinstance(v, HubDataset):
+            return v
+        if isinstance(v, tuple):
+            v = list(v)
+        if isinstance(v, list) or pandas_kind(v):
+            if len(v) == 0:
+                raise ValueError(f"dataset is an empty {pandas_kind(v) or 'list'}: give at least one text")
+            return v
+        if isinstance(v, (str, os.PathLike)):
+            v = os.fspath(v)
+            if v == "sample":
+                return v
+            path = Path(os.path.abspath(os.path.expanduser(v)))  # not resolved: a link's name decides the format
+            if not path.exists():
+                link = f" (a broken link to {os.path.realpath(path)!r})" if path.is_symlink() else ""
+                raise ValueError(
+                    f"dataset path {v!r}{link} does not exist: give an existing .txt/.jsonl/.csv/.parquet file, "
+                    "a folder saved with datasets' save_to_disk, a list of strings, a pandas DataFrame, "
+                    "ms.sample_dataset(), or ms.HubDataset(name, split, column)"
+                )
+            if path.is_file():
+                from .data import file_format
+
+                file_format(path)  # refuses files it cannot read, naming the link's target
+            return str(path)
+        raise ValueError(
+            f"dataset={_short(v)} ({type(v).__name__}) is not a dataset mistudio can read: give a file path, a "
+            "list of strings, a pandas DataFrame or Series, ms.sample_dataset(), or ms.HubDataset(name, split, column)"
+        )
+
+    @model_validator(mode="after")
+    def _frame_column(self) -> "DatasetSpec":
+        if pandas_kind(self.source) == "dataframe" and self.text_column not in self.source.columns:
+            raise ValueError(f"text column {self.text_column!r} is not in the DataFrame: its columns are "
+                             f"{list(self.source.columns)}; pass text_column=<one of them>")
+        return self
+
     def describe(self) -> dict:
-        """A JSON-able description for the metadata (in-memory lists are summarised, not copied)."""
-        if isinstance(self.source, list):
-            source: Any = {"kind": "list", "n_rows": len(self.source)}
+        """A JSON-able description for the metadata (in-memory lists and frames are summarised, not copied)."""
+        kind = pandas_kind(self.source)
+        if isinstance(self.source, list) or kind:
+            source: Any = {"kind": kind or "list", "n_rows": len(self.source)}
+            if kind == "dataframe":
+                source["columns"] = [str(c) for c in self.source.columns]
         elif isinstance(self.source, HubDataset):
             source = {"kind": "hub", **self.source.model_dump()}
         elif self.source == "sample":
@@ -120,13 +229,14 @@ class DatasetSpec(_Spec):
 
     @classmethod
     def from_description(cls, desc: dict) -> "DatasetSpec":
-        """Rebuild a spec from :meth:`describe`; in-memory lists cannot be rebuilt."""
+        """Rebuild a spec from :meth:`describe`; in-memory lists and frames cannot be rebuilt."""
         src = desc["source"]
         kind = src["kind"]
-        if kind == "list":
+        if kind in ("list", "dataframe", "series"):
+            what = {"list": "list of texts", "dataframe": "pandas DataFrame", "series": "pandas Series"}[kind]
             raise InputError(
-                "this extraction was made from an in-memory list of texts, which is not saved on disk: "
-                "pass the texts again, e.g. ws.retry(id, dataset=my_texts)"
+                f"this extraction was made from an in-memory {what}, which is not saved on disk: "
+                "pass it again, e.g. ws.retry(id, dataset=my_texts)"
             )
         source = {"hub": lambda: HubDataset(**{k: v for k, v in src.items() if k != "kind"}),
                   "sample": lambda: "sample", "path": lambda: src["path"]}[kind]()
@@ -139,18 +249,20 @@ class CaptureSpec(_Spec):
 
     layers: list[int]
     hooks: list[str] = ["residual"]
-    batch_size: int = 8
+    batch_size: Int = 8
     dtype: Literal["float16", "float32"] = "float16"
     oov_policy: Literal["clamp", "skip", "error"] = "clamp"
     padding_side: Literal["right", "left"] = "right"
-    chunk_mb: float = 2.0
+    chunk_mb: Float = 2.0
 
-    @field_validator("layers")
+    @field_validator("layers", mode="before")
     @classmethod
-    def _layers(cls, v: list[int]) -> list[int]:
-        if not v:
-            raise ValueError("layers is empty: name at least one block index, e.g. layers=[0, 3]")
-        return sorted(set(v))
+    def _layers(cls, v: Any) -> list[int]:
+        layers = parse_layers(v)
+        if layers == "all":
+            raise ValueError("layers='all' needs the model's layer count: pass it to ms.extract or ws.submit, "
+                             "which read it from the model's config")
+        return layers
 
     @field_validator("hooks")
     @classmethod
@@ -181,19 +293,28 @@ class CaptureSpec(_Spec):
         return [f"layers.{i}.{k}" for i in self.layers for k in self.hooks]
 
 
-def build(cls: type[BaseModel], **values: Any) -> Any:
-    """Construct a spec, turning pydantic's report into one InputError that names value and fix."""
+def build(cls: type[BaseModel], names: dict[str, str] | None = None, **values: Any) -> Any:
+    """Construct a spec, turning pydantic's report into one InputError that names value and fix.
+
+    ``names`` maps spec fields to the argument names the user typed (``dtype`` of a ModelSpec is the user's
+    ``model_dtype``), so that every message names what the user actually passed.
+    """
     try:
         return cls(**values)
     except pydantic.ValidationError as exc:
         lines = []
         for err in exc.errors():
             msg = err["msg"].removeprefix("Value error, ")
-            where = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "value_error":
+            loc = err["loc"]
+            if not loc:  # a whole-spec check: its message names its arguments
+                lines.append(msg)
+                continue
+            name = (names or {}).get(str(loc[0]), str(loc[0]))
+            if re.match(rf"{re.escape(name)}\b", msg):
                 lines.append(msg)
             else:
-                lines.append(f"{where}={err.get('input')!r}: {msg}")
+                where = name + "".join(f"[{p!r}]" for p in loc[1:])
+                lines.append(f"{where}={_short(err.get('input'))}: {msg}")
         raise InputError("; ".join(lines)) from None
 
 
@@ -215,38 +336,54 @@ class JobRequest:
             **self.capture.model_dump(),
             "max_samples": self.dataset.max_samples, "max_length": self.dataset.max_length,
             "text_column": self.dataset.text_column, "add_special_tokens": self.dataset.add_special_tokens,
+            "encoding": self.dataset.encoding,
             "model_dtype": self.model.dtype, "device": self.model.device,
             "timeout_s": self.timeout_s, "auto_retry_on_oom": self.auto_retry_on_oom,
         }
 
 
-def make_request(model: str | ModelSpec, dataset: Any, layers: list[int], hooks: list[str] | tuple = ("residual",),
+def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[str] | tuple | str = ("residual",),
                  batch_size: int = 8, max_samples: int | None = None, max_length: int = 128,
                  dtype: str = "float16", model_dtype: str = "auto", device: str = "auto",
                  text_column: str = "text", add_special_tokens: bool = True, oov_policy: str = "clamp",
                  padding_side: str = "right", chunk_mb: float = 2.0, timeout_s: float | None = None,
-                 auto_retry_on_oom: bool = False, revision: str | None = None,
+                 auto_retry_on_oom: bool = False, revision: str | None = None, encoding: str = "utf-8",
                  before_batch: Callable[[int, int], None] | None = None, cluster: Any = None) -> JobRequest:
-    """Validate every argument of ``ms.extract`` / ``ws.submit`` before anything is loaded or written."""
-    if isinstance(layers, int):
-        layers = [layers]
+    """Validate every argument of ``ms.extract`` / ``ws.submit`` before anything is loaded or written.
+
+    ``layers`` takes the forms of :func:`parse_layers`; ``'all'`` and the ``max_length`` limit are checked
+    against the model's config (read without weights). Every error names the argument as the user typed it.
+    """
+    from .models import load_config, max_positions_of, n_layers_of
+
     if isinstance(hooks, str):
-        hooks = [hooks]
+        hooks = [h.strip() for h in hooks.split(",")]
     model_spec = model if isinstance(model, ModelSpec) else build(
-        ModelSpec, name_or_path=str(model), dtype=model_dtype, device=device, revision=revision)
+        ModelSpec, {"name_or_path": "model", "dtype": "model_dtype"},
+        name_or_path=str(model), dtype=model_dtype, device=device, revision=revision)
     if dataset is None:
         raise InputError("dataset is missing: pass ms.sample_dataset(), a file path, a list of strings, "
-                         "or ms.HubDataset(name, split, column)")
+                         "a pandas DataFrame, or ms.HubDataset(name, split, column)")
     dataset_spec = dataset if isinstance(dataset, DatasetSpec) else build(
-        DatasetSpec, source=dataset, text_column=text_column, max_samples=max_samples, max_length=max_length,
-        add_special_tokens=add_special_tokens)
-    capture = build(CaptureSpec, layers=list(layers), hooks=list(hooks), batch_size=batch_size, dtype=dtype,
+        DatasetSpec, {"source": "dataset"}, source=dataset, text_column=text_column, max_samples=max_samples,
+        max_length=max_length, add_special_tokens=add_special_tokens, encoding=encoding)
+    layer_list, config = parse_layers(layers), None
+    if layer_list == "all":
+        config = load_config(model_spec)
+        layer_list = list(range(n_layers_of(config)))
+    capture = build(CaptureSpec, layers=layer_list, hooks=list(hooks), batch_size=batch_size, dtype=dtype,
                     oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb)
-    if timeout_s is not None and timeout_s <= 0:
-        raise InputError(f"timeout_s={timeout_s} must be a positive number of seconds, or None for no limit")
+    not_number = isinstance(timeout_s, (bool, np.bool_)) or not isinstance(timeout_s, (int, float, np.number))
+    if timeout_s is not None and (not_number or timeout_s <= 0):
+        raise InputError(f"timeout_s={timeout_s!r} must be a positive number of seconds, e.g. timeout_s=600, "
+                         "or None for no limit")
     if cluster is not None and not (hasattr(cluster, "submit") and hasattr(cluster, "scheduler_info")):
         raise InputError(f"cluster={cluster!r} is not a dask.distributed Client: pass Client(LocalCluster()) or "
                          "Client('tcp://scheduler:8786')")
+    limit = max_positions_of(config or load_config(model_spec))
+    if limit is not None and dataset_spec.max_length > limit:
+        raise InputError(f"max_length={dataset_spec.max_length} is more than the {limit} positions of model "
+                         f"{model_spec.name_or_path!r}: pass max_length={limit} or less (longer samples are cut)")
     return JobRequest(model_spec, dataset_spec, capture, timeout_s, bool(auto_retry_on_oom), before_batch, cluster)
 
 
@@ -264,6 +401,7 @@ def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -
     args = {"model": meta["model"]["name_or_path"], "dataset": dataset, "revision": meta["model"].get("revision"),
             **{k: params[k] for k in ("layers", "hooks", "batch_size", "max_samples", "max_length", "dtype",
                                       "model_dtype", "device", "text_column", "add_special_tokens", "oov_policy",
-                                      "padding_side", "chunk_mb", "timeout_s", "auto_retry_on_oom")}}
+                                      "padding_side", "chunk_mb", "timeout_s", "auto_retry_on_oom", "encoding")
+               if k in params}}
     args.update(overrides)
     return make_request(**args)
