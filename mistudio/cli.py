@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--dataset", default="sample", help="'sample', a .txt/.jsonl/.csv/.parquet file or a saved "
                                                         "`datasets` folder")
     ex.add_argument("--text-column", default="text")
+    ex.add_argument("--encoding", default="utf-8", help="text encoding of .txt/.jsonl/.csv files, e.g. latin-1")
     ex.add_argument("--layers", required=True, help="block indices: 0,3 or a range 2-5 (inclusive) or all; "
                                                      "read by the same parser as layers= (specs.parse_layers)")
     ex.add_argument("--hooks", default="residual", help="comma-separated kinds: residual,mlp,attention")
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             ext = api.extract(args.model, args.dataset, layers=args.layers, hooks=args.hooks.split(","),
                               workspace=args.workspace, batch_size=args.batch_size, max_samples=args.max_samples,
                               max_length=args.max_length, dtype=args.dtype, model_dtype=args.model_dtype,
-                              device=args.device, text_column=args.text_column, oov_policy=args.oov_policy,
+                              device=args.device, text_column=args.text_column, encoding=args.encoding,
+                              oov_policy=args.oov_policy,
                               timeout_s=args.timeout, auto_retry_on_oom=args.auto_retry_on_oom)
             print(_summary(ext))
         elif args.command == "jobs":

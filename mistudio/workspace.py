@@ -464,6 +464,7 @@ def _dataset_label(desc: dict) -> str:
         return Path(src["path"]).name
     if kind == "hub":
         return f"{src['name']}:{src.get('split')}"
-    if kind == "list":
-        return f"list[{src.get('n_rows')}]"
+    in_memory = {"list": "list", "dataframe": "DataFrame", "series": "Series"}
+    if kind in in_memory:
+        return f"{in_memory[kind]}[{src.get('n_rows')}]"
     return kind or ""
