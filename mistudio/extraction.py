@@ -4,9 +4,9 @@ from __future__ import annotations
 from functools import cached_property
 
 import numpy as np
-import zarr
 
 from .errors import InputError
+from .integrity import CheckedArray, VerifyReport, verify
 from .store import ExtractionStore
 
 
@@ -50,11 +50,19 @@ class Extraction:
     def n_tokens(self) -> int:
         return int(self.store.meta.get("progress", {}).get("tokens_total", 0))
 
-    def activations(self, hook_point: str) -> zarr.Array:
-        """The Zarr array ``(n_tokens, d)`` of one hook point, in stored order (lazy)."""
+    def activations(self, hook_point: str) -> CheckedArray:
+        """The array ``(n_tokens, d)`` of one hook point, in stored order (lazy, read-only, checked).
+
+        Slice it like a Zarr array; a missing or damaged chunk below the commit mark raises
+        ``StoreCorrupted``. ``.zarr`` is the raw Zarr array (for xarray/dask)."""
         if hook_point not in self.hook_points:
             raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {self.hook_points}")
-        return self.store.activations(hook_point)
+        return CheckedArray(self.store.activations(hook_point), self.location, self.committed_tokens())
+
+    def verify(self) -> VerifyReport:
+        """Scan the store (every chunk below the commit mark decoded, checksums checked, metadata
+        consistent) without changing it; ``report.ok`` and ``print(report)``."""
+        return verify(self.location, self.store.storage_options)
 
     @cached_property
     def sample_index(self) -> np.ndarray:
@@ -104,7 +112,7 @@ class Extraction:
     def sample_tokens(self, row: int) -> list[str]:
         """A dataset row's tokens as strings, as the model's tokenizer names them."""
         start, stop = self.token_range(row)
-        return self._token_strings(self.store.group["tokens/input_ids"][start:stop])
+        return self._token_strings(self.store.tokens("input_ids")[start:stop])
 
     def _token_strings(self, ids: np.ndarray) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
@@ -112,7 +120,7 @@ class Extraction:
     def sample(self, row: int, hook_points: list[str] | None = None, tokens: bool = True) -> dict:
         """One dataset row: ``input_ids``, ``tokens`` (strings), ``activations`` {hook point: (len, d)}."""
         start, stop = self.token_range(row)
-        input_ids = self.store.group["tokens/input_ids"][start:stop]
+        input_ids = self.store.tokens("input_ids")[start:stop]
         out = {
             "row": int(row),
             "input_ids": input_ids,
@@ -132,4 +140,4 @@ class Extraction:
         """One hook point as a lazy dask array."""
         import dask.array as da
 
-        return da.from_zarr(self.activations(hook_point))
+        return da.from_zarr(self.activations(hook_point).zarr)

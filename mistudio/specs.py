@@ -144,6 +144,7 @@ class CaptureSpec(_Spec):
     oov_policy: Literal["clamp", "skip", "error"] = "clamp"
     padding_side: Literal["right", "left"] = "right"
     chunk_mb: float = 2.0
+    checksum: bool = True  # a crc32c per chunk: a damaged chunk raises StoreCorrupted instead of reading wrong
 
     @field_validator("layers")
     @classmethod
@@ -225,7 +226,7 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: list[int], hooks:
                  dtype: str = "float16", model_dtype: str = "auto", device: str = "auto",
                  text_column: str = "text", add_special_tokens: bool = True, oov_policy: str = "clamp",
                  padding_side: str = "right", chunk_mb: float = 2.0, timeout_s: float | None = None,
-                 auto_retry_on_oom: bool = False, revision: str | None = None,
+                 auto_retry_on_oom: bool = False, revision: str | None = None, checksum: bool = True,
                  before_batch: Callable[[int, int], None] | None = None, cluster: Any = None) -> JobRequest:
     """Validate every argument of ``ms.extract`` / ``ws.submit`` before anything is loaded or written."""
     if isinstance(layers, int):
@@ -241,7 +242,7 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: list[int], hooks:
         DatasetSpec, source=dataset, text_column=text_column, max_samples=max_samples, max_length=max_length,
         add_special_tokens=add_special_tokens)
     capture = build(CaptureSpec, layers=list(layers), hooks=list(hooks), batch_size=batch_size, dtype=dtype,
-                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb)
+                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, checksum=checksum)
     if timeout_s is not None and timeout_s <= 0:
         raise InputError(f"timeout_s={timeout_s} must be a positive number of seconds, or None for no limit")
     if cluster is not None and not (hasattr(cluster, "submit") and hasattr(cluster, "scheduler_info")):
