@@ -5,8 +5,8 @@ from functools import cached_property
 
 import numpy as np
 
-from .errors import InputError
-from .integrity import CheckedArray, VerifyReport, verify
+from .errors import InputError, StoreCorrupted
+from .integrity import DECODE_ERRORS, CheckedArray, VerifyReport, verify
 from .store import ExtractionStore
 
 
@@ -23,7 +23,13 @@ class Extraction:
     @property
     def metadata(self) -> dict:
         """The store's ``attrs['mistudio']``, read fresh."""
-        return self.store.refresh()
+        try:
+            return self.store.refresh()
+        except FileNotFoundError:
+            raise
+        except DECODE_ERRORS as exc:
+            raise StoreCorrupted(self.location, f"its group metadata cannot be read ({type(exc).__name__}: {exc})",
+                                 file=f"{self.location.rstrip('/')}/zarr.json") from exc
 
     @property
     def id(self) -> str:
@@ -55,9 +61,12 @@ class Extraction:
 
         Slice it like a Zarr array; a missing or damaged chunk below the commit mark raises
         ``StoreCorrupted``. ``.zarr`` is the raw Zarr array (for xarray/dask)."""
+        return self._checked(hook_point, self.committed_tokens())
+
+    def _checked(self, hook_point: str, mark: int) -> CheckedArray:
         if hook_point not in self.hook_points:
             raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {self.hook_points}")
-        return CheckedArray(self.store.activations(hook_point), self.location, self.committed_tokens())
+        return CheckedArray(self.store.activations(hook_point), self.location, mark)
 
     def verify(self) -> VerifyReport:
         """Scan the store (every chunk below the commit mark decoded, checksums checked, metadata
@@ -124,7 +133,7 @@ class Extraction:
         out = {
             "row": int(row),
             "input_ids": input_ids,
-            "activations": {hp: self.activations(hp)[start:stop] for hp in (hook_points or self.hook_points)},
+            "activations": {hp: self._checked(hp, stop)[start:stop] for hp in (hook_points or self.hook_points)},
         }
         out["tokens"] = self._token_strings(input_ids) if tokens else None
         return out

@@ -124,10 +124,13 @@ def test_damaged_array_metadata(copy, capsys):
 
 def test_damaged_group_metadata(copy, capsys):
     ws, ext_id, store, _ = copy
+    ext = ms.open_extraction(ext_id, workspace=ws)
     meta = json.loads((store / "zarr.json").read_text())
     (store / "zarr.json").write_text(json.dumps(meta)[:200])
     with pytest.raises(StoreCorrupted, match="zarr.json"):
         ms.Workspace(ws).open(ext_id)
+    with pytest.raises(StoreCorrupted, match="zarr.json"):
+        ext.metadata  # an extraction opened before the damage
     report = verify(str(store))
     assert not report.ok and report.problems[0].file.endswith(f"{ext_id}.zarr/zarr.json")
     code, out = run_cli(capsys, "verify", ext_id, "--workspace", ws)
