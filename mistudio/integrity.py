@@ -131,9 +131,9 @@ class CheckedArray:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         first, stop = self._row_span(key)
-        units = _units(self.zarr, first, min(stop, self.mark))
-        for unit in _missing(self.zarr, units)[:1]:
-            raise self._fail(unit, f"the chunk is missing although rows below {self.mark} are committed")
+        missing = _missing(self.zarr, _units(self.zarr, first, min(stop, self.mark)))
+        if missing:
+            raise self._fail(missing[0], f"the chunk is missing although rows below {self.mark} are committed")
         try:
             return self.zarr[key]
         except DECODE_ERRORS as exc:
@@ -183,7 +183,7 @@ class VerifyReport:
         checks = {True: "checksums on", False: "no checksums: flipped bits cannot be detected", None: "checksums ?"}
         lines = [head, f"  status {self.status}, rows below {self.commit_mark} committed; {self.chunks_checked} chunks "
                        f"({self.bytes_checked / 1e6:.1f} MB) {how}; {checks[self.checksums]}"]
-        return "\n".join(lines + [f"  - {p}" for p in self.problems])
+        return "\n".join(lines + [f"  - {str(p).replace(self.location + '/', '')}" for p in self.problems])
 
 
 def verify(location: str, storage_options: dict | None = None, decode: bool = True) -> VerifyReport:
@@ -211,8 +211,6 @@ class _Scan:
         self.report.problems.append(Problem(what, array, chunk, file))
 
     def run(self) -> VerifyReport:
-        from .store import END_STATES, LIVE_STATES
-
         group_file = f"{self.location}/zarr.json"
         try:
             group = zarr.open_group(store=self.location, mode="r", storage_options=self.storage_options,
@@ -227,6 +225,15 @@ class _Scan:
         if not isinstance(meta, dict) or not isinstance(meta.get("progress", {}), dict):
             self.problem("attrs['mistudio'] is missing or not a mapping", file=group_file)
             return self.report
+        try:
+            self.check(group, meta, group_file)
+        except (TypeError, ValueError, KeyError, IndexError) as exc:  # JSON that reads, with values that do not fit
+            self.problem(f"attrs['mistudio'] is malformed ({type(exc).__name__}: {exc})", file=group_file)
+        return self.report
+
+    def check(self, group: zarr.Group, meta: dict, group_file: str) -> None:
+        from .store import END_STATES, LIVE_STATES
+
         status, progress = meta.get("status"), meta.get("progress", {})
         self.report.status, self.report.commit_mark = status, commit_mark(meta)
         if status not in LIVE_STATES + END_STATES:
@@ -234,13 +241,12 @@ class _Scan:
         if "tokens_total" not in progress:
             if status == "COMPLETED":
                 self.problem("status is COMPLETED but no arrays were ever allocated", file=group_file)
-            return self.report
+            return
         self.check_progress(group, meta)
-        if self.report.checksums is not None and meta.get("storage", {}).get("checksum") not in (None,
-                                                                                              self.report.checksums):
-            self.problem(f"metadata says checksum={meta['storage']['checksum']} but the arrays disagree",
+        recorded = (meta.get("storage") or {}).get("checksum")
+        if recorded is not None and self.report.checksums is not None and recorded != self.report.checksums:
+            self.problem(f"the metadata says checksum={recorded} but the arrays say {self.report.checksums}",
                          file=group_file)
-        return self.report
 
     def check_progress(self, group: zarr.Group, meta: dict) -> None:
         progress, mark = meta["progress"], self.report.commit_mark

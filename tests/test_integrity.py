@@ -172,3 +172,16 @@ def test_in_progress_store_is_checked_below_its_mark_only(gpt2_dir, workspace):
     damage(chunk_file(store, ARRAY, 0), "delete")
     assert [(p.array, p.chunk) for p in ext.verify().problems] == [(ARRAY, (0, 0))]
     assert not quick_check(ext.location).ok
+
+
+def test_incoherent_metadata_and_missing_array(copy):
+    ws, ext_id, store, _ = copy
+    ext = ms.open_extraction(ext_id, workspace=ws)
+    n = ext.n_samples
+    ms.Workspace(ws).store(ext_id, writable=True).update(progress={"samples_committed": n - 1})
+    shutil.rmtree(store / "activations" / "layers.0.mlp")
+    text = str(ext.verify())
+    assert f"COMPLETED but only {n - 1} of {n} samples" in text and "not at tokens_committed" in text
+    assert "activations/layers.0.mlp (activations/layers.0.mlp/zarr.json): the array is missing" in text
+    with pytest.raises(StoreCorrupted, match="layers.0.mlp.*missing"):
+        ext.activations("layers.0.mlp")
