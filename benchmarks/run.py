@@ -217,6 +217,47 @@ def bench_write(ws, mb) -> dict:
     return {"mb": size, "raw_mb_s": size / raw_s, "zarr_mb_s": size / zarr_s, "ratio": raw_s / zarr_s}
 
 
+def bench_checksum(ws, mb, repeats) -> dict:
+    """Write, then read, the same rows into a store with and without crc32c (``store.array_codecs``), and
+    read them through the checked view (``Extraction.activations``). Every block of 4 chunks is timed in
+    all variants back to back, alternating the order, so that the machine's noise hits them alike."""
+    import zarr
+
+    from mistudio.integrity import CheckedArray
+    from mistudio.store import WRITE_CONFIG, array_codecs
+
+    width, rows, block = 1024, int(mb * 2**20 / (1024 * 2)), 1024 * 4
+    data = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float16)
+    seconds = {k: [0.0] * repeats for k in ("write_plain", "write_crc", "read_plain", "read_crc", "read_checked")}
+
+    def timed(key: str, rep: int, fn) -> None:
+        start = time.perf_counter()
+        fn()
+        seconds[key][rep] += time.perf_counter() - start
+
+    for rep in range(repeats):
+        arrays = {}
+        for name in ("plain", "crc"):
+            group = zarr.open_group(str(Path(ws) / f"checksum-{rep}-{name}.zarr"), mode="w")
+            arrays[name] = group.create_array("a", shape=data.shape, chunks=(1024, width), dtype="float16",
+                                              fill_value=0, config=WRITE_CONFIG, **array_codecs(name == "crc"))
+        checked = CheckedArray(arrays["crc"], ws, rows)
+        for i, b in enumerate(range(0, rows, block)):  # as the writer thread does: whole chunks, a few at a time
+            for name in ("plain", "crc")[:: 1 if i % 2 else -1]:
+                timed(f"write_{name}", rep, lambda: arrays[name].__setitem__(slice(b, b + block), data[b:b + block]))
+        for i, b in enumerate(range(0, rows, block)):
+            views = [("read_plain", arrays["plain"]), ("read_crc", arrays["crc"]), ("read_checked", checked)]
+            for key, view in views[:: 1 if i % 2 else -1]:
+                timed(key, rep, lambda: view[b:b + block])
+    size = data.nbytes / 1e6
+    mb_s = {k: size / float(np.median(v)) for k, v in seconds.items()}
+    ratios = {"write_ratio": ("write_crc", "write_plain"), "read_ratio": ("read_crc", "read_plain"),
+              "checked_read_ratio": ("read_checked", "read_crc")}
+    return {"mb": size, "repeats": repeats, **{f"{k}_mb_s": v for k, v in mb_s.items()},
+            **{k: float(np.median(np.array(seconds[b]) / np.array(seconds[a]))) for k, (a, b) in ratios.items()},
+            **{k + "s": [float(x) for x in np.array(seconds[b]) / np.array(seconds[a])] for k, (a, b) in ratios.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run under a minute")
@@ -238,6 +279,7 @@ def main() -> None:
             ("memory", lambda: bench_memory(model_dir, str(tmp / "ws2"), *((50, 200) if q else (1000, 10000)))),
             ("cancel", lambda: bench_cancel(model_dir, str(tmp / "ws3"), 120 if q else 400)),
             ("write", lambda: bench_write(str(tmp), 64 if q else 512)),
+            ("checksum", lambda: bench_checksum(str(tmp), 32 if q else 256, 2 if q else 6)),
         ]
         for name, step in steps:
             if args.only and name not in args.only.split(","):
@@ -255,7 +297,7 @@ def main() -> None:
 
 
 def print_table(r: dict) -> None:
-    o, e, m, c, w = r["overhead"], r["early_stop"], r["memory"], r["cancel"], r["write"]
+    o, e, m, c, w, k = r["overhead"], r["early_stop"], r["memory"], r["cancel"], r["write"], r["checksum"]
     print(f"\n{'figure':<44}{'value':>14}  target")
     print(f"{'overhead: extract / bare forward tokens/s':<44}{o['ratio']:>14.3f}  >= 0.95"
           f"   (median of {len(o['ratios'])} interleaved pairs: {', '.join(f'{r:.3f}' for r in o['ratios'])})")
@@ -269,6 +311,12 @@ def print_table(r: dict) -> None:
     print(f"{'cancel latency (batches)':<44}{c['latency_in_batches']:>14.2f}  <= 1     ({c['latency_s'] * 1000:.0f} ms)")
     print(f"{'write: zarr MB/s / raw file MB/s':<44}{w['ratio']:>14.3f}           ({w['zarr_mb_s']:.0f} vs "
           f"{w['raw_mb_s']:.0f} MB/s)")
+    print(f"{'checksum: crc32c write MB/s / plain':<44}{k['write_ratio']:>14.3f}           ({k['write_crc_mb_s']:.0f} vs "
+          f"{k['write_plain_mb_s']:.0f} MB/s)")
+    print(f"{'checksum: crc32c read MB/s / plain':<44}{k['read_ratio']:>14.3f}           ({k['read_crc_mb_s']:.0f} vs "
+          f"{k['read_plain_mb_s']:.0f} MB/s)")
+    print(f"{'checked view read MB/s / raw zarr (crc32c)':<44}{k['checked_read_ratio']:>14.3f}           "
+          f"({k['read_checked_mb_s']:.0f} MB/s)")
 
 
 if __name__ == "__main__":

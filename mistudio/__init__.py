@@ -2,7 +2,8 @@
 from .api import extract, open_extraction
 from .specs import HOOK_KINDS, DatasetSpec, HubDataset, ModelSpec
 from .data import sample_dataset, sample_texts
-from .errors import DiskFull, ExtractionFailed, InputError, JobCancelled, MistudioError, StoreBusy, StoreLost
+from .errors import (DiskFull, ExtractionFailed, InputError, JobCancelled, MistudioError, StoreBusy, StoreCorrupted,
+                     StoreLost)
 from .extraction import Extraction
 from .jobs import Job
 from .metadata import Status
@@ -12,7 +13,7 @@ from .workspace import Workspace
 __version__ = "0.1.0"
 __all__ = ["extract", "open_extraction", "sample_dataset", "sample_texts", "HubDataset", "ModelSpec", "DatasetSpec",
            "Workspace", "Job", "Extraction", "load_model", "packaged_minilm_path", "HOOK_KINDS", "InputError",
-           "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost", "DiskFull", "Status"]
+           "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost", "StoreCorrupted", "DiskFull", "Status"]
 
 
 def __getattr__(name: str):

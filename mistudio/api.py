@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ExtractionFailed, InputError, JobCancelled
+from .errors import ExtractionFailed, InputError, JobCancelled, StoreCorrupted
 from .extraction import Extraction
 from .jobs import Job
 from .progress import TqdmListener
@@ -65,6 +65,8 @@ def open_extraction(id_or_path: str | os.PathLike, workspace: str | os.PathLike 
     if path.exists():
         try:
             return Extraction(ExtractionStore.open(str(path)))
+        except StoreCorrupted:
+            raise
         except Exception as exc:
             raise InputError(f"{text!r} is not a mistudio extraction store: {exc}") from exc
     return Workspace(workspace, storage_options=storage_options).open(text)

@@ -1,10 +1,10 @@
-"""Command line: ``mistudio demo | extract | jobs | cleanup | resume | cancel``."""
+"""Command line: ``mistudio demo | extract | jobs | cleanup | resume | cancel | verify``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .errors import ExtractionFailed, InputError, JobCancelled
+from .errors import ExtractionFailed, InputError, JobCancelled, StoreCorrupted
 
 
 def _summary(ext, seconds_note: str = "") -> str:
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     res = sub.add_parser("resume", help="continue a failed/cancelled/interrupted extraction")
     res.add_argument("id")
     res.add_argument("--batch-size", type=int, default=None)
+    ver = sub.add_parser("verify", help="check every chunk and the metadata of a store (exit 1 when damaged)")
+    ver.add_argument("id")
+    ver.add_argument("--workspace", default=argparse.SUPPRESS, help="workspace folder (as above)")
 
     args = parser.parse_args(argv)
     from . import api
@@ -128,6 +131,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{job.id}: {job.status}" + (f" [{job.error['error_type']}] {job.error['error_message']}"
                                                  if job.error else ""))
             return 0 if job.status == "COMPLETED" else 1
+        elif args.command == "verify":
+            from .integrity import verify
+
+            ws = Workspace(args.workspace)
+            try:
+                ws.store(args.id)  # a bad id is an InputError (exit 2); damage is for verify to report
+            except StoreCorrupted:
+                pass
+            report = verify(ws.path_of(args.id), ws.storage_options if ws.remote else None)
+            print(report)
+            return 0 if report.ok else 1
     except KeyboardInterrupt as exc:
         print(f"interrupted: {exc}" if str(exc) else "interrupted: what was saved is kept; `mistudio jobs` lists it "
               "and `mistudio resume <id>` continues it", file=sys.stderr)

@@ -76,6 +76,18 @@ def disk_full_message(where: str, free: int | None, needed: int | None, what: st
             "resume the job: it continues from what was saved.")
 
 
+class StoreCorrupted(MistudioError):
+    """Part of a store is damaged or missing: names the store, the array, the chunk and the file."""
+
+    def __init__(self, location: str, what: str, array: str | None = None, chunk: tuple | None = None,
+                 file: str | None = None):
+        self.location, self.array, self.chunk, self.file, self.what = location, array, chunk, file, what
+        where = "".join([f" array {array}" if array else "", f" chunk {chunk}" if chunk is not None else "",
+                         f" (file {file})" if file else ""])
+        super().__init__(f"store {location} is damaged:{where}: {what}. Run `mistudio verify <id>` for a full "
+                         "report; re-extract (retry) to repair it")
+
+
 class ExtractionFailed(MistudioError):
     """``ms.extract`` ran a job that ended FAILED; carries the job's error record."""
 

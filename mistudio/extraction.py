@@ -4,9 +4,9 @@ from __future__ import annotations
 from functools import cached_property
 
 import numpy as np
-import zarr
 
-from .errors import InputError
+from .errors import InputError, StoreCorrupted
+from .integrity import DECODE_ERRORS, CheckedArray, VerifyReport, verify
 from .store import ExtractionStore
 
 
@@ -23,7 +23,13 @@ class Extraction:
     @property
     def metadata(self) -> dict:
         """The store's ``attrs['mistudio']``, read fresh."""
-        return self.store.refresh()
+        try:
+            return self.store.refresh()
+        except FileNotFoundError:
+            raise
+        except DECODE_ERRORS as exc:
+            raise StoreCorrupted(self.location, f"its group metadata cannot be read ({type(exc).__name__}: {exc})",
+                                 file=f"{self.location.rstrip('/')}/zarr.json") from exc
 
     @property
     def id(self) -> str:
@@ -50,11 +56,22 @@ class Extraction:
     def n_tokens(self) -> int:
         return int(self.store.meta.get("progress", {}).get("tokens_total", 0))
 
-    def activations(self, hook_point: str) -> zarr.Array:
-        """The Zarr array ``(n_tokens, d)`` of one hook point, in stored order (lazy)."""
+    def activations(self, hook_point: str) -> CheckedArray:
+        """The array ``(n_tokens, d)`` of one hook point, in stored order (lazy, read-only, checked).
+
+        Slice it like a Zarr array; a missing or damaged chunk below the commit mark raises
+        ``StoreCorrupted``. ``.zarr`` is the raw Zarr array (for xarray/dask)."""
+        return self._checked(hook_point, self.committed_tokens())
+
+    def _checked(self, hook_point: str, mark: int) -> CheckedArray:
         if hook_point not in self.hook_points:
             raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {self.hook_points}")
-        return self.store.activations(hook_point)
+        return CheckedArray(self.store.activations(hook_point), self.location, mark)
+
+    def verify(self) -> VerifyReport:
+        """Scan the store (every chunk below the commit mark decoded, checksums checked, metadata
+        consistent) without changing it; ``report.ok`` and ``print(report)``."""
+        return verify(self.location, self.store.storage_options)
 
     @cached_property
     def sample_index(self) -> np.ndarray:
@@ -104,7 +121,7 @@ class Extraction:
     def sample_tokens(self, row: int) -> list[str]:
         """A dataset row's tokens as strings, as the model's tokenizer names them."""
         start, stop = self.token_range(row)
-        return self._token_strings(self.store.group["tokens/input_ids"][start:stop])
+        return self._token_strings(self.store.tokens("input_ids")[start:stop])
 
     def _token_strings(self, ids: np.ndarray) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
@@ -112,11 +129,11 @@ class Extraction:
     def sample(self, row: int, hook_points: list[str] | None = None, tokens: bool = True) -> dict:
         """One dataset row: ``input_ids``, ``tokens`` (strings), ``activations`` {hook point: (len, d)}."""
         start, stop = self.token_range(row)
-        input_ids = self.store.group["tokens/input_ids"][start:stop]
+        input_ids = self.store.tokens("input_ids")[start:stop]
         out = {
             "row": int(row),
             "input_ids": input_ids,
-            "activations": {hp: self.activations(hp)[start:stop] for hp in (hook_points or self.hook_points)},
+            "activations": {hp: self._checked(hp, stop)[start:stop] for hp in (hook_points or self.hook_points)},
         }
         out["tokens"] = self._token_strings(input_ids) if tokens else None
         return out
@@ -132,4 +149,4 @@ class Extraction:
         """One hook point as a lazy dask array."""
         import dask.array as da
 
-        return da.from_zarr(self.activations(hook_point))
+        return da.from_zarr(self.activations(hook_point).zarr)

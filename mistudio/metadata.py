@@ -101,6 +101,7 @@ class ExtractionMeta(_Section):
     attempts: list[dict] = Field(default_factory=list)
     resumes: list[dict] = Field(default_factory=list)
     statistics: dict[str, dict] = Field(default_factory=dict)
+    storage: dict = Field(default_factory=dict)  # how arrays are stored: {"checksum": bool}
 
     @property
     def live(self) -> bool:

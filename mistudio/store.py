@@ -10,10 +10,12 @@ from collections import deque
 from typing import Any
 
 import numpy as np
+import pydantic
 import zarr
 
 from . import metadata
-from .errors import MistudioError, StoreLost
+from .errors import MistudioError, StoreCorrupted, StoreLost
+from .integrity import DECODE_ERRORS, CheckedArray
 from .metadata import ExtractionMeta
 
 
@@ -21,6 +23,18 @@ def chunk_rows(width: int, itemsize: int, chunk_mb: float) -> int:
     """Rows per chunk so that a chunk holds about ``chunk_mb`` MB, a multiple of 64 rows."""
     rows = int(chunk_mb * 2**20 / max(1, width * itemsize))
     return max(64, rows // 64 * 64)
+
+
+def array_codecs(checksum: bool) -> dict:
+    """How every array's chunks are encoded (``create_array`` keywords): raw bytes, plus a crc32c
+    checksum per chunk unless ``checksum`` is False. The one place that chooses codecs."""
+    from zarr.codecs import Crc32cCodec
+
+    return {"compressors": [Crc32cCodec()] if checksum else None}
+
+
+# an all-zero chunk is still written, so that a missing chunk always means damage
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 class ExtractionStore:
@@ -31,12 +45,13 @@ class ExtractionStore:
     object opened (same nonce), so a deleted or replaced store fails the job instead of being recreated.
     """
 
-    def __init__(self, location: str, group: zarr.Group, storage_options: dict | None = None):
+    def __init__(self, location: str, group: zarr.Group, storage_options: dict | None = None,
+                 record: ExtractionMeta | None = None):
         self.location = location
         self.group = group
         self.storage_options = storage_options
         self._lock = threading.RLock()
-        self._record = metadata.parse(group.attrs.get("mistudio"))
+        self._record = record or metadata.parse(group.attrs.get("mistudio"))
         self.guarded = False
 
     @classmethod
@@ -65,11 +80,27 @@ class ExtractionStore:
 
     @classmethod
     def open(cls, location: str, storage_options: dict | None = None, writable: bool = False) -> "ExtractionStore":
-        group = zarr.open_group(store=location, mode="r+" if writable else "r", storage_options=storage_options,
-                                use_consolidated=False)
-        if "mistudio" not in group.attrs:
+        """Open an existing store; damaged group metadata raises :class:`StoreCorrupted` naming the file."""
+        file = f"{location.rstrip('/')}/zarr.json"
+        try:
+            group = zarr.open_group(store=location, mode="r+" if writable else "r", storage_options=storage_options,
+                                    use_consolidated=False)
+            meta = group.attrs.get("mistudio")
+        except FileNotFoundError:
+            raise
+        except DECODE_ERRORS as exc:
+            raise StoreCorrupted(location, f"its group metadata cannot be read ({type(exc).__name__}: {exc})",
+                                 file=file) from exc
+        if meta is None:
             raise ValueError(f"{location} is a Zarr group but not a mistudio extraction (no 'mistudio' attributes)")
-        return cls(location, group, storage_options)
+        if not isinstance(meta, dict):
+            raise StoreCorrupted(location, "attrs['mistudio'] is not a mapping", file=file)
+        try:
+            record = metadata.parse(meta)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            raise StoreCorrupted(location, f"attrs['mistudio'] is not valid metadata ({problems})", file=file) from exc
+        return cls(location, group, storage_options, record)
 
     @property
     def name(self) -> str:
@@ -128,8 +159,13 @@ class ExtractionStore:
         return "tokens" in self.group and "sample_offsets" in self.group["tokens"]
 
     def allocate(self, ids: list[np.ndarray], rows: np.ndarray, hook_dims: dict[str, int], dtype: str,
-                 chunk_mb: float) -> None:
-        """Create every array, sized now, and write the token plan (ids, offsets, rows) in stored order."""
+                 chunk_mb: float, checksum: bool | None = None) -> None:
+        """Create every array, sized now, and write the token plan (ids, offsets, rows) in stored order.
+
+        ``checksum`` (default: the ``checksum`` parameter of the metadata, else True) adds a crc32c per chunk."""
+        if checksum is None:
+            checksum = bool(self._record.params.get("checksum", True))
+        codecs = array_codecs(checksum)
         lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         n_tokens = int(offsets[-1])
@@ -138,29 +174,47 @@ class ExtractionStore:
         for name, data in (("input_ids", flat), ("sample_offsets", offsets), ("sample_index", rows.astype(np.int64))):
             arr = tokens.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(max(1, min(len(data), 2**20)),),
                                       dimension_names=("token",) if name == "input_ids" else ("sample",),
-                                      compressors=None, overwrite=True)
+                                      config=WRITE_CONFIG, overwrite=True, **codecs)
             arr[:] = data
         acts = self.group.require_group("activations")
         itemsize = np.dtype(dtype).itemsize
         rows_per_chunk = chunk_rows(max(hook_dims.values()), itemsize, chunk_mb)
         for hook_point, width in hook_dims.items():
             acts.create_array(hook_point, shape=(n_tokens, width), chunks=(rows_per_chunk, width), dtype=dtype,
-                              fill_value=0, dimension_names=("token", "feature"), compressors=None, overwrite=True)
+                              fill_value=0, dimension_names=("token", "feature"), overwrite=True, **codecs)
         self.update(progress={"samples_total": len(ids), "tokens_total": n_tokens, "samples_committed": 0,
                               "tokens_committed": 0, "chunk_rows": rows_per_chunk},
-                    hook_points=list(hook_dims))
+                    hook_points=list(hook_dims), storage={"checksum": checksum})
+
+    def array(self, path: str) -> zarr.Array:
+        """The raw Zarr array at ``path`` (``tokens/input_ids``), set up for writing; a missing array or
+        damaged ``zarr.json`` raises :class:`StoreCorrupted` naming the file."""
+        file = f"{self.location.rstrip('/')}/{path}/zarr.json"
+        try:
+            return self.group[path].with_config(WRITE_CONFIG)
+        except (KeyError, FileNotFoundError) as exc:
+            raise StoreCorrupted(self.location, "the array is missing", path, file=file) from exc
+        except DECODE_ERRORS as exc:
+            raise StoreCorrupted(self.location, f"its metadata cannot be read ({type(exc).__name__}: {exc})", path,
+                                 file=file) from exc
+
+    def tokens(self, name: str) -> CheckedArray:
+        """A checked read-only view of ``tokens/<name>`` (written in full at allocation)."""
+        arr = self.array(f"tokens/{name}")
+        return CheckedArray(arr, self.location, arr.shape[0])
 
     def input_ids(self) -> np.ndarray:
-        return self.group["tokens/input_ids"][:]
+        return self.tokens("input_ids")[:]
 
     def sample_offsets(self) -> np.ndarray:
-        return self.group["tokens/sample_offsets"][:]
+        return self.tokens("sample_offsets")[:]
 
     def sample_index(self) -> np.ndarray:
-        return self.group["tokens/sample_index"][:]
+        return self.tokens("sample_index")[:]
 
     def activations(self, hook_point: str) -> zarr.Array:
-        return self.group[f"activations/{hook_point}"]
+        """The raw (writable, unchecked) Zarr array of one hook point; readers use ``Extraction.activations``."""
+        return self.array(f"activations/{hook_point}")
 
     def consolidate(self) -> None:
         """Write consolidated metadata once, at the end, for fast `xarray.open_zarr`."""

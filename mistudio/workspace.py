@@ -22,6 +22,7 @@ import pandas as pd
 
 from .errors import DiskFull, InputError, StoreBusy, disk_full_cause, disk_full_message, human_bytes
 from .extraction import Extraction
+from .integrity import quick_check
 from .jobs import Job, Observable
 from .liveness import heartbeat, live_owner
 from .metadata import FORMAT_VERSION, ExtractionMeta, Status, new_nonce, now
@@ -217,7 +218,12 @@ class Workspace(Observable):
                     "created_at": self._mtime(location)}
         progress = meta.progress
         problem = "" if meta.id == name else f"its metadata names it {meta.id!r} (copied or renamed store)"
-        return {**base, "status": meta.status.value, "problem": problem, "nonce": meta.nonce,
+        damaged = False
+        if not self.remote and not meta.live:  # present chunks below the mark: a file check each, no decoding
+            report = quick_check(location)
+            if not report.ok:
+                damaged, problem = True, f"{len(report.problems)} problem(s), first: {report.problems[0]}"
+        return {**base, "status": meta.status.value, "problem": problem, "nonce": meta.nonce, "damaged": damaged,
                 "error": meta.error.error_type if meta.error else "",
                 "message": meta.error.error_message if meta.error else "",
                 "model": _model_label(str(meta.model.get("name_or_path", ""))),

@@ -1,0 +1,187 @@
+"""Store integrity on real stores: checksums, missing/damaged chunks and metadata, verify() and the CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mistudio as ms
+from mistudio.cli import main as cli
+from mistudio.errors import StoreCorrupted
+from mistudio.integrity import CheckedArray, quick_check, verify
+
+from conftest import TEXTS
+
+HP = "layers.1.residual"
+ARRAY = f"activations/{HP}"
+BASE = dict(layers=[0, 1], hooks=["residual", "mlp"], batch_size=2, dtype="float32", chunk_mb=0.01)
+DATA = TEXTS * 4  # several 64-row chunks
+
+
+@pytest.fixture(scope="module")
+def made(gpt2_dir, tmp_path_factory):
+    """One completed store (checksums on) and its values, copied by each test that damages it."""
+    ws = str(tmp_path_factory.mktemp("integrity") / "ws")
+    ext = ms.extract(gpt2_dir, DATA, workspace=ws, progress=False, **BASE)
+    assert ext.activations(HP).chunks[0] == 64 and ext.n_tokens > 4 * 64
+    return ws, ext.id, {hp: ext.activations(hp)[:] for hp in ext.hook_points}
+
+
+@pytest.fixture
+def copy(made, tmp_path):
+    """(workspace, id, store folder, reference values) of a fresh copy of the completed store."""
+    ws, ext_id, ref = made
+    shutil.copytree(ws, tmp_path / "ws")
+    return str(tmp_path / "ws"), ext_id, tmp_path / "ws" / "extractions" / f"{ext_id}.zarr", ref
+
+
+def chunk_file(store: Path, array: str, index: int) -> Path:
+    return store / array / "c" / str(index) / "0" if array.startswith("activations") else store / array / "c" / "0"
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "flip":
+        data[len(data) // 3] ^= 0x10
+        path.write_bytes(bytes(data))
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = cli(list(args))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_clean_store_verifies_and_checked_reads_equal_raw(copy, capsys):
+    ws, ext_id, store, ref = copy
+    ext = ms.open_extraction(ext_id, workspace=ws)
+    report = ext.verify()
+    assert report.ok and report.checksums is True and not report.problems, str(report)
+    n_units = sum(-(-ext.n_tokens // 64) for _ in ext.hook_points) + 3  # + one chunk per token array
+    assert report.chunks_checked == n_units and report.bytes_checked > ref[HP].nbytes
+    assert "OK" in str(report) and ext.metadata["storage"] == {"checksum": True}
+    a = ext.activations(HP)
+    assert isinstance(a, CheckedArray) and a.shape == ref[HP].shape and a.dtype == np.float32 and len(a) == a.shape[0]
+    assert a.metadata.dimension_names == ("token", "feature") and a.zarr.shape == a.shape
+    idx = np.array([200, 3, 3, 70])
+    for got, want in [(a[10:150], ref[HP][10:150]), (a[10:150, 5], ref[HP][10:150, 5]), (a[:, 7], ref[HP][:, 7]),
+                      (a[idx], ref[HP][idx]), (a[-1], ref[HP][-1]), (np.asarray(a), ref[HP])]:
+        np.testing.assert_array_equal(got, want)
+    assert quick_check(ext.store).ok
+    assert run_cli(capsys, "verify", ext_id, "--workspace", ws)[0] == 0
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate", "flip"])
+def test_damaged_chunk_is_named_by_verify_reads_and_cli(copy, capsys, how):
+    ws, ext_id, store, ref = copy
+    damage(chunk_file(store, ARRAY, 2), how)
+    ext = ms.open_extraction(ext_id, workspace=ws)
+    report = ext.verify()
+    assert not report.ok and len(report.problems) == 1, str(report)
+    problem = report.problems[0]
+    assert (problem.array, problem.chunk) == (ARRAY, (2, 0)) and problem.file.endswith(f"{ARRAY}/c/2/0")
+    a = ext.activations(HP)
+    for read in (lambda: a[130:140], lambda: a[:, 3], lambda: a[np.array([5, 150])], lambda: np.asarray(a)):
+        with pytest.raises(StoreCorrupted, match=rf"{ARRAY} chunk \(2, 0\)") as info:
+            read()
+        assert info.value.location == ext.location and info.value.chunk == (2, 0)
+    np.testing.assert_array_equal(a[:128], ref[HP][:128])  # other chunks still read
+    row = int(ext.sample_index[np.searchsorted(ext.sample_offsets, 140, side="right") - 1])
+    with pytest.raises(StoreCorrupted):
+        ext.sample(row, tokens=False)
+    code, out = run_cli(capsys, "verify", ext_id, "--workspace", ws)
+    assert code == 1 and ARRAY in out and "chunk (2, 0)" in out and "DAMAGED" in out
+    assert quick_check(ext.store).ok is (how != "delete")  # presence only: no decoding
+
+
+def test_damaged_token_chunk(copy):
+    ws, ext_id, store, _ = copy
+    damage(chunk_file(store, "tokens/input_ids", 0), "delete")
+    ext = ms.open_extraction(ext_id, workspace=ws)
+    with pytest.raises(StoreCorrupted, match="tokens/input_ids chunk"):
+        ext.store.input_ids()
+    assert [p.array for p in ext.verify().problems] == ["tokens/input_ids"]
+
+
+def test_damaged_array_metadata(copy, capsys):
+    ws, ext_id, store, _ = copy
+    ext = ms.open_extraction(ext_id, workspace=ws)
+    (store / ARRAY / "zarr.json").write_text('{"zarr_format": 3, "shape": [')
+    report = ext.verify()
+    assert [(p.array, p.file) for p in report.problems] == [(ARRAY, f"{ext.location}/{ARRAY}/zarr.json")]
+    with pytest.raises(StoreCorrupted, match=f"{ARRAY}.*zarr.json"):
+        ext.activations(HP)
+    code, out = run_cli(capsys, "verify", ext_id, "--workspace", ws)
+    assert code == 1 and f"{ARRAY}/zarr.json" in out
+
+
+def test_damaged_group_metadata(copy, capsys):
+    ws, ext_id, store, _ = copy
+    ext = ms.open_extraction(ext_id, workspace=ws)
+    meta = json.loads((store / "zarr.json").read_text())
+    (store / "zarr.json").write_text(json.dumps(meta)[:200])
+    with pytest.raises(StoreCorrupted, match="zarr.json"):
+        ms.Workspace(ws).open(ext_id)
+    with pytest.raises(StoreCorrupted, match="zarr.json"):
+        ext.metadata  # an extraction opened before the damage
+    report = verify(str(store))
+    assert not report.ok and report.problems[0].file.endswith(f"{ext_id}.zarr/zarr.json")
+    code, out = run_cli(capsys, "verify", ext_id, "--workspace", ws)
+    assert code == 1 and "zarr.json" in out
+    assert run_cli(capsys, "verify", "no-such-id", "--workspace", ws)[0] == 2
+
+
+def test_without_checksums_reads_the_same(gpt2_dir, workspace, made):
+    ext = ms.extract(gpt2_dir, DATA, workspace=workspace, progress=False, checksum=False, **BASE)
+    assert ext.metadata["storage"] == {"checksum": False} and ext.metadata["params"]["checksum"] is False
+    assert not ext.activations(HP).zarr.compressors
+    report = ext.verify()
+    assert report.ok and report.checksums is False and "no checksums" in str(report)
+    for hp, want in made[2].items():
+        np.testing.assert_array_equal(ext.activations(hp)[:], want)
+    store = Path(ext.location)
+    damage(chunk_file(store, ARRAY, 1), "truncate")  # a truncated chunk is caught even without checksums
+    assert [p.chunk for p in ext.verify().problems] == [(1, 0)]
+    with pytest.raises(StoreCorrupted):
+        ext.activations(HP)[64:70]
+
+
+def test_in_progress_store_is_checked_below_its_mark_only(gpt2_dir, workspace):
+    def fail_at(index: int, batch: int) -> None:
+        if index == 6:
+            raise RuntimeError("stop here")
+
+    job = ms.Workspace(workspace).submit(gpt2_dir, DATA, before_batch=fail_at, **BASE)
+    assert job.wait(60).status == "FAILED"
+    ext = job.extraction()
+    mark = ext.metadata["progress"]["tokens_committed"]
+    assert 64 < mark < ext.n_tokens - 128, "the mark should leave chunks above it"
+    report = ext.verify()
+    assert report.ok and report.commit_mark == mark, str(report)
+    store = Path(ext.location)
+    above = chunk_file(store, ARRAY, -(-mark // 64))
+    assert not above.exists()  # never written: not a problem
+    ext.activations(HP)[mark:]  # uncommitted rows read as Zarr gives them
+    damage(chunk_file(store, ARRAY, 0), "delete")
+    assert [(p.array, p.chunk) for p in ext.verify().problems] == [(ARRAY, (0, 0))]
+    assert not quick_check(ext.location).ok
+
+
+def test_incoherent_metadata_and_missing_array(copy):
+    ws, ext_id, store, _ = copy
+    ext = ms.open_extraction(ext_id, workspace=ws)
+    n = ext.n_samples
+    ms.Workspace(ws).store(ext_id, writable=True).update(progress={"samples_committed": n - 1})
+    shutil.rmtree(store / "activations" / "layers.0.mlp")
+    text = str(ext.verify())
+    assert f"COMPLETED but only {n - 1} of {n} samples" in text and "not at tokens_committed" in text
+    assert "activations/layers.0.mlp (activations/layers.0.mlp/zarr.json): the array is missing" in text
+    with pytest.raises(StoreCorrupted, match="layers.0.mlp.*missing"):
+        ext.activations("layers.0.mlp")
