@@ -7,6 +7,7 @@ import numpy as np
 
 from .errors import InputError, StoreCorrupted
 from .integrity import DECODE_ERRORS, CheckedArray, VerifyReport, verify
+from .metadata import ExtractionMeta
 from .store import ExtractionStore
 
 
@@ -23,8 +24,14 @@ class Extraction:
     @property
     def metadata(self) -> dict:
         """The store's ``attrs['mistudio']``, read fresh."""
+        return self.record.to_json()
+
+    @property
+    def record(self) -> ExtractionMeta:
+        """The metadata as typed models (status, progress, error, lineage ...), read fresh."""
         try:
-            return self.store.refresh()
+            self.store.refresh()
+            return self.store.record
         except FileNotFoundError:
             raise
         except DECODE_ERRORS as exc:
@@ -33,7 +40,8 @@ class Extraction:
 
     @property
     def id(self) -> str:
-        return self.store.meta["id"]
+        """The store's id in its workspace (its folder name)."""
+        return self.store.name
 
     @property
     def location(self) -> str:
@@ -41,20 +49,20 @@ class Extraction:
 
     @property
     def status(self) -> str:
-        return self.metadata["status"]
+        return self.record.status
 
     @property
     def hook_points(self) -> list[str]:
-        return list(self.store.meta.get("hook_points", []))
+        return list(self.store.record.hook_points)
 
     @property
     def n_samples(self) -> int:
         """Samples in the extraction's plan (all of them once COMPLETED; see ``metadata['progress']``)."""
-        return int(self.store.meta.get("progress", {}).get("samples_total", 0))
+        return int(self.store.record.progress.samples_total or 0)
 
     @property
     def n_tokens(self) -> int:
-        return int(self.store.meta.get("progress", {}).get("tokens_total", 0))
+        return int(self.store.record.progress.tokens_total or 0)
 
     def activations(self, hook_point: str) -> CheckedArray:
         """The array ``(n_tokens, d)`` of one hook point, in stored order (lazy, read-only, checked).
@@ -92,7 +100,7 @@ class Extraction:
         """The tokenizer of the model the extraction was made with (loaded on first use)."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.store.meta["model"]["name_or_path"])
+        return AutoTokenizer.from_pretrained(self.store.record.model["name_or_path"])
 
     def rows(self) -> np.ndarray:
         """Dataset rows present in the extraction, ascending."""
@@ -106,17 +114,16 @@ class Extraction:
             raise InputError(f"dataset row {row} is not in extraction {self.id}: it holds {len(rows)} rows "
                              f"({int(rows.min())}..{int(rows.max())}, empty and skipped rows excluded); "
                              "see ext.rows()")
-        committed = int(self.store.meta.get("progress", {}).get("samples_committed", 0))
-        if pos >= committed and self.status != "COMPLETED":
+        record = self.record
+        committed = record.progress.samples_committed
+        if pos >= committed and record.status != "COMPLETED":
             raise InputError(f"dataset row {row} has not been extracted yet ({committed} of {self.n_samples} samples "
-                             f"are saved, status {self.status}): resume the job to extract it")
+                             f"are saved, status {record.status}): resume the job to extract it")
         return int(self.sample_offsets[pos]), int(self.sample_offsets[pos + 1])
 
     def committed_tokens(self) -> int:
         """Tokens whose activations are final (all of them once COMPLETED)."""
-        if self.status == "COMPLETED":
-            return self.n_tokens
-        return int(self.store.meta.get("progress", {}).get("tokens_committed", 0))
+        return self.record.committed_tokens()
 
     def sample_tokens(self, row: int) -> list[str]:
         """A dataset row's tokens as strings, as the model's tokenizer names them."""

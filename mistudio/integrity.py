@@ -19,6 +19,7 @@ from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
 from .errors import StoreCorrupted
+from .metadata import END_STATES, LIVE_STATES
 
 TOKEN_ARRAYS = ("input_ids", "sample_offsets", "sample_index")
 # errors a damaged chunk or metadata file raises while decoding (codecs, numpy, JSON); not IndexError
@@ -232,13 +233,11 @@ class _Scan:
         return self.report
 
     def check(self, group: zarr.Group, meta: dict, group_file: str) -> None:
-        from .store import END_STATES, LIVE_STATES
-
         status, progress = meta.get("status"), meta.get("progress", {})
         self.report.status, self.report.commit_mark = status, commit_mark(meta)
         if status not in LIVE_STATES + END_STATES:
             self.problem(f"unknown status {status!r}", file=group_file)
-        if "tokens_total" not in progress:
+        if progress.get("tokens_total") is None:
             if status == "COMPLETED":
                 self.problem("status is COMPLETED but no arrays were ever allocated", file=group_file)
             return
