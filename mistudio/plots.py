@@ -3,35 +3,57 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from .extraction import Extraction
 
 DEFAULT_SCAN_TOKENS = 2_000_000
+WIDTH = 9.0  # inches: every figure the same width, so they show at one scale
+LABEL_CHARS = 48
 
 
 def _clean(token: str) -> str:
     return token.replace("Ġ", "·").replace("▁", "·").replace("Ċ", "\\n")
 
 
+def feature_window(feature: int | None, d: int, size: int = 64) -> slice:
+    """``size`` consecutive features around ``feature`` (from 0 when none is chosen), inside ``0..d-1``."""
+    size = min(size, d)
+    start = 0 if feature is None else min(max(0, int(feature) - size // 2), d - size)
+    return slice(start, start + size)
+
+
 def heatmap(ext: Extraction, row: int, hook_point: str, features: slice | None = None,
-            max_features: int = 64) -> Figure:
-    """Token × feature heatmap of one dataset row (tokens as labels); the first ``max_features`` by default."""
+            max_features: int = 64, feature: int | None = None) -> Figure:
+    """Token × feature heatmap of one dataset row (tokens as labels): a window of ``max_features`` features
+    around ``feature`` (which is outlined), named in the title with the hook point's feature count."""
     start, stop = ext.token_range(row)
-    features = features or slice(0, max_features)
-    values = np.asarray(ext.activations(hook_point)[start:stop, features], dtype=np.float32)
+    arr = ext.activations(hook_point)
+    d = int(arr.shape[1])
+    features = features or feature_window(feature, d, max_features)
+    first, last = features.start or 0, min(features.stop, d) - 1
+    values = np.asarray(arr[start:stop, features], dtype=np.float32)
     tokens = [_clean(t) for t in ext.sample_tokens(row)]
-    fig = Figure(figsize=(min(14, 2 + values.shape[1] * 0.16), min(12, 1.5 + len(tokens) * 0.22)))
+    fig = Figure(figsize=(WIDTH, min(10.0, 1.8 + len(tokens) * 0.2)), layout="constrained")
     ax = fig.add_subplot()
     limit = float(np.abs(values).max()) or 1.0
     image = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
     ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
-    first = features.start or 0
     ticks = list(range(0, values.shape[1], max(1, values.shape[1] // 16)))
+    if feature is not None and first <= feature <= last and feature - first not in ticks:
+        ticks = sorted(ticks + [feature - first])
     ax.set_xticks(ticks, [str(first + t) for t in ticks], fontsize=7)
-    ax.set_xlabel("feature")
-    ax.set_title(f"{hook_point} — row {row}", fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.03)
-    fig.tight_layout()
+    if feature is not None and first <= feature <= last:
+        col = feature - first
+        ax.add_patch(Rectangle((col - 0.5, -0.5), 1, len(tokens), fill=False, edgecolor="black", linewidth=1.6))
+        for label in ax.get_xticklabels():
+            if label.get_text() == str(feature):
+                label.set_fontweight("bold")
+    ax.set_xlabel(f"feature ({first}–{last} of {d})")
+    ax.set_ylabel("token")
+    chosen = f", feature {feature} outlined" if feature is not None else ""
+    ax.set_title(f"{hook_point} — row {row}: features {first}–{last} of {d}{chosen}", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01).set_label("activation", fontsize=8)
     return fig
 
 
@@ -40,16 +62,15 @@ def layer_norms(ext: Extraction, row: int, kind: str = "residual") -> Figure:
     start, stop = ext.token_range(row)
     points = [hp for hp in ext.hook_points if hp.endswith("." + kind)]
     tokens = [_clean(t) for t in ext.sample_tokens(row)]
-    fig = Figure(figsize=(max(6, 0.25 * len(tokens)), 3.5))
+    fig = Figure(figsize=(WIDTH, 3.8), layout="constrained")
     ax = fig.add_subplot()
     for hp in points:
         values = np.asarray(ext.activations(hp)[start:stop], dtype=np.float32)
         ax.plot(np.linalg.norm(values, axis=1), marker=".", label=hp.split(".")[1])
-    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7 if len(tokens) < 60 else 5)
     ax.set_ylabel("L2 norm")
     ax.set_title(f"{kind} norm per layer — row {row}", fontsize=9)
     ax.legend(title="layer", fontsize=7, ncol=min(6, len(points)))
-    fig.tight_layout()
     return fig
 
 
@@ -69,15 +90,27 @@ def feature_histogram(ext: Extraction, hook_point: str, feature: int, bins: int 
                       max_tokens: int = DEFAULT_SCAN_TOKENS, values: np.ndarray | None = None) -> Figure:
     """Histogram of one feature over every stored token (``values``: a column already read)."""
     values = feature_column(ext, hook_point, feature, max_tokens) if values is None else values
-    fig = Figure(figsize=(6, 3.2))
+    fig = Figure(figsize=(WIDTH, 3.2), layout="constrained")
     ax = fig.add_subplot()
     ax.hist(values, bins=bins, color="#4C72B0")
     ax.set_yscale("log")
     ax.set_xlabel("activation")
     ax.set_ylabel("tokens")
-    ax.set_title(f"{hook_point} feature {feature} over {len(values)} tokens "
+    ax.set_title(f"{hook_point} feature {feature} over {len(values):,} tokens "
                  f"(mean {values.mean():.3g}, max {values.max():.3g})", fontsize=9)
-    fig.tight_layout()
+    return fig
+
+
+def histogram_from_counts(counts: np.ndarray, edges: np.ndarray, title: str) -> Figure:
+    """A histogram already counted (``analysis.feature_stats``' per-feature ``hist`` and ``edges``)."""
+    fig = Figure(figsize=(WIDTH, 3.0), layout="constrained")
+    ax = fig.add_subplot()
+    edges = np.asarray(edges, dtype=np.float64)
+    ax.stairs(np.asarray(counts, dtype=np.float64), edges, fill=True, color="#4C72B0")
+    ax.set_yscale("log")
+    ax.set_xlabel("activation")
+    ax.set_ylabel("tokens")
+    ax.set_title(title, fontsize=9)
     return fig
 
 
@@ -107,15 +140,23 @@ def top_tokens_figure(ext: Extraction, hook_point: str, feature: int, k: int = 1
                       top: list[dict] | None = None) -> Figure:
     """Bar chart of the top-k activating tokens of a feature (``top``: :func:`top_tokens`' list, if at hand)."""
     top = top_tokens(ext, hook_point, feature, k, context) if top is None else top
-    fig = Figure(figsize=(8, 0.8 + 0.3 * max(1, len(top))))
+    fig = Figure(figsize=(WIDTH, 1.0 + 0.28 * max(1, len(top))), layout="constrained")
     ax = fig.add_subplot()
     ax.barh(range(len(top)), [t["value"] for t in top], color="#DD8452")
-    ax.set_yticks(range(len(top)), [f"row {t['row']}: {t['context']}" for t in top], fontsize=7)
+    ax.set_yticks(range(len(top)), [f"row {t['row']}: {_short(t['context'])}" for t in top], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("activation")
     ax.set_title(f"top {len(top)} tokens of {hook_point} feature {feature}", fontsize=9)
-    fig.tight_layout()
     return fig
+
+
+def _short(label: str, chars: int = LABEL_CHARS) -> str:
+    """A tick label that fits: cut in the middle around the [[marked]] token when it is long."""
+    if len(label) <= chars:
+        return label
+    at = label.find("[[")
+    lo = max(0, min(at - chars // 2, len(label) - chars)) if at >= 0 else 0
+    return ("…" if lo else "") + label[lo:lo + chars] + ("…" if lo + chars < len(label) else "")
 
 
 def to_png(fig: Figure, dpi: int = 90) -> bytes:

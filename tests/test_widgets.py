@@ -1,6 +1,7 @@
 """The notebook panels driven without a browser: real widgets, real jobs, real stores."""
 from __future__ import annotations
 
+import html
 import threading
 import time
 
@@ -99,8 +100,9 @@ def test_failure_then_retry_with_suggested_batch(gpt2_dir, workspace):
     first.wait(60)
     wait_for(lambda: panel.failure_box.layout.display == "")
     assert "Out of memory" in panel.alert.value and "batch_size=4" in panel.alert.value
-    assert panel.retry_batch_size.value == 4  # the suggestion, editable
-    panel.retry_batch_size.value = 2
+    assert panel.batch_size.value == 4  # the suggestion, in the form, editable
+    assert panel.resume_button.layout.display == ""  # the first batch was saved: Resume is offered
+    panel.batch_size.value = 2
     panel.retry_button.click()
     second = panel.job
     assert second.id != first.id
@@ -121,7 +123,8 @@ def test_bad_input_shows_in_panel_not_traceback(gpt2_dir, workspace):
 def test_model_and_dataset_tabs(gpt2_dir, workspace, minilm_dir):
     studio = make_studio(workspace, minilm_dir)
     picker = studio.model_picker
-    assert minilm_dir in picker.choice.options
+    assert picker.choice.value == "all-MiniLM-L6-v2 (bundled)" and picker.name_or_path() == minilm_dir
+    assert "all-MiniLM-L6-v2 (bundled)" in picker.choice.options  # no machine path on screen
     details = picker.inspect()
     assert details["architecture"] == "BertModel" and details["n_layers"] == 6 and details["hidden_size"] == 384
     assert 20e6 < details["n_parameters"] < 25e6 and "parameters" in picker.info.value
@@ -158,15 +161,361 @@ def test_jobs_tab_actions_and_rebuild_after_restart(gpt2_dir, workspace, tmp_pat
     assert statuses[ghost.id] == ("FAILED", "INTERRUPTED")
     assert statuses[panel.job.id] == ("COMPLETED", "")
     html_cells = "".join(getattr(c, "value", "") for c in jobs.table.children)
+    assert rebuilt.interrupted == ghost.id and ghost.id in rebuilt.banner.value  # point 6: the banner
     assert "INTERRUPTED" in html_cells and "FAILED" in html_cells
     preview = jobs.preview_cleanup()
     assert [r["id"] for r in preview] == [ghost.id] and "Delete these" == jobs.confirm_button.description
     jobs.confirm_button.click()
     assert [r["id"] for r in jobs.rows] == [panel.job.id]
     # per-row Retry on the completed one starts a linked job and shows it in the Extract tab
-    row_buttons = jobs.table.children[-1].children
-    retry = next(b for b in row_buttons if b.description == "Retry")
-    retry.click()
+    jobs.cells[panel.job.id]["buttons"]["Retry"].click()
     new = rebuilt.extraction_panel.job
     assert new is not None and new.meta["retry_of"] == panel.job.id
     new.wait(60)
+
+
+# -- issue 11, "Studio, round 2" -------------------------------------------------------------------
+def broken_model(gpt2_dir, tmp_path):
+    """A folder whose config reads but whose weights do not exist: the job fails while LOADING."""
+    import shutil
+    from pathlib import Path
+
+    folder = tmp_path / "broken-model"
+    folder.mkdir()
+    for f in Path(gpt2_dir).iterdir():
+        if not f.name.startswith("model") and not f.name.endswith(".safetensors") and not f.name.endswith(".bin"):
+            shutil.copy(f, folder / f.name)
+    return str(folder)
+
+
+def cells_text(jobs) -> str:
+    return "".join(getattr(c, "value", "") for c in jobs.table.children)
+
+
+def test_point1_retry_takes_the_corrected_form(gpt2_dir, workspace, tmp_path):
+    bad = broken_model(gpt2_dir, tmp_path)
+    studio = make_studio(workspace, bad)
+    panel = studio.extraction_panel
+    panel.layers.value = (1,)
+    panel.launch_button.click()
+    first = panel.job
+    first.wait(60)
+    wait_for(lambda: panel.failure_box.layout.display == "")
+    assert first.status == "FAILED"
+    assert studio.model_picker.name_or_path() == bad  # prefilled from the failed job
+    assert panel.resume_button.layout.display == "none"  # nothing saved: Resume cannot succeed
+    assert panel.retry_button.button_style != "danger" and "form" in panel.retry_button.tooltip
+    studio.model_picker.set_model(gpt2_dir)  # fix it in the Model tab
+    panel.retry_button.click()
+    second = panel.job
+    assert second.id != first.id
+    second.wait(60)
+    assert second.status == "COMPLETED"
+    assert second.meta["model"]["name_or_path"] == gpt2_dir and second.meta["retry_of"] == first.id
+    assert second.meta["params"]["layers"] == [1]
+
+
+def test_point1_failures_before_a_job_create_nothing(gpt2_dir, workspace):
+    studio = make_studio(workspace, "/no/such/model")
+    panel = studio.extraction_panel
+    assert panel.layers.options == ()  # nothing to choose: the model cannot be read
+    assert panel.launch() is None
+    assert "does not exist" in panel.alert.value and "layers is empty" not in panel.alert.value
+    assert "No extraction was created" in panel.alert.value
+    assert ms.Workspace(workspace).extractions().empty  # no store
+    assert panel.job is None and panel.resume_button.layout.display == "none"
+    # fix the model, Retry launches the form as it is now
+    studio.model_picker.set_model(gpt2_dir)
+    panel.retry_button.click()
+    job = panel.job
+    job.wait(60)
+    assert job.status == "COMPLETED" and job.meta["model"]["name_or_path"] == gpt2_dir
+    # a later dataset error resets the target: Retry/Resume no longer point at the previous job
+    studio.dataset_picker.source.value = "file"
+    studio.dataset_picker.path.value = "/no/such/data.jsonl"
+    assert panel.launch() is None
+    assert panel.job is None and "does not exist" in panel.alert.value
+    assert panel.resume_button.layout.display == "none"
+
+
+def test_point1_resume_only_where_it_can_succeed():
+    from types import SimpleNamespace
+
+    from mistudio.widgets.extraction_panel import resumable
+
+    def job(status, **error):
+        return SimpleNamespace(status=status, error=error or None)
+
+    assert resumable(job("CANCELLED"))
+    assert resumable(job("FAILED", error_type="INTERRUPTED", resume_available=True))
+    assert not resumable(job("FAILED", error_type="VALIDATION", resume_available=True))
+    assert not resumable(job("FAILED", error_type="OOM", resume_available=False))
+    assert not resumable(None)
+
+
+def test_point1_every_callback_error_shows_in_its_panel(gpt2_dir, workspace, monkeypatch):
+    studio = make_studio(workspace, gpt2_dir)
+    jobs, browser = studio.jobs_panel, studio.browser
+
+    def boom(*a, **k):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(studio.workspace, "extractions", boom)
+    jobs.refresh_button.click()  # no exception escapes: it shows in the Jobs panel
+    assert "disk went away" in jobs.message.value and "OSError" in jobs.message.value
+    browser.refresh_button.click()
+    assert "disk went away" in browser.info.value
+    monkeypatch.setattr(studio.model_picker, "inspect", boom)
+    studio.model_picker.inspect_button.click()
+    assert "disk went away" in studio.model_picker.info.value
+
+
+def test_point2_browse_after_cleanup_removed_its_store(gpt2_dir, workspace):
+    reached, release = threading.Event(), threading.Event()
+
+    def gate(index, _):
+        if index == 2:
+            reached.set()
+            release.wait(30)
+
+    studio = make_studio(workspace, gpt2_dir, before_batch=gate)
+    panel = studio.extraction_panel
+    panel.batch_size.value = 4
+    panel.launch_button.click()
+    assert reached.wait(60)
+    panel.cancel_button.click()
+    release.set()
+    panel.job.wait(60)
+    cancelled = panel.job.id
+    studio.selected_index = 4
+    assert studio.browser.extraction.value == cancelled  # it holds data: listed
+    studio.selected_index = 3
+    studio.jobs_panel.preview_cleanup()
+    studio.jobs_panel.confirm_button.click()
+    studio.selected_index = 4  # the Extract tab's job is gone now
+    browser = studio.browser
+    assert cancelled not in [v for _, v in browser.extraction.options]
+    assert "no longer in the workspace" in browser.info.value and "Error" not in browser.info.value
+
+
+def test_point3_jobs_grid_compact_and_live(gpt2_dir, workspace):
+    reached, release = threading.Event(), threading.Event()
+
+    def gate(index, _):
+        if index == 3:
+            reached.set()
+            release.wait(30)
+
+    studio = make_studio(workspace, gpt2_dir)
+    jobs = studio.jobs_panel
+    assert "No extractions" in jobs.empty.value and jobs.table.layout.display == "none"
+    panel = studio.extraction_panel
+    panel.layers.value = (0, 2)
+    panel.hooks["mlp"].value = True
+    panel.launch_button.click()
+    done = panel.job
+    done.wait(60)
+    # a slow one, watched live from the grid (no Refresh)
+    panel.extra_options["before_batch"] = gate
+    panel.batch_size.value = 4
+    panel.launch_button.click()
+    live = panel.job
+    assert reached.wait(60)
+    wait_for(lambda: live.id in jobs.cells)  # its row appeared from the job's events
+    wait_for(lambda: "8 / 40" in jobs.cells[live.id]["progress"].value or
+             "12 / 40" in jobs.cells[live.id]["progress"].value)
+    assert "EXTRACTING" in jobs.cells[live.id]["status"].value
+    assert not jobs.cells[live.id]["buttons"]["Cancel"].disabled
+    jobs.cells[live.id]["buttons"]["Cancel"].click()
+    release.set()
+    live.wait(60)
+    wait_for(lambda: "CANCELLED" in jobs.cells.get(live.id, {}).get("status", W_EMPTY).value)
+    text = cells_text(jobs)
+    assert jobs.empty.value == "" and jobs.table.layout.display == ""
+    assert "layers 0,2 × residual, mlp" in text  # summarised, one line
+    assert "40 / 40 · 100%" in text
+    assert "just now" in text
+    row = next(r for r in jobs.rows if r["id"] == live.id)
+    assert row["samples_committed"] < 40 and f"{row['samples_committed']} / 40" in jobs.cells[live.id]["progress"].value
+    assert f"{done.progress['tokens_done']:,} tokens" in jobs.cells[done.id]["progress"].value  # separators
+    assert jobs.table.layout.grid_template_columns.count("px") >= 6  # fixed short columns, shrinking names
+    assert all(b.description == "" and b.tooltip for b in jobs.cells[done.id]["buttons"].values())  # icons
+
+
+W_EMPTY = type("Empty", (), {"value": ""})()
+
+
+def test_point3_failed_row_shows_its_message_on_demand(gpt2_dir, workspace, tmp_path):
+    studio = make_studio(workspace, broken_model(gpt2_dir, tmp_path))
+    studio.extraction_panel.launch_button.click()
+    job = studio.extraction_panel.job
+    job.wait(60)
+    jobs = studio.jobs_panel
+    jobs.refresh()
+    details = jobs.cells[job.id]["details"]
+    assert details.layout.display == "none"
+    assert "mistudio-error" in details.value and html.escape(job.error["error_message"][:30]) in details.value
+    jobs.cells[job.id]["buttons"]["Details"].click()
+    assert details.layout.display == "" and details.layout.grid_column == "1 / -1"
+    assert jobs.cells[job.id]["buttons"]["Resume"].disabled  # a load failure saved nothing to resume
+    assert "danger" == jobs.cells[job.id]["buttons"]["Details"].button_style  # the row has a message
+
+
+def test_point4_delete_asks_and_warns_for_completed(gpt2_dir, workspace):
+    studio = make_studio(workspace, gpt2_dir)
+    studio.extraction_panel.launch_button.click()
+    job = studio.extraction_panel.job
+    job.wait(60)
+    jobs = studio.jobs_panel
+    jobs.refresh()
+    jobs.cells[job.id]["buttons"]["Delete"].click()
+    assert jobs.confirm_box.layout.display == "" and jobs.pending_delete == job.id
+    assert "COMPLETED" in jobs.confirm_text.value and "lost for good" in jobs.confirm_text.value
+    assert "mistudio-error" in jobs.confirm_text.value  # shown as a warning, in red
+    assert [r["id"] for r in jobs.rows] == [job.id]  # nothing deleted yet
+    jobs.keep_button.click()
+    assert jobs.confirm_box.layout.display == "none" and "Nothing was deleted" in jobs.message.value
+    assert not ms.Workspace(workspace).extractions().empty
+    jobs.cells[job.id]["buttons"]["Delete"].click()
+    jobs.confirm_delete_button.click()
+    assert jobs.rows == [] and "Deleted" in jobs.message.value
+
+
+def test_point5_plots_window_marked_labelled_same_width(gpt2_dir, workspace):
+    from matplotlib.patches import Rectangle
+
+    from mistudio import plots
+
+    ext = ms.extract(gpt2_dir, "sample", layers=[0, 2], max_samples=30, workspace=workspace)
+    row = int(ext.rows()[1])
+    fig = plots.heatmap(ext, row, "layers.2.residual", feature=20, max_features=16)
+    ax = fig.axes[0]
+    assert "features 12–27 of 32" in ax.get_title() and "feature 20 outlined" in ax.get_title()
+    assert any(isinstance(p, Rectangle) and p.get_x() == 20 - 12 - 0.5 for p in ax.patches)
+    assert fig.axes[1].get_ylabel() == "activation"  # the colour bar says what it shows
+    assert plots.feature_window(None, 384) == slice(0, 64) and plots.feature_window(380, 384) == slice(320, 384)
+    top = plots.top_tokens(ext, "layers.2.residual", 3, k=5, context=20)
+    figures = [fig, plots.layer_norms(ext, row), plots.feature_histogram(ext, "layers.2.residual", 3),
+               plots.top_tokens_figure(ext, "layers.2.residual", 3, top=top)]
+    assert len({f.get_figwidth() for f in figures}) == 1  # one scale
+    labels = [t.get_text() for t in figures[3].axes[0].get_yticklabels()]
+    assert all(label.startswith("row ") and len(label) <= 64 for label in labels)
+    png = plots.to_png(figures[3])
+    from PIL import Image
+    import io
+
+    image = Image.open(io.BytesIO(png)).convert("L")
+    import numpy as np
+
+    left = np.asarray(image)[:, :3]
+    assert left.min() > 200  # nothing drawn against the left edge: labels are not cut
+
+
+def test_point6_opens_on_model_remembers_form_and_summary(gpt2_dir, workspace):
+    import json
+    from pathlib import Path
+
+    studio = make_studio(workspace, gpt2_dir)
+    assert studio.selected_index == 0 and studio.tabs.selected_index == 0  # the Model tab
+    panel = studio.extraction_panel
+    summary = panel.summary.value
+    assert "bundled sample" in summary and "up to 40 rows" in summary
+    assert gpt2_dir.split("/")[-1] in summary
+    panel.layers.value = (1, 2)
+    panel.batch_size.value = 16
+    studio.dataset_picker.max_samples.value = 12
+    panel.launch_button.click()
+    panel.job.wait(60)
+    saved = json.loads((Path(workspace) / "studio.json").read_text())
+    assert saved["extract"]["layers"] == [1, 2] and saved["dataset"]["max_samples"] == 12
+    again = ms.Studio(workspace=workspace)  # after a kernel restart: no arguments
+    assert again.model_picker.name_or_path() == gpt2_dir
+    assert again.extraction_panel.layers.value == (1, 2) and again.extraction_panel.batch_size.value == 16
+    assert again.dataset_picker.max_samples.value == 12
+    assert again.banner_box.layout.display == "none"  # nothing was interrupted
+
+
+def test_point6_interrupted_banner_resumes(gpt2_dir, workspace):
+    import socket
+
+    ws = ms.Workspace(workspace)
+    ghost = ws.submit(gpt2_dir, "sample", layers=[0], max_samples=8, batch_size=2)
+    ghost.wait(60)
+    ghost.store.update(status="EXTRACTING", heartbeat={"pid": 999999, "host": socket.gethostname(), "time": 0,
+                                                       "proc_start": "0"})
+    studio = ms.Studio(workspace=workspace, model=gpt2_dir)
+    assert studio.banner_box.layout.display == "" and ghost.id in studio.banner.value
+    assert "interrupted" in studio.banner.value
+    studio.banner_resume.click()
+    job = studio.extraction_panel.job
+    assert job is not None and job.id == ghost.id and studio.selected_index == 2
+    job.wait(60)
+    assert job.status == "COMPLETED"
+    assert ms.Studio(workspace=workspace).banner_box.layout.display == "none"
+
+
+def test_point7_small_things(gpt2_dir, workspace, tmp_path):
+    studio = make_studio(workspace, gpt2_dir)
+    picker, panel, browser = studio.dataset_picker, studio.extraction_panel, studio.browser
+    texts = "".join(getattr(c, "value", "") for c in picker.children)
+    assert "0 = all rows" in texts
+    assert panel.retry_button.button_style != "danger" and panel.retry_button.tooltip and panel.resume_button.tooltip
+    assert "Retry" in "".join(getattr(c, "value", "") for c in panel.failure_box.children)  # help text
+    assert panel.auto_retry.description.endswith("half the batch size") and panel.auto_retry.layout.width == "auto"
+    picker.show_preview()
+    assert "<table" in picker.preview.value
+    picker.source.value = "file"
+    assert picker.preview.value == ""  # cleared when the source changes
+    data = tmp_path / "other.jsonl"
+    data.write_text('{"body": "hello there"}\n')
+    picker.path.value = str(data)
+    assert picker.show_preview() == []
+    assert "Text column" in picker.preview.value and "text_column=" not in picker.preview.value  # UI words
+    assert all(box.layout.display == "none" for box in browser._boxes.values())  # no empty image boxes
+    picker.source.value = "sample"
+    panel.launch_button.click()
+    panel.job.wait(60)
+    wait_for(lambda: panel.progress.description == "100%")  # the percentage by the bar
+
+
+def test_point8_examples_html_pure():
+    from mistudio.feature_view import display_pieces, examples_html
+
+    assert display_pieces(["The", "Ġquick", "Ġbrown", "Ċ"]) == ["The", " quick", " brown", "↵"]
+    assert display_pieces(["[CLS]", "play", "##ing", "games", "[SEP]"]) == ["[CLS]", " play", "ing", " games",
+                                                                              " [SEP]"]
+    example = {"value": 2.0, "row": 1234, "position": 3, "context_start": 0,
+               "context_tokens": ["[CLS]", "play", "##ing", "games", "[SEP]"],
+               "context_values": [0.0, 0.5, 1.0, 2.0, -1.0]}
+    out = examples_html([example], special_tokens=["[CLS]", "[SEP]"], scheme="wordpiece")
+    assert "row 1,234" in out and "<b>2</b>" in out and "<details" in out and "<summary>" in out
+    assert out.count("ms-peak") == 2  # outlined in the short line and in the full context
+    assert "outline:2px solid" in out and "opacity:0.45" in out  # peak outlined, specials dimmed
+    assert "background:rgba(220,70,30,0.85)" in out  # the peak is the darkest
+    assert "background:rgba(40,100,220" in out  # negative values in blue
+    assert ">ing<" in out and "##" not in out.split("title=")[0]
+
+
+def test_point8_feature_view_in_browse(gpt2_dir, workspace):
+    pytest.importorskip("mistudio.analysis")
+    from mistudio.feature_view import feature_view
+
+    ext = ms.extract(gpt2_dir, "sample", layers=[1], max_samples=60, workspace=workspace)
+    view = feature_view(ext, "layers.1.residual", 4, k=10, context=5)
+    assert len(view["top"]) == 10 and not view["cached"]
+    assert [b["quantiles"] for b in view["bands"]] == [[0.0, 0.5], [0.5, 0.9], [0.9, 0.99], [0.99, 1.0]]
+    assert all(len(b["examples"]) <= 3 for b in view["bands"]) and sum(len(b["examples"]) for b in view["bands"])
+    assert view["token_means"] and view["token_means"][0]["mean"] >= view["token_means"][-1]["mean"]
+    assert sum(view["hist"]) == view["n_tokens"] == ext.committed_tokens()
+    assert feature_view(ext, "layers.1.residual", 4, k=10, context=5)["cached"]  # from the store's analysis/
+    studio = make_studio(workspace, gpt2_dir)
+    studio.selected_index = 4
+    browser = studio.browser
+    browser.feature.value = 4
+    browser.view_button.click()
+    assert "ms-peak" in browser.feature_html.value and "background:rgba(" in browser.feature_html.value
+    assert "Quantiles" in browser.feature_html.value and "mean activation per token" in browser.feature_html.value
+    assert browser.feature_hist.value[:4] == b"\x89PNG"
+    browser.feature.value = 999
+    browser.view_button.click()
+    assert "out of range" in browser.info.value

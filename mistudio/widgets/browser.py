@@ -1,4 +1,5 @@
-"""Browse tab: pick an extraction, hook point, row and feature; heatmap, norms, histogram, top tokens inline."""
+"""Browse tab: pick an extraction, hook point, row and feature; heatmap, norms, histogram, top tokens inline;
+and the feature view (top examples over the whole store, quantile samples, token means) as HTML."""
 from __future__ import annotations
 
 import html
@@ -8,7 +9,10 @@ import ipywidgets as W
 from .. import plots
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import error_box
+from .common import WIDE, error_box, for_ui, guard, note_box
+
+PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"), ("histogram", "Feature histogram"),
+         ("top_tokens", "Top activating tokens"))
 
 
 class ActivationBrowser(W.VBox):
@@ -22,49 +26,80 @@ class ActivationBrowser(W.VBox):
         self.row = W.IntText(value=0, description="Dataset row", style=style)
         self.feature = W.IntText(value=0, description="Feature", style=style)
         self.top_k = W.IntSlider(value=15, min=5, max=50, description="Top k", style=style)
-        self.plot_button = W.Button(description="Plot", button_style="primary", icon="bar-chart")
-        self.refresh_button = W.Button(description="Refresh list", icon="refresh")
+        self.plot_button = W.Button(description="Plot", button_style="primary", icon="bar-chart",
+                                    tooltip="the row's heatmap and norms, the feature's histogram and top tokens")
+        self.view_button = W.Button(description="Feature view", icon="search", button_style="info",
+                                    tooltip="top examples over the whole store, quantile samples, token means",
+                                    layout=W.Layout(width="auto"))
+        self.refresh_button = W.Button(description="Refresh list", icon="refresh", layout=W.Layout(width="auto"))
         self.info = W.HTML()
-        self.images = {name: W.Image(format="png", layout=W.Layout(max_width="100%"))
-                       for name in ("heatmap", "norms", "histogram", "top_tokens")}
+        self.images = {name: W.Image(format="png", layout=W.Layout(max_width="100%")) for name, _ in PLOTS}
+        self._boxes = {name: W.VBox([W.HTML(f"<b>{title}</b>"), self.images[name]],
+                                    layout=W.Layout(display="none")) for name, title in PLOTS}
         self.top_table = W.HTML()
+        self.feature_html = W.HTML()
+        self.feature_hist = W.Image(format="png", layout=W.Layout(max_width="100%", display="none"))
         self.ext: Extraction | None = None
-        self.extraction.observe(lambda _: self._select(), "value")
-        self.plot_button.on_click(lambda _: self.plot())
-        self.refresh_button.on_click(lambda _: self.refresh())
-        images = W.VBox([W.HTML("<b>Token × feature</b>"), self.images["heatmap"],
-                         W.HTML("<b>Norm per layer</b>"), self.images["norms"],
-                         W.HTML("<b>Feature histogram</b>"), self.images["histogram"],
-                         W.HTML("<b>Top activating tokens</b>"), self.images["top_tokens"], self.top_table])
+        self.extraction.observe(guard(self._say, lambda _: self._select()), "value")
+        self.plot_button.on_click(guard(self._say, lambda _: self.plot()))
+        self.view_button.on_click(guard(self._say, lambda _: self.show_feature()))
+        self.refresh_button.on_click(guard(self._say, lambda _: self.refresh()))
         super().__init__([W.HTML("<b>Browse</b>"), W.HBox([self.extraction, self.refresh_button]), self.hook_point,
-                          W.HBox([self.row, self.feature]), self.top_k, self.plot_button, self.info, images])
+                          W.HBox([self.row, self.feature]), self.top_k,
+                          W.HBox([self.plot_button, self.view_button]), self.info, self.feature_hist,
+                          self.feature_html, *self._boxes.values(), self.top_table])
         self.refresh()
+
+    def _say(self, text: str) -> None:
+        self.info.value = text
 
     def refresh(self, select: str | None = None) -> None:
         """List stores that hold data (completed, or with committed samples), newest first."""
         options = []
         for row in self.workspace.extractions().to_dict("records"):
             if row["status"] == "COMPLETED" or row["samples_committed"]:
-                options.append((f"{row['id']} · {row['status']} · {row['model']} · {row['hook_points'][:40]}",
-                                row["id"]))
+                label = f"{row['id']} · {row['status']} · {row['model']} · {row['hook_points']}"
+                options.append((label[:110], row["id"]))
         current = select or self.extraction.value
+        ids = [v for _, v in options]
+        gone = current if current and current not in ids else None
         self.extraction.options = options
         if options:
-            ids = [v for _, v in options]
             self.extraction.value = current if current in ids else ids[0]
         self._select()
+        if gone:
+            self.info.value = note_box(f"Extraction {html.escape(gone)} is no longer in the workspace (deleted or "
+                                       "cleaned up); the list is up to date." + (" Showing the newest one instead."
+                                                                                 if options else ""),
+                                       colour="#fd7e14", background="#fff3e0")
 
     def _select(self) -> None:
+        for box in self._boxes.values():
+            box.layout.display = "none"
+        self.top_table.value = self.feature_html.value = ""
+        self.feature_hist.layout.display = "none"
         if not self.extraction.value:
             self.ext = None
             self.info.value = "No extraction with data yet: launch one in the Extract tab."
             return
-        self.ext = self.workspace.open(self.extraction.value)
+        try:
+            self.ext = self.workspace.open(self.extraction.value)
+            rows = self.ext.rows()
+        except (FileNotFoundError, KeyError, ValueError) as exc:  # deleted (e.g. by Cleanup) since listed
+            self.ext = None
+            missing = self.extraction.value
+            if isinstance(exc, FileNotFoundError) or "no extraction" in str(exc):
+                self.refresh()
+                self.info.value = note_box(f"Extraction {html.escape(missing)} is no longer in the workspace "
+                                           "(deleted or cleaned up); the list is up to date.",
+                                           colour="#fd7e14", background="#fff3e0")
+            else:
+                self.info.value = error_box(for_ui(str(exc)))
+            return
         points = self.ext.hook_points
         self.hook_point.options = points
         if points:
             self.hook_point.value = next((p for p in reversed(points) if p.endswith("residual")), points[-1])
-        rows = self.ext.rows()
         if len(rows) and self.row.value not in set(rows.tolist()):
             self.row.value = int(rows[0])
         self.info.value = (f"{self.ext.n_samples:,} samples, {self.ext.n_tokens:,} tokens; dataset rows "
@@ -78,18 +113,42 @@ class ActivationBrowser(W.VBox):
         ext, hp, row, feature = self.ext, self.hook_point.value, self.row.value, self.feature.value
         kind = hp.rsplit(".", 1)[1]
         try:
-            self.images["heatmap"].value = plots.to_png(plots.heatmap(ext, row, hp))
-            self.images["norms"].value = plots.to_png(plots.layer_norms(ext, row, kind))
             column = plots.feature_column(ext, hp, feature)  # one scan of the store serves both plots
+            self.images["heatmap"].value = plots.to_png(plots.heatmap(ext, row, hp, feature=feature))
+            self.images["norms"].value = plots.to_png(plots.layer_norms(ext, row, kind))
             self.images["histogram"].value = plots.to_png(plots.feature_histogram(ext, hp, feature, values=column))
             top = plots.top_tokens(ext, hp, feature, k=self.top_k.value, values=column)
             self.images["top_tokens"].value = plots.to_png(plots.top_tokens_figure(ext, hp, feature, top=top))
         except (ValueError, KeyError) as exc:
-            self.info.value = error_box(html.escape(str(exc)))
+            self.info.value = error_box(for_ui(str(exc)))
             return False
+        for box in self._boxes.values():
+            box.layout.display = ""
         self.top_table.value = ("<table class='mistudio-top'><tr><th>value</th><th>row</th><th>pos</th>"
                                 "<th>context</th></tr>" + "".join(
-                                    f"<tr><td>{t['value']:.3f}</td><td>{t['row']}</td><td>{t['position']}</td>"
+                                    f"<tr><td>{t['value']:.3f}</td><td>{t['row']:,}</td><td>{t['position']}</td>"
                                     f"<td>{html.escape(t['context'])}</td></tr>" for t in top) + "</table>")
         self.info.value = f"Plotted {html.escape(hp)}, row {row}, feature {feature}."
+        return True
+
+    def show_feature(self) -> bool:
+        """The feature view of the chosen hook point and feature over the whole store (cached in the store)."""
+        from ..feature_view import feature_view, feature_view_html, tokenizer_scheme
+
+        if self.ext is None:
+            self.info.value = error_box("Pick an extraction first.")
+            return False
+        ext, hp, feature = self.ext, self.hook_point.value, self.feature.value
+        try:
+            view = feature_view(ext, hp, feature, k=self.top_k.value)
+        except (ValueError, KeyError) as exc:  # InputError is a ValueError: out-of-range feature, ...
+            self.info.value = error_box(for_ui(str(exc)))
+            return False
+        tokenizer = ext.tokenizer
+        self.feature_html.value = feature_view_html(view, tokenizer.all_special_tokens, tokenizer_scheme(tokenizer))
+        self.feature_hist.value = plots.to_png(plots.histogram_from_counts(
+            view["hist"], view["edges"], f"{hp} feature {feature} over {view['n_tokens']:,} tokens"))
+        self.feature_hist.layout.display = ""
+        self.info.value = (f"Feature view of {html.escape(hp)} feature {feature}"
+                           f"{' (from the store cache)' if view['cached'] else ''}.")
         return True

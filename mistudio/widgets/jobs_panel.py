@@ -1,105 +1,258 @@
-"""Jobs tab: every extraction in the workspace with per-row Cancel / Retry / Resume / Delete, and Cleanup."""
+"""Jobs tab: every extraction in the workspace as a compact grid, live rows updated from job events,
+per-row Cancel / Retry / Resume / Delete (with a confirmation) and the error on demand; Cleanup."""
 from __future__ import annotations
 
 import html
+import threading
+import time
 from typing import Callable
 
 import ipywidgets as W
 
 from ..metadata import LIVE_STATES
 from ..workspace import Workspace, human_bytes
-from .common import badge, error_box
+from .common import PLAIN_ERRORS, ago, badge, error_box, for_ui, guard, note_box, short_id, summarise_hook_points
 
-COLUMNS = ("status", "id", "model", "dataset", "hook_points", "samples", "tokens", "size", "created", "retry_of")
+HEADERS = ("status", "id", "model", "dataset", "hook points", "samples", "size", "age", "")
+# fixed tracks for short cells, shrinking ones (never below their minimum) for names: fits ~900 px and up
+GRID_COLUMNS = ("96px 104px minmax(70px, 1fr) minmax(70px, 1fr) minmax(110px, 1.4fr) 132px 64px 72px 150px")
+MAX_ROWS = 60
+THROTTLE_S = 0.5
+ICON = W.Layout(width="28px", height="28px", padding="0px", margin="0px 1px")
+
+
+def _cell(text: str, title: str | None = None, css: str = "") -> W.HTML:
+    """One grid cell: a single line, cut with an ellipsis, the whole text in the tooltip."""
+    tip = f' title="{html.escape(title, quote=True)}"' if title else ""
+    return W.HTML(f'<div class="mistudio-cell"{tip} style="white-space:nowrap;overflow:hidden;'
+                  f'text-overflow:ellipsis;{css}">{text}</div>', layout=W.Layout(min_width="0", overflow="hidden"))
+
+
+def progress_cell(done: int, total: int | None, tokens: int) -> tuple[str, str]:
+    """('120 / 400 · 30%', tooltip) from committed counts: what was saved, never what was planned."""
+    if total:
+        text = f"{done:,} / {int(total):,} · {100 * done / total:.0f}%"
+    else:
+        text = f"{done:,} / ?"
+    return text, f"{done:,} samples and {tokens:,} tokens saved"
 
 
 class JobsPanel(W.VBox):
-    """The Jobs tab. ``refresh()`` rebuilds the table from the workspace on disk."""
+    """The Jobs tab. ``refresh()`` rebuilds the grid from the workspace on disk; job events of this workspace
+    update live rows in place (throttled) and an ended or new job refreshes the grid."""
 
     def __init__(self, workspace: Workspace, on_job: Callable | None = None):
         self.workspace = workspace
         self.on_job = on_job  # called with a Job started here (retry/resume), e.g. to show it in Extract
-        self.refresh_button = W.Button(description="Refresh", icon="refresh")
-        self.cleanup_button = W.Button(description="Cleanup…", icon="trash", tooltip="show what cleanup would delete")
+        self._lock = threading.RLock()
+        self.refresh_button = W.Button(description="Refresh", icon="refresh", layout=W.Layout(width="auto"))
+        self.cleanup_button = W.Button(description="Cleanup…", icon="trash", layout=W.Layout(width="auto"),
+                                       tooltip="show what cleanup would delete (failed, cancelled, empty stores)")
         self.confirm_button = W.Button(description="Delete these", button_style="danger",
-                                       layout=W.Layout(display="none"))
+                                       layout=W.Layout(display="none", width="auto"))
         self.message = W.HTML()
-        self.table = W.GridBox(layout=W.Layout(grid_template_columns="repeat(10, auto) 260px", grid_gap="2px 10px"))
-        self.refresh_button.on_click(lambda _: self.refresh())
-        self.cleanup_button.on_click(lambda _: self.preview_cleanup())
-        self.confirm_button.on_click(lambda _: self.run_cleanup())
+        self.empty = W.HTML()
+        self.confirm_text = W.HTML()
         self.confirm_delete_button = W.Button(description="Delete permanently", button_style="danger",
-                                              layout=W.Layout(display="none", width="auto"))
-        self.confirm_delete_button.on_click(lambda _: self.delete_confirmed())
+                                              icon="trash", layout=W.Layout(width="auto"))
+        self.keep_button = W.Button(description="Keep it", layout=W.Layout(width="auto"))
+        self.confirm_box = W.VBox([self.confirm_text, W.HBox([self.confirm_delete_button, self.keep_button])],
+                                  layout=W.Layout(display="none"))
+        self.table = W.GridBox(layout=W.Layout(grid_template_columns=GRID_COLUMNS, grid_gap="3px 8px",
+                                               width="100%", align_items="center", overflow="hidden"))
+        self.table.add_class("mistudio-jobs")
+        self.refresh_button.on_click(guard(self._say, lambda _: self.refresh()))
+        self.cleanup_button.on_click(guard(self._say, lambda _: self.preview_cleanup()))
+        self.confirm_button.on_click(guard(self._say, lambda _: self.run_cleanup()))
+        self.confirm_delete_button.on_click(guard(self._say, lambda _: self.delete_confirmed()))
+        self.keep_button.on_click(guard(self._say, lambda _: self.cancel_delete()))
         self.pending_delete: str | None = None
         self.rows: list[dict] = []
+        self.cells: dict[str, dict] = {}  # id -> {"status", "progress", "details", "buttons"}
+        self._drawn: dict[str, float] = {}
+        self._pending: dict[str, dict] = {}
         super().__init__([W.HTML("<b>Jobs</b>"), W.HBox([self.refresh_button, self.cleanup_button,
-                                                         self.confirm_button]), self.message,
-                          self.confirm_delete_button, self.table])
+                                                         self.confirm_button]), self.message, self.confirm_box,
+                          self.empty, self.table])
+        workspace.subscribe(self._on_event)
         self.refresh()
 
-    def refresh(self) -> None:
-        self.workspace.recover()
-        self.rows = [_display(r) for r in self.workspace.extractions().to_dict("records")]
-        cells = [W.HTML(f"<b>{c}</b>") for c in COLUMNS] + [W.HTML("<b>actions</b>")]
-        for row in self.rows:
-            status = row["status"]
-            label = badge(status) + (f" <small>{html.escape(row['error'])}</small>" if row.get("error") else "")
-            cells.append(W.HTML(label))
-            cells += [W.HTML(html.escape(str(row.get(c, "")))) for c in COLUMNS[1:]]
-            cells.append(W.HBox(self._buttons(row)))
-        self.table.children = cells
-        if not self.rows:
-            self.message.value = "No extractions in this workspace yet."
+    def _say(self, text: str) -> None:
+        self.message.value = text
 
-    def _buttons(self, row: dict) -> list[W.Button]:
+    # -- the grid ---------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Rebuild the grid from disk (interrupted jobs are marked first)."""
+        with self._lock:
+            self.workspace.recover()
+            self.rows = [_display(r) for r in self.workspace.extractions().to_dict("records")]
+            cells: list[W.Widget] = [_cell(f"<b>{h}</b>") for h in HEADERS]
+            self.cells = {}
+            for row in self.rows[:MAX_ROWS]:
+                cells += self._row_cells(row)
+            self.table.children = cells
+            self.table.layout.display = "" if self.rows else "none"
+            more = len(self.rows) - MAX_ROWS
+            self.empty.value = ("No extractions in this workspace yet: launch one in the Extract tab." if not self.rows
+                                else f"<small>{more} older extractions not shown.</small>" if more > 0 else "")
+
+    def _row_cells(self, row: dict) -> list[W.Widget]:
+        ext_id, status = row["id"], row["status"]
+        error = row.get("error") or ""
+        status_cell = _cell(badge(status) + (f" <small>{html.escape(error)}</small>" if error else ""),
+                            title=f"{status} {PLAIN_ERRORS.get(error, error)}".strip())
+        text, tip = progress_cell(row["samples_committed"], row["samples_total"], row["tokens_committed"])
+        progress = _cell(text, title=tip)
+        details = W.HTML(self._details_html(row), layout=W.Layout(grid_column="1 / -1", display="none"))
+        buttons = self._buttons(row, details)
+        self.cells[ext_id] = {"status": status_cell, "progress": progress, "details": details, "buttons": buttons}
+        return [status_cell,
+                _cell(html.escape(short_id(ext_id)), title=ext_id, css="font-family:monospace;font-size:12px"),
+                _cell(html.escape(row["model"]), title=row["model"]),
+                _cell(html.escape(row["dataset"]), title=row["dataset"]),
+                _cell(html.escape(summarise_hook_points(row["hook_points"])), title=row["hook_points"]),
+                progress, _cell(row["size"]), _cell(row["age"], title=row["created_text"]),
+                W.HBox(list(buttons.values()), layout=W.Layout(overflow="hidden")), details]
+
+    @staticmethod
+    def _details_html(row: dict) -> str:
+        lines = []
+        if row.get("message"):
+            lines.append(f"<b>{html.escape(PLAIN_ERRORS.get(row['error'], row['error']))}</b>: "
+                         f"{for_ui(row['message'])}")
+        if row.get("problem"):
+            lines.append(f"<b>Problem</b>: {html.escape(row['problem'])}")
+        lines.append(f"<small>{html.escape(row['id'])} · created {html.escape(row['created_text'])}"
+                     f"{' · retry of ' + html.escape(row['retry_of']) if row.get('retry_of') else ''} · "
+                     f"{html.escape(row['hook_points'])}</small>")
+        return error_box("<br>".join(lines)) if row.get("message") else note_box("<br>".join(lines))
+
+    def _buttons(self, row: dict, details: W.HTML) -> dict[str, W.Button]:
         status, ext_id = row["status"], row["id"]
         live = status in LIVE_STATES
-        ended = status in ("FAILED", "CANCELLED")
-        specs = [("Cancel", live, self.workspace.cancel), ("Retry", ended or status == "COMPLETED", self.workspace.retry),
-                 ("Resume", ended, self.workspace.resume), ("Delete", not live, self.ask_delete)]
-        buttons = []
-        for name, enabled, action in specs:
-            button = W.Button(description=name, disabled=not enabled, layout=W.Layout(width="60px"),
-                              tooltip=f"{name} {ext_id}")
-            button.on_click(lambda _b, a=action, n=name: self._act(n, a, ext_id))
-            buttons.append(button)
+        specs = [("Cancel", "stop", live, "stop after the current batch; keeps what was saved", self.workspace.cancel),
+                 ("Retry", "redo", status in ("FAILED", "CANCELLED", "COMPLETED"),
+                  "run again as a new extraction with the same settings", self.workspace.retry),
+                 ("Resume", "forward", self._resumable(row), "continue from the last saved sample",
+                  self.workspace.resume),
+                 ("Delete", "trash", not live, "delete this store (asks first)", self.ask_delete)]
+        buttons = {}
+        for name, icon, enabled, tip, action in specs:
+            button = W.Button(icon=icon, disabled=not enabled, layout=ICON, tooltip=f"{name}: {tip}")
+            button.on_click(guard(self._say, lambda _b, a=action, n=name: self._act(n, a, ext_id)))
+            buttons[name] = button
+        toggle = W.Button(icon="info-circle", layout=ICON, tooltip="Details: the error message and the full id",
+                          button_style="danger" if row.get("message") else "")
+        toggle.on_click(guard(self._say, lambda _b: self.toggle_details(ext_id)))
+        buttons["Details"] = toggle
         return buttons
 
+    def _resumable(self, row: dict) -> bool:
+        if row["status"] == "CANCELLED":
+            return True
+        if row["status"] != "FAILED" or row.get("error") == "VALIDATION":
+            return False
+        try:
+            error = self.workspace.job(row["id"]).error or {}
+        except Exception:  # noqa: BLE001 - gone or unreadable: nothing to resume
+            return False
+        return bool(error.get("resume_available"))
+
+    def toggle_details(self, ext_id: str) -> None:
+        """Show or hide the row's full-width details line (error message, full id, hook points)."""
+        details = self.cells[ext_id]["details"]
+        details.layout.display = "none" if details.layout.display != "none" else ""
+
+    # -- live updates (worker thread) -------------------------------------------------------------
+    def _on_event(self, event: dict) -> None:
+        ext_id = event.get("job_id")
+        with self._lock:
+            cells = self.cells.get(ext_id)
+            if event["event"] == "progress" and cells is not None:
+                now = time.monotonic()
+                final = event.get("samples_total") and event["samples_done"] >= event["samples_total"]
+                wait = THROTTLE_S - (now - self._drawn.get(ext_id, 0.0))
+                if not final and wait > 0:  # throttled: the latest event is drawn when the wait is over
+                    if ext_id not in self._pending:
+                        timer = threading.Timer(wait, self._flush, args=(ext_id,))
+                        timer.daemon = True
+                        timer.start()
+                    self._pending[ext_id] = event
+                    return
+                self._pending.pop(ext_id, None)
+                self._draw_progress(cells, event)
+            elif event["event"] == "state":
+                status = str(event.get("status"))
+                if cells is not None and status in LIVE_STATES:
+                    cells["status"].value = _cell(badge(status)).value
+                    cells["buttons"]["Cancel"].disabled = False
+                else:  # a new job, or one that ended: its row changes in many places
+                    try:
+                        self.refresh()
+                    except Exception as exc:  # noqa: BLE001 - never break the job's thread
+                        self._say(error_box(f"Refreshing the list failed: {html.escape(str(exc))}"))
+
+    def _draw_progress(self, cells: dict, event: dict) -> None:
+        self._drawn[event["job_id"]] = time.monotonic()
+        text, tip = progress_cell(event["samples_done"], event.get("samples_total"), event.get("tokens_done", 0))
+        cells["progress"].value = _cell(text, title=tip).value
+        cells["status"].value = _cell(badge("EXTRACTING")).value
+
+    def _flush(self, ext_id: str) -> None:
+        with self._lock:
+            event, cells = self._pending.pop(ext_id, None), self.cells.get(ext_id)
+            if event is not None and cells is not None:
+                self._draw_progress(cells, event)
+
+    # -- actions ----------------------------------------------------------------------------------
     def _act(self, name: str, action: Callable, ext_id: str) -> None:
         try:
             result = action(ext_id)
         except Exception as exc:  # StoreBusy / InputError: say it here
-            self.message.value = error_box(f"{name} {html.escape(ext_id)}: {html.escape(str(exc))}")
+            self.message.value = error_box(f"{name} {html.escape(ext_id)}: {for_ui(str(exc))}")
             return
         if name == "Delete":
             return
-        else:
-            self.message.value = f"{name}: {html.escape(getattr(result, 'id', ext_id))}"
-            if name in ("Retry", "Resume") and self.on_job is not None:
-                self.on_job(result)
+        self.message.value = f"{name}: {html.escape(getattr(result, 'id', ext_id))}"
+        if name in ("Retry", "Resume") and self.on_job is not None:
+            self.on_job(result)
         self.refresh()
 
     def ask_delete(self, ext_id: str) -> None:
-        """First step of a row's Delete: say what would be lost and show the confirmation button."""
-        row = next((r for r in self.rows if r["id"] == ext_id), {"status": "?", "size": "?", "samples": "?"})
-        lost = ("its finished activations" if row["status"] == "COMPLETED"
-                else f"the {row['samples']} samples it saved")
+        """First step of a row's Delete: say what would be lost and ask for a confirmation."""
+        row = next((r for r in self.rows if r["id"] == ext_id), None)
+        if row is None:
+            self.message.value = error_box(f"{html.escape(ext_id)} is no longer listed: Refresh.")
+            return
         self.pending_delete = ext_id
-        self.message.value = (f"Delete {html.escape(ext_id)} ({row['status']}, {row['size']})? This removes "
-                              f"{lost} for good.")
-        self.confirm_delete_button.layout.display = ""
+        if row["status"] == "COMPLETED":
+            text = error_box(f"⚠ <b>Delete the COMPLETED extraction {html.escape(ext_id)}?</b> Its finished "
+                             f"activations ({row['tokens_committed']:,} tokens of {html.escape(row['hook_points'])}, "
+                             f"{row['size']}) are lost for good; there is no undo.")
+        else:
+            text = note_box(f"Delete {html.escape(ext_id)} ({row['status']}, {row['size']})? This removes the "
+                            f"{row['samples_committed']:,} samples it saved; Retry or Resume will no longer be "
+                            "possible.", colour="#fd7e14", background="#fff3e0")
+        self.confirm_text.value = text
+        self.confirm_delete_button.description = ("Delete finished activations" if row["status"] == "COMPLETED"
+                                                  else "Delete permanently")
+        self.confirm_box.layout.display = ""
+
+    def cancel_delete(self) -> None:
+        self.pending_delete = None
+        self.confirm_box.layout.display = "none"
+        self.message.value = "Nothing was deleted."
 
     def delete_confirmed(self) -> None:
         """Second step: delete the store the user confirmed (COMPLETED ones too: the user said so)."""
         ext_id, self.pending_delete = self.pending_delete, None
-        self.confirm_delete_button.layout.display = "none"
+        self.confirm_box.layout.display = "none"
         if ext_id is None:
             return
         try:
             freed = self.workspace.delete(ext_id, force=True)
         except Exception as exc:  # StoreBusy / InputError: say it here
-            self.message.value = error_box(f"Delete {html.escape(ext_id)}: {html.escape(str(exc))}")
+            self.message.value = error_box(f"Delete {html.escape(ext_id)}: {for_ui(str(exc))}")
         else:
             self.message.value = f"Deleted {html.escape(ext_id)} ({human_bytes(freed)} freed)."
         self.refresh()
@@ -128,7 +281,11 @@ class JobsPanel(W.VBox):
 
 
 def _display(row: dict) -> dict:
-    """A listing row with the display cells the table shows."""
+    """A listing row with the display cells the grid shows."""
     total = row["samples_total"]
-    return {**row, "samples": f"{row['samples_committed']}/{'?' if total is None or total != total else int(total)}",
-            "tokens": f"{int(row['tokens_committed']):,}", "created": f"{row['created']:%Y-%m-%d %H:%M}"}
+    total = None if total is None or total != total else int(total)
+    created = row["created"]
+    return {**row, "samples_total": total, "samples_committed": int(row["samples_committed"] or 0),
+            "tokens_committed": int(row["tokens_committed"] or 0),
+            "age": ago(created.timestamp()) if created == created else "–",
+            "created_text": f"{created:%Y-%m-%d %H:%M}" if created == created else "–"}
