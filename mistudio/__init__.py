@@ -5,13 +5,14 @@ from .data import sample_dataset, sample_texts
 from .errors import ExtractionFailed, InputError, JobCancelled, MistudioError, StoreBusy
 from .extraction import Extraction
 from .jobs import Job
+from .loader import ActivationLoader, loader
 from .models import load_model, packaged_minilm_path
 from .workspace import Workspace
 
 __version__ = "0.1.0"
 __all__ = ["extract", "open_extraction", "sample_dataset", "sample_texts", "HubDataset", "ModelSpec", "DatasetSpec",
            "Workspace", "Job", "Extraction", "load_model", "packaged_minilm_path", "HOOK_KINDS", "InputError",
-           "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy"]
+           "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "loader", "ActivationLoader"]
 
 
 def __getattr__(name: str):

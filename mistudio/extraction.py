@@ -133,3 +133,23 @@ class Extraction:
         import dask.array as da
 
         return da.from_zarr(self.activations(hook_point))
+
+    # -- training and dataset-wide queries (mistudio.loader, mistudio.analysis) -------------------
+    def loader(self, hook_points: str | list[str], batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
+               **options):
+        """A training loader over this extraction: see :func:`mistudio.loader.loader` for the options."""
+        from .loader import loader
+
+        return loader(self, hook_points, batch_size=batch_size, shuffle=shuffle, seed=seed, **options)
+
+    def feature_stats(self, hook_point: str, bins: int = 64, cluster=None):
+        """Per-feature mean/std/max/min/fraction active/histogram over every committed token (cached in the store)."""
+        from .analysis import feature_stats
+
+        return feature_stats(self, hook_point, bins=bins, cluster=cluster)
+
+    def top_examples(self, hook_point: str, feature: int | list[int], k: int = 20, context: int = 8, cluster=None):
+        """The k tokens where ``feature`` is largest, with their context (cached in the store)."""
+        from .analysis import top_examples
+
+        return top_examples(self, hook_point, feature, k=k, context=context, cluster=cluster)
