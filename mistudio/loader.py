@@ -66,6 +66,7 @@ class ActivationLoader(IterableDataset):
         self._special = [self._special_source(ext) for ext in self.extractions] if exclude_special else None
         self._norm = [self._norm_factors(ext) for ext in self.extractions] if normalize else None
         self.epoch = 0
+        self._spare_pool: dict | None = None
 
     # -- configuration helpers -----------------------------------------------------------------------
     @staticmethod
@@ -133,7 +134,7 @@ class ActivationLoader(IterableDataset):
 
     # Stores are reopened by location in a spawned worker (a forked one inherits them).
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
+        state = {**self.__dict__, "_spare_pool": None}
         state["extractions"] = [(ext.location, ext.store.storage_options) for ext in self.extractions]
         return state
 
@@ -171,9 +172,17 @@ class LoaderIterator:
         self.capacity = (loader.buffer_tokens if loader.shuffle else loader.batch_size) + loader.max_chunk
         self.threshold = loader.buffer_tokens if loader.shuffle else loader.batch_size
         pool_dtype = np.float32 if loader.normalize else None
-        self.pool = {hp: np.empty((self.capacity, d), pool_dtype or loader.extractions[0].activations(hp).dtype)
-                     for hp, d in loader.widths.items()}
+        shapes = {hp: ((self.capacity, d), pool_dtype or loader.extractions[0].activations(hp).dtype)
+                  for hp, d in loader.widths.items()}
+        spare = loader._spare_pool  # the last finished epoch's buffer: already in memory, no page faults
+        loader._spare_pool = None
+        if spare is None or {hp: (a.shape, a.dtype) for hp, a in spare.items()} != shapes:
+            spare = {hp: np.empty(shape, dtype) for hp, (shape, dtype) in shapes.items()}
+        self.pool = spare
         self.pool_ids = np.empty(self.capacity, np.int64)
+        # Rows stay where they were written; ``slots[:n]`` lists the occupied rows in buffer order and
+        # ``slots[n:]`` the free ones, so taking a batch moves 8-byte slot numbers, never rows.
+        self.slots = np.arange(self.capacity)
         self.peak_rows = 0  # the most rows the shuffle buffer ever held
         self._thread: threading.Thread | None = None
         self._plan(epoch, worker, n_workers)
@@ -204,6 +213,12 @@ class LoaderIterator:
             self._stop.set()
             self._thread = None
 
+    def _release(self) -> None:
+        """End of epoch: stop reading and hand the buffer to the loader's next epoch."""
+        self._stop_reader()
+        if self.pool is not None:
+            self.loader._spare_pool, self.pool = self.pool, None
+
     def close(self) -> None:
         """Stop reading ahead (also done when the iterator is garbage collected)."""
         self._stop_reader()
@@ -221,7 +236,7 @@ class LoaderIterator:
             if self.n >= self.threshold or (exhausted and self.n and not (self.drop and self.n < self.bs)):
                 return self._emit(min(self.loader.batch_size, self.n))
             if exhausted:
-                self._stop_reader()
+                self._release()
                 raise StopIteration
             if self._thread is None:
                 self._start_reader()
@@ -242,24 +257,26 @@ class LoaderIterator:
 
     def _add(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
         n, k = self.n, len(ids)
-        self.pool_ids[n:n + k] = ids
+        dest = self.slots[n:n + k]
+        self.pool_ids[dest] = ids
         for hp, r in rows.items():
-            self.pool[hp][n:n + k] = r
+            self.pool[hp][dest] = r
         self.n = n + k
         self.peak_rows = max(self.peak_rows, self.n)
 
     def _emit(self, take: int):
         n = self.n
         idx = self.rng.choice(n, size=take, replace=False) if self.loader.shuffle else np.arange(take)
-        out = {hp: p[idx] for hp, p in self.pool.items()}
-        ids = self.pool_ids[idx]
-        if self.loader.shuffle:  # fill the holes below n - take with the tail rows not taken
+        taken = self.slots[idx]
+        out = {hp: p[taken] for hp, p in self.pool.items()}
+        ids = self.pool_ids[taken]
+        if self.loader.shuffle:  # fill the holes below n - take with the tail slots not taken
             tail = np.arange(n - take, n)
             holes, fill = idx[idx < n - take], tail[~np.isin(tail, idx)]
         else:  # keep stored order: shift the rest down
             holes, fill = slice(0, n - take), slice(take, n)
-        for arr in (self.pool_ids, *self.pool.values()):
-            arr[holes] = arr[fill]
+        self.slots[holes] = self.slots[fill]
+        self.slots[n - take:n] = taken  # freed
         self.n = n - take
         self.batches += 1
         return self._to_batch(ids, out)
@@ -278,7 +295,7 @@ class LoaderIterator:
         """Where this epoch stands: plan, buffer (as token ids), batch RNG. Small: 8 bytes per buffered row."""
         return {"epoch": self.epoch, "worker": self.worker, "n_workers": self.n_workers, "seed": self.loader.seed,
                 "limits": list(self.loader.limits), "next_chunk": self.next_chunk, "batches": self.batches,
-                "buffer_ids": self.pool_ids[:self.n].copy(), "rng": self.rng.bit_generator.state}
+                "buffer_ids": self.pool_ids[self.slots[:self.n]], "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was taken (same stores, commit marks, seed and settings)."""
@@ -291,6 +308,7 @@ class LoaderIterator:
         self.rng.bit_generator.state = state["rng"]
         ids = np.asarray(state["buffer_ids"], dtype=np.int64)
         self.n = len(ids)
+        self.slots = np.arange(self.capacity)
         self.pool_ids[:self.n] = ids
         store, token = ids >> STORE_SHIFT, ids & ((1 << STORE_SHIFT) - 1)
         for s in np.unique(store).tolist():  # re-read the buffered rows, one chunk at a time
