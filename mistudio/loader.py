@@ -67,6 +67,7 @@ class ActivationLoader(IterableDataset):
         self._norm = [self._norm_factors(ext) for ext in self.extractions] if normalize else None
         self.epoch = 0
         self._spare_pool: dict | None = None
+        self._arrays: list[dict] | None = None
 
     # -- configuration helpers -----------------------------------------------------------------------
     @staticmethod
@@ -102,7 +103,9 @@ class ActivationLoader(IterableDataset):
     def read(self, store: int, start: int, stop: int, keep_special: bool = False) -> tuple[np.ndarray, dict]:
         """Rows ``[start, stop)`` of one store: (buffer ids, {hook point: rows}), filtered and normalized."""
         ext = self.extractions[store]
-        rows = {hp: ext.activations(hp)[start:stop] for hp in self.hook_points}
+        if self._arrays is None:  # ext.activations(hp) once per store and hook point, not per chunk
+            self._arrays = [{hp: e.activations(hp) for hp in self.hook_points} for e in self.extractions]
+        rows = {hp: array[start:stop] for hp, array in self._arrays[store].items()}
         ids = np.arange(start, stop, dtype=np.int64) | (store << STORE_SHIFT)
         if self._special is not None and not keep_special:
             group = ext.store.group["tokens"]
@@ -134,7 +137,7 @@ class ActivationLoader(IterableDataset):
 
     # Stores are reopened by location in a spawned worker (a forked one inherits them).
     def __getstate__(self) -> dict:
-        state = {**self.__dict__, "_spare_pool": None}
+        state = {**self.__dict__, "_spare_pool": None, "_arrays": None}
         state["extractions"] = [(ext.location, ext.store.storage_options) for ext in self.extractions]
         return state
 

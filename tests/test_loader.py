@@ -227,3 +227,13 @@ def test_loader_pickles_for_spawned_workers(store):
     loader = ext.loader(HPS[0], batch_size=256, with_index=True)
     clone = pickle.loads(pickle.dumps(loader))
     np.testing.assert_array_equal(drain(clone)["token_index"], drain(loader)["token_index"])
+
+
+def test_remote_store_through_fsspec(gpt2_dir):
+    ext = ms.extract(gpt2_dir, texts(0, 40), workspace="memory://mistudio-loader/ws", **ARGS)
+    ref = ext.activations(HPS[0])[:]
+    got = drain(ms.open_extraction(ext.location).loader([HPS[0]], batch_size=128, with_index=True))
+    np.testing.assert_array_equal(np.sort(got["token_index"]), np.arange(ext.n_tokens))
+    np.testing.assert_array_equal(got[HPS[0]], ref[got["token_index"]])
+    assert not ext.feature_stats(HPS[0], bins=4).cached and ext.feature_stats(HPS[0], bins=4).cached
+    np.testing.assert_allclose(ext.feature_stats(HPS[0], bins=4).max, ref.max(0))
