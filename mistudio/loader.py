@@ -148,11 +148,41 @@ class ActivationLoader(IterableDataset):
         self.__dict__.update(state)
 
 
-def _read_ahead(loader: ActivationLoader, chunks: np.ndarray, out: queue.Queue, stop: threading.Event) -> None:
-    """Background thread: read ``chunks`` in order into ``out`` (an exception is handed over too)."""
+class _FreeRows:
+    """The buffer's unused rows: the reader thread takes some for each chunk, the consumer gives them back."""
+
+    def __init__(self, capacity: int):
+        self.rows, self.count = np.arange(capacity), capacity
+        self.cond = threading.Condition()
+
+    def take(self, k: int, stop: threading.Event) -> np.ndarray | None:
+        with self.cond:
+            while self.count < k:
+                if stop.is_set():
+                    return None
+                self.cond.wait(0.1)
+            self.count -= k
+            return self.rows[self.count:self.count + k].copy()
+
+    def give(self, rows: np.ndarray) -> None:
+        with self.cond:
+            self.rows[self.count:self.count + len(rows)] = rows
+            self.count += len(rows)
+            self.cond.notify()
+
+
+def _read_ahead(loader: ActivationLoader, chunks: np.ndarray, pool: dict, pool_ids: np.ndarray, free: _FreeRows,
+                out: queue.Queue, stop: threading.Event) -> None:
+    """Background thread: read ``chunks`` in order into free buffer rows, and hand each chunk's rows to ``out``."""
     for s, a, b in chunks:
         try:
-            item: Any = loader.read(int(s), int(a), int(b))
+            ids, rows = loader.read(int(s), int(a), int(b))
+            item: Any = free.take(len(ids), stop)
+            if item is None:
+                return
+            pool_ids[item] = ids
+            for hp, r in rows.items():
+                pool[hp][item] = r
         except BaseException as exc:  # noqa: BLE001 - raised in the consumer
             item = exc
         while not stop.is_set():
@@ -172,8 +202,9 @@ class LoaderIterator:
                  to_device: bool = True):
         self.loader, self.to_device = loader, to_device
         self.torch_dtype = getattr(torch, loader.dtype)
-        self.capacity = (loader.buffer_tokens if loader.shuffle else loader.batch_size) + loader.max_chunk
         self.threshold = loader.buffer_tokens if loader.shuffle else loader.batch_size
+        # the consumer holds < threshold + 1 chunk rows; the reader up to prefetch + 1 chunks more
+        self.capacity = self.threshold + (loader.prefetch + 2) * loader.max_chunk
         pool_dtype = np.float32 if loader.normalize else None
         shapes = {hp: ((self.capacity, d), pool_dtype or loader.extractions[0].activations(hp).dtype)
                   for hp, d in loader.widths.items()}
@@ -183,9 +214,9 @@ class LoaderIterator:
             spare = {hp: np.empty(shape, dtype) for hp, (shape, dtype) in shapes.items()}
         self.pool = spare
         self.pool_ids = np.empty(self.capacity, np.int64)
-        # Rows stay where they were written; ``slots[:n]`` lists the occupied rows in buffer order and
-        # ``slots[n:]`` the free ones, so taking a batch moves 8-byte slot numbers, never rows.
-        self.slots = np.arange(self.capacity)
+        # Rows stay where the reader wrote them; ``live[:n]`` lists the shuffle buffer's rows in buffer
+        # order, so taking a batch moves 8-byte row numbers, never rows.
+        self.live = np.empty(self.capacity, np.int64)
         self.peak_rows = 0  # the most rows the shuffle buffer ever held
         self._thread: threading.Thread | None = None
         self._plan(epoch, worker, n_workers)
@@ -200,6 +231,7 @@ class LoaderIterator:
         self.rng = np.random.default_rng([loader.seed, epoch, worker, 1])  # draws batches from the buffer
         self.next_chunk = 0  # chunks of my_chunks already in the buffer
         self.n = 0
+        self.free = _FreeRows(self.capacity)
         self.batches = 0
 
     # -- reader thread -------------------------------------------------------------------------------
@@ -207,13 +239,16 @@ class LoaderIterator:
         self._queue: queue.Queue = queue.Queue(maxsize=self.loader.prefetch)
         self._stop = threading.Event()
         chunks = self.loader.chunks[self.my_chunks[self.next_chunk:]]
-        self._thread = threading.Thread(target=_read_ahead, args=(self.loader, chunks, self._queue, self._stop),
+        self._thread = threading.Thread(target=_read_ahead, args=(self.loader, chunks, self.pool, self.pool_ids,
+                                                                  self.free, self._queue, self._stop),
                                         daemon=True, name="mistudio-loader")
         self._thread.start()
 
-    def _stop_reader(self) -> None:
+    def _stop_reader(self, wait: bool = True) -> None:
         if self._thread is not None:
             self._stop.set()
+            if wait:  # it may be writing buffer rows: let it finish before they are reused
+                self._thread.join()
             self._thread = None
 
     def _release(self) -> None:
@@ -227,7 +262,7 @@ class LoaderIterator:
         self._stop_reader()
 
     def __del__(self) -> None:
-        self._stop_reader()
+        self._stop_reader(wait=False)
 
     # -- iteration -----------------------------------------------------------------------------------
     def __iter__(self) -> "LoaderIterator":
@@ -247,7 +282,7 @@ class LoaderIterator:
             if isinstance(item, BaseException):
                 self._stop_reader()
                 raise item
-            self._add(*item)
+            self._add(item)
             self.next_chunk += 1
 
     @property
@@ -258,29 +293,26 @@ class LoaderIterator:
     def drop(self) -> bool:
         return self.loader.drop_last
 
-    def _add(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
-        n, k = self.n, len(ids)
-        dest = self.slots[n:n + k]
-        self.pool_ids[dest] = ids
-        for hp, r in rows.items():
-            self.pool[hp][dest] = r
-        self.n = n + k
+    def _add(self, rows: np.ndarray) -> None:
+        """A chunk's buffer rows (written by the reader) join the shuffle buffer."""
+        self.live[self.n:self.n + len(rows)] = rows
+        self.n += len(rows)
         self.peak_rows = max(self.peak_rows, self.n)
 
     def _emit(self, take: int):
         n = self.n
         idx = self.rng.choice(n, size=take, replace=False) if self.loader.shuffle else np.arange(take)
-        taken = self.slots[idx]
+        taken = self.live[idx]
         out = {hp: p[taken] for hp, p in self.pool.items()}
         ids = self.pool_ids[taken]
-        if self.loader.shuffle:  # fill the holes below n - take with the tail slots not taken
+        if self.loader.shuffle:  # fill the holes below n - take with the tail rows not taken
             tail = np.arange(n - take, n)
             holes, fill = idx[idx < n - take], tail[~np.isin(tail, idx)]
         else:  # keep stored order: shift the rest down
             holes, fill = slice(0, n - take), slice(take, n)
-        self.slots[holes] = self.slots[fill]
-        self.slots[n - take:n] = taken  # freed
+        self.live[holes] = self.live[fill]
         self.n = n - take
+        self.free.give(taken)
         self.batches += 1
         return self._to_batch(ids, out)
 
@@ -298,7 +330,7 @@ class LoaderIterator:
         """Where this epoch stands: plan, buffer (as token ids), batch RNG. Small: 8 bytes per buffered row."""
         return {"epoch": self.epoch, "worker": self.worker, "n_workers": self.n_workers, "seed": self.loader.seed,
                 "limits": list(self.loader.limits), "next_chunk": self.next_chunk, "batches": self.batches,
-                "buffer_ids": self.pool_ids[self.slots[:self.n]], "rng": self.rng.bit_generator.state}
+                "buffer_ids": self.pool_ids[self.live[:self.n]], "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was taken (same stores, commit marks, seed and settings)."""
@@ -310,9 +342,9 @@ class LoaderIterator:
         self.next_chunk, self.batches = int(state["next_chunk"]), int(state["batches"])
         self.rng.bit_generator.state = state["rng"]
         ids = np.asarray(state["buffer_ids"], dtype=np.int64)
-        self.n = len(ids)
-        self.slots = np.arange(self.capacity)
-        self.pool_ids[:self.n] = ids
+        rows_at = self.free.take(len(ids), threading.Event())
+        self._add(rows_at)
+        self.pool_ids[rows_at] = ids
         store, token = ids >> STORE_SHIFT, ids & ((1 << STORE_SHIFT) - 1)
         for s in np.unique(store).tolist():  # re-read the buffered rows, one chunk at a time
             rows = self.loader.chunk_rows[s]
@@ -321,7 +353,7 @@ class LoaderIterator:
                 a, b = c * rows, min(c * rows + rows, self.loader.limits[s])
                 _, got = self.loader.read(s, a, b, keep_special=True)
                 for hp in self.pool:
-                    self.pool[hp][where] = got[hp][token[where] - a]
+                    self.pool[hp][rows_at[where]] = got[hp][token[where] - a]
 
 
 class _WorkerPool:
