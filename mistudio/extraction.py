@@ -136,11 +136,19 @@ class Extraction:
 
     # -- training and dataset-wide queries (mistudio.loader, mistudio.analysis) -------------------
     def loader(self, hook_points: str | list[str], batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
-               **options):
-        """A training loader over this extraction: see :func:`mistudio.loader.loader` for the options."""
+               exclude_special: bool = False, dtype: str = "float32", device: str = "cpu", drop_last: bool = False,
+               num_workers: int = 0, buffer_tokens: int | None = None, normalize: str | None = None,
+               with_index: bool = False, prefetch: int = 2):
+        """A training loader over this extraction (every committed token once per epoch, shuffled, resumable).
+
+        See :func:`mistudio.loader.loader` for the options.
+        """
         from .loader import loader
 
-        return loader(self, hook_points, batch_size=batch_size, shuffle=shuffle, seed=seed, **options)
+        return loader(self, hook_points, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                      exclude_special=exclude_special, dtype=dtype, device=device, drop_last=drop_last,
+                      num_workers=num_workers, buffer_tokens=buffer_tokens, normalize=normalize,
+                      with_index=with_index, prefetch=prefetch)
 
     def feature_stats(self, hook_point: str, bins: int = 64, cluster=None):
         """Per-feature mean/std/max/min/fraction active/histogram over every committed token (cached in the store)."""

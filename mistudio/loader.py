@@ -1,9 +1,10 @@
 """Training loader: every stored token once per epoch, shuffled, resumable, sharded over DataLoader workers.
 
 The plan of an epoch is a permutation of the stores' chunks (deterministic by ``(seed, epoch)``); a
-background thread reads them in that order while the training step runs, and rows go through a shuffle
-buffer of ``buffer_tokens`` rows from which each batch is drawn at random. So the loader holds at most
-``buffer_tokens`` + one chunk rows (plus ``prefetch`` chunks read ahead), whatever the store's size.
+background thread reads them in that order into free rows of the buffer while the training step runs,
+and each batch is drawn at random from the shuffle buffer of ``buffer_tokens`` rows. So the loader holds
+at most ``buffer_tokens`` + one chunk rows in the shuffle buffer, plus ``prefetch`` chunks read ahead and
+one being written, whatever the store's size; batches move row numbers, never rows, until the gather.
 """
 from __future__ import annotations
 
@@ -206,7 +207,8 @@ class LoaderIterator:
         # the consumer holds < threshold + 1 chunk rows; the reader up to prefetch + 1 chunks more
         self.capacity = self.threshold + (loader.prefetch + 2) * loader.max_chunk
         pool_dtype = np.float32 if loader.normalize else None
-        shapes = {hp: ((self.capacity, d), pool_dtype or loader.extractions[0].activations(hp).dtype)
+        shapes = {hp: ((self.capacity, d), pool_dtype or np.result_type(*(e.activations(hp).dtype
+                                                                          for e in loader.extractions)))
                   for hp, d in loader.widths.items()}
         spare = loader._spare_pool  # the last finished epoch's buffer: already in memory, no page faults
         loader._spare_pool = None
