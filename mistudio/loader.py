@@ -363,7 +363,7 @@ class _WorkerPool:
 
     def __init__(self, loader: ActivationLoader, epoch: int):
         worker_copy = copy.copy(loader)
-        worker_copy.num_workers, worker_copy.epoch = 0, epoch
+        worker_copy.num_workers, worker_copy.epoch, worker_copy._spare_pool = 0, epoch, None
         self.device = loader.device
         self._it = iter(DataLoader(worker_copy, batch_size=None, num_workers=loader.num_workers,
                                    pin_memory=str(loader.device).startswith("cuda")))
