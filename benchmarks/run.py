@@ -258,6 +258,70 @@ def bench_checksum(ws, mb, repeats) -> dict:
             **{k + "s": [float(x) for x in np.array(seconds[b]) / np.array(seconds[a])] for k, (a, b) in ratios.items()}}
 
 
+def loader_store(folder: Path, mb: float, width: int = 1024):
+    """A COMPLETED store of random float32 activations, about ``mb`` MB, written straight through ExtractionStore."""
+    from mistudio.metadata import ExtractionMeta
+    from mistudio.store import ExtractionStore
+
+    n = int(mb * 2**20 / (width * 4))
+    lengths = np.full(n // 128, 128)
+    meta = ExtractionMeta(id="bench-loader", nonce="bench", status="EXTRACTING",
+                          model={"name_or_path": str(ms.packaged_minilm_path())})
+    store = ExtractionStore.create(str(folder), meta)
+    rng = np.random.default_rng(0)
+    store.allocate([rng.integers(0, 1000, size=int(k)) for k in lengths], np.arange(len(lengths)),
+                   {"layers.0.residual": width}, "float32", chunk_mb=2.0)
+    arr = store.activations("layers.0.residual")
+    block = arr.chunks[0] * 16
+    for a in range(0, arr.shape[0], block):
+        arr[a:a + block] = rng.standard_normal((min(block, arr.shape[0] - a), width), dtype=np.float32)
+    store.update(status="COMPLETED", progress={"tokens_committed": arr.shape[0], "samples_committed": len(lengths)},
+                 statistics={"layers.0.residual": {"mean": 0.0, "std": 1.0}})
+    return ms.Extraction(store)
+
+
+def bench_loader(folder: Path, mb: float, repeats: int) -> dict:
+    """Loader MB/s (batches of 4096 as torch tensors) ÷ a raw sequential read of the same chunk files."""
+    ext = loader_store(folder / "loader.zarr", mb)
+    hp = "layers.0.residual"
+    arr = ext.activations(hp)
+    files = [folder / "loader.zarr" / "activations" / hp / "c" / str(i) / "0"
+             for i in range(-(-arr.shape[0] // arr.chunks[0]))]  # the chunk files, in stored order
+    nbytes = ext.activations(hp).nbytes
+
+    def raw_files():
+        for f in files:
+            np.fromfile(f, dtype=np.uint8)
+
+    def raw_zarr():
+        arr = ext.activations(hp)
+        for a in range(0, arr.shape[0], arr.chunks[0]):
+            arr[a:a + arr.chunks[0]]
+
+    def loader(shuffle):
+        epochs = ext.loader(hp, batch_size=4096, shuffle=shuffle)  # one loader, one epoch per run, as in training
+
+        def run():
+            for _batch in epochs:
+                pass
+        return run
+
+    runs = {"raw_files": raw_files, "raw_zarr": raw_zarr, "shuffled": loader(True), "unshuffled": loader(False)}
+    for run in runs.values():  # warm the page cache and the code paths
+        run()
+    secs: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved, so drift of this shared machine hits all alike
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            secs[name].append(time.perf_counter() - start)
+    mb_s = {name: nbytes / 1e6 / float(np.median(s)) for name, s in secs.items()}
+    return {"mb": nbytes / 1e6, "mb_s": mb_s, "chunk_rows": ext.activations(hp).chunks[0], "width": 1024,
+            "shuffled_ratio": mb_s["shuffled"] / mb_s["raw_files"],
+            "unshuffled_ratio": mb_s["unshuffled"] / mb_s["raw_files"],
+            "shuffled_vs_zarr": mb_s["shuffled"] / mb_s["raw_zarr"], "target": ">= 0.8 shuffled"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run under a minute")
@@ -280,6 +344,7 @@ def main() -> None:
             ("cancel", lambda: bench_cancel(model_dir, str(tmp / "ws3"), 120 if q else 400)),
             ("write", lambda: bench_write(str(tmp), 64 if q else 512)),
             ("checksum", lambda: bench_checksum(str(tmp), 32 if q else 256, 2 if q else 6)),
+            ("loader", lambda: bench_loader(tmp, 64 if q else 512, 1 if q else 3)),
         ]
         for name, step in steps:
             if args.only and name not in args.only.split(","):
@@ -317,6 +382,14 @@ def print_table(r: dict) -> None:
           f"{k['read_plain_mb_s']:.0f} MB/s)")
     print(f"{'checked view read MB/s / raw zarr (crc32c)':<44}{k['checked_read_ratio']:>14.3f}           "
           f"({k['read_checked_mb_s']:.0f} MB/s)")
+
+
+    if "loader" in r:
+        lo = r["loader"]
+        for name in ("shuffled", "unshuffled"):
+            print(f"{'loader ' + name + ' MB/s / raw file read MB/s':<44}{lo[name + '_ratio']:>14.3f}  >= 0.8"
+                  f"   ({lo['mb_s'][name]:.0f} vs {lo['mb_s']['raw_files']:.0f} MB/s; zarr in order "
+                  f"{lo['mb_s']['raw_zarr']:.0f} MB/s)")
 
 
 if __name__ == "__main__":

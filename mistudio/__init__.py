@@ -7,13 +7,15 @@ from .errors import (DiskFull, ExtractionFailed, InputError, JobCancelled, Mistu
 from .extraction import Extraction
 from .jobs import Job
 from .metadata import Status
+from .loader import ActivationLoader, loader
 from .models import load_model, packaged_minilm_path
 from .workspace import Workspace
 
 __version__ = "0.1.0"
 __all__ = ["extract", "open_extraction", "sample_dataset", "sample_texts", "HubDataset", "ModelSpec", "DatasetSpec",
            "Workspace", "Job", "Extraction", "load_model", "packaged_minilm_path", "HOOK_KINDS", "InputError",
-           "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost", "StoreCorrupted", "DiskFull", "Status"]
+           "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost", "StoreCorrupted", "DiskFull",
+           "Status", "loader", "ActivationLoader"]
 
 
 def __getattr__(name: str):

@@ -157,3 +157,31 @@ class Extraction:
         import dask.array as da
 
         return da.from_zarr(self.activations(hook_point).zarr)
+
+    # -- training and dataset-wide queries (mistudio.loader, mistudio.analysis) -------------------
+    def loader(self, hook_points: str | list[str], batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
+               exclude_special: bool = False, dtype: str = "float32", device: str = "cpu", drop_last: bool = False,
+               num_workers: int = 0, buffer_tokens: int | None = None, normalize: str | None = None,
+               with_index: bool = False, prefetch: int = 2):
+        """A training loader over this extraction (every committed token once per epoch, shuffled, resumable).
+
+        See :func:`mistudio.loader.loader` for the options.
+        """
+        from .loader import loader
+
+        return loader(self, hook_points, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                      exclude_special=exclude_special, dtype=dtype, device=device, drop_last=drop_last,
+                      num_workers=num_workers, buffer_tokens=buffer_tokens, normalize=normalize,
+                      with_index=with_index, prefetch=prefetch)
+
+    def feature_stats(self, hook_point: str, bins: int = 64, cluster=None):
+        """Per-feature mean/std/max/min/fraction active/histogram over every committed token (cached in the store)."""
+        from .analysis import feature_stats
+
+        return feature_stats(self, hook_point, bins=bins, cluster=cluster)
+
+    def top_examples(self, hook_point: str, feature: int | list[int], k: int = 20, context: int = 8, cluster=None):
+        """The k tokens where ``feature`` is largest, with their context (cached in the store)."""
+        from .analysis import top_examples
+
+        return top_examples(self, hook_point, feature, k=k, context=context, cluster=cluster)

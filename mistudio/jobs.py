@@ -72,7 +72,9 @@ class Job(Observable):
         """The typed metadata: in memory while the job lives here, else read fresh from the store."""
         if self._memory_record is not None:
             return self._memory_record.model_copy(deep=True)
-        return self.store.record if self._live else ExtractionMeta.model_validate(self.store.refresh())
+        if not self._live:
+            self.store.refresh()
+        return self.store.record
 
     @property
     def meta(self) -> dict:

@@ -1,0 +1,251 @@
+"""Dataset-wide queries over one hook point: per-feature statistics and a feature's top examples.
+
+Both stream the store chunk by chunk (memory: one chunk at a time), optionally fan the chunks out over
+a ``dask.distributed.Client``, and cache their answer in the store's ``analysis/`` group, keyed by the
+query's parameters and the commit mark, so a stale answer is never served. Only ``analysis/`` is ever
+written; a live job's store, or a store this process cannot write, is simply not cached.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import zarr
+
+from .errors import InputError
+from .metadata import LIVE_STATES
+
+if TYPE_CHECKING:
+    from .extraction import Extraction
+
+log = logging.getLogger(__name__)
+STAT_ARRAYS = ("mean", "std", "max", "min", "frac_active", "hist", "edges")
+
+
+@dataclass
+class FeatureStats:
+    """Per-feature statistics of one hook point over every committed token (arrays of shape (d,) unless noted)."""
+
+    hook_point: str
+    n_tokens: int
+    mean: np.ndarray
+    std: np.ndarray
+    max: np.ndarray
+    min: np.ndarray
+    frac_active: np.ndarray   # fraction of tokens where the feature is > 0
+    hist: np.ndarray          # (d, bins) counts, per-feature bins spanning [min, max]
+    edges: np.ndarray         # (d, bins + 1) bin edges
+    cached: bool = field(default=False, compare=False)  # True when read from the store's analysis/ cache
+
+
+class Examples(list):
+    """The list of top examples, with ``cached`` telling whether it came from the store's cache."""
+
+    cached: bool = False
+
+
+# -- chunk plan and the per-chunk work (module-level functions: they travel to dask workers) -----------
+def _mark(ext: "Extraction") -> int:
+    return int(ext.committed_tokens())
+
+
+def _chunk_ranges(ext: "Extraction", hook_point: str, limit: int, per_task: int = 1) -> list[tuple[int, int]]:
+    rows = int(ext.activations(hook_point).chunks[0]) * per_task
+    return [(a, min(a + rows, limit)) for a in range(0, limit, rows)]
+
+
+def _open(location: str, storage_options: dict | None) -> "Extraction":
+    from .api import open_extraction
+
+    return open_extraction(location, storage_options=storage_options)
+
+
+def _moments(ext: "Extraction", hook_point: str, a: int, b: int) -> dict:
+    x = ext.activations(hook_point)[a:b].astype(np.float64)
+    return {"n": b - a, "sum": x.sum(0), "sum_sq": np.einsum("ij,ij->j", x, x), "max": x.max(0), "min": x.min(0),
+            "active": (x > 0).sum(0)}
+
+
+def _histogram(ext: "Extraction", hook_point: str, a: int, b: int, lo: np.ndarray, hi: np.ndarray,
+               bins: int) -> np.ndarray:
+    x = ext.activations(hook_point)[a:b].astype(np.float64)
+    width = np.where(hi > lo, hi - lo, 1.0)
+    idx = np.clip(((x - lo) / width * bins).astype(np.int64), 0, bins - 1)
+    d = x.shape[1]
+    return np.bincount((idx + np.arange(d) * bins).ravel(), minlength=d * bins).reshape(d, bins)
+
+
+def _top(ext: "Extraction", hook_point: str, a: int, b: int, features: list[int], k: int) -> list[np.ndarray]:
+    """Per feature: (value, token index) of the chunk's k largest, as a (m, 2) float64 array."""
+    cols = ext.activations(hook_point)[a:b][:, features].astype(np.float64)
+    out = []
+    for j in range(cols.shape[1]):
+        col = cols[:, j]
+        m = min(k, len(col))
+        best = np.argpartition(-col, m - 1)[:m] if m else np.zeros(0, np.int64)
+        out.append(np.stack([col[best], best + a], axis=1))
+    return out
+
+
+def _remote(location, storage_options, fn_name, hook_point, ranges, *args):
+    """Run one of the chunk functions on a dask worker over a few ranges (opens the store there)."""
+    ext = _open(location, storage_options)
+    fn = globals()[fn_name]
+    return [fn(ext, hook_point, a, b, *args) for a, b in ranges]
+
+
+def _map(ext: "Extraction", fn: Callable, hook_point: str, ranges: list[tuple[int, int]], cluster: Any,
+         *args) -> list:
+    """``fn`` over every range, in range order: here, one range at a time, or as tasks on ``cluster``."""
+    if cluster is None:
+        return [fn(ext, hook_point, a, b, *args) for a, b in ranges]
+    per = max(1, math.ceil(len(ranges) / 256))  # at most ~256 tasks
+    groups = [ranges[i:i + per] for i in range(0, len(ranges), per)]
+    futures = cluster.map(_remote, [ext.location] * len(groups), [ext.store.storage_options] * len(groups),
+                          [fn.__name__] * len(groups), [hook_point] * len(groups), groups,
+                          *[[arg] * len(groups) for arg in args], pure=False)
+    return [r for group in cluster.gather(futures) for r in group]
+
+
+# -- the cache -------------------------------------------------------------------------------------
+def _cache_path(kind: str, hook_point: str, key: str) -> str:
+    return f"analysis/{kind}/{hook_point}/{key}"
+
+
+def _cache_read(ext: "Extraction", path: str, mark: int) -> zarr.Group | None:
+    try:
+        group = zarr.open_group(store=ext.location, path=path, mode="r", storage_options=ext.store.storage_options)
+    except Exception:  # noqa: BLE001 - absent (or unreadable) means no cache
+        return None
+    return group if group.attrs.get("mark") == mark else None
+
+
+def _cache_write(ext: "Extraction", path: str, mark: int, attrs: dict, arrays: dict[str, np.ndarray]) -> bool:
+    """Write under ``analysis/`` only; skip (False) for a live job or a store we cannot write."""
+    if ext.status in LIVE_STATES or _mark(ext) != mark:
+        return False
+    try:
+        group = zarr.open_group(store=ext.location, path=path, mode="w", storage_options=ext.store.storage_options,
+                                zarr_format=3)
+        for name, data in arrays.items():
+            group.create_array(name, data=data, compressors=None)
+        group.attrs.update({**attrs, "mark": mark})  # written last: a half-written entry has no mark, so it misses
+        return True
+    except Exception as exc:  # noqa: BLE001 - read-only store, permissions, remote without write access
+        log.debug("mistudio: not caching %s in %s: %s", path, ext.location, exc)
+        return False
+
+
+def cached_feature_stats(ext: "Extraction", hook_point: str) -> FeatureStats | None:
+    """Any cached, up-to-date :class:`FeatureStats` of ``hook_point`` (whatever its bins), else None."""
+    mark = _mark(ext)
+    try:
+        parent = zarr.open_group(store=ext.location, path=f"analysis/feature_stats/{hook_point}", mode="r",
+                                 storage_options=ext.store.storage_options)
+        keys = sorted(parent.group_keys())
+    except Exception:  # noqa: BLE001
+        return None
+    for key in keys:
+        group = _cache_read(ext, f"analysis/feature_stats/{hook_point}/{key}", mark)
+        if group is not None:
+            return _stats_from_group(hook_point, group)
+    return None
+
+
+def _stats_from_group(hook_point: str, group: zarr.Group) -> FeatureStats:
+    return FeatureStats(hook_point, int(group.attrs["n_tokens"]), *(group[name][:] for name in STAT_ARRAYS),
+                        cached=True)
+
+
+# -- the queries -----------------------------------------------------------------------------------
+def feature_stats(ext: "Extraction", hook_point: str, bins: int = 64, cluster: Any = None) -> FeatureStats:
+    """Per-feature mean, std, max, min, fraction active (> 0) and a ``bins``-bin histogram over every committed token.
+
+    Two streaming passes (moments and range, then histograms with per-feature edges from min to max).
+    ``cluster``: a ``dask.distributed.Client`` to run the chunks on its workers.
+    """
+    if bins < 1:
+        raise InputError(f"bins must be at least 1, got {bins}")
+    ext.activations(hook_point)  # names the hook points when this one is wrong
+    mark = _mark(ext)
+    path = _cache_path("feature_stats", hook_point, f"bins={bins}")
+    group = _cache_read(ext, path, mark)
+    if group is not None:
+        return _stats_from_group(hook_point, group)
+    ranges = _chunk_ranges(ext, hook_point, mark)
+    d = int(ext.activations(hook_point).shape[1])
+    if not ranges:
+        zeros = np.zeros(d)
+        return FeatureStats(hook_point, 0, zeros, zeros, zeros, zeros, zeros, np.zeros((d, bins), np.int64),
+                            np.zeros((d, bins + 1)))
+    parts = _map(ext, _moments, hook_point, ranges, cluster)
+    n = sum(p["n"] for p in parts)
+    total, sum_sq = sum(p["sum"] for p in parts), sum(p["sum_sq"] for p in parts)
+    mean = total / n
+    std = np.sqrt(np.maximum(sum_sq / n - mean * mean, 0.0))
+    hi, lo = np.max([p["max"] for p in parts], 0), np.min([p["min"] for p in parts], 0)
+    active = sum(p["active"] for p in parts) / n
+    hist = sum(_map(ext, _histogram, hook_point, ranges, cluster, lo, hi, bins))
+    edges = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, bins + 1)[None, :]
+    stats = FeatureStats(hook_point, n, mean, std, hi, lo, active, hist.astype(np.int64), edges)
+    _cache_write(ext, path, mark, {"n_tokens": n, "bins": bins},
+                 {name: getattr(stats, name) for name in STAT_ARRAYS})
+    return stats
+
+
+def top_examples(ext: "Extraction", hook_point: str, feature: int | list[int], k: int = 20, context: int = 8,
+                 cluster: Any = None) -> Examples | dict[int, Examples]:
+    """The ``k`` tokens where ``feature`` is largest over every committed token, largest first.
+
+    Each example: ``value``, ``token_index`` (stored order), ``sample_position`` (stored sample), ``row``
+    (dataset row), ``position`` (token position in the sample), ``token_id``, ``token``, and the context
+    window within the sample (``context`` tokens either side): ``context_start`` (position of its first
+    token), ``context_ids``, ``context_tokens``, ``context_values`` (this feature's activations).
+    A list of features is answered in one pass: a dict {feature: examples}.
+    """
+    features = [int(feature)] if np.isscalar(feature) else [int(f) for f in feature]
+    d = int(ext.activations(hook_point).shape[1])
+    bad = [f for f in features if not 0 <= f < d]
+    if bad:
+        raise InputError(f"feature {bad[0]} is out of range: {hook_point} has {d} features (0..{d - 1})")
+    if k < 1 or context < 0:
+        raise InputError(f"k must be at least 1 and context at least 0, got k={k}, context={context}")
+    mark = _mark(ext)
+    paths = {f: _cache_path("top_examples", hook_point, f"feature={f},k={k},context={context}") for f in features}
+    answers: dict[int, Examples] = {}
+    for f in features:
+        group = _cache_read(ext, paths[f], mark)
+        if group is not None:
+            answers[f] = Examples(json.loads(group.attrs["examples"]))
+            answers[f].cached = True
+    todo = [f for f in features if f not in answers]
+    if todo:
+        parts = _map(ext, _top, hook_point, _chunk_ranges(ext, hook_point, mark), cluster, todo, k)
+        for j, f in enumerate(todo):
+            cand = np.concatenate([p[j] for p in parts]) if parts else np.zeros((0, 2))
+            order = np.lexsort((cand[:, 1], -cand[:, 0]))[:k]  # largest value first, ties by stored order
+            answers[f] = Examples(_describe(ext, hook_point, f, cand[order], context))
+            _cache_write(ext, paths[f], mark, {"examples": json.dumps(answers[f])}, {})
+    return answers[features[0]] if np.isscalar(feature) else answers
+
+
+def _describe(ext: "Extraction", hook_point: str, feature: int, best: np.ndarray, context: int) -> list[dict]:
+    offsets, rows = ext.sample_offsets, ext.sample_index
+    ids = ext.store.group["tokens/input_ids"]
+    out = []
+    for value, token in best:
+        token = int(token)
+        pos = int(np.searchsorted(offsets, token, side="right")) - 1
+        start, stop = int(offsets[pos]), int(offsets[pos + 1])
+        lo, hi = max(start, token - context), min(stop, token + context + 1)
+        window = [int(i) for i in ids[lo:hi]]
+        names = ext.tokenizer.convert_ids_to_tokens(window)
+        out.append({"value": float(value), "token_index": token, "sample_position": pos, "row": int(rows[pos]),
+                    "position": token - start, "token_id": window[token - lo], "token": names[token - lo],
+                    "context_start": lo - start, "context_ids": window, "context_tokens": names,
+                    "context_values": ext.activations(hook_point)[lo:hi][:, feature].astype(float).tolist()})
+    return out

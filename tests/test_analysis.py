@@ -1,0 +1,164 @@
+"""Dataset-wide queries over real stores: feature_stats and top_examples against brute-force numpy, and the cache."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import zarr
+
+import mistudio as ms
+from mistudio import analysis
+
+HP = "layers.1.residual"
+ARGS = dict(layers=[0, 1], hooks=["residual"], dtype="float32", chunk_mb=0.02, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def made(gpt2_dir, tmp_path_factory):
+    ext = ms.extract(gpt2_dir, ms.sample_texts()[:200], workspace=str(tmp_path_factory.mktemp("analysis")),
+                     progress=False, **ARGS)
+    assert ext.activations(HP).chunks[0] * 20 < ext.n_tokens
+    return ext
+
+
+@pytest.fixture
+def ext(made, tmp_path):
+    """A fresh copy of the store for each test, so caches do not leak between tests."""
+    shutil.copytree(made.location, tmp_path / "copy.zarr")
+    return ms.open_extraction(str(tmp_path / "copy.zarr"))
+
+
+def brute_stats(x: np.ndarray, bins: int) -> dict:
+    x = x.astype(np.float64)
+    lo, hi = x.min(0), x.max(0)
+    hist = np.stack([np.histogram(x[:, f], bins=bins, range=(lo[f], hi[f]))[0] for f in range(x.shape[1])])
+    return {"mean": x.mean(0), "std": x.std(0), "max": hi, "min": lo, "frac_active": (x > 0).mean(0), "hist": hist}
+
+
+def assert_stats(stats: analysis.FeatureStats, want: dict, n: int) -> None:
+    assert stats.n_tokens == n and stats.hist.sum(1).tolist() == [n] * len(want["mean"])
+    for name in ("mean", "std", "max", "min", "frac_active"):
+        np.testing.assert_allclose(getattr(stats, name), want[name], rtol=1e-6, atol=1e-9, err_msg=name)
+    # floating-point edges may put a value on the other side of a bin edge: allow a handful of moves
+    assert np.abs(stats.hist - want["hist"]).sum() <= 0.001 * want["hist"].sum()
+
+
+def brute_top(ext, feature: int, k: int) -> list[int]:
+    col = ext.activations(HP)[:][:, feature].astype(np.float64)
+    return sorted(range(len(col)), key=lambda t: (-col[t], t))[:k]
+
+
+def test_feature_stats_equal_brute_force_and_are_cached(ext, monkeypatch):
+    x = ext.activations(HP)[:]
+    stats = ext.feature_stats(HP, bins=16)
+    assert not stats.cached and stats.hist.shape == (32, 16) and stats.edges.shape == (32, 17)
+    assert_stats(stats, brute_stats(x, 16), ext.n_tokens)
+    meta_before = ext.metadata
+    monkeypatch.setattr(analysis, "_moments", None)  # a second scan would fail: the answer must come from the cache
+    again = ext.feature_stats(HP, bins=16)
+    assert again.cached
+    for name in analysis.STAT_ARRAYS:
+        np.testing.assert_array_equal(getattr(again, name), getattr(stats, name))
+    assert zarr.open_group(ext.location, path=f"analysis/feature_stats/{HP}/bins=16", mode="r").attrs["mark"] == \
+        ext.n_tokens
+    # the extraction's own arrays and metadata are untouched; xarray still opens it
+    assert ext.metadata == meta_before
+    np.testing.assert_array_equal(ext.activations(HP)[:], x)
+    assert set(ext.to_xarray().data_vars) == set(ext.hook_points)
+
+
+def test_top_examples_equal_brute_force(ext):
+    offsets, rows, ids = ext.sample_offsets, ext.sample_index, ext.store.group["tokens/input_ids"][:]
+    x = ext.activations(HP)[:]
+    top = ext.top_examples(HP, feature=5, k=7, context=3)
+    assert not top.cached and [t["token_index"] for t in top] == brute_top(ext, 5, 7)
+    for t in top:
+        pos = t["sample_position"]
+        start, stop = offsets[pos], offsets[pos + 1]
+        assert start <= t["token_index"] < stop and t["row"] == rows[pos]
+        assert t["position"] == t["token_index"] - start and t["value"] == pytest.approx(x[t["token_index"], 5])
+        lo, hi = max(start, t["token_index"] - 3), min(stop, t["token_index"] + 4)
+        assert t["context_start"] == lo - start and t["context_ids"] == ids[lo:hi].tolist()
+        assert t["context_tokens"][t["position"] - t["context_start"]] == t["token"]
+        np.testing.assert_allclose(t["context_values"], x[lo:hi, 5], rtol=1e-6)
+        assert t["context_tokens"] == ext.tokenizer.convert_ids_to_tokens(t["context_ids"])
+    several = ext.top_examples(HP, feature=[5, 9], k=7, context=3)
+    assert several[5].cached and not several[9].cached
+    assert [t["token_index"] for t in several[9]] == brute_top(ext, 9, 7)
+    assert several[5] == top
+
+
+def test_top_examples_cached_then_stale_cache_ignored(ext, monkeypatch):
+    first = ext.top_examples(HP, 3, k=5)
+    path = f"analysis/top_examples/{HP}/feature=3,k=5,context=8"
+    group = zarr.open_group(ext.location, path=path, mode="r+")
+    assert json.loads(group.attrs["examples"]) == first
+    real_top = analysis._top
+    monkeypatch.setattr(analysis, "_top", None)
+    hit = ext.top_examples(HP, 3, k=5)
+    assert hit.cached and hit == first
+    group.attrs["mark"] = ext.n_tokens - 1  # as if made before the last commit: must not be served
+    monkeypatch.setattr(analysis, "_top", real_top)
+    fresh = ext.top_examples(HP, 3, k=5)
+    assert not fresh.cached and fresh == first
+
+
+def test_read_only_store_skips_caching(ext, monkeypatch):
+    real = zarr.open_group
+
+    def read_only(*args, mode="r", **kw):
+        if mode != "r":
+            raise PermissionError("read-only file system")
+        return real(*args, mode=mode, **kw)
+
+    monkeypatch.setattr(analysis.zarr, "open_group", read_only)
+    assert not ext.feature_stats(HP, bins=8).cached
+    assert not ext.feature_stats(HP, bins=8).cached  # nothing was written, nothing is served
+    assert ext.top_examples(HP, 1, k=3)
+
+
+def test_live_job_is_not_cached(gpt2_dir, tmp_path):
+    reached, release = threading.Event(), threading.Event()
+
+    def gate(index, _batch_size):
+        if index == 10:
+            reached.set()
+            release.wait(30)
+
+    job = ms.Workspace(str(tmp_path)).submit(gpt2_dir, ms.sample_texts()[:200], batch_size=8, before_batch=gate,
+                                             **ARGS)
+    try:
+        assert reached.wait(60)
+        ext = ms.open_extraction(job.store.location)
+        stats = ext.feature_stats(HP, bins=4)
+        assert 0 < stats.n_tokens < ext.n_tokens and not stats.cached
+        assert "analysis" not in zarr.open_group(ext.location, mode="r")
+    finally:
+        release.set()
+        job.wait(60)
+
+
+def test_on_a_dask_cluster_same_answer(ext):
+    from distributed import Client, LocalCluster
+
+    local = analysis.feature_stats(ext, HP, bins=8)
+    top = analysis.top_examples(ext, HP, [2, 4], k=4)
+    shutil.rmtree(f"{ext.location}/analysis")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        remote = ext.feature_stats(HP, bins=8, cluster=client)
+        remote_top = ext.top_examples(HP, [2, 4], k=4, cluster=client)
+    assert not remote.cached and not remote_top[2].cached
+    for name in analysis.STAT_ARRAYS:
+        np.testing.assert_array_equal(getattr(remote, name), getattr(local, name), err_msg=name)
+    assert remote_top == top
+
+
+def test_bad_arguments(ext):
+    with pytest.raises(ms.InputError, match="out of range"):
+        ext.top_examples(HP, 32)
+    with pytest.raises(ms.InputError, match="layers.0.residual"):
+        ext.feature_stats("layers.7.mlp")

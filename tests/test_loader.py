@@ -1,0 +1,239 @@
+"""The training loader over real stores: once per epoch, shuffled, deterministic, resumable, sharded, bounded."""
+from __future__ import annotations
+
+import pickle
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+import mistudio as ms
+from mistudio.loader import LoaderIterator
+
+HPS = ["layers.0.residual", "layers.1.residual"]
+EOS = "<|endoftext|>"
+ARGS = dict(layers=[0, 1], hooks=["residual"], dtype="float32", chunk_mb=0.02, max_length=64, progress=False)
+
+
+def texts(start: int, stop: int) -> list[str]:
+    """Sample texts, every third with the tokenizer's special token inside, so exclude_special has work."""
+    return [f"{t} {EOS} more" if i % 3 == 0 else t for i, t in enumerate(ms.sample_texts()[start:stop])]
+
+
+@pytest.fixture(scope="module")
+def store(gpt2_dir, tmp_path_factory):
+    ext = ms.extract(gpt2_dir, texts(0, 200), workspace=str(tmp_path_factory.mktemp("loader")), **ARGS)
+    ids = ext.store.group["tokens/input_ids"][:]
+    special = np.isin(ids, ext.tokenizer.all_special_ids)
+    assert ext.activations(HPS[0]).chunks[0] * 20 < ext.n_tokens and 0 < special.sum() < len(ids)
+    return ext, {hp: ext.activations(hp)[:] for hp in HPS}, special
+
+
+@pytest.fixture(scope="module")
+def second(gpt2_dir, tmp_path_factory):
+    return ms.extract(gpt2_dir, texts(300, 360), workspace=str(tmp_path_factory.mktemp("loader2")), **ARGS)
+
+
+def drain(batches) -> dict[str, np.ndarray]:
+    """Every batch's columns, concatenated in yielded order."""
+    out: dict[str, list] = {}
+    for batch in batches:
+        for key, value in batch.items():
+            out.setdefault(key, []).append(value.numpy())
+    return {key: np.concatenate(parts) for key, parts in out.items()}
+
+
+def assert_once(got: dict, ref: dict, expected: np.ndarray) -> None:
+    """The yielded token indices are exactly ``expected`` (each once) and each row is the stored row."""
+    np.testing.assert_array_equal(np.sort(got["token_index"]), expected)
+    for hp in HPS:
+        np.testing.assert_array_equal(got[hp], ref[hp][got["token_index"]])
+
+
+@pytest.mark.parametrize("exclude_special", [False, True])
+@pytest.mark.parametrize("mode", ["in process", "torch DataLoader, 2 workers", "num_workers=2"])
+def test_every_token_once_per_epoch(store, mode, exclude_special):
+    ext, ref, special = store
+    expected = np.flatnonzero(~special) if exclude_special else np.arange(ext.n_tokens)
+    kw = dict(batch_size=256, seed=3, exclude_special=exclude_special, with_index=True)
+    if mode == "in process":
+        loader = ext.loader(HPS, **kw)
+        batches = list(loader)
+    elif mode == "num_workers=2":
+        loader = ext.loader(HPS, num_workers=2, **kw)
+        batches = list(loader)
+    else:
+        loader = ext.loader(HPS, **kw)
+        loader.set_epoch(0)
+        batches = list(DataLoader(loader, batch_size=None, num_workers=2))
+    got = drain(batches)
+    assert_once(got, ref, expected)
+    assert all(len(b["token_index"]) == 256 for b in batches[:-2])  # each worker's last batch may be partial
+    assert (got["store"] == 0).all() and batches[0][HPS[0]].dtype == torch.float32
+
+
+def test_workers_split_the_chunks(store):
+    ext, _, _ = store
+    loader = ext.loader(HPS[0], batch_size=128, with_index=True, buffer_tokens=128)
+    shares = []
+    for worker in range(2):
+        it = LoaderIterator(loader, 0, worker, 2)
+        shares.append({int(t) // loader.chunk_rows[0] for b in it for t in b["token_index"]})
+    assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == loader.n_chunks
+
+
+def test_order_depends_on_seed_and_epoch_only(store):
+    ext, _, _ = store
+
+    def order(seed, epoch=None, loader=None):
+        loader = loader or ext.loader(HPS[0], batch_size=512, seed=seed, with_index=True)
+        if epoch is not None:
+            loader.set_epoch(epoch)
+        return drain(loader)["token_index"]
+
+    first = order(0)
+    np.testing.assert_array_equal(first, order(0))
+    np.testing.assert_array_equal(first, order(0, epoch=0))
+    assert not np.array_equal(first, order(1))
+    assert not np.array_equal(first, order(0, epoch=1))
+    counting = ext.loader(HPS[0], batch_size=512, seed=0, with_index=True)  # each iter() is the next epoch
+    epochs = [drain(counting)["token_index"] for _ in range(2)]
+    np.testing.assert_array_equal(epochs[0], first)
+    np.testing.assert_array_equal(epochs[1], order(0, epoch=1))
+
+
+def test_shuffled_rows_are_rarely_stored_neighbours(store):
+    ext, ref, _ = store
+    shuffled = drain(ext.loader(HPS[0], batch_size=64, with_index=True))["token_index"]
+    assert np.mean(np.abs(np.diff(shuffled)) == 1) < 0.02
+    plain = drain(ext.loader(HPS[0], batch_size=100, shuffle=False, with_index=True))
+    np.testing.assert_array_equal(plain["token_index"], np.arange(ext.n_tokens))
+    batches = list(ext.loader(HPS[0], batch_size=100, shuffle=False))
+    assert all(isinstance(b, torch.Tensor) and b.shape == (100, 32) for b in batches[:-1])
+    np.testing.assert_array_equal(torch.cat(batches).numpy(), ref[HPS[0]])
+
+
+def test_drop_last_and_dtype(store):
+    ext, _, _ = store
+    batches = list(ext.loader(HPS[0], batch_size=500, drop_last=True, dtype="bfloat16"))
+    assert len(batches) == ext.n_tokens // 500 and all(b.shape == (500, 32) for b in batches)
+    assert batches[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_resume_mid_epoch_continues_identically(store, shuffle):
+    ext, _, _ = store
+    kw = dict(batch_size=100, seed=5, shuffle=shuffle, exclude_special=True, with_index=True, buffer_tokens=1000)
+    full = list(ext.loader(HPS, **kw))
+    it = iter(ext.loader(HPS, **kw))
+    head = [next(it) for _ in range(7)]
+    state = pickle.loads(pickle.dumps(it.state_dict()))
+    it.close()
+    resumed = iter(ext.loader(HPS, **kw))
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert len(head) + len(tail) == len(full)
+    for got, want in zip(head + tail, full):
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def test_buffer_is_bounded(store):
+    ext, ref, _ = store
+    loader = ext.loader(HPS[0], batch_size=64, buffer_tokens=300, with_index=True)
+    it = iter(loader)
+    got = drain(it)
+    chunk = loader.chunk_rows[0]
+    assert 300 <= it.peak_rows <= 300 + chunk and it.capacity == 300 + 4 * chunk  # + 2 chunks read ahead, 1 in flight
+    np.testing.assert_array_equal(np.sort(got["token_index"]), np.arange(ext.n_tokens))
+    assert loader.buffer_tokens == 300 and loader.prefetch == 2  # plus at most 2 chunks read ahead
+
+
+def test_in_progress_store_only_up_to_the_commit_mark(gpt2_dir, tmp_path):
+    reached, release = threading.Event(), threading.Event()
+
+    def gate(index, _batch_size):
+        if index == 12:
+            reached.set()
+            release.wait(30)
+
+    job = ms.Workspace(str(tmp_path)).submit(gpt2_dir, texts(0, 200), batch_size=8, before_batch=gate,
+                                             **{k: v for k, v in ARGS.items() if k != "progress"})
+    try:
+        assert reached.wait(60)
+        ext = ms.open_extraction(job.store.location)
+        assert ext.status == "EXTRACTING"
+        loader = ext.loader(HPS, batch_size=64, with_index=True)
+        mark = loader.limits[0]  # the commit mark when the loader was made (the writer may still move it)
+        assert 0 < mark <= ext.committed_tokens() < ext.n_tokens
+        got = drain(loader)
+        np.testing.assert_array_equal(np.sort(got["token_index"]), np.arange(mark))
+        np.testing.assert_array_equal(got[HPS[1]], ext.activations(HPS[1])[:mark][got["token_index"]])
+    finally:
+        release.set()
+        job.wait(60)
+
+
+def test_two_stores_together(store, second, tmp_path, gpt2_dir):
+    ext, ref, _ = store
+    got = drain(ms.loader([ext, second], HPS, batch_size=256, with_index=True))
+    assert len(got["store"]) == ext.n_tokens + second.n_tokens
+    for s, (e, rows) in enumerate([(ext, ref), (second, {hp: second.activations(hp)[:] for hp in HPS})]):
+        mine = got["store"] == s
+        np.testing.assert_array_equal(np.sort(got["token_index"][mine]), np.arange(e.n_tokens))
+        for hp in HPS:
+            np.testing.assert_array_equal(got[hp][mine], rows[hp][got["token_index"][mine]])
+    other = ms.extract(gpt2_dir, texts(0, 10), workspace=str(tmp_path), **{**ARGS, "layers": [2]})
+    with pytest.raises(ms.InputError, match="layers.0.residual"):
+        ms.loader([ext, other], HPS)
+
+
+def test_stored_special_mask_is_used_when_present(store, tmp_path):
+    ext, ref, _ = store
+    copy_path = tmp_path / "copy.zarr"
+    shutil.copytree(ext.location, copy_path)
+    marked = np.zeros(ext.n_tokens, bool)
+    marked[::7] = True
+    zarr.open_group(str(copy_path), mode="r+")["tokens"].create_array("special", data=marked)
+    got = drain(ms.open_extraction(str(copy_path)).loader(HPS, batch_size=256, exclude_special=True,
+                                                          with_index=True))
+    assert_once(got, ref, np.flatnonzero(~marked))
+
+
+def test_normalize(store, tmp_path):
+    ext, ref, _ = store
+    x = ref[HPS[0]].astype(np.float64)
+    stats = ext.metadata["statistics"][HPS[0]]
+    got = drain(ext.loader([HPS[0]], batch_size=512, normalize="mean_std", with_index=True))
+    want = (x[got["token_index"]] - stats["mean"]) / stats["std"]  # scalar: nothing cached yet
+    np.testing.assert_allclose(got[HPS[0]], want, rtol=1e-4, atol=1e-4)
+    unit = drain(ext.loader([HPS[0]], batch_size=512, normalize="unit_norm"))[HPS[0]]
+    assert abs(np.mean(np.sum(unit.astype(np.float64) ** 2, axis=1)) - 1) < 1e-3
+    copy_path = tmp_path / "copy.zarr"  # per feature once feature_stats are cached (in a copy: keep the fixture clean)
+    shutil.copytree(ext.location, copy_path)
+    copy = ms.open_extraction(str(copy_path))
+    copy.feature_stats(HPS[0])
+    got = drain(copy.loader([HPS[0]], batch_size=512, normalize="mean_std", with_index=True))
+    want = (x[got["token_index"]] - x.mean(0)) / x.std(0)
+    np.testing.assert_allclose(got[HPS[0]], want, rtol=1e-4, atol=1e-4)
+
+
+def test_loader_pickles_for_spawned_workers(store):
+    ext, _, _ = store
+    loader = ext.loader(HPS[0], batch_size=256, with_index=True)
+    clone = pickle.loads(pickle.dumps(loader))
+    np.testing.assert_array_equal(drain(clone)["token_index"], drain(loader)["token_index"])
+
+
+def test_remote_store_through_fsspec(gpt2_dir):
+    ext = ms.extract(gpt2_dir, texts(0, 40), workspace="memory://mistudio-loader/ws", **ARGS)
+    ref = ext.activations(HPS[0])[:]
+    got = drain(ms.open_extraction(ext.location).loader([HPS[0]], batch_size=128, with_index=True))
+    np.testing.assert_array_equal(np.sort(got["token_index"]), np.arange(ext.n_tokens))
+    np.testing.assert_array_equal(got[HPS[0]], ref[got["token_index"]])
+    assert not ext.feature_stats(HPS[0], bins=4).cached and ext.feature_stats(HPS[0], bins=4).cached
+    np.testing.assert_allclose(ext.feature_stats(HPS[0], bins=4).max, ref.max(0))
