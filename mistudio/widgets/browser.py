@@ -9,7 +9,7 @@ import ipywidgets as W
 from .. import plots
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import WIDE, error_box, for_ui, guard, note_box
+from .common import error_box, for_ui, guard, note_box, summarise_hook_points
 
 PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"), ("histogram", "Feature histogram"),
          ("top_tokens", "Top activating tokens"))
@@ -58,8 +58,8 @@ class ActivationBrowser(W.VBox):
         options = []
         for row in self.workspace.extractions().to_dict("records"):
             if row["status"] == "COMPLETED" or row["samples_committed"]:
-                label = f"{row['id']} · {row['status']} · {row['model']} · {row['hook_points']}"
-                options.append((label[:110], row["id"]))
+                label = f"{row['id']} · {row['status']} · {summarise_hook_points(row['hook_points'])}"
+                options.append((label, row["id"]))
         current = select or self.extraction.value
         ids = [v for _, v in options]
         gone = current if current and current not in ids else None

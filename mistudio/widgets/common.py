@@ -21,7 +21,6 @@ STATUS_COLOURS = {
     "QUEUED": "#6c757d", "LOADING": "#0d6efd", "EXTRACTING": "#0d6efd", "SAVING": "#0d6efd",
     "COMPLETED": "#198754", "FAILED": "#dc3545", "CANCELLED": "#fd7e14", "UNREADABLE": "#343a40",
 }
-WIDE = {"description_width": "initial"}  # labels never cut ("Saved datasets f…")
 
 
 def badge(status: str) -> str:

@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..jobs import Job
 from ..models import load_config, n_layers_of
 from ..workspace import Workspace
-from .common import PLAIN_ERRORS, WIDE, badge, error_box, for_ui, guard, progress_text
+from .common import PLAIN_ERRORS, badge, error_box, for_ui, guard, progress_text
 
 THROTTLE_S = 0.25
 RETRY_HELP = ("<small><b>Retry</b> starts a new extraction with the form as it is now (fix the model, dataset or "
@@ -100,7 +100,7 @@ class ExtractionPanel(W.VBox):
         """The line that says which model and dataset Launch will use."""
         self.summary.value = (f"Runs <b>{html.escape(self.model_picker.label() or '(no model)')}</b> on "
                               f"<b>{html.escape(self.dataset_picker.describe())}</b> "
-                              "<small>(change them in the Model and Dataset tabs)</small>")
+                              "<small>(set in the Model and Dataset tabs)</small>")
 
     def set_layer_count(self, n_layers: int) -> None:
         chosen = [i for i in self.layers.value if i < n_layers]

@@ -5,27 +5,32 @@ from __future__ import annotations
 import html
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import ipywidgets as W
 
 from ..metadata import LIVE_STATES
+from ..models import packaged_minilm_path
 from ..workspace import Workspace, human_bytes
 from .common import PLAIN_ERRORS, ago, badge, error_box, for_ui, guard, note_box, short_id, summarise_hook_points
 
 HEADERS = ("status", "id", "model", "dataset", "hook points", "samples", "size", "age", "")
 # fixed tracks for short cells, shrinking ones (never below their minimum) for names: fits ~900 px and up
-GRID_COLUMNS = ("96px 104px minmax(70px, 1fr) minmax(70px, 1fr) minmax(110px, 1.4fr) 132px 64px 72px 150px")
+GRID_COLUMNS = ("92px 104px minmax(70px, 1fr) minmax(64px, 0.6fr) minmax(110px, 1.6fr) 128px 64px 72px 152px")
 MAX_ROWS = 60
 THROTTLE_S = 0.5
 ICON = W.Layout(width="28px", height="28px", padding="0px", margin="0px 1px")
 
 
-def _cell(text: str, title: str | None = None, css: str = "") -> W.HTML:
-    """One grid cell: a single line, cut with an ellipsis, the whole text in the tooltip."""
+def _cell(text: str, title: str | None = None, css: str = "", lines: int = 1) -> W.HTML:
+    """One grid cell: at most ``lines`` lines, cut with an ellipsis, the whole text in the tooltip."""
     tip = f' title="{html.escape(title, quote=True)}"' if title else ""
-    return W.HTML(f'<div class="mistudio-cell"{tip} style="white-space:nowrap;overflow:hidden;'
-                  f'text-overflow:ellipsis;{css}">{text}</div>', layout=W.Layout(min_width="0", overflow="hidden"))
+    fit = ("white-space:nowrap;text-overflow:ellipsis" if lines == 1 else
+           f"display:-webkit-box;-webkit-line-clamp:{lines};-webkit-box-orient:vertical;overflow-wrap:anywhere;"
+           "line-height:1.3")
+    return W.HTML(f'<div class="mistudio-cell"{tip} style="overflow:hidden;{fit};{css}">{text}</div>',
+                  layout=W.Layout(min_width="0", overflow="hidden"))
 
 
 def progress_cell(done: int, total: int | None, tokens: int) -> tuple[str, str]:
@@ -108,9 +113,9 @@ class JobsPanel(W.VBox):
         self.cells[ext_id] = {"status": status_cell, "progress": progress, "details": details, "buttons": buttons}
         return [status_cell,
                 _cell(html.escape(short_id(ext_id)), title=ext_id, css="font-family:monospace;font-size:12px"),
-                _cell(html.escape(row["model"]), title=row["model"]),
-                _cell(html.escape(row["dataset"]), title=row["dataset"]),
-                _cell(html.escape(summarise_hook_points(row["hook_points"])), title=row["hook_points"]),
+                _cell(html.escape(row["model"]), title=row["model"], lines=2),
+                _cell(html.escape(row["dataset"]), title=row["dataset"], lines=2),
+                _cell(html.escape(summarise_hook_points(row["hook_points"])), title=row["hook_points"], lines=2),
                 progress, _cell(row["size"]), _cell(row["age"], title=row["created_text"]),
                 W.HBox(list(buttons.values()), layout=W.Layout(overflow="hidden")), details]
 
@@ -285,6 +290,9 @@ def _display(row: dict) -> dict:
     total = row["samples_total"]
     total = None if total is None or total != total else int(total)
     created = row["created"]
+    bundled = packaged_minilm_path()
+    if bundled and row["model"] == "/".join(Path(bundled).parts[-2:]):
+        row = {**row, "model": "all-MiniLM-L6-v2"}
     return {**row, "samples_total": total, "samples_committed": int(row["samples_committed"] or 0),
             "tokens_committed": int(row["tokens_committed"] or 0),
             "age": ago(created.timestamp()) if created == created else "–",

@@ -11,7 +11,7 @@ import ipywidgets as W
 from ..specs import DEVICES, MODEL_DTYPES, ModelSpec, build
 from ..errors import InputError
 from ..models import describe_model, packaged_minilm_path
-from .common import WIDE, error_box, guard
+from .common import error_box, guard
 
 BUNDLED = "all-MiniLM-L6-v2 (bundled)"
 
