@@ -137,7 +137,7 @@ def test_model_and_dataset_tabs(gpt2_dir, workspace, minilm_dir):
 
     rows = studio.dataset_picker.show_preview()
     assert len(rows) == 5 and all(r["tokens"] > 0 for r in rows)
-    assert "<th>tokens</th>" in studio.dataset_picker.preview.value
+    assert ">tokens</th>" in studio.dataset_picker.preview.value
     studio.dataset_picker.source.value = "hub"
     studio.dataset_picker.hub_name.value = "nobody/nothing"
     assert studio.dataset_picker.show_preview() == []
