@@ -103,7 +103,7 @@ def feature_histogram(ext: Extraction, hook_point: str, feature: int, bins: int 
 
 def histogram_from_counts(counts: np.ndarray, edges: np.ndarray, title: str) -> Figure:
     """A histogram already counted (``analysis.feature_stats``' per-feature ``hist`` and ``edges``)."""
-    fig = Figure(figsize=(WIDTH, 3.0), layout="constrained")
+    fig = Figure(figsize=(WIDTH, 2.4), layout="constrained")
     ax = fig.add_subplot()
     edges = np.asarray(edges, dtype=np.float64)
     ax.stairs(np.asarray(counts, dtype=np.float64), edges, fill=True, color="#4C72B0")

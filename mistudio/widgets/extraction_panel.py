@@ -41,6 +41,7 @@ class ExtractionPanel(W.VBox):
         self.job: Job | None = None
         self._lock = threading.RLock()
         self._last_draw = 0.0
+        self._pending: dict | None = None
         self._finished: list[Callable[[Job], None]] = []
         self._submitted: list[Callable[[Job], None]] = []
         style = {"description_width": "90px"}
@@ -248,14 +249,16 @@ class ExtractionPanel(W.VBox):
             if kind == "progress":
                 total = event.get("samples_total") or 0
                 final = total and event["samples_done"] >= total
-                now = time.monotonic()
-                if not final and now - self._last_draw < THROTTLE_S:
+                wait = THROTTLE_S - (time.monotonic() - self._last_draw)
+                if not final and wait > 0:  # throttled: the latest event is drawn when the wait is over
+                    if self._pending is None:
+                        timer = threading.Timer(wait, self._flush)
+                        timer.daemon = True
+                        timer.start()
+                    self._pending = event
                     return
-                self._last_draw = now
-                self.progress.max = max(1, total)
-                self.progress.value = event["samples_done"]
-                self.progress.description = f"{100 * event['samples_done'] / max(1, total):.0f}%"
-                self.status.value = progress_text("EXTRACTING", event)
+                self._pending = None
+                self._draw_progress(event)
             elif kind == "retry":
                 self.status.value = (f"{badge('RETRYING')} out of memory at batch {event['previous_batch_size']}: "
                                      f"continuing with batch_size={event['batch_size']}")
@@ -264,6 +267,27 @@ class ExtractionPanel(W.VBox):
                     self._on_state(event["status"])
                 except Exception as exc:  # noqa: BLE001 - e.g. the store was deleted meanwhile
                     self._say(error_box(f"<b>{type(exc).__name__}</b>: {html.escape(str(exc))}"))
+
+    def _draw_progress(self, event: dict) -> None:
+        self._last_draw = time.monotonic()
+        total = event.get("samples_total") or 0
+        self.progress.max = max(1, total)
+        self.progress.value = event["samples_done"]
+        self.progress.description = f"{100 * event['samples_done'] / max(1, total):.0f}%"
+        self.status.value = progress_text("EXTRACTING", event)
+
+    def _flush(self) -> None:
+        """The throttled latest event (timer thread); skipped when the job moved on meanwhile."""
+        with self._lock:
+            event, self._pending = self._pending, None
+            job = self.job
+            if event is None or job is None or event.get("job_id") != job.id:
+                return
+            try:
+                if job.status == "EXTRACTING":
+                    self._draw_progress(event)
+            except Exception:  # noqa: BLE001 - its store went away: the state event says what happened
+                pass
 
     def _on_state(self, status: str) -> None:
         job = self.job

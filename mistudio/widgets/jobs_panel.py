@@ -206,7 +206,8 @@ class JobsPanel(W.VBox):
     def _flush(self, ext_id: str) -> None:
         with self._lock:
             event, cells = self._pending.pop(ext_id, None), self.cells.get(ext_id)
-            if event is not None and cells is not None:
+            live = cells is not None and any(f">{s}<" in cells["status"].value for s in LIVE_STATES)
+            if event is not None and live:
                 self._draw_progress(cells, event)
 
     # -- actions ----------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class Studio(W.VBox):
         self.interrupted: str | None = None
         super().__init__([self.banner_box, self.tabs])
         # widgets are (re)built on the kernel's main path: when a tab is opened, not from the job thread
-        self.tabs.observe(guard(self._banner_say, self._on_tab), "selected_index")
+        self.tabs.observe(self._on_tab, "selected_index")
         self._tokenizers: dict[str, Any] = {}
         self.show_interrupted()
 
@@ -85,18 +85,22 @@ class Studio(W.VBox):
         return self._tokenizers[name]
 
     def _on_tab(self, change: dict) -> None:
+        """Opening a tab refreshes it; an error shows in that tab."""
         title = TABS[change["new"]] if change["new"] is not None else None
         if title == "Extract":
-            self.extraction_panel.update_summary()
+            guard(self.extraction_panel._say, self.extraction_panel.update_summary)()
         elif title == "Jobs":
-            self.jobs_panel.refresh()
+            guard(self.jobs_panel._say, self.jobs_panel.refresh)()
         elif title == "Browse":
-            job = self.extraction_panel.job
-            try:
-                done = job is not None and job.status == "COMPLETED"
-            except Exception:  # noqa: BLE001 - its store was deleted (Cleanup, Delete): Browse says so
-                done = False
-            self.browser.refresh(select=job.id if done else None)
+            guard(self.browser._say, self._open_browse)()
+
+    def _open_browse(self) -> None:
+        job = self.extraction_panel.job
+        try:
+            done = job is not None and job.status == "COMPLETED"
+        except Exception:  # noqa: BLE001 - its store was deleted (Cleanup, Delete): Browse says so
+            done = False
+        self.browser.refresh(select=job.id if done else None)
 
     def _show_job(self, job) -> None:
         self.extraction_panel.watch(job)
