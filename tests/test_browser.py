@@ -201,6 +201,8 @@ def test_studio_in_jupyterlab(lab):
             const out = g.closest('.jp-OutputArea-output');
             return [g.scrollWidth, g.clientWidth, out.scrollWidth, out.clientWidth]; }""")
         assert fits[0] <= fits[1] and fits[2] <= fits[3], f"the Jobs grid needs horizontal scrolling: {fits}"
+        grid.locator("button[title^='Details']").first.click()  # the newest row's details, under the grid
+        expect(page.locator(".mistudio-note", has_text="tokens saved").first).to_be_visible()
         shot("jobs")
         tab("Browse")
         expect(page.locator(".widget-tab select:visible").first).to_contain_text("CANCELLED")

@@ -352,11 +352,13 @@ def test_point3_failed_row_shows_its_message_on_demand(gpt2_dir, workspace, tmp_
     job.wait(60)
     jobs = studio.jobs_panel
     jobs.refresh()
-    details = jobs.cells[job.id]["details"]
+    details = jobs.details
     assert details.layout.display == "none"
+    jobs.cells[job.id]["buttons"]["Details"].click()
+    assert details.layout.display == "" and jobs.details_for == job.id
     assert "mistudio-error" in details.value and html.escape(job.error["error_message"][:30]) in details.value
     jobs.cells[job.id]["buttons"]["Details"].click()
-    assert details.layout.display == "" and details.layout.grid_column == "1 / -1"
+    assert details.layout.display == "none"
     assert jobs.cells[job.id]["buttons"]["Resume"].disabled  # a load failure saved nothing to resume
     assert "danger" == jobs.cells[job.id]["buttons"]["Details"].button_style  # the row has a message
 

@@ -57,6 +57,8 @@ class JobsPanel(W.VBox):
                                        layout=W.Layout(display="none", width="auto"))
         self.message = W.HTML()
         self.empty = W.HTML()
+        self.details = W.HTML(layout=W.Layout(display="none"))
+        self.details_for: str | None = None
         self.confirm_text = W.HTML()
         self.confirm_delete_button = W.Button(description="Delete permanently", button_style="danger",
                                               icon="trash", layout=W.Layout(width="auto"))
@@ -78,7 +80,7 @@ class JobsPanel(W.VBox):
         self._pending: dict[str, dict] = {}
         super().__init__([W.HTML("<b>Jobs</b>"), W.HBox([self.refresh_button, self.cleanup_button,
                                                          self.confirm_button]), self.message, self.confirm_box,
-                          self.empty, self.table])
+                          self.empty, self.table, self.details])
         workspace.subscribe(self._on_event)
         self.refresh()
 
@@ -96,6 +98,10 @@ class JobsPanel(W.VBox):
             for row in self.rows[:MAX_ROWS]:
                 cells += self._row_cells(row)
             self.table.children = cells
+            if self.details_for in self.cells:  # the details shown follow the row's new state
+                self.details.value = self.cells[self.details_for]["details"]
+            else:
+                self.details_for, self.details.layout.display = None, "none"
             self.table.layout.display = "" if self.rows else "none"
             more = len(self.rows) - MAX_ROWS
             self.empty.value = ("No extractions in this workspace yet: launch one in the Extract tab." if not self.rows
@@ -108,16 +114,16 @@ class JobsPanel(W.VBox):
                             title=f"{status} {PLAIN_ERRORS.get(error, error)}".strip())
         text, tip = progress_cell(row["samples_committed"], row["samples_total"], row["tokens_committed"])
         progress = _cell(text, title=tip)
-        details = W.HTML(self._details_html(row), layout=W.Layout(grid_column="1 / -1", display="none"))
-        buttons = self._buttons(row, details)
-        self.cells[ext_id] = {"status": status_cell, "progress": progress, "details": details, "buttons": buttons}
+        buttons = self._buttons(row)
+        self.cells[ext_id] = {"status": status_cell, "progress": progress, "details": self._details_html(row),
+                              "buttons": buttons}
         return [status_cell,
                 _cell(html.escape(short_id(ext_id)), title=ext_id, css="font-family:monospace;font-size:12px"),
                 _cell(html.escape(row["model"]), title=row["model"], lines=2),
                 _cell(html.escape(row["dataset"]), title=row["dataset"], lines=2),
                 _cell(html.escape(summarise_hook_points(row["hook_points"])), title=row["hook_points"], lines=2),
                 progress, _cell(row["size"]), _cell(row["age"], title=row["created_text"]),
-                W.HBox(list(buttons.values()), layout=W.Layout(overflow="hidden")), details]
+                W.HBox(list(buttons.values()), layout=W.Layout(overflow="hidden"))]
 
     @staticmethod
     def _details_html(row: dict) -> str:
@@ -127,12 +133,13 @@ class JobsPanel(W.VBox):
                          f"{for_ui(row['message'])}")
         if row.get("problem"):
             lines.append(f"<b>Problem</b>: {html.escape(row['problem'])}")
-        lines.append(f"<small>{html.escape(row['id'])} · created {html.escape(row['created_text'])}"
+        text, tip = progress_cell(row["samples_committed"], row["samples_total"], row["tokens_committed"])
+        lines.append(f"<small>{html.escape(row['id'])} · {tip} · created {html.escape(row['created_text'])}"
                      f"{' · retry of ' + html.escape(row['retry_of']) if row.get('retry_of') else ''} · "
                      f"{html.escape(row['hook_points'])}</small>")
         return error_box("<br>".join(lines)) if row.get("message") else note_box("<br>".join(lines))
 
-    def _buttons(self, row: dict, details: W.HTML) -> dict[str, W.Button]:
+    def _buttons(self, row: dict) -> dict[str, W.Button]:
         status, ext_id = row["status"], row["id"]
         live = status in LIVE_STATES
         specs = [("Cancel", "stop", live, "stop after the current batch; keeps what was saved", self.workspace.cancel),
@@ -146,7 +153,7 @@ class JobsPanel(W.VBox):
             button = W.Button(icon=icon, disabled=not enabled, layout=ICON, tooltip=f"{name}: {tip}")
             button.on_click(guard(self._say, lambda _b, a=action, n=name: self._act(n, a, ext_id)))
             buttons[name] = button
-        toggle = W.Button(icon="info-circle", layout=ICON, tooltip="Details: the error message and the full id",
+        toggle = W.Button(icon="info-circle", layout=ICON, tooltip="Details: the error message, full id and counts",
                           button_style="danger" if row.get("message") else "")
         toggle.on_click(guard(self._say, lambda _b: self.toggle_details(ext_id)))
         buttons["Details"] = toggle
@@ -164,9 +171,13 @@ class JobsPanel(W.VBox):
         return bool(error.get("resume_available"))
 
     def toggle_details(self, ext_id: str) -> None:
-        """Show or hide the row's full-width details line (error message, full id, hook points)."""
-        details = self.cells[ext_id]["details"]
-        details.layout.display = "none" if details.layout.display != "none" else ""
+        """Show a row's details under the grid (error message, full id, counts, hook points); again: hide."""
+        if self.details_for == ext_id and self.details.layout.display != "none":
+            self.details_for, self.details.layout.display = None, "none"
+            return
+        self.details_for = ext_id
+        self.details.value = self.cells[ext_id]["details"]
+        self.details.layout.display = ""
 
     # -- live updates (worker thread) -------------------------------------------------------------
     def _on_event(self, event: dict) -> None:
