@@ -123,6 +123,17 @@ class Extraction:
         pos = self._stored_position(row)
         return int(self.activation_offsets[pos]), int(self.activation_offsets[pos + 1])
 
+    @cached_property
+    def _kept_tokens(self) -> np.ndarray | None:
+        if "activation_offsets" not in self.store.group["tokens"]:
+            return None  # a row per token
+        return np.flatnonzero(~self.store.tokens("special")[:].astype(bool))
+
+    def token_index(self, rows: np.ndarray | int) -> np.ndarray | int:
+        """The token (index into ``tokens/*``) of activation rows: the same numbers unless special tokens
+        were excluded."""
+        return rows if self._kept_tokens is None else self._kept_tokens[rows]
+
     def _stored_position(self, row: int) -> int:
         pos = self._position_of_row.get(int(row))
         if pos is None:

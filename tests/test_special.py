@@ -45,6 +45,15 @@ def test_wordpiece_special_tokens_and_exclusion(minilm_dir, workspace):
     np.testing.assert_array_equal(acts[s["kept"]], full.sample(0)["activations"]["layers.1.residual"][s["kept"]])
     assert ext.activation_range(0)[1] - ext.activation_range(0)[0] == s["kept"].sum()
     assert ext.verify().ok, ext.verify()
+    # activation rows map back to their (non-special) tokens, for the Browse plots too
+    assert np.array_equal(ext.token_index(np.arange(ext.n_tokens)), np.flatnonzero(keep))
+    from mistudio import plots
+
+    assert all(t["token"] not in ("[CLS]", "[SEP]") for t in plots.top_tokens(ext, "layers.1.residual", 3, k=20))
+    plots.heatmap(ext, 0, "layers.1.residual")
+    plots.layer_norms(ext, 0)
+    out = ext.outliers("layers.1.residual")
+    assert set(out) == {"n", "rows", "norms", "threshold", "median", "quantiles"} and out["n"] == len(out["rows"])
 
 
 def test_byte_level_bpe_special_tokens(gpt2_dir, workspace):
