@@ -101,6 +101,12 @@ def _lines(path: Path, encoding: str) -> Iterator[str]:
 CHAT_COLUMNS = ("messages", "conversations", "instruction")
 
 
+def _fix_for(keys) -> str:
+    """The fix for a missing text column: a chat_template when the keys are those of chat data."""
+    chat = [c for c in CHAT_COLUMNS if c in keys]
+    return f"it holds chat data ({chat[0]!r}): pass chat_template='auto'" if chat else "pass text_column=<one of them>"
+
+
 def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[object]:
     """Each line's ``column`` value, or (``column`` None: chat data) the whole record."""
     first = True
@@ -116,10 +122,8 @@ def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[objec
             yield rec if column is None or isinstance(rec, str) else None
             continue
         if first and column not in rec:
-            chat = [c for c in CHAT_COLUMNS if c in rec]
-            fix = (f"it holds chat data ({chat[0]!r}): pass chat_template='auto'" if chat else
-                   "pass text_column=<one of them>")
-            raise InputError(f"text column {column!r} is not in {path}: its first record has keys {sorted(rec)}; {fix}")
+            raise InputError(f"text column {column!r} is not in {path}: its first record has keys {sorted(rec)}; "
+                             + _fix_for(rec))
         first = False
         yield rec.get(column)
 
@@ -138,10 +142,8 @@ def _read_table(path: Path, column: str | None, fmt: str, encoding: str) -> Iter
         yield from frame.to_dict("records")
         return
     if column not in frame.columns:
-        raise InputError(
-            f"text column {column!r} is not in {path}: its columns are {list(frame.columns)}; "
-            "pass text_column=<one of them>"
-        )
+        raise InputError(f"text column {column!r} is not in {path}: its columns are {list(frame.columns)}; "
+                         + _fix_for(frame.columns))
     yield from frame[column].tolist()
 
 
@@ -155,9 +157,8 @@ def _read_datasets(ds, column: str | None, where: str) -> Iterator[object]:
         yield from ds
         return
     if column not in (ds.column_names or []):
-        raise InputError(
-            f"text column {column!r} is not in {where}: its columns are {ds.column_names}; pass text_column=<one of them>"
-        )
+        raise InputError(f"text column {column!r} is not in {where}: its columns are {ds.column_names}; "
+                         + _fix_for(ds.column_names or []))
     for record in ds.select_columns([column]):
         yield record[column]
 

@@ -62,6 +62,7 @@ class Extraction:
 
     @property
     def n_tokens(self) -> int:
+        """Activation rows in the plan: every token, less the special ones with ``exclude_special``."""
         return int(self.store.record.progress.tokens_total or 0)
 
     def activations(self, hook_point: str) -> CheckedArray:
@@ -202,7 +203,7 @@ class Extraction:
 
     def outliers(self, hook_point: str) -> dict:
         """Tokens of ``hook_point`` with a norm over 100x the median: ``n`` (all of them), ``rows`` and
-        ``norms`` (the first 1,000, as rows of ``activations(hook_point)``), ``threshold``, ``median``, and
+        ``norms`` (the first 100, as rows of ``activations(hook_point)``), ``threshold``, ``median``, and
         the norm ``quantiles`` {"0.5", "0.9", "0.99", "0.999"} (approximate, within about 5%), over committed rows."""
         if hook_point not in self.hook_points:
             raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {self.hook_points}")

@@ -267,7 +267,7 @@ class HookStats:
     NORM_EDGES = np.logspace(-3, 7, 10 * 24 + 1)  # 24 bins a decade, 1e-3 .. 1e7; under/overflow bins at the ends
     QUANTILES = (0.5, 0.9, 0.99, 0.999)
     OUTLIER_FACTOR = 100.0
-    MAX_OUTLIERS = 1000
+    MAX_OUTLIERS = 100  # the list is in the metadata, rewritten at every commit
     _CANDIDATES = 256  # per batch: rows over 10x the batch's median norm, the largest first
 
     @staticmethod

@@ -95,3 +95,16 @@ def test_norm_quantiles_and_outliers_merge_across_batches():
     for q, got in HookStats.summary(ref)["norm_quantiles"].items():
         assert abs(got / np.quantile(norms, float(q)) - 1) < 0.06, (q, got)
     assert summary["outlier_threshold"] == 100 * summary["norm_quantiles"]["0.5"]
+
+
+def test_verify_checks_the_new_token_arrays(gpt2_dir, workspace):
+    import shutil
+    from pathlib import Path
+
+    ext = ms.extract(gpt2_dir, TEXTS, workspace=workspace, exclude_special=True, window=8, **ARGS)
+    assert ext.verify().ok
+    tokens = Path(ext.location) / "tokens"
+    shutil.rmtree(tokens / "activation_offsets")
+    shutil.rmtree(tokens / "special")
+    problems = {p.array for p in ext.verify().problems}
+    assert {"tokens/activation_offsets", "tokens/special"} <= problems, problems
