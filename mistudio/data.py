@@ -397,7 +397,8 @@ def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "c
         enc = tokenizer(texts, truncation=limit_len is not None, max_length=limit_len,
                         add_special_tokens=spec.add_special_tokens, verbose=False)["input_ids"]
         dropped = [0] * len(enc)
-        cut = [i for i, ids in enumerate(enc) if limit_len is not None and len(ids) >= limit_len]  # maybe truncated: measure in full
+        # maybe truncated: measure in full
+        cut = [i for i, ids in enumerate(enc) if limit_len is not None and len(ids) >= limit_len]
         if cut:
             whole = tokenizer([texts[i] for i in cut], add_special_tokens=spec.add_special_tokens, verbose=False)
             for i, ids in zip(cut, whole["input_ids"]):
@@ -436,7 +437,8 @@ def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "c
                       "the count is in the extraction's metadata", stacklevel=2)
     if not out.ids and template is not None:
         raise InputError(
-            f"the dataset has no conversations: {out.n_rows_read} rows read, none with 'messages' ([{{role, content}}]), "
+            f"the dataset has no conversations: {out.n_rows_read} rows read, none with 'messages' "
+            "([{role, content}]), "
             "ShareGPT 'conversations' (from/value) or Alpaca 'instruction'/'input'/'output': give such rows, or "
             "chat_template=None for plain text")
     if not out.ids:

@@ -286,7 +286,7 @@ class _Scan:
         rows = group["tokens/activation_offsets"][:] if "tokens/activation_offsets" in expected else offsets
         if offsets[0] != 0 or offsets[-1] != n_input or np.any(np.diff(offsets) < 0):
             self.problem(f"sample offsets are not monotonic from 0 to {n_input} tokens", "tokens/sample_offsets")
-        elif rows[0] != 0 or rows[-1] != n_tokens or np.any(np.diff(rows) < 0) or np.any(np.diff(rows) > np.diff(offsets)):
+        elif rows[0] != 0 or rows[-1] != n_tokens or np.any((np.diff(rows) < 0) | (np.diff(rows) > np.diff(offsets))):
             self.problem(f"activation offsets are not monotonic from 0 to tokens_total={n_tokens}, at most one row "
                          "per token", "tokens/activation_offsets")
         elif int(rows[done]) != committed:

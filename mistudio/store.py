@@ -165,8 +165,8 @@ class ExtractionStore:
                  window: int | None = None, stride: int | None = None) -> None:
         """Create every array, sized now, and write the token plan in stored order: ids, offsets, rows,
         ``special`` (ids in ``special_ids``), ``activation_offsets`` (each sample's activation rows: all its
-        tokens, or its non-special ones with ``exclude_special``: written only then), ``role`` (chat data) and ``positions``
-        (each token's position in the window that owns it, with ``window``).
+        tokens, or its non-special ones with ``exclude_special``: written only then), ``role`` (chat data) and
+        ``positions`` (each token's position in the window that owns it, with ``window``).
 
         ``checksum`` (default: the ``checksum`` parameter of the metadata, else True) adds a crc32c per chunk."""
         if checksum is None:
@@ -302,7 +302,8 @@ class HookStats:
         for key in ("count", "sum", "sum_sq", "zeros", "n_outliers"):
             acc[key] += delta.get(key, 0)
         acc["max_abs"] = max(acc["max_abs"], delta["max_abs"])
-        acc["norm_hist"] = [a + b for a, b in zip(acc["norm_hist"], delta.get("norm_hist") or [0] * len(acc["norm_hist"]))]
+        hist = delta.get("norm_hist") or [0] * len(acc["norm_hist"])
+        acc["norm_hist"] = [a + b for a, b in zip(acc["norm_hist"], hist)]
         found = list(delta.get("outliers", []))
         if delta.get("candidates"):
             limit = HookStats.OUTLIER_FACTOR * HookStats.quantile(acc["norm_hist"], 0.5)
