@@ -20,7 +20,9 @@ def extract(model: Any, dataset: Any = "sample", layers: Any = (0,), hooks: Any 
 
     Arguments are those of :meth:`Workspace.submit`: ``batch_size``, ``max_samples``, ``max_length``,
     ``dtype`` (storage), ``model_dtype``, ``device``, ``text_column``, ``oov_policy``, ``padding_side``,
-    ``timeout_s``, ``auto_retry_on_oom``. A failed job raises: bad input as ``InputError``, anything
+    ``timeout_s``, ``auto_retry_on_oom``, ``window``/``stride`` (long documents in overlapping windows),
+    ``chat_template`` ("auto" or a Jinja string: rows are conversations), ``exclude_special``. A failed
+    job raises: bad input as ``InputError``, anything
     else as ``ExtractionFailed`` carrying the error record and suggested retry.
     """
     ws = Workspace(workspace, storage_options=storage_options)

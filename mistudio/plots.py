@@ -16,13 +16,13 @@ def _clean(token: str) -> str:
 def heatmap(ext: Extraction, row: int, hook_point: str, features: slice | None = None,
             max_features: int = 64) -> Figure:
     """Token × feature heatmap of one dataset row (tokens as labels); the first ``max_features`` by default."""
-    start, stop = ext.token_range(row)
     features = features or slice(0, max_features)
-    values = np.asarray(ext.activations(hook_point)[start:stop, features], dtype=np.float32)
-    tokens = [_clean(t) for t in ext.sample_tokens(row)]
+    sample = ext.sample(row, [hook_point])  # excluded special tokens: NaN rows, drawn blank
+    values = np.asarray(sample["activations"][hook_point][:, features], dtype=np.float32)
+    tokens = [_clean(t) for t in sample["tokens"]]
     fig = Figure(figsize=(min(14, 2 + values.shape[1] * 0.16), min(12, 1.5 + len(tokens) * 0.22)))
     ax = fig.add_subplot()
-    limit = float(np.abs(values).max()) or 1.0
+    limit = float(np.nan_to_num(np.nanmax(np.abs(values)) if values.size else 0.0)) or 1.0
     image = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
     ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
     first = features.start or 0
@@ -37,13 +37,13 @@ def heatmap(ext: Extraction, row: int, hook_point: str, features: slice | None =
 
 def layer_norms(ext: Extraction, row: int, kind: str = "residual") -> Figure:
     """L2 norm of every stored layer's ``kind`` activation along the row's tokens."""
-    start, stop = ext.token_range(row)
     points = [hp for hp in ext.hook_points if hp.endswith("." + kind)]
-    tokens = [_clean(t) for t in ext.sample_tokens(row)]
+    sample = ext.sample(row, points)
+    tokens = [_clean(t) for t in sample["tokens"]]
     fig = Figure(figsize=(max(6, 0.25 * len(tokens)), 3.5))
     ax = fig.add_subplot()
     for hp in points:
-        values = np.asarray(ext.activations(hp)[start:stop], dtype=np.float32)
+        values = np.asarray(sample["activations"][hp], dtype=np.float32)
         ax.plot(np.linalg.norm(values, axis=1), marker=".", label=hp.split(".")[1])
     ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
     ax.set_ylabel("L2 norm")
@@ -91,13 +91,14 @@ def top_tokens(ext: Extraction, hook_point: str, feature: int, k: int = 15, cont
     offsets, rows = ext.sample_offsets, ext.sample_index
     ids = ext.store.group["tokens/input_ids"]
     out = []
-    for token_index in best:
+    for best_row in best:
+        token_index = ext.token_index(int(best_row))  # activation row -> token
         pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
         start, stop = int(offsets[pos]), int(offsets[pos + 1])
         lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
         window = ext.tokenizer.convert_ids_to_tokens([int(i) for i in ids[lo:hi]])
         at = int(token_index) - lo
-        out.append({"value": float(values[token_index]), "row": int(rows[pos]), "position": int(token_index) - start,
+        out.append({"value": float(values[best_row]), "row": int(rows[pos]), "position": int(token_index) - start,
                     "token": _clean(window[at]),
                     "context": " ".join(_clean(t) if i != at else f"[[{_clean(t)}]]" for i, t in enumerate(window))})
     return out

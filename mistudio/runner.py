@@ -226,12 +226,16 @@ class _Execution:
         self.store.update(model={**facts, "revision": req.model.revision})
         self.check()
         if not self.store.is_allocated:
-            tokenized = tokenize(req.dataset, tokenizer, facts["vocab_size"], req.capture.oov_policy)
+            capture = req.capture
+            tokenized = tokenize(req.dataset, tokenizer, facts["vocab_size"], capture.oov_policy, window=capture.window)
             self.check()
             order = plan_order(tokenized.lengths)
-            hook_dims = {hp: facts["hidden_size"] for hp in req.capture.hook_points()}
+            hook_dims = {hp: facts["hidden_size"] for hp in capture.hook_points()}
+            roles = None if tokenized.roles is None else [tokenized.roles[i] for i in order]
             self.store.allocate([tokenized.ids[i] for i in order], tokenized.rows[order], hook_dims,
-                                req.capture.dtype, req.capture.chunk_mb, checksum=req.capture.checksum)
+                                capture.dtype, capture.chunk_mb, checksum=capture.checksum,
+                                special_ids=tokenizer.all_special_ids, exclude_special=capture.exclude_special,
+                                roles=roles, window=capture.window, stride=capture.stride)
             self.store.update(dataset={"report": tokenized.report()})
         if sharded:
             self.set_state(Status.EXTRACTING)

@@ -147,6 +147,15 @@ class DatasetSpec(_Spec):
     max_length: Int = 128
     add_special_tokens: bool = True
     encoding: str = "utf-8"
+    chat_template: str | None = None  # "auto": the tokenizer's own; or a Jinja template string
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("chat_template is empty: pass chat_template='auto' (the tokenizer's template), "
+                             "a Jinja template string, or None for plain text")
+        return v
 
     @field_validator("max_length")
     @classmethod
@@ -255,6 +264,25 @@ class CaptureSpec(_Spec):
     padding_side: Literal["right", "left"] = "right"
     chunk_mb: Float = 2.0
     checksum: bool = True  # a crc32c per chunk: a damaged chunk raises StoreCorrupted instead of reading wrong
+    window: Int | None = None  # documents longer than this are cut into overlapping windows, not truncated
+    stride: Int | None = None  # step between windows (default: window // 2)
+    exclude_special: bool = False  # special tokens get no activation rows
+
+    @model_validator(mode="after")
+    def _window(self) -> "CaptureSpec":
+        if self.window is None:
+            if self.stride is not None:
+                raise ValueError(f"stride={self.stride} needs a window: pass window=<tokens per window>, e.g. "
+                                 f"window=512, stride=256")
+            return self
+        if self.window < 2:
+            raise ValueError(f"window={self.window} is too small: pass a window of at least 2 tokens, e.g. window=512")
+        if self.stride is None:
+            object.__setattr__(self, "stride", max(1, self.window // 2))
+        elif not 1 <= self.stride <= self.window:
+            raise ValueError(f"stride={self.stride} must be from 1 to window={self.window}: e.g. "
+                             f"stride={max(1, self.window // 2)}")
+        return self
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -337,7 +365,7 @@ class JobRequest:
             **self.capture.model_dump(),
             "max_samples": self.dataset.max_samples, "max_length": self.dataset.max_length,
             "text_column": self.dataset.text_column, "add_special_tokens": self.dataset.add_special_tokens,
-            "encoding": self.dataset.encoding,
+            "encoding": self.dataset.encoding, "chat_template": self.dataset.chat_template,
             "model_dtype": self.model.dtype, "device": self.model.device,
             "timeout_s": self.timeout_s, "auto_retry_on_oom": self.auto_retry_on_oom,
         }
@@ -349,7 +377,8 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
                  text_column: str = "text", add_special_tokens: bool = True, oov_policy: str = "clamp",
                  padding_side: str = "right", chunk_mb: float = 2.0, timeout_s: float | None = None,
                  auto_retry_on_oom: bool = False, revision: str | None = None, encoding: str = "utf-8",
-                 checksum: bool = True,
+                 checksum: bool = True, window: int | None = None, stride: int | None = None,
+                 exclude_special: bool = False, chat_template: str | None = None,
                  before_batch: Callable[[int, int], None] | None = None, cluster: Any = None) -> JobRequest:
     """Validate every argument of ``ms.extract`` / ``ws.submit`` before anything is loaded or written.
 
@@ -368,13 +397,14 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
                          "a pandas DataFrame, or ms.HubDataset(name, split, column)")
     dataset_spec = dataset if isinstance(dataset, DatasetSpec) else build(
         DatasetSpec, {"source": "dataset"}, source=dataset, text_column=text_column, max_samples=max_samples,
-        max_length=max_length, add_special_tokens=add_special_tokens, encoding=encoding)
+        max_length=max_length, add_special_tokens=add_special_tokens, encoding=encoding, chat_template=chat_template)
     layer_list, config = parse_layers(layers), None
     if layer_list == "all":
         config = load_config(model_spec)
         layer_list = list(range(n_layers_of(config)))
     capture = build(CaptureSpec, layers=layer_list, hooks=list(hooks), batch_size=batch_size, dtype=dtype,
-                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, checksum=checksum)
+                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, checksum=checksum,
+                    window=window, stride=stride, exclude_special=exclude_special)
     not_number = isinstance(timeout_s, (bool, np.bool_)) or not isinstance(timeout_s, (int, float, np.number))
     if timeout_s is not None and (not_number or timeout_s <= 0):
         raise InputError(f"timeout_s={timeout_s!r} must be a positive number of seconds, e.g. timeout_s=600, "
@@ -382,8 +412,14 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
     if cluster is not None and not (hasattr(cluster, "submit") and hasattr(cluster, "scheduler_info")):
         raise InputError(f"cluster={cluster!r} is not a dask.distributed Client: pass Client(LocalCluster()) or "
                          "Client('tcp://scheduler:8786')")
+    if cluster is not None and capture.exclude_special:
+        raise InputError("exclude_special=True is not supported with cluster= yet: drop cluster= (run locally) "
+                         "or keep special tokens (exclude_special=False) and mask them with tokens/special")
     limit = max_positions_of(config or load_config(model_spec))
-    if limit is not None and dataset_spec.max_length > limit:
+    if limit is not None and capture.window is not None and capture.window > limit:
+        raise InputError(f"window={capture.window} is more than the {limit} positions of model "
+                         f"{model_spec.name_or_path!r}: pass window={limit} or less")
+    if limit is not None and capture.window is None and dataset_spec.max_length > limit:
         raise InputError(f"max_length={dataset_spec.max_length} is more than the {limit} positions of model "
                          f"{model_spec.name_or_path!r}: pass max_length={limit} or less (longer samples are cut)")
     return JobRequest(model_spec, dataset_spec, capture, timeout_s, bool(auto_retry_on_oom), before_batch, cluster)
@@ -404,7 +440,7 @@ def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -
             **{k: params[k] for k in ("layers", "hooks", "batch_size", "max_samples", "max_length", "dtype",
                                       "model_dtype", "device", "text_column", "add_special_tokens", "oov_policy",
                                       "padding_side", "chunk_mb", "timeout_s", "auto_retry_on_oom", "encoding",
-                                      "checksum")
+                                      "checksum", "window", "stride", "exclude_special", "chat_template")
                if k in params}}
     args.update(overrides)
     return make_request(**args)
