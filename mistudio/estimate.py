@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .data import plan_order, tokenize
-from .errors import human_bytes
+from .errors import InputError, human_bytes
 from .models import describe_model, load_config, load_tokenizer, resolve_device, resolve_dtype
 from .specs import make_request
 from .store import chunk_rows
@@ -86,8 +86,9 @@ def peak_device_bytes(n_parameters: int, config: Any, batch: int, width: int, n_
                               + n_captured * tokens * h))
 
 
-def estimate(model: Any, dataset: Any = "sample", layers: Any = (0,), hooks: Any = ("residual",), *,
-             workspace: str | os.PathLike | None = None, probe: bool = False, **options: Any) -> dict:
+def estimate(model: Any = None, dataset: Any = None, layers: Any = None, hooks: Any = None, *,
+             workspace: str | os.PathLike | None = None, probe: bool = False, preset: str | None = None,
+             **options: Any) -> dict:
     """What ``ms.extract``/``ws.submit`` with these arguments will take, before launching it.
 
     Returns a dict with ``samples``, ``tokens``, ``batches``, ``bytes_on_disk`` (exact for the activation and
@@ -95,9 +96,22 @@ def estimate(model: Any, dataset: Any = "sample", layers: Any = (0,), hooks: Any
     ``peak_device_bytes`` (see :func:`peak_device_bytes`), ``device_memory_bytes``, ``seconds`` (with
     ``probe=True``: the model is loaded and a few batches timed; else None), ``warnings`` (strings) and a
     one-line ``summary``. ``batch_size="auto"`` is estimated at batch 8 (its choice needs the model).
+    ``preset=`` starts from a saved preset of ``workspace``, as ``ws.submit`` does.
     """
-    options.pop("storage_options", None)
-    req = make_request(model, dataset, layers, hooks=hooks, **options)
+    storage_options = options.pop("storage_options", None)
+    if hooks is not None:
+        options["hooks"] = hooks
+    if preset is not None:
+        from .workspace import Workspace
+
+        ws = Workspace(workspace, storage_options=storage_options, recover=False)
+        options = ws.arguments(model, dataset, layers, preset=preset, **options)
+    else:
+        options = {"dataset": "sample", "layers": (0,), **{k: v for k, v in (
+            ("model", model), ("dataset", dataset), ("layers", layers)) if v is not None}, **options}
+    if options.get("model") is None:
+        raise InputError("model is missing: pass model= (a Hugging Face id or a local folder) or preset=<name>")
+    req = make_request(**options)
     capture, spec = req.capture, req.model
     config = load_config(spec)
     facts = describe_model(spec)

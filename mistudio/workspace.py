@@ -315,14 +315,19 @@ class Workspace(Observable):
         ``preset=name`` starts from a saved preset's arguments; anything passed here overrides them. Submitting
         does not estimate the run (tokenizing twice costs time): call ``ms.estimate`` first to see its cost.
         """
+        request = make_request(**self.arguments(model, dataset, layers, preset=preset, **options))
+        return self._start(request, lineage={"preset": preset} if preset is not None else {})
+
+    def arguments(self, model: Any = None, dataset: Any = None, layers: Any = None, *, preset: str | None = None,
+                  **options: Any) -> dict:
+        """The full submit arguments: defaults, then the preset's, then those given (``ms.estimate`` uses it)."""
         given = {k: v for k, v in (("model", model), ("dataset", dataset), ("layers", layers)) if v is not None}
         args = {"dataset": "sample", "layers": (0,), **(self.preset(preset) if preset is not None else {}),
                 **given, **options}
         if args.get("model") is None:
             raise InputError("model is missing: pass model= (a Hugging Face id or a local folder) or preset=<name> "
                              f"(saved presets: {sorted(self.presets()) or 'none'})")
-        request = make_request(**args)
-        return self._start(request, lineage={"preset": preset} if preset is not None else {})
+        return args
 
     # -- presets ----------------------------------------------------------------------------------
     def _preset_path(self, name: str) -> str:

@@ -25,6 +25,7 @@ def test_save_list_submit_export_import_delete(gpt2_dir, workspace, tmp_path):
     assert record.params["batch_size"] == 8 and record.params["max_samples"] == 20
     assert ext.hook_points == ["layers.0.residual", "layers.0.mlp", "layers.1.residual", "layers.1.mlp"]
     assert ext.store.meta["preset"] == "small-run"
+    assert ms.estimate(preset="small-run", workspace=workspace)["samples"] == 20
     job = ws.submit(preset="small-run", layers=[2]).wait(120)
     assert job.status == "COMPLETED" and job.record.hook_points == ["layers.2.residual", "layers.2.mlp"]
 
