@@ -172,3 +172,20 @@ def test_quantization_without_bitsandbytes_names_the_extra(gpt2_dir, workspace):
         ms.Workspace(workspace).submit(gpt2_dir, "sample", [0], quantization="int4")
     assert not os.path.exists(os.path.join(workspace, "extractions")) or not os.listdir(
         os.path.join(workspace, "extractions"))
+
+
+def test_a_failure_before_the_auto_choice_and_an_oom_under_a_budget_are_worded(gpt2_dir, workspace):
+    ws = ms.Workspace(workspace)
+
+    def broken(_index: int, _size: int) -> None:
+        raise RuntimeError("injected failure")
+
+    job = ws.submit(gpt2_dir, "sample", [0], max_samples=20, batch_size="auto", before_batch=broken).wait(120)
+    assert job.status == "FAILED" and "injected failure" in job.error["error_message"]
+
+    def oom(_index: int, _size: int) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    job = ws.submit(gpt2_dir, "sample", [0], max_samples=20, max_batch_tokens=512, before_batch=oom).wait(120)
+    assert job.error["error_type"] == "OOM" and job.error["suggested_retry_params"] == {"max_batch_tokens": 256}
+    assert ws.submit(gpt2_dir, "sample", [0], max_samples=5).wait(120).status == "COMPLETED"  # the worker lives
