@@ -458,6 +458,22 @@ def plan_order(lengths: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(lengths), kind="stable")
 
 
-def batch_ranges(n_samples: int, batch_size: int, start: int = 0) -> list[tuple[int, int]]:
-    """Consecutive [begin, end) sample ranges of the stored order, from ``start``."""
-    return [(b, min(b + batch_size, n_samples)) for b in range(start, n_samples, batch_size)]
+def batch_ranges(n_samples: int, batch_size: int, start: int = 0, lengths: np.ndarray | None = None,
+                 max_batch_tokens: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive [begin, end) sample ranges of the stored order, from ``start``.
+
+    With ``max_batch_tokens`` (and the stored ``lengths``, longest first) a batch takes as many samples as
+    fit the budget in padded tokens (samples x its first, longest, sample): a greedy cut that depends only on
+    the stored order and the budget, so a resume from a batch boundary continues on the same boundaries.
+    A sample longer than the budget gets a batch of its own (the only batch that exceeds it).
+    """
+    if max_batch_tokens is None:
+        return [(b, min(b + batch_size, n_samples)) for b in range(start, n_samples, batch_size)]
+    if lengths is None:
+        raise ValueError("max_batch_tokens needs the stored sample lengths")
+    ranges, b = [], start
+    while b < n_samples:
+        e = min(n_samples, b + max(1, max_batch_tokens // max(1, int(lengths[b]))))
+        ranges.append((b, e))
+        b = e
+    return ranges

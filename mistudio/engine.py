@@ -78,6 +78,12 @@ def check_ids(ids: np.ndarray, loaded: LoadedModel) -> None:
                          f"(0..{loaded.vocab_size - 1}): resume with the model the extraction was made with")
 
 
+def plan_batches(offsets: np.ndarray, capture: CaptureSpec, begin: int, end: int) -> list[tuple[int, int]]:
+    """The [first, stop) batches of stored samples [begin, end): fixed count, or by padded-token budget."""
+    lengths = np.diff(offsets[:end + 1]) if capture.max_batch_tokens is not None else None
+    return batch_ranges(end, capture.batch_size, begin, lengths, capture.max_batch_tokens)
+
+
 def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, capture: CaptureSpec, begin: int,
                     end: int, check: Callable[[], None] | None = None,
                     before_batch: Callable[[int, int], None] | None = None, special: np.ndarray | None = None
@@ -111,18 +117,19 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
     if check is not None:  # cancel/timeout also between blocks: a long batch is abandoned, never half-written
         for block in list(loaded.blocks)[: max(capture.layers) + 1]:
             handles.append(block.register_forward_pre_hook(lambda _module, _inputs: check()))
-    device = loaded.device
+    device = loaded.input_device
     try:
-        for index, (first, stop) in enumerate(batch_ranges(end, capture.batch_size, begin)):
+        for index, (first, stop) in enumerate(plan_batches(offsets, capture, begin, end)):
             if check is not None:
                 check()
             if before_batch is not None:
-                before_batch(index, capture.batch_size)
+                before_batch(index, capture.batch_size if capture.max_batch_tokens is None else stop - first)
             spans = sample_spans(offsets, first, stop, capture)
+            per_forward = capture.micro_batch_size or (stop - first)  # windows may outnumber samples
             parts: dict[str, list[torch.Tensor]] = {hp: [] for hp in capture.hook_points()}
             with torch.inference_mode():
-                for group in range(0, len(spans), capture.batch_size):  # windows may outnumber samples
-                    batch, mask, keep = pad_spans(ids, spans[group:group + capture.batch_size], loaded.pad_id,
+                for group in range(0, len(spans), per_forward):  # micro-batches: one forward each, rows in order
+                    batch, mask, keep = pad_spans(ids, spans[group:group + per_forward], loaded.pad_id,
                                                   capture.padding_side, special)
                     attention = torch.from_numpy(mask).to(device)
                     kwargs = {"input_ids": torch.from_numpy(batch).to(device), "attention_mask": attention}
@@ -135,9 +142,9 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
                         loaded.model(**kwargs)
                     except _StopForward:
                         pass
-                    keep_t = torch.from_numpy(keep).to(device)
-                    for hp in parts:
-                        parts[hp].append(captured[hp][keep_t])
+                    keep_t = torch.from_numpy(keep)
+                    for hp in parts:  # a split model's blocks may sit on several devices: rows meet on the first
+                        parts[hp].append(captured[hp][keep_t.to(captured[hp].device)].to(device))
                 real = {hp: p[0] if len(p) == 1 else torch.cat(p) for hp, p in parts.items()}
                 stats = {hp: HookStats.of_tensor(values) for hp, values in real.items()}
                 rows = {hp: values.to(storage_dtype).cpu().numpy() for hp, values in real.items()}
@@ -180,7 +187,7 @@ def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, st
                     "samples_done": stop, "samples_total": n_samples,
                     "tokens_done": int(rows_at[stop]), "tokens_total": int(rows_at[-1]),
                     "tokens_per_s": rate, "eta_s": (tokens_total - done_tokens) / rate if rate else None,
-                    "batch_size": capture.batch_size,
+                    "batch_size": capture.batch_size if capture.max_batch_tokens is None else stop - first,
                 })
     finally:
         writer.close(flush=True)

@@ -23,7 +23,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 OOV_POLICIES = ("clamp", "skip", "error")
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 LAYER_FORMS = "an int, a list of ints, a string such as '0,3' or '2-5' (inclusive), or 'all'"
-_EXAMPLES = {"batch_size": "8", "max_length": "128", "max_samples": "1000", "chunk_mb": "2.0"}
+_EXAMPLES = {"batch_size": "8", "max_length": "128", "max_samples": "1000", "chunk_mb": "2.0",
+             "max_batch_tokens": "4096", "micro_batch_size": "2", "auto_batch_memory_fraction": "0.8"}
+QUANTIZATIONS = ("int8", "nf4")
 
 
 def _no_bool(value: Any, info: ValidationInfo) -> Any:
@@ -108,6 +110,22 @@ class ModelSpec(_Spec):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     revision: str | None = None
+    device_map: str | dict[str, Any] | None = None  # accelerate's: "auto", "balanced", {"module": device}
+    max_memory: dict[str | int, str | int] | None = None  # with device_map: {0: "20GiB", "cpu": "60GiB"}
+    quantization: Literal["int8", "nf4"] | None = None  # through bitsandbytes (pip install "mistudio[quant]")
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _quantization(cls, v: Any) -> Any:
+        if v is not None and v not in QUANTIZATIONS:
+            raise ValueError(f"quantization={v!r} is not one of {QUANTIZATIONS}: pass 'int8', 'nf4' or None")
+        return v
+
+    @model_validator(mode="after")
+    def _memory_needs_map(self) -> "ModelSpec":
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError(f"max_memory={self.max_memory!r} needs device_map: pass device_map='auto' with it")
+        return self
 
     @field_validator("name_or_path")
     @classmethod
@@ -258,7 +276,10 @@ class CaptureSpec(_Spec):
 
     layers: list[int]
     hooks: list[str] = ["residual"]
-    batch_size: Int = 8
+    batch_size: Int | Literal["auto"] = 8
+    max_batch_tokens: Int | None = None  # batches cut by padded tokens instead of a sample count
+    micro_batch_size: Int | None = None  # split each planned batch into forwards of this many samples
+    auto_batch_memory_fraction: Float = 0.8  # batch_size="auto" on an accelerator: the share it may use
     dtype: Literal["float16", "float32"] = "float16"
     oov_policy: Literal["clamp", "skip", "error"] = "clamp"
     padding_side: Literal["right", "left"] = "right"
@@ -305,10 +326,33 @@ class CaptureSpec(_Spec):
 
     @field_validator("batch_size")
     @classmethod
-    def _batch_size(cls, v: int) -> int:
-        if v not in BATCH_SIZES:
-            raise ValueError(f"batch_size={v} is not allowed: use a power of two from 1 to 512, e.g. 8")
+    def _batch_size(cls, v: int | str) -> int | str:
+        if v != "auto" and v not in BATCH_SIZES:
+            raise ValueError(f"batch_size={v!r} is not allowed: use a power of two from 1 to 512, e.g. 8, "
+                             "or 'auto'")
         return v
+
+    @field_validator("max_batch_tokens", "micro_batch_size")
+    @classmethod
+    def _positive(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"{info.field_name}={v} must be a positive number, e.g. "
+                             f"{info.field_name}={_EXAMPLES[info.field_name]}, or None")
+        return v
+
+    @field_validator("auto_batch_memory_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.05 <= v <= 1:
+            raise ValueError(f"auto_batch_memory_fraction={v} is out of range: use 0.05 to 1, e.g. 0.8")
+        return v
+
+    @model_validator(mode="after")
+    def _one_sizing(self) -> "CaptureSpec":
+        if self.batch_size == "auto" and self.max_batch_tokens is not None:
+            raise ValueError(f"batch_size='auto' and max_batch_tokens={self.max_batch_tokens} both size the "
+                             "batches: pass one of them")
+        return self
 
     @field_validator("chunk_mb")
     @classmethod
@@ -331,10 +375,15 @@ def build(cls: type[BaseModel], names: dict[str, str] | None = None, **values: A
     try:
         return cls(**values)
     except pydantic.ValidationError as exc:
-        lines = []
+        lines, unions = [], set()
         for err in exc.errors():
             msg = err["msg"].removeprefix("Value error, ")
             loc = err["loc"]
+            if len(loc) > 1 and isinstance(loc[1], str) and ("[" in loc[1] or loc[1] in ("int", "float", "str")):
+                if loc[0] in unions:  # a union (batch_size: a number or 'auto'): its first member's message
+                    continue
+                unions.add(loc[0])
+                loc = loc[:1]
             if not loc:  # a whole-spec check: its message names its arguments
                 lines.append(msg)
                 continue
@@ -367,6 +416,8 @@ class JobRequest:
             "text_column": self.dataset.text_column, "add_special_tokens": self.dataset.add_special_tokens,
             "encoding": self.dataset.encoding, "chat_template": self.dataset.chat_template,
             "model_dtype": self.model.dtype, "device": self.model.device,
+            "device_map": self.model.device_map, "max_memory": self.model.max_memory,
+            "quantization": self.model.quantization,
             "timeout_s": self.timeout_s, "auto_retry_on_oom": self.auto_retry_on_oom,
         }
 
@@ -379,19 +430,24 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
                  auto_retry_on_oom: bool = False, revision: str | None = None, encoding: str = "utf-8",
                  checksum: bool = True, window: int | None = None, stride: int | None = None,
                  exclude_special: bool = False, chat_template: str | None = None,
+                 max_batch_tokens: int | None = None, micro_batch_size: int | None = None,
+                 auto_batch_memory_fraction: float = 0.8, device_map: str | dict | None = None,
+                 max_memory: dict | None = None, quantization: str | None = None,
                  before_batch: Callable[[int, int], None] | None = None, cluster: Any = None) -> JobRequest:
     """Validate every argument of ``ms.extract`` / ``ws.submit`` before anything is loaded or written.
 
     ``layers`` takes the forms of :func:`parse_layers`; ``'all'`` and the ``max_length`` limit are checked
     against the model's config (read without weights). Every error names the argument as the user typed it.
     """
-    from .models import load_config, max_positions_of, n_layers_of
+    from .models import check_placement, load_config, max_positions_of, n_layers_of
 
     if isinstance(hooks, str):
         hooks = [h.strip() for h in hooks.split(",")]
     model_spec = model if isinstance(model, ModelSpec) else build(
         ModelSpec, {"name_or_path": "model", "dtype": "model_dtype"},
-        name_or_path=str(model), dtype=model_dtype, device=device, revision=revision)
+        name_or_path=str(model), dtype=model_dtype, device=device, revision=revision, device_map=device_map,
+        max_memory=max_memory, quantization=quantization)
+    check_placement(model_spec)
     if dataset is None:
         raise InputError("dataset is missing: pass ms.sample_dataset(), a file path, a list of strings, "
                          "a pandas DataFrame, or ms.HubDataset(name, split, column)")
@@ -404,7 +460,10 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
         layer_list = list(range(n_layers_of(config)))
     capture = build(CaptureSpec, layers=layer_list, hooks=list(hooks), batch_size=batch_size, dtype=dtype,
                     oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, checksum=checksum,
-                    window=window, stride=stride, exclude_special=exclude_special)
+                    window=window, stride=stride, exclude_special=exclude_special,
+
+                    max_batch_tokens=max_batch_tokens, micro_batch_size=micro_batch_size,
+                    auto_batch_memory_fraction=auto_batch_memory_fraction)
     not_number = isinstance(timeout_s, (bool, np.bool_)) or not isinstance(timeout_s, (int, float, np.number))
     if timeout_s is not None and (not_number or timeout_s <= 0):
         raise InputError(f"timeout_s={timeout_s!r} must be a positive number of seconds, e.g. timeout_s=600, "
@@ -415,6 +474,9 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
     if cluster is not None and capture.exclude_special:
         raise InputError("exclude_special=True is not supported with cluster= yet: drop cluster= (run locally) "
                          "or keep special tokens (exclude_special=False) and mask them with tokens/special")
+    if cluster is not None and capture.batch_size == "auto":
+        raise InputError("batch_size='auto' runs a trial on a local model and cannot size a dask run: pass a "
+                         "number, e.g. batch_size=8, with cluster=")
     limit = max_positions_of(config or load_config(model_spec))
     if limit is not None and capture.window is not None and capture.window > limit:
         raise InputError(f"window={capture.window} is more than the {limit} positions of model "
@@ -440,7 +502,10 @@ def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -
             **{k: params[k] for k in ("layers", "hooks", "batch_size", "max_samples", "max_length", "dtype",
                                       "model_dtype", "device", "text_column", "add_special_tokens", "oov_policy",
                                       "padding_side", "chunk_mb", "timeout_s", "auto_retry_on_oom", "encoding",
-                                      "checksum", "window", "stride", "exclude_special", "chat_template")
+                                      "checksum", "window", "stride", "exclude_special", "chat_template",
+
+                                      "checksum", "max_batch_tokens", "micro_batch_size",
+                                      "auto_batch_memory_fraction", "device_map", "max_memory", "quantization")
                if k in params}}
     args.update(overrides)
     return make_request(**args)
