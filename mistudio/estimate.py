@@ -32,15 +32,21 @@ def _array_bytes(n: int, width: int, rows_per_chunk: int, itemsize: int, checksu
 
 
 def store_bytes(lengths: np.ndarray, hook_dims: dict[str, int], dtype: str, chunk_mb: float,
-                checksum: bool) -> int:
-    """Exact bytes of the chunk files ``ExtractionStore.allocate`` creates and the writer fills."""
+                checksum: bool, n_rows: int | None = None, per_token_bytes: tuple[int, ...] = (1,),
+                row_offsets: bool = False) -> int:
+    """Exact bytes of the chunk files ``ExtractionStore.allocate`` creates and the writer fills.
+
+    ``n_rows`` activation rows (default: every token); ``per_token_bytes`` the item sizes of the optional
+    per-token arrays (``special`` always; ``role``, ``positions`` when present); ``row_offsets`` when
+    ``activation_offsets`` is written (``exclude_special``)."""
     n_samples, n_tokens = len(lengths), int(np.sum(lengths))
-    total = 0
-    for n, itemsize in ((n_tokens, 4), (n_samples + 1, 8), (n_samples, 8)):  # input_ids, offsets, index
-        total += _array_bytes(n, 1, max(1, min(n, 2**20)), itemsize, checksum)
+    n_rows = n_tokens if n_rows is None else n_rows
+    token_arrays = [(n_tokens, 4), (n_samples + 1, 8), (n_samples, 8)]  # input_ids, offsets, index
+    token_arrays += [(n_tokens, size) for size in per_token_bytes] + ([(n_samples + 1, 8)] if row_offsets else [])
+    total = sum(_array_bytes(n, 1, max(1, min(n, 2**20)), size, checksum) for n, size in token_arrays)
     itemsize = np.dtype(dtype).itemsize
     rows = chunk_rows(max(hook_dims.values()), itemsize, chunk_mb)
-    return total + sum(_array_bytes(n_tokens, w, rows, itemsize, checksum) for w in hook_dims.values())
+    return total + sum(_array_bytes(n_rows, w, rows, itemsize, checksum) for w in hook_dims.values())
 
 
 def _free_disk(workspace: str | os.PathLike | None) -> int | None:
@@ -121,8 +127,11 @@ def estimate(model: Any = None, dataset: Any = None, layers: Any = None, hooks: 
     lengths = tokenized.lengths[order]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     hook_points = capture.hook_points()
+    special = np.isin(np.concatenate(tokenized.ids), np.asarray(tokenizer.all_special_ids, dtype=np.int64))
+    n_rows = int((~special).sum()) if capture.exclude_special else len(special)
+    per_token = (1,) + ((1,) if tokenized.roles is not None else ()) + ((4,) if capture.window else ())
     disk = store_bytes(lengths, {hp: facts["hidden_size"] for hp in hook_points}, capture.dtype, capture.chunk_mb,
-                       capture.checksum)
+                       capture.checksum, n_rows, per_token, row_offsets=capture.exclude_special)
     from .engine import plan_batches
 
     planned = capture if capture.batch_size != "auto" else capture.model_copy(update={"batch_size": 8})
