@@ -322,6 +322,71 @@ def bench_loader(folder: Path, mb: float, repeats: int) -> dict:
             "shuffled_vs_zarr": mb_s["shuffled"] / mb_s["raw_zarr"], "target": ">= 0.8 shuffled"}
 
 
+TOKEN_BUDGET_CHILD = """
+import json, os, sys, threading, time
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, sys.argv[4])
+import numpy as np
+import mistudio as ms
+from mistudio.data import plan_order, tokenize
+from mistudio.engine import forward_batches, plan_batches
+from mistudio.models import load_model
+from mistudio.specs import CaptureSpec, ModelSpec
+from run import rss_now, texts
+
+loaded = load_model(ModelSpec(name_or_path=sys.argv[1], device="cpu"))
+data = tokenize(ms.DatasetSpec(source=texts(int(sys.argv[2])), max_length=128), loaded.tokenizer, loaded.vocab_size)
+order = plan_order(data.lengths)
+ids = np.concatenate([data.ids[i] for i in order])
+offsets = np.concatenate([[0], np.cumsum(data.lengths[order])]).astype(np.int64)
+capture = CaptureSpec(layers=[5], hooks=["residual", "mlp"], **json.loads(sys.argv[3]))
+for _ in forward_batches(loaded, ids, offsets, capture.model_copy(update={"batch_size": 1, "max_batch_tokens": None}),
+                         0, 2):
+    pass  # warm-up on two samples: the allocator has not yet seen a big batch
+batches = plan_batches(offsets, capture, 0, len(order))
+width = lambda b: int(offsets[b + 1] - offsets[b])
+base, peak, done = rss_now(), [0.0], threading.Event()
+
+def sample():
+    while not done.wait(0.005):
+        peak[0] = max(peak[0], rss_now() - base)
+
+threading.Thread(target=sample, daemon=True).start()
+started, cpu = time.perf_counter(), time.process_time()
+for _ in forward_batches(loaded, ids, offsets, capture, 0, len(order)):
+    pass
+secs, cpu = time.perf_counter() - started, time.process_time() - cpu
+done.set()
+print(json.dumps({"tokens_per_s": int(offsets[-1]) / secs, "tokens_per_cpu_s": int(offsets[-1]) / cpu,
+                  "useful_fraction": int(offsets[-1]) / sum((e - b) * width(b) for b, e in batches),
+                  "batches": len(batches), "largest_batch_tokens": max((e - b) * width(b) for b, e in batches),
+                  "peak_rss_above_start_mb": peak[0]}))
+"""
+
+
+def bench_token_budget(model_dir, n, quick=False) -> dict:
+    """Fixed batch sizes vs padded-token budgets through the real capture path (forward_batches, no writer),
+    each in a fresh process: tokens per wall second and per CPU second (this process's threads: less
+    sensitive to other load on the machine), useful-token fraction, the largest batch in padded tokens, and
+    peak RSS above the start of the run (sampled every 5 ms)."""
+    configs = {"batch 8": {"batch_size": 8}, "batch 32": {"batch_size": 32},
+               "budget 1024 tokens (= 8 x 128)": {"max_batch_tokens": 1024},
+               "budget 4096 tokens (= 32 x 128)": {"max_batch_tokens": 4096}}
+    if quick:
+        configs = {k: v for k, v in configs.items() if k.startswith(("batch 8", "budget 1024"))}
+    out = {}
+    for name, kw in configs.items():
+        proc = subprocess.run([sys.executable, "-c", TOKEN_BUDGET_CHILD, model_dir, str(n), json.dumps(kw), str(HERE)],
+                              capture_output=True, text=True, check=True)
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def rss_now() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run under a minute")
@@ -345,6 +410,7 @@ def main() -> None:
             ("write", lambda: bench_write(str(tmp), 64 if q else 512)),
             ("checksum", lambda: bench_checksum(str(tmp), 32 if q else 256, 2 if q else 6)),
             ("loader", lambda: bench_loader(tmp, 64 if q else 512, 1 if q else 3)),
+            ("token_budget", lambda: bench_token_budget(model_dir, 64 if q else 1024, q)),
         ]
         for name, step in steps:
             if args.only and name not in args.only.split(","):
@@ -363,6 +429,10 @@ def main() -> None:
 
 def print_table(r: dict) -> None:
     o, e, m, c, w, k = r["overhead"], r["early_stop"], r["memory"], r["cancel"], r["write"], r["checksum"]
+    for name, row in r["token_budget"].items():
+        print(f"{'token budget: ' + name:<44}{row['tokens_per_cpu_s']:>10.0f} tok/CPU-s  useful {row['useful_fraction']:.3f}"
+              f"  largest batch {row['largest_batch_tokens']} tokens  peak RSS +{row['peak_rss_above_start_mb']:.0f} MB"
+              f"  ({row['batches']} batches)")
     print(f"\n{'figure':<44}{'value':>14}  target")
     print(f"{'overhead: extract / bare forward tokens/s':<44}{o['ratio']:>14.3f}  >= 0.95"
           f"   (median of {len(o['ratios'])} interleaved pairs: {', '.join(f'{r:.3f}' for r in o['ratios'])})")

@@ -2,6 +2,7 @@
 from .api import extract, open_extraction
 from .specs import HOOK_KINDS, DatasetSpec, HubDataset, ModelSpec
 from .data import sample_dataset, sample_texts
+from .estimate import estimate
 from .errors import (DiskFull, ExtractionFailed, InputError, JobCancelled, MistudioError, StoreBusy, StoreCorrupted,
                      StoreLost)
 from .extraction import Extraction
@@ -12,7 +13,7 @@ from .models import load_model, packaged_minilm_path
 from .workspace import Workspace
 
 __version__ = "0.1.0"
-__all__ = ["extract", "open_extraction", "sample_dataset", "sample_texts", "HubDataset", "ModelSpec", "DatasetSpec",
+__all__ = ["extract", "estimate", "open_extraction", "sample_dataset", "sample_texts", "HubDataset", "ModelSpec", "DatasetSpec",
            "Workspace", "Job", "Extraction", "load_model", "packaged_minilm_path", "HOOK_KINDS", "InputError",
            "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost", "StoreCorrupted", "DiskFull",
            "Status", "loader", "ActivationLoader"]

@@ -234,18 +234,29 @@ def top_examples(ext: "Extraction", hook_point: str, feature: int | list[int], k
 
 
 def _describe(ext: "Extraction", hook_point: str, feature: int, best: np.ndarray, context: int) -> list[dict]:
-    offsets, rows = ext.sample_offsets, ext.sample_index
-    ids = ext.store.group["tokens/input_ids"]
+    """Each best activation row with its sample, position and the feature's values over its context tokens
+    (``None`` for tokens that have no activation row, e.g. special tokens of an ``exclude_special`` store)."""
+    offsets, rows, row_offsets = ext.sample_offsets, ext.sample_index, ext.activation_offsets
+    ids, acts = ext.store.tokens("input_ids"), ext.activations(hook_point)
     out = []
-    for value, token in best:
-        token = int(token)
+    for value, act_row in best:
+        act_row = int(act_row)
+        token = int(ext.token_index(act_row))
         pos = int(np.searchsorted(offsets, token, side="right")) - 1
         start, stop = int(offsets[pos]), int(offsets[pos + 1])
         lo, hi = max(start, token - context), min(stop, token + context + 1)
         window = [int(i) for i in ids[lo:hi]]
         names = ext.tokenizer.convert_ids_to_tokens(window)
-        out.append({"value": float(value), "token_index": token, "sample_position": pos, "row": int(rows[pos]),
-                    "position": token - start, "token_id": window[token - lo], "token": names[token - lo],
-                    "context_start": lo - start, "context_ids": window, "context_tokens": names,
-                    "context_values": ext.activations(hook_point)[lo:hi][:, feature].astype(float).tolist()})
+        sample_rows = np.arange(int(row_offsets[pos]), int(row_offsets[pos + 1]))
+        tokens_of_rows = np.asarray(ext.token_index(sample_rows))
+        inside = sample_rows[(tokens_of_rows >= lo) & (tokens_of_rows < hi)]
+        values: list[float | None] = [None] * (hi - lo)
+        if len(inside):
+            column = acts[int(inside[0]):int(inside[-1]) + 1][:, feature].astype(float)
+            for r, v in zip(inside, column):
+                values[int(ext.token_index(int(r))) - lo] = float(v)
+        out.append({"value": float(value), "token_index": act_row, "input_index": token, "sample_position": pos,
+                    "row": int(rows[pos]), "position": token - start, "token_id": window[token - lo],
+                    "token": names[token - lo], "context_start": lo - start, "context_ids": window,
+                    "context_tokens": names, "context_values": values})
     return out

@@ -13,18 +13,23 @@ from .store import ExtractionStore
 from .workspace import Workspace
 
 
-def extract(model: Any, dataset: Any = "sample", layers: Any = (0,), hooks: Any = ("residual",), *,
+def extract(model: Any = None, dataset: Any = None, layers: Any = None, hooks: Any = None, *,
             workspace: str | os.PathLike | None = None, storage_options: dict | None = None, progress: bool = True,
-            **options: Any) -> Extraction:
+            preset: str | None = None, **options: Any) -> Extraction:
     """Run one extraction to the end and return it (blocking; Ctrl-C cancels and keeps what was saved).
 
     Arguments are those of :meth:`Workspace.submit`: ``batch_size``, ``max_samples``, ``max_length``,
     ``dtype`` (storage), ``model_dtype``, ``device``, ``text_column``, ``oov_policy``, ``padding_side``,
-    ``timeout_s``, ``auto_retry_on_oom``. A failed job raises: bad input as ``InputError``, anything
+    ``timeout_s``, ``auto_retry_on_oom``, ``window``/``stride`` (long documents in overlapping windows),
+    ``chat_template`` ("auto" or a Jinja string: rows are conversations), ``exclude_special``, and ``preset=``
+    (a saved preset of the workspace; arguments given here override it). Unset, ``dataset`` is the bundled
+    sample, ``layers`` [0] and ``hooks`` residual. A failed job raises: bad input as ``InputError``, anything
     else as ``ExtractionFailed`` carrying the error record and suggested retry.
     """
     ws = Workspace(workspace, storage_options=storage_options)
-    job = ws.submit(model, dataset, layers, hooks=hooks, **options)
+    if hooks is not None:
+        options["hooks"] = hooks
+    job = ws.submit(model, dataset, layers, preset=preset, **options)
     bar = job.subscribe(TqdmListener()) if progress else None
     try:
         wait_or_cancel(job, ws)

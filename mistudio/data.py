@@ -98,7 +98,17 @@ def _lines(path: Path, encoding: str) -> Iterator[str]:
         raise _decode_error(path, encoding) from None
 
 
-def _read_jsonl(path: Path, column: str, encoding: str) -> Iterator[object]:
+CHAT_COLUMNS = ("messages", "conversations", "instruction")
+
+
+def _fix_for(keys) -> str:
+    """The fix for a missing text column: a chat_template when the keys are those of chat data."""
+    chat = [c for c in CHAT_COLUMNS if c in keys]
+    return f"it holds chat data ({chat[0]!r}): pass chat_template='auto'" if chat else "pass text_column=<one of them>"
+
+
+def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[object]:
+    """Each line's ``column`` value, or (``column`` None: chat data) the whole record."""
     first = True
     for n, line in enumerate(_lines(path, encoding)):
         if not line.strip():
@@ -108,19 +118,17 @@ def _read_jsonl(path: Path, column: str, encoding: str) -> Iterator[object]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path} line {n + 1} is not valid JSON ({exc.msg}): fix or remove that line") from exc
-        if not isinstance(rec, dict):
-            yield rec if isinstance(rec, str) else None
+        if column is None or not isinstance(rec, dict):
+            yield rec if column is None or isinstance(rec, str) else None
             continue
         if first and column not in rec:
-            raise InputError(
-                f"text column {column!r} is not in {path}: its first record has keys {sorted(rec)}; "
-                "pass text_column=<one of them>"
-            )
+            raise InputError(f"text column {column!r} is not in {path}: its first record has keys {sorted(rec)}; "
+                             + _fix_for(rec))
         first = False
         yield rec.get(column)
 
 
-def _read_table(path: Path, column: str, fmt: str, encoding: str) -> Iterator[object]:
+def _read_table(path: Path, column: str | None, fmt: str, encoding: str) -> Iterator[object]:
     import pandas as pd
 
     if fmt == "csv":
@@ -130,29 +138,32 @@ def _read_table(path: Path, column: str, fmt: str, encoding: str) -> Iterator[ob
             raise _decode_error(path, encoding) from None
     else:
         frame = pd.read_parquet(path)
+    if column is None:
+        yield from frame.to_dict("records")
+        return
     if column not in frame.columns:
-        raise InputError(
-            f"text column {column!r} is not in {path}: its columns are {list(frame.columns)}; "
-            "pass text_column=<one of them>"
-        )
+        raise InputError(f"text column {column!r} is not in {path}: its columns are {list(frame.columns)}; "
+                         + _fix_for(frame.columns))
     yield from frame[column].tolist()
 
 
-def _read_datasets(ds, column: str, where: str) -> Iterator[object]:
+def _read_datasets(ds, column: str | None, where: str) -> Iterator[object]:
     import datasets
 
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         splits = list(ds.keys())
         raise InputError(f"{where} holds several splits {splits}: point at one split, e.g. its {splits[0]!r} split")
+    if column is None:
+        yield from ds
+        return
     if column not in (ds.column_names or []):
-        raise InputError(
-            f"text column {column!r} is not in {where}: its columns are {ds.column_names}; pass text_column=<one of them>"
-        )
+        raise InputError(f"text column {column!r} is not in {where}: its columns are {ds.column_names}; "
+                         + _fix_for(ds.column_names or []))
     for record in ds.select_columns([column]):
         yield record[column]
 
 
-def _read_hub(spec: HubDataset) -> Iterator[object]:
+def _read_hub(spec: HubDataset, column: str | None) -> Iterator[object]:
     import datasets
 
     try:
@@ -163,17 +174,18 @@ def _read_hub(spec: HubDataset) -> Iterator[object]:
             f"{str(exc).splitlines()[0] if str(exc) else ''}. The Hub may be unreachable from here: save the "
             "dataset with save_to_disk on a machine with network and pass that folder, or pass a local file"
         ) from exc
-    yield from _read_datasets(ds, spec.column, f"Hub dataset {spec.name!r}")
+    yield from _read_datasets(ds, column, f"Hub dataset {spec.name!r}")
 
 
 def raw_values(spec: DatasetSpec) -> Iterator[object]:
-    """Every row's raw value (text, token ids, or junk), in dataset order."""
+    """Every row's raw value (text, token ids, or junk), in dataset order; with a chat template, whole records."""
     src = spec.source
     kind = pandas_kind(src)
+    column = None if spec.chat_template else spec.text_column
     if isinstance(src, HubDataset):
-        yield from _read_hub(src)
+        yield from _read_hub(src, None if spec.chat_template else src.column)
     elif kind == "dataframe":
-        yield from src[spec.text_column].tolist()
+        yield from (src.to_dict("records") if column is None else src[column].tolist())
     elif kind == "series":
         yield from src.tolist()
     elif isinstance(src, list):
@@ -192,15 +204,15 @@ def raw_values(spec: DatasetSpec) -> Iterator[object]:
                     f"dataset folder {src!r} is not a `datasets` folder saved with save_to_disk: "
                     "point at such a folder, or at a .txt/.jsonl/.csv/.parquet file"
                 ) from exc
-            yield from _read_datasets(ds, spec.text_column, f"dataset folder {src!r}")
+            yield from _read_datasets(ds, column, f"dataset folder {src!r}")
             return
         fmt = file_format(path)
         if fmt == "txt":
             yield from _lines(path, spec.encoding)
         elif fmt == "jsonl":
-            yield from _read_jsonl(path, spec.text_column, spec.encoding)
+            yield from _read_jsonl(path, column, spec.encoding)
         else:
-            yield from _read_table(path, spec.text_column, fmt, spec.encoding)
+            yield from _read_table(path, column, fmt, spec.encoding)
 
 
 def _is_token_ids(value: object) -> bool:
@@ -210,12 +222,109 @@ def _is_token_ids(value: object) -> bool:
         isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
 
 
+ROLE_CODES = {"system": 0, "user": 1, "assistant": 2, "other": 3}  # tokens/role; "other": template, tools
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def conversation(value: object) -> list[dict] | None:
+    """A row as chat messages [{role, content}]: ``messages`` lists, ShareGPT ``conversations`` (from/value),
+    Alpaca ``instruction``/``input``/``output`` records, or a bare list of messages; None if it is none of them."""
+    if isinstance(value, dict):
+        for key in ("messages", "conversations", "conversation"):
+            if value.get(key) is not None:
+                value = value[key]
+                break
+        else:
+            if isinstance(value.get("instruction"), str) and isinstance(value.get("output"), str):
+                extra = value.get("input")
+                prompt = value["instruction"] + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+                return [{"role": "user", "content": prompt}, {"role": "assistant", "content": value["output"]}]
+            return None
+    if isinstance(value, np.ndarray):
+        value = list(value)
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(m, dict) for m in value):
+        return None
+    messages = []
+    for m in value:
+        role = m.get("role") or _SHAREGPT_ROLES.get(str(m.get("from")), m.get("from"))
+        content = m.get("content", m.get("value"))
+        if not isinstance(role, str) or not isinstance(content, str):
+            return None
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def chat_template_of(tokenizer, chat_template: str) -> str:
+    """The Jinja template to render with: the tokenizer's own for ``"auto"``, else ``chat_template`` itself."""
+    if chat_template != "auto":
+        return chat_template
+    own = getattr(tokenizer, "chat_template", None)
+    if not own:
+        raise InputError(f"chat_template='auto' but the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has "
+                         "no chat template: pass chat_template=\"<jinja string>\" or use a chat model")
+    return own if isinstance(own, str) else own.get("default", next(iter(own.values())))
+
+
+def _render(tokenizer, messages: list[dict], template: str) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True)
+    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
+        out = out["input_ids"]
+    return [int(i) for i in out]
+
+
+def chat_tokens(tokenizer, messages: list[dict], template: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, role codes) of a rendered conversation: ids are ``apply_chat_template(messages, tokenize=True)``;
+    the template is rendered over the first k messages and the new tokens go to message k's role (tokens that
+    no prefix explains, e.g. a closing template part, are "other")."""
+    ids = _render(tokenizer, messages, template)
+    roles = np.full(len(ids), ROLE_CODES["other"], dtype=np.int8)
+    done = 0
+    for k in range(1, len(messages) + 1):
+        try:
+            prefix = ids if k == len(messages) else _render(tokenizer, messages[:k], template)
+        except Exception:  # noqa: BLE001 - a template may refuse a prefix (e.g. one that ends with a user turn)
+            continue
+        same = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
+        if same > done:
+            roles[done:same] = ROLE_CODES.get(messages[k - 1]["role"], ROLE_CODES["other"])
+            done = same
+    return np.asarray(ids, dtype=np.int64), roles
+
+
+def window_spans(length: int, window: int | None, stride: int | None) -> list[tuple[int, int, int]]:
+    """How a sample of ``length`` tokens is forwarded: ``(start, stop, own_from)`` per window.
+
+    Windows start every ``stride`` tokens and hold ``window`` tokens (the last one ends at the document's end).
+    Each token is owned by the first window that holds it, the one that gives it the most left context: a
+    window owns ``[own_from, stop)``, where ``own_from`` is the previous window's stop (0 for the first).
+    Without a window, or for a sample that fits, one span covers the whole sample.
+    """
+    if window is None or length <= window:
+        return [(0, length, 0)]
+    spans, start, own_from = [], 0, 0
+    while True:
+        stop = min(start + window, length)
+        spans.append((start, stop, own_from))
+        if stop == length:
+            return spans
+        start, own_from = start + stride, stop
+
+
+def window_positions(length: int, window: int | None, stride: int | None) -> np.ndarray:
+    """Each token's position inside the window that owns it (its position id in the forward)."""
+    pos = np.empty(length, dtype=np.int32)
+    for start, stop, own_from in window_spans(length, window, stride):
+        pos[own_from:stop] = np.arange(own_from - start, stop - start)
+    return pos
+
+
 @dataclass
 class TokenizedDataset:
     """Token ids of every kept sample, with the dataset row it came from and what was dropped."""
 
     ids: list[np.ndarray]
     rows: np.ndarray
+    roles: list[np.ndarray] | None = None  # chat data: a ROLE_CODES code per token
     n_rows_read: int = 0
     n_skipped_invalid: int = 0
     n_skipped_oov: int = 0
@@ -242,19 +351,22 @@ class TokenizedDataset:
 
 
 def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "clamp",
-             batch_rows: int = 1024) -> TokenizedDataset:
+             batch_rows: int = 1024, window: int | None = None) -> TokenizedDataset:
     """Tokenize with the tokenizer's own call (special tokens as it adds them), truncate, check ids.
 
     The tokenizer truncates (keeping its special tokens); rows it cut to ``max_length`` are tokenized
-    again in full to count what was dropped.
+    again in full to count what was dropped. With a ``window`` nothing is cut (long documents are forwarded
+    in windows). With ``spec.chat_template`` rows are conversations, rendered by the template, with roles.
     """
-    out = TokenizedDataset(ids=[], rows=np.zeros(0, dtype=np.int64))
+    out = TokenizedDataset(ids=[], rows=np.zeros(0, dtype=np.int64), roles=[] if spec.chat_template else None)
     rows: list[int] = []
     pending: list[tuple[int, str]] = []
+    limit_len = None if window is not None else spec.max_length
+    template = chat_template_of(tokenizer, spec.chat_template) if spec.chat_template else None
 
-    def keep(row: int, ids: np.ndarray, dropped: int = 0) -> None:
-        if len(ids) > spec.max_length:
-            ids, dropped = ids[: spec.max_length], len(ids) - spec.max_length
+    def keep(row: int, ids: np.ndarray, dropped: int = 0, roles: np.ndarray | None = None) -> None:
+        if limit_len is not None and len(ids) > limit_len:
+            ids, dropped = ids[:limit_len], len(ids) - limit_len
         bad = (ids < 0) | (ids >= vocab_size)
         if bad.any():
             first = int(ids[bad][0])
@@ -274,16 +386,19 @@ def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "c
         out.n_truncated += dropped > 0
         out.n_truncated_tokens += dropped
         out.ids.append(ids.astype(np.int32))
+        if out.roles is not None:
+            out.roles.append(roles[: len(ids)])
         rows.append(row)
 
     def flush() -> None:
         if not pending:
             return
         texts = [t for _, t in pending]
-        enc = tokenizer(texts, truncation=True, max_length=spec.max_length,
-                        add_special_tokens=spec.add_special_tokens)["input_ids"]
+        enc = tokenizer(texts, truncation=limit_len is not None, max_length=limit_len,
+                        add_special_tokens=spec.add_special_tokens, verbose=False)["input_ids"]
         dropped = [0] * len(enc)
-        cut = [i for i, ids in enumerate(enc) if len(ids) >= spec.max_length]  # maybe truncated: measure in full
+        # maybe truncated: measure in full
+        cut = [i for i, ids in enumerate(enc) if limit_len is not None and len(ids) >= limit_len]
         if cut:
             whole = tokenizer([texts[i] for i in cut], add_special_tokens=spec.add_special_tokens, verbose=False)
             for i, ids in zip(cut, whole["input_ids"]):
@@ -299,7 +414,14 @@ def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "c
             if len(rows) >= limit:
                 break
         out.n_rows_read += 1
-        if isinstance(value, str) and value.strip():
+        if template is not None:
+            messages = conversation(value)
+            if messages:
+                ids, roles = chat_tokens(tokenizer, messages, template)
+                keep(row, ids, roles=roles)
+            else:
+                out.n_skipped_invalid += 1
+        elif isinstance(value, str) and value.strip():
             pending.append((row, value))
             if len(pending) >= batch_rows:
                 flush()
@@ -313,6 +435,12 @@ def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "c
     if out.n_clamped_tokens:
         warnings.warn(f"{out.n_clamped_tokens} token ids outside the vocabulary (0..{vocab_size - 1}) were clamped; "
                       "the count is in the extraction's metadata", stacklevel=2)
+    if not out.ids and template is not None:
+        raise InputError(
+            f"the dataset has no conversations: {out.n_rows_read} rows read, none with 'messages' "
+            "([{role, content}]), "
+            "ShareGPT 'conversations' (from/value) or Alpaca 'instruction'/'input'/'output': give such rows, or "
+            "chat_template=None for plain text")
     if not out.ids:
         raise InputError(
             f"the dataset has no usable rows: {out.n_rows_read} read, {out.n_skipped_invalid} empty or not text, "
@@ -330,6 +458,22 @@ def plan_order(lengths: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(lengths), kind="stable")
 
 
-def batch_ranges(n_samples: int, batch_size: int, start: int = 0) -> list[tuple[int, int]]:
-    """Consecutive [begin, end) sample ranges of the stored order, from ``start``."""
-    return [(b, min(b + batch_size, n_samples)) for b in range(start, n_samples, batch_size)]
+def batch_ranges(n_samples: int, batch_size: int, start: int = 0, lengths: np.ndarray | None = None,
+                 max_batch_tokens: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive [begin, end) sample ranges of the stored order, from ``start``.
+
+    With ``max_batch_tokens`` (and the stored ``lengths``, longest first) a batch takes as many samples as
+    fit the budget in padded tokens (samples x its first, longest, sample): a greedy cut that depends only on
+    the stored order and the budget, so a resume from a batch boundary continues on the same boundaries.
+    A sample longer than the budget gets a batch of its own (the only batch that exceeds it).
+    """
+    if max_batch_tokens is None:
+        return [(b, min(b + batch_size, n_samples)) for b in range(start, n_samples, batch_size)]
+    if lengths is None:
+        raise ValueError("max_batch_tokens needs the stored sample lengths")
+    ranges, b = [], start
+    while b < n_samples:
+        e = min(n_samples, b + max(1, max_batch_tokens // max(1, int(lengths[b]))))
+        ranges.append((b, e))
+        b = e
+    return ranges

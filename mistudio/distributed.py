@@ -99,7 +99,7 @@ def run_shard(location: str, storage_options: dict | None, model: dict, capture:
                                                           shard["stop"], check, before_batch):
         writer.put(rows)
         for hp, delta in batch_stats.items():
-            HookStats.merge(stats[hp], delta)
+            HookStats.merge(stats[hp], delta, int(offsets[first]))  # rows are tokens here (no exclude_special)
         if on_batch is not None:
             on_batch(stop - first)
     assert writer.pos == shard["tokens"][1], "shard rows were not all placed"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .specs import CaptureSpec
-from .data import batch_ranges
+from .data import batch_ranges, window_spans
 from .errors import InputError
 from .models import LoadedModel
 from .store import ChunkWriter, ExtractionStore, HookStats
@@ -34,15 +34,36 @@ def _output_tensor(output) -> torch.Tensor:
 def pad_batch(ids: np.ndarray, offsets: np.ndarray, begin: int, end: int, pad_id: int,
               side: str) -> tuple[np.ndarray, np.ndarray]:
     """Dynamic padding of samples [begin, end): (input ids, attention mask), both (batch, longest)."""
-    lengths = offsets[begin + 1:end + 1] - offsets[begin:end]
-    width = int(lengths.max())
-    batch = np.full((end - begin, width), pad_id, dtype=np.int64)
-    mask = np.zeros((end - begin, width), dtype=np.int64)
-    for row, (start, length) in enumerate(zip(offsets[begin:end], lengths)):
-        cols = slice(0, length) if side == "right" else slice(width - length, width)
-        batch[row, cols] = ids[start:start + length]
-        mask[row, cols] = 1
+    spans = [(int(a), int(b), int(a)) for a, b in zip(offsets[begin:end], offsets[begin + 1:end + 1])]
+    batch, mask, _ = pad_spans(ids, spans, pad_id, side)
     return batch, mask
+
+
+def pad_spans(ids: np.ndarray, spans: list[tuple[int, int, int]], pad_id: int, side: str,
+              special: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dynamic padding of token spans ``(start, stop, own_from)`` of ``ids``: (input ids, attention mask, keep),
+    all (n spans, longest). ``keep`` marks the rows that go to the store: tokens in ``[own_from, stop)``, less
+    those marked in ``special`` (when special tokens are excluded)."""
+    width = max(stop - start for start, stop, _ in spans)
+    batch = np.full((len(spans), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(spans), width), dtype=np.int64)
+    keep = np.zeros((len(spans), width), dtype=bool)
+    for row, (start, stop, own_from) in enumerate(spans):
+        length = stop - start
+        first = 0 if side == "right" else width - length
+        batch[row, first:first + length] = ids[start:stop]
+        mask[row, first:first + length] = 1
+        kept = np.arange(start, stop) >= own_from
+        keep[row, first:first + length] = kept if special is None else kept & ~special[start:stop]
+    return batch, mask, keep
+
+
+def sample_spans(offsets: np.ndarray, first: int, stop: int, capture: CaptureSpec) -> list[tuple[int, int, int]]:
+    """The forwarded sequences of samples [first, stop): one per sample, or its windows (see ``window_spans``),
+    as absolute ``(start, stop, own_from)`` token spans in stored order."""
+    return [(int(base) + a, int(base) + b, int(base) + c)
+            for base, end in zip(offsets[first:stop], offsets[first + 1:stop + 1])
+            for a, b, c in window_spans(int(end - base), capture.window, capture.stride)]
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -57,13 +78,23 @@ def check_ids(ids: np.ndarray, loaded: LoadedModel) -> None:
                          f"(0..{loaded.vocab_size - 1}): resume with the model the extraction was made with")
 
 
+def plan_batches(offsets: np.ndarray, capture: CaptureSpec, begin: int, end: int) -> list[tuple[int, int]]:
+    """The [first, stop) batches of stored samples [begin, end): fixed count, or by padded-token budget."""
+    lengths = np.diff(offsets[:end + 1]) if capture.max_batch_tokens is not None else None
+    return batch_ranges(end, capture.batch_size, begin, lengths, capture.max_batch_tokens)
+
+
 def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, capture: CaptureSpec, begin: int,
                     end: int, check: Callable[[], None] | None = None,
-                    before_batch: Callable[[int, int], None] | None = None
+                    before_batch: Callable[[int, int], None] | None = None, special: np.ndarray | None = None
                     ) -> Iterator[tuple[int, int, dict[str, np.ndarray], dict[str, dict]]]:
     """Batched forwards over stored samples [begin, end): yields ``(first, stop, rows, stats)`` per batch:
     ``rows`` maps each hook point to its real-token rows (padding dropped) in stored order, ``stats``
     to their statistics accumulators (computed by torch on the model's values, before storage rounding).
+
+    With ``capture.window`` a long sample is forwarded as several windows (sequences of their own, at most
+    ``batch_size`` sequences a forward) and each token's row comes from the window that owns it. Tokens
+    marked in ``special`` (given when special tokens are excluded) get no row.
 
     ``check()`` runs before each batch and before each block, so a cancel lands within one block.
     """
@@ -86,28 +117,35 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
     if check is not None:  # cancel/timeout also between blocks: a long batch is abandoned, never half-written
         for block in list(loaded.blocks)[: max(capture.layers) + 1]:
             handles.append(block.register_forward_pre_hook(lambda _module, _inputs: check()))
-    device = loaded.device
+    device = loaded.input_device
     try:
-        for index, (first, stop) in enumerate(batch_ranges(end, capture.batch_size, begin)):
+        for index, (first, stop) in enumerate(plan_batches(offsets, capture, begin, end)):
             if check is not None:
                 check()
             if before_batch is not None:
-                before_batch(index, capture.batch_size)
-            batch, mask = pad_batch(ids, offsets, first, stop, loaded.pad_id, capture.padding_side)
-            attention = torch.from_numpy(mask).to(device)
-            kwargs = {"input_ids": torch.from_numpy(batch).to(device), "attention_mask": attention}
-            if "position_ids" in loaded.forward_args:
-                kwargs["position_ids"] = position_ids(attention)
-            if "use_cache" in loaded.forward_args:
-                kwargs["use_cache"] = False
-            captured.clear()
+                before_batch(index, capture.batch_size if capture.max_batch_tokens is None else stop - first)
+            spans = sample_spans(offsets, first, stop, capture)
+            per_forward = capture.micro_batch_size or (stop - first)  # windows may outnumber samples
+            parts: dict[str, list[torch.Tensor]] = {hp: [] for hp in capture.hook_points()}
             with torch.inference_mode():
-                try:
-                    loaded.model(**kwargs)
-                except _StopForward:
-                    pass
-                keep = attention.bool()
-                real = {hp: captured[hp][keep] for hp in capture.hook_points()}
+                for group in range(0, len(spans), per_forward):  # micro-batches: one forward each, rows in order
+                    batch, mask, keep = pad_spans(ids, spans[group:group + per_forward], loaded.pad_id,
+                                                  capture.padding_side, special)
+                    attention = torch.from_numpy(mask).to(device)
+                    kwargs = {"input_ids": torch.from_numpy(batch).to(device), "attention_mask": attention}
+                    if "position_ids" in loaded.forward_args:
+                        kwargs["position_ids"] = position_ids(attention)
+                    if "use_cache" in loaded.forward_args:
+                        kwargs["use_cache"] = False
+                    captured.clear()
+                    try:
+                        loaded.model(**kwargs)
+                    except _StopForward:
+                        pass
+                    keep_t = torch.from_numpy(keep)
+                    for hp in parts:  # a split model's blocks may sit on several devices: rows meet on the first
+                        parts[hp].append(captured[hp][keep_t.to(captured[hp].device)].to(device))
+                real = {hp: p[0] if len(p) == 1 else torch.cat(p) for hp, p in parts.items()}
                 stats = {hp: HookStats.of_tensor(values) for hp, values in real.items()}
                 rows = {hp: values.to(storage_dtype).cpu().numpy() for hp, values in real.items()}
             captured.clear()
@@ -129,25 +167,27 @@ def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, st
     """
     ids = store.input_ids()
     offsets = store.sample_offsets()
+    rows_at = store.activation_offsets()  # progress counts activation rows
+    special = store.tokens("special")[:] if store.record.storage.get("exclude_special") else None
     check_ids(ids, loaded)
     n_samples = len(offsets) - 1
     writer = ChunkWriter(store, start_sample)
-    tokens_total = int(offsets[-1] - offsets[start_sample])
+    tokens_total = int(rows_at[-1] - rows_at[start_sample])
     done_tokens = 0
     started = time.perf_counter()
     try:
         for first, stop, rows, stats in forward_batches(loaded, ids, offsets, capture, start_sample, n_samples,
-                                                        check, before_batch):
+                                                        check, before_batch, special):
             writer.put(stop - first, rows, stats)
-            done_tokens += int(offsets[stop] - offsets[first])
+            done_tokens += int(rows_at[stop] - rows_at[first])
             if progress is not None:
                 elapsed = time.perf_counter() - started
                 rate = done_tokens / elapsed if elapsed > 0 else 0.0
                 progress({
                     "samples_done": stop, "samples_total": n_samples,
-                    "tokens_done": int(offsets[stop]), "tokens_total": int(offsets[-1]),
+                    "tokens_done": int(rows_at[stop]), "tokens_total": int(rows_at[-1]),
                     "tokens_per_s": rate, "eta_s": (tokens_total - done_tokens) / rate if rate else None,
-                    "batch_size": capture.batch_size,
+                    "batch_size": capture.batch_size if capture.max_batch_tokens is None else stop - first,
                 })
     finally:
         writer.close(flush=True)

@@ -122,7 +122,8 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
 
     ``disk`` is (where, bytes free, bytes still needed), used to word a full disk.
     """
-    batch_size = int(params.get("batch_size", 8))
+    batch_size = params.get("batch_size", 8)
+    batch_size = int(batch_size) if isinstance(batch_size, (int, float)) else 8  # "auto" before its choice
     if disk_full_cause(exc) is not None:
         where, free, needed = disk or ("the workspace", None, None)
         return {"error_type": "DISK_FULL", "suggested_retry_params": {}, "resume_available": True,
@@ -131,6 +132,12 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
     if isinstance(exc, StoreLost):
         return {"error_type": "STORE_LOST", "error_message": str(exc), "suggested_retry_params": {},
                 "resume_available": False}
+    budget = params.get("max_batch_tokens")
+    if is_oom(exc) and budget:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return {"error_type": "OOM", "suggested_retry_params": {"max_batch_tokens": max(1, budget // 2)},
+                "error_message": f"Out of memory at max_batch_tokens={budget}: {first_line}. Retry with "
+                                 f"max_batch_tokens={max(1, budget // 2)}, or micro_batch_size=1."}
     if is_oom(exc):
         smaller = max(1, batch_size // 2)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

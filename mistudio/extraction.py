@@ -62,6 +62,7 @@ class Extraction:
 
     @property
     def n_tokens(self) -> int:
+        """Activation rows in the plan: every token, less the special ones with ``exclude_special``."""
         return int(self.store.record.progress.tokens_total or 0)
 
     def activations(self, hook_point: str) -> CheckedArray:
@@ -92,6 +93,12 @@ class Extraction:
         return self.store.sample_offsets()
 
     @cached_property
+    def activation_offsets(self) -> np.ndarray:
+        """Activation-row range ``[offsets[k], offsets[k+1])`` of the k-th stored sample: the same as
+        ``sample_offsets`` unless special tokens were excluded (``exclude_special=True``)."""
+        return self.store.activation_offsets()
+
+    @cached_property
     def _position_of_row(self) -> dict[int, int]:
         return {int(row): pos for pos, row in enumerate(self.sample_index)}
 
@@ -107,7 +114,28 @@ class Extraction:
         return np.sort(self.sample_index)
 
     def token_range(self, row: int) -> tuple[int, int]:
-        """``[start, stop)`` of a dataset row's tokens in every array."""
+        """``[start, stop)`` of a dataset row's tokens in the ``tokens/*`` arrays (and in the activations,
+        unless special tokens were excluded: then see :meth:`activation_range`)."""
+        pos = self._stored_position(row)
+        return int(self.sample_offsets[pos]), int(self.sample_offsets[pos + 1])
+
+    def activation_range(self, row: int) -> tuple[int, int]:
+        """``[start, stop)`` of a dataset row's rows in ``activations(hp)``."""
+        pos = self._stored_position(row)
+        return int(self.activation_offsets[pos]), int(self.activation_offsets[pos + 1])
+
+    @cached_property
+    def _kept_tokens(self) -> np.ndarray | None:
+        if "activation_offsets" not in self.store.group["tokens"]:
+            return None  # a row per token
+        return np.flatnonzero(~self.store.tokens("special")[:].astype(bool))
+
+    def token_index(self, rows: np.ndarray | int) -> np.ndarray | int:
+        """The token (index into ``tokens/*``) of activation rows: the same numbers unless special tokens
+        were excluded."""
+        return rows if self._kept_tokens is None else self._kept_tokens[rows]
+
+    def _stored_position(self, row: int) -> int:
         pos = self._position_of_row.get(int(row))
         if pos is None:
             rows = self.sample_index
@@ -119,7 +147,7 @@ class Extraction:
         if pos >= committed and record.status != "COMPLETED":
             raise InputError(f"dataset row {row} has not been extracted yet ({committed} of {self.n_samples} samples "
                              f"are saved, status {record.status}): resume the job to extract it")
-        return int(self.sample_offsets[pos]), int(self.sample_offsets[pos + 1])
+        return pos
 
     def committed_tokens(self) -> int:
         """Tokens whose activations are final (all of them once COMPLETED)."""
@@ -134,16 +162,56 @@ class Extraction:
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
 
     def sample(self, row: int, hook_points: list[str] | None = None, tokens: bool = True) -> dict:
-        """One dataset row: ``input_ids``, ``tokens`` (strings), ``activations`` {hook point: (len, d)}."""
+        """One dataset row (a whole document, however it was windowed), every key per token:
+
+        ``input_ids``, ``tokens`` (strings), ``positions`` (position in the document), ``special`` (bool),
+        ``kept`` (bool: the token has activation rows; False only for special tokens of an
+        ``exclude_special`` store), ``role`` (chat data: codes of ``metadata['storage']['role_codes']``),
+        ``window_positions`` (windowed stores: the token's position in the window it was taken from) and
+        ``activations`` {hook point: (len, d)}, aligned with the tokens: rows of tokens that were not kept
+        are NaN (``acts[sample['kept']]`` are the stored rows)."""
         start, stop = self.token_range(row)
+        a_start, a_stop = self.activation_range(row)
+        names = [n for n in ("special", "role", "positions") if n in self.store.group["tokens"]]
+        arrays = {n: self.store.tokens(n)[start:stop] for n in names}
         input_ids = self.store.tokens("input_ids")[start:stop]
+        special = arrays.get("special", np.zeros(stop - start, dtype=bool)).astype(bool)
+        kept = ~special if a_stop - a_start < stop - start else np.ones(stop - start, dtype=bool)
         out = {
             "row": int(row),
             "input_ids": input_ids,
-            "activations": {hp: self._checked(hp, stop)[start:stop] for hp in (hook_points or self.hook_points)},
+            "positions": np.arange(stop - start),
+            "special": special,
+            "kept": kept,
+            "activations": {hp: self._aligned(self._checked(hp, a_stop)[a_start:a_stop], kept)
+                            for hp in (hook_points or self.hook_points)},
         }
+        if "role" in arrays:
+            out["role"] = arrays["role"]
+        if "positions" in arrays:
+            out["window_positions"] = arrays["positions"]
         out["tokens"] = self._token_strings(input_ids) if tokens else None
         return out
+
+    @staticmethod
+    def _aligned(rows: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        if kept.all():
+            return rows
+        out = np.full((len(kept), rows.shape[1]), np.nan, dtype=rows.dtype)
+        out[kept] = rows
+        return out
+
+    def outliers(self, hook_point: str) -> dict:
+        """Tokens of ``hook_point`` with a norm over 100x the median: ``n`` (all of them), ``rows`` and
+        ``norms`` (the first 100, as rows of ``activations(hook_point)``), ``threshold``, ``median``, and
+        the norm ``quantiles`` {"0.5", "0.9", "0.99", "0.999"} (approximate, within about 5%), over committed rows."""
+        if hook_point not in self.hook_points:
+            raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {self.hook_points}")
+        stats = self.record.statistics.get(hook_point, {})
+        found = np.asarray(stats.get("outliers") or np.zeros((0, 2)), dtype=np.float64).reshape(-1, 2)
+        quantiles = stats.get("norm_quantiles", {})
+        return {"n": int(stats.get("n_outliers", 0)), "rows": found[:, 0].astype(np.int64), "norms": found[:, 1],
+                "threshold": stats.get("outlier_threshold"), "median": quantiles.get("0.5"), "quantiles": quantiles}
 
     def to_xarray(self):
         """Every hook point as a lazy ``xarray.Dataset`` over (token, feature)."""

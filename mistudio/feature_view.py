@@ -31,7 +31,7 @@ def _scan(ext: "Extraction", hook_point: str, feature: int, cuts: np.ndarray, pe
           seed: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """One pass: a uniform sample of ``per_band`` tokens per band (smallest random keys) and sums/counts per id."""
     arr = ext.activations(hook_point)
-    ids = ext.store.group["tokens/input_ids"]
+    ids = ext.store.tokens("input_ids")
     mark = int(ext.committed_tokens())
     step = int(arr.chunks[0])
     n_bands = len(cuts) - 1
@@ -40,7 +40,8 @@ def _scan(ext: "Extraction", hook_point: str, feature: int, cuts: np.ndarray, pe
     for a in range(0, mark, step):
         b = min(a + step, mark)
         col = np.asarray(arr[a:b, feature], dtype=np.float64)
-        tok = np.asarray(ids[a:b], dtype=np.int64)
+        where = np.asarray(ext.token_index(np.arange(a, b)))  # activation rows -> tokens (specials may be skipped)
+        tok = np.asarray(ids[int(where[0]):int(where[-1]) + 1], dtype=np.int64)[where - where[0]]
         if tok.size and tok.max() >= len(sums):
             grow = int(tok.max()) + 1 - len(sums)
             sums, counts = np.concatenate([sums, np.zeros(grow)]), np.concatenate([counts, np.zeros(grow, np.int64)])
@@ -119,26 +120,29 @@ def display_pieces(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
     return out
 
 
-def _shade(value: float, scale: float) -> str:
+def _shade(value: float | None, scale: float) -> str:
+    if value is None:  # a token with no activation row (an excluded special token)
+        return "background:none"
     alpha = min(1.0, abs(value) / scale) * 0.85 if scale > 0 else 0.0
     rgb = "220,70,30" if value >= 0 else "40,100,220"
     return f"background:rgba({rgb},{alpha:.2f})"
 
 
-def _tokens_html(tokens: Sequence[str], values: Sequence[float], peak: int | None, scale: float,
+def _tokens_html(tokens: Sequence[str], values: Sequence[float | None], peak: int | None, scale: float,
                  special: set[str], scheme: str) -> str:
     parts = []
     for i, (token, piece, value) in enumerate(zip(tokens, display_pieces(tokens, scheme), values)):
         style = [_shade(value, scale), "border-radius:2px", "white-space:pre"]
         cls = "ms-tok"
-        if token in special:
+        if token in special or value is None:
             style += ["opacity:0.45", "font-size:85%"]
             cls += " ms-special"
         if i == peak:
             style.append("outline:2px solid #111")
             cls += " ms-peak"
+        shown = "no activation" if value is None else f"{value:.4g}"
         parts.append(f'<span class="{cls}" style="{";".join(style)}" '
-                     f'title="{html.escape(token, quote=True)} = {value:.4g}">{html.escape(piece)}</span>')
+                     f'title="{html.escape(token, quote=True)} = {shown}">{html.escape(piece)}</span>')
     return "".join(parts)
 
 
@@ -149,7 +153,7 @@ def examples_html(examples: Sequence[dict], special_tokens: Sequence[str] = (), 
     ``narrow`` tokens either side and ``<details>`` opens the whole context window."""
     special = set(special_tokens)
     if scale is None:
-        scale = max([abs(v) for e in examples for v in e.get("context_values", [])] + [1e-12])
+        scale = max([abs(v) for e in examples for v in e.get("context_values", []) if v is not None] + [1e-12])
     rows = []
     for e in examples:
         toks, vals = list(e["context_tokens"]), list(e["context_values"])
@@ -168,7 +172,7 @@ def examples_html(examples: Sequence[dict], special_tokens: Sequence[str] = (), 
 def feature_view_html(view: dict, special_tokens: Sequence[str] = (), scheme: str = "auto") -> str:
     """The whole feature view (top examples, quantile samples, token means) as one HTML block."""
     top = view["top"]
-    scale = max([abs(v) for e in top for v in e.get("context_values", [])] + [1e-12])
+    scale = max([abs(v) for e in top for v in e.get("context_values", []) if v is not None] + [1e-12])
     parts = [f'<div class="mistudio-feature-view" style="font-family:var(--jp-code-font-family,monospace);'
              f'font-size:12px;line-height:1.7"><h4 style="margin:4px 0">{html.escape(view["hook_point"])} · '
              f'feature {view["feature"]} · top {len(top)} of {view["n_tokens"]:,} tokens</h4>',

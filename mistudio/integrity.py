@@ -22,6 +22,7 @@ from .errors import StoreCorrupted
 from .metadata import END_STATES, LIVE_STATES
 
 TOKEN_ARRAYS = ("input_ids", "sample_offsets", "sample_index")
+OPTIONAL_TOKEN_ARRAYS = ("role", "positions")  # chat data; windowed documents
 # errors a damaged chunk or metadata file raises while decoding (codecs, numpy, JSON); not IndexError
 DECODE_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError, EOFError)
 
@@ -252,9 +253,20 @@ class _Scan:
         n_tokens, n_samples = int(progress["tokens_total"]), int(progress.get("samples_total", -1))
         done, committed = int(progress.get("samples_committed", 0)), int(progress.get("tokens_committed", 0))
         width = (meta.get("model") or {}).get("hidden_size")
-        expected = {"tokens/input_ids": ((n_tokens,), None), "tokens/sample_offsets": ((n_samples + 1,), None),
-                    "tokens/sample_index": ((n_samples,), None),
+        storage = meta.get("storage") or {}
+        n_input = int(storage.get("n_input_tokens", n_tokens))  # tokens (model input); n_tokens counts activation rows
+        try:
+            present = set(group["tokens"].array_keys())
+        except (KeyError, FileNotFoundError, *DECODE_ERRORS):
+            present = set()
+        expected = {"tokens/input_ids": ((n_input,), None), "tokens/sample_offsets": ((n_samples + 1,), None),
+                    "tokens/sample_index": ((n_samples,), None), "tokens/special": ((n_input,), None),
+                    **{f"tokens/{n}": ((n_input,), None) for n in OPTIONAL_TOKEN_ARRAYS if n in present},
                     **{f"activations/{hp}": ((n_tokens, width), mark) for hp in meta.get("hook_points", [])}}
+        if "special" not in present and "n_input_tokens" not in storage:
+            del expected["tokens/special"]  # a store from before tokens/special
+        if "activation_offsets" in present or storage.get("exclude_special"):
+            expected["tokens/activation_offsets"] = ((n_samples + 1,), None)
         flags = []
         for path, (shape, below) in expected.items():
             arr = self.open(group, path, shape)
@@ -266,14 +278,20 @@ class _Scan:
             self.problem(f"status is COMPLETED but only {done} of {n_samples} samples are committed")
         if not (0 <= done <= n_samples and 0 <= committed <= n_tokens):
             self.problem(f"progress is out of range: {done} of {n_samples} samples, {committed} of {n_tokens} tokens")
-        elif self.report.decoded and not any(p.array == "tokens/sample_offsets" for p in self.report.problems):
-            offsets = group["tokens/sample_offsets"][:]
-            if offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) < 0):
-                self.problem(f"sample offsets are not monotonic from 0 to tokens_total={n_tokens}",
-                             "tokens/sample_offsets")
-            elif int(offsets[done]) != committed:
-                self.problem(f"progress is incoherent: {done} committed samples end at token {int(offsets[done])}, "
-                             f"not at tokens_committed={committed}")
+            return
+        offset_arrays = [p for p in ("tokens/sample_offsets", "tokens/activation_offsets") if p in expected]
+        if not self.report.decoded or any(p.array in offset_arrays for p in self.report.problems):
+            return
+        offsets = group["tokens/sample_offsets"][:]
+        rows = group["tokens/activation_offsets"][:] if "tokens/activation_offsets" in expected else offsets
+        if offsets[0] != 0 or offsets[-1] != n_input or np.any(np.diff(offsets) < 0):
+            self.problem(f"sample offsets are not monotonic from 0 to {n_input} tokens", "tokens/sample_offsets")
+        elif rows[0] != 0 or rows[-1] != n_tokens or np.any((np.diff(rows) < 0) | (np.diff(rows) > np.diff(offsets))):
+            self.problem(f"activation offsets are not monotonic from 0 to tokens_total={n_tokens}, at most one row "
+                         "per token", "tokens/activation_offsets")
+        elif int(rows[done]) != committed:
+            self.problem(f"progress is incoherent: {done} committed samples end at token {int(rows[done])}, "
+                         f"not at tokens_committed={committed}")
 
     def open(self, group: zarr.Group, path: str, shape: tuple) -> zarr.Array | None:
         """The array at ``path`` if its metadata reads and its shape matches ``shape`` (None: any size)."""

@@ -72,9 +72,13 @@ class ActivationLoader(IterableDataset):
 
     # -- configuration helpers -----------------------------------------------------------------------
     @staticmethod
-    def _special_source(ext: "Extraction") -> np.ndarray | None:
-        """None when the store has ``tokens/special``, else the tokenizer's special ids."""
-        if "special" in ext.store.group["tokens"]:
+    def _special_source(ext: "Extraction") -> np.ndarray | str | None:
+        """"none" when the store's rows hold no special token (made with ``exclude_special=True``), None when
+        the store has ``tokens/special`` (a row per token), else the tokenizer's special ids."""
+        tokens = ext.store.group["tokens"]
+        if "activation_offsets" in tokens:
+            return "none"
+        if "special" in tokens:
             return None
         return np.array(sorted(ext.tokenizer.all_special_ids), dtype=np.int64)
 
@@ -108,7 +112,7 @@ class ActivationLoader(IterableDataset):
             self._arrays = [{hp: e.activations(hp) for hp in self.hook_points} for e in self.extractions]
         rows = {hp: array[start:stop] for hp, array in self._arrays[store].items()}
         ids = np.arange(start, stop, dtype=np.int64) | (store << STORE_SHIFT)
-        if self._special is not None and not keep_special:
+        if self._special is not None and not keep_special and not isinstance(self._special[store], str):
             group = ext.store.group["tokens"]
             special = self._special[store]
             mask = group["special"][start:stop].astype(bool) if special is None else \

@@ -58,6 +58,12 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: the input embedding's device (the first block's side of a split model)."""
+        device = self.model.get_input_embeddings().weight.device
+        return torch.device("cpu") if device.type == "meta" else device  # offloaded: accelerate moves it
+
+    @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return int(pad) if pad is not None and 0 <= pad < self.vocab_size else 0
@@ -86,7 +92,11 @@ class LoadedModel:
             "n_parameters": int(n_params),
             "parameter_bytes": int(n_params * param.element_size()),
             "dtype": str(param.dtype).removeprefix("torch."),
-            "device": str(param.device),
+            "device": str(self.input_device),
+            "device_map": (_json_map(getattr(self.model, "hf_device_map", None)) or self.spec.device_map)
+            if self.spec.device_map is not None else None,  # where accelerate put each module
+            "max_memory": self.spec.max_memory,
+            "quantization": self.spec.quantization,
         }
 
 
@@ -263,17 +273,62 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
+def _json_map(device_map: dict | None) -> dict | None:
+    return None if device_map is None else {str(k): str(v) for k, v in device_map.items()}
+
+
+def check_placement(spec: ModelSpec) -> None:
+    """device_map needs accelerate and quantization bitsandbytes: say which extra to install (at submit)."""
+    if spec.quantization is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise InputError(f"quantization={spec.quantization!r} needs bitsandbytes, which is not installed: "
+                             'pip install "mistudio[quant]" (on a CUDA machine), or pass quantization=None') from None
+    if spec.device_map is not None or spec.quantization is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            what = f"device_map={spec.device_map!r}" if spec.device_map is not None else \
+                f"quantization={spec.quantization!r}"
+            raise InputError(f"{what} needs the accelerate package, which is not installed: "
+                             'pip install "mistudio[big]", or leave it out to load the model on one device') from None
+
+
+def _placement(spec: ModelSpec, dtype: torch.dtype) -> dict:
+    """from_pretrained keywords for device_map/max_memory (accelerate) and quantization (bitsandbytes)."""
+    check_placement(spec)
+    kwargs: dict = {}
+    if spec.quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True) if spec.quantization == "int8" else \
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    if spec.device_map is not None or spec.quantization is not None:
+        kwargs["device_map"] = spec.device_map if spec.device_map is not None else "auto"
+    if spec.max_memory is not None:  # JSON turned GPU indices into strings: accelerate wants ints
+        kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in spec.max_memory.items()}
+    return kwargs
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load model (base, no LM head) + tokenizer in eval mode; give the tokenizer a pad token if it lacks one."""
+    """Load model (base, no LM head) + tokenizer in eval mode; give the tokenizer a pad token if it lacks one.
+
+    With ``device_map`` (and ``max_memory``) accelerate places the blocks, possibly over several devices or
+    offloaded to the CPU; with ``quantization`` bitsandbytes loads the weights in int8 or nf4.
+    """
     from transformers import AutoModel
 
     source = _source(spec)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
+    placement = _placement(spec, dtype)
     tokenizer = load_tokenizer(spec)
     with _loading(spec, source, "load model"):
-        model = AutoModel.from_pretrained(source, revision=spec.revision, dtype=dtype)
-    model.to(device).eval()
+        model = AutoModel.from_pretrained(source, revision=spec.revision, dtype=dtype, **placement)
+    if "device_map" not in placement:
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
     model_type = model.config.model_type
     blocks, attn, mlp = find_blocks(model, model_type, n_layers_of(model.config))

@@ -27,16 +27,15 @@ def heatmap(ext: Extraction, row: int, hook_point: str, features: slice | None =
             max_features: int = 64, feature: int | None = None) -> Figure:
     """Token × feature heatmap of one dataset row (tokens as labels): a window of ``max_features`` features
     around ``feature`` (which is outlined), named in the title with the hook point's feature count."""
-    start, stop = ext.token_range(row)
-    arr = ext.activations(hook_point)
-    d = int(arr.shape[1])
+    d = int(ext.activations(hook_point).shape[1])
     features = features or feature_window(feature, d, max_features)
     first, last = features.start or 0, min(features.stop, d) - 1
-    values = np.asarray(arr[start:stop, features], dtype=np.float32)
-    tokens = [_clean(t) for t in ext.sample_tokens(row)]
+    sample = ext.sample(row, [hook_point])  # excluded special tokens: NaN rows, drawn blank
+    values = np.asarray(sample["activations"][hook_point][:, features], dtype=np.float32)
+    tokens = [_clean(t) for t in sample["tokens"]]
     fig = Figure(figsize=(WIDTH, min(10.0, 1.8 + len(tokens) * 0.2)), layout="constrained")
     ax = fig.add_subplot()
-    limit = float(np.abs(values).max()) or 1.0
+    limit = float(np.nan_to_num(np.nanmax(np.abs(values)) if values.size else 0.0)) or 1.0
     image = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
     ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
     ticks = list(range(0, values.shape[1], max(1, values.shape[1] // 16)))
@@ -59,13 +58,13 @@ def heatmap(ext: Extraction, row: int, hook_point: str, features: slice | None =
 
 def layer_norms(ext: Extraction, row: int, kind: str = "residual") -> Figure:
     """L2 norm of every stored layer's ``kind`` activation along the row's tokens."""
-    start, stop = ext.token_range(row)
     points = [hp for hp in ext.hook_points if hp.endswith("." + kind)]
-    tokens = [_clean(t) for t in ext.sample_tokens(row)]
+    sample = ext.sample(row, points)
+    tokens = [_clean(t) for t in sample["tokens"]]
     fig = Figure(figsize=(WIDTH, 3.8), layout="constrained")
     ax = fig.add_subplot()
     for hp in points:
-        values = np.asarray(ext.activations(hp)[start:stop], dtype=np.float32)
+        values = np.asarray(sample["activations"][hp], dtype=np.float32)
         ax.plot(np.linalg.norm(values, axis=1), marker=".", label=hp.split(".")[1])
     ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7 if len(tokens) < 60 else 5)
     ax.set_ylabel("L2 norm")
@@ -124,13 +123,14 @@ def top_tokens(ext: Extraction, hook_point: str, feature: int, k: int = 15, cont
     offsets, rows = ext.sample_offsets, ext.sample_index
     ids = ext.store.group["tokens/input_ids"]
     out = []
-    for token_index in best:
+    for best_row in best:
+        token_index = ext.token_index(int(best_row))  # activation row -> token
         pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
         start, stop = int(offsets[pos]), int(offsets[pos + 1])
         lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
         window = ext.tokenizer.convert_ids_to_tokens([int(i) for i in ids[lo:hi]])
         at = int(token_index) - lo
-        out.append({"value": float(values[token_index]), "row": int(rows[pos]), "position": int(token_index) - start,
+        out.append({"value": float(values[best_row]), "row": int(rows[pos]), "position": int(token_index) - start,
                     "token": _clean(window[at]),
                     "context": " ".join(_clean(t) if i != at else f"[[{_clean(t)}]]" for i, t in enumerate(window))})
     return out

@@ -226,13 +226,19 @@ class _Execution:
         self.store.update(model={**facts, "revision": req.model.revision})
         self.check()
         if not self.store.is_allocated:
-            tokenized = tokenize(req.dataset, tokenizer, facts["vocab_size"], req.capture.oov_policy)
+            capture = req.capture
+            tokenized = tokenize(req.dataset, tokenizer, facts["vocab_size"], capture.oov_policy, window=capture.window)
             self.check()
             order = plan_order(tokenized.lengths)
-            hook_dims = {hp: facts["hidden_size"] for hp in req.capture.hook_points()}
+            hook_dims = {hp: facts["hidden_size"] for hp in capture.hook_points()}
+            roles = None if tokenized.roles is None else [tokenized.roles[i] for i in order]
             self.store.allocate([tokenized.ids[i] for i in order], tokenized.rows[order], hook_dims,
-                                req.capture.dtype, req.capture.chunk_mb, checksum=req.capture.checksum)
+                                capture.dtype, capture.chunk_mb, checksum=capture.checksum,
+                                special_ids=tokenizer.all_special_ids, exclude_special=capture.exclude_special,
+                                roles=roles, window=capture.window, stride=capture.stride)
             self.store.update(dataset={"report": tokenized.report()})
+        if req.capture.batch_size == "auto":
+            self._choose_batch_size(loaded)
         if sharded:
             self.set_state(Status.EXTRACTING)
             workers = len(req.cluster.scheduler_info()["workers"]) if req.cluster is not None else 1
@@ -241,6 +247,22 @@ class _Execution:
                                  before_batch=req.before_batch).run(req.cluster)
             return self._complete(figures)
         self._complete(self._extract_with_backoff(loaded))
+
+    def _choose_batch_size(self, loaded) -> None:
+        """batch_size="auto": trial forwards pick it; the choice and its reason go to the metadata."""
+        from .autobatch import choose_batch_size
+
+        req = self.request
+        try:
+            choice = choose_batch_size(loaded, self.store.input_ids(), self.store.sample_offsets(), req.capture,
+                                       req.before_batch)
+        except Exception:
+            self.store.update(params={"batch_size": 1})  # what failed: the error's advice reads a number
+            raise
+        self.store.update(params={"batch_size": choice["chosen"], "batch_size_auto": choice})
+        self.request = replace(req, capture=req.capture.model_copy(update={"batch_size": choice["chosen"]}))
+        self.job.request = self.request
+        self.check()
 
     def _extract_with_backoff(self, loaded) -> dict:
         """Extract from the commit mark; on OOM (if the user opted in) halve the batch and go on."""
@@ -257,17 +279,18 @@ class _Execution:
                 if disk_full_cause(exc) is not None:
                     raise
                 oom_retries = sum(1 for a in attempts if a.get("auto_retry"))
-                if not (is_oom(exc) and req.auto_retry_on_oom and capture.batch_size > 1
-                        and oom_retries < MAX_OOM_RETRIES):
+                budget = capture.max_batch_tokens  # a token budget is halved instead of the batch size
+                size_name, size = ("max_batch_tokens", budget) if budget else ("batch_size", capture.batch_size)
+                if not (is_oom(exc) and req.auto_retry_on_oom and size > 1 and oom_retries < MAX_OOM_RETRIES):
                     raise
-                smaller = capture.batch_size // 2
-                attempts.append({"auto_retry": True, "error_type": "OOM", "batch_size": capture.batch_size,
-                                 "next_batch_size": smaller, "at": now(), "error_message": str(exc)[:300],
+                smaller = size // 2
+                attempts.append({"auto_retry": True, "error_type": "OOM", size_name: size,
+                                 f"next_{size_name}": smaller, "at": now(), "error_message": str(exc)[:300],
                                  "samples_committed": self.store.record.progress.samples_committed})
-                self.store.update(attempts=attempts, params={"batch_size": smaller}, auto_retried=True)
+                self.store.update(attempts=attempts, params={size_name: smaller}, auto_retried=True)
                 self.job.emit("retry", attempt=oom_retries + 1, error_type="OOM", batch_size=smaller,
-                              previous_batch_size=capture.batch_size)
-                capture = capture.model_copy(update={"batch_size": smaller})
+                              previous_batch_size=size, halved=size_name)  # with a budget: tokens
+                capture = capture.model_copy(update={size_name: smaller})
                 self.request = req = replace(req, capture=capture)
                 self.job.request = req
                 free_memory()

@@ -23,7 +23,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 OOV_POLICIES = ("clamp", "skip", "error")
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 LAYER_FORMS = "an int, a list of ints, a string such as '0,3' or '2-5' (inclusive), or 'all'"
-_EXAMPLES = {"batch_size": "8", "max_length": "128", "max_samples": "1000", "chunk_mb": "2.0"}
+_EXAMPLES = {"batch_size": "8", "max_length": "128", "max_samples": "1000", "chunk_mb": "2.0",
+             "max_batch_tokens": "4096", "micro_batch_size": "2", "auto_batch_memory_fraction": "0.8"}
+QUANTIZATIONS = ("int8", "nf4")
 
 
 def _no_bool(value: Any, info: ValidationInfo) -> Any:
@@ -108,6 +110,22 @@ class ModelSpec(_Spec):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     revision: str | None = None
+    device_map: str | dict[str, Any] | None = None  # accelerate's: "auto", "balanced", {"module": device}
+    max_memory: dict[str | int, str | int] | None = None  # with device_map: {0: "20GiB", "cpu": "60GiB"}
+    quantization: Literal["int8", "nf4"] | None = None  # through bitsandbytes (pip install "mistudio[quant]")
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _quantization(cls, v: Any) -> Any:
+        if v is not None and v not in QUANTIZATIONS:
+            raise ValueError(f"quantization={v!r} is not one of {QUANTIZATIONS}: pass 'int8', 'nf4' or None")
+        return v
+
+    @model_validator(mode="after")
+    def _memory_needs_map(self) -> "ModelSpec":
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError(f"max_memory={self.max_memory!r} needs device_map: pass device_map='auto' with it")
+        return self
 
     @field_validator("name_or_path")
     @classmethod
@@ -147,6 +165,15 @@ class DatasetSpec(_Spec):
     max_length: Int = 128
     add_special_tokens: bool = True
     encoding: str = "utf-8"
+    chat_template: str | None = None  # "auto": the tokenizer's own; or a Jinja template string
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("chat_template is empty: pass chat_template='auto' (the tokenizer's template), "
+                             "a Jinja template string, or None for plain text")
+        return v
 
     @field_validator("max_length")
     @classmethod
@@ -249,12 +276,34 @@ class CaptureSpec(_Spec):
 
     layers: list[int]
     hooks: list[str] = ["residual"]
-    batch_size: Int = 8
+    batch_size: Int | Literal["auto"] = 8
+    max_batch_tokens: Int | None = None  # batches cut by padded tokens instead of a sample count
+    micro_batch_size: Int | None = None  # split each planned batch into forwards of this many samples
+    auto_batch_memory_fraction: Float = 0.8  # batch_size="auto" on an accelerator: the share it may use
     dtype: Literal["float16", "float32"] = "float16"
     oov_policy: Literal["clamp", "skip", "error"] = "clamp"
     padding_side: Literal["right", "left"] = "right"
     chunk_mb: Float = 2.0
     checksum: bool = True  # a crc32c per chunk: a damaged chunk raises StoreCorrupted instead of reading wrong
+    window: Int | None = None  # documents longer than this are cut into overlapping windows, not truncated
+    stride: Int | None = None  # step between windows (default: window // 2)
+    exclude_special: bool = False  # special tokens get no activation rows
+
+    @model_validator(mode="after")
+    def _window(self) -> "CaptureSpec":
+        if self.window is None:
+            if self.stride is not None:
+                raise ValueError(f"stride={self.stride} needs a window: pass window=<tokens per window>, e.g. "
+                                 f"window=512, stride=256")
+            return self
+        if self.window < 2:
+            raise ValueError(f"window={self.window} is too small: pass a window of at least 2 tokens, e.g. window=512")
+        if self.stride is None:
+            object.__setattr__(self, "stride", max(1, self.window // 2))
+        elif not 1 <= self.stride <= self.window:
+            raise ValueError(f"stride={self.stride} must be from 1 to window={self.window}: e.g. "
+                             f"stride={max(1, self.window // 2)}")
+        return self
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -277,10 +326,33 @@ class CaptureSpec(_Spec):
 
     @field_validator("batch_size")
     @classmethod
-    def _batch_size(cls, v: int) -> int:
-        if v not in BATCH_SIZES:
-            raise ValueError(f"batch_size={v} is not allowed: use a power of two from 1 to 512, e.g. 8")
+    def _batch_size(cls, v: int | str) -> int | str:
+        if v != "auto" and v not in BATCH_SIZES:
+            raise ValueError(f"batch_size={v!r} is not allowed: use a power of two from 1 to 512, e.g. 8, "
+                             "or 'auto'")
         return v
+
+    @field_validator("max_batch_tokens", "micro_batch_size")
+    @classmethod
+    def _positive(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"{info.field_name}={v} must be a positive number, e.g. "
+                             f"{info.field_name}={_EXAMPLES[info.field_name]}, or None")
+        return v
+
+    @field_validator("auto_batch_memory_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.05 <= v <= 1:
+            raise ValueError(f"auto_batch_memory_fraction={v} is out of range: use 0.05 to 1, e.g. 0.8")
+        return v
+
+    @model_validator(mode="after")
+    def _one_sizing(self) -> "CaptureSpec":
+        if self.batch_size == "auto" and self.max_batch_tokens is not None:
+            raise ValueError(f"batch_size='auto' and max_batch_tokens={self.max_batch_tokens} both size the "
+                             "batches: pass one of them")
+        return self
 
     @field_validator("chunk_mb")
     @classmethod
@@ -303,10 +375,15 @@ def build(cls: type[BaseModel], names: dict[str, str] | None = None, **values: A
     try:
         return cls(**values)
     except pydantic.ValidationError as exc:
-        lines = []
+        lines, unions = [], set()
         for err in exc.errors():
             msg = err["msg"].removeprefix("Value error, ")
             loc = err["loc"]
+            if len(loc) > 1 and isinstance(loc[1], str) and ("[" in loc[1] or loc[1] in ("int", "float", "str")):
+                if loc[0] in unions:  # a union (batch_size: a number or 'auto'): its first member's message
+                    continue
+                unions.add(loc[0])
+                loc = loc[:1]
             if not loc:  # a whole-spec check: its message names its arguments
                 lines.append(msg)
                 continue
@@ -337,8 +414,10 @@ class JobRequest:
             **self.capture.model_dump(),
             "max_samples": self.dataset.max_samples, "max_length": self.dataset.max_length,
             "text_column": self.dataset.text_column, "add_special_tokens": self.dataset.add_special_tokens,
-            "encoding": self.dataset.encoding,
+            "encoding": self.dataset.encoding, "chat_template": self.dataset.chat_template,
             "model_dtype": self.model.dtype, "device": self.model.device,
+            "device_map": self.model.device_map, "max_memory": self.model.max_memory,
+            "quantization": self.model.quantization,
             "timeout_s": self.timeout_s, "auto_retry_on_oom": self.auto_retry_on_oom,
         }
 
@@ -349,32 +428,42 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
                  text_column: str = "text", add_special_tokens: bool = True, oov_policy: str = "clamp",
                  padding_side: str = "right", chunk_mb: float = 2.0, timeout_s: float | None = None,
                  auto_retry_on_oom: bool = False, revision: str | None = None, encoding: str = "utf-8",
-                 checksum: bool = True,
+                 checksum: bool = True, window: int | None = None, stride: int | None = None,
+                 exclude_special: bool = False, chat_template: str | None = None,
+                 max_batch_tokens: int | None = None, micro_batch_size: int | None = None,
+                 auto_batch_memory_fraction: float = 0.8, device_map: str | dict | None = None,
+                 max_memory: dict | None = None, quantization: str | None = None,
                  before_batch: Callable[[int, int], None] | None = None, cluster: Any = None) -> JobRequest:
     """Validate every argument of ``ms.extract`` / ``ws.submit`` before anything is loaded or written.
 
     ``layers`` takes the forms of :func:`parse_layers`; ``'all'`` and the ``max_length`` limit are checked
     against the model's config (read without weights). Every error names the argument as the user typed it.
     """
-    from .models import load_config, max_positions_of, n_layers_of
+    from .models import check_placement, load_config, max_positions_of, n_layers_of
 
     if isinstance(hooks, str):
         hooks = [h.strip() for h in hooks.split(",")]
     model_spec = model if isinstance(model, ModelSpec) else build(
         ModelSpec, {"name_or_path": "model", "dtype": "model_dtype"},
-        name_or_path=str(model), dtype=model_dtype, device=device, revision=revision)
+        name_or_path=str(model), dtype=model_dtype, device=device, revision=revision, device_map=device_map,
+        max_memory=max_memory, quantization=quantization)
+    check_placement(model_spec)
     if dataset is None:
         raise InputError("dataset is missing: pass ms.sample_dataset(), a file path, a list of strings, "
                          "a pandas DataFrame, or ms.HubDataset(name, split, column)")
     dataset_spec = dataset if isinstance(dataset, DatasetSpec) else build(
         DatasetSpec, {"source": "dataset"}, source=dataset, text_column=text_column, max_samples=max_samples,
-        max_length=max_length, add_special_tokens=add_special_tokens, encoding=encoding)
+        max_length=max_length, add_special_tokens=add_special_tokens, encoding=encoding, chat_template=chat_template)
     layer_list, config = parse_layers(layers), None
     if layer_list == "all":
         config = load_config(model_spec)
         layer_list = list(range(n_layers_of(config)))
     capture = build(CaptureSpec, layers=layer_list, hooks=list(hooks), batch_size=batch_size, dtype=dtype,
-                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, checksum=checksum)
+                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, checksum=checksum,
+                    window=window, stride=stride, exclude_special=exclude_special,
+
+                    max_batch_tokens=max_batch_tokens, micro_batch_size=micro_batch_size,
+                    auto_batch_memory_fraction=auto_batch_memory_fraction)
     not_number = isinstance(timeout_s, (bool, np.bool_)) or not isinstance(timeout_s, (int, float, np.number))
     if timeout_s is not None and (not_number or timeout_s <= 0):
         raise InputError(f"timeout_s={timeout_s!r} must be a positive number of seconds, e.g. timeout_s=600, "
@@ -382,8 +471,17 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
     if cluster is not None and not (hasattr(cluster, "submit") and hasattr(cluster, "scheduler_info")):
         raise InputError(f"cluster={cluster!r} is not a dask.distributed Client: pass Client(LocalCluster()) or "
                          "Client('tcp://scheduler:8786')")
+    if cluster is not None and capture.exclude_special:
+        raise InputError("exclude_special=True is not supported with cluster= yet: drop cluster= (run locally) "
+                         "or keep special tokens (exclude_special=False) and mask them with tokens/special")
+    if cluster is not None and capture.batch_size == "auto":
+        raise InputError("batch_size='auto' runs a trial on a local model and cannot size a dask run: pass a "
+                         "number, e.g. batch_size=8, with cluster=")
     limit = max_positions_of(config or load_config(model_spec))
-    if limit is not None and dataset_spec.max_length > limit:
+    if limit is not None and capture.window is not None and capture.window > limit:
+        raise InputError(f"window={capture.window} is more than the {limit} positions of model "
+                         f"{model_spec.name_or_path!r}: pass window={limit} or less")
+    if limit is not None and capture.window is None and dataset_spec.max_length > limit:
         raise InputError(f"max_length={dataset_spec.max_length} is more than the {limit} positions of model "
                          f"{model_spec.name_or_path!r}: pass max_length={limit} or less (longer samples are cut)")
     return JobRequest(model_spec, dataset_spec, capture, timeout_s, bool(auto_retry_on_oom), before_batch, cluster)
@@ -404,7 +502,10 @@ def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -
             **{k: params[k] for k in ("layers", "hooks", "batch_size", "max_samples", "max_length", "dtype",
                                       "model_dtype", "device", "text_column", "add_special_tokens", "oov_policy",
                                       "padding_side", "chunk_mb", "timeout_s", "auto_retry_on_oom", "encoding",
-                                      "checksum")
+                                      "checksum", "window", "stride", "exclude_special", "chat_template",
+
+                                      "checksum", "max_batch_tokens", "micro_batch_size",
+                                      "auto_batch_memory_fraction", "device_map", "max_memory", "quantization")
                if k in params}}
     args.update(overrides)
     return make_request(**args)

@@ -7,14 +7,15 @@ import queue
 import shutil
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pydantic
 import zarr
 
 from . import metadata
-from .errors import MistudioError, StoreCorrupted, StoreLost
+from .data import ROLE_CODES, window_positions
+from .errors import InputError, MistudioError, StoreCorrupted, StoreLost
 from .integrity import DECODE_ERRORS, CheckedArray
 from .metadata import ExtractionMeta
 
@@ -159,8 +160,13 @@ class ExtractionStore:
         return "tokens" in self.group and "sample_offsets" in self.group["tokens"]
 
     def allocate(self, ids: list[np.ndarray], rows: np.ndarray, hook_dims: dict[str, int], dtype: str,
-                 chunk_mb: float, checksum: bool | None = None) -> None:
-        """Create every array, sized now, and write the token plan (ids, offsets, rows) in stored order.
+                 chunk_mb: float, checksum: bool | None = None, *, special_ids: Sequence[int] = (),
+                 exclude_special: bool = False, roles: list[np.ndarray] | None = None,
+                 window: int | None = None, stride: int | None = None) -> None:
+        """Create every array, sized now, and write the token plan in stored order: ids, offsets, rows,
+        ``special`` (ids in ``special_ids``), ``activation_offsets`` (each sample's activation rows: all its
+        tokens, or its non-special ones with ``exclude_special``: written only then), ``role`` (chat data) and
+        ``positions`` (each token's position in the window that owns it, with ``window``).
 
         ``checksum`` (default: the ``checksum`` parameter of the metadata, else True) adds a crc32c per chunk."""
         if checksum is None:
@@ -168,23 +174,42 @@ class ExtractionStore:
         codecs = array_codecs(checksum)
         lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        n_tokens = int(offsets[-1])
-        tokens = self.group.require_group("tokens")
         flat = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)
-        for name, data in (("input_ids", flat), ("sample_offsets", offsets), ("sample_index", rows.astype(np.int64))):
+        special = np.isin(flat, np.asarray(list(special_ids), dtype=np.int64))
+        kept = ~special if exclude_special else np.ones(len(flat), dtype=bool)
+        act_offsets = np.concatenate([[0], np.cumsum(kept)])[offsets].astype(np.int64)
+        n_rows = int(act_offsets[-1])
+        if n_rows == 0:
+            raise InputError("exclude_special=True leaves no token to extract: every token is a special token; "
+                             "pass exclude_special=False")
+        plan = {"input_ids": flat, "sample_offsets": offsets, "sample_index": rows.astype(np.int64), "special": special}
+        if exclude_special:  # rows differ from tokens only then
+            plan["activation_offsets"] = act_offsets
+        if roles is not None:
+            plan["role"] = (np.concatenate(roles) if roles else np.zeros(0)).astype(np.int8)
+        if window is not None:
+            plan["positions"] = np.concatenate([window_positions(n, window, stride) for n in lengths])
+        tokens = self.group.require_group("tokens")
+        for name, data in plan.items():
+            per_token = name not in ("sample_offsets", "sample_index", "activation_offsets")
             arr = tokens.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(max(1, min(len(data), 2**20)),),
-                                      dimension_names=("token",) if name == "input_ids" else ("sample",),
+                                      dimension_names=("token",) if per_token else ("sample",),
                                       config=WRITE_CONFIG, overwrite=True, **codecs)
             arr[:] = data
         acts = self.group.require_group("activations")
         itemsize = np.dtype(dtype).itemsize
         rows_per_chunk = chunk_rows(max(hook_dims.values()), itemsize, chunk_mb)
         for hook_point, width in hook_dims.items():
-            acts.create_array(hook_point, shape=(n_tokens, width), chunks=(rows_per_chunk, width), dtype=dtype,
+            acts.create_array(hook_point, shape=(n_rows, width), chunks=(rows_per_chunk, width), dtype=dtype,
                               fill_value=0, dimension_names=("token", "feature"), overwrite=True, **codecs)
-        self.update(progress={"samples_total": len(ids), "tokens_total": n_tokens, "samples_committed": 0,
+        storage = {"checksum": checksum, "exclude_special": exclude_special, "n_input_tokens": len(flat)}
+        if window is not None:
+            storage.update(window=window, stride=stride)
+        if roles is not None:
+            storage["role_codes"] = dict(ROLE_CODES)
+        self.update(progress={"samples_total": len(ids), "tokens_total": n_rows, "samples_committed": 0,
                               "tokens_committed": 0, "chunk_rows": rows_per_chunk},
-                    hook_points=list(hook_dims), storage={"checksum": checksum})
+                    hook_points=list(hook_dims), storage=storage)
 
     def array(self, path: str) -> zarr.Array:
         """The raw Zarr array at ``path`` (``tokens/input_ids``), set up for writing; a missing array or
@@ -212,6 +237,13 @@ class ExtractionStore:
     def sample_index(self) -> np.ndarray:
         return self.tokens("sample_index")[:]
 
+    def activation_offsets(self) -> np.ndarray:
+        """Activation-row range of each stored sample (``tokens/activation_offsets``; stores from before it
+        have a row per token, so their sample offsets)."""
+        if "activation_offsets" in self.group["tokens"]:
+            return self.tokens("activation_offsets")[:]
+        return self.sample_offsets()
+
     def activations(self, hook_point: str) -> zarr.Array:
         """The raw (writable, unchecked) Zarr array of one hook point; readers use ``Extraction.activations``."""
         return self.array(f"activations/{hook_point}")
@@ -226,17 +258,27 @@ class ExtractionStore:
 
 
 class HookStats:
-    """Mean/std/max-abs/zero-fraction accumulators of one hook point, exact over committed rows."""
+    """Accumulators of one hook point over committed rows: mean/std/max-abs/zero-fraction (exact), per-token L2
+    norm quantiles (from a fixed log-spaced histogram, mergeable, within about 5%), and outlier tokens: those
+    whose norm is over ``OUTLIER_FACTOR`` × the median norm of the rows committed up to their batch (a running
+    median), counted, with the first ``MAX_OUTLIERS`` as ``[activation row, norm]``."""
 
-    KEYS = ("count", "sum", "sum_sq", "max_abs", "zeros")
+    KEYS = ("count", "sum", "sum_sq", "max_abs", "zeros", "norm_hist", "n_outliers", "outliers")
+    NORM_EDGES = np.logspace(-3, 7, 10 * 24 + 1)  # 24 bins a decade, 1e-3 .. 1e7; under/overflow bins at the ends
+    QUANTILES = (0.5, 0.9, 0.99, 0.999)
+    OUTLIER_FACTOR = 100.0
+    MAX_OUTLIERS = 100  # the list is in the metadata, rewritten at every commit
+    _CANDIDATES = 256  # per batch: rows over 10x the batch's median norm, the largest first
 
     @staticmethod
     def empty() -> dict:
-        return {"count": 0, "sum": 0.0, "sum_sq": 0.0, "max_abs": 0.0, "zeros": 0}
+        return {"count": 0, "sum": 0.0, "sum_sq": 0.0, "max_abs": 0.0, "zeros": 0,
+                "norm_hist": [0] * (len(HookStats.NORM_EDGES) + 1), "n_outliers": 0, "outliers": []}
 
     @staticmethod
     def of_tensor(values) -> dict:
-        """One batch's accumulators, computed by torch where the values are (one device sync)."""
+        """One batch's accumulators of ``values`` (rows, d), computed by torch where the values are; outlier
+        candidates are ``[row in the batch, norm]``, judged when the batch is merged."""
         import torch
 
         f = values.float().reshape(-1)
@@ -245,20 +287,53 @@ class HookStats:
         total, sum_sq, max_abs, zeros = torch.stack([
             f.sum(dtype=torch.float64), torch.dot(f, f).double(), f.abs().max().double(),
             (f == 0).sum().double()]).tolist()
-        return {"count": int(f.numel()), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros)}
+        norms = torch.linalg.vector_norm(values.float().reshape(len(values), -1), dim=-1)
+        edges = torch.as_tensor(HookStats.NORM_EDGES, dtype=torch.float32, device=norms.device)
+        hist = torch.bucketize(norms, edges).bincount(minlength=len(edges) + 1)
+        top = torch.topk(norms, min(HookStats._CANDIDATES, len(norms)))
+        over = top.values > 10 * norms.median()
+        candidates = [[int(r), float(n)] for r, n in zip(top.indices[over].tolist(), top.values[over].tolist())]
+        return {"count": int(f.numel()), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros),
+                "norm_hist": hist.tolist(), "n_outliers": 0, "outliers": [], "candidates": candidates}
 
     @staticmethod
-    def merge(acc: dict, delta: dict) -> None:
-        for key in ("count", "sum", "sum_sq", "zeros"):
-            acc[key] += delta[key]
+    def merge(acc: dict, delta: dict, first_row: int = 0) -> None:
+        """Add ``delta`` (a batch whose first activation row is ``first_row``, or another accumulator) to ``acc``."""
+        for key in ("count", "sum", "sum_sq", "zeros", "n_outliers"):
+            acc[key] += delta.get(key, 0)
         acc["max_abs"] = max(acc["max_abs"], delta["max_abs"])
+        hist = delta.get("norm_hist") or [0] * len(acc["norm_hist"])
+        acc["norm_hist"] = [a + b for a, b in zip(acc["norm_hist"], hist)]
+        found = list(delta.get("outliers", []))
+        if delta.get("candidates"):
+            limit = HookStats.OUTLIER_FACTOR * HookStats.quantile(acc["norm_hist"], 0.5)
+            found += sorted([first_row + r, n] for r, n in delta["candidates"] if n > limit)
+            acc["n_outliers"] += len(found) - len(delta.get("outliers", []))
+        acc["outliers"] = acc["outliers"] + found[: max(0, HookStats.MAX_OUTLIERS - len(acc["outliers"]))]
+
+    @staticmethod
+    def quantile(hist: list[int], q: float) -> float:
+        """The ``q`` quantile of the norms in ``hist``: the geometric middle of the bin it falls in."""
+        total = sum(hist)
+        if not total:
+            return 0.0
+        k = int(np.searchsorted(np.cumsum(hist), q * total))
+        edges = HookStats.NORM_EDGES
+        if k == 0:
+            return float(edges[0])
+        if k >= len(edges):
+            return float(edges[-1])
+        return float(math.sqrt(edges[k - 1] * edges[k]))
 
     @staticmethod
     def summary(acc: dict) -> dict:
         n = acc["count"]
         mean = acc["sum"] / n if n else 0.0
         var = max(0.0, acc["sum_sq"] / n - mean * mean) if n else 0.0
-        return {**acc, "mean": mean, "std": math.sqrt(var), "frac_zeros": acc["zeros"] / n if n else 0.0}
+        median = HookStats.quantile(acc["norm_hist"], 0.5)
+        return {**acc, "mean": mean, "std": math.sqrt(var), "frac_zeros": acc["zeros"] / n if n else 0.0,
+                "norm_quantiles": {str(q): HookStats.quantile(acc["norm_hist"], q) for q in HookStats.QUANTILES},
+                "outlier_threshold": HookStats.OUTLIER_FACTOR * median}
 
 
 class ChunkWriter:
@@ -275,7 +350,7 @@ class ChunkWriter:
 
     def __init__(self, store: ExtractionStore, start_sample: int, queue_depth: int = 2):
         self.store = store
-        self.offsets = store.sample_offsets()
+        self.offsets = store.activation_offsets()  # rows, not tokens: special tokens may have none
         self.hook_points = list(store.meta["hook_points"])
         self.arrays = {hp: store.activations(hp) for hp in self.hook_points}
         self.chunk = self.arrays[self.hook_points[0]].chunks[0]
@@ -372,9 +447,10 @@ class ChunkWriter:
     def _commit(self) -> None:
         new_sample = self.committed_sample
         while self.batches and self.offsets[self.batches[0][0]] <= self.written:
+            first_row = int(self.offsets[new_sample])  # the batch starts where the previous one ended
             new_sample, stats = self.batches.popleft()
             for hp in self.hook_points:
-                HookStats.merge(self.stats[hp], stats[hp])
+                HookStats.merge(self.stats[hp], stats[hp], first_row)
         if new_sample == self.committed_sample:
             return
         cut = int(self.offsets[new_sample] - self.offsets[self.committed_sample])

@@ -7,6 +7,7 @@ never a path, and a store's location is always the folder it was found in: nothi
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import secrets
@@ -27,10 +28,10 @@ from .jobs import Job, Observable
 from .liveness import heartbeat, live_owner
 from .metadata import FORMAT_VERSION, ExtractionMeta, Status, new_nonce, now
 from .runner import Runner
-from .specs import CaptureSpec, build, make_request, request_from_meta
+from .specs import CaptureSpec, HubDataset, ModelSpec, build, make_request, pandas_kind, request_from_meta
 from .store import ExtractionStore
 
-__all__ = ["Workspace", "check_id", "human_bytes", "default_workspace"]
+__all__ = ["Workspace", "check_id", "check_preset_name", "human_bytes", "default_workspace"]
 
 DEFAULT_WORKSPACE = "./mistudio-workspace"
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -62,6 +63,57 @@ def check_id(extraction_id: Any) -> str:
             "(letters, digits, '_', '-', '.'), never paths. See ws.extractions() for the ids in a workspace; "
             "to open a store by its path use ms.open_extraction(path)")
     return text
+
+
+def check_preset_name(name: Any) -> str:
+    """A preset's name follows the id rule: letters, digits, ``_``, ``-``, ``.``; never a path."""
+    if not isinstance(name, str) or not ID_PATTERN.fullmatch(name) or ".." in name:
+        raise InputError(f"{name!r} is not a preset name: use letters, digits, '_', '-', '.' (no separators, "
+                         "no '..'), e.g. 'gpt2-residual-all'")
+    return name
+
+
+_NOT_IN_PRESETS = ("before_batch", "cluster", "workspace", "storage_options", "progress", "preset")
+
+
+def preset_arguments(arguments: dict) -> dict:
+    """Submit arguments as JSON: paths made absolute, Hub datasets as ``{"hub": {...}}``; in-memory data and
+    live objects (a dask client, callables) are refused, naming the argument."""
+    out: dict[str, Any] = {}
+    for key, value in arguments.items():
+        if key in _NOT_IN_PRESETS:
+            raise InputError(f"{key}= cannot be saved in a preset (it belongs to one run): pass it to ws.submit "
+                             "next to preset=")
+        if key == "model" and isinstance(value, ModelSpec):
+            value = value.name_or_path
+        if key == "model" and isinstance(value, (str, os.PathLike)) and Path(os.fspath(value)).expanduser().exists():
+            value = str(Path(os.fspath(value)).expanduser().resolve())
+        if key == "dataset":
+            kind = pandas_kind(value) or ("list" if isinstance(value, (list, tuple)) else None)
+            if kind:
+                raise InputError(f"dataset is an in-memory {kind}, which a preset cannot hold: save it to a file "
+                                 "(e.g. df.to_parquet('data.parquet')) and pass its path, or pass the data "
+                                 "to ws.submit(preset=..., dataset=...) each time")
+            if isinstance(value, HubDataset):
+                value = {"hub": value.model_dump()}
+            elif isinstance(value, (str, os.PathLike)) and os.fspath(value) != "sample":
+                value = os.path.abspath(os.path.expanduser(os.fspath(value)))
+        if isinstance(value, (tuple, range)) or type(value).__module__ == "numpy":
+            value = value.tolist() if hasattr(value, "tolist") else list(value)
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{key}={value!r} cannot be saved in a preset (not JSON): pass plain numbers, "
+                             "strings, lists or dicts") from None
+        out[key] = value
+    return out
+
+
+def _from_preset(arguments: dict) -> dict:
+    args = dict(arguments)
+    if isinstance(args.get("dataset"), dict) and "hub" in args["dataset"]:
+        args["dataset"] = HubDataset(**args["dataset"]["hub"])
+    return args
 
 
 class Workspace(Observable):
@@ -256,10 +308,106 @@ class Workspace(Observable):
         return rows
 
     # -- jobs -------------------------------------------------------------------------------------
-    def submit(self, model: Any, dataset: Any = "sample", layers: Any = (0,), **options: Any) -> Job:
-        """Validate, create the store (QUEUED) and queue the job on the background worker."""
-        request = make_request(model, dataset, layers, **options)
-        return self._start(request, lineage={})
+    def submit(self, model: Any = None, dataset: Any = None, layers: Any = None, *, preset: str | None = None,
+               **options: Any) -> Job:
+        """Validate, create the store (QUEUED) and queue the job on the background worker.
+
+        ``preset=name`` starts from a saved preset's arguments; anything passed here overrides them. Submitting
+        does not estimate the run (tokenizing twice costs time): call ``ms.estimate`` first to see its cost.
+        """
+        request = make_request(**self.arguments(model, dataset, layers, preset=preset, **options))
+        return self._start(request, lineage={"preset": preset} if preset is not None else {})
+
+    def arguments(self, model: Any = None, dataset: Any = None, layers: Any = None, *, preset: str | None = None,
+                  **options: Any) -> dict:
+        """The full submit arguments: defaults, then the preset's, then those given (``ms.estimate`` uses it)."""
+        given = {k: v for k, v in (("model", model), ("dataset", dataset), ("layers", layers)) if v is not None}
+        args = {"dataset": "sample", "layers": (0,), **(self.preset(preset) if preset is not None else {}),
+                **given, **options}
+        if args.get("model") is None:
+            raise InputError("model is missing: pass model= (a Hugging Face id or a local folder) or preset=<name> "
+                             f"(saved presets: {sorted(self.presets()) or 'none'})")
+        return args
+
+    # -- presets ----------------------------------------------------------------------------------
+    def _preset_path(self, name: str) -> str:
+        return f"{self._root_path}/presets/{check_preset_name(name)}.json"
+
+    def save_preset(self, name: str, **arguments: Any) -> dict:
+        """Save submit arguments under ``name`` (``<workspace>/presets/<name>.json``, replaced if it exists).
+
+        The arguments are validated as ``ws.submit`` would (the model's config is read): a preset that could
+        not run is refused. Returns the arguments as saved (JSON: absolute paths).
+        """
+        path = self._preset_path(name)
+        saved = preset_arguments(arguments)
+        if saved.get("model") is None:
+            raise InputError(f"preset {name!r} has no model: pass model= (a Hugging Face id or a local folder)")
+        request = make_request(**_from_preset({"dataset": "sample", "layers": (0,), **saved}))
+        from .models import check_layers, load_config, n_layers_of  # layer range: submit leaves it to the job
+
+        check_layers(request.capture.layers, n_layers_of(load_config(request.model)))
+        self.fs.makedirs(f"{self._root_path}/presets", exist_ok=True)
+        with self.fs.open(path, "w") as f:
+            json.dump({"name": name, "arguments": saved, "saved": now()}, f, indent=2)
+        return saved
+
+    def preset(self, name: str) -> dict:
+        """One preset's arguments, ready for ``ws.submit(**arguments)``."""
+        path = self._preset_path(name)
+        if not self.fs.exists(path):
+            raise InputError(f"no preset {name!r} in workspace {self.root!r}: saved presets are "
+                             f"{sorted(self.presets()) or 'none'}; save one with ws.save_preset({name!r}, ...)")
+        with self.fs.open(path, "r") as f:
+            return _from_preset(json.load(f)["arguments"])
+
+    def presets(self) -> dict[str, dict]:
+        """Every saved preset: name -> its arguments (as saved, JSON), sorted by name."""
+        folder = f"{self._root_path}/presets"
+        if not self.fs.exists(folder):
+            return {}
+        found = {}
+        for path in sorted(self.fs.ls(folder, detail=False)):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(".json") and ID_PATTERN.fullmatch(name[:-5]):
+                try:
+                    with self.fs.open(path, "r") as f:
+                        found[name[:-5]] = json.load(f)["arguments"]
+                except (ValueError, KeyError, OSError):
+                    continue  # not a preset file
+        return found
+
+    def delete_preset(self, name: str) -> None:
+        """Delete a saved preset."""
+        self.preset(name)  # the "no such preset" message
+        self.fs.rm(self._preset_path(name))
+
+    def export_preset(self, name: str, path: str | os.PathLike) -> str:
+        """Write a preset to a JSON file (to share it); returns the file's path."""
+        self.preset(name)
+        target = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        with self.fs.open(self._preset_path(name), "r") as f, open(target, "w", encoding="utf-8") as out:
+            out.write(f.read())
+        return target
+
+    def import_preset(self, path: str | os.PathLike, name: str | None = None, overwrite: bool = False) -> str:
+        """Save the preset in a JSON file (from ``export_preset``) under ``name`` (default: its own name).
+
+        Its arguments are validated like ``save_preset``'s; an existing preset is replaced only with
+        ``overwrite=True``. Returns the name.
+        """
+        try:
+            with open(os.path.expanduser(os.fspath(path)), encoding="utf-8") as f:
+                data = json.load(f)
+            arguments = data["arguments"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{os.fspath(path)!r} is not a preset file ({type(exc).__name__}: {exc}): export one "
+                             "with ws.export_preset(name, path)") from None
+        name = check_preset_name(name if name is not None else data.get("name", Path(path).stem))
+        if not overwrite and self.fs.exists(self._preset_path(name)):
+            raise InputError(f"preset {name!r} already exists: pass name=<another name> or overwrite=True")
+        self.save_preset(name, **_from_preset(arguments))
+        return name
 
     def _start(self, request, lineage: dict) -> Job:
         extraction_id = new_id()

@@ -162,3 +162,21 @@ def test_bad_arguments(ext):
         ext.top_examples(HP, 32)
     with pytest.raises(ms.InputError, match="layers.0.residual"):
         ext.feature_stats("layers.7.mlp")
+
+
+def test_exclude_special_store_keeps_contexts_and_loader_aligned(gpt2_dir, tmp_path):
+    """Rows of an exclude_special store are not tokens: top examples map them back, the loader takes each once."""
+    texts = [[0, *ids, 0] for ids in ([5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18])]  # eos at both ends
+    ext = ms.extract(gpt2_dir, texts, workspace=str(tmp_path / "ws"), progress=False, exclude_special=True, **ARGS)
+    special = ext.store.tokens("special")[:].astype(bool)
+    assert special.sum() == 6 and ext.n_tokens == len(special) - 6
+    x = ext.activations(HP)[:]
+    examples = ext.top_examples(HP, 3, k=ext.n_tokens, context=20)
+    for e in examples:
+        assert e["input_index"] == int(ext.token_index(e["token_index"])) and e["token_id"] != 0
+        at = e["position"] - e["context_start"]
+        assert e["context_values"][at] == pytest.approx(e["value"]) == pytest.approx(float(x[e["token_index"], 3]))
+        assert [v is None for v in e["context_values"]] == [i == 0 for i in e["context_ids"]]
+    seen = np.concatenate([b["token_index"].numpy() for b in ext.loader(HP, batch_size=4, exclude_special=True,
+                                                                          with_index=True)])
+    assert sorted(seen.tolist()) == list(range(ext.n_tokens))

@@ -79,7 +79,7 @@ def test_layers_string_is_a_number_not_its_digits(gpt2_dir, workspace):
     (-1, r"layers=-1: layer index -1 is out of range: blocks count from 0"),
     (np.array([0.5]), r"layers=array\(\[0.5\]\) has 0.5"),
     ("", r"layers is empty"),
-    (None, r"layers=None has None"),
+    ([None], r"layers=\[None\] has None"),  # layers=None itself means "not given": the preset's, else [0]
 ])
 def test_layers_junk_is_refused(layers, why, gpt2_dir, workspace):
     _refused(gpt2_dir, workspace, why + r".*" + FORMS, layers=layers)

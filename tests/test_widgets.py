@@ -496,6 +496,18 @@ def test_point8_examples_html_pure():
     assert "background:rgba(220,70,30,0.85)" in out  # the peak is the darkest
     assert "background:rgba(40,100,220" in out  # negative values in blue
     assert ">ing<" in out and "##" not in out.split("title=")[0]
+    example["context_values"][0] = None  # a special token with no activation row (exclude_special)
+    assert "no activation" in examples_html([example], scheme="wordpiece")
+
+
+def test_point8_feature_view_with_excluded_special_tokens(minilm_dir, workspace):
+    from mistudio.feature_view import feature_view, feature_view_html
+
+    ext = ms.extract(minilm_dir, "sample", layers=[1], max_samples=20, exclude_special=True, workspace=workspace)
+    view = feature_view(ext, "layers.1.residual", 3, k=5, context=4)
+    assert {m["token"] for m in view["token_means"]}.isdisjoint({"[CLS]", "[SEP]"})  # no rows, no means
+    assert all(e["token"] not in ("[CLS]", "[SEP]") for e in view["top"])
+    assert "ms-peak" in feature_view_html(view, ["[CLS]", "[SEP]"], "wordpiece")
 
 
 def test_point8_feature_view_in_browse(gpt2_dir, workspace):
