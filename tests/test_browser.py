@@ -68,7 +68,8 @@ def lab(tmp_path, minilm_dir):
     nbformat.write(notebook, root / "studio.ipynb")
     port, token = free_port(), "mistudio-test-token"
     env = {**os.environ, "MISTUDIO_WORKSPACE": str(tmp_path / "ws"), "HF_HUB_OFFLINE": "1",
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"), "IPYTHONDIR": str(tmp_path / "ipython"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt"),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"), "IPYTHONDIR": str(tmp_path / "ipython"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lws")}
     news = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     news.parent.mkdir(parents=True)

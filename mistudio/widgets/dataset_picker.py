@@ -122,7 +122,8 @@ class DatasetPicker(W.VBox):
                 r["tokens"] = len(tokenizer(r["text"], truncation=True, max_length=spec.max_length)["input_ids"])
             body.append(f"<tr><td>{r['row']}</td><td>{r.get('tokens', '–')}</td>"
                         f"<td>{html.escape(text[:160])}{'…' if len(text) > 160 else ''}</td></tr>")
-        self.preview.value = ("<table class='mistudio-preview' style='text-align:left'><tr><th style='padding-right:12px'>row</th>"
+        self.preview.value = ("<table class='mistudio-preview' style='text-align:left'>"
+                              "<tr><th style='padding-right:12px'>row</th>"
                               "<th style='padding-right:12px'>tokens</th><th>text</th></tr>"
                               + "".join(body) + "</table>")
         return rows
