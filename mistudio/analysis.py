@@ -112,11 +112,13 @@ def _map(ext: "Extraction", fn: Callable, hook_point: str, ranges: list[tuple[in
 
 
 # -- the cache -------------------------------------------------------------------------------------
-def _cache_path(kind: str, hook_point: str, key: str) -> str:
+def cache_path(kind: str, hook_point: str, key: str) -> str:
+    """Where an answer of ``kind`` for one hook point and argument key is cached in the store."""
     return f"analysis/{kind}/{hook_point}/{key}"
 
 
-def _cache_read(ext: "Extraction", path: str, mark: int) -> zarr.Group | None:
+def cache_read(ext: "Extraction", path: str, mark: int) -> zarr.Group | None:
+    """The cached group at ``path`` if it was computed at commit mark ``mark``, else None."""
     try:
         group = zarr.open_group(store=ext.location, path=path, mode="r", storage_options=ext.store.storage_options)
     except Exception:  # noqa: BLE001 - absent (or unreadable) means no cache
@@ -124,7 +126,7 @@ def _cache_read(ext: "Extraction", path: str, mark: int) -> zarr.Group | None:
     return group if group.attrs.get("mark") == mark else None
 
 
-def _cache_write(ext: "Extraction", path: str, mark: int, attrs: dict, arrays: dict[str, np.ndarray]) -> bool:
+def cache_write(ext: "Extraction", path: str, mark: int, attrs: dict, arrays: dict[str, np.ndarray]) -> bool:
     """Write under ``analysis/`` only; skip (False) for a live job or a store we cannot write."""
     if ext.status in LIVE_STATES or _mark(ext) != mark:
         return False
@@ -150,7 +152,7 @@ def cached_feature_stats(ext: "Extraction", hook_point: str) -> FeatureStats | N
     except Exception:  # noqa: BLE001
         return None
     for key in keys:
-        group = _cache_read(ext, f"analysis/feature_stats/{hook_point}/{key}", mark)
+        group = cache_read(ext, f"analysis/feature_stats/{hook_point}/{key}", mark)
         if group is not None:
             return _stats_from_group(hook_point, group)
     return None
@@ -172,8 +174,8 @@ def feature_stats(ext: "Extraction", hook_point: str, bins: int = 64, cluster: A
         raise InputError(f"bins must be at least 1, got {bins}")
     ext.activations(hook_point)  # names the hook points when this one is wrong
     mark = _mark(ext)
-    path = _cache_path("feature_stats", hook_point, f"bins={bins}")
-    group = _cache_read(ext, path, mark)
+    path = cache_path("feature_stats", hook_point, f"bins={bins}")
+    group = cache_read(ext, path, mark)
     if group is not None:
         return _stats_from_group(hook_point, group)
     ranges = _chunk_ranges(ext, hook_point, mark)
@@ -192,7 +194,7 @@ def feature_stats(ext: "Extraction", hook_point: str, bins: int = 64, cluster: A
     hist = sum(_map(ext, _histogram, hook_point, ranges, cluster, lo, hi, bins))
     edges = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, bins + 1)[None, :]
     stats = FeatureStats(hook_point, n, mean, std, hi, lo, active, hist.astype(np.int64), edges)
-    _cache_write(ext, path, mark, {"n_tokens": n, "bins": bins},
+    cache_write(ext, path, mark, {"n_tokens": n, "bins": bins},
                  {name: getattr(stats, name) for name in STAT_ARRAYS})
     return stats
 
@@ -215,10 +217,10 @@ def top_examples(ext: "Extraction", hook_point: str, feature: int | list[int], k
     if k < 1 or context < 0:
         raise InputError(f"k must be at least 1 and context at least 0, got k={k}, context={context}")
     mark = _mark(ext)
-    paths = {f: _cache_path("top_examples", hook_point, f"feature={f},k={k},context={context}") for f in features}
+    paths = {f: cache_path("top_examples", hook_point, f"feature={f},k={k},context={context}") for f in features}
     answers: dict[int, Examples] = {}
     for f in features:
-        group = _cache_read(ext, paths[f], mark)
+        group = cache_read(ext, paths[f], mark)
         if group is not None:
             answers[f] = Examples(json.loads(group.attrs["examples"]))
             answers[f].cached = True
@@ -228,12 +230,12 @@ def top_examples(ext: "Extraction", hook_point: str, feature: int | list[int], k
         for j, f in enumerate(todo):
             cand = np.concatenate([p[j] for p in parts]) if parts else np.zeros((0, 2))
             order = np.lexsort((cand[:, 1], -cand[:, 0]))[:k]  # largest value first, ties by stored order
-            answers[f] = Examples(_describe(ext, hook_point, f, cand[order], context))
-            _cache_write(ext, paths[f], mark, {"examples": json.dumps(answers[f])}, {})
+            answers[f] = Examples(describe_examples(ext, hook_point, f, cand[order], context))
+            cache_write(ext, paths[f], mark, {"examples": json.dumps(answers[f])}, {})
     return answers[features[0]] if np.isscalar(feature) else answers
 
 
-def _describe(ext: "Extraction", hook_point: str, feature: int, best: np.ndarray, context: int) -> list[dict]:
+def describe_examples(ext: "Extraction", hook_point: str, feature: int, best: np.ndarray, context: int) -> list[dict]:
     """Each best activation row with its sample, position and the feature's values over its context tokens
     (``None`` for tokens that have no activation row, e.g. special tokens of an ``exclude_special`` store)."""
     offsets, rows, row_offsets = ext.sample_offsets, ext.sample_index, ext.activation_offsets

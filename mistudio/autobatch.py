@@ -14,7 +14,7 @@ import torch
 
 from .engine import forward_batches
 from .errors import is_oom
-from .models import LoadedModel
+from .models import LoadedModel, free_memory
 from .specs import BATCH_SIZES, CaptureSpec
 
 CPU_CANDIDATES = (1, 4, 16, 64)
@@ -68,8 +68,6 @@ def choose_batch_size(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray,
                 if not is_oom(exc) or n == 1:
                     raise
                 tried.append({"batch_size": n, "ok": False, "why": "out of memory"})
-                from .runner import free_memory
-
                 free_memory()
                 n //= 2
                 continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -13,10 +12,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .specs import DATA_SUFFIXES, DatasetSpec, HubDataset, pandas_kind
 from .errors import InputError
-
-FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+from .formats import DATA_SUFFIXES, file_format, named as _named
+from .specs import DatasetSpec, HubDataset, pandas_kind
 
 Row = tuple[int, object]  # (dataset row index, text or list of token ids)
 
@@ -31,40 +29,6 @@ def sample_texts() -> list[str]:
     with resources.files("mistudio.resources").joinpath("sample_text.jsonl.gz").open("rb") as raw:
         with gzip.open(raw, "rt", encoding="utf-8") as f:
             return [json.loads(line)["text"] for line in f]
-
-
-def _named(path: Path) -> str:
-    """The path as the user gave it, and the real file when it is a link."""
-    real = os.path.realpath(path)
-    return f"{str(path)!r}" + (f" (a link to {real!r})" if real != os.path.abspath(path) else "")
-
-
-def file_format(path: str | os.PathLike) -> str:
-    """How to read a data file: 'txt', 'jsonl', 'csv' or 'parquet'.
-
-    Decided by the suffix of the path as given (a link's own name), else by its target's suffix, else by
-    the content: parquet's magic ``PAR1``, JSON lines starting with ``{``, else text (only for a file with
-    no suffix at all: an unknown suffix such as .docx is refused).
-    """
-    given = Path(path)
-    real = Path(os.path.realpath(given))
-    for p in (given, real):
-        if p.suffix.lower() in FORMATS:
-            return FORMATS[p.suffix.lower()]
-    with real.open("rb") as f:
-        head = f.read(4096)
-    if head.startswith(b"PAR1"):
-        return "parquet"
-    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
-        return "jsonl"
-    suffix = given.suffix or real.suffix
-    if suffix:
-        raise InputError(f"dataset file {_named(given)} has an unsupported type {suffix!r}: supported are "
-                         f"{', '.join(DATA_SUFFIXES)} files and saved `datasets` folders")
-    if b"\0" in head:
-        raise InputError(f"dataset file {_named(given)} has no suffix and looks binary, not text: point dataset= at "
-                         f"a {', '.join(DATA_SUFFIXES)} file, or name it with the suffix of its format")
-    return "txt"
 
 
 def _decode_error(path: Path, encoding: str) -> InputError:

@@ -18,7 +18,7 @@ import numpy as np
 from .data import plan_order, tokenize
 from .errors import InputError, human_bytes
 from .models import describe_model, load_config, load_tokenizer, resolve_device, resolve_dtype
-from .specs import make_request
+from .request import make_request
 from .store import chunk_rows
 
 CHECKSUM_BYTES = 4  # crc32c appends 4 bytes to every chunk

@@ -69,8 +69,8 @@ def feature_view(ext: "Extraction", hook_point: str, feature: int, k: int = 20, 
     mark = int(ext.committed_tokens())
     key = f"feature={feature},bands={json.dumps([list(b) for b in bands])},per_band={per_band},context={context}," \
           f"seed={seed},means={n_token_means},min={min_count}"
-    path = analysis._cache_path("feature_view", hook_point, key.replace("/", "_"))
-    group = analysis._cache_read(ext, path, mark)
+    path = analysis.cache_path("feature_view", hook_point, key.replace("/", "_"))
+    group = analysis.cache_read(ext, path, mark)
     if group is not None:
         rest = json.loads(group.attrs["view"])
         cached = True
@@ -85,7 +85,7 @@ def feature_view(ext: "Extraction", hook_point: str, feature: int, k: int = 20, 
             best = sample[np.argsort(-sample[:, 1])][:, 1:]
             out_bands.append({"quantiles": [lo, hi], "values": [float(values[qs.index(lo)]),
                                                                   float(values[qs.index(hi)])],
-                              "examples": analysis._describe(ext, hook_point, feature, best, context)})
+                              "examples": analysis.describe_examples(ext, hook_point, feature, best, context)})
         seen = np.flatnonzero(counts >= min_count)
         means = sums[seen] / counts[seen]
         order = seen[np.argsort(-means)][:n_token_means]
@@ -94,7 +94,7 @@ def feature_view(ext: "Extraction", hook_point: str, feature: int, k: int = 20, 
                         "count": int(counts[i])} for i, name in zip(order, names)]
         rest = {"bands": out_bands, "token_means": token_means}
         cached = False
-        analysis._cache_write(ext, path, mark, {"view": json.dumps(rest)}, {})
+        analysis.cache_write(ext, path, mark, {"view": json.dumps(rest)}, {})
     return {"hook_point": hook_point, "feature": int(feature), "n_tokens": int(stats.n_tokens), "top": list(top),
             "hist": hist.tolist(), "edges": edges.tolist(), "cached": cached, **rest}
 

@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Protocol
 
 from .metadata import END_STATES, ExtractionMeta, Status
-from .specs import JobRequest
+from .request import JobRequest
 from .store import ExtractionStore
 
 log = logging.getLogger("mistudio")

@@ -34,9 +34,7 @@ class ActivationLoader(IterableDataset):
                  dtype: str = "float32", device: str = "cpu", drop_last: bool = False, num_workers: int = 0,
                  buffer_tokens: int | None = None, normalize: str | None = None, with_index: bool = False,
                  prefetch: int = 2):
-        from .extraction import Extraction
-
-        self.extractions = [extractions] if isinstance(extractions, Extraction) else list(extractions)
+        self.extractions = list(extractions) if isinstance(extractions, (list, tuple)) else [extractions]
         self.single = isinstance(hook_points, str)
         self.hook_points = [hook_points] if self.single else list(hook_points)
         if not self.extractions or not self.hook_points:

@@ -1,6 +1,7 @@
 """Load a model and its tokenizer, and find the hook points of its architecture."""
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from contextlib import contextmanager
@@ -334,3 +335,17 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     blocks, attn, mlp = find_blocks(model, model_type, n_layers_of(model.config))
     forward_args = set(inspect.signature(model.forward).parameters)
     return LoadedModel(spec, model, tokenizer, model_type, blocks, attn, mlp, forward_args)
+
+
+def free_memory() -> None:
+    """Give cached accelerator memory back after an OOM, before trying a smaller batch."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if getattr(torch, "mps", None) and torch.backends.mps.is_available():
+            torch.mps.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass

@@ -6,7 +6,6 @@ replaced under the job fails it instead of being recreated) and sent to the job'
 """
 from __future__ import annotations
 
-import gc
 import logging
 import queue
 import shutil
@@ -21,26 +20,13 @@ from .errors import JobCancelled, JobTimeout, StoreLost, classify, disk_full_cau
 from .jobs import Job
 from .liveness import heartbeat
 from .metadata import ExtractionMeta, Status, new_nonce, now
-from .models import check_layers, describe_model, load_config, load_model, load_tokenizer, n_layers_of
+from .models import (check_layers, describe_model, free_memory, load_config, load_model, load_tokenizer,
+                     n_layers_of)
 from .specs import ModelSpec
 
 log = logging.getLogger("mistudio")
 HEARTBEAT_S = 2.0
 MAX_OOM_RETRIES = 3
-
-
-def free_memory() -> None:
-    """Give cached accelerator memory back after an OOM, before trying a smaller batch."""
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if getattr(torch, "mps", None) and torch.backends.mps.is_available():
-            torch.mps.empty_cache()
-    except Exception:  # pragma: no cover - best effort
-        pass
 
 
 class ModelCache:

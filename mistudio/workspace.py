@@ -28,7 +28,8 @@ from .jobs import Job, Observable
 from .liveness import heartbeat, live_owner
 from .metadata import FORMAT_VERSION, ExtractionMeta, Status, new_nonce, now
 from .runner import Runner
-from .specs import CaptureSpec, HubDataset, ModelSpec, build, make_request, pandas_kind, request_from_meta
+from .request import make_request, request_from_meta
+from .specs import CaptureSpec, HubDataset, ModelSpec, build, pandas_kind
 from .store import ExtractionStore
 
 __all__ = ["Workspace", "check_id", "check_preset_name", "human_bytes", "default_workspace"]
