@@ -231,7 +231,8 @@ class _Execution:
             order = plan_order(tokenized.lengths)
             hook_dims = {hp: facts["hidden_size"] for hp in req.capture.hook_points()}
             self.store.allocate([tokenized.ids[i] for i in order], tokenized.rows[order], hook_dims,
-                                req.capture.dtype, req.capture.chunk_mb, checksum=req.capture.checksum)
+                                req.capture.dtype, req.capture.chunk_mb, checksum=req.capture.checksum,
+                                shard_mb=req.capture.shard_mb)
             self.store.update(dataset={"report": tokenized.report()})
         if sharded:
             self.set_state(Status.EXTRACTING)

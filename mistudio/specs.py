@@ -254,6 +254,7 @@ class CaptureSpec(_Spec):
     oov_policy: Literal["clamp", "skip", "error"] = "clamp"
     padding_side: Literal["right", "left"] = "right"
     chunk_mb: Float = 2.0
+    shard_mb: Float = 64.0  # activation arrays larger than this are sharded (format 2); 0: one file per chunk
     checksum: bool = True  # a crc32c per chunk: a damaged chunk raises StoreCorrupted instead of reading wrong
 
     @field_validator("layers", mode="before")
@@ -287,6 +288,13 @@ class CaptureSpec(_Spec):
     def _chunk_mb(cls, v: float) -> float:
         if not 0.01 <= v <= 64:
             raise ValueError(f"chunk_mb={v} is out of range: use 1 to 4 (MB per chunk)")
+        return v
+
+    @field_validator("shard_mb")
+    @classmethod
+    def _shard_mb(cls, v: float) -> float:
+        if not 0 <= v <= 4096:
+            raise ValueError(f"shard_mb={v} is out of range: use 32 to 256 (MB per shard), or 0 for no shards")
         return v
 
     def hook_points(self) -> list[str]:
@@ -347,7 +355,8 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
                  batch_size: int = 8, max_samples: int | None = None, max_length: int = 128,
                  dtype: str = "float16", model_dtype: str = "auto", device: str = "auto",
                  text_column: str = "text", add_special_tokens: bool = True, oov_policy: str = "clamp",
-                 padding_side: str = "right", chunk_mb: float = 2.0, timeout_s: float | None = None,
+                 padding_side: str = "right", chunk_mb: float = 2.0, shard_mb: float = 64.0,
+                 timeout_s: float | None = None,
                  auto_retry_on_oom: bool = False, revision: str | None = None, encoding: str = "utf-8",
                  checksum: bool = True,
                  before_batch: Callable[[int, int], None] | None = None, cluster: Any = None) -> JobRequest:
@@ -374,7 +383,8 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
         config = load_config(model_spec)
         layer_list = list(range(n_layers_of(config)))
     capture = build(CaptureSpec, layers=layer_list, hooks=list(hooks), batch_size=batch_size, dtype=dtype,
-                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, checksum=checksum)
+                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, shard_mb=shard_mb,
+                    checksum=checksum)
     not_number = isinstance(timeout_s, (bool, np.bool_)) or not isinstance(timeout_s, (int, float, np.number))
     if timeout_s is not None and (not_number or timeout_s <= 0):
         raise InputError(f"timeout_s={timeout_s!r} must be a positive number of seconds, e.g. timeout_s=600, "
@@ -403,7 +413,7 @@ def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -
     args = {"model": meta["model"]["name_or_path"], "dataset": dataset, "revision": meta["model"].get("revision"),
             **{k: params[k] for k in ("layers", "hooks", "batch_size", "max_samples", "max_length", "dtype",
                                       "model_dtype", "device", "text_column", "add_special_tokens", "oov_policy",
-                                      "padding_side", "chunk_mb", "timeout_s", "auto_retry_on_oom", "encoding",
+                                      "padding_side", "chunk_mb", "shard_mb", "timeout_s", "auto_retry_on_oom", "encoding",
                                       "checksum")
                if k in params}}
     args.update(overrides)

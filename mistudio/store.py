@@ -6,7 +6,9 @@ import os
 import queue
 import shutil
 import threading
+import uuid
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -15,14 +17,27 @@ import zarr
 
 from . import metadata
 from .errors import MistudioError, StoreCorrupted, StoreLost
-from .integrity import DECODE_ERRORS, CheckedArray
+from .integrity import DECODE_ERRORS, CheckedArray, storage_unit
 from .metadata import ExtractionMeta
+
+SHARD_MB = 64.0  # default shard size of activation arrays (CaptureSpec.shard_mb); see benchmarks/RESULTS.md
+WRITE_WORKERS = max(1, min(4, os.cpu_count() or 1))  # threads writing disjoint storage units at once
 
 
 def chunk_rows(width: int, itemsize: int, chunk_mb: float) -> int:
     """Rows per chunk so that a chunk holds about ``chunk_mb`` MB, a multiple of 64 rows."""
     rows = int(chunk_mb * 2**20 / max(1, width * itemsize))
     return max(64, rows // 64 * 64)
+
+
+def shard_rows(rows_per_chunk: int, row_bytes: int, shard_mb: float, n_tokens: int) -> int | None:
+    """Rows per shard (a multiple of the chunk holding about ``shard_mb`` MB), or None for an unsharded array:
+    when ``shard_mb`` is 0, or when the array fits in one shard (a small store keeps one file per chunk)."""
+    if not shard_mb:
+        return None
+    per_shard = int(shard_mb * 2**20 // max(1, rows_per_chunk * row_bytes))
+    rows = per_shard * rows_per_chunk
+    return rows if per_shard > 1 and n_tokens > rows else None
 
 
 def array_codecs(checksum: bool) -> dict:
@@ -159,12 +174,17 @@ class ExtractionStore:
         return "tokens" in self.group and "sample_offsets" in self.group["tokens"]
 
     def allocate(self, ids: list[np.ndarray], rows: np.ndarray, hook_dims: dict[str, int], dtype: str,
-                 chunk_mb: float, checksum: bool | None = None) -> None:
+                 chunk_mb: float, checksum: bool | None = None, shard_mb: float | None = None) -> None:
         """Create every array, sized now, and write the token plan (ids, offsets, rows) in stored order.
 
-        ``checksum`` (default: the ``checksum`` parameter of the metadata, else True) adds a crc32c per chunk."""
+        ``checksum`` (default: the ``checksum`` parameter of the metadata, else True) adds a crc32c per chunk.
+        ``shard_mb`` (default: the metadata's ``shard_mb`` parameter, else :data:`SHARD_MB`; 0: never) groups
+        the chunks of each activation array into shards of about that size (format version 2); an array
+        that fits in one shard stays unsharded (format version 1)."""
         if checksum is None:
             checksum = bool(self._record.params.get("checksum", True))
+        if shard_mb is None:
+            shard_mb = float(self._record.params.get("shard_mb", SHARD_MB))
         codecs = array_codecs(checksum)
         lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -179,12 +199,15 @@ class ExtractionStore:
         acts = self.group.require_group("activations")
         itemsize = np.dtype(dtype).itemsize
         rows_per_chunk = chunk_rows(max(hook_dims.values()), itemsize, chunk_mb)
+        per_shard = shard_rows(rows_per_chunk, max(hook_dims.values()) * itemsize, shard_mb, n_tokens)
         for hook_point, width in hook_dims.items():
             acts.create_array(hook_point, shape=(n_tokens, width), chunks=(rows_per_chunk, width), dtype=dtype,
+                              shards=(per_shard, width) if per_shard else None, config=WRITE_CONFIG,
                               fill_value=0, dimension_names=("token", "feature"), overwrite=True, **codecs)
-        self.update(progress={"samples_total": len(ids), "tokens_total": n_tokens, "samples_committed": 0,
+        self.update(format_version=2 if per_shard else 1,
+                    progress={"samples_total": len(ids), "tokens_total": n_tokens, "samples_committed": 0,
                               "tokens_committed": 0, "chunk_rows": rows_per_chunk},
-                    hook_points=list(hook_dims), storage={"checksum": checksum})
+                    hook_points=list(hook_dims), storage={"checksum": checksum, **({"shard_rows": per_shard} if per_shard else {})})
 
     def array(self, path: str) -> zarr.Array:
         """The raw Zarr array at ``path`` (``tokens/input_ids``), set up for writing; a missing array or
@@ -261,45 +284,149 @@ class HookStats:
         return {**acc, "mean": mean, "std": math.sqrt(var), "frac_zeros": acc["zeros"] / n if n else 0.0}
 
 
-class ChunkWriter:
-    """The store's only writer: a thread that appends rows in stored order and writes whole chunks.
+def _fast_layout(arr: zarr.Array) -> tuple[int, bool] | None:
+    """(rows per inner chunk, crc32c per chunk) when :func:`write_unit` may encode ``arr``'s files itself:
+    a local store, little-endian bytes, optional crc32c, full-width chunks, shard index at the end with
+    crc32c. None: let Zarr write."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.storage import LocalStore
 
-    Rows arrive per batch (``put``), with the batch's statistics. Whenever a chunk boundary is passed,
-    the rows up to the last boundary are written; then the commit mark moves to the last batch that
-    ends inside the written region, and ``progress.samples_committed``/``tokens_committed`` and the
-    statistics are recorded. Everything below the mark is final; a resumed job restarts at it.
+    def plain(codecs) -> bool | None:  # crc32c or not; None when anything else is there
+        if not codecs or not isinstance(codecs[0], BytesCodec) or getattr(codecs[0].endian, "value", "little") != "little":
+            return None
+        rest = list(codecs[1:])
+        return None if rest not in ([], [Crc32cCodec()]) else bool(rest)
+
+    if not isinstance(arr.store_path.store, LocalStore) or np.dtype(arr.dtype).byteorder == ">":
+        return None
+    codecs = arr.metadata.codecs
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        shard = codecs[0]
+        crc = plain(shard.codecs)
+        if crc is None or plain(shard.index_codecs) is not True or shard.index_location.value != "end":
+            return None
+        chunk = shard.chunk_shape
+    else:
+        crc, chunk = plain(codecs), arr.chunks
+    if crc is None or storage_unit(arr)[1:] != arr.shape[1:] or tuple(chunk[1:]) != arr.shape[1:]:
+        return None
+    return chunk[0], crc
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_unit(arr: zarr.Array, start: int, stop: int, blocks: list[np.ndarray]) -> None:
+    """Write rows ``[start, stop)`` of ``arr``, given as consecutive row ``blocks``, as one storage unit.
+
+    A whole unit (a shard, or a chunk of an unsharded array) of a local store is encoded here exactly as
+    Zarr's codecs encode it (inner chunks with their crc32c, then the shard index with its crc32c) and
+    written from the blocks without copying them, to a temporary file renamed into place. Anything else
+    (a partial unit, the array's short last unit, a remote store) goes through Zarr, which reads, merges
+    and rewrites the unit: the caller must never have two writes of one unit in flight."""
+    import google_crc32c
+
+    unit = storage_unit(arr)[0]
+    layout = _fast_layout(arr)
+    if layout is None or start % unit or stop - start != unit:
+        arr[start:stop] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        return
+    inner_rows, crc = layout
+    row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+    sharded = arr.shards is not None
+    path = arr.store_path.store.root / arr.path / arr.metadata.encode_chunk_key((start // unit,) + (0,) * (arr.ndim - 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+    index, offset = [], 0
+    pieces = iter(np.ascontiguousarray(b) for b in blocks)
+    current = next(pieces)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for _ in range(unit // inner_rows if sharded else 1):
+            need, checksum = (inner_rows if sharded else unit), 0
+            while need:
+                if not len(current):
+                    current = next(pieces)
+                take, current = current[:need], current[need:]
+                _write_all(fd, take)
+                if crc:
+                    checksum = google_crc32c.extend(checksum, take.reshape(-1))
+                need -= len(take)
+            size = (inner_rows if sharded else unit) * row_bytes
+            if crc:
+                _write_all(fd, np.uint32(checksum).astype("<u4").tobytes())
+                size += 4
+            index.append((offset, size))
+            offset += size
+        if sharded:
+            table = np.asarray(index, dtype="<u8").tobytes()
+            _write_all(fd, table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes())
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+class ChunkWriter:
+    """The store's only writer: a thread that takes rows in stored order and writes whole storage units.
+
+    Rows arrive per batch (``put``), with the batch's statistics. A storage unit (a shard, or a chunk of
+    an unsharded array) is written once it is complete, by a small pool of threads that write disjoint
+    units at once (never two writes of one unit). The commit mark then moves to the last batch that ends
+    inside the contiguous written region, and ``progress.samples_committed``/``tokens_committed`` and the
+    statistics are recorded. ``flush`` (end, cancel, failure) also writes the last, partial unit. Everything
+    below the mark is final; a resumed job restarts at it: the committed rows of a unit that the mark cuts
+    are read back, so that the unit is written whole again.
+
+    Memory: the rows of the unit being filled, plus the units being written (at most about
+    ``workers`` of them, and one per hook point), so roughly unit bytes × (hook points + workers).
     """
 
     _FLUSH = object()
     _STOP = object()
 
-    def __init__(self, store: ExtractionStore, start_sample: int, queue_depth: int = 2):
+    def __init__(self, store: ExtractionStore, start_sample: int, queue_depth: int = 2,
+                 workers: int = WRITE_WORKERS):
         self.store = store
         self.offsets = store.sample_offsets()
         self.hook_points = list(store.meta["hook_points"])
         self.arrays = {hp: store.activations(hp) for hp in self.hook_points}
-        self.chunk = self.arrays[self.hook_points[0]].chunks[0]
+        first = self.arrays[self.hook_points[0]]
+        self.unit, self.n_tokens = storage_unit(first)[0], first.shape[0]
         saved = store.meta.get("statistics", {}) if start_sample else {}  # exact up to the commit mark
         self.stats = {hp: {k: saved.get(hp, {}).get(k, v) for k, v in HookStats.empty().items()}
                       for hp in self.hook_points}
         self.batches: deque[tuple[int, dict]] = deque()  # (end sample, statistics) of uncommitted batches
-        self.committed_sample = start_sample
-        self.received_sample = start_sample
-        self.written = int(self.offsets[start_sample])
-        self.buffer = {hp: [] for hp in self.hook_points}  # rows from the commit mark onward
+        self.committed_sample = self.received_sample = start_sample
+        mark = int(self.offsets[start_sample])
+        self.base = mark // self.unit * self.unit  # first row not yet handed to a whole-unit write
+        self.received = self.written = mark  # rows received; rows below ``written`` are on disk
+        self.pieces: dict[str, list[np.ndarray]] = {hp: [] for hp in self.hook_points}  # rows [base, received)
+        if mark > self.base:  # the mark cuts a unit: its committed rows come back, to write it whole
+            for hp, arr in self.arrays.items():
+                self.pieces[hp].append(CheckedArray(arr, store.location, mark)[self.base:mark])
+        self.inflight: deque[tuple[int, list[Future]]] = deque()  # (unit stop row, writes), in row order
+        self.max_inflight = max(1, -(-workers // len(self.hook_points)))  # units in flight at once
         self.error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mistudio-write")
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._thread = threading.Thread(target=self._loop, name="mistudio-writer", daemon=True)
         self._thread.start()
 
     # -- producer side ---------------------------------------------------------------------------
     def put(self, n_samples: int, rows: dict[str, np.ndarray], stats: dict[str, dict]) -> None:
-        """Queue the rows and statistics of the next ``n_samples`` samples (blocks while the writer is behind)."""
+        """Queue the rows and statistics of the next ``n_samples`` samples (blocks while the writer is behind).
+        The writer keeps the arrays until their unit is written: do not change them afterwards."""
         self._raise()
         self._queue.put((n_samples, (rows, stats)))
 
     def flush(self) -> None:
-        """Write and commit everything queued, including a partial last chunk."""
+        """Write and commit everything queued, including a partial last unit."""
         done = threading.Event()
         self._queue.put((self._FLUSH, done))
         while not done.wait(0.05):
@@ -308,11 +435,14 @@ class ChunkWriter:
         self._raise()
 
     def close(self, flush: bool = True) -> None:
-        """Stop the thread; with ``flush`` write what is queued first."""
-        if flush and self._thread.is_alive() and self.error is None:
-            self.flush()
-        self._queue.put((self._STOP, None))
-        self._thread.join()
+        """Stop the thread; with ``flush`` write what is queued first. No write is left running."""
+        try:
+            if flush and self._thread.is_alive() and self.error is None:
+                self.flush()
+        finally:
+            self._queue.put((self._STOP, None))
+            self._thread.join()
+            self._pool.shutdown(wait=True)
         self._raise()
 
     def _raise(self) -> None:
@@ -333,41 +463,78 @@ class ChunkWriter:
                 continue  # drain: the producer sees the error on its next call
             try:
                 if item is self._FLUSH:
-                    self._write_until(int(self.offsets[self.received_sample]))
+                    self._flush()
                     payload.set()
                 else:
                     self._append(item, *payload)
             except BaseException as exc:  # noqa: BLE001 - handed to the producer
                 self.error = exc
+                self._wait_all()
                 if item is self._FLUSH:
                     payload.set()
 
     def _append(self, n_samples: int, rows: dict[str, np.ndarray], stats: dict[str, dict]) -> None:
         for hp in self.hook_points:
-            self.buffer[hp].append(rows[hp])
+            self.pieces[hp].append(rows[hp])
         self.received_sample += n_samples
         self.batches.append((self.received_sample, stats))
-        end = int(self.offsets[self.received_sample])
-        boundary = end // self.chunk * self.chunk
-        if boundary > self.written:
-            self._write_until(boundary)
+        self.received = int(self.offsets[self.received_sample])
+        while self.received - self.base >= self.unit or (self.received == self.n_tokens > self.base):
+            stop = min(self.base + self.unit, self.n_tokens)
+            self._submit(self.base, stop)
+            self._drop_below(stop)
+        self._harvest(wait=False)
 
-    def _write_until(self, stop: int) -> None:
-        """Write buffered rows [written, stop), then move the commit mark."""
-        if stop > self.written:
-            if self.store.guarded:  # never recreate a store deleted under the job
-                self.store.check_same()
-            base = int(self.offsets[self.committed_sample])
-            for hp in self.hook_points:
-                self.arrays[hp][self.written:stop] = self._block(hp)[self.written - base: stop - base]
-            self.written = stop
+    def _flush(self) -> None:
+        """Write the partial unit too (its rows stay buffered: a later whole write replaces it), wait, commit."""
+        if self.received > self.base:
+            self._submit(self.base, self.received)
+        self._harvest(wait=True)
+
+    def _submit(self, start: int, stop: int) -> None:
+        while len(self.inflight) >= self.max_inflight:
+            self._harvest(wait=True, one=True)
+        if self.store.guarded:  # never recreate a store deleted under the job
+            self.store.check_same()
+        writes = [self._pool.submit(write_unit, self.arrays[hp], start, stop, self._rows(hp, start, stop))
+                  for hp in self.hook_points]
+        self.inflight.append((stop, writes))
+
+    def _rows(self, hp: str, start: int, stop: int) -> list[np.ndarray]:
+        """Views of the buffered rows ``[start, stop)`` of one hook point (buffered rows begin at ``base``)."""
+        out, pos = [], self.base
+        for piece in self.pieces[hp]:
+            lo, hi = max(start, pos), min(stop, pos + len(piece))
+            if lo < hi:
+                out.append(piece[lo - pos:hi - pos])
+            pos += len(piece)
+        return out
+
+    def _drop_below(self, stop: int) -> None:
+        for hp in self.hook_points:
+            self.pieces[hp] = self._rows(hp, stop, self.received)
+        self.base = stop
+
+    def _harvest(self, wait: bool, one: bool = False) -> None:
+        """Take finished writes in row order (a failed one raises), move ``written``, commit."""
+        while self.inflight and (wait or all(f.done() for f in self.inflight[0][1])):
+            stop, writes = self.inflight.popleft()
+            for write in writes:
+                write.result()
+            self.written = max(self.written, stop)
+            if one:
+                break
         self._commit()
 
-    def _block(self, hp: str) -> np.ndarray:
-        """The buffered rows of one hook point as one array (joined once, then reused)."""
-        if len(self.buffer[hp]) != 1:
-            self.buffer[hp] = [np.concatenate(self.buffer[hp])]
-        return self.buffer[hp][0]
+    def _wait_all(self) -> None:
+        """After a failure: let the writes in flight end (a later writer must never race them)."""
+        for _, writes in self.inflight:
+            for write in writes:
+                try:
+                    write.result()
+                except BaseException:  # noqa: BLE001 - the first error is the one reported
+                    pass
+        self.inflight.clear()
 
     def _commit(self) -> None:
         new_sample = self.committed_sample
@@ -377,9 +544,6 @@ class ChunkWriter:
                 HookStats.merge(self.stats[hp], stats[hp])
         if new_sample == self.committed_sample:
             return
-        cut = int(self.offsets[new_sample] - self.offsets[self.committed_sample])
-        for hp in self.hook_points:
-            self.buffer[hp] = [self._block(hp)[cut:]]
         self.committed_sample = new_sample
         progress = {"samples_committed": new_sample, "tokens_committed": int(self.offsets[new_sample])}
         self.store.update(progress=progress,
