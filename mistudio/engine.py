@@ -2,6 +2,9 @@
 
 It knows nothing of threads or widgets: it takes a loaded model, an allocated store, what to
 capture, a ``check`` callable (raises to cancel or time out) and a ``progress`` callback.
+
+On CUDA, a batch's rows are copied into pinned host memory on a side stream while the next batch
+computes (the device never waits for a copy); on any other device they are plain ``.cpu()`` copies.
 """
 from __future__ import annotations
 
@@ -87,35 +90,89 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
         for block in list(loaded.blocks)[: max(capture.layers) + 1]:
             handles.append(block.register_forward_pre_hook(lambda _module, _inputs: check()))
     device = loaded.device
+    cuda = device.type == "cuda"
+    copies = torch.cuda.Stream(device) if cuda else None
+    pending = None  # CUDA: the previous batch, its device->host copies still in flight
     try:
         for index, (first, stop) in enumerate(batch_ranges(end, capture.batch_size, begin)):
-            if check is not None:
-                check()
-            if before_batch is not None:
-                before_batch(index, capture.batch_size)
-            batch, mask = pad_batch(ids, offsets, first, stop, loaded.pad_id, capture.padding_side)
-            attention = torch.from_numpy(mask).to(device)
-            kwargs = {"input_ids": torch.from_numpy(batch).to(device), "attention_mask": attention}
-            if "position_ids" in loaded.forward_args:
-                kwargs["position_ids"] = position_ids(attention)
-            if "use_cache" in loaded.forward_args:
-                kwargs["use_cache"] = False
-            captured.clear()
-            with torch.inference_mode():
-                try:
-                    loaded.model(**kwargs)
-                except _StopForward:
-                    pass
-                keep = attention.bool()
-                real = {hp: captured[hp][keep] for hp in capture.hook_points()}
-                stats = {hp: HookStats.of_tensor(values) for hp, values in real.items()}
-                rows = {hp: values.to(storage_dtype).cpu().numpy() for hp, values in real.items()}
-            captured.clear()
-            yield first, stop, rows, stats
+            try:
+                if check is not None:
+                    check()
+                if before_batch is not None:
+                    before_batch(index, capture.batch_size)
+                batch, mask = pad_batch(ids, offsets, first, stop, loaded.pad_id, capture.padding_side)
+                attention = torch.from_numpy(mask).to(device)
+                kwargs = {"input_ids": torch.from_numpy(batch).to(device), "attention_mask": attention}
+                if "position_ids" in loaded.forward_args:
+                    kwargs["position_ids"] = position_ids(attention)
+                if "use_cache" in loaded.forward_args:
+                    kwargs["use_cache"] = False
+                captured.clear()
+                with torch.inference_mode():
+                    try:
+                        loaded.model(**kwargs)
+                    except _StopForward:
+                        pass
+                    if cuda:
+                        current = _start_copies(captured, capture.hook_points(), mask, storage_dtype, copies)
+                    else:
+                        keep = attention.bool()
+                        real = {hp: captured[hp][keep] for hp in capture.hook_points()}
+                        stats = {hp: HookStats.of_tensor(values) for hp, values in real.items()}
+                        rows = {hp: values.to(storage_dtype).cpu().numpy() for hp, values in real.items()}
+                captured.clear()
+            except BaseException:
+                if pending is not None:  # a finished batch is never lost to a later batch's failure
+                    done, pending = pending, None
+                    yield _finish_copies(*done)
+                raise
+            if not cuda:
+                yield first, stop, rows, stats
+                continue
+            if pending is not None:  # its copies ran on the side stream while this batch computed
+                yield _finish_copies(*pending)
+            pending = (first, stop, *current)
+        if pending is not None:
+            done, pending = pending, None
+            yield _finish_copies(*done)
     finally:
         for handle in handles:
             handle.remove()
         captured.clear()
+
+
+def _start_copies(captured: dict, hook_points: list[str], mask: np.ndarray, dtype: torch.dtype,
+                  stream: "torch.cuda.Stream") -> tuple[dict, dict, "torch.cuda.Event"]:
+    """CUDA: select the real tokens' rows (indices from the host mask: no sync), cast them, and copy them and
+    their statistics into pinned host memory on a side stream, so the next forward never waits for it.
+    Returns (pinned rows, (count, pinned sums) per hook point, the copies' event)."""
+    device = next(iter(captured.values())).device
+    keep = torch.from_numpy(np.flatnonzero(mask.reshape(-1))).to(device)
+    device_rows, device_sums = {}, {}
+    for hp in hook_points:
+        values = captured[hp].reshape(-1, captured[hp].shape[-1]).index_select(0, keep)
+        device_sums[hp] = HookStats.device_sums(values)
+        device_rows[hp] = values.to(dtype)
+    stream.wait_stream(torch.cuda.current_stream(device))  # the copies start once these are computed
+    rows, sums = {}, {}
+    with torch.cuda.stream(stream):
+        for hp in hook_points:
+            for source, out in ((device_rows[hp], rows), (device_sums[hp], sums)):
+                host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+                host.copy_(source, non_blocking=True)
+                source.record_stream(stream)  # its device memory is not reused before the copy ends
+                out[hp] = host
+        event = torch.cuda.Event()
+        event.record(stream)
+    return rows, {hp: (keep.numel() * rows[hp].shape[-1], sums[hp]) for hp in hook_points}, event
+
+
+def _finish_copies(first: int, stop: int, rows: dict, sums: dict, event: "torch.cuda.Event") -> tuple:
+    """Wait for a batch's copies: ``(first, stop, rows, stats)`` as ``forward_batches`` yields them; the rows
+    are numpy views of the pinned buffers (the writer keeps them until written)."""
+    event.synchronize()
+    return (first, stop, {hp: host.numpy() for hp, host in rows.items()},
+            {hp: HookStats.from_device(count, host.tolist()) for hp, (count, host) in sums.items()})
 
 
 def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, start_sample: int = 0,

@@ -260,15 +260,26 @@ class HookStats:
     @staticmethod
     def of_tensor(values) -> dict:
         """One batch's accumulators, computed by torch where the values are (one device sync)."""
+        return HookStats.from_device(values.numel(), HookStats.device_sums(values).tolist())
+
+    @staticmethod
+    def device_sums(values):
+        """(sum, sum of squares, max abs, zeros) of ``values`` as one float64 tensor where they are (no sync)."""
         import torch
 
         f = values.float().reshape(-1)
         if not f.numel():
+            return torch.zeros(4, dtype=torch.float64, device=f.device)
+        return torch.stack([f.sum(dtype=torch.float64), torch.dot(f, f).double(), f.abs().max().double(),
+                            (f == 0).sum().double()])
+
+    @staticmethod
+    def from_device(count: int, sums: list[float]) -> dict:
+        """The accumulators from ``count`` and the values of :meth:`device_sums`."""
+        if not count:
             return HookStats.empty()
-        total, sum_sq, max_abs, zeros = torch.stack([
-            f.sum(dtype=torch.float64), torch.dot(f, f).double(), f.abs().max().double(),
-            (f == 0).sum().double()]).tolist()
-        return {"count": int(f.numel()), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros)}
+        total, sum_sq, max_abs, zeros = sums
+        return {"count": int(count), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros)}
 
     @staticmethod
     def merge(acc: dict, delta: dict) -> None:
