@@ -103,6 +103,39 @@ class Runner:
                 job.finished()
 
 
+class _Planning:
+    """Tokenize and order the dataset on a thread (its own tokenizer), while the caller loads the weights."""
+
+    def __init__(self, request, vocab_size: int | None):
+        self.request, self.vocab_size = request, vocab_size
+        self.outcome: tuple | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="mistudio-tokenize", daemon=True)
+        if vocab_size is not None:  # else the vocabulary is known only once the weights are in: tokenize then
+            self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            tokenized = tokenize(self.request.dataset, load_tokenizer(self.request.model), self.vocab_size,
+                                 self.request.capture.oov_policy)
+            self.outcome = (tokenized, plan_order(tokenized.lengths))
+        except BaseException as exc:  # noqa: BLE001 - raised on the job's thread by result()
+            self.error = exc
+
+    def result(self, check, vocab_size: int):
+        """(tokenized, order), waiting for the thread with ``check()`` between waits (cancel, timeout); its
+        error is raised here. Tokenized again here if the model's vocabulary is not the one assumed."""
+        while self._thread.is_alive():
+            self._thread.join(0.05)
+            check()
+        if self.vocab_size != vocab_size:
+            self.vocab_size, self.error = vocab_size, None
+            self._work()
+        if self.error is not None:
+            raise self.error
+        return self.outcome
+
+
 class _Execution:
     """One run of one job, on the worker thread: every state change of its store happens here."""
 
@@ -218,17 +251,18 @@ class _Execution:
         config = load_config(req.model)
         check_layers(req.capture.layers, n_layers_of(config))
         sharded = req.cluster is not None or "shards" in self.store.meta
+        # the dataset is tokenized on a thread while the weights load (the tokenizer loads fast, weights slowly)
+        planning = None if self.store.is_allocated else _Planning(req, getattr(config, "vocab_size", None))
         if sharded:  # the coordinator needs the tokenizer and the facts, not the weights
-            loaded, facts, tokenizer = None, describe_model(req.model), load_tokenizer(req.model)
+            loaded, facts = None, describe_model(req.model)
         else:
             loaded = self.models.get(req.model)
-            facts, tokenizer = loaded.describe(), loaded.tokenizer
+            facts = loaded.describe()
         self.store.update(model={**facts, "revision": req.model.revision})
         self.check()
-        if not self.store.is_allocated:
-            tokenized = tokenize(req.dataset, tokenizer, facts["vocab_size"], req.capture.oov_policy)
+        if planning is not None:
+            tokenized, order = planning.result(self.check, facts["vocab_size"])
             self.check()
-            order = plan_order(tokenized.lengths)
             hook_dims = {hp: facts["hidden_size"] for hp in req.capture.hook_points()}
             self.store.allocate([tokenized.ids[i] for i in order], tokenized.rows[order], hook_dims,
                                 req.capture.dtype, req.capture.chunk_mb, checksum=req.capture.checksum,
