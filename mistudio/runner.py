@@ -52,7 +52,8 @@ class ModelCache:
 
     def get(self, spec: ModelSpec):
         if self._spec != spec:
-            self.clear()
+            if self._loaded is not None:  # a full gc pass costs ~0.5 s: only when a model is let go
+                self.clear()
             self._loaded = load_model(spec)
             self._spec = spec
         return self._loaded
