@@ -358,18 +358,21 @@ EXTRACT = dict(layers=[1, 3, 5], hooks=["residual", "mlp", "attention"], batch_s
 def bench_extraction(model_dir, tmp: Path, n: int, repeats: int) -> dict:
     """Steady-state ``ms.extract`` tokens/s (the engine's own timing, fixed costs excluded) against the limit:
     a bare batched forward to the last captured layer plus a raw write of the same bytes to files of the
-    store's storage-unit sizes. Interleaved ``repeats`` times; the median of the ratios."""
+    store's storage-unit sizes. ``repeats`` times (bare forward, extraction, bare forward); the median ratio."""
     loaded = load_model(ModelSpec(name_or_path=model_dir, device="cpu"))
     data = tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
     order = plan_order(data.lengths)
     bare_forward(loaded, data.ids, order[:32], 16)  # warm-up
     runs = []
-    for rep in range(repeats):
+    last = max(EXTRACT["layers"])
+    for rep in range(repeats):  # bare forwards before and after each extraction: the machine's drift cancels
+        before, real, _ = bare_forward(loaded, data.ids, order, 16, last_layer=last)
         ext = ms.extract(model_dir, texts(n), workspace=str(tmp / f"ex-{rep}"), progress=False, **EXTRACT)
+        after, _, _ = bare_forward(loaded, data.ids, order, 16, last_layer=last)
         sizes = _units_bytes(ext.store, ext.hook_points)
         pool = np.random.default_rng(rep).standard_normal(max(sizes) // 2).astype(np.float16)
         raw_s = _raw_write(tmp / f"ex-raw-{rep}", [pool[: s // 2] for s in sizes])
-        secs, real, _ = bare_forward(loaded, data.ids, order, 16, last_layer=max(EXTRACT["layers"]))
+        secs = (before + after) / 2
         limit, rate, n_tokens = real / (secs + raw_s), ext.metadata["timings"]["tokens_per_s"], ext.n_tokens
         shutil.rmtree(tmp / f"ex-{rep}"), shutil.rmtree(tmp / f"ex-raw-{rep}")
         runs.append({"extract_tokens_per_s": rate, "bare_s": secs, "raw_write_s": raw_s,
