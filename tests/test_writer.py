@@ -2,7 +2,6 @@
 shard, version-1 stores, verify on shards, and tokenization while the weights load."""
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
