@@ -207,7 +207,8 @@ class ExtractionStore:
         self.update(format_version=2 if per_shard else 1,
                     progress={"samples_total": len(ids), "tokens_total": n_tokens, "samples_committed": 0,
                               "tokens_committed": 0, "chunk_rows": rows_per_chunk},
-                    hook_points=list(hook_dims), storage={"checksum": checksum, **({"shard_rows": per_shard} if per_shard else {})})
+                    hook_points=list(hook_dims),
+                    storage={"checksum": checksum, **({"shard_rows": per_shard} if per_shard else {})})
 
     def array(self, path: str) -> zarr.Array:
         """The raw Zarr array at ``path`` (``tokens/input_ids``), set up for writing; a missing array or
@@ -303,7 +304,8 @@ def _fast_layout(arr: zarr.Array) -> tuple[int, bool] | None:
     from zarr.storage import LocalStore
 
     def plain(codecs) -> bool | None:  # crc32c or not; None when anything else is there
-        if not codecs or not isinstance(codecs[0], BytesCodec) or getattr(codecs[0].endian, "value", "little") != "little":
+        first = codecs[0] if codecs else None
+        if not isinstance(first, BytesCodec) or getattr(first.endian, "value", "little") != "little":
             return None
         rest = list(codecs[1:])
         return None if rest not in ([], [Crc32cCodec()]) else bool(rest)
@@ -348,7 +350,8 @@ def write_unit(arr: zarr.Array, start: int, stop: int, blocks: list[np.ndarray])
     inner_rows, crc = layout
     row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
     sharded = arr.shards is not None
-    path = arr.store_path.store.root / arr.path / arr.metadata.encode_chunk_key((start // unit,) + (0,) * (arr.ndim - 1))
+    key = arr.metadata.encode_chunk_key((start // unit,) + (0,) * (arr.ndim - 1))
+    path = arr.store_path.store.root / arr.path / key
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
     index, offset = [], 0
