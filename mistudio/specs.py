@@ -254,7 +254,7 @@ class CaptureSpec(_Spec):
     oov_policy: Literal["clamp", "skip", "error"] = "clamp"
     padding_side: Literal["right", "left"] = "right"
     chunk_mb: Float = 2.0
-    shard_mb: Float = 64.0  # activation arrays larger than this are sharded (format 2); 0: one file per chunk
+    shard_mb: Float = 32.0  # activation arrays larger than this are sharded (format 2); 0: one file per chunk
     checksum: bool = True  # a crc32c per chunk: a damaged chunk raises StoreCorrupted instead of reading wrong
 
     @field_validator("layers", mode="before")
@@ -355,7 +355,7 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
                  batch_size: int = 8, max_samples: int | None = None, max_length: int = 128,
                  dtype: str = "float16", model_dtype: str = "auto", device: str = "auto",
                  text_column: str = "text", add_special_tokens: bool = True, oov_policy: str = "clamp",
-                 padding_side: str = "right", chunk_mb: float = 2.0, shard_mb: float = 64.0,
+                 padding_side: str = "right", chunk_mb: float = 2.0, shard_mb: float = 32.0,
                  timeout_s: float | None = None,
                  auto_retry_on_oom: bool = False, revision: str | None = None, encoding: str = "utf-8",
                  checksum: bool = True,

@@ -20,7 +20,7 @@ from .errors import MistudioError, StoreCorrupted, StoreLost
 from .integrity import DECODE_ERRORS, CheckedArray, storage_unit
 from .metadata import ExtractionMeta
 
-SHARD_MB = 64.0  # default shard size of activation arrays (CaptureSpec.shard_mb); see benchmarks/RESULTS.md
+SHARD_MB = 32.0  # default shard size of activation arrays (CaptureSpec.shard_mb); see benchmarks/RESULTS.md
 WRITE_WORKERS = max(1, min(4, os.cpu_count() or 1))  # threads writing disjoint storage units at once
 
 
@@ -310,7 +310,8 @@ def _fast_layout(arr: zarr.Array) -> tuple[int, bool] | None:
         rest = list(codecs[1:])
         return None if rest not in ([], [Crc32cCodec()]) else bool(rest)
 
-    if not isinstance(arr.store_path.store, LocalStore) or np.dtype(arr.dtype).byteorder == ">":
+    if (not isinstance(arr.store_path.store, LocalStore) or np.dtype(arr.dtype).byteorder == ">"
+            or arr.fill_value != 0):
         return None
     codecs = arr.metadata.codecs
     if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
@@ -333,23 +334,24 @@ def _write_all(fd: int, data) -> None:
 
 
 def write_unit(arr: zarr.Array, start: int, stop: int, blocks: list[np.ndarray]) -> None:
-    """Write rows ``[start, stop)`` of ``arr``, given as consecutive row ``blocks``, as one storage unit.
+    """Write rows ``[start, stop)`` of ``arr``, given as consecutive row ``blocks``, as one storage unit: ``start``
+    is where a unit (a shard, or a chunk of an unsharded array) begins, and ``stop`` at most where it ends.
 
-    A whole unit (a shard, or a chunk of an unsharded array) of a local store is encoded here exactly as
-    Zarr's codecs encode it (inner chunks with their crc32c, then the shard index with its crc32c) and
-    written from the blocks without copying them, to a temporary file renamed into place. Anything else
-    (a partial unit, the array's short last unit, a remote store) goes through Zarr, which reads, merges
-    and rewrites the unit: the caller must never have two writes of one unit in flight."""
+    On a local store the unit's file is encoded here exactly as Zarr's codecs encode it (inner chunks with
+    their crc32c, the last one padded with the fill value, then the shard index with its crc32c, absent
+    chunks marked empty) and streamed from the blocks without copying them into a temporary file renamed
+    into place: it replaces the unit, rows after ``stop`` included. Elsewhere (a remote store, other codecs)
+    Zarr writes it, reading and merging what the unit holds. Never two writes of one unit at once."""
     import google_crc32c
 
     unit = storage_unit(arr)[0]
     layout = _fast_layout(arr)
-    if layout is None or start % unit or stop - start != unit:
+    if layout is None or start % unit or not 0 < stop - start <= unit:
         arr[start:stop] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
         return
     inner_rows, crc = layout
     row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
-    sharded = arr.shards is not None
+    rows = inner_rows if arr.shards is not None else unit  # rows per encoded chunk
     key = arr.metadata.encode_chunk_key((start // unit,) + (0,) * (arr.ndim - 1))
     path = arr.store_path.store.root / arr.path / key
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -359,23 +361,27 @@ def write_unit(arr: zarr.Array, start: int, stop: int, blocks: list[np.ndarray])
     current = next(pieces)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        for _ in range(unit // inner_rows if sharded else 1):
-            need, checksum = (inner_rows if sharded else unit), 0
+        for first in range(0, unit, rows):
+            if first >= stop - start:  # a chunk not written: empty in the index
+                index.append((2**64 - 1, 2**64 - 1))
+                continue
+            need, checksum = min(rows, stop - start - first), 0
+            pad = np.zeros((rows - need, *arr.shape[1:]), dtype=arr.dtype)  # the fill value, 0
             while need:
                 if not len(current):
                     current = next(pieces)
                 take, current = current[:need], current[need:]
                 _write_all(fd, take)
-                if crc:
-                    checksum = google_crc32c.extend(checksum, take.reshape(-1))
+                checksum = google_crc32c.extend(checksum, take.reshape(-1)) if crc else 0
                 need -= len(take)
-            size = (inner_rows if sharded else unit) * row_bytes
+            if len(pad):
+                _write_all(fd, pad)
+                checksum = google_crc32c.extend(checksum, pad.reshape(-1)) if crc else 0
             if crc:
                 _write_all(fd, np.uint32(checksum).astype("<u4").tobytes())
-                size += 4
-            index.append((offset, size))
-            offset += size
-        if sharded:
+            index.append((offset, rows * row_bytes + 4 * crc))
+            offset += index[-1][1]
+        if arr.shards is not None:
             table = np.asarray(index, dtype="<u8").tobytes()
             _write_all(fd, table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes())
     except BaseException:

@@ -132,15 +132,24 @@ def test_concurrent_shard_writes_never_lose_rows(tmp_path, monkeypatch):
     assert verify(store.location).ok
 
 
-def test_fast_shard_files_equal_zarrs_own(tmp_path):
-    """A whole shard the writer encodes itself is byte for byte the file Zarr writes."""
-    ours = _store(str(tmp_path / "ours.zarr"), 40, 16, hooks=1, width=16, chunk_mb=0.004, shard_mb=0.02)
-    theirs = _store(str(tmp_path / "theirs.zarr"), 40, 16, hooks=1, width=16, chunk_mb=0.004, shard_mb=0.02)
-    data = np.random.default_rng(0).standard_normal((320, 16)).astype(np.float32)
-    store_module.write_unit(ours.activations("layers.0.residual"), 0, 320, [data[:100], data[100:]])
-    theirs.activations("layers.0.residual")[0:320] = data
-    rel = "activations/layers.0.residual/c/0/0"
+@pytest.mark.parametrize("shard_mb,start,stop", [
+    (0.02, 0, 320), (0.02, 0, 150), (0.02, 320, 640), (0.02, 640, 650), (0.02, 640, 700),  # 320-row shards
+    (0, 0, 64), (0, 0, 30), (0, 640, 660), (0, 640, 700)])  # 64-row chunks
+def test_fast_unit_files_equal_zarrs_own(tmp_path, shard_mb, start, stop):
+    """A unit the writer encodes itself (whole, partial, the array's short last one; sharded or not) is
+    byte for byte the file Zarr writes for the same rows."""
+    n_rows, unit = 700, (320 if shard_mb else 64)
+    ours = _store(str(tmp_path / "ours.zarr"), n_rows // 10, 10, hooks=1, width=16, chunk_mb=0.004, shard_mb=shard_mb)
+    theirs = _store(str(tmp_path / "theirs.zarr"), n_rows // 10, 10, hooks=1, width=16, chunk_mb=0.004,
+                    shard_mb=shard_mb)
+    assert ours.activations("layers.0.residual").shards == ((320, 16) if shard_mb else None)
+    data = np.random.default_rng(0).standard_normal((stop - start, 16)).astype(np.float32)
+    cut = (stop - start) // 3
+    store_module.write_unit(ours.activations("layers.0.residual"), start, stop, [data[:cut], data[cut:]])
+    theirs.activations("layers.0.residual")[start:stop] = data
+    rel = f"activations/layers.0.residual/c/{start // unit}/0"
     assert (tmp_path / "ours.zarr" / rel).read_bytes() == (tmp_path / "theirs.zarr" / rel).read_bytes()
+    np.testing.assert_array_equal(ours.activations("layers.0.residual")[start:stop], data)
 
 
 def test_version_1_store_opens_reads_verifies_resumes(gpt2_dir, workspace, reference):
