@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,10 @@ from mistudio.engine import pad_batch, position_ids
 from mistudio.models import load_model
 
 HERE = Path(__file__).resolve().parent
+WRITER_LAYOUTS = {"chunks 2 MB (v1)": {"chunk_mb": 2.0, "shard_mb": 0}, "shards 16 MB": {"chunk_mb": 2.0, "shard_mb": 16},
+                  "shards 64 MB": {"chunk_mb": 2.0, "shard_mb": 64}, "shards 32 MB": {"chunk_mb": 2.0, "shard_mb": 32}}
+MEMORY_FS = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+QUICK_LAYOUTS = {"chunks 2 MB (v1)": {"chunk_mb": 2.0, "shard_mb": 0}, "shards 4 MB": {"chunk_mb": 1.0, "shard_mb": 4}}
 
 
 def tiny_gpt2(folder: Path, n_layer: int = 12, width: int = 256) -> str:
@@ -217,6 +222,94 @@ def bench_write(ws, mb) -> dict:
     return {"mb": size, "raw_mb_s": size / raw_s, "zarr_mb_s": size / zarr_s, "ratio": raw_s / zarr_s}
 
 
+def _raw_write(folder: Path, blocks: list[np.ndarray]) -> float:
+    """Seconds to write each block to its own new file with ``os.write`` (no fsync, like Zarr's store)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for i, block in enumerate(blocks):
+        fd = os.open(folder / f"{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, memoryview(block).cast("B"))
+        finally:
+            os.close(fd)
+    return time.perf_counter() - start
+
+
+def _units_bytes(store, hook_points: list[str]) -> list[int]:
+    """The byte size of every storage unit (shard, else chunk) of the activation arrays, in write order."""
+    from mistudio.integrity import storage_unit
+
+    sizes = []
+    for hp in hook_points:
+        arr = store.activations(hp)
+        unit = storage_unit(arr)[0]
+        row_bytes = arr.shape[1] * arr.dtype.itemsize
+        sizes += [(min(b + unit, arr.shape[0]) - b) * row_bytes for b in range(0, arr.shape[0], unit)]
+    return sizes
+
+
+def _allocated_store(location: str, n_samples: int, length: int, hook_dims: dict, dtype: str, **layout):
+    """A real, allocated store of ``n_samples`` samples of ``length`` tokens (no model)."""
+    from mistudio.metadata import ExtractionMeta, new_nonce
+    from mistudio.store import ExtractionStore
+
+    meta = ExtractionMeta(id=Path(location).stem, nonce=new_nonce(), status="EXTRACTING")
+    store = ExtractionStore.create(location, meta)
+    ids = [np.full(length, 5, dtype=np.int32)] * n_samples
+    store.allocate(ids, np.arange(n_samples), hook_dims, dtype, **layout)
+    return store
+
+
+def writer_once(tmp: Path, tag: str, mb: float, hooks: int, width: int, batch_tokens: int, **layout) -> dict:
+    """Feed ChunkWriter pre-made rows as fast as it takes them, between two raw writes of the same bytes to
+    files of the same sizes as the store's storage units (their mean is the baseline). Returns both MB/s."""
+    from mistudio.store import ChunkWriter, HookStats
+
+    length = 128
+    n_samples = max(1, int(mb * 2**20 / (hooks * width * 2)) // length)
+    per_batch = max(1, batch_tokens // length)
+    hook_dims = {f"layers.{i}.residual": width for i in range(hooks)}
+    store = _allocated_store(str(tmp / f"w-{tag}.zarr"), n_samples, length, hook_dims, "float16", **layout)
+    rng = np.random.default_rng(0)
+    rows = {hp: rng.standard_normal((per_batch * length, width)).astype(np.float16) for hp in hook_dims}
+    stats = {hp: HookStats.empty() for hp in hook_dims}
+    sizes = _units_bytes(store, list(hook_dims))
+    pool = rng.standard_normal(max(sizes) // 2).astype(np.float16)
+    raw_s = _raw_write(tmp / f"raw-{tag}", [pool[: s // 2] for s in sizes])
+    shutil.rmtree(tmp / f"raw-{tag}")
+    start = time.perf_counter()
+    writer = ChunkWriter(store, 0)
+    for first in range(0, n_samples, per_batch):
+        n = min(per_batch, n_samples - first)
+        writer.put(n, {hp: r[: n * length] for hp, r in rows.items()}, stats)
+    writer.close(flush=True)
+    zarr_s = time.perf_counter() - start
+    assert store.record.progress.tokens_committed == n_samples * length
+    shutil.rmtree(tmp / f"w-{tag}.zarr")
+    raw_s = (raw_s + _raw_write(tmp / f"raw-{tag}", [pool[: s // 2] for s in sizes])) / 2
+    shutil.rmtree(tmp / f"raw-{tag}")
+    total = sum(sizes) / 1e6
+    return {"mb": total, "files": len(sizes), "writer_mb_s": total / zarr_s, "raw_mb_s": total / raw_s,
+            "ratio": raw_s / zarr_s}
+
+
+def bench_writer(tmp: Path, mb: float, repeats: int, layouts: dict[str, dict], hooks: int = 4, width: int = 1024,
+                 batch_tokens: int = 2048) -> dict:
+    """The store writer alone (no model) against raw writes of the same bytes, per storage layout:
+    the median over ``repeats`` interleaved pairs of the ratio writer MB/s / raw MB/s."""
+    out = {}
+    for rep in range(repeats):
+        for name, layout in layouts.items():
+            out.setdefault(name, []).append(writer_once(tmp, f"{name}-{rep}", mb, hooks, width, batch_tokens, **layout))
+    summary = {}
+    for name, runs in out.items():
+        summary[name] = {"ratio": float(np.median([r["ratio"] for r in runs])), "ratios": [r["ratio"] for r in runs],
+                         "writer_mb_s": float(np.median([r["writer_mb_s"] for r in runs])),
+                         "raw_mb_s": float(np.median([r["raw_mb_s"] for r in runs])),
+                         "mb": runs[0]["mb"], "files": runs[0]["files"], "layout": layouts[name]}
+    return {"layouts": summary, "hooks": hooks, "width": width, "batch_tokens": batch_tokens, "target": ">= 0.7"}
+
+
 def bench_checksum(ws, mb, repeats) -> dict:
     """Write, then read, the same rows into a store with and without crc32c (``store.array_codecs``), and
     read them through the checked view (``Extraction.activations``). Every block of 4 chunks is timed in
@@ -387,6 +480,84 @@ def rss_now() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+EXTRACT = dict(layers=[1, 3, 5], hooks=["residual", "mlp", "attention"], batch_size=16, dtype="float16",
+               max_length=128, device="cpu")  # the issue's figure: tiny GPT-2 6 x 384, 3 layers x 3 hooks
+
+
+def bench_extraction(model_dir, tmp: Path, n: int, repeats: int) -> dict:
+    """Steady-state ``ms.extract`` tokens/s (the engine's own timing, fixed costs excluded) against the limit:
+    a bare batched forward to the last captured layer plus a raw write of the same bytes to files of the
+    store's storage-unit sizes. ``repeats`` times (bare forward, extraction, bare forward); the median ratio."""
+    loaded = load_model(ModelSpec(name_or_path=model_dir, device="cpu"))
+    data = tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
+    order = plan_order(data.lengths)
+    bare_forward(loaded, data.ids, order[:32], 16)  # warm-up
+    runs = []
+    last = max(EXTRACT["layers"])
+    for rep in range(repeats):  # bare forwards before and after each extraction: the machine's drift cancels
+        before, real, _ = bare_forward(loaded, data.ids, order, 16, last_layer=last)
+        ext = ms.extract(model_dir, texts(n), workspace=str(tmp / f"ex-{rep}"), progress=False, **EXTRACT)
+        after, _, _ = bare_forward(loaded, data.ids, order, 16, last_layer=last)
+        sizes = _units_bytes(ext.store, ext.hook_points)
+        pool = np.random.default_rng(rep).standard_normal(max(sizes) // 2).astype(np.float16)
+        raw_s = _raw_write(tmp / f"ex-raw-{rep}", [pool[: s // 2] for s in sizes])
+        secs = (before + after) / 2
+        limit, rate, n_tokens = real / (secs + raw_s), ext.metadata["timings"]["tokens_per_s"], ext.n_tokens
+        shutil.rmtree(tmp / f"ex-{rep}"), shutil.rmtree(tmp / f"ex-raw-{rep}")
+        runs.append({"extract_tokens_per_s": rate, "bare_s": secs, "raw_write_s": raw_s,
+                     "limit_tokens_per_s": limit, "ratio": rate / limit})
+    return {"ratio": float(np.median([r["ratio"] for r in runs])), "runs": runs, "tokens": n_tokens,
+            "bytes": sum(sizes), "target": ">= 0.95"}
+
+
+def bench_ttfb(model_dir, tmp: Path, n: int, repeats: int, load_delay_s: float = 0.0) -> dict:
+    """Fixed costs: time from ``ws.submit`` to the start of the first batch (config, weights, tokenizer,
+    tokenization, allocation) against loading the model alone (``load_model``); a fresh workspace each
+    time (no model cache). Tokenizing the same texts alone is reported too.
+
+    ``load_delay_s`` adds that many seconds to every weight load (alone and in the job alike): the slow
+    read of a large checkpoint from disk or network, which a small model from the page cache does not have."""
+    import mistudio.runner
+
+    spec = ModelSpec(name_or_path=model_dir, device="cpu")
+    loaded = load_model(spec)  # imports and page cache
+    real_load = mistudio.runner.load_model
+
+    def load_model_slowly(spec):
+        time.sleep(load_delay_s)
+        return real_load(spec)
+
+    mistudio.runner.load_model = load_model_slowly
+    try:
+        return _ttfb_runs(model_dir, tmp, n, repeats, spec, loaded, load_model_slowly)
+    finally:
+        mistudio.runner.load_model = real_load
+
+
+def _ttfb_runs(model_dir, tmp, n, repeats, spec, loaded, load_model) -> dict:
+    runs = []
+    for rep in range(repeats):
+        start = time.perf_counter()
+        load_model(spec)
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
+        tokenize_s = time.perf_counter() - start
+        first: list[float] = []
+        start = time.perf_counter()
+        job = ms.Workspace(str(tmp / f"ttfb-{rep}-{time.time_ns()}")).submit(
+            model_dir, texts(n), **{**EXTRACT, "layers": [0]},
+            before_batch=lambda i, b: first.append(time.perf_counter()) if not first else None)
+        while not first and not job.done:
+            time.sleep(0.001)
+        job.cancel()  # the rest of the extraction is not this figure
+        job.wait()
+        assert first, job.error
+        runs.append({"load_s": load_s, "tokenize_s": tokenize_s, "first_batch_s": first[0] - start,
+                     "ratio": (first[0] - start) / load_s})
+    return {"ratio": float(np.median([r["ratio"] for r in runs])), "runs": runs, "samples": n, "target": "<= 1.2"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run under a minute")
@@ -397,9 +568,11 @@ def main() -> None:
     torch.manual_seed(0)
     q = args.quick
     results = {"quick": q, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=MEMORY_FS) as mem:
+        tmp, mem = Path(tmp), Path(mem)  # mem: stores and raw files of writer/extraction (no disk throttling)
         model_dir = args.model or tiny_gpt2(tmp / "model", n_layer=12, width=128 if q else 256)
+        model6 = lambda: args.model or (str(tmp / "model6") if (tmp / "model6").exists()
+                                        else tiny_gpt2(tmp / "model6", n_layer=6, width=384))
         steps = [
             ("overhead", lambda: bench_overhead(model_dir, str(tmp / "ws1"), 64 if q else 512, 8, [3, 7, 11],
                                                 1 if q else 5)),
@@ -411,6 +584,11 @@ def main() -> None:
             ("checksum", lambda: bench_checksum(str(tmp), 32 if q else 256, 2 if q else 6)),
             ("loader", lambda: bench_loader(tmp, 64 if q else 512, 1 if q else 3)),
             ("token_budget", lambda: bench_token_budget(model_dir, 64 if q else 1024, q)),
+            ("extraction", lambda: bench_extraction(model6(), mem, 256 if q else 1024, 1 if q else 3)),
+            ("ttfb", lambda: {"real load": bench_ttfb(model6(), tmp, 500 if q else 2000, 1 if q else 3),
+                              "load + 3 s": bench_ttfb(model6(), tmp, 500 if q else 2000, 1 if q else 3,
+                                                       load_delay_s=0.5 if q else 3.0)}),
+            ("writer", lambda: bench_writer(mem, 32 if q else 512, 1 if q else 5, QUICK_LAYOUTS if q else WRITER_LAYOUTS)),
         ]
         for name, step in steps:
             if args.only and name not in args.only.split(","):
@@ -452,6 +630,17 @@ def print_table(r: dict) -> None:
           f"{k['read_plain_mb_s']:.0f} MB/s)")
     print(f"{'checked view read MB/s / raw zarr (crc32c)':<44}{k['checked_read_ratio']:>14.3f}           "
           f"({k['read_checked_mb_s']:.0f} MB/s)")
+    for name, row in r["writer"]["layouts"].items():
+        print(f"{'writer MB/s / raw write, ' + name:<44}{row['ratio']:>14.3f}  >= 0.7   ({row['writer_mb_s']:.0f} vs "
+              f"{row['raw_mb_s']:.0f} MB/s, {row['files']} files)")
+    x, t = r["extraction"], r["ttfb"]
+    ratios = ", ".join(f"{run['ratio']:.3f}" for run in x["runs"])
+    print(f"{'extraction / limit (forward + raw write)':<44}{x['ratio']:>14.3f}  >= 0.95  "
+          f"(median of {len(x['runs'])}: {ratios})")
+    for name, row in t.items():
+        print(f"{'time to first batch / model load, ' + name:<44}{row['ratio']:>14.3f}  <= 1.2   "
+              f"({row['runs'][0]['first_batch_s']:.2f} s vs {row['runs'][0]['load_s']:.2f} s load, "
+              f"{row['runs'][0]['tokenize_s']:.2f} s tokenize alone)")
 
 
     if "loader" in r:

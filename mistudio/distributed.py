@@ -1,7 +1,8 @@
 """Sharded extraction: contiguous sample shards, one model replica per worker, one Zarr store.
 
-A shard's whole chunks are written by the worker that runs it; the rows of chunks that straddle a
-shard boundary come back to the coordinator, which writes them (so no chunk ever has two writers).
+A shard's whole storage units (Zarr chunks, or Zarr shards) are written by the worker that runs it; the
+rows of units that straddle a shard boundary come back to the coordinator, which writes them (so no
+unit ever has two writers).
 Shards run on a ``dask.distributed`` client, or one after another in this process (a resume
 without a cluster). A finished shard is recorded in the metadata and never runs again.
 """
@@ -15,6 +16,7 @@ import numpy as np
 from .specs import CaptureSpec, ModelSpec
 from .engine import check_ids, forward_batches
 from .errors import JobCancelled
+from .integrity import storage_unit
 from .store import ExtractionStore, HookStats
 
 _REPLICAS: dict[str, Any] = {}  # one loaded model per worker process
@@ -92,7 +94,7 @@ def run_shard(location: str, storage_options: dict | None, model: dict, capture:
     ids, offsets = store.input_ids(), store.sample_offsets()
     check_ids(ids, loaded)
     arrays = {hp: store.activations(hp) for hp in capture_spec.hook_points()}
-    writer = ShardWriter(arrays, next(iter(arrays.values())).chunks[0], *shard["tokens"])
+    writer = ShardWriter(arrays, storage_unit(next(iter(arrays.values())))[0], *shard["tokens"])
     stats = {hp: HookStats.empty() for hp in arrays}
     started = time.perf_counter()
     for first, stop, rows, batch_stats in forward_batches(loaded, ids, offsets, capture_spec, shard["first"],

@@ -2,6 +2,9 @@
 
 It knows nothing of threads or widgets: it takes a loaded model, an allocated store, what to
 capture, a ``check`` callable (raises to cancel or time out) and a ``progress`` callback.
+
+On CUDA, a batch's rows are copied into pinned host memory on a side stream while the next batch
+computes (the device never waits for a copy); on any other device they are plain ``.cpu()`` copies.
 """
 from __future__ import annotations
 
@@ -118,42 +121,106 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
         for block in list(loaded.blocks)[: max(capture.layers) + 1]:
             handles.append(block.register_forward_pre_hook(lambda _module, _inputs: check()))
     device = loaded.input_device
+    cuda = device.type == "cuda"
+    copies = torch.cuda.Stream(device) if cuda else None
+    pending = None  # CUDA: the previous batch, its device->host copies still in flight
     try:
         for index, (first, stop) in enumerate(plan_batches(offsets, capture, begin, end)):
-            if check is not None:
-                check()
-            if before_batch is not None:
-                before_batch(index, capture.batch_size if capture.max_batch_tokens is None else stop - first)
-            spans = sample_spans(offsets, first, stop, capture)
-            per_forward = capture.micro_batch_size or (stop - first)  # windows may outnumber samples
-            parts: dict[str, list[torch.Tensor]] = {hp: [] for hp in capture.hook_points()}
-            with torch.inference_mode():
-                for group in range(0, len(spans), per_forward):  # micro-batches: one forward each, rows in order
-                    batch, mask, keep = pad_spans(ids, spans[group:group + per_forward], loaded.pad_id,
-                                                  capture.padding_side, special)
-                    attention = torch.from_numpy(mask).to(device)
-                    kwargs = {"input_ids": torch.from_numpy(batch).to(device), "attention_mask": attention}
-                    if "position_ids" in loaded.forward_args:
-                        kwargs["position_ids"] = position_ids(attention)
-                    if "use_cache" in loaded.forward_args:
-                        kwargs["use_cache"] = False
-                    captured.clear()
-                    try:
-                        loaded.model(**kwargs)
-                    except _StopForward:
-                        pass
-                    keep_t = torch.from_numpy(keep)
-                    for hp in parts:  # a split model's blocks may sit on several devices: rows meet on the first
-                        parts[hp].append(captured[hp][keep_t.to(captured[hp].device)].to(device))
-                real = {hp: p[0] if len(p) == 1 else torch.cat(p) for hp, p in parts.items()}
-                stats = {hp: HookStats.of_tensor(values) for hp, values in real.items()}
-                rows = {hp: values.to(storage_dtype).cpu().numpy() for hp, values in real.items()}
-            captured.clear()
-            yield first, stop, rows, stats
+            try:
+                if check is not None:
+                    check()
+                if before_batch is not None:
+                    before_batch(index, capture.batch_size if capture.max_batch_tokens is None else stop - first)
+                real = _forward(loaded, ids, sample_spans(offsets, first, stop, capture), capture, special, captured,
+                                per_forward=capture.micro_batch_size or (stop - first))
+                with torch.inference_mode():
+                    if cuda:
+                        current = _start_copies(real, storage_dtype, copies)
+                    else:
+                        stats = {hp: HookStats.of_tensor(values) for hp, values in real.items()}
+                        rows = {hp: values.to(storage_dtype).cpu().numpy() for hp, values in real.items()}
+            except BaseException:
+                if pending is not None:  # a finished batch is never lost to a later batch's failure
+                    done, pending = pending, None
+                    yield _finish_copies(*done)
+                raise
+            if not cuda:
+                yield first, stop, rows, stats
+                continue
+            if pending is not None:  # its copies ran on the side stream while this batch computed
+                yield _finish_copies(*pending)
+            pending = (first, stop, *current)
+        if pending is not None:
+            done, pending = pending, None
+            yield _finish_copies(*done)
     finally:
         for handle in handles:
             handle.remove()
         captured.clear()
+
+
+def _forward(loaded: LoadedModel, ids: np.ndarray, spans: list[tuple[int, int, int]], capture: CaptureSpec,
+             special: np.ndarray | None, captured: dict, per_forward: int) -> dict[str, torch.Tensor]:
+    """Forward ``spans`` (``per_forward`` sequences at a time: micro-batches, or windows that outnumber the
+    samples) and return each hook point's kept rows, in order, on the input device. Rows are selected by
+    indices taken from the host mask, so nothing waits for the device."""
+    device = loaded.input_device
+    parts: dict[str, list[torch.Tensor]] = {hp: [] for hp in capture.hook_points()}
+    with torch.inference_mode():
+        for group in range(0, len(spans), per_forward):
+            batch, mask, keep = pad_spans(ids, spans[group:group + per_forward], loaded.pad_id,
+                                          capture.padding_side, special)
+            attention = torch.from_numpy(mask).to(device)
+            kwargs = {"input_ids": torch.from_numpy(batch).to(device), "attention_mask": attention}
+            if "position_ids" in loaded.forward_args:
+                kwargs["position_ids"] = position_ids(attention)
+            if "use_cache" in loaded.forward_args:
+                kwargs["use_cache"] = False
+            captured.clear()
+            try:
+                loaded.model(**kwargs)
+            except _StopForward:
+                pass
+            kept = torch.from_numpy(np.flatnonzero(keep.reshape(-1)))
+            for hp in parts:  # a split model's blocks may sit on several devices: rows meet on the input's
+                values = captured[hp]
+                flat = values.reshape(-1, values.shape[-1])
+                parts[hp].append(flat.index_select(0, kept.to(flat.device)).to(device))
+            captured.clear()
+    return {hp: p[0] if len(p) == 1 else torch.cat(p) for hp, p in parts.items()}
+
+
+def _start_copies(real: dict[str, torch.Tensor], dtype: torch.dtype,
+                  stream: "torch.cuda.Stream") -> tuple[dict, dict, "torch.cuda.Event"]:
+    """CUDA: cast each hook point's kept rows and copy them, their sums and their row norms into pinned host
+    memory on a side stream, so the next forward never waits for it.
+    Returns (pinned rows, (count, pinned sums, pinned norms) per hook point, the copies' event)."""
+    device = next(iter(real.values())).device
+    on_device = {hp: (values.to(dtype), HookStats.device_sums(values), HookStats.device_norms(values))
+                 for hp, values in real.items()}
+    stream.wait_stream(torch.cuda.current_stream(device))  # the copies start once these are computed
+    rows, stats = {}, {}
+    with torch.cuda.stream(stream):
+        for hp, sources in on_device.items():
+            hosts = []
+            for source in sources:
+                host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+                host.copy_(source, non_blocking=True)
+                source.record_stream(stream)  # its device memory is not reused before the copy ends
+                hosts.append(host)
+            rows[hp], stats[hp] = hosts[0], (real[hp].numel(), hosts[1], hosts[2])
+        event = torch.cuda.Event()
+        event.record(stream)
+    return rows, stats, event
+
+
+def _finish_copies(first: int, stop: int, rows: dict, stats: dict, event: "torch.cuda.Event") -> tuple:
+    """Wait for a batch's copies: ``(first, stop, rows, stats)`` as ``forward_batches`` yields them; the rows
+    are numpy views of the pinned buffers (the writer keeps them until written)."""
+    event.synchronize()
+    return (first, stop, {hp: host.numpy() for hp, host in rows.items()},
+            {hp: HookStats.from_device(count, sums.tolist(), norms.numpy())
+             for hp, (count, sums, norms) in stats.items()})
 
 
 def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, start_sample: int = 0,

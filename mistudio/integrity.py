@@ -1,7 +1,7 @@
 """Store integrity: checked reads, a full ``verify`` and a cheap ``quick_check``.
 
 Zarr reads a missing chunk as the fill value, silently. Below a store's commit mark every storage
-unit (a chunk, or a shard once arrays are sharded) must exist, so a checked read refuses to fill
+unit (a chunk, or a shard in a sharded array: format version 2) must exist, so a checked read refuses to fill
 there, and every decode error (checksum, truncation, bad JSON) becomes a :class:`StoreCorrupted`
 that names the store, the array, the chunk and the file.
 """
@@ -40,6 +40,10 @@ def storage_unit(arr: zarr.Array) -> tuple[int, ...]:
     return arr.shards or arr.chunks
 
 
+def _unit_name(arr: zarr.Array) -> str:
+    return "chunk" if arr.shards is None else "shard"
+
+
 def has_checksum(arr: zarr.Array) -> bool:
     return any(isinstance(c, Crc32cCodec) for c in arr.compressors)
 
@@ -63,6 +67,23 @@ def _units(arr: zarr.Array, first_row: int, stop_row: int) -> list[tuple[int, ..
 def _unit_rows(arr: zarr.Array, index: tuple[int, ...]) -> slice:
     rows = storage_unit(arr)[0]
     return slice(index[0] * rows, min((index[0] + 1) * rows, arr.shape[0]))
+
+
+def _damage(arr: zarr.Array, unit: tuple[int, ...], exc: BaseException) -> str:
+    """Why a unit cannot be decoded; in a shard, which inner chunks fail (each read alone), else its index."""
+    if arr.shards is None:
+        return f"the chunk cannot be decoded ({exc})"
+    rows, inner = _unit_rows(arr, unit), arr.chunks[0]
+    bad = []
+    for start in range(rows.start, rows.stop, inner):
+        try:
+            arr[start:min(start + inner, rows.stop)]
+        except DECODE_ERRORS:
+            bad.append(start // inner)
+    if not bad or len(bad) == -(-(rows.stop - rows.start) // inner):
+        return f"the shard (its index, or every chunk in it) cannot be decoded ({exc})"
+    names = ", ".join(f"({i}, 0)" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    return f"inner chunk(s) {names} of the shard (rows {bad[0] * inner}-{(bad[0] + 1) * inner}) cannot be decoded ({exc})"
 
 
 def _missing(arr: zarr.Array, units: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -135,7 +156,8 @@ class CheckedArray:
         first, stop = self._row_span(key)
         missing = _missing(self.zarr, _units(self.zarr, first, min(stop, self.mark)))
         if missing:
-            raise self._fail(missing[0], f"the chunk is missing although rows below {self.mark} are committed")
+            raise self._fail(missing[0], f"the {_unit_name(self.zarr)} is missing although rows below {self.mark} "
+                                         "are committed")
         try:
             return self.zarr[key]
         except DECODE_ERRORS as exc:
@@ -143,7 +165,7 @@ class CheckedArray:
                 try:
                     self.zarr[_unit_rows(self.zarr, unit)]
                 except DECODE_ERRORS as unit_exc:
-                    raise self._fail(unit, f"the chunk cannot be decoded ({unit_exc})") from exc
+                    raise self._fail(unit, _damage(self.zarr, unit, unit_exc)) from exc
             raise  # no unit fails alone: not damage (e.g. a bad selection)
 
 
@@ -321,7 +343,7 @@ class _Scan:
         for unit in units:
             file = f"{self.location}/{_key(arr, unit)}"
             if unit in missing:
-                self.problem(f"the chunk is missing (rows below {mark} are committed)", arr.path, unit, file)
+                self.problem(f"the {_unit_name(arr)} is missing (rows below {mark} are committed)", arr.path, unit, file)
                 continue
             self.report.chunks_checked += 1
             self.report.bytes_checked += int(sync(store.getsize(_key(arr, unit))))
@@ -329,4 +351,4 @@ class _Scan:
                 try:
                     arr[_unit_rows(arr, unit)]
                 except DECODE_ERRORS as exc:
-                    self.problem(f"the chunk cannot be decoded ({exc})", arr.path, unit, file)
+                    self.problem(_damage(arr, unit, exc), arr.path, unit, file)

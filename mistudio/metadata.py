@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: activation arrays may be sharded (storage.shard_rows); 1: one file per chunk
 
 
 class Status(str, Enum):

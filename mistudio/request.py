@@ -42,7 +42,8 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
                  batch_size: int = 8, max_samples: int | None = None, max_length: int = 128,
                  dtype: str = "float16", model_dtype: str = "auto", device: str = "auto",
                  text_column: str = "text", add_special_tokens: bool = True, oov_policy: str = "clamp",
-                 padding_side: str = "right", chunk_mb: float = 2.0, timeout_s: float | None = None,
+                 padding_side: str = "right", chunk_mb: float = 2.0, shard_mb: float = 32.0,
+                 timeout_s: float | None = None,
                  auto_retry_on_oom: bool = False, revision: str | None = None, encoding: str = "utf-8",
                  checksum: bool = True, window: int | None = None, stride: int | None = None,
                  exclude_special: bool = False, chat_template: str | None = None,
@@ -73,9 +74,8 @@ def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[
         config = load_config(model_spec)
         layer_list = list(range(n_layers_of(config)))
     capture = build(CaptureSpec, layers=layer_list, hooks=list(hooks), batch_size=batch_size, dtype=dtype,
-                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, checksum=checksum,
-                    window=window, stride=stride, exclude_special=exclude_special,
-
+                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, shard_mb=shard_mb,
+                    checksum=checksum, window=window, stride=stride, exclude_special=exclude_special,
                     max_batch_tokens=max_batch_tokens, micro_batch_size=micro_batch_size,
                     auto_batch_memory_fraction=auto_batch_memory_fraction)
     not_number = isinstance(timeout_s, (bool, np.bool_)) or not isinstance(timeout_s, (int, float, np.number))
@@ -115,7 +115,7 @@ def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -
     args = {"model": meta["model"]["name_or_path"], "dataset": dataset, "revision": meta["model"].get("revision"),
             **{k: params[k] for k in ("layers", "hooks", "batch_size", "max_samples", "max_length", "dtype",
                                       "model_dtype", "device", "text_column", "add_special_tokens", "oov_policy",
-                                      "padding_side", "chunk_mb", "timeout_s", "auto_retry_on_oom", "encoding",
+                                      "padding_side", "chunk_mb", "shard_mb", "timeout_s", "auto_retry_on_oom", "encoding",
                                       "checksum", "window", "stride", "exclude_special", "chat_template",
 
                                       "checksum", "max_batch_tokens", "micro_batch_size",

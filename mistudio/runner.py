@@ -38,7 +38,8 @@ class ModelCache:
 
     def get(self, spec: ModelSpec):
         if self._spec != spec:
-            self.clear()
+            if self._loaded is not None:  # a full gc pass costs ~0.5 s: only when a model is let go
+                self.clear()
             self._loaded = load_model(spec)
             self._spec = spec
         return self._loaded
@@ -87,6 +88,41 @@ class Runner:
                 with self._lock:
                     self._live.pop(job.id, None)
                 job.finished()
+
+
+class _Planning:
+    """Tokenize and order the dataset on a thread (its own tokenizer), while the caller loads the weights."""
+
+    def __init__(self, request, vocab_size: int | None):
+        self.request, self.vocab_size = request, vocab_size
+        self.outcome: tuple | None = None
+        self.tokenizer = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="mistudio-tokenize", daemon=True)
+        if vocab_size is not None:  # else the vocabulary is known only once the weights are in: tokenize then
+            self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            self.tokenizer = load_tokenizer(self.request.model)
+            tokenized = tokenize(self.request.dataset, self.tokenizer, self.vocab_size,
+                                 self.request.capture.oov_policy, window=self.request.capture.window)
+            self.outcome = (tokenized, plan_order(tokenized.lengths))
+        except BaseException as exc:  # noqa: BLE001 - raised on the job's thread by result()
+            self.error = exc
+
+    def result(self, check, vocab_size: int):
+        """(tokenized, order), waiting for the thread with ``check()`` between waits (cancel, timeout); its
+        error is raised here. Tokenized again here if the model's vocabulary is not the one assumed."""
+        while self._thread.is_alive():
+            self._thread.join(0.05)
+            check()
+        if self.vocab_size != vocab_size:
+            self.vocab_size, self.error = vocab_size, None
+            self._work()
+        if self.error is not None:
+            raise self.error
+        return self.outcome
 
 
 class _Execution:
@@ -204,23 +240,24 @@ class _Execution:
         config = load_config(req.model)
         check_layers(req.capture.layers, n_layers_of(config))
         sharded = req.cluster is not None or "shards" in self.store.meta
+        # the dataset is tokenized on a thread while the weights load (the tokenizer loads fast, weights slowly)
+        planning = None if self.store.is_allocated else _Planning(req, getattr(config, "vocab_size", None))
         if sharded:  # the coordinator needs the tokenizer and the facts, not the weights
-            loaded, facts, tokenizer = None, describe_model(req.model), load_tokenizer(req.model)
+            loaded, facts = None, describe_model(req.model)
         else:
             loaded = self.models.get(req.model)
-            facts, tokenizer = loaded.describe(), loaded.tokenizer
+            facts = loaded.describe()
         self.store.update(model={**facts, "revision": req.model.revision})
         self.check()
-        if not self.store.is_allocated:
-            capture = req.capture
-            tokenized = tokenize(req.dataset, tokenizer, facts["vocab_size"], capture.oov_policy, window=capture.window)
+        if planning is not None:
+            tokenized, order = planning.result(self.check, facts["vocab_size"])
             self.check()
-            order = plan_order(tokenized.lengths)
+            capture = req.capture
             hook_dims = {hp: facts["hidden_size"] for hp in capture.hook_points()}
             roles = None if tokenized.roles is None else [tokenized.roles[i] for i in order]
             self.store.allocate([tokenized.ids[i] for i in order], tokenized.rows[order], hook_dims,
-                                capture.dtype, capture.chunk_mb, checksum=capture.checksum,
-                                special_ids=tokenizer.all_special_ids, exclude_special=capture.exclude_special,
+                                capture.dtype, capture.chunk_mb, checksum=capture.checksum, shard_mb=capture.shard_mb,
+                                special_ids=planning.tokenizer.all_special_ids, exclude_special=capture.exclude_special,
                                 roles=roles, window=capture.window, stride=capture.stride)
             self.store.update(dataset={"report": tokenized.report()})
         if req.capture.batch_size == "auto":

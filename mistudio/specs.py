@@ -281,6 +281,7 @@ class CaptureSpec(_Spec):
     oov_policy: Literal["clamp", "skip", "error"] = "clamp"
     padding_side: Literal["right", "left"] = "right"
     chunk_mb: Float = 2.0
+    shard_mb: Float = 32.0  # activation arrays larger than this are sharded (format 2); 0: one file per chunk
     checksum: bool = True  # a crc32c per chunk: a damaged chunk raises StoreCorrupted instead of reading wrong
     window: Int | None = None  # documents longer than this are cut into overlapping windows, not truncated
     stride: Int | None = None  # step between windows (default: window // 2)
@@ -356,6 +357,13 @@ class CaptureSpec(_Spec):
     def _chunk_mb(cls, v: float) -> float:
         if not 0.01 <= v <= 64:
             raise ValueError(f"chunk_mb={v} is out of range: use 1 to 4 (MB per chunk)")
+        return v
+
+    @field_validator("shard_mb")
+    @classmethod
+    def _shard_mb(cls, v: float) -> float:
+        if not 0 <= v <= 4096:
+            raise ValueError(f"shard_mb={v} is out of range: use 32 to 256 (MB per shard), or 0 for no shards")
         return v
 
     def hook_points(self) -> list[str]:

@@ -6,7 +6,9 @@ import os
 import queue
 import shutil
 import threading
+import uuid
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,14 +18,27 @@ import zarr
 from . import metadata
 from .data import ROLE_CODES, window_positions
 from .errors import InputError, MistudioError, StoreCorrupted, StoreLost
-from .integrity import DECODE_ERRORS, CheckedArray
+from .integrity import DECODE_ERRORS, CheckedArray, storage_unit
 from .metadata import ExtractionMeta
+
+SHARD_MB = 32.0  # default shard size of activation arrays (CaptureSpec.shard_mb); see benchmarks/RESULTS.md
+WRITE_WORKERS = max(1, min(4, os.cpu_count() or 1))  # threads writing disjoint storage units at once
 
 
 def chunk_rows(width: int, itemsize: int, chunk_mb: float) -> int:
     """Rows per chunk so that a chunk holds about ``chunk_mb`` MB, a multiple of 64 rows."""
     rows = int(chunk_mb * 2**20 / max(1, width * itemsize))
     return max(64, rows // 64 * 64)
+
+
+def shard_rows(rows_per_chunk: int, row_bytes: int, shard_mb: float, n_tokens: int) -> int | None:
+    """Rows per shard (a multiple of the chunk holding about ``shard_mb`` MB), or None for an unsharded array:
+    when ``shard_mb`` is 0, or when the array fits in one shard (a small store keeps one file per chunk)."""
+    if not shard_mb:
+        return None
+    per_shard = int(shard_mb * 2**20 // max(1, rows_per_chunk * row_bytes))
+    rows = per_shard * rows_per_chunk
+    return rows if per_shard > 1 and n_tokens > rows else None
 
 
 def array_codecs(checksum: bool) -> dict:
@@ -160,17 +175,22 @@ class ExtractionStore:
         return "tokens" in self.group and "sample_offsets" in self.group["tokens"]
 
     def allocate(self, ids: list[np.ndarray], rows: np.ndarray, hook_dims: dict[str, int], dtype: str,
-                 chunk_mb: float, checksum: bool | None = None, *, special_ids: Sequence[int] = (),
-                 exclude_special: bool = False, roles: list[np.ndarray] | None = None,
-                 window: int | None = None, stride: int | None = None) -> None:
+                 chunk_mb: float, checksum: bool | None = None, shard_mb: float | None = None, *,
+                 special_ids: Sequence[int] = (), exclude_special: bool = False,
+                 roles: list[np.ndarray] | None = None, window: int | None = None, stride: int | None = None) -> None:
         """Create every array, sized now, and write the token plan in stored order: ids, offsets, rows,
         ``special`` (ids in ``special_ids``), ``activation_offsets`` (each sample's activation rows: all its
         tokens, or its non-special ones with ``exclude_special``: written only then), ``role`` (chat data) and
         ``positions`` (each token's position in the window that owns it, with ``window``).
 
-        ``checksum`` (default: the ``checksum`` parameter of the metadata, else True) adds a crc32c per chunk."""
+        ``checksum`` (default: the ``checksum`` parameter of the metadata, else True) adds a crc32c per chunk.
+        ``shard_mb`` (default: the metadata's ``shard_mb`` parameter, else :data:`SHARD_MB`; 0: never) groups
+        the chunks of each activation array into shards of about that size (format version 2); an array
+        that fits in one shard stays unsharded (format version 1)."""
         if checksum is None:
             checksum = bool(self._record.params.get("checksum", True))
+        if shard_mb is None:
+            shard_mb = float(self._record.params.get("shard_mb", SHARD_MB))
         codecs = array_codecs(checksum)
         lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -199,15 +219,19 @@ class ExtractionStore:
         acts = self.group.require_group("activations")
         itemsize = np.dtype(dtype).itemsize
         rows_per_chunk = chunk_rows(max(hook_dims.values()), itemsize, chunk_mb)
+        per_shard = shard_rows(rows_per_chunk, max(hook_dims.values()) * itemsize, shard_mb, n_rows)
         for hook_point, width in hook_dims.items():
             acts.create_array(hook_point, shape=(n_rows, width), chunks=(rows_per_chunk, width), dtype=dtype,
+                              shards=(per_shard, width) if per_shard else None, config=WRITE_CONFIG,
                               fill_value=0, dimension_names=("token", "feature"), overwrite=True, **codecs)
-        storage = {"checksum": checksum, "exclude_special": exclude_special, "n_input_tokens": len(flat)}
+        storage = {"checksum": checksum, "exclude_special": exclude_special, "n_input_tokens": len(flat),
+                   **({"shard_rows": per_shard} if per_shard else {})}
         if window is not None:
             storage.update(window=window, stride=stride)
         if roles is not None:
             storage["role_codes"] = dict(ROLE_CODES)
-        self.update(progress={"samples_total": len(ids), "tokens_total": n_rows, "samples_committed": 0,
+        self.update(format_version=2 if per_shard else 1,
+                    progress={"samples_total": len(ids), "tokens_total": n_rows, "samples_committed": 0,
                               "tokens_committed": 0, "chunk_rows": rows_per_chunk},
                     hook_points=list(hook_dims), storage=storage)
 
@@ -279,22 +303,42 @@ class HookStats:
     def of_tensor(values) -> dict:
         """One batch's accumulators of ``values`` (rows, d), computed by torch where the values are; outlier
         candidates are ``[row in the batch, norm]``, judged when the batch is merged."""
+        return HookStats.from_device(values.numel(), HookStats.device_sums(values).tolist(),
+                                     HookStats.device_norms(values).cpu().numpy())
+
+    @staticmethod
+    def device_norms(values):
+        """The L2 norm of each row of ``values`` (rows, d), as float32 where they are (no sync)."""
+        import torch
+
+        return torch.linalg.vector_norm(values.float().reshape(len(values), -1), dim=-1)
+
+    @staticmethod
+    def device_sums(values):
+        """(sum, sum of squares, max abs, zeros) of ``values`` as one float64 tensor where they are (no sync)."""
         import torch
 
         f = values.float().reshape(-1)
         if not f.numel():
+            return torch.zeros(4, dtype=torch.float64, device=f.device)
+        return torch.stack([f.sum(dtype=torch.float64), torch.dot(f, f).double(), f.abs().max().double(),
+                            (f == 0).sum().double()])
+
+    @staticmethod
+    def from_device(count: int, sums: list[float], norms: np.ndarray) -> dict:
+        """The accumulators from ``count``, the values of :meth:`device_sums` and the row norms (on the host):
+        outlier candidates are ``[row in the batch, norm]``, judged when the batch is merged."""
+        norms = np.asarray(norms, dtype=np.float64)
+        if not count:
             return HookStats.empty()
-        total, sum_sq, max_abs, zeros = torch.stack([
-            f.sum(dtype=torch.float64), torch.dot(f, f).double(), f.abs().max().double(),
-            (f == 0).sum().double()]).tolist()
-        norms = torch.linalg.vector_norm(values.float().reshape(len(values), -1), dim=-1)
-        edges = torch.as_tensor(HookStats.NORM_EDGES, dtype=torch.float32, device=norms.device)
-        hist = torch.bucketize(norms, edges).bincount(minlength=len(edges) + 1)
-        top = torch.topk(norms, min(HookStats._CANDIDATES, len(norms)))
-        over = top.values > 10 * norms.median()
-        candidates = [[int(r), float(n)] for r, n in zip(top.indices[over].tolist(), top.values[over].tolist())]
-        return {"count": int(f.numel()), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros),
-                "norm_hist": hist.tolist(), "n_outliers": 0, "outliers": [], "candidates": candidates}
+        total, sum_sq, max_abs, zeros = sums
+        hist = np.bincount(np.searchsorted(HookStats.NORM_EDGES, norms, side="left"),
+                           minlength=len(HookStats.NORM_EDGES) + 1)
+        top = np.argsort(-norms, kind="stable")[:HookStats._CANDIDATES]
+        over = top[norms[top] > 10 * np.median(norms)]
+        return {"count": int(count), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros),
+                "norm_hist": hist.tolist(), "n_outliers": 0, "outliers": [],
+                "candidates": [[int(r), float(norms[r])] for r in over]}
 
     @staticmethod
     def merge(acc: dict, delta: dict, first_row: int = 0) -> None:
@@ -336,45 +380,157 @@ class HookStats:
                 "outlier_threshold": HookStats.OUTLIER_FACTOR * median}
 
 
-class ChunkWriter:
-    """The store's only writer: a thread that appends rows in stored order and writes whole chunks.
+def _fast_layout(arr: zarr.Array) -> tuple[int, bool] | None:
+    """(rows per inner chunk, crc32c per chunk) when :func:`write_unit` may encode ``arr``'s files itself:
+    a local store, little-endian bytes, optional crc32c, full-width chunks, shard index at the end with
+    crc32c. None: let Zarr write."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.storage import LocalStore
 
-    Rows arrive per batch (``put``), with the batch's statistics. Whenever a chunk boundary is passed,
-    the rows up to the last boundary are written; then the commit mark moves to the last batch that
-    ends inside the written region, and ``progress.samples_committed``/``tokens_committed`` and the
-    statistics are recorded. Everything below the mark is final; a resumed job restarts at it.
+    def plain(codecs) -> bool | None:  # crc32c or not; None when anything else is there
+        first = codecs[0] if codecs else None
+        if not isinstance(first, BytesCodec) or getattr(first.endian, "value", "little") != "little":
+            return None
+        rest = list(codecs[1:])
+        return None if rest not in ([], [Crc32cCodec()]) else bool(rest)
+
+    if (not isinstance(arr.store_path.store, LocalStore) or np.dtype(arr.dtype).byteorder == ">"
+            or arr.fill_value != 0):
+        return None
+    codecs = arr.metadata.codecs
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        shard = codecs[0]
+        crc = plain(shard.codecs)
+        if crc is None or plain(shard.index_codecs) is not True or shard.index_location.value != "end":
+            return None
+        chunk = shard.chunk_shape
+    else:
+        crc, chunk = plain(codecs), arr.chunks
+    if crc is None or storage_unit(arr)[1:] != arr.shape[1:] or tuple(chunk[1:]) != arr.shape[1:]:
+        return None
+    return chunk[0], crc
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_unit(arr: zarr.Array, start: int, stop: int, blocks: list[np.ndarray]) -> None:
+    """Write rows ``[start, stop)`` of ``arr``, given as consecutive row ``blocks``, as one storage unit: ``start``
+    is where a unit (a shard, or a chunk of an unsharded array) begins, and ``stop`` at most where it ends.
+
+    On a local store the unit's file is encoded here exactly as Zarr's codecs encode it (inner chunks with
+    their crc32c, the last one padded with the fill value, then the shard index with its crc32c, absent
+    chunks marked empty) and streamed from the blocks without copying them into a temporary file renamed
+    into place: it replaces the unit, rows after ``stop`` included. Elsewhere (a remote store, other codecs)
+    Zarr writes it, reading and merging what the unit holds. Never two writes of one unit at once."""
+    import google_crc32c
+
+    unit = storage_unit(arr)[0]
+    layout = _fast_layout(arr)
+    if layout is None or start % unit or not 0 < stop - start <= unit:
+        arr[start:stop] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        return
+    inner_rows, crc = layout
+    row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+    rows = inner_rows if arr.shards is not None else unit  # rows per encoded chunk
+    key = arr.metadata.encode_chunk_key((start // unit,) + (0,) * (arr.ndim - 1))
+    path = arr.store_path.store.root / arr.path / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+    index, offset = [], 0
+    pieces = iter(np.ascontiguousarray(b) for b in blocks)
+    current = next(pieces)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for first in range(0, unit, rows):
+            if first >= stop - start:  # a chunk not written: empty in the index
+                index.append((2**64 - 1, 2**64 - 1))
+                continue
+            need, checksum = min(rows, stop - start - first), 0
+            pad = np.zeros((rows - need, *arr.shape[1:]), dtype=arr.dtype)  # the fill value, 0
+            while need:
+                if not len(current):
+                    current = next(pieces)
+                take, current = current[:need], current[need:]
+                _write_all(fd, take)
+                checksum = google_crc32c.extend(checksum, take.reshape(-1)) if crc else 0
+                need -= len(take)
+            if len(pad):
+                _write_all(fd, pad)
+                checksum = google_crc32c.extend(checksum, pad.reshape(-1)) if crc else 0
+            if crc:
+                _write_all(fd, np.uint32(checksum).astype("<u4").tobytes())
+            index.append((offset, rows * row_bytes + 4 * crc))
+            offset += index[-1][1]
+        if arr.shards is not None:
+            table = np.asarray(index, dtype="<u8").tobytes()
+            _write_all(fd, table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes())
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+class ChunkWriter:
+    """The store's only writer: a thread that takes rows in stored order and writes whole storage units.
+
+    Rows arrive per batch (``put``), with the batch's statistics. A storage unit (a shard, or a chunk of
+    an unsharded array) is written once it is complete, by a small pool of threads that write disjoint
+    units at once (never two writes of one unit). The commit mark then moves to the last batch that ends
+    inside the contiguous written region, and ``progress.samples_committed``/``tokens_committed`` and the
+    statistics are recorded. ``flush`` (end, cancel, failure) also writes the last, partial unit. Everything
+    below the mark is final; a resumed job restarts at it: the committed rows of a unit that the mark cuts
+    are read back, so that the unit is written whole again.
+
+    Memory: the rows of the unit being filled, plus the units being written (at most about
+    ``workers`` of them, and one per hook point), so roughly unit bytes × (hook points + workers).
     """
 
     _FLUSH = object()
     _STOP = object()
 
-    def __init__(self, store: ExtractionStore, start_sample: int, queue_depth: int = 2):
+    def __init__(self, store: ExtractionStore, start_sample: int, queue_depth: int = 2,
+                 workers: int = WRITE_WORKERS):
         self.store = store
         self.offsets = store.activation_offsets()  # rows, not tokens: special tokens may have none
         self.hook_points = list(store.meta["hook_points"])
         self.arrays = {hp: store.activations(hp) for hp in self.hook_points}
-        self.chunk = self.arrays[self.hook_points[0]].chunks[0]
+        first = self.arrays[self.hook_points[0]]
+        self.unit, self.n_tokens = storage_unit(first)[0], first.shape[0]
         saved = store.meta.get("statistics", {}) if start_sample else {}  # exact up to the commit mark
         self.stats = {hp: {k: saved.get(hp, {}).get(k, v) for k, v in HookStats.empty().items()}
                       for hp in self.hook_points}
         self.batches: deque[tuple[int, dict]] = deque()  # (end sample, statistics) of uncommitted batches
-        self.committed_sample = start_sample
-        self.received_sample = start_sample
-        self.written = int(self.offsets[start_sample])
-        self.buffer = {hp: [] for hp in self.hook_points}  # rows from the commit mark onward
+        self.committed_sample = self.received_sample = start_sample
+        mark = int(self.offsets[start_sample])
+        self.base = mark // self.unit * self.unit  # first row not yet handed to a whole-unit write
+        self.received = self.written = mark  # rows received; rows below ``written`` are on disk
+        self.pieces: dict[str, list[np.ndarray]] = {hp: [] for hp in self.hook_points}  # rows [base, received)
+        if mark > self.base:  # the mark cuts a unit: its committed rows come back, to write it whole
+            for hp, arr in self.arrays.items():
+                self.pieces[hp].append(CheckedArray(arr, store.location, mark)[self.base:mark])
+        self.inflight: deque[tuple[int, list[Future]]] = deque()  # (unit stop row, writes), in row order
+        self.max_inflight = max(1, -(-workers // len(self.hook_points)))  # units in flight at once
         self.error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mistudio-write")
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._thread = threading.Thread(target=self._loop, name="mistudio-writer", daemon=True)
         self._thread.start()
 
     # -- producer side ---------------------------------------------------------------------------
     def put(self, n_samples: int, rows: dict[str, np.ndarray], stats: dict[str, dict]) -> None:
-        """Queue the rows and statistics of the next ``n_samples`` samples (blocks while the writer is behind)."""
+        """Queue the rows and statistics of the next ``n_samples`` samples (blocks while the writer is behind).
+        The writer keeps the arrays until their unit is written: do not change them afterwards."""
         self._raise()
         self._queue.put((n_samples, (rows, stats)))
 
     def flush(self) -> None:
-        """Write and commit everything queued, including a partial last chunk."""
+        """Write and commit everything queued, including a partial last unit."""
         done = threading.Event()
         self._queue.put((self._FLUSH, done))
         while not done.wait(0.05):
@@ -383,11 +539,14 @@ class ChunkWriter:
         self._raise()
 
     def close(self, flush: bool = True) -> None:
-        """Stop the thread; with ``flush`` write what is queued first."""
-        if flush and self._thread.is_alive() and self.error is None:
-            self.flush()
-        self._queue.put((self._STOP, None))
-        self._thread.join()
+        """Stop the thread; with ``flush`` write what is queued first. No write is left running."""
+        try:
+            if flush and self._thread.is_alive() and self.error is None:
+                self.flush()
+        finally:
+            self._queue.put((self._STOP, None))
+            self._thread.join()
+            self._pool.shutdown(wait=True)
         self._raise()
 
     def _raise(self) -> None:
@@ -408,41 +567,78 @@ class ChunkWriter:
                 continue  # drain: the producer sees the error on its next call
             try:
                 if item is self._FLUSH:
-                    self._write_until(int(self.offsets[self.received_sample]))
+                    self._flush()
                     payload.set()
                 else:
                     self._append(item, *payload)
             except BaseException as exc:  # noqa: BLE001 - handed to the producer
                 self.error = exc
+                self._wait_all()
                 if item is self._FLUSH:
                     payload.set()
 
     def _append(self, n_samples: int, rows: dict[str, np.ndarray], stats: dict[str, dict]) -> None:
         for hp in self.hook_points:
-            self.buffer[hp].append(rows[hp])
+            self.pieces[hp].append(rows[hp])
         self.received_sample += n_samples
         self.batches.append((self.received_sample, stats))
-        end = int(self.offsets[self.received_sample])
-        boundary = end // self.chunk * self.chunk
-        if boundary > self.written:
-            self._write_until(boundary)
+        self.received = int(self.offsets[self.received_sample])
+        while self.received - self.base >= self.unit or (self.received == self.n_tokens > self.base):
+            stop = min(self.base + self.unit, self.n_tokens)
+            self._submit(self.base, stop)
+            self._drop_below(stop)
+        self._harvest(wait=False)
 
-    def _write_until(self, stop: int) -> None:
-        """Write buffered rows [written, stop), then move the commit mark."""
-        if stop > self.written:
-            if self.store.guarded:  # never recreate a store deleted under the job
-                self.store.check_same()
-            base = int(self.offsets[self.committed_sample])
-            for hp in self.hook_points:
-                self.arrays[hp][self.written:stop] = self._block(hp)[self.written - base: stop - base]
-            self.written = stop
+    def _flush(self) -> None:
+        """Write the partial unit too (its rows stay buffered: a later whole write replaces it), wait, commit."""
+        if self.received > self.base:
+            self._submit(self.base, self.received)
+        self._harvest(wait=True)
+
+    def _submit(self, start: int, stop: int) -> None:
+        while len(self.inflight) >= self.max_inflight:
+            self._harvest(wait=True, one=True)
+        if self.store.guarded:  # never recreate a store deleted under the job
+            self.store.check_same()
+        writes = [self._pool.submit(write_unit, self.arrays[hp], start, stop, self._rows(hp, start, stop))
+                  for hp in self.hook_points]
+        self.inflight.append((stop, writes))
+
+    def _rows(self, hp: str, start: int, stop: int) -> list[np.ndarray]:
+        """Views of the buffered rows ``[start, stop)`` of one hook point (buffered rows begin at ``base``)."""
+        out, pos = [], self.base
+        for piece in self.pieces[hp]:
+            lo, hi = max(start, pos), min(stop, pos + len(piece))
+            if lo < hi:
+                out.append(piece[lo - pos:hi - pos])
+            pos += len(piece)
+        return out
+
+    def _drop_below(self, stop: int) -> None:
+        for hp in self.hook_points:
+            self.pieces[hp] = self._rows(hp, stop, self.received)
+        self.base = stop
+
+    def _harvest(self, wait: bool, one: bool = False) -> None:
+        """Take finished writes in row order (a failed one raises), move ``written``, commit."""
+        while self.inflight and (wait or all(f.done() for f in self.inflight[0][1])):
+            stop, writes = self.inflight.popleft()
+            for write in writes:
+                write.result()
+            self.written = max(self.written, stop)
+            if one:
+                break
         self._commit()
 
-    def _block(self, hp: str) -> np.ndarray:
-        """The buffered rows of one hook point as one array (joined once, then reused)."""
-        if len(self.buffer[hp]) != 1:
-            self.buffer[hp] = [np.concatenate(self.buffer[hp])]
-        return self.buffer[hp][0]
+    def _wait_all(self) -> None:
+        """After a failure: let the writes in flight end (a later writer must never race them)."""
+        for _, writes in self.inflight:
+            for write in writes:
+                try:
+                    write.result()
+                except BaseException:  # noqa: BLE001 - the first error is the one reported
+                    pass
+        self.inflight.clear()
 
     def _commit(self) -> None:
         new_sample = self.committed_sample
@@ -453,9 +649,6 @@ class ChunkWriter:
                 HookStats.merge(self.stats[hp], stats[hp], first_row)
         if new_sample == self.committed_sample:
             return
-        cut = int(self.offsets[new_sample] - self.offsets[self.committed_sample])
-        for hp in self.hook_points:
-            self.buffer[hp] = [self._block(hp)[cut:]]
         self.committed_sample = new_sample
         progress = {"samples_committed": new_sample, "tokens_committed": int(self.offsets[new_sample])}
         self.store.update(progress=progress,

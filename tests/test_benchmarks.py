@@ -15,7 +15,8 @@ def test_quick_benchmark_runs(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    for step in ("overhead", "batching", "early_stop", "memory", "cancel", "write", "token_budget"):
+    for step in ("overhead", "batching", "early_stop", "memory", "cancel", "write", "token_budget", "writer",
+                 "extraction", "ttfb"):
         assert step in results, step
     assert results["overhead"]["ratio"] > 0 and results["early_stop"]["ratio"] > 0
     assert results["batching"]["batch 8, bucketed"]["useful_fraction"] >= \
@@ -23,4 +24,6 @@ def test_quick_benchmark_runs(tmp_path):
     assert results["memory"]["peak_rss_mb"][1] > 0 and results["write"]["zarr_mb_s"] > 0
     budget = results["token_budget"]["budget 1024 tokens (= 8 x 128)"]
     assert budget["largest_batch_tokens"] <= 1024 and budget["tokens_per_s"] > 0
-    assert "overhead: extract / bare forward" in proc.stdout
+    assert "overhead: extract / bare forward" in proc.stdout and "writer MB/s / raw write" in proc.stdout
+    assert all(row["writer_mb_s"] > 0 for row in results["writer"]["layouts"].values())
+    assert results["extraction"]["ratio"] > 0 and all(row["ratio"] > 0 for row in results["ttfb"].values())
