@@ -19,9 +19,10 @@ from .data import plan_order, tokenize
 from .errors import InputError, human_bytes
 from .models import describe_model, load_config, load_tokenizer, resolve_device, resolve_dtype
 from .request import make_request
-from .store import chunk_rows
+from .store import chunk_rows, shard_rows
 
 CHECKSUM_BYTES = 4  # crc32c appends 4 bytes to every chunk
+SHARD_INDEX_ENTRY = 16  # a shard's index: (offset, length) as two uint64 per inner chunk, then its crc32c
 PROBE_SECONDS = 3.0  # probe=True times batches for about this long
 
 
@@ -33,12 +34,12 @@ def _array_bytes(n: int, width: int, rows_per_chunk: int, itemsize: int, checksu
 
 def store_bytes(lengths: np.ndarray, hook_dims: dict[str, int], dtype: str, chunk_mb: float,
                 checksum: bool, n_rows: int | None = None, per_token_bytes: tuple[int, ...] = (1,),
-                row_offsets: bool = False) -> int:
+                row_offsets: bool = False, shard_mb: float = 0) -> int:
     """Exact bytes of the chunk files ``ExtractionStore.allocate`` creates and the writer fills.
 
     ``n_rows`` activation rows (default: every token); ``per_token_bytes`` the item sizes of the optional
     per-token arrays (``special`` always; ``role``, ``positions`` when present); ``row_offsets`` when
-    ``activation_offsets`` is written (``exclude_special``)."""
+    ``activation_offsets`` is written (``exclude_special``); ``shard_mb`` as ``ExtractionStore.allocate``."""
     n_samples, n_tokens = len(lengths), int(np.sum(lengths))
     n_rows = n_tokens if n_rows is None else n_rows
     token_arrays = [(n_tokens, 4), (n_samples + 1, 8), (n_samples, 8)]  # input_ids, offsets, index
@@ -46,7 +47,13 @@ def store_bytes(lengths: np.ndarray, hook_dims: dict[str, int], dtype: str, chun
     total = sum(_array_bytes(n, 1, max(1, min(n, 2**20)), size, checksum) for n, size in token_arrays)
     itemsize = np.dtype(dtype).itemsize
     rows = chunk_rows(max(hook_dims.values()), itemsize, chunk_mb)
-    return total + sum(_array_bytes(n_rows, w, rows, itemsize, checksum) for w in hook_dims.values())
+    per_shard = shard_rows(rows, max(hook_dims.values()) * itemsize, shard_mb, n_rows)
+    if not per_shard:
+        return total + sum(_array_bytes(n_rows, w, rows, itemsize, checksum) for w in hook_dims.values())
+    inner = per_shard // rows  # a shard file: its inner chunks that hold rows, then an index of every inner chunk
+    index = inner * SHARD_INDEX_ENTRY + CHECKSUM_BYTES
+    return total + sum(_array_bytes(n_rows, w, rows, itemsize, checksum) + math.ceil(n_rows / per_shard) * index
+                       for w in hook_dims.values())
 
 
 def _free_disk(workspace: str | os.PathLike | None) -> int | None:
@@ -131,7 +138,8 @@ def estimate(model: Any = None, dataset: Any = None, layers: Any = None, hooks: 
     n_rows = int((~special).sum()) if capture.exclude_special else len(special)
     per_token = (1,) + ((1,) if tokenized.roles is not None else ()) + ((4,) if capture.window else ())
     disk = store_bytes(lengths, {hp: facts["hidden_size"] for hp in hook_points}, capture.dtype, capture.chunk_mb,
-                       capture.checksum, n_rows, per_token, row_offsets=capture.exclude_special)
+                       capture.checksum, n_rows, per_token, row_offsets=capture.exclude_special,
+                       shard_mb=capture.shard_mb)
     from .engine import plan_batches
 
     planned = capture if capture.batch_size != "auto" else capture.model_copy(update={"batch_size": 8})

@@ -38,7 +38,8 @@ def _chunk_bytes(location: str) -> int:
     return sum(f.stat().st_size for f in Path(location).rglob("*") if f.is_file() and f.name != "zarr.json")
 
 
-def test_estimate_matches_the_finished_store_and_loads_no_weights(gpt2_dir, workspace, monkeypatch):
+@pytest.mark.parametrize("layout", [{}, {"chunk_mb": 0.01, "shard_mb": 0.04}], ids=["chunks", "shards"])
+def test_estimate_matches_the_finished_store_and_loads_no_weights(gpt2_dir, workspace, monkeypatch, layout):
     import mistudio.models
 
     def no_weights(*_a, **_k):
@@ -46,11 +47,13 @@ def test_estimate_matches_the_finished_store_and_loads_no_weights(gpt2_dir, work
 
     with monkeypatch.context() as m:
         m.setattr(mistudio.models, "load_model", no_weights)
-        est = ms.estimate(gpt2_dir, "sample", workspace=workspace, **{k: v for k, v in SMALL.items() if k != "progress"})
+        est = ms.estimate(gpt2_dir, "sample", workspace=workspace, **layout,
+                          **{k: v for k, v in SMALL.items() if k != "progress"})
     for key in ("samples", "tokens", "bytes_on_disk", "free_disk_bytes", "peak_device_bytes", "warnings", "summary"):
         assert key in est, key
     assert est["seconds"] is None and est["warnings"] == [] and "on disk" in est["summary"]
-    ext = ms.extract(gpt2_dir, "sample", workspace=workspace, **SMALL)
+    ext = ms.extract(gpt2_dir, "sample", workspace=workspace, **layout, **SMALL)
+    assert ext.metadata["format_version"] == (2 if layout else 1)
     location = ext.store.location
     assert est["samples"] == len(ext.rows()) and est["tokens"] == ext.store.record.progress.tokens_total
     assert est["bytes_on_disk"] == _chunk_bytes(location)  # exact for the chunks
