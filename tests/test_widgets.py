@@ -5,6 +5,7 @@ import html
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -615,3 +616,41 @@ def test_issue10_presets_save_fill_launch_delete(gpt2_dir, workspace):
     assert "again to confirm" in panel.preset_status.value and ms.Workspace(workspace).presets()
     panel.delete_preset_button.click()
     assert ms.Workspace(workspace).presets() == {} and panel.preset.value == ""
+
+
+def test_issue10_browse_hides_special_and_outlier_tokens(minilm_dir, workspace, monkeypatch):
+    studio = make_studio(workspace, minilm_dir)
+    studio.dataset_picker.max_samples.value = 8
+    panel = studio.extraction_panel
+    panel.layers.value = (5,)
+    job = panel.launch()
+    job.wait(120)
+    assert job.status == "COMPLETED"
+    studio.selected_index = 4
+    browser = studio.browser
+    hp = browser.hook_point.value
+    assert "norm quantiles" in browser.info.value and "outlier" in browser.info.value
+    browser.row.value = int(browser.ext.rows()[0])
+    assert browser.plot()
+    shown = {name: image.value for name, image in browser.images.items()}
+    n_special = int(browser.ext.sample(browser.row.value, [hp])["special"].sum())
+    assert n_special >= 2  # [CLS] ... [SEP]
+
+    browser.hide_special.value = True
+    assert browser.plot()
+    assert browser.hidden["row_tokens"] == n_special
+    assert browser.hidden["rows"] == int(browser.ext.store.tokens("special")[:].sum())
+    assert "[[[CLS]]]" not in browser.top_table.value and "[[[SEP]]]" not in browser.top_table.value
+    for name in ("heatmap", "norms", "histogram"):
+        assert browser.images[name].value != shown[name], name
+
+    browser.hide_special.value = False  # outliers: a store's statistics, made low here so some tokens pass them
+    real = browser.ext.outliers(hp)
+    first = browser.ext.activation_range(browser.row.value)[0]
+    norms = np.linalg.norm(browser.ext.sample(browser.row.value, [hp])["activations"][hp].astype(np.float32), axis=1)
+    monkeypatch.setattr(browser.ext, "outliers", lambda point: {**real, "threshold": float(np.median(norms)),
+                                                                "rows": np.array([first, first + 1])})
+    browser.hide_outliers.value = True
+    assert browser.plot()
+    assert browser.hidden["row_tokens"] == int((norms > np.median(norms)).sum()) > 0
+    assert browser.hidden["rows"] == 2 and "Hidden:" in browser.info.value
