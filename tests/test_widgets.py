@@ -546,6 +546,8 @@ def test_issue10_estimate_shown_and_short_disk_refused_until_confirmed(gpt2_dir,
     panel.estimate_button.click()
     assert "Estimate" in panel.estimate_line.value and "on disk" in panel.estimate_line.value
     assert panel.last_estimate["samples"] == 40 and panel.confirm_disk.layout.display == "none"
+    panel.layers.value = (1,)  # the form changed: the estimate shown is stale
+    assert panel.last_estimate is None and "Estimate again" in panel.estimate_line.value
 
     monkeypatch.setattr(estimate_module, "_free_disk", lambda workspace: 1000)  # a disk with 1 KB free
     panel.launch_button.click()
@@ -554,7 +556,7 @@ def test_issue10_estimate_shown_and_short_disk_refused_until_confirmed(gpt2_dir,
     assert panel.confirm_disk.layout.display == ""  # "Launch anyway" offered
     panel.confirm_disk.value = True
     panel.launch_button.click()
-    assert panel.job is not None
+    assert panel.job is not None and panel.confirm_disk.value is False  # confirmed for this launch only
     panel.job.wait(60)
     assert panel.job.status == "COMPLETED"
 
@@ -570,6 +572,11 @@ def test_issue10_auto_batch_and_advanced_options_reach_submit(gpt2_dir, workspac
     args = panel.submit_arguments()
     assert (args["batch_size"], args["window"], args["stride"], args["micro_batch_size"]) == ("auto", 16, 8, 2)
     assert args["exclude_special"] is True and args["max_batch_tokens"] is None and args["chat_template"] is None
+    panel.chat_template.value = "{{ messages }}"
+    assert panel.submit_arguments()["chat_template"] == "{{ messages }}"
+    panel.chat_auto.value = True
+    assert panel.submit_arguments()["chat_template"] == "auto"
+    panel.chat_auto.value, panel.chat_template.value = False, ""
     panel.launch_button.click()
     job = panel.job
     job.wait(120)

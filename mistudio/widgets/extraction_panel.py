@@ -100,6 +100,12 @@ class ExtractionPanel(W.VBox):
         for widget in (self.dataset_picker.source, self.dataset_picker.path, self.dataset_picker.hub_name,
                        self.dataset_picker.hub_split, self.dataset_picker.max_samples, self.dataset_picker.max_length):
             widget.observe(guard(self._say, lambda _: self.update_summary()), "value")
+        form = (self.model_picker.choice, self.dataset_picker.source, self.dataset_picker.path,
+                self.dataset_picker.max_samples, self.dataset_picker.max_length, self.layers, self.batch_size,
+                self.dtype, self.max_batch_tokens, self.micro_batch_size, self.window, self.stride, self.chat_auto,
+                self.chat_template, self.exclude_special, *self.hooks.values())
+        for widget in form:  # an estimate of another form is stale: say so (Estimate or Launch makes a new one)
+            widget.observe(lambda _: self._estimate_stale(), "value")
         super().__init__([
             W.HTML("<b>Extract</b>"), self.presets_box, self.summary, self.layers,
             W.HBox([W.Label("Hooks:")] + list(self.hooks.values())),
@@ -298,6 +304,11 @@ class ExtractionPanel(W.VBox):
         self.estimate_line.value = (note_box(text, "#fd7e14", "#fff3e0") if result["warnings"] else note_box(text))
         return result
 
+    def _estimate_stale(self) -> None:
+        if self.last_estimate is not None:
+            self.last_estimate = None
+            self.estimate_line.value = "<small><i>The form changed: Estimate again (Launch does).</i></small>"
+
     def _disk_refused(self) -> bool:
         """Estimate right before launching; True (and say why) when the disk is short and not confirmed."""
         result = self.estimate()
@@ -320,6 +331,7 @@ class ExtractionPanel(W.VBox):
         except Exception as exc:  # InputError, DiskFull, ...: no job exists, so Retry/Resume target nothing
             self._failed_before_job(exc)
             return None
+        self.confirm_disk.value = False  # a confirmation is for one launch
         self._started(job)
         return job
 
