@@ -546,6 +546,10 @@ def test_issue10_estimate_shown_and_short_disk_refused_until_confirmed(gpt2_dir,
     panel.estimate_button.click()
     assert "Estimate" in panel.estimate_line.value and "on disk" in panel.estimate_line.value
     assert panel.last_estimate["samples"] == 40 and panel.confirm_disk.layout.display == "none"
+    panel.probe.value = True  # the timed run: the model is loaded and a few batches timed
+    panel.estimate_button.click()
+    assert panel.last_estimate["seconds"] is not None and "~" in panel.last_estimate["summary"]
+    panel.probe.value = False
     panel.layers.value = (1,)  # the form changed: the estimate shown is stale
     assert panel.last_estimate is None and "Estimate again" in panel.estimate_line.value
 

@@ -152,7 +152,8 @@ class ActivationBrowser(W.VBox):
         quantiles = found["quantiles"]
         if not quantiles:
             return ""
-        parts = ", ".join(f"p{float(q) * 100:g} {v:.3g}" for q, v in sorted(quantiles.items(), key=lambda x: float(x[0])))
+        ordered = sorted(quantiles.items(), key=lambda item: float(item[0]))
+        parts = ", ".join(f"p{float(q) * 100:g} {v:.3g}" for q, v in ordered)
         threshold = f" (norm > {found['threshold']:.3g})" if found["threshold"] is not None else ""
         return (f"<small>{html.escape(hook_point)} norm quantiles: {parts} · "
                 f"{found['n']:,} outlier token{'s' if found['n'] != 1 else ''}{threshold}</small>")

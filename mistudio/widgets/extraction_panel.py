@@ -281,14 +281,16 @@ class ExtractionPanel(W.VBox):
             raise InputError("choose at least one layer")
 
     # -- actions ----------------------------------------------------------------------------------
-    def estimate(self) -> dict | None:
-        """``ms.estimate`` of the form: the summary line and warnings under the buttons (errors there too)."""
+    def estimate(self, probe: bool | None = None) -> dict | None:
+        """``ms.estimate`` of the form: the summary line and warnings under the buttons (errors there too).
+        ``probe``: time a few batches (default: the checkbox)."""
         from ..estimate import estimate
 
         self.estimate_line.value = "<i>estimating… (tokenizing the dataset)</i>"
         try:
             arguments = {k: v for k, v in self.submit_arguments().items() if k not in self.extra_options}
-            result = estimate(workspace=self.workspace.root, probe=self.probe.value, **arguments)
+            probe = self.probe.value if probe is None else probe
+            result = estimate(workspace=self.workspace.root, probe=probe, **arguments)
         except Exception as exc:  # noqa: BLE001 - a bad form: say it here
             self.last_estimate = None
             self.estimate_line.value = error_box(f"<b>No estimate</b>: {for_ui(str(exc))}")
@@ -300,7 +302,8 @@ class ExtractionPanel(W.VBox):
             self.confirm_disk.value = False
         warnings = "".join(f"<li>{html.escape(w)}</li>" for w in result["warnings"])
         text = (f"<b>Estimate</b>: {html.escape(result['summary'])} <small>({result['samples']:,} samples, "
-                f"{result['tokens']:,} tokens)</small>" + (f"<ul style='margin:2px 0'>{warnings}</ul>" if warnings else ""))
+                f"{result['tokens']:,} tokens)</small>")
+        text += f"<ul style='margin:2px 0'>{warnings}</ul>" if warnings else ""
         self.estimate_line.value = (note_box(text, "#fd7e14", "#fff3e0") if result["warnings"] else note_box(text))
         return result
 
@@ -310,8 +313,9 @@ class ExtractionPanel(W.VBox):
             self.estimate_line.value = "<small><i>The form changed: Estimate again (Launch does).</i></small>"
 
     def _disk_refused(self) -> bool:
-        """Estimate right before launching; True (and say why) when the disk is short and not confirmed."""
-        result = self.estimate()
+        """Estimate (without probe) right before launching; True (and say why) when the disk is short and not
+        confirmed."""
+        result = self.estimate(probe=False)
         if result is None or not disk_short(result) or self.confirm_disk.value:
             return False  # no estimate (a bad form): submit names the problem
         self.status.value = f"{badge('NOT STARTED')} not enough free disk"
