@@ -618,15 +618,23 @@ def test_issue10_presets_save_fill_launch_delete(gpt2_dir, workspace):
     panel.preset.value = "mid"
     assert (panel.layers.value, panel.batch_size.value, panel.window.value) == ((1,), 4, 32)
     assert panel.hooks["mlp"].value and "Form filled from preset" in panel.preset_status.value
+    ms.Workspace(workspace).save_preset("nosum", **{**ms.Workspace(workspace).preset("mid"), "checksum": False})
+    panel.refresh_presets()
+    panel.preset.value = "nosum"  # an argument the form does not show: named, applied at Launch, kept on Save
+    assert "checksum=False" in panel.preset_status.value
+    panel.preset_name.value = "nosum2"
+    panel.save_preset_button.click()
+    assert ms.Workspace(workspace).preset("nosum2")["checksum"] is False
     job = panel.launch()
     job.wait(60)
     assert job.status == "COMPLETED" and job.meta["params"]["batch_size"] == 4
+    assert job.meta["params"]["checksum"] is False
     assert job.extraction().hook_points == ["layers.1.residual", "layers.1.mlp"]
 
     panel.delete_preset_button.click()
     assert "again to confirm" in panel.preset_status.value and ms.Workspace(workspace).presets()
     panel.delete_preset_button.click()
-    assert ms.Workspace(workspace).presets() == {} and panel.preset.value == ""
+    assert "nosum2" not in ms.Workspace(workspace).presets() and panel.preset.value == ""
 
 
 def test_issue10_browse_hides_special_and_outlier_tokens(minilm_dir, workspace, monkeypatch):

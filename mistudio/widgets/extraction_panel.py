@@ -385,13 +385,15 @@ class ExtractionPanel(W.VBox):
         self.update_summary()
 
     def save_preset(self) -> str | None:
-        """Save the form under the name field (validated by ``ws.save_preset``; errors show here)."""
+        """Save the form under the name field (validated by ``ws.save_preset``; errors show here), with the
+        arguments of the chosen preset that the form does not show."""
         name = self.preset_name.value.strip()
         if not name:
             self.preset_status.value = error_box("Type a name for the preset (letters, digits, _ - .).")
             return None
         try:
-            self.workspace.save_preset(name, **self.form_arguments())
+            chosen = self.workspace.preset(self.preset.value) if self.preset.value else {}
+            self.workspace.save_preset(name, **{**chosen, **self.form_arguments()})  # keeps e.g. its device_map
         except Exception as exc:  # noqa: BLE001 - InputError: the usual message, in this panel
             self.preset_status.value = error_box(f"<b>Preset not saved</b>: {for_ui(str(exc))}")
             return None
