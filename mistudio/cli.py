@@ -1,4 +1,4 @@
-"""Command line: ``mistudio demo | extract | jobs | cleanup | resume | cancel | verify``."""
+"""Command line: ``mistudio demo | extract | estimate | presets | jobs | cleanup | resume | delete | verify``."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,117 @@ def _jobs_table(frame) -> str:
                   "created"]].to_string(index=False)
 
 
+DEFAULTS = {"dataset": "sample", "hooks": "residual", "batch_size": 8, "max_length": 128}  # without --preset
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-size {value!r}: use a power of two from 1 to 512, e.g. 8, "
+                                         "or auto") from None
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``extract`` and ``estimate`` (unset ones are not passed: a preset's apply)."""
+    p.add_argument("--preset", default=None, help="start from a saved preset (`mistudio presets`); flags override")
+    p.add_argument("--model", default=None, help="Hugging Face id or local folder (required without --preset)")
+    p.add_argument("--dataset", default=None, help="'sample' (default), a .txt/.jsonl/.csv/.parquet file or a saved "
+                                                   "`datasets` folder")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--encoding", default=None, help="text encoding of .txt/.jsonl/.csv files, e.g. latin-1")
+    p.add_argument("--layers", default=None, help="block indices: 0,3 or a range 2-5 (inclusive) or all; "
+                                                  "read by the same parser as layers= (specs.parse_layers)")
+    p.add_argument("--hooks", default=None, help="comma-separated kinds: residual (default),mlp,attention")
+    p.add_argument("--batch-size", type=_batch_size, default=None, help="a power of two (default 8) or auto")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="cut batches by padded tokens instead")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="forward each batch in pieces of this many")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per sample (default 128)")
+    p.add_argument("--window", type=int, default=None, help="long documents in overlapping windows of this many")
+    p.add_argument("--stride", type=int, default=None, help="step between windows (default window // 2)")
+    p.add_argument("--chat-template", default=None, help="rows are conversations: auto (the tokenizer's template) "
+                                                         "or a file holding a Jinja template")
+    p.add_argument("--exclude-special", action="store_true", default=None, help="no activation rows for special "
+                                                                                "tokens")
+    p.add_argument("--no-checksum", dest="checksum", action="store_false", default=None,
+                   help="no crc32c per chunk (faster writes; damage is not detected)")
+    p.add_argument("--dtype", default=None, help="storage dtype: float16 (default) or float32")
+    p.add_argument("--model-dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--device-map", default=None, help="auto, balanced, ... (needs accelerate: pip install -e "
+                                                      "'.[big]')")
+    p.add_argument("--quantization", default=None, help="int8 or nf4 (needs bitsandbytes: pip install -e "
+                                                        "'.[quant]')")
+    p.add_argument("--oov-policy", default=None)
+    p.add_argument("--timeout", dest="timeout_s", type=float, default=None, help="seconds before the job stops as "
+                                                                                 "TIMEOUT")
+    p.add_argument("--auto-retry-on-oom", dest="auto_retry_on_oom", action="store_true", default=None)
+
+
+RUN_KEYS = ("model", "dataset", "text_column", "encoding", "layers", "hooks", "batch_size", "max_batch_tokens",
+            "micro_batch_size", "max_samples", "max_length", "window", "stride", "chat_template", "exclude_special",
+            "checksum", "dtype", "model_dtype", "device", "device_map", "quantization", "oov_policy", "timeout_s",
+            "auto_retry_on_oom")
+
+
+def _chat_template(value: str) -> str:
+    """--chat-template: 'auto' or the path of a file holding a Jinja template."""
+    import os
+
+    if value == "auto":
+        return value
+    if not os.path.isfile(value):
+        raise InputError(f"--chat-template {value!r} is not a file: pass auto (the tokenizer's template) or the "
+                         "path of a file holding a Jinja chat template")
+    with open(value, encoding="utf-8") as f:
+        return f.read()
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The ``extract``/``estimate`` flags as ``ws.submit`` arguments: only those given (plus, without --preset,
+    the command line's defaults)."""
+    options = {k: getattr(args, k) for k in RUN_KEYS if getattr(args, k) is not None}
+    if args.preset is None:
+        options = {**DEFAULTS, **options}
+        if "model" not in options or "layers" not in options:
+            raise InputError("--model and --layers are required (or --preset NAME: `mistudio presets` lists them)")
+    if isinstance(options.get("hooks"), str):
+        options["hooks"] = [h.strip() for h in options["hooks"].split(",") if h.strip()]
+    if options.get("chat_template") is not None:
+        options["chat_template"] = _chat_template(options["chat_template"])
+    return options
+
+
+def _presets(ws, args: argparse.Namespace) -> None:
+    import json
+
+    need = {"list": 0, "show": 1, "delete": 1, "export": 2, "import": 1}[args.action]
+    if len(args.target) != need:
+        usage = {"list": "", "show": " NAME", "delete": " NAME", "export": " NAME PATH", "import": " PATH"}
+        raise InputError(f"mistudio presets {args.action} takes{usage[args.action] or ' nothing'}: "
+                         f"got {args.target or 'nothing'}")
+    if args.action == "list":
+        presets = ws.presets()
+        for name, arguments in presets.items():
+            print(f"{name:20s} {arguments.get('model')} · {arguments.get('dataset', 'sample')} · "
+                  f"layers {arguments.get('layers', [0])}")
+        if not presets:
+            print("(no presets: save one with ws.save_preset(name, ...) or the Studio's Extract tab)")
+    elif args.action == "show":
+        ws.preset(args.target[0])
+        print(json.dumps(ws.presets()[args.target[0]], indent=1))
+    elif args.action == "delete":
+        ws.delete_preset(args.target[0])
+        print(f"deleted preset {args.target[0]}")
+    elif args.action == "export":
+        print(f"exported preset {args.target[0]} to {ws.export_preset(*args.target)}")
+    else:
+        print(f"imported preset {ws.import_preset(args.target[0], name=args.name, overwrite=args.overwrite)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mistudio", description="Extract a model's activations into Zarr stores.")
     parser.add_argument("--workspace", default=None, help="workspace folder (default $MISTUDIO_WORKSPACE or "
@@ -48,23 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-samples", type=int, default=256)
 
     ex = sub.add_parser("extract", help="run one extraction with a progress bar")
-    ex.add_argument("--model", required=True, help="Hugging Face id or local folder")
-    ex.add_argument("--dataset", default="sample", help="'sample', a .txt/.jsonl/.csv/.parquet file or a saved "
-                                                        "`datasets` folder")
-    ex.add_argument("--text-column", default="text")
-    ex.add_argument("--encoding", default="utf-8", help="text encoding of .txt/.jsonl/.csv files, e.g. latin-1")
-    ex.add_argument("--layers", required=True, help="block indices: 0,3 or a range 2-5 (inclusive) or all; "
-                                                     "read by the same parser as layers= (specs.parse_layers)")
-    ex.add_argument("--hooks", default="residual", help="comma-separated kinds: residual,mlp,attention")
-    ex.add_argument("--batch-size", type=int, default=8)
-    ex.add_argument("--max-samples", type=int, default=None)
-    ex.add_argument("--max-length", type=int, default=128)
-    ex.add_argument("--dtype", default="float16", help="storage dtype: float16 or float32")
-    ex.add_argument("--model-dtype", default="auto")
-    ex.add_argument("--device", default="auto")
-    ex.add_argument("--oov-policy", default="clamp")
-    ex.add_argument("--timeout", type=float, default=None, help="seconds before the job stops as TIMEOUT")
-    ex.add_argument("--auto-retry-on-oom", action="store_true")
+    _run_arguments(ex)
+    est = sub.add_parser("estimate", help="disk, device memory (and time with --probe) of an extract, before it")
+    _run_arguments(est)
+    est.add_argument("--probe", action="store_true", help="load the model and time a few batches")
+    pre = sub.add_parser("presets", help="saved extract arguments: list | show NAME | delete NAME | "
+                                         "export NAME PATH | import PATH [--name NAME]")
+    pre.add_argument("action", nargs="?", default="list", choices=("list", "show", "delete", "export", "import"))
+    pre.add_argument("target", nargs="*", help="NAME, NAME PATH (export) or PATH (import)")
+    pre.add_argument("--name", default=None, help="import under this name (default: the file's own)")
+    pre.add_argument("--overwrite", action="store_true", help="import over an existing preset")
 
     sub.add_parser("jobs", help="list every extraction in the workspace")
     delete = sub.add_parser("delete", help="delete one extraction (a COMPLETED one only with --force)")
@@ -102,13 +206,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"{sample['activations']['layers.5.residual'].shape}")
             print(f"open it with: ms.open_extraction({ext.id!r}, workspace={str(Workspace(args.workspace).root)!r})")
         elif args.command == "extract":
-            ext = api.extract(args.model, args.dataset, layers=args.layers, hooks=args.hooks.split(","),
-                              workspace=args.workspace, batch_size=args.batch_size, max_samples=args.max_samples,
-                              max_length=args.max_length, dtype=args.dtype, model_dtype=args.model_dtype,
-                              device=args.device, text_column=args.text_column, encoding=args.encoding,
-                              oov_policy=args.oov_policy,
-                              timeout_s=args.timeout, auto_retry_on_oom=args.auto_retry_on_oom)
+            ext = api.extract(workspace=args.workspace, preset=args.preset, **run_options(args))
             print(_summary(ext))
+        elif args.command == "estimate":
+            from .estimate import estimate
+
+            result = estimate(workspace=args.workspace, preset=args.preset, probe=args.probe, **run_options(args))
+            print(f"{result['samples']:,} samples, {result['tokens']:,} tokens, {result['batches']:,} batches, "
+                  f"{len(result['hook_points'])} hook points")
+            print(result["summary"])
+            for warning in result["warnings"]:
+                print(f"warning: {warning}")
+        elif args.command == "presets":
+            _presets(Workspace(args.workspace), args)
         elif args.command == "jobs":
             print(_jobs_table(Workspace(args.workspace).extractions()))
         elif args.command == "delete":

@@ -24,15 +24,17 @@ def feature_window(feature: int | None, d: int, size: int = 64) -> slice:
 
 
 def heatmap(ext: Extraction, row: int, hook_point: str, features: slice | None = None,
-            max_features: int = 64, feature: int | None = None) -> Figure:
+            max_features: int = 64, feature: int | None = None, hide: np.ndarray | None = None) -> Figure:
     """Token × feature heatmap of one dataset row (tokens as labels): a window of ``max_features`` features
-    around ``feature`` (which is outlined), named in the title with the hook point's feature count."""
+    around ``feature`` (which is outlined), named in the title with the hook point's feature count.
+    ``hide``: a bool per token of the row; those tokens are left out (counted in the title)."""
     d = int(ext.activations(hook_point).shape[1])
     features = features or feature_window(feature, d, max_features)
     first, last = features.start or 0, min(features.stop, d) - 1
     sample = ext.sample(row, [hook_point])  # excluded special tokens: NaN rows, drawn blank
     values = np.asarray(sample["activations"][hook_point][:, features], dtype=np.float32)
     tokens = [_clean(t) for t in sample["tokens"]]
+    values, tokens, hidden = _drop(values, tokens, hide)
     fig = Figure(figsize=(WIDTH, min(10.0, 1.8 + len(tokens) * 0.2)), layout="constrained")
     ax = fig.add_subplot()
     limit = float(np.nan_to_num(np.nanmax(np.abs(values)) if values.size else 0.0)) or 1.0
@@ -51,24 +53,34 @@ def heatmap(ext: Extraction, row: int, hook_point: str, features: slice | None =
     ax.set_xlabel(f"feature ({first}–{last} of {d})")
     ax.set_ylabel("token")
     chosen = f", feature {feature} outlined" if feature is not None else ""
-    ax.set_title(f"{hook_point} — row {row}: features {first}–{last} of {d}{chosen}", fontsize=9)
+    ax.set_title(f"{hook_point} — row {row}: features {first}–{last} of {d}{chosen}{hidden}", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01).set_label("activation", fontsize=8)
     return fig
 
 
-def layer_norms(ext: Extraction, row: int, kind: str = "residual") -> Figure:
-    """L2 norm of every stored layer's ``kind`` activation along the row's tokens."""
+def _drop(values: np.ndarray, tokens: list[str], hide: np.ndarray | None) -> tuple[np.ndarray, list[str], str]:
+    """Leave out the tokens ``hide`` marks: (values, tokens, a title note such as ' · 2 tokens hidden')."""
+    if hide is None or not np.any(hide):
+        return values, tokens, ""
+    keep = ~np.asarray(hide, dtype=bool)
+    return values[keep], [t for t, k in zip(tokens, keep) if k], f" · {int((~keep).sum())} tokens hidden"
+
+
+def layer_norms(ext: Extraction, row: int, kind: str = "residual", hide: np.ndarray | None = None) -> Figure:
+    """L2 norm of every stored layer's ``kind`` activation along the row's tokens (``hide``: as in heatmap)."""
     points = [hp for hp in ext.hook_points if hp.endswith("." + kind)]
     sample = ext.sample(row, points)
-    tokens = [_clean(t) for t in sample["tokens"]]
+    names = [_clean(t) for t in sample["tokens"]]
     fig = Figure(figsize=(WIDTH, 3.8), layout="constrained")
     ax = fig.add_subplot()
+    tokens, hidden = names, ""
     for hp in points:
-        values = np.asarray(sample["activations"][hp], dtype=np.float32)
-        ax.plot(np.linalg.norm(values, axis=1), marker=".", label=hp.split(".")[1])
+        norms, tokens, hidden = _drop(np.linalg.norm(np.asarray(sample["activations"][hp], np.float32), axis=1),
+                                      names, hide)
+        ax.plot(norms, marker=".", label=hp.split(".")[1])
     ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7 if len(tokens) < 60 else 5)
     ax.set_ylabel("L2 norm")
-    ax.set_title(f"{kind} norm per layer — row {row}", fontsize=9)
+    ax.set_title(f"{kind} norm per layer — row {row}{hidden}", fontsize=9)
     ax.legend(title="layer", fontsize=7, ncol=min(6, len(points)))
     return fig
 
@@ -87,8 +99,9 @@ def feature_column(ext: Extraction, hook_point: str, feature: int,
 
 def feature_histogram(ext: Extraction, hook_point: str, feature: int, bins: int = 60,
                       max_tokens: int = DEFAULT_SCAN_TOKENS, values: np.ndarray | None = None) -> Figure:
-    """Histogram of one feature over every stored token (``values``: a column already read)."""
+    """Histogram of one feature over every stored token (``values``: a column already read; NaN left out)."""
     values = feature_column(ext, hook_point, feature, max_tokens) if values is None else values
+    values = values[~np.isnan(values)]
     fig = Figure(figsize=(WIDTH, 3.2), layout="constrained")
     ax = fig.add_subplot()
     ax.hist(values, bins=bins, color="#4C72B0")
@@ -96,7 +109,7 @@ def feature_histogram(ext: Extraction, hook_point: str, feature: int, bins: int 
     ax.set_xlabel("activation")
     ax.set_ylabel("tokens")
     ax.set_title(f"{hook_point} feature {feature} over {len(values):,} tokens "
-                 f"(mean {values.mean():.3g}, max {values.max():.3g})", fontsize=9)
+                 + (f"(mean {values.mean():.3g}, max {values.max():.3g})" if len(values) else ""), fontsize=9)
     return fig
 
 
@@ -115,11 +128,14 @@ def histogram_from_counts(counts: np.ndarray, edges: np.ndarray, title: str) -> 
 
 def top_tokens(ext: Extraction, hook_point: str, feature: int, k: int = 15, context: int = 4,
                max_tokens: int = DEFAULT_SCAN_TOKENS, values: np.ndarray | None = None) -> list[dict]:
-    """The ``k`` tokens where ``feature`` is largest, with dataset row, position and context."""
+    """The ``k`` tokens where ``feature`` is largest, with dataset row, position and context (``values``: a
+    column already read, activation rows set to NaN are left out)."""
     values = feature_column(ext, hook_point, feature, max_tokens) if values is None else values
+    values = np.where(np.isnan(values), -np.inf, values)
     k = min(k, len(values))
     best = np.argpartition(-values, k - 1)[:k] if k else np.zeros(0, int)
     best = best[np.argsort(-values[best])]
+    best = best[np.isfinite(values[best])]
     offsets, rows = ext.sample_offsets, ext.sample_index
     ids = ext.store.group["tokens/input_ids"]
     out = []

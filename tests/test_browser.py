@@ -177,6 +177,8 @@ def test_studio_in_jupyterlab(lab):
         model_input.press("Tab")
         tab("Extract")
         expect(page.locator(".widget-html", has_text="Runs all-MiniLM-L6-v2 (bundled)").first).to_be_visible()
+        button("Estimate").click()  # the plan before launching: disk, peak memory
+        expect(page.locator(".mistudio-note", has_text="on disk").first).to_be_visible()
         page.evaluate("""() => { window.__widths = []; window.__poll = setInterval(() => {
             const b = [...document.querySelectorAll('.widget-hprogress .progress-bar')].find(b => b.offsetParent);
             if (b) window.__widths.push(parseFloat(b.style.width) || 0); }, 20); }""")

@@ -5,6 +5,7 @@ import html
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -533,3 +534,142 @@ def test_point8_feature_view_in_browse(gpt2_dir, workspace):
     browser.feature.value = 999
     browser.view_button.click()
     assert "out of range" in browser.info.value
+
+
+# -- issue 10: plan and run real models from the Studio ---------------------------------------------------
+def test_issue10_estimate_shown_and_short_disk_refused_until_confirmed(gpt2_dir, workspace, monkeypatch):
+    import sys
+
+    estimate_module = sys.modules["mistudio.estimate"]  # the package's `estimate` is the function
+    studio = make_studio(workspace, gpt2_dir)
+    panel = studio.extraction_panel
+    panel.estimate_button.click()
+    assert "Estimate" in panel.estimate_line.value and "on disk" in panel.estimate_line.value
+    assert panel.last_estimate["samples"] == 40 and panel.confirm_disk.layout.display == "none"
+    panel.probe.value = True  # the timed run: the model is loaded and a few batches timed
+    panel.estimate_button.click()
+    assert panel.last_estimate["seconds"] is not None and "~" in panel.last_estimate["summary"]
+    panel.probe.value = False
+    panel.layers.value = (1,)  # the form changed: the estimate shown is stale
+    assert panel.last_estimate is None and "Estimate again" in panel.estimate_line.value
+
+    monkeypatch.setattr(estimate_module, "_free_disk", lambda workspace: 1000)  # a disk with 1 KB free
+    panel.launch_button.click()
+    assert panel.job is None and not ms.Workspace(workspace).extractions().shape[0]
+    assert "Not launched" in panel.estimate_line.value and "1000 B" in html.unescape(panel.estimate_line.value)
+    assert panel.confirm_disk.layout.display == ""  # "Launch anyway" offered
+    panel.confirm_disk.value = True
+    panel.launch_button.click()
+    assert panel.job is not None and panel.confirm_disk.value is False  # confirmed for this launch only
+    panel.job.wait(60)
+    assert panel.job.status == "COMPLETED"
+
+
+def test_issue10_auto_batch_and_advanced_options_reach_submit(gpt2_dir, workspace):
+    studio = make_studio(workspace, gpt2_dir)
+    panel = studio.extraction_panel
+    assert "auto" in panel.batch_size.options
+    panel.batch_size.value = "auto"
+    panel.window.value, panel.stride.value = 16, 8
+    panel.exclude_special.value = True
+    panel.micro_batch_size.value = 2
+    args = panel.submit_arguments()
+    assert (args["batch_size"], args["window"], args["stride"], args["micro_batch_size"]) == ("auto", 16, 8, 2)
+    assert args["exclude_special"] is True and args["max_batch_tokens"] is None and args["chat_template"] is None
+    panel.chat_template.value = "{{ messages }}"
+    assert panel.submit_arguments()["chat_template"] == "{{ messages }}"
+    panel.chat_auto.value = True
+    assert panel.submit_arguments()["chat_template"] == "auto"
+    panel.chat_auto.value, panel.chat_template.value = False, ""
+    panel.launch_button.click()
+    job = panel.job
+    job.wait(120)
+    wait_for(lambda: panel.progress.bar_style == "success")
+    chosen = job.meta["params"]["batch_size_auto"]["chosen"]
+    assert f"batch size {chosen} (auto" in panel.status.value
+    assert job.meta["params"]["window"] == 16 and job.meta["params"]["exclude_special"] is True
+    panel.max_batch_tokens.value = 64  # with auto: refused with the spec's message, in the panel
+    panel.launch_button.click()
+    assert "pass one of them" in panel.alert.value
+
+
+def test_issue10_presets_save_fill_launch_delete(gpt2_dir, workspace):
+    studio = make_studio(workspace, gpt2_dir)
+    panel = studio.extraction_panel
+    panel.save_preset_button.click()
+    assert "Type a name" in panel.preset_status.value
+    panel.layers.value = (1,)
+    panel.hooks["mlp"].value = True
+    panel.batch_size.value = 4
+    panel.window.value = 32
+    panel.preset_name.value = "bad name!"
+    panel.save_preset_button.click()
+    assert "Preset not saved" in panel.preset_status.value
+    panel.preset_name.value = "mid"
+    panel.save_preset_button.click()
+    assert "Saved preset" in panel.preset_status.value
+    assert [v for _, v in panel.preset.options] == ["", "mid"] and panel.preset.value == "mid"
+    assert ms.Workspace(workspace).preset("mid")["window"] == 32
+
+    panel.preset.value = ""  # change the form, then choose the preset: it fills the form back
+    panel.layers.value = (0,)
+    panel.batch_size.value = 16
+    panel.window.value = 0
+    panel.preset.value = "mid"
+    assert (panel.layers.value, panel.batch_size.value, panel.window.value) == ((1,), 4, 32)
+    assert panel.hooks["mlp"].value and "Form filled from preset" in panel.preset_status.value
+    ms.Workspace(workspace).save_preset("nosum", **{**ms.Workspace(workspace).preset("mid"), "checksum": False})
+    panel.refresh_presets()
+    panel.preset.value = "nosum"  # an argument the form does not show: named, applied at Launch, kept on Save
+    assert "checksum=False" in panel.preset_status.value
+    panel.preset_name.value = "nosum2"
+    panel.save_preset_button.click()
+    assert ms.Workspace(workspace).preset("nosum2")["checksum"] is False
+    job = panel.launch()
+    job.wait(60)
+    assert job.status == "COMPLETED" and job.meta["params"]["batch_size"] == 4
+    assert job.meta["params"]["checksum"] is False
+    assert job.extraction().hook_points == ["layers.1.residual", "layers.1.mlp"]
+
+    panel.delete_preset_button.click()
+    assert "again to confirm" in panel.preset_status.value and ms.Workspace(workspace).presets()
+    panel.delete_preset_button.click()
+    assert "nosum2" not in ms.Workspace(workspace).presets() and panel.preset.value == ""
+
+
+def test_issue10_browse_hides_special_and_outlier_tokens(minilm_dir, workspace, monkeypatch):
+    studio = make_studio(workspace, minilm_dir)
+    studio.dataset_picker.max_samples.value = 8
+    panel = studio.extraction_panel
+    panel.layers.value = (5,)
+    job = panel.launch()
+    job.wait(120)
+    assert job.status == "COMPLETED"
+    studio.selected_index = 4
+    browser = studio.browser
+    hp = browser.hook_point.value
+    assert "norm quantiles" in browser.info.value and "outlier" in browser.info.value
+    browser.row.value = int(browser.ext.rows()[0])
+    assert browser.plot()
+    shown = {name: image.value for name, image in browser.images.items()}
+    n_special = int(browser.ext.sample(browser.row.value, [hp])["special"].sum())
+    assert n_special >= 2  # [CLS] ... [SEP]
+
+    browser.hide_special.value = True
+    assert browser.plot()
+    assert browser.hidden["row_tokens"] == n_special
+    assert browser.hidden["rows"] == int(browser.ext.store.tokens("special")[:].sum())
+    assert "[[[CLS]]]" not in browser.top_table.value and "[[[SEP]]]" not in browser.top_table.value
+    for name in ("heatmap", "norms", "histogram"):
+        assert browser.images[name].value != shown[name], name
+
+    browser.hide_special.value = False  # outliers: a store's statistics, made low here so some tokens pass them
+    real = browser.ext.outliers(hp)
+    first = browser.ext.activation_range(browser.row.value)[0]
+    norms = np.linalg.norm(browser.ext.sample(browser.row.value, [hp])["activations"][hp].astype(np.float32), axis=1)
+    monkeypatch.setattr(browser.ext, "outliers", lambda point: {**real, "threshold": float(np.median(norms)),
+                                                                "rows": np.array([first, first + 1])})
+    browser.hide_outliers.value = True
+    assert browser.plot()
+    assert browser.hidden["row_tokens"] == int((norms > np.median(norms)).sum()) > 0
+    assert browser.hidden["rows"] == 2 and "Hidden:" in browser.info.value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 
 import ipywidgets as W
+import numpy as np
 
 from .. import plots
 from ..extraction import Extraction
@@ -26,6 +27,11 @@ class ActivationBrowser(W.VBox):
         self.row = W.IntText(value=0, description="Dataset row", style=style)
         self.feature = W.IntText(value=0, description="Feature", style=style)
         self.top_k = W.IntSlider(value=15, min=5, max=50, description="Top k", style=style)
+        self.hide_special = W.Checkbox(value=False, description="hide special tokens", indent=False,
+                                       layout=W.Layout(width="auto"))
+        self.hide_outliers = W.Checkbox(value=False, description="hide outliers", indent=False,
+                                        layout=W.Layout(width="auto"),
+                                        tooltip="tokens whose norm is over the hook point's outlier threshold")
         self.plot_button = W.Button(description="Plot", button_style="primary", icon="bar-chart",
                                     tooltip="the row's heatmap and norms, the feature's histogram and top tokens")
         self.view_button = W.Button(description="Feature view", icon="search", button_style="info",
@@ -41,11 +47,12 @@ class ActivationBrowser(W.VBox):
         self.feature_hist = W.Image(format="png", layout=W.Layout(max_width="100%", display="none"))
         self.ext: Extraction | None = None
         self.extraction.observe(guard(self._say, lambda _: self._select()), "value")
+        self.hook_point.observe(guard(self._say, lambda _: self._describe_hook_point()), "value")
         self.plot_button.on_click(guard(self._say, lambda _: self.plot()))
         self.view_button.on_click(guard(self._say, lambda _: self.show_feature()))
         self.refresh_button.on_click(guard(self._say, lambda _: self.refresh()))
         super().__init__([W.HTML("<b>Browse</b>"), W.HBox([self.extraction, self.refresh_button]), self.hook_point,
-                          W.HBox([self.row, self.feature]), self.top_k,
+                          W.HBox([self.row, self.feature]), W.HBox([self.top_k, self.hide_special, self.hide_outliers]),
                           W.HBox([self.plot_button, self.view_button]), self.info, self.feature_hist,
                           self.feature_html, *self._boxes.values(), self.top_table])
         self.refresh()
@@ -103,7 +110,8 @@ class ActivationBrowser(W.VBox):
         if len(rows) and self.row.value not in set(rows.tolist()):
             self.row.value = int(rows[0])
         self.info.value = (f"{self.ext.n_samples:,} samples, {self.ext.n_tokens:,} tokens; dataset rows "
-                           f"{int(rows.min()) if len(rows) else '–'}..{int(rows.max()) if len(rows) else '–'}")
+                           f"{int(rows.min()) if len(rows) else '–'}..{int(rows.max()) if len(rows) else '–'}"
+                           + (f"<br>{self.norm_line(self.hook_point.value)}" if self.hook_point.value else ""))
 
     def plot(self) -> bool:
         """Draw the four plots for the current choices; errors show in the panel."""
@@ -114,22 +122,76 @@ class ActivationBrowser(W.VBox):
         kind = hp.rsplit(".", 1)[1]
         try:
             column = plots.feature_column(ext, hp, feature)  # one scan of the store serves both plots
-            self.images["heatmap"].value = plots.to_png(plots.heatmap(ext, row, hp, feature=feature))
-            self.images["norms"].value = plots.to_png(plots.layer_norms(ext, row, kind))
+            column, hidden_rows = self._hide_rows(hp, column)
+            points = [p for p in ext.hook_points if p.endswith("." + kind)]
+            hide = self._hidden_tokens(row, points)
+            self.images["heatmap"].value = plots.to_png(plots.heatmap(ext, row, hp, feature=feature, hide=hide))
+            self.images["norms"].value = plots.to_png(plots.layer_norms(ext, row, kind, hide=hide))
             self.images["histogram"].value = plots.to_png(plots.feature_histogram(ext, hp, feature, values=column))
             top = plots.top_tokens(ext, hp, feature, k=self.top_k.value, values=column)
             self.images["top_tokens"].value = plots.to_png(plots.top_tokens_figure(ext, hp, feature, top=top))
         except (ValueError, KeyError) as exc:
             self.info.value = error_box(for_ui(str(exc)))
             return False
+        self.hidden = {"row_tokens": int(hide.sum()) if hide is not None else 0, "rows": hidden_rows}
         for box in self._boxes.values():
             box.layout.display = ""
         self.top_table.value = ("<table class='mistudio-top'><tr><th>value</th><th>row</th><th>pos</th>"
                                 "<th>context</th></tr>" + "".join(
                                     f"<tr><td>{t['value']:.3f}</td><td>{t['row']:,}</td><td>{t['position']}</td>"
                                     f"<td>{html.escape(t['context'])}</td></tr>" for t in top) + "</table>")
-        self.info.value = f"Plotted {html.escape(hp)}, row {row}, feature {feature}."
+        hidden = (f" Hidden: {self.hidden['row_tokens']} of the row's tokens, {hidden_rows:,} activation rows in the "
+                  "histogram and top tokens." if self.hide_special.value or self.hide_outliers.value else "")
+        self.info.value = f"Plotted {html.escape(hp)}, row {row}, feature {feature}.{hidden} {self.norm_line(hp)}"
         return True
+
+    # -- hiding special and outlier tokens ----------------------------------------------------------
+    def norm_line(self, hook_point: str) -> str:
+        """The hook point's norm quantiles and outlier count (from the store's statistics)."""
+        found = self.ext.outliers(hook_point)
+        quantiles = found["quantiles"]
+        if not quantiles:
+            return ""
+        ordered = sorted(quantiles.items(), key=lambda item: float(item[0]))
+        parts = ", ".join(f"p{float(q) * 100:g} {v:.3g}" for q, v in ordered)
+        threshold = f" (norm > {found['threshold']:.3g})" if found["threshold"] is not None else ""
+        return (f"<small>{html.escape(hook_point)} norm quantiles: {parts} · "
+                f"{found['n']:,} outlier token{'s' if found['n'] != 1 else ''}{threshold}</small>")
+
+    def _describe_hook_point(self) -> None:
+        if self.ext is not None and self.hook_point.value:
+            line = self.norm_line(self.hook_point.value)
+            if line:
+                self.info.value = line
+
+    def _hidden_tokens(self, row: int, points: list[str]) -> np.ndarray | None:
+        """A bool per token of ``row``: special tokens and/or tokens whose norm is over an outlier threshold
+        at any of ``points`` (the plotted hook points), as the checkboxes say; None when nothing is hidden."""
+        if not (self.hide_special.value or self.hide_outliers.value):
+            return None
+        sample = self.ext.sample(row, points, tokens=False)
+        hide = np.asarray(sample["special"], dtype=bool) if self.hide_special.value else np.zeros(
+            len(sample["input_ids"]), dtype=bool)
+        if self.hide_outliers.value:
+            for point in points:
+                threshold = self.ext.outliers(point)["threshold"]
+                if threshold is not None:
+                    norms = np.linalg.norm(np.asarray(sample["activations"][point], np.float32), axis=1)
+                    hide |= np.nan_to_num(norms) > threshold
+        return hide
+
+    def _hide_rows(self, hook_point: str, column: np.ndarray) -> tuple[np.ndarray, int]:
+        """The feature column with hidden activation rows set to NaN (histogram and top tokens skip them)."""
+        hide = np.zeros(len(column), dtype=bool)
+        if self.hide_special.value and len(column):
+            special = np.asarray(self.ext.store.tokens("special")[:], dtype=bool)
+            hide |= special[self.ext.token_index(np.arange(len(column)))]
+        if self.hide_outliers.value:
+            rows = self.ext.outliers(hook_point)["rows"]
+            hide[rows[rows < len(column)]] = True
+        if not hide.any():
+            return column, 0
+        return np.where(hide, np.nan, column).astype(np.float32), int(hide.sum())
 
     def show_feature(self) -> bool:
         """The feature view of the chosen hook point and feature over the whole store (cached in the store)."""

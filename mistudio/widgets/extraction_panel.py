@@ -1,4 +1,5 @@
-"""Extract tab: layers, hooks, batch size, dtype, OOM auto-retry; Launch, live progress, Cancel, Retry/Resume."""
+"""Extract tab: layers, hooks, batch size, dtype, advanced options, presets; Estimate, Launch (refused when the
+disk is short unless confirmed), live progress, Cancel, Retry/Resume."""
 from __future__ import annotations
 
 import html
@@ -9,11 +10,11 @@ from typing import Any, Callable
 import ipywidgets as W
 
 from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES
-from ..errors import InputError
+from ..errors import InputError, human_bytes
 from ..jobs import Job
 from ..models import load_config, n_layers_of
 from ..workspace import Workspace
-from .common import PLAIN_ERRORS, badge, error_box, for_ui, guard, progress_text
+from .common import PLAIN_ERRORS, badge, error_box, for_ui, guard, note_box, progress_text
 
 THROTTLE_S = 0.25
 RETRY_HELP = ("<small><b>Retry</b> starts a new extraction with the form as it is now (fix the model, dataset or "
@@ -28,6 +29,25 @@ def resumable(job: Job | None) -> bool:
         return True
     error = job.error or {}
     return job.status == "FAILED" and bool(error.get("resume_available")) and error.get("error_type") != "VALIDATION"
+
+
+def disk_short(result: dict) -> bool:
+    """The estimate says the store will not fit on the workspace's disk."""
+    free = result.get("free_disk_bytes")
+    return free is not None and result["bytes_on_disk"] > free
+
+
+def _dataset_description(arguments: dict) -> dict:
+    """A preset's dataset as the recorded description ``DatasetPicker.set_from_description`` reads."""
+    dataset = arguments.get("dataset", "sample")
+    if dataset == "sample":
+        source: dict = {"kind": "sample"}
+    elif hasattr(dataset, "name") and hasattr(dataset, "split"):  # a HubDataset
+        source = {"kind": "hub", "name": dataset.name, "split": dataset.split, "config": dataset.config}
+    else:
+        source = {"kind": "path", "path": str(dataset)}
+    return {"source": source, "max_samples": arguments.get("max_samples"),
+            "max_length": arguments.get("max_length", 128), "text_column": arguments.get("text_column")}
 
 
 class ExtractionPanel(W.VBox):
@@ -49,10 +69,14 @@ class ExtractionPanel(W.VBox):
         self.layers = W.SelectMultiple(options=[], description="Layers", rows=6, style=style)
         self.hooks = {k: W.Checkbox(value=k == "residual", description=k, indent=False,
                                     layout=W.Layout(width="auto")) for k in HOOK_KINDS}
-        self.batch_size = W.Dropdown(options=BATCH_SIZES, value=8, description="Batch size", style=style)
+        self.batch_size = W.Dropdown(options=("auto",) + BATCH_SIZES, value=8, description="Batch size", style=style,
+                                     tooltip="auto: trial forwards of the longest samples choose it after loading")
         self.dtype = W.Dropdown(options=STORAGE_DTYPES, value="float16", description="Store as", style=style)
         self.auto_retry = W.Checkbox(value=False, description="On out-of-memory, retry with half the batch size",
                                      indent=False, layout=W.Layout(width="auto"))
+        self._build_advanced(style)
+        self._build_presets(style)
+        self._build_estimate()
         self.launch_button = W.Button(description="Launch", button_style="primary", icon="play",
                                       tooltip="start a new extraction with the model, dataset and options shown")
         self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop", disabled=True,
@@ -76,12 +100,76 @@ class ExtractionPanel(W.VBox):
         for widget in (self.dataset_picker.source, self.dataset_picker.path, self.dataset_picker.hub_name,
                        self.dataset_picker.hub_split, self.dataset_picker.max_samples, self.dataset_picker.max_length):
             widget.observe(guard(self._say, lambda _: self.update_summary()), "value")
+        form = (self.model_picker.choice, self.dataset_picker.source, self.dataset_picker.path,
+                self.dataset_picker.max_samples, self.dataset_picker.max_length, self.layers, self.batch_size,
+                self.dtype, self.max_batch_tokens, self.micro_batch_size, self.window, self.stride, self.chat_auto,
+                self.chat_template, self.exclude_special, *self.hooks.values())
+        for widget in form:  # an estimate of another form is stale: say so (Estimate or Launch makes a new one)
+            widget.observe(lambda _: self._estimate_stale(), "value")
         super().__init__([
-            W.HTML("<b>Extract</b>"), self.summary, self.layers,
+            W.HTML("<b>Extract</b>"), self.presets_box, self.summary, self.layers,
             W.HBox([W.Label("Hooks:")] + list(self.hooks.values())),
-            W.HBox([self.batch_size, self.dtype]), self.auto_retry,
-            W.HBox([self.launch_button, self.cancel_button]), self.progress, self.status, self.failure_box])
+            W.HBox([self.batch_size, self.dtype]), self.auto_retry, self.advanced,
+            W.HBox([self.estimate_button, self.probe, self.launch_button, self.cancel_button]),
+            self.estimate_line, self.confirm_disk, self.progress, self.status, self.failure_box])
         self.refresh_layers()
+
+    # -- building blocks --------------------------------------------------------------------------
+    def _build_advanced(self, style: dict) -> None:
+        """Token budget, micro-batches, long documents, chat data, special tokens: folded away by default."""
+        wide = {"description_width": "130px"}
+        self.max_batch_tokens = W.BoundedIntText(value=0, min=0, max=10**9, description="Max batch tokens",
+                                                 style=wide, tooltip="cut batches by padded tokens; 0 = off")
+        self.micro_batch_size = W.BoundedIntText(value=0, min=0, max=512, description="Micro-batch size",
+                                                 style=wide, tooltip="forward each batch in pieces; 0 = off")
+        self.window = W.BoundedIntText(value=0, min=0, max=10**7, description="Window", style=wide,
+                                       tooltip="long documents in overlapping windows; 0 = truncate at max length")
+        self.stride = W.BoundedIntText(value=0, min=0, max=10**7, description="Stride", style=wide,
+                                       tooltip="step between windows; 0 = window // 2")
+        self.chat_auto = W.Checkbox(value=False, description="Chat data: the tokenizer's chat template",
+                                    indent=False, layout=W.Layout(width="auto"))
+        self.chat_template = W.Textarea(placeholder="or a Jinja chat template (empty: plain text rows)",
+                                        layout=W.Layout(width="95%", height="60px"))
+        self.exclude_special = W.Checkbox(value=False, description="Exclude special tokens (no activation rows)",
+                                          indent=False, layout=W.Layout(width="auto"))
+        self.advanced = W.Accordion(children=[W.VBox([
+            W.HBox([self.max_batch_tokens, self.micro_batch_size]), W.HBox([self.window, self.stride]),
+            self.chat_auto, self.chat_template, self.exclude_special])], selected_index=None)
+        self.advanced.set_title(0, "Advanced: token budget, micro-batches, long documents, chat, special tokens")
+
+    def _build_presets(self, style: dict) -> None:
+        self.preset = W.Dropdown(options=[("(none)", "")], value="", description="Preset", style=style,
+                                 tooltip="fill the form from a saved preset (<workspace>/presets)")
+        self.preset_name = W.Text(placeholder="name", layout=W.Layout(width="140px"))
+        self.save_preset_button = W.Button(description="Save as preset", icon="save", layout=W.Layout(width="auto"),
+                                           tooltip="save the form (validated) under the name")
+        self.delete_preset_button = W.Button(description="Delete preset", icon="trash", layout=W.Layout(width="auto"),
+                                             tooltip="delete the chosen preset (asks first)")
+        self.preset_status = W.HTML()
+        self._delete_armed: str | None = None
+        self.preset.observe(guard(self._say_preset, lambda _: self.apply_preset()), "value")
+        self.save_preset_button.on_click(guard(self._say_preset, lambda _: self.save_preset()))
+        self.delete_preset_button.on_click(guard(self._say_preset, lambda _: self.delete_preset()))
+        self.presets_box = W.VBox([W.HBox([self.preset, self.preset_name, self.save_preset_button,
+                                           self.delete_preset_button]), self.preset_status])
+        self.refresh_presets()
+
+    def _build_estimate(self) -> None:
+        self.estimate_button = W.Button(description="Estimate", icon="calculator", layout=W.Layout(width="auto"),
+                                        tooltip="disk, device memory (and time, with probe) before launching")
+        self.probe = W.Checkbox(value=False, description="probe (time a few batches)", indent=False,
+                                layout=W.Layout(width="auto"))
+        self.estimate_line = W.HTML()
+        self.confirm_disk = W.Checkbox(value=False, description="Launch anyway: the disk looks too small",
+                                       indent=False, layout=W.Layout(width="auto", display="none"))
+        self.last_estimate: dict | None = None
+        self.estimate_button.on_click(guard(self._say_estimate, lambda _: self.estimate()))
+
+    def _say_preset(self, text: str) -> None:
+        self.preset_status.value = text
+
+    def _say_estimate(self, text: str) -> None:
+        self.estimate_line.value = text
 
     def _say(self, text: str) -> None:
         """Where a callback's unexpected error shows: the failure box of this panel."""
@@ -116,10 +204,14 @@ class ExtractionPanel(W.VBox):
         except Exception:  # an unfinished path while typing: keep the old list (Launch names the problem)
             pass
 
+    ADVANCED = ("max_batch_tokens", "micro_batch_size", "window", "stride", "exclude_special")
+
     def state(self) -> dict:
         """The extract options as a JSON-able dict (what ``studio.json`` remembers)."""
         return {"layers": list(self.layers.value), "hooks": [k for k, b in self.hooks.items() if b.value],
-                "batch_size": self.batch_size.value, "dtype": self.dtype.value, "auto_retry": self.auto_retry.value}
+                "batch_size": self.batch_size.value, "dtype": self.dtype.value, "auto_retry": self.auto_retry.value,
+                **{name: getattr(self, name).value for name in self.ADVANCED},
+                "chat_template": "auto" if self.chat_auto.value else (self.chat_template.value or None)}
 
     def set_state(self, state: dict) -> None:
         """Fill the options from a saved state or a job's parameters (unknown values are skipped)."""
@@ -132,6 +224,16 @@ class ExtractionPanel(W.VBox):
         for name in ("batch_size", "dtype", "auto_retry"):
             if state.get(name) is not None and (name == "auto_retry" or state[name] in getattr(self, name).options):
                 getattr(self, name).value = state[name]
+        for name in self.ADVANCED:
+            if name in state:
+                try:
+                    getattr(self, name).value = state[name] or (False if name == "exclude_special" else 0)
+                except Exception:  # a stale or hand-edited value: keep the current one
+                    pass
+        if "chat_template" in state:
+            template = state["chat_template"]
+            self.chat_auto.value = template == "auto"
+            self.chat_template.value = template if template and template != "auto" else ""
 
     def prefill(self, meta: dict, suggested: dict | None = None) -> None:
         """Show a job's settings in the form (model, dataset, options), then the suggested retry parameters."""
@@ -151,14 +253,26 @@ class ExtractionPanel(W.VBox):
             self.dataset_picker.max_samples.value = int(suggested["max_samples"])
         self.update_summary()
 
-    def submit_arguments(self) -> dict:
-        """What Launch and Retry pass to the workspace: the form as it is now."""
+    def form_arguments(self) -> dict:
+        """The form as ``ws.submit`` arguments (what presets save and Estimate reads); 0 / empty = off."""
         hooks = [k for k, box in self.hooks.items() if box.value]
         model = self.model_picker.spec()
+        window = self.window.value or None
+        template = "auto" if self.chat_auto.value else (self.chat_template.value.strip() or None)
         return {"model": model.name_or_path, "model_dtype": model.dtype, "device": model.device,
                 "dataset": self.dataset_picker.dataset(), "layers": list(self.layers.value), "hooks": hooks,
                 "batch_size": self.batch_size.value, "dtype": self.dtype.value,
-                "auto_retry_on_oom": self.auto_retry.value, **self.dataset_picker.options(), **self.extra_options}
+                "auto_retry_on_oom": self.auto_retry.value, **self.dataset_picker.options(),
+                "max_batch_tokens": self.max_batch_tokens.value or None,
+                "micro_batch_size": self.micro_batch_size.value or None,
+                "window": window, "stride": (self.stride.value or None) if window else None,
+                "chat_template": template, "exclude_special": self.exclude_special.value}
+
+    def submit_arguments(self) -> dict:
+        """What Launch and Retry pass to the workspace: the form as it is now (and the chosen preset, whose
+        arguments the form does not show, e.g. device_map, still apply)."""
+        preset = {"preset": self.preset.value} if self.preset.value else {}
+        return {**preset, **self.form_arguments(), **self.extra_options}
 
     def _check_model_first(self) -> None:
         """No layers to choose usually means the model cannot be read: say that, not 'layers is empty'."""
@@ -167,16 +281,143 @@ class ExtractionPanel(W.VBox):
             raise InputError("choose at least one layer")
 
     # -- actions ----------------------------------------------------------------------------------
+    def estimate(self, probe: bool | None = None) -> dict | None:
+        """``ms.estimate`` of the form: the summary line and warnings under the buttons (errors there too).
+        ``probe``: time a few batches (default: the checkbox)."""
+        from ..estimate import estimate
+
+        self.estimate_line.value = "<i>estimating… (tokenizing the dataset)</i>"
+        try:
+            arguments = {k: v for k, v in self.submit_arguments().items() if k not in self.extra_options}
+            probe = self.probe.value if probe is None else probe
+            result = estimate(workspace=self.workspace.root, probe=probe, **arguments)
+        except Exception as exc:  # noqa: BLE001 - a bad form: say it here
+            self.last_estimate = None
+            self.estimate_line.value = error_box(f"<b>No estimate</b>: {for_ui(str(exc))}")
+            return None
+        self.last_estimate = result
+        short = disk_short(result)
+        self.confirm_disk.layout.display = "" if short else "none"
+        if not short:
+            self.confirm_disk.value = False
+        warnings = "".join(f"<li>{html.escape(w)}</li>" for w in result["warnings"])
+        text = (f"<b>Estimate</b>: {html.escape(result['summary'])} <small>({result['samples']:,} samples, "
+                f"{result['tokens']:,} tokens)</small>")
+        text += f"<ul style='margin:2px 0'>{warnings}</ul>" if warnings else ""
+        self.estimate_line.value = (note_box(text, "#fd7e14", "#fff3e0") if result["warnings"] else note_box(text))
+        return result
+
+    def _estimate_stale(self) -> None:
+        if self.last_estimate is not None:
+            self.last_estimate = None
+            self.estimate_line.value = "<small><i>The form changed: Estimate again (Launch does).</i></small>"
+
+    def _disk_refused(self) -> bool:
+        """Estimate (without probe) right before launching; True (and say why) when the disk is short and not
+        confirmed."""
+        result = self.estimate(probe=False)
+        if result is None or not disk_short(result) or self.confirm_disk.value:
+            return False  # no estimate (a bad form): submit names the problem
+        self.status.value = f"{badge('NOT STARTED')} not enough free disk"
+        self.estimate_line.value += error_box(
+            f"<b>Not launched</b>: the store needs {human_bytes(result['bytes_on_disk'])} but the workspace's disk "
+            f"has {human_bytes(result['free_disk_bytes'])} free. Free space, capture fewer hook points or samples, "
+            "or tick <i>Launch anyway</i> and Launch again (a full disk stops the job, resumable).")
+        return True
+
     def launch(self) -> Job | None:
-        """Validate the form and submit; errors show in the panel, never as a traceback."""
+        """Estimate, validate the form and submit; errors show in the panel, never as a traceback."""
         try:
             self._check_model_first()
+            if self._disk_refused():
+                return None
             job = self.workspace.submit(**self.submit_arguments())
         except Exception as exc:  # InputError, DiskFull, ...: no job exists, so Retry/Resume target nothing
             self._failed_before_job(exc)
             return None
+        self.confirm_disk.value = False  # a confirmation is for one launch
         self._started(job)
         return job
+
+    # -- presets ----------------------------------------------------------------------------------
+    def refresh_presets(self, select: str | None = None) -> None:
+        """The dropdown lists ``<workspace>/presets``; ``select`` chooses one (without filling the form)."""
+        names = sorted(self.workspace.presets())
+        current = select if select is not None else self.preset.value
+        self._filling = True
+        try:
+            self.preset.options = [("(none)", "")] + [(n, n) for n in names]
+            self.preset.value = current if current in names else ""
+        finally:
+            self._filling = False
+
+    def apply_preset(self, name: str | None = None) -> None:
+        """Fill the form from a preset (model, dataset and every option the form shows)."""
+        if getattr(self, "_filling", False):
+            return
+        name = self.preset.value if name is None else name
+        self._delete_armed = None
+        if not name:
+            self.preset_status.value = ""
+            return
+        arguments = self.workspace.preset(name)
+        if arguments.get("model"):
+            self.model_picker.set_model(str(arguments["model"]))
+            self.refresh_layers()
+        if arguments.get("model_dtype") in self.model_picker.dtype.options:
+            self.model_picker.dtype.value = arguments["model_dtype"]
+        self.dataset_picker.set_from_description(_dataset_description(arguments))
+        layers = arguments.get("layers")
+        state = {**arguments, "auto_retry": arguments.get("auto_retry_on_oom"),
+                 "layers": list(layers) if isinstance(layers, (list, tuple)) else layers}
+        if isinstance(state["layers"], str):
+            from ..specs import parse_layers
+
+            state["layers"] = parse_layers(state["layers"])
+        self.set_state({k: v for k, v in state.items() if v is not None or k in self.ADVANCED + ("chat_template",)})
+        self.preset_name.value = name
+        shown = set(self.form_arguments()) | {"auto_retry_on_oom"}
+        other = {k: v for k, v in arguments.items() if k not in shown}
+        self.preset_status.value = note_box(
+            f"Form filled from preset <b>{html.escape(name)}</b>."
+            + (" Launch also applies: " + html.escape(", ".join(f"{k}={v!r}" for k, v in other.items()))
+               if other else ""))
+        self.update_summary()
+
+    def save_preset(self) -> str | None:
+        """Save the form under the name field (validated by ``ws.save_preset``; errors show here), with the
+        arguments of the chosen preset that the form does not show."""
+        name = self.preset_name.value.strip()
+        if not name:
+            self.preset_status.value = error_box("Type a name for the preset (letters, digits, _ - .).")
+            return None
+        try:
+            chosen = self.workspace.preset(self.preset.value) if self.preset.value else {}
+            self.workspace.save_preset(name, **{**chosen, **self.form_arguments()})  # keeps e.g. its device_map
+        except Exception as exc:  # noqa: BLE001 - InputError: the usual message, in this panel
+            self.preset_status.value = error_box(f"<b>Preset not saved</b>: {for_ui(str(exc))}")
+            return None
+        self.refresh_presets(select=name)
+        self.preset_status.value = note_box(f"Saved preset <b>{html.escape(name)}</b> "
+                                            f"(<code>presets/{html.escape(name)}.json</code> in the workspace).")
+        return name
+
+    def delete_preset(self) -> bool:
+        """First click asks, the second (on the same preset) deletes it."""
+        name = self.preset.value
+        if not name:
+            self.preset_status.value = error_box("Choose a preset to delete.")
+            return False
+        if self._delete_armed != name:
+            self._delete_armed = name
+            self.preset_status.value = error_box(f"Delete preset <b>{html.escape(name)}</b>? Click "
+                                                 "<i>Delete preset</i> again to confirm.")
+            return False
+        self._delete_armed = None
+        self.workspace.delete_preset(name)
+        self.refresh_presets(select="")
+        self.preset_status.value = note_box(f"Deleted preset <b>{html.escape(name)}</b>.")
+        return True
 
     def _failed_before_job(self, exc: Exception) -> None:
         with self._lock:
@@ -221,7 +462,9 @@ class ExtractionPanel(W.VBox):
             return self.launch()
         try:
             self._check_model_first()
-            job = self.workspace.retry(self.job.id, **self.submit_arguments())
+            if self._disk_refused():
+                return None
+            job = self.workspace.retry(self.job.id, **self.form_arguments(), **self.extra_options)
         except Exception as exc:  # the corrected form may still be wrong: say it, keep the target
             self.alert.value = error_box(f"<b>Retry failed</b>: {for_ui(str(exc))}")
             return None
@@ -233,7 +476,8 @@ class ExtractionPanel(W.VBox):
             self.alert.value = error_box("Nothing to resume: use Retry (with the form corrected) instead.")
             return None
         try:
-            job = self.job.resume(batch_size=self.batch_size.value)
+            size = self.batch_size.value
+            job = self.job.resume(batch_size=None if size == "auto" else size)
         except Exception as exc:  # StoreBusy, InputError: say it in the panel
             self.alert.value = error_box(for_ui(str(exc)))
             return None
@@ -305,9 +549,11 @@ class ExtractionPanel(W.VBox):
             self.progress.bar_style = "success"
             self.progress.description = "100%"
             meta = job.meta
+            auto = meta.get("params", {}).get("batch_size_auto") or {}
+            chosen = f", batch size {auto['chosen']} (auto: {html.escape(str(auto.get('reason', '')))})" if auto else ""
             self.status.value = (f"{badge('COMPLETED')} {html.escape(job.id)}: {meta['progress']['samples_total']:,} "
                                  f"samples, {meta['progress']['tokens_total']:,} tokens, "
-                                 f"{meta['timings'].get('tokens_per_s') or 0:,.0f} tokens/s")
+                                 f"{meta['timings'].get('tokens_per_s') or 0:,.0f} tokens/s{chosen}")
         elif status == "CANCELLED":
             self.progress.bar_style = "warning"
             self.status.value = (f"{badge('CANCELLED')} {html.escape(job.id)}: {progress.get('samples_done', 0):,} "

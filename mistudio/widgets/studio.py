@@ -89,6 +89,7 @@ class Studio(W.VBox):
         title = TABS[change["new"]] if change["new"] is not None else None
         if title == "Extract":
             guard(self.extraction_panel._say, self.extraction_panel.update_summary)()
+            guard(self.extraction_panel._say_preset, self.extraction_panel.refresh_presets)()
         elif title == "Jobs":
             guard(self.jobs_panel._say, self.jobs_panel.refresh)()
         elif title == "Browse":
