@@ -63,7 +63,8 @@ def test_launch_progress_complete_browse(gpt2_dir, workspace):
     assert "Plotted layers.2.residual" in browser.info.value
 
 
-def test_cancel_from_panel(gpt2_dir, workspace):
+def launch_then_cancel(workspace: str, gpt2_dir: str):
+    """A Studio whose launched job is cancelled from the panel at its third batch; returns the Studio."""
     reached, release = threading.Event(), threading.Event()
 
     def gate(index, _):
@@ -79,6 +80,12 @@ def test_cancel_from_panel(gpt2_dir, workspace):
     panel.cancel_button.click()
     release.set()
     panel.job.wait(60)
+    return studio
+
+
+def test_cancel_from_panel(gpt2_dir, workspace):
+    studio = launch_then_cancel(workspace, gpt2_dir)
+    panel = studio.extraction_panel
     wait_for(lambda: panel.progress.bar_style == "warning")
     assert panel.job.status == "CANCELLED" and "CANCELLED" in panel.status.value
     assert panel.failure_box.layout.display == ""  # resume offered
@@ -272,21 +279,8 @@ def test_point1_every_callback_error_shows_in_its_panel(gpt2_dir, workspace, mon
 
 
 def test_point2_browse_after_cleanup_removed_its_store(gpt2_dir, workspace):
-    reached, release = threading.Event(), threading.Event()
-
-    def gate(index, _):
-        if index == 2:
-            reached.set()
-            release.wait(30)
-
-    studio = make_studio(workspace, gpt2_dir, before_batch=gate)
+    studio = launch_then_cancel(workspace, gpt2_dir)
     panel = studio.extraction_panel
-    panel.batch_size.value = 4
-    panel.launch_button.click()
-    assert reached.wait(60)
-    panel.cancel_button.click()
-    release.set()
-    panel.job.wait(60)
     cancelled = panel.job.id
     studio.selected_index = 4
     assert studio.browser.extraction.value == cancelled  # it holds data: listed
