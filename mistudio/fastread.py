@@ -109,7 +109,8 @@ class FastReader:
                            -(-(min(stop, base + self.unit_rows) - base) // self.chunk_rows))
             offsets = self.shard_index(fd, unit, size, chunks) if self.sharded else None
             if not self.sharded and size != self.chunk_bytes:
-                raise Damaged(self.unit_key(unit), f"the chunk cannot be decoded (file is {size} bytes, not {self.chunk_bytes})")
+                raise Damaged(self.unit_key(unit),
+                              f"the chunk cannot be decoded (file is {size} bytes, not {self.chunk_bytes})")
             for c in chunks:
                 start = base + c * self.chunk_rows  # first row of this encoded chunk
                 lo, hi = max(first, start), min(stop, start + self.chunk_rows)
@@ -149,8 +150,8 @@ class FastReader:
             return Damaged(self.unit_key(unit), f"the chunk cannot be decoded ({why})")
         row = unit * self.unit_rows + chunk * self.chunk_rows
         inner = unit * self.per_shard + chunk
-        return Damaged(self.unit_key(unit), f"inner chunk(s) ({inner}, 0) of the shard (rows {row}-{row + self.chunk_rows}) "
-                                  f"cannot be decoded ({why})")
+        return Damaged(self.unit_key(unit), f"inner chunk(s) ({inner}, 0) of the shard "
+                                            f"(rows {row}-{row + self.chunk_rows}) cannot be decoded ({why})")
 
     def scratch(self) -> np.ndarray:
         """A per-thread buffer of one chunk's data bytes (reused: no page faults per read)."""

@@ -81,10 +81,12 @@ def test_flipped_bit_names_the_chunk(stores, name, tmp_path):
     a = ext.activations(HP)
     unit = c / "1" / "0"  # chunk 1 (rows 64-128) or shard 1 (rows 320-640)
     data = bytearray(unit.read_bytes())
-    data[2 * (64 * a.shape[1] * 4 + 4) + 100 if name == "shards" else 100] ^= 0x10  # shard: inner chunk 2 (rows 448-512)
+    inner_chunk_2 = 2 * (64 * a.shape[1] * 4 + 4)  # in shard 1: rows 448-512
+    data[inner_chunk_2 + 100 if name == "shards" else 100] ^= 0x10
     unit.write_bytes(bytes(data))
     rows = slice(450, 460) if name == "shards" else slice(70, 80)
-    what = r"inner chunk\(s\) \(7, 0\) of the shard \(rows 448-512\)" if name == "shards" else "the chunk cannot be decoded"
+    what = r"inner chunk\(s\) \(7, 0\) of the shard \(rows 448-512\)" if name == "shards" else \
+        "the chunk cannot be decoded"
     with pytest.raises(StoreCorrupted, match=rf"activations/{HP} chunk \(1, 0\) \(file .*c/1/0\): {what}") as info:
         a[rows]
     assert info.value.chunk == (1, 0) and info.value.array == f"activations/{HP}" and info.value.file.endswith("c/1/0")
@@ -133,3 +135,22 @@ def test_remote_store_reads_through_zarr(gpt2_dir):
     a = ext.activations(HP)
     assert a._fast is None
     np.testing.assert_array_equal(a[10:200, 2:5], a.zarr[10:200, 2:5])
+
+
+@pytest.mark.parametrize("shards", [None, (320, 16)])
+def test_files_zarr_wrote_itself_read_the_same(tmp_path, shards):
+    """Units that Zarr encoded (not ``write_unit``): its own inner chunk order within a shard, partial writes."""
+    import zarr
+
+    from mistudio.integrity import CheckedArray
+    from mistudio.store import WRITE_CONFIG, array_codecs
+
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(700, 16), chunks=(64, 16), shards=shards, dtype="float32",
+                          fill_value=0, config=WRITE_CONFIG, **array_codecs(True))
+    data = np.random.default_rng(1).standard_normal((700, 16)).astype("float32")
+    for a0 in (600, 0, 300):  # out of order, ranges that cut units
+        z[a0:a0 + 300] = data[a0:a0 + 300]
+    a = CheckedArray(z, str(tmp_path / "a.zarr"), 700)
+    assert a._fast is not None
+    for key in [slice(0, 700), slice(10, 650), (slice(63, 321), [2, 5]), slice(640, 700)]:
+        np.testing.assert_array_equal(a._fast.read(key), data[key])
