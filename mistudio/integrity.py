@@ -19,6 +19,7 @@ from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
 from .errors import StoreCorrupted
+from .fastread import Damaged, Fallback, FastReader
 from .metadata import END_STATES, LIVE_STATES
 
 TOKEN_ARRAYS = ("input_ids", "sample_offsets", "sample_index")
@@ -102,12 +103,15 @@ class CheckedArray:
     Slicing (``a[i:j]``, ``a[i:j, f]``, ``a[:, f]``, ``a[rows]``) returns numpy arrays like Zarr does;
     storage units below ``mark`` must exist, and decode errors become :class:`StoreCorrupted`.
     Rows at or above ``mark`` (not yet committed) read as Zarr gives them. ``.zarr`` is the raw array.
+    Row slices below ``mark`` of a local store in the writer's own layout are read from the files directly
+    (:mod:`mistudio.fastread`: one copy, crc32c checked), everything else through Zarr.
     """
 
     def __init__(self, arr: zarr.Array, location: str, mark: int):
         self.zarr = arr
         self.location = location
         self.mark = int(mark)
+        self._fast = FastReader.open(arr)
 
     def __repr__(self) -> str:
         return f"<CheckedArray {self.zarr.path} shape={self.shape} dtype={self.dtype} chunks={self.chunks}>"
@@ -154,6 +158,15 @@ class CheckedArray:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         first, stop = self._row_span(key)
+        if self._fast is not None and stop <= self.mark:
+            try:
+                return self._fast.read(key)
+            except Fallback:
+                pass
+            except Damaged as exc:
+                what = (f"the {_unit_name(self.zarr)} is missing although rows below {self.mark} are committed"
+                        if exc.missing else exc.what)
+                raise self._fail(exc.unit, what) from None
         missing = _missing(self.zarr, _units(self.zarr, first, min(stop, self.mark)))
         if missing:
             raise self._fail(missing[0], f"the {_unit_name(self.zarr)} is missing although rows below {self.mark} "
