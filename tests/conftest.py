@@ -6,6 +6,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import threading
+
 import pytest
 import torch
 
@@ -104,3 +106,14 @@ TEXTS = [
     "Residual streams carry information from the embedding to the unembedding.",
     "Mechanistic interpretability.",
 ]
+
+
+def gate(at_batch: int):
+    """before_batch hook: signals `reached` at batch `at_batch`, then waits for `release` (at most 30 s)."""
+    reached, release = threading.Event(), threading.Event()
+
+    def hook(index, _batch_size):
+        if index == at_batch:
+            reached.set()
+            release.wait(30)
+    return hook, reached, release

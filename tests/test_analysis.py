@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import zarr
 
 import mistudio as ms
 from mistudio import analysis
+from conftest import gate
 
 HP = "layers.1.residual"
 ARGS = dict(layers=[0, 1], hooks=["residual"], dtype="float32", chunk_mb=0.02, max_length=64)
@@ -121,14 +121,9 @@ def test_read_only_store_skips_caching(ext, monkeypatch):
 
 
 def test_live_job_is_not_cached(gpt2_dir, tmp_path):
-    reached, release = threading.Event(), threading.Event()
+    gate_hook, reached, release = gate(10)
 
-    def gate(index, _batch_size):
-        if index == 10:
-            reached.set()
-            release.wait(30)
-
-    job = ms.Workspace(str(tmp_path)).submit(gpt2_dir, ms.sample_texts()[:200], batch_size=8, before_batch=gate,
+    job = ms.Workspace(str(tmp_path)).submit(gpt2_dir, ms.sample_texts()[:200], batch_size=8, before_batch=gate_hook,
                                              **ARGS)
     try:
         assert reached.wait(60)

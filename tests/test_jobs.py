@@ -15,6 +15,7 @@ import torch
 
 import mistudio as ms
 from mistudio import runner as jobs_module
+from conftest import gate
 
 HOOKS = ["residual", "mlp", "attention"]
 BASE = dict(layers=[0, 2], hooks=HOOKS, max_samples=120, dtype="float32", chunk_mb=0.01)
@@ -52,17 +53,6 @@ class Recorder:
 
     def of(self, kind):
         return [e for e in self.events if e["event"] == kind]
-
-
-def gate(at_batch: int):
-    """before_batch hook: signals `reached` at batch `at_batch`, then waits for `release`."""
-    reached, release = threading.Event(), threading.Event()
-
-    def hook(index, _batch_size):
-        if index == at_batch:
-            reached.set()
-            release.wait(30)
-    return hook, reached, release
 
 
 def test_progress_events_and_states(gpt2_dir, workspace, clean):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pickle
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from torch.utils.data import DataLoader
 
 import mistudio as ms
 from mistudio.loader import LoaderIterator
+from conftest import gate
 
 HPS = ["layers.0.residual", "layers.1.residual"]
 EOS = "<|endoftext|>"
@@ -154,14 +154,9 @@ def test_buffer_is_bounded(store):
 
 
 def test_in_progress_store_only_up_to_the_commit_mark(gpt2_dir, tmp_path):
-    reached, release = threading.Event(), threading.Event()
+    gate_hook, reached, release = gate(12)
 
-    def gate(index, _batch_size):
-        if index == 12:
-            reached.set()
-            release.wait(30)
-
-    job = ms.Workspace(str(tmp_path)).submit(gpt2_dir, texts(0, 200), batch_size=8, before_batch=gate,
+    job = ms.Workspace(str(tmp_path)).submit(gpt2_dir, texts(0, 200), batch_size=8, before_batch=gate_hook,
                                              **{k: v for k, v in ARGS.items() if k != "progress"})
     try:
         assert reached.wait(60)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-import threading
 import time
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import mistudio as ms
+from conftest import gate
 
 pytest.importorskip("matplotlib")
 
@@ -65,14 +65,9 @@ def test_launch_progress_complete_browse(gpt2_dir, workspace):
 
 def launch_then_cancel(workspace: str, gpt2_dir: str):
     """A Studio whose launched job is cancelled from the panel at its third batch; returns the Studio."""
-    reached, release = threading.Event(), threading.Event()
+    gate_hook, reached, release = gate(2)
 
-    def gate(index, _):
-        if index == 2:
-            reached.set()
-            release.wait(30)
-
-    studio = make_studio(workspace, gpt2_dir, before_batch=gate)
+    studio = make_studio(workspace, gpt2_dir, before_batch=gate_hook)
     panel = studio.extraction_panel
     panel.batch_size.value = 4
     panel.launch_button.click()
@@ -294,12 +289,7 @@ def test_point2_browse_after_cleanup_removed_its_store(gpt2_dir, workspace):
 
 
 def test_point3_jobs_grid_compact_and_live(gpt2_dir, workspace):
-    reached, release = threading.Event(), threading.Event()
-
-    def gate(index, _):
-        if index == 3:
-            reached.set()
-            release.wait(30)
+    gate_hook, reached, release = gate(3)
 
     studio = make_studio(workspace, gpt2_dir)
     jobs = studio.jobs_panel
@@ -311,7 +301,7 @@ def test_point3_jobs_grid_compact_and_live(gpt2_dir, workspace):
     done = panel.job
     done.wait(60)
     # a slow one, watched live from the grid (no Refresh)
-    panel.extra_options["before_batch"] = gate
+    panel.extra_options["before_batch"] = gate_hook
     panel.batch_size.value = 4
     panel.launch_button.click()
     live = panel.job
