@@ -13,10 +13,10 @@ from .models import load_model, packaged_minilm_path
 from .workspace import Workspace
 
 __version__ = "0.1.0"
-__all__ = ["extract", "estimate", "open_extraction", "sample_dataset", "sample_texts", "HubDataset", "ModelSpec", "DatasetSpec",
-           "Workspace", "Job", "Extraction", "load_model", "packaged_minilm_path", "HOOK_KINDS", "InputError",
-           "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost", "StoreCorrupted", "DiskFull",
-           "Status", "loader", "ActivationLoader"]
+__all__ = ["extract", "estimate", "open_extraction", "sample_dataset", "sample_texts", "HubDataset", "ModelSpec",
+           "DatasetSpec", "Workspace", "Job", "Extraction", "load_model", "packaged_minilm_path", "HOOK_KINDS",
+           "InputError", "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost",
+           "StoreCorrupted", "DiskFull", "Status", "loader", "ActivationLoader"]
 
 
 def __getattr__(name: str):

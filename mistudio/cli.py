@@ -32,7 +32,8 @@ def _jobs_table(frame) -> str:
     frame = frame.assign(
         samples=[f"{c}/{'?' if t != t or t is None else int(t)}" for c, t in zip(frame["samples_committed"],
                                                                                 frame["samples_total"])],
-        tokens=[f"{int(t):,}" for t in frame["tokens_committed"]], created=frame["created"].dt.strftime("%Y-%m-%d %H:%M"),
+        tokens=[f"{int(t):,}" for t in frame["tokens_committed"]],
+        created=frame["created"].dt.strftime("%Y-%m-%d %H:%M"),
         damaged=["DAMAGED" if d else "" for d in frame["damaged"]])
     return frame[["id", "status", "error", "damaged", "model", "dataset", "samples", "tokens", "size",
                   "created"]].to_string(index=False)

@@ -84,7 +84,8 @@ def _damage(arr: zarr.Array, unit: tuple[int, ...], exc: BaseException) -> str:
     if not bad or len(bad) == -(-(rows.stop - rows.start) // inner):
         return f"the shard (its index, or every chunk in it) cannot be decoded ({exc})"
     names = ", ".join(f"({i}, 0)" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
-    return f"inner chunk(s) {names} of the shard (rows {bad[0] * inner}-{(bad[0] + 1) * inner}) cannot be decoded ({exc})"
+    first = bad[0] * inner
+    return f"inner chunk(s) {names} of the shard (rows {first}-{first + inner}) cannot be decoded ({exc})"
 
 
 def _missing(arr: zarr.Array, units: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -356,7 +357,8 @@ class _Scan:
         for unit in units:
             file = f"{self.location}/{_key(arr, unit)}"
             if unit in missing:
-                self.problem(f"the {_unit_name(arr)} is missing (rows below {mark} are committed)", arr.path, unit, file)
+                what = f"the {_unit_name(arr)} is missing (rows below {mark} are committed)"
+                self.problem(what, arr.path, unit, file)
                 continue
             self.report.chunks_checked += 1
             self.report.bytes_checked += int(sync(store.getsize(_key(arr, unit))))

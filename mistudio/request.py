@@ -115,7 +115,8 @@ def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -
     args = {"model": meta["model"]["name_or_path"], "dataset": dataset, "revision": meta["model"].get("revision"),
             **{k: params[k] for k in ("layers", "hooks", "batch_size", "max_samples", "max_length", "dtype",
                                       "model_dtype", "device", "text_column", "add_special_tokens", "oov_policy",
-                                      "padding_side", "chunk_mb", "shard_mb", "timeout_s", "auto_retry_on_oom", "encoding",
+                                      "padding_side", "chunk_mb", "shard_mb", "timeout_s", "auto_retry_on_oom",
+                                      "encoding",
                                       "checksum", "window", "stride", "exclude_special", "chat_template",
 
                                       "checksum", "max_batch_tokens", "micro_batch_size",

@@ -193,11 +193,16 @@ class _Execution:
                 log.exception("mistudio could not record the end of job %s", self.job.id)
             self._fail_in_memory(exc)
 
+    def _error(self, exc: BaseException, resumable: bool) -> dict:
+        """The failure's error record: its class in plain words, and what the user can do next."""
+        error = classify(exc, self.store.record.params, self._disk())
+        error.setdefault("resume_available", resumable)
+        error.update(retry_available=True, cancel_available=False, failed_at=now())
+        return error
+
     def _fail_in_memory(self, exc: BaseException) -> None:
         record = self.store.record
-        error = classify(exc, record.params, self._disk())
-        error.setdefault("resume_available", False)
-        error.update(retry_available=True, cancel_available=False, failed_at=now())
+        error = self._error(exc, resumable=False)
         self.job.keep_in_memory(ExtractionMeta.model_validate({**record.to_json(), "status": "FAILED", "error": error}))
         self.job.emit("state", status="FAILED", previous=record.status.value)
         self.job.emit("failed", **error)
@@ -222,12 +227,10 @@ class _Execution:
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, StoreLost):
             raise exc
-        record = self.store.record
-        error = classify(exc, record.params, self._disk())
+        error = self._error(exc, resumable=bool(self.store.record.progress.samples_committed)
+                            or self.store.is_allocated)
         if error["error_type"] == "UNKNOWN":
             log.error("mistudio job %s failed", self.job.id, exc_info=exc)
-        error.setdefault("resume_available", bool(record.progress.samples_committed) or self.store.is_allocated)
-        error.update(retry_available=True, cancel_available=False, failed_at=now())
         self.set_state(Status.FAILED, error=error, timings={"finished": now()})
         self.job.emit("failed", **error)
 

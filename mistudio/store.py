@@ -153,7 +153,8 @@ class ExtractionStore:
         try:
             nonce = self._read_disk().nonce
         except (FileNotFoundError, KeyError, ValueError, TypeError, zarr.errors.GroupNotFoundError) as exc:
-            raise StoreLost(f"the store {self.location} was deleted or damaged while its job ran ({exc or type(exc).__name__}); "
+            why = exc or type(exc).__name__
+            raise StoreLost(f"the store {self.location} was deleted or damaged while its job ran ({why}); "
                             "what it held is gone: retry the extraction") from exc
         if nonce != self._record.nonce:
             raise StoreLost(f"the store {self.location} was replaced by another store while its job ran: "
