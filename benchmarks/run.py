@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 import mistudio as ms
-from mistudio.specs import ModelSpec
 from mistudio.data import plan_order, tokenize
 from mistudio.engine import pad_batch, position_ids
 from mistudio.models import load_model
+from mistudio.plan import plan_for_ids
+from mistudio.request import Request
+from mistudio.specs import ModelSpec
 
 HERE = Path(__file__).resolve().parent
 WRITER_LAYOUTS = {"chunks 2 MB (v1)": {"chunk_mb": 2.0, "shard_mb": 0}, "shards 16 MB": {"chunk_mb": 2.0, "shard_mb": 16},
@@ -92,7 +94,7 @@ def bare_forward(loaded, ids_list, order, batch_size, last_layer=None) -> tuple[
 def bench_overhead(model_dir, ws, n, batch_size, layers, repeats) -> dict:
     """Bare forwards and ms.extract, interleaved ``repeats`` times: the median of the paired ratios."""
     loaded = load_model(ModelSpec(name_or_path=model_dir, device="cpu"))
-    data = tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
+    data = tokenize(Request.build(model="bench", dataset=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
     order = plan_order(data.lengths)
     bare_forward(loaded, data.ids, order[: batch_size * 2], batch_size)  # warm-up
     pairs = []
@@ -109,7 +111,7 @@ def bench_overhead(model_dir, ws, n, batch_size, layers, repeats) -> dict:
 
 def bench_batching(model_dir, n) -> dict:
     loaded = load_model(ModelSpec(name_or_path=model_dir, device="cpu"))
-    data = tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
+    data = tokenize(Request.build(model="bench", dataset=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
     dataset_order = np.arange(len(data.ids))
     bucketed = plan_order(data.lengths)
     rows = {}
@@ -126,7 +128,7 @@ def bench_batching(model_dir, n) -> dict:
 
 def bench_early_stop(model_dir, n) -> dict:
     loaded = load_model(ModelSpec(name_or_path=model_dir, device="cpu"))
-    data = tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
+    data = tokenize(Request.build(model="bench", dataset=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
     order = plan_order(data.lengths)
     bare_forward(loaded, data.ids, order[:16], 8)
     full, _, _ = bare_forward(loaded, data.ids, order, 8)
@@ -237,7 +239,7 @@ def _raw_write(folder: Path, blocks: list[np.ndarray]) -> float:
 
 def _units_bytes(store, hook_points: list[str]) -> list[int]:
     """The byte size of every storage unit (shard, else chunk) of the activation arrays, in write order."""
-    from mistudio.integrity import storage_unit
+    from mistudio.storage.layout import storage_unit
 
     sizes = []
     for hp in hook_points:
@@ -250,20 +252,21 @@ def _units_bytes(store, hook_points: list[str]) -> list[int]:
 
 def _allocated_store(location: str, n_samples: int, length: int, hook_dims: dict, dtype: str, **layout):
     """A real, allocated store of ``n_samples`` samples of ``length`` tokens (no model)."""
-    from mistudio.metadata import ExtractionMeta, new_nonce
-    from mistudio.store import ExtractionStore
+    from mistudio.storage.metadata import ExtractionMeta, new_nonce
+    from mistudio.storage.store import ExtractionStore
 
     meta = ExtractionMeta(id=Path(location).stem, nonce=new_nonce(), status="EXTRACTING")
     store = ExtractionStore.create(location, meta)
-    ids = [np.full(length, 5, dtype=np.int32)] * n_samples
-    store.allocate(ids, np.arange(n_samples), hook_dims, dtype, **layout)
+    tokens, plan = plan_for_ids([np.full(length, 5, dtype=np.int32)] * n_samples, hook_dims, dtype, **layout)
+    store.allocate(tokens, plan, {"exclude_special": False})
     return store
 
 
 def writer_once(tmp: Path, tag: str, mb: float, hooks: int, width: int, batch_tokens: int, **layout) -> dict:
     """Feed ChunkWriter pre-made rows as fast as it takes them, between two raw writes of the same bytes to
     files of the same sizes as the store's storage units (their mean is the baseline). Returns both MB/s."""
-    from mistudio.store import ChunkWriter, HookStats
+    from mistudio.storage.stats import HookStats
+    from mistudio.storage.writer import ChunkWriter
 
     length = 128
     n_samples = max(1, int(mb * 2**20 / (hooks * width * 2)) // length)
@@ -316,8 +319,8 @@ def bench_checksum(ws, mb, repeats) -> dict:
     all variants back to back, alternating the order, so that the machine's noise hits them alike."""
     import zarr
 
-    from mistudio.integrity import CheckedArray
-    from mistudio.store import WRITE_CONFIG, array_codecs
+    from mistudio.storage.reads import CheckedArray
+    from mistudio.storage.layout import WRITE_CONFIG, array_codecs
 
     width, rows, block = 1024, int(mb * 2**20 / (1024 * 2)), 1024 * 4
     data = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float16)
@@ -354,8 +357,8 @@ def bench_checksum(ws, mb, repeats) -> dict:
 def loader_store(folder: Path, mb: float, width: int = 1024, shard_mb: float = 0):
     """A COMPLETED store of random float32 activations, about ``mb`` MB, written straight through ExtractionStore
     (2 MB chunks; ``shard_mb`` 0: one file per chunk, format 1; else shards of about that size, format 2)."""
-    from mistudio.metadata import ExtractionMeta
-    from mistudio.store import ExtractionStore
+    from mistudio.storage.metadata import ExtractionMeta
+    from mistudio.storage.store import ExtractionStore
 
     n = int(mb * 2**20 / (width * 4))
     lengths = np.full(n // 128, 128)
@@ -363,8 +366,9 @@ def loader_store(folder: Path, mb: float, width: int = 1024, shard_mb: float = 0
                           model={"name_or_path": str(ms.packaged_minilm_path())})
     store = ExtractionStore.create(str(folder), meta)
     rng = np.random.default_rng(0)
-    store.allocate([rng.integers(0, 1000, size=int(k)) for k in lengths], np.arange(len(lengths)),
-                   {"layers.0.residual": width}, "float32", chunk_mb=2.0, shard_mb=shard_mb)
+    tokens, plan = plan_for_ids([rng.integers(0, 1000, size=int(k)) for k in lengths], {"layers.0.residual": width},
+                                "float32", chunk_mb=2.0, shard_mb=shard_mb)
+    store.allocate(tokens, plan, {"exclude_special": False})
     arr = store.activations("layers.0.residual")
     block = arr.shards[0] if arr.shards else arr.chunks[0] * 16
     for a in range(0, arr.shape[0], block):
@@ -456,18 +460,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, sys.argv[4])
 import numpy as np
 import mistudio as ms
-from mistudio.data import plan_order, tokenize
-from mistudio.engine import forward_batches, plan_batches
+from mistudio.data import plan_batches, plan_order, tokenize
+from mistudio.engine import forward_batches
 from mistudio.models import load_model
-from mistudio.specs import CaptureSpec, ModelSpec
+from mistudio.request import Request
+from mistudio.specs import ModelSpec
 from run import rss_now, texts
 
 loaded = load_model(ModelSpec(name_or_path=sys.argv[1], device="cpu"))
-data = tokenize(ms.DatasetSpec(source=texts(int(sys.argv[2])), max_length=128), loaded.tokenizer, loaded.vocab_size)
+data = tokenize(Request.build(model=sys.argv[1], dataset=texts(int(sys.argv[2])), max_length=128), loaded.tokenizer,
+                loaded.vocab_size)
 order = plan_order(data.lengths)
 ids = np.concatenate([data.ids[i] for i in order])
 offsets = np.concatenate([[0], np.cumsum(data.lengths[order])]).astype(np.int64)
-capture = CaptureSpec(layers=[5], hooks=["residual", "mlp"], **json.loads(sys.argv[3]))
+capture = Request.build(model=sys.argv[1], layers=[5], hooks=["residual", "mlp"], **json.loads(sys.argv[3]))
 for _ in forward_batches(loaded, ids, offsets, capture.model_copy(update={"batch_size": 1, "max_batch_tokens": None}),
                          0, 2):
     pass  # warm-up on two samples: the allocator has not yet seen a big batch
@@ -524,7 +530,7 @@ def bench_extraction(model_dir, tmp: Path, n: int, repeats: int) -> dict:
     a bare batched forward to the last captured layer plus a raw write of the same bytes to files of the
     store's storage-unit sizes. ``repeats`` times (bare forward, extraction, bare forward); the median ratio."""
     loaded = load_model(ModelSpec(name_or_path=model_dir, device="cpu"))
-    data = tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
+    data = tokenize(Request.build(model="bench", dataset=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
     order = plan_order(data.lengths)
     bare_forward(loaded, data.ids, order[:32], 16)  # warm-up
     runs = []
@@ -576,7 +582,7 @@ def _ttfb_runs(model_dir, tmp, n, repeats, spec, loaded, load_model) -> dict:
         load_model(spec)
         load_s = time.perf_counter() - start
         start = time.perf_counter()
-        tokenize(ms.DatasetSpec(source=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
+        tokenize(Request.build(model="bench", dataset=texts(n), max_length=128), loaded.tokenizer, loaded.vocab_size)
         tokenize_s = time.perf_counter() - start
         first: list[float] = []
         start = time.perf_counter()

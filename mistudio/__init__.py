@@ -1,28 +1,41 @@
-"""mistudio: a model's internal activations on disk, from a notebook, without babysitting a script."""
-from .api import extract, open_extraction
-from .specs import HOOK_KINDS, DatasetSpec, HubDataset, ModelSpec
-from .data import sample_dataset, sample_texts
-from .estimate import estimate
-from .errors import (DiskFull, ExtractionFailed, InputError, JobCancelled, MistudioError, StoreBusy, StoreCorrupted,
-                     StoreLost)
-from .extraction import Extraction
-from .jobs import Job
-from .metadata import Status
-from .loader import ActivationLoader, loader
-from .models import load_model, packaged_minilm_path
-from .workspace import Workspace
+"""mistudio: a model's internal activations on disk, from a notebook, without babysitting a script.
+
+Names load on first use (``ms.extract`` imports the model code then), so that the command line and
+``import mistudio`` start fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["extract", "estimate", "open_extraction", "sample_dataset", "sample_texts", "HubDataset", "ModelSpec",
-           "DatasetSpec", "Workspace", "Job", "Extraction", "load_model", "packaged_minilm_path", "HOOK_KINDS",
-           "InputError", "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost",
-           "StoreCorrupted", "DiskFull", "Status", "loader", "ActivationLoader"]
+
+_ERRORS = ("InputError", "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost",
+           "StoreCorrupted", "DiskFull")
+_PANELS = ("Studio", "ModelPicker", "DatasetPicker", "ExtractionPanel", "JobsPanel", "ActivationBrowser")
+_WHERE = {
+    "extract": "api", "open_extraction": "api", "estimate": "plan", "sample_dataset": "data",
+    "sample_texts": "data", "HubDataset": "specs", "ModelSpec": "specs", "HOOK_KINDS": "specs", "Request": "request",
+    "Workspace": "workspace", "Job": "jobs", "Extraction": "extraction", "load_model": "models",
+    "packaged_minilm_path": "models", "Status": "storage.metadata", "loader": "analysis.loader",
+    "ActivationLoader": "analysis.loader", **{name: "errors" for name in _ERRORS}, **{name: "widgets" for name in _PANELS},
+}
+# submodules shown as attributes: ms.feature_view is mistudio.analysis.feature_view
+_MODULES = {"feature_view": "analysis.feature_view", "plots": "analysis.plots", "analysis": "analysis",
+            "storage": "storage", "request": "request", "plan": "plan"}
+__all__ = sorted(_WHERE) + list(_MODULES)
 
 
-def __getattr__(name: str):
-    panels = ("Studio", "ModelPicker", "DatasetPicker", "ExtractionPanel", "JobsPanel", "ActivationBrowser")
-    if name in panels:  # the notebook panels import ipywidgets and matplotlib: load them only when asked
-        from . import widgets
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{_MODULES[name]}", __name__)
+    else:
+        raise AttributeError(f"module 'mistudio' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return getattr(widgets, name)
-    raise AttributeError(f"module 'mistudio' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

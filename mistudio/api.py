@@ -1,4 +1,4 @@
-"""The blocking entry points: ``ms.extract`` and ``ms.open_extraction``."""
+"""The blocking entry points: ``ms.extract`` and ``ms.open_extraction``; their keywords are the Request's."""
 from __future__ import annotations
 
 import os
@@ -9,27 +9,28 @@ from .errors import ExtractionFailed, InputError, JobCancelled, StoreCorrupted
 from .extraction import Extraction
 from .jobs import Job
 from .progress import TqdmListener
-from .store import ExtractionStore
+from .request import with_request_keywords
 from .workspace import Workspace
 
 
+
+@with_request_keywords
 def extract(model: Any = None, dataset: Any = None, layers: Any = None, hooks: Any = None, *,
             workspace: str | os.PathLike | None = None, storage_options: dict | None = None, progress: bool = True,
-            preset: str | None = None, **options: Any) -> Extraction:
+            preset: str | None = None, cluster: Any = None, **options: Any) -> Extraction:
     """Run one extraction to the end and return it (blocking; Ctrl-C cancels and keeps what was saved).
 
-    Arguments are those of :meth:`Workspace.submit`: ``batch_size``, ``max_samples``, ``max_length``,
-    ``dtype`` (storage), ``model_dtype``, ``device``, ``text_column``, ``oov_policy``, ``padding_side``,
-    ``timeout_s``, ``auto_retry_on_oom``, ``window``/``stride`` (long documents in overlapping windows),
-    ``chat_template`` ("auto" or a Jinja string: rows are conversations), ``exclude_special``, and ``preset=``
-    (a saved preset of the workspace; arguments given here override it). Unset, ``dataset`` is the bundled
-    sample, ``layers`` [0] and ``hooks`` residual. A failed job raises: bad input as ``InputError``, anything
-    else as ``ExtractionFailed`` carrying the error record and suggested retry.
+    The keywords are the fields of :class:`mistudio.request.Request` (``batch_size``, ``max_samples``,
+    ``max_length``, ``dtype`` (storage), ``model_dtype``, ``device``, ``window``/``stride``, ``chat_template``,
+    ``exclude_special`` ...), plus ``preset=`` (a saved preset of the workspace; arguments given here override it),
+    ``cluster=`` (a dask client) and ``workspace=``. Unset, ``dataset`` is the bundled sample, ``layers`` [0] and
+    ``hooks`` residual. A failed job raises: bad input as ``InputError``, anything else as ``ExtractionFailed``
+    carrying the error record and suggested retry.
     """
     ws = Workspace(workspace, storage_options=storage_options)
     if hooks is not None:
         options["hooks"] = hooks
-    job = ws.submit(model, dataset, layers, preset=preset, **options)
+    job = ws.submit(model, dataset, layers, preset=preset, cluster=cluster, **options)
     bar = job.subscribe(TqdmListener()) if progress else None
     try:
         wait_or_cancel(job, ws)
@@ -65,11 +66,11 @@ def open_extraction(id_or_path: str | os.PathLike, workspace: str | os.PathLike 
     """Open a stored extraction by id (in ``workspace``) or by the path/URL of its ``.zarr`` store."""
     text = str(id_or_path)
     if "://" in text:
-        return Extraction(ExtractionStore.open(text, storage_options=storage_options))
+        return Extraction.open(text, storage_options)
     path = Path(text).expanduser()
     if path.exists():
         try:
-            return Extraction(ExtractionStore.open(str(path)))
+            return Extraction.open(str(path))
         except StoreCorrupted:
             raise
         except Exception as exc:

@@ -15,7 +15,8 @@ import torch
 from .engine import forward_batches
 from .errors import is_oom
 from .models import LoadedModel, free_memory
-from .specs import BATCH_SIZES, CaptureSpec
+from .request import Request
+from .specs import BATCH_SIZES
 
 CPU_CANDIDATES = (1, 4, 16, 64)
 
@@ -33,10 +34,10 @@ def _memory(device: torch.device) -> tuple[int, Callable[[], int]] | None:
     return torch.cuda.get_device_properties(device).total_memory, lambda: torch.cuda.max_memory_allocated(device)
 
 
-def _trial(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, capture: CaptureSpec, n: int,
+def _trial(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, request: Request, n: int,
            before_batch: Callable[[int, int], None] | None) -> tuple[float, int]:
     """One forward of the ``n`` longest samples (stored first) at batch size ``n``: (seconds, real tokens)."""
-    trial = capture.model_copy(update={"batch_size": n, "max_batch_tokens": None})
+    trial = request.model_copy(update={"batch_size": n, "max_batch_tokens": None})
     stop = min(n, len(offsets) - 1)
     started = time.perf_counter()
     for _ in forward_batches(loaded, ids, offsets, trial, 0, stop, before_batch=before_batch):
@@ -44,7 +45,7 @@ def _trial(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, capture: C
     return time.perf_counter() - started, int(offsets[stop])
 
 
-def choose_batch_size(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, capture: CaptureSpec,
+def choose_batch_size(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, request: Request,
                       before_batch: Callable[[int, int], None] | None = None,
                       accelerator: bool | None = None) -> dict:
     """``{"chosen": n, "reason": "...", "tried": [...]}`` for ``batch_size="auto"``.
@@ -58,12 +59,12 @@ def choose_batch_size(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray,
     accelerator = is_accelerator(device) if accelerator is None else accelerator
     tried: list[dict] = []
     if accelerator:
-        fraction = capture.auto_batch_memory_fraction
+        fraction = request.auto_batch_memory_fraction
         n = top
         while True:
             memory = _memory(device)
             try:
-                _trial(loaded, ids, offsets, capture, n, before_batch)
+                _trial(loaded, ids, offsets, request, n, before_batch)
             except Exception as exc:
                 if not is_oom(exc) or n == 1:
                     raise
@@ -83,11 +84,11 @@ def choose_batch_size(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray,
                       f"{fraction:g} of {device} memory" + ("" if n == top else f" (batch {n * 2} did not)"))
             return {"chosen": n, "reason": reason, "tried": tried}
     candidates = [c for c in CPU_CANDIDATES if c <= top] or [1]
-    _trial(loaded, ids, offsets, capture, 1, before_batch)  # warm-up: the first forward pays one-off costs
+    _trial(loaded, ids, offsets, request, 1, before_batch)  # warm-up: the first forward pays one-off costs
     best = None
     for n in candidates:
         try:
-            seconds, tokens = _trial(loaded, ids, offsets, capture, n, before_batch)
+            seconds, tokens = _trial(loaded, ids, offsets, request, n, before_batch)
         except Exception as exc:
             if not is_oom(exc):
                 raise

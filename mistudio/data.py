@@ -14,7 +14,8 @@ import numpy as np
 
 from .errors import InputError
 from .formats import DATA_SUFFIXES, file_format, named as _named
-from .specs import DatasetSpec, HubDataset, pandas_kind
+from .request import Request
+from .specs import HubDataset, pandas_kind
 
 Row = tuple[int, object]  # (dataset row index, text or list of token ids)
 
@@ -44,11 +45,11 @@ def _decode_error(path: Path, encoding: str) -> InputError:
                 break
     where = f"dataset file {_named(path)} line {line} is not {encoding} text"
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return InputError(f"{where}: it looks like UTF-16 text; pass encoding='utf-16'")
+        return InputError(f"{where}: it looks like UTF-16 text; «pass encoding='utf-16'»", param="encoding")
     if b"\0" in head:
         return InputError(f"{where}: the file looks binary, not text: point dataset= at a "
                           f"{', '.join(DATA_SUFFIXES)} file")
-    return InputError(f"{where}: if the file is in another encoding, pass encoding='latin-1' "
+    return InputError(f"{where}: if the file is in another encoding, «pass encoding='latin-1'» "
                       "(or its own, e.g. encoding='cp1252')")
 
 
@@ -68,7 +69,8 @@ CHAT_COLUMNS = ("messages", "conversations", "instruction")
 def _fix_for(keys) -> str:
     """The fix for a missing text column: a chat_template when the keys are those of chat data."""
     chat = [c for c in CHAT_COLUMNS if c in keys]
-    return f"it holds chat data ({chat[0]!r}): pass chat_template='auto'" if chat else "pass text_column=<one of them>"
+    return f"it holds chat data ({chat[0]!r}): «pass chat_template='auto'»" if chat else \
+        "«pass text_column=<one of them>»"
 
 
 def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[object]:
@@ -89,15 +91,16 @@ def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[objec
             raise InputError(f"text column {column!r} is not in {path}: its first record has keys {sorted(rec)}; "
                              + _fix_for(rec))
         first = False
-        yield rec.get(column)
+        yield rec[column] if column in rec else rec  # a record without the column: the report says why
 
 
 def _read_table(path: Path, column: str | None, fmt: str, encoding: str) -> Iterator[object]:
     import pandas as pd
 
     if fmt == "csv":
-        try:
-            frame = pd.read_csv(path, encoding=encoding)
+        try:  # texts are texts: "NA", "null", "None", "nan" stay strings (pandas' NA parsing is off)
+            frame = pd.read_csv(path, encoding=encoding, keep_default_na=False, na_filter=False,
+                                dtype=None if column is None else {column: str})
         except UnicodeDecodeError:
             raise _decode_error(path, encoding) from None
     else:
@@ -127,23 +130,51 @@ def _read_datasets(ds, column: str | None, where: str) -> Iterator[object]:
         yield record[column]
 
 
+def _hub_error(spec: HubDataset, exc: Exception) -> InputError:
+    return InputError(
+        f"could not load Hub dataset {spec.name!r} (split {spec.split!r}): {type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else ''}. The Hub may be unreachable from here: save the "
+        "dataset with save_to_disk on a machine with network and pass that folder, or pass a local file",
+        param="dataset")
+
+
 def _read_hub(spec: HubDataset, column: str | None) -> Iterator[object]:
     import datasets
 
     try:
         ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
     except Exception as exc:  # the datasets library raises many types for "not reachable"
-        raise InputError(
-            f"could not load Hub dataset {spec.name!r} (split {spec.split!r}): {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}. The Hub may be unreachable from here: save the "
-            "dataset with save_to_disk on a machine with network and pass that folder, or pass a local file"
-        ) from exc
+        raise _hub_error(spec, exc) from exc
     yield from _read_datasets(ds, column, f"Hub dataset {spec.name!r}")
 
 
-def raw_values(spec: DatasetSpec) -> Iterator[object]:
+def check_source(request: Request) -> None:
+    """Is the data there and readable, with its text column? Reads the first record only (a Hub dataset: its
+    description), so that a bad dataset is refused before any store exists."""
+    src = request.dataset
+    if isinstance(src, HubDataset):
+        import datasets
+
+        try:
+            builder = datasets.load_dataset_builder(src.name, src.config)
+        except Exception as exc:  # the datasets library raises many types for "not reachable"
+            raise _hub_error(src, exc) from exc
+        columns = list(builder.info.features or {})
+        if columns and not request.chat_template and src.column not in columns:
+            raise InputError(f"text column {src.column!r} is not in Hub dataset {src.name!r}: its columns are "
+                             f"{columns}; " + _fix_for(columns), param="dataset")
+        splits = list(builder.info.splits or {})
+        if splits and src.split not in splits:
+            raise InputError(f"Hub dataset {src.name!r} has no split {src.split!r}: its splits are {splits}",
+                             param="dataset")
+        return
+    for _ in raw_values(request):
+        return  # the first record read: files open, decode, and hold the column
+
+
+def raw_values(spec: Request) -> Iterator[object]:
     """Every row's raw value (text, token ids, or junk), in dataset order; with a chat template, whole records."""
-    src = spec.source
+    src = spec.dataset
     kind = pandas_kind(src)
     column = None if spec.chat_template else spec.text_column
     if isinstance(src, HubDataset):
@@ -225,7 +256,7 @@ def chat_template_of(tokenizer, chat_template: str) -> str:
     own = getattr(tokenizer, "chat_template", None)
     if not own:
         raise InputError(f"chat_template='auto' but the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has "
-                         "no chat template: pass chat_template=\"<jinja string>\" or use a chat model")
+                         "no chat template: «pass chat_template=\"<jinja string>\"» or use a chat model", param="chat_template")
     return own if isinstance(own, str) else own.get("default", next(iter(own.values())))
 
 
@@ -282,50 +313,93 @@ def window_positions(length: int, window: int | None, stride: int | None) -> np.
     return pos
 
 
+SKIP_REASONS = {  # why a row gave no sample, in the words the report shows
+    "empty": "empty or blank",
+    "missing": "without the text column (a record with other fields)",
+    "not_text": "not text (a number, a list or a record where text was expected)",
+    "chat": "a conversation in a plain-text run («pass chat_template='auto'» to read them)",
+    "not_chat": "not a conversation (no messages, ShareGPT conversations or Alpaca instruction/output)",
+    "oov": "token ids outside the model's vocabulary («oov_policy='skip'»)",
+}
+
+
+def report_line(report: dict) -> str:
+    """The data report in one line (marked for the front ends): samples from rows, skipped rows and why, cut
+    samples, windows, tokens and activation rows. The estimate, the completion line, Jobs and Browse show it."""
+    parts = [f"{report.get('n_samples', 0):,} samples from {report.get('n_rows_read', 0):,} rows"]
+    skipped = report.get("skipped") or {}
+    if not skipped and (report.get("n_skipped_invalid") or report.get("n_skipped_oov")):  # stores from before
+        skipped = {"empty": report.get("n_skipped_invalid", 0), "oov": report.get("n_skipped_oov", 0)}
+    skipped = {r: n for r, n in skipped.items() if n}
+    if skipped:
+        parts.append(f"{sum(skipped.values()):,} rows skipped: "
+                     + "; ".join(f"{n:,} {SKIP_REASONS.get(r, r)}" for r, n in skipped.items()))
+    if report.get("n_truncated"):
+        parts.append(f"{report['n_truncated']:,} cut at «max_length» ({report.get('n_truncated_tokens', 0):,} tokens "
+                     "dropped; «window» keeps them whole)")
+    windows = report.get("n_windows")
+    if windows and windows != report.get("n_samples"):
+        parts.append(f"{windows:,} windows")
+    tokens, rows = report.get("n_tokens"), report.get("n_rows")
+    if tokens is not None:
+        parts.append(f"{tokens:,} tokens" + (f", {rows:,} activation rows" if rows not in (None, tokens) else ""))
+    return " · ".join(parts)
+
+
 @dataclass
 class TokenizedDataset:
-    """Token ids of every kept sample, with the dataset row it came from and what was dropped."""
+    """Token ids of every kept sample, with the dataset row it came from and what was dropped, and why."""
 
     ids: list[np.ndarray]
     rows: np.ndarray
     roles: list[np.ndarray] | None = None  # chat data: a ROLE_CODES code per token
     n_rows_read: int = 0
-    n_skipped_invalid: int = 0
-    n_skipped_oov: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason (SKIP_REASONS) -> rows
     n_clamped_tokens: int = 0
     n_truncated: int = 0          # kept samples that were longer than max_length
     n_truncated_tokens: int = 0   # tokens those samples lost
-    notes: list[str] = field(default_factory=list)
 
     @property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(a) for a in self.ids), dtype=np.int64, count=len(self.ids))
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def report(self) -> dict:
         return {
             "n_rows_read": self.n_rows_read,
             "n_samples": len(self.ids),
             "n_tokens": int(self.lengths.sum()),
-            "n_skipped_invalid": self.n_skipped_invalid,
-            "n_skipped_oov": self.n_skipped_oov,
+            "skipped": dict(self.skipped),
+            "n_skipped_invalid": sum(n for r, n in self.skipped.items() if r != "oov"),
+            "n_skipped_oov": self.skipped.get("oov", 0),
             "n_clamped_tokens": self.n_clamped_tokens,
             "n_truncated": self.n_truncated,
             "n_truncated_tokens": self.n_truncated_tokens,
         }
 
 
-def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "clamp",
-             batch_rows: int = 1024, window: int | None = None) -> TokenizedDataset:
+def _why_not_text(value: object) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "empty"
+    if conversation(value) is not None:
+        return "chat"
+    return "missing" if isinstance(value, dict) else "not_text"
+
+
+def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) -> TokenizedDataset:
     """Tokenize with the tokenizer's own call (special tokens as it adds them), truncate, check ids.
 
     The tokenizer truncates (keeping its special tokens); rows it cut to ``max_length`` are tokenized
     again in full to count what was dropped. With a ``window`` nothing is cut (long documents are forwarded
-    in windows). With ``spec.chat_template`` rows are conversations, rendered by the template, with roles.
+    in windows). With ``chat_template`` rows are conversations, rendered by the template, with roles.
+    Rows that give no sample are counted by reason (``skipped``).
     """
     out = TokenizedDataset(ids=[], rows=np.zeros(0, dtype=np.int64), roles=[] if spec.chat_template else None)
     rows: list[int] = []
     pending: list[tuple[int, str]] = []
-    limit_len = None if window is not None else spec.max_length
+    limit_len = None if spec.window is not None else spec.max_length
     template = chat_template_of(tokenizer, spec.chat_template) if spec.chat_template else None
 
     def keep(row: int, ids: np.ndarray, dropped: int = 0, roles: np.ndarray | None = None) -> None:
@@ -334,18 +408,17 @@ def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "c
         bad = (ids < 0) | (ids >= vocab_size)
         if bad.any():
             first = int(ids[bad][0])
-            if oov_policy == "error":
+            if spec.oov_policy == "error":
                 raise InputError(
                     f"dataset row {row} has token id {first}, outside the model's vocabulary (0..{vocab_size - 1}): "
-                    "use the tokenizer that matches the model, or oov_policy='clamp' or 'skip'"
-                )
-            if oov_policy == "skip":
-                out.n_skipped_oov += 1
+                    "use the tokenizer that matches the model, or «pass oov_policy='clamp'» or 'skip'")
+            if spec.oov_policy == "skip":
+                out.skip("oov")
                 return
             out.n_clamped_tokens += int(bad.sum())
             ids = np.clip(ids, 0, vocab_size - 1)
         if len(ids) == 0:
-            out.n_skipped_invalid += 1
+            out.skip("empty")
             return
         out.n_truncated += dropped > 0
         out.n_truncated_tokens += dropped
@@ -384,7 +457,7 @@ def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "c
                 ids, roles = chat_tokens(tokenizer, messages, template)
                 keep(row, ids, roles=roles)
             else:
-                out.n_skipped_invalid += 1
+                out.skip("empty" if value is None else "not_chat")
         elif isinstance(value, str) and value.strip():
             pending.append((row, value))
             if len(pending) >= batch_rows:
@@ -393,7 +466,7 @@ def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "c
             flush()
             keep(row, np.asarray(value, dtype=np.int64))
         else:
-            out.n_skipped_invalid += 1
+            out.skip(_why_not_text(value))
     flush()
     out.rows = np.asarray(rows, dtype=np.int64)
     if out.n_clamped_tokens:
@@ -402,15 +475,12 @@ def tokenize(spec: DatasetSpec, tokenizer, vocab_size: int, oov_policy: str = "c
     if not out.ids and template is not None:
         raise InputError(
             f"the dataset has no conversations: {out.n_rows_read} rows read, none with 'messages' "
-            "([{role, content}]), "
-            "ShareGPT 'conversations' (from/value) or Alpaca 'instruction'/'input'/'output': give such rows, or "
-            "chat_template=None for plain text")
+            "([{role, content}]), ShareGPT 'conversations' (from/value) or Alpaca 'instruction'/'input'/'output': "
+            "give such rows, or «pass chat_template=None» for plain text", param="chat_template")
     if not out.ids:
-        raise InputError(
-            f"the dataset has no usable rows: {out.n_rows_read} read, {out.n_skipped_invalid} empty or not text, "
-            f"{out.n_skipped_oov} skipped for out-of-vocabulary ids. Give a dataset with text in column "
-            f"{spec.text_column!r}"
-        )
+        why = "; ".join(f"{n} {SKIP_REASONS[r]}" for r, n in out.skipped.items()) or "none"
+        raise InputError(f"the dataset has no usable rows: {out.n_rows_read} read, skipped: {why}. Give a dataset "
+                         f"with text in column {spec.text_column!r}", param="dataset")
     return out
 
 
@@ -441,3 +511,13 @@ def batch_ranges(n_samples: int, batch_size: int, start: int = 0, lengths: np.nd
         ranges.append((b, e))
         b = e
     return ranges
+
+
+def plan_batches(offsets: np.ndarray, request: Request, begin: int, end: int,
+                 batch_size: int | None = None) -> list[tuple[int, int]]:
+    """The ``[first, stop)`` batches of stored samples ``[begin, end)``: a fixed count, or by padded-token budget."""
+    size = batch_size or request.batch_size
+    if size == "auto":
+        raise InputError("«batch_size='auto'» is chosen by trial forwards once the model is loaded: pass a number")
+    lengths = np.diff(offsets[:end + 1]) if request.max_batch_tokens is not None else None
+    return batch_ranges(end, size, begin, lengths, request.max_batch_tokens)

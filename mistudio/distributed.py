@@ -13,11 +13,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .specs import CaptureSpec, ModelSpec
 from .engine import check_ids, forward_batches
 from .errors import JobCancelled
-from .integrity import storage_unit
-from .store import ExtractionStore, HookStats
+from .models import load_model
+from .request import Request
+from .storage.layout import storage_unit
+from .storage.stats import HookStats
+from .storage.store import ExtractionStore
 
 _REPLICAS: dict[str, Any] = {}  # one loaded model per worker process
 
@@ -67,13 +69,12 @@ class ShardWriter:
             self.pos = cut
 
 
-def run_shard(location: str, storage_options: dict | None, model: dict, capture: dict, shard: dict, job_id: str,
+def run_shard(location: str, storage_options: dict | None, request: dict, shard: dict, job_id: str,
               before_batch: Callable | None = None, on_batch: Callable[[int], None] | None = None,
               check: Callable[[], None] | None = None) -> dict:
     """Extract one shard into the store; return its edge rows and statistics. Runs on a worker or here."""
-    from .models import load_model
-
-    spec, capture_spec = ModelSpec(**model), CaptureSpec(**capture)
+    capture_spec = Request(**request)  # the request without its dataset: the tokens are in the store
+    spec = capture_spec.model_spec
     key = spec.model_dump_json()
     if key not in _REPLICAS:
         _REPLICAS.clear()
@@ -93,7 +94,7 @@ def run_shard(location: str, storage_options: dict | None, model: dict, capture:
     store = ExtractionStore.open(location, storage_options=storage_options, writable=True)
     ids, offsets = store.input_ids(), store.sample_offsets()
     check_ids(ids, loaded)
-    arrays = {hp: store.activations(hp) for hp in capture_spec.hook_points()}
+    arrays = {hp: store.activations(hp) for hp in capture_spec.hook_points}
     writer = ShardWriter(arrays, storage_unit(next(iter(arrays.values())))[0], *shard["tokens"])
     stats = {hp: HookStats.empty() for hp in arrays}
     started = time.perf_counter()
@@ -112,10 +113,10 @@ def run_shard(location: str, storage_options: dict | None, model: dict, capture:
 class ShardedRun:
     """The coordinator: plans or reloads shards, runs the pending ones, writes edges, records progress."""
 
-    def __init__(self, store: ExtractionStore, model: ModelSpec, capture: CaptureSpec, job_id: str,
+    def __init__(self, store: ExtractionStore, request: Request, job_id: str,
                  check: Callable[[], None], progress: Callable[[dict], None], n_shards: int,
                  before_batch: Callable | None = None):
-        self.store, self.model, self.capture, self.job_id = store, model, capture, job_id
+        self.store, self.request, self.job_id = store, request, job_id
         self.check, self.progress, self.before_batch = check, progress, before_batch
         self.offsets = store.sample_offsets()
         meta = store.meta
@@ -129,7 +130,7 @@ class ShardedRun:
         self.tokens_at_start = sum(s["tokens"][1] - s["tokens"][0] for s in self.shards if s["status"] == "done")
 
     def _args(self, shard: dict) -> tuple:
-        return (self.store.location, self.store.storage_options, self.model.model_dump(), self.capture.model_dump(),
+        return (self.store.location, self.store.storage_options, self.request.model_dump(exclude={"dataset"}),
                 shard, self.job_id, self.before_batch)
 
     def _advance(self, samples: int) -> None:
@@ -141,7 +142,7 @@ class ShardedRun:
         self.progress({"samples_done": self.samples_done, "samples_total": total, "tokens_done": done_tokens,
                        "tokens_total": int(self.offsets[-1]), "tokens_per_s": rate,
                        "eta_s": (int(self.offsets[-1]) - done_tokens) / rate if rate else None,
-                       "batch_size": self.capture.batch_size, "shards": len(self.shards)})
+                       "batch_size": self.request.batch_size, "shards": len(self.shards)})
 
     def _finish(self, result: dict) -> None:
         """Write a finished shard's edge rows (this process is their only writer) and record it."""

@@ -1,7 +1,7 @@
 """The synchronous extraction loop: batched forward passes, hooks, early stop, rows to the writer.
 
-It knows nothing of threads or widgets: it takes a loaded model, an allocated store, what to
-capture, a ``check`` callable (raises to cancel or time out) and a ``progress`` callback.
+It knows nothing of threads or widgets: it takes a loaded model, an allocated store, the request (what to
+capture, how to batch), a ``check`` callable (raises to cancel or time out) and a ``progress`` callback.
 
 On CUDA, a batch's rows are copied into pinned host memory on a side stream while the next batch
 computes (the device never waits for a copy); on any other device they are plain ``.cpu()`` copies.
@@ -14,11 +14,13 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .specs import CaptureSpec
-from .data import batch_ranges, window_spans
+from .data import plan_batches, window_spans
 from .errors import InputError
 from .models import LoadedModel
-from .store import ChunkWriter, ExtractionStore, HookStats
+from .request import Request
+from .storage.stats import HookStats
+from .storage.store import ExtractionStore
+from .storage.writer import ChunkWriter
 
 
 class _StopForward(Exception):
@@ -61,12 +63,12 @@ def pad_spans(ids: np.ndarray, spans: list[tuple[int, int, int]], pad_id: int, s
     return batch, mask, keep
 
 
-def sample_spans(offsets: np.ndarray, first: int, stop: int, capture: CaptureSpec) -> list[tuple[int, int, int]]:
+def sample_spans(offsets: np.ndarray, first: int, stop: int, request: Request) -> list[tuple[int, int, int]]:
     """The forwarded sequences of samples [first, stop): one per sample, or its windows (see ``window_spans``),
     as absolute ``(start, stop, own_from)`` token spans in stored order."""
     return [(int(base) + a, int(base) + b, int(base) + c)
             for base, end in zip(offsets[first:stop], offsets[first + 1:stop + 1])
-            for a, b, c in window_spans(int(end - base), capture.window, capture.stride)]
+            for a, b, c in window_spans(int(end - base), request.window, request.stride)]
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -81,13 +83,7 @@ def check_ids(ids: np.ndarray, loaded: LoadedModel) -> None:
                          f"(0..{loaded.vocab_size - 1}): resume with the model the extraction was made with")
 
 
-def plan_batches(offsets: np.ndarray, capture: CaptureSpec, begin: int, end: int) -> list[tuple[int, int]]:
-    """The [first, stop) batches of stored samples [begin, end): fixed count, or by padded-token budget."""
-    lengths = np.diff(offsets[:end + 1]) if capture.max_batch_tokens is not None else None
-    return batch_ranges(end, capture.batch_size, begin, lengths, capture.max_batch_tokens)
-
-
-def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, capture: CaptureSpec, begin: int,
+def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, request: Request, begin: int,
                     end: int, check: Callable[[], None] | None = None,
                     before_batch: Callable[[int, int], None] | None = None, special: np.ndarray | None = None
                     ) -> Iterator[tuple[int, int, dict[str, np.ndarray], dict[str, dict]]]:
@@ -95,13 +91,13 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
     ``rows`` maps each hook point to its real-token rows (padding dropped) in stored order, ``stats``
     to their statistics accumulators (computed by torch on the model's values, before storage rounding).
 
-    With ``capture.window`` a long sample is forwarded as several windows (sequences of their own, at most
+    With ``request.window`` a long sample is forwarded as several windows (sequences of their own, at most
     ``batch_size`` sequences a forward) and each token's row comes from the window that owns it. Tokens
     marked in ``special`` (given when special tokens are excluded) get no row.
 
     ``check()`` runs before each batch and before each block, so a cancel lands within one block.
     """
-    storage_dtype = getattr(torch, capture.dtype)
+    storage_dtype = getattr(torch, request.dtype)
     captured: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -113,26 +109,26 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
     def stop_hook(_module, _inputs, _output):
         raise _StopForward
 
-    for hp in capture.hook_points():
+    for hp in request.hook_points:
         _, layer, kind = hp.split(".")
         handles.append(loaded.module(int(layer), kind).register_forward_hook(capture_hook(hp)))
-    handles.append(loaded.blocks[max(capture.layers)].register_forward_hook(stop_hook))
+    handles.append(loaded.blocks[max(request.layers)].register_forward_hook(stop_hook))
     if check is not None:  # cancel/timeout also between blocks: a long batch is abandoned, never half-written
-        for block in list(loaded.blocks)[: max(capture.layers) + 1]:
+        for block in list(loaded.blocks)[: max(request.layers) + 1]:
             handles.append(block.register_forward_pre_hook(lambda _module, _inputs: check()))
     device = loaded.input_device
     cuda = device.type == "cuda"
     copies = torch.cuda.Stream(device) if cuda else None
     pending = None  # CUDA: the previous batch, its device->host copies still in flight
     try:
-        for index, (first, stop) in enumerate(plan_batches(offsets, capture, begin, end)):
+        for index, (first, stop) in enumerate(plan_batches(offsets, request, begin, end)):
             try:
                 if check is not None:
                     check()
                 if before_batch is not None:
-                    before_batch(index, capture.batch_size if capture.max_batch_tokens is None else stop - first)
-                real = _forward(loaded, ids, sample_spans(offsets, first, stop, capture), capture, special, captured,
-                                per_forward=capture.micro_batch_size or (stop - first))
+                    before_batch(index, request.batch_size if request.max_batch_tokens is None else stop - first)
+                real = _forward(loaded, ids, sample_spans(offsets, first, stop, request), request, special, captured,
+                                per_forward=request.micro_batch_size or (stop - first))
                 with torch.inference_mode():
                     if cuda:
                         current = _start_copies(real, storage_dtype, copies)
@@ -159,17 +155,17 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, c
         captured.clear()
 
 
-def _forward(loaded: LoadedModel, ids: np.ndarray, spans: list[tuple[int, int, int]], capture: CaptureSpec,
+def _forward(loaded: LoadedModel, ids: np.ndarray, spans: list[tuple[int, int, int]], request: Request,
              special: np.ndarray | None, captured: dict, per_forward: int) -> dict[str, torch.Tensor]:
     """Forward ``spans`` (``per_forward`` sequences at a time: micro-batches, or windows that outnumber the
     samples) and return each hook point's kept rows, in order, on the input device. Rows are selected by
     indices taken from the host mask, so nothing waits for the device."""
     device = loaded.input_device
-    parts: dict[str, list[torch.Tensor]] = {hp: [] for hp in capture.hook_points()}
+    parts: dict[str, list[torch.Tensor]] = {hp: [] for hp in request.hook_points}
     with torch.inference_mode():
         for group in range(0, len(spans), per_forward):
             batch, mask, keep = pad_spans(ids, spans[group:group + per_forward], loaded.pad_id,
-                                          capture.padding_side, special)
+                                          request.padding_side, special)
             attention = torch.from_numpy(mask).to(device)
             kwargs = {"input_ids": torch.from_numpy(batch).to(device), "attention_mask": attention}
             if "position_ids" in loaded.forward_args:
@@ -223,7 +219,7 @@ def _finish_copies(first: int, stop: int, rows: dict, stats: dict, event: "torch
              for hp, (count, sums, norms) in stats.items()})
 
 
-def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, start_sample: int = 0,
+def run(loaded: LoadedModel, store: ExtractionStore, request: Request, *, start_sample: int = 0,
         check: Callable[[], None] | None = None, progress: Callable[[dict], None] | None = None,
         before_batch: Callable[[int, int], None] | None = None) -> dict:
     """Extract every sample from ``start_sample`` on into ``store``; return throughput figures.
@@ -235,7 +231,7 @@ def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, st
     ids = store.input_ids()
     offsets = store.sample_offsets()
     rows_at = store.activation_offsets()  # progress counts activation rows
-    special = store.tokens("special")[:] if store.record.storage.get("exclude_special") else None
+    special = store.tokens("special")[:] if store.record.storage.exclude_special else None
     check_ids(ids, loaded)
     n_samples = len(offsets) - 1
     writer = ChunkWriter(store, start_sample)
@@ -243,7 +239,7 @@ def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, st
     done_tokens = 0
     started = time.perf_counter()
     try:
-        for first, stop, rows, stats in forward_batches(loaded, ids, offsets, capture, start_sample, n_samples,
+        for first, stop, rows, stats in forward_batches(loaded, ids, offsets, request, start_sample, n_samples,
                                                         check, before_batch, special):
             writer.put(stop - first, rows, stats)
             done_tokens += int(rows_at[stop] - rows_at[first])
@@ -254,7 +250,7 @@ def run(loaded: LoadedModel, store: ExtractionStore, capture: CaptureSpec, *, st
                     "samples_done": stop, "samples_total": n_samples,
                     "tokens_done": int(rows_at[stop]), "tokens_total": int(rows_at[-1]),
                     "tokens_per_s": rate, "eta_s": (tokens_total - done_tokens) / rate if rate else None,
-                    "batch_size": capture.batch_size if capture.max_batch_tokens is None else stop - first,
+                    "batch_size": request.batch_size if request.max_batch_tokens is None else stop - first,
                 })
     finally:
         writer.close(flush=True)

@@ -1,7 +1,16 @@
-"""Error types and the classification of failures into plain-words classes."""
+"""Error types, the wording of parameters in messages, and the classification of failures into plain-words
+classes.
+
+A message names the parameter it is about with a mark: ``«window=600»`` (the value as the user gave it),
+``«pass window=512»`` (the fix), ``«window»`` (the parameter alone) or ``«pass window»`` (give it). ``str(error)``
+reads as Python (``window=600``, ``pass window=512``, ``window``, ``pass window=``); :func:`render` reads as the
+command line (``--window 600``, ``--window``) or the Studio (``'Window' 600``, ``set 'Window' to 512``), from the
+names each front end passes.
+"""
 from __future__ import annotations
 
 import errno
+import re
 
 ERROR_TYPES = ("OOM", "VALIDATION", "TIMEOUT", "INTERRUPTED", "DISK_FULL", "STORE_LOST", "UNKNOWN")
 
@@ -15,12 +24,73 @@ _OOM_MARKERS = (
 )
 
 
+_MARK = re.compile(r"«(pass )?([A-Za-z_][A-Za-z0-9_]*)(?:=(.*?))?»")
+
+
+def _cli_value(value: str) -> str:
+    """A Python literal as typed on a command line: 'auto' -> auto, [0, 3] -> 0,3."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    if value.startswith("[") and value.endswith("]"):
+        return ",".join(v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip())
+    return value
+
+
+def render(text: str, style: str = "python", names: dict[str, tuple[str, str]] | None = None) -> str:
+    """A message with its parameter marks worded for a front end: ``"python"``, ``"cli"`` or ``"studio"``.
+
+    ``names`` maps a parameter to its (command-line flag without dashes, Studio label); by default the flag is
+    the name with dashes and the label the name in words."""
+    def word(m: re.Match) -> str:
+        verb, name, value = bool(m.group(1)), m.group(2), m.group(3)
+        if style == "python":
+            if value is None:
+                return f"pass {name}=" if verb else name
+            return ("pass " if verb else "") + f"{name}={value}"
+        flag, label = (names or {}).get(name) or (name.replace("_", "-"), name.replace("_", " ").capitalize())
+        if style == "cli":
+            if value in ("True", "False"):
+                shown = f"--{flag}" if value == "True" else f"--no-{flag.removeprefix('no-')}"
+            elif value in (None, ""):
+                shown = f"--{flag}"
+            elif value == "None":
+                shown = f"no --{flag}"
+            else:
+                shown = f"--{flag} {_cli_value(value)}"
+            return ("pass " if verb and value != "None" else "leave out " if verb else "") + shown.removeprefix(
+                "no " if verb else "")
+        if value in ("True", "False"):
+            return (("tick" if value == "True" else "untick") + f" '{label}'") if verb else \
+                f"'{label}' {'ticked' if value == 'True' else 'not ticked'}"
+        if value in (None, ""):
+            return f"'{label}'"
+        shown = "empty" if value == "None" else _cli_value(value)
+        return f"set '{label}' to {shown}" if verb else f"'{label}' {shown}"
+
+    return _MARK.sub(word, text)
+
+
 class MistudioError(Exception):
     """Base class of every error mistudio raises on purpose."""
 
 
 class InputError(MistudioError, ValueError):
-    """A value the user gave is wrong. The message names the value and the fix."""
+    """A value the user gave is wrong. The message names the value and the fix.
+
+    ``param`` is the parameter it is about (when one is); the message marks parameters (see :func:`render`):
+    ``str()`` words them for Python, ``render(style, names)`` for the command line or the Studio."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.template = message
+        self.param = param if param is not None else (_MARK.search(message) or [None, None, None])[2]
+
+    def __str__(self) -> str:
+        return render(self.template, "python")
+
+    def render(self, style: str, names: dict[str, tuple[str, str]] | None = None) -> str:
+        return render(self.template, style, names)
 
 
 class JobCancelled(MistudioError):
@@ -133,26 +203,28 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
         return {"error_type": "STORE_LOST", "error_message": str(exc), "suggested_retry_params": {},
                 "resume_available": False}
     budget = params.get("max_batch_tokens")
-    if is_oom(exc) and budget:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return {"error_type": "OOM", "suggested_retry_params": {"max_batch_tokens": max(1, budget // 2)},
-                "error_message": f"Out of memory at max_batch_tokens={budget}: {first_line}. Retry with "
-                                 f"max_batch_tokens={max(1, budget // 2)}, or micro_batch_size=1."}
     if is_oom(exc):
-        smaller = max(1, batch_size // 2)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if batch_size > 1:
-            advice = f"Retry with batch_size={smaller}"
+        if budget:
+            template = (f"Out of memory at «max_batch_tokens={budget}»: {first_line}. Retry with «max_batch_tokens="
+                        f"{max(1, budget // 2)}», or «micro_batch_size=1».")
+            suggested = {"max_batch_tokens": max(1, budget // 2)}
+        elif batch_size > 1:
+            template = (f"Out of memory at «batch_size={batch_size}»: {first_line}. Retry with «batch_size="
+                        f"{max(1, batch_size // 2)}».")
+            suggested = {"batch_size": max(1, batch_size // 2)}
         else:
-            advice = "Batch size is already 1: use a shorter max_length, fewer layers, or a bigger device"
-        return {
-            "error_type": "OOM",
-            "error_message": f"Out of memory at batch_size={batch_size}: {first_line}. {advice}.",
-            "suggested_retry_params": {"batch_size": smaller} if batch_size > 1 else {},
-        }
+            template = (f"Out of memory at «batch_size=1»: {first_line}. Batch size is already 1: use a shorter "
+                        "«max_length», fewer layers, or a bigger device.")
+            suggested = {}
+        return {"error_type": "OOM", "error_message": render(template), "error_template": template,
+                "suggested_retry_params": suggested}
     if isinstance(exc, (InputError, StoreBusy)):
-        return {"error_type": "VALIDATION", "error_message": str(exc), "suggested_retry_params": {},
-                "resume_available": False}
+        record = {"error_type": "VALIDATION", "error_message": str(exc), "suggested_retry_params": {},
+                  "resume_available": False}
+        if isinstance(exc, InputError) and exc.template != str(exc):  # front ends word its parameters their way
+            record.update(error_template=exc.template, param=exc.param)
+        return record
     if isinstance(exc, JobTimeout):
         max_samples = params.get("max_samples")
         suggested = {"max_samples": max(1, int(max_samples) // 2)} if max_samples else {}

@@ -5,10 +5,13 @@ from functools import cached_property
 
 import numpy as np
 
+from .analysis import stats as analysis
 from .errors import InputError, StoreCorrupted
-from .integrity import DECODE_ERRORS, CheckedArray, VerifyReport, verify
-from .metadata import ExtractionMeta
-from .store import ExtractionStore
+from .analysis.loader import ActivationLoader
+from .storage.metadata import ExtractionMeta
+from .storage.reads import DECODE_ERRORS, CheckedArray
+from .storage.store import ExtractionStore
+from .storage.verify import VerifyReport, verify
 
 
 class Extraction:
@@ -16,6 +19,11 @@ class Extraction:
 
     def __init__(self, store: ExtractionStore):
         self.store = store
+
+    @classmethod
+    def open(cls, location: str, storage_options: dict | None = None) -> "Extraction":
+        """The extraction stored at ``location`` (a path or an fsspec URL), read-only."""
+        return cls(ExtractionStore.open(location, storage_options=storage_options))
 
     def __repr__(self) -> str:
         return (f"Extraction({self.id!r}, status={self.status}, samples={self.n_samples}, tokens={self.n_tokens}, "
@@ -107,7 +115,7 @@ class Extraction:
         """The tokenizer of the model the extraction was made with (loaded on first use)."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.store.record.model["name_or_path"])
+        return AutoTokenizer.from_pretrained(self.store.record.model.name_or_path)
 
     def rows(self) -> np.ndarray:
         """Dataset rows present in the extraction, ascending."""
@@ -207,11 +215,14 @@ class Extraction:
         the norm ``quantiles`` {"0.5", "0.9", "0.99", "0.999"} (approximate, within about 5%), over committed rows."""
         if hook_point not in self.hook_points:
             raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {self.hook_points}")
-        stats = self.record.statistics.get(hook_point, {})
-        found = np.asarray(stats.get("outliers") or np.zeros((0, 2)), dtype=np.float64).reshape(-1, 2)
-        quantiles = stats.get("norm_quantiles", {})
-        return {"n": int(stats.get("n_outliers", 0)), "rows": found[:, 0].astype(np.int64), "norms": found[:, 1],
-                "threshold": stats.get("outlier_threshold"), "median": quantiles.get("0.5"), "quantiles": quantiles}
+        stats = self.record.statistics.get(hook_point)
+        if stats is None:
+            return {"n": 0, "rows": np.zeros(0, np.int64), "norms": np.zeros(0), "threshold": None, "median": None,
+                    "quantiles": {}}
+        found = np.asarray(stats.outliers or np.zeros((0, 2)), dtype=np.float64).reshape(-1, 2)
+        quantiles = stats.norm_quantiles
+        return {"n": int(stats.n_outliers), "rows": found[:, 0].astype(np.int64), "norms": found[:, 1],
+                "threshold": stats.outlier_threshold, "median": quantiles.get("0.5"), "quantiles": quantiles}
 
     def to_xarray(self):
         """Every hook point as a lazy ``xarray.Dataset`` over (token, feature)."""
@@ -230,26 +241,20 @@ class Extraction:
     def loader(self, hook_points: str | list[str], batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                exclude_special: bool = False, dtype: str = "float32", device: str = "cpu", drop_last: bool = False,
                num_workers: int = 0, buffer_tokens: int | None = None, normalize: str | None = None,
-               with_index: bool = False, prefetch: int = 2):
+               with_index: bool = False, prefetch: int = 2) -> ActivationLoader:
         """A training loader over this extraction (every committed token once per epoch, shuffled, resumable).
 
         See :func:`mistudio.loader.loader` for the options.
         """
-        from .loader import loader
+        return ActivationLoader(self, hook_points, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                                exclude_special=exclude_special, dtype=dtype, device=device, drop_last=drop_last,
+                                num_workers=num_workers, buffer_tokens=buffer_tokens, normalize=normalize,
+                                with_index=with_index, prefetch=prefetch)
 
-        return loader(self, hook_points, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                      exclude_special=exclude_special, dtype=dtype, device=device, drop_last=drop_last,
-                      num_workers=num_workers, buffer_tokens=buffer_tokens, normalize=normalize,
-                      with_index=with_index, prefetch=prefetch)
-
-    def feature_stats(self, hook_point: str, bins: int = 64, cluster=None):
+    def feature_stats(self, hook_point: str, bins: int = 64, cluster=None) -> analysis.FeatureStats:
         """Per-feature mean/std/max/min/fraction active/histogram over every committed token (cached in the store)."""
-        from .analysis import feature_stats
-
-        return feature_stats(self, hook_point, bins=bins, cluster=cluster)
+        return analysis.feature_stats(self, hook_point, bins=bins, cluster=cluster)
 
     def top_examples(self, hook_point: str, feature: int | list[int], k: int = 20, context: int = 8, cluster=None):
         """The k tokens where ``feature`` is largest, with their context (cached in the store)."""
-        from .analysis import top_examples
-
-        return top_examples(self, hook_point, feature, k=k, context=context, cluster=cluster)
+        return analysis.top_examples(self, hook_point, feature, k=k, context=context, cluster=cluster)

@@ -9,14 +9,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from .metadata import END_STATES, ExtractionMeta, Status
-from .request import JobRequest
-from .store import ExtractionStore
+from .extraction import Extraction
+from .request import Request
+from .storage.metadata import END_STATES, ExtractionMeta, Status
+from .storage.store import ExtractionStore
 
 log = logging.getLogger("mistudio")
 Listener = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What one run of a job needs besides its Request: a dask client to shard over, a test hook."""
+
+    cluster: Any = None  # a dask.distributed Client: shard over its workers
+    before_batch: Callable[[int, int], None] | None = None  # fault injection for tests: (batch index, batch size)
 
 
 class JobActions(Protocol):
@@ -49,12 +59,13 @@ class Job(Observable):
     ``also_notify`` are listener lists shared with others (the workspace's), called after the job's own.
     """
 
-    def __init__(self, actions: JobActions, store: ExtractionStore, request: JobRequest | None = None,
-                 also_notify: list[Listener] | None = None):
+    def __init__(self, actions: JobActions, store: ExtractionStore, request: Request | None = None,
+                 options: RunOptions | None = None, also_notify: list[Listener] | None = None):
         super().__init__()
         self.actions = actions
         self.store = store
         self.request = request
+        self.options = options or RunOptions()
         self.id: str = store.name
         self._also_notify = also_notify if also_notify is not None else []
         self._cancel = threading.Event()
@@ -107,6 +118,11 @@ class Job(Observable):
         return self._live
 
     @property
+    def ended_in_memory(self) -> bool:
+        """The job's end is known only here: its store was refused (a bad request), deleted or replaced."""
+        return self._memory_record is not None
+
+    @property
     def done(self) -> bool:
         return self.status in END_STATES
 
@@ -128,10 +144,8 @@ class Job(Observable):
             self._done.wait(0.2 if left is None else min(0.2, left))
         return self
 
-    def extraction(self):
+    def extraction(self) -> Extraction:
         """The store as an :class:`~mistudio.extraction.Extraction` (any status)."""
-        from .extraction import Extraction
-
         return Extraction(self.store)
 
     # -- acting -----------------------------------------------------------------------------------

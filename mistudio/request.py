@@ -1,126 +1,475 @@
-"""A job's request: every argument of ``ms.extract`` / ``ws.submit`` validated into specs, and rebuilt
-from a store's metadata for a retry or a resume."""
+"""The one declaration of an extraction's parameters: :class:`Request`.
+
+Every front end builds a Request and nothing else: ``ms.extract``/``submit``/``estimate`` from keywords, the CLI
+from flags generated from the fields (:func:`params`), the Studio from its form, presets as a partial Request,
+retry and resume from the stored one plus overrides. Each field says its type, default, constraint, one line of
+description, its group, its Studio label, its command-line flag and whether it changes the stored bytes.
+
+Checks that need nothing but the values run here; checks against the model's config and the data run once, in
+:func:`mistudio.plan.check`, before any store exists.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import codecs
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, get_args, get_origin
 
-import numpy as np
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .errors import InputError
-from .models import check_placement, load_config, max_positions_of, n_layers_of
-from .specs import CaptureSpec, DatasetSpec, ModelSpec, build, parse_layers
+from .formats import file_format, named
+from .specs import (BATCH_SIZES, DEVICES, EXAMPLES, HOOK_KINDS, LAYER_FORMS, QUANTIZATIONS, HubDataset, ModelSpec,
+                    Float, Int, pandas_kind, parse_layers, short, validation_error)
+
+GROUPS = ("model", "data", "capture", "batching", "storage", "run")
 
 
-@dataclass
-class JobRequest:
-    """Everything a job needs to run; ``before_batch`` is a fault-injection hook for tests."""
+def param(default: Any, description: str, *, group: str, label: str, stored: bool, flag: str | None = None,
+          **field: Any) -> Any:
+    """A Request field with the metadata every front end reads (see :class:`ParamInfo`)."""
+    return Field(default, description=description,
+                 json_schema_extra={"group": group, "label": label, "stored": stored, "flag": flag}, **field)
 
-    model: ModelSpec
-    dataset: DatasetSpec
-    capture: CaptureSpec
-    timeout_s: float | None = None
-    auto_retry_on_oom: bool = False
-    before_batch: Callable[[int, int], None] | None = field(default=None, repr=False)
-    cluster: Any = field(default=None, repr=False)  # a dask.distributed Client: shard over its workers
+
+class Request(BaseModel):
+    """Every parameter of an extraction, declared once. Build it with :meth:`build` (errors name the value)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    # -- the model -----------------------------------------------------------------------------------
+    model: str = param(None, "Hugging Face id or local model folder (anything from_pretrained takes)",
+                       group="model", label="Model", stored=True, validate_default=True)
+    revision: str | None = param(None, "Hub revision (branch, tag or commit) of the model", group="model",
+                                 label="Revision", stored=True)
+    model_dtype: Literal["auto", "float32", "float16", "bfloat16"] = param(
+        "auto", "dtype the model computes in (auto: float32 on CPU, bfloat16/float16 on GPUs)", group="model",
+        label="Model dtype", stored=True)
+    device: str = param("auto", "where the model runs: auto, cpu, cuda, cuda:N or mps", group="model",
+                        label="Device", stored=False)
+    device_map: str | dict[str, Any] | None = param(
+        None, "split or offload the model with accelerate: auto, balanced, or a JSON {module: device}",
+        group="model", label="Device map", stored=False)
+    max_memory: dict[str | int, str | int] | None = param(
+        None, "with device_map: memory per device as JSON, e.g. {\"0\": \"20GiB\", \"cpu\": \"60GiB\"}",
+        group="model", label="Max memory", stored=False)
+    quantization: Literal["int8", "nf4"] | None = param(
+        None, "load the weights quantised by bitsandbytes (CUDA): int8 or nf4", group="model",
+        label="Quantization", stored=True)
+    # -- the data ------------------------------------------------------------------------------------
+    dataset: Any = param("sample", "sample, a .txt/.jsonl/.csv/.parquet file, a saved datasets folder, a list of "
+                         "texts, a DataFrame, or ms.HubDataset(name, split, column)", group="data",
+                         label="Dataset", stored=True)
+    text_column: str = param("text", "column (or JSON key) that holds the text", group="data", label="Text column",
+                             stored=True)
+    encoding: str = param("utf-8", "text encoding of .txt/.jsonl/.csv files, e.g. latin-1", group="data",
+                          label="Encoding", stored=True)
+    max_samples: Int | None = param(None, "how many usable rows to extract (None: all)", group="data",
+                                    label="Max samples", stored=True)
+    max_length: Int = param(128, "tokens per sample; longer samples are cut (not used with window)", group="data",
+                            label="Max length", stored=True)
+    add_special_tokens: bool = param(True, "let the tokenizer add its special tokens ([CLS]/[SEP], BOS ...)",
+                                     group="data", label="Add special tokens", stored=True)
+    chat_template: str | None = param(None, "rows are conversations: auto (the tokenizer's template) or a Jinja "
+                                      "template", group="data", label="Chat template", stored=True)
+    window: Int | None = param(None, "long documents in overlapping windows of this many tokens instead of cut",
+                               group="data", label="Window", stored=True)
+    stride: Int | None = param(None, "step between windows (default: window // 2)", group="data", label="Stride",
+                               stored=True)
+    exclude_special: bool = param(False, "special tokens get no activation rows", group="data",
+                                  label="Exclude special tokens", stored=True)
+    oov_policy: Literal["clamp", "skip", "error"] = param(
+        "clamp", "token ids outside the vocabulary: clamp them, skip the row, or stop", group="data",
+        label="Out-of-vocabulary ids", stored=True)
+    # -- what to capture -----------------------------------------------------------------------------
+    layers: list[int] | Literal["all"] = param([0], f"block indices: {LAYER_FORMS}", group="capture",
+                                                label="Layers", stored=True)
+    hooks: list[str] = param(["residual"], "what to capture at each layer: residual, mlp, attention",
+                             group="capture", label="Hooks", stored=True)
+    # -- batching ------------------------------------------------------------------------------------
+    batch_size: Int | Literal["auto"] = param(8, "samples per forward: a power of two from 1 to 512, or auto",
+                                              group="batching", label="Batch size", stored=False)
+    max_batch_tokens: Int | None = param(None, "cut batches by padded tokens instead of a sample count",
+                                         group="batching", label="Max batch tokens", stored=False)
+    micro_batch_size: Int | None = param(None, "forward each batch in pieces of this many samples",
+                                         group="batching", label="Micro-batch size", stored=False)
+    auto_batch_memory_fraction: Float = param(0.8, "batch_size auto on a GPU: the share of its memory to use",
+                                              group="batching", label="Auto batch memory fraction", stored=False)
+    padding_side: Literal["right", "left"] = param("right", "where padding goes (it never reaches the store)",
+                                                   group="batching", label="Padding side", stored=False)
+    # -- storage -------------------------------------------------------------------------------------
+    dtype: Literal["float16", "float32"] = param("float16", "storage dtype of the activations", group="storage",
+                                                 label="Store as", stored=True)
+    chunk_mb: Float = param(2.0, "MB per chunk of an activation array", group="storage", label="Chunk MB",
+                            stored=True)
+    shard_mb: Float = param(32.0, "MB per shard file of a large array (0: one file per chunk)", group="storage",
+                            label="Shard MB", stored=True)
+    checksum: bool = param(True, "a crc32c per chunk: damage raises instead of reading wrong", group="storage",
+                           label="Checksums", stored=True)
+    # -- the run -------------------------------------------------------------------------------------
+    timeout_s: Float | None = param(None, "seconds before the job stops as TIMEOUT (None: no limit)", group="run",
+                                    label="Timeout (s)", stored=False, flag="timeout")
+    auto_retry_on_oom: bool = param(False, "on out-of-memory, continue with half the batch (at most 3 times)",
+                                    group="run", label="Retry with half the batch on out-of-memory", stored=False)
+
+    # -- validators ----------------------------------------------------------------------------------
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, v: Any) -> str:
+        if isinstance(v, ModelSpec):
+            v = v.name_or_path
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        if v is None:
+            raise ValueError("«model» is missing: give a Hugging Face id such as 'gpt2' or a local folder")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("«model» is empty: give a Hugging Face id such as 'gpt2' or a local folder")
+        if not isinstance(v, str):
+            raise ValueError(f"«model={short(v)}» is not a model name: give a Hugging Face id or a folder path")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v.split(":")[0] not in DEVICES or (":" in v and not v.split(":", 1)[1].isdigit()):
+            raise ValueError(f"«device={v!r}» is not one of {DEVICES} (optionally 'cuda:N'): «pass device='auto'»")
+        return v
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("«dataset» is missing: give 'sample', a file path, a list of strings, a pandas "
+                             "DataFrame, or ms.HubDataset(name, split, column)")
+        if isinstance(v, HubDataset):
+            return v
+        if isinstance(v, dict) and set(v) == {"hub"}:  # a preset's or a stored request's Hub dataset
+            return HubDataset(**v["hub"])
+        if isinstance(v, tuple):
+            v = list(v)
+        if isinstance(v, list) or pandas_kind(v):
+            if len(v) == 0:
+                raise ValueError(f"«dataset» is an empty {pandas_kind(v) or 'list'}: give at least one text")
+            return v
+        if isinstance(v, (str, os.PathLike)):
+            return _dataset_path(os.fspath(v))
+        raise ValueError(f"«dataset={short(v)}» ({type(v).__name__}) is not a dataset mistudio can read: give a file "
+                         "path, a list of strings, a pandas DataFrame or Series, 'sample', or "
+                         "ms.HubDataset(name, split, column)")
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, v: str) -> str:
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"«encoding={v!r}» is not a text encoding Python knows: use e.g. 'utf-8' or 'latin-1' "
+                             "(«pass encoding='latin-1'»)") from None
+        return v
+
+    @field_validator("text_column")
+    @classmethod
+    def _text_column(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("«text_column» is empty: name the column that holds the text, e.g. «pass "
+                             "text_column='text'»")
+        return v
+
+    @field_validator("max_length", "window", "stride", "max_samples", "max_batch_tokens", "micro_batch_size")
+    @classmethod
+    def _positive(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v <= 0:
+            name = info.field_name
+            tail = "" if name == "max_length" else ", or None"
+            raise ValueError(f"«{name}={v}» must be a positive number, e.g. «pass {name}={EXAMPLES.get(name, '1')}»"
+                             f"{tail}")
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("«chat_template» is empty: «pass chat_template='auto'» (the tokenizer's template), a "
+                             "Jinja template string, or None for plain text")
+        return v
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _quantization(cls, v: Any) -> Any:
+        if v is not None and v not in QUANTIZATIONS:
+            raise ValueError(f"«quantization={v!r}» is not one of {QUANTIZATIONS}: «pass quantization='nf4'» (or "
+                             "'int8'), or «pass quantization=None»")
+        return v
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v: Any) -> list[int] | str:
+        return parse_layers(v)
+
+    @field_validator("hooks", mode="before")
+    @classmethod
+    def _hooks(cls, v: Any) -> list[str]:
+        if isinstance(v, str):
+            v = [h.strip() for h in v.split(",") if h.strip()]
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError(f"«hooks={short(v)}» is empty or not a list: choose from {HOOK_KINDS}, e.g. «pass "
+                             "hooks=['residual', 'mlp']»")
+        for kind in v:
+            if kind not in HOOK_KINDS:
+                raise ValueError(f"«hooks={short(v)}»: unknown hook kind {kind!r}: choose from {HOOK_KINDS}")
+        return [k for k in HOOK_KINDS if k in v]
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, v: int | str) -> int | str:
+        if v != "auto" and v not in BATCH_SIZES:
+            raise ValueError(f"«batch_size={v!r}» is not allowed: use a power of two from 1 to 512, e.g. «pass "
+                             "batch_size=8», or 'auto'")
+        return v
+
+    @field_validator("auto_batch_memory_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.05 <= v <= 1:
+            raise ValueError(f"«auto_batch_memory_fraction={v}» is out of range: use 0.05 to 1, e.g. «pass "
+                             "auto_batch_memory_fraction=0.8»")
+        return v
+
+    @field_validator("chunk_mb")
+    @classmethod
+    def _chunk_mb(cls, v: float) -> float:
+        if not 0.01 <= v <= 64:
+            raise ValueError(f"«chunk_mb={v}» is out of range: use 0.01 to 64 (MB per chunk), e.g. «pass chunk_mb=2»")
+        return v
+
+    @field_validator("shard_mb")
+    @classmethod
+    def _shard_mb(cls, v: float) -> float:
+        if not 0 <= v <= 4096:
+            raise ValueError(f"«shard_mb={v}» is out of range: use 32 to 256 (MB per shard), or «pass shard_mb=0» for "
+                             "no shards")
+        return v
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeout(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"«timeout_s={v:g}» must be a positive number of seconds, e.g. «pass timeout_s=600», or "
+                             "None for no limit")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Request":
+        if self.window is None and self.stride is not None:
+            raise ValueError(f"«stride={self.stride}» needs a window: «pass window=512» with it")
+        if self.window is not None:
+            if self.window < 2:
+                raise ValueError(f"«window={self.window}» is too small: use at least 2 tokens, e.g. «pass window=512»")
+            if self.stride is None:
+                object.__setattr__(self, "stride", max(1, self.window // 2))
+            elif self.stride > self.window:
+                raise ValueError(f"«stride={self.stride}» must be from 1 to the window ({self.window}): e.g. «pass "
+                                 f"stride={max(1, self.window // 2)}»")
+        if self.batch_size == "auto" and self.max_batch_tokens is not None:
+            raise ValueError(f"«batch_size='auto'» and «max_batch_tokens={self.max_batch_tokens}» both size the "
+                             "batches: pass one of them")
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError(f"«max_memory={self.max_memory!r}» needs «device_map»: «pass device_map='auto'» with it")
+        if pandas_kind(self.dataset) == "dataframe" and self.text_column not in self.dataset.columns:
+            raise ValueError(f"text column {self.text_column!r} is not in the DataFrame: its columns are "
+                             f"{list(self.dataset.columns)}; «pass text_column=<one of them>»")
+        return self
+
+    # -- building ------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, **values: Any) -> "Request":
+        """A Request from keyword arguments (unknown names and bad values: one InputError naming each)."""
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            close = {u: _closest(u, cls.model_fields) for u in unknown}
+            hints = ", ".join(f"{u!r}" + (f" (did you mean «{close[u]}»?)" if close[u] else "") for u in unknown)
+            raise InputError(f"unknown argument{'s' if len(unknown) > 1 else ''} {hints}: the arguments are "
+                             f"{', '.join(cls.model_fields)}", param=unknown[0])
+        try:
+            return cls(**values)
+        except pydantic.ValidationError as exc:
+            raise validation_error(exc) from None
+
+    def replace(self, **overrides: Any) -> "Request":
+        """This request with some fields changed, validated again."""
+        return Request.build(**{**self.fields(), **overrides})
+
+    def fields(self) -> dict[str, Any]:
+        """Every field's value as given (the dataset object itself, not its description)."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+    # -- views ---------------------------------------------------------------------------------------
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The model to load (what the model cache is keyed by, with the weights' fingerprint)."""
+        return ModelSpec(name_or_path=self.model, dtype=self.model_dtype, device=self.device, revision=self.revision,
+                         device_map=self.device_map, max_memory=self.max_memory, quantization=self.quantization)
+
+    @property
+    def hook_points(self) -> list[str]:
+        """Every ``layers.{i}.{kind}`` this request writes, layer-major (``layers`` must be resolved)."""
+        if self.layers == "all":
+            raise InputError("«layers='all'» is not resolved yet: it needs the model's layer count")
+        return [f"layers.{i}.{k}" for i in self.layers for k in self.hooks]
 
     def params(self) -> dict:
-        """Flat, JSON-able parameters: what the metadata records and a retry copies."""
-        return {
-            **self.capture.model_dump(),
-            "max_samples": self.dataset.max_samples, "max_length": self.dataset.max_length,
-            "text_column": self.dataset.text_column, "add_special_tokens": self.dataset.add_special_tokens,
-            "encoding": self.dataset.encoding, "chat_template": self.dataset.chat_template,
-            "model_dtype": self.model.dtype, "device": self.model.device,
-            "device_map": self.model.device_map, "max_memory": self.model.max_memory,
-            "quantization": self.model.quantization,
-            "timeout_s": self.timeout_s, "auto_retry_on_oom": self.auto_retry_on_oom,
-        }
+        """The JSON-able parameters the store's metadata records (model and dataset have sections of their own)."""
+        return self.model_dump(mode="json", exclude={"model", "revision", "dataset"})
+
+    def dataset_description(self) -> dict:
+        """The dataset as the metadata records it: where it came from (in-memory data is summarised, not copied)."""
+        src = self.dataset
+        kind = pandas_kind(src)
+        if isinstance(src, list) or kind:
+            source: dict = {"kind": kind or "list", "n_rows": len(src)}
+            if kind == "dataframe":
+                source["columns"] = [str(c) for c in src.columns]
+        elif isinstance(src, HubDataset):
+            source = {"kind": "hub", **src.model_dump()}
+        elif src == "sample":
+            source = {"kind": "sample"}
+        else:
+            source = {"kind": "path", "path": src}
+        return {"source": source, **{k: getattr(self, k) for k in ("text_column", "max_samples", "max_length",
+                                                                    "add_special_tokens", "encoding",
+                                                                    "chat_template")}}
+
+    @classmethod
+    def from_stored(cls, model_section: dict, dataset_section: dict, params_section: dict,
+                    **overrides: Any) -> "Request":
+        """The request a store was made with (its metadata's model, dataset and params sections), with overrides.
+
+        Parameters a newer version added are left at their defaults; ones this version does not know are ignored.
+        A store made from in-memory data needs ``dataset=`` again (the message says so)."""
+        # a None is a parameter this store's version did not record, or one whose default is None
+        values = {k: v for k, v in params_section.items() if k in cls.model_fields and v is not None}
+        values.update(model=model_section.get("name_or_path"), revision=model_section.get("revision"))
+        if "dataset" not in overrides:
+            values["dataset"] = dataset_source(dataset_section)
+        values.update(overrides)
+        return cls.build(**values)
+
+    def stored_changes(self, other: "Request") -> dict[str, tuple[Any, Any]]:
+        """Fields that change the stored bytes and differ between the two requests: {name: (self's, other's)}."""
+        out = {}
+        for name, info in type(self).model_fields.items():
+            if (info.json_schema_extra or {}).get("stored") and name != "dataset":
+                a, b = getattr(self, name), getattr(other, name)
+                if a != b:
+                    out[name] = (a, b)
+        return out
 
 
-def make_request(model: str | ModelSpec, dataset: Any, layers: Any, hooks: list[str] | tuple | str = ("residual",),
-                 batch_size: int = 8, max_samples: int | None = None, max_length: int = 128,
-                 dtype: str = "float16", model_dtype: str = "auto", device: str = "auto",
-                 text_column: str = "text", add_special_tokens: bool = True, oov_policy: str = "clamp",
-                 padding_side: str = "right", chunk_mb: float = 2.0, shard_mb: float = 32.0,
-                 timeout_s: float | None = None,
-                 auto_retry_on_oom: bool = False, revision: str | None = None, encoding: str = "utf-8",
-                 checksum: bool = True, window: int | None = None, stride: int | None = None,
-                 exclude_special: bool = False, chat_template: str | None = None,
-                 max_batch_tokens: int | None = None, micro_batch_size: int | None = None,
-                 auto_batch_memory_fraction: float = 0.8, device_map: str | dict | None = None,
-                 max_memory: dict | None = None, quantization: str | None = None,
-                 before_batch: Callable[[int, int], None] | None = None, cluster: Any = None) -> JobRequest:
-    """Validate every argument of ``ms.extract`` / ``ws.submit`` before anything is loaded or written.
-
-    ``layers`` takes the forms of :func:`parse_layers`; ``'all'`` and the ``max_length`` limit are checked
-    against the model's config (read without weights). Every error names the argument as the user typed it.
-    """
-    if isinstance(hooks, str):
-        hooks = [h.strip() for h in hooks.split(",")]
-    model_spec = model if isinstance(model, ModelSpec) else build(
-        ModelSpec, {"name_or_path": "model", "dtype": "model_dtype"},
-        name_or_path=str(model), dtype=model_dtype, device=device, revision=revision, device_map=device_map,
-        max_memory=max_memory, quantization=quantization)
-    check_placement(model_spec)
-    if dataset is None:
-        raise InputError("dataset is missing: pass ms.sample_dataset(), a file path, a list of strings, "
-                         "a pandas DataFrame, or ms.HubDataset(name, split, column)")
-    dataset_spec = dataset if isinstance(dataset, DatasetSpec) else build(
-        DatasetSpec, {"source": "dataset"}, source=dataset, text_column=text_column, max_samples=max_samples,
-        max_length=max_length, add_special_tokens=add_special_tokens, encoding=encoding, chat_template=chat_template)
-    layer_list, config = parse_layers(layers), None
-    if layer_list == "all":
-        config = load_config(model_spec)
-        layer_list = list(range(n_layers_of(config)))
-    capture = build(CaptureSpec, layers=layer_list, hooks=list(hooks), batch_size=batch_size, dtype=dtype,
-                    oov_policy=oov_policy, padding_side=padding_side, chunk_mb=chunk_mb, shard_mb=shard_mb,
-                    checksum=checksum, window=window, stride=stride, exclude_special=exclude_special,
-                    max_batch_tokens=max_batch_tokens, micro_batch_size=micro_batch_size,
-                    auto_batch_memory_fraction=auto_batch_memory_fraction)
-    not_number = isinstance(timeout_s, (bool, np.bool_)) or not isinstance(timeout_s, (int, float, np.number))
-    if timeout_s is not None and (not_number or timeout_s <= 0):
-        raise InputError(f"timeout_s={timeout_s!r} must be a positive number of seconds, e.g. timeout_s=600, "
-                         "or None for no limit")
-    if cluster is not None and not (hasattr(cluster, "submit") and hasattr(cluster, "scheduler_info")):
-        raise InputError(f"cluster={cluster!r} is not a dask.distributed Client: pass Client(LocalCluster()) or "
-                         "Client('tcp://scheduler:8786')")
-    if cluster is not None and capture.exclude_special:
-        raise InputError("exclude_special=True is not supported with cluster= yet: drop cluster= (run locally) "
-                         "or keep special tokens (exclude_special=False) and mask them with tokens/special")
-    if cluster is not None and capture.batch_size == "auto":
-        raise InputError("batch_size='auto' runs a trial on a local model and cannot size a dask run: pass a "
-                         "number, e.g. batch_size=8, with cluster=")
-    limit = max_positions_of(config or load_config(model_spec))
-    if limit is not None and capture.window is not None and capture.window > limit:
-        raise InputError(f"window={capture.window} is more than the {limit} positions of model "
-                         f"{model_spec.name_or_path!r}: pass window={limit} or less")
-    if limit is not None and capture.window is None and dataset_spec.max_length > limit:
-        raise InputError(f"max_length={dataset_spec.max_length} is more than the {limit} positions of model "
-                         f"{model_spec.name_or_path!r}: pass max_length={limit} or less (longer samples are cut)")
-    return JobRequest(model_spec, dataset_spec, capture, timeout_s, bool(auto_retry_on_oom), before_batch, cluster)
+def dataset_source(description: dict) -> Any:
+    """The dataset argument a recorded description came from; in-memory data cannot be rebuilt."""
+    src = description.get("source", {})
+    kind = src.get("kind")
+    if kind in ("list", "dataframe", "series"):
+        what = {"list": "list of texts", "dataframe": "pandas DataFrame", "series": "pandas Series"}[kind]
+        raise InputError(f"this extraction was made from an in-memory {what}, which is not saved on disk: pass it "
+                         "again, e.g. «pass dataset=my_texts» to the retry", param="dataset")
+    if kind == "hub":
+        return HubDataset(**{k: v for k, v in src.items() if k != "kind"})
+    if kind == "path":
+        return src["path"]
+    return "sample"
 
 
-def request_from_meta(meta: dict, need_dataset: bool = True, **overrides: Any) -> JobRequest:
-    """Rebuild a job's request from its stored metadata, with overrides (retry/resume after a restart).
+def _dataset_path(given: str) -> str:
+    """A dataset path: 'sample', a regular file of a known format, or a folder (as given: a link's own name decides
+    the format). FIFOs, devices and sockets are refused (they would block or never end)."""
+    if given == "sample":
+        return given
+    path = Path(os.path.abspath(os.path.expanduser(given)))  # not resolved: a link's name decides the format
+    if not path.exists():
+        link = f" (a broken link to {os.path.realpath(path)!r})" if path.is_symlink() else ""
+        raise ValueError(f"dataset path {given!r}{link} does not exist: give an existing .txt/.jsonl/.csv/.parquet "
+                         "file, a folder saved with datasets' save_to_disk, a list of strings, a pandas DataFrame, "
+                         "'sample', or ms.HubDataset(name, split, column)")
+    if path.is_dir():
+        return str(path)
+    if not path.is_file():
+        raise ValueError(f"dataset path {named(path)} is not a regular file (a pipe, a device or a socket): copy "
+                         "the data into a .txt/.jsonl/.csv/.parquet file and pass that")
+    file_format(path)  # refuses files it cannot read, naming the link's target
+    return str(path)
 
-    A resume of an allocated store reads its tokens from the store, so it needs no dataset.
-    """
-    params = dict(meta["params"])
-    dataset = overrides.pop("dataset", None)
-    if dataset is None and need_dataset:
-        dataset = DatasetSpec.from_description(meta["dataset"]).source
-    elif dataset is None:
-        dataset = ["(tokens are read from the store)"]
-    args = {"model": meta["model"]["name_or_path"], "dataset": dataset, "revision": meta["model"].get("revision"),
-            **{k: params[k] for k in ("layers", "hooks", "batch_size", "max_samples", "max_length", "dtype",
-                                      "model_dtype", "device", "text_column", "add_special_tokens", "oov_policy",
-                                      "padding_side", "chunk_mb", "shard_mb", "timeout_s", "auto_retry_on_oom",
-                                      "encoding",
-                                      "checksum", "window", "stride", "exclude_special", "chat_template",
 
-                                      "checksum", "max_batch_tokens", "micro_batch_size",
-                                      "auto_batch_memory_fraction", "device_map", "max_memory", "quantization")
-               if k in params}}
-    args.update(overrides)
-    return make_request(**args)
+def _closest(name: str, options) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(name, list(options), n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What a front end needs to show one Request field."""
+
+    name: str
+    group: str
+    label: str
+    flag: str
+    stored: bool
+    description: str
+    default: Any
+    choices: tuple | None
+    kind: str  # "bool", "int", "float", "str", "choice", "layers", "list", "json", "dataset"
+
+
+def _kind(name: str, annotation: Any) -> tuple[str, tuple | None]:
+    """How a front end shows a field: its kind and, for a choice, the choices."""
+    if name in ("layers", "hooks", "dataset"):
+        return {"layers": "layers", "hooks": "list", "dataset": "dataset"}[name], \
+            (HOOK_KINDS if name == "hooks" else None)
+    if annotation is bool:
+        return "bool", None
+    members = [annotation] if get_origin(annotation) is Literal else \
+        [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    if all(get_origin(m) is Literal for m in members):
+        return "choice", tuple(x for m in members for x in get_args(m))
+    text = " ".join(str(m) for m in members)
+    if "dict" in text:
+        return "json", None
+    if "int" in text:
+        return "int", None
+    if "float" in text:
+        return "float", None
+    return "str", None
+
+
+def params() -> list[ParamInfo]:
+    """Every Request field with its metadata, in declaration order (front ends build their forms from it)."""
+    out = []
+    for name, info in Request.model_fields.items():
+        extra = info.json_schema_extra or {}
+        kind, choices = _kind(name, info.annotation)
+        out.append(ParamInfo(name, extra["group"], extra["label"], extra.get("flag") or name.replace("_", "-"),
+                             bool(extra["stored"]), info.description or "", info.default, choices, kind))
+    return out
+
+
+def with_request_keywords(fn: Callable) -> Callable:
+    """Give ``fn`` (which takes ``**options``) a signature that lists every Request field as a keyword, so that
+    ``help()``, IDEs and the tests see the real arguments (``**options`` still takes them)."""
+    sig = inspect.signature(fn)
+    kept = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    named = {p.name for p in kept}
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info.default,
+                               annotation=info.annotation)
+             for name, info in Request.model_fields.items() if name not in named]
+    fn.__signature__ = sig.replace(parameters=kept + extra)
+    return fn
+
+
+def param_names(**more: tuple[str, str]) -> dict[str, tuple[str, str]]:
+    """{parameter: (command-line flag, Studio label)} for :func:`mistudio.errors.render`, plus ``more``."""
+    return {**{p.name: (p.flag, p.label) for p in params()}, **more}

@@ -10,19 +10,19 @@ import logging
 import queue
 import shutil
 import threading
-from dataclasses import replace
 from functools import partial
+from typing import Callable
 
 from . import engine
-from .data import plan_order, tokenize
+from .autobatch import choose_batch_size
 from .distributed import ShardedRun
-from .errors import JobCancelled, JobTimeout, StoreLost, classify, disk_full_cause, is_oom
-from .jobs import Job
-from .liveness import heartbeat
-from .metadata import ExtractionMeta, Status, new_nonce, now
-from .models import (check_layers, describe_model, free_memory, load_config, load_model, load_tokenizer,
-                     n_layers_of)
-from .specs import ModelSpec
+from .errors import InputError, JobCancelled, JobTimeout, StoreLost, classify, disk_full_cause, is_oom
+from .models import describe_model, free_memory, load_config, load_model, load_tokenizer, n_layers_of
+from .plan import make_plan
+from .request import Request
+from .specs import ModelSpec, parse_layers
+from .storage.liveness import heartbeat
+from .storage.metadata import ExtractionMeta, Status, new_nonce, now
 
 log = logging.getLogger("mistudio")
 HEARTBEAT_S = 2.0
@@ -54,13 +54,14 @@ class Runner:
 
     def __init__(self, name: str):
         self.models = ModelCache()
-        self._queue: queue.Queue[Job] = queue.Queue()
-        self._live: dict[str, Job] = {}  # queued or running in this process, by id
+        self._ended_in_memory: dict = {}  # jobs whose end is known only here (no store to read it from)
+        self._queue: queue.Queue = queue.Queue()
+        self._live: dict = {}  # the jobs queued or running in this process, by id
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"mistudio-jobs:{name}", daemon=True)
         self._thread.start()
 
-    def enqueue(self, job: Job) -> None:
+    def enqueue(self, job) -> None:
         """Take the job: it is live in this process from now until it ends."""
         with self._lock:
             if job.id in self._live:
@@ -70,10 +71,15 @@ class Runner:
         job.emit("state", status=Status.QUEUED.value, previous=None)
         self._queue.put(job)
 
-    def live_job(self, extraction_id: str) -> Job | None:
+    def live_job(self, extraction_id: str):
         """The job with this id if it is queued or running in this process."""
         with self._lock:
             return self._live.get(extraction_id)
+
+    def ended_in_memory(self, extraction_id: str):
+        """A job of this process that ended without a store to record it (a request refused while planning)."""
+        with self._lock:
+            return self._ended_in_memory.get(extraction_id)
 
     def live_ids(self) -> set[str]:
         with self._lock:
@@ -87,48 +93,47 @@ class Runner:
             finally:  # leave the live set before anyone waiting is woken (so a resume right after works)
                 with self._lock:
                     self._live.pop(job.id, None)
+                    if job.ended_in_memory:
+                        self._ended_in_memory[job.id] = job
                 job.finished()
 
 
 class _Planning:
-    """Tokenize and order the dataset on a thread (its own tokenizer), while the caller loads the weights."""
+    """Tokenize and plan the store on a thread (its own tokenizer), while the caller loads the weights."""
 
-    def __init__(self, request, vocab_size: int | None):
-        self.request, self.vocab_size = request, vocab_size
-        self.outcome: tuple | None = None
-        self.tokenizer = None
+    def __init__(self, request: Request, vocab_size: int | None, hidden_size: int):
+        self.request, self.vocab_size, self.hidden_size = request, vocab_size, hidden_size
+        self.plan = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="mistudio-tokenize", daemon=True)
-        if vocab_size is not None:  # else the vocabulary is known only once the weights are in: tokenize then
+        if vocab_size is not None:  # else the vocabulary is known only once the weights are in: plan then
             self._thread.start()
 
     def _work(self) -> None:
         try:
-            self.tokenizer = load_tokenizer(self.request.model)
-            tokenized = tokenize(self.request.dataset, self.tokenizer, self.vocab_size,
-                                 self.request.capture.oov_policy, window=self.request.capture.window)
-            self.outcome = (tokenized, plan_order(tokenized.lengths))
+            tokenizer = load_tokenizer(self.request.model_spec)
+            self.plan = make_plan(self.request, tokenizer, self.vocab_size, self.hidden_size)
         except BaseException as exc:  # noqa: BLE001 - raised on the job's thread by result()
             self.error = exc
 
-    def result(self, check, vocab_size: int):
-        """(tokenized, order), waiting for the thread with ``check()`` between waits (cancel, timeout); its
-        error is raised here. Tokenized again here if the model's vocabulary is not the one assumed."""
+    def result(self, check_stop: Callable[[], None], vocab_size: int):
+        """The plan, waiting for the thread with ``check_stop()`` between waits (cancel, timeout); its error is
+        raised here. Planned again here if the model's vocabulary is not the one assumed."""
         while self._thread.is_alive():
             self._thread.join(0.05)
-            check()
+            check_stop()
         if self.vocab_size != vocab_size:
             self.vocab_size, self.error = vocab_size, None
             self._work()
         if self.error is not None:
             raise self.error
-        return self.outcome
+        return self.plan
 
 
 class _Execution:
     """One run of one job, on the worker thread: every state change of its store happens here."""
 
-    def __init__(self, job: Job, models: ModelCache):
+    def __init__(self, job, models: ModelCache):
         self.job, self.models = job, models
         self.store = job.store
         self.request = job.request
@@ -153,7 +158,7 @@ class _Execution:
     def _beat(self, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_S):
             try:
-                self.store.update(heartbeat=heartbeat())
+                self.store.update(durable=False, heartbeat=heartbeat())  # advisory: not worth a disk flush
             except StoreLost as exc:
                 self.lost = exc  # the job stops at its next check
                 return
@@ -195,7 +200,7 @@ class _Execution:
 
     def _error(self, exc: BaseException, resumable: bool) -> dict:
         """The failure's error record: its class in plain words, and what the user can do next."""
-        error = classify(exc, self.store.record.params, self._disk())
+        error = classify(exc, self.request.params(), self._disk())
         error.setdefault("resume_available", resumable)
         error.update(retry_available=True, cancel_available=False, failed_at=now())
         return error
@@ -216,97 +221,91 @@ class _Execution:
                 free = shutil.disk_usage(location.removeprefix("file://")).free
             except OSError:
                 pass
-        record = self.store.record
-        needed = None
-        if record.progress.tokens_total is not None:
-            itemsize = 4 if record.params.get("dtype") == "float32" else 2
-            width = sum(int(record.model.get("hidden_size") or 0) for _ in record.hook_points)
-            needed = (record.progress.tokens_total - record.progress.tokens_committed) * width * itemsize
-        return location, free, needed
+        return location, free, self.store.bytes_to_write()
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, StoreLost):
             raise exc
-        error = self._error(exc, resumable=bool(self.store.record.progress.samples_committed)
-                            or self.store.is_allocated)
+        record = self.store.record
+        if isinstance(exc, InputError) and not self.store.is_allocated and not record.resumes:
+            # refused while planning (no usable rows, a template that fails ...): nothing was extracted, so the
+            # new store goes and the failure is the job's, in memory: a refused request leaves no store
+            self.store.destroy()
+            self._fail_in_memory(exc)
+            return
+        error = self._error(exc, resumable=bool(record.progress.samples_committed) or self.store.is_allocated)
         if error["error_type"] == "UNKNOWN":
             log.error("mistudio job %s failed", self.job.id, exc_info=exc)
         self.set_state(Status.FAILED, error=error, timings={"finished": now()})
         self.job.emit("failed", **error)
 
     def _run(self) -> None:
-        req = self.request
-        assert req is not None
+        req, options = self.request, self.job.options
         started = now()
         self.deadline = started + req.timeout_s if req.timeout_s else None
         self.set_state(Status.LOADING, timings={"started": started}, error=None)
-        config = load_config(req.model)
-        check_layers(req.capture.layers, n_layers_of(config))
-        sharded = req.cluster is not None or "shards" in self.store.meta
+        config = load_config(req.model_spec)
+        parse_layers(req.layers, n_layers_of(config))  # a resume with another model: its layers must exist
+        sharded = options.cluster is not None or "shards" in self.store.meta
         # the dataset is tokenized on a thread while the weights load (the tokenizer loads fast, weights slowly)
-        planning = None if self.store.is_allocated else _Planning(req, getattr(config, "vocab_size", None))
+        planning = None if self.store.is_allocated else _Planning(req, getattr(config, "vocab_size", None),
+                                                                  int(config.hidden_size))
         if sharded:  # the coordinator needs the tokenizer and the facts, not the weights
-            loaded, facts = None, describe_model(req.model)
+            loaded, facts = None, describe_model(req.model_spec)
         else:
-            loaded = self.models.get(req.model)
+            loaded = self.models.get(req.model_spec)
             facts = loaded.describe()
-        self.store.update(model={**facts, "revision": req.model.revision})
+        self.store.update(model={**facts, "revision": req.revision})
         self.check()
         if planning is not None:
-            tokenized, order = planning.result(self.check, facts["vocab_size"])
+            plan = planning.result(self.check, facts["vocab_size"])
             self.check()
-            capture = req.capture
-            hook_dims = {hp: facts["hidden_size"] for hp in capture.hook_points()}
-            roles = None if tokenized.roles is None else [tokenized.roles[i] for i in order]
-            self.store.allocate([tokenized.ids[i] for i in order], tokenized.rows[order], hook_dims,
-                                capture.dtype, capture.chunk_mb, checksum=capture.checksum, shard_mb=capture.shard_mb,
-                                special_ids=planning.tokenizer.all_special_ids, exclude_special=capture.exclude_special,
-                                roles=roles, window=capture.window, stride=capture.stride)
-            self.store.update(dataset={"report": tokenized.report()})
-        if req.capture.batch_size == "auto":
+            self.store.allocate(plan.tokens, plan.layout, plan.storage)
+            self.store.update(dataset={"report": plan.report})
+        if req.batch_size == "auto":
             self._choose_batch_size(loaded)
         if sharded:
             self.set_state(Status.EXTRACTING)
-            workers = len(req.cluster.scheduler_info()["workers"]) if req.cluster is not None else 1
-            figures = ShardedRun(self.store, req.model, req.capture, self.job.id, self.check,
-                                 self.job.report_progress, n_shards=max(1, 2 * workers),
-                                 before_batch=req.before_batch).run(req.cluster)
+            cluster = options.cluster
+            workers = len(cluster.scheduler_info()["workers"]) if cluster is not None else 1
+            figures = ShardedRun(self.store, self.request, self.job.id, self.check, self.job.report_progress,
+                                 n_shards=max(1, 2 * workers), before_batch=options.before_batch).run(cluster)
             return self._complete(figures)
         self._complete(self._extract_with_backoff(loaded))
 
+    def _use(self, request: Request) -> None:
+        """Run on with a changed request (a chosen or halved batch size); the job handle shows it too."""
+        self.request = self.job.request = request
+
     def _choose_batch_size(self, loaded) -> None:
         """batch_size="auto": trial forwards pick it; the choice and its reason go to the metadata."""
-        from .autobatch import choose_batch_size
-
-        req = self.request
         try:
-            choice = choose_batch_size(loaded, self.store.input_ids(), self.store.sample_offsets(), req.capture,
-                                       req.before_batch)
+            choice = choose_batch_size(loaded, self.store.input_ids(), self.store.sample_offsets(), self.request,
+                                       self.job.options.before_batch)
         except Exception:
             self.store.update(params={"batch_size": 1})  # what failed: the error's advice reads a number
+            self._use(self.request.model_copy(update={"batch_size": 1}))
             raise
         self.store.update(params={"batch_size": choice["chosen"], "batch_size_auto": choice})
-        self.request = replace(req, capture=req.capture.model_copy(update={"batch_size": choice["chosen"]}))
-        self.job.request = self.request
+        self._use(self.request.model_copy(update={"batch_size": choice["chosen"]}))
         self.check()
 
     def _extract_with_backoff(self, loaded) -> dict:
         """Extract from the commit mark; on OOM (if the user opted in) halve the batch and go on."""
-        req = self.request
         attempts = list(self.store.record.attempts)
-        capture = req.capture
         while True:
+            req = self.request
             start = self.store.record.progress.samples_committed
             self.set_state(Status.EXTRACTING)
             try:
-                return engine.run(loaded, self.store, capture, start_sample=start, check=self.check,
-                                  progress=self.job.report_progress, before_batch=req.before_batch)
+                return engine.run(loaded, self.store, req, start_sample=start, check=self.check,
+                                  progress=self.job.report_progress, before_batch=self.job.options.before_batch)
             except Exception as exc:
                 if disk_full_cause(exc) is not None:
                     raise
                 oom_retries = sum(1 for a in attempts if a.get("auto_retry"))
-                budget = capture.max_batch_tokens  # a token budget is halved instead of the batch size
-                size_name, size = ("max_batch_tokens", budget) if budget else ("batch_size", capture.batch_size)
+                budget = req.max_batch_tokens  # a token budget is halved instead of the batch size
+                size_name, size = ("max_batch_tokens", budget) if budget else ("batch_size", req.batch_size)
                 if not (is_oom(exc) and req.auto_retry_on_oom and size > 1 and oom_retries < MAX_OOM_RETRIES):
                     raise
                 smaller = size // 2
@@ -316,9 +315,7 @@ class _Execution:
                 self.store.update(attempts=attempts, params={size_name: smaller}, auto_retried=True)
                 self.job.emit("retry", attempt=oom_retries + 1, error_type="OOM", batch_size=smaller,
                               previous_batch_size=size, halved=size_name)  # with a budget: tokens
-                capture = capture.model_copy(update={size_name: smaller})
-                self.request = req = replace(req, capture=capture)
-                self.job.request = req
+                self._use(req.model_copy(update={size_name: smaller}))
                 free_memory()
 
     def _complete(self, figures: dict) -> None:

@@ -117,3 +117,24 @@ def gate(at_batch: int):
             reached.set()
             release.wait(30)
     return hook, reached, release
+
+
+def allocated_store(location: str, ids: list, hook_dims: dict, dtype: str = "float32", chunk_mb: float = 2.0,
+                    shard_mb: float = 32.0, checksum: bool = True):
+    """A real store, allocated for the given token id lists (no model, no request): a store to write by hand."""
+    from mistudio.plan import plan_for_ids
+    from mistudio.storage.metadata import ExtractionMeta, new_nonce
+    from mistudio.storage.store import ExtractionStore
+
+    store = ExtractionStore.create(location, ExtractionMeta(id="w", nonce=new_nonce(), status="EXTRACTING"))
+    tokens, layout = plan_for_ids(ids, hook_dims, dtype, chunk_mb, shard_mb, checksum)
+    store.allocate(tokens, layout, {"exclude_special": False})
+    return store
+
+
+def fail_at(at_batch: int, message: str = "injected failure"):
+    """before_batch hook: the job fails (UNKNOWN) at batch ``at_batch``, with what was committed before kept."""
+    def hook(index, _batch_size):
+        if index == at_batch:
+            raise RuntimeError(message)
+    return hook

@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 import mistudio as ms
-from mistudio import analysis
+from mistudio.analysis import stats as analysis
 from conftest import gate
 
 HP = "layers.1.residual"

@@ -21,7 +21,7 @@ def test_estimate_prints_summary_and_warnings(gpt2_dir, workspace, capsys, monke
                        "--hooks", "residual,mlp", "--max-samples", "20", "--batch-size", "auto")
     assert code == 0 and "20 samples" in out and "on disk" in out and "4 hook points" in out
     assert not ms.Workspace(workspace).extractions().shape[0]  # nothing created
-    monkeypatch.setattr(sys.modules["mistudio.estimate"], "_free_disk", lambda workspace: 1000)
+    monkeypatch.setattr(sys.modules["mistudio.plan"], "_free_disk", lambda workspace: 1000)
     code, out, _ = run(capsys, "--workspace", workspace, "estimate", "--model", gpt2_dir, "--layers", "1",
                        "--max-samples", "20")
     assert code == 0 and "warning: the store needs" in out and "1000 B free" in out
@@ -47,7 +47,7 @@ def test_bad_values_name_the_fix(gpt2_dir, workspace, capsys, tmp_path):
                        "--chat-template", str(tmp_path / "nope.jinja"))
     assert code == 2 and "is not a file" in err and "auto" in err
     code, _, err = run(capsys, "--workspace", workspace, "estimate", "--layers", "1")
-    assert code == 2 and "--model and --layers are required" in err
+    assert code == 2 and "--model is required" in err
     with pytest.raises(SystemExit) as exit_:
         main(["extract", "--model", gpt2_dir, "--layers", "1", "--batch-size", "big"])
     assert exit_.value.code == 2 and "or auto" in capsys.readouterr().err

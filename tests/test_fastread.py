@@ -10,7 +10,7 @@ import pytest
 
 import mistudio as ms
 from mistudio.errors import StoreCorrupted
-from mistudio.fastread import Fallback
+from mistudio.storage.codec import Fallback
 
 from conftest import TEXTS
 
@@ -142,8 +142,8 @@ def test_files_zarr_wrote_itself_read_the_same(tmp_path, shards):
     """Units that Zarr encoded (not ``write_unit``): its own inner chunk order within a shard, partial writes."""
     import zarr
 
-    from mistudio.integrity import CheckedArray
-    from mistudio.store import WRITE_CONFIG, array_codecs
+    from mistudio.storage.reads import CheckedArray
+    from mistudio.storage.layout import WRITE_CONFIG, array_codecs
 
     z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(700, 16), chunks=(64, 16), shards=shards, dtype="float32",
                           fill_value=0, config=WRITE_CONFIG, **array_codecs(True))

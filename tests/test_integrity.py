@@ -11,7 +11,8 @@ import pytest
 import mistudio as ms
 from mistudio.cli import main as cli
 from mistudio.errors import StoreCorrupted
-from mistudio.integrity import CheckedArray, quick_check, verify
+from mistudio.storage.reads import CheckedArray
+from mistudio.storage.verify import quick_check, verify
 
 from conftest import TEXTS
 

@@ -15,7 +15,7 @@ import torch
 
 import mistudio as ms
 from mistudio import runner as jobs_module
-from conftest import gate
+from conftest import gate, fail_at
 
 HOOKS = ["residual", "mlp", "attention"]
 BASE = dict(layers=[0, 2], hooks=HOOKS, max_samples=120, dtype="float32", chunk_mb=0.01)
@@ -244,8 +244,8 @@ def test_broken_listener_does_not_break_job(gpt2_dir, workspace):
 def test_busy_store_refused_and_cleanup(gpt2_dir, workspace):
     hook, reached, release = gate(at_batch=2)
     ws = ms.Workspace(workspace)
-    empty = ws.submit(gpt2_dir, "sample", batch_size=8, **{**BASE, "layers": [7]}).wait(60)  # fails: layer range
-    assert empty.status == "FAILED" and empty.error["error_type"] == "VALIDATION"
+    empty = ws.submit(gpt2_dir, "sample", batch_size=8, before_batch=fail_at(0), **BASE).wait(60)
+    assert empty.status == "FAILED" and empty.error["error_type"] == "UNKNOWN"
     done = ws.submit(gpt2_dir, "sample", batch_size=8, **BASE).wait(60)
     running = ws.submit(gpt2_dir, "sample", batch_size=8, before_batch=hook, **BASE)
     assert reached.wait(60)

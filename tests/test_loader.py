@@ -11,7 +11,7 @@ import zarr
 from torch.utils.data import DataLoader
 
 import mistudio as ms
-from mistudio.loader import LoaderIterator
+from mistudio.analysis.loader import LoaderIterator
 from conftest import gate
 
 HPS = ["layers.0.residual", "layers.1.residual"]

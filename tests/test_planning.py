@@ -56,14 +56,14 @@ def test_estimate_matches_the_finished_store_and_loads_no_weights(gpt2_dir, work
     assert ext.metadata["format_version"] == (2 if layout else 1)
     location = ext.store.location
     assert est["samples"] == len(ext.rows()) and est["tokens"] == ext.store.record.progress.tokens_total
-    assert est["bytes_on_disk"] == _chunk_bytes(location)  # exact for the chunks
+    assert est["data_bytes"] == _chunk_bytes(location)  # exact for the chunks
     total = ms.Workspace(workspace).extractions().iloc[0]["bytes"]
     assert abs(total - est["bytes_on_disk"]) <= 0.01 * total  # metadata is the rest
     assert est["peak_device_bytes"] > est["n_parameters"] * 4
 
 
 def test_estimate_probe_and_warnings(gpt2_dir, workspace, monkeypatch):
-    estimate_module = importlib.import_module("mistudio.estimate")  # ms.estimate is the function
+    estimate_module = importlib.import_module("mistudio.plan")  # ms.estimate is the function
 
     monkeypatch.setattr(estimate_module, "_free_disk", lambda _ws: 1000)
     est = ms.estimate(gpt2_dir, "sample", [0], max_samples=40, max_batch_tokens=50, workspace=workspace, probe=True)
@@ -78,8 +78,8 @@ def test_estimate_probe_and_warnings(gpt2_dir, workspace, monkeypatch):
 def test_auto_batch_size_on_cpu_records_its_choice(gpt2_dir, workspace, fixed):
     ext = ms.extract(gpt2_dir, "sample", batch_size="auto", workspace=workspace, **SMALL)
     params = ext.store.record.params
-    auto = params["batch_size_auto"]
-    assert params["batch_size"] == auto["chosen"] in (1, 4, 16, 64)
+    auto = params.batch_size_auto
+    assert params.batch_size == auto["chosen"] in (1, 4, 16, 64)
     assert "throughput" in auto["reason"] and [t["batch_size"] for t in auto["tried"]] == [1, 4, 16, 64]
     _same(_values(ext), _values(fixed))
 
@@ -96,8 +96,8 @@ def test_auto_batch_size_picks_the_largest_that_does_not_run_out_of_memory(gpt2_
     job = ms.Workspace(workspace).submit(gpt2_dir, "sample", [0], max_samples=40, batch_size="auto",
                                          before_batch=oom_above_4).wait(120)
     assert job.status == "COMPLETED", job.error
-    auto = job.record.params["batch_size_auto"]
-    assert job.record.params["batch_size"] == auto["chosen"] == 4
+    auto = job.record.params.batch_size_auto
+    assert job.record.params.batch_size == auto["chosen"] == 4
     assert [(t["batch_size"], t["ok"]) for t in auto["tried"]] == [(64, False), (32, False), (16, False), (8, False),
                                                                     (4, True)]
 
@@ -125,7 +125,7 @@ def test_token_budget_batches_stay_within_the_budget_and_resume_on_boundaries():
 
 def test_token_budget_and_micro_batches_equal_fixed_batches(gpt2_dir, workspace, fixed):
     budget = ms.extract(gpt2_dir, "sample", max_batch_tokens=300, workspace=workspace, **SMALL)
-    assert budget.store.record.params["max_batch_tokens"] == 300
+    assert budget.store.record.params.max_batch_tokens == 300
     _same(_values(budget), _values(fixed))
     micro = ms.extract(gpt2_dir, "sample", batch_size=16, micro_batch_size=3, workspace=workspace, **SMALL)
     _same(_values(micro), _values(fixed))
@@ -152,14 +152,14 @@ def test_token_budget_resume_continues_the_store(gpt2_dir, workspace, fixed):
 def test_device_map_over_cpu_equals_one_device(gpt2_dir, workspace, fixed):
     pytest.importorskip("accelerate")
     whole = ms.extract(gpt2_dir, "sample", device_map={"": "cpu"}, workspace=workspace, **SMALL)
-    assert whole.store.record.model["device_map"] == {"": "cpu"}
+    assert whole.store.record.model.device_map == {"": "cpu"}
     _same(_values(whole), _values(fixed))
     split = {"wte": "cpu", "wpe": "cpu", "drop": "cpu", "h.0": "cpu", "h.1": "cpu", "h.2": "cpu", "ln_f": "cpu"}
     per_block = ms.extract(gpt2_dir, "sample", device_map=split, workspace=workspace, **SMALL)
     _same(_values(per_block), _values(fixed))
     auto = ms.extract(gpt2_dir, "sample", device_map="auto", max_memory={"cpu": "1GiB"}, workspace=workspace,
                       **SMALL)
-    assert auto.store.record.params["max_memory"] == {"cpu": "1GiB"}
+    assert auto.store.record.params.max_memory == {"cpu": "1GiB"}
     _same(_values(auto), _values(fixed))
 
 

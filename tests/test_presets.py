@@ -22,7 +22,7 @@ def test_save_list_submit_export_import_delete(gpt2_dir, workspace, tmp_path):
 
     ext = ms.extract(preset="small-run", workspace=workspace, batch_size=8, progress=False)  # an override
     record = ext.store.record
-    assert record.params["batch_size"] == 8 and record.params["max_samples"] == 20
+    assert record.params.batch_size == 8 and record.params.max_samples == 20
     assert ext.hook_points == ["layers.0.residual", "layers.0.mlp", "layers.1.residual", "layers.1.mlp"]
     assert ext.store.meta["preset"] == "small-run"
     assert ms.estimate(preset="small-run", workspace=workspace)["samples"] == 20
@@ -56,7 +56,7 @@ def test_bad_presets_are_refused(gpt2_dir, workspace, tmp_path):
         ws.save_preset("bad", model=gpt2_dir, batch_size=3)
     with pytest.raises(InputError, match="layer index 9 is out of range"):
         ws.save_preset("bad", model=gpt2_dir, layers=[9])
-    with pytest.raises(InputError, match="before_batch= cannot be saved in a preset"):
+    with pytest.raises(InputError, match="before_batch cannot be saved in a preset"):
         ws.save_preset("bad", model=gpt2_dir, before_batch=lambda i, b: None)
     with pytest.raises(InputError, match="has no model"):
         ws.save_preset("bad", layers=[0])

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import mistudio as ms
+from conftest import fail_at
 
 
 def test_memory_workspace_roundtrip(gpt2_dir):
@@ -23,7 +24,7 @@ def test_memory_workspace_roundtrip(gpt2_dir):
     ds = reopened.to_xarray()
     assert ds["layers.0.residual"].shape == (ext.n_tokens, 32)
     # cleanup and delete work through fsspec too
-    failed = ws.submit(gpt2_dir, "sample", layers=[9]).wait(60)
+    failed = ws.submit(gpt2_dir, "sample", before_batch=fail_at(0)).wait(60)
     assert failed.status == "FAILED"
     assert list(ws.cleanup(dry_run=False)["id"]) == [failed.id]
     with pytest.raises(ms.InputError, match="COMPLETED: deleting it loses"):

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 import mistudio as ms
 from conftest import TEXTS
-from mistudio.store import HookStats
+from mistudio.storage.stats import HookStats
 
 ARGS = dict(layers=[0, 1], hooks=["residual"], dtype="float32", max_length=32, progress=False)
 

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 import mistudio as ms
 from mistudio import cli
-from conftest import TEXTS
+from conftest import TEXTS, fail_at
 
 FORMS = r"give an int, a list of ints, a string such as '0,3' or '2-5' \(inclusive\), or 'all'"
 
@@ -37,7 +37,7 @@ def _refused(model, workspace, pattern, dataset=TEXTS, **kw):
     ("layers", r"layers=True has True, a boolean, not a layer index: " + FORMS),
     ("max_length", r"max_length=True is a boolean, not a number"),
     ("max_samples", r"max_samples=True is a boolean, not a number"),
-    ("timeout_s", r"timeout_s=True must be a positive number of seconds"),
+    ("timeout_s", r"timeout_s=True is a boolean, not a number: pass a number, e.g. timeout_s=600"),
     ("chunk_mb", r"chunk_mb=True is a boolean, not a number"),
 ])
 def test_booleans_are_not_numbers(name, pattern, gpt2_dir, workspace):
@@ -90,7 +90,7 @@ def test_cli_layers_use_the_same_parser(gpt2_dir, workspace, capsys):
     assert cli.main([*args, "--layers", "all"]) == 0
     assert "layers.0.residual, layers.1.residual, layers.2.residual" in capsys.readouterr().out
     assert cli.main([*args, "--layers", "a,b"]) == 2
-    assert "layers='a,b' has 'a'" in capsys.readouterr().err
+    assert "--layers a,b has 'a'" in capsys.readouterr().err  # worded as the command line's flag
 
 
 # 3. DataFrame, Series and Path datasets -----------------------------------------------------------------------
@@ -125,12 +125,12 @@ def test_dataframe_missing_column_and_empty(gpt2_dir, workspace):
 
 def test_dataframe_job_cannot_be_retried_from_disk(gpt2_dir, workspace):
     ws = ms.Workspace(workspace)
-    job = ws.submit(gpt2_dir, pd.DataFrame({"text": TEXTS}), layers=[9], max_samples=2).wait(60)  # fails: range
+    job = ws.submit(gpt2_dir, pd.DataFrame({"text": TEXTS}), max_samples=2, before_batch=fail_at(0)).wait(60)
     assert job.status == "FAILED"
     with pytest.raises(ms.InputError, match=r"in-memory pandas DataFrame, which is not saved on disk"):
         ms.Workspace(workspace).retry(job.id)  # a fresh handle: rebuilt from the metadata
     assert ms.Workspace(workspace).retry(job.id, dataset=pd.DataFrame({"text": TEXTS}),
-                                         layers=[0]).wait(60).status == "COMPLETED"
+                                         before_batch=None).wait(60).status == "COMPLETED"
 
 
 # 4. the file decides its format -----------------------------------------------------------------------------

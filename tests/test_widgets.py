@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mistudio as ms
-from conftest import gate
+from conftest import fail_at, gate
 
 pytest.importorskip("matplotlib")
 
@@ -331,7 +331,7 @@ W_EMPTY = type("Empty", (), {"value": ""})()
 
 
 def test_point3_failed_row_shows_its_message_on_demand(gpt2_dir, workspace, tmp_path):
-    studio = make_studio(workspace, broken_model(gpt2_dir, tmp_path))
+    studio = make_studio(workspace, gpt2_dir, before_batch=fail_at(0, "the forward broke"))
     studio.extraction_panel.launch_button.click()
     job = studio.extraction_panel.job
     job.wait(60)
@@ -344,7 +344,7 @@ def test_point3_failed_row_shows_its_message_on_demand(gpt2_dir, workspace, tmp_
     assert "mistudio-error" in details.value and html.escape(job.error["error_message"][:30]) in details.value
     jobs.cells[job.id]["buttons"]["Details"].click()
     assert details.layout.display == "none"
-    assert jobs.cells[job.id]["buttons"]["Resume"].disabled  # a load failure saved nothing to resume
+    assert jobs.cells[job.id]["buttons"]["Resume"].disabled is False  # allocated: resume can retry the batch
     assert "danger" == jobs.cells[job.id]["buttons"]["Details"].button_style  # the row has a message
 
 
@@ -466,7 +466,7 @@ def test_point7_small_things(gpt2_dir, workspace, tmp_path):
 
 
 def test_point8_examples_html_pure():
-    from mistudio.feature_view import display_pieces, examples_html
+    from mistudio.analysis.feature_view import display_pieces, examples_html
 
     assert display_pieces(["The", "Ġquick", "Ġbrown", "Ċ"]) == ["The", " quick", " brown", "↵"]
     assert display_pieces(["[CLS]", "play", "##ing", "games", "[SEP]"]) == ["[CLS]", " play", "ing", " games",
@@ -486,7 +486,7 @@ def test_point8_examples_html_pure():
 
 
 def test_point8_feature_view_with_excluded_special_tokens(minilm_dir, workspace):
-    from mistudio.feature_view import feature_view, feature_view_html
+    from mistudio.analysis.feature_view import feature_view, feature_view_html
 
     ext = ms.extract(minilm_dir, "sample", layers=[1], max_samples=20, exclude_special=True, workspace=workspace)
     view = feature_view(ext, "layers.1.residual", 3, k=5, context=4)
@@ -497,7 +497,7 @@ def test_point8_feature_view_with_excluded_special_tokens(minilm_dir, workspace)
 
 def test_point8_feature_view_in_browse(gpt2_dir, workspace):
     pytest.importorskip("mistudio.analysis")
-    from mistudio.feature_view import feature_view
+    from mistudio.analysis.feature_view import feature_view
 
     ext = ms.extract(gpt2_dir, "sample", layers=[1], max_samples=60, workspace=workspace)
     view = feature_view(ext, "layers.1.residual", 4, k=10, context=5)
@@ -524,7 +524,7 @@ def test_point8_feature_view_in_browse(gpt2_dir, workspace):
 def test_issue10_estimate_shown_and_short_disk_refused_until_confirmed(gpt2_dir, workspace, monkeypatch):
     import sys
 
-    estimate_module = sys.modules["mistudio.estimate"]  # the package's `estimate` is the function
+    estimate_module = sys.modules["mistudio.plan"]  # the package's `estimate` is the function
     studio = make_studio(workspace, gpt2_dir)
     panel = studio.extraction_panel
     panel.estimate_button.click()
@@ -604,8 +604,8 @@ def test_issue10_presets_save_fill_launch_delete(gpt2_dir, workspace):
     assert panel.hooks["mlp"].value and "Form filled from preset" in panel.preset_status.value
     ms.Workspace(workspace).save_preset("nosum", **{**ms.Workspace(workspace).preset("mid"), "checksum": False})
     panel.refresh_presets()
-    panel.preset.value = "nosum"  # an argument the form does not show: named, applied at Launch, kept on Save
-    assert "checksum=False" in panel.preset_status.value
+    panel.preset.value = "nosum"  # every argument has its field: checksum is in "More options"
+    assert panel.options["checksum"][1].value is False and panel.form_arguments()["checksum"] is False
     panel.preset_name.value = "nosum2"
     panel.save_preset_button.click()
     assert ms.Workspace(workspace).preset("nosum2")["checksum"] is False

@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 
 import mistudio as ms
+from mistudio import plan as plan_module
 from mistudio import runner as runner_module
-from mistudio import store as store_module
+from mistudio.storage import writer as store_module
 from mistudio.errors import StoreCorrupted
-from mistudio.integrity import verify
-from mistudio.metadata import ExtractionMeta, new_nonce
-from mistudio.store import ChunkWriter, ExtractionStore, HookStats
+from mistudio.storage.verify import verify
+from mistudio.storage.metadata import ExtractionMeta, new_nonce
+from mistudio.storage.stats import HookStats
+from mistudio.storage.store import ExtractionStore
+from mistudio.storage.writer import ChunkWriter
 
-from conftest import TEXTS
+from conftest import TEXTS, allocated_store
 
 BASE = dict(layers=[0, 2], hooks=["residual", "mlp", "attention"], batch_size=2, dtype="float32", chunk_mb=0.01)
 SHARDED = dict(BASE, shard_mb=0.032)  # 64-row chunks of d=32 float32, 4 per shard: 256-row shards
@@ -85,10 +88,8 @@ def test_resume_after_cancel_mid_shard_equals_clean_run(gpt2_dir, workspace, ref
 
 
 def _store(location: str, n_samples: int, length: int, hooks: int, width: int, **layout) -> ExtractionStore:
-    store = ExtractionStore.create(location, ExtractionMeta(id="w", nonce=new_nonce(), status="EXTRACTING"))
-    store.allocate([np.full(length, 3, np.int32)] * n_samples, np.arange(n_samples),
-                   {f"layers.{i}.residual": width for i in range(hooks)}, "float32", **layout)
-    return store
+    return allocated_store(location, [np.full(length, 3, np.int32)] * n_samples,
+                           {f"layers.{i}.residual": width for i in range(hooks)}, "float32", **layout)
 
 
 def test_concurrent_shard_writes_never_lose_rows(tmp_path, monkeypatch):
@@ -208,7 +209,7 @@ def test_verify_names_damaged_inner_chunk_and_missing_shard(gpt2_dir, workspace)
 
 def test_tokenization_runs_while_weights_load_and_fails_as_validation(gpt2_dir, workspace, monkeypatch):
     seen = {}
-    real_tokenize, real_load = runner_module.tokenize, runner_module.ModelCache.get
+    real_tokenize, real_load = plan_module.tokenize, runner_module.ModelCache.get
 
     def tokenize(*args, **kwargs):
         seen["tokenize_thread"] = threading.current_thread().name
@@ -220,7 +221,7 @@ def test_tokenization_runs_while_weights_load_and_fails_as_validation(gpt2_dir, 
         seen["load_done"] = time.perf_counter()
         return real_load(self, spec)
 
-    monkeypatch.setattr(runner_module, "tokenize", tokenize)
+    monkeypatch.setattr(plan_module, "tokenize", tokenize)
     monkeypatch.setattr(runner_module.ModelCache, "get", slow_get)
     ext = ms.extract(gpt2_dir, TEXTS, workspace=workspace, progress=False, **BASE)
     assert ext.status == "COMPLETED" and seen["tokenize_thread"] == "mistudio-tokenize"
@@ -233,13 +234,13 @@ def test_tokenization_runs_while_weights_load_and_fails_as_validation(gpt2_dir, 
 
 def test_cancel_while_tokenizing_and_loading(gpt2_dir, workspace, monkeypatch):
     release = threading.Event()
-    real_tokenize = runner_module.tokenize
+    real_tokenize = plan_module.tokenize
 
     def stuck(*args, **kwargs):
         release.wait(30)
         return real_tokenize(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "tokenize", stuck)
+    monkeypatch.setattr(plan_module, "tokenize", stuck)
     job = ms.Workspace(workspace).submit(gpt2_dir, TEXTS, **BASE)
     while job.status != "LOADING":
         time.sleep(0.01)

@@ -7,7 +7,8 @@ import html
 import ipywidgets as W
 import numpy as np
 
-from .. import plots
+from ..analysis import plots
+from ..analysis.feature_view import feature_view, feature_view_html, tokenizer_scheme
 from ..extraction import Extraction
 from ..workspace import Workspace
 from .common import error_box, for_ui, guard, note_box, summarise_hook_points
@@ -101,7 +102,7 @@ class ActivationBrowser(W.VBox):
                                            "(deleted or cleaned up); the list is up to date.",
                                            colour="#fd7e14", background="#fff3e0")
             else:
-                self.info.value = error_box(for_ui(str(exc)))
+                self.info.value = error_box(for_ui(exc))
             return
         points = self.ext.hook_points
         self.hook_point.options = points
@@ -131,7 +132,7 @@ class ActivationBrowser(W.VBox):
             top = plots.top_tokens(ext, hp, feature, k=self.top_k.value, values=column)
             self.images["top_tokens"].value = plots.to_png(plots.top_tokens_figure(ext, hp, feature, top=top))
         except (ValueError, KeyError) as exc:
-            self.info.value = error_box(for_ui(str(exc)))
+            self.info.value = error_box(for_ui(exc))
             return False
         self.hidden = {"row_tokens": int(hide.sum()) if hide is not None else 0, "rows": hidden_rows}
         for box in self._boxes.values():
@@ -195,8 +196,6 @@ class ActivationBrowser(W.VBox):
 
     def show_feature(self) -> bool:
         """The feature view of the chosen hook point and feature over the whole store (cached in the store)."""
-        from ..feature_view import feature_view, feature_view_html, tokenizer_scheme
-
         if self.ext is None:
             self.info.value = error_box("Pick an extraction first.")
             return False
@@ -204,7 +203,7 @@ class ActivationBrowser(W.VBox):
         try:
             view = feature_view(ext, hp, feature, k=self.top_k.value)
         except (ValueError, KeyError) as exc:  # InputError is a ValueError: out-of-range feature, ...
-            self.info.value = error_box(for_ui(str(exc)))
+            self.info.value = error_box(for_ui(exc))
             return False
         tokenizer = ext.tokenizer
         self.feature_html.value = feature_view_html(view, tokenizer.all_special_tokens, tokenizer_scheme(tokenizer))

@@ -8,6 +8,10 @@ import re
 import time
 from typing import Any, Callable
 
+from ..errors import render
+from ..models import packaged_minilm_path
+from ..request import param_names
+
 log = logging.getLogger("mistudio")
 
 PLAIN_ERRORS = {
@@ -113,20 +117,35 @@ def progress_text(status: str, progress: dict) -> str:
             f"ETA {duration(progress.get('eta_s'))}")
 
 
-_UI_ADVICE = [  # messages written for Python users, said the way a panel user acts
-    (r"pass text_column=<one of them>", "set 'Text column' in the Dataset tab to one of them"),
-    (r"pass encoding='([\w-]+)'", r"save the file as UTF-8 (it looks like \1)"),
+_UI_ADVICE = [  # phrases written for Python users, said the way a panel user acts
     (r"see ext\.rows\(\)", "the Browse tab shows the stored rows"),
-    (r"pass max_length=(\d+) or less", r"set 'Max length' in the Dataset tab to \1 or less"),
     (r"ms\.sample_dataset\(\)", "the bundled sample"),
     (r"ms\.HubDataset\(name, split, column\)", "a Hub dataset (Dataset tab, source Hub)"),
-    (r"pass it again, e\.g\. ws\.retry\(id, dataset=my_texts\)", "choose a dataset in the Dataset tab, then Retry"),
     (r"\(ws\.cancel\([^)]*\)\)", "(Cancel in the Jobs tab)"),
+    (r"ws\.extractions\(\)", "the Jobs tab"),
 ]
 
 
-def for_ui(message: str) -> str:
-    """HTML of an error message, with Python-call advice turned into what to do in the panels."""
+def studio_names() -> dict[str, tuple[str, str]]:
+    """How the Studio names each parameter in messages: its field label."""
+    return param_names(force=("force", "Delete permanently"), name=("name", "Name"), workspace=("workspace",
+                       "Workspace"), preset=("preset", "Preset"), overwrite=("overwrite", "Overwrite"))
+
+
+def for_ui(message: "str | BaseException") -> str:
+    """HTML of an error (an exception, or a message that may mark its parameters): parameters named as the
+    Studio's fields ("set 'Window' to 512"), Python-call advice turned into what to do in the panels, and the
+    bundled model's install path shown by its name."""
+    text = getattr(message, "template", None) or str(message)
+    text = render(text, "studio", studio_names())
     for pattern, replacement in _UI_ADVICE:
-        message = re.sub(pattern, replacement, message)
-    return html.escape(message)
+        text = re.sub(pattern, replacement, text)
+    bundled = _bundled_path()
+    if bundled:
+        text = text.replace(repr(bundled), "all-MiniLM-L6-v2 (bundled)").replace(bundled, "all-MiniLM-L6-v2 (bundled)")
+    return html.escape(text)
+
+
+def _bundled_path() -> str | None:
+    path = packaged_minilm_path()
+    return str(path) if path else None

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import html
+import os
 from typing import Any, Callable
 
 import ipywidgets as W
 
-from ..specs import DatasetSpec, HubDataset, build
 from ..data import raw_values
 from ..errors import InputError
+from ..request import Request
+from ..specs import HubDataset
 from .common import error_box, for_ui, guard
 
 SOURCES = [("Bundled sample", "sample"), ("File", "file"), ("Saved datasets folder", "folder"), ("Hub", "hub")]
@@ -92,10 +94,27 @@ class DatasetPicker(W.VBox):
         return {"max_samples": self.max_samples.value or None, "max_length": self.max_length.value,
                 "text_column": self.column.value.strip() or "text"}
 
-    def spec(self) -> DatasetSpec:
+    def set_dataset(self, dataset: Any) -> None:
+        """Show a dataset argument: 'sample', a path, a HubDataset (or a preset's {"hub": {...}})."""
+        if isinstance(dataset, dict) and "hub" in dataset:
+            dataset = HubDataset(**dataset["hub"])
+        if isinstance(dataset, HubDataset):
+            self.source.value = "hub"
+            self.hub_name.value, self.hub_split.value = dataset.name, dataset.split
+            self.hub_config.value, self.column.value = dataset.config or "", dataset.column
+        elif dataset is None or dataset == "sample":
+            self.source.value = "sample"
+        elif isinstance(dataset, (str, os.PathLike)):
+            self.source.value = "folder" if os.path.isdir(dataset) else "file"
+            self.path.value = os.fspath(dataset)
+        else:
+            raise InputError(f"the Dataset tab cannot show an in-memory {type(dataset).__name__}: save it to a file")
+
+    def spec(self) -> Request:
+        """The dataset part of a request (with the Model tab's model unknown here: the bundled sample's rules)."""
         opts = self.options()
-        return build(DatasetSpec, source=self.dataset(), text_column=opts["text_column"],
-                     max_samples=opts["max_samples"], max_length=opts["max_length"])
+        return Request.build(model="(dataset preview)", dataset=self.dataset(), text_column=opts["text_column"],
+                             max_samples=opts["max_samples"], max_length=opts["max_length"])
 
     def show_preview(self, n: int = 5) -> list[dict]:
         """The first ``n`` rows with their token counts (with the Model tab's tokenizer), or a clear error."""
@@ -107,7 +126,7 @@ class DatasetPicker(W.VBox):
                 if len(rows) >= n:
                     break
         except InputError as exc:
-            self.preview.value = error_box(for_ui(str(exc)))
+            self.preview.value = error_box(for_ui(exc))
             return []
         tokenizer = None
         if self._tokenizer_for is not None:

@@ -9,10 +9,12 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
-from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES
 from ..errors import InputError, human_bytes
 from ..jobs import Job
 from ..models import load_config, n_layers_of
+from ..plan import estimate
+from ..request import ParamInfo, Request, params
+from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, parse_layers
 from ..workspace import Workspace
 from .common import PLAIN_ERRORS, badge, error_box, for_ui, guard, note_box, progress_text
 
@@ -37,17 +39,58 @@ def disk_short(result: dict) -> bool:
     return free is not None and result["bytes_on_disk"] > free
 
 
-def _dataset_description(arguments: dict) -> dict:
-    """A preset's dataset as the recorded description ``DatasetPicker.set_from_description`` reads."""
-    dataset = arguments.get("dataset", "sample")
-    if dataset == "sample":
-        source: dict = {"kind": "sample"}
-    elif hasattr(dataset, "name") and hasattr(dataset, "split"):  # a HubDataset
-        source = {"kind": "hub", "name": dataset.name, "split": dataset.split, "config": dataset.config}
+def option_widget(info: ParamInfo) -> W.Widget:
+    """A widget for a Request field the tabs do not place themselves (the Extract tab's "More options"): its
+    label, its type, its default; nullable numbers read 0 as "none", JSON fields take JSON text."""
+    style, layout = {"description_width": "190px"}, W.Layout(width="420px")
+    tip = info.description
+    if info.kind == "bool":
+        return W.Checkbox(value=bool(info.default), description=info.label, indent=False, tooltip=tip,
+                          layout=W.Layout(width="auto"))
+    if info.kind == "choice":
+        options = [("(none)", None)] * (info.default is None) + [(str(c), c) for c in info.choices]
+        return W.Dropdown(options=options, value=info.default, description=info.label, style=style, layout=layout,
+                          tooltip=tip)
+    if info.kind == "int":
+        return W.IntText(value=info.default or 0, description=info.label, style=style, layout=layout, tooltip=tip)
+    if info.kind == "float":
+        return W.FloatText(value=info.default or 0.0, description=info.label, style=style, layout=layout, tooltip=tip)
+    return W.Text(value="" if info.default is None else str(info.default), description=info.label, style=style,
+                  layout=layout, tooltip=tip, placeholder="JSON" if info.kind == "json" else "")
+
+
+def _option_value(info: ParamInfo, widget: W.Widget):
+    value = widget.value
+    if info.kind in ("int", "float") and info.default is None and not value:
+        return None  # 0 = none
+    if info.kind == "json":
+        text = value.strip()
+        if not text:
+            return None
+        if text.startswith("{"):
+            import json
+
+            try:
+                return json.loads(text)
+            except ValueError as exc:
+                raise InputError(f"«{info.name}={text!r}» is not valid JSON ({exc})", param=info.name) from None
+        return text
+    if info.kind == "str" and info.default is None:
+        return value.strip() or None
+    return value
+
+
+def _show_option(info: ParamInfo, widget: W.Widget, value) -> None:
+    if info.kind == "json":
+        import json
+
+        widget.value = "" if value is None else value if isinstance(value, str) else json.dumps(value)
+    elif info.kind in ("int", "float"):
+        widget.value = value or 0
+    elif info.kind == "str":
+        widget.value = "" if value is None else str(value)
     else:
-        source = {"kind": "path", "path": str(dataset)}
-    return {"source": source, "max_samples": arguments.get("max_samples"),
-            "max_length": arguments.get("max_length", 128), "text_column": arguments.get("text_column")}
+        widget.value = value
 
 
 class ExtractionPanel(W.VBox):
@@ -132,10 +175,17 @@ class ExtractionPanel(W.VBox):
                                         layout=W.Layout(width="95%", height="60px"))
         self.exclude_special = W.Checkbox(value=False, description="Exclude special tokens (no activation rows)",
                                           indent=False, layout=W.Layout(width="auto"))
+        placed = {"model", "model_dtype", "device", "dataset", "text_column", "max_samples", "max_length", "layers",
+                  "hooks", "batch_size", "dtype", "auto_retry_on_oom", "max_batch_tokens", "micro_batch_size",
+                  "window", "stride", "chat_template", "exclude_special"}
+        self.options = {p.name: (p, option_widget(p)) for p in params() if p.name not in placed}
         self.advanced = W.Accordion(children=[W.VBox([
             W.HBox([self.max_batch_tokens, self.micro_batch_size]), W.HBox([self.window, self.stride]),
-            self.chat_auto, self.chat_template, self.exclude_special])], selected_index=None)
+            self.chat_auto, self.chat_template, self.exclude_special]),
+            W.VBox([W.HTML("<small>Every other argument of <code>ms.extract</code>, with its default.</small>")]
+                   + [w for _, w in self.options.values()])], selected_index=None)
         self.advanced.set_title(0, "Advanced: token budget, micro-batches, long documents, chat, special tokens")
+        self.advanced.set_title(1, "More options: model placement, reading, storage, time limit")
 
     def _build_presets(self, style: dict) -> None:
         self.preset = W.Dropdown(options=[("(none)", "")], value="", description="Preset", style=style,
@@ -204,75 +254,104 @@ class ExtractionPanel(W.VBox):
         except Exception:  # an unfinished path while typing: keep the old list (Launch names the problem)
             pass
 
-    ADVANCED = ("max_batch_tokens", "micro_batch_size", "window", "stride", "exclude_special")
+    # -- the form as a Request, both ways -------------------------------------------------------------
+    TABS_OWN = ("model", "model_dtype", "device", "dataset", "text_column", "max_samples", "max_length")
 
-    def state(self) -> dict:
-        """The extract options as a JSON-able dict (what ``studio.json`` remembers)."""
-        return {"layers": list(self.layers.value), "hooks": [k for k, b in self.hooks.items() if b.value],
-                "batch_size": self.batch_size.value, "dtype": self.dtype.value, "auto_retry": self.auto_retry.value,
-                **{name: getattr(self, name).value for name in self.ADVANCED},
-                "chat_template": "auto" if self.chat_auto.value else (self.chat_template.value or None)}
+    def form_fields(self) -> dict[str, tuple[Callable[[], Any], Callable[[Any], None]]]:
+        """Every Request field: (read it from the form, show a value in the form). One widget per field, in the
+        Model tab (model, dtype, device), the Dataset tab (dataset, text column, max samples, max length) or here."""
+        mp, dp = self.model_picker, self.dataset_picker
 
-    def set_state(self, state: dict) -> None:
-        """Fill the options from a saved state or a job's parameters (unknown values are skipped)."""
-        layers = [i for i in state.get("layers") or [] if i in {v for _, v in self.layers.options}]
-        if layers:
-            self.layers.value = tuple(layers)
-        if state.get("hooks"):
-            for kind, box in self.hooks.items():
-                box.value = kind in state["hooks"]
-        for name in ("batch_size", "dtype", "auto_retry"):
-            if state.get(name) is not None and (name == "auto_retry" or state[name] in getattr(self, name).options):
-                getattr(self, name).value = state[name]
-        for name in self.ADVANCED:
-            if name in state:
-                try:
-                    getattr(self, name).value = state[name] or (False if name == "exclude_special" else 0)
-                except Exception:  # a stale or hand-edited value: keep the current one
-                    pass
-        if "chat_template" in state:
-            template = state["chat_template"]
-            self.chat_auto.value = template == "auto"
-            self.chat_template.value = template if template and template != "auto" else ""
+        def plain(widget):
+            return (lambda: widget.value), (lambda v: setattr(widget, "value", v))
 
-    def prefill(self, meta: dict, suggested: dict | None = None) -> None:
-        """Show a job's settings in the form (model, dataset, options), then the suggested retry parameters."""
-        model = meta.get("model", {}).get("name_or_path")
-        if model:
-            self.model_picker.set_model(model)
-        params = meta.get("params", {})
-        if params.get("model_dtype") in self.model_picker.dtype.options:
-            self.model_picker.dtype.value = params["model_dtype"]
-        if meta.get("dataset"):
-            self.dataset_picker.set_from_description(meta["dataset"])
-        self.set_state({**params, "auto_retry": params.get("auto_retry_on_oom")})
-        suggested = suggested or {}
-        if suggested.get("batch_size") in BATCH_SIZES:
-            self.batch_size.value = suggested["batch_size"]
-        if suggested.get("max_samples"):
-            self.dataset_picker.max_samples.value = int(suggested["max_samples"])
-        self.update_summary()
+        def zero_is_none(widget):
+            return (lambda: widget.value or None), (lambda v: setattr(widget, "value", v or 0))
+
+        return {
+            "model": (mp.name_or_path, mp.set_model), "model_dtype": plain(mp.dtype), "device": plain(mp.device),
+            "dataset": (dp.dataset, dp.set_dataset),
+            "text_column": (lambda: dp.column.value.strip() or "text", lambda v: setattr(dp.column, "value", v)),
+            "max_samples": zero_is_none(dp.max_samples), "max_length": plain(dp.max_length),
+            "layers": (lambda: list(self.layers.value), self._show_layers),
+            "hooks": (lambda: [k for k, box in self.hooks.items() if box.value], self._show_hooks),
+            "batch_size": plain(self.batch_size), "dtype": plain(self.dtype), "auto_retry_on_oom": plain(self.auto_retry),
+            "max_batch_tokens": zero_is_none(self.max_batch_tokens), "micro_batch_size": zero_is_none(self.micro_batch_size),
+            "window": zero_is_none(self.window),
+            "stride": (lambda: (self.stride.value or None) if self.window.value else None,
+                       lambda v: setattr(self.stride, "value", v or 0)),
+            "chat_template": (self._chat_value, self._show_chat), "exclude_special": plain(self.exclude_special),
+            **{name: ((lambda i=info, w=widget: _option_value(i, w)), (lambda v, i=info, w=widget: _show_option(i, w, v)))
+               for name, (info, widget) in self.options.items()},
+        }
+
+    def _chat_value(self) -> str | None:
+        return "auto" if self.chat_auto.value else (self.chat_template.value.strip() or None)
+
+    def _show_chat(self, template: str | None) -> None:
+        self.chat_auto.value = template == "auto"
+        self.chat_template.value = template if template and template != "auto" else ""
+
+    def _show_layers(self, layers) -> None:
+        if isinstance(layers, str) and layers != "all":
+            layers = parse_layers(layers)
+        known = [v for _, v in self.layers.options]
+        chosen = known if layers == "all" else [i for i in layers if i in known]
+        if chosen:
+            self.layers.value = tuple(chosen)
+
+    def _show_hooks(self, hooks) -> None:
+        hooks = [h.strip() for h in hooks.split(",")] if isinstance(hooks, str) else list(hooks)
+        for kind, box in self.hooks.items():
+            box.value = kind in hooks
 
     def form_arguments(self) -> dict:
-        """The form as ``ws.submit`` arguments (what presets save and Estimate reads); 0 / empty = off."""
-        hooks = [k for k, box in self.hooks.items() if box.value]
-        model = self.model_picker.spec()
-        window = self.window.value or None
-        template = "auto" if self.chat_auto.value else (self.chat_template.value.strip() or None)
-        return {"model": model.name_or_path, "model_dtype": model.dtype, "device": model.device,
-                "dataset": self.dataset_picker.dataset(), "layers": list(self.layers.value), "hooks": hooks,
-                "batch_size": self.batch_size.value, "dtype": self.dtype.value,
-                "auto_retry_on_oom": self.auto_retry.value, **self.dataset_picker.options(),
-                "max_batch_tokens": self.max_batch_tokens.value or None,
-                "micro_batch_size": self.micro_batch_size.value or None,
-                "window": window, "stride": (self.stride.value or None) if window else None,
-                "chat_template": template, "exclude_special": self.exclude_special.value}
+        """The form as Request fields (what Launch submits, presets save and Estimate reads); 0 / empty = none."""
+        return {name: read() for name, (read, _) in self.form_fields().items()}
+
+    def show_arguments(self, arguments: dict) -> list[str]:
+        """Show Request fields in the form (a preset, a job's request, remembered settings); returns the names it
+        could not show (a stale or hand-edited value keeps the form's)."""
+        fields, skipped = self.form_fields(), []
+        if "auto_retry" in arguments and "auto_retry_on_oom" not in arguments:  # studio.json from before
+            arguments = {**arguments, "auto_retry_on_oom": arguments["auto_retry"]}
+        if arguments.get("model") and arguments["model"] != self.model_picker.name_or_path():
+            fields["model"][1](arguments["model"])
+            self.refresh_layers()
+        for name, value in arguments.items():
+            if name in fields and name != "model":
+                try:
+                    fields[name][1](value)
+                except Exception:  # noqa: BLE001 - a value this form cannot show
+                    skipped.append(name)
+        self.update_summary()
+        return skipped
+
+    def state(self) -> dict:
+        """The extract options as a JSON-able dict (what ``studio.json`` remembers; the Model and Dataset tabs
+        remember their own)."""
+        values = self.form_arguments()
+        return {k: v for k, v in Request.model_construct(**values).model_dump(mode="json").items()
+                if k in values and k not in self.TABS_OWN}
+
+    def set_state(self, state: dict) -> None:
+        """Fill the options from a saved state (unknown or stale values are skipped)."""
+        self.show_arguments({k: v for k, v in state.items() if k not in self.TABS_OWN})
+
+    def prefill(self, meta: dict, suggested: dict | None = None) -> None:
+        """Show a job's request in the form (model, dataset, every option), then the suggested retry parameters."""
+        arguments = {k: v for k, v in (meta.get("params") or {}).items() if k in Request.model_fields}
+        if (meta.get("model") or {}).get("name_or_path"):
+            arguments["model"] = meta["model"]["name_or_path"]
+        if meta.get("dataset"):
+            self.dataset_picker.set_from_description(meta["dataset"])
+        arguments.pop("dataset", None)
+        self.show_arguments({**arguments, **(suggested or {})})
 
     def submit_arguments(self) -> dict:
-        """What Launch and Retry pass to the workspace: the form as it is now (and the chosen preset, whose
-        arguments the form does not show, e.g. device_map, still apply)."""
-        preset = {"preset": self.preset.value} if self.preset.value else {}
-        return {**preset, **self.form_arguments(), **self.extra_options}
+        """What Launch and Retry pass to the workspace: the form as it is now (every Request field; a chosen
+        preset filled the form, so its arguments are the form's)."""
+        return {**self.form_arguments(), **self.extra_options}
 
     def _check_model_first(self) -> None:
         """No layers to choose usually means the model cannot be read: say that, not 'layers is empty'."""
@@ -284,8 +363,6 @@ class ExtractionPanel(W.VBox):
     def estimate(self, probe: bool | None = None) -> dict | None:
         """``ms.estimate`` of the form: the summary line and warnings under the buttons (errors there too).
         ``probe``: time a few batches (default: the checkbox)."""
-        from ..estimate import estimate
-
         self.estimate_line.value = "<i>estimating… (tokenizing the dataset)</i>"
         try:
             arguments = {k: v for k, v in self.submit_arguments().items() if k not in self.extra_options}
@@ -293,14 +370,14 @@ class ExtractionPanel(W.VBox):
             result = estimate(workspace=self.workspace.root, probe=probe, **arguments)
         except Exception as exc:  # noqa: BLE001 - a bad form: say it here
             self.last_estimate = None
-            self.estimate_line.value = error_box(f"<b>No estimate</b>: {for_ui(str(exc))}")
+            self.estimate_line.value = error_box(f"<b>No estimate</b>: {for_ui(exc)}")
             return None
         self.last_estimate = result
         short = disk_short(result)
         self.confirm_disk.layout.display = "" if short else "none"
         if not short:
             self.confirm_disk.value = False
-        warnings = "".join(f"<li>{html.escape(w)}</li>" for w in result["warnings"])
+        warnings = "".join(f"<li>{for_ui(w)}</li>" for w in result["warning_templates"])
         text = (f"<b>Estimate</b>: {html.escape(result['summary'])} <small>({result['samples']:,} samples, "
                 f"{result['tokens']:,} tokens)</small>")
         text += f"<ul style='margin:2px 0'>{warnings}</ul>" if warnings else ""
@@ -361,41 +438,24 @@ class ExtractionPanel(W.VBox):
             self.preset_status.value = ""
             return
         arguments = self.workspace.preset(name)
-        if arguments.get("model"):
-            self.model_picker.set_model(str(arguments["model"]))
-            self.refresh_layers()
-        if arguments.get("model_dtype") in self.model_picker.dtype.options:
-            self.model_picker.dtype.value = arguments["model_dtype"]
-        self.dataset_picker.set_from_description(_dataset_description(arguments))
-        layers = arguments.get("layers")
-        state = {**arguments, "auto_retry": arguments.get("auto_retry_on_oom"),
-                 "layers": list(layers) if isinstance(layers, (list, tuple)) else layers}
-        if isinstance(state["layers"], str):
-            from ..specs import parse_layers
-
-            state["layers"] = parse_layers(state["layers"])
-        self.set_state({k: v for k, v in state.items() if v is not None or k in self.ADVANCED + ("chat_template",)})
+        if "dataset" in arguments:
+            self.dataset_picker.set_dataset(arguments["dataset"])
+        skipped = self.show_arguments({k: v for k, v in arguments.items() if k != "dataset"})
         self.preset_name.value = name
-        shown = set(self.form_arguments()) | {"auto_retry_on_oom"}
-        other = {k: v for k, v in arguments.items() if k not in shown}
         self.preset_status.value = note_box(
             f"Form filled from preset <b>{html.escape(name)}</b>."
-            + (" Launch also applies: " + html.escape(", ".join(f"{k}={v!r}" for k, v in other.items()))
-               if other else ""))
-        self.update_summary()
+            + (f" Not shown (stale values): {html.escape(', '.join(skipped))}." if skipped else ""))
 
     def save_preset(self) -> str | None:
-        """Save the form under the name field (validated by ``ws.save_preset``; errors show here), with the
-        arguments of the chosen preset that the form does not show."""
+        """Save the form under the name field (validated by ``ws.save_preset``; errors show here)."""
         name = self.preset_name.value.strip()
         if not name:
             self.preset_status.value = error_box("Type a name for the preset (letters, digits, _ - .).")
             return None
         try:
-            chosen = self.workspace.preset(self.preset.value) if self.preset.value else {}
-            self.workspace.save_preset(name, **{**chosen, **self.form_arguments()})  # keeps e.g. its device_map
+            self.workspace.save_preset(name, **self.form_arguments())
         except Exception as exc:  # noqa: BLE001 - InputError: the usual message, in this panel
-            self.preset_status.value = error_box(f"<b>Preset not saved</b>: {for_ui(str(exc))}")
+            self.preset_status.value = error_box(f"<b>Preset not saved</b>: {for_ui(exc)}")
             return None
         self.refresh_presets(select=name)
         self.preset_status.value = note_box(f"Saved preset <b>{html.escape(name)}</b> "
@@ -426,7 +486,7 @@ class ExtractionPanel(W.VBox):
             self.job = None
             self.progress.value, self.progress.bar_style, self.progress.description = 0, "danger", "0%"
         kind = "VALIDATION" if isinstance(exc, InputError) else type(exc).__name__
-        self._show_error(kind, str(exc), {}, job=None)
+        self._show_error(kind, getattr(exc, "template", None) or str(exc), {}, job=None)
 
     def _started(self, job: Job) -> None:
         self.watch(job)
@@ -466,7 +526,7 @@ class ExtractionPanel(W.VBox):
                 return None
             job = self.workspace.retry(self.job.id, **self.form_arguments(), **self.extra_options)
         except Exception as exc:  # the corrected form may still be wrong: say it, keep the target
-            self.alert.value = error_box(f"<b>Retry failed</b>: {for_ui(str(exc))}")
+            self.alert.value = error_box(f"<b>Retry failed</b>: {for_ui(exc)}")
             return None
         self._started(job)
         return job
@@ -479,7 +539,7 @@ class ExtractionPanel(W.VBox):
             size = self.batch_size.value
             job = self.job.resume(batch_size=None if size == "auto" else size)
         except Exception as exc:  # StoreBusy, InputError: say it in the panel
-            self.alert.value = error_box(for_ui(str(exc)))
+            self.alert.value = error_box(for_ui(exc))
             return None
         self.watch(job)
         return job
@@ -565,7 +625,8 @@ class ExtractionPanel(W.VBox):
             error = job.error or {}
             suggested = error.get("suggested_retry_params", {}) or {}
             self.prefill(job.meta, suggested)
-            self._show_error(error.get("error_type", "UNKNOWN"), error.get("error_message", ""), suggested, job=job)
+            self._show_error(error.get("error_type", "UNKNOWN"),
+                             error.get("error_template") or error.get("error_message", ""), suggested, job=job)
         for listener in self._finished:
             try:
                 listener(job)

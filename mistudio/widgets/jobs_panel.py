@@ -10,7 +10,7 @@ from typing import Callable
 
 import ipywidgets as W
 
-from ..metadata import LIVE_STATES
+from ..storage.metadata import LIVE_STATES
 from ..models import packaged_minilm_path
 from ..workspace import Workspace, human_bytes
 from .common import PLAIN_ERRORS, ago, badge, error_box, for_ui, guard, note_box, short_id, summarise_hook_points
@@ -226,7 +226,7 @@ class JobsPanel(W.VBox):
         try:
             result = action(ext_id)
         except Exception as exc:  # StoreBusy / InputError: say it here
-            self.message.value = error_box(f"{name} {html.escape(ext_id)}: {for_ui(str(exc))}")
+            self.message.value = error_box(f"{name} {html.escape(ext_id)}: {for_ui(exc)}")
             return
         if name == "Delete":
             return
@@ -269,7 +269,7 @@ class JobsPanel(W.VBox):
         try:
             freed = self.workspace.delete(ext_id, force=True)
         except Exception as exc:  # StoreBusy / InputError: say it here
-            self.message.value = error_box(f"Delete {html.escape(ext_id)}: {for_ui(str(exc))}")
+            self.message.value = error_box(f"Delete {html.escape(ext_id)}: {for_ui(exc)}")
         else:
             self.message.value = f"Deleted {html.escape(ext_id)} ({human_bytes(freed)} freed)."
         self.refresh()

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import InputError
+from .stats import cached_feature_stats
+from ..errors import InputError
 
 if TYPE_CHECKING:
-    from .extraction import Extraction
+    from ..extraction import Extraction
 
 STORE_SHIFT = 40  # a token id in the buffer is (store << 40) | token index
 NORMALIZE = (None, "mean_std", "unit_norm")
@@ -82,18 +83,16 @@ class ActivationLoader(IterableDataset):
 
     def _norm_factors(self, ext: "Extraction") -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{hook point: (shift, scale)}: per-feature when feature_stats are cached, else the scalar statistics."""
-        from .analysis import cached_feature_stats
-
         out = {}
         for hp in self.hook_points:
             cached = cached_feature_stats(ext, hp)
             if cached is not None:
                 mean, std = cached.mean, cached.std
             else:
-                stats = ext.metadata.get("statistics", {}).get(hp)
-                if not stats:
+                stats = ext.record.statistics.get(hp)
+                if stats is None or stats.mean is None:
                     raise InputError(f"extraction {ext.id} has no statistics for {hp} to normalize with")
-                mean, std = np.float64(stats["mean"]), np.float64(stats["std"])
+                mean, std = np.float64(stats.mean), np.float64(stats.std)
             if self.normalize == "mean_std":
                 shift, scale = mean, np.where(std > 0, std, 1.0)
             else:  # unit_norm: one factor, so that the mean squared L2 norm of a row is 1
@@ -141,13 +140,11 @@ class ActivationLoader(IterableDataset):
     # Stores are reopened by location in a spawned worker (a forked one inherits them).
     def __getstate__(self) -> dict:
         state = {**self.__dict__, "_spare_pool": None, "_arrays": None}
-        state["extractions"] = [(ext.location, ext.store.storage_options) for ext in self.extractions]
+        state["extractions"] = [(type(ext), ext.location, ext.store.storage_options) for ext in self.extractions]
         return state
 
     def __setstate__(self, state: dict) -> None:
-        from .api import open_extraction
-
-        state["extractions"] = [open_extraction(loc, storage_options=opts) for loc, opts in state["extractions"]]
+        state["extractions"] = [cls.open(loc, opts) for cls, loc, opts in state["extractions"]]
         self.__dict__.update(state)
 
 

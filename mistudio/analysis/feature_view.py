@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from . import stats as analysis
+
 if TYPE_CHECKING:
-    from .extraction import Extraction
+    from ..extraction import Extraction
 
 BANDS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 1.0))
 
@@ -62,7 +64,6 @@ def feature_view(ext: "Extraction", hook_point: str, feature: int, k: int = 20, 
                  min_count: int = 2, seed: int = 0) -> dict:
     """Everything the feature view shows, as plain data (JSON-able): ``top`` (analysis.top_examples),
     ``bands`` (quantile range, value range, a few examples each), ``hist``/``edges`` and ``token_means``."""
-    from . import analysis
     top = analysis.top_examples(ext, hook_point, feature, k=k, context=context)
     stats = analysis.feature_stats(ext, hook_point)
     hist, edges = np.asarray(stats.hist[feature], np.float64), np.asarray(stats.edges[feature], np.float64)

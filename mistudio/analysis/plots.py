@@ -1,11 +1,14 @@
 """Pure plotting functions: a slice of a store in, a matplotlib Figure out. They read only what they draw."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .extraction import Extraction
+if TYPE_CHECKING:
+    from ..extraction import Extraction
 
 DEFAULT_SCAN_TOKENS = 2_000_000
 WIDTH = 9.0  # inches: every figure the same width, so they show at one scale
@@ -23,7 +26,7 @@ def feature_window(feature: int | None, d: int, size: int = 64) -> slice:
     return slice(start, start + size)
 
 
-def heatmap(ext: Extraction, row: int, hook_point: str, features: slice | None = None,
+def heatmap(ext: "Extraction", row: int, hook_point: str, features: slice | None = None,
             max_features: int = 64, feature: int | None = None, hide: np.ndarray | None = None) -> Figure:
     """Token × feature heatmap of one dataset row (tokens as labels): a window of ``max_features`` features
     around ``feature`` (which is outlined), named in the title with the hook point's feature count.
@@ -66,7 +69,7 @@ def _drop(values: np.ndarray, tokens: list[str], hide: np.ndarray | None) -> tup
     return values[keep], [t for t, k in zip(tokens, keep) if k], f" · {int((~keep).sum())} tokens hidden"
 
 
-def layer_norms(ext: Extraction, row: int, kind: str = "residual", hide: np.ndarray | None = None) -> Figure:
+def layer_norms(ext: "Extraction", row: int, kind: str = "residual", hide: np.ndarray | None = None) -> Figure:
     """L2 norm of every stored layer's ``kind`` activation along the row's tokens (``hide``: as in heatmap)."""
     points = [hp for hp in ext.hook_points if hp.endswith("." + kind)]
     sample = ext.sample(row, points)
@@ -85,7 +88,7 @@ def layer_norms(ext: Extraction, row: int, kind: str = "residual", hide: np.ndar
     return fig
 
 
-def feature_column(ext: Extraction, hook_point: str, feature: int,
+def feature_column(ext: "Extraction", hook_point: str, feature: int,
                    max_tokens: int = DEFAULT_SCAN_TOKENS) -> np.ndarray:
     """One feature over the committed tokens, read chunk by chunk (at most ``max_tokens``)."""
     arr = ext.activations(hook_point)
@@ -97,7 +100,7 @@ def feature_column(ext: Extraction, hook_point: str, feature: int,
                            for b in range(0, stop, step)] or [np.zeros(0, np.float32)])
 
 
-def feature_histogram(ext: Extraction, hook_point: str, feature: int, bins: int = 60,
+def feature_histogram(ext: "Extraction", hook_point: str, feature: int, bins: int = 60,
                       max_tokens: int = DEFAULT_SCAN_TOKENS, values: np.ndarray | None = None) -> Figure:
     """Histogram of one feature over every stored token (``values``: a column already read; NaN left out)."""
     values = feature_column(ext, hook_point, feature, max_tokens) if values is None else values
@@ -126,7 +129,7 @@ def histogram_from_counts(counts: np.ndarray, edges: np.ndarray, title: str) -> 
     return fig
 
 
-def top_tokens(ext: Extraction, hook_point: str, feature: int, k: int = 15, context: int = 4,
+def top_tokens(ext: "Extraction", hook_point: str, feature: int, k: int = 15, context: int = 4,
                max_tokens: int = DEFAULT_SCAN_TOKENS, values: np.ndarray | None = None) -> list[dict]:
     """The ``k`` tokens where ``feature`` is largest, with dataset row, position and context (``values``: a
     column already read, activation rows set to NaN are left out)."""
@@ -152,7 +155,7 @@ def top_tokens(ext: Extraction, hook_point: str, feature: int, k: int = 15, cont
     return out
 
 
-def top_tokens_figure(ext: Extraction, hook_point: str, feature: int, k: int = 15, context: int = 4,
+def top_tokens_figure(ext: "Extraction", hook_point: str, feature: int, k: int = 15, context: int = 4,
                       top: list[dict] | None = None) -> Figure:
     """Bar chart of the top-k activating tokens of a feature (``top``: :func:`top_tokens`' list, if at hand)."""
     top = top_tokens(ext, hook_point, feature, k, context) if top is None else top

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import zarr
 
-from .errors import InputError
-from .metadata import LIVE_STATES
+from ..errors import InputError
+from ..storage.metadata import LIVE_STATES
 
 if TYPE_CHECKING:
-    from .extraction import Extraction
+    from ..extraction import Extraction
 
 log = logging.getLogger(__name__)
 STAT_ARRAYS = ("mean", "std", "max", "min", "frac_active", "hist", "edges")
@@ -58,12 +58,6 @@ def _chunk_ranges(ext: "Extraction", hook_point: str, limit: int, per_task: int 
     return [(a, min(a + rows, limit)) for a in range(0, limit, rows)]
 
 
-def _open(location: str, storage_options: dict | None) -> "Extraction":
-    from .api import open_extraction
-
-    return open_extraction(location, storage_options=storage_options)
-
-
 def _moments(ext: "Extraction", hook_point: str, a: int, b: int) -> dict:
     x = ext.activations(hook_point)[a:b].astype(np.float64)
     return {"n": b - a, "sum": x.sum(0), "sum_sq": np.einsum("ij,ij->j", x, x), "max": x.max(0), "min": x.min(0),
@@ -91,9 +85,9 @@ def _top(ext: "Extraction", hook_point: str, a: int, b: int, features: list[int]
     return out
 
 
-def _remote(location, storage_options, fn_name, hook_point, ranges, *args):
+def _remote(opener, location, storage_options, fn_name, hook_point, ranges, *args):
     """Run one of the chunk functions on a dask worker over a few ranges (opens the store there)."""
-    ext = _open(location, storage_options)
+    ext = opener(location, storage_options)
     fn = globals()[fn_name]
     return [fn(ext, hook_point, a, b, *args) for a, b in ranges]
 
@@ -105,7 +99,7 @@ def _map(ext: "Extraction", fn: Callable, hook_point: str, ranges: list[tuple[in
         return [fn(ext, hook_point, a, b, *args) for a, b in ranges]
     per = max(1, math.ceil(len(ranges) / 256))  # at most ~256 tasks
     groups = [ranges[i:i + per] for i in range(0, len(ranges), per)]
-    futures = cluster.map(_remote, [ext.location] * len(groups), [ext.store.storage_options] * len(groups),
+    futures = cluster.map(_remote, [type(ext).open] * len(groups), [ext.location] * len(groups), [ext.store.storage_options] * len(groups),
                           [fn.__name__] * len(groups), [hook_point] * len(groups), groups,
                           *[[arg] * len(groups) for arg in args], pure=False)
     return [r for group in cluster.gather(futures) for r in group]

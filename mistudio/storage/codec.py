@@ -1,9 +1,14 @@
-"""Fast local reads of committed row slices, for :class:`~mistudio.integrity.CheckedArray`.
+"""The byte format of one storage unit, both ways: :func:`write_unit` encodes a unit's file, :class:`FastReader`
+decodes rows out of unit files. Nothing else knows a byte offset.
 
-On a local store in a layout the writer encodes itself (``store._fast_layout``: little-endian bytes,
-optional crc32c per chunk, full-width chunks, shard index at the end with its crc32c), the rows of
-``a[i:j]`` / ``a[i:j, cols]`` are read here from the unit files with ``os.preadv``: a chunk that the slice
-covers whole is read straight into the output array, any other into a scratch buffer and copied from there;
+The format is Zarr v3's, for the layouts the writer produces itself (:func:`fast_layout`: a local store,
+little-endian bytes, optional crc32c per chunk, full-width chunks; sharded arrays with the shard index at the end,
+crc32c'd). An unsharded chunk's file is its rows (the last chunk padded with the fill value, 0) then its crc32c.
+A shard's file is its inner chunks, each encoded so, then an index of ``(offset, length)`` uint64 pairs per inner
+chunk (``EMPTY`` for one never written) and the index's crc32c. Any Zarr v3 reader reads these files.
+
+Reading: the rows of ``a[i:j]`` / ``a[i:j, cols]`` are read from the unit files with ``os.preadv``: a chunk that
+the slice covers whole straight into the output array, any other into a scratch buffer and copied from there;
 its crc32c is checked first. Damage raises :class:`Damaged` (the caller turns it into ``StoreCorrupted``);
 anything else unusual (an empty chunk in a shard index, a selection this module does not handle) raises
 :class:`Fallback`, and the caller reads through Zarr instead.
@@ -12,13 +17,112 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from typing import Any
 
 import numpy as np
 
-EMPTY = 2**64 - 1  # an absent chunk in a shard index
+from .layout import EMPTY, storage_unit
 
 
+# -- encoding ---------------------------------------------------------------------------------------
+def fast_layout(arr: Any) -> tuple[int, bool] | None:
+    """(rows per inner chunk, crc32c per chunk) when this module may encode and decode ``arr``'s files itself:
+    a local store, little-endian bytes, optional crc32c, full-width chunks, shard index at the end with
+    crc32c. None: let Zarr write."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.storage import LocalStore
+
+    def plain(codecs) -> bool | None:  # crc32c or not; None when anything else is there
+        first = codecs[0] if codecs else None
+        if not isinstance(first, BytesCodec) or getattr(first.endian, "value", "little") != "little":
+            return None
+        rest = list(codecs[1:])
+        return None if rest not in ([], [Crc32cCodec()]) else bool(rest)
+
+    if (not isinstance(arr.store_path.store, LocalStore) or np.dtype(arr.dtype).byteorder == ">"
+            or arr.fill_value != 0):
+        return None
+    codecs = arr.metadata.codecs
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        shard = codecs[0]
+        crc = plain(shard.codecs)
+        if crc is None or plain(shard.index_codecs) is not True or shard.index_location.value != "end":
+            return None
+        chunk = shard.chunk_shape
+    else:
+        crc, chunk = plain(codecs), arr.chunks
+    if crc is None or storage_unit(arr)[1:] != arr.shape[1:] or tuple(chunk[1:]) != arr.shape[1:]:
+        return None
+    return chunk[0], crc
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_unit(arr: Any, start: int, stop: int, blocks: list[np.ndarray]) -> None:
+    """Write rows ``[start, stop)`` of ``arr``, given as consecutive row ``blocks``, as one storage unit: ``start``
+    is where a unit (a shard, or a chunk of an unsharded array) begins, and ``stop`` at most where it ends.
+
+    On a local store the unit's file is encoded here exactly as Zarr's codecs encode it (inner chunks with
+    their crc32c, the last one padded with the fill value, then the shard index with its crc32c, absent
+    chunks marked empty) and streamed from the blocks without copying them into a temporary file renamed
+    into place: it replaces the unit, rows after ``stop`` included. Elsewhere (a remote store, other codecs)
+    Zarr writes it, reading and merging what the unit holds. Never two writes of one unit at once."""
+    import google_crc32c
+
+    unit = storage_unit(arr)[0]
+    layout = fast_layout(arr)
+    if layout is None or start % unit or not 0 < stop - start <= unit:
+        arr[start:stop] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        return
+    inner_rows, crc = layout
+    row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+    rows = inner_rows if arr.shards is not None else unit  # rows per encoded chunk
+    key = arr.metadata.encode_chunk_key((start // unit,) + (0,) * (arr.ndim - 1))
+    path = arr.store_path.store.root / arr.path / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+    index, offset = [], 0
+    pieces = iter(np.ascontiguousarray(b) for b in blocks)
+    current = next(pieces)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for first in range(0, unit, rows):
+            if first >= stop - start:  # a chunk not written: empty in the index
+                index.append((2**64 - 1, 2**64 - 1))
+                continue
+            need, checksum = min(rows, stop - start - first), 0
+            pad = np.zeros((rows - need, *arr.shape[1:]), dtype=arr.dtype)  # the fill value, 0
+            while need:
+                if not len(current):
+                    current = next(pieces)
+                take, current = current[:need], current[need:]
+                _write_all(fd, take)
+                checksum = google_crc32c.extend(checksum, take.reshape(-1)) if crc else 0
+                need -= len(take)
+            if len(pad):
+                _write_all(fd, pad)
+                checksum = google_crc32c.extend(checksum, pad.reshape(-1)) if crc else 0
+            if crc:
+                _write_all(fd, np.uint32(checksum).astype("<u4").tobytes())
+            index.append((offset, rows * row_bytes + 4 * crc))
+            offset += index[-1][1]
+        if arr.shards is not None:
+            table = np.asarray(index, dtype="<u8").tobytes()
+            _write_all(fd, table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes())
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+# -- decoding ---------------------------------------------------------------------------------------
 class Fallback(Exception):
     """Read this selection through Zarr."""
 
@@ -32,7 +136,7 @@ class Damaged(Exception):
 
 
 class FastReader:
-    """Reads rows of one local array whose files :func:`mistudio.store.write_unit` could have written."""
+    """Reads rows of one local array whose files :func:`write_unit` could have written."""
 
     def __init__(self, arr: Any, inner_rows: int, crc: bool):
         self.arr, self.crc = arr, crc
@@ -51,9 +155,7 @@ class FastReader:
 
     @classmethod
     def open(cls, arr: Any) -> FastReader | None:
-        from .store import _fast_layout  # store imports integrity, which imports this module
-
-        layout = _fast_layout(arr)
+        layout = fast_layout(arr)
         return None if layout is None or arr.ndim not in (1, 2) else cls(arr, *layout)
 
     def unit_key(self, unit: int) -> tuple[int, ...]:

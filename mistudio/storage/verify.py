@@ -1,31 +1,22 @@
-"""Store integrity: checked reads, a full ``verify`` and a cheap ``quick_check``.
+"""``verify``: a whole store scanned without changing it, and ``quick_check``, its cheap form.
 
-Zarr reads a missing chunk as the fill value, silently. Below a store's commit mark every storage
-unit (a chunk, or a shard in a sharded array: format version 2) must exist, so a checked read refuses to fill
-there, and every decode error (checksum, truncation, bad JSON) becomes a :class:`StoreCorrupted`
-that names the store, the array, the chunk and the file.
+Below a store's commit mark every storage unit (a chunk, or a shard in a sharded array: format version 2) must
+exist and decode (which checks its crc32c); the metadata must be coherent with the arrays.
 """
 from __future__ import annotations
 
-import asyncio
-import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
-from .errors import StoreCorrupted
-from .fastread import Damaged, Fallback, FastReader
+from .layout import has_checksum, unit_key, unit_name, unit_rows, units
 from .metadata import END_STATES, LIVE_STATES
+from .reads import DECODE_ERRORS, damage, missing_units
 
-TOKEN_ARRAYS = ("input_ids", "sample_offsets", "sample_index")
 OPTIONAL_TOKEN_ARRAYS = ("role", "positions")  # chat data; windowed documents
-# errors a damaged chunk or metadata file raises while decoding (codecs, numpy, JSON); not IndexError
-DECODE_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError, EOFError)
 
 
 def commit_mark(meta: dict) -> int:
@@ -34,153 +25,6 @@ def commit_mark(meta: dict) -> int:
     if meta.get("status") == "COMPLETED":
         return int(progress.get("tokens_total", 0))
     return int(progress.get("tokens_committed", 0))
-
-
-def storage_unit(arr: zarr.Array) -> tuple[int, ...]:
-    """The shape of one stored object: the shard when the array is sharded, else the chunk."""
-    return arr.shards or arr.chunks
-
-
-def _unit_name(arr: zarr.Array) -> str:
-    return "chunk" if arr.shards is None else "shard"
-
-
-def has_checksum(arr: zarr.Array) -> bool:
-    return any(isinstance(c, Crc32cCodec) for c in arr.compressors)
-
-
-def _key(arr: zarr.Array, index: tuple[int, ...]) -> str:
-    """The store key of one storage unit (``activations/layers.1.residual/c/3/0``)."""
-    return f"{arr.path}/{arr.metadata.encode_chunk_key(index)}"
-
-
-def _units(arr: zarr.Array, first_row: int, stop_row: int) -> list[tuple[int, ...]]:
-    """Indices of the storage units holding rows ``[first_row, stop_row)``, every unit along the other axes."""
-    unit = storage_unit(arr)
-    stop_row = min(stop_row, arr.shape[0])
-    if stop_row <= first_row:
-        return []
-    rows = range(first_row // unit[0], math.ceil(stop_row / unit[0]))
-    others = [range(math.ceil(s / u)) for s, u in zip(arr.shape[1:], unit[1:])]
-    return [(i, *rest) for i in rows for rest in itertools.product(*others)]
-
-
-def _unit_rows(arr: zarr.Array, index: tuple[int, ...]) -> slice:
-    rows = storage_unit(arr)[0]
-    return slice(index[0] * rows, min((index[0] + 1) * rows, arr.shape[0]))
-
-
-def _damage(arr: zarr.Array, unit: tuple[int, ...], exc: BaseException) -> str:
-    """Why a unit cannot be decoded; in a shard, which inner chunks fail (each read alone), else its index."""
-    if arr.shards is None:
-        return f"the chunk cannot be decoded ({exc})"
-    rows, inner = _unit_rows(arr, unit), arr.chunks[0]
-    bad = []
-    for start in range(rows.start, rows.stop, inner):
-        try:
-            arr[start:min(start + inner, rows.stop)]
-        except DECODE_ERRORS:
-            bad.append(start // inner)
-    if not bad or len(bad) == -(-(rows.stop - rows.start) // inner):
-        return f"the shard (its index, or every chunk in it) cannot be decoded ({exc})"
-    names = ", ".join(f"({i}, 0)" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
-    first = bad[0] * inner
-    return f"inner chunk(s) {names} of the shard (rows {first}-{first + inner}) cannot be decoded ({exc})"
-
-
-def _missing(arr: zarr.Array, units: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    """The units among ``units`` whose object is absent from the store (one concurrent existence query each)."""
-    store = arr.store_path.store
-
-    async def exists() -> list[bool]:
-        return await asyncio.gather(*(store.exists(_key(arr, u)) for u in units))
-
-    return [u for u, present in zip(units, sync(exists()) if units else []) if not present]
-
-
-class CheckedArray:
-    """A read-only view of one stored array that never reads a missing or damaged chunk as data.
-
-    Slicing (``a[i:j]``, ``a[i:j, f]``, ``a[:, f]``, ``a[rows]``) returns numpy arrays like Zarr does;
-    storage units below ``mark`` must exist, and decode errors become :class:`StoreCorrupted`.
-    Rows at or above ``mark`` (not yet committed) read as Zarr gives them. ``.zarr`` is the raw array.
-    Row slices below ``mark`` of a local store in the writer's own layout are read from the files directly
-    (:mod:`mistudio.fastread`: one copy, crc32c checked), everything else through Zarr.
-    """
-
-    def __init__(self, arr: zarr.Array, location: str, mark: int):
-        self.zarr = arr
-        self.location = location
-        self.mark = int(mark)
-        self._fast = FastReader.open(arr)
-
-    def __repr__(self) -> str:
-        return f"<CheckedArray {self.zarr.path} shape={self.shape} dtype={self.dtype} chunks={self.chunks}>"
-
-    shape = property(lambda self: self.zarr.shape)
-    dtype = property(lambda self: self.zarr.dtype)
-    chunks = property(lambda self: self.zarr.chunks)
-    shards = property(lambda self: self.zarr.shards)
-    ndim = property(lambda self: self.zarr.ndim)
-    size = property(lambda self: self.zarr.size)
-    nbytes = property(lambda self: self.zarr.nbytes)
-    metadata = property(lambda self: self.zarr.metadata)
-    attrs = property(lambda self: self.zarr.attrs)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        values = self[...]
-        return values if dtype is None else values.astype(dtype, copy=False)
-
-    def _row_span(self, key: Any) -> tuple[int, int]:
-        """Smallest ``[first, stop)`` row range a selection touches (over-covering is harmless)."""
-        first = key[0] if isinstance(key, tuple) and key else key
-        n = self.shape[0]
-        if first is Ellipsis or (isinstance(key, tuple) and not key):
-            return 0, n
-        if isinstance(first, slice):
-            rows = range(*first.indices(n))
-            return (min(rows[0], rows[-1]), max(rows[0], rows[-1]) + 1) if len(rows) else (0, 0)
-        if isinstance(first, (int, np.integer)):
-            row = int(first) + n if first < 0 else int(first)
-            return row, row + 1
-        idx = np.asarray(first)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
-        if not idx.size:
-            return 0, 0
-        idx = np.where(idx < 0, idx + n, idx)
-        return int(idx.min()), int(idx.max()) + 1
-
-    def _fail(self, unit: tuple[int, ...], what: str) -> StoreCorrupted:
-        return StoreCorrupted(self.location, what, self.zarr.path, unit, f"{self.location}/{_key(self.zarr, unit)}")
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        first, stop = self._row_span(key)
-        if self._fast is not None and stop <= self.mark:
-            try:
-                return self._fast.read(key)
-            except Fallback:
-                pass
-            except Damaged as exc:
-                what = (f"the {_unit_name(self.zarr)} is missing although rows below {self.mark} are committed"
-                        if exc.missing else exc.what)
-                raise self._fail(exc.unit, what) from None
-        missing = _missing(self.zarr, _units(self.zarr, first, min(stop, self.mark)))
-        if missing:
-            raise self._fail(missing[0], f"the {_unit_name(self.zarr)} is missing although rows below {self.mark} "
-                                         "are committed")
-        try:
-            return self.zarr[key]
-        except DECODE_ERRORS as exc:
-            for unit in _units(self.zarr, first, stop):  # find the unit that fails, to name it
-                try:
-                    self.zarr[_unit_rows(self.zarr, unit)]
-                except DECODE_ERRORS as unit_exc:
-                    raise self._fail(unit, _damage(self.zarr, unit, unit_exc)) from exc
-            raise  # no unit fails alone: not damage (e.g. a bad selection)
 
 
 @dataclass
@@ -351,19 +195,19 @@ class _Scan:
 
     def scan(self, arr: zarr.Array, mark: int) -> None:
         """Every storage unit below ``mark``: present, and (when decoding) decodable."""
-        units = _units(arr, 0, mark)
-        missing = set(_missing(arr, units))
+        found = units(arr, 0, mark)
+        missing = set(missing_units(arr, found))
         store = arr.store_path.store
-        for unit in units:
-            file = f"{self.location}/{_key(arr, unit)}"
+        for unit in found:
+            file = f"{self.location}/{unit_key(arr, unit)}"
             if unit in missing:
-                what = f"the {_unit_name(arr)} is missing (rows below {mark} are committed)"
+                what = f"the {unit_name(arr)} is missing (rows below {mark} are committed)"
                 self.problem(what, arr.path, unit, file)
                 continue
             self.report.chunks_checked += 1
-            self.report.bytes_checked += int(sync(store.getsize(_key(arr, unit))))
+            self.report.bytes_checked += int(sync(store.getsize(unit_key(arr, unit))))
             if self.report.decoded:
                 try:
-                    arr[_unit_rows(arr, unit)]
+                    arr[unit_rows(arr, unit)]
                 except DECODE_ERRORS as exc:
-                    self.problem(_damage(arr, unit, exc), arr.path, unit, file)
+                    self.problem(damage(arr, unit, exc), arr.path, unit, file)

@@ -1,7 +1,8 @@
 """The store's metadata (``attrs['mistudio']``) as typed models, read and written here only.
 
 The JSON layout on disk is the one format version 1 wrote (lineage fields at the top level), so
-every existing store opens. Unknown keys are kept (a newer mistudio may have written them).
+every existing store opens. Every section is typed; unknown keys are kept (a newer mistudio may have
+written them).
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ..request import Request
 
 FORMAT_VERSION = 2  # 2: activation arrays may be sharded (storage.shard_rows); 1: one file per chunk
 
@@ -41,6 +44,92 @@ END_STATES = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="allow", use_enum_values=False)
+
+
+class ModelInfo(_Section):
+    """What the model was: name, architecture, sizes, where and how it ran, and its weights' fingerprint."""
+
+    name_or_path: str = ""
+    revision: str | None = None
+    model_type: str | None = None
+    architecture: str | None = None
+    n_layers: int | None = None
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    n_parameters: int | None = None
+    parameter_bytes: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    device_map: dict | str | None = None
+    max_memory: dict | None = None
+    quantization: str | None = None
+    fingerprint: dict | None = None  # {"weights": sha256, "config": sha256, "tokenizer": sha256, "files": {...}}
+
+
+class DataReport(_Section):
+    """What reading and tokenizing the dataset gave: rows read, samples kept, and what was dropped or cut, why."""
+
+    n_rows_read: int = 0
+    n_samples: int = 0
+    n_tokens: int = 0
+    n_rows: int | None = None  # activation rows (tokens less excluded special tokens)
+    n_windows: int | None = None  # forwarded sequences (samples, or their windows)
+    skipped: dict[str, int] = Field(default_factory=dict)  # reason -> rows
+    n_skipped_invalid: int = 0  # every skipped row but the out-of-vocabulary ones (stores from before `skipped`)
+    n_skipped_oov: int = 0
+    n_clamped_tokens: int = 0
+    n_truncated: int = 0
+    n_truncated_tokens: int = 0
+
+
+class DatasetInfo(_Section):
+    """Where the rows came from, how they were read, and the report of reading them."""
+
+    source: dict = Field(default_factory=dict)
+    text_column: str | None = None
+    max_samples: int | None = None
+    max_length: int | None = None
+    add_special_tokens: bool | None = None
+    encoding: str | None = None
+    chat_template: str | None = None
+    report: DataReport | None = None
+
+
+# the request's parameters as recorded (every Request field but model, revision and dataset, which have sections)
+Params = create_model("Params", __base__=_Section,
+                      **{name: (Any, None) for name in Request.model_fields if name not in ("model", "revision",
+                                                                                           "dataset")},
+                      batch_size_auto=(dict | None, None), hook_points=(list | None, None))
+
+
+class HookStatistics(_Section):
+    """Per hook point: moments of the stored values, per-token norm histogram and quantiles, outlier tokens."""
+
+    count: int = 0
+    sum: float = 0.0
+    sum_sq: float = 0.0
+    max_abs: float = 0.0
+    zeros: int = 0
+    norm_hist: list[int] = Field(default_factory=list)
+    n_outliers: int = 0
+    outliers: list[list[float]] = Field(default_factory=list)
+    mean: float | None = None
+    std: float | None = None
+    frac_zeros: float | None = None
+    norm_quantiles: dict[str, float] = Field(default_factory=dict)
+    outlier_threshold: float | None = None
+
+
+class StorageInfo(_Section):
+    """How the arrays are stored."""
+
+    checksum: bool | None = None
+    exclude_special: bool = False
+    n_input_tokens: int | None = None
+    shard_rows: int | None = None
+    window: int | None = None
+    stride: int | None = None
+    role_codes: dict[str, int] | None = None
 
 
 class Progress(_Section):
@@ -85,9 +174,9 @@ class ExtractionMeta(_Section):
     id: str
     nonce: str | None = None  # written at creation: a job checks it before writing (was the store replaced?)
     status: Status
-    model: dict = Field(default_factory=dict)
-    dataset: dict = Field(default_factory=dict)
-    params: dict = Field(default_factory=dict)
+    model: ModelInfo = Field(default_factory=ModelInfo)
+    dataset: DatasetInfo = Field(default_factory=DatasetInfo)
+    params: Params = Field(default_factory=Params)
     hook_points: list[str] = Field(default_factory=list)
     progress: Progress = Field(default_factory=Progress)
     timings: Timings = Field(default_factory=Timings)
@@ -100,8 +189,8 @@ class ExtractionMeta(_Section):
     retry_overrides: dict = Field(default_factory=dict)
     attempts: list[dict] = Field(default_factory=list)
     resumes: list[dict] = Field(default_factory=list)
-    statistics: dict[str, dict] = Field(default_factory=dict)
-    storage: dict = Field(default_factory=dict)  # how arrays are stored: {"checksum": bool}
+    statistics: dict[str, HookStatistics] = Field(default_factory=dict)
+    storage: StorageInfo = Field(default_factory=StorageInfo)
 
     @property
     def live(self) -> bool:
@@ -112,6 +201,11 @@ class ExtractionMeta(_Section):
         if self.status == Status.COMPLETED and self.progress.tokens_total is not None:
             return int(self.progress.tokens_total)
         return int(self.progress.tokens_committed)
+
+    def request(self, **overrides: Any) -> Request:
+        """The request this store was made with, plus ``overrides`` (see :meth:`Request.from_stored`)."""
+        return Request.from_stored(self.model.model_dump(), self.dataset.model_dump(),
+                                   self.params.model_dump(), **overrides)
 
     def to_json(self) -> dict:
         """The JSON-able dict stored on disk (and handed to users as ``meta``)."""
@@ -137,7 +231,7 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-_REPLACED_WHOLE = {"error"}  # dict sections that a write replaces instead of merging into
+_REPLACED_WHOLE = {"error", "statistics"}  # sections that a write replaces instead of merging into
 
 
 def merged(meta: ExtractionMeta, sections: dict[str, Any]) -> ExtractionMeta:

@@ -1,0 +1,296 @@
+"""One plan, shared by the runner and the estimate: read → chat template → windows and stride → special-token
+exclusion → skipped and truncated rows → batches → store layout. ``ms.estimate`` is this plan without the
+forwards (disk, device memory, and time with ``probe=True``).
+
+:func:`check` runs every check that needs the model's config, its tokenizer or the first record of the data,
+once, before any store exists; :func:`make_plan` tokenizes the whole dataset into the token arrays of the store,
+in stored order, and the layout of every array. ``ws.submit`` does not estimate (tokenizing twice costs time on
+big datasets): call :func:`estimate` first, as the Extract tab does.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import (ROLE_CODES, SKIP_REASONS, chat_template_of, check_source, plan_batches, plan_order, report_line,
+                   tokenize, window_positions, window_spans)
+from .engine import forward_batches
+from .errors import InputError, human_bytes, render
+from .listing import Folder, default_workspace
+from .models import (check_placement, describe_model, load_config, load_model, load_tokenizer, max_positions_of,
+                     n_layers_of, resolve_device, resolve_dtype)
+from .presets import Presets
+from .request import Request, with_request_keywords
+from .specs import parse_layers
+from .storage.layout import StoreLayout, plan_layout
+
+
+def check(request: Request, config=None) -> Request:
+    """Check the request against the model's config (layers in range, lengths within its positions, the packages
+    its placement needs), its tokenizer (a chat template where one is asked for) and the data (reachable, readable,
+    its text column present); return it with ``layers='all'`` resolved. Nothing is written."""
+    config = config if config is not None else load_config(request.model_spec)
+    layers = parse_layers(request.layers, n_layers_of(config))
+    limit = max_positions_of(config)
+    name = request.model
+    if limit is not None and request.window is not None and request.window > limit:
+        raise InputError(f"«window={request.window}» is more than the {limit} positions of model {name!r}: «pass "
+                         f"window={limit}» or less", param="window")
+    if limit is not None and request.window is None and request.max_length > limit:
+        raise InputError(f"«max_length={request.max_length}» is more than the {limit} positions of model {name!r}: "
+                         f"«pass max_length={limit}» or less (longer samples are cut)", param="max_length")
+    check_placement(request.model_spec)
+    if request.chat_template == "auto":
+        chat_template_of(load_tokenizer(request.model_spec), "auto")
+    check_source(request)
+    return request.model_copy(update={"layers": layers}) if layers != request.layers else request
+
+
+@dataclass
+class Plan:
+    """What a request will store: the token arrays in stored order, the layout of every array, what the metadata
+    says of the layout (``storage``), and the data report (rows read, samples, skipped rows by reason, truncated
+    rows and tokens, windows, activation rows)."""
+
+    request: Request
+    tokens: dict[str, np.ndarray]
+    layout: StoreLayout
+    storage: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.tokens["sample_index"])
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens["input_ids"])
+
+    @property
+    def n_rows(self) -> int:
+        return self.layout.activations[0].shape[0]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.tokens["sample_offsets"])
+
+    def batches(self, batch_size: int | None = None) -> list[tuple[int, int]]:
+        """The ``[first, stop)`` sample ranges the run forwards (``batch_size``: for ``'auto'``, a guess)."""
+        return plan_batches(self.tokens["sample_offsets"], self.request, 0, self.n_samples, batch_size)
+
+
+def make_plan(request: Request, tokenizer, vocab_size: int, hidden_size: int) -> Plan:
+    """Tokenize the dataset as the run will, and plan the store: every token array and every array's layout."""
+    tokenized = tokenize(request, tokenizer, vocab_size)
+    order = plan_order(tokenized.lengths)
+    lengths = tokenized.lengths[order]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.concatenate([tokenized.ids[i] for i in order]).astype(np.int32)
+    special = np.isin(flat, np.asarray(list(tokenizer.all_special_ids), dtype=np.int64))
+    tokens = {"input_ids": flat, "sample_offsets": offsets, "sample_index": tokenized.rows[order].astype(np.int64),
+              "special": special}
+    storage: dict = {"exclude_special": request.exclude_special}
+    n_rows = len(flat)
+    if request.exclude_special:  # activation rows differ from tokens only then
+        kept = np.concatenate([[0], np.cumsum(~special)])
+        tokens["activation_offsets"] = kept[offsets].astype(np.int64)
+        n_rows = int(kept[-1])
+        if n_rows == 0:
+            raise InputError("«exclude_special=True» leaves no token to extract: every token is a special token; "
+                             "«pass exclude_special=False»", param="exclude_special")
+    if tokenized.roles is not None:
+        tokens["role"] = np.concatenate([tokenized.roles[i] for i in order]).astype(np.int8)
+        storage["role_codes"] = dict(ROLE_CODES)
+    if request.window is not None:
+        tokens["positions"] = np.concatenate([window_positions(int(n), request.window, request.stride)
+                                              for n in lengths])
+        storage.update(window=request.window, stride=request.stride)
+    n_windows = sum(len(window_spans(int(n), request.window, request.stride)) for n in lengths)
+    hook_dims = {hp: hidden_size for hp in request.hook_points}
+    layout = plan_layout(len(flat), len(lengths), n_rows, hook_dims, request.dtype, request.chunk_mb,
+                         request.shard_mb, request.checksum, roles="role" in tokens, positions="positions" in tokens,
+                         activation_offsets="activation_offsets" in tokens)
+    report = {**tokenized.report(), "n_rows": n_rows, "n_windows": n_windows}
+    return Plan(request, tokens, layout, storage, report)
+
+
+def plan_for_ids(ids: list[np.ndarray], hook_dims: dict[str, int], dtype: str = "float32", chunk_mb: float = 2.0,
+                 shard_mb: float = 32.0, checksum: bool = True) -> tuple[dict[str, np.ndarray], StoreLayout]:
+    """The token arrays and layout of a store for token id lists in stored order (no tokenizer, no special
+    tokens): what benchmarks and tests write by hand."""
+    lengths = [len(a) for a in ids]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.concatenate(ids).astype(np.int32)
+    tokens = {"input_ids": flat, "sample_offsets": offsets, "sample_index": np.arange(len(ids), dtype=np.int64),
+              "special": np.zeros(len(flat), bool)}
+    return tokens, plan_layout(len(flat), len(ids), len(flat), hook_dims, dtype, chunk_mb, shard_mb, checksum)
+
+
+# -- the estimate: the plan without the forwards ----------------------------------------------------
+PROBE_SECONDS = 3.0  # probe=True times batches for about this long
+AUTO_GUESS = 8  # batch_size="auto" is estimated at this size (its choice needs the model)
+
+
+def _free_disk(workspace: str | os.PathLike | None) -> int | None:
+    """Bytes free where the workspace is (its nearest existing folder); None for remote workspaces."""
+    root = str(workspace if workspace is not None else default_workspace())
+    if "://" in root and not root.startswith("file://"):
+        return None
+    path = Path(root.removeprefix("file://")).expanduser().resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _device_memory(device) -> int | None:
+    """Total memory of the device the model runs on: the GPU's, or the machine's RAM for the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def peak_device_bytes(n_parameters: int, config: Any, batch: int, width: int, n_captured: int,
+                      model_bytes: int) -> int:
+    """Weights + the largest batch's working activations + its captured rows, all in the model dtype.
+
+    For ``batch`` samples padded to ``width`` tokens (T = batch x width), hidden size h, MLP size m, heads a:
+    ``n_parameters·b + T·(4h + 2m)·b + batch·a·width²·b + n_captured·T·h·b`` (b bytes per value). The middle
+    terms are one block's transient tensors (residual, q/k/v/out, the MLP's hidden twice, the attention
+    scores); earlier blocks' are freed (inference mode), so the count of layers up to the last one only adds
+    its captured rows (the last term).
+    """
+    h = int(config.hidden_size)
+    m = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h)
+    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1)
+    tokens = batch * width
+    return int(model_bytes * (n_parameters + tokens * (4 * h + 2 * m) + batch * heads * width * width
+                              + n_captured * tokens * h))
+
+
+@with_request_keywords
+def estimate(model: Any = None, dataset: Any = None, layers: Any = None, hooks: Any = None, *,
+             workspace: str | os.PathLike | None = None, probe: bool = False, preset: str | None = None,
+             storage_options: dict | None = None, **options: Any) -> dict:
+    """What ``ms.extract``/``ws.submit`` with these arguments will take, before launching it: the run's own plan
+    (the same tokenizing, windows, special tokens and layout), without the forwards.
+
+    Returns a dict with ``samples``, ``windows`` (forwarded sequences), ``tokens``, ``rows`` (activation rows per
+    hook point), ``rows_read``, ``skipped`` ({reason: rows}), ``truncated`` (samples cut) and
+    ``truncated_tokens``, ``batches``, ``bytes_on_disk`` (the store's bytes, as the allocator lays it out;
+    metadata adds a few KB), ``free_disk_bytes`` (the workspace's disk; None if remote), ``peak_device_bytes``
+    (see :func:`peak_device_bytes`), ``device_memory_bytes``, ``seconds`` (with ``probe=True``: the model is
+    loaded and a few batches timed; else None), ``warnings`` (strings) and a one-line ``summary``.
+    ``batch_size="auto"`` is estimated at batch 8 (its choice needs the model). ``preset=`` starts from a saved
+    preset of ``workspace``, as ``ws.submit`` does. Run-only arguments (``timeout_s``, ``auto_retry_on_oom``)
+    are accepted and change nothing.
+    """
+    if hooks is not None:
+        options["hooks"] = hooks
+    given = {k: v for k, v in (("model", model), ("dataset", dataset), ("layers", layers)) if v is not None}
+    saved = Presets(Folder(workspace, storage_options)).read(preset) if preset is not None else {}
+    args = {**saved, **given, **options}
+    if args.get("model") is None:
+        raise InputError("«model» is missing: «pass model» (a Hugging Face id or a local folder) or «pass preset»",
+                         param="model")
+    request = check(Request.build(**args))
+    facts = describe_model(request.model_spec)
+    plan = make_plan(request, load_tokenizer(request.model_spec), facts["vocab_size"], facts["hidden_size"])
+    return _figures(plan, facts, workspace, probe)
+
+
+def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe: bool) -> dict:
+    """The estimate's numbers from the plan."""
+    request, lengths = plan.request, plan.lengths
+    guess = AUTO_GUESS if request.batch_size == "auto" else None
+    batches = plan.batches(guess)
+    step = request.micro_batch_size
+    largest = max(((min(step or e - b, e - b), int(lengths[b])) for b, e in batches), key=lambda x: x[0] * x[1])
+    if request.window is not None:  # a forward holds at most batch-size windows of at most `window` tokens
+        largest = (largest[0], min(largest[1], request.window))
+    device = resolve_device(request.device)
+    model_bytes = np.dtype(str(resolve_dtype(request.model_dtype, device)).removeprefix("torch.").replace(
+        "bfloat16", "float16")).itemsize
+    config = load_config(request.model_spec)
+    peak = peak_device_bytes(facts["n_parameters"], config, largest[0], largest[1], len(request.hook_points),
+                             model_bytes)
+    disk = plan.layout.bytes_on_disk
+    free = _free_disk(workspace)
+    memory = _device_memory(device)
+    report = plan.report
+    warnings = []
+    if free is not None and disk > free:
+        warnings.append(f"the store needs {human_bytes(disk)} but the workspace's disk has {human_bytes(free)} "
+                        "free: free space, «pass workspace=<a folder on another disk>», or capture fewer hook points or samples")
+    if memory is not None and peak > memory:
+        warnings.append(f"peak device memory {human_bytes(peak)} is above the {human_bytes(memory)} of {device}: "
+                        "use a smaller «batch_size», «max_batch_tokens», «micro_batch_size», or «device_map»")
+    if request.max_batch_tokens is not None and int(lengths[0]) > request.max_batch_tokens:
+        over = int(np.sum(lengths > request.max_batch_tokens))
+        warnings.append(f"{over} sample(s) are longer than «max_batch_tokens={request.max_batch_tokens}»: each gets "
+                        f"a batch of its own (up to {int(lengths[0])} tokens)")
+    skipped = sum(report["skipped"].values())
+    if skipped:
+        why = "; ".join(f"{n:,} {SKIP_REASONS.get(r, r)}" for r, n in report["skipped"].items())
+        warnings.append(f"{skipped:,} of {report['n_rows_read']:,} rows give no sample: {why}")
+    seconds = _probe(plan) if probe else None
+    result = {
+        "samples": plan.n_samples, "windows": int(report["n_windows"]), "tokens": plan.n_tokens,
+        "rows": plan.n_rows, "rows_read": int(report["n_rows_read"]), "skipped": dict(report["skipped"]),
+        "truncated": int(report["n_truncated"]), "truncated_tokens": int(report["n_truncated_tokens"]),
+        "batches": len(batches), "hook_points": request.hook_points, "bytes_on_disk": disk,
+        "data_bytes": plan.layout.data_bytes,
+        "free_disk_bytes": free, "peak_device_bytes": peak, "device": str(device), "device_memory_bytes": memory,
+        "largest_batch": {"samples": largest[0], "width": largest[1]}, "n_parameters": facts["n_parameters"],
+        "seconds": seconds, "warnings": [render(w) for w in warnings], "warning_templates": warnings,
+        "report": report, "report_line": report_line(report),
+    }
+    result["summary"] = summary(result)
+    return result
+
+
+def _probe(plan: Plan) -> float:
+    """Load the model, time batches for about PROBE_SECONDS (longest first: a cautious rate), extrapolate."""
+    request = plan.request
+    if request.batch_size == "auto":
+        request = request.model_copy(update={"batch_size": AUTO_GUESS})
+    loaded = load_model(request.model_spec)
+    ids, offsets = plan.tokens["input_ids"], plan.tokens["sample_offsets"]
+    done, started = 0, time.perf_counter()
+    for first, stop, _rows, _stats in forward_batches(loaded, ids, offsets, request, 0, plan.n_samples):
+        done += int(offsets[stop] - offsets[first])
+        if time.perf_counter() - started > PROBE_SECONDS:
+            break
+    elapsed = time.perf_counter() - started
+    return float(elapsed * offsets[-1] / max(1, done))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 5400:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+def summary(result: dict) -> str:
+    """One line: '≈ 12.4 GB on disk, 80.0 GB free · peak 9.1 GB of 80.0 GB · ~3 min'."""
+    parts = [f"≈ {human_bytes(result['bytes_on_disk'])} on disk"
+             + (f", {human_bytes(result['free_disk_bytes'])} free" if result["free_disk_bytes"] is not None else "")]
+    memory = result["device_memory_bytes"]
+    parts.append(f"peak {human_bytes(result['peak_device_bytes'])}"
+                 + (f" of {human_bytes(memory)}" if memory else ""))
+    if result["seconds"] is not None:
+        parts.append(_duration(result["seconds"]))
+    line = " · ".join(parts)
+    return line + (f" · {len(result['warnings'])} warning(s)" if result["warnings"] else "")

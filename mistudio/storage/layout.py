@@ -1,0 +1,182 @@
+"""The geometry of a store: which arrays, their chunk and shard rows, the key of each storage unit, and the exact
+bytes the store will take on disk. The allocator creates exactly this layout and the estimate counts it.
+
+A storage unit is the object one file holds: a chunk of an unsharded array (format version 1), or a shard of
+``shard_rows`` rows made of inner chunks (format version 2).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SHARD_MB = 32.0  # default shard size of activation arrays (Request.shard_mb); see benchmarks/RESULTS.md
+TOKEN_CHUNK_ROWS = 2**20  # rows per chunk of the 1-D token arrays
+CHECKSUM_BYTES = 4  # crc32c appended to every chunk (and to a shard's index)
+SHARD_INDEX_ENTRY = 16  # (offset, length) as two little-endian uint64 per inner chunk
+EMPTY = 2**64 - 1  # an inner chunk that was never written, in a shard index
+WRITE_CONFIG = {"write_empty_chunks": True}  # an all-zero chunk is still written: a missing one means damage
+PER_SAMPLE = ("sample_offsets", "sample_index", "activation_offsets")  # token arrays indexed by sample
+# the metadata files (compact JSON): the group's (about 3.4 KB, plus ~0.9 KB of statistics per hook point) and
+# each array's (about 0.36 KB, twice: its own file and its copy in the consolidated metadata)
+METADATA_BYTES, METADATA_PER_ARRAY, METADATA_PER_HOOK_POINT = 3400, 720, 900
+
+
+def chunk_rows(width: int, itemsize: int, chunk_mb: float) -> int:
+    """Rows per chunk so that a chunk holds about ``chunk_mb`` MB, a multiple of 64 rows."""
+    rows = int(chunk_mb * 2**20 / max(1, width * itemsize))
+    return max(64, rows // 64 * 64)
+
+
+def shard_rows(rows_per_chunk: int, row_bytes: int, shard_mb: float, n_rows: int) -> int | None:
+    """Rows per shard (a multiple of the chunk holding about ``shard_mb`` MB), or None for an unsharded array:
+    when ``shard_mb`` is 0, or when the array fits in one shard (a small store keeps one file per chunk)."""
+    if not shard_mb:
+        return None
+    per_shard = int(shard_mb * 2**20 // max(1, rows_per_chunk * row_bytes))
+    rows = per_shard * rows_per_chunk
+    return rows if per_shard > 1 and n_rows > rows else None
+
+
+def array_codecs(checksum: bool) -> dict:
+    """How every array's chunks are encoded (``create_array`` keywords): raw bytes, plus a crc32c checksum per
+    chunk unless ``checksum`` is False. The one place that chooses codecs."""
+    from zarr.codecs import Crc32cCodec
+
+    return {"compressors": [Crc32cCodec()] if checksum else None}
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """One array: its path in the store, shape, dtype, chunk rows, shard rows (None: unsharded), checksums."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_rows: int
+    shard_rows: int | None
+    checksum: bool
+
+    @property
+    def unit_rows(self) -> int:
+        return self.shard_rows or self.chunk_rows
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def chunk_bytes(self) -> int:
+        """One encoded chunk: its rows (the last one padded) and its crc32c."""
+        return self.chunk_rows * self.row_bytes + CHECKSUM_BYTES * self.checksum
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        name = self.path.rsplit("/", 1)[-1]
+        return ("token", "feature") if len(self.shape) == 2 else ("sample",) if name in PER_SAMPLE else ("token",)
+
+    @property
+    def bytes_on_disk(self) -> int:
+        """Bytes of the array's unit files once every row is written."""
+        n = self.shape[0]
+        if not n:
+            return 0
+        chunks = math.ceil(n / self.chunk_rows)
+        if self.shard_rows is None:
+            return chunks * self.chunk_bytes
+        per_shard = self.shard_rows // self.chunk_rows
+        index = per_shard * SHARD_INDEX_ENTRY + CHECKSUM_BYTES
+        return chunks * self.chunk_bytes + math.ceil(n / self.shard_rows) * index
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Every array of a store, and its format version (2 when any array is sharded)."""
+
+    arrays: tuple[ArrayLayout, ...]
+
+    @property
+    def format_version(self) -> int:
+        return 2 if any(a.shard_rows for a in self.arrays) else 1
+
+    @property
+    def data_bytes(self) -> int:
+        """The unit files' bytes, exactly."""
+        return sum(a.bytes_on_disk for a in self.arrays)
+
+    @property
+    def bytes_on_disk(self) -> int:
+        """The whole store: its unit files exactly, its metadata files from their typical sizes (within a few KB)."""
+        return self.data_bytes + METADATA_BYTES + (len(self.arrays) + 2) * METADATA_PER_ARRAY \
+            + len(self.activations) * METADATA_PER_HOOK_POINT
+
+    def array(self, path: str) -> ArrayLayout:
+        return next(a for a in self.arrays if a.path == path)
+
+    @property
+    def activations(self) -> list[ArrayLayout]:
+        return [a for a in self.arrays if a.path.startswith("activations/")]
+
+
+def plan_layout(n_tokens: int, n_samples: int, n_rows: int, hook_dims: dict[str, int], dtype: str,
+                chunk_mb: float, shard_mb: float, checksum: bool, *, roles: bool = False, positions: bool = False,
+                activation_offsets: bool = False) -> StoreLayout:
+    """The arrays ``ExtractionStore.allocate`` creates for ``n_tokens`` tokens of ``n_samples`` samples and
+    ``n_rows`` activation rows per hook point (``hook_dims``: width of each)."""
+    token_arrays = [("input_ids", n_tokens, "int32"), ("sample_offsets", n_samples + 1, "int64"),
+                    ("sample_index", n_samples, "int64"), ("special", n_tokens, "bool")]
+    if activation_offsets:
+        token_arrays.append(("activation_offsets", n_samples + 1, "int64"))
+    if roles:
+        token_arrays.append(("role", n_tokens, "int8"))
+    if positions:
+        token_arrays.append(("positions", n_tokens, "int32"))
+    arrays = [ArrayLayout(f"tokens/{name}", (n,), kind, max(1, min(n, TOKEN_CHUNK_ROWS)), None, checksum)
+              for name, n, kind in token_arrays]
+    itemsize = np.dtype(dtype).itemsize
+    widest = max(hook_dims.values())
+    rows = chunk_rows(widest, itemsize, chunk_mb)
+    per_shard = shard_rows(rows, widest * itemsize, shard_mb, n_rows)
+    arrays += [ArrayLayout(f"activations/{hp}", (n_rows, width), dtype, rows, per_shard, checksum)
+               for hp, width in hook_dims.items()]
+    return StoreLayout(tuple(arrays))
+
+
+# -- units of an existing Zarr array ----------------------------------------------------------------
+def storage_unit(arr: Any) -> tuple[int, ...]:
+    """The shape of one stored object: the shard when the array is sharded, else the chunk."""
+    return arr.shards or arr.chunks
+
+
+def unit_name(arr: Any) -> str:
+    return "chunk" if arr.shards is None else "shard"
+
+
+def unit_key(arr: Any, index: tuple[int, ...]) -> str:
+    """The store key of one storage unit (``activations/layers.1.residual/c/3/0``)."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key(index)}"
+
+
+def units(arr: Any, first_row: int, stop_row: int) -> list[tuple[int, ...]]:
+    """Indices of the storage units holding rows ``[first_row, stop_row)``, every unit along the other axes."""
+    unit = storage_unit(arr)
+    stop_row = min(stop_row, arr.shape[0])
+    if stop_row <= first_row:
+        return []
+    rows = range(first_row // unit[0], math.ceil(stop_row / unit[0]))
+    others = [range(math.ceil(s / u)) for s, u in zip(arr.shape[1:], unit[1:])]
+    return [(i, *rest) for i in rows for rest in itertools.product(*others)]
+
+
+def unit_rows(arr: Any, index: tuple[int, ...]) -> slice:
+    rows = storage_unit(arr)[0]
+    return slice(index[0] * rows, min((index[0] + 1) * rows, arr.shape[0]))
+
+
+def has_checksum(arr: Any) -> bool:
+    from zarr.codecs import Crc32cCodec
+
+    return any(isinstance(c, Crc32cCodec) for c in arr.compressors)

@@ -1,0 +1,134 @@
+"""Checked reads: a view of a stored array that never reads a missing or damaged storage unit as data.
+
+Zarr reads a missing chunk as the fill value, silently. Below a store's commit mark every storage unit must
+exist, so a checked read refuses to fill there, and every decode error (checksum, truncation, bad JSON) becomes a
+:class:`~mistudio.errors.StoreCorrupted` that names the store, the array, the chunk and the file. Row slices of a
+local store in the writer's own layout are decoded by :mod:`.codec` directly (one copy, crc32c checked).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from zarr.core.sync import sync
+
+from ..errors import StoreCorrupted
+from .codec import Damaged, Fallback, FastReader
+from .layout import unit_key, unit_name, unit_rows, units
+
+# errors a damaged chunk or metadata file raises while decoding (codecs, numpy, JSON); not IndexError
+DECODE_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError, EOFError)
+
+
+def damage(arr: Any, unit: tuple[int, ...], exc: BaseException) -> str:
+    """Why a unit cannot be decoded; in a shard, which inner chunks fail (each read alone), else its index."""
+    if arr.shards is None:
+        return f"the chunk cannot be decoded ({exc})"
+    rows, inner = unit_rows(arr, unit), arr.chunks[0]
+    bad = []
+    for start in range(rows.start, rows.stop, inner):
+        try:
+            arr[start:min(start + inner, rows.stop)]
+        except DECODE_ERRORS:
+            bad.append(start // inner)
+    if not bad or len(bad) == -(-(rows.stop - rows.start) // inner):
+        return f"the shard (its index, or every chunk in it) cannot be decoded ({exc})"
+    names = ", ".join(f"({i}, 0)" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    first = bad[0] * inner
+    return f"inner chunk(s) {names} of the shard (rows {first}-{first + inner}) cannot be decoded ({exc})"
+
+
+def missing_units(arr: Any, candidates: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The units among ``candidates`` whose object is absent (one concurrent existence query each)."""
+    store = arr.store_path.store
+
+    async def exists() -> list[bool]:
+        return await asyncio.gather(*(store.exists(unit_key(arr, u)) for u in candidates))
+
+    return [u for u, present in zip(candidates, sync(exists()) if candidates else []) if not present]
+
+
+class CheckedArray:
+    """A read-only view of one stored array that never reads a missing or damaged chunk as data.
+
+    Slicing (``a[i:j]``, ``a[i:j, f]``, ``a[:, f]``, ``a[rows]``) returns numpy arrays like Zarr does;
+    storage units below ``mark`` must exist, and decode errors become :class:`StoreCorrupted`.
+    Rows at or above ``mark`` (not yet committed) read as Zarr gives them. ``.zarr`` is the raw array.
+    Row slices below ``mark`` of a local store in the writer's own layout are read from the files directly
+    (:mod:`.codec`: one copy, crc32c checked), everything else through Zarr.
+    """
+
+    def __init__(self, arr: Any, location: str, mark: int):
+        self.zarr = arr
+        self.location = location
+        self.mark = int(mark)
+        self._fast = FastReader.open(arr)
+
+    def __repr__(self) -> str:
+        return f"<CheckedArray {self.zarr.path} shape={self.shape} dtype={self.dtype} chunks={self.chunks}>"
+
+    shape = property(lambda self: self.zarr.shape)
+    dtype = property(lambda self: self.zarr.dtype)
+    chunks = property(lambda self: self.zarr.chunks)
+    shards = property(lambda self: self.zarr.shards)
+    ndim = property(lambda self: self.zarr.ndim)
+    size = property(lambda self: self.zarr.size)
+    nbytes = property(lambda self: self.zarr.nbytes)
+    metadata = property(lambda self: self.zarr.metadata)
+    attrs = property(lambda self: self.zarr.attrs)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        values = self[...]
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+    def _row_span(self, key: Any) -> tuple[int, int]:
+        """Smallest ``[first, stop)`` row range a selection touches (over-covering is harmless)."""
+        first = key[0] if isinstance(key, tuple) and key else key
+        n = self.shape[0]
+        if first is Ellipsis or (isinstance(key, tuple) and not key):
+            return 0, n
+        if isinstance(first, slice):
+            rows = range(*first.indices(n))
+            return (min(rows[0], rows[-1]), max(rows[0], rows[-1]) + 1) if len(rows) else (0, 0)
+        if isinstance(first, (int, np.integer)):
+            row = int(first) + n if first < 0 else int(first)
+            return row, row + 1
+        idx = np.asarray(first)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        if not idx.size:
+            return 0, 0
+        idx = np.where(idx < 0, idx + n, idx)
+        return int(idx.min()), int(idx.max()) + 1
+
+    def _fail(self, unit: tuple[int, ...], what: str) -> StoreCorrupted:
+        return StoreCorrupted(self.location, what, self.zarr.path, unit, f"{self.location}/{unit_key(self.zarr, unit)}")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        first, stop = self._row_span(key)
+        if self._fast is not None and stop <= self.mark:
+            try:
+                return self._fast.read(key)
+            except Fallback:
+                pass
+            except Damaged as exc:
+                what = (f"the {unit_name(self.zarr)} is missing although rows below {self.mark} are committed"
+                        if exc.missing else exc.what)
+                raise self._fail(exc.unit, what) from None
+        missing = missing_units(self.zarr, units(self.zarr, first, min(stop, self.mark)))
+        if missing:
+            raise self._fail(missing[0], f"the {unit_name(self.zarr)} is missing although rows below {self.mark} "
+                                         "are committed")
+        try:
+            return self.zarr[key]
+        except DECODE_ERRORS as exc:
+            for unit in units(self.zarr, first, stop):  # find the unit that fails, to name it
+                try:
+                    self.zarr[unit_rows(self.zarr, unit)]
+                except DECODE_ERRORS as unit_exc:
+                    raise self._fail(unit, damage(self.zarr, unit, unit_exc)) from exc
+            raise  # no unit fails alone: not damage (e.g. a bad selection)

@@ -1,0 +1,105 @@
+"""Per hook point statistics accumulated as rows are committed: moments, per-token norm quantiles, outliers."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class HookStats:
+    """Accumulators of one hook point over committed rows: mean/std/max-abs/zero-fraction (exact), per-token L2
+    norm quantiles (from a fixed log-spaced histogram, mergeable, within about 5%), and outlier tokens: those
+    whose norm is over ``OUTLIER_FACTOR`` × the median norm of the rows committed up to their batch (a running
+    median), counted, with the first ``MAX_OUTLIERS`` as ``[activation row, norm]``."""
+
+    KEYS = ("count", "sum", "sum_sq", "max_abs", "zeros", "norm_hist", "n_outliers", "outliers")
+    NORM_EDGES = np.logspace(-3, 7, 10 * 24 + 1)  # 24 bins a decade, 1e-3 .. 1e7; under/overflow bins at the ends
+    QUANTILES = (0.5, 0.9, 0.99, 0.999)
+    OUTLIER_FACTOR = 100.0
+    MAX_OUTLIERS = 100  # the list is in the metadata, rewritten at every commit
+    _CANDIDATES = 256  # per batch: rows over 10x the batch's median norm, the largest first
+
+    @staticmethod
+    def empty() -> dict:
+        return {"count": 0, "sum": 0.0, "sum_sq": 0.0, "max_abs": 0.0, "zeros": 0,
+                "norm_hist": [0] * (len(HookStats.NORM_EDGES) + 1), "n_outliers": 0, "outliers": []}
+
+    @staticmethod
+    def of_tensor(values) -> dict:
+        """One batch's accumulators of ``values`` (rows, d), computed by torch where the values are; outlier
+        candidates are ``[row in the batch, norm]``, judged when the batch is merged."""
+        return HookStats.from_device(values.numel(), HookStats.device_sums(values).tolist(),
+                                     HookStats.device_norms(values).cpu().numpy())
+
+    @staticmethod
+    def device_norms(values):
+        """The L2 norm of each row of ``values`` (rows, d), as float32 where they are (no sync)."""
+        import torch
+
+        return torch.linalg.vector_norm(values.float().reshape(len(values), -1), dim=-1)
+
+    @staticmethod
+    def device_sums(values):
+        """(sum, sum of squares, max abs, zeros) of ``values`` as one float64 tensor where they are (no sync)."""
+        import torch
+
+        f = values.float().reshape(-1)
+        if not f.numel():
+            return torch.zeros(4, dtype=torch.float64, device=f.device)
+        return torch.stack([f.sum(dtype=torch.float64), torch.dot(f, f).double(), f.abs().max().double(),
+                            (f == 0).sum().double()])
+
+    @staticmethod
+    def from_device(count: int, sums: list[float], norms: np.ndarray) -> dict:
+        """The accumulators from ``count``, the values of :meth:`device_sums` and the row norms (on the host):
+        outlier candidates are ``[row in the batch, norm]``, judged when the batch is merged."""
+        norms = np.asarray(norms, dtype=np.float64)
+        if not count:
+            return HookStats.empty()
+        total, sum_sq, max_abs, zeros = sums
+        hist = np.bincount(np.searchsorted(HookStats.NORM_EDGES, norms, side="left"),
+                           minlength=len(HookStats.NORM_EDGES) + 1)
+        top = np.argsort(-norms, kind="stable")[:HookStats._CANDIDATES]
+        over = top[norms[top] > 10 * np.median(norms)]
+        return {"count": int(count), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros),
+                "norm_hist": hist.tolist(), "n_outliers": 0, "outliers": [],
+                "candidates": [[int(r), float(norms[r])] for r in over]}
+
+    @staticmethod
+    def merge(acc: dict, delta: dict, first_row: int = 0) -> None:
+        """Add ``delta`` (a batch whose first activation row is ``first_row``, or another accumulator) to ``acc``."""
+        for key in ("count", "sum", "sum_sq", "zeros", "n_outliers"):
+            acc[key] += delta.get(key, 0)
+        acc["max_abs"] = max(acc["max_abs"], delta["max_abs"])
+        hist = delta.get("norm_hist") or [0] * len(acc["norm_hist"])
+        acc["norm_hist"] = [a + b for a, b in zip(acc["norm_hist"], hist)]
+        found = list(delta.get("outliers", []))
+        if delta.get("candidates"):
+            limit = HookStats.OUTLIER_FACTOR * HookStats.quantile(acc["norm_hist"], 0.5)
+            found += sorted([first_row + r, n] for r, n in delta["candidates"] if n > limit)
+            acc["n_outliers"] += len(found) - len(delta.get("outliers", []))
+        acc["outliers"] = acc["outliers"] + found[: max(0, HookStats.MAX_OUTLIERS - len(acc["outliers"]))]
+
+    @staticmethod
+    def quantile(hist: list[int], q: float) -> float:
+        """The ``q`` quantile of the norms in ``hist``: the geometric middle of the bin it falls in."""
+        total = sum(hist)
+        if not total:
+            return 0.0
+        k = int(np.searchsorted(np.cumsum(hist), q * total))
+        edges = HookStats.NORM_EDGES
+        if k == 0:
+            return float(edges[0])
+        if k >= len(edges):
+            return float(edges[-1])
+        return float(math.sqrt(edges[k - 1] * edges[k]))
+
+    @staticmethod
+    def summary(acc: dict) -> dict:
+        n = acc["count"]
+        mean = acc["sum"] / n if n else 0.0
+        var = max(0.0, acc["sum_sq"] / n - mean * mean) if n else 0.0
+        median = HookStats.quantile(acc["norm_hist"], 0.5)
+        return {**acc, "mean": mean, "std": math.sqrt(var), "frac_zeros": acc["zeros"] / n if n else 0.0,
+                "norm_quantiles": {str(q): HookStats.quantile(acc["norm_hist"], q) for q in HookStats.QUANTILES},
+                "outlier_threshold": HookStats.OUTLIER_FACTOR * median}

@@ -1,0 +1,264 @@
+"""One self-describing Zarr store per extraction: its metadata (the only writer of it), its arrays, and the
+guard that keeps a job from writing a store that is not its own."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from typing import Any
+
+import numpy as np
+import pydantic
+import zarr
+
+from ..errors import InputError, StoreCorrupted, StoreLost
+from . import metadata
+from .files import fsync_dir, write_atomic
+from .layout import WRITE_CONFIG, StoreLayout, array_codecs
+from .metadata import ExtractionMeta
+from .reads import DECODE_ERRORS, CheckedArray
+
+
+class ExtractionStore:
+    """A Zarr group: ``attrs['mistudio']`` metadata, ``tokens/*`` and ``activations/<hook point>``.
+
+    The metadata is an :class:`~mistudio.metadata.ExtractionMeta`; ``update`` is its only writer. A store
+    that a job writes is *guarded*: every write first checks that the store on disk is still the one this
+    object opened (same nonce), so a deleted or replaced store fails the job instead of being recreated.
+    """
+
+    def __init__(self, location: str, group: zarr.Group, storage_options: dict | None = None,
+                 record: ExtractionMeta | None = None):
+        self.location = location
+        self.group = group
+        self.storage_options = storage_options
+        self._lock = threading.RLock()
+        self._record = record or metadata.parse(group.attrs.get("mistudio"))
+        self.guarded = False
+
+    @classmethod
+    def create(cls, location: str, meta: ExtractionMeta, storage_options: dict | None = None) -> "ExtractionStore":
+        """A new store holding only its metadata (arrays come with :meth:`allocate`).
+
+        It appears whole or not at all: a local store is built under a hidden temporary name and renamed
+        into place; a remote one is created with its attributes in one write. Nobody (a ``cleanup`` in
+        another process, say) ever sees a store folder without its metadata.
+        """
+        attrs = {"mistudio": meta.to_json()}
+        if "://" in location and not location.startswith("file://"):
+            with zarr.config.set({"json_indent": None}):
+                zarr.create_group(store=zarr.storage.FsspecStore.from_url(location, storage_options=storage_options),
+                                  zarr_format=3, attributes=attrs)
+        else:
+            path = location.removeprefix("file://")
+            parent, name = os.path.split(path)
+            tmp = os.path.join(parent, f".creating-{name}-{meta.nonce or metadata.new_nonce()}")
+            try:
+                with zarr.config.set({"json_indent": None}):
+                    zarr.create_group(store=tmp, zarr_format=3, attributes=attrs)
+                os.rename(tmp, path)
+                fsync_dir(parent)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return cls.open(location, storage_options, writable=True)
+
+    @classmethod
+    def open(cls, location: str, storage_options: dict | None = None, writable: bool = False) -> "ExtractionStore":
+        """Open an existing store; damaged group metadata raises :class:`StoreCorrupted` naming the file."""
+        file = f"{location.rstrip('/')}/zarr.json"
+        try:
+            group = zarr.open_group(store=location, mode="r+" if writable else "r", storage_options=storage_options,
+                                    use_consolidated=False)
+            meta = group.attrs.get("mistudio")
+        except FileNotFoundError:
+            raise
+        except DECODE_ERRORS as exc:
+            raise StoreCorrupted(location, f"its group metadata cannot be read ({type(exc).__name__}: {exc})",
+                                 file=file) from exc
+        if meta is None:
+            raise ValueError(f"{location} is a Zarr group but not a mistudio extraction (no 'mistudio' attributes)")
+        if not isinstance(meta, dict):
+            raise StoreCorrupted(location, "attrs['mistudio'] is not a mapping", file=file)
+        try:
+            record = metadata.parse(meta)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            raise StoreCorrupted(location, f"attrs['mistudio'] is not valid metadata ({problems})", file=file) from exc
+        return cls(location, group, storage_options, record)
+
+    @property
+    def name(self) -> str:
+        """The store's folder name without ``.zarr``: its id in the workspace it was found in."""
+        return self.location.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
+
+    # -- metadata -------------------------------------------------------------------------------
+    @property
+    def record(self) -> ExtractionMeta:
+        """The typed metadata as this object last wrote or read it (a copy)."""
+        with self._lock:
+            return self._record.model_copy(deep=True)
+
+    @property
+    def meta(self) -> dict:
+        """The metadata as a plain dict (JSON types), as this object last wrote or read it."""
+        with self._lock:
+            return self._record.to_json()
+
+    def _read_disk(self) -> ExtractionMeta:
+        group = zarr.open_group(store=self.location, mode="r", storage_options=self.storage_options,
+                                use_consolidated=False)
+        return metadata.parse(group.attrs.get("mistudio"))
+
+    def refresh(self) -> dict:
+        """Re-read the metadata from storage (another process may have written it)."""
+        record = self._read_disk()
+        with self._lock:
+            self._record = record
+            return record.to_json()
+
+    def check_same(self) -> None:
+        """Raise :class:`StoreLost` if the store on disk is gone or is not the one this object opened."""
+        try:
+            nonce = self._read_disk().nonce
+        except (FileNotFoundError, KeyError, ValueError, TypeError, zarr.errors.GroupNotFoundError) as exc:
+            why = exc or type(exc).__name__
+            raise StoreLost(f"the store {self.location} was deleted or damaged while its job ran ({why}); "
+                            "what it held is gone: retry the extraction") from exc
+        if nonce != self._record.nonce:
+            raise StoreLost(f"the store {self.location} was replaced by another store while its job ran: "
+                            "this job stopped without touching it; retry the extraction")
+
+    @property
+    def local(self) -> bool:
+        return "://" not in self.location or self.location.startswith("file://")
+
+    def update(self, durable: bool = True, **sections: Any) -> dict:
+        """Replace top-level metadata sections (``progress=...``) and write them; dict sections merge.
+
+        Locally the group's ``zarr.json`` is replaced whole (compact JSON, a temporary file renamed over it) and,
+        with ``durable``, flushed to the disk first: a crash or a power cut leaves the old metadata or the new."""
+        with self._lock:
+            if self.guarded:
+                self.check_same()
+            record = metadata.merged(self._record, sections)
+            if self.local:
+                file = os.path.join(self.location.removeprefix("file://"), "zarr.json")
+                with open(file, "rb") as f:
+                    group = json.loads(f.read())
+                group["attributes"] = {**group.get("attributes", {}), "mistudio": record.to_json()}
+                write_atomic(file, json.dumps(group, separators=(",", ":"), allow_nan=True).encode(), durable)
+            else:
+                with zarr.config.set({"json_indent": None}):
+                    self.group.attrs.update({"mistudio": record.to_json()})
+            self._record = record
+            return record.to_json()
+
+    # -- arrays ---------------------------------------------------------------------------------
+    @property
+    def is_allocated(self) -> bool:
+        return "tokens" in self.group and "sample_offsets" in self.group["tokens"]
+
+    def allocate(self, tokens: dict[str, np.ndarray], layout: StoreLayout, storage: dict[str, Any]) -> None:
+        """Create every array of ``layout`` and write the token arrays (``tokens``: name -> values in stored
+        order, as :mod:`mistudio.plan` made them); record the layout in the metadata (``storage``: what the
+        plan says of it: window, stride, role codes, exclude_special)."""
+        groups = {"tokens": self.group.require_group("tokens"), "activations": self.group.require_group("activations")}
+        with zarr.config.set({"json_indent": None}):  # compact metadata files
+            for spec in layout.arrays:
+                kind, name = spec.path.split("/", 1)
+                shards = (spec.shard_rows, *spec.shape[1:]) if spec.shard_rows else None
+                arr = groups[kind].create_array(name, shape=spec.shape, dtype=spec.dtype,
+                                                chunks=(spec.chunk_rows, *spec.shape[1:]), shards=shards,
+                                                dimension_names=spec.dims, config=WRITE_CONFIG,
+                                                fill_value=0 if kind == "activations" else None, overwrite=True,
+                                                **array_codecs(spec.checksum))
+                if kind == "tokens":
+                    data = np.asarray(tokens[name])
+                    if data.shape != spec.shape:
+                        raise ValueError(f"token array {name} has shape {data.shape}, the layout says {spec.shape}")
+                    arr[:] = data.astype(spec.dtype, copy=False)
+        first = layout.activations[0]
+        offsets = np.asarray(tokens["sample_offsets"])
+        self.update(format_version=layout.format_version,
+                    progress={"samples_total": len(offsets) - 1, "tokens_total": first.shape[0],
+                              "samples_committed": 0, "tokens_committed": 0, "chunk_rows": first.chunk_rows},
+                    hook_points=[a.path.split("/", 1)[1] for a in layout.activations],
+                    storage={"checksum": first.checksum, "n_input_tokens": int(offsets[-1]),
+                             "shard_rows": first.shard_rows, **storage})
+
+    def array(self, path: str) -> zarr.Array:
+        """The raw Zarr array at ``path`` (``tokens/input_ids``), set up for writing; a missing array or
+        damaged ``zarr.json`` raises :class:`StoreCorrupted` naming the file."""
+        file = f"{self.location.rstrip('/')}/{path}/zarr.json"
+        try:
+            return self.group[path].with_config(WRITE_CONFIG)
+        except (KeyError, FileNotFoundError) as exc:
+            raise StoreCorrupted(self.location, "the array is missing", path, file=file) from exc
+        except DECODE_ERRORS as exc:
+            raise StoreCorrupted(self.location, f"its metadata cannot be read ({type(exc).__name__}: {exc})", path,
+                                 file=file) from exc
+
+    def tokens(self, name: str) -> CheckedArray:
+        """A checked read-only view of ``tokens/<name>`` (written in full at allocation)."""
+        arr = self.array(f"tokens/{name}")
+        return CheckedArray(arr, self.location, arr.shape[0])
+
+    def input_ids(self) -> np.ndarray:
+        return self.tokens("input_ids")[:]
+
+    def sample_offsets(self) -> np.ndarray:
+        return self.tokens("sample_offsets")[:]
+
+    def sample_index(self) -> np.ndarray:
+        return self.tokens("sample_index")[:]
+
+    def activation_offsets(self) -> np.ndarray:
+        """Activation-row range of each stored sample (``tokens/activation_offsets``; stores from before it
+        have a row per token, so their sample offsets)."""
+        if "activation_offsets" in self.group["tokens"]:
+            return self.tokens("activation_offsets")[:]
+        return self.sample_offsets()
+
+    def activations(self, hook_point: str) -> zarr.Array:
+        """The raw (writable, unchecked) Zarr array of one hook point; readers use ``Extraction.activations``."""
+        return self.array(f"activations/{hook_point}")
+
+    def bytes_to_write(self) -> int | None:
+        """Bytes the activation arrays still need above the commit mark (None before allocation)."""
+        record = self.record  # from memory: the store may be gone (this feeds the failure's message)
+        if record.progress.tokens_total is None or not record.model.hidden_size:
+            return None
+        left = record.progress.tokens_total - record.progress.tokens_committed
+        itemsize = np.dtype(record.params.dtype or "float16").itemsize
+        return left * record.model.hidden_size * itemsize * len(record.hook_points)
+
+    def destroy(self) -> None:
+        """Remove this store (see :meth:`remove`)."""
+        self.remove(self.location, self.storage_options)
+
+    @staticmethod
+    def remove(location: str, storage_options: dict | None = None) -> None:
+        """Remove a whole store. Locally it is first renamed to a hidden name, so it vanishes from every listing
+        at once and a job still writing it notices."""
+        if "://" in location and not location.startswith("file://"):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
+            fs.rm(path, recursive=True)
+            return
+        path = location.removeprefix("file://")
+        trash = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}-{metadata.new_nonce()}")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def consolidate(self) -> None:
+        """Write consolidated metadata once, at the end, for fast `xarray.open_zarr`."""
+        import warnings
+
+        with warnings.catch_warnings(), zarr.config.set({"json_indent": None}):
+            warnings.simplefilter("ignore", UserWarning)  # consolidation is not in the v3 spec; xarray reads it
+            zarr.consolidate_metadata(self.group.store)
+
+
