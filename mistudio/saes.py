@@ -204,7 +204,8 @@ class SAE(nn.Module):
         self.hook_name = hook_name
         derived, self._hook_error = _hook_point_or_error(hook_name)
         if hook_point is not None and not _MISTUDIO_NAME.fullmatch(str(hook_point)):
-            raise InputError(f"hook_point={hook_point!r} is not a mistudio hook point: use layers.N.residual|mlp|attention")
+            raise InputError(f"hook_point={hook_point!r} is not a mistudio hook point: use "
+                             "layers.N.residual|mlp|attention")
         self.hook_point = hook_point if hook_point is not None else derived
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.path: Path | None = None
@@ -552,7 +553,8 @@ def _load_saelens(folder: Path, scaling_factor: float | None) -> SAE:
     sae = SAE(architecture, d_in, d_sae, k=int(k) if architecture == "topk" else None,
               apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), normalize_activations=normalize,
               hook_name=hook_name, metadata=metadata,
-              reshape_activations=cfg.get("reshape_activations") or ("hook_z" if "hook_z" in str(hook_name) else "none"))
+              reshape_activations=cfg.get("reshape_activations")
+              or ("hook_z" if "hook_z" in str(hook_name) else "none"))
     if head is not None or sae.reshape_activations != "none":
         sae.hook_point = None  # one attention head, or the heads' z: no mistudio hook point holds that
     with torch.no_grad():

@@ -169,10 +169,12 @@ def test_legacy_weight_names_are_folded(tmp_path):
     g = torch.Generator().manual_seed(16)
     w = {"W_enc": torch.randn(D_IN, D_SAE, generator=g) * 0.3, "W_dec": torch.randn(D_SAE, D_IN, generator=g) * 0.3,
          "b_enc": torch.randn(D_SAE, generator=g) * 0.1, "b_dec": torch.randn(D_IN, generator=g) * 0.1,
-         "log_threshold": torch.randn(D_SAE, generator=g) * 0.3 - 1, "scaling_factor": torch.rand(D_SAE, generator=g) + 0.5}
+         "log_threshold": torch.randn(D_SAE, generator=g) * 0.3 - 1,
+         "scaling_factor": torch.rand(D_SAE, generator=g) + 0.5}
     save_file(w, tmp_path / "sae_weights.safetensors")
     (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE,
-                                                   "finetuning_scaling_factor": True, "hook_name": "blocks.0.hook_resid_post"}))
+                                                   "finetuning_scaling_factor": True,
+                                                   "hook_name": "blocks.0.hook_resid_post"}))
     sae = load_sae(tmp_path)
     x = inputs(seed=17)
     pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
@@ -234,7 +236,8 @@ def test_encode_sparse_csr(sl, tmp_path, architecture):
 def write_sparsify(folder, seed: int = 0, k: int = K, skip: bool = False, activation: str = "topk", **extra):
     """A sparsify SparseCoder folder as save_to_disk writes it: cfg.json (config + d_in) and sae.safetensors."""
     g = torch.Generator().manual_seed(seed)
-    w = {"encoder.weight": torch.randn(D_SAE, D_IN, generator=g) * 0.3, "encoder.bias": torch.randn(D_SAE, generator=g) * 0.1,
+    w = {"encoder.weight": torch.randn(D_SAE, D_IN, generator=g) * 0.3,
+         "encoder.bias": torch.randn(D_SAE, generator=g) * 0.1,
          "W_dec": torch.randn(D_SAE, D_IN, generator=g) * 0.3, "b_dec": torch.randn(D_IN, generator=g) * 0.2}
     if skip:
         w["W_skip"] = torch.randn(D_IN, D_IN, generator=g) * 0.1
@@ -402,7 +405,8 @@ def test_other_load_errors(tmp_path):
     write_saelens(tmp_path / "plain", {"architecture": "standard"})
     with pytest.raises(InputError, match="scaling_factor=2.0 applies to SAEs with normalize_activations"):
         load_sae(tmp_path / "plain", scaling_factor=2.0)
-    write_saelens(tmp_path / "scaled", {"architecture": "standard", "normalize_activations": "expected_average_only_in"})
+    write_saelens(tmp_path / "scaled", {"architecture": "standard",
+                                        "normalize_activations": "expected_average_only_in"})
     with pytest.raises(InputError, match="scaling_factor=-1 must be a positive number"):
         load_sae(tmp_path / "scaled", scaling_factor=-1)
     (tmp_path / "bad_json").mkdir()
