@@ -642,6 +642,11 @@ def _causal_lm(model, device: torch.device) -> torch.nn.Module:
     return lm.to(device).eval()
 
 
+def _hidden(output) -> Tensor:
+    """The hidden-state tensor of a sub-module's output (blocks and attention return tuples)."""
+    return output if isinstance(output, Tensor) else output[0]
+
+
 def _replace_output(output, new: Tensor):
     if isinstance(output, Tensor):
         return new
@@ -654,7 +659,6 @@ def _replace_output(output, new: Tensor):
 
 
 def _spliced_losses(sae: SAE, ext: "Extraction", hook_point: str, model, n_samples: int) -> dict:
-    from .engine import _output_tensor
     from .models import find_blocks, max_positions_of, n_layers_of
 
     lm = _causal_lm(model, sae.device)
@@ -676,7 +680,7 @@ def _spliced_losses(sae: SAE, ext: "Extraction", hook_point: str, model, n_sampl
     def hook(_module, _inputs, output):
         if mode["now"] == "clean":
             return None
-        hidden = _output_tensor(output)
+        hidden = _hidden(output)
         new = torch.zeros_like(hidden) if mode["now"] == "zero" else sae(hidden).to(hidden.dtype)
         return _replace_output(output, new)
 

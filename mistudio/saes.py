@@ -169,6 +169,8 @@ class SAE(nn.Module):
 
     ``hook_name`` is the name the SAE was trained on (TransformerLens's for SAELens, the module name for
     sparsify), ``hook_point`` mistudio's equivalent (None when there is none; set it when you know it).
+    An SAE on attention heads' ``hook_z`` (``reshape_activations="hook_z"``) takes the heads flattened,
+    ``(..., n_heads * d_head)``, and gives its reconstruction flattened too.
     """
 
     def __init__(self, architecture: str, d_in: int, d_sae: int, *, k: int | None = None, activation: str = "topk",
@@ -374,6 +376,7 @@ class SAE(nn.Module):
     def saelens_config(self) -> dict[str, Any]:
         """The ``cfg.json`` SAELens 6 writes for this SAE."""
         metadata = {**self.metadata, "hook_name": self.hook_name}
+        metadata.pop("hook_point", None)
         for key in ("sae_lens_version", "sae_lens_training_version"):  # SAELens reads < 6 as its old layout
             major = re.match(r"\s*(\d+)", str(metadata.get(key) or ""))
             if major is None or int(major[1]) < 6:
@@ -437,6 +440,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     is for an SAE trained on inputs scaled by SAELens's ``expected_average_only_in`` whose factor is not saved
     with it (SAELens's pretrained list calls it ``norm_scaling_factor``): it is folded into the weights.
     """
+    target = _torch_dtype(dtype) if dtype is not None else None
     folder = Path(path).expanduser()
     if not folder.exists():
         raise InputError(f"SAE path {str(path)!r} does not exist: give the folder that holds cfg.json and "
@@ -461,8 +465,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
         found = ", ".join(sorted(names)[:12]) + (" ..." if len(names) > 12 else "") if names else "nothing"
         raise InputError(f"{folder} is not an SAE folder (found: {found}): expected cfg.json with "
                          f"{SAELENS_WEIGHTS} (SAELens) or with {SPARSIFY_WEIGHTS} (EleutherAI sparsify)")
-    target = _torch_dtype(dtype) if dtype is not None else sae.dtype
-    return sae.to(device=torch.device(device), dtype=target)
+    return sae.to(device=torch.device(device), dtype=target or sae.dtype)
 
 
 def _load_saelens(folder: Path, scaling_factor: float | None) -> SAE:
@@ -550,9 +553,11 @@ def _load_saelens(folder: Path, scaling_factor: float | None) -> SAE:
     if folded:
         metadata["mistudio_folded"] = folded
     head = metadata.get("hook_head_index")
+    own = metadata.get("hook_point")  # written by SAE.save: mistudio's hook point, also for unknown hook names
     sae = SAE(architecture, d_in, d_sae, k=int(k) if architecture == "topk" else None,
               apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), normalize_activations=normalize,
               hook_name=hook_name, metadata=metadata,
+              hook_point=own if isinstance(own, str) and _MISTUDIO_NAME.fullmatch(own) else None,
               reshape_activations=cfg.get("reshape_activations")
               or ("hook_z" if "hook_z" in str(hook_name) else "none"))
     if head is not None or sae.reshape_activations != "none":

@@ -354,6 +354,9 @@ def test_check_applies(tmp_path):
         check_applies(embeddings, "layers.0.residual", D_IN)
     embeddings.hook_point = "layers.0.residual"  # the caller knows better: allowed
     check_applies(embeddings, "layers.0.residual", D_IN)
+    unknown.hook_point = "layers.2.residual"  # and save() keeps what the caller said
+    unknown.save(tmp_path / "unknown")
+    assert load_sae(tmp_path / "unknown").hook_point == "layers.2.residual"
 
 
 # -- errors -------------------------------------------------------------------------------------------
