@@ -1,0 +1,707 @@
+"""Train a sparse autoencoder on an extraction's stored activations, resumably; evaluate one.
+
+The recipe is SAELens 6's, in plain torch (``sae_lens/training/sae_trainer.py`` and the training SAE
+classes): Adam, gradient norm clipped to 1, a linear learning-rate warm-up and a linear decay to 0 at the
+end, a linear warm-up of the sparsity coefficient; decoder rows initialised at norm 0.1 with the encoder
+their transpose; top-k with ``rescale_acts_by_decoder_norm`` and the AuxK loss on dead latents; ReLU with
+an L1 penalty weighted by the decoder norms; JumpReLU with the straight-through estimator (rectangle kernel
+of width ``jumprelu_bandwidth``) and an L0 penalty. Two choices from older recipes: ``b_dec`` starts at the
+data mean (``b_dec_init="mean"``, as sparsify does), and the inputs are scaled so that their mean norm is
+``sqrt(d_in)`` (SAELens's ``expected_average_only_in``), the factor folded into the saved weights at the end.
+
+``train_sae`` reads batches from the extraction's shuffled loader; its checkpoint (``out_dir/checkpoint/state.pt``,
+replaced atomically) holds the weights, the optimizer, the loader's position inside its epoch, the dead-latent
+counters, the RNG states and the metric history, so that a second call with the same ``out_dir`` continues
+exactly where the first stopped (bit for bit on the CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import InputError
+from .saes import SAE, check_applies, load_sae, tl_hook_name
+
+if TYPE_CHECKING:
+    from .extraction import Extraction
+    from .models import LoadedModel
+
+TRAIN_ARCHITECTURES = ("topk", "standard", "jumprelu")
+CHECKPOINT_DIR, CHECKPOINT_FILE, SAE_DIR = "checkpoint", "state.pt", "sae"
+CHECKPOINT_FORMAT = 1
+# fields that may change between a run and its resumption: they do not change what is computed
+RUNTIME_FIELDS = ("checkpoint_every_steps", "progress_every_steps", "device")
+_NORMALIZE = ("expected_average_only_in", "none")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+        and math.isfinite(float(v))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train an SAE. Every bad value raises InputError naming the field.
+
+    Size: ``d_sae``, or ``expansion_factor`` x the hook point's width (default 8). Length: ``n_tokens``,
+    or ``epochs`` over the stored tokens (default 1). ``architecture``: ``"topk"`` (``k``, ``aux_loss_coefficient``),
+    ``"standard"`` = ReLU (alias ``"relu"``; ``l1_coefficient``, ``l1_warm_up_steps``) or ``"jumprelu"``
+    (``l0_coefficient``, ``l0_warm_up_steps``, ``jumprelu_bandwidth``, ``jumprelu_init_threshold``).
+    A latent is dead when it has not fired in the last ``dead_window_tokens`` tokens.
+    """
+
+    architecture: str = "topk"
+    d_sae: int | None = None
+    expansion_factor: int | None = None
+    k: int = 32
+    l1_coefficient: float = 5.0
+    l1_warm_up_steps: int = 0
+    l0_coefficient: float = 1.0
+    l0_warm_up_steps: int = 0
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.01
+    aux_loss_coefficient: float = 1.0
+    rescale_acts_by_decoder_norm: bool = True
+    decoder_init_norm: float | None = 0.1
+    normalize_activations: str = "expected_average_only_in"
+    b_dec_init: str = "mean"
+    lr: float = 3e-4
+    lr_warm_up_steps: int = 0
+    lr_decay_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    batch_size: int = 4096
+    n_tokens: int | None = None
+    epochs: float | None = None
+    exclude_special: bool = True
+    seed: int = 0
+    dead_window_tokens: int = 1_000_000
+    norm_estimate_tokens: int = 65_536
+    checkpoint_every_steps: int = 1000
+    progress_every_steps: int = 10
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> InputError:
+            return InputError(f"TrainConfig.{name}={getattr(self, name)!r} {why}")
+
+        arch = "standard" if self.architecture == "relu" else self.architecture
+        if arch not in TRAIN_ARCHITECTURES:
+            raise bad("architecture", f"is not one of {TRAIN_ARCHITECTURES} (or 'relu' for 'standard')")
+        object.__setattr__(self, "architecture", arch)
+        positive_ints = ["k", "batch_size", "dead_window_tokens", "norm_estimate_tokens", "progress_every_steps"]
+        for name in positive_ints + ["d_sae", "expansion_factor", "n_tokens"]:
+            value = getattr(self, name)
+            if value is None and name not in positive_ints:
+                continue
+            if not _is_int(value) or value < 1:
+                raise bad(name, "must be a positive whole number")
+            object.__setattr__(self, name, int(value))
+        for name in ("l1_warm_up_steps", "l0_warm_up_steps", "lr_warm_up_steps", "lr_decay_steps", "seed",
+                     "checkpoint_every_steps"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "must be a whole number >= 0")
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("lr", "jumprelu_bandwidth", "max_grad_norm"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise bad(name, "must be a positive number")
+        for name in ("l1_coefficient", "l0_coefficient", "aux_loss_coefficient", "jumprelu_init_threshold"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "must be a number >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                raise bad(name, "must be in [0, 1)")
+        norm = self.decoder_init_norm
+        if norm is not None and (not _is_number(norm) or norm <= 0):
+            raise bad("decoder_init_norm", "must be a positive number, or None to keep kaiming's")
+        if self.epochs is not None and (not _is_number(self.epochs) or self.epochs <= 0):
+            raise bad("epochs", "must be a positive number")
+        if self.n_tokens is not None and self.epochs is not None:
+            raise InputError(f"TrainConfig: give n_tokens={self.n_tokens} or epochs={self.epochs}, not both")
+        if self.d_sae is not None and self.expansion_factor is not None:
+            raise InputError(f"TrainConfig: give d_sae={self.d_sae} or expansion_factor={self.expansion_factor}, "
+                             "not both")
+        for name in ("rescale_acts_by_decoder_norm", "exclude_special"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")
+        if self.normalize_activations not in _NORMALIZE:
+            raise bad("normalize_activations", f"is not one of {_NORMALIZE}")
+        if self.b_dec_init not in ("mean", "zeros"):
+            raise bad("b_dec_init", "is not 'mean' or 'zeros'")
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise bad("device", "must name a torch device: 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'")
+        try:
+            _device(self.device)
+        except (RuntimeError, ValueError) as exc:
+            raise bad("device", f"is not a usable torch device ({exc})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def trajectory(self) -> dict[str, Any]:
+        """The fields that decide what is computed (a resumed run must have the same)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+@dataclass
+class TrainResult:
+    """What ``train_sae`` made: the SAE (as saved, folded, eval mode) and how it got there."""
+
+    sae: SAE
+    path: Path
+    steps: int
+    tokens: int
+    history: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    resumed_from_step: int | None = None
+    elapsed_s: float = 0.0
+    scaling_factor: float | None = None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available here")
+    return device
+
+
+# -- JumpReLU's straight-through estimators (SAELens's Step and JumpReLU, ste_to_input=False) ----------------
+def _rectangle(x: Tensor) -> Tensor:
+    return ((x > -0.5) & (x < 0.5)).to(x)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return x * (x > threshold).to(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        ste = (threshold / bw) * _rectangle((x - threshold) / bw) * grad
+        return (x > threshold).to(x) * grad, torch.sum(-ste, dim=0), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return (x > threshold).to(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        ste = (1.0 / bw) * _rectangle((x - threshold) / bw) * grad
+        return None, torch.sum(-ste, dim=0), None
+
+
+# -- schedules ------------------------------------------------------------------------------------------
+def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+    """SAELens's constant schedule: linear warm-up over the first steps, linear decay to 0 over the last."""
+    factor = 1.0
+    if step < config.lr_warm_up_steps:
+        factor = (step + 1) / config.lr_warm_up_steps
+    decay_from = total_steps - config.lr_decay_steps
+    if config.lr_decay_steps and step >= decay_from:
+        factor = min(factor, 1.0 - (step - decay_from) / config.lr_decay_steps)
+    return config.lr * factor
+
+
+def coefficient_at(step: int, final: float, warm_up_steps: int) -> float:
+    """SAELens's CoefficientScheduler as the training loop reads it: 0 at step 0, ``final`` after the warm-up."""
+    return final * min(step / warm_up_steps, 1.0) if warm_up_steps else final
+
+
+# -- the training forward pass --------------------------------------------------------------------------
+@dataclass
+class _StepOut:
+    loss: Tensor
+    mse_loss: Tensor
+    sparsity_loss: Tensor
+    acts: Tensor
+    out: Tensor
+
+
+def _train_forward(sae: SAE, x: Tensor, config: TrainConfig, coefficient: float, dead: Tensor | None) -> _StepOut:
+    """One training forward pass of SAELens's training SAE of the same architecture (inputs already scaled)."""
+    sae_in = x - sae.b_dec
+    pre = sae_in @ sae.W_enc + sae.b_enc
+    W_dec = sae.W_dec
+    if config.architecture == "topk":
+        norms = W_dec.norm(dim=-1) if config.rescale_acts_by_decoder_norm else None
+        if norms is not None:
+            pre = pre * norms
+        values, indices = torch.topk(pre, config.k, dim=-1, sorted=False)
+        acts = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        out = (acts / norms if norms is not None else acts) @ W_dec + sae.b_dec
+    elif config.architecture == "standard":
+        acts = F.relu(pre)
+        out = acts @ W_dec + sae.b_dec
+    else:
+        acts = _JumpReLU.apply(pre, sae.threshold, config.jumprelu_bandwidth)
+        out = acts @ W_dec + sae.b_dec
+    mse_loss = (out - x).pow(2).sum(dim=-1).mean()
+    if config.architecture == "standard":
+        sparsity = coefficient * (acts * W_dec.norm(dim=1)).norm(p=1, dim=-1).mean()
+    elif config.architecture == "jumprelu":
+        sparsity = coefficient * _Step.apply(pre, sae.threshold, config.jumprelu_bandwidth).sum(dim=-1).mean()
+    else:
+        sparsity = _auxk_loss(sae, x, out, pre, dead, config)
+    return _StepOut(mse_loss + sparsity, mse_loss, sparsity, acts, out)
+
+
+def _auxk_loss(sae: SAE, x: Tensor, out: Tensor, pre: Tensor, dead: Tensor | None, config: TrainConfig) -> Tensor:
+    """SAELens's (and Gao et al.'s) AuxK: the top dead latents reconstruct what the live ones missed."""
+    n_dead = int(dead.sum()) if dead is not None else 0
+    if n_dead == 0 or config.aux_loss_coefficient == 0:
+        return out.new_tensor(0.0)
+    residual = (x - out).detach()
+    k_aux = x.shape[-1] // 2
+    scale = min(n_dead / k_aux, 1.0)
+    k_aux = min(k_aux, n_dead)
+    top = torch.where(dead[None], pre, -torch.inf).topk(k_aux, sorted=False)
+    aux_acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    if config.rescale_acts_by_decoder_norm:
+        aux_acts = aux_acts / sae.W_dec.norm(dim=-1)
+    recons = aux_acts @ sae.W_dec
+    return config.aux_loss_coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
+
+
+# -- data helpers ---------------------------------------------------------------------------------------
+def _blocks(total: int, n: int, pieces: int = 16) -> list[tuple[int, int]]:
+    """``pieces`` evenly spaced row ranges of ``[0, total)`` holding ``min(n, total)`` rows together."""
+    if n >= total:
+        return [(0, total)] if total else []
+    per = max(1, n // pieces)
+    starts = np.linspace(0, total - per, num=min(pieces, max(1, n // per)), dtype=np.int64)
+    return [(int(a), int(a) + per) for a in starts]
+
+
+def _sample_rows(loader, n: int, device: torch.device) -> Tensor:
+    """Up to ``n`` rows read from evenly spaced places of the store (specials dropped as the loader drops them)."""
+    parts = [loader.read(0, a, b)[1][loader.hook_points[0]] for a, b in _blocks(loader.limits[0], n)]
+    rows = np.concatenate(parts) if parts else np.zeros((0, loader.widths[loader.hook_points[0]]), np.float32)
+    return torch.from_numpy(rows.astype(np.float32)).to(device)
+
+
+def _kept_rows(ext: "Extraction", exclude_special: bool) -> int:
+    """Rows an epoch of the loader yields (committed rows, less special tokens when they are dropped)."""
+    committed = ext.committed_tokens()
+    tokens = ext.store.group["tokens"]
+    if not exclude_special or "activation_offsets" in tokens:
+        return committed
+    if "special" in tokens:
+        return committed - int(np.count_nonzero(ext.store.tokens("special")[:committed]))
+    ids = ext.store.tokens("input_ids")[:committed]
+    return committed - int(np.isin(ids, np.array(sorted(ext.tokenizer.all_special_ids))).sum())
+
+
+# -- checkpoint -----------------------------------------------------------------------------------------
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy arrays inside
+    except Exception as exc:  # noqa: BLE001 - a damaged file, whatever torch raises
+        raise InputError(f"the checkpoint {path} cannot be read ({type(exc).__name__}: {exc}): delete the folder "
+                         f"{path.parent} to start over") from None
+
+
+def _describe_mismatch(saved: dict, now: dict) -> str:
+    return ", ".join(f"{k}={saved.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+                     if saved.get(k) != now.get(k))
+
+
+# -- training -------------------------------------------------------------------------------------------
+def _init_sae(config: TrainConfig, d_in: int, d_sae: int, hook_point: str, device: torch.device) -> SAE:
+    """SAELens's TrainingSAE initialisation, seeded: kaiming-uniform decoder rows scaled to decoder_init_norm,
+    encoder = decoder transpose, zero biases, JumpReLU thresholds at jumprelu_init_threshold."""
+    sae = SAE(config.architecture, d_in, d_sae, k=config.k if config.architecture == "topk" else None,
+              hook_name=tl_hook_name(hook_point), hook_point=hook_point, device=device)
+    g = torch.Generator().manual_seed(config.seed)
+    w_dec = torch.nn.init.kaiming_uniform_(torch.empty(d_sae, d_in), generator=g)
+    if config.decoder_init_norm is not None:
+        w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True) * config.decoder_init_norm
+    with torch.no_grad():
+        sae.W_dec.copy_(w_dec)
+        sae.W_enc.copy_(w_dec.T)
+        if config.architecture == "jumprelu":
+            sae.threshold.fill_(config.jumprelu_init_threshold)
+    return sae
+
+
+def _final_sae(trained: SAE, config: TrainConfig, scale: float | None, metadata: dict) -> SAE:
+    """The inference SAE: decoder norms folded (top-k rescaling), input scaling folded, on the CPU side of nothing."""
+    sae = SAE(trained.architecture, trained.d_in, trained.d_sae, k=trained.k, hook_name=trained.hook_name,
+              hook_point=trained.hook_point, metadata=metadata, device=trained.device)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            getattr(sae, name).copy_(p)
+        if config.architecture == "topk" and config.rescale_acts_by_decoder_norm:
+            norms = sae.W_dec.norm(dim=-1)
+            sae.W_enc.mul_(norms)
+            sae.b_enc.mul_(norms)
+            sae.W_dec.div_(norms[:, None])
+        if scale is not None:
+            sae.W_enc.mul_(scale)
+            sae.W_dec.div_(scale)
+            sae.b_dec.div_(scale)
+    return sae
+
+
+def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = None, out_dir: str | os.PathLike = ".",
+              check: Callable[[], None] | None = None, progress: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train an SAE on ``ext``'s activations at ``hook_point``; resume from ``out_dir/checkpoint`` if there.
+
+    ``check()`` runs before every step and may raise (cancel, timeout): the trainer writes a checkpoint of
+    the last finished step first, then lets the exception through. ``progress(dict)`` gets live figures every
+    ``progress_every_steps`` steps and at the end: step, total_steps, tokens, total_tokens, epoch, loss, mse
+    (per element, in the activations' units), l0, explained_variance, dead_fraction, coefficient, lr,
+    tokens_per_s, eta_s, elapsed_s. The final SAE is saved in SAELens's format in ``out_dir/sae``, with
+    ``hook_name`` the TransformerLens name of the hook point and ``metadata.hook_point`` mistudio's.
+    A finished ``out_dir`` returns its result without training again.
+    """
+    config = config if config is not None else TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise InputError(f"config must be a TrainConfig, got {type(config).__name__}: TrainConfig(architecture=...)")
+    tl_hook_name(hook_point)
+    width = int(ext.activations(hook_point).shape[1])
+    d_sae = config.d_sae or width * (config.expansion_factor or 8)
+    if config.architecture == "topk" and config.k > d_sae:
+        raise InputError(f"TrainConfig.k={config.k} is larger than d_sae={d_sae}: use k <= d_sae")
+    device = _device(config.device)
+    out = Path(out_dir).expanduser()
+    state_path = out / CHECKPOINT_DIR / CHECKPOINT_FILE
+    kept = _kept_rows(ext, config.exclude_special)
+    if kept < config.batch_size:
+        raise InputError(f"TrainConfig.batch_size={config.batch_size} is more than the {kept} rows extraction {ext.id} "
+                         f"holds at {hook_point}: use a smaller batch")
+    total_tokens = config.n_tokens if config.n_tokens is not None else int(round((config.epochs or 1.0) * kept))
+    total_steps = max(1, math.ceil(total_tokens / config.batch_size))
+    identity = {"extraction": ext.id, "hook_point": hook_point, "d_in": width, "d_sae": d_sae, "rows": kept}
+
+    saved = _load_checkpoint(state_path) if state_path.is_file() else None
+    if saved is not None:
+        if saved.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(f"{state_path} was written by another checkpoint format ({saved.get('format')!r}): "
+                             "use another out_dir")
+        if saved["identity"] != identity or saved["config"] != config.trajectory():
+            diff = _describe_mismatch({**saved["identity"], **saved["config"]}, {**identity, **config.trajectory()})
+            raise InputError(f"{out} holds a training run with other settings ({diff}): resume it with the same "
+                             "extraction, hook point and TrainConfig, or give another out_dir")
+        if saved["finished"] and (out / SAE_DIR / "cfg.json").is_file():
+            sae = load_sae(out / SAE_DIR, device=device)
+            return TrainResult(sae, out / SAE_DIR, saved["step"], saved["tokens"], saved["history"],
+                               saved["history"][-1] if saved["history"] else {}, saved["step"],
+                               saved["elapsed_s"], saved["scaling_factor"])
+
+    loader = ext.loader(hook_point, batch_size=config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
+                        exclude_special=config.exclude_special, device=str(device), dtype="float32")
+    if saved is None:
+        sample = _sample_rows(loader, config.norm_estimate_tokens, device)
+        scale = None
+        if config.normalize_activations == "expected_average_only_in":
+            mean_norm = float(sample.norm(dim=-1).mean())
+            scale = math.sqrt(width) / mean_norm if mean_norm > 0 else 1.0
+        sae = _init_sae(config, width, d_sae, hook_point, device)
+        if config.b_dec_init == "mean":
+            with torch.no_grad():
+                sae.b_dec.copy_(sample.mean(0) * (scale or 1.0))
+        del sample
+        step, tokens, history, elapsed, epoch_state = 0, 0, [], 0.0, None
+        since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+    else:
+        scale = saved["scaling_factor"]
+        sae = _init_sae(config, width, d_sae, hook_point, device)
+        sae.load_state_dict(saved["sae"])
+        step, tokens, history, elapsed = saved["step"], saved["tokens"], list(saved["history"]), saved["elapsed_s"]
+        epoch_state, since_fired = saved["epoch_state"], saved["since_fired"].to(device)
+        torch.set_rng_state(saved["rng"]["torch"])
+        if saved["rng"].get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    resumed_from = step if saved is not None else None
+    sae.requires_grad_(True)
+    sae.train()
+    params = list(sae.parameters())
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+    it = iter(loader)
+    if epoch_state is not None:
+        it.load_state_dict(epoch_state)
+
+    final, warm = ((config.l1_coefficient, config.l1_warm_up_steps) if config.architecture == "standard" else
+                   (config.l0_coefficient, config.l0_warm_up_steps) if config.architecture == "jumprelu" else (0.0, 0))
+
+    def snapshot(finished: bool = False) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "identity": identity, "config": config.trajectory(),
+                "step": step, "tokens": tokens, "finished": finished, "scaling_factor": scale,
+                "sae": {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "epoch_state": it.state_dict(),
+                "since_fired": since_fired.cpu().clone(), "history": history, "elapsed_s": elapsed,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}}
+
+    started, mark_time, mark_tokens = time.monotonic(), time.monotonic(), tokens
+    elapsed_before = elapsed
+    while step < total_steps:
+        try:
+            if check is not None:
+                check()
+        except BaseException:
+            elapsed = elapsed_before + time.monotonic() - started
+            _save_checkpoint(state_path, snapshot())
+            raise
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        x = batch * scale if scale is not None else batch
+        if config.architecture == "jumprelu":
+            with torch.no_grad():
+                sae.threshold.clamp_(min=0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config, total_steps)
+        coefficient = coefficient_at(step, final, warm)
+        dead = since_fired > config.dead_window_tokens
+        result = _train_forward(sae, x, config, coefficient, dead if config.architecture == "topk" else None)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            fired = (result.acts > 0).any(dim=0)
+            since_fired += x.shape[0]
+            since_fired[fired] = 0
+        step += 1
+        tokens += x.shape[0]
+        if step % config.progress_every_steps == 0 or step == total_steps:
+            now = time.monotonic()
+            rate = (tokens - mark_tokens) / max(now - mark_time, 1e-9)
+            mark_time, mark_tokens = now, tokens
+            elapsed = elapsed_before + now - started
+            figures = _figures(result, x, scale, since_fired, config, step, total_steps, tokens,
+                               total_steps * config.batch_size, coefficient, optimizer, rate, elapsed, it.epoch)
+            history.append(figures)
+            if progress is not None:
+                progress(figures)
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < total_steps:
+            elapsed = elapsed_before + time.monotonic() - started
+            _save_checkpoint(state_path, snapshot())
+    elapsed = elapsed_before + time.monotonic() - started
+    sae.requires_grad_(False)
+    sae.eval()
+    metadata = {"model_name": (ext.record.model or {}).get("name_or_path"), "hook_point": hook_point,
+                "mistudio": {"extraction_id": ext.id, "extraction_location": ext.location, "trained_steps": step,
+                             "trained_tokens": tokens, "scaling_factor_folded": scale,
+                             "train_config": config.to_dict(), "final": history[-1] if history else {}}}
+    if history:
+        metadata.update(l0=history[-1]["l0"], num_dead_features=round(history[-1]["dead_fraction"] * d_sae))
+    final_sae = _final_sae(sae, config, scale, metadata)
+    final_sae.save(out / SAE_DIR)
+    _save_checkpoint(state_path, snapshot(finished=True))
+    return TrainResult(final_sae, out / SAE_DIR, step, tokens, history, history[-1] if history else {},
+                       resumed_from, elapsed, scale)
+
+
+@torch.no_grad()
+def _figures(result: _StepOut, x: Tensor, scale: float | None, since_fired: Tensor, config: TrainConfig, step: int,
+             total_steps: int, tokens: int, total_tokens: int, coefficient: float, optimizer, rate: float,
+             elapsed: float, epoch: int) -> dict:
+    err = (result.out - x).pow(2).sum(dim=-1)
+    variance = (x - x.mean(0)).pow(2).sum(dim=-1)
+    factor = (scale or 1.0) ** 2
+    return {"step": step, "total_steps": total_steps, "tokens": tokens, "total_tokens": total_tokens,
+            "epoch": int(epoch), "loss": float(result.loss), "mse_loss": float(result.mse_loss),
+            "sparsity_loss": float(result.sparsity_loss), "mse": float(err.mean()) / x.shape[-1] / factor,
+            "l0": float((result.acts > 0).sum(dim=-1).float().mean()),
+            "explained_variance": 1.0 - float(err.mean()) / max(float(variance.mean()), 1e-30),
+            "dead_fraction": float((since_fired > config.dead_window_tokens).float().mean()),
+            "coefficient": coefficient, "lr": float(optimizer.param_groups[0]["lr"]), "tokens_per_s": rate,
+            "eta_s": (total_tokens - tokens) / rate if rate > 0 else None, "elapsed_s": elapsed}
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_sae(sae: SAE, ext: "Extraction", hook_point: str, max_tokens: int = 100_000,
+                 model: "str | os.PathLike | LoadedModel | torch.nn.Module | None" = None, n_samples: int = 8,
+                 batch_size: int = 4096, exclude_special: bool = True) -> dict:
+    """How well ``sae`` reconstructs ``hook_point`` of ``ext``.
+
+    Over up to ``max_tokens`` stored rows (evenly spaced blocks of the store): ``explained_variance``
+    (1 - squared error / variance around the mean), ``mse`` (per element), ``l0`` and ``dead_fraction`` (latents
+    that never fired there). With ``model`` (the model folder, a ``mistudio.models.load_model`` result, or a
+    loaded ``transformers`` causal LM) also the next-token cross-entropy over ``n_samples`` stored samples:
+    ``ce_clean``, ``ce_spliced`` (the SAE's reconstruction replaces the hook point's output), ``ce_zero_ablation``
+    (zeros replace it), ``ce_loss_score`` = (zero - spliced) / (zero - clean) and ``kl_div`` (clean || spliced).
+    """
+    for name, value in (("max_tokens", max_tokens), ("n_samples", n_samples), ("batch_size", batch_size)):
+        if not _is_int(value) or value < 1:
+            raise InputError(f"{name}={value!r} must be a positive whole number")
+    width = int(ext.activations(hook_point).shape[1])
+    check_applies(sae, hook_point, width)
+    loader = ext.loader(hook_point, batch_size=batch_size, shuffle=False, exclude_special=exclude_special)
+    n, sse, sum_x, sum_sq, l0_sum = 0, 0.0, torch.zeros(width, dtype=torch.float64), 0.0, 0.0
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.device)
+    for a, b in _blocks(loader.limits[0], max_tokens):
+        for start in range(a, b, batch_size):
+            rows = loader.read(0, start, min(b, start + batch_size))[1][hook_point]
+            if not len(rows):
+                continue
+            x = torch.from_numpy(rows.astype(np.float32)).to(sae.device)
+            z = sae.encode(x)
+            recon = sae(x).float()
+            sse += float((recon - x).double().pow(2).sum())
+            sum_x += x.double().sum(0).cpu()
+            sum_sq += float(x.double().pow(2).sum())
+            l0_sum += float((z != 0).sum())
+            fired |= (z != 0).any(dim=0)
+            n += x.shape[0]
+    if n == 0:
+        raise InputError(f"extraction {ext.id} has no committed rows at {hook_point} to evaluate on")
+    sst = sum_sq - float(sum_x.pow(2).sum()) / n
+    figures = {"hook_point": hook_point, "n_tokens": n,
+               "explained_variance": 1.0 - sse / sst if sst > 0 else float("nan"),
+               "mse": sse / (n * width), "l0": l0_sum / n, "dead_fraction": float((~fired).float().mean())}
+    if model is not None:
+        figures.update(_spliced_losses(sae, ext, hook_point, model, n_samples))
+    return figures
+
+
+def _causal_lm(model, device: torch.device) -> torch.nn.Module:
+    """A causal LM with its head: the module given, or loaded from a folder / a LoadedModel's source."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import FAMILIES, LoadedModel
+
+    encoders = {t for t, paths in FAMILIES.items() if paths[0] == "encoder.layer"}
+
+    def refuse_encoder(config, what: str) -> None:
+        if getattr(config, "model_type", None) in encoders:
+            raise InputError(f"model={what} is a {config.model_type} encoder: the spliced cross-entropy needs a "
+                             "decoder (next-token) model; leave model=None for an encoder")
+
+    if isinstance(model, torch.nn.Module):
+        refuse_encoder(getattr(model, "config", None), type(model).__name__)
+        if getattr(model, "get_output_embeddings", lambda: None)() is None:
+            raise InputError(f"model={type(model).__name__} has no language-model head: pass the model folder, or "
+                             "a transformers AutoModelForCausalLM")
+        return model.eval()
+    if isinstance(model, LoadedModel):
+        source, revision = model.spec.name_or_path, model.spec.revision
+        dtype, device = next(model.model.parameters()).dtype, model.input_device
+        refuse_encoder(model.model.config, repr(source))
+    else:
+        source, revision, dtype = str(model), None, torch.float32
+    try:
+        refuse_encoder(AutoConfig.from_pretrained(source, revision=revision), repr(source))
+        lm = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+    except ValueError as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"model={source!r} has no causal language-model head ({str(exc).splitlines()[0]}): the "
+                         "spliced cross-entropy needs a decoder model; leave model=None for an encoder") from None
+    except OSError as exc:
+        raise InputError(f"model={source!r} cannot be loaded ({str(exc).splitlines()[0]}): give the model's "
+                         "local folder") from None
+    return lm.to(device).eval()
+
+
+def _hidden(output) -> Tensor:
+    """The hidden-state tensor of a sub-module's output (blocks and attention return tuples)."""
+    return output if isinstance(output, Tensor) else output[0]
+
+
+def _replace_output(output, new: Tensor):
+    if isinstance(output, Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    output[0] = new  # a ModelOutput
+    return output
+
+
+def _spliced_losses(sae: SAE, ext: "Extraction", hook_point: str, model, n_samples: int) -> dict:
+    from .models import find_blocks, max_positions_of, n_layers_of
+
+    lm = _causal_lm(model, sae.device)
+    device = next(lm.parameters()).device
+    blocks, attn, mlp = find_blocks(lm, lm.config.model_type, n_layers_of(lm.config))
+    layer, kind = int(hook_point.split(".")[1]), hook_point.split(".")[2]
+    if layer >= len(blocks):
+        raise InputError(f"hook point {hook_point} is past the model's {len(blocks)} layers: pass the model the "
+                         f"extraction {ext.id} was made with")
+    module = blocks[layer] if kind == "residual" else blocks[layer].get_submodule(attn if kind == "attention" else mlp)
+    limit = max_positions_of(lm.config) or 1024
+    offsets = ext.sample_offsets
+    ids = ext.store.tokens("input_ids")
+    spans = [(int(a), int(min(b, a + limit))) for a, b in zip(offsets[:-1], offsets[1:]) if b - a >= 2][:n_samples]
+    if not spans:
+        raise InputError(f"extraction {ext.id} has no stored sample of 2 tokens or more to measure a loss on")
+    mode: dict[str, str] = {"now": "clean"}
+
+    def hook(_module, _inputs, output):
+        if mode["now"] == "clean":
+            return None
+        hidden = _hidden(output)
+        new = torch.zeros_like(hidden) if mode["now"] == "zero" else sae(hidden).to(hidden.dtype)
+        return _replace_output(output, new)
+
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    count = 0
+    handle = module.register_forward_hook(hook)
+    try:
+        for a, b in spans:
+            tokens = torch.as_tensor(np.asarray(ids[a:b], dtype=np.int64), device=device)[None]
+            target = tokens[0, 1:]
+            logps = {}
+            for name in ("clean", "spliced", "zero"):
+                mode["now"] = name
+                logits = lm(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[0, :-1].float()
+                logps[name] = logits.log_softmax(-1)
+                totals[name] += float(F.nll_loss(logps[name], target, reduction="sum"))
+            totals["kl"] += float((logps["clean"].exp() * (logps["clean"] - logps["spliced"])).sum())
+            count += len(target)
+    finally:
+        handle.remove()
+    clean, spliced, zero = (totals[k] / count for k in ("clean", "spliced", "zero"))
+    return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero, "ce_delta": spliced - clean,
+            "ce_loss_score": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+            "kl_div": totals["kl"] / count, "ce_tokens": count, "ce_samples": len(spans)}
