@@ -289,6 +289,29 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _sort(t: torch.Tensor) -> torch.Tensor:
+    """Sorted values (numpy's vectorised sort on the CPU is many times faster than torch's)."""
+    return torch.from_numpy(np.sort(t.numpy())) if t.device.type == "cpu" else torch.sort(t).values
+
+
+def _argsort_distinct(t: torch.Tensor) -> torch.Tensor:
+    """Indices sorting distinct values (any algorithm gives the same order)."""
+    return torch.from_numpy(np.argsort(t.numpy())) if t.device.type == "cpu" else torch.argsort(t)
+
+
+def _unique_counts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct values, ascending, and how often each occurs."""
+    if t.device.type == "cpu":
+        keys, counts = np.unique(t.numpy(), return_counts=True)
+        return torch.from_numpy(keys), torch.from_numpy(counts.astype(np.int64))
+    return torch.unique(t, return_counts=True)
+
+
+def _present(index: torch.Tensor, size: int) -> torch.Tensor:
+    """The distinct values of ``index`` (in 0..size-1), ascending."""
+    return torch.nonzero(torch.bincount(index, minlength=size)).squeeze(1)
+
+
 def _lexsort(*keys: torch.Tensor) -> torch.Tensor:
     """Indices sorting by ``keys`` (most significant first, each ascending), stable."""
     order = torch.argsort(keys[-1], stable=True)
@@ -339,6 +362,7 @@ class FeatureStatsAccumulator:
         except (RuntimeError, TypeError):
             raise InputError(f"device={device!r} is not a torch device: give e.g. 'cpu' or 'cuda'") from None
         self._n_log = (hi - lo) * self.bins
+        self._count_bits = 63 - max(1, (self.d - 1).bit_length())  # co-occurrence counts sort as (f, count) keys
         self.n_bins = 2 * self._n_log + 5
         self.n_strata = (hi - lo) * self.bands + 2
         self.edges = histogram_edges(self.bins, self.exponents)
@@ -441,6 +465,8 @@ class FeatureStatsAccumulator:
         """The statistics so far, as numpy arrays (a copy: updating on does not change it)."""
         s = self.state_dict()
         empty = s["top_rows"] < 0
+        order = np.lexsort((s["co_features"], -s["co_counts"]))  # most frequent first, then the lower feature
+        co_features, co_counts = (np.take_along_axis(s[name], order, axis=1) for name in ("co_features", "co_counts"))
         return FeatureStatistics(
             n_tokens=s["n_tokens"], ranges=s["ranges"], fire_count=s["fire_count"], nan_count=s["nan_count"],
             sum=s["sum"], fire_sum=s["fire_sum"], max=s["max"], max_row=s["max_row"], min=s["min"],
@@ -449,7 +475,7 @@ class FeatureStatsAccumulator:
             topk_documents=np.where(empty, -1, s["top_documents"]),
             sample_rows=s["sample_rows"].reshape(self.d, self.n_strata, self.per_band),
             sample_values=s["sample_values"].reshape(self.d, self.n_strata, self.per_band),
-            co_features=s["co_features"], co_counts=s["co_counts"], co_error=s["co_error"], bins=self.bins,
+            co_features=co_features, co_counts=co_counts, co_error=s["co_error"], bins=self.bins,
             exponents=self.exponents, bands=self.bands, seed=self.seed, one_per_document=self.one_per_document)
 
     # -- rows ------------------------------------------------------------------------------------------------
@@ -509,7 +535,7 @@ class FeatureStatsAccumulator:
                 raise InputError(f"sparse rows: indices must be features 0..{self.d - 1}, got "
                                  f"{int(indices.min())}..{int(indices.max())}")
             rows = torch.repeat_interleave(torch.arange(n, device=self.device), offsets.diff())
-            if len(torch.unique(rows * self.d + indices)) != len(indices):
+            if len(_unique_counts(rows * self.d + indices)[0]) != len(indices):
                 raise InputError("sparse rows: a row lists the same feature twice; give each feature once per row")
             return n, (offsets, indices, vals)
         dense = self._floats(values, "values")
@@ -570,16 +596,17 @@ class FeatureStatsAccumulator:
         dev = self.device
         rows = torch.arange(first, first + n, device=dev)
         nan = torch.isnan(v)
-        clean = v.masked_fill(nan, 0.0)
+        if bool(nan.any()):
+            clean, high, low = v.masked_fill(nan, 0.0), v.masked_fill(nan, -math.inf), v.masked_fill(nan, math.inf)
+            self.nan_count += nan.sum(0)
+        else:
+            clean = high = low = v
         fire = clean > 0
         self.sum += clean.sum(0, dtype=torch.float64)
         self.fire_sum += clean.clamp(min=0).sum(0, dtype=torch.float64)
         self.fire_count += fire.sum(0)
-        self.nan_count += nan.sum(0)
-        high = v.masked_fill(nan, -math.inf)
         at = high.argmax(0)  # the first maximal row
         self._extreme(high.gather(0, at[None])[0], rows[at], largest=True)
-        low = v.masked_fill(nan, math.inf)
         at = low.argmin(0)
         self._extreme(low.gather(0, at[None])[0], rows[at], largest=False)
         bins = self._bins(v)
@@ -587,18 +614,20 @@ class FeatureStatsAccumulator:
         flat = (bins + torch.arange(d, device=dev) * width).reshape(-1)
         self.hist += torch.bincount(flat, minlength=d * width).view(d, width)[:, :self.n_bins]
 
-        # top-k: only values at or over both the state's k-th value and the batch's k-th can enter
-        firing = clean.masked_fill(~fire, -math.inf)
+        # top-k: only values at or over the state's k-th can enter; early on, over the batch's k-th as well
         bar = self._top_bar()
-        if self.one_per_document:
-            seg, inverse = torch.unique(docs, return_inverse=True)
-            if len(seg) >= self.k:
-                best = torch.full((len(seg), d), -math.inf, device=dev)
-                best.scatter_reduce_(0, inverse[:, None].expand(n, d), firing, "amax")
-                bar = torch.maximum(bar, best.topk(self.k, dim=0).values[-1])
-        elif n >= self.k:
-            bar = torch.maximum(bar, firing.topk(self.k, dim=0).values[-1])
-        r, f = torch.nonzero(fire & (clean >= bar), as_tuple=True)
+        chosen = fire & (clean >= bar)
+        if int(chosen.sum()) > 2 * d * self.k:
+            firing = clean.masked_fill(~fire, -math.inf)
+            if self.one_per_document:
+                seg, inverse = torch.unique(docs, return_inverse=True)
+                if len(seg) >= self.k:
+                    best = torch.full((len(seg), d), -math.inf, device=dev)
+                    best.scatter_reduce_(0, inverse[:, None].expand(n, d), firing, "amax")
+                    chosen &= clean >= best.topk(self.k, dim=0).values[-1]
+            elif n >= self.k:
+                chosen &= clean >= firing.topk(self.k, dim=0).values[-1]
+        r, f = torch.nonzero(chosen, as_tuple=True)
         self._merge_top(f, rows[r], clean[r, f], docs[r])
 
         if self.per_band:
@@ -622,13 +651,9 @@ class FeatureStatsAccumulator:
         rows = local + first
         nan = torch.isnan(vals)
         clean = vals.masked_fill(nan, 0.0)
-        fire = clean > 0
         self.sum += self._feature_sums(idx, clean)
-        self.fire_sum += self._feature_sums(idx[fire], clean[fire])
-        self.fire_count += torch.bincount(idx[fire], minlength=d)
         self.nan_count += torch.bincount(idx[nan], minlength=d)
         implicit = n - torch.bincount(idx, minlength=d)  # zeros that are not listed
-
         for largest in (True, False):
             fill = -math.inf if largest else math.inf
             kept = vals.masked_fill(nan, fill)
@@ -637,33 +662,35 @@ class FeatureStatsAccumulator:
             hit = (kept == value[idx]) & (kept != 0)
             row = torch.full((d,), 2**62, device=dev, dtype=torch.int64).scatter_reduce_(0, idx[hit], rows[hit], "amin")
             self._extreme(value, row, largest)
-
         bins = self._bins(vals)
         width = self.n_bins + 1
         counts = torch.bincount(idx * width + bins, minlength=d * width).view(d, width)[:, :self.n_bins]
         counts[:, self._n_log + 2] += implicit
         self.hist += counts
 
-        bar = self._top_bar()
-        chosen = fire & (clean >= bar[idx])
+        at = torch.nonzero(clean > 0).squeeze(1)  # the firing entries, in row order
+        idx, clean, local, rows, bins = idx[at], clean[at], local[at], rows[at], bins[at]
+        self.fire_sum += self._feature_sums(idx, clean)
+        self.fire_count += torch.bincount(idx, minlength=d)
+        chosen = torch.nonzero(clean >= self._top_bar()[idx]).squeeze(1)
         self._merge_top(idx[chosen], rows[chosen], clean[chosen], docs[local[chosen]])
 
         if self.per_band:
-            stratum = self._stratum_of_bin[bins]
-            cell = idx * self.n_strata + stratum
+            cell = idx * self.n_strata + self._stratum_of_bin[bins]
             keys = _keys(rows, self.seed)
-            chosen = (stratum >= 0) & (keys < self._sample_limit[cell.clamp(min=0)])
+            chosen = torch.nonzero(keys < self._sample_limit[cell]).squeeze(1)
             self._merge_samples(cell[chosen], keys[chosen], rows[chosen], clean[chosen])
 
         if self.cooccurrence:
             m = min(self.cooccurrence_per_token, d)
-            f_idx, f_val, f_row = idx[fire], clean[fire], local[fire]
-            order = _lexsort(f_row, -f_val, f_idx)  # per token: largest first, ties to the lower feature
-            f_idx, f_row = f_idx[order], f_row[order]
-            rank = _rank_in_group(f_row)
+            per_row = torch.bincount(local, minlength=n)
+            if int(per_row.max()) > m:  # keep each token's m largest, ties to the lower feature
+                order = _lexsort(local, -clean, idx)
+                idx, local = idx[order], local[order]
+            rank = torch.arange(len(idx), device=dev) - (torch.cumsum(per_row, 0) - per_row)[local]
             keep = rank < m
             feats = torch.full((n, m), -1, dtype=torch.int64, device=dev)
-            feats[f_row[keep], rank[keep]] = f_idx[keep]
+            feats[local[keep], rank[keep]] = idx[keep]
             self._count_pairs(feats)
 
     def _feature_sums(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
@@ -693,7 +720,7 @@ class FeatureStatsAccumulator:
         """Merge candidate examples into the top k of their features (one per document if asked)."""
         if not len(f):
             return
-        touched = torch.unique(f)
+        touched = _present(f, self.d)
         held = self.top_rows[touched] >= 0
         f = torch.cat([touched[:, None].expand(-1, self.k)[held], f])
         rows = torch.cat([self.top_rows[touched][held], rows])
@@ -719,7 +746,7 @@ class FeatureStatsAccumulator:
         """Merge candidate rows into the bottom-``per_band`` (by key) samples of their (feature, stratum) cells."""
         if not len(cell):
             return
-        touched = torch.unique(cell)
+        touched = _present(cell, len(self.sample_rows))
         held_rows = self.sample_rows[touched]
         held = held_rows >= 0
         cell = torch.cat([touched[:, None].expand(-1, self.per_band)[held], cell])
@@ -745,42 +772,54 @@ class FeatureStatsAccumulator:
 
     def _count_pairs(self, feats: torch.Tensor) -> None:
         """Count the ordered pairs of distinct features in each row of ``feats`` ((n, m), -1 empty)."""
-        feats = feats[(feats >= 0).sum(1) >= 2]
+        feats = feats[torch.nonzero((feats >= 0).sum(1) >= 2).squeeze(1)]
         if not len(feats):
             return
         a, b = feats[:, :, None], feats[:, None, :]
-        pairs = (a * self.d + b)[(a >= 0) & (b >= 0) & (a != b)]
-        keys, counts = torch.unique(pairs, return_counts=True)
-        self._merge_cooccurrence(keys // self.d, keys % self.d, counts)
+        keys, counts = _unique_counts(torch.where((a >= 0) & (b >= 0) & (a != b), a * self.d + b, -1).reshape(-1))
+        if int(keys[0]) < 0:
+            keys, counts = keys[1:], counts[1:]
+        self._merge_cooccurrence(keys, counts)
 
-    def _merge_cooccurrence(self, f: torch.Tensor, g: torch.Tensor, counts: torch.Tensor) -> None:
-        """Mergeable Misra-Gries: add the counts; where a feature then has more than ``cooccurrence`` partners,
-        subtract the (c+1)-th largest count from all of its counters and keep those still positive."""
-        if not len(f):
+    def _merge_cooccurrence(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
+        """Mergeable Misra-Gries: add the counts of the pairs ``keys = f * d + g`` (ascending, distinct) to the
+        counters; where a feature then has more than ``cooccurrence`` partners, subtract the (c+1)-th largest count
+        from all of its counters and keep those still positive (at most c: the cut needs no tie order)."""
+        if not len(keys):
             return
-        c, d = self.cooccurrence, self.d
-        touched = torch.unique(f)
-        held_f = self.co_features[touched]
-        held = held_f >= 0
-        f = torch.cat([touched[:, None].expand(-1, c)[held], f])
-        g = torch.cat([held_f[held], g])
-        counts = torch.cat([self.co_counts[touched][held], counts])
-        keys, inverse = torch.unique(f * d + g, return_inverse=True)
-        total = torch.zeros(len(keys), dtype=torch.int64, device=self.device).index_add_(0, inverse, counts)
-        f, g = keys // d, keys % d
-        order = _lexsort(f, -total, g)
-        f, g, total = f[order], g[order], total[order]
-        rank = _rank_in_group(f)
-        cut = torch.zeros(d, dtype=torch.int64, device=self.device)
-        over = rank == c
-        cut[f[over]] = total[over]
-        total = total - cut[f]
-        keep = (rank < c) & (total > 0)
+        c, d, dev = self.cooccurrence, self.d, self.device
+        f = keys // d
+        touched = torch.nonzero(torch.bincount(f, minlength=d)).squeeze(1)
+        held_g, held_n = self.co_features[touched], self.co_counts[touched]
+        held = held_g >= 0
+        held_f = touched[:, None].expand(-1, c)[held]
+        held_keys, held_n = held_f * d + held_g[held], held_n[held]
+        at = torch.searchsorted(keys, held_keys).clamp_(max=len(keys) - 1)
+        found = keys[at] == held_keys
+        counts = counts.clone().index_add_(0, at[found], held_n[found])  # counters the batch saw again
+        extra_f, extra_g, extra_n = held_f[~found], held_g[held][~found], held_n[~found]  # grouped by feature
+        g = keys % d
+        all_f, all_n = torch.cat([f, extra_f]), torch.cat([counts, extra_n])
+        if int(all_n.max()) >= 1 << self._count_bits:
+            raise InputError(f"co-occurrence counts over 2**{self._count_bits}: use fewer features or cooccurrence=0")
+        per_f = torch.bincount(all_f, minlength=d)
+        cut = torch.zeros(d, dtype=torch.int64, device=dev)
+        crowded = per_f > c
+        if bool(crowded.any()):  # the (c+1)-th largest count of each crowded feature, from one sort of values
+            mask = (1 << self._count_bits) - 1
+            mine = crowded[all_f]
+            order = _sort((all_f[mine] << self._count_bits) | (mask - all_n[mine]))
+            starts = torch.cumsum(per_f * crowded, 0) - per_f * crowded
+            cut[crowded] = mask - (order[starts[crowded] + c] & mask)
+        keep_b, keep_x = counts > cut[f], extra_n > cut[extra_f]
+        kept_f = torch.cat([f[keep_b], extra_f[keep_x]])
+        slots = torch.cat([_rank_in_group(f[keep_b]),
+                           torch.bincount(f[keep_b], minlength=d)[extra_f[keep_x]] + _rank_in_group(extra_f[keep_x])])
         self.co_error += cut
         self.co_features[touched] = -1
         self.co_counts[touched] = 0
-        self.co_features[f[keep], rank[keep]] = g[keep]
-        self.co_counts[f[keep], rank[keep]] = total[keep]
+        self.co_features[kept_f, slots] = torch.cat([g[keep_b], extra_g[keep_x]])
+        self.co_counts[kept_f, slots] = torch.cat([counts[keep_b], extra_n[keep_x]]) - cut[kept_f]
 
     # -- merge -------------------------------------------------------------------------------------------------
     def merge(self, other: FeatureStatsAccumulator) -> None:
@@ -814,8 +853,9 @@ class FeatureStatsAccumulator:
             self._merge_samples(cells, _keys(rows, self.seed), rows, o["sample_values"][held])
         if self.cooccurrence:
             held = o["co_features"] >= 0
-            self._merge_cooccurrence(feats[:, None].expand(-1, self.cooccurrence)[held], o["co_features"][held],
-                                     o["co_counts"][held])
+            keys = feats[:, None].expand(-1, self.cooccurrence)[held] * self.d + o["co_features"][held]
+            order = _argsort_distinct(keys)
+            self._merge_cooccurrence(keys[order], o["co_counts"][held][order])
 
 
 def compute(ext: "Extraction", hook_point: str, *, chunk_rows: int | None = None, **options: Any) -> FeatureStatistics:
