@@ -338,7 +338,7 @@ class FeatureStatsAccumulator:
 
     def __init__(self, d: int, k: int = 20, one_per_document: bool = False, bins: int = 4,
                  exponents: tuple[int, int] = (-24, 24), bands: int = 2, per_band: int = 3, cooccurrence: int = 32,
-                 cooccurrence_per_token: int = 32, seed: int = 0, device: str | torch.device = "cpu"):
+                 cooccurrence_per_token: int = 16, seed: int = 0, device: str | torch.device = "cpu"):
         self.d = _int("d", d, 1)
         self.k = _int("k", k, 1)
         if not isinstance(one_per_document, (bool, np.bool_)):
@@ -630,13 +630,12 @@ class FeatureStatsAccumulator:
         r, f = torch.nonzero(chosen, as_tuple=True)
         self._merge_top(f, rows[r], clean[r, f], docs[r])
 
-        if self.per_band:
-            stratum = self._stratum_of_bin[bins]
-            cell = stratum + torch.arange(d, device=dev) * self.n_strata
+        if self.per_band:  # rows under their cell's limit: the limit of each (feature, bin), then one gather
+            strata = self._stratum_of_bin
+            limits = self._sample_limit.view(d, self.n_strata)[:, strata.clamp(min=0)].masked_fill_(strata < 0, -2**63)
             keys = _keys(rows, self.seed)
-            chosen = (stratum >= 0) & (keys[:, None] < self._sample_limit[cell.clamp(min=0)])
-            r, f = torch.nonzero(chosen, as_tuple=True)
-            self._merge_samples(cell[r, f], keys[r], rows[r], clean[r, f])
+            r, f = torch.nonzero(keys[:, None] < limits.view(-1)[flat].view(n, d), as_tuple=True)
+            self._merge_samples(f * self.n_strata + strata[bins[r, f]], keys[r], rows[r], clean[r, f])
 
         if self.cooccurrence:
             m = min(self.cooccurrence_per_token, d)
@@ -650,23 +649,25 @@ class FeatureStatsAccumulator:
         local = torch.repeat_interleave(torch.arange(n, device=dev), offsets.diff())
         rows = local + first
         nan = torch.isnan(vals)
-        clean = vals.masked_fill(nan, 0.0)
+        has_nan = bool(nan.any())
+        clean = vals.masked_fill(nan, 0.0) if has_nan else vals
         self.sum += self._feature_sums(idx, clean)
-        self.nan_count += torch.bincount(idx[nan], minlength=d)
+        if has_nan:
+            self.nan_count += torch.bincount(idx[nan], minlength=d)
         implicit = n - torch.bincount(idx, minlength=d)  # zeros that are not listed
         for largest in (True, False):
             fill = -math.inf if largest else math.inf
             kept = vals.masked_fill(nan, fill)
             value = torch.full((d,), fill, device=dev).scatter_reduce_(0, idx, kept, "amax" if largest else "amin")
             value = torch.where(implicit > 0, value.clamp(min=0) if largest else value.clamp(max=0), value)
-            hit = (kept == value[idx]) & (kept != 0)
+            hit = kept == value[idx]  # rows of a maximum that is not > 0 are dropped by _extreme
             row = torch.full((d,), 2**62, device=dev, dtype=torch.int64).scatter_reduce_(0, idx[hit], rows[hit], "amin")
             self._extreme(value, row, largest)
         bins = self._bins(vals)
-        width = self.n_bins + 1
-        counts = torch.bincount(idx * width + bins, minlength=d * width).view(d, width)[:, :self.n_bins]
-        counts[:, self._n_log + 2] += implicit
-        self.hist += counts
+        counted = torch.nonzero(bins < self.n_bins).squeeze(1) if has_nan else slice(None)  # NaN has no bin
+        flat = idx[counted] * self.n_bins + bins[counted]
+        self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        self.hist[:, self._n_log + 2] += implicit
 
         at = torch.nonzero(clean > 0).squeeze(1)  # the firing entries, in row order
         idx, clean, local, rows, bins = idx[at], clean[at], local[at], rows[at], bins[at]
@@ -798,6 +799,20 @@ class FeatureStatsAccumulator:
         found = keys[at] == held_keys
         counts = counts.clone().index_add_(0, at[found], held_n[found])  # counters the batch saw again
         extra_f, extra_g, extra_n = held_f[~found], held_g[held][~found], held_n[~found]  # grouped by feature
+        # A lower bound of a full feature's (c+1)-th largest count: the least of its c counters and of its largest
+        # new count (c+1 of its entries). New counts under it neither stay nor move the cut: drop them unsorted.
+        full = torch.bincount(held_f, minlength=d) == c
+        if bool(full.any()):
+            seen = torch.zeros(len(keys), dtype=torch.bool, device=dev)
+            seen[at[found]] = True
+            low = torch.full((d,), 2**62, dtype=torch.int64, device=dev)
+            low.scatter_reduce_(0, held_f, torch.where(found, counts[at], held_n), "amin")
+            newest = torch.zeros(d, dtype=torch.int64, device=dev)
+            newest.scatter_reduce_(0, f, counts.masked_fill(seen, 0), "amax")
+            bound = torch.where(full, torch.minimum(low, newest), 0)
+            keep = torch.nonzero(seen | (counts >= bound[f])).squeeze(1)
+            if len(keep) < len(keys):
+                keys, counts, f = keys[keep], counts[keep], f[keep]
         g = keys % d
         all_f, all_n = torch.cat([f, extra_f]), torch.cat([counts, extra_n])
         if int(all_n.max()) >= 1 << self._count_bits:

@@ -256,13 +256,37 @@ def test_sparse_stream_equals_brute_force(cuts, one_per_document):
         np.testing.assert_array_equal(getattr(again, name), getattr(mine, name), err_msg=name)
 
 
-def test_many_features_per_token_are_cut_to_the_most_active():
-    values = np.abs(dense_data(n=120, d=24, seed=5))  # every non-zero fires: ~12 per token, m = 3
+def misra_gries(values: np.ndarray, cuts: list[int], c: int, m: int) -> tuple[list[dict], np.ndarray]:
+    """Mergeable Misra-Gries in plain Python, batch by batch: add a batch's pair counts to a feature's counters,
+    subtract the (c+1)-th largest count when there are more than c, keep the positive ones."""
+    d = values.shape[1]
+    counters, error = [dict() for _ in range(d)], np.zeros(d, np.int64)
+    bounds = [0] + [x for x in cuts if 0 < x < len(values)] + [len(values)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        batch = Brute(values[a:b], np.zeros(b - a), cooccurrence_per_token=m).pairs()
+        for f, partners in batch.items():
+            combined = dict(counters[f])
+            for g, x in partners.items():
+                combined[g] = combined.get(g, 0) + x
+            cut = sorted(combined.values(), reverse=True)[c] if len(combined) > c else 0
+            counters[f] = {g: x - cut for g, x in combined.items() if x > cut}
+            error[f] += cut
+    return counters, error
+
+
+@pytest.mark.parametrize("c", [1, 4, 9])
+def test_many_features_per_token_are_cut_to_the_most_active(c):
+    values = np.abs(dense_data(n=240, d=24, seed=5))  # every non-zero fires: ~12 per token, m = 5
     docs = documents_of(len(values))
-    options = dict(OPTIONS, cooccurrence=4)  # fewer counters than partners: Misra-Gries bounds
-    stats = stream(values, docs, [40, 80], **options).result()
+    options = dict(OPTIONS, cooccurrence=c, cooccurrence_per_token=5)  # fewer counters than partners
+    cuts = [40, 80, 81, 200]
+    stats = stream(values, docs, cuts, **options).result()
     check(stats, Brute(values, docs, **options), exact_cooccurrence=False)
     assert (stats.co_error > 0).any()
+    counters, error = misra_gries(values, cuts, c, 5)
+    np.testing.assert_array_equal(stats.co_error, error)
+    for f in range(values.shape[1]):
+        assert dict(stats.cooccurring(f, n=c)) == counters[f]
 
 
 def test_nan_inf_and_extreme_magnitudes_in_float32():
@@ -276,6 +300,12 @@ def test_nan_inf_and_extreme_magnitudes_in_float32():
     assert stats.nan_count[0] == 1 and stats.top_rows(5).size == 0 and stats.max_row[5] == -1
     assert stats.quantile_examples(5)[0]["rows"].size == 0 and np.isnan(stats.quantile(5, 0.5))
     assert stats.hist[1, -1] >= 1 and stats.hist[4, -1] >= 1 and stats.hist[2, 0] >= 1  # +inf, 1e30, -inf
+    # the same rows as CSR, listing the non-zero values and some explicit zeros
+    listed = (values != 0) | (np.random.default_rng(1).random(values.shape) < 0.1)
+    csr = CSR(np.concatenate([[0], np.cumsum(listed.sum(1))]), np.nonzero(listed)[1], values[listed])
+    sparse = stream(csr, docs, [10, 100], d=values.shape[1], **OPTIONS).result()
+    check(sparse, Brute(values, docs, **OPTIONS))
+    np.testing.assert_array_equal(sparse.hist, stats.hist)
 
 
 def test_bfloat16_and_torch_inputs_are_computed_as_float32():
