@@ -378,6 +378,32 @@ def test_merge_of_two_halves_equals_one_pass(one_per_document):
         late.merge(early)
 
 
+def test_samples_and_cooccurrence_can_be_left_out(tmp_path):
+    values = dense_data()
+    docs = documents_of(len(values))
+    options = dict(OPTIONS, per_band=0, cooccurrence=0)
+    acc = FeatureStatsAccumulator(values.shape[1], **options)
+    empty = acc.state_dict()  # an empty state stores and loads too
+    group = zarr.open_group(str(tmp_path / "empty.zarr"), mode="w")
+    for key, value in empty.items():
+        if isinstance(value, np.ndarray):
+            group.create_array(key, data=value)
+    loaded = {key: group[key][...] for key in group.array_keys()} | {k: v for k, v in empty.items()
+                                                                     if not isinstance(v, np.ndarray)}
+    acc = FeatureStatsAccumulator.from_state_dict(loaded)
+    stream(values, docs, [100], acc=acc)
+    stats = acc.result()
+    brute = Brute(values, docs, **options)
+    np.testing.assert_array_equal(stats.hist, brute.hist)
+    for f in range(values.shape[1]):
+        np.testing.assert_array_equal(stats.top_rows(f), brute.top(f)[0])
+        assert stats.cooccurring(f) == []
+    assert stats.sample_rows.shape == (values.shape[1], acc.n_strata, 0) and stats.co_features.shape[1] == 0
+    with pytest.raises(InputError, match="per_band=0"):
+        stats.quantile_examples(0)
+    assert acc.nbytes < FeatureStatsAccumulator(values.shape[1], **OPTIONS).nbytes
+
+
 def test_memory_is_fixed_by_features_not_rows():
     small, large = FeatureStatsAccumulator(100), FeatureStatsAccumulator(100)
     values = dense_data(n=2000, d=100, seed=2)
