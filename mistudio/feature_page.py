@@ -162,9 +162,9 @@ def _histogram(page: dict) -> str:
         parts.append(f'<rect x="{left + j * bar:.2f}" y="{height - h:.2f}" width="{max(bar - 0.6, 0.6):.2f}" '
                      f'height="{h:.2f}" fill="{colour}"><title>[{_num(a)}, {_num(b)}): {_int(count)}</title></rect>')
     ticks = {0: edges[lo], len(shown): edges[hi]}
-    for j in range(1, len(shown)):
-        if edges[lo + j] == 0:
-            ticks[j] = 0.0
+    zero = next((j for j in range(1, len(shown)) if edges[lo + j] == 0), None)
+    if zero is not None:  # one tick at zero (a zero bin has 0 on both of its edges)
+        ticks[zero] = 0.0
     for j, value in sorted(ticks.items()):
         anchor = "start" if j == 0 else ("end" if j == len(shown) else "middle")
         parts.append(f'<text x="{left + j * bar:.1f}" y="{height + 13}" font-size="9" text-anchor="{anchor}" '
@@ -229,9 +229,9 @@ def _correlated(page: dict) -> str:
     title = 'Co-firing features <span class="msfp-sub">(share of this feature\'s firing tokens)</span>'
     if not rows:
         return f'<section class="msfp-correlated"><h5>{title}</h5><i class="msfp-none">none recorded</i></section>'
-    body = "".join(f'<tr><td class="num">{_int(r["feature"])}</td><td class="num">{_num(100 * float(r["fraction"]), ".3g")}'
-                   f'%</td><td>{_bar(float(r["fraction"]), 1.0, "#8a5cc2", 60)}</td><td class="num">{_int(r["count"])}'
-                   "</td></tr>" for r in rows)
+    body = "".join(f'<tr><td class="num">{_int(r["feature"])}</td><td class="num">'
+                   f'{_num(100 * float(r["fraction"]), ".3g")}%</td><td>{_bar(float(r["fraction"]), 1.0, "#8a5cc2", 60)}'
+                   f'</td><td class="num">{_int(r["count"])}</td></tr>' for r in rows)
     return (f'<section class="msfp-correlated"><h5>{title}</h5><table><tr><th class="num">feature</th>'
             f'<th class="num">share</th><th></th><th class="num">tokens</th></tr>{body}</table></section>')
 

@@ -26,7 +26,8 @@ CAUSAL_KEYS = {
     "phi": ("model.final_layernorm.weight", "lm_head.weight", "weight"),
 }
 # the conftest models are saved as base models (AutoModel): only the tied ones have an unembedding
-BASE_KEYS = {"gpt2": ("ln_f.weight", "wte.weight", "weight"), "gemma": ("norm.weight", "embed_tokens.weight", "1 + weight")}
+BASE_KEYS = {"gpt2": ("ln_f.weight", "wte.weight", "weight"),
+             "gemma": ("norm.weight", "embed_tokens.weight", "1 + weight")}
 
 
 @pytest.fixture(scope="module")
