@@ -17,6 +17,7 @@ import math
 import re
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
@@ -34,8 +35,7 @@ if TYPE_CHECKING:
 
 # -- HTML -------------------------------------------------------------------------------------------------
 def _page_title(page: dict) -> str:
-    kind = "latent" if page["kind"] == "latent" else "neuron"
-    return f"{page['hook_point']} · {kind} {int(page['feature'])}"
+    return f"{page['hook_point']} · {page['kind']} {int(page['feature'])}"
 
 
 def export_html(pages: Iterable[dict], path: str | Path, title: str = "mistudio feature pages",
@@ -327,6 +327,9 @@ def _fingerprint(ext: "Extraction", *parts: Any) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+BLOCK_BYTES = 32 << 20  # rows read from the store, and rows handed to the arrow writer, at a time (about)
+
+
 def _sample_blocks(ext: "Extraction", n_samples: int, block_rows: int) -> Iterator[tuple[int, int]]:
     """Runs [k0, k1) of stored samples holding about ``block_rows`` activation rows (at least one sample)."""
     offsets = ext.activation_offsets
@@ -369,23 +372,39 @@ def _samples(ext: "Extraction", hook_points: list[str], tokens: bool, block_rows
 
 
 def _materialise(generator: Any, features: "datasets.Features", fingerprint: str, path: str | Path | None,
-                 cache_dir: str | Path | None = None) -> "datasets.Dataset":
-    """Build the dataset from a generator: in the Hugging Face cache (``cache_dir``, else the default; keyed by
-    ``fingerprint``, so an unchanged store is not exported twice) or, with ``path``, in a temporary folder beside
-    it, saved with ``save_to_disk`` and loaded back from there."""
+                 row_bytes: int, cache_dir: str | Path | None = None) -> "datasets.Dataset":
+    """Build the dataset from a generator, writing arrow batches of about :data:`BLOCK_BYTES`.
+
+    Without ``path`` it stays in the Hugging Face cache (``cache_dir``, else the default), keyed by
+    ``fingerprint``: an unchanged store is not exported twice. With ``path`` it is generated in a temporary folder
+    beside ``path`` and its arrow file is moved into the layout ``save_to_disk`` writes (``data-*.arrow``,
+    ``state.json``, ``dataset_info.json``), the way SAELens's ``CacheActivationsRunner._consolidate_shards``
+    assembles its cache: each byte is written once, not twice (no second copy on disk, even for a moment)."""
     import datasets
 
+    batch = max(1, BLOCK_BYTES // max(1, row_bytes))
     if path is None:
         return datasets.Dataset.from_generator(generator, features=features, fingerprint=fingerprint,
-                                               cache_dir=None if cache_dir is None else str(cache_dir))
+                                               cache_dir=None if cache_dir is None else str(cache_dir),
+                                               writer_batch_size=batch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".mistudio-export-", dir=path.parent))
     try:
-        dataset = datasets.Dataset.from_generator(generator, features=features, fingerprint=fingerprint,
-                                                  cache_dir=str(scratch))
-        dataset.save_to_disk(str(path))
-        del dataset
+        built = datasets.Dataset.from_generator(generator, features=features, fingerprint=fingerprint,
+                                                cache_dir=str(scratch), writer_batch_size=batch)
+        files, info, split = [f["filename"] for f in built.cache_files], asdict(built.info), built.split
+        del built
+        path.mkdir(exist_ok=True)
+        names = [f"data-{i:05d}-of-{len(files):05d}.arrow" for i in range(len(files))]
+        for src, name in zip(files, names):
+            shutil.move(src, path / name)
+        state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": fingerprint,
+                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+                 "_split": None if split is None else str(split)}
+        (path / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+        (path / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2),
+                                                encoding="utf-8")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return datasets.load_from_disk(str(path))
@@ -397,15 +416,16 @@ def _check_target(path: str | Path | None) -> None:
 
 
 def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = None, path: str | Path | None = None,
-                  tokens: bool = False, block_rows: int = 65536, cache_dir: str | Path | None = None) \
+                  tokens: bool = False, block_rows: int | None = None, cache_dir: str | Path | None = None) \
         -> "datasets.Dataset":
     """A store as a ``datasets.Dataset``, one row per committed stored sample, in stored order (longest first):
     ``dataset_row``, ``input_ids`` (int32), ``special`` and ``kept`` (bool per token: ``kept`` is False where
     ``exclude_special`` stored no activation row), ``tokens`` (strings, with ``tokens=True``) and per hook
     point a (len, d) array, float16/float32 as stored (NaN rows where not kept), as ``ext.sample(row)`` gives
-    them. Streamed from the store about ``block_rows`` activation rows at a time; saved with ``save_to_disk``
-    (and loaded back from there) when ``path`` is given, else kept in the Hugging Face cache (``cache_dir``, else
-    the default), keyed by the store, its commit mark and these options."""
+    them. Streamed from the store ``block_rows`` activation rows at a time (default: about 32 MB). With ``path``
+    it is saved there in ``save_to_disk``'s layout (``datasets.load_from_disk(path)`` opens it) and returned
+    loaded from there; else it stays in the Hugging Face cache (``cache_dir``, else the default), keyed by the
+    store, its commit mark and these options."""
     import datasets
 
     chosen = _check_hook_points(ext, hook_points)
@@ -417,12 +437,16 @@ def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = N
     for hp in chosen:
         width = int(ext.activations(hp).shape[1])
         features[hp] = datasets.Array2D(shape=(None, width), dtype=_value_dtype(ext, hp))
+    token_bytes = sum(int(ext.activations(hp).shape[1]) * np.dtype(_value_dtype(ext, hp)).itemsize for hp in chosen)
+    block_rows = block_rows or max(1, BLOCK_BYTES // max(1, token_bytes))
+    mean_length = max(1, int(ext.sample_offsets[-1]) // max(1, len(ext.sample_index)))
 
     def generate():
         yield from _samples(ext, chosen, tokens, block_rows)
 
     fingerprint = _fingerprint(ext, "hf", chosen, tokens)
-    return _materialise(generate, datasets.Features(features), fingerprint, path, cache_dir)
+    return _materialise(generate, datasets.Features(features), fingerprint, path, token_bytes * mean_length,
+                        cache_dir)
 
 
 _TL_HOOKS = {"residual": "hook_resid_post", "mlp": "hook_mlp_out", "attention": "hook_attn_out"}
@@ -438,10 +462,10 @@ def transformer_lens_name(hook_point: str) -> str | None:
 
 
 def to_saelens_cache(ext: "Extraction", hook_point: str, path: str | Path, context_size: int = 128,
-                     hook_name: str | None = None, dtype: str | None = None, block_rows: int = 65536) \
+                     hook_name: str | None = None, dtype: str | None = None, block_rows: int | None = None) \
         -> "datasets.Dataset":
     """One hook point in SAELens's cached-activations layout (what ``CacheActivationsRunner`` writes and
-    ``ActivationsStore`` reads with ``use_cached_activations=True``): a dataset saved with ``save_to_disk`` at
+    ``ActivationsStore`` reads with ``use_cached_activations=True``): a dataset in ``save_to_disk``'s layout at
     ``path`` whose rows hold a column named ``hook_name`` (default: the TransformerLens name,
     ``blocks.N.hook_resid_post`` ...) of ``Array2D((context_size, d_in))`` activations and a ``token_ids``
     column of ``context_size`` int32 ids. Point SAELens at it with ``cached_activations_path=path``,
@@ -475,7 +499,8 @@ def to_saelens_cache(ext: "Extraction", hook_point: str, path: str | Path, conte
         raise InputError(f"extraction {ext.id} has {mark} committed activation rows, fewer than context_size="
                          f"{context_size}: pass a smaller context_size")
     ids = ext.store.tokens("input_ids")
-    per_block = max(1, block_rows // context_size)
+    row_bytes = context_size * width * np.dtype(dtype).itemsize
+    per_block = max(1, (block_rows // context_size) if block_rows else BLOCK_BYTES // row_bytes)
 
     def generate():
         for r0 in range(0, n_rows, per_block):
@@ -491,7 +516,7 @@ def to_saelens_cache(ext: "Extraction", hook_point: str, path: str | Path, conte
     features = datasets.Features({hook_name: datasets.Array2D(shape=(context_size, width), dtype=dtype),
                                   "token_ids": datasets.List(datasets.Value("int32"), length=context_size)})
     dataset = _materialise(generate, features, _fingerprint(ext, "saelens", chosen, context_size, hook_name, dtype),
-                           path)
+                           path, row_bytes)
     info = {"format": "sae_lens cached activations", "extraction": ext.id, "location": ext.location,
             "hook_point": chosen, "hook_name": hook_name, "context_size": context_size, "d_in": width, "dtype": dtype,
             "n_rows": n_rows, "tokens_packed": n_rows * context_size, "tokens_left_out": mark - n_rows * context_size,

@@ -96,6 +96,9 @@ def check_page(page: Any) -> None:
     if missing:
         raise InputError(f"feature page for {page.get('hook_point')!r} feature {page.get('feature')!r} lacks "
                          f"{missing}: build it with every key of mistudio.feature_page.PAGE_KEYS")
+    if page["kind"] not in ("neuron", "latent"):
+        raise InputError(f"feature page kind={page['kind']!r} is neither 'neuron' (a raw unit of the hook point) nor "
+                         "'latent' (an SAE latent)")
     for group, examples in [("top", page["top"])] + [(f"bands[{i}]", b.get("examples", []))
                                                      for i, b in enumerate(page["bands"])]:
         for j, example in enumerate(examples):
@@ -116,15 +119,15 @@ def _header(page: dict) -> str:
     one_in = f" · 1 in {_int(round(1 / density))}" if density > 0 else ""
     nav = " ".join(s for s in (f"← {_int(page['prev'])}" if page.get("prev") is not None else "",
                                f"{_int(page['next'])} →" if page.get("next") is not None else "") if s)
-    kind = "latent" if page["kind"] == "latent" else "neuron"
     stats = [f"<span><b>density</b> {_num(100 * density, '.3g')}%{one_in}</span>",
              f"<span><b>fires on</b> {_int(page['fire_count'])} of {_int(page['n_tokens'])} tokens</span>",
              f"<span><b>max</b> {_num(page['max'])}</span>", f"<span><b>mean</b> {_num(page['mean'])}</span>",
              f"<span><b>mean when active</b> {_num(page['mean_active'])}</span>",
              f"<span><b>width</b> {_int(page['d'])}</span>"]
     note = f'<div class="msfp-note">{escape(page["note"])}</div>' if str(page.get("note") or "").strip() else ""
-    return (f'<div class="msfp-header"><h4>{escape(page["hook_point"])} · {escape(kind)} {_int(page["feature"])} '
-            f'<span class="msfp-sub">{escape(page["extraction"])}{" · " + nav if nav else ""}</span></h4>'
+    sub = escape(page["extraction"]) + (" · " + nav if nav else "")
+    return (f'<div class="msfp-header"><h4>{escape(page["hook_point"])} · {escape(page["kind"])} '
+            f'{_int(page["feature"])} <span class="msfp-sub">{sub}</span></h4>'
             f'<div class="msfp-stats">{"".join(stats)}</div>{note}</div>')
 
 
@@ -230,8 +233,9 @@ def _correlated(page: dict) -> str:
     if not rows:
         return f'<section class="msfp-correlated"><h5>{title}</h5><i class="msfp-none">none recorded</i></section>'
     body = "".join(f'<tr><td class="num">{_int(r["feature"])}</td><td class="num">'
-                   f'{_num(100 * float(r["fraction"]), ".3g")}%</td><td>{_bar(float(r["fraction"]), 1.0, "#8a5cc2", 60)}'
-                   f'</td><td class="num">{_int(r["count"])}</td></tr>' for r in rows)
+                   f'{_num(100 * float(r["fraction"]), ".3g")}%</td>'
+                   f'<td>{_bar(float(r["fraction"]), 1.0, "#8a5cc2", 60)}</td>'
+                   f'<td class="num">{_int(r["count"])}</td></tr>' for r in rows)
     return (f'<section class="msfp-correlated"><h5>{title}</h5><table><tr><th class="num">feature</th>'
             f'<th class="num">share</th><th></th><th class="num">tokens</th></tr>{body}</table></section>')
 

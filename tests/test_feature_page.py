@@ -180,4 +180,6 @@ def test_incomplete_pages_are_refused_by_name():
     bad = make_page(top=[dict(example(1.0, ["a", "b"], [0.1], 0))])
     with pytest.raises(InputError, match=r"top\[0\].*2 tokens, 1 values"):
         feature_page_html(bad)
+    with pytest.raises(InputError, match="kind='feature' is neither"):
+        feature_page_html(make_page(kind="feature"))
     assert len(PAGE_KEYS) == 20
