@@ -19,12 +19,10 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
                "sample": int, "dataset_row": int,   # stored sample and its dataset row
                "position": int, "context_start": int,   # token positions in the sample
                "tokens": [str], "values": [float | None], "special": [bool],   # the context window
-               "peak": int,                         # index into tokens of the example's own token
-               "token_ids"?: [int]}                 # the context's ids (exports decode them)
+               "peak": int}                         # index into tokens of the example's own token
 
-Keys marked ``?`` are optional additions to the brief's schema: ``min_count`` (what Neuronpedia and
-SAEDashboard call the minimum count of a token's mean-activation row), ``token_ids`` (Neuronpedia's activation
-records hold decoded token strings, which need the ids) and ``special`` on a token-means row.
+Keys marked ``?`` are optional: ``min_count``, the least count the token means were computed with (the table
+says it and leaves out rows below it), and ``special`` on a token-means row (``hide_special`` hides it).
 SAEDashboard's layout is followed: statistics, histogram, logit table and feature tables on the left, the
 top activations and the quantile-interval examples on the right. Rendering is pure and self-contained: inline
 CSS, inline SVG, no scripts, no images, no links to anything outside the page; every string taken from the
@@ -37,6 +35,7 @@ import math
 from typing import Any, Sequence
 
 from .errors import InputError
+from .feature_view import _shade as shade  # the Browse tab's shading, shared
 from .feature_view import display_pieces
 
 PAGE_KEYS = ("extraction", "hook_point", "feature", "kind", "d", "n_tokens", "fire_count", "density", "mean",
@@ -240,14 +239,6 @@ def _correlated(page: dict) -> str:
             f'<th class="num">share</th><th></th><th class="num">tokens</th></tr>{body}</table></section>')
 
 
-def _shade(value: float | None, scale: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    alpha = min(1.0, abs(float(value)) / scale) * 0.85 if scale > 0 else 0.0
-    rgb = "230,95,25" if float(value) >= 0 else "40,100,220"
-    return f"background:rgba({rgb},{alpha:.2f})"
-
-
 def _tokens(example: dict, lo: int, hi: int, scale: float, scheme: str, hide_special: bool) -> str:
     tokens = [str(t) for t in example["tokens"]]
     pieces = display_pieces(tokens, scheme)
@@ -255,11 +246,12 @@ def _tokens(example: dict, lo: int, hi: int, scale: float, scheme: str, hide_spe
     out = []
     for i in range(lo, hi):
         special, value = bool(example["special"][i]), example["values"][i]
+        value = None if value is None or math.isnan(float(value)) else float(value)
         if hide_special and special:
             continue
         cls = "msfp-tok" + (" msfp-special" if special or value is None else "") + (" msfp-peak" if i == peak else "")
         shown = "no activation" if value is None else _num(value)
-        out.append(f'<span class="{cls}" style="{_shade(value, scale)}" title="{escape(tokens[i])} = {escape(shown)}">'
+        out.append(f'<span class="{cls}" style="{shade(value, scale)}" title="{escape(tokens[i])} = {escape(shown)}">'
                    f"{escape(pieces[i])}</span>")
     return "".join(out)
 
