@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, MistudioError
 from .feature_page import PAGE_CSS, check_page, escape, feature_page_html
 from .feature_view import display_pieces
 
@@ -383,16 +383,23 @@ def _materialise(generator: Any, features: "datasets.Features", fingerprint: str
     import datasets
 
     batch = max(1, BLOCK_BYTES // max(1, row_bytes))
+
+    def build(where: str | None) -> "datasets.Dataset":
+        try:
+            return datasets.Dataset.from_generator(generator, features=features, fingerprint=fingerprint,
+                                                   cache_dir=where, writer_batch_size=batch)
+        except datasets.exceptions.DatasetGenerationError as exc:
+            if isinstance(exc.__cause__, MistudioError):  # a damaged chunk, a bad value: say it as it is
+                raise exc.__cause__ from None
+            raise
+
     if path is None:
-        return datasets.Dataset.from_generator(generator, features=features, fingerprint=fingerprint,
-                                               cache_dir=None if cache_dir is None else str(cache_dir),
-                                               writer_batch_size=batch)
+        return build(None if cache_dir is None else str(cache_dir))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".mistudio-export-", dir=path.parent))
     try:
-        built = datasets.Dataset.from_generator(generator, features=features, fingerprint=fingerprint,
-                                                cache_dir=str(scratch), writer_batch_size=batch)
+        built = build(str(scratch))
         files, info, split = [f["filename"] for f in built.cache_files], asdict(built.info), built.split
         del built
         path.mkdir(exist_ok=True)

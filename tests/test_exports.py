@@ -14,7 +14,7 @@ import pytest
 
 import mistudio as ms
 from mistudio.analysis import describe_examples
-from mistudio.errors import InputError
+from mistudio.errors import InputError, StoreCorrupted
 from mistudio.exports import (NEURONPEDIA_OPTIONAL, NEURONPEDIA_REQUIRED, export_html, export_neuronpedia,
                               to_hf_dataset, to_saelens_cache, transformer_lens_name)
 from mistudio.feature_view import display_pieces
@@ -376,3 +376,19 @@ def test_saelens_cache_refusals(store, tmp_path):
         to_saelens_cache(store, "layers.1.mlp", tmp_path / "full")
     assert transformer_lens_name("layers.4.attention") == "blocks.4.hook_attn_out"
     assert transformer_lens_name("layers.4.residual.sae") is None
+
+
+def test_a_damaged_store_says_so(gpt2_dir, tmp_path):
+    """A missing chunk is the store's StoreCorrupted, not datasets' generation error, and leaves no export."""
+    ext = ms.extract(gpt2_dir, texts(), layers=[0], hooks=["residual"], max_length=48, dtype="float32", chunk_mb=0.01,
+                     workspace=str(tmp_path / "ws"), progress=False)
+    chunks = sorted(p for p in (Path(ext.location) / "activations" / "layers.0.residual").rglob("*")
+                    if p.is_file() and p.name != "zarr.json")
+    assert len(chunks) > 2
+    chunks[1].unlink()
+    with pytest.raises(StoreCorrupted):
+        to_hf_dataset(ext, path=tmp_path / "hf")
+    with pytest.raises(StoreCorrupted):
+        to_saelens_cache(ext, "layers.0.residual", tmp_path / "cache", context_size=8)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "cache").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mistudio-export-")]  # scratch removed
