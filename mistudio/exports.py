@@ -437,10 +437,10 @@ def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = N
 
     chosen = _check_hook_points(ext, hook_points)
     _check_target(path)
-    features = {"dataset_row": datasets.Value("int64"), "input_ids": datasets.List(datasets.Value("int32")),
-                "special": datasets.List(datasets.Value("bool")), "kept": datasets.List(datasets.Value("bool"))}
+    features = {"dataset_row": datasets.Value("int64"), "input_ids": datasets.Sequence(datasets.Value("int32")),
+                "special": datasets.Sequence(datasets.Value("bool")), "kept": datasets.Sequence(datasets.Value("bool"))}
     if tokens:
-        features["tokens"] = datasets.List(datasets.Value("string"))
+        features["tokens"] = datasets.Sequence(datasets.Value("string"))
     for hp in chosen:
         width = int(ext.activations(hp).shape[1])
         features[hp] = datasets.Array2D(shape=(None, width), dtype=_value_dtype(ext, hp))
@@ -521,7 +521,7 @@ def to_saelens_cache(ext: "Extraction", hook_point: str, path: str | Path, conte
                 yield {hook_name: values[s], "token_ids": block_ids[s]}
 
     features = datasets.Features({hook_name: datasets.Array2D(shape=(context_size, width), dtype=dtype),
-                                  "token_ids": datasets.List(datasets.Value("int32"), length=context_size)})
+                                  "token_ids": datasets.Sequence(datasets.Value("int32"), length=context_size)})
     dataset = _materialise(generate, features, _fingerprint(ext, "saelens", chosen, context_size, hook_name, dtype),
                            path, row_bytes)
     info = {"format": "sae_lens cached activations", "extraction": ext.id, "location": ext.location,
