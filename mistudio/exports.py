@@ -1,0 +1,532 @@
+"""Sharing a store and its feature pages in the formats other tools read.
+
+- :func:`export_html`: chosen feature pages as one self-contained HTML file (an index, then the pages).
+- :func:`export_neuronpedia`: Neuronpedia's bulk-import layout for one source (features, activations and
+  explanations as gzipped JSON-lines batches, the metadata records beside them).
+- :func:`to_hf_dataset`: a store as a Hugging Face ``datasets.Dataset``, one row per stored sample.
+- :func:`to_saelens_cache`: a hook point in SAELens's cached-activations layout, rows packed to a context size.
+
+The two store exports stream: a block of samples (or of packed rows) at a time, never the whole store.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import re
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import InputError, MistudioError
+from .feature_page import PAGE_CSS, check_page, escape, feature_page_html
+from .feature_view import display_pieces
+
+if TYPE_CHECKING:
+    import datasets
+
+    from .extraction import Extraction
+
+
+# -- HTML -------------------------------------------------------------------------------------------------
+def _page_title(page: dict) -> str:
+    return f"{page['hook_point']} · {page['kind']} {int(page['feature'])}"
+
+
+def export_html(pages: Iterable[dict], path: str | Path, title: str = "mistudio feature pages",
+                hide_special: bool = False, scheme: str = "auto") -> Path:
+    """Write ``pages`` (feature page dicts, :mod:`mistudio.feature_page`) to one HTML file: an index with a line
+    per page (density, max, note) linking to its anchor, then the pages. Nothing in the file loads anything:
+    no scripts, no images, no fonts, and a Content-Security-Policy that forbids every fetch."""
+    pages = list(pages)
+    if not pages:
+        raise InputError("export_html got no pages: pass a list of feature page dicts")
+    for page in pages:
+        check_page(page)
+    index, bodies = [], []
+    for i, page in enumerate(pages):
+        note = str(page.get("note") or "").strip().splitlines()
+        index.append(f'<tr><td><a href="#p{i}">{escape(_page_title(page))}</a></td>'
+                     f'<td class="num">{100 * float(page["density"]):.3g}%</td><td class="num">'
+                     f'{float(page["max"]):.4g}</td><td>{escape(note[0][:120]) if note else ""}</td></tr>')
+        bodies.append(f'<div id="p{i}">{feature_page_html(page, hide_special=hide_special, scheme=scheme, style=False)}'
+                      '<p class="msfp-back"><a href="#index">↑ index</a></p></div>')
+    text = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{escape(title)}</title><style>{PAGE_CSS}\nbody{{margin:16px;font-family:system-ui,sans-serif}}"
+            ".msfp-index td,.msfp-index th{padding:1px 8px}.msfp-index .num{text-align:right}"
+            ".msfp-back{margin:0 0 18px;font-size:12px}</style></head><body>"
+            f'<h1 style="font-size:20px">{escape(title)}</h1><table class="msfp-index" id="index"><tr><th>feature</th>'
+            f'<th class="num">density</th><th class="num">max</th><th>note</th></tr>{"".join(index)}</table>'
+            f'{"".join(bodies)}</body></html>\n')
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- Neuronpedia ------------------------------------------------------------------------------------------
+# The columns each record may hold, with their Prisma types, copied from Neuronpedia's schema:
+# hijohnnylin/neuronpedia @ ebb8426fc550ad5d1f76d52c271a624af3c08a57, apps/webapp/prisma/schema.prisma (models
+# Neuron, Activation, Explanation, Model, Source, SourceSet, SourceRelease). REQUIRED are the fields without
+# "?" and without @default, plus "id" of Activation and Explanation: its @default(cuid()) is filled in by the
+# Prisma client, and the bulk importer (apps/webapp/lib/db/import.ts, importJsonlString) inserts raw SQL rows
+# with jsonb_to_recordset, taking the column list from the first line of each file (so every line of a file has
+# the same keys here). Only columns mistudio fills are listed in OPTIONAL.
+NEURONPEDIA_REQUIRED: dict[str, dict[str, str]] = {
+    "Neuron": {"modelId": "String", "layer": "String", "index": "String"},
+    "Activation": {"id": "String", "tokens": "String[]", "index": "String", "layer": "String", "modelId": "String",
+                   "maxValue": "Float", "maxValueTokenIndex": "Int", "minValue": "Float", "values": "Float[]",
+                   "creatorId": "String"},
+    "Explanation": {"id": "String", "modelId": "String", "layer": "String", "index": "String",
+                    "description": "String", "authorId": "String"},
+    "Model": {"id": "String", "creatorId": "String", "layers": "Int", "neuronsPerLayer": "Int", "owner": "String"},
+    "SourceSet": {"modelId": "String", "name": "String", "description": "String", "creatorName": "String",
+                  "urls": "String[]", "creatorId": "String"},
+    "Source": {"id": "String", "modelId": "String", "setName": "String", "creatorId": "String"},
+    "SourceRelease": {"name": "String", "description": "String", "urls": "String[]", "creatorName": "String",
+                      "creatorId": "String"},
+}
+NEURONPEDIA_OPTIONAL: dict[str, dict[str, str]] = {
+    "Neuron": {"sourceSetName": "String?", "creatorId": "String?", "maxActApprox": "Float?",
+               "frac_nonzero": "Float", "freq_hist_data_bar_heights": "Float[]",
+               "freq_hist_data_bar_values": "Float[]", "pos_str": "String[]", "pos_values": "Float[]",
+               "neg_str": "String[]", "neg_values": "Float[]"},
+    "Activation": {"dataIndex": "String?", "dataSource": "String?", "binMin": "Float?", "binMax": "Float?",
+                   "binContains": "Float?", "qualifyingTokenIndex": "Int?"},
+    "Explanation": {},
+    "Model": {"displayName": "String", "displayNameShort": "String", "instruct": "Boolean",
+              "visibility": "Visibility", "inferenceEnabled": "Boolean"},
+    "SourceSet": {"visibility": "Visibility", "hasDashboards": "Boolean", "releaseName": "String?"},
+    "Source": {"visibility": "Visibility", "hasDashboards": "Boolean", "dataset": "String?",
+               "num_prompts": "Int?", "notes": "String?"},
+    "SourceRelease": {"visibility": "Visibility", "descriptionShort": "String?"},
+}
+# Neuronpedia's default user (apps/webapp/lib/env.ts DEFAULT_CREATOR_USER_ID, created by prisma/seed.ts); the
+# converters in utils/neuronpedia-utils fall back to it too
+NEURONPEDIA_DEFAULT_CREATOR = "clkht01d40000jv08hvalcvly"
+_NEURONPEDIA_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")  # the Model id rule of the schema's zod annotation
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def _finite(value: Any) -> float:
+    """A JSON-safe float: None, NaN and infinities (no activation row, or overflow) become 0.0."""
+    if value is None:
+        return 0.0
+    x = float(value)
+    return x if math.isfinite(x) else 0.0
+
+
+def _record_id(*parts: Any) -> str:
+    """A stable, cuid-shaped id (25 characters, starting with 'c'): importing the same export twice inserts
+    nothing new (the importer's INSERT ... ON CONFLICT DO NOTHING)."""
+    return "c" + hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+def _texts(tokens: Sequence[str], tokenizer: Any, scheme: str) -> list[str]:
+    """Token strings as text: the tokenizer's own decoding of each token when given (as TransformerLens's
+    to_str_tokens, which Neuronpedia's dashboards hold), else the display pieces ('Ġthe' -> ' the')."""
+    if tokenizer is not None:
+        return [tokenizer.convert_tokens_to_string([str(t)]) for t in tokens]
+    return display_pieces([str(t) for t in tokens], scheme)
+
+
+def _freq_hist(page: dict) -> tuple[list[float], list[float]]:
+    """The positive bins of the page's histogram as (heights, values): the counts, and each bin's centre
+    (geometric for a log bin, half the top edge for a bin starting at 0, the lower edge for the overflow bin)."""
+    hist = page.get("histogram") or {}
+    counts, edges = list(hist.get("counts", [])), [float("nan") if e is None else float(e)
+                                                    for e in hist.get("edges", [])]
+    bins = [(lo, hi, int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts) if lo >= 0 and hi > 0]
+    used = [i for i, (_, _, c) in enumerate(bins) if c]
+    if not used:
+        return [], []
+    heights, values = [], []
+    for lo, hi, count in bins[used[0]:used[-1] + 1]:
+        heights.append(float(count))
+        values.append(lo if math.isinf(hi) else (hi / 2 if lo == 0 else math.sqrt(lo * hi)))
+    return heights, values
+
+
+def _activation(example: dict, page: dict, where: dict, k: int, bin_range: tuple[float, float, float],
+                tokenizer: Any, scheme: str, dataset: str | None) -> dict:
+    values = [_finite(v) for v in example["values"]]
+    top = max(values)
+    return {"id": _record_id(where["modelId"], where["layer"], page["feature"], k, example["row"]),
+            **where, "index": str(int(page["feature"])),
+            "tokens": _texts(example["tokens"], tokenizer, scheme), "values": values,
+            "maxValue": top, "maxValueTokenIndex": values.index(top), "minValue": min(values),
+            "dataIndex": str(int(example["dataset_row"])), "dataSource": dataset,
+            "binMin": bin_range[0], "binMax": bin_range[1], "binContains": bin_range[2],
+            "qualifyingTokenIndex": int(example["peak"])}
+
+
+def _feature_records(page: dict, model_id: str, source_id: str, source_set: str, creator_id: str, tokenizer: Any,
+                     scheme: str, dataset: str | None) -> tuple[dict, list[dict], dict | None]:
+    index = str(int(page["feature"]))
+    heights, values = _freq_hist(page)
+    logits = page.get("logits") or {"promoted": [], "suppressed": []}
+    pos, neg = list(logits.get("promoted", [])), list(logits.get("suppressed", []))
+    feature = {"modelId": model_id, "layer": source_id, "index": index, "sourceSetName": source_set,
+               "creatorId": creator_id, "maxActApprox": _finite(page["max"]), "frac_nonzero": _finite(page["density"]),
+               "freq_hist_data_bar_heights": heights, "freq_hist_data_bar_values": values,
+               "pos_str": _texts([e["token"] for e in pos], tokenizer, scheme),
+               "pos_values": [_finite(e["value"]) for e in pos],
+               "neg_str": _texts([e["token"] for e in neg], tokenizer, scheme),
+               "neg_values": [_finite(e["value"]) for e in neg]}
+    where = {"modelId": model_id, "layer": source_id, "creatorId": creator_id}
+    # SAEDashboard's conventions (sae_dashboard/neuronpedia/neuronpedia_converter.py): top activations have
+    # binMin -1, binMax the feature's maximum and binContains -1; a quantile interval gives its value range and
+    # the share of tokens it holds
+    acts = [_activation(e, page, where, k, (-1.0, _finite(page["max"]), -1.0), tokenizer, scheme, dataset)
+            for k, e in enumerate(page["top"])]
+    for b, band in enumerate(page["bands"]):
+        (q0, q1), (v0, v1) = band["quantiles"], band["values"]
+        acts += [_activation(e, page, where, f"band{b}.{k}", (_finite(v0), _finite(v1), _finite(q1) - _finite(q0)),
+                             tokenizer, scheme, dataset) for k, e in enumerate(band["examples"])]
+    note = str(page.get("note") or "").strip()
+    explanation = None
+    if note:
+        explanation = {"id": _record_id(model_id, source_id, index, "explanation", note), "modelId": model_id,
+                       "layer": source_id, "index": index, "description": note, "authorId": creator_id}
+    return feature, acts, explanation
+
+
+def _write_jsonl(path: Path, records: Sequence[dict], compress: bool) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records).encode("utf-8")
+    if compress:
+        path.write_bytes(gzip.compress(text, compresslevel=5))
+    else:
+        path.write_bytes(text)
+
+
+def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str, source_set: str, *,
+                       creator_id: str = NEURONPEDIA_DEFAULT_CREATOR, creator_name: str = "mistudio",
+                       description: str | None = None, dataset: str | None = None, tokenizer: Any = None,
+                       scheme: str = "auto", n_layers: int = 0, release: str | None = None,
+                       urls: Sequence[str] = (), batch_size: int = 256, overwrite: bool = False) -> Path:
+    """Write feature pages of one hook point in Neuronpedia's bulk-import layout and return the source folder:
+
+    ``folder/<model_id>/<layer>-<source_set>/`` with ``model.jsonl``, ``sourceset.jsonl``, ``source.jsonl``
+    (``release.jsonl`` with ``release=``), ``features/batch-<i>.jsonl.gz`` (table Neuron),
+    ``activations/batch-<i>.jsonl.gz`` (table Activation: the top examples and the quantile-band examples) and
+    ``explanations/batch-<i>.jsonl.gz`` (table Explanation: a page's ``note``, when it has one); the same
+    layout Neuronpedia's own converters write (utils/neuronpedia-utils) and its importer reads
+    (apps/webapp/app/api/admin/import/route.ts). ``model_id`` is the model's Neuronpedia id (e.g. ``gpt2-small``);
+    ``tokenizer`` (the extraction's) turns token pieces into the text Neuronpedia shows. Streams: ``batch_size``
+    pages at a time. Left out: correlated features (Neuronpedia's are Pearson correlations; the page holds
+    co-firing counts) and steering vectors. Token values without an activation row are written as 0."""
+    for name, value in (("model_id", model_id), ("source_set", source_set)):
+        if not isinstance(value, str) or not _NEURONPEDIA_NAME.match(value):
+            raise InputError(f"{name}={value!r} is not a Neuronpedia name: use letters, digits, '-' and '_' only "
+                             "(e.g. 'gpt2-small', 'res-mistudio')")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r} is not a positive integer: pass how many features per file")
+    pages = iter(pages)
+    first = next(pages, None)
+    if first is None:
+        raise InputError("export_neuronpedia got no pages: pass the feature pages of one hook point")
+    check_page(first)
+    hook_point = first["hook_point"]
+    match = _LAYER.match(str(hook_point))
+    if not match:
+        raise InputError(f"hook point {hook_point!r} names no layer: Neuronpedia sources are per layer "
+                         "(layers.N.residual|mlp|attention)")
+    source_id = f"{int(match.group(1))}-{source_set}"
+    root = Path(folder) / model_id / source_id
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise InputError(f"{root} already holds an export: pass overwrite=True to replace it, or another folder")
+        shutil.rmtree(root)
+    for sub in ("features", "activations", "explanations"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    kinds = {"residual": "Residual stream", "mlp": "MLP out", "attention": "Attention out"}
+    kind = kinds.get(str(hook_point).rsplit(".", 1)[-1], str(hook_point))
+    description = description or f"{kind} · {first['kind']}s · mistudio"
+    public = "PUBLIC"
+    _write_jsonl(root / "model.jsonl", [{"id": model_id, "displayName": model_id, "displayNameShort": model_id,
+                                          "creatorId": creator_id, "layers": int(n_layers),
+                                          "neuronsPerLayer": int(first["d"]), "owner": creator_name,
+                                          "instruct": False, "visibility": public, "inferenceEnabled": False}], False)
+    sourceset = {"modelId": model_id, "name": source_set, "description": description, "creatorName": creator_name,
+                 "urls": list(urls), "creatorId": creator_id, "visibility": public, "hasDashboards": True,
+                 "releaseName": release}
+    _write_jsonl(root / "sourceset.jsonl", [sourceset], False)
+    _write_jsonl(root / "source.jsonl", [{"id": source_id, "modelId": model_id, "setName": source_set,
+                                           "creatorId": creator_id, "visibility": public, "hasDashboards": True,
+                                           "dataset": dataset, "num_prompts": None,
+                                           "notes": f"mistudio extraction {first['extraction']}, {hook_point}"}],
+                 False)
+    if release is not None:
+        _write_jsonl(root / "release.jsonl", [{"name": release, "description": description, "urls": list(urls),
+                                                "creatorName": creator_name, "creatorId": creator_id,
+                                                "visibility": public, "descriptionShort": description}], False)
+
+    def batches() -> Iterator[list[dict]]:
+        batch = [first]
+        for page in pages:
+            check_page(page)
+            if page["hook_point"] != hook_point:
+                raise InputError(f"pages of several hook points ({hook_point!r}, {page['hook_point']!r}): a "
+                                 "Neuronpedia source holds one; export each hook point on its own")
+            batch.append(page)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    n_explained = 0
+    for i, batch in enumerate(batches()):
+        features, activations, explanations = [], [], []
+        for page in batch:
+            feature, acts, explanation = _feature_records(page, model_id, source_id, source_set, creator_id,
+                                                          tokenizer, scheme, dataset)
+            features.append(feature)
+            activations += acts
+            explanations += [explanation] if explanation else []
+        _write_jsonl(root / "features" / f"batch-{i}.jsonl.gz", features, True)
+        _write_jsonl(root / "activations" / f"batch-{i}.jsonl.gz", activations, True)
+        if explanations:
+            _write_jsonl(root / "explanations" / f"batch-{n_explained}.jsonl.gz", explanations, True)
+            n_explained += 1
+    return root
+
+
+# -- store exports ------------------------------------------------------------------------------------------
+def _committed_samples(ext: "Extraction") -> int:
+    record = ext.record
+    return len(ext.sample_index) if record.status == "COMPLETED" else int(record.progress.samples_committed)
+
+
+def _value_dtype(ext: "Extraction", hook_point: str) -> str:
+    name = np.dtype(ext.activations(hook_point).dtype).name
+    return name if name in ("float16", "float32") else "float32"
+
+
+def _check_hook_points(ext: "Extraction", hook_points: Any) -> list[str]:
+    if hook_points is None:
+        return list(ext.hook_points)
+    chosen = [hook_points] if isinstance(hook_points, str) else list(hook_points)
+    bad = [hp for hp in chosen if hp not in ext.hook_points]
+    if bad or not chosen:
+        raise InputError(f"hook points {bad or chosen!r} are not in extraction {ext.id}: it has {ext.hook_points}")
+    return chosen
+
+
+def _fingerprint(ext: "Extraction", *parts: Any) -> str:
+    """Names the exact content: the store (location and nonce), its commit mark and the export's options."""
+    record = ext.record
+    key = json.dumps([ext.location, record.nonce, record.committed_tokens(), *map(str, parts)])
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+BLOCK_BYTES = 32 << 20  # rows read from the store, and rows handed to the arrow writer, at a time (about)
+
+
+def _sample_blocks(ext: "Extraction", n_samples: int, block_rows: int) -> Iterator[tuple[int, int]]:
+    """Runs [k0, k1) of stored samples holding about ``block_rows`` activation rows (at least one sample)."""
+    offsets = ext.activation_offsets
+    k0 = 0
+    while k0 < n_samples:
+        k1 = int(np.searchsorted(offsets, offsets[k0] + block_rows, side="right")) - 1
+        k1 = min(max(k1, k0 + 1), n_samples)
+        yield k0, k1
+        k0 = k1
+
+
+def _samples(ext: "Extraction", hook_points: list[str], tokens: bool, block_rows: int) -> Iterator[dict]:
+    """Every committed stored sample in stored order, as ``Extraction.sample`` gives it, read a block at a time."""
+    n = _committed_samples(ext)
+    offsets, act_offsets, rows = ext.sample_offsets, ext.activation_offsets, ext.sample_index
+    has_special = "special" in ext.store.group["tokens"]
+    arrays = {hp: ext.activations(hp) for hp in hook_points}
+    for k0, k1 in _sample_blocks(ext, n, block_rows):
+        t0, t1, a0, a1 = int(offsets[k0]), int(offsets[k1]), int(act_offsets[k0]), int(act_offsets[k1])
+        ids = np.asarray(ext.store.tokens("input_ids")[t0:t1])
+        special = np.asarray(ext.store.tokens("special")[t0:t1]).astype(bool) if has_special \
+            else np.zeros(t1 - t0, dtype=bool)
+        block = {hp: np.asarray(arr[a0:a1]) for hp, arr in arrays.items()}
+        for k in range(k0, k1):
+            s, e = int(offsets[k]) - t0, int(offsets[k + 1]) - t0
+            r0, r1 = int(act_offsets[k]) - a0, int(act_offsets[k + 1]) - a0
+            kept = ~special[s:e] if r1 - r0 < e - s else np.ones(e - s, dtype=bool)
+            out = {"dataset_row": int(rows[k]), "input_ids": ids[s:e].astype(np.int32), "special": special[s:e],
+                   "kept": kept}
+            for hp, values in block.items():
+                part = values[r0:r1]
+                if not kept.all():
+                    full = np.full((e - s, part.shape[1]), np.nan, dtype=part.dtype)
+                    full[kept] = part
+                    part = full
+                out[hp] = part
+            if tokens:
+                out["tokens"] = ext.tokenizer.convert_ids_to_tokens([int(i) for i in out["input_ids"]])
+            yield out
+
+
+def _materialise(generator: Any, features: "datasets.Features", fingerprint: str, path: str | Path | None,
+                 row_bytes: int, cache_dir: str | Path | None = None) -> "datasets.Dataset":
+    """Build the dataset from a generator, writing arrow batches of about :data:`BLOCK_BYTES`.
+
+    Without ``path`` it stays in the Hugging Face cache (``cache_dir``, else the default), keyed by
+    ``fingerprint``: an unchanged store is not exported twice. With ``path`` it is generated in a temporary folder
+    beside ``path`` and its arrow file is moved into the layout ``save_to_disk`` writes (``data-*.arrow``,
+    ``state.json``, ``dataset_info.json``), the way SAELens's ``CacheActivationsRunner._consolidate_shards``
+    assembles its cache: each byte is written once, not twice (no second copy on disk, even for a moment)."""
+    import datasets
+
+    batch = max(1, BLOCK_BYTES // max(1, row_bytes))
+
+    def build(where: str | None) -> "datasets.Dataset":
+        try:
+            return datasets.Dataset.from_generator(generator, features=features, fingerprint=fingerprint,
+                                                   cache_dir=where, writer_batch_size=batch)
+        except datasets.exceptions.DatasetGenerationError as exc:
+            if isinstance(exc.__cause__, MistudioError):  # a damaged chunk, a bad value: say it as it is
+                raise exc.__cause__ from None
+            raise
+
+    if path is None:
+        return build(None if cache_dir is None else str(cache_dir))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".mistudio-export-", dir=path.parent))
+    try:
+        built = build(str(scratch))
+        files, info, split = [f["filename"] for f in built.cache_files], asdict(built.info), built.split
+        del built
+        path.mkdir(exist_ok=True)
+        names = [f"data-{i:05d}-of-{len(files):05d}.arrow" for i in range(len(files))]
+        for src, name in zip(files, names):
+            shutil.move(src, path / name)
+        state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": fingerprint,
+                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+                 "_split": None if split is None else str(split)}
+        (path / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+        (path / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2),
+                                                encoding="utf-8")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return datasets.load_from_disk(str(path))
+
+
+def _check_target(path: str | Path | None) -> None:
+    if path is not None and Path(path).exists() and (not Path(path).is_dir() or any(Path(path).iterdir())):
+        raise InputError(f"{path} exists and is not an empty folder: pass a new path (nothing is overwritten)")
+
+
+def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = None, path: str | Path | None = None,
+                  tokens: bool = False, block_rows: int | None = None, cache_dir: str | Path | None = None) \
+        -> "datasets.Dataset":
+    """A store as a ``datasets.Dataset``, one row per committed stored sample, in stored order (longest first):
+    ``dataset_row``, ``input_ids`` (int32), ``special`` and ``kept`` (bool per token: ``kept`` is False where
+    ``exclude_special`` stored no activation row), ``tokens`` (strings, with ``tokens=True``) and per hook
+    point a (len, d) array, float16/float32 as stored (NaN rows where not kept), as ``ext.sample(row)`` gives
+    them. Streamed from the store ``block_rows`` activation rows at a time (default: about 32 MB). With ``path``
+    it is saved there in ``save_to_disk``'s layout (``datasets.load_from_disk(path)`` opens it) and returned
+    loaded from there; else it stays in the Hugging Face cache (``cache_dir``, else the default), keyed by the
+    store, its commit mark and these options."""
+    import datasets
+
+    chosen = _check_hook_points(ext, hook_points)
+    _check_target(path)
+    features = {"dataset_row": datasets.Value("int64"), "input_ids": datasets.Sequence(datasets.Value("int32")),
+                "special": datasets.Sequence(datasets.Value("bool")), "kept": datasets.Sequence(datasets.Value("bool"))}
+    if tokens:
+        features["tokens"] = datasets.Sequence(datasets.Value("string"))
+    for hp in chosen:
+        width = int(ext.activations(hp).shape[1])
+        features[hp] = datasets.Array2D(shape=(None, width), dtype=_value_dtype(ext, hp))
+    token_bytes = sum(int(ext.activations(hp).shape[1]) * np.dtype(_value_dtype(ext, hp)).itemsize for hp in chosen)
+    block_rows = block_rows or max(1, BLOCK_BYTES // max(1, token_bytes))
+    mean_length = max(1, int(ext.sample_offsets[-1]) // max(1, len(ext.sample_index)))
+
+    def generate():
+        yield from _samples(ext, chosen, tokens, block_rows)
+
+    fingerprint = _fingerprint(ext, "hf", chosen, tokens)
+    return _materialise(generate, datasets.Features(features), fingerprint, path, token_bytes * mean_length,
+                        cache_dir)
+
+
+_TL_HOOKS = {"residual": "hook_resid_post", "mlp": "hook_mlp_out", "attention": "hook_attn_out"}
+
+
+def transformer_lens_name(hook_point: str) -> str | None:
+    """TransformerLens's name of a mistudio hook point (``layers.3.residual`` -> ``blocks.3.hook_resid_post``,
+    ``mlp`` -> ``hook_mlp_out``, ``attention`` -> ``hook_attn_out``), as SAELens names its columns; else None."""
+    m = re.match(r"^layers\.(\d+)\.(\w+)$", hook_point)
+    if not m or m.group(2) not in _TL_HOOKS:
+        return None
+    return f"blocks.{int(m.group(1))}.{_TL_HOOKS[m.group(2)]}"
+
+
+def to_saelens_cache(ext: "Extraction", hook_point: str, path: str | Path, context_size: int = 128,
+                     hook_name: str | None = None, dtype: str | None = None, block_rows: int | None = None) \
+        -> "datasets.Dataset":
+    """One hook point in SAELens's cached-activations layout (what ``CacheActivationsRunner`` writes and
+    ``ActivationsStore`` reads with ``use_cached_activations=True``): a dataset in ``save_to_disk``'s layout at
+    ``path`` whose rows hold a column named ``hook_name`` (default: the TransformerLens name,
+    ``blocks.N.hook_resid_post`` ...) of ``Array2D((context_size, d_in))`` activations and a ``token_ids``
+    column of ``context_size`` int32 ids. Point SAELens at it with ``cached_activations_path=path``,
+    ``hook_name``, ``context_size`` and ``d_in``.
+
+    Rows are packed the way SAELens packs documents (``concat_and_batch_sequences``): the stored samples'
+    activation rows, concatenated in stored order (longest sample first), cut every ``context_size`` rows; no
+    separator or BOS is inserted (there is no activation for one), a sample's own special tokens stay where
+    the tokenizer put them, and with ``exclude_special`` only the tokens that have activation rows are packed.
+    As in SAELens the last ``n % context_size`` rows, too few for a full row, are left out (the count is in
+    ``mistudio_export.json`` beside the data). Each activation is the one the model computed in its own
+    document's context, not in the packed row's. Not shuffled (``CacheActivationsRunner`` shuffles by default;
+    SAELens's training loader mixes its buffer anyway). ``dtype`` defaults to the store's (float16/float32)."""
+    import datasets
+
+    (chosen,) = _check_hook_points(ext, [hook_point])
+    if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 1:
+        raise InputError(f"context_size={context_size!r} is not a positive integer: pass SAELens's context size")
+    dtype = dtype or _value_dtype(ext, chosen)
+    if dtype not in ("float16", "float32"):
+        raise InputError(f"dtype={dtype!r} cannot be stored in an arrow column here: pass 'float32' or 'float16'")
+    hook_name = hook_name or transformer_lens_name(chosen)
+    if not hook_name:
+        raise InputError(f"hook point {chosen!r} has no TransformerLens name: pass hook_name= (the name your "
+                         "SAELens config uses)")
+    _check_target(path)
+    acts = ext.activations(chosen)
+    mark, width = int(ext.committed_tokens()), int(acts.shape[1])
+    n_rows = mark // context_size
+    if n_rows == 0:
+        raise InputError(f"extraction {ext.id} has {mark} committed activation rows, fewer than context_size="
+                         f"{context_size}: pass a smaller context_size")
+    ids = ext.store.tokens("input_ids")
+    row_bytes = context_size * width * np.dtype(dtype).itemsize
+    per_block = max(1, (block_rows // context_size) if block_rows else BLOCK_BYTES // row_bytes)
+
+    def generate():
+        for r0 in range(0, n_rows, per_block):
+            r1 = min(n_rows, r0 + per_block)
+            a0, a1 = r0 * context_size, r1 * context_size
+            values = np.asarray(acts[a0:a1]).astype(dtype, copy=False)
+            where = np.asarray(ext.token_index(np.arange(a0, a1)))
+            block_ids = np.asarray(ids[int(where[0]):int(where[-1]) + 1])[where - where[0]].astype(np.int32)
+            for j in range(r1 - r0):
+                s = slice(j * context_size, (j + 1) * context_size)
+                yield {hook_name: values[s], "token_ids": block_ids[s]}
+
+    features = datasets.Features({hook_name: datasets.Array2D(shape=(context_size, width), dtype=dtype),
+                                  "token_ids": datasets.Sequence(datasets.Value("int32"), length=context_size)})
+    dataset = _materialise(generate, features, _fingerprint(ext, "saelens", chosen, context_size, hook_name, dtype),
+                           path, row_bytes)
+    info = {"format": "sae_lens cached activations", "extraction": ext.id, "location": ext.location,
+            "hook_point": chosen, "hook_name": hook_name, "context_size": context_size, "d_in": width, "dtype": dtype,
+            "n_rows": n_rows, "tokens_packed": n_rows * context_size, "tokens_left_out": mark - n_rows * context_size,
+            "order": "stored samples concatenated in stored order (longest first), no separators"}
+    (Path(path) / "mistudio_export.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return dataset

@@ -1,0 +1,301 @@
+"""A feature's page as researchers know it from SAEDashboard and Neuronpedia: plain data in, one HTML block out.
+
+The page is a JSON-able dict (assembled elsewhere from a store's statistics; nothing here reads a store)::
+
+    {"extraction": str, "hook_point": str, "feature": int, "kind": "neuron" | "latent", "d": int,
+     "n_tokens": int, "fire_count": int, "density": float,          # fire_count / n_tokens (value > 0)
+     "mean": float, "mean_active": float, "max": float,             # mean over all tokens / over firing tokens
+     "histogram": {"edges": [n + 1 floats], "counts": [n ints]} | None,   # log-binned and signed; an edge may
+                                                                   # be ±inf (or None) for under/overflow
+     "top": [example, ...],                                        # the top activations, largest first
+     "bands": [{"quantiles": [lo, hi], "values": [v_lo, v_hi], "examples": [example, ...]}, ...],
+     "token_means": [{"token_id": int, "token": str, "mean": float, "count": int, "special"?: bool}, ...],
+     "min_count"?: int,                                            # token_means only lists tokens seen that often
+     "logits": {"promoted": [{"token_id", "token", "value"}], "suppressed": [...]} | None,
+     "correlated": [{"feature": int, "count": int, "fraction": float}, ...],   # fraction of its firing tokens
+     "note": str, "prev": int | None, "next": int | None}
+
+    example = {"value": float, "row": int,          # activation row (stored order)
+               "sample": int, "dataset_row": int,   # stored sample and its dataset row
+               "position": int, "context_start": int,   # token positions in the sample
+               "tokens": [str], "values": [float | None], "special": [bool],   # the context window
+               "peak": int}                         # index into tokens of the example's own token
+
+Keys marked ``?`` are optional: ``min_count``, the least count the token means were computed with (the table
+says it and leaves out rows below it), and ``special`` on a token-means row (``hide_special`` hides it).
+SAEDashboard's layout is followed: statistics, histogram, logit table and feature tables on the left, the
+top activations and the quantile-interval examples on the right. Rendering is pure and self-contained: inline
+CSS, inline SVG, no scripts, no images, no links to anything outside the page; every string taken from the
+page goes through :func:`escape`.
+"""
+from __future__ import annotations
+
+import html
+import math
+from typing import Any, Sequence
+
+from .errors import InputError
+from .feature_view import _shade as shade  # the Browse tab's shading, shared
+from .feature_view import display_pieces
+
+PAGE_KEYS = ("extraction", "hook_point", "feature", "kind", "d", "n_tokens", "fire_count", "density", "mean",
+             "mean_active", "max", "histogram", "top", "bands", "token_means", "logits", "correlated", "note",
+             "prev", "next")
+EXAMPLE_KEYS = ("value", "row", "sample", "dataset_row", "position", "context_start", "tokens", "values", "special",
+                "peak")
+NARROW = 4  # tokens either side of the peak on an example's folded line
+
+PAGE_CSS = """
+.msfp{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;font-size:13px;line-height:1.45;color:inherit;
+ border:1px solid rgba(127,127,127,.35);border-radius:6px;padding:10px 12px;margin:8px 0;max-width:1400px}
+.msfp h4{margin:0 0 2px;font-size:15px}.msfp h5{margin:10px 0 4px;font-size:12px;text-transform:uppercase;
+ letter-spacing:.04em;opacity:.75}.msfp h6{margin:8px 0 2px;font-size:12px;font-weight:600}
+.msfp-sub{opacity:.65;font-weight:normal}.msfp-stats span{margin-right:14px;white-space:nowrap}
+.msfp-note{margin:6px 0;padding:4px 8px;border-left:3px solid rgba(230,120,30,.8);white-space:pre-wrap}
+.msfp-cols{display:flex;flex-wrap:wrap;gap:18px}.msfp-left{flex:0 1 380px;min-width:300px}
+.msfp-right{flex:1 1 560px;min-width:340px;overflow-x:auto}
+.msfp table{border-collapse:collapse;font-variant-numeric:tabular-nums}.msfp td,.msfp th{padding:1px 6px}
+.msfp th{text-align:left;font-weight:600;opacity:.8}.msfp td.num,.msfp th.num{text-align:right}
+.msfp code,.msfp-ex{font-family:var(--jp-code-font-family,Menlo,Consolas,monospace);font-size:12px}
+.msfp code{white-space:pre;background:rgba(127,127,127,.13);border-radius:3px;padding:0 2px}
+.msfp-ex{margin:1px 0}.msfp-ex summary{cursor:pointer;white-space:nowrap}
+.msfp-meta{display:inline-block;min-width:170px;opacity:.7}.msfp-full{margin:2px 0 6px 176px;white-space:normal}
+.msfp-tok{white-space:pre;border-radius:2px}.msfp-special{opacity:.45;font-size:85%}
+.msfp-peak{outline:2px solid currentColor;outline-offset:0}.msfp-none{opacity:.6;font-style:italic}
+.msfp-bar{vertical-align:middle}
+"""
+
+
+def escape(value: Any) -> str:
+    """The one way a string from the page reaches the HTML: ``html.escape(str(value), quote=True)``."""
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any, spec: str = ".4g") -> str:
+    """A number from the page, formatted (``float()`` first, so no string from the page passes through)."""
+    if value is None:
+        return "–"
+    x = float(value)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return format(x, spec)
+
+
+def _int(value: Any) -> str:
+    return f"{int(value):,}"
+
+
+def check_page(page: Any) -> None:
+    """Raise InputError naming what is missing when ``page`` does not follow the schema above."""
+    if not isinstance(page, dict):
+        raise InputError(f"a feature page is a dict (see mistudio.feature_page), not {type(page).__name__}")
+    missing = [k for k in PAGE_KEYS if k not in page]
+    if missing:
+        raise InputError(f"feature page for {page.get('hook_point')!r} feature {page.get('feature')!r} lacks "
+                         f"{missing}: build it with every key of mistudio.feature_page.PAGE_KEYS")
+    if page["kind"] not in ("neuron", "latent"):
+        raise InputError(f"feature page kind={page['kind']!r} is neither 'neuron' (a raw unit of the hook point) nor "
+                         "'latent' (an SAE latent)")
+    for group, examples in [("top", page["top"])] + [(f"bands[{i}]", b.get("examples", []))
+                                                     for i, b in enumerate(page["bands"])]:
+        for j, example in enumerate(examples):
+            absent = [k for k in EXAMPLE_KEYS if k not in example]
+            if absent:
+                raise InputError(f"feature page example {group}[{j}] lacks {absent}: every example needs "
+                                 f"{list(EXAMPLE_KEYS)}")
+            n = len(example["tokens"])
+            if len(example["values"]) != n or len(example["special"]) != n or not 0 <= int(example["peak"]) < n:
+                raise InputError(f"feature page example {group}[{j}] has {n} tokens, {len(example['values'])} "
+                                 f"values, {len(example['special'])} special flags and peak {example['peak']}: "
+                                 "the three lists must have one entry per token and peak must index them")
+
+
+# -- pieces ----------------------------------------------------------------------------------------------
+def _header(page: dict) -> str:
+    density = float(page["density"])
+    one_in = f" · 1 in {_int(round(1 / density))}" if density > 0 else ""
+    nav = " ".join(s for s in (f"← {_int(page['prev'])}" if page.get("prev") is not None else "",
+                               f"{_int(page['next'])} →" if page.get("next") is not None else "") if s)
+    stats = [f"<span><b>density</b> {_num(100 * density, '.3g')}%{one_in}</span>",
+             f"<span><b>fires on</b> {_int(page['fire_count'])} of {_int(page['n_tokens'])} tokens</span>",
+             f"<span><b>max</b> {_num(page['max'])}</span>", f"<span><b>mean</b> {_num(page['mean'])}</span>",
+             f"<span><b>mean when active</b> {_num(page['mean_active'])}</span>",
+             f"<span><b>width</b> {_int(page['d'])}</span>"]
+    note = f'<div class="msfp-note">{escape(page["note"])}</div>' if str(page.get("note") or "").strip() else ""
+    sub = escape(page["extraction"]) + (" · " + nav if nav else "")
+    return (f'<div class="msfp-header"><h4>{escape(page["hook_point"])} · {escape(page["kind"])} '
+            f'{_int(page["feature"])} <span class="msfp-sub">{sub}</span></h4>'
+            f'<div class="msfp-stats">{"".join(stats)}</div>{note}</div>')
+
+
+def _edge(value: Any) -> float:
+    if value is None:
+        return math.nan
+    return float(value)
+
+
+def _histogram(page: dict) -> str:
+    hist = page.get("histogram") or {}
+    counts = [int(c) for c in hist.get("counts", [])]
+    edges = [_edge(e) for e in hist.get("edges", [])]
+    if not counts or len(edges) != len(counts) + 1 or not any(counts):
+        return '<section class="msfp-hist"><h5>Activation histogram</h5><i class="msfp-none">no histogram</i></section>'
+    nonzero = [i for i, c in enumerate(counts) if c]
+    lo, hi = nonzero[0], nonzero[-1] + 1
+    shown, width, height, left, bottom = counts[lo:hi], 360, 120, 34, 18
+    bar = (width - left) / len(shown)
+    top = max(shown)
+    scale = math.log10(top + 1)
+    parts = [f'<svg class="msfp-hist-svg" width="{width}" height="{height + bottom}" viewBox="0 0 {width} '
+             f'{height + bottom}" role="img" aria-label="activation histogram, log count">']
+    decade = 1
+    while decade <= top:  # y ticks at powers of ten
+        y = height - height * math.log10(decade + 1) / scale
+        parts.append(f'<line x1="{left - 3}" x2="{width}" y1="{y:.1f}" y2="{y:.1f}" stroke="rgba(127,127,127,.25)"/>'
+                     f'<text x="{left - 5}" y="{y + 3:.1f}" font-size="9" text-anchor="end" fill="currentColor">'
+                     f'{_int(decade)}</text>')
+        decade *= 10
+    for j, count in enumerate(shown):
+        a, b = edges[lo + j], edges[lo + j + 1]
+        colour = "#999" if a == b == 0 else ("#3b74d0" if b <= 0 else "#e0702a")
+        h = height * math.log10(count + 1) / scale
+        parts.append(f'<rect x="{left + j * bar:.2f}" y="{height - h:.2f}" width="{max(bar - 0.6, 0.6):.2f}" '
+                     f'height="{h:.2f}" fill="{colour}"><title>[{_num(a)}, {_num(b)}): {_int(count)}</title></rect>')
+    ticks = {0: edges[lo], len(shown): edges[hi]}
+    zero = next((j for j in range(1, len(shown)) if edges[lo + j] == 0), None)
+    if zero is not None:  # one tick at zero (a zero bin has 0 on both of its edges)
+        ticks[zero] = 0.0
+    for j, value in sorted(ticks.items()):
+        anchor = "start" if j == 0 else ("end" if j == len(shown) else "middle")
+        parts.append(f'<text x="{left + j * bar:.1f}" y="{height + 13}" font-size="9" text-anchor="{anchor}" '
+                     f'fill="currentColor">{_num(value, ".3g")}</text>')
+    parts.append("</svg>")
+    return ('<section class="msfp-hist"><h5>Activation histogram <span class="msfp-sub">(log count; log-spaced '
+            f'bins, equal width)</span></h5>{"".join(parts)}</section>')
+
+
+def _bar(value: float, scale: float, colour: str, width: int = 70) -> str:
+    w = 0.0 if scale <= 0 else width * min(1.0, abs(value) / scale)
+    return (f'<svg class="msfp-bar" width="{width}" height="10"><rect x="0" y="1" width="{w:.1f}" height="8" '
+            f'fill="{colour}"/></svg>')
+
+
+def _piece(token: Any, scheme: str) -> str:
+    text = display_pieces([str(token)], scheme)[0]
+    return f"<code>{escape(text)}</code>"
+
+
+def _logits(page: dict, scheme: str) -> str:
+    logits = page.get("logits")
+    if not logits:
+        return ('<section class="msfp-logits"><h5>Logit effects</h5><i class="msfp-none">not computed (an encoder, '
+                'or no unembedding given)</i></section>')
+    pos, neg = list(logits.get("promoted", [])), list(logits.get("suppressed", []))
+    scale = max([abs(float(e["value"])) for e in pos + neg] + [0.0])
+    rows = []
+    for i in range(max(len(pos), len(neg))):
+        cells = []
+        for side, colour in ((neg, "#3b74d0"), (pos, "#e0702a")):
+            if i < len(side):
+                e = side[i]
+                cells.append(f'<td>{_piece(e["token"], scheme)}</td><td class="num">{_num(e["value"], "+.3f")}</td>'
+                             f'<td>{_bar(float(e["value"]), scale, colour)}</td>')
+            else:
+                cells.append("<td></td><td></td><td></td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return ('<section class="msfp-logits"><h5>Logit effects <span class="msfp-sub">(direction · final-norm gain · '
+            'W_U)</span></h5><table><tr><th colspan="3">suppressed</th><th colspan="3">promoted</th></tr>'
+            f'{"".join(rows)}</table></section>')
+
+
+def _token_means(page: dict, scheme: str, hide_special: bool) -> str:
+    min_count = int(page.get("min_count") or 1)
+    rows = [m for m in page.get("token_means", []) if int(m["count"]) >= min_count
+            and not (hide_special and m.get("special"))]
+    title = f'Mean activation per token <span class="msfp-sub">(tokens seen ≥ {_int(min_count)} times)</span>'
+    if not rows:
+        return f'<section class="msfp-token-means"><h5>{title}</h5><i class="msfp-none">no token</i></section>'
+    scale = max(abs(float(m["mean"])) for m in rows)
+    body = "".join(f'<tr><td>{_piece(m["token"], scheme)}</td><td class="num">{_num(m["mean"], ".3g")}</td>'
+                   f'<td>{_bar(float(m["mean"]), scale, "#e0702a" if float(m["mean"]) >= 0 else "#3b74d0", 50)}</td>'
+                   f'<td class="num">{_int(m["count"])}</td><td class="num msfp-sub">{_int(m["token_id"])}</td></tr>'
+                   for m in rows)
+    return (f'<section class="msfp-token-means"><h5>{title}</h5><table><tr><th>token</th><th class="num">mean</th>'
+            f'<th></th><th class="num">count</th><th class="num">id</th></tr>{body}</table></section>')
+
+
+def _correlated(page: dict) -> str:
+    rows = list(page.get("correlated") or [])
+    title = 'Co-firing features <span class="msfp-sub">(share of this feature\'s firing tokens)</span>'
+    if not rows:
+        return f'<section class="msfp-correlated"><h5>{title}</h5><i class="msfp-none">none recorded</i></section>'
+    body = "".join(f'<tr><td class="num">{_int(r["feature"])}</td><td class="num">'
+                   f'{_num(100 * float(r["fraction"]), ".3g")}%</td>'
+                   f'<td>{_bar(float(r["fraction"]), 1.0, "#8a5cc2", 60)}</td>'
+                   f'<td class="num">{_int(r["count"])}</td></tr>' for r in rows)
+    return (f'<section class="msfp-correlated"><h5>{title}</h5><table><tr><th class="num">feature</th>'
+            f'<th class="num">share</th><th></th><th class="num">tokens</th></tr>{body}</table></section>')
+
+
+def _tokens(example: dict, lo: int, hi: int, scale: float, scheme: str, hide_special: bool) -> str:
+    tokens = [str(t) for t in example["tokens"]]
+    pieces = display_pieces(tokens, scheme)
+    peak = int(example["peak"])
+    out = []
+    for i in range(lo, hi):
+        special, value = bool(example["special"][i]), example["values"][i]
+        value = None if value is None or math.isnan(float(value)) else float(value)
+        if hide_special and special:
+            continue
+        cls = "msfp-tok" + (" msfp-special" if special or value is None else "") + (" msfp-peak" if i == peak else "")
+        shown = "no activation" if value is None else _num(value)
+        out.append(f'<span class="{cls}" style="{shade(value, scale)}" title="{escape(tokens[i])} = {escape(shown)}">'
+                   f"{escape(pieces[i])}</span>")
+    return "".join(out)
+
+
+def _examples(examples: Sequence[dict], scale: float, scheme: str, hide_special: bool) -> str:
+    rows, hidden = [], 0
+    for e in examples:
+        peak, n = int(e["peak"]), len(e["tokens"])
+        if hide_special and e["special"][peak]:
+            hidden += 1
+            continue
+        lo, hi = max(0, peak - NARROW), min(n, peak + NARROW + 1)
+        meta = (f'<span class="msfp-meta"><b>{_num(e["value"], ".3g")}</b> · row {_int(e["dataset_row"])} · pos '
+                f'{_int(e["position"])}</span>')
+        rows.append(f'<details class="msfp-ex"><summary>{meta} {"…" if lo else ""}'
+                    f'{_tokens(e, lo, hi, scale, scheme, hide_special)}{"…" if hi < n else ""}</summary>'
+                    f'<div class="msfp-full">{_tokens(e, 0, n, scale, scheme, hide_special)}</div></details>')
+    if hidden:
+        rows.append(f'<div class="msfp-none">{_int(hidden)} example(s) at special tokens hidden</div>')
+    return "".join(rows) or '<i class="msfp-none">no examples</i>'
+
+
+def feature_page_html(page: dict, hide_special: bool = False, scheme: str = "auto", style: bool = True) -> str:
+    """The page as one self-contained HTML block (SAEDashboard's layout; see the module docstring).
+
+    ``hide_special`` leaves special tokens out of the examples (an example whose own token is special is left out
+    whole, and counted) and out of the token-means table (rows flagged ``special``). ``scheme`` is how word pieces
+    join (``"auto"``, ``"bpe"``, ``"wordpiece"``: :func:`mistudio.feature_view.tokenizer_scheme` tells it from a
+    tokenizer). ``style=False`` leaves out the ``<style>`` block (:data:`PAGE_CSS`), for pages shown together."""
+    check_page(page)
+    values = [abs(float(v)) for e in page["top"] for v in e["values"] if v is not None]
+    scale = max(values + [abs(float(page["max"])) if page["max"] is not None else 0.0, 1e-12])
+    bands = []
+    for band in page["bands"]:
+        (q0, q1), (v0, v1) = band["quantiles"], band["values"]
+        bands.append(f'<h6>Quantiles {_num(100 * float(q0), "g")}–{_num(100 * float(q1), "g")}% '
+                     f'<span class="msfp-sub">(activation {_num(v0, ".3g")} to {_num(v1, ".3g")}; a sample)</span>'
+                     f'</h6>{_examples(band["examples"], scale, scheme, hide_special)}')
+    left = "".join([_histogram(page), _logits(page, scheme), _token_means(page, scheme, hide_special),
+                    _correlated(page)])
+    bands_html = "".join(bands) or '<i class="msfp-none">none</i>'
+    right = (f'<section class="msfp-top"><h5>Top activations <span class="msfp-sub">({_int(len(page["top"]))}; '
+             f'click a line for its context)</span></h5>{_examples(page["top"], scale, scheme, hide_special)}</section>'
+             f'<section class="msfp-bands"><h5>Quantile bands</h5>{bands_html}</section>')
+    css = f"<style>{PAGE_CSS}</style>" if style else ""
+    return (f'<div class="msfp">{css}{_header(page)}<div class="msfp-cols"><div class="msfp-left">{left}</div>'
+            f'<div class="msfp-right">{right}</div></div></div>')
