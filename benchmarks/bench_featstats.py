@@ -1,4 +1,4 @@
-"""Feature statistics (mistudio.featstats): memory flat in the number of tokens, and the cost of ``update``.
+"""Feature statistics (mistudio.storage.featstats): memory flat in the number of tokens, and the cost of ``update``.
 
     python benchmarks/bench_featstats.py             # 10k, 30k and 100k tokens (about 2 minutes on 2 CPU cores)
     python benchmarks/bench_featstats.py --quick     # 4k and 8k tokens (a smoke run)
@@ -34,7 +34,7 @@ def make_batch(rng, spec: dict):
     """One batch: CSR SAE latents or dense float16 values."""
     import numpy as np
 
-    from mistudio.featstats import CSR
+    from mistudio.storage.featstats import CSR
 
     d = spec["d"]
     if not spec["sparse"]:
@@ -50,7 +50,7 @@ def bare_pass(batch, d: int, device: str):
     """Promote to float32 and sum per feature."""
     import torch
 
-    from mistudio.featstats import CSR
+    from mistudio.storage.featstats import CSR
 
     if isinstance(batch, CSR):
         idx = torch.as_tensor(batch.indices, device=device)
@@ -66,7 +66,7 @@ def child(name: str, tokens: int, with_stats: bool, device: str, threads: int) -
     import numpy as np
     import torch
 
-    from mistudio.featstats import FeatureStatsAccumulator
+    from mistudio.storage.featstats import FeatureStatsAccumulator
 
     torch.set_num_threads(threads)
     spec = INPUTS[name]

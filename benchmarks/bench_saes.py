@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import mistudio as ms  # noqa: E402
-from mistudio.sae_training import TrainConfig, evaluate_sae, train_sae  # noqa: E402
+from mistudio.analysis.sae_training import TrainConfig, evaluate_sae, train_sae  # noqa: E402
 from mistudio.saes import SAE  # noqa: E402
 
 

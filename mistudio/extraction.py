@@ -8,6 +8,7 @@ import numpy as np
 from .analysis import stats as analysis
 from .errors import InputError, StoreCorrupted
 from .analysis.loader import ActivationLoader
+from .storage import featstats
 from .storage.metadata import ExtractionMeta
 from .storage.reads import DECODE_ERRORS, CheckedArray
 from .storage.store import ExtractionStore
@@ -254,6 +255,11 @@ class Extraction:
     def feature_stats(self, hook_point: str, bins: int = 64, cluster=None) -> analysis.FeatureStats:
         """Per-feature mean/std/max/min/fraction active/histogram over every committed token (cached in the store)."""
         return analysis.feature_stats(self, hook_point, bins=bins, cluster=cluster)
+
+    def feature_statistics(self, hook_point: str, **options) -> featstats.FeatureStatistics:
+        """Dashboard statistics per feature: density, mean, max, log-binned histogram, top examples, quantile-band
+        samples, co-occurrence (saved by the extraction as it ran, else one streamed pass, cached)."""
+        return analysis.feature_statistics(self, hook_point, **options)
 
     def top_examples(self, hook_point: str, feature: int | list[int], k: int = 20, context: int = 8, cluster=None):
         """The k tokens where ``feature`` is largest, with their context (cached in the store)."""

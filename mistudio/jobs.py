@@ -6,14 +6,17 @@ process reads its store.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from .extraction import Extraction
 from .request import Request
+from .runner import Execution
 from .storage.metadata import END_STATES, ExtractionMeta, Status
 from .storage.store import ExtractionStore
 
@@ -37,20 +40,49 @@ class JobActions(Protocol):
     def owner_of(self, extraction_id: str, meta: ExtractionMeta) -> str | None: ...
 
 
+class _Held:
+    """A listener as a list holds it: a bound method weakly (a panel that is gone stops listening), anything
+    else as is."""
+
+    def __init__(self, listener: Listener):
+        self.target = weakref.WeakMethod(listener) if inspect.ismethod(listener) else (lambda: listener)
+
+    def __call__(self) -> Listener | None:
+        return self.target()
+
+
+def call_all(held: list, record: dict) -> None:
+    """Tell every live listener in ``held``; a broken listener never breaks the caller."""
+    for entry in list(held):
+        listener = entry()
+        if listener is None:
+            try:
+                held.remove(entry)
+            except ValueError:
+                pass
+            continue
+        try:
+            listener(record)
+        except Exception:
+            log.exception("mistudio listener %r failed on %s event", listener, record.get("event"))
+
+
 class Observable:
-    """Keeps event listeners (widgets, tqdm bars, tests): plain callables taking one event dict."""
+    """Keeps event listeners (widgets, tqdm bars, tests): callables taking one event dict (a bound method is held
+    weakly: an object that is gone stops listening)."""
 
     def __init__(self) -> None:
-        self.listeners: list[Listener] = []
+        self.listeners: list[_Held] = []
 
     def subscribe(self, listener: Listener) -> Listener:
         """Call ``listener(event_dict)`` for every event; returns it, for ``unsubscribe``."""
-        self.listeners.append(listener)
+        self.listeners.append(_Held(listener))
         return listener
 
     def unsubscribe(self, listener: Listener) -> None:
-        if listener in self.listeners:
-            self.listeners.remove(listener)
+        for entry in list(self.listeners):
+            if entry() == listener:
+                self.listeners.remove(entry)
 
 
 class Job(Observable):
@@ -164,14 +196,15 @@ class Job(Observable):
         return self.actions.resume(self.id, batch_size=batch_size, cluster=cluster)
 
     # -- driven by the runner ---------------------------------------------------------------------
+    def execute(self, models) -> None:
+        """Run the job to its end on the runner's thread (never raises): an extraction's state machine."""
+        Execution(self, models).run()
+
     def emit(self, event: str, **payload: Any) -> None:
         """Tell every listener; a broken listener never breaks the job."""
         record = {"event": event, "job_id": self.id, "time": time.time(), **payload}
-        for listener in list(self.listeners) + list(self._also_notify):
-            try:
-                listener(record)
-            except Exception:
-                log.exception("mistudio listener %r failed on %s event", listener, event)
+        call_all(self.listeners, record)
+        call_all(self._also_notify, record)
 
     def started_here(self) -> None:
         """The runner took the job: from now on its state is this process's."""

@@ -89,6 +89,9 @@ class Request(BaseModel):
                                                 label="Layers", stored=True)
     hooks: list[str] = param(["residual"], "what to capture at each layer: residual, mlp, attention",
                              group="capture", label="Hooks", stored=True)
+    saes: dict[str, str] | None = param(
+        None, "SAEs to apply, {hook point: SAE folder} (SAELens or sparsify format): their latents are stored "
+        "sparsely as <hook point>.latents", group="capture", label="SAEs", stored=True)
     # -- batching ------------------------------------------------------------------------------------
     batch_size: Int | Literal["auto"] = param(8, "samples per forward: a power of two from 1 to 512, or auto",
                                               group="batching", label="Batch size", stored=False)
@@ -222,6 +225,34 @@ class Request(BaseModel):
                 raise ValueError(f"«hooks={short(v)}»: unknown hook kind {kind!r}: choose from {HOOK_KINDS}")
         return [k for k in HOOK_KINDS if k in v]
 
+    @field_validator("saes", mode="before")
+    @classmethod
+    def _saes(cls, v: Any) -> dict[str, str] | None:
+        if v is None or v == {} or v == "":
+            return None
+        if isinstance(v, str):  # "layers.3.residual=path,layers.5.mlp=other" (the command line's form)
+            pairs = [p.split("=", 1) for p in v.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(f"«saes={v!r}» is not hook point=folder pairs: e.g. «pass "
+                                 "saes={'layers.3.residual': '/path/to/sae'}»")
+            v = {a.strip(): b.strip() for a, b in pairs}
+        if not isinstance(v, dict):
+            raise ValueError(f"«saes={short(v)}» is not a mapping: «pass saes={{'layers.3.residual': "
+                             "'/path/to/sae'}}»")
+        out = {}
+        for point, folder in v.items():
+            parts = str(point).split(".")
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in HOOK_KINDS:
+                raise ValueError(f"«saes» has the key {point!r}, which is not a hook point: use "
+                                 f"'layers.<i>.<{'|'.join(HOOK_KINDS)}>', e.g. 'layers.3.residual'")
+            path = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+            if not os.path.isdir(path):
+                raise ValueError(f"«saes» names {os.fspath(folder)!r} for {point}, which is not a folder: point at "
+                                 "a folder an SAE was saved to (cfg.json with sae_weights.safetensors or "
+                                 "sae.safetensors)")
+            out[str(point)] = path
+        return out
+
     @field_validator("batch_size")
     @classmethod
     def _batch_size(cls, v: int | str) -> int | str:
@@ -315,10 +346,21 @@ class Request(BaseModel):
 
     @property
     def hook_points(self) -> list[str]:
-        """Every ``layers.{i}.{kind}`` this request writes, layer-major (``layers`` must be resolved)."""
+        """Every ``layers.{i}.{kind}`` whose activations this request stores, layer-major (``layers`` must be
+        resolved)."""
         if self.layers == "all":
             raise InputError("«layers='all'» is not resolved yet: it needs the model's layer count")
         return [f"layers.{i}.{k}" for i in self.layers for k in self.hooks]
+
+    @property
+    def latent_points(self) -> list[str]:
+        """The SAE latents this request stores: ``<hook point>.latents`` for each SAE applied."""
+        return [f"{hp}.latents" for hp in sorted(self.saes or {}, key=_hook_order)]
+
+    @property
+    def captured_points(self) -> list[str]:
+        """Every hook point the forward must capture: the stored ones and those an SAE reads."""
+        return sorted(set(self.hook_points) | set(self.saes or {}), key=_hook_order)
 
     def params(self) -> dict:
         """The JSON-able parameters the store's metadata records (model and dataset have sections of their own)."""
@@ -366,6 +408,11 @@ class Request(BaseModel):
                 if a != b:
                     out[name] = (a, b)
         return out
+
+
+def _hook_order(point: str) -> tuple[int, int]:
+    _, layer, kind = point.split(".")[:3]
+    return int(layer), HOOK_KINDS.index(kind)
 
 
 def dataset_source(description: dict) -> Any:

@@ -89,7 +89,7 @@ class Runner:
         while True:
             job = self._queue.get()
             try:
-                _Execution(job, self.models).run()
+                job.execute(self.models)  # an extraction's Execution, or another kind of job's own run
             finally:  # leave the live set before anyone waiting is woken (so a resume right after works)
                 with self._lock:
                     self._live.pop(job.id, None)
@@ -130,7 +130,7 @@ class _Planning:
         return self.plan
 
 
-class _Execution:
+class Execution:
     """One run of one job, on the worker thread: every state change of its store happens here."""
 
     def __init__(self, job, models: ModelCache):

@@ -31,6 +31,7 @@ __all__ = ["Workspace", "check_id", "check_preset_name", "human_bytes", "default
 
 CREATING_GRACE_S = 120.0  # an unreadable store younger than this may still be being written: never cleaned
 _RUNNERS: dict[str, Runner] = {}
+_LISTENERS: dict[str, list] = {}  # per folder: every Workspace object on it hears every job of this process
 _RUNNERS_LOCK = threading.Lock()
 
 
@@ -53,7 +54,8 @@ def check_options(request: Request, options: RunOptions) -> None:
 
 class Workspace(Folder, Observable):
     """A folder of extraction stores (``<root>/extractions/<id>.zarr``) and the jobs that fill them.
-    Its listeners receive the events of every job submitted through this object.
+    Its listeners receive the events of every job this process runs in the folder, whichever ``Workspace``
+    object submitted it.
 
     Opening one marks jobs whose process died (kernel restart, crash) as FAILED/INTERRUPTED.
     Several ``Workspace`` objects on one folder share one job runner in this process.
@@ -63,6 +65,8 @@ class Workspace(Folder, Observable):
                  recover: bool = True):
         Folder.__init__(self, root, storage_options)
         Observable.__init__(self)
+        with _RUNNERS_LOCK:  # shared: a Studio hears the jobs another cell submits through its own Workspace
+            self.listeners = _LISTENERS.setdefault(self.root, [])
         self._handles: dict[str, Job] = {}  # jobs started through this object, kept after they end
         self.presets_folder = Presets(self)
         if recover and self.fs.exists(self._extractions_path):

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 import mistudio as ms
-from mistudio.analysis import describe_examples
+from mistudio.analysis.stats import describe_examples
 from mistudio.errors import InputError, StoreCorrupted
-from mistudio.exports import (NEURONPEDIA_OPTIONAL, NEURONPEDIA_REQUIRED, export_html, export_neuronpedia,
+from mistudio.analysis.exports import (NEURONPEDIA_OPTIONAL, NEURONPEDIA_REQUIRED, export_html, export_neuronpedia,
                               to_hf_dataset, to_saelens_cache, transformer_lens_name)
-from mistudio.feature_view import display_pieces
-from mistudio.logit_effects import Unembedding, neuron_logit_effects
+from mistudio.analysis.feature_view import display_pieces
+from mistudio.analysis.logit_effects import Unembedding, neuron_logit_effects
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -1,4 +1,4 @@
-"""Streaming feature statistics (mistudio.featstats) against a brute-force numpy pass over the same values."""
+"""Streaming feature statistics (mistudio.storage.featstats) against a brute-force numpy pass over the same values."""
 from __future__ import annotations
 
 import collections
@@ -11,7 +11,7 @@ import zarr
 
 import mistudio as ms
 from mistudio.errors import InputError
-from mistudio.featstats import (CSR, FeatureStatistics, FeatureStatsAccumulator, compute, histogram_edges,
+from mistudio.storage.featstats import (CSR, FeatureStatistics, FeatureStatsAccumulator, compute, histogram_edges,
                                 sample_keys)
 
 from conftest import TEXTS
@@ -202,7 +202,7 @@ def check(stats: FeatureStatistics, brute: Brute, exact_cooccurrence: bool = Tru
 
 # -- tests -------------------------------------------------------------------------------------------------------
 def test_sample_keys_agree_in_torch_and_numpy():
-    from mistudio.featstats import _keys
+    from mistudio.storage.featstats import _keys
 
     rows = np.concatenate([np.arange(1000), [2**31, 2**32 + 5, 2**40, 2**62, 2**63 - 1]]).astype(np.int64)
     for seed in (0, 1, 2**40):

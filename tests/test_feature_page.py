@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 import pytest
 
 from mistudio.errors import InputError
-from mistudio.feature_page import PAGE_KEYS, escape, feature_page_html
+from mistudio.analysis.feature_page import PAGE_KEYS, escape, feature_page_html
 
 EVIL = "<img src=x onerror=alert(1)>"
 QUOTE = '" onmouseover="alert(2)'

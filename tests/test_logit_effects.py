@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file
 
 from mistudio.errors import InputError
-from mistudio.logit_effects import Unembedding, logit_effects, logit_effects_many, neuron_logit_effects
+from mistudio.analysis.logit_effects import Unembedding, logit_effects, logit_effects_many, neuron_logit_effects
 from mistudio.models import load_model
 from mistudio.specs import ModelSpec
 

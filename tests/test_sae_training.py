@@ -9,7 +9,7 @@ import torch
 
 import mistudio as ms
 from mistudio.errors import InputError, JobCancelled
-from mistudio.sae_training import CHECKPOINT_DIR, CHECKPOINT_FILE, TrainConfig, evaluate_sae, train_sae
+from mistudio.analysis.sae_training import CHECKPOINT_DIR, CHECKPOINT_FILE, TrainConfig, evaluate_sae, train_sae
 from mistudio.saes import SAE, load_sae
 
 HP = "layers.1.residual"
@@ -122,7 +122,7 @@ def test_saved_sae_loads_in_sae_lens(store, tmp_path):
         assert theirs.cfg.architecture() == architecture
         assert theirs.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
         assert theirs.cfg.metadata.hook_point == HP
-        assert theirs.cfg.metadata.model_name == store.record.model["name_or_path"]
+        assert theirs.cfg.metadata.model_name == store.record.model.name_or_path
         assert theirs.cfg.normalize_activations == "none"  # the scaling factor is folded in
         ours = result.sae.encode(x)
         assert (ours > 0).any()

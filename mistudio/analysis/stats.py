@@ -17,7 +17,10 @@ import numpy as np
 import zarr
 
 from ..errors import InputError
+from ..storage import featstats
+from ..storage.layout import array_codecs
 from ..storage.metadata import LIVE_STATES
+from ..storage.reads import DECODE_ERRORS, CheckedArray
 
 if TYPE_CHECKING:
     from ..extraction import Extraction
@@ -127,8 +130,8 @@ def cache_write(ext: "Extraction", path: str, mark: int, attrs: dict, arrays: di
     try:
         group = zarr.open_group(store=ext.location, path=path, mode="w", storage_options=ext.store.storage_options,
                                 zarr_format=3)
-        for name, data in arrays.items():
-            group.create_array(name, data=data, compressors=None)
+        for name, data in arrays.items():  # checksummed like the store's arrays: a flipped bit is a cache miss
+            group.create_array(name, data=data, **array_codecs(True))
         group.attrs.update({**attrs, "mark": mark})  # written last: a half-written entry has no mark, so it misses
         return True
     except Exception as exc:  # noqa: BLE001 - read-only store, permissions, remote without write access
@@ -147,14 +150,32 @@ def cached_feature_stats(ext: "Extraction", hook_point: str) -> FeatureStats | N
         return None
     for key in keys:
         group = cache_read(ext, f"analysis/feature_stats/{hook_point}/{key}", mark)
-        if group is not None:
-            return _stats_from_group(hook_point, group)
+        stats = _stats_from_group(ext, hook_point, group) if group is not None else None
+        if stats is not None:
+            return stats
     return None
 
 
-def _stats_from_group(hook_point: str, group: zarr.Group) -> FeatureStats:
-    return FeatureStats(hook_point, int(group.attrs["n_tokens"]), *(group[name][:] for name in STAT_ARRAYS),
-                        cached=True)
+def cached_arrays(ext: "Extraction", group: zarr.Group, names) -> dict[str, np.ndarray] | None:
+    """A cache entry's arrays, checked (crc32c, every chunk present); None when any is damaged or missing: the
+    caller recomputes."""
+    try:
+        return {name: CheckedArray(group[name], ext.location, group[name].shape[0])[...] for name in names}
+    except (DECODE_ERRORS + (KeyError, FileNotFoundError, IndexError)):
+        return None
+    except Exception:  # noqa: BLE001 - StoreCorrupted and anything else a damaged cache raises: a miss
+        return None
+
+
+def _stats_from_group(ext: "Extraction", hook_point: str, group: zarr.Group) -> FeatureStats | None:
+    arrays = cached_arrays(ext, group, STAT_ARRAYS)
+    if arrays is None or not isinstance(group.attrs.get("n_tokens"), int):
+        return None
+    d = int(arrays["mean"].shape[0])
+    shapes_ok = all(arrays[n].shape[0] == d for n in STAT_ARRAYS) and arrays["edges"].shape[1:] == \
+        (arrays["hist"].shape[1] + 1,)
+    return FeatureStats(hook_point, int(group.attrs["n_tokens"]), *(arrays[n] for n in STAT_ARRAYS),
+                        cached=True) if shapes_ok else None
 
 
 # -- the queries -----------------------------------------------------------------------------------
@@ -170,8 +191,9 @@ def feature_stats(ext: "Extraction", hook_point: str, bins: int = 64, cluster: A
     mark = _mark(ext)
     path = cache_path("feature_stats", hook_point, f"bins={bins}")
     group = cache_read(ext, path, mark)
-    if group is not None:
-        return _stats_from_group(hook_point, group)
+    cached = _stats_from_group(ext, hook_point, group) if group is not None else None
+    if cached is not None:
+        return cached
     ranges = _chunk_ranges(ext, hook_point, mark)
     d = int(ext.activations(hook_point).shape[1])
     if not ranges:
@@ -256,3 +278,31 @@ def describe_examples(ext: "Extraction", hook_point: str, feature: int, best: np
                     "token": names[token - lo], "context_start": lo - start, "context_ids": window,
                     "context_tokens": names, "context_values": values})
     return out
+
+
+def feature_statistics(ext: "Extraction", hook_point: str, **options: Any) -> featstats.FeatureStatistics:
+    """Per-feature statistics as dashboards show them (:mod:`mistudio.storage.featstats`: density, mean, max,
+    log-binned histogram, top examples, quantile-band samples, co-occurrence): those the extraction saved as it
+    ran, when it did (and ``options`` are left at their defaults), else one streamed pass over the committed rows,
+    cached under ``analysis/`` (checksummed: a damaged cache is recomputed)."""
+    ext.activations(hook_point)  # names the hook points when this one is wrong
+    mark = _mark(ext)
+    if not options:
+        saved = ext.store.feature_state(hook_point, mark)
+        if saved is not None:
+            return featstats.FeatureStatsAccumulator.from_state_dict(saved).result()
+    path = cache_path("featstats", hook_point, json.dumps(options, sort_keys=True).replace("/", "_"))
+    group = cache_read(ext, path, mark)
+    if group is not None:
+        arrays = cached_arrays(ext, group, [name for name in group.array_keys()])
+        if arrays is not None:
+            try:
+                state = {**{k: v for k, v in group.attrs.items() if k != "mark"}, **arrays}
+                return featstats.FeatureStatsAccumulator.from_state_dict(state).result()
+            except (InputError, *DECODE_ERRORS):
+                pass  # a damaged entry: computed again below
+    acc = featstats.accumulate(ext, hook_point, **options)
+    state = acc.state_dict()
+    cache_write(ext, path, mark, {k: v for k, v in state.items() if not isinstance(v, np.ndarray)},
+                {k: v for k, v in state.items() if isinstance(v, np.ndarray)})
+    return acc.result()

@@ -189,10 +189,15 @@ class FastReader:
         return first, stop, col
 
     # -- reading -------------------------------------------------------------------------------------
-    def read(self, key: Any) -> np.ndarray:
+    def read(self, key: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows of a row-slice selection, into ``out`` when given (C-contiguous, of the right shape and
+        dtype: whole chunks are read straight into it)."""
         first, stop, col = self.selection(key)
         width = self.shape[1:] if col is None else np.empty((0, self.shape[1]), self.dtype)[:, col].shape[1:]
-        out = np.empty((stop - first, *width), self.dtype)
+        if out is None:
+            out = np.empty((stop - first, *width), self.dtype)
+        elif out.shape != (stop - first, *width) or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise Fallback
         for unit in range(first // self.unit_rows, -(-stop // self.unit_rows)):
             self.read_unit(unit, first, stop, col, out)
         return out

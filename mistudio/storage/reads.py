@@ -108,11 +108,19 @@ class CheckedArray:
     def _fail(self, unit: tuple[int, ...], what: str) -> StoreCorrupted:
         return StoreCorrupted(self.location, what, self.zarr.path, unit, f"{self.location}/{unit_key(self.zarr, unit)}")
 
+    def read_into(self, out: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` into ``out`` (checked like a slice); on a local store in the writer's layout,
+        whole chunks are read straight into ``out`` (no intermediate copy). Returns ``out``."""
+        return self._read(slice(start, stop), out)
+
     def __getitem__(self, key: Any) -> np.ndarray:
+        return self._read(key, None)
+
+    def _read(self, key: Any, out: np.ndarray | None) -> np.ndarray:
         first, stop = self._row_span(key)
         if self._fast is not None and stop <= self.mark:
             try:
-                return self._fast.read(key)
+                return self._fast.read(key, out)
             except Fallback:
                 pass
             except Damaged as exc:
@@ -124,7 +132,10 @@ class CheckedArray:
             raise self._fail(missing[0], f"the {unit_name(self.zarr)} is missing although rows below {self.mark} "
                                          "are committed")
         try:
-            return self.zarr[key]
+            if out is None:
+                return self.zarr[key]
+            out[...] = self.zarr[key]
+            return out
         except DECODE_ERRORS as exc:
             for unit in units(self.zarr, first, stop):  # find the unit that fails, to name it
                 try:

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError
-from .models import FAMILIES
+from ..errors import InputError
+from ..models import FAMILIES
 
 # the module names of the final norm in transformers' base models (GPT-2, GPT-NeoX, Phi, LLaMA-likes ...)
 FINAL_NORM_NAMES = ("ln_f", "final_layer_norm", "final_layernorm", "norm", "final_norm", "ln_final")
@@ -95,8 +95,8 @@ class Unembedding:
     def _from_folder(cls, folder: str, tokenizer: Any) -> "Unembedding":
         from transformers import AutoModelForCausalLM
 
-        from .models import load_config, load_tokenizer
-        from .specs import ModelSpec
+        from ..models import load_config, load_tokenizer
+        from ..specs import ModelSpec
 
         spec = ModelSpec(name_or_path=folder)
         config = load_config(spec)  # checks the folder and names a bad path or Hub id

@@ -34,7 +34,7 @@ import html
 import math
 from typing import Any, Sequence
 
-from .errors import InputError
+from ..errors import InputError
 from .feature_view import _shade as shade  # the Browse tab's shading, shared
 from .feature_view import display_pieces
 

@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:
-    from .extraction import Extraction
+    from ..extraction import Extraction
 
 BANDS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 1.0))
 STATE_VERSION = 1
@@ -880,9 +880,16 @@ class FeatureStatsAccumulator:
 
 
 def compute(ext: "Extraction", hook_point: str, *, chunk_rows: int | None = None, **options: Any) -> FeatureStatistics:
-    """The statistics of an existing store's committed rows of ``hook_point``, streamed chunk by chunk (memory: one
-    chunk and the accumulator). ``options`` are :class:`FeatureStatsAccumulator`'s; documents are the stored
-    samples (``ext.activation_offsets``). ``chunk_rows`` defaults to whole storage chunks of about 32 MB."""
+    """The statistics of an existing store's committed rows of ``hook_point`` (see :func:`accumulate`)."""
+    return accumulate(ext, hook_point, chunk_rows=chunk_rows, **options).result()
+
+
+def accumulate(ext: "Extraction", hook_point: str, *, chunk_rows: int | None = None,
+               **options: Any) -> FeatureStatsAccumulator:
+    """An accumulator fed with an existing store's committed rows of ``hook_point``, streamed chunk by chunk
+    (memory: one chunk and the accumulator). ``options`` are :class:`FeatureStatsAccumulator`'s; documents are
+    the stored samples (``ext.activation_offsets``). ``chunk_rows`` defaults to whole storage chunks of about
+    32 MB."""
     arr = ext.activations(hook_point)
     d = int(arr.shape[1])
     if chunk_rows is None:
@@ -896,4 +903,4 @@ def compute(ext: "Extraction", hook_point: str, *, chunk_rows: int | None = None
         b = min(a + chunk_rows, mark)
         documents = np.searchsorted(offsets, np.arange(a, b), side="right") - 1
         acc.update(a, arr[a:b], documents)
-    return acc.result()
+    return acc

@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError, MistudioError
+from ..errors import InputError, MistudioError
 from .feature_page import PAGE_CSS, check_page, escape, feature_page_html
 from .feature_view import display_pieces
 
 if TYPE_CHECKING:
     import datasets
 
-    from .extraction import Extraction
+    from ..extraction import Extraction
 
 
 # -- HTML -------------------------------------------------------------------------------------------------

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import InputError
-from .saes import SAE, check_applies, load_sae, tl_hook_name
+from ..errors import InputError
+from ..saes import SAE, check_applies, load_sae, tl_hook_name
 
 if TYPE_CHECKING:
-    from .extraction import Extraction
-    from .models import LoadedModel
+    from ..extraction import Extraction
+    from ..models import LoadedModel
 
 TRAIN_ARCHITECTURES = ("topk", "standard", "jumprelu")
 CHECKPOINT_DIR, CHECKPOINT_FILE, SAE_DIR = "checkpoint", "state.pt", "sae"
@@ -526,7 +526,7 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
     elapsed = elapsed_before + time.monotonic() - started
     sae.requires_grad_(False)
     sae.eval()
-    metadata = {"model_name": (ext.record.model or {}).get("name_or_path"), "hook_point": hook_point,
+    metadata = {"model_name": ext.record.model.name_or_path, "hook_point": hook_point,
                 "mistudio": {"extraction_id": ext.id, "extraction_location": ext.location, "trained_steps": step,
                              "trained_tokens": tokens, "scaling_factor_folded": scale,
                              "train_config": config.to_dict(), "final": history[-1] if history else {}}}
@@ -607,7 +607,7 @@ def _causal_lm(model, device: torch.device) -> torch.nn.Module:
     """A causal LM with its head: the module given, or loaded from a folder / a LoadedModel's source."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import FAMILIES, LoadedModel
+    from ..models import FAMILIES, LoadedModel
 
     encoders = {t for t, paths in FAMILIES.items() if paths[0] == "encoder.layer"}
 
@@ -659,7 +659,7 @@ def _replace_output(output, new: Tensor):
 
 
 def _spliced_losses(sae: SAE, ext: "Extraction", hook_point: str, model, n_samples: int) -> dict:
-    from .models import find_blocks, max_positions_of, n_layers_of
+    from ..models import find_blocks, max_positions_of, n_layers_of
 
     lm = _causal_lm(model, sae.device)
     device = next(lm.parameters()).device
