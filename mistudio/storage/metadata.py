@@ -25,6 +25,7 @@ class Status(str, Enum):
     QUEUED = "QUEUED"
     LOADING = "LOADING"
     EXTRACTING = "EXTRACTING"
+    TRAINING = "TRAINING"  # an SAE training job's running state
     SAVING = "SAVING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
@@ -38,7 +39,7 @@ class Status(str, Enum):
         return self in LIVE_STATES
 
 
-LIVE_STATES = (Status.QUEUED, Status.LOADING, Status.EXTRACTING, Status.SAVING)
+LIVE_STATES = (Status.QUEUED, Status.LOADING, Status.EXTRACTING, Status.TRAINING, Status.SAVING)
 END_STATES = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
 
 
