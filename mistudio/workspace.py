@@ -199,7 +199,8 @@ class Workspace(Folder, Observable):
                    "auto_retried": False, "retry_overrides": changed}
         return self._start(request, options, lineage)
 
-    def resume(self, extraction_id: str, batch_size: int | None = None, cluster: Any = None) -> Job:
+    def resume(self, extraction_id: str, batch_size: int | None = None, cluster: Any = None,
+               before_batch: Any = None) -> Job:
         """Continue a FAILED/CANCELLED/INTERRUPTED job in its own store from the committed mark.
 
         Refused at once when it cannot help (a bad request: retry it instead). A sharded (dask) extraction reruns
@@ -225,7 +226,8 @@ class Workspace(Folder, Observable):
             request = check(meta.request())
         if batch_size:
             request = request.replace(batch_size=batch_size)
-        options = RunOptions(cluster=cluster, before_batch=old.options.before_batch if old is not None else None)
+        hook = before_batch if before_batch is not None else old.options.before_batch if old is not None else None
+        options = RunOptions(cluster=cluster, before_batch=hook)
         check_options(request, options)
         store.update(status=Status.QUEUED, heartbeat=heartbeat(), params={"batch_size": request.batch_size},
                      resumes=meta.resumes + [{"at": now(), "from_sample": meta.progress.samples_committed,

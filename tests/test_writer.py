@@ -12,7 +12,7 @@ import pytest
 import mistudio as ms
 from mistudio import plan as plan_module
 from mistudio import runner as runner_module
-from mistudio.storage import writer as store_module
+from mistudio.storage import codec
 from mistudio.errors import StoreCorrupted
 from mistudio.storage.verify import verify
 from mistudio.storage.metadata import ExtractionMeta, new_nonce
@@ -93,31 +93,31 @@ def _store(location: str, n_samples: int, length: int, hooks: int, width: int, *
 
 
 def test_concurrent_shard_writes_never_lose_rows(tmp_path, monkeypatch):
-    """Six hook points, four write threads, batches of random sizes, flushes in the middle (a partial shard
-    written, then written whole): every row lands, and no unit ever has two writes at once."""
+    """Six hook points written in parallel, batches of random sizes, flushes in the middle (a partial chunk
+    written, then written whole in a copy of its shard): every row lands, and no unit ever has two writes at once."""
     store = _store(str(tmp_path / "s.zarr"), 300, 13, hooks=6, width=16, chunk_mb=0.004, shard_mb=0.02)
     arr = store.activations("layers.0.residual")
     assert arr.shards == (320, 16) and arr.chunks == (64, 16)
     active, overlaps, most = set(), [], [0]
     lock = threading.Lock()
-    real_write = store_module.write_unit
+    real_append = codec.UnitWriter.append
 
-    def watched(array, start, stop, blocks):
-        key = (array.path, start // 320)
+    def watched(self, chunk, pieces):
+        key = (self.arr.path, chunk // self.g.per_shard)
         with lock:
             overlaps.append(key) if key in active else active.add(key)
             most[0] = max(most[0], len(active))
         time.sleep(0.01)
         try:
-            real_write(array, start, stop, blocks)
+            real_append(self, chunk, pieces)
         finally:
             with lock:
                 active.discard(key)
 
-    monkeypatch.setattr(store_module, "write_unit", watched)
+    monkeypatch.setattr(codec.UnitWriter, "append", watched)
     rng = np.random.default_rng(1)
     full = {hp: rng.standard_normal((300 * 13, 16)).astype(np.float32) for hp in store.meta["hook_points"]}
-    writer = ChunkWriter(store, 0, workers=4)
+    writer = ChunkWriter(store, 0)
     done = 0
     while done < 300:
         n = min(300 - done, int(rng.integers(1, 40)))
@@ -149,7 +149,14 @@ def test_fast_unit_files_equal_zarrs_own(tmp_path, shard_mb, start, stop):
     assert ours.activations("layers.0.residual").shards == ((320, 16) if shard_mb else None)
     data = np.random.default_rng(0).standard_normal((stop - start, 16)).astype(np.float32)
     cut = (stop - start) // 3
-    store_module.write_unit(ours.activations("layers.0.residual"), start, stop, [data[:cut], data[cut:]])
+    arr = ours.activations("layers.0.residual")
+    writer = codec.UnitWriter(arr, codec.Geometry.of(arr))
+    pieces, step = [data[:cut], data[cut:]], 64
+    for a in range(start, stop, step):  # chunk by chunk, each from views of the pieces (no copy)
+        b = min(a + step, stop)
+        writer.append(a // step, [p[max(a, s) - s:min(b, s + len(p)) - s] for p, s in zip(pieces, (start, start + cut))
+                                  if max(a, s) < min(b, s + len(p))])
+    writer.close()
     theirs.activations("layers.0.residual")[start:stop] = data
     rel = f"activations/layers.0.residual/c/{start // unit}/0"
     assert (tmp_path / "ours.zarr" / rel).read_bytes() == (tmp_path / "theirs.zarr" / rel).read_bytes()
@@ -199,7 +206,7 @@ def test_verify_names_damaged_inner_chunk_and_missing_shard(gpt2_dir, workspace)
         a[400:410]
     a[300:384], a[448:512]  # the other inner chunks of that shard still read
     shard.write_bytes(bytes(data[: len(data) // 2]))  # truncated: the index is gone
-    assert "the shard (its index" in ext.verify().problems[0].what
+    assert "the shard cannot be decoded: its index" in ext.verify().problems[0].what
     shard.unlink()
     report = ext.verify()
     assert [p.what.split(" (")[0] for p in report.problems] == ["the shard is missing"]

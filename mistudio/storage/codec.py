@@ -1,35 +1,43 @@
-"""The byte format of one storage unit, both ways: :func:`write_unit` encodes a unit's file, :class:`FastReader`
-decodes rows out of unit files. Nothing else knows a byte offset.
+"""The byte format of one storage unit, both ways: :class:`UnitWriter` encodes a unit's file chunk by chunk,
+:class:`FastReader` decodes rows out of unit files and trusts no byte of them. Nothing else knows a byte offset.
 
-The format is Zarr v3's, for the layouts the writer produces itself (:func:`fast_layout`: a local store,
+The format is Zarr v3's, for the layouts this module handles itself (:func:`fast_layout`: a local store,
 little-endian bytes, optional crc32c per chunk, full-width chunks; sharded arrays with the shard index at the end,
 crc32c'd). An unsharded chunk's file is its rows (the last chunk padded with the fill value, 0) then its crc32c.
-A shard's file is its inner chunks, each encoded so, then an index of ``(offset, length)`` uint64 pairs per inner
-chunk (``EMPTY`` for one never written) and the index's crc32c. Any Zarr v3 reader reads these files.
+A shard's file is its inner chunks, each encoded so, back to back in chunk order, then an index of ``(offset,
+length)`` uint64 pairs per inner chunk (``EMPTY`` for one not written) and the index's crc32c. Any Zarr v3 reader
+reads these files.
 
-Reading: the rows of ``a[i:j]`` / ``a[i:j, cols]`` are read from the unit files with ``os.preadv``: a chunk that
-the slice covers whole straight into the output array, any other into a scratch buffer and copied from there;
-its crc32c is checked first. Damage raises :class:`Damaged` (the caller turns it into ``StoreCorrupted``);
-anything else unusual (an empty chunk in a shard index, a selection this module does not handle) raises
-:class:`Fallback`, and the caller reads through Zarr instead.
+Writing streams a shard: each inner chunk is appended to the shard file as soon as its rows are in (and flushed
+to the disk before the commit mark moves over it); the index is written when the shard closes. A shard still
+being filled has no index yet: its chunks below the commit mark are read at their place (chunk ``i`` at
+``i × chunk bytes``) and checked by their own crc32c.
+
+Reading checks everything before using it: every unit a regular file; a shard's index by its crc32c, then every
+entry (each chunk whole, in chunk order, back to back, the index right after them: the only layout the writer
+and Zarr produce), no empty entry below the commit mark, the file's length; each chunk's crc32c. Damage raises
+:class:`Damaged` (the caller turns it into ``StoreCorrupted``); anything else unusual (a selection this module does
+not handle, a layout it does not know) raises :class:`Fallback`, and the caller reads through Zarr instead.
 """
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .layout import EMPTY, storage_unit
+from .files import fsync_dir
+from .layout import CHECKSUM_BYTES, EMPTY, SHARD_INDEX_ENTRY, storage_unit
 
 
-# -- encoding ---------------------------------------------------------------------------------------
 def fast_layout(arr: Any) -> tuple[int, bool] | None:
     """(rows per inner chunk, crc32c per chunk) when this module may encode and decode ``arr``'s files itself:
     a local store, little-endian bytes, optional crc32c, full-width chunks, shard index at the end with
-    crc32c. None: let Zarr write."""
+    crc32c. None: let Zarr do it."""
     from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
     from zarr.storage import LocalStore
 
@@ -57,72 +65,232 @@ def fast_layout(arr: Any) -> tuple[int, bool] | None:
     return chunk[0], crc
 
 
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data).cast("B")
+class Geometry:
+    """Where things are in one array's unit files (a fast layout)."""
+
+    def __init__(self, arr: Any, inner_rows: int, crc: bool):
+        self.arr, self.crc = arr, crc
+        self.root = Path(arr.store_path.store.root) / arr.path
+        self.dtype = np.dtype(arr.dtype)
+        self.shape = tuple(arr.shape)
+        self.sharded = arr.shards is not None
+        self.unit_rows = (arr.shards or arr.chunks)[0]
+        self.chunk_rows = inner_rows if self.sharded else self.unit_rows  # rows per encoded chunk
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.data_bytes = self.chunk_rows * self.row_bytes
+        self.chunk_bytes = self.data_bytes + CHECKSUM_BYTES * crc
+        self.per_shard = self.unit_rows // self.chunk_rows
+        self.index_bytes = SHARD_INDEX_ENTRY * self.per_shard + CHECKSUM_BYTES
+
+    @classmethod
+    def of(cls, arr: Any) -> "Geometry | None":
+        layout = fast_layout(arr)
+        return None if layout is None or arr.ndim not in (1, 2) else cls(arr, *layout)
+
+    def unit_key(self, unit: int) -> tuple[int, ...]:
+        return (unit,) + (0,) * (len(self.shape) - 1)
+
+    def unit_file(self, unit: int) -> Path:
+        return self.root / self.arr.metadata.encode_chunk_key(self.unit_key(unit))
+
+    @property
+    def n_units(self) -> int:
+        return -(-self.shape[0] // self.unit_rows)
+
+
+# -- encoding ----------------------------------------------------------------------------------------------------
+def _write_all(fd: int, data: Any, at: int | None = None) -> None:
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
     while view:
-        view = view[os.write(fd, view):]
+        done = os.write(fd, view) if at is None else os.pwrite(fd, view, at)
+        view = view[done:]
+        if at is not None:
+            at += done
 
 
-def write_unit(arr: Any, start: int, stop: int, blocks: list[np.ndarray]) -> None:
-    """Write rows ``[start, stop)`` of ``arr``, given as consecutive row ``blocks``, as one storage unit: ``start``
-    is where a unit (a shard, or a chunk of an unsharded array) begins, and ``stop`` at most where it ends.
+def _sync(fd: int) -> None:
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
-    On a local store the unit's file is encoded here exactly as Zarr's codecs encode it (inner chunks with
-    their crc32c, the last one padded with the fill value, then the shard index with its crc32c, absent
-    chunks marked empty) and streamed from the blocks without copying them into a temporary file renamed
-    into place: it replaces the unit, rows after ``stop`` included. Elsewhere (a remote store, other codecs)
-    Zarr writes it, reading and merging what the unit holds. Never two writes of one unit at once."""
+
+def encode_chunk(pieces: list[np.ndarray], g: Geometry) -> list[np.ndarray]:
+    """The buffers of one encoded chunk from consecutive row ``pieces`` (no copy of them): its rows, the padding
+    up to a whole chunk (the fill value, 0), its crc32c."""
     import google_crc32c
 
-    unit = storage_unit(arr)[0]
-    layout = fast_layout(arr)
-    if layout is None or start % unit or not 0 < stop - start <= unit:
-        arr[start:stop] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-        return
-    inner_rows, crc = layout
-    row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
-    rows = inner_rows if arr.shards is not None else unit  # rows per encoded chunk
-    key = arr.metadata.encode_chunk_key((start // unit,) + (0,) * (arr.ndim - 1))
-    path = arr.store_path.store.root / arr.path / key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
-    index, offset = [], 0
-    pieces = iter(np.ascontiguousarray(b) for b in blocks)
-    current = next(pieces)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        for first in range(0, unit, rows):
-            if first >= stop - start:  # a chunk not written: empty in the index
-                index.append((2**64 - 1, 2**64 - 1))
-                continue
-            need, checksum = min(rows, stop - start - first), 0
-            pad = np.zeros((rows - need, *arr.shape[1:]), dtype=arr.dtype)  # the fill value, 0
-            while need:
-                if not len(current):
-                    current = next(pieces)
-                take, current = current[:need], current[need:]
-                _write_all(fd, take)
-                checksum = google_crc32c.extend(checksum, take.reshape(-1)) if crc else 0
-                need -= len(take)
-            if len(pad):
-                _write_all(fd, pad)
-                checksum = google_crc32c.extend(checksum, pad.reshape(-1)) if crc else 0
-            if crc:
-                _write_all(fd, np.uint32(checksum).astype("<u4").tobytes())
-            index.append((offset, rows * row_bytes + 4 * crc))
-            offset += index[-1][1]
-        if arr.shards is not None:
-            table = np.asarray(index, dtype="<u8").tobytes()
-            _write_all(fd, table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes())
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
+    parts = [np.ascontiguousarray(p, dtype=g.dtype).reshape(-1).view(np.uint8) for p in pieces if len(p)]
+    n_rows = sum(len(p) for p in pieces)
+    if n_rows > g.chunk_rows:
+        raise ValueError(f"{n_rows} rows do not fit one chunk of {g.chunk_rows}")
+    if n_rows < g.chunk_rows:
+        parts.append(np.zeros((g.chunk_rows - n_rows) * g.row_bytes, np.uint8))
+    if g.crc:
+        checksum = 0
+        for part in parts:
+            checksum = google_crc32c.extend(checksum, part)
+        parts.append(np.frombuffer(np.uint32(checksum).astype("<u4").tobytes(), np.uint8))
+    return parts
 
 
-# -- decoding ---------------------------------------------------------------------------------------
+class UnitWriter:
+    """Writes one array's units chunk by chunk, in row order (one thread at a time per array).
+
+    An unsharded chunk is its own file, written under a temporary name, flushed and renamed into place. A shard
+    file is opened once and each inner chunk appended to it; the index is written when the shard closes. Every
+    file is flushed to the disk (and a new file's folder entry synced) before :meth:`sync` returns, so that the
+    commit mark may move over what was written.
+
+    A chunk that already holds committed rows (the last one a flush wrote partially, or the one a resume's mark
+    cuts) is never overwritten in place: its shard is copied up to that chunk into a new file, the chunk written
+    there whole, and the new file renamed over the old one. A crash at any moment leaves every committed row in
+    one of the two files."""
+
+    def __init__(self, arr: Any, g: Geometry):
+        self.arr, self.g = arr, g
+        self.unit: int | None = None  # the shard open for appending
+        self.fd = -1
+        self.chunks = 0  # inner chunks in the open shard
+        self.replaces: Path | None = None  # the open file is a copy that replaces this one at its next chunk
+        self.tmp: Path | None = None
+        self.dirty = False
+        self.new_folders: set[str] = set()
+
+    def start(self, row: int) -> None:
+        """Continue at ``row`` (a chunk boundary). Chunks before ``row`` in its shard stay: the shard is copied up
+        to ``row`` and the copy takes its place when the next chunk is written."""
+        g = self.g
+        if row % g.chunk_rows:
+            raise ValueError(f"writing must start at a chunk boundary, not row {row}")
+        unit, keep = row // g.unit_rows, (row % g.unit_rows) // g.chunk_rows
+        if not g.sharded or keep == 0:
+            self.close()
+            return
+        source = self.tmp if self.unit == unit and self.tmp is not None else g.unit_file(unit)
+        if self.unit == unit and self.tmp is None:
+            self._finish_open(index=False)  # the open shard itself becomes the source of the copy
+        with open(source, "rb") as old:
+            if not stat.S_ISREG(os.fstat(old.fileno()).st_mode) or os.fstat(old.fileno()).st_size < keep * g.chunk_bytes:
+                raise Damaged(g.unit_key(unit), f"the shard holds fewer than its {keep} committed chunks")
+            path = g.unit_file(unit)
+            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            left = keep * g.chunk_bytes
+            while left:
+                block = old.read(min(left, 1 << 22))
+                if not block:
+                    raise Damaged(g.unit_key(unit), "the shard ended while its committed chunks were copied")
+                _write_all(fd, np.frombuffer(block, np.uint8))
+                left -= len(block)
+        if self.tmp is not None and self.tmp != tmp:  # an earlier copy that never took its place
+            self._drop_copy()
+        self.unit, self.fd, self.chunks, self.tmp, self.replaces = unit, fd, keep, tmp, path
+        self.dirty = True
+
+    def append(self, chunk: int, pieces: list[np.ndarray]) -> None:
+        """Encode chunk number ``chunk`` (of the array) from consecutive row ``pieces`` (a whole chunk, or the
+        array's last, or a flush's partial one, padded) and write it where it belongs."""
+        g = self.g
+        parts = encode_chunk(pieces, g)
+        if not g.sharded:
+            path = g.unit_file(chunk)
+            self._folder(path)
+            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                for part in parts:
+                    _write_all(fd, part)
+                _sync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            self.new_folders.add(str(path.parent))
+            return
+        unit, slot = divmod(chunk, g.per_shard)
+        if unit != self.unit:
+            self.close()
+            path = g.unit_file(unit)
+            self._folder(path)
+            if os.path.lexists(path):  # an earlier run's file (it may hold committed rows): replaced, not truncated
+                tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+                self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self.tmp, self.replaces = tmp, path
+            else:
+                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self.unit, self.chunks = unit, 0
+            self.new_folders.add(str(path.parent))
+        if slot != self.chunks:
+            raise ValueError(f"chunk {slot} of shard {unit} comes after {self.chunks} chunks: chunks go in order")
+        at = slot * g.chunk_bytes
+        for part in parts:
+            _write_all(self.fd, part, at)
+            at += len(part)
+        self.chunks += 1
+        self.dirty = True
+        if self.replaces is not None:  # the copy holds every committed chunk and this one: it takes the place
+            _sync(self.fd)
+            os.replace(self.tmp, self.replaces)
+            self.new_folders.add(str(self.replaces.parent))
+            self.tmp = self.replaces = None
+        if self.chunks == g.per_shard or unit * g.unit_rows + self.chunks * g.chunk_rows >= g.shape[0]:
+            self.close()  # full (or the array's last): its index goes on
+
+    def close(self) -> None:
+        """Write the open shard's index (its chunks, EMPTY for the rest), flush it and close it."""
+        if self.unit is None:
+            return
+        if self.tmp is not None:  # a copy that never got its chunk: the original stays as it is
+            self._drop_copy()
+            return
+        self._finish_open(index=True)
+
+    def _finish_open(self, index: bool) -> None:
+        import google_crc32c
+
+        g = self.g
+        if index:
+            table = np.full((g.per_shard, 2), EMPTY, dtype="<u8")
+            table[:self.chunks, 0] = np.arange(self.chunks, dtype=np.uint64) * np.uint64(g.chunk_bytes)
+            table[:self.chunks, 1] = g.chunk_bytes
+            raw = table.tobytes()
+            _write_all(self.fd, np.frombuffer(raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes(),
+                                              np.uint8), self.chunks * g.chunk_bytes)
+            os.ftruncate(self.fd, self.chunks * g.chunk_bytes + g.index_bytes)
+        _sync(self.fd)
+        os.close(self.fd)
+        self.unit, self.fd, self.chunks, self.dirty = None, -1, 0, False
+        for folder in self.new_folders:
+            fsync_dir(folder)
+        self.new_folders.clear()
+
+    def _drop_copy(self) -> None:
+        os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
+        self.unit, self.fd, self.chunks, self.tmp, self.replaces, self.dirty = None, -1, 0, None, None, False
+
+    def sync(self) -> None:
+        """Flush what was written since the last call (file data, and new files' folder entries) to the disk."""
+        if self.dirty and self.fd >= 0:
+            _sync(self.fd)
+        for folder in self.new_folders:
+            fsync_dir(folder)
+        self.dirty = False
+        self.new_folders.clear()
+
+    def abandon(self) -> None:
+        """Close the open shard without an index (a failure: a resume rebuilds it from its committed chunks)."""
+        if self.tmp is not None:
+            self._drop_copy()
+        elif self.fd >= 0:
+            os.close(self.fd)
+        self.unit, self.fd, self.chunks, self.dirty = None, -1, 0, False
+
+    @staticmethod
+    def _folder(path: Path) -> None:
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(str(path.parent.parent))
+
+
+# -- decoding ----------------------------------------------------------------------------------------------------
 class Fallback(Exception):
     """Read this selection through Zarr."""
 
@@ -135,34 +303,44 @@ class Damaged(Exception):
         self.unit, self.what, self.missing = unit, what, missing
 
 
-class FastReader:
-    """Reads rows of one local array whose files :func:`write_unit` could have written."""
+def check_index(raw: bytes, size: int, g: Geometry) -> list[int | None]:
+    """The chunk offsets of a shard from its index (``raw``: the index bytes with their crc32c), every entry
+    checked: each chunk whole (``chunk bytes`` long), in chunk order, back to back from byte 0, the index right
+    after the last one (``size``: the file's length). ``None`` for a chunk not written. ValueError says what is
+    wrong (the caller names the place)."""
+    if len(raw) != g.index_bytes or _crc32c(raw[:-CHECKSUM_BYTES]) != int.from_bytes(raw[-CHECKSUM_BYTES:], "little"):
+        raise ValueError("its index fails its crc32c checksum")
+    table = np.frombuffer(raw[:-CHECKSUM_BYTES], "<u8").reshape(-1, 2)
+    offsets: list[int | None] = []
+    end = 0
+    for i, (offset, length) in enumerate(table.tolist()):
+        if offset == EMPTY and length == EMPTY:
+            offsets.append(None)
+            continue
+        if length != g.chunk_bytes:
+            raise ValueError(f"its index gives inner chunk {i} {length} bytes, not the {g.chunk_bytes} of a chunk")
+        if offset != end:
+            raise ValueError(f"its index puts inner chunk {i} at byte {offset}, not at {end} (chunks are stored in "
+                             "order, back to back)")
+        offsets.append(offset)
+        end += length
+    if end + g.index_bytes != size:
+        raise ValueError(f"the file is {size} bytes but its index accounts for {end + g.index_bytes}")
+    return offsets
 
-    def __init__(self, arr: Any, inner_rows: int, crc: bool):
-        self.arr, self.crc = arr, crc
-        self.root = arr.store_path.store.root / arr.path
-        self.dtype = np.dtype(arr.dtype)
-        self.shape = tuple(arr.shape)
-        self.sharded = arr.shards is not None
-        self.unit_rows = (arr.shards or arr.chunks)[0]
-        self.chunk_rows = inner_rows if self.sharded else self.unit_rows  # rows per encoded chunk
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self.data_bytes = self.chunk_rows * self.row_bytes
-        self.chunk_bytes = self.data_bytes + 4 * crc
-        self.per_shard = self.unit_rows // self.chunk_rows
-        self.index_bytes = 16 * self.per_shard + 4
+
+class FastReader:
+    """Reads rows of one local array in a fast layout (see the module's docstring), below a commit mark."""
+
+    def __init__(self, g: Geometry, mark: int):
+        self.g, self.mark = g, int(mark)
+        self.shape, self.dtype = g.shape, g.dtype
         self._local = threading.local()
 
     @classmethod
-    def open(cls, arr: Any) -> FastReader | None:
-        layout = fast_layout(arr)
-        return None if layout is None or arr.ndim not in (1, 2) else cls(arr, *layout)
-
-    def unit_key(self, unit: int) -> tuple[int, ...]:
-        return (unit,) + (0,) * (len(self.shape) - 1)
-
-    def unit_file(self, unit: int):
-        return self.root / self.arr.metadata.encode_chunk_key(self.unit_key(unit))
+    def open(cls, arr: Any, mark: int) -> FastReader | None:
+        g = Geometry.of(arr)
+        return None if g is None else cls(g, mark)
 
     # -- selection -----------------------------------------------------------------------------------
     def selection(self, key: Any) -> tuple[int, int, Any]:
@@ -190,85 +368,171 @@ class FastReader:
 
     # -- reading -------------------------------------------------------------------------------------
     def read(self, key: Any, out: np.ndarray | None = None) -> np.ndarray:
-        """The rows of a row-slice selection, into ``out`` when given (C-contiguous, of the right shape and
-        dtype: whole chunks are read straight into it)."""
+        """The rows of a selection, into ``out`` when given (C-contiguous, of the right shape and dtype: whole
+        chunks are read straight into it). Rows may be a slice, an int, a list or array of ints, or a mask;
+        columns a slice, an int or a list of ints."""
+        rows = key[0] if isinstance(key, tuple) else key
+        if isinstance(rows, (int, np.integer)) or (not isinstance(rows, slice) and rows is not Ellipsis):
+            if out is not None:
+                raise Fallback
+            return self._gather(key)
         first, stop, col = self.selection(key)
         width = self.shape[1:] if col is None else np.empty((0, self.shape[1]), self.dtype)[:, col].shape[1:]
         if out is None:
             out = np.empty((stop - first, *width), self.dtype)
         elif out.shape != (stop - first, *width) or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise Fallback
-        for unit in range(first // self.unit_rows, -(-stop // self.unit_rows)):
+        g = self.g
+        for unit in range(first // g.unit_rows, -(-stop // g.unit_rows)):
             self.read_unit(unit, first, stop, col, out)
         return out
 
+    def check_unit(self, unit: int, decode: bool) -> int:
+        """Check one storage unit below the mark as a read would (a regular file; a shard's index; with
+        ``decode`` every chunk below the mark read and its crc32c checked), reading into a scratch buffer only;
+        returns the file's size. Damage raises :class:`Damaged`."""
+        g = self.g
+        first, stop = unit * g.unit_rows, min((unit + 1) * g.unit_rows, self.mark, g.shape[0])
+        if decode:
+            sink = np.empty((min(stop - first, g.chunk_rows), *self.shape[1:]), self.dtype)
+            for a in range(first, stop, g.chunk_rows):
+                b = min(a + g.chunk_rows, stop)
+                self.read_unit(unit, a, b, None, sink[:b - a])
+        key, path = g.unit_key(unit), g.unit_file(unit)
+        try:
+            info = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise Damaged(key, "missing", missing=True) from None
+        if not stat.S_ISREG(info.st_mode):
+            raise Damaged(key, f"the {'shard' if g.sharded else 'chunk'} is not a regular file")
+        if not decode:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if g.sharded:
+                    offsets = self.chunk_offsets(fd, unit, info.st_size)
+                    needed = -(-(stop - first) // g.chunk_rows)
+                    if any(o is None for o in offsets[:needed]):
+                        raise self.chunk_error(unit, offsets[:needed].index(None), "its index marks it empty "
+                                               f"although rows below the commit mark {self.mark} are in it")
+                    if max(o for o in offsets[:needed]) + g.chunk_bytes > info.st_size:
+                        raise Damaged(key, f"the shard cannot be decoded: the file is {info.st_size} bytes, too "
+                                           f"short for its {needed} committed chunks")
+                elif info.st_size != g.chunk_bytes:
+                    raise Damaged(key, f"the chunk cannot be decoded (file is {info.st_size} bytes, not "
+                                       f"{g.chunk_bytes})")
+            finally:
+                os.close(fd)
+        return info.st_size
+
+    def _gather(self, key: Any) -> np.ndarray:
+        """Rows chosen by index (an int, ints, a mask): each chunk holding some is read once, checked."""
+        rows, cols = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        scalar = isinstance(rows, (int, np.integer))
+        idx = np.asarray([rows] if scalar else rows)
+        if idx.dtype == bool:
+            if idx.shape != (self.shape[0],):
+                raise Fallback
+            idx = np.flatnonzero(idx)
+        if idx.ndim != 1 or idx.dtype.kind not in "iu":
+            raise Fallback
+        n = self.shape[0]
+        idx = np.where(idx < 0, idx + n, idx).astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise Fallback  # out of range: Zarr raises its own IndexError
+        step = self.g.chunk_rows
+        if idx.size == 0:
+            return np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *cols)]
+        parts = {}
+        for chunk in np.unique(idx // step).tolist():
+            lo = chunk * step
+            parts[chunk] = self.read((slice(lo, min(lo + step, n)), *cols))
+        first = parts[int(idx[0] // step)]
+        out = np.empty((len(idx), *first.shape[1:]), first.dtype)
+        for chunk, block in parts.items():
+            where = np.flatnonzero(idx // step == chunk)
+            out[where] = block[idx[where] - chunk * step]
+        return out[0] if scalar else out
+
     def read_unit(self, unit: int, first: int, stop: int, col: Any, out: np.ndarray) -> None:
         """Copy rows ``[first, stop)`` that lie in storage unit ``unit`` into ``out`` (row ``first`` at 0)."""
-        path = self.unit_file(unit)
+        g = self.g
+        key = g.unit_key(unit)
+        path = g.unit_file(unit)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise Damaged(self.unit_key(unit), "missing", missing=True) from None
+            raise Damaged(key, "missing", missing=True) from None
+        except IsADirectoryError:
+            raise Damaged(key, f"the {'shard' if g.sharded else 'chunk'} is a folder, not a file") from None
         try:
-            size = os.fstat(fd).st_size
-            base = unit * self.unit_rows
-            chunks = range((max(first, base) - base) // self.chunk_rows,
-                           -(-(min(stop, base + self.unit_rows) - base) // self.chunk_rows))
-            offsets = self.shard_index(fd, unit, size, chunks) if self.sharded else None
-            if not self.sharded and size != self.chunk_bytes:
-                raise Damaged(self.unit_key(unit),
-                              f"the chunk cannot be decoded (file is {size} bytes, not {self.chunk_bytes})")
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise Damaged(key, f"the {'shard' if g.sharded else 'chunk'} is not a regular file")
+            size = info.st_size
+            base = unit * g.unit_rows
+            chunks = range((max(first, base) - base) // g.chunk_rows,
+                           -(-(min(stop, base + g.unit_rows) - base) // g.chunk_rows))
+            offsets = self.chunk_offsets(fd, unit, size) if g.sharded else None
+            if not g.sharded and size != g.chunk_bytes:
+                raise Damaged(key, f"the chunk cannot be decoded (file is {size} bytes, not {g.chunk_bytes})")
             for c in chunks:
-                start = base + c * self.chunk_rows  # first row of this encoded chunk
-                lo, hi = max(first, start), min(stop, start + self.chunk_rows)
-                whole = col is None and lo == start and hi - lo == self.chunk_rows
+                start = base + c * g.chunk_rows  # first row of this encoded chunk
+                at = 0 if offsets is None else offsets[c]
+                if at is None:
+                    raise self.chunk_error(unit, c, "its index marks it empty although rows below the commit mark "
+                                                    f"{self.mark} are in it")
+                lo, hi = max(first, start), min(stop, start + g.chunk_rows)
+                whole = col is None and lo == start and hi - lo == g.chunk_rows
                 target = out[lo - first:hi - first].reshape(-1).view(np.uint8) if whole else self.scratch()
                 trailer = np.empty(4, np.uint8)
-                buffers = [target, trailer] if self.crc else [target]
-                got = os.preadv(fd, buffers, 0 if offsets is None else offsets[c])
-                if got != self.chunk_bytes:
-                    raise self.chunk_error(unit, c, f"the file ends {self.chunk_bytes - got} bytes early")
-                if self.crc and _crc32c(target) != int(trailer.view("<u4")[0]):
+                buffers = [target, trailer] if g.crc else [target]
+                got = os.preadv(fd, buffers, at)
+                if got != g.chunk_bytes:
+                    raise self.chunk_error(unit, c, f"the file ends {g.chunk_bytes - got} bytes early")
+                if g.crc and _crc32c(target) != int(trailer.view("<u4")[0]):
                     raise self.chunk_error(unit, c, "crc32c checksum mismatch")
                 if not whole:
-                    rows = target.view(self.dtype).reshape(self.chunk_rows, *self.shape[1:])[lo - start:hi - start]
+                    rows = target.view(self.dtype).reshape(g.chunk_rows, *self.shape[1:])[lo - start:hi - start]
                     out[lo - first:hi - first] = rows if col is None else rows[:, col]
         finally:
             os.close(fd)
 
-    def shard_index(self, fd: int, unit: int, size: int, chunks: range) -> dict[int, int]:
-        """Offsets of the shard's inner chunks, from its index (checked: crc32c; sizes and bounds of ``chunks``)."""
-        key = self.unit_key(unit)
-        if size < self.index_bytes:
-            raise Damaged(key, f"the shard (its index) cannot be decoded (file is {size} bytes)")
-        raw = os.pread(fd, self.index_bytes, size - self.index_bytes)
-        table = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)
-        if _crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise Damaged(key, "the shard (its index) cannot be decoded (index crc32c checksum mismatch)")
-        table = table[chunks.start:chunks.stop]
-        if np.any(table == EMPTY):
-            raise Fallback  # an inner chunk that was never written: Zarr reads it as the fill value
-        if np.any(table[:, 1] != self.chunk_bytes) or np.any(table[:, 0] + table[:, 1] > size - self.index_bytes):
-            raise Damaged(key, "the shard (its index) cannot be decoded (entries out of the file's bounds)")
-        return {c: int(o) for c, o in zip(chunks, table[:, 0])}
+    def chunk_offsets(self, fd: int, unit: int, size: int) -> list[int | None]:
+        """Where each inner chunk of a shard is: from its checked index, or, for the shard the commit mark is in
+        while it is still being filled (no index yet), at its place (chunk ``i`` at ``i × chunk bytes``)."""
+        g = self.g
+        key = g.unit_key(unit)
+        open_shard = unit * g.unit_rows < self.mark < min((unit + 1) * g.unit_rows, g.shape[0])
+        if size >= g.index_bytes:
+            raw = os.pread(fd, g.index_bytes, size - g.index_bytes)
+            try:
+                return check_index(raw, size, g)
+            except ValueError as exc:
+                if not open_shard:
+                    raise Damaged(key, f"the shard cannot be decoded: {exc}") from None
+        elif not open_shard:
+            raise Damaged(key, f"the shard cannot be decoded: the file is {size} bytes, too short for its index "
+                               f"({g.index_bytes} bytes)")
+        return [c * g.chunk_bytes for c in range(g.per_shard)]  # being filled: chunks at their places
 
     def chunk_error(self, unit: int, chunk: int, why: str) -> Damaged:
-        if not self.sharded:
-            return Damaged(self.unit_key(unit), f"the chunk cannot be decoded ({why})")
-        row = unit * self.unit_rows + chunk * self.chunk_rows
-        inner = unit * self.per_shard + chunk
-        return Damaged(self.unit_key(unit), f"inner chunk(s) ({inner}, 0) of the shard "
-                                            f"(rows {row}-{row + self.chunk_rows}) cannot be decoded ({why})")
+        g = self.g
+        if not g.sharded:
+            return Damaged(g.unit_key(unit), f"the chunk cannot be decoded ({why})")
+        row = unit * g.unit_rows + chunk * g.chunk_rows
+        inner = unit * g.per_shard + chunk
+        return Damaged(g.unit_key(unit), f"inner chunk(s) ({inner}, 0) of the shard "
+                                         f"(rows {row}-{row + g.chunk_rows}) cannot be decoded ({why})")
 
     def scratch(self) -> np.ndarray:
         """A per-thread buffer of one chunk's data bytes (reused: no page faults per read)."""
         buf = getattr(self._local, "buf", None)
         if buf is None:
-            buf = self._local.buf = np.empty(self.data_bytes, np.uint8)
+            buf = self._local.buf = np.empty(self.g.data_bytes, np.uint8)
         return buf
 
 
 def _crc32c(data: Any) -> int:
     import google_crc32c
 
-    return google_crc32c.value(data)  # bytes or a contiguous uint8 array (it refuses memoryviews)
+    return google_crc32c.value(bytes(data) if isinstance(data, memoryview) else data)

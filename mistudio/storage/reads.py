@@ -55,15 +55,16 @@ class CheckedArray:
     Slicing (``a[i:j]``, ``a[i:j, f]``, ``a[:, f]``, ``a[rows]``) returns numpy arrays like Zarr does;
     storage units below ``mark`` must exist, and decode errors become :class:`StoreCorrupted`.
     Rows at or above ``mark`` (not yet committed) read as Zarr gives them. ``.zarr`` is the raw array.
-    Row slices below ``mark`` of a local store in the writer's own layout are read from the files directly
-    (:mod:`.codec`: one copy, crc32c checked), everything else through Zarr.
+    Rows below ``mark`` of a local store in the writer's own layout are read from the files directly
+    (:mod:`.codec`: one copy, every index entry and crc32c checked, the shard still being filled read at its
+    places); everything else (a remote store) through Zarr, with missing units refused and decode errors named.
     """
 
     def __init__(self, arr: Any, location: str, mark: int):
         self.zarr = arr
         self.location = location
         self.mark = int(mark)
-        self._fast = FastReader.open(arr)
+        self._fast = FastReader.open(arr, self.mark)
 
     def __repr__(self) -> str:
         return f"<CheckedArray {self.zarr.path} shape={self.shape} dtype={self.dtype} chunks={self.chunks}>"

@@ -5,6 +5,7 @@ exist and decode (which checks its crc32c); the metadata must be coherent with t
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .layout import has_checksum, unit_key, unit_name, unit_rows, units
+from .codec import Damaged, FastReader, Geometry
+from .layout import has_checksum, storage_unit, unit_key, unit_name, unit_rows, units
 from .metadata import END_STATES, LIVE_STATES
 from .reads import DECODE_ERRORS, damage, missing_units
 
@@ -194,7 +196,30 @@ class _Scan:
         return arr
 
     def scan(self, arr: zarr.Array, mark: int) -> None:
-        """Every storage unit below ``mark``: present, and (when decoding) decodable."""
+        """Every storage unit below ``mark``: present, a regular file, its index (shards) sound, and (when
+        decoding) every chunk decodable, which checks its crc32c. A unit count the files cannot back (a crafted
+        or damaged ``zarr.json``) is reported without walking the claimed units."""
+        unit_rows = storage_unit(arr)[0]
+        n_units = -(-min(mark, arr.shape[0]) // unit_rows)
+        present = self.present(arr)
+        if present is not None and n_units > present + 1:
+            self.problem(f"{n_units:,} {unit_name(arr)}s hold the rows below the commit mark {mark:,}, but the "
+                         f"array's folder holds {present:,} files", arr.path)
+            return
+        g = Geometry.of(arr)
+        if g is not None:
+            reader = FastReader(g, mark)
+            for unit in range(n_units):
+                try:
+                    size = reader.check_unit(unit, decode=self.report.decoded)
+                except Damaged as exc:
+                    what = f"the {unit_name(arr)} is missing (rows below {mark} are committed)" if exc.missing \
+                        else exc.what
+                    self.problem(what, arr.path, exc.unit, f"{self.location}/{unit_key(arr, exc.unit)}")
+                    continue
+                self.report.chunks_checked += 1
+                self.report.bytes_checked += size
+            return
         found = units(arr, 0, mark)
         missing = set(missing_units(arr, found))
         store = arr.store_path.store
@@ -209,5 +234,14 @@ class _Scan:
             if self.report.decoded:
                 try:
                     arr[unit_rows(arr, unit)]
-                except DECODE_ERRORS as exc:
+                except (*DECODE_ERRORS, MemoryError, OverflowError) as exc:
                     self.problem(damage(arr, unit, exc), arr.path, unit, file)
+
+    def present(self, arr: zarr.Array) -> int | None:
+        """How many unit files a local array's folder holds (None for remote stores)."""
+        root = getattr(arr.store_path.store, "root", None)
+        if root is None:
+            return None
+        folder = os.path.join(str(root), arr.path)
+        return sum(1 for _, _, files in os.walk(folder) for name in files
+                   if name != "zarr.json" and not name.startswith("."))

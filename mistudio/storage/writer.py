@@ -1,8 +1,7 @@
-"""The store's only writer: a thread that takes rows in stored order, writes whole storage units, and moves the
-commit mark."""
+"""The store's only writer: a thread that takes rows in stored order, writes them chunk by chunk, and moves the
+commit mark over every chunk that is on the disk."""
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections import deque
@@ -11,57 +10,133 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ..errors import MistudioError
-from .codec import write_unit
+from .codec import Geometry, UnitWriter
 from .layout import storage_unit
 from .reads import CheckedArray
 from .stats import HookStats
 from .store import ExtractionStore
 
-WRITE_WORKERS = max(1, min(4, os.cpu_count() or 1))  # threads writing disjoint storage units at once
+MAX_PENDING = 3  # writes queued per array before the writer waits (memory: a few chunks per array)
+
+
+class _Stream:
+    """One array's rows on their way to the disk, in row order.
+
+    On a local store in a layout :mod:`.codec` encodes itself, rows go to the disk one chunk at a time: a chunk file,
+    or an inner chunk appended to its shard file (flushed to the disk before it counts as written). Elsewhere
+    (a remote store) Zarr writes whole units. Writes of one array run one after another on its own thread; arrays
+    are written in parallel."""
+
+    def __init__(self, store: ExtractionStore, path: str, start_row: int):
+        self.arr = store.array(path)
+        self.path = path
+        self.n_rows = int(self.arr.shape[0])
+        geometry = Geometry.of(self.arr)
+        self.unit_writer = UnitWriter(self.arr, geometry) if geometry is not None else None
+        self.step = geometry.chunk_rows if geometry is not None else storage_unit(self.arr)[0]  # rows a write
+        self.base = start_row // self.step * self.step  # first row not yet handed to a whole write
+        self.pieces: list[np.ndarray] = []  # buffered rows [base, received)
+        self.written = self.base  # rows below are on the disk
+        self.partial = False  # the last write was a flush's partial chunk: it is written again when complete
+        self.pending: deque[tuple[int, Future]] = deque()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mistudio-write-{path}")
+        if start_row > self.base:  # the mark cuts a chunk: its committed rows come back, to write it whole
+            self.pieces.append(CheckedArray(self.arr, store.location, start_row)[self.base:start_row])
+        if self.unit_writer is not None:
+            self.unit_writer.start(self.base)
+
+    def add(self, rows: np.ndarray) -> None:
+        self.pieces.append(rows)
+
+    def submit(self, received: int, flush: bool = False) -> None:
+        """Hand every whole chunk below ``received`` to the write thread (and with ``flush`` the partial one)."""
+        while received - self.base >= self.step or (received == self.n_rows > self.base) or (
+                flush and received > self.base):
+            stop = min(self.base + self.step, received, self.n_rows)
+            views = self._views(self.base, stop, received)
+            whole = stop - self.base == self.step or stop == self.n_rows
+            while len(self.pending) >= MAX_PENDING:
+                self._take_one()
+            self.pending.append((stop, self.executor.submit(self._write, self.base, stop, views, self.partial)))
+            self.partial = not whole
+            if not whole:  # a flush's partial chunk: its rows stay buffered for the whole write later
+                return
+            self.pieces = self._views(stop, received, received)
+            self.base = stop
+
+    def _views(self, start: int, stop: int, received: int) -> list[np.ndarray]:
+        out, pos = [], self.base
+        for piece in self.pieces:
+            lo, hi = max(start, pos), min(stop, pos + len(piece))
+            if lo < hi:
+                out.append(piece[lo - pos:hi - pos])
+            pos += len(piece)
+        return out
+
+    def _write(self, start: int, stop: int, views: list[np.ndarray], again: bool) -> None:
+        if self.unit_writer is None:
+            self.arr[start:stop] = views[0] if len(views) == 1 else np.concatenate(views)
+            return
+        if again:  # the chunk a flush wrote partially holds committed rows: written whole in a copy
+            self.unit_writer.start(start)
+        self.unit_writer.append(start // self.step, views)
+        self.unit_writer.sync()
+
+    def _take_one(self) -> None:
+        stop, future = self.pending.popleft()
+        future.result()
+        self.written = max(self.written, stop)
+
+    def harvest(self, wait: bool) -> None:
+        """Take finished writes in row order (a failed one raises) and move ``written``."""
+        while self.pending and (wait or self.pending[0][1].done()):
+            self._take_one()
+
+    def close(self, clean: bool) -> None:
+        """End the writes: with ``clean`` the open shard gets its index; else it is left to a resume to rebuild."""
+        for _, future in self.pending:  # a later writer must never race a write still running
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 - the first error is the one reported
+                clean = False
+        self.pending.clear()
+        if self.unit_writer is not None:
+            finish = self.unit_writer.close if clean else self.unit_writer.abandon
+            self.executor.submit(finish).result()
+        self.executor.shutdown(wait=True)
 
 
 class ChunkWriter:
-    """The store's only writer: a thread that takes rows in stored order and writes whole storage units.
+    """The store's only writer: a thread that takes rows in stored order and writes them a chunk at a time.
 
-    Rows arrive per batch (``put``), with the batch's statistics. A storage unit (a shard, or a chunk of
-    an unsharded array) is written once it is complete, by a small pool of threads that write disjoint
-    units at once (never two writes of one unit). The commit mark then moves to the last batch that ends
-    inside the contiguous written region, and ``progress.samples_committed``/``tokens_committed`` and the
-    statistics are recorded. ``flush`` (end, cancel, failure) also writes the last, partial unit. Everything
-    below the mark is final; a resumed job restarts at it: the committed rows of a unit that the mark cuts
-    are read back, so that the unit is written whole again.
+    Rows arrive per batch (``put``), with the batch's statistics. Each array writes each chunk as soon as its rows
+    are in (an unsharded array's chunk file, or an inner chunk appended to its shard), on a thread of its own;
+    the commit mark then moves to the last batch that ends inside the region every array has on the disk, and
+    ``progress.samples_committed``/``tokens_committed`` and the statistics are recorded. So a crash loses at most
+    the chunk being filled per array, and "saved" never lags more. ``flush`` (end, cancel, failure) also writes
+    the partial last chunk. Everything below the mark is final; a resumed job restarts at it: the committed rows
+    of the chunk the mark cuts are read back, so that the chunk is written whole again.
 
-    Memory: the rows of the unit being filled, plus the units being written (at most about
-    ``workers`` of them, and one per hook point), so roughly unit bytes × (hook points + workers).
+    Memory: per array, the chunk being filled and a few chunks being written.
     """
 
     _FLUSH = object()
     _STOP = object()
 
-    def __init__(self, store: ExtractionStore, start_sample: int, queue_depth: int = 2,
-                 workers: int = WRITE_WORKERS):
+    def __init__(self, store: ExtractionStore, start_sample: int, queue_depth: int = 2):
         self.store = store
         self.offsets = store.activation_offsets()  # rows, not tokens: special tokens may have none
-        self.hook_points = list(store.meta["hook_points"])
-        self.arrays = {hp: store.activations(hp) for hp in self.hook_points}
-        first = self.arrays[self.hook_points[0]]
-        self.unit, self.n_tokens = storage_unit(first)[0], first.shape[0]
+        self.hook_points = list(store.record.hook_points)
+        mark = int(self.offsets[start_sample])
+        self.streams = {hp: _Stream(store, f"activations/{hp}", mark) for hp in self.hook_points}
+        self.n_tokens = next(iter(self.streams.values())).n_rows
         saved = store.meta.get("statistics", {}) if start_sample else {}  # exact up to the commit mark
         self.stats = {hp: {k: saved.get(hp, {}).get(k, v) for k, v in HookStats.empty().items()}
                       for hp in self.hook_points}
         self.batches: deque[tuple[int, dict]] = deque()  # (end sample, statistics) of uncommitted batches
         self.committed_sample = self.received_sample = start_sample
-        mark = int(self.offsets[start_sample])
-        self.base = mark // self.unit * self.unit  # first row not yet handed to a whole-unit write
-        self.received = self.written = mark  # rows received; rows below ``written`` are on disk
-        self.pieces: dict[str, list[np.ndarray]] = {hp: [] for hp in self.hook_points}  # rows [base, received)
-        if mark > self.base:  # the mark cuts a unit: its committed rows come back, to write it whole
-            for hp, arr in self.arrays.items():
-                self.pieces[hp].append(CheckedArray(arr, store.location, mark)[self.base:mark])
-        self.inflight: deque[tuple[int, list[Future]]] = deque()  # (unit stop row, writes), in row order
-        self.max_inflight = max(1, -(-workers // len(self.hook_points)))  # units in flight at once
+        self.received = mark
         self.error: BaseException | None = None
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mistudio-write")
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._thread = threading.Thread(target=self._loop, name="mistudio-writer", daemon=True)
         self._thread.start()
@@ -69,12 +144,12 @@ class ChunkWriter:
     # -- producer side ---------------------------------------------------------------------------
     def put(self, n_samples: int, rows: dict[str, np.ndarray], stats: dict[str, dict]) -> None:
         """Queue the rows and statistics of the next ``n_samples`` samples (blocks while the writer is behind).
-        The writer keeps the arrays until their unit is written: do not change them afterwards."""
+        The writer keeps the arrays until they are written: do not change them afterwards."""
         self._raise()
         self._queue.put((n_samples, (rows, stats)))
 
     def flush(self) -> None:
-        """Write and commit everything queued, including a partial last unit."""
+        """Write and commit everything queued, including a partial last chunk."""
         done = threading.Event()
         self._queue.put((self._FLUSH, done))
         while not done.wait(0.05):
@@ -90,7 +165,8 @@ class ChunkWriter:
         finally:
             self._queue.put((self._STOP, None))
             self._thread.join()
-            self._pool.shutdown(wait=True)
+            for stream in self.streams.values():
+                stream.close(clean=self.error is None)
         self._raise()
 
     def _raise(self) -> None:
@@ -117,76 +193,37 @@ class ChunkWriter:
                     self._append(item, *payload)
             except BaseException as exc:  # noqa: BLE001 - handed to the producer
                 self.error = exc
-                self._wait_all()
                 if item is self._FLUSH:
                     payload.set()
 
     def _append(self, n_samples: int, rows: dict[str, np.ndarray], stats: dict[str, dict]) -> None:
-        for hp in self.hook_points:
-            self.pieces[hp].append(rows[hp])
         self.received_sample += n_samples
         self.batches.append((self.received_sample, stats))
         self.received = int(self.offsets[self.received_sample])
-        while self.received - self.base >= self.unit or (self.received == self.n_tokens > self.base):
-            stop = min(self.base + self.unit, self.n_tokens)
-            self._submit(self.base, stop)
-            self._drop_below(stop)
+        if self.store.guarded:  # never recreate a store deleted under the job
+            self.store.check_same()
+        for hp, stream in self.streams.items():
+            stream.add(rows[hp])
+            stream.submit(self.received)
         self._harvest(wait=False)
 
     def _flush(self) -> None:
-        """Write the partial unit too (its rows stay buffered: a later whole write replaces it), wait, commit."""
-        if self.received > self.base:
-            self._submit(self.base, self.received)
+        """Write the partial chunks too (their rows stay buffered: a later whole write replaces them), commit."""
+        if self.store.guarded:
+            self.store.check_same()
+        for stream in self.streams.values():
+            stream.submit(self.received, flush=True)
         self._harvest(wait=True)
 
-    def _submit(self, start: int, stop: int) -> None:
-        while len(self.inflight) >= self.max_inflight:
-            self._harvest(wait=True, one=True)
-        if self.store.guarded:  # never recreate a store deleted under the job
-            self.store.check_same()
-        writes = [self._pool.submit(write_unit, self.arrays[hp], start, stop, self._rows(hp, start, stop))
-                  for hp in self.hook_points]
-        self.inflight.append((stop, writes))
-
-    def _rows(self, hp: str, start: int, stop: int) -> list[np.ndarray]:
-        """Views of the buffered rows ``[start, stop)`` of one hook point (buffered rows begin at ``base``)."""
-        out, pos = [], self.base
-        for piece in self.pieces[hp]:
-            lo, hi = max(start, pos), min(stop, pos + len(piece))
-            if lo < hi:
-                out.append(piece[lo - pos:hi - pos])
-            pos += len(piece)
-        return out
-
-    def _drop_below(self, stop: int) -> None:
-        for hp in self.hook_points:
-            self.pieces[hp] = self._rows(hp, stop, self.received)
-        self.base = stop
-
-    def _harvest(self, wait: bool, one: bool = False) -> None:
-        """Take finished writes in row order (a failed one raises), move ``written``, commit."""
-        while self.inflight and (wait or all(f.done() for f in self.inflight[0][1])):
-            stop, writes = self.inflight.popleft()
-            for write in writes:
-                write.result()
-            self.written = max(self.written, stop)
-            if one:
-                break
+    def _harvest(self, wait: bool) -> None:
+        for stream in self.streams.values():
+            stream.harvest(wait)
         self._commit()
 
-    def _wait_all(self) -> None:
-        """After a failure: let the writes in flight end (a later writer must never race them)."""
-        for _, writes in self.inflight:
-            for write in writes:
-                try:
-                    write.result()
-                except BaseException:  # noqa: BLE001 - the first error is the one reported
-                    pass
-        self.inflight.clear()
-
     def _commit(self) -> None:
+        written = min(stream.written for stream in self.streams.values())
         new_sample = self.committed_sample
-        while self.batches and self.offsets[self.batches[0][0]] <= self.written:
+        while self.batches and self.offsets[self.batches[0][0]] <= written:
             first_row = int(self.offsets[new_sample])  # the batch starts where the previous one ended
             new_sample, stats = self.batches.popleft()
             for hp in self.hook_points:
