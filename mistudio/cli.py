@@ -143,6 +143,7 @@ def _summary(ext) -> str:
         f"  hook points {', '.join(ext.hook_points)}",
         f"  tokens/s    {record.timings.tokens_per_s or 0:,.0f}",
     ]
+    lines += [f"  warning     {render(w, 'cli', cli_names())}" for w in ext.range_warnings()]
     return "\n".join(lines)
 
 

@@ -71,6 +71,20 @@ def sample_spans(offsets: np.ndarray, first: int, stop: int, request: Request) -
             for a, b, c in window_spans(int(end - base), request.window, request.stride)]
 
 
+def host_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as the store keeps them (no copy): bfloat16 as its 2-byte patterns (uint16)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def tensor_of(rows: np.ndarray) -> torch.Tensor:
+    """A host array as a tensor without a copy (bfloat16 through its 2-byte patterns)."""
+    if rows.dtype.name == "bfloat16":
+        return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(rows)
+
+
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding shifts nothing."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -133,8 +147,9 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, r
                     if cuda:
                         current = _start_copies(real, storage_dtype, copies)
                     else:
-                        stats = {hp: HookStats.of_tensor(values) for hp, values in real.items()}
-                        rows = {hp: values.to(storage_dtype).cpu().numpy() for hp, values in real.items()}
+                        limit = torch.finfo(storage_dtype).max
+                        stats = {hp: HookStats.of_tensor(values, limit) for hp, values in real.items()}
+                        rows = {hp: host_numpy(values.to(storage_dtype).cpu()) for hp, values in real.items()}
             except BaseException:
                 if pending is not None:  # a finished batch is never lost to a later batch's failure
                     done, pending = pending, None
@@ -192,7 +207,8 @@ def _start_copies(real: dict[str, torch.Tensor], dtype: torch.dtype,
     memory on a side stream, so the next forward never waits for it.
     Returns (pinned rows, (count, pinned sums, pinned norms) per hook point, the copies' event)."""
     device = next(iter(real.values())).device
-    on_device = {hp: (values.to(dtype), HookStats.device_sums(values), HookStats.device_norms(values))
+    limit = torch.finfo(dtype).max
+    on_device = {hp: (values.to(dtype), HookStats.device_sums(values, limit), HookStats.device_norms(values))
                  for hp, values in real.items()}
     stream.wait_stream(torch.cuda.current_stream(device))  # the copies start once these are computed
     rows, stats = {}, {}
@@ -214,7 +230,7 @@ def _finish_copies(first: int, stop: int, rows: dict, stats: dict, event: "torch
     """Wait for a batch's copies: ``(first, stop, rows, stats)`` as ``forward_batches`` yields them; the rows
     are numpy views of the pinned buffers (the writer keeps them until written)."""
     event.synchronize()
-    return (first, stop, {hp: host.numpy() for hp, host in rows.items()},
+    return (first, stop, {hp: host_numpy(host) for hp, host in rows.items()},
             {hp: HookStats.from_device(count, sums.tolist(), norms.numpy())
              for hp, (count, sums, norms) in stats.items()})
 

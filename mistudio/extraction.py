@@ -225,6 +225,18 @@ class Extraction:
         return {"n": int(stats.n_outliers), "rows": found[:, 0].astype(np.int64), "norms": found[:, 1],
                 "threshold": stats.outlier_threshold, "median": quantiles.get("0.5"), "quantiles": quantiles}
 
+    def range_warnings(self) -> list[str]:
+        """A line per hook point whose values went past the storage dtype's range (stored as ±inf) or were NaN,
+        with the fix (marked for the front ends: see :func:`mistudio.errors.render`)."""
+        out, dtype = [], self.record.params.dtype or "float16"
+        for hp, stats in self.record.statistics.items():
+            if stats.n_out_of_range:
+                out.append(f"{hp}: {stats.n_out_of_range:,} of {stats.count:,} values were past {dtype}'s range and "
+                           f"are stored as ±inf (max |x| {stats.max_abs:.3g}): «pass dtype='bfloat16'» (or 'float32')")
+            if stats.n_nan:
+                out.append(f"{hp}: {stats.n_nan:,} of {stats.count:,} values are NaN in the model's output")
+        return out
+
     def to_xarray(self):
         """Every hook point as a lazy ``xarray.Dataset`` over (token, feature)."""
         import xarray as xr
@@ -233,10 +245,14 @@ class Extraction:
                             storage_options=self.store.storage_options, group="activations")
 
     def to_dask(self, hook_point: str):
-        """One hook point as a lazy dask array."""
+        """One hook point as a lazy dask array (bfloat16 stores: bfloat16 values, through ml_dtypes)."""
         import dask.array as da
 
-        return da.from_zarr(self.activations(hook_point).zarr)
+        checked = self.activations(hook_point)
+        raw = da.from_zarr(checked.zarr)
+        if checked.dtype == raw.dtype:
+            return raw
+        return raw.map_blocks(lambda block, view=checked.dtype: block.view(view), dtype=checked.dtype)
 
     # -- training and dataset-wide queries (mistudio.loader, mistudio.analysis) -------------------
     def loader(self, hook_points: str | list[str], batch_size: int = 4096, shuffle: bool = True, seed: int = 0,

@@ -243,7 +243,11 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
     if skipped:
         why = "; ".join(f"{n:,} {SKIP_REASONS.get(r, r)}" for r, n in report["skipped"].items())
         warnings.append(f"{skipped:,} of {report['n_rows_read']:,} rows give no sample: {why}")
-    seconds = _probe(plan) if probe else None
+    seconds, probed = _probe(plan) if probe else (None, {})
+    if probed.get("n_out_of_range"):
+        warnings.append(f"{probed['n_out_of_range']:,} of {probed['count']:,} probed values are past "
+                        f"{request.dtype}'s range (max |x| {probed['max_abs']:.3g}) and would be stored as ±inf: "
+                        "«pass dtype='bfloat16'» (or 'float32')")
     result = {
         "samples": plan.n_samples, "windows": int(report["n_windows"]), "tokens": plan.n_tokens,
         "rows": plan.n_rows, "rows_read": int(report["n_rows_read"]), "skipped": dict(report["skipped"]),
@@ -259,20 +263,24 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
     return result
 
 
-def _probe(plan: Plan) -> float:
-    """Load the model, time batches for about PROBE_SECONDS (longest first: a cautious rate), extrapolate."""
+def _probe(plan: Plan) -> tuple[float, dict]:
+    """Load the model, time batches for about PROBE_SECONDS (longest first: a cautious rate), extrapolate; also
+    what the probed values hold (counts of values past the storage dtype's range)."""
     request = plan.request
     if request.batch_size == "auto":
         request = request.model_copy(update={"batch_size": AUTO_GUESS})
     loaded = load_model(request.model_spec)
     ids, offsets = plan.tokens["input_ids"], plan.tokens["sample_offsets"]
-    done, started = 0, time.perf_counter()
-    for first, stop, _rows, _stats in forward_batches(loaded, ids, offsets, request, 0, plan.n_samples):
+    done, started, seen = 0, time.perf_counter(), {"count": 0, "n_out_of_range": 0, "max_abs": 0.0}
+    for first, stop, _rows, stats in forward_batches(loaded, ids, offsets, request, 0, plan.n_samples):
         done += int(offsets[stop] - offsets[first])
+        for acc in stats.values():
+            seen = {"count": seen["count"] + acc["count"], "n_out_of_range": seen["n_out_of_range"]
+                    + acc["n_out_of_range"], "max_abs": max(seen["max_abs"], acc["max_abs"])}
         if time.perf_counter() - started > PROBE_SECONDS:
             break
     elapsed = time.perf_counter() - started
-    return float(elapsed * offsets[-1] / max(1, done))
+    return float(elapsed * offsets[-1] / max(1, done)), seen
 
 
 def _duration(seconds: float) -> str:

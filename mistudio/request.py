@@ -104,8 +104,9 @@ class Request(BaseModel):
     padding_side: Literal["right", "left"] = param("right", "where padding goes (it never reaches the store)",
                                                    group="batching", label="Padding side", stored=False)
     # -- storage -------------------------------------------------------------------------------------
-    dtype: Literal["float16", "float32"] = param("float16", "storage dtype of the activations", group="storage",
-                                                 label="Store as", stored=True)
+    dtype: Literal["float16", "bfloat16", "float32"] = param(
+        "float16", "storage dtype of the activations (bfloat16: a bfloat16 model's values bit for bit, and the "
+        "range of float32)", group="storage", label="Store as", stored=True)
     chunk_mb: Float = param(2.0, "MB per chunk of an activation array", group="storage", label="Chunk MB",
                             stored=True)
     shard_mb: Float = param(32.0, "MB per shard file of a large array (0: one file per chunk)", group="storage",

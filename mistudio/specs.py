@@ -14,7 +14,7 @@ from .errors import InputError
 
 BATCH_SIZES = tuple(2**i for i in range(10))  # 1 .. 512
 HOOK_KINDS = ("residual", "mlp", "attention")
-STORAGE_DTYPES = ("float16", "float32")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OOV_POLICIES = ("clamp", "skip", "error")

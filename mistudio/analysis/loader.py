@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .stats import cached_feature_stats
+from ..engine import tensor_of
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -319,7 +320,7 @@ class LoaderIterator:
 
     def _to_batch(self, ids: np.ndarray, rows: dict[str, np.ndarray]):
         device = self.loader.device if self.to_device else "cpu"
-        tensors = {hp: torch.from_numpy(r).to(device=device, dtype=self.torch_dtype) for hp, r in rows.items()}
+        tensors = {hp: tensor_of(r).to(device=device, dtype=self.torch_dtype) for hp, r in rows.items()}
         if self.loader.with_index:
             tensors["store"] = torch.from_numpy(ids >> STORE_SHIFT)
             tensors["token_index"] = torch.from_numpy(ids & ((1 << STORE_SHIFT) - 1))

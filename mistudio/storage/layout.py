@@ -25,6 +25,21 @@ PER_SAMPLE = ("sample_offsets", "sample_index", "activation_offsets")  # token a
 METADATA_BYTES, METADATA_PER_ARRAY, METADATA_PER_HOOK_POINT = 3400, 720, 900
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """A storage dtype's numpy dtype (bfloat16 through ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def zarr_dtype(name: str) -> str:
+    """The dtype Zarr stores: bfloat16 has no Zarr v3 dtype, so its 2-byte pattern is stored as uint16 (the array's
+    ``mistudio_dtype`` attribute says bfloat16, and mistudio's reads return bfloat16 values)."""
+    return "uint16" if name == "bfloat16" else name
+
+
 def chunk_rows(width: int, itemsize: int, chunk_mb: float) -> int:
     """Rows per chunk so that a chunk holds about ``chunk_mb`` MB, a multiple of 64 rows."""
     rows = int(chunk_mb * 2**20 / max(1, width * itemsize))
@@ -66,7 +81,7 @@ class ArrayLayout:
 
     @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
 
     @property
     def chunk_bytes(self) -> int:
@@ -136,7 +151,7 @@ def plan_layout(n_tokens: int, n_samples: int, n_rows: int, hook_dims: dict[str,
         token_arrays.append(("positions", n_tokens, "int32"))
     arrays = [ArrayLayout(f"tokens/{name}", (n,), kind, max(1, min(n, TOKEN_CHUNK_ROWS)), None, checksum)
               for name, n, kind in token_arrays]
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = numpy_dtype(dtype).itemsize
     widest = max(hook_dims.values())
     rows = chunk_rows(widest, itemsize, chunk_mb)
     per_shard = shard_rows(rows, widest * itemsize, shard_mb, n_rows)

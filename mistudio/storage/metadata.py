@@ -111,6 +111,8 @@ class HookStatistics(_Section):
     sum_sq: float = 0.0
     max_abs: float = 0.0
     zeros: int = 0
+    n_out_of_range: int = 0  # values past the storage dtype's range: stored as ±inf (float16 past ±65,504)
+    n_nan: int = 0
     norm_hist: list[int] = Field(default_factory=list)
     n_outliers: int = 0
     outliers: list[list[float]] = Field(default_factory=list)

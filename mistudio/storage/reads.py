@@ -15,7 +15,7 @@ from zarr.core.sync import sync
 
 from ..errors import StoreCorrupted
 from .codec import Damaged, Fallback, FastReader
-from .layout import unit_key, unit_name, unit_rows, units
+from .layout import numpy_dtype, unit_key, unit_name, unit_rows, units
 
 # errors a damaged chunk or metadata file raises while decoding (codecs, numpy, JSON); not IndexError
 DECODE_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError, EOFError)
@@ -65,12 +65,14 @@ class CheckedArray:
         self.location = location
         self.mark = int(mark)
         self._fast = FastReader.open(arr, self.mark)
+        stored_as = arr.attrs.get("mistudio_dtype") if hasattr(arr, "attrs") else None
+        self._view = numpy_dtype(stored_as) if stored_as == "bfloat16" else None  # bfloat16 stored as uint16
 
     def __repr__(self) -> str:
         return f"<CheckedArray {self.zarr.path} shape={self.shape} dtype={self.dtype} chunks={self.chunks}>"
 
     shape = property(lambda self: self.zarr.shape)
-    dtype = property(lambda self: self.zarr.dtype)
+    dtype = property(lambda self: self._view if self._view is not None else self.zarr.dtype)
     chunks = property(lambda self: self.zarr.chunks)
     shards = property(lambda self: self.zarr.shards)
     ndim = property(lambda self: self.zarr.ndim)
@@ -118,6 +120,12 @@ class CheckedArray:
         return self._read(key, None)
 
     def _read(self, key: Any, out: np.ndarray | None) -> np.ndarray:
+        if self._view is None:
+            return self._read_stored(key, out)
+        stored = self._read_stored(key, None if out is None else out.view(self.zarr.dtype))
+        return stored.view(self._view) if out is None else out
+
+    def _read_stored(self, key: Any, out: np.ndarray | None) -> np.ndarray:
         first, stop = self._row_span(key)
         if self._fast is not None and stop <= self.mark:
             try:

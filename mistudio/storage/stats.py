@@ -12,7 +12,8 @@ class HookStats:
     whose norm is over ``OUTLIER_FACTOR`` × the median norm of the rows committed up to their batch (a running
     median), counted, with the first ``MAX_OUTLIERS`` as ``[activation row, norm]``."""
 
-    KEYS = ("count", "sum", "sum_sq", "max_abs", "zeros", "norm_hist", "n_outliers", "outliers")
+    KEYS = ("count", "sum", "sum_sq", "max_abs", "zeros", "n_out_of_range", "n_nan", "norm_hist", "n_outliers",
+            "outliers")
     NORM_EDGES = np.logspace(-3, 7, 10 * 24 + 1)  # 24 bins a decade, 1e-3 .. 1e7; under/overflow bins at the ends
     QUANTILES = (0.5, 0.9, 0.99, 0.999)
     OUTLIER_FACTOR = 100.0
@@ -21,14 +22,15 @@ class HookStats:
 
     @staticmethod
     def empty() -> dict:
-        return {"count": 0, "sum": 0.0, "sum_sq": 0.0, "max_abs": 0.0, "zeros": 0,
+        return {"count": 0, "sum": 0.0, "sum_sq": 0.0, "max_abs": 0.0, "zeros": 0, "n_out_of_range": 0, "n_nan": 0,
                 "norm_hist": [0] * (len(HookStats.NORM_EDGES) + 1), "n_outliers": 0, "outliers": []}
 
     @staticmethod
-    def of_tensor(values) -> dict:
+    def of_tensor(values, limit: float = float("inf")) -> dict:
         """One batch's accumulators of ``values`` (rows, d), computed by torch where the values are; outlier
-        candidates are ``[row in the batch, norm]``, judged when the batch is merged."""
-        return HookStats.from_device(values.numel(), HookStats.device_sums(values).tolist(),
+        candidates are ``[row in the batch, norm]``, judged when the batch is merged. ``limit``: the largest
+        finite value of the storage dtype (values beyond it are counted: stored, they would be inf)."""
+        return HookStats.from_device(values.numel(), HookStats.device_sums(values, limit).tolist(),
                                      HookStats.device_norms(values).cpu().numpy())
 
     @staticmethod
@@ -39,15 +41,17 @@ class HookStats:
         return torch.linalg.vector_norm(values.float().reshape(len(values), -1), dim=-1)
 
     @staticmethod
-    def device_sums(values):
-        """(sum, sum of squares, max abs, zeros) of ``values`` as one float64 tensor where they are (no sync)."""
+    def device_sums(values, limit: float = float("inf")):
+        """(sum, sum of squares, max abs, zeros, values beyond ``limit`` (inf included), NaNs) of ``values`` as one
+        float64 tensor where they are (no sync)."""
         import torch
 
         f = values.float().reshape(-1)
         if not f.numel():
-            return torch.zeros(4, dtype=torch.float64, device=f.device)
-        return torch.stack([f.sum(dtype=torch.float64), torch.dot(f, f).double(), f.abs().max().double(),
-                            (f == 0).sum().double()])
+            return torch.zeros(6, dtype=torch.float64, device=f.device)
+        magnitude = f.abs()
+        return torch.stack([f.sum(dtype=torch.float64), torch.dot(f, f).double(), magnitude.max().double(),
+                            (f == 0).sum().double(), (magnitude > limit).sum().double(), f.isnan().sum().double()])
 
     @staticmethod
     def from_device(count: int, sums: list[float], norms: np.ndarray) -> dict:
@@ -56,20 +60,21 @@ class HookStats:
         norms = np.asarray(norms, dtype=np.float64)
         if not count:
             return HookStats.empty()
-        total, sum_sq, max_abs, zeros = sums
-        hist = np.bincount(np.searchsorted(HookStats.NORM_EDGES, norms, side="left"),
+        total, sum_sq, max_abs, zeros, out_of_range, nans = (list(sums) + [0, 0])[:6]
+        hist = np.bincount(np.searchsorted(HookStats.NORM_EDGES, np.nan_to_num(norms, nan=0.0), side="left"),
                            minlength=len(HookStats.NORM_EDGES) + 1)
         top = np.argsort(-norms, kind="stable")[:HookStats._CANDIDATES]
         over = top[norms[top] > 10 * np.median(norms)]
         return {"count": int(count), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros),
+                "n_out_of_range": int(out_of_range), "n_nan": int(nans),
                 "norm_hist": hist.tolist(), "n_outliers": 0, "outliers": [],
                 "candidates": [[int(r), float(norms[r])] for r in over]}
 
     @staticmethod
     def merge(acc: dict, delta: dict, first_row: int = 0) -> None:
         """Add ``delta`` (a batch whose first activation row is ``first_row``, or another accumulator) to ``acc``."""
-        for key in ("count", "sum", "sum_sq", "zeros", "n_outliers"):
-            acc[key] += delta.get(key, 0)
+        for key in ("count", "sum", "sum_sq", "zeros", "n_outliers", "n_out_of_range", "n_nan"):
+            acc[key] = acc.get(key, 0) + delta.get(key, 0)
         acc["max_abs"] = max(acc["max_abs"], delta["max_abs"])
         hist = delta.get("norm_hist") or [0] * len(acc["norm_hist"])
         acc["norm_hist"] = [a + b for a, b in zip(acc["norm_hist"], hist)]

@@ -15,7 +15,7 @@ import zarr
 from ..errors import InputError, StoreCorrupted, StoreLost
 from . import metadata
 from .files import fsync_dir, write_atomic
-from .layout import WRITE_CONFIG, StoreLayout, array_codecs
+from .layout import WRITE_CONFIG, StoreLayout, array_codecs, numpy_dtype, zarr_dtype
 from .metadata import ExtractionMeta
 from .reads import DECODE_ERRORS, CheckedArray
 
@@ -171,7 +171,8 @@ class ExtractionStore:
             for spec in layout.arrays:
                 kind, name = spec.path.split("/", 1)
                 shards = (spec.shard_rows, *spec.shape[1:]) if spec.shard_rows else None
-                arr = groups[kind].create_array(name, shape=spec.shape, dtype=spec.dtype,
+                extra = {"attributes": {"mistudio_dtype": spec.dtype}} if zarr_dtype(spec.dtype) != spec.dtype else {}
+                arr = groups[kind].create_array(name, shape=spec.shape, dtype=zarr_dtype(spec.dtype), **extra,
                                                 chunks=(spec.chunk_rows, *spec.shape[1:]), shards=shards,
                                                 dimension_names=spec.dims, config=WRITE_CONFIG,
                                                 fill_value=0 if kind == "activations" else None, overwrite=True,
@@ -246,7 +247,7 @@ class ExtractionStore:
         if record.progress.tokens_total is None or not record.model.hidden_size:
             return None
         left = record.progress.tokens_total - record.progress.tokens_committed
-        itemsize = np.dtype(record.params.dtype or "float16").itemsize
+        itemsize = numpy_dtype(record.params.dtype or "float16").itemsize
         return left * record.model.hidden_size * itemsize * len(record.hook_points)
 
     def destroy(self) -> None:

@@ -41,7 +41,8 @@ class _Stream:
         self.pending: deque[tuple[int, Future]] = deque()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mistudio-write-{path}")
         if start_row > self.base:  # the mark cuts a chunk: its committed rows come back, to write it whole
-            self.pieces.append(CheckedArray(self.arr, store.location, start_row)[self.base:start_row])
+            rows = CheckedArray(self.arr, store.location, start_row)[self.base:start_row]
+            self.pieces.append(rows.view(self.arr.dtype))  # as stored (bfloat16's bits as uint16)
         if self.unit_writer is not None:
             self.unit_writer.start(self.base)
 
