@@ -118,13 +118,16 @@ class ChunkWriter:
     the partial last chunk. Everything below the mark is final; a resumed job restarts at it: the committed rows
     of the chunk the mark cuts are read back, so that the chunk is written whole again.
 
+    A batch is taken once the previous one is on the disk (its chunks written and committed), while the model
+    computes the next: so the mark trails the rows computed by at most one batch and the chunk being filled.
+
     Memory: per array, the chunk being filled and a few chunks being written.
     """
 
     _FLUSH = object()
     _STOP = object()
 
-    def __init__(self, store: ExtractionStore, start_sample: int, queue_depth: int = 2):
+    def __init__(self, store: ExtractionStore, start_sample: int):
         self.store = store
         self.offsets = store.activation_offsets()  # rows, not tokens: special tokens may have none
         self.hook_points = list(store.record.hook_points)
@@ -138,15 +141,22 @@ class ChunkWriter:
         self.committed_sample = self.received_sample = start_sample
         self.received = mark
         self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._queue: queue.Queue = queue.Queue()
+        self._taken = self._given = 0  # batches the writer has finished, batches handed to it
+        self._finished = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="mistudio-writer", daemon=True)
         self._thread.start()
 
     # -- producer side ---------------------------------------------------------------------------
     def put(self, n_samples: int, rows: dict[str, np.ndarray], stats: dict[str, dict]) -> None:
-        """Queue the rows and statistics of the next ``n_samples`` samples (blocks while the writer is behind).
-        The writer keeps the arrays until they are written: do not change them afterwards."""
+        """Hand over the rows and statistics of the next ``n_samples`` samples, once the previous batch is on the
+        disk (blocks while the writer is behind). The writer keeps the arrays until they are written: do not
+        change them afterwards."""
+        with self._finished:
+            while self._taken < self._given and self.error is None and self._thread.is_alive():
+                self._finished.wait(0.05)
         self._raise()
+        self._given += 1
         self._queue.put((n_samples, (rows, stats)))
 
     def flush(self) -> None:
@@ -196,6 +206,10 @@ class ChunkWriter:
                 self.error = exc
                 if item is self._FLUSH:
                     payload.set()
+            if item is not self._FLUSH:
+                with self._finished:
+                    self._taken += 1
+                    self._finished.notify_all()
 
     def _append(self, n_samples: int, rows: dict[str, np.ndarray], stats: dict[str, dict]) -> None:
         self.received_sample += n_samples
@@ -206,7 +220,7 @@ class ChunkWriter:
         for hp, stream in self.streams.items():
             stream.add(rows[hp])
             stream.submit(self.received)
-        self._harvest(wait=False)
+        self._harvest(wait=True)  # this batch's whole chunks on the disk and committed before the next batch
 
     def _flush(self) -> None:
         """Write the partial chunks too (their rows stay buffered: a later whole write replaces them), commit."""
