@@ -99,9 +99,12 @@ def test_killed_at_twenty_random_moments_loses_at_most_a_chunk(gpt2_dir, workspa
         np.testing.assert_array_equal(ext.activations(hp)[:], want, err_msg=hp)
     assert ext.verify().ok
     for hp in HOOK_POINTS:  # byte for byte: every unit file equals the clean run's
-        for a, b in zip(sorted((Path(ext.location) / "activations" / hp).rglob("[0-9]*")),
-                        sorted((Path(clean.location) / "activations" / hp).rglob("[0-9]*"))):
-            assert a.read_bytes() == b.read_bytes(), a
+        ours, theirs = ({p.relative_to(e.location): p for p in
+                         (Path(e.location) / "activations" / hp).rglob("[0-9]*") if p.is_file()}
+                        for e in (ext, clean))
+        assert sorted(ours) == sorted(theirs), hp
+        for name, path in ours.items():
+            assert path.read_bytes() == theirs[name].read_bytes(), name
 
 
 def _stopped(gpt2_dir, workspace, at_batch: int):
