@@ -94,9 +94,9 @@ def run_shard(location: str, storage_options: dict | None, request: dict, shard:
     store = ExtractionStore.open(location, storage_options=storage_options, writable=True)
     ids, offsets = store.input_ids(), store.sample_offsets()
     check_ids(ids, loaded)
-    arrays = {hp: store.activations(hp) for hp in capture_spec.hook_points}
+    arrays = {f"activations/{hp}": store.activations(hp) for hp in capture_spec.hook_points}
     writer = ShardWriter(arrays, storage_unit(next(iter(arrays.values())))[0], *shard["tokens"])
-    stats = {hp: HookStats.empty() for hp in arrays}
+    stats = {hp: HookStats.empty() for hp in capture_spec.hook_points}
     started = time.perf_counter()
     for first, stop, rows, batch_stats in forward_batches(loaded, ids, offsets, capture_spec, shard["first"],
                                                           shard["stop"], check, before_batch):
@@ -146,8 +146,8 @@ class ShardedRun:
 
     def _finish(self, result: dict) -> None:
         """Write a finished shard's edge rows (this process is their only writer) and record it."""
-        for hp, pieces in result["edges"].items():
-            arr = self.store.activations(hp)
+        for path, pieces in result["edges"].items():
+            arr = self.store.array(path)
             for start, rows in pieces:
                 arr[start:start + len(rows)] = rows
         shard = self.shards[result["index"]]

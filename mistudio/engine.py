@@ -9,6 +9,7 @@ computes (the device never waits for a copy); on any other device they are plain
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -18,7 +19,9 @@ from .data import plan_batches, window_spans
 from .errors import InputError
 from .models import LoadedModel
 from .request import Request
-from .storage.stats import HookStats
+from .saes import SAE
+from .storage.layout import latent_index_dtype
+from .storage.stats import HookStats, LatentStats
 from .storage.store import ExtractionStore
 from .storage.writer import ChunkWriter
 
@@ -97,23 +100,90 @@ def check_ids(ids: np.ndarray, loaded: LoadedModel) -> None:
                          f"(0..{loaded.vocab_size - 1}): resume with the model the extraction was made with")
 
 
+@dataclass(frozen=True)
+class Latents:
+    """An SAE applied at a hook point: its latents are stored sparsely, the ``width`` largest per token."""
+
+    sae: SAE
+    width: int
+    index_dtype: str  # the store's dtype of latent indices (uint16 for up to 65,536 latents, else int32)
+
+
+def encode_latents(latents: Latents, values: torch.Tensor, storage_dtype: torch.dtype) -> tuple:
+    """A batch of hook-point rows through the SAE, on their device: (indices, values as stored, statistics
+    sources): per row the ``width`` largest latents (an empty slot: index 0, value 0), and how many latents fired
+    (value > 0) and were dropped for want of width."""
+    sae = latents.sae
+    z = sae.encode(values.to(device=sae.device, dtype=sae.dtype))
+    width = min(latents.width, z.shape[-1])
+    top, index = torch.topk(z, width, dim=-1)
+    fired = top > 0
+    top, index = torch.where(fired, top, 0), torch.where(fired, index, 0)
+    active = (z > 0).sum(-1)
+    dropped = (active - width).clamp(min=0)
+    return index.to(torch.int32), top.to(storage_dtype), LatentStats.device_sums(active, dropped, top)
+
+
+def batch_outputs(real: dict[str, torch.Tensor], request: Request, latents: dict[str, Latents],
+                  storage_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    """What a batch stores, on the device: {array path: tensor as stored} and {statistics key: (kind, count,
+    source tensors)} — raw hook points (HookStats) and SAE latents (LatentStats)."""
+    limit = torch.finfo(storage_dtype).max
+    outputs, stats = {}, {}
+    for hp in request.hook_points:
+        values = real[hp]
+        outputs[f"activations/{hp}"] = values.to(storage_dtype)
+        stats[hp] = ("hook", values.numel(), (HookStats.device_sums(values, limit), HookStats.device_norms(values)))
+    for hp, spec in latents.items():
+        index, top, sums = encode_latents(spec, real[hp], storage_dtype)
+        outputs[f"latents/{hp}/indices"], outputs[f"latents/{hp}/values"] = index, top
+        stats[f"{hp}.latents"] = ("latents", len(index), (sums,))
+    return outputs, stats
+
+
+def host_rows(outputs: dict[str, np.ndarray | torch.Tensor], latents: dict[str, Latents]) -> dict[str, np.ndarray]:
+    """Host tensors as the store keeps them: bfloat16 as its 2-byte patterns, latent indices in their dtype."""
+    rows = {path: host_numpy(t) if isinstance(t, torch.Tensor) else t for path, t in outputs.items()}
+    for hp, spec in latents.items():
+        path = f"latents/{hp}/indices"
+        rows[path] = rows[path].astype(spec.index_dtype, copy=False)
+    return rows
+
+
+def host_stats(stats: dict[str, tuple]) -> dict[str, dict]:
+    """The statistics accumulators of a batch from their (host) source tensors."""
+    out = {}
+    for key, (kind, count, sources) in stats.items():
+        if kind == "hook":
+            out[key] = HookStats.from_device(count, sources[0].tolist(), sources[1].numpy())
+        else:
+            out[key] = LatentStats.from_device(sources[0].tolist())
+    return out
+
+
 def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, request: Request, begin: int,
                     end: int, check: Callable[[], None] | None = None,
-                    before_batch: Callable[[int, int], None] | None = None, special: np.ndarray | None = None
+                    before_batch: Callable[[int, int], None] | None = None, special: np.ndarray | None = None,
+                    latents: dict[str, Latents] | None = None,
                     ) -> Iterator[tuple[int, int, dict[str, np.ndarray], dict[str, dict]]]:
     """Batched forwards over stored samples [begin, end): yields ``(first, stop, rows, stats)`` per batch:
-    ``rows`` maps each hook point to its real-token rows (padding dropped) in stored order, ``stats``
-    to their statistics accumulators (computed by torch on the model's values, before storage rounding).
+    ``rows`` maps each array path (``activations/<hook point>``, and ``latents/<hook point>/indices|values`` for
+    the SAEs in ``latents``) to its real-token rows (padding dropped) in stored order, ``stats`` each hook point
+    (and ``<hook point>.latents``) to its statistics accumulators (computed by torch on the model's values,
+    before storage rounding).
 
     With ``request.window`` a long sample is forwarded as several windows (sequences of their own, at most
     ``batch_size`` sequences a forward) and each token's row comes from the window that owns it. Tokens
-    marked in ``special`` (given when special tokens are excluded) get no row.
+    marked in ``special`` (given when special tokens are excluded) get no row. SAEs run on the device, on the
+    hook point's rows, inside the same pass.
 
     ``check()`` runs before each batch and before each block, so a cancel lands within one block.
     """
+    latents = latents or {}
     storage_dtype = getattr(torch, request.dtype)
     captured: dict[str, torch.Tensor] = {}
     handles = []
+    points = sorted(set(request.hook_points) | set(latents), key=lambda p: (int(p.split(".")[1]), p))
 
     def capture_hook(hook_point: str):
         def hook(_module, _inputs, output):
@@ -123,12 +193,13 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, r
     def stop_hook(_module, _inputs, _output):
         raise _StopForward
 
-    for hp in request.hook_points:
+    for hp in points:
         _, layer, kind = hp.split(".")
         handles.append(loaded.module(int(layer), kind).register_forward_hook(capture_hook(hp)))
-    handles.append(loaded.blocks[max(request.layers)].register_forward_hook(stop_hook))
+    last = max(int(p.split(".")[1]) for p in points)
+    handles.append(loaded.blocks[last].register_forward_hook(stop_hook))
     if check is not None:  # cancel/timeout also between blocks: a long batch is abandoned, never half-written
-        for block in list(loaded.blocks)[: max(request.layers) + 1]:
+        for block in list(loaded.blocks)[: last + 1]:
             handles.append(block.register_forward_pre_hook(lambda _module, _inputs: check()))
     device = loaded.input_device
     cuda = device.type == "cuda"
@@ -141,42 +212,41 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, r
                     check()
                 if before_batch is not None:
                     before_batch(index, request.batch_size if request.max_batch_tokens is None else stop - first)
-                real = _forward(loaded, ids, sample_spans(offsets, first, stop, request), request, special, captured,
-                                per_forward=request.micro_batch_size or (stop - first))
+                real = _forward(loaded, ids, sample_spans(offsets, first, stop, request), points, request, special,
+                                captured, per_forward=request.micro_batch_size or (stop - first))
                 with torch.inference_mode():
+                    outputs, stats = batch_outputs(real, request, latents, storage_dtype)
                     if cuda:
-                        current = _start_copies(real, storage_dtype, copies)
+                        current = _start_copies(outputs, stats, copies)
                     else:
-                        limit = torch.finfo(storage_dtype).max
-                        stats = {hp: HookStats.of_tensor(values, limit) for hp, values in real.items()}
-                        rows = {hp: host_numpy(values.to(storage_dtype).cpu()) for hp, values in real.items()}
+                        rows, stats = host_rows(outputs, latents), host_stats(stats)
             except BaseException:
                 if pending is not None:  # a finished batch is never lost to a later batch's failure
                     done, pending = pending, None
-                    yield _finish_copies(*done)
+                    yield _finish_copies(*done, latents)
                 raise
             if not cuda:
                 yield first, stop, rows, stats
                 continue
             if pending is not None:  # its copies ran on the side stream while this batch computed
-                yield _finish_copies(*pending)
+                yield _finish_copies(*pending, latents)
             pending = (first, stop, *current)
         if pending is not None:
             done, pending = pending, None
-            yield _finish_copies(*done)
+            yield _finish_copies(*done, latents)
     finally:
         for handle in handles:
             handle.remove()
         captured.clear()
 
 
-def _forward(loaded: LoadedModel, ids: np.ndarray, spans: list[tuple[int, int, int]], request: Request,
-             special: np.ndarray | None, captured: dict, per_forward: int) -> dict[str, torch.Tensor]:
+def _forward(loaded: LoadedModel, ids: np.ndarray, spans: list[tuple[int, int, int]], points: list[str],
+             request: Request, special: np.ndarray | None, captured: dict, per_forward: int) -> dict[str, torch.Tensor]:
     """Forward ``spans`` (``per_forward`` sequences at a time: micro-batches, or windows that outnumber the
     samples) and return each hook point's kept rows, in order, on the input device. Rows are selected by
     indices taken from the host mask, so nothing waits for the device."""
     device = loaded.input_device
-    parts: dict[str, list[torch.Tensor]] = {hp: [] for hp in request.hook_points}
+    parts: dict[str, list[torch.Tensor]] = {hp: [] for hp in points}
     with torch.inference_mode():
         for group in range(0, len(spans), per_forward):
             batch, mask, keep = pad_spans(ids, spans[group:group + per_forward], loaded.pad_id,
@@ -201,49 +271,49 @@ def _forward(loaded: LoadedModel, ids: np.ndarray, spans: list[tuple[int, int, i
     return {hp: p[0] if len(p) == 1 else torch.cat(p) for hp, p in parts.items()}
 
 
-def _start_copies(real: dict[str, torch.Tensor], dtype: torch.dtype,
+def _start_copies(outputs: dict[str, torch.Tensor], stats: dict[str, tuple],
                   stream: "torch.cuda.Stream") -> tuple[dict, dict, "torch.cuda.Event"]:
-    """CUDA: cast each hook point's kept rows and copy them, their sums and their row norms into pinned host
-    memory on a side stream, so the next forward never waits for it.
-    Returns (pinned rows, (count, pinned sums, pinned norms) per hook point, the copies' event)."""
-    device = next(iter(real.values())).device
-    limit = torch.finfo(dtype).max
-    on_device = {hp: (values.to(dtype), HookStats.device_sums(values, limit), HookStats.device_norms(values))
-                 for hp, values in real.items()}
+    """CUDA: copy a batch's stored tensors and statistics sources into pinned host memory on a side stream, so the
+    next forward never waits for it. Returns (pinned outputs, statistics with pinned sources, the copies'
+    event)."""
+    device = next(iter(outputs.values())).device
     stream.wait_stream(torch.cuda.current_stream(device))  # the copies start once these are computed
-    rows, stats = {}, {}
+
+    def pinned(source: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+        host.copy_(source, non_blocking=True)
+        source.record_stream(stream)  # its device memory is not reused before the copy ends
+        return host
+
     with torch.cuda.stream(stream):
-        for hp, sources in on_device.items():
-            hosts = []
-            for source in sources:
-                host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
-                host.copy_(source, non_blocking=True)
-                source.record_stream(stream)  # its device memory is not reused before the copy ends
-                hosts.append(host)
-            rows[hp], stats[hp] = hosts[0], (real[hp].numel(), hosts[1], hosts[2])
+        rows = {path: pinned(t) for path, t in outputs.items()}
+        host = {key: (kind, count, tuple(pinned(t) for t in sources)) for key, (kind, count, sources) in stats.items()}
         event = torch.cuda.Event()
         event.record(stream)
-    return rows, stats, event
+    return rows, host, event
 
 
-def _finish_copies(first: int, stop: int, rows: dict, stats: dict, event: "torch.cuda.Event") -> tuple:
+def _finish_copies(first: int, stop: int, rows: dict, stats: dict, event: "torch.cuda.Event",
+                   latents: dict[str, Latents]) -> tuple:
     """Wait for a batch's copies: ``(first, stop, rows, stats)`` as ``forward_batches`` yields them; the rows
     are numpy views of the pinned buffers (the writer keeps them until written)."""
     event.synchronize()
-    return (first, stop, {hp: host_numpy(host) for hp, host in rows.items()},
-            {hp: HookStats.from_device(count, sums.tolist(), norms.numpy())
-             for hp, (count, sums, norms) in stats.items()})
+    return first, stop, host_rows(rows, latents), host_stats(stats)
 
 
 def run(loaded: LoadedModel, store: ExtractionStore, request: Request, *, start_sample: int = 0,
-        check: Callable[[], None] | None = None, progress: Callable[[dict], None] | None = None,
+        saes: dict[str, SAE] | None = None, check: Callable[[], None] | None = None,
+        progress: Callable[[dict], None] | None = None,
         before_batch: Callable[[int, int], None] | None = None) -> dict:
     """Extract every sample from ``start_sample`` on into ``store``; return throughput figures.
 
+    ``saes`` are the SAEs the store's metadata lists (``record.latents``), loaded on the model's device.
     ``check()`` is called before each batch and may raise (cancel, timeout). ``before_batch(index,
     batch_size)`` is a test hook for fault injection. Whatever the outcome, rows of finished batches
     are written and committed before this returns or raises.
     """
+    latents = {hp: Latents(saes[hp], info.width, latent_index_dtype(info.d_sae))
+               for hp, info in store.record.latents.items()}
     ids = store.input_ids()
     offsets = store.sample_offsets()
     rows_at = store.activation_offsets()  # progress counts activation rows
@@ -256,7 +326,7 @@ def run(loaded: LoadedModel, store: ExtractionStore, request: Request, *, start_
     started = time.perf_counter()
     try:
         for first, stop, rows, stats in forward_batches(loaded, ids, offsets, request, start_sample, n_samples,
-                                                        check, before_batch, special):
+                                                        check, before_batch, special, latents):
             writer.put(stop - first, rows, stats)
             done_tokens += int(rows_at[stop] - rows_at[first])
             if progress is not None:

@@ -86,6 +86,105 @@ class Extraction:
             raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {self.hook_points}")
         return CheckedArray(self.store.activations(hook_point), self.location, mark)
 
+    # -- SAE latents --------------------------------------------------------------------------------
+    @property
+    def latent_points(self) -> list[str]:
+        """The SAE latents the store holds: ``<hook point>.latents`` for each SAE applied."""
+        return [f"{hp}.latents" for hp in self.store.record.latents]
+
+    def _latent_hook(self, hook_point: str) -> str:
+        point = hook_point.removesuffix(".latents")
+        if point not in self.store.record.latents:
+            raise InputError(f"{hook_point!r} holds no SAE latents in extraction {self.id}: its latents are "
+                             f"{self.latent_points or 'none (no SAE was applied)'}")
+        return point
+
+    def latent_info(self, hook_point: str):
+        """The SAE applied at a hook point and how its latents are stored (``metadata.LatentInfo``)."""
+        return self.store.record.latents[self._latent_hook(hook_point)]
+
+    def latent_arrays(self, hook_point: str) -> tuple[CheckedArray, CheckedArray]:
+        """The checked (indices, values) arrays of an SAE's latents, ``(n_rows, width)``: per token its largest
+        latents; a 0 value is an empty slot."""
+        point, mark = self._latent_hook(hook_point), self.committed_tokens()
+        return tuple(CheckedArray(self.store.array(f"latents/{point}/{name}"), self.location, mark)
+                     for name in ("indices", "values"))
+
+    def latents(self, hook_point: str, rows: slice | np.ndarray | None = None):
+        """An SAE's latents as a ``scipy.sparse.csr_matrix`` (rows, d_sae) of float32, over ``rows`` (a slice or
+        an array of activation rows; default: every committed row). ``.toarray()`` is the dense encoding."""
+        from scipy import sparse
+
+        index, values = self.latent_arrays(hook_point)
+        info = self.latent_info(hook_point)
+        selection = slice(0, self.committed_tokens()) if rows is None else rows
+        idx, vals = index[selection], values[selection].astype(np.float32)
+        fired = vals != 0
+        indptr = np.concatenate([[0], np.cumsum(fired.sum(axis=1))]).astype(np.int64)
+        return sparse.csr_matrix((vals[fired], idx[fired].astype(np.int64), indptr), shape=(len(idx), info.d_sae))
+
+    def feature(self, hook_point: str, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """One SAE latent's non-zero activations over every committed row: ``(rows, values)`` in row order, read
+        from the by-feature index (a block's entries of this latent: one or two small reads), and for the block
+        still being filled from its rows."""
+        point = self._latent_hook(hook_point)
+        info = self.latent_info(point)
+        if isinstance(latent, (bool, np.bool_)) or not isinstance(latent, (int, np.integer)) or \
+                not 0 <= latent < info.d_sae:
+            raise InputError(f"latent {latent!r} is not one of the {info.d_sae} latents of {point}: give an int from "
+                             f"0 to {info.d_sae - 1}", param="feature")
+        mark, block_rows, width = self.committed_tokens(), info.block_rows, info.width
+        entries = block_rows * width
+        base = f"latents/{point}"
+        offsets = CheckedArray(self.store.array(f"{base}/feature_offsets"), self.location, -(-mark // block_rows))
+        rows_arr = CheckedArray(self.store.array(f"{base}/feature_rows"), self.location, -(-mark // block_rows) * entries)
+        values_arr = CheckedArray(self.store.array(f"{base}/feature_values"), self.location,
+                                  -(-mark // block_rows) * entries)
+        found_rows, found_values = [], []
+        for block in range(-(-mark // block_rows)):
+            first, stop = block * block_rows, min((block + 1) * block_rows, mark)
+            row = self._block_offsets(offsets, block, info.d_sae, block_rows)
+            if row is not None and row[info.d_sae + 1] >= stop - first and row[info.d_sae + 2] == first:
+                a, b = int(row[latent]), int(row[latent + 1])
+                if not 0 <= a <= b <= int(row[info.d_sae]) <= entries:
+                    raise StoreCorrupted(self.location, f"the by-feature index of block {block} gives latent {latent} "
+                                                        f"entries {a}..{b} of {int(row[info.d_sae])}: out of order",
+                                         f"{base}/feature_offsets", (block, 0))
+                if b > a:
+                    rel = rows_arr[block * entries + a:block * entries + b]
+                    keep = rel < stop - first
+                    found_rows.append(first + rel[keep].astype(np.int64))
+                    found_values.append(values_arr[block * entries + a:block * entries + b][keep].astype(np.float32))
+                continue
+            index, values = self.latent_arrays(point)  # not indexed yet (the block being filled): its rows
+            idx, vals = index[first:stop], values[first:stop].astype(np.float32)
+            hit = (idx == latent) & (vals != 0)
+            found_rows.append(first + np.nonzero(hit)[0].astype(np.int64))
+            found_values.append(vals[hit])
+        if not found_rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(found_rows), np.concatenate(found_values)
+
+    def _block_offsets(self, offsets: CheckedArray, block: int, d_sae: int, block_rows: int) -> np.ndarray | None:
+        """A block's ``feature_offsets`` row (cached), or None when it was not written yet."""
+        cache = self.__dict__.setdefault("_offsets_cache", {})
+        key = (offsets.zarr.path, block)
+        if key in cache:
+            return cache[key]
+        try:
+            row = offsets[block]
+        except StoreCorrupted as exc:
+            if "missing" not in str(exc):
+                raise
+            return None
+        if row.shape != (d_sae + 3,):
+            raise StoreCorrupted(self.location, f"a feature_offsets row has {row.shape} entries, not {d_sae + 3}",
+                                 offsets.zarr.path, (block, 0))
+        n_rows = int(self.store.record.progress.tokens_total or 0)
+        if int(row[d_sae + 1]) == min(block_rows, n_rows - block * block_rows):
+            cache[key] = row  # a whole block's index does not change: kept
+        return row
+
     def verify(self) -> VerifyReport:
         """Scan the store (every chunk below the commit mark decoded, checksums checked, metadata
         consistent) without changing it; ``report.ok`` and ``print(report)``."""

@@ -20,13 +20,14 @@ import numpy as np
 
 from .data import (ROLE_CODES, SKIP_REASONS, chat_template_of, check_source, plan_batches, plan_order, report_line,
                    tokenize, window_positions, window_spans)
-from .engine import forward_batches
+from .engine import Latents, forward_batches
 from .errors import InputError, human_bytes, render
 from .listing import Folder, default_workspace
 from .models import (check_placement, describe_model, load_config, load_model, load_tokenizer, max_positions_of,
                      n_layers_of, resolve_device, resolve_dtype)
 from .presets import Presets
 from .request import Request, with_request_keywords
+from .saes import SAE, check_applies, load_sae
 from .specs import parse_layers
 from .storage.layout import StoreLayout, plan_layout
 
@@ -46,6 +47,9 @@ def check(request: Request, config=None) -> Request:
         raise InputError(f"«max_length={request.max_length}» is more than the {limit} positions of model {name!r}: "
                          f"«pass max_length={limit}» or less (longer samples are cut)", param="max_length")
     check_placement(request.model_spec)
+    for point, folder in (request.saes or {}).items():
+        parse_layers(int(point.split(".")[1]), n_layers_of(config))
+        check_applies(load_sae(folder), point, int(config.hidden_size))
     if request.chat_template == "auto":
         chat_template_of(load_tokenizer(request.model_spec), "auto")
     check_source(request)
@@ -79,6 +83,12 @@ class Plan:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.tokens["sample_offsets"])
+
+    def with_latents(self, widths: dict[str, int], saes: dict[str, SAE]) -> StoreLayout:
+        """The layout plus the arrays of each SAE's latents (``widths``: latents kept per token)."""
+        r = self.request
+        return self.layout.with_latents({hp: (widths[hp], saes[hp].d_sae) for hp in widths}, r.dtype, r.chunk_mb,
+                                        r.shard_mb, r.checksum)
 
     def batches(self, batch_size: int | None = None) -> list[tuple[int, int]]:
         """The ``[first, stop)`` sample ranges the run forwards (``batch_size``: for ``'auto'``, a guess)."""
@@ -118,6 +128,65 @@ def make_plan(request: Request, tokenizer, vocab_size: int, hidden_size: int) ->
                          activation_offsets="activation_offsets" in tokens)
     report = {**tokenized.report(), "n_rows": n_rows, "n_windows": n_windows}
     return Plan(request, tokens, layout, storage, report)
+
+
+def load_saes(request: Request, device, recorded: dict | None = None) -> dict[str, SAE]:
+    """The request's SAEs, loaded on ``device``; with ``recorded`` (the store's ``latents``), each must be the
+    one the store was made with (same weights' fingerprint)."""
+    saes = {}
+    for point, folder in (request.saes or {}).items():
+        sae = load_sae(folder, device=device)
+        sae.hook_point = point
+        was = (recorded or {}).get(point)
+        if was is not None and was.fingerprint and was.fingerprint != sae.fingerprint:
+            raise InputError(f"the SAE at {folder} is not the one this store was made with (fingerprint "
+                             f"{sae.fingerprint[:12]}, the store's {was.fingerprint[:12]}): its latents would mix two "
+                             "SAEs; put the original back, or retry into a new extraction", param="saes")
+        saes[point] = sae
+    return saes
+
+
+def check_unchanged(request: Request, recorded_latents: dict) -> None:
+    """Raise InputError when what a resume reads again is not what the store was made with (the SAEs' weights)."""
+    if request.saes and recorded_latents:
+        load_saes(request, "cpu", recorded_latents)
+
+
+WIDTH_SLACK = 1.5  # a probed width: 1.5 x the most latents that fired on one token of the first batch
+
+
+def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan) -> dict[str, tuple[int, str]]:
+    """Latents kept per token, per SAE, with the reason: ``latent_width`` when given, a top-k SAE's k, else
+    measured on the first batch (the longest samples)."""
+    out, probe = {}, []
+    for point, sae in saes.items():
+        if request.latent_width is not None:
+            out[point] = (min(request.latent_width, sae.d_sae), f"latent_width={request.latent_width}")
+        elif sae.k is not None:
+            out[point] = (sae.k, f"the SAE's k (top-{sae.k})")
+        else:
+            probe.append(point)
+    if probe:
+        ids, offsets = plan.tokens["input_ids"], plan.tokens["sample_offsets"]
+        first, stop = plan.batches(AUTO_GUESS if request.batch_size == "auto" else None)[0]
+        full = {p: Latents(saes[p], saes[p].d_sae, "int32") for p in probe}
+        size = request if request.batch_size != "auto" else request.model_copy(update={"batch_size": AUTO_GUESS})
+        for _, _, rows, _ in forward_batches(loaded, ids, offsets, size, first, stop, latents=full):
+            for point in probe:
+                most = int((rows[f"latents/{point}/values"] != 0).sum(axis=1).max())
+                width = min(saes[point].d_sae, max(16, -(-int(most * WIDTH_SLACK) // 16) * 16))
+                out[point] = (width, f"{WIDTH_SLACK:g} x the {most} latents that fired on one token of the first "
+                                     "batch")
+    return out
+
+
+def latent_infos(request: Request, saes: dict[str, SAE], widths: dict[str, tuple[int, str]],
+                 layout: StoreLayout) -> dict[str, dict]:
+    """What the store's metadata records of each SAE applied (``latents`` section)."""
+    return {point: {"sae": request.saes[point], "fingerprint": sae.fingerprint, "architecture": sae.architecture,
+                    "d_sae": sae.d_sae, "k": sae.k, "width": widths[point][0], "width_reason": widths[point][1],
+                    "block_rows": layout.array(f"latents/{point}/indices").chunk_rows, "hook_name": sae.hook_name}
+            for point, sae in saes.items()}
 
 
 def plan_for_ids(ids: list[np.ndarray], hook_dims: dict[str, int], dtype: str = "float32", chunk_mb: float = 2.0,
@@ -224,7 +293,9 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
     config = load_config(request.model_spec)
     peak = peak_device_bytes(facts["n_parameters"], config, largest[0], largest[1], len(request.hook_points),
                              model_bytes)
-    disk = plan.layout.bytes_on_disk
+    loaded = load_model(request.model_spec) if probe else None
+    layout, latent_notes = _latent_layout(plan, loaded)
+    disk = layout.bytes_on_disk
     free = _free_disk(workspace)
     memory = _device_memory(device)
     report = plan.report
@@ -243,7 +314,8 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
     if skipped:
         why = "; ".join(f"{n:,} {SKIP_REASONS.get(r, r)}" for r, n in report["skipped"].items())
         warnings.append(f"{skipped:,} of {report['n_rows_read']:,} rows give no sample: {why}")
-    seconds, probed = _probe(plan) if probe else (None, {})
+    warnings += latent_notes
+    seconds, probed = _probe(plan, loaded) if probe else (None, {})
     if probed.get("n_out_of_range"):
         warnings.append(f"{probed['n_out_of_range']:,} of {probed['count']:,} probed values are past "
                         f"{request.dtype}'s range (max |x| {probed['max_abs']:.3g}) and would be stored as ±inf: "
@@ -253,7 +325,7 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
         "rows": plan.n_rows, "rows_read": int(report["n_rows_read"]), "skipped": dict(report["skipped"]),
         "truncated": int(report["n_truncated"]), "truncated_tokens": int(report["n_truncated_tokens"]),
         "batches": len(batches), "hook_points": request.hook_points, "bytes_on_disk": disk,
-        "data_bytes": plan.layout.data_bytes,
+        "data_bytes": layout.data_bytes,
         "free_disk_bytes": free, "peak_device_bytes": peak, "device": str(device), "device_memory_bytes": memory,
         "largest_batch": {"samples": largest[0], "width": largest[1]}, "n_parameters": facts["n_parameters"],
         "seconds": seconds, "warnings": [render(w) for w in warnings], "warning_templates": warnings,
@@ -263,20 +335,45 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
     return result
 
 
-def _probe(plan: Plan) -> tuple[float, dict]:
+LATENT_GUESS = 64  # without a probe, a non-top-k SAE's width is guessed as this many latents a token
+
+
+def _latent_layout(plan: Plan, loaded) -> tuple[StoreLayout, list[str]]:
+    """The layout with each SAE's latents: their width as the run will choose it when it can be known without the
+    model (``latent_width``, a top-k SAE's k), measured on the first batch with a probe, else guessed (said)."""
+    request = plan.request
+    if not request.saes:
+        return plan.layout, []
+    saes = load_saes(request, "cpu")
+    notes = []
+    if loaded is not None:
+        widths = {p: w for p, (w, _) in latent_widths(request, saes, loaded, plan).items()}
+    else:
+        widths = {}
+        for point, sae in saes.items():
+            width = request.latent_width or sae.k
+            if width is None:
+                width = min(LATENT_GUESS, sae.d_sae)
+                notes.append(f"the latents of {point} are counted at {width} a token (a guess: the run measures "
+                             "it on its first batch): «pass probe=True» to measure it, or «pass latent_width»")
+            widths[point] = min(width, sae.d_sae)
+    return plan.with_latents(widths, saes), notes
+
+
+def _probe(plan: Plan, loaded) -> tuple[float, dict]:
     """Load the model, time batches for about PROBE_SECONDS (longest first: a cautious rate), extrapolate; also
     what the probed values hold (counts of values past the storage dtype's range)."""
     request = plan.request
     if request.batch_size == "auto":
         request = request.model_copy(update={"batch_size": AUTO_GUESS})
-    loaded = load_model(request.model_spec)
     ids, offsets = plan.tokens["input_ids"], plan.tokens["sample_offsets"]
     done, started, seen = 0, time.perf_counter(), {"count": 0, "n_out_of_range": 0, "max_abs": 0.0}
     for first, stop, _rows, stats in forward_batches(loaded, ids, offsets, request, 0, plan.n_samples):
         done += int(offsets[stop] - offsets[first])
-        for acc in stats.values():
-            seen = {"count": seen["count"] + acc["count"], "n_out_of_range": seen["n_out_of_range"]
-                    + acc["n_out_of_range"], "max_abs": max(seen["max_abs"], acc["max_abs"])}
+        for key, acc in stats.items():
+            if key in request.hook_points:
+                seen = {"count": seen["count"] + acc["count"], "n_out_of_range": seen["n_out_of_range"]
+                        + acc["n_out_of_range"], "max_abs": max(seen["max_abs"], acc["max_abs"])}
         if time.perf_counter() - started > PROBE_SECONDS:
             break
     elapsed = time.perf_counter() - started

@@ -92,6 +92,14 @@ class Request(BaseModel):
     saes: dict[str, str] | None = param(
         None, "SAEs to apply, {hook point: SAE folder} (SAELens or sparsify format): their latents are stored "
         "sparsely as <hook point>.latents", group="capture", label="SAEs", stored=True)
+    latent_width: Int | None = param(
+        None, "SAE latents kept per token, the largest (None: a top-k SAE's k, else 1.5 x the most active latents "
+        "of the first batch); tokens with more lose their smallest, counted", group="capture",
+        label="Latent width", stored=True)
+    feature_statistics: Literal["auto", "on", "off"] = param(
+        "auto", "dashboard statistics per feature in the same pass (density, histogram, top and quantile "
+        "examples, co-occurrence): auto = for SAE latents only", group="capture", label="Feature statistics",
+        stored=False)
     # -- batching ------------------------------------------------------------------------------------
     batch_size: Int | Literal["auto"] = param(8, "samples per forward: a power of two from 1 to 512, or auto",
                                               group="batching", label="Batch size", stored=False)
@@ -182,7 +190,8 @@ class Request(BaseModel):
                              "text_column='text'»")
         return v
 
-    @field_validator("max_length", "window", "stride", "max_samples", "max_batch_tokens", "micro_batch_size")
+    @field_validator("max_length", "window", "stride", "max_samples", "max_batch_tokens", "micro_batch_size",
+                     "latent_width")
     @classmethod
     def _positive(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is not None and v <= 0:

@@ -18,7 +18,7 @@ from .autobatch import choose_batch_size
 from .distributed import ShardedRun
 from .errors import InputError, JobCancelled, JobTimeout, StoreLost, classify, disk_full_cause, is_oom
 from .models import describe_model, free_memory, load_config, load_model, load_tokenizer, n_layers_of
-from .plan import make_plan
+from .plan import latent_infos, latent_widths, load_saes, make_plan
 from .request import Request
 from .specs import ModelSpec, parse_layers
 from .storage.liveness import heartbeat
@@ -139,6 +139,7 @@ class Execution:
         self.request = job.request
         self.deadline: float | None = None
         self.lost: StoreLost | None = None
+        self.saes: dict | None = None
 
     # -- state ------------------------------------------------------------------------------------
     def set_state(self, status: Status, **sections) -> None:
@@ -260,7 +261,13 @@ class Execution:
         if planning is not None:
             plan = planning.result(self.check, facts["vocab_size"])
             self.check()
-            self.store.allocate(plan.tokens, plan.layout, plan.storage)
+            layout = plan.layout
+            if req.saes:
+                self.saes = load_saes(req, loaded.input_device)
+                widths = latent_widths(req, self.saes, loaded, plan)
+                layout = plan.with_latents({hp: w for hp, (w, _) in widths.items()}, self.saes)
+                self.store.update(latents=latent_infos(req, self.saes, widths, layout))
+            self.store.allocate(plan.tokens, layout, plan.storage)
             self.store.update(dataset={"report": plan.report})
         if req.batch_size == "auto":
             self._choose_batch_size(loaded)
@@ -272,6 +279,12 @@ class Execution:
                                  n_shards=max(1, 2 * workers), before_batch=options.before_batch).run(cluster)
             return self._complete(figures)
         self._complete(self._extract_with_backoff(loaded))
+
+    def _saes(self, loaded) -> dict:
+        """The SAEs the store's metadata lists, loaded on the model's device (a resume loads them here)."""
+        if self.saes is None:
+            self.saes = load_saes(self.request, loaded.input_device, self.store.record.latents)
+        return self.saes
 
     def _use(self, request: Request) -> None:
         """Run on with a changed request (a chosen or halved batch size); the job handle shows it too."""
@@ -298,7 +311,7 @@ class Execution:
             start = self.store.record.progress.samples_committed
             self.set_state(Status.EXTRACTING)
             try:
-                return engine.run(loaded, self.store, req, start_sample=start, check=self.check,
+                return engine.run(loaded, self.store, req, start_sample=start, saes=self._saes(loaded), check=self.check,
                                   progress=self.job.report_progress, before_batch=self.job.options.before_batch)
             except Exception as exc:
                 if disk_full_cause(exc) is not None:

@@ -19,7 +19,7 @@ from .errors import DiskFull, InputError, disk_full_cause, disk_full_message, hu
 from .extraction import Extraction
 from .jobs import Job, Observable, RunOptions
 from .listing import LIST_COLUMNS, Folder, check_id, default_workspace, new_id
-from .plan import check
+from .plan import check, check_unchanged
 from .presets import Presets, check_preset_name, from_json, preset_arguments, read_preset_file
 from .request import Request, with_request_keywords
 from .runner import Runner
@@ -43,6 +43,9 @@ def check_options(request: Request, options: RunOptions) -> None:
     if not (hasattr(cluster, "submit") and hasattr(cluster, "scheduler_info")):
         raise InputError(f"«cluster={cluster!r}» is not a dask.distributed Client: pass Client(LocalCluster()) or "
                          "Client('tcp://scheduler:8786')", param="cluster")
+    if request.saes:
+        raise InputError("«saes» is not supported with «cluster» yet (workers do not load SAEs): drop cluster= (run "
+                         "locally), or extract the activations with cluster= and encode them afterwards", param="saes")
     if request.exclude_special:
         raise InputError("«exclude_special=True» is not supported with «cluster» yet: drop cluster= (run locally) "
                          "or keep special tokens («pass exclude_special=False») and mask them with tokens/special",
@@ -229,6 +232,7 @@ class Workspace(Folder, Observable):
         hook = before_batch if before_batch is not None else old.options.before_batch if old is not None else None
         options = RunOptions(cluster=cluster, before_batch=hook)
         check_options(request, options)
+        check_unchanged(request, meta.latents)
         store.update(status=Status.QUEUED, heartbeat=heartbeat(), params={"batch_size": request.batch_size},
                      resumes=meta.resumes + [{"at": now(), "from_sample": meta.progress.samples_committed,
                                               "previous_status": meta.status.value}])

@@ -135,3 +135,22 @@ def test_failed_shard_is_retried_alone(gpt2_dir, workspace, client, single, tmp_
     runs = {s["index"]: s["runs"] for s in resumed.meta["shards"]}
     assert runs == {i: (2 if i in failed else 1) for i in range(4)}
     assert_equal_to(resumed.extraction(), single)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(exclude_special=True), "exclude_special=True is not supported with cluster"),
+    (dict(batch_size="auto"), "cannot size a dask run"),
+    (dict(saes={"layers.2.residual": "SAE"}), "saes is not supported with cluster"),
+])
+def test_what_a_cluster_cannot_run_is_refused_before_a_store(gpt2_dir, workspace, tmp_path, client, options,
+                                                             message):
+    from test_saes import write_sparsify
+
+    if "saes" in options:
+        write_sparsify(tmp_path / "SAE")
+        options = {"saes": {"layers.2.residual": str(tmp_path / "SAE")}}
+    ws = ms.Workspace(workspace)
+    with pytest.raises(ms.InputError, match=message):
+        ws.submit(gpt2_dir, "sample", cluster=client, **{**ARGS, **options})
+    assert not os.path.isdir(os.path.join(workspace, "extractions")) or not os.listdir(
+        os.path.join(workspace, "extractions"))

@@ -10,6 +10,7 @@ import torch
 import zarr
 
 import mistudio as ms
+from mistudio.storage import featstats
 from mistudio.errors import InputError
 from mistudio.storage.featstats import (CSR, FeatureStatistics, FeatureStatsAccumulator, compute, histogram_edges,
                                 sample_keys)
@@ -431,6 +432,20 @@ def test_streamed_pass_over_a_real_store(gpt2_dir, workspace):
         default_chunks = compute(ext, hp, **options)
         for name in ("hist", "topk_rows", "sample_rows", "co_features", "co_counts", "co_error"):
             np.testing.assert_array_equal(getattr(default_chunks, name), getattr(stats, name))
+
+
+def test_feature_statistics_are_cached_for_the_next_kernel(gpt2_dir, workspace, monkeypatch):
+    ext = ms.extract(gpt2_dir, TEXTS * 3, layers=[1], hooks=["mlp"], batch_size=4, max_length=32, workspace=workspace,
+                     progress=False)
+    first = ext.feature_statistics("layers.1.mlp")
+    assert first.nan_count.sum() == 0  # an all-zero array: its chunks must be written to be read back
+
+    def no_pass(*_args, **_kw):
+        raise AssertionError("a second pass: the cache was not read")
+    monkeypatch.setattr(featstats, "accumulate", no_pass)  # analysis.stats calls featstats.accumulate
+    again = ms.open_extraction(ext.id, workspace=workspace).feature_statistics("layers.1.mlp")
+    for name in ("density", "hist", "topk_rows", "topk_values"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name), err_msg=name)
 
 
 def test_wrong_inputs_are_refused_naming_the_value():

@@ -130,8 +130,9 @@ def cache_write(ext: "Extraction", path: str, mark: int, attrs: dict, arrays: di
     try:
         group = zarr.open_group(store=ext.location, path=path, mode="w", storage_options=ext.store.storage_options,
                                 zarr_format=3)
-        for name, data in arrays.items():  # checksummed like the store's arrays: a flipped bit is a cache miss
-            group.create_array(name, data=data, **array_codecs(True))
+        for name, data in arrays.items():  # checksummed like the store's arrays: a flipped bit is a cache miss;
+            # chunks of fill values written too (left out, they would read back as missing: never a hit)
+            group.create_array(name, data=data, config={"write_empty_chunks": True}, **array_codecs(True))
         group.attrs.update({**attrs, "mark": mark})  # written last: a half-written entry has no mark, so it misses
         return True
     except Exception as exc:  # noqa: BLE001 - read-only store, permissions, remote without write access

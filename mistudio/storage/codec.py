@@ -233,6 +233,37 @@ class UnitWriter:
         if self.chunks == g.per_shard or unit * g.unit_rows + self.chunks * g.chunk_rows >= g.shape[0]:
             self.close()  # full (or the array's last): its index goes on
 
+    def replace_unit(self, unit: int, rows: np.ndarray) -> None:
+        """Write a whole unit (a shard: all its inner chunks and its index; or a chunk) from ``rows`` into a new
+        file, flushed, and rename it over the old one: readers see the old unit or the new, whole."""
+        g = self.g
+        if not g.sharded:
+            self.append(unit, [rows])
+            return
+        if self.unit == unit:
+            self.abandon()
+        path = g.unit_file(unit)
+        self._folder(path)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            self.unit, self.fd, self.chunks = unit, fd, 0
+            for c in range(-(-len(rows) // g.chunk_rows)):
+                at = c * g.chunk_bytes
+                for part in encode_chunk([rows[c * g.chunk_rows:(c + 1) * g.chunk_rows]], g):
+                    _write_all(fd, part, at)
+                    at += len(part)
+                self.chunks += 1
+            self._finish_open(index=True)
+        except BaseException:
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.unit, self.fd, self.chunks = None, -1, 0
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+        fsync_dir(str(path.parent))
+
     def close(self) -> None:
         """Write the open shard's index (its chunks, EMPTY for the rest), flush it and close it."""
         if self.unit is None:

@@ -91,6 +91,9 @@ class ArrayLayout:
     @property
     def dims(self) -> tuple[str, ...]:
         name = self.path.rsplit("/", 1)[-1]
+        if self.path.startswith("latents/"):
+            return {"indices": ("token", "slot"), "values": ("token", "slot"),
+                    "feature_offsets": ("block", "latent")}.get(name, ("entry",))
         return ("token", "feature") if len(self.shape) == 2 else ("sample",) if name in PER_SAMPLE else ("token",)
 
     @property
@@ -134,6 +137,43 @@ class StoreLayout:
     @property
     def activations(self) -> list[ArrayLayout]:
         return [a for a in self.arrays if a.path.startswith("activations/")]
+
+    def with_latents(self, latents: dict[str, tuple[int, int]], dtype: str, chunk_mb: float, shard_mb: float,
+                     checksum: bool) -> "StoreLayout":
+        """This layout plus the arrays of SAE latents: ``latents`` maps a hook point to (width, d_sae)."""
+        n_rows = self.activations[0].shape[0]
+        extra = [a for hp, (width, d_sae) in latents.items()
+                 for a in latent_arrays(hp, n_rows, width, d_sae, dtype, chunk_mb, shard_mb, checksum)]
+        return StoreLayout(self.arrays + tuple(extra))
+
+
+LATENT_INDEX_PARTS = 64  # a block's by-feature entries are read in 64 inner chunks (one feature's: one or two)
+
+
+def latent_index_dtype(d_sae: int) -> str:
+    return "uint16" if d_sae <= 2**16 else "int32"
+
+
+def latent_arrays(hook_point: str, n_rows: int, width: int, d_sae: int, dtype: str, chunk_mb: float,
+                  shard_mb: float, checksum: bool) -> list[ArrayLayout]:
+    """The arrays of one SAE's latents, under ``latents/<hook point>/``: per row its ``width`` largest latents
+    (``indices``, ``values``: a 0 value is an empty slot), and the same entries by feature per block of rows (a
+    block is a chunk of ``indices``): ``feature_offsets`` (per block: where each latent's entries start, then
+    the entry count and the rows indexed), ``feature_rows`` (row in the block) and ``feature_values``."""
+    index_type = latent_index_dtype(d_sae)
+    slot_bytes = numpy_dtype(index_type).itemsize + numpy_dtype(dtype).itemsize
+    block = chunk_rows(width, slot_bytes, chunk_mb)
+    per_shard = shard_rows(block, width * slot_bytes, shard_mb, n_rows)
+    n_blocks = -(-n_rows // block)
+    entries = block * width
+    base = f"latents/{hook_point}"
+    return [ArrayLayout(f"{base}/indices", (n_rows, width), index_type, block, per_shard, checksum),
+            ArrayLayout(f"{base}/values", (n_rows, width), dtype, block, per_shard, checksum),
+            ArrayLayout(f"{base}/feature_offsets", (n_blocks, d_sae + 3), "int64", 1, None, checksum),
+            ArrayLayout(f"{base}/feature_rows", (n_blocks * entries,), "int32", entries // LATENT_INDEX_PARTS,
+                        entries, checksum),
+            ArrayLayout(f"{base}/feature_values", (n_blocks * entries,), dtype, entries // LATENT_INDEX_PARTS,
+                        entries, checksum)]
 
 
 def plan_layout(n_tokens: int, n_samples: int, n_rows: int, hook_dims: dict[str, int], dtype: str,

@@ -123,6 +123,32 @@ class HookStatistics(_Section):
     outlier_threshold: float | None = None
 
 
+class LatentInfo(_Section):
+    """An SAE applied during the extraction: which, and how its latents are stored (``latents/<hook point>/``)."""
+
+    sae: str  # the SAE's folder
+    fingerprint: str | None = None
+    architecture: str | None = None
+    d_sae: int
+    k: int | None = None  # top-k SAEs: the k of the SAE
+    width: int  # latents kept per token (the largest); a top-k SAE's k, else chosen from a probe of its L0
+    width_reason: str = ""
+    block_rows: int  # rows per chunk of indices/values: the unit of the by-feature index
+    hook_name: str | None = None  # the SAE's own name of its hook point (TransformerLens)
+
+
+class LatentStatistics(_Section):
+    """Per SAE: rows, latents that fired (their mean is the L0), latents dropped for want of width and the rows
+    that lost some, the largest latent value."""
+
+    rows: int = 0
+    active: int = 0
+    dropped: int = 0
+    rows_dropped: int = 0
+    max: float = 0.0
+    mean_l0: float = 0.0
+
+
 class StorageInfo(_Section):
     """How the arrays are stored."""
 
@@ -193,6 +219,8 @@ class ExtractionMeta(_Section):
     attempts: list[dict] = Field(default_factory=list)
     resumes: list[dict] = Field(default_factory=list)
     statistics: dict[str, HookStatistics] = Field(default_factory=dict)
+    latents: dict[str, LatentInfo] = Field(default_factory=dict)  # hook point -> the SAE applied there
+    latent_statistics: dict[str, LatentStatistics] = Field(default_factory=dict)
     storage: StorageInfo = Field(default_factory=StorageInfo)
 
     @property
@@ -234,7 +262,7 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-_REPLACED_WHOLE = {"error", "statistics"}  # sections that a write replaces instead of merging into
+_REPLACED_WHOLE = {"error", "statistics", "latent_statistics"}  # sections that a write replaces instead of merging into
 
 
 def merged(meta: ExtractionMeta, sections: dict[str, Any]) -> ExtractionMeta:

@@ -108,3 +108,39 @@ class HookStats:
         return {**acc, "mean": mean, "std": math.sqrt(var), "frac_zeros": acc["zeros"] / n if n else 0.0,
                 "norm_quantiles": {str(q): HookStats.quantile(acc["norm_hist"], q) for q in HookStats.QUANTILES},
                 "outlier_threshold": HookStats.OUTLIER_FACTOR * median}
+
+
+class LatentStats:
+    """Accumulators of one SAE's latents over committed rows: rows, latents that fired (L0), latents dropped for
+    want of width (and the rows that lost some), the largest value."""
+
+    @staticmethod
+    def empty() -> dict:
+        return {"rows": 0, "active": 0, "dropped": 0, "rows_dropped": 0, "max": 0.0}
+
+    @staticmethod
+    def device_sums(active, dropped, values):
+        """(rows, fired, dropped, rows that dropped some, max value) as one float64 tensor where they are."""
+        import torch
+
+        if not len(active):
+            return torch.zeros(5, dtype=torch.float64, device=active.device)
+        return torch.stack([torch.tensor(float(len(active)), dtype=torch.float64, device=active.device),
+                            active.sum().double(), dropped.sum().double(), (dropped > 0).sum().double(),
+                            values.float().max().double()])
+
+    @staticmethod
+    def from_device(sums: list[float]) -> dict:
+        rows, active, dropped, rows_dropped, top = sums
+        return {"rows": int(rows), "active": int(active), "dropped": int(dropped), "rows_dropped": int(rows_dropped),
+                "max": float(top)}
+
+    @staticmethod
+    def merge(acc: dict, delta: dict) -> None:
+        for key in ("rows", "active", "dropped", "rows_dropped"):
+            acc[key] = acc.get(key, 0) + delta.get(key, 0)
+        acc["max"] = max(acc.get("max", 0.0), delta.get("max", 0.0))
+
+    @staticmethod
+    def summary(acc: dict) -> dict:
+        return {**acc, "mean_l0": acc["active"] / acc["rows"] if acc["rows"] else 0.0}

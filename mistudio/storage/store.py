@@ -166,16 +166,17 @@ class ExtractionStore:
         """Create every array of ``layout`` and write the token arrays (``tokens``: name -> values in stored
         order, as :mod:`mistudio.plan` made them); record the layout in the metadata (``storage``: what the
         plan says of it: window, stride, role codes, exclude_special)."""
-        groups = {"tokens": self.group.require_group("tokens"), "activations": self.group.require_group("activations")}
         with zarr.config.set({"json_indent": None}):  # compact metadata files
             for spec in layout.arrays:
-                kind, name = spec.path.split("/", 1)
+                folder, name = spec.path.rsplit("/", 1)
+                kind = folder.split("/", 1)[0]
+                group = self.group.require_group(folder)
                 shards = (spec.shard_rows, *spec.shape[1:]) if spec.shard_rows else None
                 extra = {"attributes": {"mistudio_dtype": spec.dtype}} if zarr_dtype(spec.dtype) != spec.dtype else {}
-                arr = groups[kind].create_array(name, shape=spec.shape, dtype=zarr_dtype(spec.dtype), **extra,
+                arr = group.create_array(name, shape=spec.shape, dtype=zarr_dtype(spec.dtype), **extra,
                                                 chunks=(spec.chunk_rows, *spec.shape[1:]), shards=shards,
                                                 dimension_names=spec.dims, config=WRITE_CONFIG,
-                                                fill_value=0 if kind == "activations" else None, overwrite=True,
+                                                fill_value=0 if kind != "tokens" else None, overwrite=True,
                                                 **array_codecs(spec.checksum))
                 if kind == "tokens":
                     data = np.asarray(tokens[name])

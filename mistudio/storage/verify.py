@@ -16,7 +16,9 @@ from zarr.core.sync import sync
 from .codec import Damaged, FastReader, Geometry
 from .layout import has_checksum, storage_unit, unit_key, unit_name, unit_rows, units
 from .metadata import END_STATES, LIVE_STATES
-from .reads import DECODE_ERRORS, damage, missing_units
+from ..errors import StoreCorrupted
+from .reads import DECODE_ERRORS, CheckedArray, damage, missing_units
+from .writer import FeatureIndex
 
 OPTIONAL_TOKEN_ARRAYS = ("role", "positions")  # chat data; windowed documents
 
@@ -145,6 +147,9 @@ class _Scan:
                     "tokens/sample_index": ((n_samples,), None), "tokens/special": ((n_input,), None),
                     **{f"tokens/{n}": ((n_input,), None) for n in OPTIONAL_TOKEN_ARRAYS if n in present},
                     **{f"activations/{hp}": ((n_tokens, width), mark) for hp in meta.get("hook_points", [])}}
+        for hp, info in (meta.get("latents") or {}).items():
+            expected[f"latents/{hp}/indices"] = ((n_tokens, int(info["width"])), mark)
+            expected[f"latents/{hp}/values"] = ((n_tokens, int(info["width"])), mark)
         if "special" not in present and "n_input_tokens" not in storage:
             del expected["tokens/special"]  # a store from before tokens/special
         if "activation_offsets" in present or storage.get("exclude_special"):
@@ -156,6 +161,9 @@ class _Scan:
                 flags.append(has_checksum(arr))
                 self.scan(arr, arr.shape[0] if below is None else below)
         self.report.checksums = all(flags) if flags else None
+        if self.report.decoded and not any(p.array and p.array.startswith("latents/") for p in self.report.problems):
+            for hp, info in (meta.get("latents") or {}).items():
+                self.check_feature_index(group, hp, info, mark, n_tokens, meta.get("status") == "COMPLETED")
         if meta.get("status") == "COMPLETED" and done != n_samples:
             self.problem(f"status is COMPLETED but only {done} of {n_samples} samples are committed")
         if not (0 <= done <= n_samples and 0 <= committed <= n_tokens):
@@ -174,6 +182,52 @@ class _Scan:
         elif int(rows[done]) != committed:
             self.problem(f"progress is incoherent: {done} committed samples end at token {int(rows[done])}, "
                          f"not at tokens_committed={committed}")
+
+    def check_feature_index(self, group: zarr.Group, hp: str, info: dict, mark: int, n_rows: int,
+                            complete: bool) -> None:
+        """Every written block of an SAE's by-feature index equals the one its rows give (recomputed here); a
+        COMPLETED store has every block indexed."""
+        d_sae, block_rows, width = int(info["d_sae"]), int(info["block_rows"]), int(info["width"])
+        base, entries = f"latents/{hp}", block_rows * width
+        n_blocks = -(-n_rows // block_rows)
+        arrays = {name: self.open(group, f"{base}/{name}", shape) for name, shape in (
+            ("feature_offsets", (n_blocks, d_sae + 3)), ("feature_rows", (n_blocks * entries,)),
+            ("feature_values", (n_blocks * entries,)))}
+        if any(a is None for a in arrays.values()):
+            return
+        offsets = CheckedArray(arrays["feature_offsets"], self.location, n_blocks)
+        index = CheckedArray(group[f"{base}/indices"], self.location, mark)
+        values = CheckedArray(group[f"{base}/values"], self.location, mark)
+        for block in range(-(-mark // block_rows)):
+            first, stop = block * block_rows, min((block + 1) * block_rows, mark)
+            try:
+                row = offsets[block]
+            except StoreCorrupted as exc:
+                if complete or "missing" not in exc.what:
+                    self.problem(exc.what, exc.array, exc.chunk, exc.file)
+                continue
+            covered = int(row[d_sae + 1])
+            if covered == 0 and not complete:
+                continue
+            try:
+                want = FeatureIndex.build(index[first:first + covered].view(index.zarr.dtype),
+                                          values[first:first + covered].view(values.zarr.dtype), block, block_rows,
+                                          width, d_sae, arrays["feature_values"].dtype)
+                got = [CheckedArray(arrays[n], self.location, n_blocks * entries)[block * entries:(block + 1) * entries]
+                       for n in ("feature_rows", "feature_values")]
+            except StoreCorrupted as exc:
+                self.problem(exc.what, exc.array, exc.chunk, exc.file)
+                continue
+            whole = min(block_rows, n_rows - first)
+            if complete and covered != whole:
+                self.problem(f"the by-feature index of block {block} covers {covered} of its {whole} rows",
+                             f"{base}/feature_offsets", (block, 0))
+            elif covered > stop - first and not complete or not (np.array_equal(row, want[0])
+                                                                  and np.array_equal(got[0], want[1])
+                                                                  and np.array_equal(got[1].view(np.uint8),
+                                                                                     want[2].view(np.uint8))):
+                self.problem(f"the by-feature index of block {block} does not match its rows",
+                             f"{base}/feature_offsets", (block, 0))
 
     def open(self, group: zarr.Group, path: str, shape: tuple) -> zarr.Array | None:
         """The array at ``path`` if its metadata reads and its shape matches ``shape`` (None: any size)."""

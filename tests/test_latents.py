@@ -1,0 +1,222 @@
+"""SAE latents stored during the extraction: equal to SAELens's own encoding of the stored activations (every
+architecture), a width that keeps each token's largest latents and counts what it drops, a by-feature index that
+reads one latent's activations and that ``verify`` recomputes, resume equal to a clean run, an SAE swapped under a
+store refused, and an estimate that counts the latents' bytes."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import mistudio as ms
+from mistudio.errors import InputError, StoreCorrupted
+
+sl = pytest.importorskip("sae_lens")
+
+HP = "layers.2.residual"
+D_SAE = 128
+LAYOUT = dict(layers=[2], hooks=["residual"], dtype="float32", max_length=40, max_samples=80, batch_size=4,
+              chunk_mb=0.01, shard_mb=0.05)
+
+
+def make_sae(folder, architecture: str, seed: int = 0, **cfg) -> "sl.SAE":
+    """A SAELens SAE on ``layers.2.residual`` of the tiny GPT-2 (width 32), random weights, saved to ``folder``."""
+    from sae_lens.saes.sae import SAEMetadata
+
+    classes = {"standard": (sl.StandardSAE, sl.StandardSAEConfig), "topk": (sl.TopKSAE, sl.TopKSAEConfig),
+               "jumprelu": (sl.JumpReLUSAE, sl.JumpReLUSAEConfig), "gated": (sl.GatedSAE, sl.GatedSAEConfig)}
+    cls, cfg_cls = classes[architecture]
+    if architecture == "topk":
+        cfg.setdefault("k", 8)
+    sae = cls(cfg_cls(d_in=32, d_sae=D_SAE, metadata=SAEMetadata(hook_name="blocks.2.hook_resid_post"), **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise.abs() * 0.5 if name == "threshold" else noise * (0.3 if name.startswith("W") else 0.1))
+    sae.save_model(str(folder))
+    return sae
+
+
+def encoded(sae, ext) -> np.ndarray:
+    """SAELens's dense encoding of the stored activations."""
+    with torch.no_grad():
+        return sae.encode(torch.from_numpy(ext.activations(HP)[:].astype(np.float32))).numpy()
+
+
+def top_width(dense: np.ndarray, width: int) -> np.ndarray:
+    """Each row's ``width`` largest non-zero values kept (what a store of that width holds)."""
+    out = np.zeros_like(dense)
+    order = np.argsort(-dense, axis=1, kind="stable")[:, :width]
+    rows = np.arange(len(dense))[:, None]
+    out[rows, order] = dense[rows, order]
+    return out
+
+
+@pytest.mark.parametrize("architecture", ["topk", "standard", "jumprelu", "gated"])
+def test_latents_equal_saelens_encoding(architecture, gpt2_dir, workspace, tmp_path):
+    sae = make_sae(tmp_path / "sae", architecture)
+    ext = ms.extract(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, workspace=workspace, progress=False,
+                     **LAYOUT)
+    assert ext.latent_points == [f"{HP}.latents"]
+    info = ext.latent_info(HP)
+    assert (info.architecture, info.d_sae, info.hook_name) == (architecture, D_SAE, "blocks.2.hook_resid_post")
+    want = encoded(sae, ext)
+    l0 = (want != 0).sum(axis=1)
+    if architecture == "topk":
+        assert info.width == 8 and "top-8" in info.width_reason
+    else:  # probed on the first batch: 1.5 x its most active token, in steps of 16
+        assert info.width % 16 == 0 or info.width == D_SAE, info.width
+        assert "first batch" in info.width_reason
+    got = ext.latents(HP)
+    assert got.shape == (ext.n_tokens, D_SAE)
+    np.testing.assert_allclose(got.toarray(), top_width(want, info.width), rtol=1e-5, atol=1e-6)
+    stats = ext.record.latent_statistics[HP]
+    assert stats.rows == ext.n_tokens
+    assert stats.dropped == int(np.maximum(l0 - info.width, 0).sum())
+    assert stats.active == int(np.minimum(l0, info.width).sum())
+    assert stats.mean_l0 == pytest.approx(stats.active / stats.rows)
+    assert stats.max == pytest.approx(float(want.max()), rel=1e-6)
+    assert ext.verify().ok
+    for latent in [int(np.argmax(l0 > 0)), int(np.argmax((got.toarray() != 0).sum(0))), D_SAE - 1]:
+        rows, values = ext.feature(HP, latent)
+        column = got[:, latent].toarray().ravel()
+        np.testing.assert_array_equal(rows, np.nonzero(column)[0])
+        np.testing.assert_array_equal(values, column[rows])
+
+
+def test_a_narrow_width_keeps_the_largest_and_counts_what_it_drops(gpt2_dir, workspace, tmp_path):
+    sae = make_sae(tmp_path / "sae", "standard")
+    ext = ms.extract(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, latent_width=4, workspace=workspace,
+                     progress=False, **LAYOUT)
+    want = encoded(sae, ext)
+    l0 = (want != 0).sum(axis=1)
+    assert (l0 > 4).any(), "the test needs tokens with more than 4 latents"
+    info, stats = ext.latent_info(HP), ext.record.latent_statistics[HP]
+    assert (info.width, info.width_reason) == (4, "latent_width=4")
+    assert ext.latent_arrays(HP)[0].shape == (ext.n_tokens, 4)
+    np.testing.assert_allclose(ext.latents(HP).toarray(), top_width(want, 4), rtol=1e-5, atol=1e-6)
+    assert stats.dropped == int(np.maximum(l0 - 4, 0).sum()) > 0
+    assert stats.rows_dropped == int((l0 > 4).sum())
+
+
+def test_latents_of_a_stopped_run_read_up_to_the_mark_and_resume_equals_a_clean_run(gpt2_dir, tmp_path):
+    from conftest import gate
+
+    make_sae(tmp_path / "sae", "jumprelu")
+    options = dict(saes={HP: str(tmp_path / "sae")}, **LAYOUT)
+    clean = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "clean"), progress=False, **options)
+    ws = ms.Workspace(tmp_path / "ws")
+    hook, reached, release = gate(at_batch=9)
+    job = ws.submit(gpt2_dir, "sample", before_batch=hook, **options)
+    assert reached.wait(60)
+    job.cancel()
+    release.set()
+    job.wait(60)
+    assert job.status == "CANCELLED"
+    stopped = job.extraction()
+    mark = stopped.committed_tokens()
+    assert 0 < mark < clean.n_tokens
+    assert mark % stopped.latent_info(HP).block_rows, "the mark should cut an index block (read from its rows)"
+    partial = stopped.latents(HP)
+    assert partial.shape[0] == mark
+    np.testing.assert_array_equal(partial.toarray(), clean.latents(HP)[:mark].toarray())
+    for latent in range(0, D_SAE, 9):
+        rows, values = stopped.feature(HP, latent)
+        whole_rows, whole_values = clean.feature(HP, latent)
+        keep = whole_rows < mark
+        np.testing.assert_array_equal(rows, whole_rows[keep])
+        np.testing.assert_array_equal(values, whole_values[keep])
+    assert stopped.verify().ok
+    resumed = ws.resume(job.id).wait(120)
+    assert resumed.status == "COMPLETED", resumed.error
+    ext = resumed.extraction()
+    for name in ("indices", "values"):
+        a, b = (e.latent_arrays(HP)[name == "values"][:] for e in (ext, clean))
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    for name in ("feature_offsets", "feature_rows", "feature_values"):
+        np.testing.assert_array_equal(ext.store.array(f"latents/{HP}/{name}")[:],
+                                      clean.store.array(f"latents/{HP}/{name}")[:], err_msg=name)
+    assert ext.record.latent_statistics == clean.record.latent_statistics
+    assert ext.verify().ok
+
+
+def test_a_crafted_feature_index_is_named_by_verify_and_refused_by_reads(gpt2_dir, workspace, tmp_path):
+    make_sae(tmp_path / "sae", "topk")
+    ext = ms.extract(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, workspace=workspace, progress=False,
+                     **LAYOUT)
+    rows, _ = ext.feature(HP, 3)
+    assert len(rows)
+    offsets = ext.store.array(f"latents/{HP}/feature_offsets")
+    row = offsets[0]
+    row[4], row[3] = row[3], row[4] + 1  # latent 3's entries out of order: written with valid checksums
+    offsets[0] = row
+    report = ms.open_extraction(ext.id, workspace=workspace).verify()
+    assert not report.ok and "feature_offsets" in str(report), str(report)
+    with pytest.raises(StoreCorrupted, match="by-feature index of block 0"):
+        ms.open_extraction(ext.id, workspace=workspace).feature(HP, 3)
+    row = offsets[0]  # now a crafted index that is in order but wrong: verify recomputes it
+    row[3] = max(int(row[3]) - 1, 0)
+    offsets[0] = row
+    report = ms.open_extraction(ext.id, workspace=workspace).verify()
+    assert not report.ok and "feature_offsets" in str(report), str(report)
+
+
+def test_a_changed_sae_is_refused_on_resume(gpt2_dir, workspace, tmp_path):
+    from conftest import gate
+
+    make_sae(tmp_path / "sae", "topk", seed=0)
+    ws = ms.Workspace(workspace)
+    hook, reached, release = gate(at_batch=3)
+    job = ws.submit(gpt2_dir, "sample", before_batch=hook, saes={HP: str(tmp_path / "sae")}, **LAYOUT)
+    assert reached.wait(60)
+    job.cancel()
+    release.set()
+    job.wait(60)
+    make_sae(tmp_path / "sae", "topk", seed=1)  # retrained in place
+    with pytest.raises(InputError, match="is not the one this store was made with"):
+        ws.resume(job.id)
+    assert ws.job(job.id).status == "CANCELLED"
+    assert job.extraction().verify().ok  # what was stored is untouched
+    make_sae(tmp_path / "sae", "topk", seed=0)  # the original back: it resumes
+    assert ws.resume(job.id).wait(60).status == "COMPLETED"
+
+
+def test_request_errors_name_the_value(gpt2_dir, workspace, tmp_path):
+    make_sae(tmp_path / "sae", "topk")
+    cases = [
+        (dict(saes={"layers.1.residual": str(tmp_path / "sae")}), "was trained on blocks.2.hook_resid_post"),
+        (dict(saes={"layers.7.residual": str(tmp_path / "sae")}), "layer index 7 is out of range"),
+        (dict(saes={"blocks.2": str(tmp_path / "sae")}), "not a hook point"),
+        (dict(saes={HP: str(tmp_path / "nowhere")}), "not a folder"),
+        (dict(saes={HP: str(tmp_path / "sae")}, latent_width=0), "latent_width"),
+    ]
+    for options, message in cases:
+        with pytest.raises(InputError, match=message):
+            ms.extract(gpt2_dir, "sample", workspace=workspace, progress=False, **{**LAYOUT, **options})
+    assert not os.path.isdir(os.path.join(workspace, "extractions")) or not os.listdir(
+        os.path.join(workspace, "extractions"))
+    ext = ms.extract(gpt2_dir, "sample", workspace=workspace, progress=False, **LAYOUT)
+    with pytest.raises(InputError, match="holds no SAE latents"):
+        ext.latents(HP)
+
+
+@pytest.mark.parametrize("architecture, probe", [("topk", False), ("standard", True)])
+def test_the_estimate_counts_the_latents(architecture, probe, gpt2_dir, tmp_path):
+    make_sae(tmp_path / "sae", architecture)
+    options = dict(saes={HP: str(tmp_path / "sae")}, **LAYOUT)
+    est = ms.estimate(gpt2_dir, "sample", probe=probe, workspace=str(tmp_path / "ws"), **options)
+    ext = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "ws"), progress=False, **options)
+    disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(ext.location) for f in files)
+    assert abs(disk - est["bytes_on_disk"]) <= 0.01 * disk, (disk, est["bytes_on_disk"])
+    plain = ms.estimate(gpt2_dir, "sample", workspace=str(tmp_path / "ws"), **LAYOUT)
+    assert est["bytes_on_disk"] > plain["bytes_on_disk"]
+
+
+def test_an_unprobed_estimate_says_the_width_is_a_guess(gpt2_dir, tmp_path):
+    make_sae(tmp_path / "sae", "standard")
+    est = ms.estimate(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, workspace=str(tmp_path / "ws"),
+                      **LAYOUT)
+    assert any("a guess" in w and "probe=True" in w for w in est["warnings"]), est["warnings"]
