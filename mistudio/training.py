@@ -257,8 +257,8 @@ def _check_options(timeout_s: Any, evaluate: Any) -> None:
         raise InputError(f"«timeout_s={timeout_s!r}» must be a positive number of seconds, or None for no limit",
                          param="timeout_s")
     if not any(evaluate is choice for choice in (True, False)) and evaluate != "reconstruction":
-        raise InputError(f"«evaluate={evaluate!r}» is not True, False or 'reconstruction' (explained variance, L0 and "
-                         "dead fraction without the model's next-token loss)", param="evaluate")
+        raise InputError(f"«evaluate={evaluate!r}» is not True, False or 'reconstruction' (explained variance, L0 "
+                         "and dead fraction without the model's next-token loss)", param="evaluate")
 
 
 def _extraction_of(ws: "Workspace", extraction: Any) -> Extraction:
@@ -270,8 +270,8 @@ def _extraction_of(ws: "Workspace", extraction: Any) -> Extraction:
     elif callable(getattr(extraction, "extraction", None)):
         ext = extraction.extraction()
     else:
-        raise InputError(f"«extraction={extraction!r}» is not an extraction: pass an id (ws.extractions() lists them), "
-                         "an Extraction or an extraction Job", param="extraction")
+        raise InputError(f"«extraction={extraction!r}» is not an extraction: pass an id (ws.extractions() lists "
+                         "them), an Extraction or an extraction Job", param="extraction")
     status = ext.record.status
     if status != Status.COMPLETED:
         advice = "wait for it to complete" if status in LIVE_STATES else f"resume it first (ws.resume({ext.id!r}))"
@@ -470,7 +470,10 @@ class TrainingJob(Observable):
             beat.start()
             if self._cancel.is_set():
                 raise JobCancelled("cancelled before it started")
-            self._run(models)
+            try:
+                self._run(models)
+            finally:  # every line written is on disk before the end state is heard
+                self._close_history()
         except JobCancelled:
             self._end(lambda: self._set_state(Status.CANCELLED, error=None, timings={"finished": now()}))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a FAILED record
@@ -478,7 +481,6 @@ class TrainingJob(Observable):
         finally:
             stop.set()
             beat.join()
-            self._close_history()
 
     # -- the run ----------------------------------------------------------------------------------
     def _run(self, models) -> None:
@@ -506,9 +508,10 @@ class TrainingJob(Observable):
         with self._lock:
             self._progress = dict(last)
         seconds = result.elapsed_s
+        rate = result.tokens / seconds if seconds else None
         self._set_state(Status.SAVING, sae_path=str(result.path), metrics=last,
                         progress=_progress_of(last) if last else {},
-                        timings={"train_seconds": seconds, "tokens_per_s": result.tokens / seconds if seconds else None})
+                        timings={"train_seconds": seconds, "tokens_per_s": rate})
         if last:
             self.emit("progress", **last)
         evaluation = self._evaluate(result.sae, ext, models) if record.evaluate else None

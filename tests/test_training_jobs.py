@@ -278,6 +278,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a child process imports torch: ~7 s on an idle machine, more on a busy one
 def test_sigkill_mid_run_is_listed_interrupted_and_resumes_exactly(ext, tmp_path):
     root = tmp_path / "ws"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), ext.location], stdout=subprocess.PIPE,

@@ -135,8 +135,8 @@ class TrainConfig:
             raise InputError(f"TrainConfig: give «n_tokens={self.n_tokens}» or «epochs={self.epochs}», not both",
                              param="epochs")
         if self.d_sae is not None and self.expansion_factor is not None:
-            raise InputError(f"TrainConfig: give «d_sae={self.d_sae}» or «expansion_factor={self.expansion_factor}», "
-                             "not both", param="expansion_factor")
+            raise InputError(f"TrainConfig: give «d_sae={self.d_sae}» or «expansion_factor="
+                             f"{self.expansion_factor}», not both", param="expansion_factor")
         for name in ("rescale_acts_by_decoder_norm", "exclude_special"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
