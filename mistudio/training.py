@@ -823,8 +823,8 @@ def recover_trainings(ws: "Workspace") -> list[str]:
 
 LIST_COLUMNS = ["id", "status", "error", "message", "extraction", "model", "hook_point", "architecture", "d_sae",
                 "sparsity", "step", "total_steps", "tokens", "total_tokens", "loss", "l0", "explained_variance",
-                "dead_fraction", "eval_explained_variance", "eval_l0", "ce_loss_score", "created", "retry_of",
-                "folder", "problem"]
+                "dead_fraction", "eval_explained_variance", "eval_l0", "eval_dead_fraction", "ce_loss_score",
+                "created", "retry_of", "folder", "problem"]
 
 
 def _row(ws: "Workspace", folder: Path) -> dict:
@@ -845,6 +845,7 @@ def _row(ws: "Workspace", folder: Path) -> dict:
             **record.progress.model_dump(include={"step", "total_steps", "tokens", "total_tokens"}),
             **{k: metrics.get(k) for k in ("loss", "l0", "explained_variance", "dead_fraction")},
             "eval_explained_variance": evaluation.get("explained_variance"), "eval_l0": evaluation.get("l0"),
+            "eval_dead_fraction": evaluation.get("dead_fraction"),
             "ce_loss_score": evaluation.get("ce_loss_score"), "created": record.timings.created,
             "retry_of": record.retry_of or ""}
 

@@ -138,7 +138,7 @@ def test_bad_settings_show_in_the_tab_in_its_words_and_create_nothing(ext, root)
     before = len(list_trainings(ws))
     panel.sparsity["k"].value = 0
     assert panel.launch() is None
-    assert "Bad input" in panel.message.value and "&#x27;k (latents per token)&#x27; 0 must be a positive whole " \
+    assert "Bad input" in panel.message.value and "&#x27;k (per token)&#x27; 0 must be a positive whole " \
         "number" in panel.message.value
     panel.sparsity["k"].value = 4
     panel.batch_size.value = 10 ** 6

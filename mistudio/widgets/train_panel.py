@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import ipywidgets as W
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
 from ..analysis.plots import to_png
 from ..analysis.sae_training import TrainConfig
@@ -28,11 +30,11 @@ ARCHITECTURES = (("top-k", "topk"), ("ReLU", "standard"), ("JumpReLU", "jumprelu
 SPARSITY_FIELD = {"topk": "k", "standard": "l1_coefficient", "jumprelu": "l0_coefficient"}
 # how the tab names each setting in messages: (name, label)
 LABELS = {"extraction": "Extraction", "hook_point": "Hook point", "architecture": "Architecture",
-          "d_sae": "Latents (d_sae)", "expansion_factor": "Expansion ×", "k": "k (latents per token)",
+          "d_sae": "Latents (d_sae)", "expansion_factor": "Expansion ×", "k": "k (per token)",
           "l1_coefficient": "L1 coefficient", "l0_coefficient": "L0 coefficient", "lr": "Learning rate",
           "batch_size": "Batch (tokens)", "n_tokens": "Tokens", "epochs": "Epochs"}
 RUN_HEADERS = ("status", "run", "extraction", "hook point", "SAE", "step", "EV", "L0", "dead", "age", "")
-RUN_COLUMNS = "92px 104px minmax(70px, 1fr) minmax(90px, 1fr) minmax(90px, 1fr) 96px 52px 52px 52px 64px 64px"
+RUN_COLUMNS = "92px 104px minmax(60px, 1fr) minmax(90px, 1fr) minmax(80px, 1fr) 90px 44px 44px 44px 60px 56px"
 MAX_RUNS = 40
 PLOT_EVERY_S = 1.0
 CURVES = (("loss", "loss", True), ("l0", "L0 (latents per token)", False),
@@ -47,12 +49,14 @@ def ui_error(exc: BaseException | str) -> str:
 
 
 def curves_figure(history: list[dict]) -> Figure:
-    """Loss (log scale), L0, explained variance and dead fraction against the step: one row of small panels."""
-    fig = Figure(figsize=(9.0, 2.3), layout="constrained")
+    """Loss (log scale), L0, explained variance and dead fraction against the step: one row of small panels.
+    Few ticks and a fixed layout: it is redrawn while the run trains, so it must draw fast."""
+    fig = Figure(figsize=(9.0, 2.2))
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.86, wspace=0.32)
     steps = [h.get("step", 0) for h in history]
     for i, (key, title, log_scale) in enumerate(CURVES):
         ax = fig.add_subplot(1, len(CURVES), i + 1)
-        points = [(s, h.get(key)) for s, h in zip(steps, history) if isinstance(h.get(key), (int, float))
+        points = [(s, h[key]) for s, h in zip(steps, history) if isinstance(h.get(key), (int, float))
                   and math.isfinite(h[key]) and (h[key] > 0 or not log_scale)]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], color="#0d6efd", linewidth=1.2)
@@ -61,11 +65,20 @@ def curves_figure(history: list[dict]) -> Figure:
             ax.set_title(title, fontsize=9)
         if log_scale and points:
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(numticks=4))
+        else:
+            ax.yaxis.set_major_locator(MaxNLocator(4))
         if key in ("explained_variance", "dead_fraction"):
             ax.set_ylim(min(0.0, *(p[1] for p in points)) if points else 0.0, 1.02)
-        ax.set_xlabel("step", fontsize=8)
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
         ax.tick_params(labelsize=7)
     return fig
+
+
+def _steps(step: Any, total: Any) -> str:
+    step = int(step or 0)
+    return f"{step:,} / {int(total):,}" if total else f"{step:,}"
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -96,6 +109,7 @@ class TrainPanel(W.VBox):
         self.history: list[dict] = []
         self.plot_every_s = PLOT_EVERY_S
         self.runs: list[dict] = []
+        self.step_cells: dict[str, W.HTML] = {}  # run id -> its step cell in the table (moved by progress events)
         self._lock = threading.RLock()
         self._drawn_at = 0.0
         self._plot_timer: threading.Timer | None = None
@@ -105,11 +119,12 @@ class TrainPanel(W.VBox):
         self.extraction = W.Dropdown(options=[], description="Extraction", style=style, layout=wide,
                                      tooltip="a COMPLETED extraction of this workspace")
         self.hook_point = W.Dropdown(options=[], description="Hook point", style=style, layout=wide)
-        self.architecture = W.ToggleButtons(options=ARCHITECTURES, value="topk", description="Architecture",
-                                            style={**style, "button_width": "90px"})
-        self.size_by = W.ToggleButtons(options=(("expansion ×", "expansion_factor"), ("d_sae", "d_sae")),
-                                       value="expansion_factor", description="Size by",
-                                       style={**style, "button_width": "90px"})
+        self.architecture = W.Dropdown(options=ARCHITECTURES, value="topk", description="Architecture", style=style,
+                                       tooltip="top-k: exactly k latents per token; ReLU: an L1 penalty; JumpReLU: "
+                                               "learned thresholds and an L0 penalty")
+        self.size_by = W.Dropdown(options=(("expansion ×", "expansion_factor"), ("d_sae", "d_sae")),
+                                  value="expansion_factor", description="Size by", style=style,
+                                  layout=W.Layout(width="260px"))
         self.size = W.IntText(value=8, description=LABELS["expansion_factor"], style=style,
                               tooltip="latents = expansion × the hook point's width, or d_sae latents")
         self.sparsity = {"k": W.IntText(value=32, description=LABELS["k"], style=style),
@@ -117,8 +132,8 @@ class TrainPanel(W.VBox):
                          "l0_coefficient": W.FloatText(value=1.0, description=LABELS["l0_coefficient"], style=style)}
         self.lr = W.FloatText(value=3e-4, description=LABELS["lr"], style=style)
         self.batch_size = W.IntText(value=4096, description=LABELS["batch_size"], style=style)
-        self.length_by = W.ToggleButtons(options=(("epochs", "epochs"), ("tokens", "n_tokens")), value="epochs",
-                                         description="Train for", style={**style, "button_width": "90px"})
+        self.length_by = W.Dropdown(options=(("epochs", "epochs"), ("tokens", "n_tokens")), value="epochs",
+                                    description="Train for", style=style, layout=W.Layout(width="260px"))
         self.length = W.FloatText(value=1.0, description=LABELS["epochs"], style=style)
         self.launch_button = W.Button(description="Launch training", icon="play", button_style="primary",
                                       layout=W.Layout(width="auto"))
@@ -435,6 +450,9 @@ class TrainPanel(W.VBox):
             return
         with self._lock:
             watched = self.job is not None and event.get("job_id") == self.job.id
+            cell = self.step_cells.get(event.get("job_id"))
+            if event["event"] == "progress" and cell is not None:
+                cell.value = _cell(_steps(event.get("step"), event.get("total_steps"))).value
             if watched and event["event"] == "progress":
                 figures = {k: v for k, v in event.items() if k not in ("event", "job_id", "kind", "time")}
                 while self.history and self.history[-1].get("step", 0) >= figures.get("step", 0):
@@ -460,13 +478,13 @@ class TrainPanel(W.VBox):
                 self._say(error_box(f"<b>{html.escape(type(exc).__name__)}</b>: {html.escape(str(exc))}"))
 
     def _schedule_plot(self, now: bool = False) -> None:
-        """Draw the plot on a timer thread, at most every ``plot_every_s`` and never more than a fifth of the time
-        (a slow machine draws less often, so that drawing never slows the training much); events meanwhile only
+        """Draw the plot on a timer thread, at most every ``plot_every_s`` and at most a third of the time (a slow
+        machine draws less often, so that drawing never slows the training much); events meanwhile only
         add to the history. One timer and one drawing at a time; ``now``: without waiting (the final curves)."""
         with self._lock:
             if self._plot_timer is not None:
                 return
-            every = max(self.plot_every_s, 4 * self._render_s)
+            every = max(self.plot_every_s, 2 * self._render_s)
             wait = 0.0 if now else every - (time.monotonic() - self._drawn_at)
             timer = threading.Timer(max(0.0, wait), self._draw_from_timer)
             timer.daemon = True
@@ -508,6 +526,7 @@ class TrainPanel(W.VBox):
         with self._lock:
             self.runs = rows
             cells: list[W.Widget] = [_cell(f"<b>{h}</b>") for h in RUN_HEADERS]
+            self.step_cells = {}
             for row in rows[:MAX_RUNS]:
                 cells += self._run_cells(row)
             self.table.children = cells
@@ -520,22 +539,30 @@ class TrainPanel(W.VBox):
         error = row.get("error") or ""
         status = _cell(badge(row["status"]) + (f" <small>{html.escape(error)}</small>" if error else ""),
                        title=f"{row['status']} {PLAIN_ERRORS.get(error, error)} {row.get('message') or ''}".strip())
-        total = row.get("total_steps")
-        step = f"{row.get('step') or 0:,} / {total:,}" if total else f"{row.get('step') or 0:,}"
+        step_cell = _cell(_steps(row.get("step"), row.get("total_steps")))
+        self.step_cells[row["id"]] = step_cell
         sae = f"{row.get('architecture') or ''} {row.get('d_sae') or ''} {row.get('sparsity') or ''}".strip()
-        ev = row.get("eval_explained_variance")
-        show = W.Button(description="Show", layout=W.Layout(width="60px", height="28px", padding="0px"),
+        ev, dead = row.get("eval_explained_variance"), row.get("eval_dead_fraction")
+        show = W.Button(description="Show", layout=W.Layout(width="52px", height="28px", padding="0px"),
                         tooltip="show this run: its settings, curves, evaluation and actions")
         show.on_click(lambda _b, run_id=row["id"]: self._guarded(lambda: self.watch(training_job(self.workspace,
                                                                                                  run_id))))
         return [status,
-                _cell(html.escape(short_id(row["id"])), title=row["id"], css="font-family:monospace;font-size:12px"),
+                _cell(html.escape(short_run_id(row["id"])), title=row["id"], css="font-family:monospace;font-size:12px"),
                 _cell(html.escape(short_id(row.get("extraction") or "")), title=row.get("extraction") or ""),
-                _cell(html.escape(row.get("hook_point") or "")), _cell(html.escape(sae), title=sae), _cell(step),
+                _cell(html.escape(row.get("hook_point") or "")), _cell(html.escape(sae), title=sae), step_cell,
                 _cell(_number(ev if ev is not None else row.get("explained_variance"), 2),
                       title="explained variance (evaluation when done, else the last training batch)"),
                 _cell(_number(row.get("eval_l0") if row.get("eval_l0") is not None else row.get("l0"), 3)),
-                _cell(_number(row.get("dead_fraction"), 2)), _cell(ago(row.get("created"))), show]
+                _cell(_number(dead if dead is not None else row.get("dead_fraction"), 2),
+                      title="dead latents (evaluation when done, else the training window's count)"),
+                _cell(ago(row.get("created"))), show]
+
+
+def short_run_id(run_id: str) -> str:
+    """'sae_20261129_031502_1a2b3c' -> '031502_1a2b3c' (the full id is in the tooltip)."""
+    match = re.fullmatch(r"sae_\d{8}_(\d{6}_\w+)", run_id)
+    return match.group(1) if match else run_id
 
 
 def _cell(text: str, title: str | None = None, css: str = "") -> W.HTML:
