@@ -512,8 +512,6 @@ class TrainingJob(Observable):
         self._set_state(Status.SAVING, sae_path=str(result.path), metrics=last,
                         progress=_progress_of(last) if last else {},
                         timings={"train_seconds": seconds, "tokens_per_s": rate})
-        if last:
-            self.emit("progress", **last)
         evaluation = self._evaluate(result.sae, ext, models) if record.evaluate else None
         if evaluation is not None:
             write_atomic(str(self.folder / EVALUATION_FILE), json.dumps(evaluation, indent=1).encode())
@@ -740,7 +738,7 @@ def resume_training(ws: "Workspace", run_id: str) -> TrainingJob:
         raise InputError(f"training run {run_id} cannot resume: it failed [{error.error_type}] "
                          f"{error.error_message.rstrip('.')}. Resuming would fail again: retry it (with the settings "
                          "corrected) instead")
-    record.resumes.append({"at": now(), "from_step": record.progress.step, "previous_status": record.status.value,
+    record.resumes.append({"at": now(), "last_step": record.progress.step, "previous_status": record.status.value,
                            "previous_error": error.error_type if error is not None else None})
     record.status = Status.QUEUED
     record.heartbeat = Heartbeat.model_validate(heartbeat())

@@ -180,3 +180,20 @@ def test_curves_figure_draws_four_panels_with_the_last_values():
     assert titles == ["loss: 0.204", "L0 (latents per token): 4", "explained variance: 0.49",
                       "dead latents (fraction): 0.1"]
     assert fig.axes[0].get_yscale() == "log"
+
+
+def test_a_failed_run_shows_its_error_and_offers_what_can_succeed(ext, root):
+    panel = TrainPanel(ms.Workspace(root), evaluate=False, timeout_s=1e-6)
+    fill(panel, 5)
+    job = panel.launch()
+    assert job.wait(60).status == "FAILED"
+    wait_for(lambda: "FAILED" in panel.status.value)
+    assert "Timed out" in panel.message.value and "time limit" in panel.message.value
+    assert "fewer tokens (&#x27;Tokens&#x27;)" in panel.message.value  # the setting named as the form names it
+    assert not panel.resume_button.disabled and not panel.retry_button.disabled and panel.cancel_button.disabled
+    assert panel.extract_button.disabled
+    panel.options["timeout_s"] = None  # the standing options apply to a retry too
+    panel.retry_button.click()
+    retried = panel.job
+    assert retried.id != job.id and retried.wait(60).status == "COMPLETED"
+    assert retried.record.retry_reason == "TIMEOUT" and retried.record.retry_overrides == {"timeout_s": None}

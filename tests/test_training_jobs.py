@@ -145,7 +145,7 @@ def test_cancel_mid_run_then_resume_equals_an_uninterrupted_run_bit_for_bit(ext,
     assert resumed.id == halves.id and resumed.folder == halves.folder
     assert resumed.wait(120).status == "COMPLETED", resumed.error
     record = resumed.record
-    assert record.resumes[0]["previous_status"] == "CANCELLED" and record.resumes[0]["from_step"] <= stopped
+    assert record.resumes[0]["previous_status"] == "CANCELLED" and record.resumes[0]["last_step"] <= stopped
     assert (whole.sae_path / "sae_weights.safetensors").read_bytes() == \
         (resumed.sae_path / "sae_weights.safetensors").read_bytes()
     assert strip(whole.history()) == strip(resumed.history())
@@ -315,3 +315,32 @@ def test_sigkill_mid_run_is_listed_interrupted_and_resumes_exactly(ext, tmp_path
     assert strip(whole.history()) == strip(resumed.history())
     assert isinstance(resumed, TrainingJob) and read_record(folder).resumes[0]["previous_error"] == "INTERRUPTED"
     assert (folder / RUN_FILE).is_file() and (folder / HISTORY_FILE).is_file()
+
+
+def test_an_extraction_deleted_before_the_run_starts_fails_it_plainly(gpt2_dir, ext, tmp_path):
+    ws = ms.Workspace(tmp_path / "ws")
+    doomed = ms.extract(gpt2_dir, "sample", layers=[1], hooks=["residual"], max_samples=20, batch_size=32,
+                        dtype="float32", workspace=str(tmp_path / "ws"), progress=False)
+    release, held = threading.Event(), []
+
+    def hold_the_first_run(event: dict) -> None:  # on the runner's thread: nothing else starts meanwhile
+        if event.get("kind") == "training" and event.get("status") == "LOADING" and not held:
+            held.append(event["job_id"])
+            release.wait(30)
+
+    ws.subscribe(hold_the_first_run)
+    first = submit_training(ws, ext, HP, evaluate=False, **small(5))
+    queued = submit_training(ws, doomed, HP, evaluate=False, **small(2, batch_size=64))
+    ws.delete(doomed.id, force=True)
+    release.set()
+    assert queued.wait(60).status == "FAILED" and first.wait(60).status == "COMPLETED" and held == [first.id]
+    error = queued.error
+    assert error["error_type"] == "VALIDATION" and not error["resume_available"]
+    assert f"extraction {doomed.id} is gone" in error["error_message"]
+    with pytest.raises(ms.InputError, match="cannot resume: it failed \\[VALIDATION\\]"):
+        queued.resume()
+    with pytest.raises(ms.InputError, match=f"extraction {doomed.id} of training run {queued.id} is gone") as caught:
+        queued.retry()
+    assert caught.value.param == "extraction"
+    retried = queued.retry(extraction=ext)  # the same settings on another extraction
+    assert retried.wait(60).status == "COMPLETED" and retried.record.retry_overrides == {"extraction": ext.id}

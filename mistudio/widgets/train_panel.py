@@ -323,7 +323,7 @@ class TrainPanel(W.VBox):
         if self.job is None:
             return self._launch()
         with self._busy("Checking the settings and queueing the retry"):
-            job = self.job.retry(**self._changes(self.job))
+            job = self.job.retry(**{**self._changes(self.job), **self.options})
         self.watch(job)
         return job
 
@@ -535,6 +535,10 @@ class TrainPanel(W.VBox):
             self.empty.value = ("<small>No training runs in this workspace yet.</small>" if not rows else
                                 f"<small>{more} older runs not shown.</small>" if more > 0 else "")
 
+    def show_run(self, run_id: str) -> None:
+        """Watch a run of the table (its settings, curves, evaluation and actions)."""
+        self._guarded(lambda: self.watch(training_job(self.workspace, run_id)))
+
     def _run_cells(self, row: dict) -> list[W.Widget]:
         error = row.get("error") or ""
         status = _cell(badge(row["status"]) + (f" <small>{html.escape(error)}</small>" if error else ""),
@@ -545,10 +549,10 @@ class TrainPanel(W.VBox):
         ev, dead = row.get("eval_explained_variance"), row.get("eval_dead_fraction")
         show = W.Button(description="Show", layout=W.Layout(width="52px", height="28px", padding="0px"),
                         tooltip="show this run: its settings, curves, evaluation and actions")
-        show.on_click(lambda _b, run_id=row["id"]: self._guarded(lambda: self.watch(training_job(self.workspace,
-                                                                                                 run_id))))
+        show.on_click(lambda _b, run_id=row["id"]: self.show_run(run_id))
         return [status,
-                _cell(html.escape(short_run_id(row["id"])), title=row["id"], css="font-family:monospace;font-size:12px"),
+                _cell(html.escape(short_run_id(row["id"])), title=row["id"],
+                      css="font-family:monospace;font-size:12px"),
                 _cell(html.escape(short_id(row.get("extraction") or "")), title=row.get("extraction") or ""),
                 _cell(html.escape(row.get("hook_point") or "")), _cell(html.escape(sae), title=sae), step_cell,
                 _cell(_number(ev if ev is not None else row.get("explained_variance"), 2),
