@@ -109,6 +109,7 @@ class TrainPanel(W.VBox):
         self.history: list[dict] = []
         self.plot_every_s = PLOT_EVERY_S
         self.runs: list[dict] = []
+        self._extraction_rows: dict[str, dict] = {}  # COMPLETED extractions by id (the form's choices)
         self.step_cells: dict[str, W.HTML] = {}  # run id -> its step cell in the table (moved by progress events)
         self._lock = threading.RLock()
         self._drawn_at = 0.0
@@ -240,7 +241,7 @@ class TrainPanel(W.VBox):
             self.refresh_runs()
 
     def _show_hook_points(self) -> None:
-        row = getattr(self, "_extraction_rows", {}).get(self.extraction.value)
+        row = self._extraction_rows.get(self.extraction.value)
         points = [p.strip() for p in (row["hook_points"] if row else "").split(",") if p.strip()]
         chosen = self.hook_point.value
         self.hook_point.options = points
@@ -263,7 +264,7 @@ class TrainPanel(W.VBox):
 
     def show_settings(self, config: dict, extraction_id: str | None = None, hook_point: str | None = None) -> None:
         """Fill the form from a run's TrainConfig (and its extraction and hook point when they are listed)."""
-        if extraction_id in getattr(self, "_extraction_rows", {}):
+        if extraction_id in self._extraction_rows:
             self.extraction.value = extraction_id
         if hook_point in self.hook_point.options:
             self.hook_point.value = hook_point
