@@ -98,7 +98,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> InputError:
-            return InputError(f"TrainConfig.{name}={getattr(self, name)!r} {why}")
+            return InputError(f"TrainConfig.«{name}={getattr(self, name)!r}» {why}", param=name)
 
         arch = "standard" if self.architecture == "relu" else self.architecture
         if arch not in TRAIN_ARCHITECTURES:
@@ -132,10 +132,11 @@ class TrainConfig:
         if self.epochs is not None and (not _is_number(self.epochs) or self.epochs <= 0):
             raise bad("epochs", "must be a positive number")
         if self.n_tokens is not None and self.epochs is not None:
-            raise InputError(f"TrainConfig: give n_tokens={self.n_tokens} or epochs={self.epochs}, not both")
+            raise InputError(f"TrainConfig: give «n_tokens={self.n_tokens}» or «epochs={self.epochs}», not both",
+                             param="epochs")
         if self.d_sae is not None and self.expansion_factor is not None:
-            raise InputError(f"TrainConfig: give d_sae={self.d_sae} or expansion_factor={self.expansion_factor}, "
-                             "not both")
+            raise InputError(f"TrainConfig: give «d_sae={self.d_sae}» or «expansion_factor="
+                             f"{self.expansion_factor}», not both", param="expansion_factor")
         for name in ("rescale_acts_by_decoder_norm", "exclude_special"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
@@ -383,6 +384,48 @@ def _final_sae(trained: SAE, config: TrainConfig, scale: float | None, metadata:
     return sae
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a training run will do, known before it starts: sizes, rows per epoch, length."""
+
+    config: TrainConfig
+    hook_point: str
+    d_in: int
+    d_sae: int
+    rows: int  # rows one epoch of the loader yields
+    total_tokens: int
+    total_steps: int
+
+
+def plan_training(ext: "Extraction", hook_point: str, config: TrainConfig | None = None) -> TrainingPlan:
+    """Check ``config`` against ``ext`` at ``hook_point`` without training (InputError naming what is wrong)."""
+    config = config if config is not None else TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise InputError(f"config must be a TrainConfig, got {type(config).__name__}: TrainConfig(architecture=...)")
+    if hook_point not in ext.hook_points:
+        raise InputError(f"«hook_point={hook_point!r}» is not in extraction {ext.id}: it stores "
+                         f"{', '.join(ext.hook_points) or 'no hook point'}", param="hook_point")
+    tl_hook_name(hook_point)
+    width = int(ext.activations(hook_point).shape[1])
+    d_sae = config.d_sae or width * (config.expansion_factor or 8)
+    if config.architecture == "topk" and config.k > d_sae:
+        raise InputError(f"TrainConfig.«k={config.k}» is larger than d_sae={d_sae}: use «pass k={d_sae}» or less",
+                         param="k")
+    kept = _kept_rows(ext, config.exclude_special)
+    if kept < config.batch_size:
+        raise InputError(f"TrainConfig.«batch_size={config.batch_size}» is more than the {kept} rows extraction "
+                         f"{ext.id} holds at {hook_point}: use a smaller batch, e.g. «pass batch_size="
+                         f"{_smaller_batch(kept)}»", param="batch_size")
+    total_tokens = config.n_tokens if config.n_tokens is not None else int(round((config.epochs or 1.0) * kept))
+    return TrainingPlan(config, hook_point, width, d_sae, kept, total_tokens,
+                        max(1, math.ceil(total_tokens / config.batch_size)))
+
+
+def _smaller_batch(rows: int) -> int:
+    """The largest power of two at most ``rows`` (at least 1)."""
+    return 1 << max(0, rows.bit_length() - 1)
+
+
 def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = None, out_dir: str | os.PathLike = ".",
               check: Callable[[], None] | None = None, progress: Callable[[dict], None] | None = None) -> TrainResult:
     """Train an SAE on ``ext``'s activations at ``hook_point``; resume from ``out_dir/checkpoint`` if there.
@@ -395,23 +438,11 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
     ``hook_name`` the TransformerLens name of the hook point and ``metadata.hook_point`` mistudio's.
     A finished ``out_dir`` returns its result without training again.
     """
-    config = config if config is not None else TrainConfig()
-    if not isinstance(config, TrainConfig):
-        raise InputError(f"config must be a TrainConfig, got {type(config).__name__}: TrainConfig(architecture=...)")
-    tl_hook_name(hook_point)
-    width = int(ext.activations(hook_point).shape[1])
-    d_sae = config.d_sae or width * (config.expansion_factor or 8)
-    if config.architecture == "topk" and config.k > d_sae:
-        raise InputError(f"TrainConfig.k={config.k} is larger than d_sae={d_sae}: use k <= d_sae")
+    plan = plan_training(ext, hook_point, config)
+    config, width, d_sae, kept, total_steps = plan.config, plan.d_in, plan.d_sae, plan.rows, plan.total_steps
     device = _device(config.device)
     out = Path(out_dir).expanduser()
     state_path = out / CHECKPOINT_DIR / CHECKPOINT_FILE
-    kept = _kept_rows(ext, config.exclude_special)
-    if kept < config.batch_size:
-        raise InputError(f"TrainConfig.batch_size={config.batch_size} is more than the {kept} rows extraction {ext.id} "
-                         f"holds at {hook_point}: use a smaller batch")
-    total_tokens = config.n_tokens if config.n_tokens is not None else int(round((config.epochs or 1.0) * kept))
-    total_steps = max(1, math.ceil(total_tokens / config.batch_size))
     identity = {"extraction": ext.id, "hook_point": hook_point, "d_in": width, "d_sae": d_sae, "rows": kept}
 
     saved = _load_checkpoint(state_path) if state_path.is_file() else None

@@ -1,0 +1,199 @@
+"""The Train tab driven without a browser: real widgets, a real store, real training jobs on the runner thread."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import mistudio as ms
+from mistudio.request import Request
+from mistudio.training import list_trainings, submit_training
+from mistudio.widgets.train_panel import TrainPanel, curves_figure, ui_error
+
+pytest.importorskip("matplotlib")
+HP = "layers.1.residual"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def root(gpt2_dir, tmp_path_factory):
+    """A workspace holding one COMPLETED extraction (runs made by the tests come and go in their own workspaces)."""
+    return tmp_path_factory.mktemp("train-tab")
+
+
+@pytest.fixture(scope="module")
+def ext(gpt2_dir, root):
+    return ms.extract(gpt2_dir, "sample", layers=[1], hooks=["residual", "mlp"], max_samples=80, batch_size=32,
+                      dtype="float32", workspace=str(root), progress=False)
+
+
+def wait_for(predicate, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def fill(panel: TrainPanel, steps: int, k: int = 4) -> None:
+    """A tiny run: 64 latents, top-k, batches of 128 tokens, ``steps`` steps."""
+    panel.hook_point.value = HP
+    panel.architecture.value = "topk"
+    panel.size_by.value, panel.size.value = "d_sae", 64
+    panel.sparsity["k"].value = k
+    panel.lr.value, panel.batch_size.value = 3e-3, 128
+    panel.length_by.value, panel.length.value = "n_tokens", float(128 * steps)
+
+
+def test_launch_watch_live_plot_evaluation_and_extract_with_the_sae(ext, root, gpt2_dir):
+    handed = []
+    panel = TrainPanel(ms.Workspace(root), on_extract_with_sae=handed.append, progress_every_steps=2)
+    assert panel.extraction.value == ext.id and set(panel.hook_point.options) == {HP, "layers.1.mlp"}
+    assert panel.extract_button.disabled and panel.retry_button.disabled and panel.cancel_button.disabled
+    fill(panel, 150)
+    panel.plot_every_s = 0.05
+    pictures, busy = [], []
+    panel.plot.observe(lambda c: pictures.append(c["new"]), "value")
+    panel.busy.observe(lambda c: busy.append(c["new"]), "value")
+    progress = []
+    panel.progress.observe(lambda c: progress.append(c["new"]), "value")
+    panel.launch_button.click()
+    job = panel.job
+    assert job is not None and "Checking the settings" in busy[0] and panel.busy.value == ""
+    assert job.wait(120).status == "COMPLETED", job.error
+    wait_for(lambda: "COMPLETED" in panel.status.value and panel.evaluation.value)
+    # the plot: PNGs, redrawn as the run went (throttled), the last one from the whole history
+    wait_for(lambda: panel._plot_timer is None and len(pictures) >= 2)
+    assert len(pictures) >= 2 and all(bytes(p).startswith(PNG) for p in pictures) and len(set(pictures)) >= 2
+    assert panel.plot.layout.display == "" and [h["step"] for h in panel.history] == \
+        [h["step"] for h in job.history()]
+    assert progress == sorted(progress) and panel.progress.value == panel.progress.max == 150
+    assert "explained variance" in panel.metrics.value and "L0" in panel.metrics.value
+    assert "next-token loss" in panel.evaluation.value and "loss recovered" in panel.evaluation.value
+    assert panel.cancel_button.disabled and not panel.retry_button.disabled and panel.resume_button.disabled
+    # the runs table lists it
+    wait_for(lambda: panel.runs and panel.runs[0]["status"] == "COMPLETED")
+    assert panel.runs[0]["id"] == job.id and "topk 64 k=4" in panel.table.children[11 + 4].value
+    # Extract with this SAE: the callback gets the SAE, the model, the dataset and the layer
+    assert not panel.extract_button.disabled
+    panel.extract_button.click()
+    assert handed == [job.extract_arguments()]
+    arguments = handed[0]
+    assert arguments["saes"] == {HP: str(job.sae_path)} and arguments["model"] == gpt2_dir
+    assert arguments["dataset"] == "sample" and arguments["layers"] == [1] and arguments["hooks"] == ["residual"]
+    assert Request.build(**arguments).saes == {HP: str(job.sae_path)}
+    assert "Extract tab now extracts with SAE" in panel.message.value
+
+
+def test_cancel_resume_and_retry_from_the_tab(ext, root, tmp_path):
+    ws = ms.Workspace(root)
+    panel = TrainPanel(ws, evaluate=False, progress_every_steps=1)
+    fill(panel, 120)
+    started = threading.Event()
+
+    def first_progress(event):
+        if event.get("kind") == "training" and event["event"] == "progress":
+            started.set()
+
+    ws.subscribe(first_progress)
+    panel.launch()
+    job = panel.job
+    assert started.wait(60) and not panel.cancel_button.disabled
+    panel.cancel_button.click()
+    assert "CANCELLING" in panel.status.value
+    assert job.wait(60).status == "CANCELLED"
+    wait_for(lambda: not panel.resume_button.disabled)
+    assert "Resume continues from its checkpoint" in panel.status.value
+    ws.unsubscribe(first_progress)
+    # resume: the same run, from its checkpoint, to the end
+    panel.length.value = 128 * 120.0  # the form as the run had it (resume never changes the settings)
+    panel.resume_button.click()
+    assert panel.job.id == job.id
+    assert panel.job.wait(120).status == "COMPLETED"
+    wait_for(lambda: "COMPLETED" in panel.status.value)
+    assert panel.job.record.resumes[0]["previous_status"] == "CANCELLED"
+    # retry with the form edited: a new run linked to it, with the change only
+    panel.sparsity["k"].value = 8
+    panel.length.value = 128 * 5.0
+    panel.retry_button.click()
+    retried = panel.job
+    assert retried.id != job.id and retried.wait(60).status == "COMPLETED"
+    record = retried.record
+    assert record.retry_of == job.id and record.retry_overrides == {"k": 8, "n_tokens": 640}
+
+
+def test_bad_settings_show_in_the_tab_in_its_words_and_create_nothing(ext, root):
+    ws = ms.Workspace(root)
+    panel = TrainPanel(ws)
+    fill(panel, 5)
+    before = len(list_trainings(ws))
+    panel.sparsity["k"].value = 0
+    assert panel.launch() is None
+    assert "Bad input" in panel.message.value and "&#x27;k (per token)&#x27; 0 must be a positive whole " \
+        "number" in panel.message.value
+    panel.sparsity["k"].value = 4
+    panel.batch_size.value = 10 ** 6
+    panel.launch_button.click()
+    assert "set &#x27;Batch (tokens)&#x27; to 4096" in panel.message.value
+    panel.batch_size.value = 128
+    panel.length.value = 100.5
+    panel.launch_button.click()
+    assert "&#x27;Tokens&#x27; 100.5 must be a whole number" in panel.message.value
+    assert len(list_trainings(ws)) == before and panel.job is None
+    assert ui_error(ms.InputError("«d_sae=3» <b>")) == "&#x27;Latents (d_sae)&#x27; 3 &lt;b&gt;"  # escaped
+
+
+def test_show_a_run_from_the_table_fills_the_form_and_draws_its_history(ext, root):
+    ws = ms.Workspace(root)
+    done = submit_training(ws, ext, "layers.1.mlp", evaluate=False, architecture="standard", l1_coefficient=2.5,
+                           d_sae=48, batch_size=128, n_tokens=128 * 20, lr=2e-3, progress_every_steps=5)
+    assert done.wait(60).status == "COMPLETED"
+    panel = TrainPanel(ws)
+    row = next(i for i, r in enumerate(panel.runs) if r["id"] == done.id)
+    n_columns = 11
+    show = panel.table.children[n_columns * (row + 1) + n_columns - 1]
+    show.click()
+    assert panel.job.id == done.id
+    assert (panel.architecture.value, panel.size_by.value, panel.size.value) == ("standard", "d_sae", 48)
+    assert panel.sparsity["l1_coefficient"].value == 2.5 and panel.sparsity["k"].layout.display == "none"
+    assert panel.hook_point.value == "layers.1.mlp" and panel.length_by.value == "n_tokens"
+    assert bytes(panel.plot.value).startswith(PNG) and [h["step"] for h in panel.history] == [5, 10, 15, 20]
+    assert "Not evaluated" in panel.evaluation.value
+    assert panel.extract_button.layout.display == "none"  # no Studio callback: no button
+    assert panel.extract_with_sae() is None
+
+
+def test_curves_figure_draws_four_panels_with_the_last_values():
+    history = [{"step": s, "loss": 10.0 / s, "l0": 4.0, "explained_variance": s / 100, "dead_fraction": 0.1}
+               for s in range(1, 50)] + [{"step": 50, "loss": float("nan"), "l0": 4.0}]
+    fig = curves_figure(history)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["loss: 0.204", "L0 (latents per token): 4", "explained variance: 0.49",
+                      "dead latents (fraction): 0.1"]
+    assert fig.axes[0].get_yscale() == "log"
+
+
+def test_a_failed_run_shows_its_error_and_offers_what_can_succeed(ext, root):
+    panel = TrainPanel(ms.Workspace(root), evaluate=False, timeout_s=1e-6)
+    fill(panel, 5)
+    job = panel.launch()
+    assert job.wait(60).status == "FAILED"
+    wait_for(lambda: "FAILED" in panel.status.value)
+    assert "Timed out" in panel.message.value and "time limit" in panel.message.value
+    assert "fewer tokens (&#x27;Tokens&#x27;)" in panel.message.value  # the setting named as the form names it
+    assert not panel.resume_button.disabled and not panel.retry_button.disabled and panel.cancel_button.disabled
+    assert panel.extract_button.disabled
+    panel.options["timeout_s"] = None  # the standing options apply to a retry too
+    panel.retry_button.click()
+    retried = panel.job
+    assert retried.id != job.id and retried.wait(60).status == "COMPLETED"
+    assert retried.record.retry_reason == "TIMEOUT" and retried.record.retry_overrides == {"timeout_s": None}

@@ -1,0 +1,346 @@
+"""SAE training as background jobs: real stores from ms.extract over a tiny GPT-2, the workspace's real runner
+thread, and a real child process killed with SIGKILL."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mistudio as ms
+from mistudio.analysis.sae_training import CHECKPOINT_DIR, CHECKPOINT_FILE
+from mistudio.request import Request
+from mistudio.saes import load_sae
+from mistudio.training import (EVALUATION_FILE, HISTORY_FILE, RUN_FILE, TrainingJob, list_trainings, read_history,
+                               read_record, submit_training, training_job)
+
+HP = "layers.1.residual"
+TIMING = ("tokens_per_s", "eta_s", "elapsed_s")
+STATES = ["QUEUED", "LOADING", "TRAINING", "SAVING", "COMPLETED"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads; one thread also makes runs comparable bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ext(gpt2_dir, tmp_path_factory):
+    return ms.extract(gpt2_dir, "sample", layers=[1], hooks=["residual", "mlp"], max_samples=80, batch_size=32,
+                      dtype="float32", workspace=str(tmp_path_factory.mktemp("extractions")), progress=False)
+
+
+def small(steps: int, **kw) -> dict:
+    return {"architecture": "topk", "d_sae": 64, "k": 4, "batch_size": 128, "n_tokens": 128 * steps, "lr": 3e-3,
+            "progress_every_steps": 5, "checkpoint_every_steps": 0, **kw}
+
+
+class Recorder:
+    def __init__(self):
+        self.events: list[dict] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, event: dict) -> None:
+        with self.lock:
+            self.events.append(event)
+
+    def of(self, kind: str, job_id: str | None = None) -> list[dict]:
+        return [e for e in self.events if e["event"] == kind and (job_id is None or e["job_id"] == job_id)]
+
+
+def strip(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+def test_a_run_trains_to_completed_with_events_metrics_and_evaluation(ext, tmp_path, gpt2_dir):
+    ws = ms.Workspace(tmp_path / "ws")
+    heard, own = Recorder(), Recorder()
+    ws.subscribe(heard)
+    job = submit_training(ws, ext, HP, **small(60))
+    job.subscribe(own)
+    assert job.wait(120).status == "COMPLETED", job.error
+    assert [e["status"] for e in own.of("state")][-4:] == STATES[1:]
+    assert [e["status"] for e in heard.of("state", job.id)] == STATES  # the workspace's listeners hear all
+    assert all(e["kind"] == "training" for e in heard.events)
+    progress = own.of("progress")
+    steps = [e["step"] for e in progress]
+    assert progress and steps == sorted(steps) and steps[-1] == 60
+    assert {"loss", "l0", "explained_variance", "dead_fraction", "tokens_per_s", "eta_s", "lr"} <= set(progress[-1])
+    done = own.of("completed")[0]
+    evaluation = done["evaluation"]
+    assert done["steps"] == 60 and done["tokens"] == 60 * 128 and done["sae_path"] == str(job.sae_path)
+    # a decoder model: the next-token loss with the SAE spliced in, against clean and zero-ablation
+    assert {"explained_variance", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablation",
+            "ce_loss_score"} <= set(evaluation)
+    assert evaluation["explained_variance"] > 0.3 and 0 < evaluation["l0"] <= 4
+    # the folder: run.json (typed), history, checkpoint, the SAE and its evaluation
+    folder = tmp_path / "ws" / "saes" / job.id
+    record = read_record(folder)
+    assert record.status == "COMPLETED" and record.extraction.id == ext.id and record.hook_point == HP
+    assert record.config["d_sae"] == 64 and record.d_in == 32 and record.progress.step == 60
+    assert record.metrics["step"] == 60 and record.evaluation == evaluation and record.error is None
+    assert record.timings.train_seconds > 0 and record.timings.finished >= record.timings.started
+    assert json.loads((folder / EVALUATION_FILE).read_text()) == evaluation
+    assert (folder / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
+    history = read_history(folder)
+    assert [h["step"] for h in history] == list(range(5, 61, 5)) and history[-1] == record.metrics
+    assert job.history() == history and job.progress["step"] == 60
+    # the SAE: mistudio loads it; it reconstructs as the evaluation says
+    sae = load_sae(job.sae_path)
+    assert (sae.hook_point, sae.d_in, sae.d_sae, sae.k) == (HP, 32, 64, 4)
+    assert job.sae().fingerprint == sae.fingerprint
+    # listed
+    row = next(r for r in list_trainings(ws) if r["id"] == job.id)
+    assert row["status"] == "COMPLETED" and row["step"] == 60 and row["eval_explained_variance"] == pytest.approx(
+        evaluation["explained_variance"]) and row["sparsity"] == "k=4" and row["extraction"] == ext.id
+    # a handle from disk (another Workspace object on the folder) reads the same
+    other = training_job(ms.Workspace(tmp_path / "ws"), job.id)
+    assert other.status == "COMPLETED" and other.evaluation == evaluation
+
+
+def test_the_saved_sae_loads_in_sae_lens_and_encodes_the_same(ext, tmp_path):
+    sl = pytest.importorskip("sae_lens")
+    ws = ms.Workspace(tmp_path / "ws")
+    job = submit_training(ws, ext, HP, evaluate=False, **small(20, architecture="jumprelu", l0_coefficient=1.0))
+    assert job.wait(120).status == "COMPLETED", job.error
+    assert job.evaluation is None and not (job.folder / EVALUATION_FILE).exists()
+    theirs = sl.SAE.load_from_disk(str(job.sae_path))
+    assert theirs.cfg.architecture() == "jumprelu" and theirs.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    x = torch.from_numpy(ext.activations(HP)[:256])
+    torch.testing.assert_close(theirs.encode(x), job.sae().encode(x), rtol=1e-5, atol=1e-6)
+
+
+def test_cancel_mid_run_then_resume_equals_an_uninterrupted_run_bit_for_bit(ext, tmp_path):
+    ws = ms.Workspace(tmp_path / "ws")
+    settings = small(80, checkpoint_every_steps=7, lr_warm_up_steps=5, lr_decay_steps=20, dead_window_tokens=2048)
+    whole = submit_training(ws, ext, HP, evaluate=False, **settings)
+    assert whole.wait(120).status == "COMPLETED", whole.error
+
+    def cancel_at_first_progress(event: dict) -> None:  # on the job's thread: it stops before its next step
+        if event["event"] == "progress" and event["job_id"] != whole.id:
+            ws.runner.live_job(event["job_id"]).cancel()
+
+    ws.subscribe(cancel_at_first_progress)  # before submitting: the first report (always sent) is heard
+    halves = submit_training(ws, ext, HP, evaluate="reconstruction", **settings)
+    assert halves.wait(120).status == "CANCELLED", halves.error
+    ws.unsubscribe(cancel_at_first_progress)
+    state = torch.load(halves.folder / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=False)
+    stopped = state["step"]
+    assert stopped == 5 and not state["finished"] and not halves.sae_path.exists()
+    assert halves.record.progress.step <= stopped and halves.error is None
+    assert ws.runner.live_job(halves.id) is None
+    resumed = halves.resume()
+    assert resumed.id == halves.id and resumed.folder == halves.folder
+    assert resumed.wait(120).status == "COMPLETED", resumed.error
+    record = resumed.record
+    assert record.resumes[0]["previous_status"] == "CANCELLED" and record.resumes[0]["last_step"] <= stopped
+    assert (whole.sae_path / "sae_weights.safetensors").read_bytes() == \
+        (resumed.sae_path / "sae_weights.safetensors").read_bytes()
+    assert strip(whole.history()) == strip(resumed.history())
+    assert "ce_clean" not in record.evaluation and record.evaluation["explained_variance"] > 0
+    with pytest.raises(ms.InputError, match="already COMPLETED"):
+        resumed.resume()
+
+
+def test_a_queued_run_cancelled_never_trains_and_can_resume(ext, tmp_path):
+    ws = ms.Workspace(tmp_path / "ws")
+    first = submit_training(ws, ext, HP, evaluate=False, **small(60))
+    queued = submit_training(ws, ext, HP, evaluate=False, **small(10))
+    queued.cancel()
+    assert queued.wait(120).status == "CANCELLED"
+    assert not (queued.folder / CHECKPOINT_DIR).exists() and first.wait(120).status == "COMPLETED"
+    with pytest.raises(ms.InputError, match="is CANCELLED: extract with its SAE once it is COMPLETED"):
+        queued.extract_arguments()
+    again = ms.Workspace(tmp_path / "ws")
+    resumed = training_job(again, queued.id).resume()
+    assert resumed.wait(120).status == "COMPLETED" and resumed.record.progress.step == 10
+
+
+def test_retry_with_overrides_makes_a_linked_run(ext, tmp_path):
+    ws = ms.Workspace(tmp_path / "ws")
+    old = submit_training(ws, ext, HP, evaluate=False, **small(10, d_sae=None, expansion_factor=2))
+    assert old.wait(120).status == "COMPLETED"
+    new = old.retry(d_sae=48, k=8, hook_point="layers.1.mlp")  # d_sae replaces the old expansion factor
+    assert new.id != old.id and new.folder != old.folder
+    assert new.wait(120).status == "COMPLETED", new.error
+    record = new.record
+    assert (record.retry_of, record.retry_count, record.retry_reason) == (old.id, 1, "completed")
+    assert record.retry_overrides == {"d_sae": 48, "expansion_factor": None, "k": 8, "hook_point": "layers.1.mlp"}
+    assert record.config["expansion_factor"] is None and record.d_sae == 48 and record.hook_point == "layers.1.mlp"
+    assert new.sae().hook_point == "layers.1.mlp" and new.sae().k == 8
+    assert old.record.config["expansion_factor"] == 2  # the old run is left as it was
+    assert {r["id"]: r["retry_of"] for r in list_trainings(ws)} == {new.id: old.id, old.id: ""}
+
+
+def test_a_timeout_fails_resumable_and_a_retry_without_it_completes(ext, tmp_path):
+    ws = ms.Workspace(tmp_path / "ws")
+    job = submit_training(ws, ext, HP, evaluate=False, timeout_s=1e-6, **small(10))
+    assert job.wait(120).status == "FAILED"
+    error = job.error
+    assert error["error_type"] == "TIMEOUT" and error["resume_available"]
+    assert "time limit" in error["error_message"] and "pass n_tokens=" in error["error_message"]
+    resumed = job.resume()  # with the same limit again: it times out again
+    assert resumed.wait(120).status == "FAILED" and resumed.error["error_type"] == "TIMEOUT"
+    assert len(resumed.record.resumes) == 1
+    retried = job.retry(timeout_s=None)
+    assert retried.wait(120).status == "COMPLETED" and retried.record.retry_reason == "TIMEOUT"
+
+
+@pytest.mark.parametrize("kwargs, param, words", [
+    ({"k": 0}, "k", "k=0 must be a positive whole number"),
+    ({"architecture": "gated"}, "architecture", "is not one of"),
+    ({"lr_rate": 0.1}, "lr_rate", "did you mean lr?"),
+    ({"k": 100}, "k", "k=100 is larger than d_sae=64"),
+    ({"batch_size": 10 ** 6}, "batch_size", "is more than the"),
+    ({"n_tokens": 100, "epochs": 1.0}, "epochs", "not both"),
+    ({"timeout_s": -1}, "timeout_s", "positive number of seconds"),
+    ({"evaluate": "yes"}, "evaluate", "is not True, False or 'reconstruction'"),
+])
+def test_invalid_settings_create_nothing(ext, tmp_path, kwargs, param, words):
+    ws = ms.Workspace(tmp_path / "ws")
+    with pytest.raises(ms.InputError, match=words) as caught:
+        submit_training(ws, ext, HP, **{**small(5), **kwargs})
+    assert caught.value.param == param
+    assert not (tmp_path / "ws" / "saes").exists() and list_trainings(ws) == []
+
+
+def test_bad_extraction_or_hook_point_create_nothing(ext, tmp_path):
+    ws = ms.Workspace(tmp_path / "ws")
+    with pytest.raises(ms.InputError, match="hook_point='layers.2.residual' is not in extraction") as caught:
+        submit_training(ws, ext, "layers.2.residual", **small(5))
+    assert caught.value.param == "hook_point"
+    with pytest.raises(ms.InputError, match="no extraction 'ext_nope'"):
+        submit_training(ws, "ext_nope", HP, **small(5))
+    with pytest.raises(ms.InputError, match="is not an extraction") as caught:
+        submit_training(ws, 42, HP, **small(5))
+    assert caught.value.param == "extraction"
+    assert not (tmp_path / "ws" / "saes").exists()
+
+
+def test_extract_arguments_build_a_request_with_the_sae(ext, tmp_path, gpt2_dir):
+    ws = ms.Workspace(tmp_path / "ws")
+    job = submit_training(ws, ext, "layers.1.mlp", evaluate=False, **small(5))
+    job.wait(120)
+    arguments = job.extract_arguments()
+    assert arguments == {"saes": {"layers.1.mlp": str(job.sae_path)}, "model": gpt2_dir, "layers": [1],
+                         "hooks": ["mlp"], "dataset": "sample", "text_column": "text", "max_samples": 80,
+                         "max_length": arguments["max_length"]}
+    request = Request.build(**arguments)
+    assert request.saes == {"layers.1.mlp": str(job.sae_path)} and request.hook_points == ["layers.1.mlp"]
+
+
+def test_a_deleted_run_folder_stops_the_job_without_recreating_it(ext, tmp_path):
+    import shutil
+
+    ws = ms.Workspace(tmp_path / "ws")
+    started = threading.Event()
+    job = submit_training(ws, ext, HP, evaluate=False, **small(4000, progress_every_steps=1))
+
+    def on_progress(event: dict) -> None:
+        if event["event"] == "progress":
+            started.set()
+
+    job.subscribe(on_progress)
+    assert started.wait(60)
+    shutil.rmtree(job.folder)
+    assert job.wait(60).status == "FAILED"
+    assert job.ended_in_memory and job.error["error_type"] == "STORE_LOST"
+    assert training_job(ws, job.id) is job  # the runner keeps the end it could not write
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    import torch
+    torch.set_num_threads(1)
+    import mistudio as ms
+    from mistudio.training import submit_training
+    ws = ms.Workspace(sys.argv[1])
+    ext = ms.open_extraction(sys.argv[2])
+    job = submit_training(ws, ext, "layers.1.residual", evaluate=False, architecture="topk", d_sae=64, k=4,
+                          batch_size=128, n_tokens=128 * 120, lr=3e-3, progress_every_steps=2,
+                          checkpoint_every_steps=5)
+    # a slow listener on the job's thread: about 7 steps a second, time enough to kill it mid-run
+    job.subscribe(lambda e: time.sleep(0.3) if e["event"] == "progress" else None)
+    print(job.id, flush=True)
+    job.wait()
+""")
+
+
+@pytest.mark.slow  # a child process imports torch: ~7 s on an idle machine, more on a busy one
+def test_sigkill_mid_run_is_listed_interrupted_and_resumes_exactly(ext, tmp_path):
+    root = tmp_path / "ws"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), ext.location], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).parents[1])
+    try:
+        run_id = child.stdout.readline().strip()
+        folder = root / "saes" / run_id
+        deadline = time.monotonic() + 120
+        while not ((folder / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file() and read_record(folder).progress.step >= 20):
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.05)
+        ws = ms.Workspace(root)
+        assert list_trainings(ws)[0]["status"] == "TRAINING"  # alive: listing must not mark it
+        with pytest.raises(ms.StoreBusy, match="in another process"):
+            training_job(ws, run_id).resume()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    ws = ms.Workspace(root)
+    row = list_trainings(ws)[0]
+    assert (row["id"], row["status"], row["error"]) == (run_id, "FAILED", "INTERRUPTED")
+    assert "kernel was restarted or crashed" in row["message"]
+    job = training_job(ws, run_id)
+    assert job.error["resume_available"] and job.record.error.model_extra["interrupted_in"] == "TRAINING"
+    killed_at = torch.load(folder / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=False)["step"]
+    assert 5 <= killed_at < 120
+    resumed = job.resume()
+    assert resumed.wait(120).status == "COMPLETED", resumed.error
+    # the same run uninterrupted, here
+    whole = submit_training(ws, ext, HP, evaluate=False, **small(120, progress_every_steps=2))
+    assert whole.wait(120).status == "COMPLETED", whole.error
+    assert (whole.sae_path / "sae_weights.safetensors").read_bytes() == \
+        (resumed.sae_path / "sae_weights.safetensors").read_bytes()
+    assert strip(whole.history()) == strip(resumed.history())
+    assert isinstance(resumed, TrainingJob) and read_record(folder).resumes[0]["previous_error"] == "INTERRUPTED"
+    assert (folder / RUN_FILE).is_file() and (folder / HISTORY_FILE).is_file()
+
+
+def test_an_extraction_deleted_before_the_run_starts_fails_it_plainly(gpt2_dir, ext, tmp_path):
+    ws = ms.Workspace(tmp_path / "ws")
+    doomed = ms.extract(gpt2_dir, "sample", layers=[1], hooks=["residual"], max_samples=20, batch_size=32,
+                        dtype="float32", workspace=str(tmp_path / "ws"), progress=False)
+    release, held = threading.Event(), []
+
+    def hold_the_first_run(event: dict) -> None:  # on the runner's thread: nothing else starts meanwhile
+        if event.get("kind") == "training" and event.get("status") == "LOADING" and not held:
+            held.append(event["job_id"])
+            release.wait(30)
+
+    ws.subscribe(hold_the_first_run)
+    first = submit_training(ws, ext, HP, evaluate=False, **small(5))
+    queued = submit_training(ws, doomed, HP, evaluate=False, **small(2, batch_size=64))
+    ws.delete(doomed.id, force=True)
+    release.set()
+    assert queued.wait(60).status == "FAILED" and first.wait(60).status == "COMPLETED" and held == [first.id]
+    error = queued.error
+    assert error["error_type"] == "VALIDATION" and not error["resume_available"]
+    assert f"extraction {doomed.id} is gone" in error["error_message"]
+    with pytest.raises(ms.InputError, match="cannot resume: it failed \\[VALIDATION\\]"):
+        queued.resume()
+    with pytest.raises(ms.InputError, match=f"extraction {doomed.id} of training run {queued.id} is gone") as caught:
+        queued.retry()
+    assert caught.value.param == "extraction"
+    retried = queued.retry(extraction=ext)  # the same settings on another extraction
+    assert retried.wait(60).status == "COMPLETED" and retried.record.retry_overrides == {"extraction": ext.id}
