@@ -17,6 +17,7 @@ _WHERE = {
     "extract": "api", "open_extraction": "api", "estimate": "plan", "sample_dataset": "data",
     "sample_texts": "data", "HubDataset": "specs", "ModelSpec": "specs", "HOOK_KINDS": "specs", "Request": "request",
     "Workspace": "workspace", "Job": "jobs", "Extraction": "extraction", "load_model": "models",
+    "TrainingJob": "training", "TrainConfig": "analysis.sae_training",
     "packaged_minilm_path": "models", "Status": "storage.metadata", "loader": "analysis.loader",
     "ActivationLoader": "analysis.loader", **{name: "errors" for name in _ERRORS}, **{name: "widgets" for name in _PANELS},
 }

@@ -26,6 +26,8 @@ from .runner import Runner
 from .storage.liveness import heartbeat
 from .storage.metadata import FORMAT_VERSION, ExtractionMeta, Status, new_nonce, now
 from .storage.store import ExtractionStore
+from .training import LIST_COLUMNS as TRAIN_COLUMNS
+from .training import TrainingJob, list_trainings, submit_training, training_job
 
 __all__ = ["Workspace", "check_id", "check_preset_name", "human_bytes", "default_workspace"]
 
@@ -101,6 +103,22 @@ class Workspace(Folder, Observable):
         frame = pd.DataFrame(self.rows(), columns=LIST_COLUMNS + ["created_at"])
         frame["created"] = pd.to_datetime(frame.pop("created_at"), unit="s")
         return frame.drop(columns=["nonce"])
+
+    # -- SAE training runs ----------------------------------------------------------------------
+    def train_sae(self, extraction: Any, hook_point: str, **settings: Any) -> TrainingJob:
+        """Train an SAE on a COMPLETED extraction's activations at ``hook_point``, as a background job whose run
+        lives in ``<workspace>/saes/<run id>/`` (``settings``: TrainConfig fields, ``timeout_s``, ``evaluate``)."""
+        return submit_training(self, extraction, hook_point, **settings)
+
+    def training(self, run_id: str) -> TrainingJob:
+        """A handle on one training run (live here, or read from its ``run.json``)."""
+        return training_job(self, run_id)
+
+    def trainings(self) -> pd.DataFrame:
+        """Every SAE training run, newest first (runs whose process died are marked FAILED/INTERRUPTED)."""
+        frame = pd.DataFrame(list_trainings(self), columns=TRAIN_COLUMNS)
+        frame["created"] = pd.to_datetime(frame["created"], unit="s")
+        return frame
 
     # -- requests ---------------------------------------------------------------------------------
     def arguments(self, model: Any = None, dataset: Any = None, layers: Any = None, *, preset: str | None = None,

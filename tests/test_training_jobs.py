@@ -68,7 +68,7 @@ def test_a_run_trains_to_completed_with_events_metrics_and_evaluation(ext, tmp_p
     ws = ms.Workspace(tmp_path / "ws")
     heard, own = Recorder(), Recorder()
     ws.subscribe(heard)
-    job = submit_training(ws, ext, HP, **small(60))
+    job = ws.train_sae(ext, HP, **small(60))  # the Workspace's door to submit_training
     job.subscribe(own)
     assert job.wait(120).status == "COMPLETED", job.error
     assert [e["status"] for e in own.of("state")][-4:] == STATES[1:]
@@ -105,9 +105,13 @@ def test_a_run_trains_to_completed_with_events_metrics_and_evaluation(ext, tmp_p
     row = next(r for r in list_trainings(ws) if r["id"] == job.id)
     assert row["status"] == "COMPLETED" and row["step"] == 60 and row["eval_explained_variance"] == pytest.approx(
         evaluation["explained_variance"]) and row["sparsity"] == "k=4" and row["extraction"] == ext.id
+    frame = ws.trainings()
+    assert frame.loc[frame["id"] == job.id, "status"].item() == "COMPLETED"
+    assert str(frame["created"].dtype).startswith("datetime64")
     # a handle from disk (another Workspace object on the folder) reads the same
     other = training_job(ms.Workspace(tmp_path / "ws"), job.id)
     assert other.status == "COMPLETED" and other.evaluation == evaluation
+    assert ms.Workspace(tmp_path / "ws").training(job.id).evaluation == evaluation
 
 
 def test_the_saved_sae_loads_in_sae_lens_and_encodes_the_same(ext, tmp_path):
