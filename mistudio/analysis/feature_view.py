@@ -99,8 +99,8 @@ def _width(ext: "Extraction", hook_point: str) -> int:
 def _check_feature(ext: "Extraction", hook_point: str, feature: Any) -> int:
     d = _width(ext, hook_point)
     if isinstance(feature, (bool, np.bool_)) or not isinstance(feature, (int, np.integer)) or not 0 <= feature < d:
-        raise InputError(f"«feature={feature!r}» is not a feature of {hook_point}: it has {d:,} features, «pass "
-                         f"feature=» 0 to {d - 1}")
+        raise InputError(f"«feature={feature!r}» is not a feature of {hook_point}: it has {d:,} features (0 to "
+                         f"{d - 1}): «pass feature={d - 1}» or less")
     return int(feature)
 
 
@@ -206,7 +206,7 @@ def rank_token_means(ext: "Extraction", sums: np.ndarray, counts: np.ndarray, n:
 
 def _check_count(name: str, value: Any, low: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InputError(f"«{name}={value!r}» is not valid: «pass {name}=» a whole number from {low} up")
+        raise InputError(f"«{name}={value!r}» is not valid: «pass {name}={low}» or more (a whole number)")
     return int(value)
 
 

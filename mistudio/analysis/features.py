@@ -73,14 +73,14 @@ def _token_arrays(ext: "Extraction") -> tuple[np.ndarray, np.ndarray]:
 
 def _check_feature(d: int, hook_point: str, feature: Any) -> int:
     if isinstance(feature, (bool, np.bool_)) or not isinstance(feature, (int, np.integer)) or not 0 <= feature < d:
-        raise InputError(f"«feature={feature!r}» is not a feature of {hook_point}: it has {d:,} features, «pass "
-                         f"feature=» 0 to {d - 1}")
+        raise InputError(f"«feature={feature!r}» is not a feature of {hook_point}: it has {d:,} features (0 to "
+                         f"{d - 1}): «pass feature={d - 1}» or less")
     return int(feature)
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InputError(f"«{name}={value!r}» is not valid: «pass {name}=» a whole number from {low} up")
+        raise InputError(f"«{name}={value!r}» is not valid: «pass {name}={low}» or more (a whole number)")
     return int(value)
 
 
