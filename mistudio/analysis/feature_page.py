@@ -57,7 +57,7 @@ PAGE_CSS = """
 .msfp-sub{opacity:.65;font-weight:normal}.msfp-stats span{margin-right:14px;white-space:nowrap}
 .msfp-note{margin:6px 0;padding:4px 8px;border-left:3px solid rgba(230,120,30,.8);white-space:pre-wrap}
 .msfp-cols{display:flex;flex-wrap:wrap;gap:18px}.msfp-left{flex:0 1 380px;min-width:300px}
-.msfp-right{flex:1 1 560px;min-width:340px;overflow-x:auto}
+.msfp-right{flex:1 1 420px;min-width:340px;overflow-x:auto}
 .msfp table{border-collapse:collapse;font-variant-numeric:tabular-nums}.msfp td,.msfp th{padding:1px 6px}
 .msfp th{text-align:left;font-weight:600;opacity:.8}.msfp td.num,.msfp th.num{text-align:right}
 .msfp code,.msfp-ex{font-family:var(--jp-code-font-family,Menlo,Consolas,monospace);font-size:12px}

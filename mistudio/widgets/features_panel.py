@@ -322,6 +322,12 @@ class FeaturesPanel(W.VBox):
                 self.busy.value = ""
                 for button in self._actions:
                     button.disabled = False
+                self._enable_navigation()
+
+    def _enable_navigation(self) -> None:
+        """Previous/Next only where there is such a feature."""
+        self.prev_button.disabled = self.page is None or self.page["prev"] is None
+        self.next_button.disabled = self.page is None or self.page["next"] is None
 
     # -- extraction and hook point ---------------------------------------------------------------------------
     def refresh(self, select: str | None = None) -> None:
@@ -484,8 +490,8 @@ class FeaturesPanel(W.VBox):
             label = f"{group} {i + 1}: {e['value']:.3g} · row {e['dataset_row']:,} pos {e['position']} · {text[:70]}"
             options.append((label, (e["dataset_row"], e["position"])))
         self.example.options = options
-        self.prev_button.disabled = page["prev"] is None
-        self.next_button.disabled = page["next"] is None
+        self.example.index = 0 if options else None
+        self._enable_navigation()
         self.page_tools.layout.display = ""
 
     def open_in_browse(self) -> None:
