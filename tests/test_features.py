@@ -309,3 +309,21 @@ def test_prompt_latents_run_the_recorded_sae(causal_gpt2, tmp_path):
     np.testing.assert_allclose(latent["values"], expected, rtol=1e-5, atol=1e-6)
     assert (latent["values"] > 0).sum(1).max() <= 6  # top-k SAE
     assert latent["top"] == top_features(expected, 3)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_quick(tmp_path):
+    """benchmarks/bench_features.py end to end on a small store (a smoke run: no timing is asserted)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "features.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_features.py"), "--quick", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["tokens"] == 16384 and results["features"] == 1024
+    assert all(e["examples"] > 0 and e["page_s"] > 0 for e in results["pages"])
+    assert results["table_first_rows"] and "table first paint" in proc.stdout
