@@ -110,6 +110,26 @@ def test_token_means_equal_numpy_and_are_cached(store, dense):
     assert feature_page(store, HP, f, n_token_means=0)["token_means"] == []
 
 
+def test_token_means_of_many_features_share_one_pass(store, dense, monkeypatch):
+    values, ids = dense
+    passes = []
+    real = feature_view.columns_blocks
+    monkeypatch.setattr(feature_view, "columns_blocks", lambda ext, hp, fs: passes.append(list(fs)) or real(ext, hp, fs))
+    got = feature_view.token_means_many(store, "layers.1.mlp", [9, 2, 9, 30], n=4, min_count=2)
+    assert passes == [[9, 2, 30]] and sorted(got) == [2, 9, 30]
+    mlp = np.asarray(store.activations("layers.1.mlp")[:], np.float64)
+    counts = np.bincount(ids)
+    for f, means in got.items():
+        sums = np.bincount(ids, weights=mlp[:, f])
+        seen = np.flatnonzero(counts >= 2)
+        best = seen[np.lexsort((seen, -(sums[seen] / counts[seen])))][:4]
+        assert [m["token_id"] for m in means] == best.tolist()
+    assert feature_view.token_means(store, "layers.1.mlp", 2, n=4, min_count=2) == got[2] and len(passes) == 1
+    pages = list(features.export_pages(store, "layers.1.mlp", [2, 30, 5], n_token_means=4, min_count=2))
+    assert [p["feature"] for p in pages] == [2, 30, 5] and passes[1:] == [[5]]  # only the one not cached yet
+    assert pages[1]["token_means"] == got[30]
+
+
 def test_logit_effects_in_the_page_equal_numpy_from_the_weights(store, causal_gpt2):
     weights = load_file(str(Path(causal_gpt2) / "model.safetensors"))
     gain = weights["transformer.ln_f.weight"].astype(np.float64)

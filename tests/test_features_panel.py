@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import mistudio as ms
+from conftest import gate
 from mistudio.analysis.features import notes
 from mistudio.widgets.features_panel import FeaturesPanel
 
@@ -238,6 +239,24 @@ def test_busy_refuses_a_second_task_and_errors_show_in_the_tab(panel):
     assert panel.wait(30) and panel.busy.value == "" and not panel.open_button.disabled
     assert panel.open_feature(99) and panel.wait(30)
     assert "mistudio-error" in panel.status.value and "&#x27;Feature&#x27; 99 is not a feature" in panel.status.value
+
+
+def test_refresh_reads_the_table_again_once_more_rows_are_committed(gpt2_dir, tmp_path):
+    hook, reached, release = gate(2)
+    ws = ms.Workspace(str(tmp_path))
+    job = ws.submit(model=gpt2_dir, dataset=ms.sample_texts()[:40], layers=[1], batch_size=4, max_length=32,
+                    before_batch=hook)
+    assert reached.wait(60)
+    job.cancel()
+    release.set()
+    job.wait(60)
+    panel = FeaturesPanel(ws)
+    assert panel.wait(60) and panel.ext.status == "CANCELLED"
+    before = panel.table.stats.n_tokens
+    assert 0 < before < panel.ext.n_tokens
+    ws.resume(job.id).wait(60)
+    panel.refresh()
+    assert panel.wait(60) and panel.table.stats.n_tokens == panel.ext.n_tokens > before
 
 
 def test_an_empty_workspace_says_so(tmp_path):

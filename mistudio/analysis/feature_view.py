@@ -8,7 +8,7 @@ in the store next to it, under ``analysis/feature_view/`` (token means alone: ``
 
 **Where a feature's values are read** (the one seam between feature views and the store's layout): every view
 and page reads activations through :func:`values_at` (one feature at some rows), :func:`rows_at` (every feature
-at some rows) and :func:`column_blocks` (every value of one feature that is not zero, block by block). They read
+at some rows) and :func:`columns_blocks` (every value of some features that is not zero, block by block). They read
 raw hook points from ``ext.activations(hp)``; SAE latents (``<hook point>.latents``, stored sparsely) switch here.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from ..extraction import Extraction
 
 BANDS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 1.0))
-BLOCK_BYTES = 32 << 20  # column_blocks reads about this many stored bytes at a time
+BLOCK_BYTES = 32 << 20  # columns_blocks reads about this many stored bytes at a time
+SUMS_BYTES = 64 << 20  # token_means_many holds at most this many bytes of per-token sums in one pass
 LATENT_SUFFIX = ".latents"
 
 
@@ -146,17 +147,26 @@ def rows_at(ext: "Extraction", hook_point: str, rows: Any) -> np.ndarray:
     return out
 
 
-def column_blocks(ext: "Extraction", hook_point: str, feature: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Every committed value of ``feature``, as ``(rows, values)`` blocks in row order; values that are exactly 0
-    may be left out (sparse latents list only their non-zero values), so sum over the blocks, never count them."""
-    feature = _check_feature(ext, hook_point, feature)
+def columns_blocks(ext: "Extraction", hook_point: str,
+                   features: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every committed value of ``features``, as ``(rows, values (len(rows), len(features)))`` blocks in row
+    order, about :data:`BLOCK_BYTES` of the store read at a time (reading several features costs one pass, as
+    one does); values that are exactly 0 may be left out (sparse latents list only their non-zero values), so
+    sum over the blocks, never count them."""
+    features = [_check_feature(ext, hook_point, f) for f in features]
     arr = ext.activations(hook_point)
     unit = int(arr.chunks[0])
     step = unit * max(1, BLOCK_BYTES // max(1, unit * int(arr.shape[1]) * np.dtype(arr.dtype).itemsize))
     mark = int(ext.committed_tokens())
     for a in range(0, mark, step):
         b = min(a + step, mark)
-        yield np.arange(a, b), np.asarray(arr[a:b, feature], np.float64)
+        yield np.arange(a, b), np.asarray(arr[a:b, features], np.float64).reshape(b - a, len(features))
+
+
+def column_blocks(ext: "Extraction", hook_point: str, feature: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`columns_blocks` of one feature: ``(rows, values)`` blocks."""
+    for rows, values in columns_blocks(ext, hook_point, [feature]):
+        yield rows, values[:, 0]
 
 
 def quantile_thresholds(hist: np.ndarray, edges: np.ndarray, qs: Sequence[float]) -> np.ndarray:
@@ -214,17 +224,39 @@ def token_means(ext: "Extraction", hook_point: str, feature: int, n: int = 15, m
     """The mean of ``feature`` per token id over every committed row (tokens seen at least ``min_count`` times),
     the ``n`` highest (:func:`rank_token_means`); one pass over the feature's values, cached in the store under
     ``analysis/token_means/``."""
-    feature = _check_feature(ext, hook_point, feature)
+    return token_means_many(ext, hook_point, [feature], n, min_count)[_check_feature(ext, hook_point, feature)]
+
+
+def token_means_many(ext: "Extraction", hook_point: str, features: Sequence[int], n: int = 15,
+                     min_count: int = 2) -> dict[int, list[dict]]:
+    """:func:`token_means` of several features: those not cached yet in shared passes over the store (each pass
+    reads the store once for up to :data:`SUMS_BYTES` of per-token sums), each answer cached."""
+    features = [_check_feature(ext, hook_point, f) for f in features]
     n, min_count = _check_count("n", n, 1), _check_count("min_count", min_count, 1)
     mark = int(ext.committed_tokens())
-    path = analysis.cache_path("token_means", hook_point, f"feature={feature},n={n},min={min_count}")
-    group = analysis.cache_read(ext, path, mark)
-    if group is not None:
-        return json.loads(group.attrs["means"])
-    _, sums = _scan(ext, hook_point, feature, None, 0, 0)
-    means = rank_token_means(ext, sums, token_counts(ext), n, min_count)
-    analysis.cache_write(ext, path, mark, {"means": json.dumps(means)}, {})
-    return means
+    paths = {f: analysis.cache_path("token_means", hook_point, f"feature={f},n={n},min={min_count}") for f in features}
+    out: dict[int, list[dict]] = {}
+    for f in features:
+        group = analysis.cache_read(ext, paths[f], mark)
+        if group is not None:
+            out[f] = json.loads(group.attrs["means"])
+    todo = [f for f in dict.fromkeys(features) if f not in out]
+    if not todo:
+        return out
+    tokens, counts = row_token_ids(ext), token_counts(ext)
+    vocab = len(counts)
+    per_pass = max(1, SUMS_BYTES // max(1, vocab * 8))
+    for first in range(0, len(todo), per_pass):
+        group_features = todo[first:first + per_pass]
+        sums = np.zeros((len(group_features), vocab))
+        for rows, values in columns_blocks(ext, hook_point, group_features):
+            ids = tokens[rows]
+            for j in range(len(group_features)):
+                sums[j] += np.bincount(ids, weights=values[:, j], minlength=vocab)
+        for j, f in enumerate(group_features):
+            out[f] = rank_token_means(ext, sums[j], counts, n, min_count)
+            analysis.cache_write(ext, paths[f], mark, {"means": json.dumps(out[f])}, {})
+    return out
 
 
 def feature_view(ext: "Extraction", hook_point: str, feature: int, k: int = 20, context: int = 8,

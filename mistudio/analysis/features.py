@@ -2,7 +2,7 @@
 from a token, and the explanation note saved per feature in the store.
 
 Everything reads a store through :mod:`.feature_view`'s seam (:func:`~.feature_view.values_at`,
-:func:`~.feature_view.rows_at`, :func:`~.feature_view.column_blocks`) and its per-feature statistics
+:func:`~.feature_view.rows_at`, :func:`~.feature_view.columns_blocks`) and its per-feature statistics
 (:func:`load_statistics`: :class:`~mistudio.storage.featstats.FeatureStatistics`, saved by the extraction or computed
 once and cached in the store, then kept in memory). A page reads, beyond the statistics, only the context windows
 of its examples (a few storage chunks); its token means need one pass over the feature's values the first time,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..saes import SAE, load_sae
 from ..storage.featstats import BANDS, FeatureStatistics, sample_keys
 from .feature_view import (LATENT_SUFFIX, Memo, display_pieces, is_latent, row_token_ids, rows_at, store_key,
-                           token_means, tokenizer_scheme, values_at)
+                           token_means, token_means_many, tokenizer_scheme, values_at)
 from .logit_effects import ENCODER_TYPES, Unembedding, logit_effects, neuron_logit_effects
 
 if TYPE_CHECKING:
@@ -392,7 +392,7 @@ def match_tokens(ext: "Extraction", text: str) -> list[int]:
     return found
 
 
-def features_for_token(ext: "Extraction", hook_point: str, text: str, n: int = 20, max_rows: int = 512,
+def features_for_token(ext: "Extraction", hook_point: str, text: str, n: int = 20, max_rows: int = 256,
                        seed: int = 0, statistics: FeatureStatistics | None = None) -> dict:
     """The features that fire most on a token: the activation rows whose token is ``text``
     (:func:`match_tokens`), at most ``max_rows`` of them (a uniform sample, by
@@ -444,9 +444,15 @@ def parse_features(text: str, d: int) -> list[int]:
     return out
 
 
-def export_pages(ext: "Extraction", hook_point: str, features: Sequence[int], **options: Any) -> list[dict]:
-    """The pages of ``features`` (``options`` as :func:`feature_page`'s), in order, for the exports."""
-    return [feature_page(ext, hook_point, int(f), **options) for f in features]
+def export_pages(ext: "Extraction", hook_point: str, features: Sequence[int], **options: Any) -> Iterator[dict]:
+    """The pages of ``features`` (``options`` as :func:`feature_page`'s), in order, one at a time (for the
+    exports). Their token means are computed first, in shared passes over the store
+    (:func:`~.feature_view.token_means_many`: one pass serves many raw neurons)."""
+    n, min_count = options.get("n_token_means", 15), options.get("min_count", 2)
+    if n:
+        token_means_many(ext, hook_point, [int(f) for f in features], n=n, min_count=min_count)
+    for f in features:
+        yield feature_page(ext, hook_point, int(f), **options)
 
 
 def drop_cached() -> None:

@@ -25,9 +25,9 @@ import numpy as np
 from ..analysis import exports
 from ..analysis.feature_page import escape, feature_page_html
 from ..analysis.feature_view import _shade as shade
-from ..analysis.feature_view import display_pieces, tokenizer_scheme
-from ..analysis.features import (FeatureTable, base_hook_point, feature_hook_points, feature_page, features_for_token,
-                                 is_latent, load_statistics, parse_features, set_note)
+from ..analysis.feature_view import display_pieces, store_key, tokenizer_scheme
+from ..analysis.features import (FeatureTable, base_hook_point, export_pages, feature_hook_points, feature_page,
+                                 features_for_token, is_latent, load_statistics, parse_features, set_note)
 from ..analysis.prompt import prompt_features
 from ..errors import InputError
 from ..extraction import Extraction
@@ -82,6 +82,7 @@ class FeaturesPanel(W.VBox):
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._busy_what = ""
+        self._loaded: tuple | None = None  # the store content (location, nonce, commit mark) the table shows
         self._quiet = False  # set while options are replaced: their value changes are not clicks
         self.ext: Extraction | None = None
         self.table: FeatureTable | None = None
@@ -331,7 +332,8 @@ class FeaturesPanel(W.VBox):
 
     # -- extraction and hook point ---------------------------------------------------------------------------
     def refresh(self, select: str | None = None) -> None:
-        """List the stores that hold data (completed, or with committed samples), newest first."""
+        """List the stores that hold data (completed, or with committed samples), newest first; the table is
+        read again when the chosen store has changed since (a running job committed more rows)."""
         options = []
         for row in self.workspace.extractions().to_dict("records"):
             if row["status"] == "COMPLETED" or row["samples_committed"]:
@@ -352,6 +354,8 @@ class FeaturesPanel(W.VBox):
             self._select_extraction()
         elif not ids:
             self.status.value = "No extraction with data yet: launch one in the Extract tab."
+        elif self.table is not None and self._loaded != store_key(self.ext):  # more rows committed since
+            self._select_hook_point()
 
     def _select_extraction(self) -> None:
         self.ext, self.table, self.page, self.prompt_result, self.token_result = None, None, None, None, None
@@ -402,6 +406,7 @@ class FeaturesPanel(W.VBox):
             if self.ext is not ext or self.hook_point.value != hp:
                 return  # the choice changed meanwhile
             self.table = table
+            self._loaded = store_key(ext)
             self.feature.max = max(0, table.stats.d - 1)
             self.arrange()
             self.status.value = (f"{html.escape(hp)}: {table.stats.d:,} features over {table.stats.n_tokens:,} "
@@ -521,7 +526,7 @@ class FeaturesPanel(W.VBox):
 
     # -- find by token -----------------------------------------------------------------------------------------
     def find(self) -> bool:
-        """List the features that fire most on the typed token (its rows read, at most 512 of them)."""
+        """List the features that fire most on the typed token (its rows read, at most 256 of them)."""
         ext, hp, text = self.ext, self.hook_point.value, self.token.value
         if ext is None or not hp:
             self.status.value = error_box("Pick an extraction first.")
@@ -690,9 +695,8 @@ class FeaturesPanel(W.VBox):
         hide = self.hide_special.value
 
         def write() -> str:
-            pages = [feature_page(ext, hp, f, **options) for f in features]
-            return f"Wrote <code>{escape(exports.export_html(pages, path, hide_special=hide))}</code> " \
-                   f"({len(pages):,} pages; it opens offline in any browser)."
+            written = exports.export_html(export_pages(ext, hp, features, **options), path, hide_special=hide)
+            return f"Wrote <code>{escape(written)}</code> ({len(features):,} pages; it opens offline in any browser)."
 
         replaces = " It replaces the file there." if path.exists() else ""
         return f"Write {what} to <code>{escape(path)}</code>, one self-contained HTML file.{replaces}", write
@@ -706,9 +710,9 @@ class FeaturesPanel(W.VBox):
         target = folder / model_id / f"{hp.split('.')[1] if hp.startswith('layers.') else '?'}-{source}"
 
         def write() -> str:
-            pages = (feature_page(ext, hp, f, **options) for f in features)  # streamed: a page at a time
-            root = exports.export_neuronpedia(pages, folder, model_id, source, tokenizer=ext.tokenizer,
-                                              overwrite=True, n_layers=int(ext.record.model.n_layers or 0))
+            root = exports.export_neuronpedia(export_pages(ext, hp, features, **options), folder, model_id, source,
+                                              tokenizer=ext.tokenizer, overwrite=True,
+                                              n_layers=int(ext.record.model.n_layers or 0))
             return f"Wrote <code>{escape(root)}</code> ({len(features):,} features, Neuronpedia's bulk-import layout)."
 
         replaces = " It replaces the export there." if target.exists() and any(target.iterdir()) else ""
