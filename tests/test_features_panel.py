@@ -234,9 +234,11 @@ def test_busy_refuses_a_second_task_and_errors_show_in_the_tab(panel):
     release = threading.Event()
     assert panel._run("Waiting for the test", lambda: release.wait(30), lambda _: None)
     assert "⏳ Waiting for the test" in panel.busy.value and panel.open_button.disabled
-    assert panel.open_feature(3) is False and "Still busy: Waiting for the test" in panel.status.value
+    assert panel.find() is False and "Still busy: Waiting for the test" in panel.status.value
+    assert panel.open_feature(3) and panel.open_feature(4)  # queued: the last one asked for opens
     release.set()
     assert panel.wait(30) and panel.busy.value == "" and not panel.open_button.disabled
+    assert panel.page["feature"] == 4
     assert panel.open_feature(99) and panel.wait(30)
     assert "mistudio-error" in panel.status.value and "&#x27;Feature&#x27; 99 is not a feature" in panel.status.value
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import math
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,6 +83,7 @@ class FeaturesPanel(W.VBox):
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._busy_what = ""
+        self._queued: tuple | None = None  # a page to open once the running task ends (the last one asked for)
         self._loaded: tuple | None = None  # the store content (location, nonce, commit mark) the table shows
         self._quiet = False  # set while options are replaced: their value changes are not clicks
         self.ext: Extraction | None = None
@@ -285,30 +287,42 @@ class FeaturesPanel(W.VBox):
         return thread is not None and thread.is_alive()
 
     def wait(self, timeout: float | None = 600) -> bool:
-        """Wait for the running background task (if any); True when none runs any more."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        return not self.working
+        """Wait for the background work (the running task and any queued after it); True when none runs any more."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return not self.working
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline:
+                return not self.working
 
     def _run(self, what: str, work: Callable[[], Any], done: Callable[[Any], None],
-             show: Callable[[str], None] | None = None) -> bool:
+             show: Callable[[str], None] | None = None, queue: bool = False) -> bool:
         """Run ``work()`` on a background thread (one at a time), then ``done(result)``; the busy line says
-        ``what`` meanwhile, and an error shows in the tab (through ``show``, else the status line). False (and a
-        note) when another task still runs."""
+        ``what`` meanwhile, and an error shows in the tab (through ``show``, else the status line). While another
+        task runs: with ``queue`` this one runs after it (a newer queued one replaces it: the last click wins),
+        else it is refused (False, and a note says why)."""
         with self._lock:
             if self.working:
+                if queue:
+                    self._queued = (what, work, done, show)
+                    return True
                 self.status.value = note_box(f"Still busy: {html.escape(self._busy_what)}. Try again when it is "
                                              "done.", colour="#fd7e14", background="#fff3e0")
                 return False
-            self._busy_what = what
-            self.busy.value = f'<span class="mistudio-busy">⏳ {html.escape(what)}…</span>'
-            for button in self._actions:
-                button.disabled = True
-            self._thread = threading.Thread(target=self._work, args=(work, done, show or self._say), daemon=True,
-                                            name="mistudio-features")
-            self._thread.start()
+            self._start(what, work, done, show)
         return True
+
+    def _start(self, what: str, work: Callable[[], Any], done: Callable[[Any], None],
+               show: Callable[[str], None] | None) -> None:
+        self._busy_what = what
+        self.busy.value = f'<span class="mistudio-busy">⏳ {html.escape(what)}…</span>'
+        for button in self._actions:
+            button.disabled = True
+        self._thread = threading.Thread(target=self._work, args=(work, done, show or self._say), daemon=True,
+                                        name="mistudio-features")
+        self._thread.start()
 
     def _work(self, work: Callable[[], Any], done: Callable[[Any], None], show: Callable[[str], None]) -> None:
         try:
@@ -320,10 +334,14 @@ class FeaturesPanel(W.VBox):
                 show(error_box(for_ui(exc)))
         finally:
             with self._lock:
-                self.busy.value = ""
-                for button in self._actions:
-                    button.disabled = False
-                self._enable_navigation()
+                queued, self._queued = self._queued, None
+                if queued is not None:
+                    self._start(*queued)
+                else:
+                    self.busy.value = ""
+                    for button in self._actions:
+                        button.disabled = False
+                    self._enable_navigation()
 
     def _enable_navigation(self) -> None:
         """Previous/Next only where there is such a feature."""
@@ -450,7 +468,8 @@ class FeaturesPanel(W.VBox):
 
     # -- the page ------------------------------------------------------------------------------------------------
     def open_feature(self, feature: Any) -> bool:
-        """Open ``feature``'s page (in the background); False when it cannot start."""
+        """Open ``feature``'s page (in the background; queued after a running task, the last asked for wins);
+        False when there is nothing to open it in."""
         ext, hp = self.ext, self.hook_point.value
         if ext is None or not hp:
             self.status.value = error_box("Pick an extraction first.")
@@ -471,7 +490,7 @@ class FeaturesPanel(W.VBox):
             self.status.value = f"Feature {page['feature']:,} of {html.escape(hp)}."
 
         return self._run(f"Building the page of feature {feature:,}", lambda: feature_page(
-            ext, hp, feature, one_per_document=one_per_document), done)
+            ext, hp, feature, one_per_document=one_per_document), done, queue=True)
 
     def _render_page(self) -> None:
         if self.page is not None:
