@@ -91,6 +91,20 @@ def test_page_numbers_equal_numpy(store, dense):
     assert 'class="msfp-hist-svg"' in html and "<rect" in html and "Logit effects" in html
 
 
+def test_the_seam_reads_values_at_any_rows(store, dense):
+    values, _ = dense
+    rows = np.array([2000, 3, 3, 1500, 0, len(values) - 1])
+    np.testing.assert_array_equal(feature_view.values_at(store, HP, 9, rows), values[rows, 9].astype(np.float32))
+    np.testing.assert_array_equal(feature_view.rows_at(store, HP, rows), values[rows].astype(np.float32))
+    blocks = list(feature_view.columns_blocks(store, HP, [4, 1]))
+    np.testing.assert_array_equal(np.concatenate([r for r, _ in blocks]), np.arange(len(values)))
+    np.testing.assert_array_equal(np.concatenate([v for _, v in blocks]), values[:, [4, 1]])
+    with pytest.raises(InputError, match=f"activation row {len(values)} is outside the {len(values):,} committed"):
+        feature_view.values_at(store, HP, 1, [len(values)])
+    with pytest.raises(InputError, match="pass feature=31 or less"):
+        feature_view.values_at(store, HP, 32, [0])
+
+
 def test_token_means_equal_numpy_and_are_cached(store, dense):
     values, ids = dense
     f = 3

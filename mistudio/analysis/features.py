@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 NOTES = "analysis/notes"
 NOTE_LIMIT = 20_000  # characters in one note
 TABLE_COLUMNS = ("feature", "density", "mean", "mean_active", "max")
-_STATISTICS = Memo(4)
+_STATISTICS = Memo(2)  # a 16k-feature state is ~150 MB
 _TOKENS = Memo(4)
 _UNEMBEDDINGS = Memo(2)
 _SAES = Memo(4)
