@@ -93,21 +93,19 @@ def token_counts(ext: "Extraction") -> np.ndarray:
 
 
 # -- the seam: where a feature's values are read --------------------------------------------------------------
-def _width(ext: "Extraction", hook_point: str) -> int:
-    return int(ext.activations(hook_point).shape[1])
-
-
-def _check_feature(ext: "Extraction", hook_point: str, feature: Any) -> int:
-    d = _width(ext, hook_point)
+def _feature_in(d: int, hook_point: str, feature: Any) -> int:
     if isinstance(feature, (bool, np.bool_)) or not isinstance(feature, (int, np.integer)) or not 0 <= feature < d:
         raise InputError(f"«feature={feature!r}» is not a feature of {hook_point}: it has {d:,} features (0 to "
                          f"{d - 1}): «pass feature={d - 1}» or less")
     return int(feature)
 
 
-def _check_rows(ext: "Extraction", rows: Any) -> np.ndarray:
+def _check_feature(ext: "Extraction", hook_point: str, feature: Any) -> int:
+    return _feature_in(int(ext.activations(hook_point).shape[1]), hook_point, feature)
+
+
+def _rows_in(mark: int, ext: "Extraction", rows: Any) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    mark = int(ext.committed_tokens())
     if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= mark):
         bad = int(rows.min()) if int(rows.min()) < 0 else int(rows.max())
         raise InputError(f"activation row {bad} is outside the {mark:,} committed rows of {ext.id}")
@@ -127,10 +125,10 @@ def _chunk_groups(rows: np.ndarray, step: int) -> Iterator[tuple[np.ndarray, int
 def values_at(ext: "Extraction", hook_point: str, feature: int, rows: Any) -> np.ndarray:
     """The values of ``feature`` at activation ``rows`` (any order, repeats allowed), float32: each storage
     chunk the rows touch is read once."""
-    feature = _check_feature(ext, hook_point, feature)
-    rows = _check_rows(ext, rows)
+    arr = ext.activations(hook_point)  # one metadata read: its width and commit mark serve the checks
+    feature = _feature_in(int(arr.shape[1]), hook_point, feature)
+    rows = _rows_in(arr.mark, ext, rows)
     out = np.zeros(len(rows), np.float32)
-    arr = ext.activations(hook_point)
     for where, lo, hi in _chunk_groups(rows, int(arr.chunks[0])):
         out[where] = np.asarray(arr[lo:hi, feature], np.float32)[rows[where] - lo]
     return out
@@ -139,8 +137,8 @@ def values_at(ext: "Extraction", hook_point: str, feature: int, rows: Any) -> np
 def rows_at(ext: "Extraction", hook_point: str, rows: Any) -> np.ndarray:
     """Every feature at activation ``rows`` (any order), ``(len(rows), d)`` float32: each storage chunk the rows
     touch is read once."""
-    rows = _check_rows(ext, rows)
     arr = ext.activations(hook_point)
+    rows = _rows_in(arr.mark, ext, rows)
     out = np.zeros((len(rows), int(arr.shape[1])), np.float32)
     for where, lo, hi in _chunk_groups(rows, int(arr.chunks[0])):
         out[where] = np.asarray(arr[lo:hi], np.float32)[rows[where] - lo]
@@ -153,11 +151,11 @@ def columns_blocks(ext: "Extraction", hook_point: str,
     order, about :data:`BLOCK_BYTES` of the store read at a time (reading several features costs one pass, as
     one does); values that are exactly 0 may be left out (sparse latents list only their non-zero values), so
     sum over the blocks, never count them."""
-    features = [_check_feature(ext, hook_point, f) for f in features]
     arr = ext.activations(hook_point)
+    features = [_feature_in(int(arr.shape[1]), hook_point, f) for f in features]
     unit = int(arr.chunks[0])
     step = unit * max(1, BLOCK_BYTES // max(1, unit * int(arr.shape[1]) * np.dtype(arr.dtype).itemsize))
-    mark = int(ext.committed_tokens())
+    mark = arr.mark
     for a in range(0, mark, step):
         b = min(a + step, mark)
         yield np.arange(a, b), np.asarray(arr[a:b, features], np.float64).reshape(b - a, len(features))

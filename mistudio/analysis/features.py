@@ -251,16 +251,17 @@ def feature_page(ext: "Extraction", hook_point: str, feature: int, *, k: int = 2
     feature = _check_feature(stats.d, hook_point, feature)
     k, context = _check_int("k", k, 1), _check_int("context", context, 0)
     n_token_means, min_count = _check_int("n_token_means", n_token_means, 0), _check_int("min_count", min_count, 1)
-    rows, values = stats.top_rows(feature)[:k], stats.top_values(feature)[:k]
-    top = examples(ext, hook_point, feature, rows, values, context)
-    out_bands = []
     stored = stats.sample_rows.shape[2]
-    if stored and per_band:
-        for band in stats.quantile_examples(feature, bands, min(_check_int("per_band", per_band, 1), stored)):
-            out_bands.append({"quantiles": [float(q) for q in band["quantiles"]],
-                              "values": [_float(v) for v in band["values"]],
-                              "examples": examples(ext, hook_point, feature, band["rows"], band["activations"],
-                                                   context)})
+    drawn = stats.quantile_examples(feature, bands, min(_check_int("per_band", per_band, 1), stored)) \
+        if stored and per_band else []
+    groups = [(stats.top_rows(feature)[:k], stats.top_values(feature)[:k])] + \
+        [(band["rows"], band["activations"]) for band in drawn]
+    described = examples(ext, hook_point, feature, np.concatenate([r for r, _ in groups]),  # one read for all
+                         np.concatenate([v for _, v in groups]), context)
+    starts = np.cumsum([0] + [len(r) for r, _ in groups])
+    top, *in_bands = [described[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    out_bands = [{"quantiles": [float(q) for q in band["quantiles"]], "values": [_float(v) for v in band["values"]],
+                  "examples": part} for band, part in zip(drawn, in_bands)]
     means = token_means(ext, hook_point, feature, n=n_token_means, min_count=min_count) if n_token_means else []
     logit_table, logits_note = None, None
     if logits:
