@@ -321,7 +321,9 @@ def test_features_tab_in_jupyterlab(features_lab):
             page.screenshot(path=str(shots / f"studio-features{name}.png"))
 
         table = page.locator(".mistudio-ftable select")
-        expect(table.locator("option")).to_have_count(25)  # the first page of the table, painted
+        # the first page of the table, painted (a cold kernel imports torch and transformers first: allow for a
+        # loaded machine)
+        expect(table.locator("option")).to_have_count(25, timeout=240_000)
         expect(page.locator(".widget-html", has_text="32 features over").first).to_be_visible()
         first = table.locator("option").nth(1)
         feature = int(first.inner_text().split()[0])
