@@ -12,6 +12,7 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
      "token_means": [{"token_id": int, "token": str, "mean": float, "count": int, "special"?: bool}, ...],
      "min_count"?: int,                                            # token_means only lists tokens seen that often
      "logits": {"promoted": [{"token_id", "token", "value"}], "suppressed": [...]} | None,
+     "logits_note"?: str | None, "one_per_document"?: bool, "scheme"?: "bpe" | "wordpiece",
      "correlated": [{"feature": int, "count": int, "fraction": float}, ...],   # fraction of its firing tokens
      "note": str, "prev": int | None, "next": int | None}
 
@@ -22,7 +23,10 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
                "peak": int}                         # index into tokens of the example's own token
 
 Keys marked ``?`` are optional: ``min_count``, the least count the token means were computed with (the table
-says it and leaves out rows below it), and ``special`` on a token-means row (``hide_special`` hides it).
+says it and leaves out rows below it), ``special`` on a token-means row (``hide_special`` hides it),
+``logits_note`` (why there is no logit table: an encoder, a model without an LM head ...), ``one_per_document``
+(the top examples are at most one per document: the title says so) and ``scheme`` (how the tokenizer's pieces
+join: what ``scheme="auto"`` uses). :func:`mistudio.analysis.features.feature_page` assembles a page from a store.
 SAEDashboard's layout is followed: statistics, histogram, logit table and feature tables on the left, the
 top activations and the quantile-interval examples on the right. Rendering is pure and self-contained: inline
 CSS, inline SVG, no scripts, no images, no links to anything outside the page; every string taken from the
@@ -53,7 +57,7 @@ PAGE_CSS = """
 .msfp-sub{opacity:.65;font-weight:normal}.msfp-stats span{margin-right:14px;white-space:nowrap}
 .msfp-note{margin:6px 0;padding:4px 8px;border-left:3px solid rgba(230,120,30,.8);white-space:pre-wrap}
 .msfp-cols{display:flex;flex-wrap:wrap;gap:18px}.msfp-left{flex:0 1 380px;min-width:300px}
-.msfp-right{flex:1 1 560px;min-width:340px;overflow-x:auto}
+.msfp-right{flex:1 1 420px;min-width:340px;overflow-x:auto}
 .msfp table{border-collapse:collapse;font-variant-numeric:tabular-nums}.msfp td,.msfp th{padding:1px 6px}
 .msfp th{text-align:left;font-weight:600;opacity:.8}.msfp td.num,.msfp th.num{text-align:right}
 .msfp code,.msfp-ex{font-family:var(--jp-code-font-family,Menlo,Consolas,monospace);font-size:12px}
@@ -190,8 +194,8 @@ def _piece(token: Any, scheme: str) -> str:
 def _logits(page: dict, scheme: str) -> str:
     logits = page.get("logits")
     if not logits:
-        return ('<section class="msfp-logits"><h5>Logit effects</h5><i class="msfp-none">not computed (an encoder, '
-                'or no unembedding given)</i></section>')
+        why = escape(page.get("logits_note") or "not computed (an encoder, or no unembedding given)")
+        return f'<section class="msfp-logits"><h5>Logit effects</h5><i class="msfp-none">{why}</i></section>'
     pos, neg = list(logits.get("promoted", [])), list(logits.get("suppressed", []))
     scale = max([abs(float(e["value"])) for e in pos + neg] + [0.0])
     rows = []
@@ -282,6 +286,8 @@ def feature_page_html(page: dict, hide_special: bool = False, scheme: str = "aut
     join (``"auto"``, ``"bpe"``, ``"wordpiece"``: :func:`mistudio.feature_view.tokenizer_scheme` tells it from a
     tokenizer). ``style=False`` leaves out the ``<style>`` block (:data:`PAGE_CSS`), for pages shown together."""
     check_page(page)
+    if scheme == "auto" and page.get("scheme") in ("bpe", "wordpiece"):
+        scheme = page["scheme"]
     values = [abs(float(v)) for e in page["top"] for v in e["values"] if v is not None]
     scale = max(values + [abs(float(page["max"])) if page["max"] is not None else 0.0, 1e-12])
     bands = []
@@ -293,7 +299,9 @@ def feature_page_html(page: dict, hide_special: bool = False, scheme: str = "aut
     left = "".join([_histogram(page), _logits(page, scheme), _token_means(page, scheme, hide_special),
                     _correlated(page)])
     bands_html = "".join(bands) or '<i class="msfp-none">none</i>'
-    right = (f'<section class="msfp-top"><h5>Top activations <span class="msfp-sub">({_int(len(page["top"]))}; '
+    per_doc = ", one per document" if page.get("one_per_document") else ""
+    right = (f'<section class="msfp-top"><h5>Top activations <span class="msfp-sub">'
+             f'({_int(len(page["top"]))}{per_doc}; '
              f'click a line for its context)</span></h5>{_examples(page["top"], scale, scheme, hide_special)}</section>'
              f'<section class="msfp-bands"><h5>Quantile bands</h5>{bands_html}</section>')
     css = f"<style>{PAGE_CSS}</style>" if style else ""

@@ -4,22 +4,167 @@ histogram and the mean activation per token string, plus a pure HTML builder tha
 The top examples and the histogram come from :mod:`mistudio.analysis` (cached there). What it lacks,
 quantile samples and per-token-string means, is computed here in one streaming pass (one chunk of one
 column at a time; memory: the chunk, the vocabulary-sized sums and a few examples per band) and cached
-in the store next to it, under ``analysis/feature_view/``.
+in the store next to it, under ``analysis/feature_view/`` (token means alone: ``analysis/token_means/``).
+
+**Where a feature's values are read** (the one seam between feature views and the store's layout): every view
+and page reads activations through :func:`values_at` (one feature at some rows), :func:`rows_at` (every feature
+at some rows) and :func:`columns_blocks` (every value of some features that is not zero, block by block). They read
+raw hook points from ``ext.activations(hp)``; SAE latents (``<hook point>.latents``, stored sparsely) switch here.
 """
 from __future__ import annotations
 
 import html
 import json
-from typing import TYPE_CHECKING, Any, Sequence
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import InputError
+from ..storage.featstats import sample_keys
 from . import stats as analysis
 
 if TYPE_CHECKING:
     from ..extraction import Extraction
 
 BANDS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 1.0))
+BLOCK_BYTES = 32 << 20  # columns_blocks reads about this many stored bytes at a time
+SUMS_BYTES = 64 << 20  # token_means_many holds at most this many bytes of per-token sums in one pass
+LATENT_SUFFIX = ".latents"
+
+
+# -- in-memory answers, keyed by the store's identity and commit mark --------------------------------------
+class Memo:
+    """A small thread-safe LRU of computed values: ``get(key, compute)`` computes once per key."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()  # outside the lock: a slow computation does not hold up other keys
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_ROW_TOKENS = Memo(4)
+
+
+def store_key(ext: "Extraction") -> tuple[str, str | None, int]:
+    """What identifies a store's committed content: its location, its nonce (a store made again at the same place
+    has another) and its commit mark."""
+    return ext.location, ext.store.record.nonce, int(ext.committed_tokens())
+
+
+def is_latent(hook_point: str) -> bool:
+    """Whether ``hook_point`` names an SAE's latents (``<hook point>.latents``) rather than a raw hook point."""
+    return str(hook_point).endswith(LATENT_SUFFIX)
+
+
+def row_token_ids(ext: "Extraction") -> np.ndarray:
+    """The token id of every committed activation row, int32 (kept in memory per store and commit mark)."""
+    def compute() -> np.ndarray:
+        mark = int(ext.committed_tokens())
+        if not mark:
+            return np.zeros(0, np.int32)
+        tokens = np.asarray(ext.token_index(np.arange(mark)))
+        ids = np.asarray(ext.store.tokens("input_ids")[0:int(tokens[-1]) + 1], dtype=np.int32)
+        return ids if len(ids) == mark else ids[tokens]
+
+    return _ROW_TOKENS.get(store_key(ext), compute)
+
+
+def token_counts(ext: "Extraction") -> np.ndarray:
+    """How many committed activation rows each token id has (the denominators of token means)."""
+    return np.bincount(row_token_ids(ext))
+
+
+# -- the seam: where a feature's values are read --------------------------------------------------------------
+def _feature_in(d: int, hook_point: str, feature: Any) -> int:
+    if isinstance(feature, (bool, np.bool_)) or not isinstance(feature, (int, np.integer)) or not 0 <= feature < d:
+        raise InputError(f"«feature={feature!r}» is not a feature of {hook_point}: it has {d:,} features (0 to "
+                         f"{d - 1}): «pass feature={d - 1}» or less")
+    return int(feature)
+
+
+def _check_feature(ext: "Extraction", hook_point: str, feature: Any) -> int:
+    return _feature_in(int(ext.activations(hook_point).shape[1]), hook_point, feature)
+
+
+def _rows_in(mark: int, ext: "Extraction", rows: Any) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= mark):
+        bad = int(rows.min()) if int(rows.min()) < 0 else int(rows.max())
+        raise InputError(f"activation row {bad} is outside the {mark:,} committed rows of {ext.id}")
+    return rows
+
+
+def _chunk_groups(rows: np.ndarray, step: int) -> Iterator[tuple[np.ndarray, int, int]]:
+    """The rows (as positions into ``rows``) that share a storage chunk, with the row span they need."""
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    cuts = np.flatnonzero(np.diff(ordered // step)) + 1
+    for part in np.split(np.arange(len(rows)), cuts):
+        if len(part):
+            yield order[part], int(ordered[part[0]]), int(ordered[part[-1]]) + 1
+
+
+def values_at(ext: "Extraction", hook_point: str, feature: int, rows: Any) -> np.ndarray:
+    """The values of ``feature`` at activation ``rows`` (any order, repeats allowed), float32: each storage
+    chunk the rows touch is read once."""
+    arr = ext.activations(hook_point)  # one metadata read: its width and commit mark serve the checks
+    feature = _feature_in(int(arr.shape[1]), hook_point, feature)
+    rows = _rows_in(arr.mark, ext, rows)
+    out = np.zeros(len(rows), np.float32)
+    for where, lo, hi in _chunk_groups(rows, int(arr.chunks[0])):
+        out[where] = np.asarray(arr[lo:hi, feature], np.float32)[rows[where] - lo]
+    return out
+
+
+def rows_at(ext: "Extraction", hook_point: str, rows: Any) -> np.ndarray:
+    """Every feature at activation ``rows`` (any order), ``(len(rows), d)`` float32: each storage chunk the rows
+    touch is read once."""
+    arr = ext.activations(hook_point)
+    rows = _rows_in(arr.mark, ext, rows)
+    out = np.zeros((len(rows), int(arr.shape[1])), np.float32)
+    for where, lo, hi in _chunk_groups(rows, int(arr.chunks[0])):
+        out[where] = np.asarray(arr[lo:hi], np.float32)[rows[where] - lo]
+    return out
+
+
+def columns_blocks(ext: "Extraction", hook_point: str,
+                   features: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every committed value of ``features``, as ``(rows, values (len(rows), len(features)))`` blocks in row
+    order, about :data:`BLOCK_BYTES` of the store read at a time (reading several features costs one pass, as
+    one does); values that are exactly 0 may be left out (sparse latents list only their non-zero values), so
+    sum over the blocks, never count them."""
+    arr = ext.activations(hook_point)
+    features = [_feature_in(int(arr.shape[1]), hook_point, f) for f in features]
+    unit = int(arr.chunks[0])
+    step = unit * max(1, BLOCK_BYTES // max(1, unit * int(arr.shape[1]) * np.dtype(arr.dtype).itemsize))
+    mark = arr.mark
+    for a in range(0, mark, step):
+        b = min(a + step, mark)
+        yield np.arange(a, b), np.asarray(arr[a:b, features], np.float64).reshape(b - a, len(features))
+
+
+def column_blocks(ext: "Extraction", hook_point: str, feature: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`columns_blocks` of one feature: ``(rows, values)`` blocks."""
+    for rows, values in columns_blocks(ext, hook_point, [feature]):
+        yield rows, values[:, 0]
 
 
 def quantile_thresholds(hist: np.ndarray, edges: np.ndarray, qs: Sequence[float]) -> np.ndarray:
@@ -29,34 +174,87 @@ def quantile_thresholds(hist: np.ndarray, edges: np.ndarray, qs: Sequence[float]
     return np.interp(qs, cdf, edges)
 
 
-def _scan(ext: "Extraction", hook_point: str, feature: int, cuts: np.ndarray, per_band: int,
-          seed: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """One pass: a uniform sample of ``per_band`` tokens per band (smallest random keys) and sums/counts per id."""
-    arr = ext.activations(hook_point)
-    ids = ext.store.tokens("input_ids")
-    mark = int(ext.committed_tokens())
-    step = int(arr.chunks[0])
-    n_bands = len(cuts) - 1
-    keep = [np.zeros((0, 3)) for _ in range(n_bands)]  # (key, value, token index)
-    sums, counts = np.zeros(0), np.zeros(0, np.int64)
-    for a in range(0, mark, step):
-        b = min(a + step, mark)
-        col = np.asarray(arr[a:b, feature], dtype=np.float64)
-        where = np.asarray(ext.token_index(np.arange(a, b)))  # activation rows -> tokens (specials may be skipped)
-        tok = np.asarray(ids[int(where[0]):int(where[-1]) + 1], dtype=np.int64)[where - where[0]]
-        if tok.size and tok.max() >= len(sums):
-            grow = int(tok.max()) + 1 - len(sums)
-            sums, counts = np.concatenate([sums, np.zeros(grow)]), np.concatenate([counts, np.zeros(grow, np.int64)])
-        sums += np.bincount(tok, weights=col, minlength=len(sums))
-        counts += np.bincount(tok, minlength=len(counts))
+def _scan(ext: "Extraction", hook_point: str, feature: int, cuts: np.ndarray | None, per_band: int,
+          seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """One pass over the feature's values (:func:`column_blocks`): a uniform sample of ``per_band`` rows per band
+    between ``cuts`` (smallest :func:`~mistudio.storage.featstats.sample_keys`; none without ``cuts``) and the
+    sum of its values per token id."""
+    tokens = row_token_ids(ext)
+    n_bands = 0 if cuts is None else len(cuts) - 1
+    keep = [np.zeros((0, 3)) for _ in range(n_bands)]  # (key, value, activation row)
+    sums = np.zeros(int(tokens.max()) + 1 if len(tokens) else 0)
+    for rows, col in column_blocks(ext, hook_point, feature):
+        sums += np.bincount(tokens[rows], weights=col, minlength=len(sums))
+        if not n_bands:
+            continue
         band = np.clip(np.searchsorted(cuts, col, side="right") - 1, 0, n_bands - 1)
-        keys = np.random.default_rng([seed, a]).random(len(col))
+        keys = sample_keys(rows, seed).astype(np.float64)
         for j in range(n_bands):
             at = np.flatnonzero(band == j)
             if at.size:
-                cand = np.concatenate([keep[j], np.stack([keys[at], col[at], at + a], axis=1)])
-                keep[j] = cand[np.argsort(cand[:, 0])[:per_band]]
-    return keep, sums, counts
+                cand = np.concatenate([keep[j], np.stack([keys[at], col[at], rows[at]], axis=1)])
+                keep[j] = cand[np.argsort(cand[:, 0], kind="stable")[:per_band]]
+    return keep, sums
+
+
+def rank_token_means(ext: "Extraction", sums: np.ndarray, counts: np.ndarray, n: int, min_count: int) -> list[dict]:
+    """The ``n`` token ids with the highest mean (``sums / counts``) among those seen at least ``min_count`` times,
+    highest first: ``{"token_id", "token", "mean", "count", "special"}`` (``special``: a special token of the
+    tokenizer)."""
+    counts = counts[:len(sums)]
+    seen = np.flatnonzero(counts >= max(1, min_count))
+    means = sums[seen] / counts[seen]
+    order = seen[np.lexsort((seen, -means))][:n]
+    tokenizer = ext.tokenizer
+    names = tokenizer.convert_ids_to_tokens([int(i) for i in order]) if len(order) else []
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return [{"token_id": int(i), "token": str(name), "mean": float(sums[i] / counts[i]), "count": int(counts[i]),
+             "special": int(i) in special} for i, name in zip(order, names)]
+
+
+def _check_count(name: str, value: Any, low: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InputError(f"«{name}={value!r}» is not valid: «pass {name}={low}» or more (a whole number)")
+    return int(value)
+
+
+def token_means(ext: "Extraction", hook_point: str, feature: int, n: int = 15, min_count: int = 2) -> list[dict]:
+    """The mean of ``feature`` per token id over every committed row (tokens seen at least ``min_count`` times),
+    the ``n`` highest (:func:`rank_token_means`); one pass over the feature's values, cached in the store under
+    ``analysis/token_means/``."""
+    return token_means_many(ext, hook_point, [feature], n, min_count)[_check_feature(ext, hook_point, feature)]
+
+
+def token_means_many(ext: "Extraction", hook_point: str, features: Sequence[int], n: int = 15,
+                     min_count: int = 2) -> dict[int, list[dict]]:
+    """:func:`token_means` of several features: those not cached yet in shared passes over the store (each pass
+    reads the store once for up to :data:`SUMS_BYTES` of per-token sums), each answer cached."""
+    features = [_check_feature(ext, hook_point, f) for f in features]
+    n, min_count = _check_count("n", n, 1), _check_count("min_count", min_count, 1)
+    mark = int(ext.committed_tokens())
+    paths = {f: analysis.cache_path("token_means", hook_point, f"feature={f},n={n},min={min_count}") for f in features}
+    out: dict[int, list[dict]] = {}
+    for f in features:
+        group = analysis.cache_read(ext, paths[f], mark)
+        if group is not None:
+            out[f] = json.loads(group.attrs["means"])
+    todo = [f for f in dict.fromkeys(features) if f not in out]
+    if not todo:
+        return out
+    tokens, counts = row_token_ids(ext), token_counts(ext)
+    vocab = len(counts)
+    per_pass = max(1, SUMS_BYTES // max(1, vocab * 8))
+    for first in range(0, len(todo), per_pass):
+        group_features = todo[first:first + per_pass]
+        sums = np.zeros((len(group_features), vocab))
+        for rows, values in columns_blocks(ext, hook_point, group_features):
+            ids = tokens[rows]
+            for j in range(len(group_features)):
+                sums[j] += np.bincount(ids, weights=values[:, j], minlength=vocab)
+        for j, f in enumerate(group_features):
+            out[f] = rank_token_means(ext, sums[j], counts, n, min_count)
+            analysis.cache_write(ext, paths[f], mark, {"means": json.dumps(out[f])}, {})
+    return out
 
 
 def feature_view(ext: "Extraction", hook_point: str, feature: int, k: int = 20, context: int = 8,
@@ -80,20 +278,15 @@ def feature_view(ext: "Extraction", hook_point: str, feature: int, k: int = 20, 
         values = quantile_thresholds(hist, edges, qs)
         cuts = np.array([values[qs.index(lo)] for lo, _ in bands] + [np.inf])
         cuts[0] = -np.inf
-        keep, sums, counts = _scan(ext, hook_point, feature, cuts, per_band, seed)
+        keep, sums = _scan(ext, hook_point, feature, cuts, per_band, seed)
         out_bands = []
         for (lo, hi), sample in zip(bands, keep):
-            best = sample[np.argsort(-sample[:, 1])][:, 1:]
+            best = sample[np.argsort(-sample[:, 1], kind="stable")][:, 1:]
             out_bands.append({"quantiles": [lo, hi], "values": [float(values[qs.index(lo)]),
                                                                   float(values[qs.index(hi)])],
                               "examples": analysis.describe_examples(ext, hook_point, feature, best, context)})
-        seen = np.flatnonzero(counts >= min_count)
-        means = sums[seen] / counts[seen]
-        order = seen[np.argsort(-means)][:n_token_means]
-        names = ext.tokenizer.convert_ids_to_tokens([int(i) for i in order]) if len(order) else []
-        token_means = [{"token_id": int(i), "token": str(name), "mean": float(sums[i] / counts[i]),
-                        "count": int(counts[i])} for i, name in zip(order, names)]
-        rest = {"bands": out_bands, "token_means": token_means}
+        rest = {"bands": out_bands, "token_means": rank_token_means(ext, sums, token_counts(ext), n_token_means,
+                                                                    min_count)}
         cached = False
         analysis.cache_write(ext, path, mark, {"view": json.dumps(rest)}, {})
     return {"hook_point": hook_point, "feature": int(feature), "n_tokens": int(stats.n_tokens), "top": list(top),

@@ -1,0 +1,365 @@
+"""The Features tab driven without a browser (real widgets, real stores, the real background thread), then in a
+real JupyterLab in headless Chromium (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+
+import mistudio as ms
+from conftest import gate
+from mistudio.analysis.features import notes
+from mistudio.widgets.features_panel import FeaturesPanel
+
+HP = "layers.1.residual"
+
+
+@pytest.fixture(scope="module")
+def workspace_dir(tmp_path_factory, gpt2_dir):
+    """A workspace with one extraction of a tiny GPT-2 (a decoder: its pages have logit tables)."""
+    root = tmp_path_factory.mktemp("features_ws")
+    ms.extract(model=gpt2_dir, dataset=ms.sample_texts()[:50], layers=[1], hooks=["residual", "mlp"], max_length=40,
+               workspace=str(root))
+    return str(root)
+
+
+@pytest.fixture
+def panel(workspace_dir):
+    opened: list[tuple] = []
+    panel = FeaturesPanel(ms.Workspace(workspace_dir), on_open_row=lambda *args: opened.append(args), page_size=10)
+    assert panel.wait(120)
+    panel.opened = opened
+    return panel
+
+
+def listed(select) -> list[int]:
+    return [value for _, value in select.options]
+
+
+def click_and_wait(button, panel) -> None:
+    button.click()
+    assert panel.wait(120)
+
+
+def test_table_first_paint_sort_filter_and_pages(panel):
+    ext = panel.ext
+    values = np.asarray(ext.activations(HP)[:], np.float64)
+    density, top = (values > 0).mean(0), values.max(0)
+    assert panel.hook_point.value == HP and "32 features over" in panel.status.value
+    assert panel.busy.value == "" and not panel.working
+    assert listed(panel.table_list) == np.lexsort((np.arange(32), -density))[:10].tolist()  # density, descending
+    assert "page 1 of 4" in panel.page_label.value and "1–10 of 32" in panel.page_label.value
+    first = panel.table_list.options[0][0]
+    f = listed(panel.table_list)[0]
+    assert first.split()[0] == str(f) and f"{100 * density[f]:.3g}%" in first
+    panel.sort.value = "max"
+    assert listed(panel.table_list) == np.lexsort((np.arange(32), -top))[:10].tolist()
+    panel.descending.value = False
+    assert listed(panel.table_list) == np.lexsort((np.arange(32), top))[:10].tolist()
+    assert panel.prev_page_button.disabled and not panel.next_page_button.disabled
+    panel.next_page_button.click()
+    assert listed(panel.table_list) == np.lexsort((np.arange(32), top))[10:20].tolist()
+    panel.next_page_button.click()
+    panel.next_page_button.click()
+    assert len(panel.table_list.options) == 2 and panel.next_page_button.disabled
+    panel.first_page_button.click()
+    assert panel.table_page == 0
+    lo = float(np.sort(density)[16])
+    panel.density_min.value = 100 * lo - 1e-9
+    kept = int((density >= lo - 1e-11).sum())
+    assert f"of {kept} features (of 32: filtered)" in panel.page_label.value
+    assert all(density[f] >= lo - 1e-11 for f in listed(panel.table_list))
+    panel.density_max.value = 100 * lo / 2  # an empty range: said, nothing changes
+    assert "first number the smaller one" in panel.status.value
+
+
+def test_a_click_opens_the_page_and_its_links(panel):
+    f = listed(panel.table_list)[3]
+    panel.table_list.value = f
+    assert panel.wait(120)
+    page = panel.page
+    assert page["feature"] == f == panel.feature.value and f"Feature {f} of" in panel.status.value
+    body = panel.page_html.value
+    assert 'class="msfp-hist-svg"' in body and "<rect" in body  # the histogram
+    assert '<section class="msfp-logits">' in body and "promoted" in body  # the logit table (a decoder)
+    assert len(page["logits"]["promoted"]) == 10 and "msfp-peak" in body
+    assert panel.example.index == 0 and len(panel.example.options) == len(page["top"]) + sum(
+        len(b["examples"]) for b in page["bands"])
+    shown = [b for b in panel.correlated_buttons if b.layout.display != "none"]
+    assert len(shown) == len(page["correlated"]) > 0
+    target = page["correlated"][0]["feature"]
+    click_and_wait(shown[0], panel)
+    assert panel.page["feature"] == target
+    click_and_wait(panel.next_button, panel)
+    assert panel.page["feature"] == target + 1 if target < 31 else target
+    click_and_wait(panel.prev_button, panel)
+    assert panel.page["feature"] == target
+    panel.feature.value = 0
+    click_and_wait(panel.open_button, panel)
+    assert panel.page["prev"] is None and panel.prev_button.disabled
+    # an example's row opens in Browse through the Studio's callback
+    label, (row, position) = panel.example.options[2]
+    panel.example.value = (row, position)
+    panel.browse_button.click()
+    assert panel.opened == [(panel.ext.id, HP, row, 0)]
+    assert f"row {row:,} pos {position}" in label and row in set(panel.ext.rows().tolist())
+    panel.one_per_document.value = True  # the page again, at most one top example per document
+    assert panel.wait(120)
+    samples = [e["sample"] for e in panel.page["top"]]
+    assert len(samples) == len(set(samples)) and "one per document" in panel.page_html.value
+
+
+def test_notes_are_saved_from_the_tab(panel, workspace_dir):
+    panel.feature.value = 5
+    click_and_wait(panel.open_button, panel)
+    panel.note.value = "<b>bold?</b> fires on commas"
+    panel.save_note_button.click()
+    assert "Saved" in panel.note_status.value
+    assert "&lt;b&gt;bold?&lt;/b&gt; fires on commas" in panel.page_html.value and "<b>bold?</b>" not in \
+        panel.page_html.value
+    assert notes(panel.ext, HP) == {5: "<b>bold?</b> fires on commas"}
+    panel.noted_only.value = True
+    assert listed(panel.table_list) == [5] and "✎" in panel.table_list.options[0][0]
+    other = FeaturesPanel(ms.Workspace(workspace_dir), page_size=10)  # a new panel reads it from the store
+    assert other.wait(120) and other.browse_button.layout.display == "none"
+    other.feature.value = 5
+    click_and_wait(other.open_button, other)
+    assert other.note.value == "<b>bold?</b> fires on commas"
+    panel.note.value = ""
+    panel.save_note_button.click()
+    assert "removed" in panel.note_status.value and notes(panel.ext, HP) == {}
+
+
+def test_hide_special_tokens_on_an_encoder(minilm_dir, tmp_path):
+    ms.extract(model=minilm_dir, dataset=ms.sample_texts()[:12], layers=[0], max_length=24, workspace=str(tmp_path))
+    panel = FeaturesPanel(ms.Workspace(str(tmp_path)))
+    assert panel.wait(120)
+    panel.feature.value = 0
+    click_and_wait(panel.open_button, panel)
+    assert "encoder" in panel.page_html.value  # no logit table, and why
+    assert 'class="msfp-tok msfp-special' in panel.page_html.value and "[CLS]" in panel.page_html.value
+    panel.hide_special.value = True
+    assert 'class="msfp-tok msfp-special' not in panel.page_html.value and "[CLS]" not in panel.page_html.value
+
+
+def test_find_features_by_token(panel):
+    ids = np.asarray(panel.ext.store.tokens("input_ids")[:])
+    common = int(np.bincount(ids).argmax())
+    text = panel.ext.tokenizer.convert_ids_to_tokens(common).replace("Ġ", " ")
+    panel.token.value = text
+    click_and_wait(panel.find_button, panel)
+    values = np.asarray(panel.ext.activations(HP)[:], np.float64)
+    found = panel.token_result["token_ids"]
+    means = values[np.isin(ids, found)].mean(0)
+    assert listed(panel.found_list) == np.lexsort((np.arange(32), -means))[:20].tolist()
+    assert "rows" in panel.found_info.value and "density" in panel.found_list.options[0][0]
+    panel.found_list.value = listed(panel.found_list)[1]
+    assert panel.wait(120) and panel.page["feature"] == listed(panel.found_list)[1]
+    panel.token.value = "qqqzzz"
+    click_and_wait(panel.find_button, panel)
+    assert "No token reads" in panel.found_info.value and panel.found_list.options == ()
+
+
+def test_prompt_then_click_a_feature(panel):
+    panel.prompt.value = "The quick brown fox jumps over the lazy dog."
+    click_and_wait(panel.run_button, panel)
+    result = panel.prompt_result
+    assert len(panel.prompt_tokens.options) == len(result["tokens"]) > 3
+    assert all(b.layout.display == "none" for b in panel.prompt_buttons)
+    panel.prompt_tokens.value = 2
+    top = result["top"][2]
+    assert [b.description.split(" · ")[0] for b in panel.prompt_buttons] == [str(t["feature"]) for t in top]
+    assert top == sorted(top, key=lambda t: -t["value"])
+    click_and_wait(panel.prompt_buttons[1], panel)
+    assert panel.page["feature"] == top[1]["feature"]
+    assert f"shaded by feature {top[1]['feature']}" in panel.prompt_html.value
+    assert panel.prompt_html.value.count('class="msfp-tok"') == len(result["tokens"])
+    panel.prompt.value = "   "
+    click_and_wait(panel.run_button, panel)
+    assert "mistudio-error" in panel.status.value and "Prompt" in panel.status.value
+
+
+def test_exports_ask_first_then_write(panel, tmp_path):
+    import datasets
+
+    panel.export_features.value = "2, 4-5"
+    panel.html_path.value = str(tmp_path / "pages.html")
+    panel.html_button.click()
+    assert panel.confirm_box.layout.display == "" and "3 feature(s)" in panel.confirm_text.value
+    panel.cancel_button.click()
+    assert not (tmp_path / "pages.html").exists() and "cancelled" in panel.export_info.value
+    panel.html_button.click()
+    click_and_wait(panel.confirm_button, panel)
+    text = (tmp_path / "pages.html").read_text()
+    assert "Wrote" in panel.export_info.value and text.count('class="msfp"') == 3
+    panel.html_button.click()
+    assert "replaces the file" in panel.confirm_text.value
+    panel.cancel_button.click()
+
+    panel.np_button.click()
+    assert "Model id" in panel.export_info.value and "mistudio-error" in panel.export_info.value
+    panel.np_model.value, panel.np_folder.value = "tiny-gpt2", str(tmp_path / "np")
+    panel.np_button.click()
+    click_and_wait(panel.confirm_button, panel)
+    source = tmp_path / "np" / "tiny-gpt2" / "1-mistudio"
+    assert (source / "features" / "batch-0.jsonl.gz").exists() and "Wrote" in panel.export_info.value
+
+    panel.ds_path.value = str(tmp_path / "ds")
+    panel.ds_button.click()
+    click_and_wait(panel.confirm_button, panel)
+    loaded = datasets.load_from_disk(str(tmp_path / "ds"))
+    assert len(loaded) == panel.ext.n_samples and HP in loaded.column_names
+    panel.ds_button.click()  # the folder is not empty any more: refused, nothing overwritten
+    assert "not an empty folder" in panel.export_info.value and panel.confirm_box.layout.display == "none"
+
+    panel.sl_path.value, panel.sl_context.value = str(tmp_path / "sl"), 16
+    panel.sl_button.click()
+    click_and_wait(panel.confirm_button, panel)
+    meta = json.loads((tmp_path / "sl" / "mistudio_export.json").read_text())
+    assert "rows of 16 tokens" in panel.export_info.value and meta
+    panel.export_features.value = "2, x"
+    panel.html_button.click()
+    assert "not a feature number" in panel.export_info.value
+    panel.use_table_page.click()
+    assert panel.export_features.value == ", ".join(map(str, listed(panel.table_list)))
+
+
+def test_busy_refuses_a_second_task_and_errors_show_in_the_tab(panel):
+    release = threading.Event()
+    assert panel._run("Waiting for the test", lambda: release.wait(30), lambda _: None)
+    assert "⏳ Waiting for the test" in panel.busy.value and panel.open_button.disabled
+    assert panel.find() is False and "Still busy: Waiting for the test" in panel.status.value
+    assert panel.open_feature(3) and panel.open_feature(4)  # queued: the last one asked for opens
+    release.set()
+    assert panel.wait(30) and panel.busy.value == "" and not panel.open_button.disabled
+    assert panel.page["feature"] == 4
+    assert panel.open_feature(99) and panel.wait(30)
+    assert "mistudio-error" in panel.status.value and "&#x27;Feature&#x27; 99 is not a feature" in panel.status.value
+
+
+def test_refresh_reads_the_table_again_once_more_rows_are_committed(gpt2_dir, tmp_path):
+    hook, reached, release = gate(2)
+    ws = ms.Workspace(str(tmp_path))
+    job = ws.submit(model=gpt2_dir, dataset=ms.sample_texts()[:40], layers=[1], batch_size=4, max_length=32,
+                    before_batch=hook)
+    assert reached.wait(60)
+    job.cancel()
+    release.set()
+    job.wait(60)
+    panel = FeaturesPanel(ws)
+    assert panel.wait(60) and panel.ext.status == "CANCELLED"
+    before = panel.table.stats.n_tokens
+    assert 0 < before < panel.ext.n_tokens
+    ws.resume(job.id).wait(60)
+    panel.refresh()
+    assert panel.wait(60) and panel.table.stats.n_tokens == panel.ext.n_tokens > before
+
+
+def test_an_empty_workspace_says_so(tmp_path):
+    panel = FeaturesPanel(ms.Workspace(str(tmp_path / "empty")))
+    assert panel.wait(10) and "No extraction with data yet" in panel.status.value
+    assert panel.open_feature(0) is False and "Pick an extraction" in panel.status.value
+
+
+# -- the real browser -----------------------------------------------------------------------------------------
+from test_browser import CHROMIUM, DOCS, FLAGS, lab, missing  # noqa: E402,F401 - the suite's JupyterLab fixture
+
+
+@pytest.fixture
+def worktree_on_path(monkeypatch):
+    """The kernel imports this checkout's mistudio (the fixture's server and kernel inherit the environment)."""
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+
+
+@pytest.fixture
+def features_lab(worktree_on_path, lab, gpt2_dir):
+    """The suite's JupyterLab with a notebook that shows the Features tab on an extraction of a tiny GPT-2."""
+    url, tmp_path, server = lab
+    ws = tmp_path / "features-ws"
+    ms.extract(model=gpt2_dir, dataset=ms.sample_texts()[:80], layers=[1], max_length=48, workspace=str(ws))
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells = [nbformat.v4.new_code_cell(
+        "import mistudio as ms\nfrom mistudio.widgets.features_panel import FeaturesPanel\n"
+        f"FeaturesPanel(ms.Workspace({str(ws)!r}))")]
+    nbformat.write(notebook, tmp_path / "lab" / "features.ipynb")
+    return url.replace("studio.ipynb", "features.ipynb"), tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(missing is not None, reason=missing or "")
+def test_features_tab_in_jupyterlab(features_lab):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, tmp_path = features_lab
+    shots = DOCS if os.environ.get("MISTUDIO_UPDATE_SCREENSHOT") else tmp_path
+    expect.set_options(timeout=60_000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+        expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").first).to_be_visible()
+        page.locator(".jp-Notebook .jp-Cell .jp-InputArea-editor").first.click()
+        time.sleep(1.0)
+        page.keyboard.press("Shift+Enter")
+
+        def button(text):
+            return page.locator("button.jupyter-button:visible", has_text=text).first
+
+        def shot(name, top):
+            page.locator(top).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+            time.sleep(0.5)
+            page.screenshot(path=str(shots / f"studio-features{name}.png"))
+
+        table = page.locator(".mistudio-ftable select")
+        # the first page of the table, painted (a cold kernel imports torch and transformers first: allow for a
+        # loaded machine)
+        expect(table.locator("option")).to_have_count(25, timeout=240_000)
+        expect(page.locator(".widget-html", has_text="32 features over").first).to_be_visible()
+        first = table.locator("option").nth(1)
+        feature = int(first.inner_text().split()[0])
+        table.select_option(index=1)  # a click on a row opens its page
+        view = page.locator(".mistudio-feature-page .msfp")
+        expect(view.locator(".msfp-header h4")).to_contain_text(f"neuron {feature}")
+        logits = view.locator(".msfp-logits table tr")
+        expect(logits).to_have_count(11)  # header + 10 rows of promoted and suppressed tokens
+        assert "promoted" in view.locator(".msfp-logits").inner_text()
+        bars = view.locator(".msfp-hist-svg rect")
+        assert bars.count() >= 3
+        box = view.locator(".msfp-hist-svg").bounding_box()
+        assert box and box["width"] > 300 and box["height"] > 100  # the histogram renders, at its size
+        heights = [float(bars.nth(i).get_attribute("height")) for i in range(bars.count())]
+        assert max(heights) > 50 and len(set(heights)) > 2
+        expect(view.locator(".msfp-peak").first).to_be_visible()
+        left, right = view.locator(".msfp-left").bounding_box(), view.locator(".msfp-right").bounding_box()
+        assert right["x"] >= left["x"] + left["width"], (left, right)  # two columns side by side in a notebook
+        expect(page.locator(".widget-dropdown select:visible").last).not_to_have_value("")  # an example chosen
+        shot("", ".widget-tab .lm-TabBar")
+        shot("-page", ".mistudio-feature-page")
+
+        # from text to features: type a prompt, choose a token, click one of its features
+        page.locator(".widget-tab .lm-TabBar-tab", has_text="From text").first.click()
+        prompt = page.locator(".widget-tab textarea:visible").first
+        prompt.fill("The quick brown fox jumps over the lazy dog.")
+        button("Run").click()
+        tokens = page.locator(".mistudio-ptokens select")
+        expect(tokens.locator("option").nth(3)).to_be_attached()
+        tokens.select_option(index=3)
+        chosen = page.locator(".mistudio-pfeature:visible").nth(0)
+        expect(chosen).to_be_visible()
+        target = int(chosen.inner_text().split("·")[0])
+        chosen.click()
+        expect(view.locator(".msfp-header h4")).to_contain_text(f"neuron {target}")
+        expect(page.locator(".mistudio-prompt", has_text=f"shaded by feature {target}")).to_be_visible()
+        shot("-prompt", ".widget-tab .lm-TabBar")
+        assert page.locator(".mistudio-error:visible").count() == 0
+        browser.close()
