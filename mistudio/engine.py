@@ -320,7 +320,7 @@ def run(loaded: LoadedModel, store: ExtractionStore, request: Request, *, start_
     special = store.tokens("special")[:] if store.record.storage.exclude_special else None
     check_ids(ids, loaded)
     n_samples = len(offsets) - 1
-    writer = ChunkWriter(store, start_sample)
+    writer = ChunkWriter(store, start_sample, request.statistics_points, loaded.input_device)
     tokens_total = int(rows_at[-1] - rows_at[start_sample])
     done_tokens = 0
     started = time.perf_counter()

@@ -29,6 +29,7 @@ from .presets import Presets
 from .request import Request, with_request_keywords
 from .saes import SAE, check_applies, load_sae
 from .specs import parse_layers
+from .storage.featfeed import snapshot_bytes
 from .storage.layout import StoreLayout, plan_layout
 
 
@@ -295,7 +296,7 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
                              model_bytes)
     loaded = load_model(request.model_spec) if probe else None
     layout, latent_notes = _latent_layout(plan, loaded)
-    disk = layout.bytes_on_disk
+    disk = layout.bytes_on_disk + _statistics_bytes(request, layout)
     free = _free_disk(workspace)
     memory = _device_memory(device)
     report = plan.report
@@ -336,6 +337,18 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
 
 
 LATENT_GUESS = 64  # without a probe, a non-top-k SAE's width is guessed as this many latents a token
+
+
+def _statistics_bytes(request: Request, layout: StoreLayout) -> int:
+    """Bytes of the feature statistics the pass saves (``feature_statistics``): one snapshot per key."""
+    total = 0
+    for key in request.statistics_points:
+        if key.endswith(".latents"):
+            d = layout.array(f"latents/{key.removesuffix('.latents')}/feature_offsets").shape[1] - 3
+        else:
+            d = layout.array(f"activations/{key}").shape[1]
+        total += snapshot_bytes(int(d))
+    return total
 
 
 def _latent_layout(plan: Plan, loaded) -> tuple[StoreLayout, list[str]]:

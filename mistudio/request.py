@@ -98,8 +98,9 @@ class Request(BaseModel):
         label="Latent width", stored=True)
     feature_statistics: Literal["auto", "on", "off"] = param(
         "auto", "dashboard statistics per feature in the same pass (density, histogram, top and quantile "
-        "examples, co-occurrence): auto = for SAE latents only", group="capture", label="Feature statistics",
-        stored=False)
+        "examples, co-occurrence): auto = of SAE latents, on = of every stored hook point too (raw neurons: "
+        "costly on a CPU), off = none (computed on first read instead)", group="capture",
+        label="Feature statistics", stored=True)
     # -- batching ------------------------------------------------------------------------------------
     batch_size: Int | Literal["auto"] = param(8, "samples per forward: a power of two from 1 to 512, or auto",
                                               group="batching", label="Batch size", stored=False)
@@ -366,6 +367,13 @@ class Request(BaseModel):
     def latent_points(self) -> list[str]:
         """The SAE latents this request stores: ``<hook point>.latents`` for each SAE applied."""
         return [f"{hp}.latents" for hp in sorted(self.saes or {}, key=_hook_order)]
+
+    @property
+    def statistics_points(self) -> list[str]:
+        """What the pass keeps feature statistics of (``feature_statistics``)."""
+        if self.feature_statistics == "off":
+            return []
+        return (self.hook_points if self.feature_statistics == "on" else []) + self.latent_points
 
     @property
     def captured_points(self) -> list[str]:

@@ -10,9 +10,10 @@ import torch
 import zarr
 
 import mistudio as ms
-from mistudio.storage import featstats
+from mistudio.storage import featfeed
 from mistudio.errors import InputError
-from mistudio.storage.featstats import (CSR, FeatureStatistics, FeatureStatsAccumulator, compute, histogram_edges,
+from mistudio.storage.featfeed import compute
+from mistudio.storage.featstats import (CSR, FeatureStatistics, FeatureStatsAccumulator, histogram_edges,
                                 sample_keys)
 
 from conftest import TEXTS
@@ -442,7 +443,7 @@ def test_feature_statistics_are_cached_for_the_next_kernel(gpt2_dir, workspace, 
 
     def no_pass(*_args, **_kw):
         raise AssertionError("a second pass: the cache was not read")
-    monkeypatch.setattr(featstats, "accumulate", no_pass)  # analysis.stats calls featstats.accumulate
+    monkeypatch.setattr(featfeed, "accumulate", no_pass)  # analysis.stats calls featfeed.accumulate
     again = ms.open_extraction(ext.id, workspace=workspace).feature_statistics("layers.1.mlp")
     for name in ("density", "hist", "topk_rows", "topk_values"):
         np.testing.assert_array_equal(getattr(again, name), getattr(first, name), err_msg=name)

@@ -220,3 +220,200 @@ def test_an_unprobed_estimate_says_the_width_is_a_guess(gpt2_dir, tmp_path):
     est = ms.estimate(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, workspace=str(tmp_path / "ws"),
                       **LAYOUT)
     assert any("a guess" in w and "probe=True" in w for w in est["warnings"]), est["warnings"]
+
+
+# -- feature statistics in the same pass --------------------------------------------------------------------
+def _defaults() -> dict:
+    from mistudio.storage.featstats import FeatureStatsAccumulator
+
+    c = FeatureStatsAccumulator(1).config()
+    return dict(k=c["k"], bins=c["bins"], exponents=(c["exponent_low"], c["exponent_high"]), bands=c["bands"],
+                per_band=c["per_band"], cooccurrence=c["cooccurrence"],
+                cooccurrence_per_token=c["cooccurrence_per_token"], seed=c["seed"])
+
+
+STATISTICS = ("n_tokens", "fire_count", "nan_count", "sum", "fire_sum", "max", "min", "max_row", "min_row", "hist",
+              "topk_values", "topk_rows", "topk_documents", "sample_rows", "sample_values", "co_features",
+              "co_counts", "co_error")
+
+
+def assert_same_statistics(a, b) -> None:
+    for name in STATISTICS:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_statistics_are_kept_in_the_pass_and_equal_brute_force(gpt2_dir, workspace, tmp_path, monkeypatch):
+    from test_featstats import Brute, check
+
+    from mistudio.storage import featfeed
+
+    make_sae(tmp_path / "sae", "standard")
+    monkeypatch.setattr(featfeed, "BLOCK_BYTES", 4096)  # many blocks of the grid, so the pass follows the mark
+    ext = ms.extract(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, feature_statistics="on",
+                     workspace=workspace, progress=False, **LAYOUT)
+    assert featfeed.block_rows(ext.store, f"{HP}.latents") < ext.n_tokens // 4
+    offsets = np.asarray(ext.activation_offsets)
+    documents = np.searchsorted(offsets, np.arange(ext.n_tokens), side="right") - 1
+    for key, dense in ((f"{HP}.latents", ext.latents(HP).toarray()), (HP, ext.activations(HP)[:])):
+        rows, state = featfeed.load(ext.store, key, ext.n_tokens)  # saved by the extraction, to the last row
+        assert rows == ext.n_tokens
+        monkeypatch.setattr(featfeed, "accumulate", None)  # read from the snapshot: no pass over the rows
+        stats = ext.feature_statistics(key)
+        monkeypatch.undo()
+        monkeypatch.setattr(featfeed, "BLOCK_BYTES", 4096)
+        check(stats, Brute(dense, documents, **_defaults()), exact_cooccurrence=False)
+        assert_same_statistics(stats, featfeed.compute(ext, key))  # a later pass on the same grid: bit-equal
+    assert ext.verify().ok
+
+
+def test_statistics_of_a_stopped_run_continue_exactly(gpt2_dir, tmp_path, monkeypatch):
+    from conftest import gate
+
+    from mistudio.storage import featfeed
+
+    make_sae(tmp_path / "sae", "topk")
+    monkeypatch.setattr(featfeed, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(featfeed, "SNAPSHOT_SECONDS", 0.0)  # a snapshot after every block
+    options = dict(saes={HP: str(tmp_path / "sae")}, **LAYOUT)
+    key = f"{HP}.latents"
+    clean = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "clean"), progress=False, **options)
+    ws = ms.Workspace(tmp_path / "ws")
+    hook, reached, release = gate(at_batch=12)
+    job = ws.submit(gpt2_dir, "sample", before_batch=hook, **options)
+    assert reached.wait(60)
+    job.cancel()
+    release.set()
+    job.wait(60)
+    stopped = job.extraction()
+    mark = stopped.committed_tokens()
+    rows, _ = featfeed.load(stopped.store, key, mark)
+    step = featfeed.block_rows(stopped.store, key)
+    assert 0 < rows <= mark and rows % step == 0  # on the grid, at or below the mark
+    partial = stopped.feature_statistics(key)  # continued from the snapshot to the mark
+    assert partial.n_tokens == mark
+    assert_same_statistics(partial, featfeed.compute(stopped, key, chunk_rows=step))
+    resumed = ws.resume(job.id).wait(120)
+    assert resumed.status == "COMPLETED", resumed.error
+    assert_same_statistics(resumed.extraction().feature_statistics(key), clean.feature_statistics(key))
+
+
+def test_feature_statistics_off_saves_none_and_reads_compute_them(gpt2_dir, workspace, tmp_path):
+    from mistudio.storage import featfeed
+
+    make_sae(tmp_path / "sae", "topk")
+    ext = ms.extract(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, feature_statistics="off",
+                     workspace=workspace, progress=False, **LAYOUT)
+    assert featfeed.load(ext.store, f"{HP}.latents", ext.n_tokens) is None
+    assert ext.record.params.feature_statistics == "off"
+    assert ext.feature_statistics(f"{HP}.latents").n_tokens == ext.n_tokens
+    with pytest.raises(InputError, match="'layers.1.residual.latents' is not in extraction"):
+        ext.feature_statistics("layers.1.residual.latents")
+
+
+CHILD = """
+import json, sys, time
+import mistudio as ms
+from mistudio.storage import featfeed
+featfeed.BLOCK_BYTES, featfeed.SNAPSHOT_SECONDS = 4096, 0.0  # many blocks, a snapshot after each
+workspace, model, counter, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+ws = ms.Workspace(workspace)
+
+def computed(index, _size):
+    with open(counter, "w") as f:
+        f.write(str(index))
+    time.sleep(0.03)
+
+job = ws.resume(sys.argv[5], before_batch=computed) if len(sys.argv) > 5 else \\
+    ws.submit(model, "sample", before_batch=computed, **options)
+print(job.id, flush=True)
+job.wait()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_twice_then_resumed_equals_a_clean_run(gpt2_dir, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    make_sae(tmp_path / "sae", "jumprelu")
+    options = dict(saes={HP: str(tmp_path / "sae")}, **{**LAYOUT, "batch_size": 2})
+    key = f"{HP}.latents"
+    clean = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "clean"), progress=False, **options)
+    workspace, counter, job_id = str(tmp_path / "ws"), tmp_path / "computed", None
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for round_, after in enumerate((6, 12)):
+        counter.write_text("0")
+        argv = [sys.executable, "-c", CHILD, workspace, gpt2_dir, str(counter), json.dumps(options)]
+        child = subprocess.Popen(argv + ([job_id] if job_id else []), stdout=subprocess.PIPE, text=True, env=env)
+        job_id = child.stdout.readline().strip()
+        deadline = time.monotonic() + 120
+        while int(counter.read_text() or 0) < after and child.poll() is None:
+            assert time.monotonic() < deadline, f"round {round_}: the child did not run"
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    ws = ms.Workspace(workspace)  # the dead job is marked FAILED/INTERRUPTED
+    stopped = ws.open(job_id)
+    assert 0 < stopped.committed_tokens() < clean.n_tokens
+    from mistudio.storage import featfeed
+
+    assert featfeed.load(stopped.store, key, stopped.committed_tokens()) is not None  # snapshots were saved
+    resumed = ws.resume(job_id).wait(120)
+    assert resumed.status == "COMPLETED", resumed.error
+    ext = resumed.extraction()
+    for name in ("indices", "values", "feature_offsets", "feature_rows", "feature_values"):
+        np.testing.assert_array_equal(ext.store.array(f"latents/{HP}/{name}")[:],
+                                      clean.store.array(f"latents/{HP}/{name}")[:], err_msg=name)
+    assert ext.record.latent_statistics == clean.record.latent_statistics
+    assert_same_statistics(ext.feature_statistics(key), featfeed.compute(clean, key, chunk_rows=featfeed.block_rows(
+        ext.store, key)))
+    assert ext.verify().ok
+
+
+# -- feature pages of latents -----------------------------------------------------------------------------------
+def test_pages_and_table_of_latents_equal_numpy(gpt2_dir, workspace, tmp_path):
+    from mistudio.analysis import feature_view
+    from mistudio.analysis.features import FeatureTable, feature_hook_points, feature_page
+
+    make_sae(tmp_path / "sae", "standard")
+    ext = ms.extract(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, workspace=workspace, progress=False,
+                     **LAYOUT)
+    key = f"{HP}.latents"
+    assert feature_hook_points(ext) == [HP, key]
+    dense = ext.latents(HP).toarray().astype(np.float64)
+    ids = np.asarray(ext.store.tokens("input_ids")[:])
+    fired = (dense > 0).sum(0)
+    f = int(np.flatnonzero((fired > 20) & (fired < len(dense) // 2))[0])
+    col = dense[:, f]
+    # the seam
+    rows = np.array([len(dense) - 1, 3, 3, 0, 1500])
+    np.testing.assert_array_equal(feature_view.values_at(ext, key, f, rows), col[rows].astype(np.float32))
+    np.testing.assert_array_equal(feature_view.rows_at(ext, key, rows), dense[rows].astype(np.float32))
+    summed = np.zeros((len(dense), 2))
+    for r, v in feature_view.columns_blocks(ext, key, [f, 0]):
+        np.add.at(summed, r, v)
+    np.testing.assert_array_equal(summed, dense[:, [f, 0]])
+    with pytest.raises(InputError, match=f"pass feature={D_SAE - 1} or less"):
+        feature_view.values_at(ext, key, D_SAE, [0])
+    # the page
+    page = feature_page(ext, key, f, k=10, context=3, n_token_means=5, min_count=2)
+    assert page["kind"] == "latent" and page["d"] == D_SAE and page["n_tokens"] == len(col)
+    assert page["fire_count"] == int((col > 0).sum()) and page["mean"] == pytest.approx(col.mean())
+    best = np.lexsort((np.arange(len(col)), -col))[:10]
+    assert [e["row"] for e in page["top"]] == best.tolist()
+    assert [e["value"] for e in page["top"]] == pytest.approx(col[best].tolist())
+    sums, counts = np.bincount(ids, weights=col), np.bincount(ids)
+    seen = np.flatnonzero(counts >= 2)
+    want = seen[np.lexsort((seen, -(sums[seen] / counts[seen])))][:5]
+    assert [m["token_id"] for m in page["token_means"]] == want.tolist()
+    # the table
+    table = FeatureTable(ext, key)
+    table.arrange("density", True, (0.0, 1.0), False)
+    first = table.page(0, size=5)
+    order = np.lexsort((np.arange(D_SAE), -fired))[:5]
+    assert [r["feature"] for r in first] == order.tolist()
+    assert [r["density"] for r in first] == pytest.approx((fired[order] / len(dense)).tolist())

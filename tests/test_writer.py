@@ -121,7 +121,7 @@ def test_concurrent_shard_writes_never_lose_rows(tmp_path, monkeypatch):
     done = 0
     while done < 300:
         n = min(300 - done, int(rng.integers(1, 40)))
-        writer.put(n, {hp: v[done * 13:(done + n) * 13] for hp, v in full.items()},
+        writer.put(n, {f"activations/{hp}": v[done * 13:(done + n) * 13] for hp, v in full.items()},
                    {hp: HookStats.empty() for hp in full})
         done += n
         if rng.random() < 0.1:

@@ -100,8 +100,22 @@ def _feature_in(d: int, hook_point: str, feature: Any) -> int:
     return int(feature)
 
 
+def feature_count(ext: "Extraction", hook_point: str) -> int:
+    """Features of ``hook_point``: a raw hook point's width, or an SAE's d_sae for its latents."""
+    if is_latent(hook_point):
+        return int(ext.latent_info(hook_point).d_sae)
+    return int(ext.activations(hook_point).shape[1])
+
+
 def _check_feature(ext: "Extraction", hook_point: str, feature: Any) -> int:
-    return _feature_in(int(ext.activations(hook_point).shape[1]), hook_point, feature)
+    return _feature_in(feature_count(ext, hook_point), hook_point, feature)
+
+
+def _latent_rows(ext: "Extraction", hook_point: str, rows: Any):
+    """The latents at ``rows`` (any order, repeats allowed) as a CSR matrix in the order given."""
+    rows = _rows_in(int(ext.committed_tokens()), ext, rows)
+    distinct, where = np.unique(rows, return_inverse=True)
+    return ext.latents(hook_point, distinct)[where.reshape(-1)]
 
 
 def _rows_in(mark: int, ext: "Extraction", rows: Any) -> np.ndarray:
@@ -125,6 +139,9 @@ def _chunk_groups(rows: np.ndarray, step: int) -> Iterator[tuple[np.ndarray, int
 def values_at(ext: "Extraction", hook_point: str, feature: int, rows: Any) -> np.ndarray:
     """The values of ``feature`` at activation ``rows`` (any order, repeats allowed), float32: each storage
     chunk the rows touch is read once."""
+    if is_latent(hook_point):
+        feature = _check_feature(ext, hook_point, feature)
+        return _latent_rows(ext, hook_point, rows)[:, feature].toarray().ravel().astype(np.float32)
     arr = ext.activations(hook_point)  # one metadata read: its width and commit mark serve the checks
     feature = _feature_in(int(arr.shape[1]), hook_point, feature)
     rows = _rows_in(arr.mark, ext, rows)
@@ -137,6 +154,8 @@ def values_at(ext: "Extraction", hook_point: str, feature: int, rows: Any) -> np
 def rows_at(ext: "Extraction", hook_point: str, rows: Any) -> np.ndarray:
     """Every feature at activation ``rows`` (any order), ``(len(rows), d)`` float32: each storage chunk the rows
     touch is read once."""
+    if is_latent(hook_point):
+        return _latent_rows(ext, hook_point, rows).toarray().astype(np.float32)
     arr = ext.activations(hook_point)
     rows = _rows_in(arr.mark, ext, rows)
     out = np.zeros((len(rows), int(arr.shape[1])), np.float32)
@@ -150,7 +169,16 @@ def columns_blocks(ext: "Extraction", hook_point: str,
     """Every committed value of ``features``, as ``(rows, values (len(rows), len(features)))`` blocks in row
     order, about :data:`BLOCK_BYTES` of the store read at a time (reading several features costs one pass, as
     one does); values that are exactly 0 may be left out (sparse latents list only their non-zero values), so
-    sum over the blocks, never count them."""
+    sum over the blocks, never count them. SAE latents: one block per feature, its non-zero values (from the
+    by-feature index)."""
+    if is_latent(hook_point):
+        features = [_check_feature(ext, hook_point, f) for f in features]
+        for j, f in enumerate(features):
+            rows, values = ext.feature(hook_point, f)
+            block = np.zeros((len(rows), len(features)))
+            block[:, j] = values
+            yield rows, block
+        return
     arr = ext.activations(hook_point)
     features = [_feature_in(int(arr.shape[1]), hook_point, f) for f in features]
     unit = int(arr.chunks[0])

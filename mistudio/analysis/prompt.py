@@ -75,7 +75,7 @@ def prompt_features(ext: "Extraction", hook_point: str, text: str, k: int = 5, s
             _, _, rows, _ = next(batches)
         finally:
             batches.close()  # removes the forward hooks now, not when the generator is collected
-    values = np.asarray(rows[base], dtype=np.float32)
+    values = np.asarray(rows[f"activations/{base}"], dtype=np.float32)
     if is_latent(hook_point):
         sae = sae if sae is not None else sae_for(ext, hook_point)
         check_applies(sae, base, values.shape[1])

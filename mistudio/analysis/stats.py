@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from ..errors import InputError
-from ..storage import featstats
+from ..storage import featfeed, featstats
 from ..storage.layout import array_codecs
 from ..storage.metadata import LIVE_STATES
 from ..storage.reads import DECODE_ERRORS, CheckedArray
@@ -283,15 +283,16 @@ def describe_examples(ext: "Extraction", hook_point: str, feature: int, best: np
 
 def feature_statistics(ext: "Extraction", hook_point: str, **options: Any) -> featstats.FeatureStatistics:
     """Per-feature statistics as dashboards show them (:mod:`mistudio.storage.featstats`: density, mean, max,
-    log-binned histogram, top examples, quantile-band samples, co-occurrence): those the extraction saved as it
-    ran, when it did (and ``options`` are left at their defaults), else one streamed pass over the committed rows,
+    log-binned histogram, top examples, quantile-band samples, co-occurrence) of a stored hook point or an SAE's
+    ``<hook point>.latents``: those the extraction saved as it ran, when it did (and ``options`` are left at
+    their defaults; a stopped job's continued from its snapshot), else one streamed pass over the committed rows;
     cached under ``analysis/`` (checksummed: a damaged cache is recomputed)."""
-    ext.activations(hook_point)  # names the hook points when this one is wrong
+    featfeed.check_key(ext.store, hook_point)
     mark = _mark(ext)
     if not options:
-        saved = ext.store.feature_state(hook_point, mark)
-        if saved is not None:
-            return featstats.FeatureStatsAccumulator.from_state_dict(saved).result()
+        saved = featfeed.load(ext.store, hook_point, mark)
+        if saved is not None and saved[0] == mark:
+            return featstats.FeatureStatsAccumulator.from_state_dict(saved[1]).result()
     path = cache_path("featstats", hook_point, json.dumps(options, sort_keys=True).replace("/", "_"))
     group = cache_read(ext, path, mark)
     if group is not None:
@@ -302,7 +303,7 @@ def feature_statistics(ext: "Extraction", hook_point: str, **options: Any) -> fe
                 return featstats.FeatureStatsAccumulator.from_state_dict(state).result()
             except (InputError, *DECODE_ERRORS):
                 pass  # a damaged entry: computed again below
-    acc = featstats.accumulate(ext, hook_point, **options)
+    acc = featfeed.accumulate(ext, hook_point, **options)
     state = acc.state_dict()
     cache_write(ext, path, mark, {k: v for k, v in state.items() if not isinstance(v, np.ndarray)},
                 {k: v for k, v in state.items() if isinstance(v, np.ndarray)})

@@ -35,15 +35,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import InputError
-
-if TYPE_CHECKING:
-    from ..extraction import Extraction
 
 BANDS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 1.0))
 STATE_VERSION = 1
@@ -877,30 +874,3 @@ class FeatureStatsAccumulator:
             keys = feats[:, None].expand(-1, self.cooccurrence)[held] * self.d + o["co_features"][held]
             order = _argsort_distinct(keys)
             self._merge_cooccurrence(keys[order], o["co_counts"][held][order])
-
-
-def compute(ext: "Extraction", hook_point: str, *, chunk_rows: int | None = None, **options: Any) -> FeatureStatistics:
-    """The statistics of an existing store's committed rows of ``hook_point`` (see :func:`accumulate`)."""
-    return accumulate(ext, hook_point, chunk_rows=chunk_rows, **options).result()
-
-
-def accumulate(ext: "Extraction", hook_point: str, *, chunk_rows: int | None = None,
-               **options: Any) -> FeatureStatsAccumulator:
-    """An accumulator fed with an existing store's committed rows of ``hook_point``, streamed chunk by chunk
-    (memory: one chunk and the accumulator). ``options`` are :class:`FeatureStatsAccumulator`'s; documents are
-    the stored samples (``ext.activation_offsets``). ``chunk_rows`` defaults to whole storage chunks of about
-    32 MB."""
-    arr = ext.activations(hook_point)
-    d = int(arr.shape[1])
-    if chunk_rows is None:
-        unit = int(arr.chunks[0])
-        chunk_rows = unit * max(1, (32 << 20) // max(unit * d * np.dtype(arr.dtype).itemsize, 1))
-    chunk_rows = _int("chunk_rows", chunk_rows, 1)
-    acc = FeatureStatsAccumulator(d, **options)
-    mark = int(ext.committed_tokens())
-    offsets = np.asarray(ext.activation_offsets, np.int64)
-    for a in range(0, mark, chunk_rows):
-        b = min(a + chunk_rows, mark)
-        documents = np.searchsorted(offsets, np.arange(a, b), side="right") - 1
-        acc.update(a, arr[a:b], documents)
-    return acc

@@ -19,7 +19,6 @@ from .layout import WRITE_CONFIG, StoreLayout, array_codecs, numpy_dtype, zarr_d
 from .metadata import ExtractionMeta
 from .reads import DECODE_ERRORS, CheckedArray
 
-FEATURE_STATE = "statistics"  # group of the feature statistics' state, per hook point, saved with the commits
 
 
 class ExtractionStore:
@@ -228,19 +227,6 @@ class ExtractionStore:
     def activations(self, hook_point: str) -> zarr.Array:
         """The raw (writable, unchecked) Zarr array of one hook point; readers use ``Extraction.activations``."""
         return self.array(f"activations/{hook_point}")
-
-    def feature_state(self, hook_point: str, mark: int) -> dict | None:
-        """The feature statistics' state (:mod:`.featstats`) the writer saved with the commit at ``mark``: its
-        arrays (checked) and numbers; None when the store has none for that mark, or it does not read."""
-        try:
-            group = self.group[f"{FEATURE_STATE}/{hook_point}"]
-            if group.attrs.get("mark") != mark:
-                return None
-            arrays = {name: CheckedArray(group[name], self.location, group[name].shape[0])[...]
-                      for name in group.array_keys()}
-        except Exception:  # noqa: BLE001 - absent or damaged: the statistics are computed from the rows instead
-            return None
-        return {**{k: v for k, v in group.attrs.items() if k != "mark"}, **arrays}
 
     def bytes_to_write(self) -> int | None:
         """Bytes the activation arrays still need above the commit mark (None before allocation)."""

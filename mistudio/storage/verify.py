@@ -18,7 +18,7 @@ from .layout import has_checksum, storage_unit, unit_key, unit_name, unit_rows, 
 from .metadata import END_STATES, LIVE_STATES
 from ..errors import StoreCorrupted
 from .reads import DECODE_ERRORS, CheckedArray, damage, missing_units
-from .writer import FeatureIndex
+from .featindex import FeatureIndex
 
 OPTIONAL_TOKEN_ARRAYS = ("role", "positions")  # chat data; windowed documents
 

@@ -6,11 +6,14 @@ import queue
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..errors import MistudioError
 from .codec import Geometry, UnitWriter
+from .featfeed import StatisticsFeed
+from .featindex import FeatureIndex
 from .layout import storage_unit
 from .reads import CheckedArray
 from .stats import HookStats, LatentStats
@@ -107,118 +110,6 @@ class _Stream:
         self.executor.shutdown(wait=True)
 
 
-class FeatureIndex:
-    """The by-feature index of one SAE's latents, written a block at a time (a block: a chunk of the latents'
-    ``indices``/``values``, ``block_rows`` rows) once the block's rows are in, on a thread of its own. A block's
-    ``feature_offsets`` row says where each latent's entries start in the block's region of ``feature_rows``/
-    ``feature_values`` (sorted by latent, then row), then the entry count, the rows it covers and its first row.
-    Readers use a block's index when it covers the rows they need, and read the rows themselves otherwise (the
-    block being filled), so the index never holds the commit mark back."""
-
-    def __init__(self, store: ExtractionStore, hook_point: str, d_sae: int, block_rows: int, start_row: int):
-        base = f"latents/{hook_point}"
-        self.store, self.d_sae, self.block_rows = store, d_sae, block_rows
-        self.offsets, self.rows, self.values = (store.array(f"{base}/{n}") for n in
-                                                ("feature_offsets", "feature_rows", "feature_values"))
-        self.indices_arr, self.values_arr = store.array(f"{base}/indices"), store.array(f"{base}/values")
-        self.n_rows = int(self.indices_arr.shape[0])
-        self.width = int(self.indices_arr.shape[1])
-        self.writers = {name: (UnitWriter(arr, g) if (g := Geometry.of(arr)) is not None else None)
-                        for name, arr in (("offsets", self.offsets), ("rows", self.rows), ("values", self.values))}
-        self.block = start_row // block_rows
-        self.pieces: list[tuple[np.ndarray, np.ndarray]] = []
-        self.futures: list[Future] = []
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mistudio-index-{hook_point}")
-        first = self.block * block_rows
-        if start_row > first:  # the block the mark cuts: its committed rows come back
-            self.pieces.append(self._read(first, start_row))
-        for block in self.unindexed(self.block):  # blocks below the mark a crash left unindexed
-            stop = min((block + 1) * block_rows, self.n_rows)
-            self.futures.append(self.executor.submit(self._write, block, *self._read(block * block_rows, stop)))
-
-    def _read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        mark = stop
-        index = CheckedArray(self.indices_arr, self.store.location, mark)[start:stop]
-        values = CheckedArray(self.values_arr, self.store.location, mark)[start:stop].view(self.values_arr.dtype)
-        return index, values
-
-    def unindexed(self, below: int) -> list[int]:
-        """Blocks before ``below`` whose index is missing or does not cover the block."""
-        out = []
-        for block in range(below):
-            try:
-                row = CheckedArray(self.offsets, self.store.location, block + 1)[block]
-                whole = min(self.block_rows, self.n_rows - block * self.block_rows)
-                if int(row[self.d_sae + 1]) != whole or int(row[self.d_sae + 2]) != block * self.block_rows:
-                    out.append(block)
-            except Exception:  # noqa: BLE001 - missing or damaged: built again from the committed rows
-                out.append(block)
-        return out
-
-    def add(self, index: np.ndarray, values: np.ndarray, received: int, flush: bool = False) -> None:
-        """Rows up to ``received``: whole blocks are indexed (with ``flush`` the partial one too)."""
-        self.pieces.append((index, values))
-        while True:
-            start = self.block * self.block_rows
-            stop = min(start + self.block_rows, self.n_rows)
-            if start >= self.n_rows or (received < stop and not (flush and received > start)):
-                return
-            upto = min(received, stop)
-            index = np.concatenate([p[0] for p in self.pieces])
-            values = np.concatenate([p[1] for p in self.pieces])
-            self.futures.append(self.executor.submit(self._write, self.block, index[:upto - start],
-                                                     values[:upto - start]))
-            if upto < stop:  # a flush's partial block: its rows stay for the whole block later
-                self.pieces = [(index, values)]
-                return
-            self.pieces = [(index[upto - start:], values[upto - start:])]
-            self.block += 1
-
-    @staticmethod
-    def build(index: np.ndarray, values: np.ndarray, block: int, block_rows: int, width: int, d_sae: int,
-              dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A block's index from its rows (``index``/``values`` as stored): (offsets row, entry rows, entry values),
-        entries sorted by latent then row, padded (row -1, value 0) to the block's region."""
-        entries = block_rows * width
-        fired = values.reshape(-1) != 0  # bit patterns: a 0 value is an empty slot
-        feature = index.reshape(-1)[fired].astype(np.int64)
-        row = np.repeat(np.arange(len(index), dtype=np.int32), width)[fired]
-        if len(feature) and (feature.min() < 0 or feature.max() >= d_sae):
-            raise ValueError(f"a stored latent index is outside 0..{d_sae - 1}")
-        order = np.lexsort((row, feature))
-        offsets = np.zeros(d_sae + 3, np.int64)
-        offsets[1:d_sae + 1] = np.cumsum(np.bincount(feature, minlength=d_sae))
-        offsets[d_sae + 1], offsets[d_sae + 2] = len(index), block * block_rows
-        rows = np.full(entries, -1, np.int32)
-        rows[:len(order)] = row[order]
-        vals = np.zeros(entries, dtype)
-        vals[:len(order)] = values.reshape(-1)[fired][order]
-        return offsets, rows, vals
-
-    def _write(self, block: int, index: np.ndarray, values: np.ndarray) -> None:
-        offsets, rows, vals = self.build(index, values, block, self.block_rows, self.width, self.d_sae,
-                                         self.values.dtype)
-        entries = self.block_rows * self.width
-        for name, arr, data in (("rows", self.rows, rows), ("values", self.values, vals)):
-            writer = self.writers[name]
-            if writer is None:
-                arr[block * entries:(block + 1) * entries] = data
-            else:
-                writer.replace_unit(block, data)
-        if self.writers["offsets"] is None:
-            self.offsets[block] = offsets
-        else:
-            self.writers["offsets"].append(block, [offsets[None, :]])
-            self.writers["offsets"].sync()
-
-    def close(self) -> None:
-        try:
-            for future in self.futures:
-                future.result()
-        finally:
-            self.executor.shutdown(wait=True)
-
-
 class ChunkWriter:
     """The store's only writer: a thread that takes rows in stored order and writes them a chunk at a time.
 
@@ -239,7 +130,8 @@ class ChunkWriter:
     _FLUSH = object()
     _STOP = object()
 
-    def __init__(self, store: ExtractionStore, start_sample: int):
+    def __init__(self, store: ExtractionStore, start_sample: int, statistics: Sequence[str] = (),
+                 device: Any = "cpu"):
         self.store = store
         self.offsets = store.activation_offsets()  # rows, not tokens: special tokens may have none
         record = store.record
@@ -257,6 +149,7 @@ class ChunkWriter:
         saved = store.meta.get("latent_statistics", {}) if start_sample else {}
         self.latent_stats = {hp: {k: saved.get(hp, {}).get(k, v) for k, v in LatentStats.empty().items()}
                              for hp in record.latents}
+        self.feed = StatisticsFeed(store, list(statistics), mark, device) if statistics else None
         self.batches: deque[tuple[int, dict]] = deque()  # (end sample, statistics) of uncommitted batches
         self.committed_sample = self.received_sample = start_sample
         self.received = mark
@@ -303,6 +196,8 @@ class ChunkWriter:
                     index.close()
                 except BaseException as exc:  # noqa: BLE001 - reported like a write
                     self.error = self.error or exc
+            if self.feed is not None:  # caught up and saved, unless the store itself failed
+                self.feed.close(complete=self.committed_sample == len(self.offsets) - 1, save=self.error is None)
         self._raise()
 
     def _raise(self) -> None:
@@ -383,3 +278,5 @@ class ChunkWriter:
         self.store.update(progress=progress,
                           statistics={hp: HookStats.summary(acc) for hp, acc in self.stats.items()},
                           latent_statistics={hp: LatentStats.summary(acc) for hp, acc in self.latent_stats.items()})
+        if self.feed is not None:
+            self.feed.advance(progress["tokens_committed"])
