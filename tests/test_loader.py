@@ -147,10 +147,12 @@ def test_buffer_is_bounded(store):
     loader = ext.loader(HPS[0], batch_size=64, buffer_tokens=300, with_index=True)
     it = iter(loader)
     got = drain(it)
-    chunk = loader.chunk_rows[0]
-    assert 300 <= it.peak_rows <= 300 + chunk and it.capacity == 300 + 4 * chunk  # + 2 chunks read ahead, 1 in flight
+    run = loader.slot_rows  # one chunk here (an unsharded store)
+    assert run == loader.chunk_rows[0] and loader.lanes == -(-300 // run)  # lanes hold >= 300 rows, < 300 + a run
+    assert 300 <= it.peak_rows <= loader.lanes * run < 300 + run
+    assert it.capacity == (loader.lanes + 2) * run  # + 2 runs read ahead (prefetch)
     np.testing.assert_array_equal(np.sort(got["token_index"]), np.arange(ext.n_tokens))
-    assert loader.buffer_tokens == 300 and loader.prefetch == 2  # plus at most 2 chunks read ahead
+    assert loader.buffer_tokens == 300 and loader.prefetch == 2
 
 
 def test_in_progress_store_only_up_to_the_commit_mark(gpt2_dir, tmp_path):
