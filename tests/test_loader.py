@@ -234,3 +234,21 @@ def test_remote_store_through_fsspec(gpt2_dir):
     np.testing.assert_array_equal(got[HPS[0]], ref[got["token_index"]])
     assert not ext.feature_stats(HPS[0], bins=4).cached and ext.feature_stats(HPS[0], bins=4).cached
     np.testing.assert_allclose(ext.feature_stats(HPS[0], bins=4).max, ref.max(0))
+
+
+@pytest.mark.parametrize("buffer_tokens", [128, 2000])
+def test_resume_from_every_batch(store, second, buffer_tokens):
+    """A state taken after any batch (the first, the last, after the end) resumes exactly; over two stores."""
+    ext, _, _ = store
+    kw = dict(batch_size=1024, seed=2, exclude_special=True, with_index=True, buffer_tokens=buffer_tokens)
+    full = [b["token_index"].numpy() for b in ms.loader([ext, second], HPS[0], **kw)]
+    for cut in range(len(full) + 1):
+        it = iter(ms.loader([ext, second], HPS[0], **kw))
+        for _ in range(cut):
+            next(it)
+        resumed = iter(ms.loader([ext, second], HPS[0], **kw))
+        resumed.load_state_dict(it.state_dict())
+        tail = [b["token_index"].numpy() for b in resumed]
+        assert len(tail) == len(full) - cut
+        for got, want in zip(tail, full[cut:]):
+            np.testing.assert_array_equal(got, want)

@@ -118,6 +118,7 @@ class ActivationLoader(IterableDataset):
         self._plan_cache: tuple | None = None
         self._spare_pool: dict | None = None
         self._arrays: list[dict] | None = None
+        self._masks: dict[int, np.ndarray] | None = None  # special-token masks of small stores
         self._resume_skip: dict[int, int] = {}  # worker -> batches to skip (set by a resumed _WorkerPool)
 
     # -- configuration helpers -----------------------------------------------------------------------
@@ -170,6 +171,14 @@ class ActivationLoader(IterableDataset):
         """True where a token of ``[start, stop)`` is dropped by ``exclude_special`` (None: none is)."""
         if self._special is None or isinstance(self._special[store], str):
             return None
+        if self._masks is None:
+            self._masks = {}
+        whole = self._masks.get(store)
+        if whole is None and self.limits[store] <= MASK_BLOCK:  # a small store's mask: read once, kept
+            whole = self._masks[store] = self._read_mask(store, 0, self.limits[store])
+        return whole[start:stop] if whole is not None else self._read_mask(store, start, stop)
+
+    def _read_mask(self, store: int, start: int, stop: int) -> np.ndarray:
         group = self.extractions[store].store.group["tokens"]
         special = self._special[store]
         if special is None:
@@ -324,7 +333,8 @@ class ActivationLoader(IterableDataset):
 
     # Stores are reopened by location in a spawned worker (a forked one inherits them).
     def __getstate__(self) -> dict:
-        state = {**self.__dict__, "_spare_pool": None, "_arrays": None, "_plan_cache": None}
+        state = {**self.__dict__, "_spare_pool": None, "_arrays": None, "_plan_cache": None,
+                 "_masks": None}
         state["extractions"] = [(type(ext), ext.location, ext.store.storage_options) for ext in self.extractions]
         return state
 
@@ -575,7 +585,10 @@ class LoaderIterator:
                 ids[lo:upto] = self.pool_ids[positions[lo:upto]]
                 gathered[0] = upto
             if self._pending:
-                self._reader.release(self._pending)
+                if self._reader is not None:
+                    self._reader.release(self._pending)
+                else:  # resumed, and no piece read since: the slots are ours alone
+                    self._free.extend(self._pending)
                 self._pending = []
 
         got = self._advance(take, positions, flush)
