@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 import mistudio as ms
-from mistudio.analysis.loader import STATE_FORMAT, LoaderIterator
+from mistudio.analysis.loader import STATE_FORMAT
 
 HP = "layers.0.residual"
 EOS = "<|endoftext|>"

@@ -154,7 +154,8 @@ def test_worker_processes_resume_exactly(store):
     order = [w for r in range(max(map(len, simulated))) for w in (0, 1) if r < len(simulated[w])]
     assert len(full) == len(order)  # round-robin over the workers, whatever order the processes deliver in
     for i, (got, w) in enumerate(zip(full, order)):
-        np.testing.assert_array_equal(got["token_index"].numpy(), simulated[w][order[:i].count(w)]["token_index"].numpy())
+        want = simulated[w][order[:i].count(w)]
+        np.testing.assert_array_equal(got["token_index"].numpy(), want["token_index"].numpy())
     check_rows(full, ref)
     it = iter(make(store, rank, **kw))
     head = [next(it) for _ in range(5)]

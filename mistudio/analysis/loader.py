@@ -15,8 +15,9 @@ a uniform random sample of each lane's remaining rows (a stratified draw over th
 lanes). A lane that runs out takes the next piece of the plan. Every row stays exactly one lane lifetime, so a
 slot is freed whole and the buffer never fragments; the lanes' first pieces are cut to 1/lanes, 2/lanes, ...
 of a run (their rests go to the end of the plan) so that lanes run out one at a time, at the read rate.
-Batches are gathered from the slots (the second and last copy). Background threads read the next ``prefetch``
-pieces into free slots while the training step runs.
+Batches are gathered from the slots (the second and last copy). Two background threads read the next pieces
+(``prefetch`` batches' worth) into free slots while the training step runs: two reads in flight keep the
+disk's queue busy. Memory: (lanes + pieces read ahead) slots of one run each, whatever the store's size.
 
 **State.** The stream is a function of the plan and the position in it, so a state is small: the stores (id,
 nonce, commit mark), the settings that shape the order, the epoch and the batches already yielded.
@@ -876,7 +877,7 @@ def loader(extractions: "Extraction | Sequence[Extraction]", hook_points: str | 
     - ``shuffle``: runs (a chunk, or up to ``run_mb`` MB of adjacent chunks of a shard, read sequentially) in a
       random order, played through lanes holding ``buffer_tokens`` rows together (default: max(8 batches,
       16 runs)); each batch takes an equal share of random rows from every lane (see the module docstring).
-      ``shuffle=False``: stored order.
+      ``shuffle=False``: stored order. ``prefetch``: batches' worth of runs read ahead (at least 2 runs).
     - ``rank`` / ``world_size`` (default: torch.distributed's when initialised, else 0 / 1): each rank gets a
       contiguous share of the epoch's permuted rows, row counts differing by at most one. ``even_batches``
       (default True) makes every rank yield the same number of equally sized batches, as DistributedSampler
