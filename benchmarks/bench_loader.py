@@ -92,16 +92,20 @@ def measure(folder: Path, mb: float, repeats: int, old, prefetch: int) -> dict:
         for side in runs.values():  # warm the page cache and the code paths
             side()
         secs: dict[str, list[float]] = {f"{name}_{cache}": [] for cache in ("warm", "cold") for name in runs}
+        cpu: dict[str, list[float]] = {key: [] for key in secs}  # process CPU seconds (all threads) per pass
         for _ in range(repeats):  # interleaved, so drift of this shared machine hits all alike
             for cache in ("warm", "cold"):
                 for name, side in runs.items():
                     if cache == "cold":
                         run.drop_cache(files)
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     side()
                     secs[f"{name}_{cache}"].append(time.perf_counter() - start)
+                    cpu[f"{name}_{cache}"].append(time.process_time() - cpu_start)
         mb_s = {name: nbytes / 1e6 / float(np.median(s)) for name, s in secs.items()}
-        row = {"mb": nbytes / 1e6, "files": len(files), "mb_s": mb_s, "seconds": secs,
+        cpu_s_per_gb = {name: float(np.median(s)) / (nbytes / 1e9) for name, s in cpu.items()}
+        row = {"mb": nbytes / 1e6, "files": len(files), "mb_s": mb_s, "seconds": secs, "cpu_seconds": cpu,
+               "cpu_s_per_gb": cpu_s_per_gb, "load_average": os.getloadavg(),
                "cold_drop_effective": mb_s["raw_readinto_cold"] < 0.5 * mb_s["raw_readinto_warm"]}
         for cache in ("warm", "cold"):
             for name in ("before", "after"):
@@ -130,14 +134,16 @@ def main() -> None:
         result = measure(Path(tmp), mb, repeats, old, args.prefetch)
     print(f"loader MB/s ÷ raw np.fromfile MB/s ({mb:.0f} MB per layout, median of {repeats}; before = {args.before})")
     print(f"{'layout':<26}{'cache':<7}{'before':>8}{'after':>8}  target   MB/s before / after / raw fromfile / "
-          "raw readinto")
+          "raw readinto;  CPU s per GB before / after / raw fromfile")
     for layout, row in result.items():
-        m = row["mb_s"]
+        m, c = row["mb_s"], row["cpu_s_per_gb"]
         for cache, target in (("cold", ">= 0.8"), ("warm", ">= 0.45")):
             print(f"{layout:<26}{cache:<7}{row[f'before_{cache}_ratio']:>8.3f}{row[f'after_{cache}_ratio']:>8.3f}  "
                   f"{target:<8} {m[f'before_{cache}']:.0f} / {m[f'after_{cache}']:.0f} / "
-                  f"{m[f'raw_files_{cache}']:.0f} / {m[f'raw_readinto_{cache}']:.0f}"
+                  f"{m[f'raw_files_{cache}']:.0f} / {m[f'raw_readinto_{cache}']:.0f};  "
+                  f"{c[f'before_{cache}']:.2f} / {c[f'after_{cache}']:.2f} / {c[f'raw_files_{cache}']:.2f}"
                   + (f"   (drop took effect: {row['cold_drop_effective']})" if cache == "cold" else ""))
+        print(f"{'':<26}load average during the passes: {', '.join(f'{x:.1f}' for x in row['load_average'])}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"before": args.before, "mb": mb, "repeats": repeats,
                                           "prefetch": args.prefetch, "layouts": result}, indent=2))

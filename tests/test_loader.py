@@ -246,9 +246,11 @@ def test_resume_from_every_batch(store, second, buffer_tokens):
         it = iter(ms.loader([ext, second], HPS[0], **kw))
         for _ in range(cut):
             next(it)
+        state = it.state_dict()
         resumed = iter(ms.loader([ext, second], HPS[0], **kw))
-        resumed.load_state_dict(it.state_dict())
-        tail = [b["token_index"].numpy() for b in resumed]
-        assert len(tail) == len(full) - cut
-        for got, want in zip(tail, full[cut:]):
-            np.testing.assert_array_equal(got, want)
+        for again in range(2 if cut == 1 else 1):  # an iterator that has finished can load a state again
+            resumed.load_state_dict(state)
+            tail = [b["token_index"].numpy() for b in resumed]
+            assert len(tail) == len(full) - cut
+            for got, want in zip(tail, full[cut:]):
+                np.testing.assert_array_equal(got, want)

@@ -100,11 +100,8 @@ class ActivationLoader(IterableDataset):
         self.chunk_rows = [int(a.chunks[0]) for a in first]
         self.run_rows = [_run_rows(a, self.run_mb) for a in first]
         self.unit_rows = [int((a.shards or a.chunks)[0]) for a in first]
-        self.runs = np.array([(s, a, min(a + self.run_rows[s], u + self.unit_rows[s], limit))
-                              for s, limit in enumerate(self.limits)
-                              for u in range(0, limit, self.unit_rows[s])
-                              for a in range(u, min(u + self.unit_rows[s], limit), self.run_rows[s])],
-                             dtype=np.int64).reshape(-1, 3)
+        self.runs = np.concatenate([np.zeros((0, 3), np.int64)] + [
+            _runs(s, limit, self.unit_rows[s], self.run_rows[s]) for s, limit in enumerate(self.limits)])
         self.slot_rows = max(self.run_rows)
         default = max(8 * batch_size, 16 * self.slot_rows)
         self.buffer_tokens = buffer_tokens if buffer_tokens is not None else default
@@ -121,6 +118,7 @@ class ActivationLoader(IterableDataset):
         self._arrays: list[dict] | None = None
         self._masks: dict[int, np.ndarray] | None = None  # special-token masks of small stores
         self._resume_skip: dict[int, int] = {}  # worker -> batches to skip (set by a resumed _WorkerPool)
+        self._tag_worker = False  # in _WorkerPool's workers: batches carry the worker id
 
     # -- configuration helpers -----------------------------------------------------------------------
     @staticmethod
@@ -328,7 +326,7 @@ class ActivationLoader(IterableDataset):
         it = LoaderIterator(self, epoch, worker, n_workers, to_device=info is None)
         if self._resume_skip.get(worker):
             it.seek(self._resume_skip[worker])
-        if info is not None and getattr(self, "_tag_worker", False):
+        if info is not None and self._tag_worker:
             return _Tagged(it, worker)
         return it
 
@@ -456,21 +454,26 @@ class LoaderIterator:
         self.loader, self.to_device = loader, to_device
         self.torch_dtype = getattr(torch, loader.dtype)
         self.capacity = loader.slots * loader.slot_rows
-        pool_dtype = {hp: np.result_type(*(e.activations(hp).dtype for e in loader.extractions))
-                      for hp in loader.hook_points}
-        shapes = {hp: ((self.capacity, d), pool_dtype[hp]) for hp, d in loader.widths.items()}
-        spare = loader._spare_pool  # the last finished epoch's buffer: already in memory, no page faults
-        loader._spare_pool = None
-        if spare is None or {hp: (a.shape, a.dtype) for hp, a in spare.items()} != shapes:
-            spare = {hp: np.empty(shape, dtype) for hp, (shape, dtype) in shapes.items()}
-        self.pool = spare
+        self.pool: dict | None = None
         self.pool_ids = np.empty(self.capacity, np.int64)
         self.peak_rows = 0  # the most rows the lanes ever held
         self._reader: _Reader | None = None
         self._start(epoch, worker, n_workers)
 
+    def _buffer(self) -> dict:
+        """{hook point: (slots x run rows, d)}: the last finished epoch's when it fits (no page faults)."""
+        loader = self.loader
+        shapes = {hp: ((self.capacity, d), np.result_type(*(e.activations(hp).dtype for e in loader.extractions)))
+                  for hp, d in loader.widths.items()}
+        spare, loader._spare_pool = loader._spare_pool, None
+        if spare is None or {hp: (a.shape, a.dtype) for hp, a in spare.items()} != shapes:
+            spare = {hp: np.empty(shape, dtype) for hp, (shape, dtype) in shapes.items()}
+        return spare
+
     def _start(self, epoch: int, worker: int, n_workers: int) -> None:
         self._stop_reader()
+        if self.pool is None:
+            self.pool = self._buffer()
         self.epoch, self.worker, self.n_workers = epoch, worker, n_workers
         self.plan = self.loader.plan(epoch, worker, n_workers)
         lanes = self.loader.lanes
@@ -850,6 +853,14 @@ def _resolve_rank(rank: Any, world_size: Any) -> tuple[int, int]:
     if not _is_int(rank) or not 0 <= rank < world_size:
         raise InputError(f"«rank={rank!r}» must be a whole number in [0, world_size={world_size})")
     return int(rank), int(world_size)
+
+
+def _runs(store: int, limit: int, unit: int, run: int) -> np.ndarray:
+    """Rows (store, start, stop) of a store's runs below ``limit``: ``run`` rows each, never across a unit."""
+    starts = (np.arange(0, limit, unit, dtype=np.int64)[:, None] + np.arange(0, unit, run, dtype=np.int64)).ravel()
+    starts = starts[starts < limit]
+    stops = np.minimum(np.minimum(starts + run, (starts // unit + 1) * unit), limit)
+    return np.column_stack([np.full(len(starts), store, np.int64), starts, stops])
 
 
 def _run_rows(arr: Any, run_mb: float) -> int:
