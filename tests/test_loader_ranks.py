@@ -230,3 +230,18 @@ def test_real_ranks_with_gloo_and_worker_processes(store, tmp_path):
     for g in got:
         assert len(set(g["counts"].ravel().tolist())) == 1
         np.testing.assert_array_equal(g["resumed"], g["first"])
+
+
+def test_lanes_run_out_one_at_a_time(store):
+    """Lanes are staggered: past the first half buffer, each batch takes batch_size / run rows new pieces
+    (never a burst of all lanes at once), so reading keeps pace with the batches; nothing is read twice."""
+    loader = make(store, 0, world_size=1, batch_size=1024, buffer_tokens=2048, even_batches=False)
+    it = LoaderIterator(loader, 0)
+    assert loader.lanes > 4 and len(it.plan) == loader.n_runs  # one piece per run: no run split or read twice
+    taken = []
+    for _ in it:
+        taken.append(it.next_piece)
+    per_batch = np.diff(taken)
+    ramp = loader.lanes * loader.slot_rows // 1024  # batches while lanes join (start) or die (end)
+    steady, per_run = per_batch[ramp:-ramp], 1024 / loader.slot_rows
+    assert len(steady) >= 6 and steady.max() <= np.ceil(per_run) + 1 and steady.min() >= np.floor(per_run) - 1

@@ -13,8 +13,9 @@ its kept rows in a random order (seeded by the piece). Rows leave the lanes roun
 by the key (row number within its lane, lane), so each batch takes ``batch_size / lanes`` rows from every lane,
 a uniform random sample of each lane's remaining rows (a stratified draw over the ``buffer_tokens`` rows in the
 lanes). A lane that runs out takes the next piece of the plan. Every row stays exactly one lane lifetime, so a
-slot is freed whole and the buffer never fragments; the lanes' first pieces are cut to 1/lanes, 2/lanes, ...
-of a run (their rests go to the end of the plan) so that lanes run out one at a time, at the read rate.
+slot is freed whole and the buffer never fragments. Lane j starts (lanes - 1 - j) / lanes of a run before lane
+lanes - 1 (the lanes join one by one over the first half buffer of the epoch), so that they run out one at a
+time, at the rate pieces are read, and nothing is read twice.
 Batches are gathered from the slots (the second and last copy). Two background threads read the next pieces
 (``prefetch`` batches' worth) into free slots while the training step runs: two reads in flight keep the
 disk's queue busy. Memory: (lanes + pieces read ahead) slots of one run each, whatever the store's size.
@@ -278,13 +279,6 @@ class ActivationLoader(IterableDataset):
             mine = np.concatenate([mine, self._cut(mine if len(mine) else pieces, 0, 1)])
         a, b = self.worker_rows(worker, n_workers)
         mine = self._cut(mine, a, b)
-        if self.lanes > 1 and len(mine):  # stagger: lane j's first piece holds (j + 1) / lanes of it
-            heads, tails = [], []
-            for j, piece in enumerate(mine[:self.lanes]):
-                h = -(-(j + 1) * int(piece[3]) // self.lanes)
-                heads.append(self._cut(piece[None], 0, h))
-                tails.append(self._cut(piece[None], h, int(piece[3])))
-            mine = np.concatenate(heads + [mine[self.lanes:]] + tails)
         mine = mine[mine[:, 2] > mine[:, 1]]
         return Plan(mine, self.batches_of(int(mine[:, 3].sum())))
 
@@ -483,10 +477,15 @@ class LoaderIterator:
         self.lane_slot = np.full(lanes, -1, np.int64)
         self.alive = np.ones(lanes, bool)
         self.orders = np.zeros((lanes, self.loader.slot_rows), np.int64)
-        self.cursor = 0  # stream key of the next row: level * lanes + lane
-        self._ends = [(lane, lane) for lane in range(lanes)]  # heap of (key after a lane's last row, lane)
-        self._alive = list(range(lanes))
-        self._alive_array = np.arange(lanes)
+        # Lane j starts (lanes - 1 - j) / lanes of a run early (negative levels), so that the lanes run out one
+        # after another, a run's worth of rows apart, and ask for their next pieces at the rate they are read.
+        start = [-((lanes - 1 - j) * self.loader.slot_rows // lanes) for j in range(lanes)]
+        self.lane_k0[:] = start
+        self._ends = [(k * lanes + j, j) for j, k in enumerate(start)]  # heap of (key after a lane's rows, lane)
+        heapq.heapify(self._ends)
+        self.cursor = self._ends[0][0]  # stream key of the next row: level * lanes + lane
+        self._active: list[int] = []  # lanes holding a piece, in order
+        self._active_array = np.zeros(0, np.int64)
         self.next_piece = 0
         self.rows = 0  # rows yielded
         self.batches = 0
@@ -508,13 +507,16 @@ class LoaderIterator:
                 _, lane = heapq.heappop(heap)
                 self._refill(lane, e // lanes, out is not None, flush, done)
                 continue
-            alive, a = self._alive, len(self._alive)  # every one of them has rows at every key in [cursor, e)
+            active, a = self._active, len(self._active)  # each of them has rows at every key in [cursor, e)
+            if not a:  # no lane has started yet: nothing before e
+                self.cursor = e
+                continue
             level, at = divmod(self.cursor, lanes)
-            i0 = bisect.bisect_left(alive, at)
-            window = (e // lanes - level) * a + bisect.bisect_left(alive, e % lanes) - i0
+            i0 = bisect.bisect_left(active, at)
+            window = (e // lanes - level) * a + bisect.bisect_left(active, e % lanes) - i0
             t = min(need - done, window)
             idx = np.arange(i0, i0 + t)
-            lv, ln = level + idx // a, self._alive_array[idx % a]
+            lv, ln = level + idx // a, self._active_array[idx % a]
             if out is not None:
                 out[done:done + t] = self.orders[ln, lv - self.lane_k0[ln]]
             done += t
@@ -527,9 +529,13 @@ class LoaderIterator:
             self.lane_slot[lane] = -1
         if self.next_piece >= len(self.plan):  # the lane is done for this epoch
             self.alive[lane] = False
-            self._alive.remove(lane)
-            self._alive_array = np.array(self._alive, np.int64)
+            if lane in self._active:
+                self._active.remove(lane)
+                self._active_array = np.array(self._active, np.int64)
             return
+        if lane not in self._active:  # its first piece: the lane joins the round-robin
+            bisect.insort(self._active, lane)
+            self._active_array = np.array(self._active, np.int64)
         i = self.next_piece
         self.next_piece += 1
         m = int(self.plan.pieces[i, 3])
