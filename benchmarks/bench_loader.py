@@ -9,7 +9,9 @@ for both layouts (format 1: one 2 MB chunk per file; format 2: 32 MB shard files
 checked out of git into a temporary file and imported beside the new one, so both run in this process on the
 same stores. Cold: every unit file is fsync'ed and its pages dropped (POSIX_FADV_DONTNEED) before each pass
 of each side. Each pass is one epoch of batches of 4096 rows as torch tensors (the shuffled loader) or one
-read of every unit file (raw). Prints a table and writes benchmarks/out/loader.json.
+read of every unit file (raw); sides are interleaved, medians reported. Also printed: process CPU seconds per
+GB (all threads) and the load average, since on a shared machine the wall-clock ratios move with the load.
+Prints a table and writes benchmarks/out/loader.json.
 """
 from __future__ import annotations
 
