@@ -147,10 +147,12 @@ def test_buffer_is_bounded(store):
     loader = ext.loader(HPS[0], batch_size=64, buffer_tokens=300, with_index=True)
     it = iter(loader)
     got = drain(it)
-    chunk = loader.chunk_rows[0]
-    assert 300 <= it.peak_rows <= 300 + chunk and it.capacity == 300 + 4 * chunk  # + 2 chunks read ahead, 1 in flight
+    run = loader.slot_rows  # one chunk here (an unsharded store)
+    assert run == loader.chunk_rows[0] and loader.lanes == -(-300 // run)  # lanes hold >= 300 rows, < 300 + a run
+    assert 300 <= it.peak_rows <= loader.lanes * run < 300 + run
+    assert it.capacity == (loader.lanes + 2) * run  # + 2 runs read ahead (prefetch)
     np.testing.assert_array_equal(np.sort(got["token_index"]), np.arange(ext.n_tokens))
-    assert loader.buffer_tokens == 300 and loader.prefetch == 2  # plus at most 2 chunks read ahead
+    assert loader.buffer_tokens == 300 and loader.prefetch == 2
 
 
 def test_in_progress_store_only_up_to_the_commit_mark(gpt2_dir, tmp_path):
@@ -232,3 +234,23 @@ def test_remote_store_through_fsspec(gpt2_dir):
     np.testing.assert_array_equal(got[HPS[0]], ref[got["token_index"]])
     assert not ext.feature_stats(HPS[0], bins=4).cached and ext.feature_stats(HPS[0], bins=4).cached
     np.testing.assert_allclose(ext.feature_stats(HPS[0], bins=4).max, ref.max(0))
+
+
+@pytest.mark.parametrize("buffer_tokens", [128, 2000])
+def test_resume_from_every_batch(store, second, buffer_tokens):
+    """A state taken after any batch (the first, the last, after the end) resumes exactly; over two stores."""
+    ext, _, _ = store
+    kw = dict(batch_size=1024, seed=2, exclude_special=True, with_index=True, buffer_tokens=buffer_tokens)
+    full = [b["token_index"].numpy() for b in ms.loader([ext, second], HPS[0], **kw)]
+    for cut in range(len(full) + 1):
+        it = iter(ms.loader([ext, second], HPS[0], **kw))
+        for _ in range(cut):
+            next(it)
+        state = it.state_dict()
+        resumed = iter(ms.loader([ext, second], HPS[0], **kw))
+        for again in range(2 if cut == 1 else 1):  # an iterator that has finished can load a state again
+            resumed.load_state_dict(state)
+            tail = [b["token_index"].numpy() for b in resumed]
+            assert len(tail) == len(full) - cut
+            for got, want in zip(tail, full[cut:]):
+                np.testing.assert_array_equal(got, want)

@@ -1,15 +1,37 @@
-"""Training loader: every stored token once per epoch, shuffled, resumable, sharded over DataLoader workers.
+"""Training loader: every stored row once per epoch, shuffled, split over ranks and DataLoader workers, resumable.
 
-The plan of an epoch is a permutation of the stores' chunks (deterministic by ``(seed, epoch)``); a
-background thread reads them in that order into free rows of the buffer while the training step runs,
-and each batch is drawn at random from the shuffle buffer of ``buffer_tokens`` rows. So the loader holds
-at most ``buffer_tokens`` + one chunk rows in the shuffle buffer, plus ``prefetch`` chunks read ahead and
-one being written, whatever the store's size; batches move row numbers, never rows, until the gather.
+**Plan of an epoch.** The stores' rows are cut into *runs*: one chunk of an unsharded array, or up to ``run_mb``
+of adjacent chunks inside one shard of a sharded array (read as one sequential run, so cold reads keep the
+kernel's readahead). The runs are permuted by ``(seed, epoch)``; the permuted sequence of kept rows (special
+tokens dropped with ``exclude_special``) is cut into contiguous ranges, one per rank (equal row counts, see
+``even_batches``), and a rank's range into one per DataLoader worker (whole batches each, the partial batch to
+the last worker). A cut inside a run makes two *pieces* of it; every row is in exactly one piece.
+
+**Stream.** An iterator plays its pieces through ``lanes`` (``buffer_tokens`` / run rows, rounded up): each lane
+holds one piece, read straight from the files into its own *slot* of the buffer (``read_into``: no other copy),
+its kept rows in a random order (seeded by the piece). Rows leave the lanes round-robin: the stream is ordered
+by the key (row number within its lane, lane), so each batch takes ``batch_size / lanes`` rows from every lane,
+a uniform random sample of each lane's remaining rows (a stratified draw over the ``buffer_tokens`` rows in the
+lanes). A lane that runs out takes the next piece of the plan. Every row stays exactly one lane lifetime, so a
+slot is freed whole and the buffer never fragments. Lane j starts (lanes - 1 - j) / lanes of a run before lane
+lanes - 1 (the lanes join one by one over the first half buffer of the epoch), so that they run out one at a
+time, at the rate pieces are read, and nothing is read twice.
+Batches are gathered from the slots (the second and last copy). Two background threads read the next pieces
+(``prefetch`` batches' worth) into free slots while the training step runs: two reads in flight keep the
+disk's queue busy. Memory: (lanes + pieces read ahead) slots of one run each, whatever the store's size.
+
+**State.** The stream is a function of the plan and the position in it, so a state is small: the stores (id,
+nonce, commit mark), the settings that shape the order, the epoch and the batches already yielded.
+``load_state_dict`` checks every field against this loader and its stores, then replays the lane schedule from
+the piece sizes (no data read) and reads the pieces the lanes hold.
 """
 from __future__ import annotations
 
+import bisect
 import copy
-import queue
+import heapq
+import numbers
+import reprlib
 import threading
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -24,8 +46,15 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from ..extraction import Extraction
 
-STORE_SHIFT = 40  # a token id in the buffer is (store << 40) | token index
+STORE_SHIFT = 40  # a row id is (store << 40) | token index
 NORMALIZE = (None, "mean_std", "unit_norm")
+STATE_FORMAT = "mistudio.loader/2"
+READ_THREADS = 2  # two reads in flight: the disk's queue stays busy while one read is being checked
+RUN_MB = 8.0
+MASK_BLOCK = 1 << 22  # tokens per read of a special-token mask when counting kept rows
+MAX_EPOCH = 2**62
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 40, 40, 4, 4, 2
 
 
 class ActivationLoader(IterableDataset):
@@ -35,40 +64,63 @@ class ActivationLoader(IterableDataset):
                  batch_size: int = 4096, shuffle: bool = True, seed: int = 0, exclude_special: bool = False,
                  dtype: str = "float32", device: str = "cpu", drop_last: bool = False, num_workers: int = 0,
                  buffer_tokens: int | None = None, normalize: str | None = None, with_index: bool = False,
-                 prefetch: int = 2):
+                 prefetch: int = 2, rank: int | None = None, world_size: int | None = None,
+                 even_batches: bool = True, run_mb: float = RUN_MB):
         self.extractions = list(extractions) if isinstance(extractions, (list, tuple)) else [extractions]
         self.single = isinstance(hook_points, str)
         self.hook_points = [hook_points] if self.single else list(hook_points)
         if not self.extractions or not self.hook_points:
             raise InputError("the loader needs at least one extraction and one hook point")
-        if batch_size < 1 or num_workers < 0 or prefetch < 1:
-            raise InputError(f"batch_size and prefetch must be >= 1 and num_workers >= 0 "
-                             f"(got {batch_size}, {prefetch}, {num_workers})")
+        for name, value, least in (("batch_size", batch_size, 1), ("prefetch", prefetch, 1),
+                                   ("num_workers", num_workers, 0), ("seed", seed, 0)):
+            if not _is_int(value) or value < least:
+                raise InputError(f"«{name}={value!r}» must be a whole number >= {least}")
+        if buffer_tokens is not None and (not _is_int(buffer_tokens) or buffer_tokens < 1):
+            raise InputError(f"«buffer_tokens={buffer_tokens!r}» must be a whole number >= 1 (or None: the default)")
+        if not isinstance(run_mb, (int, float)) or isinstance(run_mb, bool) or not 0 <= run_mb < 2**20:
+            raise InputError(f"«run_mb={run_mb!r}» must be a number of MB >= 0 (0: one chunk at a time)")
         if normalize not in NORMALIZE:
-            raise InputError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise InputError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+            raise InputError(f"«normalize={normalize!r}» must be one of {NORMALIZE}")
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise InputError(f"«dtype={dtype!r}» must name a torch dtype such as 'float32' or 'bfloat16'")
+        self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.widths = {hp: int(self.extractions[0].activations(hp).shape[1]) for hp in self.hook_points}
         for ext in self.extractions[1:]:
             widths = {hp: int(ext.activations(hp).shape[1]) for hp in self.hook_points}
             if widths != self.widths:
                 raise InputError(f"extraction {ext.id} has widths {widths}, the first one {self.widths}: "
                                  "stores loaded together need the same hook points and widths")
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.dtype, self.device, self.num_workers, self.prefetch = dtype, device, num_workers, prefetch
-        self.normalize, self.with_index, self.exclude_special = normalize, with_index, exclude_special
+        self.batch_size, self.shuffle, self.seed, self.drop_last = int(batch_size), bool(shuffle), int(seed), \
+            bool(drop_last)
+        self.dtype, self.device, self.num_workers, self.prefetch = dtype, device, int(num_workers), int(prefetch)
+        self.normalize, self.with_index, self.exclude_special = normalize, with_index, bool(exclude_special)
+        self.even_batches, self.run_mb = bool(even_batches), float(run_mb)
         self.limits = [ext.committed_tokens() for ext in self.extractions]  # a snapshot of the commit marks
-        self.chunk_rows = [int(ext.activations(self.hook_points[0]).chunks[0]) for ext in self.extractions]
-        self.chunks = np.array([(s, a, min(a + self.chunk_rows[s], limit)) for s, limit in enumerate(self.limits)
-                                for a in range(0, limit, self.chunk_rows[s])], dtype=np.int64).reshape(-1, 3)
-        self.max_chunk = max(self.chunk_rows)
-        default = max(8 * batch_size, 16 * self.max_chunk)
-        self.buffer_tokens = max(batch_size, buffer_tokens if buffer_tokens is not None else default)
+        self.identity = [{"id": ext.id, "nonce": ext.record.nonce, "committed": int(limit)}
+                         for ext, limit in zip(self.extractions, self.limits)]
+        first = [ext.activations(self.hook_points[0]) for ext in self.extractions]
+        self.chunk_rows = [int(a.chunks[0]) for a in first]
+        self.run_rows = [_run_rows(a, self.run_mb) for a in first]
+        self.unit_rows = [int((a.shards or a.chunks)[0]) for a in first]
+        self.runs = np.concatenate([np.zeros((0, 3), np.int64)] + [
+            _runs(s, limit, self.unit_rows[s], self.run_rows[s]) for s, limit in enumerate(self.limits)])
+        self.slot_rows = max(self.run_rows)
+        default = max(8 * batch_size, 16 * self.slot_rows)
+        self.buffer_tokens = buffer_tokens if buffer_tokens is not None else default
+        self.lanes = max(1, -(-self.buffer_tokens // self.slot_rows)) if self.shuffle else 1
+        # read ahead: ``prefetch`` batches' worth of runs (at least 2: one per reading thread)
+        self.read_ahead = max(READ_THREADS, -(-self.prefetch * self.batch_size // self.slot_rows))
+        self.slots = self.lanes + self.read_ahead
         self._special = [self._special_source(ext) for ext in self.extractions] if exclude_special else None
         self._norm = [self._norm_factors(ext) for ext in self.extractions] if normalize else None
         self.epoch = 0
+        self._run_kept: np.ndarray | None = None
+        self._plan_cache: tuple | None = None
         self._spare_pool: dict | None = None
         self._arrays: list[dict] | None = None
+        self._masks: dict[int, np.ndarray] | None = None  # special-token masks of small stores
+        self._resume_skip: dict[int, int] = {}  # worker -> batches to skip (set by a resumed _WorkerPool)
+        self._tag_worker = False  # in _WorkerPool's workers: batches carry the worker id
 
     # -- configuration helpers -----------------------------------------------------------------------
     @staticmethod
@@ -102,45 +154,181 @@ class ActivationLoader(IterableDataset):
             out[hp] = (np.asarray(shift, np.float32), np.asarray(scale, np.float32))
         return out
 
+    def settings(self) -> dict:
+        """The settings that shape the order of an epoch (recorded in every state)."""
+        return {"seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size,
+                "drop_last": self.drop_last, "exclude_special": self.exclude_special, "lanes": self.lanes,
+                "slot_rows": self.slot_rows, "run_rows": list(self.run_rows), "rank": self.rank,
+                "world_size": self.world_size, "even_batches": self.even_batches}
+
     # -- reading -------------------------------------------------------------------------------------
-    def read(self, store: int, start: int, stop: int, keep_special: bool = False) -> tuple[np.ndarray, dict]:
-        """Rows ``[start, stop)`` of one store: (buffer ids, {hook point: rows}), filtered and normalized."""
-        ext = self.extractions[store]
-        if self._arrays is None:  # ext.activations(hp) once per store and hook point, not per chunk
+    def arrays(self, store: int) -> dict:
+        """{hook point: checked array} of one store (opened once per process)."""
+        if self._arrays is None:
             self._arrays = [{hp: e.activations(hp) for hp in self.hook_points} for e in self.extractions]
-        rows = {hp: array[start:stop] for hp, array in self._arrays[store].items()}
+        return self._arrays[store]
+
+    def special_mask(self, store: int, start: int, stop: int) -> np.ndarray | None:
+        """True where a token of ``[start, stop)`` is dropped by ``exclude_special`` (None: none is)."""
+        if self._special is None or isinstance(self._special[store], str):
+            return None
+        if self._masks is None:
+            self._masks = {}
+        whole = self._masks.get(store)
+        if whole is None and self.limits[store] <= MASK_BLOCK:  # a small store's mask: read once, kept
+            whole = self._masks[store] = self._read_mask(store, 0, self.limits[store])
+        return whole[start:stop] if whole is not None else self._read_mask(store, start, stop)
+
+    def _read_mask(self, store: int, start: int, stop: int) -> np.ndarray:
+        group = self.extractions[store].store.group["tokens"]
+        special = self._special[store]
+        if special is None:
+            return np.asarray(group["special"][start:stop]).astype(bool)
+        return np.isin(group["input_ids"][start:stop], special)
+
+    def read(self, store: int, start: int, stop: int, keep_special: bool = False) -> tuple[np.ndarray, dict]:
+        """Rows ``[start, stop)`` of one store: (row ids, {hook point: rows}), filtered and normalized."""
+        rows = {hp: array[start:stop] for hp, array in self.arrays(store).items()}
         ids = np.arange(start, stop, dtype=np.int64) | (store << STORE_SHIFT)
-        if self._special is not None and not keep_special and not isinstance(self._special[store], str):
-            group = ext.store.group["tokens"]
-            special = self._special[store]
-            mask = group["special"][start:stop].astype(bool) if special is None else \
-                np.isin(group["input_ids"][start:stop], special)
-            if mask.any():
-                ids, rows = ids[~mask], {hp: r[~mask] for hp, r in rows.items()}
+        mask = None if keep_special else self.special_mask(store, start, stop)
+        if mask is not None and mask.any():
+            ids, rows = ids[~mask], {hp: r[~mask] for hp, r in rows.items()}
         if self._norm is not None:
             rows = {hp: (r.astype(np.float32) - self._norm[store][hp][0]) / self._norm[store][hp][1]
                     for hp, r in rows.items()}
         return ids, rows
 
+    def kept_offsets(self, store: int, start: int, stop: int) -> np.ndarray:
+        """Offsets (from ``start``) of the rows of ``[start, stop)`` an epoch yields."""
+        mask = self.special_mask(store, start, stop)
+        return np.arange(stop - start, dtype=np.int64) if mask is None else np.flatnonzero(~mask)
+
+    def run_kept(self) -> np.ndarray:
+        """Rows each run yields (its tokens, less the special ones with ``exclude_special``); counted once, the
+        masks read in blocks of whole storage units (runs never cross one), so memory stays bounded."""
+        if self._run_kept is None:
+            kept = self.runs[:, 2] - self.runs[:, 1]
+            for s, limit in enumerate(self.limits):
+                if self.special_mask(s, 0, 0) is None:
+                    continue
+                unit = self.unit_rows[s]
+                block = max(unit, MASK_BLOCK // unit * unit)
+                mine = np.flatnonzero(self.runs[:, 0] == s)
+                for a in range(0, limit, block):
+                    b = min(a + block, limit)
+                    cum = np.concatenate([[0], np.cumsum(~self.special_mask(s, a, b), dtype=np.int64)])
+                    inside = mine[(self.runs[mine, 1] >= a) & (self.runs[mine, 2] <= b)]
+                    kept[inside] = cum[self.runs[inside, 2] - a] - cum[self.runs[inside, 1] - a]
+            self._run_kept = kept
+        return self._run_kept
+
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next ``iter()`` plays (then it counts on: e, e+1, ...)."""
+        if not _is_int(epoch) or not 0 <= epoch < MAX_EPOCH:
+            raise InputError(f"«epoch={epoch!r}» must be a whole number >= 0")
         self.epoch = int(epoch)
 
     @property
     def n_chunks(self) -> int:
-        return len(self.chunks)
+        """Chunks (of the first hook point) below the commit marks, all stores together."""
+        return int(sum(-(-limit // rows) for limit, rows in zip(self.limits, self.chunk_rows)))
 
+    @property
+    def n_runs(self) -> int:
+        return len(self.runs)
+
+    # -- the plan of an epoch ------------------------------------------------------------------------
+    def rank_rows(self) -> tuple[int, int, int]:
+        """(first, stop, padded) kept rows of this rank in the epoch's permuted sequence; ``padded`` is 1 when
+        the rank repeats one row so that every rank has the same count (``even_batches``, not ``drop_last``)."""
+        total = int(self.run_kept().sum())
+        q, rem = divmod(total, self.world_size)
+        r = self.rank
+        if self.even_batches and self.drop_last:
+            return r * q, (r + 1) * q, 0
+        first, stop = r * q + min(r, rem), (r + 1) * q + min(r + 1, rem)
+        return first, stop, int(self.even_batches and rem > 0 and r >= rem)
+
+    def worker_rows(self, worker: int, n_workers: int) -> tuple[int, int]:
+        """(first, stop) of a worker within its rank's rows (padding included): whole batches each, the
+        rank's last (partial) batch to the last worker."""
+        first, stop, pad = self.rank_rows()
+        rows = stop - first + pad
+        n_batches = -(-rows // self.batch_size)
+        a = worker * n_batches // n_workers * self.batch_size
+        b = rows if worker == n_workers - 1 else (worker + 1) * n_batches // n_workers * self.batch_size
+        return min(a, rows), min(b, rows)
+
+    def batches_of(self, rows: int) -> int:
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    def plan(self, epoch: int, worker: int = 0, n_workers: int = 1) -> "Plan":
+        """The pieces one worker of this rank plays in ``epoch``, in order (the last one asked is kept)."""
+        key = (epoch, worker, n_workers)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            self._plan_cache = (key, self._make_plan(epoch, worker, n_workers))
+        return self._plan_cache[1]
+
+    def _make_plan(self, epoch: int, worker: int, n_workers: int) -> "Plan":
+        kept = self.run_kept()
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.runs)) if self.shuffle \
+            else np.arange(len(self.runs))
+        pieces = np.column_stack([self.runs[order], kept[order]])
+        first, stop, pad = self.rank_rows()
+        mine = self._cut(pieces, first, stop)
+        if pad:
+            mine = np.concatenate([mine, self._cut(mine if len(mine) else pieces, 0, 1)])
+        a, b = self.worker_rows(worker, n_workers)
+        mine = self._cut(mine, a, b)
+        mine = mine[mine[:, 2] > mine[:, 1]]
+        return Plan(mine, self.batches_of(int(mine[:, 3].sum())))
+
+    def _cut(self, pieces: np.ndarray, first: int, stop: int) -> np.ndarray:
+        """The parts of ``pieces`` (rows: store, start, stop, kept) holding kept rows ``[first, stop)`` of their
+        concatenation; a piece cut inside is split at a kept row (its mask read)."""
+        if stop <= first or not len(pieces):
+            return pieces[:0]
+        ends = np.cumsum(pieces[:, 3])
+        starts = ends - pieces[:, 3]
+        i, j = int(np.searchsorted(ends, first, "right")), int(np.searchsorted(starts, stop, "left"))
+        out = pieces[i:j].copy()
+        if not len(out):
+            return out
+        lo, hi = int(first - starts[i]), int(min(stop - starts[j - 1], pieces[j - 1, 3]))
+        if len(out) == 1:
+            out[0] = self._trim(out[0], lo, hi)
+        else:
+            out[0], out[-1] = self._trim(out[0], lo, int(out[0, 3])), self._trim(out[-1], 0, hi)
+        return out
+
+    def _trim(self, piece: np.ndarray, lo: int, hi: int) -> tuple[int, int, int, int]:
+        """The part of a piece holding its kept rows ``[lo, hi)``."""
+        s, a, b, k = (int(x) for x in piece)
+        if lo == 0 and hi == k:
+            return s, a, b, k
+        offsets = self.kept_offsets(s, a, b)
+        new_a = a + int(offsets[lo]) if lo > 0 else a
+        new_b = a + int(offsets[hi - 1]) + 1 if hi < k else b
+        return s, new_a, max(new_a, new_b), hi - lo
+
+    # -- iteration -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
         epoch, self.epoch = self.epoch, self.epoch + 1
         info = get_worker_info()
         if info is None and self.num_workers > 0:
             return _WorkerPool(self, epoch)
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return LoaderIterator(self, epoch, worker, n_workers, to_device=info is None)
+        it = LoaderIterator(self, epoch, worker, n_workers, to_device=info is None)
+        if self._resume_skip.get(worker):
+            it.seek(self._resume_skip[worker])
+        if info is not None and self._tag_worker:
+            return _Tagged(it, worker)
+        return it
 
     # Stores are reopened by location in a spawned worker (a forked one inherits them).
     def __getstate__(self) -> dict:
-        state = {**self.__dict__, "_spare_pool": None, "_arrays": None}
+        state = {**self.__dict__, "_spare_pool": None, "_arrays": None, "_plan_cache": None,
+                 "_masks": None}
         state["extractions"] = [(type(ext), ext.location, ext.store.storage_options) for ext in self.extractions]
         return state
 
@@ -149,109 +337,228 @@ class ActivationLoader(IterableDataset):
         self.__dict__.update(state)
 
 
-class _FreeRows:
-    """The buffer's unused rows: the reader thread takes some for each chunk, the consumer gives them back."""
+class Plan:
+    """One worker's pieces of an epoch: ``pieces[i] = (store, start, stop, kept rows)``, and its batch count."""
 
-    def __init__(self, capacity: int):
-        self.rows, self.count = np.arange(capacity), capacity
+    def __init__(self, pieces: np.ndarray, n_batches: int):
+        self.pieces, self.n_batches = pieces, n_batches
+        self.rows = int(pieces[:, 3].sum())
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+
+class _Reader:
+    """Background threads reading the plan's pieces, in order, into free slots of the buffer.
+
+    A thread claims the next piece only while fewer than ``read_ahead`` pieces are read ahead of the consumer
+    and a slot is free; results are handed over by piece index, so the consumer sees them in plan order
+    whatever thread read them. Holds no reference to the iterator (it is garbage collected, then stops us)."""
+
+    def __init__(self, loader: ActivationLoader, plan: Plan, pool: dict, pool_ids: np.ndarray, free: list[int],
+                 first: int, seeds: list[int]):
+        self.loader, self.plan, self.pool, self.pool_ids, self.free = loader, plan, pool, pool_ids, free
+        self.seeds = seeds
         self.cond = threading.Condition()
+        self.claim = self.consumed = first
+        self.results: dict[int, Any] = {}
+        self.stopped = False
+        n = min(READ_THREADS, max(0, len(plan) - first))
+        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"mistudio-loader-{i}")
+                        for i in range(n)]
+        for t in self.threads:
+            t.start()
 
-    def take(self, k: int, stop: threading.Event) -> np.ndarray | None:
-        with self.cond:
-            while self.count < k:
-                if stop.is_set():
-                    return None
-                self.cond.wait(0.1)
-            self.count -= k
-            return self.rows[self.count:self.count + k].copy()
-
-    def give(self, rows: np.ndarray) -> None:
-        with self.cond:
-            self.rows[self.count:self.count + len(rows)] = rows
-            self.count += len(rows)
-            self.cond.notify()
-
-
-def _read_ahead(loader: ActivationLoader, chunks: np.ndarray, pool: dict, pool_ids: np.ndarray, free: _FreeRows,
-                out: queue.Queue, stop: threading.Event) -> None:
-    """Background thread: read ``chunks`` in order into free buffer rows, and hand each chunk's rows to ``out``."""
-    for s, a, b in chunks:
-        try:
-            ids, rows = loader.read(int(s), int(a), int(b))
-            item: Any = free.take(len(ids), stop)
-            if item is None:
-                return
-            pool_ids[item] = ids
-            for hp, r in rows.items():
-                pool[hp][item] = r
-        except BaseException as exc:  # noqa: BLE001 - raised in the consumer
-            item = exc
-        while not stop.is_set():
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopped and self.claim < len(self.plan) and (
+                        self.claim >= self.consumed + self.loader.read_ahead or not self.free):
+                    self.cond.wait()
+                if self.stopped or self.claim >= len(self.plan):
+                    return
+                i, slot = self.claim, self.free.pop()
+                self.claim += 1
             try:
-                out.put(item, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        if stop.is_set() or isinstance(item, BaseException):
-            return
+                item: Any = read_piece(self.loader, self.plan.pieces[i], slot, self.pool, self.pool_ids,
+                                       self.seeds + [i])
+            except BaseException as exc:  # noqa: BLE001 - raised in the consumer
+                item = exc
+                with self.cond:
+                    self.free.append(slot)
+            with self.cond:
+                self.results[i] = item
+                self.cond.notify_all()
+
+    def get(self, i: int, starved=None) -> tuple[int, np.ndarray]:
+        """Piece ``i`` (slot, buffer rows in play order). While it cannot be read for want of a free slot,
+        ``starved()`` is called (outside the lock): the consumer frees the slots it no longer needs."""
+        while True:
+            with self.cond:
+                while i not in self.results and (starved is None or self.free or self.claim > i):
+                    self.cond.wait()
+                if i in self.results:
+                    break
+            starved()
+            starved = None
+        with self.cond:
+            item = self.results.pop(i)
+            self.consumed = i + 1
+            self.cond.notify_all()
+        if isinstance(item, BaseException):
+            self.stop()
+            raise item
+        return item
+
+    def release(self, slots: list[int]) -> None:
+        with self.cond:
+            self.free.extend(slots)
+            self.cond.notify_all()
+
+    def stop(self, wait: bool = True) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        if wait:  # a thread may be writing slot rows: let it finish before they are reused
+            for t in self.threads:
+                t.join()
+
+
+def read_piece(loader: ActivationLoader, piece: np.ndarray, slot: int, pool: dict, pool_ids: np.ndarray,
+               seed: list[int]) -> tuple[int, np.ndarray]:
+    """Read one piece into its slot; return (slot, buffer rows of its kept rows in the order the lane plays)."""
+    s, a, b, k = (int(x) for x in piece)
+    base = slot * loader.slot_rows
+    for hp, array in loader.arrays(s).items():
+        array.read_into(pool[hp][base:base + b - a], a, b)
+    pool_ids[base:base + b - a] = np.arange(a, b, dtype=np.int64) | (s << STORE_SHIFT)
+    offsets = loader.kept_offsets(s, a, b)
+    if len(offsets) != k:
+        raise RuntimeError(f"rows {a}-{b} of store {loader.extractions[s].id} keep {len(offsets)} tokens, the plan "
+                           f"counted {k}: its special-token mask changed while the loader was running")
+    if loader.shuffle:
+        offsets = offsets[np.random.default_rng(seed).permutation(k)]
+    return slot, offsets + base
 
 
 class LoaderIterator:
-    """One epoch of one worker's share. ``state_dict()`` / ``load_state_dict()`` resume it identically."""
+    """One epoch of one worker's share of this rank. ``state_dict()`` / ``load_state_dict()`` resume it exactly."""
 
     def __init__(self, loader: ActivationLoader, epoch: int, worker: int = 0, n_workers: int = 1,
                  to_device: bool = True):
         self.loader, self.to_device = loader, to_device
         self.torch_dtype = getattr(torch, loader.dtype)
-        self.threshold = loader.buffer_tokens if loader.shuffle else loader.batch_size
-        # the consumer holds < threshold + 1 chunk rows; the reader up to prefetch + 1 chunks more
-        self.capacity = self.threshold + (loader.prefetch + 2) * loader.max_chunk
-        pool_dtype = np.float32 if loader.normalize else None
-        shapes = {hp: ((self.capacity, d), pool_dtype or np.result_type(*(e.activations(hp).dtype
-                                                                          for e in loader.extractions)))
+        self.capacity = loader.slots * loader.slot_rows
+        self.pool: dict | None = None
+        self.pool_ids = np.empty(self.capacity, np.int64)
+        self.peak_rows = 0  # the most rows the lanes ever held
+        self._reader: _Reader | None = None
+        self._start(epoch, worker, n_workers)
+
+    def _buffer(self) -> dict:
+        """{hook point: (slots x run rows, d)}: the last finished epoch's when it fits (no page faults)."""
+        loader = self.loader
+        shapes = {hp: ((self.capacity, d), np.result_type(*(e.activations(hp).dtype for e in loader.extractions)))
                   for hp, d in loader.widths.items()}
-        spare = loader._spare_pool  # the last finished epoch's buffer: already in memory, no page faults
-        loader._spare_pool = None
+        spare, loader._spare_pool = loader._spare_pool, None
         if spare is None or {hp: (a.shape, a.dtype) for hp, a in spare.items()} != shapes:
             spare = {hp: np.empty(shape, dtype) for hp, (shape, dtype) in shapes.items()}
-        self.pool = spare
-        self.pool_ids = np.empty(self.capacity, np.int64)
-        # Rows stay where the reader wrote them; ``live[:n]`` lists the shuffle buffer's rows in buffer
-        # order, so taking a batch moves 8-byte row numbers, never rows.
-        self.live = np.empty(self.capacity, np.int64)
-        self.peak_rows = 0  # the most rows the shuffle buffer ever held
-        self._thread: threading.Thread | None = None
-        self._plan(epoch, worker, n_workers)
+        return spare
 
-    def _plan(self, epoch: int, worker: int, n_workers: int) -> None:
+    def _start(self, epoch: int, worker: int, n_workers: int) -> None:
         self._stop_reader()
+        if self.pool is None:
+            self.pool = self._buffer()
         self.epoch, self.worker, self.n_workers = epoch, worker, n_workers
-        loader = self.loader
-        order = np.random.default_rng([loader.seed, epoch]).permutation(loader.n_chunks) if loader.shuffle \
-            else np.arange(loader.n_chunks)
-        self.my_chunks = order[worker::n_workers]
-        self.rng = np.random.default_rng([loader.seed, epoch, worker, 1])  # draws batches from the buffer
-        self.next_chunk = 0  # chunks of my_chunks already in the buffer
-        self.n = 0
-        self.free = _FreeRows(self.capacity)
+        self.plan = self.loader.plan(epoch, worker, n_workers)
+        lanes = self.loader.lanes
+        self.lane_piece = np.full(lanes, -1, np.int64)
+        self.lane_k0 = np.zeros(lanes, np.int64)
+        self.lane_m = np.zeros(lanes, np.int64)
+        self.lane_slot = np.full(lanes, -1, np.int64)
+        self.alive = np.ones(lanes, bool)
+        self.orders = np.zeros((lanes, self.loader.slot_rows), np.int64)
+        # Lane j starts (lanes - 1 - j) / lanes of a run early (negative levels), so that the lanes run out one
+        # after another, a run's worth of rows apart, and ask for their next pieces at the rate they are read.
+        start = [-((lanes - 1 - j) * self.loader.slot_rows // lanes) for j in range(lanes)]
+        self.lane_k0[:] = start
+        self._ends = [(k * lanes + j, j) for j, k in enumerate(start)]  # heap of (key after a lane's rows, lane)
+        heapq.heapify(self._ends)
+        self.cursor = self._ends[0][0]  # stream key of the next row: level * lanes + lane
+        self._active: list[int] = []  # lanes holding a piece, in order
+        self._active_array = np.zeros(0, np.int64)
+        self.next_piece = 0
+        self.rows = 0  # rows yielded
         self.batches = 0
+        self._free = list(range(self.loader.slots))[::-1]
+        self._pending: list[int] = []  # slots of finished pieces, freed once their rows are gathered
 
-    # -- reader thread -------------------------------------------------------------------------------
-    def _start_reader(self) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=self.loader.prefetch)
-        self._stop = threading.Event()
-        chunks = self.loader.chunks[self.my_chunks[self.next_chunk:]]
-        self._thread = threading.Thread(target=_read_ahead, args=(self.loader, chunks, self.pool, self.pool_ids,
-                                                                  self.free, self._queue, self._stop),
-                                        daemon=True, name="mistudio-loader")
-        self._thread.start()
+    @property
+    def seeds(self) -> list[int]:
+        return [self.loader.seed, self.epoch, self.loader.rank, self.worker, 1]
 
+    # -- the lane schedule -------------------------------------------------------------------------------
+    def _advance(self, need: int, out: np.ndarray | None, flush) -> int:
+        """Move the stream ``need`` rows on; with ``out``, write their buffer rows there (in stream order) and
+        take the pieces' data from the reader, else only count (a replay: piece sizes from the plan)."""
+        lanes, done, heap = self.loader.lanes, 0, self._ends
+        while done < need and heap:
+            e = heap[0][0]  # the first stream key where a lane has no row: it takes the next piece there
+            if e <= self.cursor:
+                _, lane = heapq.heappop(heap)
+                self._refill(lane, e // lanes, out is not None, flush, done)
+                continue
+            active, a = self._active, len(self._active)  # each of them has rows at every key in [cursor, e)
+            if not a:  # no lane has started yet: nothing before e
+                self.cursor = e
+                continue
+            level, at = divmod(self.cursor, lanes)
+            i0 = bisect.bisect_left(active, at)
+            window = (e // lanes - level) * a + bisect.bisect_left(active, e % lanes) - i0
+            t = min(need - done, window)
+            idx = np.arange(i0, i0 + t)
+            lv, ln = level + idx // a, self._active_array[idx % a]
+            if out is not None:
+                out[done:done + t] = self.orders[ln, lv - self.lane_k0[ln]]
+            done += t
+            self.cursor = e if t == window else int(lv[-1]) * lanes + int(ln[-1]) + 1
+        return done
+
+    def _refill(self, lane: int, level: int, with_data: bool, flush, done: int) -> None:
+        if with_data and self.lane_slot[lane] >= 0:
+            self._pending.append(int(self.lane_slot[lane]))
+            self.lane_slot[lane] = -1
+        if self.next_piece >= len(self.plan):  # the lane is done for this epoch
+            self.alive[lane] = False
+            if lane in self._active:
+                self._active.remove(lane)
+                self._active_array = np.array(self._active, np.int64)
+            return
+        if lane not in self._active:  # its first piece: the lane joins the round-robin
+            bisect.insort(self._active, lane)
+            self._active_array = np.array(self._active, np.int64)
+        i = self.next_piece
+        self.next_piece += 1
+        m = int(self.plan.pieces[i, 3])
+        self.lane_piece[lane], self.lane_k0[lane], self.lane_m[lane] = i, level, m
+        heapq.heappush(self._ends, ((level + m) * self.loader.lanes + lane, lane))
+        if with_data:
+            if self._reader is None:
+                self._reader = _Reader(self.loader, self.plan, self.pool, self.pool_ids, self._free, i, self.seeds)
+            # gather what this batch has so far and free those slots, if the reader waits for one
+            slot, order = self._reader.get(i, (lambda: flush(done)) if self._pending else None)
+            self._load_lane(lane, slot, order)
+
+    def _load_lane(self, lane: int, slot: int, order: np.ndarray) -> None:
+        self.lane_slot[lane] = slot
+        self.orders[lane, :len(order)] = order
+        self.peak_rows = max(self.peak_rows, int(np.sum(self.lane_m[self.lane_slot >= 0])))
+
+    # -- reader ----------------------------------------------------------------------------------------
     def _stop_reader(self, wait: bool = True) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            if wait:  # it may be writing buffer rows: let it finish before they are reused
-                self._thread.join()
-            self._thread = None
+        if self._reader is not None:
+            self._reader.stop(wait)
+            self._reader = None
 
     def _release(self) -> None:
         """End of epoch: stop reading and hand the buffer to the loader's next epoch."""
@@ -266,143 +573,348 @@ class LoaderIterator:
     def __del__(self) -> None:
         self._stop_reader(wait=False)
 
-    # -- iteration -----------------------------------------------------------------------------------
+    # -- iteration ---------------------------------------------------------------------------------------
     def __iter__(self) -> "LoaderIterator":
         return self
 
     def __next__(self):
-        while True:
-            exhausted = self.next_chunk >= len(self.my_chunks)
-            if self.n >= self.threshold or (exhausted and self.n and not (self.drop and self.n < self.bs)):
-                return self._emit(min(self.loader.batch_size, self.n))
-            if exhausted:
-                self._release()
-                raise StopIteration
-            if self._thread is None:
-                self._start_reader()
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._stop_reader()
-                raise item
-            self._add(item)
-            self.next_chunk += 1
+        left = self.plan.rows - self.rows
+        if self.batches >= self.plan.n_batches or left <= 0 or self.pool is None:
+            self._release()
+            raise StopIteration
+        take = min(self.loader.batch_size, left)
+        positions = np.empty(take, np.int64)
+        out = {hp: np.empty((take, p.shape[1]), p.dtype) for hp, p in self.pool.items()}
+        ids = np.empty(take, np.int64)
+        gathered = [0]
 
-    @property
-    def bs(self) -> int:
-        return self.loader.batch_size
+        def flush(upto: int) -> None:
+            lo = gathered[0]
+            if upto > lo:
+                for hp, p in self.pool.items():
+                    np.take(p, positions[lo:upto], axis=0, out=out[hp][lo:upto], mode="clip")
+                ids[lo:upto] = self.pool_ids[positions[lo:upto]]
+                gathered[0] = upto
+            if self._pending:
+                if self._reader is not None:
+                    self._reader.release(self._pending)
+                else:  # resumed, and no piece read since: the slots are ours alone
+                    self._free.extend(self._pending)
+                self._pending = []
 
-    @property
-    def drop(self) -> bool:
-        return self.loader.drop_last
-
-    def _add(self, rows: np.ndarray) -> None:
-        """A chunk's buffer rows (written by the reader) join the shuffle buffer."""
-        self.live[self.n:self.n + len(rows)] = rows
-        self.n += len(rows)
-        self.peak_rows = max(self.peak_rows, self.n)
-
-    def _emit(self, take: int):
-        n = self.n
-        idx = self.rng.choice(n, size=take, replace=False) if self.loader.shuffle else np.arange(take)
-        taken = self.live[idx]
-        out = {hp: p[taken] for hp, p in self.pool.items()}
-        ids = self.pool_ids[taken]
-        if self.loader.shuffle:  # fill the holes below n - take with the tail rows not taken
-            tail = np.arange(n - take, n)
-            holes, fill = idx[idx < n - take], tail[~np.isin(tail, idx)]
-        else:  # keep stored order: shift the rest down
-            holes, fill = slice(0, n - take), slice(take, n)
-        self.live[holes] = self.live[fill]
-        self.n = n - take
-        self.free.give(taken)
+        got = self._advance(take, positions, flush)
+        if got != take:
+            raise RuntimeError(f"the loader's plan promised {take} more rows, its lanes held {got}")
+        flush(take)
+        self.rows += take
         self.batches += 1
         return self._to_batch(ids, out)
 
     def _to_batch(self, ids: np.ndarray, rows: dict[str, np.ndarray]):
-        device = self.loader.device if self.to_device else "cpu"
+        loader = self.loader
+        if loader._norm is not None:
+            stores = ids >> STORE_SHIFT
+            for hp in rows:
+                r = rows[hp] = rows[hp].astype(np.float32, copy=False)
+                for s in (np.unique(stores).tolist() if len(loader.extractions) > 1 else [0]):
+                    shift, scale = loader._norm[s][hp]
+                    if len(loader.extractions) == 1:
+                        np.subtract(r, shift, out=r)
+                        np.divide(r, scale, out=r)
+                    else:
+                        mine = stores == s
+                        r[mine] = (r[mine] - shift) / scale
+        device = loader.device if self.to_device else "cpu"
         tensors = {hp: tensor_of(r).to(device=device, dtype=self.torch_dtype) for hp, r in rows.items()}
-        if self.loader.with_index:
+        if loader.with_index:
             tensors["store"] = torch.from_numpy(ids >> STORE_SHIFT)
             tensors["token_index"] = torch.from_numpy(ids & ((1 << STORE_SHIFT) - 1))
             return tensors
-        return tensors[self.loader.hook_points[0]] if self.loader.single else tensors
+        return tensors[loader.hook_points[0]] if loader.single else tensors
 
-    # -- resume --------------------------------------------------------------------------------------
+    # -- resume ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Where this epoch stands: plan, buffer (as token ids), batch RNG. Small: 8 bytes per buffered row."""
-        return {"epoch": self.epoch, "worker": self.worker, "n_workers": self.n_workers, "seed": self.loader.seed,
-                "limits": list(self.loader.limits), "next_chunk": self.next_chunk, "batches": self.batches,
-                "buffer_ids": self.pool_ids[self.live[:self.n]], "rng": self.rng.bit_generator.state}
+        """Where this epoch stands: stores, settings, epoch, batches yielded (a few hundred bytes)."""
+        return {"format": STATE_FORMAT, "stores": copy.deepcopy(self.loader.identity),
+                "settings": {**self.loader.settings(), "worker": self.worker, "n_workers": self.n_workers},
+                "epoch": self.epoch, "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state`` was taken (same stores, commit marks, seed and settings)."""
-        if state["seed"] != self.loader.seed or list(state["limits"]) != list(self.loader.limits):
-            raise InputError("this state was taken with another seed or other commit marks: make the loader with "
-                             f"seed={state['seed']} over stores committed to {state['limits']}")
-        self._plan(state["epoch"], state["worker"], state["n_workers"])
-        self.loader.epoch = max(self.loader.epoch, state["epoch"] + 1)
-        self.next_chunk, self.batches = int(state["next_chunk"]), int(state["batches"])
-        self.rng.bit_generator.state = state["rng"]
-        ids = np.asarray(state["buffer_ids"], dtype=np.int64)
-        rows_at = self.free.take(len(ids), threading.Event())
-        self._add(rows_at)
-        self.pool_ids[rows_at] = ids
-        store, token = ids >> STORE_SHIFT, ids & ((1 << STORE_SHIFT) - 1)
-        for s in np.unique(store).tolist():  # re-read the buffered rows, one chunk at a time
-            rows = self.loader.chunk_rows[s]
-            for c in np.unique(token[store == s] // rows).tolist():
-                where = np.flatnonzero((store == s) & (token // rows == c))
-                a, b = c * rows, min(c * rows + rows, self.loader.limits[s])
-                _, got = self.loader.read(s, a, b, keep_special=True)
-                for hp in self.pool:
-                    self.pool[hp][rows_at[where]] = got[hp][token[where] - a]
+        """Continue exactly where ``state`` was taken; InputError (naming the field) if it does not fit here."""
+        expected = {**self.loader.settings(), "worker": self.worker, "n_workers": self.n_workers}
+        epoch, batches = check_state(state, self.loader, expected, lambda e: self.loader.plan(
+            e, self.worker, self.n_workers).n_batches)
+        self._start(epoch, self.worker, self.n_workers)
+        self.loader.epoch = max(self.loader.epoch, epoch + 1)
+        self.seek(batches)
+
+    def seek(self, batches: int) -> None:
+        """Skip the first ``batches`` batches of this epoch: replay the lane schedule, then read the pieces the
+        lanes hold (nothing else is read)."""
+        rows = min(self.plan.rows, batches * self.loader.batch_size)
+        if self._advance(rows, None, None) != rows:
+            raise RuntimeError(f"replaying the plan gave fewer than {rows} rows")
+        self.rows, self.batches = rows, batches
+        for lane in np.flatnonzero(self.alive & (self.lane_piece >= 0)).tolist():
+            slot = self._free.pop()
+            i = int(self.lane_piece[lane])
+            _, order = read_piece(self.loader, self.plan.pieces[i], slot, self.pool, self.pool_ids,
+                                  self.seeds + [i])
+            self._load_lane(lane, slot, order)
+
+
+class _Tagged:
+    """A worker's iterator whose batches carry the worker's id (for :class:`_WorkerPool`'s ordering)."""
+
+    def __init__(self, it: LoaderIterator, worker: int):
+        self.it, self.worker = it, worker
+
+    def __iter__(self) -> "_Tagged":
+        return self
+
+    def __next__(self):
+        return self.worker, next(self.it)
 
 
 class _WorkerPool:
-    """One epoch over ``num_workers`` DataLoader worker processes, each reading its own chunks."""
+    """One epoch over ``num_workers`` DataLoader worker processes, each reading its own share of this rank.
+
+    Batches come out round-robin over the workers (worker 0, 1, ..., skipping those done), whatever order the
+    processes deliver them in; so the merged order is fixed by ``(seed, epoch)`` and a state is the count of
+    batches yielded."""
 
     def __init__(self, loader: ActivationLoader, epoch: int):
-        worker_copy = copy.copy(loader)
-        worker_copy.num_workers, worker_copy.epoch, worker_copy._spare_pool = 0, epoch, None
-        self.device = loader.device
-        self._it = iter(DataLoader(worker_copy, batch_size=None, num_workers=loader.num_workers,
-                                   pin_memory=str(loader.device).startswith("cuda")))
+        self.loader, self.epoch, self.device = loader, epoch, loader.device
+        self.n_workers = loader.num_workers
+        self.batches = 0
+        self._it: Iterator | None = None
+        self._plan_counts()
+
+    def _plan_counts(self) -> None:
+        self.per_worker = [self.loader.batches_of(b - a) for a, b in
+                           (self.loader.worker_rows(w, self.n_workers) for w in range(self.n_workers))]
+        self.total = sum(self.per_worker)
+
+    def _schedule(self) -> tuple[dict[int, int], Iterator[int]]:
+        """({worker: batches it already yielded}, the worker of each batch from ``self.batches`` on):
+        round-robin over the workers, skipping those that are done."""
+        counts = np.array(self.per_worker, np.int64)
+        rounds = int(counts.max(initial=0))
+        k, done, r = self.batches, np.zeros(self.n_workers, np.int64), 0
+        first: list[int] = []
+        while r < rounds:  # whole rounds before position k, then part of one
+            active = np.flatnonzero(counts > r)
+            if k < len(active):
+                done[active[:k]] += 1
+                first = active[k:].tolist()
+                r += 1
+                break
+            done[active] += 1
+            k -= len(active)
+            r += 1
+
+        def order() -> Iterator[int]:
+            yield from first
+            for later in range(r, rounds):
+                yield from np.flatnonzero(counts > later).tolist()
+        return {w: int(d) for w, d in enumerate(done)}, order()
+
+    def _open(self) -> None:
+        skip, order = self._schedule()
+        worker_copy = copy.copy(self.loader)
+        worker_copy.num_workers, worker_copy.epoch, worker_copy._spare_pool = 0, self.epoch, None
+        worker_copy._resume_skip, worker_copy._tag_worker = skip, True
+        self._order_it, self._stash = order, {w: [] for w in range(self.n_workers)}
+        self._it = iter(DataLoader(worker_copy, batch_size=None, num_workers=self.n_workers,
+                                   pin_memory=str(self.device).startswith("cuda")))
 
     def __iter__(self) -> "_WorkerPool":
         return self
 
     def __next__(self):
-        batch = next(self._it)
+        if self._it is None:
+            self._open()
+        want = next(self._order_it, None)
+        if want is None:
+            raise StopIteration
+        while not self._stash[want]:
+            worker, batch = next(self._it)
+            self._stash[worker].append(batch)
+        batch = self._stash[want].pop(0)
+        self.batches += 1
         if isinstance(batch, dict):
             return {k: v.to(self.device) if k not in ("store", "token_index") else v for k, v in batch.items()}
         return batch.to(self.device)
 
     def state_dict(self) -> dict:
-        raise NotImplementedError("resume works with num_workers=0: the loader's own background thread already "
-                                  "reads ahead, so workers are rarely needed")
+        """Where this epoch stands (as :meth:`LoaderIterator.state_dict`, for all workers together)."""
+        return {"format": STATE_FORMAT, "stores": copy.deepcopy(self.loader.identity),
+                "settings": {**self.loader.settings(), "worker": None, "n_workers": self.n_workers},
+                "epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was taken (call before the first batch)."""
+        expected = {**self.loader.settings(), "worker": None, "n_workers": self.n_workers}
+        epoch, batches = check_state(state, self.loader, expected, lambda e: self.total)
+        self.epoch, self.batches, self._it = epoch, batches, None
+        self.loader.epoch = max(self.loader.epoch, epoch + 1)
+
+    def close(self) -> None:
+        self._it = None
+
+
+# -- states ---------------------------------------------------------------------------------------------
+def check_state(state: Any, loader: ActivationLoader, expected: dict, n_batches) -> tuple[int, int]:
+    """(epoch, batches) of a state, after checking every field (type, range, consistency) against this loader
+    and its stores; InputError naming the first field that does not fit. Nothing is read or allocated before
+    it passes (``n_batches(epoch)`` plans that epoch once the rest is known to fit)."""
+    def fail(what: str) -> InputError:
+        return InputError(f"this loader state cannot be resumed here: {what}", param="state")
+
+    if not isinstance(state, dict):
+        raise fail(f"it is {_short(state)} (a {type(state).__name__}), not the dict state_dict() returns")
+    keys = {"format", "stores", "settings", "epoch", "batches"}
+    if set(state) != keys:
+        old = "; it is a state of the earlier loader (mistudio < loader/2): start the epoch again" \
+            if "next_chunk" in state else ""
+        raise fail(f"its keys are {_short(sorted(map(str, state)))}, not {sorted(keys)}{old}")
+    if not _same(state["format"], STATE_FORMAT):
+        raise fail(f"state['format'] is {_short(state['format'])}, not {STATE_FORMAT!r}")
+    stores = state["stores"]
+    if type(stores) is not list or len(stores) != len(loader.identity):
+        raise fail(f"state['stores'] is {_short(stores)}, not a list of {len(loader.identity)} store(s) as this "
+                   "loader reads")
+    for i, (got, want) in enumerate(zip(stores, loader.identity)):
+        if type(got) is not dict or set(got) != set(want):
+            raise fail(f"state['stores'][{i}] is {_short(got)}, not a dict with keys {sorted(want)}")
+        for key, value in want.items():
+            if not _same(got[key], value):
+                what = {"id": "another store", "nonce": "another store (replaced since, at the same place)",
+                        "committed": "this store at another commit mark"}[key]
+                raise fail(f"state['stores'][{i}]['{key}'] is {_short(got[key])}: it was taken over {what}; this "
+                           f"loader reads {key}={value!r} (resume over the same stores, committed to the same rows)")
+    settings = state["settings"]
+    if type(settings) is not dict or set(settings) != set(expected):
+        raise fail(f"state['settings'] is {_short(settings)}, not a dict with keys {sorted(expected)}")
+    for key, value in expected.items():
+        got = settings[key]
+        if _same(got, value):
+            continue
+        if type(got) is not type(value) or type(value) is list:
+            raise fail(f"state['settings']['{key}'] is {_short(got)}, this loader has {key}={value!r}" + (
+                " (lanes and their rows follow from buffer_tokens, run_mb and the stores' chunks: make the loader "
+                "with those the state was taken with)" if key in ("lanes", "slot_rows", "run_rows") else ""))
+        if key in ("lanes", "slot_rows"):
+            raise fail(f"it was taken with {key}={got}, this loader has {key}={value} (they follow from "
+                       "«buffer_tokens» and «run_mb»: make the loader with those the state was taken with)")
+        if key in ("worker", "n_workers"):
+            raise fail(f"it was taken by worker {settings['worker']} of {settings['n_workers']}, this iterator is "
+                       f"worker {expected['worker']} of {expected['n_workers']} (None: all of them, "
+                       f"«num_workers={expected['n_workers']}»)")
+        raise fail(f"it was taken with «{key}={got!r}», this loader has {key}={value!r}: make the loader with "
+                   f"«pass {key}={got!r}»")
+    epoch, batches = state["epoch"], state["batches"]
+    if not _is_int(epoch) or not 0 <= epoch < MAX_EPOCH:
+        raise fail(f"state['epoch'] is {_short(epoch)}, not a whole number in [0, 2**62)")
+    if not _is_int(batches) or not 0 <= batches < MAX_EPOCH:
+        raise fail(f"state['batches'] is {_short(batches)}, not a whole number >= 0")
+    total = n_batches(int(epoch))
+    if batches > total:
+        raise fail(f"state['batches'] is {batches}, but epoch {epoch} has {total} batches here")
+    return int(epoch), int(batches)
+
+
+def _same(got: Any, want: Any) -> bool:
+    """``got`` equals ``want`` and has its types all the way down (plain Python values only)."""
+    if type(got) is not type(want):
+        return False
+    if isinstance(want, list):
+        return len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want))
+    return got == want
+
+
+def _short(value: Any) -> str:
+    """A bounded repr (a state may hold anything, of any size)."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an int too long to print
+        return f"<a {type(value).__name__}>"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _resolve_rank(rank: Any, world_size: Any) -> tuple[int, int]:
+    """(rank, world size): the given ones, else torch.distributed's when initialised, else (0, 1)."""
+    if rank is None and world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank()), int(dist.get_world_size())
+        return 0, 1
+    if rank is None or world_size is None:
+        raise InputError(f"pass both «rank={rank!r}» and «world_size={world_size!r}», or neither (then they come "
+                         "from torch.distributed when it is initialised)")
+    if not _is_int(world_size) or world_size < 1:
+        raise InputError(f"«world_size={world_size!r}» must be a whole number >= 1")
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise InputError(f"«rank={rank!r}» must be a whole number in [0, world_size={world_size})")
+    return int(rank), int(world_size)
+
+
+def _runs(store: int, limit: int, unit: int, run: int) -> np.ndarray:
+    """Rows (store, start, stop) of a store's runs below ``limit``: ``run`` rows each, never across a unit."""
+    starts = (np.arange(0, limit, unit, dtype=np.int64)[:, None] + np.arange(0, unit, run, dtype=np.int64)).ravel()
+    starts = starts[starts < limit]
+    stops = np.minimum(np.minimum(starts + run, (starts // unit + 1) * unit), limit)
+    return np.column_stack([np.full(len(starts), store, np.int64), starts, stops])
+
+
+def _run_rows(arr: Any, run_mb: float) -> int:
+    """Rows read in one run: a chunk of an unsharded array; adjacent chunks of a shard up to ``run_mb``."""
+    chunk = int(arr.chunks[0])
+    if arr.shards is None:
+        return chunk
+    row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+    per_run = max(1, int(run_mb * 2**20 // max(1, chunk * row_bytes)))
+    return chunk * min(per_run, int(arr.shards[0]) // chunk)
 
 
 def loader(extractions: "Extraction | Sequence[Extraction]", hook_points: str | Sequence[str],
            batch_size: int = 4096, shuffle: bool = True, seed: int = 0, exclude_special: bool = False,
            dtype: str = "float32", device: str = "cpu", drop_last: bool = False, num_workers: int = 0,
            buffer_tokens: int | None = None, normalize: str | None = None, with_index: bool = False,
-           prefetch: int = 2) -> ActivationLoader:
+           prefetch: int = 2, rank: int | None = None, world_size: int | None = None, even_batches: bool = True,
+           run_mb: float = RUN_MB) -> ActivationLoader:
     """A training loader over one or several extractions (same hook points and widths).
 
-    Yields ``(batch, d)`` tensors for one hook point, dicts {hook point: tensor} for a list (plus
-    ``store`` and ``token_index`` with ``with_index=True``). Every committed token exactly once per
-    epoch; order fixed by ``(seed, epoch)``: each ``iter()`` plays the next epoch, ``set_epoch(e)``
-    picks one. With ``shuffle``, chunk order is permuted and batches are drawn at random from a buffer
-    of ``buffer_tokens`` rows (default: max(8 batches, 16 chunks)). ``exclude_special`` drops the
-    tokenizer's special tokens (``tokens/special`` when the store has it). ``normalize``:
-    ``"mean_std"`` = (x - mean) / std, per feature when :meth:`Extraction.feature_stats` is cached in
-    the store, else the scalar statistics in the metadata; ``"unit_norm"`` = x divided by one
-    dataset-wide factor so that the mean squared L2 norm of a row is 1. ``num_workers > 0`` reads in
-    DataLoader worker processes, each with its own chunks (no state_dict then). In your own
-    ``DataLoader(loader, batch_size=None, ...)`` call ``set_epoch`` every epoch. In-progress stores
-    are read up to their commit mark when the loader is made.
+    Yields ``(batch, d)`` tensors for one hook point, dicts {hook point: tensor} for a list (plus ``store`` and
+    ``token_index`` with ``with_index=True``). Every committed row exactly once per epoch over all ranks and
+    workers; order fixed by ``(seed, epoch)``: each ``iter()`` plays the next epoch, ``set_epoch(e)`` picks one.
+
+    - ``shuffle``: runs (a chunk, or up to ``run_mb`` MB of adjacent chunks of a shard, read sequentially) in a
+      random order, played through lanes holding ``buffer_tokens`` rows together (default: max(8 batches,
+      16 runs)); each batch takes an equal share of random rows from every lane (see the module docstring).
+      ``shuffle=False``: stored order. ``prefetch``: batches' worth of runs read ahead (at least 2 runs).
+    - ``rank`` / ``world_size`` (default: torch.distributed's when initialised, else 0 / 1): each rank gets a
+      contiguous share of the epoch's permuted rows, row counts differing by at most one. ``even_batches``
+      (default True) makes every rank yield the same number of equally sized batches, as DistributedSampler
+      does: with ``drop_last`` each rank takes ``total // world_size`` rows (the last ``total % world_size``
+      rows of the epoch's order are skipped this epoch), without it the ranks short of one row repeat their
+      first row. ``even_batches=False``: every row exactly once, batch counts may differ by one.
+    - ``num_workers > 0`` reads in DataLoader worker processes, each a contiguous share of whole batches of
+      its rank; batches come out round-robin over the workers, so the order does not depend on timing. In
+      your own ``DataLoader(loader, batch_size=None, ...)`` call ``set_epoch`` every epoch.
+    - ``exclude_special`` drops the tokenizer's special tokens (``tokens/special`` when the store has it).
+    - ``normalize``: ``"mean_std"`` = (x - mean) / std, per feature when :meth:`Extraction.feature_stats` is
+      cached in the store, else the scalar statistics in the metadata; ``"unit_norm"`` = x divided by one
+      dataset-wide factor so that the mean squared L2 norm of a row is 1.
+    - ``iter(loader).state_dict()`` / ``load_state_dict(state)`` resume mid-epoch exactly (in-process or with
+      workers); a state from other stores, commit marks or settings raises InputError naming the field.
+    - In-progress stores are read up to their commit mark when the loader is made.
     """
     return ActivationLoader(extractions, hook_points, batch_size=batch_size, shuffle=shuffle, seed=seed,
                             exclude_special=exclude_special, dtype=dtype, device=device, drop_last=drop_last,
                             num_workers=num_workers, buffer_tokens=buffer_tokens, normalize=normalize,
-                            with_index=with_index, prefetch=prefetch)
+                            with_index=with_index, prefetch=prefetch, rank=rank, world_size=world_size,
+                            even_batches=even_batches, run_mb=run_mb)
