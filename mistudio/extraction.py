@@ -357,15 +357,19 @@ class Extraction:
     def loader(self, hook_points: str | list[str], batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                exclude_special: bool = False, dtype: str = "float32", device: str = "cpu", drop_last: bool = False,
                num_workers: int = 0, buffer_tokens: int | None = None, normalize: str | None = None,
-               with_index: bool = False, prefetch: int = 2) -> ActivationLoader:
-        """A training loader over this extraction (every committed token once per epoch, shuffled, resumable).
+               with_index: bool = False, prefetch: int = 2, rank: int | None = None,
+               world_size: int | None = None, even_batches: bool = True, run_mb: float = 8.0) -> ActivationLoader:
+        """A training loader over this extraction (every committed token once per epoch, shuffled, resumable;
+        ``rank``/``world_size``: this process's share of the rows, taken from ``torch.distributed`` when it is
+        initialised).
 
         See :func:`mistudio.loader.loader` for the options.
         """
         return ActivationLoader(self, hook_points, batch_size=batch_size, shuffle=shuffle, seed=seed,
                                 exclude_special=exclude_special, dtype=dtype, device=device, drop_last=drop_last,
                                 num_workers=num_workers, buffer_tokens=buffer_tokens, normalize=normalize,
-                                with_index=with_index, prefetch=prefetch)
+                                with_index=with_index, prefetch=prefetch, rank=rank, world_size=world_size,
+                                even_batches=even_batches, run_mb=run_mb)
 
     def feature_stats(self, hook_point: str, bins: int = 64, cluster=None) -> analysis.FeatureStats:
         """Per-feature mean/std/max/min/fraction active/histogram over every committed token (cached in the store)."""

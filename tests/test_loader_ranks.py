@@ -178,6 +178,7 @@ def test_rank_arguments_are_checked(store):
         with pytest.raises(ms.InputError, match=needle):
             ms.loader(ext, HP, **kw)
     assert (ms.loader(ext, HP).rank, ms.loader(ext, HP).world_size) == (0, 1)  # torch.distributed not initialised
+    assert (ext.loader(HP, rank=1, world_size=3).rank, ext.loader(HP, rank=1, world_size=3).world_size) == (1, 3)
 
 
 RANK_CHILD = r"""
