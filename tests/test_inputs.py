@@ -27,7 +27,7 @@ def _extract(model, dataset="sample", workspace=None, **kw):
     (dict(layers=[3]), r"layer index 3 is out of range: this model has 3 layers, use 0 to 2"),
     (dict(layers=[-1]), r"layer index -1 is out of range"),
     (dict(layers=[]), r"layers is empty"),
-    (dict(dtype="bfloat16"), r"dtype='bfloat16'"),
+    (dict(dtype="float64"), r"dtype='float64'"),
     (dict(device="tpu"), r"device='tpu' is not one of"),
     (dict(timeout_s=0), r"timeout_s=0 must be a positive"),
 ])

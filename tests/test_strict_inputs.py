@@ -226,7 +226,7 @@ def test_truncation_counted(gpt2_dir, workspace):
 # 8. errors name the argument the user passed ------------------------------------------------------------------
 @pytest.mark.parametrize("bad, pattern", [
     (dict(model_dtype="int8"), r"^model_dtype='int8': Input should be 'auto', 'float32', 'float16' or 'bfloat16'"),
-    (dict(dtype="int8"), r"^dtype='int8': Input should be 'float16' or 'float32'"),
+    (dict(dtype="int8"), r"^dtype='int8': Input should be 'float16', 'bfloat16' or 'float32'"),
     (dict(device="tpu"), r"^device='tpu' is not one of"),
     (dict(hooks=["resid"]), r"^hooks=\['resid'\]: unknown hook kind 'resid'"),
     (dict(hooks="residual,nope"), r"^hooks=\['residual', 'nope'\]: unknown hook kind 'nope'"),
