@@ -985,6 +985,10 @@ def test_issue19_p9_feature_view_honours_options(minilm_dir, workspace):
     documents = np.searchsorted(ext.activation_offsets, best[:, 1].astype(int), side="right") - 1
     assert len(set(documents.tolist())) == len(documents) == browser.top_k.value  # one per document
     assert list(best[:, 0]) == sorted(best[:, 0], reverse=True)
+    shown = re.findall(r'<details class="ms-example"><summary>.*?</summary>', browser.feature_html.value)
+    top = shown[:browser.top_k.value]
+    contexts = [re.sub(r'<span class="ms-meta".*?</span>', "", line) for line in top]
+    assert len(set(contexts)) == len(contexts)  # no context twice (near-identical rows show once)
     assert "one example per document" in browser.info.value
     browser.min_count.value = 12
     assert browser.show_feature()

@@ -42,6 +42,19 @@ def without_special(example: dict, special: set[str]) -> dict | None:
             "context_start": int(example["position"]) - new_peak}
 
 
+def distinct_contexts(examples: list[dict], narrow: int = 3) -> list[dict]:
+    """The examples whose peak token and ``narrow`` tokens either side were not seen in an earlier (larger)
+    example: near-identical rows (the same sentence in several documents) show once."""
+    seen, out = set(), []
+    for e in examples:
+        peak = int(e["position"]) - int(e["context_start"])
+        key = tuple(e["context_tokens"][max(0, peak - narrow):peak + narrow + 1]) + (peak - max(0, peak - narrow),)
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
 def token_means_html(means: list[dict], scheme: str, min_count: int) -> str:
     """The mean activation per token string as a table with room between its columns."""
     if not means:
@@ -84,7 +97,8 @@ class ActivationBrowser(W.VBox):
         self.one_per_document = W.Checkbox(value=True, description="one top example per document", indent=False,
                                            layout=W.Layout(width="auto"),
                                            tooltip="the feature view's top examples: each document's largest value "
-                                                   "only (no near-duplicates from similar rows)")
+                                                   "only, and a context seen in a larger example (the same sentence "
+                                                   "in another document) once")
         self.min_count = W.BoundedIntText(value=5, min=1, max=10**9, description="Token means: min count",
                                           style={"description_width": "175px"}, layout=W.Layout(width="270px"),
                                           tooltip="the token-mean table lists token strings seen at least this "
@@ -108,7 +122,10 @@ class ActivationBrowser(W.VBox):
         self.window: slice | None = None
         self._rows_cache: dict[tuple, np.ndarray] = {}
         self._labels: dict[str, str] = {}
-        self.extraction.observe(guard(self._say, lambda _: self._select()), "value")
+        self._states: dict[str, tuple] = {}  # id -> (status, samples saved): what the list says of each store
+        self._shown: tuple | None = None  # (id, status, samples saved) of the store the tab shows
+        self._quiet = False  # the list is being rebuilt: not a user's choice
+        self.extraction.observe(guard(self._say, lambda _: None if self._quiet else self._select()), "value")
         self.hook_point.observe(guard(self._say, lambda _: self._describe_hook_point()), "value")
         self.plot_button.on_click(guard(self._say, lambda _: self.plot()))
         self.view_button.on_click(guard(self._say, lambda _: self.show_feature()))
@@ -132,11 +149,13 @@ class ActivationBrowser(W.VBox):
 
     def refresh(self, select: str | None = None) -> None:
         """List stores that hold data (completed, or with committed samples), newest first: each entry says its
-        model, dataset, date and hook points."""
-        options, self._labels = [], {}
+        model, dataset, date and hook points. The store shown stays shown (with its plots) unless it changed,
+        went away, or ``select`` names another."""
+        options, self._labels, self._states = [], {}, {}
         for row in self.workspace.extractions().to_dict("records"):
             if row["status"] == "COMPLETED" or row["samples_committed"]:
                 options.append((extraction_label(row), row["id"]))
+                self._states[row["id"]] = (row["status"], int(row["samples_committed"] or 0))
                 created = row.get("created")
                 when = f"created {created:%Y-%m-%d %H:%M}" if created is not None and created == created else ""
                 self._labels[row["id"]] = " · ".join(html.escape(str(part)) for part in (
@@ -144,10 +163,17 @@ class ActivationBrowser(W.VBox):
         current = select or self.extraction.value
         ids = [v for _, v in options]
         gone = current if current and current not in ids else None
-        self.extraction.options = options
-        if options:
-            self.extraction.value = current if current in ids else ids[0]
-        self._select()
+        target = current if current in ids else (ids[0] if ids else None)
+        self._quiet = True
+        try:
+            if tuple(options) != tuple(self.extraction.options):
+                self.extraction.options = options
+            if options and self.extraction.value != target:
+                self.extraction.value = target
+        finally:
+            self._quiet = False
+        if target is None or self._shown != (target, *self._states[target]):
+            self._select()
         if gone:
             self.info.value = note_box(f"Extraction {html.escape(gone)} is no longer in the workspace (deleted or "
                                        "cleaned up); the list is up to date." + (" Showing the newest one instead."
@@ -155,6 +181,8 @@ class ActivationBrowser(W.VBox):
                                        colour="#fd7e14", background="#fff3e0")
 
     def _select(self) -> None:
+        self._shown = (self.extraction.value, *self._states.get(self.extraction.value, ())) \
+            if self.extraction.value else None
         for box in self._boxes.values():
             box.layout.display = "none"
         self.top_table.value = self.feature_html.value = ""
@@ -316,7 +344,8 @@ class ActivationBrowser(W.VBox):
             try:
                 view = feature_view(ext, hp, feature, k=k, context=CONTEXT, min_count=min_count)
                 if self.one_per_document.value or self.hide_special.value:
-                    view["top"] = describe_examples(ext, hp, feature, self._top_rows(hp, feature, k), CONTEXT)
+                    fetch = 4 * k if self.one_per_document.value else k  # room for the repeats left out
+                    view["top"] = describe_examples(ext, hp, feature, self._top_rows(hp, feature, fetch), CONTEXT)
             except (ValueError, KeyError) as exc:  # InputError is a ValueError: out-of-range feature, ...
                 self.info.value = error_box(f"Feature {feature} of {html.escape(hp)} not shown: {for_ui(exc)}")
                 return False
@@ -330,6 +359,9 @@ class ActivationBrowser(W.VBox):
                                                                      for x in band["examples"]) if e is not None]}
                                  for band in view.get("bands", [])]
                 means = [m for m in means if m["token"] not in special]
+            if self.one_per_document.value:
+                view["top"] = distinct_contexts(view["top"])
+            view["top"] = view["top"][:k]
             self.feature_html.value = (feature_view_html({**view, "token_means": []}, sorted(special), scheme)
                                        + token_means_html(means, scheme, min_count))
             self.feature_hist.value = plots.to_png(plots.histogram_from_counts(

@@ -445,6 +445,8 @@ class ExtractionPanel(W.VBox):
         if self.last_estimate is not None:
             self.last_estimate = None
             self.estimate_line.value = "<small><i>The form changed: Estimate again (Launch does).</i></small>"
+        elif "mistudio-error" in self.estimate_line.value:  # "No estimate" of the form as it was
+            self.estimate_line.value = ""
         self._clear_form_failure()
         self.preset_status.value = ""
         self._delete_armed = None

@@ -78,6 +78,7 @@ class Studio(W.VBox):
         # widgets are (re)built on the kernel's main path: when a tab is opened, not from the job thread
         self.tabs.observe(self._on_tab, "selected_index")
         self._tokenizers: dict[str, Any] = {}
+        self._browsed: str | None = None  # the Extract tab's finished job Browse showed already
         self.workspace.subscribe(self._on_job_event)  # a resumed job, wherever it was resumed: the banner goes
         self.show_interrupted()
 
@@ -135,12 +136,17 @@ class Studio(W.VBox):
             self.model_picker.inspect_async()
 
     def _open_browse(self) -> None:
+        """Browse lists the stores again; a job the Extract tab ran to completion is shown once (then the user's
+        choice stays, with its plots, each time the tab is opened)."""
         job = self.extraction_panel.job
         try:
             done = job is not None and job.status == "COMPLETED"
         except Exception:  # noqa: BLE001 - its store was deleted (Cleanup, Delete): Browse says so
             done = False
-        self.browser.refresh(select=job.id if done else None)
+        fresh = done and job.id != self._browsed
+        if fresh:
+            self._browsed = job.id
+        self.browser.refresh(select=job.id if fresh else None)
 
     def _show_job(self, job) -> None:
         self.extraction_panel.watch(job)
