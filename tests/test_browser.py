@@ -28,13 +28,21 @@ DOCS = ROOT / "docs"
 TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse")
 
 # Every visible element of the Studio whose content is wider than its box (text cut off, or a row that spills),
-# as [tag, class, text, scrollWidth, clientWidth]; the slider's own handle and form fields (whose text scrolls
-# inside them by design) aside. The output area holding the Studio counts too (no horizontal scrolling).
+# as [tag, class, text, scrollWidth, clientWidth]; the slider's own handle and text fields (whose text scrolls
+# inside them by design) aside; a dropdown whose chosen entry is wider than it is measured with the page's font.
+# The output area holding the Studio counts too (no horizontal scrolling).
 OVERFLOWING = """() => {
   const root = document.querySelector('.mistudio-studio');
   const found = [];
   const area = root.closest('.jp-OutputArea-output');
+  const ruler = document.createElement('canvas').getContext('2d');
   for (const e of [area, ...root.querySelectorAll('*')]) {
+    if (e.offsetParent && e.tagName === 'SELECT' && e.selectedOptions.length) {  // the chosen entry's text fits
+      ruler.font = getComputedStyle(e).font;
+      const need = ruler.measureText(e.selectedOptions[0].text).width + 28;  // + padding and the arrow
+      if (need > e.clientWidth + 1) found.push(['SELECT', '', e.selectedOptions[0].text.slice(0, 40), need,
+                                                e.clientWidth]);
+    }
     if (!e.offsetParent || ['SELECT', 'INPUT', 'TEXTAREA', 'IMG', 'svg'].includes(e.tagName)) continue;
     if (e.closest('.noUi-target') || e.closest('.mistudio-feature-view details:not([open])')) continue;
     if (e.scrollWidth > e.clientWidth + 1) {
@@ -54,7 +62,8 @@ HIDDEN_BUTTONS = """selector => {
     b.scrollIntoView({block: 'center', inline: 'nearest'});
     const r = b.getBoundingClientRect();
     const at = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
-    if (r.left < area.left - 1 || r.right > area.right + 1 || r.right > window.innerWidth) out.push([b.title, 'outside']);
+    const outside = r.left < area.left - 1 || r.right > area.right + 1 || r.right > window.innerWidth;
+    if (outside) out.push([b.title, 'outside']);
     else if (!(at === b || b.contains(at))) out.push([b.title || b.innerText, 'covered']);
   }
   return out;

@@ -952,10 +952,10 @@ def test_issue19_p8_browse_entries_tell_extractions_apart(gpt2_dir, minilm_dir, 
     labels = [label for label, _ in browser.extraction.options]
     assert len(labels) == 2 and len(set(labels)) == 2
     assert "all-MiniLM-L6-v2" in labels[0] and gpt2_dir.split("/")[-1] in labels[1]
-    for label in labels:
-        assert "sample" in label and "layers 0,1 × residual" in label and re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d",
-                                                                                      label)
-    assert browser.extraction.value in browser.about.value
+    for label in labels:  # date and time, model, dataset, hook points; short enough for a narrow window
+        assert "sample" in label and "layers 0,1 × residual" in label and re.match(r"\d\d-\d\d \d\d:\d\d:\d\d ", label)
+        assert len(label) <= 72 and "COMPLETED" not in label
+    assert browser.extraction.value in browser.about.value and "created 20" in browser.about.value
 
 
 def test_issue19_p9_feature_view_honours_options(minilm_dir, workspace):

@@ -22,11 +22,14 @@ CONTEXT = 8
 
 
 def extraction_label(row: dict) -> str:
-    """One dropdown entry: short id · model · dataset · date · status · hook points."""
+    """One dropdown entry, short enough for a narrow window: date and time · model · dataset · hook points, and
+    the status unless COMPLETED ('11-30 10:47:03 · all-MiniLM-L6-v2 · sample · layers 1,3,5 × residual'). The
+    line under the dropdown names the chosen one in full."""
     created = row.get("created")
-    when = f"{created:%Y-%m-%d %H:%M}" if created is not None and created == created else "–"
-    return (f"{short_id(row['id'])} · {row['model']} · {row['dataset']} · {when} · {row['status']} · "
-            f"{summarise_hook_points(row['hook_points'])}")
+    when = f"{created:%m-%d %H:%M:%S}" if created is not None and created == created else short_id(row["id"])
+    model = str(row["model"]).removesuffix(" (bundled)")
+    status = "" if row["status"] == "COMPLETED" else f" · {row['status']}"
+    return f"{when} · {model} · {row['dataset']} · {summarise_hook_points(row['hook_points'])}{status}"
 
 
 def without_special(example: dict, special: set[str]) -> dict | None:
@@ -79,9 +82,8 @@ class ActivationBrowser(W.VBox):
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
         style = {"description_width": "90px"}
-        self.extraction = W.Dropdown(description="Extraction", style=style,
-                                     layout=W.Layout(width="auto", flex="1 1 360px", min_width="0",
-                                                     max_width="980px"))
+        self.extraction = W.Dropdown(description="Extraction", style={"description_width": "72px"},
+                                     layout=W.Layout(width="auto", align_self="stretch", max_width="760px"))
         self.about = W.HTML()
         self.hook_point = W.Dropdown(description="Hook point", style=style, layout=W.Layout(width="340px"))
         self.row = W.IntText(value=0, description="Dataset row", style=style, layout=W.Layout(width="220px"))
@@ -130,8 +132,8 @@ class ActivationBrowser(W.VBox):
         self.plot_button.on_click(guard(self._say, lambda _: self.plot()))
         self.view_button.on_click(guard(self._say, lambda _: self.show_feature()))
         self.refresh_button.on_click(guard(self._say, lambda _: self.refresh_list()))
-        super().__init__([stylesheet(), W.HTML("<b>Browse</b>"), W.HBox([self.extraction, self.refresh_button]),
-                          self.about, self.hook_point, W.HBox([self.row, self.feature]),
+        super().__init__([stylesheet(), W.HTML("<b>Browse</b>"), self.extraction, self.about,
+                          W.HBox([self.hook_point, self.refresh_button]), W.HBox([self.row, self.feature]),
                           W.HBox([self.top_k, self.hide_special, self.hide_outliers]),
                           W.HBox([self.one_per_document, self.min_count]),
                           W.HBox([self.plot_button, self.view_button]), self.info, self.feature_hist,

@@ -50,7 +50,8 @@ class DatasetPicker(W.VBox):
         self.hub_split = W.Text(value="train", description="Split", style=style)
         self.column = W.Text(value="text", description="Text column", style=style)
         self.max_samples = W.IntText(value=1000, description="Max samples", style=style,
-                                     tooltip="how many dataset rows to run; 0 = all rows", layout=W.Layout(width="240px"))
+                                     tooltip="how many dataset rows to run; 0 = all rows",
+                                     layout=W.Layout(width="240px"))
         self.max_length = W.IntText(value=128, description="Max length", style=style,
                                     tooltip="tokens per sample; longer samples are cut", layout=W.Layout(width="240px"))
         self.preview_button = W.Button(description="Preview", button_style="info", icon="eye",

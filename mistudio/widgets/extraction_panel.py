@@ -311,13 +311,15 @@ class ExtractionPanel(W.VBox):
             "max_samples": zero_is_none(dp.max_samples), "max_length": plain(dp.max_length),
             "layers": (lambda: list(self.layers.value), self._show_layers),
             "hooks": (lambda: [k for k, box in self.hooks.items() if box.value], self._show_hooks),
-            "batch_size": plain(self.batch_size), "dtype": plain(self.dtype), "auto_retry_on_oom": plain(self.auto_retry),
-            "max_batch_tokens": zero_is_none(self.max_batch_tokens), "micro_batch_size": zero_is_none(self.micro_batch_size),
+            "batch_size": plain(self.batch_size), "dtype": plain(self.dtype),
+            "auto_retry_on_oom": plain(self.auto_retry), "max_batch_tokens": zero_is_none(self.max_batch_tokens),
+            "micro_batch_size": zero_is_none(self.micro_batch_size),
             "window": zero_is_none(self.window),
             "stride": (lambda: (self.stride.value or None) if self.window.value else None,
                        lambda v: setattr(self.stride, "value", v or 0)),
             "chat_template": (self._chat_value, self._show_chat), "exclude_special": plain(self.exclude_special),
-            **{name: ((lambda i=info, w=widget: _option_value(i, w)), (lambda v, i=info, w=widget: _show_option(i, w, v)))
+            **{name: ((lambda i=info, w=widget: _option_value(i, w)),
+                      (lambda v, i=info, w=widget: _show_option(i, w, v)))
                for name, (info, widget) in self.options.items()},
         }
 

@@ -13,8 +13,8 @@ import ipywidgets as W
 from ..storage.metadata import LIVE_STATES
 from ..models import packaged_minilm_path
 from ..workspace import Workspace, human_bytes
-from .common import (PLAIN_ERRORS, ago, badge, breakable, error_box, for_ui, guard, note_box, short_id, stylesheet,
-                     summarise_hook_points)
+from .common import (PLAIN_ERRORS, ago, badge, breakable, busy, error_box, for_ui, guard, note_box, short_id,
+                     stylesheet, summarise_hook_points)
 
 HEADERS = ("status", "id", "model", "dataset", "hook points", "samples saved", "size", "age", "")
 # The grid's tracks are in common.STYLE: nine columns where the panel is wide enough (about 980 px), else each
@@ -87,10 +87,11 @@ class JobsPanel(W.VBox):
                                   layout=W.Layout(display="none"))
         self.table = W.GridBox(layout=W.Layout(width="100%"))  # tracks: common.STYLE (two layouts by width)
         self.table.add_class("mistudio-jobs")
-        self.refresh_button.on_click(guard(self._say, lambda _: self.refresh()))
-        self.cleanup_button.on_click(guard(self._say, lambda _: self.preview_cleanup()))
-        self.confirm_button.on_click(guard(self._say, lambda _: self.run_cleanup()))
-        self.confirm_delete_button.on_click(guard(self._say, lambda _: self.delete_confirmed()))
+        self.refresh_button.on_click(guard(self._say, lambda b: self._busy(b, "Listing…", self.refresh)))
+        self.cleanup_button.on_click(guard(self._say, lambda b: self._busy(b, "Checking…", self.preview_cleanup)))
+        self.confirm_button.on_click(guard(self._say, lambda b: self._busy(b, "Deleting…", self.run_cleanup)))
+        self.confirm_delete_button.on_click(guard(self._say, lambda b: self._busy(b, "Deleting…",
+                                                                                  self.delete_confirmed)))
         self.keep_button.on_click(guard(self._say, lambda _: self.cancel_delete()))
         self.pending_delete: str | None = None
         self.rows: list[dict] = []
@@ -110,6 +111,11 @@ class JobsPanel(W.VBox):
 
     def _say(self, text: str) -> None:
         self.message.value = text
+
+    @staticmethod
+    def _busy(button: W.Button, text: str, action: Callable[[], object]) -> None:
+        with busy(button, text):
+            action()
 
     # -- the grid ---------------------------------------------------------------------------------
     def refresh(self) -> None:
