@@ -184,6 +184,7 @@ def test_studio_in_jupyterlab(lab):
         page.goto(url)
         page.locator(".jp-Notebook .jp-Cell").first.wait_for()
         expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").first).to_be_visible()
+        page.evaluate("() => window.jupyterapp.shell.collapseLeft()")  # the 1,400 px screenshots: the whole width
 
         def run_cell():
             page.locator(".jp-Notebook .jp-Cell .jp-InputArea-editor").first.click()
@@ -213,6 +214,19 @@ def test_studio_in_jupyterlab(lab):
             time.sleep(0.4)
             found = page.evaluate(OVERFLOWING)
             assert not found, f"{where}: content wider than its box: {found}"
+
+        def file_browser_width(width):
+            """Open the file browser and drag its edge until it is ``width`` px wide."""
+            page.evaluate("() => window.jupyterapp.commands.execute('filebrowser:activate')")
+            expect(page.locator(".jp-FileBrowser").first).to_be_visible()
+            handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle:visible").first.bounding_box()
+            page.mouse.move(handle["x"] + 1, handle["y"] + 300)
+            page.mouse.down()
+            page.mouse.move(page.locator(".jp-SideBar.jp-mod-left").first.bounding_box()["width"] + width,
+                            handle["y"] + 300, steps=5)
+            page.mouse.up()
+            shown = page.locator(".jp-FileBrowser").first.bounding_box()["width"]
+            assert abs(shown - width) <= 20, f"the file browser is {shown} px wide, not {width}"
 
         def reachable(selector, where):
             found = page.evaluate(HIDDEN_BUTTONS, selector)
@@ -296,8 +310,8 @@ def test_studio_in_jupyterlab(lab):
         expect(grid.locator(".mistudio-cell", has_text="layers 1,3,5 × residual")).to_have_count(2)
         grid.locator("button[title^='Details']").first.click()  # the newest row's details, under the grid
         expect(page.locator(".mistudio-note", has_text="tokens saved").first).to_be_visible()
-        fits("Jobs, 1,400 px, file browser open")
-        reachable(".mistudio-jobs", "Jobs, 1,400 px, file browser open")
+        fits("Jobs, 1,400 px")
+        reachable(".mistudio-jobs", "Jobs, 1,400 px")
         shot("jobs")
         tab("Browse")
         expect(page.locator(".widget-tab select:visible").first).to_contain_text("CANCELLED")
@@ -340,15 +354,22 @@ def test_studio_in_jupyterlab(lab):
                                " && cells[at + 4].innerText.includes('24 / 24'); }", arg=other, timeout=2_000)
 
         # nothing cut off in any tab: at 1,400 px with the file browser open (~360 px, JupyterLab's default)...
+        page.evaluate("() => window.jupyterapp.commands.execute('filebrowser:activate')")
+        expect(page.locator(".jp-FileBrowser").first).to_be_visible()
+        file_browser_width(360)
         for name in TABS:
             tab(name)
             fits(f"{name}, 1,400 px, file browser open")
+            if name == "Jobs":
+                reachable(".mistudio-jobs", "Jobs, 1,400 px, file browser open")
         # ... and at 1,000 px with the file browser open (the grid folds each job into two lines)
         page.set_viewport_size({"width": 1000, "height": 1000})
-        page.evaluate("() => window.jupyterapp.commands.execute('filebrowser:activate')")
-        expect(page.locator(".jp-FileBrowser").first).to_be_visible()
+        file_browser_width(250)  # JupyterLab's default
         for name in TABS:
             tab(name)
+            if name == "Model":
+                button("Load / inspect").click()
+                expect(page.locator(".mistudio-model-info")).to_be_visible()
             fits(f"{name}, 1,000 px, file browser open")
             if name == "Extract":  # the folded sections too, each open in turn
                 headers = page.locator(".widget-tab .jupyter-widget-Collapse-header:visible, "

@@ -44,7 +44,7 @@ def disk_short(result: dict) -> bool:
 def option_widget(info: ParamInfo) -> W.Widget:
     """A widget for a Request field the tabs do not place themselves (the Extract tab's "More options"): its
     label, its type, its default; nullable numbers read 0 as "none", JSON fields take JSON text."""
-    style, layout = {"description_width": "190px"}, W.Layout(width="420px")
+    style, layout = {"description_width": "190px"}, W.Layout(width="420px", max_width="100%")
     tip = info.description
     if info.kind == "bool":
         return W.Checkbox(value=bool(info.default), description=info.label, indent=False, tooltip=tip,
