@@ -1026,3 +1026,20 @@ def test_issue19_p10_dataset_preview_pages_counts_and_marks(minilm_dir, workspac
     assert len(rows) == 10 and rows[0]["messages"][1]["content"] == "answer 0."
     assert "<b>user</b>: question 0?" in picker.preview.value and "<b>assistant</b>: answer 0." in picker.preview.value
     assert "of 30 rows" in picker.preview.value and "Chat data" in picker.preview.value
+
+
+def test_issue19_open_a_row_in_browse_from_elsewhere(gpt2_dir, workspace):
+    ws = ms.Workspace(workspace)
+    first = ws.submit(gpt2_dir, "sample", layers=[0, 2], max_samples=12).wait(60)
+    ws.submit(gpt2_dir, "sample", layers=[1], max_samples=8).wait(60)
+    studio = make_studio(workspace, gpt2_dir)
+    assert studio.open_in_browse(first.id, 5, "layers.0.residual", 3)  # another tab's "open this example"
+    browser = studio.browser
+    assert studio.tabs.selected_index == 4 and browser.extraction.value == first.id
+    assert "Plotted layers.0.residual, row 5" in browser.info.value and "feature 3" in browser.info.value
+    assert all(box.layout.display == "" for box in browser._boxes.values())
+    studio.select("Jobs")
+    studio.select("Browse")  # opening the tab again keeps what it shows
+    assert browser.extraction.value == first.id and browser._boxes["heatmap"].layout.display == ""
+    assert not browser.open_row("ext_nothing", 0) and "not in this workspace" in browser.info.value
+    assert browser.extraction.value == first.id  # the store shown stays

@@ -162,9 +162,10 @@ class ActivationBrowser(W.VBox):
                 when = f"created {created:%Y-%m-%d %H:%M}" if created is not None and created == created else ""
                 self._labels[row["id"]] = " · ".join(html.escape(str(part)) for part in (
                     row["id"], row["model"], row["dataset"], when, row["status"], row["hook_points"]) if part)
-        current = select or self.extraction.value
         ids = [v for _, v in options]
-        gone = current if current and current not in ids else None
+        previous = self.extraction.value
+        current = select if select in ids else previous
+        gone = previous if previous and previous not in ids else None
         target = current if current in ids else (ids[0] if ids else None)
         self._quiet = True
         try:
@@ -218,6 +219,22 @@ class ActivationBrowser(W.VBox):
         self.info.value = (f"{self.ext.n_samples:,} samples, {self.ext.n_tokens:,} tokens; dataset rows "
                            f"{int(rows.min()) if len(rows) else '–'}..{int(rows.max()) if len(rows) else '–'}"
                            + (f"<br>{self.norm_line(self.hook_point.value)}" if self.hook_point.value else ""))
+
+    def open_row(self, extraction_id: str, row: int, hook_point: str | None = None,
+                 feature: int | None = None) -> bool:
+        """Show a dataset row of an extraction and plot it (e.g. an example clicked in another tab): the
+        extraction, hook point and feature are chosen first; an extraction that is not listed is said so."""
+        self.refresh(select=extraction_id)
+        if self.extraction.value != extraction_id:
+            self.info.value = error_box(f"Extraction {html.escape(extraction_id)} is not in this workspace's list "
+                                        "(no committed data, or deleted).")
+            return False
+        if hook_point is not None:
+            self.hook_point.value = hook_point
+        if feature is not None:
+            self.feature.value = int(feature)
+        self.row.value = int(row)
+        return self.plot()
 
     def plot(self) -> bool:
         """Draw the plots for the current choices (a long row: the 64 tokens around the feature's peak); the info

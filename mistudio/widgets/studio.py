@@ -148,6 +148,13 @@ class Studio(W.VBox):
             self._browsed = job.id
         self.browser.refresh(select=job.id if fresh else None)
 
+    def open_in_browse(self, extraction_id: str, row: int, hook_point: str | None = None,
+                       feature: int | None = None) -> bool:
+        """Open the Browse tab on a dataset row of an extraction, plotted (for other tabs' "open this example")."""
+        shown = self.browser.open_row(extraction_id, row, hook_point, feature)
+        self.select("Browse")
+        return shown
+
     def _show_job(self, job) -> None:
         self.extraction_panel.watch(job)
         if job.id == self.interrupted:
