@@ -1,4 +1,6 @@
-"""A real JupyterLab in a real (headless) Chromium: run ms.Studio(), Launch, watch progress, Browse, plot.
+"""A real JupyterLab in a real (headless) Chromium: run ms.Studio(), Launch, watch progress, Browse, plot; the
+kernel stays free while a Hub id is typed and looked up; a job submitted from another cell updates its row; and
+nothing is cut off in any tab at 1,400 px (the file browser open, ~360 px) and at 1,000 px (file browser open).
 
 Needs Debian's chromium and the playwright package (.ci/run installs both). Outside CI the test is
 skipped when they are missing; in CI (CI=true) a missing browser is a failure.
@@ -21,7 +23,51 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse")
+
+# Every visible element of the Studio whose content is wider than its box (text cut off, or a row that spills),
+# as [tag, class, text, scrollWidth, clientWidth]; the slider's own handle and text fields (whose text scrolls
+# inside them by design) aside; a dropdown whose chosen entry is wider than it is measured with the page's font.
+# The output area holding the Studio counts too (no horizontal scrolling).
+OVERFLOWING = """() => {
+  const root = document.querySelector('.mistudio-studio');
+  const found = [];
+  const area = root.closest('.jp-OutputArea-output');
+  const ruler = document.createElement('canvas').getContext('2d');
+  for (const e of [area, ...root.querySelectorAll('*')]) {
+    if (e.offsetParent && e.tagName === 'SELECT' && e.selectedOptions.length) {  // the chosen entry's text fits
+      ruler.font = getComputedStyle(e).font;
+      const need = ruler.measureText(e.selectedOptions[0].text).width + 28;  // + padding and the arrow
+      if (need > e.clientWidth + 1) found.push(['SELECT', '', e.selectedOptions[0].text.slice(0, 40), need,
+                                                e.clientWidth]);
+    }
+    if (!e.offsetParent || ['SELECT', 'INPUT', 'TEXTAREA', 'IMG', 'svg'].includes(e.tagName)) continue;
+    if (e.closest('.noUi-target') || e.closest('.mistudio-feature-view details:not([open])')) continue;
+    if (e.scrollWidth > e.clientWidth + 1) {
+      found.push([e.tagName, String(e.className).slice(0, 50), (e.innerText || '').slice(0, 40), e.scrollWidth,
+                  e.clientWidth]);
+    }
+  }
+  return found;
+}"""
+# Buttons of a part of the Studio that cannot be seen or clicked: outside the output area or the window, or under
+# another element at their centre.
+HIDDEN_BUTTONS = """selector => {
+  const area = document.querySelector('.mistudio-studio').closest('.jp-OutputArea-output').getBoundingClientRect();
+  const out = [];
+  for (const b of document.querySelectorAll(selector + ' button')) {
+    if (!b.offsetParent) { out.push([b.title, 'not displayed']); continue; }
+    b.scrollIntoView({block: 'center', inline: 'nearest'});
+    const r = b.getBoundingClientRect();
+    const at = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
+    const outside = r.left < area.left - 1 || r.right > area.right + 1 || r.right > window.innerWidth;
+    if (outside) out.push([b.title, 'outside']);
+    else if (!(at === b || b.contains(at))) out.push([b.title || b.innerText, 'covered']);
+  }
+  return out;
+}"""
 
 
 def _requirements():
@@ -59,15 +105,18 @@ def lab(tmp_path, minilm_dir):
     (startup / "00-slow-batches.py").write_text(
         "import functools, time\nimport mistudio as ms\n"
         "ms.Studio = functools.partial(ms.Studio, before_batch=lambda index, batch_size: time.sleep(0.12))\n")
-    notebook.cells = [nbformat.v4.new_code_cell("import mistudio as ms\nms.Studio()")]
+    notebook.cells = [nbformat.v4.new_code_cell("import mistudio as ms\nms.Studio()"),
+                      nbformat.v4.new_code_cell("print('another cell ran')")]
     # the form as a user left it last time in this workspace (the Studio remembers it in studio.json)
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "studio.json").write_text(json.dumps({
-        "model": minilm_dir, "dataset": {"source": "sample", "max_samples": 400, "max_length": 128},
+        "model": minilm_dir, "dataset": {"source": "sample", "max_samples": 200, "max_length": 128},
         "extract": {"layers": [1, 3, 5], "hooks": ["residual"], "batch_size": 16}}))
     nbformat.write(notebook, root / "studio.ipynb")
     port, token = free_port(), "mistudio-test-token"
+    # the kernel imports this checkout's mistudio (not another one the environment may have installed)
     env = {**os.environ, "MISTUDIO_WORKSPACE": str(tmp_path / "ws"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"), "IPYTHONDIR": str(tmp_path / "ipython"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lws")}
@@ -78,7 +127,7 @@ def lab(tmp_path, minilm_dir):
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
          f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.expose_app_in_browser=True"],
         env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -108,6 +157,20 @@ def restart_kernel(url: str, token: str) -> None:
     urllib.request.urlopen(request, timeout=60).read()
 
 
+def run_in_kernel(page, code: str) -> dict:
+    """Run ``code`` in the notebook's kernel as a cell would (an execute request), from the page; returns how long
+    the kernel took to answer (ms) and what it printed."""
+    return page.evaluate("""async code => {
+        const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+        const started = performance.now();
+        let printed = '';
+        const future = kernel.requestExecute({code});
+        future.onIOPub = msg => { if (msg.header.msg_type === 'stream') printed += msg.content.text; };
+        await future.done;
+        return {ms: performance.now() - started, printed};
+    }""", code)
+
+
 def test_studio_in_jupyterlab(lab):
     from playwright.sync_api import expect, sync_playwright
 
@@ -121,6 +184,7 @@ def test_studio_in_jupyterlab(lab):
         page.goto(url)
         page.locator(".jp-Notebook .jp-Cell").first.wait_for()
         expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").first).to_be_visible()
+        page.evaluate("() => window.jupyterapp.shell.collapseLeft()")  # the 1,400 px screenshots: the whole width
 
         def run_cell():
             page.locator(".jp-Notebook .jp-Cell .jp-InputArea-editor").first.click()
@@ -139,31 +203,74 @@ def test_studio_in_jupyterlab(lab):
         def button(text):
             return page.locator(".widget-tab button.jupyter-button:visible", has_text=text).first
 
-        def bar_width():
-            return page.evaluate("() => { const b = [...document.querySelectorAll('.widget-hprogress .progress-bar')]"
-                                 ".find(b => b.offsetParent); return b ? parseFloat(b.style.width) || 0 : 0; }")
-
         def wait_for_percent(least):
             """The new job's own status line (not the last job's bar) says it is this far."""
             page.wait_for_function("least => [...document.querySelectorAll('.widget-html')].some(h => {"
-                                   " const m = h.innerText.match(/samples \\((\\d+)%\\)/);"
+                                   " const m = h.innerText.match(/samples computed \\((\\d+)%\\)/);"
                                    " return h.offsetParent && m && +m[1] >= least; })", arg=least)
+
+        def fits(where):
+            """Nothing cut off or spilling in the Studio as it is shown now."""
+            time.sleep(0.4)
+            found = page.evaluate(OVERFLOWING)
+            assert not found, f"{where}: content wider than its box: {found}"
+
+        def file_browser_width(width):
+            """Open the file browser and drag its edge until it is ``width`` px wide."""
+            page.evaluate("() => window.jupyterapp.commands.execute('filebrowser:activate')")
+            expect(page.locator(".jp-FileBrowser").first).to_be_visible()
+            handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle:visible").first.bounding_box()
+            page.mouse.move(handle["x"] + 1, handle["y"] + 300)
+            page.mouse.down()
+            page.mouse.move(page.locator(".jp-SideBar.jp-mod-left").first.bounding_box()["width"] + width,
+                            handle["y"] + 300, steps=5)
+            page.mouse.up()
+            shown = page.locator(".jp-FileBrowser").first.bounding_box()["width"]
+            assert abs(shown - width) <= 20, f"the file browser is {shown} px wide, not {width}"
+
+        def reachable(selector, where):
+            found = page.evaluate(HIDDEN_BUTTONS, selector)
+            assert not found, f"{where}: buttons that cannot be seen or clicked: {found}"
 
         run_cell()
         page.locator(".widget-tab").first.wait_for()
         # it opens on the Model tab; the bundled model is named, not a path
         model_input = page.locator(".widget-tab input[placeholder='Hugging Face id or local folder']").first
         expect(model_input).to_have_value("all-MiniLM-L6-v2 (bundled)")
-        button("Load / inspect").click()
+
+        # typing a Hub id: no lookup per keystroke, a cell runs meanwhile; Load / inspect is busy, off the kernel
+        model_input.fill("")
+        model_input.type("gp", delay=120)
+        running = page.evaluate_handle("""() => { const kernel =
+            window.jupyterapp.shell.currentWidget.sessionContext.session.kernel; const started = performance.now();
+            return kernel.requestExecute({code: "print('another cell ran')"}).done.then(() => performance.now()
+            - started); }""")
+        model_input.type("t2", delay=120)
+        model_input.press("Tab")
+        assert page.evaluate("p => p", running) < 3000, "the kernel was busy while a Hub id was typed"
+        inspect = button("Load / inspect")
+        page.evaluate("""() => { window.__states = []; const b = [...document.querySelectorAll('.widget-tab button')]
+            .find(b => b.innerText.includes('Load / inspect')); new MutationObserver(() =>
+            window.__states.push(b.disabled)).observe(b, {attributes: true, attributeFilter: ['disabled']}); }""")
+        inspect.click()
+        assert run_in_kernel(page, "print('another cell ran')")["ms"] < 3000, "Load / inspect blocked the kernel"
+        expect(page.locator(".mistudio-error", has_text="local Hugging Face cache").first).to_be_visible()
+        expect(inspect).to_be_enabled()
+        assert page.evaluate("() => window.__states")[:1] == [True], "no busy state while the Hub lookup ran"
+        model_input.fill("all-MiniLM-L6-v2 (bundled)")
+        model_input.press("Tab")
+        expect(page.locator(".mistudio-error", has_text="local Hugging Face cache")).to_have_count(0)  # cleared
+        inspect.click()
         expect(page.locator(".mistudio-model-info")).to_be_visible()
         shot("model")
 
         tab("Dataset")
         button("Preview").click()
         expect(page.locator(".mistudio-preview")).to_be_visible()
+        expect(page.locator(".widget-html", has_text="of 2,077 rows").first).to_be_visible()
         shot("dataset")
 
-        # a bad model: Launch says so (no store), fix it in the Model tab, Retry runs the fixed one
+        # a bad model: Launch says so (no store); fixed in the Model tab, the failure goes and Launch runs it
         tab("Model")
         model_input.fill("/no/such/model")
         model_input.press("Tab")
@@ -177,12 +284,13 @@ def test_studio_in_jupyterlab(lab):
         model_input.press("Tab")
         tab("Extract")
         expect(page.locator(".widget-html", has_text="Runs all-MiniLM-L6-v2 (bundled)").first).to_be_visible()
+        expect(page.locator(".mistudio-error", has_text="does not exist")).to_have_count(0)  # about another form
         button("Estimate").click()  # the plan before launching: disk, peak memory
         expect(page.locator(".mistudio-note", has_text="on disk").first).to_be_visible()
         page.evaluate("""() => { window.__widths = []; window.__poll = setInterval(() => {
             const b = [...document.querySelectorAll('.widget-hprogress .progress-bar')].find(b => b.offsetParent);
             if (b) window.__widths.push(parseFloat(b.style.width) || 0); }, 20); }""")
-        button("Retry").click()
+        button("Launch").click()
         page.wait_for_function("() => [...document.querySelectorAll('.widget-hprogress .progress-bar')]"
                                ".some(b => b.offsetParent && b.style.width === '100%')")
         widths = page.evaluate("() => { clearInterval(window.__poll); return window.__widths; }")
@@ -193,19 +301,17 @@ def test_studio_in_jupyterlab(lab):
 
         # a second run, cancelled with data: Browse lists it; Cleanup removes it; Browse then says so, no error
         button("Launch").click()
-        wait_for_percent(40)  # a chunk or more is saved
+        wait_for_percent(40)  # a chunk or more is computed
         button("Cancel").click()
         expect(page.locator(".widget-html", has_text="samples kept").first).to_be_visible()
         tab("Jobs")
         grid = page.locator(".mistudio-jobs")
         expect(grid.locator(".mistudio-badge", has_text="CANCELLED")).to_be_visible()
         expect(grid.locator(".mistudio-cell", has_text="layers 1,3,5 × residual")).to_have_count(2)
-        fits = page.evaluate("""() => { const g = document.querySelector('.mistudio-jobs');
-            const out = g.closest('.jp-OutputArea-output');
-            return [g.scrollWidth, g.clientWidth, out.scrollWidth, out.clientWidth]; }""")
-        assert fits[0] <= fits[1] and fits[2] <= fits[3], f"the Jobs grid needs horizontal scrolling: {fits}"
         grid.locator("button[title^='Details']").first.click()  # the newest row's details, under the grid
         expect(page.locator(".mistudio-note", has_text="tokens saved").first).to_be_visible()
+        fits("Jobs, 1,400 px")
+        reachable(".mistudio-jobs", "Jobs, 1,400 px")
         shot("jobs")
         tab("Browse")
         expect(page.locator(".widget-tab select:visible").first).to_contain_text("CANCELLED")
@@ -229,11 +335,57 @@ def test_studio_in_jupyterlab(lab):
         assert shaded >= 20, f"only {shaded} shaded tokens"
         button("Plot").click()
         page.wait_for_function("() => [...document.querySelectorAll('.widget-image')]"
-                               ".filter(i => i.naturalWidth > 0).length >= 5")
+                               ".filter(i => i.naturalWidth > 0).length >= 4")
         expect(page.locator(".widget-html", has_text="Plotted").first).to_be_visible()
         shot("browse")
 
-        # a kernel restart during a job: re-running the cell shows the interrupted job with Resume
+        tab("Jobs")
+        # a job submitted from another cell (another Workspace object): its row appears and ends within 2 s
+        submitted = run_in_kernel(page, "_ws = ms.Workspace()\n_job = _ws.submit(model=str(ms.packaged_minilm_path()), "
+                                        "dataset='sample', layers=[2], max_samples=24, batch_size=8)\nprint(_job.id)")
+        other = submitted["printed"].strip()
+        row_id = grid.locator(f".mistudio-cell[title='{other}']")
+        expect(row_id).to_be_visible(timeout=2_000)
+        assert run_in_kernel(page, "_job.wait(); print(_job.status)")["printed"].strip() == "COMPLETED"
+        expect(grid.locator(".mistudio-cell", has_text="layer 2 × residual")).to_be_visible()
+        page.wait_for_function("id => { const cells = [...document.querySelectorAll('.mistudio-jobs > *')];"
+                               " const at = cells.findIndex(c => c.querySelector(`.mistudio-cell[title='${id}']`));"
+                               " return at > 0 && cells[at - 1].innerText.includes('COMPLETED')"
+                               " && cells[at + 4].innerText.includes('24 / 24'); }", arg=other, timeout=2_000)
+
+        # nothing cut off in any tab: at 1,400 px with the file browser open (~360 px, JupyterLab's default)...
+        page.evaluate("() => window.jupyterapp.commands.execute('filebrowser:activate')")
+        expect(page.locator(".jp-FileBrowser").first).to_be_visible()
+        file_browser_width(360)
+        for name in TABS:
+            tab(name)
+            fits(f"{name}, 1,400 px, file browser open")
+            if name == "Jobs":
+                reachable(".mistudio-jobs", "Jobs, 1,400 px, file browser open")
+        # ... and at 1,000 px with the file browser open (the grid folds each job into two lines)
+        page.set_viewport_size({"width": 1000, "height": 1000})
+        file_browser_width(250)  # JupyterLab's default
+        for name in TABS:
+            tab(name)
+            if name == "Model":
+                button("Load / inspect").click()
+                expect(page.locator(".mistudio-model-info")).to_be_visible()
+            fits(f"{name}, 1,000 px, file browser open")
+            if name == "Extract":  # the folded sections too, each open in turn
+                headers = page.locator(".widget-tab .jupyter-widget-Collapse-header:visible, "
+                                       ".widget-tab .lm-Collapse-header:visible")
+                for i in range(headers.count()):
+                    headers.nth(i).click()
+                    fits(f"Extract, 1,000 px, folded section {i + 1} open")
+                headers.last.click()  # folded again for the screenshot
+            if name == "Jobs":
+                reachable(".mistudio-jobs", "Jobs, 1,000 px, file browser open")
+                grid.locator("button[title^='Details']").first.click()  # clickable where it is
+                expect(page.locator(".mistudio-note", has_text="tokens saved").first).to_be_visible()
+            shot(f"{name.lower()}-1000")
+
+        # a kernel restart during a job: re-running the cell shows the interrupted job with Resume; its banner fits
+        page.set_viewport_size({"width": 1400, "height": 1000})
         tab("Extract")
         button("Launch").click()
         wait_for_percent(20)
@@ -244,5 +396,10 @@ def test_studio_in_jupyterlab(lab):
         run_cell()
         banner = page.locator(".mistudio-banner")
         expect(banner).to_contain_text("was interrupted")
+        expect(banner).to_contain_text("samples were saved")
         expect(banner.locator("button", has_text="Resume it")).to_be_visible()
+        for width in (1400, 1000):
+            page.set_viewport_size({"width": width, "height": 1000})
+            fits(f"the restart banner, {width} px, file browser open")
+            reachable(".mistudio-banner", f"the restart banner, {width} px")
         browser.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import re
 import time
 
 import numpy as np
@@ -139,7 +140,7 @@ def test_model_and_dataset_tabs(gpt2_dir, workspace, minilm_dir):
     assert gpt2_dir in ms.ModelPicker(workspace_root=studio.workspace.root).choice.options
 
     rows = studio.dataset_picker.show_preview()
-    assert len(rows) == 5 and all(r["tokens"] > 0 for r in rows)
+    assert len(rows) == 10 and all(r["tokens"] > 0 for r in rows)
     assert ">tokens</th>" in studio.dataset_picker.preview.value
     studio.dataset_picker.source.value = "hub"
     studio.dataset_picker.hub_name.value = "nobody/nothing"
@@ -269,7 +270,8 @@ def test_point1_every_callback_error_shows_in_its_panel(gpt2_dir, workspace, mon
     browser.refresh_button.click()
     assert "disk went away" in browser.info.value
     monkeypatch.setattr(studio.model_picker, "inspect", boom)
-    studio.model_picker.inspect_button.click()
+    studio.model_picker.inspect_button.click()  # the lookup runs on a thread: its error shows when it ends
+    wait_for(lambda: not studio.model_picker.busy, 30)
     assert "disk went away" in studio.model_picker.info.value
 
 
@@ -307,8 +309,9 @@ def test_point3_jobs_grid_compact_and_live(gpt2_dir, workspace):
     live = panel.job
     assert reached.wait(60)
     wait_for(lambda: live.id in jobs.cells)  # its row appeared from the job's events
-    wait_for(lambda: "8 / 40" in jobs.cells[live.id]["progress"].value or
-             "12 / 40" in jobs.cells[live.id]["progress"].value)
+    wait_for(lambda: "8 computed" in jobs.cells[live.id]["progress"].value or
+             "12 computed" in jobs.cells[live.id]["progress"].value)  # computed, not yet saved (one chunk)
+    assert "0 / 40 · 0%" in jobs.cells[live.id]["progress"].value
     assert "EXTRACTING" in jobs.cells[live.id]["status"].value
     assert not jobs.cells[live.id]["buttons"]["Cancel"].disabled
     jobs.cells[live.id]["buttons"]["Cancel"].click()
@@ -323,7 +326,7 @@ def test_point3_jobs_grid_compact_and_live(gpt2_dir, workspace):
     row = next(r for r in jobs.rows if r["id"] == live.id)
     assert row["samples_committed"] < 40 and f"{row['samples_committed']} / 40" in jobs.cells[live.id]["progress"].value
     assert f"{done.progress['tokens_done']:,} tokens" in jobs.cells[done.id]["progress"].value  # separators
-    assert jobs.table.layout.grid_template_columns.count("px") >= 6  # fixed short columns, shrinking names
+    assert jobs.table.layout.grid_template_columns is None  # the tracks are the stylesheet's (two layouts)
     assert all(b.description == "" and b.tooltip for b in jobs.cells[done.id]["buttons"].values())  # icons
 
 
@@ -379,7 +382,7 @@ def test_point5_plots_window_marked_labelled_same_width(gpt2_dir, workspace):
     ax = fig.axes[0]
     assert "features 12–27 of 32" in ax.get_title() and "feature 20 outlined" in ax.get_title()
     assert any(isinstance(p, Rectangle) and p.get_x() == 20 - 12 - 0.5 for p in ax.patches)
-    assert fig.axes[1].get_ylabel() == "activation"  # the colour bar says what it shows
+    assert fig.axes[1].get_ylabel().startswith("activation (range ±")  # the colour bar says what it shows
     assert plots.feature_window(None, 384) == slice(0, 64) and plots.feature_window(380, 384) == slice(320, 384)
     top = plots.top_tokens(ext, "layers.2.residual", 3, k=5, context=20)
     figures = [fig, plots.layer_norms(ext, row), plots.feature_histogram(ext, "layers.2.residual", 3),
@@ -657,3 +660,386 @@ def test_issue10_browse_hides_special_and_outlier_tokens(minilm_dir, workspace, 
     assert browser.plot()
     assert browser.hidden["row_tokens"] == int((norms > np.median(norms)).sum()) > 0
     assert browser.hidden["rows"] == 2 and "Hidden:" in browser.info.value
+
+
+# -- issue 19: "Studio and first run, round 3" (and issue 18, point 4: Browse on long rows) ------------------
+def grid_rows(jobs) -> list[list]:
+    """The grid's cells, nine per line (the header first)."""
+    cells = list(jobs.table.children)
+    return [cells[i:i + 9] for i in range(0, len(cells), 9)]
+
+
+def test_issue19_p1_jobs_grid_folds_instead_of_clipping(gpt2_dir, workspace):
+    from mistudio.widgets.common import STYLE
+
+    ws = ms.Workspace(workspace)
+    ws.submit(gpt2_dir, "sample", layers=[0, 2], max_samples=8).wait(60)
+    studio = make_studio(workspace, gpt2_dir)
+    jobs = studio.jobs_panel
+    assert "mistudio-jobs-panel" in jobs._dom_classes and jobs.children[0].value.startswith("<style>")
+    # nine tracks where the panel is wide enough; two lines per job below that, from the panel's own width
+    wide = re.search(r"\.mistudio-jobs \{[^}]*grid-template-columns:([^;]+);", STYLE).group(1)
+    needs = sum(int(n) for n in re.findall(r"(\d+)px", wide)) + 8 * 8
+    narrow = re.search(r"@container \(max-width: (\d+)px\)", STYLE)
+    assert narrow and needs <= int(narrow.group(1)) + 1, (needs, narrow.group(1))
+    folded = STYLE[narrow.start():]
+    assert "grid-column: span 2" in folded and folded.count("minmax(") == 5  # five tracks, actions span two
+    header, row = grid_rows(jobs)
+    assert ["mistudio-first" in c._dom_classes for c in row[:9]] == [True] * 5 + [False] * 4
+    actions = row[8]
+    assert "mistudio-actions" in actions._dom_classes and len(actions.children) == 5
+    assert all(b.tooltip and b.layout.width == "28px" for b in actions.children)
+    for cell in row[:8]:  # text wraps, never cut sideways (the whole text is in the tooltip too)
+        text = re.sub(r'<span class="mistudio-badge"[^>]*>', "", cell.value)  # a badge is one word: whole
+        assert "nowrap" not in text and "ellipsis" not in text
+    from mistudio.widgets.common import breakable
+
+    assert breakable("my_data/set.jsonl") == "my_<wbr>data/<wbr>set<wbr>.jsonl"  # names break at separators
+
+
+def test_issue19_p2_typing_a_hub_id_looks_nothing_up(minilm_dir, workspace, monkeypatch, caplog):
+    studio = make_studio(workspace, minilm_dir)
+    picker, panel = studio.model_picker, studio.extraction_panel
+    assert picker.choice.continuous_update is False  # the field sends its value when left, not per keystroke
+    picker.inspect()
+    assert "BertModel" in picker.info.value and picker.details
+    started = time.monotonic()
+    for typed in ("g", "gp", "gpt", "gpt2"):
+        picker.choice.value = typed
+    assert time.monotonic() - started < 1.0 and picker.lookups == 1  # only the inspect above
+    assert picker.info.value == "" and picker.details is None  # MiniLM's facts went with it
+    assert panel.layers_known is False and "Load / inspect" in panel.summary.value
+    thread = picker.inspect_async()  # the button: off the kernel's main path, busy meanwhile
+    assert picker.inspect_button.disabled and "Reading the config" in picker.info.value
+    thread.join(30)
+    assert not picker.inspect_button.disabled and "mistudio-error" in picker.info.value
+    assert "local Hugging Face cache" in picker.info.value and "HF_HUB_OFFLINE" in picker.info.value
+    # with the Hub "on" but unreachable (no network here) or the id unknown: one short request, no retries
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    picker.choice.value = "mistudio-tests/no-such-model"
+    started = time.monotonic()
+    picker.inspect_async().join(60)
+    assert time.monotonic() - started < 15
+    assert "could not be reached" in picker.info.value or "has no model" in picker.info.value
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    # the bundled model again: its facts and layers come back (the lookup's listener sets the layers)
+    picker.choice.value = "all-MiniLM-L6-v2 (bundled)"
+    assert panel.layers_known and [v for _, v in panel.layers.options] == list(range(6))
+
+
+def long_row_extraction(gpt2_dir, workspace, tokens=3000):
+    """A store with one ~3,000-token document (windows of 128) among short ones."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gpt2_dir)
+    texts, long = ms.sample_texts(), ""
+    for text in texts:
+        long += text + " "
+        if len(tok(long)["input_ids"]) >= tokens:
+            break
+    data = [long] + texts[:20]
+    ext = ms.extract(gpt2_dir, data, layers=[0, 2], window=128, stride=64, workspace=workspace, progress=False)
+    return ext, len(tok(long)["input_ids"])
+
+
+def test_issue19_p3_long_rows_plot_a_window_fast_and_say_so(gpt2_dir, workspace):
+    ext, n_long = long_row_extraction(gpt2_dir, workspace)
+    assert n_long >= 3000
+    studio = make_studio(workspace, gpt2_dir)
+    studio.selected_index = 4
+    browser = studio.browser
+    browser.hook_point.value = "layers.2.residual"
+    browser.feature.value = 5
+    states = []
+    browser.plot_button.observe(lambda c: states.append(c["new"]), "disabled")
+    times = {}
+    for row in (0, 3):  # the long document, then a short one
+        browser.row.value = row
+        started = time.perf_counter()
+        assert browser.plot()
+        times[row] = time.perf_counter() - started
+        assert f"row {row} (" in browser.info.value  # the row plotted, not the previous one
+    assert states == [True, False, True, False]  # busy (disabled, spinner) while each plot was drawn
+    # the long row: 64 tokens around the feature's peak, every label readable; as fast as a short row
+    browser.row.value = 0
+    assert browser.plot()
+    assert browser.window.stop - browser.window.start == 64
+    assert f"of {n_long} around the feature's peak" in browser.info.value
+    sample = ext.sample(0, ["layers.2.residual"])
+    peak = int(np.nanargmax(sample["activations"]["layers.2.residual"][:, 5]))
+    assert browser.window.start <= peak < browser.window.stop
+    assert times[0] < 4 * times[3] + 1.0, times  # was 35-38 s against ~1 s
+    from mistudio import plots
+
+    fig = plots.heatmap(ext, 0, "layers.2.residual", feature=5)
+    assert len(fig.axes[0].get_yticklabels()) == 64 and f"of {n_long}" in fig.axes[0].get_title()
+    norms = plots.layer_norms(ext, 0, "residual", tokens=browser.window)
+    assert len(norms.axes[0].get_xticklabels()) == 64
+    # a failed plot does not leave the previous row's plots or line on screen
+    browser.row.value = 3
+    browser.feature.value = 10_000
+    assert not browser.plot()
+    assert "not plotted" in browser.info.value and "Plotted" not in browser.info.value
+    assert all(box.layout.display == "none" for box in browser._boxes.values())
+
+
+def test_issue19_p3_colour_range_not_taken_by_one_dimension():
+    from mistudio import plots
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(64, 64)).astype(np.float32)
+    values[:, 7] *= 1000  # one massive dimension
+    limit, beyond = plots.colour_limit(values)
+    assert beyond == [7] and limit < 5  # the others keep their colours; the big one is named and saturated
+    assert plots.colour_limit(np.full((4, 4), np.nan))[0] == 1.0
+    assert plots.token_window(3000, 2990) == slice(2936, 3000) and plots.token_window(10, 3) == slice(0, 10)
+
+
+def test_issue19_p4_saved_and_computed_apart_never_backwards(gpt2_dir, workspace):
+    from mistudio.widgets.common import RateMeter
+    from mistudio.widgets.jobs_panel import progress_cell
+
+    gate_hook, reached, release = gate(4)
+    studio = make_studio(workspace, gpt2_dir, before_batch=gate_hook)
+    jobs, panel = studio.jobs_panel, studio.extraction_panel
+    panel.batch_size.value = 4
+    seen = []
+    panel.launch_button.click()
+    job = panel.job
+    wait_for(lambda: job.id in jobs.cells)
+    jobs.cells[job.id]["progress"].observe(lambda c: seen.append(c["new"]), "value")
+    assert reached.wait(60)
+    wait_for(lambda: "16 computed" in jobs.cells[job.id]["progress"].value)
+    cell = jobs.cells[job.id]
+    saved = job.record.progress.samples_committed
+    assert f"{saved} / 40" in cell["progress"].value  # saved (one chunk holds them all: none yet) and computed
+    assert "16 / 40 samples computed (40%)" in panel.status.value and f"{saved} saved" in panel.status.value
+    store_size = studio.workspace.size_of(studio.workspace.path_of(job.id))
+    from mistudio.workspace import human_bytes
+
+    wait_for(lambda: human_bytes(studio.workspace.size_of(studio.workspace.path_of(job.id))) in cell["size"].value)
+    assert store_size > 4096  # the allocated token arrays: the size moved while it ran
+    release.set()
+    job.wait(60)
+    wait_for(lambda: "40 / 40 · 100%" in jobs.cells.get(job.id, {}).get("progress", W_EMPTY).value)
+    pairs = []
+    for text in seen:
+        kept = re.search(r"([\d,]+) / 40", text)
+        done = re.search(r"([\d,]+) computed", text)
+        pairs.append((int(kept.group(1)), int(done.group(1)) if done else int(kept.group(1))))
+    assert len(pairs) >= 3
+    assert [p[0] for p in pairs] == sorted(p[0] for p in pairs)  # saved never goes back
+    assert [p[1] for p in pairs] == sorted(p[1] for p in pairs)  # computed never goes back
+    assert progress_cell(0, None, 0, None, "LOADING")[0] == "<i>preparing…</i>"  # not "0 / ?" while it plans
+    meter = RateMeter()
+    for t in range(10):
+        meter.update(100 * t, at=float(t))
+    assert meter.eta(1000) == pytest.approx(10, rel=0.01)
+    meter.update(1900, at=10.0)  # one batch ten times as fast moves the ETA a little, not to a tenth
+    assert 7 < meter.eta(1000) < 10
+
+
+def test_issue19_p4_restart_banner_says_saved_and_computed(gpt2_dir, workspace):
+    import socket
+
+    ws = ms.Workspace(workspace)
+    ghost = ws.submit(gpt2_dir, "sample", layers=[0], max_samples=8, batch_size=2)
+    ghost.wait(60)
+    ghost.store.update(status="EXTRACTING", heartbeat={"pid": 999999, "host": socket.gethostname(), "time": 0,
+                                                       "proc_start": "0"},
+                       progress={"samples_committed": 2, "tokens_committed": 20})
+    studio = ms.Studio(workspace=workspace, model=gpt2_dir)
+    assert "2 of 8 samples were saved" in studio.banner.value
+    assert "computed after the last save was lost" in studio.banner.value
+    ghost.store.refresh()  # (the Studio marked it FAILED/INTERRUPTED on disk)
+    ghost.store.update(progress={"samples_computed": 6})  # where the store recorded it
+    assert studio.show_interrupted() == ghost.id
+    assert "6 were computed when it stopped (4 not saved yet" in studio.banner.value
+
+
+def test_issue19_p5_jobs_from_another_cell_update_their_row(gpt2_dir, workspace):
+    studio = make_studio(workspace, gpt2_dir)
+    jobs = studio.jobs_panel
+    other = ms.Workspace(workspace)  # what `ms.Workspace().submit(...)` in another cell does
+    gate_hook, reached, release = gate(2)
+    job = other.submit(gpt2_dir, "sample", layers=[1], max_samples=24, batch_size=4, before_batch=gate_hook)
+    wait_for(lambda: job.id in jobs.cells, 2)  # listed within 2 s, without Refresh
+    assert reached.wait(60)
+    wait_for(lambda: "EXTRACTING" in jobs.cells[job.id]["status"].value and
+             "computed" in jobs.cells[job.id]["progress"].value, 2)
+    release.set()
+    job.wait(60)
+    wait_for(lambda: "COMPLETED" in jobs.cells.get(job.id, {}).get("status", W_EMPTY).value, 2)
+    assert "24 / 24 · 100%" in jobs.cells[job.id]["progress"].value
+
+
+def test_issue19_p6_stale_state_goes(gpt2_dir, workspace, tmp_path):
+    import socket
+
+    ws = ms.Workspace(workspace)
+    ghost = ws.submit(gpt2_dir, "sample", layers=[0], max_samples=8, batch_size=2)
+    ghost.wait(60)
+    ghost.store.update(status="EXTRACTING", heartbeat={"pid": 999999, "host": socket.gethostname(), "time": 0,
+                                                       "proc_start": "0"})
+    studio = make_studio(workspace, gpt2_dir)
+    assert studio.banner_box.layout.display == "" and studio.interrupted == ghost.id
+    # Resume from the Jobs tab: the banner goes (its "Resume it" would say the job is already extracting)
+    studio.selected_index = 3
+    studio.jobs_panel.cells[ghost.id]["buttons"]["Resume"].click()
+    assert studio.banner_box.layout.display == "none" and studio.interrupted is None
+    studio.extraction_panel.job.wait(60)
+    # a resume from another cell hides it too (the workspace's events), and "Resume it" never resumes twice
+    ghost.store.update(status="EXTRACTING", heartbeat={"pid": 999999, "host": socket.gethostname(), "time": 0,
+                                                       "proc_start": "0"})
+    studio2 = make_studio(workspace, gpt2_dir)
+    assert studio2.interrupted == ghost.id
+    again = ws.resume(ghost.id)
+    wait_for(lambda: studio2.banner_box.layout.display == "none")
+    again.wait(60)
+
+    panel, picker = studio.extraction_panel, studio.dataset_picker
+    # a failure of the form (no job) goes when another dataset is chosen or estimated
+    picker.source.value = "file"
+    picker.path.value = str(tmp_path / "missing.jsonl")
+    assert panel.launch() is None and panel.failure_box.layout.display == ""
+    picker.source.value = "sample"
+    assert panel.failure_box.layout.display == "none" and panel.alert.value == ""
+    picker.source.value = "file"
+    assert panel.launch() is None and panel.failure_box.layout.display == ""
+    picker.source.value = "sample"  # (hidden again by the change) and an estimate of it keeps it hidden
+    assert panel.estimate() is not None and panel.failure_box.layout.display == "none"
+    # "Saved preset" goes with the next change of the form; "Form filled" stays while the preset fills it
+    panel.preset_name.value = "p1"
+    panel.save_preset_button.click()
+    assert "Saved preset" in panel.preset_status.value
+    panel.batch_size.value = 16
+    assert panel.preset_status.value == ""
+    panel.preset.value = "p1"
+    assert "Form filled from preset" in panel.preset_status.value and panel.batch_size.value == 8
+    # the Model tab's facts go when the model field changes
+    studio.model_picker.inspect()
+    assert "architecture" in studio.model_picker.info.value
+    studio.model_picker.choice.value = "all-MiniLM-L6-v2 (bundled)"
+    assert studio.model_picker.info.value == "" and studio.model_picker.details is None
+
+
+def test_issue19_p7_buttons_keep_their_text(gpt2_dir, workspace):
+    from mistudio.widgets.common import STYLE
+
+    studio = make_studio(workspace, gpt2_dir)
+    panel = studio.extraction_panel
+    for button in (studio.banner_resume, studio.banner_dismiss, panel.save_preset_button,
+                   panel.delete_preset_button, panel.estimate_button, studio.browser.plot_button,
+                   studio.dataset_picker.preview_button, studio.model_picker.inspect_button):
+        assert button.layout.width == "auto", button.description  # sized by their text
+    assert ".jupyter-button { flex: 0 0 auto" in STYLE and "flex-wrap: wrap" in STYLE  # rows wrap, never squeeze
+    assert all("mistudio-panel" in p._dom_classes for p in studio.panels.values())
+    assert list(studio.panels) == ["Model", "Dataset", "Extract", "Jobs", "Browse"]
+    extra = ms.widgets.JobsPanel(studio.workspace)  # a later tab joins the same way
+    opened = []
+    studio.add_tab("More", extra, on_open=lambda: opened.append(1))
+    studio.select("More")
+    assert studio.tabs.titles[-1] == "More" and opened == [1]
+
+
+def test_issue19_p8_browse_entries_tell_extractions_apart(gpt2_dir, minilm_dir, workspace):
+    ws = ms.Workspace(workspace)
+    ws.submit(gpt2_dir, "sample", layers=[0, 1], max_samples=8).wait(60)
+    ws.submit(minilm_dir, "sample", layers=[0, 1], max_samples=8).wait(60)
+    browser = make_studio(workspace, gpt2_dir).browser
+    labels = [label for label, _ in browser.extraction.options]
+    assert len(labels) == 2 and len(set(labels)) == 2
+    assert "all-MiniLM-L6-v2" in labels[0] and gpt2_dir.split("/")[-1] in labels[1]
+    for label in labels:  # date and time, model, dataset, hook points; short enough for a narrow window
+        assert "sample" in label and "layers 0,1 × residual" in label and re.match(r"\d\d-\d\d \d\d:\d\d:\d\d ", label)
+        assert len(label) <= 72 and "COMPLETED" not in label
+    assert browser.extraction.value in browser.about.value and "created 20" in browser.about.value
+
+
+def test_issue19_p9_feature_view_honours_options(minilm_dir, workspace):
+    ext = ms.extract(minilm_dir, "sample", layers=[5], max_samples=60, workspace=workspace, progress=False)
+    studio = make_studio(workspace, minilm_dir)
+    studio.selected_index = 4
+    browser = studio.browser
+    assert "top_tokens" not in browser.images  # the bars repeated the table: only the table stays
+    hp = "layers.5.residual"
+    # a feature whose top values sit on [CLS]/[SEP] in every row
+    cls_rows = np.flatnonzero(np.asarray(ext.store.tokens("special")[:], bool))
+    acts = np.asarray(ext.activations(hp)[:], np.float32)
+    feature = int(np.argmax(acts[cls_rows].mean(0) - acts.mean(0)))
+    browser.feature.value = feature
+    browser.one_per_document.value = False
+    browser.hide_special.value = False
+    assert browser.show_feature()
+    assert "ms-special" in browser.feature_html.value
+    browser.hide_special.value = True
+    assert browser.show_feature()
+    shown = browser.feature_html.value
+    assert "ms-special" not in shown and "[CLS]" not in shown and "[SEP]" not in shown
+    browser.hide_special.value = False
+    browser.one_per_document.value = True
+    assert browser.show_feature()
+    best = browser._top_rows(hp, feature, browser.top_k.value)
+    documents = np.searchsorted(ext.activation_offsets, best[:, 1].astype(int), side="right") - 1
+    assert len(set(documents.tolist())) == len(documents) == browser.top_k.value  # one per document
+    assert list(best[:, 0]) == sorted(best[:, 0], reverse=True)
+    shown = re.findall(r'<details class="ms-example"><summary>.*?</summary>', browser.feature_html.value)
+    top = shown[:browser.top_k.value]
+    contexts = [re.sub(r'<span class="ms-meta".*?</span>', "", line) for line in top]
+    assert len(set(contexts)) == len(contexts)  # no context twice (near-identical rows show once)
+    assert "one example per document" in browser.info.value
+    browser.min_count.value = 12
+    assert browser.show_feature()
+    table = browser.feature_html.value.split("ms-token-means")[1]
+    counts = [int(c.replace(",", "")) for c in re.findall(r"text-align:right'>([\d,]+)</td></tr>", table)]
+    assert counts and min(counts) >= 12 and "seen at least 12 times" in browser.feature_html.value
+    assert "padding:2px 14px" in table  # room between the columns
+
+
+def test_issue19_p10_dataset_preview_pages_counts_and_marks(minilm_dir, workspace, tmp_path):
+    import json
+
+    studio = make_studio(workspace, minilm_dir)
+    picker = studio.dataset_picker
+    picker.max_length.value = 16
+    rows = picker.show_preview()
+    assert len(rows) == 10 and "of 2,077 rows" in picker.preview.value and "first 40 are used" in picker.preview.value
+    cut = [r for r in rows if r["truncated"]]
+    assert cut and all(r["tokens"] > 16 for r in cut) and picker.preview.value.count("mistudio-truncated") == len(cut)
+    assert "longer than Max length (16 tokens)" in picker.preview.value
+    assert picker.prev_button.disabled and not picker.next_button.disabled
+    picker.next_button.click()
+    assert [r["row"] for r in picker.show_preview()] == list(range(10, 20))
+    picker.preview_rows.value = 25
+    assert len(picker.show_preview()) == 25
+    picker.preview_rows.value = 10
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"},
+                                                        {"role": "assistant", "content": f"answer {i}."}]})
+                               for i in range(30)) + "\n")
+    picker.source.value = "file"
+    picker.path.value = str(chats)
+    assert picker.page_start == 0 and picker.preview.value == ""  # another dataset: from the top
+    rows = picker.show_preview()
+    assert len(rows) == 10 and rows[0]["messages"][1]["content"] == "answer 0."
+    assert "<b>user</b>: question 0?" in picker.preview.value and "<b>assistant</b>: answer 0." in picker.preview.value
+    assert "of 30 rows" in picker.preview.value and "Chat data" in picker.preview.value
+
+
+def test_issue19_open_a_row_in_browse_from_elsewhere(gpt2_dir, workspace):
+    ws = ms.Workspace(workspace)
+    first = ws.submit(gpt2_dir, "sample", layers=[0, 2], max_samples=12).wait(60)
+    ws.submit(gpt2_dir, "sample", layers=[1], max_samples=8).wait(60)
+    studio = make_studio(workspace, gpt2_dir)
+    assert studio.open_in_browse(first.id, 5, "layers.0.residual", 3)  # another tab's "open this example"
+    browser = studio.browser
+    assert studio.tabs.selected_index == 4 and browser.extraction.value == first.id
+    assert "Plotted layers.0.residual, row 5" in browser.info.value and "feature 3" in browser.info.value
+    assert all(box.layout.display == "" for box in browser._boxes.values())
+    studio.select("Jobs")
+    studio.select("Browse")  # opening the tab again keeps what it shows
+    assert browser.extraction.value == first.id and browser._boxes["heatmap"].layout.display == ""
+    assert not browser.open_row("ext_nothing", 0) and "not in this workspace" in browser.info.value
+    assert browser.extraction.value == first.id  # the store shown stays

@@ -26,38 +26,98 @@ def feature_window(feature: int | None, d: int, size: int = 64) -> slice:
     return slice(start, start + size)
 
 
+def token_window(n_tokens: int, peak: int | None, size: int = 64) -> slice:
+    """``size`` consecutive token positions around ``peak`` (from 0 when none), inside ``0..n_tokens-1``: what a
+    long row's heatmap and norm plots draw, so that each label stays readable and a 3,000-token row draws as
+    fast as a short one."""
+    size = min(size, n_tokens)
+    start = 0 if peak is None else min(max(0, int(peak) - size // 2), n_tokens - size)
+    return slice(start, start + size)
+
+
+def peak_position(values: np.ndarray, hide: np.ndarray | None = None) -> int | None:
+    """Position of the largest value (NaN and hidden positions left out); None when there is none."""
+    values = np.asarray(values, dtype=np.float64).copy()
+    if hide is not None and np.any(hide):
+        values[np.asarray(hide, dtype=bool)] = np.nan
+    if not values.size or np.all(np.isnan(values)):
+        return None
+    return int(np.nanargmax(values))
+
+
+def colour_limit(values: np.ndarray, percentile: float = 99.0, outlier_factor: float = 5.0) -> tuple[float, list[int]]:
+    """A symmetric colour range that no single dimension takes over: the ``percentile`` of |value| over the
+    features (columns) that are not outliers, where an outlier feature's largest |value| is over
+    ``outlier_factor`` times the median feature's. Returns (limit, the outlier columns). Values beyond the limit
+    are drawn in the end colours."""
+    magnitude = np.abs(np.asarray(values, dtype=np.float64))
+    finite = np.isfinite(magnitude)
+    if not finite.any():
+        return 1.0, []
+    column_max = np.where(finite, magnitude, -np.inf).max(axis=0)
+    seen = np.isfinite(column_max)
+    median = float(np.median(column_max[seen])) if seen.any() else 0.0
+    outliers = np.flatnonzero(seen & (column_max > outlier_factor * median)) if median > 0 else np.zeros(0, int)
+    keep = np.ones(magnitude.shape[1], dtype=bool)
+    keep[outliers] = False
+    pool = magnitude[:, keep][finite[:, keep]]
+    if not pool.size:
+        pool = magnitude[finite]
+    limit = float(np.percentile(pool, percentile)) or float(pool.max()) or 1.0
+    return limit, [int(c) for c in outliers]
+
+
 def heatmap(ext: "Extraction", row: int, hook_point: str, features: slice | None = None,
-            max_features: int = 64, feature: int | None = None, hide: np.ndarray | None = None) -> Figure:
+            max_features: int = 64, feature: int | None = None, hide: np.ndarray | None = None,
+            tokens: slice | None = None, max_tokens: int = 64) -> Figure:
     """Token × feature heatmap of one dataset row (tokens as labels): a window of ``max_features`` features
-    around ``feature`` (which is outlined), named in the title with the hook point's feature count.
-    ``hide``: a bool per token of the row; those tokens are left out (counted in the title)."""
+    around ``feature`` (which is outlined) and of ``max_tokens`` tokens around the feature's peak in the row (the
+    largest value; ``tokens``: positions to draw instead), both named in the title. The colour range is robust
+    (:func:`colour_limit`: a high percentile, with a dimension far above the others drawn saturated and named)
+    and said on the colour bar. ``hide``: a bool per token of the row; those tokens are left out (counted)."""
     d = int(ext.activations(hook_point).shape[1])
     features = features or feature_window(feature, d, max_features)
     first, last = features.start or 0, min(features.stop, d) - 1
     sample = ext.sample(row, [hook_point])  # excluded special tokens: NaN rows, drawn blank
-    values = np.asarray(sample["activations"][hook_point][:, features], dtype=np.float32)
-    tokens = [_clean(t) for t in sample["tokens"]]
-    values, tokens, hidden = _drop(values, tokens, hide)
-    fig = Figure(figsize=(WIDTH, min(10.0, 1.8 + len(tokens) * 0.2)), layout="constrained")
+    acts = sample["activations"][hook_point]
+    n = len(sample["tokens"])
+    if tokens is None:
+        chosen = acts[:, feature] if feature is not None and 0 <= feature < d else \
+            np.linalg.norm(np.nan_to_num(np.asarray(acts, np.float32)), axis=1)
+        peak = peak_position(chosen, hide)
+        tokens = token_window(n, peak, max_tokens)
+    else:
+        peak = None
+    a, b = tokens.start or 0, min(tokens.stop, n)
+    values = np.asarray(acts[a:b, features], dtype=np.float32)
+    names = [f"{_clean(t)}" for t in sample["tokens"][a:b]]
+    values, names, hidden = _drop(values, names, None if hide is None else np.asarray(hide)[a:b])
+    fig = Figure(figsize=(WIDTH, min(10.0, 1.8 + len(names) * 0.16)), layout="constrained")
     ax = fig.add_subplot()
-    limit = float(np.nan_to_num(np.nanmax(np.abs(values)) if values.size else 0.0)) or 1.0
+    limit, beyond = colour_limit(values) if values.size else (1.0, [])
     image = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-    ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
     ticks = list(range(0, values.shape[1], max(1, values.shape[1] // 16)))
     if feature is not None and first <= feature <= last and feature - first not in ticks:
         ticks = sorted(ticks + [feature - first])
     ax.set_xticks(ticks, [str(first + t) for t in ticks], fontsize=7)
     if feature is not None and first <= feature <= last:
         col = feature - first
-        ax.add_patch(Rectangle((col - 0.5, -0.5), 1, len(tokens), fill=False, edgecolor="black", linewidth=1.6))
+        ax.add_patch(Rectangle((col - 0.5, -0.5), 1, len(names), fill=False, edgecolor="black", linewidth=1.6))
         for label in ax.get_xticklabels():
             if label.get_text() == str(feature):
                 label.set_fontweight("bold")
     ax.set_xlabel(f"feature ({first}–{last} of {d})")
-    ax.set_ylabel("token")
-    chosen = f", feature {feature} outlined" if feature is not None else ""
-    ax.set_title(f"{hook_point} — row {row}: features {first}–{last} of {d}{chosen}{hidden}", fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01).set_label("activation", fontsize=8)
+    ax.set_ylabel(f"token (positions {a}–{b - 1} of {n})" if (a, b) != (0, n) else "token")
+    chosen_note = f", feature {feature} outlined" if feature is not None else ""
+    where = (f" · tokens {a}–{b - 1} of {n}" + (f" around its peak (position {peak})" if peak is not None else "")
+             if (a, b) != (0, n) else "")
+    saturated = (f" · feature{'s' if len(beyond) > 1 else ''} {', '.join(str(first + c) for c in beyond[:4])}"
+                 f"{'…' if len(beyond) > 4 else ''} beyond the colour range" if beyond else "")
+    ax.set_title(f"{hook_point} — row {row}: features {first}–{last} of {d}{chosen_note}{where}{hidden}{saturated}",
+                 fontsize=9, wrap=True)
+    bar = fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, extend="both")
+    bar.set_label(f"activation (range ±{limit:.3g}: 99th percentile of |value|)", fontsize=8)
     return fig
 
 
@@ -69,22 +129,31 @@ def _drop(values: np.ndarray, tokens: list[str], hide: np.ndarray | None) -> tup
     return values[keep], [t for t, k in zip(tokens, keep) if k], f" · {int((~keep).sum())} tokens hidden"
 
 
-def layer_norms(ext: "Extraction", row: int, kind: str = "residual", hide: np.ndarray | None = None) -> Figure:
-    """L2 norm of every stored layer's ``kind`` activation along the row's tokens (``hide``: as in heatmap)."""
+def layer_norms(ext: "Extraction", row: int, kind: str = "residual", hide: np.ndarray | None = None,
+                tokens: slice | None = None, max_tokens: int = 64) -> Figure:
+    """L2 norm of every stored layer's ``kind`` activation along the row's tokens (``hide``: as in heatmap): a
+    window of ``max_tokens`` tokens around the largest norm of the last layer (``tokens``: positions to draw
+    instead, e.g. the heatmap's window), every token labelled."""
     points = [hp for hp in ext.hook_points if hp.endswith("." + kind)]
     sample = ext.sample(row, points)
-    names = [_clean(t) for t in sample["tokens"]]
+    n = len(sample["tokens"])
+    norms = {hp: np.linalg.norm(np.asarray(sample["activations"][hp], np.float32), axis=1) for hp in points}
+    if tokens is None:
+        tokens = token_window(n, peak_position(norms[points[-1]], hide) if points else None, max_tokens)
+    a, b = tokens.start or 0, min(tokens.stop, n)
+    names = [_clean(t) for t in sample["tokens"][a:b]]
+    part = None if hide is None else np.asarray(hide)[a:b]
     fig = Figure(figsize=(WIDTH, 3.8), layout="constrained")
     ax = fig.add_subplot()
-    tokens, hidden = names, ""
+    shown, hidden = names, ""
     for hp in points:
-        norms, tokens, hidden = _drop(np.linalg.norm(np.asarray(sample["activations"][hp], np.float32), axis=1),
-                                      names, hide)
-        ax.plot(norms, marker=".", label=hp.split(".")[1])
-    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7 if len(tokens) < 60 else 5)
+        values, shown, hidden = _drop(norms[hp][a:b], names, part)
+        ax.plot(values, marker=".", label=hp.split(".")[1])
+    ax.set_xticks(range(len(shown)), shown, rotation=90, fontsize=7 if len(shown) <= 40 else 6)
     ax.set_ylabel("L2 norm")
-    ax.set_title(f"{kind} norm per layer — row {row}{hidden}", fontsize=9)
-    ax.legend(title="layer", fontsize=7, ncol=min(6, len(points)))
+    where = f" · tokens {a}–{b - 1} of {n}" if (a, b) != (0, n) else ""
+    ax.set_title(f"{kind} norm per layer — row {row}{where}{hidden}", fontsize=9)
+    ax.legend(title="layer", fontsize=7, ncol=min(6, max(1, len(points))))
     return fig
 
 
@@ -185,3 +254,38 @@ def to_png(fig: Figure, dpi: int = 90) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
+
+
+def top_rows(ext: "Extraction", hook_point: str, feature: int, k: int = 20, skip_special: bool = False,
+             one_per_document: bool = False) -> np.ndarray:
+    """``(n, 2)`` [value, activation row] of the ``k`` largest values of ``feature`` over every committed row,
+    largest first (ties: the earlier row), read one chunk at a time (memory: a chunk and ``k`` candidates).
+    ``skip_special`` leaves out the tokenizer's special tokens; ``one_per_document`` keeps only each document's
+    (stored sample's) largest value, so that near-identical rows do not fill the list."""
+    arr = ext.activations(hook_point)
+    if not 0 <= feature < arr.shape[1]:
+        raise ValueError(f"feature {feature} is out of range: {hook_point} has features 0..{arr.shape[1] - 1}")
+    mark, step = int(ext.committed_tokens()), int(arr.chunks[0])
+    special = np.asarray(ext.store.tokens("special")[:], dtype=bool) if skip_special else None
+    row_offsets = np.asarray(ext.activation_offsets, dtype=np.int64)
+    best = np.zeros((0, 3))  # value, row, document
+    for a in range(0, mark, step):
+        b = min(a + step, mark)
+        values = np.asarray(arr[a:b, feature], dtype=np.float64)
+        rows = np.arange(a, b)
+        keep = ~np.isnan(values)
+        if special is not None:
+            keep &= ~special[np.asarray(ext.token_index(rows))]
+        values, rows = values[keep], rows[keep]
+        documents = np.searchsorted(row_offsets, rows, side="right") - 1
+        best = _best(np.concatenate([best, np.stack([values, rows, documents], axis=1)]), k, one_per_document)
+    return best[:, :2]
+
+
+def _best(candidates: np.ndarray, k: int, one_per_document: bool) -> np.ndarray:
+    order = np.lexsort((candidates[:, 1], -candidates[:, 0]))  # largest value first, ties by row
+    candidates = candidates[order]
+    if one_per_document:
+        _, first = np.unique(candidates[:, 2], return_index=True)
+        candidates = candidates[np.sort(first)]
+    return candidates[:k]

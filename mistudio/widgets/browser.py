@@ -1,5 +1,7 @@
-"""Browse tab: pick an extraction, hook point, row and feature; heatmap, norms, histogram, top tokens inline;
-and the feature view (top examples over the whole store, quantile samples, token means) as HTML."""
+"""Browse tab: pick an extraction, hook point, row and feature; heatmap, norms and histogram inline with the
+feature's top tokens as a table; and the feature view (top examples over the whole store, quantile samples,
+token means) as HTML. Every slow action shows it is busy; the info line says what is shown, never the last one.
+"""
 from __future__ import annotations
 
 import html
@@ -8,13 +10,70 @@ import ipywidgets as W
 import numpy as np
 
 from ..analysis import plots
-from ..analysis.feature_view import feature_view, feature_view_html, tokenizer_scheme
+from ..analysis.feature_view import display_pieces, feature_view, feature_view_html, tokenizer_scheme
+from ..analysis.stats import describe_examples
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import error_box, for_ui, guard, note_box, summarise_hook_points
+from .common import busy, error_box, for_ui, guard, note_box, short_id, stylesheet, summarise_hook_points
 
-PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"), ("histogram", "Feature histogram"),
-         ("top_tokens", "Top activating tokens"))
+PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"), ("histogram", "Feature histogram"))
+TOKEN_WINDOW = 64  # tokens drawn around the feature's peak in a row (like the 64-feature window)
+CONTEXT = 8
+
+
+def extraction_label(row: dict) -> str:
+    """One dropdown entry, short enough for a narrow window: date and time · model · dataset · hook points, and
+    the status unless COMPLETED ('11-30 10:47:03 · all-MiniLM-L6-v2 · sample · layers 1,3,5 × residual'). The
+    line under the dropdown names the chosen one in full."""
+    created = row.get("created")
+    when = f"{created:%m-%d %H:%M:%S}" if created is not None and created == created else short_id(row["id"])
+    model = str(row["model"]).removesuffix(" (bundled)")
+    status = "" if row["status"] == "COMPLETED" else f" · {row['status']}"
+    return f"{when} · {model} · {row['dataset']} · {summarise_hook_points(row['hook_points'])}{status}"
+
+
+def without_special(example: dict, special: set[str]) -> dict | None:
+    """An example with the special tokens of its context left out (None when its peak is one)."""
+    tokens, values = list(example["context_tokens"]), list(example["context_values"])
+    peak = int(example["position"]) - int(example["context_start"])
+    if not 0 <= peak < len(tokens) or tokens[peak] in special:
+        return None
+    keep = [i for i, t in enumerate(tokens) if t not in special]
+    new_peak = keep.index(peak)
+    return {**example, "context_tokens": [tokens[i] for i in keep], "context_values": [values[i] for i in keep],
+            "context_ids": [example["context_ids"][i] for i in keep] if "context_ids" in example else [],
+            "context_start": int(example["position"]) - new_peak}
+
+
+def distinct_contexts(examples: list[dict], narrow: int = 3) -> list[dict]:
+    """The examples whose peak token and ``narrow`` tokens either side were not seen in an earlier (larger)
+    example: near-identical rows (the same sentence in several documents) show once."""
+    seen, out = set(), []
+    for e in examples:
+        peak = int(e["position"]) - int(e["context_start"])
+        key = tuple(e["context_tokens"][max(0, peak - narrow):peak + narrow + 1]) + (peak - max(0, peak - narrow),)
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def token_means_html(means: list[dict], scheme: str, min_count: int) -> str:
+    """The mean activation per token string as a table with room between its columns."""
+    if not means:
+        return (f"<p><small>No token string was seen at least {min_count:,} times: lower <i>Token means: min "
+                "count</i>.</small></p>")
+    pad = "padding:2px 14px"
+    rows = "".join(
+        f"<tr><td style='{pad} 2px 0;white-space:pre;font-family:var(--jp-code-font-family,monospace)'>"
+        f"{html.escape(repr(piece.strip() or piece)[1:-1])}</td><td style='{pad};text-align:right'>{m['mean']:.3g}</td>"
+        f"<td style='{pad};text-align:right'>{m['count']:,}</td></tr>"
+        for piece, m in zip((display_pieces([m["token"]], scheme)[0] for m in means), means))
+    return ("<h4 style='margin:8px 0 2px'>Highest mean activation per token string "
+            f"<small>(tokens seen at least {min_count:,} times)</small></h4>"
+            "<table class='ms-token-means' style='border-collapse:collapse'><tr>"
+            f"<th style='{pad} 2px 0;text-align:left'>token</th><th style='{pad};text-align:right'>mean activation</th>"
+            f"<th style='{pad};text-align:right'>times seen</th></tr>{rows}</table>")
 
 
 class ActivationBrowser(W.VBox):
@@ -23,18 +82,32 @@ class ActivationBrowser(W.VBox):
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
         style = {"description_width": "90px"}
-        self.extraction = W.Dropdown(description="Extraction", style=style, layout=W.Layout(width="70%"))
-        self.hook_point = W.Dropdown(description="Hook point", style=style)
-        self.row = W.IntText(value=0, description="Dataset row", style=style)
-        self.feature = W.IntText(value=0, description="Feature", style=style)
-        self.top_k = W.IntSlider(value=15, min=5, max=50, description="Top k", style=style)
+        self.extraction = W.Dropdown(description="Extraction", style={"description_width": "72px"},
+                                     layout=W.Layout(width="auto", align_self="stretch", max_width="760px"))
+        self.about = W.HTML()
+        self.hook_point = W.Dropdown(description="Hook point", style=style, layout=W.Layout(width="340px"))
+        self.row = W.IntText(value=0, description="Dataset row", style=style, layout=W.Layout(width="220px"))
+        self.feature = W.IntText(value=0, description="Feature", style=style, layout=W.Layout(width="220px"))
+        self.top_k = W.IntSlider(value=15, min=5, max=50, description="Top k", style=style,
+                                 layout=W.Layout(width="300px"))
         self.hide_special = W.Checkbox(value=False, description="hide special tokens", indent=False,
-                                       layout=W.Layout(width="auto"))
+                                       layout=W.Layout(width="auto"),
+                                       tooltip="leave [CLS]/[SEP], BOS/EOS... out of the plots and the feature view")
         self.hide_outliers = W.Checkbox(value=False, description="hide outliers", indent=False,
                                         layout=W.Layout(width="auto"),
                                         tooltip="tokens whose norm is over the hook point's outlier threshold")
+        self.one_per_document = W.Checkbox(value=True, description="one top example per document", indent=False,
+                                           layout=W.Layout(width="auto"),
+                                           tooltip="the feature view's top examples: each document's largest value "
+                                                   "only, and a context seen in a larger example (the same sentence "
+                                                   "in another document) once")
+        self.min_count = W.BoundedIntText(value=5, min=1, max=10**9, description="Token means: min count",
+                                          style={"description_width": "175px"}, layout=W.Layout(width="270px"),
+                                          tooltip="the token-mean table lists token strings seen at least this "
+                                                  "often")
         self.plot_button = W.Button(description="Plot", button_style="primary", icon="bar-chart",
-                                    tooltip="the row's heatmap and norms, the feature's histogram and top tokens")
+                                    tooltip="the row's heatmap and norms (64 tokens around the feature's peak), the "
+                                            "feature's histogram and top tokens", layout=W.Layout(width="auto"))
         self.view_button = W.Button(description="Feature view", icon="search", button_style="info",
                                     tooltip="top examples over the whole store, quantile samples, token means",
                                     layout=W.Layout(width="auto"))
@@ -47,34 +120,63 @@ class ActivationBrowser(W.VBox):
         self.feature_html = W.HTML()
         self.feature_hist = W.Image(format="png", layout=W.Layout(max_width="100%", display="none"))
         self.ext: Extraction | None = None
-        self.extraction.observe(guard(self._say, lambda _: self._select()), "value")
+        self.hidden: dict = {}
+        self.window: slice | None = None
+        self._rows_cache: dict[tuple, np.ndarray] = {}
+        self._labels: dict[str, str] = {}
+        self._states: dict[str, tuple] = {}  # id -> (status, samples saved): what the list says of each store
+        self._shown: tuple | None = None  # (id, status, samples saved) of the store the tab shows
+        self._quiet = False  # the list is being rebuilt: not a user's choice
+        self.extraction.observe(guard(self._say, lambda _: None if self._quiet else self._select()), "value")
         self.hook_point.observe(guard(self._say, lambda _: self._describe_hook_point()), "value")
         self.plot_button.on_click(guard(self._say, lambda _: self.plot()))
         self.view_button.on_click(guard(self._say, lambda _: self.show_feature()))
-        self.refresh_button.on_click(guard(self._say, lambda _: self.refresh()))
-        super().__init__([W.HTML("<b>Browse</b>"), W.HBox([self.extraction, self.refresh_button]), self.hook_point,
-                          W.HBox([self.row, self.feature]), W.HBox([self.top_k, self.hide_special, self.hide_outliers]),
+        self.refresh_button.on_click(guard(self._say, lambda _: self.refresh_list()))
+        super().__init__([stylesheet(), W.HTML("<b>Browse</b>"), self.extraction, self.about,
+                          W.HBox([self.hook_point, self.refresh_button]), W.HBox([self.row, self.feature]),
+                          W.HBox([self.top_k, self.hide_special, self.hide_outliers]),
+                          W.HBox([self.one_per_document, self.min_count]),
                           W.HBox([self.plot_button, self.view_button]), self.info, self.feature_hist,
                           self.feature_html, *self._boxes.values(), self.top_table])
+        self.add_class("mistudio-panel")
         self.refresh()
 
     def _say(self, text: str) -> None:
         self.info.value = text
 
+    def refresh_list(self) -> None:
+        """*Refresh list*, with the button busy while the workspace is listed."""
+        with busy(self.refresh_button, "Listing…"):
+            self.refresh()
+
     def refresh(self, select: str | None = None) -> None:
-        """List stores that hold data (completed, or with committed samples), newest first."""
-        options = []
+        """List stores that hold data (completed, or with committed samples), newest first: each entry says its
+        model, dataset, date and hook points. The store shown stays shown (with its plots) unless it changed,
+        went away, or ``select`` names another."""
+        options, self._labels, self._states = [], {}, {}
         for row in self.workspace.extractions().to_dict("records"):
             if row["status"] == "COMPLETED" or row["samples_committed"]:
-                label = f"{row['id']} · {row['status']} · {summarise_hook_points(row['hook_points'])}"
-                options.append((label, row["id"]))
-        current = select or self.extraction.value
+                options.append((extraction_label(row), row["id"]))
+                self._states[row["id"]] = (row["status"], int(row["samples_committed"] or 0))
+                created = row.get("created")
+                when = f"created {created:%Y-%m-%d %H:%M}" if created is not None and created == created else ""
+                self._labels[row["id"]] = " · ".join(html.escape(str(part)) for part in (
+                    row["id"], row["model"], row["dataset"], when, row["status"], row["hook_points"]) if part)
         ids = [v for _, v in options]
-        gone = current if current and current not in ids else None
-        self.extraction.options = options
-        if options:
-            self.extraction.value = current if current in ids else ids[0]
-        self._select()
+        previous = self.extraction.value
+        current = select if select in ids else previous
+        gone = previous if previous and previous not in ids else None
+        target = current if current in ids else (ids[0] if ids else None)
+        self._quiet = True
+        try:
+            if tuple(options) != tuple(self.extraction.options):
+                self.extraction.options = options
+            if options and self.extraction.value != target:
+                self.extraction.value = target
+        finally:
+            self._quiet = False
+        if target is None or self._shown != (target, *self._states[target]):
+            self._select()
         if gone:
             self.info.value = note_box(f"Extraction {html.escape(gone)} is no longer in the workspace (deleted or "
                                        "cleaned up); the list is up to date." + (" Showing the newest one instead."
@@ -82,10 +184,14 @@ class ActivationBrowser(W.VBox):
                                        colour="#fd7e14", background="#fff3e0")
 
     def _select(self) -> None:
+        self._shown = (self.extraction.value, *self._states.get(self.extraction.value, ())) \
+            if self.extraction.value else None
         for box in self._boxes.values():
             box.layout.display = "none"
         self.top_table.value = self.feature_html.value = ""
         self.feature_hist.layout.display = "none"
+        self.about.value = (f'<div class="mistudio-line"><small>{self._labels[self.extraction.value]}</small></div>'
+                            if self.extraction.value in self._labels else "")
         if not self.extraction.value:
             self.ext = None
             self.info.value = "No extraction with data yet: launch one in the Extract tab."
@@ -114,36 +220,72 @@ class ActivationBrowser(W.VBox):
                            f"{int(rows.min()) if len(rows) else '–'}..{int(rows.max()) if len(rows) else '–'}"
                            + (f"<br>{self.norm_line(self.hook_point.value)}" if self.hook_point.value else ""))
 
+    def open_row(self, extraction_id: str, row: int, hook_point: str | None = None,
+                 feature: int | None = None) -> bool:
+        """Show a dataset row of an extraction and plot it (e.g. an example clicked in another tab): the
+        extraction, hook point and feature are chosen first; an extraction that is not listed is said so."""
+        self.refresh(select=extraction_id)
+        if self.extraction.value != extraction_id:
+            self.info.value = error_box(f"Extraction {html.escape(extraction_id)} is not in this workspace's list "
+                                        "(no committed data, or deleted).")
+            return False
+        if hook_point is not None:
+            self.hook_point.value = hook_point
+        if feature is not None:
+            self.feature.value = int(feature)
+        self.row.value = int(row)
+        return self.plot()
+
     def plot(self) -> bool:
-        """Draw the four plots for the current choices; errors show in the panel."""
+        """Draw the plots for the current choices (a long row: the 64 tokens around the feature's peak); the info
+        line says which row is shown once it is, and errors show in the panel."""
         if self.ext is None:
             self.info.value = error_box("Pick an extraction first.")
             return False
         ext, hp, row, feature = self.ext, self.hook_point.value, self.row.value, self.feature.value
         kind = hp.rsplit(".", 1)[1]
-        try:
-            column = plots.feature_column(ext, hp, feature)  # one scan of the store serves both plots
-            column, hidden_rows = self._hide_rows(hp, column)
-            points = [p for p in ext.hook_points if p.endswith("." + kind)]
-            hide = self._hidden_tokens(row, points)
-            self.images["heatmap"].value = plots.to_png(plots.heatmap(ext, row, hp, feature=feature, hide=hide))
-            self.images["norms"].value = plots.to_png(plots.layer_norms(ext, row, kind, hide=hide))
-            self.images["histogram"].value = plots.to_png(plots.feature_histogram(ext, hp, feature, values=column))
-            top = plots.top_tokens(ext, hp, feature, k=self.top_k.value, values=column)
-            self.images["top_tokens"].value = plots.to_png(plots.top_tokens_figure(ext, hp, feature, top=top))
-        except (ValueError, KeyError) as exc:
-            self.info.value = error_box(for_ui(exc))
-            return False
+        for box in self._boxes.values():  # nothing of the previous row stays on screen while this one is drawn
+            box.layout.display = "none"
+        self.top_table.value = ""
+        with busy(self.plot_button, "Plotting…"):
+            self.info.value = (f'<span class="mistudio-working">⏳ Plotting {html.escape(hp)}, row {row}, feature '
+                               f"{feature}…</span>")
+            try:
+                column = plots.feature_column(ext, hp, feature)  # one scan of the store serves both plots
+                column, hidden_rows = self._hide_rows(hp, column)
+                points = [p for p in ext.hook_points if p.endswith("." + kind)]
+                hide = self._hidden_tokens(row, points)
+                sample = ext.sample(row, [hp], tokens=False)
+                n_tokens = len(sample["input_ids"])
+                peak = plots.peak_position(sample["activations"][hp][:, feature], hide)
+                window = self.window = plots.token_window(n_tokens, peak, TOKEN_WINDOW)
+                self.images["heatmap"].value = plots.to_png(plots.heatmap(ext, row, hp, feature=feature, hide=hide,
+                                                                          tokens=window))
+                self.images["norms"].value = plots.to_png(plots.layer_norms(ext, row, kind, hide=hide, tokens=window))
+                self.images["histogram"].value = plots.to_png(plots.feature_histogram(ext, hp, feature,
+                                                                                      values=column))
+                top = plots.top_tokens(ext, hp, feature, k=self.top_k.value, values=column)
+            except (ValueError, KeyError) as exc:
+                self.info.value = error_box(f"Row {row}, feature {feature} of {html.escape(hp)} not plotted: "
+                                            f"{for_ui(exc)}")
+                return False
         self.hidden = {"row_tokens": int(hide.sum()) if hide is not None else 0, "rows": hidden_rows}
         for box in self._boxes.values():
             box.layout.display = ""
-        self.top_table.value = ("<table class='mistudio-top'><tr><th>value</th><th>row</th><th>pos</th>"
-                                "<th>context</th></tr>" + "".join(
-                                    f"<tr><td>{t['value']:.3f}</td><td>{t['row']:,}</td><td>{t['position']}</td>"
-                                    f"<td>{html.escape(t['context'])}</td></tr>" for t in top) + "</table>")
+        self.top_table.value = (
+            f"<b>Top {len(top)} tokens of feature {feature}</b>"
+            "<table class='mistudio-top' style='border-collapse:collapse'><tr><th style='padding:2px 10px 2px 0'>"
+            "value</th><th style='padding:2px 10px'>row</th><th style='padding:2px 10px'>pos</th>"
+            "<th style='text-align:left'>context</th></tr>" + "".join(
+                f"<tr><td style='padding:2px 10px 2px 0'>{t['value']:.3f}</td><td style='padding:2px 10px'>"
+                f"{t['row']:,}</td><td style='padding:2px 10px'>{t['position']}</td>"
+                f"<td>{html.escape(t['context'])}</td></tr>" for t in top) + "</table>")
         hidden = (f" Hidden: {self.hidden['row_tokens']} of the row's tokens, {hidden_rows:,} activation rows in the "
                   "histogram and top tokens." if self.hide_special.value or self.hide_outliers.value else "")
-        self.info.value = f"Plotted {html.escape(hp)}, row {row}, feature {feature}.{hidden} {self.norm_line(hp)}"
+        where = (f"tokens {window.start}–{window.stop - 1} of {n_tokens} around the feature's peak"
+                 if (window.start, window.stop) != (0, n_tokens) else f"all {n_tokens} tokens")
+        self.info.value = (f"Plotted {html.escape(hp)}, row {row} ({where}), feature {feature}.{hidden} "
+                           f"{self.norm_line(hp)}")
         return True
 
     # -- hiding special and outlier tokens ----------------------------------------------------------
@@ -194,22 +336,59 @@ class ActivationBrowser(W.VBox):
             return column, 0
         return np.where(hide, np.nan, column).astype(np.float32), int(hide.sum())
 
+    # -- the feature view -------------------------------------------------------------------------------
+    def _top_rows(self, hook_point: str, feature: int, k: int) -> np.ndarray:
+        """The top examples' [value, row] as the options say (one per document, special tokens left out),
+        remembered for this store's commit mark."""
+        ext = self.ext
+        key = (ext.store.name, hook_point, feature, k, self.hide_special.value, self.one_per_document.value,
+               int(ext.committed_tokens()))
+        if key not in self._rows_cache:
+            self._rows_cache[key] = plots.top_rows(ext, hook_point, feature, k, skip_special=self.hide_special.value,
+                                                   one_per_document=self.one_per_document.value)
+        return self._rows_cache[key]
+
     def show_feature(self) -> bool:
-        """The feature view of the chosen hook point and feature over the whole store (cached in the store)."""
+        """The feature view of the chosen hook point and feature over the whole store (cached in the store): top
+        examples (one per document if ticked), quantile samples, token means of strings seen at least *min count*
+        times; *hide special tokens* leaves them out of all three."""
         if self.ext is None:
             self.info.value = error_box("Pick an extraction first.")
             return False
-        ext, hp, feature = self.ext, self.hook_point.value, self.feature.value
-        try:
-            view = feature_view(ext, hp, feature, k=self.top_k.value)
-        except (ValueError, KeyError) as exc:  # InputError is a ValueError: out-of-range feature, ...
-            self.info.value = error_box(for_ui(exc))
-            return False
-        tokenizer = ext.tokenizer
-        self.feature_html.value = feature_view_html(view, tokenizer.all_special_tokens, tokenizer_scheme(tokenizer))
-        self.feature_hist.value = plots.to_png(plots.histogram_from_counts(
-            view["hist"], view["edges"], f"{hp} feature {feature} over {view['n_tokens']:,} tokens"))
-        self.feature_hist.layout.display = ""
+        ext, hp, feature, k = self.ext, self.hook_point.value, self.feature.value, self.top_k.value
+        min_count = max(1, int(self.min_count.value))
+        with busy(self.view_button, "Computing…"):
+            self.info.value = (f'<span class="mistudio-working">⏳ Feature view of {html.escape(hp)} feature {feature}'
+                               " (one pass over the store the first time, then cached)…</span>")
+            try:
+                view = feature_view(ext, hp, feature, k=k, context=CONTEXT, min_count=min_count)
+                if self.one_per_document.value or self.hide_special.value:
+                    fetch = 4 * k if self.one_per_document.value else k  # room for the repeats left out
+                    view["top"] = describe_examples(ext, hp, feature, self._top_rows(hp, feature, fetch), CONTEXT)
+            except (ValueError, KeyError) as exc:  # InputError is a ValueError: out-of-range feature, ...
+                self.info.value = error_box(f"Feature {feature} of {html.escape(hp)} not shown: {for_ui(exc)}")
+                return False
+            tokenizer = ext.tokenizer
+            special = set(tokenizer.all_special_tokens)
+            scheme = tokenizer_scheme(tokenizer)
+            means = view.get("token_means", [])
+            if self.hide_special.value:
+                view["top"] = [e for e in (without_special(x, special) for x in view["top"]) if e is not None]
+                view["bands"] = [{**band, "examples": [e for e in (without_special(x, special)
+                                                                     for x in band["examples"]) if e is not None]}
+                                 for band in view.get("bands", [])]
+                means = [m for m in means if m["token"] not in special]
+            if self.one_per_document.value:
+                view["top"] = distinct_contexts(view["top"])
+            view["top"] = view["top"][:k]
+            self.feature_html.value = (feature_view_html({**view, "token_means": []}, sorted(special), scheme)
+                                       + token_means_html(means, scheme, min_count))
+            self.feature_hist.value = plots.to_png(plots.histogram_from_counts(
+                view["hist"], view["edges"], f"{hp} feature {feature} over {view['n_tokens']:,} tokens"))
+            self.feature_hist.layout.display = ""
+        options = [o for o, on in (("one example per document", self.one_per_document.value),
+                                   ("special tokens hidden", self.hide_special.value)) if on]
         self.info.value = (f"Feature view of {html.escape(hp)} feature {feature}"
-                           f"{' (from the store cache)' if view['cached'] else ''}.")
+                           f"{' (' + ', '.join(options) + ')' if options else ''}"
+                           f"{' · statistics from the store cache' if view['cached'] else ''}.")
         return True

@@ -1,12 +1,17 @@
-"""Small pieces shared by the panels: plain-words error classes, badges, formatting, guarded callbacks."""
+"""Small pieces shared by the panels: plain-words error classes, badges, formatting, guarded callbacks, the
+Studio's stylesheet (nothing cut off from ~450 px up), busy buttons and a smoothed rate for ETAs."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import logging
+import math
 import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import ipywidgets as W
 
 from ..errors import render
 from ..models import packaged_minilm_path
@@ -109,12 +114,118 @@ def short_id(extraction_id: str) -> str:
     return match.group(1) if match else extraction_id
 
 
-def progress_text(status: str, progress: dict) -> str:
+def progress_text(status: str, progress: dict, saved: int | None = None, eta_s: float | None = None,
+                  rate: float | None = None) -> str:
+    """'EXTRACTING 480 / 2,077 samples computed (23%) · 256 saved · 1,234 tokens/s · ETA 1 min 10 s': what was
+    computed and what is on disk (``saved``, the commit mark), said apart; ``eta_s``/``rate`` smoothed ones."""
     done, total = progress.get("samples_done", 0), progress.get("samples_total") or 0
-    rate = progress.get("tokens_per_s") or 0
+    rate = progress.get("tokens_per_s") or 0 if rate is None else rate
+    eta_s = progress.get("eta_s") if eta_s is None else eta_s
     percent = f" ({100 * done / total:.0f}%)" if total else ""
-    return (f"{badge(status)} {done:,} / {total:,} samples{percent} · {rate:,.0f} tokens/s · "
-            f"ETA {duration(progress.get('eta_s'))}")
+    kept = f" · {saved:,} saved" if saved is not None else ""
+    return (f"{badge(status)} {done:,} / {total:,} samples computed{percent}{kept} · {rate:,.0f} tokens/s · "
+            f"ETA {duration(eta_s)}")
+
+
+class RateMeter:
+    """A smoothed rate from cumulative counts: an exponential moving average of the rate between updates with a
+    time constant of ``window_s`` (one slow or fast batch moves it a little, a real change within a window), so
+    an ETA from it does not jump with each batch. A count that goes down (a resume) starts it again."""
+
+    def __init__(self, window_s: float = 30.0):
+        self.window_s = window_s
+        self.rate: float | None = None
+        self._last: tuple[float, float] | None = None
+
+    def update(self, count: float, at: float | None = None, first_rate: float | None = None) -> float | None:
+        """Take the cumulative ``count`` at time ``at`` (default: now); ``first_rate``: a rate to start from
+        (e.g. the engine's average so far) before two updates exist. Returns the smoothed rate."""
+        at = time.monotonic() if at is None else at
+        if self._last is not None and count < self._last[1]:
+            self.rate, self._last = None, None
+        if self._last is None:
+            self._last = (at, count)
+            if first_rate:
+                self.rate = float(first_rate)
+            return self.rate
+        dt, dc = at - self._last[0], count - self._last[1]
+        if dt <= 0:
+            return self.rate
+        now_rate = dc / dt
+        weight = 1.0 - math.exp(-dt / self.window_s)
+        self.rate = now_rate if self.rate is None else self.rate + weight * (now_rate - self.rate)
+        self._last = (at, count)
+        return self.rate
+
+    def eta(self, left: float) -> float | None:
+        """Seconds for ``left`` more at the smoothed rate (None while unknown)."""
+        return left / self.rate if self.rate and self.rate > 0 else None
+
+
+def breakable(text: str) -> str:
+    """Escaped text that may wrap at path and name separators ('my_data/set.jsonl' breaks after '/', '_' and
+    before '.'), never in the middle of a word unless a single part is wider than its cell."""
+    escaped = html.escape(str(text))
+    return re.sub(r"([/_\\-])", r"\1<wbr>", escaped).replace(".", "<wbr>.")
+
+
+@contextlib.contextmanager
+def busy(button: W.Button, text: str, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """A slow action: the button shows ``text`` with a spinning icon and is disabled until it ends (``say``: a
+    line to show meanwhile). Widget changes reach the browser at once, also while the kernel computes."""
+    before = button.description, button.icon, button.disabled
+    button.description, button.icon, button.disabled = text, "spinner", True
+    button.add_class("mistudio-busy")
+    if say is not None:
+        say(f'<span class="mistudio-working">⏳ {html.escape(text)}</span>')
+    try:
+        yield
+    finally:
+        button.description, button.icon, button.disabled = before
+        button.remove_class("mistudio-busy")
+
+
+# The Studio's stylesheet. Every panel holds it (each tab also works alone); rules are scoped to its classes.
+# Nothing is cut off: rows of controls wrap instead of squeezing their labels, buttons keep their text, and the
+# Jobs grid turns each job into two lines when its panel is narrower than the nine columns need (a container
+# query on the panel's own width: a file browser or a split view narrows it as much as a small window does).
+STYLE = """
+.mistudio-panel { min-width: 0; }
+.mistudio-panel .widget-hbox, .mistudio-panel .jupyter-widget-hbox { flex-wrap: wrap; row-gap: 4px; }
+.mistudio-panel .jupyter-button { flex: 0 0 auto; max-width: 100%; }
+.mistudio-panel .widget-html-content, .mistudio-panel .jupyter-widget-html-content { min-width: 0;
+  line-height: 1.45; }
+.mistudio-panel .mistudio-line { white-space: normal; overflow-wrap: anywhere; line-height: 1.4; }
+.mistudio-panel .mistudio-note, .mistudio-panel .mistudio-error { line-height: 1.45; }
+.mistudio-busy i.fa { animation: mistudio-spin 1.2s linear infinite; }
+@keyframes mistudio-spin { from { transform: rotate(0deg); } to { transform: rotate(360deg); } }
+.mistudio-banner { flex-wrap: wrap; gap: 4px 8px; }
+.mistudio-banner > .widget-html, .mistudio-banner > .jupyter-widget-html { flex: 1 1 320px; min-width: 0; }
+.mistudio-banner .jupyter-button { flex: 0 0 auto; width: auto; }
+.mistudio-jobs-panel { container-type: inline-size; }
+.mistudio-jobs-panel .mistudio-jobs { display: grid; gap: 3px 8px; align-items: center; overflow: visible;
+  grid-template-columns: 112px 104px minmax(80px, 1fr) minmax(72px, 0.7fr) minmax(110px, 1.5fr) 136px 64px 72px 160px; }
+.mistudio-jobs-panel .mistudio-jobs > * { min-width: 0; }
+.mistudio-jobs .mistudio-cell { white-space: normal; overflow-wrap: anywhere; line-height: 1.3; }
+.mistudio-jobs .mistudio-clamp { display: -webkit-box; -webkit-line-clamp: 3; -webkit-box-orient: vertical;
+  overflow: hidden; }
+.mistudio-jobs .mistudio-actions { flex-wrap: wrap; gap: 2px; overflow: visible; }
+.mistudio-jobs .mistudio-actions .jupyter-button { margin: 0; }
+@container (max-width: 979px) {
+  .mistudio-jobs-panel .mistudio-jobs { grid-template-columns: minmax(92px, 0.9fr) minmax(100px, 0.8fr)
+    minmax(64px, 1fr) minmax(64px, 1fr) minmax(96px, 1.2fr); row-gap: 2px; }
+  .mistudio-jobs-panel .mistudio-jobs .mistudio-actions { grid-column: span 2; }
+  .mistudio-jobs-panel .mistudio-jobs .mistudio-first { border-top: 1px solid var(--jp-border-color2, #ddd);
+    padding-top: 3px; }
+}
+"""
+
+
+def stylesheet() -> W.HTML:
+    """The Studio's CSS as a widget (invisible; a panel that holds it is styled wherever it is shown)."""
+    widget = W.HTML(f"<style>{STYLE}</style>", layout=W.Layout(display="none"))
+    widget.add_class("mistudio-style")
+    return widget
 
 
 _UI_ADVICE = [  # phrases written for Python users, said the way a panel user acts

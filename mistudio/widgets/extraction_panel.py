@@ -14,9 +14,11 @@ from ..jobs import Job
 from ..models import load_config, n_layers_of
 from ..plan import estimate
 from ..request import ParamInfo, Request, params
-from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, parse_layers
+from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, ModelSpec, build, parse_layers
 from ..workspace import Workspace
-from .common import PLAIN_ERRORS, badge, error_box, for_ui, guard, note_box, progress_text
+from .common import (PLAIN_ERRORS, RateMeter, badge, busy, error_box, for_ui, guard, note_box, progress_text,
+                     stylesheet)
+from .model_picker import looks_like_path
 
 THROTTLE_S = 0.25
 RETRY_HELP = ("<small><b>Retry</b> starts a new extraction with the form as it is now (fix the model, dataset or "
@@ -42,7 +44,7 @@ def disk_short(result: dict) -> bool:
 def option_widget(info: ParamInfo) -> W.Widget:
     """A widget for a Request field the tabs do not place themselves (the Extract tab's "More options"): its
     label, its type, its default; nullable numbers read 0 as "none", JSON fields take JSON text."""
-    style, layout = {"description_width": "190px"}, W.Layout(width="420px")
+    style, layout = {"description_width": "190px"}, W.Layout(width="420px", max_width="100%")
     tip = info.description
     if info.kind == "bool":
         return W.Checkbox(value=bool(info.default), description=info.label, indent=False, tooltip=tip,
@@ -107,14 +109,18 @@ class ExtractionPanel(W.VBox):
         self._pending: dict | None = None
         self._finished: list[Callable[[Job], None]] = []
         self._submitted: list[Callable[[Job], None]] = []
+        self._filling_form = False  # a preset or a job's request is being shown: not a user's change
+        self._rate = RateMeter()
         style = {"description_width": "90px"}
         self.summary = W.HTML()
         self.layers = W.SelectMultiple(options=[], description="Layers", rows=6, style=style)
         self.hooks = {k: W.Checkbox(value=k == "residual", description=k, indent=False,
                                     layout=W.Layout(width="auto")) for k in HOOK_KINDS}
         self.batch_size = W.Dropdown(options=("auto",) + BATCH_SIZES, value=8, description="Batch size", style=style,
-                                     tooltip="auto: trial forwards of the longest samples choose it after loading")
-        self.dtype = W.Dropdown(options=STORAGE_DTYPES, value="float16", description="Store as", style=style)
+                                     tooltip="auto: trial forwards of the longest samples choose it after loading",
+                                     layout=W.Layout(width="220px"))
+        self.dtype = W.Dropdown(options=STORAGE_DTYPES, value="float16", description="Store as", style=style,
+                                layout=W.Layout(width="220px"))
         self.auto_retry = W.Checkbox(value=False, description="On out-of-memory, retry with half the batch size",
                                      indent=False, layout=W.Layout(width="auto"))
         self._build_advanced(style)
@@ -125,7 +131,8 @@ class ExtractionPanel(W.VBox):
         self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop", disabled=True,
                                       tooltip="stop after the current batch; what was saved is kept")
         self.progress = W.IntProgress(value=0, min=0, max=1, description="0%", bar_style="info", style=style,
-                                      layout=W.Layout(width="60%"))
+                                      layout=W.Layout(width="95%", max_width="640px"),
+                                      tooltip="samples computed (the line below also says how many are saved)")
         self.status = W.HTML()
         self.alert = W.HTML()
         self.retry_button = W.Button(description="Retry", icon="redo", button_style="info",
@@ -150,11 +157,12 @@ class ExtractionPanel(W.VBox):
         for widget in form:  # an estimate of another form is stale: say so (Estimate or Launch makes a new one)
             widget.observe(lambda _: self._estimate_stale(), "value")
         super().__init__([
-            W.HTML("<b>Extract</b>"), self.presets_box, self.summary, self.layers,
+            stylesheet(), W.HTML("<b>Extract</b>"), self.presets_box, self.summary, self.layers,
             W.HBox([W.Label("Hooks:")] + list(self.hooks.values())),
             W.HBox([self.batch_size, self.dtype]), self.auto_retry, self.advanced,
             W.HBox([self.estimate_button, self.probe, self.launch_button, self.cancel_button]),
             self.estimate_line, self.confirm_disk, self.progress, self.status, self.failure_box])
+        self.add_class("mistudio-panel")
         self.refresh_layers()
 
     # -- building blocks --------------------------------------------------------------------------
@@ -236,23 +244,51 @@ class ExtractionPanel(W.VBox):
         self._submitted.append(listener)
 
     def update_summary(self) -> None:
-        """The line that says which model and dataset Launch will use."""
-        self.summary.value = (f"Runs <b>{html.escape(self.model_picker.label() or '(no model)')}</b> on "
-                              f"<b>{html.escape(self.dataset_picker.describe())}</b> "
-                              "<small>(set in the Model and Dataset tabs)</small>")
+        """The line that says which model and dataset Launch will use (and how its layers get listed)."""
+        line = (f"Runs <b>{html.escape(self.model_picker.label() or '(no model)')}</b> on "
+                f"<b>{html.escape(self.dataset_picker.describe())}</b> "
+                "<small>(set in the Model and Dataset tabs)</small>")
+        if self.layers_known is False and self.model_picker.name_or_path():
+            line += ("<br><small>Its layers are listed once its config is read: <i>Load / inspect</i> in the Model "
+                     "tab (opening this tab starts it).</small>")
+        self.summary.value = line
+
+    layers_known: bool | None = None  # None: no model; False: its config was not read yet (a Hub id)
 
     def set_layer_count(self, n_layers: int) -> None:
-        chosen = [i for i in self.layers.value if i < n_layers]
-        self.layers.options = [(f"layer {i}", i) for i in range(n_layers)]
-        self.layers.value = tuple(chosen) or (n_layers - 1,)
+        """The model has ``n_layers`` layers (from its config; also called on the Model tab's lookup thread)."""
+        with self._lock:
+            chosen = [i for i in self.layers.value if i < n_layers]
+            filling, self._filling_form = self._filling_form, True
+            try:
+                self.layers.options = [(f"layer {i}", i) for i in range(n_layers)]
+                self.layers.value = tuple(chosen) or (n_layers - 1,)
+            finally:
+                self._filling_form = filling
+            known, self.layers_known = self.layers_known, True
+        if not known:
+            self.update_summary()
 
     def refresh_layers(self) -> None:
-        """Read the chosen model's layer count from its config (fast, no weights)."""
+        """The chosen model's layers, from its config when that is on this machine (a folder, or the Hugging Face
+        cache): fast, no weights, no network. A Hub id that is not cached is not looked up here (this runs as the
+        model field changes): its layers come with *Load / inspect*."""
+        name, folder = self.model_picker.name_or_path(), self.model_picker.local_folder()
+        if folder is not None:
+            try:
+                self.set_layer_count(n_layers_of(load_config(build(ModelSpec, name_or_path=folder))))
+            except Exception:  # an unreadable config: keep the old list (Launch names the problem)
+                pass
+        elif name and not looks_like_path(name):  # a Hub id, not cached
+            with self._lock:
+                chosen = list(self.layers.value)
+                self.layers_known = False
+                # the layers chosen so far stay selectable until the config says how many there are
+                self.layers.options = [(f"layer {i}", i) for i in chosen]
+                self.layers.value = tuple(chosen)
+        else:  # no model, or a folder being typed: keep the list (Launch names the problem)
+            self.layers_known = None
         self.update_summary()
-        try:
-            self.set_layer_count(n_layers_of(load_config(self.model_picker.spec())))
-        except Exception:  # an unfinished path while typing: keep the old list (Launch names the problem)
-            pass
 
     # -- the form as a Request, both ways -------------------------------------------------------------
     TABS_OWN = ("model", "model_dtype", "device", "dataset", "text_column", "max_samples", "max_length")
@@ -275,13 +311,15 @@ class ExtractionPanel(W.VBox):
             "max_samples": zero_is_none(dp.max_samples), "max_length": plain(dp.max_length),
             "layers": (lambda: list(self.layers.value), self._show_layers),
             "hooks": (lambda: [k for k, box in self.hooks.items() if box.value], self._show_hooks),
-            "batch_size": plain(self.batch_size), "dtype": plain(self.dtype), "auto_retry_on_oom": plain(self.auto_retry),
-            "max_batch_tokens": zero_is_none(self.max_batch_tokens), "micro_batch_size": zero_is_none(self.micro_batch_size),
+            "batch_size": plain(self.batch_size), "dtype": plain(self.dtype),
+            "auto_retry_on_oom": plain(self.auto_retry), "max_batch_tokens": zero_is_none(self.max_batch_tokens),
+            "micro_batch_size": zero_is_none(self.micro_batch_size),
             "window": zero_is_none(self.window),
             "stride": (lambda: (self.stride.value or None) if self.window.value else None,
                        lambda v: setattr(self.stride, "value", v or 0)),
             "chat_template": (self._chat_value, self._show_chat), "exclude_special": plain(self.exclude_special),
-            **{name: ((lambda i=info, w=widget: _option_value(i, w)), (lambda v, i=info, w=widget: _show_option(i, w, v)))
+            **{name: ((lambda i=info, w=widget: _option_value(i, w)),
+                      (lambda v, i=info, w=widget: _show_option(i, w, v)))
                for name, (info, widget) in self.options.items()},
         }
 
@@ -295,6 +333,8 @@ class ExtractionPanel(W.VBox):
     def _show_layers(self, layers) -> None:
         if isinstance(layers, str) and layers != "all":
             layers = parse_layers(layers)
+        if self.layers_known is False and layers != "all":  # the model's layer count is not known yet
+            self.layers.options = [(f"layer {i}", i) for i in sorted(set(layers))]
         known = [v for _, v in self.layers.options]
         chosen = known if layers == "all" else [i for i in layers if i in known]
         if chosen:
@@ -315,15 +355,19 @@ class ExtractionPanel(W.VBox):
         fields, skipped = self.form_fields(), []
         if "auto_retry" in arguments and "auto_retry_on_oom" not in arguments:  # studio.json from before
             arguments = {**arguments, "auto_retry_on_oom": arguments["auto_retry"]}
-        if arguments.get("model") and arguments["model"] != self.model_picker.name_or_path():
-            fields["model"][1](arguments["model"])
-            self.refresh_layers()
-        for name, value in arguments.items():
-            if name in fields and name != "model":
-                try:
-                    fields[name][1](value)
-                except Exception:  # noqa: BLE001 - a value this form cannot show
-                    skipped.append(name)
+        filling, self._filling_form = self._filling_form, True
+        try:
+            if arguments.get("model") and arguments["model"] != self.model_picker.name_or_path():
+                fields["model"][1](arguments["model"])
+                self.refresh_layers()
+            for name, value in arguments.items():
+                if name in fields and name != "model":
+                    try:
+                        fields[name][1](value)
+                    except Exception:  # noqa: BLE001 - a value this form cannot show
+                        skipped.append(name)
+        finally:
+            self._filling_form = filling
         self.update_summary()
         return skipped
 
@@ -344,7 +388,11 @@ class ExtractionPanel(W.VBox):
         if (meta.get("model") or {}).get("name_or_path"):
             arguments["model"] = meta["model"]["name_or_path"]
         if meta.get("dataset"):
-            self.dataset_picker.set_from_description(meta["dataset"])
+            filling, self._filling_form = self._filling_form, True
+            try:
+                self.dataset_picker.set_from_description(meta["dataset"])
+            finally:
+                self._filling_form = filling
         arguments.pop("dataset", None)
         self.show_arguments({**arguments, **(suggested or {})})
 
@@ -356,6 +404,9 @@ class ExtractionPanel(W.VBox):
     def _check_model_first(self) -> None:
         """No layers to choose usually means the model cannot be read: say that, not 'layers is empty'."""
         if not self.layers.value:
+            if self.layers_known is False:
+                raise InputError(f"the layers of {self.model_picker.label()!r} are not known yet: Load / inspect it "
+                                 "in the Model tab (its config is read from the Hub), then choose layers here")
             self.set_layer_count(n_layers_of(load_config(self.model_picker.spec())))  # raises the model problem
             raise InputError("choose at least one layer")
 
@@ -363,16 +414,20 @@ class ExtractionPanel(W.VBox):
     def estimate(self, probe: bool | None = None) -> dict | None:
         """``ms.estimate`` of the form: the summary line and warnings under the buttons (errors there too).
         ``probe``: time a few batches (default: the checkbox)."""
-        self.estimate_line.value = "<i>estimating… (tokenizing the dataset)</i>"
+        probe = self.probe.value if probe is None else probe
+        doing = "Timing a few batches…" if probe else "Estimating…"
         try:
-            arguments = {k: v for k, v in self.submit_arguments().items() if k not in self.extra_options}
-            probe = self.probe.value if probe is None else probe
-            result = estimate(workspace=self.workspace.root, probe=probe, **arguments)
+            with busy(self.estimate_button, doing, self._say_estimate):
+                self.estimate_line.value = (f'<span class="mistudio-working">⏳ {doing} (tokenizing the dataset'
+                                            f'{", loading the model" if probe else ""})</span>')
+                arguments = {k: v for k, v in self.submit_arguments().items() if k not in self.extra_options}
+                result = estimate(workspace=self.workspace.root, probe=probe, **arguments)
         except Exception as exc:  # noqa: BLE001 - a bad form: say it here
             self.last_estimate = None
             self.estimate_line.value = error_box(f"<b>No estimate</b>: {for_ui(exc)}")
             return None
         self.last_estimate = result
+        self._clear_form_failure()
         short = disk_short(result)
         self.confirm_disk.layout.display = "" if short else "none"
         if not short:
@@ -385,9 +440,33 @@ class ExtractionPanel(W.VBox):
         return result
 
     def _estimate_stale(self) -> None:
+        """The form changed: the estimate, a failure of the form before any job, and the preset's note are about
+        the form as it was (a preset or a job's request filling the form is not such a change)."""
+        if self._filling_form:
+            return
         if self.last_estimate is not None:
             self.last_estimate = None
             self.estimate_line.value = "<small><i>The form changed: Estimate again (Launch does).</i></small>"
+        elif "mistudio-error" in self.estimate_line.value:  # "No estimate" of the form as it was
+            self.estimate_line.value = ""
+        self._clear_form_failure()
+        self.preset_status.value = ""
+        self._delete_armed = None
+        if self.preset.value:  # the form is no longer the preset's: choosing it again fills it back
+            self._filling = True
+            try:
+                self.preset.value = ""
+            finally:
+                self._filling = False
+
+    def _clear_form_failure(self) -> None:
+        """Hide the failure box when it is about a form that never became a job (a job's failure stays: it names
+        the job, and its Retry/Resume still apply)."""
+        if self.job is None and self.failure_box.layout.display != "none":
+            self.failure_box.layout.display = "none"
+            self.alert.value = ""
+            if "FAILED" in self.status.value or "NOT STARTED" in self.status.value:
+                self.status.value = ""
 
     def _disk_refused(self) -> bool:
         """Estimate (without probe) right before launching; True (and say why) when the disk is short and not
@@ -405,16 +484,24 @@ class ExtractionPanel(W.VBox):
     def launch(self) -> Job | None:
         """Estimate, validate the form and submit; errors show in the panel, never as a traceback."""
         try:
-            self._check_model_first()
-            if self._disk_refused():
-                return None
-            job = self.workspace.submit(**self.submit_arguments())
+            with busy(self.launch_button, "Launching…"):
+                self._check_model_first()
+                if self._disk_refused():
+                    return None
+                job = self.workspace.submit(**self.submit_arguments())
         except Exception as exc:  # InputError, DiskFull, ...: no job exists, so Retry/Resume target nothing
             self._failed_before_job(exc)
             return None
         self.confirm_disk.value = False  # a confirmation is for one launch
         self._started(job)
         return job
+
+    def _running(self) -> bool:
+        job = self.job
+        try:
+            return job is not None and not job.done
+        except Exception:  # noqa: BLE001 - its store is gone: not running
+            return False
 
     # -- presets ----------------------------------------------------------------------------------
     def refresh_presets(self, select: str | None = None) -> None:
@@ -438,9 +525,13 @@ class ExtractionPanel(W.VBox):
             self.preset_status.value = ""
             return
         arguments = self.workspace.preset(name)
-        if "dataset" in arguments:
-            self.dataset_picker.set_dataset(arguments["dataset"])
-        skipped = self.show_arguments({k: v for k, v in arguments.items() if k != "dataset"})
+        filling, self._filling_form = self._filling_form, True
+        try:
+            if "dataset" in arguments:
+                self.dataset_picker.set_dataset(arguments["dataset"])
+            skipped = self.show_arguments({k: v for k, v in arguments.items() if k != "dataset"})
+        finally:
+            self._filling_form = filling
         self.preset_name.value = name
         self.preset_status.value = note_box(
             f"Form filled from preset <b>{html.escape(name)}</b>."
@@ -501,6 +592,7 @@ class ExtractionPanel(W.VBox):
             if self.job is not None:
                 self.job.unsubscribe(self._on_event)
             self.job = job
+            self._rate = RateMeter()
             self.failure_box.layout.display = "none"
             self.progress.value, self.progress.max, self.progress.bar_style = 0, 1, "info"
             self.progress.description = "0%"
@@ -521,10 +613,11 @@ class ExtractionPanel(W.VBox):
         if self.job is None:
             return self.launch()
         try:
-            self._check_model_first()
-            if self._disk_refused():
-                return None
-            job = self.workspace.retry(self.job.id, **self.form_arguments(), **self.extra_options)
+            with busy(self.retry_button, "Retrying…"):
+                self._check_model_first()
+                if self._disk_refused():
+                    return None
+                job = self.workspace.retry(self.job.id, **self.form_arguments(), **self.extra_options)
         except Exception as exc:  # the corrected form may still be wrong: say it, keep the target
             self.alert.value = error_box(f"<b>Retry failed</b>: {for_ui(exc)}")
             return None
@@ -573,12 +666,20 @@ class ExtractionPanel(W.VBox):
                     self._say(error_box(f"<b>{type(exc).__name__}</b>: {html.escape(str(exc))}"))
 
     def _draw_progress(self, event: dict) -> None:
+        """The bar counts samples computed; the line says how many of them are saved (the commit mark: what a
+        crash keeps), and the ETA comes from a smoothed rate."""
         self._last_draw = time.monotonic()
         total = event.get("samples_total") or 0
         self.progress.max = max(1, total)
         self.progress.value = event["samples_done"]
         self.progress.description = f"{100 * event['samples_done'] / max(1, total):.0f}%"
-        self.status.value = progress_text("EXTRACTING", event)
+        try:
+            saved = int(self.job.record.progress.samples_committed)  # a live job's record is in memory
+        except Exception:  # noqa: BLE001 - its store went away: the state event says what happened
+            saved = None
+        rate = self._rate.update(event.get("tokens_done", 0), first_rate=event.get("tokens_per_s"))
+        left = (event.get("tokens_total") or 0) - event.get("tokens_done", 0)
+        self.status.value = progress_text("EXTRACTING", event, saved=saved, eta_s=self._rate.eta(left), rate=rate)
 
     def _flush(self) -> None:
         """The throttled latest event (timer thread); skipped when the job moved on meanwhile."""
@@ -641,7 +742,8 @@ class ExtractionPanel(W.VBox):
                     + ", ".join(f"{html.escape(k)}={html.escape(str(v))}" for k, v in suggested.items()))
         if job is None:
             hint += "<br>No extraction was created. Correct the form, then Launch (or Retry)."
-        self.alert.value = error_box(f"<b>{plain}</b> ({html.escape(error_type)}): {for_ui(message)}{hint}")
+        which = f"Extraction {html.escape(job.id)}: " if job is not None else ""
+        self.alert.value = error_box(f"{which}<b>{plain}</b> ({html.escape(error_type)}): {for_ui(message)}{hint}")
         self.status.value = f"{badge('FAILED')} {html.escape(plain)}"
         self._show_failure_actions()
 

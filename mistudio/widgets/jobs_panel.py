@@ -13,38 +13,58 @@ import ipywidgets as W
 from ..storage.metadata import LIVE_STATES
 from ..models import packaged_minilm_path
 from ..workspace import Workspace, human_bytes
-from .common import PLAIN_ERRORS, ago, badge, error_box, for_ui, guard, note_box, short_id, summarise_hook_points
+from .common import (PLAIN_ERRORS, ago, badge, breakable, busy, error_box, for_ui, guard, note_box, short_id,
+                     stylesheet, summarise_hook_points)
 
-HEADERS = ("status", "id", "model", "dataset", "hook points", "samples", "size", "age", "")
-# fixed tracks for short cells, shrinking ones (never below their minimum) for names: fits ~900 px and up
-GRID_COLUMNS = ("92px 104px minmax(70px, 1fr) minmax(64px, 0.6fr) minmax(110px, 1.6fr) 128px 64px 72px 152px")
+HEADERS = ("status", "id", "model", "dataset", "hook points", "samples saved", "size", "age", "")
+# The grid's tracks are in common.STYLE: nine columns where the panel is wide enough (about 980 px), else each
+# job on two lines (status, id, model, dataset, hook points / samples, size, age, actions), so that every cell
+# and the five action buttons stay whole at any width from ~450 px up (a file browser open, a split view).
 MAX_ROWS = 60
 THROTTLE_S = 0.5
-ICON = W.Layout(width="28px", height="28px", padding="0px", margin="0px 1px")
+SIZE_EVERY_S = 2.0
+ICON = W.Layout(width="28px", height="28px", padding="0px", margin="0px")
 
 
-def _cell(text: str, title: str | None = None, css: str = "", lines: int = 1) -> W.HTML:
-    """One grid cell: at most ``lines`` lines, cut with an ellipsis, the whole text in the tooltip."""
+def _cell_html(text: str, title: str | None = None, css: str = "", clamp: bool = False) -> str:
+    """A grid cell's HTML: its text wraps (never clipped sideways); ``clamp``: at most three lines, the whole text
+    in the tooltip."""
     tip = f' title="{html.escape(title, quote=True)}"' if title else ""
-    fit = ("white-space:nowrap;text-overflow:ellipsis" if lines == 1 else
-           f"display:-webkit-box;-webkit-line-clamp:{lines};-webkit-box-orient:vertical;overflow-wrap:anywhere;"
-           "line-height:1.3")
-    return W.HTML(f'<div class="mistudio-cell"{tip} style="overflow:hidden;{fit};{css}">{text}</div>',
-                  layout=W.Layout(min_width="0", overflow="hidden"))
+    style = f' style="{css}"' if css else ""
+    return f'<div class="mistudio-cell{" mistudio-clamp" if clamp else ""}"{tip}{style}>{text}</div>'
 
 
-def progress_cell(done: int, total: int | None, tokens: int) -> tuple[str, str]:
-    """('120 / 400 · 30%', tooltip) from committed counts: what was saved, never what was planned."""
-    if total:
-        text = f"{done:,} / {int(total):,} · {100 * done / total:.0f}%"
-    else:
-        text = f"{done:,} / ?"
-    return text, f"{done:,} samples and {tokens:,} tokens saved"
+def _cell(text: str, title: str | None = None, css: str = "", clamp: bool = False, first: bool = False) -> W.HTML:
+    """One grid cell (see :func:`_cell_html`); ``first``: it opens a job's first line (a rule above it when the
+    grid folds each job into two lines)."""
+    cell = W.HTML(_cell_html(text, title, css, clamp), layout=W.Layout(min_width="0"))
+    if first:
+        cell.add_class("mistudio-first")
+    return cell
+
+
+def progress_cell(saved: int, total: int | None, tokens: int, computed: int | None = None,
+                  status: str = "") -> tuple[str, str]:
+    """('120 / 400 · 30%', tooltip): samples saved (committed: what a crash keeps) of the planned total, and
+    under it the samples computed when more than those are (the rest are saved at the next chunk boundary)."""
+    if not total:
+        if status in LIVE_STATES:
+            return ("<i>preparing…</i>", "reading and tokenizing the dataset, loading the model: the counts appear "
+                                         "once the store is allocated")
+        return f"{saved:,} / ?", f"{saved:,} samples and {tokens:,} tokens saved"
+    text = f"{saved:,} / {int(total):,} · {100 * saved / total:.0f}%"
+    tip = f"{saved:,} samples and {tokens:,} tokens saved"
+    if computed is not None and computed > saved:
+        text += f"<br><small>{computed:,} computed</small>"
+        tip += f"; {computed:,} samples computed (saved at the next chunk boundary)"
+    return text, tip
 
 
 class JobsPanel(W.VBox):
-    """The Jobs tab. ``refresh()`` rebuilds the grid from the workspace on disk; job events of this workspace
-    update live rows in place (throttled) and an ended or new job refreshes the grid."""
+    """The Jobs tab. ``refresh()`` rebuilds the grid from the workspace on disk; job events of this workspace's
+    folder (whichever Workspace object submitted the job) update live rows in place (throttled; the counts
+    never go backwards within a run) and a new or ended job refreshes the grid (debounced, off the job's
+    thread)."""
 
     def __init__(self, workspace: Workspace, on_job: Callable | None = None):
         self.workspace = workspace
@@ -65,27 +85,37 @@ class JobsPanel(W.VBox):
         self.keep_button = W.Button(description="Keep it", layout=W.Layout(width="auto"))
         self.confirm_box = W.VBox([self.confirm_text, W.HBox([self.confirm_delete_button, self.keep_button])],
                                   layout=W.Layout(display="none"))
-        self.table = W.GridBox(layout=W.Layout(grid_template_columns=GRID_COLUMNS, grid_gap="3px 8px",
-                                               width="100%", align_items="center", overflow="hidden"))
+        self.table = W.GridBox(layout=W.Layout(width="100%"))  # tracks: common.STYLE (two layouts by width)
         self.table.add_class("mistudio-jobs")
-        self.refresh_button.on_click(guard(self._say, lambda _: self.refresh()))
-        self.cleanup_button.on_click(guard(self._say, lambda _: self.preview_cleanup()))
-        self.confirm_button.on_click(guard(self._say, lambda _: self.run_cleanup()))
-        self.confirm_delete_button.on_click(guard(self._say, lambda _: self.delete_confirmed()))
+        self.refresh_button.on_click(guard(self._say, lambda b: self._busy(b, "Listing…", self.refresh)))
+        self.cleanup_button.on_click(guard(self._say, lambda b: self._busy(b, "Checking…", self.preview_cleanup)))
+        self.confirm_button.on_click(guard(self._say, lambda b: self._busy(b, "Deleting…", self.run_cleanup)))
+        self.confirm_delete_button.on_click(guard(self._say, lambda b: self._busy(b, "Deleting…",
+                                                                                  self.delete_confirmed)))
         self.keep_button.on_click(guard(self._say, lambda _: self.cancel_delete()))
         self.pending_delete: str | None = None
         self.rows: list[dict] = []
-        self.cells: dict[str, dict] = {}  # id -> {"status", "progress", "details", "buttons"}
+        self.cells: dict[str, dict] = {}  # id -> {"status", "progress", "size", "details", "buttons"}
         self._drawn: dict[str, float] = {}
+        self._sized: dict[str, float] = {}
         self._pending: dict[str, dict] = {}
-        super().__init__([W.HTML("<b>Jobs</b>"), W.HBox([self.refresh_button, self.cleanup_button,
-                                                         self.confirm_button]), self.message, self.confirm_box,
-                          self.empty, self.table, self.details])
+        self._shown: dict[str, tuple[int, int]] = {}  # a live job's (saved, computed) last drawn: never back
+        self._refresh_timer: threading.Timer | None = None
+        super().__init__([stylesheet(), W.HTML("<b>Jobs</b>"),
+                          W.HBox([self.refresh_button, self.cleanup_button, self.confirm_button]), self.message,
+                          self.confirm_box, self.empty, self.table, self.details])
+        self.add_class("mistudio-panel")
+        self.add_class("mistudio-jobs-panel")
         workspace.subscribe(self._on_event)
         self.refresh()
 
     def _say(self, text: str) -> None:
         self.message.value = text
+
+    @staticmethod
+    def _busy(button: W.Button, text: str, action: Callable[[], object]) -> None:
+        with busy(button, text):
+            action()
 
     # -- the grid ---------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -93,10 +123,16 @@ class JobsPanel(W.VBox):
         with self._lock:
             self.workspace.recover()
             self.rows = [_display(r) for r in self.workspace.extractions().to_dict("records")]
-            cells: list[W.Widget] = [_cell(f"<b>{h}</b>") for h in HEADERS]
-            self.cells = {}
+            cells: list[W.Widget] = [_cell(f"<b>{h}</b>", first=i < 5) for i, h in enumerate(HEADERS[:-1])]
+            head_end = _cell("")
+            head_end.add_class("mistudio-actions")
+            cells.append(head_end)
+            live = {r["id"] for r in self.rows if r["status"] in LIVE_STATES}
+            self._shown = {k: v for k, v in self._shown.items() if k in live}
+            by_id: dict[str, dict] = {}
             for row in self.rows[:MAX_ROWS]:
-                cells += self._row_cells(row)
+                cells += self._row_cells(row, by_id)
+            self.cells = by_id  # swapped whole: a reader on another thread sees the old grid or the new one
             self.table.children = cells
             if self.details_for in self.cells:  # the details shown follow the row's new state
                 self.details.value = self.cells[self.details_for]["details"]
@@ -107,23 +143,50 @@ class JobsPanel(W.VBox):
             self.empty.value = ("No extractions in this workspace yet: launch one in the Extract tab." if not self.rows
                                 else f"<small>{more} older extractions not shown.</small>" if more > 0 else "")
 
-    def _row_cells(self, row: dict) -> list[W.Widget]:
+    def _schedule_refresh(self) -> None:
+        """Refresh soon, on a timer thread (a burst of events makes one refresh; the job's thread goes on)."""
+        with self._lock:
+            if self._refresh_timer is not None:
+                return
+            self._refresh_timer = threading.Timer(0.05, self._timed_refresh)
+            self._refresh_timer.daemon = True
+            self._refresh_timer.start()
+
+    def _timed_refresh(self) -> None:
+        with self._lock:
+            self._refresh_timer = None
+        try:
+            self.refresh()
+        except Exception as exc:  # noqa: BLE001 - never lost on a thread: said in the panel
+            self._say(error_box(f"Refreshing the list failed: {html.escape(str(exc))}"))
+
+    def _status_html(self, status: str, error: str = "") -> str:
+        return badge(status) + (f" <small>{html.escape(error)}</small>" if error else "")
+
+    def _row_cells(self, row: dict, by_id: dict[str, dict]) -> list[W.Widget]:
         ext_id, status = row["id"], row["status"]
         error = row.get("error") or ""
-        status_cell = _cell(badge(status) + (f" <small>{html.escape(error)}</small>" if error else ""),
-                            title=f"{status} {PLAIN_ERRORS.get(error, error)}".strip())
-        text, tip = progress_cell(row["samples_committed"], row["samples_total"], row["tokens_committed"])
+        status_cell = _cell(self._status_html(status, error),
+                            title=f"{status} {PLAIN_ERRORS.get(error, error)}".strip(), first=True)
+        saved, computed = row["samples_committed"], None
+        if ext_id in self._shown:  # a live row drawn from events: keep what it showed
+            saved, computed = max(saved, self._shown[ext_id][0]), self._shown[ext_id][1]
+        text, tip = progress_cell(saved, row["samples_total"], row["tokens_committed"], computed, status)
         progress = _cell(text, title=tip)
+        size = _cell(html.escape(row["size"]))
         buttons = self._buttons(row)
-        self.cells[ext_id] = {"status": status_cell, "progress": progress, "details": self._details_html(row),
-                              "buttons": buttons}
+        by_id[ext_id] = {"status": status_cell, "progress": progress, "size": size,
+                         "details": self._details_html(row), "buttons": buttons}
+        actions = W.HBox(list(buttons.values()))
+        actions.add_class("mistudio-actions")
         return [status_cell,
-                _cell(html.escape(short_id(ext_id)), title=ext_id, css="font-family:monospace;font-size:12px"),
-                _cell(html.escape(row["model"]), title=row["model"], lines=2),
-                _cell(html.escape(row["dataset"]), title=row["dataset"], lines=2),
-                _cell(html.escape(summarise_hook_points(row["hook_points"])), title=row["hook_points"], lines=2),
-                progress, _cell(row["size"]), _cell(row["age"], title=row["created_text"]),
-                W.HBox(list(buttons.values()), layout=W.Layout(overflow="hidden"))]
+                _cell(html.escape(short_id(ext_id)), title=ext_id, css="font-family:monospace;font-size:12px",
+                      first=True),
+                _cell(breakable(row["model"]), title=row["model"], clamp=True, first=True),
+                _cell(breakable(row["dataset"]), title=row["dataset"], clamp=True, first=True),
+                _cell(html.escape(summarise_hook_points(row["hook_points"])), title=row["hook_points"], clamp=True,
+                      first=True),
+                progress, size, _cell(row["age"], title=row["created_text"]), actions]
 
     @staticmethod
     def _details_html(row: dict) -> str:
@@ -184,7 +247,10 @@ class JobsPanel(W.VBox):
         ext_id = event.get("job_id")
         with self._lock:
             cells = self.cells.get(ext_id)
-            if event["event"] == "progress" and cells is not None:
+            if event["event"] == "progress":
+                if cells is None:  # a job this grid does not show yet (submitted elsewhere): list it
+                    self._schedule_refresh()
+                    return
                 now = time.monotonic()
                 final = event.get("samples_total") and event["samples_done"] >= event["samples_total"]
                 wait = THROTTLE_S - (now - self._drawn.get(ext_id, 0.0))
@@ -199,20 +265,44 @@ class JobsPanel(W.VBox):
                 self._draw_progress(cells, event)
             elif event["event"] == "state":
                 status = str(event.get("status"))
-                if cells is not None and status in LIVE_STATES:
-                    cells["status"].value = _cell(badge(status)).value
-                    cells["buttons"]["Cancel"].disabled = False
+                if status == "QUEUED":  # a new run (a submit, a retry, a resume): its counts start again
+                    self._shown.pop(ext_id, None)
+                if cells is not None and status in LIVE_STATES and status != "QUEUED":
+                    cells["status"].value = _cell_html(self._status_html(status))
+                    self._live_buttons(cells["buttons"])
                 else:  # a new job, or one that ended: its row changes in many places
-                    try:
-                        self.refresh()
-                    except Exception as exc:  # noqa: BLE001 - never break the job's thread
-                        self._say(error_box(f"Refreshing the list failed: {html.escape(str(exc))}"))
+                    self._schedule_refresh()
+
+    @staticmethod
+    def _live_buttons(buttons: dict) -> None:
+        buttons["Cancel"].disabled = False
+        for name in ("Retry", "Resume", "Delete"):
+            buttons[name].disabled = True
 
     def _draw_progress(self, cells: dict, event: dict) -> None:
-        self._drawn[event["job_id"]] = time.monotonic()
-        text, tip = progress_cell(event["samples_done"], event.get("samples_total"), event.get("tokens_done", 0))
-        cells["progress"].value = _cell(text, title=tip).value
-        cells["status"].value = _cell(badge("EXTRACTING")).value
+        """A live row: samples saved (the commit mark, from the job's record in memory) and computed (the event),
+        each never below what the row showed; the size on disk every few seconds."""
+        ext_id = event["job_id"]
+        self._drawn[ext_id] = time.monotonic()
+        computed, saved, tokens = int(event["samples_done"]), 0, 0
+        try:
+            progress = self.workspace.job(ext_id).record.progress
+            saved, tokens = int(progress.samples_committed), int(progress.tokens_committed)
+        except Exception:  # noqa: BLE001 - its store went away: the state event says what happened
+            pass
+        before = self._shown.get(ext_id, (0, 0))
+        saved = max(saved, before[0])
+        computed = max(computed, before[1], saved)
+        self._shown[ext_id] = (saved, computed)
+        text, tip = progress_cell(saved, event.get("samples_total"), tokens, computed, "EXTRACTING")
+        cells["progress"].value = _cell_html(text, title=tip)
+        cells["status"].value = _cell_html(self._status_html("EXTRACTING"))
+        if time.monotonic() - self._sized.get(ext_id, 0.0) >= SIZE_EVERY_S:
+            self._sized[ext_id] = time.monotonic()
+            try:
+                cells["size"].value = _cell_html(human_bytes(self.workspace.size_of(self.workspace.path_of(ext_id))))
+            except Exception:  # noqa: BLE001 - best effort while files come and go
+                pass
 
     def _flush(self, ext_id: str) -> None:
         with self._lock:

@@ -1,19 +1,27 @@
-"""Model tab: pick an offline model or type a Hub id / folder, choose dtype and device, inspect it."""
+"""Model tab: pick an offline model or type a Hub id / folder, choose dtype and device, inspect it.
+
+Typing never looks anything up: the field sends its value when it is left (or on Enter), and a change clears the
+previous model's facts. *Load / inspect* reads the config on a worker thread (the kernel stays free), with the
+button disabled and a busy line meanwhile; a Hub id that is neither cached nor reachable fails within
+``HUB_TIMEOUT_S`` (offline, ``HF_HUB_OFFLINE=1``: at once), without the download retries.
+"""
 from __future__ import annotations
 
 import html
 import json
+import threading
 from pathlib import Path
 from typing import Callable
 
 import ipywidgets as W
 
-from ..specs import DEVICES, MODEL_DTYPES, ModelSpec, build
 from ..errors import InputError
 from ..models import describe_model, packaged_minilm_path
-from .common import error_box, guard
+from ..specs import DEVICES, MODEL_DTYPES, ModelSpec, build
+from .common import error_box, guard, note_box, stylesheet
 
 BUNDLED = "all-MiniLM-L6-v2 (bundled)"
+HUB_TIMEOUT_S = 5.0
 
 
 def cached_hub_models() -> list[str]:
@@ -35,8 +43,67 @@ def model_label(name_or_path: str) -> str:
     return "/".join(path.parts[-2:]) if path.is_absolute() else name_or_path
 
 
+def looks_like_path(name: str) -> bool:
+    """A folder, not a Hub id: absolute, relative to here or home, or existing."""
+    return (name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+            or Path(name).expanduser().exists())
+
+
+def local_config_folder(name: str) -> str | None:
+    """A folder holding the model's ``config.json`` that can be read without the network: the folder itself, or
+    the Hugging Face cache's snapshot of a Hub id; None when reading it would need the Hub."""
+    if not name:
+        return None
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return str(folder)
+    if looks_like_path(name):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id: the Hub lookup names the problem
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def hub_problem(name: str, timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """Why the Hub cannot give ``name`` (one request of at most ``timeout`` seconds, no retries), or None when it
+    can (or answered something the model loader explains better, e.g. a gated repo)."""
+    if hub_offline():
+        return (f"{name!r} is not in the local Hugging Face cache and the Hub is off (HF_HUB_OFFLINE is set): type "
+                "a local folder that holds config.json, weights and tokenizer files, or choose an offline model")
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    except ImportError:  # noqa: BLE001 - no hub client: the loader says what it can
+        return None
+    try:
+        HfApi().model_info(name, timeout=timeout)
+    except RepositoryNotFoundError:
+        return (f"the Hugging Face Hub has no model {name!r} (or it is private): check the spelling, or type a local "
+                "folder")
+    except HfHubHTTPError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - DNS, connection, timeout: the network is the problem
+        return (f"the Hugging Face Hub could not be reached within {timeout:g} s ({type(exc).__name__}: {exc}): check "
+                "the network, or type a local folder that holds the model (set HF_HUB_OFFLINE=1 to work offline)")
+    return None
+
+
 class ModelPicker(W.VBox):
-    """The Model tab. ``spec()`` is the chosen model; ``on_inspect(fn)`` gets ``describe_model``'s dict."""
+    """The Model tab. ``spec()`` is the chosen model; ``on_inspect(fn)`` gets ``describe_model``'s dict (called on
+    the lookup's thread)."""
 
     def __init__(self, model: str | None = None, workspace_root: str | Path | None = None):
         self._folders_file = Path(workspace_root) / "models.json" if workspace_root else None
@@ -45,28 +112,44 @@ class ModelPicker(W.VBox):
         default = model or (BUNDLED if bundled else "")
         self.choice = W.Combobox(value=self._shown(default), options=self.offline_models(), description="Model",
                                  placeholder="Hugging Face id or local folder", ensure_option=False,
-                                 layout=W.Layout(width="70%"), style={"description_width": "80px"})
-        self.dtype = W.Dropdown(options=MODEL_DTYPES, value="auto", description="dtype",
-                                style={"description_width": "80px"})
-        self.device = W.Dropdown(options=DEVICES, value="auto", description="device",
+                                 continuous_update=False, layout=W.Layout(width="95%", max_width="640px"),
                                  style={"description_width": "80px"})
+        self.dtype = W.Dropdown(options=MODEL_DTYPES, value="auto", description="dtype",
+                                style={"description_width": "80px"}, layout=W.Layout(width="260px"))
+        self.device = W.Dropdown(options=DEVICES, value="auto", description="device",
+                                 style={"description_width": "80px"}, layout=W.Layout(width="260px"))
         self.add_button = W.Button(description="Remember folder", tooltip="add this local folder to the list",
                                    layout=W.Layout(width="auto"))
-        self.inspect_button = W.Button(description="Load / inspect", button_style="info",
+        self.inspect_button = W.Button(description="Load / inspect", button_style="info", icon="search",
                                        tooltip="read the model's config (no weights) and show its size",
                                        layout=W.Layout(width="auto"))
         self.info = W.HTML()
         self.details: dict | None = None
+        self.lookups = 0  # config reads started (each Load / inspect: one)
         self._listeners: list[Callable[[dict], None]] = []
-        self.inspect_button.on_click(guard(self._say, lambda _: self.inspect()))
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._asked: str | None = None  # the model the running lookup is for
+        self.inspect_button.on_click(guard(self._say, lambda _: self.inspect_async()))
         self.add_button.on_click(guard(self._say, lambda _: self.remember_folder()))
-        super().__init__([W.HTML("<b>Model</b>: offline models are listed; type any Hub id or local folder, then "
-                                 "<i>Load / inspect</i>. The Extract tab uses the model chosen here."),
+        self.choice.observe(lambda _: self._changed(), "value")
+        super().__init__([stylesheet(), W.HTML("<b>Model</b>: offline models are listed; type any Hub id or local "
+                                               "folder, then <i>Load / inspect</i>. The Extract tab uses the model "
+                                               "chosen here."),
                           self.choice, W.HBox([self.dtype, self.device]),
                           W.HBox([self.inspect_button, self.add_button]), self.info])
+        self.add_class("mistudio-panel")
 
     def _say(self, text: str) -> None:
         self.info.value = text
+
+    def _changed(self) -> None:
+        """Another model: the facts and error shown were about the previous one."""
+        with self._lock:
+            if self._asked is not None and self._asked != self.name_or_path():
+                self._asked = None  # the running lookup's answer is for a model no longer chosen: dropped
+            self.details = None
+            self.info.value = ""
 
     def _shown(self, name_or_path: str) -> str:
         """The bundled model's path is shown by its name (no machine paths on screen)."""
@@ -88,6 +171,10 @@ class ModelPicker(W.VBox):
     def label(self) -> str:
         return model_label(self.name_or_path())
 
+    def local_folder(self) -> str | None:
+        """The chosen model's config folder when it can be read offline (see :func:`local_config_folder`)."""
+        return local_config_folder(self.name_or_path())
+
     def remember_folder(self) -> None:
         folder = Path(self.name_or_path()).expanduser()
         if not (folder / "config.json").exists():
@@ -105,23 +192,81 @@ class ModelPicker(W.VBox):
     def on_inspect(self, listener: Callable[[dict], None]) -> None:
         self._listeners.append(listener)
 
-    def inspect(self) -> dict | None:
-        """Show the model's facts (config only, no weights) or a clear error."""
-        try:
-            self.details = describe_model(self.spec())
-        except InputError as exc:
+    @property
+    def busy(self) -> bool:
+        """A lookup is running."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def inspect_async(self) -> threading.Thread | None:
+        """*Load / inspect*: read the model's config on a worker thread; the button is disabled and a busy line
+        shows until the facts (or the error) replace it. Returns the thread (None when one already runs)."""
+        with self._lock:
+            if self.busy:
+                return None
+            name = self.name_or_path()
+            self._asked = name
             self.details = None
-            self.info.value = error_box(html.escape(str(exc)))
+            self.inspect_button.disabled, self.inspect_button.icon = True, "spinner"
+            self.inspect_button.add_class("mistudio-busy")
+            where = "from its folder" if local_config_folder(name) else "from the Hugging Face Hub"
+            self.info.value = note_box(f'<span class="mistudio-working">⏳ Reading the config of '
+                                       f"<b>{html.escape(model_label(name) or '(no model)')}</b> {where}…</span>")
+            self._thread = threading.Thread(target=self._lookup, args=(name,), daemon=True,
+                                            name="mistudio-model-lookup")
+            self._thread.start()
+            return self._thread
+
+    def _lookup(self, name: str) -> None:
+        try:
+            self.inspect(name)
+        except Exception as exc:  # noqa: BLE001 - shown in the tab, never lost on a thread
+            with self._lock:
+                if self._asked == name:
+                    self.info.value = error_box(f"<b>{html.escape(type(exc).__name__)}</b>: {html.escape(str(exc))}")
+        finally:
+            with self._lock:
+                self.inspect_button.disabled, self.inspect_button.icon = False, "search"
+                self.inspect_button.remove_class("mistudio-busy")
+                if self._asked == name:
+                    self._asked = None
+
+    def inspect(self, name: str | None = None) -> dict | None:
+        """Show the model's facts (config only, no weights) or a clear error; returns the facts. Blocking: the
+        button runs it on a thread (:meth:`inspect_async`)."""
+        name = self.name_or_path() if name is None else name
+        self.lookups += 1
+        problem = None
+        if not local_config_folder(name) and name and not looks_like_path(name):
+            problem = hub_problem(name)
+        try:
+            if problem is not None:
+                raise InputError(problem)
+            details = describe_model(build(ModelSpec, name_or_path=name, dtype=self.dtype.value,
+                                           device=self.device.value))
+        except InputError as exc:
+            with self._lock:
+                if name == self.name_or_path():
+                    self.details = None
+                    self.info.value = error_box(html.escape(str(exc)))
             return None
-        d = self.details
-        self.info.value = (
-            "<table class='mistudio-model-info'>"
-            f"<tr><td>model</td><td>{html.escape(self.label())}</td></tr>"
-            f"<tr><td>architecture</td><td>{d['architecture']} ({d['model_type']})</td></tr>"
-            f"<tr><td>layers</td><td>{d['n_layers']}</td></tr>"
-            f"<tr><td>hidden size</td><td>{d['hidden_size']:,}</td></tr>"
-            f"<tr><td>parameters</td><td>{d['n_parameters']:,}</td></tr>"
-            f"<tr><td>memory (weights, {self.dtype.value})</td><td>{d['memory_gb']:.2f} GB</td></tr></table>")
+        with self._lock:
+            if name != self.name_or_path():  # the field changed meanwhile: these facts are not its model's
+                return None
+            self.details = d = details
+            self.info.value = (
+                "<table class='mistudio-model-info'>"
+                f"<tr><td>model</td><td>{html.escape(model_label(name))}</td></tr>"
+                f"<tr><td>architecture</td><td>{html.escape(str(d['architecture']))} "
+                f"({html.escape(str(d['model_type']))})</td></tr>"
+                f"<tr><td>layers</td><td>{d['n_layers']}</td></tr>"
+                f"<tr><td>hidden size</td><td>{d['hidden_size']:,}</td></tr>"
+                f"<tr><td>parameters</td><td>{d['n_parameters']:,}</td></tr>"
+                f"<tr><td>memory (weights, {html.escape(self.dtype.value)})</td><td>{d['memory_gb']:.2f} GB</td>"
+                "</tr></table>")
         for listener in self._listeners:
-            listener(d)
+            try:
+                listener(d)
+            except Exception:  # noqa: BLE001 - a broken observer must not hide the facts
+                pass
         return d

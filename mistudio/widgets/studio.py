@@ -1,7 +1,8 @@
 """``ms.Studio()``: the tabbed panel (Model · Dataset · Extract · Jobs · Browse), rebuilt from the workspace.
 
 It opens on the Model tab, with the form as it was last launched in this workspace (``<workspace>/studio.json``)
-and, after a kernel restart, a banner that points at the job the restart interrupted.
+and, after a kernel restart, a banner that points at the job the restart interrupted. More tabs join with
+``studio.add_tab(title, panel, on_open=...)``.
 """
 from __future__ import annotations
 
@@ -9,19 +10,20 @@ import html
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ipywidgets as W
 
+from ..storage.metadata import LIVE_STATES
 from ..workspace import Workspace
 from .browser import ActivationBrowser
-from .common import error_box, guard, note_box
+from .common import error_box, guard, note_box, stylesheet
 from .dataset_picker import DatasetPicker
 from .extraction_panel import ExtractionPanel
 from .jobs_panel import JobsPanel
 from .model_picker import ModelPicker
 
-TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse")
+TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse")  # the built-in tabs, in order
 SETTINGS = "studio.json"
 
 
@@ -48,24 +50,54 @@ class Studio(W.VBox):
         self.extraction_panel.on_submitted(lambda _job: self.save_settings())
         self.jobs_panel = JobsPanel(self.workspace, on_job=self._show_job)
         self.browser = ActivationBrowser(self.workspace)
-        self.tabs = W.Tab(children=[self.model_picker, self.dataset_picker, self.extraction_panel, self.jobs_panel,
-                                    self.browser], titles=TABS)
+        # title -> panel, and what opening it does (a tab refreshes when opened; errors show in that tab)
+        self.panels: dict[str, W.Widget] = {}
+        self._on_open: dict[str, Callable[[], None]] = {}
+        self.tabs = W.Tab()
+        self.add_tab("Model", self.model_picker)
+        self.add_tab("Dataset", self.dataset_picker)
+        self.add_tab("Extract", self.extraction_panel, on_open=self._open_extract)
+        self.add_tab("Jobs", self.jobs_panel, on_open=guard(self.jobs_panel._say, self.jobs_panel.refresh))
+        self.add_tab("Browse", self.browser, on_open=guard(self.browser._say, self._open_browse))
         self.tabs.selected_index = 0
         self.banner = W.HTML()
         self.banner_resume = W.Button(description="Resume it", icon="forward", button_style="success",
-                                      tooltip="continue the interrupted extraction from its last saved sample")
-        self.banner_dismiss = W.Button(description="Dismiss", layout=W.Layout(width="auto"))
+                                      tooltip="continue the interrupted extraction from its last saved sample",
+                                      layout=W.Layout(width="auto"))
+        self.banner_dismiss = W.Button(description="Dismiss", layout=W.Layout(width="auto"),
+                                       tooltip="hide this note (the Jobs tab still lists the job)")
         self.banner_box = W.HBox([self.banner, self.banner_resume, self.banner_dismiss],
                                  layout=W.Layout(display="none", align_items="center"))
         self.banner_box.add_class("mistudio-banner")
         self.banner_resume.on_click(guard(self._banner_say, lambda _: self.resume_interrupted()))
         self.banner_dismiss.on_click(guard(self._banner_say, lambda _: self.dismiss_interrupted()))
         self.interrupted: str | None = None
-        super().__init__([self.banner_box, self.tabs])
+        super().__init__([stylesheet(), self.banner_box, self.tabs])
+        self.add_class("mistudio-panel")
+        self.add_class("mistudio-studio")
         # widgets are (re)built on the kernel's main path: when a tab is opened, not from the job thread
         self.tabs.observe(self._on_tab, "selected_index")
         self._tokenizers: dict[str, Any] = {}
+        self._browsed: str | None = None  # the Extract tab's finished job Browse showed already
+        self.workspace.subscribe(self._on_job_event)  # a resumed job, wherever it was resumed: the banner goes
         self.show_interrupted()
+
+    def add_tab(self, title: str, panel: W.Widget, on_open: Callable[[], None] | None = None) -> None:
+        """Add a tab (after the others); ``on_open()`` runs each time it is opened (guard it to show its errors in
+        the panel)."""
+        if title in self.panels:
+            raise ValueError(f"the Studio already has a {title!r} tab")
+        self.panels[title] = panel
+        if on_open is not None:
+            self._on_open[title] = on_open
+        selected = self.tabs.selected_index
+        self.tabs.children = list(self.panels.values())
+        self.tabs.titles = tuple(self.panels)
+        self.tabs.selected_index = selected
+
+    def select(self, title: str) -> None:
+        """Open the tab called ``title``."""
+        self.tabs.selected_index = list(self.panels).index(title)
 
     # the Tab's selection, as when Studio was a Tab itself
     @property
@@ -77,34 +109,66 @@ class Studio(W.VBox):
         self.tabs.selected_index = index
 
     def _tokenizer(self):
+        """The Model tab's tokenizer when it is on this machine (a folder or the Hugging Face cache: no network,
+        for the Dataset tab's token counts); None for a Hub id not downloaded yet."""
         from transformers import AutoTokenizer
 
-        name = self.model_picker.name_or_path()
-        if name not in self._tokenizers:
-            self._tokenizers[name] = AutoTokenizer.from_pretrained(name)
-        return self._tokenizers[name]
+        folder = self.model_picker.local_folder()
+        if folder is None:
+            return None
+        if folder not in self._tokenizers:
+            self._tokenizers[folder] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return self._tokenizers[folder]
 
     def _on_tab(self, change: dict) -> None:
         """Opening a tab refreshes it; an error shows in that tab."""
-        title = TABS[change["new"]] if change["new"] is not None else None
-        if title == "Extract":
-            guard(self.extraction_panel._say, self.extraction_panel.update_summary)()
-            guard(self.extraction_panel._say_preset, self.extraction_panel.refresh_presets)()
-        elif title == "Jobs":
-            guard(self.jobs_panel._say, self.jobs_panel.refresh)()
-        elif title == "Browse":
-            guard(self.browser._say, self._open_browse)()
+        titles = list(self.panels)
+        index = change["new"]
+        title = titles[index] if index is not None and 0 <= index < len(titles) else None
+        if title in self._on_open:
+            self._on_open[title]()
+
+    def _open_extract(self) -> None:
+        panel = self.extraction_panel
+        guard(panel._say, panel.update_summary)()
+        guard(panel._say_preset, panel.refresh_presets)()
+        if panel.layers_known is False and not self.model_picker.busy:  # a Hub id: read its config, off the kernel
+            self.model_picker.inspect_async()
 
     def _open_browse(self) -> None:
+        """Browse lists the stores again; a job the Extract tab ran to completion is shown once (then the user's
+        choice stays, with its plots, each time the tab is opened)."""
         job = self.extraction_panel.job
         try:
             done = job is not None and job.status == "COMPLETED"
         except Exception:  # noqa: BLE001 - its store was deleted (Cleanup, Delete): Browse says so
             done = False
-        self.browser.refresh(select=job.id if done else None)
+        fresh = done and job.id != self._browsed
+        if fresh:
+            self._browsed = job.id
+        self.browser.refresh(select=job.id if fresh else None)
+
+    def open_in_browse(self, extraction_id: str, row: int, hook_point: str | None = None,
+                       feature: int | None = None) -> bool:
+        """Open the Browse tab on a dataset row of an extraction, plotted (for other tabs' "open this example")."""
+        shown = self.browser.open_row(extraction_id, row, hook_point, feature)
+        self.select("Browse")
+        return shown
 
     def _show_job(self, job) -> None:
         self.extraction_panel.watch(job)
+        if job.id == self.interrupted:
+            self._hide_banner()
+
+    def _on_job_event(self, event: dict) -> None:
+        """Any job of this workspace (job thread): the interrupted job running again needs no banner."""
+        if event.get("event") == "state" and event.get("job_id") == self.interrupted \
+                and str(event.get("status")) in LIVE_STATES:
+            self._hide_banner()
+
+    def _hide_banner(self) -> None:
+        self.interrupted = None
+        self.banner_box.layout.display = "none"
 
     # -- remembered settings ----------------------------------------------------------------------
     def load_settings(self) -> dict:
@@ -144,31 +208,55 @@ class Studio(W.VBox):
             return None
         row = found[0]
         self.interrupted = row["id"]
-        total = row["samples_total"]
-        saved = f"{int(row['samples_committed']):,} of {int(total):,}" if total == total and total else \
-            f"{int(row['samples_committed']):,}"
         others = f" ({len(found) - 1} more in the Jobs tab)" if len(found) > 1 else ""
         self.banner.value = note_box(
             f"⚠ Extraction <b>{html.escape(row['id'])}</b> ({html.escape(row['model'])}) was interrupted: its "
-            f"kernel was restarted or crashed. {saved} samples were saved; Resume continues from there{others}.",
-            colour="#fd7e14", background="#fff3e0")
+            f"kernel was restarted or crashed. {self._saved_line(row)} Resume continues from the last saved sample"
+            f"{others}.", colour="#fd7e14", background="#fff3e0")
         self.banner_resume.disabled = False
         self.banner_box.layout.display = ""
         return row["id"]
 
+    def _saved_line(self, row: dict) -> str:
+        """'120 of 400 samples were saved; 180 were computed when it stopped (60 not saved: Resume computes them
+        again).' The computed count is known when the store's progress recorded it (``samples_computed``)."""
+        saved, total = int(row["samples_committed"] or 0), row["samples_total"]
+        known_total = total == total and total  # NaN when the store was never allocated
+        text = f"{saved:,} of {int(total):,} samples were saved" if known_total else f"{saved:,} samples were saved"
+        computed = self._computed_when_stopped(row["id"])
+        if computed is not None and computed > saved:
+            return (f"{text}; {computed:,} were computed when it stopped ({computed - saved:,} not saved yet: Resume "
+                    "computes them again).")
+        return f"{text}; what was computed after the last save was lost."
+
+    def _computed_when_stopped(self, extraction_id: str) -> int | None:
+        try:
+            progress = self.workspace.job(extraction_id).record.progress
+        except Exception:  # noqa: BLE001 - unreadable: not known
+            return None
+        value = (getattr(progress, "model_extra", None) or {}).get("samples_computed")
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
     def resume_interrupted(self):
-        """Resume the job the banner names and show it in the Extract tab."""
+        """Resume the job the banner names and show it in the Extract tab (one already running again, e.g. resumed
+        from the Jobs tab, is shown instead)."""
         if self.interrupted is None:
             return None
+        target = self.interrupted
         try:
-            job = self.workspace.resume(self.interrupted)
+            current = self.workspace.job(target)
+            if str(current.status) in LIVE_STATES:  # resumed meanwhile (another tab, another cell)
+                self._hide_banner()
+                self.extraction_panel.watch(current)
+                self.select("Extract")
+                return current
+            job = self.workspace.resume(target)
         except Exception as exc:  # StoreBusy, InputError: say it in the banner
-            self.banner.value = error_box(f"Resume {html.escape(self.interrupted)}: {html.escape(str(exc))}")
+            self.banner.value = error_box(f"Resume {html.escape(target)}: {html.escape(str(exc))}")
             return None
         self.extraction_panel.watch(job)
-        self.banner_box.layout.display = "none"
-        self.interrupted = None
-        self.tabs.selected_index = 2
+        self._hide_banner()
+        self.select("Extract")
         return job
 
     def dismiss_interrupted(self) -> None:
@@ -178,5 +266,4 @@ class Studio(W.VBox):
             state["dismissed"] = sorted(set(state.get("dismissed", [])) | {self.interrupted})
             self.settings_file.parent.mkdir(parents=True, exist_ok=True)
             self.settings_file.write_text(json.dumps(state, indent=1))
-        self.banner_box.layout.display = "none"
-        self.interrupted = None
+        self._hide_banner()
