@@ -12,12 +12,13 @@ __version__ = "0.1.0"
 
 _ERRORS = ("InputError", "ExtractionFailed", "JobCancelled", "MistudioError", "StoreBusy", "StoreLost",
            "StoreCorrupted", "DiskFull")
-_PANELS = ("Studio", "ModelPicker", "DatasetPicker", "ExtractionPanel", "JobsPanel", "ActivationBrowser")
+_PANELS = ("Studio", "ModelPicker", "DatasetPicker", "ExtractionPanel", "JobsPanel", "ActivationBrowser",
+           "FeaturesPanel", "TrainPanel")
 _WHERE = {
     "extract": "api", "open_extraction": "api", "estimate": "plan", "sample_dataset": "data",
     "sample_texts": "data", "HubDataset": "specs", "ModelSpec": "specs", "HOOK_KINDS": "specs", "Request": "request",
     "Workspace": "workspace", "Job": "jobs", "Extraction": "extraction", "load_model": "models",
-    "TrainingJob": "training", "TrainConfig": "analysis.sae_training",
+    "TrainingJob": "training", "TrainConfig": "analysis.sae_training", "load_sae": "saes", "SAE": "saes",
     "packaged_minilm_path": "models", "Status": "storage.metadata", "loader": "analysis.loader",
     "ActivationLoader": "analysis.loader", **{name: "errors" for name in _ERRORS}, **{name: "widgets" for name in _PANELS},
 }

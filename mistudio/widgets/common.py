@@ -25,9 +25,11 @@ PLAIN_ERRORS = {
     "TIMEOUT": "Timed out",
     "INTERRUPTED": "Interrupted: the kernel or process running it died",
     "UNKNOWN": "Unexpected error",
+    "STORE_LOST": "Its store was deleted or replaced",
+    "DISK_FULL": "The disk is full",
 }
 STATUS_COLOURS = {
-    "QUEUED": "#6c757d", "LOADING": "#0d6efd", "EXTRACTING": "#0d6efd", "SAVING": "#0d6efd",
+    "QUEUED": "#6c757d", "LOADING": "#0d6efd", "EXTRACTING": "#0d6efd", "TRAINING": "#0d6efd", "SAVING": "#0d6efd",
     "COMPLETED": "#198754", "FAILED": "#dc3545", "CANCELLED": "#fd7e14", "UNREADABLE": "#343a40",
 }
 

@@ -193,7 +193,7 @@ class ExtractionPanel(W.VBox):
             W.VBox([W.HTML("<small>Every other argument of <code>ms.extract</code>, with its default.</small>")]
                    + [w for _, w in self.options.values()])], selected_index=None)
         self.advanced.set_title(0, "Advanced: token budget, micro-batches, long documents, chat, special tokens")
-        self.advanced.set_title(1, "More options: model placement, reading, storage, time limit")
+        self.advanced.set_title(1, "More options: SAEs, model placement, reading, storage, time limit")
 
     def _build_presets(self, style: dict) -> None:
         self.preset = W.Dropdown(options=[("(none)", "")], value="", description="Preset", style=style,

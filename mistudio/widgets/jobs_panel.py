@@ -244,6 +244,8 @@ class JobsPanel(W.VBox):
 
     # -- live updates (worker thread) -------------------------------------------------------------
     def _on_event(self, event: dict) -> None:
+        if event.get("kind") == "training":  # the Train tab's runs: not rows of this grid
+            return
         ext_id = event.get("job_id")
         with self._lock:
             cells = self.cells.get(ext_id)

@@ -1,4 +1,5 @@
-"""``ms.Studio()``: the tabbed panel (Model · Dataset · Extract · Jobs · Browse), rebuilt from the workspace.
+"""``ms.Studio()``: the tabbed panel (Model · Dataset · Extract · Jobs · Browse · Features · Train), rebuilt from
+the workspace.
 
 It opens on the Model tab, with the form as it was last launched in this workspace (``<workspace>/studio.json``)
 and, after a kernel restart, a banner that points at the job the restart interrupted. More tabs join with
@@ -20,10 +21,12 @@ from .browser import ActivationBrowser
 from .common import error_box, guard, note_box, stylesheet
 from .dataset_picker import DatasetPicker
 from .extraction_panel import ExtractionPanel
+from .features_panel import FeaturesPanel
 from .jobs_panel import JobsPanel
 from .model_picker import ModelPicker
+from .train_panel import TrainPanel
 
-TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse")  # the built-in tabs, in order
+TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse", "Features", "Train")  # the built-in tabs, in order
 SETTINGS = "studio.json"
 
 
@@ -59,6 +62,11 @@ class Studio(W.VBox):
         self.add_tab("Extract", self.extraction_panel, on_open=self._open_extract)
         self.add_tab("Jobs", self.jobs_panel, on_open=guard(self.jobs_panel._say, self.jobs_panel.refresh))
         self.add_tab("Browse", self.browser, on_open=guard(self.browser._say, self._open_browse))
+        self.features_panel = FeaturesPanel(self.workspace, on_open_row=self._open_row_in_browse)
+        self.add_tab("Features", self.features_panel,
+                     on_open=guard(self.features_panel._say, self.features_panel.refresh))
+        self.train_panel = TrainPanel(self.workspace, on_extract_with_sae=self._extract_with_sae)
+        self.add_tab("Train", self.train_panel, on_open=guard(self.train_panel._say, self.train_panel.refresh))
         self.tabs.selected_index = 0
         self.banner = W.HTML()
         self.banner_resume = W.Button(description="Resume it", icon="forward", button_style="success",
@@ -154,6 +162,16 @@ class Studio(W.VBox):
         shown = self.browser.open_row(extraction_id, row, hook_point, feature)
         self.select("Browse")
         return shown
+
+    def _open_row_in_browse(self, extraction_id: str, hook_point: str, row: int, feature: int) -> None:
+        """The Features tab's "Open row in Browse": the raw hook point under latents, the feature for raw ones."""
+        base = hook_point.removesuffix(".latents")
+        self.open_in_browse(extraction_id, row, base, feature if base == hook_point else None)
+
+    def _extract_with_sae(self, arguments: dict) -> None:
+        """The Train tab's "Extract with this SAE": the Extract form filled with the run's model, data and SAE."""
+        self.extraction_panel.show_arguments(arguments)
+        self.select("Extract")
 
     def _show_job(self, job) -> None:
         self.extraction_panel.watch(job)
