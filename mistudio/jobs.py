@@ -197,8 +197,12 @@ class Job(Observable):
 
     # -- driven by the runner ---------------------------------------------------------------------
     def execute(self, models) -> None:
-        """Run the job to its end on the runner's thread (never raises): an extraction's state machine."""
-        Execution(self, models).run()
+        """Run the job to its end on the runner's thread (never raises): an extraction's state machine. The
+        store's writer lease, held since the job was queued, is let go when it ends."""
+        try:
+            Execution(self, models).run()
+        finally:
+            self.store.release_lease()
 
     def emit(self, event: str, **payload: Any) -> None:
         """Tell every listener; a broken listener never breaks the job."""

@@ -16,7 +16,10 @@ from typing import Any
 
 import fsspec
 
-from .errors import InputError, StoreBusy, human_bytes
+from .errors import InputError, MistudioError, StoreBusy, human_bytes
+from .storage.lease import describe as describe_holder
+from .storage.lease import held_here
+from .storage.lease import holder as lease_holder
 from .storage.liveness import live_owner
 from .storage.metadata import ExtractionMeta, Status, now
 from .storage.store import ExtractionStore
@@ -137,8 +140,14 @@ class Folder:
         return False
 
     def owner_of(self, extraction_id: str, meta: ExtractionMeta) -> str | None:
-        """Who runs this store's job now ("this kernel", "pid N on HOST"), or None."""
-        return live_owner(meta, self.live_here(extraction_id))
+        """Who runs this store's job now ("this kernel", "pid N on HOST since ..."), or None: by the heartbeat,
+        and for a live status also by the writer lease (held until the holder exits, however it exits)."""
+        who = live_owner(meta, self.live_here(extraction_id))
+        if who is None and meta.live:
+            held = lease_holder(self.path_of(extraction_id), self.storage_options if self.remote else None)
+            if held is not None and not held_here(held):  # this process's own lease: its runner said above
+                who = describe_holder(held)
+        return who
 
     def ensure_free(self, extraction_id: str, store: ExtractionStore) -> ExtractionMeta:
         """Refuse to write or delete a store whose job is live, here or in another process."""
@@ -153,29 +162,27 @@ class Folder:
         return meta
 
     def recover(self) -> list[str]:
-        """Mark live-state jobs whose process is gone as FAILED/INTERRUPTED; returns their ids."""
+        """Mark live-state jobs whose process is gone as FAILED/INTERRUPTED; returns their ids. A store is
+        marked only under its writer lease (its holder gone), read again once the lease is held."""
         marked = []
         for location in self.store_paths():
             try:
                 store = self.open_store(location, writable=True)
             except Exception:  # noqa: BLE001 - unreadable stores are listed (and cleaned) elsewhere
                 continue
-            meta = store.record
-            if not meta.live or self.owner_of(store.name, meta) is not None:
+            if not store.record.live or self.owner_of(store.name, store.record) is not None:
                 continue
-            done, total = meta.progress.samples_committed, meta.progress.samples_total
-            saved = f"{done:,} of {total:,} samples were saved" if total else "no activations were saved yet"
-            beat = meta.heartbeat
-            error = {
-                "error_type": "INTERRUPTED",
-                "error_message": (f"The process running this job (pid {beat.pid} on {beat.host}) ended while the "
-                                  f"job was {meta.status}: most likely the kernel was restarted or crashed. {saved}; "
-                                  "resume it to continue from there, retry it from scratch, or clean it up."),
-                "suggested_retry_params": {}, "retry_available": True, "resume_available": True,
-                "cancel_available": False, "failed_at": now(), "interrupted_in": meta.status.value,
-            }
-            store.update(status=Status.FAILED, error=error)
-            marked.append(store.name)
+            try:
+                store.take_lease("recover")
+            except MistudioError:  # held: its writer is alive after all (or the store just went)
+                continue
+            try:
+                store.refresh()
+                if store.record.live:
+                    store.update(status=Status.FAILED, error=interrupted_error(store.record))
+                    marked.append(store.name)
+            finally:
+                store.release_lease()
         return marked
 
     # -- listing ----------------------------------------------------------------------------------
@@ -218,6 +225,21 @@ class Folder:
         rows = [self.row(location) for location in self.store_paths()]
         rows.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
         return rows
+
+
+def interrupted_error(meta: ExtractionMeta) -> dict:
+    """The error record of a job whose process ended while it was live."""
+    done, total = meta.progress.samples_committed, meta.progress.samples_total
+    saved = f"{done:,} of {total:,} samples were saved" if total else "no activations were saved yet"
+    beat = meta.heartbeat
+    return {
+        "error_type": "INTERRUPTED",
+        "error_message": (f"The process running this job (pid {beat.pid} on {beat.host}) ended while the job was "
+                          f"{meta.status}: most likely the kernel was restarted or crashed. {saved}; resume it to "
+                          "continue from there, retry it from scratch, or clean it up."),
+        "suggested_retry_params": {}, "retry_available": True, "resume_available": True,
+        "cancel_available": False, "failed_at": now(), "interrupted_in": meta.status.value,
+    }
 
 
 def model_label(name_or_path: str) -> str:

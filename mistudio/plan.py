@@ -21,6 +21,7 @@ import numpy as np
 from .data import (ROLE_CODES, SKIP_REASONS, chat_template_of, check_source, plan_batches, plan_order, report_line,
                    tokenize, window_positions, window_spans)
 from .engine import Latents, forward_batches
+from .fingerprints import check_same_model, fingerprint
 from .errors import InputError, human_bytes, render
 from .listing import Folder, default_workspace
 from .models import (check_placement, describe_model, load_config, load_model, load_tokenizer, max_positions_of,
@@ -147,10 +148,12 @@ def load_saes(request: Request, device, recorded: dict | None = None) -> dict[st
     return saes
 
 
-def check_unchanged(request: Request, recorded_latents: dict) -> None:
-    """Raise InputError when what a resume reads again is not what the store was made with (the SAEs' weights)."""
-    if request.saes and recorded_latents:
-        load_saes(request, "cpu", recorded_latents)
+def check_unchanged(request: Request, meta) -> None:
+    """Raise InputError when what a resume reads again is not what the store was made with: the model's files
+    (weights, config, tokenizer) and the SAEs' weights."""
+    check_same_model(request.model_spec.name_or_path, meta.model.fingerprint, fingerprint(request.model_spec))
+    if request.saes and meta.latents:
+        load_saes(request, "cpu", meta.latents)
 
 
 WIDTH_SLACK = 1.5  # a probed width: 1.5 x the most latents that fired on one token of the first batch

@@ -18,6 +18,7 @@ from .autobatch import choose_batch_size
 from .distributed import ShardedRun
 from .errors import InputError, JobCancelled, JobTimeout, StoreLost, classify, disk_full_cause, is_oom
 from .models import describe_model, free_memory, load_config, load_model, load_tokenizer, n_layers_of
+from .fingerprints import check_same_model, fingerprint
 from .plan import latent_infos, latent_widths, load_saes, make_plan
 from .request import Request
 from .specs import ModelSpec, parse_layers
@@ -30,22 +31,28 @@ MAX_OOM_RETRIES = 3
 
 
 class ModelCache:
-    """Keeps the last loaded model so back-to-back jobs on the same model load it once."""
+    """Keeps the last loaded model so back-to-back jobs on the same model load it once: the same spec *and* the
+    same files (a folder re-saved in place is loaded again). ``fingerprint`` is the loaded model's."""
 
     def __init__(self):
-        self._spec: ModelSpec | None = None
+        self._key: tuple | None = None
         self._loaded = None
+        self.fingerprint: dict | None = None
 
     def get(self, spec: ModelSpec):
-        if self._spec != spec:
+        current = fingerprint(spec)  # None: a Hub model not downloaded yet (hashed once loaded)
+        if current is None or self._key != (spec, current["weights"], current["config"], current["tokenizer"]):
             if self._loaded is not None:  # a full gc pass costs ~0.5 s: only when a model is let go
                 self.clear()
             self._loaded = load_model(spec)
-            self._spec = spec
+            current = current or fingerprint(spec)
+            self.fingerprint = current
+            self._key = None if current is None else (spec, current["weights"], current["config"],
+                                                      current["tokenizer"])
         return self._loaded
 
     def clear(self) -> None:
-        self._spec, self._loaded = None, None
+        self._key, self._loaded, self.fingerprint = None, None, None
         free_memory()
 
 
@@ -159,6 +166,8 @@ class Execution:
     def _beat(self, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_S):
             try:
+                if self.store.lease is not None:
+                    self.store.lease.renew()  # a remote lease expires unless renewed
                 self.store.update(durable=False, heartbeat=heartbeat())  # advisory: not worth a disk flush
             except StoreLost as exc:
                 self.lost = exc  # the job stops at its next check
@@ -252,11 +261,12 @@ class Execution:
         planning = None if self.store.is_allocated else _Planning(req, getattr(config, "vocab_size", None),
                                                                   int(config.hidden_size))
         if sharded:  # the coordinator needs the tokenizer and the facts, not the weights
-            loaded, facts = None, describe_model(req.model_spec)
+            loaded, facts, model_fp = None, describe_model(req.model_spec), fingerprint(req.model_spec)
         else:
             loaded = self.models.get(req.model_spec)
-            facts = loaded.describe()
-        self.store.update(model={**facts, "revision": req.revision})
+            facts, model_fp = loaded.describe(), self.models.fingerprint
+        check_same_model(req.model_spec.name_or_path, self.store.record.model.fingerprint, model_fp)
+        self.store.update(model={**facts, "revision": req.revision, "fingerprint": model_fp})
         self.check()
         if planning is not None:
             plan = planning.result(self.check, facts["vocab_size"])

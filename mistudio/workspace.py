@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import DiskFull, InputError, disk_full_cause, disk_full_message, human_bytes
+from .errors import DiskFull, InputError, StoreBusy, StoreLost, disk_full_cause, disk_full_message, human_bytes
 from .extraction import Extraction
 from .jobs import Job, Observable, RunOptions
 from .listing import LIST_COLUMNS, Folder, check_id, default_workspace, new_id
@@ -23,6 +23,7 @@ from .plan import check, check_unchanged
 from .presets import Presets, check_preset_name, from_json, preset_arguments, read_preset_file
 from .request import Request, with_request_keywords
 from .runner import Runner
+from .storage.lease import WriterLease
 from .storage.liveness import heartbeat
 from .storage.metadata import FORMAT_VERSION, ExtractionMeta, Status, new_nonce, now
 from .storage.store import ExtractionStore
@@ -159,6 +160,7 @@ class Workspace(Folder, Observable):
             "dataset": request.dataset_description(), "params": request.params(),
             "hook_points": request.hook_points, "timings": {"created": now()}, "heartbeat": heartbeat(), **lineage})
         store = self._create(self.path_of(extraction_id), meta)
+        store.take_lease("extraction", extraction_id)  # held from now until the job ends
         job = Job(self, store, request, options, also_notify=self.listeners)
         self._handles[extraction_id] = job
         self.runner.enqueue(job)
@@ -229,7 +231,17 @@ class Workspace(Folder, Observable):
         """
         extraction_id = check_id(extraction_id)
         store = self.store(extraction_id, writable=True)
-        meta = self.ensure_free(extraction_id, store)
+        self.ensure_free(extraction_id, store)  # a job of this kernel: said as such, before the lease is asked
+        store.take_lease("resume", extraction_id)  # one writer: another process resuming it is refused by name
+        try:
+            return self._resume(store, extraction_id, batch_size, cluster, before_batch)
+        except BaseException:
+            store.release_lease()
+            raise
+
+    def _resume(self, store: ExtractionStore, extraction_id: str, batch_size: int | None, cluster: Any,
+                before_batch: Any) -> Job:
+        meta = self.ensure_free(extraction_id, store)  # read again under the lease
         if meta.status == Status.COMPLETED:
             raise InputError(f"extraction {extraction_id} is already COMPLETED: nothing to resume "
                              "(retry runs it again with other parameters)")
@@ -250,7 +262,8 @@ class Workspace(Folder, Observable):
         hook = before_batch if before_batch is not None else old.options.before_batch if old is not None else None
         options = RunOptions(cluster=cluster, before_batch=hook)
         check_options(request, options)
-        check_unchanged(request, meta.latents)
+        check_unchanged(request, meta)
+        store.guarded = True  # from here on every write checks that the store is still this one
         store.update(status=Status.QUEUED, heartbeat=heartbeat(), params={"batch_size": request.batch_size},
                      resumes=meta.resumes + [{"at": now(), "from_sample": meta.progress.samples_committed,
                                               "previous_status": meta.status.value}])
@@ -269,18 +282,25 @@ class Workspace(Folder, Observable):
         location = self.path_of(extraction_id)
         if not self.fs.exists(self.fs_path(location)):
             self.store(extraction_id)  # raises the "no extraction" message
+        if self.live_here(extraction_id):
+            self.ensure_free(extraction_id, self.open_store(location))  # says "in this kernel", with the fix
+        lease = WriterLease.acquire(location, extraction_id, "delete", None,
+                                    self.storage_options if self.remote else None)  # a writer elsewhere: refused
         try:
-            store = self.open_store(location)
-        except InputError:
-            raise
-        except Exception:  # noqa: BLE001 - an unreadable store: nobody can own it
+            try:
+                store = self.open_store(location)
+            except InputError:
+                raise
+            except Exception:  # noqa: BLE001 - an unreadable store: nobody can own it
+                return self._remove(location)
+            meta = self.ensure_free(extraction_id, store)
+            if meta.status == Status.COMPLETED and not force:
+                raise InputError(f"extraction {extraction_id} is COMPLETED: deleting it loses its activations "
+                                 f"({human_bytes(self.size_of(location))}). «pass force=True» to delete it anyway",
+                                 param="force")
             return self._remove(location)
-        meta = self.ensure_free(extraction_id, store)
-        if meta.status == Status.COMPLETED and not force:
-            raise InputError(f"extraction {extraction_id} is COMPLETED: deleting it loses its activations "
-                             f"({human_bytes(self.size_of(location))}). «pass force=True» to delete it anyway",
-                             param="force")
-        return self._remove(location)
+        finally:
+            lease.release()
 
     def _remove(self, location: str) -> int:
         """Remove a store folder (inside extractions/ only)."""
@@ -339,13 +359,24 @@ class Workspace(Folder, Observable):
             meta = None
         if (meta is None) != (row["status"] == "UNREADABLE"):
             return "changed since listed: kept"
-        if meta is not None:
-            if meta.nonce != row["_nonce"] or meta.status.value != row["status"]:
-                return f"changed since listed (now {meta.status}): kept"
-            if self.owner_of(row["id"], meta) is not None:
-                return "owned by a live job: kept"
-        self._remove(location)
-        return ""
+        try:
+            lease = WriterLease.acquire(location, row["id"], "cleanup", None,
+                                        self.storage_options if self.remote else None)
+        except StoreBusy as exc:
+            return f"being written: kept ({exc})"
+        except StoreLost:
+            return "gone before deletion"
+        try:
+            if meta is not None:
+                meta = self.open_store(location).record  # read again under the lease
+                if meta.nonce != row["_nonce"] or meta.status.value != row["status"]:
+                    return f"changed since listed (now {meta.status}): kept"
+                if self.owner_of(row["id"], meta) is not None:
+                    return "owned by a live job: kept"
+            self._remove(location)
+            return ""
+        finally:
+            lease.release()
 
     # -- presets ----------------------------------------------------------------------------------
     def save_preset(self, name: str, **arguments: Any) -> dict:

@@ -26,14 +26,15 @@ HOOK_POINTS = ["layers.0.residual", "layers.0.mlp", "layers.2.residual", "layers
 CHUNK, SHARD, BATCH = 64, 384, 48  # 6 chunks a shard
 
 CHILD = textwrap.dedent("""
-    import json, sys, time
+    import json, os, sys, time
     import mistudio as ms
     workspace, model, counter, layout = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     ws = ms.Workspace(workspace)
 
     def computed(index, _size):  # before batch i: every earlier batch is computed and handed to the writer
-        with open(counter, "w") as f:
+        with open(counter + ".tmp", "w") as f:  # replaced whole: a kill never leaves it empty
             f.write(str(index))
+        os.replace(counter + ".tmp", counter)
         time.sleep(0.02)  # a forward's time
 
     if len(sys.argv) > 5:

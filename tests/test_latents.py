@@ -311,7 +311,7 @@ def test_feature_statistics_off_saves_none_and_reads_compute_them(gpt2_dir, work
 
 
 CHILD = """
-import json, sys, time
+import json, os, sys, time
 import mistudio as ms
 from mistudio.storage import featfeed
 featfeed.BLOCK_BYTES, featfeed.SNAPSHOT_SECONDS = 4096, 0.0  # many blocks, a snapshot after each
@@ -319,8 +319,9 @@ workspace, model, counter, options = sys.argv[1], sys.argv[2], sys.argv[3], json
 ws = ms.Workspace(workspace)
 
 def computed(index, _size):
-    with open(counter, "w") as f:
+    with open(counter + ".tmp", "w") as f:  # replaced whole: a kill never leaves it empty
         f.write(str(index))
+    os.replace(counter + ".tmp", counter)
     time.sleep(0.03)
 
 job = ws.resume(sys.argv[5], before_batch=computed) if len(sys.argv) > 5 else \\

@@ -936,7 +936,7 @@ def test_issue19_p7_buttons_keep_their_text(gpt2_dir, workspace):
         assert button.layout.width == "auto", button.description  # sized by their text
     assert ".jupyter-button { flex: 0 0 auto" in STYLE and "flex-wrap: wrap" in STYLE  # rows wrap, never squeeze
     assert all("mistudio-panel" in p._dom_classes for p in studio.panels.values())
-    assert list(studio.panels) == ["Model", "Dataset", "Extract", "Jobs", "Browse"]
+    assert list(studio.panels) == ["Model", "Dataset", "Extract", "Jobs", "Browse", "Features", "Train"]
     extra = ms.widgets.JobsPanel(studio.workspace)  # a later tab joins the same way
     opened = []
     studio.add_tab("More", extra, on_open=lambda: opened.append(1))

@@ -16,6 +16,7 @@ import torch
 
 from ..engine import check_ids, forward_batches
 from ..errors import InputError
+from ..fingerprints import check_same_model, fingerprint
 from ..models import LoadedModel, load_model
 from ..request import Request
 from ..saes import SAE, check_applies
@@ -46,7 +47,12 @@ def prompt_model(ext: "Extraction", hook_point: str) -> tuple[LoadedModel, Reque
     """The loaded model for prompts on ``ext`` (loaded on first use, then kept) and the prompt request."""
     request = prompt_request(ext, hook_point)
     spec = request.model_spec
-    return _MODELS.get(spec.model_dump_json(), lambda: load_model(spec)), request
+    current = fingerprint(spec)  # the model of the store, or a clear error: never another model's features
+    check_same_model(spec.name_or_path, ext.record.model.fingerprint, current,
+                     "a prompt's features would come from another model than the stored ones: put the original "
+                     "files back, or extract again with this model")
+    key = (spec.model_dump_json(), None if current is None else current["weights"])
+    return _MODELS.get(key, lambda: load_model(spec)), request
 
 
 def prompt_features(ext: "Extraction", hook_point: str, text: str, k: int = 5, sae: SAE | None = None) -> dict:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import zarr
 
-from ..errors import InputError
+from ..errors import InputError, StoreCorrupted, StoreLost
 from ..storage import featfeed, featstats
 from ..storage.layout import array_codecs
 from ..storage.metadata import LIVE_STATES
@@ -125,7 +126,12 @@ def cache_read(ext: "Extraction", path: str, mark: int) -> zarr.Group | None:
 
 def cache_write(ext: "Extraction", path: str, mark: int, attrs: dict, arrays: dict[str, np.ndarray]) -> bool:
     """Write under ``analysis/`` only; skip (False) for a live job or a store we cannot write."""
-    if ext.status in LIVE_STATES or _mark(ext) != mark:
+    if ext.store.local and not os.path.isfile(os.path.join(ext.location.removeprefix("file://"), "zarr.json")):
+        return False  # the store was deleted since it was opened: a cache write must not create its folder again
+    try:
+        if ext.status in LIVE_STATES or _mark(ext) != mark:
+            return False
+    except (OSError, StoreLost, StoreCorrupted):  # gone or damaged meanwhile: nothing to cache into
         return False
     try:
         group = zarr.open_group(store=ext.location, path=path, mode="w", storage_options=ext.store.storage_options,

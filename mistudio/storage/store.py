@@ -15,6 +15,7 @@ import zarr
 from ..errors import InputError, StoreCorrupted, StoreLost
 from . import metadata
 from .files import fsync_dir, write_atomic
+from .lease import WriterLease
 from .layout import WRITE_CONFIG, StoreLayout, array_codecs, numpy_dtype, zarr_dtype
 from .metadata import ExtractionMeta
 from .reads import DECODE_ERRORS, CheckedArray
@@ -37,6 +38,7 @@ class ExtractionStore:
         self._lock = threading.RLock()
         self._record = record or metadata.parse(group.attrs.get("mistudio"))
         self.guarded = False
+        self.lease: WriterLease | None = None  # held while this process writes (or deletes) the store
 
     @classmethod
     def create(cls, location: str, meta: ExtractionMeta, storage_options: dict | None = None) -> "ExtractionStore":
@@ -131,6 +133,17 @@ class ExtractionStore:
             raise StoreLost(f"the store {self.location} was replaced by another store while its job ran: "
                             "this job stopped without touching it; retry the extraction")
 
+    def take_lease(self, purpose: str, job_id: str | None = None) -> WriterLease:
+        """Take the store's writer lease for this object (``StoreBusy`` names the holder); metadata writes then
+        check it. Idempotent while held."""
+        if self.lease is None or not self.lease.held:
+            self.lease = WriterLease.acquire(self.location, self.name, purpose, job_id, self.storage_options)
+        return self.lease
+
+    def release_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
     @property
     def local(self) -> bool:
         return "://" not in self.location or self.location.startswith("file://")
@@ -143,6 +156,8 @@ class ExtractionStore:
         with self._lock:
             if self.guarded:
                 self.check_same()
+            if self.lease is not None and self.lease.held:
+                self.lease.check()
             record = metadata.merged(self._record, sections)
             if self.local:
                 file = os.path.join(self.location.removeprefix("file://"), "zarr.json")

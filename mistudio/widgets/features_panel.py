@@ -73,10 +73,11 @@ def table_label(row: dict) -> str:
 
 class FeaturesPanel(W.VBox):
     """The Features tab. ``on_open_row(extraction_id, hook_point, dataset_row, feature)`` is called by *Open row in
-    Browse* (the Studio shows that row there); without it the button is hidden."""
+    Browse* (the Studio shows that row there); without it the button is hidden. ``load=False``: nothing is read
+    until ``refresh()`` (the Studio calls it when the tab is opened)."""
 
     def __init__(self, workspace: Workspace, on_open_row: Callable[[str, str, int, int], None] | None = None,
-                 page_size: int = 25):
+                 page_size: int = 25, load: bool = True):
         self.workspace = workspace
         self.on_open_row = on_open_row
         self.page_size = int(page_size)
@@ -230,7 +231,8 @@ class FeaturesPanel(W.VBox):
             W.HBox([self.feature, self.open_button, self.prev_button, self.next_button],
                    layout=W.Layout(align_items="center")),
             self.page_tools, self.page_html])
-        self.refresh()
+        if load:  # a Studio loads it when its tab is opened: statistics are a pass over the store
+            self.refresh()
 
     # -- wiring ---------------------------------------------------------------------------------------------
     def _wire(self) -> None:

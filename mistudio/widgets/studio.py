@@ -62,7 +62,7 @@ class Studio(W.VBox):
         self.add_tab("Extract", self.extraction_panel, on_open=self._open_extract)
         self.add_tab("Jobs", self.jobs_panel, on_open=guard(self.jobs_panel._say, self.jobs_panel.refresh))
         self.add_tab("Browse", self.browser, on_open=guard(self.browser._say, self._open_browse))
-        self.features_panel = FeaturesPanel(self.workspace, on_open_row=self._open_row_in_browse)
+        self.features_panel = FeaturesPanel(self.workspace, on_open_row=self._open_row_in_browse, load=False)
         self.add_tab("Features", self.features_panel,
                      on_open=guard(self.features_panel._say, self.features_panel.refresh))
         self.train_panel = TrainPanel(self.workspace, on_extract_with_sae=self._extract_with_sae)
@@ -96,6 +96,7 @@ class Studio(W.VBox):
         if title in self.panels:
             raise ValueError(f"the Studio already has a {title!r} tab")
         self.panels[title] = panel
+        panel.add_class("mistudio-panel")  # the Studio's layout rules (rows wrap, text never cut) apply to it
         if on_open is not None:
             self._on_open[title] = on_open
         selected = self.tabs.selected_index

@@ -1,0 +1,151 @@
+"""What a model *is*, as a fingerprint: sha256 of its weight files, its config and its tokenizer files.
+
+A store records its model's fingerprint; a resume with other weights (a folder re-saved after more training, a
+config or a tokenizer edited) is refused, and the in-process model cache is keyed by it, so a folder re-saved in
+place is loaded again. Hashing reads every weight byte once: file digests are kept (in memory and in
+``~/.cache/mistudio/file-digests.json``) under the file's identity (path, size, modification and change times,
+inode), so a file is hashed again only when it changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .specs import ModelSpec
+
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+CONFIGS = ("config.json", "generation_config.json")
+TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+             "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+             "chat_template.jinja", "chat_template.json")
+_LOCK = threading.Lock()
+_DIGESTS: dict[str, str] = {}  # file identity -> sha256
+_LOADED_DISK = False
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mistudio" / "file-digests.json"
+
+
+def _identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+
+
+def _load_disk() -> None:
+    global _LOADED_DISK
+    if _LOADED_DISK:
+        return
+    _LOADED_DISK = True
+    try:
+        saved = json.loads(_cache_file().read_text())
+        if isinstance(saved, dict):
+            _DIGESTS.update({k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, str)
+                             and len(v) == 64})
+    except (OSError, ValueError):
+        pass  # no cache yet, or a damaged one: files are hashed again
+
+
+def _save_disk() -> None:
+    file = _cache_file()
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        kept = dict(list(_DIGESTS.items())[-4096:])
+        with tempfile.NamedTemporaryFile("w", dir=file.parent, delete=False, suffix=".tmp") as f:
+            json.dump(kept, f)
+        os.replace(f.name, file)
+    except OSError:
+        pass  # a read-only home: digests stay in memory
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, computed once per version of the file."""
+    path = Path(path)
+    key = _identity(path)
+    with _LOCK:
+        _load_disk()
+        if key in _DIGESTS:
+            return _DIGESTS[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    with _LOCK:
+        _DIGESTS[key] = digest
+        _save_disk()
+    return digest
+
+
+def model_folder(spec: ModelSpec) -> Path | None:
+    """The folder holding the model's files: a local folder, or a Hub model's snapshot in the local cache (None
+    when it is not downloaded yet)."""
+    path = Path(spec.name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.name_or_path, revision=spec.revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache (or not a Hub id): nothing to hash yet
+        return None
+
+
+def _kind(name: str) -> str | None:
+    base = name.rsplit("/", 1)[-1]
+    if base in CONFIGS:
+        return "config"
+    if base in TOKENIZER:
+        return "tokenizer"
+    if base.endswith(WEIGHTS) and not base.startswith("training_args"):
+        return "weights"
+    return None
+
+
+def fingerprint(spec: ModelSpec) -> dict[str, Any] | None:
+    """``{"weights", "config", "tokenizer": sha256, "files": {name: sha256}}`` of the model's files, or None
+    when they are not on this machine (a Hub model not downloaded yet)."""
+    folder = model_folder(spec)
+    if folder is None:
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and _kind(p.relative_to(folder).as_posix()))
+    digests = {p.relative_to(folder).as_posix(): file_digest(p) for p in files}
+    parts = {}
+    for kind in ("weights", "config", "tokenizer"):
+        h = hashlib.sha256()
+        for name, digest in digests.items():
+            if _kind(name) == kind:
+                h.update(f"{name}\0{digest}\n".encode())
+        parts[kind] = h.hexdigest()
+    return {**parts, "files": digests}
+
+
+def differences(recorded: dict, current: dict) -> list[str]:
+    """What changed between two fingerprints, in words (``weights``, ``config``, ``tokenizer``)."""
+    return [kind for kind in ("weights", "config", "tokenizer") if recorded.get(kind) != current.get(kind)]
+
+
+def short(fp: dict | None) -> str:
+    """A fingerprint as people compare them: the first 12 hex digits of its weights' hash."""
+    return "unknown" if not fp else str(fp.get("weights", ""))[:12]
+
+
+RESUME_RISK = ("resuming would mix rows of two models: «retry» into a new extraction, or put the original files "
+               "back to resume")
+
+
+def check_same_model(name: str, recorded: dict | None, current: dict | None, risk: str = RESUME_RISK) -> None:
+    """Raise InputError when a store made with the model ``recorded`` would be continued (or read, ``risk``
+    says what would go wrong and the fix) with ``current``; nothing to compare when either is unknown."""
+    changed = differences(recorded, current) if recorded and current else []
+    if changed:
+        raise InputError(
+            f"the model at {name} is not the one this store was made with: its {' and '.join(changed)} changed "
+            f"(weights {short(recorded)} when the store was made, {short(current)} now); {risk}", param="model")

@@ -1,0 +1,122 @@
+"""The model is part of a store's identity: its fingerprint (weights, config, tokenizer files) is recorded, a
+resume with a re-saved model is refused naming both fingerprints, and a folder re-saved in place is loaded again
+in the same kernel."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mistudio as ms
+from mistudio.errors import InputError
+from mistudio.fingerprints import file_digest, fingerprint
+from mistudio.specs import ModelSpec
+
+from conftest import gate
+
+OPTIONS = dict(layers=[1], hooks=["residual"], dtype="float32", max_samples=40, max_length=32, batch_size=4)
+
+
+def resave(folder, seed: int, **changes) -> None:
+    """Save new random weights (and optionally another config) into ``folder``, as more training would."""
+    import transformers as T
+
+    config = T.AutoConfig.from_pretrained(folder)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    T.AutoModel.from_config(config).save_pretrained(folder)
+
+
+@pytest.fixture
+def model(gpt2_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(gpt2_dir, folder)
+    return str(folder)
+
+
+def test_the_fingerprint_is_recorded_and_follows_the_files(model, workspace, tmp_path):
+    ext = ms.extract(model, "sample", workspace=workspace, progress=False, **OPTIONS)
+    recorded = ext.record.model.fingerprint
+    assert recorded == fingerprint(ModelSpec(name_or_path=model))
+    assert set(recorded) == {"weights", "config", "tokenizer", "files"}
+    assert "model.safetensors" in recorded["files"] and "tokenizer.json" in recorded["files"]
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)  # the same bytes elsewhere: the same model
+    assert {k: v for k, v in fingerprint(ModelSpec(name_or_path=str(copy))).items() if k != "files"} == \
+        {k: v for k, v in recorded.items() if k != "files"}
+    resave(copy, seed=5)
+    assert fingerprint(ModelSpec(name_or_path=str(copy)))["weights"] != recorded["weights"]
+    before = file_digest(copy / "model.safetensors")
+    with open(copy / "model.safetensors", "r+b") as f:  # one byte, same size: a new digest
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert file_digest(copy / "model.safetensors") != before
+
+
+@pytest.mark.parametrize("change", ["weights", "width"])
+def test_a_resaved_model_refuses_resume_and_the_original_resumes(change, model, workspace):
+    ws = ms.Workspace(workspace)
+    hook, reached, release = gate(at_batch=3)
+    job = ws.submit(model, "sample", before_batch=hook, **OPTIONS)
+    assert reached.wait(60)
+    job.cancel()
+    release.set()
+    job.wait(60)
+    assert job.status == "CANCELLED"
+    kept = {p.name: p.read_bytes() for p in Path(model).iterdir()}
+    resave(model, seed=9, **({"n_embd": 48} if change == "width" else {}))
+    with pytest.raises(InputError, match="is not the one this store was made with") as caught:
+        ws.resume(job.id)
+    message = str(caught.value)
+    assert ("weights and config changed" if change == "width" else "its weights changed") in message
+    assert job.extraction().record.model.fingerprint["weights"][:12] in message and "retry" in message
+    assert ws.job(job.id).status == "CANCELLED" and job.extraction().verify().ok  # nothing written
+    for name, data in kept.items():  # the original files back: it resumes
+        (Path(model) / name).write_bytes(data)
+    resumed = ws.resume(job.id).wait(120)
+    assert resumed.status == "COMPLETED", resumed.error
+
+
+def test_the_runner_refuses_a_model_changed_after_the_resume_was_accepted(model, workspace):
+    """The check at the start of the run, for a model re-saved between ws.resume and the job's start."""
+    ws = ms.Workspace(workspace)
+    hook, reached, release = gate(at_batch=3)
+    job = ws.submit(model, "sample", before_batch=hook, **OPTIONS)
+    assert reached.wait(60)
+    job.cancel()
+    release.set()
+    job.wait(60)
+    blocker_hook, blocker_reached, blocker_release = gate(at_batch=0)
+    blocker = ws.submit(model, "sample", before_batch=blocker_hook, **OPTIONS)  # holds the runner
+    assert blocker_reached.wait(60)
+    resumed = ws.resume(job.id)  # accepted: the files are still the original ones; queued behind the blocker
+    resave(model, seed=11)
+    blocker_release.set()
+    blocker.wait(120)
+    resumed.wait(120)
+    assert resumed.status == "FAILED" and resumed.error["error_type"] == "VALIDATION"
+    assert "is not the one this store was made with" in resumed.error["error_message"]
+    assert job.extraction().verify().ok
+
+
+def test_a_folder_resaved_in_place_is_loaded_again_in_the_same_kernel(model, workspace):
+    first = ms.extract(model, "sample", workspace=workspace, progress=False, **OPTIONS)
+    resave(model, seed=21)
+    second = ms.extract(model, "sample", workspace=workspace, progress=False, **OPTIONS)
+    assert second.record.model.fingerprint["weights"] != first.record.model.fingerprint["weights"]
+    import transformers as T
+
+    reference = T.AutoModel.from_pretrained(model).eval()  # the new weights, loaded fresh
+    ids = second.store.tokens("input_ids")[0:int(second.sample_offsets[1])]
+    with torch.no_grad():
+        want = reference(torch.as_tensor(np.asarray(ids, np.int64))[None], output_hidden_states=True)
+    np.testing.assert_allclose(second.activations("layers.1.residual")[0:len(ids)],
+                               want.hidden_states[2][0].numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(first.activations("layers.1.residual")[0:len(ids)],
+                           second.activations("layers.1.residual")[0:len(ids)])
