@@ -34,13 +34,12 @@ page goes through :func:`escape`.
 """
 from __future__ import annotations
 
-import html
 import math
 from typing import Any, Sequence
 
 from ..errors import InputError
 from .feature_view import _shade as shade  # the Browse tab's shading, shared
-from .feature_view import display_pieces
+from .feature_view import display_pieces, escape  # the one escaping helper of the views and pages
 
 PAGE_KEYS = ("extraction", "hook_point", "feature", "kind", "d", "n_tokens", "fire_count", "density", "mean",
              "mean_active", "max", "histogram", "top", "bands", "token_means", "logits", "correlated", "note",
@@ -68,11 +67,6 @@ PAGE_CSS = """
 .msfp-peak{outline:2px solid currentColor;outline-offset:0}.msfp-none{opacity:.6;font-style:italic}
 .msfp-bar{vertical-align:middle}
 """
-
-
-def escape(value: Any) -> str:
-    """The one way a string from the page reaches the HTML: ``html.escape(str(value), quote=True)``."""
-    return html.escape(str(value), quote=True)
 
 
 def _num(value: Any, spec: str = ".4g") -> str:

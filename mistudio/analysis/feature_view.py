@@ -342,6 +342,13 @@ def display_pieces(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
     return out
 
 
+def escape(value: Any) -> str:
+    """The one way a string from data (a token, a hook point, a feature's name, a note; in the widgets, as
+    ``mistudio.widgets.common.esc``: a job id, a model or dataset name, an error, a path) reaches HTML:
+    ``html.escape(str(value), quote=True)``, safe as text and inside a quoted attribute."""
+    return html.escape(str(value), quote=True)
+
+
 def _shade(value: float | None, scale: float) -> str:
     if value is None:  # a token with no activation row (an excluded special token)
         return "background:none"
@@ -362,9 +369,9 @@ def _tokens_html(tokens: Sequence[str], values: Sequence[float | None], peak: in
         if i == peak:
             style.append("outline:2px solid #111")
             cls += " ms-peak"
-        shown = "no activation" if value is None else f"{value:.4g}"
+        shown = "no activation" if value is None else f"{float(value):.4g}"
         parts.append(f'<span class="{cls}" style="{";".join(style)}" '
-                     f'title="{html.escape(token, quote=True)} = {shown}">{html.escape(piece)}</span>')
+                     f'title="{escape(token)} = {shown}">{escape(piece)}</span>')
     return "".join(parts)
 
 
@@ -396,19 +403,20 @@ def feature_view_html(view: dict, special_tokens: Sequence[str] = (), scheme: st
     top = view["top"]
     scale = max([abs(v) for e in top for v in e.get("context_values", []) if v is not None] + [1e-12])
     parts = [f'<div class="mistudio-feature-view" style="font-family:var(--jp-code-font-family,monospace);'
-             f'font-size:12px;line-height:1.7"><h4 style="margin:4px 0">{html.escape(view["hook_point"])} · '
-             f'feature {view["feature"]} · top {len(top)} of {view["n_tokens"]:,} tokens</h4>',
+             f'font-size:12px;line-height:1.7"><h4 style="margin:4px 0">{escape(view["hook_point"])} · '
+             f'feature {escape(view["feature"])} · top {len(top)} of {int(view["n_tokens"]):,} tokens</h4>',
              examples_html(top, special_tokens, scheme, scale)]
     for band in view.get("bands", []):
         (q0, q1), (v0, v1) = band["quantiles"], band["values"]
-        parts.append(f'<h4 style="margin:8px 0 2px">Quantiles {100 * q0:g}–{100 * q1:g}% '
-                     f'<small>(activation {v0:.3g} to {v1:.3g}; a random sample)</small></h4>')
+        parts.append(f'<h4 style="margin:8px 0 2px">Quantiles {100 * float(q0):g}–{100 * float(q1):g}% '
+                     f'<small>(activation {float(v0):.3g} to {float(v1):.3g}; a random sample)</small></h4>')
         parts.append(examples_html(band["examples"], special_tokens, scheme, scale))
     means = view.get("token_means", [])
     if means:
         pieces = [display_pieces([m["token"]], scheme)[0] for m in means]
-        cells = "".join(f"<tr><td style='white-space:pre'>{html.escape(repr(p.strip() or p)[1:-1])}</td>"
-                        f"<td>{m['mean']:.3g}</td><td>{m['count']:,}</td></tr>" for p, m in zip(pieces, means))
+        cells = "".join(f"<tr><td style='white-space:pre'>{escape(repr(p.strip() or p)[1:-1])}</td>"
+                        f"<td>{float(m['mean']):.3g}</td><td>{int(m['count']):,}</td></tr>"
+                        for p, m in zip(pieces, means))
         parts.append("<h4 style='margin:8px 0 2px'>Highest mean activation per token string</h4>"
                      "<table class='ms-token-means'><tr><th>token</th><th>mean</th><th>count</th></tr>"
                      f"{cells}</table>")

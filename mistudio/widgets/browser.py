@@ -4,8 +4,6 @@ token means) as HTML. Every slow action shows it is busy; the info line says wha
 """
 from __future__ import annotations
 
-import html
-
 import ipywidgets as W
 import numpy as np
 
@@ -14,7 +12,7 @@ from ..analysis.feature_view import display_pieces, feature_view, feature_view_h
 from ..analysis.stats import describe_examples
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import busy, error_box, for_ui, guard, note_box, short_id, stylesheet, summarise_hook_points
+from .common import busy, error_box, esc, for_ui, guard, note_box, short_id, stylesheet, summarise_hook_points
 
 PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"), ("histogram", "Feature histogram"))
 TOKEN_WINDOW = 64  # tokens drawn around the feature's peak in a row (like the 64-feature window)
@@ -66,7 +64,7 @@ def token_means_html(means: list[dict], scheme: str, min_count: int) -> str:
     pad = "padding:2px 14px"
     rows = "".join(
         f"<tr><td style='{pad} 2px 0;white-space:pre;font-family:var(--jp-code-font-family,monospace)'>"
-        f"{html.escape(repr(piece.strip() or piece)[1:-1])}</td><td style='{pad};text-align:right'>{m['mean']:.3g}</td>"
+        f"{esc(repr(piece.strip() or piece)[1:-1])}</td><td style='{pad};text-align:right'>{m['mean']:.3g}</td>"
         f"<td style='{pad};text-align:right'>{m['count']:,}</td></tr>"
         for piece, m in zip((display_pieces([m["token"]], scheme)[0] for m in means), means))
     return ("<h4 style='margin:8px 0 2px'>Highest mean activation per token string "
@@ -160,7 +158,7 @@ class ActivationBrowser(W.VBox):
                 self._states[row["id"]] = (row["status"], int(row["samples_committed"] or 0))
                 created = row.get("created")
                 when = f"created {created:%Y-%m-%d %H:%M}" if created is not None and created == created else ""
-                self._labels[row["id"]] = " · ".join(html.escape(str(part)) for part in (
+                self._labels[row["id"]] = " · ".join(esc(str(part)) for part in (
                     row["id"], row["model"], row["dataset"], when, row["status"], row["hook_points"]) if part)
         ids = [v for _, v in options]
         previous = self.extraction.value
@@ -178,7 +176,7 @@ class ActivationBrowser(W.VBox):
         if target is None or self._shown != (target, *self._states[target]):
             self._select()
         if gone:
-            self.info.value = note_box(f"Extraction {html.escape(gone)} is no longer in the workspace (deleted or "
+            self.info.value = note_box(f"Extraction {esc(gone)} is no longer in the workspace (deleted or "
                                        "cleaned up); the list is up to date." + (" Showing the newest one instead."
                                                                                  if options else ""),
                                        colour="#fd7e14", background="#fff3e0")
@@ -204,7 +202,7 @@ class ActivationBrowser(W.VBox):
             missing = self.extraction.value
             if isinstance(exc, FileNotFoundError) or "no extraction" in str(exc):
                 self.refresh()
-                self.info.value = note_box(f"Extraction {html.escape(missing)} is no longer in the workspace "
+                self.info.value = note_box(f"Extraction {esc(missing)} is no longer in the workspace "
                                            "(deleted or cleaned up); the list is up to date.",
                                            colour="#fd7e14", background="#fff3e0")
             else:
@@ -226,7 +224,7 @@ class ActivationBrowser(W.VBox):
         extraction, hook point and feature are chosen first; an extraction that is not listed is said so."""
         self.refresh(select=extraction_id)
         if self.extraction.value != extraction_id:
-            self.info.value = error_box(f"Extraction {html.escape(extraction_id)} is not in this workspace's list "
+            self.info.value = error_box(f"Extraction {esc(extraction_id)} is not in this workspace's list "
                                         "(no committed data, or deleted).")
             return False
         if hook_point is not None:
@@ -248,7 +246,7 @@ class ActivationBrowser(W.VBox):
             box.layout.display = "none"
         self.top_table.value = ""
         with busy(self.plot_button, "Plotting…"):
-            self.info.value = (f'<span class="mistudio-working">⏳ Plotting {html.escape(hp)}, row {row}, feature '
+            self.info.value = (f'<span class="mistudio-working">⏳ Plotting {esc(hp)}, row {row}, feature '
                                f"{feature}…</span>")
             try:
                 column = plots.feature_column(ext, hp, feature)  # one scan of the store serves both plots
@@ -266,7 +264,7 @@ class ActivationBrowser(W.VBox):
                                                                                       values=column))
                 top = plots.top_tokens(ext, hp, feature, k=self.top_k.value, values=column)
             except (ValueError, KeyError) as exc:
-                self.info.value = error_box(f"Row {row}, feature {feature} of {html.escape(hp)} not plotted: "
+                self.info.value = error_box(f"Row {row}, feature {feature} of {esc(hp)} not plotted: "
                                             f"{for_ui(exc)}")
                 return False
         self.hidden = {"row_tokens": int(hide.sum()) if hide is not None else 0, "rows": hidden_rows}
@@ -278,13 +276,13 @@ class ActivationBrowser(W.VBox):
             "value</th><th style='padding:2px 10px'>row</th><th style='padding:2px 10px'>pos</th>"
             "<th style='text-align:left'>context</th></tr>" + "".join(
                 f"<tr><td style='padding:2px 10px 2px 0'>{t['value']:.3f}</td><td style='padding:2px 10px'>"
-                f"{t['row']:,}</td><td style='padding:2px 10px'>{t['position']}</td>"
-                f"<td>{html.escape(t['context'])}</td></tr>" for t in top) + "</table>")
+                f"{t['row']:,}</td><td style='padding:2px 10px'>{int(t['position'])}</td>"
+                f"<td>{esc(t['context'])}</td></tr>" for t in top) + "</table>")
         hidden = (f" Hidden: {self.hidden['row_tokens']} of the row's tokens, {hidden_rows:,} activation rows in the "
                   "histogram and top tokens." if self.hide_special.value or self.hide_outliers.value else "")
         where = (f"tokens {window.start}–{window.stop - 1} of {n_tokens} around the feature's peak"
                  if (window.start, window.stop) != (0, n_tokens) else f"all {n_tokens} tokens")
-        self.info.value = (f"Plotted {html.escape(hp)}, row {row} ({where}), feature {feature}.{hidden} "
+        self.info.value = (f"Plotted {esc(hp)}, row {row} ({where}), feature {feature}.{hidden} "
                            f"{self.norm_line(hp)}")
         return True
 
@@ -298,7 +296,7 @@ class ActivationBrowser(W.VBox):
         ordered = sorted(quantiles.items(), key=lambda item: float(item[0]))
         parts = ", ".join(f"p{float(q) * 100:g} {v:.3g}" for q, v in ordered)
         threshold = f" (norm > {found['threshold']:.3g})" if found["threshold"] is not None else ""
-        return (f"<small>{html.escape(hook_point)} norm quantiles: {parts} · "
+        return (f"<small>{esc(hook_point)} norm quantiles: {parts} · "
                 f"{found['n']:,} outlier token{'s' if found['n'] != 1 else ''}{threshold}</small>")
 
     def _describe_hook_point(self) -> None:
@@ -358,7 +356,7 @@ class ActivationBrowser(W.VBox):
         ext, hp, feature, k = self.ext, self.hook_point.value, self.feature.value, self.top_k.value
         min_count = max(1, int(self.min_count.value))
         with busy(self.view_button, "Computing…"):
-            self.info.value = (f'<span class="mistudio-working">⏳ Feature view of {html.escape(hp)} feature {feature}'
+            self.info.value = (f'<span class="mistudio-working">⏳ Feature view of {esc(hp)} feature {feature}'
                                " (one pass over the store the first time, then cached)…</span>")
             try:
                 view = feature_view(ext, hp, feature, k=k, context=CONTEXT, min_count=min_count)
@@ -366,7 +364,7 @@ class ActivationBrowser(W.VBox):
                     fetch = 4 * k if self.one_per_document.value else k  # room for the repeats left out
                     view["top"] = describe_examples(ext, hp, feature, self._top_rows(hp, feature, fetch), CONTEXT)
             except (ValueError, KeyError) as exc:  # InputError is a ValueError: out-of-range feature, ...
-                self.info.value = error_box(f"Feature {feature} of {html.escape(hp)} not shown: {for_ui(exc)}")
+                self.info.value = error_box(f"Feature {feature} of {esc(hp)} not shown: {for_ui(exc)}")
                 return False
             tokenizer = ext.tokenizer
             special = set(tokenizer.all_special_tokens)
@@ -388,7 +386,7 @@ class ActivationBrowser(W.VBox):
             self.feature_hist.layout.display = ""
         options = [o for o, on in (("one example per document", self.one_per_document.value),
                                    ("special tokens hidden", self.hide_special.value)) if on]
-        self.info.value = (f"Feature view of {html.escape(hp)} feature {feature}"
+        self.info.value = (f"Feature view of {esc(hp)} feature {feature}"
                            f"{' (' + ', '.join(options) + ')' if options else ''}"
                            f"{' · statistics from the store cache' if view['cached'] else ''}.")
         return True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import html
 import logging
 import math
 import re
@@ -13,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 import ipywidgets as W
 
+from ..analysis.feature_view import escape as esc  # the one escaping helper (the feature views and pages use it too)
 from ..errors import render
 from ..models import packaged_minilm_path
 from ..request import param_names
@@ -37,7 +37,7 @@ STATUS_COLOURS = {
 def badge(status: str) -> str:
     colour = STATUS_COLOURS.get(status, "#6c757d")
     return (f'<span class="mistudio-badge" style="background:{colour};color:white;border-radius:4px;'
-            f'padding:1px 6px;font-size:11px;white-space:nowrap">{html.escape(status)}</span>')
+            f'padding:1px 6px;font-size:11px;white-space:nowrap">{esc(status)}</span>')
 
 
 def error_box(text: str) -> str:
@@ -59,7 +59,7 @@ def guard(show: Callable[[str], None], fn: Callable[..., Any]) -> Callable[..., 
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the point: the user sees it in the panel
             log.debug("mistudio panel callback failed", exc_info=True)
-            show(error_box(f"<b>{html.escape(type(exc).__name__)}</b>: {html.escape(str(exc))}"))
+            show(error_box(f"<b>{esc(type(exc).__name__)}</b>: {esc(str(exc))}"))
             return None
 
     return wrapped
@@ -167,7 +167,7 @@ class RateMeter:
 def breakable(text: str) -> str:
     """Escaped text that may wrap at path and name separators ('my_data/set.jsonl' breaks after '/', '_' and
     before '.'), never in the middle of a word unless a single part is wider than its cell."""
-    escaped = html.escape(str(text))
+    escaped = esc(str(text))
     return re.sub(r"([/_\\-])", r"\1<wbr>", escaped).replace(".", "<wbr>.")
 
 
@@ -179,7 +179,7 @@ def busy(button: W.Button, text: str, say: Callable[[str], None] | None = None) 
     button.description, button.icon, button.disabled = text, "spinner", True
     button.add_class("mistudio-busy")
     if say is not None:
-        say(f'<span class="mistudio-working">⏳ {html.escape(text)}</span>')
+        say(f'<span class="mistudio-working">⏳ {esc(text)}</span>')
     try:
         yield
     finally:
@@ -256,7 +256,7 @@ def for_ui(message: "str | BaseException") -> str:
     bundled = _bundled_path()
     if bundled:
         text = text.replace(repr(bundled), "all-MiniLM-L6-v2 (bundled)").replace(bundled, "all-MiniLM-L6-v2 (bundled)")
-    return html.escape(text)
+    return esc(text)
 
 
 def _bundled_path() -> str | None:

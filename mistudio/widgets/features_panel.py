@@ -13,7 +13,6 @@ what runs, and its result or error shows in the tab when it ends.
 """
 from __future__ import annotations
 
-import html
 import math
 import threading
 import time
@@ -24,7 +23,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..analysis import exports
-from ..analysis.feature_page import escape, feature_page_html
+from ..analysis.feature_page import feature_page_html
 from ..analysis.feature_view import _shade as shade
 from ..analysis.feature_view import display_pieces, store_key, tokenizer_scheme
 from ..analysis.features import (FeatureTable, base_hook_point, export_pages, feature_hook_points, feature_page,
@@ -33,7 +32,7 @@ from ..analysis.prompt import prompt_features
 from ..errors import InputError
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import error_box, for_ui, guard, note_box, summarise_hook_points
+from .common import error_box, esc, for_ui, guard, note_box, summarise_hook_points
 
 SORTS = (("density", "density"), ("mean", "mean"), ("mean when active", "mean_active"), ("max", "max"),
          ("feature", "feature"))
@@ -121,7 +120,7 @@ class FeaturesPanel(W.VBox):
         self.prev_page_button = W.Button(icon="angle-left", tooltip="previous page", layout=W.Layout(width="36px"))
         self.next_page_button = W.Button(icon="angle-right", tooltip="next page", layout=W.Layout(width="36px"))
         self.page_label = W.HTML()
-        self.table_head = W.HTML(f'<div class="mistudio-fhead">{html.escape(TABLE_HEADER)}</div>')
+        self.table_head = W.HTML(f'<div class="mistudio-fhead">{esc(TABLE_HEADER)}</div>')
         self.table_list = W.Select(options=[], rows=14, layout=W.Layout(width="100%"))
         self.table_list.add_class("mistudio-ftable")
         table_box = W.VBox([
@@ -310,7 +309,7 @@ class FeaturesPanel(W.VBox):
                 if queue:
                     self._queued = (what, work, done, show)
                     return True
-                self.status.value = note_box(f"Still busy: {html.escape(self._busy_what)}. Try again when it is "
+                self.status.value = note_box(f"Still busy: {esc(self._busy_what)}. Try again when it is "
                                              "done.", colour="#fd7e14", background="#fff3e0")
                 return False
             self._start(what, work, done, show)
@@ -319,7 +318,7 @@ class FeaturesPanel(W.VBox):
     def _start(self, what: str, work: Callable[[], Any], done: Callable[[Any], None],
                show: Callable[[str], None] | None) -> None:
         self._busy_what = what
-        self.busy.value = f'<span class="mistudio-busy">⏳ {html.escape(what)}…</span>'
+        self.busy.value = f'<span class="mistudio-busy">⏳ {esc(what)}…</span>'
         for button in self._actions:
             button.disabled = True
         self._thread = threading.Thread(target=self._work, args=(work, done, show or self._say), daemon=True,
@@ -368,7 +367,7 @@ class FeaturesPanel(W.VBox):
         finally:
             self._quiet = False
         if current and current not in ids:
-            self.status.value = note_box(f"Extraction {html.escape(current)} is no longer in the workspace; the list "
+            self.status.value = note_box(f"Extraction {esc(current)} is no longer in the workspace; the list "
                                          "is up to date.", colour="#fd7e14", background="#fff3e0")
         if self.extraction.value != (self.ext.id if self.ext is not None else None):
             self._select_extraction()
@@ -429,7 +428,7 @@ class FeaturesPanel(W.VBox):
             self._loaded = store_key(ext)
             self.feature.max = max(0, table.stats.d - 1)
             self.arrange()
-            self.status.value = (f"{html.escape(hp)}: {table.stats.d:,} features over {table.stats.n_tokens:,} "
+            self.status.value = (f"{esc(hp)}: {table.stats.d:,} features over {table.stats.n_tokens:,} "
                                  "tokens. Click a row to open its page.")
 
         self._run(f"Reading the statistics of {hp} (computed once per store, then cached in it)", work, done)
@@ -489,7 +488,7 @@ class FeaturesPanel(W.VBox):
             self._render_page()
             self._page_tools()
             self._render_prompt()
-            self.status.value = f"Feature {page['feature']:,} of {html.escape(hp)}."
+            self.status.value = f"Feature {page['feature']:,} of {esc(hp)}."
 
         return self._run(f"Building the page of feature {feature:,}", lambda: feature_page(
             ext, hp, feature, one_per_document=one_per_document), done, queue=True)
@@ -565,9 +564,9 @@ class FeaturesPanel(W.VBox):
                 self.found_list.value = None
             finally:
                 self._quiet = False
-            matched = ", ".join(escape(_quoted(t)) for t in result["tokens"][:8]) or "no token"
+            matched = ", ".join(esc(_quoted(t)) for t in result["tokens"][:8]) or "no token"
             if not result["token_ids"]:
-                self.found_info.value = error_box(f"No token reads {escape(_quoted(text))}: type it as the tokenizer "
+                self.found_info.value = error_box(f"No token reads {esc(_quoted(text))}: type it as the tokenizer "
                                                   "writes it (e.g. ' Paris' for a word after a space).")
             elif not result["n_rows"]:
                 self.found_info.value = note_box(f"{matched} never occurs in this extraction.")
@@ -642,11 +641,11 @@ class FeaturesPanel(W.VBox):
             top = ", ".join(f"{t['feature']}: {t['value']:.3g}" for t in result["top"][i])
             style = shade(value, scale) + (";outline:2px solid currentColor" if i == chosen else "") + \
                 (";opacity:.5" if special else "")
-            spans.append(f'<span class="msfp-tok" style="{style}" title="{escape(result["tokens"][i])} · top: '
-                         f'{escape(top)}">{escape(piece)}</span>')
+            spans.append(f'<span class="msfp-tok" style="{style}" title="{esc(result["tokens"][i])} · top: '
+                         f'{esc(top)}">{esc(piece)}</span>')
         what = (f"shaded by feature {self.page['feature']:,}" if column is not None
                 else "shaded by each token's top feature")
-        self.prompt_html.value = (f'<div style="margin:4px 0"><small>{escape(result["hook_point"])}, {what}</small>'
+        self.prompt_html.value = (f'<div style="margin:4px 0"><small>{esc(result["hook_point"])}, {what}</small>'
                                   f'<div style="line-height:1.8">{"".join(spans)}</div></div>')
 
     # -- exports -------------------------------------------------------------------------------------------------
@@ -689,7 +688,7 @@ class FeaturesPanel(W.VBox):
             features = self._chosen_features()
             options = {"one_per_document": self.one_per_document.value}
             listed = ", ".join(map(str, features[:12])) + (" …" if len(features) > 12 else "")
-            what = f"the pages of {len(features):,} feature(s) of {escape(hp)} ({escape(listed)})"
+            what = f"the pages of {len(features):,} feature(s) of {esc(hp)} ({esc(listed)})"
             plan = self._plan_html if kind == "html" else self._plan_neuronpedia
             return plan(ext, hp, features, options, what)
         if is_latent(hp):
@@ -699,16 +698,16 @@ class FeaturesPanel(W.VBox):
         size = f"about {int(ext.committed_tokens()) * int(arr.shape[1]) * np.dtype(arr.dtype).itemsize / 1e6:,.1f} MB"
         if kind == "datasets":
             path = _new_folder(self.ds_path.value, "dataset")
-            return (f"Write {escape(hp)} of {ext.committed_tokens():,} tokens ({size} of activations) as a Hugging "
-                    f"Face <code>datasets</code> dataset to <code>{escape(path)}</code>.",
+            return (f"Write {esc(hp)} of {ext.committed_tokens():,} tokens ({size} of activations) as a Hugging "
+                    f"Face <code>datasets</code> dataset to <code>{esc(path)}</code>.",
                     lambda: f"Wrote {len(exports.to_hf_dataset(ext, [hp], path=path)):,} samples to "
-                            f"<code>{escape(path)}</code> (<code>datasets.load_from_disk</code> opens it).")
+                            f"<code>{esc(path)}</code> (<code>datasets.load_from_disk</code> opens it).")
         path = _new_folder(self.sl_path.value, "saelens-cache")
         context = int(self.sl_context.value)
-        return (f"Write {escape(hp)} ({size}) in SAELens's cached-activations layout, rows of {context:,} tokens, "
-                f"to <code>{escape(path)}</code>.",
+        return (f"Write {esc(hp)} ({size}) in SAELens's cached-activations layout, rows of {context:,} tokens, "
+                f"to <code>{esc(path)}</code>.",
                 lambda: f"Wrote {len(exports.to_saelens_cache(ext, hp, path, context_size=context)):,} rows of "
-                        f"{context:,} tokens to <code>{escape(path)}</code> (SAELens: cached_activations_path).")
+                        f"{context:,} tokens to <code>{esc(path)}</code> (SAELens: cached_activations_path).")
 
     def _plan_html(self, ext: Extraction, hp: str, features: list[int], options: dict,
                    what: str) -> tuple[str, Callable[[], str]]:
@@ -717,10 +716,10 @@ class FeaturesPanel(W.VBox):
 
         def write() -> str:
             written = exports.export_html(export_pages(ext, hp, features, **options), path, hide_special=hide)
-            return f"Wrote <code>{escape(written)}</code> ({len(features):,} pages; it opens offline in any browser)."
+            return f"Wrote <code>{esc(written)}</code> ({len(features):,} pages; it opens offline in any browser)."
 
         replaces = " It replaces the file there." if path.exists() else ""
-        return f"Write {what} to <code>{escape(path)}</code>, one self-contained HTML file.{replaces}", write
+        return f"Write {what} to <code>{esc(path)}</code>, one self-contained HTML file.{replaces}", write
 
     def _plan_neuronpedia(self, ext: Extraction, hp: str, features: list[int], options: dict,
                           what: str) -> tuple[str, Callable[[], str]]:
@@ -734,10 +733,10 @@ class FeaturesPanel(W.VBox):
             root = exports.export_neuronpedia(export_pages(ext, hp, features, **options), folder, model_id, source,
                                               tokenizer=ext.tokenizer, overwrite=True,
                                               n_layers=int(ext.record.model.n_layers or 0))
-            return f"Wrote <code>{escape(root)}</code> ({len(features):,} features, Neuronpedia's bulk-import layout)."
+            return f"Wrote <code>{esc(root)}</code> ({len(features):,} features, Neuronpedia's bulk-import layout)."
 
         replaces = " It replaces the export there." if target.exists() and any(target.iterdir()) else ""
-        return (f"Write {what} in Neuronpedia's bulk-import layout under <code>{escape(target)}</code>.{replaces}",
+        return (f"Write {what} in Neuronpedia's bulk-import layout under <code>{esc(target)}</code>.{replaces}",
                 write)
 
     def confirm_export(self) -> bool:

@@ -2,7 +2,6 @@
 per-row Cancel / Retry / Resume / Delete (with a confirmation) and the error on demand; Cleanup."""
 from __future__ import annotations
 
-import html
 import threading
 import time
 from pathlib import Path
@@ -13,8 +12,8 @@ import ipywidgets as W
 from ..storage.metadata import LIVE_STATES
 from ..models import packaged_minilm_path
 from ..workspace import Workspace, human_bytes
-from .common import (PLAIN_ERRORS, ago, badge, breakable, busy, error_box, for_ui, guard, note_box, short_id,
-                     stylesheet, summarise_hook_points)
+from .common import (PLAIN_ERRORS, ago, badge, breakable, busy, error_box, esc, for_ui, guard, note_box,
+                     short_id, stylesheet, summarise_hook_points)
 
 HEADERS = ("status", "id", "model", "dataset", "hook points", "samples saved", "size", "age", "")
 # The grid's tracks are in common.STYLE: nine columns where the panel is wide enough (about 980 px), else each
@@ -29,7 +28,7 @@ ICON = W.Layout(width="28px", height="28px", padding="0px", margin="0px")
 def _cell_html(text: str, title: str | None = None, css: str = "", clamp: bool = False) -> str:
     """A grid cell's HTML: its text wraps (never clipped sideways); ``clamp``: at most three lines, the whole text
     in the tooltip."""
-    tip = f' title="{html.escape(title, quote=True)}"' if title else ""
+    tip = f' title="{esc(title)}"' if title else ""
     style = f' style="{css}"' if css else ""
     return f'<div class="mistudio-cell{" mistudio-clamp" if clamp else ""}"{tip}{style}>{text}</div>'
 
@@ -158,10 +157,10 @@ class JobsPanel(W.VBox):
         try:
             self.refresh()
         except Exception as exc:  # noqa: BLE001 - never lost on a thread: said in the panel
-            self._say(error_box(f"Refreshing the list failed: {html.escape(str(exc))}"))
+            self._say(error_box(f"Refreshing the list failed: {esc(str(exc))}"))
 
     def _status_html(self, status: str, error: str = "") -> str:
-        return badge(status) + (f" <small>{html.escape(error)}</small>" if error else "")
+        return badge(status) + (f" <small>{esc(error)}</small>" if error else "")
 
     def _row_cells(self, row: dict, by_id: dict[str, dict]) -> list[W.Widget]:
         ext_id, status = row["id"], row["status"]
@@ -173,18 +172,18 @@ class JobsPanel(W.VBox):
             saved, computed = max(saved, self._shown[ext_id][0]), self._shown[ext_id][1]
         text, tip = progress_cell(saved, row["samples_total"], row["tokens_committed"], computed, status)
         progress = _cell(text, title=tip)
-        size = _cell(html.escape(row["size"]))
+        size = _cell(esc(row["size"]))
         buttons = self._buttons(row)
         by_id[ext_id] = {"status": status_cell, "progress": progress, "size": size,
                          "details": self._details_html(row), "buttons": buttons}
         actions = W.HBox(list(buttons.values()))
         actions.add_class("mistudio-actions")
         return [status_cell,
-                _cell(html.escape(short_id(ext_id)), title=ext_id, css="font-family:monospace;font-size:12px",
+                _cell(esc(short_id(ext_id)), title=ext_id, css="font-family:monospace;font-size:12px",
                       first=True),
                 _cell(breakable(row["model"]), title=row["model"], clamp=True, first=True),
                 _cell(breakable(row["dataset"]), title=row["dataset"], clamp=True, first=True),
-                _cell(html.escape(summarise_hook_points(row["hook_points"])), title=row["hook_points"], clamp=True,
+                _cell(esc(summarise_hook_points(row["hook_points"])), title=row["hook_points"], clamp=True,
                       first=True),
                 progress, size, _cell(row["age"], title=row["created_text"]), actions]
 
@@ -192,14 +191,14 @@ class JobsPanel(W.VBox):
     def _details_html(row: dict) -> str:
         lines = []
         if row.get("message"):
-            lines.append(f"<b>{html.escape(PLAIN_ERRORS.get(row['error'], row['error']))}</b>: "
+            lines.append(f"<b>{esc(PLAIN_ERRORS.get(row['error'], row['error']))}</b>: "
                          f"{for_ui(row['message'])}")
         if row.get("problem"):
-            lines.append(f"<b>Problem</b>: {html.escape(row['problem'])}")
+            lines.append(f"<b>Problem</b>: {esc(row['problem'])}")
         text, tip = progress_cell(row["samples_committed"], row["samples_total"], row["tokens_committed"])
-        lines.append(f"<small>{html.escape(row['id'])} · {tip} · created {html.escape(row['created_text'])}"
-                     f"{' · retry of ' + html.escape(row['retry_of']) if row.get('retry_of') else ''} · "
-                     f"{html.escape(row['hook_points'])}</small>")
+        lines.append(f"<small>{esc(row['id'])} · {tip} · created {esc(row['created_text'])}"
+                     f"{' · retry of ' + esc(row['retry_of']) if row.get('retry_of') else ''} · "
+                     f"{esc(row['hook_points'])}</small>")
         return error_box("<br>".join(lines)) if row.get("message") else note_box("<br>".join(lines))
 
     def _buttons(self, row: dict) -> dict[str, W.Button]:
@@ -318,11 +317,11 @@ class JobsPanel(W.VBox):
         try:
             result = action(ext_id)
         except Exception as exc:  # StoreBusy / InputError: say it here
-            self.message.value = error_box(f"{name} {html.escape(ext_id)}: {for_ui(exc)}")
+            self.message.value = error_box(f"{name} {esc(ext_id)}: {for_ui(exc)}")
             return
         if name == "Delete":
             return
-        self.message.value = f"{name}: {html.escape(getattr(result, 'id', ext_id))}"
+        self.message.value = f"{esc(name)}: {esc(getattr(result, 'id', ext_id))}"
         if name in ("Retry", "Resume") and self.on_job is not None:
             self.on_job(result)
         self.refresh()
@@ -331,15 +330,15 @@ class JobsPanel(W.VBox):
         """First step of a row's Delete: say what would be lost and ask for a confirmation."""
         row = next((r for r in self.rows if r["id"] == ext_id), None)
         if row is None:
-            self.message.value = error_box(f"{html.escape(ext_id)} is no longer listed: Refresh.")
+            self.message.value = error_box(f"{esc(ext_id)} is no longer listed: Refresh.")
             return
         self.pending_delete = ext_id
         if row["status"] == "COMPLETED":
-            text = error_box(f"⚠ <b>Delete the COMPLETED extraction {html.escape(ext_id)}?</b> Its finished "
-                             f"activations ({row['tokens_committed']:,} tokens of {html.escape(row['hook_points'])}, "
-                             f"{row['size']}) are lost for good; there is no undo.")
+            text = error_box(f"⚠ <b>Delete the COMPLETED extraction {esc(ext_id)}?</b> Its finished "
+                             f"activations ({row['tokens_committed']:,} tokens of {esc(row['hook_points'])}, "
+                             f"{esc(row['size'])}) are lost for good; there is no undo.")
         else:
-            text = note_box(f"Delete {html.escape(ext_id)} ({row['status']}, {row['size']})? This removes the "
+            text = note_box(f"Delete {esc(ext_id)} ({esc(row['status'])}, {esc(row['size'])})? This removes the "
                             f"{row['samples_committed']:,} samples it saved; Retry or Resume will no longer be "
                             "possible.", colour="#fd7e14", background="#fff3e0")
         self.confirm_text.value = text
@@ -361,9 +360,9 @@ class JobsPanel(W.VBox):
         try:
             freed = self.workspace.delete(ext_id, force=True)
         except Exception as exc:  # StoreBusy / InputError: say it here
-            self.message.value = error_box(f"Delete {html.escape(ext_id)}: {for_ui(exc)}")
+            self.message.value = error_box(f"Delete {esc(ext_id)}: {for_ui(exc)}")
         else:
-            self.message.value = f"Deleted {html.escape(ext_id)} ({human_bytes(freed)} freed)."
+            self.message.value = f"Deleted {esc(ext_id)} ({human_bytes(freed)} freed)."
         self.refresh()
 
     def preview_cleanup(self) -> list[dict]:
@@ -373,7 +372,7 @@ class JobsPanel(W.VBox):
             self.confirm_button.layout.display = "none"
             return []
         total = sum(r["bytes"] for r in report)
-        items = "".join(f"<li>{html.escape(r['id'])}: {html.escape(r['reason'])}, {r['size']}</li>" for r in report)
+        items = "".join(f"<li>{esc(r['id'])}: {esc(r['reason'])}, {esc(r['size'])}</li>" for r in report)
         self.message.value = (f"Cleanup would delete {len(report)} stores ({human_bytes(total)}); completed and "
                               f"running ones are never touched:<ul>{items}</ul>")
         self.confirm_button.layout.display = ""
@@ -382,7 +381,7 @@ class JobsPanel(W.VBox):
     def run_cleanup(self) -> None:
         report = self.workspace.cleanup(dry_run=False).to_dict("records")
         deleted = [r for r in report if r["deleted"]]
-        kept = "".join(f"<li>{html.escape(r['id'])}: {html.escape(r['note'])}</li>" for r in report if not r["deleted"])
+        kept = "".join(f"<li>{esc(r['id'])}: {esc(r['note'])}</li>" for r in report if not r["deleted"])
         self.message.value = (f"Deleted {len(deleted)} stores ({human_bytes(sum(r['bytes'] for r in deleted))})."
                               + (f" Kept:<ul>{kept}</ul>" if kept else ""))
         self.confirm_button.layout.display = "none"

@@ -6,7 +6,6 @@ thread into an Image widget, never through an Output widget.
 """
 from __future__ import annotations
 
-import html
 import math
 import re
 import threading
@@ -24,7 +23,7 @@ from ..errors import InputError, render
 from ..storage.metadata import LIVE_STATES
 from ..training import TrainingJob, list_trainings, make_config, submit_training, training_job
 from ..workspace import Workspace
-from .common import PLAIN_ERRORS, ago, badge, duration, error_box, for_ui, note_box, short_id, studio_names
+from .common import PLAIN_ERRORS, ago, badge, duration, error_box, esc, for_ui, note_box, short_id, studio_names
 
 ARCHITECTURES = (("top-k", "topk"), ("ReLU", "standard"), ("JumpReLU", "jumprelu"))
 SPARSITY_FIELD = {"topk": "k", "standard": "l1_coefficient", "jumprelu": "l0_coefficient"}
@@ -193,7 +192,7 @@ class TrainPanel(W.VBox):
             return action()
         except Exception as exc:  # noqa: BLE001 - the point: the user sees it here
             kind = PLAIN_ERRORS["VALIDATION"] if isinstance(exc, InputError) else type(exc).__name__
-            self._say(error_box(f"<b>{html.escape(kind)}</b>: {ui_error(exc)}"))
+            self._say(error_box(f"<b>{esc(kind)}</b>: {ui_error(exc)}"))
             return None
 
     @contextmanager
@@ -203,7 +202,7 @@ class TrainPanel(W.VBox):
         before = [b.disabled for b in buttons]
         for b in buttons:
             b.disabled = True
-        self.busy.value = f'<span class="mistudio-busy">⏳ {html.escape(text)}…</span>'
+        self.busy.value = f'<span class="mistudio-busy">⏳ {esc(text)}…</span>'
         try:
             yield
         finally:
@@ -354,8 +353,8 @@ class TrainPanel(W.VBox):
         self.on_extract_with_sae(arguments)
         missing = "" if "dataset" in arguments else (" The extraction was made from in-memory data: choose the "
                                                      "dataset in the Dataset tab.")
-        self._say(note_box(f"The Extract tab now extracts with SAE {html.escape(self.job.id)} at "
-                           f"{html.escape(self.job.hook_point)}.{html.escape(missing)}"))
+        self._say(note_box(f"The Extract tab now extracts with SAE {esc(self.job.id)} at "
+                           f"{esc(self.job.hook_point)}.{esc(missing)}"))
         return arguments
 
     # -- watching a run ---------------------------------------------------------------------------
@@ -380,13 +379,13 @@ class TrainPanel(W.VBox):
         self.progress.value = min(progress.step, self.progress.max)
         self.progress.bar_style = {"COMPLETED": "success", "FAILED": "danger", "CANCELLED": "warning"}.get(status,
                                                                                                          "info")
-        where = f"{html.escape(job.id)} · {html.escape(record.hook_point)} of {html.escape(record.extraction.id)}"
+        where = f"{esc(job.id)} · {esc(record.hook_point)} of {esc(record.extraction.id)}"
         if status == "FAILED" and record.error is not None:
             error = record.error
             plain = PLAIN_ERRORS.get(error.error_type, error.error_type)
             template = (error.model_extra or {}).get("error_template") or error.error_message
             self.status.value = f"{badge(status)} {where}"
-            self._say(error_box(f"<b>{html.escape(plain)}</b> ({html.escape(error.error_type)}): {ui_error(template)}"))
+            self._say(error_box(f"<b>{esc(plain)}</b> ({esc(error.error_type)}): {ui_error(template)}"))
             suggested = error.suggested_retry_params or {}
             if suggested:
                 self.show_settings({**record.config, **suggested})
@@ -438,9 +437,9 @@ class TrainPanel(W.VBox):
                      ("… with the SAE spliced in", evaluation.get("ce_spliced")),
                      ("… with the hook point zeroed", evaluation.get("ce_zero_ablation")),
                      ("loss recovered", evaluation.get("ce_loss_score")), ("KL divergence", evaluation.get("kl_div"))]
-        cells = "".join(f"<tr><td>{html.escape(name)}</td><td style='text-align:right'>{_number(value, 4)}</td></tr>"
+        cells = "".join(f"<tr><td>{esc(name)}</td><td style='text-align:right'>{_number(value, 4)}</td></tr>"
                         for name, value in rows)
-        note = f"<br><small>{html.escape(evaluation['ce_error'])}</small>" if evaluation.get("ce_error") else ""
+        note = f"<br><small>{esc(evaluation['ce_error'])}</small>" if evaluation.get("ce_error") else ""
         return note_box(f"<b>Evaluation</b> over {int(evaluation.get('n_tokens') or 0):,} stored tokens"
                         f"<table class='mistudio-evaluation'>{cells}</table>{note}", colour="#198754",
                         background="#e8f5e9")
@@ -476,7 +475,7 @@ class TrainPanel(W.VBox):
                         self._schedule_plot(now=True)  # drawn off the job's thread: the run ends without waiting
                 self.refresh_runs()
             except Exception as exc:  # noqa: BLE001 - never break the job's thread
-                self._say(error_box(f"<b>{html.escape(type(exc).__name__)}</b>: {html.escape(str(exc))}"))
+                self._say(error_box(f"<b>{esc(type(exc).__name__)}</b>: {esc(str(exc))}"))
 
     def _schedule_plot(self, now: bool = False) -> None:
         """Draw the plot on a timer thread, at most every ``plot_every_s`` and at most a third of the time (a slow
@@ -542,7 +541,7 @@ class TrainPanel(W.VBox):
 
     def _run_cells(self, row: dict) -> list[W.Widget]:
         error = row.get("error") or ""
-        status = _cell(badge(row["status"]) + (f" <small>{html.escape(error)}</small>" if error else ""),
+        status = _cell(badge(row["status"]) + (f" <small>{esc(error)}</small>" if error else ""),
                        title=f"{row['status']} {PLAIN_ERRORS.get(error, error)} {row.get('message') or ''}".strip())
         step_cell = _cell(_steps(row.get("step"), row.get("total_steps")))
         self.step_cells[row["id"]] = step_cell
@@ -552,10 +551,10 @@ class TrainPanel(W.VBox):
                         tooltip="show this run: its settings, curves, evaluation and actions")
         show.on_click(lambda _b, run_id=row["id"]: self.show_run(run_id))
         return [status,
-                _cell(html.escape(short_run_id(row["id"])), title=row["id"],
+                _cell(esc(short_run_id(row["id"])), title=row["id"],
                       css="font-family:monospace;font-size:12px"),
-                _cell(html.escape(short_id(row.get("extraction") or "")), title=row.get("extraction") or ""),
-                _cell(html.escape(row.get("hook_point") or "")), _cell(html.escape(sae), title=sae), step_cell,
+                _cell(esc(short_id(row.get("extraction") or "")), title=row.get("extraction") or ""),
+                _cell(esc(row.get("hook_point") or "")), _cell(esc(sae), title=sae), step_cell,
                 _cell(_number(ev if ev is not None else row.get("explained_variance"), 2),
                       title="explained variance (evaluation when done, else the last training batch)"),
                 _cell(_number(row.get("eval_l0") if row.get("eval_l0") is not None else row.get("l0"), 3)),
@@ -572,6 +571,6 @@ def short_run_id(run_id: str) -> str:
 
 def _cell(text: str, title: str | None = None, css: str = "") -> W.HTML:
     """One grid cell on one line, cut with an ellipsis, the whole text in the tooltip (``text`` is escaped HTML)."""
-    tip = f' title="{html.escape(title, quote=True)}"' if title else ""
+    tip = f' title="{esc(title)}"' if title else ""
     return W.HTML(f'<div class="mistudio-cell"{tip} style="overflow:hidden;white-space:nowrap;'
                   f'text-overflow:ellipsis;{css}">{text}</div>', layout=W.Layout(min_width="0", overflow="hidden"))
