@@ -2,21 +2,38 @@
 token counts and a mark on rows that *Max length* will cut; chat records shown as role: content."""
 from __future__ import annotations
 
-import html
 import os
 import time
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import ipywidgets as W
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import conversation, raw_values
 from ..errors import InputError
 from ..request import Request
 from ..specs import HubDataset
-from .common import busy, error_box, for_ui, guard, stylesheet
+from .common import busy, error_box, esc, for_ui, guard, stylesheet
+from .sidefiles import SettingText, validate_lenient
 
 SOURCES = [("Bundled sample", "sample"), ("File", "file"), ("Saved datasets folder", "folder"), ("Hub", "hub")]
 COUNT_FOR_S = 2.0  # how long the preview counts rows past the page before it says "at least"
+MAX_ROWS = 2 ** 53  # the largest count a number field shows exactly
+
+
+class DatasetState(BaseModel):
+    """The Dataset tab's form as ``studio.json`` remembers it (each field optional: absent keeps the form's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    source: Literal["sample", "file", "folder", "hub"] | None = None
+    path: SettingText | None = None
+    hub_name: SettingText | None = None
+    hub_config: SettingText | None = None
+    hub_split: SettingText | None = None
+    column: SettingText | None = None
+    max_samples: Annotated[int, Field(ge=0, le=MAX_ROWS)] | None = None
+    max_length: Annotated[int, Field(ge=1, le=MAX_ROWS)] | None = None
 
 
 def read_rows(spec: Request, start: int, n: int, count_for_s: float = COUNT_FOR_S) -> tuple[list, int, bool]:
@@ -237,11 +254,11 @@ class DatasetPicker(W.VBox):
         body = []
         for r in rows:
             if "messages" in r:
-                shown = "<br>".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(_short(m['content'], 120))}"
+                shown = "<br>".join(f"<b>{esc(m['role'])}</b>: {esc(_short(m['content'], 120))}"
                                     for m in r["messages"][:6]) + ("<br>…" if len(r["messages"]) > 6 else "")
             else:
                 text = r["text"] if isinstance(r["text"], str) else repr(r["text"])
-                shown = html.escape(_short(text, 160))
+                shown = esc(_short(text, 160))
             tokens = f"{r['tokens']:,}" if "tokens" in r else "–"
             if r["truncated"]:
                 tokens = (f'<span class="mistudio-truncated" style="color:#dc3545;white-space:nowrap" title="longer '
@@ -261,13 +278,19 @@ class DatasetPicker(W.VBox):
         """The form as a JSON-able dict (what ``studio.json`` remembers)."""
         return {name: getattr(self, name).value for name in self.FIELDS}
 
-    def set_state(self, state: dict) -> None:
-        for name in self.FIELDS:
-            if name in state and state[name] is not None:
-                try:
-                    getattr(self, name).value = state[name]
-                except Exception:  # a stale or hand-edited value: keep the default
-                    pass
+    def set_state(self, state: "dict | DatasetState") -> list[str]:
+        """Fill the form from a remembered state (typed through :class:`DatasetState`); returns a line for each
+        value left out (a wrong type, or one the form cannot show), whose field keeps what it shows."""
+        if isinstance(state, DatasetState):
+            problems: list[str] = []
+        else:
+            state, problems = validate_lenient(DatasetState, state, "the Dataset tab's state")
+        for name, value in state.model_dump(exclude_none=True).items():
+            try:
+                getattr(self, name).value = value
+            except Exception as exc:  # noqa: BLE001 - a value the widget refuses: keep the default
+                problems.append(f"{name!r} = {value!r} cannot be shown in the Dataset tab ({type(exc).__name__})")
+        return problems
 
     def set_from_description(self, desc: dict) -> None:
         """Fill the form from a job's recorded dataset (in-memory lists cannot be shown: left as is)."""

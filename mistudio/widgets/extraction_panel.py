@@ -2,25 +2,44 @@
 disk is short unless confirmed), live progress, Cancel, Retry/Resume."""
 from __future__ import annotations
 
-import html
 import threading
 import time
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Optional
 
 import ipywidgets as W
+from pydantic import BaseModel, ConfigDict, create_model
 
 from ..errors import InputError, human_bytes
 from ..jobs import Job
 from ..models import load_config, n_layers_of
 from ..plan import estimate
 from ..request import ParamInfo, Request, params
-from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, ModelSpec, build, parse_layers
+from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, ModelSpec, build, parse_layers, short
 from ..workspace import Workspace
-from .common import (PLAIN_ERRORS, RateMeter, badge, busy, error_box, for_ui, guard, note_box, progress_text,
+from .common import (PLAIN_ERRORS, RateMeter, badge, busy, error_box, esc, for_ui, guard, note_box, progress_text,
                      stylesheet)
 from .model_picker import looks_like_path
+from .sidefiles import validate_lenient
 
 THROTTLE_S = 0.25
+TABS_OWN = ("model", "model_dtype", "device", "dataset", "text_column", "max_samples", "max_length")
+
+
+def _extract_state_model() -> type[BaseModel]:
+    """The Extract tab's options as ``studio.json`` remembers them: each Request field the Model and Dataset tabs
+    do not show, with the Request's type, strictly ('8' is not 8, 'false' is not False), each optional; and
+    ``auto_retry``, the name ``auto_retry_on_oom`` had in earlier files."""
+    fields: dict[str, Any] = {}
+    for name, info in Request.model_fields.items():
+        if name not in TABS_OWN:
+            kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            fields[name] = (Optional[kind], None)
+    fields["auto_retry"] = (Optional[bool], None)
+    return create_model("ExtractState", __config__=ConfigDict(extra="forbid", strict=True,
+                                                              arbitrary_types_allowed=True), **fields)
+
+
+ExtractState = _extract_state_model()
 RETRY_HELP = ("<small><b>Retry</b> starts a new extraction with the form as it is now (fix the model, dataset or "
               "batch size first). <b>Resume</b> continues the same extraction from its last saved sample.</small>")
 
@@ -245,8 +264,8 @@ class ExtractionPanel(W.VBox):
 
     def update_summary(self) -> None:
         """The line that says which model and dataset Launch will use (and how its layers get listed)."""
-        line = (f"Runs <b>{html.escape(self.model_picker.label() or '(no model)')}</b> on "
-                f"<b>{html.escape(self.dataset_picker.describe())}</b> "
+        line = (f"Runs <b>{esc(self.model_picker.label() or '(no model)')}</b> on "
+                f"<b>{esc(self.dataset_picker.describe())}</b> "
                 "<small>(set in the Model and Dataset tabs)</small>")
         if self.layers_known is False and self.model_picker.name_or_path():
             line += ("<br><small>Its layers are listed once its config is read: <i>Load / inspect</i> in the Model "
@@ -291,7 +310,7 @@ class ExtractionPanel(W.VBox):
         self.update_summary()
 
     # -- the form as a Request, both ways -------------------------------------------------------------
-    TABS_OWN = ("model", "model_dtype", "device", "dataset", "text_column", "max_samples", "max_length")
+    TABS_OWN = TABS_OWN
 
     def form_fields(self) -> dict[str, tuple[Callable[[], Any], Callable[[Any], None]]]:
         """Every Request field: (read it from the form, show a value in the form). One widget per field, in the
@@ -378,9 +397,18 @@ class ExtractionPanel(W.VBox):
         return {k: v for k, v in Request.model_construct(**values).model_dump(mode="json").items()
                 if k in values and k not in self.TABS_OWN}
 
-    def set_state(self, state: dict) -> None:
-        """Fill the options from a saved state (unknown or stale values are skipped)."""
-        self.show_arguments({k: v for k, v in state.items() if k not in self.TABS_OWN})
+    def set_state(self, state: "dict | BaseModel") -> list[str]:
+        """Fill the options from a remembered state (typed through :data:`ExtractState`); returns a line for each
+        value left out (a wrong type, an unknown name, or a value the form cannot show), whose field keeps what it
+        shows."""
+        if isinstance(state, ExtractState):
+            problems: list[str] = []
+        else:
+            state, problems = validate_lenient(ExtractState, state, "the Extract tab's state")
+        values = state.model_dump(exclude_unset=True)
+        skipped = self.show_arguments(values)
+        return problems + [f"{name!r} = {short(values[name], 60)} cannot be shown in the Extract tab"
+                           for name in skipped]
 
     def prefill(self, meta: dict, suggested: dict | None = None) -> None:
         """Show a job's request in the form (model, dataset, every option), then the suggested retry parameters."""
@@ -433,7 +461,7 @@ class ExtractionPanel(W.VBox):
         if not short:
             self.confirm_disk.value = False
         warnings = "".join(f"<li>{for_ui(w)}</li>" for w in result["warning_templates"])
-        text = (f"<b>Estimate</b>: {html.escape(result['summary'])} <small>({result['samples']:,} samples, "
+        text = (f"<b>Estimate</b>: {esc(result['summary'])} <small>({result['samples']:,} samples, "
                 f"{result['tokens']:,} tokens)</small>")
         text += f"<ul style='margin:2px 0'>{warnings}</ul>" if warnings else ""
         self.estimate_line.value = (note_box(text, "#fd7e14", "#fff3e0") if result["warnings"] else note_box(text))
@@ -534,8 +562,8 @@ class ExtractionPanel(W.VBox):
             self._filling_form = filling
         self.preset_name.value = name
         self.preset_status.value = note_box(
-            f"Form filled from preset <b>{html.escape(name)}</b>."
-            + (f" Not shown (stale values): {html.escape(', '.join(skipped))}." if skipped else ""))
+            f"Form filled from preset <b>{esc(name)}</b>."
+            + (f" Not shown (stale values): {esc(', '.join(skipped))}." if skipped else ""))
 
     def save_preset(self) -> str | None:
         """Save the form under the name field (validated by ``ws.save_preset``; errors show here)."""
@@ -549,8 +577,8 @@ class ExtractionPanel(W.VBox):
             self.preset_status.value = error_box(f"<b>Preset not saved</b>: {for_ui(exc)}")
             return None
         self.refresh_presets(select=name)
-        self.preset_status.value = note_box(f"Saved preset <b>{html.escape(name)}</b> "
-                                            f"(<code>presets/{html.escape(name)}.json</code> in the workspace).")
+        self.preset_status.value = note_box(f"Saved preset <b>{esc(name)}</b> "
+                                            f"(<code>presets/{esc(name)}.json</code> in the workspace).")
         return name
 
     def delete_preset(self) -> bool:
@@ -561,13 +589,13 @@ class ExtractionPanel(W.VBox):
             return False
         if self._delete_armed != name:
             self._delete_armed = name
-            self.preset_status.value = error_box(f"Delete preset <b>{html.escape(name)}</b>? Click "
+            self.preset_status.value = error_box(f"Delete preset <b>{esc(name)}</b>? Click "
                                                  "<i>Delete preset</i> again to confirm.")
             return False
         self._delete_armed = None
         self.workspace.delete_preset(name)
         self.refresh_presets(select="")
-        self.preset_status.value = note_box(f"Deleted preset <b>{html.escape(name)}</b>.")
+        self.preset_status.value = note_box(f"Deleted preset <b>{esc(name)}</b>.")
         return True
 
     def _failed_before_job(self, exc: Exception) -> None:
@@ -596,7 +624,7 @@ class ExtractionPanel(W.VBox):
             self.failure_box.layout.display = "none"
             self.progress.value, self.progress.max, self.progress.bar_style = 0, 1, "info"
             self.progress.description = "0%"
-            self.status.value = f"{badge(job.status)} {html.escape(job.id)}"
+            self.status.value = f"{badge(job.status)} {esc(job.id)}"
             self.cancel_button.disabled = False
             self.launch_button.disabled = True
         job.subscribe(self._on_event)
@@ -657,13 +685,13 @@ class ExtractionPanel(W.VBox):
                 self._pending = None
                 self._draw_progress(event)
             elif kind == "retry":
-                self.status.value = (f"{badge('RETRYING')} out of memory at batch {event['previous_batch_size']}: "
-                                     f"continuing with batch_size={event['batch_size']}")
+                self.status.value = (f"{badge('RETRYING')} out of memory at batch {esc(event['previous_batch_size'])}: "
+                                     f"continuing with batch_size={esc(event['batch_size'])}")
             elif kind == "state":
                 try:
                     self._on_state(event["status"])
                 except Exception as exc:  # noqa: BLE001 - e.g. the store was deleted meanwhile
-                    self._say(error_box(f"<b>{type(exc).__name__}</b>: {html.escape(str(exc))}"))
+                    self._say(error_box(f"<b>{esc(type(exc).__name__)}</b>: {esc(exc)}"))
 
     def _draw_progress(self, event: dict) -> None:
         """The bar counts samples computed; the line says how many of them are saved (the commit mark: what a
@@ -697,7 +725,7 @@ class ExtractionPanel(W.VBox):
     def _on_state(self, status: str) -> None:
         job = self.job
         if status in ("QUEUED", "LOADING", "SAVING"):
-            self.status.value = f"{badge(status)} {html.escape(job.id)}"
+            self.status.value = f"{badge(status)} {esc(job.id)}"
             return
         if status == "EXTRACTING":
             return
@@ -711,13 +739,13 @@ class ExtractionPanel(W.VBox):
             self.progress.description = "100%"
             meta = job.meta
             auto = meta.get("params", {}).get("batch_size_auto") or {}
-            chosen = f", batch size {auto['chosen']} (auto: {html.escape(str(auto.get('reason', '')))})" if auto else ""
-            self.status.value = (f"{badge('COMPLETED')} {html.escape(job.id)}: {meta['progress']['samples_total']:,} "
+            chosen = f", batch size {esc(auto.get('chosen'))} (auto: {esc(auto.get('reason', ''))})" if auto else ""
+            self.status.value = (f"{badge('COMPLETED')} {esc(job.id)}: {meta['progress']['samples_total']:,} "
                                  f"samples, {meta['progress']['tokens_total']:,} tokens, "
                                  f"{meta['timings'].get('tokens_per_s') or 0:,.0f} tokens/s{chosen}")
         elif status == "CANCELLED":
             self.progress.bar_style = "warning"
-            self.status.value = (f"{badge('CANCELLED')} {html.escape(job.id)}: {progress.get('samples_done', 0):,} "
+            self.status.value = (f"{badge('CANCELLED')} {esc(job.id)}: {progress.get('samples_done', 0):,} "
                                  "samples kept. Resume continues from there.")
             self.alert.value = ""
             self._show_failure_actions()
@@ -739,12 +767,12 @@ class ExtractionPanel(W.VBox):
         hint = ""
         if suggested:
             hint = ("<br>Suggested for the retry (already set in the form): "
-                    + ", ".join(f"{html.escape(k)}={html.escape(str(v))}" for k, v in suggested.items()))
+                    + ", ".join(f"{esc(k)}={esc(str(v))}" for k, v in suggested.items()))
         if job is None:
             hint += "<br>No extraction was created. Correct the form, then Launch (or Retry)."
-        which = f"Extraction {html.escape(job.id)}: " if job is not None else ""
-        self.alert.value = error_box(f"{which}<b>{plain}</b> ({html.escape(error_type)}): {for_ui(message)}{hint}")
-        self.status.value = f"{badge('FAILED')} {html.escape(plain)}"
+        which = f"Extraction {esc(job.id)}: " if job is not None else ""
+        self.alert.value = error_box(f"{which}<b>{esc(plain)}</b> ({esc(error_type)}): {for_ui(message)}{hint}")
+        self.status.value = f"{badge('FAILED')} {esc(plain)}"
         self._show_failure_actions()
 
     def _show_failure_actions(self) -> None:

@@ -7,21 +7,48 @@ button disabled and a busy line meanwhile; a Hub id that is neither cached nor r
 """
 from __future__ import annotations
 
-import html
-import json
 import threading
 from pathlib import Path
 from typing import Callable
 
 import ipywidgets as W
+from pydantic import BaseModel, ConfigDict
 
 from ..errors import InputError
 from ..models import describe_model, packaged_minilm_path
 from ..specs import DEVICES, MODEL_DTYPES, ModelSpec, build
-from .common import error_box, guard, note_box, stylesheet
+from .common import error_box, esc, guard, note_box, stylesheet
+from .sidefiles import SettingText, SideFile
 
 BUNDLED = "all-MiniLM-L6-v2 (bundled)"
 HUB_TIMEOUT_S = 5.0
+FOLDERS_FILE = "models.json"
+
+
+class ModelFolders(BaseModel):
+    """``models.json``: the local model folders *Remember folder* added (a JSON list of paths)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    folders: list[SettingText] = []
+
+
+def _path(name: str) -> Path | None:
+    """``name`` as an expanded path; None when it cannot be one ('~nobody/x', a NUL byte)."""
+    try:
+        return Path(name).expanduser()
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+def _exists(path: Path | None, kind: str = "any") -> bool:
+    """Whether ``path`` exists (``kind`` 'file' or 'dir': is one); False for a name the system refuses (too long)."""
+    if path is None:
+        return False
+    try:
+        return path.is_file() if kind == "file" else path.is_dir() if kind == "dir" else path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def cached_hub_models() -> list[str]:
@@ -37,16 +64,24 @@ def cached_hub_models() -> list[str]:
 def model_label(name_or_path: str) -> str:
     """What the panels show for a model: the bundled one by name, a folder by its last two parts."""
     bundled = packaged_minilm_path()
-    if bundled and name_or_path and Path(name_or_path).expanduser().resolve() == Path(bundled).resolve():
+    if bundled and name_or_path and _same_folder(name_or_path, bundled):
         return BUNDLED
     path = Path(name_or_path)
     return "/".join(path.parts[-2:]) if path.is_absolute() else name_or_path
 
 
+def _same_folder(name: str, folder: str | Path) -> bool:
+    path = _path(name)
+    try:
+        return path is not None and path.resolve() == Path(folder).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def looks_like_path(name: str) -> bool:
     """A folder, not a Hub id: absolute, relative to here or home, or existing."""
     return (name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
-            or Path(name).expanduser().exists())
+            or _exists(_path(name)))
 
 
 def local_config_folder(name: str) -> str | None:
@@ -54,8 +89,10 @@ def local_config_folder(name: str) -> str | None:
     the Hugging Face cache's snapshot of a Hub id; None when reading it would need the Hub."""
     if not name:
         return None
-    folder = Path(name).expanduser()
-    if (folder / "config.json").is_file():
+    folder = _path(name)
+    if folder is None:
+        return None
+    if _exists(folder / "config.json", "file"):
         return str(folder)
     if looks_like_path(name):
         return None
@@ -103,10 +140,15 @@ def hub_problem(name: str, timeout: float = HUB_TIMEOUT_S) -> str | None:
 
 class ModelPicker(W.VBox):
     """The Model tab. ``spec()`` is the chosen model; ``on_inspect(fn)`` gets ``describe_model``'s dict (called on
-    the lookup's thread)."""
+    the lookup's thread). ``workspace_root``: where ``models.json`` remembers folders; a bad one is set aside and
+    said in :attr:`file_note` (or given to ``on_file_note(html)``, e.g. the Studio's note line)."""
 
-    def __init__(self, model: str | None = None, workspace_root: str | Path | None = None):
-        self._folders_file = Path(workspace_root) / "models.json" if workspace_root else None
+    def __init__(self, model: str | None = None, workspace_root: str | Path | None = None,
+                 on_file_note: Callable[[str], None] | None = None):
+        self._folders_file = Path(workspace_root) / FOLDERS_FILE if workspace_root else None
+        self.file_note = W.HTML()
+        self.file_note.add_class("mistudio-file-note")
+        self._on_file_note = on_file_note
         bundled = packaged_minilm_path()
         self._aliases = {BUNDLED: str(bundled)} if bundled else {}
         default = model or (BUNDLED if bundled else "")
@@ -137,7 +179,7 @@ class ModelPicker(W.VBox):
                                                "folder, then <i>Load / inspect</i>. The Extract tab uses the model "
                                                "chosen here."),
                           self.choice, W.HBox([self.dtype, self.device]),
-                          W.HBox([self.inspect_button, self.add_button]), self.info])
+                          W.HBox([self.inspect_button, self.add_button]), self.info, self.file_note])
         self.add_class("mistudio-panel")
 
     def _say(self, text: str) -> None:
@@ -156,10 +198,27 @@ class ModelPicker(W.VBox):
         return BUNDLED if self._aliases and model_label(name_or_path) == BUNDLED else name_or_path
 
     def offline_models(self) -> list[str]:
-        found = list(self._aliases)
-        if self._folders_file and self._folders_file.exists():
-            found += [f for f in json.loads(self._folders_file.read_text()) if Path(f).exists()]
+        """The bundled model, the remembered folders that still exist, and the Hub models in the local cache."""
+        found = list(self._aliases) + [f for f in self.remembered_folders() if _exists(_path(f), "dir")]
         return list(dict.fromkeys(found + cached_hub_models()))
+
+    def remembered_folders(self) -> list[str]:
+        """The folders in ``models.json`` (typed: a list of paths). A bad file is set aside and said, never raised:
+        the folders that could be read are kept."""
+        if self._folders_file is None:
+            return []
+        side = SideFile(self._folders_file)
+        folders = side.load(ModelFolders, list_field="folders").folders
+        if side.problems:
+            side.set_aside_if_bad()
+            self._show_file_note(side.note("the Model tab lists the folders it could read"))
+        return folders
+
+    def _show_file_note(self, text: str) -> None:
+        if self._on_file_note is not None:
+            self._on_file_note(text)
+        else:
+            self.file_note.value = text
 
     def set_model(self, name_or_path: str) -> None:
         self.choice.value = self._shown(name_or_path)
@@ -176,15 +235,15 @@ class ModelPicker(W.VBox):
         return local_config_folder(self.name_or_path())
 
     def remember_folder(self) -> None:
-        folder = Path(self.name_or_path()).expanduser()
-        if not (folder / "config.json").exists():
-            self.info.value = error_box(f"{html.escape(str(folder))} is not a model folder (no config.json)")
+        folder = _path(self.name_or_path())
+        if folder is None or not _exists(folder / "config.json", "file"):
+            self.info.value = error_box(f"{esc(self.name_or_path())} is not a model folder (no config.json)")
             return
         if self._folders_file:
-            saved = json.loads(self._folders_file.read_text()) if self._folders_file.exists() else []
-            self._folders_file.parent.mkdir(parents=True, exist_ok=True)
-            self._folders_file.write_text(json.dumps(sorted(set(saved + [str(folder.resolve())]))))
-        self.choice.options = self.offline_models()
+            side = SideFile(self._folders_file)
+            if not side.save(sorted(set(self.remembered_folders() + [str(folder.resolve())]))):
+                self._show_file_note(side.note("the folder is listed until the kernel restarts"))
+        self.choice.options = list(dict.fromkeys(self.offline_models() + [str(folder.resolve())]))
 
     def spec(self) -> ModelSpec:
         return build(ModelSpec, name_or_path=self.name_or_path(), dtype=self.dtype.value, device=self.device.value)
@@ -211,7 +270,7 @@ class ModelPicker(W.VBox):
             self.inspect_button.add_class("mistudio-busy")
             where = "from its folder" if local_config_folder(name) else "from the Hugging Face Hub"
             self.info.value = note_box(f'<span class="mistudio-working">⏳ Reading the config of '
-                                       f"<b>{html.escape(model_label(name) or '(no model)')}</b> {where}…</span>")
+                                       f"<b>{esc(model_label(name) or '(no model)')}</b> {where}…</span>")
             self._thread = threading.Thread(target=self._lookup, args=(name,), daemon=True,
                                             name="mistudio-model-lookup")
             self._thread.start()
@@ -223,7 +282,7 @@ class ModelPicker(W.VBox):
         except Exception as exc:  # noqa: BLE001 - shown in the tab, never lost on a thread
             with self._lock:
                 if self._asked == name:
-                    self.info.value = error_box(f"<b>{html.escape(type(exc).__name__)}</b>: {html.escape(str(exc))}")
+                    self.info.value = error_box(f"<b>{esc(type(exc).__name__)}</b>: {esc(str(exc))}")
         finally:
             with self._lock:
                 self.inspect_button.disabled, self.inspect_button.icon = False, "search"
@@ -248,7 +307,7 @@ class ModelPicker(W.VBox):
             with self._lock:
                 if name == self.name_or_path():
                     self.details = None
-                    self.info.value = error_box(html.escape(str(exc)))
+                    self.info.value = error_box(esc(str(exc)))
             return None
         with self._lock:
             if name != self.name_or_path():  # the field changed meanwhile: these facts are not its model's
@@ -256,13 +315,13 @@ class ModelPicker(W.VBox):
             self.details = d = details
             self.info.value = (
                 "<table class='mistudio-model-info'>"
-                f"<tr><td>model</td><td>{html.escape(model_label(name))}</td></tr>"
-                f"<tr><td>architecture</td><td>{html.escape(str(d['architecture']))} "
-                f"({html.escape(str(d['model_type']))})</td></tr>"
-                f"<tr><td>layers</td><td>{d['n_layers']}</td></tr>"
+                f"<tr><td>model</td><td>{esc(model_label(name))}</td></tr>"
+                f"<tr><td>architecture</td><td>{esc(str(d['architecture']))} "
+                f"({esc(str(d['model_type']))})</td></tr>"
+                f"<tr><td>layers</td><td>{esc(d['n_layers'])}</td></tr>"
                 f"<tr><td>hidden size</td><td>{d['hidden_size']:,}</td></tr>"
                 f"<tr><td>parameters</td><td>{d['n_parameters']:,}</td></tr>"
-                f"<tr><td>memory (weights, {html.escape(self.dtype.value)})</td><td>{d['memory_gb']:.2f} GB</td>"
+                f"<tr><td>memory (weights, {esc(self.dtype.value)})</td><td>{d['memory_gb']:.2f} GB</td>"
                 "</tr></table>")
         for listener in self._listeners:
             try:

@@ -4,30 +4,48 @@ the workspace.
 It opens on the Model tab, with the form as it was last launched in this workspace (``<workspace>/studio.json``)
 and, after a kernel restart, a banner that points at the job the restart interrupted. More tabs join with
 ``studio.add_tab(title, panel, on_open=...)``.
+
+``studio.json`` and ``models.json`` are parsed through typed models (:class:`StudioSettings`,
+:class:`~mistudio.widgets.model_picker.ModelFolders`): whatever is wrong in them (not JSON, the wrong types, a
+folder or a device in their place ...) leaves the form at its defaults for those values, sets the file aside as
+``<name>.bad-<timestamp>`` and is said in a note above the tabs; the Studio always opens.
 """
 from __future__ import annotations
 
-import html
-import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import ipywidgets as W
+from pydantic import BaseModel, ConfigDict
 
 from ..storage.metadata import LIVE_STATES
 from ..workspace import Workspace
 from .browser import ActivationBrowser
-from .common import error_box, guard, note_box, stylesheet
-from .dataset_picker import DatasetPicker
-from .extraction_panel import ExtractionPanel
+from .common import error_box, esc, guard, note_box, stylesheet
+from .dataset_picker import DatasetPicker, DatasetState
+from .extraction_panel import ExtractionPanel, ExtractState
 from .features_panel import FeaturesPanel
 from .jobs_panel import JobsPanel
-from .model_picker import ModelPicker
+from .model_picker import FOLDERS_FILE, ModelPicker
+from .sidefiles import SettingText, SideFile
 from .train_panel import TrainPanel
 
 TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse", "Features", "Train")  # the built-in tabs, in order
 SETTINGS = "studio.json"
+
+
+class StudioSettings(BaseModel):
+    """``studio.json``: the form as last launched in the workspace, and the interrupted jobs whose banner was
+    dismissed. Every field is optional (absent: the form's default); values are checked strictly."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: SettingText | None = None
+    model_dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
+    dataset: DatasetState | None = None
+    extract: ExtractState | None = None
+    dismissed: list[SettingText] = []
 
 
 class Studio(W.VBox):
@@ -38,18 +56,30 @@ class Studio(W.VBox):
                  dataset: Any = None, **extract_options: Any):
         self.workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
         self.settings_file = None if self.workspace.remote else Path(self.workspace.root) / SETTINGS
-        saved = self.load_settings()
-        self.model_picker = ModelPicker(model or saved.get("model"),
-                                        workspace_root=None if self.workspace.remote else self.workspace.root)
+        # a note above the tabs for side files that could not be used (file name -> its HTML)
+        self.files_note = W.HTML(layout=W.Layout(display="none"))
+        self.files_note.add_class("mistudio-files-note")
+        self._file_notes: dict[str, str] = {}
+        self._dismissed: set[str] = set()
+        side = SideFile(self.settings_file) if self.settings_file is not None else None
+        saved = side.load(StudioSettings) if side is not None else StudioSettings()
+        self._dismissed |= set(saved.dismissed)
+        self.model_picker = ModelPicker(model or saved.model,
+                                        workspace_root=None if self.workspace.remote else self.workspace.root,
+                                        on_file_note=lambda text: self._note_file(FOLDERS_FILE, text))
         self.dataset_picker = DatasetPicker(dataset, tokenizer_for=self._tokenizer)
-        if dataset is None and saved.get("dataset"):
-            self.dataset_picker.set_state(saved["dataset"])
+        problems: list[str] = []
+        if dataset is None and saved.dataset is not None:
+            problems += self.dataset_picker.set_state(saved.dataset)
         self.extraction_panel = ExtractionPanel(self.workspace, self.model_picker, self.dataset_picker,
                                                 **extract_options)
-        if saved.get("model_dtype") in self.model_picker.dtype.options:
-            self.model_picker.dtype.value = saved["model_dtype"]
-        if saved.get("extract"):
-            self.extraction_panel.set_state(saved["extract"])
+        if saved.model_dtype is not None:
+            self.model_picker.dtype.value = saved.model_dtype
+        if saved.extract is not None:
+            problems += self.extraction_panel.set_state(saved.extract)
+        if side is not None:
+            side.problems += problems
+            self._report(side)
         self.extraction_panel.on_submitted(lambda _job: self.save_settings())
         self.jobs_panel = JobsPanel(self.workspace, on_job=self._show_job)
         self.browser = ActivationBrowser(self.workspace)
@@ -80,7 +110,7 @@ class Studio(W.VBox):
         self.banner_resume.on_click(guard(self._banner_say, lambda _: self.resume_interrupted()))
         self.banner_dismiss.on_click(guard(self._banner_say, lambda _: self.dismiss_interrupted()))
         self.interrupted: str | None = None
-        super().__init__([stylesheet(), self.banner_box, self.tabs])
+        super().__init__([stylesheet(), self.files_note, self.banner_box, self.tabs])
         self.add_class("mistudio-panel")
         self.add_class("mistudio-studio")
         # widgets are (re)built on the kernel's main path: when a tab is opened, not from the job thread
@@ -190,24 +220,55 @@ class Studio(W.VBox):
         self.banner_box.layout.display = "none"
 
     # -- remembered settings ----------------------------------------------------------------------
-    def load_settings(self) -> dict:
-        """The form as last launched in this workspace ({} when none, or unreadable)."""
-        try:
-            return json.loads(self.settings_file.read_text()) if self.settings_file else {}
-        except (OSError, ValueError):
-            return {}
-
-    def save_settings(self) -> None:
-        """Write the form to ``<workspace>/studio.json`` (model, dataset, extract options, dismissed banners)."""
+    def read_settings(self) -> StudioSettings:
+        """``studio.json`` as typed settings (the defaults when there is none). A bad file is set aside and said in
+        the note above the tabs; the values that could be read are kept."""
         if self.settings_file is None:
-            return
+            return StudioSettings()
+        side = SideFile(self.settings_file)
+        settings = side.load(StudioSettings)
+        if side.problems:
+            self._report(side)
+        return settings
+
+    def load_settings(self) -> dict:
+        """The form as last launched in this workspace, as JSON ({} when none; see :meth:`read_settings`)."""
+        return self.read_settings().model_dump(mode="json", exclude_unset=True)
+
+    def save_settings(self) -> bool:
+        """Write the form to ``<workspace>/studio.json`` (model, dataset, extract options, dismissed banners)
+        through a temporary file renamed over it (a link there is replaced, never followed). False, and the note
+        says why, when it cannot be written."""
+        if self.settings_file is None:
+            return False
         state = {**self.load_settings(), "model": self.model_picker.name_or_path(),
                  "model_dtype": self.model_picker.dtype.value, "dataset": self.dataset_picker.state(),
                  "extract": self.extraction_panel.state()}
-        self.settings_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.settings_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.settings_file)
+        return self._write_settings(state)
+
+    def _write_settings(self, state: dict) -> bool:
+        self._dismissed |= set(state.get("dismissed", []))
+        if self._dismissed:
+            state["dismissed"] = sorted(self._dismissed)
+        side = SideFile(self.settings_file)
+        if not side.save(state):
+            self._report(side)
+            return False
+        return True
+
+    def _report(self, side: SideFile) -> None:
+        """Set a bad side file aside and say so above the tabs."""
+        side.set_aside_if_bad()
+        self._note_file(side.path.name, side.note("the Studio uses its defaults for what could not be read"))
+
+    def _note_file(self, name: str, text: str) -> None:
+        """Show (``text``) or clear ('') the note about one side file."""
+        if text:
+            self._file_notes[name] = text
+        else:
+            self._file_notes.pop(name, None)
+        self.files_note.value = "".join(self._file_notes.values())
+        self.files_note.layout.display = "" if self._file_notes else "none"
 
     # -- interrupted jobs -------------------------------------------------------------------------
     def _banner_say(self, text: str) -> None:
@@ -218,7 +279,7 @@ class Studio(W.VBox):
         """Point at the newest job a kernel restart or crash interrupted (not yet resumed, retried or dismissed)."""
         rows = self.workspace.extractions().to_dict("records")
         retried = {r["retry_of"] for r in rows if r.get("retry_of")}
-        dismissed = set(self.load_settings().get("dismissed", []))
+        dismissed = self._dismissed | set(self.read_settings().dismissed)
         found = [r for r in rows if r["status"] == "FAILED" and r["error"] == "INTERRUPTED"
                  and r["id"] not in retried and r["id"] not in dismissed]
         if not found:
@@ -229,7 +290,7 @@ class Studio(W.VBox):
         self.interrupted = row["id"]
         others = f" ({len(found) - 1} more in the Jobs tab)" if len(found) > 1 else ""
         self.banner.value = note_box(
-            f"⚠ Extraction <b>{html.escape(row['id'])}</b> ({html.escape(row['model'])}) was interrupted: its "
+            f"⚠ Extraction <b>{esc(row['id'])}</b> ({esc(row['model'])}) was interrupted: its "
             f"kernel was restarted or crashed. {self._saved_line(row)} Resume continues from the last saved sample"
             f"{others}.", colour="#fd7e14", background="#fff3e0")
         self.banner_resume.disabled = False
@@ -271,7 +332,7 @@ class Studio(W.VBox):
                 return current
             job = self.workspace.resume(target)
         except Exception as exc:  # StoreBusy, InputError: say it in the banner
-            self.banner.value = error_box(f"Resume {html.escape(target)}: {html.escape(str(exc))}")
+            self.banner.value = error_box(f"Resume {esc(target)}: {esc(str(exc))}")
             return None
         self.extraction_panel.watch(job)
         self._hide_banner()
@@ -281,8 +342,6 @@ class Studio(W.VBox):
     def dismiss_interrupted(self) -> None:
         """Hide the banner for this job (remembered in studio.json); the Jobs tab still lists it."""
         if self.interrupted and self.settings_file is not None:
-            state = self.load_settings()
-            state["dismissed"] = sorted(set(state.get("dismissed", [])) | {self.interrupted})
-            self.settings_file.parent.mkdir(parents=True, exist_ok=True)
-            self.settings_file.write_text(json.dumps(state, indent=1))
+            self._dismissed.add(self.interrupted)
+            self._write_settings(self.load_settings())
         self._hide_banner()
