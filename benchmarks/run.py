@@ -284,7 +284,7 @@ def writer_once(tmp: Path, tag: str, mb: float, hooks: int, width: int, batch_to
     writer = ChunkWriter(store, 0)
     for first in range(0, n_samples, per_batch):
         n = min(per_batch, n_samples - first)
-        writer.put(n, {hp: r[: n * length] for hp, r in rows.items()}, stats)
+        writer.put(n, {f"activations/{hp}": r[: n * length] for hp, r in rows.items()}, stats)
     writer.close(flush=True)
     zarr_s = time.perf_counter() - start
     assert store.record.progress.tokens_committed == n_samples * length
