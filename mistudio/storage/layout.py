@@ -20,9 +20,10 @@ SHARD_INDEX_ENTRY = 16  # (offset, length) as two little-endian uint64 per inner
 EMPTY = 2**64 - 1  # an inner chunk that was never written, in a shard index
 WRITE_CONFIG = {"write_empty_chunks": True}  # an all-zero chunk is still written: a missing one means damage
 PER_SAMPLE = ("sample_offsets", "sample_index", "activation_offsets")  # token arrays indexed by sample
-# the metadata files (compact JSON): the group's (about 3.4 KB, plus ~0.9 KB of statistics per hook point) and
-# each array's (about 0.36 KB, twice: its own file and its copy in the consolidated metadata)
-METADATA_BYTES, METADATA_PER_ARRAY, METADATA_PER_HOOK_POINT = 3400, 720, 900
+# the metadata files (compact JSON): the group's (about 4.7 KB with the model's fingerprint, plus ~0.9 KB of
+# statistics per hook point), the writer lease file (~0.2 KB) and each array's (about 0.36 KB, twice: its own
+# file and its copy in the consolidated metadata)
+METADATA_BYTES, METADATA_PER_ARRAY, METADATA_PER_HOOK_POINT = 4900, 720, 900
 
 
 def numpy_dtype(name: str) -> np.dtype:
