@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import queue
 import shutil
+import sys
 import threading
+import weakref
 from functools import partial
 from typing import Callable
 
@@ -56,8 +58,48 @@ class ModelCache:
         free_memory()
 
 
+_RUNNERS: "weakref.WeakSet[Runner]" = weakref.WeakSet()
+_AT_EXIT = threading.Lock()
+_registered = False
+
+
+def _at_exit() -> None:
+    """At the interpreter's exit, before thread pools shut down: the jobs still queued or running are waited
+    for (Python's convention for background work: what ``concurrent.futures`` does), said on one line; Ctrl-C
+    cancels them cleanly and says how to resume. In a Jupyter kernel (shut down or restarted) they are cancelled
+    at once: CANCELLED, resumable, instead of killed mid-write."""
+    jobs = [job for runner in list(_RUNNERS) for job in runner.live_jobs()]
+    if not jobs:
+        return
+    ids = ", ".join(job.id for job in jobs)
+    if "ipykernel" in sys.modules:
+        _cancel_all(jobs)
+        return
+    print(f"mistudio: waiting for {len(jobs)} job(s) to finish before exiting ({ids}); press Ctrl-C to cancel "
+          "(what is saved is kept)", file=sys.stderr, flush=True)
+    try:
+        for job in jobs:
+            job.wait()
+    except KeyboardInterrupt:
+        _cancel_all(jobs)
+
+
+def _cancel_all(jobs: list) -> None:
+    for job in jobs:
+        job.cancel()
+    for job in jobs:
+        job.wait(60)
+    for job in jobs:
+        if str(job.status) != "COMPLETED":
+            root = getattr(getattr(job, "actions", None), "root", None)
+            where = f"ms.Workspace({str(root)!r})" if root is not None else "ms.Workspace(...)"
+            print(f"mistudio: job {job.id} is {job.status}; what was saved is kept: resume it with "
+                  f"{where}.resume({job.id!r})", file=sys.stderr, flush=True)
+
+
 class Runner:
-    """One background worker thread per workspace folder: jobs run one at a time, in submit order."""
+    """One background worker thread per workspace folder: jobs run one at a time, in submit order. At the
+    interpreter's exit, its jobs are waited for (see :func:`_at_exit`)."""
 
     def __init__(self, name: str):
         self.models = ModelCache()
@@ -67,6 +109,12 @@ class Runner:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"mistudio-jobs:{name}", daemon=True)
         self._thread.start()
+        global _registered
+        with _AT_EXIT:
+            _RUNNERS.add(self)
+            if not _registered:  # runs before concurrent.futures' own exit hook (registered earlier)
+                threading._register_atexit(_at_exit)
+                _registered = True
 
     def enqueue(self, job) -> None:
         """Take the job: it is live in this process from now until it ends."""
@@ -87,6 +135,11 @@ class Runner:
         """A job of this process that ended without a store to record it (a request refused while planning)."""
         with self._lock:
             return self._ended_in_memory.get(extraction_id)
+
+    def live_jobs(self) -> list:
+        """The jobs queued or running in this process, in submit order."""
+        with self._lock:
+            return list(self._live.values())
 
     def live_ids(self) -> set[str]:
         with self._lock:

@@ -270,12 +270,18 @@ def test_disk_full_at_submit_leaves_no_store(gpt2_dir, small_disk):
     assert os.listdir(root / "extractions") == []
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A child started from a background shell inherits SIGINT ignored; a terminal's Ctrl-C reaches it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # -- 6. Ctrl-C in the CLI -------------------------------------------------------------------------------
 def test_cli_ctrl_c_keeps_what_was_saved_and_says_how_to_resume(gpt2_dir, workspace):
     env = {**os.environ, "MISTUDIO_WORKSPACE": workspace, "HF_HUB_OFFLINE": "1"}
     child = subprocess.Popen([sys.executable, "-m", "mistudio.cli", "extract", "--model", gpt2_dir, "--layers", "0,1,2",
                               "--hooks", "residual,mlp,attention", "--batch-size", "1", "--dtype", "float32"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=_ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + 120
     while True:  # wait until something is committed
         assert time.monotonic() < deadline and child.poll() is None
@@ -292,3 +298,44 @@ def test_cli_ctrl_c_keeps_what_was_saved_and_says_how_to_resume(gpt2_dir, worksp
     assert len(lines) == 1 and f"mistudio resume {job_id}" in lines[0] and "samples are saved" in lines[0]
     job = ms.Workspace(workspace).job(job_id)
     assert job.status == "CANCELLED" and job.meta["progress"]["samples_committed"] > 0
+
+
+# -- a script that ends while its job runs -------------------------------------------------------------------
+SCRIPT_ENDS = textwrap.dedent("""
+    import sys, time
+    import mistudio as ms
+    ws = ms.Workspace(sys.argv[1])
+    def slowly(i, n):
+        if i == 3:
+            print("batch 3", flush=True)
+        time.sleep(float(sys.argv[3]))
+    job = ws.submit(sys.argv[2], "sample", layers=[0], max_samples=40, batch_size=2, before_batch=slowly)
+    print(job.id, flush=True)
+""")
+
+
+def test_a_script_that_ends_while_its_job_runs_waits_for_it(gpt2_dir, workspace):
+    out = subprocess.run([sys.executable, "-c", SCRIPT_ENDS, workspace, gpt2_dir, "0.01"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    job_id = out.stdout.strip().splitlines()[0]
+    assert f"waiting for 1 job(s) to finish before exiting ({job_id})" in out.stderr
+    assert "Traceback" not in out.stderr and "cannot schedule new futures" not in out.stderr
+    ext = ms.open_extraction(job_id, workspace=workspace)
+    assert ext.status == "COMPLETED" and ext.n_samples == 40
+
+
+def test_ctrl_c_while_a_script_waits_cancels_and_says_how_to_resume(gpt2_dir, workspace):
+    child = subprocess.Popen([sys.executable, "-c", SCRIPT_ENDS, workspace, gpt2_dir, "0.3"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=_ctrl_c_as_in_a_terminal)
+    job_id = child.stdout.readline().strip()
+    assert child.stdout.readline().strip() == "batch 3"  # the script has ended; its job runs (20 batches)
+    time.sleep(0.5)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0 and "waiting for 1 job(s)" in err
+    assert f"job {job_id} is CANCELLED; what was saved is kept: resume it with" in err, err[-2000:]
+    ext = ms.open_extraction(job_id, workspace=workspace)
+    assert ext.status == "CANCELLED" and 0 < ext.committed_tokens() < ext.n_tokens
+    assert ms.Workspace(workspace).resume(job_id).wait(120).status == "COMPLETED"
