@@ -1,6 +1,8 @@
 """bfloat16 storage is the model's bits; values past float16's range are counted and reported, not hidden."""
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,24 @@ def test_values_past_float16_are_counted_and_reported(loud_model, workspace, cap
     safe = ms.extract(loud_model, TEXTS, layers=[0], dtype="bfloat16", max_length=40, workspace=workspace,
                       progress=False)
     assert safe.record.statistics["layers.0.residual"].n_out_of_range == 0 and not safe.range_warnings()
+
+
+def test_the_studio_says_so_at_the_end_line_and_in_browse(loud_model, workspace):
+    import time
+
+    studio = ms.Studio(workspace=workspace, model=loud_model)
+    studio.dataset_picker.max_samples.value = 6
+    panel = studio.extraction_panel
+    panel.layers.value = (0,)
+    panel.launch_button.click()
+    assert panel.job.wait(120).status == "COMPLETED"
+    deadline = time.monotonic() + 30
+    while "COMPLETED" not in panel.status.value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    end_line = panel.status.value
+    studio.selected_index = 4  # Browse
+    for shown in (end_line, studio.browser.info.value):
+        text = html.unescape(shown)
+        assert "layers.0.residual" in text and "past float16's range" in text, text
+        assert "set 'Store as' to bfloat16" in text and "dtype=" not in text, text  # the Studio's words
+        assert "6 samples from 6 rows" in text and "cut at 'Max length'" in text, text  # and the data report

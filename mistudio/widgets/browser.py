@@ -12,7 +12,8 @@ from ..analysis.feature_view import display_pieces, feature_view, feature_view_h
 from ..analysis.stats import describe_examples
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import busy, error_box, esc, for_ui, guard, note_box, short_id, stylesheet, summarise_hook_points
+from .common import (busy, error_box, esc, for_ui, guard, note_box, short_id, store_notes, stylesheet,
+                     summarise_hook_points)
 
 PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"), ("histogram", "Feature histogram"))
 TOKEN_WINDOW = 64  # tokens drawn around the feature's peak in a row (like the 64-feature window)
@@ -216,7 +217,8 @@ class ActivationBrowser(W.VBox):
             self.row.value = int(rows[0])
         self.info.value = (f"{self.ext.n_samples:,} samples, {self.ext.n_tokens:,} tokens; dataset rows "
                            f"{int(rows.min()) if len(rows) else '–'}..{int(rows.max()) if len(rows) else '–'}"
-                           + (f"<br>{self.norm_line(self.hook_point.value)}" if self.hook_point.value else ""))
+                           + (f"<br>{self.norm_line(self.hook_point.value)}" if self.hook_point.value else "")
+                           + store_notes(self.ext))
 
     def open_row(self, extraction_id: str, row: int, hook_point: str | None = None,
                  feature: int | None = None) -> bool:

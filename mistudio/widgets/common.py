@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import ipywidgets as W
 
 from ..analysis.feature_view import escape as esc  # the one escaping helper (the feature views and pages use it too)
+from ..data import report_line
 from ..errors import render
 from ..models import packaged_minilm_path
 from ..request import param_names
@@ -48,6 +49,17 @@ def error_box(text: str) -> str:
 def note_box(text: str, colour: str = "#0d6efd", background: str = "#e7f1ff") -> str:
     return (f'<div class="mistudio-note" style="border-left:4px solid {colour};background:{background};'
             f'padding:6px 10px">{text}</div>')
+
+
+def store_notes(ext: Any) -> str:
+    """HTML of what a store says about its data, in the Studio's words: the dataset report (rows read, skipped
+    and why, samples cut, windows) and the values past the storage dtype's range (``ext.range_warnings()``)."""
+    report = ext.record.dataset.report
+    line = f"<br><small>{for_ui(report_line(report.model_dump()))}</small>" if report is not None else ""
+    warnings = ext.range_warnings()
+    if warnings:
+        line += note_box("<br>".join(f"⚠ {for_ui(w)}" for w in warnings), colour="#fd7e14", background="#fff3e0")
+    return line
 
 
 def guard(show: Callable[[str], None], fn: Callable[..., Any]) -> Callable[..., Any]:

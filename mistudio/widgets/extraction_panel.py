@@ -17,7 +17,7 @@ from ..request import ParamInfo, Request, params
 from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, ModelSpec, build, parse_layers, short
 from ..workspace import Workspace
 from .common import (PLAIN_ERRORS, RateMeter, badge, busy, error_box, esc, for_ui, guard, note_box, progress_text,
-                     stylesheet)
+                     store_notes, stylesheet)
 from .model_picker import looks_like_path
 from .sidefiles import validate_lenient
 
@@ -742,7 +742,8 @@ class ExtractionPanel(W.VBox):
             chosen = f", batch size {esc(auto.get('chosen'))} (auto: {esc(auto.get('reason', ''))})" if auto else ""
             self.status.value = (f"{badge('COMPLETED')} {esc(job.id)}: {meta['progress']['samples_total']:,} "
                                  f"samples, {meta['progress']['tokens_total']:,} tokens, "
-                                 f"{meta['timings'].get('tokens_per_s') or 0:,.0f} tokens/s{chosen}")
+                                 f"{meta['timings'].get('tokens_per_s') or 0:,.0f} tokens/s{chosen}"
+                                 + store_notes(job.extraction()))
         elif status == "CANCELLED":
             self.progress.bar_style = "warning"
             self.status.value = (f"{badge('CANCELLED')} {esc(job.id)}: {progress.get('samples_done', 0):,} "
