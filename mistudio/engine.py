@@ -333,7 +333,7 @@ def run(loaded: LoadedModel, store: ExtractionStore, request: Request, *, start_
                 elapsed = time.perf_counter() - started
                 rate = done_tokens / elapsed if elapsed > 0 else 0.0
                 progress({
-                    "samples_done": stop, "samples_total": n_samples,
+                    "samples_done": stop, "samples_committed": writer.committed_sample, "samples_total": n_samples,
                     "tokens_done": int(rows_at[stop]), "tokens_total": int(rows_at[-1]),
                     "tokens_per_s": rate, "eta_s": (tokens_total - done_tokens) / rate if rate else None,
                     "batch_size": request.batch_size if request.max_batch_tokens is None else stop - first,

@@ -221,7 +221,9 @@ class Execution:
             try:
                 if self.store.lease is not None:
                     self.store.lease.renew()  # a remote lease expires unless renewed
-                self.store.update(durable=False, heartbeat=heartbeat())  # advisory: not worth a disk flush
+                computed = (self.job.progress or {}).get("samples_done") if self.job.live else None
+                sections = {"progress": {"samples_computed": int(computed)}} if computed is not None else {}
+                self.store.update(durable=False, heartbeat=heartbeat(), **sections)  # advisory: no disk flush
             except StoreLost as exc:
                 self.lost = exc  # the job stops at its next check
                 return

@@ -68,10 +68,27 @@ def test_progress_events_and_states(gpt2_dir, workspace, clean):
     progress = rec.of("progress")
     assert progress[-1]["samples_done"] == progress[-1]["samples_total"] == 120
     assert all(p["tokens_per_s"] > 0 for p in progress)
+    assert all(0 <= p["samples_committed"] <= p["samples_done"] for p in progress)  # saved apart from computed
+    assert [p["samples_committed"] for p in progress] == sorted(p["samples_committed"] for p in progress)
     assert progress[-1]["eta_s"] == pytest.approx(0, abs=1e-6)
     (done,) = rec.of("completed")
     assert done["n_samples"] == 120
     assert_same(job.extraction(), clean[1])
+
+
+def test_the_heartbeat_records_the_samples_computed(gpt2_dir, workspace):
+    hook, reached, release = gate(at_batch=6)
+    job = ms.Workspace(workspace).submit(gpt2_dir, "sample", batch_size=8, before_batch=hook, **BASE)
+    try:
+        assert reached.wait(60)
+        deadline = time.monotonic() + 3 * jobs_module.HEARTBEAT_S + 5
+        while job.record.progress.samples_computed != 48 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        progress = job.record.progress  # what a banner reads after the process dies here
+        assert progress.samples_computed == 48 and progress.samples_committed <= 48
+    finally:
+        release.set()
+    assert job.wait(60).status == "COMPLETED"
 
 
 def test_cancel_while_extracting_keeps_committed(gpt2_dir, workspace, clean):

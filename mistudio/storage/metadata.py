@@ -164,6 +164,7 @@ class StorageInfo(_Section):
 class Progress(_Section):
     samples_committed: int = 0
     tokens_committed: int = 0
+    samples_computed: int | None = None  # forwarded by the last heartbeat (saved or not): what a crash would redo
     samples_total: int | None = None
     tokens_total: int | None = None
     chunk_rows: int | None = None

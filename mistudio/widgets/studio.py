@@ -314,8 +314,7 @@ class Studio(W.VBox):
             progress = self.workspace.job(extraction_id).record.progress
         except Exception:  # noqa: BLE001 - unreadable: not known
             return None
-        value = (getattr(progress, "model_extra", None) or {}).get("samples_computed")
-        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return progress.samples_computed
 
     def resume_interrupted(self):
         """Resume the job the banner names and show it in the Extract tab (one already running again, e.g. resumed
