@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .chat import Budget, ChatTemplateError, check_template, render_chat
 from .errors import InputError
 from .formats import DATA_SUFFIXES, file_format, named as _named
 from .request import Request
@@ -250,34 +251,51 @@ def conversation(value: object) -> list[dict] | None:
 
 
 def chat_template_of(tokenizer, chat_template: str) -> str:
-    """The Jinja template to render with: the tokenizer's own for ``"auto"``, else ``chat_template`` itself."""
+    """The Jinja template to render with: the tokenizer's own for ``"auto"``, else ``chat_template`` itself; a
+    template that is not valid Jinja is refused here (:class:`~mistudio.chat.ChatTemplateError`)."""
     if chat_template != "auto":
+        check_template(chat_template, template_label(tokenizer, chat_template))
         return chat_template
     own = getattr(tokenizer, "chat_template", None)
     if not own:
         raise InputError(f"chat_template='auto' but the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has "
                          "no chat template: «pass chat_template=\"<jinja string>\"» or use a chat model", param="chat_template")
-    return own if isinstance(own, str) else own.get("default", next(iter(own.values())))
+    own = own if isinstance(own, str) else own.get("default", next(iter(own.values())))
+    check_template(own, template_label(tokenizer, "auto"))
+    return own
 
 
-def _render(tokenizer, messages: list[dict], template: str) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True)
-    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return [int(i) for i in out]
+def template_label(tokenizer, chat_template: str) -> str:
+    """How messages name a chat template: the tokenizer's own, or the one passed as ``chat_template``."""
+    if chat_template == "auto":
+        return f"the chat template of the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r}"
+    return "the chat template given as «chat_template»"
 
 
-def chat_tokens(tokenizer, messages: list[dict], template: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, role codes) of a rendered conversation: ids are ``apply_chat_template(messages, tokenize=True)``;
-    the template is rendered over the first k messages and the new tokens go to message k's role (tokens that
-    no prefix explains, e.g. a closing template part, are "other")."""
-    ids = _render(tokenizer, messages, template)
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    """The ids of a rendered conversation, as ``apply_chat_template(..., tokenize=True)`` encodes it."""
+    return [int(i) for i in tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def chat_tokens(tokenizer, messages: list[dict], template: str, label: str = "the chat template",
+                where: str = "a conversation") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, role codes) of a rendered conversation: ids are ``apply_chat_template(messages, tokenize=True)``'s,
+    rendered within the conversation's size and time budget (:mod:`mistudio.chat`); the template is rendered over
+    the first k messages and the new tokens go to message k's role (tokens that no prefix explains, e.g. a closing
+    template part, are "other"). A template that fails, or goes past its budget, raises ChatTemplateError naming
+    ``label`` and ``where``."""
+    variables = dict(getattr(tokenizer, "special_tokens_map", None) or {})
+    limits = Budget.for_messages(messages, sum(len(str(v)) for v in variables.values()))
+    ids = _chat_ids(tokenizer, render_chat(template, messages, variables, label, limits, where))
     roles = np.full(len(ids), ROLE_CODES["other"], dtype=np.int8)
     done = 0
     for k in range(1, len(messages) + 1):
         try:
-            prefix = ids if k == len(messages) else _render(tokenizer, messages[:k], template)
-        except Exception:  # noqa: BLE001 - a template may refuse a prefix (e.g. one that ends with a user turn)
+            prefix = ids if k == len(messages) else _chat_ids(
+                tokenizer, render_chat(template, messages[:k], variables, label, limits, where))
+        except ChatTemplateError as exc:  # a template may refuse a prefix (e.g. one that ends with a user turn)
+            if exc.kind != "failed":
+                raise  # past the budget: the conversation's, prefixes included
             continue
         same = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
         if same > done:
@@ -401,6 +419,7 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
     pending: list[tuple[int, str]] = []
     limit_len = None if spec.window is not None else spec.max_length
     template = chat_template_of(tokenizer, spec.chat_template) if spec.chat_template else None
+    label = template_label(tokenizer, spec.chat_template) if spec.chat_template else ""
 
     def keep(row: int, ids: np.ndarray, dropped: int = 0, roles: np.ndarray | None = None) -> None:
         if limit_len is not None and len(ids) > limit_len:
@@ -454,7 +473,7 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
         if template is not None:
             messages = conversation(value)
             if messages:
-                ids, roles = chat_tokens(tokenizer, messages, template)
+                ids, roles = chat_tokens(tokenizer, messages, template, label, f"dataset row {row}")
                 keep(row, ids, roles=roles)
             else:
                 out.skip("empty" if value is None else "not_chat")
