@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import json
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
@@ -36,7 +39,7 @@ def sample_texts() -> list[str]:
 def _decode_error(path: Path, encoding: str) -> InputError:
     """Which line of ``path`` is not ``encoding`` text, and the fix."""
     decoder, line = codecs.getincrementaldecoder(encoding)(), 1
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         head = f.read(4096)
         f.seek(0)
         for raw in f:
@@ -54,10 +57,74 @@ def _decode_error(path: Path, encoding: str) -> InputError:
                       "(or its own, e.g. encoding='cp1252')")
 
 
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (a named pipe)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular(path: str | os.PathLike, mode: int) -> InputError:
+    """The refusal of a dataset path that is neither a regular file nor a folder."""
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+    return InputError(f"dataset path {_named(Path(path))} is {kind}, not a regular file: reading it could block or "
+                      f"never end. Copy the data into a {', '.join(DATA_SUFFIXES)} file and «pass dataset=<that "
+                      "file>»", param="dataset")
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file. It is opened without blocking and checked before a
+    byte is read: a FIFO, a device or a socket (even one put there since the request was checked) is refused at
+    once instead of blocking the job or never ending."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InputError(f"dataset file {_named(Path(path))} does not exist (any more): «pass dataset=<an existing "
+                         "file>»", param="dataset") from None
+    except OSError as exc:  # a socket (ENXIO), a folder, no permission
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = 0
+        if mode and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            raise not_regular(path, mode) from None
+        raise InputError(f"dataset file {_named(Path(path))} cannot be opened ({exc.strerror or exc})",
+                         param="dataset") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise not_regular(path, mode)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def dataset_bytes(source: object) -> int | None:
+    """The dataset's bytes on disk: a file's size, the files of a saved ``datasets`` folder, the bundled sample's
+    (compressed) file; None for in-memory data and Hub datasets. Nothing is read."""
+    if isinstance(source, str) and source == "sample":
+        return int(resources.files("mistudio.resources").joinpath("sample_text.jsonl.gz").stat().st_size)
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    try:
+        info = os.stat(source)
+    except OSError:
+        return None
+    if stat.S_ISREG(info.st_mode):
+        return int(info.st_size)
+    if not stat.S_ISDIR(info.st_mode):
+        return None
+    total = 0
+    for folder, _, files in os.walk(source):
+        for name in files:
+            try:
+                entry = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            total += entry.st_size if stat.S_ISREG(entry.st_mode) else 0
+    return total
+
+
 def _lines(path: Path, encoding: str) -> Iterator[str]:
     """The file's lines without their newline; a decoding failure names the line and the fix."""
     try:
-        with path.open(encoding=encoding) as f:
+        with io.TextIOWrapper(open_regular(path), encoding=encoding) as f:
             for line in f:
                 yield line.rstrip("\n")
     except UnicodeDecodeError:
@@ -98,14 +165,16 @@ def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[objec
 def _read_table(path: Path, column: str | None, fmt: str, encoding: str) -> Iterator[object]:
     import pandas as pd
 
-    if fmt == "csv":
-        try:  # texts are texts: "NA", "null", "None", "nan" stay strings (pandas' NA parsing is off)
-            frame = pd.read_csv(path, encoding=encoding, keep_default_na=False, na_filter=False,
-                                dtype=None if column is None else {column: str})
-        except UnicodeDecodeError:
-            raise _decode_error(path, encoding) from None
-    else:
-        frame = pd.read_parquet(path)
+    with open_regular(path) as handle:
+        if fmt in ("csv", "tsv"):
+            try:  # texts are texts: "NA", "null", "None", "nan", "N/A" stay strings (pandas' NA parsing is off)
+                frame = pd.read_csv(handle, sep="\t" if fmt == "tsv" else ",", encoding=encoding,
+                                    keep_default_na=False, na_filter=False,
+                                    dtype=None if column is None else {column: str})
+            except UnicodeDecodeError:
+                raise _decode_error(path, encoding) from None
+        else:
+            frame = pd.read_parquet(handle)
     if column is None:
         yield from frame.to_dict("records")
         return
@@ -190,7 +259,14 @@ def raw_values(spec: Request) -> Iterator[object]:
         yield from sample_texts()
     else:
         path = Path(src)
-        if path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise InputError(f"dataset path {src!r} does not exist (any more): «pass dataset=<an existing file or "
+                             "folder>»", param="dataset") from None
+        if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
+        if stat.S_ISDIR(mode):
             import datasets
 
             try:
