@@ -214,7 +214,13 @@ def test_checked_reads_give_the_stored_rows_or_store_corrupted(stored, data):
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
                                                                                 max_size=3), max_leaves=12)
-VALID = metadata.ExtractionMeta(id="x", nonce="n", status="COMPLETED").to_json()
+VALID = [metadata.ExtractionMeta(id="x", nonce="n", status="COMPLETED").to_json(),
+         metadata.ExtractionMeta.model_validate({  # an allocated store with SAE latents
+             "id": "x", "nonce": "n", "status": "EXTRACTING", "hook_points": ["layers.0.residual"],
+             "progress": {"samples_total": 10, "tokens_total": 100, "samples_committed": 2, "tokens_committed": 20,
+                          "chunk_rows": 64},
+             "storage": {"n_input_tokens": 100, "checksum": True},
+             "latents": {"layers.0.residual": {"sae": "s", "d_sae": 64, "width": 4, "block_rows": 64}}}).to_json()]
 
 
 def paths(doc, prefix=()):
@@ -227,7 +233,7 @@ def paths(doc, prefix=()):
 @st.composite
 def mutated(draw):
     """A valid record with one field (at any depth) replaced by generated JSON, or dropped, or a field added."""
-    doc = json.loads(json.dumps(VALID))
+    doc = json.loads(json.dumps(draw(st.sampled_from(VALID))))
     where = draw(st.sampled_from([p for p in paths(doc) if p]))
     parent = doc
     for key in where[:-1]:
@@ -257,7 +263,10 @@ def test_metadata_parses_to_a_record_or_an_error_naming_the_field(case):
     assert isinstance(record, metadata.ExtractionMeta)
     again = metadata.parse(record.to_json())  # what is written reads back the same
     assert again.to_json() == record.to_json()
-    assert record.committed_tokens() >= 0 or record.progress.tokens_committed < 0
+    progress = record.progress  # sizes are never negative
+    assert record.committed_tokens() >= 0 and progress.samples_committed >= 0
+    assert all(v is None or v >= 0 for v in (progress.samples_total, progress.tokens_total,
+                                              record.storage.n_input_tokens))
 
 
 @settings(max_examples=40, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -286,3 +295,17 @@ def test_a_fifo_in_place_of_a_shard_is_refused_without_blocking(stored, mark):
         within_seconds(lambda: CheckedArray(arr, "fuzz-store", mark)[SHARD:SHARD + CHUNK], 5)
     with pytest.raises(Damaged, match="not a regular file"):
         within_seconds(lambda: FastReader(g, N_ROWS).check_unit(1, decode=True), 5)
+
+
+@settings(max_examples=60, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(mutated().map(lambda c: c[0]), JSON))
+def test_verify_reports_any_metadata_without_raising(tmp_path_factory, doc):
+    """verify reads the raw metadata (it must report what the typed parser refuses): any JSON is a report."""
+    from mistudio.storage.verify import verify
+
+    root = tmp_path_factory.mktemp("meta") / "s.zarr"
+    zarr.create_group(store=str(root), zarr_format=3, attributes={"mistudio": doc})
+    report = verify(str(root))
+    assert str(report)
+    for problem in report.problems:
+        assert problem.what and (problem.file or problem.array), problem
