@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import json
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from .chat import Budget, ChatTemplateError, check_template, render_chat
 from .errors import InputError
 from .formats import DATA_SUFFIXES, file_format, named as _named
 from .request import Request
@@ -35,7 +39,7 @@ def sample_texts() -> list[str]:
 def _decode_error(path: Path, encoding: str) -> InputError:
     """Which line of ``path`` is not ``encoding`` text, and the fix."""
     decoder, line = codecs.getincrementaldecoder(encoding)(), 1
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         head = f.read(4096)
         f.seek(0)
         for raw in f:
@@ -53,10 +57,74 @@ def _decode_error(path: Path, encoding: str) -> InputError:
                       "(or its own, e.g. encoding='cp1252')")
 
 
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (a named pipe)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular(path: str | os.PathLike, mode: int) -> InputError:
+    """The refusal of a dataset path that is neither a regular file nor a folder."""
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+    return InputError(f"dataset path {_named(Path(path))} is {kind}, not a regular file: reading it could block or "
+                      f"never end. Copy the data into a {', '.join(DATA_SUFFIXES)} file and «pass dataset=<that "
+                      "file>»", param="dataset")
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file. It is opened without blocking and checked before a
+    byte is read: a FIFO, a device or a socket (even one put there since the request was checked) is refused at
+    once instead of blocking the job or never ending."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InputError(f"dataset file {_named(Path(path))} does not exist (any more): «pass dataset=<an existing "
+                         "file>»", param="dataset") from None
+    except OSError as exc:  # a socket (ENXIO), a folder, no permission
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = 0
+        if mode and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            raise not_regular(path, mode) from None
+        raise InputError(f"dataset file {_named(Path(path))} cannot be opened ({exc.strerror or exc})",
+                         param="dataset") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise not_regular(path, mode)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def dataset_bytes(source: object) -> int | None:
+    """The dataset's bytes on disk: a file's size, the files of a saved ``datasets`` folder, the bundled sample's
+    (compressed) file; None for in-memory data and Hub datasets. Nothing is read."""
+    if isinstance(source, str) and source == "sample":
+        return int(resources.files("mistudio.resources").joinpath("sample_text.jsonl.gz").stat().st_size)
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    try:
+        info = os.stat(source)
+    except OSError:
+        return None
+    if stat.S_ISREG(info.st_mode):
+        return int(info.st_size)
+    if not stat.S_ISDIR(info.st_mode):
+        return None
+    total = 0
+    for folder, _, files in os.walk(source):
+        for name in files:
+            try:
+                entry = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            total += entry.st_size if stat.S_ISREG(entry.st_mode) else 0
+    return total
+
+
 def _lines(path: Path, encoding: str) -> Iterator[str]:
     """The file's lines without their newline; a decoding failure names the line and the fix."""
     try:
-        with path.open(encoding=encoding) as f:
+        with io.TextIOWrapper(open_regular(path), encoding=encoding) as f:
             for line in f:
                 yield line.rstrip("\n")
     except UnicodeDecodeError:
@@ -97,14 +165,16 @@ def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[objec
 def _read_table(path: Path, column: str | None, fmt: str, encoding: str) -> Iterator[object]:
     import pandas as pd
 
-    if fmt == "csv":
-        try:  # texts are texts: "NA", "null", "None", "nan" stay strings (pandas' NA parsing is off)
-            frame = pd.read_csv(path, encoding=encoding, keep_default_na=False, na_filter=False,
-                                dtype=None if column is None else {column: str})
-        except UnicodeDecodeError:
-            raise _decode_error(path, encoding) from None
-    else:
-        frame = pd.read_parquet(path)
+    with open_regular(path) as handle:
+        if fmt in ("csv", "tsv"):
+            try:  # texts are texts: "NA", "null", "None", "nan", "N/A" stay strings (pandas' NA parsing is off)
+                frame = pd.read_csv(handle, sep="\t" if fmt == "tsv" else ",", encoding=encoding,
+                                    keep_default_na=False, na_filter=False,
+                                    dtype=None if column is None else {column: str})
+            except UnicodeDecodeError:
+                raise _decode_error(path, encoding) from None
+        else:
+            frame = pd.read_parquet(handle)
     if column is None:
         yield from frame.to_dict("records")
         return
@@ -189,7 +259,14 @@ def raw_values(spec: Request) -> Iterator[object]:
         yield from sample_texts()
     else:
         path = Path(src)
-        if path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise InputError(f"dataset path {src!r} does not exist (any more): «pass dataset=<an existing file or "
+                             "folder>»", param="dataset") from None
+        if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
+        if stat.S_ISDIR(mode):
             import datasets
 
             try:
@@ -250,34 +327,51 @@ def conversation(value: object) -> list[dict] | None:
 
 
 def chat_template_of(tokenizer, chat_template: str) -> str:
-    """The Jinja template to render with: the tokenizer's own for ``"auto"``, else ``chat_template`` itself."""
+    """The Jinja template to render with: the tokenizer's own for ``"auto"``, else ``chat_template`` itself; a
+    template that is not valid Jinja is refused here (:class:`~mistudio.chat.ChatTemplateError`)."""
     if chat_template != "auto":
+        check_template(chat_template, template_label(tokenizer, chat_template))
         return chat_template
     own = getattr(tokenizer, "chat_template", None)
     if not own:
         raise InputError(f"chat_template='auto' but the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has "
                          "no chat template: «pass chat_template=\"<jinja string>\"» or use a chat model", param="chat_template")
-    return own if isinstance(own, str) else own.get("default", next(iter(own.values())))
+    own = own if isinstance(own, str) else own.get("default", next(iter(own.values())))
+    check_template(own, template_label(tokenizer, "auto"))
+    return own
 
 
-def _render(tokenizer, messages: list[dict], template: str) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True)
-    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return [int(i) for i in out]
+def template_label(tokenizer, chat_template: str) -> str:
+    """How messages name a chat template: the tokenizer's own, or the one passed as ``chat_template``."""
+    if chat_template == "auto":
+        return f"the chat template of the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r}"
+    return "the chat template given as «chat_template»"
 
 
-def chat_tokens(tokenizer, messages: list[dict], template: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, role codes) of a rendered conversation: ids are ``apply_chat_template(messages, tokenize=True)``;
-    the template is rendered over the first k messages and the new tokens go to message k's role (tokens that
-    no prefix explains, e.g. a closing template part, are "other")."""
-    ids = _render(tokenizer, messages, template)
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    """The ids of a rendered conversation, as ``apply_chat_template(..., tokenize=True)`` encodes it."""
+    return [int(i) for i in tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def chat_tokens(tokenizer, messages: list[dict], template: str, label: str = "the chat template",
+                where: str = "a conversation") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, role codes) of a rendered conversation: ids are ``apply_chat_template(messages, tokenize=True)``'s,
+    rendered within the conversation's size and time budget (:mod:`mistudio.chat`); the template is rendered over
+    the first k messages and the new tokens go to message k's role (tokens that no prefix explains, e.g. a closing
+    template part, are "other"). A template that fails, or goes past its budget, raises ChatTemplateError naming
+    ``label`` and ``where``."""
+    variables = dict(getattr(tokenizer, "special_tokens_map", None) or {})
+    limits = Budget.for_messages(messages, sum(len(str(v)) for v in variables.values()))
+    ids = _chat_ids(tokenizer, render_chat(template, messages, variables, label, limits, where))
     roles = np.full(len(ids), ROLE_CODES["other"], dtype=np.int8)
     done = 0
     for k in range(1, len(messages) + 1):
         try:
-            prefix = ids if k == len(messages) else _render(tokenizer, messages[:k], template)
-        except Exception:  # noqa: BLE001 - a template may refuse a prefix (e.g. one that ends with a user turn)
+            prefix = ids if k == len(messages) else _chat_ids(
+                tokenizer, render_chat(template, messages[:k], variables, label, limits, where))
+        except ChatTemplateError as exc:  # a template may refuse a prefix (e.g. one that ends with a user turn)
+            if exc.kind != "failed":
+                raise  # past the budget: the conversation's, prefixes included
             continue
         same = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
         if same > done:
@@ -401,6 +495,7 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
     pending: list[tuple[int, str]] = []
     limit_len = None if spec.window is not None else spec.max_length
     template = chat_template_of(tokenizer, spec.chat_template) if spec.chat_template else None
+    label = template_label(tokenizer, spec.chat_template) if spec.chat_template else ""
 
     def keep(row: int, ids: np.ndarray, dropped: int = 0, roles: np.ndarray | None = None) -> None:
         if limit_len is not None and len(ids) > limit_len:
@@ -454,7 +549,7 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
         if template is not None:
             messages = conversation(value)
             if messages:
-                ids, roles = chat_tokens(tokenizer, messages, template)
+                ids, roles = chat_tokens(tokenizer, messages, template, label, f"dataset row {row}")
                 keep(row, ids, roles=roles)
             else:
                 out.skip("empty" if value is None else "not_chat")

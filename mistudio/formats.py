@@ -6,8 +6,8 @@ from pathlib import Path
 
 from .errors import InputError
 
-DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
-FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 
 def named(path: Path) -> str:
@@ -17,7 +17,7 @@ def named(path: Path) -> str:
 
 
 def file_format(path: str | os.PathLike) -> str:
-    """How to read a data file: 'txt', 'jsonl', 'csv' or 'parquet'.
+    """How to read a data file: 'txt', 'jsonl', 'csv', 'tsv' or 'parquet'.
 
     Decided by the suffix of the path as given (a link's own name), else by its target's suffix, else by
     the content: parquet's magic ``PAR1``, JSON lines starting with ``{``, else text (only for a file with

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import (ROLE_CODES, SKIP_REASONS, chat_template_of, check_source, plan_batches, plan_order, report_line,
-                   tokenize, window_positions, window_spans)
+from .data import (ROLE_CODES, SKIP_REASONS, chat_template_of, check_source, dataset_bytes, plan_batches, plan_order,
+                   report_line, tokenize, window_positions, window_spans)
 from .engine import Latents, forward_batches
 from .fingerprints import check_same_model, fingerprint
 from .errors import InputError, human_bytes, render
@@ -261,7 +261,8 @@ def estimate(model: Any = None, dataset: Any = None, layers: Any = None, hooks: 
     Returns a dict with ``samples``, ``windows`` (forwarded sequences), ``tokens``, ``rows`` (activation rows per
     hook point), ``rows_read``, ``skipped`` ({reason: rows}), ``truncated`` (samples cut) and
     ``truncated_tokens``, ``batches``, ``bytes_on_disk`` (the store's bytes, as the allocator lays it out;
-    metadata adds a few KB), ``free_disk_bytes`` (the workspace's disk; None if remote), ``peak_device_bytes``
+    metadata adds a few KB), ``dataset_bytes`` (the dataset's size on disk: a file's, a saved folder's; None for
+    in-memory data and Hub datasets), ``free_disk_bytes`` (the workspace's disk; None if remote), ``peak_device_bytes``
     (see :func:`peak_device_bytes`), ``device_memory_bytes``, ``seconds`` (with ``probe=True``: the model is
     loaded and a few batches timed; else None), ``warnings`` (strings) and a one-line ``summary``.
     ``batch_size="auto"`` is estimated at batch 8 (its choice needs the model). ``preset=`` starts from a saved
@@ -333,9 +334,11 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
         "free_disk_bytes": free, "peak_device_bytes": peak, "device": str(device), "device_memory_bytes": memory,
         "largest_batch": {"samples": largest[0], "width": largest[1]}, "n_parameters": facts["n_parameters"],
         "seconds": seconds, "warnings": [render(w) for w in warnings], "warning_templates": warnings,
-        "report": report, "report_line": report_line(report),
+        "report": report, "report_line": report_line(report), "dataset_bytes": dataset_bytes(request.dataset),
     }
-    result["summary"] = summary(result)
+    source = (f"dataset {human_bytes(result['dataset_bytes'])}" if result["dataset_bytes"] is not None else "dataset"
+              ) + f", {result['rows_read']:,} rows read"
+    result["summary"] = f"{source} · {summary(result)}"
     return result
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..models import FAMILIES
+from .stats import as_index
 
 # the module names of the final norm in transformers' base models (GPT-2, GPT-NeoX, Phi, LLaMA-likes ...)
 FINAL_NORM_NAMES = ("ln_f", "final_layer_norm", "final_layernorm", "norm", "final_norm", "ln_final")
@@ -252,7 +253,7 @@ def neuron_logit_effects(features: Sequence[int], unembedding: Unembedding, k: i
     """Logit effects of raw neurons (unit vectors ``e_j``) of a residual, MLP-out or attention-out hook point:
     row ``j`` of ``diag(gain) @ W_U``."""
     d = unembedding.d_model
-    idx = [int(f) for f in features]
+    idx = [as_index(f, "features", "a neuron index") for f in features]
     bad = [f for f in idx if not 0 <= f < d]
     if bad:
         raise InputError(f"neurons {bad[:5]} are outside 0..{d - 1}: the residual width of this model is {d}")

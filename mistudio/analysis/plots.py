@@ -7,6 +7,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from .stats import check_feature
+
 if TYPE_CHECKING:
     from ..extraction import Extraction
 
@@ -76,6 +78,7 @@ def heatmap(ext: "Extraction", row: int, hook_point: str, features: slice | None
     (:func:`colour_limit`: a high percentile, with a dimension far above the others drawn saturated and named)
     and said on the colour bar. ``hide``: a bool per token of the row; those tokens are left out (counted)."""
     d = int(ext.activations(hook_point).shape[1])
+    feature = None if feature is None else check_feature(feature, d, hook_point)
     features = features or feature_window(feature, d, max_features)
     first, last = features.start or 0, min(features.stop, d) - 1
     sample = ext.sample(row, [hook_point])  # excluded special tokens: NaN rows, drawn blank
@@ -161,8 +164,7 @@ def feature_column(ext: "Extraction", hook_point: str, feature: int,
                    max_tokens: int = DEFAULT_SCAN_TOKENS) -> np.ndarray:
     """One feature over the committed tokens, read chunk by chunk (at most ``max_tokens``)."""
     arr = ext.activations(hook_point)
-    if not 0 <= feature < arr.shape[1]:
-        raise ValueError(f"feature {feature} is out of range: {hook_point} has features 0..{arr.shape[1] - 1}")
+    feature = check_feature(feature, int(arr.shape[1]), hook_point)
     stop = min(ext.committed_tokens(), max_tokens)
     step = arr.chunks[0]
     return np.concatenate([np.asarray(arr[b:min(b + step, stop), feature], dtype=np.float32)

@@ -52,6 +52,50 @@ class Examples(list):
     cached: bool = False
 
 
+# -- arguments -------------------------------------------------------------------------------------
+def as_index(value: Any, name: str, what: str) -> int:
+    """``value`` as an index (a whole number, Python's or numpy's); a bool, a float (even 2.0), a string or
+    anything else is refused naming the value: ``True`` is not index 1, and ``2.9`` is not index 2."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        kind = "a boolean" if isinstance(value, (bool, np.bool_)) else f"a {type(value).__name__}"
+        raise InputError(f"«{name}={value!r}» is {kind}, not {what}: give a whole number, e.g. «pass {name}=0»",
+                         param=name)
+    return int(value)
+
+
+def check_feature(feature: Any, d: int, hook_point: str, name: str = "feature") -> int:
+    """``feature`` as a feature index of a hook point with ``d`` features: a whole number in ``0..d-1``
+    (see :func:`as_index`)."""
+    index = as_index(feature, name, f"a feature index of {hook_point} (0 to {d - 1})")
+    if not 0 <= index < d:
+        raise InputError(f"«{name}={index}» is out of range: {hook_point} has {d:,} features (0 to {d - 1}): "
+                         f"«pass {name}={d - 1}» or less", param=name)
+    return index
+
+
+def check_features(features: Any, d: int, hook_point: str, name: str = "feature") -> tuple[list[int], bool]:
+    """(feature indices, whether one was given alone) from one index or a list/tuple/array of them, each checked
+    by :func:`check_feature`."""
+    if isinstance(features, np.ndarray) and features.ndim == 0:
+        features = features[()]
+    if isinstance(features, (list, tuple, np.ndarray, range)):
+        if isinstance(features, np.ndarray) and features.ndim != 1:
+            raise InputError(f"«{name}» is an array of shape {features.shape}: give one feature index or a flat "
+                             "list of them", param=name)
+        return [check_feature(f, d, hook_point, name) for f in features], False
+    return [check_feature(features, d, hook_point, name)], True
+
+
+def check_count(value: Any, name: str, low: int) -> int:
+    """A whole-number argument (``k``, ``context``) of at least ``low``; bools and floats are refused by name."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InputError(f"«{name}={value!r}» is not valid: «pass {name}={max(low, 1)}» or more (a whole number)",
+                         param=name)
+    return int(value)
+
+
 # -- chunk plan and the per-chunk work (module-level functions: they travel to dask workers) -----------
 def _mark(ext: "Extraction") -> int:
     return int(ext.committed_tokens())
@@ -192,8 +236,7 @@ def feature_stats(ext: "Extraction", hook_point: str, bins: int = 64, cluster: A
     Two streaming passes (moments and range, then histograms with per-feature edges from min to max).
     ``cluster``: a ``dask.distributed.Client`` to run the chunks on its workers.
     """
-    if bins < 1:
-        raise InputError(f"bins must be at least 1, got {bins}")
+    bins = check_count(bins, "bins", 1)
     ext.activations(hook_point)  # names the hook points when this one is wrong
     mark = _mark(ext)
     path = cache_path("feature_stats", hook_point, f"bins={bins}")
@@ -232,13 +275,9 @@ def top_examples(ext: "Extraction", hook_point: str, feature: int | list[int], k
     token), ``context_ids``, ``context_tokens``, ``context_values`` (this feature's activations).
     A list of features is answered in one pass: a dict {feature: examples}.
     """
-    features = [int(feature)] if np.isscalar(feature) else [int(f) for f in feature]
     d = int(ext.activations(hook_point).shape[1])
-    bad = [f for f in features if not 0 <= f < d]
-    if bad:
-        raise InputError(f"feature {bad[0]} is out of range: {hook_point} has {d} features (0..{d - 1})")
-    if k < 1 or context < 0:
-        raise InputError(f"k must be at least 1 and context at least 0, got k={k}, context={context}")
+    features, alone = check_features(feature, d, hook_point)
+    k, context = check_count(k, "k", 1), check_count(context, "context", 0)
     mark = _mark(ext)
     paths = {f: cache_path("top_examples", hook_point, f"feature={f},k={k},context={context}") for f in features}
     answers: dict[int, Examples] = {}
@@ -255,7 +294,7 @@ def top_examples(ext: "Extraction", hook_point: str, feature: int | list[int], k
             order = np.lexsort((cand[:, 1], -cand[:, 0]))[:k]  # largest value first, ties by stored order
             answers[f] = Examples(describe_examples(ext, hook_point, f, cand[order], context))
             cache_write(ext, paths[f], mark, {"examples": json.dumps(answers[f])}, {})
-    return answers[features[0]] if np.isscalar(feature) else answers
+    return answers[features[0]] if alone else answers
 
 
 def describe_examples(ext: "Extraction", hook_point: str, feature: int, best: np.ndarray, context: int) -> list[dict]:

@@ -437,7 +437,7 @@ class FastReader:
         if not stat.S_ISREG(info.st_mode):
             raise Damaged(key, f"the {'shard' if g.sharded else 'chunk'} is not a regular file")
         if not decode:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
             try:
                 if g.sharded:
                     offsets = self.chunk_offsets(fd, unit, info.st_size)
@@ -490,7 +490,7 @@ class FastReader:
         key = g.unit_key(unit)
         path = g.unit_file(unit)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in opens at once, then is refused
         except FileNotFoundError:
             raise Damaged(key, "missing", missing=True) from None
         except IsADirectoryError:

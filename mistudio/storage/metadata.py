@@ -129,11 +129,11 @@ class LatentInfo(_Section):
     sae: str  # the SAE's folder
     fingerprint: str | None = None
     architecture: str | None = None
-    d_sae: int
+    d_sae: int = Field(ge=1)
     k: int | None = None  # top-k SAEs: the k of the SAE
-    width: int  # latents kept per token (the largest); a top-k SAE's k, else chosen from a probe of its L0
+    width: int = Field(ge=1)  # latents kept per token (the largest): a top-k SAE's k, else from a probe of its L0
     width_reason: str = ""
-    block_rows: int  # rows per chunk of indices/values: the unit of the by-feature index
+    block_rows: int = Field(ge=1)  # rows per chunk of indices/values: the unit of the by-feature index
     hook_name: str | None = None  # the SAE's own name of its hook point (TransformerLens)
 
 
@@ -154,20 +154,22 @@ class StorageInfo(_Section):
 
     checksum: bool | None = None
     exclude_special: bool = False
-    n_input_tokens: int | None = None
-    shard_rows: int | None = None
+    n_input_tokens: int | None = Field(None, ge=0)
+    shard_rows: int | None = Field(None, ge=1)
     window: int | None = None
     stride: int | None = None
     role_codes: dict[str, int] | None = None
 
 
 class Progress(_Section):
-    samples_committed: int = 0
-    tokens_committed: int = 0
-    samples_computed: int | None = None  # forwarded by the last heartbeat (saved or not): what a crash would redo
-    samples_total: int | None = None
-    tokens_total: int | None = None
-    chunk_rows: int | None = None
+    """Counts, never negative (a size read from here is checked against the files before it sizes anything)."""
+
+    samples_committed: int = Field(0, ge=0)
+    tokens_committed: int = Field(0, ge=0)
+    samples_computed: int | None = Field(None, ge=0)  # forwarded at the last heartbeat, saved or not
+    samples_total: int | None = Field(None, ge=0)
+    tokens_total: int | None = Field(None, ge=0)
+    chunk_rows: int | None = Field(None, ge=1)
 
 
 class Heartbeat(_Section):

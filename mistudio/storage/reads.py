@@ -8,6 +8,8 @@ local store in the writer's own layout are decoded by :mod:`.codec` directly (on
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,22 @@ def missing_units(arr: Any, candidates: list[tuple[int, ...]]) -> list[tuple[int
         return await asyncio.gather(*(store.exists(unit_key(arr, u)) for u in candidates))
 
     return [u for u, present in zip(candidates, sync(exists()) if candidates else []) if not present]
+
+
+def irregular_unit(arr: Any, candidates: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The first unit among ``candidates`` of a local store whose file is there but is not a regular file (a FIFO
+    or a device would block or never end a read; a folder cannot be one): Zarr is never handed it."""
+    root = getattr(arr.store_path.store, "root", None)
+    if root is None:
+        return None
+    for unit in candidates:
+        try:
+            mode = os.stat(os.path.join(str(root), unit_key(arr, unit).lstrip("/")), follow_symlinks=False).st_mode
+        except OSError:
+            continue
+        if not stat.S_ISREG(mode):
+            return unit
+    return None
 
 
 class CheckedArray:
@@ -136,6 +154,9 @@ class CheckedArray:
                 what = (f"the {unit_name(self.zarr)} is missing although rows below {self.mark} are committed"
                         if exc.missing else exc.what)
                 raise self._fail(exc.unit, what) from None
+        irregular = irregular_unit(self.zarr, units(self.zarr, first, stop))
+        if irregular is not None:
+            raise self._fail(irregular, f"the {unit_name(self.zarr)} is not a regular file")
         missing = missing_units(self.zarr, units(self.zarr, first, min(stop, self.mark)))
         if missing:
             raise self._fail(missing[0], f"the {unit_name(self.zarr)} is missing although rows below {self.mark} "

@@ -14,12 +14,13 @@ import zarr
 
 from ..errors import InputError, StoreCorrupted, StoreLost
 from . import metadata
+from .codec import fast_layout
 from .files import fsync_dir, write_atomic
+from .layout import CHECKSUM_BYTES, PER_SAMPLE, WRITE_CONFIG, StoreLayout, array_codecs, numpy_dtype, storage_unit, \
+    unit_key, unit_name, zarr_dtype
 from .lease import WriterLease
-from .layout import WRITE_CONFIG, StoreLayout, array_codecs, numpy_dtype, zarr_dtype
 from .metadata import ExtractionMeta
 from .reads import DECODE_ERRORS, CheckedArray
-
 
 
 class ExtractionStore:
@@ -211,12 +212,80 @@ class ExtractionStore:
         damaged ``zarr.json`` raises :class:`StoreCorrupted` naming the file."""
         file = f"{self.location.rstrip('/')}/{path}/zarr.json"
         try:
-            return self.group[path].with_config(WRITE_CONFIG)
+            arr = self.group[path].with_config(WRITE_CONFIG)
         except (KeyError, FileNotFoundError) as exc:
             raise StoreCorrupted(self.location, "the array is missing", path, file=file) from exc
         except DECODE_ERRORS as exc:
             raise StoreCorrupted(self.location, f"its metadata cannot be read ({type(exc).__name__}: {exc})", path,
                                  file=file) from exc
+        self._check_size(arr, path, file)
+        return arr
+
+    def _claimed_rows(self, path: str) -> tuple[int | None, str, int]:
+        """(rows the metadata gives the array at ``path`` or None, where it says so, rows its files must hold)."""
+        record = self._record
+        progress, storage = record.progress, record.storage
+        total = progress.tokens_total
+        if total is None:
+            return None, "", 0
+        folder, name = path.rsplit("/", 1)
+        if folder == "tokens":
+            samples = progress.samples_total
+            if name in PER_SAMPLE and samples is not None:
+                rows = samples + (name != "sample_index")
+                return rows, f"progress.samples_total={samples:,}", rows
+            n_input = storage.n_input_tokens if storage.n_input_tokens is not None else total
+            where = "storage.n_input_tokens" if storage.n_input_tokens is not None else "progress.tokens_total"
+            return n_input, f"{where}={n_input:,}", n_input  # token arrays are written whole at allocation
+        if folder == "activations" or (folder.startswith("latents/") and name in ("indices", "values")):
+            return total, f"progress.tokens_total={total:,}", min(record.committed_tokens(), total)
+        return None, "", 0
+
+    def _check_size(self, arr: zarr.Array, path: str, file: str) -> None:
+        """Refuse an array whose ``zarr.json`` claims more than the metadata and its files back, before anything
+        is read or allocated: its row count must be the metadata's, and the storage units of its rows that must
+        be written (every row of a token array; an activation array's rows below the commit mark) must exist,
+        the first and the last one at least the size of their chunks. A crafted or damaged size (10**12 rows)
+        is :class:`StoreCorrupted` naming the file."""
+        expected, where, needed = self._claimed_rows(path)
+        key = (path, tuple(arr.shape), expected, needed)
+        checked = self.__dict__.setdefault("_sizes_checked", set())
+        if key in checked:
+            return
+        rows = int(arr.shape[0]) if arr.ndim else 0
+        if expected is not None and rows != expected:
+            raise StoreCorrupted(self.location, f"its zarr.json gives it {rows:,} rows but the metadata's {where} "
+                                 "(the array's size is checked against the metadata before it is read)", path,
+                                 file=file)
+        if needed > 0:
+            unit = storage_unit(arr)[0]
+            for index in sorted({0, (min(needed, rows) - 1) // unit}):
+                self._check_unit_file(arr, path, index, min(needed, rows))
+        checked.add(key)
+
+    def _check_unit_file(self, arr: zarr.Array, path: str, index: int, needed: int) -> None:
+        """The storage unit ``index`` (which holds some of the first ``needed`` rows) exists, and, for the plain
+        layouts mistudio writes, holds at least the bytes of its chunks below ``needed``."""
+        unit = (index, *[0] * (arr.ndim - 1))
+        key = unit_key(arr, unit)
+        file = f"{self.location.rstrip('/')}/{key}"
+        try:
+            size = int(zarr.core.sync.sync(arr.store_path.store.getsize(key)))
+        except (FileNotFoundError, OSError, KeyError) as exc:
+            raise StoreCorrupted(self.location, f"the {unit_name(arr)} is missing, yet the metadata says rows up to "
+                                 f"{needed:,} are written (a size larger than the files)", path, unit, file) from exc
+        layout = fast_layout(arr) if arr.ndim in (1, 2) else None
+        if layout is None:
+            return
+        inner_rows, crc = layout
+        row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+        first = index * storage_unit(arr)[0]
+        chunks = -(-(min(needed, first + storage_unit(arr)[0]) - first) // inner_rows)
+        least = chunks * (inner_rows * row_bytes + CHECKSUM_BYTES * crc)
+        if size < least:
+            raise StoreCorrupted(self.location, f"the {unit_name(arr)} file is {size:,} bytes, but its zarr.json "
+                                 f"makes the {chunks:,} chunk(s) of its written rows {least:,} bytes (a size larger "
+                                 "than the files)", path, unit, file)
 
     def tokens(self, name: str) -> CheckedArray:
         """A checked read-only view of ``tokens/<name>`` (written in full at allocation)."""
@@ -227,17 +296,48 @@ class ExtractionStore:
         return self.tokens("input_ids")[:]
 
     def sample_offsets(self) -> np.ndarray:
-        return self.tokens("sample_offsets")[:]
+        """Token range of each stored sample, checked: from 0 up to the token arrays' length, never decreasing."""
+        return self._offsets("sample_offsets", self.array("tokens/input_ids").shape[0], "tokens/input_ids")
 
     def sample_index(self) -> np.ndarray:
         return self.tokens("sample_index")[:]
 
     def activation_offsets(self) -> np.ndarray:
         """Activation-row range of each stored sample (``tokens/activation_offsets``; stores from before it
-        have a row per token, so their sample offsets)."""
-        if "activation_offsets" in self.group["tokens"]:
-            return self.tokens("activation_offsets")[:]
-        return self.sample_offsets()
+        have a row per token, so their sample offsets), checked like the sample offsets, and at most one row
+        per token."""
+        if "activation_offsets" not in self.group["tokens"]:
+            return self.sample_offsets()
+        tokens = self.sample_offsets()
+        rows = self._offsets("activation_offsets", int(self._record.progress.tokens_total or 0),
+                             "progress.tokens_total")
+        if len(rows) != len(tokens) or np.any(np.diff(rows) > np.diff(tokens)):
+            raise StoreCorrupted(self.location, "its offsets give a sample more activation rows than tokens",
+                                 "tokens/activation_offsets",
+                                 file=f"{self.location.rstrip('/')}/tokens/activation_offsets/zarr.json")
+        return rows
+
+    def _offsets(self, name: str, end: int, what: str) -> np.ndarray:
+        """``tokens/<name>``, whose values index other arrays: they must run from 0 to ``end`` (the length of
+        ``what``) without decreasing, so that no range read from them is larger than the arrays (checked once
+        here, before any caller sizes a buffer by them)."""
+        checked = self.tokens(name)
+        offsets = checked[:]
+        bad, at = None, 0
+        if offsets.ndim != 1 or not len(offsets):
+            bad = "it is empty"
+        elif offsets[0] != 0:
+            bad = f"they start at {int(offsets[0]):,}, not at 0"
+        elif offsets[-1] != end:
+            bad, at = f"they end at {int(offsets[-1]):,}, not at {end:,} (the length of {what})", len(offsets) - 1
+        elif np.any(np.diff(offsets) < 0):
+            at = int(np.flatnonzero(np.diff(offsets) < 0)[0]) + 1
+            bad = f"they decrease at entry {at:,}"
+        if bad:
+            unit = (at // checked.chunks[0],)
+            raise StoreCorrupted(self.location, f"its offsets do not fit the arrays they index: {bad}",
+                                 f"tokens/{name}", unit, f"{self.location.rstrip('/')}/{unit_key(checked.zarr, unit)}")
+        return offsets
 
     def activations(self, hook_point: str) -> zarr.Array:
         """The raw (writable, unchecked) Zarr array of one hook point; readers use ``Extraction.activations``."""

@@ -258,7 +258,8 @@ class _Scan:
         present = self.present(arr)
         if present is not None and n_units > present + 1:
             self.problem(f"{n_units:,} {unit_name(arr)}s hold the rows below the commit mark {mark:,}, but the "
-                         f"array's folder holds {present:,} files", arr.path)
+                         f"array's folder holds {present:,} files", arr.path,
+                         file=f"{self.location}/{arr.path}/zarr.json")
             return
         g = Geometry.of(arr)
         if g is not None:
