@@ -21,36 +21,49 @@ HP = "layers.1.residual"
 BIG = 10**12
 RSS_SLACK_MB = 150  # a crafted store may cost this much more than reading the clean store (which is ~1 MB of data)
 
-# Every entry point that sizes something by a store's claims. Each prints one JSON line: the exception or "ok".
+# Every entry point that sizes something by a store's claims, for each (name, workspace, id) given: one process
+# imports mistudio once, then each store is driven in a forked child (its own peak RSS, its own address-space cap).
+# Each child prints one line: per action the exception or "ok".
 DRIVER = textwrap.dedent("""
-    import json, resource, sys, traceback
-    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a runaway allocation fails here, not the machine
+    import json, os, resource, sys
     import mistudio as ms
     from mistudio.cli import main as cli
-    ws, eid, hp = sys.argv[1:4]
-    open_ = lambda: ms.open_extraction(eid, workspace=ws)
-    actions = {
-        "listing": lambda: ms.Workspace(ws).extractions(),
-        "cli_jobs": lambda: cli(["jobs", "--workspace", ws]),
-        "verify": lambda: out.__setitem__("report", str(open_().verify())),
-        "sample": lambda: open_().sample(int(open_().rows()[3]), tokens=False),
-        "activations": lambda: open_().activations(hp)[:],
-        "feature_stats": lambda: open_().feature_stats(hp),
-        "top_examples": lambda: open_().top_examples(hp, 0),
-        "loader": lambda: next(iter(open_().loader(hp, batch_size=64))),
-    }
-    out = {}  # filled before the actions run: verify writes its report into it
-    for name, act in actions.items():
-        try:
-            act()
-            out[name] = ["ok", ""]
-        except Exception as exc:
-            out[name] = [type(exc).__name__, str(exc)]
-    rows = ms.Workspace(ws).extractions()
-    row = rows[0] if isinstance(rows, list) else rows.iloc[0].to_dict()
-    out["row"] = {"damaged": bool(row["damaged"]), "problem": str(row["problem"])}
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT" + json.dumps(out))
+    ms.Workspace, ms.open_extraction, ms.analysis.loader  # imported once, before the children fork
+
+    def drive(ws, eid, hp):
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a runaway allocation fails here
+        open_ = lambda: ms.open_extraction(eid, workspace=ws)
+        actions = {
+            "listing": lambda: ms.Workspace(ws).extractions(),
+            "cli_jobs": lambda: cli(["jobs", "--workspace", ws]),
+            "verify": lambda: out.__setitem__("report", str(open_().verify())),
+            "sample": lambda: open_().sample(int(open_().rows()[3]), tokens=False),
+            "activations": lambda: open_().activations(hp)[:],
+            "feature_stats": lambda: open_().feature_stats(hp),
+            "top_examples": lambda: open_().top_examples(hp, 0),
+            "loader": lambda: next(iter(open_().loader(hp, batch_size=64))),
+        }
+        out = {}  # filled before the actions run: verify writes its report into it
+        for name, act in actions.items():
+            try:
+                act()
+                out[name] = ["ok", ""]
+            except Exception as exc:
+                out[name] = [type(exc).__name__, str(exc)]
+        rows = ms.Workspace(ws).extractions()
+        row = rows[0] if isinstance(rows, list) else rows.iloc[0].to_dict()
+        out["row"] = {"damaged": bool(row["damaged"]), "problem": str(row["problem"])}
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return out
+
+    for name, ws, eid, hp in json.loads(sys.argv[1]):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                print("RESULT" + json.dumps([name, drive(ws, eid, hp)]), flush=True)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
 """)
 
 
@@ -63,18 +76,35 @@ def made(gpt2_dir, tmp_path_factory):
     return ws, ext.id
 
 
-def drive(ws: Path, ext_id: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", DRIVER, str(ws), ext_id, HP], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).parent.parent)
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT")]
-    assert line, f"the driver died (rc {done.returncode}): {done.stderr[-2000:]}"
-    return json.loads(line[0][len("RESULT"):])
+def drive(stores: dict[str, tuple[Path, str]]) -> dict[str, dict]:
+    """{name: what every entry point gave on that store} (one driver process, a forked child per store)."""
+    given = [[name, str(ws), ext_id, HP] for name, (ws, ext_id) in stores.items()]
+    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(given)], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parent.parent)
+    results = dict(json.loads(x[len("RESULT"):]) for x in done.stdout.splitlines() if x.startswith("RESULT"))
+    assert set(results) == set(stores), f"a driver died (rc {done.returncode}): {done.stderr[-2000:]}"
+    return results
 
 
 @pytest.fixture(scope="module")
-def clean(made):
+def driven(made, tmp_path_factory):
+    """Every crafted copy of the store and the clean one, driven; {name: (result, store folder)}."""
+    ws, ext_id = made
+    stores, folders = {"clean": (ws, ext_id)}, {}
+    for name, (change, _) in CRAFTS.items():
+        copy = tmp_path_factory.mktemp(name) / "ws"
+        shutil.copytree(ws, copy)
+        folders[name] = copy / "extractions" / f"{ext_id}.zarr"
+        change(folders[name])
+        stores[name] = (copy, ext_id)
+    results = drive(stores)
+    return {name: (results[name], folders.get(name)) for name in stores}
+
+
+@pytest.fixture(scope="module")
+def clean(driven):
     """What every entry point gives on the undamaged store, and the driver's peak RSS there."""
-    result = drive(*made)
+    result = driven["clean"][0]
     assert all(v == ["ok", ""] for k, v in result.items() if k not in NOT_DATA), result
     assert "DAMAGED" not in result["report"] and "problem" not in result["report"].lower(), result["report"]
     assert result["row"] == {"damaged": False, "problem": ""}
@@ -146,13 +176,9 @@ NOT_DATA = ("row", "peak_rss_mb", "report")
 
 
 @pytest.mark.parametrize("craft", list(CRAFTS))
-def test_crafted_size_is_refused_by_name_within_a_memory_bound(made, clean, tmp_path, craft):
-    ws, ext_id = made
-    shutil.copytree(ws, tmp_path / "ws")
-    store = tmp_path / "ws" / "extractions" / f"{ext_id}.zarr"
-    change, named = CRAFTS[craft]
-    change(store)
-    result = drive(tmp_path / "ws", ext_id)
+def test_crafted_size_is_refused_by_name_within_a_memory_bound(driven, clean, craft):
+    result, store = driven[craft]
+    named = CRAFTS[craft][1]
     for action, (kind, message) in ((k, v) for k, v in result.items() if k not in NOT_DATA):
         assert kind in ("ok", "StoreCorrupted"), (action, kind, message)  # never MemoryError, never a raw error
         if kind == "StoreCorrupted":
