@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_analysis.ipynb", "03_train.ipynb"])
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_analysis.ipynb", "03_train.ipynb", "04_features.ipynb"])
 def test_notebook_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MISTUDIO_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
