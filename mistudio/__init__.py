@@ -24,6 +24,7 @@ _WHERE = {
 }
 # submodules shown as attributes: ms.feature_view is mistudio.analysis.feature_view
 _MODULES = {"feature_view": "analysis.feature_view", "plots": "analysis.plots", "analysis": "analysis",
+            "features": "analysis.features", "feature_page": "analysis.feature_page", "exports": "analysis.exports",
             "storage": "storage", "request": "request", "plan": "plan"}
 __all__ = sorted(_WHERE) + list(_MODULES)
 

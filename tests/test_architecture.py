@@ -27,6 +27,19 @@ def test_import_layers_and_no_cycles():
     assert "2 kept, 0 broken" in proc.stdout
 
 
+def test_every_module_has_a_layer():
+    """A module in no layer escapes the contract: each of the package's modules and packages is placed."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    placed = {name.strip() for layer in contracts[0]["layers"] for name in layer.split("|")}
+    package = ROOT / "mistudio"
+    found = {f"mistudio.{p.stem}" for p in package.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    found |= {f"mistudio.{p.name}" for p in package.iterdir()
+              if (p / "__init__.py").exists() and p.name != "resources"}  # resources: the bundled sample, no code
+    assert found - placed == set(), "add these to a layer in pyproject.toml"
+
+
 def _options(subcommand: str) -> dict[str, str]:
     """dest -> help of a sub-command's options."""
     parser = cli.parser()

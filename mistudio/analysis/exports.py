@@ -40,7 +40,7 @@ def _page_title(page: dict) -> str:
 
 def export_html(pages: Iterable[dict], path: str | Path, title: str = "mistudio feature pages",
                 hide_special: bool = False, scheme: str = "auto") -> Path:
-    """Write ``pages`` (feature page dicts, :mod:`mistudio.feature_page`) to one HTML file: an index with a line
+    """Write ``pages`` (feature page dicts, :mod:`mistudio.analysis.feature_page`) to one HTML file: an index with a line
     per page (density, max, note) linking to its anchor, then the pages. Nothing in the file loads anything:
     no scripts, no images, no fonts, and a Content-Security-Policy that forbids every fetch."""
     pages = list(pages)

@@ -88,11 +88,11 @@ def _int(value: Any) -> str:
 def check_page(page: Any) -> None:
     """Raise InputError naming what is missing when ``page`` does not follow the schema above."""
     if not isinstance(page, dict):
-        raise InputError(f"a feature page is a dict (see mistudio.feature_page), not {type(page).__name__}")
+        raise InputError(f"a feature page is a dict (see mistudio.analysis.feature_page), not {type(page).__name__}")
     missing = [k for k in PAGE_KEYS if k not in page]
     if missing:
         raise InputError(f"feature page for {page.get('hook_point')!r} feature {page.get('feature')!r} lacks "
-                         f"{missing}: build it with every key of mistudio.feature_page.PAGE_KEYS")
+                         f"{missing}: build it with every key of mistudio.analysis.feature_page.PAGE_KEYS")
     if page["kind"] not in ("neuron", "latent"):
         raise InputError(f"feature page kind={page['kind']!r} is neither 'neuron' (a raw unit of the hook point) nor "
                          "'latent' (an SAE latent)")
