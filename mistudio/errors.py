@@ -97,6 +97,12 @@ class JobCancelled(MistudioError):
     """Raised inside a job when its cancel token is set; the job ends CANCELLED."""
 
 
+class JobInterrupted(MistudioError):
+    """Raised inside a job whose process is exiting (a Jupyter kernel shut down or restarted): the job stops at
+    its next block and ends FAILED/INTERRUPTED, resumable, like a job whose process died, but with what it
+    computed committed."""
+
+
 class JobTimeout(MistudioError):
     """Raised inside a job that ran past its ``timeout_s``."""
 
@@ -199,6 +205,9 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
         return {"error_type": "DISK_FULL", "suggested_retry_params": {}, "resume_available": True,
                 "error_message": disk_full_message(where, free, needed, "Everything committed before it is kept."),
                 "bytes_free": free, "bytes_needed": needed}
+    if isinstance(exc, JobInterrupted):
+        return {"error_type": "INTERRUPTED", "error_message": str(exc), "suggested_retry_params": {},
+                "resume_available": True}
     if isinstance(exc, StoreLost):
         return {"error_type": "STORE_LOST", "error_message": str(exc), "suggested_retry_params": {},
                 "resume_available": False}

@@ -101,6 +101,7 @@ class Job(Observable):
         self.id: str = store.name
         self._also_notify = also_notify if also_notify is not None else []
         self._cancel = threading.Event()
+        self.interrupted_by: str | None = None  # why the process stopped the job (set with the cancel event)
         self._done = threading.Event()
         self._live = False
         self._progress: dict = {}
@@ -184,6 +185,14 @@ class Job(Observable):
     def cancel(self) -> "Job":
         """Stop within one block, keep what was committed, end CANCELLED (a queued job never starts)."""
         if self._live:
+            self._cancel.set()
+        return self
+
+    def interrupt(self, reason: str) -> "Job":
+        """Stop within one block, keep what was committed, end FAILED/INTERRUPTED (resumable) saying ``reason``:
+        for a process that is going away, where a cancel would read as the user's."""
+        if self._live:
+            self.interrupted_by = reason
             self._cancel.set()
         return self
 

@@ -18,7 +18,8 @@ from typing import Callable
 from . import engine
 from .autobatch import choose_batch_size
 from .distributed import ShardedRun
-from .errors import InputError, JobCancelled, JobTimeout, StoreLost, classify, disk_full_cause, is_oom
+from .errors import (InputError, JobCancelled, JobInterrupted, JobTimeout, StoreLost, classify, disk_full_cause,
+                     is_oom)
 from .models import describe_model, free_memory, load_config, load_model, load_tokenizer, n_layers_of
 from .fingerprints import check_same_model, fingerprint
 from .plan import latent_infos, latent_widths, load_saes, make_plan
@@ -66,14 +67,21 @@ _registered = False
 def _at_exit() -> None:
     """At the interpreter's exit, before thread pools shut down: the jobs still queued or running are waited
     for (Python's convention for background work: what ``concurrent.futures`` does), said on one line; Ctrl-C
-    cancels them cleanly and says how to resume. In a Jupyter kernel (shut down or restarted) they are cancelled
-    at once: CANCELLED, resumable, instead of killed mid-write."""
+    cancels them cleanly and says how to resume. In a Jupyter kernel (shut down or restarted) they are stopped
+    at once, with what they computed committed, and end FAILED/INTERRUPTED (the Studio's restart banner offers to
+    resume them) instead of being killed mid-write."""
     jobs = [job for runner in list(_RUNNERS) for job in runner.live_jobs()]
     if not jobs:
         return
     ids = ", ".join(job.id for job in jobs)
-    if "ipykernel" in sys.modules:
-        _cancel_all(jobs)
+    if "ipykernel" in sys.modules:  # no one to wait for: stop at the next block, FAILED/INTERRUPTED, resumable
+        for job in jobs:
+            if hasattr(job, "interrupt"):
+                job.interrupt("its Jupyter kernel was shut down or restarted")
+            else:  # a training run: cancelled, resumable from its checkpoint
+                job.cancel()
+        for job in jobs:
+            job.wait(30)
         return
     print(f"mistudio: waiting for {len(jobs)} job(s) to finish before exiting ({ids}); press Ctrl-C to cancel "
           "(what is saved is kept)", file=sys.stderr, flush=True)
@@ -212,9 +220,19 @@ class Execution:
         if self.lost is not None:
             raise self.lost
         if self.job.cancel_requested:
-            raise JobCancelled("cancelled by the user")
+            self._stop("cancelled by the user")
         if self.deadline is not None and now() > self.deadline:
             raise JobTimeout(f"The job ran past its time limit of {self.request.timeout_s:g} s.")
+
+    def _stop(self, cancelled: str) -> None:
+        """The job was asked to stop: by the user (CANCELLED), or by its process exiting (INTERRUPTED)."""
+        if self.job.interrupted_by is None:
+            raise JobCancelled(cancelled)
+        saved = self.store.record.progress
+        kept = (f"{saved.samples_committed:,} of {saved.samples_total:,} samples were saved"
+                if saved.samples_total else "no activations were saved yet")
+        raise JobInterrupted(f"The job stopped because {self.job.interrupted_by}. {kept}; resume it to continue "
+                             "from there, retry it from scratch, or clean it up.")
 
     def _beat(self, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_S):
@@ -242,7 +260,7 @@ class Execution:
             self.store.check_same()
             beat.start()
             if self.job.cancel_requested:
-                raise JobCancelled("cancelled before it started")
+                self._stop("cancelled before it started")
             self._run()
         except JobCancelled:
             self._end(partial(self.set_state, Status.CANCELLED, timings={"finished": now()}))

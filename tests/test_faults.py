@@ -302,15 +302,19 @@ def test_cli_ctrl_c_keeps_what_was_saved_and_says_how_to_resume(gpt2_dir, worksp
 
 # -- a script that ends while its job runs -------------------------------------------------------------------
 SCRIPT_ENDS = textwrap.dedent("""
-    import sys, time
+    import sys, threading, time
     import mistudio as ms
     ws = ms.Workspace(sys.argv[1])
+    at_batch_3 = threading.Event()
     def slowly(i, n):
         if i == 3:
             print("batch 3", flush=True)
+            at_batch_3.set()
         time.sleep(float(sys.argv[3]))
     job = ws.submit(sys.argv[2], "sample", layers=[0], max_samples=40, batch_size=2, before_batch=slowly)
     print(job.id, flush=True)
+    if len(sys.argv) > 4:  # end the script while the job extracts
+        at_batch_3.wait(120)
 """)
 
 
@@ -338,4 +342,22 @@ def test_ctrl_c_while_a_script_waits_cancels_and_says_how_to_resume(gpt2_dir, wo
     assert f"job {job_id} is CANCELLED; what was saved is kept: resume it with" in err, err[-2000:]
     ext = ms.open_extraction(job_id, workspace=workspace)
     assert ext.status == "CANCELLED" and 0 < ext.committed_tokens() < ext.n_tokens
+    assert ms.Workspace(workspace).resume(job_id).wait(120).status == "COMPLETED"
+
+
+def test_a_kernel_that_shuts_down_stops_its_job_interrupted_and_resumable(gpt2_dir, workspace):
+    """A Jupyter kernel shut down or restarted: nobody to wait for; the job stops at its next block with what it
+    computed committed and ends FAILED/INTERRUPTED (the Studio's restart banner offers Resume)."""
+    kernel = "import sys, types; sys.modules['ipykernel'] = types.ModuleType('ipykernel')  # as in a kernel\n"
+    out = subprocess.run([sys.executable, "-c", kernel + SCRIPT_ENDS, workspace, gpt2_dir, "0.2", "mid-run"],
+                         capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and "waiting for" not in out.stderr, out.stderr[-2000:]
+    job_id = out.stdout.strip().splitlines()[0]
+    job = ms.Workspace(workspace).job(job_id)
+    error = job.error
+    assert job.status == "FAILED" and error["error_type"] == "INTERRUPTED" and error["resume_available"], error
+    assert "its Jupyter kernel was shut down or restarted" in error["error_message"]
+    ext = job.extraction()
+    assert 0 < ext.committed_tokens() < ext.n_tokens and ext.verify().ok  # batches 0-2 at least, not all 20
     assert ms.Workspace(workspace).resume(job_id).wait(120).status == "COMPLETED"
