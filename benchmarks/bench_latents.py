@@ -120,7 +120,8 @@ def bytes_per_latent(model_dir: str, sae_dir: str, tmp: Path, n: int, name: str)
             "bytes_per_active": row_major / stats.active,
             "bytes_per_active_with_index": sum(stored.values()) / stats.active,
             "dense_float16_bytes_per_active": 2 * info.d_sae * ext.n_tokens / stats.active,
-            "mean_l0": stats.active / ext.n_tokens, "activations_bytes": files_bytes(Path(ext.location) / "activations")}
+            "mean_l0": stats.active / ext.n_tokens,
+            "activations_bytes": files_bytes(Path(ext.location) / "activations")}
 
 
 def scan_feature(ext, latent: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,7 +227,8 @@ def print_table(r: dict) -> None:
     print(f"{r['model']}, SAE d_sae={r['d_sae']} on {r['hook_point']}, {r['samples']} texts, "
           f"{r['torch_threads']} torch threads, {r['cpus']} CPUs")
     for name, b in r["bytes"].items():
-        print(f"bytes per active latent, {name:<8} (indices+values){b['bytes_per_active']:>8.2f}  with by-feature index "
+        print(f"bytes per active latent, {name:<8} (indices+values){b['bytes_per_active']:>8.2f}  "
+              f"with by-feature index "
               f"{b['bytes_per_active_with_index']:.2f}  dense float16 {b['dense_float16_bytes_per_active']:.0f}  "
               f"(width {b['width']}, mean L0 {b['mean_l0']:.1f}, {b['active']:,} active, {b['dropped']:,} dropped)")
     x, f = r["extraction"], r["flops"]

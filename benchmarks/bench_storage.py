@@ -291,9 +291,10 @@ def print_table(r: dict) -> None:
     if "kill" in r:
         k = r["kill"]
         lost = ", ".join(f"{x['chunks_lost']:.2f}" for x in k["rounds"])
+        batch = int(np.median([x["last_batch_rows"] for x in k["rounds"]]))
         print(f"{'rows lost on SIGKILL, max (inner chunks/hook pt)':<50}{k['max_chunks_lost']:>8.2f}  <= 1     "
               f"({len(k['rounds'])} kills: {lost}; chunk {k['rounds'][0]['chunk_rows']} rows, shard "
-              f"{k['rounds'][0]['shard_rows']} rows, batches of ~{int(np.median([x['last_batch_rows'] for x in k['rounds']]))}"
+              f"{k['rounds'][0]['shard_rows']} rows, batches of ~{batch}"
               f" rows)")
         print(f"{'  same, rows of the last batch handed over not counted':<50}"
               f"{k['max_chunks_lost_before_last_batch']:>8.2f}")
@@ -317,7 +318,8 @@ def print_table(r: dict) -> None:
         for n, x in r["extraction"]["sizes"].items():
             ratios = ", ".join(f"{run_['ratio_vs_bare']:.3f}" for run_ in x["runs"])
             print(f"{'extraction / bare forward, ' + str(n) + ' samples':<50}{x['ratio_vs_bare']:>8.3f}  >= 0.95  "
-                  f"(median of {len(x['runs'])}: {ratios}; / forward + raw write {x['ratio']:.3f}; {x['tokens']} tokens)")
+                  f"(median of {len(x['runs'])}: {ratios}; / forward + raw write {x['ratio']:.3f}; "
+                  f"{x['tokens']} tokens)")
     if "cli" in r:
         c = r["cli"]
         for name, s in c["median_s"].items():
