@@ -262,9 +262,12 @@ def _allocated_store(location: str, n_samples: int, length: int, hook_dims: dict
     return store
 
 
-def writer_once(tmp: Path, tag: str, mb: float, hooks: int, width: int, batch_tokens: int, **layout) -> dict:
+def writer_once(tmp: Path, tag: str, mb: float, hooks: int, width: int, batch_tokens: int,
+                dtype: str = "float16", **layout) -> dict:
     """Feed ChunkWriter pre-made rows as fast as it takes them, between two raw writes of the same bytes to
-    files of the same sizes as the store's storage units (their mean is the baseline). Returns both MB/s."""
+    files of the same sizes as the store's storage units (their mean is the baseline). Returns both MB/s.
+    ``dtype``: the storage dtype, float16 or bfloat16 (2-byte types: the same bytes either way)."""
+    from mistudio.storage.layout import numpy_dtype
     from mistudio.storage.stats import HookStats
     from mistudio.storage.writer import ChunkWriter
 
@@ -272,9 +275,9 @@ def writer_once(tmp: Path, tag: str, mb: float, hooks: int, width: int, batch_to
     n_samples = max(1, int(mb * 2**20 / (hooks * width * 2)) // length)
     per_batch = max(1, batch_tokens // length)
     hook_dims = {f"layers.{i}.residual": width for i in range(hooks)}
-    store = _allocated_store(str(tmp / f"w-{tag}.zarr"), n_samples, length, hook_dims, "float16", **layout)
+    store = _allocated_store(str(tmp / f"w-{tag}.zarr"), n_samples, length, hook_dims, dtype, **layout)
     rng = np.random.default_rng(0)
-    rows = {hp: rng.standard_normal((per_batch * length, width)).astype(np.float16) for hp in hook_dims}
+    rows = {hp: rng.standard_normal((per_batch * length, width)).astype(numpy_dtype(dtype)) for hp in hook_dims}
     stats = {hp: HookStats.empty() for hp in hook_dims}
     sizes = _units_bytes(store, list(hook_dims))
     pool = rng.standard_normal(max(sizes) // 2).astype(np.float16)
@@ -354,25 +357,28 @@ def bench_checksum(ws, mb, repeats) -> dict:
             **{k + "s": [float(x) for x in np.array(seconds[b]) / np.array(seconds[a])] for k, (a, b) in ratios.items()}}
 
 
-def loader_store(folder: Path, mb: float, width: int = 1024, shard_mb: float = 0):
+def loader_store(folder: Path, mb: float, width: int = 1024, shard_mb: float = 0, dtype: str = "float32"):
     """A COMPLETED store of random float32 activations, about ``mb`` MB, written straight through ExtractionStore
-    (2 MB chunks; ``shard_mb`` 0: one file per chunk, format 1; else shards of about that size, format 2)."""
+    (2 MB chunks; ``shard_mb`` 0: one file per chunk, format 1; else shards of about that size, format 2), stored
+    as ``dtype``."""
+    from mistudio.storage.layout import numpy_dtype
     from mistudio.storage.metadata import ExtractionMeta
     from mistudio.storage.store import ExtractionStore
 
-    n = int(mb * 2**20 / (width * 4))
+    n = int(mb * 2**20 / (width * numpy_dtype(dtype).itemsize))
     lengths = np.full(n // 128, 128)
     meta = ExtractionMeta(id="bench-loader", nonce="bench", status="EXTRACTING",
                           model={"name_or_path": str(ms.packaged_minilm_path())})
     store = ExtractionStore.create(str(folder), meta)
     rng = np.random.default_rng(0)
     tokens, plan = plan_for_ids([rng.integers(0, 1000, size=int(k)) for k in lengths], {"layers.0.residual": width},
-                                "float32", chunk_mb=2.0, shard_mb=shard_mb)
+                                dtype, chunk_mb=2.0, shard_mb=shard_mb)
     store.allocate(tokens, plan, {"exclude_special": False})
     arr = store.activations("layers.0.residual")
     block = arr.shards[0] if arr.shards else arr.chunks[0] * 16
-    for a in range(0, arr.shape[0], block):
-        arr[a:a + block] = rng.standard_normal((min(block, arr.shape[0] - a), width), dtype=np.float32)
+    for a in range(0, arr.shape[0], block):  # bfloat16 is stored as its uint16 bit pattern
+        values = rng.standard_normal((min(block, arr.shape[0] - a), width), dtype=np.float32)
+        arr[a:a + block] = values.astype(numpy_dtype(dtype)).view(arr.dtype)
     store.update(status="COMPLETED", progress={"tokens_committed": arr.shape[0], "samples_committed": len(lengths)},
                  statistics={"layers.0.residual": {"mean": 0.0, "std": 1.0}})
     return ms.Extraction(store)
