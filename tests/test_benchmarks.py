@@ -56,8 +56,9 @@ def test_latents_benchmark_runs(tmp_path):
 
 @pytest.mark.slow
 def test_storage_benchmark_runs(tmp_path):
-    results, stdout = _run_script("bench_storage.py", tmp_path / "storage.json", "--only", "dtype,cli")
-    assert "kill" not in results and "extraction" not in results
+    results, stdout = _run_script("bench_storage.py", tmp_path / "storage.json", "--only", "dtype,cli,kill",
+                                  "--kills", "1")
+    assert "extraction" not in results and "memory" not in results
     reads = results["dtype"]["read_mb_s"]
     assert set(reads) == {f"{d}_{way}" for d in ("float16", "bfloat16") for way in ("activations", "loader")}
     assert all(v > 0 for v in reads.values()) and results["dtype"]["write"]["bfloat16"]["writer_mb_s"] > 0
@@ -65,11 +66,6 @@ def test_storage_benchmark_runs(tmp_path):
     assert set(cli["median_s"]) == {"python -c pass", "mistudio --help", "mistudio jobs"}
     assert all(len(v) == 2 for v in cli["seconds"].values()) and cli["imported"]["mistudio --help"] is not None
     assert "CLI start: mistudio jobs" in stdout and "bfloat16 / float16" in stdout
-
-
-@pytest.mark.slow
-def test_storage_benchmark_kill_step_runs(tmp_path):
-    results, stdout = _run_script("bench_storage.py", tmp_path / "storage.json", "--only", "kill", "--kills", "1")
     (round_,) = results["kill"]["rounds"]
     assert 0 < round_["rows_committed"] <= round_["rows_total"] and round_["rows_computed"] > 0
     assert round_["shard_rows"] and round_["shard_rows"] > round_["chunk_rows"]  # the job was sharded
