@@ -92,9 +92,9 @@ class Extraction:
         """The SAE latents the store holds: ``<hook point>.latents`` for each SAE applied."""
         return [f"{hp}.latents" for hp in self.store.record.latents]
 
-    def _latent_hook(self, hook_point: str) -> str:
+    def _latent_hook(self, hook_point: str, record: ExtractionMeta | None = None) -> str:
         point = hook_point.removesuffix(".latents")
-        if point not in self.store.record.latents:
+        if point not in (record or self.store.record).latents:
             raise InputError(f"{hook_point!r} holds no SAE latents in extraction {self.id}: its latents are "
                              f"{self.latent_points or 'none (no SAE was applied)'}")
         return point
@@ -127,13 +127,14 @@ class Extraction:
         """One SAE latent's non-zero activations over every committed row: ``(rows, values)`` in row order, read
         from the by-feature index (a block's entries of this latent: one or two small reads), and for the block
         still being filled from its rows."""
-        point = self._latent_hook(hook_point)
-        info = self.latent_info(point)
+        record = self.store.record  # one copy of the metadata per call
+        point = self._latent_hook(hook_point, record)
+        info = record.latents[point]
         if isinstance(latent, (bool, np.bool_)) or not isinstance(latent, (int, np.integer)) or \
                 not 0 <= latent < info.d_sae:
             raise InputError(f"latent {latent!r} is not one of the {info.d_sae} latents of {point}: give an int from "
                              f"0 to {info.d_sae - 1}", param="feature")
-        mark, block_rows, width = self.committed_tokens(), info.block_rows, info.width
+        mark, block_rows, width = record.committed_tokens(), info.block_rows, info.width
         entries = block_rows * width
         base = f"latents/{point}"
         offsets = CheckedArray(self.store.array(f"{base}/feature_offsets"), self.location, -(-mark // block_rows))

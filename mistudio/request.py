@@ -291,8 +291,8 @@ class Request(BaseModel):
     @classmethod
     def _shard_mb(cls, v: float) -> float:
         if not 0 <= v <= 4096:
-            raise ValueError(f"«shard_mb={v}» is out of range: use 32 to 256 (MB per shard), or «pass shard_mb=0» for "
-                             "no shards")
+            raise ValueError(f"«shard_mb={v}» is out of range: use up to 4096 MB per shard (32 to 256 suit most "
+                             "stores), or «pass shard_mb=0» for no shards")
         return v
 
     @field_validator("timeout_s")
