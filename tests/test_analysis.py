@@ -70,6 +70,32 @@ def test_feature_stats_equal_brute_force_and_are_cached(ext, monkeypatch):
     assert set(ext.to_xarray().data_vars) == set(ext.hook_points)
 
 
+@pytest.mark.parametrize("damage", ["flipped bit", "wrong shape"])
+def test_a_damaged_cache_is_a_miss_never_a_wrong_answer(ext, damage):
+    """The analysis cache is checksummed like the arrays: a flipped bit in a cached mean, or a cached array of
+    another shape, is recomputed; the mean_std loader never sees it (#16 point 7)."""
+    from pathlib import Path
+
+    x = ext.activations(HP)[:]
+    ext.feature_stats(HP, bins=16)
+    entry = Path(ext.location) / "analysis" / "feature_stats" / HP / "bins=16"
+    if damage == "flipped bit":
+        (chunk,) = [p for p in (entry / "mean").rglob("*") if p.is_file() and p.name != "zarr.json"]
+        data = bytearray(chunk.read_bytes())
+        data[5] ^= 0x80  # the sign bit of the first mean's low bytes' neighbour: a plausible wrong number
+        chunk.write_bytes(bytes(data))
+    else:
+        group = zarr.open_group(str(entry), mode="r+")
+        del group["mean"]
+        group.create_array("mean", data=np.zeros(7), **analysis.array_codecs(True))
+    again = ext.feature_stats(HP, bins=16)
+    assert not again.cached
+    assert_stats(again, brute_stats(x, 16), ext.n_tokens)
+    batch = next(iter(ext.loader(HP, batch_size=256, shuffle=False, normalize="mean_std")))
+    assert np.isfinite(batch.numpy()).all()
+    np.testing.assert_allclose(batch.numpy(), (x[:256] - x.mean(0)) / x.std(0), rtol=1e-4, atol=1e-4)
+
+
 def test_top_examples_equal_brute_force(ext):
     offsets, rows, ids = ext.sample_offsets, ext.sample_index, ext.store.group["tokens/input_ids"][:]
     x = ext.activations(HP)[:]
