@@ -141,14 +141,23 @@ def page_rows(ext, stats, feature: int, context: int = 8) -> np.ndarray:
     return np.unique(np.concatenate(out)) if out else np.zeros(0, np.int64)
 
 
-def write_chunks(ext, rows: np.ndarray, d: int, active: int) -> int:
-    """Write the storage chunks holding ``rows`` (dense values regenerated from the generator); returns bytes."""
-    from mistudio.storage.store import ExtractionStore
+def raw_activations(ext):
+    """The hook point's Zarr array opened for writing, past the store's size checks (its chunks are not there yet:
+    this benchmark writes only those it reads)."""
+    import zarr
 
-    arr = ExtractionStore.open(ext.location, writable=True).activations(HP)
+    from mistudio.storage.layout import WRITE_CONFIG
+
+    return zarr.open_array(store=f"{ext.location}/activations/{HP}", mode="r+").with_config(WRITE_CONFIG)
+
+
+def write_chunks(ext, rows: np.ndarray, d: int, active: int) -> int:
+    """Write the storage chunks holding ``rows``, and the first and last chunk (a store's reads check that those
+    exist before trusting its size), as dense values regenerated from the generator; returns bytes."""
+    arr = raw_activations(ext)
     chunk = int(arr.chunks[0])
     written = 0
-    for c in np.unique(rows // chunk):
+    for c in np.unique(np.concatenate([rows, [0, int(arr.shape[0]) - 1]]) // chunk):
         a = int(c) * chunk
         block = a // BLOCK
         values = dense_rows(block, d, active)[a - block * BLOCK:a - block * BLOCK + chunk]
@@ -172,10 +181,8 @@ def dense_column_pass(folder: Path, rows: int, d: int, tokenizer, model: str) ->
     from mistudio.analysis import feature_view
 
     samples = tokenized(rows, tokenizer)
-    from mistudio.storage.store import ExtractionStore
-
     ext = make_store(str(folder / "dense.zarr"), samples, d, tokenizer, model)
-    arr = ExtractionStore.open(ext.location, writable=True).activations(HP)
+    arr = raw_activations(ext)
     rng = np.random.default_rng(1)
     step = int(arr.chunks[0]) * 16
     for a in range(0, rows, step):
