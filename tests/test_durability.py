@@ -25,48 +25,25 @@ LAYOUT = dict(layers=[0, 2], hooks=["residual", "mlp"], dtype="float32", chunk_m
 HOOK_POINTS = ["layers.0.residual", "layers.0.mlp", "layers.2.residual", "layers.2.mlp"]
 CHUNK, SHARD, BATCH = 64, 384, 48  # 6 chunks a shard
 
-# One process imports mistudio and the model code once, then forks a fresh child per run (twenty runs, one import):
-# each line on its stdin is a run's argv; it answers "pid <child's pid>", and the child "job <its job id>".
-ZYGOTE = textwrap.dedent("""
+CHILD = textwrap.dedent("""
     import json, os, sys, time
     import mistudio as ms
-    ms.Workspace, ms.extract, ms.load_model  # the heavy imports, before any fork (no torch op has run)
+    workspace, model, counter, layout = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    ws = ms.Workspace(workspace)
 
-    def run(workspace, model, counter, layout, job_id=None):
-        ws = ms.Workspace(workspace)
+    def computed(index, _size):  # before batch i: every earlier batch is computed and handed to the writer
+        with open(counter + ".tmp", "w") as f:  # replaced whole: a kill never leaves it empty
+            f.write(str(index))
+        os.replace(counter + ".tmp", counter)
+        time.sleep(0.02)  # a forward's time
 
-        def computed(index, _size):  # before batch i: every earlier batch is computed and handed to the writer
-            with open(counter + ".tmp", "w") as f:  # replaced whole: a kill never leaves it empty
-                f.write(str(index))
-            os.replace(counter + ".tmp", counter)
-            time.sleep(0.02)  # a forward's time
-
-        if job_id:
-            job = ws.resume(job_id, before_batch=computed)
-        else:
-            job = ws.submit(model, "sample", before_batch=computed, **json.loads(layout))
-        print("job", job.id, flush=True)
-        job.wait()
-
-    for line in sys.stdin:
-        pid = os.fork()
-        if pid == 0:
-            sys.stdin.close()
-            try:
-                run(*json.loads(line))
-            finally:
-                os._exit(0)
-        print("pid", pid, flush=True)
-        os.waitpid(pid, 0)
+    if len(sys.argv) > 5:
+        job = ws.resume(sys.argv[5], before_batch=computed)
+    else:
+        job = ws.submit(model, "sample", before_batch=computed, **layout)
+    print(job.id, flush=True)
+    job.wait()
 """)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # the zygote reaps its child at once: a dead child is gone
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def _values(ext) -> dict[str, np.ndarray]:
@@ -89,38 +66,30 @@ def test_killed_at_twenty_random_moments_loses_at_most_a_chunk(gpt2_dir, workspa
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ws = ms.Workspace(workspace)
     job_id = None
-    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=env)
-    try:
-        for kill in range(20):
-            counter.write_text("0")
-            zygote.stdin.write(json.dumps([workspace, gpt2_dir, str(counter), json.dumps(LAYOUT), job_id]) + "\n")
-            zygote.stdin.flush()
-            said = dict(zygote.stdout.readline().split() for _ in range(2))  # in either order
-            pid, job_id = int(said["pid"]), said["job"]
-            store = ws.store(job_id)
-            deadline = time.monotonic() + 120
-            while int(counter.read_text() or 0) < 2 and _alive(pid):  # running: two batches of this run
-                assert time.monotonic() < deadline, f"round {kill}: the child did not run"
-                time.sleep(0.01)
-            if not _alive(pid):  # it finished before this round's kill
-                break
-            time.sleep(rng.uniform(0.0, 0.25))
-            os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
-                time.sleep(0.01)
-            meta = store.refresh()
-            started = meta["resumes"][-1]["from_sample"] if meta["resumes"] else 0  # where this run began
-            offsets = store.activation_offsets()
-            computed = int(offsets[started + int(counter.read_text())])  # rows of the batches computed before
-            committed = int(meta["progress"]["tokens_committed"])
-            assert computed - committed <= CHUNK + BATCH, (kill, computed, committed)  # the chunk filled, a batch
-            assert ms.open_extraction(job_id, workspace=workspace).verify().ok
-            if committed == int(meta["progress"]["tokens_total"]):
-                break
-    finally:
-        zygote.stdin.close()
-        zygote.wait(60)
+    for kill in range(20):
+        counter.write_text("0")
+        argv = [sys.executable, "-c", CHILD, workspace, gpt2_dir, str(counter), json.dumps(LAYOUT)]
+        child = subprocess.Popen(argv + ([job_id] if job_id else []), stdout=subprocess.PIPE, text=True, env=env)
+        job_id = child.stdout.readline().strip()
+        store = ws.store(job_id)
+        deadline = time.monotonic() + 120
+        while int(counter.read_text() or 0) < 2 and child.poll() is None:  # running: two batches of this run
+            assert time.monotonic() < deadline, f"round {kill}: the child did not run"
+            time.sleep(0.01)
+        if child.poll() is not None:  # it finished before this round's kill
+            break
+        time.sleep(rng.uniform(0.0, 0.25))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        meta = store.refresh()
+        started = meta["resumes"][-1]["from_sample"] if meta["resumes"] else 0  # where this run began
+        offsets = store.activation_offsets()
+        computed = int(offsets[started + int(counter.read_text())])  # rows of the batches computed before the kill
+        committed = int(meta["progress"]["tokens_committed"])
+        assert computed - committed <= CHUNK + BATCH, (kill, computed, committed)  # the chunk being filled, a batch
+        assert ms.open_extraction(job_id, workspace=workspace).verify().ok
+        if committed == int(meta["progress"]["tokens_total"]):
+            break
     ws.recover()
     if ws.job(job_id).status != "COMPLETED":
         resumed = ws.resume(job_id).wait(120)
