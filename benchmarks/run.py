@@ -512,7 +512,7 @@ def bench_token_budget(model_dir, n, quick=False) -> dict:
     configs = {"batch 8": {"batch_size": 8}, "batch 32": {"batch_size": 32},
                "budget 1024 tokens (= 8 x 128)": {"max_batch_tokens": 1024},
                "budget 4096 tokens (= 32 x 128)": {"max_batch_tokens": 4096}}
-    if quick:
+    if quick:  # one of each kind (a process each)
         configs = {k: v for k, v in configs.items() if k.startswith(("batch 8", "budget 1024"))}
     out = {}
     for name, kw in configs.items():

@@ -40,8 +40,8 @@ def _run_script(name: str, out: Path, *args: str) -> tuple[dict, str]:
 
 @pytest.mark.slow
 def test_latents_benchmark_runs(tmp_path):
-    results, stdout = _run_script("bench_latents.py", tmp_path / "latents.json", "--samples", "48",
-                                  "--feature-samples", "64")
+    results, stdout = _run_script("bench_latents.py", tmp_path / "latents.json", "--samples", "32",
+                                  "--feature-samples", "48", "--repeats", "1")
     for sae in ("topk", "standard"):
         row = results["bytes"][sae]
         assert row["active"] > 0 and row["bytes_per_active"] > 0
