@@ -173,3 +173,31 @@ def test_a_cache_write_never_recreates_a_deleted_store(gpt2_dir, workspace):
     ms.Workspace(workspace).delete(ext.id, force=True)
     assert cache_write(ext, "analysis/featstats/x", mark, {"a": 1}, {"v": np.zeros(3)}) is False
     assert not Path(ext.location).exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "link"])
+def test_a_lease_file_that_is_not_a_plain_file_is_named_never_followed_or_waited_on(gpt2_dir, workspace, tmp_path,
+                                                                                    kind):
+    """A folder, a FIFO or a link in place of `.mistudio-lease`: the listing still lists (a store whose process
+    died is still marked INTERRUPTED or left as it is, never hangs or raises), and resume, cleanup and delete
+    refuse by name with the fix."""
+    import threading
+
+    job_id = stopped_store(gpt2_dir, workspace)
+    location = ms.Workspace(workspace).path_of(job_id)
+    lease = Path(location) / ".mistudio-lease"
+    lease.unlink()
+    {"folder": lambda: lease.mkdir(), "fifo": lambda: os.mkfifo(lease),
+     "link": lambda: lease.symlink_to(tmp_path / "elsewhere")}[kind]()
+    listed = []
+    lister = threading.Thread(target=lambda: listed.append(ms.Workspace(workspace).extractions()), daemon=True)
+    lister.start()
+    lister.join(30)
+    assert listed and job_id in set(listed[0]["id"]), "the listing hung or raised"
+    ws = ms.Workspace(workspace)
+    for act in (lambda: ws.resume(job_id), lambda: ws.delete(job_id, force=True)):
+        with pytest.raises(StoreBusy, match=r"\.mistudio-lease is .*a store's lease file must be a plain file\. "
+                                            r"Remove it"):
+            act()
+    assert ws.cleanup(dry_run=True) is not None
+    assert not (tmp_path / "elsewhere").exists()  # a link is never followed, never created through

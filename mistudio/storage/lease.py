@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import time
 import uuid
 from datetime import datetime
@@ -77,14 +78,9 @@ class WriterLease:
     def _acquire_local(self, owner: dict) -> None:
         file = os.path.join(self.location, FILE)
         try:
-            fd = os.open(file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            fd = _open_plain(file, os.O_RDWR | os.O_CREAT)
         except FileNotFoundError:
             raise StoreLost(f"the store {self.location} is gone (deleted or moved): nothing to write") from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise StoreBusy(f"{file} is a symbolic link: a store's lease file must be a plain file; remove "
-                                "the link") from None
-            raise
         import fcntl
 
         try:
@@ -165,6 +161,28 @@ class WriterLease:
             self.owner, self._fd = None, None
 
 
+def _open_plain(file: str, flags: int) -> int:
+    """Open a lease file that must be a plain file: never following a link, never blocking on a FIFO; anything
+    else in its place is :class:`StoreBusy` naming it and the fix."""
+    try:
+        fd = os.open(file, flags | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise StoreBusy(_not_plain(file, {errno.ELOOP: "a symbolic link", errno.EISDIR: "a folder"}.get(
+                exc.errno, "not a plain file"))) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreBusy(_not_plain(file, "not a plain file (a FIFO, a socket or a device)"))
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _not_plain(file: str, what: str) -> str:
+    return (f"{file} is {what}: a store's lease file must be a plain file. Remove it (`rm -r '{file}'`) and try "
+            "again; nothing else in the store is touched")
+
+
 def held_here(owner: dict) -> bool:
     """Whether a lease's owner is this process."""
     return owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
@@ -185,8 +203,8 @@ def holder(location: str, storage_options: dict | None = None) -> dict | None:
 
         file = os.path.join(location.removeprefix("file://"), FILE)
         try:
-            fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
+            fd = _open_plain(file, os.O_RDONLY)
+        except (OSError, StoreBusy):  # none, or not a plain file: no writer can hold a lock on it
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
