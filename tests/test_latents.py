@@ -297,6 +297,43 @@ def test_statistics_of_a_stopped_run_continue_exactly(gpt2_dir, tmp_path, monkey
     assert_same_statistics(resumed.extraction().feature_statistics(key), clean.feature_statistics(key))
 
 
+@pytest.mark.parametrize("edit", ["n_tokens", "exponents", "block_rows -1", "block_rows 0", "d"])
+def test_edited_snapshot_attributes_are_recomputed_never_trusted(gpt2_dir, workspace, tmp_path, edit):
+    """A snapshot's numbers live in its zarr.json attributes: an edited count, bin exponents, grid or width is
+    found by their digest and the statistics are computed again (a hostile user's cases: density 10, histogram
+    edges moved, 0 rows, a raw ValueError, an 8 GB allocation)."""
+    import json
+    from pathlib import Path
+
+    from mistudio.storage import featfeed
+
+    make_sae(tmp_path / "sae", "topk")
+    ext = ms.extract(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, workspace=workspace, progress=False,
+                     **LAYOUT)
+    key = f"{HP}.latents"
+    want = ext.feature_statistics(key)
+    parent = Path(ext.location) / "statistics" / key
+    snapshot = json.loads((parent / "zarr.json").read_text())["attributes"]["snapshot"]
+
+    def change(file: Path, fn) -> None:
+        group = json.loads(file.read_text())
+        fn(group["attributes"])
+        file.write_text(json.dumps(group))
+
+    edits = {"n_tokens": (snapshot, lambda a: a.__setitem__("n_tokens", a["n_tokens"] // 10)),
+             "exponents": (snapshot, lambda a: a.update(exponent_low=a["exponent_low"] + 4,
+                                                         exponent_high=a["exponent_high"] + 4)),
+             "block_rows -1": ("", lambda a: a.__setitem__("block_rows", -1)),
+             "block_rows 0": ("", lambda a: a.__setitem__("block_rows", 0)),
+             "d": (snapshot, lambda a: a.__setitem__("d", 10**9))}
+    where, fn = edits[edit]
+    change(parent / where / "zarr.json", fn)
+    assert featfeed.load(ms.open_extraction(ext.location).store, key, ext.n_tokens) is None
+    got = ms.open_extraction(ext.location).feature_statistics(key)
+    assert got.n_tokens == ext.n_tokens and float(np.max(got.density)) <= 1.0
+    assert_same_statistics(got, want)
+
+
 def test_feature_statistics_off_saves_none_and_reads_compute_them(gpt2_dir, workspace, tmp_path):
     from mistudio.storage import featfeed
 

@@ -13,6 +13,8 @@ rows: the (indices, values) slots with a non-zero value).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -37,6 +39,8 @@ GROUP = "statistics"  # statistics/<key>/: attrs {"rows": R, "snapshot": name}, 
 SNAPSHOT_SECONDS = 60.0
 BLOCK_BYTES = 8 << 20  # stored bytes a block of the grid reads (whole storage chunks, at least one)
 LATENTS = ".latents"
+DIGEST = "digest"  # a snapshot's and its pointer's attributes carry a digest of themselves
+MAX_BLOCK_ROWS = 1 << 30
 
 
 def _store(source: Any) -> "ExtractionStore":
@@ -74,7 +78,10 @@ def block_rows(store: "ExtractionStore", key: str) -> int:
     """Rows per block of the grid: the saved snapshot's, else whole storage chunks, about :data:`BLOCK_BYTES` of
     stored values."""
     try:
-        return int(store.group[f"{GROUP}/{key}"].attrs["block_rows"])
+        attrs = dict(store.group[f"{GROUP}/{key}"].attrs)
+        step = attrs["block_rows"]
+        if _intact(attrs) and isinstance(step, int) and 0 < step <= MAX_BLOCK_ROWS:
+            return step
     except Exception:  # noqa: BLE001 - no snapshot yet: the grid is chosen now
         pass
     arrays = [store.array(path) for path in _arrays(store, key)]
@@ -146,13 +153,14 @@ def load(store: "ExtractionStore", key: str, mark: int) -> tuple[int, dict] | No
         group = store.group[f"{GROUP}/{key}"]
         rows, name = int(group.attrs["rows"]), str(group.attrs["snapshot"])
         snap = group[name]
-        if int(snap.attrs["rows"]) != rows or rows > mark:
-            return None
+        if not (_intact(dict(group.attrs)) and _intact(dict(snap.attrs))) or int(snap.attrs["rows"]) != rows \
+                or rows > mark:
+            return None  # edited or torn attributes (counts, bin exponents, the grid): recomputed, never trusted
         arrays = {n: CheckedArray(snap[n], store.location, snap[n].shape[0] if snap[n].ndim else 0)[...]
                   for n in snap.array_keys()}
     except Exception:  # noqa: BLE001 - absent or damaged: the rows are read again instead
         return None
-    return rows, {**{k: v for k, v in snap.attrs.items() if k != "rows"}, **arrays}
+    return rows, {**{k: v for k, v in snap.attrs.items() if k not in ("rows", DIGEST)}, **arrays}
 
 
 def save(store: "ExtractionStore", key: str, rows: int, acc: FeatureStatsAccumulator, step: int) -> None:
@@ -169,7 +177,7 @@ def save(store: "ExtractionStore", key: str, rows: int, acc: FeatureStatsAccumul
     if name == before:
         return
     _write(parent.create_group(name, overwrite=True), state, rows)
-    parent.attrs.update({"rows": rows, "snapshot": name, "block_rows": step})
+    parent.attrs.update(_sealed({"rows": rows, "snapshot": name, "block_rows": step}))
     if before:
         try:
             del parent[before]
@@ -181,7 +189,22 @@ def _write(snap: zarr.Group, state: dict, rows: int) -> None:
     for n, value in state.items():
         if isinstance(value, np.ndarray):  # every chunk written: one of fill values would read back as missing
             snap.create_array(n, data=value, config={"write_empty_chunks": True}, **array_codecs(True))
-    snap.attrs.update({**{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}, "rows": rows})
+    snap.attrs.update(_sealed({**{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}, "rows": rows}))
+
+
+def _digest(attrs: dict) -> str:
+    plain = json.dumps({k: v for k, v in attrs.items() if k != DIGEST}, sort_keys=True,
+                       default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    return hashlib.sha256(plain.encode()).hexdigest()[:32]
+
+
+def _sealed(attrs: dict) -> dict:
+    """``attrs`` with a digest of themselves: the arrays of a snapshot are checksummed, and so are its numbers."""
+    return {**attrs, DIGEST: _digest(attrs)}
+
+
+def _intact(attrs: dict) -> bool:
+    return attrs.get(DIGEST) == _digest(attrs)
 
 
 @functools.lru_cache(maxsize=64)
