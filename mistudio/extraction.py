@@ -106,9 +106,16 @@ class Extraction:
     def latent_arrays(self, hook_point: str) -> tuple[CheckedArray, CheckedArray]:
         """The checked (indices, values) arrays of an SAE's latents, ``(n_rows, width)``: per token its largest
         latents; a 0 value is an empty slot."""
-        point, mark = self._latent_hook(hook_point), self.committed_tokens()
-        return tuple(CheckedArray(self.store.array(f"latents/{point}/{name}"), self.location, mark)
-                     for name in ("indices", "values"))
+        record = self.store.record
+        point, mark = self._latent_hook(hook_point, record), record.committed_tokens()
+        arrays = tuple(CheckedArray(self.store.array(f"latents/{point}/{name}"), self.location, mark)
+                       for name in ("indices", "values"))
+        width = record.latents[point].width
+        for name, arr in zip(("indices", "values"), arrays):
+            if arr.ndim != 2 or int(arr.shape[1]) != width:
+                raise StoreCorrupted(self.location, f"its shape {tuple(arr.shape)} disagrees with the metadata's "
+                                                    f"{width} latents a token", f"latents/{point}/{name}")
+        return arrays
 
     def latents(self, hook_point: str, rows: slice | np.ndarray | None = None):
         """An SAE's latents as a ``scipy.sparse.csr_matrix`` (rows, d_sae) of float32, over ``rows`` (a slice or
@@ -120,6 +127,10 @@ class Extraction:
         selection = slice(0, self.committed_tokens()) if rows is None else rows
         idx, vals = index[selection], values[selection].astype(np.float32)
         fired = vals != 0
+        if fired.any() and int(idx[fired].max()) >= info.d_sae:  # checksums pass on a value written through Zarr
+            raise StoreCorrupted(self.location, f"a latent index {int(idx[fired].max())} is past the SAE's "
+                                                f"{info.d_sae} latents", f"latents/{self._latent_hook(hook_point)}"
+                                                                         "/indices")
         indptr = np.concatenate([[0], np.cumsum(fired.sum(axis=1))]).astype(np.int64)
         return sparse.csr_matrix((vals[fired], idx[fired].astype(np.int64), indptr), shape=(len(idx), info.d_sae))
 
@@ -134,6 +145,7 @@ class Extraction:
                 not 0 <= latent < info.d_sae:
             raise InputError(f"latent {latent!r} is not one of the {info.d_sae} latents of {point}: give an int from "
                              f"0 to {info.d_sae - 1}", param="feature")
+        latent_rows = self.latent_arrays(point)  # their width checked against the metadata's
         mark, block_rows, width = record.committed_tokens(), info.block_rows, info.width
         entries = block_rows * width
         base = f"latents/{point}"
@@ -157,7 +169,7 @@ class Extraction:
                     found_rows.append(first + rel[keep].astype(np.int64))
                     found_values.append(values_arr[block * entries + a:block * entries + b][keep].astype(np.float32))
                 continue
-            index, values = self.latent_arrays(point)  # not indexed yet (the block being filled): its rows
+            index, values = latent_rows  # not indexed yet (the block being filled): its rows
             idx, vals = index[first:stop], values[first:stop].astype(np.float32)
             hit = (idx == latent) & (vals != 0)
             found_rows.append(first + np.nonzero(hit)[0].astype(np.int64))

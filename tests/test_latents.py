@@ -297,6 +297,34 @@ def test_statistics_of_a_stopped_run_continue_exactly(gpt2_dir, tmp_path, monkey
     assert_same_statistics(resumed.extraction().feature_statistics(key), clean.feature_statistics(key))
 
 
+def test_a_crafted_width_or_latent_index_is_damage_never_fewer_rows(gpt2_dir, workspace, tmp_path):
+    """The metadata's latent width disagreeing with the arrays made ext.feature return 64 rows of 2,382; a latent
+    index past d_sae written through Zarr (checksums valid) gave an invalid sparse matrix without a word."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import zarr
+
+    make_sae(tmp_path / "sae", "topk")
+    ext = ms.extract(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, workspace=workspace, progress=False,
+                     **LAYOUT)
+    wide = Path(shutil.copytree(ext.location, tmp_path / "wide.zarr"))
+    group = json.loads((wide / "zarr.json").read_text())
+    group["attributes"]["mistudio"]["latents"][HP]["width"] = 10**12
+    group.pop("consolidated_metadata", None)
+    (wide / "zarr.json").write_text(json.dumps(group))
+    with pytest.raises(ms.StoreCorrupted, match=r"latents/layers\.2\.residual/indices.*disagrees with the metadata"):
+        ms.open_extraction(str(wide)).feature(HP, 5)
+    past = Path(shutil.copytree(ext.location, tmp_path / "past.zarr"))
+    indices = zarr.open_array(str(past / "latents" / HP / "indices"), mode="r+")
+    values = zarr.open_array(str(past / "latents" / HP / "values"), mode="r+")
+    d_sae = ext.latent_info(HP).d_sae
+    indices[5, 0], values[5, 0] = d_sae + 72, 3.0
+    with pytest.raises(ms.StoreCorrupted, match=rf"latent index {d_sae + 72} is past the SAE's {d_sae} latents"):
+        ms.open_extraction(str(past)).latents(HP)
+
+
 @pytest.mark.parametrize("edit", ["n_tokens", "exponents", "block_rows -1", "block_rows 0", "d"])
 def test_edited_snapshot_attributes_are_recomputed_never_trusted(gpt2_dir, workspace, tmp_path, edit):
     """A snapshot's numbers live in its zarr.json attributes: an edited count, bin exponents, grid or width is
