@@ -54,6 +54,7 @@ PER_MESSAGE_CHARS = 1024  # and this many per message (its markers)
 BASE_SECONDS = 1.0  # the time one conversation may take to render (all its prefixes included), at least
 PER_MESSAGE_SECONDS = 0.001  # and this much per message
 PER_PREFIX_SECONDS = 1e-5  # and this much per message squared (every prefix of the conversation is rendered)
+MAX_TEMPLATE_CHARS = 256 << 10  # a template's own source (real ones are a few KB, with tool use tens of KB)
 MAX_RANGE = 100_000  # items of range(): Jinja's sandbox allows as many
 MAX_INT_BITS = 1 << 16  # integers a template computes (about 20,000 digits; Python prints 4,300 at most)
 
@@ -630,6 +631,9 @@ def render_chat(source: str, messages: list[dict], variables: dict, label: str, 
     :class:`Budget`). Every failure is a :class:`ChatTemplateError` naming ``label`` (the template), ``where`` (the
     conversation), the problem and the fix."""
     limits = limits or Budget.for_messages(messages, sum(len(str(v)) for v in variables.values()))
+    if len(source) > MAX_TEMPLATE_CHARS:  # compiling is not bounded inside: 3 MB of template took 50 s and 1.2 GB
+        raise ChatTemplateError(f"{label} is {len(source):,} characters long, past the {MAX_TEMPLATE_CHARS:,} a chat "
+                                f"template may be (real ones are a few KB, tens of KB with tool use); {FIX}", "bounds")
     try:
         if compile_only:
             token = _BUDGET.set(limits)

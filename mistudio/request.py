@@ -249,7 +249,7 @@ class Request(BaseModel):
             v = {a.strip(): b.strip() for a, b in pairs}
         if not isinstance(v, dict):
             raise ValueError(f"«saes={short(v)}» is not a mapping: «pass saes={{'layers.3.residual': "
-                             "'/path/to/sae'}}»")
+                             "'/path/to/sae'}»")
         out = {}
         for point, folder in v.items():
             parts = str(point).split(".")

@@ -160,6 +160,14 @@ def test_export_html_refuses_nothing_and_bad_pages(pages, tmp_path):
         export_html([broken], tmp_path / "x.html")
 
 
+def test_export_html_of_a_page_with_no_values_yet(pages, tmp_path):
+    """A store stopped before its first commit gives a page with no max: the index shows a dash, not a raw
+    TypeError."""
+    empty = dict(pages[0], max=None)
+    text = export_html([empty], tmp_path / "empty.html").read_text()
+    assert '<td class="num">–</td>' in text
+
+
 # -- Neuronpedia -------------------------------------------------------------------------------------------------
 PY_TYPES = {"String": str, "Int": int, "Float": float, "Boolean": bool, "Visibility": str}
 

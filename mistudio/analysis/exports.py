@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import InputError, MistudioError
-from .feature_page import PAGE_CSS, check_page, escape, feature_page_html
+from .feature_page import PAGE_CSS, check_page, escape, feature_page_html, number
 from .feature_view import display_pieces
 
 if TYPE_CHECKING:
@@ -40,8 +40,8 @@ def _page_title(page: dict) -> str:
 
 def export_html(pages: Iterable[dict], path: str | Path, title: str = "mistudio feature pages",
                 hide_special: bool = False, scheme: str = "auto") -> Path:
-    """Write ``pages`` (feature page dicts, :mod:`mistudio.analysis.feature_page`) to one HTML file: an index with a line
-    per page (density, max, note) linking to its anchor, then the pages. Nothing in the file loads anything:
+    """Write ``pages`` (feature page dicts, :mod:`mistudio.analysis.feature_page`) to one HTML file: an index with a
+    line per page (density, max, note) linking to its anchor, then the pages. Nothing in the file loads anything:
     no scripts, no images, no fonts, and a Content-Security-Policy that forbids every fetch."""
     pages = list(pages)
     if not pages:
@@ -52,8 +52,8 @@ def export_html(pages: Iterable[dict], path: str | Path, title: str = "mistudio 
     for i, page in enumerate(pages):
         note = str(page.get("note") or "").strip().splitlines()
         index.append(f'<tr><td><a href="#p{i}">{escape(_page_title(page))}</a></td>'
-                     f'<td class="num">{100 * float(page["density"]):.3g}%</td><td class="num">'
-                     f'{float(page["max"]):.4g}</td><td>{escape(note[0][:120]) if note else ""}</td></tr>')
+                     f'<td class="num">{number(None if page["density"] is None else 100 * float(page["density"]), ".3g")}%'
+                     f'</td><td class="num">{number(page["max"])}</td><td>{escape(note[0][:120]) if note else ""}</td></tr>')
         bodies.append(f'<div id="p{i}">{feature_page_html(page, hide_special=hide_special, scheme=scheme, style=False)}'
                       '<p class="msfp-back"><a href="#index">↑ index</a></p></div>')
     text = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -69,7 +69,7 @@ PAGE_CSS = """
 """
 
 
-def _num(value: Any, spec: str = ".4g") -> str:
+def number(value: Any, spec: str = ".4g") -> str:
     """A number from the page, formatted (``float()`` first, so no string from the page passes through)."""
     if value is None:
         return "–"
@@ -116,10 +116,10 @@ def _header(page: dict) -> str:
     one_in = f" · 1 in {_int(round(1 / density))}" if density > 0 else ""
     nav = " ".join(s for s in (f"← {_int(page['prev'])}" if page.get("prev") is not None else "",
                                f"{_int(page['next'])} →" if page.get("next") is not None else "") if s)
-    stats = [f"<span><b>density</b> {_num(100 * density, '.3g')}%{one_in}</span>",
+    stats = [f"<span><b>density</b> {number(100 * density, '.3g')}%{one_in}</span>",
              f"<span><b>fires on</b> {_int(page['fire_count'])} of {_int(page['n_tokens'])} tokens</span>",
-             f"<span><b>max</b> {_num(page['max'])}</span>", f"<span><b>mean</b> {_num(page['mean'])}</span>",
-             f"<span><b>mean when active</b> {_num(page['mean_active'])}</span>",
+             f"<span><b>max</b> {number(page['max'])}</span>", f"<span><b>mean</b> {number(page['mean'])}</span>",
+             f"<span><b>mean when active</b> {number(page['mean_active'])}</span>",
              f"<span><b>width</b> {_int(page['d'])}</span>"]
     note = f'<div class="msfp-note">{escape(page["note"])}</div>' if str(page.get("note") or "").strip() else ""
     sub = escape(page["extraction"]) + (" · " + nav if nav else "")
@@ -160,7 +160,7 @@ def _histogram(page: dict) -> str:
         colour = "#999" if a == b == 0 else ("#3b74d0" if b <= 0 else "#e0702a")
         h = height * math.log10(count + 1) / scale
         parts.append(f'<rect x="{left + j * bar:.2f}" y="{height - h:.2f}" width="{max(bar - 0.6, 0.6):.2f}" '
-                     f'height="{h:.2f}" fill="{colour}"><title>[{_num(a)}, {_num(b)}): {_int(count)}</title></rect>')
+                     f'height="{h:.2f}" fill="{colour}"><title>[{number(a)}, {number(b)}): {_int(count)}</title></rect>')
     ticks = {0: edges[lo], len(shown): edges[hi]}
     zero = next((j for j in range(1, len(shown)) if edges[lo + j] == 0), None)
     if zero is not None:  # one tick at zero (a zero bin has 0 on both of its edges)
@@ -168,7 +168,7 @@ def _histogram(page: dict) -> str:
     for j, value in sorted(ticks.items()):
         anchor = "start" if j == 0 else ("end" if j == len(shown) else "middle")
         parts.append(f'<text x="{left + j * bar:.1f}" y="{height + 13}" font-size="9" text-anchor="{anchor}" '
-                     f'fill="currentColor">{_num(value, ".3g")}</text>')
+                     f'fill="currentColor">{number(value, ".3g")}</text>')
     parts.append("</svg>")
     return ('<section class="msfp-hist"><h5>Activation histogram <span class="msfp-sub">(log count; log-spaced '
             f'bins, equal width)</span></h5>{"".join(parts)}</section>')
@@ -198,7 +198,7 @@ def _logits(page: dict, scheme: str) -> str:
         for side, colour in ((neg, "#3b74d0"), (pos, "#e0702a")):
             if i < len(side):
                 e = side[i]
-                cells.append(f'<td>{_piece(e["token"], scheme)}</td><td class="num">{_num(e["value"], "+.3f")}</td>'
+                cells.append(f'<td>{_piece(e["token"], scheme)}</td><td class="num">{number(e["value"], "+.3f")}</td>'
                              f'<td>{_bar(float(e["value"]), scale, colour)}</td>')
             else:
                 cells.append("<td></td><td></td><td></td>")
@@ -216,7 +216,7 @@ def _token_means(page: dict, scheme: str, hide_special: bool) -> str:
     if not rows:
         return f'<section class="msfp-token-means"><h5>{title}</h5><i class="msfp-none">no token</i></section>'
     scale = max(abs(float(m["mean"])) for m in rows)
-    body = "".join(f'<tr><td>{_piece(m["token"], scheme)}</td><td class="num">{_num(m["mean"], ".3g")}</td>'
+    body = "".join(f'<tr><td>{_piece(m["token"], scheme)}</td><td class="num">{number(m["mean"], ".3g")}</td>'
                    f'<td>{_bar(float(m["mean"]), scale, "#e0702a" if float(m["mean"]) >= 0 else "#3b74d0", 50)}</td>'
                    f'<td class="num">{_int(m["count"])}</td><td class="num msfp-sub">{_int(m["token_id"])}</td></tr>'
                    for m in rows)
@@ -230,7 +230,7 @@ def _correlated(page: dict) -> str:
     if not rows:
         return f'<section class="msfp-correlated"><h5>{title}</h5><i class="msfp-none">none recorded</i></section>'
     body = "".join(f'<tr><td class="num">{_int(r["feature"])}</td><td class="num">'
-                   f'{_num(100 * float(r["fraction"]), ".3g")}%</td>'
+                   f'{number(100 * float(r["fraction"]), ".3g")}%</td>'
                    f'<td>{_bar(float(r["fraction"]), 1.0, "#8a5cc2", 60)}</td>'
                    f'<td class="num">{_int(r["count"])}</td></tr>' for r in rows)
     return (f'<section class="msfp-correlated"><h5>{title}</h5><table><tr><th class="num">feature</th>'
@@ -248,7 +248,7 @@ def _tokens(example: dict, lo: int, hi: int, scale: float, scheme: str, hide_spe
         if hide_special and special:
             continue
         cls = "msfp-tok" + (" msfp-special" if special or value is None else "") + (" msfp-peak" if i == peak else "")
-        shown = "no activation" if value is None else _num(value)
+        shown = "no activation" if value is None else number(value)
         out.append(f'<span class="{cls}" style="{shade(value, scale)}" title="{escape(tokens[i])} = {escape(shown)}">'
                    f"{escape(pieces[i])}</span>")
     return "".join(out)
@@ -262,7 +262,7 @@ def _examples(examples: Sequence[dict], scale: float, scheme: str, hide_special:
             hidden += 1
             continue
         lo, hi = max(0, peak - NARROW), min(n, peak + NARROW + 1)
-        meta = (f'<span class="msfp-meta"><b>{_num(e["value"], ".3g")}</b> · row {_int(e["dataset_row"])} · pos '
+        meta = (f'<span class="msfp-meta"><b>{number(e["value"], ".3g")}</b> · row {_int(e["dataset_row"])} · pos '
                 f'{_int(e["position"])}</span>')
         rows.append(f'<details class="msfp-ex"><summary>{meta} {"…" if lo else ""}'
                     f'{_tokens(e, lo, hi, scale, scheme, hide_special)}{"…" if hi < n else ""}</summary>'
@@ -287,8 +287,8 @@ def feature_page_html(page: dict, hide_special: bool = False, scheme: str = "aut
     bands = []
     for band in page["bands"]:
         (q0, q1), (v0, v1) = band["quantiles"], band["values"]
-        bands.append(f'<h6>Quantiles {_num(100 * float(q0), "g")}–{_num(100 * float(q1), "g")}% '
-                     f'<span class="msfp-sub">(activation {_num(v0, ".3g")} to {_num(v1, ".3g")}; a sample)</span>'
+        bands.append(f'<h6>Quantiles {number(100 * float(q0), "g")}–{number(100 * float(q1), "g")}% '
+                     f'<span class="msfp-sub">(activation {number(v0, ".3g")} to {number(v1, ".3g")}; a sample)</span>'
                      f'</h6>{_examples(band["examples"], scale, scheme, hide_special)}')
     left = "".join([_histogram(page), _logits(page, scheme), _token_means(page, scheme, hide_special),
                     _correlated(page)])
