@@ -179,7 +179,9 @@ class Folder:
             try:
                 store.refresh()
                 if store.record.live:
-                    store.update(status=Status.FAILED, error=interrupted_error(store.record))
+                    progress = store.record.progress  # a heartbeat's count older than the last commit: raised
+                    store.update(status=Status.FAILED, error=interrupted_error(store.record), progress={
+                        "samples_computed": max(progress.samples_computed or 0, progress.samples_committed)})
                     marked.append(store.name)
             finally:
                 store.release_lease()

@@ -26,7 +26,7 @@ from .plan import latent_infos, latent_widths, load_saes, make_plan
 from .request import Request
 from .specs import ModelSpec, parse_layers
 from .storage.liveness import heartbeat
-from .storage.metadata import ExtractionMeta, Status, new_nonce, now
+from .storage.metadata import END_STATES, ExtractionMeta, Status, new_nonce, now
 
 log = logging.getLogger("mistudio")
 HEARTBEAT_S = 2.0
@@ -96,7 +96,10 @@ def _cancel_all(jobs: list) -> None:
     for job in jobs:
         job.cancel()
     for job in jobs:
-        job.wait(60)
+        try:
+            job.wait(60)
+        except KeyboardInterrupt:  # Ctrl-C again: the cancels are under way; still say how to resume
+            pass
     for job in jobs:
         if str(job.status) != "COMPLETED":
             root = getattr(getattr(job, "actions", None), "root", None)
@@ -211,7 +214,11 @@ class Execution:
 
     # -- state ------------------------------------------------------------------------------------
     def set_state(self, status: Status, **sections) -> None:
-        previous = self.store.record.status
+        record = self.store.record
+        previous = record.status
+        if status in END_STATES:  # the writer has flushed: what was computed is what is saved
+            sections["progress"] = {**sections.get("progress", {}),
+                                    "samples_computed": record.progress.samples_committed}
         self.store.update(status=status, heartbeat=heartbeat(), **sections)
         self.job.emit("state", status=status.value, previous=previous.value)
 

@@ -89,6 +89,8 @@ def test_the_heartbeat_records_the_samples_computed(gpt2_dir, workspace):
     finally:
         release.set()
     assert job.wait(60).status == "COMPLETED"
+    progress = job.record.progress  # at the end, computed is what was saved (not the last heartbeat's count)
+    assert progress.samples_computed == progress.samples_committed == progress.samples_total
 
 
 def test_cancel_while_extracting_keeps_committed(gpt2_dir, workspace, clean):
