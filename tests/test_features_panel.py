@@ -329,7 +329,8 @@ def test_features_tab_in_jupyterlab(features_lab):
         feature = int(first.inner_text().split()[0])
         table.select_option(index=1)  # a click on a row opens its page
         view = page.locator(".mistudio-feature-page .msfp")
-        expect(view.locator(".msfp-header h4")).to_contain_text(f"neuron {feature}")
+        # the first page computes the model's logit effects (loads its weights): allow for a loaded machine
+        expect(view.locator(".msfp-header h4")).to_contain_text(f"neuron {feature}", timeout=180_000)
         logits = view.locator(".msfp-logits table tr")
         expect(logits).to_have_count(11)  # header + 10 rows of promoted and suppressed tokens
         assert "promoted" in view.locator(".msfp-logits").inner_text()
