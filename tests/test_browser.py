@@ -7,6 +7,7 @@ skipped when they are missing; in CI (CI=true) a missing browser is a failure.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -92,6 +93,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def running_lab(root: Path, workspace: Path, tmp_path: Path):
+    """A real JupyterLab serving ``root``, its kernels on ``workspace`` and this checkout's mistudio, with its
+    settings under ``tmp_path`` (no news, no update checks); yields (url, token) and stops it after."""
+    port, token = free_port(), "mistudio-test-token"
+    # the kernel imports this checkout's mistudio (not another one the environment may have installed)
+    env = {**os.environ, "MISTUDIO_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"), "IPYTHONDIR": str(tmp_path / "ipython"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lws")}
+    news = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    news.parent.mkdir(parents=True)
+    news.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    log = open(tmp_path / "lab.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
+         f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.expose_app_in_browser=True"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as r:
+                    json.load(r)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "lab.log").read_text()
+                assert time.monotonic() < deadline, "JupyterLab did not start"
+                time.sleep(0.5)
+        yield url, token
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
 @pytest.fixture
 def lab(tmp_path, minilm_dir):
     root = tmp_path / "lab"
@@ -113,40 +156,8 @@ def lab(tmp_path, minilm_dir):
         "model": minilm_dir, "dataset": {"source": "sample", "max_samples": 200, "max_length": 128},
         "extract": {"layers": [1, 3, 5], "hooks": ["residual"], "batch_size": 16}}))
     nbformat.write(notebook, root / "studio.ipynb")
-    port, token = free_port(), "mistudio-test-token"
-    # the kernel imports this checkout's mistudio (not another one the environment may have installed)
-    env = {**os.environ, "MISTUDIO_WORKSPACE": str(tmp_path / "ws"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"), "IPYTHONDIR": str(tmp_path / "ipython"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt"),
-           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lws")}
-    news = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    news.parent.mkdir(parents=True)
-    news.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    log = open(tmp_path / "lab.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
-         f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.expose_app_in_browser=True"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as r:
-                json.load(r)
-            break
-        except OSError:
-            assert server.poll() is None, (tmp_path / "lab.log").read_text()
-            assert time.monotonic() < deadline, "JupyterLab did not start"
-            time.sleep(0.5)
-    yield f"{url}/lab/tree/studio.ipynb?token={token}", tmp_path, (url, token)
-    server.terminate()
-    try:
-        server.wait(20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    with running_lab(root, tmp_path / "ws", tmp_path) as (url, token):
+        yield f"{url}/lab/tree/studio.ipynb?token={token}", tmp_path, (url, token)
 
 
 def restart_kernel(url: str, token: str) -> None:

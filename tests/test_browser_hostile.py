@@ -9,20 +9,15 @@ Needs what tests/test_browser.py needs (Debian's chromium and playwright); skipp
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import nbformat
 import pytest
 
 import mistudio as ms
 from conftest import fail_at
-from test_browser import CHROMIUM, FLAGS, ROOT, free_port, missing
+from test_browser import CHROMIUM, FLAGS, missing, running_lab
 
 PAYLOAD = '<img src=x onerror="window.__pwned=1">'
 TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse", "Features", "Train")
@@ -53,39 +48,8 @@ def hostile_lab(tmp_path, gpt2_dir):
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook.cells = [nbformat.v4.new_code_cell("import mistudio as ms\nstudio = ms.Studio()\nstudio")]
     nbformat.write(notebook, root / "hostile.ipynb")
-    port, token = free_port(), "mistudio-test-token"
-    env = {**os.environ, "MISTUDIO_WORKSPACE": str(ws_root), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"), "IPYTHONDIR": str(tmp_path / "ipython"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt"),
-           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lws")}
-    news = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    news.parent.mkdir(parents=True)
-    news.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    log = open(tmp_path / "lab.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
-         f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.expose_app_in_browser=True"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as r:
-                json.load(r)
-            break
-        except OSError:
-            assert server.poll() is None, (tmp_path / "lab.log").read_text()
-            assert time.monotonic() < deadline, "JupyterLab did not start"
-            time.sleep(0.5)
-    yield f"{url}/lab/tree/hostile.ipynb?token={token}", ws_root, {"failed": failed.id, "ghost": ghost.id}
-    server.terminate()
-    try:
-        server.wait(20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    with running_lab(root, ws_root, tmp_path) as (url, token):
+        yield f"{url}/lab/tree/hostile.ipynb?token={token}", ws_root, {"failed": failed.id, "ghost": ghost.id}
 
 
 def run_in_kernel(page, code: str) -> str:
