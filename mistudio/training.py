@@ -22,6 +22,7 @@ import datetime as dt
 import difflib
 import json
 import logging
+import os
 import math
 import re
 import secrets
@@ -631,7 +632,14 @@ class TrainingJob(Observable):
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, StoreLost):
             raise exc
+        ref = self._record.extraction
+        gone = not _exists(ref.location)
+        if gone and not isinstance(exc, InputError):  # deleted while the run read it
+            exc = InputError(f"extraction {ref.id} is gone from {ref.location} (deleted while this run read it): this "
+                             "run cannot continue (retry it with «pass extraction=<another id>»)", param="extraction")
         error = self._error(exc)
+        if gone:  # a checkpoint does not help: its rows are gone
+            error["resume_available"] = False
         if error["error_type"] == "UNKNOWN":
             log.error("mistudio training %s failed", self.id, exc_info=exc)
         self._set_state(Status.FAILED, error=error, timings={"finished": now()})
@@ -652,6 +660,13 @@ class TrainingJob(Observable):
                 self._in_memory = True
             self.emit("state", status=Status.FAILED.value, previous=previous.value)
             self.emit("failed", **error)
+
+
+def _exists(location: str) -> bool:
+    """Whether an extraction's store is still there (a remote one is assumed to be)."""
+    if "://" in location and not location.startswith("file://"):
+        return True
+    return os.path.isdir(location.removeprefix("file://"))
 
 
 def _progress_of(figures: dict) -> dict:

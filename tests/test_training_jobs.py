@@ -264,6 +264,22 @@ def test_a_deleted_run_folder_stops_the_job_without_recreating_it(ext, tmp_path)
     assert training_job(ws, job.id) is job  # the runner keeps the end it could not write
 
 
+def test_an_extraction_deleted_while_the_run_reads_it_fails_plainly_not_resumable(ext, tmp_path):
+    import shutil
+
+    copy = ms.open_extraction(shutil.copytree(ext.location, tmp_path / "copy.zarr"))
+    ws = ms.Workspace(tmp_path / "ws")
+    started = threading.Event()
+    job = submit_training(ws, copy, HP, evaluate=False, **small(4000, progress_every_steps=1))
+    job.subscribe(lambda event: started.set() if event["event"] == "progress" else None)
+    assert started.wait(60)
+    shutil.rmtree(copy.location)
+    assert job.wait(60).status == "FAILED"
+    error = job.error
+    assert error["error_type"] == "VALIDATION" and not error["resume_available"], error
+    assert "is gone" in error["error_message"] and "deleted while this run read it" in error["error_message"]
+
+
 CHILD = textwrap.dedent("""
     import sys, time
     import torch
