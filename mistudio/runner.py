@@ -123,8 +123,8 @@ class Runner:
         global _registered
         with _AT_EXIT:
             _RUNNERS.add(self)
-            if not _registered:  # runs before concurrent.futures' own exit hook (registered earlier)
-                threading._register_atexit(_at_exit)
+            if not _registered:  # threading's exit hooks run before the interpreter stops threads and before
+                threading._register_atexit(_at_exit)  # concurrent.futures' own (registered earlier, run later)
                 _registered = True
 
     def enqueue(self, job) -> None:
@@ -235,11 +235,9 @@ class Execution:
         """The job was asked to stop: by the user (CANCELLED), or by its process exiting (INTERRUPTED)."""
         if self.job.interrupted_by is None:
             raise JobCancelled(cancelled)
-        saved = self.store.record.progress
-        kept = (f"{saved.samples_committed:,} of {saved.samples_total:,} samples were saved"
-                if saved.samples_total else "no activations were saved yet")
-        raise JobInterrupted(f"The job stopped because {self.job.interrupted_by}. {kept}; resume it to continue "
-                             "from there, retry it from scratch, or clean it up.")
+        raise JobInterrupted(f"The job stopped because {self.job.interrupted_by}; what it computed is saved "
+                             "(the progress says how much): resume it to continue from there, retry it from "
+                             "scratch, or clean it up.")
 
     def _beat(self, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_S):
