@@ -849,8 +849,8 @@ def test_issue19_p4_restart_banner_says_saved_and_computed(gpt2_dir, workspace):
     ghost.wait(60)
     ghost.store.update(status="EXTRACTING", heartbeat={"pid": 999999, "host": socket.gethostname(), "time": 0,
                                                        "proc_start": "0"},
-                       progress={"samples_committed": 2, "tokens_committed": 20})
-    studio = ms.Studio(workspace=workspace, model=gpt2_dir)
+                       progress={"samples_committed": 2, "tokens_committed": 20, "samples_computed": None})
+    studio = ms.Studio(workspace=workspace, model=gpt2_dir)  # (a store from before heartbeats counted them)
     assert "2 of 8 samples were saved" in studio.banner.value
     assert "computed after the last save was lost" in studio.banner.value
     ghost.store.refresh()  # (the Studio marked it FAILED/INTERRUPTED on disk)
