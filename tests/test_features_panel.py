@@ -3,12 +3,8 @@ real JupyterLab in headless Chromium (slow)."""
 from __future__ import annotations
 
 import json
-import os
 import threading
-import time
-from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 
@@ -265,102 +261,3 @@ def test_an_empty_workspace_says_so(tmp_path):
     panel = FeaturesPanel(ms.Workspace(str(tmp_path / "empty")))
     assert panel.wait(10) and "No extraction with data yet" in panel.status.value
     assert panel.open_feature(0) is False and "Pick an extraction" in panel.status.value
-
-
-# -- the real browser -----------------------------------------------------------------------------------------
-from test_browser import CHROMIUM, DOCS, FLAGS, lab, missing  # noqa: E402,F401 - the suite's JupyterLab fixture
-
-
-@pytest.fixture
-def worktree_on_path(monkeypatch):
-    """The kernel imports this checkout's mistudio (the fixture's server and kernel inherit the environment)."""
-    root = str(Path(__file__).resolve().parents[1])
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-
-
-@pytest.fixture
-def features_lab(worktree_on_path, lab, gpt2_dir):
-    """The suite's JupyterLab with a notebook that shows the Features tab on an extraction of a tiny GPT-2."""
-    url, tmp_path, server = lab
-    ws = tmp_path / "features-ws"
-    ms.extract(model=gpt2_dir, dataset=ms.sample_texts()[:80], layers=[1], max_length=48, workspace=str(ws))
-    notebook = nbformat.v4.new_notebook()
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    notebook.cells = [nbformat.v4.new_code_cell(
-        "import mistudio as ms\nfrom mistudio.widgets.features_panel import FeaturesPanel\n"
-        f"FeaturesPanel(ms.Workspace({str(ws)!r}))")]
-    nbformat.write(notebook, tmp_path / "lab" / "features.ipynb")
-    return url.replace("studio.ipynb", "features.ipynb"), tmp_path
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(missing is not None, reason=missing or "")
-def test_features_tab_in_jupyterlab(features_lab):
-    from playwright.sync_api import expect, sync_playwright
-
-    url, tmp_path = features_lab
-    shots = DOCS if os.environ.get("MISTUDIO_UPDATE_SCREENSHOT") else tmp_path
-    expect.set_options(timeout=60_000)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        page.locator(".jp-Notebook .jp-Cell").first.wait_for()
-        expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").first).to_be_visible()
-        page.locator(".jp-Notebook .jp-Cell .jp-InputArea-editor").first.click()
-        time.sleep(1.0)
-        page.keyboard.press("Shift+Enter")
-
-        def button(text):
-            return page.locator("button.jupyter-button:visible", has_text=text).first
-
-        def shot(name, top):
-            page.locator(top).first.evaluate("e => e.scrollIntoView({block: 'start'})")
-            time.sleep(0.5)
-            page.screenshot(path=str(shots / f"studio-features{name}.png"))
-
-        table = page.locator(".mistudio-ftable select")
-        # the first page of the table, painted (a cold kernel imports torch and transformers first: allow for a
-        # loaded machine)
-        expect(table.locator("option")).to_have_count(25, timeout=240_000)
-        expect(page.locator(".widget-html", has_text="32 features over").first).to_be_visible()
-        first = table.locator("option").nth(1)
-        feature = int(first.inner_text().split()[0])
-        table.select_option(index=1)  # a click on a row opens its page
-        view = page.locator(".mistudio-feature-page .msfp")
-        # the first page computes the model's logit effects (loads its weights): allow for a loaded machine
-        expect(view.locator(".msfp-header h4")).to_contain_text(f"neuron {feature}", timeout=180_000)
-        logits = view.locator(".msfp-logits table tr")
-        expect(logits).to_have_count(11)  # header + 10 rows of promoted and suppressed tokens
-        assert "promoted" in view.locator(".msfp-logits").inner_text()
-        bars = view.locator(".msfp-hist-svg rect")
-        assert bars.count() >= 3
-        box = view.locator(".msfp-hist-svg").bounding_box()
-        assert box and box["width"] > 300 and box["height"] > 100  # the histogram renders, at its size
-        heights = [float(bars.nth(i).get_attribute("height")) for i in range(bars.count())]
-        assert max(heights) > 50 and len(set(heights)) > 2
-        expect(view.locator(".msfp-peak").first).to_be_visible()
-        left, right = view.locator(".msfp-left").bounding_box(), view.locator(".msfp-right").bounding_box()
-        assert right["x"] >= left["x"] + left["width"], (left, right)  # two columns side by side in a notebook
-        expect(page.locator(".widget-dropdown select:visible").last).not_to_have_value("")  # an example chosen
-        shot("", ".widget-tab .lm-TabBar")
-        shot("-page", ".mistudio-feature-page")
-
-        # from text to features: type a prompt, choose a token, click one of its features
-        page.locator(".widget-tab .lm-TabBar-tab", has_text="From text").first.click()
-        prompt = page.locator(".widget-tab textarea:visible").first
-        prompt.fill("The quick brown fox jumps over the lazy dog.")
-        button("Run").click()
-        tokens = page.locator(".mistudio-ptokens select")
-        expect(tokens.locator("option").nth(3)).to_be_attached()
-        tokens.select_option(index=3)
-        chosen = page.locator(".mistudio-pfeature:visible").nth(0)
-        expect(chosen).to_be_visible()
-        target = int(chosen.inner_text().split("·")[0])
-        chosen.click()
-        expect(view.locator(".msfp-header h4")).to_contain_text(f"neuron {target}")
-        expect(page.locator(".mistudio-prompt", has_text=f"shaded by feature {target}")).to_be_visible()
-        shot("-prompt", ".widget-tab .lm-TabBar")
-        assert page.locator(".mistudio-error:visible").count() == 0
-        browser.close()
