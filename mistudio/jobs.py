@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Self
 
 from .extraction import Extraction
 from .request import Request
@@ -85,7 +85,76 @@ class Observable:
                 self.listeners.remove(entry)
 
 
-class Job(Observable):
+class Handle(Observable):
+    """What an extraction Job and a training run share: observing a status kept in a record (in memory while
+    the job lives in this process, else on disk), waiting for its end, and the runner's calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._live = False
+
+    @property
+    def record(self) -> Any:
+        raise NotImplementedError
+
+    def _owner(self, record: Any) -> str | None:
+        """Who runs the job now (None: nobody, so waiting would be forever)."""
+        raise NotImplementedError
+
+    @property
+    def meta(self) -> dict:
+        """The record as a plain dict."""
+        return self.record.to_json()
+
+    @property
+    def status(self) -> Status:
+        return self.record.status
+
+    @property
+    def error(self) -> dict | None:
+        error = self.record.error
+        return error.model_dump(mode="json") if error is not None else None
+
+    @property
+    def live(self) -> bool:
+        """True while this process queues or runs the job."""
+        return self._live
+
+    @property
+    def done(self) -> bool:
+        return self.status in END_STATES
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def wait(self, timeout: float | None = None) -> Self:
+        """Block until the job ends (or ``timeout`` seconds pass); returns self."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            if not self._live:
+                record = self.record
+                if record.status in END_STATES or self._owner(record) is None:
+                    break  # ended, or nobody runs it: waiting would be forever
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self._done.wait(0.2 if left is None else min(0.2, left))
+        return self
+
+    def started_here(self) -> None:
+        """The runner took the job: from now on its state is this process's."""
+        self._live = True
+
+    def finished(self) -> None:
+        """The runner let go of the job; wake everyone waiting."""
+        self._live = False
+        self._done.set()
+
+
+class Job(Handle):
     """Handle on one extraction job. While it lives in this process its state is in memory; else in its store.
 
     ``also_notify`` are listener lists shared with others (the workspace's), called after the job's own.
@@ -100,10 +169,7 @@ class Job(Observable):
         self.options = options or RunOptions()
         self.id: str = store.name
         self._also_notify = also_notify if also_notify is not None else []
-        self._cancel = threading.Event()
         self.interrupted_by: str | None = None  # why the process stopped the job (set with the cancel event)
-        self._done = threading.Event()
-        self._live = False
         self._progress: dict = {}
         self._memory_record: ExtractionMeta | None = None  # an end state that could not be written
 
@@ -121,20 +187,6 @@ class Job(Observable):
         return self.store.record
 
     @property
-    def meta(self) -> dict:
-        """The metadata as a plain dict (see :class:`~mistudio.metadata.ExtractionMeta` for its fields)."""
-        return self.record.to_json()
-
-    @property
-    def status(self) -> Status:
-        return self.record.status
-
-    @property
-    def error(self) -> dict | None:
-        error = self.record.error
-        return error.model_dump(mode="json") if error is not None else None
-
-    @property
     def progress(self) -> dict:
         """Samples/tokens done and total, tokens/s and ETA (live), else the committed marks."""
         if self._live and self._progress:
@@ -146,36 +198,12 @@ class Job(Observable):
                 "tokens_per_s": record.timings.tokens_per_s, "eta_s": None}
 
     @property
-    def live(self) -> bool:
-        """True while this process queues or runs the job."""
-        return self._live
-
-    @property
     def ended_in_memory(self) -> bool:
         """The job's end is known only here: its store was refused (a bad request), deleted or replaced."""
         return self._memory_record is not None
 
-    @property
-    def done(self) -> bool:
-        return self.status in END_STATES
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
-
-    def wait(self, timeout: float | None = None) -> "Job":
-        """Block until the job ends (or ``timeout`` seconds pass); returns self."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._done.is_set():
-            if not self._live:
-                record = self.record
-                if record.status in END_STATES or self.actions.owner_of(self.id, record) is None:
-                    break  # ended, or nobody runs it: waiting would be forever
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            self._done.wait(0.2 if left is None else min(0.2, left))
-        return self
+    def _owner(self, record: ExtractionMeta) -> str | None:
+        return self.actions.owner_of(self.id, record)
 
     def extraction(self) -> Extraction:
         """The store as an :class:`~mistudio.extraction.Extraction` (any status)."""
@@ -219,10 +247,6 @@ class Job(Observable):
         call_all(self.listeners, record)
         call_all(self._also_notify, record)
 
-    def started_here(self) -> None:
-        """The runner took the job: from now on its state is this process's."""
-        self._live = True
-
     def report_progress(self, progress: dict) -> None:
         self._progress = progress
         self.emit("progress", **progress)
@@ -231,7 +255,3 @@ class Job(Observable):
         """The end state could not be written (store deleted or replaced, disk full): hold it here."""
         self._memory_record = record
 
-    def finished(self) -> None:
-        """The runner let go of the job; wake everyone waiting."""
-        self._live = False
-        self._done.set()

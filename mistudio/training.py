@@ -37,7 +37,7 @@ from .analysis.sae_training import (CHECKPOINT_DIR, CHECKPOINT_FILE, SAE_DIR, Tr
                                     plan_training, train_sae)
 from .errors import InputError, JobCancelled, JobTimeout, StoreBusy, StoreLost, classify, render
 from .extraction import Extraction
-from .jobs import Observable, call_all
+from .jobs import Handle, call_all
 from .models import FAMILIES
 from .request import dataset_source
 from .runner import HEARTBEAT_S
@@ -45,7 +45,7 @@ from .saes import SAE, load_sae
 from .specs import ModelSpec
 from .storage.files import write_atomic
 from .storage.liveness import heartbeat, live_owner
-from .storage.metadata import END_STATES, LIVE_STATES, ErrorRecord, Heartbeat, Status, new_nonce, now
+from .storage.metadata import LIVE_STATES, ErrorRecord, Heartbeat, Status, new_nonce, now
 
 if TYPE_CHECKING:
     from .workspace import Workspace
@@ -288,7 +288,7 @@ def _reference(ext: Extraction) -> ExtractionRef:
 
 
 # -- the job ------------------------------------------------------------------------------------------
-class TrainingJob(Observable):
+class TrainingJob(Handle):
     """Handle on one training run. While it lives in this process its record is in memory; else in ``run.json``.
 
     The runner calls :meth:`execute` on its worker thread; users call ``status``, ``progress``, ``wait``,
@@ -303,9 +303,6 @@ class TrainingJob(Observable):
         self._also_notify = ws.listeners
         self._record = record  # the live record (run.json follows it); None: read run.json
         self._lock = threading.RLock()
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._live = False
         self._in_memory = False
         self._lost: StoreLost | None = None
         self._deadline: float | None = None
@@ -326,19 +323,6 @@ class TrainingJob(Observable):
         return read_record(self.folder)
 
     @property
-    def meta(self) -> dict:
-        return self.record.to_json()
-
-    @property
-    def status(self) -> Status:
-        return self.record.status
-
-    @property
-    def error(self) -> dict | None:
-        error = self.record.error
-        return error.model_dump(mode="json") if error is not None else None
-
-    @property
     def progress(self) -> dict:
         """Step, tokens and their totals with the trainer's last figures (loss, l0, explained_variance,
         dead_fraction, tokens_per_s, eta_s ...)."""
@@ -349,22 +333,9 @@ class TrainingJob(Observable):
         return {**record.metrics, **record.progress.model_dump()}
 
     @property
-    def live(self) -> bool:
-        """True while this process queues or runs the job."""
-        return self._live
-
-    @property
     def ended_in_memory(self) -> bool:
         """The end is known only here: ``run.json`` could not be written (its folder was deleted)."""
         return self._in_memory
-
-    @property
-    def done(self) -> bool:
-        return self.status in END_STATES
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
 
     @property
     def hook_point(self) -> str:
@@ -416,19 +387,8 @@ class TrainingJob(Observable):
                 arguments[name] = description[name]
         return arguments
 
-    def wait(self, timeout: float | None = None) -> "TrainingJob":
-        """Block until the run ends (or ``timeout`` seconds pass); returns self."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._done.is_set():
-            if not self._live:
-                record = self.record
-                if record.status in END_STATES or live_owner(record, self.workspace.live_here(self.id)) is None:
-                    break  # ended, or nobody runs it: waiting would be forever
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            self._done.wait(0.2 if left is None else min(0.2, left))
-        return self
+    def _owner(self, record: TrainingRecord) -> str | None:
+        return live_owner(record, self.workspace.live_here(self.id))
 
     # -- acting -----------------------------------------------------------------------------------
     def cancel(self) -> "TrainingJob":
@@ -455,13 +415,6 @@ class TrainingJob(Observable):
         record = {"event": event, "job_id": self.id, "kind": "training", "time": time.time(), **payload}
         call_all(self.listeners, record)
         call_all(self._also_notify, record)
-
-    def started_here(self) -> None:
-        self._live = True
-
-    def finished(self) -> None:
-        self._live = False
-        self._done.set()
 
     def execute(self, models) -> None:
         """The run's whole life on the runner's thread. Never raises."""

@@ -88,6 +88,16 @@ def minilm_dir():
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices gain nothing from intra-op threads; on a shared 2-core machine they stall each step, and one
+    thread makes runs comparable bit for bit. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def workspace(tmp_path):
     return str(tmp_path / "ws")

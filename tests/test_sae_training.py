@@ -16,13 +16,7 @@ HP = "layers.1.residual"
 TIMING = ("tokens_per_s", "eta_s", "elapsed_s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a shared 2-core machine they stall each step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

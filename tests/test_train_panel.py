@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 import mistudio as ms
 from mistudio.request import Request
@@ -17,12 +16,7 @@ HP = "layers.1.residual"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ TIMING = ("tokens_per_s", "eta_s", "elapsed_s")
 STATES = ["QUEUED", "LOADING", "TRAINING", "SAVING", "COMPLETED"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads; one thread also makes runs comparable bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
