@@ -148,3 +148,21 @@ def fail_at(at_batch: int, message: str = "injected failure"):
         if index == at_batch:
             raise RuntimeError(message)
     return hook
+
+
+def bounded_call(call, bound: int, expected: type[BaseException] | tuple = ()):
+    """Run ``call`` under tracemalloc: the peak it allocated must stay under ``bound`` bytes. Returns its result,
+    or the ``expected`` exception it raised."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            result = call()
+        except expected as exc:
+            result = exc
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < bound, f"{peak:,} bytes allocated, bound {bound:,}"
+    return result

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bounded_call
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mistudio as ms
@@ -23,19 +23,8 @@ MEMORY_BOUND = 8 << 20  # bytes any one call may allocate at its peak (a layer l
 
 
 def bounded(call):
-    """Run ``call`` under tracemalloc; the peak it allocated stays under MEMORY_BOUND. Returns its result or the
-    InputError it raised."""
-    tracemalloc.start()
-    try:
-        try:
-            result = call()
-        except InputError as exc:
-            result = exc
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < MEMORY_BOUND, f"{peak:,} bytes"
-    return result
+    """``call``'s result or the InputError it raised; its peak allocation stays under MEMORY_BOUND."""
+    return bounded_call(call, MEMORY_BOUND, InputError)
 
 
 # -- layers -----------------------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pydantic
 import pytest
 import zarr
+from conftest import bounded_call
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 from zarr.codecs import Crc32cCodec
 
@@ -52,20 +52,6 @@ def restored(stored):
         path.write_bytes(data)
     arr = zarr.open_array(store=str(root), mode="r")
     return arr, values
-
-
-def bounded_call(call, bound: int):
-    tracemalloc.start()
-    try:
-        try:
-            result = call()
-        except StoreCorrupted as exc:
-            result = exc
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < bound, f"{peak:,} bytes allocated, bound {bound:,}"
-    return result
 
 
 def within_seconds(call, seconds: float = 10.0):
@@ -195,7 +181,7 @@ def test_checked_reads_give_the_stored_rows_or_store_corrupted(stored, data):
     stop = data.draw(st.integers(first + 1, mark))
     checked = CheckedArray(arr, "fuzz-store", mark)
     bound = 3 * (stop - first) * WIDTH * 4 + 4 * g.chunk_bytes + (1 << 16)
-    got = within_seconds(lambda: bounded_call(lambda: checked[first:stop], bound))
+    got = within_seconds(lambda: bounded_call(lambda: checked[first:stop], bound, StoreCorrupted))
     event(f"{how}: {type(got).__name__}")
     if isinstance(got, StoreCorrupted):
         assert got.array == arr.path and got.chunk is not None and got.file, str(got)
