@@ -184,6 +184,19 @@ def run_in_kernel(page, code: str) -> dict:
     }""", code)
 
 
+def open_notebook(playwright, url: str):
+    """A headless Chromium on ``url`` (a notebook in JupyterLab), once its cells and kernel status show."""
+    from playwright.sync_api import expect
+
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(120_000)
+    page.goto(url)
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+    expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").first).to_be_visible()
+    return browser, page
+
+
 def test_studio_in_jupyterlab(lab):
     from playwright.sync_api import expect, sync_playwright
 
@@ -191,12 +204,7 @@ def test_studio_in_jupyterlab(lab):
     shots = DOCS if os.environ.get("MISTUDIO_UPDATE_SCREENSHOT") else tmp_path
     expect.set_options(timeout=30_000)  # a cold kernel imports torch and transformers on the first click
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        page.locator(".jp-Notebook .jp-Cell").first.wait_for()
-        expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").first).to_be_visible()
+        browser, page = open_notebook(p, url)
         page.evaluate("() => window.jupyterapp.shell.collapseLeft()")  # the 1,400 px screenshots: the whole width
 
         def run_cell():
@@ -454,12 +462,7 @@ def test_features_tab_in_jupyterlab(features_lab):
     shots = DOCS if os.environ.get("MISTUDIO_UPDATE_SCREENSHOT") else tmp_path
     expect.set_options(timeout=60_000)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        page.locator(".jp-Notebook .jp-Cell").first.wait_for()
-        expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").first).to_be_visible()
+        browser, page = open_notebook(p, url)
         page.locator(".jp-Notebook .jp-Cell .jp-InputArea-editor").first.click()
         time.sleep(1.0)
         page.keyboard.press("Shift+Enter")
