@@ -139,6 +139,19 @@ def _rows(array: str, chunk: bool = False):
     return craft
 
 
+def _width(array: str):
+    """The trailing dimension and its chunk set to BIG, and the metadata's hidden size agreeing: one chunk would
+    be terabytes (verify once allocated a scratch chunk of that size)."""
+    def craft(store: Path):
+        _meta(model__hidden_size=BIG)(store)
+
+        def change(spec):
+            spec["shape"][1] = BIG
+            spec["chunk_grid"]["configuration"]["chunk_shape"][1] = BIG
+        _edit(store / array / "zarr.json", change)
+    return craft
+
+
 def _consistent(store: Path) -> None:
     """Metadata and every per-token array agree on 10**12 rows: only the files can tell."""
     _meta(progress__tokens_total=BIG, storage__n_input_tokens=BIG)(store)
@@ -160,6 +173,7 @@ CRAFTS = {  # name: (craft, the file a refusal must name)
     "metadata_n_input_tokens": (_meta(storage__n_input_tokens=BIG), "tokens/input_ids/zarr.json"),
     "activations_rows": (_rows(f"activations/{HP}"), f"activations/{HP}/zarr.json"),
     "activations_rows_and_chunk": (_rows(f"activations/{HP}", chunk=True), f"activations/{HP}/zarr.json"),
+    "activations_width": (_width(f"activations/{HP}"), f"activations/{HP}"),
     "input_ids_rows_and_chunk": (_rows("tokens/input_ids", chunk=True), "tokens/input_ids/zarr.json"),
     "sample_offsets_rows": (_rows("tokens/sample_offsets"), "tokens/sample_offsets/zarr.json"),
     "sample_index_rows": (_rows("tokens/sample_index"), "tokens/sample_index/zarr.json"),
@@ -171,7 +185,7 @@ READS_ALL = {"sample", "activations", "feature_stats", "top_examples", "loader"}
 # what must be refused (StoreCorrupted naming the file) per craft: every read of the activations when their size is
 # crafted; reading a sample when the token arrays' are (the other entry points never size anything by them)
 REFUSED = {"metadata_tokens_total": READS_ALL, "activations_rows": READS_ALL, "activations_rows_and_chunk": READS_ALL,
-           "metadata_and_arrays_agree": READS_ALL}
+           "metadata_and_arrays_agree": READS_ALL, "activations_width": READS_ALL}
 NOT_DATA = ("row", "peak_rss_mb", "report")
 
 

@@ -424,11 +424,6 @@ class FastReader:
         returns the file's size. Damage raises :class:`Damaged`."""
         g = self.g
         first, stop = unit * g.unit_rows, min((unit + 1) * g.unit_rows, self.mark, g.shape[0])
-        if decode:
-            sink = np.empty((min(stop - first, g.chunk_rows), *self.shape[1:]), self.dtype)
-            for a in range(first, stop, g.chunk_rows):
-                b = min(a + g.chunk_rows, stop)
-                self.read_unit(unit, a, b, None, sink[:b - a])
         key, path = g.unit_key(unit), g.unit_file(unit)
         try:
             info = os.stat(path, follow_symlinks=False)
@@ -436,7 +431,16 @@ class FastReader:
             raise Damaged(key, "missing", missing=True) from None
         if not stat.S_ISREG(info.st_mode):
             raise Damaged(key, f"the {'shard' if g.sharded else 'chunk'} is not a regular file")
-        if not decode:
+        if info.st_size < g.chunk_bytes:  # before a scratch chunk is allocated: a crafted shape claims terabytes
+            raise Damaged(key, f"the {'shard' if g.sharded else 'chunk'} cannot be decoded: the file is "
+                               f"{info.st_size:,} bytes, less than the {g.chunk_bytes:,} of one chunk of its "
+                               "zarr.json's shape")
+        if decode:
+            sink = np.empty((min(stop - first, g.chunk_rows), *self.shape[1:]), self.dtype)
+            for a in range(first, stop, g.chunk_rows):
+                b = min(a + g.chunk_rows, stop)
+                self.read_unit(unit, a, b, None, sink[:b - a])
+        else:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
             try:
                 if g.sharded:
