@@ -164,6 +164,29 @@ def test_a_crafted_feature_index_is_named_by_verify_and_refused_by_reads(gpt2_di
     assert not report.ok and "feature_offsets" in str(report), str(report)
 
 
+def test_an_index_block_written_past_the_mark_is_not_damage_but_its_committed_entries_are_checked(
+        gpt2_dir, workspace, tmp_path):
+    """A job stopped after a block's index was written but before the mark moved past the block: the entries of
+    committed rows are checked, those past the mark are resume's to rewrite (verify called the block damage)."""
+    make_sae(tmp_path / "sae", "topk")
+    ext = ms.extract(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, workspace=workspace, progress=False,
+                     **LAYOUT)
+    block_rows, offsets = ext.latent_info(HP).block_rows, ext.sample_offsets
+    samples = int(np.searchsorted(offsets, block_rows // 2))  # a sample boundary inside block 0
+    assert 0 < offsets[samples] < block_rows < ext.n_tokens
+    store = ms.Workspace(workspace).store(ext.id, writable=True)
+    store.update(status="FAILED", progress={"samples_committed": samples, "tokens_committed": int(offsets[samples])})
+    report = ms.open_extraction(ext.id, workspace=workspace).verify()
+    assert report.ok, str(report)
+    index = ext.store.array(f"latents/{HP}/feature_rows")
+    entries = index[:block_rows * ext.latent_info(HP).width]
+    below = int(np.flatnonzero((entries >= 0) & (entries < offsets[samples]))[0])
+    entries[below] = (entries[below] + 1) % int(offsets[samples])  # an entry of a committed row, moved
+    index[:len(entries)] = entries
+    report = ms.open_extraction(ext.id, workspace=workspace).verify()
+    assert not report.ok and "by-feature index of block 0" in str(report), str(report)
+
+
 def test_a_changed_sae_is_refused_on_resume(gpt2_dir, workspace, tmp_path):
     from conftest import gate
 

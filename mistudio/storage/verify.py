@@ -209,6 +209,9 @@ class _Scan:
             covered = int(row[d_sae + 1])
             if covered == 0 and not complete:
                 continue
+            ahead = not complete and covered > stop - first  # indexed past the mark (stopped before the mark moved)
+            if ahead:
+                covered = stop - first  # its rows past the mark are not committed: check the entries of those below
             try:
                 want = FeatureIndex.build(index[first:first + covered].view(index.zarr.dtype),
                                           values[first:first + covered].view(values.zarr.dtype), block, block_rows,
@@ -218,14 +221,14 @@ class _Scan:
             except StoreCorrupted as exc:
                 self.problem(exc.what, exc.array, exc.chunk, exc.file)
                 continue
+            if ahead:
+                row, got = _committed_entries(row, got, covered, d_sae)
             whole = min(block_rows, n_rows - first)
             if complete and covered != whole:
                 self.problem(f"the by-feature index of block {block} covers {covered} of its {whole} rows",
                              f"{base}/feature_offsets", (block, 0))
-            elif covered > stop - first and not complete or not (np.array_equal(row, want[0])
-                                                                  and np.array_equal(got[0], want[1])
-                                                                  and np.array_equal(got[1].view(np.uint8),
-                                                                                     want[2].view(np.uint8))):
+            elif row is None or not (np.array_equal(row, want[0]) and np.array_equal(got[0], want[1])
+                                     and np.array_equal(got[1].view(np.uint8), want[2].view(np.uint8))):
                 self.problem(f"the by-feature index of block {block} does not match its rows",
                              f"{base}/feature_offsets", (block, 0))
 
@@ -300,3 +303,23 @@ class _Scan:
         folder = os.path.join(str(root), arr.path)
         return sum(1 for _, _, files in os.walk(folder) for name in files
                    if name != "zarr.json" and not name.startswith("."))
+
+
+def _committed_entries(row: np.ndarray, got: list, rows: int, d_sae: int) -> tuple[np.ndarray | None, list]:
+    """A by-feature index block that covers rows past the commit mark, cut to its entries of the first ``rows``
+    rows: (offsets row, [entry rows, entry values]) as :meth:`FeatureIndex.build` gives them for those rows alone,
+    padded alike; None for the row when its offsets are out of order (then it cannot be cut)."""
+    bounds = np.asarray(row[:d_sae + 1], np.int64)
+    entries = len(got[0])
+    if bounds[0] != 0 or np.any(np.diff(bounds) < 0) or bounds[-1] > entries:
+        return None, got
+    keep = np.zeros(entries, bool)
+    keep[:bounds[-1]] = (got[0][:bounds[-1]] >= 0) & (got[0][:bounds[-1]] < rows)
+    before = np.concatenate([[0], np.cumsum(keep)])
+    cut = np.zeros_like(row)
+    cut[:d_sae + 1] = before[bounds]
+    cut[d_sae + 1], cut[d_sae + 2] = rows, row[d_sae + 2]
+    kept = int(keep.sum())
+    entry_rows, entry_values = np.full(entries, -1, got[0].dtype), np.zeros(entries, got[1].dtype)
+    entry_rows[:kept], entry_values[:kept] = got[0][keep], got[1][keep]
+    return cut, [entry_rows, entry_values]
