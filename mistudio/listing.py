@@ -16,7 +16,7 @@ from typing import Any
 
 import fsspec
 
-from .errors import InputError, MistudioError, StoreBusy, human_bytes
+from .errors import InputError, MistudioError, StoreBusy, StoreCorrupted, human_bytes
 from .storage.lease import describe as describe_holder
 from .storage.lease import held_here
 from .storage.lease import holder as lease_holder
@@ -198,7 +198,7 @@ class Folder:
         try:
             meta = self.open_store(location).record
         except Exception as exc:  # noqa: BLE001 - shown as such; cleanup decides what to do with it
-            return {**base, "status": "UNREADABLE", "damaged": True, "problem": f"{type(exc).__name__}: {exc}"[:200],
+            return {**base, "status": "UNREADABLE", "damaged": True, "problem": unreadable(location, exc),
                     "created_at": self._mtime(location)}
         progress = meta.progress
         problem = "" if meta.id == name else f"its metadata names it {meta.id!r} (copied or renamed store)"
@@ -227,6 +227,15 @@ class Folder:
         rows = [self.row(location) for location in self.store_paths()]
         rows.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
         return rows
+
+
+def unreadable(location: str, exc: Exception) -> str:
+    """Why a store cannot be listed, in at most 200 characters: what is wrong and in which of its files (the row
+    holds the location already)."""
+    if isinstance(exc, StoreCorrupted):
+        inside = exc.file[len(location):].lstrip("/") if exc.file and exc.file.startswith(location) else exc.file
+        return f"{exc.what}{f' ({inside})' if inside else ''}"[:200]
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def interrupted_error(meta: ExtractionMeta) -> dict:

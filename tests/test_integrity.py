@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import mistudio as ms
 from mistudio.cli import main as cli
 from mistudio.errors import StoreCorrupted
 from mistudio.storage.reads import CheckedArray
+from mistudio.storage.store import MAX_GROUP_METADATA_BYTES
 from mistudio.storage.verify import quick_check, verify
 
 from conftest import TEXTS
@@ -137,6 +139,29 @@ def test_damaged_group_metadata(copy, capsys):
     code, out = run_cli(capsys, "verify", ext_id, "--workspace", ws)
     assert code == 1 and "zarr.json" in out
     assert run_cli(capsys, "verify", "no-such-id", "--workspace", ws)[0] == 2
+
+
+@pytest.mark.parametrize("how", ["oversized", "fifo"])
+def test_group_metadata_no_store_has_is_refused_before_it_is_parsed(copy, how):
+    """A group zarr.json larger than any store's (valid JSON, padded: parsing a crafted 300 MB one took gigabytes)
+    or a FIFO (a read would block): the listing, opening and verify name it and go on."""
+    ws, ext_id, store, _ = copy
+    group = store / "zarr.json"
+    if how == "oversized":
+        text = group.read_text()
+        with group.open("w") as f:
+            f.write(text)
+            f.write(" " * (MAX_GROUP_METADATA_BYTES + 1 - len(text.encode())))
+    else:
+        group.unlink()
+        os.mkfifo(group)
+    rows = ms.Workspace(ws).extractions()
+    row = rows.set_index("id").loc[ext_id] if hasattr(rows, "set_index") else {r["id"]: r for r in rows}[ext_id]
+    assert row["damaged"] and "group metadata" in row["problem"], row
+    with pytest.raises(StoreCorrupted, match="group metadata is (not a regular file|.* bytes, more than)"):
+        ms.Workspace(ws).open(ext_id)
+    report = verify(str(store))
+    assert not report.ok and report.problems[0].file == str(group), str(report)
 
 
 def test_without_checksums_reads_the_same(gpt2_dir, workspace, made):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import threading
 from typing import Any
 
@@ -21,6 +22,26 @@ from .layout import CHECKSUM_BYTES, PER_SAMPLE, WRITE_CONFIG, StoreLayout, array
 from .lease import WriterLease
 from .metadata import ExtractionMeta
 from .reads import DECODE_ERRORS, CheckedArray
+
+MAX_GROUP_METADATA_BYTES = 64 << 20  # a store's own zarr.json is kilobytes (a few MB consolidated)
+
+
+def check_group_file(location: str) -> None:
+    """Refuse a local store's group ``zarr.json`` that no mistudio store has, before Zarr parses it: not a regular
+    file (a FIFO would block the read), or larger than :data:`MAX_GROUP_METADATA_BYTES` (parsing a crafted 300 MB
+    string took gigabytes). Remote stores are left to Zarr."""
+    if "://" in location:
+        return
+    file = f"{location.rstrip('/')}/zarr.json"
+    try:
+        info = os.stat(file, follow_symlinks=False)
+    except OSError:
+        return  # missing: Zarr says so
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreCorrupted(location, "its group metadata is not a regular file", file=file)
+    if info.st_size > MAX_GROUP_METADATA_BYTES:
+        raise StoreCorrupted(location, f"its group metadata is {info.st_size:,} bytes, more than a store's can be "
+                                       f"({MAX_GROUP_METADATA_BYTES:,}): it was not written by mistudio", file=file)
 
 
 class ExtractionStore:
@@ -72,6 +93,7 @@ class ExtractionStore:
     def open(cls, location: str, storage_options: dict | None = None, writable: bool = False) -> "ExtractionStore":
         """Open an existing store; damaged group metadata raises :class:`StoreCorrupted` naming the file."""
         file = f"{location.rstrip('/')}/zarr.json"
+        check_group_file(location)
         try:
             group = zarr.open_group(store=location, mode="r+" if writable else "r", storage_options=storage_options,
                                     use_consolidated=False)
@@ -111,6 +133,7 @@ class ExtractionStore:
             return self._record.to_json()
 
     def _read_disk(self) -> ExtractionMeta:
+        check_group_file(self.location)
         group = zarr.open_group(store=self.location, mode="r", storage_options=self.storage_options,
                                 use_consolidated=False)
         return metadata.parse(group.attrs.get("mistudio"))

@@ -19,6 +19,7 @@ from .metadata import END_STATES, LIVE_STATES
 from ..errors import StoreCorrupted
 from .reads import DECODE_ERRORS, CheckedArray, damage, missing_units
 from .featindex import FeatureIndex
+from .store import check_group_file
 
 OPTIONAL_TOKEN_ARRAYS = ("role", "positions")  # chat data; windowed documents
 
@@ -99,9 +100,13 @@ class _Scan:
     def run(self) -> VerifyReport:
         group_file = f"{self.location}/zarr.json"
         try:
+            check_group_file(self.location)
             group = zarr.open_group(store=self.location, mode="r", storage_options=self.storage_options,
                                     use_consolidated=False)
             meta = group.attrs.get("mistudio")
+        except StoreCorrupted as exc:
+            self.problem(exc.what, file=group_file)
+            return self.report
         except FileNotFoundError as exc:
             self.problem(f"the group metadata is missing ({exc})", file=group_file)
             return self.report
