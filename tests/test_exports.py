@@ -413,6 +413,21 @@ def test_hf_dataset_default_holds_the_latents_and_the_refusals(latent_store, tmp
     assert not (tmp_path / "sl").exists()
 
 
+def test_a_damaged_latent_chunk_says_so(gpt2_dir, tmp_path):
+    """A latent chunk lost below the commit mark: the store's StoreCorrupted, and no export left behind."""
+    make_sae(tmp_path / "sae")
+    ext = ms.extract(gpt2_dir, texts(), layers=[1], max_length=48, saes={LATENT_HP: str(tmp_path / "sae")},
+                     chunk_mb=0.01, shard_mb=0.01, workspace=str(tmp_path / "ws"), progress=False)
+    chunks = sorted(p for p in (Path(ext.location) / "latents" / LATENT_HP / "values").rglob("*")
+                    if p.is_file() and p.name != "zarr.json")
+    assert len(chunks) > 2
+    chunks[1].unlink()
+    with pytest.raises(StoreCorrupted):
+        to_hf_dataset(ext, f"{LATENT_HP}.latents", path=tmp_path / "hf", block_rows=30)
+    assert not (tmp_path / "hf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mistudio-export-")]
+
+
 def test_latent_pages_carry_what_neuronpedia_needs(latent_store, tmp_path):
     """A latent's page exports to Neuronpedia as a neuron's does: the source is the SAE's layer, the neurons per
     layer are d_sae, the top activations are the latent's own values."""
