@@ -320,7 +320,8 @@ def make_sae(folder, architecture: str = "standard") -> None:
     sl = pytest.importorskip("sae_lens")
     from sae_lens.saes.sae import SAEMetadata
 
-    cls, cfg = {"standard": (sl.StandardSAE, sl.StandardSAEConfig), "topk": (sl.TopKSAE, sl.TopKSAEConfig)}[architecture]
+    classes = {"standard": (sl.StandardSAE, sl.StandardSAEConfig), "topk": (sl.TopKSAE, sl.TopKSAEConfig)}
+    cls, cfg = classes[architecture]
     extra = {"k": 6} if architecture == "topk" else {}
     sae = cls(cfg(d_in=32, d_sae=D_SAE, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"), **extra))
     g = torch.Generator().manual_seed(1)
