@@ -1,5 +1,6 @@
 """Exports: an HTML file that makes no request in a real browser, Neuronpedia's bulk-import records, a store as a
-Hugging Face dataset, and SAELens's cached-activations layout read back by SAELens itself."""
+Hugging Face dataset (raw hook points and SAE latents), and SAELens's cached-activations layout read back by SAELens
+itself."""
 from __future__ import annotations
 
 import gzip
@@ -15,8 +16,8 @@ import pytest
 import mistudio as ms
 from mistudio.analysis.stats import describe_examples
 from mistudio.errors import InputError, StoreCorrupted
-from mistudio.analysis.exports import (NEURONPEDIA_OPTIONAL, NEURONPEDIA_REQUIRED, export_html, export_neuronpedia,
-                              to_hf_dataset, to_saelens_cache, transformer_lens_name)
+from mistudio.analysis.exports import (NEURONPEDIA_OPTIONAL, NEURONPEDIA_REQUIRED, count_latents, export_html,
+                                       export_neuronpedia, to_hf_dataset, to_saelens_cache, transformer_lens_name)
 from mistudio.analysis.feature_view import display_pieces
 from mistudio.analysis.logit_effects import Unembedding, neuron_logit_effects
 
@@ -306,6 +307,149 @@ def test_hf_dataset_of_an_exclude_special_store(special_store, tmp_path):
     loaded = datasets.load_from_disk(str(tmp_path / "hf"))
     assert not all(all(k) for k in loaded["kept"])  # some tokens have no activation row
     assert_same_as_sample(special_store, loaded, ["layers.0.residual"])
+
+
+# -- SAE latents as a Hugging Face dataset ---------------------------------------------------------------------
+LATENT_HP = "layers.1.residual"
+D_SAE = 64
+
+
+def make_sae(folder, architecture: str = "standard") -> None:
+    """A SAELens SAE on layers.1.residual of the tiny GPT-2 (width 32), random weights, saved to ``folder``."""
+    import torch
+    sl = pytest.importorskip("sae_lens")
+    from sae_lens.saes.sae import SAEMetadata
+
+    classes = {"standard": (sl.StandardSAE, sl.StandardSAEConfig), "topk": (sl.TopKSAE, sl.TopKSAEConfig)}
+    cls, cfg = classes[architecture]
+    extra = {"k": 6} if architecture == "topk" else {}
+    sae = cls(cfg(d_in=32, d_sae=D_SAE, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"), **extra))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("W") else 0.1))
+    sae.save_model(str(folder))
+
+
+@pytest.fixture(scope="module")
+def latent_store(gpt2_dir, tmp_path_factory):
+    """A store with an SAE's latents beside the raw hook points, exclude_special (some tokens have no row), and a
+    width that leaves empty slots (a ReLU SAE: the width is probed on the first batch)."""
+    sae = tmp_path_factory.mktemp("sae")
+    make_sae(sae)
+    return ms.extract(gpt2_dir, texts(), layers=[1], hooks=["residual", "mlp"], max_length=48, exclude_special=True,
+                      saes={LATENT_HP: str(sae)}, batch_size=8, workspace=str(tmp_path_factory.mktemp("ws_lat")),
+                      progress=False)
+
+
+def rebuilt_csr(dataset, hook_point: str, d_sae: int):
+    """The latents of a dataset export back as one CSR matrix: the kept tokens' lists, rows in dataset order."""
+    from scipy import sparse
+
+    indices, values, counts = [], [], []
+    for kept, idx, val in zip(dataset["kept"], dataset[f"{hook_point}.indices"], dataset[f"{hook_point}.values"]):
+        assert len(idx) == len(val) == len(kept)
+        for k, i, v in zip(kept, idx, val):
+            assert k or not i, "a token without an activation row has no latents"
+            if k:
+                indices += i
+                values += v
+                counts.append(len(i))
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return sparse.csr_matrix((np.asarray(values, np.float32), np.asarray(indices, np.int64), indptr),
+                             shape=(len(counts), d_sae))
+
+
+def test_hf_dataset_of_sae_latents_round_trips_to_the_csr(latent_store, tmp_path):
+    import datasets
+
+    ext, lat = latent_store, f"{LATENT_HP}.latents"
+    info = ext.latent_info(LATENT_HP)
+    slots = ext.latent_arrays(LATENT_HP)[1][:]
+    assert (slots == 0).any() and slots.shape[1] == info.width  # empty slots: they must not be exported
+    to_hf_dataset(ext, [lat, "layers.1.mlp"], path=tmp_path / "hf", block_rows=40)  # mixed, blocks of a few samples
+    loaded = datasets.load_from_disk(str(tmp_path / "hf"))
+    assert loaded.column_names == ["dataset_row", "input_ids", "special", "kept", f"{lat}.indices", f"{lat}.values",
+                                   "layers.1.mlp"]
+    assert loaded.features[f"{lat}.indices"].feature.feature.dtype == "int32"
+    assert loaded.features[f"{lat}.values"].feature.feature.dtype == "float32"
+    assert loaded["dataset_row"] == [int(r) for r in ext.sample_index]  # stored order
+    assert not all(all(k) for k in loaded["kept"])  # some tokens have no activation row
+    want, got = ext.latents(lat), rebuilt_csr(loaded, lat, info.d_sae)
+    assert want.nnz == int((slots != 0).sum()) == ext.record.latent_statistics[LATENT_HP].active
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.data, want.data)  # every value, bit for bit
+    assert_same_as_sample(ext, loaded, ["layers.1.mlp"])  # the raw column beside it is the raw export's
+    assert count_latents(loaded, lat) == want.nnz
+    # the SAE is named where a reader of the dataset finds it
+    for text in (loaded.info.description, (tmp_path / "hf" / "dataset_info.json").read_text()):
+        for fact in (info.sae, info.fingerprint, "architecture standard", f"d_sae {D_SAE}"):
+            assert fact in text, fact
+    meta = json.loads((tmp_path / "hf" / "mistudio_export.json").read_text())
+    assert meta["latents"][lat] == {"sae": info.sae, "fingerprint": info.fingerprint, "architecture": "standard",
+                                    "d_sae": D_SAE, "k": None, "hook_name": "blocks.1.hook_resid_post",
+                                    "width": info.width, "width_reason": info.width_reason, "non_zero": want.nnz}
+    assert meta["rows"] == len(ext.sample_index) and meta["tokens"] == int(ext.sample_offsets[-1])
+    assert meta["bytes"] == sum(p.stat().st_size for p in (tmp_path / "hf").glob("data-*.arrow")) > 0
+    with pytest.raises(InputError, match="exists and is not an empty folder"):
+        to_hf_dataset(ext, lat, path=tmp_path / "hf")
+
+
+def test_hf_dataset_default_holds_the_latents_and_the_refusals(latent_store, tmp_path):
+    lat = f"{LATENT_HP}.latents"
+    whole = to_hf_dataset(latent_store, cache_dir=tmp_path / "cache")  # every raw hook point and the latents
+    assert {LATENT_HP, "layers.1.mlp", f"{lat}.indices", f"{lat}.values"} <= set(whole.column_names)
+    assert latent_store.latent_info(LATENT_HP).sae in whole.info.description
+    assert count_latents(whole, lat) == latent_store.latents(lat).nnz
+    with pytest.raises(InputError, match="has no column 'layers.1.mlp.latents.indices'"):
+        count_latents(whole, "layers.1.mlp.latents")
+    with pytest.raises(InputError, match=r"\['layers.1.mlp.latents'\] are not in extraction .*latents"):
+        to_hf_dataset(latent_store, "layers.1.mlp.latents")
+    with pytest.raises(InputError, match="name one twice"):
+        to_hf_dataset(latent_store, [lat, lat])
+    with pytest.raises(InputError, match="holds SAE latents, and this export writes dense activations: pass "
+                                         "'layers.1.residual'"):
+        to_saelens_cache(latent_store, lat, tmp_path / "sl")
+    assert not (tmp_path / "sl").exists()
+
+
+def test_a_damaged_latent_chunk_says_so(gpt2_dir, tmp_path):
+    """A latent chunk lost below the commit mark: the store's StoreCorrupted, and no export left behind."""
+    make_sae(tmp_path / "sae")
+    ext = ms.extract(gpt2_dir, texts(), layers=[1], max_length=48, saes={LATENT_HP: str(tmp_path / "sae")},
+                     chunk_mb=0.01, shard_mb=0.01, workspace=str(tmp_path / "ws"), progress=False)
+    chunks = sorted(p for p in (Path(ext.location) / "latents" / LATENT_HP / "values").rglob("*")
+                    if p.is_file() and p.name != "zarr.json")
+    assert len(chunks) > 2
+    chunks[1].unlink()
+    with pytest.raises(StoreCorrupted):
+        to_hf_dataset(ext, f"{LATENT_HP}.latents", path=tmp_path / "hf", block_rows=30)
+    assert not (tmp_path / "hf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mistudio-export-")]
+
+
+def test_latent_pages_carry_what_neuronpedia_needs(latent_store, tmp_path):
+    """A latent's page exports to Neuronpedia as a neuron's does: the source is the SAE's layer, the neurons per
+    layer are d_sae, the top activations are the latent's own values."""
+    from mistudio.analysis.features import export_pages
+
+    lat = f"{LATENT_HP}.latents"
+    rows, values = latent_store.feature(LATENT_HP, 3)
+    assert len(rows), "latent 3 should fire"
+    pages = list(export_pages(latent_store, lat, [3, 7], n_token_means=0))
+    root = export_neuronpedia(pages, tmp_path / "np", model_id="tiny-gpt2", source_set="res-sae",
+                              tokenizer=latent_store.tokenizer)
+    assert root.name == "1-res-sae"
+    model = read_jsonl(root / "model.jsonl")[0]
+    neurons = read_jsonl(root / "features" / "batch-0.jsonl.gz")
+    acts = read_jsonl(root / "activations" / "batch-0.jsonl.gz")
+    assert model["neuronsPerLayer"] == D_SAE and [n["index"] for n in neurons] == ["3", "7"]
+    assert neurons[0]["maxActApprox"] == pytest.approx(float(values.max()))
+    assert neurons[0]["frac_nonzero"] == pytest.approx(len(rows) / latent_store.committed_tokens())
+    top = [a for a in acts if a["index"] == "3" and a["binContains"] == -1.0]
+    assert top[0]["values"][top[0]["qualifyingTokenIndex"]] == pytest.approx(float(values.max()))
+    assert "SAE" in read_jsonl(root / "sourceset.jsonl")[0]["description"]
 
 
 # -- SAELens -------------------------------------------------------------------------------------------------

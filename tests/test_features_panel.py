@@ -226,6 +226,38 @@ def test_exports_ask_first_then_write(panel, tmp_path):
     assert panel.export_features.value == ", ".join(map(str, listed(panel.table_list)))
 
 
+def test_datasets_export_of_sae_latents(gpt2_dir, tmp_path):
+    """The chosen hook point is an SAE's latents: the datasets export writes them (sparse) and says how many
+    samples, non-zero latents and bytes; the SAELens export refuses them, naming the raw hook point."""
+    import datasets
+    from test_exports import make_sae
+
+    make_sae(tmp_path / "sae")
+    ext = ms.extract(gpt2_dir, ms.sample_texts()[:30], layers=[1], max_length=32, saes={HP: str(tmp_path / "sae")},
+                     workspace=str(tmp_path / "ws"), progress=False)
+    panel = FeaturesPanel(ms.Workspace(str(tmp_path / "ws")))
+    assert panel.wait(120)
+    lat = f"{HP}.latents"
+    assert lat in panel.hook_point.options
+    panel.hook_point.value = lat
+    assert panel.wait(120) and panel.table.stats.d == ext.latent_info(HP).d_sae
+    panel.ds_path.value = str(tmp_path / "ds")
+    panel.ds_button.click()
+    assert panel.confirm_box.layout.display == "" and "non-zero latents" in panel.confirm_text.value
+    assert ext.latent_info(HP).sae in panel.confirm_text.value and "d_sae 64" in panel.confirm_text.value
+    click_and_wait(panel.confirm_button, panel)
+    loaded = datasets.load_from_disk(str(tmp_path / "ds"))
+    nnz = ext.latents(lat).nnz
+    assert sum(len(i) for row in loaded[f"{lat}.indices"] for i in row) == nnz > 0
+    size = sum(p.stat().st_size for p in (tmp_path / "ds").glob("data-*.arrow"))
+    info = panel.export_info.value
+    assert f"Wrote {len(ext.sample_index):,} samples, {nnz:,} non-zero latents, {size / 1e6:,.1f} MB" in info, info
+    panel.sl_path.value = str(tmp_path / "sl")
+    panel.sl_button.click()
+    assert "dense activations" in panel.export_info.value and f"choose {HP}" in panel.export_info.value
+    assert panel.confirm_box.layout.display == "none" and not (tmp_path / "sl").exists()
+
+
 def test_busy_refuses_a_second_task_and_errors_show_in_the_tab(panel):
     release = threading.Event()
     assert panel._run("Waiting for the test", lambda: release.wait(30), lambda _: None)

@@ -3,7 +3,8 @@
 - :func:`export_html`: chosen feature pages as one self-contained HTML file (an index, then the pages).
 - :func:`export_neuronpedia`: Neuronpedia's bulk-import layout for one source (features, activations and
   explanations as gzipped JSON-lines batches, the metadata records beside them).
-- :func:`to_hf_dataset`: a store as a Hugging Face ``datasets.Dataset``, one row per stored sample.
+- :func:`to_hf_dataset`: a store as a Hugging Face ``datasets.Dataset``, one row per stored sample: raw hook
+  points as (len, d) arrays, SAE latents sparse (each token's non-zero latents: indices and values).
 - :func:`to_saelens_cache`: a hook point in SAELens's cached-activations layout, rows packed to a context size.
 
 The two store exports stream: a block of samples (or of packed rows) at a time, never the whole store.
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..errors import InputError, MistudioError
 from .feature_page import PAGE_CSS, check_page, escape, feature_page_html, number
-from .feature_view import display_pieces
+from .feature_view import LATENT_SUFFIX, display_pieces, is_latent
 
 if TYPE_CHECKING:
     import datasets
@@ -247,7 +248,8 @@ def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str,
     for sub in ("features", "activations", "explanations"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     kinds = {"residual": "Residual stream", "mlp": "MLP out", "attention": "Attention out"}
-    kind = kinds.get(str(hook_point).rsplit(".", 1)[-1], str(hook_point))
+    base = str(hook_point).removesuffix(LATENT_SUFFIX)
+    kind = kinds.get(base.rsplit(".", 1)[-1], base) + (" SAE" if is_latent(hook_point) else "")
     description = description or f"{kind} · {first['kind']}s · mistudio"
     public = "PUBLIC"
     _write_jsonl(root / "model.jsonl", [{"id": model_id, "displayName": model_id, "displayNameShort": model_id,
@@ -310,13 +312,24 @@ def _value_dtype(ext: "Extraction", hook_point: str) -> str:
     return name if name in ("float16", "float32") else "float32"
 
 
-def _check_hook_points(ext: "Extraction", hook_points: Any) -> list[str]:
+def _check_hook_points(ext: "Extraction", hook_points: Any, latents: bool = True) -> list[str]:
+    """The hook points asked for, checked against the store: raw ones and, with ``latents``, SAE latents
+    (``<hook point>.latents``); None: all of them."""
+    known = list(ext.hook_points) + (list(ext.latent_points) if latents else [])
     if hook_points is None:
-        return list(ext.hook_points)
+        return known
     chosen = [hook_points] if isinstance(hook_points, str) else list(hook_points)
-    bad = [hp for hp in chosen if hp not in ext.hook_points]
+    if not latents:
+        sparse = [hp for hp in chosen if is_latent(hp) and hp in ext.latent_points]
+        if sparse:
+            base = sparse[0][:-len(LATENT_SUFFIX)]
+            raise InputError(f"{sparse[0]} holds SAE latents, and this export writes dense activations: "
+                             f"pass {base!r} (its activations), or export the latents with to_hf_dataset")
+    bad = [hp for hp in chosen if hp not in known]
     if bad or not chosen:
-        raise InputError(f"hook points {bad or chosen!r} are not in extraction {ext.id}: it has {ext.hook_points}")
+        raise InputError(f"hook points {bad or chosen!r} are not in extraction {ext.id}: it has {known}")
+    if len(set(chosen)) < len(chosen):
+        raise InputError(f"hook points {chosen!r} name one twice: pass each once")
     return chosen
 
 
@@ -341,18 +354,35 @@ def _sample_blocks(ext: "Extraction", n_samples: int, block_rows: int) -> Iterat
         k0 = k1
 
 
+def _token_lists(flat: np.ndarray, ptr: np.ndarray, kept: np.ndarray) -> list[np.ndarray]:
+    """One array per token from a CSR slice (``flat`` split at ``ptr``, the kept tokens' row pointers); a token
+    without an activation row (not ``kept``) gets an empty one."""
+    pieces = np.split(flat, ptr[1:-1] - ptr[0])
+    if kept.all():
+        return pieces
+    out, it = [], iter(pieces)
+    empty = flat[:0]
+    for k in kept:
+        out.append(next(it) if k else empty)
+    return out
+
+
 def _samples(ext: "Extraction", hook_points: list[str], tokens: bool, block_rows: int) -> Iterator[dict]:
-    """Every committed stored sample in stored order, as ``Extraction.sample`` gives it, read a block at a time."""
+    """Every committed stored sample in stored order, as ``Extraction.sample`` gives it, read a block at a time;
+    SAE latents (``<hp>.latents``) as ``<hp>.latents.indices`` and ``.values``: per token its non-zero latents,
+    read through ``Extraction.latents`` (the checked read) one block of rows at a time."""
     n = _committed_samples(ext)
     offsets, act_offsets, rows = ext.sample_offsets, ext.activation_offsets, ext.sample_index
     has_special = "special" in ext.store.group["tokens"]
-    arrays = {hp: ext.activations(hp) for hp in hook_points}
+    arrays = {hp: ext.activations(hp) for hp in hook_points if not is_latent(hp)}
+    latents = [hp for hp in hook_points if is_latent(hp)]
     for k0, k1 in _sample_blocks(ext, n, block_rows):
         t0, t1, a0, a1 = int(offsets[k0]), int(offsets[k1]), int(act_offsets[k0]), int(act_offsets[k1])
         ids = np.asarray(ext.store.tokens("input_ids")[t0:t1])
         special = np.asarray(ext.store.tokens("special")[t0:t1]).astype(bool) if has_special \
             else np.zeros(t1 - t0, dtype=bool)
         block = {hp: np.asarray(arr[a0:a1]) for hp, arr in arrays.items()}
+        sparse = {hp: ext.latents(hp, slice(a0, a1)) for hp in latents}
         for k in range(k0, k1):
             s, e = int(offsets[k]) - t0, int(offsets[k + 1]) - t0
             r0, r1 = int(act_offsets[k]) - a0, int(act_offsets[k + 1]) - a0
@@ -366,20 +396,25 @@ def _samples(ext: "Extraction", hook_points: list[str], tokens: bool, block_rows
                     full[kept] = part
                     part = full
                 out[hp] = part
+            for hp, csr in sparse.items():
+                ptr = csr.indptr[r0:r1 + 1]
+                out[f"{hp}.indices"] = _token_lists(csr.indices[ptr[0]:ptr[-1]].astype(np.int32), ptr, kept)
+                out[f"{hp}.values"] = _token_lists(csr.data[ptr[0]:ptr[-1]].astype(np.float32), ptr, kept)
             if tokens:
                 out["tokens"] = ext.tokenizer.convert_ids_to_tokens([int(i) for i in out["input_ids"]])
             yield out
 
 
 def _materialise(generator: Any, features: "datasets.Features", fingerprint: str, path: str | Path | None,
-                 row_bytes: int, cache_dir: str | Path | None = None) -> "datasets.Dataset":
+                 row_bytes: int, cache_dir: str | Path | None = None, description: str = "") -> "datasets.Dataset":
     """Build the dataset from a generator, writing arrow batches of about :data:`BLOCK_BYTES`.
 
     Without ``path`` it stays in the Hugging Face cache (``cache_dir``, else the default), keyed by
     ``fingerprint``: an unchanged store is not exported twice. With ``path`` it is generated in a temporary folder
     beside ``path`` and its arrow file is moved into the layout ``save_to_disk`` writes (``data-*.arrow``,
     ``state.json``, ``dataset_info.json``), the way SAELens's ``CacheActivationsRunner._consolidate_shards``
-    assembles its cache: each byte is written once, not twice (no second copy on disk, even for a moment)."""
+    assembles its cache: each byte is written once, not twice (no second copy on disk, even for a moment).
+    ``description`` becomes the dataset's ``info.description`` (in ``dataset_info.json`` with ``path``)."""
     import datasets
 
     batch = max(1, BLOCK_BYTES // max(1, row_bytes))
@@ -394,13 +429,16 @@ def _materialise(generator: Any, features: "datasets.Features", fingerprint: str
             raise
 
     if path is None:
-        return build(None if cache_dir is None else str(cache_dir))
+        dataset = build(None if cache_dir is None else str(cache_dir))
+        dataset.info.description = description or dataset.info.description
+        return dataset
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".mistudio-export-", dir=path.parent))
     try:
         built = build(str(scratch))
         files, info, split = [f["filename"] for f in built.cache_files], asdict(built.info), built.split
+        info["description"] = description or info["description"]
         del built
         path.mkdir(exist_ok=True)
         names = [f"data-{i:05d}-of-{len(files):05d}.arrow" for i in range(len(files))]
@@ -422,17 +460,58 @@ def _check_target(path: str | Path | None) -> None:
         raise InputError(f"{path} exists and is not an empty folder: pass a new path (nothing is overwritten)")
 
 
+def latent_facts(ext: "Extraction", hook_point: str) -> dict:
+    """What an export says about the SAE behind ``<hp>.latents``: its folder, fingerprint, architecture,
+    ``d_sae``, ``k``, hook name, and how the store keeps its latents (``width`` a token, the largest)."""
+    info = ext.latent_info(hook_point)
+    return {"sae": info.sae, "fingerprint": info.fingerprint, "architecture": info.architecture,
+            "d_sae": int(info.d_sae), "k": info.k, "hook_name": info.hook_name, "width": int(info.width),
+            "width_reason": info.width_reason}
+
+
+def count_latents(dataset: "datasets.Dataset", hook_point: str) -> int:
+    """The non-zero latents the ``<hp>.latents.indices`` column of a :func:`to_hf_dataset` export holds, counted
+    from its arrow offsets (no value is read)."""
+    column = f"{hook_point}.indices"
+    if column not in dataset.column_names:
+        raise InputError(f"the dataset has no column {column!r}: its columns are {dataset.column_names}")
+    return sum(len(chunk.flatten().flatten()) for chunk in dataset.data.column(column).chunks)
+
+
+def _hf_description(ext: "Extraction", chosen: list[str]) -> str:
+    lines = [f"mistudio extraction {ext.id} of {ext.record.model.name_or_path}, one row per stored sample "
+             f"(stored order): {', '.join(chosen)}."]
+    for hp in chosen:
+        if is_latent(hp):
+            f = latent_facts(ext, hp)
+            k = "" if f["k"] is None else f", k {f['k']}"
+            lines.append(f"{hp}: the latents of the SAE at {f['sae']} (architecture {f['architecture']}, d_sae "
+                         f"{f['d_sae']}{k}, hook {f['hook_name']}, "
+                         f"fingerprint {f['fingerprint']}); the store keeps each token's {f['width']} largest "
+                         f"({f['width_reason']}). Columns {hp}.indices (int32) and {hp}.values (float32): per "
+                         "token its non-zero latents, in the store's order; a token without an activation row "
+                         "(kept False) has none.")
+    return "\n".join(lines)
+
+
 def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = None, path: str | Path | None = None,
                   tokens: bool = False, block_rows: int | None = None, cache_dir: str | Path | None = None) \
         -> "datasets.Dataset":
     """A store as a ``datasets.Dataset``, one row per committed stored sample, in stored order (longest first):
     ``dataset_row``, ``input_ids`` (int32), ``special`` and ``kept`` (bool per token: ``kept`` is False where
-    ``exclude_special`` stored no activation row), ``tokens`` (strings, with ``tokens=True``) and per hook
+    ``exclude_special`` stored no activation row), ``tokens`` (strings, with ``tokens=True``) and per raw hook
     point a (len, d) array, float16/float32 as stored (NaN rows where not kept), as ``ext.sample(row)`` gives
-    them. Streamed from the store ``block_rows`` activation rows at a time (default: about 32 MB). With ``path``
-    it is saved there in ``save_to_disk``'s layout (``datasets.load_from_disk(path)`` opens it) and returned
-    loaded from there; else it stays in the Hugging Face cache (``cache_dir``, else the default), keyed by the
-    store, its commit mark and these options."""
+    them. An SAE's latents (``<hp>.latents``, see ``ext.latent_points``) give two columns, sparse:
+    ``<hp>.latents.indices`` (int32) and ``<hp>.latents.values`` (float32), per token the list of its non-zero
+    latents (empty slots dropped; none where not kept): concatenated over the kept tokens in stored order they
+    are ``ext.latents(hp)``'s CSR rows. The SAEs (folder, fingerprint, architecture, d_sae) are named in
+    ``info.description`` (and, with ``path``, in ``mistudio_export.json`` beside the data, with the counts).
+    ``hook_points`` defaults to every raw hook point and every SAE's latents.
+
+    Streamed from the store ``block_rows`` activation rows at a time (default: about 32 MB). With ``path``
+    it is saved there in ``save_to_disk``'s layout (``datasets.load_from_disk(path)`` opens it; an existing
+    non-empty folder is refused) and returned loaded from there; else it stays in the Hugging Face cache
+    (``cache_dir``, else the default), keyed by the store, its commit mark and these options."""
     import datasets
 
     chosen = _check_hook_points(ext, hook_points)
@@ -441,10 +520,16 @@ def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = N
                 "special": datasets.Sequence(datasets.Value("bool")), "kept": datasets.Sequence(datasets.Value("bool"))}
     if tokens:
         features["tokens"] = datasets.Sequence(datasets.Value("string"))
+    token_bytes = 0
     for hp in chosen:
-        width = int(ext.activations(hp).shape[1])
-        features[hp] = datasets.Array2D(shape=(None, width), dtype=_value_dtype(ext, hp))
-    token_bytes = sum(int(ext.activations(hp).shape[1]) * np.dtype(_value_dtype(ext, hp)).itemsize for hp in chosen)
+        if is_latent(hp):
+            features[f"{hp}.indices"] = datasets.Sequence(datasets.Sequence(datasets.Value("int32")))
+            features[f"{hp}.values"] = datasets.Sequence(datasets.Sequence(datasets.Value("float32")))
+            token_bytes += int(ext.latent_info(hp).width) * 8 * 2  # the block's slots, then its CSR
+        else:
+            width = int(ext.activations(hp).shape[1])
+            features[hp] = datasets.Array2D(shape=(None, width), dtype=_value_dtype(ext, hp))
+            token_bytes += width * np.dtype(_value_dtype(ext, hp)).itemsize
     block_rows = block_rows or max(1, BLOCK_BYTES // max(1, token_bytes))
     mean_length = max(1, int(ext.sample_offsets[-1]) // max(1, len(ext.sample_index)))
 
@@ -452,8 +537,17 @@ def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = N
         yield from _samples(ext, chosen, tokens, block_rows)
 
     fingerprint = _fingerprint(ext, "hf", chosen, tokens)
-    return _materialise(generate, datasets.Features(features), fingerprint, path, token_bytes * mean_length,
-                        cache_dir)
+    dataset = _materialise(generate, datasets.Features(features), fingerprint, path, token_bytes * mean_length,
+                           cache_dir, _hf_description(ext, chosen))
+    if path is not None:
+        info = {"format": "mistudio hf dataset", "extraction": ext.id, "location": ext.location,
+                "model": ext.record.model.name_or_path, "hook_points": chosen, "rows": len(dataset),
+                "tokens": int(sum(len(c.flatten()) for c in dataset.data.column("input_ids").chunks)),
+                "latents": {hp: {**latent_facts(ext, hp), "non_zero": count_latents(dataset, hp)}
+                            for hp in chosen if is_latent(hp)},
+                "bytes": sum(f.stat().st_size for f in Path(path).glob("data-*.arrow"))}
+        (Path(path) / "mistudio_export.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return dataset
 
 
 _TL_HOOKS = {"residual": "hook_resid_post", "mlp": "hook_mlp_out", "attention": "hook_attn_out"}
@@ -488,7 +582,7 @@ def to_saelens_cache(ext: "Extraction", hook_point: str, path: str | Path, conte
     SAELens's training loader mixes its buffer anyway). ``dtype`` defaults to the store's (float16/float32)."""
     import datasets
 
-    (chosen,) = _check_hook_points(ext, [hook_point])
+    (chosen,) = _check_hook_points(ext, [hook_point], latents=False)
     if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 1:
         raise InputError(f"context_size={context_size!r} is not a positive integer: pass SAELens's context size")
     dtype = dtype or _value_dtype(ext, chosen)

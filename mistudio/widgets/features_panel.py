@@ -6,7 +6,8 @@ widget per page, whatever the number of features). Clicking a row opens the feat
 histogram, top and quantile-band examples, token means, logit effects, co-firing features, prev/next, the note);
 **Find by token** lists the features that fire most on a token; **From text** runs the model on a prompt and shows
 each token's top features; **Export** writes chosen pages as one HTML file or in Neuronpedia's layout, and the
-store as a ``datasets`` dataset or in SAELens's cached-activations layout.
+store's hook point as a ``datasets`` dataset (an SAE's latents: sparse, each token's non-zero latents) or in
+SAELens's cached-activations layout (raw hook points).
 
 Slow work (statistics, a page, a prompt, an export) runs on one background thread at a time; the busy line says
 what runs, and its result or error shows in the tab when it ends.
@@ -691,23 +692,45 @@ class FeaturesPanel(W.VBox):
             what = f"the pages of {len(features):,} feature(s) of {esc(hp)} ({esc(listed)})"
             plan = self._plan_html if kind == "html" else self._plan_neuronpedia
             return plan(ext, hp, features, options, what)
+        if kind == "datasets":
+            return self._plan_dataset(ext, hp)
         if is_latent(hp):
-            raise InputError(f"the store exports write raw hook points; {hp} holds SAE latents: choose "
-                             f"{base_hook_point(hp)}")
+            raise InputError(f"SAELens's cache holds dense activations and {hp} holds SAE latents: choose "
+                             f"{base_hook_point(hp)}, or write the latents with Export datasets")
         arr = ext.activations(hp)
         size = f"about {int(ext.committed_tokens()) * int(arr.shape[1]) * np.dtype(arr.dtype).itemsize / 1e6:,.1f} MB"
-        if kind == "datasets":
-            path = _new_folder(self.ds_path.value, "dataset")
-            return (f"Write {esc(hp)} of {ext.committed_tokens():,} tokens ({size} of activations) as a Hugging "
-                    f"Face <code>datasets</code> dataset to <code>{esc(path)}</code>.",
-                    lambda: f"Wrote {len(exports.to_hf_dataset(ext, [hp], path=path)):,} samples to "
-                            f"<code>{esc(path)}</code> (<code>datasets.load_from_disk</code> opens it).")
         path = _new_folder(self.sl_path.value, "saelens-cache")
         context = int(self.sl_context.value)
         return (f"Write {esc(hp)} ({size}) in SAELens's cached-activations layout, rows of {context:,} tokens, "
                 f"to <code>{esc(path)}</code>.",
                 lambda: f"Wrote {len(exports.to_saelens_cache(ext, hp, path, context_size=context)):,} rows of "
                         f"{context:,} tokens to <code>{esc(path)}</code> (SAELens: cached_activations_path).")
+
+    def _plan_dataset(self, ext: Extraction, hp: str) -> tuple[str, Callable[[], str]]:
+        """The store's hook point (raw, or an SAE's latents: sparse) as a Hugging Face ``datasets`` dataset."""
+        path = _new_folder(self.ds_path.value, "dataset")
+        tokens = int(ext.committed_tokens())
+        if is_latent(hp):
+            info = ext.latent_info(hp)
+            index, values = ext.latent_arrays(hp)
+            stored = tokens * info.width * (np.dtype(index.dtype).itemsize + np.dtype(values.dtype).itemsize)
+            what = (f"the latents of {esc(hp)} (the SAE at <code>{esc(info.sae)}</code>, {esc(info.architecture)}, "
+                    f"d_sae {info.d_sae:,}) of {tokens:,} tokens, each token's non-zero latents as lists of "
+                    f"indices and values (the store keeps {info.width:,} slots a token, about {stored / 1e6:,.1f} "
+                    "MB)")
+        else:
+            arr = ext.activations(hp)
+            what = (f"{esc(hp)} of {tokens:,} tokens (about "
+                    f"{tokens * int(arr.shape[1]) * np.dtype(arr.dtype).itemsize / 1e6:,.1f} MB of activations)")
+
+        def write() -> str:
+            dataset = exports.to_hf_dataset(ext, [hp], path=path)
+            written = sum(Path(f["filename"]).stat().st_size for f in dataset.cache_files)
+            latents = f", {exports.count_latents(dataset, hp):,} non-zero latents" if is_latent(hp) else ""
+            return (f"Wrote {len(dataset):,} samples{latents}, {written / 1e6:,.1f} MB, to <code>{esc(path)}</code> "
+                    "(<code>datasets.load_from_disk</code> opens it).")
+
+        return f"Write {what} as a Hugging Face <code>datasets</code> dataset to <code>{esc(path)}</code>.", write
 
     def _plan_html(self, ext: Extraction, hp: str, features: list[int], options: dict,
                    what: str) -> tuple[str, Callable[[], str]]:
