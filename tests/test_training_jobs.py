@@ -202,6 +202,10 @@ def test_a_timeout_fails_resumable_and_a_retry_without_it_completes(ext, tmp_pat
     ({"lr_rate": 0.1}, "lr_rate", "did you mean lr?"),
     ({"k": 100}, "k", "k=100 is larger than d_sae=64"),
     ({"batch_size": 10 ** 6}, "batch_size", "is more than the"),
+    ({"d_sae": 10 ** 12}, "d_sae", r"d_sae=1,000,000,000,000 that needs about .* GiB to train"),
+    ({"d_sae": 10 ** 12, "batch_size": 10 ** 6}, "batch_size",  # every problem at once, none hiding another
+     r"2 settings are wrong: \(1\) .*batch_size=1000000 is more .*; \(2\) .*d_sae=1,000,000,000,000 that"),
+    ({"d_sae": 32, "k": 100, "batch_size": 10 ** 6}, "k", r"2 settings are wrong: \(1\) .*k=100 .*\(2\) .*batch"),
     ({"n_tokens": 100, "epochs": 1.0}, "epochs", "not both"),
     ({"timeout_s": -1}, "timeout_s", "positive number of seconds"),
     ({"evaluate": "yes"}, "evaluate", "is not True, False or 'reconstruction'"),

@@ -408,17 +408,48 @@ def plan_training(ext: "Extraction", hook_point: str, config: TrainConfig | None
     tl_hook_name(hook_point)
     width = int(ext.activations(hook_point).shape[1])
     d_sae = config.d_sae or width * (config.expansion_factor or 8)
+    problems: list[tuple[str, str]] = []  # (param, message): every one is said at once
     if config.architecture == "topk" and config.k > d_sae:
-        raise InputError(f"TrainConfig.«k={config.k}» is larger than d_sae={d_sae}: use «pass k={d_sae}» or less",
-                         param="k")
+        problems.append(("k", f"TrainConfig.«k={config.k}» is larger than d_sae={d_sae}: use «pass k={d_sae}» or "
+                              "less"))
     kept = _kept_rows(ext, config.exclude_special)
     if kept < config.batch_size:
-        raise InputError(f"TrainConfig.«batch_size={config.batch_size}» is more than the {kept} rows extraction "
-                         f"{ext.id} holds at {hook_point}: use a smaller batch, e.g. «pass batch_size="
-                         f"{_smaller_batch(kept)}»", param="batch_size")
+        problems.append(("batch_size", f"TrainConfig.«batch_size={config.batch_size}» is more than the {kept} rows "
+                                       f"extraction {ext.id} holds at {hook_point}: use a smaller batch, e.g. "
+                                       f"«pass batch_size={_smaller_batch(kept)}»"))
+    need, free = training_bytes(width, d_sae, min(config.batch_size, max(kept, 1))), free_memory(config.device)
+    if free is not None and need > free:
+        name = "d_sae" if config.d_sae else "expansion_factor"
+        problems.append((name, f"TrainConfig.«{name}={getattr(config, name) or 8}» makes an SAE of d_sae={d_sae:,} "
+                               f"that needs about {need / 2**30:,.1f} GiB to train (weights, gradients, Adam's state "
+                               f"and a batch) on {config.device}, which has {free / 2**30:,.1f} GiB free: use a "
+                               f"smaller d_sae, e.g. «pass d_sae={_smaller_batch(max(1, d_sae * free // need))}»"))
+    if len(problems) == 1:
+        raise InputError(problems[0][1], param=problems[0][0])
+    if problems:
+        raise InputError(f"{len(problems)} settings are wrong: " + "; ".join(f"({i}) {m}" for i, (_, m) in
+                                                                          enumerate(problems, 1)),
+                         param=problems[0][0])
     total_tokens = config.n_tokens if config.n_tokens is not None else int(round((config.epochs or 1.0) * kept))
     return TrainingPlan(config, hook_point, width, d_sae, kept, total_tokens,
                         max(1, math.ceil(total_tokens / config.batch_size)))
+
+
+def training_bytes(d_in: int, d_sae: int, batch_size: int) -> int:
+    """About the memory training an SAE takes: encoder and decoder (2·d_in·d_sae floats) with their gradients
+    and Adam's two moments, four times over, and a batch's pre-activations, activations and their gradients."""
+    return 4 * (4 * 2 * d_in * d_sae + 3 * batch_size * d_sae)
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free on ``device`` (a CUDA device's free memory, else the machine's available RAM); None when it
+    cannot be told."""
+    try:
+        if str(device).startswith("cuda") and torch.cuda.is_available():
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
 
 
 def _smaller_batch(rows: int) -> int:
