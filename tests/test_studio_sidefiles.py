@@ -65,6 +65,8 @@ STUDIO_CASES = [
      "not a setting the Studio knows", {}),
     ("bad-values", write(b'{"model_dtype": "float64", "dataset": {"source": "ftp", "max_samples": -5}}'),
      "'model_dtype' = 'float64'", {}),
+    ("window-past-the-box", write(b'{"extract": {"window": 1000000000000000000, "batch_size": 4}}'),
+     "'window' = 1000000000000000000 cannot be shown", {"batch_size": 4}),  # the box clamped it, unsaid
     ("nul-in-model", write(b'{"model": "gpt2\\u0000x"}'), "NUL", {}),
     ("truncated", write(b'{"model": "gpt2", "dataset": {"sou'), "not valid JSON", {}),
     ("empty", write(b""), "not valid JSON", {}),

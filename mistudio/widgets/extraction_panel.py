@@ -101,6 +101,16 @@ def _option_value(info: ParamInfo, widget: W.Widget):
     return value
 
 
+def _put(widget: W.Widget, value) -> None:
+    """Show ``value`` in ``widget``; a number outside a bounded box's range raises ValueError (the box would
+    clamp it silently: a remembered window of 10**18 must be said, not shown as 10,000,000)."""
+    low, high = getattr(widget, "min", None), getattr(widget, "max", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and low is not None and high is not None \
+            and not low <= value <= high:
+        raise ValueError(f"{value!r} is outside {widget.description or 'the box'}'s {low:,}..{high:,}")
+    widget.value = value
+
+
 def _show_option(info: ParamInfo, widget: W.Widget, value) -> None:
     if info.kind == "json":
         import json
@@ -318,10 +328,10 @@ class ExtractionPanel(W.VBox):
         mp, dp = self.model_picker, self.dataset_picker
 
         def plain(widget):
-            return (lambda: widget.value), (lambda v: setattr(widget, "value", v))
+            return (lambda: widget.value), (lambda v: _put(widget, v))
 
         def zero_is_none(widget):
-            return (lambda: widget.value or None), (lambda v: setattr(widget, "value", v or 0))
+            return (lambda: widget.value or None), (lambda v: _put(widget, v or 0))
 
         return {
             "model": (mp.name_or_path, mp.set_model), "model_dtype": plain(mp.dtype), "device": plain(mp.device),
@@ -335,7 +345,7 @@ class ExtractionPanel(W.VBox):
             "micro_batch_size": zero_is_none(self.micro_batch_size),
             "window": zero_is_none(self.window),
             "stride": (lambda: (self.stride.value or None) if self.window.value else None,
-                       lambda v: setattr(self.stride, "value", v or 0)),
+                       lambda v: _put(self.stride, v or 0)),
             "chat_template": (self._chat_value, self._show_chat), "exclude_special": plain(self.exclude_special),
             **{name: ((lambda i=info, w=widget: _option_value(i, w)),
                       (lambda v, i=info, w=widget: _show_option(i, w, v)))
