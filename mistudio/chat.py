@@ -20,7 +20,9 @@ exactly those of ``apply_chat_template``), plus:
 The cap (:class:`Budget`) is the conversation's own size, generously: ``1 MiB + 4 x its characters + 1 KiB per
 message``. A real template writes each message once with a few markers around it, plus a preamble (the longest,
 with tool-use instructions, are a few tens of KB): the cap is over ten times what any of them needs, and it keeps a
-hostile one to a few MB. The time limit counts the time spent in the template only (every prefix of a conversation
+hostile one to a few MB. All the values one rendering makes, together, stay under 16 times the cap plus 4 x the
+messages x their characters (what growing a string message by message makes), so values each under the cap, kept
+one by one in a list, stop at tens of MB. The time limit counts the time spent in the template only (every prefix of a conversation
 is rendered too, to find the role of each token): ``1 s + 1 ms per message + 10 µs per message squared``, a
 hundred times what a real template takes (a 200-message conversation and all its prefixes: about 0.2 s), and a
 hostile template stops within about a second. Going past either raises :class:`Overrun` inside the template;
@@ -54,6 +56,8 @@ PER_MESSAGE_CHARS = 1024  # and this many per message (its markers)
 BASE_SECONDS = 1.0  # the time one conversation may take to render (all its prefixes included), at least
 PER_MESSAGE_SECONDS = 0.001  # and this much per message
 PER_PREFIX_SECONDS = 1e-5  # and this much per message squared (every prefix of the conversation is rendered)
+MADE_FACTOR = 16  # one rendering may make this many times the cap in values, all together (plus 4 x messages x
+# the content: a template that grows a string message by message makes quadratically many characters)
 MAX_TEMPLATE_CHARS = 256 << 10  # a template's own source (real ones are a few KB, with tool use tens of KB)
 MAX_RANGE = 100_000  # items of range(): Jinja's sandbox allows as many
 MAX_INT_BITS = 1 << 16  # integers a template computes (about 20,000 digits; Python prints 4,300 at most)
@@ -76,11 +80,13 @@ class Budget:
     of each prefix is rendered too, to find the role of each token; tokenizing is not counted), checked by every
     operation against ``deadline``."""
 
-    __slots__ = ("chars", "seconds", "spent", "deadline", "_started")
+    __slots__ = ("chars", "seconds", "spent", "deadline", "_started", "made_cap", "made")
 
-    def __init__(self, chars: int, seconds: float):
+    def __init__(self, chars: int, seconds: float, made_cap: int | None = None):
         self.chars, self.seconds, self.spent = int(chars), float(seconds), 0.0
         self.deadline = self._started = float("inf")
+        self.made_cap = int(made_cap) if made_cap is not None else MADE_FACTOR * self.chars
+        self.made = 0
 
     @classmethod
     def for_messages(cls, messages: list[dict], extra: int = 0) -> "Budget":
@@ -88,13 +94,15 @@ class Budget:
         template is given, e.g. the special tokens)."""
         content = sum(len(str(v)) for m in messages for v in m.values()) + extra
         n = len(messages)
-        return cls(BASE_CHARS + CONTENT_FACTOR * content + PER_MESSAGE_CHARS * n,
-                   BASE_SECONDS + PER_MESSAGE_SECONDS * n + PER_PREFIX_SECONDS * n * n)
+        chars = BASE_CHARS + CONTENT_FACTOR * content + PER_MESSAGE_CHARS * n
+        return cls(chars, BASE_SECONDS + PER_MESSAGE_SECONDS * n + PER_PREFIX_SECONDS * n * n,
+                   MADE_FACTOR * chars + CONTENT_FACTOR * n * content)
 
     def start(self) -> None:
         """A render begins: the clock runs until :meth:`stop`."""
         self._started = time.monotonic()
         self.deadline = self._started + self.seconds - self.spent
+        self.made = 0  # a render's values: those of an earlier render (another prefix) are gone
 
     def stop(self) -> None:
         self.spent += time.monotonic() - self._started
@@ -109,10 +117,18 @@ class Budget:
         if size > self.chars:
             raise Overrun("size", what, size, self.chars)
 
+    def add_made(self, size: int) -> None:
+        """Count a value this render made: all of them together stay under ``made_cap`` (values each under the
+        cap, kept in a list one by one, once held gigabytes)."""
+        self.made += size
+        if self.made > self.made_cap:
+            raise Overrun("size", "the values this rendering made in all", self.made, self.made_cap)
+
     def result(self, value: Any, what: str) -> Any:
         """A value just made, measured (a generator: counted as it is read)."""
         if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)):
             self.need(len(value), what)
+            self.add_made(len(value))
         elif hasattr(value, "__next__"):
             return BoundedIterator.of(value, what)
         return value
@@ -539,7 +555,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         b = budget()
         b.tick()
         pieces = list(pieces)
-        b.need(sum(len(p) for p in pieces), "the output of a block or macro")
+        size = sum(len(p) for p in pieces)
+        b.need(size, "the output of a block or macro")
+        b.add_made(size)
         return "".join(pieces)
 
     def _finalize(self, value: Any) -> Any:  # what {{ ... }} prints

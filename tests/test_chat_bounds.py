@@ -110,6 +110,8 @@ HOSTILE = {
     "expandtabs": "{% set s = '\t' * 1000000 %}{{ s.expandtabs(100000) }}",
     "lipsum": "{{ lipsum(1000000) }}",
     "map then join": "{% set s = 'x' * 1000000 %}{{ range(100000) | map('string') | map('replace', '1', s) | join }}",
+    "keeping copies": "{% set s = 'x' * 1000000 %}{% set ns = namespace(keep=[]) %}{% for i in range(100000) %}"
+                      "{% set ns.keep = ns.keep + [s ~ i] %}{% endfor %}{{ ns.keep | length }}",
     "recursive loop": "{% for x in [1, 2] recursive %}{{ loop([1, 2]) }}{% endfor %}",
 }
 
@@ -155,6 +157,17 @@ def test_the_budget_fits_real_conversations():
     many = [m for i in range(100) for m in ({"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"})]
     ids, _ = chat_tokens(_simple_tokenizer(), many, TEMPLATES["llama3ish"])  # 200 messages, 200 renders: in budget
     assert len(ids) > 400
+
+
+def test_a_template_that_grows_a_string_message_by_message_fits():
+    """Values made in all grow with messages x content: a template that builds its text in a namespace, message by
+    message (quadratically many characters made), renders a long conversation and all its prefixes."""
+    grow = ("{% set ns = namespace(text='') %}{% for m in messages %}{% set ns.text = ns.text ~ '<|' ~ m['role'] ~ "
+            "'|>' ~ m['content'] ~ '</s>' %}{% endfor %}{{ ns.text }}")
+    many = [{"role": ("user", "assistant")[i % 2], "content": f"message {i} " + "word " * 100} for i in range(200)]
+    budget = Budget.for_messages(many)
+    text = render_chat(grow, many, {}, "the chat template of 'model'", budget)
+    assert text.count("</s>") == 200 and budget.made > 100 * len(text) // 2  # quadratically many characters made
 
 
 def _simple_tokenizer():
