@@ -177,11 +177,24 @@ def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan) ->
         size = request if request.batch_size != "auto" else request.model_copy(update={"batch_size": AUTO_GUESS})
         for _, _, rows, _ in forward_batches(loaded, ids, offsets, size, first, stop, latents=full):
             for point in probe:
-                most = int((rows[f"latents/{point}/values"] != 0).sum(axis=1).max())
-                width = min(saes[point].d_sae, max(16, -(-int(most * WIDTH_SLACK) // 16) * 16))
-                out[point] = (width, f"{WIDTH_SLACK:g} x the {most} latents that fired on one token of the first "
-                                     "batch")
+                fired = (rows[f"latents/{point}/values"] != 0).sum(axis=1)
+                out[point] = probed_width(fired, saes[point].d_sae, request.latent_coverage)
     return out
+
+
+def probed_width(fired: np.ndarray, d_sae: int, coverage: float | None) -> tuple[int, str]:
+    """The width of an SAE's latents from the latents that fired per token of the first batch, with the reason:
+    ``coverage`` None: 1.5 x the most; else that quantile of them (the busier tokens lose their smallest, counted).
+    Rounded up to 16, at most ``d_sae``."""
+    if coverage is None:
+        most = int(fired.max())
+        width, reason = int(most * WIDTH_SLACK), f"{WIDTH_SLACK:g} x the {most} latents that fired on one token of " \
+                                                 "the first batch"
+    else:
+        width = int(np.quantile(fired, coverage, method="higher"))
+        reason = (f"latent_coverage={coverage:g}: {coverage:.1%} of the first batch's tokens fired at most {width} "
+                  f"latents (the most: {int(fired.max())})")
+    return min(d_sae, max(16, -(-width // 16) * 16)), reason
 
 
 def latent_infos(request: Request, saes: dict[str, SAE], widths: dict[str, tuple[int, str]],

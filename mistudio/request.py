@@ -94,8 +94,12 @@ class Request(BaseModel):
         "sparsely as <hook point>.latents", group="capture", label="SAEs", stored=True)
     latent_width: Int | None = param(
         None, "SAE latents kept per token, the largest (None: a top-k SAE's k, else 1.5 x the most active latents "
-        "of the first batch); tokens with more lose their smallest, counted", group="capture",
-        label="Latent width", stored=True)
+        "of the first batch, or see latent_coverage); tokens with more lose their smallest, counted",
+        group="capture", label="Latent width", stored=True)
+    latent_coverage: Float | None = param(
+        None, "SAEs without k or latent_width: the share of the first batch's tokens whose active latents all fit "
+        "(e.g. 0.99: the width is that quantile of its latents per token, about 3x fewer bytes than 1.5 x the most "
+        "active; the rest lose their smallest, counted)", group="capture", label="Latent coverage", stored=True)
     feature_statistics: Literal["auto", "on", "off"] = param(
         "auto", "dashboard statistics per feature in the same pass (density, histogram, top and quantile "
         "examples, co-occurrence): auto = of SAE latents, on = of every stored hook point too (raw neurons: "
@@ -270,6 +274,14 @@ class Request(BaseModel):
         if v != "auto" and v not in BATCH_SIZES:
             raise ValueError(f"«batch_size={v!r}» is not allowed: use a power of two from 1 to 512, e.g. «pass "
                              "batch_size=8», or 'auto'")
+        return v
+
+    @field_validator("latent_coverage")
+    @classmethod
+    def _coverage(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"«latent_coverage={v}» is a share of tokens: use a number above 0 and at most 1, e.g. "
+                             "«pass latent_coverage=0.99», or None for 1.5 x the most active token's")
         return v
 
     @field_validator("auto_batch_memory_fraction")

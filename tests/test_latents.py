@@ -102,6 +102,28 @@ def test_a_narrow_width_keeps_the_largest_and_counts_what_it_drops(gpt2_dir, wor
     assert stats.rows_dropped == int((l0 > 4).sum())
 
 
+def test_latent_coverage_sizes_the_width_by_a_quantile_of_the_first_batch(gpt2_dir, workspace, tmp_path):
+    """A ReLU SAE's width from the share of tokens that must fit (not 1.5 x its busiest token): narrower, the
+    largest latents kept, the rest counted; the estimate's probe says the same width."""
+    sae = make_sae(tmp_path / "sae", "standard")
+    args = dict(saes={HP: str(tmp_path / "sae")}, workspace=workspace, progress=False, **LAYOUT)
+    default = ms.extract(gpt2_dir, "sample", **args)
+    ext = ms.extract(gpt2_dir, "sample", latent_coverage=0.5, **args)
+    want = encoded(sae, ext)
+    l0 = (want != 0).sum(axis=1)
+    info, stats = ext.latent_info(HP), ext.record.latent_statistics[HP]
+    assert info.width < default.latent_info(HP).width and "latent_coverage=0.5" in info.width_reason, info
+    np.testing.assert_allclose(ext.latents(HP).toarray(), top_width(want, info.width), rtol=1e-5, atol=1e-6)
+    assert stats.dropped == int(np.maximum(l0 - info.width, 0).sum())
+    assert stats.rows_dropped == int((l0 > info.width).sum())
+    estimate = ms.estimate(gpt2_dir, "sample", latent_coverage=0.5, probe=True,
+                           **{k: v for k, v in args.items() if k not in ("workspace", "progress")})
+    assert estimate["bytes_on_disk"] < ms.estimate(gpt2_dir, "sample", probe=True, **{
+        k: v for k, v in args.items() if k not in ("workspace", "progress")})["bytes_on_disk"]
+    with pytest.raises(ms.InputError, match=r"latent_coverage=1.5.* at most 1"):
+        ms.extract(gpt2_dir, "sample", latent_coverage=1.5, **args)
+
+
 def test_latents_of_a_stopped_run_read_up_to_the_mark_and_resume_equals_a_clean_run(gpt2_dir, tmp_path):
     from conftest import gate
 
