@@ -14,7 +14,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 
@@ -159,9 +160,12 @@ def check_unchanged(request: Request, meta) -> None:
 WIDTH_SLACK = 1.5  # a probed width: 1.5 x the most latents that fired on one token of the first batch
 
 
-def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan) -> dict[str, tuple[int, str]]:
+def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan,
+                  measure: Callable[..., dict[str, int]] | None = None) -> dict[str, tuple[int, str]]:
     """Latents kept per token, per SAE, with the reason: ``latent_width`` when given, a top-k SAE's k, else
-    measured on the first batch (the longest samples)."""
+    measured on the first batch (the longest samples). ``measure``: what measures it in place of
+    :func:`most_active` on ``loaded`` (a dask run measures on a worker), called with ``(request, ids, offsets,
+    points)``: the first batch's tokens alone."""
     out, probe = {}, []
     for point, sae in saes.items():
         if request.latent_width is not None:
@@ -173,15 +177,27 @@ def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan) ->
     if probe:
         ids, offsets = plan.tokens["input_ids"], plan.tokens["sample_offsets"]
         first, stop = plan.batches(AUTO_GUESS if request.batch_size == "auto" else None)[0]
-        full = {p: Latents(saes[p], saes[p].d_sae, "int32") for p in probe}
         size = request if request.batch_size != "auto" else request.model_copy(update={"batch_size": AUTO_GUESS})
-        for _, _, rows, _ in forward_batches(loaded, ids, offsets, size, first, stop, latents=full):
-            for point in probe:
-                most = int((rows[f"latents/{point}/values"] != 0).sum(axis=1).max())
-                width = min(saes[point].d_sae, max(16, -(-int(most * WIDTH_SLACK) // 16) * 16))
-                out[point] = (width, f"{WIDTH_SLACK:g} x the {most} latents that fired on one token of the first "
-                                     "batch")
+        batch_ids, batch_offsets = ids[offsets[first]:offsets[stop]], offsets[first:stop + 1] - offsets[first]
+        if measure is None:
+            measure = partial(most_active, loaded, saes)
+        for point, most in measure(size, batch_ids, batch_offsets, probe).items():
+            width = min(saes[point].d_sae, max(16, -(-int(most * WIDTH_SLACK) // 16) * 16))
+            out[point] = (width, f"{WIDTH_SLACK:g} x the {most} latents that fired on one token of the first "
+                                 "batch")
     return out
+
+
+def most_active(loaded, saes: dict[str, SAE], request: Request, ids: np.ndarray, offsets: np.ndarray,
+                points: list[str]) -> dict[str, int]:
+    """The most latents of each SAE in ``points`` that fired on one token of the samples ``offsets`` cuts
+    ``ids`` into (one batch of ``request``)."""
+    full = {p: Latents(saes[p], saes[p].d_sae, "int32") for p in points}
+    most = dict.fromkeys(points, 0)
+    for _, _, rows, _ in forward_batches(loaded, ids, offsets, request, 0, len(offsets) - 1, latents=full):
+        for point in points:
+            most[point] = max(most[point], int((rows[f"latents/{point}/values"] != 0).sum(axis=1).max()))
+    return most
 
 
 def latent_infos(request: Request, saes: dict[str, SAE], widths: dict[str, tuple[int, str]],
