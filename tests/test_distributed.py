@@ -179,11 +179,13 @@ def assert_same_latents(ext, ref) -> None:
     from test_latents import assert_same_statistics
 
     from mistudio.storage import featfeed
+    from mistudio.storage.reads import CheckedArray
 
-    assert ext.latent_info(HP).model_dump() == ref.latent_info(HP).model_dump()
-    for name in LATENT_ARRAYS:
-        np.testing.assert_array_equal(ext.store.array(f"latents/{HP}/{name}")[:],
-                                      ref.store.array(f"latents/{HP}/{name}")[:], err_msg=name)
+    assert ext.latent_info(HP).model_dump(exclude={"sae"}) == ref.latent_info(HP).model_dump(exclude={"sae"})
+    for name in LATENT_ARRAYS:  # checked reads (mistudio's codec: fast, and every chunk's crc32c)
+        got, want = (CheckedArray(e.store.array(f"latents/{HP}/{name}"), e.location, e.store.array(
+            f"latents/{HP}/{name}").shape[0])[:] for e in (ext, ref))
+        np.testing.assert_array_equal(got, want, err_msg=name)
     np.testing.assert_array_equal(ext.latents(HP).toarray(), ref.latents(HP).toarray())
     for latent in range(0, ext.latent_info(HP).d_sae, 11):
         for got, want in zip(ext.feature(HP, latent), ref.feature(HP, latent)):
@@ -214,3 +216,58 @@ def test_latents_on_a_cluster_equal_a_local_run(architecture, gpt2_dir, workspac
     assert 0 < len(straddling) < n_blocks  # blocks indexed by workers and by the coordinator
     assert_same_latents(ext, ref)
     np.testing.assert_array_equal(ext.activations(HP)[:], ref.activations(HP)[:])
+
+
+@pytest.mark.parametrize("on_cluster", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_cancelled_cluster_run_with_saes_resumes_equal_to_a_clean_run(on_cluster, gpt2_dir, workspace, client,
+                                                                        sae_dirs, local_sae_runs, tmp_path):
+    from test_latents import make_sae
+
+    folder = tmp_path / "sae"
+    make_sae(folder, "standard")  # the same weights as sae_dirs["standard"] (same seed)
+    ws = ms.Workspace(workspace)
+    events = []
+    job = ws.submit(gpt2_dir, "sample", saes={HP: str(folder)}, cluster=client, before_batch=slow, **SAE_ARGS)
+    job.subscribe(events.append)
+    deadline = time.monotonic() + 120
+    while sum(e["event"] == "progress" for e in events) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    job.cancel().wait(60)
+    assert job.status == "CANCELLED"
+    assert any(s["status"] != "done" for s in job.meta["shards"])
+    assert job.extraction().verify().ok  # what was stored is whole up to what it claims
+    make_sae(folder, "standard", seed=1)  # retrained in place: refused, as a local resume refuses it
+    with pytest.raises(ms.InputError, match="is not the one this store was made with"):
+        ws.resume(job.id, cluster=client if on_cluster else None)
+    make_sae(folder, "standard")
+    resumed = ws.resume(job.id, cluster=client if on_cluster else None)
+    assert resumed.wait(120).status == "COMPLETED", resumed.error
+    assert all(s["status"] == "done" for s in resumed.meta["shards"])
+    assert_same_latents(resumed.extraction(), local_sae_runs["standard"])
+
+
+def test_a_worker_refuses_an_sae_that_is_not_the_recorded_one(tmp_path):
+    from test_latents import make_sae
+
+    from mistudio.distributed import replica_saes
+    from mistudio.request import Request
+    from mistudio.saes import load_sae
+    from mistudio.storage.metadata import LatentInfo
+
+    make_sae(tmp_path / "sae", "topk")
+    held = load_sae(tmp_path / "sae")
+    request = Request.build(model="gpt2", dataset="sample", layers=[2], saes={HP: str(tmp_path / "sae")})
+
+    class Loaded:
+        input_device = "cpu"
+
+    recorded = {HP: LatentInfo(sae=str(tmp_path / "sae"), fingerprint=held.fingerprint, architecture="topk",
+                               d_sae=held.d_sae, k=held.k, width=8, width_reason="k", block_rows=128,
+                               hook_name=held.hook_name)}
+    assert replica_saes(request, Loaded(), recorded)[HP].fingerprint == held.fingerprint
+    make_sae(tmp_path / "sae", "topk", seed=1)
+    assert replica_saes(request, Loaded(), recorded)[HP].fingerprint == held.fingerprint  # the replica's, kept
+    recorded[HP] = recorded[HP].model_copy(update={"fingerprint": "0" * 64})  # another store, made with another
+    with pytest.raises(ms.InputError, match="is not the one this store was made with"):
+        replica_saes(request, Loaded(), recorded)
