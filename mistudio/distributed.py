@@ -2,7 +2,11 @@
 
 A shard's whole storage units (Zarr chunks, or Zarr shards) are written by the worker that runs it; the
 rows of units that straddle a shard boundary come back to the coordinator, which writes them (so no
-unit ever has two writers).
+unit ever has two writers). With SAEs, each worker loads them beside its model replica, encodes in the same
+forward, and writes the latents' units the same way and the by-feature index of the blocks that lie wholly in
+its shard (a block's index is units of its own); the coordinator indexes the blocks that straddle shards once
+their rows are in, merges the shards' hook and latent statistics, and keeps the feature statistics in step with
+the committed prefix of shards (a ``StatisticsFeed``, as a local run keeps them in step with its commit mark).
 Shards run on a ``dask.distributed`` client, or one after another in this process (a resume
 without a cluster). A finished shard is recorded in the metadata and never runs again.
 """
@@ -51,6 +55,8 @@ def replica_saes(request: Request, loaded, recorded: dict | None = None) -> dict
                              recorded)[point]
             _SAES[(point, folder)] = held
         out[point] = held
+    for key in [key for key in _SAES if key not in set((request.saes or {}).items())]:
+        del _SAES[key]  # SAEs of earlier requests are let go: one set per process, beside the model
     return out
 
 

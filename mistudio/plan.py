@@ -13,8 +13,8 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np

@@ -353,7 +353,7 @@ class Execution:
             if req.saes:
                 if sharded:  # the SAEs' facts here (on the CPU); a probed width is measured on a worker
                     self.saes = load_saes(req, "cpu")
-                    measure = measure_on(options.cluster, self.job.id, self.check) if options.cluster else None
+                    measure = None if options.cluster is None else measure_on(options.cluster, self.job.id, self.check)
                     widths = latent_widths(req, self.saes, loaded, plan, measure)
                 else:
                     self.saes = load_saes(req, loaded.input_device)

@@ -218,7 +218,8 @@ def test_latents_on_a_cluster_equal_a_local_run(architecture, gpt2_dir, workspac
     np.testing.assert_array_equal(ext.activations(HP)[:], ref.activations(HP)[:])
 
 
-@pytest.mark.parametrize("on_cluster", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("on_cluster", [False, True])
 def test_a_cancelled_cluster_run_with_saes_resumes_equal_to_a_clean_run(on_cluster, gpt2_dir, workspace, client,
                                                                         sae_dirs, local_sae_runs, tmp_path):
     from test_latents import make_sae
