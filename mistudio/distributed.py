@@ -13,6 +13,7 @@ without a cluster). A finished shard is recorded in the metadata and never runs 
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Callable
 
 import numpy as np
@@ -73,7 +74,7 @@ def measure_on(client, job_id: str, check: Callable[[], None]) -> Callable[..., 
     never loads the model), calling ``check()`` while it waits (cancel, timeout)."""
     def measure(request: Request, ids: np.ndarray, offsets: np.ndarray, points: list[str]) -> dict[str, int]:
         future = client.submit(measure_latents, request.model_dump(exclude={"dataset"}), ids, offsets, points,
-                               key=f"mistudio-{job_id}-latent-widths", pure=False)
+                               key=f"mistudio-{job_id}-latent-widths-{uuid.uuid4().hex[:8]}", pure=False)
         try:
             while not future.done():
                 check()
