@@ -2,26 +2,89 @@
 
 A shard's whole storage units (Zarr chunks, or Zarr shards) are written by the worker that runs it; the
 rows of units that straddle a shard boundary come back to the coordinator, which writes them (so no
-unit ever has two writers).
+unit ever has two writers). With SAEs, each worker loads them beside its model replica, encodes in the same
+forward, and writes the latents' units the same way and the by-feature index of the blocks that lie wholly in
+its shard (a block's index is units of its own); the coordinator indexes the blocks that straddle shards once
+their rows are in, merges the shards' hook and latent statistics, and keeps the feature statistics in step with
+the committed prefix of shards (a ``StatisticsFeed``, as a local run keeps them in step with its commit mark).
 Shards run on a ``dask.distributed`` client, or one after another in this process (a resume
 without a cluster). A finished shard is recorded in the metadata and never runs again.
 """
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Callable
 
 import numpy as np
 
-from .engine import check_ids, forward_batches
+from .engine import Latents, check_ids, forward_batches
 from .errors import JobCancelled
 from .models import load_model
+from .plan import latents_fired, load_saes
 from .request import Request
-from .storage.layout import storage_unit
-from .storage.stats import HookStats
+from .saes import SAE
+from .storage.featfeed import StatisticsFeed
+from .storage.featindex import FeatureIndex
+from .storage.layout import latent_index_dtype, storage_unit
+from .storage.reads import CheckedArray
+from .storage.stats import HookStats, LatentStats
 from .storage.store import ExtractionStore
 
 _REPLICAS: dict[str, Any] = {}  # one loaded model per worker process
+_SAES: dict[tuple[str, str], SAE] = {}  # its SAEs, beside it: (hook point, folder) -> the SAE on its device
+
+
+def replica(request: Request):
+    """This process's model replica of ``request``'s model (loaded once; another model replaces it)."""
+    key = request.model_spec.model_dump_json()
+    if key not in _REPLICAS:
+        _REPLICAS.clear()
+        _SAES.clear()
+        _REPLICAS[key] = load_model(request.model_spec)
+    return _REPLICAS[key]
+
+
+def replica_saes(request: Request, loaded, recorded: dict | None = None) -> dict[str, SAE]:
+    """``request``'s SAEs on the replica's device, loaded once per process; with ``recorded`` (the store's
+    ``latents``) each must be the one the store was made with (``load_saes`` refuses another, as a local run)."""
+    out = {}
+    for point, folder in (request.saes or {}).items():
+        held, was = _SAES.get((point, folder)), (recorded or {}).get(point)
+        if held is None or (was is not None and was.fingerprint and was.fingerprint != held.fingerprint):
+            held = load_saes(request.model_copy(update={"saes": {point: folder}}), loaded.input_device,
+                             recorded)[point]
+            _SAES[(point, folder)] = held
+        out[point] = held
+    for key in [key for key in _SAES if key not in set((request.saes or {}).items())]:
+        del _SAES[key]  # SAEs of earlier requests are let go: one set per process, beside the model
+    return out
+
+
+def measure_latents(request: dict, ids: np.ndarray, offsets: np.ndarray,
+                    points: list[str]) -> dict[str, np.ndarray]:
+    """On a worker: how many latents of each SAE in ``points`` fired on each token of the first batch (the probe
+    ``plan.latent_widths`` makes of ReLU, JumpReLU and gated SAEs), with the worker's replicas."""
+    req = Request(**request)
+    loaded = replica(req)
+    return latents_fired(loaded, replica_saes(req, loaded), req, ids, offsets, points)
+
+
+def measure_on(client, job_id: str, check: Callable[[], None]) -> Callable[..., dict[str, np.ndarray]]:
+    """A ``measure`` for ``plan.latent_widths`` that runs the probe as one task on ``client`` (the coordinator
+    never loads the model), calling ``check()`` while it waits (cancel, timeout)."""
+    def measure(request: Request, ids: np.ndarray, offsets: np.ndarray, points: list[str]) -> dict[str, np.ndarray]:
+        future = client.submit(measure_latents, request.model_dump(exclude={"dataset"}), ids, offsets, points,
+                               key=f"mistudio-{job_id}-latent-widths-{uuid.uuid4().hex[:8]}", pure=False)
+        try:
+            while not future.done():
+                check()
+                time.sleep(0.05)
+        except BaseException:
+            future.cancel()
+            raise
+        return future.result()
+    return measure
 
 
 def plan_shards(offsets: np.ndarray, n_shards: int) -> list[dict]:
@@ -35,51 +98,124 @@ def plan_shards(offsets: np.ndarray, n_shards: int) -> list[dict]:
              "runs": 0} for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
 
 
-class ShardWriter:
-    """Writes the whole chunks inside a shard's token range; keeps the straddling rows as edges."""
+class _Rows:
+    """One array's rows of a shard: its whole storage units written, the straddling rows kept as edges."""
 
-    def __init__(self, arrays: dict, chunk: int, start: int, stop: int):
-        self.arrays, self.chunk = arrays, chunk
-        lo, hi = -(-start // chunk) * chunk, stop // chunk * chunk
+    def __init__(self, arr: Any, unit: int, start: int, stop: int):
+        self.arr, self.unit = arr, unit
+        lo, hi = -(-start // unit) * unit, stop // unit * unit
         self.lo, self.hi = (lo, hi) if lo < hi else (stop, stop)
         self.pos = start
-        self.buffer: dict[str, np.ndarray | None] = {hp: None for hp in arrays}
-        self.edges: dict[str, list[tuple[int, np.ndarray]]] = {hp: [] for hp in arrays}
+        self.buffer: np.ndarray | None = None
+        self.edges: list[tuple[int, np.ndarray]] = []
 
-    def put(self, rows: dict[str, np.ndarray]) -> None:
-        for hp, block in rows.items():
-            old = self.buffer[hp]
-            self.buffer[hp] = block if old is None or not len(old) else np.concatenate([old, block])
-        end = self.pos + len(next(iter(self.buffer.values())))
+    def put(self, block: np.ndarray) -> None:
+        self.buffer = block if self.buffer is None or not len(self.buffer) else np.concatenate([self.buffer, block])
+        end = self.pos + len(self.buffer)
         while self.pos < end:
             if self.pos < self.lo:  # head edge
                 cut = min(self.lo, end)
-            elif self.pos < self.hi:  # whole chunks
-                cut = min(self.hi, end // self.chunk * self.chunk)
+            elif self.pos < self.hi:  # whole units
+                cut = min(self.hi, end // self.unit * self.unit)
                 if cut <= self.pos:
                     break
             else:  # tail edge
                 cut = end
-            for hp in self.arrays:
-                part, self.buffer[hp] = self.buffer[hp][: cut - self.pos], self.buffer[hp][cut - self.pos:]
-                if self.lo <= self.pos < self.hi:
-                    self.arrays[hp][self.pos:cut] = part
-                else:
-                    self.edges[hp].append((self.pos, part))
+            part, self.buffer = self.buffer[: cut - self.pos], self.buffer[cut - self.pos:]
+            if self.lo <= self.pos < self.hi:
+                self.arr[self.pos:cut] = part
+            else:
+                self.edges.append((self.pos, part))
             self.pos = cut
+
+
+class ShardWriter:
+    """Writes the whole storage units inside a shard's row range, each array on its own unit grid (activations,
+    SAE latents); keeps the straddling rows as edges, for the coordinator. ``units``: rows per unit of each array
+    (default: its Zarr shard, else its chunk)."""
+
+    def __init__(self, arrays: dict, start: int, stop: int, units: dict[str, int] | None = None):
+        units = units or {path: storage_unit(arr)[0] for path, arr in arrays.items()}
+        self.rows = {path: _Rows(arr, units[path], start, stop) for path, arr in arrays.items()}
+
+    @property
+    def pos(self) -> int:
+        """Rows placed (written or kept as edges) in every array."""
+        return min(r.pos for r in self.rows.values())
+
+    @property
+    def edges(self) -> dict[str, list[tuple[int, np.ndarray]]]:
+        return {path: r.edges for path, r in self.rows.items()}
+
+    def put(self, rows: dict[str, np.ndarray]) -> None:
+        for path, block in rows.items():
+            self.rows[path].put(block)
+
+
+def write_block_index(store: ExtractionStore, hook_point: str, info: Any, block: int, index: np.ndarray,
+                      values: np.ndarray) -> None:
+    """Write the by-feature index of one block of ``hook_point``'s latents from its rows (as stored): its
+    entries (one Zarr shard per block), then its ``feature_offsets`` row (a chunk per block), last, as
+    ``FeatureIndex`` does. Each block's index is its own storage units: whoever holds its rows writes it."""
+    base = f"latents/{hook_point}"
+    offsets_arr, rows_arr, values_arr = (store.array(f"{base}/{n}") for n in
+                                         ("feature_offsets", "feature_rows", "feature_values"))
+    offsets, rows, vals = FeatureIndex.build(index, values, block, info.block_rows, info.width, info.d_sae,
+                                             values_arr.dtype)
+    entries = info.block_rows * info.width
+    rows_arr[block * entries:(block + 1) * entries] = rows
+    values_arr[block * entries:(block + 1) * entries] = vals
+    offsets_arr[block] = offsets
+
+
+class BlockIndexer:
+    """A shard's share of one SAE's by-feature index: the blocks that lie wholly inside its rows ``[start,
+    stop)``, each written once its rows are in. A block that straddles two shards is the coordinator's."""
+
+    def __init__(self, store: ExtractionStore, hook_point: str, info: Any, n_rows: int, start: int, stop: int):
+        self.store, self.hook_point, self.info = store, hook_point, info
+        step = info.block_rows
+        self.block = -(-start // step)  # the first block starting in the shard
+        self.end = -(-n_rows // step) if stop >= n_rows else stop // step  # blocks before it end in the shard
+        self.pos, self.n_rows = start, n_rows
+        self.pieces: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def put(self, index: np.ndarray, values: np.ndarray) -> None:
+        step = self.info.block_rows
+        skip = max(0, min(len(index), self.block * step - self.pos))  # rows before the first whole block
+        self.pos += len(index)
+        if skip < len(index):
+            self.pieces.append((index[skip:], values[skip:]))
+        while self.block < self.end:
+            first, stop = self.block * step, min((self.block + 1) * step, self.n_rows)
+            if self.pos < stop:
+                return
+            index, values = (np.concatenate([p[i] for p in self.pieces]) for i in (0, 1))
+            write_block_index(self.store, self.hook_point, self.info, self.block, index[:stop - first],
+                              values[:stop - first])
+            self.pieces = [(index[stop - first:], values[stop - first:])]
+            self.block += 1
+
+
+def straddling_blocks(info: Any, shards: list[dict], n_rows: int) -> dict[int, list[int]]:
+    """The blocks of an SAE's index that no shard holds whole: block -> the shards whose rows it takes."""
+    step, out = info.block_rows, {}
+    for shard in shards:
+        start, stop = shard["tokens"]
+        for block in range(start // step, -(-stop // step)):
+            first, last = block * step, min((block + 1) * step, n_rows)
+            if first < start or last > stop:
+                out.setdefault(block, []).append(shard["index"])
+    return out
 
 
 def run_shard(location: str, storage_options: dict | None, request: dict, shard: dict, job_id: str,
               before_batch: Callable | None = None, on_batch: Callable[[int], None] | None = None,
               check: Callable[[], None] | None = None) -> dict:
-    """Extract one shard into the store; return its edge rows and statistics. Runs on a worker or here."""
+    """Extract one shard into the store (activations, SAE latents and the by-feature index of the blocks it
+    holds whole); return its edge rows and statistics. Runs on a worker or here."""
     capture_spec = Request(**request)  # the request without its dataset: the tokens are in the store
-    spec = capture_spec.model_spec
-    key = spec.model_dump_json()
-    if key not in _REPLICAS:
-        _REPLICAS.clear()
-        _REPLICAS[key] = load_model(spec)
-    loaded = _REPLICAS[key]
+    loaded = replica(capture_spec)
     if check is None and on_batch is None:  # on a dask worker: cancel and progress through the scheduler
         from distributed import Event, Queue
 
@@ -92,21 +228,35 @@ def run_shard(location: str, storage_options: dict | None, request: dict, shard:
         def on_batch(samples: int) -> None:
             progress_queue.put((shard["index"], samples))
     store = ExtractionStore.open(location, storage_options=storage_options, writable=True)
+    record = store.record
     ids, offsets = store.input_ids(), store.sample_offsets()
     check_ids(ids, loaded)
-    arrays = {f"activations/{hp}": store.activations(hp) for hp in capture_spec.hook_points}
-    writer = ShardWriter(arrays, storage_unit(next(iter(arrays.values())))[0], *shard["tokens"])
+    saes = replica_saes(capture_spec, loaded, record.latents) if record.latents else {}
+    latents = {hp: Latents(saes[hp], info.width, latent_index_dtype(info.d_sae))
+               for hp, info in record.latents.items()}
+    paths = [f"activations/{hp}" for hp in capture_spec.hook_points]
+    paths += [f"latents/{hp}/{name}" for hp in latents for name in ("indices", "values")]
+    start, stop = shard["tokens"]
+    writer = ShardWriter({path: store.array(path) for path in paths}, start, stop)
+    n_rows = int(offsets[-1])
+    indexers = {hp: BlockIndexer(store, hp, info, n_rows, start, stop) for hp, info in record.latents.items()}
     stats = {hp: HookStats.empty() for hp in capture_spec.hook_points}
+    latent_stats = {hp: LatentStats.empty() for hp in latents}
     started = time.perf_counter()
-    for first, stop, rows, batch_stats in forward_batches(loaded, ids, offsets, capture_spec, shard["first"],
-                                                          shard["stop"], check, before_batch):
+    for first, stop_sample, rows, batch_stats in forward_batches(loaded, ids, offsets, capture_spec,
+                                                                 shard["first"], shard["stop"], check,
+                                                                 before_batch, latents=latents):
         writer.put(rows)
-        for hp, delta in batch_stats.items():
-            HookStats.merge(stats[hp], delta, int(offsets[first]))  # rows are tokens here (no exclude_special)
+        for hp, indexer in indexers.items():
+            indexer.put(rows[f"latents/{hp}/indices"], rows[f"latents/{hp}/values"])
+        for hp, acc in stats.items():
+            HookStats.merge(acc, batch_stats[hp], int(offsets[first]))  # rows are tokens (no exclude_special)
+        for hp, acc in latent_stats.items():
+            LatentStats.merge(acc, batch_stats[f"{hp}.latents"])
         if on_batch is not None:
-            on_batch(stop - first)
-    assert writer.pos == shard["tokens"][1], "shard rows were not all placed"
-    return {"index": shard["index"], "edges": writer.edges, "stats": stats,
+            on_batch(stop_sample - first)
+    assert writer.pos == stop, "shard rows were not all placed"
+    return {"index": shard["index"], "edges": writer.edges, "stats": stats, "latent_stats": latent_stats,
             "seconds": time.perf_counter() - started}
 
 
@@ -128,6 +278,7 @@ class ShardedRun:
         self.samples_done = sum(s["stop"] - s["first"] for s in self.shards if s["status"] == "done")
         self.started = time.perf_counter()
         self.tokens_at_start = sum(s["tokens"][1] - s["tokens"][0] for s in self.shards if s["status"] == "done")
+        self.feed: StatisticsFeed | None = None
 
     def _args(self, shard: dict) -> tuple:
         return (self.store.location, self.store.storage_options, self.request.model_dump(exclude={"dataset"}),
@@ -145,31 +296,69 @@ class ShardedRun:
                        "batch_size": self.request.batch_size, "shards": len(self.shards)})
 
     def _finish(self, result: dict) -> None:
-        """Write a finished shard's edge rows (this process is their only writer) and record it."""
+        """Write a finished shard's edge rows (this process is their only writer), the by-feature index of the
+        blocks it completes with its neighbours, and record it."""
         for path, pieces in result["edges"].items():
             arr = self.store.array(path)
             for start, rows in pieces:
                 arr[start:start + len(rows)] = rows
         shard = self.shards[result["index"]]
-        shard.update(status="done", stats=result["stats"], seconds=result["seconds"])
+        shard.update(status="done", stats=result["stats"], latent_stats=result.get("latent_stats") or {},
+                     seconds=result["seconds"])
+        self._index_straddling({result["index"]})
         prefix = 0
         for s in self.shards:
             if s["status"] != "done":
                 break
             prefix = s["stop"]
+        done = [s for s in self.shards if s["status"] == "done"]
         totals = {hp: HookStats.empty() for hp in result["stats"]}
-        for s in self.shards:
-            for hp, acc in (s.get("stats") or {}).items() if s["status"] == "done" else []:
+        latent_totals = {hp: LatentStats.empty() for hp in self.store.record.latents}
+        for s in done:
+            for hp, acc in (s.get("stats") or {}).items():
                 HookStats.merge(totals[hp], acc)
+            for hp, acc in (s.get("latent_stats") or {}).items():
+                LatentStats.merge(latent_totals[hp], acc)
+        sections = {"latent_statistics": {hp: LatentStats.summary(a) for hp, a in latent_totals.items()}} \
+            if latent_totals else {}
         self.store.update(shards=self.shards, statistics={hp: HookStats.summary(a) for hp, a in totals.items()},
-                          progress={"samples_committed": prefix, "tokens_committed": int(self.offsets[prefix])})
+                          progress={"samples_committed": prefix, "tokens_committed": int(self.offsets[prefix])},
+                          **sections)
+        if self.feed is not None:
+            self.feed.advance(int(self.offsets[prefix]))
+
+    def _index_straddling(self, finished: set[int] | None = None) -> None:
+        """Index the blocks of SAE latents that straddle shards once every shard they take rows from is done
+        (their rows are edges, written here): those that ``finished`` shards complete, or all (a resume: the
+        coordinator may have stopped between a shard's edges and their index)."""
+        n_rows = int(self.offsets[-1])
+        status = {s["index"]: s["status"] for s in self.shards}
+        for hp, info in self.store.record.latents.items():
+            indices, values = (self.store.array(f"latents/{hp}/{n}") for n in ("indices", "values"))
+            for block, owners in straddling_blocks(info, self.shards, n_rows).items():
+                if all(status[i] == "done" for i in owners) and (finished is None or finished & set(owners)):
+                    first, stop = block * info.block_rows, min((block + 1) * info.block_rows, n_rows)
+                    rows = [CheckedArray(arr, self.store.location, stop)[first:stop].view(arr.dtype)
+                            for arr in (indices, values)]
+                    write_block_index(self.store, hp, info, block, *rows)
 
     def run(self, client=None) -> dict:
+        """Run the pending shards (on ``client``, else here, one after another); the feature statistics follow
+        the committed prefix on a thread here, as a local run's follow its commit mark (the same blocks, in the
+        same order: the same numbers)."""
         pending = [s for s in self.shards if s["status"] != "done"]
         for shard in pending:
             shard["runs"] = shard.get("runs", 0) + 1
         self.store.update(shards=self.shards)
-        errors = self._run_on(client, pending) if client is not None else self._run_here(pending)
+        self._index_straddling()
+        points = self.request.statistics_points
+        mark = int(self.store.record.progress.tokens_committed)
+        self.feed = StatisticsFeed(self.store, points, mark) if points else None
+        try:
+            errors = self._run_on(client, pending) if client is not None else self._run_here(pending)
+        finally:
+            if self.feed is not None:
+                self.feed.close(complete=all(s["status"] == "done" for s in self.shards))
         if errors:
             raise next((e for e in errors if isinstance(e, JobCancelled)), errors[0])
         elapsed = time.perf_counter() - self.started

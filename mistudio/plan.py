@@ -13,8 +13,9 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -159,9 +160,12 @@ def check_unchanged(request: Request, meta) -> None:
 WIDTH_SLACK = 1.5  # a probed width: 1.5 x the most latents that fired on one token of the first batch
 
 
-def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan) -> dict[str, tuple[int, str]]:
+def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan,
+                  measure: Callable[..., dict[str, np.ndarray]] | None = None) -> dict[str, tuple[int, str]]:
     """Latents kept per token, per SAE, with the reason: ``latent_width`` when given, a top-k SAE's k, else
-    measured on the first batch (the longest samples)."""
+    measured on the first batch (the longest samples). ``measure``: what measures it in place of
+    :func:`latents_fired` on ``loaded`` (a dask run measures on a worker), called with ``(request, ids, offsets,
+    points)``: the first batch's tokens alone."""
     out, probe = {}, []
     for point, sae in saes.items():
         if request.latent_width is not None:
@@ -173,12 +177,12 @@ def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan) ->
     if probe:
         ids, offsets = plan.tokens["input_ids"], plan.tokens["sample_offsets"]
         first, stop = plan.batches(AUTO_GUESS if request.batch_size == "auto" else None)[0]
-        full = {p: Latents(saes[p], saes[p].d_sae, "int32") for p in probe}
         size = request if request.batch_size != "auto" else request.model_copy(update={"batch_size": AUTO_GUESS})
-        for _, _, rows, _ in forward_batches(loaded, ids, offsets, size, first, stop, latents=full):
-            for point in probe:
-                fired = (rows[f"latents/{point}/values"] != 0).sum(axis=1)
-                out[point] = probed_width(fired, saes[point].d_sae, request.latent_coverage)
+        batch_ids, batch_offsets = ids[offsets[first]:offsets[stop]], offsets[first:stop + 1] - offsets[first]
+        if measure is None:
+            measure = partial(latents_fired, loaded, saes)
+        for point, fired in measure(size, batch_ids, batch_offsets, probe).items():
+            out[point] = probed_width(np.asarray(fired), saes[point].d_sae, request.latent_coverage)
     return out
 
 
@@ -195,6 +199,18 @@ def probed_width(fired: np.ndarray, d_sae: int, coverage: float | None) -> tuple
         reason = (f"latent_coverage={coverage:g}: {coverage:.1%} of the first batch's tokens fired at most {width} "
                   f"latents (the most: {int(fired.max())})")
     return min(d_sae, max(16, -(-width // 16) * 16)), reason
+
+
+def latents_fired(loaded, saes: dict[str, SAE], request: Request, ids: np.ndarray, offsets: np.ndarray,
+                  points: list[str]) -> dict[str, np.ndarray]:
+    """How many latents of each SAE in ``points`` fired on each token of the samples ``offsets`` cuts ``ids`` into
+    (one batch of ``request``), as int32 per token."""
+    full = {p: Latents(saes[p], saes[p].d_sae, "int32") for p in points}
+    fired: dict[str, list[np.ndarray]] = {p: [] for p in points}
+    for _, _, rows, _ in forward_batches(loaded, ids, offsets, request, 0, len(offsets) - 1, latents=full):
+        for point in points:
+            fired[point].append((rows[f"latents/{point}/values"] != 0).sum(axis=1).astype(np.int32))
+    return {p: np.concatenate(parts) if parts else np.zeros(1, np.int32) for p, parts in fired.items()}
 
 
 def latent_infos(request: Request, saes: dict[str, SAE], widths: dict[str, tuple[int, str]],

@@ -17,7 +17,7 @@ from typing import Callable
 
 from . import engine
 from .autobatch import choose_batch_size
-from .distributed import ShardedRun
+from .distributed import ShardedRun, measure_on
 from .errors import (InputError, JobCancelled, JobInterrupted, JobTimeout, StoreLost, classify, disk_full_cause,
                      is_oom)
 from .models import describe_model, free_memory, load_config, load_model, load_tokenizer, n_layers_of
@@ -351,8 +351,13 @@ class Execution:
             self.check()
             layout = plan.layout
             if req.saes:
-                self.saes = load_saes(req, loaded.input_device)
-                widths = latent_widths(req, self.saes, loaded, plan)
+                if sharded:  # the SAEs' facts here (on the CPU); a probed width is measured on a worker
+                    self.saes = load_saes(req, "cpu")
+                    measure = None if options.cluster is None else measure_on(options.cluster, self.job.id, self.check)
+                    widths = latent_widths(req, self.saes, loaded, plan, measure)
+                else:
+                    self.saes = load_saes(req, loaded.input_device)
+                    widths = latent_widths(req, self.saes, loaded, plan)
                 layout = plan.with_latents({hp: w for hp, (w, _) in widths.items()}, self.saes)
                 self.store.update(latents=latent_infos(req, self.saes, widths, layout))
             self.store.allocate(plan.tokens, layout, plan.storage)

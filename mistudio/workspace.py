@@ -46,9 +46,6 @@ def check_options(request: Request, options: RunOptions) -> None:
     if not (hasattr(cluster, "submit") and hasattr(cluster, "scheduler_info")):
         raise InputError(f"«cluster={cluster!r}» is not a dask.distributed Client: pass Client(LocalCluster()) or "
                          "Client('tcp://scheduler:8786')", param="cluster")
-    if request.saes:
-        raise InputError("«saes» is not supported with «cluster» yet (workers do not load SAEs): drop cluster= (run "
-                         "locally), or extract the activations with cluster= and encode them afterwards", param="saes")
     if request.exclude_special:
         raise InputError("«exclude_special=True» is not supported with «cluster» yet: drop cluster= (run locally) "
                          "or keep special tokens («pass exclude_special=False») and mask them with tokens/special",

@@ -140,17 +140,135 @@ def test_failed_shard_is_retried_alone(gpt2_dir, workspace, client, single, tmp_
 @pytest.mark.parametrize("options, message", [
     (dict(exclude_special=True), "exclude_special=True is not supported with cluster"),
     (dict(batch_size="auto"), "cannot size a dask run"),
-    (dict(saes={"layers.2.residual": "SAE"}), "saes is not supported with cluster"),
 ])
 def test_what_a_cluster_cannot_run_is_refused_before_a_store(gpt2_dir, workspace, tmp_path, client, options,
                                                              message):
-    from test_saes import write_sparsify
-
-    if "saes" in options:
-        write_sparsify(tmp_path / "SAE")
-        options = {"saes": {"layers.2.residual": str(tmp_path / "SAE")}}
     ws = ms.Workspace(workspace)
     with pytest.raises(ms.InputError, match=message):
         ws.submit(gpt2_dir, "sample", cluster=client, **{**ARGS, **options})
     assert not os.path.isdir(os.path.join(workspace, "extractions")) or not os.listdir(
         os.path.join(workspace, "extractions"))
+
+
+# -- SAE latents on the cluster ------------------------------------------------------------------------------
+HP = "layers.2.residual"
+SAE_ARGS = dict(layers=[2], hooks=["residual"], dtype="float32", max_length=40, max_samples=80, batch_size=4,
+                chunk_mb=0.01, shard_mb=0.05, feature_statistics="on")
+LATENT_ARRAYS = ("indices", "values", "feature_offsets", "feature_rows", "feature_values")
+
+
+@pytest.fixture(scope="module")
+def sae_dirs(tmp_path_factory):
+    from test_latents import make_sae
+
+    folder = tmp_path_factory.mktemp("saes")
+    make_sae(folder / "topk", "topk")
+    make_sae(folder / "standard", "standard")
+    return {name: str(folder / name) for name in ("topk", "standard")}
+
+
+@pytest.fixture(scope="module")
+def local_sae_runs(gpt2_dir, sae_dirs, tmp_path_factory):
+    """The same requests run locally (no cluster): the reference."""
+    return {name: ms.extract(gpt2_dir, "sample", saes={HP: folder}, workspace=str(tmp_path_factory.mktemp(name)),
+                             progress=False, **SAE_ARGS) for name, folder in sae_dirs.items()}
+
+
+def assert_same_latents(ext, ref) -> None:
+    """Bit-equal latents, by-feature index, feature reads, latent and feature statistics."""
+    from test_latents import assert_same_statistics
+
+    from mistudio.storage import featfeed
+    from mistudio.storage.reads import CheckedArray
+
+    assert ext.latent_info(HP).model_dump(exclude={"sae"}) == ref.latent_info(HP).model_dump(exclude={"sae"})
+    for name in LATENT_ARRAYS:  # checked reads (mistudio's codec: fast, and every chunk's crc32c)
+        got, want = (CheckedArray(e.store.array(f"latents/{HP}/{name}"), e.location, e.store.array(
+            f"latents/{HP}/{name}").shape[0])[:] for e in (ext, ref))
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    np.testing.assert_array_equal(ext.latents(HP).toarray(), ref.latents(HP).toarray())
+    for latent in range(0, ext.latent_info(HP).d_sae, 11):
+        for got, want in zip(ext.feature(HP, latent), ref.feature(HP, latent)):
+            np.testing.assert_array_equal(got, want, err_msg=f"latent {latent}")
+    assert ext.record.latent_statistics == ref.record.latent_statistics
+    for key in (f"{HP}.latents", HP):
+        rows, _ = featfeed.load(ext.store, key, ext.n_tokens)  # saved by the run, to the last row
+        assert rows == ext.n_tokens
+        assert_same_statistics(ext.feature_statistics(key), ref.feature_statistics(key))
+    assert ext.verify().ok, str(ext.verify())
+
+
+@pytest.mark.parametrize("architecture", ["topk", "standard"])
+def test_latents_on_a_cluster_equal_a_local_run(architecture, gpt2_dir, workspace, client, sae_dirs,
+                                                local_sae_runs):
+    from mistudio.distributed import straddling_blocks
+
+    ref = local_sae_runs[architecture]
+    ext = ms.extract(gpt2_dir, "sample", saes={HP: sae_dirs[architecture]}, workspace=workspace, progress=False,
+                     cluster=client, **SAE_ARGS)
+    meta = ext.metadata
+    assert meta["status"] == "COMPLETED" and len(meta["shards"]) == 4
+    info = ext.latent_info(HP)
+    if architecture == "standard":  # probed on a worker: the same first batch as the local probe
+        assert "first batch" in info.width_reason
+    n_blocks = -(-ext.n_tokens // info.block_rows)
+    straddling = straddling_blocks(info, meta["shards"], ext.n_tokens)
+    assert 0 < len(straddling) < n_blocks  # blocks indexed by workers and by the coordinator
+    assert_same_latents(ext, ref)
+    np.testing.assert_array_equal(ext.activations(HP)[:], ref.activations(HP)[:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_cluster", [False, True])
+def test_a_cancelled_cluster_run_with_saes_resumes_equal_to_a_clean_run(on_cluster, gpt2_dir, workspace, client,
+                                                                        sae_dirs, local_sae_runs, tmp_path):
+    from test_latents import make_sae
+
+    folder = tmp_path / "sae"
+    make_sae(folder, "standard")  # the same weights as sae_dirs["standard"] (same seed)
+    ws = ms.Workspace(workspace)
+    events = []
+    job = ws.submit(gpt2_dir, "sample", saes={HP: str(folder)}, cluster=client, before_batch=slow, **SAE_ARGS)
+    job.subscribe(events.append)
+    deadline = time.monotonic() + 120
+    while sum(e["event"] == "progress" for e in events) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    job.cancel().wait(60)
+    assert job.status == "CANCELLED"
+    assert any(s["status"] != "done" for s in job.meta["shards"])
+    assert job.extraction().verify().ok  # what was stored is whole up to what it claims
+    make_sae(folder, "standard", seed=1)  # retrained in place: refused, as a local resume refuses it
+    with pytest.raises(ms.InputError, match="is not the one this store was made with"):
+        ws.resume(job.id, cluster=client if on_cluster else None)
+    make_sae(folder, "standard")
+    resumed = ws.resume(job.id, cluster=client if on_cluster else None)
+    assert resumed.wait(120).status == "COMPLETED", resumed.error
+    assert all(s["status"] == "done" for s in resumed.meta["shards"])
+    assert_same_latents(resumed.extraction(), local_sae_runs["standard"])
+
+
+def test_a_worker_refuses_an_sae_that_is_not_the_recorded_one(tmp_path):
+    from test_latents import make_sae
+
+    from mistudio.distributed import replica_saes
+    from mistudio.request import Request
+    from mistudio.saes import load_sae
+    from mistudio.storage.metadata import LatentInfo
+
+    make_sae(tmp_path / "sae", "topk")
+    held = load_sae(tmp_path / "sae")
+    request = Request.build(model="gpt2", dataset="sample", layers=[2], saes={HP: str(tmp_path / "sae")})
+
+    class Loaded:
+        input_device = "cpu"
+
+    recorded = {HP: LatentInfo(sae=str(tmp_path / "sae"), fingerprint=held.fingerprint, architecture="topk",
+                               d_sae=held.d_sae, k=held.k, width=8, width_reason="k", block_rows=128,
+                               hook_name=held.hook_name)}
+    assert replica_saes(request, Loaded(), recorded)[HP].fingerprint == held.fingerprint
+    make_sae(tmp_path / "sae", "topk", seed=1)
+    assert replica_saes(request, Loaded(), recorded)[HP].fingerprint == held.fingerprint  # the replica's, kept
+    recorded[HP] = recorded[HP].model_copy(update={"fingerprint": "0" * 64})  # another store, made with another
+    with pytest.raises(ms.InputError, match="is not the one this store was made with"):
+        replica_saes(request, Loaded(), recorded)
