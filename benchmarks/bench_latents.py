@@ -106,10 +106,12 @@ def bench_extraction(model_dir: str, sae_dir: str, tmp: Path, n: int, repeats: i
             "tokens": runs["none"][0]["tokens"]}
 
 
-def bytes_per_latent(model_dir: str, sae_dir: str, tmp: Path, n: int, name: str) -> dict:
+def bytes_per_latent(model_dir: str, sae_dir: str, tmp: Path, n: int, name: str, **options) -> dict:
     """One extraction with the SAE: bytes on disk of indices + values (and of the by-feature index) per active
-    latent stored, against the dense float16 latents (2 x d_sae bytes a token)."""
-    ext = ms.extract(model_dir, texts(n), workspace=str(tmp / f"bytes-{name}"), saes={HP: sae_dir}, **EXTRACT)
+    latent stored, against the dense float16 latents (2 x d_sae bytes a token); ``dropped``: latents that did not
+    fit the width."""
+    ext = ms.extract(model_dir, texts(n), workspace=str(tmp / f"bytes-{name}"), saes={HP: sae_dir}, **EXTRACT,
+                     **options)
     base = Path(ext.location) / "latents" / HP
     stats, info = ext.record.latent_statistics[HP], ext.latent_info(HP)
     stored = {part: files_bytes(base / part) for part in ("indices", "values", "feature_offsets", "feature_rows",
@@ -198,9 +200,12 @@ def main() -> None:
         relu = random_sae(tmp / "sae-relu", "standard", WIDTH, d_sae, None, sample)
         started = time.perf_counter()
         layout = {"topk": bytes_per_latent(model_dir, topk, tmp, n, "topk"),
-                  "standard": bytes_per_latent(model_dir, relu, tmp, n, "standard")}
+                  "standard": bytes_per_latent(model_dir, relu, tmp, n, "standard"),
+                  "standard, latent_coverage=0.99": bytes_per_latent(model_dir, relu, tmp, n, "coverage",
+                                                                     latent_coverage=0.99)}
         ext = layout["topk"].pop("ext")
-        layout["standard"].pop("ext")
+        for name in layout:
+            layout[name].pop("ext", None)
         results["bytes"] = layout
         big = ms.extract(model_dir, texts(feature_n), workspace=str(tmp / "feature"), saes={HP: topk},
                          feature_statistics="off", **EXTRACT)  # the statistics are not what is timed here
@@ -227,7 +232,7 @@ def print_table(r: dict) -> None:
     print(f"{r['model']}, SAE d_sae={r['d_sae']} on {r['hook_point']}, {r['samples']} texts, "
           f"{r['torch_threads']} torch threads, {r['cpus']} CPUs")
     for name, b in r["bytes"].items():
-        print(f"bytes per active latent, {name:<8} (indices+values){b['bytes_per_active']:>8.2f}  "
+        print(f"bytes per active latent, {name:<31} (indices+values){b['bytes_per_active']:>8.2f}  "
               f"with by-feature index "
               f"{b['bytes_per_active_with_index']:.2f}  dense float16 {b['dense_float16_bytes_per_active']:.0f}  "
               f"(width {b['width']}, mean L0 {b['mean_l0']:.1f}, {b['active']:,} active, {b['dropped']:,} dropped)")
