@@ -1,4 +1,5 @@
-"""What a model *is*, as a fingerprint: sha256 of its weight files, its config and its tokenizer files.
+"""What a model *is*, as a fingerprint: sha256 of its weight files, its config and its tokenizer files (those at
+the top of its folder: what ``from_pretrained`` loads; a ``checkpoint-100/`` inside is not the model).
 
 A store records its model's fingerprint; a resume with other weights (a folder re-saved after more training, a
 config or a tokenizer edited) is refused, and the in-process model cache is keyed by it, so a folder re-saved in
@@ -115,20 +116,36 @@ def fingerprint(spec: ModelSpec) -> dict[str, Any] | None:
     folder = model_folder(spec)
     if folder is None:
         return None
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and _kind(p.relative_to(folder).as_posix()))
-    digests = {p.relative_to(folder).as_posix(): file_digest(p) for p in files}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and _kind(p.name))
+    digests = {p.name: file_digest(p) for p in files}
+    return {**_parts(digests), "files": digests}
+
+
+def _parts(digests: dict[str, str]) -> dict[str, str]:
+    """The weights', config's and tokenizer's hashes of a folder's file digests."""
     parts = {}
     for kind in ("weights", "config", "tokenizer"):
         h = hashlib.sha256()
-        for name, digest in digests.items():
+        for name, digest in sorted(digests.items()):
             if _kind(name) == kind:
                 h.update(f"{name}\0{digest}\n".encode())
         parts[kind] = h.hexdigest()
-    return {**parts, "files": digests}
+    return parts
+
+
+def _loaded_parts(fp: dict) -> dict:
+    """A fingerprint's hashes over the files a model loads: those at the top of its folder. Stores made before
+    this hashed subfolders too (an unrelated ``checkpoint-100/`` refused their resume); their file lists say which
+    digests to keep."""
+    files = fp.get("files")
+    if isinstance(files, dict) and any("/" in str(name) for name in files):
+        return _parts({str(k): str(v) for k, v in files.items() if "/" not in str(k)})
+    return fp
 
 
 def differences(recorded: dict, current: dict) -> list[str]:
     """What changed between two fingerprints, in words (``weights``, ``config``, ``tokenizer``)."""
+    recorded, current = _loaded_parts(recorded), _loaded_parts(current)
     return [kind for kind in ("weights", "config", "tokenizer") if recorded.get(kind) != current.get(kind)]
 
 

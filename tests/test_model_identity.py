@@ -12,7 +12,7 @@ import torch
 
 import mistudio as ms
 from mistudio.errors import InputError
-from mistudio.fingerprints import file_digest, fingerprint
+from mistudio.fingerprints import differences, file_digest, fingerprint
 from mistudio.specs import ModelSpec
 
 from conftest import gate
@@ -81,6 +81,31 @@ def test_a_resaved_model_refuses_resume_and_the_original_resumes(change, model, 
         (Path(model) / name).write_bytes(data)
     resumed = ws.resume(job.id).wait(120)
     assert resumed.status == "COMPLETED", resumed.error
+
+
+def test_files_in_subfolders_are_not_the_model_and_old_fingerprints_compare_alike(model, workspace):
+    """A trainer's checkpoint-100/ saved inside the model folder is not what from_pretrained loads: it does not
+    refuse a resume. A store recorded before (its fingerprint hashed subfolders too) compares by its top files."""
+    ws = ms.Workspace(workspace)
+    hook, reached, release = gate(at_batch=3)
+    job = ws.submit(model, "sample", before_batch=hook, **OPTIONS)
+    assert reached.wait(60)
+    job.cancel()
+    release.set()
+    assert job.wait(60).status == "CANCELLED"
+    checkpoint = Path(model) / "checkpoint-100"
+    checkpoint.mkdir()
+    shutil.copy(Path(model) / "config.json", checkpoint / "config.json")
+    (checkpoint / "model.safetensors").write_bytes(b"not these weights")
+    current = fingerprint(ModelSpec(name_or_path=model))
+    assert "checkpoint-100/model.safetensors" not in current["files"]
+    assert current["weights"] == job.extraction().record.model.fingerprint["weights"]
+    old_style = {**current, "files": {**current["files"], "checkpoint-100/model.safetensors": "0" * 64},
+                 "weights": "1" * 64}  # as a store recorded it: subfolder files hashed into the parts
+    assert differences(old_style, current) == []
+    assert differences({**old_style, "files": {**old_style["files"], "model.safetensors": "2" * 64}}, current) == \
+        ["weights"]
+    assert ws.resume(job.id).wait(120).status == "COMPLETED"
 
 
 def test_the_runner_refuses_a_model_changed_after_the_resume_was_accepted(model, workspace):
