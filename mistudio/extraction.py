@@ -368,9 +368,9 @@ class Extraction:
         - ``"sparse"`` (default): shape (rows, d_sae), float32, blocks are :class:`LatentBlock` (a
           ``scipy.sparse.csr_matrix`` whose ``sum`` takes numpy's ``keepdims``). Works: ``.compute()`` (a
           ``csr_matrix``, equal to :meth:`latents`), row slices and row lists, ``.map_blocks(f)`` (``f`` gets a
-          CSR block; pass ``meta=`` for what it returns), ``.sum(axis=0|1|None)``, ``.mean``, ``(x > 0).sum(0)``,
-          ``da.count_nonzero``, ``da.tensordot(x, w, axes=1)``. Not ``x @ w`` nor ``max``/``min`` (dask calls
-          numpy on the blocks): use ``map_blocks``, e.g. ``x.map_blocks(lambda b: b.max(axis=0).toarray(), ...)``.
+          CSR block; pass ``meta=`` for what it returns), ``.sum(axis=0|1|None)``, ``(x > 0).sum(0)``,
+          ``da.count_nonzero``, ``da.tensordot(x, w, axes=1)``. Not ``x @ w``, ``mean``, ``max``/``min`` (dask
+          calls numpy on the blocks): divide a sum by ``x.shape[0]``, or reduce each block in ``map_blocks``.
         - ``"dense"``: shape (rows, d_sae), float32 numpy blocks (each block is d_sae wide in memory).
         - ``"fixed"``: the stored pair ``(indices, values)``, two dask arrays (rows, width) in their stored
           dtypes; an empty slot is index 0 with value 0.
@@ -448,8 +448,8 @@ class Extraction:
 
 class LatentBlock(sparse.csr_matrix):
     """A block of SAE latents in a dask array: a ``scipy.sparse.csr_matrix`` whose ``sum`` takes numpy's
-    ``keepdims`` and tuple axes and answers a dense ndarray, so that dask's reductions (sum, mean, count_nonzero)
-    run over the blocks."""
+    ``keepdims`` and tuple axes and answers a dense ndarray, so that dask's ``sum`` and ``count_nonzero`` run over
+    the blocks."""
 
     def sum(self, axis=None, dtype=None, out=None, keepdims=False):
         axes = (0, 1) if axis is None else tuple(sorted({int(a) % 2 for a in np.atleast_1d(axis)}))

@@ -196,14 +196,17 @@ def test_a_store_being_written_is_read_up_to_its_mark(gpt2_dir, tmp_path):
         got = drain(loader)
         np.testing.assert_array_equal(np.sort(got["token_index"]), np.arange(mark))
         np.testing.assert_array_equal(got[LAT], ext.latents(LAT, slice(0, mark)).toarray()[got["token_index"]])
-        lazy = ext.to_dask(LAT)
-        assert lazy.shape == (mark, D_SAE)
+        lazy = ext.to_dask(LAT)  # up to the mark when it is made (the writer may have moved it since)
+        assert mark <= lazy.shape[0] <= ext.committed_tokens() < ext.n_tokens
+        np.testing.assert_array_equal(lazy.compute().toarray(), ext.latents(LAT, slice(0, lazy.shape[0])).toarray())
     finally:
         release.set()
         job.wait(60)
 
 
 def test_to_dask_equals_the_stored_latents(store):
+    import dask.array as da
+
     ext, _, dense, _ = store
     lazy = ext.to_dask(LAT)
     index = ext.latent_arrays(LAT)[0]
@@ -215,15 +218,13 @@ def test_to_dask_equals_the_stored_latents(store):
     np.testing.assert_allclose(lazy.sum(axis=0).compute(), dense.sum(axis=0), rtol=1e-5)
     np.testing.assert_allclose(lazy.sum(axis=1).compute(), dense.sum(axis=1), rtol=1e-5)
     np.testing.assert_allclose(lazy.sum().compute(), dense.sum(), rtol=1e-5)
-    np.testing.assert_allclose(lazy.mean(axis=0).compute(), dense.mean(axis=0), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal((lazy > 0).sum(axis=0).compute(), (dense > 0).sum(axis=0))
+    np.testing.assert_array_equal(da.count_nonzero(lazy, axis=0).compute(), (dense != 0).sum(axis=0))
     np.testing.assert_array_equal(lazy[37:555].compute().toarray(), dense[37:555])
     l0 = lazy.map_blocks(lambda b: np.diff(b.indptr)[:, None], dtype=np.int64, chunks=(lazy.chunks[0], (1,)),
                          meta=np.empty((0, 0), np.int64))
     np.testing.assert_array_equal(l0.compute().ravel(), (dense != 0).sum(axis=1))
     w = np.random.default_rng(0).standard_normal((D_SAE, 3)).astype(np.float32)
-    import dask.array as da
-
     np.testing.assert_allclose(da.tensordot(lazy, w, axes=1).compute(), dense @ w, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(ext.to_dask(LAT, latents="dense").compute(), dense)
     indices, values = ext.to_dask(LAT, latents="fixed")
@@ -256,14 +257,14 @@ def test_a_latent_index_past_d_sae_is_damage(store, tmp_path):
 
 def test_options_that_do_not_apply_are_refused(store):
     ext, _, _, _ = store
-    with pytest.raises(ms.InputError, match=r"«normalize='mean_std'» does not apply to SAE latents "
-                                            rf"\({RAW}\.latents\): «pass normalize=None»"):
+    with pytest.raises(ms.InputError, match=r"normalize='mean_std' does not apply to SAE latents "
+                                            rf"\({RAW}\.latents\): pass normalize=None"):
         ext.loader([RAW, LAT], normalize="mean_std")
-    with pytest.raises(ms.InputError, match=r"«latents='csr'» must be one of \('sparse', 'dense', 'fixed'\)"):
+    with pytest.raises(ms.InputError, match=r"latents='csr' must be one of \('sparse', 'dense', 'fixed'\)"):
         ext.loader(LAT, latents="csr")
     with pytest.raises(ms.InputError, match=r"'layers\.0\.residual\.latents' holds no SAE latents"):
         ext.loader("layers.0.residual.latents")
-    with pytest.raises(ms.InputError, match=r"«latents='fixed'» is for SAE latents.*raw hook point"):
+    with pytest.raises(ms.InputError, match=r"latents='fixed' is for SAE latents.*raw hook point"):
         ext.to_dask(RAW, latents="fixed")
-    with pytest.raises(ms.InputError, match=r"«latents='coo'» must be one of"):
+    with pytest.raises(ms.InputError, match=r"latents='coo' must be one of"):
         ext.to_dask(LAT, latents="coo")

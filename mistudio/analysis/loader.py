@@ -382,8 +382,8 @@ class ActivationLoader(IterableDataset):
         it = LoaderIterator(self, epoch, worker, n_workers, to_device=info is None)
         if self._resume_skip.get(worker):
             it.seek(self._resume_skip[worker])
-        if info is not None and self._tag_worker:
-            return _Tagged(it, worker)
+        if info is not None:
+            return _Tagged(it, worker if self._tag_worker else None)
         return it
 
     # Stores are reopened by location in a spawned worker (a forked one inherits them).
@@ -735,16 +735,31 @@ class LoaderIterator:
 
 
 class _Tagged:
-    """A worker's iterator whose batches carry the worker's id (for :class:`_WorkerPool`'s ordering)."""
+    """An iterator in a DataLoader worker process: its batches carry the worker's id (for :class:`_WorkerPool`'s
+    ordering) unless ``worker`` is None, and damage reaches the main process as StoreCorrupted."""
 
-    def __init__(self, it: LoaderIterator, worker: int):
+    def __init__(self, it: LoaderIterator, worker: int | None):
         self.it, self.worker = it, worker
 
     def __iter__(self) -> "_Tagged":
         return self
 
     def __next__(self):
-        return self.worker, next(self.it)
+        try:
+            batch = next(self.it)
+        except StoreCorrupted as exc:
+            raise _WorkerStoreCorrupted(str(exc)) from None
+        return batch if self.worker is None else (self.worker, batch)
+
+
+class _WorkerStoreCorrupted(StoreCorrupted):
+    """StoreCorrupted out of a DataLoader worker: torch re-raises it in the main process as ``type(exc)(message)``,
+    which StoreCorrupted's own signature does not take."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+        self.location = self.array = self.chunk = self.file = None
+        self.what = message
 
 
 class _WorkerPool:
