@@ -894,7 +894,8 @@ def latent_batch(indices: np.ndarray, values: np.ndarray, d_sae: int, form: str,
     picked = np.take_along_axis(values, order, axis=1)[keep]
     crow = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(columns),
-                                   tensor_of(picked).to(dtype=dtype), size=(n, d_sae)).to(device)
+                                   tensor_of(picked).to(dtype=dtype), size=(n, d_sae),
+                                   check_invariants=False).to(device)  # built valid: sorted, in range
 
 
 # -- states ---------------------------------------------------------------------------------------------
