@@ -402,8 +402,8 @@ class Extraction:
         blocks = LatentBlocks(self, hook_point, d_sae)
         token = tokenize(self.location, hook_point, self.record.nonce, mark)
         if form == "fixed":
-            return tuple(da.map_blocks(partial(blocks.fixed, part), chunks=(rows, (int(arr.shape[1]),)), dtype=arr.dtype,
-                                       meta=np.empty((0, 0), arr.dtype), name=f"latent-{part}-{token}")
+            return tuple(da.map_blocks(partial(blocks.fixed, part), chunks=(rows, (int(arr.shape[1]),)),
+                                       dtype=arr.dtype, meta=np.empty((0, 0), arr.dtype), name=f"latent-{part}-{token}")
                          for part, arr in (("indices", index), ("values", values)))
         x = da.map_blocks(blocks.sparse, chunks=(rows, (d_sae,)), dtype=np.float32,
                           meta=LatentBlock((0, d_sae), dtype=np.float32), name=f"latents-{token}")
