@@ -109,6 +109,11 @@ def test_dense_and_fixed_forms_equal_the_sparse_one(store):
     dense = list(ext.loader(LAT, latents="dense", **kw))
     fixed = list(ext.loader(LAT, latents="fixed", dtype="float64", **kw))
     assert len(sparse) == len(dense) == len(fixed) > 3
+    stored = [a[:] for a in ext.latent_arrays(LAT)]
+    for batch in ext.loader(LAT, latents="fixed", num_workers=2, with_index=True, **kw):  # lists in transit
+        assert type(batch[LAT]) is tuple
+        for got, want in zip(batch[LAT], stored):
+            np.testing.assert_array_equal(got.numpy(), want[batch["token_index"].numpy()])
     for s, d, (index, values) in zip(sparse, dense, fixed):
         assert d.layout == torch.strided and d.shape == s.shape
         torch.testing.assert_close(s.to_dense(), d, rtol=0, atol=0)
@@ -169,13 +174,16 @@ def test_a_mixed_batch_holds_the_same_tokens(store):
 
 
 def test_stores_with_other_latent_widths_load_together(gpt2_dir, tmp_path):
+    """Float16 stores of one SAE, 12 and 5 latents a token: the buffer holds 12, the narrow rows padded empty."""
     make_sae(tmp_path / "sae", "standard")
-    kw = dict(saes={RAW: str(tmp_path / "sae")}, workspace=str(tmp_path / "ws"), progress=False, **LAYOUT)
+    kw = dict(saes={RAW: str(tmp_path / "sae")}, workspace=str(tmp_path / "ws"), progress=False,
+              **{**LAYOUT, "dtype": "float16"})
     wide = ms.extract(gpt2_dir, texts(0, 30), latent_width=12, **kw)
     narrow = ms.extract(gpt2_dir, texts(30, 60), latent_width=5, **kw)
     loader = ms.loader([narrow, wide], LAT, batch_size=64, with_index=True)
     assert loader.row_widths == {(LAT, "indices"): 12, (LAT, "values"): 12}
     got = drain(loader)
+    assert narrow.latent_arrays(LAT)[1].dtype == np.float16 and got[LAT].dtype == np.float32
     for s, ext in enumerate([narrow, wide]):
         mine = got["store"] == s
         np.testing.assert_array_equal(np.sort(got["token_index"][mine]), np.arange(ext.n_tokens))
