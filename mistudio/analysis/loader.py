@@ -647,6 +647,16 @@ class LoaderIterator:
         return self
 
     def __next__(self):
+        try:
+            return self._next()
+        except StopIteration:
+            raise
+        except Exception:  # the epoch ends here: a later next() stops, never waits on the reader that stopped
+            self._stop_reader()
+            self.pool = None
+            raise
+
+    def _next(self):
         left = self.plan.rows - self.rows
         if self.batches >= self.plan.n_batches or left <= 0 or self.pool is None:
             self._release()
@@ -824,7 +834,11 @@ class _WorkerPool:
         if want is None:
             raise StopIteration
         while not self._stash[want]:
-            worker, batch = next(self._it)
+            try:
+                worker, batch = next(self._it)
+            except Exception:
+                self.close()
+                raise
             self._stash[worker].append(batch)
         batch = self._stash[want].pop(0)
         self.batches += 1
@@ -846,7 +860,12 @@ class _WorkerPool:
         self.loader.epoch = max(self.loader.epoch, epoch + 1)
 
     def close(self) -> None:
-        self._it = None
+        """Stop the worker processes now (left to the garbage collector after an error, torch waited 5 s for
+        each of them)."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's own, as its __del__ calls it
+        if shutdown is not None:
+            shutdown()
 
 
 def _moved(value: Any, device: str) -> Any:
