@@ -1,13 +1,15 @@
 """Read access to one stored extraction: metadata, arrays, and a dataset row's activations."""
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 
 import numpy as np
+from scipy import sparse
 
 from .analysis import stats as analysis
 from .errors import InputError, StoreCorrupted
-from .analysis.loader import ActivationLoader
+from .analysis.feature_view import LATENT_SUFFIX
+from .analysis.loader import LATENT_FORMS, ActivationLoader, latent_index_damage
 from .storage import featstats
 from .storage.metadata import ExtractionMeta
 from .storage.reads import DECODE_ERRORS, CheckedArray
@@ -356,33 +358,79 @@ class Extraction:
         return xr.open_zarr(self.store.location, consolidated=self.status == "COMPLETED",
                             storage_options=self.store.storage_options, group="activations")
 
-    def to_dask(self, hook_point: str):
-        """One hook point as a lazy dask array (bfloat16 stores: bfloat16 values, through ml_dtypes)."""
+    def to_dask(self, hook_point: str, latents: str = "sparse"):
+        """One hook point as a lazy dask array (bfloat16 stores: bfloat16 values, through ml_dtypes).
+
+        SAE latents (``"<hook point>.latents"``, see :attr:`latent_points`): every committed row, one block per
+        stored chunk of rows, read through the checked arrays (checksums checked, a missing chunk or a latent
+        index outside the SAE raises StoreCorrupted when the block is computed). ``latents=``:
+
+        - ``"sparse"`` (default): shape (rows, d_sae), float32, blocks are :class:`LatentBlock` (a
+          ``scipy.sparse.csr_matrix`` whose ``sum`` takes numpy's ``keepdims``). Works: ``.compute()`` (a
+          ``csr_matrix``, equal to :meth:`latents`), row slices and row lists, ``.map_blocks(f)`` (``f`` gets a
+          CSR block; pass ``meta=`` for what it returns), ``.sum(axis=0|1|None)``, ``(x > 0).sum(0)``,
+          ``da.count_nonzero``, ``da.tensordot(x, w, axes=1)``. Not ``x @ w``, ``mean``, ``max``/``min`` (dask
+          calls numpy on the blocks): divide a sum by ``x.shape[0]``, or reduce each block in ``map_blocks``.
+        - ``"dense"``: shape (rows, d_sae), float32 numpy blocks (each block is d_sae wide in memory).
+        - ``"fixed"``: the stored pair ``(indices, values)``, two dask arrays (rows, width) in their stored
+          dtypes; an empty slot is index 0 with value 0.
+        """
         import dask.array as da
 
+        if latents not in LATENT_FORMS:
+            raise InputError(f"«latents={latents!r}» must be one of {LATENT_FORMS}", param="latents")
+        if hook_point.endswith(LATENT_SUFFIX):
+            return self._latents_to_dask(hook_point, latents)
+        if latents != "sparse":
+            raise InputError(f"«latents={latents!r}» is for SAE latents, and {hook_point!r} is a raw hook point: "
+                             f"«pass latents='sparse'» (the default) or one of {self.latent_points}", param="latents")
         checked = self.activations(hook_point)
         raw = da.from_zarr(checked.zarr)
         if checked.dtype == raw.dtype:
             return raw
         return raw.map_blocks(lambda block, view=checked.dtype: block.view(view), dtype=checked.dtype)
 
+    def _latents_to_dask(self, hook_point: str, form: str):
+        import dask.array as da
+        from dask.base import tokenize
+
+        mark = self.committed_tokens()  # the record read fresh: the arrays below are checked up to this mark
+        index, values = self.latent_arrays(hook_point)
+        d_sae = int(self.latent_info(hook_point).d_sae)
+        step = int(index.chunks[0])
+        rows = tuple(min(step, mark - a) for a in range(0, mark, step)) or (0,)
+        blocks = LatentBlocks(self, hook_point, d_sae)
+        token = tokenize(self.location, hook_point, self.record.nonce, mark)
+        if form == "fixed":
+            return tuple(da.map_blocks(partial(blocks.fixed, part), chunks=(rows, (int(arr.shape[1]),)),
+                                       dtype=arr.dtype, meta=np.empty((0, 0), arr.dtype), name=f"latent-{part}-{token}")
+                         for part, arr in (("indices", index), ("values", values)))
+        x = da.map_blocks(blocks.sparse, chunks=(rows, (d_sae,)), dtype=np.float32,
+                          meta=LatentBlock((0, d_sae), dtype=np.float32), name=f"latents-{token}")
+        if form == "dense":
+            return x.map_blocks(_dense, dtype=np.float32, meta=np.empty((0, 0), np.float32))
+        return x
+
     # -- training and dataset-wide queries (mistudio.loader, mistudio.analysis) -------------------
     def loader(self, hook_points: str | list[str], batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                exclude_special: bool = False, dtype: str = "float32", device: str = "cpu", drop_last: bool = False,
                num_workers: int = 0, buffer_tokens: int | None = None, normalize: str | None = None,
                with_index: bool = False, prefetch: int = 2, rank: int | None = None,
-               world_size: int | None = None, even_batches: bool = True, run_mb: float = 8.0) -> ActivationLoader:
+               world_size: int | None = None, even_batches: bool = True, run_mb: float = 8.0,
+               latents: str = "sparse") -> ActivationLoader:
         """A training loader over this extraction (every committed token once per epoch, shuffled, resumable;
         ``rank``/``world_size``: this process's share of the rows, taken from ``torch.distributed`` when it is
-        initialised).
+        initialised). Hook points may be SAE latents (``"layers.1.residual.latents"``, see :attr:`latent_points`):
+        sparse CSR batches (batch, d_sae) by default, ``latents="dense"`` or ``"fixed"`` (the stored
+        (indices, values) pair).
 
-        See :func:`mistudio.loader.loader` for the options.
+        See :func:`mistudio.loader` for the options.
         """
         return ActivationLoader(self, hook_points, batch_size=batch_size, shuffle=shuffle, seed=seed,
                                 exclude_special=exclude_special, dtype=dtype, device=device, drop_last=drop_last,
                                 num_workers=num_workers, buffer_tokens=buffer_tokens, normalize=normalize,
                                 with_index=with_index, prefetch=prefetch, rank=rank, world_size=world_size,
-                                even_batches=even_batches, run_mb=run_mb)
+                                even_batches=even_batches, run_mb=run_mb, latents=latents)
 
     def feature_stats(self, hook_point: str, bins: int = 64, cluster=None) -> analysis.FeatureStats:
         """Per-feature mean/std/max/min/fraction active/histogram over every committed token (cached in the store)."""
@@ -396,3 +444,66 @@ class Extraction:
     def top_examples(self, hook_point: str, feature: int | list[int], k: int = 20, context: int = 8, cluster=None):
         """The k tokens where ``feature`` is largest, with their context (cached in the store)."""
         return analysis.top_examples(self, hook_point, feature, k=k, context=context, cluster=cluster)
+
+
+class LatentBlock(sparse.csr_matrix):
+    """A block of SAE latents in a dask array: a ``scipy.sparse.csr_matrix`` whose ``sum`` takes numpy's
+    ``keepdims`` and tuple axes and answers a dense ndarray, so that dask's ``sum`` and ``count_nonzero`` run over
+    the blocks."""
+
+    def sum(self, axis=None, dtype=None, out=None, keepdims=False):
+        axes = (0, 1) if axis is None else tuple(sorted({int(a) % 2 for a in np.atleast_1d(axis)}))
+        whole = sparse.csr_matrix(self)
+        if len(axes) == 2:
+            total = np.asarray(whole.sum(dtype=dtype)).reshape((1, 1) if keepdims else ())
+        else:
+            total = np.asarray(whole.sum(axis=axes[0], dtype=dtype))  # a (1, n) or (n, 1) matrix
+            total = total if keepdims else total.ravel()
+        if out is not None:
+            out[...] = total
+            return out
+        return total[()] if total.ndim == 0 else total
+
+
+class LatentBlocks:
+    """Reads the blocks of :meth:`Extraction.to_dask` over SAE latents (picklable: a process reopens the store
+    by location)."""
+
+    def __init__(self, ext: Extraction, hook_point: str, d_sae: int):
+        self.ext, self.hook_point, self.d_sae = ext, hook_point, d_sae
+        self._arrays: dict | None = None
+
+    def __getstate__(self) -> dict:
+        ext = self.ext
+        return {**self.__dict__, "ext": (type(ext), ext.location, ext.store.storage_options), "_arrays": None}
+
+    def __setstate__(self, state: dict) -> None:
+        cls, location, options = state["ext"]
+        self.__dict__.update({**state, "ext": cls.open(location, options)})
+
+    @staticmethod
+    def _rows(block_info: dict) -> tuple[int, int]:
+        return tuple(block_info[None]["array-location"][0])
+
+    def sparse(self, block_info: dict | None = None) -> LatentBlock:
+        """A block's rows as CSR, through :meth:`Extraction.latents` (its checks)."""
+        a, b = self._rows(block_info)
+        return LatentBlock(self.ext.latents(self.hook_point, slice(a, b)))
+
+    def fixed(self, part: str, block_info: dict | None = None) -> np.ndarray:
+        """A block of the stored ``indices`` or ``values``; indices checked to be latents of the SAE (the writer
+        puts 0 in an empty slot, so any index past d_sae is damage)."""
+        a, b = self._rows(block_info)
+        if self._arrays is None:
+            self.ext.committed_tokens()  # the record read fresh: checked up to today's mark
+            self._arrays = dict(zip(("indices", "values"), self.ext.latent_arrays(self.hook_point)))
+        rows = self._arrays[part][a:b]
+        what = latent_index_damage(rows, self.d_sae, a) if part == "indices" else None
+        if what:
+            raise StoreCorrupted(self.ext.location, what,
+                                 f"latents/{self.hook_point.removesuffix(LATENT_SUFFIX)}/indices")
+        return rows
+
+
+def _dense(block: sparse.spmatrix) -> np.ndarray:
+    return block.toarray()

@@ -20,6 +20,9 @@ Batches are gathered from the slots (the second and last copy). Two background t
 (``prefetch`` batches' worth) into free slots while the training step runs: two reads in flight keep the
 disk's queue busy. Memory: (lanes + pieces read ahead) slots of one run each, whatever the store's size.
 
+**SAE latents.** A latent hook point's buffer rows are its stored fixed-width (indices, values) pairs; a batch
+is made sparse (or dense) only when it is gathered (:func:`latent_batch`), so memory is bound by the width.
+
 **State.** The stream is a function of the plan and the position in it, so a state is small: the stores (id,
 nonce, commit mark), the settings that shape the order, the epoch and the batches already yielded.
 ``load_state_dict`` checks every field against this loader and its stores, then replays the lane schedule from
@@ -39,15 +42,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .feature_view import LATENT_SUFFIX
 from .stats import cached_feature_stats
 from ..engine import tensor_of
-from ..errors import InputError
+from ..errors import InputError, StoreCorrupted
 
 if TYPE_CHECKING:
     from ..extraction import Extraction
 
 STORE_SHIFT = 40  # a row id is (store << 40) | token index
 NORMALIZE = (None, "mean_std", "unit_norm")
+LATENT_FORMS = ("sparse", "dense", "fixed")  # how a batch of SAE latents comes out (see :func:`latent_batch`)
 STATE_FORMAT = "mistudio.loader/2"
 READ_THREADS = 2  # two reads in flight: the disk's queue stays busy while one read is being checked
 RUN_MB = 8.0
@@ -65,7 +70,7 @@ class ActivationLoader(IterableDataset):
                  dtype: str = "float32", device: str = "cpu", drop_last: bool = False, num_workers: int = 0,
                  buffer_tokens: int | None = None, normalize: str | None = None, with_index: bool = False,
                  prefetch: int = 2, rank: int | None = None, world_size: int | None = None,
-                 even_batches: bool = True, run_mb: float = RUN_MB):
+                 even_batches: bool = True, run_mb: float = RUN_MB, latents: str = "sparse"):
         self.extractions = list(extractions) if isinstance(extractions, (list, tuple)) else [extractions]
         self.single = isinstance(hook_points, str)
         self.hook_points = [hook_points] if self.single else list(hook_points)
@@ -83,13 +88,24 @@ class ActivationLoader(IterableDataset):
             raise InputError(f"«normalize={normalize!r}» must be one of {NORMALIZE}")
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise InputError(f"«dtype={dtype!r}» must name a torch dtype such as 'float32' or 'bfloat16'")
+        if latents not in LATENT_FORMS:
+            raise InputError(f"«latents={latents!r}» must be one of {LATENT_FORMS}: 'sparse' (a torch sparse CSR "
+                             "batch), 'dense' (batch, d_sae), 'fixed' (the stored (indices, values) pair)")
+        latent_points = [hp for hp in self.hook_points if hp.endswith(LATENT_SUFFIX)]
+        if normalize is not None and latent_points:
+            raise InputError(f"«normalize={normalize!r}» does not apply to SAE latents ({', '.join(latent_points)}): "
+                             "«pass normalize=None» (normalize the raw hook points with a loader of their own)")
+        self.latent_form = latents
         self.rank, self.world_size = _resolve_rank(rank, world_size)
-        self.widths = {hp: int(self.extractions[0].activations(hp).shape[1]) for hp in self.hook_points}
+        self.widths, self.d_sae, self.row_widths = self._shapes(self.extractions[0], latent_points)
         for ext in self.extractions[1:]:
-            widths = {hp: int(ext.activations(hp).shape[1]) for hp in self.hook_points}
+            widths, _, row_widths = self._shapes(ext, latent_points)
             if widths != self.widths:
                 raise InputError(f"extraction {ext.id} has widths {widths}, the first one {self.widths}: "
-                                 "stores loaded together need the same hook points and widths")
+                                 "stores loaded together need the same hook points and widths (latents: d_sae)")
+            self._same_saes(ext)
+            for key, width in row_widths.items():  # stored latent widths may differ: the buffer holds the widest
+                self.row_widths[key] = max(self.row_widths[key], width)
         self.batch_size, self.shuffle, self.seed, self.drop_last = int(batch_size), bool(shuffle), int(seed), \
             bool(drop_last)
         self.dtype, self.device, self.num_workers, self.prefetch = dtype, device, int(num_workers), int(prefetch)
@@ -98,7 +114,7 @@ class ActivationLoader(IterableDataset):
         self.limits = [ext.committed_tokens() for ext in self.extractions]  # a snapshot of the commit marks
         self.identity = [{"id": ext.id, "nonce": ext.record.nonce, "committed": int(limit)}
                          for ext, limit in zip(self.extractions, self.limits)]
-        first = [ext.activations(self.hook_points[0]) for ext in self.extractions]
+        first = [next(iter(self.store_arrays(ext).values())) for ext in self.extractions]  # the geometry
         self.chunk_rows = [int(a.chunks[0]) for a in first]
         self.run_rows = [_run_rows(a, self.run_mb) for a in first]
         self.unit_rows = [int((a.shards or a.chunks)[0]) for a in first]
@@ -123,6 +139,40 @@ class ActivationLoader(IterableDataset):
         self._tag_worker = False  # in _WorkerPool's workers: batches carry the worker id
 
     # -- configuration helpers -----------------------------------------------------------------------
+    def _shapes(self, ext: "Extraction", latent_points: list[str]) -> tuple[dict, dict, dict]:
+        """({hook point: width of its batch rows}, {latent hook point: d_sae}, {buffer key: stored row width})."""
+        widths, d_sae, row_widths = {}, {}, {}
+        for key, array in self.store_arrays(ext, latent_points).items():
+            row_widths[key] = int(array.shape[1])
+        for hp in self.hook_points:
+            if hp in latent_points:
+                widths[hp] = d_sae[hp] = int(ext.latent_info(hp).d_sae)
+            else:
+                widths[hp] = row_widths[hp]
+        return widths, d_sae, row_widths
+
+    def _same_saes(self, ext: "Extraction") -> None:
+        """Latents loaded together come from one SAE (when both stores recorded its fingerprint)."""
+        first = self.extractions[0]
+        for hp in self.d_sae:
+            a, b = first.latent_info(hp).fingerprint, ext.latent_info(hp).fingerprint
+            if a and b and a != b:
+                raise InputError(f"the latents {hp} of extraction {ext.id} come from another SAE than those of "
+                                 f"{first.id} (fingerprints {b[:12]} and {a[:12]}): load stores made with one SAE")
+
+    def store_arrays(self, ext: "Extraction", latent_points: list[str] | None = None) -> dict:
+        """{buffer key: checked array} of one store: a raw hook point's key is its name, a latent hook point's
+        are ``(name, "indices")`` and ``(name, "values")`` (its fixed-width rows, what the buffer holds)."""
+        latent_points = self.d_sae if latent_points is None else latent_points
+        out: dict = {}
+        for hp in self.hook_points:
+            if hp in latent_points:
+                ext.committed_tokens()  # the record read fresh: the arrays are checked up to today's mark
+                out[(hp, "indices")], out[(hp, "values")] = ext.latent_arrays(hp)
+            else:
+                out[hp] = ext.activations(hp)
+        return out
+
     @staticmethod
     def _special_source(ext: "Extraction") -> np.ndarray | str | None:
         """"none" when the store's rows hold no special token (made with ``exclude_special=True``), None when
@@ -165,7 +215,7 @@ class ActivationLoader(IterableDataset):
     def arrays(self, store: int) -> dict:
         """{hook point: checked array} of one store (opened once per process)."""
         if self._arrays is None:
-            self._arrays = [{hp: e.activations(hp) for hp in self.hook_points} for e in self.extractions]
+            self._arrays = [self.store_arrays(e) for e in self.extractions]
         return self._arrays[store]
 
     def special_mask(self, store: int, start: int, stop: int) -> np.ndarray | None:
@@ -189,6 +239,7 @@ class ActivationLoader(IterableDataset):
     def read(self, store: int, start: int, stop: int, keep_special: bool = False) -> tuple[np.ndarray, dict]:
         """Rows ``[start, stop)`` of one store: (row ids, {hook point: rows}), filtered and normalized."""
         rows = {hp: array[start:stop] for hp, array in self.arrays(store).items()}
+        self.check_latents(store, start, rows)
         ids = np.arange(start, stop, dtype=np.int64) | (store << STORE_SHIFT)
         mask = None if keep_special else self.special_mask(store, start, stop)
         if mask is not None and mask.any():
@@ -197,6 +248,16 @@ class ActivationLoader(IterableDataset):
             rows = {hp: (r.astype(np.float32) - self._norm[store][hp][0]) / self._norm[store][hp][1]
                     for hp, r in rows.items()}
         return ids, rows
+
+    def check_latents(self, store: int, start: int, rows: dict) -> None:
+        """StoreCorrupted when a latent index of ``rows`` (read from ``start``) is outside ``[0, d_sae)``: the
+        writer puts 0 in empty slots, so any other index is damage (the checksums pass on values written through
+        Zarr), and a top-k decoder would index past its weights."""
+        for hp, d_sae in self.d_sae.items():
+            what = latent_index_damage(rows[(hp, "indices")], d_sae, start)
+            if what:
+                raise StoreCorrupted(self.extractions[store].location, what,
+                                     f"latents/{hp.removesuffix(LATENT_SUFFIX)}/indices")
 
     def kept_offsets(self, store: int, start: int, stop: int) -> np.ndarray:
         """Offsets (from ``start``) of the rows of ``[start, stop)`` an epoch yields."""
@@ -321,8 +382,8 @@ class ActivationLoader(IterableDataset):
         it = LoaderIterator(self, epoch, worker, n_workers, to_device=info is None)
         if self._resume_skip.get(worker):
             it.seek(self._resume_skip[worker])
-        if info is not None and self._tag_worker:
-            return _Tagged(it, worker)
+        if info is not None:
+            return _Tagged(it, worker if self._tag_worker else None)
         return it
 
     # Stores are reopened by location in a spawned worker (a forked one inherits them).
@@ -429,8 +490,14 @@ def read_piece(loader: ActivationLoader, piece: np.ndarray, slot: int, pool: dic
     """Read one piece into its slot; return (slot, buffer rows of its kept rows in the order the lane plays)."""
     s, a, b, k = (int(x) for x in piece)
     base = slot * loader.slot_rows
-    for hp, array in loader.arrays(s).items():
-        array.read_into(pool[hp][base:base + b - a], a, b)
+    for key, array in loader.arrays(s).items():
+        target = pool[key][base:base + b - a]
+        if target.shape[1] == array.shape[1]:
+            array.read_into(target, a, b)
+        else:  # a store with fewer latents a token than another: its other slots are empty (index 0, value 0)
+            target[:, :array.shape[1]] = array[a:b]
+            target[:, array.shape[1]:] = 0
+    loader.check_latents(s, a, {key: pool[key][base:base + b - a] for key in pool})
     pool_ids[base:base + b - a] = np.arange(a, b, dtype=np.int64) | (s << STORE_SHIFT)
     offsets = loader.kept_offsets(s, a, b)
     if len(offsets) != k:
@@ -456,10 +523,12 @@ class LoaderIterator:
         self._start(epoch, worker, n_workers)
 
     def _buffer(self) -> dict:
-        """{hook point: (slots x run rows, d)}: the last finished epoch's when it fits (no page faults)."""
+        """{buffer key: (slots x run rows, stored width)}: the last finished epoch's when it fits (no page faults).
+        A latent hook point's rows are its fixed-width (indices, values), never d_sae wide."""
         loader = self.loader
-        shapes = {hp: ((self.capacity, d), np.result_type(*(e.activations(hp).dtype for e in loader.extractions)))
-                  for hp, d in loader.widths.items()}
+        shapes = {key: ((self.capacity, d), np.result_type(*(loader.arrays(s)[key].dtype
+                                                             for s in range(len(loader.extractions)))))
+                  for key, d in loader.row_widths.items()}
         spare, loader._spare_pool = loader._spare_pool, None
         if spare is None or {hp: (a.shape, a.dtype) for hp, a in spare.items()} != shapes:
             spare = {hp: np.empty(shape, dtype) for hp, (shape, dtype) in shapes.items()}
@@ -578,6 +647,16 @@ class LoaderIterator:
         return self
 
     def __next__(self):
+        try:
+            return self._next()
+        except StopIteration:
+            raise
+        except Exception:  # the epoch ends here: a later next() stops, never waits on the reader that stopped
+            self._stop_reader()
+            self.pool = None
+            raise
+
+    def _next(self):
         left = self.plan.rows - self.rows
         if self.batches >= self.plan.n_batches or left <= 0 or self.pool is None:
             self._release()
@@ -625,7 +704,9 @@ class LoaderIterator:
                         mine = stores == s
                         r[mine] = (r[mine] - shift) / scale
         device = loader.device if self.to_device else "cpu"
-        tensors = {hp: tensor_of(r).to(device=device, dtype=self.torch_dtype) for hp, r in rows.items()}
+        tensors = {hp: latent_batch(rows[(hp, "indices")], rows[(hp, "values")], loader.d_sae[hp],
+                                    loader.latent_form, self.torch_dtype, device) if hp in loader.d_sae
+                   else as_tensor(rows[hp], self.torch_dtype, device) for hp in loader.hook_points}
         if loader.with_index:
             tensors["store"] = torch.from_numpy(ids >> STORE_SHIFT)
             tensors["token_index"] = torch.from_numpy(ids & ((1 << STORE_SHIFT) - 1))
@@ -664,16 +745,31 @@ class LoaderIterator:
 
 
 class _Tagged:
-    """A worker's iterator whose batches carry the worker's id (for :class:`_WorkerPool`'s ordering)."""
+    """An iterator in a DataLoader worker process: its batches carry the worker's id (for :class:`_WorkerPool`'s
+    ordering) unless ``worker`` is None, and damage reaches the main process as StoreCorrupted."""
 
-    def __init__(self, it: LoaderIterator, worker: int):
+    def __init__(self, it: LoaderIterator, worker: int | None):
         self.it, self.worker = it, worker
 
     def __iter__(self) -> "_Tagged":
         return self
 
     def __next__(self):
-        return self.worker, next(self.it)
+        try:
+            batch = next(self.it)
+        except StoreCorrupted as exc:
+            raise _WorkerStoreCorrupted(str(exc)) from None
+        return batch if self.worker is None else (self.worker, batch)
+
+
+class _WorkerStoreCorrupted(StoreCorrupted):
+    """StoreCorrupted out of a DataLoader worker: torch re-raises it in the main process as ``type(exc)(message)``,
+    which StoreCorrupted's own signature does not take."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+        self.location = self.array = self.chunk = self.file = None
+        self.what = message
 
 
 class _WorkerPool:
@@ -738,13 +834,17 @@ class _WorkerPool:
         if want is None:
             raise StopIteration
         while not self._stash[want]:
-            worker, batch = next(self._it)
+            try:
+                worker, batch = next(self._it)
+            except Exception:
+                self.close()
+                raise
             self._stash[worker].append(batch)
         batch = self._stash[want].pop(0)
         self.batches += 1
         if isinstance(batch, dict):
-            return {k: v.to(self.device) if k not in ("store", "token_index") else v for k, v in batch.items()}
-        return batch.to(self.device)
+            return {k: _moved(v, self.device) if k not in ("store", "token_index") else v for k, v in batch.items()}
+        return _moved(batch, self.device)
 
     def state_dict(self) -> dict:
         """Where this epoch stands (as :meth:`LoaderIterator.state_dict`, for all workers together)."""
@@ -760,7 +860,72 @@ class _WorkerPool:
         self.loader.epoch = max(self.loader.epoch, epoch + 1)
 
     def close(self) -> None:
-        self._it = None
+        """Stop the worker processes now (left to the garbage collector after an error, torch waited 5 s for
+        each of them)."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's own, as its __del__ calls it
+        if shutdown is not None:
+            shutdown()
+
+
+def _moved(value: Any, device: str) -> Any:
+    """A batch's tensor on ``device``; a latent (indices, values) pair (a list after a DataLoader) as a tuple."""
+    if isinstance(value, (list, tuple)):
+        return tuple(v.to(device) for v in value)
+    return value.to(device)
+
+
+_WIDER = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def as_tensor(rows: np.ndarray, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """Host rows as a ``dtype`` tensor on ``device``. Widened to float32/float64 for the CPU by numpy: exact, and
+    several times faster there than torch's float16/bfloat16 conversion (4096 x 384 float16: 2.6 ms, 10.5 ms)."""
+    wider = _WIDER.get(dtype)
+    if wider is not None and rows.dtype != wider and torch.device(device).type == "cpu":
+        return torch.from_numpy(rows.astype(wider))
+    return tensor_of(rows).to(device=device, dtype=dtype)
+
+
+def latent_index_damage(indices: np.ndarray, d_sae: int, start: int) -> str | None:
+    """What is wrong with stored latent indices (rows from ``start``) outside ``[0, d_sae)``, else None."""
+    if not indices.size:
+        return None
+    low, high = int(indices.min()), int(indices.max())
+    if 0 <= low and high < d_sae:
+        return None
+    bad = high if high >= d_sae else low
+    row = start + int(np.argmax((indices == bad).any(axis=1)))
+    return f"a latent index {bad} is {'past the SAE' if bad >= 0 else 'below 0, outside the SAE'}'s {d_sae} latents " \
+           f"(row {row})"
+
+
+def latent_batch(indices: np.ndarray, values: np.ndarray, d_sae: int, form: str, dtype: torch.dtype,
+                 device: str) -> Any:
+    """A batch of SAE latents from its fixed-width rows (``(batch, width)`` indices and values; a 0 value is an
+    empty slot, index 0): ``"sparse"`` a ``torch.sparse_csr_tensor`` (batch, d_sae) whose rows hold their fired
+    latents by ascending index, ``"dense"`` a (batch, d_sae) tensor (filled on ``device``: only the fixed-width
+    rows travel), ``"fixed"`` the (indices as int64, values) pair of (batch, width) tensors."""
+    if form == "fixed":
+        return torch.from_numpy(indices.astype(np.int64)).to(device), as_tensor(values, dtype, device)
+    fired = values != 0
+    n, width = indices.shape
+    if form == "dense":
+        rows, slots = np.nonzero(fired)
+        out = torch.zeros((n, d_sae), dtype=dtype, device=device)
+        where = (torch.from_numpy(rows).to(device), torch.from_numpy(indices[rows, slots].astype(np.int64)).to(device))
+        out[where] = as_tensor(values[rows, slots], dtype, device)
+        return out
+    key = np.where(fired, indices.astype(np.int64), d_sae)  # empty slots sort last
+    order = np.argsort(key, axis=1)  # fired latents are distinct; the empty slots' order does not matter
+    counts = fired.sum(axis=1)
+    keep = np.arange(width) < counts[:, None]
+    columns = np.take_along_axis(key, order, axis=1)[keep]
+    picked = np.take_along_axis(values, order, axis=1)[keep]
+    crow = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(columns),
+                                   as_tensor(picked, dtype, "cpu"), size=(n, d_sae),
+                                   check_invariants=False).to(device)  # built valid: sorted, in range
 
 
 # -- states ---------------------------------------------------------------------------------------------
@@ -885,7 +1050,7 @@ def loader(extractions: "Extraction | Sequence[Extraction]", hook_points: str | 
            dtype: str = "float32", device: str = "cpu", drop_last: bool = False, num_workers: int = 0,
            buffer_tokens: int | None = None, normalize: str | None = None, with_index: bool = False,
            prefetch: int = 2, rank: int | None = None, world_size: int | None = None, even_batches: bool = True,
-           run_mb: float = RUN_MB) -> ActivationLoader:
+           run_mb: float = RUN_MB, latents: str = "sparse") -> ActivationLoader:
     """A training loader over one or several extractions (same hook points and widths).
 
     Yields ``(batch, d)`` tensors for one hook point, dicts {hook point: tensor} for a list (plus ``store`` and
@@ -912,9 +1077,18 @@ def loader(extractions: "Extraction | Sequence[Extraction]", hook_points: str | 
     - ``iter(loader).state_dict()`` / ``load_state_dict(state)`` resume mid-epoch exactly (in-process or with
       workers); a state from other stores, commit marks or settings raises InputError naming the field.
     - In-progress stores are read up to their commit mark when the loader is made.
+    - SAE latents: a hook point ``"<hook point>.latents"`` (see :attr:`Extraction.latent_points`; alone or in a
+      list with raw hook points, whose rows it matches token for token) yields, per ``latents``: ``"sparse"``
+      (default) a ``torch.sparse_csr_tensor`` (batch, d_sae) of ``dtype``; ``"dense"`` a (batch, d_sae) tensor;
+      ``"fixed"`` the stored (indices, values) pair of (batch, width) tensors (indices int64, an empty slot is
+      index 0 with value 0: what a top-k decoder takes). The buffer holds the fixed-width rows, so its memory
+      is bound by the width, never by d_sae. ``normalize`` does not apply to latents (InputError); a latent
+      index outside the SAE raises StoreCorrupted. Through your own ``DataLoader`` the pair comes as a list.
+      The first hook point's chunks cut the runs: in a mixed list put the latents first (their chunks hold more
+      rows, so no chunk is read twice; 1.25x the rows/s of the raw hook point first, measured).
     """
     return ActivationLoader(extractions, hook_points, batch_size=batch_size, shuffle=shuffle, seed=seed,
                             exclude_special=exclude_special, dtype=dtype, device=device, drop_last=drop_last,
                             num_workers=num_workers, buffer_tokens=buffer_tokens, normalize=normalize,
                             with_index=with_index, prefetch=prefetch, rank=rank, world_size=world_size,
-                            even_batches=even_batches, run_mb=run_mb)
+                            even_batches=even_batches, run_mb=run_mb, latents=latents)
