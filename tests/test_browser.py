@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import datasets
 import nbformat
 import pytest
 
@@ -442,8 +444,12 @@ def worktree_on_path(monkeypatch):
 def features_lab(worktree_on_path, lab, gpt2_dir):
     """The suite's JupyterLab with a notebook that shows the Features tab on an extraction of a tiny GPT-2."""
     url, tmp_path, server = lab
+    from test_latents import make_sae
+
     ws = tmp_path / "features-ws"
-    ms.extract(model=gpt2_dir, dataset=ms.sample_texts()[:80], layers=[1], max_length=48, workspace=str(ws))
+    make_sae(tmp_path / "sae", "topk", layer=1)
+    ms.extract(model=gpt2_dir, dataset=ms.sample_texts()[:80], layers=[1], max_length=48, workspace=str(ws),
+               saes={"layers.1.residual": str(tmp_path / "sae")})
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook.cells = [nbformat.v4.new_code_cell(
@@ -517,5 +523,22 @@ def test_features_tab_in_jupyterlab(features_lab):
         expect(view.locator(".msfp-header h4")).to_contain_text(f"neuron {target}")
         expect(page.locator(".mistudio-prompt", has_text=f"shaded by feature {target}")).to_be_visible()
         shot("-prompt", ".widget-tab .lm-TabBar")
+
+        # the SAE's latents, exported as a dataset from the Export section: confirm, then what was written
+        page.locator(".widget-dropdown select:visible", has=page.locator("option", has_text="layers.1.residual"
+                                                                                           ".latents")).first \
+            .select_option(label="layers.1.residual.latents")
+        expect(page.locator(".widget-html", has_text="128 features over").first).to_be_visible()
+        page.locator(".widget-tab .lm-TabBar-tab", has_text="Export").first.click()
+        folder = tmp_path / "latents-dataset"
+        page.locator(".widget-hbox:visible", has=button("Export datasets")).locator("input").fill(str(folder))
+        button("Export datasets").click()
+        expect(page.locator(".widget-html:visible", has_text="d_sae 128").first).to_be_visible()
+        page.locator("button.jupyter-button:visible").filter(has_text=re.compile(r"^\s*Export\s*$")).click()  # confirm
+        written = page.locator(".widget-html:visible",
+                               has_text=re.compile(r"Wrote 80 samples, [\d,]+ non-zero latents")).first
+        expect(written).to_be_visible(timeout=120_000)
+        assert str(folder) in written.inner_text(), written.inner_text()
+        assert datasets.load_from_disk(str(folder)).num_rows == 80
         assert page.locator(".mistudio-error:visible").count() == 0
         browser.close()
