@@ -129,6 +129,18 @@ def gate(at_batch: int):
     return hook, reached, release
 
 
+def cancelled_at(ws, *args, at_batch: int, **kw):
+    """A job submitted to ``ws`` (``args``, ``kw`` as ``ws.submit`` takes them) and cancelled when it reaches batch
+    ``at_batch``: CANCELLED with its first batches committed, resumable."""
+    hook, reached, release = gate(at_batch)
+    job = ws.submit(*args, before_batch=hook, **kw)
+    assert reached.wait(60)
+    job.cancel()
+    release.set()
+    assert job.wait(60).status == "CANCELLED"
+    return job
+
+
 def allocated_store(location: str, ids: list, hook_dims: dict, dtype: str = "float32", chunk_mb: float = 2.0,
                     shard_mb: float = 32.0, checksum: bool = True):
     """A real store, allocated for the given token id lists (no model, no request): a store to write by hand."""

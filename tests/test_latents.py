@@ -126,19 +126,13 @@ def test_latent_coverage_sizes_the_width_by_a_quantile_of_the_first_batch(gpt2_d
 
 
 def test_latents_of_a_stopped_run_read_up_to_the_mark_and_resume_equals_a_clean_run(gpt2_dir, tmp_path):
-    from conftest import gate
+    from conftest import cancelled_at
 
     make_sae(tmp_path / "sae", "jumprelu")
     options = dict(saes={HP: str(tmp_path / "sae")}, **LAYOUT)
     clean = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "clean"), progress=False, **options)
     ws = ms.Workspace(tmp_path / "ws")
-    hook, reached, release = gate(at_batch=9)
-    job = ws.submit(gpt2_dir, "sample", before_batch=hook, **options)
-    assert reached.wait(60)
-    job.cancel()
-    release.set()
-    job.wait(60)
-    assert job.status == "CANCELLED"
+    job = cancelled_at(ws, gpt2_dir, "sample", at_batch=9, **options)
     stopped = job.extraction()
     mark = stopped.committed_tokens()
     assert 0 < mark < clean.n_tokens
@@ -211,16 +205,11 @@ def test_an_index_block_written_past_the_mark_is_not_damage_but_its_committed_en
 
 
 def test_a_changed_sae_is_refused_on_resume(gpt2_dir, workspace, tmp_path):
-    from conftest import gate
+    from conftest import cancelled_at
 
     make_sae(tmp_path / "sae", "topk", seed=0)
     ws = ms.Workspace(workspace)
-    hook, reached, release = gate(at_batch=3)
-    job = ws.submit(gpt2_dir, "sample", before_batch=hook, saes={HP: str(tmp_path / "sae")}, **LAYOUT)
-    assert reached.wait(60)
-    job.cancel()
-    release.set()
-    job.wait(60)
+    job = cancelled_at(ws, gpt2_dir, "sample", at_batch=3, saes={HP: str(tmp_path / "sae")}, **LAYOUT)
     make_sae(tmp_path / "sae", "topk", seed=1)  # retrained in place
     with pytest.raises(InputError, match="is not the one this store was made with"):
         ws.resume(job.id)
@@ -313,7 +302,7 @@ def test_statistics_are_kept_in_the_pass_and_equal_brute_force(gpt2_dir, workspa
 
 
 def test_statistics_of_a_stopped_run_continue_exactly(gpt2_dir, tmp_path, monkeypatch):
-    from conftest import gate
+    from conftest import cancelled_at
 
     from mistudio.storage import featfeed
 
@@ -324,12 +313,7 @@ def test_statistics_of_a_stopped_run_continue_exactly(gpt2_dir, tmp_path, monkey
     key = f"{HP}.latents"
     clean = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "clean"), progress=False, **options)
     ws = ms.Workspace(tmp_path / "ws")
-    hook, reached, release = gate(at_batch=12)
-    job = ws.submit(gpt2_dir, "sample", before_batch=hook, **options)
-    assert reached.wait(60)
-    job.cancel()
-    release.set()
-    job.wait(60)
+    job = cancelled_at(ws, gpt2_dir, "sample", at_batch=12, **options)
     stopped = job.extraction()
     mark = stopped.committed_tokens()
     rows, _ = featfeed.load(stopped.store, key, mark)

@@ -15,7 +15,7 @@ from mistudio.errors import InputError
 from mistudio.fingerprints import differences, file_digest, fingerprint
 from mistudio.specs import ModelSpec
 
-from conftest import gate
+from conftest import cancelled_at, gate
 
 OPTIONS = dict(layers=[1], hooks=["residual"], dtype="float32", max_samples=40, max_length=32, batch_size=4)
 
@@ -62,13 +62,7 @@ def test_the_fingerprint_is_recorded_and_follows_the_files(model, workspace, tmp
 @pytest.mark.parametrize("change", ["weights", "width"])
 def test_a_resaved_model_refuses_resume_and_the_original_resumes(change, model, workspace):
     ws = ms.Workspace(workspace)
-    hook, reached, release = gate(at_batch=3)
-    job = ws.submit(model, "sample", before_batch=hook, **OPTIONS)
-    assert reached.wait(60)
-    job.cancel()
-    release.set()
-    job.wait(60)
-    assert job.status == "CANCELLED"
+    job = cancelled_at(ws, model, "sample", at_batch=3, **OPTIONS)
     kept = {p.name: p.read_bytes() for p in Path(model).iterdir()}
     resave(model, seed=9, **({"n_embd": 48} if change == "width" else {}))
     with pytest.raises(InputError, match="is not the one this store was made with") as caught:
@@ -87,12 +81,7 @@ def test_files_in_subfolders_are_not_the_model_and_old_fingerprints_compare_alik
     """A trainer's checkpoint-100/ saved inside the model folder is not what from_pretrained loads: it does not
     refuse a resume. A store recorded before (its fingerprint hashed subfolders too) compares by its top files."""
     ws = ms.Workspace(workspace)
-    hook, reached, release = gate(at_batch=3)
-    job = ws.submit(model, "sample", before_batch=hook, **OPTIONS)
-    assert reached.wait(60)
-    job.cancel()
-    release.set()
-    assert job.wait(60).status == "CANCELLED"
+    job = cancelled_at(ws, model, "sample", at_batch=3, **OPTIONS)
     checkpoint = Path(model) / "checkpoint-100"
     checkpoint.mkdir()
     shutil.copy(Path(model) / "config.json", checkpoint / "config.json")
@@ -111,12 +100,7 @@ def test_files_in_subfolders_are_not_the_model_and_old_fingerprints_compare_alik
 def test_the_runner_refuses_a_model_changed_after_the_resume_was_accepted(model, workspace):
     """The check at the start of the run, for a model re-saved between ws.resume and the job's start."""
     ws = ms.Workspace(workspace)
-    hook, reached, release = gate(at_batch=3)
-    job = ws.submit(model, "sample", before_batch=hook, **OPTIONS)
-    assert reached.wait(60)
-    job.cancel()
-    release.set()
-    job.wait(60)
+    job = cancelled_at(ws, model, "sample", at_batch=3, **OPTIONS)
     blocker_hook, blocker_reached, blocker_release = gate(at_batch=0)
     blocker = ws.submit(model, "sample", before_batch=blocker_hook, **OPTIONS)  # holds the runner
     assert blocker_reached.wait(60)

@@ -19,7 +19,7 @@ import mistudio as ms
 from mistudio.errors import StoreBusy
 from mistudio.storage.lease import WriterLease, holder
 
-from conftest import gate
+from conftest import cancelled_at, gate
 
 OPTIONS = dict(layers=[0, 2], hooks=["residual"], dtype="float32", max_samples=60, max_length=32, batch_size=2)
 
@@ -45,12 +45,7 @@ CHILD = textwrap.dedent("""
 
 def stopped_store(model: str, workspace: str) -> str:
     ws = ms.Workspace(workspace)
-    hook, reached, release = gate(at_batch=4)
-    job = ws.submit(model, "sample", before_batch=hook, **OPTIONS)
-    assert reached.wait(60)
-    job.cancel()
-    release.set()
-    assert job.wait(60).status == "CANCELLED"
+    job = cancelled_at(ws, model, "sample", at_batch=4, **OPTIONS)
     return job.id
 
 
