@@ -315,20 +315,11 @@ D_SAE = 64
 
 
 def make_sae(folder, architecture: str = "standard") -> None:
-    """A SAELens SAE on layers.1.residual of the tiny GPT-2 (width 32), random weights, saved to ``folder``."""
-    import torch
-    sl = pytest.importorskip("sae_lens")
-    from sae_lens.saes.sae import SAEMetadata
+    """A SAELens SAE on layers.1.residual of the tiny GPT-2, random weights, saved to ``folder``."""
+    pytest.importorskip("sae_lens")
+    from test_latents import make_sae as make_latents_sae
 
-    classes = {"standard": (sl.StandardSAE, sl.StandardSAEConfig), "topk": (sl.TopKSAE, sl.TopKSAEConfig)}
-    cls, cfg = classes[architecture]
-    extra = {"k": 6} if architecture == "topk" else {}
-    sae = cls(cfg(d_in=32, d_sae=D_SAE, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"), **extra))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("W") else 0.1))
-    sae.save_model(str(folder))
+    make_latents_sae(folder, architecture, seed=1, layer=1, d_sae=D_SAE, **({"k": 6} if architecture == "topk" else {}))
 
 
 @pytest.fixture(scope="module")

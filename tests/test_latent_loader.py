@@ -14,6 +14,7 @@ import zarr
 
 import mistudio as ms
 from conftest import gate
+from test_latents import make_sae as make_latents_sae, top_width
 
 sl = pytest.importorskip("sae_lens")
 
@@ -31,18 +32,8 @@ def texts(start: int, stop: int) -> list[str]:
 
 
 def make_sae(folder: Path, architecture: str, seed: int = 0):
-    """A SAELens SAE on layers.1.residual of the tiny GPT-2 (width 32), random weights, saved to ``folder``."""
-    from sae_lens.saes.sae import SAEMetadata
-
-    cls, cfg_cls, extra = {"topk": (sl.TopKSAE, sl.TopKSAEConfig, {"k": 8}),
-                           "standard": (sl.StandardSAE, sl.StandardSAEConfig, {})}[architecture]
-    sae = cls(cfg_cls(d_in=32, d_sae=D_SAE, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"), **extra))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("W") else 0.1))
-    sae.save_model(str(folder))
-    return sae
+    """A SAELens SAE on layers.1.residual of the tiny GPT-2, random weights, saved to ``folder``."""
+    return make_latents_sae(folder, architecture, seed, layer=1, d_sae=D_SAE)
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +59,6 @@ def drain(batches) -> dict[str, np.ndarray]:
             value = value.to_dense() if value.layout == torch.sparse_csr else value
             out.setdefault(key, []).append(value.numpy())
     return {key: np.concatenate(parts) for key, parts in out.items()}
-
-
-def top_width(dense: np.ndarray, width: int) -> np.ndarray:
-    """Each row's ``width`` largest non-zero values kept (what a store of that width holds)."""
-    out = np.zeros_like(dense)
-    order = np.argsort(-dense, axis=1, kind="stable")[:, :width]
-    rows = np.arange(len(dense))[:, None]
-    out[rows, order] = dense[rows, order]
-    return out
 
 
 @pytest.mark.parametrize("mode", ["in process", "num_workers=2"])

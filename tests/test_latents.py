@@ -21,9 +21,9 @@ LAYOUT = dict(layers=[2], hooks=["residual"], dtype="float32", max_length=40, ma
               chunk_mb=0.01, shard_mb=0.05)
 
 
-def make_sae(folder, architecture: str, seed: int = 0, layer: int = 2, **cfg) -> "sl.SAE":
+def make_sae(folder, architecture: str, seed: int = 0, layer: int = 2, d_sae: int = D_SAE, **cfg) -> "sl.SAE":
     """A SAELens SAE on ``layers.<layer>.residual`` of the tiny GPT-2 (width 32), random weights, saved to
-    ``folder``."""
+    ``folder`` (other test files make theirs here too)."""
     from sae_lens.saes.sae import SAEMetadata
 
     classes = {"standard": (sl.StandardSAE, sl.StandardSAEConfig), "topk": (sl.TopKSAE, sl.TopKSAEConfig),
@@ -31,7 +31,7 @@ def make_sae(folder, architecture: str, seed: int = 0, layer: int = 2, **cfg) ->
     cls, cfg_cls = classes[architecture]
     if architecture == "topk":
         cfg.setdefault("k", 8)
-    sae = cls(cfg_cls(d_in=32, d_sae=D_SAE, metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"), **cfg))
+    sae = cls(cfg_cls(d_in=32, d_sae=d_sae, metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"), **cfg))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sae.named_parameters():
