@@ -204,9 +204,13 @@ class Folder:
         problem = "" if meta.id == name else f"its metadata names it {meta.id!r} (copied or renamed store)"
         damaged = False
         if not self.remote and not meta.live:  # present chunks below the mark: a file check each, no decoding
-            report = quick_check(location)
-            if not report.ok:
-                damaged, problem = True, f"{len(report.problems)} problem(s), first: {report.problems[0]}"
+            try:
+                report = quick_check(location)
+            except StoreCorrupted as exc:
+                damaged, problem = True, unreadable(location, exc)
+            else:
+                if not report.ok:
+                    damaged, problem = True, f"{len(report.problems)} problem(s), first: {report.problems[0]}"
         return {**base, "status": meta.status.value, "problem": problem, "nonce": meta.nonce, "damaged": damaged,
                 "error": meta.error.error_type if meta.error else "",
                 "message": meta.error.error_message if meta.error else "",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import threading
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import mistudio as ms
 from mistudio.cli import main as cli
 from mistudio.errors import StoreCorrupted
 from mistudio.storage.reads import CheckedArray
-from mistudio.storage.store import MAX_GROUP_METADATA_BYTES
+from mistudio.storage.store import MAX_ARRAY_METADATA_BYTES, MAX_GROUP_METADATA_BYTES
 from mistudio.storage.verify import quick_check, verify
 
 from conftest import TEXTS
@@ -141,27 +143,44 @@ def test_damaged_group_metadata(copy, capsys):
     assert run_cli(capsys, "verify", "no-such-id", "--workspace", ws)[0] == 2
 
 
+@pytest.mark.parametrize("array", [None, ARRAY, "tokens/input_ids"])
 @pytest.mark.parametrize("how", ["oversized", "fifo"])
-def test_group_metadata_no_store_has_is_refused_before_it_is_parsed(copy, how):
-    """A group zarr.json larger than any store's (valid JSON, padded: parsing a crafted 300 MB one took gigabytes)
-    or a FIFO (a read would block): the listing, opening and verify name it and go on."""
+def test_metadata_no_store_has_is_refused_before_it_is_parsed(copy, how, array):
+    """A zarr.json (the group's or an array's) larger than any store's (valid JSON, padded: parsing a crafted
+    300 MB one took gigabytes) or a FIFO (a read would block forever): the listing, opening, reads and verify name
+    it and go on."""
     ws, ext_id, store, _ = copy
-    group = store / "zarr.json"
+    meta = store / (array or "") / "zarr.json"
     if how == "oversized":
-        text = group.read_text()
-        with group.open("w") as f:
+        text = meta.read_text()
+        limit = MAX_GROUP_METADATA_BYTES if array is None else MAX_ARRAY_METADATA_BYTES
+        with meta.open("w") as f:
             f.write(text)
-            f.write(" " * (MAX_GROUP_METADATA_BYTES + 1 - len(text.encode())))
+            f.write(" " * (limit + 1 - len(text.encode())))
     else:
-        group.unlink()
-        os.mkfifo(group)
-    rows = ms.Workspace(ws).extractions()
-    row = rows.set_index("id").loc[ext_id] if hasattr(rows, "set_index") else {r["id"]: r for r in rows}[ext_id]
-    assert row["damaged"] and "group metadata" in row["problem"], row
-    with pytest.raises(StoreCorrupted, match="group metadata is (not a regular file|.* bytes, more than)"):
-        ms.Workspace(ws).open(ext_id)
-    report = verify(str(store))
-    assert not report.ok and report.problems[0].file == str(group), str(report)
+        meta.unlink()
+        os.mkfifo(meta)
+    said = "metadata is (not a regular file|.* bytes, more than)"
+    outcome: dict = {}
+
+    def use_it():  # on a thread: a hang fails the test instead of stopping the suite
+        rows = ms.Workspace(ws).extractions()
+        outcome["row"] = rows.set_index("id").loc[ext_id]
+        outcome["report"] = verify(str(store))
+        with pytest.raises(StoreCorrupted, match=said) as refused:
+            ext = ms.Workspace(ws).open(ext_id)  # opening reads the group's; a read, its array's
+            ext.sample(0) if array == "tokens/input_ids" else ext.activations(HP)[:]
+        outcome["refused"] = refused.value
+
+    worker = threading.Thread(target=use_it, daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "a metadata file blocked the listing, verify or a read"
+    assert set(outcome) == {"row", "report", "refused"}, outcome
+    row, report = outcome["row"], outcome["report"]
+    assert row["damaged"] and re.search(said, row["problem"]), row
+    assert not report.ok and report.problems[0].file == str(meta), str(report)
+    assert outcome["refused"].file == str(meta)
 
 
 def test_without_checksums_reads_the_same(gpt2_dir, workspace, made):

@@ -24,24 +24,49 @@ from .metadata import ExtractionMeta
 from .reads import DECODE_ERRORS, CheckedArray
 
 MAX_GROUP_METADATA_BYTES = 64 << 20  # a store's own zarr.json is kilobytes (a few MB consolidated)
+MAX_ARRAY_METADATA_BYTES = 16 << 20  # an array's zarr.json: a few KB
 
 
-def check_group_file(location: str) -> None:
-    """Refuse a local store's group ``zarr.json`` that no mistudio store has, before Zarr parses it: not a regular
-    file (a FIFO would block the read), or larger than :data:`MAX_GROUP_METADATA_BYTES` (parsing a crafted 300 MB
-    string took gigabytes). Remote stores are left to Zarr."""
-    if "://" in location:
-        return
-    file = f"{location.rstrip('/')}/zarr.json"
+def check_metadata_file(location: str, file: str, array: str | None = None) -> None:
+    """Refuse a ``zarr.json`` no mistudio store has, before Zarr parses it: not a regular file (a FIFO would block
+    the read), or larger than any store's (parsing a crafted 300 MB string took gigabytes). ``array``: the array
+    or group it describes (None: the store's own group). A missing file is left to Zarr."""
     try:
         info = os.stat(file, follow_symlinks=False)
     except OSError:
-        return  # missing: Zarr says so
+        return
+    what = "its group metadata" if array is None else "its metadata"
     if not stat.S_ISREG(info.st_mode):
-        raise StoreCorrupted(location, "its group metadata is not a regular file", file=file)
-    if info.st_size > MAX_GROUP_METADATA_BYTES:
-        raise StoreCorrupted(location, f"its group metadata is {info.st_size:,} bytes, more than a store's can be "
-                                       f"({MAX_GROUP_METADATA_BYTES:,}): it was not written by mistudio", file=file)
+        raise StoreCorrupted(location, f"{what} is not a regular file", array, file=file)
+    limit = MAX_GROUP_METADATA_BYTES if array is None else MAX_ARRAY_METADATA_BYTES
+    if info.st_size > limit:
+        raise StoreCorrupted(location, f"{what} is {info.st_size:,} bytes, more than a store's can be ({limit:,}): it "
+                                       "was not written by mistudio", array, file=file)
+
+
+def check_group_file(location: str) -> None:
+    """:func:`check_metadata_file` of a local store's own group ``zarr.json`` (remote stores are left to Zarr)."""
+    if "://" not in location:
+        check_metadata_file(location, f"{location.rstrip('/')}/zarr.json")
+
+
+class GuardedLocalStore(zarr.storage.LocalStore):
+    """A local Zarr store whose every ``zarr.json`` (the group's, each array's) is checked by
+    :func:`check_metadata_file` before Zarr reads it: one bad file is :class:`StoreCorrupted`, never a hang."""
+
+    async def get(self, key: str, prototype=None, byte_range=None):
+        if key == "zarr.json" or key.endswith("/zarr.json"):
+            location = str(self.root)
+            check_metadata_file(location, f"{location}/{key}", key[:-len("/zarr.json")] if "/" in key else None)
+        return await super().get(key, prototype, byte_range)
+
+
+def zarr_store(location: str, storage_options: dict | None = None, read_only: bool = True) -> Any:
+    """What ``zarr.open_group`` opens ``location`` with: a :class:`GuardedLocalStore` for a local folder, else the
+    location itself (a remote URL, read through ``storage_options``)."""
+    if "://" in location:
+        return location
+    return GuardedLocalStore(location, read_only=read_only)
 
 
 class ExtractionStore:
@@ -95,8 +120,9 @@ class ExtractionStore:
         file = f"{location.rstrip('/')}/zarr.json"
         check_group_file(location)
         try:
-            group = zarr.open_group(store=location, mode="r+" if writable else "r", storage_options=storage_options,
-                                    use_consolidated=False)
+            group = zarr.open_group(store=zarr_store(location, storage_options, not writable),
+                                    mode="r+" if writable else "r", use_consolidated=False,
+                                    **({"storage_options": storage_options} if "://" in location else {}))
             meta = group.attrs.get("mistudio")
         except FileNotFoundError:
             raise
@@ -134,8 +160,9 @@ class ExtractionStore:
 
     def _read_disk(self) -> ExtractionMeta:
         check_group_file(self.location)
-        group = zarr.open_group(store=self.location, mode="r", storage_options=self.storage_options,
-                                use_consolidated=False)
+        group = zarr.open_group(store=zarr_store(self.location, self.storage_options), mode="r",
+                                use_consolidated=False,
+                                **({"storage_options": self.storage_options} if "://" in self.location else {}))
         return metadata.parse(group.attrs.get("mistudio"))
 
     def refresh(self) -> dict:

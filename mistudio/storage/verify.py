@@ -19,7 +19,7 @@ from .metadata import END_STATES, LIVE_STATES
 from ..errors import StoreCorrupted
 from .reads import DECODE_ERRORS, CheckedArray, damage, missing_units
 from .featindex import FeatureIndex
-from .store import check_group_file
+from .store import zarr_store
 
 OPTIONAL_TOKEN_ARRAYS = ("role", "positions")  # chat data; windowed documents
 
@@ -100,9 +100,9 @@ class _Scan:
     def run(self) -> VerifyReport:
         group_file = f"{self.location}/zarr.json"
         try:
-            check_group_file(self.location)
-            group = zarr.open_group(store=self.location, mode="r", storage_options=self.storage_options,
-                                    use_consolidated=False)
+            group = zarr.open_group(store=zarr_store(self.location, self.storage_options), mode="r",
+                                    use_consolidated=False,
+                                    **({"storage_options": self.storage_options} if "://" in self.location else {}))
             meta = group.attrs.get("mistudio")
         except StoreCorrupted as exc:
             self.problem(exc.what, file=group_file)
@@ -146,7 +146,7 @@ class _Scan:
         n_input = int(storage.get("n_input_tokens", n_tokens))  # tokens (model input); n_tokens counts activation rows
         try:
             present = set(group["tokens"].array_keys())
-        except (KeyError, FileNotFoundError, *DECODE_ERRORS):
+        except (KeyError, FileNotFoundError, StoreCorrupted, *DECODE_ERRORS):
             present = set()
         expected = {"tokens/input_ids": ((n_input,), None), "tokens/sample_offsets": ((n_samples + 1,), None),
                     "tokens/sample_index": ((n_samples,), None), "tokens/special": ((n_input,), None),
@@ -244,6 +244,9 @@ class _Scan:
             arr = group[path]
         except (KeyError, FileNotFoundError):
             self.problem("the array is missing", path, file=file)
+            return None
+        except StoreCorrupted as exc:
+            self.problem(exc.what, path, file=exc.file)
             return None
         except DECODE_ERRORS as exc:
             self.problem(f"the array metadata cannot be read ({type(exc).__name__}: {exc})", path, file=file)
