@@ -56,6 +56,8 @@ PER_MESSAGE_CHARS = 1024  # and this many per message (its markers)
 BASE_SECONDS = 1.0  # the time one conversation may take to render (all its prefixes included), at least
 PER_MESSAGE_SECONDS = 0.001  # and this much per message
 PER_PREFIX_SECONDS = 1e-5  # and this much per message squared (every prefix of the conversation is rendered)
+ITEM_CHARS = 40  # what an item of a list, a tuple, a dict or a set a template makes counts for, in characters (an
+# int object and its pointer: about 40 bytes)
 MADE_FACTOR = 16  # one rendering may make this many times the cap in values, all together (plus 4 x messages x
 # the content: a template that grows a string message by message makes quadratically many characters)
 MAX_TEMPLATE_CHARS = 256 << 10  # a template's own source (real ones are a few KB, with tool use tens of KB)
@@ -128,7 +130,7 @@ class Budget:
         """A value just made, measured (a generator: counted as it is read)."""
         if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)):
             self.need(len(value), what)
-            self.add_made(len(value))
+            self.add_made(len(value) * (1 if isinstance(value, (str, bytes)) else ITEM_CHARS))
         elif hasattr(value, "__next__"):
             return BoundedIterator.of(value, what)
         return value
