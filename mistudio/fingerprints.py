@@ -163,6 +163,8 @@ def check_same_model(name: str, recorded: dict | None, current: dict | None, ris
     says what would go wrong and the fix) with ``current``; nothing to compare when either is unknown."""
     changed = differences(recorded, current) if recorded and current else []
     if changed:
+        first = changed[0]
+        then, now = _loaded_parts(recorded).get(first, ""), _loaded_parts(current).get(first, "")
         raise InputError(
             f"the model at {name} is not the one this store was made with: its {' and '.join(changed)} changed "
-            f"(weights {short(recorded)} when the store was made, {short(current)} now); {risk}", param="model")
+            f"({first} {str(then)[:12]} when the store was made, {str(now)[:12]} now); {risk}", param="model")

@@ -171,7 +171,8 @@ def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan,
         if request.latent_width is not None:
             out[point] = (min(request.latent_width, sae.d_sae), f"latent_width={request.latent_width}")
         elif sae.k is not None:
-            out[point] = (sae.k, f"the SAE's k (top-{sae.k})")
+            unused = "; latent_coverage does not apply to a top-k SAE" if request.latent_coverage is not None else ""
+            out[point] = (sae.k, f"the SAE's k (top-{sae.k}{unused})")
         else:
             probe.append(point)
     if probe:
@@ -198,7 +199,8 @@ def probed_width(fired: np.ndarray, d_sae: int, coverage: float | None) -> tuple
         width = int(np.quantile(fired, coverage, method="higher"))
         reason = (f"latent_coverage={coverage:g}: {coverage:.1%} of the first batch's tokens fired at most {width} "
                   f"latents (the most: {int(fired.max())})")
-    return min(d_sae, max(16, -(-width // 16) * 16)), reason
+    rounded = min(d_sae, max(16, -(-width // 16) * 16))
+    return rounded, reason + (f", rounded up to {rounded} (a multiple of 16)" if rounded != width else "")
 
 
 def latents_fired(loaded, saes: dict[str, SAE], request: Request, ids: np.ndarray, offsets: np.ndarray,

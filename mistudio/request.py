@@ -281,7 +281,7 @@ class Request(BaseModel):
     def _coverage(cls, v: float | None) -> float | None:
         if v is not None and not 0 < v <= 1:
             raise ValueError(f"«latent_coverage={v}» is a share of tokens: use a number above 0 and at most 1, e.g. "
-                             "«pass latent_coverage=0.99», or None for 1.5 x the most active token's")
+                             "«pass latent_coverage=0.99» (unset: 1.5 x the most active token's latents)")
         return v
 
     @field_validator("auto_batch_memory_fraction")
@@ -330,6 +330,12 @@ class Request(BaseModel):
         if self.batch_size == "auto" and self.max_batch_tokens is not None:
             raise ValueError(f"«batch_size='auto'» and «max_batch_tokens={self.max_batch_tokens}» both size the "
                              "batches: pass one of them")
+        if self.latent_coverage is not None and not self.saes:
+            raise ValueError(f"«latent_coverage={self.latent_coverage}» sizes the stored latents of SAEs, and no SAE is "
+                             "given: «pass saes={hook point: SAE folder}» with it, or leave it unset")
+        if self.latent_coverage is not None and self.latent_width is not None:
+            raise ValueError(f"«latent_width={self.latent_width}» and «latent_coverage={self.latent_coverage}» both set "
+                             "the latents kept per token: pass one of them")
         if self.max_memory is not None and self.device_map is None:
             raise ValueError(f"«max_memory={self.max_memory!r}» needs «device_map»: «pass device_map='auto'» with it")
         if pandas_kind(self.dataset) == "dataframe" and self.text_column not in self.dataset.columns:

@@ -123,6 +123,10 @@ def test_latent_coverage_sizes_the_width_by_a_quantile_of_the_first_batch(gpt2_d
         k: v for k, v in args.items() if k not in ("workspace", "progress")})["bytes_on_disk"]
     with pytest.raises(ms.InputError, match=r"latent_coverage=1.5.* at most 1"):
         ms.extract(gpt2_dir, "sample", latent_coverage=1.5, **args)
+    with pytest.raises(ms.InputError, match=r"both set the latents kept per token"):
+        ms.extract(gpt2_dir, "sample", latent_coverage=0.5, latent_width=4, **args)
+    with pytest.raises(ms.InputError, match=r"no SAE is given"):
+        ms.extract(gpt2_dir, "sample", latent_coverage=0.5, workspace=workspace, progress=False, **LAYOUT)
 
 
 def test_latents_of_a_stopped_run_read_up_to_the_mark_and_resume_equals_a_clean_run(gpt2_dir, tmp_path):

@@ -97,59 +97,66 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> InputError:
-            return InputError(f"TrainConfig.«{name}={getattr(self, name)!r}» {why}", param=name)
+        problems: list[tuple[str, str]] = []  # (field, message): every wrong field is named at once
+
+        def bad(name: str, why: str) -> None:
+            problems.append((name, f"TrainConfig.«{name}={getattr(self, name)!r}» {why}"))
 
         arch = "standard" if self.architecture == "relu" else self.architecture
         if arch not in TRAIN_ARCHITECTURES:
-            raise bad("architecture", f"is not one of {TRAIN_ARCHITECTURES} (or 'relu' for 'standard')")
-        object.__setattr__(self, "architecture", arch)
+            bad("architecture", f"is not one of {TRAIN_ARCHITECTURES} (or 'relu' for 'standard')")
+        else:
+            object.__setattr__(self, "architecture", arch)
         positive_ints = ["k", "batch_size", "dead_window_tokens", "norm_estimate_tokens", "progress_every_steps"]
         for name in positive_ints + ["d_sae", "expansion_factor", "n_tokens"]:
             value = getattr(self, name)
             if value is None and name not in positive_ints:
                 continue
             if not _is_int(value) or value < 1:
-                raise bad(name, "must be a positive whole number")
-            object.__setattr__(self, name, int(value))
+                bad(name, "must be a positive whole number")
+            else:
+                object.__setattr__(self, name, int(value))
         for name in ("l1_warm_up_steps", "l0_warm_up_steps", "lr_warm_up_steps", "lr_decay_steps", "seed",
                      "checkpoint_every_steps"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "must be a whole number >= 0")
-            object.__setattr__(self, name, int(getattr(self, name)))
+                bad(name, "must be a whole number >= 0")
+            else:
+                object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("lr", "jumprelu_bandwidth", "max_grad_norm"):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
-                raise bad(name, "must be a positive number")
+                bad(name, "must be a positive number")
         for name in ("l1_coefficient", "l0_coefficient", "aux_loss_coefficient", "jumprelu_init_threshold"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "must be a number >= 0")
+                bad(name, "must be a number >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
-                raise bad(name, "must be in [0, 1)")
+                bad(name, "must be in [0, 1)")
         norm = self.decoder_init_norm
         if norm is not None and (not _is_number(norm) or norm <= 0):
-            raise bad("decoder_init_norm", "must be a positive number, or None to keep kaiming's")
+            bad("decoder_init_norm", "must be a positive number, or None to keep kaiming's")
         if self.epochs is not None and (not _is_number(self.epochs) or self.epochs <= 0):
-            raise bad("epochs", "must be a positive number")
+            bad("epochs", "must be a positive number")
         if self.n_tokens is not None and self.epochs is not None:
-            raise InputError(f"TrainConfig: give «n_tokens={self.n_tokens}» or «epochs={self.epochs}», not both",
-                             param="epochs")
+            problems.append(("epochs", f"TrainConfig: give «n_tokens={self.n_tokens}» or «epochs={self.epochs}», not "
+                                       "both"))
         if self.d_sae is not None and self.expansion_factor is not None:
-            raise InputError(f"TrainConfig: give «d_sae={self.d_sae}» or «expansion_factor="
-                             f"{self.expansion_factor}», not both", param="expansion_factor")
+            problems.append(("expansion_factor", f"TrainConfig: give «d_sae={self.d_sae}» or «expansion_factor="
+                                                 f"{self.expansion_factor}», not both"))
         for name in ("rescale_acts_by_decoder_norm", "exclude_special"):
             if not isinstance(getattr(self, name), bool):
-                raise bad(name, "must be True or False")
+                bad(name, "must be True or False")
         if self.normalize_activations not in _NORMALIZE:
-            raise bad("normalize_activations", f"is not one of {_NORMALIZE}")
+            bad("normalize_activations", f"is not one of {_NORMALIZE}")
         if self.b_dec_init not in ("mean", "zeros"):
-            raise bad("b_dec_init", "is not 'mean' or 'zeros'")
+            bad("b_dec_init", "is not 'mean' or 'zeros'")
         if not isinstance(self.device, str) or not self.device.strip():
-            raise bad("device", "must name a torch device: 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'")
-        try:
-            _device(self.device)
-        except (RuntimeError, ValueError) as exc:
-            raise bad("device", f"is not a usable torch device ({exc})") from None
+            bad("device", "must name a torch device: 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'")
+        else:
+            try:
+                _device(self.device)
+            except (RuntimeError, ValueError) as exc:
+                bad("device", f"is not a usable torch device ({exc})")
+        raise_all(problems)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -410,8 +417,8 @@ def plan_training(ext: "Extraction", hook_point: str, config: TrainConfig | None
     d_sae = config.d_sae or width * (config.expansion_factor or 8)
     problems: list[tuple[str, str]] = []  # (param, message): every one is said at once
     if config.architecture == "topk" and config.k > d_sae:
-        problems.append(("k", f"TrainConfig.«k={config.k}» is larger than d_sae={d_sae}: use «pass k={d_sae}» or "
-                              "less"))
+        problems.append(("k", f"TrainConfig.«k={config.k}» is larger than d_sae={d_sae}: use «pass k={d_sae}» or a "
+                              "smaller k"))
     kept = _kept_rows(ext, config.exclude_special)
     if kept < config.batch_size:
         problems.append(("batch_size", f"TrainConfig.«batch_size={config.batch_size}» is more than the {kept} rows "
@@ -424,15 +431,20 @@ def plan_training(ext: "Extraction", hook_point: str, config: TrainConfig | None
                                f"that needs about {need / 2**30:,.1f} GiB to train (weights, gradients, Adam's state "
                                f"and a batch) on {config.device}, which has {free / 2**30:,.1f} GiB free: use a "
                                f"smaller d_sae, e.g. «pass d_sae={_smaller_batch(max(1, d_sae * free // need))}»"))
+    raise_all(problems)
+    total_tokens = config.n_tokens if config.n_tokens is not None else int(round((config.epochs or 1.0) * kept))
+    return TrainingPlan(config, hook_point, width, d_sae, kept, total_tokens,
+                        max(1, math.ceil(total_tokens / config.batch_size)))
+
+
+def raise_all(problems: list[tuple[str, str]]) -> None:
+    """One InputError naming every ``(field, message)`` of ``problems`` (about the first field); none: nothing."""
     if len(problems) == 1:
         raise InputError(problems[0][1], param=problems[0][0])
     if problems:
         raise InputError(f"{len(problems)} settings are wrong: " + "; ".join(f"({i}) {m}" for i, (_, m) in
                                                                           enumerate(problems, 1)),
                          param=problems[0][0])
-    total_tokens = config.n_tokens if config.n_tokens is not None else int(round((config.epochs or 1.0) * kept))
-    return TrainingPlan(config, hook_point, width, d_sae, kept, total_tokens,
-                        max(1, math.ceil(total_tokens / config.batch_size)))
 
 
 def training_bytes(d_in: int, d_sae: int, batch_size: int) -> int:
