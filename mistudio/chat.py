@@ -21,12 +21,14 @@ The cap (:class:`Budget`) is the conversation's own size, generously: ``1 MiB + 
 message``. A real template writes each message once with a few markers around it, plus a preamble (the longest,
 with tool-use instructions, are a few tens of KB): the cap is over ten times what any of them needs, and it keeps a
 hostile one to a few MB. All the values one rendering makes, together, stay under 16 times the cap plus 4 x the
-messages x their characters (what growing a string message by message makes), so values each under the cap, kept
-one by one in a list, stop at tens of MB. The time limit counts the time spent in the template only (every prefix of a conversation
-is rendered too, to find the role of each token): ``1 s + 1 ms per message + 10 µs per message squared``, a
-hundred times what a real template takes (a 200-message conversation and all its prefixes: about 0.2 s), and a
-hostile template stops within about a second. Going past either raises :class:`Overrun` inside the template;
-:func:`render_chat` turns it, and every template error, into a :class:`ChatTemplateError` (an ``InputError``: a job
+messages x their characters (what growing a string message by message makes; an item of a list counts 40
+characters), so values each under the cap, kept one by one in a list, stop at tens of MB. The time limit counts
+the time spent in the template only (every prefix of a conversation is rendered too, to find the role of each
+token): ``1 s + 1 ms per message + 40 µs per message squared``, several times what a real template takes in the
+sandbox even on a loaded machine (a 200-message conversation and all its prefixes: about 0.7 s of rendering,
+against 2.8 s allowed), and a hostile template stops within about a second. Going past either raises
+:class:`Overrun` inside the template; :func:`render_chat` turns it, and every template error, into a
+:class:`ChatTemplateError` (an ``InputError``: a job
 fails with type VALIDATION) that names the template, the problem and the fix.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ CONTENT_FACTOR = 4  # and this many times the characters of its messages
 PER_MESSAGE_CHARS = 1024  # and this many per message (its markers)
 BASE_SECONDS = 1.0  # the time one conversation may take to render (all its prefixes included), at least
 PER_MESSAGE_SECONDS = 0.001  # and this much per message
-PER_PREFIX_SECONDS = 1e-5  # and this much per message squared (every prefix of the conversation is rendered)
+PER_PREFIX_SECONDS = 4e-5  # and this much per message squared (every prefix of the conversation is rendered)
 ITEM_CHARS = 40  # what an item of a list, a tuple, a dict or a set a template makes counts for, in characters (an
 # int object and its pointer: about 40 bytes)
 MADE_FACTOR = 16  # one rendering may make this many times the cap in values, all together (plus 4 x messages x
