@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(600)  # its subprocess's own limit: on two loaded cores the quick run took over 300 s
 def test_quick_benchmark_runs(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
