@@ -219,6 +219,27 @@ def test_in_progress_store_is_checked_below_its_mark_only(gpt2_dir, workspace):
     assert not quick_check(ext.location).ok
 
 
+def test_reading_past_the_mark_of_a_running_job_says_so_not_damage(gpt2_dir, workspace):
+    """The shard a job is filling has no index yet: a read that reaches into it is told to read the committed rows,
+    never that a healthy store is damaged and must be re-extracted."""
+    from conftest import gate
+
+    hook, reached, release = gate(at_batch=6)
+    job = ms.Workspace(workspace).submit(gpt2_dir, DATA, before_batch=hook, **{**BASE, "shard_mb": 0.05})
+    try:
+        assert reached.wait(60)
+        ext = job.extraction()
+        mark = ext.committed_tokens()
+        assert 0 < mark < ext.n_tokens
+        with pytest.raises(ms.InputError, match=rf"past the {mark:,} rows committed so far.*\[:{mark}\]"):
+            ext.activations(HP)[:]
+        assert ext.activations(HP)[:mark].shape == (mark, 32)  # the committed rows read, checked
+    finally:
+        job.cancel()
+        release.set()
+    assert job.wait(60).status == "CANCELLED" and job.extraction().verify().ok
+
+
 def test_incoherent_metadata_and_missing_array(copy):
     ws, ext_id, store, _ = copy
     ext = ms.open_extraction(ext_id, workspace=ws)

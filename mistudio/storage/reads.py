@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
-from ..errors import StoreCorrupted
+from ..errors import InputError, StoreCorrupted
 from .codec import Damaged, Fallback, FastReader
 from .layout import numpy_dtype, unit_key, unit_name, unit_rows, units
 
@@ -171,5 +171,10 @@ class CheckedArray:
                 try:
                     self.zarr[unit_rows(self.zarr, unit)]
                 except DECODE_ERRORS as unit_exc:
+                    if unit_rows(self.zarr, unit).stop > self.mark:  # the unit being written: not damage
+                        raise InputError(
+                            f"rows {first:,} to {stop:,} of {self.zarr.path} reach past the {self.mark:,} rows "
+                            "committed so far, in a part of the store its job is still writing (or stopped "
+                            f"writing): read the committed rows, e.g. [:{self.mark}]") from None
                     raise self._fail(unit, damage(self.zarr, unit, unit_exc)) from exc
             raise  # no unit fails alone: not damage (e.g. a bad selection)
