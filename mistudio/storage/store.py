@@ -44,12 +44,6 @@ def check_metadata_file(location: str, file: str, array: str | None = None) -> N
                                        "was not written by mistudio", array, file=file)
 
 
-def check_group_file(location: str) -> None:
-    """:func:`check_metadata_file` of a local store's own group ``zarr.json`` (remote stores are left to Zarr)."""
-    if "://" not in location:
-        check_metadata_file(location, f"{location.rstrip('/')}/zarr.json")
-
-
 class GuardedLocalStore(zarr.storage.LocalStore):
     """A local Zarr store whose every ``zarr.json`` (the group's, each array's) is checked by
     :func:`check_metadata_file` before Zarr reads it: one bad file is :class:`StoreCorrupted`, never a hang."""
@@ -61,12 +55,13 @@ class GuardedLocalStore(zarr.storage.LocalStore):
         return await super().get(key, prototype, byte_range)
 
 
-def zarr_store(location: str, storage_options: dict | None = None, read_only: bool = True) -> Any:
-    """What ``zarr.open_group`` opens ``location`` with: a :class:`GuardedLocalStore` for a local folder, else the
-    location itself (a remote URL, read through ``storage_options``)."""
+def open_group(location: str, storage_options: dict | None = None, mode: str = "r") -> zarr.Group:
+    """A store's Zarr group, its metadata read now: a local folder through a :class:`GuardedLocalStore`, a remote
+    URL through ``storage_options``."""
     if "://" in location:
-        return location
-    return GuardedLocalStore(location, read_only=read_only)
+        return zarr.open_group(store=location, mode=mode, storage_options=storage_options, use_consolidated=False)
+    return zarr.open_group(store=GuardedLocalStore(location, read_only=mode == "r"), mode=mode,
+                           use_consolidated=False)
 
 
 class ExtractionStore:
@@ -118,11 +113,8 @@ class ExtractionStore:
     def open(cls, location: str, storage_options: dict | None = None, writable: bool = False) -> "ExtractionStore":
         """Open an existing store; damaged group metadata raises :class:`StoreCorrupted` naming the file."""
         file = f"{location.rstrip('/')}/zarr.json"
-        check_group_file(location)
         try:
-            group = zarr.open_group(store=zarr_store(location, storage_options, not writable),
-                                    mode="r+" if writable else "r", use_consolidated=False,
-                                    **({"storage_options": storage_options} if "://" in location else {}))
+            group = open_group(location, storage_options, "r+" if writable else "r")
             meta = group.attrs.get("mistudio")
         except FileNotFoundError:
             raise
@@ -159,10 +151,7 @@ class ExtractionStore:
             return self._record.to_json()
 
     def _read_disk(self) -> ExtractionMeta:
-        check_group_file(self.location)
-        group = zarr.open_group(store=zarr_store(self.location, self.storage_options), mode="r",
-                                use_consolidated=False,
-                                **({"storage_options": self.storage_options} if "://" in self.location else {}))
+        group = open_group(self.location, self.storage_options)
         return metadata.parse(group.attrs.get("mistudio"))
 
     def refresh(self) -> dict:

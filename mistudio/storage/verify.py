@@ -19,7 +19,7 @@ from .metadata import END_STATES, LIVE_STATES
 from ..errors import StoreCorrupted
 from .reads import DECODE_ERRORS, CheckedArray, damage, missing_units
 from .featindex import FeatureIndex
-from .store import zarr_store
+from .store import open_group
 
 OPTIONAL_TOKEN_ARRAYS = ("role", "positions")  # chat data; windowed documents
 
@@ -100,9 +100,7 @@ class _Scan:
     def run(self) -> VerifyReport:
         group_file = f"{self.location}/zarr.json"
         try:
-            group = zarr.open_group(store=zarr_store(self.location, self.storage_options), mode="r",
-                                    use_consolidated=False,
-                                    **({"storage_options": self.storage_options} if "://" in self.location else {}))
+            group = open_group(self.location, self.storage_options)
             meta = group.attrs.get("mistudio")
         except StoreCorrupted as exc:
             self.problem(exc.what, file=group_file)
