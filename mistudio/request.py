@@ -98,7 +98,7 @@ class Request(BaseModel):
         group="capture", label="Latent width", stored=True)
     latent_coverage: Float | None = param(
         None, "SAEs without k or latent_width: the share of the first batch's tokens whose active latents all fit "
-        "(e.g. 0.99: the width is that quantile of its latents per token, about 3x fewer bytes than 1.5 x the most "
+        "(e.g. 0.99: the width is that quantile of its latents per token, about half the bytes of 1.5 x the most "
         "active; the rest lose their smallest, counted)", group="capture", label="Latent coverage", stored=True)
     feature_statistics: Literal["auto", "on", "off"] = param(
         "auto", "dashboard statistics per feature in the same pass (density, histogram, top and quantile "
