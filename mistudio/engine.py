@@ -8,7 +8,9 @@ computes (the device never waits for a copy); on any other device they are plain
 """
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -28,6 +30,36 @@ from .storage.writer import ChunkWriter
 
 class _StopForward(Exception):
     """Raised by a hook after the last requested layer: the rest of the model is never run."""
+
+
+_CUDNN_LOCK = threading.Lock()
+_cudnn_users = 0  # forwards running inside without_cudnn_attention
+_cudnn_was_enabled = False
+
+
+@contextmanager
+def without_cudnn_attention(device: torch.device) -> Iterator[None]:
+    """CUDA: the forwards inside run without cuDNN's attention kernels. They build a graph per new batch shape and
+    cache it per thread, so with dynamic padding on a job's thread most batches build one: on an H200 a 6-layer
+    decoder's forward ran at 18k-24k tokens/s on a new thread against 305k-360k on the main thread, and at 214k
+    there without cuDNN's (``benchmarks/RESULTS.md``). Flash and memory-efficient attention serve instead. PyTorch's
+    switch is process-wide: it is turned back on when the last forward inside leaves, if it was on."""
+    global _cudnn_users, _cudnn_was_enabled
+    if device.type != "cuda" or not hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        yield
+        return
+    with _CUDNN_LOCK:
+        if _cudnn_users == 0:
+            _cudnn_was_enabled = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        _cudnn_users += 1
+    try:
+        yield
+    finally:
+        with _CUDNN_LOCK:
+            _cudnn_users -= 1
+            if _cudnn_users == 0 and _cudnn_was_enabled:
+                torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 def _output_tensor(output) -> torch.Tensor:
@@ -259,7 +291,8 @@ def _forward(loaded: LoadedModel, ids: np.ndarray, spans: list[tuple[int, int, i
                 kwargs["use_cache"] = False
             captured.clear()
             try:
-                loaded.model(**kwargs)
+                with without_cudnn_attention(device):
+                    loaded.model(**kwargs)
             except _StopForward:
                 pass
             kept = torch.from_numpy(np.flatnonzero(keep.reshape(-1)))

@@ -17,7 +17,7 @@ TEXTS = ms.sample_texts()[:24]
 
 def test_bfloat16_store_equals_the_models_output_bits(gpt2_dir, workspace):
     ext = ms.extract(gpt2_dir, TEXTS, layers=[1], hooks=["residual"], dtype="bfloat16", model_dtype="bfloat16",
-                     max_length=40, workspace=workspace, progress=False)
+                     max_length=40, workspace=workspace, progress=False, device="cpu")  # as the reference below
     a = ext.activations("layers.1.residual")
     assert str(a.dtype) == "bfloat16" and a.zarr.dtype == np.uint16 and ext.verify().ok
     loaded = load_model(ModelSpec(name_or_path=gpt2_dir, dtype="bfloat16", device="cpu"))

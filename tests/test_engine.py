@@ -14,7 +14,8 @@ ALL_HOOKS = ["residual", "mlp", "attention"]
 
 
 def _extract(folder, workspace, **kw):
-    args = dict(layers=[0, 1, 2], hooks=ALL_HOOKS, dtype="float32", workspace=workspace, progress=False)
+    args = dict(layers=[0, 1, 2], hooks=ALL_HOOKS, dtype="float32", workspace=workspace, progress=False,
+                device="cpu")  # compared with float32 forwards on the CPU (on a GPU "auto" would run bfloat16)
     args.update(kw)
     return ms.extract(folder, TEXTS, **args)
 
@@ -106,7 +107,7 @@ def test_store_layout_chunks_stats_and_xarray(minilm_dir, workspace):
 def test_minilm_residual_matches_hidden_states(minilm_dir, workspace):
     texts = ms.sample_texts()[:24]
     ext = ms.extract(minilm_dir, texts, layers=[0, 5], hooks=["residual"], dtype="float32", batch_size=8,
-                     workspace=workspace, progress=False)
+                     workspace=workspace, progress=False, device="cpu")  # the reference below runs on the CPU
     model = AutoModel.from_pretrained(minilm_dir).eval()
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     for row in (0, 7, 23):
@@ -158,3 +159,37 @@ def test_truncation_and_max_samples(gpt2_dir, workspace):
     lengths = np.diff(ext.sample_offsets)
     assert lengths.max() == 8
     assert list(lengths) == sorted(lengths, reverse=True)  # bucketed: longest first
+
+
+def test_cudnn_attention_is_off_inside_job_forwards_and_restored_after_the_last():
+    """cuDNN's attention builds a graph per batch shape and thread (15x slower on an H200 job thread): the engine
+    turns it off around its forwards. The switch is process-wide, so it is counted: concurrent jobs leave it as
+    they found it, and a user who had turned it off keeps it off. CPU-only machines test the bookkeeping."""
+    import threading
+
+    from mistudio.engine import without_cudnn_attention
+
+    cuda, before = torch.device("cuda"), torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for was in (True, False):
+            torch.backends.cuda.enable_cudnn_sdp(was)
+            inside, other_entered, first_left = [], threading.Event(), threading.Event()
+
+            def other_job():
+                with without_cudnn_attention(cuda):
+                    other_entered.set()
+                    first_left.wait(10)
+                    inside.append(torch.backends.cuda.cudnn_sdp_enabled())  # still off: the first job left first
+
+            thread = threading.Thread(target=other_job)
+            with without_cudnn_attention(cuda):
+                inside.append(torch.backends.cuda.cudnn_sdp_enabled())
+                thread.start()
+                assert other_entered.wait(10)
+            first_left.set()
+            thread.join(10)
+            assert inside == [False, False] and torch.backends.cuda.cudnn_sdp_enabled() is was
+            with without_cudnn_attention(torch.device("cpu")):  # other devices: untouched
+                assert torch.backends.cuda.cudnn_sdp_enabled() is was
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
