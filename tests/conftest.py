@@ -16,6 +16,18 @@ import mistudio as ms
 SMALL = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
 
 
+# The longest test files, longest first (CI's durations): the suite runs a file per worker in collection order
+# (pytest-xdist, --dist loadfile), so a long file that starts last holds the whole run up.
+LONGEST_FILES = ("test_benchmarks.py", "test_durability.py", "test_readme.py", "test_notebooks.py", "test_faults.py",
+                 "test_browser.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The longest files first, every other file after them in its usual order (a stable sort)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def _configs(vocab: int) -> dict:
     import transformers as T
 

@@ -111,6 +111,29 @@ def test_a_click_opens_the_page_and_its_links(panel):
     assert len(samples) == len(set(samples)) and "one per document" in panel.page_html.value
 
 
+def test_a_click_while_a_task_repaints_the_table_opens_its_page(panel):
+    """A background task replaces the table's options with its value changes muted; the kernel handles a click on
+    its own thread meanwhile. The click is a click (it was lost under load in the real-browser test), and the row
+    stays chosen once the table is painted again."""
+    f = listed(panel.table_list)[2]
+    repainting, painted = threading.Event(), threading.Event()
+
+    def task():
+        panel._quiet = True  # as show_table_page does on a task's thread
+        repainting.set()
+        painted.wait(10)
+        panel._quiet = False
+
+    thread = threading.Thread(target=task)
+    thread.start()
+    assert repainting.wait(10)
+    panel.table_list.value = f  # the user's click, on the kernel's thread
+    painted.set()
+    thread.join(10)
+    assert panel.wait(120) and panel.page is not None and panel.page["feature"] == f
+    assert panel.table_list.value == f  # repainted after the page task: still chosen
+
+
 def test_notes_are_saved_from_the_tab(panel, workspace_dir):
     panel.feature.value = 5
     click_and_wait(panel.open_button, panel)

@@ -86,7 +86,7 @@ class FeaturesPanel(W.VBox):
         self._busy_what = ""
         self._queued: tuple | None = None  # a page to open once the running task ends (the last one asked for)
         self._loaded: tuple | None = None  # the store content (location, nonce, commit mark) the table shows
-        self._quiet = False  # set while options are replaced: their value changes are not clicks
+        self._quiet_in = threading.local()  # see _quiet
         self.ext: Extraction | None = None
         self.table: FeatureTable | None = None
         self.page: dict | None = None
@@ -233,6 +233,17 @@ class FeaturesPanel(W.VBox):
             self.page_tools, self.page_html])
         if load:  # a Studio loads it when its tab is opened: statistics are a pass over the store
             self.refresh()
+
+    @property
+    def _quiet(self) -> bool:
+        """True while this thread replaces options: the value changes that fires are not clicks. Per thread: a
+        click the kernel handles meanwhile (on its own thread) while a background task repaints the table is a
+        click, not lost (it was, under load, in the real-browser test)."""
+        return getattr(self._quiet_in, "on", False)
+
+    @_quiet.setter
+    def _quiet(self, on: bool) -> None:
+        self._quiet_in.on = on
 
     # -- wiring ---------------------------------------------------------------------------------------------
     def _wire(self) -> None:
@@ -454,10 +465,11 @@ class FeaturesPanel(W.VBox):
         pages = self.table.n_pages(self.page_size)
         self.table_page = min(max(0, int(index)), pages - 1)
         rows = self.table.page(self.table_page, self.page_size)
+        chosen = self.table_list.value
         self._quiet = True
         try:
             self.table_list.options = [(table_label(r), r["feature"]) for r in rows]
-            self.table_list.value = None
+            self.table_list.value = chosen if chosen in {r["feature"] for r in rows} else None  # still shown
         finally:
             self._quiet = False
         n, d = len(self.table), self.table.stats.d
