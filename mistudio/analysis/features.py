@@ -20,6 +20,7 @@ import zarr
 from ..errors import InputError
 from ..saes import SAE, load_sae
 from ..storage.featstats import BANDS, FeatureStatistics, sample_keys
+from ..storage.store import open_group
 from .feature_view import (LATENT_SUFFIX, Memo, display_pieces, is_latent, row_token_ids, rows_at, store_key,
                            token_means, token_means_many, tokenizer_scheme, values_at)
 from .logit_effects import ENCODER_TYPES, Unembedding, logit_effects, neuron_logit_effects
@@ -86,8 +87,8 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 # -- notes ---------------------------------------------------------------------------------------------------
 def _notes_group(ext: "Extraction", hook_point: str, mode: str) -> zarr.Group:
-    return zarr.open_group(store=ext.location, path=f"{NOTES}/{hook_point}", mode=mode,
-                           storage_options=ext.store.storage_options, **({"zarr_format": 3} if mode != "r" else {}))
+    return open_group(ext.location, ext.store.storage_options, mode, f"{NOTES}/{hook_point}",
+                      **({"zarr_format": 3} if mode != "r" else {}))
 
 
 def notes(ext: "Extraction", hook_point: str) -> dict[int, str]:

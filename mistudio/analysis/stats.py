@@ -22,6 +22,7 @@ from ..storage import featfeed, featstats
 from ..storage.layout import array_codecs
 from ..storage.metadata import LIVE_STATES
 from ..storage.reads import DECODE_ERRORS, CheckedArray
+from ..storage.store import open_group
 
 if TYPE_CHECKING:
     from ..extraction import Extraction
@@ -162,7 +163,7 @@ def cache_path(kind: str, hook_point: str, key: str) -> str:
 def cache_read(ext: "Extraction", path: str, mark: int) -> zarr.Group | None:
     """The cached group at ``path`` if it was computed at commit mark ``mark``, else None."""
     try:
-        group = zarr.open_group(store=ext.location, path=path, mode="r", storage_options=ext.store.storage_options)
+        group = open_group(ext.location, ext.store.storage_options, "r", path)
     except Exception:  # noqa: BLE001 - absent (or unreadable) means no cache
         return None
     return group if group.attrs.get("mark") == mark else None
@@ -178,8 +179,7 @@ def cache_write(ext: "Extraction", path: str, mark: int, attrs: dict, arrays: di
     except (OSError, StoreLost, StoreCorrupted):  # gone or damaged meanwhile: nothing to cache into
         return False
     try:
-        group = zarr.open_group(store=ext.location, path=path, mode="w", storage_options=ext.store.storage_options,
-                                zarr_format=3)
+        group = open_group(ext.location, ext.store.storage_options, "w", path, zarr_format=3)
         for name, data in arrays.items():  # checksummed like the store's arrays: a flipped bit is a cache miss;
             # chunks of fill values written too (left out, they would read back as missing: never a hit)
             group.create_array(name, data=data, config={"write_empty_chunks": True}, **array_codecs(True))
@@ -194,8 +194,7 @@ def cached_feature_stats(ext: "Extraction", hook_point: str) -> FeatureStats | N
     """Any cached, up-to-date :class:`FeatureStats` of ``hook_point`` (whatever its bins), else None."""
     mark = _mark(ext)
     try:
-        parent = zarr.open_group(store=ext.location, path=f"analysis/feature_stats/{hook_point}", mode="r",
-                                 storage_options=ext.store.storage_options)
+        parent = open_group(ext.location, ext.store.storage_options, "r", f"analysis/feature_stats/{hook_point}")
         keys = sorted(parent.group_keys())
     except Exception:  # noqa: BLE001
         return None

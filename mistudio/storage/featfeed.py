@@ -29,6 +29,7 @@ from ..errors import InputError
 from .featstats import CSR, FeatureStatsAccumulator
 from .layout import array_codecs
 from .reads import CheckedArray
+from .store import open_group
 
 if TYPE_CHECKING:
     from .store import ExtractionStore
@@ -170,8 +171,7 @@ def save(store: "ExtractionStore", key: str, rows: int, acc: FeatureStatsAccumul
     if store.guarded:  # never recreate a store deleted under the job
         store.check_same()
     state = acc.state_dict()
-    parent = zarr.open_group(store=store.location, path=f"{GROUP}/{key}", mode="a", zarr_format=3,
-                             storage_options=store.storage_options)
+    parent = open_group(store.location, store.storage_options, "a", f"{GROUP}/{key}", zarr_format=3)
     before = parent.attrs.get("snapshot")
     name = f"r{rows}"
     if name == before:

@@ -55,13 +55,15 @@ class GuardedLocalStore(zarr.storage.LocalStore):
         return await super().get(key, prototype, byte_range)
 
 
-def open_group(location: str, storage_options: dict | None = None, mode: str = "r") -> zarr.Group:
-    """A store's Zarr group, its metadata read now: a local folder through a :class:`GuardedLocalStore`, a remote
-    URL through ``storage_options``."""
+def open_group(location: str, storage_options: dict | None = None, mode: str = "r", path: str | None = None,
+               **options: Any) -> zarr.Group:
+    """A store's Zarr group (or its sub-group at ``path``), its metadata read now: a local folder through a
+    :class:`GuardedLocalStore`, a remote URL through ``storage_options``. ``options`` go to ``zarr.open_group``."""
     if "://" in location:
-        return zarr.open_group(store=location, mode=mode, storage_options=storage_options, use_consolidated=False)
-    return zarr.open_group(store=GuardedLocalStore(location, read_only=mode == "r"), mode=mode,
-                           use_consolidated=False)
+        return zarr.open_group(store=location, mode=mode, path=path, storage_options=storage_options,
+                               use_consolidated=False, **options)
+    return zarr.open_group(store=GuardedLocalStore(location, read_only=mode == "r"), mode=mode, path=path,
+                           use_consolidated=False, **options)
 
 
 class ExtractionStore:
