@@ -155,8 +155,13 @@ def disk_full_message(where: str, free: int | None, needed: int | None, what: st
 class StoreCorrupted(MistudioError):
     """Part of a store is damaged or missing: names the store, the array, the chunk and the file."""
 
-    def __init__(self, location: str, what: str, array: str | None = None, chunk: tuple | None = None,
+    def __init__(self, location: str, what: str | None = None, array: str | None = None, chunk: tuple | None = None,
                  file: str | None = None):
+        if what is None:  # rebuilt from its message alone: unpickled, or re-raised out of a DataLoader worker
+            self.location = self.array = self.chunk = self.file = None
+            self.what = location
+            super().__init__(location)
+            return
         self.location, self.array, self.chunk, self.file, self.what = location, array, chunk, file, what
         where = "".join([f" array {array}" if array else "", f" chunk {chunk}" if chunk is not None else "",
                          f" (file {file})" if file else ""])

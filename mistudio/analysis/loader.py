@@ -755,21 +755,8 @@ class _Tagged:
         return self
 
     def __next__(self):
-        try:
-            batch = next(self.it)
-        except StoreCorrupted as exc:
-            raise _WorkerStoreCorrupted(str(exc)) from None
+        batch = next(self.it)  # a StoreCorrupted reaches the main process rebuilt from its message
         return batch if self.worker is None else (self.worker, batch)
-
-
-class _WorkerStoreCorrupted(StoreCorrupted):
-    """StoreCorrupted out of a DataLoader worker: torch re-raises it in the main process as ``type(exc)(message)``,
-    which StoreCorrupted's own signature does not take."""
-
-    def __init__(self, message: str):
-        Exception.__init__(self, message)
-        self.location = self.array = self.chunk = self.file = None
-        self.what = message
 
 
 class _WorkerPool:
