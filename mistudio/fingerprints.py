@@ -122,24 +122,26 @@ def fingerprint(spec: ModelSpec) -> dict[str, Any] | None:
 
 
 def _parts(digests: dict[str, str]) -> dict[str, str]:
-    """The weights', config's and tokenizer's hashes of a folder's file digests."""
+    """The weights', config's and tokenizer's hashes of a folder's file digests. Where the folder has safetensors
+    weights, only they are weights: ``from_pretrained`` loads them and ignores a ``pytorch_model.bin`` beside."""
+    safetensors = any(name.endswith(".safetensors") for name in digests)
     parts = {}
     for kind in ("weights", "config", "tokenizer"):
         h = hashlib.sha256()
         for name, digest in sorted(digests.items()):
-            if _kind(name) == kind:
+            if _kind(name) == kind and not (kind == "weights" and safetensors and not name.endswith(".safetensors")):
                 h.update(f"{name}\0{digest}\n".encode())
         parts[kind] = h.hexdigest()
     return parts
 
 
 def _loaded_parts(fp: dict) -> dict:
-    """A fingerprint's hashes over the files a model loads: those at the top of its folder. Stores made before
-    this hashed subfolders too (an unrelated ``checkpoint-100/`` refused their resume); their file lists say which
-    digests to keep."""
+    """A fingerprint's hashes over the files a model loads, computed again from its file list, so that stores
+    recorded under older rules compare alike: they hashed subfolders too (an unrelated ``checkpoint-100/``
+    refused their resume) and every weights file (a ``pytorch_model.bin`` beside the safetensors did)."""
     files = fp.get("files")
-    if isinstance(files, dict) and any("/" in str(name) for name in files):
-        return _parts({str(k): str(v) for k, v in files.items() if "/" not in str(k)})
+    if isinstance(files, dict):
+        return {**fp, **_parts({str(k): str(v) for k, v in files.items() if "/" not in str(k)})}
     return fp
 
 
@@ -161,10 +163,13 @@ RESUME_RISK = ("resuming would mix rows of two models: «retry» into a new extr
 def check_same_model(name: str, recorded: dict | None, current: dict | None, risk: str = RESUME_RISK) -> None:
     """Raise InputError when a store made with the model ``recorded`` would be continued (or read, ``risk``
     says what would go wrong and the fix) with ``current``; nothing to compare when either is unknown."""
-    changed = differences(recorded, current) if recorded and current else []
+    if not (recorded and current):
+        return
+    recorded, current = _loaded_parts(recorded), _loaded_parts(current)
+    changed = differences(recorded, current)  # parts already loaded: compared as they are
     if changed:
         first = changed[0]
-        then, now = _loaded_parts(recorded).get(first, ""), _loaded_parts(current).get(first, "")
+        then, now = recorded.get(first, ""), current.get(first, "")
         raise InputError(
             f"the model at {name} is not the one this store was made with: its {' and '.join(changed)} changed "
             f"({first} {str(then)[:12]} when the store was made, {str(now)[:12]} now); {risk}", param="model")

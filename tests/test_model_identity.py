@@ -97,6 +97,23 @@ def test_files_in_subfolders_are_not_the_model_and_old_fingerprints_compare_alik
     assert ws.resume(job.id).wait(120).status == "COMPLETED"
 
 
+def test_a_pytorch_bin_beside_the_safetensors_is_not_the_model(model, workspace):
+    """from_pretrained loads model.safetensors and ignores a pytorch_model.bin beside it (a conversion left over):
+    the .bin does not refuse a resume. A store recorded before (every weights file hashed) compares alike; a
+    changed safetensors still refuses."""
+    ws = ms.Workspace(workspace)
+    job = cancelled_at(ws, model, "sample", at_batch=3, **OPTIONS)
+    recorded = job.extraction().record.model.fingerprint
+    (Path(model) / "pytorch_model.bin").write_bytes(b"a leftover conversion, never loaded")
+    current = fingerprint(ModelSpec(name_or_path=model))
+    assert "pytorch_model.bin" in current["files"] and current["weights"] == recorded["weights"]
+    old_style = {**current, "weights": "1" * 64}  # as a store recorded it: the .bin hashed into the weights
+    assert differences(old_style, current) == []
+    assert differences({**old_style, "files": {**old_style["files"], "model.safetensors": "2" * 64}}, current) == \
+        ["weights"]
+    assert ws.resume(job.id).wait(120).status == "COMPLETED"
+
+
 def test_the_runner_refuses_a_model_changed_after_the_resume_was_accepted(model, workspace):
     """The check at the start of the run, for a model re-saved between ws.resume and the job's start."""
     ws = ms.Workspace(workspace)
