@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import difflib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 from .analysis.sae_training import (CHECKPOINT_DIR, CHECKPOINT_FILE, SAE_DIR, TrainConfig, TrainingPlan, evaluate_sae,
+                                    check_setting_names,
                                     plan_training, train_sae)
 from .errors import InputError, JobCancelled, JobTimeout, StoreBusy, StoreLost, classify, render
 from .extraction import Extraction
@@ -222,34 +222,13 @@ def make_config(base: dict | TrainConfig | None = None, overrides: dict | None =
     other."""
     fields = dataclasses.asdict(base) if isinstance(base, TrainConfig) else dict(base or {})
     overrides = dict(overrides or {})
-    for name in [*fields, *overrides]:
-        if name not in TRAIN_FIELDS:
-            close = _closest_field(name)
-            hint = f"did you mean «{close}»? " if close else ""
-            raise InputError(f"«{name}» is not a training setting: {hint}the settings are TrainConfig's fields "
-                             f"({', '.join(TRAIN_FIELDS)})", param=name)
+    check_setting_names([*fields, *overrides])
     for a, b in _PAIRS:
         if overrides.get(a) is not None and b not in overrides:
             fields[b] = None
         if overrides.get(b) is not None and a not in overrides:
             fields[a] = None
     return TrainConfig(**{**fields, **overrides})
-
-
-_ALIASES = {"learning_rate": "lr", "l1": "l1_coefficient", "l0": "l0_coefficient", "expansion": "expansion_factor",
-            "arch": "architecture", "tokens": "n_tokens", "n_epochs": "epochs", "top_k": "k", "topk": "k"}
-
-
-def _closest_field(name: str) -> str | None:
-    """The TrainConfig field the user probably meant: a known alias, a near spelling, or a field ``name`` starts
-    with (``lr_rate`` -> ``lr``)."""
-    if name in _ALIASES:
-        return _ALIASES[name]
-    close = difflib.get_close_matches(name, TRAIN_FIELDS, n=1, cutoff=0.7)
-    if close:
-        return close[0]
-    prefixed = [f for f in TRAIN_FIELDS if name.startswith(f + "_")]
-    return max(prefixed, key=len) if prefixed else None
 
 
 def _check_options(timeout_s: Any, evaluate: Any) -> None:

@@ -154,6 +154,17 @@ def test_bad_configs(kwargs, field):
         TrainConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, said", [
+    ({"foo": 1}, "foo is not a training setting: the settings are TrainConfig's fields (architecture, d_sae"),
+    ({"learning_rate": 1e-3}, "learning_rate is not a training setting: did you mean lr?"),
+    ({"expansion_factr": 4}, "did you mean expansion_factor?"),
+])
+def test_a_name_that_is_no_setting_is_named_with_the_one_meant(kwargs, said):
+    with pytest.raises(InputError, match=re.escape(said)) as caught:  # not Python's TypeError
+        TrainConfig(**kwargs)
+    assert caught.value.param == next(iter(kwargs))
+
+
 def test_relu_alias():
     assert TrainConfig(architecture="relu").architecture == "standard"
 

@@ -17,6 +17,7 @@ exactly where the first stopped (bit for bit on the CPU).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import time
@@ -53,7 +54,7 @@ def _is_number(v: Any) -> bool:
         and math.isfinite(float(v))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TrainConfig:
     """How to train an SAE. Every bad value raises InputError naming the field.
 
@@ -95,6 +96,13 @@ class TrainConfig:
     checkpoint_every_steps: int = 1000
     progress_every_steps: int = 10
     device: str = "cpu"
+
+    def __init__(self, **settings: Any) -> None:
+        """Settings by name; a name that is not a field is named, with the one probably meant."""
+        check_setting_names(settings)
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, settings.get(f.name, f.default))
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         problems: list[tuple[str, str]] = []  # (field, message): every wrong field is named at once
@@ -435,6 +443,33 @@ def plan_training(ext: "Extraction", hook_point: str, config: TrainConfig | None
     total_tokens = config.n_tokens if config.n_tokens is not None else int(round((config.epochs or 1.0) * kept))
     return TrainingPlan(config, hook_point, width, d_sae, kept, total_tokens,
                         max(1, math.ceil(total_tokens / config.batch_size)))
+
+
+_ALIASES = {"learning_rate": "lr", "l1": "l1_coefficient", "l0": "l0_coefficient", "expansion": "expansion_factor",
+            "arch": "architecture", "tokens": "n_tokens", "n_epochs": "epochs", "top_k": "k", "topk": "k"}
+
+
+def _closest_field(name: str, fields: list[str]) -> str | None:
+    """The TrainConfig field the user probably meant: a known alias, a near spelling, or a field ``name`` starts
+    with (``lr_rate`` -> ``lr``)."""
+    if name in _ALIASES:
+        return _ALIASES[name]
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.7)
+    if close:
+        return close[0]
+    prefixed = [f for f in fields if name.startswith(f + "_")]
+    return max(prefixed, key=len) if prefixed else None
+
+
+def check_setting_names(names) -> None:
+    """InputError for the first of ``names`` that is not a TrainConfig field, naming the one probably meant."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    for name in names:
+        if name not in fields:
+            close = _closest_field(str(name), fields)
+            hint = f"did you mean «{close}»? " if close else ""
+            raise InputError(f"«{name}» is not a training setting: {hint}the settings are TrainConfig's fields "
+                             f"({', '.join(fields)})", param=str(name))
 
 
 def raise_all(problems: list[tuple[str, str]]) -> None:
