@@ -243,6 +243,19 @@ def run_shard(location: str, storage_options: dict | None, request: dict, shard:
     stats = {hp: HookStats.empty() for hp in capture_spec.hook_points}
     latent_stats = {hp: LatentStats.empty() for hp in latents}
     started = time.perf_counter()
+    try:
+        _extract_shard(loaded, ids, offsets, capture_spec, shard, check, before_batch, latents, writer, indexers,
+                       stats, latent_stats, on_batch)
+    except JobCancelled:  # an answer, not a failure: the shard stays to do (no worker traceback in the logs)
+        return {"index": shard["index"], "cancelled": True}
+    assert writer.pos == stop, "shard rows were not all placed"
+    return {"index": shard["index"], "edges": writer.edges, "stats": stats, "latent_stats": latent_stats,
+            "seconds": time.perf_counter() - started}
+
+
+def _extract_shard(loaded, ids, offsets, capture_spec: Request, shard: dict, check, before_batch, latents: dict,
+                   writer: ShardWriter, indexers: dict, stats: dict, latent_stats: dict, on_batch) -> None:
+    """The batches of one shard into its writer, its SAE indexers and its statistics."""
     for first, stop_sample, rows, batch_stats in forward_batches(loaded, ids, offsets, capture_spec,
                                                                  shard["first"], shard["stop"], check,
                                                                  before_batch, latents=latents):
@@ -255,9 +268,6 @@ def run_shard(location: str, storage_options: dict | None, request: dict, shard:
             LatentStats.merge(acc, batch_stats[f"{hp}.latents"])
         if on_batch is not None:
             on_batch(stop_sample - first)
-    assert writer.pos == stop, "shard rows were not all placed"
-    return {"index": shard["index"], "edges": writer.edges, "stats": stats, "latent_stats": latent_stats,
-            "seconds": time.perf_counter() - started}
 
 
 class ShardedRun:
@@ -365,10 +375,20 @@ class ShardedRun:
         tokens = int(self.offsets[-1]) - self.tokens_at_start
         return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0}
 
+    def _cancelled(self, shard: dict) -> list[BaseException]:
+        """A shard stopped by a cancel: recorded as such (to do on resume, not failed)."""
+        shard["status"] = "cancelled"
+        shard.pop("error", None)
+        self.store.update(shards=self.shards)
+        return [JobCancelled("cancelled by the user")]
+
     def _run_here(self, pending: list[dict]) -> list[BaseException]:
         for shard in pending:
             try:
-                self._finish(run_shard(*self._args(shard), on_batch=self._advance, check=self.check))
+                result = run_shard(*self._args(shard), on_batch=self._advance, check=self.check)
+                if result.get("cancelled"):
+                    return self._cancelled(shard)
+                self._finish(result)
             except BaseException as exc:  # noqa: BLE001 - recorded, then raised by run()
                 shard["status"] = "failed"
                 shard["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -401,7 +421,9 @@ class ShardedRun:
                 self._advance(queue.get()[1])
             for future in done:
                 shard = futures[future]
-                if future.status == "finished":
+                if future.status == "finished" and future.result().get("cancelled"):
+                    errors += self._cancelled(shard)
+                elif future.status == "finished":
                     self._finish(future.result())
                 else:
                     exc = future.exception()
