@@ -123,8 +123,9 @@ import contextlib
 bare(contextlib.nullcontext())  # the main thread's shapes warm
 out = {{}}
 for rep in range(2):
-    for name, guard in (("default", contextlib.nullcontext), ("without cuDNN attention",
-                                                              lambda: without_cudnn_attention(torch.device({device!r})))):
+    guards = {{"default": contextlib.nullcontext,
+              "without cuDNN attention": lambda: without_cudnn_attention(torch.device({device!r}))}}
+    for name, guard in guards.items():
         out.setdefault(f"main thread, {{name}}", []).append(bare(guard()))
         out.setdefault(f"new thread, {{name}}", []).append(in_thread(lambda: bare(guard())))
 print(json.dumps(out))
@@ -135,7 +136,8 @@ import bench_loader
 spec = importlib.util.spec_from_file_location("mistudio.analysis._loader_before", {before!r})
 old = importlib.util.module_from_spec(spec); sys.modules[spec.name] = old; spec.loader.exec_module(old)
 result = bench_loader.measure(tmp, {mb}, {repeats}, old, 2)
-slim = {{layout: {{k: v for k, v in row.items() if k not in ("seconds", "cpu_seconds")}} for layout, row in result.items()}}
+slim = {{layout: {{k: v for k, v in row.items() if k not in ("seconds", "cpu_seconds")}}
+        for layout, row in result.items()}}
 print(json.dumps(slim))
 """
 

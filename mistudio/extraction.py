@@ -152,7 +152,8 @@ class Extraction:
         entries = block_rows * width
         base = f"latents/{point}"
         offsets = CheckedArray(self.store.array(f"{base}/feature_offsets"), self.location, -(-mark // block_rows))
-        rows_arr = CheckedArray(self.store.array(f"{base}/feature_rows"), self.location, -(-mark // block_rows) * entries)
+        rows_arr = CheckedArray(self.store.array(f"{base}/feature_rows"), self.location,
+                                -(-mark // block_rows) * entries)
         values_arr = CheckedArray(self.store.array(f"{base}/feature_values"), self.location,
                                   -(-mark // block_rows) * entries)
         found_rows, found_values = [], []
@@ -346,7 +347,8 @@ class Extraction:
         for hp, stats in self.record.statistics.items():
             if stats.n_out_of_range:
                 out.append(f"{hp}: {stats.n_out_of_range:,} of {stats.count:,} values were past {dtype}'s range and "
-                           f"are stored as ±inf (max |x| {stats.max_abs:.3g}): «pass dtype='bfloat16'» (or 'float32')")
+                           f"are stored as ±inf (max |x| {stats.max_abs:.3g}): «pass dtype='bfloat16'» "
+                           "(or 'float32')")
             if stats.n_nan:
                 out.append(f"{hp}: {stats.n_nan:,} of {stats.count:,} values are NaN in the model's output")
         return out

@@ -52,9 +52,10 @@ def export_html(pages: Iterable[dict], path: str | Path, title: str = "mistudio 
     index, bodies = [], []
     for i, page in enumerate(pages):
         note = str(page.get("note") or "").strip().splitlines()
+        density = None if page["density"] is None else 100 * float(page["density"])
         index.append(f'<tr><td><a href="#p{i}">{escape(_page_title(page))}</a></td>'
-                     f'<td class="num">{number(None if page["density"] is None else 100 * float(page["density"]), ".3g")}%'
-                     f'</td><td class="num">{number(page["max"])}</td><td>{escape(note[0][:120]) if note else ""}</td></tr>')
+                     f'<td class="num">{number(density, ".3g")}%</td><td class="num">{number(page["max"])}</td>'
+                     f'<td>{escape(note[0][:120]) if note else ""}</td></tr>')
         bodies.append(f'<div id="p{i}">{feature_page_html(page, hide_special=hide_special, scheme=scheme, style=False)}'
                       '<p class="msfp-back"><a href="#index">↑ index</a></p></div>')
     text = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -145,8 +145,8 @@ class TrainConfig:
         if self.epochs is not None and (not _is_number(self.epochs) or self.epochs <= 0):
             bad("epochs", "must be a positive number")
         if self.n_tokens is not None and self.epochs is not None:
-            problems.append(("epochs", f"TrainConfig: give «n_tokens={self.n_tokens}» or «epochs={self.epochs}», not "
-                                       "both"))
+            problems.append(("epochs", f"TrainConfig: give «n_tokens={self.n_tokens}» or «epochs={self.epochs}», "
+                                       "not both"))
         if self.d_sae is not None and self.expansion_factor is not None:
             problems.append(("expansion_factor", f"TrainConfig: give «d_sae={self.d_sae}» or «expansion_factor="
                                                  f"{self.expansion_factor}», not both"))
