@@ -83,7 +83,7 @@ class ExtractionStore:
         self._record = record or metadata.parse(group.attrs.get("mistudio"))
         self.guarded = False
         self.lease: WriterLease | None = None  # held while this process writes (or deletes) the store
-        self._same_as: tuple | None = None  # local: the group file's (inode, mtime, size) when last found ours
+        self._same_as: tuple | None = None  # local: the group file's stamp (see _group_file_stamp) when last ours
 
     @classmethod
     def create(cls, location: str, meta: ExtractionMeta, storage_options: dict | None = None) -> "ExtractionStore":
@@ -165,16 +165,17 @@ class ExtractionStore:
             return record.to_json()
 
     def _group_file_stamp(self) -> tuple | None:
-        """Local stores: (inode, mtime, size) of the group's ``zarr.json``; any write or replacement changes it."""
+        """Local stores: (device, inode, mtime, ctime, size) of the group's ``zarr.json``; any write or replacement
+        changes it (a file put back with its old mtime gets a new ctime)."""
         if not self.local:
             return None
         stat = os.stat(os.path.join(self.location.removeprefix("file://"), "zarr.json"))
-        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+        return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size
 
     def check_same(self) -> None:
         """Raise :class:`StoreLost` if the store on disk is gone or is not the one this object opened. Locally a
-        group file unchanged since it was last found ours (or written by this object) is not read again: the writer
-        checks before every batch, and reading the metadata cost 3 ms a batch."""
+        group file with the stamp it had when last found ours (or written by this object) is not read again: the
+        writer checks before every batch, and reading the metadata cost 3 ms a batch."""
         try:
             stamp = self._group_file_stamp()
             if stamp is not None and stamp == self._same_as:
