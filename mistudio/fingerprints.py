@@ -121,15 +121,25 @@ def fingerprint(spec: ModelSpec) -> dict[str, Any] | None:
     return {**_parts(digests), "files": digests}
 
 
+def _ignored_weights(names) -> set[str]:
+    """Weight files ``from_pretrained`` does not load: ``pytorch_model*.bin`` where the model's own safetensors
+    (``model.safetensors``, or its shards ``model-*.safetensors``) are there. Other files stay counted (an
+    ``adapter_model.safetensors`` beside a ``pytorch_model.bin`` does not make the .bin unseen)."""
+    names = list(names)
+    if not any(n == "model.safetensors" or (n.startswith("model-") and n.endswith(".safetensors")) for n in names):
+        return set()
+    return {n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")}
+
+
 def _parts(digests: dict[str, str]) -> dict[str, str]:
-    """The weights', config's and tokenizer's hashes of a folder's file digests. Where the folder has safetensors
-    weights, only they are weights: ``from_pretrained`` loads them and ignores a ``pytorch_model.bin`` beside."""
-    safetensors = any(name.endswith(".safetensors") for name in digests)
+    """The weights', config's and tokenizer's hashes of a folder's file digests (less the weights that
+    ``from_pretrained`` ignores: see :func:`_ignored_weights`)."""
+    ignored = _ignored_weights(digests)
     parts = {}
     for kind in ("weights", "config", "tokenizer"):
         h = hashlib.sha256()
         for name, digest in sorted(digests.items()):
-            if _kind(name) == kind and not (kind == "weights" and safetensors and not name.endswith(".safetensors")):
+            if _kind(name) == kind and name not in ignored:
                 h.update(f"{name}\0{digest}\n".encode())
         parts[kind] = h.hexdigest()
     return parts

@@ -112,6 +112,9 @@ def test_a_pytorch_bin_beside_the_safetensors_is_not_the_model(model, workspace)
     assert differences({**old_style, "files": {**old_style["files"], "model.safetensors": "2" * 64}}, current) == \
         ["weights"]
     assert ws.resume(job.id).wait(120).status == "COMPLETED"
+    # the .bin is the model where the model's own safetensors are absent, whatever other safetensors lie beside
+    beside = {"pytorch_model.bin": "3" * 64, "adapter_model.safetensors": "4" * 64, "config.json": "5" * 64}
+    assert differences({"files": beside}, {"files": {**beside, "pytorch_model.bin": "6" * 64}}) == ["weights"]
 
 
 def test_the_runner_refuses_a_model_changed_after_the_resume_was_accepted(model, workspace):
