@@ -201,3 +201,18 @@ def test_exclude_special_store_keeps_contexts_and_loader_aligned(gpt2_dir, tmp_p
     seen = np.concatenate([b["token_index"].numpy() for b in ext.loader(HP, batch_size=4, exclude_special=True,
                                                                           with_index=True)])
     assert sorted(seen.tolist()) == list(range(ext.n_tokens))
+
+
+@pytest.mark.parametrize("url", [False, True])
+def test_a_torn_feature_statistics_cache_entry_is_computed_again(ext, url):
+    """An array's metadata in a feature_statistics cache entry left empty (a torn or disk-full write) is a cache
+    miss, not Python's JSONDecodeError; through a file:// URL too (read through the guarded local store)."""
+    from pathlib import Path
+
+    want = ext.feature_statistics(HP, k=5)
+    entries = [p for p in (Path(ext.location) / "analysis" / "featstats").rglob("zarr.json") if p.parent.name != HP]
+    leaf = next(p for p in entries if json.loads(p.read_text()).get("node_type") == "array")
+    leaf.write_text("")
+    opened = ms.open_extraction(f"file://{ext.location}") if url else ext
+    again = opened.feature_statistics(HP, k=5)
+    np.testing.assert_array_equal(again.fire_count, want.fire_count)

@@ -113,8 +113,7 @@ def test_a_click_opens_the_page_and_its_links(panel):
 
 def test_a_click_while_a_task_repaints_the_table_opens_its_page(panel):
     """A background task replaces the table's options with its value changes muted; the kernel handles a click on
-    its own thread meanwhile. The click is a click (it was lost under load in the real-browser test), and the row
-    stays chosen once the table is painted again."""
+    its own thread meanwhile. The click is a click (it was lost under load in the real-browser test)."""
     f = listed(panel.table_list)[2]
     repainting, painted = threading.Event(), threading.Event()
 
@@ -131,7 +130,6 @@ def test_a_click_while_a_task_repaints_the_table_opens_its_page(panel):
     painted.set()
     thread.join(10)
     assert panel.wait(120) and panel.page is not None and panel.page["feature"] == f
-    assert panel.table_list.value == f  # repainted after the page task: still chosen
 
 
 def test_notes_are_saved_from_the_tab(panel, workspace_dir):

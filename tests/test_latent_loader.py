@@ -237,8 +237,9 @@ def test_a_latent_index_past_d_sae_is_damage(store, tmp_path):
         with pytest.raises(ms.StoreCorrupted, match=rf"latents/{RAW}/indices.*latent index {D_SAE + 7} is past "
                                                     rf"the SAE's {D_SAE} latents \(row {row}\)"):
             list(bad.loader(LAT, batch_size=64, latents=form))
-    with pytest.raises(ms.StoreCorrupted, match=rf"latent index {D_SAE + 7} is past"):
+    with pytest.raises(ms.StoreCorrupted, match=rf"latent index {D_SAE + 7} is past") as caught:
         list(bad.loader([RAW, LAT], batch_size=64, num_workers=2))
+    assert str(caught.value).startswith(f"store {past}") and "Traceback" not in str(caught.value)  # the message
     with pytest.raises(ms.StoreCorrupted, match=rf"latent index {D_SAE + 7} is past"):
         bad.to_dask(LAT).sum(axis=0).compute()
     with pytest.raises(ms.StoreCorrupted, match=rf"latent index {D_SAE + 7} is past"):

@@ -196,3 +196,30 @@ def test_a_lease_file_that_is_not_a_plain_file_is_named_never_followed_or_waited
             act()
     assert ws.cleanup(dry_run=True) is not None
     assert not (tmp_path / "elsewhere").exists()  # a link is never followed, never created through
+
+
+def test_a_store_swapped_in_as_the_metadata_is_written_is_not_taken_for_ours(tmp_path, monkeypatch):
+    """The writer checks the store before every batch by the group file's stamp, and takes the stamp of the file it
+    just wrote as its own. Another store renamed into place in that instant is not: the next check reads it and
+    stops the job (StoreLost) before a row goes into the other store."""
+    import mistudio.storage.store as store_module
+    from conftest import allocated_store
+    from mistudio.errors import StoreLost
+
+    ours = allocated_store(str(tmp_path / "ours.zarr"), [[1, 2, 3]] * 4, {"layers.0.residual": 8})
+    other = allocated_store(str(tmp_path / "other.zarr"), [[4, 5]] * 4, {"layers.0.residual": 8})
+    ours.guarded = True
+    ours.check_same()
+    real = store_module.write_atomic
+
+    def write_then_swap(path, data, durable=True):
+        written = real(path, data, durable)
+        os.rename(ours.location, str(tmp_path / "away.zarr"))
+        os.rename(other.location, ours.location)
+        return written
+
+    monkeypatch.setattr(store_module, "write_atomic", write_then_swap)
+    ours.update(progress={"samples_committed": 1})
+    monkeypatch.setattr(store_module, "write_atomic", real)
+    with pytest.raises(StoreLost, match="replaced by another store"):
+        ours.check_same()

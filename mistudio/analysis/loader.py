@@ -823,6 +823,10 @@ class _WorkerPool:
         while not self._stash[want]:
             try:
                 worker, batch = next(self._it)
+            except StoreCorrupted as exc:  # torch rebuilt it from its worker's traceback: keep the message
+                self.close()
+                said = [line for line in str(exc).splitlines() if line.startswith("mistudio.errors.StoreCorrupted: ")]
+                raise StoreCorrupted(said[-1].split(": ", 1)[1] if said else str(exc)) from None
             except Exception:
                 self.close()
                 raise

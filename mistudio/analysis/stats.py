@@ -206,10 +206,11 @@ def cached_feature_stats(ext: "Extraction", hook_point: str) -> FeatureStats | N
     return None
 
 
-def cached_arrays(ext: "Extraction", group: zarr.Group, names) -> dict[str, np.ndarray] | None:
-    """A cache entry's arrays, checked (crc32c, every chunk present); None when any is damaged or missing: the
-    caller recomputes."""
+def cached_arrays(ext: "Extraction", group: zarr.Group, names=None) -> dict[str, np.ndarray] | None:
+    """A cache entry's arrays (``names``, or all of the group's), checked (crc32c, every chunk present); None when
+    any is damaged or missing, its metadata included: the caller recomputes."""
     try:
+        names = list(group.array_keys()) if names is None else names
         return {name: CheckedArray(group[name], ext.location, group[name].shape[0])[...] for name in names}
     except (DECODE_ERRORS + (KeyError, FileNotFoundError, IndexError)):
         return None
@@ -340,7 +341,7 @@ def feature_statistics(ext: "Extraction", hook_point: str, **options: Any) -> fe
     path = cache_path("featstats", hook_point, json.dumps(options, sort_keys=True).replace("/", "_"))
     group = cache_read(ext, path, mark)
     if group is not None:
-        arrays = cached_arrays(ext, group, [name for name in group.array_keys()])
+        arrays = cached_arrays(ext, group)
         if arrays is not None:
             try:
                 state = {**{k: v for k, v in group.attrs.items() if k != "mark"}, **arrays}

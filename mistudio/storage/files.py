@@ -20,8 +20,9 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` whole (a link at ``path`` is replaced, never followed)."""
+def write_atomic(path: str, data: bytes, durable: bool = True) -> tuple[int, int]:
+    """Replace ``path`` with ``data`` whole (a link at ``path`` is replaced, never followed); returns the (device,
+    inode) of the file written, which ``path`` names from then on unless something else replaces it."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
@@ -30,6 +31,7 @@ def write_atomic(path: str, data: bytes, durable: bool = True) -> None:
             view = view[os.write(fd, view):]
         if durable:
             os.fsync(fd)
+        written = os.fstat(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
@@ -43,3 +45,4 @@ def write_atomic(path: str, data: bytes, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(folder)
+    return written.st_dev, written.st_ino

@@ -59,11 +59,11 @@ def open_group(location: str, storage_options: dict | None = None, mode: str = "
                **options: Any) -> zarr.Group:
     """A store's Zarr group (or its sub-group at ``path``), its metadata read now: a local folder through a
     :class:`GuardedLocalStore`, a remote URL through ``storage_options``. ``options`` go to ``zarr.open_group``."""
-    if "://" in location:
+    if "://" in location and not location.startswith("file://"):
         return zarr.open_group(store=location, mode=mode, path=path, storage_options=storage_options,
                                use_consolidated=False, **options)
-    return zarr.open_group(store=GuardedLocalStore(location, read_only=mode == "r"), mode=mode, path=path,
-                           use_consolidated=False, **options)
+    local = GuardedLocalStore(location.removeprefix("file://"), read_only=mode == "r")  # file:// is local too
+    return zarr.open_group(store=local, mode=mode, path=path, use_consolidated=False, **options)
 
 
 class ExtractionStore:
@@ -221,9 +221,11 @@ class ExtractionStore:
                 with open(file, "rb") as f:
                     group = json.loads(f.read())
                 group["attributes"] = {**group.get("attributes", {}), "mistudio": record.to_json()}
-                write_atomic(file, json.dumps(group, separators=(",", ":"), allow_nan=True).encode(), durable)
-                if self.guarded:  # the file just written is ours
-                    self._same_as = self._group_file_stamp()
+                written = write_atomic(file, json.dumps(group, separators=(",", ":"), allow_nan=True).encode(),
+                                       durable)
+                stamp = self._group_file_stamp() if self.guarded else None
+                # ours if the file there is the one just written (a store swapped in meanwhile has another inode)
+                self._same_as = stamp if stamp is not None and stamp[:2] == written else None
             else:
                 with zarr.config.set({"json_indent": None}):
                     self.group.attrs.update({"mistudio": record.to_json()})

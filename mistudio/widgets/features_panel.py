@@ -465,11 +465,10 @@ class FeaturesPanel(W.VBox):
         pages = self.table.n_pages(self.page_size)
         self.table_page = min(max(0, int(index)), pages - 1)
         rows = self.table.page(self.table_page, self.page_size)
-        chosen = self.table_list.value
         self._quiet = True
         try:
             self.table_list.options = [(table_label(r), r["feature"]) for r in rows]
-            self.table_list.value = chosen if chosen in {r["feature"] for r in rows} else None  # still shown
+            self.table_list.value = None  # nothing chosen: a click on any row, the last one too, opens its page
         finally:
             self._quiet = False
         n, d = len(self.table), self.table.stats.d
