@@ -220,6 +220,10 @@ def make_config(base: dict | TrainConfig | None = None, overrides: dict | None =
     """A TrainConfig from ``base`` (fields or a config) with ``overrides``; an unknown field is an InputError that
     names it and the closest field. Overriding one of d_sae / expansion_factor (or n_tokens / epochs) drops the
     other."""
+    if base is not None and not isinstance(base, (TrainConfig, dict)):
+        raise InputError(f"«config={base!r}» must be a TrainConfig or a dict of its settings, e.g. "
+                         "«pass config=TrainConfig(architecture='topk', k=32)», or give the settings by name",
+                         param="config")
     fields = dataclasses.asdict(base) if isinstance(base, TrainConfig) else dict(base or {})
     overrides = dict(overrides or {})
     check_setting_names([*fields, *overrides])

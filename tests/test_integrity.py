@@ -252,3 +252,21 @@ def test_incoherent_metadata_and_missing_array(copy):
     assert "activations/layers.0.mlp (activations/layers.0.mlp/zarr.json): the array is missing" in text
     with pytest.raises(StoreCorrupted, match="layers.0.mlp.*missing"):
         ext.activations("layers.0.mlp")
+
+
+def test_a_store_folder_left_without_its_group_file_is_named_so(copy, tmp_path):
+    """What a store deleted or moved while its job wrote leaves (its arrays, no zarr.json): opening or resuming it
+    says so and how to clear it, never zarr's GroupNotFoundError; a folder that is no store is still not one."""
+    ws_root, ext_id, store, _ = copy
+    (store / "zarr.json").unlink()
+    ws = ms.Workspace(ws_root)
+    for call in (lambda: ws.open(ext_id), lambda: ws.resume(ext_id), lambda: ms.open_extraction(str(store))):
+        with pytest.raises(StoreCorrupted, match="has a store's arrays but no zarr.json .*delete it"):
+            call()
+    row = ws.extractions().set_index("id").loc[ext_id]
+    assert row["status"] == "UNREADABLE" and "no zarr.json" in row["problem"]
+    ws.delete(ext_id)
+    assert not store.exists()
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ms.InputError, match="is not a mistudio extraction store"):
+        ms.open_extraction(str(tmp_path / "plain"))

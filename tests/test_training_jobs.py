@@ -209,6 +209,7 @@ def test_a_timeout_fails_resumable_and_a_retry_without_it_completes(ext, tmp_pat
     ({"n_tokens": 100, "epochs": 1.0}, "epochs", "not both"),
     ({"timeout_s": -1}, "timeout_s", "positive number of seconds"),
     ({"evaluate": "yes"}, "evaluate", "is not True, False or 'reconstruction'"),
+    ({"config": "topk"}, "config", "config='topk' must be a TrainConfig or a dict of its settings"),
 ])
 def test_invalid_settings_create_nothing(ext, tmp_path, kwargs, param, words):
     ws = ms.Workspace(tmp_path / "ws")

@@ -119,7 +119,14 @@ class ExtractionStore:
         try:
             group = open_group(location, storage_options, "r+" if writable else "r")
             meta = group.attrs.get("mistudio")
-        except FileNotFoundError:
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            folder = location.removeprefix("file://")
+            left = "://" not in folder and os.path.isdir(folder) and any(
+                os.path.isdir(os.path.join(folder, part)) for part in ("activations", "tokens", "latents", "statistics"))
+            if left and not os.path.lexists(os.path.join(folder, "zarr.json")):  # a store's arrays, no group file
+                raise StoreCorrupted(location, "the folder has a store's arrays but no zarr.json (its metadata): what "
+                                     "is left of a store deleted or moved while its job wrote; delete it",
+                                     file=file) from exc
             raise
         except DECODE_ERRORS as exc:
             raise StoreCorrupted(location, f"its group metadata cannot be read ({type(exc).__name__}: {exc})",
