@@ -157,7 +157,11 @@ def _loaded_parts(fp: dict) -> dict:
 
 def differences(recorded: dict, current: dict) -> list[str]:
     """What changed between two fingerprints, in words (``weights``, ``config``, ``tokenizer``)."""
-    recorded, current = _loaded_parts(recorded), _loaded_parts(current)
+    return _changed(_loaded_parts(recorded), _loaded_parts(current))
+
+
+def _changed(recorded: dict, current: dict) -> list[str]:
+    """The parts that differ between two fingerprints whose parts are already loaded (:func:`_loaded_parts`)."""
     return [kind for kind in ("weights", "config", "tokenizer") if recorded.get(kind) != current.get(kind)]
 
 
@@ -176,7 +180,7 @@ def check_same_model(name: str, recorded: dict | None, current: dict | None, ris
     if not (recorded and current):
         return
     recorded, current = _loaded_parts(recorded), _loaded_parts(current)
-    changed = differences(recorded, current)  # parts already loaded: compared as they are
+    changed = _changed(recorded, current)
     if changed:
         first = changed[0]
         then, now = recorded.get(first, ""), current.get(first, "")
