@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .analysis.sae_training import (CHECKPOINT_DIR, CHECKPOINT_FILE, SAE_DIR, TrainConfig, TrainingPlan, evaluate_sae,
-                                    check_setting_names,
-                                    plan_training, train_sae)
+from .analysis.sae_training import (CHECKPOINT_DIR, CHECKPOINT_FILE, SAE_DIR, TrainConfig, TrainingPlan,
+                                    check_setting_names, evaluate_sae, plan_training, train_sae)
 from .errors import InputError, JobCancelled, JobTimeout, StoreBusy, StoreLost, classify, render
 from .extraction import Extraction
 from .jobs import Handle, call_all

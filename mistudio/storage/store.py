@@ -171,12 +171,17 @@ class ExtractionStore:
             self._record = record
             return record.to_json()
 
+    @property
+    def _group_file(self) -> str:
+        """Local stores: the path of the group's ``zarr.json``."""
+        return os.path.join(self.location.removeprefix("file://"), "zarr.json")
+
     def _group_file_stamp(self) -> tuple | None:
         """Local stores: (device, inode, mtime, ctime, size) of the group's ``zarr.json``; any write or replacement
         changes it (a file put back with its old mtime gets a new ctime)."""
         if not self.local:
             return None
-        stat = os.stat(os.path.join(self.location.removeprefix("file://"), "zarr.json"))
+        stat = os.stat(self._group_file)
         return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size
 
     def check_same(self) -> None:
@@ -224,7 +229,7 @@ class ExtractionStore:
                 self.lease.check()
             record = metadata.merged(self._record, sections)
             if self.local:
-                file = os.path.join(self.location.removeprefix("file://"), "zarr.json")
+                file = self._group_file
                 with open(file, "rb") as f:
                     group = json.loads(f.read())
                 group["attributes"] = {**group.get("attributes", {}), "mistudio": record.to_json()}
