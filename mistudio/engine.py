@@ -156,40 +156,53 @@ def encode_latents(latents: Latents, values: torch.Tensor, storage_dtype: torch.
     return index.to(torch.int32), top.to(storage_dtype), LatentStats.device_sums(active, dropped, top)
 
 
-def batch_outputs(real: dict[str, torch.Tensor], request: Request, latents: dict[str, Latents],
-                  storage_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
-    """What a batch stores, on the device: {array path: tensor as stored} and {statistics key: (kind, count,
-    source tensors)} — raw hook points (HookStats) and SAE latents (LatentStats)."""
+Staged = list[tuple[list[str], torch.Tensor]]  # (names, tensor whose first dimension indexes the names)
+
+
+def batch_outputs(groups: Staged, request: Request, latents: dict[str, Latents],
+                  storage_dtype: torch.dtype) -> tuple[Staged, list[tuple]]:
+    """What a batch stores, on the device, from its captured groups (``_forward``): ``[(array paths, tensor as
+    stored, one array per path along its first dimension)]`` and its statistics sources ``[(kind, keys, count,
+    source tensors)]`` — raw hook points (HookStats, a group's at once) and SAE latents (LatentStats). A group of
+    stored hook points costs one cast and one statistics pass however many hook points it holds."""
     limit = torch.finfo(storage_dtype).max
-    outputs, stats = {}, {}
-    for hp in request.hook_points:
-        values = real[hp]
-        outputs[f"activations/{hp}"] = values.to(storage_dtype)
-        stats[hp] = ("hook", values.numel(), (HookStats.device_sums(values, limit), HookStats.device_norms(values)))
+    stored = set(request.hook_points)
+    outputs, stats = [], []
+    for points, stack in groups:
+        if points[0] in stored:  # a group is all stored or all SAE-only
+            outputs.append(([f"activations/{hp}" for hp in points], stack.to(storage_dtype)))
+            stats.append(("hook", points, stack[0].numel(), HookStats.device_sources(stack, limit)))
+    rows_of = {hp: stack[i] for points, stack in groups for i, hp in enumerate(points)}
     for hp, spec in latents.items():
-        index, top, sums = encode_latents(spec, real[hp], storage_dtype)
-        outputs[f"latents/{hp}/indices"], outputs[f"latents/{hp}/values"] = index, top
-        stats[f"{hp}.latents"] = ("latents", len(index), (sums,))
+        index, top, sums = encode_latents(spec, rows_of[hp], storage_dtype)
+        outputs += [([f"latents/{hp}/indices"], index[None]), ([f"latents/{hp}/values"], top[None])]
+        stats.append(("latents", [f"{hp}.latents"], len(index), (sums[None],)))
     return outputs, stats
 
 
-def host_rows(outputs: dict[str, np.ndarray | torch.Tensor], latents: dict[str, Latents]) -> dict[str, np.ndarray]:
-    """Host tensors as the store keeps them: bfloat16 as its 2-byte patterns, latent indices in their dtype."""
-    rows = {path: host_numpy(t) if isinstance(t, torch.Tensor) else t for path, t in outputs.items()}
+def host_rows(outputs: Staged, latents: dict[str, Latents]) -> dict[str, np.ndarray]:
+    """Host tensors as the store keeps them, an array per path (views of the staged tensors): bfloat16 as its
+    2-byte patterns, latent indices in their dtype."""
+    rows = {}
+    for paths, tensor in outputs:
+        host = host_numpy(tensor)
+        rows.update((path, host[i]) for i, path in enumerate(paths))
     for hp, spec in latents.items():
         path = f"latents/{hp}/indices"
         rows[path] = rows[path].astype(spec.index_dtype, copy=False)
     return rows
 
 
-def host_stats(stats: dict[str, tuple]) -> dict[str, dict]:
-    """The statistics accumulators of a batch from their (host) source tensors."""
+def host_stats(stats: list[tuple]) -> dict[str, dict]:
+    """The statistics accumulators of a batch, per hook point (and ``<hook point>.latents``), from their host
+    source tensors."""
     out = {}
-    for key, (kind, count, sources) in stats.items():
+    for kind, keys, count, sources in stats:
+        sums = sources[0].tolist()
         if kind == "hook":
-            out[key] = HookStats.from_device(count, sources[0].tolist(), sources[1].numpy())
+            out.update(zip(keys, HookStats.from_sources(count, sums, sources[1].numpy())))
         else:
-            out[key] = LatentStats.from_device(sources[0].tolist())
+            out[keys[0]] = LatentStats.from_device(sums[0])
     return out
 
 
@@ -244,10 +257,10 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, r
                     check()
                 if before_batch is not None:
                     before_batch(index, request.batch_size if request.max_batch_tokens is None else stop - first)
-                real = _forward(loaded, ids, sample_spans(offsets, first, stop, request), points, request, special,
-                                captured, per_forward=request.micro_batch_size or (stop - first))
+                groups = _forward(loaded, ids, sample_spans(offsets, first, stop, request), points, request,
+                                  special, captured, per_forward=request.micro_batch_size or (stop - first))
                 with torch.inference_mode():
-                    outputs, stats = batch_outputs(real, request, latents, storage_dtype)
+                    outputs, stats = batch_outputs(groups, request, latents, storage_dtype)
                     if cuda:
                         current = _start_copies(outputs, stats, copies)
                     else:
@@ -273,16 +286,21 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, r
 
 
 def _forward(loaded: LoadedModel, ids: np.ndarray, spans: list[tuple[int, int, int]], points: list[str],
-             request: Request, special: np.ndarray | None, captured: dict, per_forward: int) -> dict[str, torch.Tensor]:
+             request: Request, special: np.ndarray | None, captured: dict, per_forward: int) -> Staged:
     """Forward ``spans`` (``per_forward`` sequences at a time: micro-batches, or windows that outnumber the
-    samples) and return each hook point's kept rows, in order, on the input device. Rows are selected by
-    indices taken from the host mask, so nothing waits for the device."""
+    samples) and return the kept rows of the hook points, in order, on the input device, grouped: hook points of
+    one width, dtype and device, all stored or all SAE-only, share one ``(hook points, rows, width)`` tensor, so
+    what follows is a few torch calls a group, not a few per hook point. Rows are selected by indices taken from
+    the host mask, so nothing waits for the device."""
     device = loaded.input_device
-    parts: dict[str, list[torch.Tensor]] = {hp: [] for hp in points}
+    stored = set(request.hook_points)
+    padded = [pad_spans(ids, spans[at:at + per_forward], loaded.pad_id, request.padding_side, special)
+              for at in range(0, len(spans), per_forward)]
+    n_rows = sum(int(keep.sum()) for _, _, keep in padded)
+    groups: Staged = []
+    row = 0
     with torch.inference_mode():
-        for group in range(0, len(spans), per_forward):
-            batch, mask, keep = pad_spans(ids, spans[group:group + per_forward], loaded.pad_id,
-                                          request.padding_side, special)
+        for batch, mask, keep in padded:
             attention = torch.from_numpy(mask).to(device)
             kwargs = {"input_ids": torch.from_numpy(batch).to(device), "attention_mask": attention}
             if "position_ids" in loaded.forward_args:
@@ -295,21 +313,44 @@ def _forward(loaded: LoadedModel, ids: np.ndarray, spans: list[tuple[int, int, i
                     loaded.model(**kwargs)
             except _StopForward:
                 pass
-            kept = torch.from_numpy(np.flatnonzero(keep.reshape(-1)))
-            for hp in parts:  # a split model's blocks may sit on several devices: rows meet on the input's
-                values = captured[hp]
-                flat = values.reshape(-1, values.shape[-1])
-                parts[hp].append(flat.index_select(0, kept.to(flat.device)).to(device))
+            if not groups:
+                groups = _groups(points, stored, captured, n_rows, device)
+            kept = np.flatnonzero(keep.reshape(-1))
+            at = slice(row, row + len(kept))
+            kept_on = {}  # the indices, once per device (a split model's blocks may sit on several)
+            for group_points, stack in groups:
+                for i, hp in enumerate(group_points):
+                    values = captured[hp]
+                    flat = values.reshape(-1, values.shape[-1])
+                    if flat.device not in kept_on:
+                        kept_on[flat.device] = torch.from_numpy(kept).to(flat.device)
+                    if flat.device == stack.device:
+                        torch.index_select(flat, 0, kept_on[flat.device], out=stack[i, at])
+                    else:  # rows meet on the input's device
+                        stack[i, at].copy_(flat.index_select(0, kept_on[flat.device]))
+            row += len(kept)
             captured.clear()
-    return {hp: p[0] if len(p) == 1 else torch.cat(p) for hp, p in parts.items()}
+    return groups
 
 
-def _start_copies(outputs: dict[str, torch.Tensor], stats: dict[str, tuple],
-                  stream: "torch.cuda.Stream") -> tuple[dict, dict, "torch.cuda.Event"]:
+def _groups(points: list[str], stored: set[str], captured: dict[str, torch.Tensor], n_rows: int,
+            device: torch.device) -> Staged:
+    """Empty ``(hook points, n_rows, width)`` tensors on ``device`` for the hook points as captured, grouped by
+    (stored, width, dtype), in order of their first hook point."""
+    keys: dict[tuple, list[str]] = {}
+    for hp in points:
+        values = captured[hp]
+        keys.setdefault((hp in stored, values.shape[-1], values.dtype), []).append(hp)
+    return [(group, torch.empty((len(group), n_rows, width), dtype=dtype, device=device))
+            for (_, width, dtype), group in keys.items()]
+
+
+def _start_copies(outputs: Staged, stats: list[tuple],
+                  stream: "torch.cuda.Stream") -> tuple[Staged, list, "torch.cuda.Event"]:
     """CUDA: copy a batch's stored tensors and statistics sources into pinned host memory on a side stream, so the
-    next forward never waits for it. Returns (pinned outputs, statistics with pinned sources, the copies'
-    event)."""
-    device = next(iter(outputs.values())).device
+    next forward never waits for it: a few copies a group of hook points. Returns (pinned outputs, statistics with
+    pinned sources, the copies' event)."""
+    device = outputs[0][1].device
     stream.wait_stream(torch.cuda.current_stream(device))  # the copies start once these are computed
 
     def pinned(source: torch.Tensor) -> torch.Tensor:
@@ -319,14 +360,14 @@ def _start_copies(outputs: dict[str, torch.Tensor], stats: dict[str, tuple],
         return host
 
     with torch.cuda.stream(stream):
-        rows = {path: pinned(t) for path, t in outputs.items()}
-        host = {key: (kind, count, tuple(pinned(t) for t in sources)) for key, (kind, count, sources) in stats.items()}
+        rows = [(paths, pinned(t)) for paths, t in outputs]
+        host = [(kind, keys, count, tuple(pinned(t) for t in sources)) for kind, keys, count, sources in stats]
         event = torch.cuda.Event()
         event.record(stream)
     return rows, host, event
 
 
-def _finish_copies(first: int, stop: int, rows: dict, stats: dict, event: "torch.cuda.Event",
+def _finish_copies(first: int, stop: int, rows: Staged, stats: list, event: "torch.cuda.Event",
                    latents: dict[str, Latents]) -> tuple:
     """Wait for a batch's copies: ``(first, stop, rows, stats)`` as ``forward_batches`` yields them; the rows
     are numpy views of the pinned buffers (the writer keeps them until written)."""

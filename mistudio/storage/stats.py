@@ -30,45 +30,51 @@ class HookStats:
         """One batch's accumulators of ``values`` (rows, d), computed by torch where the values are; outlier
         candidates are ``[row in the batch, norm]``, judged when the batch is merged. ``limit``: the largest
         finite value of the storage dtype (values beyond it are counted: stored, they would be inf)."""
-        return HookStats.from_device(values.numel(), HookStats.device_sums(values, limit).tolist(),
-                                     HookStats.device_norms(values).cpu().numpy())
+        sums, norms = HookStats.device_sources(values[None], limit)
+        return HookStats.from_sources(values.numel(), sums.tolist(), norms.cpu().numpy())[0]
 
     @staticmethod
-    def device_norms(values):
-        """The L2 norm of each row of ``values`` (rows, d), as float32 where they are (no sync)."""
+    def device_sources(stack, limit: float = float("inf")):
+        """The statistics sources of a stack of hook points' rows ``(hook points, rows, d)``, computed where they
+        are in a fixed number of torch calls whatever the number of hook points (no sync): per hook point (sum,
+        sum of squares, max abs, zeros, values beyond ``limit`` (inf included), NaNs) as float64 ``(hook points,
+        6)``, and each row's L2 norm as float32 ``(hook points, rows)``."""
         import torch
 
-        return torch.linalg.vector_norm(values.float().reshape(len(values), -1), dim=-1)
+        f = stack.float()
+        norms = torch.linalg.vector_norm(f, dim=-1)
+        f = f.reshape(len(f), -1)
+        if not f.shape[1]:
+            return torch.zeros((len(f), 6), dtype=torch.float64, device=f.device), norms
+        low, high = torch.aminmax(f, dim=1)
+        sums = torch.stack([f.sum(1, dtype=torch.float64), norms.double().square().sum(1), torch.maximum(high, -low),
+                            (f == 0).sum(1), (f.abs() > limit).sum(1), f.isnan().sum(1)], dim=1)
+        return sums, norms
 
     @staticmethod
-    def device_sums(values, limit: float = float("inf")):
-        """(sum, sum of squares, max abs, zeros, values beyond ``limit`` (inf included), NaNs) of ``values`` as one
-        float64 tensor where they are (no sync)."""
-        import torch
-
-        f = values.float().reshape(-1)
-        if not f.numel():
-            return torch.zeros(6, dtype=torch.float64, device=f.device)
-        magnitude = f.abs()
-        return torch.stack([f.sum(dtype=torch.float64), torch.dot(f, f).double(), magnitude.max().double(),
-                            (f == 0).sum().double(), (magnitude > limit).sum().double(), f.isnan().sum().double()])
-
-    @staticmethod
-    def from_device(count: int, sums: list[float], norms: np.ndarray) -> dict:
-        """The accumulators from ``count``, the values of :meth:`device_sums` and the row norms (on the host):
-        outlier candidates are ``[row in the batch, norm]``, judged when the batch is merged."""
+    def from_sources(count: int, sums: list[list[float]], norms: np.ndarray) -> list[dict]:
+        """The accumulators of each hook point of a stack from ``count`` (values per hook point) and the sources
+        of :meth:`device_sources` on the host (numpy work for the whole stack at once): outlier candidates are
+        ``[row in the batch, norm]``, the largest ``_CANDIDATES`` over 10 × the batch's median norm, judged when
+        the batch is merged."""
         norms = np.asarray(norms, dtype=np.float64)
         if not count:
-            return HookStats.empty()
-        total, sum_sq, max_abs, zeros, out_of_range, nans = (list(sums) + [0, 0])[:6]
-        hist = np.bincount(np.searchsorted(HookStats.NORM_EDGES, np.nan_to_num(norms, nan=0.0), side="left"),
-                           minlength=len(HookStats.NORM_EDGES) + 1)
-        top = np.argsort(-norms, kind="stable")[:HookStats._CANDIDATES]
-        over = top[norms[top] > 10 * np.median(norms)]
-        return {"count": int(count), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros),
-                "n_out_of_range": int(out_of_range), "n_nan": int(nans),
-                "norm_hist": hist.tolist(), "n_outliers": 0, "outliers": [],
-                "candidates": [[int(r), float(norms[r])] for r in over]}
+            return [HookStats.empty() for _ in norms]
+        n_bins = len(HookStats.NORM_EDGES) + 1
+        bins = np.searchsorted(HookStats.NORM_EDGES, np.nan_to_num(norms, nan=0.0), side="left")
+        bins += np.arange(len(norms))[:, None] * n_bins  # one bincount for the stack: each row its own bins
+        hists = np.bincount(bins.reshape(-1), minlength=len(norms) * n_bins).reshape(len(norms), n_bins).tolist()
+        over = norms > 10 * np.median(norms, axis=1, keepdims=True)  # a NaN median: no candidates
+        out = []
+        for row_norms, row_sums, hist, row_over in zip(norms, sums, hists, over):
+            total, sum_sq, max_abs, zeros, out_of_range, nans = row_sums
+            rows = np.flatnonzero(row_over)
+            rows = rows[np.argsort(-row_norms[rows], kind="stable")[:HookStats._CANDIDATES]]
+            out.append({"count": int(count), "sum": total, "sum_sq": sum_sq, "max_abs": max_abs, "zeros": int(zeros),
+                        "n_out_of_range": int(out_of_range), "n_nan": int(nans), "norm_hist": hist,
+                        "n_outliers": 0, "outliers": [],
+                        "candidates": [[int(r), float(row_norms[r])] for r in rows]})
+        return out
 
     @staticmethod
     def merge(acc: dict, delta: dict, first_row: int = 0) -> None:
@@ -125,9 +131,8 @@ class LatentStats:
 
         if not len(active):
             return torch.zeros(5, dtype=torch.float64, device=active.device)
-        return torch.stack([torch.tensor(float(len(active)), dtype=torch.float64, device=active.device),
-                            active.sum().double(), dropped.sum().double(), (dropped > 0).sum().double(),
-                            values.float().max().double()])
+        return torch.stack([torch.full((), len(active), dtype=torch.float64, device=active.device), active.sum(),
+                            dropped.sum(), (dropped > 0).sum(), values.float().max()])
 
     @staticmethod
     def from_device(sums: list[float]) -> dict:
