@@ -109,8 +109,12 @@ def _cancel_all(jobs: list) -> None:
 
 
 class Runner:
-    """One background worker thread per workspace folder: jobs run one at a time, in submit order. At the
-    interpreter's exit, its jobs are waited for (see :func:`_at_exit`)."""
+    """One background worker thread per workspace folder while it has jobs: they run one at a time, in submit
+    order, and the thread ends when the queue is empty (the next job starts a new one). A thread that ran torch on
+    the CPU keeps its OpenMP team while it lives, and with two teams alive libgomp throttles the spin-waiting both
+    rely on: a small model's forwards in the notebook ran at half speed after a job, for as long as the job's
+    thread lived (``benchmarks/RESULTS.md``). At the interpreter's exit, its jobs are waited for (see
+    :func:`_at_exit`)."""
 
     def __init__(self, name: str):
         self.models = ModelCache()
@@ -118,8 +122,8 @@ class Runner:
         self._queue: queue.Queue = queue.Queue()
         self._live: dict = {}  # the jobs queued or running in this process, by id
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name=f"mistudio-jobs:{name}", daemon=True)
-        self._thread.start()
+        self._name = name
+        self._thread: threading.Thread | None = None  # while jobs are queued or running
         global _registered
         with _AT_EXIT:
             _RUNNERS.add(self)
@@ -135,7 +139,11 @@ class Runner:
             self._live[job.id] = job
         job.started_here()
         job.emit("state", status=Status.QUEUED.value, previous=None)
-        self._queue.put(job)
+        with self._lock:
+            self._queue.put(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"mistudio-jobs:{self._name}", daemon=True)
+                self._thread.start()
 
     def live_job(self, extraction_id: str):
         """The job with this id if it is queued or running in this process."""
@@ -158,7 +166,11 @@ class Runner:
 
     def _loop(self) -> None:
         while True:
-            job = self._queue.get()
+            with self._lock:  # enqueue puts under the same lock: a job is never left without a thread
+                if self._queue.empty():
+                    self._thread = None
+                    return
+                job = self._queue.get()
             try:
                 job.execute(self.models)  # an extraction's Execution, or another kind of job's own run
             finally:  # leave the live set before anyone waiting is woken (so a resume right after works)
