@@ -132,6 +132,31 @@ def test_a_click_while_a_task_repaints_the_table_opens_its_page(panel):
     assert panel.wait(120) and panel.page is not None and panel.page["feature"] == f
 
 
+def test_a_click_as_a_task_ends_opens_its_page(panel):
+    """A task's thread lives a moment after it has finished (its last lines, the interpreter's exit from it). A
+    click then was queued behind it, and nothing ran the queue any more: the page never opened (seen, under load,
+    in the real-browser test). The moment is held open here: a click in it opens its page."""
+    ended, leave = threading.Event(), threading.Event()
+    finish = panel._work
+
+    def slow_exit(*args):
+        finish(*args)
+        ended.set()
+        leave.wait(30)  # finished, its thread still alive
+
+    panel._work = slow_exit
+    try:
+        assert panel._run("A short task", lambda: None, lambda _: None)
+        assert ended.wait(30)
+        panel._work = finish
+        f = listed(panel.table_list)[2]
+        panel.table_list.value = f  # the click
+        assert panel.wait(60) and panel.page is not None and panel.page["feature"] == f
+    finally:
+        leave.set()
+        panel._work = finish
+
+
 def test_notes_are_saved_from_the_tab(panel, workspace_dir):
     panel.feature.value = 5
     click_and_wait(panel.open_button, panel)

@@ -350,7 +350,8 @@ class FeaturesPanel(W.VBox):
                 queued, self._queued = self._queued, None
                 if queued is not None:
                     self._start(*queued)
-                else:
+                else:  # not working from here on, though this thread lives a moment more: a click now runs
+                    self._thread = None  # (it was queued, and lost, when this thread still counted as working)
                     self.busy.value = ""
                     for button in self._actions:
                         button.disabled = False

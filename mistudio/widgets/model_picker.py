@@ -285,6 +285,7 @@ class ModelPicker(W.VBox):
                     self.info.value = error_box(f"<b>{esc(type(exc).__name__)}</b>: {esc(str(exc))}")
         finally:
             with self._lock:
+                self._thread = None  # not busy from here on: a click on the button now, enabled, is taken
                 self.inspect_button.disabled, self.inspect_button.icon = False, "search"
                 self.inspect_button.remove_class("mistudio-busy")
                 if self._asked == name:
