@@ -12,6 +12,8 @@ Steps, each in its own subprocess with its own time limit, so that one failure l
   batch 16) at 512 and 2,048 samples: extract ÷ the bare batched forward of the same batches, and ÷ the
   overlapped limit (the slower of that forward and a raw write of the same bytes). Then a 12 x 768 decoder.
 - loader: bench_loader's ``measure`` (shuffled loader ÷ raw read, cold and warm, both layouts).
+- engine: bench_engine.py on CUDA: ``forward_batches`` of the engine before (``--engine-before-dir``, or the
+  files at bb2a4ec) and now ÷ the bare forward, 6-layer decoders of width 16 and 384, and torch calls a batch.
 - attention: the bare forward (tokens/s) in the main thread and in a new thread, with PyTorch's default attention
   backends and inside ``without_cudnn_attention`` (cuDNN's attention builds a graph per batch shape and thread).
 
@@ -131,6 +133,13 @@ for rep in range(2):
 print(json.dumps(out))
 """
 
+ENGINE = """
+import bench_engine
+sys.argv = ["bench_engine", "--device", {device!r}, "--before-dir", {before!r}, "--n", "{n}", "--repeats",
+            "{repeats}", "--widths", "16,384", "--out", str(tmp / "engine.json")]
+bench_engine.main()
+"""
+
 LOADER = """
 import bench_loader
 spec = importlib.util.spec_from_file_location("mistudio.analysis._loader_before", {before!r})
@@ -165,7 +174,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "out" / "gpu.json"))
     parser.add_argument("--tokenizer", default="")
     parser.add_argument("--before-file", default="")
-    parser.add_argument("--only", default="smoke,extraction,loader,tests,extraction_large,attention")
+    parser.add_argument("--engine-before-dir", default="", help="the 'before' engine.py and stats.py (bench_engine)")
+    parser.add_argument("--only", default="smoke,engine,extraction,loader,tests,extraction_large,attention")
     parser.add_argument("--budget-s", type=float, default=400, help="the whole run's limit: steps get what is left")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script itself")
     parser.add_argument("--device", default="cuda", help="cpu with --quick checks the script without a GPU")
@@ -182,6 +192,13 @@ def main() -> None:
         before = str(Path(tempfile.mkdtemp()) / "_loader_before.py")
         Path(before).write_text(subprocess.run(["git", "show", "72be1fd:mistudio/analysis/loader.py"], cwd=ROOT,
                                                check=True, capture_output=True, text=True).stdout)
+    engine_before = args.engine_before_dir
+    if not engine_before and "engine" in only:
+        engine_before = tempfile.mkdtemp()
+        for path, file in (("mistudio/engine.py", "engine.py"), ("mistudio/storage/stats.py", "stats.py")):
+            text = subprocess.run(["git", "show", f"bb2a4ec:{path}"], cwd=ROOT, check=True, capture_output=True,
+                                  text=True).stdout
+            Path(engine_before, file).write_text(text)
     q = args.quick
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp, \
             tempfile.TemporaryDirectory(dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None) as mem:
@@ -190,6 +207,8 @@ def main() -> None:
             "smoke": (SMOKE.format(device=args.device), 90),
             "extraction": (EXTRACTION.format(models={"6x384": (6, 384, [64] if q else [512, 2048])},
                                              repeats=1 if q else 3, device=args.device), 150),
+            "engine": (ENGINE.format(device=args.device, before=engine_before, n=64 if q else 512,
+                                     repeats=1 if q else 3), 120),
             "loader": (LOADER.format(before=before, mb=32 if q else 256, repeats=1 if q else 3), 120),
             "attention": (ATTENTION.format(device=args.device, n=48 if q else 512), 90),
             "extraction_large": (EXTRACTION.format(models={"12x768": (12, 768, [64] if q else [512, 2048])},

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--quick", "--device", "cpu",
-                           "--only", "smoke,extraction", "--out", str(out)], capture_output=True, text=True,
+                           "--only", "smoke,engine,extraction", "--out", str(out)], capture_output=True, text=True,
                           timeout=580, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -27,3 +27,6 @@ def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path):
     assert smoke["batch 1"]["bit_equal_fraction"] == 1.0  # batch 1: the same shapes as the reference forward
     row = results["extraction"]["result"]["6x384"]["64"]
     assert results["extraction"]["rc"] == 0 and row["ratio_vs_bare"] > 0 and row["tokens"] > 0
+    engine = results["engine"]["result"]["models"]["6x16"]
+    assert results["engine"]["rc"] == 0 and engine["after"]["ratio_vs_bare"] > 0
+    assert engine["after"]["torch_calls_per_extra_hook_point"] < engine["before"]["torch_calls_per_extra_hook_point"]
