@@ -10,6 +10,12 @@ the machine's drift cancels. Models: 6-layer GPT-2s of width 16 (a forward so ch
 per batch shows, as on a GPU, where small models are launch-bound) and 384 (the issue's); layers 1, 3, 5 ×
 residual/MLP/attention, float16 storage, batch 16.
 
+``thread_teams``: the bare forward in the main thread, on a second thread while it lives, and in the main thread
+while that thread lives idle and after it ended. Each thread that ran torch on the CPU keeps an OpenMP team while it
+lives; with more team threads than cores libgomp throttles the spin-waiting the forward's small ops rely on. A job
+runs on a second thread: this is the ceiling it meets on the CPU whatever the engine does, and why the workspace's
+job thread now ends with its queue.
+
 Also counted, device-independent: torch calls per batch (a ``TorchFunctionMode`` sees every torch function and
 tensor method, the model's own included), with 1 hook point and with 9: the slope is the engine's work per hook
 point. The JSON lands in ``--out`` (default ``benchmarks/out/engine.json``).
@@ -94,6 +100,29 @@ def calls_per_batch(engine, loaded, ids, offsets, request) -> float:
     return counter.calls / batches
 
 
+def thread_teams(loaded, data, order, repeats: int) -> dict:
+    """Bare-forward tokens/s: main thread; a second thread (the main thread's team alive); the main thread while
+    that thread lives idle; the main thread once it has ended. Medians of ``repeats``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def bare() -> float:
+        seconds, real, _ = run.bare_forward(loaded, data.ids, order, 16, last_layer=5)
+        return real / seconds
+
+    rows: dict[str, list] = {}
+    for _ in range(repeats):
+        rows.setdefault("main thread", []).append(bare())
+        worker = ThreadPoolExecutor(1)
+        rows.setdefault("second thread", []).append(worker.submit(bare).result())
+        rows.setdefault("main thread, the second alive", []).append(bare())
+        worker.shutdown(wait=True)
+        rows.setdefault("main thread, the second ended", []).append(bare())
+    medians = {name: float(np.median(values)) for name, values in rows.items()}
+    return {"tokens_per_s": medians, "second_thread_vs_main": medians["second thread"] / medians["main thread"],
+            "main_with_second_alive_vs_main": medians["main thread, the second alive"] / medians["main thread"],
+            "cpu_threads": torch.get_num_threads()}
+
+
 def measure(model_dir: str, device: str, n: int, repeats: int, engines: dict) -> dict:
     loaded = load_model(ModelSpec(name_or_path=model_dir, device=device))
     data = tokenize(Request.build(model="bench", dataset=run.texts(n), max_length=128), loaded.tokenizer,
@@ -124,6 +153,8 @@ def measure(model_dir: str, device: str, n: int, repeats: int, engines: dict) ->
                      "torch_calls_per_batch_9_hook_points": nine, "torch_calls_per_batch_1_hook_point": single,
                      "torch_calls_per_extra_hook_point": (nine - single) / 8}
     out["after_vs_before_tokens_per_s"] = float(np.median([a / b for a, b in zip(rows["after"], rows["before"])]))
+    if device == "cpu":
+        out["thread_teams"] = thread_teams(loaded, data, order, repeats)
     return out
 
 
