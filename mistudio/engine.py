@@ -288,10 +288,10 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, r
 def _forward(loaded: LoadedModel, ids: np.ndarray, spans: list[tuple[int, int, int]], points: list[str],
              request: Request, special: np.ndarray | None, captured: dict, per_forward: int) -> Staged:
     """Forward ``spans`` (``per_forward`` sequences at a time: micro-batches, or windows that outnumber the
-    samples) and return the kept rows of the hook points, in order, on the input device, grouped: hook points of
-    one width, dtype and device, all stored or all SAE-only, share one ``(hook points, rows, width)`` tensor, so
-    what follows is a few torch calls a group, not a few per hook point. Rows are selected by indices taken from
-    the host mask, so nothing waits for the device."""
+    samples) and return the kept rows of the hook points, in order, on the input device (where a split model's
+    rows meet), grouped: hook points of one width and dtype, all stored or all SAE-only, share one ``(hook points,
+    rows, width)`` tensor, so what follows is a few torch calls a group, not a few per hook point. Rows are
+    selected by indices taken from the host mask, so nothing waits for the device."""
     device = loaded.input_device
     stored = set(request.hook_points)
     padded = [pad_spans(ids, spans[at:at + per_forward], loaded.pad_id, request.padding_side, special)
