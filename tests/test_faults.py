@@ -214,6 +214,47 @@ def test_store_deleted_or_replaced_mid_run_fails_the_job(gpt2_dir, workspace, tm
         assert tree(location) == replacement  # the other store is untouched
 
 
+
+@pytest.mark.parametrize("shard_mb", [0, 0.04])
+def test_a_store_deleted_right_after_the_writers_check_is_not_made_again(gpt2_dir, workspace, monkeypatch,
+                                                                         shard_mb):
+    """The writer checks the store before each batch. A delete just after that check used to be undone by the
+    batch's chunk writes, which made the array's folder again with its parents: a folder of arrays without a
+    zarr.json at the old path. Now nothing above a chunk's own folder is made: the job fails as STORE_LOST."""
+    from mistudio.storage.store import ExtractionStore
+
+    check, checks = ExtractionStore.check_same, []
+
+    def check_then_delete(self):
+        check(self)
+        if threading.current_thread().name == "mistudio-writer":
+            checks.append(self.location)
+            if len(checks) == 3:
+                shutil.rmtree(self.location)
+
+    monkeypatch.setattr(ExtractionStore, "check_same", check_then_delete)
+    job = ms.Workspace(workspace).submit(gpt2_dir, "sample", max_samples=200, shard_mb=shard_mb, **SMALL)
+    job.wait(60)
+    assert len(checks) >= 3 and not Path(checks[0]).exists()
+    assert job.status == "FAILED" and job.error["error_type"] == "STORE_LOST", job.error
+    assert "deleted or moved" in job.error["error_message"]
+
+
+def test_a_write_through_zarr_to_a_deleted_store_makes_no_folder(gpt2_dir, tmp_path):
+    """Statistics snapshots, caches and notes write through Zarr, whose local store makes its folder (and the
+    parents) on open and on every write: a store deleted meanwhile is not made again."""
+    from mistudio.storage.store import open_group
+
+    ext = ms.extract(gpt2_dir, TEXTS, workspace=str(tmp_path / "ws"), progress=False, **SMALL)
+    group = open_group(ext.location, mode="a")
+    shutil.rmtree(ext.location)
+    with pytest.raises(FileNotFoundError, match="deleted or moved"):
+        group.attrs.update({"late": 1})
+    with pytest.raises(FileNotFoundError, match="deleted or moved"):
+        open_group(ext.location, mode="a", path="analysis/notes")
+    assert not Path(ext.location).exists()
+
+
 # -- 5. disk full -----------------------------------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):

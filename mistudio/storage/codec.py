@@ -314,11 +314,20 @@ class UnitWriter:
             os.close(self.fd)
         self.unit, self.fd, self.chunks, self.dirty = None, -1, 0, False
 
-    @staticmethod
-    def _folder(path: Path) -> None:
-        if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fsync_dir(str(path.parent.parent))
+    def _folder(self, path: Path) -> None:
+        """Make the chunk-key folders between the array's folder and ``path``, never the array's folder or a folder
+        above it: a store deleted or moved while its job writes is not made again at its old path (the write fails
+        with FileNotFoundError instead)."""
+        if path.parent.is_dir():
+            return
+        folder = self.g.root
+        for part in path.parent.relative_to(folder).parts:
+            folder = folder / part
+            try:
+                folder.mkdir()  # not parents=True: a vanished parent is FileNotFoundError
+            except FileExistsError:
+                continue
+            fsync_dir(str(folder.parent))
 
 
 # -- decoding ----------------------------------------------------------------------------------------------------

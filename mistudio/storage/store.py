@@ -46,13 +46,27 @@ def check_metadata_file(location: str, file: str, array: str | None = None) -> N
 
 class GuardedLocalStore(zarr.storage.LocalStore):
     """A local Zarr store whose every ``zarr.json`` (the group's, each array's) is checked by
-    :func:`check_metadata_file` before Zarr reads it: one bad file is :class:`StoreCorrupted`, never a hang."""
+    :func:`check_metadata_file` before Zarr reads it: one bad file is :class:`StoreCorrupted`, never a hang. It
+    opens an existing store only: its folder is never made (Zarr's would be, with its parents), so a write to a
+    store deleted or moved meanwhile is FileNotFoundError, not a new folder at the old path."""
 
     async def get(self, key: str, prototype=None, byte_range=None):
         if key == "zarr.json" or key.endswith("/zarr.json"):
             location = str(self.root)
             check_metadata_file(location, f"{location}/{key}", key[:-len("/zarr.json")] if "/" in key else None)
         return await super().get(key, prototype, byte_range)
+
+    def _check_there(self) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"the store {self.root} is not there (deleted or moved)")
+
+    async def _open(self, *, mode=None) -> None:
+        self._check_there()
+        await super()._open(mode=mode)
+
+    async def _set(self, key: str, value, exclusive: bool = False) -> None:
+        self._check_there()
+        await super()._set(key, value, exclusive=exclusive)
 
 
 def open_group(location: str, storage_options: dict | None = None, mode: str = "r", path: str | None = None,

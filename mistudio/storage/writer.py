@@ -2,6 +2,7 @@
 commit mark over every chunk that is on the disk."""
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import deque
@@ -10,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import MistudioError
+from ..errors import MistudioError, StoreLost
 from .codec import Geometry, UnitWriter
 from .featfeed import StatisticsFeed
 from .featindex import FeatureIndex
@@ -33,6 +34,8 @@ class _Stream:
     def __init__(self, store: ExtractionStore, path: str, start_row: int):
         self.arr = store.array(path)
         self.path = path
+        self.location = store.location
+        self.folder = os.path.join(store.location, path)  # the array's folder (local stores)
         self.n_rows = int(self.arr.shape[0])
         geometry = Geometry.of(self.arr)
         self.unit_writer = UnitWriter(self.arr, geometry) if geometry is not None else None
@@ -78,6 +81,15 @@ class _Stream:
         return out
 
     def _write(self, start: int, stop: int, views: list[np.ndarray], again: bool) -> None:
+        try:
+            self._write_unit(start, stop, views, again)
+        except FileNotFoundError as exc:
+            if os.path.isdir(self.folder):
+                raise
+            raise StoreLost(f"the store {self.location} was deleted or moved while its job wrote {self.path} "
+                            f"({exc.filename or exc} is gone); what it held is gone: retry the extraction") from exc
+
+    def _write_unit(self, start: int, stop: int, views: list[np.ndarray], again: bool) -> None:
         if self.unit_writer is None:
             self.arr[start:stop] = views[0] if len(views) == 1 else np.concatenate(views)
             return
