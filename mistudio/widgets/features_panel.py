@@ -295,15 +295,17 @@ class FeaturesPanel(W.VBox):
     # -- background work ---------------------------------------------------------------------------------------
     @property
     def working(self) -> bool:
-        """Whether a background task runs now."""
-        thread = self._thread
+        """Whether a background task runs now (or one is about to: a queued one is started under the lock)."""
+        with self._lock:
+            thread = self._thread
         return thread is not None and thread.is_alive()
 
     def wait(self, timeout: float | None = 600) -> bool:
         """Wait for the background work (the running task and any queued after it); True when none runs any more."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            thread = self._thread
+            with self._lock:  # a queued task's thread is made and started under it: never seen unstarted
+                thread = self._thread
             if thread is None or not thread.is_alive():
                 return not self.working
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -350,12 +352,14 @@ class FeaturesPanel(W.VBox):
                 queued, self._queued = self._queued, None
                 if queued is not None:
                     self._start(*queued)
-                else:  # not working from here on, though this thread lives a moment more: a click now runs
-                    self._thread = None  # (it was queued, and lost, when this thread still counted as working)
+                else:
                     self.busy.value = ""
                     for button in self._actions:
                         button.disabled = False
                     self._enable_navigation()
+                    # not working from here on, though this thread lives a moment more: a click now runs (it was
+                    # queued, and lost, while this thread still counted as working); last, so wait() means reset
+                    self._thread = None
 
     def _enable_navigation(self) -> None:
         """Previous/Next only where there is such a feature."""

@@ -169,7 +169,7 @@ class ModelPicker(W.VBox):
         self.details: dict | None = None
         self.lookups = 0  # config reads started (each Load / inspect: one)
         self._listeners: list[Callable[[dict], None]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # busy reads under it, also from observers run inside
         self._thread: threading.Thread | None = None
         self._asked: str | None = None  # the model the running lookup is for
         self.inspect_button.on_click(guard(self._say, lambda _: self.inspect_async()))
@@ -254,7 +254,8 @@ class ModelPicker(W.VBox):
     @property
     def busy(self) -> bool:
         """A lookup is running."""
-        thread = self._thread
+        with self._lock:
+            thread = self._thread
         return thread is not None and thread.is_alive()
 
     def inspect_async(self) -> threading.Thread | None:
@@ -285,11 +286,11 @@ class ModelPicker(W.VBox):
                     self.info.value = error_box(f"<b>{esc(type(exc).__name__)}</b>: {esc(str(exc))}")
         finally:
             with self._lock:
-                self._thread = None  # not busy from here on: a click on the button now, enabled, is taken
                 self.inspect_button.disabled, self.inspect_button.icon = False, "search"
                 self.inspect_button.remove_class("mistudio-busy")
                 if self._asked == name:
                     self._asked = None
+                self._thread = None  # not busy from here on (the button is reset): a click now is taken
 
     def inspect(self, name: str | None = None) -> dict | None:
         """Show the model's facts (config only, no weights) or a clear error; returns the facts. Blocking: the
