@@ -70,7 +70,7 @@ def _at_exit() -> None:
     cancels them cleanly and says how to resume. In a Jupyter kernel (shut down or restarted) they are stopped
     at once, with what they computed committed, and end FAILED/INTERRUPTED (the Studio's restart banner offers to
     resume them) instead of being killed mid-write."""
-    jobs = [job for runner in list(_RUNNERS) for job in runner.live_jobs()]
+    jobs = _live_jobs()
     if not jobs:
         return
     ids = ", ".join(job.id for job in jobs)
@@ -86,10 +86,16 @@ def _at_exit() -> None:
     print(f"mistudio: waiting for {len(jobs)} job(s) to finish before exiting ({ids}); press Ctrl-C to cancel "
           "(what is saved is kept)", file=sys.stderr, flush=True)
     try:
-        for job in jobs:
-            job.wait()
+        while jobs:  # a job that ends may submit another (a listener's follow-up): it is waited for too
+            for job in jobs:
+                job.wait()
+            jobs = _live_jobs()
     except KeyboardInterrupt:
-        _cancel_all(jobs)
+        _cancel_all(_live_jobs() or jobs)
+
+
+def _live_jobs() -> list:
+    return [job for runner in list(_RUNNERS) for job in runner.live_jobs()]
 
 
 def _cancel_all(jobs: list) -> None:
@@ -141,9 +147,10 @@ class Runner:
         job.emit("state", status=Status.QUEUED.value, previous=None)
         with self._lock:
             self._queue.put(job)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=f"mistudio-jobs:{self._name}", daemon=True)
-                self._thread.start()
+            if self._thread is None:  # set once started: a failed start leaves the next enqueue to try again
+                thread = threading.Thread(target=self._loop, name=f"mistudio-jobs:{self._name}", daemon=True)
+                thread.start()
+                self._thread = thread
 
     def live_job(self, extraction_id: str):
         """The job with this id if it is queued or running in this process."""
@@ -173,6 +180,8 @@ class Runner:
                 job = self._queue.get()
             try:
                 job.execute(self.models)  # an extraction's Execution, or another kind of job's own run
+            except BaseException:  # noqa: BLE001 - execute records its own failures; this thread serves the rest
+                log.exception("mistudio: job %s raised out of its run", job.id)
             finally:  # leave the live set before anyone waiting is woken (so a resume right after works)
                 with self._lock:
                     self._live.pop(job.id, None)
