@@ -165,13 +165,12 @@ def batch_outputs(groups: Staged, request: Request, latents: dict[str, Latents],
     stored, one array per path along its first dimension)]`` and its statistics sources ``[(kind, keys, count,
     source tensors)]`` — raw hook points (HookStats, a group's at once) and SAE latents (LatentStats). A group of
     stored hook points costs one cast and one statistics pass however many hook points it holds."""
-    limit = torch.finfo(storage_dtype).max
     stored = set(request.hook_points)
     outputs, stats = [], []
     for points, stack in groups:
         if points[0] in stored:  # a group is all stored or all SAE-only
             outputs.append(([f"activations/{hp}" for hp in points], stack.to(storage_dtype)))
-            stats.append(("hook", points, stack[0].numel(), HookStats.device_sources(stack, limit)))
+            stats.append(("hook", points, stack[0].numel(), HookStats.device_sources(stack)))
     rows_of = {hp: stack[i] for points, stack in groups for i, hp in enumerate(points)}
     for hp, spec in latents.items():
         index, top, sums = encode_latents(spec, rows_of[hp], storage_dtype)
@@ -193,14 +192,16 @@ def host_rows(outputs: Staged, latents: dict[str, Latents]) -> dict[str, np.ndar
     return rows
 
 
-def host_stats(stats: list[tuple]) -> dict[str, dict]:
+def host_stats(stats: list[tuple], rows: dict[str, np.ndarray], storage_dtype: torch.dtype) -> dict[str, dict]:
     """The statistics accumulators of a batch, per hook point (and ``<hook point>.latents``), from their host
-    source tensors."""
+    source tensors and the rows as stored (``host_rows``; where infinities and NaNs are counted)."""
     out = {}
+    limit, bfloat16 = torch.finfo(storage_dtype).max, storage_dtype == torch.bfloat16
     for kind, keys, count, sources in stats:
         sums = sources[0].tolist()
         if kind == "hook":
-            out.update(zip(keys, HookStats.from_sources(count, sums, sources[1].numpy())))
+            stored = [rows[f"activations/{hp}"] for hp in keys]
+            out.update(zip(keys, HookStats.from_sources(count, sums, sources[1].numpy(), stored, limit, bfloat16)))
         else:
             out[keys[0]] = LatentStats.from_device(sums[0])
     return out
@@ -264,21 +265,22 @@ def forward_batches(loaded: LoadedModel, ids: np.ndarray, offsets: np.ndarray, r
                     if cuda:
                         current = _start_copies(outputs, stats, copies)
                     else:
-                        rows, stats = host_rows(outputs, latents), host_stats(stats)
+                        rows = host_rows(outputs, latents)
+                        stats = host_stats(stats, rows, storage_dtype)
             except BaseException:
                 if pending is not None:  # a finished batch is never lost to a later batch's failure
                     done, pending = pending, None
-                    yield _finish_copies(*done, latents)
+                    yield _finish_copies(*done, latents, storage_dtype)
                 raise
             if not cuda:
                 yield first, stop, rows, stats
                 continue
             if pending is not None:  # its copies ran on the side stream while this batch computed
-                yield _finish_copies(*pending, latents)
+                yield _finish_copies(*pending, latents, storage_dtype)
             pending = (first, stop, *current)
         if pending is not None:
             done, pending = pending, None
-            yield _finish_copies(*done, latents)
+            yield _finish_copies(*done, latents, storage_dtype)
     finally:
         for handle in handles:
             handle.remove()
@@ -368,11 +370,12 @@ def _start_copies(outputs: Staged, stats: list[tuple],
 
 
 def _finish_copies(first: int, stop: int, rows: Staged, stats: list, event: "torch.cuda.Event",
-                   latents: dict[str, Latents]) -> tuple:
+                   latents: dict[str, Latents], storage_dtype: torch.dtype) -> tuple:
     """Wait for a batch's copies: ``(first, stop, rows, stats)`` as ``forward_batches`` yields them; the rows
     are numpy views of the pinned buffers (the writer keeps them until written)."""
     event.synchronize()
-    return first, stop, host_rows(rows, latents), host_stats(stats)
+    host = host_rows(rows, latents)
+    return first, stop, host, host_stats(stats, host, storage_dtype)
 
 
 def run(loaded: LoadedModel, store: ExtractionStore, request: Request, *, start_sample: int = 0,

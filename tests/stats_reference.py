@@ -49,8 +49,9 @@ def reference_rows(model_dir: str, ext, hook_points: list[str], window=None, str
     return {hp: np.concatenate(r) if r else np.zeros((0, loaded.hidden_size), np.float32) for hp, r in rows.items()}
 
 
-def numpy_batch_stats(values: np.ndarray, limit: float) -> dict:
-    """One batch's accumulators of one hook point, the pre-grouping way, in numpy."""
+def numpy_batch_stats(values: np.ndarray, storage: torch.dtype) -> dict:
+    """One batch's accumulators of one hook point, the pre-grouping way, in numpy; values beyond the storage
+    dtype's range are those stored as ±inf."""
     if not values.size:
         return HookStats.empty()
     f = values.astype(np.float32)
@@ -63,18 +64,17 @@ def numpy_batch_stats(values: np.ndarray, limit: float) -> dict:
         mag = np.abs(f.astype(np.float64))
         return {"count": int(f.size), "sum": float(f.astype(np.float64).sum()),
                 "sum_sq": float((f.astype(np.float64) ** 2).sum()), "max_abs": float(mag.max()),
-                "zeros": int((f == 0).sum()), "n_out_of_range": int((mag > limit).sum()),
+                "zeros": int((f == 0).sum()), "n_out_of_range": int(torch.isinf(torch.from_numpy(f).to(storage)).sum()),
                 "n_nan": int(np.isnan(f).sum()), "norm_hist": hist.tolist(), "n_outliers": 0, "outliers": [],
                 "candidates": [[int(r), float(norms[r])] for r in over]}
 
 
 def reference_stats(values: np.ndarray, ext, request: Request, storage_dtype: str) -> dict:
     """A hook point's accumulators over the whole store, batch by batch as the engine planned them."""
-    limit = float(torch.finfo(getattr(torch, storage_dtype)).max)
     offsets = ext.store.sample_offsets()
     rows_at = ext.store.activation_offsets()
     acc = HookStats.empty()
     for first, stop in plan_batches(offsets, request, 0, len(offsets) - 1):
         a, b = int(rows_at[first]), int(rows_at[stop])
-        HookStats.merge(acc, numpy_batch_stats(values[a:b], limit), a)
+        HookStats.merge(acc, numpy_batch_stats(values[a:b], getattr(torch, storage_dtype)), a)
     return acc

@@ -103,15 +103,19 @@ def test_stacks_of_different_widths_equal_each_hook_point_alone():
     groups = [(p, t) for p, t in groups if all(h in stored for h in p)]
     outputs, stats = batch_outputs(groups, request, {}, torch.float16)
     host = host_rows(outputs, {})
-    acc = host_stats(stats)
+    acc = host_stats(stats, host, torch.float16)
     for points, stack in groups:
         for i, hp in enumerate(points):
-            np.testing.assert_array_equal(host[f"activations/{hp}"], stack[i].to(torch.float16).numpy())
-            alone = HookStats.of_tensor(stack[i], float(torch.finfo(torch.float16).max))
-            for key in ("count", "zeros", "n_nan", "n_out_of_range", "norm_hist", "candidates"):
+            stored = host[f"activations/{hp}"]
+            np.testing.assert_array_equal(stored, stack[i].to(torch.float16).numpy())
+            alone = HookStats.of_tensor(stack[i])
+            for key in ("count", "zeros", "norm_hist", "candidates"):
                 assert acc[hp][key] == alone[key], (hp, key)
+            assert acc[hp]["n_nan"] == int(np.isnan(stored).sum()) and acc[hp]["n_out_of_range"] == int(
+                np.isinf(stored).sum())
             for key in ("sum", "sum_sq", "max_abs"):
                 assert acc[hp][key] == pytest.approx(alone[key], rel=1e-6, nan_ok=True), (hp, key)
     assert acc["layers.0.mlp"]["candidates"] and acc["layers.0.mlp"]["candidates"][0][0] == 3
     assert not acc["layers.0.residual"]["candidates"]  # NaN median: none (as before)
     assert acc["layers.1.attention"]["zeros"] == rows * 5
+    assert acc["layers.0.mlp"]["n_out_of_range"] == 8 and acc["layers.0.residual"]["n_nan"] == 1
