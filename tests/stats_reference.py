@@ -4,6 +4,10 @@ before hook points were grouped (one hook point at a time, float64 accumulators)
 the store's own ``HookStats.merge``."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -78,3 +82,15 @@ def reference_stats(values: np.ndarray, ext, request: Request, storage_dtype: st
         a, b = int(rows_at[first]), int(rows_at[stop])
         HookStats.merge(acc, numpy_batch_stats(values[a:b], getattr(torch, storage_dtype)), a)
     return acc
+
+
+def edited_model(source: str, folder: Path, edit: Callable[[torch.Tensor], None]) -> str:
+    """A copy of the model folder ``source`` in ``folder`` whose token embedding matrix ``edit`` changed in place."""
+    from transformers import AutoModel
+
+    shutil.copytree(source, folder)
+    model = AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        edit(model.get_input_embeddings().weight)
+    model.save_pretrained(folder)
+    return str(folder)

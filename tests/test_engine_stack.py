@@ -3,16 +3,14 @@ reference of the pre-grouping computation, stored rows against single-sample for
 storage dtypes, outliers, NaNs, zero-row batches and SAEs on stored and unstored hook points."""
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import mistudio as ms
 from mistudio.request import Request
 
-from stats_reference import reference_rows, reference_stats
+from stats_reference import edited_model, reference_rows, reference_stats
 
 TEXTS = ms.sample_texts()[:20]
 ALL = ["residual", "mlp", "attention"]
@@ -22,17 +20,12 @@ ALL = ["residual", "mlp", "attention"]
 def loud_token_model(tiny_models, tmp_path_factory):
     """The tiny GPT-2 whose token 5's embedding is scaled by 1e4: its rows are far over 100x the median norm
     (outliers), and with 1e6 past float16's range in layer 0."""
-    from transformers import AutoModel
+    def edit(weight):
+        weight[5].mul_(1e4)
+        weight[7].mul_(1e6)
+        weight[9].zero_()
 
-    folder = tmp_path_factory.mktemp("loudtok") / "m"
-    shutil.copytree(tiny_models["gpt2"], folder)
-    model = AutoModel.from_pretrained(folder)
-    with torch.no_grad():
-        model.wte.weight[5].mul_(1e4)
-        model.wte.weight[7].mul_(1e6)
-        model.wte.weight[9].zero_()
-    model.save_pretrained(folder)
-    return str(folder)
+    return edited_model(tiny_models["gpt2"], tmp_path_factory.mktemp("loudtok") / "m", edit)
 
 
 def _texts_with_loud_tokens(model_dir):
@@ -140,15 +133,8 @@ def test_all_rows_removed_in_every_batch_of_a_micro_batched_run(tiny_models, wor
 
 @pytest.fixture(scope="module")
 def nan_model(tiny_models, tmp_path_factory):
-    from transformers import AutoModel
-
-    folder = tmp_path_factory.mktemp("nanmodel") / "m"
-    shutil.copytree(tiny_models["gpt2"], folder)
-    model = AutoModel.from_pretrained(folder)
-    with torch.no_grad():
-        model.wte.weight[11] = float("nan")
-    model.save_pretrained(folder)
-    return str(folder)
+    return edited_model(tiny_models["gpt2"], tmp_path_factory.mktemp("nanmodel") / "m",
+                        lambda weight: weight[11].fill_(float("nan")))
 
 
 def test_nan_rows_are_counted_per_hook_point_and_do_not_leak_to_others(nan_model, workspace):

@@ -3,17 +3,16 @@ histogram, outliers, out-of-range counts) and rows equal a single-process run's,
 point beside stored ones."""
 from __future__ import annotations
 
-import shutil
 import sys
 
 import numpy as np
 import pytest
-import torch
 
 import mistudio as ms
 
 distributed = pytest.importorskip("distributed")
 import cloudpickle  # noqa: E402
+from stats_reference import edited_model  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -23,16 +22,11 @@ ARGS = dict(layers=[0, 2], hooks=["residual", "mlp", "attention"], max_samples=6
 
 @pytest.fixture(scope="module")
 def loud(tiny_models, tmp_path_factory):
-    from transformers import AutoModel
-
-    folder = tmp_path_factory.mktemp("loudcluster") / "m"
-    shutil.copytree(tiny_models["gpt2"], folder)
-    model = AutoModel.from_pretrained(folder)
-    with torch.no_grad():
+    def edit(weight):
         for t in range(0, 400, 37):
-            model.wte.weight[t].mul_(3e4 if t % 2 else 1e7)  # outliers, and values past float16 in layer 0
-    model.save_pretrained(folder)
-    return str(folder)
+            weight[t].mul_(3e4 if t % 2 else 1e7)  # outliers, and values past float16 in layer 0
+
+    return edited_model(tiny_models["gpt2"], tmp_path_factory.mktemp("loudcluster") / "m", edit)
 
 
 @pytest.mark.slow
