@@ -130,6 +130,28 @@ TEXTS = [
 ]
 
 
+def while_muted_elsewhere(panel, act) -> None:
+    """Run ``act()`` (a user's click, on this thread) while another thread holds ``panel._quiet`` (a list being
+    rebuilt there, its value changes muted)."""
+    import threading
+
+    muted, done = threading.Event(), threading.Event()
+
+    def rebuild():
+        panel._quiet = True
+        muted.set()
+        done.wait(10)
+        panel._quiet = False
+
+    thread = threading.Thread(target=rebuild)
+    thread.start()
+    assert muted.wait(10)
+    try:
+        act()
+    finally:
+        done.set()
+        thread.join(10)
+
 def gate(at_batch: int):
     """before_batch hook: signals `reached` at batch `at_batch`, then waits for `release` (at most 30 s)."""
     reached, release = threading.Event(), threading.Event()

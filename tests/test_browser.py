@@ -452,8 +452,12 @@ def features_lab(worktree_on_path, lab, gpt2_dir):
                saes={"layers.1.residual": str(tmp_path / "sae")})
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    trace = tmp_path / "features-panel.log"  # the panel's debug trace in the kernel: shown if the test fails
     notebook.cells = [nbformat.v4.new_code_cell(
-        "import mistudio as ms\nfrom mistudio.widgets.features_panel import FeaturesPanel\n"
+        "import logging\nimport mistudio as ms\nfrom mistudio.widgets.features_panel import FeaturesPanel\n"
+        f"handler = logging.FileHandler({str(trace)!r})\n"
+        "handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))\n"
+        "logging.getLogger('mistudio').addHandler(handler)\nlogging.getLogger('mistudio').setLevel(logging.DEBUG)\n"
         f"FeaturesPanel(ms.Workspace({str(ws)!r}))")]
     nbformat.write(notebook, tmp_path / "lab" / "features.ipynb")
     return url.replace("studio.ipynb", "features.ipynb"), tmp_path
@@ -491,7 +495,12 @@ def test_features_tab_in_jupyterlab(features_lab):
         table.select_option(index=1)  # a click on a row opens its page
         view = page.locator(".mistudio-feature-page .msfp")
         # the first page computes the model's logit effects (loads its weights): allow for a loaded machine
-        expect(view.locator(".msfp-header h4")).to_contain_text(f"neuron {feature}", timeout=180_000)
+        try:
+            expect(view.locator(".msfp-header h4")).to_contain_text(f"neuron {feature}", timeout=180_000)
+        except AssertionError as exc:  # what the kernel saw: the click, the tasks (it failed twice under load)
+            trace = tmp_path / "features-panel.log"
+            seen = trace.read_text()[-6000:] if trace.exists() else "(no trace written)"
+            raise AssertionError(f"the page of feature {feature} did not open; the panel's trace:\n{seen}") from exc
         logits = view.locator(".msfp-logits table tr")
         expect(logits).to_have_count(11)  # header + 10 rows of promoted and suppressed tokens
         assert "promoted" in view.locator(".msfp-logits").inner_text()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mistudio as ms
-from conftest import gate
+from conftest import gate, while_muted_elsewhere
 from mistudio.analysis.features import notes
 from mistudio.widgets.features_panel import FeaturesPanel
 
@@ -115,20 +115,7 @@ def test_a_click_while_a_task_repaints_the_table_opens_its_page(panel):
     """A background task replaces the table's options with its value changes muted; the kernel handles a click on
     its own thread meanwhile. The click is a click (it was lost under load in the real-browser test)."""
     f = listed(panel.table_list)[2]
-    repainting, painted = threading.Event(), threading.Event()
-
-    def task():
-        panel._quiet = True  # as show_table_page does on a task's thread
-        repainting.set()
-        painted.wait(10)
-        panel._quiet = False
-
-    thread = threading.Thread(target=task)
-    thread.start()
-    assert repainting.wait(10)
-    panel.table_list.value = f  # the user's click, on the kernel's thread
-    painted.set()
-    thread.join(10)
+    while_muted_elsewhere(panel, lambda: setattr(panel.table_list, "value", f))  # the click, on this thread
     assert panel.wait(120) and panel.page is not None and panel.page["feature"] == f
 
 

@@ -10,6 +10,7 @@ import time
 import pytest
 
 import mistudio as ms
+from conftest import while_muted_elsewhere
 from mistudio.widgets.features_panel import FeaturesPanel
 from mistudio.widgets.model_picker import ModelPicker
 
@@ -187,3 +188,18 @@ def test_picker_not_busy_means_the_button_is_enabled(gpt2_dir):
     assert not button.disabled and button.icon == "search" and "mistudio-busy" not in button._dom_classes, \
         "busy is False while the Inspect button still spins"
     thread.join(10)
+
+
+def test_a_choice_while_another_thread_rebuilds_the_browse_list_is_taken(gpt2_dir, tmp_path):
+    """A job's end rebuilds the Browse tab's list on the job's thread, its value changes muted; JupyterLab hands
+    the kernel widget messages on a subshell thread meanwhile. The user's choice then is a choice (the mute was
+    one flag for every thread)."""
+    from mistudio.widgets.browser import ActivationBrowser
+
+    ws = ms.Workspace(str(tmp_path))
+    first = ms.extract(gpt2_dir, ["one two three", "four five"], layers=[0], workspace=str(tmp_path), progress=False)
+    second = ms.extract(gpt2_dir, ["six seven", "eight"], layers=[1], workspace=str(tmp_path), progress=False)
+    browser = ActivationBrowser(ws)
+    other = first.id if browser.extraction.value == second.id else second.id
+    while_muted_elsewhere(browser, lambda: setattr(browser.extraction, "value", other))  # the choice, here
+    assert browser.ext is not None and browser.ext.id == other

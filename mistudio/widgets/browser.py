@@ -4,6 +4,8 @@ token means) as HTML. Every slow action shows it is busy; the info line says wha
 """
 from __future__ import annotations
 
+import threading
+
 import ipywidgets as W
 import numpy as np
 
@@ -125,7 +127,7 @@ class ActivationBrowser(W.VBox):
         self._labels: dict[str, str] = {}
         self._states: dict[str, tuple] = {}  # id -> (status, samples saved): what the list says of each store
         self._shown: tuple | None = None  # (id, status, samples saved) of the store the tab shows
-        self._quiet = False  # the list is being rebuilt: not a user's choice
+        self._quiet_in = threading.local()  # see _quiet
         self.extraction.observe(guard(self._say, lambda _: None if self._quiet else self._select()), "value")
         self.hook_point.observe(guard(self._say, lambda _: self._describe_hook_point()), "value")
         self.plot_button.on_click(guard(self._say, lambda _: self.plot()))
@@ -142,6 +144,17 @@ class ActivationBrowser(W.VBox):
 
     def _say(self, text: str) -> None:
         self.info.value = text
+
+    @property
+    def _quiet(self) -> bool:
+        """True while this thread rebuilds the list: the value changes that fires are not a user's choice. Per
+        thread: a job's end rebuilds it on the job's thread while a click may arrive on the kernel's (JupyterLab
+        sends widget messages to a subshell thread): that click is a click."""
+        return getattr(self._quiet_in, "on", False)
+
+    @_quiet.setter
+    def _quiet(self, on: bool) -> None:
+        self._quiet_in.on = on
 
     def refresh_list(self) -> None:
         """*Refresh list*, with the button busy while the workspace is listed."""

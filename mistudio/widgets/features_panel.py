@@ -14,6 +14,7 @@ what runs, and its result or error shows in the tab when it ends.
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -34,6 +35,8 @@ from ..errors import InputError
 from ..extraction import Extraction
 from ..workspace import Workspace
 from .common import error_box, esc, for_ui, guard, note_box, summarise_hook_points
+
+log = logging.getLogger("mistudio")
 
 SORTS = (("density", "density"), ("mean", "mean"), ("mean when active", "mean_active"), ("max", "max"),
          ("feature", "feature"))
@@ -251,7 +254,14 @@ class FeaturesPanel(W.VBox):
             button.on_click(guard(self._say, lambda _: fn()))
 
         def change(widget: W.Widget, fn: Callable[[], Any]) -> None:
-            widget.observe(guard(self._say, lambda _: None if self._quiet else fn()), "value")
+            def changed(event: dict) -> None:
+                quiet = self._quiet
+                log.debug("features panel: %s %r -> %r on %s%s", type(widget).__name__, event["old"], event["new"],
+                          threading.current_thread().name, " (muted)" if quiet else "")
+                if not quiet:
+                    fn()
+
+            widget.observe(guard(self._say, changed), "value")
 
         click(self.refresh_button, self.refresh)
         change(self.extraction, self._select_extraction)
@@ -320,6 +330,7 @@ class FeaturesPanel(W.VBox):
         else it is refused (False, and a note says why)."""
         with self._lock:
             if self.working:
+                log.debug("features panel: %s: %s", what, "queued" if queue else "refused (busy)")
                 if queue:
                     self._queued = (what, work, done, show)
                     return True
@@ -331,6 +342,7 @@ class FeaturesPanel(W.VBox):
 
     def _start(self, what: str, work: Callable[[], Any], done: Callable[[Any], None],
                show: Callable[[str], None] | None) -> None:
+        log.debug("features panel: %s: started", what)
         self._busy_what = what
         self.busy.value = f'<span class="mistudio-busy">⏳ {esc(what)}…</span>'
         for button in self._actions:
@@ -497,6 +509,7 @@ class FeaturesPanel(W.VBox):
 
         def done(page: dict) -> None:
             if self.ext is not ext or self.hook_point.value != hp:
+                log.debug("features panel: the page of feature %s is not shown: the choice changed", feature)
                 return
             self.page = page
             self.feature.value = page["feature"]
