@@ -115,12 +115,12 @@ def _cancel_all(jobs: list) -> None:
 
 
 class Runner:
-    """One background worker thread per workspace folder while it has jobs: they run one at a time, in submit
-    order, and the thread ends when the queue is empty (the next job starts a new one). A thread that ran torch on
-    the CPU keeps its OpenMP team while it lives, and with two teams alive libgomp throttles the spin-waiting both
-    rely on: a small model's forwards in the notebook ran at half speed after a job, for as long as the job's
-    thread lived (``benchmarks/RESULTS.md``). At the interpreter's exit, its jobs are waited for (see
-    :func:`_at_exit`)."""
+    """One background worker thread per workspace folder, started with its first job and kept: jobs run one at a
+    time, in submit order. Kept, though a thread that ran torch on the CPU keeps its OpenMP team while it lives
+    (with two teams alive libgomp throttles the spin-waiting both rely on: a small model's forwards in the notebook
+    run slower after a job, ``benchmarks/RESULTS.md``): a new thread per job made a resumed job's rows differ from
+    an uninterrupted run's in their last bits (``tests/test_durability.py``). At the interpreter's exit, its jobs
+    are waited for (see :func:`_at_exit`)."""
 
     def __init__(self, name: str):
         self.models = ModelCache()
@@ -129,7 +129,7 @@ class Runner:
         self._live: dict = {}  # the jobs queued or running in this process, by id
         self._lock = threading.Lock()
         self._name = name
-        self._thread: threading.Thread | None = None  # while jobs are queued or running
+        self._thread: threading.Thread | None = None  # from the first job on
         global _registered
         with _AT_EXIT:
             _RUNNERS.add(self)
@@ -173,11 +173,7 @@ class Runner:
 
     def _loop(self) -> None:
         while True:
-            with self._lock:  # enqueue puts under the same lock: a job is never left without a thread
-                if self._queue.empty():
-                    self._thread = None
-                    return
-                job = self._queue.get()
+            job = self._queue.get()
             try:
                 job.execute(self.models)  # an extraction's Execution, or another kind of job's own run
             except BaseException:  # noqa: BLE001 - execute records its own failures; this thread serves the rest

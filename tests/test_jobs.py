@@ -323,20 +323,3 @@ def test_sigkill_mid_job_is_interrupted_then_resumed(gpt2_dir, workspace, clean)
     resumed = reopened.resume(job_id)
     assert resumed.wait(120).status == "COMPLETED", resumed.error
     assert_same(resumed.extraction(), clean[1], exact=False)
-
-
-def test_the_job_thread_ends_with_the_queue_and_the_next_job_starts_one(gpt2_dir, workspace):
-    """A thread that ran torch on the CPU keeps its OpenMP team while it lives, and with two teams alive libgomp
-    throttles the spin-waiting both rely on: a small model's forwards in the notebook ran at half speed after a
-    job, for the kernel's life. The workspace's job thread now ends when its queue is empty."""
-    def job_threads() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name.startswith("mistudio-jobs:")]
-
-    ws = ms.Workspace(workspace)
-    for _ in range(2):  # the second job finds no thread and starts its own
-        first = ws.submit(gpt2_dir, "sample", **{**BASE, "max_samples": 16})
-        second = ws.submit(gpt2_dir, "sample", **{**BASE, "max_samples": 8})  # queued behind the first: same thread
-        assert second.wait(120).status == "COMPLETED" and first.status == "COMPLETED"
-        for thread in job_threads():
-            thread.join(10)
-        assert not job_threads()

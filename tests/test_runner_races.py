@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,8 +56,8 @@ class Log:
                         active = None
 
 
-def _job_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("mistudio-jobs:")]
+def _job_threads(workspace: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"mistudio-jobs:{Path(workspace).resolve()}"]
 
 
 def test_submits_from_several_threads_at_once(gpt2_dir, workspace):
@@ -96,9 +97,7 @@ def test_submits_from_several_threads_at_once(gpt2_dir, workspace):
     for k, mine in per_thread.items():  # each thread's jobs ran in its submit order
         positions = [order.index(j.id) for j in mine if j.id in order]
         assert positions == sorted(positions), (k, positions)
-    for t in _job_threads():
-        t.join(10)
-    assert not _job_threads()
+    assert len(_job_threads(workspace)) == 1  # one thread served them all
 
 
 def test_a_submit_racing_the_threads_exit_is_never_stranded(gpt2_dir, workspace):
@@ -109,10 +108,8 @@ def test_a_submit_racing_the_threads_exit_is_never_stranded(gpt2_dir, workspace)
         job = ws.submit(gpt2_dir, "sample", **TINY)
         assert job.wait(60).status == "COMPLETED", (i, job.status, job.error)
         if i % 3 == 2:
-            time.sleep(0.05 * (i % 2))  # sometimes after the thread has gone
-    for t in _job_threads():
-        t.join(10)
-    assert not _job_threads()
+            time.sleep(0.05 * (i % 2))
+    assert len(_job_threads(workspace)) == 1
 
 
 def test_a_listener_that_submits_from_the_job_thread(gpt2_dir, workspace):
@@ -182,9 +179,6 @@ def test_training_and_extraction_jobs_share_the_queue(gpt2_dir, workspace):
         jobs.append(ws.submit(gpt2_dir, "sample", **TINY))
     for job in jobs:
         assert job.wait(180).status == "COMPLETED", (job.id, job.status, getattr(job, "error", None))
-    # a training right after the thread ended
-    for t in _job_threads():
-        t.join(10)
     last = ws.train_sae(ext, "layers.1.residual", **settings)
     assert last.wait(120).status == "COMPLETED"
 
