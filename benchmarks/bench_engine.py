@@ -13,8 +13,8 @@ residual/MLP/attention, float16 storage, batch 16.
 ``thread_teams``: the bare forward in the main thread, on a second thread while it lives, and in the main thread
 while that thread lives idle and after it ended. Each thread that ran torch on the CPU keeps an OpenMP team while it
 lives; with more team threads than cores libgomp throttles the spin-waiting the forward's small ops rely on. A job
-runs on a second thread: this is the ceiling it meets on the CPU whatever the engine does, and why the workspace's
-job thread now ends with its queue.
+runs on a second thread: this is the ceiling it meets on the CPU whatever the engine does (and the notebook's own
+forwards meet it while the workspace's job thread lives).
 
 Also counted, device-independent: torch calls per batch (a ``TorchFunctionMode`` sees every torch function and
 tensor method, the model's own included), with 1 hook point and with 9: the slope is the engine's work per hook
