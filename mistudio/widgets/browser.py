@@ -4,8 +4,6 @@ token means) as HTML. Every slow action shows it is busy; the info line says wha
 """
 from __future__ import annotations
 
-import threading
-
 import ipywidgets as W
 import numpy as np
 
@@ -14,8 +12,8 @@ from ..analysis.feature_view import display_pieces, feature_view, feature_view_h
 from ..analysis.stats import describe_examples
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import (busy, error_box, esc, for_ui, guard, note_box, short_id, store_notes, stylesheet,
-                     summarise_hook_points)
+from .common import (PerThreadFlag, busy, error_box, esc, for_ui, guard, note_box, short_id, store_notes,
+                     stylesheet, summarise_hook_points)
 
 PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"), ("histogram", "Feature histogram"))
 TOKEN_WINDOW = 64  # tokens drawn around the feature's peak in a row (like the 64-feature window)
@@ -80,6 +78,8 @@ def token_means_html(means: list[dict], scheme: str, min_count: int) -> str:
 class ActivationBrowser(W.VBox):
     """The Browse tab. Plots are drawn in button callbacks (the kernel's main path), never from a worker."""
 
+    _quiet = PerThreadFlag()  # this thread rebuilds a list: its value changes are not a user's choice
+
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
         style = {"description_width": "90px"}
@@ -127,7 +127,6 @@ class ActivationBrowser(W.VBox):
         self._labels: dict[str, str] = {}
         self._states: dict[str, tuple] = {}  # id -> (status, samples saved): what the list says of each store
         self._shown: tuple | None = None  # (id, status, samples saved) of the store the tab shows
-        self._quiet_in = threading.local()  # see _quiet
         self.extraction.observe(guard(self._say, lambda _: None if self._quiet else self._select()), "value")
         self.hook_point.observe(guard(self._say, lambda _: self._describe_hook_point()), "value")
         self.plot_button.on_click(guard(self._say, lambda _: self.plot()))
@@ -144,17 +143,6 @@ class ActivationBrowser(W.VBox):
 
     def _say(self, text: str) -> None:
         self.info.value = text
-
-    @property
-    def _quiet(self) -> bool:
-        """True while this thread rebuilds the list: the value changes that fires are not a user's choice. Per
-        thread: a job's end rebuilds it on the job's thread while a click may arrive on the kernel's (JupyterLab
-        sends widget messages to a subshell thread): that click is a click."""
-        return getattr(self._quiet_in, "on", False)
-
-    @_quiet.setter
-    def _quiet(self, on: bool) -> None:
-        self._quiet_in.on = on
 
     def refresh_list(self) -> None:
         """*Refresh list*, with the button busy while the workspace is listed."""

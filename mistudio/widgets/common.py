@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import re
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -61,6 +62,27 @@ def store_notes(ext: Any) -> str:
         line += note_box("<br>".join(f"⚠ {for_ui(w)}" for w in warnings), colour="#fd7e14", background="#fff3e0")
     return line
 
+
+class PerThreadFlag:
+    """A boolean attribute held per thread (False until set): a panel's "this thread is rebuilding a list, its
+    value changes are not a user's choice". Per thread, because a background task rebuilds lists on its own
+    thread while the kernel takes clicks on another (JupyterLab sends widget messages to a subshell thread): a
+    click then is a click."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}_per_thread"
+
+    def _local(self, obj: Any) -> threading.local:
+        local = obj.__dict__.get(self.slot)
+        if local is None:
+            local = obj.__dict__.setdefault(self.slot, threading.local())
+        return local
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(self._local(obj), "on", False)
+
+    def __set__(self, obj: Any, on: bool) -> None:
+        self._local(obj).on = on
 
 def guard(show: Callable[[str], None], fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a widget callback: any exception is shown (as an error box) through ``show``, never only logged."""

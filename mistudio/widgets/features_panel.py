@@ -34,7 +34,7 @@ from ..analysis.prompt import prompt_features
 from ..errors import InputError
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import error_box, esc, for_ui, guard, note_box, summarise_hook_points
+from .common import PerThreadFlag, error_box, esc, for_ui, guard, note_box, summarise_hook_points
 
 log = logging.getLogger("mistudio")
 
@@ -79,6 +79,8 @@ class FeaturesPanel(W.VBox):
     Browse* (the Studio shows that row there); without it the button is hidden. ``load=False``: nothing is read
     until ``refresh()`` (the Studio calls it when the tab is opened)."""
 
+    _quiet = PerThreadFlag()  # this thread rebuilds a list: its value changes are not a user's choice
+
     def __init__(self, workspace: Workspace, on_open_row: Callable[[str, str, int, int], None] | None = None,
                  page_size: int = 25, load: bool = True):
         self.workspace = workspace
@@ -89,7 +91,6 @@ class FeaturesPanel(W.VBox):
         self._busy_what = ""
         self._queued: tuple | None = None  # a page to open once the running task ends (the last one asked for)
         self._loaded: tuple | None = None  # the store content (location, nonce, commit mark) the table shows
-        self._quiet_in = threading.local()  # see _quiet
         self.ext: Extraction | None = None
         self.table: FeatureTable | None = None
         self.page: dict | None = None
@@ -236,17 +237,6 @@ class FeaturesPanel(W.VBox):
             self.page_tools, self.page_html])
         if load:  # a Studio loads it when its tab is opened: statistics are a pass over the store
             self.refresh()
-
-    @property
-    def _quiet(self) -> bool:
-        """True while this thread replaces options: the value changes that fires are not clicks. Per thread: a
-        click the kernel handles meanwhile (on its own thread) while a background task repaints the table is a
-        click, not lost (it was, under load, in the real-browser test)."""
-        return getattr(self._quiet_in, "on", False)
-
-    @_quiet.setter
-    def _quiet(self, on: bool) -> None:
-        self._quiet_in.on = on
 
     # -- wiring ---------------------------------------------------------------------------------------------
     def _wire(self) -> None:
