@@ -115,8 +115,8 @@ def _cancel_all(jobs: list) -> None:
 
 
 class Runner:
-    """One background worker thread per workspace folder, started with its first job and kept: jobs run one at a
-    time, in submit order. Kept, though a thread that ran torch on the CPU keeps its OpenMP team while it lives
+    """One background worker thread per workspace folder, for the process's life: jobs run one at a time, in
+    submit order. Kept, though a thread that ran torch on the CPU keeps its OpenMP team while it lives
     (with two teams alive libgomp throttles the spin-waiting both rely on: a small model's forwards in the notebook
     run slower after a job, ``benchmarks/RESULTS.md``): a new thread per job made a resumed job's rows differ from
     an uninterrupted run's in their last bits (``tests/test_durability.py``). At the interpreter's exit, its jobs
@@ -128,8 +128,8 @@ class Runner:
         self._queue: queue.Queue = queue.Queue()
         self._live: dict = {}  # the jobs queued or running in this process, by id
         self._lock = threading.Lock()
-        self._name = name
-        self._thread: threading.Thread | None = None  # from the first job on
+        self._thread = threading.Thread(target=self._loop, name=f"mistudio-jobs:{name}", daemon=True)
+        self._thread.start()
         global _registered
         with _AT_EXIT:
             _RUNNERS.add(self)
@@ -145,12 +145,7 @@ class Runner:
             self._live[job.id] = job
         job.started_here()
         job.emit("state", status=Status.QUEUED.value, previous=None)
-        with self._lock:
-            self._queue.put(job)
-            if self._thread is None:  # set once started: a failed start leaves the next enqueue to try again
-                thread = threading.Thread(target=self._loop, name=f"mistudio-jobs:{self._name}", daemon=True)
-                thread.start()
-                self._thread = thread
+        self._queue.put(job)
 
     def live_job(self, extraction_id: str):
         """The job with this id if it is queued or running in this process."""

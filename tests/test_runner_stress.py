@@ -42,7 +42,7 @@ class Probe:
 
 
 def _threads(runner: Runner) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == f"mistudio-jobs:{runner._name}"]
+    return [t for t in threading.enumerate() if t is runner._thread]
 
 
 def test_thousands_of_submits_from_four_threads():
