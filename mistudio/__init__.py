@@ -20,7 +20,8 @@ _WHERE = {
     "Workspace": "workspace", "Job": "jobs", "Extraction": "extraction", "load_model": "models",
     "TrainingJob": "training", "TrainConfig": "analysis.sae_training", "load_sae": "saes", "SAE": "saes",
     "packaged_minilm_path": "models", "Status": "storage.metadata", "loader": "analysis.loader",
-    "ActivationLoader": "analysis.loader", **{name: "errors" for name in _ERRORS}, **{name: "widgets" for name in _PANELS},
+    "ActivationLoader": "analysis.loader", **{name: "errors" for name in _ERRORS},
+    **{name: "widgets" for name in _PANELS},
 }
 # submodules shown as attributes: ms.feature_view is mistudio.analysis.feature_view
 _MODULES = {"feature_view": "analysis.feature_view", "plots": "analysis.plots", "analysis": "analysis",

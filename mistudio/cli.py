@@ -166,7 +166,8 @@ def _jobs_table(rows: list[dict]) -> str:
         return f"{done:,}/{'?' if total is None else f'{total:,}'}"
 
     shown = [{"id": r["id"], "status": r["status"], "error": r["error"], "damaged": "DAMAGED" if r["damaged"] else "",
-              "model": r["model"], "dataset": r["dataset"], "samples": count(r["samples_committed"], r["samples_total"]),
+              "model": r["model"], "dataset": r["dataset"],
+              "samples": count(r["samples_committed"], r["samples_total"]),
               "tokens": f"{r['tokens_committed']:,}", "size": r["size"],
               "created": dt.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M") if r["created_at"]
               else ""} for r in rows]

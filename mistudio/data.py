@@ -335,7 +335,8 @@ def chat_template_of(tokenizer, chat_template: str) -> str:
     own = getattr(tokenizer, "chat_template", None)
     if not own:
         raise InputError(f"chat_template='auto' but the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has "
-                         "no chat template: «pass chat_template=\"<jinja string>\"» or use a chat model", param="chat_template")
+                         "no chat template: «pass chat_template=\"<jinja string>\"» or use a chat model",
+                         param="chat_template")
     own = own if isinstance(own, str) else own.get("default", next(iter(own.values())))
     check_template(own, template_label(tokenizer, "auto"))
     return own

@@ -285,7 +285,8 @@ def check_placement(spec: ModelSpec) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise InputError(f"quantization={spec.quantization!r} needs bitsandbytes, which is not installed: "
-                             'pip install "mistudio[quant]" (on a CUDA machine), or «pass quantization=None»', param="quantization") from None
+                             'pip install "mistudio[quant]" (on a CUDA machine), or «pass quantization=None»',
+                             param="quantization") from None
     if spec.device_map is not None or spec.quantization is not None:
         try:
             import accelerate  # noqa: F401

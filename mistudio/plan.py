@@ -306,8 +306,8 @@ def estimate(model: Any = None, dataset: Any = None, layers: Any = None, hooks: 
     saved = Presets(Folder(workspace, storage_options)).read(preset) if preset is not None else {}
     args = {**saved, **given, **options}
     if args.get("model") is None:
-        raise InputError("«model» is missing: «pass model» (a Hugging Face id or a local folder) or «pass preset»",
-                         param="model")
+        raise InputError("«model» is missing: «pass model» (a Hugging Face id or a local folder) or "
+                         "«pass preset»", param="model")
     request = check(Request.build(**args))
     facts = describe_model(request.model_spec)
     plan = make_plan(request, load_tokenizer(request.model_spec), facts["vocab_size"], facts["hidden_size"])
@@ -338,7 +338,8 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
     warnings = []
     if free is not None and disk > free:
         warnings.append(f"the store needs {human_bytes(disk)} but the workspace's disk has {human_bytes(free)} "
-                        "free: free space, «pass workspace=<a folder on another disk>», or capture fewer hook points or samples")
+                        "free: free space, «pass workspace=<a folder on another disk>», or capture fewer hook points "
+                        "or samples")
     if memory is not None and peak > memory:
         warnings.append(f"peak device memory {human_bytes(peak)} is above the {human_bytes(memory)} of {device}: "
                         "use a smaller «batch_size», «max_batch_tokens», «micro_batch_size», or «device_map»")

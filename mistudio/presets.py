@@ -59,8 +59,8 @@ def preset_arguments(arguments: dict) -> dict:
     out: dict[str, Any] = {}
     for key, value in arguments.items():
         if key in NOT_IN_PRESETS:
-            raise InputError(f"«{key}» cannot be saved in a preset (it belongs to one run): pass it next to «preset»",
-                             param=key)
+            raise InputError(f"«{key}» cannot be saved in a preset (it belongs to one run): pass it next to "
+                             "«preset»", param=key)
         if key not in Request.model_fields:
             raise InputError(f"{key!r} is not an extraction argument: the arguments are "
                              f"{', '.join(Request.model_fields)}", param=key)

@@ -296,7 +296,8 @@ class Request(BaseModel):
     @classmethod
     def _chunk_mb(cls, v: float) -> float:
         if not 0.01 <= v <= 64:
-            raise ValueError(f"«chunk_mb={v}» is out of range: use 0.01 to 64 (MB per chunk), e.g. «pass chunk_mb=2»")
+            raise ValueError(f"«chunk_mb={v}» is out of range: use 0.01 to 64 (MB per chunk), e.g. "
+                             "«pass chunk_mb=2»")
         return v
 
     @field_validator("shard_mb")
@@ -311,8 +312,8 @@ class Request(BaseModel):
     @classmethod
     def _timeout(cls, v: float | None) -> float | None:
         if v is not None and not v > 0:
-            raise ValueError(f"«timeout_s={v:g}» must be a positive number of seconds, e.g. «pass timeout_s=600», or "
-                             "None for no limit")
+            raise ValueError(f"«timeout_s={v:g}» must be a positive number of seconds, e.g. "
+                             "«pass timeout_s=600», or None for no limit")
         return v
 
     @model_validator(mode="after")
@@ -321,7 +322,8 @@ class Request(BaseModel):
             raise ValueError(f"«stride={self.stride}» needs a window: «pass window=512» with it")
         if self.window is not None:
             if self.window < 2:
-                raise ValueError(f"«window={self.window}» is too small: use at least 2 tokens, e.g. «pass window=512»")
+                raise ValueError(f"«window={self.window}» is too small: use at least 2 tokens, e.g. "
+                                 "«pass window=512»")
             if self.stride is None:
                 object.__setattr__(self, "stride", max(1, self.window // 2))
             elif self.stride > self.window:
@@ -331,13 +333,14 @@ class Request(BaseModel):
             raise ValueError(f"«batch_size='auto'» and «max_batch_tokens={self.max_batch_tokens}» both size the "
                              "batches: pass one of them")
         if self.latent_coverage is not None and not self.saes:
-            raise ValueError(f"«latent_coverage={self.latent_coverage}» sizes the stored latents of SAEs, and no SAE is "
-                             "given: «pass saes={hook point: SAE folder}» with it, or leave it unset")
+            raise ValueError(f"«latent_coverage={self.latent_coverage}» sizes the stored latents of SAEs, and no "
+                             "SAE is given: «pass saes={hook point: SAE folder}» with it, or leave it unset")
         if self.latent_coverage is not None and self.latent_width is not None:
-            raise ValueError(f"«latent_width={self.latent_width}» and «latent_coverage={self.latent_coverage}» both set "
-                             "the latents kept per token: pass one of them")
+            raise ValueError(f"«latent_width={self.latent_width}» and «latent_coverage={self.latent_coverage}» "
+                             "both set the latents kept per token: pass one of them")
         if self.max_memory is not None and self.device_map is None:
-            raise ValueError(f"«max_memory={self.max_memory!r}» needs «device_map»: «pass device_map='auto'» with it")
+            raise ValueError(f"«max_memory={self.max_memory!r}» needs «device_map»: "
+                             "«pass device_map='auto'» with it")
         if pandas_kind(self.dataset) == "dataframe" and self.text_column not in self.dataset.columns:
             raise ValueError(f"text column {self.text_column!r} is not in the DataFrame: its columns are "
                              f"{list(self.dataset.columns)}; «pass text_column=<one of them>»")

@@ -416,8 +416,9 @@ class Execution:
             start = self.store.record.progress.samples_committed
             self.set_state(Status.EXTRACTING)
             try:
-                return engine.run(loaded, self.store, req, start_sample=start, saes=self._saes(loaded), check=self.check,
-                                  progress=self.job.report_progress, before_batch=self.job.options.before_batch)
+                return engine.run(loaded, self.store, req, start_sample=start, saes=self._saes(loaded),
+                                  check=self.check, progress=self.job.report_progress,
+                                  before_batch=self.job.options.before_batch)
             except Exception as exc:
                 if disk_full_cause(exc) is not None:
                     raise

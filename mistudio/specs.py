@@ -150,7 +150,8 @@ class ModelSpec(Spec):
     @model_validator(mode="after")
     def _memory_needs_map(self) -> "ModelSpec":
         if self.max_memory is not None and self.device_map is None:
-            raise ValueError(f"«max_memory={self.max_memory!r}» needs «device_map»: «pass device_map='auto'» with it")
+            raise ValueError(f"«max_memory={self.max_memory!r}» needs «device_map»: "
+                             "«pass device_map='auto'» with it")
         return self
 
 

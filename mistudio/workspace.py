@@ -125,8 +125,8 @@ class Workspace(Folder, Observable):
         given = {k: v for k, v in (("model", model), ("dataset", dataset), ("layers", layers)) if v is not None}
         args = {**(self.preset(preset) if preset is not None else {}), **given, **options}
         if args.get("model") is None:
-            raise InputError("«model» is missing: «pass model» (a Hugging Face id or a local folder) or «pass preset» "
-                             f"(saved presets: {self.presets_folder.names() or 'none'})", param="model")
+            raise InputError("«model» is missing: «pass model» (a Hugging Face id or a local folder) or "
+                             f"«pass preset» (saved presets: {self.presets_folder.names() or 'none'})", param="model")
         return args
 
     def request(self, model: Any = None, dataset: Any = None, layers: Any = None, *, preset: str | None = None,

@@ -160,7 +160,8 @@ def _histogram(page: dict) -> str:
         colour = "#999" if a == b == 0 else ("#3b74d0" if b <= 0 else "#e0702a")
         h = height * math.log10(count + 1) / scale
         parts.append(f'<rect x="{left + j * bar:.2f}" y="{height - h:.2f}" width="{max(bar - 0.6, 0.6):.2f}" '
-                     f'height="{h:.2f}" fill="{colour}"><title>[{number(a)}, {number(b)}): {_int(count)}</title></rect>')
+                     f'height="{h:.2f}" fill="{colour}">'
+                     f'<title>[{number(a)}, {number(b)}): {_int(count)}</title></rect>')
     ticks = {0: edges[lo], len(shown): edges[hi]}
     zero = next((j for j in range(1, len(shown)) if edges[lo + j] == 0), None)
     if zero is not None:  # one tick at zero (a zero bin has 0 on both of its edges)

@@ -148,7 +148,8 @@ def _map(ext: "Extraction", fn: Callable, hook_point: str, ranges: list[tuple[in
         return [fn(ext, hook_point, a, b, *args) for a, b in ranges]
     per = max(1, math.ceil(len(ranges) / 256))  # at most ~256 tasks
     groups = [ranges[i:i + per] for i in range(0, len(ranges), per)]
-    futures = cluster.map(_remote, [type(ext).open] * len(groups), [ext.location] * len(groups), [ext.store.storage_options] * len(groups),
+    futures = cluster.map(_remote, [type(ext).open] * len(groups), [ext.location] * len(groups),
+                          [ext.store.storage_options] * len(groups),
                           [fn.__name__] * len(groups), [hook_point] * len(groups), groups,
                           *[[arg] * len(groups) for arg in args], pure=False)
     return [r for group in cluster.gather(futures) for r in group]

@@ -168,7 +168,8 @@ class UnitWriter:
         if self.unit == unit and self.tmp is None:
             self._finish_open(index=False)  # the open shard itself becomes the source of the copy
         with open(source, "rb") as old:
-            if not stat.S_ISREG(os.fstat(old.fileno()).st_mode) or os.fstat(old.fileno()).st_size < keep * g.chunk_bytes:
+            info = os.fstat(old.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size < keep * g.chunk_bytes:
                 raise Damaged(g.unit_key(unit), f"the shard holds fewer than its {keep} committed chunks")
             path = g.unit_file(unit)
             tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"

@@ -119,7 +119,8 @@ class HookStats:
         mean = acc["sum"] / n if n else 0.0
         var = max(0.0, acc["sum_sq"] / n - mean * mean) if n else 0.0
         median = HookStats.quantile(acc["norm_hist"], 0.5)
-        return {**acc, "norm_hist": np.asarray(acc["norm_hist"], dtype=np.int64).tolist(), "mean": mean, "std": math.sqrt(var), "frac_zeros": acc["zeros"] / n if n else 0.0,
+        return {**acc, "norm_hist": np.asarray(acc["norm_hist"], dtype=np.int64).tolist(), "mean": mean,
+                "std": math.sqrt(var), "frac_zeros": acc["zeros"] / n if n else 0.0,
                 "norm_quantiles": {str(q): HookStats.quantile(acc["norm_hist"], q) for q in HookStats.QUANTILES},
                 "outlier_threshold": HookStats.OUTLIER_FACTOR * median}
 

@@ -8,5 +8,5 @@ from .model_picker import ModelPicker
 from .studio import Studio
 from .train_panel import TrainPanel
 
-__all__ = ["Studio", "ModelPicker", "DatasetPicker", "ExtractionPanel", "JobsPanel", "ActivationBrowser", "FeaturesPanel",
-           "TrainPanel"]
+__all__ = ["Studio", "ModelPicker", "DatasetPicker", "ExtractionPanel", "JobsPanel", "ActivationBrowser",
+           "FeaturesPanel", "TrainPanel"]
