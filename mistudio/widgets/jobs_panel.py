@@ -249,7 +249,9 @@ class JobsPanel(W.VBox):
         with self._lock:
             cells = self.cells.get(ext_id)
             if event["event"] == "progress":
-                if cells is None:  # a job this grid does not show yet (submitted elsewhere): list it
+                if cells is None:  # a job this grid does not show yet (just submitted, or elsewhere): list it,
+                    saved, computed = self._shown.get(ext_id, (0, 0))  # with the count computed so far
+                    self._shown[ext_id] = (saved, max(computed, int(event["samples_done"])))
                     self._schedule_refresh()
                     return
                 now = time.monotonic()
