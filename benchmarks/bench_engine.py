@@ -16,6 +16,9 @@ lives; with more team threads than cores libgomp throttles the spin-waiting the 
 runs on a second thread: this is the ceiling it meets on the CPU whatever the engine does (and the notebook's own
 forwards meet it while the workspace's job thread lives).
 
+``host_statistics``: the statistics' numpy work a batch (the job thread's ``from_sources``, the writer's ``merge``)
+of each engine, interleaved.
+
 Also counted, device-independent: torch calls per batch (a ``TorchFunctionMode`` sees every torch function and
 tensor method, the model's own included), with 1 hook point and with 9: the slope is the engine's work per hook
 point. The JSON lands in ``--out`` (default ``benchmarks/out/engine.json``).
@@ -100,6 +103,33 @@ def calls_per_batch(engine, loaded, ids, offsets, request) -> float:
     return counter.calls / batches
 
 
+def host_statistics(engines: dict, repeats: int, rows: int = 800, points: int = 9) -> dict:
+    """Microseconds a batch of the host's statistics work, each engine's own ``HookStats``, interleaved: on the
+    job's thread ``from_sources`` (norm histograms, outlier candidates) and on the writer's ``merge`` (into the
+    running accumulators), for ``points`` hook points of ``rows`` rows (d = 16 stored in float16, some outliers)."""
+    import timeit
+
+    rng = np.random.default_rng(0)
+    norms = (np.abs(rng.normal(size=(points, rows))) * 5).astype(np.float32)
+    norms[:, :: rows // 8] *= 100
+    sums, stored = [[1.0, 2.0, 3.0, 0]] * points, [np.zeros((rows, 16), np.float16)] * points
+    times: dict[str, dict[str, list]] = {name: {"from_sources": [], "merge": []} for name in engines}
+    for _ in range(max(3, repeats)):
+        for name, engine in engines.items():
+            stats = engine.HookStats
+            batch = stats.from_sources(rows * 16, sums, norms, stored)
+            accs = [stats.empty() for _ in range(points)]
+
+            def merge():
+                for acc, delta in zip(accs, batch):
+                    stats.merge(acc, delta, 0)
+            times[name]["from_sources"].append(timeit.timeit(
+                lambda: stats.from_sources(rows * 16, sums, norms, stored), number=200) / 200 * 1e6)
+            times[name]["merge"].append(timeit.timeit(merge, number=200) / 200 * 1e6)
+    return {"hook_points": points, "rows": rows, "microseconds_per_batch": {
+        name: {step: float(np.median(values)) for step, values in steps.items()} for name, steps in times.items()}}
+
+
 def thread_teams(loaded, data, order, repeats: int) -> dict:
     """Bare-forward tokens/s: main thread; a second thread (the main thread's team alive); the main thread while
     that thread lives idle; the main thread once it has ended. Medians of ``repeats``."""
@@ -153,6 +183,7 @@ def measure(model_dir: str, device: str, n: int, repeats: int, engines: dict) ->
                      "torch_calls_per_batch_9_hook_points": nine, "torch_calls_per_batch_1_hook_point": single,
                      "torch_calls_per_extra_hook_point": (nine - single) / 8}
     out["after_vs_before_tokens_per_s"] = float(np.median([a / b for a, b in zip(rows["after"], rows["before"])]))
+    out["host_statistics"] = host_statistics(engines, repeats)
     if device == "cpu":
         out["thread_teams"] = thread_teams(loaded, data, order, repeats)
     return out
