@@ -406,7 +406,9 @@ class Extraction:
             raise InputError(f"«latents={latents!r}» is for SAE latents, and {hook_point!r} is a raw hook point: "
                              f"«pass latents='sparse'» (the default) or one of {self.latent_points}", param="latents")
         checked = self.activations(hook_point)
-        raw = da.from_zarr(checked.zarr)[:len(checked)]  # the committed rows: past them Zarr reads zeros
+        raw = da.from_zarr(checked.zarr)
+        if len(checked) < raw.shape[0]:  # a running or stopped job's store: past its committed rows Zarr reads zeros
+            raw = raw[:len(checked)]
         if checked.dtype == raw.dtype:
             return raw
         return raw.map_blocks(lambda block, view=checked.dtype: block.view(view), dtype=checked.dtype)
