@@ -162,8 +162,8 @@ class SparseLatents:
         """(each entry's position in the result, the result's length, the dense entries per result) of a
         reduction over ``dim`` (0: per latent, over the rows; 1: per row, over the latents)."""
         if dim not in (0, 1, -1, -2):
-            raise InputError(f"«dim={dim!r}» is not a dimension of the (rows, d_sae) latents: pass dim=0 (per latent) "
-                             "or dim=1 (per row)")
+            raise InputError(f"«dim={dim!r}» is not a dimension of the (rows, d_sae) latents: «pass dim=0» (per "
+                             "latent) or «dim=1» (per row)")
         if dim % 2 == 0:
             return self.indices, self.d_sae, self.n_rows
         return self._rows(), self.n_rows, self.d_sae
