@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import operator
 from functools import cached_property, partial
+from typing import Any
 
 import numpy as np
 from scipy import sparse
@@ -82,15 +83,16 @@ class Extraction:
         committed when it is made: ``len()`` is ``committed_tokens()`` (``n_tokens`` once COMPLETED; call again
         to see rows a running job committed since).
 
-        Slice it like a numpy array (negative indices count from the last committed row); a selection that
-        reaches a planned row not yet written raises ``InputError`` naming the rows committed (never the zeros
-        Zarr gives for it); a missing or damaged chunk below the commit mark raises ``StoreCorrupted``.
+        Slice it like a numpy array (negative indices and open slices count from the last committed row); a
+        selection past those rows reads the commit mark again: rows committed since are read, a planned row not
+        yet written raises ``InputError`` naming the rows committed and the fix (never the zeros Zarr gives for
+        it); a missing or damaged chunk below the commit mark raises ``StoreCorrupted``.
         ``.zarr`` is the raw Zarr array (the planned length, unchecked: for xarray/dask)."""
         record = self.record
         if hook_point not in record.hook_points:
             raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has "
                              f"{list(record.hook_points)}")
-        return CommittedRows(self.store.activations(hook_point), self.location, record, self.id)
+        return CommittedRows(self.store.activations(hook_point), self.location, self, record)
 
     def _checked(self, hook_point: str, mark: int) -> CheckedArray:
         if hook_point not in self.hook_points:
@@ -120,7 +122,7 @@ class Extraction:
         metadata was last read (``committed_tokens()`` reads it fresh); a read past them raises ``InputError``."""
         record = self.store.record
         point = self._latent_hook(hook_point, record)
-        arrays = tuple(CommittedRows(self.store.array(f"latents/{point}/{name}"), self.location, record, self.id)
+        arrays = tuple(CommittedRows(self.store.array(f"latents/{point}/{name}"), self.location, self, record)
                        for name in ("indices", "values"))
         width = record.latents[point].width
         for name, arr in zip(("indices", "values"), arrays):
@@ -615,17 +617,17 @@ def _dense(block: sparse.spmatrix) -> np.ndarray:
 class CommittedRows(CheckedArray):
     """A :class:`~mistudio.storage.reads.CheckedArray` over the rows committed when it was made (what
     :meth:`Extraction.activations` and :meth:`Extraction.latent_arrays` give): its ``shape[0]`` and ``len()`` are
-    the committed rows, negative indices count from the last of them, and a selection that names a planned row
-    not yet written (at or past the commit mark, before the end of the plan) raises ``InputError`` naming the
-    rows committed and the fix, instead of reading the zeros Zarr gives for it. An index past the plan is
-    numpy's ``IndexError``; a slice past the plan of a finished store stops at its end, as numpy's does."""
+    those rows, and negative indices and open slices (``[-5:]``, ``[:]``) count from the last of them.
 
-    def __init__(self, arr, location: str, record: ExtractionMeta, extraction_id: str):
-        planned = int(arr.shape[0])
-        super().__init__(arr, location, min(record.committed_tokens(), planned))
-        self.planned, self.extraction_id = planned, extraction_id
-        self.status = str(getattr(record.status, "value", record.status))
-        self.live = record.live
+    A selection that names a row past them reads the commit mark again: rows a running job committed since are
+    read (checked); a row still not written (a stopped job's, or a running one's next) raises ``InputError``
+    naming the rows committed and the fix, never the zeros Zarr gives for it. An index past the plan is numpy's
+    ``IndexError``; a slice past it stops at its end, as numpy's does."""
+
+    def __init__(self, arr, location: str, ext: "Extraction", record: ExtractionMeta):
+        self.planned = int(arr.shape[0])
+        super().__init__(arr, location, min(record.committed_tokens(), self.planned))
+        self.ext = ext
 
     shape = property(lambda self: (self.mark, *self.zarr.shape[1:]))
     size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
@@ -636,61 +638,61 @@ class CommittedRows(CheckedArray):
                 f"dtype={self.dtype} chunks={self.chunks}>")
 
     def _read(self, key, out):
-        return super()._read(self._committed_key(key), out)
+        explicit, reach = self._explicit(key)
+        if reach <= self.mark:
+            return super()._read(explicit, out)
+        record = self.ext.record  # read fresh: the job may have committed more since this view was made
+        mark = min(record.committed_tokens(), self.planned)
+        if reach > mark:
+            raise self.past_mark(reach, mark, record)
+        return CheckedArray(self.zarr, self.location, mark)._read(explicit, out)
 
-    def past_mark(self, first: int, stop: int) -> InputError:
-        """The error of a read of rows ``[first, stop)`` that reaches past the committed rows."""
-        fix = ("its job is still writing them: make the view again later (ext.activations(...)) to read the rows "
-               "committed since" if self.live else
-               f"resume the job to extract them (ms.Workspace(...).resume({self.extraction_id!r}))")
-        return InputError(f"rows {first:,} to {stop:,} of {self.zarr.path} reach past the {self.mark:,} rows "
-                          f"committed so far in extraction {self.extraction_id} (status {self.status}; "
-                          f"{self.planned:,} rows planned): read rows below {self.mark:,} (e.g. [:{self.mark}]), "
-                          f"or {fix}")
+    def past_mark(self, reach: int, mark: int, record: ExtractionMeta) -> InputError:
+        """The error of a read up to row ``reach`` past the ``mark`` rows committed."""
+        status, name = str(getattr(record.status, "value", record.status)), self.ext.id
+        fix = ("its job is still writing them: read them once it has (len(ext.activations(...)) says how far it got)"
+               if record.live else f"resume the job to extract them (ms.Workspace(...).resume({name!r}))")
+        return InputError(f"a read of {self.zarr.path} up to row {reach:,} reaches past the {mark:,} rows committed "
+                          f"so far in extraction {name} (status {status}; {self.planned:,} rows planned): read rows "
+                          f"below {mark:,} (e.g. [:{mark}]), or {fix}")
 
-    def _committed_key(self, key):
-        """``key`` with its row selection made explicit over the committed rows (checked against them)."""
+    def _explicit(self, key) -> tuple[Any, int]:
+        """``key`` with its row selection made explicit (no negative index, no open bound: those count from the
+        committed rows), and the row it reaches up to (its largest row + 1; 0 for none)."""
         rows, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
         if isinstance(key, tuple) and not key:
             rows = Ellipsis
-        n = self.mark
+        n, planned = self.mark, self.planned
         if rows is Ellipsis:
             stands_for = self.ndim - len(rest)  # dimensions the Ellipsis covers
             if stands_for < 1:
-                return self._committed_key(tuple(rest))
-            return (slice(0, n), *[slice(None)] * (stands_for - 1), *rest)
+                return self._explicit(tuple(rest))
+            return (slice(0, n), *[slice(None)] * (stands_for - 1), *rest), n
         if isinstance(rows, slice):
             if rows.step is not None and rows.step < 0:
-                return key  # Zarr refuses negative steps, with its own message
-            for bound in (rows.start, rows.stop):
-                if bound is not None and int(bound) > n and n < self.planned:
-                    start = n if rows.start is None else int(rows.start)
-                    raise self.past_mark(min(start, n), min(int(bound), self.planned))
-            return (slice(*rows.indices(n)), *rest)
+                return key, 0  # Zarr refuses negative steps, with its own message
+            start, stop = (min(max(bound + n if bound < 0 else bound, 0), planned)
+                           for bound in (int(rows.start or 0), n if rows.stop is None else int(rows.stop)))
+            return (slice(start, stop, rows.step), *rest), stop if stop > start else 0
         if isinstance(rows, (int, np.integer)) and not isinstance(rows, (bool, np.bool_)):
-            return (self._committed_index(np.asarray([int(rows)]))[0], *rest)
+            row = self._rows_in(np.asarray([int(rows)]))[0]
+            return (row, *rest), int(row) + 1
         picked = np.asarray(rows)
         if picked.dtype == bool:
-            if picked.ndim != 1 or len(picked) != n:
-                if picked.ndim == 1 and len(picked) == self.planned and picked[n:].any():
-                    past = np.flatnonzero(picked[n:]) + n
-                    raise self.past_mark(int(past[0]), int(past[-1]) + 1)
+            if picked.ndim != 1 or len(picked) not in (n, planned):
                 raise IndexError(f"a boolean row mask of length {len(picked)} does not match the {n:,} committed "
                                  f"rows of {self.zarr.path}")
             picked = np.flatnonzero(picked)
-        return (self._committed_index(picked), *rest)
+        picked = self._rows_in(picked)
+        return (picked, *rest), int(picked.max()) + 1 if picked.size else 0
 
-    def _committed_index(self, rows: np.ndarray) -> np.ndarray:
-        """Row numbers checked against the committed rows (negative ones counted from the last)."""
+    def _rows_in(self, rows: np.ndarray) -> np.ndarray:
+        """Row numbers with negative ones counted from the last committed row, each within the plan."""
         if rows.size and not np.issubdtype(rows.dtype, np.integer):
             raise IndexError(f"rows must be integers, slices or a boolean mask; got {rows.dtype} values")
-        n = self.mark
-        rows = np.where(rows < 0, rows + n, rows).astype(np.int64)
-        outside = (rows < 0) | (rows >= n)
+        given, rows = rows, np.where(rows < 0, rows + self.mark, rows).astype(np.int64)
+        outside = (rows < 0) | (rows >= self.planned)
         if outside.any():
-            past = rows[(rows >= n) & (rows < self.planned)]
-            if past.size:
-                raise self.past_mark(int(past.min()), int(past.max()) + 1)
-            bad = int(rows[outside][0])
-            raise IndexError(f"row {bad} is out of bounds for the {n:,} committed rows of {self.zarr.path}")
+            raise IndexError(f"row {int(given[np.flatnonzero(outside)[0]])} is out of bounds for the {self.mark:,} "
+                             f"committed rows ({self.planned:,} planned) of {self.zarr.path}")
         return rows

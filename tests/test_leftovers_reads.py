@@ -135,3 +135,31 @@ def test_latents_times_a_dense_matrix(stopped, dense):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     decoded = (stopped.to_dask(LAT)[:7] @ w[:, 0]).compute()  # a vector: (rows,)
     np.testing.assert_allclose(decoded, dense[:7] @ w[:, 0], rtol=1e-5, atol=1e-5)
+
+
+# -- a running job: the view is the rows committed when it was made; rows committed since are read --------------
+def test_a_running_jobs_store_reads_its_committed_rows(gpt2_dir, tmp_path):
+    from conftest import gate
+
+    make_sae(tmp_path / "sae", "standard")
+    hook, reached, release = gate(at_batch=6)
+    job = ms.Workspace(str(tmp_path / "ws")).submit(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")},
+                                                    before_batch=hook, **LAYOUT)
+    try:
+        assert reached.wait(60)
+        ext = job.extraction()
+        acts = ext.activations(HP)
+        mark = len(acts)
+        assert 0 < mark <= ext.committed_tokens() < ext.n_tokens
+        np.testing.assert_array_equal(acts[:], np.asarray(acts.zarr[:mark]))
+        assert mark <= ext.latents(HP).shape[0] <= ext.committed_tokens()  # the writer may still be committing
+        with pytest.raises(InputError, match=r"past the [\d,]+ rows committed so far.*EXTRACTING.*still writing"):
+            acts[:ext.n_tokens]
+        release.set()
+        assert job.wait(60).status == "COMPLETED"
+        np.testing.assert_array_equal(acts[mark:ext.n_tokens], ext.activations(HP)[mark:])  # committed since
+        assert len(acts) == mark  # the view keeps its length; a new one has every row
+        assert len(ext.activations(HP)) == ext.n_tokens == ext.latents(HP).shape[0]
+    finally:
+        release.set()
+        job.wait(60)
