@@ -514,7 +514,10 @@ class LatentMatrix(sparse.csr_matrix):
             return out
         return mean[()] if mean.ndim == 0 else mean
 
-    def _extreme(self, which: str, axis, out, keepdims):
+    def _extreme(self, which: str, axis, out, keepdims, options: dict):
+        if options:  # numpy's initial= and where=
+            raise InputError(f"{which}() of sparse SAE latents takes axis, out and keepdims, not "
+                             f"{', '.join(options)}: call .toarray() first for numpy's other options")
         axes = self._axes(axis)
         if 0 in self.shape:
             raise ValueError(f"zero-size array to reduction operation {which}imum which has no identity")
@@ -522,11 +525,11 @@ class LatentMatrix(sparse.csr_matrix):
         values = getattr(whole, which)() if len(axes) == 2 else getattr(whole, which)(axis=axes[0]).toarray()
         return self._shaped(np.asarray(values, dtype=self.dtype), axes, keepdims, out)
 
-    def max(self, axis=None, out=None, keepdims=False, **_ignored):
-        return self._extreme("max", axis, out, keepdims)
+    def max(self, axis=None, out=None, keepdims=False, **options):
+        return self._extreme("max", axis, out, keepdims, options)
 
-    def min(self, axis=None, out=None, keepdims=False, **_ignored):
-        return self._extreme("min", axis, out, keepdims)
+    def min(self, axis=None, out=None, keepdims=False, **options):
+        return self._extreme("min", axis, out, keepdims, options)
 
     def __matmul__(self, other):
         product = sparse.csr_matrix(self) @ other
