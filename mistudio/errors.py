@@ -153,10 +153,11 @@ def disk_full_message(where: str, free: int | None, needed: int | None, what: st
 
 
 class StoreCorrupted(MistudioError):
-    """Part of a store is damaged or missing: names the store, the array, the chunk and the file."""
+    """Part of a store is damaged or missing: names the store, the array, the chunk and the file, and the fix
+    (``fix``: by default, verify the store and re-extract it)."""
 
     def __init__(self, location: str, what: str | None = None, array: str | None = None, chunk: tuple | None = None,
-                 file: str | None = None):
+                 file: str | None = None, fix: str | None = None):
         if what is None:  # rebuilt from its message alone: unpickled, or re-raised out of a DataLoader worker
             self.location = self.array = self.chunk = self.file = None
             self.what = location
@@ -165,8 +166,8 @@ class StoreCorrupted(MistudioError):
         self.location, self.array, self.chunk, self.file, self.what = location, array, chunk, file, what
         where = "".join([f" array {array}" if array else "", f" chunk {chunk}" if chunk is not None else "",
                          f" (file {file})" if file else ""])
-        super().__init__(f"store {location} is damaged:{where}: {what}. Run `mistudio verify <id>` for a full "
-                         "report; re-extract (retry) to repair it")
+        fix = fix or "Run `mistudio verify <id>` for a full report; re-extract (retry) to repair it"
+        super().__init__(f"store {location} is damaged:{where}: {what}. {fix}")
 
 
 class ExtractionFailed(MistudioError):

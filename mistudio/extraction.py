@@ -1,7 +1,9 @@
 """Read access to one stored extraction: metadata, arrays, and a dataset row's activations."""
 from __future__ import annotations
 
+import operator
 from functools import cached_property, partial
+from typing import Any
 
 import numpy as np
 from scipy import sparse
@@ -76,12 +78,21 @@ class Extraction:
         """Activation rows in the plan: every token, less the special ones with ``exclude_special``."""
         return int(self.store.record.progress.tokens_total or 0)
 
-    def activations(self, hook_point: str) -> CheckedArray:
-        """The array ``(n_tokens, d)`` of one hook point, in stored order (lazy, read-only, checked).
+    def activations(self, hook_point: str) -> "CommittedRows":
+        """The array ``(rows, d)`` of one hook point, in stored order (lazy, read-only, checked), over the rows
+        committed when it is made: ``len()`` is ``committed_tokens()`` (``n_tokens`` once COMPLETED; call again
+        to see rows a running job committed since).
 
-        Slice it like a Zarr array; a missing or damaged chunk below the commit mark raises
-        ``StoreCorrupted``. ``.zarr`` is the raw Zarr array (for xarray/dask)."""
-        return self._checked(hook_point, self.committed_tokens())
+        Slice it like a numpy array (negative indices and open slices count from the last committed row); a
+        selection past those rows reads the commit mark again: rows committed since are read, a planned row not
+        yet written raises ``InputError`` naming the rows committed and the fix (never the zeros Zarr gives for
+        it); a missing or damaged chunk below the commit mark raises ``StoreCorrupted``.
+        ``.zarr`` is the raw Zarr array (the planned length, unchecked: for xarray/dask)."""
+        record = self.record
+        if hook_point not in record.hook_points:
+            raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has "
+                             f"{list(record.hook_points)}")
+        return CommittedRows(self.store.activations(hook_point), self.location, self, record)
 
     def _checked(self, hook_point: str, mark: int) -> CheckedArray:
         if hook_point not in self.hook_points:
@@ -105,12 +116,13 @@ class Extraction:
         """The SAE applied at a hook point and how its latents are stored (``metadata.LatentInfo``)."""
         return self.store.record.latents[self._latent_hook(hook_point)]
 
-    def latent_arrays(self, hook_point: str) -> tuple[CheckedArray, CheckedArray]:
-        """The checked (indices, values) arrays of an SAE's latents, ``(n_rows, width)``: per token its largest
-        latents; a 0 value is an empty slot."""
+    def latent_arrays(self, hook_point: str) -> tuple["CommittedRows", "CommittedRows"]:
+        """The checked (indices, values) arrays of an SAE's latents, ``(rows, width)``: per token its largest
+        latents; a 0 value is an empty slot. Like :meth:`activations` they span the rows committed as the
+        metadata was last read (``committed_tokens()`` reads it fresh); a read past them raises ``InputError``."""
         record = self.store.record
-        point, mark = self._latent_hook(hook_point, record), record.committed_tokens()
-        arrays = tuple(CheckedArray(self.store.array(f"latents/{point}/{name}"), self.location, mark)
+        point = self._latent_hook(hook_point, record)
+        arrays = tuple(CommittedRows(self.store.array(f"latents/{point}/{name}"), self.location, self, record)
                        for name in ("indices", "values"))
         width = record.latents[point].width
         for name, arr in zip(("indices", "values"), arrays):
@@ -119,14 +131,15 @@ class Extraction:
                                                     f"{width} latents a token", f"latents/{point}/{name}")
         return arrays
 
-    def latents(self, hook_point: str, rows: slice | np.ndarray | None = None):
-        """An SAE's latents as a ``scipy.sparse.csr_matrix`` (rows, d_sae) of float32, over ``rows`` (a slice or
-        an array of activation rows; default: every committed row). ``.toarray()`` is the dense encoding."""
-        from scipy import sparse
-
+    def latents(self, hook_point: str, rows: slice | np.ndarray | None = None) -> "LatentMatrix":
+        """An SAE's latents as a :class:`LatentMatrix` (a ``scipy.sparse.csr_matrix`` whose ``sum``, ``mean``,
+        ``max``, ``min`` and ``@`` answer as numpy's on the dense matrix), (rows, d_sae) float32, over ``rows``
+        (a slice or an array of activation rows, indexed like :meth:`activations`: over the committed rows;
+        default: every committed row). ``.toarray()`` is the dense encoding."""
+        self.committed_tokens()  # the record read fresh: the arrays span today's committed rows
         index, values = self.latent_arrays(hook_point)
         info = self.latent_info(hook_point)
-        selection = slice(0, self.committed_tokens()) if rows is None else rows
+        selection = slice(None) if rows is None else rows
         idx, vals = index[selection], values[selection].astype(np.float32)
         fired = vals != 0
         if fired.any() and int(idx[fired].max()) >= info.d_sae:  # checksums pass on a value written through Zarr
@@ -134,7 +147,7 @@ class Extraction:
                                                 f"{info.d_sae} latents", f"latents/{self._latent_hook(hook_point)}"
                                                                          "/indices")
         indptr = np.concatenate([[0], np.cumsum(fired.sum(axis=1))]).astype(np.int64)
-        return sparse.csr_matrix((vals[fired], idx[fired].astype(np.int64), indptr), shape=(len(idx), info.d_sae))
+        return LatentMatrix((vals[fired], idx[fired].astype(np.int64), indptr), shape=(len(idx), info.d_sae))
 
     def feature(self, hook_point: str, latent: int) -> tuple[np.ndarray, np.ndarray]:
         """One SAE latent's non-zero activations over every committed row: ``(rows, values)`` in row order, read
@@ -354,25 +367,33 @@ class Extraction:
         return out
 
     def to_xarray(self):
-        """Every hook point as a lazy ``xarray.Dataset`` over (token, feature)."""
+        """Every hook point as a lazy ``xarray.Dataset`` over (token, feature): the committed tokens, like
+        :meth:`activations` (read raw: unchecked)."""
         import xarray as xr
 
-        return xr.open_zarr(self.store.location, consolidated=self.status == "COMPLETED",
+        record = self.record
+        data = xr.open_zarr(self.store.location, consolidated=record.status == "COMPLETED",
                             storage_options=self.store.storage_options, group="activations")
+        mark = record.committed_tokens()
+        if "token" in data.sizes and data.sizes["token"] > mark:  # a stopped or running job: its committed rows
+            data = data.isel(token=slice(0, mark))
+        return data
 
     def to_dask(self, hook_point: str, latents: str = "sparse"):
-        """One hook point as a lazy dask array (bfloat16 stores: bfloat16 values, through ml_dtypes).
+        """One hook point as a lazy dask array over the committed rows, like :meth:`activations` (raw hook points
+        read raw: unchecked; bfloat16 stores: bfloat16 values, through ml_dtypes).
 
         SAE latents (``"<hook point>.latents"``, see :attr:`latent_points`): every committed row, one block per
         stored chunk of rows, read through the checked arrays (checksums checked, a missing chunk or a latent
         index outside the SAE raises StoreCorrupted when the block is computed). ``latents=``:
 
-        - ``"sparse"`` (default): shape (rows, d_sae), float32, blocks are :class:`LatentBlock` (a
-          ``scipy.sparse.csr_matrix`` whose ``sum`` takes numpy's ``keepdims``). Works: ``.compute()`` (a
-          ``csr_matrix``, equal to :meth:`latents`), row slices and row lists, ``.map_blocks(f)`` (``f`` gets a
-          CSR block; pass ``meta=`` for what it returns), ``.sum(axis=0|1|None)``, ``(x > 0).sum(0)``,
-          ``da.count_nonzero``, ``da.tensordot(x, w, axes=1)``. Not ``x @ w``, ``mean``, ``max``/``min`` (dask
-          calls numpy on the blocks): divide a sum by ``x.shape[0]``, or reduce each block in ``map_blocks``.
+        - ``"sparse"`` (default): shape (rows, d_sae), float32, blocks are :class:`LatentMatrix` (a
+          ``scipy.sparse.csr_matrix`` whose reductions answer as numpy's). Works: ``.compute()`` (a CSR matrix,
+          equal to :meth:`latents`), row slices and row lists, ``.map_blocks(f)`` (``f`` gets a CSR block; pass
+          ``meta=`` for what it returns), ``.sum``, ``.mean``, ``.max``, ``.min`` (``axis=0|1|None``: numpy's
+          answer on the dense latents), ``x @ w`` and ``da.tensordot(x, w, axes=1)`` with a dense ``w``,
+          ``(x > 0).sum(0)``, ``da.count_nonzero``. Other numpy functions see a CSR block, not an array: use
+          ``map_blocks``, or ``latents="dense"``.
         - ``"dense"``: shape (rows, d_sae), float32 numpy blocks (each block is d_sae wide in memory).
         - ``"fixed"``: the stored pair ``(indices, values)``, two dask arrays (rows, width) in their stored
           dtypes; an empty slot is index 0 with value 0.
@@ -388,6 +409,8 @@ class Extraction:
                              f"«pass latents='sparse'» (the default) or one of {self.latent_points}", param="latents")
         checked = self.activations(hook_point)
         raw = da.from_zarr(checked.zarr)
+        if len(checked) < raw.shape[0]:  # a running or stopped job's store: past its committed rows Zarr reads zeros
+            raw = raw[:len(checked)]
         if checked.dtype == raw.dtype:
             return raw
         return raw.map_blocks(lambda block, view=checked.dtype: block.view(view), dtype=checked.dtype)
@@ -396,6 +419,7 @@ class Extraction:
         import dask.array as da
         from dask.base import tokenize
 
+        _register_with_dask()
         mark = self.committed_tokens()  # the record read fresh: the arrays below are checked up to this mark
         index, values = self.latent_arrays(hook_point)
         d_sae = int(self.latent_info(hook_point).d_sae)
@@ -408,7 +432,7 @@ class Extraction:
                                        dtype=arr.dtype, meta=np.empty((0, 0), arr.dtype), name=f"latent-{part}-{token}")
                          for part, arr in (("indices", index), ("values", values)))
         x = da.map_blocks(blocks.sparse, chunks=(rows, (d_sae,)), dtype=np.float32,
-                          meta=LatentBlock((0, d_sae), dtype=np.float32), name=f"latents-{token}")
+                          meta=LatentMatrix((0, d_sae), dtype=np.float32), name=f"latents-{token}")
         if form == "dense":
             return x.map_blocks(_dense, dtype=np.float32, meta=np.empty((0, 0), np.float32))
         return x
@@ -448,23 +472,104 @@ class Extraction:
         return analysis.top_examples(self, hook_point, feature, k=k, context=context, cluster=cluster)
 
 
-class LatentBlock(sparse.csr_matrix):
-    """A block of SAE latents in a dask array: a ``scipy.sparse.csr_matrix`` whose ``sum`` takes numpy's
-    ``keepdims`` and tuple axes and answers a dense ndarray, so that dask's ``sum`` and ``count_nonzero`` run over
-    the blocks."""
+class LatentMatrix(sparse.csr_matrix):
+    """SAE latents (:meth:`Extraction.latents`, and each block of :meth:`Extraction.to_dask`'s sparse form): a
+    ``scipy.sparse.csr_matrix`` whose reductions answer as numpy's do on the dense matrix, so that dask's run over
+    the blocks and a researcher's ``z.mean(axis=0)`` is numpy's. ``sum``, ``mean``, ``max`` and ``min`` take
+    ``axis`` (an int, a tuple or None), ``dtype``, ``out`` and ``keepdims`` and give an ndarray (a numpy scalar
+    for the whole matrix; an empty slot counts as 0, as in the dense matrix); ``z @ w`` and ``np.matmul(z, w)``
+    with a dense ``w`` give an ndarray. Other operators are scipy's (a comparison gives a plain CSR matrix)."""
+
+    def _axes(self, axis) -> tuple[int, ...]:
+        return (0, 1) if axis is None else tuple(sorted({int(a) % 2 for a in np.atleast_1d(axis)}))
+
+    def _shaped(self, values, axes: tuple[int, ...], keepdims: bool, out) -> np.ndarray:
+        """A reduction's values (numpy's shape: ``keepdims`` or not) written to ``out`` when given."""
+        values = np.asarray(values)
+        if len(axes) == 2:
+            values = values.reshape((1, 1) if keepdims else ())
+        else:
+            values = values.reshape((1, -1) if axes == (0,) else (-1, 1)) if keepdims else values.ravel()
+        if out is not None:
+            out[...] = values
+            return out
+        return values[()] if values.ndim == 0 else values
 
     def sum(self, axis=None, dtype=None, out=None, keepdims=False):
-        axes = (0, 1) if axis is None else tuple(sorted({int(a) % 2 for a in np.atleast_1d(axis)}))
+        axes = self._axes(axis)
         whole = sparse.csr_matrix(self)
-        if len(axes) == 2:
-            total = np.asarray(whole.sum(dtype=dtype)).reshape((1, 1) if keepdims else ())
-        else:
-            total = np.asarray(whole.sum(axis=axes[0], dtype=dtype))  # a (1, n) or (n, 1) matrix
-            total = total if keepdims else total.ravel()
+        total = whole.sum(dtype=dtype) if len(axes) == 2 else whole.sum(axis=axes[0], dtype=dtype)
+        return self._shaped(total, axes, keepdims, out)
+
+    def mean(self, axis=None, dtype=None, out=None, keepdims=False):
+        axes = self._axes(axis)
+        if dtype is None:  # numpy's: integers and booleans average to float64, floats in their own type
+            dtype = self.dtype if np.issubdtype(self.dtype, np.inexact) else np.dtype(np.float64)
+        count = int(np.prod([self.shape[a] for a in axes]))
+        total = np.asarray(self.sum(axis=axes if len(axes) == 1 else None, dtype=dtype, keepdims=keepdims))
+        with np.errstate(invalid="ignore", divide="ignore"):  # an empty matrix: NaN, as numpy's
+            mean = (total / count).astype(dtype, copy=False)
         if out is not None:
-            out[...] = total
+            out[...] = mean
             return out
-        return total[()] if total.ndim == 0 else total
+        return mean[()] if mean.ndim == 0 else mean
+
+    def _extreme(self, which: str, axis, out, keepdims, options: dict):
+        if options:  # numpy's initial= and where=
+            raise InputError(f"{which}() of sparse SAE latents takes axis, out and keepdims, not "
+                             f"{', '.join(options)}: call .toarray() first for numpy's other options")
+        axes = self._axes(axis)
+        if 0 in self.shape:
+            raise ValueError(f"zero-size array to reduction operation {which}imum which has no identity")
+        whole = sparse.csr_matrix(self)
+        values = getattr(whole, which)() if len(axes) == 2 else getattr(whole, which)(axis=axes[0]).toarray()
+        return self._shaped(np.asarray(values, dtype=self.dtype), axes, keepdims, out)
+
+    def max(self, axis=None, out=None, keepdims=False, **options):
+        return self._extreme("max", axis, out, keepdims, options)
+
+    def min(self, axis=None, out=None, keepdims=False, **options):
+        return self._extreme("min", axis, out, keepdims, options)
+
+    def __matmul__(self, other):
+        product = sparse.csr_matrix(self) @ other
+        return np.asarray(product) if isinstance(product, np.matrix) else product
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        """``np.matmul(z, w)`` (what dask's ``@`` calls on each block) as ``z @ w``; any other ufunc as on a plain
+        CSR matrix (numpy's operators defer to scipy's, as without this method)."""
+        plain = [sparse.csr_matrix(x) if isinstance(x, LatentMatrix) else x for x in inputs]
+        if ufunc is np.matmul and method == "__call__" and len(plain) == 2 and not kwargs:
+            product = plain[0] @ plain[1]
+            return np.asarray(product) if isinstance(product, np.matrix) else product
+        operator = _OPERATORS.get(ufunc)
+        if operator is not None and method == "__call__" and len(plain) == 2 and not kwargs:
+            return operator(*plain)
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+
+_OPERATORS = {np.add: operator.add, np.subtract: operator.sub, np.multiply: operator.mul,
+              np.true_divide: operator.truediv, np.power: operator.pow, np.greater: operator.gt,
+              np.greater_equal: operator.ge, np.less: operator.lt, np.less_equal: operator.le,
+              np.equal: operator.eq, np.not_equal: operator.ne}
+
+
+LatentBlock = LatentMatrix  # its name when it was only the dask blocks'
+
+
+def _concatenate_latents(blocks: list, axis: int = 0) -> LatentMatrix:
+    """Blocks of latents joined as dask joins them (in reductions): a :class:`LatentMatrix` again."""
+    if axis not in (0, 1):
+        raise ValueError(f"SAE latents are 2-D: they join along axis 0 or 1, not {axis}")
+    return LatentMatrix((sparse.vstack if axis == 0 else sparse.hstack)(blocks, format="csr"))
+
+
+def _register_with_dask() -> None:
+    """Let dask join :class:`LatentMatrix` blocks as such (its scipy rule makes plain matrices, whose ``sum`` has no
+    ``keepdims``); idempotent, done in every process that makes blocks."""
+    from dask.array.dispatch import concatenate_lookup
+
+    concatenate_lookup.register(LatentMatrix, _concatenate_latents)
 
 
 class LatentBlocks:
@@ -487,10 +592,11 @@ class LatentBlocks:
     def _rows(block_info: dict) -> tuple[int, int]:
         return tuple(block_info[None]["array-location"][0])
 
-    def sparse(self, block_info: dict | None = None) -> LatentBlock:
+    def sparse(self, block_info: dict | None = None) -> LatentMatrix:
         """A block's rows as CSR, through :meth:`Extraction.latents` (its checks)."""
+        _register_with_dask()
         a, b = self._rows(block_info)
-        return LatentBlock(self.ext.latents(self.hook_point, slice(a, b)))
+        return self.ext.latents(self.hook_point, slice(a, b))
 
     def fixed(self, part: str, block_info: dict | None = None) -> np.ndarray:
         """A block of the stored ``indices`` or ``values``; indices checked to be latents of the SAE (the writer
@@ -509,3 +615,87 @@ class LatentBlocks:
 
 def _dense(block: sparse.spmatrix) -> np.ndarray:
     return block.toarray()
+
+
+class CommittedRows(CheckedArray):
+    """A :class:`~mistudio.storage.reads.CheckedArray` over the rows committed when it was made (what
+    :meth:`Extraction.activations` and :meth:`Extraction.latent_arrays` give): its ``shape[0]`` and ``len()`` are
+    those rows, and negative indices and open slices (``[-5:]``, ``[:]``) count from the last of them.
+
+    A selection that names a row past them reads the commit mark again: rows a running job committed since are
+    read (checked); a row still not written (a stopped job's, or a running one's next) raises ``InputError``
+    naming the rows committed and the fix, never the zeros Zarr gives for it. An index past the plan is numpy's
+    ``IndexError``; a slice past it stops at its end, as numpy's does."""
+
+    def __init__(self, arr, location: str, ext: "Extraction", record: ExtractionMeta):
+        self.planned = int(arr.shape[0])
+        super().__init__(arr, location, min(record.committed_tokens(), self.planned))
+        self.ext = ext
+
+    shape = property(lambda self: (self.mark, *self.zarr.shape[1:]))
+    size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
+    nbytes = property(lambda self: self.size * np.dtype(self.dtype).itemsize)
+
+    def __repr__(self) -> str:
+        return (f"<CommittedRows {self.zarr.path} shape={self.shape} of {self.planned:,} planned rows "
+                f"dtype={self.dtype} chunks={self.chunks}>")
+
+    def _read(self, key, out):
+        explicit, reach = self._explicit(key)
+        if reach <= self.mark:
+            return super()._read(explicit, out)
+        record = self.ext.record  # read fresh: the job may have committed more since this view was made
+        mark = min(record.committed_tokens(), self.planned)
+        if reach > mark:
+            raise self.past_mark(reach, mark, record)
+        return CheckedArray(self.zarr, self.location, mark)._read(explicit, out)
+
+    def past_mark(self, reach: int, mark: int, record: ExtractionMeta) -> InputError:
+        """The error of a read up to row ``reach`` past the ``mark`` rows committed."""
+        status, name = str(getattr(record.status, "value", record.status)), self.ext.id
+        fix = ("its job is still writing them: read them once it has (len(ext.activations(...)) says how far it got)"
+               if record.live else f"resume the job to extract them (ms.Workspace(...).resume({name!r}))")
+        return InputError(f"a read of {self.zarr.path} up to row {reach:,} reaches past the {mark:,} rows committed "
+                          f"so far in extraction {name} (status {status}; {self.planned:,} rows planned): read rows "
+                          f"below {mark:,} (e.g. [:{mark}]), or {fix}")
+
+    def _explicit(self, key) -> tuple[Any, int]:
+        """``key`` with its row selection made explicit (no negative index, no open bound: those count from the
+        committed rows), and the row it reaches up to (its largest row + 1; 0 for none)."""
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        if isinstance(key, tuple) and not key:
+            rows = Ellipsis
+        n, planned = self.mark, self.planned
+        if rows is Ellipsis:
+            stands_for = self.ndim - len(rest)  # dimensions the Ellipsis covers
+            if stands_for < 1:
+                return self._explicit(tuple(rest))
+            return (slice(0, n), *[slice(None)] * (stands_for - 1), *rest), n
+        if isinstance(rows, slice):
+            if rows.step is not None and rows.step < 0:
+                return key, 0  # Zarr refuses negative steps, with its own message
+            start, stop = (min(max(bound + n if bound < 0 else bound, 0), planned)
+                           for bound in (int(rows.start or 0), n if rows.stop is None else int(rows.stop)))
+            return (slice(start, stop, rows.step), *rest), stop if stop > start else 0
+        if isinstance(rows, (int, np.integer)) and not isinstance(rows, (bool, np.bool_)):
+            row = self._rows_in(np.asarray([int(rows)]))[0]
+            return (row, *rest), int(row) + 1
+        picked = np.asarray(rows)
+        if picked.dtype == bool:
+            if picked.ndim != 1 or len(picked) not in (n, planned):
+                raise IndexError(f"a boolean row mask of length {len(picked)} does not match the {n:,} committed "
+                                 f"rows of {self.zarr.path}")
+            picked = np.flatnonzero(picked)
+        picked = self._rows_in(picked)
+        return (picked, *rest), int(picked.max()) + 1 if picked.size else 0
+
+    def _rows_in(self, rows: np.ndarray) -> np.ndarray:
+        """Row numbers with negative ones counted from the last committed row, each within the plan."""
+        if rows.size and not np.issubdtype(rows.dtype, np.integer):
+            raise IndexError(f"rows must be integers, slices or a boolean mask; got {rows.dtype} values")
+        given, rows = rows, np.where(rows < 0, rows + self.mark, rows).astype(np.int64)
+        outside = (rows < 0) | (rows >= self.planned)
+        if outside.any():
+            raise IndexError(f"row {int(given[np.flatnonzero(outside)[0]])} is out of bounds for the {self.mark:,} "
+                             f"committed rows ({self.planned:,} planned) of {self.zarr.path}")
+        return rows

@@ -149,11 +149,85 @@ class SparseLatents:
 
     def to_dense(self) -> Tensor:
         """The ``(n, d_sae)`` dense latents."""
-        rows = torch.repeat_interleave(torch.arange(self.n_rows, device=self.offsets.device),
-                                       self.offsets.diff())
         out = torch.zeros(self.n_rows, self.d_sae, dtype=self.values.dtype, device=self.values.device)
-        out[rows, self.indices] = self.values
+        out[self._rows(), self.indices] = self.values
         return out
+
+    # -- as the dense latents answer (an entry not stored is a 0) ------------------------------------------------
+    def _rows(self) -> Tensor:
+        """Each entry's row."""
+        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.offsets.device), self.offsets.diff())
+
+    def _along(self, dim: int) -> tuple[Tensor, int, int]:
+        """(each entry's position in the result, the result's length, the dense entries per result) of a
+        reduction over ``dim`` (0: per latent, over the rows; 1: per row, over the latents)."""
+        if dim not in (0, 1, -1, -2):
+            raise InputError(f"«dim={dim!r}» is not a dimension of the (rows, d_sae) latents: «pass dim=0» (per "
+                             "latent) or «dim=1» (per row)")
+        if dim % 2 == 0:
+            return self.indices, self.d_sae, self.n_rows
+        return self._rows(), self.n_rows, self.d_sae
+
+    def sum(self, dim: int | None = None) -> Tensor:
+        """``to_dense().sum(dim)`` without the dense matrix."""
+        if dim is None:
+            return self.values.sum()
+        where, length, _ = self._along(dim)
+        return torch.zeros(length, dtype=self.values.dtype, device=self.values.device).index_add_(0, where,
+                                                                                                 self.values)
+
+    def mean(self, dim: int | None = None) -> Tensor:
+        """``to_dense().mean(dim)`` without the dense matrix."""
+        count = self.n_rows * self.d_sae if dim is None else self._along(dim)[2]
+        return self.sum(dim) / count
+
+    def _extreme(self, reduce: str, dim: int | None) -> Tensor:
+        values = self.values
+        if dim is None:
+            found = getattr(values, reduce)() if values.numel() else values.new_zeros(())
+            if self.nnz < self.n_rows * self.d_sae:  # a 0 not stored
+                found = getattr(torch, "maximum" if reduce == "amax" else "minimum")(found, values.new_zeros(()))
+            return found
+        where, length, per = self._along(dim)
+        out = values.new_zeros(length)  # a result with fewer stored entries than `per` has a 0 among them
+        full = torch.bincount(where, minlength=length) >= per
+        start = values.new_full((length,), -math.inf if reduce == "amax" else math.inf)
+        stored = start.scatter_reduce(0, where, values, reduce, include_self=True)
+        return torch.where(full, stored, getattr(torch, "maximum" if reduce == "amax" else "minimum")(stored, out))
+
+    def amax(self, dim: int | None = None) -> Tensor:
+        """``to_dense().amax(dim)`` without the dense matrix (exact)."""
+        return self._extreme("amax", dim)
+
+    def amin(self, dim: int | None = None) -> Tensor:
+        """``to_dense().amin(dim)`` without the dense matrix (exact)."""
+        return self._extreme("amin", dim)
+
+    def max(self, dim: int | None = None) -> Tensor:
+        """The largest latent of all (``to_dense().max()``); per dimension, see :meth:`amax`."""
+        if dim is not None:
+            raise InputError("SparseLatents.max(dim) would owe torch's argmax too: use .amax(dim) for the values "
+                             "(exactly to_dense().amax(dim)), or .to_dense() first (n x d_sae in memory)")
+        return self._extreme("amax", None)
+
+    def min(self, dim: int | None = None) -> Tensor:
+        """The smallest latent of all (``to_dense().min()``); per dimension, see :meth:`amin`."""
+        if dim is not None:
+            raise InputError("SparseLatents.min(dim) would owe torch's argmin too: use .amin(dim) for the values "
+                             "(exactly to_dense().amin(dim)), or .to_dense() first (n x d_sae in memory)")
+        return self._extreme("amin", None)
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        """``to_dense() @ other`` for ``other`` (d_sae,) or (d_sae, m), in ``other``'s dtype (a decoder's
+        ``W_dec`` gives the reconstruction less ``b_dec``)."""
+        if not isinstance(other, Tensor) or other.ndim not in (1, 2) or other.shape[0] != self.d_sae:
+            shape = tuple(other.shape) if isinstance(other, Tensor) else type(other).__name__
+            raise InputError(f"SparseLatents @ w needs w of shape ({self.d_sae},) or ({self.d_sae}, m), a tensor: "
+                             f"got {shape}")
+        matrix = other if other.ndim == 2 else other[:, None]
+        out = F.embedding_bag(self.indices, matrix, self.offsets, mode="sum",
+                              per_sample_weights=self.values.to(matrix.dtype), include_last_offset=True)
+        return out if other.ndim == 2 else out[:, 0]
 
 
 # -- the module ---------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import zarr
 
-from ..errors import InputError
+from ..errors import InputError, StoreCorrupted
 from ..saes import SAE, load_sae
 from ..storage.featstats import BANDS, FeatureStatistics, sample_keys
+from ..storage.reads import DECODE_ERRORS
 from ..storage.store import open_group
 from .feature_view import (LATENT_SUFFIX, Memo, display_pieces, is_latent, row_token_ids, rows_at, store_key,
                            token_means, token_means_many, tokenizer_scheme, values_at)
@@ -87,16 +88,38 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 # -- notes ---------------------------------------------------------------------------------------------------
 def _notes_group(ext: "Extraction", hook_point: str, mode: str) -> zarr.Group:
-    return open_group(ext.location, ext.store.storage_options, mode, f"{NOTES}/{hook_point}",
-                      **({"zarr_format": 3} if mode != "r" else {}))
+    """The group whose attributes hold ``hook_point``'s notes (Zarr v3: only its ``zarr.json`` is read, through the
+    store's guard: a FIFO there is refused, never read)."""
+    return open_group(ext.location, ext.store.storage_options, mode, f"{NOTES}/{hook_point}", zarr_format=3)
+
+
+def notes_file(ext: "Extraction", hook_point: str) -> str:
+    """Where ``hook_point``'s feature notes are saved: ``<store>/analysis/notes/<hook point>/zarr.json``."""
+    return f"{ext.location.rstrip('/')}/{NOTES}/{hook_point}/zarr.json"
+
+
+def _unreadable_notes(ext: "Extraction", hook_point: str, exc: Exception) -> InputError:
+    """The error of a notes file that is there but cannot be read (a FIFO, a link out of the store, garbage)."""
+    if isinstance(exc, StoreCorrupted) and exc.what:
+        why = exc.what.removeprefix("its metadata ").removeprefix("its group metadata ")
+    else:
+        why = f"is not a notes file mistudio wrote ({type(exc).__name__}: {exc})"
+    return InputError(f"the feature notes of {hook_point} in extraction {ext.id} cannot be read: their file "
+                      f"{notes_file(ext, hook_point)} {why}. Remove that file (or put back a copy of it) to read and "
+                      f"save notes of {hook_point} again; the extraction's activations are not affected")
 
 
 def notes(ext: "Extraction", hook_point: str) -> dict[int, str]:
-    """Every explanation note saved for ``hook_point``'s features: {feature: text}."""
+    """Every explanation note saved for ``hook_point``'s features: {feature: text} ({} when none was saved). A
+    notes file that is there but cannot be read raises ``InputError`` naming it and the fix."""
     try:
         attrs = dict(_notes_group(ext, hook_point, "r").attrs)
-    except Exception:  # noqa: BLE001 - no note saved yet (or an unreadable group): no notes
-        return {}
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
+        return {}  # no note saved yet
+    except (StoreCorrupted, *DECODE_ERRORS) as exc:
+        if isinstance(exc, StoreCorrupted) and exc.file not in (None, notes_file(ext, hook_point)):
+            raise  # the store's own metadata, not the notes
+        raise _unreadable_notes(ext, hook_point, exc) from exc
     return {int(k): str(v) for k, v in attrs.items() if k.isdigit() and isinstance(v, str)}
 
 
@@ -116,12 +139,15 @@ def set_note(ext: "Extraction", hook_point: str, feature: int, text: str) -> Non
     if len(text) > NOTE_LIMIT:
         raise InputError(f"the note is {len(text):,} characters long: keep it under {NOTE_LIMIT:,}")
     feature = _check_int("feature", feature, 0)
+    notes(ext, hook_point)  # a notes file there that cannot be read is named, never replaced
     try:
         group = _notes_group(ext, hook_point, "a")
         saved = {k: v for k, v in dict(group.attrs).items() if k != str(feature)}
         if text.strip():
             saved[str(feature)] = text
         group.attrs.put(saved)
+    except (StoreCorrupted, *DECODE_ERRORS) as exc:  # the file went bad since it was read
+        raise _unreadable_notes(ext, hook_point, exc) from exc
     except (OSError, PermissionError) as exc:
         raise InputError(f"cannot save the note in {ext.location}: {exc}. Notes are written into the store, which "
                          "must be writable") from exc

@@ -30,18 +30,44 @@ MAX_ARRAY_METADATA_BYTES = 16 << 20  # an array's zarr.json: a few KB
 def check_metadata_file(location: str, file: str, array: str | None = None) -> None:
     """Refuse a ``zarr.json`` no mistudio store has, before Zarr parses it: not a regular file (a FIFO would block
     the read), or larger than any store's (parsing a crafted 300 MB string took gigabytes). ``array``: the array
-    or group it describes (None: the store's own group). A missing file is left to Zarr."""
+    or group it describes (None: the store's own group). A missing file is left to Zarr.
+
+    A symbolic link is followed when it leads to a file inside the store's folder (a copy or sync tool may leave
+    one; the store stays self-contained): that file is checked as above. A link that leads outside the store is
+    refused (a store reads only its own files: a link elsewhere could feed it any file on the machine), and so
+    is one that leads to nothing or to no regular file, each naming the link, its target and the fix."""
     try:
         info = os.stat(file, follow_symlinks=False)
     except OSError:
         return
     what = "its group metadata" if array is None else "its metadata"
+    if stat.S_ISLNK(info.st_mode):
+        info = _linked_metadata(location, file, array, what)
     if not stat.S_ISREG(info.st_mode):
         raise StoreCorrupted(location, f"{what} is not a regular file", array, file=file)
     limit = MAX_GROUP_METADATA_BYTES if array is None else MAX_ARRAY_METADATA_BYTES
     if info.st_size > limit:
         raise StoreCorrupted(location, f"{what} is {info.st_size:,} bytes, more than a store's can be ({limit:,}): it "
                                        "was not written by mistudio", array, file=file)
+
+
+def _linked_metadata(location: str, file: str, array: str | None, what: str) -> os.stat_result:
+    """The status of the file a metadata link leads to, when it is a regular file inside the store."""
+    target, root = os.path.realpath(file), os.path.realpath(location)
+    fix = ("Replace the link with the regular file it stands for (cp --remove-destination <that file> <the link>), "
+           "or copy the store with its links resolved (cp -rL <store> <copy>)")
+    if os.path.commonpath([root, target]) != root:
+        raise StoreCorrupted(location, f"{what} is a symbolic link to {target}, outside the store: a store reads "
+                                       "only files inside its folder", array, file=file, fix=fix)
+    try:
+        info = os.stat(target)
+    except OSError as exc:
+        raise StoreCorrupted(location, f"{what} is a symbolic link to {target}, which cannot be read "
+                                       f"({exc.strerror or type(exc).__name__})", array, file=file, fix=fix) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreCorrupted(location, f"{what} is a symbolic link to {target}, which is not a regular file", array,
+                             file=file, fix=fix)
+    return info
 
 
 class GuardedLocalStore(zarr.storage.LocalStore):
