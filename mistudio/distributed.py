@@ -249,7 +249,8 @@ def run_shard(location: str, storage_options: dict | None, request: dict, shard:
     except JobCancelled:  # an answer, not a failure: the shard stays to do (no worker traceback in the logs)
         return {"index": shard["index"], "cancelled": True}
     assert writer.pos == stop, "shard rows were not all placed"
-    return {"index": shard["index"], "edges": writer.edges, "stats": stats, "latent_stats": latent_stats,
+    plain = {hp: HookStats.plain(acc) for hp, acc in stats.items()}  # kept in the store's metadata (JSON)
+    return {"index": shard["index"], "edges": writer.edges, "stats": plain, "latent_stats": latent_stats,
             "seconds": time.perf_counter() - started}
 
 

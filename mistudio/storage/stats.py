@@ -114,13 +114,18 @@ class HookStats:
         return float(math.sqrt(edges[k - 1] * edges[k]))
 
     @staticmethod
+    def plain(acc: dict) -> dict:
+        """``acc`` as JSON takes it (``merge`` keeps the histogram as an int64 array)."""
+        return {**acc, "norm_hist": np.asarray(acc["norm_hist"], dtype=np.int64).tolist()}
+
+    @staticmethod
     def summary(acc: dict) -> dict:
         n = acc["count"]
         mean = acc["sum"] / n if n else 0.0
         var = max(0.0, acc["sum_sq"] / n - mean * mean) if n else 0.0
         median = HookStats.quantile(acc["norm_hist"], 0.5)
-        return {**acc, "norm_hist": np.asarray(acc["norm_hist"], dtype=np.int64).tolist(), "mean": mean,
-                "std": math.sqrt(var), "frac_zeros": acc["zeros"] / n if n else 0.0,
+        return {**HookStats.plain(acc), "mean": mean, "std": math.sqrt(var),
+                "frac_zeros": acc["zeros"] / n if n else 0.0,
                 "norm_quantiles": {str(q): HookStats.quantile(acc["norm_hist"], q) for q in HookStats.QUANTILES},
                 "outlier_threshold": HookStats.OUTLIER_FACTOR * median}
 
