@@ -757,14 +757,19 @@ def test_issue19_p3_long_rows_plot_a_window_fast_and_say_so(gpt2_dir, workspace)
     browser.feature.value = 5
     states = []
     browser.plot_button.observe(lambda c: states.append(c["new"]), "disabled")
-    times = {}
-    for row in (0, 3):  # the long document, then a short one
-        browser.row.value = row
-        started = time.perf_counter()
-        assert browser.plot()
-        times[row] = time.perf_counter() - started
-        assert f"row {row} (" in browser.info.value  # the row plotted, not the previous one
-    assert states == [True, False, True, False]  # busy (disabled, spinner) while each plot was drawn
+    # this process's CPU time (other processes' load does not count), best of up to three rounds (a round
+    # disturbed by this process's own stragglers, e.g. the garbage collector, is measured again)
+    times: dict[int, float] = {}
+    for attempt in range(3):
+        for row in (0, 3):  # the long document, then a short one
+            browser.row.value = row
+            started = time.process_time()
+            assert browser.plot()
+            times[row] = min(times.get(row, float("inf")), time.process_time() - started)
+            assert f"row {row} (" in browser.info.value  # the row plotted, not the previous one
+        if times[0] < 4 * times[3] + 1.0:
+            break
+    assert states == [True, False] * 2 * (attempt + 1)  # busy (disabled, spinner) while each plot was drawn
     # the long row: 64 tokens around the feature's peak, every label readable; as fast as a short row
     browser.row.value = 0
     assert browser.plot()
