@@ -163,6 +163,17 @@ def gate(at_batch: int):
     return hook, reached, release
 
 
+def held_until(event: threading.Event, then=None):
+    """before_batch hook: batch 0 waits for ``event`` (at most 30 s), then ``then`` (another hook) runs as usual.
+    E.g. a job held until a panel lists its row, so that its first progress events find the row."""
+    def hook(index, batch_size):
+        if index == 0:
+            event.wait(30)
+        if then is not None:
+            then(index, batch_size)
+    return hook
+
+
 def cancelled_at(ws, *args, at_batch: int, **kw):
     """A job submitted to ``ws`` (``args``, ``kw`` as ``ws.submit`` takes them) and cancelled when it reaches batch
     ``at_batch``: CANCELLED with its first batches committed, resumable."""

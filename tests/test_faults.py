@@ -375,11 +375,17 @@ def test_ctrl_c_while_a_script_waits_cancels_and_says_how_to_resume(gpt2_dir, wo
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=_ctrl_c_as_in_a_terminal)
     job_id = child.stdout.readline().strip()
-    assert child.stdout.readline().strip() == "batch 3"  # the script has ended; its job runs (20 batches)
-    time.sleep(0.5)
+    assert child.stdout.readline().strip() == "batch 3"  # its job runs (20 batches)
+    said = ""
+    while "waiting for 1 job(s)" not in said:  # the script has ended: its exit waits for the job (not a sleep)
+        line = child.stderr.readline()
+        assert line, f"the script ended without waiting for its job: {said[-2000:]}"
+        said += line
+    time.sleep(0.2)  # from its message into its wait (the message is printed just before the wait's try:)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
-    assert child.returncode == 0 and "waiting for 1 job(s)" in err
+    err = said + err
+    assert child.returncode == 0
     assert f"job {job_id} is CANCELLED; what was saved is kept: resume it with" in err, err[-2000:]
     ext = ms.open_extraction(job_id, workspace=workspace)
     assert ext.status == "CANCELLED" and 0 < ext.committed_tokens() < ext.n_tokens

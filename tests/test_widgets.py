@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import re
+import threading
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import mistudio as ms
-from conftest import fail_at, gate
+from conftest import fail_at, gate, held_until
 
 pytest.importorskip("matplotlib")
 
@@ -292,6 +293,7 @@ def test_point2_browse_after_cleanup_removed_its_store(gpt2_dir, workspace):
 
 def test_point3_jobs_grid_compact_and_live(gpt2_dir, workspace):
     gate_hook, reached, release = gate(3)
+    listed = threading.Event()  # its first batch waits for its row: its progress events find the row
 
     studio = make_studio(workspace, gpt2_dir)
     jobs = studio.jobs_panel
@@ -303,12 +305,13 @@ def test_point3_jobs_grid_compact_and_live(gpt2_dir, workspace):
     done = panel.job
     done.wait(60)
     # a slow one, watched live from the grid (no Refresh)
-    panel.extra_options["before_batch"] = gate_hook
+    panel.extra_options["before_batch"] = held_until(listed, gate_hook)
     panel.batch_size.value = 4
     panel.launch_button.click()
     live = panel.job
-    assert reached.wait(60)
     wait_for(lambda: live.id in jobs.cells)  # its row appeared from the job's events
+    listed.set()
+    assert reached.wait(60)
     wait_for(lambda: "8 computed" in jobs.cells[live.id]["progress"].value or
              "12 computed" in jobs.cells[live.id]["progress"].value)  # computed, not yet saved (one chunk)
     assert "0 / 40 · 0%" in jobs.cells[live.id]["progress"].value
@@ -754,14 +757,19 @@ def test_issue19_p3_long_rows_plot_a_window_fast_and_say_so(gpt2_dir, workspace)
     browser.feature.value = 5
     states = []
     browser.plot_button.observe(lambda c: states.append(c["new"]), "disabled")
-    times = {}
-    for row in (0, 3):  # the long document, then a short one
-        browser.row.value = row
-        started = time.perf_counter()
-        assert browser.plot()
-        times[row] = time.perf_counter() - started
-        assert f"row {row} (" in browser.info.value  # the row plotted, not the previous one
-    assert states == [True, False, True, False]  # busy (disabled, spinner) while each plot was drawn
+    # this process's CPU time (other processes' load does not count), best of up to three rounds (a round
+    # disturbed by this process's own stragglers, e.g. the garbage collector, is measured again)
+    times: dict[int, float] = {}
+    for attempt in range(3):
+        for row in (0, 3):  # the long document, then a short one
+            browser.row.value = row
+            started = time.process_time()
+            assert browser.plot()
+            times[row] = min(times.get(row, float("inf")), time.process_time() - started)
+            assert f"row {row} (" in browser.info.value  # the row plotted, not the previous one
+        if times[0] < 4 * times[3] + 1.0:
+            break
+    assert states == [True, False] * 2 * (attempt + 1)  # busy (disabled, spinner) while each plot was drawn
     # the long row: 64 tokens around the feature's peak, every label readable; as fast as a short row
     browser.row.value = 0
     assert browser.plot()
@@ -802,7 +810,8 @@ def test_issue19_p4_saved_and_computed_apart_never_backwards(gpt2_dir, workspace
     from mistudio.widgets.jobs_panel import progress_cell
 
     gate_hook, reached, release = gate(4)
-    studio = make_studio(workspace, gpt2_dir, before_batch=gate_hook)
+    listed = threading.Event()  # its first batch waits for its row: its progress events find the row
+    studio = make_studio(workspace, gpt2_dir, before_batch=held_until(listed, gate_hook))
     jobs, panel = studio.jobs_panel, studio.extraction_panel
     panel.batch_size.value = 4
     seen = []
@@ -810,6 +819,7 @@ def test_issue19_p4_saved_and_computed_apart_never_backwards(gpt2_dir, workspace
     job = panel.job
     wait_for(lambda: job.id in jobs.cells)
     jobs.cells[job.id]["progress"].observe(lambda c: seen.append(c["new"]), "value")
+    listed.set()
     assert reached.wait(60)
     wait_for(lambda: "16 computed" in jobs.cells[job.id]["progress"].value)
     cell = jobs.cells[job.id]
@@ -868,15 +878,46 @@ def test_issue19_p5_jobs_from_another_cell_update_their_row(gpt2_dir, workspace)
     jobs = studio.jobs_panel
     other = ms.Workspace(workspace)  # what `ms.Workspace().submit(...)` in another cell does
     gate_hook, reached, release = gate(2)
-    job = other.submit(gpt2_dir, "sample", layers=[1], max_samples=24, batch_size=4, before_batch=gate_hook)
-    wait_for(lambda: job.id in jobs.cells, 2)  # listed within 2 s, without Refresh
+    listed = threading.Event()  # its first batch waits for its row: its progress events find the row
+    job = other.submit(gpt2_dir, "sample", layers=[1], max_samples=24, batch_size=4,
+                       before_batch=held_until(listed, gate_hook))
+    # listed, updated and ended without Refresh: only the folder's events change the grid (no poll), so a deadline
+    # for a loaded machine (2 s on an idle one) still fails when they do not reach it
+    wait_for(lambda: job.id in jobs.cells, 30)
+    listed.set()
     assert reached.wait(60)
     wait_for(lambda: "EXTRACTING" in jobs.cells[job.id]["status"].value and
-             "computed" in jobs.cells[job.id]["progress"].value, 2)
+             "8 computed" in jobs.cells[job.id]["progress"].value, 30)
     release.set()
     job.wait(60)
-    wait_for(lambda: "COMPLETED" in jobs.cells.get(job.id, {}).get("status", W_EMPTY).value, 2)
+    wait_for(lambda: "COMPLETED" in jobs.cells.get(job.id, {}).get("status", W_EMPTY).value, 30)
     assert "24 / 24 · 100%" in jobs.cells[job.id]["progress"].value
+
+
+def test_issue19_p5_progress_before_the_row_is_listed_is_kept(gpt2_dir, workspace, monkeypatch):
+    """A progress event of a job whose row is not listed yet (the refresh that lists it is debounced on a timer)
+    keeps its computed count for that row: dropped, a job then waiting (a gate, a long batch) showed none."""
+    from mistudio.widgets.jobs_panel import JobsPanel
+
+    ws = ms.Workspace(workspace)
+    jobs = JobsPanel(ws)
+    gate_hook, reached, release = gate(3)
+    timed_refresh = jobs._timed_refresh
+
+    def starved_refresh():  # the debounce timer's thread gets no CPU until the job computed three batches (load)
+        reached.wait(60)
+        timed_refresh()
+
+    monkeypatch.setattr(jobs, "_timed_refresh", starved_refresh)
+    job = ws.submit(gpt2_dir, "sample", layers=[1], max_samples=24, batch_size=4, before_batch=gate_hook)
+    try:
+        assert reached.wait(60)
+        wait_for(lambda: job.id in jobs.cells, 30)
+        assert "EXTRACTING" in jobs.cells[job.id]["status"].value
+        wait_for(lambda: "12 computed" in jobs.cells[job.id]["progress"].value, 10)  # what the job had computed
+    finally:
+        release.set()
+        job.wait(60)
 
 
 def test_issue19_p6_stale_state_goes(gpt2_dir, workspace, tmp_path):

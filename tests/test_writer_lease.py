@@ -28,6 +28,7 @@ CHILD = textwrap.dedent("""
     import mistudio as ms
     action, workspace, job_id, go = sys.argv[1:5]
     ws = ms.Workspace(workspace)
+    open(f"{go}.{os.getpid()}.ready", "w").close()  # imported and opened: ready
     while not os.path.exists(go):  # every child starts its action at the same instant
         time.sleep(0.001)
     try:
@@ -55,7 +56,14 @@ def race(actions: list[str], workspace: str, job_id: str, tmp_path: Path) -> lis
     children = [subprocess.Popen([sys.executable, "-c", CHILD, action, workspace, job_id, str(go)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                 for action in actions]
-    time.sleep(3)  # each has imported mistudio and opened the workspace
+    deadline = time.monotonic() + 240  # each has imported mistudio and opened the workspace (a sleep was not
+    while not all(Path(f"{go}.{child.pid}.ready").exists() for child in children):  # enough under load: one child
+        # started its action after the other's job had completed, and was refused as such, not as busy)
+        if time.monotonic() > deadline or any(child.poll() is not None for child in children):
+            for child in children:
+                child.kill()
+            pytest.fail("a child did not get ready: " + " | ".join(c.communicate()[1][-1500:] for c in children))
+        time.sleep(0.05)
     go.touch()
     out = []
     for child in children:
