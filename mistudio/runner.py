@@ -83,9 +83,9 @@ def _at_exit() -> None:
         for job in jobs:
             job.wait(30)
         return
-    print(f"mistudio: waiting for {len(jobs)} job(s) to finish before exiting ({ids}); press Ctrl-C to cancel "
-          "(what is saved is kept)", file=sys.stderr, flush=True)
-    try:
+    try:  # a Ctrl-C as soon as the line is out is a clean cancel too
+        print(f"mistudio: waiting for {len(jobs)} job(s) to finish before exiting ({ids}); press Ctrl-C to cancel "
+              "(what is saved is kept)", file=sys.stderr, flush=True)
         while jobs:  # a job that ends may submit another (a listener's follow-up): it is waited for too
             for job in jobs:
                 job.wait()

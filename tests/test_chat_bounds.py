@@ -124,7 +124,7 @@ def test_a_template_too_long_to_be_real_is_refused_before_compiling():
     started = time.perf_counter()
     with pytest.raises(ChatTemplateError, match=r"is 3,000,035 characters long, past the 262,144") as refused:
         render_chat(source, CONVERSATIONS["plain"], {}, "the chat template of 'model'")
-    assert time.perf_counter() - started < 0.5 and refused.value.kind == "bounds"
+    assert time.perf_counter() - started < 2.0 and refused.value.kind == "bounds"  # it took 50 s
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))

@@ -18,7 +18,7 @@ from mistudio.presets import PresetFile, read_preset_file
 from mistudio.request import Request
 from mistudio.specs import MAX_LAYER_INDEX, parse_layers
 
-FAST = settings(max_examples=300, deadline=500, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=300, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 MEMORY_BOUND = 8 << 20  # bytes any one call may allocate at its peak (a layer list of MAX_LAYER_INDEX ints is ~0.5 MB)
 
 
@@ -143,7 +143,7 @@ def test_preset_files_parse_or_are_refused_naming_the_path(tmp_path_factory, dat
     assert json.loads(data)["arguments"] == result.arguments
 
 
-@settings(max_examples=40, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=30000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(FILE_BYTES, min_size=1, max_size=4))
 def test_a_preset_folder_of_anything_lists_the_good_and_reports_the_bad(tmp_path_factory, files):
     ws = ms.Workspace(str(tmp_path_factory.mktemp("ws")))

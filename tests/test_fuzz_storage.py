@@ -26,7 +26,7 @@ from mistudio.storage.reads import CheckedArray
 from mistudio.storage.store import ExtractionStore
 
 N_ROWS, WIDTH, CHUNK, SHARD = 100, 4, 8, 32  # 4 shards of 4 chunks; the last shard holds 4 rows (one chunk)
-FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=150, deadline=20000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 U64 = 2**64
 
 
@@ -234,7 +234,7 @@ def mutated(draw):
     return doc, where
 
 
-@settings(max_examples=300, deadline=1000)
+@settings(max_examples=300, deadline=10000)
 @given(st.one_of(mutated(), JSON.map(lambda d: (d, ()))))
 def test_metadata_parses_to_a_record_or_an_error_naming_the_field(case):
     doc, where = case
@@ -255,7 +255,7 @@ def test_metadata_parses_to_a_record_or_an_error_naming_the_field(case):
                                               record.storage.n_input_tokens))
 
 
-@settings(max_examples=40, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=30000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(mutated().map(lambda c: c[0]), JSON))
 def test_a_store_with_any_metadata_opens_or_is_store_corrupted_naming_the_file(tmp_path_factory, doc):
     root = tmp_path_factory.mktemp("meta") / "s.zarr"
@@ -283,7 +283,7 @@ def test_a_fifo_in_place_of_a_shard_is_refused_without_blocking(stored, mark):
         within_seconds(lambda: FastReader(g, N_ROWS).check_unit(1, decode=True), 5)
 
 
-@settings(max_examples=60, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=30000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(mutated().map(lambda c: c[0]), JSON))
 def test_verify_reports_any_metadata_without_raising(tmp_path_factory, doc):
     """verify reads the raw metadata (it must report what the typed parser refuses): any JSON is a report."""

@@ -709,7 +709,7 @@ def test_issue19_p2_typing_a_hub_id_looks_nothing_up(minilm_dir, workspace, monk
     started = time.monotonic()
     for typed in ("g", "gp", "gpt", "gpt2"):
         picker.choice.value = typed
-    assert time.monotonic() - started < 1.0 and picker.lookups == 1  # only the inspect above
+    assert time.monotonic() - started < 5.0 and picker.lookups == 1  # only the inspect above
     assert picker.info.value == "" and picker.details is None  # MiniLM's facts went with it
     assert panel.layers_known is False and "Load / inspect" in panel.summary.value
     thread = picker.inspect_async()  # the button: off the kernel's main path, busy meanwhile

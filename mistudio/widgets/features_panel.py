@@ -337,16 +337,19 @@ class FeaturesPanel(W.VBox):
         self.busy.value = f'<span class="mistudio-busy">⏳ {esc(what)}…</span>'
         for button in self._actions:
             button.disabled = True
-        self._thread = threading.Thread(target=self._work, args=(work, done, show or self._say), daemon=True,
+        self._thread = threading.Thread(target=self._work, args=(what, work, done, show or self._say), daemon=True,
                                         name="mistudio-features")
         self._thread.start()
 
-    def _work(self, work: Callable[[], Any], done: Callable[[Any], None], show: Callable[[str], None]) -> None:
+    def _work(self, what: str, work: Callable[[], Any], done: Callable[[Any], None],
+              show: Callable[[str], None]) -> None:
         try:
             result = work()
             with self._lock:
                 done(result)
+            log.debug("features panel: %s: done", what)
         except Exception as exc:  # noqa: BLE001 - shown in the tab
+            log.debug("features panel: %s: failed", what, exc_info=True)
             with self._lock:
                 show(error_box(for_ui(exc)))
         finally:
