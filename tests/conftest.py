@@ -152,6 +152,23 @@ def while_muted_elsewhere(panel, act) -> None:
         done.set()
         thread.join(10)
 
+def at_once(fn, *args, seconds: float = 20.0, **kwargs):
+    """``fn(*args, **kwargs)`` on a thread: its result, or the exception it raised; fails if it blocks."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} blocked for {seconds} s"
+    return out.get("error", out.get("value"))
+
+
 def gate(at_batch: int):
     """before_batch hook: signals `reached` at batch `at_batch`, then waits for `release` (at most 30 s)."""
     reached, release = threading.Event(), threading.Event()

@@ -7,12 +7,12 @@ import json
 import os
 import resource
 import socket
-import threading
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import at_once
 from transformers import AutoTokenizer
 
 import mistudio as ms
@@ -22,23 +22,6 @@ from mistudio.request import Request
 
 NA_TEXTS = ["NA", "null", "None", "nan", "N/A", "", "NaN", "n/a", "#N/A", "NULL", "-nan", "<NA>"]
 ARGS = dict(layers=[0], hooks=["residual"])
-
-
-def at_once(fn, *args, seconds: float = 20.0, **kwargs):
-    """``fn(*args, **kwargs)`` on a thread: its result, or the exception it raised; fails if it blocks."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} blocked for {seconds} s"
-    return out.get("error", out.get("value"))
 
 
 @pytest.fixture

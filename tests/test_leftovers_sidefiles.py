@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import at_once
 
 import mistudio as ms
 from mistudio.analysis.features import get_note, notes, set_note
@@ -41,23 +41,6 @@ def store(made, tmp_path) -> Path:
     return tmp_path / "ws" / "extractions" / f"{ext_id}.zarr"
 
 
-def on_a_thread(call, timeout: float = 30):
-    """``call()`` on a thread (a hang fails the test instead of stopping the suite): its result or exception."""
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    assert not worker.is_alive(), f"{call} blocked"
-    return outcome
-
-
 # -- 3. the notes file ---------------------------------------------------------------------------------------------
 def notes_file(store: Path) -> Path:
     return store / "analysis" / "notes" / HP / "zarr.json"
@@ -74,9 +57,8 @@ def test_an_unreadable_notes_file_is_named_with_its_fix(store, how):
     else:
         file.write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"3": ')
     for call in (lambda: notes(ext, HP), lambda: get_note(ext, HP, 3), lambda: set_note(ext, HP, 4, "new")):
-        outcome = on_a_thread(call)
-        error = outcome.get("error")
-        assert isinstance(error, InputError), outcome  # a value error the Features panel shows
+        error = at_once(call, seconds=30)
+        assert isinstance(error, InputError), error  # a value error the Features panel shows
         text = str(error)
         assert str(file) in text and "notes" in text and "remove" in text.lower(), text
         assert "re-extract" not in text and "array" not in text and "retry" not in text, text
@@ -144,9 +126,8 @@ def test_a_group_metadata_link_outside_the_store_or_to_no_file_is_refused(store,
     else:
         group.symlink_to("zarr.json")
         said = r"symbolic link to .*zarr\.json, which cannot be read"
-    outcome = on_a_thread(lambda: ms.open_extraction(str(store)))
-    error = outcome.get("error")
-    assert isinstance(error, StoreCorrupted), outcome
+    error = at_once(ms.open_extraction, str(store), seconds=30)
+    assert isinstance(error, StoreCorrupted), error
     assert error.file == str(group), error.file
     text = str(error)
     assert re.search(said, text), text
