@@ -89,15 +89,18 @@ class Extraction:
         it); a missing or damaged chunk below the commit mark raises ``StoreCorrupted``.
         ``.zarr`` is the raw Zarr array (the planned length, unchecked: for xarray/dask)."""
         record = self.record
-        if hook_point not in record.hook_points:
-            raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has "
-                             f"{list(record.hook_points)}")
+        self._check_hook_point(hook_point, record)
         return CommittedRows(self.store.activations(hook_point), self.location, self, record)
 
     def _checked(self, hook_point: str, mark: int) -> CheckedArray:
-        if hook_point not in self.hook_points:
-            raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {self.hook_points}")
+        self._check_hook_point(hook_point)
         return CheckedArray(self.store.activations(hook_point), self.location, mark)
+
+    def _check_hook_point(self, hook_point: str, record: ExtractionMeta | None = None) -> None:
+        """A hook point the store holds passes; any other is an ``InputError`` naming those it holds."""
+        held = list((record or self.store.record).hook_points)
+        if hook_point not in held:
+            raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {held}")
 
     # -- SAE latents --------------------------------------------------------------------------------
     @property
@@ -342,8 +345,7 @@ class Extraction:
         """Tokens of ``hook_point`` with a norm over 100x the median: ``n`` (all of them), ``rows`` and
         ``norms`` (the first 100, as rows of ``activations(hook_point)``), ``threshold``, ``median``, and
         the norm ``quantiles`` {"0.5", "0.9", "0.99", "0.999"} (approximate, within about 5%), over committed rows."""
-        if hook_point not in self.hook_points:
-            raise InputError(f"hook point {hook_point!r} is not in extraction {self.id}: it has {self.hook_points}")
+        self._check_hook_point(hook_point)
         stats = self.record.statistics.get(hook_point)
         if stats is None:
             return {"n": 0, "rows": np.zeros(0, np.int64), "norms": np.zeros(0), "threshold": None, "median": None,

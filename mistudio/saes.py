@@ -183,17 +183,18 @@ class SparseLatents:
 
     def _extreme(self, reduce: str, dim: int | None) -> Tensor:
         values = self.values
+        keep = torch.maximum if reduce == "amax" else torch.minimum  # of a stored extreme and a 0 not stored
         if dim is None:
             found = getattr(values, reduce)() if values.numel() else values.new_zeros(())
             if self.nnz < self.n_rows * self.d_sae:  # a 0 not stored
-                found = getattr(torch, "maximum" if reduce == "amax" else "minimum")(found, values.new_zeros(()))
+                found = keep(found, values.new_zeros(()))
             return found
         where, length, per = self._along(dim)
         out = values.new_zeros(length)  # a result with fewer stored entries than `per` has a 0 among them
         full = torch.bincount(where, minlength=length) >= per
         start = values.new_full((length,), -math.inf if reduce == "amax" else math.inf)
         stored = start.scatter_reduce(0, where, values, reduce, include_self=True)
-        return torch.where(full, stored, getattr(torch, "maximum" if reduce == "amax" else "minimum")(stored, out))
+        return torch.where(full, stored, keep(stored, out))
 
     def amax(self, dim: int | None = None) -> Tensor:
         """``to_dense().amax(dim)`` without the dense matrix (exact)."""

@@ -152,6 +152,7 @@ def while_muted_elsewhere(panel, act) -> None:
         done.set()
         thread.join(10)
 
+
 def at_once(fn, *args, seconds: float = 20.0, **kwargs):
     """``fn(*args, **kwargs)`` on a thread: its result, or the exception it raised; fails if it blocks."""
     out: dict = {}
