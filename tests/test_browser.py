@@ -137,6 +137,10 @@ def running_lab(root: Path, workspace: Path, tmp_path: Path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+    # a widget message from the browser that the kernel dropped is a click the Studio never heard (it happened when a
+    # panel's thread updated a widget: see tests/test_kernel_threads.py); comm_close drops are ipykernel's own
+    dropped = [line for line in (tmp_path / "lab.log").read_text().splitlines() if "Cannot handle comm_msg" in line]
+    assert not dropped, f"the kernel dropped messages from the browser: {dropped}"
 
 
 @pytest.fixture
@@ -490,8 +494,10 @@ def panel_state(page, tmp_path: Path) -> str:
         kernel = f"(could not ask the kernel: {exc})"
     trace = tmp_path / "features-panel.log"
     seen = trace.read_text()[-6000:] if trace.exists() else "(no trace written)"
+    dropped = [line for line in (tmp_path / "lab.log").read_text().splitlines() if "Cannot handle" in line]
     return (f"in the page: {shown}\nin the kernel:\n{kernel[:8000]}\n"
-            f"the panel's trace (its value changes, threads, tasks):\n{seen}")
+            f"the panel's trace (its value changes, threads, tasks):\n{seen}\n"
+            f"messages from the browser the kernel dropped: {dropped or 'none'}")
 
 
 @pytest.mark.slow

@@ -3,10 +3,12 @@ Studio's stylesheet (nothing cut off from ~450 px up), busy buttons and a smooth
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -61,6 +63,38 @@ def store_notes(ext: Any) -> str:
     if warnings:
         line += note_box("<br>".join(f"⚠ {for_ui(w)}" for w in warnings), colour="#fd7e14", background="#fff3e0")
     return line
+
+
+def _kernel_parent() -> contextvars.ContextVar | None:
+    """The running ipykernel's "request being answered" (its shell parent), or None outside a kernel."""
+    kernel_module = sys.modules.get("ipykernel.kernelbase")
+    if kernel_module is None or not kernel_module.Kernel.initialized():
+        return None
+    parent = getattr(kernel_module.Kernel.instance(), "_shell_parent", None)
+    return parent if isinstance(parent, contextvars.ContextVar) else None
+
+
+def answers_no_request(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a callback that runs on a background thread (a job's events, a timer, a panel's task): the widget
+    updates it makes answer no request of the kernel.
+
+    Without it, ipykernel (7.4) takes a thread's updates as answers to whichever request the kernel handled last,
+    and sends the browser's next messages for each widget updated to that request's subshell. JupyterLab deletes
+    short-lived subshells (the widget manager's), so a click on such a widget was dropped ("Unknown subshell_id"
+    in the server log) and the panel never heard it."""
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        parent = _kernel_parent()
+        if parent is None:
+            return fn(*args, **kwargs)
+
+        def unparented() -> Any:
+            parent.set({})
+            return fn(*args, **kwargs)
+
+        return contextvars.copy_context().run(unparented)
+
+    return wrapped
 
 
 class PerThreadFlag:

@@ -16,8 +16,8 @@ from ..plan import estimate
 from ..request import ParamInfo, Request, params
 from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, ModelSpec, build, parse_layers, short
 from ..workspace import Workspace
-from .common import (PLAIN_ERRORS, RateMeter, badge, busy, error_box, esc, for_ui, guard, note_box, progress_text,
-                     store_notes, stylesheet)
+from .common import (PLAIN_ERRORS, RateMeter, answers_no_request, badge, busy, error_box, esc, for_ui, guard,
+                     note_box, progress_text, store_notes, stylesheet)
 from .model_picker import looks_like_path
 from .sidefiles import validate_lenient
 
@@ -676,6 +676,7 @@ class ExtractionPanel(W.VBox):
         return job
 
     # -- events (worker thread) -------------------------------------------------------------------
+    @answers_no_request
     def _on_event(self, event: dict) -> None:
         kind = event["event"]
         with self._lock:
@@ -719,6 +720,7 @@ class ExtractionPanel(W.VBox):
         left = (event.get("tokens_total") or 0) - event.get("tokens_done", 0)
         self.status.value = progress_text("EXTRACTING", event, saved=saved, eta_s=self._rate.eta(left), rate=rate)
 
+    @answers_no_request
     def _flush(self) -> None:
         """The throttled latest event (timer thread); skipped when the job moved on meanwhile."""
         with self._lock:

@@ -34,7 +34,7 @@ from ..analysis.prompt import prompt_features
 from ..errors import InputError
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import PerThreadFlag, error_box, esc, for_ui, guard, note_box, summarise_hook_points
+from .common import PerThreadFlag, answers_no_request, error_box, esc, for_ui, guard, note_box, summarise_hook_points
 
 log = logging.getLogger("mistudio")
 
@@ -341,6 +341,7 @@ class FeaturesPanel(W.VBox):
                                         name="mistudio-features")
         self._thread.start()
 
+    @answers_no_request
     def _work(self, what: str, work: Callable[[], Any], done: Callable[[Any], None],
               show: Callable[[str], None]) -> None:
         try:

@@ -12,8 +12,8 @@ import ipywidgets as W
 from ..storage.metadata import LIVE_STATES
 from ..models import packaged_minilm_path
 from ..workspace import Workspace, human_bytes
-from .common import (PLAIN_ERRORS, ago, badge, breakable, busy, error_box, esc, for_ui, guard, note_box,
-                     short_id, stylesheet, summarise_hook_points)
+from .common import (PLAIN_ERRORS, ago, answers_no_request, badge, breakable, busy, error_box, esc, for_ui, guard,
+                     note_box, short_id, stylesheet, summarise_hook_points)
 
 HEADERS = ("status", "id", "model", "dataset", "hook points", "samples saved", "size", "age", "")
 # The grid's tracks are in common.STYLE: nine columns where the panel is wide enough (about 980 px), else each
@@ -151,6 +151,7 @@ class JobsPanel(W.VBox):
             self._refresh_timer.daemon = True
             self._refresh_timer.start()
 
+    @answers_no_request
     def _timed_refresh(self) -> None:
         with self._lock:
             self._refresh_timer = None
@@ -242,6 +243,7 @@ class JobsPanel(W.VBox):
         self.details.layout.display = ""
 
     # -- live updates (worker thread) -------------------------------------------------------------
+    @answers_no_request
     def _on_event(self, event: dict) -> None:
         if event.get("kind") == "training":  # the Train tab's runs: not rows of this grid
             return
@@ -307,6 +309,7 @@ class JobsPanel(W.VBox):
             except Exception:  # noqa: BLE001 - best effort while files come and go
                 pass
 
+    @answers_no_request
     def _flush(self, ext_id: str) -> None:
         with self._lock:
             event, cells = self._pending.pop(ext_id, None), self.cells.get(ext_id)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import InputError
 from ..models import describe_model, packaged_minilm_path
 from ..specs import DEVICES, MODEL_DTYPES, ModelSpec, build
-from .common import error_box, esc, guard, note_box, stylesheet
+from .common import answers_no_request, error_box, esc, guard, note_box, stylesheet
 from .sidefiles import SettingText, SideFile
 
 BUNDLED = "all-MiniLM-L6-v2 (bundled)"
@@ -277,6 +277,7 @@ class ModelPicker(W.VBox):
             self._thread.start()
             return self._thread
 
+    @answers_no_request
     def _lookup(self, name: str) -> None:
         try:
             self.inspect(name)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from ..storage.metadata import LIVE_STATES
 from ..workspace import Workspace
 from .browser import ActivationBrowser
-from .common import error_box, esc, guard, note_box, stylesheet
+from .common import answers_no_request, error_box, esc, guard, note_box, stylesheet
 from .dataset_picker import DatasetPicker, DatasetState
 from .extraction_panel import ExtractionPanel, ExtractState
 from .features_panel import FeaturesPanel
@@ -209,6 +209,7 @@ class Studio(W.VBox):
         if job.id == self.interrupted:
             self._hide_banner()
 
+    @answers_no_request
     def _on_job_event(self, event: dict) -> None:
         """Any job of this workspace (job thread): the interrupted job running again needs no banner."""
         if event.get("event") == "state" and event.get("job_id") == self.interrupted \

@@ -23,7 +23,8 @@ from ..errors import InputError, render
 from ..storage.metadata import LIVE_STATES
 from ..training import TrainingJob, list_trainings, make_config, submit_training, training_job
 from ..workspace import Workspace
-from .common import PLAIN_ERRORS, ago, badge, duration, error_box, esc, for_ui, note_box, short_id, studio_names
+from .common import (PLAIN_ERRORS, ago, answers_no_request, badge, duration, error_box, esc, for_ui, note_box, short_id,
+                     studio_names)
 
 ARCHITECTURES = (("top-k", "topk"), ("ReLU", "standard"), ("JumpReLU", "jumprelu"))
 SPARSITY_FIELD = {"topk": "k", "standard": "l1_coefficient", "jumprelu": "l0_coefficient"}
@@ -445,6 +446,7 @@ class TrainPanel(W.VBox):
                         background="#e8f5e9")
 
     # -- events (runner thread) -------------------------------------------------------------------
+    @answers_no_request
     def _on_event(self, event: dict) -> None:
         if event.get("kind") != "training":
             return
@@ -491,6 +493,7 @@ class TrainPanel(W.VBox):
             self._plot_timer = timer
         timer.start()
 
+    @answers_no_request
     def _draw_from_timer(self) -> None:
         try:
             self._draw_now()
