@@ -110,7 +110,7 @@ def test_failure_then_retry_with_suggested_batch(gpt2_dir, workspace):
     panel.batch_size.value = 2
     panel.retry_button.click()
     second = panel.job
-    assert second.id != first.id
+    assert second.id != first.id, (panel.alert.value, panel.status.value, panel.estimate_line.value)
     second.wait(60)
     wait_for(lambda: panel.progress.bar_style == "success")
     assert second.meta["retry_of"] == first.id and second.meta["params"]["batch_size"] == 2
