@@ -12,8 +12,9 @@ import shutil
 import sys
 import threading
 import weakref
+from contextlib import contextmanager
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import engine
 from .autobatch import choose_batch_size
@@ -127,6 +128,7 @@ class Runner:
         self._ended_in_memory: dict = {}  # jobs whose end is known only here (no store to read it from)
         self._queue: queue.Queue = queue.Queue()
         self._live: dict = {}  # the jobs queued or running in this process, by id
+        self._setting_up: set[str] = set()  # ids of jobs whose store exists but that are not queued yet
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"mistudio-jobs:{name}", daemon=True)
         self._thread.start()
@@ -146,6 +148,24 @@ class Runner:
         job.started_here()
         job.emit("state", status=Status.QUEUED.value, previous=None)
         self._queue.put(job)
+
+    @contextmanager
+    def setting_up(self, extraction_id: str) -> Iterator[None]:
+        """A job being set up in this process (its store created, its lease taken, then queued): it counts as this
+        process's (:meth:`holds`) from before its store exists, so a ``recover()`` meanwhile (another Workspace
+        object on the folder, a Studio's Jobs tab) never takes its live, unleased store for a crashed job's."""
+        with self._lock:
+            self._setting_up.add(extraction_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._setting_up.discard(extraction_id)
+
+    def holds(self, extraction_id: str) -> bool:
+        """The job is being set up, queued or running in this process."""
+        with self._lock:
+            return extraction_id in self._live or extraction_id in self._setting_up
 
     def live_job(self, extraction_id: str):
         """The job with this id if it is queued or running in this process."""

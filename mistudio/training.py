@@ -636,16 +636,18 @@ def _start(ws: "Workspace", ext: Extraction, plan: TrainingPlan, timeout_s: floa
         config=plan.config.to_dict(), d_in=plan.d_in, d_sae=plan.d_sae, rows=plan.rows, timeout_s=timeout_s,
         evaluate=evaluate, progress=TrainProgress(total_steps=plan.total_steps, total_tokens=plan.total_tokens),
         timings=TrainTimings(created=now()), heartbeat=Heartbeat.model_validate(heartbeat()), **lineage)
-    try:
-        folder.mkdir(parents=True)
-        write_record(folder, record)
-    except OSError as exc:
-        if folder.exists():
-            _remove_new_folder(folder)
-        raise InputError(f"workspace {ws.root!r} cannot hold a training run ({exc.strerror or exc}): «pass "
-                         "workspace=<a folder you can write, with free space>»", param="workspace") from exc
-    job = TrainingJob(ws, folder, record)
-    ws.runner.enqueue(job)
+    runner = ws.runner
+    with runner.setting_up(run_id):  # a recover meanwhile (the Train tab's listing) leaves the new QUEUED run alone
+        try:
+            folder.mkdir(parents=True)
+            write_record(folder, record)
+        except OSError as exc:
+            if folder.exists():
+                _remove_new_folder(folder)
+            raise InputError(f"workspace {ws.root!r} cannot hold a training run ({exc.strerror or exc}): «pass "
+                             "workspace=<a folder you can write, with free space>»", param="workspace") from exc
+        job = TrainingJob(ws, folder, record)
+        runner.enqueue(job)
     return job
 
 

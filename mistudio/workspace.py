@@ -86,7 +86,7 @@ class Workspace(Folder, Observable):
     def live_here(self, extraction_id: str) -> bool:
         with _RUNNERS_LOCK:
             runner = _RUNNERS.get(self.root)
-        return runner is not None and runner.live_job(extraction_id) is not None
+        return runner is not None and runner.holds(extraction_id)
 
     def open(self, extraction_id: str) -> Extraction:
         return Extraction(self.store(extraction_id))
@@ -156,11 +156,13 @@ class Workspace(Folder, Observable):
             "model": {"name_or_path": request.model, "revision": request.revision},
             "dataset": request.dataset_description(), "params": request.params(),
             "hook_points": request.hook_points, "timings": {"created": now()}, "heartbeat": heartbeat(), **lineage})
-        store = self._create(self.path_of(extraction_id), meta)
-        store.take_lease("extraction", extraction_id)  # held from now until the job ends
-        job = Job(self, store, request, options, also_notify=self.listeners)
-        self._handles[extraction_id] = job
-        self.runner.enqueue(job)
+        runner = self.runner
+        with runner.setting_up(extraction_id):  # a recover() meanwhile leaves the new QUEUED store alone
+            store = self._create(self.path_of(extraction_id), meta)
+            store.take_lease("extraction", extraction_id)  # held from now until the job ends
+            job = Job(self, store, request, options, also_notify=self.listeners)
+            self._handles[extraction_id] = job
+            runner.enqueue(job)
         return job
 
     def _create(self, location: str, meta: ExtractionMeta) -> ExtractionStore:

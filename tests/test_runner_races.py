@@ -222,3 +222,28 @@ def test_interpreter_exit_with_a_job_submitted_during_the_wait(gpt2_dir, tmp_pat
     assert follow, out.stdout + out.stderr[-2000:]
     status = ms.Workspace(str(ws_dir)).job(follow[0]).status
     assert status == "COMPLETED", (status, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("how", ["submit", "retry"])
+def test_a_recover_while_a_job_is_being_set_up_leaves_it_alone(gpt2_dir, workspace, monkeypatch, how):
+    """Another Workspace object on the folder recovers (a Studio's Jobs tab refreshing does, on a timer) right after a
+    submit or a retry created the job's store and before the job holds its lease and is queued. The store names this
+    process and no runner of it holds the job yet; it is not a leftover of a crash. (CI once saw Retry refused with
+    StoreBusy "(recover)" naming the test's own pid, and the new job marked INTERRUPTED.)"""
+    from mistudio.workspace import Workspace
+
+    ws = ms.Workspace(workspace)
+    first = ws.submit(model=gpt2_dir, dataset="sample", **TINY).wait(60)
+    assert first.status == "COMPLETED"
+    create, marked = Workspace._create, []
+
+    def create_then_recover(self, location, meta):
+        store = create(self, location, meta)
+        marked.extend(ms.Workspace(workspace, recover=False).recover())  # the other object, at the worst moment
+        return store
+
+    monkeypatch.setattr(Workspace, "_create", create_then_recover)
+    job = ws.submit(model=gpt2_dir, dataset="sample", **TINY) if how == "submit" else first.retry(batch_size=1)
+    assert marked == [], "a job being set up in this process was marked as interrupted"
+    assert job.wait(60).status == "COMPLETED"
+    assert ms.Workspace(workspace, recover=False).recover() == []

@@ -182,6 +182,25 @@ def test_retry_with_overrides_makes_a_linked_run(ext, tmp_path):
     assert {r["id"]: r["retry_of"] for r in list_trainings(ws)} == {new.id: old.id, old.id: ""}
 
 
+def test_a_listing_while_a_run_is_being_set_up_leaves_it_alone(ext, tmp_path, monkeypatch):
+    """The Train tab lists runs (which marks runs whose process died) right after a submit wrote the new run's
+    QUEUED record and before it is queued: the run names this process and is not a crashed one's."""
+    import mistudio.training as training
+
+    ws, write, marked = ms.Workspace(tmp_path / "ws"), training.write_record, []
+
+    def write_then_list(folder, record, **options):
+        write(folder, record, **options)
+        if record.status == "QUEUED" and not marked:
+            other = ms.Workspace(tmp_path / "ws", recover=False)
+            marked.append([r["id"] for r in list_trainings(other) if r["status"] == "FAILED"])
+
+    monkeypatch.setattr(training, "write_record", write_then_list)
+    job = submit_training(ws, ext, HP, evaluate=False, **small(5))
+    assert marked == [[]], "a run being set up in this process was marked as interrupted"
+    assert job.wait(120).status == "COMPLETED", job.error
+
+
 def test_a_timeout_fails_resumable_and_a_retry_without_it_completes(ext, tmp_path):
     ws = ms.Workspace(tmp_path / "ws")
     job = submit_training(ws, ext, HP, evaluate=False, timeout_s=1e-6, **small(10))
