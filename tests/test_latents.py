@@ -422,6 +422,8 @@ def computed(index, _size):
         f.write(str(index))
     os.replace(counter + ".tmp", counter)
     time.sleep(0.03)
+    while index >= int(os.environ["HOLD_AT"]):  # held here until killed: the statistics catch up meanwhile
+        time.sleep(1)
 
 job = ws.resume(sys.argv[5], before_batch=computed) if len(sys.argv) > 5 else \\
     ws.submit(model, "sample", before_batch=computed, **options)
@@ -445,22 +447,30 @@ def test_killed_twice_then_resumed_equals_a_clean_run(gpt2_dir, tmp_path):
     clean = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "clean"), progress=False, **options)
     workspace, counter, job_id = str(tmp_path / "ws"), tmp_path / "computed", None
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    from mistudio.storage import featfeed
+
+    def snapshot_saved() -> bool:
+        store = ms.Workspace(workspace, recover=False).open(job_id).store
+        return featfeed.load(store, key, store.record.progress.tokens_committed) is not None
+
     for round_, after in enumerate((6, 12)):
         counter.write_text("0")
         argv = [sys.executable, "-c", CHILD, workspace, gpt2_dir, str(counter), json.dumps(options)]
-        child = subprocess.Popen(argv + ([job_id] if job_id else []), stdout=subprocess.PIPE, text=True, env=env)
+        child = subprocess.Popen(argv + ([job_id] if job_id else []), stdout=subprocess.PIPE, text=True,
+                                 env={**env, "HOLD_AT": str(after)})
         job_id = child.stdout.readline().strip()
         deadline = time.monotonic() + 120
-        while int(counter.read_text() or 0) < after and child.poll() is None:
-            assert time.monotonic() < deadline, f"round {round_}: the child did not run"
-            time.sleep(0.01)
+        # killed once it holds at batch `after` and its statistics thread has saved a snapshot under the mark (the
+        # thread follows the commit mark: on a loaded machine it lags the batches)
+        while int(counter.read_text() or 0) < after or not snapshot_saved():
+            assert child.poll() is None, f"round {round_}: the child ended ({child.returncode})"
+            assert time.monotonic() < deadline, f"round {round_}: no batch {after} or no snapshot in 120 s"
+            time.sleep(0.05)
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     ws = ms.Workspace(workspace)  # the dead job is marked FAILED/INTERRUPTED
     stopped = ws.open(job_id)
     assert 0 < stopped.committed_tokens() < clean.n_tokens
-    from mistudio.storage import featfeed
-
     assert featfeed.load(stopped.store, key, stopped.committed_tokens()) is not None  # snapshots were saved
     resumed = ws.resume(job_id).wait(120)
     assert resumed.status == "COMPLETED", resumed.error
