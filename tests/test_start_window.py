@@ -17,13 +17,12 @@ from contextlib import contextmanager
 from typing import Callable
 
 import pytest
-import torch
 
 import mistudio as ms
 from mistudio.errors import StoreBusy
 from mistudio.storage.store import ExtractionStore
 
-from test_widgets import make_studio, wait_for
+from test_widgets import failed_out_of_memory, wait_for
 
 @contextmanager
 def recover_in_start_window(act: Callable[[], object], hold: bool = False):
@@ -93,16 +92,8 @@ def test_submit_is_not_refused_by_a_recover_on_another_thread(gpt2_dir, workspac
 def test_retry_in_the_extract_tab_while_the_jobs_tab_refreshes(gpt2_dir, workspace):
     """The CI failure, forced: the first job fails (OOM), its end makes the Jobs tab refresh on a timer thread, and
     that refresh's recover() meets the retry's new store."""
-    def boom(index, batch_size):
-        if batch_size == 8 and index == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
-
-    studio = make_studio(workspace, gpt2_dir, before_batch=boom)
+    studio, first = failed_out_of_memory(gpt2_dir, workspace)
     panel = studio.extraction_panel
-    panel.launch_button.click()
-    first = panel.job
-    first.wait(60)
-    wait_for(lambda: panel.failure_box.layout.display == "")
     assert panel.batch_size.value == 4
     panel.batch_size.value = 2
     with recover_in_start_window(studio.jobs_panel.refresh, hold=True):

@@ -93,7 +93,9 @@ def test_cancel_from_panel(gpt2_dir, workspace):
     assert panel.job.status == "COMPLETED"
 
 
-def test_failure_then_retry_with_suggested_batch(gpt2_dir, workspace):
+def failed_out_of_memory(gpt2_dir, workspace):
+    """A Studio whose launch with batch size 8 ran out of memory at its second batch, the failure shown; (studio,
+    the failed job)."""
     def boom(index, batch_size):
         if batch_size == 8 and index == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
@@ -104,6 +106,12 @@ def test_failure_then_retry_with_suggested_batch(gpt2_dir, workspace):
     first = panel.job
     first.wait(60)
     wait_for(lambda: panel.failure_box.layout.display == "")
+    return studio, first
+
+
+def test_failure_then_retry_with_suggested_batch(gpt2_dir, workspace):
+    studio, first = failed_out_of_memory(gpt2_dir, workspace)
+    panel = studio.extraction_panel
     assert "Out of memory" in panel.alert.value and "batch_size=4" in panel.alert.value
     assert panel.batch_size.value == 4  # the suggestion, in the form, editable
     assert panel.resume_button.layout.display == ""  # the first batch was saved: Resume is offered
