@@ -128,7 +128,7 @@ class Runner:
         self._ended_in_memory: dict = {}  # jobs whose end is known only here (no store to read it from)
         self._queue: queue.Queue = queue.Queue()
         self._live: dict = {}  # the jobs queued or running in this process, by id
-        self._setting_up: set[str] = set()  # ids of jobs whose store exists but that are not queued yet
+        self._setting_up: set[str] = set()  # jobs whose files exist but that are not queued yet, by id
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"mistudio-jobs:{name}", daemon=True)
         self._thread.start()
@@ -150,22 +150,23 @@ class Runner:
         self._queue.put(job)
 
     @contextmanager
-    def setting_up(self, extraction_id: str) -> Iterator[None]:
-        """A job being set up in this process (its store created, its lease taken, then queued): it counts as this
-        process's (:meth:`holds`) from before its store exists, so a ``recover()`` meanwhile (another Workspace
-        object on the folder, a Studio's Jobs tab) never takes its live, unleased store for a crashed job's."""
+    def setting_up(self, job_id: str) -> Iterator[None]:
+        """A job being set up in this process (its store or run folder created, its lease taken, then queued): it
+        counts as this process's (:meth:`holds`) from before its files exist, so a recover meanwhile (another
+        Workspace object on the folder, the Studio's Jobs or Train tab) never takes its live, not yet queued files
+        for a crashed job's."""
         with self._lock:
-            self._setting_up.add(extraction_id)
+            self._setting_up.add(job_id)
         try:
             yield
         finally:
             with self._lock:
-                self._setting_up.discard(extraction_id)
+                self._setting_up.discard(job_id)
 
-    def holds(self, extraction_id: str) -> bool:
+    def holds(self, job_id: str) -> bool:
         """The job is being set up, queued or running in this process."""
         with self._lock:
-            return extraction_id in self._live or extraction_id in self._setting_up
+            return job_id in self._live or job_id in self._setting_up
 
     def live_job(self, extraction_id: str):
         """The job with this id if it is queued or running in this process."""
