@@ -123,11 +123,10 @@ class HookStats:
         n = acc["count"]
         mean = acc["sum"] / n if n else 0.0
         var = max(0.0, acc["sum_sq"] / n - mean * mean) if n else 0.0
-        median = HookStats.quantile(acc["norm_hist"], 0.5)
+        quantiles = {str(q): HookStats.quantile(acc["norm_hist"], q) for q in HookStats.QUANTILES}  # 0.5 among them
         return {**HookStats.plain(acc), "mean": mean, "std": math.sqrt(var),
-                "frac_zeros": acc["zeros"] / n if n else 0.0,
-                "norm_quantiles": {str(q): HookStats.quantile(acc["norm_hist"], q) for q in HookStats.QUANTILES},
-                "outlier_threshold": HookStats.OUTLIER_FACTOR * median}
+                "frac_zeros": acc["zeros"] / n if n else 0.0, "norm_quantiles": quantiles,
+                "outlier_threshold": HookStats.OUTLIER_FACTOR * quantiles["0.5"]}
 
 
 _PADDED_EDGES = np.concatenate([[-np.inf], HookStats.NORM_EDGES, [np.inf]])  # [i] is NORM_EDGES[i - 1]
