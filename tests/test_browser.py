@@ -139,7 +139,7 @@ def running_lab(root: Path, workspace: Path, tmp_path: Path):
         log.close()
     # a widget message from the browser that the kernel dropped is a click the Studio never heard (it happened when a
     # panel's thread updated a widget: see tests/test_kernel_threads.py); comm_close drops are ipykernel's own
-    dropped = [line for line in (tmp_path / "lab.log").read_text().splitlines() if "Cannot handle comm_msg" in line]
+    dropped = dropped_messages(tmp_path, "comm_msg")
     assert not dropped, f"the kernel dropped messages from the browser: {dropped}"
 
 
@@ -176,18 +176,28 @@ def restart_kernel(url: str, token: str) -> None:
     urllib.request.urlopen(request, timeout=60).read()
 
 
-def run_in_kernel(page, code: str) -> dict:
+def run_in_kernel(page, code: str, timeout_ms: int | None = None) -> dict:
     """Run ``code`` in the notebook's kernel as a cell would (an execute request), from the page; returns how long
-    the kernel took to answer (ms) and what it printed."""
-    return page.evaluate("""async code => {
+    the kernel took to answer (ms) and what it printed. With ``timeout_ms``, a kernel that has not answered by then
+    is not waited for: ``printed`` then says so."""
+    return page.evaluate("""async ([code, timeout]) => {
         const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
         const started = performance.now();
         let printed = '';
         const future = kernel.requestExecute({code});
         future.onIOPub = msg => { if (msg.header.msg_type === 'stream') printed += msg.content.text; };
-        await future.done;
+        const late = timeout === null ? null : new Promise(done => setTimeout(() => done('late'), timeout));
+        if (await (late === null ? future.done : Promise.race([future.done, late])) === 'late')
+            printed = `(the kernel did not answer in ${timeout / 1000} s)`;
         return {ms: performance.now() - started, printed};
-    }""", code)
+    }""", [code, timeout_ms])
+
+
+def dropped_messages(tmp_path: Path, kind: str = "") -> list[str]:
+    """The lines of JupyterLab's log (``lab.log``) where the kernel dropped a message from the browser (``kind``:
+    e.g. ``comm_msg``; all kinds by default)."""
+    return [line for line in (tmp_path / "lab.log").read_text().splitlines()
+            if f"Cannot handle {kind}".rstrip() in line]
 
 
 def open_notebook(playwright, url: str):
@@ -485,16 +495,12 @@ def panel_state(page, tmp_path: Path) -> str:
         lines: [...document.querySelectorAll('.mistudio-busy, .mistudio-error, .widget-html')]
             .filter(e => e.offsetParent).map(e => e.innerText.slice(0, 300)).filter(t => t.trim()).slice(0, 12)})""")
     try:
-        kernel = page.evaluate("""code => Promise.race([new Promise(done => setTimeout(() => done(
-            '(the kernel did not answer in 30 s)'), 30000)), (async () => { let printed = '';
-            const future = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.requestExecute({code});
-            future.onIOPub = msg => { if (msg.header.msg_type === 'stream') printed += msg.content.text; };
-            await future.done; return printed; })()])""", PANEL_STATE)
+        kernel = run_in_kernel(page, PANEL_STATE, timeout_ms=30_000)["printed"]
     except Exception as exc:  # noqa: BLE001 - a report of a failure: say why this part is missing
         kernel = f"(could not ask the kernel: {exc})"
     trace = tmp_path / "features-panel.log"
     seen = trace.read_text()[-6000:] if trace.exists() else "(no trace written)"
-    dropped = [line for line in (tmp_path / "lab.log").read_text().splitlines() if "Cannot handle" in line]
+    dropped = dropped_messages(tmp_path)
     return (f"in the page: {shown}\nin the kernel:\n{kernel[:8000]}\n"
             f"the panel's trace (its value changes, threads, tasks):\n{seen}\n"
             f"messages from the browser the kernel dropped: {dropped or 'none'}")
