@@ -99,7 +99,7 @@ def model_folder(spec: ModelSpec) -> Path | None:
         return None
 
 
-def _kind(name: str) -> str | None:
+def file_kind(name: str) -> str | None:
     base = name.rsplit("/", 1)[-1]
     if base in CONFIGS:
         return "config"
@@ -116,7 +116,7 @@ def fingerprint(spec: ModelSpec) -> dict[str, Any] | None:
     folder = model_folder(spec)
     if folder is None:
         return None
-    files = sorted(p for p in folder.iterdir() if p.is_file() and _kind(p.name))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and file_kind(p.name))
     digests = {p.name: file_digest(p) for p in files}
     return {**_parts(digests), "files": digests}
 
@@ -139,7 +139,7 @@ def _parts(digests: dict[str, str]) -> dict[str, str]:
     for kind in ("weights", "config", "tokenizer"):
         h = hashlib.sha256()
         for name, digest in sorted(digests.items()):
-            if _kind(name) == kind and name not in ignored:
+            if file_kind(name) == kind and name not in ignored:
                 h.update(f"{name}\0{digest}\n".encode())
         parts[kind] = h.hexdigest()
     return parts

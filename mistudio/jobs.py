@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Self
 
 from .extraction import Extraction
+from .inputs import SubmittedInputs
 from .request import Request
 from .runner import Execution
 from .storage.metadata import END_STATES, ExtractionMeta, Status
@@ -26,10 +27,12 @@ Listener = Callable[[dict], None]
 
 @dataclass(frozen=True)
 class RunOptions:
-    """What one run of a job needs besides its Request: a dask client to shard over, a test hook."""
+    """What one run of a job needs besides its Request: a dask client to shard over, the inputs as submitted, a
+    test hook."""
 
     cluster: Any = None  # a dask.distributed Client: shard over its workers
     before_batch: Callable[[int, int], None] | None = None  # fault injection for tests: (batch index, batch size)
+    inputs: SubmittedInputs | None = None  # the dataset's and model's files at submit: the job checks them again
 
 
 class JobActions(Protocol):

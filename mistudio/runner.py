@@ -377,10 +377,15 @@ class Execution:
             loaded = self.models.get(req.model_spec)
             facts, model_fp = loaded.describe(), self.models.fingerprint
         check_same_model(req.model_spec.name_or_path, self.store.record.model.fingerprint, model_fp)
+        submitted = options.inputs
+        if submitted is not None:  # the folder as submitted: a re-save since would mislabel this store's model
+            submitted.check_model()
         self.store.update(model={**facts, "revision": req.revision, "fingerprint": model_fp})
         self.check()
         if planning is not None:
             plan = planning.result(self.check, facts["vocab_size"])
+            if submitted is not None:  # the rows read are the ones submitted
+                submitted.check_dataset()
             self.check()
             layout = plan.layout
             if req.saes:

@@ -6,6 +6,7 @@ Every front end turns its arguments into one :class:`~mistudio.request.Request`,
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
@@ -17,6 +18,7 @@ import pandas as pd
 
 from .errors import DiskFull, InputError, StoreBusy, StoreLost, disk_full_cause, disk_full_message, human_bytes
 from .extraction import Extraction
+from .inputs import SubmittedInputs, frozen
 from .jobs import Job, Observable, RunOptions
 from .listing import LIST_COLUMNS, Folder, check_id, default_workspace, new_id
 from .plan import check, check_unchanged
@@ -151,6 +153,8 @@ class Workspace(Folder, Observable):
 
     def _start(self, request: Request, options: RunOptions, lineage: dict) -> Job:
         extraction_id = new_id()
+        request = frozen(request)  # the job runs on the data and files as they are now, or fails saying so
+        options = dataclasses.replace(options, inputs=SubmittedInputs.of(request))
         meta = ExtractionMeta.model_validate({
             "format_version": FORMAT_VERSION, "id": extraction_id, "nonce": new_nonce(), "status": "QUEUED",
             "model": {"name_or_path": request.model, "revision": request.revision},

@@ -1,0 +1,105 @@
+"""What a job reads when it runs, held to what the user submitted.
+
+Jobs run one after another on the workspace's worker, so a queued job reads its dataset and its model's files
+minutes after ``submit`` returned. A notebook that rewrites ``data.jsonl`` (or re-saves a model folder) and submits
+again, in a loop, would otherwise get every store filled from the last version, each labelled as its own. So:
+
+- in-memory data (a list, a DataFrame, a Series) is copied at submit: changing it afterwards changes no job;
+- files are recorded at submit by identity (size, modification time, inode) and checked again once the job has
+  read them: a file that changed in between fails the job, saying which file and how to avoid it.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+from .fingerprints import file_kind, model_folder
+from .request import Request
+from .specs import pandas_kind
+
+Identity = tuple[int, int, int]  # size, modification time (ns), inode
+
+
+def _identity(path: Path) -> Identity | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def files_of(path: Path, only=None) -> dict[str, Identity | None]:
+    """The identities of a file, or of the files at the top of a folder (``only``: a filter on their names)."""
+    if path.is_file():
+        return {path.name: _identity(path)}
+    if not path.is_dir():
+        return {}
+    return {p.name: _identity(p) for p in sorted(path.iterdir()) if p.is_file() and (only is None or only(p.name))}
+
+
+def dataset_files(request: Request) -> tuple[Path, dict[str, Identity | None]] | None:
+    """A file or folder dataset's path and its files' identities (None for in-memory, sample and Hub data)."""
+    src = request.dataset
+    if not isinstance(src, str) or src == "sample":
+        return None
+    path = Path(src)
+    return path, files_of(path)
+
+
+def model_files(request: Request) -> tuple[Path, dict[str, Identity | None]] | None:
+    """The model folder's files that ``from_pretrained`` reads (weights, config, tokenizer), by identity."""
+    folder = model_folder(request.model_spec)
+    if folder is None:  # a Hub model not downloaded yet: the download is what the job will read
+        return None
+    return folder, files_of(folder, only=file_kind)
+
+
+def frozen(request: Request) -> Request:
+    """The request with its in-memory dataset copied, so the job runs on the data as it was at submit."""
+    src = request.dataset
+    if isinstance(src, list):
+        return request.model_copy(update={"dataset": copy.deepcopy(src)})
+    if pandas_kind(src):
+        return request.model_copy(update={"dataset": src.copy(deep=True)})
+    return request
+
+
+@dataclass(frozen=True)
+class SubmittedInputs:
+    """The dataset's and the model's files as they were when the job was submitted."""
+
+    dataset: tuple[Path, dict[str, Identity | None]] | None = None
+    model: tuple[Path, dict[str, Identity | None]] | None = None
+    at: float = field(default_factory=time.time)
+
+    @classmethod
+    def of(cls, request: Request) -> "SubmittedInputs":
+        return cls(dataset=dataset_files(request), model=model_files(request))
+
+    def check_dataset(self) -> None:
+        """Raise InputError when the dataset's files changed since submit (call it after the job read them)."""
+        self._check(self.dataset, "dataset", "the dataset", "write each version to a file of its own (or pass "
+                    "the rows as a list), or submit once the file is final")
+
+    def check_model(self) -> None:
+        """Raise InputError when the model folder's files changed since submit (call it after the job loaded it)."""
+        self._check(self.model, "model", "the model", "save each version to a folder of its own (e.g. "
+                    "save_pretrained(f'ckpt-{step}')), or submit once the folder is final")
+
+    def _check(self, recorded, param: str, what: str, fix: str) -> None:
+        if recorded is None:
+            return
+        path, before = recorded
+        after = files_of(path, only=file_kind if param == "model" else None)
+        changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+        if not changed:
+            return
+        at = time.strftime("%H:%M:%S", time.localtime(self.at))
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise InputError(f"{what} changed after this job was submitted (at {at}): {shown} in {os.fspath(path)!r} "
+                         f"{'was' if len(changed) == 1 else 'were'} written, added or removed since, so the job "
+                         f"would have run on data you did not submit. Nothing was extracted: {fix}", param=param)
