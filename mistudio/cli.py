@@ -214,6 +214,8 @@ def parser() -> argparse.ArgumentParser:
     res = sub.add_parser("resume", parents=[workspace], help="continue a failed, cancelled or interrupted extraction")
     res.add_argument("id", help="the extraction's id (`mistudio jobs` lists them)")
     res.add_argument("--batch-size", type=int, default=None, help="continue with another batch size")
+    res.add_argument("--model", default=None, help="where the model is now, if it moved (its files must be the ones "
+                                                   "the extraction was made with)")
     ver = sub.add_parser("verify", parents=[workspace],
                          help="check every chunk and the metadata of a store (exit 1 when damaged)")
     ver.add_argument("id", help="the extraction's id (`mistudio jobs` lists them)")
@@ -348,7 +350,7 @@ def _with_models(args: argparse.Namespace) -> int:
               f"{human_bytes(int(gone['bytes'].sum()))}")
     elif command == "resume":
         ws = Workspace(args.workspace)
-        job = ws.resume(args.id, batch_size=args.batch_size)
+        job = ws.resume(args.id, batch_size=args.batch_size, model=args.model)
         bar = job.subscribe(TqdmListener())
         try:
             api.wait_or_cancel(job, ws)

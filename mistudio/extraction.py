@@ -10,6 +10,9 @@ from scipy import sparse
 
 from .analysis import stats as analysis
 from .errors import InputError, StoreCorrupted
+from .fingerprints import check_same_tokenizer
+from .models import load_tokenizer
+from .specs import ModelSpec
 from .analysis.feature_view import LATENT_SUFFIX
 from .analysis.loader import LATENT_FORMS, ActivationLoader, latent_index_damage
 from .storage import featstats
@@ -244,10 +247,12 @@ class Extraction:
 
     @cached_property
     def tokenizer(self):
-        """The tokenizer of the model the extraction was made with (loaded on first use)."""
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.store.record.model.name_or_path)
+        """The tokenizer of the model the extraction was made with (loaded on first use, from where the model was;
+        refused when its files are not the ones the store recorded). Assign one to read the store elsewhere."""
+        model = self.store.record.model
+        spec = ModelSpec(name_or_path=model.name_or_path, revision=model.revision)
+        check_same_tokenizer(spec, model.fingerprint)
+        return load_tokenizer(spec)
 
     def rows(self) -> np.ndarray:
         """Dataset rows present in the extraction, ascending."""

@@ -187,3 +187,21 @@ def check_same_model(name: str, recorded: dict | None, current: dict | None, ris
         raise InputError(
             f"the model at {name} is not the one this store was made with: its {' and '.join(changed)} changed "
             f"({first} {str(then)[:12]} when the store was made, {str(now)[:12]} now); {risk}", param="model")
+
+
+TOKENS_RISK = ("its token strings would be wrong. Put back the tokenizer files the store was made with, or set "
+               "«ext.tokenizer = AutoTokenizer.from_pretrained(<the original>)»")
+
+
+def check_same_tokenizer(spec: ModelSpec, recorded: dict | None) -> None:
+    """Raise InputError when the tokenizer files at the model's folder are not those a store recorded (a folder
+    re-saved with another tokenizer, another folder of the same name): only the small tokenizer files are read."""
+    folder = model_folder(spec)
+    if folder is None or not recorded:
+        return
+    digests = {p.name: file_digest(p) for p in sorted(folder.iterdir())
+               if p.is_file() and file_kind(p.name) == "tokenizer"}
+    then, now = _loaded_parts(recorded).get("tokenizer"), _parts(digests)["tokenizer"]
+    if then and then != now:
+        raise InputError(f"the tokenizer at {spec.name_or_path} is not the one this store was made with (tokenizer "
+                         f"{str(then)[:12]} when the store was made, {now[:12]} now): {TOKENS_RISK}", param="model")

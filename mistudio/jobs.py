@@ -39,7 +39,8 @@ class JobActions(Protocol):
     """What a job handle asks of its workspace (retry and resume create or restart jobs)."""
 
     def retry(self, extraction_id: str, **overrides: Any) -> "Job": ...
-    def resume(self, extraction_id: str, batch_size: int | None = None, cluster: Any = None) -> "Job": ...
+    def resume(self, extraction_id: str, batch_size: int | None = None, cluster: Any = None,
+               model: Any = None) -> "Job": ...
     def owner_of(self, extraction_id: str, meta: ExtractionMeta) -> str | None: ...
 
 
@@ -231,9 +232,10 @@ class Job(Handle):
         """A new job and store with this one's parameters and ``overrides``, linked by ``retry_of``."""
         return self.actions.retry(self.id, **overrides)
 
-    def resume(self, batch_size: int | None = None, cluster: Any = None) -> "Job":
-        """Continue in this store after its committed mark (optionally with another batch size or cluster)."""
-        return self.actions.resume(self.id, batch_size=batch_size, cluster=cluster)
+    def resume(self, batch_size: int | None = None, cluster: Any = None, model: Any = None) -> "Job":
+        """Continue in this store after its committed mark (optionally with another batch size or cluster, or the
+        model read from where it is now: ``model``, its files the ones the store recorded)."""
+        return self.actions.resume(self.id, batch_size=batch_size, cluster=cluster, model=model)
 
     # -- driven by the runner ---------------------------------------------------------------------
     def execute(self, models) -> None:

@@ -140,7 +140,7 @@ def _looks_like_path(name: str) -> bool:
         or name.count("/") > 1 or "\\" in name
 
 
-def _source(spec: ModelSpec) -> str:
+def model_source(spec: ModelSpec) -> str:
     """A local folder (checked) or a Hub id (passed through)."""
     name = spec.name_or_path
     path = Path(name).expanduser()
@@ -152,10 +152,13 @@ def _source(spec: ModelSpec) -> str:
             )
         return str(path.resolve())
     if _looks_like_path(name):
+        relative = "" if path.is_absolute() else f" (relative to the current folder {os.getcwd()!r})"
         raise InputError(
-            f"model folder {name!r} does not exist: check the path, or give a Hugging Face id such as 'gpt2'"
+            f"model folder {name!r}{relative} does not exist: check the path, or give a Hugging Face id such as "
+            "'gpt2'", param="model"
         )
     return name
+
 
 
 def _hub_error(name: str, exc: Exception) -> InputError:
@@ -184,7 +187,7 @@ def load_config(spec: ModelSpec):
     """The model's transformers config alone (fast): used to check layers before loading weights."""
     from transformers import AutoConfig
 
-    source = _source(spec)
+    source = model_source(spec)
     with _loading(spec, source, "read the config of model"):
         return AutoConfig.from_pretrained(source, revision=spec.revision)
 
@@ -264,7 +267,7 @@ def load_tokenizer(spec: ModelSpec):
     """The model's tokenizer, given a pad token (eos, else unk/bos) if it has none."""
     from transformers import AutoTokenizer
 
-    source = _source(spec)
+    source = model_source(spec)
     with _loading(spec, source, "load the tokenizer of"):
         tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
     if tokenizer.pad_token is None:
@@ -321,7 +324,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     """
     from transformers import AutoModel
 
-    source = _source(spec)
+    source = model_source(spec)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     placement = _placement(spec, dtype)

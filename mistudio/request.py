@@ -82,8 +82,9 @@ class Request(BaseModel):
     exclude_special: bool = param(False, "special tokens get no activation rows", group="data",
                                   label="Exclude special tokens", stored=True)
     oov_policy: Literal["clamp", "skip", "error"] = param(
-        "clamp", "token ids outside the vocabulary: clamp them, skip the row, or stop", group="data",
-        label="Out-of-vocabulary ids", stored=True)
+        "error", "token ids outside the model's vocabulary (ids from another tokenizer): stop saying where, skip "
+        "the row, or clamp them to the last id (another text)", group="data", label="Out-of-vocabulary ids",
+        stored=True)
     # -- what to capture -----------------------------------------------------------------------------
     layers: list[int] | Literal["all"] = param([0], f"block indices: {LAYER_FORMS}", group="capture",
                                                 label="Layers", stored=True)
@@ -146,6 +147,8 @@ class Request(BaseModel):
             raise ValueError("«model» is empty: give a Hugging Face id such as 'gpt2' or a local folder")
         if not isinstance(v, str):
             raise ValueError(f"«model={short(v)}» is not a model name: give a Hugging Face id or a folder path")
+        if os.path.isdir(os.path.expanduser(v)):  # a local folder: recorded where it is, not where the cwd was
+            return os.path.abspath(os.path.expanduser(v))
         return v
 
     @field_validator("device")

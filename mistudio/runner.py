@@ -355,6 +355,10 @@ class Execution:
             self._fail_in_memory(exc)
             return
         error = self._error(exc, resumable=bool(record.progress.samples_committed) or self.store.is_allocated)
+        if error["error_type"] == "VALIDATION" and self.store.is_allocated:
+            # the request was checked and its tokens are stored: what failed is the model's or the SAEs' files
+            # (moved, changed, unreachable). Put them back (or point resume's model= at them) and resume.
+            error["resume_available"] = True
         if error["error_type"] == "UNKNOWN":
             log.error("mistudio job %s failed", self.job.id, exc_info=exc)
         self.set_state(Status.FAILED, error=error, timings={"finished": now()})

@@ -21,13 +21,14 @@ from .extraction import Extraction
 from .inputs import SubmittedInputs, frozen
 from .jobs import Job, Observable, RunOptions
 from .listing import LIST_COLUMNS, Folder, check_id, default_workspace, new_id
+from .models import model_source
 from .plan import check, check_unchanged
 from .presets import Presets, check_preset_name, from_json, preset_arguments, read_preset_file
 from .request import Request, with_request_keywords
 from .runner import Runner
 from .storage.lease import WriterLease
 from .storage.liveness import heartbeat
-from .storage.metadata import FORMAT_VERSION, ExtractionMeta, Status, new_nonce, now
+from .storage.metadata import FORMAT_VERSION, ExtractionMeta, Status, can_resume, new_nonce, now
 from .storage.store import ExtractionStore
 from .training import LIST_COLUMNS as TRAIN_COLUMNS
 from .training import TrainingJob, list_trainings, submit_training, training_job
@@ -226,30 +227,32 @@ class Workspace(Folder, Observable):
         return self._start(request, options, lineage)
 
     def resume(self, extraction_id: str, batch_size: int | None = None, cluster: Any = None,
-               before_batch: Any = None) -> Job:
+               before_batch: Any = None, model: str | os.PathLike | None = None) -> Job:
         """Continue a FAILED/CANCELLED/INTERRUPTED job in its own store from the committed mark.
 
-        Refused at once when it cannot help (a bad request: retry it instead). A sharded (dask) extraction reruns
-        only its unfinished shards: on ``cluster`` if given, else here.
+        Refused at once when it cannot help (a bad request: retry it instead), and when the model cannot be found
+        or is not the one the store was made with (the store is left as it was). ``model``: where the model is now,
+        when it moved (its files must be the ones the store recorded). A sharded (dask) extraction reruns only its
+        unfinished shards: on ``cluster`` if given, else here.
         """
         extraction_id = check_id(extraction_id)
         store = self.store(extraction_id, writable=True)
         self.ensure_free(extraction_id, store)  # a job of this kernel: said as such, before the lease is asked
         store.take_lease("resume", extraction_id)  # one writer: another process resuming it is refused by name
         try:
-            return self._resume(store, extraction_id, batch_size, cluster, before_batch)
+            return self._resume(store, extraction_id, batch_size, cluster, before_batch, model)
         except BaseException:
             store.release_lease()
             raise
 
     def _resume(self, store: ExtractionStore, extraction_id: str, batch_size: int | None, cluster: Any,
-                before_batch: Any) -> Job:
+                before_batch: Any, model: str | os.PathLike | None) -> Job:
         meta = self.ensure_free(extraction_id, store)  # read again under the lease
         if meta.status == Status.COMPLETED:
             raise InputError(f"extraction {extraction_id} is already COMPLETED: nothing to resume "
                              "(retry runs it again with other parameters)")
         error = meta.error
-        if error is not None and (error.error_type == "VALIDATION" or not error.resume_available):
+        if error is not None and not can_resume(meta.status, error):
             raise InputError(f"extraction {extraction_id} cannot resume: it failed [{error.error_type}] "
                              f"{error.error_message.rstrip('.')}. Resuming would fail again: retry it (with the "
                              "request corrected) instead")
@@ -260,6 +263,14 @@ class Workspace(Folder, Observable):
             request = meta.request(dataset="sample")
         else:
             request = check(meta.request())
+        if model is not None:
+            request = request.replace(model=model)
+        try:
+            model_source(request.model_spec)
+        except InputError as exc:
+            raise InputError(f"extraction {extraction_id} cannot resume yet: {exc}. Put the model back there, or "
+                             "«pass model=» with where it is now (the files the store was made with); the store is "
+                             "unchanged", param="model") from None
         if batch_size:
             request = request.replace(batch_size=batch_size)
         hook = before_batch if before_batch is not None else old.options.before_batch if old is not None else None

@@ -43,7 +43,7 @@ def test_bad_parameters_create_no_store(gpt2_dir, workspace):
 
 
 def test_missing_model_path(workspace, tmp_path):
-    with pytest.raises(ms.InputError, match=r"model folder './no/such/model' does not exist"):
+    with pytest.raises(ms.InputError, match=r"model folder './no/such/model' \(relative to the current folder .*\) does not exist"):
         _extract("./no/such/model", workspace=workspace)
     empty = tmp_path / "empty_model"
     empty.mkdir()

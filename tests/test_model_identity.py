@@ -125,6 +125,7 @@ def test_the_runner_refuses_a_model_changed_after_the_resume_was_accepted(model,
     blocker = ws.submit(model, "sample", before_batch=blocker_hook, **OPTIONS)  # holds the runner
     assert blocker_reached.wait(60)
     resumed = ws.resume(job.id)  # accepted: the files are still the original ones; queued behind the blocker
+    kept = {p.name: p.read_bytes() for p in Path(model).iterdir()}
     resave(model, seed=11)
     blocker_release.set()
     blocker.wait(120)
@@ -132,6 +133,73 @@ def test_the_runner_refuses_a_model_changed_after_the_resume_was_accepted(model,
     assert resumed.status == "FAILED" and resumed.error["error_type"] == "VALIDATION"
     assert "is not the one this store was made with" in resumed.error["error_message"]
     assert job.extraction().verify().ok
+    # the store is not stranded: its rows stand, the model's files were the problem. Back, it resumes.
+    assert resumed.error["resume_available"]
+    for name, data in kept.items():
+        (Path(model) / name).write_bytes(data)
+    assert ws.resume(job.id).wait(120).status == "COMPLETED"
+
+
+def test_a_moved_model_folder_resumes_from_where_it_is_now(model, workspace, tmp_path):
+    """A model folder that moved (or a network mount that is down) refuses the resume up front, leaving the store
+    as it was; ``resume(model=)`` points it at the folder's new place, the files being the same."""
+    ws = ms.Workspace(workspace)
+    clean = ms.extract(model, "sample", workspace=str(tmp_path / "clean"), progress=False, **OPTIONS)
+    job = cancelled_at(ws, model, "sample", at_batch=3, **OPTIONS)
+    moved = tmp_path / "moved"
+    Path(model).rename(moved)
+    with pytest.raises(InputError, match=r"cannot resume yet: model folder .* does not exist.*pass model= with where "
+                                         "it is now"):
+        ws.resume(job.id)
+    assert ws.job(job.id).status == "CANCELLED"  # nothing was changed
+    resumed = ws.resume(job.id, model=str(moved)).wait(120)
+    assert resumed.status == "COMPLETED", resumed.error
+    ext = resumed.extraction()
+    assert ext.record.model.name_or_path == str(moved)
+    np.testing.assert_array_equal(ext.activations("layers.1.residual")[:], clean.activations("layers.1.residual")[:])
+    other = tmp_path / "other"
+    shutil.copytree(moved, other)
+    resave(other, seed=3)
+    job = cancelled_at(ws, str(moved), "sample", at_batch=3, **OPTIONS)
+    with pytest.raises(InputError, match="is not the one this store was made with"):  # another model: refused
+        ws.resume(job.id, model=str(other))
+
+
+def test_a_relative_model_path_is_recorded_where_it_points(model, workspace, tmp_path, monkeypatch):
+    """``model='./gpt2'`` is recorded as the absolute folder: opened from another folder, whose own ``./gpt2`` is
+    another model, the store's token strings are still its own tokenizer's."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir(), elsewhere.mkdir()
+    shutil.copytree(model, project / "gpt2")
+    shutil.copytree(ms.packaged_minilm_path(), elsewhere / "gpt2")  # another tokenizer under the same name
+    monkeypatch.chdir(project)
+    ext = ms.extract("./gpt2", ["The quick brown fox"], workspace=workspace, progress=False, **OPTIONS)
+    assert ext.record.model.name_or_path == str(project / "gpt2")
+    want = ext.sample(0)["tokens"]
+    monkeypatch.chdir(elsewhere)
+    assert ms.open_extraction(ext.id, workspace=workspace).sample(0)["tokens"] == want
+
+
+def test_a_tokenizer_changed_under_a_store_is_refused_not_used(model, workspace, tmp_path):
+    ext = ms.extract(model, ["The quick brown fox"], workspace=workspace, progress=False, **OPTIONS)
+    want = ext.sample(0)["tokens"]
+    original = Path(tmp_path / "original")
+    shutil.copytree(model, original)
+    minilm = Path(ms.packaged_minilm_path())
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (minilm / name).exists():
+            shutil.copy(minilm / name, Path(model) / name)  # the folder re-saved with another tokenizer
+    reopened = ms.open_extraction(ext.id, workspace=workspace)
+    with pytest.raises(InputError, match=r"the tokenizer at .* is not the one this store was made with.*"
+                                         r"ext\.tokenizer ="):
+        reopened.sample(0)
+    import transformers as T
+
+    reopened.tokenizer = T.AutoTokenizer.from_pretrained(original)  # the way out the message gives
+    assert reopened.sample(0)["tokens"] == want
+    shutil.rmtree(model)
+    with pytest.raises(InputError, match="does not exist"):  # gone: said plainly, not a Hub connection error
+        ms.open_extraction(ext.id, workspace=workspace).sample(0)
 
 
 def test_a_folder_resaved_in_place_is_loaded_again_in_the_same_kernel(model, workspace):
@@ -149,3 +217,16 @@ def test_a_folder_resaved_in_place_is_loaded_again_in_the_same_kernel(model, wor
                                want.hidden_states[2][0].numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(first.activations("layers.1.residual")[0:len(ids)],
                            second.activations("layers.1.residual")[0:len(ids)])
+
+
+def test_cli_resume_takes_the_model_where_it_is_now(model, workspace, tmp_path, capsys):
+    from mistudio.cli import main
+
+    job = cancelled_at(ms.Workspace(workspace), model, "sample", at_batch=3, **OPTIONS)
+    moved = tmp_path / "moved"
+    Path(model).rename(moved)
+    assert main(["resume", job.id, "--workspace", workspace]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume yet" in err and "pass --model with where it is now" in err and "Traceback" not in err
+    assert main(["resume", job.id, "--workspace", workspace, "--model", str(moved)]) == 0
+    assert f"{job.id}: COMPLETED" in capsys.readouterr().out

@@ -93,6 +93,28 @@ def test_cancel_from_panel(gpt2_dir, workspace):
     assert panel.job.status == "COMPLETED"
 
 
+def test_resume_after_the_model_folder_moved(gpt2_dir, workspace, tmp_path):
+    """The store's model folder moved: Resume says so and keeps the store; pointed at the new place in the Model
+    tab, Resume reads the model there (the same files) and completes."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(gpt2_dir, model)
+    studio = launch_then_cancel(workspace, str(model))
+    panel = studio.extraction_panel
+    cancelled = panel.job
+    moved = model.rename(tmp_path / "moved")
+    panel.extra_options.clear()
+    panel.resume_button.click()
+    assert "cannot resume yet" in panel.alert.value and "does not exist" in panel.alert.value
+    assert panel.job is cancelled and cancelled.status == "CANCELLED"
+    studio.model_picker.set_model(str(moved))
+    panel.resume_button.click()
+    assert panel.job.id == cancelled.id
+    assert panel.job.wait(60).status == "COMPLETED", panel.job.error
+    assert panel.job.extraction().record.model.name_or_path == str(moved)
+
+
 def failed_out_of_memory(gpt2_dir, workspace):
     """A Studio whose launch with batch size 8 ran out of memory at its second batch, the failure shown; (studio,
     the failed job)."""
@@ -261,7 +283,9 @@ def test_point1_resume_only_where_it_can_succeed():
 
     assert resumable(job("CANCELLED"))
     assert resumable(job("FAILED", error_type="INTERRUPTED", resume_available=True))
-    assert not resumable(job("FAILED", error_type="VALIDATION", resume_available=True))
+    assert not resumable(job("FAILED", error_type="VALIDATION", resume_available=False))  # a bad request
+    # a store whose rows stand, its model moved or changed since: the record offers resume (put the files back)
+    assert resumable(job("FAILED", error_type="VALIDATION", resume_available=True))
     assert not resumable(job("FAILED", error_type="OOM", resume_available=False))
     assert not resumable(None)
 

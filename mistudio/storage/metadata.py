@@ -191,6 +191,20 @@ class ErrorRecord(_Section):
     failed_at: float | None = None
 
 
+def can_resume(status: "Status | str", error: dict | ErrorRecord | None) -> bool:
+    """Whether a resume can continue the store: a cancelled job, or a failure whose record offers it (the one rule
+    the workspace, the CLI and the Studio's buttons share)."""
+    try:
+        status = Status(status)
+    except ValueError:  # a listing's UNREADABLE
+        return False
+    if status == Status.CANCELLED:
+        return True
+    if isinstance(error, ErrorRecord):
+        error = error.model_dump()
+    return status == Status.FAILED and bool((error or {}).get("resume_available"))
+
+
 class Timings(_Section):
     created: float = 0.0
     started: float | None = None

@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, create_model
 
 from ..errors import InputError, human_bytes
 from ..jobs import Job
-from ..models import load_config, n_layers_of
+from ..models import load_config, model_source, n_layers_of
 from ..plan import estimate
 from ..request import ParamInfo, Request, params
 from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, ModelSpec, build, parse_layers, short
+from ..storage.metadata import can_resume
 from ..workspace import Workspace
 from .common import (PLAIN_ERRORS, RateMeter, answers_no_request, badge, busy, error_box, esc, for_ui, guard,
                      note_box, progress_text, store_notes, stylesheet)
@@ -45,13 +46,8 @@ RETRY_HELP = ("<small><b>Retry</b> starts a new extraction with the form as it i
 
 
 def resumable(job: Job | None) -> bool:
-    """Resume can succeed: a cancelled job, or a failure whose record offers it (never a bad input)."""
-    if job is None:
-        return False
-    if job.status == "CANCELLED":
-        return True
-    error = job.error or {}
-    return job.status == "FAILED" and bool(error.get("resume_available")) and error.get("error_type") != "VALIDATION"
+    """Resume can succeed: a cancelled job, or a failure whose record offers it."""
+    return job is not None and can_resume(job.status, job.error)
 
 
 def disk_short(result: dict) -> bool:
@@ -668,12 +664,23 @@ class ExtractionPanel(W.VBox):
             return None
         try:
             size = self.batch_size.value
-            job = self.job.resume(batch_size=None if size == "auto" else size)
+            job = self.job.resume(batch_size=None if size == "auto" else size, model=self._moved_model())
         except Exception as exc:  # StoreBusy, InputError: say it in the panel
             self.alert.value = error_box(for_ui(exc))
             return None
         self.watch(job)
         return job
+
+    def _moved_model(self) -> str | None:
+        """Where the Model tab says the model is, for a store whose recorded model folder is gone (it moved): the
+        resume reads it there (its files must be the store's). None while the recorded one is found."""
+        recorded = self.job.record.model.name_or_path
+        try:
+            model_source(ModelSpec(name_or_path=recorded))
+            return None
+        except InputError:
+            chosen = self.model_picker.name_or_path()
+            return chosen if chosen and chosen != recorded else None
 
     # -- events (worker thread) -------------------------------------------------------------------
     @answers_no_request

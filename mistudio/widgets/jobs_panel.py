@@ -9,7 +9,7 @@ from typing import Callable
 
 import ipywidgets as W
 
-from ..storage.metadata import LIVE_STATES
+from ..storage.metadata import LIVE_STATES, can_resume
 from ..models import packaged_minilm_path
 from ..workspace import Workspace, human_bytes
 from .common import (PLAIN_ERRORS, ago, answers_no_request, badge, breakable, busy, error_box, esc, for_ui, guard,
@@ -223,15 +223,12 @@ class JobsPanel(W.VBox):
         return buttons
 
     def _resumable(self, row: dict) -> bool:
-        if row["status"] == "CANCELLED":
-            return True
-        if row["status"] != "FAILED" or row.get("error") == "VALIDATION":
-            return False
+        if row["status"] != "FAILED":
+            return can_resume(row["status"], None)
         try:
-            error = self.workspace.job(row["id"]).error or {}
+            return can_resume("FAILED", self.workspace.job(row["id"]).error)
         except Exception:  # noqa: BLE001 - gone or unreadable: nothing to resume
             return False
-        return bool(error.get("resume_available"))
 
     def toggle_details(self, ext_id: str) -> None:
         """Show a row's details under the grid (error message, full id, counts, hook points); again: hide."""
