@@ -7,7 +7,6 @@ import io
 import json
 import os
 import stat
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -429,6 +428,9 @@ def report_line(report: dict) -> str:
     if skipped:
         parts.append(f"{sum(skipped.values()):,} rows skipped: "
                      + "; ".join(f"{n:,} {SKIP_REASONS.get(r, r)}" for r, n in skipped.items()))
+    if report.get("n_clamped_tokens"):
+        parts.append(f"{report['n_clamped_tokens']:,} token ids outside the vocabulary clamped to the last id "
+                     "(«oov_policy='clamp'»)")
     if report.get("n_truncated"):
         parts.append(f"{report['n_truncated']:,} cut at «max_length» ({report.get('n_truncated_tokens', 0):,} tokens "
                      "dropped; «window» keeps them whole)")
@@ -507,7 +509,9 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
             if spec.oov_policy == "error":
                 raise InputError(
                     f"dataset row {row} has token id {first}, outside the model's vocabulary (0..{vocab_size - 1}): "
-                    "use the tokenizer that matches the model, or «pass oov_policy='clamp'» or 'skip'")
+                    "its ids were made by another tokenizer. Tokenize with the model's own (or give the texts), or "
+                    "«pass oov_policy='skip'» to leave such rows out ('clamp' replaces such ids by the last one: "
+                    "the activations of another text)", param="oov_policy")
             if spec.oov_policy == "skip":
                 out.skip("oov")
                 return
@@ -565,9 +569,6 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
             out.skip(_why_not_text(value))
     flush()
     out.rows = np.asarray(rows, dtype=np.int64)
-    if out.n_clamped_tokens:
-        warnings.warn(f"{out.n_clamped_tokens} token ids outside the vocabulary (0..{vocab_size - 1}) were clamped; "
-                      "the count is in the extraction's metadata", stacklevel=2)
     if not out.ids and template is not None:
         raise InputError(
             f"the dataset has no conversations: {out.n_rows_read} rows read, none with 'messages' "

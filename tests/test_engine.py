@@ -7,6 +7,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import mistudio as ms
+from mistudio.data import report_line
+
 from conftest import TEXTS
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "phi", "bert"]
@@ -141,15 +143,18 @@ def test_early_stop_runs_no_later_block(gpt2_dir, workspace):
 def test_oov_policies(gpt2_dir, workspace):
     vocab = len(AutoTokenizer.from_pretrained(gpt2_dir))
     rows = [[1, 2, 3], [4, vocab + 5, 6, 7], [8, 9]]
-    with pytest.warns(UserWarning, match="1 token ids outside the vocabulary"):
-        clamped = ms.extract(gpt2_dir, rows, layers=[0], workspace=workspace, progress=False)
-    assert clamped.metadata["dataset"]["report"]["n_clamped_tokens"] == 1
+    # ids from another tokenizer are refused by default: the activations of another text, stored silently, are worse
+    with pytest.raises(ms.InputError, match=rf"row 1 has token id {vocab + 5}.*another tokenizer.*oov_policy='skip'"):
+        ms.extract(gpt2_dir, rows, layers=[0], workspace=workspace, progress=False)
+    assert ms.Workspace(workspace).extractions().empty  # refused: no store left
+    clamped = ms.extract(gpt2_dir, rows, layers=[0], oov_policy="clamp", workspace=workspace, progress=False)
+    report = clamped.metadata["dataset"]["report"]
+    assert report["n_clamped_tokens"] == 1
+    assert "1 token ids outside the vocabulary clamped to the last id" in report_line(report)  # said wherever shown
     assert clamped.sample(1, tokens=False)["input_ids"].tolist() == [4, vocab - 1, 6, 7]
     skipped = ms.extract(gpt2_dir, rows, layers=[0], oov_policy="skip", workspace=workspace, progress=False)
     assert sorted(skipped.rows().tolist()) == [0, 2]
     assert skipped.metadata["dataset"]["report"]["n_skipped_oov"] == 1
-    with pytest.raises(ms.InputError, match=rf"row 1 has token id {vocab + 5}.*oov_policy"):
-        ms.extract(gpt2_dir, rows, layers=[0], oov_policy="error", workspace=workspace, progress=False)
 
 
 def test_truncation_and_max_samples(gpt2_dir, workspace):
