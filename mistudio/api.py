@@ -68,11 +68,21 @@ def open_extraction(id_or_path: str | os.PathLike, workspace: str | os.PathLike 
     if "://" in text:
         return Extraction.open(text, storage_options)
     path = Path(text).expanduser()
+    fix = "give an extraction's .zarr folder (ws.extractions()['location'] lists them) or its id"
+    if path.is_file():
+        raise InputError(f"{text!r} is a file, not an extraction store: {fix}")
+    if path.is_dir() and (path / "extractions").is_dir() and not (path / "zarr.json").exists():
+        raise InputError(f"{text!r} is a workspace, not one extraction: open one of its extractions by id, "
+                         f"ms.open_extraction('<id>', workspace={text!r}) (`mistudio jobs --workspace {text}` lists "
+                         "the ids)")
     if path.exists():
         try:
             return Extraction.open(str(path))
         except StoreCorrupted:
             raise
         except Exception as exc:
-            raise InputError(f"{text!r} is not a mistudio extraction store: {exc}") from exc
+            raise InputError(f"{text!r} is not a mistudio extraction store ({type(exc).__name__}: {exc}): "
+                             f"{fix}") from exc
+    if os.sep in text or "/" in text:
+        raise InputError(f"there is no store at {text!r} (nothing there): {fix}")
     return Workspace(workspace, storage_options=storage_options).open(text)

@@ -241,9 +241,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int | None:
     command = args.command
     if command == "jobs":
-        from .listing import Folder
+        from .listing import Folder, default_workspace
 
         folder = Folder(args.workspace)
+        if not folder.remote and not os.path.isdir(folder._root_path):
+            if args.workspace is not None:  # a typo would otherwise read as an empty workspace
+                raise InputError(f"workspace {args.workspace!r} does not exist: check the path (`mistudio jobs` "
+                                 f"without --workspace lists {default_workspace()!r})", param="workspace")
+            print(f"(no extractions yet: the workspace {folder.root} is made by the first extraction)")
+            return 0
         folder.recover()
         print(_jobs_table(folder.rows()))
     elif command == "verify":

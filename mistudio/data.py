@@ -140,19 +140,51 @@ def _fix_for(keys) -> str:
         "«pass text_column=<one of them>»"
 
 
-def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[object]:
-    """Each line's ``column`` value, or (``column`` None: chat data) the whole record."""
-    first = True
-    for n, line in enumerate(_lines(path, encoding)):
+def _json_records(path: Path, encoding: str) -> Iterator[object]:
+    """The records of a JSON Lines file (a blank line: None), or of a file holding one JSON array of records (what
+    ``json.dump(rows)`` and ``df.to_json(orient='records')`` write). A UTF-8 byte-order mark is skipped."""
+    lines = _lines(path, encoding)
+    for n, line in enumerate(lines):
+        line = line.lstrip("\ufeff") if n == 0 else line
         if not line.strip():
             yield None
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{path} line {n + 1} is not valid JSON ({exc.msg}): fix or remove that line") from exc
+            if n == 0 and line.lstrip().startswith("["):  # a JSON array spread over lines
+                yield from _json_array(path, encoding, line, lines)
+                return
+            raise InputError(f"{path} line {n + 1} is not valid JSON ({exc.msg}): fix or remove that line (mistudio "
+                             "reads JSON Lines, one record per line, or one JSON array of records)") from exc
+        if n == 0 and isinstance(rec, list) and not _is_token_ids(rec):  # the whole array on one line
+            yield from rec
+            return
+        yield rec
+
+
+def _json_array(path: Path, encoding: str, first: str, rest: Iterator[str]) -> Iterator[object]:
+    text = first + "\n" + "\n".join(rest)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} starts with '[' but is not one JSON array ({exc.msg} at line {exc.lineno}): fix "
+                         "it, or write JSON Lines (one record per line)") from exc
+    if not isinstance(records, list):
+        raise InputError(f"{path} is not JSON Lines nor a JSON array of records: write one record per line")
+    yield from records
+
+
+def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[object]:
+    """Each record's ``column`` value (a list of token ids stands for itself), or (``column`` None: chat data) the
+    whole record."""
+    first = True
+    for rec in _json_records(path, encoding):
+        if rec is None:
+            yield None
+            continue
         if column is None or not isinstance(rec, dict):
-            yield rec if column is None or isinstance(rec, str) else None
+            yield rec if column is None or isinstance(rec, str) or _is_token_ids(rec) else None
             continue
         if first and column not in rec:
             raise InputError(f"text column {column!r} is not in {path}: its first record has keys {sorted(rec)}; "
@@ -284,6 +316,19 @@ def raw_values(spec: Request) -> Iterator[object]:
             yield from _read_jsonl(path, column, spec.encoding)
         else:
             yield from _read_table(path, column, fmt, spec.encoding)
+
+
+def special_ids(tokenizer) -> np.ndarray:
+    """The ids that are markup, not text ([CLS]/[SEP], BOS/EOS, padding, mask, added special tokens): the tokenizer's
+    special tokens less its unknown token, which stands for a word of the text it could not spell (unless that id
+    also serves as markup, as GPT-2's <|endoftext|> does). ``exclude_special`` drops these, and views hide them."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    markup = {getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "pad", "cls", "sep", "mask")}
+    markup |= set(getattr(tokenizer, "additional_special_tokens_ids", None) or [])
+    if unk is not None and unk not in markup:
+        ids.discard(unk)
+    return np.array(sorted(ids), dtype=np.int64)
 
 
 def _is_token_ids(value: object) -> bool:

@@ -278,6 +278,12 @@ class Extraction:
     def token_index(self, rows: np.ndarray | int) -> np.ndarray | int:
         """The token (index into ``tokens/*``) of activation rows: the same numbers unless special tokens
         were excluded."""
+        n_rows = int(self.sample_offsets[-1]) if self._kept_tokens is None else len(self._kept_tokens)
+        where = np.asarray(rows)
+        bad = where[(where < 0) | (where >= n_rows)]
+        if bad.size:
+            raise InputError(f"activation row {int(bad.flat[0])} is not in extraction {self.id}: its rows are "
+                             f"0..{n_rows - 1}")
         return rows if self._kept_tokens is None else self._kept_tokens[rows]
 
     def _stored_position(self, row: int) -> int:

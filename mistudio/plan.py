@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import (ROLE_CODES, SKIP_REASONS, chat_template_of, check_source, dataset_bytes, plan_batches, plan_order,
-                   report_line, tokenize, window_positions, window_spans)
+                   report_line, special_ids, tokenize, window_positions, window_spans)
 from .engine import Latents, forward_batches
 from .fingerprints import check_same_model, fingerprint
 from .errors import InputError, human_bytes, render
@@ -105,7 +105,7 @@ def make_plan(request: Request, tokenizer, vocab_size: int, hidden_size: int) ->
     lengths = tokenized.lengths[order]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.concatenate([tokenized.ids[i] for i in order]).astype(np.int32)
-    special = np.isin(flat, np.asarray(list(tokenizer.all_special_ids), dtype=np.int64))
+    special = np.isin(flat, special_ids(tokenizer))
     tokens = {"input_ids": flat, "sample_offsets": offsets, "sample_index": tokenized.rows[order].astype(np.int64),
               "special": special}
     storage: dict = {"exclude_special": request.exclude_special}

@@ -204,7 +204,7 @@ class Request(BaseModel):
     def _positive(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is not None and v <= 0:
             name = info.field_name
-            tail = "" if name == "max_length" else ", or None"
+            tail = "" if name == "max_length" else f", or «pass {name}=None»"
             raise ValueError(f"«{name}={v}» must be a positive number, e.g. «pass {name}={EXAMPLES.get(name, '1')}»"
                              f"{tail}")
         return v
@@ -216,6 +216,15 @@ class Request(BaseModel):
             raise ValueError("«chat_template» is empty: «pass chat_template='auto'» (the tokenizer's template), a "
                              "Jinja template string, or None for plain text")
         return v
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _max_memory(cls, v: Any) -> Any:
+        if v is None or isinstance(v, dict):
+            return v
+        raise ValueError(f"«max_memory={short(v)}» is not memory per device: give it as a mapping, e.g. "
+                         "max_memory={0: '20GiB', 'cpu': '60GiB'} in Python or --max-memory '{\"0\": \"20GiB\", "
+                         "\"cpu\": \"60GiB\"}' on the command line (with device_map)")
 
     @field_validator("quantization", mode="before")
     @classmethod
@@ -252,11 +261,11 @@ class Request(BaseModel):
             pairs = [p.split("=", 1) for p in v.split(",") if p.strip()]
             if any(len(p) != 2 for p in pairs):
                 raise ValueError(f"«saes={v!r}» is not hook point=folder pairs: e.g. «pass "
-                                 "saes={'layers.3.residual': '/path/to/sae'}»")
+                                 "saes='layers.3.residual=/path/to/sae'» (several: comma-separated)")
             v = {a.strip(): b.strip() for a, b in pairs}
         if not isinstance(v, dict):
             raise ValueError(f"«saes={short(v)}» is not a mapping: «pass saes={{'layers.3.residual': "
-                             "'/path/to/sae'}»")
+                             "'/path/to/sae'}»")  # from Python only: the command line's text is parsed above
         out = {}
         for point, folder in v.items():
             parts = str(point).split(".")

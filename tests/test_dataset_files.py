@@ -149,3 +149,33 @@ def test_import_preset_refuses_devices_fifos_and_huge_files_without_reading(work
         assert time.monotonic() - started < 5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KB: nothing was read
     assert ws.presets() == {}
+
+
+TEXTS3 = ["first text", "second one", "third"]
+
+
+@pytest.mark.parametrize("form", ["array-one-line", "array-indented", "jsonl-with-bom", "jsonl-of-ids"])
+def test_json_files_as_people_write_them(gpt2_dir, tmp_path, form):
+    """A JSON array of records (json.dump, df.to_json(orient='records')), indented or not, JSON Lines saved with a
+    byte-order mark (Windows editors), and JSON Lines of token-id lists: each reads as its rows."""
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    records = [{"text": t} for t in TEXTS3]
+    path = tmp_path / "rows.json"
+    if form == "array-one-line":
+        path.write_text(json.dumps(records))
+    elif form == "array-indented":
+        path.write_text(json.dumps(records, indent=2))
+    elif form == "jsonl-with-bom":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8-sig")
+    else:
+        path.write_text("".join(json.dumps(tokenizer(t)["input_ids"]) + "\n" for t in TEXTS3))
+    got = data.tokenize(Request.build(model=gpt2_dir, dataset=str(path), **ARGS), tokenizer, len(tokenizer))
+    assert [tokenizer.decode(ids) for ids in got.ids] == TEXTS3 and got.skipped == {}
+
+
+def test_a_broken_json_array_names_the_file_and_the_fix(gpt2_dir, tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"text": "a"},\n  {"text": "b"\n')
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    with pytest.raises(ms.InputError, match=r"rows.json starts with '\[' but is not one JSON array .*JSON Lines"):
+        data.tokenize(Request.build(model=gpt2_dir, dataset=str(path), **ARGS), tokenizer, len(tokenizer))

@@ -56,10 +56,32 @@ def test_wordpiece_special_tokens_and_exclusion(minilm_dir, workspace):
     assert set(out) == {"n", "rows", "norms", "threshold", "median", "quantiles"} and out["n"] == len(out["rows"])
 
 
+def test_unknown_tokens_are_text_not_markup(minilm_dir, workspace):
+    """[UNK] stands for a word the tokenizer could not spell (an emoji, a rare character): exclude_special keeps its
+    rows and views do not hide it; [CLS]/[SEP] go. GPT-2's unknown token is also its <|endoftext|>: still markup."""
+    from mistudio.data import special_ids
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    text = "i love 🙂 and ☕ every morning"
+    ids = tok(text)["input_ids"]
+    assert ids.count(tok.unk_token_id) == 2
+    assert tok.unk_token_id not in special_ids(tok).tolist() and tok.cls_token_id in special_ids(tok).tolist()
+    ext = ms.extract(minilm_dir, [text], workspace=workspace, exclude_special=True, **ARGS)
+    s = ext.sample(0)
+    assert [t for t, kept in zip(s["tokens"], s["kept"]) if not kept] == ["[CLS]", "[SEP]"]
+    assert s["kept"].sum() == len(ids) - 2 == ext.n_tokens
+    assert not any(s["special"][i] for i, t in enumerate(s["tokens"]) if t == "[UNK]")
+
+
 def test_byte_level_bpe_special_tokens(gpt2_dir, workspace):
     tok = AutoTokenizer.from_pretrained(gpt2_dir)
     eos = tok.eos_token_id
     assert tok.all_special_ids == [eos]
+    from mistudio.data import special_ids
+
+    assert special_ids(tok).tolist() == [eos]
+    tok.unk_token = tok.eos_token  # as the real GPT-2's: <|endoftext|> is its unknown token too, and stays markup
+    assert special_ids(tok).tolist() == [eos]
     body = tok("The quick brown fox jumps over the lazy dog.")["input_ids"]
     data = [[eos] + body, body + [eos] + body, body]  # a BOS (GPT-2 uses its eos), an eos inside, none
     ext = ms.extract(gpt2_dir, data, workspace=workspace, exclude_special=True, **{**ARGS, "max_length": 128})

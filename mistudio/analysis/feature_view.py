@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 
+from ..data import special_ids
 from ..errors import InputError
 from ..storage.featstats import sample_keys
 from . import stats as analysis
@@ -235,7 +236,7 @@ def rank_token_means(ext: "Extraction", sums: np.ndarray, counts: np.ndarray, n:
     order = seen[np.lexsort((seen, -means))][:n]
     tokenizer = ext.tokenizer
     names = tokenizer.convert_ids_to_tokens([int(i) for i in order]) if len(order) else []
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special = set(special_ids(tokenizer).tolist())
     return [{"token_id": int(i), "token": str(name), "mean": float(sums[i] / counts[i]), "count": int(counts[i]),
              "special": int(i) in special} for i, name in zip(order, names)]
 

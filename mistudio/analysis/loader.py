@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .feature_view import LATENT_SUFFIX
 from .stats import cached_feature_stats
+from ..data import special_ids
 from ..engine import tensor_of
 from ..errors import InputError, StoreCorrupted
 
@@ -86,8 +87,11 @@ class ActivationLoader(IterableDataset):
             raise InputError(f"«run_mb={run_mb!r}» must be a number of MB >= 0 (0: one chunk at a time)")
         if normalize not in NORMALIZE:
             raise InputError(f"«normalize={normalize!r}» must be one of {NORMALIZE}")
-        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-            raise InputError(f"«dtype={dtype!r}» must name a torch dtype such as 'float32' or 'bfloat16'")
+        torch_dtype = getattr(torch, str(dtype), None)
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+            raise InputError(f"«dtype={dtype!r}» must name a torch floating-point dtype (activations are real "
+                             "numbers: an integer dtype would round them away): «pass dtype='float32'», 'bfloat16' "
+                             "or 'float16'")
         if latents not in LATENT_FORMS:
             raise InputError(f"«latents={latents!r}» must be one of {LATENT_FORMS}: 'sparse' (a torch sparse CSR "
                              "batch), 'dense' (batch, d_sae), 'fixed' (the stored (indices, values) pair)")
@@ -182,7 +186,7 @@ class ActivationLoader(IterableDataset):
             return "none"
         if "special" in tokens:
             return None
-        return np.array(sorted(ext.tokenizer.all_special_ids), dtype=np.int64)
+        return special_ids(ext.tokenizer)
 
     def _norm_factors(self, ext: "Extraction") -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{hook point: (shift, scale)}: per-feature when feature_stats are cached, else the scalar statistics."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..data import special_ids
 from ..engine import check_ids, forward_batches
 from ..errors import InputError
 from ..fingerprints import check_same_model, fingerprint
@@ -90,7 +91,7 @@ def prompt_features(ext: "Extraction", hook_point: str, text: str, k: int = 5, s
         values = latents.float().cpu().numpy()
     return {"text": text, "hook_point": hook_point, "token_ids": [int(i) for i in ids],
             "tokens": [str(t) for t in tokenizer.convert_ids_to_tokens([int(i) for i in ids])],
-            "special": [int(i) in set(tokenizer.all_special_ids) for i in ids], "values": values,
+            "special": np.isin(np.asarray(ids, dtype=np.int64), special_ids(tokenizer)).tolist(), "values": values,
             "top": top_features(values, k), "n_cut": len(whole) - len(ids)}
 
 

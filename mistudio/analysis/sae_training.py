@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data import special_ids
 from ..errors import InputError
 from ..saes import SAE, check_applies, load_sae, tl_hook_name
 
@@ -333,7 +334,7 @@ def _kept_rows(ext: "Extraction", exclude_special: bool) -> int:
     if "special" in tokens:
         return committed - int(np.count_nonzero(ext.store.tokens("special")[:committed]))
     ids = ext.store.tokens("input_ids")[:committed]
-    return committed - int(np.isin(ids, np.array(sorted(ext.tokenizer.all_special_ids))).sum())
+    return committed - int(np.isin(ids, special_ids(ext.tokenizer)).sum())
 
 
 # -- checkpoint -----------------------------------------------------------------------------------------
