@@ -36,6 +36,7 @@ import heapq
 import numbers
 import reprlib
 import threading
+import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
@@ -918,9 +919,11 @@ def latent_batch(indices: np.ndarray, values: np.ndarray, d_sae: int, form: str,
     columns = np.take_along_axis(key, order, axis=1)[keep]
     picked = np.take_along_axis(values, order, axis=1)[keep]
     crow = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(columns),
-                                   as_tensor(picked, dtype, "cpu"), size=(n, d_sae),
-                                   check_invariants=False).to(device)  # built valid: sorted, in range
+    with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" is for torch's users, not ours
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(columns),
+                                       as_tensor(picked, dtype, "cpu"), size=(n, d_sae),
+                                       check_invariants=False).to(device)  # built valid: sorted, in range
 
 
 # -- states ---------------------------------------------------------------------------------------------

@@ -243,8 +243,9 @@ class DatasetPicker(W.VBox):
         cut = sum(r["truncated"] for r in rows)
         notes = [f"Rows {first:,}–{last:,} of {total}{used}."]
         if cut:
-            notes.append(f"✂ {cut} of these {len(rows)} rows are longer than Max length ({spec.max_length:,} tokens) "
-                         "and will be cut there (or set a Window in Extract ▸ Advanced).")
+            notes.append(f"✂ {cut} of these {len(rows)} rows {'is' if cut == 1 else 'are'} longer than Max length "
+                         f"({spec.max_length:,} tokens) and will be cut there (or set a Window in Extract ▸ "
+                         "Advanced).")
         if not counts:
             notes.append("Token counts need the model's tokenizer on this machine: <i>Load / inspect</i> a local or "
                          "cached model in the Model tab.")
