@@ -92,13 +92,19 @@ def _chat_template(value: str) -> str:
         return f.read(1 << 20)
 
 
+CLI_HELP = {  # where the command line takes less than Python (no in-memory data, templates from files)
+    "dataset": "sample, a .txt/.jsonl/.json/.csv/.parquet file, or a saved datasets folder",
+    "chat_template": "rows are conversations: auto (the tokenizer's template) or the path of a Jinja template file",
+}
+
+
 def add_request_flags(parser: argparse.ArgumentParser, infos: list[ParamInfo]) -> None:
     """One flag per Request field (unset flags are not passed: a preset's value, or the default, applies)."""
     special = {"batch_size": _batch_size, "dataset": _dataset}
     for p in infos:
         default = p.default if p.default is not None and p.kind != "layers" else None
         shown = {"layers": "0", "hooks": "residual"}.get(p.name, default)
-        help_text = p.description + (f" (default {shown})" if shown not in (None, "") else "")
+        help_text = CLI_HELP.get(p.name, p.description) + (f" (default {shown})" if shown not in (None, "") else "")
         kwargs: dict[str, Any] = {"dest": p.name, "default": None, "help": help_text}
         if p.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction

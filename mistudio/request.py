@@ -347,6 +347,12 @@ class Request(BaseModel):
         if self.latent_coverage is not None and not self.saes:
             raise ValueError(f"«latent_coverage={self.latent_coverage}» sizes the stored latents of SAEs, and no "
                              "SAE is given: «pass saes={hook point: SAE folder}» with it, or leave it unset")
+        if self.latent_width is not None and not self.saes:
+            raise ValueError(f"«latent_width={self.latent_width}» sets the latents kept per token of SAEs, and no SAE "
+                             "is given: «pass saes={hook point: SAE folder}» with it, or leave it unset")
+        if self.revision is not None and os.path.isdir(self.model):
+            raise ValueError(f"«revision={self.revision!r}» picks a version of a Hub model, and «model={self.model!r}» "
+                             "is a local folder (it holds one version): leave revision out")
         if self.latent_coverage is not None and self.latent_width is not None:
             raise ValueError(f"«latent_width={self.latent_width}» and «latent_coverage={self.latent_coverage}» "
                              "both set the latents kept per token: pass one of them")

@@ -272,6 +272,10 @@ class Workspace(Folder, Observable):
                              "«pass model=» with where it is now (the files the store was made with); the store is "
                              "unchanged", param="model") from None
         if batch_size:
+            if request.max_batch_tokens is not None and batch_size != request.batch_size:
+                raise InputError(f"extraction {extraction_id} batches by «max_batch_tokens={request.max_batch_tokens}»"
+                                 f": «batch_size={batch_size}» would not apply; resume without it (retry with "
+                                 "another max_batch_tokens to batch differently)", param="batch_size")
             request = request.replace(batch_size=batch_size)
         hook = before_batch if before_batch is not None else old.options.before_batch if old is not None else None
         options = RunOptions(cluster=cluster, before_batch=hook)

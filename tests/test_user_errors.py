@@ -56,3 +56,19 @@ def test_reads_refuse_what_would_be_wrong(ext):
         ext.loader("layers.0.residual", batch_size=2, dtype="int8")
     with pytest.raises(InputError, match=rf"activation row 1000000 is not in extraction {ext.id}: its rows are 0\.\."):
         ext.token_index([10**6])
+
+
+def test_settings_that_would_do_nothing_are_refused(gpt2_dir, workspace):
+    with pytest.raises(InputError, match=r"latent_width=4.* no SAE is given"):
+        Request.build(model=gpt2_dir, dataset="sample", latent_width=4)
+    with pytest.raises(InputError, match=r"revision='main'.* is a local folder .*leave revision out"):
+        Request.build(model=gpt2_dir, dataset="sample", revision="main")
+    from conftest import cancelled_at
+
+    ws = ms.Workspace(workspace)
+    job = cancelled_at(ws, gpt2_dir, "sample", at_batch=2, max_batch_tokens=64,
+                       **{k: v for k, v in OPTIONS.items() if k not in ("progress", "batch_size")})
+    with pytest.raises(InputError, match=r"batches by max_batch_tokens=64: batch_size=2 would not apply"):
+        ws.resume(job.id, batch_size=2)
+    assert ws.job(job.id).status == "CANCELLED"
+    assert ws.resume(job.id).wait(120).status == "COMPLETED"
