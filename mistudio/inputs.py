@@ -61,8 +61,9 @@ def model_files(request: Request) -> tuple[Path, dict[str, Identity | None]] | N
 def frozen(request: Request) -> Request:
     """The request with its in-memory dataset copied, so the job runs on the data as it was at submit."""
     src = request.dataset
-    if isinstance(src, list):
-        return request.model_copy(update={"dataset": copy.deepcopy(src)})
+    if isinstance(src, list):  # texts are immutable; token-id lists, arrays and chat records are copied
+        rows = [row if isinstance(row, (str, bytes, int, float, type(None))) else copy.deepcopy(row) for row in src]
+        return request.model_copy(update={"dataset": rows})
     if pandas_kind(src):
         return request.model_copy(update={"dataset": src.copy(deep=True)})
     return request
