@@ -191,3 +191,26 @@ def test_a_failed_run_shows_its_error_and_offers_what_can_succeed(ext, root):
     retried = panel.job
     assert retried.id != job.id and retried.wait(60).status == "COMPLETED"
     assert retried.record.retry_reason == "TIMEOUT" and retried.record.retry_overrides == {"timeout_s": None}
+
+
+def visible_tick_labels(ax) -> list[str]:
+    """The y tick labels drawn inside the axis's range (major and minor), as the PNG shows them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(ax.figure).draw()
+    low, high = ax.get_ylim()
+    ticks = ax.yaxis.get_major_ticks() + ax.yaxis.get_minor_ticks()
+    return [t.label1.get_text() for t in ticks if t.label1.get_visible() and t.label1.get_text()
+            and low <= t.get_loc() <= high]
+
+
+@pytest.mark.parametrize("losses", [[520.0, 574.0], [900.0 - 10 * i for i in range(40)], [0.9, 0.35, 0.2],
+                                    [300.0 / (i + 1) ** 2 for i in range(60)]],
+                         ids=["short-run", "within-a-decade", "within-a-decade-below-1", "spanning-decades"])
+def test_the_loss_axis_has_numbers_whatever_its_range(losses):
+    """A loss within one decade (the usual case once training settles) gets y labels too, not only one that spans
+    powers of ten; the axis stays logarithmic."""
+    history = [{"step": 10 * (i + 1), "loss": loss, "l0": 32, "explained_variance": 0.06, "dead_fraction": 0.0}
+               for i, loss in enumerate(losses)]
+    ax = curves_figure(history).axes[0]
+    labels = visible_tick_labels(ax)
+    assert ax.get_yscale() == "log" and len(labels) >= 2, labels

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import ipywidgets as W
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 from ..analysis.plots import to_png
 from ..analysis.sae_training import TrainConfig
@@ -65,7 +65,7 @@ def curves_figure(history: list[dict]) -> Figure:
             ax.set_title(title, fontsize=9)
         if log_scale and points:
             ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(numticks=4))
+            _log_ticks(ax, min(p[1] for p in points), max(p[1] for p in points))
         else:
             ax.yaxis.set_major_locator(MaxNLocator(4))
         if key in ("explained_variance", "dead_fraction"):
@@ -74,6 +74,18 @@ def curves_figure(history: list[dict]) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
         ax.tick_params(labelsize=7)
     return fig
+
+
+def _log_ticks(ax: Any, low: float, high: float) -> None:
+    """Numbers on a log axis whatever the range: powers of ten only label a range that spans several, so a loss
+    within one decade (the usual case once training settles) gets plain ticks (520, 540, 560), one within two
+    decades 1-3-10-30 steps, and a wider one the powers of ten."""
+    if high < 100 * low:
+        locator = MaxNLocator(4) if high < 10 * low else LogLocator(subs=(1.0, 3.0))
+        ax.yaxis.set_major_locator(locator)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:.3g}"))
+    else:
+        ax.yaxis.set_major_locator(LogLocator(numticks=4))
 
 
 def _steps(step: Any, total: Any) -> str:
