@@ -214,3 +214,14 @@ def test_the_loss_axis_has_numbers_whatever_its_range(losses):
     ax = curves_figure(history).axes[0]
     labels = visible_tick_labels(ax)
     assert ax.get_yscale() == "log" and len(labels) >= 2, labels
+
+
+def test_a_short_run_with_the_tabs_defaults_draws_a_point_for_every_step(ext, root):
+    """No progress_every_steps from the tab: a run of 11 steps reports each one (not steps 10 and 11 only)."""
+    panel = TrainPanel(ms.Workspace(root), evaluate=False)
+    fill(panel, 11)
+    job = panel.launch()
+    assert job.wait(60).status == "COMPLETED", job.error
+    wait_for(lambda: "COMPLETED" in panel.status.value and panel._plot_timer is None)
+    assert [h["step"] for h in panel.history] == list(range(1, 12))
+    assert panel.progress.value == panel.progress.max == 11
