@@ -520,9 +520,9 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
 
     ``check()`` runs before every step and may raise (cancel, timeout): the trainer writes a checkpoint of
     the last finished step first, then lets the exception through. ``progress(dict)`` gets live figures every
-    ``config.progress_interval(total_steps)`` steps and at the end: step, total_steps, tokens, total_tokens, epoch, loss, mse
-    (per element, in the activations' units), l0, explained_variance, dead_fraction, coefficient, lr,
-    tokens_per_s, eta_s, elapsed_s. The final SAE is saved in SAELens's format in ``out_dir/sae``, with
+    ``config.progress_interval(total_steps)`` steps and at the end: step, total_steps, tokens, total_tokens,
+    epoch, loss, mse (per element, in the activations' units), l0, explained_variance, dead_fraction,
+    coefficient, lr, tokens_per_s, eta_s, elapsed_s. The final SAE is saved in SAELens's format in ``out_dir/sae``, with
     ``hook_name`` the TransformerLens name of the hook point and ``metadata.hook_point`` mistudio's.
     A finished ``out_dir`` returns its result without training again.
     """
