@@ -191,3 +191,95 @@ def test_a_failed_run_shows_its_error_and_offers_what_can_succeed(ext, root):
     retried = panel.job
     assert retried.id != job.id and retried.wait(60).status == "COMPLETED"
     assert retried.record.retry_reason == "TIMEOUT" and retried.record.retry_overrides == {"timeout_s": None}
+
+
+def visible_tick_labels(ax) -> list[str]:
+    """The y tick labels drawn inside the axis's range (major and minor), as the PNG shows them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(ax.figure).draw()
+    low, high = ax.get_ylim()
+    ticks = ax.yaxis.get_major_ticks() + ax.yaxis.get_minor_ticks()
+    return [t.label1.get_text() for t in ticks if t.label1.get_visible() and t.label1.get_text()
+            and low <= t.get_loc() <= high]
+
+
+@pytest.mark.parametrize("losses", [[520.0, 574.0], [900.0 - 10 * i for i in range(40)], [0.9, 0.35, 0.2],
+                                    [300.0 / (i + 1) ** 2 for i in range(60)]],
+                         ids=["short-run", "within-a-decade", "within-a-decade-below-1", "spanning-decades"])
+def test_the_loss_axis_has_numbers_whatever_its_range(losses):
+    """A loss within one decade (the usual case once training settles) gets y labels too, not only one that spans
+    powers of ten; the axis stays logarithmic."""
+    history = [{"step": 10 * (i + 1), "loss": loss, "l0": 32, "explained_variance": 0.06, "dead_fraction": 0.0}
+               for i, loss in enumerate(losses)]
+    ax = curves_figure(history).axes[0]
+    labels = visible_tick_labels(ax)
+    assert ax.get_yscale() == "log" and len(labels) >= 2, labels
+
+
+def test_a_short_run_with_the_tabs_defaults_draws_a_point_for_every_step(ext, root):
+    """No progress_every_steps from the tab: a run of 11 steps reports each one (not steps 10 and 11 only)."""
+    panel = TrainPanel(ms.Workspace(root), evaluate=False)
+    fill(panel, 11)
+    job = panel.launch()
+    assert job.wait(60).status == "COMPLETED", job.error
+    wait_for(lambda: "COMPLETED" in panel.status.value and panel._plot_timer is None)
+    assert [h["step"] for h in panel.history] == list(range(1, 12))
+    assert panel.progress.value == panel.progress.max == 11
+
+
+def test_the_runs_grid_folds_into_two_lines_per_run_when_the_panel_is_narrow(ext, root):
+    """At ~1,000 px with the file browser open the eleven columns do not fit: below the width they need, each run
+    takes two lines (status, run, extraction, hook point, SAE / step, EV, L0, dead, age, Show), by a container
+    query on the panel's own width, as the Jobs grid does; cells wrap instead of being cut."""
+    import re
+
+    from mistudio.widgets.train_panel import RUN_HEADERS, TRAIN_STYLE
+
+    ws = ms.Workspace(root)
+    done = submit_training(ws, ext, HP, evaluate=False, d_sae=64, k=4, batch_size=128, n_tokens=128 * 3)
+    assert done.wait(60).status == "COMPLETED"
+    panel = TrainPanel(ws)
+    assert "mistudio-train-panel" in panel._dom_classes and "mistudio-panel" in panel._dom_classes
+    styles = [c.value for c in panel.children if isinstance(c.value if hasattr(c, "value") else None, str)
+              and c.value.startswith("<style>")]
+    assert any(TRAIN_STYLE in s for s in styles)
+    assert not panel.table.layout.grid_template_columns  # the tracks are the stylesheet's (two layouts by width)
+    wide = re.search(r"\.mistudio-train-runs \{[^}]*grid-template-columns:([^;]+);", TRAIN_STYLE).group(1)
+    needs = sum(int(n) for n in re.findall(r"(\d+)px", wide)) + 8 * (len(RUN_HEADERS) - 1)
+    narrow = re.search(r"@container \(max-width: (\d+)px\)", TRAIN_STYLE)
+    assert narrow and needs <= int(narrow.group(1)) + 1, (needs, narrow.group(1))
+    folded = TRAIN_STYLE[narrow.start():]
+    tracks = re.search(r"grid-template-columns:([^;]+);", folded).group(1)
+    assert tracks.count("minmax(") == 6 and "grid-column: span 2" in folded  # 4 + SAE over two / 6 cells
+    folded_needs = sum(int(n) for n in re.findall(r"(\d+)px", tracks)) + 8 * 5
+    assert folded_needs <= 480, folded_needs  # fits a notebook next to an open file browser on a small screen
+    n = len(RUN_HEADERS)
+    cells = list(panel.table.children)
+    for line in (cells[:n], cells[n:2 * n]):  # the header folds as its rows do
+        assert ["mistudio-first" in c._dom_classes for c in line] == [True] * 5 + [False] * 6
+        assert ["mistudio-wide" in c._dom_classes for c in line] == [False] * 4 + [True] + [False] * 6
+    row = cells[n:2 * n]
+    for cell in row[:-1]:  # text wraps (clamped to three lines, the whole text in the tooltip), never nowrap
+        text = re.sub(r'<span class="mistudio-badge"[^>]*>', "", cell.value)
+        assert "nowrap" not in text and "ellipsis" not in text
+    assert "<wbr>" in row[3].value  # the hook point may break at its dots
+
+
+def test_the_extraction_choices_say_what_tells_them_apart(gpt2_dir, tmp_path):
+    """Two extractions of the same model and size: each entry starts with its short id, then its hook points,
+    its tokens and its age, so the visible start of the text tells them apart."""
+    ws = ms.Workspace(tmp_path / "ws")
+    first = ms.extract(gpt2_dir, "sample", layers=[1], hooks=["residual"], max_samples=8, dtype="float32",
+                       workspace=str(ws.root), progress=False)
+    second = ms.extract(gpt2_dir, "sample", layers=[0, 1], hooks=["residual", "mlp"], max_samples=8,
+                        dtype="float32", workspace=str(ws.root), progress=False)
+    panel = TrainPanel(ws)
+    labels = dict((value, label) for label, value in panel.extraction.options)
+    from mistudio.widgets.common import short_id
+
+    for ext, points in ((first, "layer 1 × residual"), (second, "layers 0,1 × residual, mlp")):
+        label = labels[ext.id]
+        assert label.startswith(short_id(ext.id) + " · " + points + " · "), label
+        assert f"{ext.record.progress.tokens_committed:,} tokens" in label and "just now" in label
+    assert labels[first.id] != labels[second.id]
+    assert panel.extraction.layout.max_width and panel.extraction.layout.width != "440px"  # room to be read

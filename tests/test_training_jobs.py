@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mistudio as ms
-from mistudio.analysis.sae_training import CHECKPOINT_DIR, CHECKPOINT_FILE
+from mistudio.analysis.sae_training import CHECKPOINT_DIR, CHECKPOINT_FILE, TrainConfig
 from mistudio.request import Request
 from mistudio.saes import load_sae
 from mistudio.training import (EVALUATION_FILE, HISTORY_FILE, RUN_FILE, TrainingJob, list_trainings, read_history,
@@ -382,3 +382,27 @@ def test_an_extraction_deleted_before_the_run_starts_fails_it_plainly(gpt2_dir, 
     assert caught.value.param == "extraction"
     retried = queued.retry(extraction=ext)  # the same settings on another extraction
     assert retried.wait(60).status == "COMPLETED" and retried.record.retry_overrides == {"extraction": ext.id}
+
+
+def test_a_short_run_reports_progress_about_every_twentieth_of_it_by_default(ext, tmp_path):
+    """The Train tab's defaults on a small extraction make a run of a few steps: it reports every step (the bar
+    and the curve move from the first one), not every 10 (a bar at 0 for most of the run, a curve of two points)."""
+    ws = ms.Workspace(tmp_path / "ws")
+    settings = {k: v for k, v in small(11).items() if k != "progress_every_steps"}  # the default, as the tab
+    job = ws.train_sae(ext, HP, evaluate=False, **settings)
+    assert job.wait(120).status == "COMPLETED", job.error
+    assert [h["step"] for h in job.history()] == list(range(1, 12))
+    assert job.record.config["progress_every_steps"] is None  # said as "the default", so a resume reads it again
+    job = ws.train_sae(ext, HP, evaluate=False, **{**settings, "n_tokens": 128 * 60})
+    assert job.wait(120).status == "COMPLETED", job.error
+    assert [h["step"] for h in job.history()] == list(range(3, 61, 3))  # 20 reports
+
+
+@pytest.mark.parametrize("total_steps, every", [(1, 1), (11, 1), (20, 1), (21, 2), (60, 3), (100, 5), (200, 10),
+                                                (50_000, 10), (1_000_000, 200)])
+def test_the_default_progress_interval_is_a_twentieth_of_a_short_run_and_every_10_steps_of_a_long_one(
+        total_steps, every):
+    """Short runs: about 20 reports. Long runs: every 10 steps as before (a report costs a device sync and a
+    history line), and at most about 5,000 reports (the history file and the checkpoint's copy stay small)."""
+    assert TrainConfig().progress_interval(total_steps) == every
+    assert TrainConfig(progress_every_steps=7).progress_interval(total_steps) == 7  # asked for: as asked

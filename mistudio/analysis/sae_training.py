@@ -63,7 +63,8 @@ class TrainConfig:
     or ``epochs`` over the stored tokens (default 1). ``architecture``: ``"topk"`` (``k``, ``aux_loss_coefficient``),
     ``"standard"`` = ReLU (alias ``"relu"``; ``l1_coefficient``, ``l1_warm_up_steps``) or ``"jumprelu"``
     (``l0_coefficient``, ``l0_warm_up_steps``, ``jumprelu_bandwidth``, ``jumprelu_init_threshold``).
-    A latent is dead when it has not fired in the last ``dead_window_tokens`` tokens.
+    A latent is dead when it has not fired in the last ``dead_window_tokens`` tokens. ``progress_every_steps``:
+    None reports about every 1/20 of a short run, every 10 steps of a long one (:meth:`progress_interval`).
     """
 
     architecture: str = "topk"
@@ -95,7 +96,7 @@ class TrainConfig:
     dead_window_tokens: int = 1_000_000
     norm_estimate_tokens: int = 65_536
     checkpoint_every_steps: int = 1000
-    progress_every_steps: int = 10
+    progress_every_steps: int | None = None
     device: str = "cpu"
 
     def __init__(self, **settings: Any) -> None:
@@ -116,8 +117,8 @@ class TrainConfig:
             bad("architecture", f"is not one of {TRAIN_ARCHITECTURES} (or 'relu' for 'standard')")
         else:
             object.__setattr__(self, "architecture", arch)
-        positive_ints = ["k", "batch_size", "dead_window_tokens", "norm_estimate_tokens", "progress_every_steps"]
-        for name in positive_ints + ["d_sae", "expansion_factor", "n_tokens"]:
+        positive_ints = ["k", "batch_size", "dead_window_tokens", "norm_estimate_tokens"]
+        for name in positive_ints + ["d_sae", "expansion_factor", "n_tokens", "progress_every_steps"]:
             value = getattr(self, name)
             if value is None and name not in positive_ints:
                 continue
@@ -169,6 +170,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def progress_interval(self, total_steps: int) -> int:
+        """Report progress every this many steps: ``progress_every_steps`` if set, else about every 1/20 of a
+        short run (a run of 11 steps reports every step, so its bar and curve move from the start), every 10
+        steps of a longer one, and at most about 5,000 reports in all (each costs a device sync, a history line
+        and a place in every checkpoint)."""
+        if self.progress_every_steps is not None:
+            return self.progress_every_steps
+        return max(1, min(math.ceil(total_steps / 20), max(10, total_steps // 5000)))
 
     def trajectory(self) -> dict[str, Any]:
         """The fields that decide what is computed (a resumed run must have the same)."""
@@ -511,9 +521,9 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
 
     ``check()`` runs before every step and may raise (cancel, timeout): the trainer writes a checkpoint of
     the last finished step first, then lets the exception through. ``progress(dict)`` gets live figures every
-    ``progress_every_steps`` steps and at the end: step, total_steps, tokens, total_tokens, epoch, loss, mse
-    (per element, in the activations' units), l0, explained_variance, dead_fraction, coefficient, lr,
-    tokens_per_s, eta_s, elapsed_s. The final SAE is saved in SAELens's format in ``out_dir/sae``, with
+    ``config.progress_interval(total_steps)`` steps and at the end: step, total_steps, tokens, total_tokens,
+    epoch, loss, mse (per element, in the activations' units), l0, explained_variance, dead_fraction,
+    coefficient, lr, tokens_per_s, eta_s, elapsed_s. The final SAE is saved in SAELens's format in ``out_dir/sae``, with
     ``hook_name`` the TransformerLens name of the hook point and ``metadata.hook_point`` mistudio's.
     A finished ``out_dir`` returns its result without training again.
     """
@@ -588,6 +598,7 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
 
     started, mark_time, mark_tokens = time.monotonic(), time.monotonic(), tokens
     elapsed_before = elapsed
+    report_every = config.progress_interval(total_steps)
     while step < total_steps:
         try:
             if check is not None:
@@ -620,7 +631,7 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
             since_fired[fired] = 0
         step += 1
         tokens += x.shape[0]
-        if step % config.progress_every_steps == 0 or step == total_steps:
+        if step % report_every == 0 or step == total_steps:
             now = time.monotonic()
             rate = (tokens - mark_tokens) / max(now - mark_time, 1e-9)
             mark_time, mark_tokens = now, tokens

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import ipywidgets as W
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 from ..analysis.plots import to_png
 from ..analysis.sae_training import TrainConfig
@@ -23,8 +23,8 @@ from ..errors import InputError, render
 from ..storage.metadata import LIVE_STATES
 from ..training import TrainingJob, list_trainings, make_config, submit_training, training_job
 from ..workspace import Workspace
-from .common import (PLAIN_ERRORS, ago, answers_no_request, badge, duration, error_box, esc, for_ui, note_box, short_id,
-                     studio_names)
+from .common import (PLAIN_ERRORS, ago, answers_no_request, badge, breakable, duration, error_box, esc, for_ui,
+                     note_box, short_id, studio_names, stylesheet, summarise_hook_points)
 
 ARCHITECTURES = (("top-k", "topk"), ("ReLU", "standard"), ("JumpReLU", "jumprelu"))
 SPARSITY_FIELD = {"topk": "k", "standard": "l1_coefficient", "jumprelu": "l0_coefficient"}
@@ -34,7 +34,26 @@ LABELS = {"extraction": "Extraction", "hook_point": "Hook point", "architecture"
           "l1_coefficient": "L1 coefficient", "l0_coefficient": "L0 coefficient", "lr": "Learning rate",
           "batch_size": "Batch (tokens)", "n_tokens": "Tokens", "epochs": "Epochs"}
 RUN_HEADERS = ("status", "run", "extraction", "hook point", "SAE", "step", "EV", "L0", "dead", "age", "")
-RUN_COLUMNS = "92px 104px minmax(60px, 1fr) minmax(90px, 1fr) minmax(80px, 1fr) 90px 44px 44px 44px 60px 56px"
+# The runs grid's tracks: eleven columns where the panel is wide enough (about 980 px), else each run on two lines
+# (status, run, extraction, hook point, SAE over two tracks / step, EV, L0, dead, age, Show), so that no cell is cut
+# and Show stays in view from ~480 px up (a file browser open, a split view): a container query on the panel's own
+# width, as the Jobs grid does. Cells wrap (at most three lines, the whole text in the tooltip).
+TRAIN_STYLE = """
+.mistudio-train-panel { container-type: inline-size; }
+.mistudio-train-panel .mistudio-train-runs { display: grid; gap: 3px 8px; align-items: center; overflow: visible;
+  grid-template-columns: 96px 112px minmax(104px, 1fr) minmax(110px, 1.2fr) minmax(96px, 1fr) 92px 48px 48px 48px
+    64px 56px; }
+.mistudio-train-panel .mistudio-train-runs > * { min-width: 0; }
+.mistudio-train-runs .mistudio-cell { white-space: normal; overflow-wrap: anywhere; line-height: 1.3;
+  display: -webkit-box; -webkit-line-clamp: 3; -webkit-box-orient: vertical; overflow: hidden; }
+@container (max-width: 979px) {
+  .mistudio-train-panel .mistudio-train-runs { grid-template-columns: minmax(88px, 1fr) minmax(96px, 1fr)
+    minmax(56px, 1fr) minmax(56px, 1fr) minmax(56px, 0.8fr) minmax(60px, 0.8fr); row-gap: 2px; }
+  .mistudio-train-panel .mistudio-train-runs .mistudio-wide { grid-column: span 2; }
+  .mistudio-train-panel .mistudio-train-runs .mistudio-first { border-top: 1px solid var(--jp-border-color2, #ddd);
+    padding-top: 3px; }
+}
+"""
 MAX_RUNS = 40
 PLOT_EVERY_S = 1.0
 CURVES = (("loss", "loss", True), ("l0", "L0 (latents per token)", False),
@@ -65,7 +84,7 @@ def curves_figure(history: list[dict]) -> Figure:
             ax.set_title(title, fontsize=9)
         if log_scale and points:
             ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(numticks=4))
+            _log_ticks(ax, min(p[1] for p in points), max(p[1] for p in points))
         else:
             ax.yaxis.set_major_locator(MaxNLocator(4))
         if key in ("explained_variance", "dead_fraction"):
@@ -74,6 +93,18 @@ def curves_figure(history: list[dict]) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
         ax.tick_params(labelsize=7)
     return fig
+
+
+def _log_ticks(ax: Any, low: float, high: float) -> None:
+    """Numbers on a log axis whatever the range: powers of ten only label a range that spans several, so a loss
+    within one decade (the usual case once training settles) gets plain ticks (520, 540, 560), one within two
+    decades 1-3-10-30 steps, and a wider one the powers of ten."""
+    if high < 100 * low:
+        locator = MaxNLocator(4) if high < 10 * low else LogLocator(subs=(1.0, 3.0))
+        ax.yaxis.set_major_locator(locator)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:.3g}"))
+    else:
+        ax.yaxis.set_major_locator(LogLocator(numticks=4))
 
 
 def _steps(step: Any, total: Any) -> str:
@@ -117,8 +148,10 @@ class TrainPanel(W.VBox):
         self._drawing = threading.Lock()
         self._render_s = 0.0  # how long the last drawing took
         style, wide = {"description_width": "130px"}, W.Layout(width="440px")
-        self.extraction = W.Dropdown(options=[], description="Extraction", style=style, layout=wide,
-                                     tooltip="a COMPLETED extraction of this workspace")
+        self.extraction = W.Dropdown(options=[], description="Extraction", style=style,
+                                     layout=W.Layout(width="auto", flex="1 1 440px", max_width="720px"),
+                                     tooltip="a COMPLETED extraction of this workspace: its short id, hook points, "
+                                             "tokens, age and model")
         self.hook_point = W.Dropdown(options=[], description="Hook point", style=style, layout=wide)
         self.architecture = W.Dropdown(options=ARCHITECTURES, value="topk", description="Architecture", style=style,
                                        tooltip="top-k: exactly k latents per token; ReLU: an L1 penalty; JumpReLU: "
@@ -157,8 +190,7 @@ class TrainPanel(W.VBox):
                                                                       if on_extract_with_sae else "none"),
                                        tooltip="fill the Extract tab: this SAE's latents at its hook point, the "
                                                "extraction's model and dataset")
-        self.table = W.GridBox(layout=W.Layout(grid_template_columns=RUN_COLUMNS, grid_gap="3px 8px", width="100%",
-                                               align_items="center", overflow="hidden"))
+        self.table = W.GridBox(layout=W.Layout(width="100%"))  # tracks: TRAIN_STYLE (two layouts by width)
         self.table.add_class("mistudio-train-runs")
         self.empty = W.HTML()
 
@@ -177,8 +209,11 @@ class TrainPanel(W.VBox):
         live = W.VBox([self.status, self.progress, self.metrics, self.plot,
                        W.HBox([self.cancel_button, self.retry_button, self.resume_button, self.extract_button]),
                        self.evaluation])
-        super().__init__([W.HTML("<b>Train a sparse autoencoder</b>"), form, self.message, live,
-                          W.HTML("<b>Training runs</b>"), self.empty, self.table])
+        own_style = W.HTML(f"<style>{TRAIN_STYLE}</style>", layout=W.Layout(display="none"))
+        super().__init__([stylesheet(), own_style, W.HTML("<b>Train a sparse autoencoder</b>"), form, self.message,
+                          live, W.HTML("<b>Training runs</b>"), self.empty, self.table])
+        self.add_class("mistudio-panel")
+        self.add_class("mistudio-train-panel")
         self._show_sparsity()
         workspace.subscribe(self._on_event)  # every training job of the folder: live rows, the watched run
         self.refresh()
@@ -233,8 +268,7 @@ class TrainPanel(W.VBox):
             rows = [r for r in self.workspace.extractions().to_dict("records") if r["status"] == "COMPLETED"]
             self._extraction_rows = {r["id"]: r for r in rows}
             chosen = self.extraction.value
-            self.extraction.options = [(f"{short_id(r['id'])} · {r['model']} · {int(r['tokens_committed']):,} tokens",
-                                        r["id"]) for r in rows]
+            self.extraction.options = [(extraction_label(r), r["id"]) for r in rows]
             ids = list(self._extraction_rows)
             self.extraction.value = chosen if chosen in self._extraction_rows else (ids[0] if ids else None)
             self._show_hook_points()
@@ -528,7 +562,7 @@ class TrainPanel(W.VBox):
         rows = list_trainings(self.workspace)
         with self._lock:
             self.runs = rows
-            cells: list[W.Widget] = [_cell(f"<b>{h}</b>") for h in RUN_HEADERS]
+            cells: list[W.Widget] = [_cell(f"<b>{h}</b>", first=i < 5, wide=i == 4) for i, h in enumerate(RUN_HEADERS)]
             self.step_cells = {}
             for row in rows[:MAX_RUNS]:
                 cells += self._run_cells(row)
@@ -545,7 +579,8 @@ class TrainPanel(W.VBox):
     def _run_cells(self, row: dict) -> list[W.Widget]:
         error = row.get("error") or ""
         status = _cell(badge(row["status"]) + (f" <small>{esc(error)}</small>" if error else ""),
-                       title=f"{row['status']} {PLAIN_ERRORS.get(error, error)} {row.get('message') or ''}".strip())
+                       title=f"{row['status']} {PLAIN_ERRORS.get(error, error)} {row.get('message') or ''}".strip(),
+                       first=True)
         step_cell = _cell(_steps(row.get("step"), row.get("total_steps")))
         self.step_cells[row["id"]] = step_cell
         sae = f"{row.get('architecture') or ''} {row.get('d_sae') or ''} {row.get('sparsity') or ''}".strip()
@@ -554,10 +589,12 @@ class TrainPanel(W.VBox):
                         tooltip="show this run: its settings, curves, evaluation and actions")
         show.on_click(lambda _b, run_id=row["id"]: self.show_run(run_id))
         return [status,
-                _cell(esc(short_run_id(row["id"])), title=row["id"],
-                      css="font-family:monospace;font-size:12px"),
-                _cell(esc(short_id(row.get("extraction") or "")), title=row.get("extraction") or ""),
-                _cell(esc(row.get("hook_point") or "")), _cell(esc(sae), title=sae), step_cell,
+                _cell(breakable(short_run_id(row["id"])), title=row["id"], css="font-family:monospace;font-size:12px",
+                      first=True),
+                _cell(breakable(short_id(row.get("extraction") or "")), title=row.get("extraction") or "",
+                      css="font-family:monospace;font-size:12px", first=True),
+                _cell(breakable(row.get("hook_point") or ""), title=row.get("hook_point") or "", first=True),
+                _cell(esc(sae), title=sae, first=True, wide=True), step_cell,
                 _cell(_number(ev if ev is not None else row.get("explained_variance"), 2),
                       title="explained variance (evaluation when done, else the last training batch)"),
                 _cell(_number(row.get("eval_l0") if row.get("eval_l0") is not None else row.get("l0"), 3)),
@@ -572,8 +609,24 @@ def short_run_id(run_id: str) -> str:
     return match.group(1) if match else run_id
 
 
-def _cell(text: str, title: str | None = None, css: str = "") -> W.HTML:
-    """One grid cell on one line, cut with an ellipsis, the whole text in the tooltip (``text`` is escaped HTML)."""
+def extraction_label(row: dict) -> str:
+    """A choice of the Extraction dropdown, what tells extractions apart first (the select shows its start):
+    '094948_d8666a · layers 1,3,5 × residual, mlp · 46,080 tokens · 2 h ago · all-MiniLM-L6-v2'."""
+    created = row.get("created")
+    age = ago(created.timestamp()) if hasattr(created, "timestamp") and created == created else "–"
+    return (f"{short_id(row['id'])} · {summarise_hook_points(row.get('hook_points') or '')} · "
+            f"{int(row.get('tokens_committed') or 0):,} tokens · {age} · {row.get('model')}")
+
+
+def _cell(text: str, title: str | None = None, css: str = "", first: bool = False, wide: bool = False) -> W.HTML:
+    """One grid cell (``text`` is escaped HTML): it wraps, at most three lines (TRAIN_STYLE), the whole text in
+    the tooltip. ``first``: it is on a run's first line when the grid folds (a rule above it); ``wide``: it spans
+    two tracks then."""
     tip = f' title="{esc(title)}"' if title else ""
-    return W.HTML(f'<div class="mistudio-cell"{tip} style="overflow:hidden;white-space:nowrap;'
-                  f'text-overflow:ellipsis;{css}">{text}</div>', layout=W.Layout(min_width="0", overflow="hidden"))
+    style = f' style="{css}"' if css else ""
+    cell = W.HTML(f'<div class="mistudio-cell"{tip}{style}>{text}</div>', layout=W.Layout(min_width="0"))
+    if first:
+        cell.add_class("mistudio-first")
+    if wide:
+        cell.add_class("mistudio-wide")
+    return cell
