@@ -135,6 +135,7 @@ class FeatureStatistics:
     bands: int
     seed: int
     one_per_document: bool
+    cooccurrence_per_token: int = 16  # co-occurrence pairs up each token's this many most active firing features
 
     @property
     def d(self) -> int:
@@ -462,7 +463,8 @@ class FeatureStatsAccumulator:
             sample_rows=s["sample_rows"].reshape(self.d, self.n_strata, self.per_band),
             sample_values=s["sample_values"].reshape(self.d, self.n_strata, self.per_band),
             co_features=co_features, co_counts=co_counts, co_error=s["co_error"], bins=self.bins,
-            exponents=self.exponents, bands=self.bands, seed=self.seed, one_per_document=self.one_per_document)
+            exponents=self.exponents, bands=self.bands, seed=self.seed, one_per_document=self.one_per_document,
+            cooccurrence_per_token=self.cooccurrence_per_token)
 
     # -- rows ------------------------------------------------------------------------------------------------
     def _claim(self, start: int, stop: int) -> None:
