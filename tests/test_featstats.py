@@ -133,17 +133,13 @@ class Brute:
         keys = sample_keys(self.rows[r], self.seed)
         return self.rows[r[np.argsort(keys)[:self.per_band]]]
 
-    def band_rows(self, f, bands, per_band):
-        """The rule of FeatureStatistics.band_strata, from the exact counts, then the smallest keys of all rows."""
-        counts = np.bincount(self.stratum[:, f][self.stratum[:, f] >= 0], minlength=self.n_strata)
-        total, cum = counts.sum(), np.cumsum(counts)
-        mid = (cum - counts / 2) / max(total, 1)
+    def band_rows(self, f, ranges, per_band):
+        """The rule of FeatureStatistics.quantile_examples: each stratum's sample (the smallest keys of its rows),
+        the sampled rows with a value within the band's (low, high), then the smallest keys of those."""
+        sampled = np.concatenate([self.samples(f, s) for s in range(self.n_strata)]) - self.rows[0]
         out = []
-        for lo, hi in bands:
-            inside = (counts > 0) & (mid >= lo) & ((mid < hi) | (hi >= 1))
-            if total and not inside.any():
-                inside[np.argmax(cum >= (lo + hi) / 2 * total)] = True
-            r = np.flatnonzero(np.isin(self.stratum[:, f], np.flatnonzero(inside)))
+        for low, high in ranges:
+            r = sampled[(self.v[sampled, f] >= low) & (self.v[sampled, f] <= high)]
             pick = r[np.argsort(sample_keys(self.rows[r], self.seed))[:per_band]]
             vals = self.v[pick, f]
             out.append(self.rows[pick][np.lexsort((self.rows[pick], -vals))])
@@ -185,9 +181,11 @@ def check(stats: FeatureStatistics, brute: Brute, exact_cooccurrence: bool = Tru
         if sample_bands:
             bands = ((0, .5), (.5, .9), (.9, .99), (.99, 1))
             got = stats.quantile_examples(f, bands=bands, per_band=brute.per_band)
-            for band, want in zip(got, brute.band_rows(f, bands, brute.per_band)):
+            for band, want in zip(got, brute.band_rows(f, [b["values"] for b in got], brute.per_band)):
                 np.testing.assert_array_equal(band["rows"], want)
                 np.testing.assert_array_equal(band["activations"], brute.v[want - brute.rows[0], f])
+                low, high = band["values"]
+                assert np.all((band["activations"] >= low) & (band["activations"] <= high)), band
     true = brute.pairs()
     for f in range(d):
         got = dict(stats.cooccurring(f, n=stats.co_features.shape[1]))

@@ -93,6 +93,8 @@ def test_sections_and_header():
     head = re.search(r'<div class="msfp-header">(.*?)</div></div>', out, re.S).group(1)
     assert "layers.2.residual · latent 17" in head and "ext-1" in head and "← 16" in head and "18 →" in head
     assert "0.5%" in head and "1 in 200" in head  # 40 of 8000 tokens
+    dense = feature_page_html(make_page(fire_count=6160, density=0.77))
+    assert "77%" in dense and "1 in" not in dense  # "1 in 1" says nothing
     assert "40 of 8,000 tokens" in head and "fires on the word fox" in head
     hist = section(out, "msfp-hist")
     # bins from the first to the last non-empty one: 6 bars, and the tallest is the 7900-count zero bin

@@ -2,7 +2,9 @@
 every number checked against numpy over the stored activations (or the model's weights)."""
 from __future__ import annotations
 
+import re
 import shutil
+from html import unescape
 from pathlib import Path
 
 import numpy as np
@@ -361,3 +363,97 @@ def test_benchmark_runs_quick(tmp_path):
     assert results["tokens"] == 16384 and results["features"] == 1024
     assert all(e["examples"] > 0 and e["page_s"] > 0 for e in results["pages"])
     assert results["table_first_rows"] and "table first paint" in proc.stdout
+
+
+# -- an encoder's dense neurons (MiniLM): co-firing, quantile bands, WordPiece spellings -----------------------
+MINI_HP = "layers.1.residual"
+
+
+@pytest.fixture(scope="module")
+def mini(minilm_dir, tmp_path_factory):
+    """A MiniLM store (384 dense neurons, about half of them > 0 on any token) and its activations, read whole."""
+    ext = ms.extract(model=minilm_dir, dataset=ms.sample_texts()[:40], layers=[1], max_length=32, dtype="float32",
+                     workspace=str(tmp_path_factory.mktemp("mini")))
+    return ext, np.asarray(ext.activations(MINI_HP)[:], np.float64)
+
+
+def test_cofiring_of_dense_neurons_is_the_true_share(mini):
+    ext, x = mini
+    f = 0
+    fires = x[:, f] > 0
+    truth = (x[fires] > 0).mean(axis=0)
+    truth[f] = -1
+    page = feature_page(ext, MINI_HP, f, n_token_means=0, logits=False)
+    basis = page["correlated_basis"]
+    assert basis == {"kind": "sample", "tokens": int(fires.sum()), "rows": len(x), "per_token": 16}
+    assert [c["feature"] for c in page["correlated"]] == np.lexsort((np.arange(384), -truth))[:10].tolist()
+    for c in page["correlated"]:  # the real share (the top-16 counts gave well under 5% here)
+        assert c["fraction"] == pytest.approx(truth[c["feature"]]) and c["fraction"] > 0.3
+        assert c["density"] == pytest.approx((x[:, c["feature"]] > 0).mean())
+    html = unescape(feature_page_html(page))
+    assert f"share of this feature's {int(fires.sum()):,} firing tokens in all {len(x):,} tokens where the other " \
+           "fires too" in html and "overall" in html
+    assert "1 in" not in re.search(r'<div class="msfp-stats">(.*?)</div>', html).group(1)  # density ~50%
+
+
+def test_cofiring_from_a_sample_of_a_larger_store(mini, monkeypatch):
+    ext, x = mini
+    monkeypatch.setattr(features, "COFIRING_ROWS", 400)
+    features.drop_cached()
+    try:
+        sample = features.cofiring_sample(ext, MINI_HP)
+        assert sample.shape == (400, 384)
+        page = feature_page(ext, MINI_HP, 0, n_token_means=0, logits=False)
+        basis = page["correlated_basis"]
+        assert basis["kind"] == "sample" and basis["rows"] == 400 and basis["tokens"] == int(sample[:, 0].sum())
+        fires = x[:, 0] > 0
+        for c in page["correlated"]:  # an estimate from ~200 firing tokens: close to the share over the store
+            assert abs(c["fraction"] - (x[fires, c["feature"]] > 0).mean()) < 0.15
+        assert "in a sample of 400 tokens" in feature_page_html(page)
+    finally:
+        features.drop_cached()
+
+
+def test_cofiring_without_enough_sampled_tokens_says_it_counts_each_tokens_top_features(mini, monkeypatch):
+    ext, x = mini
+    monkeypatch.setattr(features, "COFIRING_MIN", len(x) + 1)  # as for a feature too rare for the sample
+    page = feature_page(ext, MINI_HP, 0, n_token_means=0, logits=False)
+    stats = features.load_statistics(ext, MINI_HP)
+    assert page["correlated_basis"] == {"kind": "top", "tokens": page["fire_count"], "rows": len(x), "per_token": 16}
+    assert [(c["feature"], c["count"]) for c in page["correlated"]] == stats.cooccurring(0, 10)
+    assert "where both are among the token's top-16 firing features" in unescape(feature_page_html(page))
+
+
+def test_band_examples_lie_in_their_stated_range_brute_force(mini):
+    ext, x = mini
+    outside, checked = [], 0
+    for f in range(60):
+        col = x[:, f]
+        firing = np.sort(col[col > 0])
+        page = feature_page(ext, MINI_HP, f, n_token_means=0, logits=False, n_correlated=0)
+        for band in page["bands"]:
+            (q0, q1), (v0, v1) = band["quantiles"], band["values"]
+            # the stated range is the histogram's estimate of the quantiles: within a quarter octave of numpy's
+            for q, v in ((q0, v0), (q1, v1)):
+                if 0 < q < 1:
+                    assert np.quantile(firing, q) / 2 ** 0.25 <= v <= np.quantile(firing, q) * 2 ** 0.25
+            for e in band["examples"]:
+                checked += 1
+                assert e["value"] == pytest.approx(col[e["row"]])
+                if not v0 <= col[e["row"]] <= v1:
+                    outside.append((f, band["quantiles"], v0, v1, col[e["row"]]))
+    assert checked > 500 and outside == []
+
+
+def test_wordpiece_continuations_are_found_as_the_tokenizer_spells_them(mini):
+    ext, _ = mini
+    tok = ext.tokenizer
+    ids = np.unique(features.row_token_ids(ext))
+    piece = next(int(i) for i in ids if tok.convert_ids_to_tokens(int(i)).startswith("##")
+                 and " " + tok.convert_ids_to_tokens(int(i))[2:] in features.token_texts(ext))
+    spelled = tok.convert_ids_to_tokens(piece)  # '##ing': what Browse and ext.sample() show
+    assert match_tokens(ext, spelled) == [piece]  # the continuation piece alone, not the word
+    assert piece in match_tokens(ext, spelled[2:]) and len(match_tokens(ext, spelled[2:])) >= 2
+    assert match_tokens(ext, spelled.upper()) == [piece]  # case ignored when nothing matches
+    result = features_for_token(ext, MINI_HP, spelled)
+    assert result["token_ids"] == [piece] and result["n_rows"] == int((features.row_token_ids(ext) == piece).sum())

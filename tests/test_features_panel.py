@@ -176,6 +176,22 @@ def test_hide_special_tokens_on_an_encoder(minilm_dir, tmp_path):
     panel.hide_special.value = True
     assert 'class="msfp-tok msfp-special' not in panel.page_html.value and "[CLS]" not in panel.page_html.value
 
+    # dense neurons: the co-firing buttons give the real share, and say so; the header has no "1 in 1"
+    assert panel.page["correlated_basis"]["kind"] == "sample" and "1 in" not in panel.page_html.value
+    button = panel.correlated_buttons[0]
+    assert "where the other fires too" in button.tooltip and "of all tokens" in button.tooltip
+    assert panel.correlated_label.value == "<b>Co-firing:</b>&nbsp;"
+    # Find by token takes the WordPiece spelling the Browse tab shows ('##ing': the continuation piece alone)
+    tokenizer = panel.ext.tokenizer
+    ids = np.asarray(panel.ext.store.tokens("input_ids")[:])
+    piece = next(int(i) for i in ids if tokenizer.convert_ids_to_tokens(int(i)).startswith("##"))
+    panel.token.value = tokenizer.convert_ids_to_tokens(piece)
+    click_and_wait(panel.find_button, panel)
+    assert panel.token_result["token_ids"] == [piece] and panel.token_result["n_rows"] > 0
+    panel.token.value = "##qqqzzz"
+    click_and_wait(panel.find_button, panel)
+    assert "No token reads" in panel.found_info.value and "##ing" in panel.found_info.value
+
 
 def test_find_features_by_token(panel):
     ids = np.asarray(panel.ext.store.tokens("input_ids")[:])

@@ -13,7 +13,8 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
      "min_count"?: int,                                            # token_means only lists tokens seen that often
      "logits": {"promoted": [{"token_id", "token", "value"}], "suppressed": [...]} | None,
      "logits_note"?: str | None, "one_per_document"?: bool, "scheme"?: "bpe" | "wordpiece",
-     "correlated": [{"feature": int, "count": int, "fraction": float}, ...],   # fraction of its firing tokens
+     "correlated": [{"feature": int, "count": int, "fraction": float, "density"?: float}, ...],
+     "correlated_basis"?: {"kind": "sample" | "top", "tokens": int, "rows": int, "per_token": int} | None,
      "note": str, "prev": int | None, "next": int | None}
 
     example = {"value": float, "row": int,          # activation row (stored order)
@@ -24,7 +25,11 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
 
 Keys marked ``?`` are optional: ``min_count``, the least count the token means were computed with (the table
 says it and leaves out rows below it), ``special`` on a token-means row (``hide_special`` hides it),
-``logits_note`` (why there is no logit table: an encoder, a model without an LM head ...), ``one_per_document``
+``logits_note`` (why there is no logit table: an encoder, a model without an LM head ...), ``correlated_basis``
+(what a co-firing ``fraction`` is: with ``"sample"``, the share of the feature's ``tokens`` firing tokens in a
+sample of ``rows`` rows where the other fires too; with ``"top"`` (the default), the share of its firing tokens
+where both are among the token's ``per_token`` most active firing features, far below the true share for dense
+features), ``density`` on a co-firing row (the other feature's share of all tokens), ``one_per_document``
 (the top examples are at most one per document: the title says so) and ``scheme`` (how the tokenizer's pieces
 join: what ``scheme="auto"`` uses). :func:`mistudio.analysis.features.feature_page` assembles a page from a store.
 SAEDashboard's layout is followed: statistics, histogram, logit table and feature tables on the left, the
@@ -113,7 +118,7 @@ def check_page(page: Any) -> None:
 # -- pieces ----------------------------------------------------------------------------------------------
 def _header(page: dict) -> str:
     density = float(page["density"])
-    one_in = f" · 1 in {_int(round(1 / density))}" if density > 0 else ""
+    one_in = f" · 1 in {_int(round(1 / density))}" if 0 < density <= 0.1 else ""  # "1 in 1" says nothing
     nav = " ".join(s for s in (f"← {_int(page['prev'])}" if page.get("prev") is not None else "",
                                f"{_int(page['next'])} →" if page.get("next") is not None else "") if s)
     stats = [f"<span><b>density</b> {number(100 * density, '.3g')}%{one_in}</span>",
@@ -225,17 +230,33 @@ def _token_means(page: dict, scheme: str, hide_special: bool) -> str:
             f'<th></th><th class="num">count</th><th class="num">id</th></tr>{body}</table></section>')
 
 
+def correlated_title(page: dict) -> str:
+    """What the page's co-firing shares are, in words (its ``correlated_basis``: see the module docstring)."""
+    basis = page.get("correlated_basis") or {}
+    if basis.get("kind") == "sample":
+        rows, tokens = int(basis["rows"]), int(basis["tokens"])
+        where = f"all {_int(rows)} tokens" if rows >= int(page["n_tokens"]) else f"a sample of {_int(rows)} tokens"
+        return f"share of this feature's {_int(tokens)} firing tokens in {where} where the other fires too"
+    cap = basis.get("per_token")
+    among = f"top-{_int(cap)}" if cap else "most active"
+    return f"share of this feature's firing tokens where both are among the token's {among} firing features"
+
+
 def _correlated(page: dict) -> str:
     rows = list(page.get("correlated") or [])
-    title = 'Co-firing features <span class="msfp-sub">(share of this feature\'s firing tokens)</span>'
+    title = f'Co-firing features <span class="msfp-sub">({escape(correlated_title(page))})</span>'
     if not rows:
         return f'<section class="msfp-correlated"><h5>{title}</h5><i class="msfp-none">none recorded</i></section>'
     body = "".join(f'<tr><td class="num">{_int(r["feature"])}</td><td class="num">'
                    f'{number(100 * float(r["fraction"]), ".3g")}%</td>'
                    f'<td>{_bar(float(r["fraction"]), 1.0, "#8a5cc2", 60)}</td>'
-                   f'<td class="num">{_int(r["count"])}</td></tr>' for r in rows)
+                   f'<td class="num">{_int(r["count"])}</td><td class="num msfp-sub">'
+                   f'{number(100 * float(r["density"]), ".3g") + "%" if r.get("density") is not None else "–"}'
+                   '</td></tr>' for r in rows)
     return (f'<section class="msfp-correlated"><h5>{title}</h5><table><tr><th class="num">feature</th>'
-            f'<th class="num">share</th><th></th><th class="num">tokens</th></tr>{body}</table></section>')
+            f'<th class="num">share</th><th></th><th class="num">tokens</th>'
+            f'<th class="num" title="the other feature\'s share of all tokens: its share when unrelated">'
+            f'overall</th></tr>{body}</table></section>')
 
 
 def _tokens(example: dict, lo: int, hi: int, scale: float, scheme: str, hide_special: bool) -> str:

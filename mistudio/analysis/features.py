@@ -37,6 +37,10 @@ _TOKENS = Memo(4)
 _UNEMBEDDINGS = Memo(2)
 _SAES = Memo(4)
 _VOCABULARIES = Memo(4)
+_COFIRING = Memo(2)
+COFIRING_BYTES = 1 << 25  # the co-firing sample of a raw hook point: at most 32 MB of flags in memory
+COFIRING_ROWS = 8192      # and at most this many rows
+COFIRING_MIN = 50         # a feature's firing tokens in the sample needed to give its co-firing shares
 
 
 # -- hook points ---------------------------------------------------------------------------------------------
@@ -248,6 +252,68 @@ def feature_logits(ext: "Extraction", hook_point: str, feature: int, k: int = 10
     return neuron_logit_effects([_check_feature(d, hook_point, feature)], unemb, k=k)[0]
 
 
+# -- co-firing -----------------------------------------------------------------------------------------------
+def cofiring_sample(ext: "Extraction", hook_point: str) -> np.ndarray:
+    """Where each feature of a raw hook point fires (value > 0) on a sample of its rows, ``(rows, d)`` bool: whole
+    storage chunks, chosen by :func:`~mistudio.storage.featstats.sample_keys` of their index (so spread over the
+    store, and the same every time), up to :data:`COFIRING_ROWS` rows and :data:`COFIRING_BYTES` flags; every
+    row of a smaller store. Read once per store and commit mark."""
+    def compute() -> np.ndarray:
+        arr = ext.activations(hook_point)
+        d, unit, mark = int(arr.shape[1]), int(arr.chunks[0]), int(ext.committed_tokens())
+        target = _cofiring_rows(d, mark)
+        chunks = np.arange(-(-mark // unit))
+        parts, n = [], 0
+        for c in chunks[np.argsort(sample_keys(chunks, 1), kind="stable")]:
+            lo = int(c) * unit
+            hi = min(lo + unit, mark, lo + target - n)
+            parts.append(np.asarray(arr[lo:hi]) > 0)
+            n += hi - lo
+            if n >= target:
+                break
+        return np.concatenate(parts) if parts else np.zeros((0, d), bool)
+
+    return _COFIRING.get((*store_key(ext), hook_point), compute)
+
+
+def _cofiring_rows(d: int, mark: int) -> int:
+    """Rows in :func:`cofiring_sample` of a hook point of width ``d`` with ``mark`` committed rows."""
+    return max(1, min(COFIRING_ROWS, COFIRING_BYTES // d, mark))
+
+
+def cofiring(ext: "Extraction", hook_point: str, stats: FeatureStatistics, feature: int, n: int = 10,
+             sample: bool = True) -> tuple[list[dict], dict]:
+    """The ``n`` features firing most often with ``feature``: ``([{"feature", "count", "fraction", "density"}],
+    basis)``; ``fraction`` is the share of the feature's firing tokens where the other also fires, ``density``
+    the other's share of all tokens (what ``fraction`` is when the two are unrelated).
+
+    ``basis["kind"]``: ``"sample"`` for a raw hook point whose tokens fire on more features than the statistics
+    pair up per token (``per_token``: each token's most active firing features; raw neurons of the residual stream
+    fire by the hundred), counted exactly on :func:`cofiring_sample` (``basis["tokens"]`` of the feature's firing
+    tokens among ``basis["rows"]`` sampled rows, at least :data:`COFIRING_MIN`); else ``"top"``: the statistics'
+    co-occurrence counts, which count a pair only when both are among the token's ``per_token`` most active
+    firing features. The sample is read (once per store) only for a feature expected to fire on enough of its
+    rows, and not at all with ``sample=False``."""
+    per_token = int(stats.cooccurrence_per_token)
+    density = stats.density
+    if sample and not is_latent(hook_point) and float(density.sum()) > per_token and \
+            density[feature] * _cofiring_rows(stats.d, int(ext.committed_tokens())) >= COFIRING_MIN:
+        fires = cofiring_sample(ext, hook_point)
+        mine = fires[:, feature]
+        count = int(mine.sum())
+        if count >= COFIRING_MIN:
+            together = fires[mine].sum(axis=0)
+            together[feature] = -1
+            order = np.lexsort((np.arange(len(together)), -together))[:n]
+            return ([{"feature": int(g), "count": int(together[g]), "fraction": float(together[g]) / count,
+                      "density": float(density[g])} for g in order if together[g] > 0],
+                    {"kind": "sample", "tokens": count, "rows": int(len(fires)), "per_token": per_token})
+    fire_count = int(stats.fire_count[feature])
+    return ([{"feature": g, "count": c, "fraction": c / fire_count if fire_count else 0.0,
+              "density": float(density[g])} for g, c in stats.cooccurring(feature, n)],
+            {"kind": "top", "tokens": fire_count, "rows": int(stats.n_tokens), "per_token": per_token})
+
+
 # -- the page ------------------------------------------------------------------------------------------------
 def _histogram(stats: FeatureStatistics, feature: int) -> dict:
     """The feature's signed log-binned histogram with the open under/overflow ends as ±inf edges."""
@@ -268,12 +334,14 @@ def feature_page(ext: "Extraction", hook_point: str, feature: int, *, k: int = 2
 
     From the statistics: density, mean, max, histogram, top examples (``k`` at most the statistics' k; with
     ``one_per_document`` at most one per document), ``per_band`` examples from each quantile band of ``bands``,
-    the ``n_correlated`` features firing with it most often. Read for it: the examples' context windows
-    (``context`` tokens either side), the ``n_token_means`` highest mean activations per token seen at least
-    ``min_count`` times (one pass over the feature the first time, cached in the store; ``n_token_means=0``
-    leaves them out), and the note. ``logits``: the ``n_logits`` tokens the feature promotes and suppresses for
-    a decoder model (``None`` for an encoder, with the reason in ``logits_note``). ``statistics`` replaces the
-    store's statistics (benchmarks, or statistics computed elsewhere)."""
+    the ``n_correlated`` features firing with it most often (:func:`cofiring`: counted exactly on a sample of
+    rows for a raw hook point's dense features, else among each token's most active firing features, as
+    ``correlated_basis`` says). Read for it: the examples' context windows (``context`` tokens either side), the
+    ``n_token_means`` highest mean activations per token seen at least ``min_count`` times (one pass over the
+    feature the first time, cached in the store; ``n_token_means=0`` leaves them out), and the note. ``logits``:
+    the ``n_logits`` tokens the feature promotes and suppresses for a decoder model (``None`` for an encoder,
+    with the reason in ``logits_note``). ``statistics`` replaces the store's statistics (benchmarks, or
+    statistics computed elsewhere); the co-firing shares then come from them alone."""
     stats = statistics if statistics is not None else load_statistics(ext, hook_point, one_per_document)
     feature = _check_feature(stats.d, hook_point, feature)
     k, context = _check_int("k", k, 1), _check_int("context", context, 0)
@@ -299,15 +367,16 @@ def feature_page(ext: "Extraction", hook_point: str, feature: int, *, k: int = 2
     else:
         logits_note = "not computed (logits=False)"
     fire_count = int(stats.fire_count[feature])
-    correlated = [{"feature": g, "count": c, "fraction": c / fire_count if fire_count else 0.0}
-                  for g, c in stats.cooccurring(feature, n_correlated)] if n_correlated else []
+    correlated, basis = cofiring(ext, hook_point, stats, feature, n_correlated, sample=statistics is None) \
+        if n_correlated else ([], None)
     return {"extraction": ext.id, "hook_point": hook_point, "feature": feature,
             "kind": "latent" if is_latent(hook_point) else "neuron", "d": int(stats.d),
             "n_tokens": int(stats.n_tokens), "fire_count": fire_count, "density": float(stats.density[feature]),
             "mean": float(stats.mean[feature]), "mean_active": float(stats.fire_mean[feature]),
             "max": _float(stats.max[feature]) if stats.n_tokens else None, "histogram": _histogram(stats, feature),
             "top": top, "bands": out_bands, "token_means": means, "min_count": min_count, "logits": logit_table,
-            "logits_note": logits_note, "correlated": correlated, "note": get_note(ext, hook_point, feature),
+            "logits_note": logits_note, "correlated": correlated, "correlated_basis": basis,
+            "note": get_note(ext, hook_point, feature),
             "prev": feature - 1 if feature > 0 else None, "next": feature + 1 if feature + 1 < stats.d else None,
             "one_per_document": bool(one_per_document), "scheme": tokenizer_scheme(ext.tokenizer)}
 
@@ -406,10 +475,15 @@ def token_texts(ext: "Extraction") -> list[str]:
 def match_tokens(ext: "Extraction", text: str) -> list[int]:
     """The token ids a typed token means (:func:`token_texts`): with a leading space (``' Paris'``) exactly the
     word-initial token(s) with that text; without (``'Paris'``), every token that reads ``Paris`` with or without
-    its space; when none does, the same ignoring case."""
+    its space; for a WordPiece tokenizer, ``'##ing'`` (its own spelling, as the Browse tab shows it) the
+    continuation piece alone; when none does, the same ignoring case."""
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"«token={text!r}» names no token: «pass token=» the token's text, e.g. ' Paris'")
     vocab = token_texts(ext)
+    if text.startswith("##") and len(text.strip()) > 2 and tokenizer_scheme(ext.tokenizer) == "wordpiece":
+        names = [str(n) for n in ext.tokenizer.convert_ids_to_tokens(list(range(len(vocab))))]
+        found = [i for i, n in enumerate(names) if n == text]
+        return found or [i for i, n in enumerate(names) if n.startswith("##") and n.casefold() == text.casefold()]
     if text[0].isspace():
         found = [i for i, t in enumerate(vocab) if t == text]
     else:
@@ -484,6 +558,7 @@ def export_pages(ext: "Extraction", hook_point: str, features: Sequence[int], **
 
 
 def drop_cached() -> None:
-    """Forget what is kept in memory (statistics, token arrays, unembeddings, SAEs); the store caches stay."""
-    for memo in (_STATISTICS, _TOKENS, _UNEMBEDDINGS, _SAES, _VOCABULARIES):
+    """Forget what is kept in memory (statistics, token arrays, unembeddings, SAEs, co-firing samples); the store
+    caches stay."""
+    for memo in (_STATISTICS, _TOKENS, _UNEMBEDDINGS, _SAES, _VOCABULARIES, _COFIRING):
         memo.clear()

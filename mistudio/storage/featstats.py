@@ -17,8 +17,8 @@ batch, exactly, and resumable: :class:`FeatureStatsAccumulator` keeps, for each 
 - **quantile-band samples**: per feature and per *stratum* (the positive histogram bins grouped ``bands`` to an
   octave, plus the underflow and the overflow bin), the ``per_band`` firing rows with the smallest key
   :func:`sample_keys` ``(seed, row)``: a bottom-m sample, so deterministic and mergeable. From it,
-  :meth:`FeatureStatistics.quantile_examples` draws a uniform sample of each band of the feature's own firing-value
-  quantiles;
+  :meth:`FeatureStatistics.quantile_examples` draws a sample of each band of the feature's own firing-value
+  quantiles, every example inside the band's value range;
 - **co-occurrence**: per feature a Misra-Gries summary of ``cooccurrence`` counters over the features firing on
   the same tokens (restricted per token to its ``cooccurrence_per_token`` most active firing features, largest
   value first, ties to the lower feature index; each token's pairs count once per ordered pair). Counts are lower
@@ -135,6 +135,7 @@ class FeatureStatistics:
     bands: int
     seed: int
     one_per_document: bool
+    cooccurrence_per_token: int = 16  # co-occurrence pairs up each token's this many most active firing features
 
     @property
     def d(self) -> int:
@@ -208,33 +209,14 @@ class FeatureStatistics:
             value = edges[i - 1] * (edges[i] / edges[i - 1]) ** frac
         return float(min(value, self.max[f]))
 
-    def band_strata(self, feature: int, bands: Sequence[tuple[float, float]] = BANDS) -> list[np.ndarray]:
-        """The strata each band draws from: a non-empty stratum belongs to the band holding the quantile of its
-        middle (its count's midpoint in the cumulative count of firing values); a band that holds no stratum's
-        middle draws from the stratum holding the band's own middle quantile."""
-        f = self._feature(feature)
-        _, counts = self._positive_counts(f)
-        total = counts.sum()
-        out = []
-        for lo, hi in _check_bands(bands):
-            if not total:
-                out.append(np.zeros(0, np.int64))
-                continue
-            cum = np.cumsum(counts)
-            mid = (cum - counts / 2) / total
-            inside = (counts > 0) & (mid >= lo) & ((mid < hi) | (hi >= 1.0))
-            if not inside.any():
-                inside = np.zeros(len(counts), bool)
-                inside[int(np.searchsorted(cum, (lo + hi) / 2 * total, side="left"))] = True
-            out.append(np.flatnonzero(inside))
-        return out
-
     def quantile_examples(self, feature: int, bands: Sequence[tuple[float, float]] = BANDS,
                           per_band: int = 3) -> list[dict]:
         """Examples from bands of the feature's firing-value quantiles: per band ``{"quantiles": (lo, hi),
-        "values": (value at lo, value at hi), "rows", "activations"}`` (largest first): the ``per_band`` rows with
-        the smallest :func:`sample_keys` among *all* firing rows of the band's strata (:meth:`band_strata`), i.e. a
-        uniform sample of them, exact for ``per_band`` up to the accumulator's ``per_band``."""
+        "values": (value at lo, value at hi), "rows", "activations"}`` (largest first), every activation within
+        ``values`` (inclusive): of the rows sampled in every stratum, those with a value in the band's range, the
+        ``per_band`` with the smallest :func:`sample_keys`. A uniform sample of the band's firing rows where its
+        strata lie wholly inside the range; the (at most two) strata straddling its ends contribute only their
+        sampled rows that fall inside, so a band narrower than a stratum may show fewer examples, or none."""
         f = self._feature(feature)
         stored = self.sample_rows.shape[2]
         if not stored:
@@ -243,16 +225,18 @@ class FeatureStatistics:
         if isinstance(per_band, bool) or not isinstance(per_band, (int, np.integer)) or not 1 <= per_band <= stored:
             raise InputError(f"per_band={per_band!r}: the statistics keep {stored} rows per stratum; give an int "
                              f"in 1..{stored} (or accumulate with a larger per_band)")
+        held = self.sample_rows[f].ravel() >= 0
+        all_rows, all_values = self.sample_rows[f].ravel()[held], self.sample_values[f].ravel()[held]
         out = []
-        for (lo, hi), strata in zip(_check_bands(bands), self.band_strata(f, bands)):
-            rows = self.sample_rows[f, strata].ravel()
-            values = self.sample_values[f, strata].ravel()
-            rows, values = rows[rows >= 0], values[rows >= 0]
+        for lo, hi in _check_bands(bands):
+            low, high = self.quantile(f, lo), self.quantile(f, hi)
+            inside = (all_values >= low) & (all_values <= high)  # False throughout when it never fired (NaN)
+            rows, values = all_rows[inside], all_values[inside]
             pick = np.argsort(sample_keys(rows, self.seed), kind="stable")[:per_band]
             rows, values = rows[pick], values[pick]
             order = np.lexsort((rows, -values))
-            out.append({"quantiles": (lo, hi), "values": (self.quantile(f, lo), self.quantile(f, hi)),
-                        "rows": rows[order], "activations": values[order]})
+            out.append({"quantiles": (lo, hi), "values": (low, high), "rows": rows[order],
+                        "activations": values[order]})
         return out
 
 
@@ -479,7 +463,8 @@ class FeatureStatsAccumulator:
             sample_rows=s["sample_rows"].reshape(self.d, self.n_strata, self.per_band),
             sample_values=s["sample_values"].reshape(self.d, self.n_strata, self.per_band),
             co_features=co_features, co_counts=co_counts, co_error=s["co_error"], bins=self.bins,
-            exponents=self.exponents, bands=self.bands, seed=self.seed, one_per_document=self.one_per_document)
+            exponents=self.exponents, bands=self.bands, seed=self.seed, one_per_document=self.one_per_document,
+            cooccurrence_per_token=self.cooccurrence_per_token)
 
     # -- rows ------------------------------------------------------------------------------------------------
     def _claim(self, start: int, stop: int) -> None:

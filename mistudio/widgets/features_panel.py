@@ -25,7 +25,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..analysis import exports
-from ..analysis.feature_page import feature_page_html
+from ..analysis.feature_page import correlated_title, feature_page_html
 from ..analysis.feature_view import _shade as shade
 from ..analysis.feature_view import display_pieces, store_key, tokenizer_scheme
 from ..analysis.features import (FeatureTable, base_hook_point, export_pages, feature_hook_points, feature_page,
@@ -210,6 +210,7 @@ class FeaturesPanel(W.VBox):
                                    for _ in range(N_CORRELATED)]
         for button in self.correlated_buttons:
             button.add_class("mistudio-correlated")
+        self.correlated_label = W.HTML("<b>Co-firing:</b>&nbsp;")
         self.example = W.Dropdown(description="Example", style=wide, layout=W.Layout(width="60%"))
         self.browse_button = W.Button(description="Open row in Browse", icon="external-link",
                                       layout=W.Layout(width="auto", display="" if on_open_row else "none"))
@@ -218,8 +219,8 @@ class FeaturesPanel(W.VBox):
         self.save_note_button = W.Button(description="Save note", icon="save", layout=W.Layout(width="auto"))
         self.note_status = W.HTML()
         self.page_tools = W.VBox([
-            W.HBox([W.HTML("<b>Co-firing:</b>&nbsp;"), *self.correlated_buttons], layout=W.Layout(align_items="center",
-                                                                                                flex_flow="row wrap")),
+            W.HBox([self.correlated_label, *self.correlated_buttons], layout=W.Layout(align_items="center",
+                                                                                        flex_flow="row wrap")),
             W.HBox([self.example, self.browse_button]),
             W.HBox([self.note, self.save_note_button, self.note_status], layout=W.Layout(align_items="flex-start"))],
             layout=W.Layout(display="none"))
@@ -523,12 +524,18 @@ class FeaturesPanel(W.VBox):
 
     def _page_tools(self) -> None:
         page = self.page
+        basis = page.get("correlated_basis") or {}
+        among = f" (top-{basis['per_token']} per token)" if basis.get("kind") == "top" else ""
+        self.correlated_label.value = f"<b>Co-firing{esc(among)}:</b>&nbsp;"
+        self.correlated_label.tooltip = correlated_title(page)
         for button, row in zip(self.correlated_buttons, page["correlated"] + [None] * N_CORRELATED):
             button.layout.display = "none" if row is None else ""
             if row is not None:
                 button.description = f"{row['feature']} · {100 * row['fraction']:.0f}%"
-                button.tooltip = f"open feature {row['feature']} (fires on {100 * row['fraction']:.1f}% of this " \
-                                 f"feature's tokens, {row['count']:,} tokens)"
+                overall = f"; it fires on {100 * row['density']:.3g}% of all tokens" \
+                    if row.get("density") is not None else ""
+                button.tooltip = f"open feature {row['feature']}: {100 * row['fraction']:.1f}% " \
+                                 f"({row['count']:,} tokens) = {correlated_title(page)}{overall}"
         scheme = page.get("scheme", "auto")
         options = []
         labelled = [("top", i, e) for i, e in enumerate(page["top"])] + [
@@ -590,8 +597,11 @@ class FeaturesPanel(W.VBox):
                 self._quiet = False
             matched = ", ".join(esc(_quoted(t)) for t in result["tokens"][:8]) or "no token"
             if not result["token_ids"]:
-                self.found_info.value = error_box(f"No token reads {esc(_quoted(text))}: type it as the tokenizer "
-                                                  "writes it (e.g. ' Paris' for a word after a space).")
+                how = ("a word as it reads ('paris' or its case-insensitive forms; ' paris' for the word alone) or a "
+                       "continuation piece as the tokenizer writes it ('##ing')"
+                       if tokenizer_scheme(ext.tokenizer) == "wordpiece" else
+                       "it as it reads in the text (' Paris' for the word after a space, 'Paris' for either)")
+                self.found_info.value = error_box(f"No token reads {esc(_quoted(text))}: type {esc(how)}.")
             elif not result["n_rows"]:
                 self.found_info.value = note_box(f"{matched} never occurs in this extraction.")
             else:
