@@ -84,5 +84,5 @@ def open_extraction(id_or_path: str | os.PathLike, workspace: str | os.PathLike 
             raise InputError(f"{text!r} is not a mistudio extraction store ({type(exc).__name__}: {exc}): "
                              f"{fix}") from exc
     if os.sep in text or "/" in text:
-        raise InputError(f"there is no store at {text!r} (nothing there): {fix}")
+        raise InputError(f"there is no store at {text!r}: that path does not exist; {fix}")
     return Workspace(workspace, storage_options=storage_options).open(text)

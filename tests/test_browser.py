@@ -30,7 +30,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse")
+TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse", "Features", "Train")
 
 # Every visible element of the Studio whose content is wider than its box (text cut off, or a row that spills),
 # as [tag, class, text, scrollWidth, clientWidth]; the slider's own handle and text fields (whose text scrolls
@@ -398,6 +398,8 @@ def test_studio_in_jupyterlab(lab):
         file_browser_width(360)
         for name in TABS:
             tab(name)
+            if name == "Features":  # its table, painted (a cold kernel imports torch first: a loaded machine)
+                expect(page.locator(".mistudio-ftable select option").first).to_be_attached(timeout=240_000)
             fits(f"{name}, 1,400 px, file browser open")
             if name == "Jobs":
                 reachable(".mistudio-jobs", "Jobs, 1,400 px, file browser open")

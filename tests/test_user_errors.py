@@ -26,7 +26,7 @@ def test_open_extraction_says_what_the_path_is(ext, tmp_path):
     a_file.write_text("x")
     with pytest.raises(InputError, match=r"is a file, not an extraction store"):
         ms.open_extraction(a_file)
-    with pytest.raises(InputError, match=r"there is no store at .*nope.zarr"):
+    with pytest.raises(InputError, match=r"there is no store at .*nope.zarr.: that path does not exist"):
         ms.open_extraction(f"{workspace}/extractions/nope.zarr")
     empty = tmp_path / "empty.zarr"
     empty.mkdir()

@@ -12,23 +12,12 @@ from ..analysis.feature_view import display_pieces, feature_view, feature_view_h
 from ..analysis.stats import describe_examples
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import (PerThreadFlag, busy, error_box, esc, for_ui, guard, note_box, short_id, store_notes,
-                     stylesheet, summarise_hook_points)
+from .common import (PerThreadFlag, busy, error_box, esc, extraction_label, for_ui, guard, note_box, short_id,
+                     store_notes, stylesheet, summarise_hook_points)
 
 PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"), ("histogram", "Feature histogram"))
 TOKEN_WINDOW = 64  # tokens drawn around the feature's peak in a row (like the 64-feature window)
 CONTEXT = 8
-
-
-def extraction_label(row: dict) -> str:
-    """One dropdown entry, short enough for a narrow window: date and time · model · dataset · hook points, and
-    the status unless COMPLETED ('11-30 10:47:03 · all-MiniLM-L6-v2 · sample · layers 1,3,5 × residual'). The
-    line under the dropdown names the chosen one in full."""
-    created = row.get("created")
-    when = f"{created:%m-%d %H:%M:%S}" if created is not None and created == created else short_id(row["id"])
-    model = str(row["model"]).removesuffix(" (bundled)")
-    status = "" if row["status"] == "COMPLETED" else f" · {row['status']}"
-    return f"{when} · {model} · {row['dataset']} · {summarise_hook_points(row['hook_points'])}{status}"
 
 
 def without_special(example: dict, special: set[str]) -> dict | None:

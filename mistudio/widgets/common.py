@@ -330,3 +330,14 @@ def for_ui(message: "str | BaseException") -> str:
 def _bundled_path() -> str | None:
     path = packaged_minilm_path()
     return str(path) if path else None
+
+
+def extraction_label(row: dict) -> str:
+    """An extraction as a dropdown entry (Browse, Features), short enough for a narrow window: date and time ·
+    model · dataset · hook points, and the status unless COMPLETED ('11-30 10:47:03 · all-MiniLM-L6-v2 · sample ·
+    layers 1,3,5 × residual'). The line under the dropdown names the chosen one in full."""
+    created = row.get("created")
+    when = f"{created:%m-%d %H:%M:%S}" if created is not None and created == created else short_id(row["id"])
+    model = str(row["model"]).removesuffix(" (bundled)")
+    status = "" if row["status"] == "COMPLETED" else f" · {row['status']}"
+    return f"{when} · {model} · {row['dataset']} · {summarise_hook_points(row['hook_points'])}{status}"

@@ -34,7 +34,8 @@ from ..analysis.prompt import prompt_features
 from ..errors import InputError
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import PerThreadFlag, answers_no_request, error_box, esc, for_ui, guard, note_box, summarise_hook_points
+from .common import (PerThreadFlag, answers_no_request, error_box, esc, extraction_label, for_ui, guard, note_box,
+                     summarise_hook_points)
 
 log = logging.getLogger("mistudio")
 
@@ -101,9 +102,11 @@ class FeaturesPanel(W.VBox):
         wide = {"description_width": "86px"}
 
         # -- choosing what to look at
-        self.extraction = W.Dropdown(description="Extraction", style=wide, layout=W.Layout(width="62%"))
+        self.extraction = W.Dropdown(description="Extraction", style=wide,  # as the Browse tab's: it fits narrow
+                                     layout=W.Layout(width="auto", align_self="stretch", max_width="760px"))
         self.refresh_button = W.Button(description="Refresh list", icon="refresh", layout=W.Layout(width="auto"))
-        self.hook_point = W.Dropdown(description="Hook point", style=wide, layout=W.Layout(width="40%"))
+        self.hook_point = W.Dropdown(description="Hook point", style=wide, layout=W.Layout(width="auto",
+                                                                                        min_width="300px"))
         self.hide_special = W.Checkbox(value=False, description="hide special tokens", indent=False,
                                        layout=W.Layout(width="auto"))
         self.one_per_document = W.Checkbox(value=False, description="top examples: one per document", indent=False,
@@ -159,7 +162,7 @@ class FeaturesPanel(W.VBox):
         prompt_box = W.VBox([W.HBox([self.prompt, self.run_button], layout=W.Layout(align_items="flex-start")),
                              self.prompt_html, self.prompt_tokens,
                              W.HBox([W.HTML("<b>Top features of this token:</b>&nbsp;"), *self.prompt_buttons],
-                                    layout=W.Layout(align_items="center"))])
+                                    layout=W.Layout(align_items="center", flex_flow="row wrap"))])
 
         # -- export
         self.export_features = W.Text(description="Features", placeholder="3, 17, 40-45 (empty: the open page)",
@@ -380,8 +383,7 @@ class FeaturesPanel(W.VBox):
         options = []
         for row in self.workspace.extractions().to_dict("records"):
             if row["status"] == "COMPLETED" or row["samples_committed"]:
-                label = f"{row['id']} · {row['status']} · {summarise_hook_points(row['hook_points'])}"
-                options.append((label, row["id"]))
+                options.append((extraction_label(row), row["id"]))
         current = select or self.extraction.value
         ids = [v for _, v in options]
         self._quiet = True
@@ -680,7 +682,7 @@ class FeaturesPanel(W.VBox):
         what = (f"shaded by feature {self.page['feature']:,}" if column is not None
                 else "shaded by each token's top feature")
         self.prompt_html.value = (f'<div style="margin:4px 0"><small>{esc(result["hook_point"])}, {what}</small>'
-                                  f'<div style="line-height:1.8">{"".join(spans)}</div></div>')
+                                  f'<div style="line-height:1.8">{"<wbr>".join(spans)}</div></div>')  # wraps
 
     # -- exports -------------------------------------------------------------------------------------------------
     def _use_table_page(self) -> None:
