@@ -266,8 +266,8 @@ def test_the_runs_grid_folds_into_two_lines_per_run_when_the_panel_is_narrow(ext
 
 
 def test_the_extraction_choices_say_what_tells_them_apart(gpt2_dir, tmp_path):
-    """Two extractions of the same model and size: each entry starts with its short id, then its hook points,
-    its tokens and its age, so the visible start of the text tells them apart."""
+    """Two extractions of the same model and size: each entry is the Browse tab's (when it was made, model, dataset,
+    hook points), so the two read differently, and the dropdown is sized as Browse's, to fit a narrow window."""
     ws = ms.Workspace(tmp_path / "ws")
     first = ms.extract(gpt2_dir, "sample", layers=[1], hooks=["residual"], max_samples=8, dtype="float32",
                        workspace=str(ws.root), progress=False)
@@ -275,11 +275,11 @@ def test_the_extraction_choices_say_what_tells_them_apart(gpt2_dir, tmp_path):
                         dtype="float32", workspace=str(ws.root), progress=False)
     panel = TrainPanel(ws)
     labels = dict((value, label) for label, value in panel.extraction.options)
-    from mistudio.widgets.common import short_id
+    rows = {r["id"]: r for r in ws.extractions().to_dict("records")}
+    from mistudio.widgets.common import extraction_label
 
     for ext, points in ((first, "layer 1 × residual"), (second, "layers 0,1 × residual, mlp")):
         label = labels[ext.id]
-        assert label.startswith(short_id(ext.id) + " · " + points + " · "), label
-        assert f"{ext.record.progress.tokens_committed:,} tokens" in label and "just now" in label
+        assert label == extraction_label(rows[ext.id]) and label.endswith(" · " + points), label
     assert labels[first.id] != labels[second.id]
-    assert panel.extraction.layout.max_width and panel.extraction.layout.width != "440px"  # room to be read
+    assert panel.extraction.layout.max_width and panel.extraction.layout.width == "auto"

@@ -52,7 +52,14 @@ CSS = """<style>
 .mistudio-busy{color:#0d6efd}
 .mistudio-prompt .msfp-tok{white-space:pre;border-radius:2px;font-family:var(--jp-code-font-family,monospace)}
 </style>"""
-TABLE_HEADER = f"{'feature':>7} {'density':>9} {'mean':>9} {'active':>9} {'max':>9}   top tokens"
+TABLE_HEADER = f"{'feature':>6} {'density':>7} {'mean':>7} {'active':>7} {'max':>7}   top tokens"
+
+
+def _row(children: list, layout: W.Layout | None = None) -> W.HBox:
+    """A row of the tab that wraps onto a second line where the window is too narrow for it."""
+    layout = layout or W.Layout()
+    layout.flex_flow = "row wrap"
+    return W.HBox(children, layout=layout)
 
 
 def _quoted(text: str) -> str:
@@ -68,11 +75,16 @@ def _new_folder(typed: str, default: str) -> Path:
     return path
 
 
+TOKENS_SHOWN = 24  # characters of top tokens a row shows: a row fits the list at ~1,000 px (the page has them all)
+
+
 def table_label(row: dict) -> str:
-    """One feature-table row as a fixed-width line (the list widget shows text, not HTML)."""
+    """One feature-table row as a fixed-width line (the list widget shows text, not HTML), short enough for a narrow
+    window: its top tokens cut at ``TOKENS_SHOWN`` characters."""
     tokens = " ".join(_quoted(t) for t in row["top_tokens"])
-    return (f"{row['feature']:>7} {100 * row['density']:>8.3g}% {row['mean']:>9.3g} {row['mean_active']:>9.3g} "
-            f"{row['max']:>9.3g} {'✎' if row['note'] else ' '} {tokens}")
+    tokens = tokens if len(tokens) <= TOKENS_SHOWN else tokens[:TOKENS_SHOWN - 1] + "…"
+    return (f"{row['feature']:>6} {100 * row['density']:>6.3g}% {row['mean']:>7.3g} {row['mean_active']:>7.3g} "
+            f"{row['max']:>7.3g} {'✎' if row['note'] else ' '} {tokens}")
 
 
 class FeaturesPanel(W.VBox):
@@ -129,11 +141,11 @@ class FeaturesPanel(W.VBox):
         self.next_page_button = W.Button(icon="angle-right", tooltip="next page", layout=W.Layout(width="36px"))
         self.page_label = W.HTML()
         self.table_head = W.HTML(f'<div class="mistudio-fhead">{esc(TABLE_HEADER)}</div>')
-        self.table_list = W.Select(options=[], rows=14, layout=W.Layout(width="100%"))
+        self.table_list = W.Select(options=[], rows=14, layout=W.Layout(width="auto", align_self="stretch"))
         self.table_list.add_class("mistudio-ftable")
         table_box = W.VBox([
-            W.HBox([self.sort, self.descending, self.density_min, self.density_max, self.noted_only]),
-            W.HBox([self.first_page_button, self.prev_page_button, self.next_page_button, self.page_label],
+            _row([self.sort, self.descending, self.density_min, self.density_max, self.noted_only]),
+            _row([self.first_page_button, self.prev_page_button, self.next_page_button, self.page_label],
                    layout=W.Layout(align_items="center")),
             self.table_head, self.table_list])
 
@@ -143,9 +155,9 @@ class FeaturesPanel(W.VBox):
         self.find_button = W.Button(description="Find features", icon="search", button_style="info",
                                     layout=W.Layout(width="auto"))
         self.found_info = W.HTML()
-        self.found_list = W.Select(options=[], rows=10, layout=W.Layout(width="100%"))
+        self.found_list = W.Select(options=[], rows=10, layout=W.Layout(width="auto", align_self="stretch"))
         self.found_list.add_class("mistudio-flist")
-        search_box = W.VBox([W.HBox([self.token, self.find_button]), self.found_info, self.found_list])
+        search_box = W.VBox([_row([self.token, self.find_button]), self.found_info, self.found_list])
 
         # -- from text
         self.prompt = W.Textarea(placeholder="Type a prompt; the model runs on it live", description="Prompt",
@@ -154,15 +166,15 @@ class FeaturesPanel(W.VBox):
                                    layout=W.Layout(width="auto"))
         self.prompt_html = W.HTML()
         self.prompt_html.add_class("mistudio-prompt")
-        self.prompt_tokens = W.Select(options=[], rows=8, layout=W.Layout(width="100%"))
+        self.prompt_tokens = W.Select(options=[], rows=8, layout=W.Layout(width="auto", align_self="stretch"))
         self.prompt_tokens.add_class("mistudio-ptokens")
         self.prompt_buttons = [W.Button(layout=W.Layout(width="auto", display="none")) for _ in range(N_PROMPT)]
         for button in self.prompt_buttons:
             button.add_class("mistudio-pfeature")
-        prompt_box = W.VBox([W.HBox([self.prompt, self.run_button], layout=W.Layout(align_items="flex-start")),
+        prompt_box = W.VBox([_row([self.prompt, self.run_button], layout=W.Layout(align_items="flex-start")),
                              self.prompt_html, self.prompt_tokens,
-                             W.HBox([W.HTML("<b>Top features of this token:</b>&nbsp;"), *self.prompt_buttons],
-                                    layout=W.Layout(align_items="center", flex_flow="row wrap"))])
+                             _row([W.HTML("<b>Top features of this token:</b>&nbsp;"), *self.prompt_buttons],
+                                  layout=W.Layout(align_items="center"))])
 
         # -- export
         self.export_features = W.Text(description="Features", placeholder="3, 17, 40-45 (empty: the open page)",
@@ -188,15 +200,15 @@ class FeaturesPanel(W.VBox):
         self.confirm_button = W.Button(description="Export", button_style="warning", icon="check",
                                        layout=W.Layout(width="auto"))
         self.cancel_button = W.Button(description="Cancel", layout=W.Layout(width="auto"))
-        self.confirm_box = W.VBox([self.confirm_text, W.HBox([self.confirm_button, self.cancel_button])],
+        self.confirm_box = W.VBox([self.confirm_text, _row([self.confirm_button, self.cancel_button])],
                                   layout=W.Layout(display="none"))
         self.export_info = W.HTML()
         export_box = W.VBox([
-            W.HBox([self.export_features, self.use_table_page]),
-            W.HTML("<b>Feature pages</b>"), W.HBox([self.html_path, self.html_button]),
-            W.HBox([self.np_folder, self.np_button]), W.HBox([self.np_model, self.np_source]),
+            _row([self.export_features, self.use_table_page]),
+            W.HTML("<b>Feature pages</b>"), _row([self.html_path, self.html_button]),
+            _row([self.np_folder, self.np_button]), _row([self.np_model, self.np_source]),
             W.HTML("<b>The whole store</b> (the hook point chosen above)"),
-            W.HBox([self.ds_path, self.ds_button]), W.HBox([self.sl_path, self.sl_button]), self.sl_context,
+            _row([self.ds_path, self.ds_button]), _row([self.sl_path, self.sl_button]), self.sl_context,
             self.confirm_box, self.export_info])
         self.sections = W.Tab(children=[table_box, search_box, prompt_box, export_box], titles=SECTIONS)
 
@@ -222,10 +234,9 @@ class FeaturesPanel(W.VBox):
         self.save_note_button = W.Button(description="Save note", icon="save", layout=W.Layout(width="auto"))
         self.note_status = W.HTML()
         self.page_tools = W.VBox([
-            W.HBox([self.correlated_label, *self.correlated_buttons], layout=W.Layout(align_items="center",
-                                                                                        flex_flow="row wrap")),
-            W.HBox([self.example, self.browse_button]),
-            W.HBox([self.note, self.save_note_button, self.note_status], layout=W.Layout(align_items="flex-start"))],
+            _row([self.correlated_label, *self.correlated_buttons], layout=W.Layout(align_items="center")),
+            _row([self.example, self.browse_button]),
+            _row([self.note, self.save_note_button, self.note_status], layout=W.Layout(align_items="flex-start"))],
             layout=W.Layout(display="none"))
 
         self._actions = [self.open_button, self.prev_button, self.next_button, self.find_button, self.run_button,
@@ -233,10 +244,10 @@ class FeaturesPanel(W.VBox):
                          *self.correlated_buttons, *self.prompt_buttons]
         self._wire()
         super().__init__([
-            W.HTML(CSS + "<b>Features</b>"), W.HBox([self.extraction, self.refresh_button]),
-            W.HBox([self.hook_point, self.hide_special, self.one_per_document], layout=W.Layout(align_items="center")),
+            W.HTML(CSS + "<b>Features</b>"), _row([self.extraction, self.refresh_button]),
+            _row([self.hook_point, self.hide_special, self.one_per_document], layout=W.Layout(align_items="center")),
             self.busy, self.status, self.sections,
-            W.HBox([self.feature, self.open_button, self.prev_button, self.next_button],
+            _row([self.feature, self.open_button, self.prev_button, self.next_button],
                    layout=W.Layout(align_items="center")),
             self.page_tools, self.page_html])
         if load:  # a Studio loads it when its tab is opened: statistics are a pass over the store

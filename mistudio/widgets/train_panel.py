@@ -23,8 +23,8 @@ from ..errors import InputError, render
 from ..storage.metadata import LIVE_STATES
 from ..training import TrainingJob, list_trainings, make_config, submit_training, training_job
 from ..workspace import Workspace
-from .common import (PLAIN_ERRORS, ago, answers_no_request, badge, breakable, duration, error_box, esc, for_ui,
-                     note_box, short_id, studio_names, stylesheet, summarise_hook_points)
+from .common import (PLAIN_ERRORS, ago, answers_no_request, badge, breakable, duration, error_box, esc,
+                     extraction_label, for_ui, note_box, short_id, studio_names, stylesheet, summarise_hook_points)
 
 ARCHITECTURES = (("top-k", "topk"), ("ReLU", "standard"), ("JumpReLU", "jumprelu"))
 SPARSITY_FIELD = {"topk": "k", "standard": "l1_coefficient", "jumprelu": "l0_coefficient"}
@@ -148,10 +148,10 @@ class TrainPanel(W.VBox):
         self._drawing = threading.Lock()
         self._render_s = 0.0  # how long the last drawing took
         style, wide = {"description_width": "130px"}, W.Layout(width="440px")
-        self.extraction = W.Dropdown(options=[], description="Extraction", style=style,
-                                     layout=W.Layout(width="auto", flex="1 1 440px", max_width="720px"),
-                                     tooltip="a COMPLETED extraction of this workspace: its short id, hook points, "
-                                             "tokens, age and model")
+        self.extraction = W.Dropdown(options=[], description="Extraction", style={"description_width": "72px"},
+                                     layout=W.Layout(width="auto", max_width="760px"),  # as Browse's: fits narrow
+                                     tooltip="a COMPLETED extraction of this workspace: when it was made, its "
+                                             "model, dataset and hook points")
         self.hook_point = W.Dropdown(options=[], description="Hook point", style=style, layout=wide)
         self.architecture = W.Dropdown(options=ARCHITECTURES, value="topk", description="Architecture", style=style,
                                        tooltip="top-k: exactly k latents per token; ReLU: an L1 penalty; JumpReLU: "
@@ -202,7 +202,8 @@ class TrainPanel(W.VBox):
                                (self.cancel_button, self.cancel), (self.retry_button, self.retry),
                                (self.resume_button, self.resume), (self.extract_button, self.extract_with_sae)):
             button.on_click(lambda _b, a=action: a())
-        form = W.VBox([W.HBox([self.extraction, self.refresh_button]), self.hook_point, self.architecture,
+        form = W.VBox([W.HBox([self.extraction, self.refresh_button], layout=W.Layout(flex_flow="row wrap")),
+                       self.hook_point, self.architecture,
                        W.HBox([self.size_by, self.size]), W.HBox(list(self.sparsity.values())),
                        W.HBox([self.lr, self.batch_size]), W.HBox([self.length_by, self.length]),
                        W.HBox([self.launch_button, self.busy])])
@@ -607,15 +608,6 @@ def short_run_id(run_id: str) -> str:
     """'sae_20261129_031502_1a2b3c' -> '031502_1a2b3c' (the full id is in the tooltip)."""
     match = re.fullmatch(r"sae_\d{8}_(\d{6}_\w+)", run_id)
     return match.group(1) if match else run_id
-
-
-def extraction_label(row: dict) -> str:
-    """A choice of the Extraction dropdown, what tells extractions apart first (the select shows its start):
-    '094948_d8666a · layers 1,3,5 × residual, mlp · 46,080 tokens · 2 h ago · all-MiniLM-L6-v2'."""
-    created = row.get("created")
-    age = ago(created.timestamp()) if hasattr(created, "timestamp") and created == created else "–"
-    return (f"{short_id(row['id'])} · {summarise_hook_points(row.get('hook_points') or '')} · "
-            f"{int(row.get('tokens_committed') or 0):,} tokens · {age} · {row.get('model')}")
 
 
 def _cell(text: str, title: str | None = None, css: str = "", first: bool = False, wide: bool = False) -> W.HTML:
