@@ -93,6 +93,14 @@ def test_cancel_from_panel(gpt2_dir, workspace):
     assert panel.job.status == "COMPLETED"
 
 
+def test_the_jobs_tab_says_which_workspace_it_lists(gpt2_dir, workspace):
+    import os
+
+    studio = make_studio(workspace, gpt2_dir)
+    header = studio.jobs_panel.children[1].value
+    assert "in the workspace" in header and os.path.abspath(workspace) in header.replace("<wbr>", "")
+
+
 def test_resume_after_the_model_folder_moved(gpt2_dir, workspace, tmp_path):
     """The store's model folder moved: Resume says so and keeps the store; pointed at the new place in the Model
     tab, Resume reads the model there (the same files) and completes."""

@@ -2,6 +2,7 @@
 per-row Cancel / Retry / Resume / Delete (with a confirmation) and the error on demand; Cleanup."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -100,7 +101,9 @@ class JobsPanel(W.VBox):
         self._pending: dict[str, dict] = {}
         self._shown: dict[str, tuple[int, int]] = {}  # a live job's (saved, computed) last drawn: never back
         self._refresh_timer: threading.Timer | None = None
-        super().__init__([stylesheet(), W.HTML("<b>Jobs</b>"),
+        where = workspace.root if workspace.remote else os.path.abspath(workspace.root)
+        super().__init__([stylesheet(), W.HTML(f"<b>Jobs</b> <small>in the workspace <code>{breakable(where)}</code> "
+                                               "(its stores are in extractions/)</small>"),
                           W.HBox([self.refresh_button, self.cleanup_button, self.confirm_button]), self.message,
                           self.confirm_box, self.empty, self.table, self.details])
         self.add_class("mistudio-panel")

@@ -78,7 +78,8 @@ def curves_figure(history: list[dict]) -> Figure:
         points = [(s, h[key]) for s, h in zip(steps, history) if isinstance(h.get(key), (int, float))
                   and math.isfinite(h[key]) and (h[key] > 0 or not log_scale)]
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], color="#0d6efd", linewidth=1.2)
+            ax.plot([p[0] for p in points], [p[1] for p in points], color="#0d6efd", linewidth=1.2,
+                    marker="o" if len(points) == 1 else None, markersize=4)  # one report: a dot, not nothing
             ax.set_title(f"{title}: {points[-1][1]:.3g}", fontsize=9)
         else:
             ax.set_title(title, fontsize=9)
