@@ -51,11 +51,12 @@ def dataset_files(request: Request) -> tuple[Path, dict[str, Identity | None]] |
 
 
 def model_files(request: Request) -> tuple[Path, dict[str, Identity | None]] | None:
-    """The model folder's files that ``from_pretrained`` reads (weights, config, tokenizer), by identity."""
-    folder = model_folder(request.model_spec)
-    if folder is None:  # a Hub model not downloaded yet: the download is what the job will read
+    """A local model folder's files that ``from_pretrained`` reads (weights, config, tokenizer), by identity. None
+    for a Hub id: its cached snapshot is immutable (a download in between only adds the files the job needs)."""
+    if not Path(request.model).expanduser().is_dir():
         return None
-    return folder, files_of(folder, only=file_kind)
+    folder = model_folder(request.model_spec)
+    return None if folder is None else (folder, files_of(folder, only=file_kind))
 
 
 def frozen(request: Request) -> Request:
