@@ -142,12 +142,17 @@ def _fix_for(keys) -> str:
 
 def _json_records(path: Path, encoding: str) -> Iterator[object]:
     """The records of a JSON Lines file (a blank line: None), or of a file holding one JSON array of records (what
-    ``json.dump(rows)`` and ``df.to_json(orient='records')`` write). A UTF-8 byte-order mark is skipped."""
+    ``json.dump(rows)`` and ``df.to_json(orient='records')`` write). A UTF-8 byte-order mark is skipped. A first
+    line holding a list (not token ids) is the whole file's array only when no record follows it."""
     lines = _lines(path, encoding)
+    held, blanks = None, 0  # a first line's list, and the blank lines after it
     for n, line in enumerate(lines):
         line = line.lstrip("\ufeff") if n == 0 else line
         if not line.strip():
-            yield None
+            if held is not None:
+                blanks += 1
+            else:
+                yield None
             continue
         try:
             rec = json.loads(line)
@@ -157,10 +162,16 @@ def _json_records(path: Path, encoding: str) -> Iterator[object]:
                 return
             raise InputError(f"{path} line {n + 1} is not valid JSON ({exc.msg}): fix or remove that line (mistudio "
                              "reads JSON Lines, one record per line, or one JSON array of records)") from exc
-        if n == 0 and isinstance(rec, list) and not _is_token_ids(rec):  # the whole array on one line
-            yield from rec
-            return
+        if n == 0 and isinstance(rec, list) and not _is_token_ids(rec):
+            held = rec
+            continue
+        if held is not None:  # more records follow: the first line was a record of its own
+            yield held
+            yield from [None] * blanks
+            held = None
         yield rec
+    if held is not None:  # the whole array on one line
+        yield from held
 
 
 def _json_array(path: Path, encoding: str, first: str, rest: Iterator[str]) -> Iterator[object]:
@@ -184,7 +195,7 @@ def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[objec
             yield None
             continue
         if column is None or not isinstance(rec, dict):
-            yield rec if column is None or isinstance(rec, str) or _is_token_ids(rec) else None
+            yield rec  # a string, token ids, or what the report counts as not text
             continue
         if first and column not in rec:
             raise InputError(f"text column {column!r} is not in {path}: its first record has keys {sorted(rec)}; "
@@ -545,18 +556,21 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
     template = chat_template_of(tokenizer, spec.chat_template) if spec.chat_template else None
     label = template_label(tokenizer, spec.chat_template) if spec.chat_template else ""
 
-    def keep(row: int, ids: np.ndarray, dropped: int = 0, roles: np.ndarray | None = None) -> None:
+    def keep(row: int, ids: np.ndarray, dropped: int = 0, roles: np.ndarray | None = None,
+             given_ids: bool = False) -> None:
         if limit_len is not None and len(ids) > limit_len:
             ids, dropped = ids[:limit_len], len(ids) - limit_len
         bad = (ids < 0) | (ids >= vocab_size)
         if bad.any():
             first = int(ids[bad][0])
             if spec.oov_policy == "error":
+                cause = ("its ids were made by another tokenizer: tokenize with the model's own (or give the texts)"
+                         if given_ids else "the tokenizer has tokens the model's embedding lacks (tokens added "
+                         "without resize_token_embeddings): resize the model's embeddings and save it")
                 raise InputError(
                     f"dataset row {row} has token id {first}, outside the model's vocabulary (0..{vocab_size - 1}): "
-                    "its ids were made by another tokenizer. Tokenize with the model's own (or give the texts), or "
-                    "«pass oov_policy='skip'» to leave such rows out ('clamp' replaces such ids by the last one: "
-                    "the activations of another text)", param="oov_policy")
+                    f"{cause}, or «pass oov_policy='skip'» to leave such rows out ('clamp' replaces such ids by the "
+                    "last one: the activations of another text)", param="oov_policy")
             if spec.oov_policy == "skip":
                 out.skip("oov")
                 return
@@ -609,7 +623,7 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
                 flush()
         elif _is_token_ids(value):
             flush()
-            keep(row, np.asarray(value, dtype=np.int64))
+            keep(row, np.asarray(value, dtype=np.int64), given_ids=True)
         else:
             out.skip(_why_not_text(value))
     flush()

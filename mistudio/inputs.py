@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .fingerprints import file_kind, model_folder
+from .fingerprints import file_kind
 from .request import Request
 from .specs import pandas_kind
 
@@ -51,12 +51,11 @@ def dataset_files(request: Request) -> tuple[Path, dict[str, Identity | None]] |
 
 
 def model_files(request: Request) -> tuple[Path, dict[str, Identity | None]] | None:
-    """A local model folder's files that ``from_pretrained`` reads (weights, config, tokenizer), by identity. None
-    for a Hub id: its cached snapshot is immutable (a download in between only adds the files the job needs)."""
-    if not Path(request.model).expanduser().is_dir():
-        return None
-    folder = model_folder(request.model_spec)
-    return None if folder is None else (folder, files_of(folder, only=file_kind))
+    """A local model folder's files that ``from_pretrained`` reads (weights, config, tokenizer), by identity, through
+    the path as given (a link repointed since, 'latest' -> another checkpoint, shows as changed). None for a Hub id:
+    its cached snapshot is immutable (a download in between only adds the files the job needs)."""
+    path = Path(request.model).expanduser()
+    return (path, files_of(path, only=file_kind)) if path.is_dir() else None
 
 
 def frozen(request: Request) -> Request:

@@ -179,3 +179,35 @@ def test_a_broken_json_array_names_the_file_and_the_fix(gpt2_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
     with pytest.raises(ms.InputError, match=r"rows.json starts with '\[' but is not one JSON array .*JSON Lines"):
         data.tokenize(Request.build(model=gpt2_dir, dataset=str(path), **ARGS), tokenizer, len(tokenizer))
+
+
+def test_a_first_line_holding_a_list_is_one_row_when_more_follow(gpt2_dir, tmp_path):
+    """JSON Lines whose first record is a list (not token ids) are still read line by line: every row is counted,
+    none is lost (a one-line file is the whole array)."""
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    path = tmp_path / "rows.jsonl"
+    path.write_text('["header"]\n' + "".join(json.dumps({"text": t}) + "\n" for t in TEXTS3))
+    got = data.tokenize(Request.build(model=gpt2_dir, dataset=str(path), **ARGS), tokenizer, len(tokenizer))
+    assert [tokenizer.decode(ids) for ids in got.ids] == TEXTS3
+    assert got.n_rows_read == 4 and got.skipped == {"not_text": 1}
+    path.write_text("".join(json.dumps([t, t]) + "\n" for t in TEXTS3))  # lists of sentences: said, not lost
+    with pytest.raises(ms.InputError, match="no usable rows: 3 read, skipped: 3 not text"):
+        data.tokenize(Request.build(model=gpt2_dir, dataset=str(path), **ARGS), tokenizer, len(tokenizer))
+    path.write_text("[]\n" + "".join(json.dumps(tokenizer(t)["input_ids"]) + "\n" for t in TEXTS3))
+    got = data.tokenize(Request.build(model=gpt2_dir, dataset=str(path), **ARGS), tokenizer, len(tokenizer))
+    assert [tokenizer.decode(ids) for ids in got.ids] == TEXTS3 and got.n_rows_read == 4
+
+
+def test_text_whose_tokenizer_outgrew_the_model_says_so(gpt2_dir, tmp_path):
+    """A tokenizer given tokens the model's embedding lacks (no resize_token_embeddings): text with them stops the
+    job naming that cause, not 'another tokenizer'."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(gpt2_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    vocab = len(tokenizer)
+    tokenizer.add_tokens(["<newtok>"])
+    tokenizer.save_pretrained(model)
+    with pytest.raises(ms.InputError, match=rf"row 0 has token id {vocab}, .*tokens the model's embedding lacks"):
+        data.tokenize(Request.build(model=str(model), dataset=["a <newtok> b"], **ARGS), tokenizer, vocab)

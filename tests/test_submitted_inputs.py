@@ -104,3 +104,21 @@ def test_the_check_names_the_file_and_the_time(tmp_path, gpt2_dir):
     with pytest.raises(InputError, match=r"the dataset changed after this job was submitted \(at \d\d:\d\d:\d\d\): "
                                          r"rows.txt in .* was written"):
         submitted.check_dataset()
+
+
+def test_a_link_repointed_after_submit_fails_its_job(gpt2_dir, busy, tmp_path):
+    """model='latest', a link a training loop repoints to its newest checkpoint: the job must not run on the one
+    saved after submit under the name it was submitted with."""
+    ws, release = busy
+    first, second = tmp_path / "ckpt-1", tmp_path / "ckpt-2"
+    shutil.copytree(gpt2_dir, first)
+    shutil.copytree(gpt2_dir, second)
+    resave(second, seed=2)
+    latest = tmp_path / "latest"
+    latest.symlink_to(first)
+    job = ws.submit(str(latest), ["a text"], **OPTIONS)
+    latest.unlink()
+    latest.symlink_to(second)
+    release.set()
+    assert job.wait(120).status == "FAILED"
+    assert "the model changed after this job was submitted" in job.error["error_message"]
