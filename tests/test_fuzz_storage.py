@@ -229,8 +229,10 @@ def mutated(draw):
         parent[where[-1]] = draw(JSON)
     elif how == "drop":
         del parent[where[-1]]
-    else:
-        parent[draw(st.text(min_size=1, max_size=6))] = draw(JSON)
+    else:  # a field added beside it: that is where an error points
+        added = draw(st.text(min_size=1, max_size=6))
+        parent[added] = draw(JSON)
+        where = (*where[:-1], added)
     return doc, where
 
 

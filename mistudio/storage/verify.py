@@ -167,10 +167,12 @@ class _Scan:
         if self.report.decoded and not any(p.array and p.array.startswith("latents/") for p in self.report.problems):
             for hp, info in (meta.get("latents") or {}).items():
                 self.check_feature_index(group, hp, info, mark, n_tokens, meta.get("status") == "COMPLETED")
+        group_file = f"{self.location}/zarr.json"  # where the progress is recorded
         if meta.get("status") == "COMPLETED" and done != n_samples:
-            self.problem(f"status is COMPLETED but only {done} of {n_samples} samples are committed")
+            self.problem(f"status is COMPLETED but only {done} of {n_samples} samples are committed", file=group_file)
         if not (0 <= done <= n_samples and 0 <= committed <= n_tokens):
-            self.problem(f"progress is out of range: {done} of {n_samples} samples, {committed} of {n_tokens} tokens")
+            self.problem(f"progress is out of range: {done} of {n_samples} samples, {committed} of {n_tokens} tokens",
+                         file=group_file)
             return
         offset_arrays = [p for p in ("tokens/sample_offsets", "tokens/activation_offsets") if p in expected]
         if not self.report.decoded or any(p.array in offset_arrays for p in self.report.problems):
