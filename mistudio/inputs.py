@@ -83,19 +83,20 @@ class SubmittedInputs:
 
     def check_dataset(self) -> None:
         """Raise InputError when the dataset's files changed since submit (call it after the job read them)."""
-        self._check(self.dataset, "dataset", "the dataset", "write each version to a file of its own (or pass "
+        self._check(self.dataset, None, "dataset", "the dataset", "write each version to a file of its own (or pass "
                     "the rows as a list), or submit once the file is final")
 
     def check_model(self) -> None:
         """Raise InputError when the model folder's files changed since submit (call it after the job loaded it)."""
-        self._check(self.model, "model", "the model", "save each version to a folder of its own (e.g. "
+        self._check(self.model, file_kind, "model", "the model", "save each version to a folder of its own (e.g. "
                     "save_pretrained(f'ckpt-{step}')), or submit once the folder is final")
 
-    def _check(self, recorded, param: str, what: str, fix: str) -> None:
+    def _check(self, recorded, only, param: str, what: str, fix: str) -> None:
+        """``recorded``: (path, identities) as :func:`files_of` took them with ``only``; taken again and compared."""
         if recorded is None:
             return
         path, before = recorded
-        after = files_of(path, only=file_kind if param == "model" else None)
+        after = files_of(path, only=only)
         changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
         if not changed:
             return

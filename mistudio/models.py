@@ -160,7 +160,6 @@ def model_source(spec: ModelSpec) -> str:
     return name
 
 
-
 def _hub_error(name: str, exc: Exception) -> InputError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such model"

@@ -129,13 +129,13 @@ class _Scan:
             if status == "COMPLETED":
                 self.problem("status is COMPLETED but no arrays were ever allocated", file=group_file)
             return
-        self.check_progress(group, meta)
+        self.check_progress(group, meta, group_file)
         recorded = (meta.get("storage") or {}).get("checksum")
         if recorded is not None and self.report.checksums is not None and recorded != self.report.checksums:
             self.problem(f"the metadata says checksum={recorded} but the arrays say {self.report.checksums}",
                          file=group_file)
 
-    def check_progress(self, group: zarr.Group, meta: dict) -> None:
+    def check_progress(self, group: zarr.Group, meta: dict, group_file: str) -> None:
         progress, mark = meta["progress"], self.report.commit_mark
         n_tokens, n_samples = int(progress["tokens_total"]), int(progress.get("samples_total", -1))
         done, committed = int(progress.get("samples_committed", 0)), int(progress.get("tokens_committed", 0))
@@ -167,7 +167,6 @@ class _Scan:
         if self.report.decoded and not any(p.array and p.array.startswith("latents/") for p in self.report.problems):
             for hp, info in (meta.get("latents") or {}).items():
                 self.check_feature_index(group, hp, info, mark, n_tokens, meta.get("status") == "COMPLETED")
-        group_file = f"{self.location}/zarr.json"  # where the progress is recorded
         if meta.get("status") == "COMPLETED" and done != n_samples:
             self.problem(f"status is COMPLETED but only {done} of {n_samples} samples are committed", file=group_file)
         if not (0 <= done <= n_samples and 0 <= committed <= n_tokens):

@@ -12,8 +12,8 @@ from ..analysis.feature_view import display_pieces, feature_view, feature_view_h
 from ..analysis.stats import describe_examples
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import (PerThreadFlag, busy, error_box, esc, extraction_label, for_ui, guard, note_box, short_id,
-                     store_notes, stylesheet, summarise_hook_points)
+from .common import (PerThreadFlag, busy, error_box, esc, extraction_label, for_ui, guard, note_box, store_notes,
+                     stylesheet)
 
 PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"), ("histogram", "Feature histogram"))
 TOKEN_WINDOW = 64  # tokens drawn around the feature's peak in a row (like the 64-feature window)

@@ -333,7 +333,7 @@ def _bundled_path() -> str | None:
 
 
 def extraction_label(row: dict) -> str:
-    """An extraction as a dropdown entry (Browse, Features), short enough for a narrow window: date and time ·
+    """An extraction as a dropdown entry (Browse, Features, Train), short enough for a narrow window: date and time ·
     model · dataset · hook points, and the status unless COMPLETED ('11-30 10:47:03 · all-MiniLM-L6-v2 · sample ·
     layers 1,3,5 × residual'). The line under the dropdown names the chosen one in full."""
     created = row.get("created")

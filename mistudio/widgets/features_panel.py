@@ -34,8 +34,8 @@ from ..analysis.prompt import prompt_features
 from ..errors import InputError
 from ..extraction import Extraction
 from ..workspace import Workspace
-from .common import (PerThreadFlag, answers_no_request, error_box, esc, extraction_label, for_ui, guard, note_box,
-                     summarise_hook_points)
+from .common import (PerThreadFlag, answers_no_request, error_box, esc, extraction_label, for_ui, guard,
+                     note_box)
 
 log = logging.getLogger("mistudio")
 

@@ -24,7 +24,7 @@ from ..storage.metadata import LIVE_STATES
 from ..training import TrainingJob, list_trainings, make_config, submit_training, training_job
 from ..workspace import Workspace
 from .common import (PLAIN_ERRORS, ago, answers_no_request, badge, breakable, duration, error_box, esc,
-                     extraction_label, for_ui, note_box, short_id, studio_names, stylesheet, summarise_hook_points)
+                     extraction_label, for_ui, note_box, short_id, studio_names, stylesheet)
 
 ARCHITECTURES = (("top-k", "topk"), ("ReLU", "standard"), ("JumpReLU", "jumprelu"))
 SPARSITY_FIELD = {"topk": "k", "standard": "l1_coefficient", "jumprelu": "l0_coefficient"}
