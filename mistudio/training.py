@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -32,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .analysis.sae_training import (CHECKPOINT_DIR, CHECKPOINT_FILE, SAE_DIR, TrainConfig, TrainingPlan,
-                                    check_setting_names, evaluate_sae, plan_training, train_sae)
+from .analysis.sae_training import (SAE_DIR, TrainConfig, TrainingPlan, check_setting_names, evaluate_sae,
+                                    plan_training, train_sae)
 from .errors import InputError, JobCancelled, JobTimeout, StoreBusy, StoreLost, classify, render
 from .extraction import Extraction
 from .jobs import Handle, call_all
@@ -44,7 +45,7 @@ from .saes import SAE, load_sae
 from .specs import ModelSpec
 from .storage.files import write_atomic
 from .storage.liveness import heartbeat, live_owner
-from .storage.metadata import LIVE_STATES, ErrorRecord, Heartbeat, Status, new_nonce, now
+from .storage.metadata import LIVE_STATES, ErrorRecord, Heartbeat, Status, can_resume, new_nonce, now
 
 if TYPE_CHECKING:
     from .workspace import Workspace
@@ -413,7 +414,7 @@ class TrainingJob(Handle):
         except JobCancelled:
             self._end(lambda: self._set_state(Status.CANCELLED, error=None, timings={"finished": now()}))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a FAILED record
-            self._end(lambda: self._fail(exc))
+            self._end(functools.partial(self._fail, exc))
         finally:
             stop.set()
             beat.join()
@@ -559,8 +560,8 @@ class TrainingJob(Handle):
             template = (f"{exc} Resume it to continue from its last checkpoint (each resumed run has the same time "
                         "again), or retry it with fewer tokens («pass n_tokens»).")
             error.update(error_message=render(template), error_template=template)
-        checkpoint = (self.folder / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
-        error.setdefault("resume_available", checkpoint or error["error_type"] != "VALIDATION")
+        # a bad setting fails again on resume, checkpoint or not: the one rule is storage.metadata.can_resume's
+        error.setdefault("resume_available", error["error_type"] != "VALIDATION")
         error.update(retry_available=True, cancel_available=False, failed_at=now())
         return error
 
@@ -686,7 +687,7 @@ def resume_training(ws: "Workspace", run_id: str) -> TrainingJob:
         raise InputError(f"training run {run_id} is already COMPLETED: nothing to resume (retry trains again, with "
                          "other settings if you pass them)")
     error = record.error
-    if error is not None and (error.error_type == "VALIDATION" or not error.resume_available):
+    if not can_resume(record.status, error):
         raise InputError(f"training run {run_id} cannot resume: it failed [{error.error_type}] "
                          f"{error.error_message.rstrip('.')}. Resuming would fail again: retry it (with the settings "
                          "corrected) instead")

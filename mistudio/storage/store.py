@@ -13,7 +13,7 @@ import numpy as np
 import pydantic
 import zarr
 
-from ..errors import InputError, StoreCorrupted, StoreLost
+from ..errors import StoreCorrupted, StoreLost
 from . import metadata
 from .codec import fast_layout
 from .files import fsync_dir, write_atomic

@@ -14,7 +14,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .codec import Damaged, FastReader, Geometry
-from .layout import has_checksum, storage_unit, unit_key, unit_name, unit_rows, units
+from .layout import has_checksum, storage_unit, unit_key, unit_name, units
 from .metadata import END_STATES, LIVE_STATES
 from ..errors import StoreCorrupted
 from .reads import DECODE_ERRORS, CheckedArray, damage, missing_units

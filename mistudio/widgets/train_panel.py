@@ -20,7 +20,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocato
 from ..analysis.plots import to_png
 from ..analysis.sae_training import TrainConfig
 from ..errors import InputError, render
-from ..storage.metadata import LIVE_STATES
+from ..storage.metadata import LIVE_STATES, can_resume
 from ..training import TrainingJob, list_trainings, make_config, submit_training, training_job
 from ..workspace import Workspace
 from .common import (PLAIN_ERRORS, ago, answers_no_request, badge, breakable, duration, error_box, esc,
@@ -119,12 +119,7 @@ def _number(value: Any, digits: int = 3) -> str:
 
 def resumable(job: TrainingJob | None) -> bool:
     """Resume can succeed: a cancelled run, or a failure whose record offers it (never a bad setting)."""
-    if job is None:
-        return False
-    status, error = job.status, job.error or {}
-    if status == "CANCELLED":
-        return True
-    return status == "FAILED" and bool(error.get("resume_available")) and error.get("error_type") != "VALIDATION"
+    return job is not None and can_resume(job.status, job.error)
 
 
 class TrainPanel(W.VBox):
