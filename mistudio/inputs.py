@@ -5,12 +5,15 @@ minutes after ``submit`` returned. A notebook that rewrites ``data.jsonl`` (or r
 again, in a loop, would otherwise get every store filled from the last version, each labelled as its own. So:
 
 - in-memory data (a list, a DataFrame, a Series) is copied at submit: changing it afterwards changes no job;
-- files are recorded at submit by identity (size, modification time, inode) and checked again once the job has
-  read them: a file that changed in between fails the job, saying which file and how to avoid it.
+- files are recorded at submit by identity (size, modification time, inode), and the smaller ones, up to
+  ``DIGEST_BUDGET`` bytes an input, by a digest of their bytes too. They are checked again once the job has read
+  them: a file that changed in between fails the job, saying which file and how to avoid it. A file whose identity
+  changed but whose digest did not (a loop that regenerates the same rows before each submit) is not a change.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from .request import Request
 from .specs import pandas_kind
 
 Identity = tuple[int, int, int]  # size, modification time (ns), inode
+DIGEST_BUDGET = 64 * 2**20  # bytes of an input's files hashed at submit (smallest first): ~0.1 s of the notebook's
 
 
 def _identity(path: Path) -> Identity | None:
@@ -39,6 +43,30 @@ def files_of(path: Path, only=None) -> dict[str, Identity | None]:
     if not path.is_dir():
         return {}
     return {p.name: _identity(p) for p in sorted(path.iterdir()) if p.is_file() and (only is None or only(p.name))}
+
+
+def _digest(path: Path) -> str | None:
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def digests_of(path: Path, identities: dict[str, Identity | None]) -> dict[str, str | None]:
+    """Digests of the bytes of ``identities``' files in ``path`` (a file, or a folder), smallest first, while they
+    fit in ``DIGEST_BUDGET`` bytes in all (a larger file is held by identity alone)."""
+    folder = path if path.is_dir() else path.parent
+    digests, spent = {}, 0
+    for name, identity in sorted((kv for kv in identities.items() if kv[1] is not None), key=lambda kv: kv[1][0]):
+        spent += identity[0]
+        if spent > DIGEST_BUDGET:
+            break
+        digests[name] = _digest(folder / name)
+    return digests
 
 
 def dataset_files(request: Request) -> tuple[Path, dict[str, Identity | None]] | None:
@@ -75,11 +103,14 @@ class SubmittedInputs:
 
     dataset: tuple[Path, dict[str, Identity | None]] | None = None
     model: tuple[Path, dict[str, Identity | None]] | None = None
+    digests: dict[str, dict[str, str | None]] = field(default_factory=dict)  # "dataset"/"model": digests_of's
     at: float = field(default_factory=time.time)
 
     @classmethod
     def of(cls, request: Request) -> "SubmittedInputs":
-        return cls(dataset=dataset_files(request), model=model_files(request))
+        dataset, model = dataset_files(request), model_files(request)
+        return cls(dataset=dataset, model=model, digests={
+            param: digests_of(*recorded) for param, recorded in (("dataset", dataset), ("model", model)) if recorded})
 
     def check_dataset(self) -> None:
         """Raise InputError when the dataset's files changed since submit (call it after the job read them)."""
@@ -97,7 +128,11 @@ class SubmittedInputs:
             return
         path, before = recorded
         after = files_of(path, only=only)
-        changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+        changed = [n for n in before.keys() | after.keys() if before.get(n) != after.get(n)]
+        digests, folder = self.digests.get(param, {}), path if path.is_dir() else path.parent
+        same_bytes = {n for n in changed if digests.get(n) and after.get(n) and after[n][0] == before[n][0]
+                      and _digest(folder / n) == digests[n]}
+        changed = sorted(set(changed) - same_bytes)
         if not changed:
             return
         at = time.strftime("%H:%M:%S", time.localtime(self.at))

@@ -122,3 +122,49 @@ def test_a_link_repointed_after_submit_fails_its_job(gpt2_dir, busy, tmp_path):
     release.set()
     assert job.wait(120).status == "FAILED"
     assert "the model changed after this job was submitted" in job.error["error_message"]
+
+
+def rewrite(path, text: str) -> None:
+    """Write ``text`` as a new file in ``path``'s place (a new inode and modification time), as most tools save."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def test_a_dataset_rewritten_with_the_same_bytes_still_runs(gpt2_dir, busy, tmp_path):
+    """A loop that regenerates the same file before each submit (one job per layer, say) changes no data: every
+    queued job runs. A same-size rewrite with other bytes is still caught."""
+    ws, release = busy
+    data, other = tmp_path / "rows.jsonl", tmp_path / "other.jsonl"
+    jobs = []
+    for layer in (0, 1):
+        write_rows(data, "apples")
+        jobs.append(ws.submit(gpt2_dir, str(data), **{**OPTIONS, "layers": [layer]}))
+    rewrite(data, data.read_text())
+    write_rows(other, "apples")
+    changed = ws.submit(gpt2_dir, str(other), **OPTIONS)
+    rewrite(other, other.read_text().replace("apples", "grapes"))  # the same size, other rows
+    release.set()
+    for job in jobs:
+        assert job.wait(120).status == "COMPLETED", job.error
+        assert first_text(job).startswith("apples number 0")
+    assert changed.wait(120).status == "FAILED"
+    assert "changed after this job was submitted" in changed.error["error_message"]
+
+
+def test_files_past_the_digest_budget_are_held_by_identity(tmp_path, gpt2_dir, monkeypatch):
+    """Submit reads at most DIGEST_BUDGET bytes of an input (a large file would make submit slow): past that, a
+    rewrite with the same bytes is reported as a change, loudly, never missed."""
+    from mistudio import inputs
+    from mistudio.request import Request
+
+    data = tmp_path / "rows.txt"
+    data.write_text("one\ntwo\n")
+    request = Request.build(model=gpt2_dir, dataset=str(data), layers=[0])
+    held = inputs.SubmittedInputs.of(request)
+    monkeypatch.setattr(inputs, "DIGEST_BUDGET", 4)
+    by_identity = inputs.SubmittedInputs.of(request)
+    rewrite(data, "one\ntwo\n")
+    held.check_dataset()
+    with pytest.raises(InputError, match="rows.txt"):
+        by_identity.check_dataset()
