@@ -210,8 +210,9 @@ def test_jobs_tab_actions_and_rebuild_after_restart(gpt2_dir, workspace, tmp_pat
     assert [r["id"] for r in preview] == [ghost.id] and "Delete these" == jobs.confirm_button.description
     jobs.confirm_button.click()
     assert [r["id"] for r in jobs.rows] == [panel.job.id]
-    # per-row Retry on the completed one starts a linked job and shows it in the Extract tab
+    # per-row Retry on the completed one (asks first: a full rerun) starts a linked job and shows it in Extract
     jobs.cells[panel.job.id]["buttons"]["Retry"].click()
+    jobs.confirm_retry_button.click()
     new = rebuilt.extraction_panel.job
     assert new is not None and new.meta["retry_of"] == panel.job.id
     new.wait(60)
@@ -690,7 +691,7 @@ def test_issue10_browse_hides_special_and_outlier_tokens(minilm_dir, workspace, 
     assert browser.hidden["row_tokens"] == n_special
     assert browser.hidden["rows"] == int(browser.ext.store.tokens("special")[:].sum())
     assert "[[[CLS]]]" not in browser.top_table.value and "[[[SEP]]]" not in browser.top_table.value
-    for name in ("heatmap", "norms", "histogram"):
+    for name in ("heatmap", "norms"):  # the histogram: in the feature view (tests/test_studio_leftovers.py)
         assert browser.images[name].value != shown[name], name
 
     browser.hide_special.value = False  # outliers: a store's statistics, made low here so some tokens pass them

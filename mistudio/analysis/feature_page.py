@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 from ..errors import InputError
 from .feature_view import _shade as shade  # the Browse tab's shading, shared
-from .feature_view import display_pieces, escape  # the one escaping helper of the views and pages
+from .feature_view import display_pieces, escape, token_label  # the one escaping helper of the views and pages
 
 PAGE_KEYS = ("extraction", "hook_point", "feature", "kind", "d", "n_tokens", "fire_count", "density", "mean",
              "mean_active", "max", "histogram", "top", "bands", "token_means", "logits", "correlated", "note",
@@ -187,8 +187,8 @@ def _bar(value: float, scale: float, colour: str, width: int = 70) -> str:
 
 
 def _piece(token: Any, scheme: str) -> str:
-    text = display_pieces([str(token)], scheme)[0]
-    return f"<code>{escape(text)}</code>"
+    """A token named on its own (token means, logit effects): :func:`~.feature_view.token_label`."""
+    return f"<code>{escape(token_label(token, scheme))}</code>"
 
 
 def _logits(page: dict, scheme: str) -> str:

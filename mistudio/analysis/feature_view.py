@@ -343,6 +343,24 @@ def display_pieces(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
     return out
 
 
+# A token's whitespace as a label shows it: the byte-level BPE / SentencePiece markers and plain whitespace alike.
+_MARKERS = {"Ġ": "␣", "▁": "␣", "Ċ": "↵", "ĉ": "⇥", "č": "␍"}
+_WHITESPACE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
+def token_label(token: Any, scheme: str = "auto") -> str:
+    """A token named on its own (a table cell, a list entry, a plot's tick label), the one spelling every tab uses:
+    the tokenizer's own piece with its whitespace made visible. WordPiece pieces and special tokens stay as the
+    tokenizer writes them (``'##uming'``, ``'paris'``, ``'[SEP]'``, ``'<|endoftext|>'``); GPT-2's ``'Ġthe'`` and
+    SentencePiece's ``'▁the'`` read ``'␣the'``, a newline ``'↵'``, a tab ``'⇥'``; other control characters as
+    ``\\xNN``; an empty piece ``'∅'``. Plain text: escape it (:func:`escape`) for HTML. Running text (pieces
+    joined) is :func:`display_pieces`' job."""
+    text = str(token)
+    marks = _WHITESPACE if scheme == "wordpiece" else {**_WHITESPACE, **_MARKERS}
+    out = "".join(marks.get(c, c if c.isprintable() else repr(c)[1:-1]) for c in text)
+    return out or "∅"
+
+
 def escape(value: Any) -> str:
     """The one way a string from data (a token, a hook point, a feature's name, a note; in the widgets, as
     ``mistudio.widgets.common.esc``: a job id, a model or dataset name, an error, a path) reaches HTML:
@@ -414,8 +432,8 @@ def feature_view_html(view: dict, special_tokens: Sequence[str] = (), scheme: st
         parts.append(examples_html(band["examples"], special_tokens, scheme, scale))
     means = view.get("token_means", [])
     if means:
-        pieces = [display_pieces([m["token"]], scheme)[0] for m in means]
-        cells = "".join(f"<tr><td style='white-space:pre'>{escape(repr(p.strip() or p)[1:-1])}</td>"
+        pieces = [token_label(m["token"], scheme) for m in means]
+        cells = "".join(f"<tr><td style='white-space:pre'>{escape(p)}</td>"
                         f"<td>{float(m['mean']):.3g}</td><td>{int(m['count']):,}</td></tr>"
                         for p, m in zip(pieces, means))
         parts.append("<h4 style='margin:8px 0 2px'>Highest mean activation per token string</h4>"

@@ -23,7 +23,7 @@ from ..storage.featstats import BANDS, FeatureStatistics, sample_keys
 from ..storage.reads import DECODE_ERRORS
 from ..storage.store import open_group
 from .feature_view import (LATENT_SUFFIX, Memo, display_pieces, is_latent, row_token_ids, rows_at, store_key,
-                           token_means, token_means_many, tokenizer_scheme, values_at)
+                           token_label, token_means, token_means_many, tokenizer_scheme, values_at)
 from .logit_effects import ENCODER_TYPES, Unembedding, logit_effects, neuron_logit_effects
 
 if TYPE_CHECKING:
@@ -430,7 +430,8 @@ class FeatureTable:
     def page(self, index: int, size: int = 50, n_tokens: int = 3) -> list[dict]:
         """Rows ``index * size`` to ``(index + 1) * size`` of the arranged table: ``feature``, ``density``,
         ``fire_count``, ``mean``, ``mean_active``, ``max``, ``top_tokens`` (the distinct tokens of the top
-        examples, as text, at most ``n_tokens``) and ``note`` (whether one is saved)."""
+        examples, as text, at most ``n_tokens``), ``top_token_ids`` and ``top_token_labels`` (their ids, and
+        names as every tab spells a token: :func:`token_labels`) and ``note`` (whether one is saved)."""
         chosen = self.order[index * size:(index + 1) * size]
         s = self.stats
         top_rows = s.topk_rows[chosen][:, :max(8, n_tokens)] if len(chosen) else np.zeros((0, 0), np.int64)
@@ -438,20 +439,23 @@ class FeatureTable:
         usable = (top_rows >= 0) & (top_rows < len(row_ids))
         ids = np.where(usable, row_ids[np.where(usable, top_rows, 0)], -1) if len(row_ids) else \
             np.full(top_rows.shape, -1)
-        vocab = token_texts(self.ext)
+        vocab, labels = token_texts(self.ext), token_labels(self.ext)
         noted = notes(self.ext, self.hook_point)
         rows = []
         for f, feature_ids in zip(chosen, ids):
             shown: list[str] = []
+            shown_ids: list[int] = []
             for i in feature_ids:
                 text = vocab[int(i)] if 0 <= i < len(vocab) else None
                 if text is not None and text not in shown:
                     shown.append(text)
+                    shown_ids.append(int(i))
                 if len(shown) == n_tokens:
                     break
             rows.append({"feature": int(f), "density": float(s.density[f]), "fire_count": int(s.fire_count[f]),
                          "mean": float(s.mean[f]), "mean_active": float(s.fire_mean[f]), "max": float(s.max[f]),
-                         "top_tokens": shown, "note": int(f) in noted})
+                         "top_tokens": shown, "top_token_ids": shown_ids,
+                         "top_token_labels": [labels[i] for i in shown_ids], "note": int(f) in noted})
         return rows
 
 
@@ -470,6 +474,18 @@ def token_texts(ext: "Extraction") -> list[str]:
         return [display_pieces([n], "bpe")[0] for n in names]
 
     return _VOCABULARIES.get(ext.record.model.name_or_path, compute)
+
+
+def token_labels(ext: "Extraction") -> list[str]:
+    """Each token id named as every tab names a token (:func:`~.feature_view.token_label`: the tokenizer's piece,
+    whitespace visible: ``'##uming'``, ``'␣the'``, ``'[SEP]'``); kept in memory per model."""
+    tokenizer = ext.tokenizer
+
+    def compute() -> list[str]:
+        scheme = tokenizer_scheme(tokenizer)
+        return [token_label(n, scheme) for n in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+
+    return _VOCABULARIES.get(("labels", ext.record.model.name_or_path), compute)
 
 
 def match_tokens(ext: "Extraction", text: str) -> list[int]:

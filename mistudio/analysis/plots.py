@@ -7,6 +7,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from .feature_view import token_label, tokenizer_scheme
 from .stats import check_feature
 
 if TYPE_CHECKING:
@@ -17,8 +18,10 @@ WIDTH = 9.0  # inches: every figure the same width, so they show at one scale
 LABEL_CHARS = 48
 
 
-def _clean(token: str) -> str:
-    return token.replace("Ġ", "·").replace("▁", "·").replace("Ċ", "\\n")
+def _labels(ext: "Extraction", tokens: list[str]) -> list[str]:
+    """Tokens as tick and table labels: :func:`~.feature_view.token_label`, the spelling every tab uses."""
+    scheme = tokenizer_scheme(ext.tokenizer)
+    return [token_label(t, scheme) for t in tokens]
 
 
 def feature_window(feature: int | None, d: int, size: int = 64) -> slice:
@@ -93,7 +96,7 @@ def heatmap(ext: "Extraction", row: int, hook_point: str, features: slice | None
         peak = None
     a, b = tokens.start or 0, min(tokens.stop, n)
     values = np.asarray(acts[a:b, features], dtype=np.float32)
-    names = [f"{_clean(t)}" for t in sample["tokens"][a:b]]
+    names = _labels(ext, sample["tokens"][a:b])
     values, names, hidden = _drop(values, names, None if hide is None else np.asarray(hide)[a:b])
     fig = Figure(figsize=(WIDTH, min(10.0, 1.8 + len(names) * 0.16)), layout="constrained")
     ax = fig.add_subplot()
@@ -144,7 +147,7 @@ def layer_norms(ext: "Extraction", row: int, kind: str = "residual", hide: np.nd
     if tokens is None:
         tokens = token_window(n, peak_position(norms[points[-1]], hide) if points else None, max_tokens)
     a, b = tokens.start or 0, min(tokens.stop, n)
-    names = [_clean(t) for t in sample["tokens"][a:b]]
+    names = _labels(ext, sample["tokens"][a:b])
     part = None if hide is None else np.asarray(hide)[a:b]
     fig = Figure(figsize=(WIDTH, 3.8), layout="constrained")
     ax = fig.add_subplot()
@@ -218,11 +221,11 @@ def top_tokens(ext: "Extraction", hook_point: str, feature: int, k: int = 15, co
         pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
         start, stop = int(offsets[pos]), int(offsets[pos + 1])
         lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
-        window = ext.tokenizer.convert_ids_to_tokens([int(i) for i in ids[lo:hi]])
+        window = _labels(ext, ext.tokenizer.convert_ids_to_tokens([int(i) for i in ids[lo:hi]]))
         at = int(token_index) - lo
         out.append({"value": float(values[best_row]), "row": int(rows[pos]), "position": int(token_index) - start,
-                    "token": _clean(window[at]),
-                    "context": " ".join(_clean(t) if i != at else f"[[{_clean(t)}]]" for i, t in enumerate(window))})
+                    "token": window[at],
+                    "context": " ".join(t if i != at else f"[[{t}]]" for i, t in enumerate(window))})
     return out
 
 

@@ -1,6 +1,7 @@
-"""Browse tab: pick an extraction, hook point, row and feature; heatmap, norms and histogram inline with the
-feature's top tokens as a table; and the feature view (top examples over the whole store, quantile samples,
-token means) as HTML. Every slow action shows it is busy; the info line says what is shown, never the last one.
+"""Browse tab: pick an extraction, hook point, row and feature; heatmap and norms inline with the feature's top
+tokens as a table; and the feature view (its histogram, top examples over the whole store, quantile samples,
+token means). Tokens are named as in every tab (``token_label``). Every slow action shows it is busy; the info line
+says what is shown, never the last one.
 """
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import ipywidgets as W
 import numpy as np
 
 from ..analysis import plots
-from ..analysis.feature_view import display_pieces, feature_view, feature_view_html, tokenizer_scheme
+from ..analysis.feature_view import feature_view, feature_view_html, token_label, tokenizer_scheme
 from ..analysis.stats import describe_examples
 from ..extraction import Extraction
 from ..workspace import Workspace
 from .common import (PerThreadFlag, busy, error_box, esc, extraction_label, for_ui, guard, note_box, store_notes,
                      stylesheet)
 
-PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"), ("histogram", "Feature histogram"))
+PLOTS = (("heatmap", "Token × feature"), ("norms", "Norm per layer"))  # the histogram: in the feature view
 TOKEN_WINDOW = 64  # tokens drawn around the feature's peak in a row (like the 64-feature window)
 CONTEXT = 8
 
@@ -54,9 +55,9 @@ def token_means_html(means: list[dict], scheme: str, min_count: int) -> str:
     pad = "padding:2px 14px"
     rows = "".join(
         f"<tr><td style='{pad} 2px 0;white-space:pre;font-family:var(--jp-code-font-family,monospace)'>"
-        f"{esc(repr(piece.strip() or piece)[1:-1])}</td><td style='{pad};text-align:right'>{m['mean']:.3g}</td>"
+        f"{esc(token_label(m['token'], scheme))}</td><td style='{pad};text-align:right'>{m['mean']:.3g}</td>"
         f"<td style='{pad};text-align:right'>{m['count']:,}</td></tr>"
-        for piece, m in zip((display_pieces([m["token"]], scheme)[0] for m in means), means))
+        for m in means)
     return ("<h4 style='margin:8px 0 2px'>Highest mean activation per token string "
             f"<small>(tokens seen at least {min_count:,} times)</small></h4>"
             "<table class='ms-token-means' style='border-collapse:collapse'><tr>"
@@ -96,10 +97,11 @@ class ActivationBrowser(W.VBox):
                                           tooltip="the token-mean table lists token strings seen at least this "
                                                   "often")
         self.plot_button = W.Button(description="Plot", button_style="primary", icon="bar-chart",
-                                    tooltip="the row's heatmap and norms (64 tokens around the feature's peak), the "
-                                            "feature's histogram and top tokens", layout=W.Layout(width="auto"))
+                                    tooltip="the row's heatmap and norms (64 tokens around the feature's peak) and "
+                                            "the feature's top tokens", layout=W.Layout(width="auto"))
         self.view_button = W.Button(description="Feature view", icon="search", button_style="info",
-                                    tooltip="top examples over the whole store, quantile samples, token means",
+                                    tooltip="the feature's histogram, top examples over the whole store, quantile "
+                                            "samples, token means",
                                     layout=W.Layout(width="auto"))
         self.refresh_button = W.Button(description="Refresh list", icon="refresh", layout=W.Layout(width="auto"))
         self.info = W.HTML()
@@ -241,7 +243,7 @@ class ActivationBrowser(W.VBox):
             self.info.value = (f'<span class="mistudio-working">⏳ Plotting {esc(hp)}, row {row}, feature '
                                f"{feature}…</span>")
             try:
-                column = plots.feature_column(ext, hp, feature)  # one scan of the store serves both plots
+                column = plots.feature_column(ext, hp, feature)
                 column, hidden_rows = self._hide_rows(hp, column)
                 points = [p for p in ext.hook_points if p.endswith("." + kind)]
                 hide = self._hidden_tokens(row, points)
@@ -252,8 +254,6 @@ class ActivationBrowser(W.VBox):
                 self.images["heatmap"].value = plots.to_png(plots.heatmap(ext, row, hp, feature=feature, hide=hide,
                                                                           tokens=window))
                 self.images["norms"].value = plots.to_png(plots.layer_norms(ext, row, kind, hide=hide, tokens=window))
-                self.images["histogram"].value = plots.to_png(plots.feature_histogram(ext, hp, feature,
-                                                                                      values=column))
                 top = plots.top_tokens(ext, hp, feature, k=self.top_k.value, values=column)
             except (ValueError, KeyError) as exc:
                 self.info.value = error_box(f"Row {row}, feature {feature} of {esc(hp)} not plotted: "
@@ -271,7 +271,7 @@ class ActivationBrowser(W.VBox):
                 f"{t['row']:,}</td><td style='padding:2px 10px'>{int(t['position'])}</td>"
                 f"<td>{esc(t['context'])}</td></tr>" for t in top) + "</table>")
         hidden = (f" Hidden: {self.hidden['row_tokens']} of the row's tokens, {hidden_rows:,} activation rows in the "
-                  "histogram and top tokens." if self.hide_special.value or self.hide_outliers.value else "")
+                  "top tokens." if self.hide_special.value or self.hide_outliers.value else "")
         where = (f"tokens {window.start}–{window.stop - 1} of {n_tokens} around the feature's peak"
                  if (window.start, window.stop) != (0, n_tokens) else f"all {n_tokens} tokens")
         self.info.value = (f"Plotted {esc(hp)}, row {row} ({where}), feature {feature}.{hidden} "
@@ -338,10 +338,21 @@ class ActivationBrowser(W.VBox):
                                                    one_per_document=self.one_per_document.value)
         return self._rows_cache[key]
 
+    def _histogram(self, hook_point: str, feature: int, view: dict):
+        """The feature's histogram, the one Browse draws: over every token from the store's statistics, or, with
+        *hide special tokens* / *hide outliers* ticked, over the tokens left (read from the store, those rows left
+        out)."""
+        if not (self.hide_special.value or self.hide_outliers.value):
+            return plots.histogram_from_counts(view["hist"], view["edges"], f"{hook_point} feature {feature} over "
+                                               f"{view['n_tokens']:,} tokens")
+        column, _hidden = self._hide_rows(hook_point, plots.feature_column(self.ext, hook_point, feature))
+        return plots.feature_histogram(self.ext, hook_point, feature, values=column)
+
     def show_feature(self) -> bool:
-        """The feature view of the chosen hook point and feature over the whole store (cached in the store): top
-        examples (one per document if ticked), quantile samples, token means of strings seen at least *min count*
-        times; *hide special tokens* leaves them out of all three."""
+        """The feature view of the chosen hook point and feature over the whole store (cached in the store): its
+        histogram (:meth:`_histogram`), top examples (one per document if ticked), quantile samples, token means of
+        strings seen at least *min count* times; *hide special tokens* leaves them out of all four, *hide
+        outliers* out of the histogram."""
         if self.ext is None:
             self.info.value = error_box("Pick an extraction first.")
             return False
@@ -373,11 +384,11 @@ class ActivationBrowser(W.VBox):
             view["top"] = view["top"][:k]
             self.feature_html.value = (feature_view_html({**view, "token_means": []}, sorted(special), scheme)
                                        + token_means_html(means, scheme, min_count))
-            self.feature_hist.value = plots.to_png(plots.histogram_from_counts(
-                view["hist"], view["edges"], f"{hp} feature {feature} over {view['n_tokens']:,} tokens"))
+            self.feature_hist.value = plots.to_png(self._histogram(hp, feature, view))
             self.feature_hist.layout.display = ""
         options = [o for o, on in (("one example per document", self.one_per_document.value),
-                                   ("special tokens hidden", self.hide_special.value)) if on]
+                                   ("special tokens hidden", self.hide_special.value),
+                                   ("outliers hidden from the histogram", self.hide_outliers.value)) if on]
         self.info.value = (f"Feature view of {esc(hp)} feature {feature}"
                            f"{' (' + ', '.join(options) + ')' if options else ''}"
                            f"{' · statistics from the store cache' if view['cached'] else ''}.")

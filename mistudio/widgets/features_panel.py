@@ -27,9 +27,10 @@ import numpy as np
 from ..analysis import exports
 from ..analysis.feature_page import correlated_title, feature_page_html
 from ..analysis.feature_view import _shade as shade
-from ..analysis.feature_view import display_pieces, store_key, tokenizer_scheme
+from ..analysis.feature_view import display_pieces, store_key, token_label, tokenizer_scheme
 from ..analysis.features import (FeatureTable, base_hook_point, export_pages, feature_hook_points, feature_page,
-                                 features_for_token, is_latent, load_statistics, parse_features, set_note)
+                                 features_for_token, is_latent, load_statistics, parse_features, set_note,
+                                 token_labels)
 from ..analysis.prompt import prompt_features
 from ..errors import InputError
 from ..extraction import Extraction
@@ -80,8 +81,9 @@ TOKENS_SHOWN = 24  # characters of top tokens a row shows: a row fits the list a
 
 def table_label(row: dict) -> str:
     """One feature-table row as a fixed-width line (the list widget shows text, not HTML), short enough for a narrow
-    window: its top tokens cut at ``TOKENS_SHOWN`` characters."""
-    tokens = " ".join(_quoted(t) for t in row["top_tokens"])
+    window: its top tokens, named as every tab names a token (``top_token_labels``), cut at ``TOKENS_SHOWN``
+    characters."""
+    tokens = " ".join(row["top_token_labels"])
     tokens = tokens if len(tokens) <= TOKENS_SHOWN else tokens[:TOKENS_SHOWN - 1] + "…"
     return (f"{row['feature']:>6} {100 * row['density']:>6.3g}% {row['mean']:>7.3g} {row['mean_active']:>7.3g} "
             f"{row['max']:>7.3g} {'✎' if row['note'] else ' '} {tokens}")
@@ -150,7 +152,7 @@ class FeaturesPanel(W.VBox):
             self.table_head, self.table_list])
 
         # -- find by token
-        self.token = W.Text(description="Token", placeholder="' Paris' (a leading space matters), or Paris",
+        self.token = W.Text(description="Token", placeholder="␣Paris or ' Paris' (a leading space matters), or Paris",
                             style=wide, layout=W.Layout(width="420px"))
         self.find_button = W.Button(description="Find features", icon="search", button_style="info",
                                     layout=W.Layout(width="auto"))
@@ -590,8 +592,9 @@ class FeaturesPanel(W.VBox):
 
     # -- find by token -----------------------------------------------------------------------------------------
     def find(self) -> bool:
-        """List the features that fire most on the typed token (its rows read, at most 256 of them)."""
-        ext, hp, text = self.ext, self.hook_point.value, self.token.value
+        """List the features that fire most on the typed token (its rows read, at most 256 of them); a token typed
+        as the tabs name it (``'␣Paris'``: a visible space) reads as typed with the space (``' Paris'``)."""
+        ext, hp, text = self.ext, self.hook_point.value, self.token.value.replace("␣", " ")
         if ext is None or not hp:
             self.status.value = error_box("Pick an extraction first.")
             return False
@@ -608,7 +611,8 @@ class FeaturesPanel(W.VBox):
                 self.found_list.value = None
             finally:
                 self._quiet = False
-            matched = ", ".join(esc(_quoted(t)) for t in result["tokens"][:8]) or "no token"
+            labels = token_labels(ext)
+            matched = ", ".join(esc(labels[i]) for i in result["token_ids"][:8]) or "no token"
             if not result["token_ids"]:
                 how = ("a word as it reads ('paris' or its case-insensitive forms; ' paris' for the word alone) or a "
                        "continuation piece as the tokenizer writes it ('##ing')"
@@ -636,12 +640,12 @@ class FeaturesPanel(W.VBox):
         def done(result: dict) -> None:
             self.prompt_result = result
             scheme = tokenizer_scheme(ext.tokenizer)
-            pieces = display_pieces(result["tokens"], scheme)
+            labels = [token_label(t, scheme) for t in result["tokens"]]
             self._quiet = True
             try:
                 self.prompt_tokens.options = [
-                    (f"{i:>4} {_quoted(p):<16} " + "  ".join(f"{t['feature']}:{t['value']:.3g}" for t in top), i)
-                    for i, (p, top) in enumerate(zip(pieces, result["top"]))]
+                    (f"{i:>4} {label:<16} " + "  ".join(f"{t['feature']}:{t['value']:.3g}" for t in top), i)
+                    for i, (label, top) in enumerate(zip(labels, result["top"]))]
                 self.prompt_tokens.value = None
             finally:
                 self._quiet = False

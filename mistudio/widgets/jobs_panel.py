@@ -1,5 +1,6 @@
 """Jobs tab: every extraction in the workspace as a compact grid, live rows updated from job events,
-per-row Cancel / Retry / Resume / Delete (with a confirmation) and the error on demand; Cleanup."""
+per-row Cancel / Retry / Resume / Delete and the error on demand; Cleanup. Delete, and Retry of a COMPLETED row (a
+full rerun), ask first; Retry of a FAILED or CANCELLED row (the usual recovery) is one click."""
 from __future__ import annotations
 
 import os
@@ -85,6 +86,12 @@ class JobsPanel(W.VBox):
         self.keep_button = W.Button(description="Keep it", layout=W.Layout(width="auto"))
         self.confirm_box = W.VBox([self.confirm_text, W.HBox([self.confirm_delete_button, self.keep_button])],
                                   layout=W.Layout(display="none"))
+        self.retry_text = W.HTML()  # Retry of a COMPLETED row: the same two-step question as Delete's
+        self.confirm_retry_button = W.Button(description="Run it again", button_style="warning", icon="redo",
+                                             layout=W.Layout(width="auto"))
+        self.keep_retry_button = W.Button(description="Don't run", layout=W.Layout(width="auto"))
+        self.retry_box = W.VBox([self.retry_text, W.HBox([self.confirm_retry_button, self.keep_retry_button])],
+                                layout=W.Layout(display="none"))
         self.table = W.GridBox(layout=W.Layout(width="100%"))  # tracks: common.STYLE (two layouts by width)
         self.table.add_class("mistudio-jobs")
         self.refresh_button.on_click(guard(self._say, lambda b: self._busy(b, "Listing…", self.refresh)))
@@ -93,7 +100,11 @@ class JobsPanel(W.VBox):
         self.confirm_delete_button.on_click(guard(self._say, lambda b: self._busy(b, "Deleting…",
                                                                                   self.delete_confirmed)))
         self.keep_button.on_click(guard(self._say, lambda _: self.cancel_delete()))
+        self.confirm_retry_button.on_click(guard(self._say, lambda b: self._busy(b, "Starting…",
+                                                                                 self.retry_confirmed)))
+        self.keep_retry_button.on_click(guard(self._say, lambda _: self.cancel_retry()))
         self.pending_delete: str | None = None
+        self.pending_retry: str | None = None
         self.rows: list[dict] = []
         self.cells: dict[str, dict] = {}  # id -> {"status", "progress", "size", "details", "buttons"}
         self._drawn: dict[str, float] = {}
@@ -105,7 +116,7 @@ class JobsPanel(W.VBox):
         super().__init__([stylesheet(), W.HTML(f"<b>Jobs</b> <small>in the workspace <code>{breakable(where)}</code> "
                                                "(its stores are in extractions/)</small>"),
                           W.HBox([self.refresh_button, self.cleanup_button, self.confirm_button]), self.message,
-                          self.confirm_box, self.empty, self.table, self.details])
+                          self.confirm_box, self.retry_box, self.empty, self.table, self.details])
         self.add_class("mistudio-panel")
         self.add_class("mistudio-jobs-panel")
         workspace.subscribe(self._on_event)
@@ -208,9 +219,11 @@ class JobsPanel(W.VBox):
     def _buttons(self, row: dict) -> dict[str, W.Button]:
         status, ext_id = row["status"], row["id"]
         live = status in LIVE_STATES
+        rerun = status == "COMPLETED"  # a full rerun of finished work: asks first
         specs = [("Cancel", "stop", live, "stop after the current batch; keeps what was saved", self.workspace.cancel),
                  ("Retry", "redo", status in ("FAILED", "CANCELLED", "COMPLETED"),
-                  "run again as a new extraction with the same settings", self.workspace.retry),
+                  "run again as a new extraction with the same settings" + (" (asks first)" if rerun else ""),
+                  self.ask_retry if rerun else self.workspace.retry),
                  ("Resume", "forward", self._resumable(row), "continue from the last saved sample",
                   self.workspace.resume),
                  ("Delete", "trash", not live, "delete this store (asks first)", self.ask_delete)]
@@ -324,7 +337,7 @@ class JobsPanel(W.VBox):
         except Exception as exc:  # StoreBusy / InputError: say it here
             self.message.value = error_box(f"{name} {esc(ext_id)}: {for_ui(exc)}")
             return
-        if name == "Delete":
+        if action in (self.ask_delete, self.ask_retry):  # a question shown: nothing done yet
             return
         self.message.value = f"{esc(name)}: {esc(getattr(result, 'id', ext_id))}"
         if name in ("Retry", "Resume") and self.on_job is not None:
@@ -338,6 +351,7 @@ class JobsPanel(W.VBox):
             self.message.value = error_box(f"{esc(ext_id)} is no longer listed: Refresh.")
             return
         self.pending_delete = ext_id
+        self._close_retry()
         if row["status"] == "COMPLETED":
             text = error_box(f"⚠ <b>Delete the COMPLETED extraction {esc(ext_id)}?</b> Its finished "
                              f"activations ({row['tokens_committed']:,} tokens of {esc(row['hook_points'])}, "
@@ -350,6 +364,36 @@ class JobsPanel(W.VBox):
         self.confirm_delete_button.description = ("Delete finished activations" if row["status"] == "COMPLETED"
                                                   else "Delete permanently")
         self.confirm_box.layout.display = ""
+
+    def ask_retry(self, ext_id: str) -> None:
+        """First step of Retry on a COMPLETED row: say what a rerun costs and that the store is kept, and ask."""
+        row = next((r for r in self.rows if r["id"] == ext_id), None)
+        if row is None:
+            self.message.value = error_box(f"{esc(ext_id)} is no longer listed: Refresh.")
+            return
+        self.pending_retry = ext_id
+        self.pending_delete, self.confirm_box.layout.display = None, "none"  # one question at a time
+        samples = row["samples_total"] or row["samples_committed"]
+        self.retry_text.value = note_box(
+            f"Run {esc(ext_id)} again as a new extraction? It recomputes {samples:,} samples "
+            f"({row['tokens_committed']:,} tokens of {esc(row['hook_points'])}, about {esc(row['size'])} on disk) "
+            "with the same settings; the completed store is kept.", colour="#fd7e14", background="#fff3e0")
+        self.retry_box.layout.display = ""
+
+    def _close_retry(self) -> None:
+        self.pending_retry = None
+        self.retry_box.layout.display = "none"
+
+    def cancel_retry(self) -> None:
+        self._close_retry()
+        self.message.value = "Nothing was started."
+
+    def retry_confirmed(self) -> None:
+        """Second step: start the rerun the user confirmed (shown in the Extract tab, like any Retry)."""
+        ext_id = self.pending_retry
+        self._close_retry()
+        if ext_id is not None:
+            self._act("Retry", self.workspace.retry, ext_id)
 
     def cancel_delete(self) -> None:
         self.pending_delete = None
