@@ -136,7 +136,7 @@ print(json.dumps(out))
 ENGINE = """
 import bench_engine
 sys.argv = ["bench_engine", "--device", {device!r}, "--before-dir", {before!r}, "--n", "{n}", "--repeats",
-            "{repeats}", "--widths", "16,384", "--out", str(tmp / "engine.json")]
+            "{repeats}", "--widths", {widths!r}, "--out", str(tmp / "engine.json")]
 bench_engine.main()
 """
 
@@ -208,7 +208,7 @@ def main() -> None:
             "extraction": (EXTRACTION.format(models={"6x384": (6, 384, [64] if q else [512, 2048])},
                                              repeats=1 if q else 3, device=args.device), 150),
             "engine": (ENGINE.format(device=args.device, before=engine_before, n=64 if q else 512,
-                                     repeats=1 if q else 3), 120),
+                                     repeats=1 if q else 3, widths="16" if q else "16,384"), 120),
             "loader": (LOADER.format(before=before, mb=32 if q else 256, repeats=1 if q else 3), 120),
             "attention": (ATTENTION.format(device=args.device, n=48 if q else 512), 90),
             "extraction_large": (EXTRACTION.format(models={"12x768": (12, 768, [64] if q else [512, 2048])},
