@@ -457,3 +457,34 @@ def test_wordpiece_continuations_are_found_as_the_tokenizer_spells_them(mini):
     assert match_tokens(ext, spelled.upper()) == [piece]  # case ignored when nothing matches
     result = features_for_token(ext, MINI_HP, spelled)
     assert result["token_ids"] == [piece] and result["n_rows"] == int((features.row_token_ids(ext) == piece).sum())
+
+
+def test_cofiring_of_a_wide_top_k_sae_is_the_true_share(causal_gpt2, tmp_path, monkeypatch):
+    """A top-k SAE with k = 32 fires more latents a token than the statistics pair up (16): its co-firing shares are
+    counted on a sample of the stored latents, exactly, as a raw hook point's dense neurons are."""
+    sae = SAE("topk", 32, 96, k=32, hook_point=HP)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=generator))
+        sae.b_enc.copy_(torch.rand(sae.b_enc.shape, generator=generator) + 1)  # every top-32 latent fires
+    sae.save(tmp_path / "sae")
+    ext = ms.extract(model=causal_gpt2, dataset=ms.sample_texts()[:30], layers=[1], max_length=32,
+                     saes={HP: str(tmp_path / "sae")}, workspace=str(tmp_path / "ws"))
+    point = f"{HP}.latents"
+    dense = ext.latents(point).toarray() > 0
+    assert (dense.sum(axis=1) == 32).all()
+    f = int(np.argmax(dense.sum(axis=0)))
+    truth = dense[dense[:, f]].mean(axis=0)
+    truth[f] = -1
+    features.drop_cached()
+    page = feature_page(ext, point, f, n_token_means=0, logits=False)
+    assert page["correlated_basis"] == {"kind": "sample", "tokens": int(dense[:, f].sum()), "rows": len(dense),
+                                        "per_token": 16}
+    assert [c["feature"] for c in page["correlated"]] == np.lexsort((np.arange(96), -truth))[:10].tolist()
+    for c in page["correlated"]:
+        assert c["fraction"] == pytest.approx(truth[c["feature"]])
+    monkeypatch.setattr(features, "COFIRING_LATENT_ROWS", 64)  # a larger store: whole chunks, spread over it
+    features.drop_cached()
+    sample = features.cofiring_sample(ext, point)
+    assert sample.shape == (64, 96) and (np.asarray(sample.sum(axis=1)).ravel() == 32).all()
+    features.drop_cached()

@@ -40,6 +40,7 @@ _VOCABULARIES = Memo(4)
 _COFIRING = Memo(2)
 COFIRING_BYTES = 1 << 25  # the co-firing sample of a raw hook point: at most 32 MB of flags in memory
 COFIRING_ROWS = 8192      # and at most this many rows
+COFIRING_LATENT_ROWS = 65536  # an SAE's latents (sparse: ~12 bytes a firing latent): at most this many rows
 COFIRING_MIN = 50         # a feature's firing tokens in the sample needed to give its co-firing shares
 
 
@@ -253,32 +254,43 @@ def feature_logits(ext: "Extraction", hook_point: str, feature: int, k: int = 10
 
 
 # -- co-firing -----------------------------------------------------------------------------------------------
-def cofiring_sample(ext: "Extraction", hook_point: str) -> np.ndarray:
-    """Where each feature of a raw hook point fires (value > 0) on a sample of its rows, ``(rows, d)`` bool: whole
-    storage chunks, chosen by :func:`~mistudio.storage.featstats.sample_keys` of their index (so spread over the
-    store, and the same every time), up to :data:`COFIRING_ROWS` rows and :data:`COFIRING_BYTES` flags; every
-    row of a smaller store. Read once per store and commit mark."""
-    def compute() -> np.ndarray:
-        arr = ext.activations(hook_point)
-        d, unit, mark = int(arr.shape[1]), int(arr.chunks[0]), int(ext.committed_tokens())
-        target = _cofiring_rows(d, mark)
+def cofiring_sample(ext: "Extraction", hook_point: str):
+    """Where each feature fires on a sample of a hook point's rows: whole storage chunks, chosen by
+    :func:`~mistudio.storage.featstats.sample_keys` of their index (so spread over the store, and the same every
+    time); every row of a smaller store. A raw hook point's: ``(rows, d)`` bool (value > 0), up to
+    :data:`COFIRING_ROWS` rows and :data:`COFIRING_BYTES` flags. An SAE's latents: a ``(rows, d_sae)`` bool
+    ``scipy.sparse`` CSR matrix of the stored latents, up to :data:`COFIRING_LATENT_ROWS` rows. Read once per store
+    and commit mark."""
+    def compute():
+        from scipy import sparse
+
+        latent = is_latent(hook_point)
+        arr = ext.latent_arrays(hook_point)[0] if latent else ext.activations(hook_point)
+        d = ext.latent_info(hook_point).d_sae if latent else int(arr.shape[1])
+        unit, mark = int(arr.chunks[0]), int(ext.committed_tokens())
+        target = _cofiring_rows(ext, hook_point, mark)
         chunks = np.arange(-(-mark // unit))
         parts, n = [], 0
         for c in chunks[np.argsort(sample_keys(chunks, 1), kind="stable")]:
             lo = int(c) * unit
             hi = min(lo + unit, mark, lo + target - n)
-            parts.append(np.asarray(arr[lo:hi]) > 0)
+            parts.append(sparse.csr_matrix(ext.latents(hook_point, slice(lo, hi)) > 0) if latent
+                         else np.asarray(arr[lo:hi]) > 0)
             n += hi - lo
             if n >= target:
                 break
+        if latent:
+            return sparse.vstack(parts, format="csr") if parts else sparse.csr_matrix((0, d), dtype=bool)
         return np.concatenate(parts) if parts else np.zeros((0, d), bool)
 
     return _COFIRING.get((*store_key(ext), hook_point), compute)
 
 
-def _cofiring_rows(d: int, mark: int) -> int:
-    """Rows in :func:`cofiring_sample` of a hook point of width ``d`` with ``mark`` committed rows."""
-    return max(1, min(COFIRING_ROWS, COFIRING_BYTES // d, mark))
+def _cofiring_rows(ext: "Extraction", hook_point: str, mark: int) -> int:
+    """Rows in :func:`cofiring_sample` of a hook point with ``mark`` committed rows."""
+    if is_latent(hook_point):
+        return max(1, min(COFIRING_LATENT_ROWS, COFIRING_BYTES // (12 * ext.latent_info(hook_point).width), mark))
+    return max(1, min(COFIRING_ROWS, COFIRING_BYTES // int(ext.activations(hook_point).shape[1]), mark))
 
 
 def cofiring(ext: "Extraction", hook_point: str, stats: FeatureStatistics, feature: int, n: int = 10,
@@ -287,27 +299,27 @@ def cofiring(ext: "Extraction", hook_point: str, stats: FeatureStatistics, featu
     basis)``; ``fraction`` is the share of the feature's firing tokens where the other also fires, ``density``
     the other's share of all tokens (what ``fraction`` is when the two are unrelated).
 
-    ``basis["kind"]``: ``"sample"`` for a raw hook point whose tokens fire on more features than the statistics
-    pair up per token (``per_token``: each token's most active firing features; raw neurons of the residual stream
-    fire by the hundred), counted exactly on :func:`cofiring_sample` (``basis["tokens"]`` of the feature's firing
-    tokens among ``basis["rows"]`` sampled rows, at least :data:`COFIRING_MIN`); else ``"top"``: the statistics'
-    co-occurrence counts, which count a pair only when both are among the token's ``per_token`` most active
-    firing features. The sample is read (once per store) only for a feature expected to fire on enough of its
-    rows, and not at all with ``sample=False``."""
+    ``basis["kind"]``: ``"sample"`` for a hook point whose tokens fire on more features than the statistics pair
+    up per token (``per_token``: each token's most active firing features; raw neurons of the residual stream fire
+    by the hundred, a top-k SAE's latents by k), counted exactly on :func:`cofiring_sample` (``basis["tokens"]`` of
+    the feature's firing tokens among ``basis["rows"]`` sampled rows, at least :data:`COFIRING_MIN`); else
+    ``"top"``: the statistics' co-occurrence counts, which count a pair only when both are among the token's
+    ``per_token`` most active firing features. The sample is read (once per store) only for a feature expected to
+    fire on enough of its rows, and not at all with ``sample=False``."""
     per_token = int(stats.cooccurrence_per_token)
     density = stats.density
-    if sample and not is_latent(hook_point) and float(density.sum()) > per_token and \
-            density[feature] * _cofiring_rows(stats.d, int(ext.committed_tokens())) >= COFIRING_MIN:
+    if sample and float(density.sum()) > per_token and \
+            density[feature] * _cofiring_rows(ext, hook_point, int(ext.committed_tokens())) >= COFIRING_MIN:
         fires = cofiring_sample(ext, hook_point)
-        mine = fires[:, feature]
+        mine = fires[:, [feature]].toarray().ravel() if is_latent(hook_point) else fires[:, feature]
         count = int(mine.sum())
         if count >= COFIRING_MIN:
-            together = fires[mine].sum(axis=0)
+            together = np.asarray(fires[mine].sum(axis=0, dtype=np.int64)).ravel()
             together[feature] = -1
             order = np.lexsort((np.arange(len(together)), -together))[:n]
             return ([{"feature": int(g), "count": int(together[g]), "fraction": float(together[g]) / count,
                       "density": float(density[g])} for g in order if together[g] > 0],
-                    {"kind": "sample", "tokens": count, "rows": int(len(fires)), "per_token": per_token})
+                    {"kind": "sample", "tokens": count, "rows": int(fires.shape[0]), "per_token": per_token})
     fire_count = int(stats.fire_count[feature])
     return ([{"feature": g, "count": c, "fraction": c / fire_count if fire_count else 0.0,
               "density": float(density[g])} for g, c in stats.cooccurring(feature, n)],
