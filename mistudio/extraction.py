@@ -9,6 +9,7 @@ import numpy as np
 from scipy import sparse
 
 from .analysis import stats as analysis
+from .data import special_ids
 from .errors import InputError, StoreCorrupted
 from .fingerprints import check_same_tokenizer
 from .models import load_tokenizer
@@ -269,11 +270,18 @@ class Extraction:
         pos = self._stored_position(row)
         return int(self.activation_offsets[pos]), int(self.activation_offsets[pos + 1])
 
+    def special_flags(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Which stored tokens (``tokens/*`` indices ``start:stop``) are markup, bool: ``tokens/special``; in a store
+        from before that array, the tokenizer's special tokens (``data.special_ids``), as the loader reads it."""
+        if "special" in self.store.group["tokens"]:
+            return np.asarray(self.store.tokens("special")[start:stop], dtype=bool)
+        return np.isin(np.asarray(self.store.tokens("input_ids")[start:stop]), special_ids(self.tokenizer))
+
     @cached_property
     def _kept_tokens(self) -> np.ndarray | None:
         if "activation_offsets" not in self.store.group["tokens"]:
             return None  # a row per token
-        return np.flatnonzero(~self.store.tokens("special")[:].astype(bool))
+        return np.flatnonzero(~self.special_flags())
 
     def token_index(self, rows: np.ndarray | int) -> np.ndarray | int:
         """The token (index into ``tokens/*``) of activation rows: the same numbers unless special tokens
@@ -323,10 +331,10 @@ class Extraction:
         are NaN (``acts[sample['kept']]`` are the stored rows)."""
         start, stop = self.token_range(row)
         a_start, a_stop = self.activation_range(row)
-        names = [n for n in ("special", "role", "positions") if n in self.store.group["tokens"]]
+        names = [n for n in ("role", "positions") if n in self.store.group["tokens"]]
         arrays = {n: self.store.tokens(n)[start:stop] for n in names}
         input_ids = self.store.tokens("input_ids")[start:stop]
-        special = arrays.get("special", np.zeros(stop - start, dtype=bool)).astype(bool)
+        special = self.special_flags(start, stop)
         kept = ~special if a_stop - a_start < stop - start else np.ones(stop - start, dtype=bool)
         out = {
             "row": int(row),

@@ -130,3 +130,42 @@ def test_verify_checks_the_new_token_arrays(gpt2_dir, workspace):
     shutil.rmtree(tokens / "special")
     problems = {p.array for p in ext.verify().problems}
     assert {"tokens/activation_offsets", "tokens/special"} <= problems, problems
+
+
+def _as_before_tokens_special(ext) -> None:
+    """Make ``ext`` look like a store from before tokens/special (and before storage.n_input_tokens), as the
+    current code writes such a store's metadata back: the array gone, the field null."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    shutil.rmtree(Path(ext.location) / "tokens" / "special")
+    group = Path(ext.location) / "zarr.json"
+    meta = json.loads(group.read_text())
+    meta["attributes"]["mistudio"]["storage"]["n_input_tokens"] = None
+    group.write_text(json.dumps(meta))
+
+
+def test_a_store_from_before_tokens_special_reads_its_markup_from_the_tokenizer(minilm_dir, workspace):
+    """Old stores verify (every chunk decoded), and every view that hides markup finds [CLS]/[SEP] through the
+    tokenizer, as the loader does: no 'damaged, re-extract' for an intact store, one answer to 'is it special'."""
+    from mistudio.analysis import plots
+    from mistudio.analysis.features import feature_page
+    from mistudio.analysis.sae_training import _kept_rows
+
+    ext = ms.extract(minilm_dir, TEXTS, workspace=workspace, **ARGS)
+    want = np.asarray(ext.store.tokens("special")[:], bool)
+    _as_before_tokens_special(ext)
+    old = ms.open_extraction(ext.id, workspace=workspace)
+    report = old.verify()
+    assert report.ok, report.problems
+    assert report.chunks_checked > 0
+    np.testing.assert_array_equal(old.special_flags(), want)
+    sample = old.sample(0)
+    assert list(sample["special"]) == [t in ("[CLS]", "[SEP]") for t in sample["tokens"]]
+    hp = old.hook_points[0]
+    page = feature_page(old, hp, 3, n_token_means=0, logits=False)
+    assert page["top"] and all(e["special"][e["peak"]] == want[old.token_index(e["row"])] for e in page["top"])
+    top = plots.top_rows(old, hp, 3, k=5, skip_special=True)
+    assert not want[old.token_index(top[:, 1].astype(int))].any()
+    assert _kept_rows(old, exclude_special=True) == int((~want).sum())

@@ -374,14 +374,12 @@ def _samples(ext: "Extraction", hook_points: list[str], tokens: bool, block_rows
     read through ``Extraction.latents`` (the checked read) one block of rows at a time."""
     n = _committed_samples(ext)
     offsets, act_offsets, rows = ext.sample_offsets, ext.activation_offsets, ext.sample_index
-    has_special = "special" in ext.store.group["tokens"]
     arrays = {hp: ext.activations(hp) for hp in hook_points if not is_latent(hp)}
     latents = [hp for hp in hook_points if is_latent(hp)]
     for k0, k1 in _sample_blocks(ext, n, block_rows):
         t0, t1, a0, a1 = int(offsets[k0]), int(offsets[k1]), int(act_offsets[k0]), int(act_offsets[k1])
         ids = np.asarray(ext.store.tokens("input_ids")[t0:t1])
-        special = np.asarray(ext.store.tokens("special")[t0:t1]).astype(bool) if has_special \
-            else np.zeros(t1 - t0, dtype=bool)
+        special = ext.special_flags(t0, t1)
         block = {hp: np.asarray(arr[a0:a1]) for hp, arr in arrays.items()}
         sparse = {hp: ext.latents(hp, slice(a0, a1)) for hp in latents}
         for k in range(k0, k1):

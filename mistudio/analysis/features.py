@@ -72,7 +72,7 @@ def _token_arrays(ext: "Extraction") -> tuple[np.ndarray, np.ndarray]:
     """Every stored token's id (int32) and special flag, kept in memory per store."""
     def compute() -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(ext.store.tokens("input_ids")[:], dtype=np.int32)
-        special = np.asarray(ext.store.tokens("special")[:], dtype=bool)
+        special = ext.special_flags()
         return ids, special
 
     return _TOKENS.get(store_key(ext)[:2], compute)

@@ -271,7 +271,7 @@ def top_rows(ext: "Extraction", hook_point: str, feature: int, k: int = 20, skip
     if not 0 <= feature < arr.shape[1]:
         raise ValueError(f"feature {feature} is out of range: {hook_point} has features 0..{arr.shape[1] - 1}")
     mark, step = int(ext.committed_tokens()), int(arr.chunks[0])
-    special = np.asarray(ext.store.tokens("special")[:], dtype=bool) if skip_special else None
+    special = ext.special_flags() if skip_special else None
     row_offsets = np.asarray(ext.activation_offsets, dtype=np.int64)
     best = np.zeros((0, 3))  # value, row, document
     for a in range(0, mark, step):

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import special_ids
 from ..errors import InputError
 from ..saes import SAE, check_applies, load_sae, tl_hook_name
 
@@ -341,10 +340,7 @@ def _kept_rows(ext: "Extraction", exclude_special: bool) -> int:
     tokens = ext.store.group["tokens"]
     if not exclude_special or "activation_offsets" in tokens:
         return committed
-    if "special" in tokens:
-        return committed - int(np.count_nonzero(ext.store.tokens("special")[:committed]))
-    ids = ext.store.tokens("input_ids")[:committed]
-    return committed - int(np.isin(ids, special_ids(ext.tokenizer)).sum())
+    return committed - int(np.count_nonzero(ext.special_flags(0, committed)))
 
 
 # -- checkpoint -----------------------------------------------------------------------------------------

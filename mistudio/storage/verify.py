@@ -141,7 +141,8 @@ class _Scan:
         done, committed = int(progress.get("samples_committed", 0)), int(progress.get("tokens_committed", 0))
         width = (meta.get("model") or {}).get("hidden_size")
         storage = meta.get("storage") or {}
-        n_input = int(storage.get("n_input_tokens", n_tokens))  # tokens (model input); n_tokens counts activation rows
+        recorded_input = storage.get("n_input_tokens")  # None in a store from before it (written back as null)
+        n_input = n_tokens if recorded_input is None else int(recorded_input)  # model input; n_tokens: activation rows
         try:
             present = set(group["tokens"].array_keys())
         except (KeyError, FileNotFoundError, StoreCorrupted, *DECODE_ERRORS):
@@ -153,7 +154,7 @@ class _Scan:
         for hp, info in (meta.get("latents") or {}).items():
             expected[f"latents/{hp}/indices"] = ((n_tokens, int(info["width"])), mark)
             expected[f"latents/{hp}/values"] = ((n_tokens, int(info["width"])), mark)
-        if "special" not in present and "n_input_tokens" not in storage:
+        if "special" not in present and recorded_input is None:
             del expected["tokens/special"]  # a store from before tokens/special
         if "activation_offsets" in present or storage.get("exclude_special"):
             expected["tokens/activation_offsets"] = ((n_samples + 1,), None)

@@ -317,7 +317,7 @@ class ActivationBrowser(W.VBox):
         """The feature column with hidden activation rows set to NaN (histogram and top tokens skip them)."""
         hide = np.zeros(len(column), dtype=bool)
         if self.hide_special.value and len(column):
-            special = np.asarray(self.ext.store.tokens("special")[:], dtype=bool)
+            special = self.ext.special_flags()
             hide |= special[self.ext.token_index(np.arange(len(column)))]
         if self.hide_outliers.value:
             rows = self.ext.outliers(hook_point)["rows"]
