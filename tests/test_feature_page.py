@@ -116,7 +116,7 @@ def test_examples_shade_join_and_outline_the_peak():
     assert peaks == [" fox"] * 4
     texts = [text for _, text in tree.spans]
     assert " quick" in texts and " brown" in texts  # word pieces joined ('Ġ' -> space)
-    shaded = re.findall(r'style="background:rgba\(220,70,30,([0-9.]+)\)" title="Ġfox = 9\.5"', out)
+    shaded = re.findall(r'style="background:rgba\(220,70,30,([0-9.]+)\)" title="␣fox = 9\.5"', out)
     assert shaded and float(shaded[0]) == pytest.approx(0.85)  # the page's maximum gets the full shade
     assert 'title="&lt;|endoftext|&gt; = no activation"' in out  # a token with no activation row says so
     assert "<details" in out and "<summary>" in out

@@ -135,8 +135,19 @@ def _texts(tokens: Sequence[str], tokenizer: Any, scheme: str) -> list[str]:
     """Token strings as text: the tokenizer's own decoding of each token when given (as TransformerLens's
     to_str_tokens, which Neuronpedia's dashboards hold), else the display pieces ('Ġthe' -> ' the')."""
     if tokenizer is not None:
-        return [tokenizer.convert_tokens_to_string([str(t)]) for t in tokens]
+        return [_token_text(tokenizer, str(t)) for t in tokens]
     return display_pieces([str(t) for t in tokens], scheme)
+
+
+def _token_text(tokenizer: Any, token: str) -> str:
+    """One token decoded. SentencePiece's decoder drops the leading space of a decode (``'▁the'`` alone reads
+    ``'the'``, ``'▁'`` reads ``''``), so a word-initial piece is decoded after an anchor piece, whose text is then
+    cut off: ``' the'``, as it reads in its sentence."""
+    if not token.startswith("▁"):
+        return tokenizer.convert_tokens_to_string([token])
+    anchor = tokenizer.convert_tokens_to_string(["a"])
+    both = tokenizer.convert_tokens_to_string(["a", token])
+    return both[len(anchor):] if both.startswith(anchor) else tokenizer.convert_tokens_to_string([token])
 
 
 def _freq_hist(page: dict) -> tuple[list[float], list[float]]:
@@ -211,7 +222,7 @@ def _write_jsonl(path: Path, records: Sequence[dict], compress: bool) -> None:
 def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str, source_set: str, *,
                        creator_id: str = NEURONPEDIA_DEFAULT_CREATOR, creator_name: str = "mistudio",
                        description: str | None = None, dataset: str | None = None, tokenizer: Any = None,
-                       scheme: str = "auto", n_layers: int = 0, release: str | None = None,
+                       scheme: str = "auto", n_layers: int | None = None, release: str | None = None,
                        urls: Sequence[str] = (), batch_size: int = 256, overwrite: bool = False) -> Path:
     """Write feature pages of one hook point in Neuronpedia's bulk-import layout and return the source folder:
 
@@ -221,7 +232,8 @@ def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str,
     ``explanations/batch-<i>.jsonl.gz`` (table Explanation: a page's ``note``, when it has one); the same
     layout Neuronpedia's own converters write (utils/neuronpedia-utils) and its importer reads
     (apps/webapp/app/api/admin/import/route.ts). ``model_id`` is the model's Neuronpedia id (e.g. ``gpt2-small``);
-    ``tokenizer`` (the extraction's) turns token pieces into the text Neuronpedia shows. Streams: ``batch_size``
+    ``tokenizer`` (the extraction's) turns token pieces into the text Neuronpedia shows. ``n_layers``: the model's
+    layer count (default: the pages' ``n_layers``, from the store's metadata). Streams: ``batch_size``
     pages at a time. Left out: correlated features (Neuronpedia's are Pearson correlations; the page holds
     co-firing counts) and steering vectors. Token values without an activation row are written as 0."""
     for name, value in (("model_id", model_id), ("source_set", source_set)):
@@ -254,7 +266,9 @@ def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str,
     description = description or f"{kind} · {first['kind']}s · mistudio"
     public = "PUBLIC"
     _write_jsonl(root / "model.jsonl", [{"id": model_id, "displayName": model_id, "displayNameShort": model_id,
-                                          "creatorId": creator_id, "layers": int(n_layers),
+                                          "creatorId": creator_id,
+                                          "layers": int(n_layers if n_layers is not None else first.get("n_layers")
+                                                        or 0),
                                           "neuronsPerLayer": int(first["d"]), "owner": creator_name,
                                           "instruct": False, "visibility": public, "inferenceEnabled": False}], False)
     sourceset = {"modelId": model_id, "name": source_set, "description": description, "creatorName": creator_name,

@@ -12,7 +12,8 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
      "token_means": [{"token_id": int, "token": str, "mean": float, "count": int, "special"?: bool}, ...],
      "min_count"?: int,                                            # token_means only lists tokens seen that often
      "logits": {"promoted": [{"token_id", "token", "value"}], "suppressed": [...]} | None,
-     "logits_note"?: str | None, "one_per_document"?: bool, "scheme"?: "bpe" | "wordpiece",
+     "logits_note"?: str | None, "one_per_document"?: bool, "scheme"?: "bpe" | "bytelevel" | "wordpiece",
+     "n_layers"?: int | None,                                      # the model's layers (for the exports)
      "correlated": [{"feature": int, "count": int, "fraction": float, "density"?: float}, ...],
      "correlated_basis"?: {"kind": "sample" | "top", "tokens": int, "rows": int, "per_token": int} | None,
      "note": str, "prev": int | None, "next": int | None}
@@ -44,7 +45,8 @@ from typing import Any, Sequence
 
 from ..errors import InputError
 from .feature_view import _shade as shade  # the Browse tab's shading, shared
-from .feature_view import display_pieces, escape, token_label  # the one escaping helper of the views and pages
+from .feature_view import escape  # the one escaping helper of the views and pages
+from .feature_view import display_pieces, resolve_scheme, token_label
 
 PAGE_KEYS = ("extraction", "hook_point", "feature", "kind", "d", "n_tokens", "fire_count", "density", "mean",
              "mean_active", "max", "histogram", "top", "bands", "token_means", "logits", "correlated", "note",
@@ -261,6 +263,7 @@ def _correlated(page: dict) -> str:
 
 def _tokens(example: dict, lo: int, hi: int, scale: float, scheme: str, hide_special: bool) -> str:
     tokens = [str(t) for t in example["tokens"]]
+    scheme = resolve_scheme(tokens, scheme)
     pieces = display_pieces(tokens, scheme)
     peak = int(example["peak"])
     out = []
@@ -271,7 +274,8 @@ def _tokens(example: dict, lo: int, hi: int, scale: float, scheme: str, hide_spe
             continue
         cls = "msfp-tok" + (" msfp-special" if special or value is None else "") + (" msfp-peak" if i == peak else "")
         shown = "no activation" if value is None else number(value)
-        out.append(f'<span class="{cls}" style="{shade(value, scale)}" title="{escape(tokens[i])} = {escape(shown)}">'
+        title = f"{token_label(tokens[i], scheme)} = {shown}"
+        out.append(f'<span class="{cls}" style="{shade(value, scale)}" title="{escape(title)}">'
                    f"{escape(pieces[i])}</span>")
     return "".join(out)
 
@@ -299,10 +303,11 @@ def feature_page_html(page: dict, hide_special: bool = False, scheme: str = "aut
 
     ``hide_special`` leaves special tokens out of the examples (an example whose own token is special is left out
     whole, and counted) and out of the token-means table (rows flagged ``special``). ``scheme`` is how word pieces
-    join (``"auto"``, ``"bpe"``, ``"wordpiece"``: :func:`mistudio.feature_view.tokenizer_scheme` tells it from a
-    tokenizer). ``style=False`` leaves out the ``<style>`` block (:data:`PAGE_CSS`), for pages shown together."""
+    join (``"auto"``, ``"bpe"``, ``"bytelevel"``, ``"wordpiece"``: :func:`mistudio.feature_view.tokenizer_scheme`
+    tells it from a tokenizer). ``style=False`` leaves out the ``<style>`` block (:data:`PAGE_CSS`), for pages shown
+    together."""
     check_page(page)
-    if scheme == "auto" and page.get("scheme") in ("bpe", "wordpiece"):
+    if scheme == "auto" and page.get("scheme") in ("bpe", "bytelevel", "wordpiece"):
         scheme = page["scheme"]
     values = [abs(float(v)) for e in page["top"] for v in e["values"] if v is not None]
     scale = max(values + [abs(float(page["max"])) if page["max"] is not None else 0.0, 1e-12])

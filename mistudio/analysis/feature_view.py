@@ -324,20 +324,55 @@ def feature_view(ext: "Extraction", hook_point: str, feature: int, k: int = 20, 
 
 # -- display (pure functions: data in, HTML out) -----------------------------------------------------
 def tokenizer_scheme(tokenizer: Any) -> str:
-    """'wordpiece' (BERT's '##' continuations, spaces between words) or 'bpe' (GPT-2 'Ġ', SentencePiece '▁')."""
-    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
-    return "wordpiece" if type(model).__name__ == "WordPiece" else "bpe"
+    """'wordpiece' (BERT's '##' continuations, spaces between words), 'bytelevel' (GPT-2, Llama 3, Qwen: each piece
+    spells bytes in a stand-in alphabet, 'Ġ' a space, 'Ã©' the two bytes of 'é') or 'bpe' (SentencePiece '▁')."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "model", None)).__name__ == "WordPiece":
+        return "wordpiece"
+    return "bytelevel" if "ByteLevel" in repr(getattr(backend, "decoder", None)) else "bpe"
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's stand-in characters (GPT-2's ``bytes_to_unicode``), each mapped back to its byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + n): b for n, b in enumerate(moved)}}
+
+
+_BYTES = _byte_alphabet()
+
+
+def piece_bytes(piece: str) -> bytes | None:
+    """The bytes a byte-level BPE piece stands for (``'Ã©'`` -> ``b'\\xc3\\xa9'``); None when a character is not
+    of that alphabet (a special token such as ``'<|endoftext|>'`` is: it spells itself)."""
+    try:
+        return bytes(_BYTES[c] for c in piece)
+    except KeyError:
+        return None
+
+
+def resolve_scheme(tokens: Sequence[str], scheme: str) -> str:
+    """``scheme``, or for ``"auto"`` the one the pieces show ('▁': SentencePiece, 'Ġ': byte-level, '##':
+    WordPiece)."""
+    if scheme != "auto":
+        return scheme
+    if any("▁" in t for t in tokens):
+        return "bpe"
+    if any("Ġ" in t for t in tokens):
+        return "bytelevel"
+    return "wordpiece" if any(t.startswith("##") for t in tokens) else "bpe"
 
 
 def display_pieces(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
-    """The text each token adds when the pieces are joined: 'Ġthe' -> ' the', '##ing' -> 'ing', 'Ċ' -> '↵'."""
-    if scheme == "auto":
-        marked = any("Ġ" in t or "▁" in t for t in tokens)
-        scheme = "wordpiece" if not marked and any(t.startswith("##") for t in tokens) else "bpe"
+    """The text each token adds when the pieces are joined: 'Ġthe' -> ' the', '##ing' -> 'ing', 'Ċ' -> '↵', a
+    byte-level piece as the text its bytes spell ('Ã©' -> 'é'; '�' for the bytes of part of a character)."""
+    scheme = resolve_scheme(tokens, scheme)
     out = []
     for i, token in enumerate(tokens):
         if scheme == "wordpiece":
             out.append(token[2:] if token.startswith("##") else (token if i == 0 else " " + token))
+        elif scheme == "bytelevel" and (raw := piece_bytes(token)) is not None:
+            out.append(raw.decode("utf-8", errors="replace").replace("\n", "↵").replace("\t", "⇥"))
         else:
             out.append(token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "↵").replace("ĉ", "⇥"))
     return out
@@ -353,10 +388,16 @@ def token_label(token: Any, scheme: str = "auto") -> str:
     the tokenizer's own piece with its whitespace made visible. WordPiece pieces and special tokens stay as the
     tokenizer writes them (``'##uming'``, ``'paris'``, ``'[SEP]'``, ``'<|endoftext|>'``); GPT-2's ``'Ġthe'`` and
     SentencePiece's ``'▁the'`` read ``'␣the'``, a newline ``'↵'``, a tab ``'⇥'``; other control characters as
-    ``\\xNN``; an empty piece ``'∅'``. Plain text: escape it (:func:`escape`) for HTML. Running text (pieces
-    joined) is :func:`display_pieces`' job."""
+    ``\\xNN``; an empty piece ``'∅'``. A byte-level piece reads as the text its bytes spell (``'Ã©'`` -> ``'é'``),
+    or, for part of a character, as its bytes (``'<0xF0><0x9F>'``, SentencePiece's byte-fallback names). Plain
+    text: escape it (:func:`escape`) for HTML. Running text (pieces joined) is :func:`display_pieces`' job."""
     text = str(token)
-    marks = _WHITESPACE if scheme == "wordpiece" else {**_WHITESPACE, **_MARKERS}
+    if scheme == "bytelevel" and (raw := piece_bytes(text)) is not None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(f"<0x{b:02X}>" for b in raw)
+    marks = _WHITESPACE if scheme in ("wordpiece", "bytelevel") else {**_WHITESPACE, **_MARKERS}
     out = "".join(marks.get(c, c if c.isprintable() else repr(c)[1:-1]) for c in text)
     return out or "∅"
 
@@ -379,6 +420,7 @@ def _shade(value: float | None, scale: float) -> str:
 def _tokens_html(tokens: Sequence[str], values: Sequence[float | None], peak: int | None, scale: float,
                  special: set[str], scheme: str) -> str:
     parts = []
+    scheme = resolve_scheme(tokens, scheme)
     for i, (token, piece, value) in enumerate(zip(tokens, display_pieces(tokens, scheme), values)):
         style = [_shade(value, scale), "border-radius:2px", "white-space:pre"]
         cls = "ms-tok"
@@ -390,7 +432,7 @@ def _tokens_html(tokens: Sequence[str], values: Sequence[float | None], peak: in
             cls += " ms-peak"
         shown = "no activation" if value is None else f"{float(value):.4g}"
         parts.append(f'<span class="{cls}" style="{";".join(style)}" '
-                     f'title="{escape(token)} = {shown}">{escape(piece)}</span>')
+                     f'title="{escape(token_label(token, scheme))} = {shown}">{escape(piece)}</span>')
     return "".join(parts)
 
 

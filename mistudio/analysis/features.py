@@ -390,7 +390,8 @@ def feature_page(ext: "Extraction", hook_point: str, feature: int, *, k: int = 2
             "logits_note": logits_note, "correlated": correlated, "correlated_basis": basis,
             "note": get_note(ext, hook_point, feature),
             "prev": feature - 1 if feature > 0 else None, "next": feature + 1 if feature + 1 < stats.d else None,
-            "one_per_document": bool(one_per_document), "scheme": tokenizer_scheme(ext.tokenizer)}
+            "one_per_document": bool(one_per_document), "scheme": tokenizer_scheme(ext.tokenizer),
+            "n_layers": ext.record.model.n_layers}
 
 
 # -- the feature table -----------------------------------------------------------------------------------------
@@ -480,10 +481,11 @@ def token_texts(ext: "Extraction") -> list[str]:
 
     def compute() -> list[str]:
         names = [str(n) for n in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
-        if tokenizer_scheme(tokenizer) == "wordpiece":
+        scheme = tokenizer_scheme(tokenizer)
+        if scheme == "wordpiece":
             special = set(getattr(tokenizer, "all_special_tokens", []) or [])
             return [n[2:] if n.startswith("##") else (n if n in special else " " + n) for n in names]
-        return [display_pieces([n], "bpe")[0] for n in names]
+        return [display_pieces([n], scheme)[0] for n in names]
 
     return _VOCABULARIES.get(ext.record.model.name_or_path, compute)
 
@@ -575,14 +577,17 @@ def parse_features(text: str, d: int) -> list[int]:
 
 
 def export_pages(ext: "Extraction", hook_point: str, features: Sequence[int], **options: Any) -> Iterator[dict]:
-    """The pages of ``features`` (``options`` as :func:`feature_page`'s), in order, one at a time (for the
-    exports). Their token means are computed first, in shared passes over the store
-    (:func:`~.feature_view.token_means_many`: one pass serves many raw neurons)."""
+    """The pages of ``features`` (``options`` as :func:`feature_page`'s), in order and without repeats, one at a
+    time (for the exports); every feature is checked first, as :func:`feature_page` checks one. Their token means
+    are computed first, in shared passes over the store (:func:`~.feature_view.token_means_many`: one pass serves
+    many raw neurons)."""
+    d = load_statistics(ext, hook_point).d
+    chosen = list(dict.fromkeys(_check_feature(d, hook_point, f) for f in features))  # checked, without repeats
     n, min_count = options.get("n_token_means", 15), options.get("min_count", 2)
     if n:
-        token_means_many(ext, hook_point, [int(f) for f in features], n=n, min_count=min_count)
-    for f in features:
-        yield feature_page(ext, hook_point, int(f), **options)
+        token_means_many(ext, hook_point, chosen, n=n, min_count=min_count)
+    for f in chosen:
+        yield feature_page(ext, hook_point, f, **options)
 
 
 def drop_cached() -> None:

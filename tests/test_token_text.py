@@ -1,0 +1,110 @@
+"""Tokens read as text in every view and export, whatever the tokenizer family: a byte-level BPE (GPT-2, Llama 3,
+Qwen) spells non-ASCII text in a stand-in alphabet ('Ã©' for 'é'), SentencePiece (Llama 2, Mistral) marks a word's
+space with '▁' and its decoder drops a decode's leading space."""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+from html import unescape
+from pathlib import Path
+
+import pytest
+import torch
+
+import mistudio as ms
+from mistudio.analysis.exports import export_html, export_neuronpedia
+from mistudio.analysis.feature_page import feature_page_html
+from mistudio.analysis.feature_view import display_pieces, token_label, tokenizer_scheme
+from mistudio.analysis.features import export_pages, feature_page
+from mistudio.errors import InputError
+
+HP = "layers.1.residual"
+ACCENTED = ["café résumé naïve 😀 déjà vu"] * 40
+
+
+@pytest.fixture(scope="module")
+def bytelevel_store(tmp_path_factory):
+    """A tiny GPT-2 whose byte-level BPE holds 'é', 'ï' and '😀' inside whole tokens."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("bytelevel")
+    trained = ByteLevelBPETokenizer()
+    trained.train_from_iterator(ACCENTED + ms.sample_texts()[:40], vocab_size=600,
+                                special_tokens=["<|endoftext|>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=trained._tokenizer, eos_token="<|endoftext|>")
+    tok.save_pretrained(folder / "model")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=64)) \
+        .save_pretrained(folder / "model")
+    return ms.extract(model=str(folder / "model"), dataset=ACCENTED[:6], layers=[1], max_length=32,
+                      workspace=str(folder / "ws"), progress=False)
+
+
+def test_byte_level_pieces_read_as_their_text(bytelevel_store, tmp_path):
+    ext = bytelevel_store
+    pieces = ext.sample(0)["tokens"]
+    assert tokenizer_scheme(ext.tokenizer) == "bytelevel" and any("Ã" in p for p in pieces)
+    assert "".join(display_pieces(pieces, "bytelevel")) == ACCENTED[0]
+    assert "".join(display_pieces(pieces)) == ACCENTED[0]  # told from the pieces alone ('Ġ')
+    labels = [token_label(p, "bytelevel") for p in pieces]
+    assert all("Ã" not in label and "Ġ" not in label for label in labels), labels
+    assert [token_label(p, "bytelevel") for p in ("ðŁĺ", "Ċ", "<|endoftext|>")] == \
+        ["<0xF0><0x9F><0x98>", "↵", "<|endoftext|>"]  # part of a character: its bytes
+    page = feature_page(ext, HP, 0, n_token_means=5, logits=False)
+    html = unescape(feature_page_html(page))
+    assert "Ã" not in html and ("é" in html or "😀" in html), html[:2000]
+    exported = Path(export_html(export_pages(ext, HP, [0, 1]), tmp_path / "pages.html")).read_text(encoding="utf-8")
+    assert "Ã©" not in unescape(exported) and "é" in unescape(exported)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_store(tmp_path_factory):
+    """A tiny Llama whose tokenizer is built the way transformers builds LlamaTokenizer(vocab, merges)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    folder = tmp_path_factory.mktemp("sentencepiece")
+    raw = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.train_from_iterator(ms.sample_texts(), trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)],
+        show_progress=False))
+    spec = json.loads(raw.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in spec["merges"]]
+    tok = LlamaTokenizer(vocab=spec["vocab"], merges=merges, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                         add_bos_token=True)
+    tok.save_pretrained(folder / "model")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder / "model")
+    return ms.extract(model=str(folder / "model"), dataset=ms.sample_texts()[:12], layers=[1], max_length=24,
+                      workspace=str(folder / "ws"), progress=False)
+
+
+def test_neuronpedia_export_keeps_sentencepiece_spaces(sentencepiece_store, tmp_path):
+    ext = sentencepiece_store
+    root = export_neuronpedia(export_pages(ext, HP, [0, 1, 1, 2]), tmp_path / "np", model_id="tiny",
+                              source_set="res", tokenizer=ext.tokenizer)
+    records = [json.loads(line) for f in glob.glob(str(root / "activations" / "*.gz"))
+               for line in gzip.open(f, "rt", encoding="utf-8")]
+    assert records
+    for record in records:
+        row = ext.sample(int(record["dataIndex"]))
+        ids = [int(i) for i in row["input_ids"]]
+        text = ext.tokenizer.decode(ids)  # '<s> These equivalences ...'
+        joined = "".join(record["tokens"])
+        assert joined.strip() in text, (joined, text)
+        assert "" not in record["tokens"]
+    features = [json.loads(line) for f in glob.glob(str(root / "features" / "*.gz"))
+                for line in gzip.open(f, "rt", encoding="utf-8")]
+    assert sorted(int(f["index"]) for f in features) == [0, 1, 2]  # feature 1 asked twice: exported once
+    model = json.loads((root / "model.jsonl").read_text())
+    assert model["layers"] == 2  # the store's model, without n_layers passed
+
+
+@pytest.mark.parametrize("bad", [3.7, True, -1])
+def test_export_pages_checks_each_feature_as_a_page_does(sentencepiece_store, bad):
+    with pytest.raises(InputError, match="feature"):
+        list(export_pages(sentencepiece_store, HP, [0, bad]))
