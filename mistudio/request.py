@@ -272,6 +272,11 @@ class Request(BaseModel):
             if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in HOOK_KINDS:
                 raise ValueError(f"«saes» has the key {point!r}, which is not a hook point: use "
                                  f"'layers.<i>.<{'|'.join(HOOK_KINDS)}>', e.g. 'layers.3.residual'")
+            folder = getattr(folder, "sae_path", folder)  # a training run (TrainingJob): its SAE's folder
+            if not isinstance(folder, (str, os.PathLike)):
+                raise ValueError(f"«saes» gives {short(folder)} for {point}, not a folder: the values are folders an "
+                                 "SAE was saved to («pass saes={'layers.3.residual': '/path/to/sae'}»; an SAE object: "
+                                 "sae.save('<folder>') first; a training run: the run itself, or job.sae_path)")
             path = os.path.abspath(os.path.expanduser(os.fspath(folder)))
             if not os.path.isdir(path):
                 raise ValueError(f"«saes» names {os.fspath(folder)!r} for {point}, which is not a folder: point at "

@@ -499,8 +499,9 @@ def check_applies(sae: SAE, hook_point: str, width: int) -> None:
                          "use an SAE trained on this model's hook point")
     if sae.hook_point is not None and sae.hook_point != hook_point:
         raise InputError(f"{sae.name} was trained on {sae.hook_name or sae.hook_point} (mistudio hook point "
-                         f"{sae.hook_point}), not on {hook_point}: apply it at {sae.hook_point}, or set "
-                         f"sae.hook_point = {hook_point!r} if you know better")
+                         f"{sae.hook_point}), not on {hook_point}: apply it at {sae.hook_point}, or, if you know "
+                         f"better, set sae.hook_point = {hook_point!r} and save it to a folder of its own "
+                         "(sae.save(<folder>)) to apply from there")
     if sae.hook_point is None and sae._hook_error is not None:
         raise InputError(f"{sae.name} cannot be applied at {hook_point}: {sae._hook_error}")
 

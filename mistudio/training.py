@@ -347,10 +347,12 @@ class TrainingJob(Handle):
         """The extraction the run trains on."""
         return Extraction.open(self.record.extraction.location)
 
-    def extract_arguments(self) -> dict:
+    def extract_arguments(self, dataset: Any = None, *, partial: bool = False) -> dict:
         """Arguments for ``ws.submit`` (or the Extract tab's form) that extract with this run's SAE: the SAE at its
-        hook point, the extraction's model and dataset (left out when it was in-memory data), the hook point's
-        layer and kind."""
+        hook point, the extraction's model and dataset, the hook point's layer and kind. ``dataset`` replaces the
+        extraction's; it is needed when that one cannot be named again (an in-memory list or frame, or an
+        extraction that is gone): then this raises, saying so, unless ``partial`` (the Studio asks for the data in
+        its Dataset tab), which leaves it out."""
         record = self.record
         if record.status != Status.COMPLETED:
             raise InputError(f"training run {self.id} is {record.status}: extract with its SAE once it is COMPLETED")
@@ -360,14 +362,21 @@ class TrainingJob(Handle):
         try:
             description = self.extraction().record.dataset.model_dump()
         except Exception:  # noqa: BLE001 - the extraction is gone: the model and the SAE are still known
-            return arguments
-        try:
-            arguments["dataset"] = dataset_source(description)
-        except InputError:  # made from an in-memory list or frame: the user gives the data again
-            pass
+            description, unknown = {}, f"its extraction {record.extraction.id} is gone"
+        else:
+            try:
+                arguments["dataset"] = dataset_source(description)
+                unknown = None
+            except InputError:  # made from an in-memory list or frame: the user gives the data again
+                unknown = f"its extraction {record.extraction.id} was made from in-memory data, which is not saved"
         for name in ("text_column", "max_samples", "max_length"):
             if description.get(name) is not None:
                 arguments[name] = description[name]
+        if dataset is not None:
+            arguments["dataset"] = dataset
+        elif unknown is not None and not partial:  # ws.submit would fall back on the bundled sample
+            raise InputError(f"training run {self.id} cannot name the data to extract with its SAE: {unknown}. Give "
+                             "it: «pass dataset=» (e.g. job.extract_arguments(dataset=texts))", param="dataset")
         return arguments
 
     def _owner(self, record: TrainingRecord) -> str | None:
@@ -659,12 +668,31 @@ def _remove_new_folder(folder: Path) -> None:
 
 
 def training_job(ws: "Workspace", run_id: str) -> TrainingJob:
-    """A handle on any run: the live one if it runs here, else one that reads ``run.json``."""
+    """A handle on any run: the live one if it runs here, else one that reads ``run.json`` (a run whose process
+    died is marked FAILED/INTERRUPTED first, as a listing marks it)."""
     run_id = check_run_id(run_id)
     live = ws.runner.live_job(run_id) or ws.runner.ended_in_memory(run_id)
     if isinstance(live, TrainingJob):
         return live
-    return TrainingJob(ws, run_folder(ws, run_id))
+    folder = run_folder(ws, run_id)
+    try:
+        _mark_interrupted(ws, folder, read_record(folder))
+    except (OSError, ValueError):  # unreadable: the handle says so when read
+        pass
+    return TrainingJob(ws, folder)
+
+
+def readers_of(ws: "Workspace", extraction_id: str) -> list[str]:
+    """The live training runs (here or in another process) that read extraction ``extraction_id``."""
+    out = []
+    for folder in _run_folders(ws):
+        try:
+            record = read_record(folder)
+        except Exception:  # noqa: BLE001 - an unreadable run reads nothing
+            continue
+        if record.extraction.id == extraction_id and live_owner(record, ws.live_here(record.id)) is not None:
+            out.append(record.id)
+    return out
 
 
 def _ensure_free(ws: "Workspace", job: TrainingJob) -> TrainingRecord:
@@ -688,9 +716,16 @@ def resume_training(ws: "Workspace", run_id: str) -> TrainingJob:
                          "other settings if you pass them)")
     error = record.error
     if not can_resume(record.status, error):
-        raise InputError(f"training run {run_id} cannot resume: it failed [{error.error_type}] "
-                         f"{error.error_message.rstrip('.')}. Resuming would fail again: retry it (with the settings "
-                         "corrected) instead")
+        why = f"it failed [{error.error_type}] {error.error_message.rstrip('.')}" if error is not None \
+            else f"it is {record.status}"
+        raise InputError(f"training run {run_id} cannot resume: {why}. Resuming would fail again: retry it (with the "
+                         "settings corrected) instead")
+    source = record.extraction
+    if not _exists(source.location):  # refused up front: the run keeps its state and its checkpoint
+        raise InputError(f"training run {run_id} reads extraction {source.id}, which is not at {source.location} "
+                         f"(moved, deleted or on a disk not mounted): the run stays {record.status} with its "
+                         "checkpoint. Bring the store back and resume again, or retry it with «pass "
+                         "extraction=<another id>»", param="extraction")
     record.resumes.append({"at": now(), "last_step": record.progress.step, "previous_status": record.status.value,
                            "previous_error": error.error_type if error is not None else None})
     record.status = Status.QUEUED
@@ -750,26 +785,32 @@ def recover_trainings(ws: "Workspace") -> list[str]:
             record = read_record(folder)
         except Exception:  # noqa: BLE001 - unreadable runs are listed as such
             continue
-        if not record.live or live_owner(record, ws.live_here(record.id)) is not None:
-            continue
-        beat, progress = record.heartbeat, record.progress
-        reached = (f"it had reached step {progress.step:,} of {progress.total_steps:,}" if progress.total_steps
-                   else "it had not started training")
-        record.error = ErrorRecord.model_validate({
-            "error_type": "INTERRUPTED",
-            "error_message": (f"The process running this training (pid {beat.pid} on {beat.host}) ended while it was "
-                              f"{record.status}: most likely the kernel was restarted or crashed. {reached}; resume "
-                              "it to continue from its last checkpoint, or retry it from scratch."),
-            "retry_available": True, "resume_available": True, "cancel_available": False, "failed_at": now(),
-            "interrupted_in": record.status.value})
-        record.status = Status.FAILED
-        try:
-            write_record(folder, record)
-        except OSError:
-            log.exception("mistudio could not mark training run %s interrupted", record.id)
-            continue
-        marked.append(record.id)
+        if _mark_interrupted(ws, folder, record):
+            marked.append(record.id)
     return marked
+
+
+def _mark_interrupted(ws: "Workspace", folder: Path, record: TrainingRecord) -> bool:
+    """Mark ``record`` (a live state that no live process owns) FAILED/INTERRUPTED, resumable; whether it was."""
+    if not record.live or live_owner(record, ws.live_here(record.id)) is not None:
+        return False
+    beat, progress = record.heartbeat, record.progress
+    reached = (f"it had reached step {progress.step:,} of {progress.total_steps:,}" if progress.total_steps
+               else "it had not started training")
+    record.error = ErrorRecord.model_validate({
+        "error_type": "INTERRUPTED",
+        "error_message": (f"The process running this training (pid {beat.pid} on {beat.host}) ended while it was "
+                          f"{record.status}: most likely the kernel was restarted or crashed. {reached}; resume "
+                          "it to continue from its last checkpoint, or retry it from scratch."),
+        "retry_available": True, "resume_available": True, "cancel_available": False, "failed_at": now(),
+        "interrupted_in": record.status.value})
+    record.status = Status.FAILED
+    try:
+        write_record(folder, record)
+    except OSError:
+        log.exception("mistudio could not mark training run %s interrupted", record.id)
+        return False
+    return True
 
 
 LIST_COLUMNS = ["id", "status", "error", "message", "extraction", "model", "hook_point", "architecture", "d_sae",

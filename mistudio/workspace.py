@@ -31,7 +31,7 @@ from .storage.liveness import heartbeat
 from .storage.metadata import FORMAT_VERSION, ExtractionMeta, Status, can_resume, new_nonce, now
 from .storage.store import ExtractionStore
 from .training import LIST_COLUMNS as TRAIN_COLUMNS
-from .training import TrainingJob, list_trainings, submit_training, training_job
+from .training import TrainingJob, list_trainings, readers_of, submit_training, training_job
 
 __all__ = ["Workspace", "check_id", "check_preset_name", "human_bytes", "default_workspace"]
 
@@ -302,6 +302,10 @@ class Workspace(Folder, Observable):
             self.store(extraction_id)  # raises the "no extraction" message
         if self.live_here(extraction_id):
             self.ensure_free(extraction_id, self.open_store(location))  # says "in this kernel", with the fix
+        readers = readers_of(self, extraction_id)
+        if readers:  # a run reading it would fail, its checkpoint of no more use
+            raise StoreBusy(f"extraction {extraction_id} is being read by SAE training run {', '.join(readers)}: "
+                            "wait for it to end, or cancel it (ws.training(<id>).cancel()), then delete")
         lease = WriterLease.acquire(location, extraction_id, "delete", None,
                                     self.storage_options if self.remote else None)  # a writer elsewhere: refused
         try:

@@ -80,7 +80,7 @@ def test_launch_watch_live_plot_evaluation_and_extract_with_the_sae(ext, root, g
     # Extract with this SAE: the callback gets the SAE, the model, the dataset and the layer
     assert not panel.extract_button.disabled
     panel.extract_button.click()
-    assert handed == [job.extract_arguments()]
+    assert handed == [job.extract_arguments(partial=True)]
     arguments = handed[0]
     assert arguments["saes"] == {HP: str(job.sae_path)} and arguments["model"] == gpt2_dir
     assert arguments["dataset"] == "sample" and arguments["layers"] == [1] and arguments["hooks"] == ["residual"]

@@ -335,7 +335,8 @@ def test_sigkill_mid_run_is_listed_interrupted_and_resumes_exactly(ext, tmp_path
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    ws = ms.Workspace(root)
+    ws = ms.Workspace(root)  # a new kernel asks for the run by its id first: it is marked, not TRAINING forever
+    assert (training_job(ws, run_id).status, training_job(ws, run_id).error["error_type"]) == ("FAILED", "INTERRUPTED")
     row = list_trainings(ws)[0]
     assert (row["id"], row["status"], row["error"]) == (run_id, "FAILED", "INTERRUPTED")
     assert "kernel was restarted or crashed" in row["message"]
@@ -406,3 +407,71 @@ def test_the_default_progress_interval_is_a_twentieth_of_a_short_run_and_every_1
     history line), and at most about 5,000 reports (the history file and the checkpoint's copy stay small)."""
     assert TrainConfig().progress_interval(total_steps) == every
     assert TrainConfig(progress_every_steps=7).progress_interval(total_steps) == 7  # asked for: as asked
+
+
+def test_extract_arguments_of_a_run_on_in_memory_data_ask_for_the_data(gpt2_dir, tmp_path):
+    """ws.submit(**job.extract_arguments()) must not fall back on the bundled sample when the SAE was trained on a
+    list of texts: the arguments say what is missing, and take the data given."""
+    ws = ms.Workspace(tmp_path / "ws")
+    texts = [f"my own text number {i}, about apples" for i in range(40)]
+    mine = ws.submit(gpt2_dir, texts, layers=[1], hooks=["residual"], dtype="float32").wait(120)
+    job = submit_training(ws, mine.extraction(), HP, evaluate=False, **small(3, batch_size=64))
+    assert job.wait(120).status == "COMPLETED", job.error
+    with pytest.raises(ms.InputError, match="in-memory data.*pass dataset=") as caught:
+        job.extract_arguments()
+    assert caught.value.param == "dataset"
+    arguments = job.extract_arguments(dataset=texts)
+    with_sae = ws.submit(**arguments).wait(120)
+    assert with_sae.status == "COMPLETED" and with_sae.extraction().n_samples == 40
+    assert "dataset" not in job.extract_arguments(partial=True)  # the Studio asks in its Dataset tab
+
+
+def test_resume_while_the_extraction_is_away_is_refused_and_keeps_the_checkpoint(ext, tmp_path):
+    import shutil
+
+    copy = ms.open_extraction(shutil.copytree(ext.location, tmp_path / "copy.zarr"))
+    ws = ms.Workspace(tmp_path / "ws")
+    started = threading.Event()
+    job = submit_training(ws, copy, HP, evaluate=False, **small(4000, progress_every_steps=1))
+    job.subscribe(lambda event: started.set() if event["event"] == "progress" else None)
+    assert started.wait(60)
+    assert job.cancel().wait(60).status == "CANCELLED"
+    away = shutil.move(copy.location, tmp_path / "elsewhere.zarr")  # a disk not mounted yet, a folder moved
+    with pytest.raises(ms.InputError, match="not at .*stays CANCELLED with its checkpoint") as caught:
+        training_job(ws, job.id).resume()
+    assert caught.value.param == "extraction"
+    assert training_job(ws, job.id).status == "CANCELLED"
+    shutil.move(away, copy.location)
+    resumed = training_job(ws, job.id).resume()
+    assert resumed.cancel().wait(60).status == "CANCELLED"  # it ran again from its checkpoint
+
+
+def test_deleting_an_extraction_a_training_run_reads_is_refused_naming_the_run(gpt2_dir, tmp_path):
+    ws = ms.Workspace(tmp_path / "ws")
+    source = ws.submit(gpt2_dir, "sample", layers=[1], hooks=["residual"], max_samples=40, dtype="float32")
+    assert source.wait(120).status == "COMPLETED"
+    started = threading.Event()
+    job = submit_training(ws, source.extraction(), HP, evaluate=False, **small(4000, progress_every_steps=1))
+    job.subscribe(lambda event: started.set() if event["event"] == "progress" else None)
+    try:
+        assert started.wait(60)
+        with pytest.raises(ms.StoreBusy, match=f"read by SAE training run {job.id}.*cancel it"):
+            ws.delete(source.id, force=True)
+        assert source.id in set(ws.extractions()["id"])
+    finally:
+        job.cancel().wait(60)
+    ws.delete(source.id, force=True)  # the run ended: nothing reads it now
+
+
+@pytest.mark.parametrize("value, words", [(None, "None for"), (3, "3 for"),
+                                          (load_sae, "not a folder")])
+def test_saes_values_that_are_not_folders_are_refused_by_name(gpt2_dir, value, words):
+    with pytest.raises(ms.InputError, match=f"{words}.*sae.save"):
+        Request.build(model=gpt2_dir, layers=[1], saes={HP: value})
+
+
+def test_a_training_run_is_taken_as_its_sae_folder(ext, tmp_path, gpt2_dir):
+    ws = ms.Workspace(tmp_path / "ws")
+    job = submit_training(ws, ext, HP, evaluate=False, **small(3))
+    assert job.wait(120).status == "COMPLETED", job.error
+    assert Request.build(model=gpt2_dir, layers=[1], saes={HP: job}).saes == {HP: str(job.sae_path)}

@@ -381,7 +381,7 @@ class TrainPanel(W.VBox):
     def _extract_with_sae(self) -> dict | None:
         if self.job is None or self.on_extract_with_sae is None:
             return None
-        arguments = self.job.extract_arguments()
+        arguments = self.job.extract_arguments(partial=True)
         self.on_extract_with_sae(arguments)
         missing = "" if "dataset" in arguments else (" The extraction was made from in-memory data: choose the "
                                                      "dataset in the Dataset tab.")
