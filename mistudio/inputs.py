@@ -8,7 +8,8 @@ again, in a loop, would otherwise get every store filled from the last version, 
 - files are recorded at submit by identity (size, modification time, inode), and the smaller ones, up to
   ``DIGEST_BUDGET`` bytes an input, by a digest of their bytes too. They are checked again once the job has read
   them: a file that changed in between fails the job, saying which file and how to avoid it. A file whose identity
-  changed but whose digest did not (a loop that regenerates the same rows before each submit) is not a change.
+  changed but whose digest did not (a loop that regenerates the same rows before each submit) is not a change, if
+  it did not change while the job read it (then the job may have read other bytes: A, B, A again).
 """
 from __future__ import annotations
 
@@ -112,26 +113,37 @@ class SubmittedInputs:
         return cls(dataset=dataset, model=model, digests={
             param: digests_of(*recorded) for param, recorded in (("dataset", dataset), ("model", model)) if recorded})
 
-    def check_dataset(self) -> None:
-        """Raise InputError when the dataset's files changed since submit (call it after the job read them)."""
+    def identities(self, param: str) -> dict[str, Identity | None] | None:
+        """The identities of the ``"dataset"``'s or ``"model"``'s files now: take them before the job reads the
+        files, and pass them to the check after (``read_from``)."""
+        recorded = self.dataset if param == "dataset" else self.model
+        return None if recorded is None else files_of(recorded[0], only=None if param == "dataset" else file_kind)
+
+    def check_dataset(self, read_from: dict | None = None) -> None:
+        """Raise InputError when the dataset's files changed since submit (call it after the job read them, with
+        the :meth:`identities` taken before)."""
         self._check(self.dataset, None, "dataset", "the dataset", "write each version to a file of its own (or pass "
-                    "the rows as a list), or submit once the file is final")
+                    "the rows as a list), or submit once the file is final", read_from)
 
-    def check_model(self) -> None:
-        """Raise InputError when the model folder's files changed since submit (call it after the job loaded it)."""
+    def check_model(self, read_from: dict | None = None) -> None:
+        """Raise InputError when the model folder's files changed since submit (call it after the job loaded it,
+        with the :meth:`identities` taken before)."""
         self._check(self.model, file_kind, "model", "the model", "save each version to a folder of its own (e.g. "
-                    "save_pretrained(f'ckpt-{step}')), or submit once the folder is final")
+                    "save_pretrained(f'ckpt-{step}')), or submit once the folder is final", read_from)
 
-    def _check(self, recorded, only, param: str, what: str, fix: str) -> None:
-        """``recorded``: (path, identities) as :func:`files_of` took them with ``only``; taken again and compared."""
+    def _check(self, recorded, only, param: str, what: str, fix: str, read_from: dict | None) -> None:
+        """``recorded``: (path, identities) as :func:`files_of` took them with ``only``; taken again and compared. A
+        file whose identity changed but whose bytes are the submitted ones is no change, unless it changed while
+        the job read it (``read_from``: the identities before the read): the bytes read may have been others."""
         if recorded is None:
             return
         path, before = recorded
         after = files_of(path, only=only)
         changed = [n for n in before.keys() | after.keys() if before.get(n) != after.get(n)]
+        stable = set() if read_from is None else {n for n in changed if read_from.get(n) == after.get(n)}
         digests, folder = self.digests.get(param, {}), path if path.is_dir() else path.parent
-        same_bytes = {n for n in changed if digests.get(n) and after.get(n) and after[n][0] == before[n][0]
-                      and _digest(folder / n) == digests[n]}
+        same_bytes = {n for n in changed if n in stable and digests.get(n) and after.get(n)
+                      and after[n][0] == before[n][0] and _digest(folder / n) == digests[n]}
         changed = sorted(set(changed) - same_bytes)
         if not changed:
             return

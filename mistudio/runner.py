@@ -369,6 +369,9 @@ class Execution:
         started = now()
         self.deadline = started + req.timeout_s if req.timeout_s else None
         self.set_state(Status.LOADING, timings={"started": started}, error=None)
+        submitted = options.inputs  # the files' identities before they are read: a change during the read counts
+        data_read_from, model_read_from = (None, None) if submitted is None else \
+            (submitted.identities("dataset"), submitted.identities("model"))
         config = load_config(req.model_spec)
         parse_layers(req.layers, n_layers_of(config))  # a resume with another model: its layers must exist
         sharded = options.cluster is not None or "shards" in self.store.meta
@@ -381,15 +384,14 @@ class Execution:
             loaded = self.models.get(req.model_spec)
             facts, model_fp = loaded.describe(), self.models.fingerprint
         check_same_model(req.model_spec.name_or_path, self.store.record.model.fingerprint, model_fp)
-        submitted = options.inputs
         if submitted is not None:  # the folder as submitted: a re-save since would mislabel this store's model
-            submitted.check_model()
+            submitted.check_model(model_read_from)
         self.store.update(model={**facts, "revision": req.revision, "fingerprint": model_fp})
         self.check()
         if planning is not None:
             plan = planning.result(self.check, facts["vocab_size"])
             if submitted is not None:  # the rows read are the ones submitted
-                submitted.check_dataset()
+                submitted.check_dataset(data_read_from)
             self.check()
             layout = plan.layout
             if req.saes:

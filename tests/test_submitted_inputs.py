@@ -165,6 +165,34 @@ def test_files_past_the_digest_budget_are_held_by_identity(tmp_path, gpt2_dir, m
     monkeypatch.setattr(inputs, "DIGEST_BUDGET", 4)
     by_identity = inputs.SubmittedInputs.of(request)
     rewrite(data, "one\ntwo\n")
-    held.check_dataset()
+    read_from = held.identities("dataset")  # the job reads the file now
+    held.check_dataset(read_from)
     with pytest.raises(InputError, match="rows.txt"):
-        by_identity.check_dataset()
+        by_identity.check_dataset(read_from)
+
+
+def test_a_file_changed_while_the_job_read_it_fails_even_if_its_bytes_come_back(gpt2_dir, workspace, tmp_path,
+                                                                                 monkeypatch):
+    """A, B, A: the notebook writes B after submit (the job reads B), then A again before the job's check. The bytes
+    at the check are the submitted ones, but the rows read were not: the job must fail, not store B as A."""
+    from mistudio import inputs
+
+    data = tmp_path / "rows.jsonl"
+    write_rows(data, "apples")
+    submitted_bytes = data.read_text()
+    check = inputs.SubmittedInputs.check_dataset
+
+    def back_to_a_then_check(self, read_from=None):
+        rewrite(data, submitted_bytes)
+        return check(self, read_from)
+
+    monkeypatch.setattr(inputs.SubmittedInputs, "check_dataset", back_to_a_then_check)
+    ws = ms.Workspace(workspace)
+    release = threading.Event()
+    first = ws.submit(gpt2_dir, ["held"], before_batch=held_until(release), **OPTIONS)
+    job = ws.submit(gpt2_dir, str(data), **OPTIONS)
+    write_rows(data, "grapes")  # B, same size: the job will read it
+    release.set()
+    first.wait(60)
+    assert job.wait(120).status == "FAILED", first_text(job)
+    assert "changed after this job was submitted" in job.error["error_message"]

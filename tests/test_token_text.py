@@ -50,11 +50,11 @@ def test_byte_level_pieces_read_as_their_text(bytelevel_store, tmp_path):
     assert "".join(display_pieces(pieces)) == ACCENTED[0]  # told from the pieces alone ('Ġ')
     labels = [token_label(p, "bytelevel") for p in pieces]
     assert all("Ã" not in label and "Ġ" not in label for label in labels), labels
-    assert [token_label(p, "bytelevel") for p in ("ðŁĺ", "Ċ", "<|endoftext|>")] == \
-        ["<0xF0><0x9F><0x98>", "↵", "<|endoftext|>"]  # part of a character: its bytes
+    odd = ("ĠðŁĺ", "Ã©jÃ", "Ċ", "<|endoftext|>", "über", "ĠParis")  # a character cut at an end; text added
+    assert [token_label(p, "bytelevel") for p in odd] == ["␣�", "éj�", "↵", "<|endoftext|>", "über", "␣Paris"]
     page = feature_page(ext, HP, 0, n_token_means=5, logits=False)
     html = unescape(feature_page_html(page))
-    assert "Ã" not in html and ("é" in html or "😀" in html), html[:2000]
+    assert "Ã" not in html and ("é" in html or "😀" in html)
     exported = Path(export_html(export_pages(ext, HP, [0, 1]), tmp_path / "pages.html")).read_text(encoding="utf-8")
     assert "Ã©" not in unescape(exported) and "é" in unescape(exported)
 
@@ -108,3 +108,21 @@ def test_neuronpedia_export_keeps_sentencepiece_spaces(sentencepiece_store, tmp_
 def test_export_pages_checks_each_feature_as_a_page_does(sentencepiece_store, bad):
     with pytest.raises(InputError, match="feature"):
         list(export_pages(sentencepiece_store, HP, [0, bad]))
+
+
+def test_tokens_added_as_text_read_and_are_found_as_written(bytelevel_store, tmp_path):
+    """tok.add_tokens(['café']) adds text, not byte-alphabet pieces: it must not read as 'caf' and a broken byte,
+    and Find by token must find it, typed as text or as the tabs spell a token ('␣')."""
+    from transformers import AutoTokenizer
+
+    from mistudio.analysis.features import match_tokens
+
+    tok = AutoTokenizer.from_pretrained(bytelevel_store.tokenizer.name_or_path)
+    tok.add_tokens(["naïveté", "über"])
+    ext = ms.open_extraction(bytelevel_store.id, workspace=str(Path(bytelevel_store.location).parents[1]))
+    ext.tokenizer = tok
+    added = tok.convert_tokens_to_ids(["naïveté", "über"])
+    assert display_pieces(["naïveté", "über"], "bytelevel") == ["naïveté", "über"]
+    assert match_tokens(ext, "naïveté") == [added[0]] and match_tokens(ext, "über") == [added[1]]
+    word = [i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if t == "Ġvu"]
+    assert word and match_tokens(ext, "␣vu") == match_tokens(ext, " vu") == word

@@ -342,13 +342,33 @@ def _byte_alphabet() -> dict[str, int]:
 _BYTES = _byte_alphabet()
 
 
-def piece_bytes(piece: str) -> bytes | None:
-    """The bytes a byte-level BPE piece stands for (``'Ã©'`` -> ``b'\\xc3\\xa9'``); None when a character is not
-    of that alphabet (a special token such as ``'<|endoftext|>'`` is: it spells itself)."""
+def byte_level_text(piece: str) -> str | None:
+    """The text a byte-level BPE piece's bytes spell (``'Ã©'`` -> ``'é'``, ``'Ġthe'`` -> ``' the'``), with ``'�'``
+    for a character cut at either end of the piece (an emoji's first bytes); None when a character is not of that
+    alphabet or the bytes are not UTF-8 (``' <x>'``, ``'über'``: a token added as text, which reads as written)."""
     try:
-        return bytes(_BYTES[c] for c in piece)
+        raw = bytes(_BYTES[c] for c in piece)
     except KeyError:
         return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    start = 0
+    while start < len(raw) and 0x80 <= raw[start] < 0xC0:  # the end of a character begun in the piece before
+        start += 1
+    stop = len(raw)
+    for back in range(1, min(4, len(raw) - start) + 1):  # the start of a character ended in the piece after
+        lead = raw[len(raw) - back]
+        if lead >= 0xC0:
+            if back < (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4):
+                stop = len(raw) - back
+            break
+    try:
+        raw[start:stop].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return raw.decode("utf-8", errors="replace")
 
 
 def resolve_scheme(tokens: Sequence[str], scheme: str) -> str:
@@ -365,14 +385,14 @@ def resolve_scheme(tokens: Sequence[str], scheme: str) -> str:
 
 def display_pieces(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
     """The text each token adds when the pieces are joined: 'Ġthe' -> ' the', '##ing' -> 'ing', 'Ċ' -> '↵', a
-    byte-level piece as the text its bytes spell ('Ã©' -> 'é'; '�' for the bytes of part of a character)."""
+    byte-level piece as the text its bytes spell ('Ã©' -> 'é'; :func:`byte_level_text`)."""
     scheme = resolve_scheme(tokens, scheme)
     out = []
     for i, token in enumerate(tokens):
         if scheme == "wordpiece":
             out.append(token[2:] if token.startswith("##") else (token if i == 0 else " " + token))
-        elif scheme == "bytelevel" and (raw := piece_bytes(token)) is not None:
-            out.append(raw.decode("utf-8", errors="replace").replace("\n", "↵").replace("\t", "⇥"))
+        elif scheme == "bytelevel" and (text := byte_level_text(token)) is not None:
+            out.append(text.replace("\n", "↵").replace("\t", "⇥"))
         else:
             out.append(token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "↵").replace("ĉ", "⇥"))
     return out
@@ -384,20 +404,18 @@ _WHITESPACE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
 
 
 def token_label(token: Any, scheme: str = "auto") -> str:
-    """A token named on its own (a table cell, a list entry, a plot's tick label), the one spelling every tab uses:
+    """A token named on its own (a table cell, a list entry, a plot's tick label), the one spelling every tab uses
+    (``scheme="text"``: a token added to the tokenizer as text, shown as written with its whitespace visible):
     the tokenizer's own piece with its whitespace made visible. WordPiece pieces and special tokens stay as the
     tokenizer writes them (``'##uming'``, ``'paris'``, ``'[SEP]'``, ``'<|endoftext|>'``); GPT-2's ``'Ġthe'`` and
     SentencePiece's ``'▁the'`` read ``'␣the'``, a newline ``'↵'``, a tab ``'⇥'``; other control characters as
-    ``\\xNN``; an empty piece ``'∅'``. A byte-level piece reads as the text its bytes spell (``'Ã©'`` -> ``'é'``),
-    or, for part of a character, as its bytes (``'<0xF0><0x9F>'``, SentencePiece's byte-fallback names). Plain
-    text: escape it (:func:`escape`) for HTML. Running text (pieces joined) is :func:`display_pieces`' job."""
+    ``\\xNN``; an empty piece ``'∅'``. A byte-level piece reads as the text its bytes spell (``'Ã©'`` -> ``'é'``;
+    :func:`byte_level_text`). Plain text: escape it (:func:`escape`) for HTML. Running text (pieces joined) is
+    :func:`display_pieces`' job."""
     text = str(token)
-    if scheme == "bytelevel" and (raw := piece_bytes(text)) is not None:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "".join(f"<0x{b:02X}>" for b in raw)
-    marks = _WHITESPACE if scheme in ("wordpiece", "bytelevel") else {**_WHITESPACE, **_MARKERS}
+    if scheme == "bytelevel":
+        text = byte_level_text(text) or text
+    marks = {**_WHITESPACE, **_MARKERS} if scheme in ("bpe", "auto") else _WHITESPACE
     out = "".join(marks.get(c, c if c.isprintable() else repr(c)[1:-1]) for c in text)
     return out or "∅"
 

@@ -485,7 +485,8 @@ def token_texts(ext: "Extraction") -> list[str]:
         if scheme == "wordpiece":
             special = set(getattr(tokenizer, "all_special_tokens", []) or [])
             return [n[2:] if n.startswith("##") else (n if n in special else " " + n) for n in names]
-        return [display_pieces([n], scheme)[0] for n in names]
+        added = _added_tokens(tokenizer)  # text as written, not pieces
+        return [n if n in added else display_pieces([n], scheme)[0] for n in names]
 
     return _VOCABULARIES.get(ext.record.model.name_or_path, compute)
 
@@ -496,17 +497,29 @@ def token_labels(ext: "Extraction") -> list[str]:
     tokenizer = ext.tokenizer
 
     def compute() -> list[str]:
-        scheme = tokenizer_scheme(tokenizer)
-        return [token_label(n, scheme) for n in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+        scheme, added = tokenizer_scheme(tokenizer), _added_tokens(tokenizer)
+        return [token_label(n, "text" if n in added else scheme)
+                for n in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
 
     return _VOCABULARIES.get(("labels", ext.record.model.name_or_path), compute)
+
+
+def _added_tokens(tokenizer) -> set[str]:
+    """The tokens added to a tokenizer as text (``tok.add_tokens``), not learned pieces."""
+    try:
+        return set(tokenizer.get_added_vocab())
+    except (AttributeError, NotImplementedError):
+        return set()
 
 
 def match_tokens(ext: "Extraction", text: str) -> list[int]:
     """The token ids a typed token means (:func:`token_texts`): with a leading space (``' Paris'``) exactly the
     word-initial token(s) with that text; without (``'Paris'``), every token that reads ``Paris`` with or without
     its space; for a WordPiece tokenizer, ``'##ing'`` (its own spelling, as the Browse tab shows it) the
-    continuation piece alone; when none does, the same ignoring case."""
+    continuation piece alone; when none does, the same ignoring case. A token as the tabs name it
+    (:func:`~.feature_view.token_label`: ``'␣Paris'``, ``'↵'``) reads as its text."""
+    if isinstance(text, str):
+        text = text.replace("␣", " ").replace("↵", "\n").replace("⇥", "\t")
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"«token={text!r}» names no token: «pass token=» the token's text, e.g. ' Paris'")
     vocab = token_texts(ext)

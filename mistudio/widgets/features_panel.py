@@ -594,7 +594,7 @@ class FeaturesPanel(W.VBox):
     def find(self) -> bool:
         """List the features that fire most on the typed token (its rows read, at most 256 of them); a token typed
         as the tabs name it (``'␣Paris'``: a visible space) reads as typed with the space (``' Paris'``)."""
-        ext, hp, text = self.ext, self.hook_point.value, self.token.value.replace("␣", " ")
+        ext, hp, text = self.ext, self.hook_point.value, self.token.value
         if ext is None or not hp:
             self.status.value = error_box("Pick an extraction first.")
             return False
