@@ -356,6 +356,13 @@ def test_studio_in_jupyterlab(lab):
         button("Cleanup").click()
         button("Delete these").click()
         expect(page.locator(".widget-html", has_text="Deleted 1 stores").first).to_be_visible()
+        grid.locator("button[title^='Retry']").first.click()  # a COMPLETED row: a full rerun asks first
+        question = page.locator(".widget-html", has_text="again as a new extraction?").first
+        expect(question).to_be_visible()
+        button("Don't run").click()
+        expect(question).to_be_hidden()
+        expect(page.locator(".widget-html", has_text="Nothing was started").first).to_be_visible()
+        expect(grid.locator(".mistudio-badge")).to_have_count(1)  # the COMPLETED store alone: no rerun queued
         tab("Browse")
         expect(page.locator(".widget-html", has_text="no longer in the workspace").first).to_be_visible()
         expect(page.locator(".widget-tab select:visible").first).not_to_contain_text("CANCELLED")
