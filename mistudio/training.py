@@ -482,7 +482,10 @@ class TrainingJob(Handle):
             if model is None:
                 raise
             figures = evaluate_sae(sae, ext, record.hook_point)
-            figures["ce_error"] = f"the next-token loss was not measured: {exc}"
+            figures["ce_error"] = (f"the next-token loss was not measured: the model {ref.model!r} could not be "
+                                   f"loaded ({exc}). The SAE is saved; to measure it, load the model from where it "
+                                   "is now: mistudio.analysis.sae_training.evaluate_sae(job.sae(), "
+                                   "job.extraction(), job.hook_point, model=<its folder>)")
         return _finite(figures)
 
     def _on_progress(self, figures: dict) -> None:

@@ -475,3 +475,23 @@ def test_a_training_run_is_taken_as_its_sae_folder(ext, tmp_path, gpt2_dir):
     job = submit_training(ws, ext, HP, evaluate=False, **small(3))
     assert job.wait(120).status == "COMPLETED", job.error
     assert Request.build(model=gpt2_dir, layers=[1], saes={HP: job}).saes == {HP: str(job.sae_path)}
+
+
+def test_a_model_moved_before_evaluation_says_how_to_measure_the_loss(gpt2_dir, tmp_path):
+    """The SAE is trained and saved; the next-token loss needs the model, which moved: the evaluation says so and
+    names the call that measures it from the model's new folder, and that call works."""
+    import shutil
+
+    from mistudio.analysis.sae_training import evaluate_sae
+
+    folder = Path(shutil.copytree(gpt2_dir, tmp_path / "model"))
+    ws = ms.Workspace(tmp_path / "ws")
+    source = ws.submit(str(folder), "sample", layers=[1], hooks=["residual"], max_samples=40, dtype="float32")
+    assert source.wait(120).status == "COMPLETED"
+    moved = shutil.move(folder, tmp_path / "moved")
+    job = submit_training(ws, source.extraction(), HP, **small(3))
+    assert job.wait(120).status == "COMPLETED", job.error
+    message = json.loads((job.folder / EVALUATION_FILE).read_text())["ce_error"]
+    assert str(folder) in message and "evaluate_sae(job.sae(), job.extraction(), job.hook_point, model=" in message
+    figures = evaluate_sae(job.sae(), job.extraction(), job.hook_point, model=moved)
+    assert figures["ce_clean"] > 0 and "ce_spliced" in figures
