@@ -282,7 +282,8 @@ def test_a_deleted_run_folder_stops_the_job_without_recreating_it(ext, tmp_path)
     assert training_job(ws, job.id) is job  # the runner keeps the end it could not write
 
 
-def test_an_extraction_deleted_while_the_run_reads_it_fails_plainly_not_resumable(ext, tmp_path):
+def training_on_a_copy(ext, tmp_path) -> tuple:
+    """A long run on a copy of ``ext`` (which a test may take away), once it is training: (copy, workspace, job)."""
     import shutil
 
     copy = ms.open_extraction(shutil.copytree(ext.location, tmp_path / "copy.zarr"))
@@ -291,6 +292,13 @@ def test_an_extraction_deleted_while_the_run_reads_it_fails_plainly_not_resumabl
     job = submit_training(ws, copy, HP, evaluate=False, **small(4000, progress_every_steps=1))
     job.subscribe(lambda event: started.set() if event["event"] == "progress" else None)
     assert started.wait(60)
+    return copy, ws, job
+
+
+def test_an_extraction_deleted_while_the_run_reads_it_fails_plainly_not_resumable(ext, tmp_path):
+    import shutil
+
+    copy, _ws, job = training_on_a_copy(ext, tmp_path)
     shutil.rmtree(copy.location)
     assert job.wait(60).status == "FAILED"
     error = job.error
@@ -429,12 +437,7 @@ def test_extract_arguments_of_a_run_on_in_memory_data_ask_for_the_data(gpt2_dir,
 def test_resume_while_the_extraction_is_away_is_refused_and_keeps_the_checkpoint(ext, tmp_path):
     import shutil
 
-    copy = ms.open_extraction(shutil.copytree(ext.location, tmp_path / "copy.zarr"))
-    ws = ms.Workspace(tmp_path / "ws")
-    started = threading.Event()
-    job = submit_training(ws, copy, HP, evaluate=False, **small(4000, progress_every_steps=1))
-    job.subscribe(lambda event: started.set() if event["event"] == "progress" else None)
-    assert started.wait(60)
+    copy, ws, job = training_on_a_copy(ext, tmp_path)
     assert job.cancel().wait(60).status == "CANCELLED"
     away = shutil.move(copy.location, tmp_path / "elsewhere.zarr")  # a disk not mounted yet, a folder moved
     with pytest.raises(ms.InputError, match="not at .*stays CANCELLED with its checkpoint") as caught:

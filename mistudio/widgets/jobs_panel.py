@@ -344,11 +344,17 @@ class JobsPanel(W.VBox):
             self.on_job(result)
         self.refresh()
 
-    def ask_delete(self, ext_id: str) -> None:
-        """First step of a row's Delete: say what would be lost and ask for a confirmation."""
+    def _listed(self, ext_id: str) -> dict | None:
+        """The grid's row of ``ext_id``; None (and says to refresh) when it is no longer listed."""
         row = next((r for r in self.rows if r["id"] == ext_id), None)
         if row is None:
             self.message.value = error_box(f"{esc(ext_id)} is no longer listed: Refresh.")
+        return row
+
+    def ask_delete(self, ext_id: str) -> None:
+        """First step of a row's Delete: say what would be lost and ask for a confirmation."""
+        row = self._listed(ext_id)
+        if row is None:
             return
         self.pending_delete = ext_id
         self._close_retry()
@@ -367,9 +373,8 @@ class JobsPanel(W.VBox):
 
     def ask_retry(self, ext_id: str) -> None:
         """First step of Retry on a COMPLETED row: say what a rerun costs and that the store is kept, and ask."""
-        row = next((r for r in self.rows if r["id"] == ext_id), None)
+        row = self._listed(ext_id)
         if row is None:
-            self.message.value = error_box(f"{esc(ext_id)} is no longer listed: Refresh.")
             return
         self.pending_retry = ext_id
         self.pending_delete, self.confirm_box.layout.display = None, "none"  # one question at a time
