@@ -26,7 +26,7 @@ from .request import Request
 from .specs import pandas_kind
 
 Identity = tuple[int, int, int]  # size, modification time (ns), inode
-DIGEST_BUDGET = 64 * 2**20  # bytes of an input's files hashed at submit (smallest first): ~0.1 s of the notebook's
+DIGEST_BUDGET = 64 * 2**20  # bytes of an input's files hashed at submit (smallest first): ~0.1 s of the submit call
 
 
 def _identity(path: Path) -> Identity | None:

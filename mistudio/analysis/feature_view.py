@@ -360,6 +360,8 @@ def byte_level_text(piece: str) -> str | None:
     stop = len(raw)
     for back in range(1, min(4, len(raw) - start) + 1):  # the start of a character ended in the piece after
         lead = raw[len(raw) - back]
+        if lead < 0x80:  # a whole character: no cut one after it
+            break
         if lead >= 0xC0:
             if back < (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4):
                 stop = len(raw) - back

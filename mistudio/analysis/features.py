@@ -488,7 +488,7 @@ def token_texts(ext: "Extraction") -> list[str]:
         added = _added_tokens(tokenizer)  # text as written, not pieces
         return [n if n in added else display_pieces([n], scheme)[0] for n in names]
 
-    return _VOCABULARIES.get(ext.record.model.name_or_path, compute)
+    return _VOCABULARIES.get((ext.record.model.name_or_path, len(tokenizer)), compute)  # tokens added: new entry
 
 
 def token_labels(ext: "Extraction") -> list[str]:
@@ -501,7 +501,7 @@ def token_labels(ext: "Extraction") -> list[str]:
         return [token_label(n, "text" if n in added else scheme)
                 for n in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
 
-    return _VOCABULARIES.get(("labels", ext.record.model.name_or_path), compute)
+    return _VOCABULARIES.get(("labels", ext.record.model.name_or_path, len(tokenizer)), compute)
 
 
 def _added_tokens(tokenizer) -> set[str]:
