@@ -686,7 +686,10 @@ def training_job(ws: "Workspace", run_id: str) -> TrainingJob:
 
 
 def readers_of(ws: "Workspace", extraction_id: str) -> list[str]:
-    """The live training runs (here or in another process) that read extraction ``extraction_id``."""
+    """The live training runs (here or in another process) that read extraction ``extraction_id`` (none in a
+    remote workspace: runs live in local ones)."""
+    if ws.remote:
+        return []
     out = []
     for folder in _run_folders(ws):
         try:

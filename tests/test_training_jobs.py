@@ -365,6 +365,8 @@ def test_sigkill_mid_run_is_listed_interrupted_and_resumes_exactly(ext, tmp_path
 
 
 def test_an_extraction_deleted_before_the_run_starts_fails_it_plainly(gpt2_dir, ext, tmp_path):
+    import shutil
+
     ws = ms.Workspace(tmp_path / "ws")
     doomed = ms.extract(gpt2_dir, "sample", layers=[1], hooks=["residual"], max_samples=20, batch_size=32,
                         dtype="float32", workspace=str(tmp_path / "ws"), progress=False)
@@ -378,7 +380,9 @@ def test_an_extraction_deleted_before_the_run_starts_fails_it_plainly(gpt2_dir, 
     ws.subscribe(hold_the_first_run)
     first = submit_training(ws, ext, HP, evaluate=False, **small(5))
     queued = submit_training(ws, doomed, HP, evaluate=False, **small(2, batch_size=64))
-    ws.delete(doomed.id, force=True)
+    with pytest.raises(ms.StoreBusy, match=f"read by SAE training run {queued.id}"):  # queued: it will read it
+        ws.delete(doomed.id, force=True)
+    shutil.rmtree(doomed.location)  # removed behind mistudio's back: the run must still fail plainly
     release.set()
     assert queued.wait(60).status == "FAILED" and first.wait(60).status == "COMPLETED" and held == [first.id]
     error = queued.error
