@@ -377,7 +377,7 @@ class JobsPanel(W.VBox):
         if row is None:
             return
         self.pending_retry = ext_id
-        self.pending_delete, self.confirm_box.layout.display = None, "none"  # one question at a time
+        self._close_delete()  # one question at a time
         samples = row["samples_total"] or row["samples_committed"]
         self.retry_text.value = note_box(
             f"Run {esc(ext_id)} again as a new extraction? It recomputes {samples:,} samples "
@@ -400,15 +400,18 @@ class JobsPanel(W.VBox):
         if ext_id is not None:
             self._act("Retry", self.workspace.retry, ext_id)
 
-    def cancel_delete(self) -> None:
+    def _close_delete(self) -> None:
         self.pending_delete = None
         self.confirm_box.layout.display = "none"
+
+    def cancel_delete(self) -> None:
+        self._close_delete()
         self.message.value = "Nothing was deleted."
 
     def delete_confirmed(self) -> None:
         """Second step: delete the store the user confirmed (COMPLETED ones too: the user said so)."""
-        ext_id, self.pending_delete = self.pending_delete, None
-        self.confirm_box.layout.display = "none"
+        ext_id = self.pending_delete
+        self._close_delete()
         if ext_id is None:
             return
         try:
