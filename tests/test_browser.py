@@ -356,6 +356,7 @@ def test_studio_in_jupyterlab(lab):
         button("Cleanup").click()
         button("Delete these").click()
         expect(page.locator(".widget-html", has_text="Deleted 1 stores").first).to_be_visible()
+        expect(grid.locator(".mistudio-badge")).to_have_count(1)  # redrawn: the CANCELLED row's Retry is gone
         grid.locator("button[title^='Retry']").first.click()  # a COMPLETED row: a full rerun asks first
         question = page.locator(".widget-html", has_text="again as a new extraction?").first
         expect(question).to_be_visible()
