@@ -126,3 +126,23 @@ def test_tokens_added_as_text_read_and_are_found_as_written(bytelevel_store, tmp
     assert match_tokens(ext, "naïveté") == [added[0]] and match_tokens(ext, "über") == [added[1]]
     word = [i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if t == "Ġvu"]
     assert word and match_tokens(ext, "␣vu") == match_tokens(ext, " vu") == word
+
+
+def test_plots_label_tokens_added_as_text_as_written(bytelevel_store, tmp_path):
+    """A store made with a tokenizer that has tokens added as text: the heatmap, the norms and the top tokens label
+    them as written, as the tables do, not as byte-alphabet pieces ('naÃ¯vetÃ©' or a broken byte)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from mistudio.analysis import plots
+
+    tok = AutoTokenizer.from_pretrained(bytelevel_store.tokenizer.name_or_path)
+    tok.add_tokens(["naïveté"])
+    tok.save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=64)) \
+        .save_pretrained(tmp_path / "model")
+    ext = ms.extract(model=str(tmp_path / "model"), dataset=["a naïveté test"] * 3, layers=[1], max_length=16,
+                     workspace=str(tmp_path / "ws"), progress=False)
+    assert "naïveté" in [t.get_text() for t in plots.heatmap(ext, 0, HP).axes[0].get_yticklabels()]
+    assert "naïveté" in [t.get_text() for t in plots.layer_norms(ext, 0).axes[0].get_xticklabels()]
+    assert any("naïveté" in hit["context"] for hit in plots.top_tokens(ext, HP, 0, k=12))

@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .feature_view import token_label, tokenizer_scheme
+from .features import token_labels
 from .stats import check_feature
 
 if TYPE_CHECKING:
@@ -18,10 +18,11 @@ WIDTH = 9.0  # inches: every figure the same width, so they show at one scale
 LABEL_CHARS = 48
 
 
-def _labels(ext: "Extraction", tokens: list[str]) -> list[str]:
-    """Tokens as tick and table labels: :func:`~.feature_view.token_label`, the spelling every tab uses."""
-    scheme = tokenizer_scheme(ext.tokenizer)
-    return [token_label(t, scheme) for t in tokens]
+def _labels(ext: "Extraction", ids) -> list[str]:
+    """Token ids as tick and table labels: :func:`~.features.token_labels`, the spelling every tab uses (tokens
+    added with ``add_tokens`` as written)."""
+    labels = token_labels(ext)
+    return [labels[int(i)] if 0 <= int(i) < len(labels) else f"<id {int(i)}>" for i in ids]
 
 
 def feature_window(feature: int | None, d: int, size: int = 64) -> slice:
@@ -96,7 +97,7 @@ def heatmap(ext: "Extraction", row: int, hook_point: str, features: slice | None
         peak = None
     a, b = tokens.start or 0, min(tokens.stop, n)
     values = np.asarray(acts[a:b, features], dtype=np.float32)
-    names = _labels(ext, sample["tokens"][a:b])
+    names = _labels(ext, sample["input_ids"][a:b])
     values, names, hidden = _drop(values, names, None if hide is None else np.asarray(hide)[a:b])
     fig = Figure(figsize=(WIDTH, min(10.0, 1.8 + len(names) * 0.16)), layout="constrained")
     ax = fig.add_subplot()
@@ -147,7 +148,7 @@ def layer_norms(ext: "Extraction", row: int, kind: str = "residual", hide: np.nd
     if tokens is None:
         tokens = token_window(n, peak_position(norms[points[-1]], hide) if points else None, max_tokens)
     a, b = tokens.start or 0, min(tokens.stop, n)
-    names = _labels(ext, sample["tokens"][a:b])
+    names = _labels(ext, sample["input_ids"][a:b])
     part = None if hide is None else np.asarray(hide)[a:b]
     fig = Figure(figsize=(WIDTH, 3.8), layout="constrained")
     ax = fig.add_subplot()
@@ -221,7 +222,7 @@ def top_tokens(ext: "Extraction", hook_point: str, feature: int, k: int = 15, co
         pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
         start, stop = int(offsets[pos]), int(offsets[pos + 1])
         lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
-        window = _labels(ext, ext.tokenizer.convert_ids_to_tokens([int(i) for i in ids[lo:hi]]))
+        window = _labels(ext, ids[lo:hi])
         at = int(token_index) - lo
         out.append({"value": float(values[best_row]), "row": int(rows[pos]), "position": int(token_index) - start,
                     "token": window[at],
