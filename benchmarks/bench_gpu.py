@@ -59,12 +59,12 @@ model = run.tiny_gpt2(tmp / "smoke-model", n_layer=4, width=128)
 loaded = load_model(ModelSpec(name_or_path=model, device={device!r}, dtype="bfloat16"))
 out = {{}}
 for batch_size in (1, 8):  # batch 1: the same shapes as the single forward below, so the same kernels
-    ext = ms.extract(model, run.texts(64), layers=[1, 2], hooks=["residual"], dtype="bfloat16",
+    ext = ms.extract(model, run.texts({n}), layers=[1, 2], hooks=["residual"], dtype="bfloat16",
                      model_dtype="bfloat16", device={device!r}, batch_size=batch_size,
                      workspace=str(mem / f"smoke-{{batch_size}}"), progress=False)
     equal = total = 0
     worst = 0.0
-    for row in ext.rows()[:16]:
+    for row in ext.rows()[:{n} // 4]:
         sample = ext.sample(int(row), tokens=False)
         ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)[None].to({device!r})
         with torch.inference_mode(), without_cudnn_attention(ids.device):  # the attention kernels the job uses
@@ -204,10 +204,10 @@ def main() -> None:
             tempfile.TemporaryDirectory(dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None) as mem:
         prelude = PRELUDE.format(root=str(ROOT), here=str(HERE), tokenizer=args.tokenizer, tmp=tmp, mem=mem)
         plan = {
-            "smoke": (SMOKE.format(device=args.device), 90),
-            "extraction": (EXTRACTION.format(models={"6x384": (6, 384, [64] if q else [512, 2048])},
+            "smoke": (SMOKE.format(device=args.device, n=16 if q else 64), 90),
+            "extraction": (EXTRACTION.format(models={"2x64": (2, 64, [32])} if q else {"6x384": (6, 384, [512, 2048])},
                                              repeats=1 if q else 3, device=args.device), 150),
-            "engine": (ENGINE.format(device=args.device, before=engine_before, n=64 if q else 512,
+            "engine": (ENGINE.format(device=args.device, before=engine_before, n=32 if q else 512,
                                      repeats=1 if q else 3, widths="16" if q else "16,384"), 120),
             "loader": (LOADER.format(before=before, mb=32 if q else 256, repeats=1 if q else 3), 120),
             "attention": (ATTENTION.format(device=args.device, n=48 if q else 512), 90),
