@@ -13,6 +13,7 @@ from .data import special_ids
 from .errors import InputError, StoreCorrupted
 from .fingerprints import check_same_tokenizer
 from .models import load_tokenizer
+from .saes import other_model_warning
 from .specs import ModelSpec
 from .analysis.feature_view import LATENT_SUFFIX
 from .analysis.loader import LATENT_FORMS, ActivationLoader, latent_index_damage
@@ -386,6 +387,20 @@ class Extraction:
             if stats.n_nan:
                 out.append(f"{hp}: {stats.n_nan:,} of {stats.count:,} values are NaN in the model's output")
         return out
+
+    def sae_warnings(self) -> list[str]:
+        """A line per SAE applied that says it was trained on another model than this extraction's (by weights when
+        both are known, else by name): its latents may mean nothing here."""
+        model = self.record.model
+        weights = (model.fingerprint or {}).get("weights")
+        found = (other_model_warning(f"{hp}: the SAE at {info.sae}", (info.trained_model, info.trained_weights),
+                                     model.name_or_path, weights) for hp, info in self.record.latents.items())
+        return [line for line in found if line]
+
+    def warnings(self) -> list[str]:
+        """What a researcher should know before trusting this store's values: :meth:`range_warnings` and
+        :meth:`sae_warnings` (marked for the front ends: see :func:`mistudio.errors.render`)."""
+        return self.range_warnings() + self.sae_warnings()
 
     def to_xarray(self):
         """Every hook point as a lazy ``xarray.Dataset`` over (token, feature): the committed tokens, like

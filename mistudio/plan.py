@@ -29,7 +29,7 @@ from .models import (check_placement, describe_model, load_config, load_model, l
                      n_layers_of, resolve_device, resolve_dtype)
 from .presets import Presets
 from .request import Request, with_request_keywords
-from .saes import SAE, check_applies, load_sae
+from .saes import SAE, check_applies, load_sae, other_model_warning
 from .specs import parse_layers
 from .storage.featfeed import snapshot_bytes
 from .storage.layout import StoreLayout, plan_layout
@@ -220,7 +220,8 @@ def latent_infos(request: Request, saes: dict[str, SAE], widths: dict[str, tuple
     """What the store's metadata records of each SAE applied (``latents`` section)."""
     return {point: {"sae": request.saes[point], "fingerprint": sae.fingerprint, "architecture": sae.architecture,
                     "d_sae": sae.d_sae, "k": sae.k, "width": widths[point][0], "width_reason": widths[point][1],
-                    "block_rows": layout.array(f"latents/{point}/indices").chunk_rows, "hook_name": sae.hook_name}
+                    "block_rows": layout.array(f"latents/{point}/indices").chunk_rows, "hook_name": sae.hook_name,
+                    "trained_model": sae.trained_model[0], "trained_weights": sae.trained_model[1]}
             for point, sae in saes.items()}
 
 
@@ -408,6 +409,12 @@ def _latent_layout(plan: Plan, loaded) -> tuple[StoreLayout, list[str]]:
                 notes.append(f"the latents of {point} are counted at {width} a token (a guess: the run measures "
                              "it on its first batch): «pass probe=True» to measure it, or «pass latent_width»")
             widths[point] = min(width, sae.d_sae)
+    spec = request.model_spec
+    weights = (fingerprint(spec) or {}).get("weights") if any(s.trained_model[1] for s in saes.values()) else None
+    for point, sae in saes.items():
+        note = other_model_warning(f"{point}: the SAE at {request.saes[point]}", sae.trained_model,
+                                   spec.name_or_path, weights)
+        notes += [note] if note else []
     return plan.with_latents(widths, saes), notes
 
 

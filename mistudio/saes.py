@@ -339,6 +339,15 @@ class SAE(nn.Module):
             self._fingerprint = _digest(safetensors.torch.save(state), cfg)
         return self._fingerprint
 
+    @property
+    def trained_model(self) -> tuple[str | None, str | None]:
+        """The model it was trained on, as its config says: (name, sha256 of its weights). SAELens records the
+        name (``metadata.model_name``, TransformerLens's: ``gpt2-small``); sparsify its ``config.json``'s
+        ``model``; an SAE mistudio trained records both."""
+        name = self.metadata.get("model_name")
+        weights = (self.metadata.get("mistudio") or {}).get("model_weights")
+        return (str(name) if name else None), (str(weights) if weights else None)
+
     # -- applying it ----------------------------------------------------------------------------------
     def _check_width(self, x: Tensor) -> None:
         if x.shape[-1] != self.d_in:
@@ -504,6 +513,34 @@ def check_applies(sae: SAE, hook_point: str, width: int) -> None:
                          "(sae.save(<folder>)) to apply from there")
     if sae.hook_point is None and sae._hook_error is not None:
         raise InputError(f"{sae.name} cannot be applied at {hook_point}: {sae._hook_error}")
+
+
+_MODEL_ALIASES = {"gpt2-small": "gpt2"}  # TransformerLens names SAELens records, as the Hub's
+
+
+def _model_key(name: str) -> str:
+    """A model's name without its organisation or folder, lower case, TransformerLens aliases resolved."""
+    base = str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+    return _MODEL_ALIASES.get(base, base)
+
+
+def other_model_warning(sae_name: str, trained: tuple[str | None, str | None], model_name: str,
+                        model_weights: str | None) -> str | None:
+    """A warning when an SAE was trained on another model than ``model_name`` (whose weights' sha256 is
+    ``model_weights``, if known), else None. By weights when both sides know them (an SAE mistudio trained), else
+    by name, ignoring an organisation or folder (``EleutherAI/pythia-70m`` is ``pythia-70m``); an SAE that
+    names no model gets no warning. Widths that differ are refused before this (:func:`check_applies`)."""
+    name, weights = trained
+    if weights and model_weights:
+        if weights == model_weights:
+            return None
+        return (f"{sae_name} was trained on other weights than this model's ({name or 'a model'}, weights "
+                f"{weights[:12]}; this model {model_name}, weights {model_weights[:12]}): its latents may mean "
+                "nothing here. Apply an SAE trained on this model, or train one on an extraction of it")
+    if not name or _model_key(name) == _model_key(model_name):
+        return None
+    return (f"{sae_name} says it was trained on {name}, and this model is {model_name}: if that is another model, "
+            "its latents mean nothing here. Apply an SAE trained on this model, or train one on an extraction of it")
 
 
 # -- loading ------------------------------------------------------------------------------------------

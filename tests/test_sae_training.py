@@ -242,3 +242,14 @@ def test_evaluate_errors(store, tiny_models):
         evaluate_sae(identity_sae(32, HP), store, HP, max_tokens=100, model=tiny_models["bert"])
     with pytest.raises(InputError, match="cannot be loaded"):
         evaluate_sae(identity_sae(32, HP), store, HP, max_tokens=100, model=str(tiny_models["bert"]) + "-missing")
+
+
+def test_n_tokens_trains_that_many_tokens_not_whole_batches(store, tmp_path):
+    """n_tokens=1000 with batches of 256 is three full steps and one of 232 rows: 1,000 tokens, as asked, and the
+    figures count to it (they said 1,024 before)."""
+    seen = []
+    result = train_sae(store, HP, small("topk", 1, n_tokens=1000, progress_every_steps=1), tmp_path,
+                       progress=seen.append)
+    assert result.steps == 4 and result.tokens == 1000
+    assert [h["tokens"] for h in seen] == [256, 512, 768, 1000]
+    assert {h["total_tokens"] for h in seen} == {1000} and seen[-1]["eta_s"] == 0

@@ -43,6 +43,40 @@ CHECKPOINT_FORMAT = 1
 # fields that may change between a run and its resumption: they do not change what is computed
 RUNTIME_FIELDS = ("checkpoint_every_steps", "progress_every_steps", "device")
 _NORMALIZE = ("expected_average_only_in", "none")
+FIELD_HELP = {  # one line per TrainConfig field: the command line's --help (tests check every field has one)
+    "architecture": "topk (k latents a token), standard (ReLU with an L1 penalty; alias relu) or jumprelu",
+    "d_sae": "latents of the SAE (or expansion_factor)",
+    "expansion_factor": "latents = this x the hook point's width (default 8; or d_sae)",
+    "k": "top-k: latents kept per token",
+    "l1_coefficient": "standard: the L1 penalty's weight",
+    "l1_warm_up_steps": "standard: steps over which the L1 weight rises linearly from 0",
+    "l0_coefficient": "jumprelu: the L0 penalty's weight",
+    "l0_warm_up_steps": "jumprelu: steps over which the L0 weight rises linearly from 0",
+    "jumprelu_bandwidth": "jumprelu: width of the straight-through estimator's kernel",
+    "jumprelu_init_threshold": "jumprelu: the thresholds' starting value",
+    "aux_loss_coefficient": "topk: weight of the AuxK loss that revives dead latents",
+    "rescale_acts_by_decoder_norm": "topk: rank latents by value x decoder norm",
+    "decoder_init_norm": "norm of the decoder's rows at the start",
+    "normalize_activations": "expected_average_only_in (scale inputs to mean norm sqrt(d_in), folded in at the end) "
+                             "or none",
+    "b_dec_init": "the decoder bias's start: mean (of the data) or zeros",
+    "lr": "Adam's learning rate",
+    "lr_warm_up_steps": "steps of linear learning-rate warm-up",
+    "lr_decay_steps": "steps of linear decay to 0 at the end",
+    "adam_beta1": "Adam's beta1",
+    "adam_beta2": "Adam's beta2",
+    "max_grad_norm": "gradients are clipped to this norm",
+    "batch_size": "tokens a step",
+    "n_tokens": "tokens to train on, exactly (or epochs)",
+    "epochs": "passes over the stored tokens (default 1; or n_tokens)",
+    "exclude_special": "leave the tokenizer's special tokens out",
+    "seed": "the shuffle's and the initialisation's seed",
+    "dead_window_tokens": "a latent is dead when it has not fired in this many tokens",
+    "norm_estimate_tokens": "tokens read to estimate the scaling and the data mean",
+    "checkpoint_every_steps": "write a checkpoint every this many steps (0: only when stopped)",
+    "progress_every_steps": "report figures every this many steps (default: about 20 reports a short run)",
+    "device": "cpu, cuda, cuda:1, mps or auto",
+}
 
 
 def _is_int(v: Any) -> bool:
@@ -59,7 +93,8 @@ class TrainConfig:
     """How to train an SAE. Every bad value raises InputError naming the field.
 
     Size: ``d_sae``, or ``expansion_factor`` x the hook point's width (default 8). Length: ``n_tokens``,
-    or ``epochs`` over the stored tokens (default 1). ``architecture``: ``"topk"`` (``k``, ``aux_loss_coefficient``),
+    or ``epochs`` over the stored tokens (default 1), exactly: the last step takes the tokens left, not a whole
+    batch. ``architecture``: ``"topk"`` (``k``, ``aux_loss_coefficient``),
     ``"standard"`` = ReLU (alias ``"relu"``; ``l1_coefficient``, ``l1_warm_up_steps``) or ``"jumprelu"``
     (``l0_coefficient``, ``l0_warm_up_steps``, ``jumprelu_bandwidth``, ``jumprelu_init_threshold``).
     A latent is dead when it has not fired in the last ``dead_window_tokens`` tokens. ``progress_every_steps``:
@@ -608,6 +643,7 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
         except StopIteration:
             it = iter(loader)
             batch = next(it)
+        batch = batch[:plan.total_tokens - tokens]  # the last step takes what n_tokens leaves: no more
         x = batch * scale if scale is not None else batch
         if config.architecture == "jumprelu":
             with torch.no_grad():
@@ -633,7 +669,7 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
             mark_time, mark_tokens = now, tokens
             elapsed = elapsed_before + now - started
             figures = _figures(result, x, scale, since_fired, config, step, total_steps, tokens,
-                               total_steps * config.batch_size, coefficient, optimizer, rate, elapsed, it.epoch)
+                               plan.total_tokens, coefficient, optimizer, rate, elapsed, it.epoch)
             history.append(figures)
             if progress is not None:
                 progress(figures)
@@ -644,7 +680,9 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
     sae.requires_grad_(False)
     sae.eval()
     metadata = {"model_name": ext.record.model.name_or_path, "hook_point": hook_point,
-                "mistudio": {"extraction_id": ext.id, "extraction_location": ext.location, "trained_steps": step,
+                "mistudio": {"extraction_id": ext.id, "extraction_location": ext.location,
+                             "model_weights": (ext.record.model.fingerprint or {}).get("weights"),
+                             "trained_steps": step,
                              "trained_tokens": tokens, "scaling_factor_folded": scale,
                              "train_config": config.to_dict(), "final": history[-1] if history else {}}}
     if history:

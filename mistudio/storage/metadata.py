@@ -135,6 +135,8 @@ class LatentInfo(_Section):
     width_reason: str = ""
     block_rows: int = Field(ge=1)  # rows per chunk of indices/values: the unit of the by-feature index
     hook_name: str | None = None  # the SAE's own name of its hook point (TransformerLens)
+    trained_model: str | None = None  # the model the SAE says it was trained on
+    trained_weights: str | None = None  # that model's weights' sha256 (an SAE mistudio trained records it)
 
 
 class LatentStatistics(_Section):

@@ -56,10 +56,10 @@ def note_box(text: str, colour: str = "#0d6efd", background: str = "#e7f1ff") ->
 
 def store_notes(ext: Any) -> str:
     """HTML of what a store says about its data, in the Studio's words: the dataset report (rows read, skipped
-    and why, samples cut, windows) and the values past the storage dtype's range (``ext.range_warnings()``)."""
+    and why, samples cut, windows) and what to know before trusting the values (``ext.warnings()``)."""
     report = ext.record.dataset.report
     line = f"<br><small>{for_ui(report_line(report.model_dump()))}</small>" if report is not None else ""
-    warnings = ext.range_warnings()
+    warnings = ext.warnings()
     if warnings:
         line += note_box("<br>".join(f"⚠ {for_ui(w)}" for w in warnings), colour="#fd7e14", background="#fff3e0")
     return line
