@@ -1,6 +1,8 @@
-"""Command line: ``mistudio demo | extract | estimate | presets | jobs | cleanup | resume | delete | verify``.
+"""Command line: ``mistudio demo | extract | estimate | presets | jobs | cleanup | resume | delete | verify |
+train | trainings``.
 
-The flags of ``extract`` and ``estimate`` are generated from the Request's fields (name, type, choices, help);
+The flags of ``extract`` and ``estimate`` are generated from the Request's fields (name, type, choices, help), those
+of ``train`` from TrainConfig's;
 errors are worded for the command line (``--window 512``, not ``window=512``). Only the commands that run a model
 import the model code, so that ``--help``, ``jobs``, ``verify`` and ``presets`` start in well under a second.
 """
@@ -149,7 +151,7 @@ def _summary(ext) -> str:
         f"  hook points {', '.join(ext.hook_points)}",
         f"  tokens/s    {record.timings.tokens_per_s or 0:,.0f}",
     ]
-    lines += [f"  warning     {render(w, 'cli', cli_names())}" for w in ext.range_warnings()]
+    lines += [f"  warning     {render(w, 'cli', cli_names())}" for w in ext.warnings()]
     return "\n".join(lines)
 
 
@@ -225,11 +227,53 @@ def parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", parents=[workspace],
                          help="check every chunk and the metadata of a store (exit 1 when damaged)")
     ver.add_argument("id", help="the extraction's id (`mistudio jobs` lists them)")
+    # its flags come from TrainConfig, which imports torch: `mistudio train ...` parses them (train_parser)
+    sub.add_parser("train", parents=[workspace], add_help=False, help="train an SAE on a hook point of an extraction, or --resume a run "
+                                                 "(`mistudio train --help`)")
+    sub.add_parser("trainings", parents=[workspace], help="list every SAE training run in the workspace")
     return top
 
 
+def train_parser() -> argparse.ArgumentParser:
+    """``mistudio train``'s flags: one per TrainConfig field (unset ones keep TrainConfig's default)."""
+    import dataclasses
+
+    from .analysis.sae_training import FIELD_HELP, TrainConfig
+
+    p = argparse.ArgumentParser(prog="mistudio train", description=(
+        "Train a sparse autoencoder on one hook point of a stored extraction, with a progress bar. Ctrl-C stops it "
+        "with a checkpoint that `mistudio train --resume RUN` continues exactly. The SAE is saved in SAELens's "
+        "format in <workspace>/saes/<run>/sae."))
+    p.add_argument("extraction", nargs="?", help="the extraction's id (`mistudio jobs` lists them)")
+    p.add_argument("hook_point", nargs="?", help="one of its hook points, e.g. layers.3.residual")
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue a stopped run from its checkpoint (`mistudio trainings` lists them)")
+    p.add_argument("--workspace", default=None, help="workspace folder (default $MISTUDIO_WORKSPACE or "
+                                                     "./mistudio-workspace)")
+    p.add_argument("--timeout-s", type=_number(float, "timeout-s"), default=None,
+                   help="stop (resumable) after this many seconds")
+    p.add_argument("--evaluate", choices=("yes", "reconstruction", "no"), default="yes",
+                   help="after training: yes (explained variance, L0, dead latents and, for decoder models, the "
+                        "next-token loss with the SAE spliced in), reconstruction (without the loss) or no")
+    for f in dataclasses.fields(TrainConfig):
+        kind = str(f.type).split(" |")[0]
+        shown = f" (default {f.default})" if f.default is not None else ""
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": FIELD_HELP[f.name] + shown}
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind in ("int", "float"):
+            kwargs["type"] = _number(int if kind == "int" else float, f.name.replace("_", "-"))
+        p.add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args, rest = top.parse_known_args(argv)
+    if args.command == "train":
+        args.train_argv = rest
+    elif rest:
+        top.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return _run(args) or 0
     except KeyboardInterrupt as exc:
@@ -264,6 +308,10 @@ def _run(args: argparse.Namespace) -> int | None:
         return _presets(args)
     elif command in ("demo", "extract", "estimate", "resume", "delete", "cleanup"):
         return _with_models(args)
+    elif command == "train":
+        return _train(args)
+    elif command == "trainings":
+        return _trainings(args)
     return None
 
 
@@ -371,6 +419,104 @@ def _with_models(args: argparse.Namespace) -> int:
         error = job.error
         print(f"{job.id}: {job.status}" + (f" [{error['error_type']}] {error_text(error, 'cli')}" if error else ""))
         return 0 if job.status == "COMPLETED" else 1
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Start (or resume) a training run and follow it in the foreground; Ctrl-C cancels it, keeping its
+    checkpoint."""
+    from .progress import TqdmListener
+    from .workspace import Workspace
+
+    given = train_parser().parse_args(args.train_argv)
+    fields = [name for name in vars(given) if name not in ("extraction", "hook_point", "resume", "workspace",
+                                                              "timeout_s", "evaluate")]
+    settings = {name: getattr(given, name) for name in fields if getattr(given, name) is not None}
+    ws = Workspace(given.workspace or args.workspace)
+    if given.resume is not None:
+        extra = [f"--{n.replace('_', '-')}" for n in settings] + [v for v in (given.extraction, given.hook_point) if v]
+        if extra or given.timeout_s is not None or given.evaluate != "yes":
+            raise InputError(f"--resume {given.resume} continues the run with its own settings: leave out "
+                             f"{' '.join(extra) or 'the other flags'} (or start a new run: `mistudio train "
+                             "<extraction> <hook point> ...`)", param="resume")
+        job = ws.training(given.resume).resume()
+    else:
+        if not given.extraction or not given.hook_point:
+            raise InputError("give the extraction's id and a hook point, e.g. `mistudio train <id> layers.3.residual "
+                             "--k 32` (`mistudio jobs` lists the extractions), or --resume RUN")
+        evaluate = {"yes": True, "no": False}.get(given.evaluate, given.evaluate)
+        job = ws.train_sae(given.extraction, given.hook_point, timeout_s=given.timeout_s, evaluate=evaluate,
+                           **settings)
+    bar = job.subscribe(TqdmListener(unit="step"))
+    try:
+        job.wait()
+    except KeyboardInterrupt:
+        job.cancel().wait()
+        done = job.progress
+        raise KeyboardInterrupt(f"training run {job.id} was cancelled at step {done.get('step', 0):,} of "
+                                f"{done.get('total_steps') or '?'}: its checkpoint is kept in {job.folder}; continue "
+                                f"with `mistudio train --resume {job.id}`") from None
+    finally:
+        bar.close()
+    print(_training_summary(job))
+    return 0 if job.status == "COMPLETED" else 1
+
+
+def _training_summary(job) -> str:
+    """A finished run in a few lines: status (and why it stopped), figures, evaluation, and how to use the SAE."""
+    record, error = job.record, job.error
+    lines = [f"training run {job.id}: {record.status}" + (f" [{error['error_type']}] {error_text(error, 'cli')}"
+                                                          if error else "")]
+    progress = job.progress
+    figures = [f"{name} {progress[key]:.4g}" for key, name in (("explained_variance", "explained variance"),
+                                                               ("l0", "L0"), ("dead_fraction", "dead fraction"))
+               if progress.get(key) is not None]
+    lines.append(f"  trained     {progress.get('step', 0):,} of {progress.get('total_steps') or '?'} steps, "
+                 f"{progress.get('tokens', 0):,} tokens" + (f"; {', '.join(figures)}" if figures else ""))
+    if record.evaluation:
+        shown = ", ".join(f"{k.replace('_', ' ')} {v:,.4g}" for k, v in record.evaluation.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool))
+        lines.append(f"  evaluation  {shown}")
+    if record.status == "COMPLETED":
+        arguments = job.extract_arguments(partial=True)
+        flags = [f"--model {arguments['model']}", f"--layers {arguments['layers'][0]}",
+                 f"--hooks {arguments['hooks'][0]}", f"--saes {record.hook_point}={job.sae_path}"]
+        if isinstance(arguments.get("dataset"), str):
+            flags.append(f"--dataset {arguments['dataset']}")
+        flags += [f"--{name.replace('_', '-')} {arguments[name]}" for name in ("text_column", "max_samples",
+                                                                               "max_length") if name in arguments]
+        lines += [f"  sae         {job.sae_path} (SAELens's format: ms.load_sae reads it)",
+                  f"  extract with it: mistudio extract {' '.join(_quoted(f) for f in flags)}"]
+    elif record.status in ("FAILED", "CANCELLED"):
+        lines.append(f"  continue with `mistudio train --resume {job.id}`")
+    return "\n".join(lines)
+
+
+def _quoted(flag: str) -> str:
+    import shlex
+
+    name, _, value = flag.partition(" ")
+    return f"{name} {shlex.quote(value)}"
+
+
+def _trainings(args: argparse.Namespace) -> int:
+    from .training import list_trainings
+    from .workspace import Workspace
+
+    rows = list_trainings(Workspace(args.workspace))
+    if not rows:
+        print("(no training runs yet: start one with `mistudio train <extraction> <hook point>`)")
+        return 0
+
+    def number(value, digits: str = ".3g") -> str:
+        return "" if value is None else format(value, digits)
+
+    shown = [{"id": r["id"], "status": r["status"], "extraction": r["extraction"] or "", "hook point":
+              r["hook_point"] or "", "SAE": f"{r['architecture'] or '?'} {r['d_sae'] or '?'}",
+              "step": f"{r['step'] or 0:,}/{r['total_steps'] or '?'}", "EV": number(r["explained_variance"]),
+              "L0": number(r["l0"]), "dead": number(r["dead_fraction"]),
+              "note": r["error"] or r["problem"] or ""} for r in rows]
+    print(_table(shown, list(shown[0])))
     return 0
 
 

@@ -1,0 +1,115 @@
+"""`mistudio train` and `mistudio trainings`: an SAE trained from the command line the way a researcher would (extract,
+train, list, extract with the SAE by the command it prints), mistakes answered in command-line words, and Ctrl-C
+in a real child process keeping a checkpoint that `mistudio train --resume` continues exactly."""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mistudio as ms
+from mistudio.cli import main, train_parser
+from mistudio.analysis.sae_training import FIELD_HELP, TrainConfig
+
+HP = "layers.1.residual"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def extracted(gpt2_dir, workspace, capsys):
+    code, out, _ = run(capsys, "--workspace", workspace, "extract", "--model", gpt2_dir, "--layers", "1",
+                       "--max-samples", "40", "--dtype", "float32")
+    assert code == 0, out
+    return out.splitlines()[0].split()[1].rstrip(":")  # "extraction <id>: COMPLETED"
+
+
+def test_train_list_and_extract_with_the_sae_it_prints(extracted, workspace, capsys):
+    code, out, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--d-sae", 64, "--k", 4,
+                         "--batch-size", 64, "--n-tokens", 1000, "--lr", "3e-3", "--evaluate", "reconstruction")
+    assert code == 0, err
+    run_id = out.split()[2].rstrip(":")
+    assert f"training run {run_id}: COMPLETED" in out
+    assert "16 of 16 steps, 1,000 tokens; explained variance" in out  # n_tokens exactly: the last step is 40 rows
+    [evaluation] = [line for line in out.splitlines() if line.startswith("  evaluation  ")]
+    assert "explained variance 0." in evaluation and "dead fraction" in evaluation
+    job = ms.Workspace(workspace).training(run_id)
+    assert job.status == "COMPLETED" and job.record.config["k"] == 4 and job.evaluation["l0"] <= 4
+    code, listing, _ = run(capsys, "trainings", "--workspace", workspace)
+    assert code == 0 and run_id in listing and "COMPLETED" in listing and "topk 64" in listing
+    command = next(line for line in out.splitlines() if "extract with it:" in line).split("extract with it: ")[1]
+    argv = shlex.split(command)
+    assert argv[:2] == ["mistudio", "extract"] and f"{HP}={job.sae_path}" in argv
+    code, out, err = run(capsys, "--workspace", workspace, *argv[1:])
+    assert code == 0 and "COMPLETED" in out, err
+    ext = ms.open_extraction(out.split()[1].rstrip(":"), workspace=workspace)
+    assert ext.latent_points == [f"{HP}.latents"] and ext.n_samples == 40  # the same data: the run said which
+
+
+def test_mistakes_are_answered_in_command_line_words(extracted, workspace, capsys):
+    code, _, err = run(capsys, "train", extracted, "layers.7.residual", "--workspace", workspace)
+    assert code == 2 and f"is not in extraction {extracted}" in err and HP in err
+    code, _, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--k", 0, "--lr", "-1")
+    assert code == 2 and "--k 0" in err and "--lr -1" in err and "k=0" not in err
+    code, _, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--d-sae", 64, "--expansion-factor", 4)
+    assert code == 2 and "give --d-sae 64 or --expansion-factor 4, not both" in err
+    code, _, err = run(capsys, "train", "--workspace", workspace)
+    assert code == 2 and "give the extraction's id and a hook point" in err
+    code, _, err = run(capsys, "train", "--workspace", workspace, "--resume", "sae_nope", "--k", 3)
+    assert code == 2 and "leave out --k" in err
+    with pytest.raises(SystemExit):  # argparse's own answer for a flag that is not a setting
+        main(["train", extracted, HP, "--top-k", "3"])
+    assert "unrecognized arguments: --top-k 3" in capsys.readouterr().err
+    code, out, _ = run(capsys, "trainings", "--workspace", workspace)
+    assert code == 0 and "no training runs yet" in out  # nothing refused left a run behind
+
+
+def test_every_training_setting_has_a_flag_with_help():
+    flags = {a.dest: a for a in train_parser()._actions}
+    for name in TrainConfig.__dataclass_fields__:
+        assert name in flags and flags[name].help.startswith(FIELD_HELP[name]), name
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_a_checkpoint_that_resume_continues(extracted, workspace, capsys):
+    env = {**os.environ, "MISTUDIO_WORKSPACE": workspace, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "mistudio.cli", "train", extracted, HP, "--d-sae", "64",
+                              "--k", "4", "--batch-size", "64", "--n-tokens", str(64 * 8000), "--evaluate", "no",
+                              "--progress-every-steps", "20"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=_ctrl_c_as_in_a_terminal)
+    deadline = time.monotonic() + 120
+    while True:  # wait until the run has trained some steps
+        assert time.monotonic() < deadline and child.poll() is None, child.stderr.read() if child.poll() else ""
+        runs = ms.Workspace(workspace, recover=False).trainings()
+        if len(runs) and (runs["step"].iloc[0] or 0) >= 40:
+            break
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    run_id = runs["id"].iloc[0]
+    assert child.returncode == 130 and "Traceback" not in err, err
+    [said] = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert f"continue with `mistudio train --resume {run_id}`" in said and "checkpoint is kept" in said
+    job = ms.Workspace(workspace).training(run_id)
+    stopped = job.progress["step"]
+    assert job.status == "CANCELLED" and 40 <= stopped < 8000
+    code, out, err = run(capsys, "train", "--resume", run_id, "--workspace", workspace)
+    assert code == 0 and f"training run {run_id}: COMPLETED" in out, err
+    record = job.record
+    assert [(r["last_step"], r["previous_status"]) for r in record.resumes] == [(stopped, "CANCELLED")]
+    assert record.progress.step == 8000 and [h["step"] for h in job.history()] == list(range(20, 8001, 20))
