@@ -228,8 +228,8 @@ def parser() -> argparse.ArgumentParser:
                          help="check every chunk and the metadata of a store (exit 1 when damaged)")
     ver.add_argument("id", help="the extraction's id (`mistudio jobs` lists them)")
     # its flags come from TrainConfig, which imports torch: `mistudio train ...` parses them (train_parser)
-    sub.add_parser("train", parents=[workspace], add_help=False, help="train an SAE on a hook point of an extraction, or --resume a run "
-                                                 "(`mistudio train --help`)")
+    sub.add_parser("train", parents=[workspace], add_help=False,
+                   help="train an SAE on a hook point of an extraction, or --resume a run (`mistudio train --help`)")
     sub.add_parser("trainings", parents=[workspace], help="list every SAE training run in the workspace")
     return top
 
@@ -481,12 +481,20 @@ def _training_summary(job) -> str:
         arguments = job.extract_arguments(partial=True)
         flags = [f"--model {arguments['model']}", f"--layers {arguments['layers'][0]}",
                  f"--hooks {arguments['hooks'][0]}", f"--saes {record.hook_point}={job.sae_path}"]
-        if isinstance(arguments.get("dataset"), str):
-            flags.append(f"--dataset {arguments['dataset']}")
+        dataset = arguments.get("dataset")
+        if isinstance(dataset, str):
+            flags.append(f"--dataset {dataset}")
+        elif dataset is not None:  # a Hub dataset: hub:NAME:SPLIT:COLUMN[:CONFIG]
+            parts = [dataset.name, dataset.split, dataset.column] + ([dataset.config] if dataset.config else [])
+            flags.append(f"--dataset hub:{':'.join(parts)}")
         flags += [f"--{name.replace('_', '-')} {arguments[name]}" for name in ("text_column", "max_samples",
                                                                                "max_length") if name in arguments]
         lines += [f"  sae         {job.sae_path} (SAELens's format: ms.load_sae reads it)",
-                  f"  extract with it: mistudio extract {' '.join(_quoted(f) for f in flags)}"]
+                  f"  extract with it: mistudio extract {' '.join(_quoted(f) for f in flags)}"
+                  + (" --dataset <a file of your texts>" if dataset is None else "")]
+        if dataset is None:
+            lines.append("              (its extraction was made from in-memory data, which is not saved: give "
+                         "--dataset a file of it, or the data you want to read with the SAE)")
     elif record.status in ("FAILED", "CANCELLED"):
         lines.append(f"  continue with `mistudio train --resume {job.id}`")
     return "\n".join(lines)

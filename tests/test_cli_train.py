@@ -56,6 +56,18 @@ def test_train_list_and_extract_with_the_sae_it_prints(extracted, workspace, cap
     assert ext.latent_points == [f"{HP}.latents"] and ext.n_samples == 40  # the same data: the run said which
 
 
+def test_a_run_on_in_memory_data_does_not_print_a_command_that_reads_the_sample(gpt2_dir, workspace, capsys):
+    """`mistudio extract` reads the bundled sample without --dataset: the printed command must ask for the data."""
+    ext = ms.extract(gpt2_dir, [f"text number {i} about cats" for i in range(30)], layers=[1], dtype="float32",
+                     workspace=workspace, progress=False)
+    code, out, err = run(capsys, "train", ext.id, HP, "--workspace", workspace, "--d-sae", 64, "--k", 4,
+                         "--batch-size", 32, "--n-tokens", 64, "--evaluate", "no")
+    assert code == 0, err
+    command = next(line for line in out.splitlines() if "extract with it:" in line)
+    assert "--dataset sample" not in command and command.endswith("--dataset <a file of your texts>")
+    assert "made from in-memory data, which is not saved" in out
+
+
 def test_mistakes_are_answered_in_command_line_words(extracted, workspace, capsys):
     code, _, err = run(capsys, "train", extracted, "layers.7.residual", "--workspace", workspace)
     assert code == 2 and f"is not in extraction {extracted}" in err and HP in err
