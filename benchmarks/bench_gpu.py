@@ -205,7 +205,7 @@ def main() -> None:
         prelude = PRELUDE.format(root=str(ROOT), here=str(HERE), tokenizer=args.tokenizer, tmp=tmp, mem=mem)
         plan = {
             "smoke": (SMOKE.format(device=args.device, n=16 if q else 64), 90),
-            "extraction": (EXTRACTION.format(models={"2x64": (2, 64, [32])} if q else {"6x384": (6, 384, [512, 2048])},
+            "extraction": (EXTRACTION.format(models={"6x64": (6, 64, [32])} if q else {"6x384": (6, 384, [512, 2048])},
                                              repeats=1 if q else 3, device=args.device), 150),
             "engine": (ENGINE.format(device=args.device, before=engine_before, n=32 if q else 512,
                                      repeats=1 if q else 3, widths="16" if q else "16,384"), 120),
