@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 from ..analysis.plots import to_png
-from ..analysis.sae_training import TrainConfig
+from ..analysis.sae_training import FIELD_HELP, TrainConfig
 from ..errors import InputError, render
 from ..storage.metadata import LIVE_STATES, can_resume
 from ..training import TrainingJob, list_trainings, make_config, submit_training, training_job
@@ -157,13 +157,17 @@ class TrainPanel(W.VBox):
                                   layout=W.Layout(width="260px"))
         self.size = W.IntText(value=8, description=LABELS["expansion_factor"], style=style,
                               tooltip="latents = expansion × the hook point's width, or d_sae latents")
-        self.sparsity = {"k": W.IntText(value=32, description=LABELS["k"], style=style),
-                         "l1_coefficient": W.FloatText(value=5.0, description=LABELS["l1_coefficient"], style=style),
-                         "l0_coefficient": W.FloatText(value=1.0, description=LABELS["l0_coefficient"], style=style)}
-        self.lr = W.FloatText(value=3e-4, description=LABELS["lr"], style=style)
-        self.batch_size = W.IntText(value=4096, description=LABELS["batch_size"], style=style)
+        self.sparsity = {"k": W.IntText(value=32, description=LABELS["k"], style=style, tooltip=FIELD_HELP["k"]),
+                         "l1_coefficient": W.FloatText(value=5.0, description=LABELS["l1_coefficient"], style=style,
+                                                       tooltip=FIELD_HELP["l1_coefficient"]),
+                         "l0_coefficient": W.FloatText(value=1.0, description=LABELS["l0_coefficient"], style=style,
+                                                       tooltip=FIELD_HELP["l0_coefficient"])}
+        self.lr = W.FloatText(value=3e-4, description=LABELS["lr"], style=style, tooltip=FIELD_HELP["lr"])
+        self.batch_size = W.IntText(value=4096, description=LABELS["batch_size"], style=style,
+                                    tooltip=FIELD_HELP["batch_size"])
         self.length_by = W.Dropdown(options=(("epochs", "epochs"), ("tokens", "n_tokens")), value="epochs",
-                                    description="Train for", style=style, layout=W.Layout(width="260px"))
+                                    description="Train for", style=style, layout=W.Layout(width="260px"),
+                                    tooltip=f"epochs: {FIELD_HELP['epochs']}; tokens: {FIELD_HELP['n_tokens']}")
         self.length = W.FloatText(value=1.0, description=LABELS["epochs"], style=style)
         self.launch_button = W.Button(description="Launch training", icon="play", button_style="primary",
                                       layout=W.Layout(width="auto"))
