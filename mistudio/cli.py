@@ -478,33 +478,53 @@ def _training_summary(job) -> str:
                           if isinstance(v, (int, float)) and not isinstance(v, bool))
         lines.append(f"  evaluation  {shown}")
     if record.status == "COMPLETED":
-        arguments = job.extract_arguments(partial=True)
-        flags = [f"--model {arguments['model']}", f"--layers {arguments['layers'][0]}",
-                 f"--hooks {arguments['hooks'][0]}", f"--saes {record.hook_point}={job.sae_path}"]
-        dataset = arguments.get("dataset")
-        if isinstance(dataset, str):
-            flags.append(f"--dataset {dataset}")
-        elif dataset is not None:  # a Hub dataset: hub:NAME:SPLIT:COLUMN[:CONFIG]
-            parts = [dataset.name, dataset.split, dataset.column] + ([dataset.config] if dataset.config else [])
-            flags.append(f"--dataset hub:{':'.join(parts)}")
-        flags += [f"--{name.replace('_', '-')} {arguments[name]}" for name in ("text_column", "max_samples",
-                                                                               "max_length") if name in arguments]
+        command, notes = _extract_command(job.extract_arguments(partial=True))
         lines += [f"  sae         {job.sae_path} (SAELens's format: ms.load_sae reads it)",
-                  f"  extract with it: mistudio extract {' '.join(_quoted(f) for f in flags)}"
-                  + (" --dataset <a file of your texts>" if dataset is None else "")]
-        if dataset is None:
-            lines.append("              (its extraction was made from in-memory data, which is not saved: give "
-                         "--dataset a file of it, or the data you want to read with the SAE)")
+                  f"  extract with it: {command}"] + [f"              ({note})" for note in notes]
     elif record.status in ("FAILED", "CANCELLED"):
         lines.append(f"  continue with `mistudio train --resume {job.id}`")
     return "\n".join(lines)
 
 
-def _quoted(flag: str) -> str:
+def _extract_command(arguments: dict) -> tuple[str, list[str]]:
+    """``mistudio extract`` with ``arguments`` (a training run's ``extract_arguments``): the same data read the same
+    way, flags for the settings not at their defaults; and notes on what a flag cannot say."""
     import shlex
 
-    name, _, value = flag.partition(" ")
-    return f"{name} {shlex.quote(value)}"
+    from .request import Request
+
+    infos, notes = {p.name: p for p in params()}, []
+    (hook_point, folder), = arguments["saes"].items()
+    flags = [("model", arguments["model"]), ("layers", arguments["layers"][0]), ("hooks", arguments["hooks"][0]),
+             ("saes", f"{hook_point}={folder}")]
+    dataset = arguments.get("dataset")
+    if dataset is None:
+        flags.append(("dataset", "<a file of your texts>"))
+        notes.append("its extraction was made from in-memory data, which is not saved: give --dataset a file of it, "
+                     "or the data you want to read with the SAE")
+    elif isinstance(dataset, str):
+        flags.append(("dataset", dataset))
+    else:  # a Hub dataset: hub:NAME:SPLIT:COLUMN[:CONFIG]
+        flags.append(("dataset", ":".join(["hub", dataset.name, dataset.split, dataset.column]
+                                          + ([dataset.config] if dataset.config else []))))
+    for name, value in arguments.items():
+        if name in ("model", "layers", "hooks", "saes", "dataset") or value == Request.model_fields[name].default:
+            continue
+        if name == "chat_template" and value != "auto":
+            flags.append((name, "<a file holding its template>"))
+            notes.append("its extraction used a chat template of its own: save it to a file for --chat-template "
+                         "(ms.open_extraction(...).record.params.chat_template holds it)")
+        else:
+            flags.append((name, value))
+    shown = []
+    for name, value in flags:
+        flag = infos[name].flag
+        if isinstance(value, bool):
+            shown.append(f"--{flag}" if value else f"--no-{flag.removeprefix('no-')}")
+        else:
+            text = str(value)
+            shown.append(f"--{flag} {text if text.startswith('<') else shlex.quote(text)}")
+    return "mistudio extract " + " ".join(shown), notes
 
 
 def _trainings(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ from .errors import InputError, JobCancelled, JobTimeout, StoreBusy, StoreLost, 
 from .extraction import Extraction
 from .jobs import Handle, call_all
 from .models import FAMILIES
-from .request import dataset_source
+from .request import Request, dataset_source, params
 from .runner import HEARTBEAT_S
 from .saes import SAE, load_sae
 from .specs import ModelSpec
@@ -63,6 +63,8 @@ EVALUATE_CHOICES = (True, False, "reconstruction")  # True: with the spliced nex
 ENCODER_TYPES = frozenset(t for t, paths in FAMILIES.items() if paths[0] == "encoder.layer")
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _PAIRS = (("d_sae", "expansion_factor"), ("n_tokens", "epochs"))  # give one of each pair
+# what decides the tokens an extraction reads and the values its model gives them: extracting with an SAE repeats them
+SAME_DATA = tuple(p.name for p in params() if p.group == "data" and p.name != "dataset") + ("model_dtype",)
 
 
 # -- the record ---------------------------------------------------------------------------------------
@@ -349,10 +351,12 @@ class TrainingJob(Handle):
 
     def extract_arguments(self, dataset: Any = None, *, partial: bool = False) -> dict:
         """Arguments for ``ws.submit`` (or the Extract tab's form) that extract with this run's SAE: the SAE at its
-        hook point, the extraction's model and dataset, the hook point's layer and kind. ``dataset`` replaces the
-        extraction's; it is needed when that one cannot be named again (an in-memory list or frame, or an
-        extraction that is gone): then this raises, saying so, unless ``partial`` (the Studio asks for the data in
-        its Dataset tab), which leaves it out."""
+        hook point, the extraction's model (and revision) and dataset, every setting that shaped the tokens it read
+        and their values (``window``, ``stride``, ``max_length``, ``add_special_tokens``, ``chat_template``,
+        ``model_dtype`` ...: :data:`SAME_DATA`), the hook point's layer and kind.
+        ``dataset`` replaces the extraction's; it is needed when that one cannot be named again (an in-memory list
+        or frame, or an extraction that is gone): then this raises, saying so, unless ``partial`` (the Studio asks
+        for the data in its Dataset tab), which leaves it out."""
         record = self.record
         if record.status != Status.COMPLETED:
             raise InputError(f"training run {self.id} is {record.status}: extract with its SAE once it is COMPLETED")
@@ -360,18 +364,22 @@ class TrainingJob(Handle):
         arguments: dict[str, Any] = {"saes": {record.hook_point: str(self.sae_path)}, "model": record.extraction.model,
                                      "layers": [int(layer)], "hooks": [kind]}
         try:
-            description = self.extraction().record.dataset.model_dump()
+            stored = self.extraction().record
+            description, settings = stored.dataset.model_dump(), stored.params.model_dump()
         except Exception:  # noqa: BLE001 - the extraction is gone: the model and the SAE are still known
-            description, unknown = {}, f"its extraction {record.extraction.id} is gone"
+            description, settings, unknown = {}, {}, f"its extraction {record.extraction.id} is gone"
         else:
+            if stored.model.revision:
+                arguments["revision"] = stored.model.revision
             try:
                 arguments["dataset"] = dataset_source(description)
                 unknown = None
             except InputError:  # made from an in-memory list or frame: the user gives the data again
                 unknown = f"its extraction {record.extraction.id} was made from in-memory data, which is not saved"
-        for name in ("text_column", "max_samples", "max_length"):
-            if description.get(name) is not None:
-                arguments[name] = description[name]
+        for name in SAME_DATA if settings else ():  # all of them: the Studio's form shows each one
+            value = settings.get(name)
+            value = description.get(name) if value is None else value
+            arguments[name] = Request.model_fields[name].default if value is None else value
         if dataset is not None:
             arguments["dataset"] = dataset
         elif unknown is not None and not partial:  # ws.submit would fall back on the bundled sample

@@ -64,8 +64,29 @@ def test_a_run_on_in_memory_data_does_not_print_a_command_that_reads_the_sample(
                          "--batch-size", 32, "--n-tokens", 64, "--evaluate", "no")
     assert code == 0, err
     command = next(line for line in out.splitlines() if "extract with it:" in line)
-    assert "--dataset sample" not in command and command.endswith("--dataset <a file of your texts>")
+    assert "--dataset sample" not in command and "--dataset <a file of your texts>" in command
     assert "made from in-memory data, which is not saved" in out
+
+
+def test_the_printed_command_reads_the_same_tokens_as_the_extraction_trained_on(gpt2_dir, workspace, capsys):
+    """Windows, a stride, no special tokens, a model dtype: the command that extracts with the SAE repeats them all,
+    so the SAE reads the tokens it was trained on."""
+    code, out, err = run(capsys, "--workspace", workspace, "extract", "--model", gpt2_dir, "--layers", "1",
+                         "--max-samples", "30", "--window", "32", "--stride", "16", "--no-add-special-tokens",
+                         "--model-dtype", "float32", "--dtype", "float32")
+    assert code == 0, err
+    trained_on = ms.open_extraction(out.split()[1].rstrip(":"), workspace=workspace)
+    code, out, err = run(capsys, "train", trained_on.id, HP, "--workspace", workspace, "--d-sae", 64, "--k", 4,
+                         "--batch-size", 64, "--n-tokens", 256, "--evaluate", "no")
+    assert code == 0, err
+    argv = shlex.split(next(line for line in out.splitlines() if "extract with it:" in line).split(": ", 1)[1])
+    for flag in ("--window 32", "--stride 16", "--no-add-special-tokens", "--model-dtype float32"):
+        assert flag in " ".join(argv), flag
+    code, out, err = run(capsys, "--workspace", workspace, *argv[1:])
+    assert code == 0, err
+    again = ms.open_extraction(out.split()[1].rstrip(":"), workspace=workspace)
+    assert again.n_samples == trained_on.n_samples and again.n_tokens == trained_on.n_tokens
+    assert (again.store.tokens("input_ids")[:] == trained_on.store.tokens("input_ids")[:]).all()
 
 
 def test_mistakes_are_answered_in_command_line_words(extracted, workspace, capsys):

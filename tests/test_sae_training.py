@@ -178,6 +178,9 @@ def test_train_time_errors(store, tmp_path):
         train_sae(store, "layers.2.residual", small("topk", 5), tmp_path / "c")
     with pytest.raises(InputError, match="must be a TrainConfig"):
         train_sae(store, HP, {"architecture": "topk"}, tmp_path / "d")
+    with pytest.raises(InputError, match=r"epochs=1e-06 of the [\d,]+ rows .* is less than one token: pass epochs="):
+        train_sae(store, HP, TrainConfig(d_sae=64, k=4, batch_size=64, epochs=1e-6), tmp_path / "f")
+    assert not (tmp_path / "f").exists()  # refused before anything was made
     train_sae(store, HP, small("topk", 3), tmp_path / "e")
     with pytest.raises(InputError, match=r"other settings \(k=4 then, 8 now\).*another out_dir"):
         train_sae(store, HP, small("topk", 3, k=8), tmp_path / "e")

@@ -19,8 +19,8 @@ import mistudio as ms
 from mistudio.analysis.sae_training import CHECKPOINT_DIR, CHECKPOINT_FILE, TrainConfig
 from mistudio.request import Request
 from mistudio.saes import load_sae
-from mistudio.training import (EVALUATION_FILE, HISTORY_FILE, RUN_FILE, TrainingJob, list_trainings, read_history,
-                               read_record, submit_training, training_job)
+from mistudio.training import (EVALUATION_FILE, HISTORY_FILE, RUN_FILE, SAME_DATA, TrainingJob, list_trainings,
+                               read_history, read_record, submit_training, training_job)
 
 HP = "layers.1.residual"
 TIMING = ("tokens_per_s", "eta_s", "elapsed_s")
@@ -256,9 +256,10 @@ def test_extract_arguments_build_a_request_with_the_sae(ext, tmp_path, gpt2_dir)
     job = submit_training(ws, ext, "layers.1.mlp", evaluate=False, **small(5))
     job.wait(120)
     arguments = job.extract_arguments()
+    same_data = {name: ext.record.params.model_dump()[name] for name in SAME_DATA}
+    assert same_data["max_samples"] == 80 and same_data["text_column"] == "text"
     assert arguments == {"saes": {"layers.1.mlp": str(job.sae_path)}, "model": gpt2_dir, "layers": [1],
-                         "hooks": ["mlp"], "dataset": "sample", "text_column": "text", "max_samples": 80,
-                         "max_length": arguments["max_length"]}
+                         "hooks": ["mlp"], "dataset": "sample", **same_data}
     request = Request.build(**arguments)
     assert request.saes == {"layers.1.mlp": str(job.sae_path)} and request.hook_points == ["layers.1.mlp"]
 

@@ -481,8 +481,12 @@ def plan_training(ext: "Extraction", hook_point: str, config: TrainConfig | None
                                f"that needs about {need / 2**30:,.1f} GiB to train (weights, gradients, Adam's state "
                                f"and a batch) on {config.device}, which has {free / 2**30:,.1f} GiB free: use a "
                                f"smaller d_sae, e.g. «pass d_sae={_smaller_batch(max(1, d_sae * free // need))}»"))
-    raise_all(problems)
     total_tokens = config.n_tokens if config.n_tokens is not None else int(round((config.epochs or 1.0) * kept))
+    if total_tokens < 1 and kept:
+        problems.append(("epochs", f"TrainConfig.«epochs={config.epochs}» of the {kept:,} rows extraction {ext.id} "
+                                   f"holds at {hook_point} is less than one token: «pass epochs="
+                                   f"{1 / kept:.2g}» or more, or «pass n_tokens»"))
+    raise_all(problems)
     return TrainingPlan(config, hook_point, width, d_sae, kept, total_tokens,
                         max(1, math.ceil(total_tokens / config.batch_size)))
 
