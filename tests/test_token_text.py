@@ -146,3 +146,39 @@ def test_plots_label_tokens_added_as_text_as_written(bytelevel_store, tmp_path):
     assert "naïveté" in [t.get_text() for t in plots.heatmap(ext, 0, HP).axes[0].get_yticklabels()]
     assert "naïveté" in [t.get_text() for t in plots.layer_norms(ext, 0).axes[0].get_xticklabels()]
     assert any("naïveté" in hit["context"] for hit in plots.top_tokens(ext, HP, 0, k=12))
+
+
+def test_labels_follow_the_stores_own_tokenizer_when_a_folder_gets_another_of_the_same_size(tmp_path):
+    """One process, one model folder, its tokenizer replaced by another of the same size between two extractions:
+    each store's plots and tables name its own tokenizer's pieces (a memo keyed by folder and size gave the first's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from mistudio.analysis import plots
+    from mistudio.analysis.features import token_labels
+
+    def bpe(texts):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+    folder, text = tmp_path / "model", ["the quick brown fox jumps over the lazy dog"]
+    first, second = bpe(ms.sample_texts()[:300]), bpe([s[::-1] for s in ms.sample_texts()[:300]])
+    assert len(first) == len(second)
+    first.save_pretrained(folder)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(first), n_layer=2, n_embd=32, n_head=2, n_positions=64)) \
+        .save_pretrained(folder)
+    stores = []
+    for tok in (first, second):
+        tok.save_pretrained(folder)
+        stores.append(ms.extract(model=str(folder), dataset=text, layers=[1], max_length=32,
+                                 workspace=str(tmp_path / "ws"), progress=False))
+        labels = [t.get_text() for t in plots.heatmap(stores[-1], 0, HP).axes[0].get_yticklabels()]
+        assert labels == [token_label(t, "bytelevel") for t in stores[-1].sample(0)["tokens"]]
+    a, b = stores
+    assert token_labels(a) != token_labels(b)
+    a.tokenizer = second  # read a store with a tokenizer given by hand: its pieces, not the memo's
+    assert token_labels(a) == token_labels(b)

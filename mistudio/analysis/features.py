@@ -488,7 +488,7 @@ def token_texts(ext: "Extraction") -> list[str]:
         added = _added_tokens(tokenizer)  # text as written, not pieces
         return [n if n in added else display_pieces([n], scheme)[0] for n in names]
 
-    return _VOCABULARIES.get((ext.record.model.name_or_path, len(tokenizer)), compute)  # tokens added: new entry
+    return _VOCABULARIES.get(("texts", *_vocabulary_key(ext, tokenizer)), compute)
 
 
 def token_labels(ext: "Extraction") -> list[str]:
@@ -501,7 +501,18 @@ def token_labels(ext: "Extraction") -> list[str]:
         return [token_label(n, "text" if n in added else scheme)
                 for n in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
 
-    return _VOCABULARIES.get(("labels", ext.record.model.name_or_path, len(tokenizer)), compute)
+    return _VOCABULARIES.get(("labels", *_vocabulary_key(ext, tokenizer)), compute)
+
+
+def _vocabulary_key(ext: "Extraction", tokenizer) -> tuple:
+    """What tells one vocabulary from another, cheaply: the digest of the tokenizer files the store recorded, its
+    size (tokens added since make a new one) and a sample of its pieces (a tokenizer assigned to ``ext.tokenizer``,
+    or another of the same size under the same folder, has others)."""
+    n = len(tokenizer)
+    probe = sorted({*range(0, n, max(1, n // 97)), *range(max(0, n - 8), n)})
+    model = ext.record.model
+    return ((model.fingerprint or {}).get("tokenizer"), model.name_or_path, model.revision, n,
+            tuple(tokenizer.convert_ids_to_tokens(probe)))
 
 
 def _added_tokens(tokenizer) -> set[str]:
