@@ -56,7 +56,8 @@ def _number(kind: type, name: str):
         try:
             return kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} {value!r} is not a number") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"--{name} {value!r} is not {what}") from None
     return parse
 
 
@@ -250,7 +251,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="continue a stopped run from its checkpoint (`mistudio trainings` lists them)")
     p.add_argument("--workspace", default=None, help="workspace folder (default $MISTUDIO_WORKSPACE or "
                                                      "./mistudio-workspace)")
-    p.add_argument("--timeout-s", type=_number(float, "timeout-s"), default=None,
+    p.add_argument("--timeout", dest="timeout_s", type=_number(float, "timeout"), default=None,
                    help="stop (resumable) after this many seconds")
     p.add_argument("--evaluate", choices=("yes", "reconstruction", "no"), default="yes",
                    help="after training: yes (explained variance, L0, dead latents and, for decoder models, the "
@@ -277,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args) or 0
     except KeyboardInterrupt as exc:
-        print(f"interrupted: {exc}" if str(exc) else "interrupted: what was saved is kept; `mistudio jobs` lists it "
-              "and `mistudio resume <id>` continues it", file=sys.stderr)
+        said = "what was saved is kept; `mistudio jobs` lists it and `mistudio resume <id>` continues it"
+        if args.command in ("train", "trainings"):
+            said = "`mistudio trainings` lists the runs; `mistudio train --resume RUN` continues a stopped one"
+        print(f"interrupted: {exc or said}", file=sys.stderr)
         return 130
     except (InputError, StoreBusy) as exc:
         print(f"error: {say(exc)}", file=sys.stderr)
@@ -451,19 +454,37 @@ def _train(args: argparse.Namespace) -> int:
     try:
         job.wait()
     except KeyboardInterrupt:
-        job.cancel().wait()
-        done = job.progress
-        raise KeyboardInterrupt(f"training run {job.id} was cancelled at step {done.get('step', 0):,} of "
-                                f"{done.get('total_steps') or '?'}: its checkpoint is kept in {job.folder}; continue "
-                                f"with `mistudio train --resume {job.id}`") from None
+        _cancel_and_wait(job)
+        if job.status != "COMPLETED":  # else the Ctrl-C came as it ended: nothing was stopped
+            done = job.progress
+            step, total = done.get("step") or 0, done.get("total_steps")
+            where = (f"its training had finished (the SAE is at {job.sae_path}) and its evaluation was stopped"
+                     if total and step >= total else f"it was stopped at step {step:,} of {total:,}" if total
+                     else "it was stopped before its first step")
+            raise KeyboardInterrupt(f"training run {job.id} was cancelled: {where}; its checkpoint is kept in "
+                                    f"{job.folder}; continue with `mistudio train --resume {job.id}`") from None
     finally:
         bar.close()
     print(_training_summary(job))
     return 0 if job.status == "COMPLETED" else 1
 
 
+def _cancel_and_wait(job) -> None:
+    """Cancel a run and wait for its checkpoint (a moment: the run stops at its next step or evaluation batch);
+    another Ctrl-C meanwhile only says so."""
+    job.cancel()
+    while True:
+        try:
+            job.wait()
+            return
+        except KeyboardInterrupt:
+            print("stopping: the run is writing its checkpoint", file=sys.stderr, flush=True)
+
+
 def _training_summary(job) -> str:
     """A finished run in a few lines: status (and why it stopped), figures, evaluation, and how to use the SAE."""
+    from .storage.metadata import can_resume
+
     record, error = job.record, job.error
     lines = [f"training run {job.id}: {record.status}" + (f" [{error['error_type']}] {error_text(error, 'cli')}"
                                                           if error else "")]
@@ -471,18 +492,24 @@ def _training_summary(job) -> str:
     figures = [f"{name} {progress[key]:.4g}" for key, name in (("explained_variance", "explained variance"),
                                                                ("l0", "L0"), ("dead_fraction", "dead fraction"))
                if progress.get(key) is not None]
-    lines.append(f"  trained     {progress.get('step', 0):,} of {progress.get('total_steps') or '?'} steps, "
-                 f"{progress.get('tokens', 0):,} tokens" + (f"; {', '.join(figures)}" if figures else ""))
+    total = progress.get("total_steps")
+    lines.append(f"  trained     {progress.get('step') or 0:,} of {f'{total:,}' if total else '?'} steps, "
+                 f"{progress.get('tokens') or 0:,} tokens" + (f"; {', '.join(figures)}" if figures else ""))
     if record.evaluation:
-        shown = ", ".join(f"{k.replace('_', ' ')} {v:,.4g}" for k, v in record.evaluation.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool))
+        numbers = {k: v for k, v in record.evaluation.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        shown = ", ".join(f"{k.replace('_', ' ')} {f'{v:,}' if isinstance(v, int) else f'{v:.4g}'}"
+                          for k, v in numbers.items())
         lines.append(f"  evaluation  {shown}")
     if record.status == "COMPLETED":
         command, notes = _extract_command(job.extract_arguments(partial=True))
         lines += [f"  sae         {job.sae_path} (SAELens's format: ms.load_sae reads it)",
                   f"  extract with it: {command}"] + [f"              ({note})" for note in notes]
-    elif record.status in ("FAILED", "CANCELLED"):
+    elif can_resume(record.status, record.error):
         lines.append(f"  continue with `mistudio train --resume {job.id}`")
+    elif record.status == "FAILED":
+        lines.append(f"  it cannot be resumed: start a new run, `mistudio train <extraction> {record.hook_point} ...` "
+                     "(`mistudio jobs` lists the extractions)")
     return "\n".join(lines)
 
 
@@ -531,7 +558,10 @@ def _trainings(args: argparse.Namespace) -> int:
     from .training import list_trainings
     from .workspace import Workspace
 
-    rows = list_trainings(Workspace(args.workspace))
+    ws = Workspace(args.workspace)
+    if args.workspace is not None and not os.path.isdir(ws.root):  # a typo would otherwise read as no runs
+        raise InputError(f"workspace {args.workspace!r} does not exist: check the path", param="workspace")
+    rows = list_trainings(ws)
     if not rows:
         print("(no training runs yet: start one with `mistudio train <extraction> <hook point>`)")
         return 0

@@ -188,7 +188,7 @@ def check_run_id(run_id: Any) -> str:
     """A run id is a name (``sae_...``), never a path."""
     if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or ".." in run_id:
         raise InputError(f"{run_id!r} is not a training run id: ids are names such as 'sae_20261129_031502_1a2b3c'; "
-                         "list_trainings(ws) lists the runs of a workspace")
+                         "ws.trainings() lists the runs of a workspace (`mistudio trainings`)")
     return run_id
 
 
@@ -240,8 +240,8 @@ def make_config(base: dict | TrainConfig | None = None, overrides: dict | None =
 def _check_options(timeout_s: Any, evaluate: Any) -> None:
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                   or not math.isfinite(timeout_s) or timeout_s <= 0):
-        raise InputError(f"«timeout_s={timeout_s!r}» must be a positive number of seconds, or None for no limit",
-                         param="timeout_s")
+        raise InputError(f"«timeout_s={timeout_s!r}» must be a positive number of seconds («pass timeout_s=None» "
+                         "for no limit)", param="timeout_s")
     if not any(evaluate is choice for choice in (True, False)) and evaluate != "reconstruction":
         raise InputError(f"«evaluate={evaluate!r}» is not True, False or 'reconstruction' (explained variance, L0 "
                          "and dead fraction without the model's next-token loss)", param="evaluate")
@@ -260,7 +260,8 @@ def _extraction_of(ws: "Workspace", extraction: Any) -> Extraction:
                          "them), an Extraction or an extraction Job", param="extraction")
     status = ext.record.status
     if status != Status.COMPLETED:
-        advice = "wait for it to complete" if status in LIVE_STATES else f"resume it first (ws.resume({ext.id!r}))"
+        advice = "wait for it to complete" if status in LIVE_STATES else \
+            f"resume it first (ws.resume({ext.id!r}), `mistudio resume {ext.id}`)"
         raise InputError(f"extraction {ext.id} is {status}: an SAE trains on a COMPLETED extraction; {advice}",
                          param="extraction")
     return ext
@@ -485,11 +486,11 @@ class TrainingJob(Handle):
             if model is not None and ref.revision is not None:  # a Hub revision: the loaded model carries it
                 model = models.get(ModelSpec(name_or_path=ref.model, revision=ref.revision, device=str(sae.device),
                                              dtype="float32"))
-            figures = evaluate_sae(sae, ext, record.hook_point, model=model)
+            figures = evaluate_sae(sae, ext, record.hook_point, model=model, check=self._check)
         except (InputError, OSError) as exc:
             if model is None:
                 raise
-            figures = evaluate_sae(sae, ext, record.hook_point)
+            figures = evaluate_sae(sae, ext, record.hook_point, check=self._check)
             figures["ce_error"] = (f"the next-token loss was not measured: the model {ref.model!r} could not be "
                                    f"loaded ({exc}). The SAE is saved; to measure it, load the model from where it "
                                    "is now: mistudio.analysis.sae_training.evaluate_sae(job.sae(), "

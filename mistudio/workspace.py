@@ -305,7 +305,8 @@ class Workspace(Folder, Observable):
         readers = readers_of(self, extraction_id)
         if readers:  # a run reading it would fail, its checkpoint of no more use
             raise StoreBusy(f"extraction {extraction_id} is being read by SAE training run {', '.join(readers)}: "
-                            "wait for it to end, or cancel it (ws.training(<id>).cancel()), then delete")
+                            "wait for it to end, or cancel it (ws.training(<id>).cancel(), the Train tab's Cancel, or "
+                            "Ctrl-C where `mistudio train` runs), then delete")
         lease = WriterLease.acquire(location, extraction_id, "delete", None,
                                     self.storage_options if self.remote else None)  # a writer elsewhere: refused
         try:

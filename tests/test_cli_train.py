@@ -91,9 +91,13 @@ def test_the_printed_command_reads_the_same_tokens_as_the_extraction_trained_on(
 
 def test_mistakes_are_answered_in_command_line_words(extracted, workspace, capsys):
     code, _, err = run(capsys, "train", extracted, "layers.7.residual", "--workspace", workspace)
-    assert code == 2 and f"is not in extraction {extracted}" in err and HP in err
+    assert code == 2 and f"hook point 'layers.7.residual' is not in extraction {extracted}" in err and HP in err
     code, _, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--k", 0, "--lr", "-1")
-    assert code == 2 and "--k 0" in err and "--lr -1" in err and "k=0" not in err
+    assert code == 2 and "--k 0" in err and "--lr -1" in err and "k=0" not in err and "TrainConfig" not in err
+    code, _, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--k", 100, "--d-sae", 64)
+    assert code == 2 and "--k 100 is larger than --d-sae 64: pass --k 64 or a smaller k" in err
+    code, _, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--timeout", -1)
+    assert code == 2 and "--timeout -1.0 must be a positive number of seconds (leave out --timeout" in err
     code, _, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--d-sae", 64, "--expansion-factor", 4)
     assert code == 2 and "give --d-sae 64 or --expansion-factor 4, not both" in err
     code, _, err = run(capsys, "train", "--workspace", workspace)
@@ -103,6 +107,11 @@ def test_mistakes_are_answered_in_command_line_words(extracted, workspace, capsy
     with pytest.raises(SystemExit):  # argparse's own answer for a flag that is not a setting
         main(["train", extracted, HP, "--top-k", "3"])
     assert "unrecognized arguments: --top-k 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", extracted, HP, "--n-tokens", "1e6"])
+    assert "--n-tokens '1e6' is not a whole number" in capsys.readouterr().err
+    code, _, err = run(capsys, "trainings", "--workspace", workspace + "-typo")
+    assert code == 2 and "does not exist" in err
     code, out, _ = run(capsys, "trainings", "--workspace", workspace)
     assert code == 0 and "no training runs yet" in out  # nothing refused left a run behind
 

@@ -240,7 +240,7 @@ def test_invalid_settings_create_nothing(ext, tmp_path, kwargs, param, words):
 
 def test_bad_extraction_or_hook_point_create_nothing(ext, tmp_path):
     ws = ms.Workspace(tmp_path / "ws")
-    with pytest.raises(ms.InputError, match="hook_point='layers.2.residual' is not in extraction") as caught:
+    with pytest.raises(ms.InputError, match="hook point 'layers.2.residual' is not in extraction") as caught:
         submit_training(ws, ext, "layers.2.residual", **small(5))
     assert caught.value.param == "hook_point"
     with pytest.raises(ms.InputError, match="no extraction 'ext_nope'"):
@@ -503,3 +503,23 @@ def test_a_model_moved_before_evaluation_says_how_to_measure_the_loss(gpt2_dir, 
     assert str(folder) in message and "evaluate_sae(job.sae(), job.extraction(), job.hook_point, model=" in message
     figures = evaluate_sae(job.sae(), job.extraction(), job.hook_point, model=moved)
     assert figures["ce_clean"] > 0 and "ce_spliced" in figures
+
+
+def test_a_cancel_during_the_evaluation_stops_it_and_resume_evaluates_the_saved_sae(ext, tmp_path):
+    """Cancel reaches the evaluation too (it reads the whole store: minutes on a real one): the run ends CANCELLED
+    with its SAE saved, and a resume evaluates that SAE without training again."""
+    ws = ms.Workspace(tmp_path / "ws")
+    job = submit_training(ws, ext, HP, evaluate="reconstruction", **small(6))
+
+    def on_saving(event: dict) -> None:  # on the job's thread, before the evaluation starts
+        if event["event"] == "state" and event["status"] == "SAVING":
+            job.cancel()
+
+    job.subscribe(on_saving)
+    assert job.wait(120).status == "CANCELLED", job.error
+    saved = load_sae(job.sae_path).fingerprint
+    assert job.evaluation is None and job.record.progress.step == 6
+    resumed = job.resume()
+    assert resumed.wait(120).status == "COMPLETED", resumed.error
+    assert resumed.evaluation["explained_variance"] is not None and load_sae(job.sae_path).fingerprint == saved
+    assert [h["step"] for h in resumed.history()] == [h["step"] for h in job.history()]  # no step trained again

@@ -460,14 +460,14 @@ def plan_training(ext: "Extraction", hook_point: str, config: TrainConfig | None
     if not isinstance(config, TrainConfig):
         raise InputError(f"config must be a TrainConfig, got {type(config).__name__}: TrainConfig(architecture=...)")
     if hook_point not in ext.hook_points:
-        raise InputError(f"«hook_point={hook_point!r}» is not in extraction {ext.id}: it stores "
+        raise InputError(f"hook point {hook_point!r} is not in extraction {ext.id}: it stores "
                          f"{', '.join(ext.hook_points) or 'no hook point'}", param="hook_point")
     tl_hook_name(hook_point)
     width = int(ext.activations(hook_point).shape[1])
     d_sae = config.d_sae or width * (config.expansion_factor or 8)
     problems: list[tuple[str, str]] = []  # (param, message): every one is said at once
     if config.architecture == "topk" and config.k > d_sae:
-        problems.append(("k", f"TrainConfig.«k={config.k}» is larger than d_sae={d_sae}: use «pass k={d_sae}» or a "
+        problems.append(("k", f"TrainConfig.«k={config.k}» is larger than «d_sae={d_sae}»: «pass k={d_sae}» or a "
                               "smaller k"))
     kept = _kept_rows(ext, config.exclude_special)
     if kept < config.batch_size:
@@ -719,7 +719,8 @@ def _figures(result: _StepOut, x: Tensor, scale: float | None, since_fired: Tens
 @torch.no_grad()
 def evaluate_sae(sae: SAE, ext: "Extraction", hook_point: str, max_tokens: int = 100_000,
                  model: "str | os.PathLike | LoadedModel | torch.nn.Module | None" = None, n_samples: int = 8,
-                 batch_size: int = 4096, exclude_special: bool = True) -> dict:
+                 batch_size: int = 4096, exclude_special: bool = True,
+                 check: Callable[[], None] | None = None) -> dict:
     """How well ``sae`` reconstructs ``hook_point`` of ``ext``.
 
     Over up to ``max_tokens`` stored rows (evenly spaced blocks of the store): ``explained_variance``
@@ -728,7 +729,9 @@ def evaluate_sae(sae: SAE, ext: "Extraction", hook_point: str, max_tokens: int =
     loaded ``transformers`` causal LM) also the next-token cross-entropy over ``n_samples`` stored samples:
     ``ce_clean``, ``ce_spliced`` (the SAE's reconstruction replaces the hook point's output), ``ce_zero_ablation``
     (zeros replace it), ``ce_loss_score`` = (zero - spliced) / (zero - clean) and ``kl_div`` (clean || spliced).
+    ``check()`` runs before every batch and sample and may raise (a training job's cancel).
     """
+    check = check or (lambda: None)
     for name, value in (("max_tokens", max_tokens), ("n_samples", n_samples), ("batch_size", batch_size)):
         if not _is_int(value) or value < 1:
             raise InputError(f"{name}={value!r} must be a positive whole number")
@@ -739,6 +742,7 @@ def evaluate_sae(sae: SAE, ext: "Extraction", hook_point: str, max_tokens: int =
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.device)
     for a, b in _blocks(loader.limits[0], max_tokens):
         for start in range(a, b, batch_size):
+            check()
             rows = loader.read(0, start, min(b, start + batch_size))[1][hook_point]
             if not len(rows):
                 continue
@@ -758,7 +762,7 @@ def evaluate_sae(sae: SAE, ext: "Extraction", hook_point: str, max_tokens: int =
                "explained_variance": 1.0 - sse / sst if sst > 0 else float("nan"),
                "mse": sse / (n * width), "l0": l0_sum / n, "dead_fraction": float((~fired).float().mean())}
     if model is not None:
-        figures.update(_spliced_losses(sae, ext, hook_point, model, n_samples))
+        figures.update(_spliced_losses(sae, ext, hook_point, model, n_samples, check))
     return figures
 
 
@@ -817,7 +821,8 @@ def _replace_output(output, new: Tensor):
     return output
 
 
-def _spliced_losses(sae: SAE, ext: "Extraction", hook_point: str, model, n_samples: int) -> dict:
+def _spliced_losses(sae: SAE, ext: "Extraction", hook_point: str, model, n_samples: int,
+                    check: Callable[[], None]) -> dict:
     from ..models import find_blocks, max_positions_of, n_layers_of
 
     lm = _causal_lm(model, sae.device)
@@ -848,6 +853,7 @@ def _spliced_losses(sae: SAE, ext: "Extraction", hook_point: str, model, n_sampl
     handle = module.register_forward_hook(hook)
     try:
         for a, b in spans:
+            check()
             tokens = torch.as_tensor(np.asarray(ids[a:b], dtype=np.int64), device=device)[None]
             target = tokens[0, 1:]
             logps = {}
