@@ -12,6 +12,7 @@ The package never imports ``sae_lens``: this module reads and writes its file fo
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -516,28 +517,59 @@ def check_applies(sae: SAE, hook_point: str, width: int) -> None:
 
 
 _MODEL_ALIASES = {"gpt2-small": "gpt2"}  # TransformerLens names SAELens records, as the Hub's
+_HUB_CACHE = re.compile(r"models--([^/]+)--([^/]+)/snapshots/[^/]+$")  # huggingface_hub's folder of org/name
 
 
-def _model_key(name: str) -> str:
-    """A model's name without its organisation or folder, lower case, TransformerLens aliases resolved."""
-    base = str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
-    return _MODEL_ALIASES.get(base, base)
+def _model_keys(name: str) -> set[str]:
+    """A model's names without organisation or folder, lower case: as given, a Hub-cache snapshot folder's model,
+    a link's target."""
+    text = str(name).replace("\\", "/").rstrip("/")
+    found = [text]
+    hub = _HUB_CACHE.search(text)
+    if hub:
+        found.append(f"{hub[1]}/{hub[2]}")
+    if os.path.islink(text):
+        found.append(os.path.realpath(text))
+    bases = {t.rstrip("/").rsplit("/", 1)[-1].lower() for t in found}
+    return {_MODEL_ALIASES.get(b, b) for b in bases}
+
+
+@functools.lru_cache(maxsize=64)
+def _official_name(name: str) -> str | None:
+    """The Hub name of one of TransformerLens's model names or aliases (what SAELens records: ``mistral-7b`` is
+    ``mistralai/Mistral-7B-v0.1``), when transformer_lens is installed; else None."""
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        return str(get_official_model_name(name))
+    except Exception:  # noqa: BLE001 - not installed, or a name it does not know
+        return None
+
+
+def _same_model(trained_on: str, model: str) -> bool:
+    keys = _model_keys(model)
+    if _model_keys(trained_on) & keys:
+        return True
+    official = _official_name(trained_on)
+    return official is not None and bool(_model_keys(official) & keys)
 
 
 def other_model_warning(sae_name: str, trained: tuple[str | None, str | None], model_name: str,
                         model_weights: str | None) -> str | None:
     """A warning when an SAE was trained on another model than ``model_name`` (whose weights' sha256 is
     ``model_weights``, if known), else None. By weights when both sides know them (an SAE mistudio trained), else
-    by name, ignoring an organisation or folder (``EleutherAI/pythia-70m`` is ``pythia-70m``); an SAE that
+    by name, ignoring an organisation or folder (``EleutherAI/pythia-70m`` is ``pythia-70m``; a Hub-cache snapshot
+    folder is its model, a link its target; TransformerLens's aliases resolved when it is installed); an SAE that
     names no model gets no warning. Widths that differ are refused before this (:func:`check_applies`)."""
     name, weights = trained
     if weights and model_weights:
         if weights == model_weights:
             return None
-        return (f"{sae_name} was trained on other weights than this model's ({name or 'a model'}, weights "
-                f"{weights[:12]}; this model {model_name}, weights {model_weights[:12]}): its latents may mean "
-                "nothing here. Apply an SAE trained on this model, or train one on an extraction of it")
-    if not name or _model_key(name) == _model_key(model_name):
+        return (f"{sae_name} was trained on a model whose weight files differ from this one's ({name or 'a model'}, "
+                f"weights {weights[:12]}; this model {model_name}, weights {model_weights[:12]}): unless it is the "
+                "same model saved another way (other shards, another head), its latents may mean nothing here. "
+                "Apply an SAE trained on this model, or train one on an extraction of it")
+    if not name or _same_model(name, model_name):
         return None
     return (f"{sae_name} says it was trained on {name}, and this model is {model_name}: if that is another model, "
             "its latents mean nothing here. Apply an SAE trained on this model, or train one on an extraction of it")

@@ -62,15 +62,15 @@ def test_other_weights_of_the_same_width_warn_before_and_after_the_run(trained, 
     other = retrained(gpt2_dir, tmp_path / Path(gpt2_dir).name)  # same folder name: only the weights tell
     plan = ms.estimate(str(other), "sample", layers=[1], hooks=["residual"], max_samples=24, batch_size=8,
                        dtype="float32", saes={HP: str(job.sae_path)}, workspace=str(tmp_path / "ws"))
-    [said] = [w for w in plan["warnings"] if "other weights" in w]
+    [said] = [w for w in plan["warnings"] if "weight files differ" in w]
     assert HP in said and str(job.sae_path) in said
     ext = run(other, tmp_path / "ws", saes={HP: str(job.sae_path)})
     assert ext.status == "COMPLETED"  # applied: transfer to a fine-tune is a thing researchers do on purpose
     [line] = ext.warnings()
-    assert line.startswith(f"{HP}: the SAE at {job.sae_path} was trained on other weights than this model's")
+    assert line.startswith(f"{HP}: the SAE at {job.sae_path} was trained on a model whose weight files differ")
     assert "Apply an SAE trained on this model" in line
-    assert "was trained on other weights" in _summary(ext)
-    assert "was trained on other weights" in store_notes(ext)  # the Browse tab and the Extract tab's end
+    assert "weight files differ" in _summary(ext)
+    assert "weight files differ" in store_notes(ext)  # the Browse tab and the Extract tab's end
     reopened = ms.open_extraction(ext.id, workspace=str(tmp_path / "ws"))
     assert reopened.warnings() == [line]  # from the store's metadata, in a later session
 
@@ -104,9 +104,21 @@ def test_a_saelens_sae_is_checked_by_the_model_name_it_records(tiny_models, tmp_
     ("google/gemma-2-2b", "gemma-2-2b", False),
     ("gpt2-small", "gpt2-medium", True),
     ("pythia-70m", "pythia-70m-deduped", True),
+    ("someorg/gpt2a", "/cache/hub/models--someorg--gpt2a/snapshots/607a30d1", False),  # the Hub cache's folder
+    ("mistral-7b", "mistralai/Mistral-7B-v0.1", False),  # a TransformerLens alias (sae-lens brings it)
+    ("mistral-7b", "mistralai/Mixtral-8x7B-v0.1", True),
 ])
 def test_names_compare_without_organisation_or_folder(trained_on, model, warns):
+    if trained_on == "mistral-7b":
+        pytest.importorskip("transformer_lens")
     assert bool(other_model_warning("the SAE", (trained_on, None), model, None)) is warns
     # weights decide when both sides know them, whatever the names
     assert other_model_warning("the SAE", (trained_on, "a" * 64), model, "a" * 64) is None
     assert other_model_warning("the SAE", (model, "a" * 64), model, "b" * 64) is not None
+
+
+def test_a_link_to_the_model_folder_is_that_model(tmp_path):
+    (tmp_path / "gpt2a").mkdir()
+    (tmp_path / "current").symlink_to(tmp_path / "gpt2a")
+    assert other_model_warning("the SAE", ("gpt2a", None), str(tmp_path / "current"), None) is None
+    assert other_model_warning("the SAE", ("gpt2b", None), str(tmp_path / "current"), None) is not None
