@@ -241,7 +241,9 @@ def train_parser() -> argparse.ArgumentParser:
 
     from .analysis.sae_training import FIELD_HELP, TrainConfig
 
-    p = argparse.ArgumentParser(prog="mistudio train", description=(
+    p = argparse.ArgumentParser(prog="mistudio train", usage=(
+        "mistudio train EXTRACTION HOOK_POINT [--SETTING VALUE ...] | --resume RUN   (--help lists the settings)"),
+        description=(
         "Train a sparse autoencoder on one hook point of a stored extraction, with a progress bar. Ctrl-C stops it "
         "with a checkpoint that `mistudio train --resume RUN` continues exactly. The SAE is saved in SAELens's "
         "format in <workspace>/saes/<run>/sae."))
