@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         said = "what was saved is kept; `mistudio jobs` lists it and `mistudio resume <id>` continues it"
         if args.command in ("train", "trainings"):
             said = "`mistudio trainings` lists the runs; `mistudio train --resume RUN` continues a stopped one"
-        print(f"interrupted: {exc or said}", file=sys.stderr)
+        print(f"interrupted: {str(exc) or said}", file=sys.stderr)
         return 130
     except (InputError, StoreBusy) as exc:
         print(f"error: {say(exc)}", file=sys.stderr)
@@ -528,9 +528,9 @@ def _extract_command(arguments: dict) -> tuple[str, list[str]]:
              ("saes", f"{hook_point}={folder}")]
     dataset = arguments.get("dataset")
     if dataset is None:
-        flags.append(("dataset", "<a file of your texts>"))
-        notes.append("its extraction was made from in-memory data, which is not saved: give --dataset a file of it, "
-                     "or the data you want to read with the SAE")
+        flags.append(("dataset", "DATA_FILE"))
+        notes.append("its extraction was made from in-memory data, which is not saved: for DATA_FILE give a file of "
+                     "it, or the data you want to read with the SAE")
     elif isinstance(dataset, str):
         flags.append(("dataset", dataset))
     else:  # a Hub dataset: hub:NAME:SPLIT:COLUMN[:CONFIG]
@@ -540,9 +540,9 @@ def _extract_command(arguments: dict) -> tuple[str, list[str]]:
         if name in ("model", "layers", "hooks", "saes", "dataset") or value == Request.model_fields[name].default:
             continue
         if name == "chat_template" and value != "auto":
-            flags.append((name, "<a file holding its template>"))
-            notes.append("its extraction used a chat template of its own: save it to a file for --chat-template "
-                         "(ms.open_extraction(...).record.params.chat_template holds it)")
+            flags.append((name, "TEMPLATE_FILE"))
+            notes.append("its extraction used a chat template of its own: save it to TEMPLATE_FILE (the store keeps "
+                         "it in its metadata, params.chat_template)")
         else:
             flags.append((name, value))
     shown = []
@@ -552,7 +552,7 @@ def _extract_command(arguments: dict) -> tuple[str, list[str]]:
             shown.append(f"--{flag}" if value else f"--no-{flag.removeprefix('no-')}")
         else:
             text = str(value)
-            shown.append(f"--{flag} {text if text.startswith('<') else shlex.quote(text)}")
+            shown.append(f"--{flag} {text if text in ('DATA_FILE', 'TEMPLATE_FILE') else shlex.quote(text)}")
     return "mistudio extract " + " ".join(shown), notes
 
 

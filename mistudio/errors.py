@@ -69,7 +69,7 @@ def render(text: str, style: str = "python", names: dict[str, tuple[str, str]] |
         return f"set '{label}' to {shown}" if verb else f"'{label}' {shown}"
 
     if style != "python":  # "TrainConfig.«k=0»" names a Python class: a flag or a field is named alone
-        text = text.replace("TrainConfig.«", "«")
+        text = text.replace("TrainConfig.«", "«").replace("TrainConfig: ", "")
     return _MARK.sub(word, text)
 
 

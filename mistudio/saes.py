@@ -517,7 +517,7 @@ def check_applies(sae: SAE, hook_point: str, width: int) -> None:
 
 
 _MODEL_ALIASES = {"gpt2-small": "gpt2"}  # TransformerLens names SAELens records, as the Hub's
-_HUB_CACHE = re.compile(r"models--([^/]+)--([^/]+)/snapshots/[^/]+$")  # huggingface_hub's folder of org/name
+_HUB_CACHE = re.compile(r"models--([^/]+)/snapshots/[^/]+$")  # huggingface_hub's folder of org--name (or name)
 
 
 def _model_keys(name: str) -> set[str]:
@@ -527,7 +527,7 @@ def _model_keys(name: str) -> set[str]:
     found = [text]
     hub = _HUB_CACHE.search(text)
     if hub:
-        found.append(f"{hub[1]}/{hub[2]}")
+        found.append(hub[1].replace("--", "/"))
     if os.path.islink(text):
         found.append(os.path.realpath(text))
     bases = {t.rstrip("/").rsplit("/", 1)[-1].lower() for t in found}

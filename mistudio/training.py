@@ -65,6 +65,7 @@ TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _PAIRS = (("d_sae", "expansion_factor"), ("n_tokens", "epochs"))  # give one of each pair
 # what decides the tokens an extraction reads and the values its model gives them: extracting with an SAE repeats them
 SAME_DATA = tuple(p.name for p in params() if p.group == "data" and p.name != "dataset") + ("model_dtype",)
+OF_THE_DATASET = ("text_column", "encoding", "max_samples")  # about the dataset itself: not carried to another one
 
 
 # -- the record ---------------------------------------------------------------------------------------
@@ -80,6 +81,7 @@ class ExtractionRef(_Section):
     model: str = ""
     model_type: str | None = None
     revision: str | None = None
+    data: dict | None = None  # how it read its data (SAME_DATA): extracting with the SAE repeats it, store or no store
 
 
 class TrainProgress(_Section):
@@ -270,7 +272,18 @@ def _extraction_of(ws: "Workspace", extraction: Any) -> Extraction:
 def _reference(ext: Extraction) -> ExtractionRef:
     model = ext.record.model
     return ExtractionRef(id=ext.id, location=ext.location, model=model.name_or_path, model_type=model.model_type,
-                         revision=model.revision)
+                         revision=model.revision, data=_same_data(ext.record))
+
+
+def _same_data(record) -> dict:
+    """An extraction's :data:`SAME_DATA` settings (a Request default where the store recorded none)."""
+    settings, description = record.params.model_dump(), record.dataset.model_dump()
+    out = {}
+    for name in SAME_DATA:
+        value = settings.get(name)
+        value = description.get(name) if value is None else value
+        out[name] = Request.model_fields[name].default if value is None else value
+    return out
 
 
 # -- the job ------------------------------------------------------------------------------------------
@@ -354,7 +367,9 @@ class TrainingJob(Handle):
         """Arguments for ``ws.submit`` (or the Extract tab's form) that extract with this run's SAE: the SAE at its
         hook point, the extraction's model (and revision) and dataset, every setting that shaped the tokens it read
         and their values (``window``, ``stride``, ``max_length``, ``add_special_tokens``, ``chat_template``,
-        ``model_dtype`` ...: :data:`SAME_DATA`), the hook point's layer and kind.
+        ``model_dtype`` ...: :data:`SAME_DATA`, recorded with the run, so known when the extraction is gone), the hook
+        point's layer and kind. With another ``dataset``, the first's ``text_column``, ``encoding`` and
+        ``max_samples`` are left out (they describe that dataset).
         ``dataset`` replaces the extraction's; it is needed when that one cannot be named again (an in-memory list
         or frame, or an extraction that is gone): then this raises, saying so, unless ``partial`` (the Studio asks
         for the data in its Dataset tab), which leaves it out."""
@@ -364,25 +379,24 @@ class TrainingJob(Handle):
         _, layer, kind = record.hook_point.split(".")[:3]
         arguments: dict[str, Any] = {"saes": {record.hook_point: str(self.sae_path)}, "model": record.extraction.model,
                                      "layers": [int(layer)], "hooks": [kind]}
+        if record.extraction.revision:
+            arguments["revision"] = record.extraction.revision
         try:
             stored = self.extraction().record
-            description, settings = stored.dataset.model_dump(), stored.params.model_dump()
-        except Exception:  # noqa: BLE001 - the extraction is gone: the model and the SAE are still known
-            description, settings, unknown = {}, {}, f"its extraction {record.extraction.id} is gone"
+        except Exception:  # noqa: BLE001 - the extraction is gone: the run recorded how it read its data
+            same, unknown = record.extraction.data or {}, f"its extraction {record.extraction.id} is gone"
         else:
-            if stored.model.revision:
-                arguments["revision"] = stored.model.revision
+            same = _same_data(stored)
             try:
-                arguments["dataset"] = dataset_source(description)
+                arguments["dataset"] = dataset_source(stored.dataset.model_dump())
                 unknown = None
             except InputError:  # made from an in-memory list or frame: the user gives the data again
                 unknown = f"its extraction {record.extraction.id} was made from in-memory data, which is not saved"
-        for name in SAME_DATA if settings else ():  # all of them: the Studio's form shows each one
-            value = settings.get(name)
-            value = description.get(name) if value is None else value
-            arguments[name] = Request.model_fields[name].default if value is None else value
+        arguments.update(same)  # all of them: the Studio's form shows each one
         if dataset is not None:
             arguments["dataset"] = dataset
+            for name in OF_THE_DATASET:  # another dataset: its own column, encoding and length
+                arguments.pop(name, None)
         elif unknown is not None and not partial:  # ws.submit would fall back on the bundled sample
             raise InputError(f"training run {self.id} cannot name the data to extract with its SAE: {unknown}. Give "
                              "it: «pass dataset=» (e.g. job.extract_arguments(dataset=texts))", param="dataset")
@@ -486,11 +500,11 @@ class TrainingJob(Handle):
             if model is not None and ref.revision is not None:  # a Hub revision: the loaded model carries it
                 model = models.get(ModelSpec(name_or_path=ref.model, revision=ref.revision, device=str(sae.device),
                                              dtype="float32"))
-            figures = evaluate_sae(sae, ext, record.hook_point, model=model, check=self._check)
+            figures = evaluate_sae(sae, ext, record.hook_point, model=model, check=self._check_stop)
         except (InputError, OSError) as exc:
             if model is None:
                 raise
-            figures = evaluate_sae(sae, ext, record.hook_point, check=self._check)
+            figures = evaluate_sae(sae, ext, record.hook_point, check=self._check_stop)
             figures["ce_error"] = (f"the next-token loss was not measured: the model {ref.model!r} could not be "
                                    f"loaded ({exc}). The SAE is saved; to measure it, load the model from where it "
                                    "is now: mistudio.analysis.sae_training.evaluate_sae(job.sae(), "
@@ -556,12 +570,17 @@ class TrainingJob(Handle):
 
     def _check(self) -> None:
         """Raise if the run must stop (before every training step: cheap)."""
+        self._check_stop()
+        if self._deadline is not None and now() > self._deadline:
+            raise JobTimeout(f"The training ran past its time limit of {self._record.timeout_s:g} s.")
+
+    def _check_stop(self) -> None:
+        """Raise if the run was cancelled or its folder lost (the evaluation's check: the time limit is the
+        training's, which a resume could not make shorter)."""
         if self._lost is not None:
             raise self._lost
         if self._cancel.is_set():
             raise JobCancelled("cancelled by the user")
-        if self._deadline is not None and now() > self._deadline:
-            raise JobTimeout(f"The training ran past its time limit of {self._record.timeout_s:g} s.")
 
     def _beat(self, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_S):

@@ -64,7 +64,7 @@ def test_a_run_on_in_memory_data_does_not_print_a_command_that_reads_the_sample(
                          "--batch-size", 32, "--n-tokens", 64, "--evaluate", "no")
     assert code == 0, err
     command = next(line for line in out.splitlines() if "extract with it:" in line)
-    assert "--dataset sample" not in command and "--dataset <a file of your texts>" in command
+    assert "--dataset sample" not in command and "--dataset DATA_FILE" in command
     assert "made from in-memory data, which is not saved" in out
 
 
@@ -155,3 +155,17 @@ def test_ctrl_c_keeps_a_checkpoint_that_resume_continues(extracted, workspace, c
     record = job.record
     assert [(r["last_step"], r["previous_status"]) for r in record.resumes] == [(stopped, "CANCELLED")]
     assert record.progress.step == 2000 and [h["step"] for h in job.history()] == list(range(20, 2001, 20))
+
+
+def test_ctrl_c_before_a_run_exists_says_what_to_do_for_training(monkeypatch, capsys):
+    """Ctrl-C while torch still imports: one line about training runs, not an empty one or the extractions'."""
+    import mistudio.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert main(["train", "ext_x", HP]) == 130
+    said = capsys.readouterr().err.strip()
+    assert said == ("interrupted: `mistudio trainings` lists the runs; `mistudio train --resume RUN` continues a "
+                    "stopped one")

@@ -105,6 +105,7 @@ def test_a_saelens_sae_is_checked_by_the_model_name_it_records(tiny_models, tmp_
     ("gpt2-small", "gpt2-medium", True),
     ("pythia-70m", "pythia-70m-deduped", True),
     ("someorg/gpt2a", "/cache/hub/models--someorg--gpt2a/snapshots/607a30d1", False),  # the Hub cache's folder
+    ("gpt2-small", "/cache/hub/models--gpt2/snapshots/607a30d1", False),  # ... of a model without organisation
     ("mistral-7b", "mistralai/Mistral-7B-v0.1", False),  # a TransformerLens alias (sae-lens brings it)
     ("mistral-7b", "mistralai/Mixtral-8x7B-v0.1", True),
 ])

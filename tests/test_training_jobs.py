@@ -523,3 +523,38 @@ def test_a_cancel_during_the_evaluation_stops_it_and_resume_evaluates_the_saved_
     assert resumed.wait(120).status == "COMPLETED", resumed.error
     assert resumed.evaluation["explained_variance"] is not None and load_sae(job.sae_path).fingerprint == saved
     assert [h["step"] for h in resumed.history()] == [h["step"] for h in job.history()]  # no step trained again
+
+
+def test_the_time_limit_is_the_trainings_not_the_evaluations(ext, tmp_path):
+    """A resume gets the same time limit again: were the evaluation held to it, a run whose evaluation alone takes
+    longer could never complete."""
+    ws = ms.Workspace(tmp_path / "ws")
+    job = submit_training(ws, ext, HP, evaluate="reconstruction", timeout_s=30, **small(4))
+
+    def past_the_limit(event: dict) -> None:  # on the job's thread, once trained, before the evaluation
+        if event["event"] == "state" and event["status"] == "SAVING":
+            time.sleep(max(0.0, job._deadline - time.time() + 0.5))
+
+    job.subscribe(past_the_limit)
+    assert job.wait(120).status == "COMPLETED", job.error
+    assert job.evaluation["explained_variance"] is not None
+
+
+def test_extract_arguments_with_other_data_keep_how_it_was_read_even_once_the_extraction_is_gone(gpt2_dir, tmp_path):
+    """The run records how its extraction read the data: with the store deleted, extract_arguments(dataset=...) still
+    windows as it did; another dataset's own column and length are its own, not the first's max_samples."""
+    import shutil
+
+    ws = ms.Workspace(tmp_path / "ws")
+    texts = [f"sample {i}: " + "the cat sat on the mat and looked at the dog " * 6 for i in range(30)]
+    ext = ms.extract(gpt2_dir, texts, layers=[1], window=32, stride=16, add_special_tokens=False, max_samples=20,
+                     dtype="float32", workspace=str(ws.root), progress=False)
+    job = submit_training(ws, ext, HP, evaluate=False, **small(3))
+    assert job.wait(120).status == "COMPLETED", job.error
+    shutil.rmtree(ext.location)
+    more = texts + [f"another text {i} " * 20 for i in range(40)]
+    arguments = job.extract_arguments(dataset=more)
+    assert (arguments["window"], arguments["stride"], arguments["add_special_tokens"]) == (32, 16, False)
+    assert "max_samples" not in arguments and arguments["dataset"] is more
+    again = ms.Workspace(tmp_path / "ws2").submit(**arguments).wait(120)
+    assert again.status == "COMPLETED" and again.extraction().n_samples == 70
