@@ -51,13 +51,20 @@ def _json_or_text(value: str) -> Any:
     return text
 
 
-def _number(kind: type, name: str):
+NONE = object()  # `--decoder-init-norm none`: a setting's None, told apart from a flag left out (also None)
+
+
+def _number(kind: type, name: str, none: bool = False):
+    """A flag's number (int or float); with ``none``, also the word none (returned as :data:`NONE`)."""
     def parse(value: str):
+        if none and value.strip().lower() == "none":
+            return NONE
         try:
             return kind(value)
         except ValueError:
             what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"--{name} {value!r} is not {what}") from None
+            raise argparse.ArgumentTypeError(f"--{name} {value!r} is not {what}" + (" (or none)" if none else "")
+                                             ) from None
     return parse
 
 
@@ -242,30 +249,43 @@ def train_parser() -> argparse.ArgumentParser:
     from .analysis.sae_training import FIELD_HELP, TrainConfig
 
     p = argparse.ArgumentParser(prog="mistudio train", usage=(
-        "mistudio train EXTRACTION HOOK_POINT [--SETTING VALUE ...] | --resume RUN   (--help lists the settings)"),
+        "mistudio train EXTRACTION HOOK_POINT [--SETTING VALUE ...] | --resume RUN | --retry RUN [--SETTING VALUE ...]"
+        "   (--help lists the settings)"),
         description=(
         "Train a sparse autoencoder on one hook point of a stored extraction, with a progress bar. Ctrl-C stops it "
         "with a checkpoint that `mistudio train --resume RUN` continues exactly. The SAE is saved in SAELens's "
         "format in <workspace>/saes/<run>/sae."))
-    p.add_argument("extraction", nargs="?", help="the extraction's id (`mistudio jobs` lists them)")
-    p.add_argument("hook_point", nargs="?", help="one of its hook points, e.g. layers.3.residual")
+    p.add_argument("extraction_arg", nargs="?", metavar="EXTRACTION",
+                   help="the extraction's id (`mistudio jobs` lists them); or --extraction ID")
+    p.add_argument("hook_point_arg", nargs="?", metavar="HOOK_POINT",
+                   help="one of its hook points, e.g. layers.3.residual; or --hook-point NAME")
+    p.add_argument("--extraction", metavar="ID", default=None,
+                   help="EXTRACTION as a flag: with --retry, the run's on another extraction")
+    p.add_argument("--hook-point", dest="hook_point", metavar="NAME", default=None,
+                   help="HOOK_POINT as a flag: with --retry, the run's on another hook point")
     p.add_argument("--resume", metavar="RUN", default=None,
                    help="continue a stopped run from its checkpoint (`mistudio trainings` lists them)")
+    p.add_argument("--retry", metavar="RUN", default=None,
+                   help="a new run with RUN's settings and the flags given instead, e.g. `--retry RUN --batch-size "
+                        "1024` after running out of memory (EXTRACTION HOOK_POINT, given, replace the run's)")
     p.add_argument("--workspace", default=None, help="workspace folder (default $MISTUDIO_WORKSPACE or "
                                                      "./mistudio-workspace)")
-    p.add_argument("--timeout", dest="timeout_s", type=_number(float, "timeout"), default=None,
-                   help="stop (resumable) after this many seconds")
-    p.add_argument("--evaluate", choices=("yes", "reconstruction", "no"), default="yes",
-                   help="after training: yes (explained variance, L0, dead latents and, for decoder models, the "
-                        "next-token loss with the SAE spliced in), reconstruction (without the loss) or no")
+    p.add_argument("--timeout", dest="timeout_s", type=_number(float, "timeout", none=True), default=None,
+                   help="stop (resumable) after this many seconds (none: no limit, for a --retry of a run that had "
+                        "one)")
+    p.add_argument("--evaluate", choices=("yes", "reconstruction", "no"), default=None,
+                   help="after training: yes (the default: explained variance, L0, dead latents and, for decoder "
+                        "models, the next-token loss with the SAE spliced in), reconstruction (without the loss) or "
+                        "no")
     for f in dataclasses.fields(TrainConfig):
         kind = str(f.type).split(" |")[0]
-        shown = f" (default {f.default})" if f.default is not None else ""
+        nullable = "None" in str(f.type) and f.default is not None  # None means something: `--flag none` says it
+        shown = f" (default {f.default}" + ("; none: None" if nullable else "") + ")" if f.default is not None else ""
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": FIELD_HELP[f.name] + shown}
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind in ("int", "float"):
-            kwargs["type"] = _number(int if kind == "int" else float, f.name.replace("_", "-"))
+            kwargs["type"] = _number(int if kind == "int" else float, f.name.replace("_", "-"), none=nullable)
         p.add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
     return p
 
@@ -431,27 +451,44 @@ def _train(args: argparse.Namespace) -> int:
     """Start (or resume) a training run and follow it in the foreground; Ctrl-C cancels it, keeping its
     checkpoint."""
     from .progress import TqdmListener
+    from .training import TRAIN_FIELDS
     from .workspace import Workspace
 
     given = train_parser().parse_args(args.train_argv)
-    fields = [name for name in vars(given) if name not in ("extraction", "hook_point", "resume", "workspace",
-                                                              "timeout_s", "evaluate")]
-    settings = {name: getattr(given, name) for name in fields if getattr(given, name) is not None}
+    for name in ("extraction", "hook_point"):  # a positional, or its flag (`--retry RUN --extraction ID`)
+        typed, flagged = getattr(given, f"{name}_arg"), getattr(given, name)
+        if typed and flagged and typed != flagged:
+            raise InputError(f"{name.replace('_', ' ')} given twice, {typed!r} and --{name.replace('_', '-')} "
+                             f"{flagged!r}: give one")
+        setattr(given, name, flagged or typed)
+    settings = {name: None if value is NONE else value for name in TRAIN_FIELDS
+                if (value := getattr(given, name)) is not None}
+    options = {name: None if value is NONE else value for name, value in (
+        ("timeout_s", given.timeout_s), ("evaluate", {"yes": True, "no": False}.get(given.evaluate, given.evaluate)))
+        if value is not None}
     ws = Workspace(given.workspace or args.workspace)
+    if given.resume is not None and given.retry is not None:
+        raise InputError(f"give --resume {given.resume} (continue the stopped run) or --retry {given.retry} (a new run "
+                         "with its settings), not both", param="retry")
     if given.resume is not None:
-        extra = [f"--{n.replace('_', '-')}" for n in settings] + [v for v in (given.extraction, given.hook_point) if v]
-        if extra or given.timeout_s is not None or given.evaluate != "yes":
-            raise InputError(f"--resume {given.resume} continues the run with its own settings: leave out "
-                             f"{' '.join(extra) or 'the other flags'} (or start a new run: `mistudio train "
-                             "<extraction> <hook point> ...`)", param="resume")
+        extra = " ".join([v for v in (given.extraction, given.hook_point) if v] + _flags(given))
+        if extra:
+            raise InputError(f"--resume {given.resume} continues the run with its own settings: leave out {extra} "
+                             f"(or make a new run with them: `mistudio train --retry {given.resume} {extra}`)",
+                             param="resume")
         job = ws.training(given.resume).resume()
+    elif given.retry is not None:
+        if given.extraction_arg and not given.hook_point_arg:
+            raise InputError(f"--retry {given.retry} {given.extraction_arg}: is {given.extraction_arg!r} the "
+                             f"extraction or the hook point? Say which: `--retry {given.retry} --extraction ID` or "
+                             f"`--retry {given.retry} --hook-point NAME` (or give both, EXTRACTION HOOK_POINT)")
+        where = {name: value for name in ("extraction", "hook_point") if (value := getattr(given, name))}
+        job = ws.training(given.retry).retry(**where, **options, **settings)
     else:
         if not given.extraction or not given.hook_point:
             raise InputError("give the extraction's id and a hook point, e.g. `mistudio train <id> layers.3.residual "
                              "--k 32` (`mistudio jobs` lists the extractions), or --resume RUN")
-        evaluate = {"yes": True, "no": False}.get(given.evaluate, given.evaluate)
-        job = ws.train_sae(given.extraction, given.hook_point, timeout_s=given.timeout_s, evaluate=evaluate,
-                           **settings)
+        job = ws.train_sae(given.extraction, given.hook_point, **options, **settings)
     bar = job.subscribe(TqdmListener(unit="step"))
     try:
         job.wait()
@@ -469,6 +506,20 @@ def _train(args: argparse.Namespace) -> int:
         bar.close()
     print(_training_summary(job))
     return 0 if job.status == "COMPLETED" else 1
+
+
+def _flags(given: argparse.Namespace) -> list[str]:
+    """The setting flags given to ``mistudio train``, as typed (``--k 8``, ``--no-exclude-special``)."""
+    from .training import TRAIN_FIELDS
+
+    shown = []
+    for name in ("timeout_s", "evaluate", *TRAIN_FIELDS):
+        value, flag = getattr(given, name), "timeout" if name == "timeout_s" else name.replace("_", "-")
+        if isinstance(value, bool):
+            shown.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            shown.append(f"--{flag} {'none' if value is NONE else value}")
+    return shown
 
 
 def _cancel_and_wait(job) -> None:
@@ -507,11 +558,17 @@ def _training_summary(job) -> str:
         command, notes = _extract_command(job.extract_arguments(partial=True))
         lines += [f"  sae         {job.sae_path} (SAELens's format: ms.load_sae reads it)",
                   f"  extract with it: {command}"] + [f"              ({note})" for note in notes]
-    elif can_resume(record.status, record.error):
-        lines.append(f"  continue with `mistudio train --resume {job.id}`")
-    elif record.status == "FAILED":
-        lines.append(f"  it cannot be resumed: start a new run, `mistudio train <extraction> {record.hook_point} ...` "
-                     "(`mistudio jobs` lists the extractions)")
+    elif record.status in ("FAILED", "CANCELLED", "INTERRUPTED"):
+        batch = record.config.get("batch_size")
+        smaller = f"--batch-size {batch // 2}" if error and error.get("error_type") == "OOM" and batch and batch > 1 \
+            else None
+        retry = f"`mistudio train --retry {job.id} {smaller or '--SETTING VALUE ...'}`"
+        if can_resume(record.status, record.error):
+            lines.append(f"  continue with `mistudio train --resume {job.id}`" + (
+                f" (the same batch: when memory is free), or make a new run with half the batch: {retry}"
+                if smaller else ""))
+        else:
+            lines.append(f"  it cannot be resumed: make a new run with its settings, changing what you give, {retry}")
     return "\n".join(lines)
 
 

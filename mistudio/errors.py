@@ -5,7 +5,8 @@ A message names the parameter it is about with a mark: ``«window=600»`` (the v
 ``«pass window=512»`` (the fix), ``«window»`` (the parameter alone) or ``«pass window»`` (give it). ``str(error)``
 reads as Python (``window=600``, ``pass window=512``, ``window``, ``pass window=``); :func:`render` reads as the
 command line (``--window 600``, ``--window``) or the Studio (``'Window' 600``, ``set 'Window' to 512``), from the
-names each front end passes.
+names each front end passes. ``«py:TrainConfig.»`` is text for the Python wording only (the class a field belongs
+to): the command line and the Studio name a flag or a field alone.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ _OOM_MARKERS = (
 
 
 _MARK = re.compile(r"«(pass )?([A-Za-z_][A-Za-z0-9_]*)(?:=(.*?))?»")
+_PYTHON_ONLY = re.compile(r"«py:([^«»]*)»")
 
 
 def _cli_value(value: str) -> str:
@@ -68,8 +70,7 @@ def render(text: str, style: str = "python", names: dict[str, tuple[str, str]] |
         shown = "empty" if value == "None" else _cli_value(value)
         return f"set '{label}' to {shown}" if verb else f"'{label}' {shown}"
 
-    if style != "python":  # "TrainConfig.«k=0»" names a Python class: a flag or a field is named alone
-        text = text.replace("TrainConfig.«", "«").replace("TrainConfig: ", "")
+    text = _PYTHON_ONLY.sub(lambda m: m.group(1) if style == "python" else "", text)
     return _MARK.sub(word, text)
 
 

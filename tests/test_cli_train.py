@@ -169,3 +169,66 @@ def test_ctrl_c_before_a_run_exists_says_what_to_do_for_training(monkeypatch, ca
     said = capsys.readouterr().err.strip()
     assert said == ("interrupted: `mistudio trainings` lists the runs; `mistudio train --resume RUN` continues a "
                     "stopped one")
+
+
+def test_retry_makes_a_new_run_with_the_settings_changed(extracted, workspace, capsys):
+    """`--retry RUN --SETTING VALUE`: the run's settings with those changed, linked to it; `none` gives a setting
+    whose default is a number its None (here: kaiming's decoder norms)."""
+    code, out, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--d-sae", 64, "--k", 4,
+                         "--batch-size", 64, "--n-tokens", 256, "--evaluate", "no", "--timeout", 600)
+    assert code == 0, err
+    first = out.split()[2].rstrip(":")
+    code, out, err = run(capsys, "train", "--retry", first, "--workspace", workspace, "--k", 8,
+                         "--decoder-init-norm", "none", "--timeout", "none")
+    assert code == 0, err
+    second = out.split()[2].rstrip(":")
+    record = ms.Workspace(workspace).training(second).record
+    assert second != first and record.status == "COMPLETED" and record.retry_of == first
+    assert record.config["k"] == 8 and record.config["decoder_init_norm"] is None and record.timeout_s is None
+    assert record.config["d_sae"] == 64 and record.config["n_tokens"] == 256 and record.evaluate is False
+    assert record.retry_overrides == {"k": 8, "decoder_init_norm": None, "timeout_s": None}
+    code, out, err = run(capsys, "train", "--retry", first, "--workspace", workspace, "--hook-point",
+                         "layers.7.residual")
+    assert code == 2 and "hook point 'layers.7.residual' is not in extraction" in err
+    code, _, err = run(capsys, "train", "--retry", first, HP, "--workspace", workspace)
+    assert code == 2 and f"`--retry {first} --extraction ID` or `--retry {first} --hook-point NAME`" in err
+    code, _, err = run(capsys, "train", "--retry", first, "--resume", first, "--workspace", workspace)
+    assert code == 2 and "not both" in err
+    code, _, err = run(capsys, "train", "--resume", first, "--workspace", workspace, "--k", 8, "--no-exclude-special")
+    assert code == 2 and (f"leave out --k 8 --no-exclude-special (or make a new run with them: `mistudio train "
+                          f"--retry {first} --k 8 --no-exclude-special`)") in err
+    with pytest.raises(SystemExit):
+        main(["train", extracted, HP, "--decoder-init-norm", "big"])
+    assert "--decoder-init-norm 'big' is not a number (or none)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", extracted, HP, "--k", "none"])  # k has no None
+    assert "--k 'none' is not a whole number" in capsys.readouterr().err
+
+
+def test_python_names_the_settings_class_and_the_command_line_does_not():
+    with pytest.raises(ms.InputError) as caught:
+        TrainConfig(k=0, n_tokens=10, epochs=1)
+    assert "TrainConfig.k=0 " in str(caught.value) and "TrainConfig: give n_tokens=10 or epochs=1" in str(caught.value)
+    from mistudio.cli import say
+    assert "TrainConfig" not in say(caught.value) and "--k 0" in say(caught.value)
+
+
+def test_out_of_memory_says_resume_or_retry_with_half_the_batch(extracted, workspace, capsys, monkeypatch):
+    import torch
+
+    import mistudio.training as training
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training, "train_sae", out_of_memory)
+    code, out, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--d-sae", 64, "--k", 4,
+                         "--batch-size", 64, "--n-tokens", 256, "--evaluate", "no")
+    run_id = out.split()[2].rstrip(":")
+    assert code == 1 and f"training run {run_id}: FAILED [OOM]" in out and "--batch-size 32" in out, out
+    assert (f"continue with `mistudio train --resume {run_id}` (the same batch: when memory is free), or make a new "
+            f"run with half the batch: `mistudio train --retry {run_id} --batch-size 32`") in out
+    monkeypatch.undo()
+    code, out, err = run(capsys, "train", "--retry", run_id, "--batch-size", 32, "--workspace", workspace)
+    assert code == 0 and "COMPLETED" in out, err
+    assert ms.Workspace(workspace).trainings()["retry_of"].iloc[0] == run_id

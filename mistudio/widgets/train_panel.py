@@ -64,7 +64,7 @@ def ui_error(exc: BaseException | str) -> str:
     """An error as the tab says it (escaped HTML): the form's labels for settings, the Studio's for the rest."""
     template = getattr(exc, "template", None) or str(exc)
     names = {**studio_names(), **{name: (name, label) for name, label in LABELS.items()}}
-    return for_ui(render(template.replace("TrainConfig.", "").replace("TrainConfig: ", ""), "studio", names))
+    return for_ui(render(template, "studio", names))
 
 
 def curves_figure(history: list[dict]) -> Figure:
