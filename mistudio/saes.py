@@ -516,13 +516,27 @@ def check_applies(sae: SAE, hook_point: str, width: int) -> None:
         raise InputError(f"{sae.name} cannot be applied at {hook_point}: {sae._hook_error}")
 
 
-_MODEL_ALIASES = {"gpt2-small": "gpt2"}  # TransformerLens names SAELens records, as the Hub's
 _HUB_CACHE = re.compile(r"models--([^/]+)/snapshots/[^/]+$")  # huggingface_hub's folder of org--name (or name)
+
+
+@functools.lru_cache(maxsize=1)
+def _transformer_lens_names() -> dict[str, str]:
+    """TransformerLens's model names and aliases, lower case, to the Hub name (what SAELens records: ``mistral-7b``
+    is ``mistralai/Mistral-7B-v0.1``), from the table ``scripts/build_model_aliases.py`` writes: importing
+    transformer_lens takes 10 s, and it is not a dependency."""
+    from importlib import resources
+
+    table = json.loads(resources.files("mistudio.resources").joinpath("transformer_lens_models.json").read_text())
+    names = {}
+    for official, aliases in table["models"].items():
+        names.update({alias.lower(): official for alias in aliases})
+        names[official.lower()] = official
+    return names
 
 
 def _model_keys(name: str) -> set[str]:
     """A model's names without organisation or folder, lower case: as given, a Hub-cache snapshot folder's model,
-    a link's target."""
+    a link's target, and the Hub name of a TransformerLens name or alias."""
     text = str(name).replace("\\", "/").rstrip("/")
     found = [text]
     hub = _HUB_CACHE.search(text)
@@ -530,28 +544,13 @@ def _model_keys(name: str) -> set[str]:
         found.append(hub[1].replace("--", "/"))
     if os.path.islink(text):
         found.append(os.path.realpath(text))
-    bases = {t.rstrip("/").rsplit("/", 1)[-1].lower() for t in found}
-    return {_MODEL_ALIASES.get(b, b) for b in bases}
-
-
-@functools.lru_cache(maxsize=64)
-def _official_name(name: str) -> str | None:
-    """The Hub name of one of TransformerLens's model names or aliases (what SAELens records: ``mistral-7b`` is
-    ``mistralai/Mistral-7B-v0.1``), when transformer_lens is installed; else None."""
-    try:
-        from transformer_lens.loading_from_pretrained import get_official_model_name
-
-        return str(get_official_model_name(name))
-    except Exception:  # noqa: BLE001 - not installed, or a name it does not know
-        return None
+    official = _transformer_lens_names()
+    found += [official[t.lower()] for t in found if t.lower() in official]
+    return {t.rstrip("/").rsplit("/", 1)[-1].lower() for t in found}
 
 
 def _same_model(trained_on: str, model: str) -> bool:
-    keys = _model_keys(model)
-    if _model_keys(trained_on) & keys:
-        return True
-    official = _official_name(trained_on)
-    return official is not None and bool(_model_keys(official) & keys)
+    return bool(_model_keys(trained_on) & _model_keys(model))
 
 
 def other_model_warning(sae_name: str, trained: tuple[str | None, str | None], model_name: str,
@@ -559,7 +558,7 @@ def other_model_warning(sae_name: str, trained: tuple[str | None, str | None], m
     """A warning when an SAE was trained on another model than ``model_name`` (whose weights' sha256 is
     ``model_weights``, if known), else None. By weights when both sides know them (an SAE mistudio trained), else
     by name, ignoring an organisation or folder (``EleutherAI/pythia-70m`` is ``pythia-70m``; a Hub-cache snapshot
-    folder is its model, a link its target; TransformerLens's aliases resolved when it is installed); an SAE that
+    folder is its model, a link its target; TransformerLens's names and aliases resolved); an SAE that
     names no model gets no warning. Widths that differ are refused before this (:func:`check_applies`)."""
     name, weights = trained
     if weights and model_weights:

@@ -4,6 +4,7 @@ Browse): by the weights' fingerprint for SAEs mistudio trained, by name for SAEL
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,12 +107,12 @@ def test_a_saelens_sae_is_checked_by_the_model_name_it_records(tiny_models, tmp_
     ("pythia-70m", "pythia-70m-deduped", True),
     ("someorg/gpt2a", "/cache/hub/models--someorg--gpt2a/snapshots/607a30d1", False),  # the Hub cache's folder
     ("gpt2-small", "/cache/hub/models--gpt2/snapshots/607a30d1", False),  # ... of a model without organisation
-    ("mistral-7b", "mistralai/Mistral-7B-v0.1", False),  # a TransformerLens alias (sae-lens brings it)
+    ("mistral-7b", "mistralai/Mistral-7B-v0.1", False),  # a TransformerLens alias
     ("mistral-7b", "mistralai/Mixtral-8x7B-v0.1", True),
+    ("pythia-70m-deduped", "/models/EleutherAI--pythia-70m-deduped-v0", True),
 ])
-def test_names_compare_without_organisation_or_folder(trained_on, model, warns):
-    if trained_on == "mistral-7b":
-        pytest.importorskip("transformer_lens")
+def test_names_compare_without_organisation_or_folder(trained_on, model, warns, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformer_lens", None)  # not needed (importing it takes 10 s)
     assert bool(other_model_warning("the SAE", (trained_on, None), model, None)) is warns
     # weights decide when both sides know them, whatever the names
     assert other_model_warning("the SAE", (trained_on, "a" * 64), model, "a" * 64) is None
@@ -123,3 +124,12 @@ def test_a_link_to_the_model_folder_is_that_model(tmp_path):
     (tmp_path / "current").symlink_to(tmp_path / "gpt2a")
     assert other_model_warning("the SAE", ("gpt2a", None), str(tmp_path / "current"), None) is None
     assert other_model_warning("the SAE", ("gpt2b", None), str(tmp_path / "current"), None) is not None
+
+
+def test_the_shipped_transformer_lens_names_are_the_installed_ones():
+    """The table of TransformerLens's names mistudio ships equals the installed transformer_lens's (when it is)."""
+    loading = pytest.importorskip("transformer_lens.loading_from_pretrained")
+    from mistudio.saes import _transformer_lens_names
+
+    assert _transformer_lens_names() == loading.make_model_alias_map(), (
+        "transformer_lens changed its model names: run `python scripts/build_model_aliases.py`")
