@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from .errors import InputError
 from .formats import file_format, named
-from .specs import (BATCH_SIZES, DEVICES, EXAMPLES, HOOK_KINDS, LAYER_FORMS, QUANTIZATIONS, HubDataset, ModelSpec,
-                    Float, Int, pandas_kind, parse_layers, short, validation_error)
+from .specs import (BATCH_SIZES, EXAMPLES, HOOK_KINDS, LAYER_FORMS, QUANTIZATIONS, HubDataset, ModelSpec,
+                    Float, Int, device_problem, pandas_kind, parse_layers, short, validation_error)
 
 GROUPS = ("model", "data", "capture", "batching", "storage", "run")
 
@@ -154,8 +154,9 @@ class Request(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v.split(":")[0] not in DEVICES or (":" in v and not v.split(":", 1)[1].isdigit()):
-            raise ValueError(f"«device={v!r}» is not one of {DEVICES} (optionally 'cuda:N'): «pass device='auto'»")
+        problem = device_problem(v)
+        if problem:
+            raise ValueError(f"«device={v!r}» {problem}: «pass device='auto'»")
         return v
 
     @field_validator("dataset", mode="before")

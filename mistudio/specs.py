@@ -17,6 +17,15 @@ HOOK_KINDS = ("residual", "mlp", "attention")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is not a device mistudio runs on (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``), or None."""
+    kind, _, index = name.partition(":")
+    if kind not in DEVICES or (_ and not index.isdigit()):
+        return f"is not one of {DEVICES} (optionally 'cuda:N')"
+    return None
+
 OOV_POLICIES = ("clamp", "skip", "error")
 QUANTIZATIONS = ("int8", "nf4")
 MAX_LAYER_INDEX = 10_000  # no model has more blocks: a larger index is refused before anything is expanded

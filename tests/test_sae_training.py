@@ -154,6 +154,19 @@ def test_bad_configs(kwargs, field):
         TrainConfig(**kwargs)
 
 
+def test_a_device_is_checked_as_an_extraction_checks_it():
+    """The devices TrainConfig takes are the Request's, with the same words (not torch's 20 device types)."""
+    with pytest.raises(InputError) as caught:
+        TrainConfig(device="gpu")
+    assert str(caught.value) == ("TrainConfig.device='gpu' is not one of ('auto', 'cpu', 'cuda', 'mps') (optionally "
+                                 "'cuda:N'): pass device='auto'")
+    with pytest.raises(InputError, match=re.escape("device='cuda:x' is not one of")):
+        TrainConfig(device="cuda:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=re.escape("device='cuda' cannot be used here (CUDA is not available")):
+            TrainConfig(device="cuda")
+
+
 @pytest.mark.parametrize("kwargs, said", [
     ({"foo": 1}, "foo is not a training setting: the settings are TrainConfig's fields (architecture, d_sae"),
     ({"learning_rate": 1e-3}, "learning_rate is not a training setting: did you mean lr?"),

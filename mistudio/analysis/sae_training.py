@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..saes import SAE, check_applies, load_sae, tl_hook_name
+from ..specs import device_problem
 
 if TYPE_CHECKING:
     from ..extraction import Extraction
@@ -195,11 +196,13 @@ class TrainConfig:
             bad("b_dec_init", "is not 'mean' or 'zeros'")
         if not isinstance(self.device, str) or not self.device.strip():
             bad("device", "must name a torch device: 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'")
+        elif device_problem(self.device):
+            bad("device", f"{device_problem(self.device)}: «pass device='auto'»")
         else:
             try:
                 _device(self.device)
             except (RuntimeError, ValueError) as exc:
-                bad("device", f"is not a usable torch device ({exc})")
+                bad("device", f"cannot be used here ({exc}): «pass device='auto'»")
         raise_all(problems)
 
     def to_dict(self) -> dict[str, Any]:
