@@ -30,8 +30,10 @@ _PYTHON_ONLY = re.compile(r"«py:([^«»]*)»")
 
 
 def _cli_value(value: str) -> str:
-    """A Python literal as typed on a command line: 'auto' -> auto, [0, 3] -> 0,3."""
+    """A Python literal as typed on a command line: 'auto' -> auto, [0, 3] -> 0,3, 2.0 -> 2."""
     value = value.strip()
+    if re.fullmatch(r"-?\d+\.0", value):  # a flag's float that holds a whole number, as it was typed
+        return value[:-2]
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return value[1:-1]
     if value.startswith("[") and value.endswith("]"):

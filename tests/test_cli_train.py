@@ -97,9 +97,11 @@ def test_mistakes_are_answered_in_command_line_words(extracted, workspace, capsy
     code, _, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--k", 100, "--d-sae", 64)
     assert code == 2 and "--k 100 is larger than --d-sae 64: pass --k 64 or a smaller k" in err
     code, _, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--timeout", -1)
-    assert code == 2 and "--timeout -1.0 must be a positive number of seconds (leave out --timeout" in err
+    assert code == 2 and "--timeout -1 must be a positive number of seconds (leave out --timeout" in err
     code, _, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--d-sae", 64, "--expansion-factor", 4)
     assert code == 2 and "give --d-sae 64 or --expansion-factor 4, not both" in err
+    code, _, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--epochs", 2, "--n-tokens", 100)
+    assert code == 2 and "give --n-tokens 100 or --epochs 2, not both" in err  # as typed, not 2.0
     code, _, err = run(capsys, "train", "--workspace", workspace)
     assert code == 2 and "give the extraction's id and a hook point" in err
     code, _, err = run(capsys, "train", "--workspace", workspace, "--resume", "sae_nope", "--k", 3)
