@@ -463,7 +463,7 @@ class TrainingJob(Handle):
             ext.record  # noqa: B018 - read now: a missing store says so before training
         except FileNotFoundError:
             raise InputError(f"extraction {record.extraction.id} is gone from {record.extraction.location}: this run "
-                             "cannot continue (retry it with «pass extraction=<another id>»)",
+                             "cannot continue (retry it on another extraction: «pass extraction=<another id>»)",
                              param="extraction") from None
         config = record.train_config()
         self._check()
@@ -612,7 +612,8 @@ class TrainingJob(Handle):
         gone = not _exists(ref.location)
         if gone and not isinstance(exc, InputError):  # deleted while the run read it
             exc = InputError(f"extraction {ref.id} is gone from {ref.location} (deleted while this run read it): this "
-                             "run cannot continue (retry it with «pass extraction=<another id>»)", param="extraction")
+                             "run cannot continue (retry it on another extraction: «pass extraction=<another id>»)",
+                             param="extraction")
         error = self._error(exc)
         if gone:  # a checkpoint does not help: its rows are gone
             error["resume_available"] = False
@@ -758,7 +759,7 @@ def resume_training(ws: "Workspace", run_id: str) -> TrainingJob:
     if not _exists(source.location):  # refused up front: the run keeps its state and its checkpoint
         raise InputError(f"training run {run_id} reads extraction {source.id}, which is not at {source.location} "
                          f"(moved, deleted or on a disk not mounted): the run stays {record.status} with its "
-                         "checkpoint. Bring the store back and resume again, or retry it with «pass "
+                         "checkpoint. Bring the store back and resume again, or retry it on another extraction: «pass "
                          "extraction=<another id>»", param="extraction")
     record.resumes.append({"at": now(), "last_step": record.progress.step, "previous_status": record.status.value,
                            "previous_error": error.error_type if error is not None else None})
@@ -784,8 +785,8 @@ def retry_training(ws: "Workspace", run_id: str, **overrides: Any) -> TrainingJo
         try:
             ext = _extraction_of(ws, Extraction.open(old.extraction.location))
         except FileNotFoundError:
-            raise InputError(f"extraction {old.extraction.id} of training run {run_id} is gone: retry with «pass "
-                             "extraction=<another id>»", param="extraction") from None
+            raise InputError(f"extraction {old.extraction.id} of training run {run_id} is gone: retry it on another "
+                             "extraction, «pass extraction=<another id>»", param="extraction") from None
     config = make_config(old.config, overrides)
     plan = plan_training(ext, hook_point, config)
     before = {**old.config, "hook_point": old.hook_point, "extraction": old.extraction.id,
