@@ -260,9 +260,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("hook_point_arg", nargs="?", metavar="HOOK_POINT",
                    help="one of its hook points, e.g. layers.3.residual; or --hook-point NAME")
     p.add_argument("--extraction", metavar="ID", default=None,
-                   help="EXTRACTION as a flag: with --retry, the run's on another extraction")
+                   help="EXTRACTION as a flag (with --retry: the run again, on another extraction)")
     p.add_argument("--hook-point", dest="hook_point", metavar="NAME", default=None,
-                   help="HOOK_POINT as a flag: with --retry, the run's on another hook point")
+                   help="HOOK_POINT as a flag (with --retry: the run again, at another hook point)")
     p.add_argument("--resume", metavar="RUN", default=None,
                    help="continue a stopped run from its checkpoint (`mistudio trainings` lists them)")
     p.add_argument("--retry", metavar="RUN", default=None,
@@ -270,7 +270,8 @@ def train_parser() -> argparse.ArgumentParser:
                         "1024` after running out of memory (EXTRACTION HOOK_POINT, given, replace the run's)")
     p.add_argument("--workspace", default=None, help="workspace folder (default $MISTUDIO_WORKSPACE or "
                                                      "./mistudio-workspace)")
-    p.add_argument("--timeout", dest="timeout_s", type=_number(float, "timeout", none=True), default=None,
+    p.add_argument("--timeout", dest="timeout_s", metavar="SECONDS", type=_number(float, "timeout", none=True),
+                   default=None,
                    help="stop (resumable) after this many seconds (none: no limit, for a --retry of a run that had "
                         "one)")
     p.add_argument("--evaluate", choices=("yes", "reconstruction", "no"), default=None,
