@@ -159,6 +159,11 @@ def _summary(ext) -> str:
         f"  hook points {', '.join(ext.hook_points)}",
         f"  tokens/s    {record.timings.tokens_per_s or 0:,.0f}",
     ]
+    for point in ext.latent_points:
+        info = ext.latent_info(point)
+        sae = f"{info.architecture or 'an'} SAE, {info.d_sae:,} latents" + (f", k {info.k}" if info.k else "")
+        lines.append(f"  latents     {point} ({sae}): its features in the Studio's Features tab, or "
+                     f"ms.analysis.features.feature_page(ext, {point!r}, FEATURE)")
     lines += [f"  warning     {render(w, 'cli', cli_names())}" for w in ext.warnings()]
     return "\n".join(lines)
 
@@ -555,6 +560,8 @@ def _training_summary(job) -> str:
         shown = ", ".join(f"{k.replace('_', ' ')} {f'{v:,}' if isinstance(v, int) else f'{v:.4g}'}"
                           for k, v in numbers.items())
         lines.append(f"  evaluation  {shown}")
+        if record.evaluation.get("ce_loss_note"):
+            lines.append(f"              ({record.evaluation['ce_loss_note']})")
     if record.status == "COMPLETED":
         command, notes = _extract_command(job.extract_arguments(partial=True))
         lines += [f"  sae         {job.sae_path} (SAELens's format: ms.load_sae reads it)",
@@ -629,12 +636,18 @@ def _trainings(args: argparse.Namespace) -> int:
     def number(value, digits: str = ".3g") -> str:
         return "" if value is None else format(value, digits)
 
+    def figure(row: dict, name: str) -> str:  # the evaluation's when the run has one, as the Studio's grid
+        evaluated = row.get(f"eval_{name}")
+        return number(evaluated) + "*" if evaluated is not None else number(row[name])
+
     shown = [{"id": r["id"], "status": r["status"], "extraction": r["extraction"] or "", "hook point":
               r["hook_point"] or "", "SAE": f"{r['architecture'] or '?'} {r['d_sae'] or '?'}",
-              "step": f"{r['step'] or 0:,}/{r['total_steps'] or '?'}", "EV": number(r["explained_variance"]),
-              "L0": number(r["l0"]), "dead": number(r["dead_fraction"]),
+              "step": f"{r['step'] or 0:,}/{r['total_steps'] or '?'}", "EV": figure(r, "explained_variance"),
+              "L0": figure(r, "l0"), "dead": figure(r, "dead_fraction"),
               "note": r["error"] or r["problem"] or ""} for r in rows]
     print(_table(shown, list(shown[0])))
+    print("EV, L0, dead (fraction of latents): * the evaluation's (over up to 100,000 stored tokens), else the last "
+          "training step's (dead: not fired in the run's dead window; blank before it has passed)")
     return 0
 
 

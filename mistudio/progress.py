@@ -2,6 +2,8 @@
 training run's over steps."""
 from __future__ import annotations
 
+import sys
+
 from tqdm.auto import tqdm
 
 
@@ -29,6 +31,10 @@ class TqdmListener:
                                 **self.options)
             self.bar.set_postfix(tok_s=f"{event['tokens_per_s']:.0f}", batch=event["batch_size"], refresh=False)
             self.bar.update(event["samples_done"] - self.bar.n)
+        elif kind == "evaluating" and self.bar is not None:
+            self.bar.write("trained; evaluating the SAE (explained variance, L0, dead latents"
+                           + (", the next-token loss with it spliced in" if event.get("loss") else "") + ")...",
+                           file=sys.stderr)  # with the bar: stdout holds the summary alone
         elif kind == "retry" and self.bar is not None:
             self.bar.write(f"out of memory: retrying with batch_size={event['batch_size']}")
         elif kind == "failed" and self.bar is not None:

@@ -481,6 +481,8 @@ class TrainingJob(Handle):
         self._set_state(Status.SAVING, sae_path=str(result.path), metrics=last,
                         progress=_progress_of(last) if last else {},
                         timings={"train_seconds": seconds, "tokens_per_s": rate})
+        if record.evaluate:  # a moment (a model load and forwards for the loss): said, so nobody thinks it hangs
+            self.emit("evaluating", loss=record.evaluate is True)
         evaluation = self._evaluate(result.sae, ext, models) if record.evaluate else None
         if evaluation is not None:
             write_atomic(str(self.folder / EVALUATION_FILE), json.dumps(evaluation, indent=1).encode())

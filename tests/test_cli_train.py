@@ -41,17 +41,22 @@ def test_train_list_and_extract_with_the_sae_it_prints(extracted, workspace, cap
     run_id = out.split()[2].rstrip(":")
     assert f"training run {run_id}: COMPLETED" in out
     assert "16 of 16 steps, 1,000 tokens; explained variance" in out  # n_tokens exactly: the last step is 40 rows
+    assert "trained; evaluating the SAE (explained variance, L0, dead latents)..." in out + err  # not a silent 100%
     [evaluation] = [line for line in out.splitlines() if line.startswith("  evaluation  ")]
     assert "explained variance 0." in evaluation and "dead fraction" in evaluation
     job = ms.Workspace(workspace).training(run_id)
     assert job.status == "COMPLETED" and job.record.config["k"] == 4 and job.evaluation["l0"] <= 4
     code, listing, _ = run(capsys, "trainings", "--workspace", workspace)
     assert code == 0 and run_id in listing and "COMPLETED" in listing and "topk 64" in listing
+    [row] = [line for line in listing.splitlines() if line.startswith(run_id)]
+    assert f"{job.evaluation['explained_variance']:.3g}*" in row  # the evaluation's figures, as the Studio's grid
+    assert "* the evaluation's (over up to 100,000 stored tokens), else the last training step's" in listing
     command = next(line for line in out.splitlines() if "extract with it:" in line).split("extract with it: ")[1]
     argv = shlex.split(command)
     assert argv[:2] == ["mistudio", "extract"] and f"{HP}={job.sae_path}" in argv
     code, out, err = run(capsys, "--workspace", workspace, *argv[1:])
     assert code == 0 and "COMPLETED" in out, err
+    assert f"  latents     {HP}.latents (topk SAE, 64 latents, k 4): its features in the Studio's Features tab" in out
     ext = ms.open_extraction(out.split()[1].rstrip(":"), workspace=workspace)
     assert ext.latent_points == [f"{HP}.latents"] and ext.n_samples == 40  # the same data: the run said which
 

@@ -72,7 +72,8 @@ FIELD_HELP = {  # one line per TrainConfig field: the command line's --help (tes
     "epochs": "passes over the stored tokens (default 1; or n_tokens)",
     "exclude_special": "leave the tokenizer's special tokens out",
     "seed": "the shuffle's and the initialisation's seed",
-    "dead_window_tokens": "a latent is dead when it has not fired in this many tokens",
+    "dead_window_tokens": "a latent is dead when it has not fired in this many tokens (default: a quarter of the "
+                          "run, at most 1,000,000; no latent is counted dead, or revived by AuxK, before that many)",
     "norm_estimate_tokens": "tokens read to estimate the scaling and the data mean",
     "checkpoint_every_steps": "write a checkpoint every this many steps (0: only when stopped)",
     "progress_every_steps": "report figures every this many steps (default: about 20 reports a short run)",
@@ -89,6 +90,7 @@ def _is_number(v: Any) -> bool:
         and math.isfinite(float(v))
 
 
+DEAD_WINDOW_TOKENS = 1_000_000  # the dead window of a run of 4,000,000 tokens or more (SAELens: 1,000 steps)
 _CLASS, _CLASS_SAYS = "«py:TrainConfig.»", "«py:TrainConfig: »"  # in messages: the class, for Python only
 
 
@@ -101,7 +103,8 @@ class TrainConfig:
     batch. ``architecture``: ``"topk"`` (``k``, ``aux_loss_coefficient``),
     ``"standard"`` = ReLU (alias ``"relu"``; ``l1_coefficient``, ``l1_warm_up_steps``) or ``"jumprelu"``
     (``l0_coefficient``, ``l0_warm_up_steps``, ``jumprelu_bandwidth``, ``jumprelu_init_threshold``).
-    A latent is dead when it has not fired in the last ``dead_window_tokens`` tokens. ``progress_every_steps``:
+    A latent is dead when it has not fired in the last ``dead_window_tokens`` tokens (None: a quarter of the run,
+    at most 1,000,000 tokens; :attr:`TrainingPlan.dead_window`). ``progress_every_steps``:
     None reports about every 1/20 of a short run, every 10 steps of a long one (:meth:`progress_interval`).
     """
 
@@ -131,7 +134,7 @@ class TrainConfig:
     epochs: float | None = None
     exclude_special: bool = True
     seed: int = 0
-    dead_window_tokens: int = 1_000_000
+    dead_window_tokens: int | None = None
     norm_estimate_tokens: int = 65_536
     checkpoint_every_steps: int = 1000
     progress_every_steps: int | None = None
@@ -155,8 +158,9 @@ class TrainConfig:
             bad("architecture", f"is not one of {TRAIN_ARCHITECTURES} (or 'relu' for 'standard')")
         else:
             object.__setattr__(self, "architecture", arch)
-        positive_ints = ["k", "batch_size", "dead_window_tokens", "norm_estimate_tokens"]
-        for name in positive_ints + ["d_sae", "expansion_factor", "n_tokens", "progress_every_steps"]:
+        positive_ints = ["k", "batch_size", "norm_estimate_tokens"]
+        for name in positive_ints + ["d_sae", "expansion_factor", "n_tokens", "progress_every_steps",
+                                     "dead_window_tokens"]:
             value = getattr(self, name)
             if value is None and name not in positive_ints:
                 continue
@@ -458,6 +462,7 @@ class TrainingPlan:
     rows: int  # rows one epoch of the loader yields
     total_tokens: int
     total_steps: int
+    dead_window: int  # tokens without firing that make a latent dead (dead_window_tokens, or a quarter of the run)
 
 
 def plan_training(ext: "Extraction", hook_point: str, config: TrainConfig | None = None) -> TrainingPlan:
@@ -493,8 +498,9 @@ def plan_training(ext: "Extraction", hook_point: str, config: TrainConfig | None
                                    f"holds at {hook_point} is less than one token: «pass epochs="
                                    f"{1 / kept:.2g}» or more, or «pass n_tokens»"))
     raise_all(problems)
+    window = config.dead_window_tokens or min(DEAD_WINDOW_TOKENS, max(config.batch_size, total_tokens // 4))
     return TrainingPlan(config, hook_point, width, d_sae, kept, total_tokens,
-                        max(1, math.ceil(total_tokens / config.batch_size)))
+                        max(1, math.ceil(total_tokens / config.batch_size)), window)
 
 
 _ALIASES = {"learning_rate": "lr", "l1": "l1_coefficient", "l0": "l0_coefficient", "expansion": "expansion_factor",
@@ -661,7 +667,7 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config, total_steps)
         coefficient = coefficient_at(step, final, warm)
-        dead = since_fired > config.dead_window_tokens
+        dead = since_fired > plan.dead_window
         result = _train_forward(sae, x, config, coefficient, dead if config.architecture == "topk" else None)
         result.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -678,8 +684,8 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
             rate = (tokens - mark_tokens) / max(now - mark_time, 1e-9)
             mark_time, mark_tokens = now, tokens
             elapsed = elapsed_before + now - started
-            figures = _figures(result, x, scale, since_fired, config, step, total_steps, tokens,
-                               plan.total_tokens, coefficient, optimizer, rate, elapsed, it.epoch)
+            figures = _figures(result, x, scale, since_fired, plan, step, tokens, coefficient, optimizer, rate,
+                               elapsed, it.epoch)
             history.append(figures)
             if progress is not None:
                 progress(figures)
@@ -696,7 +702,9 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
                              "trained_tokens": tokens, "scaling_factor_folded": scale,
                              "train_config": config.to_dict(), "final": history[-1] if history else {}}}
     if history:
-        metadata.update(l0=history[-1]["l0"], num_dead_features=round(history[-1]["dead_fraction"] * d_sae))
+        metadata.update(l0=history[-1]["l0"])
+        if history[-1]["dead_fraction"] is not None:  # None: the run was shorter than its dead window
+            metadata.update(num_dead_features=round(history[-1]["dead_fraction"] * d_sae))
     final_sae = _final_sae(sae, config, scale, metadata)
     final_sae.save(out / SAE_DIR)
     _save_checkpoint(state_path, snapshot(finished=True))
@@ -705,9 +713,11 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
 
 
 @torch.no_grad()
-def _figures(result: _StepOut, x: Tensor, scale: float | None, since_fired: Tensor, config: TrainConfig, step: int,
-             total_steps: int, tokens: int, total_tokens: int, coefficient: float, optimizer, rate: float,
-             elapsed: float, epoch: int) -> dict:
+def _figures(result: _StepOut, x: Tensor, scale: float | None, since_fired: Tensor, plan: TrainingPlan, step: int,
+             tokens: int, coefficient: float, optimizer, rate: float, elapsed: float, epoch: int) -> dict:
+    """A step's live figures. ``dead_fraction`` is None until the run has trained on ``plan.dead_window`` tokens:
+    before that no latent can be counted dead, and 0 would read as "none are"."""
+    total_steps, total_tokens = plan.total_steps, plan.total_tokens
     err = (result.out - x).pow(2).sum(dim=-1)
     variance = (x - x.mean(0)).pow(2).sum(dim=-1)
     factor = (scale or 1.0) ** 2
@@ -716,7 +726,8 @@ def _figures(result: _StepOut, x: Tensor, scale: float | None, since_fired: Tens
             "sparsity_loss": float(result.sparsity_loss), "mse": float(err.mean()) / x.shape[-1] / factor,
             "l0": float((result.acts > 0).sum(dim=-1).float().mean()),
             "explained_variance": 1.0 - float(err.mean()) / max(float(variance.mean()), 1e-30),
-            "dead_fraction": float((since_fired > config.dead_window_tokens).float().mean()),
+            "dead_fraction": float((since_fired > plan.dead_window).float().mean()) if tokens > plan.dead_window
+            else None,
             "coefficient": coefficient, "lr": float(optimizer.param_groups[0]["lr"]), "tokens_per_s": rate,
             "eta_s": (total_tokens - tokens) / rate if rate > 0 else None, "elapsed_s": elapsed}
 
@@ -734,7 +745,8 @@ def evaluate_sae(sae: SAE, ext: "Extraction", hook_point: str, max_tokens: int =
     that never fired there). With ``model`` (the model folder, a ``mistudio.models.load_model`` result, or a
     loaded ``transformers`` causal LM) also the next-token cross-entropy over ``n_samples`` stored samples:
     ``ce_clean``, ``ce_spliced`` (the SAE's reconstruction replaces the hook point's output), ``ce_zero_ablation``
-    (zeros replace it), ``ce_loss_score`` = (zero - spliced) / (zero - clean) and ``kl_div`` (clean || spliced).
+    (zeros replace it), ``ce_loss_score`` = (zero - spliced) / (zero - clean) ("loss recovered"; None, with a
+    ``ce_loss_note`` saying why, when zeroing does not raise the loss) and ``kl_div`` (clean || spliced).
     ``check()`` runs before every batch and sample and may raise (a training job's cancel).
     """
     check = check or (lambda: None)
@@ -873,6 +885,10 @@ def _spliced_losses(sae: SAE, ext: "Extraction", hook_point: str, model, n_sampl
     finally:
         handle.remove()
     clean, spliced, zero = (totals[k] / count for k in ("clean", "spliced", "zero"))
+    scores = {"ce_loss_score": (zero - spliced) / (zero - clean)} if zero > clean else {
+        "ce_loss_score": None,  # a ratio over a zero or negative loss increase: any number would mislead
+        "ce_loss_note": f"zeroing the hook point does not raise the loss here ({zero:.4g} against {clean:.4g} "
+                        "clean; an untrained model, or a hook point the model does not need): loss recovered is "
+                        "undefined. Judge the SAE by the spliced loss against the clean one"}
     return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero, "ce_delta": spliced - clean,
-            "ce_loss_score": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
-            "kl_div": totals["kl"] / count, "ce_tokens": count, "ce_samples": len(spans)}
+            **scores, "kl_div": totals["kl"] / count, "ce_tokens": count, "ce_samples": len(spans)}
