@@ -163,7 +163,7 @@ def _summary(ext) -> str:
         info = ext.latent_info(point)
         sae = f"{info.architecture or 'an'} SAE, {info.d_sae:,} latents" + (f", k {info.k}" if info.k else "")
         lines.append(f"  latents     {point} ({sae}): its features in the Studio's Features tab, or "
-                     f"ms.analysis.features.feature_page(ext, {point!r}, FEATURE)")
+                     f"feature_page(ext, {point!r}, FEATURE) from mistudio.analysis.features")
     lines += [f"  warning     {render(w, 'cli', cli_names())}" for w in ext.warnings()]
     return "\n".join(lines)
 
