@@ -18,6 +18,7 @@ import pytest
 
 import mistudio as ms
 from mistudio.errors import StoreCorrupted
+from zygote import Zygote, alive
 
 # 64-row chunks of d=32 float32 (8 KB), 6 per shard (384 rows); samples of at most 48 tokens, one per batch
 LAYOUT = dict(layers=[0, 2], hooks=["residual", "mlp"], dtype="float32", chunk_mb=0.01, shard_mb=0.05,
@@ -44,65 +45,6 @@ CHILD = textwrap.dedent("""
     print(job.id, flush=True)
     job.wait()
 """)
-
-
-# Forks each CHILD from a process that has imported torch, transformers and GPT-2's modules already (4-8 s a process
-# on CI's cores, twenty times): every child is still a real process of its own, killed with SIGKILL, and runs its
-# first forward.
-ZYGOTE = textwrap.dedent("""
-    import json, os, signal, sys, traceback
-    import torch, transformers, mistudio
-    from transformers import AutoModel, AutoTokenizer  # transformers' lazy modules, resolved once: the model
-    import transformers.models.gpt2.modeling_gpt2  # class's import was 3/4 of a child's time to its first batch
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children: a dead one is gone
-    child = compile(sys.argv[1], "<child>", "exec")
-    for line in sys.stdin:
-        argv = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            sys.stdin.close()
-            sys.argv = ["-c", *argv]
-            try:
-                exec(child, {"__name__": "__main__"})
-            except BaseException:
-                traceback.print_exc()
-                os._exit(1)
-            sys.stdout.flush()
-            os._exit(0)
-        print("pid", pid, flush=True)
-""")
-
-
-class Zygote:
-    """Starts CHILD runs as forks of one warm process; ``start`` returns (pid, job id)."""
-
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, CHILD], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-    def start(self, *argv: str) -> tuple[int, str]:
-        self.proc.stdin.write(json.dumps(argv) + "\n")
-        self.proc.stdin.flush()
-        said: dict[str, str] = {}
-        while len(said) < 2:  # the fork's pid and the child's job id, in either order
-            line = self.proc.stdout.readline()
-            assert line, "the zygote ended"
-            word, _, value = line.strip().partition(" ")
-            said["pid" if word == "pid" else "job"] = value if word == "pid" else line.strip()
-        return int(said["pid"]), said["job"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(30)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _values(ext) -> dict[str, np.ndarray]:
@@ -154,20 +96,20 @@ def test_killed_at_twenty_random_moments_loses_at_most_a_chunk(gpt2_dir, workspa
     counter = tmp_path / "computed"
     ws = ms.Workspace(workspace)
     job_id = None
-    zygote = Zygote()
+    zygote = Zygote(CHILD)  # each run a fork of one warm process: a real process of its own, SIGKILLed
     for kill in range(20):
         counter.write_text("0")
         pid, job_id = zygote.start(workspace, gpt2_dir, str(counter), json.dumps(LAYOUT), *([job_id] if job_id else []))
         store = ws.store(job_id)
         deadline = time.monotonic() + 120
-        while int(counter.read_text() or 0) < 2 and _alive(pid):  # running: two batches of this run
+        while int(counter.read_text() or 0) < 2 and alive(pid):  # running: two batches of this run
             assert time.monotonic() < deadline, f"round {kill}: the child did not run"
             time.sleep(0.01)
-        if not _alive(pid):  # it finished before this round's kill
+        if not alive(pid):  # it finished before this round's kill
             break
         time.sleep(rng.uniform(0.0, 0.25))
         os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
+        while alive(pid):
             time.sleep(0.005)
         meta = store.refresh()
         started = meta["resumes"][-1]["from_sample"] if meta["resumes"] else 0  # where this run began
