@@ -7,8 +7,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -59,22 +57,34 @@ def clean(gpt2_dir, tmp_path_factory):
     return ext
 
 
-def _run_child_to_the_end(workspace: str, model: str, counter, job_id: str | None = None) -> str:
+@pytest.fixture(scope="module")
+def zygote():
+    """Forks CHILD runs from one process that has imported torch and transformers (4-8 s a fresh process on CI's
+    cores): every run is still a real process of its own, that computes its own first forward."""
+    z = Zygote(CHILD)
+    yield z
+    z.close()
+
+
+def _run_child_to_the_end(zygote, workspace: str, model: str, counter, job_id: str | None = None) -> str:
     """A CHILD run (a new job, or a resume of ``job_id``) left to finish; its job id."""
-    argv = [sys.executable, "-c", CHILD, workspace, model, str(counter), json.dumps(LAYOUT)] + ([job_id] if job_id
-                                                                                              else [])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.split()[0]
+    pid, started = zygote.start(workspace, model, str(counter), json.dumps(LAYOUT), *([job_id] if job_id else []))
+    deadline = time.monotonic() + 600
+    while alive(pid):
+        assert time.monotonic() < deadline, "the child run did not end in 600 s"
+        time.sleep(0.02)
+    assert ms.Workspace(workspace, recover=False).job(started).status == "COMPLETED", "the child run failed"
+    return started
 
 
 @pytest.fixture(scope="module")
-def clean_in_a_child(gpt2_dir, tmp_path_factory):
-    """The uninterrupted run made the way the killed runs are: in a fresh process. (The pytest worker has run many
+def clean_in_a_child(gpt2_dir, tmp_path_factory, zygote):
+    """The uninterrupted run made the way the killed runs are: in a process of its own, forked from the zygote,
+    which has computed nothing. (The pytest worker has run many
     jobs on threads of its own; there a CI run once computed one sample 1e-7 apart, so a reference from it would
     test the CPU kernels' state as well as resume.)"""
     folder = tmp_path_factory.mktemp("clean-child")
-    job_id = _run_child_to_the_end(str(folder / "ws"), gpt2_dir, folder / "computed")
+    job_id = _run_child_to_the_end(zygote, str(folder / "ws"), gpt2_dir, folder / "computed")
     return ms.open_extraction(job_id, workspace=str(folder / "ws"))
 
 
@@ -90,13 +100,13 @@ def _first_difference(ext, clean) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_killed_at_twenty_random_moments_loses_at_most_a_chunk(gpt2_dir, workspace, tmp_path, clean_in_a_child):
+def test_killed_at_twenty_random_moments_loses_at_most_a_chunk(gpt2_dir, workspace, tmp_path, clean_in_a_child,
+                                                              zygote):
     clean = clean_in_a_child
     rng = random.Random(7)
     counter = tmp_path / "computed"
     ws = ms.Workspace(workspace)
     job_id = None
-    zygote = Zygote(CHILD)  # each run a fork of one warm process: a real process of its own, SIGKILLed
     for kill in range(20):
         counter.write_text("0")
         pid, job_id = zygote.start(workspace, gpt2_dir, str(counter), json.dumps(LAYOUT), *([job_id] if job_id else []))
@@ -120,10 +130,9 @@ def test_killed_at_twenty_random_moments_loses_at_most_a_chunk(gpt2_dir, workspa
         assert ms.open_extraction(job_id, workspace=workspace).verify().ok
         if committed == int(meta["progress"]["tokens_total"]):
             break
-    zygote.close()
     ws.recover()
     if ws.job(job_id).status != "COMPLETED":  # the last run is a child too, like every run compared
-        _run_child_to_the_end(workspace, gpt2_dir, counter, job_id)
+        _run_child_to_the_end(zygote, workspace, gpt2_dir, counter, job_id)
     assert ws.job(job_id).status == "COMPLETED"
     assert kill >= 10  # most of the twenty kills landed
     ext = ms.open_extraction(job_id, workspace=workspace)
