@@ -151,15 +151,19 @@ print(json.dumps(slim))
 """
 
 
-def step(name: str, code: str, limit_s: int, log: Path) -> dict:
-    """Run ``code`` in a fresh Python; its last stdout line is the step's JSON result."""
+def step(name: str, code: str, limit_s: int, log: Path, server=None) -> dict:
+    """Run ``code`` in a fresh Python (or, given a ``warm.ForkServer``, in a fork of its warm process: --quick on
+    the CPU); its last stdout line is the step's JSON result."""
     started = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=limit_s)
-        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc, stdout, stderr = "timeout", exc.stdout or "", exc.stderr or ""
-        stdout, stderr = [s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr)]
+    if server is not None:
+        rc, stdout, stderr = server.run(code, [], limit_s)
+    else:
+        try:
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=limit_s)
+            rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            rc, stdout, stderr = "timeout", exc.stdout or "", exc.stderr or ""
+            stdout, stderr = [s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr)]
     seconds = time.perf_counter() - started
     with log.open("a") as fh:
         fh.write(f"\n===== {name}: rc {rc}, {seconds:.1f} s\n{stdout}\n----- stderr\n{stderr[-20000:]}\n")
@@ -200,6 +204,16 @@ def main() -> None:
                                   text=True).stdout
             Path(engine_before, file).write_text(text)
     q = args.quick
+    # --quick on the CPU checks the script: its steps fork from a warm copy of this process (no CUDA here, and this
+    # process has computed nothing), not a fresh interpreter each (torch's import was most of a step's time)
+    server = None
+    if q and args.device == "cpu":
+        sys.path.insert(0, str(HERE))
+        from warm import ForkServer
+
+        server = ForkServer(preload=("numpy", "mistudio", "mistudio.runner", "mistudio.engine",
+                                     "transformers.models.gpt2.modeling_gpt2", "transformers.models.bert.tokenization_bert",
+                                     "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto"))
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp, \
             tempfile.TemporaryDirectory(dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None) as mem:
         prelude = PRELUDE.format(root=str(ROOT), here=str(HERE), tokenizer=args.tokenizer, tmp=tmp, mem=mem)
@@ -236,8 +250,10 @@ def main() -> None:
                 print(f"[tests] rc {rc}", file=sys.stderr, flush=True)
             else:
                 code, limit = plan[name]
-                results[name] = step(name, prelude + code, min(limit, left), log)
+                results[name] = step(name, prelude + code, min(limit, left), log, server)
             out.write_text(json.dumps(results, indent=1, default=str))
+    if server is not None:
+        server.close()
     print(json.dumps(results, indent=1, default=str))
 
 

@@ -31,10 +31,15 @@ from mistudio.models import load_model
 from mistudio.plan import plan_for_ids
 from mistudio.request import Request
 from mistudio.specs import ModelSpec
+from warm import ForkServer
 
 HERE = Path(__file__).resolve().parent
 WRITER_LAYOUTS = {"chunks 2 MB (v1)": {"chunk_mb": 2.0, "shard_mb": 0}, "shards 16 MB": {"chunk_mb": 2.0, "shard_mb": 16},
                   "shards 64 MB": {"chunk_mb": 2.0, "shard_mb": 64}, "shards 32 MB": {"chunk_mb": 2.0, "shard_mb": 32}}
+# what a child's first extraction imports lazily (transformers' model and tokenizer modules), imported before forking
+WARM_MODULES = ("transformers.models.gpt2.modeling_gpt2", "transformers.models.bert.tokenization_bert",
+                "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
+                "mistudio.runner", "mistudio.engine", "zarr")
 MEMORY_FS = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 QUICK_LAYOUTS = {"chunks 2 MB (v1)": {"chunk_mb": 2.0, "shard_mb": 0}, "shards 4 MB": {"chunk_mb": 1.0, "shard_mb": 4}}
 
@@ -175,13 +180,21 @@ print(json.dumps({"extracting_peak_rss_mb": peak[0], "process_peak_rss_mb":
 """
 
 
-def bench_memory(model_dir, ws, small, large) -> dict:
-    """Peak RSS sampled while EXTRACTING (every 20 ms), in a fresh process per dataset size."""
+def child_stdout(code: str, argv: list[str], server=None) -> str:
+    """The stdout of ``python -c code *argv`` in a fresh interpreter, or, given a ``warm.ForkServer`` (--quick),
+    in a fork of its warm process (the same code; the imports already done)."""
+    if server is not None:
+        return server.check_output(code, argv)
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
+
+
+def bench_memory(model_dir, ws, small, large, server=None) -> dict:
+    """Peak RSS sampled while EXTRACTING (every 20 ms), in a fresh process per dataset size (--quick: a fork of
+    a warm one, ``server``)."""
     out = {}
     for n in (small, large):
-        proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, model_dir, str(n), ws, str(HERE)],
-                              capture_output=True, text=True, check=True)
-        out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+        stdout = child_stdout(MEMORY_CHILD, [model_dir, str(n), ws, str(HERE)], server)
+        out[n] = json.loads(stdout.strip().splitlines()[-1])
     peaks = [out[n]["extracting_peak_rss_mb"] for n in (small, large)]
     return {"samples": [small, large], "peak_rss_mb": peaks, "tokens": [out[n]["tokens"] for n in (small, large)],
             "process_peak_rss_mb": [out[n]["process_peak_rss_mb"] for n in (small, large)],
@@ -507,7 +520,7 @@ print(json.dumps({"tokens_per_s": int(offsets[-1]) / secs, "tokens_per_cpu_s": i
 """
 
 
-def bench_token_budget(model_dir, n, quick=False) -> dict:
+def bench_token_budget(model_dir, n, quick=False, server=None) -> dict:
     """Fixed batch sizes vs padded-token budgets through the real capture path (forward_batches, no writer),
     each in a fresh process: tokens per wall second and per CPU second (this process's threads: less
     sensitive to other load on the machine), useful-token fraction, the largest batch in padded tokens, and
@@ -519,9 +532,8 @@ def bench_token_budget(model_dir, n, quick=False) -> dict:
         configs = {k: v for k, v in configs.items() if k.startswith("budget 1024")}
     out = {}
     for name, kw in configs.items():
-        proc = subprocess.run([sys.executable, "-c", TOKEN_BUDGET_CHILD, model_dir, str(n), json.dumps(kw), str(HERE)],
-                              capture_output=True, text=True, check=True)
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        stdout = child_stdout(TOKEN_BUDGET_CHILD, [model_dir, str(n), json.dumps(kw), str(HERE)], server)
+        out[name] = json.loads(stdout.strip().splitlines()[-1])
     return out
 
 
@@ -618,8 +630,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "out" / "results.json"))
     parser.add_argument("--only", default=None, help="comma-separated steps, e.g. memory,cancel (no table)")
     args = parser.parse_args()
-    torch.manual_seed(0)
     q = args.quick
+    # --quick: the child processes (memory, token_budget) fork from a warm copy of this one, taken before it computes
+    server = ForkServer(preload=WARM_MODULES) if q else None
+    torch.manual_seed(0)
     results = {"quick": q, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=MEMORY_FS) as mem:
         tmp, mem = Path(tmp), Path(mem)  # mem: stores and raw files of writer/extraction (no disk throttling)
@@ -631,12 +645,13 @@ def main() -> None:
                                                 1 if q else 5)),
             ("batching", lambda: bench_batching(model_dir, 24 if q else 1024)),
             ("early_stop", lambda: bench_early_stop(model_dir, 32 if q else 512)),
-            ("memory", lambda: bench_memory(model_dir, str(tmp / "ws2"), *((50, 200) if q else (1000, 10000)))),
+            ("memory", lambda: bench_memory(model_dir, str(tmp / "ws2"), *((50, 200) if q else (1000, 10000)),
+                                            server=server)),
             ("cancel", lambda: bench_cancel(model_dir, str(tmp / "ws3"), 120 if q else 400)),
             ("write", lambda: bench_write(str(tmp), 64 if q else 512)),
             ("checksum", lambda: bench_checksum(str(tmp), 32 if q else 256, 2 if q else 6)),
             ("loader", lambda: bench_loader(tmp, 64 if q else 512, 1 if q else 3)),
-            ("token_budget", lambda: bench_token_budget(model_dir, 64 if q else 1024, q)),
+            ("token_budget", lambda: bench_token_budget(model_dir, 64 if q else 1024, q, server)),
             ("extraction", lambda: bench_extraction(model6(), mem, 64 if q else 1024, 1 if q else 3)),
             ("ttfb", lambda: {"real load": bench_ttfb(model6(), tmp, 500 if q else 2000, 1 if q else 3),
                               "load + 3 s": bench_ttfb(model6(), tmp, 500 if q else 2000, 1 if q else 3,
@@ -649,6 +664,8 @@ def main() -> None:
             started = time.perf_counter()
             results[name] = step()
             print(f"[{name}] {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    if server is not None:
+        server.close()
     if args.only:
         print(json.dumps({k: v for k, v in results.items() if k in args.only.split(",")}, indent=1))
     else:

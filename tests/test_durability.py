@@ -7,8 +7,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 
 import mistudio as ms
 from mistudio.errors import StoreCorrupted
+from zygote import Zygote, alive
 
 # 64-row chunks of d=32 float32 (8 KB), 6 per shard (384 rows); samples of at most 48 tokens, one per batch
 LAYOUT = dict(layers=[0, 2], hooks=["residual", "mlp"], dtype="float32", chunk_mb=0.01, shard_mb=0.05,
@@ -46,65 +45,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-# Forks each CHILD from a process that has imported torch, transformers and GPT-2's modules already (4-8 s a process
-# on CI's cores, twenty times): every child is still a real process of its own, killed with SIGKILL, and runs its
-# first forward.
-ZYGOTE = textwrap.dedent("""
-    import json, os, signal, sys, traceback
-    import torch, transformers, mistudio
-    from transformers import AutoModel, AutoTokenizer  # transformers' lazy modules, resolved once: the model
-    import transformers.models.gpt2.modeling_gpt2  # class's import was 3/4 of a child's time to its first batch
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children: a dead one is gone
-    child = compile(sys.argv[1], "<child>", "exec")
-    for line in sys.stdin:
-        argv = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            sys.stdin.close()
-            sys.argv = ["-c", *argv]
-            try:
-                exec(child, {"__name__": "__main__"})
-            except BaseException:
-                traceback.print_exc()
-                os._exit(1)
-            sys.stdout.flush()
-            os._exit(0)
-        print("pid", pid, flush=True)
-""")
-
-
-class Zygote:
-    """Starts CHILD runs as forks of one warm process; ``start`` returns (pid, job id)."""
-
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, CHILD], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-    def start(self, *argv: str) -> tuple[int, str]:
-        self.proc.stdin.write(json.dumps(argv) + "\n")
-        self.proc.stdin.flush()
-        said: dict[str, str] = {}
-        while len(said) < 2:  # the fork's pid and the child's job id, in either order
-            line = self.proc.stdout.readline()
-            assert line, "the zygote ended"
-            word, _, value = line.strip().partition(" ")
-            said["pid" if word == "pid" else "job"] = value if word == "pid" else line.strip()
-        return int(said["pid"]), said["job"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(30)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _values(ext) -> dict[str, np.ndarray]:
     return {hp: ext.activations(hp)[:] for hp in HOOK_POINTS}
 
@@ -117,22 +57,34 @@ def clean(gpt2_dir, tmp_path_factory):
     return ext
 
 
-def _run_child_to_the_end(workspace: str, model: str, counter, job_id: str | None = None) -> str:
+@pytest.fixture(scope="module")
+def zygote():
+    """Forks CHILD runs from one process that has imported torch and transformers (4-8 s a fresh process on CI's
+    cores): every run is still a real process of its own, that computes its own first forward."""
+    z = Zygote(CHILD)
+    yield z
+    z.close()
+
+
+def _run_child_to_the_end(zygote, workspace: str, model: str, counter, job_id: str | None = None) -> str:
     """A CHILD run (a new job, or a resume of ``job_id``) left to finish; its job id."""
-    argv = [sys.executable, "-c", CHILD, workspace, model, str(counter), json.dumps(LAYOUT)] + ([job_id] if job_id
-                                                                                              else [])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.split()[0]
+    pid, started = zygote.start(workspace, model, str(counter), json.dumps(LAYOUT), *([job_id] if job_id else []))
+    deadline = time.monotonic() + 600
+    while alive(pid):
+        assert time.monotonic() < deadline, "the child run did not end in 600 s"
+        time.sleep(0.02)
+    assert ms.Workspace(workspace, recover=False).job(started).status == "COMPLETED", "the child run failed"
+    return started
 
 
 @pytest.fixture(scope="module")
-def clean_in_a_child(gpt2_dir, tmp_path_factory):
-    """The uninterrupted run made the way the killed runs are: in a fresh process. (The pytest worker has run many
+def clean_in_a_child(gpt2_dir, tmp_path_factory, zygote):
+    """The uninterrupted run made the way the killed runs are: in a process of its own, forked from the zygote,
+    which has computed nothing. (The pytest worker has run many
     jobs on threads of its own; there a CI run once computed one sample 1e-7 apart, so a reference from it would
     test the CPU kernels' state as well as resume.)"""
     folder = tmp_path_factory.mktemp("clean-child")
-    job_id = _run_child_to_the_end(str(folder / "ws"), gpt2_dir, folder / "computed")
+    job_id = _run_child_to_the_end(zygote, str(folder / "ws"), gpt2_dir, folder / "computed")
     return ms.open_extraction(job_id, workspace=str(folder / "ws"))
 
 
@@ -148,26 +100,26 @@ def _first_difference(ext, clean) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_killed_at_twenty_random_moments_loses_at_most_a_chunk(gpt2_dir, workspace, tmp_path, clean_in_a_child):
+def test_killed_at_twenty_random_moments_loses_at_most_a_chunk(gpt2_dir, workspace, tmp_path, clean_in_a_child,
+                                                              zygote):
     clean = clean_in_a_child
     rng = random.Random(7)
     counter = tmp_path / "computed"
     ws = ms.Workspace(workspace)
     job_id = None
-    zygote = Zygote()
     for kill in range(20):
         counter.write_text("0")
         pid, job_id = zygote.start(workspace, gpt2_dir, str(counter), json.dumps(LAYOUT), *([job_id] if job_id else []))
         store = ws.store(job_id)
         deadline = time.monotonic() + 120
-        while int(counter.read_text() or 0) < 2 and _alive(pid):  # running: two batches of this run
+        while int(counter.read_text() or 0) < 2 and alive(pid):  # running: two batches of this run
             assert time.monotonic() < deadline, f"round {kill}: the child did not run"
             time.sleep(0.01)
-        if not _alive(pid):  # it finished before this round's kill
+        if not alive(pid):  # it finished before this round's kill
             break
         time.sleep(rng.uniform(0.0, 0.25))
         os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
+        while alive(pid):
             time.sleep(0.005)
         meta = store.refresh()
         started = meta["resumes"][-1]["from_sample"] if meta["resumes"] else 0  # where this run began
@@ -178,10 +130,9 @@ def test_killed_at_twenty_random_moments_loses_at_most_a_chunk(gpt2_dir, workspa
         assert ms.open_extraction(job_id, workspace=workspace).verify().ok
         if committed == int(meta["progress"]["tokens_total"]):
             break
-    zygote.close()
     ws.recover()
     if ws.job(job_id).status != "COMPLETED":  # the last run is a child too, like every run compared
-        _run_child_to_the_end(workspace, gpt2_dir, counter, job_id)
+        _run_child_to_the_end(zygote, workspace, gpt2_dir, counter, job_id)
     assert ws.job(job_id).status == "COMPLETED"
     assert kill >= 10  # most of the twenty kills landed
     ext = ms.open_extraction(job_id, workspace=workspace)

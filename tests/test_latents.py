@@ -437,37 +437,37 @@ job.wait()
 def test_killed_twice_then_resumed_equals_a_clean_run(gpt2_dir, tmp_path):
     import json
     import signal
-    import subprocess
-    import sys
     import time
+
+    from zygote import Zygote, alive
 
     make_sae(tmp_path / "sae", "jumprelu")
     options = dict(saes={HP: str(tmp_path / "sae")}, **{**LAYOUT, "batch_size": 2})
     key = f"{HP}.latents"
     clean = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "clean"), progress=False, **options)
     workspace, counter, job_id = str(tmp_path / "ws"), tmp_path / "computed", None
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     from mistudio.storage import featfeed
 
     def snapshot_saved() -> bool:
         store = ms.Workspace(workspace, recover=False).open(job_id).store
         return featfeed.load(store, key, store.record.progress.tokens_committed) is not None
 
+    zygote = Zygote(CHILD)  # each run a fork of one warm process: a real process of its own, SIGKILLed
     for round_, after in enumerate((6, 12)):
         counter.write_text("0")
-        argv = [sys.executable, "-c", CHILD, workspace, gpt2_dir, str(counter), json.dumps(options)]
-        child = subprocess.Popen(argv + ([job_id] if job_id else []), stdout=subprocess.PIPE, text=True,
-                                 env={**env, "HOLD_AT": str(after)})
-        job_id = child.stdout.readline().strip()
+        argv = [workspace, gpt2_dir, str(counter), json.dumps(options)]
+        pid, job_id = zygote.start(*argv, *([job_id] if job_id else []), env={"HOLD_AT": str(after)})
         deadline = time.monotonic() + 120
         # killed once it holds at batch `after` and its statistics thread has saved a snapshot under the mark (the
         # thread follows the commit mark: on a loaded machine it lags the batches)
         while int(counter.read_text() or 0) < after or not snapshot_saved():
-            assert child.poll() is None, f"round {round_}: the child ended ({child.returncode})"
+            assert alive(pid), f"round {round_}: the child ended"
             assert time.monotonic() < deadline, f"round {round_}: no batch {after} or no snapshot in 120 s"
             time.sleep(0.05)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
+        os.kill(pid, signal.SIGKILL)
+        while alive(pid):
+            time.sleep(0.005)
+    zygote.close()
     ws = ms.Workspace(workspace)  # the dead job is marked FAILED/INTERRUPTED
     stopped = ws.open(job_id)
     assert 0 < stopped.committed_tokens() < clean.n_tokens
