@@ -571,6 +571,10 @@ def test_features_tab_in_jupyterlab(features_lab):
         # the first page of the table, painted (a cold kernel imports torch and transformers first: allow for a
         # loaded machine)
         expect(table.locator("option")).to_have_count(25, timeout=240_000)
+        # the tab opens on the SAE's latents (what the extraction with an SAE was for); then the raw hook point
+        expect(page.locator(".widget-html", has_text="128 features over").first).to_be_visible()
+        hook_points = page.locator(".widget-dropdown select:visible", has=page.locator("option", has_text=".latents"))
+        hook_points.first.select_option(label="layers.1.residual")
         expect(page.locator(".widget-html", has_text="32 features over").first).to_be_visible()
         first = table.locator("option").nth(1)
         feature = int(first.inner_text().split()[0])
@@ -604,8 +608,6 @@ def test_features_tab_in_jupyterlab(features_lab):
         page.set_viewport_size({"width": 1000, "height": 1000})
         page_fits("a feature page, 1,000 px, file browser closed")
         page.set_viewport_size({"width": 1400, "height": 1000})
-        ticks = view.locator(".msfp-hist-svg text").all_inner_texts()
-        assert "0 (not firing)" in view.locator(".msfp-hist").inner_text() or min(heights) > 0, ticks
 
         # from text to features: type a prompt, choose a token, click one of its features
         page.locator(".widget-tab .lm-TabBar-tab", has_text="From text").first.click()
@@ -628,6 +630,21 @@ def test_features_tab_in_jupyterlab(features_lab):
                                                                                            ".latents")).first \
             .select_option(label="layers.1.residual.latents")
         expect(page.locator(".widget-html", has_text="128 features over").first).to_be_visible()
+        # a latent's page: its histogram starts at the data and says the zero bin in words; the columns apart
+        page.locator(".widget-tab .lm-TabBar-tab", has_text="Table").first.click()
+        table.select_option(index=0)
+        expect(view.locator(".msfp-header h4")).to_contain_text("latent", timeout=120_000)
+        fired, total = (int(n.replace(",", "")) for n in re.search(
+            r"fires on ([\d,]+) of ([\d,]+) tokens", view.locator(".msfp-stats").inner_text()).groups())
+        first_bar = view.locator(".msfp-hist-svg rect").first
+        if fired < total:  # the zero bin first, in words
+            expect(view.locator(".msfp-hist")).to_contain_text(f"0 (not firing): {total - fired:,} tokens")
+            assert first_bar.locator("title").inner_text() == f"0 (not firing): {total - fired:,}"
+        else:  # fires everywhere: the axis starts at its first value
+            assert float(first_bar.get_attribute("height")) > 0
+        assert len(view.locator(".msfp-hist-svg text").all_inner_texts()) >= 4  # y ticks and a few bin edges
+        page_fits("a latent's page, 1,400 px, file browser closed")
+        shot("-latent-page", ".mistudio-feature-page")
         page.locator(".widget-tab .lm-TabBar-tab", has_text="Export").first.click()
         expect(button("Export SAELens cache")).to_be_visible()
         fits("the Export sub-tab, 1,400 px, file browser closed")  # 'Export SAELens ca…' was cut

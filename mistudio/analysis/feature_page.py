@@ -57,10 +57,11 @@ NARROW = 4  # tokens either side of the peak on an example's folded line
 
 PAGE_CSS = """
 .msfp{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;font-size:13px;line-height:1.45;color:inherit;
- border:1px solid rgba(127,127,127,.35);border-radius:6px;padding:10px 12px;margin:8px 0;max-width:1400px}
+ border:1px solid rgba(127,127,127,.35);border-radius:6px;padding:10px 12px;margin:8px 0;max-width:1400px;
+ white-space:normal;min-width:0}
 .msfp h4{margin:0 0 2px;font-size:15px}.msfp h5{margin:10px 0 4px;font-size:12px;text-transform:uppercase;
  letter-spacing:.04em;opacity:.75}.msfp h6{margin:8px 0 2px;font-size:12px;font-weight:600}
-.msfp-sub{opacity:.65;font-weight:normal}.msfp-stats span{margin-right:14px;white-space:nowrap}
+.msfp-sub{opacity:.65;font-weight:normal}.msfp-stats span{display:inline-block;margin-right:14px;white-space:nowrap}
 .msfp-note{margin:6px 0;padding:4px 8px;border-left:3px solid rgba(230,120,30,.8);white-space:pre-wrap}
 .msfp-cols{display:flex;flex-wrap:wrap;gap:18px}.msfp-left{flex:0 1 440px;min-width:0;overflow-x:auto}
 .msfp-right{flex:1 1 420px;min-width:min(340px,100%);overflow-x:auto}
