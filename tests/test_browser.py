@@ -645,6 +645,12 @@ def test_features_tab_in_jupyterlab(features_lab):
         assert len(view.locator(".msfp-hist-svg text").all_inner_texts()) >= 4  # y ticks and a few bin edges
         page_fits("a latent's page, 1,400 px, file browser closed")
         shot("-latent-page", ".mistudio-feature-page")
+        # long pieces in the logit table (GPT-2 has 48 dashes, 16 spaces as one token): they wrap in their column
+        run_in_kernel(page, "panel.page['logits']['promoted'][0]['token'] = '-' * 48\n"
+                            "panel.page['logits']['suppressed'][0]['token'] = 'Ġ' * 16 + 'attribute'\n"
+                            "panel._render_page()")
+        expect(view.locator(".msfp-logits")).to_contain_text("-" * 48)
+        page_fits("a latent's page with long logit tokens, 1,400 px, file browser closed")
         page.locator(".widget-tab .lm-TabBar-tab", has_text="Export").first.click()
         expect(button("Export SAELens cache")).to_be_visible()
         fits("the Export sub-tab, 1,400 px, file browser closed")  # 'Export SAELens ca…' was cut
