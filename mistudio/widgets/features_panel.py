@@ -54,7 +54,7 @@ CSS = """<style>
 .mistudio-prompt .msfp-tok{white-space:pre;border-radius:2px;font-family:var(--jp-code-font-family,monospace)}
 </style>"""
 EXPORT_BUTTON = "210px"  # the export buttons: one width, the longest label ("Export SAELens cache") and its icon fit
-NUMBER_WIDTH = 8  # characters of a number cell of the table: every row's columns line up
+NUMBER_WIDTH = 7  # characters of a number cell of the table: every row's columns line up
 TABLE_HEADER = (f"{'feature':>7} " + " ".join(f"{name:>{NUMBER_WIDTH}}" for name in ("density", "mean", "active", "max"))
                 + "   top tokens")
 
@@ -79,12 +79,12 @@ def _new_folder(typed: str, default: str) -> Path:
     return path
 
 
-TOKENS_SHOWN = 24  # characters of top tokens a row shows: a row fits the list at ~1,000 px (the page has them all)
+TOKENS_SHOWN = 23  # characters of top tokens a row shows: a row fits the list at ~1,000 px (the page has them all)
 
 
 def cell(value: float, suffix: str = "") -> str:
     """A number in a cell of ``NUMBER_WIDTH`` characters, right-aligned (3 significant digits, fewer or an
-    exponent when that is wider: ``0.000759`` is ``0.00076``, ``-0.000144`` is ``-0.00014``, ``1.2e-05`` stays)."""
+    exponent when that is wider: ``0.000759`` is ``0.00076``, ``-0.000144`` is ``-0.0001``, ``12345.6`` is ``1.2e+04``)."""
     width = NUMBER_WIDTH - len(suffix)
     text = format(value, ".3g")
     for spec in (".2g", ".1g", ".0e"):
