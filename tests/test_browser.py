@@ -35,9 +35,10 @@ TABS = ("Model", "Dataset", "Extract", "Jobs", "Browse", "Features", "Train")
 # Every visible element of the Studio whose content is wider than its box (text cut off, or a row that spills),
 # as [tag, class, text, scrollWidth, clientWidth]; the slider's own handle and text fields (whose text scrolls
 # inside them by design) aside; a dropdown whose chosen entry is wider than it is measured with the page's font.
-# The output area holding the Studio counts too (no horizontal scrolling).
-OVERFLOWING = """() => {
-  const root = document.querySelector('.mistudio-studio');
+# The output area holding the Studio counts too (no horizontal scrolling). The argument: another root to check
+# (the Features panel shown on its own).
+OVERFLOWING = """root_selector => {
+  const root = document.querySelector(root_selector || '.mistudio-studio');
   const found = [];
   const area = root.closest('.jp-OutputArea-output');
   const ruler = document.createElement('canvas').getContext('2d');
@@ -55,6 +56,21 @@ OVERFLOWING = """() => {
                   e.clientWidth]);
     }
   }
+  return found;
+}"""
+# A feature page's columns: anything of the left column (histogram, logit table ...) whose right edge passes the
+# column's own, and the right column starting left of the left column's end on the same line, as [what, px].
+COLUMNS_SPILL = """() => {
+  const page = document.querySelector('.mistudio-feature-page .msfp');
+  const left = page.querySelector('.msfp-left'), l = left.getBoundingClientRect();
+  const r = page.querySelector('.msfp-right').getBoundingClientRect();
+  const found = [];
+  for (const e of left.querySelectorAll('*')) {
+    const b = e.getBoundingClientRect();
+    if (b.width && b.right > l.right + 1) found.push([e.tagName + '.' + String(e.className.baseVal ?? e.className)
+                                                      .slice(0, 30), Math.round(b.right - l.right)]);
+  }
+  if (r.top < l.bottom && r.left < l.right - 1) found.push(['.msfp-right over .msfp-left', Math.round(l.right - r.left)]);
   return found;
 }"""
 # Buttons of a part of the Studio that cannot be seen or clicked: outside the output area or the window, or under
@@ -539,10 +555,26 @@ def test_features_tab_in_jupyterlab(features_lab):
             time.sleep(0.5)
             page.screenshot(path=str(shots / f"studio-features{name}.png"))
 
+        def fits(where):
+            """Nothing cut off or spilling in the Features panel as it is shown now (the Studio test's check)."""
+            time.sleep(0.4)
+            found = page.evaluate(OVERFLOWING, ".mistudio-features")
+            assert not found, f"{where}: content wider than its box: {found}"
+
+        def page_fits(where):
+            """The feature page's columns apart, nothing of the left one under the right one, nothing cut off."""
+            fits(where)
+            found = page.evaluate(COLUMNS_SPILL)
+            assert not found, f"{where}: the feature page's left column spills: {found}"
+
         table = page.locator(".mistudio-ftable select")
         # the first page of the table, painted (a cold kernel imports torch and transformers first: allow for a
         # loaded machine)
         expect(table.locator("option")).to_have_count(25, timeout=240_000)
+        # the tab opens on the SAE's latents (what the extraction with an SAE was for); then the raw hook point
+        expect(page.locator(".widget-html", has_text="128 features over").first).to_be_visible()
+        hook_points = page.locator(".widget-dropdown select:visible", has=page.locator("option", has_text=".latents"))
+        hook_points.first.select_option(label="layers.1.residual")
         expect(page.locator(".widget-html", has_text="32 features over").first).to_be_visible()
         first = table.locator("option").nth(1)
         feature = int(first.inner_text().split()[0])
@@ -568,6 +600,14 @@ def test_features_tab_in_jupyterlab(features_lab):
         expect(page.locator(".widget-dropdown select:visible").last).not_to_have_value("")  # an example chosen
         shot("", ".widget-tab .lm-TabBar")
         shot("-page", ".mistudio-feature-page")
+        # a feature page open: nothing cut off, the columns apart, at 1,400 px with the file browser open and
+        # closed, and at 1,000 px (the columns stack)
+        page_fits("a feature page, 1,400 px, file browser open")
+        page.evaluate("() => window.jupyterapp.shell.collapseLeft()")
+        page_fits("a feature page, 1,400 px, file browser closed")
+        page.set_viewport_size({"width": 1000, "height": 1000})
+        page_fits("a feature page, 1,000 px, file browser closed")
+        page.set_viewport_size({"width": 1400, "height": 1000})
 
         # from text to features: type a prompt, choose a token, click one of its features
         page.locator(".widget-tab .lm-TabBar-tab", has_text="From text").first.click()
@@ -590,7 +630,31 @@ def test_features_tab_in_jupyterlab(features_lab):
                                                                                            ".latents")).first \
             .select_option(label="layers.1.residual.latents")
         expect(page.locator(".widget-html", has_text="128 features over").first).to_be_visible()
+        # a latent's page: its histogram starts at the data and says the zero bin in words; the columns apart
+        page.locator(".widget-tab .lm-TabBar-tab", has_text="Table").first.click()
+        table.select_option(index=0)
+        expect(view.locator(".msfp-header h4")).to_contain_text("latent", timeout=120_000)
+        fired, total = (int(n.replace(",", "")) for n in re.search(
+            r"fires on ([\d,]+) of ([\d,]+) tokens", view.locator(".msfp-stats").inner_text()).groups())
+        first_bar = view.locator(".msfp-hist-svg rect").first
+        if fired < total:  # the zero bin first, in words
+            expect(view.locator(".msfp-hist")).to_contain_text(f"0 (not firing): {total - fired:,} tokens")
+            assert first_bar.locator("title").inner_text() == f"0 (not firing): {total - fired:,}"
+        else:  # fires everywhere: the axis starts at its first value
+            assert float(first_bar.get_attribute("height")) > 0
+        assert len(view.locator(".msfp-hist-svg text").all_inner_texts()) >= 4  # y ticks and a few bin edges
+        page_fits("a latent's page, 1,400 px, file browser closed")
+        shot("-latent-page", ".mistudio-feature-page")
+        # long pieces in the logit table (GPT-2 has 48 dashes, 16 spaces as one token): they wrap in their column
+        run_in_kernel(page, "panel.page['logits']['promoted'][0]['token'] = '-' * 48\n"
+                            "panel.page['logits']['suppressed'][0]['token'] = 'Ġ' * 16 + 'attribute'\n"
+                            "panel._render_page()")
+        expect(view.locator(".msfp-logits")).to_contain_text("-" * 48)
+        page_fits("a latent's page with long logit tokens, 1,400 px, file browser closed")
         page.locator(".widget-tab .lm-TabBar-tab", has_text="Export").first.click()
+        expect(button("Export SAELens cache")).to_be_visible()
+        fits("the Export sub-tab, 1,400 px, file browser closed")  # 'Export SAELens ca…' was cut
+        shot("-export", ".widget-tab .lm-TabBar")
         folder = tmp_path / "latents-dataset"
         page.locator(".widget-hbox:visible", has=button("Export datasets")).locator("input").fill(str(folder))
         button("Export datasets").click()

@@ -97,12 +97,13 @@ def test_sections_and_header():
     assert "77%" in dense and "1 in" not in dense  # "1 in 1" says nothing
     assert "40 of 8,000 tokens" in head and "fires on the word fox" in head
     hist = section(out, "msfp-hist")
-    # bins from the first to the last non-empty one: 6 bars, and the tallest is the 7900-count zero bin
+    # each side from its first to its last non-empty bin (the empty (0, 0.1) bin left out): 5 bars, and the
+    # tallest is the 7900-count zero bin
     heights = [float(h) for h in re.findall(r'<rect x="[^"]+" y="[^"]+" width="[^"]+" height="([^"]+)"', hist)]
-    assert len(heights) == 6 and max(heights) == heights[2] and heights[3] == 0
-    ratio = heights[5] / heights[2]  # log axis: log10(101) / log10(7901), not 100 / 7900
+    assert len(heights) == 5 and max(heights) == heights[2] and min(heights) > 0
+    ratio = heights[4] / heights[2]  # log axis: log10(101) / log10(7901), not 100 / 7900
     assert ratio == pytest.approx(math.log10(101) / math.log10(7901), rel=1e-3)
-    assert "[-1, -0.1): 3" in hist and ">−∞<" not in hist  # empty underflow bin trimmed
+    assert "(-1, -0.1]: 3" in hist and ">−∞<" not in hist  # empty underflow bin trimmed
     bands = section(out, "msfp-bands")
     assert "Quantiles 50–90%" in bands and "Quantiles 99–100%" in bands
 
@@ -185,3 +186,58 @@ def test_incomplete_pages_are_refused_by_name():
     with pytest.raises(InputError, match="kind='feature' is neither"):
         feature_page_html(make_page(kind="feature"))
     assert len(PAGE_KEYS) == 20
+
+
+def histogram_page(counts_at: dict[float, int]) -> dict:
+    """A page whose histogram is mistudio's own (float16's 2**-24 upward, 4 bins an octave): ``counts_at`` maps a
+    value to its bin's count (0.0: the exact-zero bin)."""
+    from mistudio.storage.featstats import histogram_edges
+
+    edges = [-math.inf] + [float(e) for e in histogram_edges()] + [math.inf]
+    counts = [0] * (len(edges) - 1)
+    for value, count in counts_at.items():
+        i = next(i for i in range(len(counts)) if (edges[i] == edges[i + 1] == value == 0)
+                 or (value > 0 and edges[i] <= value < edges[i + 1]) or (value < 0 and edges[i] < value <= edges[i + 1]))
+        counts[i] = count
+    return make_page(histogram={"edges": edges, "counts": counts})
+
+
+def test_histogram_axis_starts_at_the_data_and_says_the_zero_bin():
+    """An SAE latent that fires from 0.5 to 3.4 on 1 token in 10: the bars are the zero bin and 0.5..3.5 (not 105
+    bins from float16's 6e-8 up, 90% of them empty), a few bin edges labelled, the zero bin said in words."""
+    values = {0.0: 11979, 0.55: 30, 0.7: 20, 1.1: 12, 1.6: 5, 2.2: 3, 3.4: 1}
+    hist = section(feature_page_html(histogram_page(values)), "msfp-hist")
+    titles = re.findall(r"<title>(.*?)</title>", hist)
+    assert titles[0] == "0 (not firing): 11,979" and "[0, 0)" not in hist
+    assert titles[1].startswith("[0.5, 0.625)") and titles[-1] == "[3, 3.5): 1"
+    assert len(titles) == 1 + 11  # the zero bin, then 0.5..1, 1..2 (4 bins each) and 2..3.5 (3)
+    xs = [float(x) for x in re.findall(r'<rect x="([^"]+)"', hist)]
+    assert xs[1] - xs[0] < 0.2 * (xs[-1] - xs[0])  # the data takes the axis, not empty bins
+    ticks = re.findall(r'<text x="[^"]+" y="([^"]+)"[^>]*text-anchor="(?:start|middle|end)"[^>]*>([^<]+)</text>', hist)
+    bottom = max(float(y) for y, _ in ticks)
+    x_labels = [label for y, label in ticks if float(y) == bottom]
+    assert x_labels[0] == "0" and {"0.5", "1", "2", "3.5"} <= set(x_labels) and len(x_labels) >= 5
+    y_labels = [(float(y), label) for y, label in ticks if float(y) != bottom]
+    assert ("10,000" in dict((b, a) for a, b in y_labels)) and min(y for y, _ in y_labels) >= 9  # top tick visible
+    assert "0 (not firing): 11,979 tokens" in hist and "skips the empty bins" in hist
+    positions = sorted(float(x) for x in re.findall(r'<text x="([^"]+)" y="' + str(bottom), hist))
+    assert all(b - a >= 10 for a, b in zip(positions, positions[1:]))  # labels do not run into each other
+
+
+def test_histogram_of_a_signed_neuron_keeps_both_sides():
+    hist = section(feature_page_html(histogram_page({-2.0: 40, -0.3: 100, 0.0: 5, 0.3: 120, 1.5: 60})), "msfp-hist")
+    titles = re.findall(r"<title>(.*?)</title>", hist)
+    assert titles[0] == "(-2.5, -2]: 40" and titles[-1].startswith("[1.5, 1.75)")
+    assert "0 (not firing): 5" in titles
+    assert hist.count('fill="#3b74d0"') and hist.count('fill="#e0702a"')
+
+
+def test_logit_tokens_that_read_alike_show_their_ids():
+    """Byte pieces that all read '�' (and two tokens that share a label) carry their ids; clear ones do not."""
+    logits = {"promoted": [{"token_id": 140, "token": "\u00e2", "value": 0.9},
+                           {"token_id": 141, "token": "\u00e3", "value": 0.8},
+                           {"token_id": 6, "token": "Ġwolf", "value": 0.4}],
+              "suppressed": [{"token_id": 8, "token": "Ġcat", "value": -0.6}]}
+    out = section(feature_page_html(make_page(logits=logits, scheme="bytelevel")), "msfp-logits")
+    assert out.count("�") == 2 and "#140" in out and "#141" in out
+    assert "#6" not in out and "#8" not in out

@@ -243,12 +243,15 @@ def test_exports_ask_first_then_write(panel, tmp_path):
     click_and_wait(panel.confirm_button, panel)
     text = (tmp_path / "pages.html").read_text()
     assert "Wrote" in panel.export_info.value and text.count('class="msfp"') == 3
+    assert str(tmp_path / "pages.html") in panel.export_info.value
     panel.html_button.click()
     assert "replaces the file" in panel.confirm_text.value
     panel.cancel_button.click()
 
+    panel.html_button.click()  # a confirmation waiting, then another export's error: the confirmation goes
     panel.np_button.click()
     assert "Model id" in panel.export_info.value and "mistudio-error" in panel.export_info.value
+    assert panel.confirm_box.layout.display == "none" and panel.pending is None
     panel.np_model.value, panel.np_folder.value = "tiny-gpt2", str(tmp_path / "np")
     panel.np_button.click()
     click_and_wait(panel.confirm_button, panel)
@@ -287,8 +290,7 @@ def test_datasets_export_of_sae_latents(gpt2_dir, tmp_path):
     panel = FeaturesPanel(ms.Workspace(str(tmp_path / "ws")))
     assert panel.wait(120)
     lat = f"{HP}.latents"
-    assert lat in panel.hook_point.options
-    panel.hook_point.value = lat
+    assert panel.hook_point.value == lat  # a store with latents opens on them, not on the raw hook point
     assert panel.wait(120) and panel.table.stats.d == ext.latent_info(HP).d_sae
     panel.ds_path.value = str(tmp_path / "ds")
     panel.ds_button.click()
@@ -342,3 +344,40 @@ def test_an_empty_workspace_says_so(tmp_path):
     panel = FeaturesPanel(ms.Workspace(str(tmp_path / "empty")))
     assert panel.wait(10) and "No extraction with data yet" in panel.status.value
     assert panel.open_feature(0) is False and "Pick an extraction" in panel.status.value
+
+
+def test_a_relative_html_path_is_said_absolute(panel, tmp_path, monkeypatch):
+    """'Wrote feature-pages.html' named a file relative to the kernel's folder: the message names where it is."""
+    monkeypatch.chdir(tmp_path)
+    panel.export_features.value = "1"
+    panel.html_path.value = "feature-pages.html"
+    panel.html_button.click()
+    assert str(tmp_path / "feature-pages.html") in panel.confirm_text.value
+    click_and_wait(panel.confirm_button, panel)
+    assert f"Wrote <code>{tmp_path / 'feature-pages.html'}</code>" in panel.export_info.value
+
+
+def test_table_rows_keep_their_columns():
+    """Long numbers (0.000759, -0.000144, 12345.6) take the same width as short ones: the columns line up under
+    the header."""
+    from mistudio.widgets.features_panel import TABLE_HEADER, table_label
+
+    rows = [{"feature": 26, "density": 0.000123, "mean": 0.000759, "mean_active": -0.000144, "max": 12345.6,
+             "note": "", "top_token_labels": ["a"]},
+            {"feature": 3, "density": 0.5, "mean": 1.0, "mean_active": 2.0, "max": 3.0, "note": "x",
+             "top_token_labels": ["b"]}]
+    lines = [table_label(r) for r in rows]
+    tokens_at = TABLE_HEADER.index("top tokens")
+    assert lines[0].index(" a") == lines[1].index(" b") == tokens_at - 1, [TABLE_HEADER, *lines]
+    for name in ("density", "mean", "active", "max"):  # each number ends under its header
+        end = TABLE_HEADER.index(name) + len(name)
+        assert all(line[end - 1] != " " and line[end] == " " for line in lines), (name, lines)
+
+
+def test_the_default_hook_point():
+    from mistudio.widgets.features_panel import default_hook_point
+
+    assert default_hook_point(["layers.0.residual", "layers.1.residual", "layers.1.residual.latents",
+                               "layers.1.mlp"]) == "layers.1.residual.latents"
+    assert default_hook_point(["layers.0.residual", "layers.1.mlp"]) == "layers.0.residual"
+    assert default_hook_point(["layers.1.mlp"]) == "layers.1.mlp" and default_hook_point([]) is None

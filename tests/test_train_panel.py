@@ -107,6 +107,7 @@ def test_cancel_resume_and_retry_from_the_tab(ext, root, tmp_path):
     assert job.wait(60).status == "CANCELLED"
     wait_for(lambda: not panel.resume_button.disabled)
     assert "Resume continues from its checkpoint" in panel.status.value
+    assert "tokens/s" in panel.metrics.value and "ETA" not in panel.metrics.value  # a stopped run has no ETA
     ws.unsubscribe(first_progress)
     # resume: the same run, from its checkpoint, to the end
     panel.length.value = 128 * 120.0  # the form as the run had it (resume never changes the settings)

@@ -445,6 +445,31 @@ def test_point5_plots_window_marked_labelled_same_width(gpt2_dir, workspace):
     assert left.min() > 200  # nothing drawn against the left edge: labels are not cut
 
 
+def test_extract_with_this_sae_names_the_sae_in_the_summary(gpt2_dir, workspace, tmp_path):
+    """The Train tab's "Extract with this SAE" (its callback, as the Studio wires it): the Extract tab's summary line
+    names the SAE and its hook point, the section holding the SAEs field is unfolded; emptying the field takes the
+    SAE out of the line again, and a half-typed field says so."""
+    studio = make_studio(workspace, gpt2_dir)
+    panel = studio.extraction_panel
+    assert "SAE" not in panel.summary.value and panel.advanced.selected_index is None
+    sae = tmp_path / "sae_20261201_191208_78208b"
+    sae.mkdir()
+    studio.train_panel.on_extract_with_sae({"model": gpt2_dir, "saes": {"layers.1.residual": str(sae)},
+                                            "layers": [1]})
+    assert studio.tabs.titles[studio.tabs.selected_index] == "Extract"
+    summary = panel.summary.value
+    assert "Runs <b>" in summary and "with the SAE <b title=" in summary, summary
+    assert f">{sae.name}</b> at <b>layers.1.residual</b>" in summary and "layers.1.residual.latents" in summary
+    assert panel.advanced.selected_index == 1  # "More options", where the SAEs field is, unfolded
+    field = panel.options["saes"][1]
+    field.value = f"layers.0.residual={sae},layers.1.residual={sae}"
+    assert "with the SAEs" in panel.summary.value and "<b>layers.0.residual</b>" in panel.summary.value
+    field.value = '{"layers.1.residual": '
+    assert "not a {hook point: folder} mapping yet" in panel.summary.value
+    field.value = ""
+    assert "SAE" not in panel.summary.value
+
+
 def test_point6_opens_on_model_remembers_form_and_summary(gpt2_dir, workspace):
     import json
     from pathlib import Path

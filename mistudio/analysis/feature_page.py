@@ -57,13 +57,15 @@ NARROW = 4  # tokens either side of the peak on an example's folded line
 
 PAGE_CSS = """
 .msfp{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;font-size:13px;line-height:1.45;color:inherit;
- border:1px solid rgba(127,127,127,.35);border-radius:6px;padding:10px 12px;margin:8px 0;max-width:1400px}
+ border:1px solid rgba(127,127,127,.35);border-radius:6px;padding:10px 12px;margin:8px 0;max-width:1400px;
+ white-space:normal;min-width:0}
 .msfp h4{margin:0 0 2px;font-size:15px}.msfp h5{margin:10px 0 4px;font-size:12px;text-transform:uppercase;
  letter-spacing:.04em;opacity:.75}.msfp h6{margin:8px 0 2px;font-size:12px;font-weight:600}
-.msfp-sub{opacity:.65;font-weight:normal}.msfp-stats span{margin-right:14px;white-space:nowrap}
+.msfp-sub{opacity:.65;font-weight:normal}.msfp-stats span{display:inline-block;margin-right:14px;white-space:nowrap}
 .msfp-note{margin:6px 0;padding:4px 8px;border-left:3px solid rgba(230,120,30,.8);white-space:pre-wrap}
-.msfp-cols{display:flex;flex-wrap:wrap;gap:18px}.msfp-left{flex:0 1 380px;min-width:300px}
-.msfp-right{flex:1 1 420px;min-width:340px;overflow-x:auto}
+.msfp-cols{display:flex;flex-wrap:wrap;gap:18px}.msfp-left{flex:0 1 440px;min-width:0;overflow-x:auto}
+.msfp-right{flex:1 1 420px;min-width:min(340px,100%);overflow-x:auto}
+.msfp-left td code{white-space:pre-wrap;overflow-wrap:anywhere}
 .msfp table{border-collapse:collapse;font-variant-numeric:tabular-nums}.msfp td,.msfp th{padding:1px 6px}
 .msfp th{text-align:left;font-weight:600;opacity:.8}.msfp td.num,.msfp th.num{text-align:right}
 .msfp code,.msfp-ex{font-family:var(--jp-code-font-family,Menlo,Consolas,monospace);font-size:12px}
@@ -141,45 +143,85 @@ def _edge(value: Any) -> float:
     return float(value)
 
 
+def _groups(edges: list[float], counts: list[int]) -> tuple[list[tuple[str, list[int]]], bool]:
+    """The histogram's bins to draw, in groups: the negative bins, the exact-zero bin, the positive bins, each side
+    from its first to its last non-empty bin (the empty bins between zero and the data, float16's 6e-8 upward, are
+    not drawn: a gap in the axis says so); and whether empty bins next to zero were left out."""
+    zero = [i for i in range(len(counts)) if edges[i] == edges[i + 1] == 0]
+    negative = [i for i in range(len(counts)) if edges[i + 1] <= 0 and i not in zero]
+    positive = [i for i in range(len(counts)) if edges[i] >= 0 and i not in zero]
+    groups, skipped = [], False
+    for name, bins in (("negative", negative), ("zero", zero), ("positive", positive)):
+        used = [i for i in bins if counts[i]]
+        if used:
+            groups.append((name, list(range(used[0], used[-1] + 1))))
+            skipped |= (name == "negative" and used[-1] < bins[-1]) or (name == "positive" and used[0] > bins[0])
+    return groups, skipped
+
+
+def _bin_title(a: float, b: float, count: int) -> str:
+    if a == b == 0:
+        return f"0 (not firing): {_int(count)}"
+    if b <= 0:  # a negative bin holds a < v <= b
+        return f"({number(a)}, {number(b)}]: {_int(count)}"
+    return f"[{number(a)}, {number(b)}): {_int(count)}"
+
+
 def _histogram(page: dict) -> str:
     hist = page.get("histogram") or {}
     counts = [int(c) for c in hist.get("counts", [])]
     edges = [_edge(e) for e in hist.get("edges", [])]
     if not counts or len(edges) != len(counts) + 1 or not any(counts):
         return '<section class="msfp-hist"><h5>Activation histogram</h5><i class="msfp-none">no histogram</i></section>'
-    nonzero = [i for i, c in enumerate(counts) if c]
-    lo, hi = nonzero[0], nonzero[-1] + 1
-    shown, width, height, left, bottom = counts[lo:hi], 360, 120, 34, 18
-    bar = (width - left) / len(shown)
-    top = max(shown)
+    groups, skipped = _groups(edges, counts)
+    width, height, left, top_pad, bottom, gap = 360, 120, 34, 8, 18, 8
+    n_bars = sum(len(bins) for _, bins in groups)
+    bar = (width - left - gap * (len(groups) - 1)) / n_bars
+    top = max(counts)
     scale = math.log10(top + 1)
-    parts = [f'<svg class="msfp-hist-svg" width="{width}" height="{height + bottom}" viewBox="0 0 {width} '
-             f'{height + bottom}" role="img" aria-label="activation histogram, log count">']
+    parts = [f'<svg class="msfp-hist-svg" width="{width}" height="{top_pad + height + bottom}" viewBox="0 0 {width} '
+             f'{top_pad + height + bottom}" role="img" aria-label="activation histogram, log count">']
     decade = 1
-    while decade <= top:  # y ticks at powers of ten
-        y = height - height * math.log10(decade + 1) / scale
+    while decade <= top:  # y ticks at powers of ten (the top one below the padding, never clipped)
+        y = top_pad + height - height * math.log10(decade + 1) / scale
         parts.append(f'<line x1="{left - 3}" x2="{width}" y1="{y:.1f}" y2="{y:.1f}" stroke="rgba(127,127,127,.25)"/>'
                      f'<text x="{left - 5}" y="{y + 3:.1f}" font-size="9" text-anchor="end" fill="currentColor">'
                      f'{_int(decade)}</text>')
         decade *= 10
-    for j, count in enumerate(shown):
-        a, b = edges[lo + j], edges[lo + j + 1]
-        colour = "#999" if a == b == 0 else ("#3b74d0" if b <= 0 else "#e0702a")
-        h = height * math.log10(count + 1) / scale
-        parts.append(f'<rect x="{left + j * bar:.2f}" y="{height - h:.2f}" width="{max(bar - 0.6, 0.6):.2f}" '
-                     f'height="{h:.2f}" fill="{colour}">'
-                     f'<title>[{number(a)}, {number(b)}): {_int(count)}</title></rect>')
-    ticks = {0: edges[lo], len(shown): edges[hi]}
-    zero = next((j for j in range(1, len(shown)) if edges[lo + j] == 0), None)
-    if zero is not None:  # one tick at zero (a zero bin has 0 on both of its edges)
-        ticks[zero] = 0.0
-    for j, value in sorted(ticks.items()):
-        anchor = "start" if j == 0 else ("end" if j == len(shown) else "middle")
-        parts.append(f'<text x="{left + j * bar:.1f}" y="{height + 13}" font-size="9" text-anchor="{anchor}" '
-                     f'fill="currentColor">{number(value, ".3g")}</text>')
+    ticks: list[tuple[int, float, str]] = []  # (priority, x, label): fewer is more important
+    x = float(left)
+    for g, (name, bins) in enumerate(groups):
+        if g:
+            x += gap
+        start = x
+        for i in bins:
+            a, b, count = edges[i], edges[i + 1], counts[i]
+            colour = "#999" if name == "zero" else ("#3b74d0" if name == "negative" else "#e0702a")
+            h = height * math.log10(count + 1) / scale
+            parts.append(f'<rect x="{x:.2f}" y="{top_pad + height - h:.2f}" width="{max(bar - 0.6, 0.6):.2f}" '
+                         f'height="{h:.2f}" fill="{colour}"><title>{_bin_title(a, b, count)}</title></rect>')
+            x += bar
+        if name == "zero":
+            ticks.append((0, (start + x) / 2, "0"))
+            continue
+        ticks += [(1, start, number(edges[bins[0]], ".3g")), (1, x, number(edges[bins[-1] + 1], ".3g"))]
+        step = max(1, round(48 / bar))  # a label every ~48 px in between
+        ticks += [(2, start + j * bar, number(edges[bins[0] + j], ".3g")) for j in range(step, len(bins), step)]
+    placed: list[tuple[float, str]] = []
+    for _, tx, label in sorted(ticks, key=lambda t: t[0]):
+        if all(abs(tx - px) >= 8 + 3 * (len(label) + len(plabel)) and label != plabel for px, plabel in placed):
+            placed.append((tx, label))
+    for tx, label in placed:
+        anchor = "start" if tx - left < 12 else ("end" if width - tx < 12 else "middle")
+        parts.append(f'<text x="{tx:.1f}" y="{top_pad + height + 13}" font-size="9" text-anchor="{anchor}" '
+                     f'fill="currentColor">{escape(label)}</text>')
     parts.append("</svg>")
+    zero = next((counts[bins[0]] for name, bins in groups if name == "zero"), 0)
+    words = ([f"0 (not firing): {_int(zero)} tokens"] if zero else []) + \
+        (["the axis skips the empty bins between 0 and the data"] if skipped else [])
+    said = f'<div class="msfp-sub msfp-hist-note">{" · ".join(words)}</div>' if words else ""
     return ('<section class="msfp-hist"><h5>Activation histogram <span class="msfp-sub">(log count; log-spaced '
-            f'bins, equal width)</span></h5>{"".join(parts)}</section>')
+            f'bins, equal width)</span></h5>{"".join(parts)}{said}</section>')
 
 
 def _bar(value: float, scale: float, colour: str, width: int = 70) -> str:
@@ -193,6 +235,14 @@ def _piece(token: Any, scheme: str) -> str:
     return f"<code>{escape(token_label(token, scheme))}</code>"
 
 
+def _id_if(entry: dict, scheme: str, unclear: set[str]) -> str:
+    """The token id beside a label that does not tell the token apart (a byte piece shown as '�', or a label two
+    tokens share), as the token-means table shows ids."""
+    if token_label(entry["token"], scheme) not in unclear or entry.get("token_id") is None:
+        return ""
+    return f' <span class="msfp-sub">#{_int(entry["token_id"])}</span>'
+
+
 def _logits(page: dict, scheme: str) -> str:
     logits = page.get("logits")
     if not logits:
@@ -200,14 +250,17 @@ def _logits(page: dict, scheme: str) -> str:
         return f'<section class="msfp-logits"><h5>Logit effects</h5><i class="msfp-none">{why}</i></section>'
     pos, neg = list(logits.get("promoted", [])), list(logits.get("suppressed", []))
     scale = max([abs(float(e["value"])) for e in pos + neg] + [0.0])
+    labels = [token_label(e["token"], scheme) for e in pos + neg]
+    unclear = {label for label in labels if "\ufffd" in label or labels.count(label) > 1}
     rows = []
     for i in range(max(len(pos), len(neg))):
         cells = []
         for side, colour in ((neg, "#3b74d0"), (pos, "#e0702a")):
             if i < len(side):
                 e = side[i]
-                cells.append(f'<td>{_piece(e["token"], scheme)}</td><td class="num">{number(e["value"], "+.3f")}</td>'
-                             f'<td>{_bar(float(e["value"]), scale, colour)}</td>')
+                cells.append(f'<td>{_piece(e["token"], scheme)}{_id_if(e, scheme, unclear)}</td>'
+                             f'<td class="num">{number(e["value"], "+.3f")}</td>'
+                             f'<td>{_bar(float(e["value"]), scale, colour, 50)}</td>')
             else:
                 cells.append("<td></td><td></td><td></td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import ipywidgets as W
@@ -74,6 +75,24 @@ def option_widget(info: ParamInfo) -> W.Widget:
         return W.FloatText(value=info.default or 0.0, description=info.label, style=style, layout=layout, tooltip=tip)
     return W.Text(value="" if info.default is None else str(info.default), description=info.label, style=style,
                   layout=layout, tooltip=tip, placeholder="JSON" if info.kind == "json" else "")
+
+
+def saes_pairs(text: str) -> list[tuple[str, str]] | None:
+    """The (hook point, SAE folder) pairs of the SAEs field as typed (JSON ``{point: folder}`` or
+    ``point=folder,...``, as ``Request`` reads it); None when it is neither (Launch says why)."""
+    text = text.strip()
+    if text.startswith("{"):
+        import json
+
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        return [(str(k), str(v)) for k, v in value.items()] if isinstance(value, dict) else None
+    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        return None
+    return [(point.strip(), folder.strip()) for point, folder in pairs]
 
 
 def _option_value(info: ParamInfo, widget: W.Widget):
@@ -175,6 +194,8 @@ class ExtractionPanel(W.VBox):
         for widget in (self.dataset_picker.source, self.dataset_picker.path, self.dataset_picker.hub_name,
                        self.dataset_picker.hub_split, self.dataset_picker.max_samples, self.dataset_picker.max_length):
             widget.observe(guard(self._say, lambda _: self.update_summary()), "value")
+        if "saes" in self.options:
+            self.options["saes"][1].observe(guard(self._say, lambda _: self.update_summary()), "value")
         form = (self.model_picker.choice, self.dataset_picker.source, self.dataset_picker.path,
                 self.dataset_picker.max_samples, self.dataset_picker.max_length, self.layers, self.batch_size,
                 self.dtype, self.max_batch_tokens, self.micro_batch_size, self.window, self.stride, self.chat_auto,
@@ -272,11 +293,30 @@ class ExtractionPanel(W.VBox):
         """The line that says which model and dataset Launch will use (and how its layers get listed)."""
         line = (f"Runs <b>{esc(self.model_picker.label() or '(no model)')}</b> on "
                 f"<b>{esc(self.dataset_picker.describe())}</b> "
-                "<small>(set in the Model and Dataset tabs)</small>")
+                f"<small>(set in the Model and Dataset tabs)</small>{self._saes_words()}")
         if self.layers_known is False and self.model_picker.name_or_path():
             line += ("<br><small>Its layers are listed once its config is read: <i>Load / inspect</i> in the Model "
                      "tab (opening this tab starts it).</small>")
         self.summary.value = line
+
+    def _saes_words(self) -> str:
+        """The SAEs the extraction applies, for the summary line: ', with the SAE <folder> at <hook point>' (their
+        latents stored too), or '' when the *More options* field is empty."""
+        text = str(self.options["saes"][1].value).strip() if "saes" in self.options else ""
+        if not text:
+            return ""
+        pairs = saes_pairs(text)
+        if pairs is None:
+            return (f"<br>with SAEs <code>{esc(short(text, 80))}</code> <small>(More options; not a {{hook point: "
+                    "folder} mapping yet)</small>")
+        named = ", ".join(f"<b title='{esc(folder)}'>{esc(Path(folder).name or folder)}</b> at <b>{esc(point)}</b>"
+                          for point, folder in pairs)
+        return (f"<br>with the SAE{'s' if len(pairs) > 1 else ''} {named} <small>(latents stored as "
+                f"{esc(', '.join(point + '.latents' for point, _ in pairs))}; set in More options)</small>")
+
+    def show_saes(self) -> None:
+        """Unfold the section that holds the SAEs field (the Train tab's "Extract with this SAE" filled it)."""
+        self.advanced.selected_index = 1
 
     layers_known: bool | None = None  # None: no model; False: its config was not read yet (a Hub id)
 

@@ -53,7 +53,10 @@ CSS = """<style>
 .mistudio-busy{color:#0d6efd}
 .mistudio-prompt .msfp-tok{white-space:pre;border-radius:2px;font-family:var(--jp-code-font-family,monospace)}
 </style>"""
-TABLE_HEADER = f"{'feature':>6} {'density':>7} {'mean':>7} {'active':>7} {'max':>7}   top tokens"
+EXPORT_BUTTON = "210px"  # the export buttons: one width, the longest label ("Export SAELens cache") and its icon fit
+NUMBER_WIDTH = 7  # characters of a number cell of the table: every row's columns line up
+TABLE_HEADER = (f"{'feature':>7} " + " ".join(f"{name:>{NUMBER_WIDTH}}" for name in ("density", "mean", "active", "max"))
+                + "   top tokens")
 
 
 def _row(children: list, layout: W.Layout | None = None) -> W.HBox:
@@ -69,14 +72,26 @@ def _quoted(text: str) -> str:
 
 def _new_folder(typed: str, default: str) -> Path:
     """The folder a store export writes: it must not exist yet, or be empty (exports never overwrite one)."""
-    path = Path(typed.strip() or default).expanduser()
+    path = Path(typed.strip() or default).expanduser().absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise InputError(f"{path} exists and is not an empty folder: type a new folder (a store export never "
                          "overwrites one)")
     return path
 
 
-TOKENS_SHOWN = 24  # characters of top tokens a row shows: a row fits the list at ~1,000 px (the page has them all)
+TOKENS_SHOWN = 23  # characters of top tokens a row shows: a row fits the list at ~1,000 px (the page has them all)
+
+
+def cell(value: float, suffix: str = "") -> str:
+    """A number in a cell of ``NUMBER_WIDTH`` characters, right-aligned (3 significant digits, fewer or an
+    exponent when that is wider: ``0.000759`` is ``0.00076``, ``-0.000144`` is ``-0.0001``, ``12345.6`` is ``1.2e+04``)."""
+    width = NUMBER_WIDTH - len(suffix)
+    text = format(value, ".3g")
+    for spec in (".2g", ".1g", ".0e"):
+        if len(text) <= width:
+            break
+        text = format(value, spec)
+    return f"{text + suffix:>{NUMBER_WIDTH}}"
 
 
 def table_label(row: dict) -> str:
@@ -85,8 +100,18 @@ def table_label(row: dict) -> str:
     characters."""
     tokens = " ".join(row["top_token_labels"])
     tokens = tokens if len(tokens) <= TOKENS_SHOWN else tokens[:TOKENS_SHOWN - 1] + "…"
-    return (f"{row['feature']:>6} {100 * row['density']:>6.3g}% {row['mean']:>7.3g} {row['mean_active']:>7.3g} "
-            f"{row['max']:>7.3g} {'✎' if row['note'] else ' '} {tokens}")
+    return (f"{row['feature']:>7} {cell(100 * row['density'], '%')} {cell(row['mean'])} {cell(row['mean_active'])} "
+            f"{cell(row['max'])} {'✎' if row['note'] else ' '} {tokens}")
+
+
+def default_hook_point(points: list[str]) -> str | None:
+    """The hook point the tab opens on: an SAE's latents when the store has them (what an extraction with an SAE
+    was for), else the last residual stream, else the last point."""
+    for suffix in (".latents", "residual"):
+        found = [p for p in points if p.endswith(suffix)]
+        if found:
+            return found[-1]
+    return points[-1] if points else None
 
 
 class FeaturesPanel(W.VBox):
@@ -185,19 +210,23 @@ class FeaturesPanel(W.VBox):
                                        tooltip="the features listed on the feature table's current page")
         self.html_path = W.Text(value="feature-pages.html", description="HTML file", style=wide,
                                 layout=W.Layout(width="420px"))
-        self.html_button = W.Button(description="Export HTML", icon="file-code-o", layout=W.Layout(width="170px"))
+        self.html_button = W.Button(description="Export HTML", icon="file-code-o",
+                                    layout=W.Layout(width=EXPORT_BUTTON))
         self.np_folder = W.Text(value="neuronpedia", description="Folder", style=wide, layout=W.Layout(width="420px"))
         self.np_model = W.Text(description="Model id", placeholder="Neuronpedia's id, e.g. gpt2-small", style=wide,
                                layout=W.Layout(width="300px"))
         self.np_source = W.Text(value="mistudio", description="Source set", style=wide,
                                 layout=W.Layout(width="250px"))
-        self.np_button = W.Button(description="Export Neuronpedia", icon="upload", layout=W.Layout(width="170px"))
+        self.np_button = W.Button(description="Export Neuronpedia", icon="upload",
+                                  layout=W.Layout(width=EXPORT_BUTTON))
         self.ds_path = W.Text(value="dataset", description="Folder", style=wide, layout=W.Layout(width="420px"))
-        self.ds_button = W.Button(description="Export datasets", icon="table", layout=W.Layout(width="170px"))
+        self.ds_button = W.Button(description="Export datasets", icon="table",
+                                  layout=W.Layout(width=EXPORT_BUTTON))
         self.sl_path = W.Text(value="saelens-cache", description="Folder", style=wide, layout=W.Layout(width="420px"))
         self.sl_context = W.BoundedIntText(value=128, min=1, max=1_000_000, description="Context size", style=wide,
                                            layout=W.Layout(width="190px"))
-        self.sl_button = W.Button(description="Export SAELens cache", icon="database", layout=W.Layout(width="170px"))
+        self.sl_button = W.Button(description="Export SAELens cache", icon="database",
+                                  layout=W.Layout(width=EXPORT_BUTTON))
         self.confirm_text = W.HTML()
         self.confirm_button = W.Button(description="Export", button_style="warning", icon="check",
                                        layout=W.Layout(width="auto"))
@@ -252,6 +281,7 @@ class FeaturesPanel(W.VBox):
             _row([self.feature, self.open_button, self.prev_button, self.next_button],
                    layout=W.Layout(align_items="center")),
             self.page_tools, self.page_html])
+        self.add_class("mistudio-features")  # the browser test checks this panel's layout on its own
         if load:  # a Studio loads it when its tab is opened: statistics are a pass over the store
             self.refresh()
 
@@ -431,8 +461,7 @@ class FeaturesPanel(W.VBox):
         self._quiet = True
         try:
             self.hook_point.options = points
-            self.hook_point.value = next((p for p in reversed(points) if p.endswith("residual")),
-                                         points[-1] if points else None)
+            self.hook_point.value = default_hook_point(points)
         finally:
             self._quiet = False
         self._select_hook_point()
@@ -725,6 +754,8 @@ class FeaturesPanel(W.VBox):
         try:
             plan = self._export_plan(kind, ext, hp)
         except ValueError as exc:  # InputError, bad feature list
+            self.pending = None  # another export's confirmation does not stay beside this one's error
+            self.confirm_box.layout.display = "none"
             self.export_info.value = error_box(for_ui(exc))
             return
         message, action = plan
@@ -784,7 +815,7 @@ class FeaturesPanel(W.VBox):
 
     def _plan_html(self, ext: Extraction, hp: str, features: list[int], options: dict,
                    what: str) -> tuple[str, Callable[[], str]]:
-        path = Path(self.html_path.value.strip() or "feature-pages.html").expanduser()
+        path = Path(self.html_path.value.strip() or "feature-pages.html").expanduser().absolute()
         hide = self.hide_special.value
 
         def write() -> str:
@@ -799,7 +830,7 @@ class FeaturesPanel(W.VBox):
         model_id, source = self.np_model.value.strip(), self.np_source.value.strip()
         if not model_id:
             raise InputError("'Model id' is empty: type the model's Neuronpedia id (e.g. gpt2-small)")
-        folder = Path(self.np_folder.value.strip() or "neuronpedia").expanduser()
+        folder = Path(self.np_folder.value.strip() or "neuronpedia").expanduser().absolute()
         target = folder / model_id / f"{hp.split('.')[1] if hp.startswith('layers.') else '?'}-{source}"
 
         def write() -> str:

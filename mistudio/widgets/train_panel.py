@@ -434,7 +434,7 @@ class TrainPanel(W.VBox):
                                  f"{duration(seconds)}")
         else:
             self.status.value = f"{badge(status)} {where}"
-        self._show_metrics(record.metrics)
+        self._show_metrics(record.metrics, live=status in LIVE_STATES)
         self.evaluation.value = self._evaluation_html(record.evaluation) if status == "COMPLETED" else ""
         self._update_buttons()
 
@@ -451,16 +451,18 @@ class TrainPanel(W.VBox):
         self.extract_button.disabled = status != "COMPLETED" or self.on_extract_with_sae is None
         self.launch_button.disabled = False
 
-    def _show_metrics(self, figures: dict) -> None:
+    def _show_metrics(self, figures: dict, live: bool = True) -> None:
+        """The metrics line; a run that ended (cancelled, failed, completed) has no ETA."""
         if not figures:
             self.metrics.value = ""
             return
         rate, eta = figures.get("tokens_per_s"), figures.get("eta_s")
+        eta_words = f" · ETA {duration(eta)}" if live else ""
         self.metrics.value = (
             f"<span class='mistudio-train-metrics'>step {figures.get('step', 0):,} / {figures.get('total_steps', 0):,}"
             f" · loss {_number(figures.get('loss'))} · L0 {_number(figures.get('l0'))} · explained variance "
             f"{_number(figures.get('explained_variance'))} · dead {_number(figures.get('dead_fraction'))} · "
-            f"{rate or 0:,.0f} tokens/s · ETA {duration(eta)}</span>")
+            f"{rate or 0:,.0f} tokens/s{eta_words}</span>")
 
     @staticmethod
     def _evaluation_html(evaluation: dict | None) -> str:
