@@ -73,6 +73,9 @@ def test_launch_watch_live_plot_evaluation_and_extract_with_the_sae(ext, root, g
     assert progress == sorted(progress) and panel.progress.value == panel.progress.max == 150
     assert "explained variance" in panel.metrics.value and "L0" in panel.metrics.value
     assert "next-token loss" in panel.evaluation.value and "loss recovered" in panel.evaluation.value
+    # the random model: zeroing its hook point makes its guesses uniform, lowering the loss, and the tab says why
+    # there is no "loss recovered" (a number there would mean nothing)
+    assert (job.evaluation["ce_loss_score"] is None) == ("does not raise the loss here" in panel.evaluation.value)
     assert panel.cancel_button.disabled and not panel.retry_button.disabled and panel.resume_button.disabled
     # the runs table lists it
     wait_for(lambda: panel.runs and panel.runs[0]["status"] == "COMPLETED")

@@ -477,7 +477,8 @@ class TrainPanel(W.VBox):
                      ("loss recovered", evaluation.get("ce_loss_score")), ("KL divergence", evaluation.get("kl_div"))]
         cells = "".join(f"<tr><td>{esc(name)}</td><td style='text-align:right'>{_number(value, 4)}</td></tr>"
                         for name, value in rows)
-        note = f"<br><small>{esc(evaluation['ce_error'])}</small>" if evaluation.get("ce_error") else ""
+        note = "".join(f"<br><small>{esc(evaluation[key])}</small>" for key in ("ce_loss_note", "ce_error")
+                       if evaluation.get(key))  # why "loss recovered" or the loss is missing
         return note_box(f"<b>Evaluation</b> over {int(evaluation.get('n_tokens') or 0):,} stored tokens"
                         f"<table class='mistudio-evaluation'>{cells}</table>{note}", colour="#198754",
                         background="#e8f5e9")
