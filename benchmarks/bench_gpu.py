@@ -211,9 +211,10 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         from warm import ForkServer
 
-        server = ForkServer(preload=("numpy", "mistudio", "mistudio.runner", "mistudio.engine",
-                                     "transformers.models.gpt2.modeling_gpt2", "transformers.models.bert.tokenization_bert",
-                                     "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto"))
+        server = ForkServer(preload=(
+            "numpy", "mistudio", "mistudio.runner", "mistudio.engine", "transformers.models.gpt2.modeling_gpt2",
+            "transformers.models.bert.tokenization_bert", "transformers.models.auto.modeling_auto",
+            "transformers.models.auto.tokenization_auto"))
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp, \
             tempfile.TemporaryDirectory(dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None) as mem:
         prelude = PRELUDE.format(root=str(ROOT), here=str(HERE), tokenizer=args.tokenizer, tmp=tmp, mem=mem)

@@ -197,7 +197,8 @@ def histogram_page(counts_at: dict[float, int]) -> dict:
     counts = [0] * (len(edges) - 1)
     for value, count in counts_at.items():
         i = next(i for i in range(len(counts)) if (edges[i] == edges[i + 1] == value == 0)
-                 or (value > 0 and edges[i] <= value < edges[i + 1]) or (value < 0 and edges[i] < value <= edges[i + 1]))
+                 or (value > 0 and edges[i] <= value < edges[i + 1])
+                 or (value < 0 and edges[i] < value <= edges[i + 1]))
         counts[i] = count
     return make_page(histogram={"edges": edges, "counts": counts})
 

@@ -209,6 +209,10 @@ def test_find_features_by_token(panel):
     panel.token.value = "qqqzzz"
     click_and_wait(panel.find_button, panel)
     assert "No token reads" in panel.found_info.value and panel.found_list.options == ()
+    pieces = panel.ext.tokenizer("qqqzzz", add_special_tokens=False)["input_ids"]  # a word the vocabulary splits:
+    first = panel.ext.tokenizer.convert_ids_to_tokens(pieces[0])                  # the pieces it reads as are named
+    said = f"The tokenizer reads it as {len(pieces)} pieces, &#x27;{first}&#x27;"
+    assert len(pieces) > 1 and said in panel.found_info.value
 
 
 def test_prompt_then_click_a_feature(panel):

@@ -55,8 +55,8 @@ CSS = """<style>
 </style>"""
 EXPORT_BUTTON = "210px"  # the export buttons: one width, the longest label ("Export SAELens cache") and its icon fit
 NUMBER_WIDTH = 7  # characters of a number cell of the table: every row's columns line up
-TABLE_HEADER = (f"{'feature':>7} " + " ".join(f"{name:>{NUMBER_WIDTH}}" for name in ("density", "mean", "active", "max"))
-                + "   top tokens")
+TABLE_HEADER = (f"{'feature':>7} " + " ".join(f"{name:>{NUMBER_WIDTH}}"
+                                              for name in ("density", "mean", "active", "max")) + "   top tokens")
 
 
 def _row(children: list, layout: W.Layout | None = None) -> W.HBox:
@@ -84,7 +84,8 @@ TOKENS_SHOWN = 23  # characters of top tokens a row shows: a row fits the list a
 
 def cell(value: float, suffix: str = "") -> str:
     """A number in a cell of ``NUMBER_WIDTH`` characters, right-aligned (3 significant digits, fewer or an
-    exponent when that is wider: ``0.000759`` is ``0.00076``, ``-0.000144`` is ``-0.0001``, ``12345.6`` is ``1.2e+04``)."""
+    exponent when that is wider: ``0.000759`` is ``0.00076``, ``-0.000144`` is ``-0.0001``, ``12345.6`` is
+    ``1.2e+04``)."""
     width = NUMBER_WIDTH - len(suffix)
     text = format(value, ".3g")
     for spec in (".2g", ".1g", ".0e"):
@@ -647,7 +648,8 @@ class FeaturesPanel(W.VBox):
                        "continuation piece as the tokenizer writes it ('##ing')"
                        if tokenizer_scheme(ext.tokenizer) == "wordpiece" else
                        "it as it reads in the text (' Paris' for the word after a space, 'Paris' for either)")
-                self.found_info.value = error_box(f"No token reads {esc(_quoted(text))}: type {esc(how)}.")
+                self.found_info.value = error_box(f"No token reads {esc(_quoted(text))}: type {esc(how)}."
+                                                  + _pieces_hint(ext, text, labels))
             elif not result["n_rows"]:
                 self.found_info.value = note_box(f"{matched} never occurs in this extraction.")
             else:
@@ -870,3 +872,17 @@ class FeaturesPanel(W.VBox):
         self.pending = None
         self.confirm_box.layout.display = "none"
         self.export_info.value = "Export cancelled."
+
+
+def _pieces_hint(ext: "Extraction", text: str, labels: list[str]) -> str:
+    """Where the tokenizer splits ``text`` into pieces (a word is often several): which, to find by one of them."""
+    try:
+        ids = ext.tokenizer(text, add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - a hint only: a tokenizer that cannot read it gives none
+        return ""
+    if len(ids) < 2:
+        return ""
+    distinct = list(dict.fromkeys(ids))
+    shown = ", ".join(esc(_quoted(labels[i])) for i in distinct[:8]) + (", ..." if len(distinct) > 8 else "")
+    return f" The tokenizer reads it as {len(ids)} pieces, {shown}: find by one of them."
+
