@@ -28,6 +28,15 @@ from .specs import (BATCH_SIZES, EXAMPLES, HOOK_KINDS, LAYER_FORMS, QUANTIZATION
 GROUPS = ("model", "data", "capture", "batching", "storage", "run")
 
 
+def sae_pairs(text: str) -> dict[str, str] | None:
+    """``saes`` as the command line and the Studio's field write it, ``layers.3.residual=/path,layers.5.mlp=/other``,
+    as a mapping (not checked further); None when it is not hook point=folder pairs."""
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+        return None
+    return {a.strip(): b.strip() for a, b in pairs}
+
+
 def param(default: Any, description: str, *, group: str, label: str, stored: bool, flag: str | None = None,
           **field: Any) -> Any:
     """A Request field with the metadata every front end reads (see :class:`ParamInfo`)."""
@@ -259,11 +268,11 @@ class Request(BaseModel):
         if v is None or v == {} or v == "":
             return None
         if isinstance(v, str):  # "layers.3.residual=path,layers.5.mlp=other" (the command line's form)
-            pairs = [p.split("=", 1) for p in v.split(",") if p.strip()]
-            if any(len(p) != 2 for p in pairs):
+            pairs = sae_pairs(v)
+            if pairs is None:
                 raise ValueError(f"«saes={v!r}» is not hook point=folder pairs: e.g. «pass "
                                  "saes='layers.3.residual=/path/to/sae'» (several: comma-separated)")
-            v = {a.strip(): b.strip() for a, b in pairs}
+            v = pairs
         if not isinstance(v, dict):
             raise ValueError(f"«saes={short(v)}» is not a mapping: «pass saes={{'layers.3.residual': "
                              "'/path/to/sae'}»")  # from Python only: the command line's text is parsed above

@@ -14,7 +14,7 @@ from ..errors import InputError, human_bytes
 from ..jobs import Job
 from ..models import load_config, model_source, n_layers_of
 from ..plan import estimate
-from ..request import ParamInfo, Request, params
+from ..request import ParamInfo, Request, params, sae_pairs
 from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, ModelSpec, build, parse_layers, short
 from ..storage.metadata import can_resume
 from ..workspace import Workspace
@@ -79,7 +79,7 @@ def option_widget(info: ParamInfo) -> W.Widget:
 
 def saes_pairs(text: str) -> list[tuple[str, str]] | None:
     """The (hook point, SAE folder) pairs of the SAEs field as typed (JSON ``{point: folder}`` or
-    ``point=folder,...``, as ``Request`` reads it); None when it is neither (Launch says why)."""
+    ``point=folder,...``, read as ``Request`` reads it); None when it is neither (Launch says why)."""
     text = text.strip()
     if text.startswith("{"):
         import json
@@ -88,11 +88,12 @@ def saes_pairs(text: str) -> list[tuple[str, str]] | None:
             value = json.loads(text)
         except ValueError:
             return None
-        return [(str(k), str(v)) for k, v in value.items()] if isinstance(value, dict) else None
-    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
-    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+    else:
+        value = sae_pairs(text)
+    if not isinstance(value, dict) or not value or any(not str(k).strip() or not str(v).strip()
+                                                       for k, v in value.items()):
         return None
-    return [(point.strip(), folder.strip()) for point, folder in pairs]
+    return [(str(k), str(v)) for k, v in value.items()]
 
 
 def _option_value(info: ParamInfo, widget: W.Widget):
