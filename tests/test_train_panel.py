@@ -180,6 +180,18 @@ def test_curves_figure_draws_four_panels_with_the_last_values():
     assert fig.axes[0].get_yscale() == "log"
 
 
+def test_before_its_dead_window_a_run_says_when_dead_latents_are_counted():
+    """No latent can be dead before the run has trained on its dead window: the plot and the line say from when,
+    not 0."""
+    from mistudio.widgets.train_panel import _dead
+
+    history = [{"step": s, "loss": 1.0, "l0": 4.0, "explained_variance": 0.5, "dead_fraction": None,
+                "dead_window": 6400} for s in range(1, 5)]
+    assert curves_figure(history).axes[3].get_title() == "dead latents (fraction): from 6,400 tokens"
+    assert _dead(history[-1]) == "– (counted from 6,400 tokens)"
+    assert _dead({**history[-1], "dead_fraction": 0.25}) == "0.25"
+
+
 def test_a_failed_run_shows_its_error_and_offers_what_can_succeed(ext, root):
     panel = TrainPanel(ms.Workspace(root), evaluate=False, timeout_s=1e-6)
     fill(panel, 5)

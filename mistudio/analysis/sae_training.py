@@ -715,7 +715,7 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
 @torch.no_grad()
 def _figures(result: _StepOut, x: Tensor, scale: float | None, since_fired: Tensor, plan: TrainingPlan, step: int,
              tokens: int, coefficient: float, optimizer, rate: float, elapsed: float, epoch: int) -> dict:
-    """A step's live figures. ``dead_fraction`` is None until the run has trained on ``plan.dead_window`` tokens:
+    """A step's live figures. ``dead_fraction`` is None until the run has trained on ``dead_window`` tokens:
     before that no latent can be counted dead, and 0 would read as "none are"."""
     total_steps, total_tokens = plan.total_steps, plan.total_tokens
     err = (result.out - x).pow(2).sum(dim=-1)
@@ -727,7 +727,7 @@ def _figures(result: _StepOut, x: Tensor, scale: float | None, since_fired: Tens
             "l0": float((result.acts > 0).sum(dim=-1).float().mean()),
             "explained_variance": 1.0 - float(err.mean()) / max(float(variance.mean()), 1e-30),
             "dead_fraction": float((since_fired > plan.dead_window).float().mean()) if tokens > plan.dead_window
-            else None,
+            else None, "dead_window": plan.dead_window,
             "coefficient": coefficient, "lr": float(optimizer.param_groups[0]["lr"]), "tokens_per_s": rate,
             "eta_s": (total_tokens - tokens) / rate if rate > 0 else None, "elapsed_s": elapsed}
 

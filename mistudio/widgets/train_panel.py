@@ -77,6 +77,8 @@ def curves_figure(history: list[dict]) -> Figure:
         ax = fig.add_subplot(1, len(CURVES), i + 1)
         points = [(s, h[key]) for s, h in zip(steps, history) if isinstance(h.get(key), (int, float))
                   and math.isfinite(h[key]) and (h[key] > 0 or not log_scale)]
+        if key == "dead_fraction" and not points and history and history[-1].get("dead_window"):
+            title = f"{title}: from {history[-1]['dead_window']:,} tokens"  # none can be dead before its window
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], color="#0d6efd", linewidth=1.2,
                     marker="o" if len(points) == 1 else None, markersize=4)  # one report: a dot, not nothing
@@ -111,6 +113,13 @@ def _log_ticks(ax: Any, low: float, high: float) -> None:
 def _steps(step: Any, total: Any) -> str:
     step = int(step or 0)
     return f"{step:,} / {int(total):,}" if total else f"{step:,}"
+
+
+def _dead(figures: dict) -> str:
+    """The dead fraction, or when it will be known: no latent counts as dead before the run's dead window."""
+    if figures.get("dead_fraction") is None and figures.get("dead_window"):
+        return f"– (counted from {figures['dead_window']:,} tokens)"
+    return _number(figures.get("dead_fraction"))
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -461,7 +470,7 @@ class TrainPanel(W.VBox):
         self.metrics.value = (
             f"<span class='mistudio-train-metrics'>step {figures.get('step', 0):,} / {figures.get('total_steps', 0):,}"
             f" · loss {_number(figures.get('loss'))} · L0 {_number(figures.get('l0'))} · explained variance "
-            f"{_number(figures.get('explained_variance'))} · dead {_number(figures.get('dead_fraction'))} · "
+            f"{_number(figures.get('explained_variance'))} · dead {_dead(figures)} · "
             f"{rate or 0:,.0f} tokens/s{eta_words}</span>")
 
     @staticmethod
