@@ -885,4 +885,3 @@ def _pieces_hint(ext: "Extraction", text: str, labels: list[str]) -> str:
     distinct = list(dict.fromkeys(ids))
     shown = ", ".join(esc(_quoted(labels[i])) for i in distinct[:8]) + (", ..." if len(distinct) > 8 else "")
     return f" The tokenizer reads it as {len(ids)} pieces, {shown}: find by one of them."
-
