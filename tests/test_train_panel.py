@@ -170,6 +170,30 @@ def test_show_a_run_from_the_table_fills_the_form_and_draws_its_history(ext, roo
     assert panel.extract_with_sae() is None
 
 
+def test_reports_that_come_while_the_plot_draws_are_drawn_next(ext, root, monkeypatch):
+    """A report that lands during a drawing (the next one is not scheduled while one draws) is drawn right after
+    it: the curves' titles never lag the metrics line (they used to, by one report, until the next one came)."""
+    import mistudio.widgets.train_panel as tab
+
+    panel = TrainPanel(ms.Workspace(root))
+    panel.plot_every_s = 0.01
+    drawn = []
+
+    def drawing(history):
+        drawn.append([h["step"] for h in history])
+        if len(drawn) == 1:  # a report arrives as the first drawing is under way, as _on_event adds it
+            with panel._lock:
+                panel.history.append({"step": 4, "loss": 0.5})
+            panel._schedule_plot()  # what the event asks for: nothing, since a drawing holds the timer
+        return curves_figure(history)
+
+    monkeypatch.setattr(tab, "curves_figure", drawing)
+    panel.history = [{"step": 2, "loss": 1.0}]
+    panel._schedule_plot(now=True)
+    wait_for(lambda: panel._plot_timer is None and len(drawn) >= 2, timeout=20)
+    assert drawn == [[2], [2, 4]]
+
+
 def test_curves_figure_draws_four_panels_with_the_last_values():
     history = [{"step": s, "loss": 10.0 / s, "l0": 4.0, "explained_variance": s / 100, "dead_fraction": 0.1}
                for s in range(1, 50)] + [{"step": 50, "loss": float("nan"), "l0": 4.0}]

@@ -542,11 +542,16 @@ class TrainPanel(W.VBox):
 
     @answers_no_request
     def _draw_from_timer(self) -> None:
+        drawn = None
         try:
-            self._draw_now()
+            drawn = self._draw_now()
         finally:
             with self._lock:
-                self._plot_timer = None
+                if self._plot_timer is threading.current_thread():  # not a newer timer set meanwhile
+                    self._plot_timer = None
+                newer = drawn is not None and bool(self.history) and self.history[-1].get("step", 0) != drawn
+        if newer:  # reports came while it drew: the curves and their titles catch up with the metrics line
+            self._schedule_plot()
 
     def _stop_timer(self) -> None:
         with self._lock:
@@ -554,13 +559,14 @@ class TrainPanel(W.VBox):
         if timer is not None:
             timer.cancel()
 
-    def _draw_now(self) -> None:
+    def _draw_now(self) -> int | None:
+        """Draw the curves of the history so far; returns the last step drawn."""
         with self._drawing:  # one drawing at a time
             with self._lock:
                 history = list(self.history)
             if not history:
                 self.plot.layout.display = "none"
-                return
+                return None
             began = time.monotonic()
             png = to_png(curves_figure(history), dpi=80)
             self.plot.value = png
@@ -568,6 +574,7 @@ class TrainPanel(W.VBox):
             with self._lock:
                 self._drawn_at = time.monotonic()
                 self._render_s = self._drawn_at - began
+            return history[-1].get("step", 0)
 
     # -- the runs table ---------------------------------------------------------------------------
     def refresh_runs(self) -> None:
