@@ -23,10 +23,10 @@ with tool-use instructions, are a few tens of KB): the cap is over ten times wha
 hostile one to a few MB. All the values one rendering makes, together, stay under 16 times the cap plus 4 x the
 messages x their characters (what growing a string message by message makes; an item of a list counts 40
 characters), so values each under the cap, kept one by one in a list, stop at tens of MB. The time limit counts
-the time spent in the template only (every prefix of a conversation is rendered too, to find the role of each
+the CPU time spent in the template only (every prefix of a conversation is rendered too, to find the role of each
 token): ``1 s + 1 ms per message + 40 µs per message squared``, several times what a real template takes in the
-sandbox even on a loaded machine (a 200-message conversation and all its prefixes: about 0.7 s of rendering,
-against 2.8 s allowed), and a hostile template stops within about a second. Going past either raises
+sandbox (a 200-message conversation and all its prefixes: about 0.7 s of rendering, against 2.8 s allowed), and a
+hostile template stops after about a second of work, however loaded the machine. Going past either raises
 :class:`Overrun` inside the template; :func:`render_chat` turns it, and every template error, into a
 :class:`ChatTemplateError` (an ``InputError``: a job
 fails with type VALIDATION) that names the template, the problem and the fix.
@@ -58,6 +58,7 @@ PER_MESSAGE_CHARS = 1024  # and this many per message (its markers)
 BASE_SECONDS = 1.0  # the time one conversation may take to render (all its prefixes included), at least
 PER_MESSAGE_SECONDS = 0.001  # and this much per message
 PER_PREFIX_SECONDS = 4e-5  # and this much per message squared (every prefix of the conversation is rendered)
+TICKS_PER_CLOCK = 64  # operations between two reads of the rendering thread's CPU clock
 ITEM_CHARS = 40  # what an item of a list, a tuple, a dict or a set a template makes counts for, in characters (an
 # int object and its pointer: about 40 bytes)
 MADE_FACTOR = 16  # one rendering may make this many times the cap in values, all together (plus 4 x messages x
@@ -82,13 +83,17 @@ class Budget:
     """What one conversation may take to render: ``chars`` (the most characters of any string, the most items of
     any list, and of the output) and ``seconds`` of rendering (every render of the conversation together: the text
     of each prefix is rendered too, to find the role of each token; tokenizing is not counted), checked by every
-    operation against ``deadline``."""
+    operation against ``deadline``. The seconds are the rendering thread's CPU time, not the wall clock: a busy
+    machine slows a real template down without making it overrun (a 200-message conversation once failed its
+    2.8 s under a load of 6), and a hostile one still stops after the same work. The clock is read every
+    ``TICKS_PER_CLOCK`` operations (a read costs about a microsecond; an operation, less)."""
 
-    __slots__ = ("chars", "seconds", "spent", "deadline", "_started", "made_cap", "made")
+    __slots__ = ("chars", "seconds", "spent", "deadline", "_started", "made_cap", "made", "_ticks")
 
     def __init__(self, chars: int, seconds: float, made_cap: int | None = None):
         self.chars, self.seconds, self.spent = int(chars), float(seconds), 0.0
         self.deadline = self._started = float("inf")
+        self._ticks = 0
         self.made_cap = int(made_cap) if made_cap is not None else MADE_FACTOR * self.chars
         self.made = 0
 
@@ -104,16 +109,17 @@ class Budget:
 
     def start(self) -> None:
         """A render begins: the clock runs until :meth:`stop`."""
-        self._started = time.monotonic()
+        self._started = time.thread_time()
         self.deadline = self._started + self.seconds - self.spent
         self.made = 0  # a render's values: those of an earlier render (another prefix) are gone
 
     def stop(self) -> None:
-        self.spent += time.monotonic() - self._started
+        self.spent += time.thread_time() - self._started
         self.deadline = self._started = float("inf")
 
     def tick(self) -> None:
-        if time.monotonic() > self.deadline:
+        self._ticks += 1
+        if self._ticks % TICKS_PER_CLOCK == 0 and time.thread_time() > self.deadline:
             raise Overrun("time", "the time limit", self.seconds, self.seconds, "s")
 
     def need(self, size: int, what: str) -> None:

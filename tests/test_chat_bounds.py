@@ -121,22 +121,22 @@ HOSTILE = {
 def test_a_template_too_long_to_be_real_is_refused_before_compiling():
     """Compiling is not bounded inside: 3 MB of template took 50 s and 1.2 GB before it was refused as a loop."""
     source = "{% for m in messages %}" + "{{ m['content'] ~ m['role'] }}" * 100_000 + "{% endfor %}"
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(ChatTemplateError, match=r"is 3,000,035 characters long, past the 262,144") as refused:
         render_chat(source, CONVERSATIONS["plain"], {}, "the chat template of 'model'")
-    assert time.perf_counter() - started < 2.0 and refused.value.kind == "bounds"  # it took 50 s
+    assert time.thread_time() - started < 2.0 and refused.value.kind == "bounds"  # it took 50 s
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_templates_stop_fast_in_megabytes(name):
     messages = CONVERSATIONS["plain"]
     tracemalloc.start()
-    started = time.perf_counter()
+    started = time.thread_time()
     try:
         with pytest.raises(ChatTemplateError) as refused:
             render_chat(HOSTILE[name], messages, {"eos_token": "</s>"}, "the chat template of 'model'",
                         where="dataset row 7")
-        elapsed = time.perf_counter() - started
+        elapsed = time.thread_time() - started
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
