@@ -515,16 +515,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _flags(given: argparse.Namespace) -> list[str]:
-    """The setting flags given to ``mistudio train``, as typed (``--k 8``, ``--no-exclude-special``)."""
+    """The setting flags given to ``mistudio train``, as typed (``--k 8``, ``--no-exclude-special``); their names
+    come from :func:`train_parser`'s own options."""
     from .training import TRAIN_FIELDS
 
+    flags = {action.dest: action.option_strings[0] for action in train_parser()._actions if action.option_strings}
     shown = []
     for name in ("timeout_s", "evaluate", *TRAIN_FIELDS):
-        value, flag = getattr(given, name), "timeout" if name == "timeout_s" else name.replace("_", "-")
+        value, flag = getattr(given, name), flags[name]
         if isinstance(value, bool):
-            shown.append(f"--{flag}" if value else f"--no-{flag}")
+            shown.append(flag if value else f"--no-{flag[2:]}")
         elif value is not None:
-            shown.append(f"--{flag} {'none' if value is NONE else value}")
+            shown.append(f"{flag} {'none' if value is NONE else value}")
     return shown
 
 

@@ -21,10 +21,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 def device_problem(name: str) -> str | None:
     """Why ``name`` is not a device mistudio runs on (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``), or None."""
-    kind, _, index = name.partition(":")
-    if kind not in DEVICES or (_ and not index.isdigit()):
+    kind, colon, index = name.partition(":")
+    if kind not in DEVICES or (colon and not index.isdigit()):
         return f"is not one of {DEVICES} (optionally 'cuda:N')"
     return None
+
 
 OOV_POLICIES = ("clamp", "skip", "error")
 QUANTIZATIONS = ("int8", "nf4")

@@ -203,8 +203,8 @@ class TrainConfig:
             bad("b_dec_init", "is not 'mean' or 'zeros'")
         if not isinstance(self.device, str) or not self.device.strip():
             bad("device", "must name a torch device: 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'")
-        elif device_problem(self.device):
-            bad("device", f"{device_problem(self.device)}: «pass device='auto'»")
+        elif problem := device_problem(self.device):
+            bad("device", f"{problem}: «pass device='auto'»")
         else:
             try:
                 _device(self.device)
