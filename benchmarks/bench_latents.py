@@ -56,8 +56,10 @@ def random_sae(folder: Path, architecture: str, d_in: int, d_sae: int, k: int | 
             p.copy_(torch.randn(p.shape, generator=g) * (d_in ** -0.5 if name.startswith("W") else 0.1))
         pre = (torch.from_numpy(sample.astype(np.float32)) - sae.b_dec) @ sae.W_enc
         density = torch.logspace(-4, -1, d_sae)[torch.randperm(d_sae, generator=g)]
-        at = ((1 - density) * (len(pre) - 1)).long()
-        sae.b_enc.copy_(-pre.sort(dim=0).values[at, torch.arange(d_sae)])
+        at = ((1 - density) * (len(pre) - 1)).long()  # the quantile's row, in ascending order
+        rank = len(pre) - 1 - at  # the same row counted from the top: within the top tenth
+        top = pre.topk(int(rank.max()) + 1, dim=0).values  # (sorting all of every column took 5x as long)
+        sae.b_enc.copy_(-top[rank, torch.arange(d_sae)])
     return str(sae.save(folder))
 
 
