@@ -20,6 +20,7 @@ from .analysis.loader import LATENT_FORMS, ActivationLoader, latent_index_damage
 from .storage import featstats
 from .storage.metadata import ExtractionMeta
 from .storage.reads import DECODE_ERRORS, CheckedArray
+from .storage.layout import numpy_dtype
 from .storage.store import ExtractionStore
 from .storage.verify import VerifyReport, verify
 
@@ -404,7 +405,8 @@ class Extraction:
 
     def to_xarray(self):
         """Every hook point as a lazy ``xarray.Dataset`` over (token, feature): the committed tokens, like
-        :meth:`activations` (read raw: unchecked)."""
+        :meth:`activations` (read raw: unchecked; bfloat16 stores: bfloat16 values, through ml_dtypes, as
+        :meth:`to_dask` gives them)."""
         import xarray as xr
 
         record = self.record
@@ -413,6 +415,10 @@ class Extraction:
         mark = record.committed_tokens()
         if "token" in data.sizes and data.sizes["token"] > mark:  # a stopped or running job: its committed rows
             data = data.isel(token=slice(0, mark))
+        for name in list(data.data_vars):  # Zarr holds bfloat16 as its uint16 bits: read as the bits, not numbers
+            if data[name].attrs.get("mistudio_dtype") == "bfloat16":
+                bits, view = data[name].data, numpy_dtype("bfloat16")
+                data[name] = data[name].copy(data=bits.map_blocks(lambda block: block.view(view), dtype=view))
         return data
 
     def to_dask(self, hook_point: str, latents: str = "sparse"):

@@ -9,6 +9,7 @@ import torch
 
 import mistudio as ms
 from mistudio import cli
+from mistudio.analysis.exports import to_hf_dataset
 from mistudio.models import load_model
 from mistudio.specs import ModelSpec
 
@@ -31,6 +32,11 @@ def test_bfloat16_store_equals_the_models_output_bits(gpt2_dir, workspace):
     batch = next(iter(ext.loader("layers.1.residual", batch_size=64, dtype="bfloat16")))
     assert batch.dtype == torch.bfloat16 and batch.shape == (64, 32)
     np.testing.assert_array_equal(ext.to_dask("layers.1.residual")[:5].compute(), a[:5])
+    lazy = ext.to_xarray()["layers.1.residual"]  # the values, not Zarr's uint16 bits (a mean of 31,256 once)
+    assert lazy.dtype == a.dtype and np.array_equal(lazy[:5].values.view(np.uint16), a[:5].view(np.uint16))
+    exported = to_hf_dataset(ext, "layers.1.residual").with_format("numpy")[0]["layers.1.residual"]
+    np.testing.assert_array_equal(exported, ext.sample(int(ext.rows()[0]))["activations"]["layers.1.residual"]
+                                  .astype(np.float32))  # float32, exactly (Arrow has no bfloat16: it crashed)
     assert ext.feature_stats("layers.1.residual").n_tokens == ext.n_tokens
 
 

@@ -394,7 +394,8 @@ def _samples(ext: "Extraction", hook_points: list[str], tokens: bool, block_rows
         t0, t1, a0, a1 = int(offsets[k0]), int(offsets[k1]), int(act_offsets[k0]), int(act_offsets[k1])
         ids = np.asarray(ext.store.tokens("input_ids")[t0:t1])
         special = ext.special_flags(t0, t1)
-        block = {hp: np.asarray(arr[a0:a1]) for hp, arr in arrays.items()}
+        block = {hp: np.asarray(arr[a0:a1]).astype(_value_dtype(ext, hp), copy=False)  # bfloat16: as float32
+                 for hp, arr in arrays.items()}
         sparse = {hp: ext.latents(hp, slice(a0, a1)) for hp in latents}
         for k in range(k0, k1):
             s, e = int(offsets[k]) - t0, int(offsets[k + 1]) - t0
@@ -513,7 +514,7 @@ def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = N
     """A store as a ``datasets.Dataset``, one row per committed stored sample, in stored order (longest first):
     ``dataset_row``, ``input_ids`` (int32), ``special`` and ``kept`` (bool per token: ``kept`` is False where
     ``exclude_special`` stored no activation row), ``tokens`` (strings, with ``tokens=True``) and per raw hook
-    point a (len, d) array, float16/float32 as stored (NaN rows where not kept), as ``ext.sample(row)`` gives
+    point a (len, d) array, float16/float32 as stored, bfloat16 as float32 (exact; NaN rows where not kept), as ``ext.sample(row)`` gives
     them. An SAE's latents (``<hp>.latents``, see ``ext.latent_points``) give two columns, sparse:
     ``<hp>.latents.indices`` (int32) and ``<hp>.latents.values`` (float32), per token the list of its non-zero
     latents (empty slots dropped; none where not kept): concatenated over the kept tokens in stored order they
