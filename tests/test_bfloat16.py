@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import os
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import mistudio as ms
 from mistudio import cli
-from mistudio.analysis.exports import to_hf_dataset
+from mistudio.analysis.exports import export_neuronpedia, to_hf_dataset
 from mistudio.models import load_model
 from mistudio.specs import ModelSpec
 
@@ -74,6 +75,29 @@ def test_values_past_float16_are_counted_and_reported(loud_model, workspace, cap
     safe = ms.extract(loud_model, TEXTS, layers=[0], dtype="bfloat16", max_length=40, workspace=workspace,
                       progress=False)
     assert safe.record.statistics["layers.0.residual"].n_out_of_range == 0 and not safe.range_warnings()
+
+
+def test_a_neuronpedia_export_refuses_features_stored_as_inf_and_keeps_the_last_export(loud_model, workspace,
+                                                                                         tmp_path):
+    """Neuronpedia's records need numbers: ±inf was written as 0, a feature's strongest tokens showing 0."""
+    from mistudio.analysis.features import export_pages
+
+    ext = ms.extract(loud_model, TEXTS[:8], layers=[0], hooks=["residual"], dtype="float16", max_length=24,
+                     workspace=workspace, progress=False)
+    stored = np.asarray(ext.activations("layers.0.residual")[:]).astype(np.float32)
+    loud = [int(f) for f in np.flatnonzero(np.isposinf(stored).any(axis=0))]  # their pages' maximum: +inf
+    quiet = [int(f) for f in np.flatnonzero(np.isfinite(stored).all(axis=0))][:2]
+    assert loud and quiet
+    root = export_neuronpedia(export_pages(ext, "layers.0.residual", quiet), tmp_path, "tiny", "res")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    with pytest.raises(ms.InputError) as refused:
+        export_neuronpedia(export_pages(ext, "layers.0.residual", quiet + loud), tmp_path, "tiny", "res",
+                           overwrite=True)
+    said = str(refused.value)
+    assert f"feature(s) {', '.join(map(str, loud[:20]))}" in said and "past the store's range" in said
+    assert "dtype='bfloat16'" in said
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # the last export, as it was
+    assert os.listdir(root.parent) == [root.name]  # and no half-written folder beside it
 
 
 def test_the_studio_says_so_at_the_end_line_and_in_browse(loud_model, workspace):

@@ -11,13 +11,16 @@ The two store exports stream: a block of samples (or of packed rows) at a time, 
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -118,11 +121,20 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 def _finite(value: Any) -> float:
-    """A JSON-safe float: None, NaN and infinities (no activation row, or overflow) become 0.0."""
+    """A JSON-safe float: None and NaN (a token without an activation row) become 0.0. Infinities (values past
+    the storage dtype's range) never reach here: :func:`_overflowed` refuses their pages first."""
     if value is None:
         return 0.0
     x = float(value)
     return x if math.isfinite(x) else 0.0
+
+
+def _overflowed(page: dict) -> bool:
+    """The page shows a value stored as ±inf (past float16's range, say): Neuronpedia's records would read 0."""
+    values = [page["max"], *(v for band in page["bands"] for v in band["values"])]
+    values += [v for example in (*page["top"], *(e for band in page["bands"] for e in band["examples"]))
+               for v in example["values"]]
+    return any(v is not None and math.isinf(float(v)) for v in values)
 
 
 def _record_id(*parts: Any) -> str:
@@ -235,7 +247,10 @@ def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str,
     ``tokenizer`` (the extraction's) turns token pieces into the text Neuronpedia shows. ``n_layers``: the model's
     layer count (default: the pages' ``n_layers``, from the store's metadata). Streams: ``batch_size``
     pages at a time. Left out: correlated features (Neuronpedia's are Pearson correlations; the page holds
-    co-firing counts) and steering vectors. Token values without an activation row are written as 0."""
+    co-firing counts) and steering vectors. Token values without an activation row are written as 0. A feature
+    whose values were past the storage dtype's range (stored as ±inf) is refused, every such feature named: its
+    records would show 0 where it is strongest. The export is written beside ``folder``'s target and moved into
+    place when complete: a refusal or a failure leaves an earlier export there as it was."""
     for name, value in (("model_id", model_id), ("source_set", source_set)):
         if not isinstance(value, str) or not _NEURONPEDIA_NAME.match(value):
             raise InputError(f"{name}={value!r} is not a Neuronpedia name: use letters, digits, '-' and '_' only "
@@ -253,67 +268,93 @@ def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str,
         raise InputError(f"hook point {hook_point!r} names no layer: Neuronpedia sources are per layer "
                          "(layers.N.residual|mlp|attention)")
     source_id = f"{int(match.group(1))}-{source_set}"
-    root = Path(folder) / model_id / source_id
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise InputError(f"{root} already holds an export: pass overwrite=True to replace it, or another folder")
-        shutil.rmtree(root)
-    for sub in ("features", "activations", "explanations"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    kinds = {"residual": "Residual stream", "mlp": "MLP out", "attention": "Attention out"}
-    base = str(hook_point).removesuffix(LATENT_SUFFIX)
-    kind = kinds.get(base.rsplit(".", 1)[-1], base) + (" SAE" if is_latent(hook_point) else "")
-    description = description or f"{kind} · {first['kind']}s · mistudio"
-    public = "PUBLIC"
-    _write_jsonl(root / "model.jsonl", [{"id": model_id, "displayName": model_id, "displayNameShort": model_id,
-                                          "creatorId": creator_id,
-                                          "layers": int(n_layers if n_layers is not None else first.get("n_layers")
-                                                        or 0),
-                                          "neuronsPerLayer": int(first["d"]), "owner": creator_name,
-                                          "instruct": False, "visibility": public, "inferenceEnabled": False}], False)
-    sourceset = {"modelId": model_id, "name": source_set, "description": description, "creatorName": creator_name,
-                 "urls": list(urls), "creatorId": creator_id, "visibility": public, "hasDashboards": True,
-                 "releaseName": release}
-    _write_jsonl(root / "sourceset.jsonl", [sourceset], False)
-    _write_jsonl(root / "source.jsonl", [{"id": source_id, "modelId": model_id, "setName": source_set,
-                                           "creatorId": creator_id, "visibility": public, "hasDashboards": True,
-                                           "dataset": dataset, "num_prompts": None,
-                                           "notes": f"mistudio extraction {first['extraction']}, {hook_point}"}],
-                 False)
-    if release is not None:
-        _write_jsonl(root / "release.jsonl", [{"name": release, "description": description, "urls": list(urls),
-                                                "creatorName": creator_name, "creatorId": creator_id,
-                                                "visibility": public, "descriptionShort": description}], False)
+    target = Path(folder) / model_id / source_id
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise InputError(f"{target} already holds an export: pass overwrite=True to replace it, or another folder")
+    with _replaced_when_complete(target) as root:
+        for sub in ("features", "activations", "explanations"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        kinds = {"residual": "Residual stream", "mlp": "MLP out", "attention": "Attention out"}
+        base = str(hook_point).removesuffix(LATENT_SUFFIX)
+        kind = kinds.get(base.rsplit(".", 1)[-1], base) + (" SAE" if is_latent(hook_point) else "")
+        description = description or f"{kind} · {first['kind']}s · mistudio"
+        public = "PUBLIC"
+        layers = int(n_layers if n_layers is not None else first.get("n_layers") or 0)
+        _write_jsonl(root / "model.jsonl", [{"id": model_id, "displayName": model_id, "displayNameShort": model_id,
+                                              "creatorId": creator_id, "layers": layers,
+                                              "neuronsPerLayer": int(first["d"]), "owner": creator_name,
+                                              "instruct": False, "visibility": public, "inferenceEnabled": False}],
+                     False)
+        sourceset = {"modelId": model_id, "name": source_set, "description": description,
+                     "creatorName": creator_name, "urls": list(urls), "creatorId": creator_id, "visibility": public,
+                     "hasDashboards": True, "releaseName": release}
+        _write_jsonl(root / "sourceset.jsonl", [sourceset], False)
+        _write_jsonl(root / "source.jsonl", [{"id": source_id, "modelId": model_id, "setName": source_set,
+                                               "creatorId": creator_id, "visibility": public, "hasDashboards": True,
+                                               "dataset": dataset, "num_prompts": None,
+                                               "notes": f"mistudio extraction {first['extraction']}, {hook_point}"}],
+                     False)
+        if release is not None:
+            _write_jsonl(root / "release.jsonl", [{"name": release, "description": description, "urls": list(urls),
+                                                    "creatorName": creator_name, "creatorId": creator_id,
+                                                    "visibility": public, "descriptionShort": description}], False)
 
-    def batches() -> Iterator[list[dict]]:
-        batch = [first]
-        for page in pages:
-            check_page(page)
-            if page["hook_point"] != hook_point:
-                raise InputError(f"pages of several hook points ({hook_point!r}, {page['hook_point']!r}): a "
-                                 "Neuronpedia source holds one; export each hook point on its own")
-            batch.append(page)
-            if len(batch) == batch_size:
+        def batches() -> Iterator[list[dict]]:
+            batch = [first]
+            for page in pages:
+                check_page(page)
+                if page["hook_point"] != hook_point:
+                    raise InputError(f"pages of several hook points ({hook_point!r}, {page['hook_point']!r}): a "
+                                     "Neuronpedia source holds one; export each hook point on its own")
+                batch.append(page)
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            if batch:
                 yield batch
-                batch = []
-        if batch:
-            yield batch
 
-    n_explained = 0
-    for i, batch in enumerate(batches()):
-        features, activations, explanations = [], [], []
-        for page in batch:
-            feature, acts, explanation = _feature_records(page, model_id, source_id, source_set, creator_id,
-                                                          tokenizer, scheme, dataset)
-            features.append(feature)
-            activations += acts
-            explanations += [explanation] if explanation else []
-        _write_jsonl(root / "features" / f"batch-{i}.jsonl.gz", features, True)
-        _write_jsonl(root / "activations" / f"batch-{i}.jsonl.gz", activations, True)
-        if explanations:
-            _write_jsonl(root / "explanations" / f"batch-{n_explained}.jsonl.gz", explanations, True)
-            n_explained += 1
-    return root
+        n_explained, overflowed = 0, []
+        for i, batch in enumerate(batches()):
+            overflowed += [int(page["feature"]) for page in batch if _overflowed(page)]
+            if overflowed:  # the rest is still read, to name every such feature at once
+                continue
+            features, activations, explanations = [], [], []
+            for page in batch:
+                feature, acts, explanation = _feature_records(page, model_id, source_id, source_set, creator_id,
+                                                              tokenizer, scheme, dataset)
+                features.append(feature)
+                activations += acts
+                explanations += [explanation] if explanation else []
+            _write_jsonl(root / "features" / f"batch-{i}.jsonl.gz", features, True)
+            _write_jsonl(root / "activations" / f"batch-{i}.jsonl.gz", activations, True)
+            if explanations:
+                _write_jsonl(root / "explanations" / f"batch-{n_explained}.jsonl.gz", explanations, True)
+                n_explained += 1
+        if overflowed:
+            listed = ", ".join(map(str, overflowed[:20])) + (f" … ({len(overflowed):,} in all)"
+                                                             if len(overflowed) > 20 else "")
+            raise InputError(f"{hook_point}: feature(s) {listed} have values past the store's range (stored as "
+                             "±inf): Neuronpedia's records would show 0 where they are strongest. Extract again with "
+                             "«dtype='bfloat16'» (or 'float32') to export them, or export the other features")
+
+    return target
+
+
+@contextlib.contextmanager
+def _replaced_when_complete(target: Path) -> Iterator[Path]:
+    """A folder to write ``target``'s new content in, beside it; moved into ``target``'s place (replacing what was
+    there) when the block completes, removed if it raises: a refused or failed export leaves the old one."""
+    root = target.with_name(f".{target.name}.partial-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    try:
+        yield root
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    root.rename(target)
 
 
 # -- store exports ------------------------------------------------------------------------------------------
@@ -514,11 +555,11 @@ def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = N
     """A store as a ``datasets.Dataset``, one row per committed stored sample, in stored order (longest first):
     ``dataset_row``, ``input_ids`` (int32), ``special`` and ``kept`` (bool per token: ``kept`` is False where
     ``exclude_special`` stored no activation row), ``tokens`` (strings, with ``tokens=True``) and per raw hook
-    point a (len, d) array, float16/float32 as stored, bfloat16 as float32 (exact; NaN rows where not kept), as ``ext.sample(row)`` gives
-    them. An SAE's latents (``<hp>.latents``, see ``ext.latent_points``) give two columns, sparse:
-    ``<hp>.latents.indices`` (int32) and ``<hp>.latents.values`` (float32), per token the list of its non-zero
-    latents (empty slots dropped; none where not kept): concatenated over the kept tokens in stored order they
-    are ``ext.latents(hp)``'s CSR rows. The SAEs (folder, fingerprint, architecture, d_sae) are named in
+    point a (len, d) array, float16/float32 as stored, bfloat16 as float32 (exact; NaN rows where not kept), as
+    ``ext.sample(row)`` gives them. An SAE's latents (``<hp>.latents``, see ``ext.latent_points``) give two columns,
+    sparse: ``<hp>.latents.indices`` (int32) and ``<hp>.latents.values`` (float32), per token the list of its
+    non-zero latents (empty slots dropped; none where not kept): concatenated over the kept tokens in stored order
+    they are ``ext.latents(hp)``'s CSR rows. The SAEs (folder, fingerprint, architecture, d_sae) are named in
     ``info.description`` (and, with ``path``, in ``mistudio_export.json`` beside the data, with the counts).
     ``hook_points`` defaults to every raw hook point and every SAE's latents.
 
