@@ -34,6 +34,18 @@ HEARTBEAT_S = 2.0
 MAX_OOM_RETRIES = 3
 
 
+def _check_same_precision(record, computes_in: str | None) -> None:
+    """A resumed store's rows to come are computed in the precision of those stored (a resume pins 'auto' to it:
+    this catches what else could differ), or the job fails saying so, its rows unchanged."""
+    stored_in, committed = record.model.dtype, record.progress.samples_committed
+    precisions = ("float32", "float16", "bfloat16")
+    if committed and stored_in in precisions and computes_in in precisions and stored_in != computes_in:
+        raise InputError(f"extraction {record.id} holds {committed:,} samples computed in {stored_in}, and this run "
+                         f"would compute in {computes_in}: one store holds one precision (it is unchanged). Retry it to "
+                         f"compute every sample in {computes_in}, or resume where the model loads in {stored_in}",
+                         param="model_dtype")
+
+
 class ModelCache:
     """Keeps the last loaded model so back-to-back jobs on the same model load it once: the same spec *and* the
     same files (a folder re-saved in place is loaded again). ``fingerprint`` is the loaded model's."""
@@ -384,6 +396,7 @@ class Execution:
             loaded = self.models.get(req.model_spec)
             facts, model_fp = loaded.describe(), self.models.fingerprint
         check_same_model(req.model_spec.name_or_path, self.store.record.model.fingerprint, model_fp)
+        _check_same_precision(self.store.record, facts.get("dtype"))
         if submitted is not None:  # the folder as submitted: a re-save since would mislabel this store's model
             submitted.check_model(model_read_from)
         self.store.update(model={**facts, "revision": req.revision, "fingerprint": model_fp})

@@ -265,6 +265,11 @@ class Workspace(Folder, Observable):
             request = check(meta.request())
         if model is not None:
             request = request.replace(model=model)
+        stored_in = meta.model.dtype if meta.progress.samples_committed else None
+        if request.model_dtype == "auto" and stored_in in ("float32", "float16", "bfloat16"):
+            # 'auto' resolves where the job runs (float32 on a CPU, bfloat16 on most GPUs): the rows still to come
+            # are computed in the precision of those stored, wherever this resume runs
+            request = request.replace(model_dtype=stored_in)
         try:
             model_source(request.model_spec)
         except InputError as exc:

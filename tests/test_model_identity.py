@@ -77,6 +77,34 @@ def test_a_resaved_model_refuses_resume_and_the_original_resumes(change, model, 
     assert resumed.status == "COMPLETED", resumed.error
 
 
+def test_a_resume_computes_in_the_precision_of_the_stored_rows_where_auto_resolves_otherwise(model, workspace,
+                                                                                            monkeypatch):
+    """model_dtype='auto' is float32 on a CPU and bfloat16 on most GPUs: a store begun on one and resumed on the
+    other held rows of both precisions, and its record called them all the second."""
+    import mistudio.models as models
+
+    ws = ms.Workspace(workspace)
+    options = {**OPTIONS, "max_samples": 24}
+    job = cancelled_at(ws, model, "sample", at_batch=2, **options)  # 'auto' on this CPU: float32
+    assert job.extraction().record.model.dtype == "float32" and job.extraction().record.params.model_dtype == "auto"
+    elsewhere = models.resolve_dtype
+    monkeypatch.setattr(models, "resolve_dtype",  # as 'auto' resolves on a GPU with bfloat16
+                        lambda dtype, device: torch.bfloat16 if dtype == "auto" else elsewhere(dtype, device))
+    from mistudio.runner import _check_same_precision
+
+    with pytest.raises(InputError, match=r"holds \d+ samples computed in float32, and this run would compute in "
+                       r"bfloat16: one store holds one precision"):  # what the runner says if anything else differs
+        _check_same_precision(job.extraction().record, "bfloat16")
+    ws.runner.models.clear()  # the model loads again, as in a new kernel on that machine
+    assert ws.resume(job.id).wait(120).status == "COMPLETED"
+    ext = job.extraction()
+    assert ext.record.model.dtype == "float32"
+    monkeypatch.setattr(models, "resolve_dtype", elsewhere)
+    clean = ms.extract(model, "sample", workspace=workspace, progress=False, **options)
+    hp = "layers.1.residual"
+    np.testing.assert_array_equal(ext.activations(hp)[:], clean.activations(hp)[:])  # every row in float32
+
+
 def test_files_in_subfolders_are_not_the_model_and_old_fingerprints_compare_alike(model, workspace):
     """A trainer's checkpoint-100/ saved inside the model folder is not what from_pretrained loads: it does not
     refuse a resume. A store recorded before (its fingerprint hashed subfolders too) compares by its top files."""
