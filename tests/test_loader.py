@@ -254,3 +254,32 @@ def test_resume_from_every_batch(store, second, buffer_tokens):
             assert len(tail) == len(full) - cut
             for got, want in zip(tail, full[cut:]):
                 np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def by_dtype(gpt2_dir, tmp_path_factory):
+    """The same tokens stored as bfloat16, float16 and float32."""
+    ws = str(tmp_path_factory.mktemp("dtypes"))
+    return {dtype: ms.extract(gpt2_dir, texts(0, 30), workspace=ws, **{**ARGS, "dtype": dtype})
+            for dtype in ("bfloat16", "float16", "float32")}
+
+
+@pytest.mark.parametrize("dtypes", [("bfloat16", "float16"), ("float32", "bfloat16"),
+                                    ("float16", "bfloat16", "float32")])
+@pytest.mark.parametrize("out", ["float32", "bfloat16"])
+def test_stores_of_mixed_storage_dtypes_load_exact_rows(by_dtype, dtypes, out):
+    """bfloat16 with float16 or float32 stores: every row exact, cast once to the loader's dtype."""
+    stores = [by_dtype[d] for d in dtypes]
+    got: dict[str, list] = {}
+    for batch in ms.loader(stores, HPS, batch_size=64, with_index=True, dtype=out):
+        for key, value in batch.items():
+            assert key not in HPS or value.dtype == getattr(torch, out)
+            got.setdefault(key, []).append(value)
+    got = {key: torch.cat(parts) for key, parts in got.items()}
+    for s, ext in enumerate(stores):
+        mine = got["store"] == s
+        assert int(mine.sum()) == ext.n_tokens
+        for hp in HPS:
+            stored = ext.activations(hp)[:].astype(np.float32)[got["token_index"][mine].numpy()]
+            want = torch.from_numpy(stored).to(getattr(torch, out))
+            assert torch.equal(got[hp][mine], want), (dtypes, out, s, hp)
