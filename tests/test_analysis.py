@@ -119,7 +119,7 @@ def test_top_examples_equal_brute_force(ext):
 
 def test_top_examples_cached_then_stale_cache_ignored(ext, monkeypatch):
     first = ext.top_examples(HP, 3, k=5)
-    path = f"analysis/top_examples/{HP}/feature=3,k=5,context=8"
+    path = f"analysis/top_examples/{HP}/{analysis.EXAMPLES_KEY},feature=3,k=5,context=8"
     group = zarr.open_group(ext.location, path=path, mode="r+")
     assert json.loads(group.attrs["examples"]) == first
     real_top = analysis._top
@@ -194,12 +194,12 @@ def test_exclude_special_store_keeps_contexts_and_loader_aligned(gpt2_dir, tmp_p
     x = ext.activations(HP)[:]
     examples = ext.top_examples(HP, 3, k=ext.n_tokens, context=20)
     for e in examples:
-        assert e["input_index"] == int(ext.token_index(e["token_index"])) and e["token_id"] != 0
+        assert e["token_index"] == e["input_index"] == int(ext.token_index(e["activation_row"])) and e["token_id"] != 0
         at = e["position"] - e["context_start"]
-        assert e["context_values"][at] == pytest.approx(e["value"]) == pytest.approx(float(x[e["token_index"], 3]))
+        assert e["context_values"][at] == pytest.approx(e["value"]) == pytest.approx(float(x[e["activation_row"], 3]))
         assert [v is None for v in e["context_values"]] == [i == 0 for i in e["context_ids"]]
-    seen = np.concatenate([b["token_index"].numpy() for b in ext.loader(HP, batch_size=4, exclude_special=True,
-                                                                          with_index=True)])
+    seen = np.concatenate([b["row"].numpy() for b in ext.loader(HP, batch_size=4, exclude_special=True,
+                                                                  with_index=True)])
     assert sorted(seen.tolist()) == list(range(ext.n_tokens))
 
 

@@ -50,7 +50,7 @@ def page_example(ext, hook_point: str, e: dict) -> dict:
     peak = int(e["position"]) - int(e["context_start"])
     start = int(e["input_index"]) - peak
     special = ext.store.tokens("special")[start:start + len(e["context_tokens"])].astype(bool).tolist()
-    return {"value": e["value"], "row": e["token_index"], "sample": e["sample_position"], "dataset_row": e["row"],
+    return {"value": e["value"], "row": e["activation_row"], "sample": e["sample_position"], "dataset_row": e["row"],
             "position": e["position"], "context_start": e["context_start"], "tokens": e["context_tokens"],
             "values": e["context_values"], "special": special, "peak": peak}
 

@@ -139,7 +139,7 @@ def test_a_state_resumes_mid_epoch_exactly(store, workers):
     for got, want in zip(head + tail, full):
         assert got.keys() == want.keys()
         torch.testing.assert_close(got[LAT].to_dense(), want[LAT].to_dense(), rtol=0, atol=0)
-        for key in (RAW, "token_index", "store"):
+        for key in (RAW, "token_index", "row", "store"):
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
 
 
@@ -148,7 +148,7 @@ def test_a_mixed_batch_holds_the_same_tokens(store):
     ext, sae, _, _ = store
     width = ext.latent_info(LAT).width
     batch = next(iter(ext.loader([RAW, LAT], batch_size=256, seed=1, latents="dense", with_index=True)))
-    assert set(batch) == {RAW, LAT, "store", "token_index"}
+    assert set(batch) == {RAW, LAT, "store", "row", "token_index"}
     with torch.no_grad():
         want = top_width(sae.encode(batch[RAW]).numpy(), width)
     np.testing.assert_allclose(batch[LAT].numpy(), want, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,8 @@
 """The training loader over real stores: once per epoch, shuffled, deterministic, resumable, sharded, bounded."""
 from __future__ import annotations
 
+import copy
+import json
 import pickle
 import shutil
 
@@ -201,22 +203,74 @@ def test_stored_special_mask_is_used_when_present(store, tmp_path):
     assert_once(got, ref, np.flatnonzero(~marked))
 
 
-def test_normalize(store, tmp_path):
+def test_normalize_is_a_function_of_the_call(store, tmp_path):
+    """mean_std is per feature whether or not feature_stats are cached: the same call gives the same numbers
+    before and after a feature page cached them, and a state taken before resumes onto the same values."""
     ext, ref, _ = store
-    x = ref[HPS[0]].astype(np.float64)
-    stats = ext.metadata["statistics"][HPS[0]]
-    got = drain(ext.loader([HPS[0]], batch_size=512, normalize="mean_std", with_index=True))
-    want = (x[got["token_index"]] - stats["mean"]) / stats["std"]  # scalar: nothing cached yet
-    np.testing.assert_allclose(got[HPS[0]], want, rtol=1e-4, atol=1e-4)
-    unit = drain(ext.loader([HPS[0]], batch_size=512, normalize="unit_norm"))[HPS[0]]
-    assert abs(np.mean(np.sum(unit.astype(np.float64) ** 2, axis=1)) - 1) < 1e-3
-    copy_path = tmp_path / "copy.zarr"  # per feature once feature_stats are cached (in a copy: keep the fixture clean)
+    copy_path = tmp_path / "copy.zarr"  # feature_stats are cached below: keep the fixture's store clean
     shutil.copytree(ext.location, copy_path)
-    copy = ms.open_extraction(str(copy_path))
-    copy.feature_stats(HPS[0])
-    got = drain(copy.loader([HPS[0]], batch_size=512, normalize="mean_std", with_index=True))
-    want = (x[got["token_index"]] - x.mean(0)) / x.std(0)
-    np.testing.assert_allclose(got[HPS[0]], want, rtol=1e-4, atol=1e-4)
+    other = ms.open_extraction(str(copy_path))
+    kw = dict(batch_size=512, seed=1, with_index=True)
+    it = iter(other.loader(HPS, normalize="mean_std", **kw))
+    next(it)
+    state = it.state_dict()
+    before = drain(it)
+    for hp in HPS:
+        x = ref[hp].astype(np.float64)
+        np.testing.assert_allclose(before[hp], (x[before["token_index"]] - x.mean(0)) / x.std(0), rtol=1e-4,
+                                   atol=1e-4)
+    unit = drain(other.loader(HPS, normalize="unit_norm", **kw))
+    assert abs(np.mean(np.sum(unit[HPS[0]].astype(np.float64) ** 2, axis=1)) - 1) < 1e-3
+    for hp in HPS:
+        other.feature_stats(hp, bins=8)  # what a feature page computes and caches in the store
+    resumed = iter(other.loader(HPS, normalize="mean_std", **kw))
+    resumed.load_state_dict(state)
+    after = drain(resumed)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+    again = drain(other.loader(HPS, normalize="unit_norm", **kw))
+    for key in unit:
+        np.testing.assert_array_equal(again[key], unit[key])
+
+
+def test_a_state_records_what_its_rows_are(store):
+    """Hook points, normalize (and its constants) and dtype are in a state: resuming with others is refused by
+    name; a state from before they were recorded resumes (the rest checked)."""
+    ext, _, _ = store
+    kw = dict(batch_size=256, seed=3, with_index=True)
+    it = iter(ext.loader(HPS, **kw))
+    next(it)
+    state = it.state_dict()
+    rest = drain(it)
+    for hook_points, change, needle in [(HPS[::-1], {}, r"hook_points=\['layers.0.residual', 'layers.1.residual'\]"),
+                                        (HPS[:1], {}, r"pass hook_points=\['layers.0"),
+                                        (HPS, {"normalize": "mean_std"}, "pass normalize=None"),
+                                        (HPS, {"dtype": "float16"}, "pass dtype='float32'")]:
+        with pytest.raises(ms.InputError, match=needle) as exc:
+            iter(ext.loader(hook_points, **{**kw, **change})).load_state_dict(state)
+        assert exc.value.param == "state"
+    normalized = iter(ext.loader(HPS, normalize="unit_norm", **kw))
+    next(normalized)
+    tampered = normalized.state_dict()
+    assert len(tampered["settings"]["norm_constants"]) == 16
+    tampered["settings"]["norm_constants"] = "0" * 16
+    with pytest.raises(ms.InputError, match="other normalization constants"):
+        iter(ext.loader(HPS, normalize="unit_norm", **kw)).load_state_dict(tampered)
+    old = copy.deepcopy(state)
+    for key in ("hook_points", "normalize", "dtype", "norm_constants"):
+        del old["settings"][key]
+    resumed = iter(ext.loader(HPS, **kw))
+    resumed.load_state_dict(old)
+    got = drain(resumed)
+    for key in rest:
+        np.testing.assert_array_equal(got[key], rest[key])
+    del old["settings"]["seed"]  # the older states' other settings are still all there
+    with pytest.raises(ms.InputError, match="not a dict with keys"):
+        iter(ext.loader(HPS, **kw)).load_state_dict(old)
+    partial = copy.deepcopy(state)
+    del partial["settings"]["dtype"]  # one of them missing is not an older state
+    with pytest.raises(ms.InputError, match="not a dict with keys"):
+        iter(ext.loader(HPS, **kw)).load_state_dict(partial)
 
 
 def test_loader_pickles_for_spawned_workers(store):
@@ -254,3 +308,71 @@ def test_resume_from_every_batch(store, second, buffer_tokens):
             assert len(tail) == len(full) - cut
             for got, want in zip(tail, full[cut:]):
                 np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_token_index_is_the_token_on_an_exclude_special_store(gpt2_dir, tmp_path, second, num_workers):
+    """A store made with exclude_special=True has no row for its special tokens: ``token_index`` is the token
+    (the index into tokens/*), ``row`` the activation row, with another store (a row per token) alongside."""
+    ext = ms.extract(gpt2_dir, texts(0, 60), exclude_special=True, workspace=str(tmp_path), **ARGS)
+    ids, special = ext.store.tokens("input_ids")[:], ext.store.tokens("special")[:].astype(bool)
+    assert special.sum() > 0 and ext.n_tokens == len(ids) - special.sum()
+    x = ext.activations(HPS[0])[:]
+    got = drain(ms.loader([ext, second], HPS, batch_size=100, with_index=True, num_workers=num_workers))
+    mine = got["store"] == 0
+    rows, tokens = got["row"][mine], got["token_index"][mine]
+    np.testing.assert_array_equal(np.sort(rows), np.arange(ext.n_tokens))
+    np.testing.assert_array_equal(tokens, ext.token_index(rows))
+    assert not special[tokens].any() and (tokens != rows).any()
+    np.testing.assert_array_equal(got[HPS[0]][mine], x[rows])
+    np.testing.assert_array_equal(got["token_index"][~mine], got["row"][~mine])  # a row per token there
+    np.testing.assert_array_equal(got[HPS[0]][~mine], second.activations(HPS[0])[:][got["row"][~mine]])
+    if num_workers:
+        return
+    for e in ext.top_examples(HPS[0], 5, k=10, context=3):  # the same meaning in top examples
+        assert e["token_index"] == e["input_index"] == int(ext.token_index(e["activation_row"]))
+        assert int(ids[e["token_index"]]) == e["token_id"] and e["value"] == float(x[e["activation_row"], 5])
+    assert any(e["token_index"] != e["activation_row"] for e in ext.top_examples(HPS[0], 5, k=10, context=3))
+
+
+def test_top_examples_cached_with_the_old_meaning_are_not_served(store, tmp_path):
+    """An entry cached when ``token_index`` was the activation row is computed again, not served."""
+    from mistudio.analysis import stats
+    ext, _, _ = store
+    copy_path = tmp_path / "copy.zarr"
+    shutil.copytree(ext.location, copy_path)
+    other = ms.open_extraction(str(copy_path))
+    old = [{"value": 1e9, "token_index": 0, "input_index": 0}]
+    assert stats.cache_write(other, stats.cache_path("top_examples", HPS[0], "feature=5,k=3,context=2"),
+                             other.committed_tokens(), {"examples": json.dumps(old)}, {})
+    top = other.top_examples(HPS[0], 5, k=3, context=2)
+    assert not top.cached and top[0]["value"] < 1e9 and "activation_row" in top[0]
+
+
+@pytest.fixture(scope="module")
+def by_dtype(gpt2_dir, tmp_path_factory):
+    """The same tokens stored as bfloat16, float16 and float32."""
+    ws = str(tmp_path_factory.mktemp("dtypes"))
+    return {dtype: ms.extract(gpt2_dir, texts(0, 30), workspace=ws, **{**ARGS, "dtype": dtype})
+            for dtype in ("bfloat16", "float16", "float32")}
+
+
+@pytest.mark.parametrize("dtypes", [("bfloat16", "float16"), ("float32", "bfloat16"),
+                                    ("float16", "bfloat16", "float32")])
+@pytest.mark.parametrize("out", ["float32", "bfloat16"])
+def test_stores_of_mixed_storage_dtypes_load_exact_rows(by_dtype, dtypes, out):
+    """bfloat16 with float16 or float32 stores: every row exact, cast once to the loader's dtype."""
+    stores = [by_dtype[d] for d in dtypes]
+    got: dict[str, list] = {}
+    for batch in ms.loader(stores, HPS, batch_size=64, with_index=True, dtype=out):
+        for key, value in batch.items():
+            assert key not in HPS or value.dtype == getattr(torch, out)
+            got.setdefault(key, []).append(value)
+    got = {key: torch.cat(parts) for key, parts in got.items()}
+    for s, ext in enumerate(stores):
+        mine = got["store"] == s
+        assert int(mine.sum()) == ext.n_tokens
+        for hp in HPS:
+            stored = ext.activations(hp)[:].astype(np.float32)[got["row"][mine].numpy()]
+            want = torch.from_numpy(stored).to(getattr(torch, out))
+            assert torch.equal(got[hp][mine], want), (dtypes, out, s, hp)

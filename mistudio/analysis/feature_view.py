@@ -295,8 +295,8 @@ def feature_view(ext: "Extraction", hook_point: str, feature: int, k: int = 20, 
     stats = analysis.feature_stats(ext, hook_point)
     hist, edges = np.asarray(stats.hist[feature], np.float64), np.asarray(stats.edges[feature], np.float64)
     mark = int(ext.committed_tokens())
-    key = f"feature={feature},bands={json.dumps([list(b) for b in bands])},per_band={per_band},context={context}," \
-          f"seed={seed},means={n_token_means},min={min_count}"
+    key = f"{analysis.EXAMPLES_KEY},feature={feature},bands={json.dumps([list(b) for b in bands])}," \
+          f"per_band={per_band},context={context},seed={seed},means={n_token_means},min={min_count}"
     path = analysis.cache_path("feature_view", hook_point, key.replace("/", "_"))
     group = analysis.cache_read(ext, path, mark)
     if group is not None:

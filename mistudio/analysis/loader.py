@@ -24,7 +24,8 @@ disk's queue busy. Memory: (lanes + pieces read ahead) slots of one run each, wh
 is made sparse (or dense) only when it is gathered (:func:`latent_batch`), so memory is bound by the width.
 
 **State.** The stream is a function of the plan and the position in it, so a state is small: the stores (id,
-nonce, commit mark), the settings that shape the order, the epoch and the batches already yielded.
+nonce, commit mark), the settings that shape the order and the values (hook points, normalize and a digest of its
+constants, dtype), the epoch and the batches already yielded.
 ``load_state_dict`` checks every field against this loader and its stores, then replays the lane schedule from
 the piece sizes (no data read) and reads the pieces the lanes hold.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import hashlib
 import heapq
 import numbers
 import reprlib
@@ -44,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .feature_view import LATENT_SUFFIX
-from .stats import cached_feature_stats
+from .stats import feature_moments
 from ..data import special_ids
 from ..engine import tensor_of
 from ..errors import InputError, StoreCorrupted
@@ -52,7 +54,9 @@ from ..errors import InputError, StoreCorrupted
 if TYPE_CHECKING:
     from ..extraction import Extraction
 
-STORE_SHIFT = 40  # a row id is (store << 40) | token index
+STORE_SHIFT = 40  # a row id is (store << 40) | activation row
+INDEX_KEYS = ("store", "row", "token_index")  # with_index=True: which store, its activation row, its token
+VALUE_SETTINGS = ("hook_points", "normalize", "dtype", "norm_constants")  # states before them resume unchecked
 NORMALIZE = (None, "mean_std", "unit_norm")
 LATENT_FORMS = ("sparse", "dense", "fixed")  # how a batch of SAE latents comes out (see :func:`latent_batch`)
 STATE_FORMAT = "mistudio.loader/2"
@@ -113,7 +117,8 @@ class ActivationLoader(IterableDataset):
                 self.row_widths[key] = max(self.row_widths[key], width)
         self.batch_size, self.shuffle, self.seed, self.drop_last = int(batch_size), bool(shuffle), int(seed), \
             bool(drop_last)
-        self.dtype, self.device, self.num_workers, self.prefetch = dtype, device, int(num_workers), int(prefetch)
+        self.dtype = str(torch_dtype).removeprefix("torch.")  # "half" and "float16" are one setting in a state
+        self.device, self.num_workers, self.prefetch = device, int(num_workers), int(prefetch)
         self.normalize, self.with_index, self.exclude_special = normalize, with_index, bool(exclude_special)
         self.even_batches, self.run_mb = bool(even_batches), float(run_mb)
         self.limits = [ext.committed_tokens() for ext in self.extractions]  # a snapshot of the commit marks
@@ -133,7 +138,9 @@ class ActivationLoader(IterableDataset):
         self.read_ahead = max(READ_THREADS, -(-self.prefetch * self.batch_size // self.slot_rows))
         self.slots = self.lanes + self.read_ahead
         self._special = [self._special_source(ext) for ext in self.extractions] if exclude_special else None
-        self._norm = [self._norm_factors(ext) for ext in self.extractions] if normalize else None
+        self._norm = [self._norm_factors(ext, limit) for ext, limit in zip(self.extractions, self.limits)] \
+            if normalize else None
+        self._row_tokens = ["activation_offsets" in ext.store.group["tokens"] for ext in self.extractions]
         self.epoch = 0
         self._run_kept: np.ndarray | None = None
         self._plan_cache: tuple | None = None
@@ -189,32 +196,55 @@ class ActivationLoader(IterableDataset):
             return None
         return special_ids(ext.tokenizer)
 
-    def _norm_factors(self, ext: "Extraction") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """{hook point: (shift, scale)}: per-feature when feature_stats are cached, else the scalar statistics."""
+    def _norm_factors(self, ext: "Extraction", limit: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{hook point: (shift, scale)} over the store's first ``limit`` rows, a function of ``normalize`` and the
+        data alone (never of what a cache holds): "mean_std" per feature (:func:`feature_moments`: feature_stats'
+        own numbers, computed in one pass when they are not cached), "unit_norm" one factor from the scalar
+        statistics in the metadata (the same mean squared norm, with no pass)."""
         out = {}
         for hp in self.hook_points:
-            cached = cached_feature_stats(ext, hp)
-            if cached is not None:
-                mean, std = cached.mean, cached.std
-            else:
-                stats = ext.record.statistics.get(hp)
-                if stats is None or stats.mean is None:
-                    raise InputError(f"extraction {ext.id} has no statistics for {hp} to normalize with")
-                mean, std = np.float64(stats.mean), np.float64(stats.std)
             if self.normalize == "mean_std":
+                mean, std = feature_moments(ext, hp, limit)
                 shift, scale = mean, np.where(std > 0, std, 1.0)
             else:  # unit_norm: one factor, so that the mean squared L2 norm of a row is 1
-                mean_sq_norm = float(np.sum(std ** 2 + mean ** 2)) * (1 if np.ndim(mean) else self.widths[hp])
+                stats = ext.record.statistics.get(hp)
+                if stats is None or stats.mean is None:
+                    raise InputError(f"extraction {ext.id} has no statistics for {hp} to normalize with: "
+                                     "«pass normalize='mean_std'» (computed from the rows) or None")
+                mean_sq_norm = (float(stats.std) ** 2 + float(stats.mean) ** 2) * self.widths[hp]
                 shift, scale = np.float64(0.0), np.float64(np.sqrt(mean_sq_norm) or 1.0)
             out[hp] = (np.asarray(shift, np.float32), np.asarray(scale, np.float32))
         return out
 
+    def _norm_fingerprint(self) -> str | None:
+        """A digest of the normalization constants in use (None without ``normalize``), recorded in every state."""
+        if self._norm is None:
+            return None
+        digest = hashlib.sha256()
+        for factors in self._norm:
+            for hp in self.hook_points:
+                for value in factors[hp]:
+                    digest.update(np.ascontiguousarray(value, np.float32).tobytes())
+        return digest.hexdigest()[:16]
+
     def settings(self) -> dict:
-        """The settings that shape the order of an epoch (recorded in every state)."""
+        """The settings that shape the order of an epoch and the values of its rows (recorded in every state)."""
         return {"seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size,
                 "drop_last": self.drop_last, "exclude_special": self.exclude_special, "lanes": self.lanes,
                 "slot_rows": self.slot_rows, "run_rows": list(self.run_rows), "rank": self.rank,
-                "world_size": self.world_size, "even_batches": self.even_batches}
+                "world_size": self.world_size, "even_batches": self.even_batches,
+                "hook_points": list(self.hook_points), "normalize": self.normalize, "dtype": self.dtype,
+                "norm_constants": self._norm_fingerprint()}
+
+    def token_index(self, stores: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The tokens (index into ``tokens/*``) of activation ``rows`` of ``stores``: the rows themselves but in
+        a store made with ``exclude_special=True`` (:meth:`Extraction.token_index`)."""
+        tokens = rows.copy()
+        for s in np.unique(stores).tolist():
+            if self._row_tokens[s]:
+                mine = stores == s
+                tokens[mine] = self.extractions[s].token_index(rows[mine])
+        return tokens
 
     # -- reading -------------------------------------------------------------------------------------
     def arrays(self, store: int) -> dict:
@@ -713,8 +743,9 @@ class LoaderIterator:
                                     loader.latent_form, self.torch_dtype, device) if hp in loader.d_sae
                    else as_tensor(rows[hp], self.torch_dtype, device) for hp in loader.hook_points}
         if loader.with_index:
-            tensors["store"] = torch.from_numpy(ids >> STORE_SHIFT)
-            tensors["token_index"] = torch.from_numpy(ids & ((1 << STORE_SHIFT) - 1))
+            stores, rows_of = ids >> STORE_SHIFT, ids & ((1 << STORE_SHIFT) - 1)
+            tensors["store"], tensors["row"] = torch.from_numpy(stores), torch.from_numpy(rows_of)
+            tensors["token_index"] = torch.from_numpy(loader.token_index(stores, rows_of))
             return tensors
         return tensors[loader.hook_points[0]] if loader.single else tensors
 
@@ -839,7 +870,7 @@ class _WorkerPool:
         batch = self._stash[want].pop(0)
         self.batches += 1
         if isinstance(batch, dict):
-            return {k: _moved(v, self.device) if k not in ("store", "token_index") else v for k, v in batch.items()}
+            return {k: _moved(v, self.device) if k not in INDEX_KEYS else v for k, v in batch.items()}
         return _moved(batch, self.device)
 
     def state_dict(self) -> dict:
@@ -957,12 +988,22 @@ def check_state(state: Any, loader: ActivationLoader, expected: dict, n_batches)
                 raise fail(f"state['stores'][{i}]['{key}'] is {_short(got[key])}: it was taken over {what}; this "
                            f"loader reads {key}={value!r} (resume over the same stores, committed to the same rows)")
     settings = state["settings"]
-    if type(settings) is not dict or set(settings) != set(expected):
+    # a state taken before VALUE_SETTINGS were recorded has the others: those are checked
+    older = {key: value for key, value in expected.items() if key not in VALUE_SETTINGS}
+    if type(settings) is not dict or set(settings) not in (set(expected), set(older)):
         raise fail(f"state['settings'] is {_short(settings)}, not a dict with keys {sorted(expected)}")
-    for key, value in expected.items():
+    for key, value in (expected if set(settings) == set(expected) else older).items():
         got = settings[key]
         if _same(got, value):
             continue
+        if key == "norm_constants":
+            raise fail(f"it was taken with other normalization constants (fingerprint {_short(got)}, here "
+                       f"{value!r}) over the same stores: the statistics they come from changed (the store's "
+                       "metadata or analysis/ cache was rewritten); resuming would scale its rows otherwise: start "
+                       "the epoch again, or «pass normalize=None» to both")
+        if key in ("hook_points", "normalize", "dtype"):
+            raise fail(f"it was taken with «{key}={_short(got)}», this loader has {key}={value!r} (its batches "
+                       f"would hold other values): make the loader with «pass {key}={_short(got)}»")
         if type(got) is not type(value) or type(value) is list:
             raise fail(f"state['settings']['{key}'] is {_short(got)}, this loader has {key}={value!r}" + (
                 " (lanes and their rows follow from buffer_tokens, run_mb and the stores' chunks: make the loader "
@@ -1051,9 +1092,11 @@ def loader(extractions: "Extraction | Sequence[Extraction]", hook_points: str | 
            run_mb: float = RUN_MB, latents: str = "sparse") -> ActivationLoader:
     """A training loader over one or several extractions (same hook points and widths).
 
-    Yields ``(batch, d)`` tensors for one hook point, dicts {hook point: tensor} for a list (plus ``store`` and
-    ``token_index`` with ``with_index=True``). Every committed row exactly once per epoch over all ranks and
-    workers; order fixed by ``(seed, epoch)``: each ``iter()`` plays the next epoch, ``set_epoch(e)`` picks one.
+    Yields ``(batch, d)`` tensors for one hook point, dicts {hook point: tensor} for a list (plus, with
+    ``with_index=True``, ``store``, ``row``: the activation row, and ``token_index``: its token, the index into
+    ``tokens/*``, another number than ``row`` in a store made with ``exclude_special=True``). Every committed row
+    exactly once per epoch over all ranks and workers; order fixed by ``(seed, epoch)``: each ``iter()`` plays the
+    next epoch, ``set_epoch(e)`` picks one.
 
     - ``shuffle``: runs (a chunk, or up to ``run_mb`` MB of adjacent chunks of a shard, read sequentially) in a
       random order, played through lanes holding ``buffer_tokens`` rows together (default: max(8 batches,
@@ -1069,11 +1112,14 @@ def loader(extractions: "Extraction | Sequence[Extraction]", hook_points: str | 
       its rank; batches come out round-robin over the workers, so the order does not depend on timing. In
       your own ``DataLoader(loader, batch_size=None, ...)`` call ``set_epoch`` every epoch.
     - ``exclude_special`` drops the tokenizer's special tokens (``tokens/special`` when the store has it).
-    - ``normalize``: ``"mean_std"`` = (x - mean) / std, per feature when :meth:`Extraction.feature_stats` is
-      cached in the store, else the scalar statistics in the metadata; ``"unit_norm"`` = x divided by one
-      dataset-wide factor so that the mean squared L2 norm of a row is 1.
+    - ``normalize``: ``"mean_std"`` = (x - mean) / std per feature over every committed token (the mean and std
+      of :meth:`Extraction.feature_stats`: its cache when there is one, else one pass when the loader is made,
+      then cached; the same numbers either way); ``"unit_norm"`` = x divided by one dataset-wide factor (from the
+      scalar statistics in the metadata) so that the mean squared L2 norm of a row is 1. Stores of different
+      storage dtypes load together; each row is exact, then cast to ``dtype``.
     - ``iter(loader).state_dict()`` / ``load_state_dict(state)`` resume mid-epoch exactly (in-process or with
-      workers); a state from other stores, commit marks or settings raises InputError naming the field.
+      workers); a state from other stores, commit marks or settings (hook points, ``normalize`` and its
+      constants, ``dtype`` included) raises InputError naming the field.
     - In-progress stores are read up to their commit mark when the loader is made.
     - SAE latents: a hook point ``"<hook point>.latents"`` (see :attr:`Extraction.latent_points`; alone or in a
       list with raw hook points, whose rows it matches token for token) yields, per ``latents``: ``"sparse"``

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STAT_ARRAYS = ("mean", "std", "max", "min", "frac_active", "hist", "edges")
+EXAMPLES_KEY = "examples=2"  # in the cache key of described examples: 1 had the activation row as token_index
 
 
 @dataclass
@@ -191,9 +192,10 @@ def cache_write(ext: "Extraction", path: str, mark: int, attrs: dict, arrays: di
         return False
 
 
-def cached_feature_stats(ext: "Extraction", hook_point: str) -> FeatureStats | None:
-    """Any cached, up-to-date :class:`FeatureStats` of ``hook_point`` (whatever its bins), else None."""
-    mark = _mark(ext)
+def cached_feature_stats(ext: "Extraction", hook_point: str, mark: int | None = None) -> FeatureStats | None:
+    """Any cached :class:`FeatureStats` of ``hook_point`` (whatever its bins) at commit mark ``mark`` (default:
+    today's), else None."""
+    mark = _mark(ext) if mark is None else int(mark)
     try:
         parent = open_group(ext.location, ext.store.storage_options, "r", f"analysis/feature_stats/{hook_point}")
         keys = sorted(parent.group_keys())
@@ -252,10 +254,7 @@ def feature_stats(ext: "Extraction", hook_point: str, bins: int = 64, cluster: A
         return FeatureStats(hook_point, 0, zeros, zeros, zeros, zeros, zeros, np.zeros((d, bins), np.int64),
                             np.zeros((d, bins + 1)))
     parts = _map(ext, _moments, hook_point, ranges, cluster)
-    n = sum(p["n"] for p in parts)
-    total, sum_sq = sum(p["sum"] for p in parts), sum(p["sum_sq"] for p in parts)
-    mean = total / n
-    std = np.sqrt(np.maximum(sum_sq / n - mean * mean, 0.0))
+    n, mean, std = _mean_std(parts)
     hi, lo = np.max([p["max"] for p in parts], 0), np.min([p["min"] for p in parts], 0)
     active = sum(p["active"] for p in parts) / n
     hist = sum(_map(ext, _histogram, hook_point, ranges, cluster, lo, hi, bins))
@@ -266,12 +265,43 @@ def feature_stats(ext: "Extraction", hook_point: str, bins: int = 64, cluster: A
     return stats
 
 
+def _mean_std(parts: list[dict]) -> tuple[int, np.ndarray, np.ndarray]:
+    """(rows, per-feature mean, std) from :func:`_moments` of consecutive ranges, summed in range order."""
+    n = sum(p["n"] for p in parts)
+    total, sum_sq = sum(p["sum"] for p in parts), sum(p["sum_sq"] for p in parts)
+    mean = total / n
+    return n, mean, np.sqrt(np.maximum(sum_sq / n - mean * mean, 0.0))
+
+
+def feature_moments(ext: "Extraction", hook_point: str, mark: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature (mean, std) over the first ``mark`` rows, exactly as :func:`feature_stats` computes them: from
+    its cache when it holds them, else from its first pass alone (the same sums in the same order, so the same
+    numbers whatever the cache holds), cached for the next call."""
+    cached = cached_feature_stats(ext, hook_point, mark)
+    if cached is not None:
+        return cached.mean, cached.std
+    path = cache_path("feature_moments", hook_point, "moments")
+    group = cache_read(ext, path, mark)
+    arrays = cached_arrays(ext, group, ["mean", "std"]) if group is not None else None
+    if arrays is not None:
+        return arrays["mean"], arrays["std"]
+    ranges = _chunk_ranges(ext, hook_point, mark)
+    if not ranges:
+        zeros = np.zeros(int(ext.activations(hook_point).shape[1]))
+        return zeros, zeros
+    _, mean, std = _mean_std(_map(ext, _moments, hook_point, ranges, None))
+    cache_write(ext, path, mark, {}, {"mean": mean, "std": std})
+    return mean, std
+
+
 def top_examples(ext: "Extraction", hook_point: str, feature: int | list[int], k: int = 20, context: int = 8,
                  cluster: Any = None) -> Examples | dict[int, Examples]:
     """The ``k`` tokens where ``feature`` is largest over every committed token, largest first.
 
-    Each example: ``value``, ``token_index`` (stored order), ``sample_position`` (stored sample), ``row``
-    (dataset row), ``position`` (token position in the sample), ``token_id``, ``token``, and the context
+    Each example: ``value``, ``token_index`` (its token: the index into ``tokens/*``; ``input_index`` is the same
+    number), ``activation_row`` (its row of the hook point's activations: another number on a store made with
+    ``exclude_special=True``), ``sample_position`` (stored sample), ``row`` (dataset row), ``position`` (token
+    position in the sample), ``token_id``, ``token``, and the context
     window within the sample (``context`` tokens either side): ``context_start`` (position of its first
     token), ``context_ids``, ``context_tokens``, ``context_values`` (this feature's activations).
     A list of features is answered in one pass: a dict {feature: examples}.
@@ -280,7 +310,8 @@ def top_examples(ext: "Extraction", hook_point: str, feature: int | list[int], k
     features, alone = check_features(feature, d, hook_point)
     k, context = check_count(k, "k", 1), check_count(context, "context", 0)
     mark = _mark(ext)
-    paths = {f: cache_path("top_examples", hook_point, f"feature={f},k={k},context={context}") for f in features}
+    paths = {f: cache_path("top_examples", hook_point, f"{EXAMPLES_KEY},feature={f},k={k},context={context}")
+             for f in features}
     answers: dict[int, Examples] = {}
     for f in features:
         group = cache_read(ext, paths[f], mark)
@@ -320,10 +351,10 @@ def describe_examples(ext: "Extraction", hook_point: str, feature: int, best: np
             column = acts[int(inside[0]):int(inside[-1]) + 1][:, feature].astype(float)
             for r, v in zip(inside, column):
                 values[int(ext.token_index(int(r))) - lo] = float(v)
-        out.append({"value": float(value), "token_index": act_row, "input_index": token, "sample_position": pos,
-                    "row": int(rows[pos]), "position": token - start, "token_id": window[token - lo],
-                    "token": names[token - lo], "context_start": lo - start, "context_ids": window,
-                    "context_tokens": names, "context_values": values})
+        out.append({"value": float(value), "token_index": token, "input_index": token, "activation_row": act_row,
+                    "sample_position": pos, "row": int(rows[pos]), "position": token - start,
+                    "token_id": window[token - lo], "token": names[token - lo], "context_start": lo - start,
+                    "context_ids": window, "context_tokens": names, "context_values": values})
     return out
 
 

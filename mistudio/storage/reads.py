@@ -140,6 +140,9 @@ class CheckedArray:
     def _read(self, key: Any, out: np.ndarray | None) -> np.ndarray:
         if self._view is None:
             return self._read_stored(key, out)
+        if out is not None and out.dtype != self._view:  # e.g. a float32 buffer shared with a float16 store
+            out[...] = self._read_stored(key, None).view(self._view)  # widened exactly, value by value
+            return out
         stored = self._read_stored(key, None if out is None else out.view(self.zarr.dtype))
         return stored.view(self._view) if out is None else out
 
