@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -317,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     except MistudioError as exc:
         print(f"error: {say(exc)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `mistudio jobs | head`: the reader has what it wanted; end quietly, as `ls` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit fails too
+        return 128 + signal.SIGPIPE
 
 
 def _run(args: argparse.Namespace) -> int | None:

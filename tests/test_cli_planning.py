@@ -75,3 +75,19 @@ def test_presets_commands_and_extract_with_preset(gpt2_dir, workspace, capsys, t
     assert ext.n_samples == 6 and ext.metadata["params"]["batch_size"] == 4  # the flag overrides, the rest stays
     code, out, _ = run(capsys, "--workspace", workspace, "presets", "delete", "copy")
     assert code == 0 and set(ws.presets()) == {"mid"}
+
+
+def test_a_listing_piped_into_a_reader_that_stops_ends_quietly(workspace, tmp_path):
+    """`mistudio jobs | head`: the reader closes the pipe; the listing ends with SIGPIPE's exit code, no traceback."""
+    import os
+    import subprocess
+
+    os.makedirs(workspace, exist_ok=True)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that has already stopped: the first write breaks the pipe
+    try:
+        done = subprocess.run([sys.executable, "-m", "mistudio.cli", "jobs", "--workspace", workspace],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
