@@ -39,6 +39,7 @@ def test_train_then_extract_with_the_sae_then_browse_its_features(gpt2_dir, work
     panel = studio.extraction_panel
     arguments = panel.form_arguments()
     assert arguments["saes"] == {HP: str(run.sae_path)} and arguments["model"] == gpt2_dir
+    assert f"with the SAE <b title='{run.sae_path}'>{run.id}/sae</b>" in panel.summary.value  # the run, not 'sae'
     panel.dtype.value = "float32"  # the SAE reads the model's float32 rows: stored as they are, for the check below
     panel.launch_button.click()
     job = panel.job

@@ -310,7 +310,7 @@ class ExtractionPanel(W.VBox):
         if pairs is None:
             return (f"<br>with SAEs <code>{esc(short(text, 80))}</code> <small>(More options; not a {{hook point: "
                     "folder} mapping yet)</small>")
-        named = ", ".join(f"<b title='{esc(folder)}'>{esc(Path(folder).name or folder)}</b> at <b>{esc(point)}</b>"
+        named = ", ".join(f"<b title='{esc(folder)}'>{esc(_sae_label(folder))}</b> at <b>{esc(point)}</b>"
                           for point, folder in pairs)
         return (f"<br>with the SAE{'s' if len(pairs) > 1 else ''} {named} <small>(latents stored as "
                 f"{esc(', '.join(point + '.latents' for point, _ in pairs))}; set in More options)</small>")
@@ -842,3 +842,10 @@ class ExtractionPanel(W.VBox):
         self.resume_button.disabled = not can_resume
         self.retry_button.disabled = False
         self.failure_box.layout.display = ""
+
+
+def _sae_label(folder: str) -> str:
+    """An SAE's folder as the summary names it: its last part, with the run's id for a trained one (every run
+    saves to ``saes/<run>/sae``, so ``sae`` alone named none)."""
+    path = Path(folder)
+    return f"{path.parent.name}/{path.name}" if path.name == "sae" and path.parent.name else path.name or folder
