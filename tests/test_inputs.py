@@ -171,3 +171,7 @@ def test_cli_demo_offline(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "COMPLETED" in out.stdout and "layers.5.residual" in out.stdout and "tokens/s" in out.stdout
     assert str(tmp_path / "ws") in out.stdout
+    assert "cut at --max-length" in out.stdout and "--window keeps them whole" in out.stdout, out.stdout
+    again = subprocess.run(["mistudio", "demo", "--max-samples", "64", "--window", "128"], capture_output=True,
+                           text=True, env=env, timeout=300)  # the flags its summary advises exist
+    assert again.returncode == 0 and "cut at" not in again.stdout and "windows" in again.stdout, again.stdout
