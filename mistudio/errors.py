@@ -204,10 +204,12 @@ def is_oom(exc: BaseException) -> bool:
     return False
 
 
-def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int | None] | None = None) -> dict:
+def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int | None] | None = None,
+             resumable: bool = True) -> dict:
     """Turn an exception raised by a job into its error record (type, words, suggested retry).
 
-    ``disk`` is (where, bytes free, bytes still needed), used to word a full disk.
+    ``disk`` is (where, bytes free, bytes still needed), used to word a full disk; ``resumable``: whether the
+    store holds something a resume continues from (its tokens), so that the words offer only what can succeed.
     """
     batch_size = params.get("batch_size", 8)
     batch_size = int(batch_size) if isinstance(batch_size, (int, float)) else 8  # "auto" before its choice
@@ -246,11 +248,19 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
             record.update(error_template=exc.template, param=exc.param)
         return record
     if isinstance(exc, JobTimeout):
+        if not resumable:  # out of time while loading the model or reading the data: a longer limit is the fix
+            limit = params.get("timeout_s")
+            template = (f"{exc} It stopped before it stored anything (while loading the model or reading the data): "
+                        f"retry it with a longer limit («timeout_s={2 * limit:g}», or «timeout_s=None» for none)."
+                        if limit else f"{exc} It stopped before it stored anything: retry it with a longer limit.")
+            return {"error_type": "TIMEOUT", "error_message": render(template), "error_template": template,
+                    "suggested_retry_params": {"timeout_s": 2 * limit} if limit else {}}
         max_samples = params.get("max_samples")
         suggested = {"max_samples": max(1, int(max_samples) // 2)} if max_samples else {}
         return {
             "error_type": "TIMEOUT",
-            "error_message": f"{exc} Resume it to continue from what was saved, or retry with fewer samples.",
+            "error_message": f"{exc} Resume it to continue from what was saved (each run gets the limit again), or "
+                             "retry with fewer samples.",
             "suggested_retry_params": suggested,
         }
     return {

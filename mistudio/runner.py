@@ -333,7 +333,7 @@ class Execution:
 
     def _error(self, exc: BaseException, resumable: bool) -> dict:
         """The failure's error record: its class in plain words, and what the user can do next."""
-        error = classify(exc, self.request.params(), self._disk())
+        error = classify(exc, self.request.params(), self._disk(), resumable)
         error.setdefault("resume_available", resumable)
         error.update(retry_available=True, cancel_available=False, failed_at=now())
         return error

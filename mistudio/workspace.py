@@ -253,9 +253,10 @@ class Workspace(Folder, Observable):
                              "(retry runs it again with other parameters)")
         error = meta.error
         if error is not None and not can_resume(meta.status, error):
+            why = ("Resuming would fail again: retry it (with the request corrected) instead"
+                   if error.error_type == "VALIDATION" else "There is nothing stored to resume from: retry it")
             raise InputError(f"extraction {extraction_id} cannot resume: it failed [{error.error_type}] "
-                             f"{error.error_message.rstrip('.')}. Resuming would fail again: retry it (with the "
-                             "request corrected) instead")
+                             f"{error.error_message.rstrip('.')}. {why}")
         old = self._handles.get(extraction_id)
         if old is not None and old.request is not None:
             request = old.request

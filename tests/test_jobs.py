@@ -253,6 +253,25 @@ def test_timeout(gpt2_dir, workspace):
     assert "time limit of 0.3 s" in job.error["error_message"]
 
 
+def test_a_timeout_before_anything_is_stored_offers_a_longer_limit_not_a_resume(gpt2_dir, workspace):
+    """Out of time while loading: the words said "Resume it", the resume refused quoting them, and reads called the
+    store damaged while verify said OK."""
+    ws = ms.Workspace(workspace)
+    job = ws.submit(gpt2_dir, "sample", timeout_s=1e-6, **BASE).wait(60)
+    error = job.error
+    assert job.status == "FAILED" and error["error_type"] == "TIMEOUT" and not error["resume_available"]
+    assert "stopped before it stored anything" in error["error_message"] and "Resume it" not in error["error_message"]
+    assert "timeout_s=None" in error["error_message"] and error["suggested_retry_params"] == {"timeout_s": 2e-6}
+    with pytest.raises(ms.InputError, match="There is nothing stored to resume from: retry it"):
+        ws.resume(job.id)
+    ext = ms.open_extraction(job.id, workspace=workspace)
+    with pytest.raises(ms.InputError, match=r"holds no activations/layers.0.residual: its job stopped \(FAILED "
+                                            r"\[TIMEOUT\]\) before it stored anything.*; retry it"):
+        ext.activations("layers.0.residual")
+    assert ext.verify().ok
+    assert job.retry(timeout_s=None).wait(60).status == "COMPLETED"
+
+
 def test_broken_listener_does_not_break_job(gpt2_dir, workspace):
     ws = ms.Workspace(workspace)
     job = ws.submit(gpt2_dir, "sample", batch_size=8, **BASE)

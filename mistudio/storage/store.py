@@ -13,7 +13,7 @@ import numpy as np
 import pydantic
 import zarr
 
-from ..errors import StoreCorrupted, StoreLost
+from ..errors import InputError, StoreCorrupted, StoreLost
 from . import metadata
 from .codec import fast_layout
 from .files import fsync_dir, write_atomic
@@ -326,12 +326,26 @@ class ExtractionStore:
         try:
             arr = self.group[path].with_config(WRITE_CONFIG)
         except (KeyError, FileNotFoundError) as exc:
+            if not self.is_allocated:  # not damaged: nothing was stored yet
+                raise InputError(self._nothing_stored(path)) from None
             raise StoreCorrupted(self.location, "the array is missing", path, file=file) from exc
         except DECODE_ERRORS as exc:
             raise StoreCorrupted(self.location, f"its metadata cannot be read ({type(exc).__name__}: {exc})", path,
                                  file=file) from exc
         self._check_size(arr, path, file)
         return arr
+
+    def _nothing_stored(self, path: str) -> str:
+        """Why a store without arrays has no ``path``, and what to do: its arrays are made once its data is
+        tokenized, so a job stopped before that (cancelled, or out of time while loading) left none."""
+        record = self.record
+        if record.status in (metadata.Status.FAILED, metadata.Status.CANCELLED):
+            error = f" [{record.error.error_type}]" if record.error else ""
+            then = "resume it" if metadata.can_resume(record.status, record.error) else "retry it"
+            return (f"extraction {record.id} holds no {path}: its job stopped ({record.status.value}{error}) before "
+                    f"it stored anything, so there is nothing to read; {then} to extract it")
+        return (f"extraction {record.id} holds no {path} yet: its job ({record.status.value}) has not stored "
+                "anything; wait for its first batch")
 
     def _claimed_rows(self, path: str) -> tuple[int | None, str, int]:
         """(rows the metadata gives the array at ``path`` or None, where it says so, rows its files must hold)."""
