@@ -27,7 +27,7 @@ from .storage.verify import quick_check
 
 DEFAULT_WORKSPACE = "./mistudio-workspace"
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-LIST_COLUMNS = ["id", "status", "error", "message", "model", "dataset", "hook_points", "samples_committed",
+LIST_COLUMNS = ["id", "status", "error", "message", "model", "dataset", "hook_points", "latents", "samples_committed",
                 "samples_total", "tokens_committed", "tokens_total", "size", "bytes", "created", "retry_of", "damaged",
                 "problem", "location", "nonce"]
 
@@ -216,6 +216,7 @@ class Folder:
                 "message": meta.error.error_message if meta.error else "",
                 "model": model_label(meta.model.name_or_path), "dataset": dataset_label(meta.dataset.source),
                 "hook_points": ", ".join(meta.hook_points or meta.params.hook_points or []),
+                "latents": ", ".join(f"{point}.latents" for point in meta.latents),  # an SAE's, stored beside
                 "samples_committed": progress.samples_committed, "samples_total": progress.samples_total,
                 "tokens_committed": meta.committed_tokens(), "tokens_total": progress.tokens_total,
                 "created_at": meta.timings.created, "retry_of": meta.retry_of or ""}

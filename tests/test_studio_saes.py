@@ -46,6 +46,11 @@ def test_train_then_extract_with_the_sae_then_browse_its_features(gpt2_dir, work
     assert job is not None and job.wait(180).status == "COMPLETED", job.error
     ext = job.extraction()
     assert ext.latent_points == [f"{HP}.latents"]
+    listed = ms.Workspace(workspace).extractions().set_index("id")
+    assert listed.loc[ext.id, "latents"] == f"{HP}.latents"  # which store holds an SAE's latents, in the listing
+    from mistudio.widgets.common import extraction_label
+
+    assert extraction_label(listed.loc[ext.id].to_dict()).endswith(" + SAE latents")  # and in the dropdowns
     sae = ms.load_sae(run.sae_path)
     with torch.no_grad():  # the stored latents are the SAE's encoding of the stored rows
         want = sae.encode(torch.from_numpy(np.asarray(ext.activations(HP)[:], np.float32))).numpy()

@@ -335,9 +335,11 @@ def _bundled_path() -> str | None:
 def extraction_label(row: dict) -> str:
     """An extraction as a dropdown entry (Browse, Features, Train), short enough for a narrow window: date and time ·
     model · dataset · hook points, and the status unless COMPLETED ('11-30 10:47:03 · all-MiniLM-L6-v2 · sample ·
-    layers 1,3,5 × residual'). The line under the dropdown names the chosen one in full."""
+    layers 1,3,5 × residual'; '+ SAE latents' when it holds an SAE's). The line under the dropdown names the chosen
+    one in full."""
     created = row.get("created")
     when = f"{created:%m-%d %H:%M:%S}" if created is not None and created == created else short_id(row["id"])
     model = str(row["model"]).removesuffix(" (bundled)")
     status = "" if row["status"] == "COMPLETED" else f" · {row['status']}"
-    return f"{when} · {model} · {row['dataset']} · {summarise_hook_points(row['hook_points'])}{status}"
+    latents = " + SAE latents" if row.get("latents") else ""
+    return f"{when} · {model} · {row['dataset']} · {summarise_hook_points(row['hook_points'])}{latents}{status}"
