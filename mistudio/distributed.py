@@ -27,6 +27,8 @@ from .saes import SAE
 from .storage.featfeed import StatisticsFeed
 from .storage.featindex import FeatureIndex
 from .storage.layout import latent_index_dtype, storage_unit
+from .storage.codec import Geometry, record_chunks
+from .storage.positions import ChunkRecords
 from .storage.reads import CheckedArray
 from .storage.stats import HookStats, LatentStats
 from .storage.store import ExtractionStore
@@ -316,6 +318,7 @@ class ShardedRun:
         shard = self.shards[result["index"]]
         shard.update(status="done", stats=result["stats"], latent_stats=result.get("latent_stats") or {},
                      seconds=result["seconds"])
+        self._record_chunks(shard)
         self._index_straddling({result["index"]})
         prefix = 0
         for s in self.shards:
@@ -337,6 +340,27 @@ class ShardedRun:
                           **sections)
         if self.feed is not None:
             self.feed.advance(int(self.offsets[prefix]))
+
+    def _record_chunks(self, shard: dict) -> None:
+        """Write the chunk records (a store that keeps them) of the chunks whose rows are all written now that
+        ``shard`` is done (its rows, joined with those of the done shards next to it), before anything reads them."""
+        lo, hi = shard["tokens"]
+        done = [s["tokens"] for s in self.shards if s["status"] == "done"]
+        ends, starts = {b: a for a, b in done}, {a: b for a, b in done}
+        first, stop = lo, hi
+        while first in ends and ends[first] < first:
+            first = ends[first]
+        while stop in starts and starts[stop] > stop:
+            stop = starts[stop]
+        record = self.store.record
+        paths = [f"activations/{hp}" for hp in record.hook_points]
+        paths += [f"latents/{hp}/{name}" for hp in record.latents for name in ("indices", "values")]
+        for path in paths:
+            records = ChunkRecords.of(Geometry.of(self.store.array(path)))
+            if records is not None:
+                step = records.g.chunk_rows
+                record_chunks(records, max(-(-first // step), lo // step), min(records.final(stop), -(-hi // step)),
+                              stop)
 
     def _index_straddling(self, finished: set[int] | None = None) -> None:
         """Index the blocks of SAE latents that straddle shards once every shard they take rows from is done

@@ -12,6 +12,7 @@ import torch
 
 import mistudio as ms
 from mistudio.errors import InputError, StoreCorrupted
+from mistudio.storage.codec import record_committed
 
 sl = pytest.importorskip("sae_lens")
 
@@ -351,10 +352,11 @@ def test_a_crafted_width_or_latent_index_is_damage_never_fewer_rows(gpt2_dir, wo
     with pytest.raises(ms.StoreCorrupted, match=r"latents/layers\.2\.residual/indices.*disagrees with the metadata"):
         ms.open_extraction(str(wide)).feature(HP, 5)
     past = Path(shutil.copytree(ext.location, tmp_path / "past.zarr"))
-    indices = zarr.open_array(str(past / "latents" / HP / "indices"), mode="r+")
-    values = zarr.open_array(str(past / "latents" / HP / "values"), mode="r+")
+    indices = zarr.open_array(str(past), path=f"latents/{HP}/indices", mode="r+")
+    values = zarr.open_array(str(past), path=f"latents/{HP}/values", mode="r+")
     d_sae = ext.latent_info(HP).d_sae
     indices[5, 0], values[5, 0] = d_sae + 72, 3.0
+    record_committed([indices, values], 0, indices.shape[0])  # the chunk records agree: only the values can tell
     with pytest.raises(ms.StoreCorrupted, match=rf"latent index {d_sae + 72} is past the SAE's {d_sae} latents"):
         ms.open_extraction(str(past)).latents(HP)
 

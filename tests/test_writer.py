@@ -102,14 +102,14 @@ def test_concurrent_shard_writes_never_lose_rows(tmp_path, monkeypatch):
     lock = threading.Lock()
     real_append = codec.UnitWriter.append
 
-    def watched(self, chunk, pieces):
+    def watched(self, chunk, pieces, **kw):
         key = (self.arr.path, chunk // self.g.per_shard)
         with lock:
             overlaps.append(key) if key in active else active.add(key)
             most[0] = max(most[0], len(active))
         time.sleep(0.01)
         try:
-            real_append(self, chunk, pieces)
+            real_append(self, chunk, pieces, **kw)
         finally:
             with lock:
                 active.discard(key)

@@ -15,9 +15,11 @@ being filled has no index yet: its chunks below the commit mark are read at thei
 
 Reading checks everything before using it: every unit a regular file; a shard's index by its crc32c, then every
 entry (each chunk whole, in chunk order, back to back, the index right after them: the only layout the writer
-and Zarr produce), no empty entry below the commit mark, the file's length; each chunk's crc32c. Damage raises
-:class:`Damaged` (the caller turns it into ``StoreCorrupted``); anything else unusual (a selection this module does
-not handle, a layout it does not know) raises :class:`Fallback`, and the caller reads through Zarr instead.
+and Zarr produce), no empty entry below the commit mark, the file's length; each chunk's crc32c, and in a store
+with chunk records (:mod:`.positions`) that a chunk wholly below the mark is the one recorded for its place.
+Damage raises :class:`Damaged` (the caller turns it into ``StoreCorrupted``); anything else unusual (a selection
+this module does not handle, a layout it does not know) raises :class:`Fallback`, and the caller reads through Zarr
+instead.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import numpy as np
 
 from .files import fsync_dir
 from .layout import CHECKSUM_BYTES, EMPTY, SHARD_INDEX_ENTRY, storage_unit
+from .positions import ChunkRecords
 
 
 def fast_layout(arr: Any) -> tuple[int, bool] | None:
@@ -153,6 +156,7 @@ class UnitWriter:
         self.tmp: Path | None = None
         self.dirty = False
         self.new_folders: set[str] = set()
+        self.records = ChunkRecords.of(g)  # a store with chunk records: each whole chunk's is written with it
 
     def start(self, row: int) -> None:
         """Continue at ``row`` (a chunk boundary). Chunks before ``row`` in its shard stay: the shard is copied up
@@ -186,11 +190,14 @@ class UnitWriter:
         self.unit, self.fd, self.chunks, self.tmp, self.replaces = unit, fd, keep, tmp, path
         self.dirty = True
 
-    def append(self, chunk: int, pieces: list[np.ndarray]) -> None:
+    def append(self, chunk: int, pieces: list[np.ndarray], final: bool = False) -> None:
         """Encode chunk number ``chunk`` (of the array) from consecutive row ``pieces`` (a whole chunk, or the
-        array's last, or a flush's partial one, padded) and write it where it belongs."""
+        array's last, or a flush's partial one, padded) and write it where it belongs. ``final``: the chunk is
+        whole (or the array's last), as it will stay once committed: its chunk record is written too."""
         g = self.g
         parts = encode_chunk(pieces, g)
+        if final and self.records is not None:
+            self.records.put(chunk, int(parts[-1].view("<u4")[0]))
         if not g.sharded:
             path = g.unit_file(chunk)
             self._folder(path)
@@ -302,6 +309,8 @@ class UnitWriter:
         """Flush what was written since the last call (file data, and new files' folder entries) to the disk."""
         if self.dirty and self.fd >= 0:
             _sync(self.fd)
+        if self.records is not None:
+            self.records.sync()
         for folder in self.new_folders:
             fsync_dir(folder)
         self.dirty = False
@@ -376,6 +385,8 @@ class FastReader:
     def __init__(self, g: Geometry, mark: int):
         self.g, self.mark = g, int(mark)
         self.shape, self.dtype = g.shape, g.dtype
+        self.records = ChunkRecords.of(g)  # a store with chunk records: each chunk's place is checked too
+        self.final_chunks = self.records.final(self.mark) if self.records is not None else 0
         self._local = threading.local()
 
     @classmethod
@@ -536,6 +547,10 @@ class FastReader:
                     raise self.chunk_error(unit, c, f"the file ends {g.chunk_bytes - got} bytes early")
                 if g.crc and _crc32c(target) != int(trailer.view("<u4")[0]):
                     raise self.chunk_error(unit, c, "crc32c checksum mismatch")
+                if unit * g.per_shard + c < self.final_chunks:
+                    wrong = self.records.misplaced(unit * g.per_shard + c, int(trailer.view("<u4")[0]))
+                    if wrong is not None:
+                        raise self.chunk_error(unit, c, wrong, decoded=True)
                 if not whole:
                     rows = target.view(self.dtype).reshape(g.chunk_rows, *self.shape[1:])[lo - start:hi - start]
                     out[lo - first:hi - first] = rows if col is None else rows[:, col]
@@ -560,14 +575,16 @@ class FastReader:
                                f"({g.index_bytes} bytes)")
         return [c * g.chunk_bytes for c in range(g.per_shard)]  # being filled: chunks at their places
 
-    def chunk_error(self, unit: int, chunk: int, why: str) -> Damaged:
+    def chunk_error(self, unit: int, chunk: int, why: str, decoded: bool = False) -> Damaged:
+        """Damage of one chunk; ``decoded``: it decodes, and ``why`` says what else is wrong with it."""
         g = self.g
         if not g.sharded:
-            return Damaged(g.unit_key(unit), f"the chunk cannot be decoded ({why})")
+            return Damaged(g.unit_key(unit), f"the chunk {why}" if decoded else f"the chunk cannot be decoded ({why})")
         row = unit * g.unit_rows + chunk * g.chunk_rows
         inner = unit * g.per_shard + chunk
-        return Damaged(g.unit_key(unit), f"inner chunk(s) ({inner}, 0) of the shard "
-                                         f"(rows {row}-{row + g.chunk_rows}) cannot be decoded ({why})")
+        where = f"({inner}, 0) of the shard (rows {row}-{row + g.chunk_rows})"
+        return Damaged(g.unit_key(unit), f"inner chunk {where} {why}" if decoded
+                       else f"inner chunk(s) {where} cannot be decoded ({why})")
 
     def scratch(self) -> np.ndarray:
         """A per-thread buffer of one chunk's data bytes (reused: no page faults per read)."""
@@ -575,6 +592,37 @@ class FastReader:
         if buf is None:
             buf = self._local.buf = np.empty(self.g.data_bytes, np.uint8)
         return buf
+
+
+def record_chunks(records: ChunkRecords, first: int, stop: int, mark: int) -> None:
+    """Write the chunk records of chunks ``[first, stop)`` of an array (wholly below ``mark``) from the crc32c in
+    their files (rows Zarr wrote), flushed to the disk."""
+    g = records.g
+    crcs = []
+    reader = FastReader(g, mark)
+    for unit in range(first // g.per_shard, -(-stop // g.per_shard)):
+        fd = os.open(g.unit_file(unit), os.O_RDONLY)
+        try:
+            offsets = reader.chunk_offsets(fd, unit, os.fstat(fd).st_size) if g.sharded else [0]
+            for chunk in range(max(first, unit * g.per_shard), min(stop, (unit + 1) * g.per_shard)):
+                at = offsets[chunk - unit * g.per_shard]
+                trailer = os.pread(fd, CHECKSUM_BYTES, at + g.data_bytes) if at is not None else b""
+                if len(trailer) != CHECKSUM_BYTES:
+                    raise OSError(f"chunk {chunk} of {g.arr.path} is not on the disk: it cannot be recorded")
+                crcs.append(int.from_bytes(trailer, "little"))
+        finally:
+            os.close(fd)
+    if crcs:
+        records.put_many(first, crcs)
+
+
+def record_committed(arrays: Any, old_mark: int, new_mark: int) -> None:
+    """Record the chunks of ``arrays`` (Zarr arrays) that the commit mark's move from ``old_mark`` to ``new_mark``
+    puts wholly below it (nothing for arrays without records)."""
+    for arr in arrays:
+        records = ChunkRecords.of(Geometry.of(arr))
+        if records is not None:
+            record_chunks(records, records.final(old_mark), records.final(new_mark), new_mark)
 
 
 def _crc32c(data: Any) -> int:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .positions import RECORD_BYTES, recorded
+
 SHARD_MB = 32.0  # default shard size of activation arrays (Request.shard_mb); see benchmarks/RESULTS.md
 TOKEN_CHUNK_ROWS = 2**20  # rows per chunk of the 1-D token arrays
 CHECKSUM_BYTES = 4  # crc32c appended to every chunk (and to a shard's index)
@@ -24,6 +26,7 @@ PER_SAMPLE = ("sample_offsets", "sample_index", "activation_offsets")  # token a
 # statistics per hook point), the writer lease file (~0.2 KB) and each array's (about 0.36 KB, twice: its own
 # file and its copy in the consolidated metadata)
 METADATA_BYTES, METADATA_PER_ARRAY, METADATA_PER_HOOK_POINT = 4900, 720, 900
+RECORDS_KEY_BYTES = 45  # the chunk records' key, named in a metadata file
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -98,6 +101,14 @@ class ArrayLayout:
         return ("token", "feature") if len(self.shape) == 2 else ("sample",) if name in PER_SAMPLE else ("token",)
 
     @property
+    def records_bytes(self) -> int:
+        """Bytes of the array's chunk records (storage/positions.py: a local store with checksums), and of their
+        key in its metadata files."""
+        if not self.checksum or not recorded(self.path) or not self.shape[0]:
+            return 0
+        return RECORD_BYTES * math.ceil(self.shape[0] / self.chunk_rows) + 2 * RECORDS_KEY_BYTES
+
+    @property
     def bytes_on_disk(self) -> int:
         """Bytes of the array's unit files once every row is written."""
         n = self.shape[0]
@@ -129,7 +140,8 @@ class StoreLayout:
     @property
     def bytes_on_disk(self) -> int:
         """The whole store: its unit files exactly, its metadata files from their typical sizes (within a few KB)."""
-        return self.data_bytes + METADATA_BYTES + (len(self.arrays) + 2) * METADATA_PER_ARRAY \
+        return self.data_bytes + sum(a.records_bytes for a in self.arrays) + METADATA_BYTES + RECORDS_KEY_BYTES \
+            + (len(self.arrays) + 2) * METADATA_PER_ARRAY \
             + len(self.activations) * METADATA_PER_HOOK_POINT
 
     def array(self, path: str) -> ArrayLayout:

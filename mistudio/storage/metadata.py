@@ -161,6 +161,7 @@ class StorageInfo(_Section):
     window: int | None = None
     stride: int | None = None
     role_codes: dict[str, int] | None = None
+    chunk_records: str | None = None  # the key of the chunk records (storage/positions.py); None: a store without
 
 
 class Progress(_Section):

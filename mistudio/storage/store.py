@@ -14,8 +14,8 @@ import pydantic
 import zarr
 
 from ..errors import InputError, StoreCorrupted, StoreLost
-from . import metadata
-from .codec import fast_layout
+from . import metadata, positions
+from .codec import fast_layout, record_committed
 from .files import fsync_dir, write_atomic
 from .layout import CHECKSUM_BYTES, PER_SAMPLE, WRITE_CONFIG, StoreLayout, array_codecs, numpy_dtype, storage_unit, \
     unit_key, unit_name, zarr_dtype
@@ -293,13 +293,17 @@ class ExtractionStore:
         """Create every array of ``layout`` and write the token arrays (``tokens``: name -> values in stored
         order, as :mod:`mistudio.plan` made them); record the layout in the metadata (``storage``: what the
         plan says of it: window, stride, role codes, exclude_special)."""
+        key = positions.new_key() if self.local and all(a.checksum for a in layout.arrays) else None
         with zarr.config.set({"json_indent": None}):  # compact metadata files
             for spec in layout.arrays:
                 folder, name = spec.path.rsplit("/", 1)
                 kind = folder.split("/", 1)[0]
                 group = self.group.require_group(folder)
                 shards = (spec.shard_rows, *spec.shape[1:]) if spec.shard_rows else None
-                extra = {"attributes": {"mistudio_dtype": spec.dtype}} if zarr_dtype(spec.dtype) != spec.dtype else {}
+                attributes = {"mistudio_dtype": spec.dtype} if zarr_dtype(spec.dtype) != spec.dtype else {}
+                if key is not None and positions.recorded(spec.path):
+                    attributes[positions.ATTRIBUTE] = key
+                extra = {"attributes": attributes} if attributes else {}
                 arr = group.create_array(name, shape=spec.shape, dtype=zarr_dtype(spec.dtype), **extra,
                                                 chunks=(spec.chunk_rows, *spec.shape[1:]), shards=shards,
                                                 dimension_names=spec.dims, config=WRITE_CONFIG,
@@ -310,6 +314,7 @@ class ExtractionStore:
                     if data.shape != spec.shape:
                         raise ValueError(f"token array {name} has shape {data.shape}, the layout says {spec.shape}")
                     arr[:] = data.astype(spec.dtype, copy=False)
+                    record_committed([arr], 0, spec.shape[0])
         first = layout.activations[0]
         offsets = np.asarray(tokens["sample_offsets"])
         self.update(format_version=layout.format_version,
@@ -317,7 +322,7 @@ class ExtractionStore:
                               "samples_committed": 0, "tokens_committed": 0, "chunk_rows": first.chunk_rows},
                     hook_points=[a.path.split("/", 1)[1] for a in layout.activations],
                     storage={"checksum": first.checksum, "n_input_tokens": int(offsets[-1]),
-                             "shard_rows": first.shard_rows, **storage})
+                             "shard_rows": first.shard_rows, "chunk_records": key, **storage})
 
     def array(self, path: str) -> zarr.Array:
         """The raw Zarr array at ``path`` (``tokens/input_ids``), set up for writing; a missing array or

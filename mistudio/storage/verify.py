@@ -1,7 +1,8 @@
 """``verify``: a whole store scanned without changing it, and ``quick_check``, its cheap form.
 
 Below a store's commit mark every storage unit (a chunk, or a shard in a sharded array: format version 2) must
-exist and decode (which checks its crc32c); the metadata must be coherent with the arrays.
+exist and decode (which checks its crc32c) and, in a store with chunk records (:mod:`.positions`), every chunk must
+be the one recorded for its place; the metadata must be coherent with the arrays.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from zarr.core.sync import sync
 from .codec import Damaged, FastReader, Geometry
 from .layout import has_checksum, storage_unit, unit_key, unit_name, units
 from .metadata import END_STATES, LIVE_STATES
+from .positions import ATTRIBUTE, recorded
 from ..errors import StoreCorrupted
 from .reads import DECODE_ERRORS, CheckedArray, damage, missing_units
 from .featindex import FeatureIndex
@@ -163,7 +165,8 @@ class _Scan:
             arr = self.open(group, path, shape)
             if arr is not None:
                 flags.append(has_checksum(arr))
-                self.scan(arr, arr.shape[0] if below is None else below)
+                if self.same_store(arr, storage.get("chunk_records")):
+                    self.scan(arr, arr.shape[0] if below is None else below)
         self.report.checksums = all(flags) if flags else None
         if self.report.decoded and not any(p.array and p.array.startswith("latents/") for p in self.report.problems):
             for hp, info in (meta.get("latents") or {}).items():
@@ -259,6 +262,24 @@ class _Scan:
                          f"{tuple('d' if e is None else e for e in shape)}", path, file=file)
             return None
         return arr
+
+    def same_store(self, arr: zarr.Array, key: str | None) -> bool:
+        """Whether the array's chunk records are this store's (``key``: the one its metadata names); else a
+        problem says the array comes from another store (its chunks are then not scanned against them)."""
+        g = Geometry.of(arr)
+        own = arr.attrs.get(ATTRIBUTE) if g is not None and g.crc and recorded(arr.path) else None
+        if own == key or g is None or not g.crc or not recorded(arr.path):
+            return True
+        if own is None:
+            why = "it has no chunk records, although this store keeps them"
+        elif key is None:
+            why = "it has chunk records, although this store (from before them) keeps none"
+        else:
+            why = f"its chunk records are under the key {own!r}, not this store's {key!r}"
+        self.problem(f"the array's folder comes from another store (or another copy of one): {why}; put this "
+                     "store's own folder back from a copy of it, or re-extract (retry)", arr.path,
+                     file=f"{self.location}/{arr.path}/zarr.json")
+        return False
 
     def scan(self, arr: zarr.Array, mark: int) -> None:
         """Every storage unit below ``mark``: present, a regular file, its index (shards) sound, and (when

@@ -95,7 +95,8 @@ class _Stream:
             return
         if again:  # the chunk a flush wrote partially holds committed rows: written whole in a copy
             self.unit_writer.start(start)
-        self.unit_writer.append(start // self.step, views)
+        whole = stop - start == self.step or stop == self.n_rows
+        self.unit_writer.append(start // self.step, views, final=whole)
         self.unit_writer.sync()
 
     def _take_one(self) -> None:
