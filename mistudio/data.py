@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from .chat import Budget, ChatTemplateError, check_template, render_chat
+from .chat import PASS_TEMPLATE, Budget, ChatTemplateError, check_template, render_chat
 from .errors import InputError
 from .formats import DATA_SUFFIXES, file_format, named as _named
 from .request import Request
@@ -478,7 +478,7 @@ def chat_template_of(tokenizer, chat_template: str) -> str:
     own = getattr(tokenizer, "chat_template", None)
     if not own:
         raise InputError(f"chat_template='auto' but the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has "
-                         "no chat template: «pass chat_template=\"<jinja string>\"» or use a chat model",
+                         f"no chat template: {PASS_TEMPLATE} or use a chat model",
                          param="chat_template")
     own = own if isinstance(own, str) else own.get("default", next(iter(own.values())))
     check_template(own, template_label(tokenizer, "auto"))

@@ -3,6 +3,7 @@ header (an unquoted comma in a text), an unclosed quote, a file that is not Parq
 file and line, with the fix: never a text cut at its first comma, never a raw pandas/pyarrow traceback."""
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -120,3 +121,16 @@ def test_a_parquet_link_to_a_csv_names_the_link_and_its_target(gpt2_dir, workspa
     link.symlink_to(target)
     with pytest.raises(ms.InputError, match=re.escape(f"'{link}' (a link to '{target}') is not a Parquet file")):
         ms.Workspace(workspace).submit(gpt2_dir, str(link), **ARGS)
+
+
+def test_a_missing_chat_template_names_a_file_on_the_command_line(gpt2_dir, workspace, tmp_path, capsys):
+    """The CLI's --chat-template takes a file: its advice names a file, Python's a Jinja string."""
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ms.InputError) as caught:
+        ms.Workspace(workspace).submit(gpt2_dir, str(path), chat_template="auto", **ARGS)
+    assert 'has no chat template: pass chat_template="<jinja string>" or use a chat model' in str(caught.value)
+    err = _cli_refuses(workspace, gpt2_dir, path, capsys, "--chat-template", "auto")
+    assert "has no chat template: pass --chat-template <path of a Jinja template file> or use a chat model" in err
+    assert "jinja string" not in err
+    assert _no_store(workspace)
