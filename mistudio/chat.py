@@ -644,7 +644,10 @@ class ChatTemplateError(InputError):
         self.kind = kind
 
 
-FIX = "fix the template, or «pass chat_template=\"<jinja string>\"» with one that renders each conversation once"
+# a template of one's own: a string in Python and the Studio, the path of a file on the command line
+PASS_TEMPLATE = ("«py+studio:«pass chat_template=\"<jinja string>\"»»"
+                 "«cli:«pass chat_template=<path of a Jinja template file>»»")
+FIX = f"fix the template, or {PASS_TEMPLATE} with one that renders each conversation once"
 
 
 def check_template(source: str, label: str) -> None:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import codecs
+import csv
 import gzip
 import io
+import itertools
 import json
 import os
 import stat
@@ -14,7 +16,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from .chat import Budget, ChatTemplateError, check_template, render_chat
+from .chat import PASS_TEMPLATE, Budget, ChatTemplateError, check_template, render_chat
 from .errors import InputError
 from .formats import DATA_SUFFIXES, file_format, named as _named
 from .request import Request
@@ -204,19 +206,105 @@ def _read_jsonl(path: Path, column: str | None, encoding: str) -> Iterator[objec
         yield rec[column] if column in rec else rec  # a record without the column: the report says why
 
 
+def _records(path: Path, sep: str, encoding: str) -> Iterator[tuple[int, str, int | None]]:
+    """The non-blank records of a CSV/TSV file, read with the ``csv`` module: (its first line number, that line,
+    its fields); fields None for a field past the module's size limit (an unclosed quote, most likely), the last."""
+    held: list[str] = []  # the lines of the record being read
+
+    def lines(f) -> Iterator[str]:
+        for line in f:
+            held.append(line)
+            yield line
+
+    with io.TextIOWrapper(open_regular(path), encoding=encoding, errors="replace", newline="") as f:
+        reader, start = csv.reader(lines(f), delimiter=sep), 1
+        try:
+            for record in reader:
+                if record:
+                    yield start, held[0], len(record)
+                start, held[:] = reader.line_num + 1, []
+        except csv.Error:
+            yield start, held[0] if held else "", None
+
+
+def _first_row_is_wider(path: Path, sep: str, encoding: str) -> bool:
+    """Has the first row more fields than the header? (pandas would then make its leading fields an index.)"""
+    head = list(itertools.islice(_records(path, sep, encoding), 2))
+    return len(head) == 2 and None not in (head[0][2], head[1][2]) and head[1][2] > head[0][2]
+
+
+def _first_bad_record(path: Path, sep: str, encoding: str) -> tuple[int, str, int | None, int]:
+    """The first record with more fields than the header, or (fields None) the last record, whose quote runs to
+    the end of the file: (its first line, that line, its fields, the header's fields); line 0 when there is none.
+    Read after pandas refused the file: pandas names no line, or a later one."""
+    header, last = None, (0, "", None, 0)
+    for start, text, fields in _records(path, sep, encoding):
+        if header is None:
+            header = fields or 0
+        elif fields is not None and fields > header:
+            return start, text, fields, header
+        else:
+            last = (start, text, None, header)
+    return last
+
+
+def _table_error(path: Path, fmt: str, encoding: str, said: str) -> InputError:
+    """Why pandas could not read ``path`` as the user meant (``said``: what pandas said), by line, and the fix."""
+    sep, mark = ("\t", "a tab") if fmt == "tsv" else (",", "a comma")
+    line, text, fields, header = _first_bad_record(path, sep, encoding)
+    text = text.rstrip("\r\n")
+    excerpt = repr(text if len(text) <= 60 else text[:57] + "...")
+    where = f"dataset file {_named(path)}"
+    one_per_line = "or, for one text per line, save it as .txt (or as .jsonl, one JSON record per line)"
+    if line and fields is not None:
+        return InputError(f"{where} line {line} has {fields} fields, more than the {header} of its header ({excerpt}):"
+                          f" which of them make the text is ambiguous, so nothing is read. In {fmt.upper()}, quote a "
+                          f"text that holds {mark} (\"...\", a quote inside doubled \"\"), {one_per_line}",
+                          param="dataset")
+    if line and "EOF inside string" in said:
+        return InputError(f"{where} line {line} opens a quote that is never closed ({excerpt}): close it (a quote "
+                          f"inside a quoted text is doubled \"\"), {one_per_line}", param="dataset")
+    return InputError(f"{where} cannot be read as {fmt.upper()} (pandas: {said}): fix the file, {one_per_line}",
+                      param="dataset")
+
+
 def _read_table(path: Path, column: str | None, fmt: str, encoding: str) -> Iterator[object]:
+    """A CSV, TSV or Parquet file's ``column`` (None: whole records). A CSV row with more fields than its header is
+    refused (pandas would make its leading fields an index, or drop the trailing ones), as is a file pandas or
+    pyarrow cannot parse: by file and line, with the fix."""
     import pandas as pd
 
+    sep = "\t" if fmt == "tsv" else ","
+    if fmt in ("csv", "tsv") and _first_row_is_wider(path, sep, encoding):
+        raise _table_error(path, fmt, encoding, "more fields than the header")
     with open_regular(path) as handle:
         if fmt in ("csv", "tsv"):
             try:  # texts are texts: "NA", "null", "None", "nan", "N/A" stay strings (pandas' NA parsing is off)
-                frame = pd.read_csv(handle, sep="\t" if fmt == "tsv" else ",", encoding=encoding,
+                frame = pd.read_csv(handle, sep=sep, encoding=encoding,
                                     keep_default_na=False, na_filter=False,
                                     dtype=None if column is None else {column: str})
             except UnicodeDecodeError:
                 raise _decode_error(path, encoding) from None
+            except pd.errors.EmptyDataError:
+                raise InputError(f"dataset file {_named(path)} is empty: not even a header line (the column "
+                                 "names) is in it: «pass dataset=<the file that holds the texts>»",
+                                 param="dataset") from None
+            except pd.errors.ParserError as exc:
+                raise _table_error(path, fmt, encoding, str(exc).removeprefix("Error tokenizing data. C error: ")
+                                   .strip()) from None
+            if not frame.index.equals(pd.RangeIndex(len(frame))):  # rows wider than the header made an index
+                raise _table_error(path, fmt, encoding, "more fields than the header")
         else:
-            frame = pd.read_parquet(handle)
+            import pyarrow as pa
+
+            try:
+                frame = pd.read_parquet(handle)
+            except (pa.ArrowException, OSError) as exc:  # not Parquet, empty, cut short or damaged
+                said = str(exc).splitlines()[0].removeprefix("Could not open Parquet input source '<Buffer>': ")
+                raise InputError(f"dataset file {_named(path)} is not a Parquet file, or is damaged (pyarrow: "
+                                 f"{said}): a file is read by its suffix, so if it holds CSV, JSON Lines or text, "
+                                 "rename it to .csv, .jsonl or .txt; else write it again (df.to_parquet(path))",
+                                 param="dataset") from None
     if column is None:
         yield from frame.to_dict("records")
         return
@@ -390,7 +478,7 @@ def chat_template_of(tokenizer, chat_template: str) -> str:
     own = getattr(tokenizer, "chat_template", None)
     if not own:
         raise InputError(f"chat_template='auto' but the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has "
-                         "no chat template: «pass chat_template=\"<jinja string>\"» or use a chat model",
+                         f"no chat template: {PASS_TEMPLATE} or use a chat model",
                          param="chat_template")
     own = own if isinstance(own, str) else own.get("default", next(iter(own.values())))
     check_template(own, template_label(tokenizer, "auto"))

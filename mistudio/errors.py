@@ -6,7 +6,9 @@ A message names the parameter it is about with a mark: ``«window=600»`` (the v
 reads as Python (``window=600``, ``pass window=512``, ``window``, ``pass window=``); :func:`render` reads as the
 command line (``--window 600``, ``--window``) or the Studio (``'Window' 600``, ``set 'Window' to 512``), from the
 names each front end passes. ``«py:TrainConfig.»`` is text for the Python wording only (the class a field belongs
-to): the command line and the Studio name a flag or a field alone.
+to): the command line and the Studio name a flag or a field alone. Likewise ``«cli:...»`` is for the command line
+only and ``«py+studio:...»`` for the others; such text may hold one mark (a fix that differs by front end:
+``«py+studio:«pass chat_template="<jinja string>"»»«cli:«pass chat_template=<path of a file>»»``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ _OOM_MARKERS = (
 
 
 _MARK = re.compile(r"«(pass )?([A-Za-z_][A-Za-z0-9_]*)(?:=(.*?))?»")
-_PYTHON_ONLY = re.compile(r"«py:([^«»]*)»")
+_STYLES = "py|cli|studio"
+_ONLY = re.compile(rf"«((?:{_STYLES})(?:\+(?:{_STYLES}))*):((?:[^«»]|«[^«»]*»)*)»")  # text for some front ends
 
 
 def _cli_value(value: str) -> str:
@@ -72,7 +75,8 @@ def render(text: str, style: str = "python", names: dict[str, tuple[str, str]] |
         shown = "empty" if value == "None" else _cli_value(value)
         return f"set '{label}' to {shown}" if verb else f"'{label}' {shown}"
 
-    text = _PYTHON_ONLY.sub(lambda m: m.group(1) if style == "python" else "", text)
+    short = "py" if style == "python" else style
+    text = _ONLY.sub(lambda m: m.group(2) if short in m.group(1).split("+") else "", text)
     return _MARK.sub(word, text)
 
 
