@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import re
 from html import unescape
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 import mistudio as ms
 from mistudio.analysis.exports import export_html, export_neuronpedia
 from mistudio.analysis.feature_page import feature_page_html
-from mistudio.analysis.feature_view import display_pieces, token_label, tokenizer_scheme
+from mistudio.analysis.feature_view import (display_pieces, feature_view, feature_view_html, token_label,
+                                            tokenizer_scheme)
 from mistudio.analysis.features import export_pages, feature_page
 from mistudio.errors import InputError
 
@@ -182,3 +184,97 @@ def test_labels_follow_the_stores_own_tokenizer_when_a_folder_gets_another_of_th
     assert token_labels(a) != token_labels(b)
     a.tokenizer = second  # read a store with a tokenizer given by hand: its pieces, not the memo's
     assert token_labels(a) == token_labels(b)
+
+
+# -- characters split over several byte-level pieces ('é' as 'Ã' '©', an emoji, a CJK character) --------------------
+SPLIT = "café au lait, naïve 😀 日本 " * 3
+SPLIT_WORDS = ("café", "naïve", "😀", "日本")
+
+
+@pytest.fixture(scope="module")
+def split_store(gpt2_dir, tmp_path_factory):
+    """The shared tiny GPT-2, whose 400-piece byte-level BPE (trained on English text) splits é, ï, 😀 and 日本 into
+    pieces of one byte each."""
+    ext = ms.extract(model=gpt2_dir, dataset=[SPLIT] * 4, layers=[1], max_length=40,
+                     workspace=str(tmp_path_factory.mktemp("split") / "ws"), progress=False)
+    tokens = ext.sample(0)["tokens"]
+    assert "Ã" in tokens and "©" in tokens and "ðŁĺ" not in tokens  # é, and the emoji, really are split
+    return ext
+
+
+def _plain(html_text: str) -> str:
+    return unescape(re.sub(r"<[^>]+>", "", html_text))
+
+
+def _summaries_and_contexts(html_text: str, full: str) -> list[tuple[str, str]]:
+    """Each example's summary line and expanded context, as plain text (row/value meta and '…' left out)."""
+    pairs = re.findall(r"<summary>(.*?)</summary>\s*<div[^>]*" + full + r"[^>]*>(.*?)</div>\s*</details>", html_text)
+    return [(_plain(re.sub(r'<span class="(ms-meta|msfp-meta)".*?</span>', "", s)).strip(" …"), _plain(c))
+            for s, c in pairs]
+
+
+def test_running_text_joins_a_character_split_over_pieces(split_store):
+    from mistudio.analysis.feature_view import piece_titles
+
+    tokens, ids = split_store.sample(0)["tokens"], split_store.sample(0)["input_ids"]
+    pieces = display_pieces(tokens)
+    assert "".join(pieces) == split_store.tokenizer.decode(ids)  # as the tokenizer decodes it
+    first = tokens.index("Ã")
+    assert tokens[first:first + 2] == ["Ã", "©"] and pieces[first:first + 2] == ["", "é"]  # shown where it ends
+    assert display_pieces(["Ã"], "bytelevel") == ["\ufffd"] == [token_label("Ã", "bytelevel")]  # alone: as before
+    assert display_pieces(["©", "Ġa", "Ã"], "bytelevel") == ["\ufffd", " a", "\ufffd"]  # cut at a window's edges
+    assert display_pieces(["ðŁ", "ĺ", "Ģ", "Ġæ", "Ĺ"], "bytelevel") == ["", "", "😀", " ", "\ufffd"]  # 4 bytes; cut
+    assert display_pieces(["▁caf", "<0xC3>", "<0xA9>", "<0x0A>"], "bpe") == [" caf", "", "é", "↵"]  # byte fallback
+    titles = piece_titles(["Ġcaf", "Ã", "©"], "bytelevel")
+    assert titles == ["␣caf", "\ufffd (part of 'é')", "\ufffd (part of 'é')"]
+
+
+def test_feature_view_reads_split_characters_as_decoded(split_store):
+    view = feature_view(split_store, HP, 0, context=40)  # whole rows: each holds every split word
+    html_text = feature_view_html(view).split("Highest mean activation")[0]  # the examples (running text)
+    assert all(word in _plain(html_text) for word in SPLIT_WORDS) and "Ã" not in _plain(html_text)
+    examples = view["top"] + [e for band in view["bands"] for e in band["examples"]]
+    decoded = [split_store.tokenizer.convert_tokens_to_string(e["context_tokens"]) for e in examples]
+    pairs = _summaries_and_contexts(html_text, "margin")
+    assert [context for _, context in pairs] == decoded  # every example's context as the tokenizer decodes it
+    assert all(summary in context for summary, context in pairs), pairs  # and its line spelled the same way
+    peaks = [(int(e["position"]) - int(e["context_start"]), len(e["context_tokens"])) for e in examples]
+    spans = sum(n + min(n, peak + 4) - max(0, peak - 3) for peak, n in peaks)
+    assert html_text.count('class="ms-tok') == spans  # every token keeps its own span, in the line and in the context
+
+
+def test_feature_page_reads_split_characters_as_decoded(split_store):
+    page = feature_page(split_store, HP, 0, context=40, n_token_means=5, logits=False)
+    html_text = feature_page_html(page)
+    assert all(word in _plain(html_text) for word in SPLIT_WORDS) and "Ã" not in _plain(html_text)
+    examples = page["top"] + [e for band in page["bands"] for e in band["examples"]]
+    decoded = [split_store.tokenizer.convert_tokens_to_string(e["tokens"]) for e in examples]
+    pairs = _summaries_and_contexts(html_text, "msfp-full")
+    assert [context for _, context in pairs] == decoded
+    assert all(summary in context for summary, context in pairs), pairs
+
+
+def test_from_text_reads_split_characters_as_decoded(split_store):
+    from mistudio.widgets.features_panel import FeaturesPanel
+
+    panel = FeaturesPanel(ms.Workspace(str(Path(split_store.location).parents[1])), page_size=10)
+    assert panel.wait(120)
+    panel.prompt.value = "The café, naïve 😀 日本."
+    panel.run_prompt()
+    assert panel.wait(120)
+    shown = _plain(panel.prompt_html.value.split("</small>", 1)[1])
+    assert shown == "The café, naïve 😀 日本.", shown
+    assert panel.prompt_html.value.count('class="msfp-tok"') == len(panel.prompt_result["tokens"])
+    assert "part of &#x27;é&#x27;" in panel.prompt_html.value  # a piece of é says so on hover
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False])
+def test_neuronpedia_export_keeps_each_piece_alone(split_store, tmp_path, with_tokenizer):
+    """Neuronpedia's records hold each token decoded alone (TransformerLens's to_str_tokens): a piece of 'é' is
+    '\ufffd' there, never '' (the running text of the pages joins them; the export does not)."""
+    root = export_neuronpedia(export_pages(split_store, HP, [0]), tmp_path / "np", model_id="tiny", source_set="res",
+                              tokenizer=split_store.tokenizer if with_tokenizer else None)
+    records = [json.loads(line) for f in glob.glob(str(root / "activations" / "*.gz"))
+               for line in gzip.open(f, "rt", encoding="utf-8")]
+    assert records and all("" not in r["tokens"] and "Ã" not in r["tokens"] for r in records)
+    assert any("\ufffd" in r["tokens"] for r in records)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InputError, MistudioError
 from .feature_page import PAGE_CSS, check_page, escape, feature_page_html, number
-from .feature_view import LATENT_SUFFIX, display_pieces, is_latent
+from .feature_view import LATENT_SUFFIX, display_pieces, is_latent, resolve_scheme
 
 if TYPE_CHECKING:
     import datasets
@@ -145,10 +145,12 @@ def _record_id(*parts: Any) -> str:
 
 def _texts(tokens: Sequence[str], tokenizer: Any, scheme: str) -> list[str]:
     """Token strings as text: the tokenizer's own decoding of each token when given (as TransformerLens's
-    to_str_tokens, which Neuronpedia's dashboards hold), else the display pieces ('Ġthe' -> ' the')."""
+    to_str_tokens, which Neuronpedia's dashboards hold), else each piece's display text alone ('Ġthe' -> ' the',
+    a piece of a character split over pieces '�', as decoding it alone reads)."""
     if tokenizer is not None:
         return [_token_text(tokenizer, str(t)) for t in tokens]
-    return display_pieces([str(t) for t in tokens], scheme)
+    scheme = resolve_scheme([str(t) for t in tokens], scheme)
+    return [display_pieces([str(t)], scheme)[0] for t in tokens]
 
 
 def _token_text(tokenizer: Any, token: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Sequence
@@ -385,19 +386,101 @@ def resolve_scheme(tokens: Sequence[str], scheme: str) -> str:
     return "wordpiece" if any(t.startswith("##") for t in tokens) else "bpe"
 
 
-def display_pieces(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
-    """The text each token adds when the pieces are joined: 'Ġthe' -> ' the', '##ing' -> 'ing', 'Ċ' -> '↵', a
-    byte-level piece as the text its bytes spell ('Ã©' -> 'é'; :func:`byte_level_text`)."""
-    scheme = resolve_scheme(tokens, scheme)
-    out = []
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+_CONTROL = {"\n": "↵", "\t": "⇥"}
+
+
+def _piece_bytes(token: str, scheme: str) -> bytes | None:
+    """The bytes a piece spells when it is made of bytes (a byte-level piece whose bytes read as text:
+    :func:`byte_level_text`; a SentencePiece byte ``'<0xC3>'``), else None: the piece is text."""
+    if scheme == "bytelevel" and byte_level_text(token) is not None:
+        return bytes(_BYTES[c] for c in token)
+    if scheme == "bpe" and (byte := _BYTE_PIECE.fullmatch(token)):
+        return bytes([int(byte.group(1), 16)])
+    return None
+
+
+def _text_piece(token: str, i: int, scheme: str) -> str:
+    if scheme == "wordpiece":
+        return token[2:] if token.startswith("##") else (token if i == 0 else " " + token)
+    return token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "↵").replace("ĉ", "⇥")
+
+
+def _running(tokens: Sequence[str], scheme: str) -> list[tuple[str, str]]:
+    """Each token's text in running text and the character it shares with the pieces beside it ('' if none).
+    The bytes of consecutive byte pieces decode together: a character split over pieces is shown on the piece that
+    completes it, the pieces before add no text; a character the tokens never complete reads '�' (as decoding
+    them reads), on its last piece."""
+    out = [["", ""] for _ in tokens]
+    pending, owners = bytearray(), []  # the bytes of a character begun, and the tokens they came from
+
+    def close(char: str) -> None:
+        out[owners[-1]][0] += char
+        if len(owners) > 1:
+            for owner in owners:
+                out[owner][1] = char
+        pending.clear()
+        owners.clear()
+
     for i, token in enumerate(tokens):
-        if scheme == "wordpiece":
-            out.append(token[2:] if token.startswith("##") else (token if i == 0 else " " + token))
-        elif scheme == "bytelevel" and (text := byte_level_text(token)) is not None:
-            out.append(text.replace("\n", "↵").replace("\t", "⇥"))
-        else:
-            out.append(token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "↵").replace("ĉ", "⇥"))
-    return out
+        raw = _piece_bytes(token, scheme)
+        if raw is None:
+            if pending:
+                close(pending.decode("utf-8", errors="replace"))
+            out[i][0] = _text_piece(token, i, scheme)
+            continue
+        if not pending and (text := _whole(raw)) is not None:  # the common case: whole characters
+            out[i][0] = text
+            continue
+        for byte in raw:
+            if pending and not 0x80 <= byte < 0xC0:  # not a continuation: the character begun is cut
+                close(pending.decode("utf-8", errors="replace"))
+            if pending or 0xC2 <= byte <= 0xF4:  # a continuation, or a character's first byte
+                pending.append(byte)
+                if not owners or owners[-1] != i:
+                    owners.append(i)
+                if len(pending) == (2 if pending[0] < 0xE0 else 3 if pending[0] < 0xF0 else 4):
+                    close(pending.decode("utf-8", errors="replace"))
+            else:
+                out[i][0] += _CONTROL.get(chr(byte), chr(byte)) if byte < 0x80 else "\ufffd"
+    if pending:
+        close(pending.decode("utf-8", errors="replace"))
+    return [(text, joined) for text, joined in out]
+
+
+def _whole(raw: bytes) -> str | None:
+    """``raw`` as text when it is whole characters."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text.replace("\n", "↵").replace("\t", "⇥")
+
+
+def display_pieces(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
+    """Running text: the text each token adds when the pieces are joined, so that they read as the tokenizer
+    decodes them: 'Ġthe' -> ' the', '##ing' -> 'ing', 'Ċ' -> '↵', a byte-level piece as the text its bytes spell
+    ('Ã©' -> 'é'), and a character split over pieces ('Ã' '©', an emoji's four bytes) on the piece that completes it,
+    the pieces before it adding '' (:func:`piece_html` draws them as a thin mark). One token alone reads as
+    :func:`byte_level_text` reads it ('Ã' -> '�'). Every view draws an example's tokens from one call on the whole
+    example, so a line cut from it reads as the whole does."""
+    return [text for text, _ in _running(tokens, resolve_scheme(tokens, scheme))]
+
+
+def piece_titles(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
+    """What hovering each token of running text says: its :func:`token_label`, and for a piece of a character split
+    over pieces, that character (``"� (part of 'é')"``)."""
+    scheme = resolve_scheme(tokens, scheme)
+    return [token_label(token, scheme) + (f" (part of '{joined}')" if joined else "")
+            for token, (_, joined) in zip(tokens, _running(tokens, scheme))]
+
+
+def piece_html(piece: str) -> str:
+    """A piece of running text as HTML inside its token's span: escaped, or for a piece that adds no text (the first
+    bytes of a character shown on the piece after it) a thin mark, so that the token still shows its shade and
+    value."""
+    return escape(piece) if piece else ('<span class="ms-part" style="display:inline-block;width:3px;height:1em;'
+                                        'vertical-align:text-bottom"></span>')
 
 
 # A token's whitespace as a label shows it: the byte-level BPE / SentencePiece markers and plain whitespace alike.
@@ -438,13 +521,16 @@ def _shade(value: float | None, scale: float) -> str:
 
 
 def _tokens_html(tokens: Sequence[str], values: Sequence[float | None], peak: int | None, scale: float,
-                 special: set[str], scheme: str) -> str:
+                 special: set[str], scheme: str, span: range | None = None) -> str:
+    """Tokens ``span`` (all by default) of one example, each its own shaded span; the text is drawn from the whole
+    example (:func:`display_pieces`), so a line cut from it reads as the whole does."""
     parts = []
-    scheme = resolve_scheme(tokens, scheme)
-    for i, (token, piece, value) in enumerate(zip(tokens, display_pieces(tokens, scheme), values)):
+    pieces, titles = display_pieces(tokens, scheme), piece_titles(tokens, scheme)
+    for i in span if span is not None else range(len(tokens)):
+        value = values[i]
         style = [_shade(value, scale), "border-radius:2px", "white-space:pre"]
         cls = "ms-tok"
-        if token in special or value is None:
+        if tokens[i] in special or value is None:
             style += ["opacity:0.45", "font-size:85%"]
             cls += " ms-special"
         if i == peak:
@@ -452,7 +538,7 @@ def _tokens_html(tokens: Sequence[str], values: Sequence[float | None], peak: in
             cls += " ms-peak"
         shown = "no activation" if value is None else f"{float(value):.4g}"
         parts.append(f'<span class="{cls}" style="{";".join(style)}" '
-                     f'title="{escape(token_label(token, scheme))} = {shown}">{escape(piece)}</span>')
+                     f'title="{escape(titles[i])} = {shown}">{piece_html(pieces[i])}</span>')
     return "".join(parts)
 
 
@@ -469,7 +555,7 @@ def examples_html(examples: Sequence[dict], special_tokens: Sequence[str] = (), 
         toks, vals = list(e["context_tokens"]), list(e["context_values"])
         peak = int(e["position"]) - int(e["context_start"])
         lo, hi = max(0, peak - narrow), min(len(toks), peak + narrow + 1)
-        short = _tokens_html(toks[lo:hi], vals[lo:hi], peak - lo, scale, special, scheme)
+        short = _tokens_html(toks, vals, peak, scale, special, scheme, range(lo, hi))
         full = _tokens_html(toks, vals, peak, scale, special, scheme)
         rows.append(f'<details class="ms-example"><summary><span class="ms-meta" style="color:#555;'
                     f'font-size:90%;display:inline-block;min-width:150px">row {int(e["row"]):,} · pos '

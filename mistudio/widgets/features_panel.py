@@ -27,7 +27,8 @@ import numpy as np
 from ..analysis import exports
 from ..analysis.feature_page import correlated_title, feature_page_html
 from ..analysis.feature_view import _shade as shade
-from ..analysis.feature_view import display_pieces, store_key, token_label, tokenizer_scheme
+from ..analysis.feature_view import (display_pieces, piece_html, piece_titles, store_key, token_label,
+                                     tokenizer_scheme)
 from ..analysis.features import (FeatureTable, base_hook_point, export_pages, feature_hook_points, feature_page,
                                  features_for_token, is_latent, load_statistics, parse_features, set_note,
                                  token_labels)
@@ -715,7 +716,8 @@ class FeaturesPanel(W.VBox):
         column = values[:, self.page["feature"]] if same and self.page["feature"] < values.shape[1] else None
         shown = column if column is not None else np.array([t[0]["value"] if t else 0.0 for t in result["top"]])
         scale = float(np.nanmax(np.abs(shown))) if len(shown) else 1.0
-        pieces = display_pieces(result["tokens"], tokenizer_scheme(self.ext.tokenizer) if self.ext else "auto")
+        scheme = tokenizer_scheme(self.ext.tokenizer) if self.ext else "auto"
+        pieces, titles = display_pieces(result["tokens"], scheme), piece_titles(result["tokens"], scheme)
         chosen = self.prompt_tokens.value
         spans = []
         for i, (piece, value, special) in enumerate(zip(pieces, shown, result["special"])):
@@ -723,8 +725,8 @@ class FeaturesPanel(W.VBox):
             top = ", ".join(f"{t['feature']}: {t['value']:.3g}" for t in result["top"][i])
             style = shade(value, scale) + (";outline:2px solid currentColor" if i == chosen else "") + \
                 (";opacity:.5" if special else "")
-            spans.append(f'<span class="msfp-tok" style="{style}" title="{esc(result["tokens"][i])} · top: '
-                         f'{esc(top)}">{esc(piece)}</span>')
+            spans.append(f'<span class="msfp-tok" style="{style}" title="{esc(titles[i])} · top: '
+                         f'{esc(top)}">{piece_html(piece)}</span>')
         what = (f"shaded by feature {self.page['feature']:,}" if column is not None
                 else "shaded by each token's top feature")
         self.prompt_html.value = (f'<div style="margin:4px 0"><small>{esc(result["hook_point"])}, {what}</small>'
