@@ -69,7 +69,7 @@ def make_store(location: str, samples: list[np.ndarray], d: int, tokenizer, mode
                                                             model=ModelInfo(name_or_path=model, model_type="bert")))
     tokens, layout = plan_for_ids(samples, {HP: d}, "float16")
     tokens["special"] = np.isin(tokens["input_ids"], tokenizer.all_special_ids)
-    store.allocate(tokens, layout, {"exclude_special": False})
+    store.allocate(tokens, layout, {"exclude_special": False}, chunk_records=False)  # chunks written by hand
     n, n_samples = len(tokens["input_ids"]), len(samples)
     store.update(status="COMPLETED", progress={"samples_committed": n_samples, "tokens_committed": n,
                                                "samples_done": n_samples, "tokens_done": n})

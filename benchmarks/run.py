@@ -377,6 +377,7 @@ def loader_store(folder: Path, mb: float, width: int = 1024, shard_mb: float = 0
     """A COMPLETED store of random float32 activations, about ``mb`` MB, written straight through ExtractionStore
     (2 MB chunks; ``shard_mb`` 0: one file per chunk, format 1; else shards of about that size, format 2), stored
     as ``dtype``."""
+    from mistudio.storage.codec import record_committed
     from mistudio.storage.layout import numpy_dtype
     from mistudio.storage.metadata import ExtractionMeta
     from mistudio.storage.store import ExtractionStore
@@ -395,6 +396,7 @@ def loader_store(folder: Path, mb: float, width: int = 1024, shard_mb: float = 0
     for a in range(0, arr.shape[0], block):  # bfloat16 is stored as its uint16 bit pattern
         values = rng.standard_normal((min(block, arr.shape[0] - a), width), dtype=np.float32)
         arr[a:a + block] = values.astype(numpy_dtype(dtype)).view(arr.dtype)
+    record_committed([arr], 0, arr.shape[0])  # written through Zarr: its chunk records, as the writer makes them
     store.update(status="COMPLETED", progress={"tokens_committed": arr.shape[0], "samples_committed": len(lengths)},
                  statistics={"layers.0.residual": {"mean": 0.0, "std": 1.0}})
     return ms.Extraction(store)

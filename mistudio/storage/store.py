@@ -289,11 +289,14 @@ class ExtractionStore:
     def is_allocated(self) -> bool:
         return "tokens" in self.group and "sample_offsets" in self.group["tokens"]
 
-    def allocate(self, tokens: dict[str, np.ndarray], layout: StoreLayout, storage: dict[str, Any]) -> None:
+    def allocate(self, tokens: dict[str, np.ndarray], layout: StoreLayout, storage: dict[str, Any],
+                 chunk_records: bool = True) -> None:
         """Create every array of ``layout`` and write the token arrays (``tokens``: name -> values in stored
         order, as :mod:`mistudio.plan` made them); record the layout in the metadata (``storage``: what the
-        plan says of it: window, stride, role codes, exclude_special)."""
-        key = positions.new_key() if self.local and all(a.checksum for a in layout.arrays) else None
+        plan says of it: window, stride, role codes, exclude_special). ``chunk_records=False``: a store without
+        chunk records (:mod:`.positions`), for rows written by hand through Zarr rather than by the writer."""
+        key = positions.new_key() if chunk_records and self.local and all(a.checksum for a in layout.arrays) \
+            else None
         with zarr.config.set({"json_indent": None}):  # compact metadata files
             for spec in layout.arrays:
                 folder, name = spec.path.rsplit("/", 1)
