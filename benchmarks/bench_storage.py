@@ -13,6 +13,8 @@
 - dtype: bfloat16 against float16 on the same shapes: the writer alone (run.py's ``writer_once``: ``ChunkWriter``
   MB/s and a raw write of the same bytes), and reads of a COMPLETED store (``ext.activations(hp)[:]`` and one
   shuffled loader epoch with the loader's dtype = the storage dtype), interleaved, medians.
+- records: the writer alone with chunk records (storage/positions.py) against without, one file per chunk and
+  32 MB shards, interleaved, medians of the ratio.
 - extraction: run.py's ``bench_extraction`` at 512 and 2,048 samples; ``extract ÷ bare forward`` is the engine's
   tokens/s against the bare batched forward of the same batches (mean of the forwards before and after).
 - cli: ``mistudio --help`` and ``mistudio jobs`` on an empty workspace against ``python -c pass``, fresh
@@ -50,7 +52,7 @@ import run  # noqa: E402
 from mistudio.storage.layout import numpy_dtype  # noqa: E402
 
 MEMORY_FS = run.MEMORY_FS
-STEPS = ("kill", "memory", "dtype", "extraction", "cli")
+STEPS = ("kill", "memory", "dtype", "records", "extraction", "cli")
 
 # -- rows lost on kill ---------------------------------------------------------------------------------------------
 
@@ -143,6 +145,23 @@ def bench_kill(model_dir: str, tmp: Path, n_samples: int, kills: int, quick: boo
 
 
 # -- bfloat16 against float16 --------------------------------------------------------------------------------------
+
+def bench_records(tmp: Path, write_mb: float, repeats: int) -> dict:
+    """The writer's MB/s with chunk records ÷ without (4 hook points x d=1024, batches of 2,048 tokens, float16),
+    per layout, the order alternating each repeat."""
+    layouts = {"chunks": dict(chunk_mb=2.0, shard_mb=0), "shards": dict(chunk_mb=2.0, shard_mb=32)}
+    mb_s = {(name, on): [] for name in layouts for on in (True, False)}
+    for rep in range(repeats):
+        for name, layout in layouts.items():
+            for on in (True, False)[:: 1 if rep % 2 == 0 else -1]:
+                done = run.writer_once(tmp, f"records-{name}-{on}-{rep}", write_mb, 4, 1024, 2048,
+                                       chunk_records=on, **layout)
+                mb_s[(name, on)].append(done["writer_mb_s"])
+    ratios = {name: [a / b for a, b in zip(mb_s[(name, True)], mb_s[(name, False)])] for name in layouts}
+    return {"write_mb": write_mb, "layouts": {
+        name: {"ratios": ratios[name], "ratio": float(np.median(ratios[name])), "with_mb_s": mb_s[(name, True)],
+               "without_mb_s": mb_s[(name, False)]} for name in layouts}}
+
 
 def bench_dtype(tmp: Path, write_mb: float, read_mb: float, repeats: int) -> dict:
     """The writer alone (32 MB shards, 4 hook points x d=1024, batches of 2,048 tokens) and reads of a COMPLETED
@@ -267,6 +286,7 @@ def main() -> None:
                                        args.kills or (2 if q else 10), q),
             "memory": lambda: run.bench_memory(model12(), str(tmp / "mem-ws"), *((50, 200) if q else (1000, 10000))),
             "dtype": lambda: bench_dtype(mem, 32 if q else 256, 32 if q else 256, 1 if q else 3),
+            "records": lambda: bench_records(tmp, 32 if q else 256, 1 if q else 5),
             "extraction": lambda: bench_extraction(model6(), mem, sizes, args.extraction_repeats or (1 if q else 3)),
             "cli": lambda: bench_cli(tmp, 2 if q else 5),
         }
@@ -313,6 +333,11 @@ def print_table(r: dict) -> None:
               f"({rd['bfloat16_activations']:.0f} vs {rd['float16_activations']:.0f} MB/s, {d['read_mb']:.0f} MB)")
         print(f"{'loader shuffled epoch, bfloat16 / float16':<50}{d['loader_bf16_vs_f16']:>8.3f}           "
               f"({rd['bfloat16_loader']:.0f} vs {rd['float16_loader']:.0f} MB/s)")
+    if "records" in r:
+        for name, x in r["records"]["layouts"].items():
+            ratios = ", ".join(f"{v:.2f}" for v in x["ratios"])
+            print(f"{'writer MB/s with chunk records / without, ' + name:<50}{x['ratio']:>8.3f}           "
+                  f"(per repeat {ratios})")
     if "extraction" in r:
         for n, x in r["extraction"]["sizes"].items():
             ratios = ", ".join(f"{run_['ratio_vs_bare']:.3f}" for run_ in x["runs"])

@@ -266,20 +266,22 @@ def _units_bytes(store, hook_points: list[str]) -> list[int]:
     return sizes
 
 
-def _allocated_store(location: str, n_samples: int, length: int, hook_dims: dict, dtype: str, **layout):
-    """A real, allocated store of ``n_samples`` samples of ``length`` tokens (no model)."""
+def _allocated_store(location: str, n_samples: int, length: int, hook_dims: dict, dtype: str,
+                     chunk_records: bool = True, **layout):
+    """A real, allocated store of ``n_samples`` samples of ``length`` tokens (no model; ``chunk_records``: as
+    ``ExtractionStore.allocate`` takes it)."""
     from mistudio.storage.metadata import ExtractionMeta, new_nonce
     from mistudio.storage.store import ExtractionStore
 
     meta = ExtractionMeta(id=Path(location).stem, nonce=new_nonce(), status="EXTRACTING")
     store = ExtractionStore.create(location, meta)
     tokens, plan = plan_for_ids([np.full(length, 5, dtype=np.int32)] * n_samples, hook_dims, dtype, **layout)
-    store.allocate(tokens, plan, {"exclude_special": False})
+    store.allocate(tokens, plan, {"exclude_special": False}, chunk_records=chunk_records)
     return store
 
 
 def writer_once(tmp: Path, tag: str, mb: float, hooks: int, width: int, batch_tokens: int,
-                dtype: str = "float16", **layout) -> dict:
+                dtype: str = "float16", chunk_records: bool = True, **layout) -> dict:
     """Feed ChunkWriter pre-made rows as fast as it takes them, between two raw writes of the same bytes to
     files of the same sizes as the store's storage units (their mean is the baseline). Returns both MB/s.
     ``dtype``: the storage dtype, float16 or bfloat16 (2-byte types: the same bytes either way)."""
@@ -291,7 +293,8 @@ def writer_once(tmp: Path, tag: str, mb: float, hooks: int, width: int, batch_to
     n_samples = max(1, int(mb * 2**20 / (hooks * width * 2)) // length)
     per_batch = max(1, batch_tokens // length)
     hook_dims = {f"layers.{i}.residual": width for i in range(hooks)}
-    store = _allocated_store(str(tmp / f"w-{tag}.zarr"), n_samples, length, hook_dims, dtype, **layout)
+    store = _allocated_store(str(tmp / f"w-{tag}.zarr"), n_samples, length, hook_dims, dtype, chunk_records,
+                             **layout)
     rng = np.random.default_rng(0)
     rows = {hp: rng.standard_normal((per_batch * length, width)).astype(numpy_dtype(dtype)) for hp in hook_dims}
     stats = {hp: HookStats.empty() for hp in hook_dims}

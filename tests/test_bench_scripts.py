@@ -38,7 +38,7 @@ def test_latents_benchmark_runs(tmp_path):
 
 @pytest.mark.slow
 def test_storage_benchmark_runs(tmp_path):
-    results, stdout = _run_script("bench_storage.py", tmp_path / "storage.json", "--only", "dtype,cli,kill",
+    results, stdout = _run_script("bench_storage.py", tmp_path / "storage.json", "--only", "dtype,records,cli,kill",
                                   "--kills", "1")
     assert "extraction" not in results and "memory" not in results
     reads = results["dtype"]["read_mb_s"]
@@ -52,3 +52,7 @@ def test_storage_benchmark_runs(tmp_path):
     assert 0 < round_["rows_committed"] <= round_["rows_total"] and round_["rows_computed"] > 0
     assert round_["shard_rows"] and round_["shard_rows"] > round_["chunk_rows"]  # the job was sharded
     assert "rows lost on SIGKILL" in stdout
+    records = results["records"]["layouts"]
+    assert set(records) == {"chunks", "shards"} and all(r["ratio"] > 0 and len(r["ratios"]) == 1
+                                                        for r in records.values())
+    assert "writer MB/s with chunk records / without, shards" in stdout
