@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import fsync_dir
+from .files import fsync_dir, sync_data
 from .layout import CHECKSUM_BYTES, EMPTY, SHARD_INDEX_ENTRY, storage_unit
 from .positions import ChunkRecords
 
@@ -109,10 +109,6 @@ def _write_all(fd: int, data: Any, at: int | None = None) -> None:
         view = view[done:]
         if at is not None:
             at += done
-
-
-def _sync(fd: int) -> None:
-    (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
 def encode_chunk(pieces: list[np.ndarray], g: Geometry) -> list[np.ndarray]:
@@ -206,7 +202,7 @@ class UnitWriter:
             try:
                 for part in parts:
                     _write_all(fd, part)
-                _sync(fd)
+                sync_data(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -234,7 +230,7 @@ class UnitWriter:
         self.chunks += 1
         self.dirty = True
         if self.replaces is not None:  # the copy holds every committed chunk and this one: it takes the place
-            _sync(self.fd)
+            sync_data(self.fd)
             os.replace(self.tmp, self.replaces)
             self.new_folders.add(str(self.replaces.parent))
             self.tmp = self.replaces = None
@@ -293,7 +289,7 @@ class UnitWriter:
             _write_all(self.fd, np.frombuffer(raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes(),
                                               np.uint8), self.chunks * g.chunk_bytes)
             os.ftruncate(self.fd, self.chunks * g.chunk_bytes + g.index_bytes)
-        _sync(self.fd)
+        sync_data(self.fd)
         os.close(self.fd)
         self.unit, self.fd, self.chunks, self.dirty = None, -1, 0, False
         for folder in self.new_folders:
@@ -308,7 +304,7 @@ class UnitWriter:
     def sync(self) -> None:
         """Flush what was written since the last call (file data, and new files' folder entries) to the disk."""
         if self.dirty and self.fd >= 0:
-            _sync(self.fd)
+            sync_data(self.fd)
         if self.records is not None:
             self.records.sync()
         for folder in self.new_folders:

@@ -6,6 +6,11 @@ import os
 import tempfile
 
 
+def sync_data(fd: int) -> None:
+    """Make a file's data durable (``fdatasync`` where there is one)."""
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
 def fsync_dir(folder: str) -> None:
     """Make the folder's entries (a new or renamed file) durable."""
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import fsync_dir
+from .files import fsync_dir, sync_data
 
 RECORDS_FILE = ".mistudio-chunks"
 ATTRIBUTE = "mistudio_chunk_records"
@@ -67,24 +67,21 @@ class ChunkRecords:
     def put_many(self, first: int, crcs: list[int]) -> None:
         """Write the records of chunks ``first``, ``first + 1``, ... (their crc32c: ``crcs``), flushed to the disk
         before this returns."""
-        entries = np.array([self.entry(first + i, crc) for i, crc in enumerate(crcs)], "<u4").tobytes()
+        self._write(first, np.array([self.entry(first + i, crc) for i, crc in enumerate(crcs)], "<u4").tobytes())
+        self.sync()
+
+    def put(self, chunk: int, crc: int) -> None:
+        """Write the record of chunk number ``chunk`` (its crc32c: ``crc``); :meth:`sync` flushes it."""
+        self._write(chunk, int(self.entry(chunk, crc)).to_bytes(RECORD_BYTES, "little"))
+
+    def _write(self, first: int, entries: bytes) -> None:
+        """Write ``entries`` (records of chunks ``first``, ``first + 1``, ...) at their places in the file."""
         self.written |= not self.file.exists()
         fd = os.open(self.file, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             done = 0
             while done < len(entries):
                 done += os.pwrite(fd, entries[done:], first * RECORD_BYTES + done)
-        finally:
-            os.close(fd)
-        self.dirty = True
-        self.sync()
-
-    def put(self, chunk: int, crc: int) -> None:
-        """Write the record of chunk number ``chunk`` (its crc32c: ``crc``); :meth:`sync` flushes it."""
-        self.written |= not self.file.exists()
-        fd = os.open(self.file, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            os.pwrite(fd, int(self.entry(chunk, crc)).to_bytes(RECORD_BYTES, "little"), chunk * RECORD_BYTES)
         finally:
             os.close(fd)
         self.dirty = True
@@ -95,7 +92,7 @@ class ChunkRecords:
             return
         fd = os.open(self.file, os.O_RDONLY)
         try:
-            (getattr(os, "fdatasync", None) or os.fsync)(fd)
+            sync_data(fd)
         finally:
             os.close(fd)
         if self.written:
