@@ -48,6 +48,7 @@ class ChunkRecords:
         self.file = g.root / RECORDS_FILE
         self.prefix = f"{key}\0{g.arr.path.strip('/')}\0".encode()
         self.dirty = self.written = False  # records put and not yet flushed; the file was made by a put
+        self._known: bytes | None = None  # the file as a reader last read it (it is read once, not per chunk)
 
     @classmethod
     def of(cls, g: Any) -> "ChunkRecords | None":
@@ -102,12 +103,14 @@ class ChunkRecords:
     def misplaced(self, chunk: int, crc: int) -> str | None:
         """Why chunk number ``chunk`` (of the array), whose sound crc32c is ``crc``, is not the one recorded for its
         place; None when it is."""
-        try:
-            with open(self.file, "rb") as f:
-                f.seek(chunk * RECORD_BYTES)
-                raw = f.read(RECORD_BYTES)
-        except FileNotFoundError:
-            raw = b""
+        at = chunk * RECORD_BYTES
+        if self._known is None or len(self._known) < at + RECORD_BYTES:  # once, and again only if it grew since
+            try:
+                with open(self.file, "rb") as f:
+                    self._known = f.read()
+            except FileNotFoundError:
+                self._known = b""
+        raw = self._known[at:at + RECORD_BYTES]
         name = f"{self.g.arr.path.strip('/')}/{RECORDS_FILE}"
         if len(raw) != RECORD_BYTES:
             return (f"has no record of its checksum in {name} (that file is missing or cut short), so it "
