@@ -214,7 +214,7 @@ def _summaries_and_contexts(html_text: str, full: str) -> list[tuple[str, str]]:
 
 
 def test_running_text_joins_a_character_split_over_pieces(split_store):
-    from mistudio.analysis.feature_view import piece_titles
+    from mistudio.analysis.feature_view import pieces_and_titles
 
     tokens, ids = split_store.sample(0)["tokens"], split_store.sample(0)["input_ids"]
     pieces = display_pieces(tokens)
@@ -225,7 +225,7 @@ def test_running_text_joins_a_character_split_over_pieces(split_store):
     assert display_pieces(["©", "Ġa", "Ã"], "bytelevel") == ["\ufffd", " a", "\ufffd"]  # cut at a window's edges
     assert display_pieces(["ðŁ", "ĺ", "Ģ", "Ġæ", "Ĺ"], "bytelevel") == ["", "", "😀", " ", "\ufffd"]  # 4 bytes; cut
     assert display_pieces(["▁caf", "<0xC3>", "<0xA9>", "<0x0A>"], "bpe") == [" caf", "", "é", "↵"]  # byte fallback
-    titles = piece_titles(["Ġcaf", "Ã", "©"], "bytelevel")
+    titles = pieces_and_titles(["Ġcaf", "Ã", "©"], "bytelevel")[1]
     assert titles == ["␣caf", "\ufffd (part of 'é')", "\ufffd (part of 'é')"]
 
 

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 from ..errors import InputError
 from .feature_view import _shade as shade  # the Browse tab's shading, shared
 from .feature_view import escape  # the one escaping helper of the views and pages
-from .feature_view import display_pieces, piece_html, piece_titles, resolve_scheme, token_label
+from .feature_view import piece_html, pieces_and_titles, resolve_scheme, token_label
 
 PAGE_KEYS = ("extraction", "hook_point", "feature", "kind", "d", "n_tokens", "fire_count", "density", "mean",
              "mean_active", "max", "histogram", "top", "bands", "token_means", "logits", "correlated", "note",
@@ -317,7 +317,7 @@ def _correlated(page: dict) -> str:
 def _tokens(example: dict, lo: int, hi: int, scale: float, scheme: str, hide_special: bool) -> str:
     tokens = [str(t) for t in example["tokens"]]
     scheme = resolve_scheme(tokens, scheme)
-    pieces, titles = display_pieces(tokens, scheme), piece_titles(tokens, scheme)  # from the whole example
+    pieces, titles = pieces_and_titles(tokens, scheme)  # from the whole example
     peak = int(example["peak"])
     out = []
     for i in range(lo, hi):

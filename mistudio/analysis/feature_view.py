@@ -454,7 +454,7 @@ def _whole(raw: bytes) -> str | None:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return text.replace("\n", "↵").replace("\t", "⇥")
+    return "".join(_CONTROL.get(c, c) for c in text)
 
 
 def display_pieces(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
@@ -467,12 +467,15 @@ def display_pieces(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
     return [text for text, _ in _running(tokens, resolve_scheme(tokens, scheme))]
 
 
-def piece_titles(tokens: Sequence[str], scheme: str = "auto") -> list[str]:
-    """What hovering each token of running text says: its :func:`token_label`, and for a piece of a character split
-    over pieces, that character (``"� (part of 'é')"``)."""
+def pieces_and_titles(tokens: Sequence[str], scheme: str = "auto") -> tuple[list[str], list[str]]:
+    """Running text (:func:`display_pieces`) and what hovering each token says, from one pass: its
+    :func:`token_label`, and for a piece of a character split over pieces, that character
+    (``"� (part of 'é')"``)."""
     scheme = resolve_scheme(tokens, scheme)
-    return [token_label(token, scheme) + (f" (part of '{joined}')" if joined else "")
-            for token, (_, joined) in zip(tokens, _running(tokens, scheme))]
+    running = _running(tokens, scheme)
+    return ([text for text, _ in running],
+            [token_label(token, scheme) + (f" (part of '{joined}')" if joined else "")
+             for token, (_, joined) in zip(tokens, running)])
 
 
 def piece_html(piece: str) -> str:
@@ -525,7 +528,7 @@ def _tokens_html(tokens: Sequence[str], values: Sequence[float | None], peak: in
     """Tokens ``span`` (all by default) of one example, each its own shaded span; the text is drawn from the whole
     example (:func:`display_pieces`), so a line cut from it reads as the whole does."""
     parts = []
-    pieces, titles = display_pieces(tokens, scheme), piece_titles(tokens, scheme)
+    pieces, titles = pieces_and_titles(tokens, scheme)
     for i in span if span is not None else range(len(tokens)):
         value = values[i]
         style = [_shade(value, scale), "border-radius:2px", "white-space:pre"]

@@ -27,7 +27,7 @@ import numpy as np
 from ..analysis import exports
 from ..analysis.feature_page import correlated_title, feature_page_html
 from ..analysis.feature_view import _shade as shade
-from ..analysis.feature_view import (display_pieces, piece_html, piece_titles, store_key, token_label,
+from ..analysis.feature_view import (display_pieces, piece_html, pieces_and_titles, store_key, token_label,
                                      tokenizer_scheme)
 from ..analysis.features import (FeatureTable, base_hook_point, export_pages, feature_hook_points, feature_page,
                                  features_for_token, is_latent, load_statistics, parse_features, set_note,
@@ -717,7 +717,7 @@ class FeaturesPanel(W.VBox):
         shown = column if column is not None else np.array([t[0]["value"] if t else 0.0 for t in result["top"]])
         scale = float(np.nanmax(np.abs(shown))) if len(shown) else 1.0
         scheme = tokenizer_scheme(self.ext.tokenizer) if self.ext else "auto"
-        pieces, titles = display_pieces(result["tokens"], scheme), piece_titles(result["tokens"], scheme)
+        pieces, titles = pieces_and_titles(result["tokens"], scheme)
         chosen = self.prompt_tokens.value
         spans = []
         for i, (piece, value, special) in enumerate(zip(pieces, shown, result["special"])):
