@@ -233,6 +233,30 @@ def test_normalize_is_a_function_of_the_call(store, tmp_path):
         np.testing.assert_array_equal(again[key], unit[key])
 
 
+def test_normalize_with_exclude_special_uses_the_rows_it_yields(store, tmp_path):
+    """With exclude_special, the constants come from the kept rows alone: special tokens (a BOS can have a norm
+    far above the rest) move neither the per-feature mean and std nor the unit_norm factor."""
+    ext, ref, special = store
+    copy_path = tmp_path / "copy.zarr"  # the constants are cached below: keep the fixture's store clean
+    shutil.copytree(ext.location, copy_path)
+    other = ms.open_extraction(str(copy_path))
+    kw = dict(batch_size=512, seed=2, with_index=True, exclude_special=True)
+    got = drain(other.loader(HPS, normalize="mean_std", **kw))
+    kept = ~special
+    for hp in HPS:
+        x = ref[hp].astype(np.float64)
+        mean, std = x[kept].mean(0), x[kept].std(0)
+        rows = x[got["token_index"]]
+        assert not np.allclose((rows - x.mean(0)) / x.std(0), (rows - mean) / std, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got[hp], (rows - mean) / std, rtol=1e-4, atol=1e-4)
+    unit = drain(other.loader(HPS, normalize="unit_norm", **kw))
+    for hp in HPS:
+        assert abs(np.mean(np.sum(unit[hp].astype(np.float64) ** 2, axis=1)) - 1) < 1e-3
+    again = drain(other.loader(HPS, normalize="unit_norm", **kw))  # from the cache now: the same values
+    for key in unit:
+        np.testing.assert_array_equal(again[key], unit[key])
+
+
 def test_a_state_records_what_its_rows_are(store):
     """Hook points, normalize (and its constants) and dtype are in a state: resuming with others is refused by
     name; a state from before they were recorded resumes (the rest checked)."""

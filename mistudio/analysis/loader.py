@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .feature_view import LATENT_SUFFIX
-from .stats import feature_moments
+from .stats import feature_moments, kept_moments
 from ..data import special_ids
 from ..engine import tensor_of
 from ..errors import InputError, StoreCorrupted
@@ -138,15 +138,14 @@ class ActivationLoader(IterableDataset):
         self.read_ahead = max(READ_THREADS, -(-self.prefetch * self.batch_size // self.slot_rows))
         self.slots = self.lanes + self.read_ahead
         self._special = [self._special_source(ext) for ext in self.extractions] if exclude_special else None
-        self._norm = [self._norm_factors(ext, limit) for ext, limit in zip(self.extractions, self.limits)] \
-            if normalize else None
+        self._masks: dict[int, np.ndarray] | None = None  # special-token masks of small stores
+        self._norm = [self._norm_factors(s) for s in range(len(self.extractions))] if normalize else None
         self._row_tokens = ["activation_offsets" in ext.store.group["tokens"] for ext in self.extractions]
         self.epoch = 0
         self._run_kept: np.ndarray | None = None
         self._plan_cache: tuple | None = None
         self._spare_pool: dict | None = None
         self._arrays: list[dict] | None = None
-        self._masks: dict[int, np.ndarray] | None = None  # special-token masks of small stores
         self._resume_skip: dict[int, int] = {}  # worker -> batches to skip (set by a resumed _WorkerPool)
         self._tag_worker = False  # in _WorkerPool's workers: batches carry the worker id
 
@@ -196,22 +195,28 @@ class ActivationLoader(IterableDataset):
             return None
         return special_ids(ext.tokenizer)
 
-    def _norm_factors(self, ext: "Extraction", limit: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """{hook point: (shift, scale)} over the store's first ``limit`` rows, a function of ``normalize`` and the
-        data alone (never of what a cache holds): "mean_std" per feature (:func:`feature_moments`: feature_stats'
-        own numbers, computed in one pass when they are not cached), "unit_norm" one factor from the scalar
-        statistics in the metadata (the same mean squared norm, with no pass)."""
-        out = {}
+    def _norm_factors(self, store: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{hook point: (shift, scale)} over one store's committed rows, a function of ``normalize`` and the data
+        alone (never of what a cache holds): "mean_std" per feature (:func:`feature_moments`: feature_stats' own
+        numbers, computed in one pass when they are not cached), "unit_norm" one factor from the scalar statistics
+        in the metadata (the same mean squared norm, with no pass). With ``exclude_special`` on a store that holds
+        special tokens, both come from the rows the loader yields (:func:`kept_moments`, one pass, cached)."""
+        ext, limit, out = self.extractions[store], self.limits[store], {}
         for hp in self.hook_points:
+            kept = kept_moments(ext, hp, limit, lambda a, b: self.special_mask(store, a, b)) \
+                if self._special is not None and not isinstance(self._special[store], str) else None
             if self.normalize == "mean_std":
-                mean, std = feature_moments(ext, hp, limit)
+                mean, std = kept[:2] if kept else feature_moments(ext, hp, limit)
                 shift, scale = mean, np.where(std > 0, std, 1.0)
             else:  # unit_norm: one factor, so that the mean squared L2 norm of a row is 1
-                stats = ext.record.statistics.get(hp)
-                if stats is None or stats.mean is None:
-                    raise InputError(f"extraction {ext.id} has no statistics for {hp} to normalize with: "
-                                     "«pass normalize='mean_std'» (computed from the rows) or None")
-                mean_sq_norm = (float(stats.std) ** 2 + float(stats.mean) ** 2) * self.widths[hp]
+                if kept:
+                    mean_sq_norm = kept[2]
+                else:
+                    stats = ext.record.statistics.get(hp)
+                    if stats is None or stats.mean is None:
+                        raise InputError(f"extraction {ext.id} has no statistics for {hp} to normalize with: "
+                                         "«pass normalize='mean_std'» (computed from the rows) or None")
+                    mean_sq_norm = (float(stats.std) ** 2 + float(stats.mean) ** 2) * self.widths[hp]
                 shift, scale = np.float64(0.0), np.float64(np.sqrt(mean_sq_norm) or 1.0)
             out[hp] = (np.asarray(shift, np.float32), np.asarray(scale, np.float32))
         return out
@@ -1115,7 +1120,8 @@ def loader(extractions: "Extraction | Sequence[Extraction]", hook_points: str | 
     - ``normalize``: ``"mean_std"`` = (x - mean) / std per feature over every committed token (the mean and std
       of :meth:`Extraction.feature_stats`: its cache when there is one, else one pass when the loader is made,
       then cached; the same numbers either way); ``"unit_norm"`` = x divided by one dataset-wide factor (from the
-      scalar statistics in the metadata) so that the mean squared L2 norm of a row is 1. Stores of different
+      scalar statistics in the metadata) so that the mean squared L2 norm of a row is 1. With ``exclude_special``
+      both come from the rows yielded, special tokens left out (one pass, then cached). Stores of different
       storage dtypes load together; each row is exact, then cast to ``dtype``.
     - ``iter(loader).state_dict()`` / ``load_state_dict(state)`` resume mid-epoch exactly (in-process or with
       workers); a state from other stores, commit marks or settings (hook points, ``normalize`` and its

@@ -294,6 +294,30 @@ def feature_moments(ext: "Extraction", hook_point: str, mark: int) -> tuple[np.n
     return mean, std
 
 
+def kept_moments(ext: "Extraction", hook_point: str, mark: int,
+                 dropped: Callable[[int, int], np.ndarray | None]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-feature (mean, std) and the mean squared row norm over the first ``mark`` rows less those ``dropped(a,
+    b)`` marks True in ``[a, b)`` (the loader's special tokens), in one pass, cached for the next call."""
+    path = cache_path("feature_moments", hook_point, "kept")
+    group = cache_read(ext, path, mark)
+    arrays = cached_arrays(ext, group, ["mean", "std"]) if group is not None else None
+    if arrays is not None and isinstance(group.attrs.get("mean_sq_norm"), float):
+        return arrays["mean"], arrays["std"], group.attrs["mean_sq_norm"]
+    parts = []
+    for a, b in _chunk_ranges(ext, hook_point, mark):
+        x = ext.activations(hook_point)[a:b].astype(np.float64)
+        mask = dropped(a, b)
+        x = x if mask is None else x[~mask]
+        parts.append({"n": len(x), "sum": x.sum(0), "sum_sq": np.einsum("ij,ij->j", x, x)})
+    if not sum(p["n"] for p in parts):
+        zeros = np.zeros(int(ext.activations(hook_point).shape[1]))
+        return zeros, zeros, 0.0
+    n, mean, std = _mean_std(parts)
+    mean_sq_norm = float(sum(p["sum_sq"] for p in parts).sum() / n)
+    cache_write(ext, path, mark, {"mean_sq_norm": mean_sq_norm}, {"mean": mean, "std": std})
+    return mean, std, mean_sq_norm
+
+
 def top_examples(ext: "Extraction", hook_point: str, feature: int | list[int], k: int = 20, context: int = 8,
                  cluster: Any = None) -> Examples | dict[int, Examples]:
     """The ``k`` tokens where ``feature`` is largest over every committed token, largest first.
