@@ -131,6 +131,13 @@ def test_a_damaged_record_is_refused_not_ignored(stores, tmp_path):
     with pytest.raises(StoreCorrupted, match="no record"):
         ext.activations(HPS[0])[200:210]
     np.testing.assert_array_equal(ext.activations(HPS[0])[:60], stores["sharded"][1][HPS[0]][:60])
+    full = (stores["sharded"][0] / "activations" / HPS[0] / positions.RECORDS_FILE).read_bytes()
+    assert len(full) == 4 * -(-ext.activations(HPS[0]).shape[0] // ext.activations(HPS[0]).chunks[0])
+    records.write_bytes(full[:8] + bytes(4) + full[12:])  # chunk 2's record zeroed, as a power cut may leave it
+    ext = ms.open_extraction(str(folder))
+    assert not ext.verify().ok
+    with pytest.raises(StoreCorrupted, match="no record"):
+        ext.activations(HPS[0])[2 * ext.activations(HPS[0]).chunks[0]]
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ A chunk's crc32c (Zarr's, in the file, which any Zarr reader checks) covers its 
 with records says so in its metadata (``storage.chunk_records``: the store's key, random at allocation), and each
 recorded array in its ``zarr.json`` attributes (``mistudio_chunk_records``: the same key). Such an array's folder
 holds ``.mistudio-chunks``: per chunk, in row order, 4 little-endian bytes, the crc32c of (key, array path, chunk
-number, the chunk's crc32c). A chunk is recorded when it is written whole (the store's writer: with the chunk,
+number, the chunk's crc32c); the file is made at its full size, zeros where no chunk is recorded yet. A chunk is recorded when it is written whole (the store's writer: with the chunk,
 flushed with it) or, for rows Zarr wrote (token arrays, distributed runs), from its file before the commit mark
 moves over it; only chunks wholly below the mark are checked (the one the mark cuts may still be written again).
 Stores without a key (written before records, or remote) read and verify as they always did; a resume keeps them so.
@@ -77,8 +77,9 @@ class ChunkRecords:
 
     def _write(self, first: int, entries: bytes) -> None:
         """Write ``entries`` (records of chunks ``first``, ``first + 1``, ...) at their places in the file."""
-        self.written |= not self.file.exists()
-        fd = os.open(self.file, os.O_WRONLY | os.O_CREAT, 0o644)
+        if not self.file.exists():
+            self._create()
+        fd = os.open(self.file, os.O_WRONLY)
         try:
             done = 0
             while done < len(entries):
@@ -86,6 +87,25 @@ class ChunkRecords:
         finally:
             os.close(fd)
         self.dirty = True
+
+    def _create(self) -> None:
+        """Make the file at its full size, zeros (no record) for every chunk, so that each record written later
+        overwrites bytes already on the disk: flushing it then writes a block, not the file's size (a journal
+        commit per flush on most file systems). Put in place by a hard link, so that writers racing to create it
+        (a distributed run's processes) never zero each other's records."""
+        n_chunks = -(-self.g.shape[0] // self.g.chunk_rows)
+        tmp = self.file.with_name(f"{RECORDS_FILE}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(bytes(n_chunks * RECORD_BYTES))
+                f.flush()
+                sync_data(f.fileno())
+            os.link(tmp, self.file)
+            self.written = True
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def sync(self) -> None:
         """Flush the records :meth:`put` wrote to the disk (and the file's folder entry when it is new)."""
@@ -104,16 +124,17 @@ class ChunkRecords:
         """Why chunk number ``chunk`` (of the array), whose sound crc32c is ``crc``, is not the one recorded for its
         place; None when it is."""
         at = chunk * RECORD_BYTES
-        if self._known is None or len(self._known) < at + RECORD_BYTES:  # once, and again only if it grew since
-            try:
+        raw = b"" if self._known is None else self._known[at:at + RECORD_BYTES]
+        if len(raw) != RECORD_BYTES or raw == bytes(RECORD_BYTES):  # read once, again only for a record not seen
+            try:  # (the file as read may be older than the commit mark of an in-progress store)
                 with open(self.file, "rb") as f:
                     self._known = f.read()
             except FileNotFoundError:
                 self._known = b""
-        raw = self._known[at:at + RECORD_BYTES]
+            raw = self._known[at:at + RECORD_BYTES]
         name = f"{self.g.arr.path.strip('/')}/{RECORDS_FILE}"
-        if len(raw) != RECORD_BYTES:
-            return (f"has no record of its checksum in {name} (that file is missing or cut short), so it "
+        if len(raw) != RECORD_BYTES or (raw == bytes(RECORD_BYTES) and self.entry(chunk, crc) != 0):
+            return (f"has no record of its checksum in {name} (that file is missing, cut short or zeroed), so it "
                     f"cannot be told from another place's data; {FIX}")
         if int.from_bytes(raw, "little") == self.entry(chunk, crc):
             return None
