@@ -497,9 +497,10 @@ def token_label(token: Any, scheme: str = "auto") -> str:
     the tokenizer's own piece with its whitespace made visible. WordPiece pieces and special tokens stay as the
     tokenizer writes them (``'##uming'``, ``'paris'``, ``'[SEP]'``, ``'<|endoftext|>'``); GPT-2's ``'Ġthe'`` and
     SentencePiece's ``'▁the'`` read ``'␣the'``, a newline ``'↵'``, a tab ``'⇥'``; other control characters as
-    ``\\xNN``; an empty piece ``'∅'``. A byte-level piece reads as the text its bytes spell (``'Ã©'`` -> ``'é'``;
-    :func:`byte_level_text`). Plain text: escape it (:func:`escape`) for HTML. Running text (pieces joined) is
-    :func:`display_pieces`' job."""
+    ``\\xNN``; an empty piece ``'∅'``. With ``scheme="bytelevel"`` (GPT-2's tokenizers; :func:`tokenizer_scheme`
+    tells), a piece reads as the text its bytes spell (``'Ã©'`` -> ``'é'``; :func:`byte_level_text`); any other
+    scheme, ``"auto"`` included, keeps ``'Ã©'`` as written, since there it may be the text itself. Plain text: escape
+    it (:func:`escape`) for HTML. Running text (pieces joined) is :func:`display_pieces`' job."""
     text = str(token)
     if scheme == "bytelevel":
         text = byte_level_text(text) or text
