@@ -14,7 +14,9 @@
   MB/s and a raw write of the same bytes), and reads of a COMPLETED store (``ext.activations(hp)[:]`` and one
   shuffled loader epoch with the loader's dtype = the storage dtype), interleaved, medians.
 - records: the writer alone with chunk records (storage/positions.py) against without, one file per chunk and
-  32 MB shards, interleaved, medians of the ratio.
+  32 MB shards, interleaved, medians of the ratio; and the flush a record costs: 4 bytes written then
+  ``fdatasync``, appended to a file (its size changes) against overwritten in a file made at full size (what
+  the records file does), interleaved, median microseconds.
 - extraction: run.py's ``bench_extraction`` at 512 and 2,048 samples; ``extract ÷ bare forward`` is the engine's
   tokens/s against the bare batched forward of the same batches (mean of the forwards before and after).
 - cli: ``mistudio --help`` and ``mistudio jobs`` on an empty workspace against ``python -c pass``, fresh
@@ -158,9 +160,30 @@ def bench_records(tmp: Path, write_mb: float, repeats: int) -> dict:
                                        chunk_records=on, **layout)
                 mb_s[(name, on)].append(done["writer_mb_s"])
     ratios = {name: [a / b for a, b in zip(mb_s[(name, True)], mb_s[(name, False)])] for name in layouts}
-    return {"write_mb": write_mb, "layouts": {
+    flush_us = {"append": [], "overwrite": []}
+    for rep in range(repeats + 1):
+        for kind in list(flush_us)[:: 1 if rep % 2 == 0 else -1]:
+            flush_us[kind].append(record_flush_us(tmp / f"flush-{kind}-{rep}", kind == "overwrite"))
+    return {"write_mb": write_mb, "flush_us": {k: float(np.median(v)) for k, v in flush_us.items()}, "layouts": {
         name: {"ratios": ratios[name], "ratio": float(np.median(ratios[name])), "with_mb_s": mb_s[(name, True)],
                "without_mb_s": mb_s[(name, False)]} for name in layouts}}
+
+
+def record_flush_us(path: Path, full_size: bool, n: int = 300) -> float:
+    """Microseconds per record flush: 4 bytes written at the next place, then ``fdatasync``, ``n`` times, in a
+    file made empty (each write changes its size) or at its full size (each write overwrites)."""
+    path.write_bytes(bytes(4 * n) if full_size else b"")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.fsync(fd)
+        start = time.perf_counter()
+        for i in range(n):
+            os.pwrite(fd, b"abcd", 4 * i)
+            os.fdatasync(fd)
+        return (time.perf_counter() - start) / n * 1e6
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 def bench_dtype(tmp: Path, write_mb: float, read_mb: float, repeats: int) -> dict:
@@ -338,6 +361,9 @@ def print_table(r: dict) -> None:
             ratios = ", ".join(f"{v:.2f}" for v in x["ratios"])
             print(f"{'writer MB/s with chunk records / without, ' + name:<50}{x['ratio']:>8.3f}           "
                   f"(per repeat {ratios})")
+        f = r["records"]["flush_us"]
+        print(f"{'record flush, overwrite / append':<50}{f['overwrite'] / f['append']:>8.3f}           "
+              f"({f['overwrite']:.0f} vs {f['append']:.0f} us median)")
     if "extraction" in r:
         for n, x in r["extraction"]["sizes"].items():
             ratios = ", ".join(f"{run_['ratio_vs_bare']:.3f}" for run_ in x["runs"])
