@@ -56,3 +56,4 @@ def test_storage_benchmark_runs(tmp_path):
     assert set(records) == {"chunks", "shards"} and all(r["ratio"] > 0 and len(r["ratios"]) == 1
                                                         for r in records.values())
     assert "writer MB/s with chunk records / without, shards" in stdout
+    assert all(v > 0 for v in results["records"]["flush_us"].values()) and "record flush" in stdout
