@@ -419,7 +419,9 @@ def test_cofiring_without_enough_sampled_tokens_says_it_counts_each_tokens_top_f
     monkeypatch.setattr(features, "COFIRING_MIN", len(x) + 1)  # as for a feature too rare for the sample
     page = feature_page(ext, MINI_HP, 0, n_token_means=0, logits=False)
     stats = features.load_statistics(ext, MINI_HP)
-    assert page["correlated_basis"] == {"kind": "top", "tokens": page["fire_count"], "rows": len(x), "per_token": 16}
+    error = int(stats.co_error[0])  # the dense neuron fires with more others than the statistics' counters
+    assert page["correlated_basis"] == {"kind": "top", "tokens": page["fire_count"], "rows": len(x), "per_token": 16,
+                                        "error": error} and error > 0
     assert [(c["feature"], c["count"]) for c in page["correlated"]] == stats.cooccurring(0, 10)
     assert "where both are among the token's top-16 firing features" in unescape(feature_page_html(page))
 
@@ -457,6 +459,43 @@ def test_wordpiece_continuations_are_found_as_the_tokenizer_spells_them(mini):
     assert match_tokens(ext, spelled.upper()) == [piece]  # case ignored when nothing matches
     result = features_for_token(ext, MINI_HP, spelled)
     assert result["token_ids"] == [piece] and result["n_rows"] == int((features.row_token_ids(ext) == piece).sum())
+
+
+def test_cofiring_of_a_narrow_top_k_sae_whose_counts_the_statistics_cut_is_the_true_share(causal_gpt2, tmp_path,
+                                                                                         monkeypatch):
+    """A top-k SAE with k = 6 pairs every firing latent in the statistics, but a latent firing with more others
+    than the statistics keep counters for gets counts cut short (``co_error``): its shares are counted exactly on
+    the stored latents instead; where too rare for that, the page says how low a count may read."""
+    sae = SAE("topk", 32, 96, k=6, hook_point=HP)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=generator))
+        sae.b_enc.copy_(torch.rand(sae.b_enc.shape, generator=generator) + 1)  # every top-6 latent fires
+    sae.save(tmp_path / "sae")
+    ext = ms.extract(model=causal_gpt2, dataset=ms.sample_texts()[:60], layers=[1], max_length=32,
+                     saes={HP: str(tmp_path / "sae")}, workspace=str(tmp_path / "ws"))
+    point = f"{HP}.latents"
+    dense = ext.latents(point).toarray() > 0
+    stats = features.load_statistics(ext, point)
+    f = int(np.argmax(dense.sum(axis=0)))
+    assert stats.co_error[f] > 0 and float(stats.density.sum()) <= 16  # the case: all paired, counts cut
+    truth = dense[dense[:, f]].mean(axis=0)
+    truth[f] = -1
+    features.drop_cached()
+    page = feature_page(ext, point, f, n_token_means=0, logits=False)
+    assert page["correlated_basis"]["kind"] == "sample" and page["correlated_basis"]["tokens"] == dense[:, f].sum()
+    assert [c["feature"] for c in page["correlated"]] == np.lexsort((np.arange(96), -truth))[:10].tolist()
+    for c in page["correlated"]:
+        assert c["fraction"] == pytest.approx(truth[c["feature"]])
+    monkeypatch.setattr(features, "COFIRING_MIN", len(dense) + 1)  # as for a feature too rare for the sample
+    page = feature_page(ext, point, f, n_token_means=0, logits=False)
+    error = int(stats.co_error[f])
+    assert page["correlated_basis"] == {"kind": "top", "tokens": int(dense[:, f].sum()), "rows": len(dense),
+                                        "per_token": 16, "error": error}
+    for c in page["correlated"]:  # a lower bound, low by at most the error
+        together = int((dense[:, f] & dense[:, c["feature"]]).sum())
+        assert together - error <= c["count"] <= together
+    assert f"each count may read low by up to {error}" in unescape(feature_page_html(page))
 
 
 def test_cofiring_of_a_wide_top_k_sae_is_the_true_share(causal_gpt2, tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
      "logits_note"?: str | None, "one_per_document"?: bool, "scheme"?: "bpe" | "bytelevel" | "wordpiece",
      "n_layers"?: int | None,                                      # the model's layers (for the exports)
      "correlated": [{"feature": int, "count": int, "fraction": float, "density"?: float}, ...],
-     "correlated_basis"?: {"kind": "sample" | "top", "tokens": int, "rows": int, "per_token": int} | None,
+     "correlated_basis"?: {"kind": "sample" | "top", "tokens": int, "rows": int, "per_token": int,
+                           "error"?: int} | None,
      "note": str, "prev": int | None, "next": int | None}
 
     example = {"value": float, "row": int,          # activation row (stored order)
@@ -30,7 +31,7 @@ says it and leaves out rows below it), ``special`` on a token-means row (``hide_
 (what a co-firing ``fraction`` is: with ``"sample"``, the share of the feature's ``tokens`` firing tokens in a
 sample of ``rows`` rows where the other fires too; with ``"top"`` (the default), the share of its firing tokens
 where both are among the token's ``per_token`` most active firing features, far below the true share for dense
-features), ``density`` on a co-firing row (the other feature's share of all tokens), ``one_per_document``
+features, and each count low by up to ``error`` when the statistics' counters for the feature ran out), ``density`` on a co-firing row (the other feature's share of all tokens), ``one_per_document``
 (the top examples are at most one per document: the title says so) and ``scheme`` (how the tokenizer's pieces
 join: what ``scheme="auto"`` uses). :func:`mistudio.analysis.features.feature_page` assembles a page from a store.
 SAEDashboard's layout is followed: statistics, histogram, logit table and feature tables on the left, the
@@ -292,9 +293,11 @@ def correlated_title(page: dict) -> str:
         rows, tokens = int(basis["rows"]), int(basis["tokens"])
         where = f"all {_int(rows)} tokens" if rows >= int(page["n_tokens"]) else f"a sample of {_int(rows)} tokens"
         return f"share of this feature's {_int(tokens)} firing tokens in {where} where the other fires too"
-    cap = basis.get("per_token")
+    cap, error = basis.get("per_token"), basis.get("error")
     among = f"top-{_int(cap)}" if cap else "most active"
-    return f"share of this feature's firing tokens where both are among the token's {among} firing features"
+    cut = (f"; each count may read low by up to {_int(error)} (it fired with more features than the statistics "
+           "keep counters for)") if error else ""
+    return f"share of this feature's firing tokens where both are among the token's {among} firing features{cut}"
 
 
 def _correlated(page: dict) -> str:

@@ -301,14 +301,16 @@ def cofiring(ext: "Extraction", hook_point: str, stats: FeatureStatistics, featu
 
     ``basis["kind"]``: ``"sample"`` for a hook point whose tokens fire on more features than the statistics pair
     up per token (``per_token``: each token's most active firing features; raw neurons of the residual stream fire
-    by the hundred, a top-k SAE's latents by k), counted exactly on :func:`cofiring_sample` (``basis["tokens"]`` of
-    the feature's firing tokens among ``basis["rows"]`` sampled rows, at least :data:`COFIRING_MIN`); else
-    ``"top"``: the statistics' co-occurrence counts, which count a pair only when both are among the token's
-    ``per_token`` most active firing features. The sample is read (once per store) only for a feature expected to
-    fire on enough of its rows, and not at all with ``sample=False``."""
+    by the hundred, a top-k SAE's latents by k), or for a feature whose counts the statistics cut short (it fired
+    with more others than they keep counters for: ``co_error``), counted exactly on :func:`cofiring_sample`
+    (``basis["tokens"]`` of the feature's firing tokens among ``basis["rows"]`` sampled rows, at least
+    :data:`COFIRING_MIN`); else ``"top"``: the statistics' co-occurrence counts, which count a pair only when both
+    are among the token's ``per_token`` most active firing features, each low by at most ``basis["error"]`` when
+    that is there. The sample is read (once per store) only for a feature expected to fire on enough of its rows,
+    and not at all with ``sample=False``."""
     per_token = int(stats.cooccurrence_per_token)
-    density = stats.density
-    if sample and float(density.sum()) > per_token and \
+    density, error = stats.density, int(stats.co_error[feature])
+    if sample and (float(density.sum()) > per_token or error) and \
             density[feature] * _cofiring_rows(ext, hook_point, int(ext.committed_tokens())) >= COFIRING_MIN:
         fires = cofiring_sample(ext, hook_point)
         mine = fires[:, [feature]].toarray().ravel() if is_latent(hook_point) else fires[:, feature]
@@ -323,7 +325,8 @@ def cofiring(ext: "Extraction", hook_point: str, stats: FeatureStatistics, featu
     fire_count = int(stats.fire_count[feature])
     return ([{"feature": g, "count": c, "fraction": c / fire_count if fire_count else 0.0,
               "density": float(density[g])} for g, c in stats.cooccurring(feature, n)],
-            {"kind": "top", "tokens": fire_count, "rows": int(stats.n_tokens), "per_token": per_token})
+            {"kind": "top", "tokens": fire_count, "rows": int(stats.n_tokens), "per_token": per_token,
+             **({"error": error} if error else {})})
 
 
 # -- the page ------------------------------------------------------------------------------------------------
