@@ -216,3 +216,20 @@ def test_a_torn_feature_statistics_cache_entry_is_computed_again(ext, url):
     opened = ms.open_extraction(f"file://{ext.location}") if url else ext
     again = opened.feature_statistics(HP, k=5)
     np.testing.assert_array_equal(again.fire_count, want.fire_count)
+
+
+def test_top_examples_break_ties_by_stored_order(gpt2_dir, tmp_path):
+    """bfloat16 values tie often: the k largest are taken with ties to the earlier row, as documented (and as the
+    feature statistics' top rows are), never an arbitrary one of the tied rows."""
+    ext = ms.extract(gpt2_dir, ms.sample_texts()[:60], workspace=str(tmp_path), progress=False, layers=[1],
+                     hooks=["residual"], dtype="bfloat16", chunk_mb=0.02, max_length=32)
+    x = np.asarray(ext.activations(HP)[:], np.float64)
+    features, tied = list(range(x.shape[1])), 0
+    for k in (5, 10, 20):
+        answers = ext.top_examples(HP, features, k=k, context=0)
+        for f in features:
+            want = np.lexsort((np.arange(len(x)), -x[:, f]))[:k]
+            tied += int((x[:, f] == x[want[-1], f]).sum() > 1)
+            assert [e["activation_row"] for e in answers[f]] == want.tolist(), (f, k)
+    assert tied > 5  # the k-th value was shared with another row in many of the cases
+

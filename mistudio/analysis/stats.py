@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STAT_ARRAYS = ("mean", "std", "max", "min", "frac_active", "hist", "edges")
-EXAMPLES_KEY = "examples=2"  # in the cache key of described examples: 1 had the activation row as token_index
+EXAMPLES_KEY = "examples=3"  # in the cache key of described examples: 1 had the activation row as token_index,
+# 2 any of the rows tied at the k-th place
 
 
 @dataclass
@@ -124,13 +125,17 @@ def _histogram(ext: "Extraction", hook_point: str, a: int, b: int, lo: np.ndarra
 
 
 def _top(ext: "Extraction", hook_point: str, a: int, b: int, features: list[int], k: int) -> list[np.ndarray]:
-    """Per feature: (value, token index) of the chunk's k largest, as a (m, 2) float64 array."""
+    """Per feature: (value, row) of the chunk's k largest, ties to the earlier row, as a (m, 2) float64 array."""
     cols = ext.activations(hook_point)[a:b][:, features].astype(np.float64)
     out = []
     for j in range(cols.shape[1]):
         col = cols[:, j]
         m = min(k, len(col))
-        best = np.argpartition(-col, m - 1)[:m] if m else np.zeros(0, np.int64)
+        kth = -np.partition(-col, m - 1)[m - 1] if m else np.nan
+        # every row at least the k-th largest (all of its ties: argpartition would keep any of them), or all rows
+        # when NaN reaches the k-th place; then largest first, ties by row
+        best = np.flatnonzero(col >= kth) if not np.isnan(kth) else np.arange(len(col))
+        best = best[np.lexsort((best, -col[best]))][:m]
         out.append(np.stack([col[best], best + a], axis=1))
     return out
 
