@@ -570,7 +570,9 @@ def _training_summary(job) -> str:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         shown = ", ".join(f"{k.replace('_', ' ')} {f'{v:,}' if isinstance(v, int) else f'{v:.4g}'}"
                           for k, v in numbers.items())
-        lines.append(f"  evaluation  {shown}")
+        rows_used = {True: " (special tokens left out)", False: " (special tokens included)"}.get(
+            record.evaluation.get("exclude_special"), "")
+        lines.append(f"  evaluation  {shown}{rows_used}")
         if record.evaluation.get("ce_loss_note"):
             lines.append(f"              ({record.evaluation['ce_loss_note']})")
     if record.status == "COMPLETED":

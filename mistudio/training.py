@@ -495,6 +495,7 @@ class TrainingJob(Handle):
         next-token loss spliced. A model that cannot be loaded leaves the loss out and says why."""
         record = self._record
         ref = record.extraction
+        rows_of_training = record.train_config().exclude_special  # evaluated on the rows it was trained on
         model: Any = None
         if record.evaluate is True and ref.model and ref.model_type not in ENCODER_TYPES:
             model = ref.model
@@ -502,11 +503,13 @@ class TrainingJob(Handle):
             if model is not None and ref.revision is not None:  # a Hub revision: the loaded model carries it
                 model = models.get(ModelSpec(name_or_path=ref.model, revision=ref.revision, device=str(sae.device),
                                              dtype="float32"))
-            figures = evaluate_sae(sae, ext, record.hook_point, model=model, check=self._check_stop)
+            figures = evaluate_sae(sae, ext, record.hook_point, model=model, exclude_special=rows_of_training,
+                                   check=self._check_stop)
         except (InputError, OSError) as exc:
             if model is None:
                 raise
-            figures = evaluate_sae(sae, ext, record.hook_point, check=self._check_stop)
+            figures = evaluate_sae(sae, ext, record.hook_point, exclude_special=rows_of_training,
+                                   check=self._check_stop)
             figures["ce_error"] = (f"the next-token loss was not measured: the model {ref.model!r} could not be "
                                    f"loaded ({exc}). The SAE is saved; to measure it, load the model from where it "
                                    "is now: mistudio.analysis.sae_training.evaluate_sae(job.sae(), "

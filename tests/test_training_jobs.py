@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -558,3 +559,23 @@ def test_extract_arguments_with_other_data_keep_how_it_was_read_even_once_the_ex
     assert "max_samples" not in arguments and arguments["dataset"] is more
     again = ms.Workspace(tmp_path / "ws2").submit(**arguments).wait(120)
     assert again.status == "COMPLETED" and again.extraction().n_samples == 70
+
+
+@pytest.mark.parametrize("exclude_special", [False, True])
+def test_the_evaluation_is_over_the_rows_the_run_trained_on(gpt2_dir, tmp_path, exclude_special):
+    """A run with exclude_special=False trains on the special tokens' rows too, so it is evaluated on them too;
+    the evaluation says which rows it used."""
+    texts = [f"<|endoftext|> {t}" for t in ms.sample_texts()[:40]]
+    store = ms.extract(gpt2_dir, texts, layers=[1], dtype="float32", workspace=str(tmp_path / "x"), progress=False)
+    special = int(np.isin(store.store.group["tokens/input_ids"][:], store.tokenizer.all_special_ids).sum())
+    assert special >= 40
+    job = ms.Workspace(tmp_path / "ws").train_sae(store, HP, evaluate="reconstruction",
+                                                  **small(10, exclude_special=exclude_special))
+    assert job.wait(120).status == "COMPLETED", job.error
+    assert job.evaluation["n_tokens"] == store.n_tokens - (special if exclude_special else 0)
+    assert job.evaluation["exclude_special"] is exclude_special
+    from mistudio.widgets.train_panel import TrainPanel
+    shown = TrainPanel._evaluation_html(job.evaluation)
+    assert f"over {job.evaluation['n_tokens']:,} stored tokens, special tokens " \
+           f"{'left out' if exclude_special else 'included'}" in shown
+

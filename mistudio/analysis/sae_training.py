@@ -740,7 +740,9 @@ def evaluate_sae(sae: SAE, ext: "Extraction", hook_point: str, max_tokens: int =
                  check: Callable[[], None] | None = None) -> dict:
     """How well ``sae`` reconstructs ``hook_point`` of ``ext``.
 
-    Over up to ``max_tokens`` stored rows (evenly spaced blocks of the store): ``explained_variance``
+    Over up to ``max_tokens`` stored rows (evenly spaced blocks of the store; with ``exclude_special``, as the
+    figures' ``exclude_special`` says, less the special tokens' rows: a training job passes its own setting, so
+    that a run is scored on the rows it trained on): ``explained_variance``
     (1 - squared error / variance around the mean), ``mse`` (per element), ``l0`` and ``dead_fraction`` (latents
     that never fired there). With ``model`` (the model folder, a ``mistudio.models.load_model`` result, or a
     loaded ``transformers`` causal LM) also the next-token cross-entropy over ``n_samples`` stored samples:
@@ -776,7 +778,7 @@ def evaluate_sae(sae: SAE, ext: "Extraction", hook_point: str, max_tokens: int =
     if n == 0:
         raise InputError(f"extraction {ext.id} has no committed rows at {hook_point} to evaluate on")
     sst = sum_sq - float(sum_x.pow(2).sum()) / n
-    figures = {"hook_point": hook_point, "n_tokens": n,
+    figures = {"hook_point": hook_point, "n_tokens": n, "exclude_special": bool(exclude_special),
                "explained_variance": 1.0 - sse / sst if sst > 0 else float("nan"),
                "mse": sse / (n * width), "l0": l0_sum / n, "dead_fraction": float((~fired).float().mean())}
     if model is not None:

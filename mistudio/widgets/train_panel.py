@@ -488,7 +488,9 @@ class TrainPanel(W.VBox):
                         for name, value in rows)
         note = "".join(f"<br><small>{esc(evaluation[key])}</small>" for key in ("ce_loss_note", "ce_error")
                        if evaluation.get(key))  # why "loss recovered" or the loss is missing
-        return note_box(f"<b>Evaluation</b> over {int(evaluation.get('n_tokens') or 0):,} stored tokens"
+        rows_used = {True: ", special tokens left out", False: ", special tokens included"}.get(
+            evaluation.get("exclude_special"), "")  # as the run trained (older runs' evaluations do not say)
+        return note_box(f"<b>Evaluation</b> over {int(evaluation.get('n_tokens') or 0):,} stored tokens{rows_used}"
                         f"<table class='mistudio-evaluation'>{cells}</table>{note}", colour="#198754",
                         background="#e8f5e9")
 
