@@ -109,11 +109,44 @@ def tl_hook_name(hook_point: str) -> str:
     return f"blocks.{m[1]}.{TL_NAME_OF_KIND[m[2]]}"
 
 
-def _hook_point_or_error(name: str | None) -> tuple[str | None, str | None]:
+_INSIDE_TL_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+_INSIDE_MODULE = re.compile(r"(?:[A-Za-z_][\w]*\.)*?(?:layers|layer|h)\.(\d+)\.(.+)")
+_TL_INSIDE = {"hook_resid_mid": "the residual stream between block {n}'s attention and its MLP",
+              "attn.hook_z": "block {n}'s attention heads' outputs before W_O (mistudio's layers.{n}.attention is "
+                             "after W_O)"}
+
+
+def _uncaptured(name: str | None, reshape: str = "none", head: int | None = None) -> str | None:
+    """Why an SAE trained on ``name`` applies at no mistudio hook point, when the name says it reads a vector
+    inside a block that mistudio does not capture (TransformerLens's ``blocks.N.hook_resid_mid``,
+    ``attn.hook_z``, ``ln2.hook_normalized`` ..., a module inside a layer, one attention head); None otherwise
+    (a captured hook, or a name mistudio cannot read: that SAE applies where the caller says)."""
+    text = str(name or "").strip()
+    tl, module = _INSIDE_TL_BLOCK.fullmatch(text), _INSIDE_MODULE.fullmatch(text)
+    if head is not None:
+        what = f"one attention head (hook_head_index={head}) of {text or 'its hook'}"
+    elif reshape == "hook_z" or text.endswith("hook_z"):
+        n = tl[1] if tl else "N"
+        what = _TL_INSIDE["attn.hook_z"].format(n=n)
+    elif tl and not _TL_NAME.fullmatch(text):
+        what = _TL_INSIDE.get(tl[2], "a hook inside block {n} ({hook})").format(n=tl[1], hook=tl[2])
+    elif module and not _MODULE_NAME.fullmatch(text) and not _TL_NAME.fullmatch(text):
+        what = f"a module inside layer {module[1]} ({module[2]})"
+    else:
+        return None
+    return (f"it was trained on {text!r}, {what}, which mistudio does not capture (it captures each block's output, "
+            "blocks.N.hook_resid_post = layers.N.residual, its MLP's output, hook_mlp_out = layers.N.mlp, and its "
+            "attention's output, hook_attn_out = layers.N.attention): apply this SAE with TransformerLens, or, if "
+            "its config names the wrong hook, set sae.hook_point = 'layers.N.<kind>' and save it to a folder of "
+            "its own (sae.save(<folder>)) to apply from there")
+
+
+def _hook_point_or_error(name: str | None, reshape: str = "none") -> tuple[str | None, str | None]:
     try:
-        return hook_point_of(name), None
+        point = hook_point_of(name)
     except InputError as exc:
         return None, str(exc)
+    return point, (_uncaptured(name, reshape) if point is None else None)
 
 
 # -- sparse latents -----------------------------------------------------------------------------------
@@ -280,7 +313,7 @@ class SAE(nn.Module):
         self.normalize_activations = normalize_activations
         self.reshape_activations = reshape_activations
         self.hook_name = hook_name
-        derived, self._hook_error = _hook_point_or_error(hook_name)
+        derived, self._hook_error = _hook_point_or_error(hook_name, reshape_activations)
         if hook_point is not None and not _MISTUDIO_NAME.fullmatch(str(hook_point)):
             raise InputError(f"hook_point={hook_point!r} is not a mistudio hook point: use "
                              "layers.N.residual|mlp|attention")
@@ -502,8 +535,9 @@ class SAE(nn.Module):
 
 def check_applies(sae: SAE, hook_point: str, width: int) -> None:
     """Raise InputError unless ``sae`` reads ``hook_point`` vectors of ``width``: the widths must match, and an
-    SAE that names its own hook point must name this one (an SAE whose hook is unknown to mistudio applies
-    wherever the caller says)."""
+    SAE that names its own hook point must name this one; one trained on a hook mistudio knows it does not
+    capture (the embeddings, ``blocks.N.hook_resid_mid``, ``attn.hook_z``, one head ...) is refused, saying why
+    (an SAE whose hook name mistudio cannot read at all applies wherever the caller says)."""
     if sae.d_in != int(width):
         raise InputError(f"{sae.name} reads vectors of width {sae.d_in}, but {hook_point} has width {int(width)}: "
                          "use an SAE trained on this model's hook point")
@@ -706,6 +740,7 @@ def _load_saelens(folder: Path, scaling_factor: float | None) -> SAE:
               or ("hook_z" if "hook_z" in str(hook_name) else "none"))
     if head is not None or sae.reshape_activations != "none":
         sae.hook_point = None  # one attention head, or the heads' z: no mistudio hook point holds that
+        sae._hook_error = _uncaptured(hook_name, sae.reshape_activations, head)
     with torch.no_grad():
         for name in _WEIGHT_NAMES[architecture]:
             getattr(sae, name).copy_(state[name])

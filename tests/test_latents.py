@@ -22,9 +22,10 @@ LAYOUT = dict(layers=[2], hooks=["residual"], dtype="float32", max_length=40, ma
               chunk_mb=0.01, shard_mb=0.05)
 
 
-def make_sae(folder, architecture: str, seed: int = 0, layer: int = 2, d_sae: int = D_SAE, **cfg) -> "sl.SAE":
-    """A SAELens SAE on ``layers.<layer>.residual`` of the tiny GPT-2 (width 32), random weights, saved to
-    ``folder`` (other test files make theirs here too)."""
+def make_sae(folder, architecture: str, seed: int = 0, layer: int = 2, d_sae: int = D_SAE, hook_name: str | None = None,
+             **cfg) -> "sl.SAE":
+    """A SAELens SAE on ``layers.<layer>.residual`` of the tiny GPT-2 (width 32; or on ``hook_name``), random
+    weights, saved to ``folder`` (other test files make theirs here too)."""
     from sae_lens.saes.sae import SAEMetadata
 
     classes = {"standard": (sl.StandardSAE, sl.StandardSAEConfig), "topk": (sl.TopKSAE, sl.TopKSAEConfig),
@@ -32,7 +33,8 @@ def make_sae(folder, architecture: str, seed: int = 0, layer: int = 2, d_sae: in
     cls, cfg_cls = classes[architecture]
     if architecture == "topk":
         cfg.setdefault("k", 8)
-    sae = cls(cfg_cls(d_in=32, d_sae=d_sae, metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"), **cfg))
+    hook_name = hook_name or f"blocks.{layer}.hook_resid_post"
+    sae = cls(cfg_cls(d_in=32, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name), **cfg))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sae.named_parameters():
@@ -226,7 +228,13 @@ def test_a_changed_sae_is_refused_on_resume(gpt2_dir, workspace, tmp_path):
 
 def test_request_errors_name_the_value(gpt2_dir, workspace, tmp_path):
     make_sae(tmp_path / "sae", "topk")
+    make_sae(tmp_path / "mid", "standard", hook_name="blocks.2.hook_resid_mid")  # the width of every hook point
+    make_sae(tmp_path / "z", "standard", hook_name="blocks.2.attn.hook_z", reshape_activations="hook_z")
     cases = [
+        (dict(saes={HP: str(tmp_path / "mid")}), "between block 2's attention and its MLP, which mistudio does not "
+                                                 "capture"),
+        (dict(saes={"layers.2.attention": str(tmp_path / "z")}, hooks=["residual", "attention"]),
+         "attention heads' outputs before W_O"),
         (dict(saes={"layers.1.residual": str(tmp_path / "sae")}), "was trained on blocks.2.hook_resid_post"),
         (dict(saes={"layers.7.residual": str(tmp_path / "sae")}), "layer index 7 is out of range"),
         (dict(saes={"blocks.2": str(tmp_path / "sae")}), "not a hook point"),

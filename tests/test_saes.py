@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -346,9 +347,20 @@ def test_check_applies(tmp_path):
     with pytest.raises(InputError, match=r"trained on blocks.2.hook_mlp_out \(mistudio hook point layers.2.mlp\), "
                                          r"not on layers.2.residual"):
         check_applies(sae, "layers.2.residual", D_IN)
+    unknown = SAE("standard", D_IN, D_SAE, hook_name="my_custom_hook")
+    assert unknown.hook_point is None
+    check_applies(unknown, "layers.2.residual", D_IN)  # a name mistudio cannot read: the caller names the point
+    for name, words in [("blocks.2.hook_resid_mid", "between block 2's attention and its MLP"),
+                        ("blocks.2.attn.hook_z", "attention heads' outputs before W_O"),
+                        ("blocks.2.ln2.hook_normalized", r"a hook inside block 2 \(ln2.hook_normalized\)"),
+                        ("blocks.2.hook_mlp_in", r"a hook inside block 2 \(hook_mlp_in\)"),
+                        ("model.layers.2.post_attention_layernorm", r"a module inside layer 2"),
+                        ("layers.2.mlp.act_fn", r"a module inside layer 2 \(mlp.act_fn\)")]:
+        inside = SAE("standard", D_IN, D_SAE, hook_name=name)
+        with pytest.raises(InputError, match=rf"{re.escape(name)}', .*{words}.*does not capture.*sae.hook_point ="):
+            check_applies(inside, "layers.2.residual", D_IN)
     unknown = SAE("standard", D_IN, D_SAE, hook_name="blocks.2.hook_resid_mid")
     assert unknown.hook_point is None
-    check_applies(unknown, "layers.2.residual", D_IN)  # the caller names the hook point
     embeddings = SAE("standard", D_IN, D_SAE, hook_name="blocks.0.hook_resid_pre")
     with pytest.raises(InputError, match="embeddings"):
         check_applies(embeddings, "layers.0.residual", D_IN)
