@@ -118,7 +118,7 @@ def test_latents_dropped_for_want_of_width_are_warned_with_the_fix(gpt2_dir, wor
     lines = [render(w) for w in ext.warnings() if "dropped" in w]
     assert len(lines) == 1, ext.warnings()
     line = lines[0]
-    share = f"{stats.dropped / stats.active:.0%}"
+    share = f"{stats.dropped / stats.active:.1%}"
     assert f"{HP}.latents" in line and f"{stats.dropped:,}" in line and f"{stats.rows_dropped:,}" in line, line
     assert share in line and "4 largest" in line and "latent_width=" in line and f"{D_SAE}" in line, line
     assert "latent_coverage" in line, line
