@@ -109,6 +109,7 @@ def test_latents_dropped_for_want_of_width_are_warned_with_the_fix(gpt2_dir, wor
     command line's end line say how many, on how many rows, what it does to the statistics, and the fix."""
     from mistudio import cli
     from mistudio.errors import render
+    from mistudio.widgets.common import store_notes
 
     make_sae(tmp_path / "sae", "standard")
     sae = {HP: str(tmp_path / "sae")}
@@ -123,6 +124,7 @@ def test_latents_dropped_for_want_of_width_are_warned_with_the_fix(gpt2_dir, wor
     assert share in line and "4 largest" in line and "latent_width=" in line and f"{D_SAE}" in line, line
     assert "latent_coverage" in line, line
     assert "dropped" in capsys.readouterr().err  # the progress bar's end line
+    assert "dropped for want of width" in store_notes(ext)  # the Browse tab
     assert cli.main(["extract", "--workspace", workspace, "--model", gpt2_dir, "--layers", "2", "--max-samples", "4",
                      "--saes", f"{HP}={tmp_path / 'sae'}", "--latent-width", "4"]) == 0
     out = capsys.readouterr().out
@@ -146,6 +148,7 @@ def test_latents_past_the_storage_range_are_counted_and_warned(gpt2_dir, workspa
     as raw hook points are; a bfloat16 store keeps them finite and says nothing."""
     from mistudio import cli
     from mistudio.errors import render
+    from mistudio.widgets.common import store_notes
 
     make_loud_sae(tmp_path / "sae")
     sae = {HP: str(tmp_path / "sae")}
@@ -162,6 +165,7 @@ def test_latents_past_the_storage_range_are_counted_and_warned(gpt2_dir, workspa
     assert f"{HP}.latents" in line and f"{n_inf:,}" in line and "float16's range" in line, line
     assert "dtype='bfloat16'" in line, line
     assert "float16's range" in capsys.readouterr().err  # the progress bar's end line
+    assert "range and are stored as ±inf" in store_notes(ext)  # the Browse tab (HTML-escaped quotes)
     assert cli.main(["extract", "--workspace", workspace, "--model", gpt2_dir, "--layers", "2", "--max-samples", "4",
                      "--saes", f"{HP}={tmp_path / 'sae'}", "--dtype", "float16"]) == 0
     out = capsys.readouterr().out
