@@ -404,8 +404,9 @@ class Extraction:
                            f"({stats.dropped / stats.active:.1%}) were dropped for want of width, on "
                            f"{stats.rows_dropped:,} of {stats.rows:,} rows: the store keeps each token's {info.width} "
                            "largest, so densities, means and co-firing count a latent only where it was among them "
-                           f"(lower bounds for latents that fire small): «pass latent_width={wider}» (up to the SAE's "
-                           f"d_sae, {info.d_sae:,}) or a higher «latent_coverage»")
+                           "(lower bounds for latents that fire small): "
+                           f"«pass latent_width={wider}» (up to the SAE's d_sae, {info.d_sae:,}) or a higher "
+                           "«latent_coverage»")
             if stats.n_out_of_range:
                 out.append(f"{point}: {stats.n_out_of_range:,} of {stats.active - stats.dropped:,} stored latents "
                            f"were past {dtype}'s range and are stored as ±inf (max {stats.max:.3g}): "
