@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ExtractionFailed, InputError, JobCancelled, StoreCorrupted
+from .errors import ExtractionFailed, InputError, JobCancelled, StoreCorrupted, render
 from .extraction import Extraction
 from .jobs import Job
 from .progress import TqdmListener
@@ -39,7 +40,10 @@ def extract(model: Any = None, dataset: Any = None, layers: Any = None, hooks: A
             bar.close()
     status = job.status
     if status == "COMPLETED":
-        return job.extraction()
+        ext = job.extraction()
+        for line in ext.warnings() if progress else ():  # under the bar, on its stream: what to know before trusting
+            print(f"warning: {render(line)}", file=sys.stderr)
+        return ext
     if status == "CANCELLED":
         raise JobCancelled(f"extraction {job.id} was cancelled; what was saved is kept (ws.resume({job.id!r}))")
     error = job.error or {"error_type": "UNKNOWN", "error_message": f"job ended {status}"}

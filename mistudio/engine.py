@@ -143,8 +143,9 @@ class Latents:
 
 def encode_latents(latents: Latents, values: torch.Tensor, storage_dtype: torch.dtype) -> tuple:
     """A batch of hook-point rows through the SAE, on their device: (indices, values as stored, statistics
-    sources): per row the ``width`` largest latents (an empty slot: index 0, value 0), and how many latents fired
-    (value > 0) and were dropped for want of width."""
+    sources): per row the ``width`` largest latents (an empty slot: index 0, value 0), how many latents fired
+    (value > 0) and were dropped for want of width, how many stored values are ±inf (past the storage dtype's
+    range) and how many latents were NaN (not stored)."""
     sae = latents.sae
     z = sae.encode(values.to(device=sae.device, dtype=sae.dtype))
     width = min(latents.width, z.shape[-1])
@@ -153,7 +154,8 @@ def encode_latents(latents: Latents, values: torch.Tensor, storage_dtype: torch.
     top, index = torch.where(fired, top, 0), torch.where(fired, index, 0)
     active = (z > 0).sum(-1)
     dropped = (active - width).clamp(min=0)
-    return index.to(torch.int32), top.to(storage_dtype), LatentStats.device_sums(active, dropped, top)
+    stored = top.to(storage_dtype)
+    return index.to(torch.int32), stored, LatentStats.device_sums(active, dropped, top, stored, z.isnan().sum())
 
 
 Staged = list[tuple[list[str], torch.Tensor]]  # (names, tensor whose first dimension indexes the names)

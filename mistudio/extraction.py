@@ -1,6 +1,7 @@
 """Read access to one stored extraction: metadata, arrays, and a dataset row's activations."""
 from __future__ import annotations
 
+import math
 import operator
 from functools import cached_property, partial
 from typing import Any
@@ -389,6 +390,31 @@ class Extraction:
                 out.append(f"{hp}: {stats.n_nan:,} of {stats.count:,} values are NaN in the model's output")
         return out
 
+    def latent_warnings(self) -> list[str]:
+        """A line per SAE whose tokens lost latents for want of width (their statistics count only each token's
+        ``width`` largest), whose latents went past the storage dtype's range (stored as ±inf) or were NaN, with
+        the fix (marked for the front ends: see :func:`mistudio.errors.render`)."""
+        out, dtype = [], self.record.params.dtype or "float16"
+        for hp, stats in self.record.latent_statistics.items():
+            info, point = self.record.latents[hp], f"{hp}.latents"
+            if stats.dropped:
+                busy = info.width + math.ceil(stats.dropped / stats.rows_dropped)  # mean L0 of the rows cut
+                wider = min(info.d_sae, 16 * math.ceil(1.5 * busy / 16))
+                out.append(f"{point}: {stats.dropped:,} of {stats.active:,} firing latents "
+                           f"({stats.dropped / stats.active:.1%}) were dropped for want of width, on "
+                           f"{stats.rows_dropped:,} of {stats.rows:,} rows: the store keeps each token's {info.width} "
+                           "largest, so densities, means and co-firing count a latent only where it was among them "
+                           "(lower bounds for latents that fire small): "
+                           f"«pass latent_width={wider}» (up to the SAE's d_sae, {info.d_sae:,}) or a higher "
+                           "«latent_coverage»")
+            if stats.n_out_of_range:
+                out.append(f"{point}: {stats.n_out_of_range:,} of {stats.active - stats.dropped:,} stored latents "
+                           f"were past {dtype}'s range and are stored as ±inf (max {stats.max:.3g}): "
+                           "«pass dtype='bfloat16'» (or 'float32')")
+            if stats.n_nan:
+                out.append(f"{point}: {stats.n_nan:,} latents are NaN in the SAE's output (not stored)")
+        return out
+
     def sae_warnings(self) -> list[str]:
         """A line per SAE applied that says it was trained on another model than this extraction's (by weights when
         both are known, else by name): its latents may mean nothing here."""
@@ -399,9 +425,10 @@ class Extraction:
         return [line for line in found if line]
 
     def warnings(self) -> list[str]:
-        """What a researcher should know before trusting this store's values: :meth:`range_warnings` and
-        :meth:`sae_warnings` (marked for the front ends: see :func:`mistudio.errors.render`)."""
-        return self.range_warnings() + self.sae_warnings()
+        """What a researcher should know before trusting this store's values: :meth:`range_warnings`,
+        :meth:`latent_warnings` and :meth:`sae_warnings` (marked for the front ends: see
+        :func:`mistudio.errors.render`)."""
+        return self.range_warnings() + self.latent_warnings() + self.sae_warnings()
 
     def to_xarray(self):
         """Every hook point as a lazy ``xarray.Dataset`` over (token, feature): the committed tokens, like

@@ -221,6 +221,20 @@ def test_latents_on_a_cluster_equal_a_local_run(architecture, gpt2_dir, workspac
     np.testing.assert_array_equal(ext.activations(HP)[:], ref.activations(HP)[:])
 
 
+
+def test_latents_past_float16_on_a_cluster_are_counted_as_a_local_run(gpt2_dir, workspace, client, tmp_path):
+    """The shards' latent statistics carry the ±inf count: merged, it is the local run's, and warned the same."""
+    from test_latents import make_loud_sae
+
+    make_loud_sae(tmp_path / "sae")
+    args = dict(saes={HP: str(tmp_path / "sae")}, progress=False, **{**SAE_ARGS, "dtype": "float16",
+                                                                      "feature_statistics": "off"})
+    ref = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "local"), **args)
+    ext = ms.extract(gpt2_dir, "sample", workspace=workspace, cluster=client, **args)
+    assert len(ext.metadata["shards"]) == 4
+    assert ext.record.latent_statistics == ref.record.latent_statistics
+    assert ext.record.latent_statistics[HP].n_out_of_range > 0 and ext.warnings() == ref.warnings()
+
 @pytest.mark.slow
 @pytest.mark.parametrize("on_cluster", [False, True])
 def test_a_cancelled_cluster_run_with_saes_resumes_equal_to_a_clean_run(on_cluster, gpt2_dir, workspace, client,

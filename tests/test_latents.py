@@ -106,6 +106,91 @@ def test_a_narrow_width_keeps_the_largest_and_counts_what_it_drops(gpt2_dir, wor
     assert stats.rows_dropped == int((l0 > 4).sum())
 
 
+def test_latents_dropped_for_want_of_width_are_warned_with_the_fix(gpt2_dir, workspace, tmp_path, capsys):
+    """A width narrower than the tokens' L0 drops latents: ``ext.warnings()``, the progress bar's end line and the
+    command line's end line say how many, on how many rows, what it does to the statistics, and the fix."""
+    from mistudio import cli
+    from mistudio.errors import render
+    from mistudio.widgets.common import store_notes
+
+    make_sae(tmp_path / "sae", "standard")
+    sae = {HP: str(tmp_path / "sae")}
+    ext = ms.extract(gpt2_dir, "sample", saes=sae, latent_width=4, workspace=workspace, progress=True, **LAYOUT)
+    stats = ext.record.latent_statistics[HP]
+    assert stats.dropped > 0
+    lines = [render(w) for w in ext.warnings() if "dropped" in w]
+    assert len(lines) == 1, ext.warnings()
+    line = lines[0]
+    share = f"{stats.dropped / stats.active:.1%}"
+    assert f"{HP}.latents" in line and f"{stats.dropped:,}" in line and f"{stats.rows_dropped:,}" in line, line
+    assert share in line and "4 largest" in line and "latent_width=" in line and f"{D_SAE}" in line, line
+    assert "latent_coverage" in line, line
+    assert "dropped" in capsys.readouterr().err  # the progress bar's end line
+    assert "dropped for want of width" in store_notes(ext)  # the Browse tab
+    assert cli.main(["extract", "--workspace", workspace, "--model", gpt2_dir, "--layers", "2", "--max-samples", "4",
+                     "--saes", f"{HP}={tmp_path / 'sae'}", "--latent-width", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped" in out and "--latent-width" in out and "--latent-coverage" in out, out
+    wide = ms.extract(gpt2_dir, "sample", saes=sae, latent_width=D_SAE, workspace=workspace, progress=False,
+                      **LAYOUT)
+    assert wide.record.latent_statistics[HP].dropped == 0 and wide.warnings() == []
+
+
+def make_loud_sae(folder) -> None:
+    """A standard SAE whose latents reach far past float16's ±65,504 on the tiny GPT-2 (its raw rows do not)."""
+    sae = make_sae(folder, "standard")
+    with torch.no_grad():
+        sae.W_enc.mul_(1e6)
+        sae.b_enc.mul_(1e6)
+    sae.save_model(str(folder))
+
+
+def test_latents_past_the_storage_range_are_counted_and_warned(gpt2_dir, workspace, tmp_path, capsys):
+    """Latents over float16's range are stored as inf: counted in the latent statistics and warned with the fix,
+    as raw hook points are; a bfloat16 store keeps them finite and says nothing."""
+    from mistudio import cli
+    from mistudio.errors import render
+    from mistudio.widgets.common import store_notes
+
+    make_loud_sae(tmp_path / "sae")
+    sae = {HP: str(tmp_path / "sae")}
+    options = {**LAYOUT, "dtype": "float16", "latent_width": D_SAE}
+    ext = ms.extract(gpt2_dir, "sample", saes=sae, workspace=workspace, progress=True, **options)
+    stats = ext.record.latent_statistics[HP]
+    _, values = ext.latent_arrays(HP)
+    n_inf = int(np.isinf(np.asarray(values[:], np.float32)).sum())
+    assert stats.n_out_of_range == n_inf > 0 and stats.max > 65504 and stats.n_nan == 0
+    assert not ext.record.statistics[HP].n_out_of_range  # the raw rows are in range
+    lines = [render(w) for w in ext.warnings() if "range" in w]
+    assert len(lines) == 1, ext.warnings()
+    line = lines[0]
+    assert f"{HP}.latents" in line and f"{n_inf:,}" in line and "float16's range" in line, line
+    assert "dtype='bfloat16'" in line, line
+    assert "float16's range" in capsys.readouterr().err  # the progress bar's end line
+    assert "range and are stored as ±inf" in store_notes(ext)  # the Browse tab (HTML-escaped quotes)
+    assert cli.main(["extract", "--workspace", workspace, "--model", gpt2_dir, "--layers", "2", "--max-samples", "4",
+                     "--saes", f"{HP}={tmp_path / 'sae'}", "--dtype", "float16"]) == 0
+    out = capsys.readouterr().out
+    assert "float16's range" in out and "--dtype bfloat16" in out, out
+    safe = ms.extract(gpt2_dir, "sample", saes=sae, workspace=workspace, progress=False,
+                      **{**options, "dtype": "bfloat16"})
+    assert safe.record.latent_statistics[HP].n_out_of_range == 0 and safe.warnings() == []
+
+
+def test_latents_out_of_range_of_a_stopped_run_resume_to_the_clean_count(gpt2_dir, tmp_path):
+    from conftest import cancelled_at
+
+    make_loud_sae(tmp_path / "sae")
+    options = dict(saes={HP: str(tmp_path / "sae")}, **{**LAYOUT, "dtype": "float16"})
+    clean = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "clean"), progress=False, **options)
+    ws = ms.Workspace(tmp_path / "ws")
+    job = cancelled_at(ws, gpt2_dir, "sample", at_batch=9, **options)
+    stopped = job.extraction().record.latent_statistics[HP]
+    assert 0 < stopped.n_out_of_range < clean.record.latent_statistics[HP].n_out_of_range
+    resumed = ws.resume(job.id).wait(120)
+    assert resumed.status == "COMPLETED", resumed.error
+    assert resumed.extraction().record.latent_statistics == clean.record.latent_statistics
+
 def test_latent_coverage_sizes_the_width_by_a_quantile_of_the_first_batch(gpt2_dir, workspace, tmp_path):
     """A ReLU SAE's width from the share of tokens that must fit (not 1.5 x its busiest token): narrower, the
     largest latents kept, the rest counted; the estimate's probe says the same width."""

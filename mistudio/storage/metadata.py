@@ -141,7 +141,7 @@ class LatentInfo(_Section):
 
 class LatentStatistics(_Section):
     """Per SAE: rows, latents that fired (their mean is the L0), latents dropped for want of width and the rows
-    that lost some, the largest latent value."""
+    that lost some, the largest latent value, stored values past the storage dtype's range (±inf) and NaN latents."""
 
     rows: int = 0
     active: int = 0
@@ -149,6 +149,8 @@ class LatentStatistics(_Section):
     rows_dropped: int = 0
     max: float = 0.0
     mean_l0: float = 0.0
+    n_out_of_range: int = 0  # latents stored as ±inf (float16 past 65,504)
+    n_nan: int = 0  # NaN latents: not stored (an empty slot)
 
 
 class StorageInfo(_Section):

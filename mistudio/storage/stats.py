@@ -167,31 +167,34 @@ def special_counts(stored: np.ndarray, bfloat16: bool = False) -> tuple[int, int
 
 class LatentStats:
     """Accumulators of one SAE's latents over committed rows: rows, latents that fired (L0), latents dropped for
-    want of width (and the rows that lost some), the largest value."""
+    want of width (and the rows that lost some), the largest value, values stored as ±inf (past the storage dtype's
+    range) and NaN latents (not stored)."""
 
     @staticmethod
     def empty() -> dict:
-        return {"rows": 0, "active": 0, "dropped": 0, "rows_dropped": 0, "max": 0.0}
+        return {"rows": 0, "active": 0, "dropped": 0, "rows_dropped": 0, "max": 0.0, "n_out_of_range": 0, "n_nan": 0}
 
     @staticmethod
-    def device_sums(active, dropped, values):
-        """(rows, fired, dropped, rows that dropped some, max value) as one float64 tensor where they are."""
+    def device_sums(active, dropped, values, stored, n_nan):
+        """(rows, fired, dropped, rows that dropped some, max value, stored ±inf, NaN) as one float64 tensor where
+        they are: ``values`` the kept latents, ``stored`` the same cast to the storage dtype."""
         import torch
 
         if not len(active):
-            return torch.zeros(5, dtype=torch.float64, device=active.device)
+            return torch.zeros(7, dtype=torch.float64, device=active.device)
         return torch.stack([torch.full((), len(active), dtype=torch.float64, device=active.device), active.sum(),
-                            dropped.sum(), (dropped > 0).sum(), values.float().max()])
+                            dropped.sum(), (dropped > 0).sum(), values.float().max(), stored.isinf().sum(),
+                            n_nan.double()])
 
     @staticmethod
     def from_device(sums: list[float]) -> dict:
-        rows, active, dropped, rows_dropped, top = sums
+        rows, active, dropped, rows_dropped, top, n_inf, n_nan = sums
         return {"rows": int(rows), "active": int(active), "dropped": int(dropped), "rows_dropped": int(rows_dropped),
-                "max": float(top)}
+                "max": float(top), "n_out_of_range": int(n_inf), "n_nan": int(n_nan)}
 
     @staticmethod
     def merge(acc: dict, delta: dict) -> None:
-        for key in ("rows", "active", "dropped", "rows_dropped"):
+        for key in ("rows", "active", "dropped", "rows_dropped", "n_out_of_range", "n_nan"):
             acc[key] = acc.get(key, 0) + delta.get(key, 0)
         acc["max"] = max(acc.get("max", 0.0), delta.get("max", 0.0))
 
