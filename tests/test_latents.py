@@ -127,6 +127,10 @@ def test_latents_dropped_for_want_of_width_are_warned_with_the_fix(gpt2_dir, wor
     assert "latent_coverage" in line, line
     assert "dropped" in capsys.readouterr().err  # the progress bar's end line
     assert "dropped for want of width" in store_notes(ext)  # the Browse tab
+    from mistudio.analysis.feature_page import feature_page_html
+    from mistudio.analysis.features import feature_page
+    page = feature_page(ext, f"{HP}.latents", 0, n_token_means=0, logits=False)  # a page of that store says it
+    assert page["caveats"] == [line] and "dropped for want of width" in feature_page_html(page)
     assert cli.main(["extract", "--workspace", workspace, "--model", gpt2_dir, "--layers", "2", "--max-samples", "4",
                      "--saes", f"{HP}={tmp_path / 'sae'}", "--latent-width", "4"]) == 0
     out = capsys.readouterr().out
@@ -134,6 +138,7 @@ def test_latents_dropped_for_want_of_width_are_warned_with_the_fix(gpt2_dir, wor
     wide = ms.extract(gpt2_dir, "sample", saes=sae, latent_width=D_SAE, workspace=workspace, progress=False,
                       **LAYOUT)
     assert wide.record.latent_statistics[HP].dropped == 0 and wide.warnings() == []
+    assert feature_page(wide, f"{HP}.latents", 0, n_token_means=0, logits=False)["caveats"] == []
 
 
 def make_loud_sae(folder) -> None:

@@ -17,6 +17,7 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
      "correlated": [{"feature": int, "count": int, "fraction": float, "density"?: float}, ...],
      "correlated_basis"?: {"kind": "sample" | "top", "tokens": int, "rows": int, "per_token": int,
                            "error"?: int} | None,
+     "caveats"?: [str],                                           # what the store warns of this hook point
      "note": str, "prev": int | None, "next": int | None}
 
     example = {"value": float, "row": int,          # activation row (stored order)
@@ -25,7 +26,8 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
                "tokens": [str], "values": [float | None], "special": [bool],   # the context window
                "peak": int}                         # index into tokens of the example's own token
 
-Keys marked ``?`` are optional: ``min_count``, the least count the token means were computed with (the table
+Keys marked ``?`` are optional: ``caveats`` (the store's warnings about this hook point: latents dropped for want
+of width make densities lower bounds, values stored as ±inf; shown under the title), ``min_count``, the least count the token means were computed with (the table
 says it and leaves out rows below it), ``special`` on a token-means row (``hide_special`` hides it),
 ``logits_note`` (why there is no logit table: an encoder, a model without an LM head ...), ``correlated_basis``
 (what a co-firing ``fraction`` is: with ``"sample"``, the share of the feature's ``tokens`` firing tokens in a
@@ -64,6 +66,7 @@ PAGE_CSS = """
  letter-spacing:.04em;opacity:.75}.msfp h6{margin:8px 0 2px;font-size:12px;font-weight:600}
 .msfp-sub{opacity:.65;font-weight:normal}.msfp-stats span{display:inline-block;margin-right:14px;white-space:nowrap}
 .msfp-note{margin:6px 0;padding:4px 8px;border-left:3px solid rgba(230,120,30,.8);white-space:pre-wrap}
+.msfp-caveat{margin:6px 0;padding:4px 8px;border-left:3px solid rgba(200,40,40,.8);background:rgba(200,40,40,.06)}
 .msfp-cols{display:flex;flex-wrap:wrap;gap:18px}.msfp-left{flex:0 1 440px;min-width:0;overflow-x:auto}
 .msfp-right{flex:1 1 420px;min-width:min(340px,100%);overflow-x:auto}
 .msfp-left td code{white-space:pre-wrap;overflow-wrap:anywhere}
@@ -132,6 +135,7 @@ def _header(page: dict) -> str:
              f"<span><b>mean when active</b> {number(page['mean_active'])}</span>",
              f"<span><b>width</b> {_int(page['d'])}</span>"]
     note = f'<div class="msfp-note">{escape(page["note"])}</div>' if str(page.get("note") or "").strip() else ""
+    note = "".join(f'<div class="msfp-caveat">⚠ {escape(line)}</div>' for line in page.get("caveats") or []) + note
     sub = escape(page["extraction"]) + (" · " + nav if nav else "")
     return (f'<div class="msfp-header"><h4>{escape(page["hook_point"])} · {escape(page["kind"])} '
             f'{_int(page["feature"])} <span class="msfp-sub">{sub}</span></h4>'

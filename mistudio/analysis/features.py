@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import zarr
 
-from ..errors import InputError, StoreCorrupted
+from ..errors import InputError, StoreCorrupted, render
 from ..saes import SAE, load_sae
 from ..storage.featstats import BANDS, FeatureStatistics, sample_keys
 from ..storage.reads import DECODE_ERRORS
@@ -394,7 +394,15 @@ def feature_page(ext: "Extraction", hook_point: str, feature: int, *, k: int = 2
             "note": get_note(ext, hook_point, feature),
             "prev": feature - 1 if feature > 0 else None, "next": feature + 1 if feature + 1 < stats.d else None,
             "one_per_document": bool(one_per_document), "scheme": tokenizer_scheme(ext.tokenizer),
-            "n_layers": ext.record.model.n_layers}
+            "n_layers": ext.record.model.n_layers, "caveats": page_caveats(ext, hook_point)}
+
+
+def page_caveats(ext: "Extraction", hook_point: str) -> list[str]:
+    """What the store's warnings say about ``hook_point`` (latents dropped for want of width, values past the
+    storage dtype's range: :meth:`Extraction.range_warnings`, :meth:`Extraction.latent_warnings`), worded for
+    Python, for the page to show."""
+    lines = ext.range_warnings() + ext.latent_warnings()
+    return [render(line) for line in lines if line.startswith(f"{hook_point}:")]
 
 
 # -- the feature table -----------------------------------------------------------------------------------------
