@@ -919,6 +919,11 @@ def test_issue19_p4_saved_and_computed_apart_never_backwards(gpt2_dir, workspace
     assert meter.eta(1000) == pytest.approx(10, rel=0.01)
     meter.update(1900, at=10.0)  # one batch ten times as fast moves the ETA a little, not to a tenth
     assert 7 < meter.eta(1000) < 10
+    seeded = RateMeter()  # the engine's first-batch rate, 7x the job's (a short job's writes not yet waited on)
+    assert seeded.update(40, at=0.0, first_rate=700) == 700
+    for t in range(1, 6):
+        seeded.update(40 + 100 * t, at=2.0 * t)
+    assert seeded.rate == pytest.approx(50)  # measured from the second update on, the seed not blended in
 
 
 def test_issue19_p4_restart_banner_says_saved_and_computed(gpt2_dir, workspace):

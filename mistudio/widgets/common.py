@@ -198,21 +198,25 @@ def progress_text(status: str, progress: dict, saved: int | None = None, eta_s: 
 
 
 class RateMeter:
-    """A smoothed rate from cumulative counts: an exponential moving average of the rate between updates with a
-    time constant of ``window_s`` (one slow or fast batch moves it a little, a real change within a window), so
-    an ETA from it does not jump with each batch. A count that goes down (a resume) starts it again."""
+    """A smoothed rate from cumulative counts: the rate between the first two updates, then an exponential moving
+    average of the rate between updates with a time constant of ``window_s`` (one slow or fast batch moves it a
+    little, a real change within a window), so an ETA from it does not jump with each batch. A count that goes
+    down (a resume) starts it again."""
 
     def __init__(self, window_s: float = 30.0):
         self.window_s = window_s
         self.rate: float | None = None
         self._last: tuple[float, float] | None = None
+        self._measured = False  # a rate between two updates was taken (the seed is only shown until then)
 
     def update(self, count: float, at: float | None = None, first_rate: float | None = None) -> float | None:
-        """Take the cumulative ``count`` at time ``at`` (default: now); ``first_rate``: a rate to start from
-        (e.g. the engine's average so far) before two updates exist. Returns the smoothed rate."""
+        """Take the cumulative ``count`` at time ``at`` (default: now); ``first_rate``: a rate to show (e.g. the
+        engine's rate over its first batch) until two updates measure one, then dropped, not blended in: a first
+        batch's rate can be many times the job's (5-12x on a short one, its writes and statistics not yet
+        waited on). Returns the smoothed rate."""
         at = time.monotonic() if at is None else at
         if self._last is not None and count < self._last[1]:
-            self.rate, self._last = None, None
+            self.rate, self._last, self._measured = None, None, False
         if self._last is None:
             self._last = (at, count)
             if first_rate:
@@ -223,7 +227,8 @@ class RateMeter:
             return self.rate
         now_rate = dc / dt
         weight = 1.0 - math.exp(-dt / self.window_s)
-        self.rate = now_rate if self.rate is None else self.rate + weight * (now_rate - self.rate)
+        self.rate = self.rate + weight * (now_rate - self.rate) if self._measured else now_rate
+        self._measured = True
         self._last = (at, count)
         return self.rate
 
