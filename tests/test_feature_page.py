@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+from html import unescape
 from html.parser import HTMLParser
 
 import pytest
@@ -234,11 +235,15 @@ def test_histogram_of_a_signed_neuron_keeps_both_sides():
 
 
 def test_logit_tokens_that_read_alike_show_their_ids():
-    """Byte pieces that all read '�' (and two tokens that share a label) carry their ids; clear ones do not."""
+    """Byte pieces of a cut character read as their bytes (and carry no id); tokens that read alike (two tokens
+    that share a label, a piece that reads '�') carry their ids; clear ones do not."""
     logits = {"promoted": [{"token_id": 140, "token": "\u00e2", "value": 0.9},
                            {"token_id": 141, "token": "\u00e3", "value": 0.8},
-                           {"token_id": 6, "token": "Ġwolf", "value": 0.4}],
+                           {"token_id": 6, "token": "Ġwolf", "value": 0.4},
+                           {"token_id": 7, "token": "\ufffd", "value": 0.3},
+                           {"token_id": 9, "token": "\ufffd", "value": 0.2}],
               "suppressed": [{"token_id": 8, "token": "Ġcat", "value": -0.6}]}
-    out = section(feature_page_html(make_page(logits=logits, scheme="bytelevel")), "msfp-logits")
-    assert out.count("�") == 2 and "#140" in out and "#141" in out
+    out = unescape(section(feature_page_html(make_page(logits=logits, scheme="bytelevel")), "msfp-logits"))
+    assert "<0xE2>" in out and "<0xE3>" in out and "#140" not in out and "#141" not in out
+    assert out.count("�") == 2 and "#7" in out and "#9" in out
     assert "#6" not in out and "#8" not in out

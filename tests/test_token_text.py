@@ -18,7 +18,7 @@ from mistudio.analysis.exports import export_html, export_neuronpedia
 from mistudio.analysis.feature_page import feature_page_html
 from mistudio.analysis.feature_view import (display_pieces, feature_view, feature_view_html, token_label,
                                             tokenizer_scheme)
-from mistudio.analysis.features import export_pages, feature_page
+from mistudio.analysis.features import export_pages, feature_page, match_tokens
 from mistudio.errors import InputError
 
 HP = "layers.1.residual"
@@ -53,7 +53,8 @@ def test_byte_level_pieces_read_as_their_text(bytelevel_store, tmp_path):
     labels = [token_label(p, "bytelevel") for p in pieces]
     assert all("Ã" not in label and "Ġ" not in label for label in labels), labels
     odd = ("ĠðŁĺ", "Ã©jÃ", "Ċ", "<|endoftext|>", "über", "ĠParis")  # a character cut at an end; text added
-    assert [token_label(p, "bytelevel") for p in odd] == ["␣�", "éj�", "↵", "<|endoftext|>", "über", "␣Paris"]
+    assert [token_label(p, "bytelevel") for p in odd] == ["␣<0xF0><0x9F><0x98>", "éj<0xC3>", "↵", "<|endoftext|>",
+                                                          "über", "␣Paris"]
     page = feature_page(ext, HP, 0, n_token_means=5, logits=False)
     html = unescape(feature_page_html(page))
     assert "Ã" not in html and ("é" in html or "😀" in html)
@@ -117,7 +118,6 @@ def test_tokens_added_as_text_read_and_are_found_as_written(bytelevel_store, tmp
     and Find by token must find it, typed as text or as the tabs spell a token ('␣')."""
     from transformers import AutoTokenizer
 
-    from mistudio.analysis.features import match_tokens
 
     tok = AutoTokenizer.from_pretrained(bytelevel_store.tokenizer.name_or_path)
     tok.add_tokens(["naïveté", "über"])
@@ -221,12 +221,14 @@ def test_running_text_joins_a_character_split_over_pieces(split_store):
     assert "".join(pieces) == split_store.tokenizer.decode(ids)  # as the tokenizer decodes it
     first = tokens.index("Ã")
     assert tokens[first:first + 2] == ["Ã", "©"] and pieces[first:first + 2] == ["", "é"]  # shown where it ends
-    assert display_pieces(["Ã"], "bytelevel") == ["\ufffd"] == [token_label("Ã", "bytelevel")]  # alone: as before
+    assert display_pieces(["Ã"], "bytelevel") == ["\ufffd"]  # alone in running text: as the tokenizer decodes it
+    assert token_label("Ã", "bytelevel") == "<0xC3>"  # named on its own: its byte, told apart from the others'
+    assert match_tokens(split_store, "<0xC3>") == [split_store.tokenizer.convert_tokens_to_ids("Ã")]
     assert display_pieces(["©", "Ġa", "Ã"], "bytelevel") == ["\ufffd", " a", "\ufffd"]  # cut at a window's edges
     assert display_pieces(["ðŁ", "ĺ", "Ģ", "Ġæ", "Ĺ"], "bytelevel") == ["", "", "😀", " ", "\ufffd"]  # 4 bytes; cut
     assert display_pieces(["▁caf", "<0xC3>", "<0xA9>", "<0x0A>"], "bpe") == [" caf", "", "é", "↵"]  # byte fallback
     titles = pieces_and_titles(["Ġcaf", "Ã", "©"], "bytelevel")[1]
-    assert titles == ["␣caf", "\ufffd (part of 'é')", "\ufffd (part of 'é')"]
+    assert titles == ["␣caf", "<0xC3> (part of 'é')", "<0xA9> (part of 'é')"]
 
 
 def test_feature_view_reads_split_characters_as_decoded(split_store):

@@ -13,6 +13,7 @@ raw hook points from ``ext.activations(hp)``; SAE latents (``<hook point>.latent
 """
 from __future__ import annotations
 
+import codecs
 import html
 import json
 import re
@@ -374,6 +375,25 @@ def byte_level_text(piece: str) -> str | None:
     return raw.decode("utf-8", errors="replace")
 
 
+def byte_level_label(piece: str) -> str | None:
+    """A byte-level piece named on its own: :func:`byte_level_text`, but each byte of a character cut at either
+    end written as SentencePiece writes a byte token, ``'<0xE6>'`` (``'Ã©jÃ'`` -> ``'éj<0xC3>'``), so the pieces
+    of one character, and of different characters, read apart instead of all as ``'�'``. None as for
+    :func:`byte_level_text`."""
+    text = byte_level_text(piece)
+    if text is None or "\ufffd" not in text:
+        return text
+    raw = bytes(_BYTES[c] for c in piece)
+    return raw.decode("utf-8", errors="mistudio-hex")
+
+
+def _hex_bytes(error: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(f"<0x{b:02X}>" for b in error.object[error.start:error.end]), error.end
+
+
+codecs.register_error("mistudio-hex", _hex_bytes)
+
+
 def resolve_scheme(tokens: Sequence[str], scheme: str) -> str:
     """``scheme``, or for ``"auto"`` the one the pieces show ('▁': SentencePiece, 'Ġ': byte-level, '##':
     WordPiece)."""
@@ -498,12 +518,13 @@ def token_label(token: Any, scheme: str = "auto") -> str:
     tokenizer writes them (``'##uming'``, ``'paris'``, ``'[SEP]'``, ``'<|endoftext|>'``); GPT-2's ``'Ġthe'`` and
     SentencePiece's ``'▁the'`` read ``'␣the'``, a newline ``'↵'``, a tab ``'⇥'``; other control characters as
     ``\\xNN``; an empty piece ``'∅'``. With ``scheme="bytelevel"`` (GPT-2's tokenizers; :func:`tokenizer_scheme`
-    tells), a piece reads as the text its bytes spell (``'Ã©'`` -> ``'é'``; :func:`byte_level_text`); any other
+    tells), a piece reads as the text its bytes spell (``'Ã©'`` -> ``'é'``; a character cut at an end as its bytes,
+    ``'<0xC3>'``: :func:`byte_level_label`); any other
     scheme, ``"auto"`` included, keeps ``'Ã©'`` as written, since there it may be the text itself. Plain text: escape
     it (:func:`escape`) for HTML. Running text (pieces joined) is :func:`display_pieces`' job."""
     text = str(token)
     if scheme == "bytelevel":
-        text = byte_level_text(text) or text
+        text = byte_level_label(text) or text
     marks = {**_WHITESPACE, **_MARKERS} if scheme in ("bpe", "auto") else _WHITESPACE
     out = "".join(marks.get(c, c if c.isprintable() else repr(c)[1:-1]) for c in text)
     return out or "∅"

@@ -539,7 +539,12 @@ def match_tokens(ext: "Extraction", text: str) -> list[int]:
     word-initial token(s) with that text; without (``'Paris'``), every token that reads ``Paris`` with or without
     its space; for a WordPiece tokenizer, ``'##ing'`` (its own spelling, as the Browse tab shows it) the
     continuation piece alone; when none does, the same ignoring case. A token as the tabs name it
-    (:func:`~.feature_view.token_label`: ``'␣Paris'``, ``'↵'``) reads as its text."""
+    (:func:`~.feature_view.token_label`: ``'␣Paris'``, ``'↵'``, a byte of a cut character ``'<0xE6>'``) reads as
+    its text, or is that token."""
+    if isinstance(text, str) and "<0x" in text:  # a label naming bytes: the piece(s) of that name
+        named = [i for i, label in enumerate(token_labels(ext)) if label == text.replace(" ", "␣")]
+        if named:
+            return named
     if isinstance(text, str):
         text = text.replace("␣", " ").replace("↵", "\n").replace("⇥", "\t")
     if not isinstance(text, str) or not text.strip():
