@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import re
 
-ERROR_TYPES = ("OOM", "VALIDATION", "TIMEOUT", "INTERRUPTED", "DISK_FULL", "STORE_LOST", "UNKNOWN")
+ERROR_TYPES = ("OOM", "VALIDATION", "TIMEOUT", "INTERRUPTED", "DISK_FULL", "STORE_LOST", "STORE_DAMAGED", "UNKNOWN")
 
 _OOM_MARKERS = (
     "out of memory",  # CUDA, HIP, generic
@@ -227,6 +227,9 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
                 "resume_available": True}
     if isinstance(exc, StoreLost):
         return {"error_type": "STORE_LOST", "error_message": str(exc), "suggested_retry_params": {},
+                "resume_available": False}
+    if isinstance(exc, StoreCorrupted):  # committed rows unreadable: a resume would stop at them again
+        return {"error_type": "STORE_DAMAGED", "error_message": str(exc), "suggested_retry_params": {},
                 "resume_available": False}
     budget = params.get("max_batch_tokens")
     if is_oom(exc):

@@ -270,3 +270,24 @@ def test_a_store_folder_left_without_its_group_file_is_named_so(copy, tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ms.InputError, match="is not a mistudio extraction store"):
         ms.open_extraction(str(tmp_path / "plain"))
+
+
+def test_a_resume_refused_for_a_damaged_store_says_so_and_offers_no_resume(gpt2_dir, tmp_path):
+    """A resume that finds committed rows damaged fails as STORE_DAMAGED in plain words, with resume_available
+    False (a resume would fail the same way) and retry as the fix, not as an unexpected error."""
+    from conftest import cancelled_at
+
+    ws = ms.Workspace(tmp_path / "ws")
+    job = cancelled_at(ws, gpt2_dir, "sample", at_batch=12, layers=[1], dtype="float32", chunk_mb=0.01,
+                       shard_mb=0.05, max_samples=120, batch_size=2)
+    ext = job.extraction()
+    assert ext.committed_tokens() > 2 * ext.activations(HP).shards[0]
+    shard = Path(ext.location) / "activations" / HP / "c" / "0" / "0"
+    os.truncate(shard, shard.stat().st_size // 2)
+    resumed = ws.resume(job.id).wait(60)
+    error = resumed.error
+    assert resumed.status == "FAILED" and error["error_type"] == "STORE_DAMAGED", error
+    assert error["resume_available"] is False and error["retry_available"] is True, error
+    assert "damaged" in error["error_message"] and "verify" in error["error_message"], error
+    from mistudio.widgets.common import PLAIN_ERRORS
+    assert PLAIN_ERRORS["STORE_DAMAGED"] == "Its store is damaged"

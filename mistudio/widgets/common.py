@@ -30,6 +30,7 @@ PLAIN_ERRORS = {
     "INTERRUPTED": "Interrupted: the kernel or process running it died",
     "UNKNOWN": "Unexpected error",
     "STORE_LOST": "Its store was deleted or replaced",
+    "STORE_DAMAGED": "Its store is damaged",
     "DISK_FULL": "The disk is full",
 }
 STATUS_COLOURS = {
