@@ -252,7 +252,9 @@ class Workspace(Folder, Observable):
             raise InputError(f"extraction {extraction_id} is already COMPLETED: nothing to resume "
                              "(retry runs it again with other parameters)")
         error = meta.error
-        if error is not None and not can_resume(meta.status, error):
+        # a damaged store is not offered a resume (it would stop at the damage again), but one whose files were put
+        # back resumes: the job checks the committed rows it continues from
+        if error is not None and not can_resume(meta.status, error) and error.error_type != "STORE_DAMAGED":
             why = ("Resuming would fail again: retry it (with the request corrected) instead"
                    if error.error_type == "VALIDATION" else "There is nothing stored to resume from: retry it")
             raise InputError(f"extraction {extraction_id} cannot resume: it failed [{error.error_type}] "

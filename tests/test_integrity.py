@@ -291,3 +291,21 @@ def test_a_resume_refused_for_a_damaged_store_says_so_and_offers_no_resume(gpt2_
     assert "damaged" in error["error_message"] and "verify" in error["error_message"], error
     from mistudio.widgets.common import PLAIN_ERRORS
     assert PLAIN_ERRORS["STORE_DAMAGED"] == "Its store is damaged"
+
+
+
+def test_a_store_deleted_while_it_is_opened_is_said_plainly(gpt2_dir, tmp_path, monkeypatch):
+    """Another process deletes the store between the check that its folder is there and zarr's read of its
+    metadata: the error says the store is not there, not zarr's GroupNotFoundError naming a LocalStore."""
+    from mistudio.storage import store as store_module
+
+    ext = ms.extract(gpt2_dir, TEXTS[:2], workspace=str(tmp_path), layers=[1], progress=False)
+    real = store_module.GuardedLocalStore.get
+
+    async def deleted_meanwhile(self, key, *args, **kwargs):  # the folder goes after the store was opened
+        shutil.rmtree(ext.location, ignore_errors=True)
+        return await real(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.GuardedLocalStore, "get", deleted_meanwhile)
+    with pytest.raises(FileNotFoundError, match=r"the store .* is not there \(deleted or moved\)"):
+        store_module.open_group(ext.location)

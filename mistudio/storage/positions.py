@@ -140,7 +140,8 @@ class ChunkRecords:
             return None
         return (f"holds another place's data: its crc32c checksum is sound, but it is not the one {name} "
                 "records for this place (the file was swapped with another, copied in from another array or "
-                f"another store, or rewritten after it was committed); {FIX}")
+                f"another store, or rewritten after it was committed; or {RECORDS_FILE} itself was damaged, cut "
+                f"short or partly overwritten); {FIX}")
 
 
 FIX = "put the right file back from a copy of this store made before the files were moved, or re-extract (retry)"

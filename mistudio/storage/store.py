@@ -103,7 +103,11 @@ def open_group(location: str, storage_options: dict | None = None, mode: str = "
         return zarr.open_group(store=location, mode=mode, path=path, storage_options=storage_options,
                                use_consolidated=False, **options)
     local = GuardedLocalStore(location.removeprefix("file://"), read_only=mode == "r")  # file:// is local too
-    return zarr.open_group(store=local, mode=mode, path=path, use_consolidated=False, **options)
+    try:
+        return zarr.open_group(store=local, mode=mode, path=path, use_consolidated=False, **options)
+    except zarr.errors.GroupNotFoundError:
+        local._check_there()  # the folder went (deleted by another process) after it was looked for: said so
+        raise
 
 
 class ExtractionStore:
