@@ -245,6 +245,9 @@ def parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", parents=[workspace],
                          help="check every chunk and the metadata of a store (exit 1 when damaged)")
     ver.add_argument("id", help="the extraction's id (`mistudio jobs` lists them)")
+    ver.add_argument("--rerecord", action="store_true",
+                     help="first record again where each committed chunk lies, from its own checksum: the repair when "
+                          "only a .mistudio-chunks file was lost or damaged (a moved file can then not be told)")
     # its flags come from TrainConfig, which imports torch: `mistudio train ...` parses them (train_parser)
     sub.add_parser("train", parents=[workspace], add_help=False,
                    help="train an SAE on a hook point of an extraction, or --resume a run (`mistudio train --help`)")
@@ -363,6 +366,11 @@ def _verify(args: argparse.Namespace) -> int:
         folder.store(args.id)  # a bad id is an InputError (exit 2); damage is for verify to report
     except StoreCorrupted:
         pass
+    if args.rerecord:
+        from .workspace import Workspace
+
+        arrays = Workspace(args.workspace, recover=False).rerecord(args.id)
+        print(f"re-recorded {len(arrays)} array(s): {', '.join(arrays)}")
     report = verify(folder.path_of(args.id), folder.storage_options if folder.remote else None)
     print(report)
     return 0 if report.ok else 1

@@ -30,6 +30,7 @@ from .storage.lease import WriterLease
 from .storage.liveness import heartbeat
 from .storage.metadata import FORMAT_VERSION, ExtractionMeta, Status, can_resume, new_nonce, now
 from .storage.store import ExtractionStore
+from .storage.verify import rerecord
 from .training import LIST_COLUMNS as TRAIN_COLUMNS
 from .training import TrainingJob, list_trainings, readers_of, submit_training, training_job
 
@@ -225,6 +226,20 @@ class Workspace(Folder, Observable):
         lineage = {"retry_of": old.id, "retry_count": meta.retry_count + 1, "retry_reason": reason,
                    "auto_retried": False, "retry_overrides": changed}
         return self._start(request, options, lineage)
+
+    def rerecord(self, extraction_id: str) -> list[str]:
+        """Record again where each committed chunk of a store lies, from the checksum in its own file
+        (:func:`mistudio.storage.verify.rerecord`): the repair when only a chunk records file (``.mistudio-chunks``)
+        was lost, cut short or zeroed and the data files are where they belong. Returns the arrays re-recorded;
+        ``verify()`` after it reports whatever is still damaged."""
+        extraction_id = check_id(extraction_id)
+        store = self.store(extraction_id, writable=True)
+        self.ensure_free(extraction_id, store)
+        store.take_lease("rerecord", extraction_id)  # no job writes it meanwhile, here or in another process
+        try:
+            return rerecord(store.location, store.storage_options)
+        finally:
+            store.release_lease()
 
     def resume(self, extraction_id: str, batch_size: int | None = None, cluster: Any = None,
                before_batch: Any = None, model: str | os.PathLike | None = None) -> Job:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import mistudio as ms
+from mistudio.cli import main as cli
 from mistudio.errors import StoreCorrupted
 from mistudio.storage import positions
 
@@ -171,3 +172,36 @@ def test_a_resume_keeps_the_kind_of_its_store(gpt2_dir, tmp_path, monkeypatch):
         assert ext.verify().ok, str(ext.verify())
         has = bool(list(Path(ext.location).rglob(positions.RECORDS_FILE)))
         assert has is (kind == "new") and (ext.metadata["storage"].get("chunk_records") is not None) is has
+
+
+def test_rerecord_repairs_lost_records_and_blesses_no_damaged_bytes(stores, tmp_path):
+    """The records file lost (a copy tool that skips dot files) or zeroed makes sound rows unreadable; re-recording
+    them from each chunk's own checksum brings them back, and a chunk whose bytes are damaged stays refused."""
+    folder = _copy(stores, "sharded", tmp_path)
+    ref = stores["sharded"][1]
+    workspace = tmp_path / "ws"
+    (workspace / "extractions").mkdir(parents=True)
+    moved = workspace / "extractions" / folder.name
+    shutil.move(folder, moved)
+    (moved / "activations" / HPS[0] / positions.RECORDS_FILE).unlink()
+    records = moved / "activations" / HPS[1] / positions.RECORDS_FILE
+    records.write_bytes(bytes(len(records.read_bytes())))
+    ws = ms.Workspace(workspace)
+    ext_id = ms.open_extraction(str(moved)).id
+    assert not ws.open(ext_id).verify().ok
+    with pytest.raises(StoreCorrupted, match="no record"):
+        ws.open(ext_id).activations(HPS[0])[:10]
+    assert {f"activations/{hp}" for hp in HPS} <= set(ws.rerecord(ext_id))
+    ext = ws.open(ext_id)
+    assert ext.verify().ok
+    for hp in HPS:
+        np.testing.assert_array_equal(ext.activations(hp)[:], ref[hp])
+    shard = _unit(moved, HPS[0], 1)
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF  # a bad block: the bytes no longer match their own checksum
+    shard.write_bytes(bytes(raw))
+    ws.rerecord(ext_id)
+    assert not ws.open(ext_id).verify().ok
+    with pytest.raises(StoreCorrupted, match="checksum"):
+        ws.open(ext_id).activations(HPS[0])[200:210]
+    assert cli(["verify", "--workspace", str(workspace), ext_id, "--rerecord"]) == 1  # reports what stays damaged

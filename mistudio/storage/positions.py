@@ -135,13 +135,15 @@ class ChunkRecords:
         name = f"{self.g.arr.path.strip('/')}/{RECORDS_FILE}"
         if len(raw) != RECORD_BYTES or (raw == bytes(RECORD_BYTES) and self.entry(chunk, crc) != 0):
             return (f"has no record of its checksum in {name} (that file is missing, cut short or zeroed), so it "
-                    f"cannot be told from another place's data; {FIX}")
+                    f"cannot be told from another place's data; {REFIX}")
         if int.from_bytes(raw, "little") == self.entry(chunk, crc):
             return None
         return (f"holds another place's data: its crc32c checksum is sound, but it is not the one {name} "
                 "records for this place (the file was swapped with another, copied in from another array or "
                 f"another store, or rewritten after it was committed; or {RECORDS_FILE} itself was damaged, cut "
-                f"short or partly overwritten); {FIX}")
+                f"short or partly overwritten); {REFIX}")
 
 
 FIX = "put the right file back from a copy of this store made before the files were moved, or re-extract (retry)"
+REFIX = (f"{FIX}; if only {RECORDS_FILE} was lost or damaged and every data file is in its place, `mistudio verify "
+         "<id> --rerecord` (ws.rerecord(id)) records them again")
