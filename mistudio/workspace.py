@@ -30,7 +30,6 @@ from .storage.lease import WriterLease
 from .storage.liveness import heartbeat
 from .storage.metadata import FORMAT_VERSION, ExtractionMeta, Status, can_resume, new_nonce, now
 from .storage.store import ExtractionStore
-from .storage.verify import rerecord
 from .training import LIST_COLUMNS as TRAIN_COLUMNS
 from .training import TrainingJob, list_trainings, readers_of, submit_training, training_job
 
@@ -229,7 +228,7 @@ class Workspace(Folder, Observable):
 
     def rerecord(self, extraction_id: str) -> list[str]:
         """Record again where each committed chunk of a store lies, from the checksum in its own file
-        (:func:`mistudio.storage.verify.rerecord`): the repair when only a chunk records file (``.mistudio-chunks``)
+        (:meth:`ExtractionStore.rerecord`): the repair when only a chunk records file (``.mistudio-chunks``)
         was lost, cut short or zeroed and the data files are where they belong. Returns the arrays re-recorded;
         ``verify()`` after it reports whatever is still damaged."""
         extraction_id = check_id(extraction_id)
@@ -237,7 +236,7 @@ class Workspace(Folder, Observable):
         self.ensure_free(extraction_id, store)
         store.take_lease("rerecord", extraction_id)  # no job writes it meanwhile, here or in another process
         try:
-            return rerecord(store.location, store.storage_options)
+            return store.rerecord()
         finally:
             store.release_lease()
 
@@ -274,6 +273,7 @@ class Workspace(Folder, Observable):
                    if error.error_type == "VALIDATION" else "There is nothing stored to resume from: retry it")
             raise InputError(f"extraction {extraction_id} cannot resume: it failed [{error.error_type}] "
                              f"{error.error_message.rstrip('.')}. {why}")
+        store.check_records()  # committed chunks in their places, before anything is written over them
         old = self._handles.get(extraction_id)
         if old is not None and old.request is not None:
             request = old.request

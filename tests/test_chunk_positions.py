@@ -205,3 +205,23 @@ def test_rerecord_repairs_lost_records_and_blesses_no_damaged_bytes(stores, tmp_
     with pytest.raises(StoreCorrupted, match="checksum"):
         ws.open(ext_id).activations(HPS[0])[200:210]
     assert cli(["verify", "--workspace", str(workspace), ext_id, "--rerecord"]) == 1  # reports what stays damaged
+
+
+def test_a_resume_over_chunks_whose_records_are_lost_is_refused_before_it_writes(gpt2_dir, tmp_path):
+    """A resume checks that each committed chunk is the one recorded for its place before it writes: a lost records
+    file is refused up front (naming it and the repair) instead of running to a COMPLETED store every read refuses;
+    after the repair the resume completes and verifies."""
+    from conftest import cancelled_at
+
+    ws = ms.Workspace(tmp_path / "ws")
+    job = cancelled_at(ws, gpt2_dir, "sample", at_batch=12, layers=[0], dtype="float32", chunk_mb=0.01,
+                       shard_mb=0.05, max_samples=120, batch_size=2)
+    ext = job.extraction()
+    assert ext.committed_tokens() > ext.activations(HPS[0]).chunks[0]
+    (Path(ext.location) / "activations" / HPS[0] / positions.RECORDS_FILE).unlink()
+    with pytest.raises(StoreCorrupted, match=rf"activations/{HPS[0]}.*no record of its checksum.*--rerecord"):
+        ws.resume(job.id)
+    assert ws.job(job.id).status == "CANCELLED"  # nothing changed
+    ws.rerecord(job.id)
+    assert ws.resume(job.id).wait(120).status == "COMPLETED"
+    assert ws.open(job.id).verify().ok

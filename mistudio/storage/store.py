@@ -15,7 +15,7 @@ import zarr
 
 from ..errors import InputError, StoreCorrupted, StoreLost
 from . import metadata, positions
-from .codec import fast_layout, record_committed
+from .codec import Damaged, Geometry, check_recorded, fast_layout, record_chunks, record_committed
 from .files import fsync_dir, write_atomic
 from .layout import CHECKSUM_BYTES, PER_SAMPLE, WRITE_CONFIG, StoreLayout, array_codecs, numpy_dtype, storage_unit, \
     unit_key, unit_name, zarr_dtype
@@ -346,6 +346,58 @@ class ExtractionStore:
                                  file=file) from exc
         self._check_size(arr, path, file)
         return arr
+
+    def recorded_arrays(self) -> list[tuple[str, zarr.Array, int]]:
+        """(path, array, rows below which its chunks are recorded) of every array that keeps chunk records under
+        this store's key: token arrays whole, activations and latents up to the commit mark."""
+        record, group = self._record, self.group
+        key = record.storage.chunk_records
+        if not key or not self.local or not self.is_allocated:
+            return []
+        paths = [f"tokens/{name}" for name in group["tokens"].array_keys()]
+        paths += [f"activations/{hp}" for hp in record.hook_points]
+        paths += [f"latents/{hp}/{name}" for hp in record.latents for name in ("indices", "values")]
+        out = []
+        for path in paths:
+            arr = self.array(path)
+            if positions.recorded(path) and arr.attrs.get(positions.ATTRIBUTE) == key:
+                rows = int(arr.shape[0])
+                out.append((path, arr, rows if path.startswith("tokens/") else min(record.committed_tokens(), rows)))
+        return out
+
+    def check_records(self) -> None:
+        """Refuse (:class:`StoreCorrupted`, naming the array, chunk and file) a store whose committed chunks are not
+        all the ones their records name (a records file lost or zeroed, a file moved): what a resume checks before
+        it writes, so that it never runs to a COMPLETED store whose rows every read refuses. Reads 4 bytes a chunk
+        (each chunk's own bytes are checked when it is read)."""
+        for path, arr, below in self.recorded_arrays():
+            try:
+                check_recorded(positions.ChunkRecords.of(Geometry.of(arr)), below)
+            except Damaged as exc:
+                what = f"the {unit_name(arr)} is missing although rows below {below} are committed" \
+                    if exc.missing else exc.what
+                raise StoreCorrupted(self.location, what, path, exc.unit,
+                                     f"{self.location.rstrip('/')}/{unit_key(arr, exc.unit)}") from None
+
+    def rerecord(self) -> list[str]:
+        """Record again where every committed chunk lies, from the crc32c each chunk's file holds: the repair for a
+        records file lost, cut short or zeroed (a copy tool that skips dot files, a bad block) while the data files
+        are where they belong. A chunk whose bytes are damaged stays refused by its own checksum; a file in the
+        wrong place can no longer be told once re-recorded. An array whose folder came from another store (its
+        records under another key) is left as it is. Returns the arrays re-recorded; hold the writer lease."""
+        if not self._record.storage.chunk_records:
+            raise InputError(f"the store {self.location} keeps no chunk records (made before them, or remote): "
+                             "nothing to re-record; `mistudio verify` checks it as it is")
+        done = []
+        for path, arr, below in self.recorded_arrays():
+            records = positions.ChunkRecords.of(Geometry.of(arr))
+            try:
+                record_chunks(records, 0, records.final(below), below)
+            except OSError as exc:  # a unit file missing: nothing to take a checksum from
+                raise InputError(f"{path} of {self.location} cannot be re-recorded: {exc}. `mistudio verify` names "
+                                 "what is missing: put it back from a copy, or re-extract (retry)") from exc
+            done.append(path)
+        return done
 
     def _nothing_stored(self, path: str) -> str:
         """Why a store without arrays has no ``path``, and what to do: its arrays are made once its data is

@@ -14,11 +14,11 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .codec import Damaged, FastReader, Geometry, record_chunks
+from .codec import Damaged, FastReader, Geometry
 from .layout import has_checksum, storage_unit, unit_key, unit_name, units
 from .metadata import END_STATES, LIVE_STATES
-from .positions import ATTRIBUTE, ChunkRecords, recorded
-from ..errors import InputError, StoreCorrupted
+from .positions import ATTRIBUTE, recorded
+from ..errors import StoreCorrupted
 from .reads import DECODE_ERRORS, CheckedArray, damage, missing_units
 from .featindex import FeatureIndex
 from .store import open_group
@@ -79,38 +79,6 @@ def verify(location: str, storage_options: dict | None = None, decode: bool = Tr
     """Scan a store, changing nothing: metadata consistency, and every storage unit below the commit mark
     present and (with ``decode``) decodable, which checks its checksum."""
     return _Scan(location, storage_options, decode).run()
-
-
-def rerecord(location: str, storage_options: dict | None = None) -> list[str]:
-    """Record again where every committed chunk of a store with chunk records (:mod:`.positions`) lies, from the
-    crc32c each chunk's file holds: the repair for a records file lost, cut short or zeroed (a copy tool that skips
-    dot files, a bad block) while the data files are where they belong. A chunk whose bytes are damaged stays
-    refused by its own checksum; a file in the wrong place can no longer be told once re-recorded, so run it only
-    on files you trust to be in their places. An array whose folder came from another store (its records under
-    another key) is left as it is. Returns the arrays re-recorded; the caller holds the store's writer lease."""
-    group = open_group(location, storage_options)
-    meta = group.attrs.get("mistudio") or {}
-    key = (meta.get("storage") or {}).get("chunk_records")
-    if not key:
-        raise InputError(f"the store {location} keeps no chunk records (made before them): nothing to re-record; "
-                         "`mistudio verify` checks it as it is")
-    mark, done = commit_mark(meta), []
-    paths = [f"tokens/{name}" for name in group["tokens"].array_keys()]
-    paths += [f"activations/{hp}" for hp in meta.get("hook_points", [])]
-    paths += [f"latents/{hp}/{name}" for hp in (meta.get("latents") or {}) for name in ("indices", "values")]
-    for path in paths:
-        arr = group[path]
-        records = ChunkRecords.of(Geometry.of(arr)) if recorded(path) else None
-        if records is None or records.key != key:
-            continue
-        below = arr.shape[0] if path.startswith("tokens/") else min(mark, arr.shape[0])
-        try:
-            record_chunks(records, 0, records.final(below), below)
-        except OSError as exc:  # a unit file missing: nothing to take a checksum from
-            raise InputError(f"{path} of {location} cannot be re-recorded: {exc}. `mistudio verify` names what is "
-                             "missing: put it back from a copy, or re-extract (retry)") from exc
-        done.append(path)
-    return done
 
 
 def quick_check(store: Any, storage_options: dict | None = None) -> VerifyReport:
