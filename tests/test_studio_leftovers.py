@@ -9,7 +9,7 @@ import pytest
 import mistudio as ms
 from conftest import cancelled_at
 from mistudio.analysis.feature_view import token_label
-from mistudio.widgets.browser import ActivationBrowser
+from mistudio.widgets.browser import WRAP, ActivationBrowser
 from mistudio.widgets.features_panel import FeaturesPanel
 from mistudio.widgets.jobs_panel import JobsPanel
 
@@ -113,9 +113,10 @@ def test_a_token_reads_the_same_in_browse_the_features_table_and_from_text(minil
         assert label in options[feature].split()  # the Features table
         browser.feature.value = feature
         assert browser.plot()
-        assert f"[[{label}]]" in browser.top_table.value  # Browse's top tokens, the peak marked
+        assert f'title="{label}"' in browser.top_table.value  # Browse's top tokens: the peak named on hover
         top = browser.top_table.value
-        assert f"[[{label}]]" in top.split("<td>")[1], top  # the strongest one first
+        assert f'title="{label}"' in top.split(f"<td style='{WRAP}'>")[1], top  # the strongest one first
+        assert "[[" not in top  # running text, as the feature view's examples, not pieces in brackets
 
     # From text: a prompt holding the piece, and [CLS]/[SEP]
     row = int(panel.ext.store.tokens("input_ids")[:].tolist().index(rows[piece]["top_token_ids"][0]))

@@ -715,7 +715,7 @@ def test_issue10_browse_hides_special_and_outlier_tokens(minilm_dir, workspace, 
     assert browser.plot()
     assert browser.hidden["row_tokens"] == n_special
     assert browser.hidden["rows"] == int(browser.ext.store.tokens("special")[:].sum())
-    assert "[[[CLS]]]" not in browser.top_table.value and "[[[SEP]]]" not in browser.top_table.value
+    assert 'title="[CLS]"' not in browser.top_table.value and 'title="[SEP]"' not in browser.top_table.value
     for name in ("heatmap", "norms"):  # the histogram: in the feature view (tests/test_studio_leftovers.py)
         assert browser.images[name].value != shown[name], name
 

@@ -7,6 +7,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from .feature_view import display_pieces, tokenizer_scheme
 from .features import token_labels
 from .stats import check_feature
 
@@ -207,7 +208,9 @@ def histogram_from_counts(counts: np.ndarray, edges: np.ndarray, title: str) -> 
 def top_tokens(ext: "Extraction", hook_point: str, feature: int, k: int = 15, context: int = 4,
                max_tokens: int = DEFAULT_SCAN_TOKENS, values: np.ndarray | None = None) -> list[dict]:
     """The ``k`` tokens where ``feature`` is largest, with dataset row, position and context (``values``: a
-    column already read, activation rows set to NaN are left out)."""
+    column already read, activation rows set to NaN are left out): ``context`` the pieces' labels with the token
+    in ``[[ ]]`` (a plot's tick label), ``pieces`` the same window as running text (:func:`display_pieces`) with the
+    token at ``peak``."""
     values = feature_column(ext, hook_point, feature, max_tokens) if values is None else values
     values = np.where(np.isnan(values), -np.inf, values)
     k = min(k, len(values))
@@ -216,17 +219,22 @@ def top_tokens(ext: "Extraction", hook_point: str, feature: int, k: int = 15, co
     best = best[np.isfinite(values[best])]
     offsets, rows = ext.sample_offsets, ext.sample_index
     ids = ext.store.group["tokens/input_ids"]
+    scheme = tokenizer_scheme(ext.tokenizer)
     out = []
     for best_row in best:
         token_index = ext.token_index(int(best_row))  # activation row -> token
         pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
         start, stop = int(offsets[pos]), int(offsets[pos + 1])
         lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
-        window = _labels(ext, ids[lo:hi])
+        window_ids = ids[lo:hi]
+        window = _labels(ext, window_ids)
         at = int(token_index) - lo
         out.append({"value": float(values[best_row]), "row": int(rows[pos]), "position": int(token_index) - start,
                     "token": window[at],
-                    "context": " ".join(t if i != at else f"[[{t}]]" for i, t in enumerate(window))})
+                    "context": " ".join(t if i != at else f"[[{t}]]" for i, t in enumerate(window)),
+                    "pieces": display_pieces(ext.tokenizer.convert_ids_to_tokens([int(i) for i in window_ids]),
+                                             scheme),
+                    "peak": at})
     return out
 
 

@@ -9,7 +9,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..analysis import plots
-from ..analysis.feature_view import feature_view, feature_view_html, token_label, tokenizer_scheme
+from ..analysis.feature_view import feature_view, feature_view_html, piece_html, token_label, tokenizer_scheme
 from ..analysis.stats import describe_examples
 from ..extraction import Extraction
 from ..workspace import Workspace
@@ -45,6 +45,16 @@ def distinct_contexts(examples: list[dict], narrow: int = 3) -> list[dict]:
             seen.add(key)
             out.append(e)
     return out
+
+
+WRAP = "white-space:pre-wrap;overflow-wrap:anywhere"  # running text keeps its spaces and wraps in a narrow box
+
+
+def running(pieces: list[str], peak: int, label: str) -> str:
+    """A context window as running text (HTML), its own token outlined and named (``label``) on hover, as the
+    feature view shows examples."""
+    return "".join(f'<b style="outline:1px solid currentColor" title="{esc(label)}">{piece_html(p)}</b>'
+                   if i == peak else piece_html(p) for i, p in enumerate(pieces))
 
 
 def token_means_html(means: list[dict], scheme: str, min_count: int) -> str:
@@ -87,7 +97,8 @@ class ActivationBrowser(W.VBox):
         self.hide_outliers = W.Checkbox(value=False, description="hide outliers", indent=False,
                                         layout=W.Layout(width="auto"),
                                         tooltip="tokens whose norm is over the hook point's outlier threshold")
-        self.one_per_document = W.Checkbox(value=True, description="one top example per document", indent=False,
+        self.one_per_document = W.Checkbox(value=True, description="one top example per document or context",
+                                           indent=False,
                                            layout=W.Layout(width="auto"),
                                            tooltip="the feature view's top examples: each document's largest value "
                                                    "only, and a context seen in a larger example (the same sentence "
@@ -269,7 +280,7 @@ class ActivationBrowser(W.VBox):
             "<th style='text-align:left'>context</th></tr>" + "".join(
                 f"<tr><td style='padding:2px 10px 2px 0'>{t['value']:.3f}</td><td style='padding:2px 10px'>"
                 f"{t['row']:,}</td><td style='padding:2px 10px'>{int(t['position'])}</td>"
-                f"<td>{esc(t['context'])}</td></tr>" for t in top) + "</table>")
+                f"<td style='{WRAP}'>{running(t['pieces'], t['peak'], t['token'])}</td></tr>" for t in top) + "</table>")
         hidden = (f" Hidden: {self.hidden['row_tokens']} of the row's tokens, {hidden_rows:,} activation rows in the "
                   "top tokens." if self.hide_special.value or self.hide_outliers.value else "")
         where = (f"tokens {window.start}–{window.stop - 1} of {n_tokens} around the feature's peak"
