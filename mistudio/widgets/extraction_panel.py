@@ -17,6 +17,7 @@ from ..plan import estimate
 from ..request import ParamInfo, Request, params, sae_pairs
 from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, ModelSpec, build, parse_layers, short
 from ..storage.metadata import can_resume
+from ..storage.store import ExtractionStore
 from ..workspace import Workspace
 from .common import (PLAIN_ERRORS, RateMeter, answers_no_request, badge, busy, error_box, esc, for_ui, guard,
                      note_box, progress_text, store_notes, stylesheet)
@@ -49,6 +50,17 @@ RETRY_HELP = ("<small><b>Retry</b> starts a new extraction with the form as it i
 def resumable(job: Job | None) -> bool:
     """Resume can succeed: a cancelled job, or a failure whose record offers it."""
     return job is not None and can_resume(job.status, job.error)
+
+
+def store_kept(job: Job) -> bool:
+    """The job's store exists (a request refused while the job prepared its input leaves none)."""
+    if not job.ended_in_memory:
+        return True
+    try:
+        ExtractionStore.open(job.store.location, job.store.storage_options)
+        return True
+    except Exception:  # noqa: BLE001 - gone (or unreadable): no extraction to name
+        return False
 
 
 def disk_short(result: dict) -> bool:
@@ -184,8 +196,8 @@ class ExtractionPanel(W.VBox):
                                      tooltip="new extraction with the form as it is now")
         self.resume_button = W.Button(description="Resume", button_style="success", icon="forward",
                                       tooltip="continue this extraction from its last saved sample")
-        self.failure_box = W.VBox([self.alert, W.HTML(RETRY_HELP), W.HBox([self.retry_button, self.resume_button])],
-                                  layout=W.Layout(display="none"))
+        self.failure_actions = W.VBox([W.HTML(RETRY_HELP), W.HBox([self.retry_button, self.resume_button])])
+        self.failure_box = W.VBox([self.alert, self.failure_actions], layout=W.Layout(display="none"))
         self.launch_button.on_click(guard(self._say, lambda _: self.launch()))
         self.cancel_button.on_click(guard(self._say, lambda _: self.cancel()))
         self.retry_button.on_click(guard(self._say, lambda _: self.retry()))
@@ -646,13 +658,23 @@ class ExtractionPanel(W.VBox):
         return True
 
     def _failed_before_job(self, exc: Exception) -> None:
+        kind = "VALIDATION" if isinstance(exc, InputError) else type(exc).__name__
+        self._show_refusal(kind, getattr(exc, "template", None) or str(exc))
+
+    def _show_refusal(self, error_type: str, message: str) -> None:
+        """A request refused before anything ran (no store): an error of the form, not a failed job; no Retry, as
+        Launch of the corrected form is the way on."""
         with self._lock:
             if self.job is not None:
                 self.job.unsubscribe(self._on_event)
             self.job = None
-            self.progress.value, self.progress.bar_style, self.progress.description = 0, "danger", "0%"
-        kind = "VALIDATION" if isinstance(exc, InputError) else type(exc).__name__
-        self._show_error(kind, getattr(exc, "template", None) or str(exc), {}, job=None)
+            self.progress.value, self.progress.bar_style, self.progress.description = 0, "info", "0%"
+        plain = PLAIN_ERRORS.get(error_type, error_type)
+        self.alert.value = error_box(f"<b>{esc(plain)}</b> ({esc(error_type)}): {for_ui(message)}"
+                                     "<br>No extraction was created. Correct the form, then Launch.")
+        self.status.value = f"{badge('NOT STARTED')} {esc(plain)}"
+        self.failure_actions.layout.display = self.resume_button.layout.display = "none"
+        self.failure_box.layout.display = ""
 
     def _started(self, job: Job) -> None:
         self.watch(job)
@@ -810,29 +832,32 @@ class ExtractionPanel(W.VBox):
                                  "samples kept. Resume continues from there.")
             self.alert.value = ""
             self._show_failure_actions()
+        elif status == "FAILED" and not store_kept(job):  # refused while preparing its input: no store
+            error = job.error or {}
+            self._show_refusal(error.get("error_type", "UNKNOWN"),
+                               error.get("error_template") or error.get("error_message", ""))
         elif status == "FAILED":
             self.progress.bar_style = "danger"
             error = job.error or {}
             suggested = error.get("suggested_retry_params", {}) or {}
             self.prefill(job.meta, suggested)
             self._show_error(error.get("error_type", "UNKNOWN"),
-                             error.get("error_template") or error.get("error_message", ""), suggested, job=job)
+                             error.get("error_template") or error.get("error_message", ""), suggested, job)
         for listener in self._finished:
             try:
                 listener(job)
             except Exception:  # a broken observer must not break the panel
                 pass
 
-    def _show_error(self, error_type: str, message: str, suggested: dict, job: Job | None) -> None:
+    def _show_error(self, error_type: str, message: str, suggested: dict, job: Job) -> None:
+        """A job that failed: its store stands (Retry makes a new one, Resume continues it where it can)."""
         plain = PLAIN_ERRORS.get(error_type, error_type)
         hint = ""
         if suggested:
             hint = ("<br>Suggested for the retry (already set in the form): "
                     + ", ".join(f"{esc(k)}={esc(str(v))}" for k, v in suggested.items()))
-        if job is None:
-            hint += "<br>No extraction was created. Correct the form, then Launch (or Retry)."
-        which = f"Extraction {esc(job.id)}: " if job is not None else ""
-        self.alert.value = error_box(f"{which}<b>{esc(plain)}</b> ({esc(error_type)}): {for_ui(message)}{hint}")
+        self.alert.value = error_box(f"Extraction {esc(job.id)}: <b>{esc(plain)}</b> ({esc(error_type)}): "
+                                     f"{for_ui(message)}{hint}")
         self.status.value = f"{badge('FAILED')} {esc(plain)}"
         self._show_failure_actions()
 
@@ -841,6 +866,7 @@ class ExtractionPanel(W.VBox):
         self.resume_button.layout.display = "" if can_resume else "none"
         self.resume_button.disabled = not can_resume
         self.retry_button.disabled = False
+        self.failure_actions.layout.display = ""
         self.failure_box.layout.display = ""
 
 
