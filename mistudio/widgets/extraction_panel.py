@@ -531,11 +531,7 @@ class ExtractionPanel(W.VBox):
         the form as it was (a preset or a job's request filling the form is not such a change)."""
         if self._filling_form:
             return
-        if self.last_estimate is not None:
-            self.last_estimate = None
-            self.estimate_line.value = "<small><i>The form changed: Estimate again (Launch does).</i></small>"
-        elif "mistudio-error" in self.estimate_line.value:  # "No estimate" of the form as it was
-            self.estimate_line.value = ""
+        self._forget_estimate()
         self._clear_form_failure()
         self.preset_status.value = ""
         self._delete_armed = None
@@ -545,6 +541,28 @@ class ExtractionPanel(W.VBox):
                 self.preset.value = ""
             finally:
                 self._filling = False
+
+    def _forget_estimate(self) -> None:
+        """The estimate (or "No estimate") is of a form that is no longer shown."""
+        if self.last_estimate is not None:
+            self.last_estimate = None
+            self.estimate_line.value = "<small><i>The form changed: Estimate again (Launch does).</i></small>"
+        elif "mistudio-error" in self.estimate_line.value:  # "No estimate" of the form as it was
+            self.estimate_line.value = ""
+
+    def show_new_form(self, arguments: dict) -> list[str]:
+        """Fill the form for another run (the Train tab's "Extract with this SAE"): like :meth:`show_arguments`,
+        and the estimate and a finished job's lines, about the form before, go (a running job stays shown)."""
+        skipped = self.show_arguments(arguments)
+        self._forget_estimate()
+        with self._lock:
+            if self.job is not None and not self._running():
+                self.job.unsubscribe(self._on_event)
+                self.job = None
+                self.status.value = self.alert.value = ""
+                self.progress.value, self.progress.bar_style, self.progress.description = 0, "info", "0%"
+                self.failure_box.layout.display = "none"
+        return skipped
 
     def _clear_form_failure(self) -> None:
         """Hide the failure box when it is about a form that never became a job (a job's failure stays: it names
@@ -620,6 +638,7 @@ class ExtractionPanel(W.VBox):
         finally:
             self._filling_form = filling
         self.preset_name.value = name
+        self._forget_estimate()
         self.preset_status.value = note_box(
             f"Form filled from preset <b>{esc(name)}</b>."
             + (f" Not shown (stale values): {esc(', '.join(skipped))}." if skipped else ""))

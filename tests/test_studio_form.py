@@ -1,0 +1,37 @@
+"""The Extract tab's lines stay about the form shown: "Extract with this SAE" (the Train tab filling the form for
+another run) or a preset leaves no estimate or finished run of the form before on screen as if it were current."""
+from __future__ import annotations
+
+from test_widgets import make_studio, wait_for
+
+
+def test_extract_with_this_sae_clears_the_previous_estimate_and_run(gpt2_dir, workspace, tmp_path):
+    studio = make_studio(workspace, gpt2_dir)
+    panel = studio.extraction_panel
+    assert panel.estimate() is not None and "Estimate" in panel.estimate_line.value
+    job = panel.launch()
+    assert job.wait(60).status == "COMPLETED"
+    wait_for(lambda: "COMPLETED" in panel.status.value)
+    assert "Estimate" in panel.estimate_line.value
+    sae = tmp_path / "run" / "sae"
+    # what the Train tab's button hands to the Studio: the run's model, data and SAE
+    studio.train_panel.on_extract_with_sae({"model": gpt2_dir, "dataset": "sample", "layers": [1],
+                                            "hooks": ["residual"], "saes": {"layers.1.residual": str(sae)}})
+    assert "run/sae" in panel.summary.value
+    assert "on disk" not in panel.estimate_line.value and "Estimate again" in panel.estimate_line.value
+    assert "COMPLETED" not in panel.status.value and job.id not in panel.status.value
+    assert panel.progress.value == 0 and panel.progress.bar_style != "success"
+    assert panel.form_arguments()["saes"] == {"layers.1.residual": str(sae)}
+
+
+def test_a_preset_filling_the_form_makes_the_estimate_stale(gpt2_dir, workspace):
+    studio = make_studio(workspace, gpt2_dir)
+    panel = studio.extraction_panel
+    panel.batch_size.value = 4
+    panel.preset_name.value = "small"
+    assert panel.save_preset() == "small"
+    panel.batch_size.value = 16
+    assert panel.estimate() is not None
+    panel.preset.value = "small"
+    assert panel.batch_size.value == 4 and "Form filled" in panel.preset_status.value
+    assert "on disk" not in panel.estimate_line.value and "Estimate again" in panel.estimate_line.value
