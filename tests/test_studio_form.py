@@ -35,3 +35,13 @@ def test_a_preset_filling_the_form_makes_the_estimate_stale(gpt2_dir, workspace)
     panel.preset.value = "small"
     assert panel.batch_size.value == 4 and "Form filled" in panel.preset_status.value
     assert "on disk" not in panel.estimate_line.value and "Estimate again" in panel.estimate_line.value
+
+
+def test_the_estimate_line_warns_of_a_token_budget_below_every_row(gpt2_dir, workspace):
+    studio = make_studio(workspace, gpt2_dir)
+    panel = studio.extraction_panel
+    panel.max_batch_tokens.value = 2
+    assert panel.estimate() is not None
+    line = panel.estimate_line.value
+    assert "each batch will hold one row and exceed the budget" in line and "Max batch tokens" in line
+    assert "warning(s)" not in line
