@@ -45,3 +45,15 @@ def test_the_estimate_line_warns_of_a_token_budget_below_every_row(gpt2_dir, wor
     line = panel.estimate_line.value
     assert "each batch will hold one row and exceed the budget" in line and "Max batch tokens" in line
     assert "warning(s)" not in line
+
+
+def test_the_model_tab_gives_a_small_models_weights_in_megabytes(gpt2_dir, workspace):
+    from mistudio.widgets.model_picker import memory_words
+
+    studio = make_studio(workspace, gpt2_dir)
+    details = studio.model_picker.inspect()
+    info = studio.model_picker.info.value
+    assert details["memory_gb"] < 0.01 and "0.00 GB" not in info
+    assert f"{details['memory_gb'] * 1000:.1f} MB" in info
+    assert memory_words(0.000220) == "0.2 MB" and memory_words(0.5) == "500.0 MB"
+    assert memory_words(1.0) == "1.00 GB" and memory_words(14.96) == "14.96 GB"
