@@ -57,3 +57,28 @@ def test_the_model_tab_gives_a_small_models_weights_in_megabytes(gpt2_dir, works
     assert f"{details['memory_gb'] * 1000:.1f} MB" in info
     assert memory_words(0.000220) == "0.2 MB" and memory_words(0.5) == "500.0 MB"
     assert memory_words(1.0) == "1.00 GB" and memory_words(14.96) == "14.96 GB"
+
+
+def test_more_options_shows_the_saes_one_hook_point_a_line(gpt2_dir, workspace, tmp_path):
+    import ipywidgets as W
+
+    studio = make_studio(workspace, gpt2_dir)
+    panel = studio.extraction_panel
+    first, second = tmp_path / "run_a" / "sae", tmp_path / "run_b" / "sae"
+    first.mkdir(parents=True), second.mkdir(parents=True)
+    studio.train_panel.on_extract_with_sae({"model": gpt2_dir, "layers": [0, 1],
+                                            "saes": {"layers.0.residual": str(first),
+                                                     "layers.1.residual": str(second)}})
+    field = panel.options["saes"][1]
+    assert isinstance(field, W.Textarea)  # several lines, not a one-line field that cuts the JSON off
+    assert field.value == f"layers.0.residual={first}\nlayers.1.residual={second}"
+    assert panel.form_arguments()["saes"] == {"layers.0.residual": str(first), "layers.1.residual": str(second)}
+    assert "with the SAEs" in panel.summary.value
+    field.value = f"layers.1.residual={second}\n"  # typed: one a line, JSON and comma-separated pairs as before
+    assert panel.form_arguments()["saes"] == {"layers.1.residual": str(second)}
+    field.value = f'{{"layers.0.residual": "{first}"}}'
+    assert panel.form_arguments()["saes"] == {"layers.0.residual": str(first)}
+    field.value = f"layers.0.residual={first},layers.1.residual={second}"
+    assert len(panel.form_arguments()["saes"]) == 2
+    panel.show_arguments({"saes": {"layers.0.residual": "/odd,folder"}})  # a comma in a folder: JSON keeps it
+    assert panel.form_arguments()["saes"] == {"layers.0.residual": "/odd,folder"}

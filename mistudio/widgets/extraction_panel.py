@@ -85,6 +85,10 @@ def option_widget(info: ParamInfo) -> W.Widget:
         return W.IntText(value=info.default or 0, description=info.label, style=style, layout=layout, tooltip=tip)
     if info.kind == "float":
         return W.FloatText(value=info.default or 0.0, description=info.label, style=style, layout=layout, tooltip=tip)
+    if info.name == "saes":  # one hook point a line: a folder path is long, and several SAEs are usual
+        return W.Textarea(value="", description=info.label, style=style, tooltip=tip, rows=2,
+                          placeholder="one a line: layers.3.residual=/path/to/sae (or JSON)",
+                          layout=W.Layout(width="95%", max_width="900px"))
     return W.Text(value="" if info.default is None else str(info.default), description=info.label, style=style,
                   layout=layout, tooltip=tip, placeholder="JSON" if info.kind == "json" else "")
 
@@ -101,7 +105,7 @@ def saes_pairs(text: str) -> list[tuple[str, str]] | None:
         except ValueError:
             return None
     else:
-        value = sae_pairs(text)
+        value = sae_pairs(text.replace("\n", ","))
     if not isinstance(value, dict) or not value or any(not str(k).strip() or not str(v).strip()
                                                        for k, v in value.items()):
         return None
@@ -112,6 +116,8 @@ def _option_value(info: ParamInfo, widget: W.Widget):
     value = widget.value
     if info.kind in ("int", "float") and info.default is None and not value:
         return None  # 0 = none
+    if info.name == "saes" and saes_pairs(value) is not None:
+        return dict(saes_pairs(value))
     if info.kind == "json":
         text = value.strip()
         if not text:
@@ -140,7 +146,10 @@ def _put(widget: W.Widget, value) -> None:
 
 
 def _show_option(info: ParamInfo, widget: W.Widget, value) -> None:
-    if info.kind == "json":
+    if info.name == "saes" and isinstance(value, dict) and not any(
+            set(",\n=") & set(str(k)) or set(",\n") & set(str(v)) for k, v in value.items()):
+        widget.value = "\n".join(f"{point}={folder}" for point, folder in value.items())
+    elif info.kind == "json":
         import json
 
         widget.value = "" if value is None else value if isinstance(value, str) else json.dumps(value)
