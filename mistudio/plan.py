@@ -447,7 +447,8 @@ def _over_budget(lengths: np.ndarray, budget: int) -> str:
     else:
         what = (f"{counted(over, 'sample')} {'is' if over == 1 else 'are'} longer than «max_batch_tokens={budget}» "
                 f"(up to {longest} tokens): each gets a batch of its own, over the budget")
-    return f"{what}; «pass max_batch_tokens={longest}» or more to keep every batch within it, or a smaller «max_length»"
+    return (f"{what}; «pass max_batch_tokens={longest}» or more to keep every batch within it, or a smaller "
+            "«max_length»")
 
 
 def _duration(seconds: float) -> str:
