@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from .chat import PASS_TEMPLATE, Budget, ChatTemplateError, check_template, render_chat
-from .errors import InputError
+from .errors import InputError, counted
 from .formats import DATA_SUFFIXES, file_format, named as _named
 from .request import Request
 from .specs import HubDataset, pandas_kind
@@ -564,13 +564,13 @@ SKIP_REASONS = {  # why a row gave no sample, in the words the report shows
 def report_line(report: dict) -> str:
     """The data report in one line (marked for the front ends): samples from rows, skipped rows and why, cut
     samples, windows, tokens and activation rows. The estimate, the completion line, Jobs and Browse show it."""
-    parts = [f"{report.get('n_samples', 0):,} samples from {report.get('n_rows_read', 0):,} rows"]
+    parts = [f"{counted(report.get('n_samples', 0), 'sample')} from {counted(report.get('n_rows_read', 0), 'row')}"]
     skipped = report.get("skipped") or {}
     if not skipped and (report.get("n_skipped_invalid") or report.get("n_skipped_oov")):  # stores from before
         skipped = {"empty": report.get("n_skipped_invalid", 0), "oov": report.get("n_skipped_oov", 0)}
     skipped = {r: n for r, n in skipped.items() if n}
     if skipped:
-        parts.append(f"{sum(skipped.values()):,} rows skipped: "
+        parts.append(f"{counted(sum(skipped.values()), 'row')} skipped: "
                      + "; ".join(f"{n:,} {SKIP_REASONS.get(r, r)}" for r, n in skipped.items()))
     if report.get("n_clamped_tokens"):
         parts.append(f"{report['n_clamped_tokens']:,} token ids outside the vocabulary clamped to the last id "

@@ -135,6 +135,11 @@ class DiskFull(MistudioError, OSError):
         return self.message
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``'1 row'``, ``'2 rows'``, ``'1,024 samples'``: a count with its noun in the right number."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":

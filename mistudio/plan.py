@@ -23,7 +23,7 @@ from .data import (ROLE_CODES, SKIP_REASONS, chat_template_of, check_source, dat
                    report_line, special_ids, tokenize, window_positions, window_spans)
 from .engine import Latents, forward_batches
 from .fingerprints import check_same_model, fingerprint
-from .errors import InputError, human_bytes, render
+from .errors import InputError, counted, human_bytes, render
 from .listing import Folder, default_workspace
 from .models import (check_placement, describe_model, load_config, load_model, load_tokenizer, max_positions_of,
                      n_layers_of, resolve_device, resolve_dtype)
@@ -344,14 +344,14 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
     if memory is not None and peak > memory:
         warnings.append(f"peak device memory {human_bytes(peak)} is above the {human_bytes(memory)} of {device}: "
                         "use a smaller «batch_size», «max_batch_tokens», «micro_batch_size», or «device_map»")
-    if request.max_batch_tokens is not None and int(lengths[0]) > request.max_batch_tokens:
-        over = int(np.sum(lengths > request.max_batch_tokens))
-        warnings.append(f"{over} sample(s) are longer than «max_batch_tokens={request.max_batch_tokens}»: each gets "
-                        f"a batch of its own (up to {int(lengths[0])} tokens)")
+    budget = request.max_batch_tokens
+    if budget is not None and int(lengths.max()) > budget:
+        warnings.append(_over_budget(lengths, budget))
     skipped = sum(report["skipped"].values())
     if skipped:
         why = "; ".join(f"{n:,} {SKIP_REASONS.get(r, r)}" for r, n in report["skipped"].items())
-        warnings.append(f"{skipped:,} of {report['n_rows_read']:,} rows give no sample: {why}")
+        warnings.append(f"{skipped:,} of {report['n_rows_read']:,} rows {'gives' if skipped == 1 else 'give'} no "
+                        f"sample: {why}")
     warnings += latent_notes
     seconds, probed = _probe(plan, loaded) if probe else (None, {})
     if probed.get("n_out_of_range"):
@@ -438,6 +438,19 @@ def _probe(plan: Plan, loaded) -> tuple[float, dict]:
     return float(elapsed * offsets[-1] / max(1, done)), seen
 
 
+def _over_budget(lengths: np.ndarray, budget: int) -> str:
+    """The warning for samples longer than the token budget (not refused: a researcher may mean it)."""
+    over, longest = int(np.sum(lengths > budget)), int(lengths.max())
+    if over == len(lengths):
+        what = (f"every sample is longer than «max_batch_tokens={budget}» (up to {longest} tokens): each batch will "
+                "hold one row and exceed the budget")
+    else:
+        what = (f"{counted(over, 'sample')} {'is' if over == 1 else 'are'} longer than «max_batch_tokens={budget}» "
+                f"(up to {longest} tokens): each gets a batch of its own, over the budget")
+    return (f"{what}; «pass max_batch_tokens={longest}» or more to keep every batch within it, or a smaller "
+            "«max_length»")
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"~{seconds:.0f} s"
@@ -456,4 +469,4 @@ def summary(result: dict) -> str:
     if result["seconds"] is not None:
         parts.append(_duration(result["seconds"]))
     line = " · ".join(parts)
-    return line + (f" · {len(result['warnings'])} warning(s)" if result["warnings"] else "")
+    return line + (f" · {counted(len(result['warnings']), 'warning')}" if result["warnings"] else "")

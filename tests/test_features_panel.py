@@ -385,3 +385,21 @@ def test_the_default_hook_point():
                                "layers.1.mlp"]) == "layers.1.residual.latents"
     assert default_hook_point(["layers.0.residual", "layers.1.mlp"]) == "layers.0.residual"
     assert default_hook_point(["layers.1.mlp"]) == "layers.1.mlp" and default_hook_point([]) is None
+
+
+def test_switching_hook_point_resets_the_feature_and_its_neighbours(panel):
+    panel.feature.value = 29
+    click_and_wait(panel.open_button, panel)
+    assert panel.page["feature"] == 29
+    panel.hook_point.value = "layers.1.mlp"  # another table: feature 29 of the residual means nothing here
+    assert panel.wait(120)
+    assert panel.page is None and panel.feature.value == 0 and panel.feature.max == panel.table.stats.d - 1
+    assert panel.prev_button.disabled and not panel.next_button.disabled  # no feature -1; feature 1 exists
+    click_and_wait(panel.next_button, panel)
+    assert panel.page["feature"] == 1 and panel.page["hook_point"] == "layers.1.mlp"
+    panel.hook_point.value = HP
+    assert panel.wait(120)
+    panel.feature.value = panel.feature.max  # no page open: the neighbours are the field's
+    assert not panel.prev_button.disabled and panel.next_button.disabled
+    click_and_wait(panel.prev_button, panel)
+    assert panel.page["feature"] == panel.table.stats.d - 2

@@ -71,11 +71,39 @@ def test_estimate_probe_and_warnings(gpt2_dir, workspace, monkeypatch):
 
     monkeypatch.setattr(estimate_module, "_free_disk", lambda _ws: 1000)
     est = ms.estimate(gpt2_dir, "sample", [0], max_samples=40, max_batch_tokens=50, workspace=workspace, probe=True)
-    assert est["seconds"] > 0 and est["summary"].endswith("warning(s)")
+    assert est["seconds"] > 0 and est["summary"].endswith("2 warnings")
     assert any("free" in w and "workspace=" in w for w in est["warnings"])
     assert any("max_batch_tokens=50" in w and "batch of its own" in w for w in est["warnings"])
     with pytest.raises(InputError, match="batch_size=3"):
         ms.estimate(gpt2_dir, "sample", [0], batch_size=3, workspace=workspace)
+
+
+def test_a_token_budget_below_every_row_is_warned_with_its_fix(gpt2_dir, workspace, tmp_path):
+    """Every row is longer than max_batch_tokens: each batch holds one row and exceeds the budget. Not refused (a
+    researcher may mean it), but said in the estimate (Python, command line, Studio) with the value and the fix."""
+    from mistudio.errors import render
+    from mistudio.data import report_line
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(f'{{"text": "row {i} has a few more words in it"}}\n' for i in range(12))
+                    + '{"text": 12345}\n')
+    est = ms.estimate(gpt2_dir, str(data), [0], max_batch_tokens=5, workspace=workspace)
+    [template] = [w for w in est["warning_templates"] if "max_batch_tokens=5" in w]
+    python = render(template)
+    assert "every sample" in python and "each batch will hold one row and exceed the budget" in python
+    longest = int(python.split("up to ")[1].split(" tokens")[0])
+    assert longest > 5 and f"pass max_batch_tokens={longest}" in python
+    assert f"--max-batch-tokens {longest}" in render(template, "cli")
+    assert "Max batch tokens" in render(template, "studio")
+    assert est["summary"].endswith("· 2 warnings")  # the budget and the skipped row
+    one = ms.estimate(gpt2_dir, str(data), [0], workspace=workspace)
+    assert one["summary"].endswith("· 1 warning") and "1 of 13 rows gives no sample" in one["warnings"][0]
+    assert "1 row skipped" in report_line(one["report"]) and "1 rows" not in report_line(one["report"])
+    assert "12 samples from 13 rows" in report_line(one["report"])
+    # some rows over the budget, not all: those get a batch of their own
+    some = ms.estimate(gpt2_dir, "sample", [0], max_samples=40, max_batch_tokens=50, workspace=workspace)
+    [template] = [w for w in some["warning_templates"] if "max_batch_tokens=50" in w]
+    assert "every sample" not in template and "batch of its own" in template
 
 
 # -- 2. batch_size="auto" -----------------------------------------------------------------------------------

@@ -204,6 +204,18 @@ def test_curves_figure_draws_four_panels_with_the_last_values():
     assert fig.axes[0].get_yscale() == "log"
 
 
+def test_a_dead_fraction_of_zero_is_drawn_above_the_axis_on_the_runs_whole_step_range():
+    """Dead latents are counted from the dead window on (None before): the panel still spans every step, as the
+    others do, and a fraction of 0 is a line above the bottom axis, not hidden in it."""
+    history = [{"step": s, "loss": 1.0 / s, "l0": 4.0, "explained_variance": s / 40,
+                "dead_fraction": None if s < 15 else 0.0, "dead_window": 1500} for s in range(1, 31)]
+    fig = curves_figure(history)
+    assert len({ax.get_xlim() for ax in fig.axes}) == 1 and fig.axes[3].get_xlim()[0] <= 1
+    for ax in fig.axes[2:]:  # explained variance and dead fraction: 0 to 1, with a margin
+        low, high = ax.get_ylim()
+        assert low < 0 and high > 1 and min(-low, high - 1) >= 0.02 * (high - low)
+
+
 def test_before_its_dead_window_a_run_says_when_dead_latents_are_counted():
     """No latent can be dead before the run has trained on its dead window: the plot and the line say from when,
     not 0."""

@@ -236,7 +236,10 @@ def cells_text(jobs) -> str:
     return "".join(getattr(c, "value", "") for c in jobs.table.children)
 
 
-def test_point1_retry_takes_the_corrected_form(gpt2_dir, workspace, tmp_path):
+def test_point1_a_model_refused_by_its_job_is_a_form_error_and_launch_takes_the_corrected_form(gpt2_dir, workspace,
+                                                                                               tmp_path):
+    """Weights missing: the job refuses the model while loading it and leaves no store, so the tab shows an error of
+    the form, not a failed extraction to retry (Retry of a job with a store: test_start_window.py)."""
     bad = broken_model(gpt2_dir, tmp_path)
     studio = make_studio(workspace, bad)
     panel = studio.extraction_panel
@@ -245,18 +248,18 @@ def test_point1_retry_takes_the_corrected_form(gpt2_dir, workspace, tmp_path):
     first = panel.job
     first.wait(60)
     wait_for(lambda: panel.failure_box.layout.display == "")
-    assert first.status == "FAILED"
-    assert studio.model_picker.name_or_path() == bad  # prefilled from the failed job
-    assert panel.resume_button.layout.display == "none"  # nothing saved: Resume cannot succeed
-    assert panel.retry_button.button_style != "danger" and "form" in panel.retry_button.tooltip
+    assert first.status == "FAILED" and panel.job is None
+    assert "No extraction was created" in panel.alert.value and first.id not in panel.alert.value
+    assert panel.failure_actions.layout.display == "none"  # no Retry / Resume: nothing ran
+    assert ms.Workspace(workspace).extractions().empty
     studio.model_picker.set_model(gpt2_dir)  # fix it in the Model tab
-    panel.retry_button.click()
+    assert panel.failure_box.layout.display == "none"
+    panel.launch_button.click()
     second = panel.job
     assert second.id != first.id
     second.wait(60)
     assert second.status == "COMPLETED"
-    assert second.meta["model"]["name_or_path"] == gpt2_dir and second.meta["retry_of"] == first.id
-    assert second.meta["params"]["layers"] == [1]
+    assert second.meta["model"]["name_or_path"] == gpt2_dir and second.meta["params"]["layers"] == [1]
 
 
 def test_point1_failures_before_a_job_create_nothing(gpt2_dir, workspace):
@@ -268,9 +271,10 @@ def test_point1_failures_before_a_job_create_nothing(gpt2_dir, workspace):
     assert "No extraction was created" in panel.alert.value
     assert ms.Workspace(workspace).extractions().empty  # no store
     assert panel.job is None and panel.resume_button.layout.display == "none"
-    # fix the model, Retry launches the form as it is now
+    # fix the model, Launch runs the form as it is now (no Retry: nothing ran)
+    assert panel.failure_actions.layout.display == "none"
     studio.model_picker.set_model(gpt2_dir)
-    panel.retry_button.click()
+    panel.launch_button.click()
     job = panel.job
     job.wait(60)
     assert job.status == "COMPLETED" and job.meta["model"]["name_or_path"] == gpt2_dir
@@ -519,7 +523,7 @@ def test_point7_small_things(gpt2_dir, workspace, tmp_path):
     texts = "".join(getattr(c, "value", "") for c in picker.children)
     assert "0 = all rows" in texts
     assert panel.retry_button.button_style != "danger" and panel.retry_button.tooltip and panel.resume_button.tooltip
-    assert "Retry" in "".join(getattr(c, "value", "") for c in panel.failure_box.children)  # help text
+    assert "Retry" in "".join(getattr(c, "value", "") for c in panel.failure_actions.children)  # help text
     assert panel.auto_retry.description.endswith("half the batch size") and panel.auto_retry.layout.width == "auto"
     picker.show_preview()
     assert "<table" in picker.preview.value

@@ -17,6 +17,7 @@ from ..plan import estimate
 from ..request import ParamInfo, Request, params, sae_pairs
 from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, ModelSpec, build, parse_layers, short
 from ..storage.metadata import can_resume
+from ..storage.store import ExtractionStore
 from ..workspace import Workspace
 from .common import (PLAIN_ERRORS, RateMeter, answers_no_request, badge, busy, error_box, esc, for_ui, guard,
                      note_box, progress_text, store_notes, stylesheet)
@@ -51,6 +52,17 @@ def resumable(job: Job | None) -> bool:
     return job is not None and can_resume(job.status, job.error)
 
 
+def store_kept(job: Job) -> bool:
+    """The job's store exists (a request refused while the job prepared its input leaves none)."""
+    if not job.ended_in_memory:
+        return True
+    try:
+        ExtractionStore.open(job.store.location, job.store.storage_options)
+        return True
+    except Exception:  # noqa: BLE001 - gone (or unreadable): no extraction to name
+        return False
+
+
 def disk_short(result: dict) -> bool:
     """The estimate says the store will not fit on the workspace's disk."""
     free = result.get("free_disk_bytes")
@@ -73,6 +85,10 @@ def option_widget(info: ParamInfo) -> W.Widget:
         return W.IntText(value=info.default or 0, description=info.label, style=style, layout=layout, tooltip=tip)
     if info.kind == "float":
         return W.FloatText(value=info.default or 0.0, description=info.label, style=style, layout=layout, tooltip=tip)
+    if info.name == "saes":  # one hook point a line: a folder path is long, and several SAEs are usual
+        return W.Textarea(value="", description=info.label, style=style, tooltip=tip, rows=2,
+                          placeholder="one a line: layers.3.residual=/path/to/sae (or JSON)",
+                          layout=W.Layout(width="95%", max_width="900px"))
     return W.Text(value="" if info.default is None else str(info.default), description=info.label, style=style,
                   layout=layout, tooltip=tip, placeholder="JSON" if info.kind == "json" else "")
 
@@ -89,7 +105,7 @@ def saes_pairs(text: str) -> list[tuple[str, str]] | None:
         except ValueError:
             return None
     else:
-        value = sae_pairs(text)
+        value = sae_pairs(text.replace("\n", ","))
     if not isinstance(value, dict) or not value or any(not str(k).strip() or not str(v).strip()
                                                        for k, v in value.items()):
         return None
@@ -100,6 +116,8 @@ def _option_value(info: ParamInfo, widget: W.Widget):
     value = widget.value
     if info.kind in ("int", "float") and info.default is None and not value:
         return None  # 0 = none
+    if info.name == "saes" and saes_pairs(value) is not None:
+        return dict(saes_pairs(value))
     if info.kind == "json":
         text = value.strip()
         if not text:
@@ -128,7 +146,10 @@ def _put(widget: W.Widget, value) -> None:
 
 
 def _show_option(info: ParamInfo, widget: W.Widget, value) -> None:
-    if info.kind == "json":
+    if info.name == "saes" and isinstance(value, dict) and not any(
+            set(",\n=") & set(str(k)) or set(",\n") & set(str(v)) for k, v in value.items()):
+        widget.value = "\n".join(f"{point}={folder}" for point, folder in value.items())
+    elif info.kind == "json":
         import json
 
         widget.value = "" if value is None else value if isinstance(value, str) else json.dumps(value)
@@ -184,8 +205,8 @@ class ExtractionPanel(W.VBox):
                                      tooltip="new extraction with the form as it is now")
         self.resume_button = W.Button(description="Resume", button_style="success", icon="forward",
                                       tooltip="continue this extraction from its last saved sample")
-        self.failure_box = W.VBox([self.alert, W.HTML(RETRY_HELP), W.HBox([self.retry_button, self.resume_button])],
-                                  layout=W.Layout(display="none"))
+        self.failure_actions = W.VBox([W.HTML(RETRY_HELP), W.HBox([self.retry_button, self.resume_button])])
+        self.failure_box = W.VBox([self.alert, self.failure_actions], layout=W.Layout(display="none"))
         self.launch_button.on_click(guard(self._say, lambda _: self.launch()))
         self.cancel_button.on_click(guard(self._say, lambda _: self.cancel()))
         self.retry_button.on_click(guard(self._say, lambda _: self.retry()))
@@ -519,11 +540,7 @@ class ExtractionPanel(W.VBox):
         the form as it was (a preset or a job's request filling the form is not such a change)."""
         if self._filling_form:
             return
-        if self.last_estimate is not None:
-            self.last_estimate = None
-            self.estimate_line.value = "<small><i>The form changed: Estimate again (Launch does).</i></small>"
-        elif "mistudio-error" in self.estimate_line.value:  # "No estimate" of the form as it was
-            self.estimate_line.value = ""
+        self._forget_estimate()
         self._clear_form_failure()
         self.preset_status.value = ""
         self._delete_armed = None
@@ -533,6 +550,28 @@ class ExtractionPanel(W.VBox):
                 self.preset.value = ""
             finally:
                 self._filling = False
+
+    def _forget_estimate(self) -> None:
+        """The estimate (or "No estimate") is of a form that is no longer shown."""
+        if self.last_estimate is not None:
+            self.last_estimate = None
+            self.estimate_line.value = "<small><i>The form changed: Estimate again (Launch does).</i></small>"
+        elif "mistudio-error" in self.estimate_line.value:  # "No estimate" of the form as it was
+            self.estimate_line.value = ""
+
+    def show_new_form(self, arguments: dict) -> list[str]:
+        """Fill the form for another run (the Train tab's "Extract with this SAE"): like :meth:`show_arguments`,
+        and the estimate and a finished job's lines, about the form before, go (a running job stays shown)."""
+        skipped = self.show_arguments(arguments)
+        self._forget_estimate()
+        with self._lock:
+            if self.job is not None and not self._running():
+                self.job.unsubscribe(self._on_event)
+                self.job = None
+                self.status.value = self.alert.value = ""
+                self.progress.value, self.progress.bar_style, self.progress.description = 0, "info", "0%"
+                self.failure_box.layout.display = "none"
+        return skipped
 
     def _clear_form_failure(self) -> None:
         """Hide the failure box when it is about a form that never became a job (a job's failure stays: it names
@@ -608,6 +647,7 @@ class ExtractionPanel(W.VBox):
         finally:
             self._filling_form = filling
         self.preset_name.value = name
+        self._forget_estimate()
         self.preset_status.value = note_box(
             f"Form filled from preset <b>{esc(name)}</b>."
             + (f" Not shown (stale values): {esc(', '.join(skipped))}." if skipped else ""))
@@ -646,13 +686,23 @@ class ExtractionPanel(W.VBox):
         return True
 
     def _failed_before_job(self, exc: Exception) -> None:
+        kind = "VALIDATION" if isinstance(exc, InputError) else type(exc).__name__
+        self._show_refusal(kind, getattr(exc, "template", None) or str(exc))
+
+    def _show_refusal(self, error_type: str, message: str) -> None:
+        """A request refused before anything ran (no store): an error of the form, not a failed job; no Retry, as
+        Launch of the corrected form is the way on."""
         with self._lock:
             if self.job is not None:
                 self.job.unsubscribe(self._on_event)
             self.job = None
-            self.progress.value, self.progress.bar_style, self.progress.description = 0, "danger", "0%"
-        kind = "VALIDATION" if isinstance(exc, InputError) else type(exc).__name__
-        self._show_error(kind, getattr(exc, "template", None) or str(exc), {}, job=None)
+            self.progress.value, self.progress.bar_style, self.progress.description = 0, "info", "0%"
+        plain = PLAIN_ERRORS.get(error_type, error_type)
+        self.alert.value = error_box(f"<b>{esc(plain)}</b> ({esc(error_type)}): {for_ui(message)}"
+                                     "<br>No extraction was created. Correct the form, then Launch.")
+        self.status.value = f"{badge('NOT STARTED')} {esc(plain)}"
+        self.failure_actions.layout.display = self.resume_button.layout.display = "none"
+        self.failure_box.layout.display = ""
 
     def _started(self, job: Job) -> None:
         self.watch(job)
@@ -810,29 +860,32 @@ class ExtractionPanel(W.VBox):
                                  "samples kept. Resume continues from there.")
             self.alert.value = ""
             self._show_failure_actions()
+        elif status == "FAILED" and not store_kept(job):  # refused while preparing its input: no store
+            error = job.error or {}
+            self._show_refusal(error.get("error_type", "UNKNOWN"),
+                               error.get("error_template") or error.get("error_message", ""))
         elif status == "FAILED":
             self.progress.bar_style = "danger"
             error = job.error or {}
             suggested = error.get("suggested_retry_params", {}) or {}
             self.prefill(job.meta, suggested)
             self._show_error(error.get("error_type", "UNKNOWN"),
-                             error.get("error_template") or error.get("error_message", ""), suggested, job=job)
+                             error.get("error_template") or error.get("error_message", ""), suggested, job)
         for listener in self._finished:
             try:
                 listener(job)
             except Exception:  # a broken observer must not break the panel
                 pass
 
-    def _show_error(self, error_type: str, message: str, suggested: dict, job: Job | None) -> None:
+    def _show_error(self, error_type: str, message: str, suggested: dict, job: Job) -> None:
+        """A job that failed: its store stands (Retry makes a new one, Resume continues it where it can)."""
         plain = PLAIN_ERRORS.get(error_type, error_type)
         hint = ""
         if suggested:
             hint = ("<br>Suggested for the retry (already set in the form): "
                     + ", ".join(f"{esc(k)}={esc(str(v))}" for k, v in suggested.items()))
-        if job is None:
-            hint += "<br>No extraction was created. Correct the form, then Launch (or Retry)."
-        which = f"Extraction {esc(job.id)}: " if job is not None else ""
-        self.alert.value = error_box(f"{which}<b>{esc(plain)}</b> ({esc(error_type)}): {for_ui(message)}{hint}")
+        self.alert.value = error_box(f"Extraction {esc(job.id)}: <b>{esc(plain)}</b> ({esc(error_type)}): "
+                                     f"{for_ui(message)}{hint}")
         self.status.value = f"{badge('FAILED')} {esc(plain)}"
         self._show_failure_actions()
 
@@ -841,6 +894,7 @@ class ExtractionPanel(W.VBox):
         self.resume_button.layout.display = "" if can_resume else "none"
         self.resume_button.disabled = not can_resume
         self.retry_button.disabled = False
+        self.failure_actions.layout.display = ""
         self.failure_box.layout.display = ""
 
 

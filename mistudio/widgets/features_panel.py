@@ -322,10 +322,11 @@ class FeaturesPanel(W.VBox):
         for i, button in enumerate(self.prompt_buttons):
             click(button, lambda i=i: self.open_feature(self._prompt_feature(i)))
         click(self.open_button, lambda: self.open_feature(self.feature.value))
-        click(self.prev_button, lambda: self.open_feature(self.page["prev"]) if self.page and
-              self.page["prev"] is not None else None)
-        click(self.next_button, lambda: self.open_feature(self.page["next"]) if self.page and
-              self.page["next"] is not None else None)
+        click(self.prev_button, lambda: self.open_feature(self._neighbours()[0])
+              if self._neighbours()[0] is not None else None)
+        click(self.next_button, lambda: self.open_feature(self._neighbours()[1])
+              if self._neighbours()[1] is not None else None)
+        self.feature.observe(lambda _: None if self.working else self._enable_navigation(), "value")
         for i, button in enumerate(self.correlated_buttons):
             click(button, lambda i=i: self.open_feature(self.page["correlated"][i]["feature"]))
         click(self.browse_button, self.open_in_browse)
@@ -416,10 +417,19 @@ class FeaturesPanel(W.VBox):
                     # queued, and lost, while this thread still counted as working); last, so wait() means reset
                     self._thread = None
 
+    def _neighbours(self) -> tuple[int | None, int | None]:
+        """The features Previous and Next open: the open page's, else the Feature field's (None: no such one)."""
+        if self.page is not None:
+            return self.page["prev"], self.page["next"]
+        if self.table is None:
+            return None, None
+        feature = self.feature.value
+        return (feature - 1 if feature > 0 else None), (feature + 1 if feature + 1 < self.table.stats.d else None)
+
     def _enable_navigation(self) -> None:
         """Previous/Next only where there is such a feature."""
-        self.prev_button.disabled = self.page is None or self.page["prev"] is None
-        self.next_button.disabled = self.page is None or self.page["next"] is None
+        before, after = self._neighbours()
+        self.prev_button.disabled, self.next_button.disabled = before is None, after is None
 
     # -- extraction and hook point ---------------------------------------------------------------------------
     def refresh(self, select: str | None = None) -> None:
@@ -497,6 +507,7 @@ class FeaturesPanel(W.VBox):
             self.table = table
             self._loaded = store_key(ext)
             self.feature.max = max(0, table.stats.d - 1)
+            self.feature.value = 0  # a number of the table before means nothing here
             self.arrange()
             self.status.value = (f"{esc(hp)}: {table.stats.d:,} features over {table.stats.n_tokens:,} "
                                  "tokens. Click a row to open its page.")

@@ -138,6 +138,11 @@ def hub_problem(name: str, timeout: float = HUB_TIMEOUT_S) -> str | None:
     return None
 
 
+def memory_words(gigabytes: float) -> str:
+    """The weights' memory as the Model tab says it: MB below 1 GB (a tiny model is not '0.00 GB')."""
+    return f"{gigabytes:.2f} GB" if gigabytes >= 1 else f"{gigabytes * 1000:.1f} MB"
+
+
 class ModelPicker(W.VBox):
     """The Model tab. ``spec()`` is the chosen model; ``on_inspect(fn)`` gets ``describe_model``'s dict (called on
     the lookup's thread). ``workspace_root``: where ``models.json`` remembers folders; a bad one is set aside and
@@ -324,7 +329,7 @@ class ModelPicker(W.VBox):
                 f"<tr><td>layers</td><td>{esc(d['n_layers'])}</td></tr>"
                 f"<tr><td>hidden size</td><td>{d['hidden_size']:,}</td></tr>"
                 f"<tr><td>parameters</td><td>{d['n_parameters']:,}</td></tr>"
-                f"<tr><td>memory (weights, {esc(self.dtype.value)})</td><td>{d['memory_gb']:.2f} GB</td>"
+                f"<tr><td>memory (weights, {esc(self.dtype.value)})</td><td>{memory_words(d['memory_gb'])}</td>"
                 "</tr></table>")
         for listener in self._listeners:
             try:

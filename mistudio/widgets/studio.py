@@ -201,7 +201,7 @@ class Studio(W.VBox):
 
     def _extract_with_sae(self, arguments: dict) -> None:
         """The Train tab's "Extract with this SAE": the Extract form filled with the run's model, data and SAE."""
-        self.extraction_panel.show_arguments(arguments)
+        self.extraction_panel.show_new_form(arguments)
         self.extraction_panel.show_saes()  # the SAE is in "More options": unfolded, and named in the summary line
         self.select("Extract")
 

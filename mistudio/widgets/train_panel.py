@@ -90,8 +90,13 @@ def curves_figure(history: list[dict]) -> Figure:
             _log_ticks(ax, min(p[1] for p in points), max(p[1] for p in points))
         else:
             ax.yaxis.set_major_locator(MaxNLocator(4))
-        if key in ("explained_variance", "dead_fraction"):
-            ax.set_ylim(min(0.0, *(p[1] for p in points)) if points else 0.0, 1.02)
+        if key in ("explained_variance", "dead_fraction"):  # with a margin: a fraction of 0 is a line above the axis
+            low = min(0.0, *(p[1] for p in points)) if points else 0.0
+            margin = 0.04 * (1.0 - low)
+            ax.set_ylim(low - margin, 1.0 + margin)
+        if len(set(steps)) > 1:  # every panel spans the run's steps (dead latents are counted from a later one)
+            first, last = min(steps), max(steps)
+            ax.set_xlim(first - 0.03 * (last - first), last + 0.03 * (last - first))
         ax.yaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
         ax.tick_params(labelsize=7)
