@@ -272,26 +272,39 @@ def test_a_store_folder_left_without_its_group_file_is_named_so(copy, tmp_path):
         ms.open_extraction(str(tmp_path / "plain"))
 
 
-def test_a_resume_refused_for_a_damaged_store_says_so_and_offers_no_resume(gpt2_dir, tmp_path):
-    """A resume that finds committed rows damaged fails as STORE_DAMAGED in plain words, with resume_available
-    False (a resume would fail the same way) and retry as the fix, not as an unexpected error."""
+def test_damage_a_resume_meets_says_so_and_offers_no_resume(gpt2_dir, tmp_path):
+    """Damage below the mark that a resume can see up front (a shard cut short) is refused before it changes
+    anything; damage it meets while it runs (the chunk the mark cuts, which it reads back) fails it as
+    STORE_DAMAGED in plain words, with resume_available False (a resume would stop there again) and retry as the
+    fix, not as an unexpected error."""
     from conftest import cancelled_at
+    from mistudio.widgets.common import PLAIN_ERRORS
 
     ws = ms.Workspace(tmp_path / "ws")
-    job = cancelled_at(ws, gpt2_dir, "sample", at_batch=12, layers=[1], dtype="float32", chunk_mb=0.01,
-                       shard_mb=0.05, max_samples=120, batch_size=2)
+    options = dict(layers=[1], dtype="float32", chunk_mb=0.01, max_samples=120, batch_size=2)
+    job = cancelled_at(ws, gpt2_dir, "sample", at_batch=12, shard_mb=0.05, **options)
     ext = job.extraction()
     assert ext.committed_tokens() > 2 * ext.activations(HP).shards[0]
     shard = Path(ext.location) / "activations" / HP / "c" / "0" / "0"
     os.truncate(shard, shard.stat().st_size // 2)
+    with pytest.raises(StoreCorrupted, match=r"c/0/0.*the shard file is"):
+        ws.resume(job.id)
+    assert ws.job(job.id).status == "CANCELLED"  # refused, nothing changed
+
+    job = cancelled_at(ws, gpt2_dir, "sample", at_batch=12, shard_mb=0, max_length=100, **options)  # a file a chunk
+    ext = job.extraction()
+    rows, mark = ext.activations(HP).chunks[0], ext.committed_tokens()
+    assert mark % rows, (mark, rows)  # the mark cuts a chunk: the resume reads it back to write it whole
+    cut = Path(ext.location) / "activations" / HP / "c" / str(mark // rows) / "0"
+    raw = bytearray(cut.read_bytes())
+    raw[10] ^= 0xFF
+    cut.write_bytes(bytes(raw))
     resumed = ws.resume(job.id).wait(60)
     error = resumed.error
     assert resumed.status == "FAILED" and error["error_type"] == "STORE_DAMAGED", error
     assert error["resume_available"] is False and error["retry_available"] is True, error
     assert "damaged" in error["error_message"] and "verify" in error["error_message"], error
-    from mistudio.widgets.common import PLAIN_ERRORS
     assert PLAIN_ERRORS["STORE_DAMAGED"] == "Its store is damaged"
-
 
 
 def test_a_store_deleted_while_it_is_opened_is_said_plainly(gpt2_dir, tmp_path, monkeypatch):
