@@ -383,9 +383,8 @@ class Extraction:
         out, dtype = [], self.record.params.dtype or "float16"
         for hp, stats in self.record.statistics.items():
             if stats.n_out_of_range:
-                out.append(f"{hp}: {stats.n_out_of_range:,} of {stats.count:,} values were past {dtype}'s range and "
-                           f"are stored as ±inf (max |x| {stats.max_abs:.3g}): «pass dtype='bfloat16'» "
-                           "(or 'float32')")
+                out.append(_past_range(hp, stats.n_out_of_range, f"{stats.count:,} values", dtype,
+                                       f"max |x| {stats.max_abs:.3g}"))
             if stats.n_nan:
                 out.append(f"{hp}: {stats.n_nan:,} of {stats.count:,} values are NaN in the model's output")
         return out
@@ -408,9 +407,8 @@ class Extraction:
                            f"«pass latent_width={wider}» (up to the SAE's d_sae, {info.d_sae:,}) or a higher "
                            "«latent_coverage»")
             if stats.n_out_of_range:
-                out.append(f"{point}: {stats.n_out_of_range:,} of {stats.active - stats.dropped:,} stored latents "
-                           f"were past {dtype}'s range and are stored as ±inf (max {stats.max:.3g}): "
-                           "«pass dtype='bfloat16'» (or 'float32')")
+                out.append(_past_range(point, stats.n_out_of_range, f"{stats.active - stats.dropped:,} stored latents",
+                                       dtype, f"max {stats.max:.3g}"))
             if stats.n_nan:
                 out.append(f"{point}: {stats.n_nan:,} latents are NaN in the SAE's output (not stored)")
         return out
@@ -768,3 +766,9 @@ class CommittedRows(CheckedArray):
             raise IndexError(f"row {int(given[np.flatnonzero(outside)[0]])} is out of bounds for the {self.mark:,} "
                              f"committed rows ({self.planned:,} planned) of {self.zarr.path}")
         return rows
+
+
+def _past_range(point: str, n: int, of: str, dtype: str, largest: str) -> str:
+    """The warning for ``n`` of ``of`` values of ``point`` stored as ±inf, past ``dtype``'s range, with the fix."""
+    return (f"{point}: {n:,} of {of} were past {dtype}'s range and are stored as ±inf ({largest}): "
+            "«pass dtype='bfloat16'» (or 'float32')")

@@ -461,19 +461,25 @@ def test_wordpiece_continuations_are_found_as_the_tokenizer_spells_them(mini):
     assert result["token_ids"] == [piece] and result["n_rows"] == int((features.row_token_ids(ext) == piece).sum())
 
 
+def random_top_k_store(model: str, tmp_path, k: int, seed: int, n_texts: int):
+    """An extraction of ``n_texts`` sample texts with a random top-k SAE (d_sae 96) at HP whose every top-k
+    latent fires (positive encoder biases)."""
+    sae = SAE("topk", 32, 96, k=k, hook_point=HP)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=generator))
+        sae.b_enc.copy_(torch.rand(sae.b_enc.shape, generator=generator) + 1)
+    sae.save(tmp_path / "sae")
+    return ms.extract(model=model, dataset=ms.sample_texts()[:n_texts], layers=[1], max_length=32,
+                      saes={HP: str(tmp_path / "sae")}, workspace=str(tmp_path / "ws"))
+
+
 def test_cofiring_of_a_narrow_top_k_sae_whose_counts_the_statistics_cut_is_the_true_share(causal_gpt2, tmp_path,
                                                                                          monkeypatch):
     """A top-k SAE with k = 6 pairs every firing latent in the statistics, but a latent firing with more others
     than the statistics keep counters for gets counts cut short (``co_error``): its shares are counted exactly on
     the stored latents instead; where too rare for that, the page says how low a count may read."""
-    sae = SAE("topk", 32, 96, k=6, hook_point=HP)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=generator))
-        sae.b_enc.copy_(torch.rand(sae.b_enc.shape, generator=generator) + 1)  # every top-6 latent fires
-    sae.save(tmp_path / "sae")
-    ext = ms.extract(model=causal_gpt2, dataset=ms.sample_texts()[:60], layers=[1], max_length=32,
-                     saes={HP: str(tmp_path / "sae")}, workspace=str(tmp_path / "ws"))
+    ext = random_top_k_store(causal_gpt2, tmp_path, k=6, seed=5, n_texts=60)
     point = f"{HP}.latents"
     dense = ext.latents(point).toarray() > 0
     stats = features.load_statistics(ext, point)
@@ -501,14 +507,7 @@ def test_cofiring_of_a_narrow_top_k_sae_whose_counts_the_statistics_cut_is_the_t
 def test_cofiring_of_a_wide_top_k_sae_is_the_true_share(causal_gpt2, tmp_path, monkeypatch):
     """A top-k SAE with k = 32 fires more latents a token than the statistics pair up (16): its co-firing shares are
     counted on a sample of the stored latents, exactly, as a raw hook point's dense neurons are."""
-    sae = SAE("topk", 32, 96, k=32, hook_point=HP)
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=generator))
-        sae.b_enc.copy_(torch.rand(sae.b_enc.shape, generator=generator) + 1)  # every top-32 latent fires
-    sae.save(tmp_path / "sae")
-    ext = ms.extract(model=causal_gpt2, dataset=ms.sample_texts()[:30], layers=[1], max_length=32,
-                     saes={HP: str(tmp_path / "sae")}, workspace=str(tmp_path / "ws"))
+    ext = random_top_k_store(causal_gpt2, tmp_path, k=32, seed=11, n_texts=30)
     point = f"{HP}.latents"
     dense = ext.latents(point).toarray() > 0
     assert (dense.sum(axis=1) == 32).all()
