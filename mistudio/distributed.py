@@ -12,6 +12,7 @@ without a cluster). A finished shard is recorded in the metadata and never runs 
 """
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from .storage.featfeed import StatisticsFeed
 from .storage.featindex import FeatureIndex
 from .storage.layout import latent_index_dtype, storage_unit
 from .storage.codec import Geometry, record_chunks
+from .storage.files import fsync_dir, sync_data
 from .storage.positions import ChunkRecords
 from .storage.reads import CheckedArray
 from .storage.stats import HookStats, LatentStats
@@ -316,6 +318,7 @@ class ShardedRun:
             for start, rows in pieces:
                 arr[start:start + len(rows)] = rows
         shard = self.shards[result["index"]]
+        self._sync_rows(*shard["tokens"])
         shard.update(status="done", stats=result["stats"], latent_stats=result.get("latent_stats") or {},
                      seconds=result["seconds"])
         self._record_chunks(shard)
@@ -341,6 +344,33 @@ class ShardedRun:
         if self.feed is not None:
             self.feed.advance(int(self.offsets[prefix]))
 
+    def _arrays_of_rows(self) -> list[str]:
+        """The arrays a shard writes rows of: every hook point's activations, and its SAE latents."""
+        record = self.store.record
+        return [f"activations/{hp}" for hp in record.hook_points] + \
+            [f"latents/{hp}/{name}" for hp in record.latents for name in ("indices", "values")]
+
+    def _sync_rows(self, lo: int, hi: int) -> None:
+        """Flush to the disk every unit file holding rows ``[lo, hi)`` (a worker wrote them through Zarr, which
+        does not flush; the edge rows this process just wrote too) and the folders their names are in, before the
+        commit mark may move over them: a power cut then loses no committed row, as with the local writer. A
+        remote store's writes are durable when they return."""
+        for path in self._arrays_of_rows():
+            g = Geometry.of(self.store.array(path))
+            if g is None:
+                continue
+            folders = {str(g.root)}
+            for unit in range(lo // g.unit_rows, -(-hi // g.unit_rows)):
+                file = g.unit_file(unit)
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    sync_data(fd)
+                finally:
+                    os.close(fd)
+                folders.update(str(folder) for folder in file.parents if g.root in folder.parents)
+            for folder in sorted(folders, key=len, reverse=True):  # deepest first: a new folder's entry after it
+                fsync_dir(folder)
+
     def _record_chunks(self, shard: dict) -> None:
         """Write the chunk records (a store that keeps them) of the chunks whose rows are all written now that
         ``shard`` is done (its rows, joined with those of the done shards next to it), before anything reads them."""
@@ -352,10 +382,7 @@ class ShardedRun:
             first = ends[first]
         while stop in starts and starts[stop] > stop:
             stop = starts[stop]
-        record = self.store.record
-        paths = [f"activations/{hp}" for hp in record.hook_points]
-        paths += [f"latents/{hp}/{name}" for hp in record.latents for name in ("indices", "values")]
-        for path in paths:
+        for path in self._arrays_of_rows():
             records = ChunkRecords.of(Geometry.of(self.store.array(path)))
             if records is not None:
                 step = records.g.chunk_rows

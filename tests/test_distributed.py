@@ -289,3 +289,34 @@ def test_a_worker_refuses_an_sae_that_is_not_the_recorded_one(tmp_path):
     recorded[HP] = recorded[HP].model_copy(update={"fingerprint": "0" * 64})  # another store, made with another
     with pytest.raises(ms.InputError, match="is not the one this store was made with"):
         replica_saes(request, Loaded(), recorded)
+
+
+def test_a_finished_shard_is_on_the_disk_before_the_mark_moves_over_it(gpt2_dir, workspace, client, monkeypatch):
+    """Workers write a shard's rows through Zarr, which does not flush them: the coordinator flushes every unit file
+    of a finished shard's rows (and their folders) before the commit mark moves over them, as the local writer does,
+    so that a power cut loses no committed row."""
+    from mistudio import distributed
+
+    synced, marks = [], []
+    real_sync, real_update = distributed.sync_data, distributed.ExtractionStore.update
+
+    def recording_sync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_sync(fd)
+
+    def recording_update(self, **sections):
+        mark = (sections.get("progress") or {}).get("tokens_committed")
+        if mark:
+            marks.append((mark, len(synced)))
+        return real_update(self, **sections)
+
+    monkeypatch.setattr(distributed, "sync_data", recording_sync)
+    monkeypatch.setattr(distributed.ExtractionStore, "update", recording_update)
+    ext = ms.extract(gpt2_dir, "sample", workspace=workspace, progress=False, cluster=client, **ARGS)
+    hp = "layers.2.mlp"
+    g = distributed.Geometry.of(ext.activations(hp).zarr)
+    files = {str(g.unit_file(u)) for u in range(g.n_units)}
+    assert files <= set(synced)
+    for mark, n_synced in marks:  # every unit holding a committed row was flushed before that mark was written
+        below = {str(g.unit_file(u)) for u in range(-(-mark // g.unit_rows))}
+        assert below <= set(synced[:n_synced]), mark
