@@ -246,8 +246,8 @@ def parser() -> argparse.ArgumentParser:
                          help="check every chunk and the metadata of a store (exit 1 when damaged)")
     ver.add_argument("id", help="the extraction's id (`mistudio jobs` lists them)")
     ver.add_argument("--rerecord", action="store_true",
-                     help="first record again where each committed chunk lies, from its own checksum: the repair when "
-                          "only a .mistudio-chunks file was lost or damaged (a moved file can then not be told)")
+                     help="first write the missing chunk records from each chunk's own checksum: the repair when only a "
+                          ".mistudio-chunks file was lost or zeroed (a record that names other data is left)")
     # its flags come from TrainConfig, which imports torch: `mistudio train ...` parses them (train_parser)
     sub.add_parser("train", parents=[workspace], add_help=False,
                    help="train an SAE on a hook point of an extraction, or --resume a run (`mistudio train --help`)")
@@ -369,8 +369,12 @@ def _verify(args: argparse.Namespace) -> int:
     if args.rerecord:
         from .workspace import Workspace
 
-        arrays = Workspace(args.workspace, recover=False).rerecord(args.id)
-        print(f"re-recorded {len(arrays)} array(s): {', '.join(arrays)}")
+        done = Workspace(args.workspace, recover=False).rerecord(args.id)
+        recorded = "; ".join(f"{path} {n:,}" for path, n in done["recorded"].items()) or "none was missing"
+        print(f"chunk records written: {recorded}")
+        for path, n in done["left"].items():
+            print(f"left: {path}: {n:,} chunk(s) whose record names other data (a file moved or copied in): "
+                  "not re-recorded, still refused")
     report = verify(folder.path_of(args.id), folder.storage_options if folder.remote else None)
     print(report)
     return 0 if report.ok else 1

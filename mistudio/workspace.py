@@ -226,11 +226,12 @@ class Workspace(Folder, Observable):
                    "auto_retried": False, "retry_overrides": changed}
         return self._start(request, options, lineage)
 
-    def rerecord(self, extraction_id: str) -> list[str]:
-        """Record again where each committed chunk of a store lies, from the checksum in its own file
-        (:meth:`ExtractionStore.rerecord`): the repair when only a chunk records file (``.mistudio-chunks``)
-        was lost, cut short or zeroed and the data files are where they belong. Returns the arrays re-recorded;
-        ``verify()`` after it reports whatever is still damaged."""
+    def rerecord(self, extraction_id: str) -> dict[str, dict[str, int]]:
+        """Write a store's missing chunk records from the checksum in each chunk's own file
+        (:meth:`ExtractionStore.rerecord`): the repair when only a chunk records file (``.mistudio-chunks``) was
+        lost, cut short or zeroed and the data files are where they belong; a record that names other data is
+        left, and refused. Returns ``{"recorded": {array: chunks}, "left": {array: chunks}}``; ``verify()`` after
+        it reports whatever is still damaged."""
         extraction_id = check_id(extraction_id)
         store = self.store(extraction_id, writable=True)
         self.ensure_free(extraction_id, store)

@@ -111,8 +111,13 @@ def test_an_array_folder_copied_in_from_another_store_is_named_by_verify(stores,
     folder = _copy(stores, "sharded", tmp_path)
     shutil.rmtree(folder / "activations" / HPS[0])
     shutil.copytree(stores["twin"][0] / "activations" / HPS[0], folder / "activations" / HPS[0])
-    report = ms.open_extraction(str(folder)).verify()
+    ext = ms.open_extraction(str(folder))
+    report = ext.verify()
     assert not report.ok and any("another store" in p.what for p in report.problems), str(report)
+    with pytest.raises(StoreCorrupted, match=rf"activations/{HPS[0]}.*folder comes from another store"):
+        ext.activations(HPS[0])[:10]  # a read, the loader and a resume alike: the store's array is not this one
+    with pytest.raises(StoreCorrupted, match="folder comes from another store"):
+        ext.loader(HPS[0])
 
 
 def test_two_chunk_files_of_a_format_1_store_swapped(stores, tmp_path):
@@ -191,11 +196,19 @@ def test_rerecord_repairs_lost_records_and_blesses_no_damaged_bytes(stores, tmp_
     assert not ws.open(ext_id).verify().ok
     with pytest.raises(StoreCorrupted, match="no record"):
         ws.open(ext_id).activations(HPS[0])[:10]
-    assert {f"activations/{hp}" for hp in HPS} <= set(ws.rerecord(ext_id))
+    done = ws.rerecord(ext_id)
+    assert {f"activations/{hp}" for hp in HPS} <= set(done["recorded"]) and done["left"] == {}
     ext = ws.open(ext_id)
     assert ext.verify().ok
     for hp in HPS:
         np.testing.assert_array_equal(ext.activations(hp)[:], ref[hp])
+    assert ws.rerecord(ext_id) == {"recorded": {}, "left": {}}  # nothing missing: nothing written
+    _swap(_unit(moved, HPS[0], 1), _unit(moved, HPS[0], 3))  # moved files, their records intact: never blessed
+    (moved / "activations" / HPS[1] / positions.RECORDS_FILE).unlink()
+    done = ws.rerecord(ext_id)
+    assert done["left"] == {f"activations/{HPS[0]}": 2 * 3} and f"activations/{HPS[1]}" in done["recorded"], done
+    _refused(moved, HPS[0], 1, slice(200, 210))
+    _swap(_unit(moved, HPS[0], 1), _unit(moved, HPS[0], 3))
     shard = _unit(moved, HPS[0], 1)
     raw = bytearray(shard.read_bytes())
     raw[100] ^= 0xFF  # a bad block: the bytes no longer match their own checksum
@@ -204,7 +217,13 @@ def test_rerecord_repairs_lost_records_and_blesses_no_damaged_bytes(stores, tmp_
     assert not ws.open(ext_id).verify().ok
     with pytest.raises(StoreCorrupted, match="checksum"):
         ws.open(ext_id).activations(HPS[0])[200:210]
-    assert cli(["verify", "--workspace", str(workspace), ext_id, "--rerecord"]) == 1  # reports what stays damaged
+    records = moved / "activations" / HPS[0] / positions.RECORDS_FILE
+    records.write_bytes(bytes(len(records.read_bytes())))
+    _unit(moved, HPS[1], 2).unlink()  # a data file missing: nothing is written, not even the other array's
+    with pytest.raises(ms.InputError, match="cannot be re-recorded, so nothing was"):
+        ws.rerecord(ext_id)
+    assert records.read_bytes() == bytes(len(records.read_bytes()))
+    assert cli(["verify", "--workspace", str(workspace), ext_id]) == 1
 
 
 def test_a_resume_over_chunks_whose_records_are_lost_is_refused_before_it_writes(gpt2_dir, tmp_path):

@@ -593,6 +593,14 @@ class FastReader:
 def record_chunks(records: ChunkRecords, first: int, stop: int, mark: int) -> None:
     """Write the chunk records of chunks ``[first, stop)`` of an array (wholly below ``mark``) from the crc32c in
     their files (rows Zarr wrote), flushed to the disk."""
+    crcs = stored_crcs(records, first, stop, mark)
+    if crcs:
+        records.put_many(first, crcs)
+
+
+def stored_crcs(records: ChunkRecords, first: int, stop: int, mark: int) -> list[int]:
+    """The crc32c each of chunks ``[first, stop)`` of an array (wholly below ``mark``) holds in its file (OSError
+    when a chunk is not on the disk)."""
     g = records.g
     crcs = []
     reader = FastReader(g, mark)
@@ -608,8 +616,7 @@ def record_chunks(records: ChunkRecords, first: int, stop: int, mark: int) -> No
                 crcs.append(int.from_bytes(trailer, "little"))
         finally:
             os.close(fd)
-    if crcs:
-        records.put_many(first, crcs)
+    return crcs
 
 
 def check_recorded(records: ChunkRecords, mark: int) -> None:

@@ -120,18 +120,31 @@ class ChunkRecords:
             fsync_dir(str(self.file.parent))
         self.dirty = self.written = False
 
-    def misplaced(self, chunk: int, crc: int) -> str | None:
-        """Why chunk number ``chunk`` (of the array), whose sound crc32c is ``crc``, is not the one recorded for its
-        place; None when it is."""
+    def stored(self, chunk: int) -> bytes:
+        """The record at chunk number ``chunk``'s place as the file holds it: 4 bytes, zeros where none was written
+        yet, fewer when the file is missing or ends before it. The file is read once, and again only for a record
+        not seen (as read, it may be older than the commit mark of an in-progress store)."""
         at = chunk * RECORD_BYTES
         raw = b"" if self._known is None else self._known[at:at + RECORD_BYTES]
-        if len(raw) != RECORD_BYTES or raw == bytes(RECORD_BYTES):  # read once, again only for a record not seen
-            try:  # (the file as read may be older than the commit mark of an in-progress store)
+        if len(raw) != RECORD_BYTES or raw == bytes(RECORD_BYTES):
+            try:
                 with open(self.file, "rb") as f:
                     self._known = f.read()
             except FileNotFoundError:
                 self._known = b""
             raw = self._known[at:at + RECORD_BYTES]
+        return raw
+
+    def missing(self, chunk: int, crc: int) -> bool:
+        """Whether chunk number ``chunk`` has no record (none written, the file missing or cut short, or zeroed):
+        not one that names other data."""
+        raw = self.stored(chunk)
+        return len(raw) != RECORD_BYTES or (raw == bytes(RECORD_BYTES) and self.entry(chunk, crc) != 0)
+
+    def misplaced(self, chunk: int, crc: int) -> str | None:
+        """Why chunk number ``chunk`` (of the array), whose sound crc32c is ``crc``, is not the one recorded for its
+        place; None when it is."""
+        raw = self.stored(chunk)
         name = f"{self.g.arr.path.strip('/')}/{RECORDS_FILE}"
         if len(raw) != RECORD_BYTES or (raw == bytes(RECORD_BYTES) and self.entry(chunk, crc) != 0):
             return (f"has no record of its checksum in {name} (that file is missing, cut short or zeroed), so it "

@@ -15,7 +15,7 @@ import zarr
 
 from ..errors import InputError, StoreCorrupted, StoreLost
 from . import metadata, positions
-from .codec import Damaged, Geometry, check_recorded, fast_layout, record_chunks, record_committed
+from .codec import Damaged, Geometry, check_recorded, fast_layout, record_committed, stored_crcs
 from .files import fsync_dir, write_atomic
 from .layout import CHECKSUM_BYTES, PER_SAMPLE, WRITE_CONFIG, StoreLayout, array_codecs, numpy_dtype, storage_unit, \
     unit_key, unit_name, zarr_dtype
@@ -338,14 +338,27 @@ class ExtractionStore:
         try:
             arr = self.group[path].with_config(WRITE_CONFIG)
         except (KeyError, FileNotFoundError) as exc:
-            if not self.is_allocated:  # not damaged: nothing was stored yet
+            # not damaged: nothing was stored yet, or its arrays are being made (the metadata says how many rows
+            # they hold once they all are)
+            if not self.is_allocated or self._record.progress.tokens_total is None:
                 raise InputError(self._nothing_stored(path)) from None
             raise StoreCorrupted(self.location, "the array is missing", path, file=file) from exc
         except DECODE_ERRORS as exc:
             raise StoreCorrupted(self.location, f"its metadata cannot be read ({type(exc).__name__}: {exc})", path,
                                  file=file) from exc
         self._check_size(arr, path, file)
+        self._check_own(arr, path, file)
         return arr
+
+    def _check_own(self, arr: zarr.Array, path: str, file: str) -> None:
+        """Refuse an array whose folder comes from another store (or from before this store kept chunk records):
+        its chunk records are under another key than this store's, so they vouch for another store's data."""
+        key = self._record.storage.chunk_records
+        if key and positions.recorded(path) and arr.attrs.get(positions.ATTRIBUTE) != key:
+            raise StoreCorrupted(self.location, "the array's folder comes from another store (or another copy of "
+                                 f"one): its chunk records are under the key {arr.attrs.get(positions.ATTRIBUTE)!r}, "
+                                 f"not this store's {key!r}", path, file=file,
+                                 fix="Put this store's own folder back from a copy of it, or re-extract (retry)")
 
     def recorded_arrays(self) -> list[tuple[str, zarr.Array, int]]:
         """(path, array, rows below which its chunks are recorded) of every array that keeps chunk records under
@@ -359,8 +372,8 @@ class ExtractionStore:
         paths += [f"latents/{hp}/{name}" for hp in record.latents for name in ("indices", "values")]
         out = []
         for path in paths:
-            arr = self.array(path)
-            if positions.recorded(path) and arr.attrs.get(positions.ATTRIBUTE) == key:
+            arr = self.array(path)  # an array under another key is refused there
+            if positions.recorded(path):
                 rows = int(arr.shape[0])
                 out.append((path, arr, rows if path.startswith("tokens/") else min(record.committed_tokens(), rows)))
         return out
@@ -379,25 +392,34 @@ class ExtractionStore:
                 raise StoreCorrupted(self.location, what, path, exc.unit,
                                      f"{self.location.rstrip('/')}/{unit_key(arr, exc.unit)}") from None
 
-    def rerecord(self) -> list[str]:
-        """Record again where every committed chunk lies, from the crc32c each chunk's file holds: the repair for a
-        records file lost, cut short or zeroed (a copy tool that skips dot files, a bad block) while the data files
-        are where they belong. A chunk whose bytes are damaged stays refused by its own checksum; a file in the
-        wrong place can no longer be told once re-recorded. An array whose folder came from another store (its
-        records under another key) is left as it is. Returns the arrays re-recorded; hold the writer lease."""
+    def rerecord(self) -> dict[str, dict[str, int]]:
+        """Write the chunk records that are missing (none written, the records file lost, cut short or zeroed: a
+        copy tool that skips dot files, a bad block) from the crc32c each chunk's own file holds, when the data files
+        are where they belong. A record that names other data (a file moved, or copied in from another store) is left
+        as it is, and so refused; a chunk whose bytes are damaged stays refused by its own checksum. Every array is
+        read before any record is written: a missing data file changes nothing. Returns ``{"recorded": {path:
+        chunks}, "left": {path: chunks whose record names other data}}``; hold the writer lease."""
         if not self._record.storage.chunk_records:
             raise InputError(f"the store {self.location} keeps no chunk records (made before them, or remote): "
                              "nothing to re-record; `mistudio verify` checks it as it is")
-        done = []
+        todo, left = [], {}
         for path, arr, below in self.recorded_arrays():
             records = positions.ChunkRecords.of(Geometry.of(arr))
             try:
-                record_chunks(records, 0, records.final(below), below)
+                crcs = stored_crcs(records, 0, records.final(below), below)
             except OSError as exc:  # a unit file missing: nothing to take a checksum from
-                raise InputError(f"{path} of {self.location} cannot be re-recorded: {exc}. `mistudio verify` names "
-                                 "what is missing: put it back from a copy, or re-extract (retry)") from exc
-            done.append(path)
-        return done
+                raise InputError(f"{path} of {self.location} cannot be re-recorded, so nothing was: {exc}. `mistudio "
+                                 "verify` names what is missing: put it back from a copy, or re-extract (retry)") from exc
+            missing = [(chunk, crc) for chunk, crc in enumerate(crcs) if records.missing(chunk, crc)]
+            wrong = sum(records.misplaced(chunk, crc) is not None for chunk, crc in enumerate(crcs)) - len(missing)
+            todo.append((path, records, missing))
+            if wrong:
+                left[path] = wrong
+        for _, records, missing in todo:
+            for chunk, crc in missing:
+                records.put(chunk, crc)
+            records.sync()
+        return {"recorded": {path: len(missing) for path, _, missing in todo if missing}, "left": left}
 
     def _nothing_stored(self, path: str) -> str:
         """Why a store without arrays has no ``path``, and what to do: its arrays are made once its data is
