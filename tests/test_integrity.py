@@ -322,3 +322,17 @@ def test_a_store_deleted_while_it_is_opened_is_said_plainly(gpt2_dir, tmp_path, 
     monkeypatch.setattr(store_module.GuardedLocalStore, "get", deleted_meanwhile)
     with pytest.raises(FileNotFoundError, match=r"the store .* is not there \(deleted or moved\)"):
         store_module.open_group(ext.location)
+
+
+def test_a_reader_while_the_store_is_set_up_is_told_to_wait_not_that_it_is_damaged(gpt2_dir, tmp_path):
+    """Arrays are made one by one before the metadata says how many rows they hold: a reader that opens the store
+    in between, and finds an array not made yet, is told the job has stored nothing yet, not to re-extract."""
+    from mistudio.storage.store import ExtractionStore
+
+    ext = ms.extract(gpt2_dir, TEXTS[:4], workspace=str(tmp_path), layers=[0, 1], progress=False)
+    store = ExtractionStore.open(ext.location, writable=True)
+    store.update(status="LOADING", progress={"tokens_total": None, "tokens_committed": 0, "samples_committed": 0})
+    shutil.rmtree(Path(ext.location) / "activations" / HP)  # as if not made yet
+    reader = ExtractionStore.open(ext.location)
+    with pytest.raises(ms.InputError, match=rf"holds no activations/{HP} yet.*wait"):
+        reader.array(f"activations/{HP}")

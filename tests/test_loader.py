@@ -267,9 +267,9 @@ def test_a_state_records_what_its_rows_are(store):
     state = it.state_dict()
     rest = drain(it)
     for hook_points, change, needle in [(HPS[::-1], {}, r"hook_points=\['layers.0.residual', 'layers.1.residual'\]"),
-                                        (HPS[:1], {}, r"pass hook_points=\['layers.0"),
-                                        (HPS, {"normalize": "mean_std"}, "pass normalize=None"),
-                                        (HPS, {"dtype": "float16"}, "pass dtype='float32'")]:
+                                        (HPS[:1], {}, r"loader with hook_points=\['layers.0"),
+                                        (HPS, {"normalize": "mean_std"}, "loader with normalize=None"),
+                                        (HPS, {"dtype": "float16"}, "loader with dtype='float32'")]:
         with pytest.raises(ms.InputError, match=needle) as exc:
             iter(ext.loader(hook_points, **{**kw, **change})).load_state_dict(state)
         assert exc.value.param == "state"

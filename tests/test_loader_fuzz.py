@@ -116,15 +116,16 @@ def test_other_store_or_mark_is_refused(fuzz_store, gpt2_dir, tmp_path):
         bad["stores"][0][key] = value
         with pytest.raises(ms.InputError, match=needle):
             iter(ms.loader(ext, HP, **KW)).load_state_dict(bad)
-    for key, value, needle in [("seed", 12, "pass seed=12"), ("batch_size", 64, "pass batch_size=64"),
-                               ("exclude_special", False, "pass exclude_special=False"), ("rank", 0, "pass rank=0"),
+    for key, value, needle in [("seed", 12, "loader with seed=12"), ("batch_size", 64, "loader with batch_size=64"),
+                               ("exclude_special", False, "loader with exclude_special=False"),
+                               ("rank", 0, "loader with rank=0"),
                                ("lanes", 3, "buffer_tokens and run_mb"), ("seed", "11", "'settings'.*'seed'")]:
         bad = copy.deepcopy(state)
         bad["settings"][key] = value
         with pytest.raises(ms.InputError, match=needle) as exc:
             iter(ms.loader(ext, HP, **KW)).load_state_dict(bad)
         assert exc.value.param == "state" and "«" not in str(exc.value)
-    with pytest.raises(ms.InputError, match="pass seed=11") as exc:  # a loader made otherwise than the state's
+    with pytest.raises(ms.InputError, match="loader with seed=11") as exc:  # made otherwise than the state's
         iter(ms.loader(ext, HP, **{**KW, "seed": 12})).load_state_dict(state)
     assert "--seed 11" in exc.value.render("cli")
 

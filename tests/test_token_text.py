@@ -280,3 +280,8 @@ def test_neuronpedia_export_keeps_each_piece_alone(split_store, tmp_path, with_t
                for line in gzip.open(f, "rt", encoding="utf-8")]
     assert records and all("" not in r["tokens"] and "Ã" not in r["tokens"] for r in records)
     assert any("\ufffd" in r["tokens"] for r in records)
+
+
+def test_find_by_a_byte_name_ignores_the_case_of_its_hex(split_store):
+    byte = split_store.tokenizer.convert_tokens_to_ids("Ã")
+    assert match_tokens(split_store, "<0xc3>") == match_tokens(split_store, "<0xC3>") == [byte]

@@ -541,8 +541,9 @@ def match_tokens(ext: "Extraction", text: str) -> list[int]:
     continuation piece alone; when none does, the same ignoring case. A token as the tabs name it
     (:func:`~.feature_view.token_label`: ``'␣Paris'``, ``'↵'``, a byte of a cut character ``'<0xE6>'``) reads as
     its text, or is that token."""
-    if isinstance(text, str) and "<0x" in text:  # a label naming bytes: the piece(s) of that name
-        named = [i for i, label in enumerate(token_labels(ext)) if label == text.replace(" ", "␣")]
+    if isinstance(text, str) and "<0x" in text.lower():  # a label naming bytes: the piece(s) of that name
+        spelled = re.sub(r"<0x([0-9a-f]{2})>", lambda m: f"<0x{m[1].upper()}>", text.replace(" ", "␣"), flags=re.I)
+        named = [i for i, label in enumerate(token_labels(ext)) if label == spelled]
         if named:
             return named
     if isinstance(text, str):

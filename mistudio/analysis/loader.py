@@ -1008,7 +1008,7 @@ def check_state(state: Any, loader: ActivationLoader, expected: dict, n_batches)
                        "the epoch again, or «pass normalize=None» to both")
         if key in ("hook_points", "normalize", "dtype"):
             raise fail(f"it was taken with «{key}={_short(got)}», this loader has {key}={value!r} (its batches "
-                       f"would hold other values): make the loader with «pass {key}={_short(got)}»")
+                       f"would hold other values): make the loader with «{key}={_short(got)}»")
         if type(got) is not type(value) or type(value) is list:
             raise fail(f"state['settings']['{key}'] is {_short(got)}, this loader has {key}={value!r}" + (
                 " (lanes and their rows follow from buffer_tokens, run_mb and the stores' chunks: make the loader "
@@ -1021,7 +1021,7 @@ def check_state(state: Any, loader: ActivationLoader, expected: dict, n_batches)
                        f"worker {expected['worker']} of {expected['n_workers']} (None: all of them, "
                        f"«num_workers={expected['n_workers']}»)")
         raise fail(f"it was taken with «{key}={got!r}», this loader has {key}={value!r}: make the loader with "
-                   f"«pass {key}={got!r}»")
+                   f"«{key}={got!r}»")
     epoch, batches = state["epoch"], state["batches"]
     if not _is_int(epoch) or not 0 <= epoch < MAX_EPOCH:
         raise fail(f"state['epoch'] is {_short(epoch)}, not a whole number in [0, 2**62)")
@@ -1118,8 +1118,8 @@ def loader(extractions: "Extraction | Sequence[Extraction]", hook_points: str | 
       your own ``DataLoader(loader, batch_size=None, ...)`` call ``set_epoch`` every epoch.
     - ``exclude_special`` drops the tokenizer's special tokens (``tokens/special`` when the store has it).
     - ``normalize``: ``"mean_std"`` = (x - mean) / std per feature over every committed token (the mean and std
-      of :meth:`Extraction.feature_stats`: its cache when there is one, else one pass when the loader is made,
-      then cached; the same numbers either way); ``"unit_norm"`` = x divided by one dataset-wide factor (from the
+      of :meth:`Extraction.feature_stats`, each store its own: its cache when there is one, else one pass when the
+      loader is made, then cached; the same numbers either way); ``"unit_norm"`` = x divided by one dataset-wide factor (from the
       scalar statistics in the metadata) so that the mean squared L2 norm of a row is 1. With ``exclude_special``
       both come from the rows yielded, special tokens left out (one pass, then cached). Stores of different
       storage dtypes load together; each row is exact, then cast to ``dtype``.
