@@ -12,6 +12,7 @@ without a cluster). A finished shard is recorded in the metadata and never runs 
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -28,7 +29,7 @@ from .saes import SAE
 from .storage.featfeed import StatisticsFeed
 from .storage.featindex import FeatureIndex
 from .storage.layout import latent_index_dtype, storage_unit
-from .storage.codec import Geometry, record_chunks
+from .storage.codec import Damaged, Geometry, check_recorded, record_chunks
 from .storage.files import fsync_dir, sync_data
 from .storage.positions import ChunkRecords
 from .storage.reads import CheckedArray
@@ -37,6 +38,8 @@ from .storage.store import ExtractionStore
 
 _REPLICAS: dict[str, Any] = {}  # one loaded model per worker process
 _SAES: dict[tuple[str, str], SAE] = {}  # its SAEs, beside it: (hook point, folder) -> the SAE on its device
+
+log = logging.getLogger("mistudio")
 
 
 def replica(request: Request):
@@ -287,13 +290,32 @@ class ShardedRun:
         meta = store.meta
         self.shards = meta.get("shards") or plan_shards(self.offsets, n_shards)
         for shard in self.shards:
-            if shard["status"] != "done":
+            if shard["status"] != "done" or not self._own_chunks(shard):
                 shard["status"] = "pending"
         self.store.update(shards=self.shards)
         self.samples_done = sum(s["stop"] - s["first"] for s in self.shards if s["status"] == "done")
         self.started = time.perf_counter()
         self.tokens_at_start = sum(s["tokens"][1] - s["tokens"][0] for s in self.shards if s["status"] == "done")
         self.feed: StatisticsFeed | None = None
+
+    def _own_chunks(self, shard: dict) -> bool:
+        """Whether a shard finished in an earlier run still holds, above the commit mark (below it the resume has
+        checked already), the chunks recorded for its rows: one whose files were moved, lost or replaced since is
+        run again rather than trusted. Checks the chunks wholly inside its rows (4 bytes read a chunk)."""
+        lo, hi = shard["tokens"]
+        if hi <= self.store.record.committed_tokens():
+            return True
+        for path in self._arrays_of_rows():
+            records = ChunkRecords.of(Geometry.of(self.store.array(path)))
+            if records is None:
+                continue
+            try:
+                check_recorded(records, hi, -(-lo // records.g.chunk_rows))
+            except Damaged as exc:
+                log.warning("mistudio: shard %s of %s is run again: %s %s", shard["index"], self.store.location,
+                            path, exc.what)
+                return False
+        return True
 
     def _args(self, shard: dict) -> tuple:
         return (self.store.location, self.store.storage_options, self.request.model_dump(exclude={"dataset"}),

@@ -320,3 +320,35 @@ def test_a_finished_shard_is_on_the_disk_before_the_mark_moves_over_it(gpt2_dir,
     for mark, n_synced in marks:  # every unit holding a committed row was flushed before that mark was written
         below = {str(g.unit_file(u)) for u in range(-(-mark // g.unit_rows))}
         assert below <= set(synced[:n_synced]), mark
+
+
+def test_a_resume_reruns_a_finished_shard_above_the_mark_whose_chunks_are_not_its_own(gpt2_dir, workspace, client,
+                                                                                      single):
+    """Shards finished above the commit mark in an earlier run are checked against their chunk records when the
+    run resumes: one whose files are not the ones recorded (two swapped) is run again, not trusted, and the store
+    ends equal to a one-process run and verified."""
+    from pathlib import Path
+
+    from mistudio.storage.store import ExtractionStore
+
+    ext = ms.extract(gpt2_dir, "sample", workspace=workspace, progress=False, cluster=client, **ARGS)
+    store = ExtractionStore.open(ext.location, writable=True)
+    store.update(status="CANCELLED", progress={"samples_committed": 0, "tokens_committed": 0})  # as a stop leaves
+    hp = "layers.2.mlp"
+    arr = ext.activations(hp)
+    lo, hi = ext.metadata["shards"][2]["tokens"]
+    unit_rows = (arr.zarr.shards or arr.zarr.chunks)[0]
+    units = list(range(-(-lo // unit_rows), hi // unit_rows))  # storage units wholly inside shard 2's rows
+    assert len(units) >= 2
+    folder = Path(ext.location) / "activations" / hp / "c"
+    a, b = folder / str(units[0]) / "0", folder / str(units[1]) / "0"
+    tmp = a.with_name("swap")
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+    ws = ms.Workspace(workspace)
+    resumed = ws.resume(ext.id).wait(180)
+    assert resumed.status == "COMPLETED", resumed.error
+    runs = [s["runs"] for s in ws.open(ext.id).metadata["shards"]]
+    assert runs == [1, 1, 2, 1], runs  # shard 2 run again, the others trusted
+    done = ws.open(ext.id)
+    assert done.verify().ok
+    assert_equal_to(done, single)

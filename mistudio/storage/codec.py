@@ -619,19 +619,20 @@ def stored_crcs(records: ChunkRecords, first: int, stop: int, mark: int) -> list
     return crcs
 
 
-def check_recorded(records: ChunkRecords, mark: int) -> None:
-    """Raise :class:`Damaged` for the first chunk wholly below ``mark`` that its file does not hold, or whose
-    crc32c, as its file holds it, is not the one recorded for its place: what a resume checks before it writes
-    over a store (4 bytes read a chunk, not the chunk: a chunk's own bytes are checked when it is read)."""
+def check_recorded(records: ChunkRecords, mark: int, first: int = 0) -> None:
+    """Raise :class:`Damaged` for the first chunk from number ``first`` on, wholly below ``mark``, that its file
+    does not hold, or whose crc32c, as its file holds it, is not the one recorded for its place: what a resume
+    checks before it writes over a store (4 bytes read a chunk, not the chunk: a chunk's own bytes are checked when
+    it is read)."""
     g, reader, stop = records.g, FastReader(records.g, mark), records.final(mark)
-    for unit in range(-(-stop // g.per_shard)):
+    for unit in range(first // g.per_shard, -(-stop // g.per_shard)):
         try:
             fd = os.open(g.unit_file(unit), os.O_RDONLY)
         except FileNotFoundError:
             raise Damaged(g.unit_key(unit), "missing", missing=True) from None
         try:
             offsets = reader.chunk_offsets(fd, unit, os.fstat(fd).st_size) if g.sharded else [0]
-            for chunk in range(unit * g.per_shard, min(stop, (unit + 1) * g.per_shard)):
+            for chunk in range(max(first, unit * g.per_shard), min(stop, (unit + 1) * g.per_shard)):
                 at = offsets[chunk - unit * g.per_shard]
                 trailer = os.pread(fd, CHECKSUM_BYTES, at + g.data_bytes) if at is not None else b""
                 if len(trailer) != CHECKSUM_BYTES:
