@@ -28,7 +28,7 @@ import stat
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -598,33 +598,9 @@ def record_chunks(records: ChunkRecords, first: int, stop: int, mark: int) -> No
         records.put_many(first, crcs)
 
 
-def stored_crcs(records: ChunkRecords, first: int, stop: int, mark: int) -> list[int]:
-    """The crc32c each of chunks ``[first, stop)`` of an array (wholly below ``mark``) holds in its file (OSError
-    when a chunk is not on the disk)."""
-    g = records.g
-    crcs = []
-    reader = FastReader(g, mark)
-    for unit in range(first // g.per_shard, -(-stop // g.per_shard)):
-        fd = os.open(g.unit_file(unit), os.O_RDONLY)
-        try:
-            offsets = reader.chunk_offsets(fd, unit, os.fstat(fd).st_size) if g.sharded else [0]
-            for chunk in range(max(first, unit * g.per_shard), min(stop, (unit + 1) * g.per_shard)):
-                at = offsets[chunk - unit * g.per_shard]
-                trailer = os.pread(fd, CHECKSUM_BYTES, at + g.data_bytes) if at is not None else b""
-                if len(trailer) != CHECKSUM_BYTES:
-                    raise OSError(f"chunk {chunk} of {g.arr.path} is not on the disk: it cannot be recorded")
-                crcs.append(int.from_bytes(trailer, "little"))
-        finally:
-            os.close(fd)
-    return crcs
-
-
-def check_recorded(records: ChunkRecords, mark: int, first: int = 0) -> None:
-    """Raise :class:`Damaged` for the first chunk from number ``first`` on, wholly below ``mark``, that its file
-    does not hold, or whose crc32c, as its file holds it, is not the one recorded for its place: what a resume
-    checks before it writes over a store (4 bytes read a chunk, not the chunk: a chunk's own bytes are checked when
-    it is read)."""
-    g, reader, stop = records.g, FastReader(records.g, mark), records.final(mark)
+def _trailers(g: Geometry, reader: "FastReader", first: int, stop: int) -> Iterator[tuple[int, int, bytes]]:
+    """(unit, chunk number, the crc32c bytes its file holds: fewer when the file ends early) of chunks
+    ``[first, stop)``; a unit file that is not there raises :class:`Damaged` (missing)."""
     for unit in range(first // g.per_shard, -(-stop // g.per_shard)):
         try:
             fd = os.open(g.unit_file(unit), os.O_RDONLY)
@@ -634,14 +610,38 @@ def check_recorded(records: ChunkRecords, mark: int, first: int = 0) -> None:
             offsets = reader.chunk_offsets(fd, unit, os.fstat(fd).st_size) if g.sharded else [0]
             for chunk in range(max(first, unit * g.per_shard), min(stop, (unit + 1) * g.per_shard)):
                 at = offsets[chunk - unit * g.per_shard]
-                trailer = os.pread(fd, CHECKSUM_BYTES, at + g.data_bytes) if at is not None else b""
-                if len(trailer) != CHECKSUM_BYTES:
-                    raise reader.chunk_error(unit, chunk - unit * g.per_shard, "the file ends early")
-                wrong = records.misplaced(chunk, int.from_bytes(trailer, "little"))
-                if wrong is not None:
-                    raise reader.chunk_error(unit, chunk - unit * g.per_shard, wrong, decoded=True)
+                yield unit, chunk, os.pread(fd, CHECKSUM_BYTES, at + g.data_bytes) if at is not None else b""
         finally:
             os.close(fd)
+
+
+def stored_crcs(records: ChunkRecords, first: int, stop: int, mark: int) -> list[int]:
+    """The crc32c each of chunks ``[first, stop)`` of an array (wholly below ``mark``) holds in its file (OSError
+    when a chunk is not on the disk)."""
+    g, crcs = records.g, []
+    try:
+        for _, chunk, trailer in _trailers(g, FastReader(g, mark), first, stop):
+            if len(trailer) != CHECKSUM_BYTES:
+                raise OSError(f"chunk {chunk} of {g.arr.path} is not on the disk: it cannot be recorded")
+            crcs.append(int.from_bytes(trailer, "little"))
+    except Damaged as exc:
+        raise OSError(f"a file of {g.arr.path} is not on the disk ({exc.what}): its chunks cannot be "
+                      "recorded") from None
+    return crcs
+
+
+def check_recorded(records: ChunkRecords, mark: int, first: int = 0) -> None:
+    """Raise :class:`Damaged` for the first chunk from number ``first`` on, wholly below ``mark``, that its file
+    does not hold, or whose crc32c, as its file holds it, is not the one recorded for its place: what a resume
+    checks before it writes over a store (4 bytes read a chunk, not the chunk: a chunk's own bytes are checked when
+    it is read)."""
+    g, reader = records.g, FastReader(records.g, mark)
+    for unit, chunk, trailer in _trailers(g, reader, first, records.final(mark)):
+        if len(trailer) != CHECKSUM_BYTES:
+            raise reader.chunk_error(unit, chunk - unit * g.per_shard, "the file ends early")
+        wrong = records.misplaced(chunk, int.from_bytes(trailer, "little"))
+        if wrong is not None:
+            raise reader.chunk_error(unit, chunk - unit * g.per_shard, wrong, decoded=True)
 
 
 def record_committed(arrays: Any, old_mark: int, new_mark: int) -> None:
