@@ -624,7 +624,9 @@ def stored_crcs(records: ChunkRecords, first: int, stop: int, mark: int) -> list
             if len(trailer) != CHECKSUM_BYTES:
                 raise OSError(f"chunk {chunk} of {g.arr.path} is not on the disk: it cannot be recorded")
             crcs.append(int.from_bytes(trailer, "little"))
-    except Damaged as exc:
+    except Damaged as exc:  # a unit file not there (a damaged shard index stays Damaged)
+        if not exc.missing:
+            raise
         raise OSError(f"a file of {g.arr.path} is not on the disk ({exc.what}): its chunks cannot be "
                       "recorded") from None
     return crcs

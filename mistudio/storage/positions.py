@@ -6,10 +6,11 @@ A chunk's crc32c (Zarr's, in the file, which any Zarr reader checks) covers its 
 with records says so in its metadata (``storage.chunk_records``: the store's key, random at allocation), and each
 recorded array in its ``zarr.json`` attributes (``mistudio_chunk_records``: the same key). Such an array's folder
 holds ``.mistudio-chunks``: per chunk, in row order, 4 little-endian bytes, the crc32c of (key, array path, chunk
-number, the chunk's crc32c); the file is made at its full size, zeros where no chunk is recorded yet. A chunk is recorded when it is written whole (the store's writer: with the chunk,
-flushed with it) or, for rows Zarr wrote (token arrays, distributed runs), from its file before the commit mark
-moves over it; only chunks wholly below the mark are checked (the one the mark cuts may still be written again).
-Stores without a key (written before records, or remote) read and verify as they always did; a resume keeps them so.
+number, the chunk's crc32c); the file is made at its full size, zeros where no chunk is recorded yet. A chunk is
+recorded when it is written whole (the store's writer: with the chunk, flushed with it) or, for rows Zarr wrote (token
+arrays, distributed runs), from its file before the commit mark moves over it; only chunks wholly below the mark are
+checked (the one the mark cuts may still be written again). Stores without a key (written before records, or remote)
+read and verify as they always did; a resume keeps them so.
 """
 from __future__ import annotations
 
@@ -144,12 +145,11 @@ class ChunkRecords:
     def misplaced(self, chunk: int, crc: int) -> str | None:
         """Why chunk number ``chunk`` (of the array), whose sound crc32c is ``crc``, is not the one recorded for its
         place; None when it is."""
-        raw = self.stored(chunk)
         name = f"{self.g.arr.path.strip('/')}/{RECORDS_FILE}"
-        if len(raw) != RECORD_BYTES or (raw == bytes(RECORD_BYTES) and self.entry(chunk, crc) != 0):
+        if self.missing(chunk, crc):
             return (f"has no record of its checksum in {name} (that file is missing, cut short or zeroed), so it "
                     f"cannot be told from another place's data; {REFIX}")
-        if int.from_bytes(raw, "little") == self.entry(chunk, crc):
+        if int.from_bytes(self.stored(chunk), "little") == self.entry(chunk, crc):
             return None
         return (f"holds another place's data: its crc32c checksum is sound, but it is not the one {name} "
                 "records for this place (the file was swapped with another, copied in from another array or "

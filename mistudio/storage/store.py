@@ -408,10 +408,15 @@ class ExtractionStore:
             try:
                 crcs = stored_crcs(records, 0, records.final(below), below)
             except OSError as exc:  # a unit file missing: nothing to take a checksum from
-                raise InputError(f"{path} of {self.location} cannot be re-recorded, so nothing was: {exc}. `mistudio "
-                                 "verify` names what is missing: put it back from a copy, or re-extract (retry)") from exc
-            missing = [(chunk, crc) for chunk, crc in enumerate(crcs) if records.missing(chunk, crc)]
-            wrong = sum(records.misplaced(chunk, crc) is not None for chunk, crc in enumerate(crcs)) - len(missing)
+                raise InputError(f"{path} of {self.location} cannot be re-recorded, so nothing was: {exc}. "
+                                 "`mistudio verify` names what is missing: put it back from a copy, or re-extract "
+                                 "(retry)") from exc
+            missing, wrong = [], 0
+            for chunk, crc in enumerate(crcs):
+                if records.missing(chunk, crc):
+                    missing.append((chunk, crc))
+                elif records.misplaced(chunk, crc) is not None:
+                    wrong += 1
             todo.append((path, records, missing))
             if wrong:
                 left[path] = wrong
