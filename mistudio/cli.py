@@ -246,8 +246,8 @@ def parser() -> argparse.ArgumentParser:
                          help="check every chunk and the metadata of a store (exit 1 when damaged)")
     ver.add_argument("id", help="the extraction's id (`mistudio jobs` lists them)")
     ver.add_argument("--rerecord", action="store_true",
-                     help="first write the missing chunk records from each chunk's own checksum: the repair when only a "
-                          ".mistudio-chunks file was lost or zeroed (a record that names other data is left)")
+                     help="first write the missing chunk records from each chunk's own checksum: the repair when "
+                          "only a .mistudio-chunks file was lost or zeroed (a record that names other data is left)")
     # its flags come from TrainConfig, which imports torch: `mistudio train ...` parses them (train_parser)
     sub.add_parser("train", parents=[workspace], add_help=False,
                    help="train an SAE on a hook point of an extraction, or --resume a run (`mistudio train --help`)")

@@ -26,20 +26,20 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
                "tokens": [str], "values": [float | None], "special": [bool],   # the context window
                "peak": int}                         # index into tokens of the example's own token
 
-Keys marked ``?`` are optional: ``caveats`` (the store's warnings about this hook point: latents dropped for want
-of width make densities lower bounds, values stored as ±inf; shown under the title), ``min_count``, the least count the token means were computed with (the table
-says it and leaves out rows below it), ``special`` on a token-means row (``hide_special`` hides it),
-``logits_note`` (why there is no logit table: an encoder, a model without an LM head ...), ``correlated_basis``
-(what a co-firing ``fraction`` is: with ``"sample"``, the share of the feature's ``tokens`` firing tokens in a
-sample of ``rows`` rows where the other fires too; with ``"top"`` (the default), the share of its firing tokens
-where both are among the token's ``per_token`` most active firing features, far below the true share for dense
-features, and each count low by up to ``error`` when the statistics' counters for the feature ran out), ``density`` on a co-firing row (the other feature's share of all tokens), ``one_per_document``
-(the top examples are at most one per document: the title says so) and ``scheme`` (how the tokenizer's pieces
-join: what ``scheme="auto"`` uses). :func:`mistudio.analysis.features.feature_page` assembles a page from a store.
-SAEDashboard's layout is followed: statistics, histogram, logit table and feature tables on the left, the
-top activations and the quantile-interval examples on the right. Rendering is pure and self-contained: inline
-CSS, inline SVG, no scripts, no images, no links to anything outside the page; every string taken from the
-page goes through :func:`escape`.
+Keys marked ``?`` are optional: ``caveats`` (the store's warnings about this hook point: latents dropped for want of
+width make densities lower bounds, values stored as ±inf; shown under the title), ``min_count``, the least count the
+token means were computed with (the table says it and leaves out rows below it), ``special`` on a token-means row
+(``hide_special`` hides it), ``logits_note`` (why there is no logit table: an encoder, a model without an LM head
+...), ``correlated_basis`` (what a co-firing ``fraction`` is: with ``"sample"``, the share of the feature's ``tokens``
+firing tokens in a sample of ``rows`` rows where the other fires too; with ``"top"`` (the default), the share of its
+firing tokens where both are among the token's ``per_token`` most active firing features, far below the true share for
+dense features, and each count low by up to ``error`` when the statistics' counters for the feature ran out),
+``density`` on a co-firing row (the other feature's share of all tokens), ``one_per_document`` (the top examples are
+at most one per document: the title says so) and ``scheme`` (how the tokenizer's pieces join: what ``scheme="auto"``
+uses). :func:`mistudio.analysis.features.feature_page` assembles a page from a store. SAEDashboard's layout is
+followed: statistics, histogram, logit table and feature tables on the left, the top activations and the
+quantile-interval examples on the right. Rendering is pure and self-contained: inline CSS, inline SVG, no scripts, no
+images, no links to anything outside the page; every string taken from the page goes through :func:`escape`.
 """
 from __future__ import annotations
 

@@ -1117,12 +1117,12 @@ def loader(extractions: "Extraction | Sequence[Extraction]", hook_points: str | 
       its rank; batches come out round-robin over the workers, so the order does not depend on timing. In
       your own ``DataLoader(loader, batch_size=None, ...)`` call ``set_epoch`` every epoch.
     - ``exclude_special`` drops the tokenizer's special tokens (``tokens/special`` when the store has it).
-    - ``normalize``: ``"mean_std"`` = (x - mean) / std per feature over every committed token (the mean and std
-      of :meth:`Extraction.feature_stats`, each store its own: its cache when there is one, else one pass when the
-      loader is made, then cached; the same numbers either way); ``"unit_norm"`` = x divided by one dataset-wide factor (from the
-      scalar statistics in the metadata) so that the mean squared L2 norm of a row is 1. With ``exclude_special``
-      both come from the rows yielded, special tokens left out (one pass, then cached). Stores of different
-      storage dtypes load together; each row is exact, then cast to ``dtype``.
+    - ``normalize``: ``"mean_std"`` = (x - mean) / std per feature over every committed token (the mean and std of
+      :meth:`Extraction.feature_stats`, each store its own: its cache when there is one, else one pass when the loader
+      is made, then cached; the same numbers either way); ``"unit_norm"`` = x divided by one dataset-wide factor (from
+      the scalar statistics in the metadata) so that the mean squared L2 norm of a row is 1. With ``exclude_special``
+      both come from the rows yielded, special tokens left out (one pass, then cached). Stores of different storage
+      dtypes load together; each row is exact, then cast to ``dtype``.
     - ``iter(loader).state_dict()`` / ``load_state_dict(state)`` resume mid-epoch exactly (in-process or with
       workers); a state from other stores, commit marks or settings (hook points, ``normalize`` and its
       constants, ``dtype`` included) raises InputError naming the field.

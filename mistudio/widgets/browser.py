@@ -280,7 +280,8 @@ class ActivationBrowser(W.VBox):
             "<th style='text-align:left'>context</th></tr>" + "".join(
                 f"<tr><td style='padding:2px 10px 2px 0'>{t['value']:.3f}</td><td style='padding:2px 10px'>"
                 f"{t['row']:,}</td><td style='padding:2px 10px'>{int(t['position'])}</td>"
-                f"<td style='{WRAP}'>{running(t['pieces'], t['peak'], t['token'])}</td></tr>" for t in top) + "</table>")
+                f"<td style='{WRAP}'>{running(t['pieces'], t['peak'], t['token'])}</td></tr>" for t in top)
+            + "</table>")
         hidden = (f" Hidden: {self.hidden['row_tokens']} of the row's tokens, {hidden_rows:,} activation rows in the "
                   "top tokens." if self.hide_special.value or self.hide_outliers.value else "")
         where = (f"tokens {window.start}–{window.stop - 1} of {n_tokens} around the feature's peak"
