@@ -229,6 +229,8 @@ def test_running_text_joins_a_character_split_over_pieces(split_store):
     assert display_pieces(["▁caf", "<0xC3>", "<0xA9>", "<0x0A>"], "bpe") == [" caf", "", "é", "↵"]  # byte fallback
     titles = pieces_and_titles(["Ġcaf", "Ã", "©"], "bytelevel")[1]
     assert titles == ["␣caf", "<0xC3> (part of 'é')", "<0xA9> (part of 'é')"]
+    cut_end = pieces_and_titles(["Ġcaf", "æ", "Ŀ"], "bytelevel")  # 東's first two bytes, its third cut off
+    assert cut_end == ([" caf", "", "\ufffd"], ["␣caf", "<0xE6>", "<0x9D>"])  # as decoding reads; no "part of '�'"
 
 
 def test_feature_view_reads_split_characters_as_decoded(split_store):

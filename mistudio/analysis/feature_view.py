@@ -430,13 +430,13 @@ def _running(tokens: Sequence[str], scheme: str) -> list[tuple[str, str]]:
     """Each token's text in running text and the character it shares with the pieces beside it ('' if none).
     The bytes of consecutive byte pieces decode together: a character split over pieces is shown on the piece that
     completes it, the pieces before add no text; a character the tokens never complete reads '�' (as decoding
-    them reads), on its last piece."""
+    them reads), on its last piece, and is no character its pieces are part of."""
     out = [["", ""] for _ in tokens]
     pending, owners = bytearray(), []  # the bytes of a character begun, and the tokens they came from
 
-    def close(char: str) -> None:
+    def close(char: str, whole: bool = False) -> None:
         out[owners[-1]][0] += char
-        if len(owners) > 1:
+        if whole and len(owners) > 1:
             for owner in owners:
                 out[owner][1] = char
         pending.clear()
@@ -460,7 +460,7 @@ def _running(tokens: Sequence[str], scheme: str) -> list[tuple[str, str]]:
                 if not owners or owners[-1] != i:
                     owners.append(i)
                 if len(pending) == (2 if pending[0] < 0xE0 else 3 if pending[0] < 0xF0 else 4):
-                    close(pending.decode("utf-8", errors="replace"))
+                    close(pending.decode("utf-8", errors="replace"), whole=True)
             else:
                 out[i][0] += _CONTROL.get(chr(byte), chr(byte)) if byte < 0x80 else "\ufffd"
     if pending:
