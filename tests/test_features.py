@@ -284,7 +284,11 @@ def test_features_for_a_token_equal_numpy(store, dense):
     assert [r["mean"] for r in result["features"]] == pytest.approx(np.sort(means)[::-1][:5].tolist())
     capped = features_for_token(store, HP, word, n=5, max_rows=4)
     assert capped["n_read"] == 4 and capped["n_rows"] == len(rows)
-    assert features_for_token(store, HP, "zzqqxx-not-a-token")["features"] == []
+    assert result["pieces"] == [] and capped["pieces"] == []
+    missing = features_for_token(store, HP, "zzqqxx-not-a-token")
+    assert missing["features"] == [] and missing["token_ids"] == []  # no token reads it; the pieces it reads as:
+    assert missing["pieces"] == store.tokenizer("zzqqxx-not-a-token", add_special_tokens=False)["input_ids"]
+    assert len(missing["pieces"]) > 1
     with pytest.raises(InputError, match="names no token"):
         features_for_token(store, HP, "   ")
 

@@ -565,6 +565,15 @@ def match_tokens(ext: "Extraction", text: str) -> list[int]:
     return found
 
 
+def _pieces(ext: "Extraction", text: str) -> list[int]:
+    """The ids of the pieces the tokenizer splits ``text`` into, when it is more than one."""
+    try:
+        ids = ext.tokenizer(text, add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - a hint only: a tokenizer that cannot read it gives none
+        return []
+    return [int(i) for i in ids] if len(ids) > 1 else []
+
+
 def features_for_token(ext: "Extraction", hook_point: str, text: str, n: int = 20, max_rows: int = 256,
                        seed: int = 0, statistics: FeatureStatistics | None = None) -> dict:
     """The features that fire most on a token: the activation rows whose token is ``text``
@@ -572,13 +581,15 @@ def features_for_token(ext: "Extraction", hook_point: str, text: str, n: int = 2
     :func:`~mistudio.storage.featstats.sample_keys`), read and averaged per feature; the ``n`` highest means.
 
     Returns ``{"query", "token_ids", "tokens", "n_rows" (all rows with that token), "n_read", "features":
-    [{"feature", "mean", "fire_fraction", "density"}, ...]}`` (``fire_fraction``: share of the read rows where the
-    feature is > 0; ``density``: its share over the store, when the statistics are in memory or given)."""
+    [{"feature", "mean", "fire_fraction", "density"}, ...], "pieces"}`` (``fire_fraction``: share of the read rows
+    where the feature is > 0; ``density``: its share over the store, when the statistics are in memory or given;
+    ``pieces``: when no token reads ``text`` but the tokenizer splits it (a rare word, a character held only as
+    bytes), the ids of the pieces it reads as, to find by one of them; else ``[]``)."""
     n, max_rows = _check_int("n", n, 1), _check_int("max_rows", max_rows, 1)
     ids = match_tokens(ext, text)
     vocab = token_texts(ext)
     result = {"query": text, "token_ids": ids, "tokens": [vocab[i] for i in ids], "n_rows": 0, "n_read": 0,
-              "features": []}
+              "features": [], "pieces": [] if ids else _pieces(ext, text)}
     if not ids:
         return result
     rows = np.flatnonzero(np.isin(row_token_ids(ext), np.asarray(ids, np.int32)))

@@ -661,7 +661,7 @@ class FeaturesPanel(W.VBox):
                        if tokenizer_scheme(ext.tokenizer) == "wordpiece" else
                        "it as it reads in the text (' Paris' for the word after a space, 'Paris' for either)")
                 self.found_info.value = error_box(f"No token reads {esc(_quoted(text))}: type {esc(how)}."
-                                                  + _pieces_hint(ext, text, labels))
+                                                  + _pieces_hint(result["pieces"], labels))
             elif not result["n_rows"]:
                 self.found_info.value = note_box(f"{matched} never occurs in this extraction.")
             else:
@@ -887,14 +887,10 @@ class FeaturesPanel(W.VBox):
         self.export_info.value = "Export cancelled."
 
 
-def _pieces_hint(ext: "Extraction", text: str, labels: list[str]) -> str:
-    """Where the tokenizer splits ``text`` into pieces (a word is often several): which, to find by one of them."""
-    try:
-        ids = ext.tokenizer(text, add_special_tokens=False)["input_ids"]
-    except Exception:  # noqa: BLE001 - a hint only: a tokenizer that cannot read it gives none
+def _pieces_hint(pieces: list[int], labels: list[str]) -> str:
+    """Where the tokenizer splits a typed text into pieces (a word is often several): which, to find by one."""
+    if not pieces:
         return ""
-    if len(ids) < 2:
-        return ""
-    distinct = list(dict.fromkeys(ids))
+    distinct = list(dict.fromkeys(pieces))
     shown = ", ".join(esc(_quoted(labels[i])) for i in distinct[:8]) + (", ..." if len(distinct) > 8 else "")
-    return f" The tokenizer reads it as {len(ids)} pieces, {shown}: find by one of them."
+    return f" The tokenizer reads it as {len(pieces)} pieces, {shown}: find by one of them."
