@@ -192,7 +192,9 @@ def load_config(spec: ModelSpec):
 
 
 def describe_model(spec: ModelSpec) -> dict:
-    """Architecture, layers, hidden size, vocabulary, parameters and memory estimate, without loading weights."""
+    """Architecture (the class extraction runs, and ``saved_as``: the one the folder's config names, when another,
+    e.g. ``GPT2LMHeadModel`` whose body ``GPT2Model`` runs), layers, hidden size, vocabulary, parameters and memory
+    estimate, without loading weights."""
     from transformers import AutoModel
 
     config = load_config(spec)
@@ -200,7 +202,9 @@ def describe_model(spec: ModelSpec) -> dict:
         model = AutoModel.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
     bytes_per = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 4}[spec.dtype]
+    saved_as = (getattr(config, "architectures", None) or [None])[0]
     return {"name_or_path": spec.name_or_path, "architecture": type(model).__name__,
+            "saved_as": saved_as if saved_as != type(model).__name__ else None,
             "model_type": config.model_type, "n_layers": n_layers_of(config), "hidden_size": int(config.hidden_size),
             "vocab_size": int(model.get_input_embeddings().num_embeddings), "n_parameters": int(n_params),
             "memory_gb": n_params * bytes_per / 1e9}

@@ -163,7 +163,7 @@ def test_bad_input_shows_in_panel_not_traceback(gpt2_dir, workspace):
     assert "Bad input" in studio.extraction_panel.alert.value
 
 
-def test_model_and_dataset_tabs(gpt2_dir, workspace, minilm_dir):
+def test_model_and_dataset_tabs(gpt2_dir, workspace, minilm_dir, tmp_path):
     studio = make_studio(workspace, minilm_dir)
     picker = studio.model_picker
     assert picker.choice.value == "all-MiniLM-L6-v2 (bundled)" and picker.name_or_path() == minilm_dir
@@ -177,6 +177,15 @@ def test_model_and_dataset_tabs(gpt2_dir, workspace, minilm_dir):
     picker.choice.value = gpt2_dir
     picker.remember_folder()
     assert gpt2_dir in ms.ModelPicker(workspace_root=studio.workspace.root).choice.options
+    assert picker.inspect()["saved_as"] is None and "body" not in picker.info.value  # saved as what it runs
+    from transformers import AutoConfig, GPT2LMHeadModel
+
+    GPT2LMHeadModel(AutoConfig.from_pretrained(gpt2_dir)).save_pretrained(tmp_path / "with-head")
+    picker.choice.value = str(tmp_path / "with-head")  # a checkpoint with its LM head, as the Hub's are
+    details = picker.inspect()
+    assert details["architecture"] == "GPT2Model" and details["saved_as"] == "GPT2LMHeadModel"
+    assert "GPT2Model (gpt2; the body of the folder's GPT2LMHeadModel, which extraction runs)" in picker.info.value
+    picker.choice.value = gpt2_dir  # back to a folder with its tokenizer, for the preview below
 
     rows = studio.dataset_picker.show_preview()
     assert len(rows) == 10 and all(r["tokens"] > 0 for r in rows)

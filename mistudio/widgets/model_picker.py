@@ -325,7 +325,7 @@ class ModelPicker(W.VBox):
                 "<table class='mistudio-model-info'>"
                 f"<tr><td>model</td><td>{esc(model_label(name))}</td></tr>"
                 f"<tr><td>architecture</td><td>{esc(str(d['architecture']))} "
-                f"({esc(str(d['model_type']))})</td></tr>"
+                f"({esc(str(d['model_type']))}{body_of(d)})</td></tr>"
                 f"<tr><td>layers</td><td>{esc(d['n_layers'])}</td></tr>"
                 f"<tr><td>hidden size</td><td>{d['hidden_size']:,}</td></tr>"
                 f"<tr><td>parameters</td><td>{d['n_parameters']:,}</td></tr>"
@@ -337,3 +337,9 @@ class ModelPicker(W.VBox):
             except Exception:  # noqa: BLE001 - a broken observer must not hide the facts
                 pass
         return d
+
+
+def body_of(details: dict) -> str:
+    """Why the architecture shown is not the one the folder's config names: extraction runs the model's body."""
+    saved = details.get("saved_as")
+    return f"; the body of the folder's {esc(saved)}, which extraction runs" if saved else ""
