@@ -383,8 +383,8 @@ class Extraction:
         out, dtype = [], self.record.params.dtype or "float16"
         for hp, stats in self.record.statistics.items():
             if stats.n_out_of_range:
-                out.append(_past_range(hp, stats.n_out_of_range, f"{stats.count:,} values", dtype,
-                                       f"max |x| {stats.max_abs:.3g}"))
+                out.append(past_range(hp, stats.n_out_of_range, f"{stats.count:,} values", dtype,
+                                      f"max |x| {stats.max_abs:.3g}"))
             if stats.n_nan:
                 out.append(f"{hp}: {stats.n_nan:,} of {stats.count:,} values are NaN in the model's output")
         return out
@@ -397,18 +397,11 @@ class Extraction:
         for hp, stats in self.record.latent_statistics.items():
             info, point = self.record.latents[hp], f"{hp}.latents"
             if stats.dropped:
-                busy = info.width + math.ceil(stats.dropped / stats.rows_dropped)  # mean L0 of the rows cut
-                wider = min(info.d_sae, 16 * math.ceil(1.5 * busy / 16))
-                out.append(f"{point}: {stats.dropped:,} of {stats.active:,} firing latents "
-                           f"({stats.dropped / stats.active:.1%}) were dropped for want of width, on "
-                           f"{stats.rows_dropped:,} of {stats.rows:,} rows: the store keeps each token's {info.width} "
-                           "largest, so densities, means and co-firing count a latent only where it was among them "
-                           "(lower bounds for latents that fire small): "
-                           f"«pass latent_width={wider}» (up to the SAE's d_sae, {info.d_sae:,}) or a higher "
-                           "«latent_coverage»")
+                out.append(dropped_latents(point, stats.dropped, stats.active, stats.rows_dropped, stats.rows,
+                                           info.width, info.d_sae))
             if stats.n_out_of_range:
-                out.append(_past_range(point, stats.n_out_of_range, f"{stats.active - stats.dropped:,} stored latents",
-                                       dtype, f"max {stats.max:.3g}"))
+                out.append(past_range(point, stats.n_out_of_range, f"{stats.active - stats.dropped:,} stored latents",
+                                      dtype, f"max {stats.max:.3g}"))
             if stats.n_nan:
                 out.append(f"{point}: {stats.n_nan:,} latents are NaN in the SAE's output (not stored)")
         return out
@@ -768,7 +761,20 @@ class CommittedRows(CheckedArray):
         return rows
 
 
-def _past_range(point: str, n: int, of: str, dtype: str, largest: str) -> str:
+def dropped_latents(point: str, dropped: int, active: int, rows_dropped: int, rows: int, width: int, d_sae: int,
+                    where: str = "") -> str:
+    """The warning for ``dropped`` of ``active`` firing latents of ``point`` left out for want of ``width`` (on
+    ``rows_dropped`` of ``rows`` rows; ``where``: of what, when not the store), with a width that keeps them."""
+    busy = width + math.ceil(dropped / rows_dropped)  # mean L0 of the rows cut
+    wider = min(d_sae, 16 * math.ceil(1.5 * busy / 16))
+    return (f"{point}: {dropped:,} of {active:,} firing latents{where} ({dropped / active:.1%}) "
+            f"{'would be' if where else 'were'} dropped for want of width, on {rows_dropped:,} of {rows:,} rows: "
+            f"the store keeps each token's {width} largest, so densities, means and co-firing count a latent only "
+            "where it was among them (lower bounds for latents that fire small): "
+            f"«pass latent_width={wider}» (up to the SAE's d_sae, {d_sae:,}) or a higher «latent_coverage»")
+
+
+def past_range(point: str, n: int, of: str, dtype: str, largest: str) -> str:
     """The warning for ``n`` of ``of`` values of ``point`` stored as ±inf, past ``dtype``'s range, with the fix."""
     return (f"{point}: {n:,} of {of} were past {dtype}'s range and are stored as ±inf ({largest}): "
             "«pass dtype='bfloat16'» (or 'float32')")

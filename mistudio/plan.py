@@ -22,6 +22,7 @@ import numpy as np
 from .data import (ROLE_CODES, SKIP_REASONS, chat_template_of, check_source, dataset_bytes, plan_batches, plan_order,
                    report_line, special_ids, tokenize, window_positions, window_spans)
 from .engine import Latents, forward_batches
+from .extraction import dropped_latents
 from .fingerprints import check_same_model, fingerprint
 from .errors import InputError, counted, human_bytes, render
 from .listing import Folder, default_workspace
@@ -33,6 +34,7 @@ from .saes import SAE, check_applies, load_sae, other_model_warning
 from .specs import parse_layers
 from .storage.featfeed import snapshot_bytes
 from .storage.layout import StoreLayout, plan_layout
+from .storage.stats import LatentStats
 
 
 def check(request: Request, config=None) -> Request:
@@ -353,11 +355,12 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
         warnings.append(f"{skipped:,} of {report['n_rows_read']:,} rows {'gives' if skipped == 1 else 'give'} no "
                         f"sample: {why}")
     warnings += latent_notes
-    seconds, probed = _probe(plan, loaded) if probe else (None, {})
+    seconds, probed, latents_probed = _probe(plan, loaded, layout) if probe else (None, {}, {})
     if probed.get("n_out_of_range"):
         warnings.append(f"{probed['n_out_of_range']:,} of {probed['count']:,} probed values are past "
                         f"{request.dtype}'s range (max |x| {probed['max_abs']:.3g}) and would be stored as ±inf: "
                         "«pass dtype='bfloat16'» (or 'float32')")
+    warnings += _latent_warnings(request, latents_probed)
     result = {
         "samples": plan.n_samples, "windows": int(report["n_windows"]), "tokens": plan.n_tokens,
         "rows": plan.n_rows, "rows_read": int(report["n_rows_read"]), "skipped": dict(report["skipped"]),
@@ -418,24 +421,51 @@ def _latent_layout(plan: Plan, loaded) -> tuple[StoreLayout, list[str]]:
     return plan.with_latents(widths, saes), notes
 
 
-def _probe(plan: Plan, loaded) -> tuple[float, dict]:
+def _probe(plan: Plan, loaded, layout: StoreLayout) -> tuple[float, dict, dict[str, dict]]:
     """Load the model, time batches for about PROBE_SECONDS (longest first: a cautious rate), extrapolate; also
-    what the probed values hold (counts of values past the storage dtype's range)."""
+    what the probed values hold (counts of values past the storage dtype's range) and, per SAE applied at the
+    width ``layout`` gives its latents, what its latents did (:class:`~.storage.stats.LatentStats`)."""
     request = plan.request
     if request.batch_size == "auto":
         request = request.model_copy(update={"batch_size": AUTO_GUESS})
     ids, offsets = plan.tokens["input_ids"], plan.tokens["sample_offsets"]
+    saes = load_saes(request, loaded.input_device)
+    latents = {p: Latents(sae, layout.array(f"latents/{p}/indices").shape[1], "int32") for p, sae in saes.items()}
+    latent_seen = {f"{p}.latents": {**LatentStats.empty(), "width": held.width, "d_sae": held.sae.d_sae}
+                   for p, held in latents.items()}
     done, started, seen = 0, time.perf_counter(), {"count": 0, "n_out_of_range": 0, "max_abs": 0.0}
-    for first, stop, _rows, stats in forward_batches(loaded, ids, offsets, request, 0, plan.n_samples):
+    for first, stop, _rows, stats in forward_batches(loaded, ids, offsets, request, 0, plan.n_samples,
+                                                     latents=latents):
         done += int(offsets[stop] - offsets[first])
         for key, acc in stats.items():
             if key in request.hook_points:
                 seen = {"count": seen["count"] + acc["count"], "n_out_of_range": seen["n_out_of_range"]
                         + acc["n_out_of_range"], "max_abs": max(seen["max_abs"], acc["max_abs"])}
+            elif key in latent_seen:
+                LatentStats.merge(latent_seen[key], acc)
         if time.perf_counter() - started > PROBE_SECONDS:
             break
     elapsed = time.perf_counter() - started
-    return float(elapsed * offsets[-1] / max(1, done)), seen
+    return float(elapsed * offsets[-1] / max(1, done)), seen, latent_seen
+
+
+def _latent_warnings(request: Request, probed: dict[str, dict]) -> list[str]:
+    """What the probe saw each SAE's latents do that the store would lose (``probed``: :func:`_probe`'s): latents
+    dropped for want of width, values past the storage dtype's range, NaN; the store's own
+    :meth:`~.Extraction.latent_warnings`, ahead of the run."""
+    out = []
+    for point, stats in probed.items():
+        if stats["dropped"]:
+            out.append(dropped_latents(point, stats["dropped"], stats["active"], stats["rows_dropped"], stats["rows"],
+                                       stats["width"], stats["d_sae"], where=" on the probed batches"))
+        if stats["n_out_of_range"]:
+            out.append(f"{point}: {stats['n_out_of_range']:,} of {stats['active'] - stats['dropped']:,} probed "
+                       f"latents are past {request.dtype}'s range (max {stats['max']:.3g}) and would be stored as "
+                       "±inf: «pass dtype='bfloat16'» (or 'float32')")
+        if stats["n_nan"]:
+            out.append(f"{point}: {stats['n_nan']:,} probed latents are NaN in the SAE's output (they would not be "
+                       "stored)")
+    return out
 
 
 def _over_budget(lengths: np.ndarray, budget: int) -> str:

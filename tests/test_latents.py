@@ -139,6 +139,12 @@ def test_latents_dropped_for_want_of_width_are_warned_with_the_fix(gpt2_dir, wor
                       **LAYOUT)
     assert wide.record.latent_statistics[HP].dropped == 0 and wide.warnings() == []
     assert feature_page(wide, f"{HP}.latents", 0, n_token_means=0, logits=False)["caveats"] == []
+    ahead = ms.estimate(gpt2_dir, "sample", saes=sae, latent_width=4, probe=True, workspace=workspace, **LAYOUT)
+    said = [w for w in ahead["warnings"] if "dropped" in w]  # the probe says so before the run
+    assert len(said) == 1 and "on the probed batches" in said[0] and "would be dropped" in said[0], ahead["warnings"]
+    assert "4 largest" in said[0] and "latent_width=" in said[0] and f"{HP}.latents" in said[0], said
+    assert not [w for w in ms.estimate(gpt2_dir, "sample", saes=sae, latent_width=D_SAE, probe=True,
+                                       workspace=workspace, **LAYOUT)["warnings"] if "dropped" in w]
 
 
 def make_loud_sae(folder) -> None:
@@ -180,6 +186,12 @@ def test_latents_past_the_storage_range_are_counted_and_warned(gpt2_dir, workspa
     safe = ms.extract(gpt2_dir, "sample", saes=sae, workspace=workspace, progress=False,
                       **{**options, "dtype": "bfloat16"})
     assert safe.record.latent_statistics[HP].n_out_of_range == 0 and safe.warnings() == []
+    ahead = ms.estimate(gpt2_dir, "sample", saes=sae, probe=True, workspace=workspace, **options)["warnings"]
+    said = [w for w in ahead if "latents are past" in w]  # the probe says so before the run
+    assert len(said) == 1 and f"{HP}.latents" in said[0] and "float16's range" in said[0], ahead
+    assert "dtype='bfloat16'" in said[0], said
+    assert not [w for w in ms.estimate(gpt2_dir, "sample", saes=sae, probe=True, workspace=workspace,
+                                       **{**options, "dtype": "bfloat16"})["warnings"] if "past" in w]
 
 
 def test_latents_out_of_range_of_a_stopped_run_resume_to_the_clean_count(gpt2_dir, tmp_path):

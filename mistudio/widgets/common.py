@@ -269,6 +269,8 @@ STYLE = """
 .mistudio-panel { min-width: 0; }
 .mistudio-panel .widget-hbox, .mistudio-panel .jupyter-widget-hbox { flex-wrap: wrap; row-gap: 4px; }
 .mistudio-panel .jupyter-button { flex: 0 0 auto; max-width: 100%; }
+.mistudio-panel .widget-dropdown > select, .mistudio-panel .jupyter-widget-dropdown > select { padding-right: 24px;
+  text-overflow: ellipsis; }
 .mistudio-panel .widget-html-content, .mistudio-panel .jupyter-widget-html-content { min-width: 0;
   line-height: 1.45; }
 .mistudio-panel .mistudio-line { white-space: normal; overflow-wrap: anywhere; line-height: 1.4; }
