@@ -56,6 +56,20 @@ def test_architectures_learn(store, tmp_path, architecture):
     assert figures["mse"] == pytest.approx(last["mse"], rel=0.4)
 
 
+def test_a_short_last_step_is_scored_with_the_step_before(store, tmp_path):
+    """n_tokens is exact, so the last step may hold a few rows: its figures (the run's final ones, saved in cfg.json
+    and shown beside the run) count the full step before it too, not one row whose variance is 0 (EV -4e31)."""
+    config = small("standard", 20, n_tokens=256 * 20 + 1, progress_every_steps=1)
+    result = train_sae(store, HP, config, tmp_path)
+    before, last = result.history[-2], result.history[-1]
+    assert last["step"] == 21 and last["tokens"] == 256 * 20 + 1
+    assert abs(last["explained_variance"] - before["explained_variance"]) < 0.05, (before, last)
+    assert last["l0"] == pytest.approx(before["l0"], rel=0.1) and last["mse"] == pytest.approx(before["mse"], rel=0.1)
+    assert result.sae.metadata["l0"] == last["l0"] and result.metrics == last
+    alone = train_sae(store, HP, small("standard", 1, n_tokens=1), tmp_path / "one")  # one row: no variance
+    assert alone.history[-1]["explained_variance"] is None and alone.history[-1]["l0"] >= 0
+
+
 def test_dead_latents_are_counted_in_a_short_run_and_auxk_revives_them(store, tmp_path):
     """The dead window defaults to a quarter of the run (at most 1,000,000 tokens): a short run counts its dead
     latents (not 0 because the window is longer than the run), AuxK works on them, and cfg.json says how many.

@@ -640,11 +640,14 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
                 "sae": {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "epoch_state": it.state_dict(),
                 "since_fired": since_fired.cpu().clone(), "history": history, "elapsed_s": elapsed,
+                "step_sums": previous.cpu().clone() if previous is not None else None,
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}}
 
     started, mark_time, mark_tokens = time.monotonic(), time.monotonic(), tokens
     elapsed_before = elapsed
+    previous = None if saved is None or saved.get("step_sums") is None else saved["step_sums"].to(device)
+    # previous: the last step's reconstruction sums (_step_sums); a short last step is scored with them
     report_every = config.progress_interval(total_steps)
     while step < total_steps:
         try:
@@ -679,16 +682,20 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
             since_fired[fired] = 0
         step += 1
         tokens += x.shape[0]
+        sums = _step_sums(result, x)
         if step % report_every == 0 or step == total_steps:
             now = time.monotonic()
             rate = (tokens - mark_tokens) / max(now - mark_time, 1e-9)
             mark_time, mark_tokens = now, tokens
             elapsed = elapsed_before + now - started
-            figures = _figures(result, x, scale, since_fired, plan, step, tokens, coefficient, optimizer, rate,
+            if x.shape[0] < config.batch_size and previous is not None:  # the short last step: not alone
+                sums = sums + previous
+            figures = _figures(result, sums, scale, since_fired, plan, step, tokens, coefficient, optimizer, rate,
                                elapsed, it.epoch)
             history.append(figures)
             if progress is not None:
                 progress(figures)
+        previous = sums
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < total_steps:
             elapsed = elapsed_before + time.monotonic() - started
             _save_checkpoint(state_path, snapshot())
@@ -713,19 +720,30 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
 
 
 @torch.no_grad()
-def _figures(result: _StepOut, x: Tensor, scale: float | None, since_fired: Tensor, plan: TrainingPlan, step: int,
-             tokens: int, coefficient: float, optimizer, rate: float, elapsed: float, epoch: int) -> dict:
-    """A step's live figures. ``dead_fraction`` is None until the run has trained on ``dead_window`` tokens:
-    before that no latent can be counted dead, and 0 would read as "none are"."""
+def _step_sums(result: _StepOut, x: Tensor) -> Tensor:
+    """A step's reconstruction sums, where they are (no host sync): squared error, squared deviation from the
+    batch's mean, latents fired, rows."""
+    with torch.no_grad():
+        return torch.stack([(result.out - x).pow(2).sum(), (x - x.mean(0)).pow(2).sum(),
+                            (result.acts > 0).sum().to(x.dtype), torch.tensor(float(x.shape[0]), device=x.device,
+                                                                               dtype=x.dtype)]).double()
+
+
+def _figures(result: _StepOut, sums: Tensor, scale: float | None, since_fired: Tensor, plan: TrainingPlan,
+             step: int, tokens: int, coefficient: float, optimizer, rate: float, elapsed: float, epoch: int) -> dict:
+    """A step's live figures; mse, l0 and explained variance from ``sums`` (:func:`_step_sums`: the step's, or
+    for a last step shorter than a batch, its and the step before's together, so a leftover of a few rows is not
+    scored alone; explained variance None where the rows do not vary, as one row does not).
+    ``dead_fraction`` is None until the run has trained on ``dead_window`` tokens: before that no latent can be
+    counted dead, and 0 would read as "none are"."""
     total_steps, total_tokens = plan.total_steps, plan.total_tokens
-    err = (result.out - x).pow(2).sum(dim=-1)
-    variance = (x - x.mean(0)).pow(2).sum(dim=-1)
+    err, variance, fired, rows = (float(v) for v in sums.cpu())
+    width = result.out.shape[-1]
     factor = (scale or 1.0) ** 2
     return {"step": step, "total_steps": total_steps, "tokens": tokens, "total_tokens": total_tokens,
-            "epoch": int(epoch), "loss": float(result.loss), "mse_loss": float(result.mse_loss),
-            "sparsity_loss": float(result.sparsity_loss), "mse": float(err.mean()) / x.shape[-1] / factor,
-            "l0": float((result.acts > 0).sum(dim=-1).float().mean()),
-            "explained_variance": 1.0 - float(err.mean()) / max(float(variance.mean()), 1e-30),
+            "epoch": int(epoch), "loss": float(result.loss.detach()),
+            "mse_loss": float(result.mse_loss.detach()), "sparsity_loss": float(result.sparsity_loss.detach()), "mse": err / rows / width / factor, "l0": fired / rows,
+            "explained_variance": 1.0 - err / variance if variance > 1e-30 * rows else None,
             "dead_fraction": float((since_fired > plan.dead_window).float().mean()) if tokens > plan.dead_window
             else None, "dead_window": plan.dead_window,
             "coefficient": coefficient, "lr": float(optimizer.param_groups[0]["lr"]), "tokens_per_s": rate,
