@@ -290,7 +290,20 @@ def test_loss_recovered_is_undefined_where_zeroing_does_not_hurt(store, gpt2_dir
     figures = evaluate_sae(identity_sae(32, HP), store, HP, model=gpt2_dir, n_samples=4)
     assert figures["ce_zero_ablation"] < figures["ce_clean"]
     assert figures["ce_loss_score"] is None
-    assert figures["ce_loss_note"].startswith("zeroing the hook point does not raise the loss here (")
+    assert figures["ce_loss_note"].startswith("zeroing the hook point does not raise the loss here, or by less")
+
+
+def test_loss_recovered_needs_a_real_rise_from_zero_ablation():
+    """An untrained model whose loss rose 0.0005 nats when the hook point was zeroed printed 1,016% "recovered":
+    a rise under 0.1% of the loss gives no score, with the note; a real rise gives the ratio, below 0 or above 1
+    included (an SAE worse than zeroing is worth knowing)."""
+    from mistudio.analysis.sae_training import loss_recovered
+
+    untrained = loss_recovered(clean=5.99093, spliced=5.98600, zero=5.99146)
+    assert untrained["ce_loss_score"] is None and "by less than 0.1%" in untrained["ce_loss_note"]
+    assert loss_recovered(3.0, 3.5, 4.0) == {"ce_loss_score": 0.5}
+    assert loss_recovered(3.0, 4.5, 4.0)["ce_loss_score"] == pytest.approx(-0.5)
+    assert loss_recovered(3.0, 3.0, 2.9)["ce_loss_score"] is None  # zeroing lowers the loss
 
 
 def test_evaluate_splices_the_hook_point(store, trained_lm):

@@ -859,6 +859,9 @@ def _replace_output(output, new: Tensor):
     return output
 
 
+ABLATION_RISE = 1e-3  # "loss recovered" needs zero-ablation to raise the loss by more than this share of it
+
+
 def _spliced_losses(sae: SAE, ext: "Extraction", hook_point: str, model, n_samples: int,
                     check: Callable[[], None]) -> dict:
     from ..models import find_blocks, max_positions_of, n_layers_of
@@ -905,10 +908,19 @@ def _spliced_losses(sae: SAE, ext: "Extraction", hook_point: str, model, n_sampl
     finally:
         handle.remove()
     clean, spliced, zero = (totals[k] / count for k in ("clean", "spliced", "zero"))
-    scores = {"ce_loss_score": (zero - spliced) / (zero - clean)} if zero > clean else {
-        "ce_loss_score": None,  # a ratio over a zero or negative loss increase: any number would mislead
-        "ce_loss_note": f"zeroing the hook point does not raise the loss here ({zero:.4g} against {clean:.4g} "
-                        "clean; an untrained model, or a hook point the model does not need): loss recovered is "
-                        "undefined. Judge the SAE by the spliced loss against the clean one"}
     return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero, "ce_delta": spliced - clean,
-            **scores, "kl_div": totals["kl"] / count, "ce_tokens": count, "ce_samples": len(spans)}
+            **loss_recovered(clean, spliced, zero), "kl_div": totals["kl"] / count, "ce_tokens": count,
+            "ce_samples": len(spans)}
+
+
+def loss_recovered(clean: float, spliced: float, zero: float) -> dict:
+    """``{"ce_loss_score": (zero - spliced) / (zero - clean)}``, or None with ``ce_loss_note`` saying why where
+    zero-ablation raises the loss by less than :data:`ABLATION_RISE` of it: a ratio over a rise of about nothing
+    (an untrained model's 0.0005 nats gave 1,016% "recovered") would mislead, whatever its value."""
+    if zero - clean > ABLATION_RISE * clean:
+        return {"ce_loss_score": (zero - spliced) / (zero - clean)}
+    return {"ce_loss_score": None,
+            "ce_loss_note": f"zeroing the hook point does not raise the loss here, or by less than "
+                            f"{ABLATION_RISE:.1%} of it ({zero:.4g} against {clean:.4g} clean; an untrained model, or "
+                            "a hook point the model does not need): loss recovered is undefined. Judge the SAE by the "
+                            "spliced loss against the clean one"}
