@@ -7,6 +7,7 @@ replaced under the job fails it instead of being recreated) and sent to the job'
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import sys
@@ -75,6 +76,8 @@ class ModelCache:
 _RUNNERS: "weakref.WeakSet[Runner]" = weakref.WeakSet()
 _AT_EXIT = threading.Lock()
 _registered = False
+if hasattr(os, "register_at_fork"):  # a forked child (a DataLoader worker made while a job ran) has the parent's
+    os.register_at_fork(after_in_child=_RUNNERS.clear)  # runners but not their threads: none of its jobs run there
 
 
 def _at_exit() -> None:
@@ -82,7 +85,7 @@ def _at_exit() -> None:
     for (Python's convention for background work: what ``concurrent.futures`` does), said on one line; Ctrl-C
     cancels them cleanly and says how to resume. In a Jupyter kernel (shut down or restarted) they are stopped
     at once, with what they computed committed, and end FAILED/INTERRUPTED (the Studio's restart banner offers to
-    resume them) instead of being killed mid-write."""
+    resume them) instead of being killed mid-write. A forked child waits only for jobs it started itself."""
     jobs = _live_jobs()
     if not jobs:
         return

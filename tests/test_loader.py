@@ -78,6 +78,24 @@ def test_every_token_once_per_epoch(store, mode, exclude_special):
     assert (got["store"] == 0).all() and batches[0][HPS[0]].dtype == torch.float32
 
 
+def test_workers_forked_while_a_job_runs_leave_it_alone(store, gpt2_dir, tmp_path, capfd):
+    """DataLoader workers forked while an extraction runs in this process inherit its runner but not its thread:
+    at their exit they must not wait for that job (torch's 5 s join timeout a worker, every epoch) nor tell the
+    user to press Ctrl-C to cancel it."""
+    ext, ref, _ = store
+    hook, reached, release = gate(1)
+    job = ms.Workspace(tmp_path / "ws").submit(gpt2_dir, texts(0, 40), batch_size=4, before_batch=hook,
+                                               **{k: v for k, v in ARGS.items() if k != "progress"})
+    try:
+        assert reached.wait(60), job.error
+        got = drain(ext.loader(HPS, batch_size=256, seed=1, with_index=True, num_workers=2))
+    finally:
+        release.set()
+    assert_once(got, ref, np.arange(ext.n_tokens))
+    assert job.wait(120).status == "COMPLETED", job.error
+    assert "waiting for" not in capfd.readouterr().err
+
+
 def test_workers_split_the_chunks(store):
     ext, _, _ = store
     loader = ext.loader(HPS[0], batch_size=128, with_index=True, buffer_tokens=128)
