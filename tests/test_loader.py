@@ -306,6 +306,14 @@ def test_a_state_records_what_its_rows_are(store):
     got = drain(resumed)
     for key in rest:
         np.testing.assert_array_equal(got[key], rest[key])
+    for made, into, needle in [(0, 2, "taken by a loader made with num_workers=0 .*, this is a loader made with "
+                                         "num_workers=2 .*: resume with the num_workers it was taken with"),
+                               (2, 0, "taken by a loader made with num_workers=2"), (2, 3, "num_workers=3")]:
+        taken = iter(ext.loader(HPS, num_workers=made, **kw)) if made else iter(ext.loader(HPS, **kw))
+        with pytest.raises(ms.InputError, match=needle):  # num_workers named, not a field of the state
+            iter(ext.loader(HPS, num_workers=into, **kw) if into else ext.loader(HPS, **kw)).load_state_dict(
+                taken.state_dict())
+        getattr(taken, "close", lambda: None)()
     del old["settings"]["seed"]  # the older states' other settings are still all there
     with pytest.raises(ms.InputError, match="not a dict with keys"):
         iter(ext.loader(HPS, **kw)).load_state_dict(old)

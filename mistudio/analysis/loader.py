@@ -1009,6 +1009,10 @@ def check_state(state: Any, loader: ActivationLoader, expected: dict, n_batches)
         if key in ("hook_points", "normalize", "dtype"):
             raise fail(f"it was taken with «{key}={_short(got)}», this loader has {key}={value!r} (its batches "
                        f"would hold other values): make the loader with «{key}={_short(got)}»")
+        if key in ("worker", "n_workers"):
+            raise fail(f"it was taken by {_reader(settings['worker'], settings['n_workers'])}, this is "
+                       f"{_reader(expected['worker'], expected['n_workers'])}: resume with the num_workers it was "
+                       "taken with")
         if type(got) is not type(value) or type(value) is list:
             raise fail(f"state['settings']['{key}'] is {_short(got)}, this loader has {key}={value!r}" + (
                 " (lanes and their rows follow from buffer_tokens, run_mb and the stores' chunks: make the loader "
@@ -1016,10 +1020,6 @@ def check_state(state: Any, loader: ActivationLoader, expected: dict, n_batches)
         if key in ("lanes", "slot_rows"):
             raise fail(f"it was taken with {key}={got}, this loader has {key}={value} (they follow from "
                        "«buffer_tokens» and «run_mb»: make the loader with those the state was taken with)")
-        if key in ("worker", "n_workers"):
-            raise fail(f"it was taken by worker {settings['worker']} of {settings['n_workers']}, this iterator is "
-                       f"worker {expected['worker']} of {expected['n_workers']} (None: all of them, "
-                       f"«num_workers={expected['n_workers']}»)")
         raise fail(f"it was taken with «{key}={got!r}», this loader has {key}={value!r}: make the loader with "
                    f"«{key}={got!r}»")
     epoch, batches = state["epoch"], state["batches"]
@@ -1031,6 +1031,15 @@ def check_state(state: Any, loader: ActivationLoader, expected: dict, n_batches)
     if batches > total:
         raise fail(f"state['batches'] is {batches}, but epoch {epoch} has {total} batches here")
     return int(epoch), int(batches)
+
+
+def _reader(worker: Any, n_workers: Any) -> str:
+    """Who reads an epoch, as a state records it (``worker`` None: all of a loader's ``num_workers`` together)."""
+    if worker is None:
+        return f"a loader made with num_workers={n_workers!r} (its workers together)"
+    if n_workers == 1:
+        return "a loader made with num_workers=0 (in one process)"
+    return f"worker {worker!r} of {n_workers!r} of a torch DataLoader"
 
 
 def _same(got: Any, want: Any) -> bool:
