@@ -64,7 +64,9 @@ ENCODER_TYPES = frozenset(t for t, paths in FAMILIES.items() if paths[0] == "enc
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _PAIRS = (("d_sae", "expansion_factor"), ("n_tokens", "epochs"))  # give one of each pair
 # what decides the tokens an extraction reads and the values its model gives them: extracting with an SAE repeats them
-SAME_DATA = tuple(p.name for p in params() if p.group == "data" and p.name != "dataset") + ("model_dtype",)
+# What extracting with a run's SAE repeats of its extraction: every setting that shaped the tokens, the model's dtype,
+# and the storage dtype (a bfloat16 store chosen for activations past float16's range stays bfloat16).
+SAME_DATA = tuple(p.name for p in params() if p.group == "data" and p.name != "dataset") + ("model_dtype", "dtype")
 OF_THE_DATASET = ("text_column", "encoding", "max_samples")  # about the dataset itself: not carried to another one
 
 
@@ -367,7 +369,8 @@ class TrainingJob(Handle):
         """Arguments for ``ws.submit`` (or the Extract tab's form) that extract with this run's SAE: the SAE at its
         hook point, the extraction's model (and revision) and dataset, every setting that shaped the tokens it read
         and their values (``window``, ``stride``, ``max_length``, ``add_special_tokens``, ``chat_template``,
-        ``model_dtype`` ...: :data:`SAME_DATA`, recorded with the run, so known when the extraction is gone), the hook
+        ``model_dtype``, the storage ``dtype`` ...: :data:`SAME_DATA`, recorded with the run, so known when the
+        extraction is gone), the hook
         point's layer and kind. With another ``dataset``, the first's ``text_column``, ``encoding`` and
         ``max_samples`` are left out (they describe that dataset).
         ``dataset`` replaces the extraction's; it is needed when that one cannot be named again (an in-memory list

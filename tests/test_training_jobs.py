@@ -259,6 +259,7 @@ def test_extract_arguments_build_a_request_with_the_sae(ext, tmp_path, gpt2_dir)
     arguments = job.extract_arguments()
     same_data = {name: ext.record.params.model_dump()[name] for name in SAME_DATA}
     assert same_data["max_samples"] == 80 and same_data["text_column"] == "text"
+    assert same_data["dtype"] == "float32"  # the store's, not the float16 a new request would take
     assert arguments == {"saes": {"layers.1.mlp": str(job.sae_path)}, "model": gpt2_dir, "layers": [1],
                          "hooks": ["mlp"], "dataset": "sample", **same_data}
     request = Request.build(**arguments)
