@@ -56,6 +56,19 @@ def test_architectures_learn(store, tmp_path, architecture):
     assert figures["mse"] == pytest.approx(last["mse"], rel=0.4)
 
 
+def test_the_rate_is_taken_over_seconds_not_over_one_report(store, tmp_path):
+    """tokens/s (and so the ETA) over the last RATE_WINDOW_S of training, not over the last report's few steps (a
+    few ms on a small SAE, where one scheduler hiccup swung the ETA from 13 s to 11 min): in a run shorter than
+    the window, every report's rate is the run's own, tokens / elapsed."""
+    from mistudio.analysis.sae_training import RATE_WINDOW_S
+
+    result = train_sae(store, HP, small("topk", 30, progress_every_steps=1), tmp_path)
+    early = [h for h in result.history if h["elapsed_s"] < RATE_WINDOW_S]
+    assert len(early) > 10
+    for h in early:
+        assert h["tokens_per_s"] * h["elapsed_s"] == pytest.approx(h["tokens"], rel=1e-6), h
+
+
 def test_a_short_last_step_is_scored_with_the_step_before(store, tmp_path):
     """n_tokens is exact, so the last step may hold a few rows: its figures (the run's final ones, saved in cfg.json
     and shown beside the run) count the full step before it too, not one row whose variance is 0 (EV -4e31)."""

@@ -16,6 +16,7 @@ exactly where the first stopped (bit for bit on the CPU).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import math
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 TRAIN_ARCHITECTURES = ("topk", "standard", "jumprelu")
 CHECKPOINT_DIR, CHECKPOINT_FILE, SAE_DIR = "checkpoint", "state.pt", "sae"
+RATE_WINDOW_S = 10.0  # tokens/s (and the ETA) over the last 10 s of training: one slow step a report moves neither
 CHECKPOINT_FORMAT = 1
 # fields that may change between a run and its resumption: they do not change what is computed
 RUNTIME_FIELDS = ("checkpoint_every_steps", "progress_every_steps", "device")
@@ -644,7 +646,8 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}}
 
-    started, mark_time, mark_tokens = time.monotonic(), time.monotonic(), tokens
+    started = time.monotonic()
+    marks = collections.deque([(started, tokens)])  # (time, tokens) at each report of the last RATE_WINDOW_S
     elapsed_before = elapsed
     previous = None if saved is None or saved.get("step_sums") is None else saved["step_sums"].to(device)
     # previous: the last step's reconstruction sums (_step_sums); a short last step is scored with them
@@ -685,8 +688,10 @@ def train_sae(ext: "Extraction", hook_point: str, config: TrainConfig | None = N
         sums = _step_sums(result, x)
         if step % report_every == 0 or step == total_steps:
             now = time.monotonic()
-            rate = (tokens - mark_tokens) / max(now - mark_time, 1e-9)
-            mark_time, mark_tokens = now, tokens
+            while len(marks) > 1 and now - marks[1][0] >= RATE_WINDOW_S:
+                marks.popleft()  # the oldest mark kept is at least RATE_WINDOW_S old, once the run is that old
+            rate = (tokens - marks[0][1]) / max(now - marks[0][0], 1e-9)
+            marks.append((now, tokens))
             elapsed = elapsed_before + now - started
             if x.shape[0] < config.batch_size and previous is not None:  # the short last step: not alone
                 sums = sums + previous
