@@ -73,6 +73,8 @@ def test_launch_watch_live_plot_evaluation_and_extract_with_the_sae(ext, root, g
     assert progress == sorted(progress) and panel.progress.value == panel.progress.max == 150
     assert "explained variance" in panel.metrics.value and "L0" in panel.metrics.value
     assert "next-token loss" in panel.evaluation.value and "loss recovered" in panel.evaluation.value
+    said = f"over {job.evaluation['ce_tokens']:,} tokens of {job.evaluation['ce_samples']:,} samples"
+    assert said in panel.evaluation.value  # the losses' own tokens, not the stored tokens the header counts
     # the random model: zeroing its hook point makes its guesses uniform, lowering the loss, and the tab says why
     # there is no "loss recovered" (a number there would mean nothing)
     assert (job.evaluation["ce_loss_score"] is None) == ("does not raise the loss here" in panel.evaluation.value)

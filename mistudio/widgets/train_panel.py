@@ -485,7 +485,9 @@ class TrainPanel(W.VBox):
         rows = [("explained variance", evaluation.get("explained_variance")), ("L0", evaluation.get("l0")),
                 ("dead fraction", evaluation.get("dead_fraction")), ("MSE per element", evaluation.get("mse"))]
         if "ce_clean" in evaluation:
-            rows += [("next-token loss, clean", evaluation.get("ce_clean")),
+            over = (f" (over {evaluation['ce_tokens']:,} tokens of {evaluation['ce_samples']:,} samples)"
+                    if evaluation.get("ce_tokens") and evaluation.get("ce_samples") else "")
+            rows += [(f"next-token loss{over}, clean", evaluation.get("ce_clean")),
                      ("… with the SAE spliced in", evaluation.get("ce_spliced")),
                      ("… with the hook point zeroed", evaluation.get("ce_zero_ablation")),
                      ("loss recovered", evaluation.get("ce_loss_score")), ("KL divergence", evaluation.get("kl_div"))]
