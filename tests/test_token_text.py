@@ -233,6 +233,19 @@ def test_running_text_joins_a_character_split_over_pieces(split_store):
     assert cut_end == ([" caf", "", "\ufffd"], ["␣caf", "<0xE6>", "<0x9D>"])  # as decoding reads; no "part of '�'"
 
 
+def test_top_tokens_read_a_character_cut_by_their_window_as_the_whole_text_does(split_store):
+    """Browse's top tokens show a few pieces around each token: a character whose bytes straddle the window's edge
+    reads as in the whole text (its rest outside, or nothing), never as '�'; one per document keeps each row once."""
+    from mistudio.analysis import plots
+
+    every = plots.top_tokens(split_store, HP, 0, k=40, context=1)
+    assert len(every) == 40 and len({t["row"] for t in every}) < 40  # 4 copies of one text: rows repeat
+    assert not [t["pieces"] for t in every if "\ufffd" in "".join(t["pieces"])]
+    once = plots.top_tokens(split_store, HP, 0, k=40, context=1, one_per_document=True)
+    assert [t["row"] for t in once] == sorted({t["row"] for t in once}, key=[t["row"] for t in once].index)
+    assert len({t["row"] for t in once}) == len(once) and once[0] == every[0]
+
+
 def test_feature_view_reads_split_characters_as_decoded(split_store):
     view = feature_view(split_store, HP, 0, context=40)  # whole rows: each holds every split word
     html_text = feature_view_html(view).split("Highest mean activation")[0]  # the examples (running text)

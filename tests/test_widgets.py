@@ -63,6 +63,15 @@ def test_launch_progress_complete_browse(gpt2_dir, workspace):
         assert image.value[:8] == b"\x89PNG\r\n\x1a\n", name
     assert browser.top_table.value.count("<tr>") == 16  # header + top 15
     assert "Plotted layers.2.residual" in browser.info.value
+    ext, rows = browser.ext, browser.ext.sample_index
+    listed = [int(r) for r in re.findall(r"<tr><td[^>]*>[^<]*</td><td[^>]*>([\d,]+)</td>", browser.top_table.value)]
+    assert len(set(listed)) == len(listed) == 15 and "(one per document or context)" in browser.top_table.value
+    browser.one_per_document.value = False  # every token: the same top list the feature column gives
+    browser.plot_button.click()
+    column = np.asarray(ext.activations("layers.2.residual")[:, 5], np.float64)
+    top = np.lexsort((np.arange(len(column)), -column))[:15]
+    assert [int(r) for r in re.findall(r"<tr><td[^>]*>[^<]*</td><td[^>]*>([\d,]+)</td>", browser.top_table.value)] \
+        == [int(rows[np.searchsorted(ext.sample_offsets, ext.token_index(int(t)), side="right") - 1]) for t in top]
 
 
 def launch_then_cancel(workspace: str, gpt2_dir: str):

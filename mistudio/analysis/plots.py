@@ -206,35 +206,45 @@ def histogram_from_counts(counts: np.ndarray, edges: np.ndarray, title: str) -> 
 
 
 def top_tokens(ext: "Extraction", hook_point: str, feature: int, k: int = 15, context: int = 4,
-               max_tokens: int = DEFAULT_SCAN_TOKENS, values: np.ndarray | None = None) -> list[dict]:
+               max_tokens: int = DEFAULT_SCAN_TOKENS, values: np.ndarray | None = None,
+               one_per_document: bool = False) -> list[dict]:
     """The ``k`` tokens where ``feature`` is largest, with dataset row, position and context (``values``: a
     column already read, activation rows set to NaN are left out): ``context`` the pieces' labels with the token
-    in ``[[ ]]`` (a plot's tick label), ``pieces`` the same window as running text (:func:`display_pieces`) with the
-    token at ``peak``."""
+    in ``[[ ]]`` (a plot's tick label), ``pieces`` the same window as running text (:func:`display_pieces`, read
+    with the pieces around it, so that a character cut at the window's edge reads as in the whole text) with the
+    token at ``peak``. ``one_per_document``: each document's largest value only, and a context already listed
+    (the same words in another document) once."""
     values = feature_column(ext, hook_point, feature, max_tokens) if values is None else values
     values = np.where(np.isnan(values), -np.inf, values)
-    k = min(k, len(values))
-    best = np.argpartition(-values, k - 1)[:k] if k else np.zeros(0, int)
-    best = best[np.argsort(-values[best])]
-    best = best[np.isfinite(values[best])]
     offsets, rows = ext.sample_offsets, ext.sample_index
     ids = ext.store.group["tokens/input_ids"]
     scheme = tokenizer_scheme(ext.tokenizer)
-    out = []
-    for best_row in best:
-        token_index = ext.token_index(int(best_row))  # activation row -> token
-        pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
-        start, stop = int(offsets[pos]), int(offsets[pos + 1])
-        lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
-        window_ids = ids[lo:hi]
-        window = _labels(ext, window_ids)
-        at = int(token_index) - lo
-        out.append({"value": float(values[best_row]), "row": int(rows[pos]), "position": int(token_index) - start,
-                    "token": window[at],
-                    "context": " ".join(t if i != at else f"[[{t}]]" for i, t in enumerate(window)),
-                    "pieces": display_pieces(ext.tokenizer.convert_ids_to_tokens([int(i) for i in window_ids]),
-                                             scheme),
-                    "peak": at})
+    out, documents, contexts = [], set(), set()
+    for fetch in ([4 * k, len(values)] if one_per_document else [k]):  # room for repeats, then all if needed
+        fetch = min(fetch, len(values))
+        best = np.argpartition(-values, fetch - 1)[:fetch] if fetch else np.zeros(0, int)
+        best = best[np.lexsort((best, -values[best]))]  # ties: the earlier row first
+        best = best[np.isfinite(values[best])]
+        out, documents, contexts = [], set(), set()
+        for best_row in best:
+            token_index = ext.token_index(int(best_row))  # activation row -> token
+            pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
+            start, stop = int(offsets[pos]), int(offsets[pos + 1])
+            lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
+            window = _labels(ext, ids[lo:hi])
+            at = int(token_index) - lo
+            shown = " ".join(t if i != at else f"[[{t}]]" for i, t in enumerate(window))
+            if one_per_document and (int(rows[pos]) in documents or shown in contexts):
+                continue
+            documents.add(int(rows[pos]))
+            contexts.add(shown)
+            wide_lo, wide_hi = max(start, lo - 3), min(stop, hi + 3)  # a character's other bytes: 3 at most
+            pieces = display_pieces(ext.tokenizer.convert_ids_to_tokens([int(i) for i in ids[wide_lo:wide_hi]]),
+                                    scheme)[lo - wide_lo:hi - wide_lo]
+            out.append({"value": float(values[best_row]), "row": int(rows[pos]), "position": int(token_index) - start,
+                        "token": window[at], "context": shown, "pieces": pieces, "peak": at})
+            if len(out) == k:
+                return out
     return out
 
 

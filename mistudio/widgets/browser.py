@@ -265,7 +265,8 @@ class ActivationBrowser(W.VBox):
                 self.images["heatmap"].value = plots.to_png(plots.heatmap(ext, row, hp, feature=feature, hide=hide,
                                                                           tokens=window))
                 self.images["norms"].value = plots.to_png(plots.layer_norms(ext, row, kind, hide=hide, tokens=window))
-                top = plots.top_tokens(ext, hp, feature, k=self.top_k.value, values=column)
+                top = plots.top_tokens(ext, hp, feature, k=self.top_k.value, values=column,
+                                       one_per_document=self.one_per_document.value)
             except (ValueError, KeyError) as exc:
                 self.info.value = error_box(f"Row {row}, feature {feature} of {esc(hp)} not plotted: "
                                             f"{for_ui(exc)}")
@@ -274,7 +275,8 @@ class ActivationBrowser(W.VBox):
         for box in self._boxes.values():
             box.layout.display = ""
         self.top_table.value = (
-            f"<b>Top {len(top)} tokens of feature {feature}</b>"
+            f"<b>Top {len(top)} tokens of feature {feature}"
+            f"{' (one per document or context)' if self.one_per_document.value else ''}</b>"
             "<table class='mistudio-top' style='border-collapse:collapse'><tr><th style='padding:2px 10px 2px 0'>"
             "value</th><th style='padding:2px 10px'>row</th><th style='padding:2px 10px'>pos</th>"
             "<th style='text-align:left'>context</th></tr>" + "".join(
