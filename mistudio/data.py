@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from .chat import PASS_TEMPLATE, Budget, ChatTemplateError, check_template, render_chat
+from .chat import PASS_TEMPLATE, Budget, ChatTemplateError, check_reads_messages, check_template, render_chat
 from .errors import InputError, counted
 from .formats import DATA_SUFFIXES, file_format, named as _named
 from .request import Request
@@ -474,6 +474,7 @@ def chat_template_of(tokenizer, chat_template: str) -> str:
     template that is not valid Jinja is refused here (:class:`~mistudio.chat.ChatTemplateError`)."""
     if chat_template != "auto":
         check_template(chat_template, template_label(tokenizer, chat_template))
+        check_reads_messages(chat_template, template_label(tokenizer, chat_template))
         return chat_template
     own = getattr(tokenizer, "chat_template", None)
     if not own:

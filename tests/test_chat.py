@@ -106,6 +106,23 @@ def test_template_string_and_missing_template(gpt2_dir, workspace):
     assert ext.metadata["params"]["chat_template"] == TEMPLATE
 
 
+def test_a_template_that_never_reads_the_messages_is_refused(gpt2_dir, tmp_path, workspace):
+    """A data file passed as the template (or a template that ignores ``messages``) rendered every conversation as
+    the same text and ended COMPLETED: refused before anything is stored, naming the fix, in Python and the CLI."""
+    from mistudio import cli
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    for source in (data.read_text(), "<|system|>always the same<|endoftext|>"):
+        with pytest.raises(ms.InputError, match="renders every conversation as the same text"):
+            ms.extract(gpt2_dir, CHATS, chat_template=source, workspace=workspace, **ARGS)
+    cli_ws = tmp_path / "cli"
+    assert cli.main(["--workspace", str(cli_ws), "extract", "--model", gpt2_dir, "--dataset", str(data),
+                     "--chat-template", str(data), "--max-samples", "2"]) == 2
+    assert not list(cli_ws.glob("extractions/*.zarr"))  # nothing stored
+    ms.extract(gpt2_dir, CHATS, chat_template=TEMPLATE, workspace=workspace, **ARGS)  # one that reads them runs
+
+
 def test_chat_file_without_chat_template_names_the_fix(gpt2_dir, tmp_path, workspace):
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
