@@ -180,6 +180,22 @@ def _loading(spec: ModelSpec, source: str, what: str):
         if source == spec.name_or_path and not Path(source).exists():
             raise _hub_error(source, exc) from exc
         raise InputError(f"could not {what} {source!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - only a damaged weights file is turned, the rest raised as it was
+        if not _damaged_weights(exc):
+            raise
+        raise InputError(f"could not {what} {source!r}: a weights file there is damaged or cut short "
+                         f"({type(exc).__name__}: {exc}); save the model again (save_pretrained) or download it "
+                         "again") from exc
+
+
+def _damaged_weights(exc: BaseException) -> bool:
+    """A weights file that cannot be read: safetensors' header or data, a torch pickle or zip archive cut short."""
+    import pickle
+
+    if type(exc).__name__ == "SafetensorError" or isinstance(exc, (pickle.UnpicklingError, EOFError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        mark in str(exc) for mark in ("PytorchStreamReader", "zip archive", "invalid load key"))
 
 
 def load_config(spec: ModelSpec):

@@ -72,3 +72,20 @@ def test_settings_that_would_do_nothing_are_refused(gpt2_dir, workspace):
         ws.resume(job.id, batch_size=2)
     assert ws.job(job.id).status == "CANCELLED"
     assert ws.resume(job.id).wait(120).status == "COMPLETED"
+
+
+def test_a_damaged_weights_file_is_named_with_the_fix_and_leaves_no_store(gpt2_dir, tmp_path, capsys):
+    """A model folder whose model.safetensors is cut short: a plain refusal naming the folder and the fix (it was a
+    traceback, an UNKNOWN failure and a FAILED store), in Python and on the command line."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(gpt2_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(InputError, match=r"damaged or cut short .*save the model again"):
+        ms.extract(str(broken), ["a text"], layers=[0], workspace=str(tmp_path / "ws"), progress=False)
+    assert not list((tmp_path / "ws").glob("extractions/*.zarr"))
+    assert main(["--workspace", str(tmp_path / "cli"), "extract", "--model", str(broken), "--max-samples", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged or cut short" in err and "Traceback" not in err, err
+    assert not list((tmp_path / "cli").glob("extractions/*.zarr"))
