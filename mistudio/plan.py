@@ -170,11 +170,9 @@ def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan,
     points)``: the first batch's tokens alone."""
     out, probe = {}, []
     for point, sae in saes.items():
-        if request.latent_width is not None:
-            out[point] = (min(request.latent_width, sae.d_sae), f"latent_width={request.latent_width}")
-        elif sae.k is not None:
-            unused = "; latent_coverage does not apply to a top-k SAE" if request.latent_coverage is not None else ""
-            out[point] = (sae.k, f"the SAE's k (top-{sae.k}{unused})")
+        known = known_width(request, sae)
+        if known is not None:
+            out[point] = known
         else:
             probe.append(point)
     if probe:
@@ -187,6 +185,19 @@ def latent_widths(request: Request, saes: dict[str, SAE], loaded, plan: Plan,
         for point, fired in measure(size, batch_ids, batch_offsets, probe).items():
             out[point] = probed_width(np.asarray(fired), saes[point].d_sae, request.latent_coverage)
     return out
+
+
+def known_width(request: Request, sae: SAE) -> tuple[int, str] | None:
+    """The latents kept per token when known without the model, with the reason: ``latent_width`` (at most a top-k
+    SAE's k, which is all it ever fires, and at most d_sae), or a top-k SAE's k; None: measured on a batch."""
+    if request.latent_width is not None:
+        most, of = (sae.k, f"the SAE's k, all a top-{sae.k} SAE fires") if sae.k is not None else (sae.d_sae, "d_sae")
+        capped = f", capped at {most} ({of})" if request.latent_width > most else ""
+        return min(request.latent_width, most), f"latent_width={request.latent_width}{capped}"
+    if sae.k is not None:
+        unused = "; latent_coverage does not apply to a top-k SAE" if request.latent_coverage is not None else ""
+        return sae.k, f"the SAE's k (top-{sae.k}{unused})"
+    return None
 
 
 def probed_width(fired: np.ndarray, d_sae: int, coverage: float | None) -> tuple[int, str]:
@@ -406,12 +417,13 @@ def _latent_layout(plan: Plan, loaded) -> tuple[StoreLayout, list[str]]:
     else:
         widths = {}
         for point, sae in saes.items():
-            width = request.latent_width or sae.k
-            if width is None:
-                width = min(LATENT_GUESS, sae.d_sae)
-                notes.append(f"the latents of {point} are counted at {width} a token (a guess: the run measures "
-                             "it on its first batch): «pass probe=True» to measure it, or «pass latent_width»")
-            widths[point] = min(width, sae.d_sae)
+            known = known_width(request, sae)
+            if known is None:
+                widths[point] = min(LATENT_GUESS, sae.d_sae)
+                notes.append(f"the latents of {point} are counted at {widths[point]} a token (a guess: the run "
+                             "measures it on its first batch): «pass probe=True» to measure it, or «pass latent_width»")
+            else:
+                widths[point] = known[0]
     spec = request.model_spec
     weights = (fingerprint(spec) or {}).get("weights") if any(s.trained_model[1] for s in saes.values()) else None
     for point, sae in saes.items():

@@ -269,6 +269,23 @@ def test_latents_of_a_stopped_run_read_up_to_the_mark_and_resume_equals_a_clean_
     assert ext.verify().ok
 
 
+def test_a_width_past_a_top_k_saes_k_is_capped_at_k(gpt2_dir, workspace, tmp_path):
+    """A top-k SAE never fires more than k latents: latent_width=100 would store 120 empty slots a token (the estimate
+    said 7x the bytes); it keeps k, and the metadata says why, as the estimate counts it."""
+    make_sae(tmp_path / "sae", "topk")
+    sae = {HP: str(tmp_path / "sae")}
+    ext = ms.extract(gpt2_dir, "sample", saes=sae, latent_width=100, workspace=workspace, progress=False, **LAYOUT)
+    info = ext.latent_info(HP)
+    assert info.width == 8 and info.width_reason == "latent_width=100, capped at 8 (the SAE's k, all a top-8 SAE fires)"
+    assert ext.latent_arrays(HP)[0].shape == (ext.n_tokens, 8) and ext.record.latent_statistics[HP].dropped == 0
+    assert ms.estimate(gpt2_dir, "sample", saes=sae, latent_width=100, **LAYOUT)["bytes_on_disk"] == \
+        ms.estimate(gpt2_dir, "sample", saes=sae, **LAYOUT)["bytes_on_disk"]
+    make_sae(tmp_path / "relu", "standard")
+    relu = ms.estimate(gpt2_dir, "sample", saes={HP: str(tmp_path / "relu")}, latent_width=10_000, **LAYOUT)
+    assert relu["bytes_on_disk"] == ms.estimate(gpt2_dir, "sample", saes={HP: str(tmp_path / "relu")},
+                                                latent_width=D_SAE, **LAYOUT)["bytes_on_disk"]  # at most d_sae
+
+
 def test_a_crafted_feature_index_is_named_by_verify_and_refused_by_reads(gpt2_dir, workspace, tmp_path):
     make_sae(tmp_path / "sae", "topk")
     ext = ms.extract(gpt2_dir, "sample", saes={HP: str(tmp_path / "sae")}, workspace=workspace, progress=False,
