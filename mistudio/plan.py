@@ -358,8 +358,9 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
         warnings.append(f"peak device memory {human_bytes(peak)} is above the {human_bytes(memory)} of {device}: "
                         "use a smaller «batch_size», «max_batch_tokens», «micro_batch_size», or «device_map»")
     budget = request.max_batch_tokens
-    if budget is not None and int(lengths.max()) > budget:
-        warnings.append(_over_budget(lengths, budget))
+    forwarded = np.minimum(lengths, request.window) if request.window is not None else lengths
+    if budget is not None and int(forwarded.max()) > budget:
+        warnings.append(_over_budget(forwarded, budget, request.window is not None))
     skipped = sum(report["skipped"].values())
     if skipped:
         why = "; ".join(f"{n:,} {SKIP_REASONS.get(r, r)}" for r, n in report["skipped"].items())
@@ -480,9 +481,14 @@ def _latent_warnings(request: Request, probed: dict[str, dict]) -> list[str]:
     return out
 
 
-def _over_budget(lengths: np.ndarray, budget: int) -> str:
-    """The warning for samples longer than the token budget (not refused: a researcher may mean it)."""
+def _over_budget(lengths: np.ndarray, budget: int, windowed: bool = False) -> str:
+    """The warning for samples longer than the token budget (not refused: a researcher may mean it); with a
+    ``window``, ``lengths`` are the sequences forwarded (a long document's windows, one a forward at least)."""
     over, longest = int(np.sum(lengths > budget)), int(lengths.max())
+    if windowed:
+        return (f"{counted(over, 'sample')} {'is' if over == 1 else 'are'} forwarded in windows of up to {longest} "
+                f"tokens, more than «max_batch_tokens={budget}»: each forward holds one and exceeds the budget; "
+                f"«pass max_batch_tokens={longest}» or more to keep every forward within it, or a smaller «window»")
     if over == len(lengths):
         what = (f"every sample is longer than «max_batch_tokens={budget}» (up to {longest} tokens): each batch will "
                 "hold one row and exceed the budget")

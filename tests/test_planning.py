@@ -104,6 +104,15 @@ def test_a_token_budget_below_every_row_is_warned_with_its_fix(gpt2_dir, workspa
     some = ms.estimate(gpt2_dir, "sample", [0], max_samples=40, max_batch_tokens=50, workspace=workspace)
     [template] = [w for w in some["warning_templates"] if "max_batch_tokens=50" in w]
     assert "every sample" not in template and "batch of its own" in template
+    # with a window the forwards hold windows, not documents: the budget is compared with them, and the fix is
+    # a budget of a window or a smaller window (max_length is not used with a window)
+    windowed = ms.estimate(gpt2_dir, "sample", [0], max_samples=40, window=32, max_batch_tokens=16,
+                           workspace=workspace)
+    [template] = [w for w in windowed["warning_templates"] if "max_batch_tokens=16" in w]
+    assert "windows of up to 32 tokens" in template and "max_batch_tokens=32" in template, template
+    assert "«window»" in template and "max_length" not in template, template
+    within = ms.estimate(gpt2_dir, "sample", [0], max_samples=40, window=32, max_batch_tokens=50, workspace=workspace)
+    assert not [w for w in within["warnings"] if "max_batch_tokens" in w]  # every forward is one 32-token window
 
 
 # -- 2. batch_size="auto" -----------------------------------------------------------------------------------
