@@ -247,3 +247,15 @@ def test_logit_tokens_that_read_alike_show_their_ids():
     assert "<0xE2>" in out and "<0xE3>" in out and "#140" not in out and "#141" not in out
     assert out.count("�") == 2 and "#7" in out and "#9" in out
     assert "#6" not in out and "#8" not in out
+
+
+def test_a_share_under_one_never_reads_100_percent():
+    """A feature firing on 2,995 of 2,996 tokens read "100%" in the table and the co-firing tooltips: as often as an
+    always-on one. Shares under 1 keep the digits that tell them apart; the table's cell still fits its column."""
+    from mistudio.analysis.feature_page import percent
+    from mistudio.widgets.features_panel import NUMBER_WIDTH, percent_cell
+
+    assert percent(2995 / 2996) == "99.97%" and percent(1.0) == "100%" and percent(0.5) == "50%"
+    assert percent(0.999999) == "99.9999%" and percent(None) == "–" and percent(0) == "0%"
+    assert all(len(percent_cell(s)) == NUMBER_WIDTH for s in (2995 / 2996, 1.0, 0.5, 3.34e-7, 0.0))
+    assert percent_cell(2995 / 2996).strip() == "99.97%"

@@ -123,13 +123,26 @@ def check_page(page: Any) -> None:
                                  "the three lists must have one entry per token and peak must index them")
 
 
+def percent(share: Any) -> str:
+    """A share (0 to 1) as a percentage with its ``%``: 3 significant digits, more where that would read as 100%
+    of a share under 1 (2,995 of 2,996 tokens is 99.97%, not 100%); "–" for None."""
+    if share is None:
+        return "–"
+    value = 100 * float(share)
+    text, digits = number(value, ".3g"), 3
+    while float(share) < 1 and text[:1].isdigit() and float(text) >= 100 and digits < 9:
+        digits += 1
+        text = number(value, f".{digits}g")
+    return text + "%"
+
+
 # -- pieces ----------------------------------------------------------------------------------------------
 def _header(page: dict) -> str:
     density = float(page["density"])
     one_in = f" · 1 in {_int(round(1 / density))}" if 0 < density <= 0.1 else ""  # "1 in 1" says nothing
     nav = " ".join(s for s in (f"← {_int(page['prev'])}" if page.get("prev") is not None else "",
                                f"{_int(page['next'])} →" if page.get("next") is not None else "") if s)
-    stats = [f"<span><b>density</b> {number(100 * density, '.3g')}%{one_in}</span>",
+    stats = [f"<span><b>density</b> {percent(density)}{one_in}</span>",
              f"<span><b>fires on</b> {_int(page['fire_count'])} of {_int(page['n_tokens'])} tokens</span>",
              f"<span><b>max</b> {number(page['max'])}</span>", f"<span><b>mean</b> {number(page['mean'])}</span>",
              f"<span><b>mean when active</b> {number(page['mean_active'])}</span>",
@@ -310,10 +323,10 @@ def _correlated(page: dict) -> str:
     if not rows:
         return f'<section class="msfp-correlated"><h5>{title}</h5><i class="msfp-none">none recorded</i></section>'
     body = "".join(f'<tr><td class="num">{_int(r["feature"])}</td><td class="num">'
-                   f'{number(100 * float(r["fraction"]), ".3g")}%</td>'
+                   f'{percent(r["fraction"])}</td>'
                    f'<td>{_bar(float(r["fraction"]), 1.0, "#8a5cc2", 60)}</td>'
                    f'<td class="num">{_int(r["count"])}</td><td class="num msfp-sub">'
-                   f'{number(100 * float(r["density"]), ".3g") + "%" if r.get("density") is not None else "–"}'
+                   f'{percent(r.get("density"))}'
                    '</td></tr>' for r in rows)
     return (f'<section class="msfp-correlated"><h5>{title}</h5><table><tr><th class="num">feature</th>'
             f'<th class="num">share</th><th></th><th class="num">tokens</th>'

@@ -25,7 +25,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..analysis import exports
-from ..analysis.feature_page import correlated_title, feature_page_html
+from ..analysis.feature_page import correlated_title, feature_page_html, percent
 from ..analysis.feature_view import _shade as shade
 from ..analysis.feature_view import (display_pieces, piece_html, pieces_and_titles, store_key, token_label,
                                      tokenizer_scheme)
@@ -96,13 +96,20 @@ def cell(value: float, suffix: str = "") -> str:
     return f"{text + suffix:>{NUMBER_WIDTH}}"
 
 
+def percent_cell(share: float) -> str:
+    """A share in a number cell: :func:`~mistudio.analysis.feature_page.percent` (99.97%, never 100% of a share
+    under 1), or :func:`cell`'s shorter form where that would not fit (a tiny share: 3.3e-05%)."""
+    text = percent(share)
+    return f"{text:>{NUMBER_WIDTH}}" if len(text) <= NUMBER_WIDTH or share >= 0.99 else cell(100 * share, "%")
+
+
 def table_label(row: dict) -> str:
     """One feature-table row as a fixed-width line (the list widget shows text, not HTML), short enough for a narrow
     window: its top tokens, named as every tab names a token (``top_token_labels``), cut at ``TOKENS_SHOWN``
     characters."""
     tokens = " ".join(row["top_token_labels"])
     tokens = tokens if len(tokens) <= TOKENS_SHOWN else tokens[:TOKENS_SHOWN - 1] + "…"
-    return (f"{row['feature']:>7} {cell(100 * row['density'], '%')} {cell(row['mean'])} {cell(row['mean_active'])} "
+    return (f"{row['feature']:>7} {percent_cell(row['density'])} {cell(row['mean'])} {cell(row['mean_active'])} "
             f"{cell(row['max'])} {'✎' if row['note'] else ' '} {tokens}")
 
 
@@ -588,10 +595,10 @@ class FeaturesPanel(W.VBox):
         for button, row in zip(self.correlated_buttons, page["correlated"] + [None] * N_CORRELATED):
             button.layout.display = "none" if row is None else ""
             if row is not None:
-                button.description = f"{row['feature']} · {100 * row['fraction']:.0f}%"
-                overall = f"; it fires on {100 * row['density']:.3g}% of all tokens" \
+                button.description = f"{row['feature']} · {percent(row['fraction'])}"
+                overall = f"; it fires on {percent(row['density'])} of all tokens" \
                     if row.get("density") is not None else ""
-                button.tooltip = f"open feature {row['feature']}: {100 * row['fraction']:.1f}% " \
+                button.tooltip = f"open feature {row['feature']}: {percent(row['fraction'])} " \
                                  f"({row['count']:,} tokens) = {correlated_title(page)}{overall}"
         scheme = page.get("scheme", "auto")
         options = []
@@ -648,7 +655,7 @@ class FeaturesPanel(W.VBox):
             try:
                 self.found_list.options = [
                     (f"{r['feature']:>7}  mean {r['mean']:>9.3g}  fires on {100 * r['fire_fraction']:>5.1f}%"
-                     + (f"  density {100 * r['density']:.3g}%" if r["density"] is not None else ""), r["feature"])
+                     + (f"  density {percent(r['density'])}" if r["density"] is not None else ""), r["feature"])
                     for r in result["features"]]
                 self.found_list.value = None
             finally:
