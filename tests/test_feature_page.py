@@ -143,7 +143,7 @@ def test_token_means_honour_min_count_and_logits_table():
     assert "␣fox" in means and "␣rare" not in means and "seen ≥ 2 times" in means  # named as in every tab
     assert "␣rare" in section(feature_page_html(make_page(min_count=1)), "msfp-token-means")
     logits = section(out, "msfp-logits")
-    assert logits.index("␣foxes") < logits.index("␣wolf") and "+0.800" in logits and "-0.600" in logits
+    assert logits.index("␣foxes") < logits.index("␣wolf") and ">+0.8<" in logits and ">-0.6<" in logits
     assert "not computed" in section(feature_page_html(make_page(logits=None)), "msfp-logits")
     corr = section(out, "msfp-correlated")
     assert "75%" in corr and ">99<" in corr

@@ -92,7 +92,9 @@ def test_token_label_spellings():
     assert [token_label(t, "wordpiece") for t in ("##uming", "paris", "[SEP]")] == ["##uming", "paris", "[SEP]"]
     assert [token_label(t, "bpe") for t in ("Ġthe", "▁the", "Ċ", "ĠĠ", "<|endoftext|>")] == [
         "␣the", "␣the", "↵", "␣␣", "<|endoftext|>"]
-    assert token_label("a\tb\x00", "bpe") == "a⇥b\\x00" and token_label("", "bpe") == "∅"
+    assert token_label("a\tb\x00", "bpe") == "a⇥b<0x00>" and token_label("", "bpe") == "∅"
+    assert token_label("\x18", "bpe") == "<0x18>" == token_label("Ę", "bytelevel")  # one notation for bytes
+    assert token_label("a\u200b", "bpe") == "a\\u200b"
 
 
 def test_a_token_reads_the_same_in_browse_the_features_table_and_from_text(minilm_workspace, browser):

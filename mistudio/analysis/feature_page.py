@@ -277,7 +277,7 @@ def _logits(page: dict, scheme: str) -> str:
             if i < len(side):
                 e = side[i]
                 cells.append(f'<td>{_piece(e["token"], scheme)}{_id_if(e, scheme, unclear)}</td>'
-                             f'<td class="num">{number(e["value"], "+.3f")}</td>'
+                             f'<td class="num">{number(e["value"], "+.3g")}</td>'
                              f'<td>{_bar(float(e["value"]), scale, colour, 50)}</td>')
             else:
                 cells.append("<td></td><td></td><td></td>")

@@ -516,9 +516,10 @@ def token_label(token: Any, scheme: str = "auto") -> str:
     (``scheme="text"``: a token added to the tokenizer as text, shown as written with its whitespace visible):
     the tokenizer's own piece with its whitespace made visible. WordPiece pieces and special tokens stay as the
     tokenizer writes them (``'##uming'``, ``'paris'``, ``'[SEP]'``, ``'<|endoftext|>'``); GPT-2's ``'Ġthe'`` and
-    SentencePiece's ``'▁the'`` read ``'␣the'``, a newline ``'↵'``, a tab ``'⇥'``; other control characters as
-    ``\\xNN``; an empty piece ``'∅'``. With ``scheme="bytelevel"`` (GPT-2's tokenizers; :func:`tokenizer_scheme`
-    tells), a piece reads as the text its bytes spell (``'Ã©'`` -> ``'é'``; a character cut at an end as its bytes,
+    SentencePiece's ``'▁the'`` read ``'␣the'``, a newline ``'↵'``, a tab ``'⇥'``; other control characters by
+    their byte, ``'<0x18>'``, as SentencePiece names a byte token and a cut character's bytes read (others
+    unprintable as ``\\u200b``); an empty piece ``'∅'``. With ``scheme="bytelevel"`` (GPT-2's tokenizers;
+    :func:`tokenizer_scheme` tells), a piece reads as the text its bytes spell (``'Ã©'`` -> ``'é'``; a character cut at an end as its bytes,
     ``'<0xC3>'``: :func:`byte_level_label`); any other scheme, ``"auto"`` included, keeps ``'Ã©'`` as written,
     since there it may be the text itself. Plain text: escape it (:func:`escape`) for HTML. Running text (pieces
     joined) is :func:`display_pieces`' job."""
@@ -526,7 +527,8 @@ def token_label(token: Any, scheme: str = "auto") -> str:
     if scheme == "bytelevel":
         text = byte_level_label(text) or text
     marks = {**_WHITESPACE, **_MARKERS} if scheme in ("bpe", "auto") else _WHITESPACE
-    out = "".join(marks.get(c, c if c.isprintable() else repr(c)[1:-1]) for c in text)
+    out = "".join(marks.get(c, c if c.isprintable() else f"<0x{ord(c):02X}>" if ord(c) < 0x80 else repr(c)[1:-1])
+                  for c in text)
     return out or "∅"
 
 
