@@ -135,12 +135,16 @@ class Brute:
 
     def band_rows(self, f, ranges, per_band):
         """The rule of FeatureStatistics.quantile_examples: each stratum's sample (the smallest keys of its rows),
-        the sampled rows with a value within the band's (low, high), then the smallest keys of those."""
+        the sampled rows with a value within the band's (low, high), then the smallest keys of those; a band left
+        short takes the top examples (largest first) within its range that it does not hold yet."""
         sampled = np.concatenate([self.samples(f, s) for s in range(self.n_strata)]) - self.rows[0]
+        top = self.top(f)[0] - self.rows[0]
         out = []
         for low, high in ranges:
             r = sampled[(self.v[sampled, f] >= low) & (self.v[sampled, f] <= high)]
             pick = r[np.argsort(sample_keys(self.rows[r], self.seed))[:per_band]]
+            more = [t for t in top if low <= self.v[t, f] <= high and t not in pick]
+            pick = np.concatenate([pick, np.asarray(more[:per_band - len(pick)], dtype=pick.dtype)])
             vals = self.v[pick, f]
             out.append(self.rows[pick][np.lexsort((self.rows[pick], -vals))])
         return out

@@ -216,7 +216,8 @@ class FeatureStatistics:
         ``values`` (inclusive): of the rows sampled in every stratum, those with a value in the band's range, the
         ``per_band`` with the smallest :func:`sample_keys`. A uniform sample of the band's firing rows where its
         strata lie wholly inside the range; the (at most two) strata straddling its ends contribute only their
-        sampled rows that fall inside, so a band narrower than a stratum may show fewer examples, or none."""
+        sampled rows that fall inside, so a band narrower than a stratum may get fewer: it is filled up from the
+        feature's top examples that lie in it (the 99-100% band showed none beside a top list inside its range)."""
         f = self._feature(feature)
         stored = self.sample_rows.shape[2]
         if not stored:
@@ -227,6 +228,7 @@ class FeatureStatistics:
                              f"in 1..{stored} (or accumulate with a larger per_band)")
         held = self.sample_rows[f].ravel() >= 0
         all_rows, all_values = self.sample_rows[f].ravel()[held], self.sample_values[f].ravel()[held]
+        top_rows, top_values = self.top_rows(f), self.top_values(f)
         out = []
         for lo, hi in _check_bands(bands):
             low, high = self.quantile(f, lo), self.quantile(f, hi)
@@ -234,6 +236,10 @@ class FeatureStatistics:
             rows, values = all_rows[inside], all_values[inside]
             pick = np.argsort(sample_keys(rows, self.seed), kind="stable")[:per_band]
             rows, values = rows[pick], values[pick]
+            if len(rows) < per_band:  # the samples missed a narrow band: its top examples, if it holds some
+                more = (top_values >= low) & (top_values <= high) & ~np.isin(top_rows, rows)
+                extra = np.flatnonzero(more)[:per_band - len(rows)]
+                rows, values = np.concatenate([rows, top_rows[extra]]), np.concatenate([values, top_values[extra]])
             order = np.lexsort((rows, -values))
             out.append({"quantiles": (lo, hi), "values": (low, high), "rows": rows[order],
                         "activations": values[order]})
