@@ -91,6 +91,10 @@ def test_launch_watch_live_plot_evaluation_and_extract_with_the_sae(ext, root, g
     assert arguments["dataset"] == "sample" and arguments["layers"] == [1] and arguments["hooks"] == ["residual"]
     assert Request.build(**arguments).saes == {HP: str(job.sae_path)}
     assert "Extract tab now extracts with SAE" in panel.message.value
+    other = submit_training(ms.Workspace(root), ext, HP, evaluate=False, **{**panel.settings(), "n_tokens": 256})
+    assert other.wait(60).status == "COMPLETED"
+    panel.watch(other)  # another run shown: what the tab said of the first goes
+    assert "now extracts with SAE" not in panel.message.value
 
 
 def test_cancel_resume_and_retry_from_the_tab(ext, root, tmp_path):
@@ -168,6 +172,12 @@ def test_show_a_run_from_the_table_fills_the_form_and_draws_its_history(ext, roo
     assert panel.hook_point.value == "layers.1.mlp" and panel.length_by.value == "n_tokens"
     assert bytes(panel.plot.value).startswith(PNG) and [h["step"] for h in panel.history] == [5, 10, 15, 20]
     assert "Not evaluated" in panel.evaluation.value
+    panel.length_by.value = "epochs"  # the length follows the unit: 2,560 tokens of this store, in epochs
+    tokens = int(panel._extraction_rows[panel.extraction.value]["tokens_total"])
+    assert panel.length.value == round(128 * 20 / tokens, 3) and panel.length.description == "Epochs"
+    panel.length.value = 1.0
+    panel.length_by.value = "n_tokens"  # 1 epoch is the store's tokens, not 1 token
+    assert panel.length.value == tokens
     assert panel.extract_button.layout.display == "none"  # no Studio callback: no button
     assert panel.extract_with_sae() is None
 
@@ -225,7 +235,9 @@ def test_before_its_dead_window_a_run_says_when_dead_latents_are_counted():
 
     history = [{"step": s, "loss": 1.0, "l0": 4.0, "explained_variance": 0.5, "dead_fraction": None,
                 "dead_window": 6400} for s in range(1, 5)]
-    assert curves_figure(history).axes[3].get_title() == "dead latents (fraction): from 6,400 tokens"
+    assert curves_figure(history).axes[3].get_title() == "dead latents: from 6.4k tokens"  # short: it is not cut
+    longer = [{**h, "dead_window": 960_000} for h in history]
+    assert curves_figure(longer).axes[3].get_title() == "dead latents: from 960k tokens"
     assert _dead(history[-1]) == "– (counted from 6,400 tokens)"
     assert _dead({**history[-1], "dead_fraction": 0.25}) == "0.25"
 

@@ -78,7 +78,7 @@ def curves_figure(history: list[dict]) -> Figure:
         points = [(s, h[key]) for s, h in zip(steps, history) if isinstance(h.get(key), (int, float))
                   and math.isfinite(h[key]) and (h[key] > 0 or not log_scale)]
         if key == "dead_fraction" and not points and history and history[-1].get("dead_window"):
-            title = f"{title}: from {history[-1]['dead_window']:,} tokens"  # none can be dead before its window
+            title = f"dead latents: from {_compact(history[-1]['dead_window'])} tokens"  # none before its window
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], color="#0d6efd", linewidth=1.2,
                     marker="o" if len(points) == 1 else None, markersize=4)  # one report: a dot, not nothing
@@ -120,6 +120,14 @@ def _steps(step: Any, total: Any) -> str:
     return f"{step:,} / {int(total):,}" if total else f"{step:,}"
 
 
+def _compact(n: int) -> str:
+    """A count short enough for a small panel's title: 960,000 is 960k, 1,500,000 1.5M."""
+    for size, unit in ((1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
 def _dead(figures: dict) -> str:
     """The dead fraction, or when it will be known: no latent counts as dead before the run's dead window."""
     if figures.get("dead_fraction") is None and figures.get("dead_window"):
@@ -157,6 +165,7 @@ class TrainPanel(W.VBox):
         self._plot_timer: threading.Timer | None = None
         self._drawing = threading.Lock()
         self._render_s = 0.0  # how long the last drawing took
+        self._filling = False  # show_settings is filling the form: no unit conversion
         style, wide = {"description_width": "130px"}, W.Layout(width="440px")
         self.extraction = W.Dropdown(options=[], description="Extraction", style={"description_width": "72px"},
                                      layout=W.Layout(width="auto", max_width="760px"),  # as Browse's: fits narrow
@@ -211,7 +220,7 @@ class TrainPanel(W.VBox):
         self.extraction.observe(lambda _c: self._guarded(self._show_hook_points), "value")
         self.architecture.observe(lambda _c: self._show_sparsity(), "value")
         self.size_by.observe(lambda _c: self._label_size(), "value")
-        self.length_by.observe(lambda _c: self._label_length(), "value")
+        self.length_by.observe(self._label_length, "value")
         for button, action in ((self.launch_button, self.launch), (self.refresh_button, self.refresh),
                                (self.cancel_button, self.cancel), (self.retry_button, self.retry),
                                (self.resume_button, self.resume), (self.extract_button, self.extract_with_sae)):
@@ -270,8 +279,19 @@ class TrainPanel(W.VBox):
     def _label_size(self) -> None:
         self.size.description = LABELS[self.size_by.value]
 
-    def _label_length(self) -> None:
+    def _label_length(self, change: dict | None = None) -> None:
+        """Name the length field, and carry its value over to the other unit (1 epoch of a 2,996-token store is
+        2,996 tokens, not 1), counted by the chosen extraction's tokens (every stored row; special tokens, which
+        training may leave out, included: an estimate the Launch checks)."""
         self.length.description = LABELS[self.length_by.value]
+        row = self._extraction_rows.get(self.extraction.value)
+        tokens = int(row.get("tokens_total") or 0) if row else 0
+        if change is None or change.get("old") == change.get("new") or self._filling:
+            return
+        if change["new"] == "n_tokens":
+            self.length.value = float(round(self.length.value * tokens)) if tokens else float(TrainConfig().batch_size)
+        else:
+            self.length.value = round(self.length.value / tokens, 3) if tokens else 1.0
 
     # -- the form ---------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -327,10 +347,14 @@ class TrainPanel(W.VBox):
             widget.value = config.get(name, getattr(defaults, name))
         self.lr.value = config.get("lr", defaults.lr)
         self.batch_size.value = config.get("batch_size", defaults.batch_size)
-        if config.get("n_tokens"):
-            self.length_by.value, self.length.value = "n_tokens", float(config["n_tokens"])
-        else:
-            self.length_by.value, self.length.value = "epochs", float(config.get("epochs") or 1.0)
+        self._filling = True  # the run's own length, not one converted from the form's
+        try:
+            if config.get("n_tokens"):
+                self.length_by.value, self.length.value = "n_tokens", float(config["n_tokens"])
+            else:
+                self.length_by.value, self.length.value = "epochs", float(config.get("epochs") or 1.0)
+        finally:
+            self._filling = False
 
     # -- actions: each shows its error in the tab and returns None when it fails ------------------------
     def launch(self) -> TrainingJob | None:
@@ -411,9 +435,12 @@ class TrainPanel(W.VBox):
     def watch(self, job: TrainingJob) -> None:
         """Show a run: its settings in the form, its history in the plot, its state live."""
         with self._lock:
+            another = self.job is None or self.job.id != job.id
             self.job = job
             self.history = job.history()
             record = job.record
+        if another:  # what the tab said of the run shown before (e.g. "the Extract tab now extracts with ...")
+            self._say("")
         self.show_settings(record.config, record.extraction.id, record.hook_point)
         self._show_state(record.status.value)
         self._draw_now()
