@@ -27,7 +27,8 @@ from .storage.verify import quick_check
 
 DEFAULT_WORKSPACE = "./mistudio-workspace"
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-LIST_COLUMNS = ["id", "status", "error", "message", "model", "dataset", "hook_points", "latents", "samples_committed",
+LIST_COLUMNS = ["id", "status", "error", "message", "model", "dataset", "hook_points", "latents", "saes",
+                "samples_committed",
                 "samples_total", "tokens_committed", "tokens_total", "size", "bytes", "created", "retry_of", "damaged",
                 "problem", "location", "nonce"]
 
@@ -217,6 +218,7 @@ class Folder:
                 "model": model_label(meta.model.name_or_path), "dataset": dataset_label(meta.dataset.source),
                 "hook_points": ", ".join(meta.hook_points or meta.params.hook_points or []),
                 "latents": ", ".join(f"{point}.latents" for point in meta.latents),  # an SAE's, stored beside
+                "saes": ", ".join(info.sae for info in meta.latents.values()),  # their folders, in that order
                 "samples_committed": progress.samples_committed, "samples_total": progress.samples_total,
                 "tokens_committed": meta.committed_tokens(), "tokens_total": progress.tokens_total,
                 "created_at": meta.timings.created, "retry_of": meta.retry_of or ""}

@@ -50,7 +50,11 @@ def test_train_then_extract_with_the_sae_then_browse_its_features(gpt2_dir, work
     assert listed.loc[ext.id, "latents"] == f"{HP}.latents"  # which store holds an SAE's latents, in the listing
     from mistudio.widgets.common import extraction_label
 
-    assert extraction_label(listed.loc[ext.id].to_dict()).endswith(" + SAE latents")  # and in the dropdowns
+    assert listed.loc[ext.id, "saes"] == str(run.sae_path)  # and from which SAE, so two such stores read apart
+    studio.jobs_panel.refresh()
+    grid = " ".join(getattr(c, "value", "") for c in studio.jobs_panel.table.children)
+    assert "× residual + latents" in grid and f"the latents of {run.sae_path}" in grid  # the Jobs tab says so too
+    assert extraction_label(listed.loc[ext.id].to_dict()).endswith(f" + latents of {run.id}/sae")  # the dropdowns
     sae = ms.load_sae(run.sae_path)
     with torch.no_grad():  # the stored latents are the SAE's encoding of the stored rows
         want = sae.encode(torch.from_numpy(np.asarray(ext.activations(HP)[:], np.float32))).numpy()

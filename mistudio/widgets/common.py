@@ -11,6 +11,7 @@ import re
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import ipywidgets as W
@@ -340,14 +341,22 @@ def _bundled_path() -> str | None:
     return str(path) if path else None
 
 
+def sae_label(folder: str) -> str:
+    """An SAE's folder as the tabs name it: its last part, with the run's id for a trained one (every run saves to
+    ``saes/<run>/sae``, so ``sae`` alone named none)."""
+    path = Path(folder)
+    return f"{path.parent.name}/{path.name}" if path.name == "sae" and path.parent.name else path.name or folder
+
+
 def extraction_label(row: dict) -> str:
     """An extraction as a dropdown entry (Browse, Features, Train), short enough for a narrow window: date and time ·
     model · dataset · hook points, and the status unless COMPLETED ('11-30 10:47:03 · all-MiniLM-L6-v2 · sample ·
-    layers 1,3,5 × residual'; '+ SAE latents' when it holds an SAE's). The line under the dropdown names the chosen
-    one in full."""
+    layers 1,3,5 × residual'; '+ latents of sae_…953b7e/sae' when it holds an SAE's, so that stores made with two
+    SAEs read apart). The line under the dropdown names the chosen one in full."""
     created = row.get("created")
     when = f"{created:%m-%d %H:%M:%S}" if created is not None and created == created else short_id(row["id"])
     model = str(row["model"]).removesuffix(" (bundled)")
     status = "" if row["status"] == "COMPLETED" else f" · {row['status']}"
-    latents = " + SAE latents" if row.get("latents") else ""
+    saes = [sae_label(f) for f in str(row.get("saes") or "").split(", ") if f]
+    latents = (f" + latents of {', '.join(saes)}" if saes else " + SAE latents") if row.get("latents") else ""
     return f"{when} · {model} · {row['dataset']} · {summarise_hook_points(row['hook_points'])}{latents}{status}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import ipywidgets as W
@@ -20,7 +19,7 @@ from ..storage.metadata import can_resume
 from ..storage.store import ExtractionStore
 from ..workspace import Workspace
 from .common import (PLAIN_ERRORS, RateMeter, answers_no_request, badge, busy, error_box, esc, for_ui, guard,
-                     note_box, progress_text, store_notes, stylesheet)
+                     note_box, progress_text, sae_label, store_notes, stylesheet)
 from .model_picker import looks_like_path
 from .sidefiles import validate_lenient
 
@@ -331,7 +330,7 @@ class ExtractionPanel(W.VBox):
         if pairs is None:
             return (f"<br>with SAEs <code>{esc(short(text, 80))}</code> <small>(More options; not a {{hook point: "
                     "folder} mapping yet)</small>")
-        named = ", ".join(f"<b title='{esc(folder)}'>{esc(_sae_label(folder))}</b> at <b>{esc(point)}</b>"
+        named = ", ".join(f"<b title='{esc(folder)}'>{esc(sae_label(folder))}</b> at <b>{esc(point)}</b>"
                           for point, folder in pairs)
         return (f"<br>with the SAE{'s' if len(pairs) > 1 else ''} {named} <small>(latents stored as "
                 f"{esc(', '.join(point + '.latents' for point, _ in pairs))}; set in More options)</small>")
@@ -896,10 +895,3 @@ class ExtractionPanel(W.VBox):
         self.retry_button.disabled = False
         self.failure_actions.layout.display = ""
         self.failure_box.layout.display = ""
-
-
-def _sae_label(folder: str) -> str:
-    """An SAE's folder as the summary names it: its last part, with the run's id for a trained one (every run
-    saves to ``saes/<run>/sae``, so ``sae`` alone named none)."""
-    path = Path(folder)
-    return f"{path.parent.name}/{path.name}" if path.name == "sae" and path.parent.name else path.name or folder

@@ -198,8 +198,9 @@ class JobsPanel(W.VBox):
                       first=True),
                 _cell(breakable(row["model"]), title=row["model"], clamp=True, first=True),
                 _cell(breakable(row["dataset"]), title=row["dataset"], clamp=True, first=True),
-                _cell(esc(summarise_hook_points(row["hook_points"])), title=row["hook_points"], clamp=True,
-                      first=True),
+                _cell(esc(summarise_hook_points(row["hook_points"]) + (" + latents" if row.get("latents") else "")),
+                      title=row["hook_points"] + (f"; the latents of {row['saes']}" if row.get("latents") else ""),
+                      clamp=True, first=True),
                 progress, size, _cell(row["age"], title=row["created_text"]), actions]
 
     @staticmethod
