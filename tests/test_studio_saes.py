@@ -54,6 +54,11 @@ def test_train_then_extract_with_the_sae_then_browse_its_features(gpt2_dir, work
     studio.jobs_panel.refresh()
     grid = " ".join(getattr(c, "value", "") for c in studio.jobs_panel.table.children)
     assert "× residual + latents" in grid and f"the latents of {run.sae_path}" in grid  # the Jobs tab says so too
+    studio.browser.feature.value = 7  # a stale neuron from before: not carried over as if it were the latent
+    studio._open_row_in_browse(ext.id, f"{HP}.latents", int(ext.rows()[0]), 5)  # a latent page's "Open row"
+    browser = studio.browser
+    assert browser.hook_point.value == HP and browser.feature.value == 0
+    assert f"Latent 5 of {HP}.latents is not drawn here" in browser.info.value, browser.info.value
     assert extraction_label(listed.loc[ext.id].to_dict()).endswith(f" + latents of {run.id}/sae")  # the dropdowns
     sae = ms.load_sae(run.sae_path)
     with torch.no_grad():  # the stored latents are the SAE's encoding of the stored rows

@@ -224,9 +224,10 @@ class ActivationBrowser(W.VBox):
                            + store_notes(self.ext))
 
     def open_row(self, extraction_id: str, row: int, hook_point: str | None = None,
-                 feature: int | None = None) -> bool:
+                 feature: int | None = None, note: str = "") -> bool:
         """Show a dataset row of an extraction and plot it (e.g. an example clicked in another tab): the
-        extraction, hook point and feature are chosen first; an extraction that is not listed is said so."""
+        extraction, hook point and feature are chosen first; an extraction that is not listed is said so.
+        ``note`` (HTML): what the info line adds once plotted (e.g. why a latent is not what is drawn)."""
         self.refresh(select=extraction_id)
         if self.extraction.value != extraction_id:
             self.info.value = error_box(f"Extraction {esc(extraction_id)} is not in this workspace's list "
@@ -237,7 +238,10 @@ class ActivationBrowser(W.VBox):
         if feature is not None:
             self.feature.value = int(feature)
         self.row.value = int(row)
-        return self.plot()
+        shown = self.plot()
+        if shown and note:
+            self.info.value += f" {note}"
+        return shown
 
     def plot(self) -> bool:
         """Draw the plots for the current choices (a long row: the 64 tokens around the feature's peak); the info

@@ -188,16 +188,23 @@ class Studio(W.VBox):
         self.browser.refresh(select=job.id if fresh else None)
 
     def open_in_browse(self, extraction_id: str, row: int, hook_point: str | None = None,
-                       feature: int | None = None) -> bool:
+                       feature: int | None = None, note: str = "") -> bool:
         """Open the Browse tab on a dataset row of an extraction, plotted (for other tabs' "open this example")."""
-        shown = self.browser.open_row(extraction_id, row, hook_point, feature)
+        shown = self.browser.open_row(extraction_id, row, hook_point, feature, note)
         self.select("Browse")
         return shown
 
     def _open_row_in_browse(self, extraction_id: str, hook_point: str, row: int, feature: int) -> None:
-        """The Features tab's "Open row in Browse": the raw hook point under latents, the feature for raw ones."""
+        """The Features tab's "Open row in Browse": the feature for raw hook points; under latents (which Browse
+        does not draw) the raw hook point the SAE read, its neuron 0, and a line that says so."""
         base = hook_point.removesuffix(".latents")
-        self.open_in_browse(extraction_id, row, base, feature if base == hook_point else None)
+        if base == hook_point:
+            self.open_in_browse(extraction_id, row, base, feature)
+            return
+        self.open_in_browse(extraction_id, row, base, 0, note=note_box(
+            f"Latent {int(feature)} of {esc(hook_point)} is not drawn here: Browse shows raw hook points, so this is "
+            f"the row's {esc(base)}, which the SAE read (neuron 0; the Features tab's page shows the latent on this "
+            "row's tokens)."))
 
     def _extract_with_sae(self, arguments: dict) -> None:
         """The Train tab's "Extract with this SAE": the Extract form filled with the run's model, data and SAE."""
