@@ -72,6 +72,10 @@ def test_launch_watch_live_plot_evaluation_and_extract_with_the_sae(ext, root, g
         [h["step"] for h in job.history()]
     assert progress == sorted(progress) and panel.progress.value == panel.progress.max == 150
     assert "explained variance" in panel.metrics.value and "L0" in panel.metrics.value
+    from mistudio.widgets.train_panel import _compact
+
+    window = _compact(job.history()[-1]["dead_window"])  # which dead fraction this is: the evaluation has another
+    assert f"dead (no firing in the last {window} training tokens)" in panel.metrics.value, panel.metrics.value
     assert "next-token loss" in panel.evaluation.value and "loss recovered" in panel.evaluation.value
     said = f"over {job.evaluation['ce_tokens']:,} tokens of {job.evaluation['ce_samples']:,} samples"
     assert said in panel.evaluation.value  # the losses' own tokens, not the stored tokens the header counts

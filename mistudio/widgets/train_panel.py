@@ -128,6 +128,13 @@ def _compact(n: int) -> str:
     return str(n)
 
 
+def _dead_over(figures: dict) -> str:
+    """What the training's dead fraction counts (the evaluation's counts the stored rows, with the final SAE)."""
+    window = figures.get("dead_window")
+    return f" (no firing in the last {_compact(window)} training tokens)" \
+        if window and figures.get("dead_fraction") is not None else ""
+
+
 def _dead(figures: dict) -> str:
     """The dead fraction, or when it will be known: no latent counts as dead before the run's dead window."""
     if figures.get("dead_fraction") is None and figures.get("dead_window"):
@@ -502,7 +509,7 @@ class TrainPanel(W.VBox):
         self.metrics.value = (
             f"<span class='mistudio-train-metrics'>step {figures.get('step', 0):,} / {figures.get('total_steps', 0):,}"
             f" · loss {_number(figures.get('loss'))} · L0 {_number(figures.get('l0'))} · explained variance "
-            f"{_number(figures.get('explained_variance'))} · dead {_dead(figures)} · "
+            f"{_number(figures.get('explained_variance'))} · dead{_dead_over(figures)} {_dead(figures)} · "
             f"{rate or 0:,.0f} tokens/s{eta_words}</span>")
 
     @staticmethod
