@@ -229,12 +229,16 @@ def top_tokens(ext: "Extraction", hook_point: str, feature: int, k: int = 15, co
         for best_row in best:
             token_index = ext.token_index(int(best_row))  # activation row -> token
             pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
+            if one_per_document and int(rows[pos]) in documents:
+                if len(documents) == len(offsets) - 1:  # every document listed: nothing more to find
+                    return out
+                continue
             start, stop = int(offsets[pos]), int(offsets[pos + 1])
             lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
             window = _labels(ext, ids[lo:hi])
             at = int(token_index) - lo
             shown = " ".join(t if i != at else f"[[{t}]]" for i, t in enumerate(window))
-            if one_per_document and (int(rows[pos]) in documents or shown in contexts):
+            if one_per_document and shown in contexts:
                 continue
             documents.add(int(rows[pos]))
             contexts.add(shown)
