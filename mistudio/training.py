@@ -57,6 +57,7 @@ RUN_FILE = "run.json"
 HISTORY_FILE = "history.jsonl"
 EVALUATION_FILE = "evaluation.json"
 RUN_FORMAT = 1
+MANY_PASSES = 50  # a run over the same rows more often than this is warned: it fits those rows
 RUN_ID = re.compile(r"sae_[A-Za-z0-9][A-Za-z0-9_.-]{0,123}")
 PROGRESS_EVERY_S = 0.25  # at most this often a progress event (and a run.json write); the last step always
 EVALUATE_CHOICES = (True, False, "reconstruction")  # True: with the spliced next-token loss for decoder models
@@ -364,6 +365,17 @@ class TrainingJob(Handle):
     def extraction(self) -> Extraction:
         """The extraction the run trains on."""
         return Extraction.open(self.record.extraction.location)
+
+    def warnings(self) -> list[str]:
+        """What a researcher should know of this run before trusting its SAE (marked for the front ends: see
+        :func:`mistudio.errors.render`): it passes over the same rows more than :data:`MANY_PASSES` times."""
+        record = self.record
+        total, rows = record.progress.total_tokens, record.rows
+        if not total or not rows or total / rows <= MANY_PASSES:
+            return []
+        return [f"this run passes over the {rows:,} rows of {record.extraction.id} {total / rows:,.0f} times: an SAE "
+                "trained this often on so few rows fits them, and its features may not hold beyond them; extract "
+                "more samples, or «pass n_tokens=» fewer"]
 
     def extract_arguments(self, dataset: Any = None, *, partial: bool = False) -> dict:
         """Arguments for ``ws.submit`` (or the Extract tab's form) that extract with this run's SAE: the SAE at its

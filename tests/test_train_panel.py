@@ -353,3 +353,22 @@ def test_the_extraction_choices_say_what_tells_them_apart(gpt2_dir, tmp_path):
         assert label == extraction_label(rows[ext.id]) and label.endswith(" · " + points), label
     assert labels[first.id] != labels[second.id]
     assert panel.extraction.layout.max_width and panel.extraction.layout.width == "auto"
+
+def test_a_run_over_the_same_rows_many_times_is_warned(ext, root):
+    """A run of 60 epochs over a small store fits its rows: the run says so (Python, and the tab when it shows it),
+    and a run of a few epochs says nothing."""
+    ws = ms.Workspace(root)
+    many = submit_training(ws, ext, HP, evaluate=False, architecture="topk", k=4, d_sae=32, batch_size=512,
+                           epochs=60, lr=3e-3)
+    [warning] = many.warnings()
+    assert f"passes over the {many.record.rows:,} rows" in warning and "60 times" in warning, warning
+    panel = TrainPanel(ws)
+    panel.watch(many)
+    assert "60 times" in panel.message.value and "&#x27;Tokens&#x27;" in panel.message.value, panel.message.value
+    many.cancel()
+    few = submit_training(ws, ext, HP, evaluate=False, architecture="topk", k=4, d_sae=32, batch_size=512, epochs=2)
+    assert few.warnings() == []
+    panel.watch(few)
+    assert "times" not in panel.message.value
+    few.cancel()
+    many.wait(60), few.wait(60)
