@@ -55,6 +55,7 @@ from .errors import InputError
 BASE_CHARS = 1 << 20  # characters a conversation may render to, at least
 CONTENT_FACTOR = 4  # and this many times the characters of its messages
 PER_MESSAGE_CHARS = 1024  # and this many per message (its markers)
+PROBE_SECONDS = 0.05  # a template's check on two one-message conversations (real ones take microseconds)
 BASE_SECONDS = 1.0  # the time one conversation may take to render (all its prefixes included), at least
 PER_MESSAGE_SECONDS = 0.001  # and this much per message
 PER_PREFIX_SECONDS = 4e-5  # and this much per message squared (every prefix of the conversation is rendered)
@@ -662,7 +663,7 @@ def check_reads_messages(source: str, label: str) -> None:
     the data to judge (its errors name the dataset row)."""
     probes = [[{"role": "user", "content": f"mistudio probe {i}"}] for i in (1, 2)]
     try:
-        first, second = (render_chat(source, m, {}, label, Budget(BASE_CHARS, BASE_SECONDS)) for m in probes)
+        first, second = (render_chat(source, m, {}, label, Budget(BASE_CHARS, PROBE_SECONDS)) for m in probes)
     except ChatTemplateError:
         return
     if first == second:
