@@ -31,10 +31,17 @@ GROUPS = ("model", "data", "capture", "batching", "storage", "run")
 def sae_pairs(text: str) -> dict[str, str] | None:
     """``saes`` as the command line and the Studio's field write it, ``layers.3.residual=/path,layers.5.mlp=/other``,
     as a mapping (not checked further); None when it is not hook point=folder pairs."""
+    pairs = sae_pair_list(text)
+    return None if pairs is None else dict(pairs)
+
+
+def sae_pair_list(text: str) -> list[tuple[str, str]] | None:
+    """The (hook point, folder) pairs of ``saes`` as text, in the order given (a hook point may repeat: the caller
+    refuses that); None when it is not hook point=folder pairs."""
     pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
     if any(len(p) != 2 for p in pairs):
         return None
-    return {a.strip(): b.strip() for a, b in pairs}
+    return [(a.strip(), b.strip()) for a, b in pairs]
 
 
 def param(default: Any, description: str, *, group: str, label: str, stored: bool, flag: str | None = None,
@@ -268,20 +275,29 @@ class Request(BaseModel):
         if v is None or v == {} or v == "":
             return None
         if isinstance(v, str):  # "layers.3.residual=path,layers.5.mlp=other" (the command line's form)
-            pairs = sae_pairs(v)
+            pairs = sae_pair_list(v)
             if pairs is None:
                 raise ValueError(f"«saes={v!r}» is not hook point=folder pairs: e.g. «pass "
                                  "saes='layers.3.residual=/path/to/sae'» (several: comma-separated)")
-            v = pairs
-        if not isinstance(v, dict):
+        elif isinstance(v, dict):
+            pairs = list(v.items())
+        else:
             raise ValueError(f"«saes={short(v)}» is not a mapping: «pass saes={{'layers.3.residual': "
                              "'/path/to/sae'}»")  # from Python only: the command line's text is parsed above
-        out = {}
-        for point, folder in v.items():
+        out, given = {}, {}
+        for point, folder in pairs:
             parts = str(point).split(".")
             if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in HOOK_KINDS:
                 raise ValueError(f"«saes» has the key {point!r}, which is not a hook point: use "
                                  f"'layers.<i>.<{'|'.join(HOOK_KINDS)}>', e.g. 'layers.3.residual'")
+            point = f"layers.{int(parts[1])}.{parts[2]}"  # 'layers.03.mlp' is layers.3.mlp
+            if point in given:
+                raise ValueError(f"«saes» names {point} twice ({given[point]} and {short(folder)}): one SAE per "
+                                 "hook point: keep one of them")
+            given[point] = short(folder)
+            if isinstance(folder, str) and not folder.strip():
+                raise ValueError(f"«saes» gives no folder for {point}: write the SAE's folder after the '=', e.g. "
+                                 f"«pass saes='{point}=/path/to/sae'»")
             folder = getattr(folder, "sae_path", folder)  # a training run (TrainingJob): its SAE's folder
             if not isinstance(folder, (str, os.PathLike)):
                 raise ValueError(f"«saes» gives {short(folder)} for {point}, not a folder: the values are folders an "
