@@ -211,8 +211,14 @@ class Presets:
         arguments = self.read(name)
         target = os.path.abspath(os.path.expanduser(os.fspath(target)))
         data = {"name": name, "arguments": preset_arguments(arguments), "saved": time.time()}
-        with open(target, "w", encoding="utf-8") as out:
-            out.write(json.dumps(data, indent=2))
+        try:
+            with open(target, "w", encoding="utf-8") as out:
+                out.write(json.dumps(data, indent=2))
+        except OSError as exc:
+            why = "it is a folder" if os.path.isdir(target) else "no such folder" if not os.path.isdir(
+                os.path.dirname(target)) else exc.strerror or type(exc).__name__
+            raise InputError(f"cannot write the preset to {target!r} ({why.lower()}): give the path of a file in a "
+                             "folder you can write, e.g. ./my-preset.json", param="path") from None
         return target
 
 

@@ -30,3 +30,12 @@ def test_an_sae_without_a_folder_is_refused(gpt2_dir, workspace, capsys):
     code, _, err = run(capsys, "--workspace", workspace, "estimate", "--model", gpt2_dir, "--layers", "2",
                        "--saes", "layers.2.residual=")
     assert code == 2 and "--saes gives no folder for layers.2.residual" in err and "not an SAE folder" not in err
+
+
+def test_exporting_a_preset_where_no_file_can_be_written_names_the_path(gpt2_dir, workspace, tmp_path, capsys):
+    ms.Workspace(workspace).save_preset("p1", model=gpt2_dir, layers=[1])
+    for target, why in ((tmp_path / "no" / "such" / "p.json", "no such folder"), (tmp_path, "it is a folder")):
+        code, _, err = run(capsys, "--workspace", workspace, "presets", "export", "p1", target)
+        assert code == 2 and f"cannot write the preset to '{target}' ({why})" in err and "Traceback" not in err
+    code, out, _ = run(capsys, "--workspace", workspace, "presets", "export", "p1", tmp_path / "p.json")
+    assert code == 0 and (tmp_path / "p.json").is_file()
