@@ -39,3 +39,23 @@ def test_exporting_a_preset_where_no_file_can_be_written_names_the_path(gpt2_dir
         assert code == 2 and f"cannot write the preset to '{target}' ({why})" in err and "Traceback" not in err
     code, out, _ = run(capsys, "--workspace", workspace, "presets", "export", "p1", tmp_path / "p.json")
     assert code == 0 and (tmp_path / "p.json").is_file()
+
+
+def test_extract_words_refusals_found_while_planning_as_flags_like_estimate(gpt2_dir, workspace, tmp_path, capsys):
+    oov = tmp_path / "oov.jsonl"
+    oov.write_text("[1, 2, 99999]\n[3, 4]\n")
+    template, plain = tmp_path / "chat.jinja", tmp_path / "plain.jsonl"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    plain.write_text('{"text": "hello there"}\n')
+    for flags, cli_words, python_words in (
+            (["--dataset", oov], "pass --oov-policy skip", "oov_policy="),
+            (["--dataset", plain, "--chat-template", template], "leave out --chat-template", "chat_template=")):
+        said = {}
+        for command in ("estimate", "extract"):
+            code, _, err = run(capsys, "--workspace", workspace, command, "--model", gpt2_dir, "--max-samples", 2,
+                               *flags)
+            assert code == 2 and cli_words in err and python_words not in err, err
+            said[command] = [line for line in err.splitlines() if line.startswith("error:")]
+        assert said["extract"] == said["estimate"]
+    with pytest.raises(ms.InputError, match="oov_policy='skip'"):  # Python keeps its own words
+        ms.extract(gpt2_dir, str(oov), max_samples=2, workspace=workspace, progress=False)
