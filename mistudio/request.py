@@ -356,7 +356,7 @@ class Request(BaseModel):
     def _timeout(cls, v: float | None) -> float | None:
         if v is not None and not v > 0:
             raise ValueError(f"«timeout_s={v:g}» must be a positive number of seconds, e.g. "
-                             "«pass timeout_s=600», or None for no limit")
+                             "«pass timeout_s=600», or «pass timeout_s=None» for no limit")
         return v
 
     @model_validator(mode="after")

@@ -59,3 +59,32 @@ def test_extract_words_refusals_found_while_planning_as_flags_like_estimate(gpt2
         assert said["extract"] == said["estimate"]
     with pytest.raises(ms.InputError, match="oov_policy='skip'"):  # Python keeps its own words
         ms.extract(gpt2_dir, str(oov), max_samples=2, workspace=workspace, progress=False)
+
+
+def test_timeout_none_means_no_limit_on_extract_as_on_train(gpt2_dir, workspace, capsys):
+    code, _, err = run(capsys, "--workspace", workspace, "extract", "--model", gpt2_dir, "--timeout", "-5")
+    assert code == 2 and "pass --timeout 600, or leave out --timeout for no limit" in err and "None" not in err
+    ms.Workspace(workspace).save_preset("short", model=gpt2_dir, timeout_s=0.001, max_samples=2)
+    code, out, err = run(capsys, "--workspace", workspace, "extract", "--preset", "short", "--timeout", "none")
+    assert code == 0 and "COMPLETED" in out, err  # the preset's limit is lifted, not refused as 'not a number'
+    ext = ms.Workspace(workspace).open(ms.Workspace(workspace).extractions()["id"][0])
+    assert ext.metadata["params"]["timeout_s"] is None
+
+
+def help_of(capsys, command: str) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+@pytest.mark.parametrize("command", ["extract", "estimate"])
+def test_extract_help_speaks_flags_not_python(command, capsys):
+    from mistudio.request import Request
+
+    text = help_of(capsys, command)
+    for name in Request.model_fields:  # a keyword's name (device_map) in help is Python's spelling
+        assert "_" not in name or f" {name}" not in text, name
+    for python in ("None", "True", "False", "{hook point", "model=", "an int, a list of ints", "'all'"):
+        assert python not in text, python
+    assert "layers.3.residual=/path/to/sae" in text and "(default --checksum)" in text
+    assert "(none, or left out: no limit)" in text or command == "estimate"
