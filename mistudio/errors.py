@@ -80,6 +80,15 @@ def render(text: str, style: str = "python", names: dict[str, tuple[str, str]] |
     return _MARK.sub(word, text)
 
 
+EXTRACT_AGAIN = "run `mistudio extract` again with the same flags (a new extraction)"
+
+
+def retry_words(python: str, cli: str = EXTRACT_AGAIN) -> str:
+    """A fix that retries an extraction: ``python`` for Python and the Studio (which have a retry), ``cli`` for the
+    command line (which has none: it extracts again), marked for :func:`render`."""
+    return f"«py+studio:{python}»«cli:{cli}»"
+
+
 class MistudioError(Exception):
     """Base class of every error mistudio raises on purpose."""
 
@@ -192,8 +201,10 @@ class ExtractionFailed(MistudioError):
         self.error = error
         hint = ""
         if error.get("suggested_retry_params"):
-            hint = f" Suggested retry: {error['suggested_retry_params']}."
-        super().__init__(f"[{error['error_type']}] {error['error_message']}{hint} (extraction {extraction_id})")
+            hint = retry_words(f" Suggested retry: {error['suggested_retry_params']}.", "")
+        words = error.get("error_template") or error["error_message"]
+        self.template = f"[{error['error_type']}] {words}{hint} (extraction {extraction_id})"
+        super().__init__(render(self.template))
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -261,20 +272,19 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
         return record
     if isinstance(exc, JobTimeout):
         if not resumable:  # out of time while loading the model or reading the data: a longer limit is the fix
-            limit = params.get("timeout_s")
+            limit, again = params.get("timeout_s"), retry_words("retry it", "run `mistudio extract` again")
             template = (f"{exc} It stopped before it stored anything (while loading the model or reading the data): "
-                        f"retry it with a longer limit («timeout_s={2 * limit:g}», or «timeout_s=None» for none)."
-                        if limit else f"{exc} It stopped before it stored anything: retry it with a longer limit.")
+                        f"{again} with a longer limit («timeout_s={2 * limit:g}», or «timeout_s=None» for none)."
+                        if limit else f"{exc} It stopped before it stored anything: {again} with a longer limit.")
             return {"error_type": "TIMEOUT", "error_message": render(template), "error_template": template,
                     "suggested_retry_params": {"timeout_s": 2 * limit} if limit else {}}
         max_samples = params.get("max_samples")
         suggested = {"max_samples": max(1, int(max_samples) // 2)} if max_samples else {}
-        return {
-            "error_type": "TIMEOUT",
-            "error_message": f"{exc} Resume it to continue from what was saved (each run gets the limit again), or "
-                             "retry with fewer samples.",
-            "suggested_retry_params": suggested,
-        }
+        template = (f"{exc} Resume it to continue from what was saved (each run gets the limit again), or "
+                    + retry_words("retry with fewer samples.", "run `mistudio extract` again with fewer samples "
+                                  "(a new extraction)."))
+        return {"error_type": "TIMEOUT", "error_message": render(template), "error_template": template,
+                "suggested_retry_params": suggested}
     return {
         "error_type": "UNKNOWN",
         "error_message": f"{type(exc).__name__}: {exc}",

@@ -88,3 +88,27 @@ def test_extract_help_speaks_flags_not_python(command, capsys):
         assert python not in text, python
     assert "layers.3.residual=/path/to/sae" in text and "(default --checksum)" in text
     assert "(none, or left out: no limit)" in text or command == "estimate"
+
+
+def test_the_command_line_never_offers_an_extraction_retry_it_does_not_have(gpt2_dir, workspace, tmp_path, capsys):
+    import shutil
+
+    from mistudio.errors import render
+    from mistudio.fingerprints import RESUME_RISK
+
+    code, _, _ = run(capsys, "--workspace", workspace, "extract", "--model", gpt2_dir, "--max-samples", 2)
+    done = ms.Workspace(workspace).extractions()["id"][0]
+    code, _, err = run(capsys, "--workspace", workspace, "resume", done)
+    assert code == 2 and "nothing to resume (`mistudio extract` with the flags you want makes a new" in err
+    broken = tmp_path / "gpt2_broken"
+    shutil.copytree(gpt2_dir, broken)
+    (broken / "model.safetensors").write_bytes(bytes(100))
+    code, _, err = run(capsys, "--workspace", workspace, "extract", "--model", broken, "--max-samples", 2)
+    assert code == 1
+    failed = next(i for i in ms.Workspace(workspace).extractions()["id"] if i != done)
+    code, _, err = run(capsys, "--workspace", workspace, "resume", failed)
+    assert code == 2 and "nothing stored to resume from: run `mistudio extract` again with the same flags" in err
+    for said in (err, render(RESUME_RISK, "cli")):
+        assert "retry" not in said.lower(), said
+    with pytest.raises(ms.InputError, match="nothing stored to resume from: retry it"):  # Python has ws.retry
+        ms.Workspace(workspace).resume(failed)
