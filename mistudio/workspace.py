@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from .errors import DiskFull, InputError, StoreBusy, StoreLost, disk_full_cause, disk_full_message, human_bytes, \
-    retry_words
+    render, retry_words
 from .extraction import Extraction
 from .inputs import SubmittedInputs, frozen
 from .jobs import Job, Observable, RunOptions
@@ -277,7 +277,8 @@ class Workspace(Folder, Observable):
                 "run `mistudio extract` again with the request corrected (a new extraction)")
                 if error.error_type == "VALIDATION" else
                 "There is nothing stored to resume from: " + retry_words("retry it"))
-            said = getattr(error, "error_template", None) or error.error_message  # marked: each front end's words
+            template = getattr(error, "error_template", None)  # marked: each front end's words (when it is its own)
+            said = template if template and render(template) == error.error_message else error.error_message
             raise InputError(f"extraction {extraction_id} cannot resume: it failed [{error.error_type}] "
                              f"{said.rstrip('.')}. {why}")
         store.check_records()  # committed chunks in their places, before anything is written over them
