@@ -38,9 +38,9 @@ def _cli_value(value: str) -> str:
     if re.fullmatch(r"-?\d+\.0", value):  # a flag's float that holds a whole number, as it was typed
         return value[:-2]
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
+        return value[1:-1] or "''"  # an empty text as typed: --hooks ''
     if value.startswith("[") and value.endswith("]"):
-        return ",".join(v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip())
+        return ",".join(v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip()) or "''"
     return value
 
 

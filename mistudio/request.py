@@ -25,6 +25,7 @@ from .formats import file_format, named
 from .specs import (BATCH_SIZES, EXAMPLES, HOOK_KINDS, LAYER_FORMS, QUANTIZATIONS, HubDataset, ModelSpec,
                     Float, Int, device_problem, pandas_kind, parse_layers, short, validation_error)
 
+SAES_SAID = "«py+studio:«pass saes={hook point: SAE folder}»»«cli:«pass saes=HOOK_POINT=FOLDER»»"
 GROUPS = ("model", "data", "capture", "batching", "storage", "run")
 
 
@@ -262,8 +263,8 @@ class Request(BaseModel):
         if isinstance(v, str):
             v = [h.strip() for h in v.split(",") if h.strip()]
         if not isinstance(v, (list, tuple)) or not v:
-            raise ValueError(f"«hooks={short(v)}» is empty or not a list: choose from {HOOK_KINDS}, e.g. «pass "
-                             "hooks=['residual', 'mlp']»")
+            raise ValueError(f"«hooks={short(v)}» is empty«py+studio: or not a list»: choose from "
+                             f"{', '.join(HOOK_KINDS)}, e.g. «pass hooks=['residual', 'mlp']»")
         for kind in v:
             if kind not in HOOK_KINDS:
                 raise ValueError(f"«hooks={short(v)}»: unknown hook kind {kind!r}: choose from {HOOK_KINDS}")
@@ -377,10 +378,10 @@ class Request(BaseModel):
                              "batches: pass one of them")
         if self.latent_coverage is not None and not self.saes:
             raise ValueError(f"«latent_coverage={self.latent_coverage}» sizes the stored latents of SAEs, and no "
-                             "SAE is given: «pass saes={hook point: SAE folder}» with it, or leave it unset")
+                             "SAE is given: " + SAES_SAID + " with it, or leave it unset")
         if self.latent_width is not None and not self.saes:
             raise ValueError(f"«latent_width={self.latent_width}» sets the latents kept per token of SAEs, and no SAE "
-                             "is given: «pass saes={hook point: SAE folder}» with it, or leave it unset")
+                             "is given: " + SAES_SAID + " with it, or leave it unset")
         if self.revision is not None and os.path.isdir(self.model):
             raise ValueError(f"«revision={self.revision!r}» picks a version of a Hub model, and «model={self.model!r}» "
                              "is a local folder (it holds one version): leave revision out")

@@ -112,3 +112,16 @@ def test_the_command_line_never_offers_an_extraction_retry_it_does_not_have(gpt2
         assert "retry" not in said.lower(), said
     with pytest.raises(ms.InputError, match="nothing stored to resume from: retry it"):  # Python has ws.retry
         ms.Workspace(workspace).resume(failed)
+
+
+def test_refusals_of_flags_give_the_command_line_forms(gpt2_dir, workspace, capsys):
+    for flags, said in ((["--layers", "abc"], "give an index, a list such as 0,3, a range such as 2-5"),
+                        (["--hooks", ""], "--hooks '' is empty: choose from residual, mlp, attention, e.g. pass "
+                                          "--hooks residual,mlp"),
+                        (["--latent-width", "4"], "pass --saes HOOK_POINT=FOLDER with it")):
+        code, _, err = run(capsys, "--workspace", workspace, "estimate", "--model", gpt2_dir, *flags)
+        assert code == 2 and said in err and "an int" not in err and "{" not in err, err
+    with pytest.raises(ms.InputError, match=r"pass saes=\{hook point: SAE folder\} with it"):
+        ms.estimate(gpt2_dir, latent_width=4, workspace=workspace)
+    with pytest.raises(ms.InputError, match="give an int, a list of ints"):
+        ms.estimate(gpt2_dir, layers="abc", workspace=workspace)
