@@ -44,13 +44,23 @@ def _cli_value(value: str) -> str:
     return value
 
 
+def _json_value(value: str) -> str:
+    """A Python literal as JSON writes it: 'lots' -> "lots", None -> null, [0, 'a'] -> [0, "a"]."""
+    value = value.strip()
+    words = {"None": "null", "True": "true", "False": "false"}
+    return words.get(value) or re.sub(r"'([^'\"]*)'", r'"\1"', value)
+
+
 def render(text: str, style: str = "python", names: dict[str, tuple[str, str]] | None = None) -> str:
-    """A message with its parameter marks worded for a front end: ``"python"``, ``"cli"`` or ``"studio"``.
+    """A message with its parameter marks worded for a front end: ``"python"``, ``"cli"`` or ``"studio"`` (or
+    ``"file"``: the keys of a preset file, in JSON).
 
     ``names`` maps a parameter to its (command-line flag without dashes, Studio label); by default the flag is
     the name with dashes and the label the name in words."""
     def word(m: re.Match) -> str:
         verb, name, value = bool(m.group(1)), m.group(2), m.group(3)
+        if style == "file":  # a preset file's keys, as its JSON writes them
+            return ("set " if verb else "") + f'"{name}"' + ("" if value is None else f": {_json_value(value)}")
         if style == "python":
             if value is None:
                 return f"pass {name}=" if verb else name
@@ -75,7 +85,7 @@ def render(text: str, style: str = "python", names: dict[str, tuple[str, str]] |
         shown = "empty" if value == "None" else _cli_value(value)
         return f"set '{label}' to {shown}" if verb else f"'{label}' {shown}"
 
-    short = "py" if style == "python" else style
+    short = "py" if style in ("python", "file") else style
     text = _ONLY.sub(lambda m: m.group(2) if short in m.group(1).split("+") else "", text)
     return _MARK.sub(word, text)
 

@@ -179,12 +179,20 @@ def build(cls: type[BaseModel], names: dict[str, str] | None = None, **values: A
         raise validation_error(exc, names) from None
 
 
+PLAIN_WORDS = {  # pydantic's type errors, in words that name no Python type
+    "int_parsing": "is not a whole number", "int_type": "is not a whole number", "int_from_float": "is not a whole "
+    "number", "float_parsing": "is not a number", "float_type": "is not a number", "bool_parsing": "is not true or "
+    "false", "bool_type": "is not true or false", "string_type": "is not text", "dict_type": "is not a mapping",
+    "list_type": "is not a list"}
+
+
 def validation_error(exc: pydantic.ValidationError, names: dict[str, str] | None = None) -> InputError:
     """One InputError from a pydantic report: each problem marked with the parameter it is about."""
     lines, unions, params = [], set(), []
     for err in exc.errors():
         cause = (err.get("ctx") or {}).get("error")
-        msg = cause.template if isinstance(cause, InputError) else err["msg"].removeprefix("Value error, ")
+        msg = cause.template if isinstance(cause, InputError) else PLAIN_WORDS.get(
+            err["type"], err["msg"].removeprefix("Value error, "))
         loc = err["loc"]
         if len(loc) > 1 and isinstance(loc[1], str) and ("[" in loc[1] or loc[1] in ("int", "float", "str")):
             if loc[0] in unions:  # a union (batch_size: a number or 'auto'): its first member's message
@@ -199,7 +207,7 @@ def validation_error(exc: pydantic.ValidationError, names: dict[str, str] | None
         if "«" in msg:
             lines.append(msg)
         elif len(loc) == 1:
-            lines.append(f"«{name}={short(err.get('input'))}»: {msg}")
+            lines.append(f"«{name}={short(err.get('input'))}»{' ' if err['type'] in PLAIN_WORDS else ': '}{msg}")
         else:
             where = name + "".join(f"[{p!r}]" for p in loc[1:])
             lines.append(f"{where}={short(err.get('input'))}: {msg}")

@@ -482,5 +482,9 @@ class Workspace(Folder, Observable):
         if not overwrite and name in self.presets_folder.names():
             raise InputError(f"preset {name!r} already exists: «pass name=<another name>» or «pass overwrite=True»",
                              param="overwrite")
-        self.save_preset(name, **from_json(data.arguments))
+        try:
+            self.save_preset(name, **from_json(data.arguments))
+        except InputError as exc:  # about a key of the file: named as the file writes it
+            raise InputError(f"{os.fspath(path)!r} cannot be imported: {exc.render('file')}; correct that in the "
+                             "file (or export the preset again)", param="path") from None
         return name

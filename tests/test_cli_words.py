@@ -125,3 +125,31 @@ def test_refusals_of_flags_give_the_command_line_forms(gpt2_dir, workspace, caps
         ms.estimate(gpt2_dir, latent_width=4, workspace=workspace)
     with pytest.raises(ms.InputError, match="give an int, a list of ints"):
         ms.estimate(gpt2_dir, layers="abc", workspace=workspace)
+
+
+def test_importing_a_hand_edited_preset_names_the_file_and_its_key(gpt2_dir, workspace, tmp_path, capsys):
+    import json
+
+    def preset_file(name: str, text: str):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    good = {"model": gpt2_dir, "layers": [1]}
+    for text, said in (
+            (json.dumps({"name": "a", "arguments": {**good, "batch_size": "lots"}}),
+             '"batch_size": "lots" is not a whole number'),
+            (json.dumps({"name": "a", "arguments": {**good, "checksum": "maybe"}}), '"checksum": "maybe" is not true'),
+            (json.dumps({"name": "a", "arguments": {**good, "layers": [7]}}),
+             '"layers": [7]: layer index 7 is out of range: this model has 3 layers, use 0 to 2 (or set "layers": '
+             '"all")'),
+            (json.dumps({"name": "a", "arguments": {**good, "bogus_arg": 1}}), "\"arguments\" has unknown keys "
+                                                                               "'bogus_arg'"),
+            ("not json", "it is not JSON: expecting value at line 1, column 1"),
+            ("[1]", "it is not a JSON object")):
+        path = preset_file("p.json", text)
+        code, _, err = run(capsys, "--workspace", workspace, "presets", "import", path)
+        assert code == 2 and f"'{path}'" in err and said in err, err
+        for python in ("Input should", "Value error", "JSONDecodeError", "--batch-size", "--layers"):
+            assert python not in err, (python, err)
+    assert not ms.Workspace(workspace).presets()
