@@ -153,3 +153,12 @@ def test_importing_a_hand_edited_preset_names_the_file_and_its_key(gpt2_dir, wor
         for python in ("Input should", "Value error", "JSONDecodeError", "--batch-size", "--layers"):
             assert python not in err, (python, err)
     assert not ms.Workspace(workspace).presets()
+
+
+def test_a_shard_smaller_than_a_chunk_is_refused(gpt2_dir, workspace, capsys):
+    code, _, err = run(capsys, "--workspace", workspace, "estimate", "--model", gpt2_dir, "--shard-mb", "0.001")
+    assert code == 2 and "--shard-mb 0.001 is smaller than one chunk (--chunk-mb 2)" in err
+    assert "pass --shard-mb 32 or more, or pass --shard-mb 0 for one file per chunk" in err
+    code, out, _ = run(capsys, "--workspace", workspace, "estimate", "--model", gpt2_dir, "--shard-mb", "0.01",
+                       "--chunk-mb", "0.01", "--max-samples", 2)
+    assert code == 0 and "on disk" in out
