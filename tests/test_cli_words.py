@@ -162,3 +162,10 @@ def test_a_shard_smaller_than_a_chunk_is_refused(gpt2_dir, workspace, capsys):
     code, out, _ = run(capsys, "--workspace", workspace, "estimate", "--model", gpt2_dir, "--shard-mb", "0.01",
                        "--chunk-mb", "0.01", "--max-samples", 2)
     assert code == 0 and "on disk" in out
+
+
+def test_demo_takes_window_none_as_no_window(workspace, capsys):
+    code, out, err = run(capsys, "--workspace", workspace, "demo", "--max-samples", 2, "--window", "none")
+    assert code == 0 and "COMPLETED" in out, err
+    ext = ms.Workspace(workspace).open(ms.Workspace(workspace).extractions()["id"][0])
+    assert ext.metadata["params"]["window"] is None
