@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from .data import report_line
-from .errors import ExtractionFailed, InputError, MistudioError, StoreBusy, StoreCorrupted, human_bytes, render
+from .errors import InputError, MistudioError, StoreBusy, StoreCorrupted, human_bytes, render
 from .request import ParamInfo, params
 
 CLI_NAMES = {"force": ("force", "Force"), "overwrite": ("overwrite", "Overwrite"), "name": ("name", "Name"),
@@ -36,7 +36,7 @@ def error_text(error: dict, style: str) -> str:
 
 def say(exc: BaseException) -> str:
     """An error as the command line words it."""
-    text = exc.template if isinstance(exc, (InputError, ExtractionFailed)) else str(exc)
+    text = getattr(exc, "template", None) or str(exc)  # marked words (InputError, ExtractionFailed ...) or plain
     return render(text, "cli", cli_names())
 
 

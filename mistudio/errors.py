@@ -99,8 +99,19 @@ def retry_words(python: str, cli: str = EXTRACT_AGAIN) -> str:
     return f"«py+studio:{python}»«cli:{cli}»"
 
 
+RETRY_EXTRACTION = retry_words("retry the extraction")
+RE_EXTRACT = retry_words("re-extract (retry)", "re-extract (run `mistudio extract` again)")
+
+
 class MistudioError(Exception):
-    """Base class of every error mistudio raises on purpose."""
+    """Base class of every error mistudio raises on purpose. A message with marks (see :func:`render`) reads as
+    Python in ``str()``; ``template`` keeps the marks for the other front ends."""
+
+    def __init__(self, *args):
+        if args and isinstance(args[0], str) and "«" in args[0]:
+            self.template = args[0]
+            args = (render(args[0]), *args[1:])
+        super().__init__(*args)
 
 
 class InputError(MistudioError, ValueError):
@@ -199,7 +210,7 @@ class StoreCorrupted(MistudioError):
         self.location, self.array, self.chunk, self.file, self.what = location, array, chunk, file, what
         where = "".join([f" array {array}" if array else "", f" chunk {chunk}" if chunk is not None else "",
                          f" (file {file})" if file else ""])
-        fix = fix or "Run `mistudio verify <id>` for a full report; re-extract (retry) to repair it"
+        fix = fix or f"Run `mistudio verify <id>` for a full report; {RE_EXTRACT} to repair it"
         super().__init__(f"store {location} is damaged:{where}: {what}. {fix}")
 
 
@@ -251,12 +262,12 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
     if isinstance(exc, JobInterrupted):
         return {"error_type": "INTERRUPTED", "error_message": str(exc), "suggested_retry_params": {},
                 "resume_available": True}
-    if isinstance(exc, StoreLost):
-        return {"error_type": "STORE_LOST", "error_message": str(exc), "suggested_retry_params": {},
-                "resume_available": False}
-    if isinstance(exc, StoreCorrupted):  # committed rows unreadable: a resume would stop at them again
-        return {"error_type": "STORE_DAMAGED", "error_message": str(exc), "suggested_retry_params": {},
-                "resume_available": False}
+    if isinstance(exc, (StoreLost, StoreCorrupted)):  # damaged: a resume would stop at the committed rows again
+        record = {"error_type": "STORE_LOST" if isinstance(exc, StoreLost) else "STORE_DAMAGED",
+                  "error_message": str(exc), "suggested_retry_params": {}, "resume_available": False}
+        if getattr(exc, "template", None):  # its fix worded by each front end
+            record["error_template"] = exc.template
+        return record
     budget = params.get("max_batch_tokens")
     if is_oom(exc):
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -169,3 +169,20 @@ def test_demo_takes_window_none_as_no_window(workspace, capsys):
     assert code == 0 and "COMPLETED" in out, err
     ext = ms.Workspace(workspace).open(ms.Workspace(workspace).extractions()["id"][0])
     assert ext.metadata["params"]["window"] is None
+
+
+def test_store_errors_offer_the_command_lines_way_to_extract_again():
+    import pickle
+
+    from mistudio.cli import say
+    from mistudio.errors import RETRY_EXTRACTION, StoreCorrupted, StoreLost, classify, render
+
+    damaged = StoreCorrupted("ws/extractions/x.zarr", "a chunk is short", "activations/layers.0.residual", (0, 0))
+    assert str(damaged).endswith("re-extract (retry) to repair it")  # Python and the Studio have a retry
+    assert say(damaged).endswith("re-extract (run `mistudio extract` again) to repair it") and "«" not in say(damaged)
+    assert str(pickle.loads(pickle.dumps(damaged))) == str(damaged)
+    lost = StoreLost("the store x was deleted while its job ran; what it held is gone: " + RETRY_EXTRACTION)
+    record = classify(lost, {})
+    assert record["error_message"].endswith("retry the extraction") and "«" not in str(lost)
+    assert render(record["error_template"], "cli").endswith("run `mistudio extract` again with the same flags (a new "
+                                                            "extraction)")
