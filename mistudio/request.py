@@ -374,9 +374,10 @@ class Request(BaseModel):
                 raise ValueError(f"«stride={self.stride}» must be from 1 to the window ({self.window}): e.g. «pass "
                                  f"stride={max(1, self.window // 2)}»")
         if 0 < self.shard_mb < self.chunk_mb:  # a shard holds whole chunks: this one would hold none
-            raise ValueError(f"«shard_mb={self.shard_mb:g}» is smaller than one chunk («chunk_mb={self.chunk_mb:g}»): a "
-                             f"shard holds whole chunks; «pass shard_mb={max(32, self.chunk_mb):g}» or more, or «pass "
-                             "shard_mb=0» for one file per chunk")
+            raise ValueError(f"«shard_mb={self.shard_mb:g}» is smaller than one chunk "
+                             f"(«chunk_mb={self.chunk_mb:g}»): a shard holds whole chunks; "
+                             f"«pass shard_mb={max(32, self.chunk_mb):g}» or more, or «pass shard_mb=0» for one "
+                             "file per chunk")
         if self.batch_size == "auto" and self.max_batch_tokens is not None:
             raise ValueError(f"«batch_size='auto'» and «max_batch_tokens={self.max_batch_tokens}» both size the "
                              "batches: pass one of them")
