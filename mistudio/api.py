@@ -48,7 +48,7 @@ def extract(model: Any = None, dataset: Any = None, layers: Any = None, hooks: A
         raise JobCancelled(f"extraction {job.id} was cancelled; what was saved is kept (ws.resume({job.id!r}))")
     error = job.error or {"error_type": "UNKNOWN", "error_message": f"job ended {status}"}
     if error["error_type"] == "VALIDATION":
-        raise InputError(error["error_message"])
+        raise InputError(error.get("error_template") or error["error_message"], param=error.get("param"))
     raise ExtractionFailed(job.id, error)
 
 

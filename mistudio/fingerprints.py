@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import EXTRACT_AGAIN, InputError, retry_words
 from .specs import ModelSpec
 
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -170,8 +170,8 @@ def short(fp: dict | None) -> str:
     return "unknown" if not fp else str(fp.get("weights", ""))[:12]
 
 
-RESUME_RISK = ("resuming would mix rows of two models: «retry» into a new extraction, or put the original files "
-               "back to resume")
+RESUME_RISK = ("resuming would mix rows of two models: " + retry_words("«retry» into a new extraction", EXTRACT_AGAIN)
+               + ", or put the original files back to resume")
 
 
 def check_same_model(name: str, recorded: dict | None, current: dict | None, risk: str = RESUME_RISK) -> None:

@@ -41,7 +41,8 @@ class PresetFile(BaseModel):
     def _known(cls, v: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(v) - set(Request.model_fields))
         if unknown:
-            raise ValueError(f"it has unknown arguments {unknown}")
+            raise ValueError(f"has unknown keys {', '.join(map(repr, unknown))} (the keys are extraction arguments, "
+                             "e.g. 'model', 'layers', 'batch_size': `mistudio extract --help` lists them as flags)")
         return v
 
 
@@ -110,10 +111,26 @@ def read_preset_file(path: str | os.PathLike, fs=None) -> PresetFile:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSON and pydantic errors are ValueErrors
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if isinstance(exc, pydantic.ValidationError):
-            why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors()[:3])
-        raise InputError(f"{shown!r} is not a preset file ({why[:300]}): export one with `mistudio presets export "
+        if isinstance(exc, json.JSONDecodeError):
+            why = f"it is not JSON: {exc.msg.lower()} at line {exc.lineno}, column {exc.colno}"
+        elif isinstance(exc, UnicodeDecodeError):
+            why = "it is not UTF-8 text"
+        elif isinstance(exc, pydantic.ValidationError):
+            why = "; ".join(_said(e) for e in exc.errors()[:3])
+        raise InputError(f"{shown!r} is not a preset file ({why[:400]}): export one with `mistudio presets export "
                          "NAME PATH` (or ws.export_preset(name, path))", param="path") from None
+
+
+def _said(error: dict) -> str:
+    """One problem of a preset file's layout, naming its key as the JSON writes it."""
+    where = ".".join(f'"{part}"' for part in error["loc"])
+    if error["type"] == "missing":
+        return f"it has no {where}"
+    if error["type"] == "model_type":
+        return "it is not a JSON object"
+    what = {"dict_type": "is not an object of arguments", "string_type": "is not text",
+            "float_type": "is not a number"}.get(error["type"], error["msg"].removeprefix("Value error, "))
+    return f"{where} {what}" if where else what
 
 
 def from_json(arguments: dict) -> dict:
@@ -211,8 +228,14 @@ class Presets:
         arguments = self.read(name)
         target = os.path.abspath(os.path.expanduser(os.fspath(target)))
         data = {"name": name, "arguments": preset_arguments(arguments), "saved": time.time()}
-        with open(target, "w", encoding="utf-8") as out:
-            out.write(json.dumps(data, indent=2))
+        try:
+            with open(target, "w", encoding="utf-8") as out:
+                out.write(json.dumps(data, indent=2))
+        except OSError as exc:
+            why = "it is a folder" if os.path.isdir(target) else "no such folder" if not os.path.isdir(
+                os.path.dirname(target)) else exc.strerror or type(exc).__name__
+            raise InputError(f"cannot write the preset to {target!r} ({why.lower()}): give the path of a file in a "
+                             "folder you can write, e.g. ./my-preset.json", param="path") from None
         return target
 
 

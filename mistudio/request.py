@@ -25,16 +25,24 @@ from .formats import file_format, named
 from .specs import (BATCH_SIZES, EXAMPLES, HOOK_KINDS, LAYER_FORMS, QUANTIZATIONS, HubDataset, ModelSpec,
                     Float, Int, device_problem, pandas_kind, parse_layers, short, validation_error)
 
+SAES_SAID = "«py+studio:«pass saes={hook point: SAE folder}»»«cli:«pass saes=HOOK_POINT=FOLDER»»"
 GROUPS = ("model", "data", "capture", "batching", "storage", "run")
 
 
 def sae_pairs(text: str) -> dict[str, str] | None:
     """``saes`` as the command line and the Studio's field write it, ``layers.3.residual=/path,layers.5.mlp=/other``,
     as a mapping (not checked further); None when it is not hook point=folder pairs."""
+    pairs = sae_pair_list(text)
+    return None if pairs is None else dict(pairs)
+
+
+def sae_pair_list(text: str) -> list[tuple[str, str]] | None:
+    """The (hook point, folder) pairs of ``saes`` as text, in the order given (a hook point may repeat: the caller
+    refuses that); None when it is not hook point=folder pairs."""
     pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
     if any(len(p) != 2 for p in pairs):
         return None
-    return {a.strip(): b.strip() for a, b in pairs}
+    return [(a.strip(), b.strip()) for a, b in pairs]
 
 
 def param(default: Any, description: str, *, group: str, label: str, stored: bool, flag: str | None = None,
@@ -255,8 +263,8 @@ class Request(BaseModel):
         if isinstance(v, str):
             v = [h.strip() for h in v.split(",") if h.strip()]
         if not isinstance(v, (list, tuple)) or not v:
-            raise ValueError(f"«hooks={short(v)}» is empty or not a list: choose from {HOOK_KINDS}, e.g. «pass "
-                             "hooks=['residual', 'mlp']»")
+            raise ValueError(f"«hooks={short(v)}» is empty«py+studio: or not a list»: choose from "
+                             f"{', '.join(HOOK_KINDS)}, e.g. «pass hooks=['residual', 'mlp']»")
         for kind in v:
             if kind not in HOOK_KINDS:
                 raise ValueError(f"«hooks={short(v)}»: unknown hook kind {kind!r}: choose from {HOOK_KINDS}")
@@ -268,20 +276,29 @@ class Request(BaseModel):
         if v is None or v == {} or v == "":
             return None
         if isinstance(v, str):  # "layers.3.residual=path,layers.5.mlp=other" (the command line's form)
-            pairs = sae_pairs(v)
+            pairs = sae_pair_list(v)
             if pairs is None:
                 raise ValueError(f"«saes={v!r}» is not hook point=folder pairs: e.g. «pass "
                                  "saes='layers.3.residual=/path/to/sae'» (several: comma-separated)")
-            v = pairs
-        if not isinstance(v, dict):
+        elif isinstance(v, dict):
+            pairs = list(v.items())
+        else:
             raise ValueError(f"«saes={short(v)}» is not a mapping: «pass saes={{'layers.3.residual': "
                              "'/path/to/sae'}»")  # from Python only: the command line's text is parsed above
-        out = {}
-        for point, folder in v.items():
+        out, given = {}, {}
+        for point, folder in pairs:
             parts = str(point).split(".")
             if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in HOOK_KINDS:
                 raise ValueError(f"«saes» has the key {point!r}, which is not a hook point: use "
                                  f"'layers.<i>.<{'|'.join(HOOK_KINDS)}>', e.g. 'layers.3.residual'")
+            point = f"layers.{int(parts[1])}.{parts[2]}"  # 'layers.03.mlp' is layers.3.mlp
+            if point in given:
+                raise ValueError(f"«saes» names {point} twice ({given[point]} and {short(folder)}): one SAE per "
+                                 "hook point: keep one of them")
+            given[point] = short(folder)
+            if isinstance(folder, str) and not folder.strip():
+                raise ValueError(f"«saes» gives no folder for {point}: write the SAE's folder after the '=', e.g. "
+                                 f"«pass saes='{point}=/path/to/sae'»")
             folder = getattr(folder, "sae_path", folder)  # a training run (TrainingJob): its SAE's folder
             if not isinstance(folder, (str, os.PathLike)):
                 raise ValueError(f"«saes» gives {short(folder)} for {point}, not a folder: the values are folders an "
@@ -340,7 +357,7 @@ class Request(BaseModel):
     def _timeout(cls, v: float | None) -> float | None:
         if v is not None and not v > 0:
             raise ValueError(f"«timeout_s={v:g}» must be a positive number of seconds, e.g. "
-                             "«pass timeout_s=600», or None for no limit")
+                             "«pass timeout_s=600», or «pass timeout_s=None» for no limit")
         return v
 
     @model_validator(mode="after")
@@ -356,15 +373,20 @@ class Request(BaseModel):
             elif self.stride > self.window:
                 raise ValueError(f"«stride={self.stride}» must be from 1 to the window ({self.window}): e.g. «pass "
                                  f"stride={max(1, self.window // 2)}»")
+        if 0 < self.shard_mb < self.chunk_mb:  # a shard holds whole chunks: this one would hold none
+            raise ValueError(f"«shard_mb={self.shard_mb:g}» is smaller than one chunk "
+                             f"(«chunk_mb={self.chunk_mb:g}»): a shard holds whole chunks; "
+                             f"«pass shard_mb={max(32, self.chunk_mb):g}» or more, or «pass shard_mb=0» for one "
+                             "file per chunk")
         if self.batch_size == "auto" and self.max_batch_tokens is not None:
             raise ValueError(f"«batch_size='auto'» and «max_batch_tokens={self.max_batch_tokens}» both size the "
                              "batches: pass one of them")
         if self.latent_coverage is not None and not self.saes:
             raise ValueError(f"«latent_coverage={self.latent_coverage}» sizes the stored latents of SAEs, and no "
-                             "SAE is given: «pass saes={hook point: SAE folder}» with it, or leave it unset")
+                             "SAE is given: " + SAES_SAID + " with it, or leave it unset")
         if self.latent_width is not None and not self.saes:
             raise ValueError(f"«latent_width={self.latent_width}» sets the latents kept per token of SAEs, and no SAE "
-                             "is given: «pass saes={hook point: SAE folder}» with it, or leave it unset")
+                             "is given: " + SAES_SAID + " with it, or leave it unset")
         if self.revision is not None and os.path.isdir(self.model):
             raise ValueError(f"«revision={self.revision!r}» picks a version of a Hub model, and «model={self.model!r}» "
                              "is a local folder (it holds one version): leave revision out")

@@ -31,6 +31,8 @@ OOV_POLICIES = ("clamp", "skip", "error")
 QUANTIZATIONS = ("int8", "nf4")
 MAX_LAYER_INDEX = 10_000  # no model has more blocks: a larger index is refused before anything is expanded
 LAYER_FORMS = "an int, a list of ints, a string such as '0,3' or '2-5' (inclusive), or 'all'"
+LAYER_FORMS_SAID = (f"«py+studio:{LAYER_FORMS}»"  # in messages: the command line's own forms there
+                    "«cli:an index, a list such as 0,3, a range such as 2-5 (inclusive), or all»")
 EXAMPLES = {"batch_size": "8", "max_length": "128", "max_samples": "1000", "chunk_mb": "2.0", "shard_mb": "32",
             "max_batch_tokens": "4096", "micro_batch_size": "2", "auto_batch_memory_fraction": "0.8",
             "window": "512", "stride": "256", "timeout_s": "600"}
@@ -66,7 +68,7 @@ def parse_layers(value: Any, n_layers: int | None = None) -> list[int] | Literal
     limit = n_layers if n_layers is not None else MAX_LAYER_INDEX + 1
 
     def bad(why: str) -> InputError:
-        return InputError(f"«layers={shown}» {why}: give {LAYER_FORMS}", param="layers")
+        return InputError(f"«layers={shown}» {why}: give {LAYER_FORMS_SAID}", param="layers")
 
     def out_of_range(index: int) -> InputError:
         if n_layers is None:
@@ -101,11 +103,11 @@ def parse_layers(value: Any, n_layers: int | None = None) -> list[int] | Literal
     ranges = [r for r in ranges if len(r)]
     if not ranges:
         raise InputError(f"«layers» is empty: name at least one block index, e.g. «pass layers=[0, 3]»; give "
-                         f"{LAYER_FORMS}", param="layers")
+                         f"{LAYER_FORMS_SAID}", param="layers")
     negative = [r[0] for r in ranges if r[0] < 0]
     if negative:
         raise InputError(f"«layers={shown}»: layer index {negative[0]} is out of range: blocks count from 0; give "
-                         f"{LAYER_FORMS}", param="layers")
+                         f"{LAYER_FORMS_SAID}", param="layers")
     highest = max(r[-1] for r in ranges)
     if highest >= limit:
         raise out_of_range(highest)
@@ -177,12 +179,20 @@ def build(cls: type[BaseModel], names: dict[str, str] | None = None, **values: A
         raise validation_error(exc, names) from None
 
 
+PLAIN_WORDS = {  # pydantic's type errors, in words that name no Python type
+    "int_parsing": "is not a whole number", "int_type": "is not a whole number", "int_from_float": "is not a whole "
+    "number", "float_parsing": "is not a number", "float_type": "is not a number", "bool_parsing": "is not true or "
+    "false", "bool_type": "is not true or false", "string_type": "is not text", "dict_type": "is not a mapping",
+    "list_type": "is not a list"}
+
+
 def validation_error(exc: pydantic.ValidationError, names: dict[str, str] | None = None) -> InputError:
     """One InputError from a pydantic report: each problem marked with the parameter it is about."""
     lines, unions, params = [], set(), []
     for err in exc.errors():
         cause = (err.get("ctx") or {}).get("error")
-        msg = cause.template if isinstance(cause, InputError) else err["msg"].removeprefix("Value error, ")
+        msg = cause.template if isinstance(cause, InputError) else PLAIN_WORDS.get(
+            err["type"], err["msg"].removeprefix("Value error, "))
         loc = err["loc"]
         if len(loc) > 1 and isinstance(loc[1], str) and ("[" in loc[1] or loc[1] in ("int", "float", "str")):
             if loc[0] in unions:  # a union (batch_size: a number or 'auto'): its first member's message
@@ -197,7 +207,7 @@ def validation_error(exc: pydantic.ValidationError, names: dict[str, str] | None
         if "«" in msg:
             lines.append(msg)
         elif len(loc) == 1:
-            lines.append(f"«{name}={short(err.get('input'))}»: {msg}")
+            lines.append(f"«{name}={short(err.get('input'))}»{' ' if err['type'] in PLAIN_WORDS else ': '}{msg}")
         else:
             where = name + "".join(f"[{p!r}]" for p in loc[1:])
             lines.append(f"{where}={short(err.get('input'))}: {msg}")

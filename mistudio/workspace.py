@@ -16,7 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import DiskFull, InputError, StoreBusy, StoreLost, disk_full_cause, disk_full_message, human_bytes
+from .errors import DiskFull, InputError, StoreBusy, StoreLost, disk_full_cause, disk_full_message, human_bytes, \
+    render, retry_words
 from .extraction import Extraction
 from .inputs import SubmittedInputs, frozen
 from .jobs import Job, Observable, RunOptions
@@ -264,16 +265,22 @@ class Workspace(Folder, Observable):
                 before_batch: Any, model: str | os.PathLike | None) -> Job:
         meta = self.ensure_free(extraction_id, store)  # read again under the lease
         if meta.status == Status.COMPLETED:
-            raise InputError(f"extraction {extraction_id} is already COMPLETED: nothing to resume "
-                             "(retry runs it again with other parameters)")
+            raise InputError(f"extraction {extraction_id} is already COMPLETED: nothing to resume ("
+                             + retry_words("retry runs it again with other parameters",
+                                           "`mistudio extract` with the flags you want makes a new extraction") + ")")
         error = meta.error
         # a damaged store is not offered a resume (it would stop at the damage again), but one whose files were put
         # back resumes: the job checks the committed rows it continues from
         if error is not None and not can_resume(meta.status, error) and error.error_type != "STORE_DAMAGED":
-            why = ("Resuming would fail again: retry it (with the request corrected) instead"
-                   if error.error_type == "VALIDATION" else "There is nothing stored to resume from: retry it")
+            why = ("Resuming would fail again: " + retry_words(
+                "retry it (with the request corrected) instead",
+                "run `mistudio extract` again with the request corrected (a new extraction)")
+                if error.error_type == "VALIDATION" else
+                "There is nothing stored to resume from: " + retry_words("retry it"))
+            template = getattr(error, "error_template", None)  # marked: each front end's words (when it is its own)
+            said = template if template and render(template) == error.error_message else error.error_message
             raise InputError(f"extraction {extraction_id} cannot resume: it failed [{error.error_type}] "
-                             f"{error.error_message.rstrip('.')}. {why}")
+                             f"{said.rstrip('.')}. {why}")
         store.check_records()  # committed chunks in their places, before anything is written over them
         old = self._handles.get(extraction_id)
         if old is not None and old.request is not None:
@@ -298,8 +305,10 @@ class Workspace(Folder, Observable):
         if batch_size:
             if request.max_batch_tokens is not None and batch_size != request.batch_size:
                 raise InputError(f"extraction {extraction_id} batches by «max_batch_tokens={request.max_batch_tokens}»"
-                                 f": «batch_size={batch_size}» would not apply; resume without it (retry with "
-                                 "another max_batch_tokens to batch differently)", param="batch_size")
+                                 f": «batch_size={batch_size}» would not apply; resume without it ("
+                                 + retry_words("retry with another «max_batch_tokens» to batch differently",
+                                               "a new `mistudio extract` with another «max_batch_tokens» batches "
+                                               "differently") + ")", param="batch_size")
             request = request.replace(batch_size=batch_size)
         hook = before_batch if before_batch is not None else old.options.before_batch if old is not None else None
         options = RunOptions(cluster=cluster, before_batch=hook)
@@ -473,5 +482,9 @@ class Workspace(Folder, Observable):
         if not overwrite and name in self.presets_folder.names():
             raise InputError(f"preset {name!r} already exists: «pass name=<another name>» or «pass overwrite=True»",
                              param="overwrite")
-        self.save_preset(name, **from_json(data.arguments))
+        try:
+            self.save_preset(name, **from_json(data.arguments))
+        except InputError as exc:  # about a key of the file: named as the file writes it
+            raise InputError(f"{os.fspath(path)!r} cannot be imported: {exc.render('file')}; correct that in the "
+                             "file (or export the preset again)", param="path") from None
         return name

@@ -19,7 +19,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from ..errors import StoreBusy, StoreLost
+from ..errors import RETRY_EXTRACTION, StoreBusy, StoreLost
 
 FILE = ".mistudio-lease"
 EXPIRES_S = 90.0  # a remote lease not renewed for this long is free (heartbeats renew it every few seconds)
@@ -133,7 +133,7 @@ class WriterLease:
                 same = False
             if not same:
                 raise StoreLost(f"the store {self.location} was deleted or replaced while its job ran: this job "
-                                "stopped without touching it; retry the extraction")
+                                "stopped without touching it; " + RETRY_EXTRACTION)
             return
         current = self._read_remote()
         if current is None or current.get("nonce") != self.owner["nonce"]:

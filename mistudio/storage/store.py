@@ -13,7 +13,7 @@ import numpy as np
 import pydantic
 import zarr
 
-from ..errors import InputError, StoreCorrupted, StoreLost
+from ..errors import RE_EXTRACT, RETRY_EXTRACTION, InputError, StoreCorrupted, StoreLost
 from . import metadata, positions
 from .codec import Damaged, Geometry, check_recorded, fast_layout, record_committed, stored_crcs
 from .files import fsync_dir, write_atomic
@@ -240,10 +240,10 @@ class ExtractionStore:
         except (FileNotFoundError, KeyError, ValueError, TypeError, zarr.errors.GroupNotFoundError) as exc:
             why = exc or type(exc).__name__
             raise StoreLost(f"the store {self.location} was deleted or damaged while its job ran ({why}); "
-                            "what it held is gone: retry the extraction") from exc
+                            "what it held is gone: " + RETRY_EXTRACTION) from exc
         if nonce != self._record.nonce:
             raise StoreLost(f"the store {self.location} was replaced by another store while its job ran: "
-                            "this job stopped without touching it; retry the extraction")
+                            "this job stopped without touching it; " + RETRY_EXTRACTION)
         self._same_as = stamp
 
     def take_lease(self, purpose: str, job_id: str | None = None) -> WriterLease:
@@ -358,7 +358,7 @@ class ExtractionStore:
             raise StoreCorrupted(self.location, "the array's folder comes from another store (or another copy of "
                                  f"one): its chunk records are under the key {arr.attrs.get(positions.ATTRIBUTE)!r}, "
                                  f"not this store's {key!r}", path, file=file,
-                                 fix="Put this store's own folder back from a copy of it, or re-extract (retry)")
+                                 fix=f"Put this store's own folder back from a copy of it, or {RE_EXTRACT}")
 
     def recorded_arrays(self) -> list[tuple[str, zarr.Array, int]]:
         """(path, array, rows below which its chunks are recorded) of every array that keeps chunk records under

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import MistudioError, StoreLost
+from ..errors import RETRY_EXTRACTION, MistudioError, StoreLost
 from .codec import Geometry, UnitWriter
 from .featfeed import StatisticsFeed
 from .featindex import FeatureIndex
@@ -87,7 +87,7 @@ class _Stream:
             if os.path.isdir(self.folder):
                 raise
             raise StoreLost(f"the store {self.location} was deleted or moved while its job wrote {self.path} "
-                            f"({exc.filename or exc} is gone); what it held is gone: retry the extraction") from exc
+                            f"({exc.filename or exc} is gone); what it held is gone: " + RETRY_EXTRACTION) from exc
 
     def _write_unit(self, start: int, stop: int, views: list[np.ndarray], again: bool) -> None:
         if self.unit_writer is None:
