@@ -120,9 +120,11 @@ def resolve_device(device: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device={device!r} but this machine has no CUDA GPU: use device='cpu' or 'auto'")
+        raise InputError(f"«device={device!r}» but this machine has no CUDA GPU: «pass device='cpu'» or "
+                         "«device='auto'»", param="device")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device='mps' but Apple's MPS is not available here: use device='cpu' or 'auto'")
+        raise InputError("«device='mps'» but Apple's MPS is not available here: «pass device='cpu'» or "
+                         "«device='auto'»", param="device")
     return torch.device(device)
 
 
@@ -147,8 +149,8 @@ def model_source(spec: ModelSpec) -> str:
     if path.exists():
         if not (path / "config.json").exists():
             raise InputError(
-                f"model folder {name!r} has no config.json: point model= at a folder saved with "
-                "save_pretrained (config.json + weights + tokenizer files)"
+                f"model folder {name!r} has no config.json: point «model» at a folder saved with "
+                "save_pretrained (config.json + weights + tokenizer files)", param="model"
             )
         return str(path.resolve())
     if _looks_like_path(name):
@@ -165,7 +167,7 @@ def _hub_error(name: str, exc: Exception) -> InputError:
     why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such model"
     return InputError(
         f"could not load model {name!r} from the Hugging Face Hub ({why}; nothing for it in the local cache). "
-        "The Hub is unreachable from here: point model= at a local folder that holds config.json, weights and "
+        "The Hub is unreachable from here: point «model» at a local folder that holds config.json, weights and "
         "tokenizer files (e.g. saved with save_pretrained), or download it once on a machine with network. "
         f"Details: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     )
@@ -306,7 +308,7 @@ def check_placement(spec: ModelSpec) -> None:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise InputError(f"quantization={spec.quantization!r} needs bitsandbytes, which is not installed: "
+            raise InputError(f"«quantization={spec.quantization!r}» needs bitsandbytes, which is not installed: "
                              'pip install "mistudio[quant]" (on a CUDA machine), or «pass quantization=None»',
                              param="quantization") from None
     if spec.device_map is not None or spec.quantization is not None:

