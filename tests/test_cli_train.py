@@ -41,6 +41,7 @@ def test_train_list_and_extract_with_the_sae_it_prints(extracted, workspace, cap
     run_id = out.split()[2].rstrip(":")
     assert f"training run {run_id}: COMPLETED" in out
     assert "16 of 16 steps, 1,000 tokens; explained variance" in out  # n_tokens exactly: the last step is 40 rows
+    assert "warning" not in out  # 1,000 tokens: not many passes over the store's rows
     assert "trained; evaluating the SAE (explained variance, L0, dead latents)..." in out + err  # not a silent 100%
     [evaluation] = [line for line in out.splitlines() if line.startswith("  evaluation  ")]
     assert "explained variance 0." in evaluation and "dead fraction" in evaluation
@@ -59,6 +60,14 @@ def test_train_list_and_extract_with_the_sae_it_prints(extracted, workspace, cap
     assert f"  latents     {HP}.latents (topk SAE, 64 latents, k 4): its features in the Studio's Features tab" in out
     ext = ms.open_extraction(out.split()[1].rstrip(":"), workspace=workspace)
     assert ext.latent_points == [f"{HP}.latents"] and ext.n_samples == 40  # the same data: the run said which
+
+
+def test_a_run_over_the_same_rows_many_times_is_warned(extracted, workspace, capsys):
+    code, out, err = run(capsys, "train", extracted, HP, "--workspace", workspace, "--d-sae", 32, "--k", 4,
+                         "--batch-size", 512, "--epochs", 60, "--evaluate", "no")
+    assert code == 0, err
+    [warning] = [line for line in out.splitlines() if line.startswith("  warning     ")]
+    assert "60 times" in warning and "pass --n-tokens fewer" in warning, warning
 
 
 def test_a_run_on_in_memory_data_does_not_print_a_command_that_reads_the_sample(gpt2_dir, workspace, capsys):
