@@ -2,6 +2,9 @@
 another run) or a preset leaves no estimate or finished run of the form before on screen as if it were current."""
 from __future__ import annotations
 
+import pytest
+
+import mistudio as ms
 from test_widgets import make_studio, wait_for
 
 
@@ -80,5 +83,9 @@ def test_more_options_shows_the_saes_one_hook_point_a_line(gpt2_dir, workspace, 
     assert panel.form_arguments()["saes"] == {"layers.0.residual": str(first)}
     field.value = f"layers.0.residual={first},layers.1.residual={second}"
     assert len(panel.form_arguments()["saes"]) == 2
+    field.value = f"layers.1.residual={first}\nlayers.1.residual={second}"  # one hook point twice: not one dropped
+    with pytest.raises(ms.InputError, match="names layers.1.residual twice"):
+        ms.Request.build(**{**panel.form_arguments(), "dataset": "sample"})
+    assert panel.launch() is None and "twice" in panel.alert.value
     panel.show_arguments({"saes": {"layers.0.residual": "/odd,folder"}})  # a comma in a folder: JSON keeps it
     assert panel.form_arguments()["saes"] == {"layers.0.residual": "/odd,folder"}

@@ -13,7 +13,7 @@ from ..errors import InputError, human_bytes
 from ..jobs import Job
 from ..models import load_config, model_source, n_layers_of
 from ..plan import estimate
-from ..request import ParamInfo, Request, params, sae_pairs
+from ..request import ParamInfo, Request, params, sae_pair_list
 from ..specs import BATCH_SIZES, HOOK_KINDS, STORAGE_DTYPES, ModelSpec, build, parse_layers, short
 from ..storage.metadata import can_resume
 from ..storage.store import ExtractionStore
@@ -103,12 +103,12 @@ def saes_pairs(text: str) -> list[tuple[str, str]] | None:
             value = json.loads(text)
         except ValueError:
             return None
+        pairs = list(value.items()) if isinstance(value, dict) else None
     else:
-        value = sae_pairs(text.replace("\n", ","))
-    if not isinstance(value, dict) or not value or any(not str(k).strip() or not str(v).strip()
-                                                       for k, v in value.items()):
+        pairs = sae_pair_list(text.replace("\n", ","))
+    if not pairs or any(not str(k).strip() or not str(v).strip() for k, v in pairs):
         return None
-    return [(str(k), str(v)) for k, v in value.items()]
+    return [(str(k), str(v)) for k, v in pairs]
 
 
 def _option_value(info: ParamInfo, widget: W.Widget):
@@ -116,7 +116,10 @@ def _option_value(info: ParamInfo, widget: W.Widget):
     if info.kind in ("int", "float") and info.default is None and not value:
         return None  # 0 = none
     if info.name == "saes" and saes_pairs(value) is not None:
-        return dict(saes_pairs(value))
+        pairs = saes_pairs(value)
+        if len({point for point, _ in pairs}) < len(pairs) and not value.strip().startswith("{"):
+            return value.replace("\n", ",")  # as typed: the request refuses the hook point named twice, by name
+        return dict(pairs)
     if info.kind == "json":
         text = value.strip()
         if not text:
