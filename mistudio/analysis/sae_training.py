@@ -747,7 +747,8 @@ def _figures(result: _StepOut, sums: Tensor, scale: float | None, since_fired: T
     factor = (scale or 1.0) ** 2
     return {"step": step, "total_steps": total_steps, "tokens": tokens, "total_tokens": total_tokens,
             "epoch": int(epoch), "loss": float(result.loss.detach()),
-            "mse_loss": float(result.mse_loss.detach()), "sparsity_loss": float(result.sparsity_loss.detach()), "mse": err / rows / width / factor, "l0": fired / rows,
+            "mse_loss": float(result.mse_loss.detach()), "sparsity_loss": float(result.sparsity_loss.detach()),
+            "mse": err / rows / width / factor, "l0": fired / rows,
             "explained_variance": 1.0 - err / variance if variance > 1e-30 * rows else None,
             "dead_fraction": float((since_fired > plan.dead_window).float().mean()) if tokens > plan.dead_window
             else None, "dead_window": plan.dead_window,
