@@ -521,8 +521,8 @@ def token_label(token: Any, scheme: str = "auto") -> str:
     unprintable as ``\\u200b``); an empty piece ``'∅'``. With ``scheme="bytelevel"`` (GPT-2's tokenizers;
     :func:`tokenizer_scheme` tells), a piece reads as the text its bytes spell (``'Ã©'`` -> ``'é'``; a character
     cut at an end as its bytes, ``'<0xC3>'``: :func:`byte_level_label`); any other scheme, ``"auto"`` included,
-    keeps ``'Ã©'`` as written, since there it may be the text itself. Plain text: escape it (:func:`escape`) for HTML. Running text (pieces
-    joined) is :func:`display_pieces`' job."""
+    keeps ``'Ã©'`` as written, since there it may be the text itself. Plain text: escape it (:func:`escape`) for
+    HTML. Running text (pieces joined) is :func:`display_pieces`' job."""
     text = str(token)
     if scheme == "bytelevel":
         text = byte_level_label(text) or text
