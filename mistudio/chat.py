@@ -658,18 +658,20 @@ def check_template(source: str, label: str) -> None:
 
 def check_reads_messages(source: str, label: str) -> None:
     """Refuse a template whose text does not depend on the conversation (a data file passed as the template, a
-    template that never reads ``messages``): every sample would be the same text. Two one-message conversations
-    that differ must render differently; a template that refuses them, or runs past its budget on them, is left to
-    the data to judge (its errors name the dataset row)."""
-    probes = [[{"role": "user", "content": f"mistudio probe {i}"}] for i in (1, 2)]
+    template that never reads ``messages``): every sample would be the same text. Two system-user-assistant
+    conversations whose every message differs must render differently (a template that renders one role only, or
+    skips a turn, still differs); a template that refuses them, or runs past its budget on them, is left to the
+    data (whose errors name the dataset row, and which also refuses a template rendering all its rows alike)."""
+    probes = [[{"role": role, "content": f"mistudio probe {i} {role}"} for role in ("system", "user", "assistant")]
+              for i in (1, 2)]
     try:
         first, second = (render_chat(source, m, {}, label, Budget(BASE_CHARS, PROBE_SECONDS)) for m in probes)
     except ChatTemplateError:
         return
     if first == second:
         raise ChatTemplateError(f"{label} renders every conversation as the same text ({first[:60]!r}"
-                                f"{'...' if len(first) > 60 else ''}): it never reads the messages, so every sample "
-                                f"would be that text; {FIX}", "failed")
+                                f"{'...' if len(first) > 60 else ''}): it never reads the messages' contents, so "
+                                f"every sample would be that text; {FIX}", "failed")
 
 
 def render_chat(source: str, messages: list[dict], variables: dict, label: str, limits: Budget | None = None,

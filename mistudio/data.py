@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from .chat import PASS_TEMPLATE, Budget, ChatTemplateError, check_reads_messages, check_template, render_chat
+from .chat import FIX, PASS_TEMPLATE, Budget, ChatTemplateError, check_reads_messages, check_template, render_chat
 from .errors import InputError, counted
 from .formats import DATA_SUFFIXES, file_format, named as _named
 from .request import Request
@@ -693,6 +693,8 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
         pending.clear()
 
     limit = spec.max_samples
+    first: list = []  # the first conversation and its ids: a template that renders all alike is found at the end
+    differ = {"conversations": False, "renders": False}
     for row, value in enumerate(raw_values(spec)):
         if limit is not None and len(rows) + len(pending) >= limit:
             flush()  # some pending rows may still be dropped; read on only if they were
@@ -703,6 +705,10 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
             messages = conversation(value)
             if messages:
                 ids, roles = chat_tokens(tokenizer, messages, template, label, f"dataset row {row}")
+                if not first:
+                    first[:] = [messages, ids]
+                differ["conversations"] |= messages != first[0]
+                differ["renders"] |= not np.array_equal(ids, first[1])
                 keep(row, ids, roles=roles)
             else:
                 out.skip("empty" if value is None else "not_chat")
@@ -717,6 +723,11 @@ def tokenize(spec: Request, tokenizer, vocab_size: int, batch_rows: int = 1024) 
             out.skip(_why_not_text(value))
     flush()
     out.rows = np.asarray(rows, dtype=np.int64)
+    if template is not None and differ["conversations"] and not differ["renders"]:
+        raise InputError(
+            f"{label} renders every conversation of the dataset as the same text ({len(out.ids):,} samples of "
+            f"{len(first[1]):,} tokens each): it reads only what they share (a first system message, say), so "
+            f"every sample would be that text; {FIX}", param="chat_template")
     if not out.ids and template is not None:
         raise InputError(
             f"the dataset has no conversations: {out.n_rows_read} rows read, none with 'messages' "

@@ -121,6 +121,17 @@ def test_a_template_that_never_reads_the_messages_is_refused(gpt2_dir, tmp_path,
                      "--chat-template", str(data), "--max-samples", "2"]) == 2
     assert not list(cli_ws.glob("extractions/*.zarr"))  # nothing stored
     ms.extract(gpt2_dir, CHATS, chat_template=TEMPLATE, workspace=workspace, **ARGS)  # one that reads them runs
+    # templates that render one role only, tag a role without its text, or skip a turn read the messages: they run
+    for own in ("{% for m in messages %}{% if m.role == 'assistant' %}{{ m.content }}\n{% endif %}{% endfor %}",
+                "{% for m in messages %}{% if m.role == 'user' %}[INST]{% else %}{{ m.content }}{% endif %}"
+                "{% endfor %}", "{% for m in messages[1:] %}{{ m.content }}\n{% endfor %}"):
+        ext = ms.extract(gpt2_dir, CHATS, chat_template=own, workspace=workspace, **ARGS)
+        assert ext.sample(0)["input_ids"].tolist() != ext.sample(1)["input_ids"].tolist()
+    # one that reads only what the conversations share (a first system message) renders every sample alike: the
+    # data shows it, and it is refused before anything is stored
+    shared = [[{"role": "system", "content": "You are terse."}, *chat[-2:]] for chat in CHATS]
+    with pytest.raises(ms.InputError, match=r"renders every conversation of the dataset as the same text \(2 "):
+        ms.extract(gpt2_dir, shared, chat_template="{{ messages[0]['content'] }}", workspace=workspace, **ARGS)
 
 
 def test_chat_file_without_chat_template_names_the_fix(gpt2_dir, tmp_path, workspace):
