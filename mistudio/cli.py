@@ -155,6 +155,8 @@ def add_request_flags(parser: argparse.ArgumentParser, infos: list[ParamInfo]) -
             kwargs["type"] = _json_or_text
         if p.name == "model":
             kwargs["help"] += "; required without --preset"
+        if p.name == "saes":  # given twice: both kept (the request refuses a hook point named twice), not the last
+            kwargs["action"] = "append"
         parser.add_argument(f"--{p.flag}", **kwargs)
 
 
@@ -169,6 +171,12 @@ def request_options(args: argparse.Namespace, infos: list[ParamInfo]) -> dict:
         raise InputError("«model» is required (or «preset»: `mistudio presets` lists them)", param="model")
     if options.get("chat_template") is not None:
         options["chat_template"] = _chat_template(options["chat_template"])
+    if isinstance(options.get("saes"), list):
+        given = options["saes"]
+        if len(given) > 1 and not all(isinstance(v, str) for v in given):
+            raise InputError("«saes» is given several times, one of them as JSON: give the JSON once, or every SAE as "
+                             "HOOK_POINT=FOLDER pairs (comma-separated, or one --saes each)", param="saes")
+        options["saes"] = given[0] if len(given) == 1 else ",".join(given)
     return options
 
 

@@ -106,19 +106,34 @@ def read_preset_file(path: str | os.PathLike, fs=None) -> PresetFile:
         else:
             with fs.open(shown, "r") as f:
                 raw = f.read(MAX_PRESET_BYTES + 1)
-        return PresetFile.model_validate(json.loads(raw))
+        return PresetFile.model_validate(json.loads(raw, object_pairs_hook=_once))
     except InputError:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSON and pydantic errors are ValueErrors
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if isinstance(exc, json.JSONDecodeError):
             why = f"it is not JSON: {exc.msg.lower()} at line {exc.lineno}, column {exc.colno}"
+        elif isinstance(exc, _Twice):
+            why = str(exc)
         elif isinstance(exc, UnicodeDecodeError):
             why = "it is not UTF-8 text"
         elif isinstance(exc, pydantic.ValidationError):
             why = "; ".join(_said(e) for e in exc.errors()[:3])
         raise InputError(f"{shown!r} is not a preset file ({why[:400]}): export one with `mistudio presets export "
                          "NAME PATH` (or ws.export_preset(name, path))", param="path") from None
+
+
+class _Twice(ValueError):
+    """A JSON object that writes a key twice."""
+
+
+def _once(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are each written once (json keeps the last of a key written twice: an SAE lost)."""
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise _Twice(f"it writes {', '.join(map(repr, twice))} twice in one object: keep one of them")
+    return dict(pairs)
 
 
 def _said(error: dict) -> str:

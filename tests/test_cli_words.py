@@ -140,6 +140,8 @@ def test_importing_a_hand_edited_preset_names_the_file_and_its_key(gpt2_dir, wor
             (json.dumps({"name": "a", "arguments": {**good, "bogus_arg": 1}}), "\"arguments\" has unknown keys "
                                                                                "'bogus_arg'"),
             ("not json", "it is not JSON: expecting value at line 1, column 1"),
+            ('{"name": "a", "arguments": {"model": "m", "saes": {"layers.1.residual": "/a", "layers.1.residual": '
+             '"/b"}}}', "it writes 'layers.1.residual' twice in one object: keep one of them"),  # not /a dropped
             ("[1]", "it is not a JSON object")):
         path = preset_file("p.json", text)
         code, _, err = run(capsys, "--workspace", workspace, "presets", "import", path)
@@ -205,3 +207,18 @@ def test_device_and_model_folder_refusals_speak_flags(gpt2_dir, tmp_path, capsys
     assert main(["--workspace", str(tmp_path / "ws"), "extract", "--model", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "point --model at a folder saved with save_pretrained" in err and "model=" not in err, err
+
+
+def test_saes_given_twice_on_the_command_line_are_both_seen(gpt2_dir, workspace, tmp_path, capsys):
+    """Two --saes flags kept only the last (argparse): both reach the request, which refuses a hook point named
+    twice, and two flags for two hook points apply both."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    code, _, err = run(capsys, "--workspace", workspace, "estimate", "--model", gpt2_dir, "--layers", "1",
+                       "--saes", f"layers.1.residual={tmp_path / 'a'}", "--saes", f"layers.1.residual={tmp_path / 'b'}")
+    assert code == 2 and "--saes names layers.1.residual twice" in err, err
+    from mistudio.cli import parser, request_options
+    from mistudio.request import params
+
+    args = parser().parse_args(["extract", "--model", gpt2_dir, "--saes", "layers.1.residual=/a", "--saes",
+                                "layers.2.residual=/b"])
+    assert request_options(args, params())["saes"] == "layers.1.residual=/a,layers.2.residual=/b"

@@ -87,5 +87,8 @@ def test_more_options_shows_the_saes_one_hook_point_a_line(gpt2_dir, workspace, 
     with pytest.raises(ms.InputError, match="names layers.1.residual twice"):
         ms.Request.build(**{**panel.form_arguments(), "dataset": "sample"})
     assert panel.launch() is None and "twice" in panel.alert.value
+    field.value = f'{{"layers.1.residual": "{first}", "layers.1.residual": "{second}"}}'  # JSON: not the last kept
+    with pytest.raises(ms.InputError, match="names layers.1.residual twice"):
+        ms.Request.build(**{**panel.form_arguments(), "dataset": "sample"})
     panel.show_arguments({"saes": {"layers.0.residual": "/odd,folder"}})  # a comma in a folder: JSON keeps it
     assert panel.form_arguments()["saes"] == {"layers.0.residual": "/odd,folder"}

@@ -92,6 +92,10 @@ def option_widget(info: ParamInfo) -> W.Widget:
                   layout=layout, tooltip=tip, placeholder="JSON" if info.kind == "json" else "")
 
 
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, in order, a key named twice kept twice."""
+
+
 def saes_pairs(text: str) -> list[tuple[str, str]] | None:
     """The (hook point, SAE folder) pairs of the SAEs field as typed (JSON ``{point: folder}`` or
     ``point=folder,...``, read as ``Request`` reads it); None when it is neither (Launch says why)."""
@@ -99,11 +103,11 @@ def saes_pairs(text: str) -> list[tuple[str, str]] | None:
     if text.startswith("{"):
         import json
 
-        try:
-            value = json.loads(text)
+        try:  # each key as written: one named twice is kept twice, for the request to refuse by name
+            value = json.loads(text, object_pairs_hook=_Pairs)
         except ValueError:
             return None
-        pairs = list(value.items()) if isinstance(value, dict) else None
+        pairs = list(value) if isinstance(value, _Pairs) else None
     else:
         pairs = sae_pair_list(text.replace("\n", ","))
     if not pairs or any(not str(k).strip() or not str(v).strip() for k, v in pairs):
@@ -117,8 +121,8 @@ def _option_value(info: ParamInfo, widget: W.Widget):
         return None  # 0 = none
     if info.name == "saes" and saes_pairs(value) is not None:
         pairs = saes_pairs(value)
-        if len({point for point, _ in pairs}) < len(pairs) and not value.strip().startswith("{"):
-            return value.replace("\n", ",")  # as typed: the request refuses the hook point named twice, by name
+        if len({point for point, _ in pairs}) < len(pairs):  # as pairs: the request refuses the point named twice
+            return ",".join(f"{point}={folder}" for point, folder in pairs)
         return dict(pairs)
     if info.kind == "json":
         text = value.strip()
