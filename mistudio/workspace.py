@@ -42,6 +42,18 @@ _LISTENERS: dict[str, list] = {}  # per folder: every Workspace object on it hea
 _RUNNERS_LOCK = threading.Lock()
 
 
+def _forget_parent_runners() -> None:
+    """In a forked child (a process pool, a DataLoader worker): the parent's runners are there but not their
+    threads, so a job submitted there would wait forever; the child makes runners of its own."""
+    global _RUNNERS_LOCK
+    _RUNNERS_LOCK = threading.Lock()  # a lock another thread of the parent held at the fork stays held in the child
+    _RUNNERS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_runners)
+
+
 def check_options(request: Request, options: RunOptions) -> None:
     """What a run option cannot do with this request (a dask cluster runs fixed batches of every token)."""
     cluster = options.cluster

@@ -426,3 +426,24 @@ def test_stores_of_mixed_storage_dtypes_load_exact_rows(by_dtype, dtypes, out):
             stored = ext.activations(hp)[:].astype(np.float32)[got["row"][mine].numpy()]
             want = torch.from_numpy(stored).to(getattr(torch, out))
             assert torch.equal(got[hp][mine], want), (dtypes, out, s, hp)
+
+
+def _extract_in_child(model: str, root: str) -> None:
+    ext = ms.extract(model, texts(0, 4), workspace=root, **ARGS)
+    assert ext.record.status == "COMPLETED"
+
+
+def test_a_forked_child_extracts_in_a_workspace_its_parent_used(gpt2_dir, tmp_path):
+    """A process forked after this one used a workspace (a pool, a DataLoader worker) inherited its runner without
+    the runner's thread: its own ms.extract there waited forever. It runs its job on a runner of its own."""
+    import multiprocessing
+
+    root = str(tmp_path / "ws")
+    ms.extract(gpt2_dir, texts(0, 4), workspace=root, **ARGS)  # the parent's runner exists now
+    child = multiprocessing.get_context("fork").Process(target=_extract_in_child, args=(gpt2_dir, root))
+    child.start()
+    child.join(120)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+    assert (ms.Workspace(root).extractions()["status"] == "COMPLETED").sum() == 2
