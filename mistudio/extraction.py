@@ -398,7 +398,7 @@ class Extraction:
             info, point = self.record.latents[hp], f"{hp}.latents"
             if stats.dropped:
                 out.append(dropped_latents(point, stats.dropped, stats.active, stats.rows_dropped, stats.rows,
-                                           info.width, info.d_sae))
+                                           info.width, info.d_sae, k=info.k))
             if stats.n_out_of_range:
                 out.append(past_range(point, stats.n_out_of_range, f"{stats.active - stats.dropped:,} stored latents",
                                       dtype, f"max {stats.max:.3g}"))
@@ -762,16 +762,19 @@ class CommittedRows(CheckedArray):
 
 
 def dropped_latents(point: str, dropped: int, active: int, rows_dropped: int, rows: int, width: int, d_sae: int,
-                    where: str = "") -> str:
+                    where: str = "", k: int | None = None) -> str:
     """The warning for ``dropped`` of ``active`` firing latents of ``point`` left out for want of ``width`` (on
-    ``rows_dropped`` of ``rows`` rows; ``where``: of what, when not the store), with a width that keeps them."""
-    busy = width + math.ceil(dropped / rows_dropped)  # mean L0 of the rows cut
-    wider = min(d_sae, 16 * math.ceil(1.5 * busy / 16))
-    return (f"{point}: {dropped:,} of {active:,} firing latents{where} ({dropped / active:.1%}) "
+    ``rows_dropped`` of ``rows`` rows; ``where``: of what, when not the store), with a width that keeps them: a
+    top-k SAE's ``k`` (all it fires), else about 1.5 x the busiest rows' L0 (up to ``d_sae``) or more coverage."""
+    said = (f"{point}: {dropped:,} of {active:,} firing latents{where} ({dropped / active:.1%}) "
             f"{'would be' if where else 'were'} dropped for want of width, on {rows_dropped:,} of {rows:,} rows: "
             f"the store keeps each token's {width} largest, so densities, means and co-firing count a latent only "
-            "where it was among them (lower bounds for latents that fire small): "
-            f"«pass latent_width={wider}» (up to the SAE's d_sae, {d_sae:,}) or a higher «latent_coverage»")
+            "where it was among them (lower bounds for latents that fire small): ")
+    if k is not None:
+        return said + f"«pass latent_width={k}», the SAE's k (all a top-{k} SAE fires), or leave it out"
+    busy = width + math.ceil(dropped / rows_dropped)  # mean L0 of the rows cut
+    wider = min(d_sae, 16 * math.ceil(1.5 * busy / 16))
+    return said + f"«pass latent_width={wider}» (up to the SAE's d_sae, {d_sae:,}) or a higher «latent_coverage»"
 
 
 def past_range(point: str, n: int, of: str, dtype: str, largest: str) -> str:

@@ -448,8 +448,8 @@ def _probe(plan: Plan, loaded, layout: StoreLayout) -> tuple[float, dict, dict[s
     ids, offsets = plan.tokens["input_ids"], plan.tokens["sample_offsets"]
     saes = load_saes(request, loaded.input_device)
     latents = {p: Latents(sae, layout.array(f"latents/{p}/indices").shape[1], "int32") for p, sae in saes.items()}
-    latent_seen = {f"{p}.latents": {**LatentStats.empty(), "width": held.width, "d_sae": held.sae.d_sae}
-                   for p, held in latents.items()}
+    latent_seen = {f"{p}.latents": {**LatentStats.empty(), "width": held.width, "d_sae": held.sae.d_sae,
+                                    "k": held.sae.k} for p, held in latents.items()}
     done, started, seen = 0, time.perf_counter(), {"count": 0, "n_out_of_range": 0, "max_abs": 0.0}
     for first, stop, _rows, stats in forward_batches(loaded, ids, offsets, request, 0, plan.n_samples,
                                                      latents=latents):
@@ -474,7 +474,8 @@ def _latent_warnings(request: Request, probed: dict[str, dict]) -> list[str]:
     for point, stats in probed.items():
         if stats["dropped"]:
             out.append(dropped_latents(point, stats["dropped"], stats["active"], stats["rows_dropped"], stats["rows"],
-                                       stats["width"], stats["d_sae"], where=" on the probed batches"))
+                                       stats["width"], stats["d_sae"], where=" on the probed batches",
+                                       k=stats["k"]))
         if stats["n_out_of_range"]:
             out.append(f"{point}: {stats['n_out_of_range']:,} of {stats['active'] - stats['dropped']:,} probed "
                        f"latents are past {request.dtype}'s range (max {stats['max']:.3g}) and would be stored as "

@@ -280,6 +280,11 @@ def test_a_width_past_a_top_k_saes_k_is_capped_at_k(gpt2_dir, workspace, tmp_pat
     assert ext.latent_arrays(HP)[0].shape == (ext.n_tokens, 8) and ext.record.latent_statistics[HP].dropped == 0
     assert ms.estimate(gpt2_dir, "sample", saes=sae, latent_width=100, **LAYOUT)["bytes_on_disk"] == \
         ms.estimate(gpt2_dir, "sample", saes=sae, **LAYOUT)["bytes_on_disk"]
+    narrow = ms.extract(gpt2_dir, "sample", saes=sae, latent_width=4, workspace=workspace, progress=False, **LAYOUT)
+    [line] = [w for w in narrow.warnings() if "dropped" in w]  # its fix: the SAE's k, not a width it would cap
+    assert "«pass latent_width=8», the SAE's k (all a top-8 SAE fires)" in line and "coverage" not in line, line
+    ahead = ms.estimate(gpt2_dir, "sample", saes=sae, latent_width=4, probe=True, workspace=workspace, **LAYOUT)
+    assert any("the SAE's k (all a top-8 SAE fires)" in w for w in ahead["warnings"]), ahead["warnings"]
     make_sae(tmp_path / "relu", "standard")
     relu = ms.estimate(gpt2_dir, "sample", saes={HP: str(tmp_path / "relu")}, latent_width=10_000, **LAYOUT)
     assert relu["bytes_on_disk"] == ms.estimate(gpt2_dir, "sample", saes={HP: str(tmp_path / "relu")},
