@@ -611,7 +611,7 @@ def _training_summary(job) -> str:
     total = progress.get("total_steps")
     lines.append(f"  trained     {progress.get('step') or 0:,} of {f'{total:,}' if total else '?'} steps, "
                  f"{progress.get('tokens') or 0:,} tokens" + (f"; {', '.join(figures)}" if figures else ""))
-    lines += [f"  warning     {render(w, 'cli', cli_names())}" for w in job.warnings()]
+    lines += [f"  warning     {render(w, 'cli', cli_names())}" for w in job.warning_templates()]
     if record.evaluation:
         numbers = {k: v for k, v in record.evaluation.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -295,7 +295,8 @@ def classify(exc: BaseException, params: dict, disk: tuple[str, int | None, int 
         if not resumable:  # out of time while loading the model or reading the data: a longer limit is the fix
             limit, again = params.get("timeout_s"), retry_words("retry it", "run `mistudio extract` again")
             template = (f"{exc} It stopped before it stored anything (while loading the model or reading the data): "
-                        f"{again} with a longer limit («timeout_s={2 * limit:g}», or «timeout_s=None» for none)."
+                        f"{again} with a longer limit («timeout_s={2 * limit:g}», or "
+                        "«py+studio:«timeout_s=None»»«cli:--timeout none» for none)."
                         if limit else f"{exc} It stopped before it stored anything: {again} with a longer limit.")
             return {"error_type": "TIMEOUT", "error_message": render(template), "error_template": template,
                     "suggested_retry_params": {"timeout_s": 2 * limit} if limit else {}}

@@ -367,15 +367,19 @@ class TrainingJob(Handle):
         return Extraction.open(self.record.extraction.location)
 
     def warnings(self) -> list[str]:
-        """What a researcher should know of this run before trusting its SAE (marked for the front ends: see
-        :func:`mistudio.errors.render`): it passes over the same rows more than :data:`MANY_PASSES` times."""
+        """What a researcher should know of this run before trusting its SAE: it passes over the same rows more
+        than :data:`MANY_PASSES` times (:meth:`warning_templates`, worded for Python)."""
+        return [render(w) for w in self.warning_templates()]
+
+    def warning_templates(self) -> list[str]:
+        """:meth:`warnings` marked for the front ends (see :func:`mistudio.errors.render`)."""
         record = self.record
         total, rows = record.progress.total_tokens, record.rows
         if not total or not rows or total / rows <= MANY_PASSES:
             return []
         return [f"this run passes over the {rows:,} rows of {record.extraction.id} {total / rows:,.0f} times: an SAE "
                 "trained this often on so few rows fits them, and its features may not hold beyond them; extract "
-                "more samples, or «pass n_tokens=» fewer"]
+                "more samples, or train for less («n_tokens», «epochs»)"]
 
     def extract_arguments(self, dataset: Any = None, *, partial: bool = False) -> dict:
         """Arguments for ``ws.submit`` (or the Extract tab's form) that extract with this run's SAE: the SAE at its

@@ -67,7 +67,7 @@ def test_a_run_over_the_same_rows_many_times_is_warned(extracted, workspace, cap
                          "--batch-size", 512, "--epochs", 60, "--evaluate", "no")
     assert code == 0, err
     [warning] = [line for line in out.splitlines() if line.startswith("  warning     ")]
-    assert "60 times" in warning and "pass --n-tokens fewer" in warning, warning
+    assert "60 times" in warning and "train for less (--n-tokens, --epochs)" in warning, warning
 
 
 def test_a_run_on_in_memory_data_does_not_print_a_command_that_reads_the_sample(gpt2_dir, workspace, capsys):

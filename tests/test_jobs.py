@@ -262,6 +262,9 @@ def test_a_timeout_before_anything_is_stored_offers_a_longer_limit_not_a_resume(
     assert job.status == "FAILED" and error["error_type"] == "TIMEOUT" and not error["resume_available"]
     assert "stopped before it stored anything" in error["error_message"] and "Resume it" not in error["error_message"]
     assert "timeout_s=None" in error["error_message"] and error["suggested_retry_params"] == {"timeout_s": 2e-6}
+    from mistudio.cli import error_text
+    cli = error_text(error, "cli")  # --timeout none works whether or not a preset set the limit; "no --timeout" not
+    assert "--timeout 2e-06, or --timeout none for none" in cli and "no --timeout" not in cli, cli
     with pytest.raises(ms.InputError, match="There is nothing stored to resume from: retry it"):
         ws.resume(job.id)
     ext = ms.open_extraction(job.id, workspace=workspace)

@@ -362,9 +362,10 @@ def test_a_run_over_the_same_rows_many_times_is_warned(ext, root):
                            epochs=60, lr=3e-3)
     [warning] = many.warnings()
     assert f"passes over the {many.record.rows:,} rows" in warning and "60 times" in warning, warning
+    assert "(n_tokens, epochs)" in warning and "«" not in warning  # worded for Python
     panel = TrainPanel(ws)
     panel.watch(many)
-    assert "60 times" in panel.message.value and "&#x27;Tokens&#x27;" in panel.message.value, panel.message.value
+    assert "60 times" in panel.message.value and "(&#x27;Tokens&#x27;, &#x27;Epochs&#x27;)" in panel.message.value
     many.cancel()
     few = submit_training(ws, ext, HP, evaluate=False, architecture="topk", k=4, d_sae=32, batch_size=512, epochs=2)
     assert few.warnings() == []

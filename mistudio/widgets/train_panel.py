@@ -447,7 +447,7 @@ class TrainPanel(W.VBox):
             self.history = job.history()
             record = job.record
         if another:  # what the tab said of the run shown before (e.g. "the Extract tab now extracts with ...")
-            self._say("".join(note_box(ui_error(w)) for w in job.warnings()))
+            self._say("".join(note_box(ui_error(w)) for w in job.warning_templates()))
         self.show_settings(record.config, record.extraction.id, record.hook_point)
         self._show_state(record.status.value)
         self._draw_now()
