@@ -224,6 +224,9 @@ def test_running_text_joins_a_character_split_over_pieces(split_store):
     assert display_pieces(["Ã"], "bytelevel") == ["\ufffd"]  # alone in running text: as the tokenizer decodes it
     assert token_label("Ã", "bytelevel") == "<0xC3>"  # named on its own: its byte, told apart from the others'
     assert match_tokens(split_store, "<0xC3>") == [split_store.tokenizer.convert_tokens_to_ids("Ã")]
+    newline = split_store.tokenizer.convert_tokens_to_ids("Ċ")  # the tabs label it '↵': Find by token takes that
+    assert newline in match_tokens(split_store, "↵") and split_store.tokenizer.convert_tokens_to_ids("ĉ") in \
+        match_tokens(split_store, "⇥")
     assert display_pieces(["©", "Ġa", "Ã"], "bytelevel") == ["\ufffd", " a", "\ufffd"]  # cut at a window's edges
     assert display_pieces(["ðŁ", "ĺ", "Ģ", "Ġæ", "Ĺ"], "bytelevel") == ["", "", "😀", " ", "\ufffd"]  # 4 bytes; cut
     assert display_pieces(["▁caf", "<0xC3>", "<0xA9>", "<0x0A>"], "bpe") == [" caf", "", "é", "↵"]  # byte fallback

@@ -546,10 +546,9 @@ def match_tokens(ext: "Extraction", text: str) -> list[int]:
         named = [i for i, label in enumerate(token_labels(ext)) if label == spelled]
         if named:
             return named
-    if isinstance(text, str):
-        text = text.replace("␣", " ").replace("↵", "\n").replace("⇥", "\t")
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or not text.strip():  # typed blank; '␣', '↵', '⇥' (the tabs' labels) name some
         raise InputError(f"«token={text!r}» names no token: «pass token=» the token's text, e.g. ' Paris'")
+    text = text.replace("␣", " ").replace("\n", "↵").replace("\t", "⇥")  # as token_texts reads them
     vocab = token_texts(ext)
     if text.startswith("##") and len(text.strip()) > 2 and tokenizer_scheme(ext.tokenizer) == "wordpiece":
         names = [str(n) for n in ext.tokenizer.convert_ids_to_tokens(list(range(len(vocab))))]
@@ -559,7 +558,7 @@ def match_tokens(ext: "Extraction", text: str) -> list[int]:
         found = [i for i, t in enumerate(vocab) if t == text]
     else:
         found = [i for i, t in enumerate(vocab) if t.strip() == text.strip()]
-    if not found:
+    if not found and text.strip():
         loose = text.strip().casefold()
         found = [i for i, t in enumerate(vocab) if t.strip().casefold() == loose]
     return found
