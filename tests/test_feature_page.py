@@ -257,5 +257,6 @@ def test_a_share_under_one_never_reads_100_percent():
 
     assert percent(2995 / 2996) == "99.97%" and percent(1.0) == "100%" and percent(0.5) == "50%"
     assert percent(0.999999) == "99.9999%" and percent(None) == "–" and percent(0) == "0%"
-    assert all(len(percent_cell(s)) == NUMBER_WIDTH for s in (2995 / 2996, 1.0, 0.5, 3.34e-7, 0.0))
+    assert all(len(percent_cell(s)) == NUMBER_WIDTH for s in (2995 / 2996, 1.0, 0.5, 3.34e-7, 0.0, 0.9999999))
+    assert percent_cell(0.9999999).strip() == "<100%"
     assert percent_cell(2995 / 2996).strip() == "99.97%"

@@ -98,9 +98,11 @@ def cell(value: float, suffix: str = "") -> str:
 
 def percent_cell(share: float) -> str:
     """A share in a number cell: :func:`~mistudio.analysis.feature_page.percent` (99.97%, never 100% of a share
-    under 1), or :func:`cell`'s shorter form where that would not fit (a tiny share: 3.3e-05%)."""
+    under 1), or where that would not fit, :func:`cell`'s shorter form (a tiny share: 3e-05%) or '<100%'."""
     text = percent(share)
-    return f"{text:>{NUMBER_WIDTH}}" if len(text) <= NUMBER_WIDTH or share >= 0.99 else cell(100 * share, "%")
+    if len(text) <= NUMBER_WIDTH:
+        return f"{text:>{NUMBER_WIDTH}}"
+    return f"{'<100%':>{NUMBER_WIDTH}}" if share >= 0.99 else cell(100 * share, "%")
 
 
 def table_label(row: dict) -> str:
