@@ -24,6 +24,7 @@ from .request import Request
 from .specs import HubDataset, ModelSpec, pandas_kind, short
 
 MAX_PRESET_BYTES = 1 << 20  # a preset is a few hundred bytes; a larger file is not one
+EXPORT = "«py+studio:ws.export_preset(name, path)»«cli:`mistudio presets export NAME PATH`»"  # how to make a file
 NOT_IN_PRESETS = ("before_batch", "cluster", "workspace", "storage_options", "progress", "preset")
 
 
@@ -42,7 +43,8 @@ class PresetFile(BaseModel):
         unknown = sorted(set(v) - set(Request.model_fields))
         if unknown:
             raise ValueError(f"has unknown keys {', '.join(map(repr, unknown))} (the keys are extraction arguments, "
-                             "e.g. 'model', 'layers', 'batch_size': `mistudio extract --help` lists them as flags)")
+                             "e.g. 'model', 'layers', 'batch_size': «py+studio:help(ms.extract) lists them»"
+                             "«cli:`mistudio extract --help` lists them as flags»)")
         return v
 
 
@@ -96,8 +98,8 @@ def read_preset_file(path: str | os.PathLike, fs=None) -> PresetFile:
     try:
         if fs is None:
             if not os.path.isfile(shown):
-                raise InputError(f"{shown!r} is not a regular file: export a preset with `mistudio presets export "
-                                 "NAME PATH` (or ws.export_preset(name, path)) and import that file", param="path")
+                raise InputError(f"{shown!r} is not a regular file: export a preset with {EXPORT} and import that "
+                                 "file", param="path")
             if os.path.getsize(shown) > MAX_PRESET_BYTES:
                 raise InputError(f"{shown!r} is {os.path.getsize(shown):,} bytes, far more than a preset: import "
                                  "a file written by `mistudio presets export`", param="path")
@@ -119,8 +121,8 @@ def read_preset_file(path: str | os.PathLike, fs=None) -> PresetFile:
             why = "it is not UTF-8 text"
         elif isinstance(exc, pydantic.ValidationError):
             why = "; ".join(_said(e) for e in exc.errors()[:3])
-        raise InputError(f"{shown!r} is not a preset file ({why[:400]}): export one with `mistudio presets export "
-                         "NAME PATH` (or ws.export_preset(name, path))", param="path") from None
+        raise InputError(f"{shown!r} is not a preset file ({why[:400]}): export one with {EXPORT}",
+                         param="path") from None
 
 
 class _Twice(ValueError):

@@ -222,3 +222,20 @@ def test_saes_given_twice_on_the_command_line_are_both_seen(gpt2_dir, workspace,
     args = parser().parse_args(["extract", "--model", gpt2_dir, "--saes", "layers.1.residual=/a", "--saes",
                                 "layers.2.residual=/b"])
     assert request_options(args, params())["saes"] == "layers.1.residual=/a,layers.2.residual=/b"
+
+
+def test_preset_file_refusals_name_each_front_ends_own_way(gpt2_dir, workspace, tmp_path, capsys):
+    """A preset file's refusal told Python users to run `mistudio extract --help` and CLI users to call
+    ws.export_preset: each is told its own."""
+    import json
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"name": "a", "arguments": {"model": gpt2_dir, "layerz": [1]}}))
+    code, _, err = run(capsys, "--workspace", workspace, "presets", "import", path)
+    assert code == 2 and "`mistudio extract --help` lists them" in err and "export_preset" not in err, err
+    assert "`mistudio presets export NAME PATH`" in err and "«" not in err, err
+    with pytest.raises(ms.InputError) as caught:
+        ms.Workspace(workspace).import_preset(path)
+    said = str(caught.value)
+    assert "help(ms.extract) lists them" in said and "ws.export_preset(name, path)" in said, said
+    assert "mistudio" not in said.replace("ms.extract", ""), said
