@@ -223,6 +223,11 @@ def _run_folders(ws: "Workspace") -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and RUN_ID.fullmatch(p.name)), reverse=True)
 
 
+# the sparsity settings of one architecture: given for another, they would be silently ignored
+SPARSITY_OWNER = {"k": "topk", "l1_coefficient": "standard", "l1_warm_up_steps": "standard",
+                  "l0_coefficient": "jumprelu", "l0_warm_up_steps": "jumprelu"}
+
+
 def make_config(base: dict | TrainConfig | None = None, overrides: dict | None = None) -> TrainConfig:
     """A TrainConfig from ``base`` (fields or a config) with ``overrides``; an unknown field is an InputError that
     names it and the closest field. Overriding one of d_sae / expansion_factor (or n_tokens / epochs) drops the
@@ -234,6 +239,13 @@ def make_config(base: dict | TrainConfig | None = None, overrides: dict | None =
     fields = dataclasses.asdict(base) if isinstance(base, TrainConfig) else dict(base or {})
     overrides = dict(overrides or {})
     check_setting_names([*fields, *overrides])
+    architecture = overrides.get("architecture", fields.get("architecture", TrainConfig.architecture))
+    architecture = "standard" if architecture == "relu" else architecture
+    for name in sorted(overrides):
+        owner = SPARSITY_OWNER.get(name)
+        if owner is not None and owner != architecture and architecture in SPARSITY_OWNER.values():
+            raise InputError(f"«{name}={overrides[name]!r}» applies to {owner} SAEs only, and this run trains a "
+                             f"{architecture!r} one: leave it out, or «pass architecture={owner!r}»", param=name)
     for a, b in _PAIRS:
         if overrides.get(a) is not None and b not in overrides:
             fields[b] = None

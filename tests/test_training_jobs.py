@@ -38,7 +38,9 @@ def ext(gpt2_dir, tmp_path_factory):
 
 
 def small(steps: int, **kw) -> dict:
-    return {"architecture": "topk", "d_sae": 64, "k": 4, "batch_size": 128, "n_tokens": 128 * steps, "lr": 3e-3,
+    """A tiny run's settings: top-k with k=4 unless another architecture is given (then its own setting only)."""
+    topk = {"k": 4} if kw.get("architecture", "topk") == "topk" else {}
+    return {"architecture": "topk", "d_sae": 64, **topk, "batch_size": 128, "n_tokens": 128 * steps, "lr": 3e-3,
             "progress_every_steps": 5, "checkpoint_every_steps": 0, **kw}
 
 
@@ -580,3 +582,18 @@ def test_the_evaluation_is_over_the_rows_the_run_trained_on(gpt2_dir, tmp_path, 
     assert f"over {job.evaluation['n_tokens']:,} stored tokens, special tokens " \
            f"{'left out' if exclude_special else 'included'}" in shown
 
+
+
+def test_a_sparsity_setting_of_another_architecture_is_refused(ext, tmp_path):
+    """--architecture standard --k 8 ran and recorded k=8, which a ReLU SAE never reads: refused by name, with both
+    fixes; the architecture's own setting (and the relu alias) runs."""
+    from mistudio.training import make_config
+
+    ws = ms.Workspace(tmp_path / "ws")
+    with pytest.raises(ms.InputError, match=r"k=8 applies to topk SAEs only, and this run trains a 'standard' one: "
+                                            r"leave it out, or pass architecture='topk'"):
+        submit_training(ws, ext, HP, architecture="standard", k=8)
+    with pytest.raises(ms.InputError, match="l1_coefficient=2.0 applies to standard SAEs only"):
+        make_config(None, {"l1_coefficient": 2.0})  # the default architecture is top-k
+    assert make_config(None, {"architecture": "relu", "l1_coefficient": 2.0}).l1_coefficient == 2.0
+    assert not (tmp_path / "ws" / "saes").exists() or not list((tmp_path / "ws" / "saes").iterdir())
