@@ -42,7 +42,8 @@ def check(request: Request, config=None) -> Request:
     its placement needs), its tokenizer (a chat template where one is asked for) and the data (reachable, readable,
     its text column present); return it with ``layers='all'`` resolved. Nothing is written."""
     config = config if config is not None else load_config(request.model_spec)
-    layers = parse_layers(request.layers, n_layers_of(config))
+    n_layers = n_layers_of(config)
+    layers = parse_layers(request.layers, n_layers)
     limit = max_positions_of(config)
     name = request.model
     if limit is not None and request.window is not None and request.window > limit:
@@ -53,7 +54,6 @@ def check(request: Request, config=None) -> Request:
                          f"«pass max_length={limit}» or less (longer samples are cut)", param="max_length")
     check_placement(request.model_spec)
     for point, folder in (request.saes or {}).items():
-        n_layers = n_layers_of(config)
         if int(point.split(".")[1]) >= n_layers:
             raise InputError(f"«saes» names {point}, but model {name!r} has {n_layers} layers: use a hook point of "
                              f"layers 0 to {n_layers - 1}", param="saes")
@@ -348,7 +348,8 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
     peak = peak_device_bytes(facts["n_parameters"], config, largest[0], largest[1], len(request.hook_points),
                              model_bytes)
     loaded = load_model(request.model_spec) if probe else None
-    layout, latent_notes = _latent_layout(plan, loaded)
+    saes = load_saes(request, loaded.input_device if loaded is not None else "cpu")  # once, where the probe runs
+    layout, latent_notes = _latent_layout(plan, loaded, saes)
     disk = layout.bytes_on_disk + _statistics_bytes(request, layout)
     free = _free_disk(workspace)
     memory = _device_memory(device)
@@ -371,7 +372,7 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
         warnings.append(f"{skipped:,} of {report['n_rows_read']:,} rows {'gives' if skipped == 1 else 'give'} no "
                         f"sample: {why}")
     warnings += latent_notes
-    seconds, probed, latents_probed = _probe(plan, loaded, layout) if probe else (None, {}, {})
+    seconds, probed, latents_probed = _probe(plan, loaded, layout, saes) if probe else (None, {}, {})
     if probed.get("n_out_of_range"):
         warnings.append(f"{probed['n_out_of_range']:,} of {probed['count']:,} probed values are past "
                         f"{request.dtype}'s range (max |x| {probed['max_abs']:.3g}) and would be stored as ±inf: "
@@ -409,13 +410,13 @@ def _statistics_bytes(request: Request, layout: StoreLayout) -> int:
     return total
 
 
-def _latent_layout(plan: Plan, loaded) -> tuple[StoreLayout, list[str]]:
-    """The layout with each SAE's latents: their width as the run will choose it when it can be known without the
-    model (``latent_width``, a top-k SAE's k), measured on the first batch with a probe, else guessed (said)."""
+def _latent_layout(plan: Plan, loaded, saes: dict[str, SAE]) -> tuple[StoreLayout, list[str]]:
+    """The layout with each SAE's latents (``saes``: the request's, loaded): their width as the run will choose it
+    when it can be known without the model (``latent_width``, a top-k SAE's k), measured on the first batch with a
+    probe, else guessed (said)."""
     request = plan.request
     if not request.saes:
         return plan.layout, []
-    saes = load_saes(request, "cpu")
     notes = []
     if loaded is not None:
         widths = {p: w for p, (w, _) in latent_widths(request, saes, loaded, plan).items()}
@@ -438,15 +439,14 @@ def _latent_layout(plan: Plan, loaded) -> tuple[StoreLayout, list[str]]:
     return plan.with_latents(widths, saes), notes
 
 
-def _probe(plan: Plan, loaded, layout: StoreLayout) -> tuple[float, dict, dict[str, dict]]:
-    """Load the model, time batches for about PROBE_SECONDS (longest first: a cautious rate), extrapolate; also
-    what the probed values hold (counts of values past the storage dtype's range) and, per SAE applied at the
-    width ``layout`` gives its latents, what its latents did (:class:`~.storage.stats.LatentStats`)."""
+def _probe(plan: Plan, loaded, layout: StoreLayout, saes: dict[str, SAE]) -> tuple[float, dict, dict[str, dict]]:
+    """Time batches for about PROBE_SECONDS (longest first: a cautious rate), extrapolate; also what the probed
+    values hold (counts of values past the storage dtype's range) and, per SAE of ``saes`` (on the model's device)
+    applied at the width ``layout`` gives its latents, what its latents did (:class:`~.storage.stats.LatentStats`)."""
     request = plan.request
     if request.batch_size == "auto":
         request = request.model_copy(update={"batch_size": AUTO_GUESS})
     ids, offsets = plan.tokens["input_ids"], plan.tokens["sample_offsets"]
-    saes = load_saes(request, loaded.input_device)
     latents = {p: Latents(sae, layout.array(f"latents/{p}/indices").shape[1], "int32") for p, sae in saes.items()}
     latent_seen = {f"{p}.latents": {**LatentStats.empty(), "width": held.width, "d_sae": held.sae.d_sae,
                                     "k": held.sae.k} for p, held in latents.items()}
