@@ -217,38 +217,36 @@ def top_tokens(ext: "Extraction", hook_point: str, feature: int, k: int = 15, co
     values = feature_column(ext, hook_point, feature, max_tokens) if values is None else values
     values = np.where(np.isnan(values), -np.inf, values)
     offsets, rows = ext.sample_offsets, ext.sample_index
-    ids = ext.store.group["tokens/input_ids"]
-    scheme = tokenizer_scheme(ext.tokenizer)
-    out, documents, contexts = [], set(), set()
-    for fetch in ([4 * k, len(values)] if one_per_document else [k]):  # room for repeats, then all if needed
-        fetch = min(fetch, len(values))
+    if one_per_document:  # each document's largest first (top_rows' rule), a repeated context left out below
+        held = np.flatnonzero(np.isfinite(values))
+        documents = np.searchsorted(np.asarray(ext.activation_offsets), held, side="right") - 1
+        best = _best(np.stack([values[held], held, documents], axis=1), len(held), True)[:, 1].astype(np.int64)
+    else:
+        fetch = min(k, len(values))
         best = np.argpartition(-values, fetch - 1)[:fetch] if fetch else np.zeros(0, int)
         best = best[np.lexsort((best, -values[best]))]  # ties: the earlier row first
         best = best[np.isfinite(values[best])]
-        out, documents, contexts = [], set(), set()
-        for best_row in best:
-            token_index = ext.token_index(int(best_row))  # activation row -> token
-            pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
-            if one_per_document and int(rows[pos]) in documents:
-                if len(documents) == len(offsets) - 1:  # every document listed: nothing more to find
-                    return out
-                continue
-            start, stop = int(offsets[pos]), int(offsets[pos + 1])
-            lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
-            window = _labels(ext, ids[lo:hi])
-            at = int(token_index) - lo
-            shown = " ".join(t if i != at else f"[[{t}]]" for i, t in enumerate(window))
-            if one_per_document and shown in contexts:
-                continue
-            documents.add(int(rows[pos]))
-            contexts.add(shown)
-            wide_lo, wide_hi = max(start, lo - 3), min(stop, hi + 3)  # a character's other bytes: 3 at most
-            pieces = display_pieces(ext.tokenizer.convert_ids_to_tokens([int(i) for i in ids[wide_lo:wide_hi]]),
-                                    scheme)[lo - wide_lo:hi - wide_lo]
-            out.append({"value": float(values[best_row]), "row": int(rows[pos]), "position": int(token_index) - start,
-                        "token": window[at], "context": shown, "pieces": pieces, "peak": at})
-            if len(out) == k:
-                return out
+    ids = ext.store.group["tokens/input_ids"]
+    scheme = tokenizer_scheme(ext.tokenizer)
+    out, contexts = [], set()
+    for best_row in best:
+        if len(out) >= k:
+            break
+        token_index = ext.token_index(int(best_row))  # activation row -> token
+        pos = int(np.searchsorted(offsets, token_index, side="right")) - 1
+        start, stop = int(offsets[pos]), int(offsets[pos + 1])
+        lo, hi = max(start, int(token_index) - context), min(stop, int(token_index) + context + 1)
+        window = _labels(ext, ids[lo:hi])
+        at = int(token_index) - lo
+        shown = " ".join(t if i != at else f"[[{t}]]" for i, t in enumerate(window))
+        if one_per_document and shown in contexts:
+            continue
+        contexts.add(shown)
+        wide_lo, wide_hi = max(start, lo - 3), min(stop, hi + 3)  # a character's other bytes: 3 at most
+        pieces = display_pieces(ext.tokenizer.convert_ids_to_tokens([int(i) for i in ids[wide_lo:wide_hi]]),
+                                scheme)[lo - wide_lo:hi - wide_lo]
+        out.append({"value": float(values[best_row]), "row": int(rows[pos]), "position": int(token_index) - start,
+                    "token": window[at], "context": shown, "pieces": pieces, "peak": at})
     return out
 
 
