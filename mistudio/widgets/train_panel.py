@@ -291,10 +291,10 @@ class TrainPanel(W.VBox):
         2,996 tokens, not 1), counted by the chosen extraction's tokens (every stored row; special tokens, which
         training may leave out, included: an estimate the Launch checks)."""
         self.length.description = LABELS[self.length_by.value]
-        row = self._extraction_rows.get(self.extraction.value)
-        tokens = int(row.get("tokens_total") or 0) if row else 0
         if change is None or change.get("old") == change.get("new") or self._filling:
             return
+        row = self._extraction_rows.get(self.extraction.value)
+        tokens = int(row.get("tokens_total") or 0) if row else 0
         if change["new"] == "n_tokens":
             self.length.value = float(round(self.length.value * tokens)) if tokens else float(TrainConfig().batch_size)
         else:
