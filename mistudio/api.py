@@ -29,6 +29,7 @@ def extract(model: Any = None, dataset: Any = None, layers: Any = None, hooks: A
     carrying the error record and suggested retry.
     """
     ws = Workspace(workspace, storage_options=storage_options)
+    new_folder = not ws.remote and not os.path.exists(ws.root)
     if hooks is not None:
         options["hooks"] = hooks
     job = ws.submit(model, dataset, layers, preset=preset, cluster=cluster, **options)
@@ -48,6 +49,8 @@ def extract(model: Any = None, dataset: Any = None, layers: Any = None, hooks: A
         raise JobCancelled(f"extraction {job.id} was cancelled; what was saved is kept (ws.resume({job.id!r}))")
     error = job.error or {"error_type": "UNKNOWN", "error_message": f"job ended {status}"}
     if error["error_type"] == "VALIDATION":
+        if new_folder:  # refused while tokenizing: its store is gone, and so goes the workspace it made
+            ws.remove_if_empty()
         raise InputError(error.get("error_template") or error["error_message"], param=error.get("param"))
     raise ExtractionFailed(job.id, error)
 

@@ -64,6 +64,16 @@ def check(request: Request, config=None) -> Request:
     return request.model_copy(update={"layers": layers}) if layers != request.layers else request
 
 
+def check_new(request: Request) -> Request:
+    """What a new request must not ask, beyond :func:`check` (a retry or resume with a smaller batch may)."""
+    micro, batch = request.micro_batch_size, request.batch_size
+    if micro is not None and isinstance(batch, int) and micro > batch:
+        raise InputError(f"«micro_batch_size={micro}» is more than the batch («batch_size={batch}»): a batch is "
+                         f"forwarded in pieces of at most its own size; «pass micro_batch_size={batch}» or less, or "
+                         f"«pass batch_size={micro}»", param="micro_batch_size")
+    return request
+
+
 @dataclass
 class Plan:
     """What a request will store: the token arrays in stored order, the layout of every array, what the metadata
@@ -326,7 +336,7 @@ def estimate(model: Any = None, dataset: Any = None, layers: Any = None, hooks: 
     if args.get("model") is None:
         raise InputError("«model» is missing: «pass model» (a Hugging Face id or a local folder) or "
                          "«pass preset»", param="model")
-    request = check(Request.build(**args))
+    request = check_new(check(Request.build(**args)))
     facts = describe_model(request.model_spec)
     plan = make_plan(request, load_tokenizer(request.model_spec), facts["vocab_size"], facts["hidden_size"])
     return _figures(plan, facts, workspace, probe)

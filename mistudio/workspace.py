@@ -23,7 +23,7 @@ from .inputs import SubmittedInputs, frozen
 from .jobs import Job, Observable, RunOptions
 from .listing import LIST_COLUMNS, Folder, check_id, default_workspace, new_id
 from .models import model_source
-from .plan import check, check_unchanged
+from .plan import check, check_new, check_unchanged
 from .presets import Presets, check_preset_name, from_json, preset_arguments, read_preset_file
 from .request import Request, with_request_keywords
 from .runner import Runner
@@ -118,6 +118,14 @@ class Workspace(Folder, Observable):
         frame["created"] = pd.to_datetime(frame.pop("created_at"), unit="s")
         return frame.drop(columns=["nonce"])
 
+    def remove_if_empty(self) -> None:
+        """Remove this (local) workspace's folder if it holds nothing but an empty ``extractions/``."""
+        for path in (self._extractions_path, self._root_path):
+            try:
+                os.rmdir(path)  # only an empty folder goes
+            except OSError:
+                return
+
     # -- SAE training runs ----------------------------------------------------------------------
     def train_sae(self, extraction: Any, hook_point: str, **settings: Any) -> TrainingJob:
         """Train an SAE on a COMPLETED extraction's activations at ``hook_point``, as a background job whose run
@@ -148,7 +156,7 @@ class Workspace(Folder, Observable):
     def request(self, model: Any = None, dataset: Any = None, layers: Any = None, *, preset: str | None = None,
                 **options: Any) -> Request:
         """The checked :class:`Request` of these arguments (what ``submit`` runs and ``ms.estimate`` plans)."""
-        return check(Request.build(**self.arguments(model, dataset, layers, preset=preset, **options)))
+        return check_new(check(Request.build(**self.arguments(model, dataset, layers, preset=preset, **options))))
 
     # -- jobs -------------------------------------------------------------------------------------
     @with_request_keywords

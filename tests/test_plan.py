@@ -125,6 +125,19 @@ def test_a_request_refused_while_tokenizing_leaves_no_store(gpt2_dir, workspace)
     assert _no_store(workspace) and ms.Workspace(workspace).job(job.id).status == "FAILED"
 
 
+def test_a_refusal_while_tokenizing_leaves_no_new_workspace_behind(gpt2_dir, tmp_path, workspace):
+    """``ms.extract`` into a workspace that did not exist: refused while tokenizing, it leaves no empty folders
+    (an existing workspace stays, empty or not)."""
+    fresh = tmp_path / "fresh" / "ws"
+    os.makedirs(os.path.join(workspace, "extractions"))
+    for root in (fresh, workspace):
+        with pytest.raises(ms.InputError, match="outside the model's vocabulary"):
+            ms.extract(gpt2_dir, [[1, 2, 3], [1, 10**6]], oov_policy="error", layers=[0], workspace=str(root),
+                       progress=False)
+    assert not fresh.exists() and (tmp_path / "fresh").is_dir()  # only what the refused run made is gone
+    assert os.listdir(workspace) == ["extractions"] and _no_store(workspace)
+
+
 def test_resume_refuses_up_front_what_cannot_resume(gpt2_dir, workspace):
     ws = ms.Workspace(workspace)
     job = ws.submit(gpt2_dir, "sample", layers=[0], max_samples=4, timeout_s=1e-6).wait(60)

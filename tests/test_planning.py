@@ -1,6 +1,7 @@
 """Planning a run: estimate, batch_size="auto", token budgets, micro-batches, device_map, quantization."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from pathlib import Path
@@ -171,6 +172,17 @@ def test_token_budget_and_micro_batches_equal_fixed_batches(gpt2_dir, workspace,
     micro = ms.extract(gpt2_dir, "sample", batch_size=16, micro_batch_size=3, workspace=workspace, **SMALL)
     _same(_values(micro), _values(fixed))
     np.testing.assert_array_equal(micro.store.input_ids(), fixed.store.input_ids())
+
+
+def test_a_micro_batch_larger_than_the_batch_is_refused_with_both_fixes(gpt2_dir, workspace):
+    """A micro-batch of more samples than the batch would run as the batch: the two settings contradict."""
+    for call in (ms.Workspace(workspace).submit, functools.partial(ms.estimate, workspace=workspace)):
+        with pytest.raises(InputError, match=r"micro_batch_size=16 is more than the batch \(batch_size=4\).*"
+                                             r"micro_batch_size=4 or less.*batch_size=16"):
+            call(gpt2_dir, "sample", [0], batch_size=4, micro_batch_size=16)
+    assert not os.path.exists(os.path.join(workspace, "extractions"))  # refused before a store was made
+    assert ms.estimate(gpt2_dir, "sample", [0], batch_size="auto", micro_batch_size=16, max_samples=8,
+                       workspace=workspace)["samples"] == 8  # auto batches are sized to the micro-batch's pieces
 
 
 def test_token_budget_resume_continues_the_store(gpt2_dir, workspace, fixed):
