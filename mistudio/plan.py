@@ -269,15 +269,33 @@ PROBE_SECONDS = 3.0  # probe=True times batches for about this long
 AUTO_GUESS = 8  # batch_size="auto" is estimated at this size (its choice needs the model)
 
 
-def _free_disk(workspace: str | os.PathLike | None) -> int | None:
-    """Bytes free where the workspace is (its nearest existing folder); None for remote workspaces."""
+DEFAULT_BLOCK = 4096  # a disk's allocation unit when statvfs does not say
+
+
+def _local_folder(workspace: str | os.PathLike | None) -> Path | None:
+    """The workspace's nearest existing folder; None for remote workspaces."""
     root = str(workspace if workspace is not None else default_workspace())
     if "://" in root and not root.startswith("file://"):
         return None
     path = Path(root.removeprefix("file://")).expanduser().resolve()
     while not path.exists():
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def _free_disk(workspace: str | os.PathLike | None) -> int | None:
+    """Bytes free where the workspace is; None for remote workspaces."""
+    folder = _local_folder(workspace)
+    return shutil.disk_usage(folder).free if folder is not None else None
+
+
+def _block_size(workspace: str | os.PathLike | None) -> int:
+    """The allocation unit of the workspace's disk (a file takes whole ones); 1 for remote workspaces."""
+    folder = _local_folder(workspace)
+    if folder is None:
+        return 1
+    stats = os.statvfs(folder)
+    return stats.f_frsize or stats.f_bsize or DEFAULT_BLOCK
 
 
 def _device_memory(device) -> int | None:
@@ -319,8 +337,9 @@ def estimate(model: Any = None, dataset: Any = None, layers: Any = None, hooks: 
 
     Returns a dict with ``samples``, ``windows`` (forwarded sequences), ``tokens``, ``rows`` (activation rows per
     hook point), ``rows_read``, ``skipped`` ({reason: rows}), ``truncated`` (samples cut) and
-    ``truncated_tokens``, ``batches``, ``bytes_on_disk`` (the store's bytes, as the allocator lays it out;
-    metadata adds a few KB), ``dataset_bytes`` (the dataset's size on disk: a file's, a saved folder's; None for
+    ``truncated_tokens``, ``batches``, ``bytes_on_disk`` (what the store will take on the workspace's disk, as
+    ``du`` reads it: its files, as the allocator lays them out, rounded up to the disk's blocks, and its folders),
+    ``file_bytes`` (the files' own bytes, as ``ws.extractions()`` counts them; within a few KB), ``dataset_bytes`` (the dataset's size on disk: a file's, a saved folder's; None for
     in-memory data and Hub datasets), ``free_disk_bytes`` (the workspace's disk; None if remote), ``peak_device_bytes``
     (see :func:`peak_device_bytes`), ``device_memory_bytes``, ``seconds`` (with ``probe=True``: the model is
     loaded and a few batches timed; else None), ``warnings`` (strings) and a one-line ``summary``.
@@ -360,7 +379,9 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
     loaded = load_model(request.model_spec) if probe else None
     saes = load_saes(request, loaded.input_device if loaded is not None else "cpu")  # once, where the probe runs
     layout, latent_notes = _latent_layout(plan, loaded, saes)
-    disk = layout.bytes_on_disk + _statistics_bytes(request, layout)
+    block = _block_size(workspace)
+    files = layout.bytes_on_disk + _statistics_bytes(request, layout)
+    disk = layout.allocated_bytes(block) + _statistics_bytes(request, layout, block)
     free = _free_disk(workspace)
     memory = _device_memory(device)
     report = plan.report
@@ -393,7 +414,7 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
         "rows": plan.n_rows, "rows_read": int(report["n_rows_read"]), "skipped": dict(report["skipped"]),
         "truncated": int(report["n_truncated"]), "truncated_tokens": int(report["n_truncated_tokens"]),
         "batches": len(batches), "hook_points": request.hook_points, "bytes_on_disk": disk,
-        "data_bytes": layout.data_bytes,
+        "file_bytes": files, "data_bytes": layout.data_bytes,
         "free_disk_bytes": free, "peak_device_bytes": peak, "device": str(device), "device_memory_bytes": memory,
         "largest_batch": {"samples": largest[0], "width": largest[1]}, "n_parameters": facts["n_parameters"],
         "seconds": seconds, "warnings": [render(w) for w in warnings], "warning_templates": warnings,
@@ -408,15 +429,16 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
 LATENT_GUESS = 64  # without a probe, a non-top-k SAE's width is guessed as this many latents a token
 
 
-def _statistics_bytes(request: Request, layout: StoreLayout) -> int:
-    """Bytes of the feature statistics the pass saves (``feature_statistics``): one snapshot per key."""
+def _statistics_bytes(request: Request, layout: StoreLayout, block: int = 1) -> int:
+    """Bytes of the feature statistics the pass saves (``feature_statistics``): one snapshot per key, on a disk of
+    ``block``-byte blocks (1: the files' bytes)."""
     total = 0
     for key in request.statistics_points:
         if key.endswith(".latents"):
             d = layout.array(f"latents/{key.removesuffix('.latents')}/feature_offsets").shape[1] - 3
         else:
             d = layout.array(f"activations/{key}").shape[1]
-        total += snapshot_bytes(int(d))
+        total += snapshot_bytes(int(d), block)
     return total
 
 

@@ -245,3 +245,16 @@ def bounded_call(call, bound: int, expected: type[BaseException] | tuple = ()):
         tracemalloc.stop()
     assert peak < bound, f"{peak:,} bytes allocated, bound {bound:,}"
     return result
+
+
+def file_bytes(location: str) -> int:
+    """The bytes of every file under a folder (what ``ws.extractions()`` counts)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(location) for f in files)
+
+
+def disk_usage(location: str) -> int:
+    """What a folder takes on its disk, folders included (``du -s -B1``)."""
+    total = os.lstat(location).st_blocks * 512
+    for folder, dirs, files in os.walk(location):
+        total += sum(os.lstat(os.path.join(folder, n)).st_blocks * 512 for n in dirs + files)
+    return total

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "statistics"  # statistics/<key>/: attrs {"rows": R, "snapshot": name}, one subgroup per snapshot
 SNAPSHOT_SECONDS = 60.0
+SNAPSHOT_CHUNK_BYTES = 4 * 2**20  # a snapshot array's chunk: whole rows, about this many bytes
 BLOCK_BYTES = 8 << 20  # stored bytes a block of the grid reads (whole storage chunks, at least one)
 LATENTS = ".latents"
 DIGEST = "digest"  # a snapshot's and its pointer's attributes carry a digest of themselves
@@ -185,10 +186,17 @@ def save(store: "ExtractionStore", key: str, rows: int, acc: FeatureStatsAccumul
             log.debug("mistudio: stale statistics snapshot %s/%s left: %s", key, before, exc)
 
 
+def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """A snapshot array's chunks: whole rows, about :data:`SNAPSHOT_CHUNK_BYTES` each."""
+    row = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    return (max(1, min(shape[0], SNAPSHOT_CHUNK_BYTES // max(row, 1))),) + tuple(max(1, n) for n in shape[1:])
+
+
 def _write(snap: zarr.Group, state: dict, rows: int) -> None:
     for n, value in state.items():
         if isinstance(value, np.ndarray):  # every chunk written: one of fill values would read back as missing
-            snap.create_array(n, data=value, config={"write_empty_chunks": True}, **array_codecs(True))
+            snap.create_array(n, data=value, chunks=_chunks(value.shape, value.itemsize),
+                              config={"write_empty_chunks": True}, **array_codecs(True))
     snap.attrs.update(_sealed({**{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}, "rows": rows}))
 
 
@@ -207,18 +215,38 @@ def _intact(attrs: dict) -> bool:
     return attrs.get(DIGEST) == _digest(attrs)
 
 
-@functools.lru_cache(maxsize=64)
-def snapshot_bytes(d: int) -> int:
-    """Bytes a saved snapshot of ``d`` features takes on disk (default parameters): measured on snapshots of 1 and
-    2 features (the state is linear in ``d``) written the way :func:`save` writes them."""
-    def measured(n: int) -> int:
-        with tempfile.TemporaryDirectory() as folder:
-            parent = zarr.open_group(store=folder, path="s", mode="w", zarr_format=3)
-            parent.attrs.update({"rows": 10**9, "snapshot": "r1000000000", "block_rows": 10**9})
-            _write(parent.create_group("r1000000000"), FeatureStatsAccumulator(n).state_dict(), 10**9)
-            return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
-    one, two = measured(1), measured(2)
-    return one + (two - one) * (d - 1)
+@functools.lru_cache(maxsize=1)
+def _snapshot_shapes() -> tuple[dict[str, tuple[tuple, tuple, int]], dict[str, int]]:
+    """A snapshot's arrays as {name: (shape of 1 feature, shape of 2, itemsize)} and its metadata files'
+    bytes ({path: bytes}, from a snapshot of one feature written the way :func:`save` writes it)."""
+    one, two = FeatureStatsAccumulator(1).state_dict(), FeatureStatsAccumulator(2).state_dict()
+    arrays = {n: (v.shape, two[n].shape, v.itemsize) for n, v in one.items() if isinstance(v, np.ndarray)}
+    with tempfile.TemporaryDirectory() as folder:
+        parent = zarr.open_group(store=folder, path="s", mode="w", zarr_format=3)
+        parent.attrs.update({"rows": 10**9, "snapshot": "r1000000000", "block_rows": 10**9})
+        _write(parent.create_group("r1000000000"), one, 10**9)
+        metadata = {os.path.relpath(os.path.join(d, f), folder): os.path.getsize(os.path.join(d, f))
+                    for d, _, names in os.walk(folder) for f in names if f == "zarr.json"}
+    return arrays, metadata
+
+
+def snapshot_bytes(d: int, block: int = 1) -> int:
+    """Bytes a saved snapshot of ``d`` features takes on a disk of ``block``-byte blocks (1: the files' own
+    bytes): each chunk file (edge chunks full size, with their crc32c) and metadata file rounded up to whole
+    blocks (the metadata also consolidated in the store's zarr.json); on a disk, each folder a block (an array's, its ``c/``, a 2-D array's chunk rows' ``c/<i>/``)."""
+    arrays, metadata = _snapshot_shapes()
+    rounded = lambda n: -(-n // block) * block  # noqa: E731
+    folder = block if block > 1 else 0
+    total = sum(rounded(n) for n in metadata.values()) + 3 * folder  # the key's group, the snapshot's, statistics/
+    total += sum(metadata.values())  # and again in the store's zarr.json (consolidated): bytes of a file counted there
+    for one, two, itemsize in arrays.values():
+        shape = (one[0] + (two[0] - one[0]) * (d - 1),) + one[1:]
+        chunks = _chunks(shape, itemsize)
+        per_column = int(np.prod([-(-n // c) for n, c in zip(shape[1:], chunks[1:])], dtype=np.int64))
+        rows = max(1, -(-shape[0] // chunks[0]))  # ranges: empty until the first block, then a row or a few
+        chunk = itemsize * int(np.prod(chunks, dtype=np.int64)) + 4
+        total += rows * per_column * rounded(chunk) + 2 * folder + (rows * folder if len(shape) > 1 else 0)
+    return total
 
 
 # -- in the extraction's pass ---------------------------------------------------------------------------------

@@ -121,6 +121,29 @@ class ArrayLayout:
         index = per_shard * SHARD_INDEX_ENTRY + CHECKSUM_BYTES
         return chunks * self.chunk_bytes + math.ceil(n / self.shard_rows) * index
 
+    def allocated_bytes(self, block: int) -> int:
+        """What the array takes on a disk of ``block``-byte blocks: each unit file rounded up to whole blocks (a
+        2-D array's unit sits in a folder of its own, ``c/<i>/0``), its folders, metadata and chunk records."""
+        n = self.shape[0]
+        folder_per_unit = block if len(self.shape) > 1 else 0
+        if self.shard_rows is None:
+            units = [(math.ceil(n / self.chunk_rows), self.chunk_bytes)] if n else []
+        else:
+            per_shard = self.shard_rows // self.chunk_rows
+            index = per_shard * SHARD_INDEX_ENTRY + CHECKSUM_BYTES
+            full, left = divmod(n, self.shard_rows)
+            units = [(full, per_shard * self.chunk_bytes + index)]
+            if left:
+                units.append((1, math.ceil(left / self.chunk_rows) * self.chunk_bytes + index))
+        data = sum(count * (whole_blocks(size, block) + folder_per_unit) for count, size in units)
+        records = whole_blocks(self.records_bytes, block)
+        return data + records + 3 * block  # its folder, its zarr.json and its c/ folder
+
+
+def whole_blocks(n_bytes: int, block: int) -> int:
+    """``n_bytes`` rounded up to whole blocks of ``block`` bytes."""
+    return -(-n_bytes // block) * block
+
 
 @dataclass(frozen=True)
 class StoreLayout:
@@ -143,6 +166,15 @@ class StoreLayout:
         return self.data_bytes + sum(a.records_bytes for a in self.arrays) + METADATA_BYTES + RECORDS_KEY_BYTES \
             + (len(self.arrays) + 2) * METADATA_PER_ARRAY \
             + len(self.activations) * METADATA_PER_HOOK_POINT
+
+    def allocated_bytes(self, block: int) -> int:
+        """What the store takes on a disk of ``block``-byte blocks (``du`` reads this): its arrays', and each group's
+        folder and zarr.json, the store's folder, its lease and its zarr.json (with every array's metadata again,
+        consolidated)."""
+        groups = {a.path.rsplit("/", i)[0] for a in self.arrays for i in range(1, a.path.count("/") + 1)}
+        metadata = self.bytes_on_disk - self.data_bytes - sum(a.records_bytes for a in self.arrays)
+        return sum(a.allocated_bytes(block) for a in self.arrays) + 2 * block * len(groups) \
+            + 2 * block + whole_blocks(metadata, block)
 
     def array(self, path: str) -> ArrayLayout:
         return next(a for a in self.arrays if a.path == path)
