@@ -16,8 +16,9 @@ import pytest
 import mistudio as ms
 from mistudio.analysis.stats import describe_examples
 from mistudio.errors import InputError, StoreCorrupted
-from mistudio.analysis.exports import (NEURONPEDIA_OPTIONAL, NEURONPEDIA_REQUIRED, count_latents, export_html,
-                                       export_neuronpedia, to_hf_dataset, to_saelens_cache, transformer_lens_name)
+from mistudio.analysis.exports import (NEURONPEDIA_OPTIONAL, NEURONPEDIA_REQUIRED, _freq_hist, count_latents,
+                                       export_html, export_neuronpedia, to_hf_dataset, to_saelens_cache,
+                                       transformer_lens_name)
 from mistudio.analysis.feature_view import display_pieces
 from mistudio.analysis.logit_effects import Unembedding, neuron_logit_effects
 
@@ -235,7 +236,9 @@ def test_neuronpedia_layout_and_records_follow_the_schema(pages, store, tmp_path
     assert (record["binMin"], record["binMax"], record["binContains"]) == (-1.0, page["max"], -1.0)
     assert record["dataIndex"] == str(example["dataset_row"]) and record["dataSource"] == "mistudio/sample"
     band = [a for a in acts if a["binContains"] != -1.0 and a["index"] == "2"]
-    assert band[0]["binMin"] == page["bands"][0]["values"][0] and band[0]["binContains"] == pytest.approx(0.4)
+    # SAEDashboard's CONTAINS: the band's share of all tokens (40% of the firing ones), not of the firing ones
+    assert band[0]["binMin"] == page["bands"][0]["values"][0]
+    assert band[0]["binContains"] == pytest.approx(0.4 * page["density"]) and page["density"] < 1
     first = neurons[0]
     assert first["pos_values"] == [e["value"] for e in page["logits"]["promoted"]]
     assert first["neg_str"] == [store.tokenizer.convert_tokens_to_string([e["token"]])
@@ -243,7 +246,10 @@ def test_neuronpedia_layout_and_records_follow_the_schema(pages, store, tmp_path
     assert first["frac_nonzero"] == page["density"] and first["maxActApprox"] == page["max"]
     positive = [c for a, b, c in zip(page["histogram"]["edges"], page["histogram"]["edges"][1:],
                                      page["histogram"]["counts"]) if a >= 0 and b > 0]
-    assert sum(first["freq_hist_data_bar_heights"]) == sum(positive) == page["fire_count"]
+    assert sum(first["freq_hist_data_bar_heights"]) == pytest.approx(sum(positive), abs=0.01) and \
+        sum(positive) == page["fire_count"]
+    centres = first["freq_hist_data_bar_values"]
+    assert len(centres) == 40 and np.allclose(np.diff(centres), centres[1] - centres[0])  # equal widths
     assert records["Model"][0]["neuronsPerLayer"] == 32 and records["Source"][0]["id"] == "1-res-mistudio"
     assert records["SourceSet"][0]["releaseName"] == records["SourceRelease"][0]["name"] == "mistudio-test"
 
@@ -263,6 +269,31 @@ def test_neuronpedia_refusals_and_overwrite(pages, store, tmp_path):
     assert again == root and [r["index"] for r in read_jsonl(root / "features" / "batch-0.jsonl.gz")] == ["3", "5"]
     assert not (root / "release.jsonl").exists()  # no release asked: none written, and no releaseName pointing at one
     assert read_jsonl(root / "sourceset.jsonl")[0]["releaseName"] is None
+
+
+def test_neuronpedia_histogram_spreads_log_bins_over_equal_widths():
+    """Neuronpedia draws (values, heights) as bars on a linear axis: a log bin's count goes to the equal-width bins
+    it overlaps, in proportion, so a bin twice as wide does not read twice as tall."""
+    page = {"histogram": {"edges": [-1.0, 0.0, 1.0, 2.0, 4.0, 8.0], "counts": [5, 0, 10, 10, 0]}, "max": 4.0}
+    heights, values = _freq_hist(page, n_bins=4)
+    assert values == pytest.approx([1.375, 2.125, 2.875, 3.625])  # [1, 4] in four bins of 0.75
+    assert heights == pytest.approx([7.5, 5.0, 3.75, 3.75])  # [1,2): 10 over 1 wide; [2,4): 10 over 2 wide
+    assert _freq_hist({"histogram": {"edges": [0.0, 1.0], "counts": [0]}, "max": None}) == ([], [])
+    spike = {"histogram": {"edges": [2.0, 2.5], "counts": [7]}, "max": 2.0}  # every firing value is 2.0
+    assert _freq_hist(spike) == ([7.0], [2.0])
+
+
+def test_neuronpedia_batches_of_one_and_ids_per_extraction(pages, tmp_path):
+    root = export_neuronpedia(pages, tmp_path / "one", model_id="m", source_set="res", batch_size=1)
+    files = sorted(p.name for p in (root / "features").iterdir())
+    assert files == ["batch-0.jsonl.gz", "batch-1.jsonl.gz", "batch-2.jsonl.gz"]
+    assert [len(read_jsonl(root / "features" / f)) for f in files] == [1, 1, 1]
+    ids = {a["id"] for f in (root / "activations").iterdir() for a in read_jsonl(f)}
+    again = export_neuronpedia(pages, tmp_path / "again", model_id="m", source_set="res")
+    assert {a["id"] for a in read_jsonl(again / "activations" / "batch-0.jsonl.gz")} == ids  # the same store: same
+    other = [{**p, "extraction": "ext_20260101_000000_000000"} for p in pages]  # another store's pages
+    moved = export_neuronpedia(other, tmp_path / "other", model_id="m", source_set="res")
+    assert not ids & {a["id"] for a in read_jsonl(moved / "activations" / "batch-0.jsonl.gz")}
 
 
 # -- Hugging Face datasets -------------------------------------------------------------------------------------
@@ -441,6 +472,33 @@ def test_latent_pages_carry_what_neuronpedia_needs(latent_store, tmp_path):
     top = [a for a in acts if a["index"] == "3" and a["binContains"] == -1.0]
     assert top[0]["values"][top[0]["qualifyingTokenIndex"]] == pytest.approx(float(values.max()))
     assert "SAE" in read_jsonl(root / "sourceset.jsonl")[0]["description"]
+
+
+def test_latents_dropped_for_want_of_width_are_refused_by_neuronpedia_and_named_by_the_dataset(gpt2_dir, tmp_path):
+    """A store kept too narrow for its SAE counts only each token's largest latents: Neuronpedia would show those
+    densities and histograms as exact, so the export refuses them unless told (and then says so in the source's
+    notes); the dataset export names the caveat and the storage dtype."""
+    from mistudio.analysis.features import export_pages
+
+    make_sae(tmp_path / "sae")
+    ext = ms.extract(gpt2_dir, texts(), layers=[1], hooks=["residual"], max_length=48, saes={LATENT_HP:
+                     str(tmp_path / "sae")}, latent_width=2, dtype="bfloat16", batch_size=8,
+                     workspace=str(tmp_path / "ws"), progress=False)
+    dropped = ext.record.latent_statistics[LATENT_HP].dropped
+    assert dropped > 0, "a ReLU SAE of 64 latents should fire more than 2 a token"
+    pages = list(export_pages(ext, f"{LATENT_HP}.latents", [0, 1], n_token_means=0))
+    assert pages[0]["dropped_latents"] == dropped
+    with pytest.raises(InputError, match=rf"left out {dropped:,} firing latents for want of width.*latent_width.*"
+                                         "allow_dropped=True"):
+        export_neuronpedia(pages, tmp_path / "np", model_id="m", source_set="res-sae")
+    assert not (tmp_path / "np" / "m" / "1-res-sae").exists()
+    root = export_neuronpedia(pages, tmp_path / "np", model_id="m", source_set="res-sae", allow_dropped=True)
+    assert f"{dropped:,} firing latents left out for want of width" in read_jsonl(root / "source.jsonl")[0]["notes"]
+    dataset = to_hf_dataset(ext, [f"{LATENT_HP}.latents", LATENT_HP], path=tmp_path / "hf")
+    info = json.loads((tmp_path / "hf" / "mistudio_export.json").read_text())
+    assert info["dtype"] == "bfloat16" and "Stored as bfloat16 (exported as float32" in dataset.info.description
+    assert "dropped for want of width" in info["caveats"][f"{LATENT_HP}.latents"][0]
+    assert "Caveat: layers.1.residual.latents:" in dataset.info.description
 
 
 # -- SAELens -------------------------------------------------------------------------------------------------

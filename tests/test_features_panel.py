@@ -313,6 +313,27 @@ def test_datasets_export_of_sae_latents(gpt2_dir, tmp_path):
     assert panel.confirm_box.layout.display == "none" and not (tmp_path / "sl").exists()
 
 
+def test_a_neuronpedia_export_of_latents_kept_too_narrow_says_so_before_writing(gpt2_dir, tmp_path):
+    """Latents dropped for want of width: the tab's confirmation says Neuronpedia will show lower bounds as exact,
+    and confirming writes the export with that said in the source's notes."""
+    from test_exports import make_sae, read_jsonl
+
+    make_sae(tmp_path / "sae")
+    ext = ms.extract(gpt2_dir, ms.sample_texts()[:30], layers=[1], max_length=32, saes={HP: str(tmp_path / "sae")},
+                     latent_width=2, workspace=str(tmp_path / "ws"), progress=False)
+    dropped = ext.record.latent_statistics[HP].dropped
+    panel = FeaturesPanel(ms.Workspace(str(tmp_path / "ws")))
+    assert panel.wait(120) and panel.hook_point.value == f"{HP}.latents" and dropped > 0
+    panel.export_features.value = "0-2"
+    panel.np_model.value, panel.np_folder.value = "tiny-gpt2", str(tmp_path / "np")
+    panel.np_button.click()
+    assert f"left out {dropped:,} firing latents for want of width" in panel.confirm_text.value
+    click_and_wait(panel.confirm_button, panel)
+    assert "Wrote" in panel.export_info.value, panel.export_info.value
+    notes = read_jsonl(tmp_path / "np" / "tiny-gpt2" / "1-mistudio" / "source.jsonl")[0]["notes"]
+    assert "left out for want of width" in notes
+
+
 def test_busy_refuses_a_second_task_and_errors_show_in_the_tab(panel):
     release = threading.Event()
     assert panel._run("Waiting for the test", lambda: release.wait(30), lambda _: None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import numpy as np
 from ..errors import InputError, MistudioError
 from .feature_page import PAGE_CSS, check_page, escape, feature_page_html, number
 from .feature_view import LATENT_SUFFIX, display_pieces, is_latent, resolve_scheme
+from .features import page_caveats
 
 if TYPE_CHECKING:
     import datasets
@@ -164,28 +166,46 @@ def _token_text(tokenizer: Any, token: str) -> str:
     return both[len(anchor):] if both.startswith(anchor) else tokenizer.convert_tokens_to_string([token])
 
 
-def _freq_hist(page: dict) -> tuple[list[float], list[float]]:
-    """The positive bins of the page's histogram as (heights, values): the counts, and each bin's centre
-    (geometric for a log bin, half the top edge for a bin starting at 0, the lower edge for the overflow bin)."""
+NEURONPEDIA_BINS = 40  # SAEDashboard's histogram: equal-width bins over the firing range (utils_fns.HistogramData)
+
+
+def _freq_hist(page: dict, n_bins: int = NEURONPEDIA_BINS) -> tuple[list[float], list[float]]:
+    """The page's firing values as SAEDashboard's histogram, which Neuronpedia draws on a linear axis: ``n_bins``
+    equal-width bins from the lowest firing bin's lower edge to the feature's maximum, as (heights, centres). The
+    page's log-width bins are spread over them by overlap, each bin's count as if uniform inside it (a log bin's
+    count set on a linear axis as it is would move the peak to the wider bins); the heights sum to the count."""
     hist = page.get("histogram") or {}
     counts, edges = list(hist.get("counts", [])), [float("nan") if e is None else float(e)
                                                     for e in hist.get("edges", [])]
-    bins = [(lo, hi, int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts) if lo >= 0 and hi > 0]
-    used = [i for i, (_, _, c) in enumerate(bins) if c]
-    if not used:
+    bins = [(lo, hi, int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts) if lo >= 0 and hi > 0 and c]
+    if not bins:
         return [], []
-    heights, values = [], []
-    for lo, hi, count in bins[used[0]:used[-1] + 1]:
-        heights.append(float(count))
-        values.append(lo if math.isinf(hi) else (hi / 2 if lo == 0 else math.sqrt(lo * hi)))
-    return heights, values
+    top = page.get("max")
+    top = float(top) if top is not None and math.isfinite(float(top)) else bins[-1][0]
+    spans = [(lo, max(lo, min(hi, top)), c) for lo, hi, c in bins]  # no value lies above the maximum
+    low, high = spans[0][0], max(spans[-1][1], spans[0][0])
+    if high == low:
+        return [float(sum(c for _, _, c in spans))], [low]
+    step = (high - low) / n_bins
+    cuts = [low + i * step for i in range(n_bins + 1)]
+    heights = [0.0] * n_bins
+    for lo, hi, count in spans:
+        if hi == lo:  # a bin squeezed to a point at the maximum: its values are the maximum
+            heights[min(n_bins - 1, int((lo - low) / step))] += count
+            continue
+        for i in range(max(0, int((lo - low) / step)), min(n_bins, int((hi - low) / step) + 1)):
+            overlap = min(hi, cuts[i + 1]) - max(lo, cuts[i])
+            if overlap > 0:
+                heights[i] += count * overlap / (hi - lo)
+    return [round(h, 4) for h in heights], [low + (i + 0.5) * step for i in range(n_bins)]
 
 
 def _activation(example: dict, page: dict, where: dict, k: int, bin_range: tuple[float, float, float],
                 tokenizer: Any, scheme: str, dataset: str | None) -> dict:
     values = [_finite(v) for v in example["values"]]
     top = max(values)
-    return {"id": _record_id(where["modelId"], where["layer"], page["feature"], k, example["row"]),
+    return {"id": _record_id(page["extraction"], where["modelId"], where["layer"], page["feature"], k,
+                             example["row"]),
             **where, "index": str(int(page["feature"])),
             "tokens": _texts(example["tokens"], tokenizer, scheme), "values": values,
             "maxValue": top, "maxValueTokenIndex": values.index(top), "minValue": min(values),
@@ -210,12 +230,14 @@ def _feature_records(page: dict, model_id: str, source_id: str, source_set: str,
     where = {"modelId": model_id, "layer": source_id, "creatorId": creator_id}
     # SAEDashboard's conventions (sae_dashboard/neuronpedia/neuronpedia_converter.py): top activations have
     # binMin -1, binMax the feature's maximum and binContains -1; a quantile interval gives its value range and
-    # the share of tokens it holds
+    # the share of all tokens whose value lies in it (sequence_data_generator.py: CONTAINS), here the band's share
+    # of the firing tokens times the density (the band's edges are read from the histogram, and so is this share)
     acts = [_activation(e, page, where, k, (-1.0, _finite(page["max"]), -1.0), tokenizer, scheme, dataset)
             for k, e in enumerate(page["top"])]
     for b, band in enumerate(page["bands"]):
         (q0, q1), (v0, v1) = band["quantiles"], band["values"]
-        acts += [_activation(e, page, where, f"band{b}.{k}", (_finite(v0), _finite(v1), _finite(q1) - _finite(q0)),
+        share = (_finite(q1) - _finite(q0)) * _finite(page["density"])
+        acts += [_activation(e, page, where, f"band{b}.{k}", (_finite(v0), _finite(v1), share),
                              tokenizer, scheme, dataset) for k, e in enumerate(band["examples"])]
     note = str(page.get("note") or "").strip()
     explanation = None
@@ -237,7 +259,8 @@ def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str,
                        creator_id: str = NEURONPEDIA_DEFAULT_CREATOR, creator_name: str = "mistudio",
                        description: str | None = None, dataset: str | None = None, tokenizer: Any = None,
                        scheme: str = "auto", n_layers: int | None = None, release: str | None = None,
-                       urls: Sequence[str] = (), batch_size: int = 256, overwrite: bool = False) -> Path:
+                       urls: Sequence[str] = (), batch_size: int = 256, overwrite: bool = False,
+                       allow_dropped: bool = False) -> Path:
     """Write feature pages of one hook point in Neuronpedia's bulk-import layout and return the source folder:
 
     ``folder/<model_id>/<layer>-<source_set>/`` with ``model.jsonl``, ``sourceset.jsonl``, ``source.jsonl``
@@ -251,8 +274,13 @@ def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str,
     pages at a time. Left out: correlated features (Neuronpedia's are Pearson correlations; the page holds
     co-firing counts) and steering vectors. Token values without an activation row are written as 0. A feature
     whose values were past the storage dtype's range (stored as ±inf) is refused, every such feature named: its
-    records would show 0 where it is strongest. The export is written beside ``folder``'s target and moved into
-    place when complete: a refusal or a failure leaves an earlier export there as it was."""
+    records would show 0 where it is strongest. Pages of SAE latents the store kept too narrow (firing latents
+    dropped for want of width) are refused too: their densities, histograms and contexts would count only each
+    token's largest latents; ``allow_dropped=True`` exports them, said in the source's notes. Activation ids are
+    derived from the extraction, the feature, the example and its row: exporting the same store again gives the
+    same ids, another store's export new ones (the importer keeps a row whose id it already holds). The export is
+    written beside ``folder``'s target and moved into place when complete: a refusal or a failure leaves an
+    earlier export there as it was."""
     for name, value in (("model_id", model_id), ("source_set", source_set)):
         if not isinstance(value, str) or not _NEURONPEDIA_NAME.match(value):
             raise InputError(f"{name}={value!r} is not a Neuronpedia name: use letters, digits, '-' and '_' only "
@@ -265,6 +293,12 @@ def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str,
         raise InputError("export_neuronpedia got no pages: pass the feature pages of one hook point")
     check_page(first)
     hook_point = first["hook_point"]
+    dropped = int(first.get("dropped_latents") or 0)
+    if dropped and not allow_dropped:
+        raise InputError(f"{hook_point}: the store left out {dropped:,} firing latents for want of width, so its "
+                         "densities, histograms and contexts count only each token's largest: Neuronpedia would show "
+                         "them as exact. Extract again with a wider «latent_width» (up to the SAE's d_sae) or "
+                         "«latent_coverage», or «pass allow_dropped=True» to export them, said in the source's notes")
     match = _LAYER.match(str(hook_point))
     if not match:
         raise InputError(f"hook point {hook_point!r} names no layer: Neuronpedia sources are per layer "
@@ -294,7 +328,10 @@ def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str,
         _write_jsonl(root / "source.jsonl", [{"id": source_id, "modelId": model_id, "setName": source_set,
                                                "creatorId": creator_id, "visibility": public, "hasDashboards": True,
                                                "dataset": dataset, "num_prompts": None,
-                                               "notes": f"mistudio extraction {first['extraction']}, {hook_point}"}],
+                                               "notes": f"mistudio extraction {first['extraction']}, {hook_point}"
+                                                        + (f"; {dropped:,} firing latents left out for want of width: "
+                                                           "densities and histograms count each token's largest "
+                                                           "only" if dropped else "")}],
                      False)
         if release is not None:
             _write_jsonl(root / "release.jsonl", [{"name": release, "description": description, "urls": list(urls),
@@ -302,8 +339,8 @@ def export_neuronpedia(pages: Iterable[dict], folder: str | Path, model_id: str,
                                                     "visibility": public, "descriptionShort": description}], False)
 
         def batches() -> Iterator[list[dict]]:
-            batch = [first]
-            for page in pages:
+            batch: list[dict] = []
+            for page in itertools.chain([first], pages):
                 check_page(page)
                 if page["hook_point"] != hook_point:
                     raise InputError(f"pages of several hook points ({hook_point!r}, {page['hook_point']!r}): a "
@@ -535,9 +572,17 @@ def count_latents(dataset: "datasets.Dataset", hook_point: str) -> int:
     return sum(len(chunk.flatten().flatten()) for chunk in dataset.data.column(column).chunks)
 
 
+def _hf_caveats(ext: "Extraction", chosen: list[str]) -> dict[str, list[str]]:
+    """The store's warnings about each exported hook point (latents dropped for want of width, values past the
+    storage dtype's range), worded for Python."""
+    return {hp: lines for hp in chosen if (lines := page_caveats(ext, hp))}
+
+
 def _hf_description(ext: "Extraction", chosen: list[str]) -> str:
+    dtype = ext.record.params.dtype or "float16"
     lines = [f"mistudio extraction {ext.id} of {ext.record.model.name_or_path}, one row per stored sample "
-             f"(stored order): {', '.join(chosen)}."]
+             f"(stored order): {', '.join(chosen)}. Stored as {dtype}"
+             + (" (exported as float32, exactly)." if dtype == "bfloat16" else ".")]
     for hp in chosen:
         if is_latent(hp):
             f = latent_facts(ext, hp)
@@ -548,6 +593,7 @@ def _hf_description(ext: "Extraction", chosen: list[str]) -> str:
                          f"({f['width_reason']}). Columns {hp}.indices (int32) and {hp}.values (float32): per "
                          "token its non-zero latents, in the store's order; a token without an activation row "
                          "(kept False) has none.")
+    lines += [f"Caveat: {line}" for caveats in _hf_caveats(ext, chosen).values() for line in caveats]
     return "\n".join(lines)
 
 
@@ -561,7 +607,8 @@ def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = N
     ``ext.sample(row)`` gives them. An SAE's latents (``<hp>.latents``, see ``ext.latent_points``) give two columns,
     sparse: ``<hp>.latents.indices`` (int32) and ``<hp>.latents.values`` (float32), per token the list of its
     non-zero latents (empty slots dropped; none where not kept): concatenated over the kept tokens in stored order
-    they are ``ext.latents(hp)``'s CSR rows. The SAEs (folder, fingerprint, architecture, d_sae) are named in
+    they are ``ext.latents(hp)``'s CSR rows. The SAEs (folder, fingerprint, architecture, d_sae), the storage
+    dtype and the store's caveats (latents dropped for want of width, values past the dtype's range) are named in
     ``info.description`` (and, with ``path``, in ``mistudio_export.json`` beside the data, with the counts).
     ``hook_points`` defaults to every raw hook point and every SAE's latents.
 
@@ -599,6 +646,7 @@ def to_hf_dataset(ext: "Extraction", hook_points: str | Sequence[str] | None = N
     if path is not None:
         info = {"format": "mistudio hf dataset", "extraction": ext.id, "location": ext.location,
                 "model": ext.record.model.name_or_path, "hook_points": chosen, "rows": len(dataset),
+                "dtype": ext.record.params.dtype or "float16", "caveats": _hf_caveats(ext, chosen),
                 "tokens": int(sum(len(c.flatten()) for c in dataset.data.column("input_ids").chunks)),
                 "latents": {hp: {**latent_facts(ext, hp), "non_zero": count_latents(dataset, hp)}
                             for hp in chosen if is_latent(hp)},

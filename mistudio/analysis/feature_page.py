@@ -18,6 +18,7 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
      "correlated_basis"?: {"kind": "sample" | "top", "tokens": int, "rows": int, "per_token": int,
                            "error"?: int} | None,
      "caveats"?: [str],                                           # what the store warns of this hook point
+     "dropped_latents"?: int,                                     # latents left out for want of width
      "note": str, "prev": int | None, "next": int | None}
 
     example = {"value": float, "row": int,          # activation row (stored order)
@@ -27,7 +28,9 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
                "peak": int}                         # index into tokens of the example's own token
 
 Keys marked ``?`` are optional: ``caveats`` (the store's warnings about this hook point: latents dropped for want of
-width make densities lower bounds, values stored as ±inf; shown under the title), ``min_count``, the least count the
+width make densities lower bounds, values stored as ±inf; shown under the title), ``dropped_latents`` (how many
+firing latents of the hook point the store left out for want of width: ``export_neuronpedia`` refuses such
+pages unless told), ``min_count``, the least count the
 token means were computed with (the table says it and leaves out rows below it), ``special`` on a token-means row
 (``hide_special`` hides it), ``logits_note`` (why there is no logit table: an encoder, a model without an LM head
 ...), ``correlated_basis`` (what a co-firing ``fraction`` is: with ``"sample"``, the share of the feature's ``tokens``

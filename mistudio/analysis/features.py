@@ -394,7 +394,14 @@ def feature_page(ext: "Extraction", hook_point: str, feature: int, *, k: int = 2
             "note": get_note(ext, hook_point, feature),
             "prev": feature - 1 if feature > 0 else None, "next": feature + 1 if feature + 1 < stats.d else None,
             "one_per_document": bool(one_per_document), "scheme": tokenizer_scheme(ext.tokenizer),
-            "n_layers": ext.record.model.n_layers, "caveats": page_caveats(ext, hook_point)}
+            "n_layers": ext.record.model.n_layers, "caveats": page_caveats(ext, hook_point),
+            "dropped_latents": dropped_latents_of(ext, hook_point)}
+
+
+def dropped_latents_of(ext: "Extraction", hook_point: str) -> int:
+    """Firing latents of ``<hp>.latents`` the store left out for want of width (0 for raw hook points)."""
+    stats = ext.record.latent_statistics.get(base_hook_point(hook_point)) if is_latent(hook_point) else None
+    return int(stats.dropped) if stats is not None else 0
 
 
 def page_caveats(ext: "Extraction", hook_point: str) -> list[str]:

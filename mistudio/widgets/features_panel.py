@@ -29,8 +29,8 @@ from ..analysis.feature_page import correlated_title, feature_page_html, percent
 from ..analysis.feature_view import _shade as shade
 from ..analysis.feature_view import (display_pieces, piece_html, pieces_and_titles, store_key, token_label,
                                      tokenizer_scheme)
-from ..analysis.features import (FeatureTable, base_hook_point, export_pages, feature_hook_points, feature_page,
-                                 features_for_token, is_latent, load_statistics, parse_features, set_note,
+from ..analysis.features import (FeatureTable, base_hook_point, dropped_latents_of, export_pages, feature_hook_points,
+                                 feature_page, features_for_token, is_latent, load_statistics, parse_features, set_note,
                                  token_labels)
 from ..analysis.prompt import prompt_features
 from ..errors import InputError
@@ -857,15 +857,21 @@ class FeaturesPanel(W.VBox):
         folder = Path(self.np_folder.value.strip() or "neuronpedia").expanduser().absolute()
         target = folder / model_id / f"{hp.split('.')[1] if hp.startswith('layers.') else '?'}-{source}"
 
+        dropped = dropped_latents_of(ext, hp)
+
         def write() -> str:
             root = exports.export_neuronpedia(export_pages(ext, hp, features, **options), folder, model_id, source,
-                                              tokenizer=ext.tokenizer, overwrite=True,
+                                              tokenizer=ext.tokenizer, overwrite=True, allow_dropped=bool(dropped),
                                               n_layers=int(ext.record.model.n_layers or 0))
             return f"Wrote <code>{esc(root)}</code> ({len(features):,} features, Neuronpedia's bulk-import layout)."
 
         replaces = " It replaces the export there." if target.exists() and any(target.iterdir()) else ""
-        return (f"Write {what} in Neuronpedia's bulk-import layout under <code>{esc(target)}</code>.{replaces}",
-                write)
+        narrow = (f" <b>The store left out {dropped:,} firing latents for want of width</b>: the densities and "
+                  "histograms count each token's largest latents only, and Neuronpedia shows them as exact (the "
+                  "source's notes will say so; extract again with a wider Latent width to export exact ones)."
+                  if dropped else "")
+        return (f"Write {what} in Neuronpedia's bulk-import layout under <code>{esc(target)}</code>.{replaces}"
+                f"{narrow}", write)
 
     def confirm_export(self) -> bool:
         """Run the export waiting for confirmation (in the background)."""
