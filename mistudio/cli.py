@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from .data import report_line
-from .errors import InputError, MistudioError, StoreBusy, StoreCorrupted, human_bytes, render
+from .errors import InputError, MistudioError, StoreBusy, StoreCorrupted, counted, human_bytes, render
 from .request import ParamInfo, params
 
 CLI_NAMES = {"force": ("force", "Force"), "overwrite": ("overwrite", "Overwrite"), "name": ("name", "Name"),
@@ -481,7 +481,8 @@ def _with_models(args: argparse.Namespace) -> int:
         result = estimate(workspace=args.workspace, preset=args.preset, probe=args.probe,
                           **request_options(args, infos))
         print(render(report_line(result["report"]), "cli", cli_names()))
-        print(f"{result['batches']:,} batches, {len(result['hook_points'])} hook points, {result['rows']:,} rows each")
+        print(f"{counted(result['batches'], 'batch', 'batches')}, {counted(len(result['hook_points']), 'hook point')}"
+              f", {counted(result['rows'], 'row')} each")
         print(result["summary"])
         for warning in result["warning_templates"]:
             print(f"warning: {render(warning, 'cli', cli_names())}")
@@ -492,7 +493,7 @@ def _with_models(args: argparse.Namespace) -> int:
         report = Workspace(args.workspace).cleanup(dry_run=not args.delete, force=args.force)
         print(report.to_string(index=False) if len(report) else "(nothing to clean up)")
         gone = report[report["deleted"]] if args.delete else report
-        print(f"{'deleted' if args.delete else 'would delete (run with --delete)'}: {len(gone)} stores, "
+        print(f"{'deleted' if args.delete else 'would delete (run with --delete)'}: {counted(len(gone), 'store')}, "
               f"{human_bytes(int(gone['bytes'].sum()))}")
     elif command == "resume":
         ws = Workspace(args.workspace)

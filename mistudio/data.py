@@ -55,7 +55,7 @@ def _decode_error(path: Path, encoding: str) -> InputError:
         return InputError(f"{where}: the file looks binary, not text: point dataset= at a "
                           f"{', '.join(DATA_SUFFIXES)} file")
     return InputError(f"{where}: if the file is in another encoding, «pass encoding='latin-1'» "
-                      "(or its own, e.g. encoding='cp1252')")
+                      "(or its own, e.g. «encoding='cp1252'»)")
 
 
 _NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (a named pipe)"), (stat.S_ISCHR, "a character device"),
@@ -574,17 +574,18 @@ def report_line(report: dict) -> str:
         parts.append(f"{counted(sum(skipped.values()), 'row')} skipped: "
                      + "; ".join(f"{n:,} {SKIP_REASONS.get(r, r)}" for r, n in skipped.items()))
     if report.get("n_clamped_tokens"):
-        parts.append(f"{report['n_clamped_tokens']:,} token ids outside the vocabulary clamped to the last id "
+        parts.append(f"{counted(report['n_clamped_tokens'], 'token id')} outside the vocabulary clamped to the last id "
                      "(«oov_policy='clamp'»)")
     if report.get("n_truncated"):
-        parts.append(f"{report['n_truncated']:,} cut at «max_length» ({report.get('n_truncated_tokens', 0):,} tokens "
-                     "dropped; «window» keeps them whole)")
+        parts.append(f"{report['n_truncated']:,} cut at «max_length» ("
+                     f"{counted(report.get('n_truncated_tokens', 0), 'token')} dropped; «window» keeps them whole)")
     windows = report.get("n_windows")
     if windows and windows != report.get("n_samples"):
         parts.append(f"{windows:,} windows")
     tokens, rows = report.get("n_tokens"), report.get("n_rows")
     if tokens is not None:
-        parts.append(f"{tokens:,} tokens" + (f", {rows:,} activation rows" if rows not in (None, tokens) else ""))
+        parts.append(counted(tokens, "token") + (f", {counted(rows, 'activation row')}" if rows not in (None, tokens)
+                                                 else ""))
     return " · ".join(parts)
 
 

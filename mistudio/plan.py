@@ -343,7 +343,8 @@ def estimate(model: Any = None, dataset: Any = None, layers: Any = None, hooks: 
     in-memory data and Hub datasets), ``free_disk_bytes`` (the workspace's disk; None if remote), ``peak_device_bytes``
     (see :func:`peak_device_bytes`), ``device_memory_bytes``, ``seconds`` (with ``probe=True``: the model is
     loaded and a few batches timed; else None), ``warnings`` (strings) and a one-line ``summary``.
-    ``batch_size="auto"`` is estimated at batch 8 (its choice needs the model). ``preset=`` starts from a saved
+    ``batch_size="auto"`` is estimated at batch 8 (its choice needs the model: ``auto_batch`` is True and the
+    summary says so). ``preset=`` starts from a saved
     preset of ``workspace``, as ``ws.submit`` does. Run-only arguments (``timeout_s``, ``auto_retry_on_oom``)
     are accepted and change nothing.
     """
@@ -418,6 +419,7 @@ def _figures(plan: Plan, facts: dict, workspace: str | os.PathLike | None, probe
         "free_disk_bytes": free, "peak_device_bytes": peak, "device": str(device), "device_memory_bytes": memory,
         "largest_batch": {"samples": largest[0], "width": largest[1]}, "n_parameters": facts["n_parameters"],
         "seconds": seconds, "warnings": [render(w) for w in warnings], "warning_templates": warnings,
+        "auto_batch": guess is not None,
         "report": report, "report_line": report_line(report), "dataset_bytes": dataset_bytes(request.dataset),
     }
     source = (f"dataset {human_bytes(result['dataset_bytes'])}" if result["dataset_bytes"] is not None else "dataset"
@@ -550,7 +552,8 @@ def summary(result: dict) -> str:
              + (f", {human_bytes(result['free_disk_bytes'])} free" if result["free_disk_bytes"] is not None else "")]
     memory = result["device_memory_bytes"]
     parts.append(f"peak {human_bytes(result['peak_device_bytes'])}"
-                 + (f" of {human_bytes(memory)}" if memory else ""))
+                 + (f" of {human_bytes(memory)}" if memory else "")
+                 + (f" (at batch {AUTO_GUESS}: auto chooses its batch at the run)" if result.get("auto_batch") else ""))
     if result["seconds"] is not None:
         parts.append(_duration(result["seconds"]))
     line = " · ".join(parts)

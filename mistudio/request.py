@@ -316,8 +316,10 @@ class Request(BaseModel):
     @classmethod
     def _batch_size(cls, v: int | str) -> int | str:
         if v != "auto" and v not in BATCH_SIZES:
+            more = (" (for batches of more samples, cut them by padded tokens instead: «pass max_batch_tokens=16384»)"
+                    if isinstance(v, int) and not isinstance(v, bool) and v > max(BATCH_SIZES) else "")
             raise ValueError(f"«batch_size={v!r}» is not allowed: use a power of two from 1 to 512, e.g. «pass "
-                             "batch_size=8», or 'auto'")
+                             f"batch_size=8», or 'auto'{more}")
         return v
 
     @field_validator("latent_coverage")
@@ -532,9 +534,9 @@ def _dataset_path(given: str) -> str:
     path = Path(os.path.abspath(os.path.expanduser(given)))  # not resolved: a link's name decides the format
     if not path.exists():
         link = f" (a broken link to {os.path.realpath(path)!r})" if path.is_symlink() else ""
-        raise ValueError(f"dataset path {given!r}{link} does not exist: give an existing .txt/.jsonl/.csv/.parquet "
-                         "file, a folder saved with datasets' save_to_disk, a list of strings, a pandas DataFrame, "
-                         "'sample', or ms.HubDataset(name, split, column)")
+        raise ValueError(f"dataset path {given!r}{link} does not exist: give an existing .txt/.jsonl/.json/.csv/"
+                         ".parquet file, a folder saved with datasets' save_to_disk«cli: or 'sample'»«py+studio:, "
+                         "'sample', a list of strings, a pandas DataFrame, or ms.HubDataset(name, split, column)»")
     if path.is_dir():
         return str(path)
     if not path.is_file():
