@@ -115,6 +115,66 @@ def test_damaged_shard_names_the_shard(stores, how, tmp_path):
     assert ext.verify().problems[0].chunk == (1, 0)  # verify agrees
 
 
+@pytest.mark.parametrize("name", ["chunks", "shards"])
+def test_every_selection_refuses_units_swapped_in_place(stores, name, tmp_path):
+    """Two units of one array exchanged (each whole, its own checksum right): stepped slices, column picks, rows
+    into a buffer of another dtype (a loader pooling float16 and float32 stores) are refused like a plain slice,
+    never read through Zarr as the wrong rows."""
+    ext, c = opened(stores, name, tmp_path)
+    a = ext.activations(HP)
+    first, second = c / "0" / "0", c / "1" / "0"
+    held = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(held)
+    n, d = a.shape
+    keys = [slice(None, None, 2), slice(0, 320, 3), (slice(0, 320, 2), 5), (slice(None), [1, 2]), slice(300, 0, -7),
+            (Ellipsis, 0), [5, 150, 300]]
+    for key in keys:
+        with pytest.raises(StoreCorrupted, match=r"chunk \(0, 0\)|chunk \(1, 0\)"):
+            a[key]
+    with pytest.raises(StoreCorrupted, match=r"chunk \(0, 0\)"):
+        a.read_into(np.empty((n, d), np.float64), 0, n)
+
+
+def test_stepped_slices_of_committed_rows_read_while_the_rest_is_unwritten(gpt2_dir, tmp_path):
+    """A store whose job stopped part-way: a stepped slice below the commit mark reads (it is not 'past the
+    committed rows'), equal to the same rows of the plain slice."""
+    from conftest import fail_at
+
+    ws = ms.Workspace(str(tmp_path / "ws"))
+    job = ws.submit(gpt2_dir, TEXTS * 6, before_batch=fail_at(8), **BASE, shard_mb=0.04).wait(120)
+    assert job.status == "FAILED"
+    a = ws.open(job.id).activations(HP)
+    mark = a.mark
+    assert 0 < mark < a.zarr.shape[0]
+    np.testing.assert_array_equal(a[:mark:2], a[:mark][::2])
+    np.testing.assert_array_equal(a[1:mark:5, 3], a[:mark][1::5, 3])
+    np.testing.assert_array_equal(a.read_into(np.empty((mark, a.shape[1]), np.float64), 0, mark), a[:mark])
+
+
+@pytest.mark.parametrize("edit", ["int32", "big-endian", "bfloat16"])
+def test_a_zarr_json_that_reads_the_bytes_as_other_numbers_is_refused(stores, edit, tmp_path):
+    """An array's zarr.json edited to another dtype of the same size, to big-endian bytes, or to bfloat16 over
+    float32's bits: every read (and verify) names the file instead of returning other numbers."""
+    import json
+
+    ext, c = opened(stores, "shards", tmp_path)
+    meta_file = c.parent / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    if edit == "int32":
+        meta["data_type"] = "int32"
+    elif edit == "big-endian":
+        meta["codecs"][0]["configuration"]["codecs"][0]["configuration"]["endian"] = "big"
+    else:
+        meta["attributes"]["mistudio_dtype"] = "bfloat16"
+    meta_file.write_text(json.dumps(meta))
+    ext = ms.open_extraction(ext.location)
+    with pytest.raises(StoreCorrupted, match=rf"activations/{HP}.*zarr.json.*(says its values are|codecs)"):
+        ext.activations(HP)[:10]
+    problems = ext.verify().problems
+    assert [p.file for p in problems] == [str(meta_file)], problems
+
+
 def test_truncated_chunk_and_missing_units(stores, tmp_path):
     for name, folder in (("chunks", "plain"), ("shards", "sharded")):
         ext, c = opened(stores, name, tmp_path / folder)

@@ -23,6 +23,8 @@ def test_memory_workspace_roundtrip(gpt2_dir):
     assert [r["id"] for r in rows] == [ext.id] and rows[0]["bytes"] > 0
     ds = reopened.to_xarray()
     assert ds["layers.0.residual"].shape == (ext.n_tokens, 32)
+    report = reopened.verify()  # every chunk decoded through Zarr: a clean remote store is clean
+    assert report.ok and report.chunks_checked > 0, report
     # cleanup and delete work through fsspec too
     failed = ws.submit(gpt2_dir, "sample", before_batch=fail_at(0)).wait(60)
     assert failed.status == "FAILED"

@@ -420,6 +420,12 @@ class FastReader:
         chunks are read straight into it). Rows may be a slice, an int, a list or array of ints, or a mask;
         columns a slice, an int or a list of ints."""
         rows = key[0] if isinstance(key, tuple) else key
+        if isinstance(rows, slice) and rows.step not in (None, 1):  # every k-th row: gathered chunk by chunk
+            rows = np.arange(*rows.indices(self.shape[0]))
+            key = (rows, *key[1:]) if isinstance(key, tuple) else rows
+            if out is not None:
+                out[...] = self._gather(key)
+                return out
         if isinstance(rows, (int, np.integer)) or (not isinstance(rows, slice) and rows is not Ellipsis):
             if out is not None:
                 raise Fallback
@@ -494,15 +500,17 @@ class FastReader:
         step = self.g.chunk_rows
         if idx.size == 0:
             return np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *cols)]
-        parts = {}
-        for chunk in np.unique(idx // step).tolist():
-            lo = chunk * step
-            parts[chunk] = self.read((slice(lo, min(lo + step, n)), *cols))
-        first = parts[int(idx[0] // step)]
-        out = np.empty((len(idx), *first.shape[1:]), first.dtype)
-        for chunk, block in parts.items():
-            where = np.flatnonzero(idx // step == chunk)
-            out[where] = block[idx[where] - chunk * step]
+        chunk_of = idx // step
+        order = np.argsort(chunk_of, kind="stable")  # the rows grouped by chunk: one chunk in memory at a time
+        starts = np.flatnonzero(np.diff(chunk_of[order], prepend=-1))
+        out = None
+        for begin, end in zip(starts.tolist(), [*starts[1:].tolist(), len(idx)]):
+            lo = int(chunk_of[order[begin]]) * step
+            block = self.read((slice(lo, min(lo + step, n)), *cols))
+            if out is None:
+                out = np.empty((len(idx), *block.shape[1:]), block.dtype)
+            where = order[begin:end]
+            out[where] = block[idx[where] - lo]
         return out[0] if scalar else out
 
     def read_unit(self, unit: int, first: int, stop: int, col: Any, out: np.ndarray) -> None:

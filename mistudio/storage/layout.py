@@ -280,3 +280,32 @@ def has_checksum(arr: Any) -> bool:
     from zarr.codecs import Crc32cCodec
 
     return any(isinstance(c, Crc32cCodec) for c in arr.compressors)
+
+
+def foreign_encoding(arr: Any, path: str, dtype: str | None) -> str | None:
+    """What in an array's ``zarr.json`` says its bytes are not what this store wrote (None: nothing): values of
+    another dtype than the store's (``dtype``, its ``params.dtype``: activations and latent values; a bfloat16
+    array is uint16 marked ``mistudio_dtype``), bytes not little-endian, codecs beyond bytes, crc32c and sharding.
+    Such an edit would have every read decode the right bytes as wrong numbers."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    def plain(codecs: Any) -> bool:
+        return all(isinstance(c, (BytesCodec, Crc32cCodec)) for c in codecs) and all(
+            getattr(getattr(c, "endian", None), "value", "little") in ("little", None) for c in codecs)
+
+    codecs = list(arr.metadata.codecs)
+    sharded = len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
+    if not (plain(codecs[0].codecs) and plain(codecs[0].index_codecs) if sharded else plain(codecs)):
+        return ("its zarr.json encodes the chunks with codecs this store was not written with ("
+                + ", ".join(type(c).__name__ for c in codecs) + "): every value would be read wrong")
+    values = path.startswith("activations/") or (path.startswith("latents/") and path.endswith("/values"))
+    if values and dtype is not None:
+        marked = arr.attrs.get("mistudio_dtype") if hasattr(arr, "attrs") else None
+        stored = np.dtype(arr.dtype)
+        as_written = stored == np.dtype("uint16") and marked == "bfloat16" if dtype == "bfloat16" else \
+            stored == np.dtype(dtype) and marked in (None, dtype)
+        if not as_written:
+            said = f"{marked} (over {stored})" if marked else str(stored)
+            return (f"its zarr.json says its values are {said}, but the store's params.dtype is {dtype}: every "
+                    "value would be read as another type")
+    return None

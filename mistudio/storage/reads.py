@@ -139,6 +139,9 @@ class CheckedArray:
 
     def _read(self, key: Any, out: np.ndarray | None) -> np.ndarray:
         if self._view is None:
+            if out is not None and out.dtype != self.zarr.dtype:  # a float32 buffer shared with a float16 store
+                out[...] = self._read_stored(key, None)  # read checked, then widened
+                return out
             return self._read_stored(key, out)
         if out is not None and out.dtype != self._view:  # e.g. a float32 buffer shared with a float16 store
             out[...] = self._read_stored(key, None).view(self._view)  # widened exactly, value by value
@@ -150,7 +153,18 @@ class CheckedArray:
         first, stop = self._row_span(key)
         if self._fast is not None and stop <= self.mark:
             try:
-                return self._fast.read(key, out)
+                try:
+                    return self._fast.read(key, out)
+                except Fallback:
+                    if stop <= first:
+                        raise
+                    # a selection the fast path does not cut itself: its rows read checked, then selected here,
+                    # so no read below the mark reaches Zarr (which checks each chunk's crc32c only)
+                    values = self._fast.read(slice(first, stop))[_relative(key, first, self.shape[0])]
+                    if out is None:
+                        return values
+                    out[...] = values
+                    return out
             except Fallback:
                 pass
             except Damaged as exc:
@@ -181,3 +195,20 @@ class CheckedArray:
                             f"writing): read the committed rows, e.g. [:{self.mark}]") from None
                     raise self._fail(unit, damage(self.zarr, unit, unit_exc)) from exc
             raise  # no unit fails alone: not damage (e.g. a bad selection)
+
+
+def _relative(key: Any, first: int, n: int) -> Any:
+    """A selection of an array's rows, for the block of its rows ``[first, ...)`` read on their own."""
+    rows, cols = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+    if rows is Ellipsis:
+        return key
+    if isinstance(rows, slice):
+        r = range(*rows.indices(n))
+        rows = slice(r.start - first, r.stop - first if r.stop - first >= 0 else None, r.step)
+    elif isinstance(rows, (int, np.integer)):
+        rows = (int(rows) + n if rows < 0 else int(rows)) - first
+    else:
+        idx = np.asarray(rows)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else np.where(idx < 0, idx + n, idx)
+        rows = idx - first
+    return (rows, *cols)

@@ -17,8 +17,8 @@ from ..errors import RE_EXTRACT, RETRY_EXTRACTION, InputError, StoreCorrupted, S
 from . import metadata, positions
 from .codec import Damaged, Geometry, check_recorded, fast_layout, record_committed, stored_crcs
 from .files import fsync_dir, write_atomic
-from .layout import CHECKSUM_BYTES, PER_SAMPLE, WRITE_CONFIG, StoreLayout, array_codecs, numpy_dtype, storage_unit, \
-    unit_key, unit_name, zarr_dtype
+from .layout import CHECKSUM_BYTES, PER_SAMPLE, WRITE_CONFIG, StoreLayout, array_codecs, foreign_encoding, numpy_dtype, \
+    storage_unit, unit_key, unit_name, zarr_dtype
 from .lease import WriterLease
 from .metadata import ExtractionMeta
 from .reads import DECODE_ERRORS, CheckedArray
@@ -347,6 +347,9 @@ class ExtractionStore:
             raise StoreCorrupted(self.location, f"its metadata cannot be read ({type(exc).__name__}: {exc})", path,
                                  file=file) from exc
         self._check_size(arr, path, file)
+        problem = foreign_encoding(arr, path, self._record.params.dtype or "float16")
+        if problem is not None:
+            raise StoreCorrupted(self.location, problem, path, file=file)
         self._check_own(arr, path, file)
         return arr
 

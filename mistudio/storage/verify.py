@@ -15,7 +15,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .codec import Damaged, FastReader, Geometry
-from .layout import has_checksum, storage_unit, unit_key, unit_name, units
+from .layout import foreign_encoding, has_checksum, storage_unit, unit_key, unit_name, unit_rows, units
 from .metadata import END_STATES, LIVE_STATES
 from .positions import ATTRIBUTE, recorded
 from ..errors import StoreCorrupted
@@ -95,6 +95,7 @@ class _Scan:
         self.location = location.rstrip("/")
         self.storage_options = storage_options
         self.report = VerifyReport(self.location, decoded=decode)
+        self.dtype = "float16"  # the store's params.dtype, once its metadata is read
 
     def problem(self, what: str, array: str | None = None, chunk: tuple | None = None, file: str | None = None):
         self.report.problems.append(Problem(what, array, chunk, file))
@@ -124,6 +125,7 @@ class _Scan:
 
     def check(self, group: zarr.Group, meta: dict, group_file: str) -> None:
         status, progress = meta.get("status"), meta.get("progress", {})
+        self.dtype = str((meta.get("params") or {}).get("dtype") or "float16")  # what the values were stored as
         self.report.status, self.report.commit_mark = status, commit_mark(meta)
         if status not in LIVE_STATES + END_STATES:
             self.problem(f"unknown status {status!r}", file=group_file)
@@ -261,6 +263,10 @@ class _Scan:
             self.problem(f"shape {tuple(arr.shape)} does not match the metadata's "
                          f"{tuple('d' if e is None else e for e in shape)}", path, file=file)
             return None
+        problem = foreign_encoding(arr, path, self.dtype)
+        if problem is not None:
+            self.problem(problem, path, file=file)
+            return None
         return arr
 
     def same_store(self, arr: zarr.Array, key: str | None) -> bool:
@@ -285,8 +291,8 @@ class _Scan:
         """Every storage unit below ``mark``: present, a regular file, its index (shards) sound, and (when
         decoding) every chunk decodable, which checks its crc32c. A unit count the files cannot back (a crafted
         or damaged ``zarr.json``) is reported without walking the claimed units."""
-        unit_rows = storage_unit(arr)[0]
-        n_units = -(-min(mark, arr.shape[0]) // unit_rows)
+        rows_per_unit = storage_unit(arr)[0]
+        n_units = -(-min(mark, arr.shape[0]) // rows_per_unit)
         present = self.present(arr)
         if present is not None and n_units > present + 1:
             self.problem(f"{n_units:,} {unit_name(arr)}s hold the rows below the commit mark {mark:,}, but the "
