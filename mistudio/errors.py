@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import re
+import shlex
 
 ERROR_TYPES = ("OOM", "VALIDATION", "TIMEOUT", "INTERRUPTED", "DISK_FULL", "STORE_LOST", "STORE_DAMAGED", "UNKNOWN")
 
@@ -210,8 +211,19 @@ class StoreCorrupted(MistudioError):
         self.location, self.array, self.chunk, self.file, self.what = location, array, chunk, file, what
         where = "".join([f" array {array}" if array else "", f" chunk {chunk}" if chunk is not None else "",
                          f" (file {file})" if file else ""])
-        fix = fix or f"Run `mistudio verify <id>` for a full report; {RE_EXTRACT} to repair it"
-        super().__init__(f"store {location} is damaged:{where}: {what}. {fix}")
+        fix = fix or f"Run `mistudio verify <id>` (ext.verify() in Python) for a full report; {RE_EXTRACT} to repair it"
+        super().__init__(_named(f"store {location} is damaged:{where}: {what}. {fix}", location))
+
+
+def _named(message: str, location: str) -> str:
+    """``message`` with its ``mistudio verify <id>`` naming the store at ``location`` (``<root>/extractions/<id>.zarr``)
+    and its workspace."""
+    found = re.match(r"^(?:file://)?(.+)/extractions/([^/]+)\.zarr/?$", location)
+    if not found:
+        return message
+    root, store_id = found.groups()
+    return message.replace("`mistudio verify <id>", f"`mistudio verify {store_id} --workspace {shlex.quote(root)}") \
+        .replace("ws.rerecord(id)", f"ws.rerecord({store_id!r})")
 
 
 class ExtractionFailed(MistudioError):

@@ -132,8 +132,10 @@ def test_every_selection_refuses_units_swapped_in_place(stores, name, tmp_path):
     for key in keys:
         with pytest.raises(StoreCorrupted, match=r"chunk \(0, 0\)|chunk \(1, 0\)"):
             a[key]
-    with pytest.raises(StoreCorrupted, match=r"chunk \(0, 0\)"):
+    with pytest.raises(StoreCorrupted, match=r"chunk \(0, 0\)") as info:
         a.read_into(np.empty((n, d), np.float64), 0, n)
+    workspace = str(Path(ext.location).parent.parent)
+    assert f"`mistudio verify {ext.id} --workspace {workspace}" in str(info.value)  # the store named, not <id>
 
 
 def test_stepped_slices_of_committed_rows_read_while_the_rest_is_unwritten(gpt2_dir, tmp_path):
