@@ -34,6 +34,43 @@ def test_memory_workspace_roundtrip(gpt2_dir):
     assert ws.delete(ext.id, force=True) > 0 and ws.extractions().empty
 
 
+@pytest.mark.parametrize("damage", ["empty entry", "swapped entries"])
+def test_a_remote_shard_index_that_misplaces_committed_chunks_is_refused(gpt2_dir, damage):
+    """A remote store's shard whose index (its crc32c right) says a committed inner chunk was never written, or
+    puts two chunks in each other's place: Zarr would read zeros or other rows; every read refuses it."""
+    import fsspec
+
+    from mistudio.storage.codec import _crc32c
+
+    root = f"memory://mistudio-index-{damage.replace(' ', '-')}/ws"
+    ext = ms.extract(gpt2_dir, "sample", layers=[0], max_samples=30, workspace=root, progress=False,
+                     dtype="float32", chunk_mb=0.01, shard_mb=0.04)
+    a = ext.activations("layers.0.residual")
+    assert a.shards is not None and a.shape[0] > a.shards[0]
+    clean = a[:]
+    fs = fsspec.filesystem("memory")
+    shard = f"{ext.location.removeprefix('memory://')}/activations/layers.0.residual/c/0/0"
+    data = bytearray(fs.cat(shard))
+    per_shard = a.shards[0] // a.chunks[0]
+    index_at = len(data) - (16 * per_shard + 4)
+    table = np.frombuffer(bytes(data[index_at:-4]), "<u8").reshape(-1, 2).copy()
+    if damage == "empty entry":
+        table[1] = np.iinfo(np.uint64).max
+    else:
+        table[[1, 2]] = table[[2, 1]]
+    raw = table.tobytes()
+    data[index_at:] = raw + _crc32c(raw).to_bytes(4, "little")
+    fs.pipe(shard, bytes(data))
+    fresh = ms.open_extraction(ext.location).activations("layers.0.residual")
+    what = "(never written|in order, back to back)"  # an empty entry also leaves the next out of its place
+    for key in (slice(None), slice(0, 10), slice(None, None, 2)):
+        with pytest.raises(ms.StoreCorrupted, match=rf"chunk \(0, 0\).*{what}"):
+            fresh[key]
+    np.testing.assert_array_equal(fresh[a.shards[0]:], clean[a.shards[0]:])  # the other shards still read
+    problems = ms.open_extraction(ext.location).verify().problems
+    assert [(p.array, p.chunk) for p in problems] == [("activations/layers.0.residual", (0, 0))], problems
+
+
 def test_file_url_workspace_equals_local(gpt2_dir, tmp_path):
     args = dict(layers=[1], max_samples=20, progress=False, dtype="float32")
     local = ms.extract(gpt2_dir, "sample", workspace=str(tmp_path / "a"), **args)

@@ -39,10 +39,16 @@ from .positions import ChunkRecords
 
 def fast_layout(arr: Any) -> tuple[int, bool] | None:
     """(rows per inner chunk, crc32c per chunk) when this module may encode and decode ``arr``'s files itself:
-    a local store, little-endian bytes, optional crc32c, full-width chunks, shard index at the end with
-    crc32c. None: let Zarr do it."""
-    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    a local store in the writer's layout (:func:`written_layout`). None: let Zarr do it."""
     from zarr.storage import LocalStore
+
+    return written_layout(arr) if isinstance(arr.store_path.store, LocalStore) else None
+
+
+def written_layout(arr: Any) -> tuple[int, bool] | None:
+    """(rows per inner chunk, crc32c per chunk) of an array in the writer's layout, on any store: little-endian
+    bytes, optional crc32c, full-width chunks, shard index at the end with crc32c. None: another layout."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
     def plain(codecs) -> bool | None:  # crc32c or not; None when anything else is there
         first = codecs[0] if codecs else None
@@ -51,8 +57,7 @@ def fast_layout(arr: Any) -> tuple[int, bool] | None:
         rest = list(codecs[1:])
         return None if rest not in ([], [Crc32cCodec()]) else bool(rest)
 
-    if (not isinstance(arr.store_path.store, LocalStore) or np.dtype(arr.dtype).byteorder == ">"
-            or arr.fill_value != 0):
+    if np.dtype(arr.dtype).byteorder == ">" or arr.fill_value != 0:
         return None
     codecs = arr.metadata.codecs
     if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
@@ -73,7 +78,8 @@ class Geometry:
 
     def __init__(self, arr: Any, inner_rows: int, crc: bool):
         self.arr, self.crc = arr, crc
-        self.root = Path(arr.store_path.store.root) / arr.path
+        root = getattr(arr.store_path.store, "root", None)  # None: a remote store (only its indexes are checked)
+        self.root = Path(root) / arr.path if root is not None else None
         self.dtype = np.dtype(arr.dtype)
         self.shape = tuple(arr.shape)
         self.sharded = arr.shards is not None
@@ -86,8 +92,9 @@ class Geometry:
         self.index_bytes = SHARD_INDEX_ENTRY * self.per_shard + CHECKSUM_BYTES
 
     @classmethod
-    def of(cls, arr: Any) -> "Geometry | None":
-        layout = fast_layout(arr)
+    def of(cls, arr: Any, local: bool = True) -> "Geometry | None":
+        """The array's geometry when it is in the writer's layout (``local``: on a local store only)."""
+        layout = fast_layout(arr) if local else written_layout(arr)
         return None if layout is None or arr.ndim not in (1, 2) else cls(arr, *layout)
 
     def unit_key(self, unit: int) -> tuple[int, ...]:

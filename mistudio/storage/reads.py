@@ -13,10 +13,12 @@ import stat
 from typing import Any
 
 import numpy as np
+from zarr.abc.store import SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from ..errors import InputError, StoreCorrupted
-from .codec import Damaged, Fallback, FastReader
+from .codec import Damaged, Fallback, FastReader, Geometry, check_index
 from .layout import numpy_dtype, unit_key, unit_name, unit_rows, units
 
 # errors a damaged chunk or metadata file raises while decoding (codecs, numpy, JSON); not IndexError
@@ -83,6 +85,9 @@ class CheckedArray:
         self.location = location
         self.mark = int(mark)
         self._fast = FastReader.open(arr, self.mark)
+        remote = Geometry.of(arr, local=False) if self._fast is None and arr.shards is not None else None
+        self._remote = remote if remote is not None and remote.root is None else None  # its shard indexes checked
+        self._indexes_checked: set[int] = set()
         stored_as = arr.attrs.get("mistudio_dtype") if hasattr(arr, "attrs") else None
         self._view = numpy_dtype(stored_as) if stored_as == "bfloat16" else None  # bfloat16 stored as uint16
 
@@ -149,6 +154,29 @@ class CheckedArray:
         stored = self._read_stored(key, None if out is None else out.view(self.zarr.dtype))
         return stored.view(self._view) if out is None else out
 
+    def _check_indexes(self, first: int, stop: int) -> None:
+        """The shards of a remote store holding rows ``[first, stop)`` below the mark: their indexes as the writer
+        writes them (each entry whole, in order, back to back; no empty entry below the mark). Zarr would read an
+        empty entry as zeros and a swapped one as other rows."""
+        g, store = self._remote, self.zarr.store_path.store
+        for unit in range(first // g.unit_rows, -(-stop // g.unit_rows)):
+            if unit in self._indexes_checked:
+                continue
+            key = unit_key(self.zarr, g.unit_key(unit))
+            size = int(sync(store.getsize(key)))
+            raw = sync(store.get(key, default_buffer_prototype(), SuffixByteRequest(g.index_bytes)))
+            try:
+                offsets = check_index(raw.to_bytes() if raw is not None else b"", size, g)
+            except ValueError as exc:
+                raise self._fail(g.unit_key(unit), f"the shard cannot be decoded: {exc}") from None
+            committed = -(-(min(self.mark, (unit + 1) * g.unit_rows) - unit * g.unit_rows) // g.chunk_rows)
+            empty = [i for i in range(committed) if offsets[i] is None]
+            if empty:
+                raise self._fail(g.unit_key(unit), f"its index says inner chunk {empty[0]} was never written, "
+                                                   f"although rows below {self.mark} are committed")
+            if unit * g.unit_rows + g.unit_rows <= self.mark:
+                self._indexes_checked.add(unit)
+
     def _read_stored(self, key: Any, out: np.ndarray | None) -> np.ndarray:
         first, stop = self._row_span(key)
         if self._fast is not None and stop <= self.mark:
@@ -178,6 +206,8 @@ class CheckedArray:
         if missing:
             raise self._fail(missing[0], f"the {unit_name(self.zarr)} is missing although rows below {self.mark} "
                                          "are committed")
+        if self._remote is not None:
+            self._check_indexes(first, min(stop, self.mark))
         try:
             if out is None:
                 return self.zarr[key]

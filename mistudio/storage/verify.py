@@ -316,6 +316,7 @@ class _Scan:
         found = units(arr, 0, mark)
         missing = set(missing_units(arr, found))
         store = arr.store_path.store
+        checked = CheckedArray(arr, self.location, mark)  # a remote shard's index checked as reads check it
         for unit in found:
             file = f"{self.location}/{unit_key(arr, unit)}"
             if unit in missing:
@@ -325,8 +326,11 @@ class _Scan:
             self.report.chunks_checked += 1
             self.report.bytes_checked += int(sync(store.getsize(unit_key(arr, unit))))
             if self.report.decoded:
+                rows = unit_rows(arr, unit)
                 try:
-                    arr[unit_rows(arr, unit)]
+                    checked[rows.start:min(rows.stop, mark)]  # a unit of the rows below the mark
+                except StoreCorrupted as exc:
+                    self.problem(exc.what, arr.path, unit, file)
                 except (*DECODE_ERRORS, MemoryError, OverflowError) as exc:
                     self.problem(damage(arr, unit, exc), arr.path, unit, file)
 
