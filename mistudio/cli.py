@@ -9,11 +9,12 @@ import the model code, so that ``--help``, ``jobs``, ``verify`` and ``presets`` 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from .data import report_line
 from .errors import InputError, MistudioError, StoreBusy, StoreCorrupted, counted, human_bytes, render
@@ -337,13 +338,22 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def unrecognized(command: argparse.ArgumentParser, rest: list[str]) -> NoReturn:
+    """End with the command's usage and the arguments it does not take, each flag that is close to one of its own
+    named (``--batchsize (did you mean --batch-size?)``)."""
+    flags = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
+    hints = [f"{word.split('=', 1)[0]} (did you mean {close[0]}?)" for word in rest if word.startswith("--")
+             and (close := difflib.get_close_matches(word.split("=", 1)[0], flags, n=1, cutoff=0.75))]
+    command.error(f"unrecognized arguments: {' '.join(rest)}" + (f"; {', '.join(hints)}" if hints else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     top = parser()
     args, rest = top.parse_known_args(argv)
     if args.command == "train":
         args.train_argv = rest
     elif rest:
-        top.error(f"unrecognized arguments: {' '.join(rest)}")
+        unrecognized(top._subparsers._group_actions[0].choices[args.command], rest)  # its own usage, and hints
     try:
         return _run(args) or 0
     except KeyboardInterrupt as exc:
@@ -516,7 +526,10 @@ def _train(args: argparse.Namespace) -> int:
     from .training import TRAIN_FIELDS
     from .workspace import Workspace
 
-    given = train_parser().parse_args(args.train_argv)
+    train = train_parser()
+    given, rest = train.parse_known_args(args.train_argv)
+    if rest:
+        unrecognized(train, rest)
     for name in ("extraction", "hook_point"):  # a positional, or its flag (`--retry RUN --extraction ID`)
         typed, flagged = getattr(given, f"{name}_arg"), getattr(given, name)
         if typed and flagged and typed != flagged:

@@ -239,3 +239,14 @@ def test_preset_file_refusals_name_each_front_ends_own_way(gpt2_dir, workspace, 
     said = str(caught.value)
     assert "help(ms.extract) lists them" in said and "ws.export_preset(name, path)" in said, said
     assert "mistudio" not in said.replace("ms.extract", ""), said
+
+
+@pytest.mark.parametrize("argv, hint", [(["extract", "--batchsize", "8"], "--batchsize (did you mean --batch-size?)"),
+                                        (["train", "ID", "layers.0.residual", "--expansion-factr", "4"],
+                                         "--expansion-factr (did you mean --expansion-factor?)"),
+                                        (["cleanup", "--dlete"], "--dlete (did you mean --delete?)")])
+def test_a_mistyped_flag_gets_its_command_usage_and_the_flag_it_is_close_to(argv, hint, capsys):
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and f"usage: mistudio {argv[0]}" in err and hint in err, err
