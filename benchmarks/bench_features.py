@@ -65,7 +65,7 @@ def make_store(location: str, samples: list[np.ndarray], d: int, tokenizer, mode
     from mistudio.storage.store import ExtractionStore
 
     store = ExtractionStore.create(location, ExtractionMeta(id=Path(location).name, nonce=new_nonce(),
-                                                            status="EXTRACTING",
+                                                            status="EXTRACTING", params={"dtype": "float16"},
                                                             model=ModelInfo(name_or_path=model, model_type="bert")))
     tokens, layout = plan_for_ids(samples, {HP: d}, "float16")
     tokens["special"] = np.isin(tokens["input_ids"], tokenizer.all_special_ids)

@@ -273,7 +273,7 @@ def _allocated_store(location: str, n_samples: int, length: int, hook_dims: dict
     from mistudio.storage.metadata import ExtractionMeta, new_nonce
     from mistudio.storage.store import ExtractionStore
 
-    meta = ExtractionMeta(id=Path(location).stem, nonce=new_nonce(), status="EXTRACTING")
+    meta = ExtractionMeta(id=Path(location).stem, nonce=new_nonce(), status="EXTRACTING", params={"dtype": dtype})
     store = ExtractionStore.create(location, meta)
     tokens, plan = plan_for_ids([np.full(length, 5, dtype=np.int32)] * n_samples, hook_dims, dtype, **layout)
     store.allocate(tokens, plan, {"exclude_special": False}, chunk_records=chunk_records)
@@ -387,7 +387,7 @@ def loader_store(folder: Path, mb: float, width: int = 1024, shard_mb: float = 0
 
     n = int(mb * 2**20 / (width * numpy_dtype(dtype).itemsize))
     lengths = np.full(n // 128, 128)
-    meta = ExtractionMeta(id="bench-loader", nonce="bench", status="EXTRACTING",
+    meta = ExtractionMeta(id="bench-loader", nonce="bench", status="EXTRACTING", params={"dtype": dtype},
                           model={"name_or_path": str(ms.packaged_minilm_path())})
     store = ExtractionStore.create(str(folder), meta)
     rng = np.random.default_rng(0)

@@ -215,7 +215,8 @@ def allocated_store(location: str, ids: list, hook_dims: dict, dtype: str = "flo
     from mistudio.storage.metadata import ExtractionMeta, new_nonce
     from mistudio.storage.store import ExtractionStore
 
-    store = ExtractionStore.create(location, ExtractionMeta(id="w", nonce=new_nonce(), status="EXTRACTING"))
+    store = ExtractionStore.create(location, ExtractionMeta(id="w", nonce=new_nonce(), status="EXTRACTING",
+                                                            params={"dtype": dtype}))
     tokens, layout = plan_for_ids(ids, hook_dims, dtype, chunk_mb, shard_mb, checksum)
     store.allocate(tokens, layout, {"exclude_special": False})
     return store

@@ -239,6 +239,8 @@ def _relative(key: Any, first: int, n: int) -> Any:
         rows = (int(rows) + n if rows < 0 else int(rows)) - first
     else:
         idx = np.asarray(rows)
+        if idx.dtype == bool and idx.shape != (n,):  # as numpy: a mask is one flag a row
+            raise IndexError(f"a boolean index of shape {idx.shape} for {n} rows")
         idx = np.flatnonzero(idx) if idx.dtype == bool else np.where(idx < 0, idx + n, idx)
         rows = idx - first
     return (rows, *cols)

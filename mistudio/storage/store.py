@@ -347,7 +347,7 @@ class ExtractionStore:
             raise StoreCorrupted(self.location, f"its metadata cannot be read ({type(exc).__name__}: {exc})", path,
                                  file=file) from exc
         self._check_size(arr, path, file)
-        problem = foreign_encoding(arr, path, self._record.params.dtype or "float16")
+        problem = foreign_encoding(arr, path, self._record.params.dtype)
         if problem is not None:
             raise StoreCorrupted(self.location, problem, path, file=file)
         self._check_own(arr, path, file)

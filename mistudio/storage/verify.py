@@ -95,7 +95,7 @@ class _Scan:
         self.location = location.rstrip("/")
         self.storage_options = storage_options
         self.report = VerifyReport(self.location, decoded=decode)
-        self.dtype = "float16"  # the store's params.dtype, once its metadata is read
+        self.dtype: str | None = None  # the store's params.dtype, once its metadata is read
 
     def problem(self, what: str, array: str | None = None, chunk: tuple | None = None, file: str | None = None):
         self.report.problems.append(Problem(what, array, chunk, file))
@@ -125,7 +125,7 @@ class _Scan:
 
     def check(self, group: zarr.Group, meta: dict, group_file: str) -> None:
         status, progress = meta.get("status"), meta.get("progress", {})
-        self.dtype = str((meta.get("params") or {}).get("dtype") or "float16")  # what the values were stored as
+        self.dtype = (meta.get("params") or {}).get("dtype")  # what the values were stored as (None: not said)
         self.report.status, self.report.commit_mark = status, commit_mark(meta)
         if status not in LIVE_STATES + END_STATES:
             self.problem(f"unknown status {status!r}", file=group_file)
