@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .analysis.sae_training import (SAE_DIR, TrainConfig, TrainingPlan, check_setting_names, evaluate_sae,
-                                    plan_training, train_sae)
+from .analysis.sae_training import (CLASS_MARK, CLASS_SAYS_MARK, SAE_DIR, TrainConfig, TrainingPlan,
+                                    check_setting_names, evaluate_sae, plan_training, train_sae)
 from .errors import InputError, JobCancelled, JobTimeout, StoreBusy, StoreLost, classify, render
 from .extraction import Extraction
 from .jobs import Handle, call_all
@@ -251,7 +251,13 @@ def make_config(base: dict | TrainConfig | None = None, overrides: dict | None =
             fields[b] = None
         if overrides.get(b) is not None and a not in overrides:
             fields[a] = None
-    return TrainConfig(**{**fields, **overrides})
+    try:
+        return TrainConfig(**{**fields, **overrides})
+    except InputError as exc:
+        if isinstance(base, TrainConfig):
+            raise
+        # the settings were given by name (ws.train_sae(..., k=0)): named as given, not as the class's fields
+        raise InputError(exc.template.replace(CLASS_MARK, "").replace(CLASS_SAYS_MARK, ""), param=exc.param) from None
 
 
 def _check_options(timeout_s: Any, evaluate: Any) -> None:

@@ -93,7 +93,7 @@ def _is_number(v: Any) -> bool:
 
 
 DEAD_WINDOW_TOKENS = 1_000_000  # the dead window of a run of 4,000,000 tokens or more (SAELens: 1,000 steps)
-_CLASS, _CLASS_SAYS = "«py:TrainConfig.»", "«py:TrainConfig: »"  # in messages: the class, for Python only
+CLASS_MARK, CLASS_SAYS_MARK = "«py:TrainConfig.»", "«py:TrainConfig: »"  # in messages: the class, for Python only
 
 
 @dataclass(frozen=True, init=False)
@@ -153,11 +153,13 @@ class TrainConfig:
         problems: list[tuple[str, str]] = []  # (field, message): every wrong field is named at once
 
         def bad(name: str, why: str) -> None:
-            problems.append((name, f"{_CLASS}«{name}={getattr(self, name)!r}» {why}"))
+            problems.append((name, f"{CLASS_MARK}«{name}={getattr(self, name)!r}» {why}"))
 
         arch = "standard" if self.architecture == "relu" else self.architecture
         if arch not in TRAIN_ARCHITECTURES:
-            bad("architecture", f"is not one of {TRAIN_ARCHITECTURES} (or 'relu' for 'standard')")
+            close = difflib.get_close_matches(str(self.architecture).lower().replace("-", ""), TRAIN_ARCHITECTURES, 1)
+            bad("architecture", f"is not one of {TRAIN_ARCHITECTURES} (or 'relu' for 'standard')"
+                + (f": did you mean «architecture={close[0]!r}»?" if close else ""))
         else:
             object.__setattr__(self, "architecture", arch)
         positive_ints = ["k", "batch_size", "norm_estimate_tokens"]
@@ -191,10 +193,10 @@ class TrainConfig:
         if self.epochs is not None and (not _is_number(self.epochs) or self.epochs <= 0):
             bad("epochs", "must be a positive number")
         if self.n_tokens is not None and self.epochs is not None:
-            problems.append(("epochs", f"{_CLASS_SAYS}give «n_tokens={self.n_tokens}» or «epochs={self.epochs}», "
+            problems.append(("epochs", f"{CLASS_SAYS_MARK}give «n_tokens={self.n_tokens}» or «epochs={self.epochs}», "
                                        "not both"))
         if self.d_sae is not None and self.expansion_factor is not None:
-            problems.append(("expansion_factor", f"{_CLASS_SAYS}give «d_sae={self.d_sae}» or «expansion_factor="
+            problems.append(("expansion_factor", f"{CLASS_SAYS_MARK}give «d_sae={self.d_sae}» or «expansion_factor="
                                                  f"{self.expansion_factor}», not both"))
         for name in ("rescale_acts_by_decoder_norm", "exclude_special"):
             if not isinstance(getattr(self, name), bool):
@@ -480,23 +482,23 @@ def plan_training(ext: "Extraction", hook_point: str, config: TrainConfig | None
     d_sae = config.d_sae or width * (config.expansion_factor or 8)
     problems: list[tuple[str, str]] = []  # (param, message): every one is said at once
     if config.architecture == "topk" and config.k > d_sae:
-        problems.append(("k", f"{_CLASS}«k={config.k}» is larger than «d_sae={d_sae}»: «pass k={d_sae}» or a "
+        problems.append(("k", f"{CLASS_MARK}«k={config.k}» is larger than «d_sae={d_sae}»: «pass k={d_sae}» or a "
                               "smaller k"))
     kept = _kept_rows(ext, config.exclude_special)
     if kept < config.batch_size:
-        problems.append(("batch_size", f"{_CLASS}«batch_size={config.batch_size}» is more than the {kept} rows "
+        problems.append(("batch_size", f"{CLASS_MARK}«batch_size={config.batch_size}» is more than the {kept} rows "
                                        f"extraction {ext.id} holds at {hook_point}: use a smaller batch, e.g. "
                                        f"«pass batch_size={_smaller_batch(kept)}»"))
     need, free = training_bytes(width, d_sae, min(config.batch_size, max(kept, 1))), free_memory(config.device)
     if free is not None and need > free:
         name = "d_sae" if config.d_sae else "expansion_factor"
-        problems.append((name, f"{_CLASS}«{name}={getattr(config, name) or 8}» makes an SAE of d_sae={d_sae:,} "
+        problems.append((name, f"{CLASS_MARK}«{name}={getattr(config, name) or 8}» makes an SAE of d_sae={d_sae:,} "
                                f"that needs about {need / 2**30:,.1f} GiB to train (weights, gradients, Adam's state "
                                f"and a batch) on {config.device}, which has {free / 2**30:,.1f} GiB free: use a "
                                f"smaller d_sae, e.g. «pass d_sae={_smaller_batch(max(1, d_sae * free // need))}»"))
     total_tokens = config.n_tokens if config.n_tokens is not None else int(round((config.epochs or 1.0) * kept))
     if total_tokens < 1 and kept:
-        problems.append(("epochs", f"{_CLASS}«epochs={config.epochs}» of the {kept:,} rows extraction {ext.id} "
+        problems.append(("epochs", f"{CLASS_MARK}«epochs={config.epochs}» of the {kept:,} rows extraction {ext.id} "
                                    f"holds at {hook_point} is less than one token: «pass epochs="
                                    f"{1 / kept:.2g}» or more, or «pass n_tokens»"))
     raise_all(problems)
