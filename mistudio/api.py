@@ -29,7 +29,8 @@ def extract(model: Any = None, dataset: Any = None, layers: Any = None, hooks: A
     carrying the error record and suggested retry.
     """
     ws = Workspace(workspace, storage_options=storage_options)
-    new_folder = not ws.remote and not os.path.exists(ws.root)
+    made = os.path.join(ws.root, "extractions")
+    existing = None if ws.remote else _existing_parent(made)  # what a refusal must not remove
     if hooks is not None:
         options["hooks"] = hooks
     job = ws.submit(model, dataset, layers, preset=preset, cluster=cluster, **options)
@@ -49,10 +50,17 @@ def extract(model: Any = None, dataset: Any = None, layers: Any = None, hooks: A
         raise JobCancelled(f"extraction {job.id} was cancelled; what was saved is kept (ws.resume({job.id!r}))")
     error = job.error or {"error_type": "UNKNOWN", "error_message": f"job ended {status}"}
     if error["error_type"] == "VALIDATION":
-        if new_folder:  # refused while tokenizing: its store is gone, and so goes the workspace it made
-            ws.remove_if_empty()
+        if existing is not None and existing != made:  # refused while tokenizing: its store is gone, and so go
+            ws.remove_if_empty(keep=existing)          # the workspace folders this call made
         raise InputError(error.get("error_template") or error["error_message"], param=error.get("param"))
     raise ExtractionFailed(job.id, error)
+
+
+def _existing_parent(path: str) -> str:
+    """``path`` itself if it exists, else its nearest existing parent."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def wait_or_cancel(job: Job, ws: Workspace) -> Job:

@@ -732,8 +732,10 @@ class CommittedRows(CheckedArray):
                 return self._explicit(tuple(rest))
             return (slice(0, n), *[slice(None)] * (stands_for - 1), *rest), n
         if isinstance(rows, slice):
-            if rows.step is not None and rows.step < 0:
-                return key, 0  # Zarr refuses negative steps, with its own message
+            if rows.step is not None and rows.step < 0:  # counted from the committed rows, as a list's would be
+                r = range(*rows.indices(n))
+                explicit = slice(r.start, r.stop if r.stop >= 0 else None, r.step) if len(r) else slice(0, 0)
+                return (explicit, *rest), (max(r[0], r[-1]) + 1 if len(r) else 0)
             start, stop = (min(max(bound + n if bound < 0 else bound, 0), planned)
                            for bound in (int(rows.start or 0), n if rows.stop is None else int(rows.stop)))
             return (slice(start, stop, rows.step), *rest), stop if stop > start else 0

@@ -67,7 +67,7 @@ def check(request: Request, config=None) -> Request:
 def check_new(request: Request) -> Request:
     """What a new request must not ask, beyond :func:`check` (a retry or resume with a smaller batch may)."""
     micro, batch = request.micro_batch_size, request.batch_size
-    if micro is not None and isinstance(batch, int) and micro > batch:
+    if micro is not None and isinstance(batch, int) and request.max_batch_tokens is None and micro > batch:
         raise InputError(f"«micro_batch_size={micro}» is more than the batch («batch_size={batch}»): a batch is "
                          f"forwarded in pieces of at most its own size; «pass micro_batch_size={batch}» or less, or "
                          f"«pass batch_size={micro}»", param="micro_batch_size")

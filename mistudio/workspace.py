@@ -118,13 +118,16 @@ class Workspace(Folder, Observable):
         frame["created"] = pd.to_datetime(frame.pop("created_at"), unit="s")
         return frame.drop(columns=["nonce"])
 
-    def remove_if_empty(self) -> None:
-        """Remove this (local) workspace's folder if it holds nothing but an empty ``extractions/``."""
-        for path in (self._extractions_path, self._root_path):
+    def remove_if_empty(self, keep: str) -> None:
+        """Remove this (local) workspace's folder if it holds nothing but an empty ``extractions/``, and its empty
+        parents up to ``keep`` (a folder that existed before: kept)."""
+        path = self._extractions_path
+        while path != keep and os.path.dirname(path) != path:
             try:
                 os.rmdir(path)  # only an empty folder goes
             except OSError:
                 return
+            path = os.path.dirname(path)
 
     # -- SAE training runs ----------------------------------------------------------------------
     def train_sae(self, extraction: Any, hook_point: str, **settings: Any) -> TrainingJob:
@@ -236,6 +239,8 @@ class Workspace(Folder, Observable):
         else:
             request = meta.request(**overrides)
         request = check(request)
+        if "micro_batch_size" in overrides:  # a contradiction typed now is refused as at submit
+            check_new(request)
         options = RunOptions(cluster=run.get("cluster", old.options.cluster),
                              before_batch=run.get("before_batch", old.options.before_batch))
         check_options(request, options)
@@ -466,7 +471,7 @@ class Workspace(Folder, Observable):
         if saved.get("model") is None:
             raise InputError(f"preset {name!r} has no model: «pass model» (a Hugging Face id or a local folder)",
                              param="model")
-        check(Request.build(**from_json(saved)))
+        check_new(check(Request.build(**from_json(saved))))
         self.presets_folder.write(name, saved)
         return saved
 

@@ -253,6 +253,11 @@ def file_bytes(location: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(location) for f in files)
 
 
+# how close the estimate's bytes_on_disk must come to du: filesystems place files differently (a shard written
+# chunk by chunk may take an extent block more on ext4; XFS preallocates), and small stores feel it most
+DU_TOLERANCE = 0.08
+
+
 def disk_usage(location: str) -> int:
     """What a folder takes on its disk, folders included (``du -s -B1``)."""
     total = os.lstat(location).st_blocks * 512

@@ -152,16 +152,56 @@ def test_stepped_slices_of_committed_rows_read_while_the_rest_is_unwritten(gpt2_
     np.testing.assert_array_equal(a[:mark:2], a[:mark][::2])
     np.testing.assert_array_equal(a[1:mark:5, 3], a[:mark][1::5, 3])
     np.testing.assert_array_equal(a.read_into(np.empty((mark, a.shape[1]), np.float64), 0, mark), a[:mark])
+    committed = a[:]  # negative steps count from the committed rows, as numpy's on them
+    for key in (slice(None, None, -1), slice(-1, -4, -1), (slice(None, None, -5), slice(None, None, 2))):
+        np.testing.assert_array_equal(a[key], committed[key], err_msg=str(key))
 
 
-@pytest.mark.parametrize("edit", ["int32", "big-endian", "bfloat16"])
+@pytest.mark.parametrize("name", ["chunks", "shards"])
+def test_every_selection_form_reads_as_numpy_on_the_whole_array(stores, name):
+    """Points on both axes, grids of a slice and an index, trailing Ellipsis, masks, repeats, negatives: numpy's
+    answer on ``a[:]``; a few rows of a whole-array selection read a chunk at a time, not the array."""
+    import tracemalloc
+
+    ext, _ = opened(stores, name)
+    a = ext.activations(HP)
+    full = a[:]
+    n = len(full)
+    mask = np.random.default_rng(0).random(n) < 0.1
+    keys = [([0, 1, 2], [0, 1, 2]), (slice(0, 9, 2), [0, 3]), ([[0, 1], [2, 3]],), ([5, 5, 1], 3), (mask, slice(1, 4)),
+            (Ellipsis, 0), (7, Ellipsis), ([-1, -2],), ([0, n - 1], Ellipsis), (slice(None, None, 97), Ellipsis),
+            (mask, Ellipsis), (slice(None, None, -3), [2, 0])]
+    for key in keys:
+        got, want = a[key], full[key]
+        assert got.shape == want.shape, (key, got.shape, want.shape)
+        np.testing.assert_array_equal(got, want, err_msg=str(key))
+    tracemalloc.start()
+    try:
+        a[[0, n - 1], ...]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < full.nbytes / 3, (peak, full.nbytes)  # two chunks' rows, not every row between them
+
+
+@pytest.mark.parametrize("edit", ["int32", "big-endian", "bfloat16", "input_ids float32"])
 def test_a_zarr_json_that_reads_the_bytes_as_other_numbers_is_refused(stores, edit, tmp_path):
     """An array's zarr.json edited to another dtype of the same size, to big-endian bytes, or to bfloat16 over
-    float32's bits: every read (and verify) names the file instead of returning other numbers."""
+    float32's bits (token ids as floats): every read (and verify) names the file instead of returning other
+    numbers."""
     import json
 
     ext, c = opened(stores, "shards", tmp_path)
     meta_file = c.parent / "zarr.json"
+    if edit == "input_ids float32":
+        meta_file = Path(ext.location) / "tokens" / "input_ids" / "zarr.json"
+        meta = json.loads(meta_file.read_text())
+        meta["data_type"] = "float32"
+        meta_file.write_text(json.dumps(meta))
+        with pytest.raises(StoreCorrupted, match=r"tokens/input_ids.*float32, but this array holds whole numbers"):
+            ms.open_extraction(ext.location).store.input_ids()
+        assert [p.file for p in ms.open_extraction(ext.location).verify().problems] == [str(meta_file)]
+        return
     meta = json.loads(meta_file.read_text())
     if edit == "int32":
         meta["data_type"] = "int32"

@@ -401,6 +401,8 @@ class FastReader:
     def selection(self, key: Any) -> tuple[int, int, Any]:
         """(first row, stop row, column index or None) of a row-slice selection; Fallback for anything else."""
         rows, cols = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if cols and cols[-1] is Ellipsis:  # a[rows, ...] is a[rows]
+            cols = cols[:-1]
         if rows is Ellipsis and not cols:
             rows = slice(None)
         if not isinstance(rows, slice) or rows.step not in (None, 1) or len(cols) > len(self.shape) - 1:
@@ -492,6 +494,10 @@ class FastReader:
     def _gather(self, key: Any) -> np.ndarray:
         """Rows chosen by index (an int, ints, a mask): each chunk holding some is read once, checked."""
         rows, cols = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if cols and cols[-1] is Ellipsis:  # a[rows, ...] is a[rows]
+            cols = cols[:-1]
+        if any(not isinstance(c, (slice, int, np.integer)) for c in cols):
+            raise Fallback  # an index on both axes picks points (numpy's rule): the caller selects whole rows
         scalar = isinstance(rows, (int, np.integer))
         idx = np.asarray([rows] if scalar else rows)
         if idx.dtype == bool:

@@ -282,6 +282,11 @@ def has_checksum(arr: Any) -> bool:
     return any(isinstance(c, Crc32cCodec) for c in arr.compressors)
 
 
+_KINDS = {"input_ids": "iu", "sample_offsets": "iu", "sample_index": "iu", "activation_offsets": "iu", "special": "b",
+          "role": "iu", "positions": "iu", "indices": "iu", "feature_offsets": "iu", "feature_rows": "iu"}  # by kind
+_KIND_NAMES = {"iu": "whole numbers", "b": "flags (bool)"}
+
+
 def foreign_encoding(arr: Any, path: str, dtype: str | None) -> str | None:
     """What in an array's ``zarr.json`` says its bytes are not what this store wrote (None: nothing): values of
     another dtype than the store's (``dtype``, its ``params.dtype``: activations and latent values; a bfloat16
@@ -298,7 +303,12 @@ def foreign_encoding(arr: Any, path: str, dtype: str | None) -> str | None:
     if not (plain(codecs[0].codecs) and plain(codecs[0].index_codecs) if sharded else plain(codecs)):
         return ("its zarr.json encodes the chunks with codecs this store was not written with ("
                 + ", ".join(type(c).__name__ for c in codecs) + "): every value would be read wrong")
-    values = path.startswith("activations/") or (path.startswith("latents/") and path.endswith("/values"))
+    kind = _KINDS.get(path.rsplit("/", 1)[-1]) if path.startswith(("tokens/", "latents/")) else None
+    if kind is not None and np.dtype(arr.dtype).kind not in kind:  # ids, offsets, flags: their kind of number
+        return (f"its zarr.json says its values are {np.dtype(arr.dtype)}, but this array holds "
+                f"{_KIND_NAMES[kind]}: every value would be read as another type")
+    values = path.startswith("activations/") or (path.startswith("latents/") and path.endswith(("/values",
+                                                                                                 "/feature_values")))
     if values and dtype is not None:
         marked = arr.attrs.get("mistudio_dtype") if hasattr(arr, "attrs") else None
         stored = np.dtype(arr.dtype)

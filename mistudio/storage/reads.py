@@ -188,7 +188,7 @@ class CheckedArray:
                         raise
                     # a selection the fast path does not cut itself: its rows read checked, then selected here,
                     # so no read below the mark reaches Zarr (which checks each chunk's crc32c only)
-                    values = self._fast.read(slice(first, stop))[_relative(key, first, self.shape[0])]
+                    values = _select(self._fast, key, self.shape[0])
                     if out is None:
                         return values
                     out[...] = values
@@ -227,20 +227,25 @@ class CheckedArray:
             raise  # no unit fails alone: not damage (e.g. a bad selection)
 
 
-def _relative(key: Any, first: int, n: int) -> Any:
-    """A selection of an array's rows, for the block of its rows ``[first, ...)`` read on their own."""
+def _select(fast: FastReader, key: Any, n: int) -> np.ndarray:
+    """Any selection of rows below the mark: the rows it touches gathered through the checked path (whole rows, a
+    chunk in memory at a time), then the selection applied to them by numpy (its own rules: an index on each axis
+    picks points, a slice and an index make a grid)."""
     rows, cols = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
-    if rows is Ellipsis:
-        return key
+    if rows is Ellipsis:  # every row: the key applies as it is
+        return fast.read(slice(0, n))[key]
     if isinstance(rows, slice):
-        r = range(*rows.indices(n))
-        rows = slice(r.start - first, r.stop - first if r.stop - first >= 0 else None, r.step)
+        idx, relative = np.arange(*rows.indices(n)), slice(None)
     elif isinstance(rows, (int, np.integer)):
-        rows = (int(rows) + n if rows < 0 else int(rows)) - first
+        idx, relative = np.asarray([int(rows) + n if rows < 0 else int(rows)]), 0
     else:
-        idx = np.asarray(rows)
-        if idx.dtype == bool and idx.shape != (n,):  # as numpy: a mask is one flag a row
-            raise IndexError(f"a boolean index of shape {idx.shape} for {n} rows")
-        idx = np.flatnonzero(idx) if idx.dtype == bool else np.where(idx < 0, idx + n, idx)
-        rows = idx - first
-    return (rows, *cols)
+        given = np.asarray(rows)
+        if given.dtype == bool and given.shape != (n,):  # as numpy: a mask is one flag a row
+            raise IndexError(f"a boolean index of shape {given.shape} for {n} rows")
+        flat = np.flatnonzero(given) if given.dtype == bool else given.ravel()
+        idx = np.where(flat < 0, flat + n, flat)
+        relative = np.arange(len(idx)).reshape(given.shape if given.dtype != bool else (len(idx),))
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"row index out of range for {n} rows")
+    gathered = fast.read(idx) if idx.size else np.empty((0, *fast.shape[1:]), fast.dtype)
+    return gathered[(relative, *cols)]
