@@ -597,3 +597,17 @@ def test_a_sparsity_setting_of_another_architecture_is_refused(ext, tmp_path):
         make_config(None, {"l1_coefficient": 2.0})  # the default architecture is top-k
     assert make_config(None, {"architecture": "relu", "l1_coefficient": 2.0}).l1_coefficient == 2.0
     assert not (tmp_path / "ws" / "saes").exists() or not list((tmp_path / "ws" / "saes").iterdir())
+
+
+def test_settings_given_by_name_are_refused_by_name(ext, tmp_path):
+    """ws.train_sae(..., architecture='top-k'): the message names the keyword as typed and the architecture meant,
+    not the class's field (TrainConfig.architecture=...), which a TrainConfig built by hand still names."""
+    ws = ms.Workspace(tmp_path / "ws")
+    with pytest.raises(ms.InputError) as caught:
+        ws.train_sae(ext, HP, architecture="top-k")
+    said = str(caught.value)
+    assert said.startswith("architecture='top-k' is not one of") and "did you mean architecture='topk'?" in said
+    assert "TrainConfig" not in said
+    from mistudio.analysis.sae_training import TrainConfig
+    with pytest.raises(ms.InputError, match=r"^TrainConfig\.architecture='top-k'"):
+        TrainConfig(architecture="top-k")
