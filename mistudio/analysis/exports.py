@@ -200,6 +200,33 @@ def _freq_hist(page: dict, n_bins: int = NEURONPEDIA_BINS) -> tuple[list[float],
     return [round(h, 4) for h in heights], [low + (i + 0.5) * step for i in range(n_bins)]
 
 
+def _share_in(page: dict, lo: float, hi: float) -> float:
+    """The share of all the page's tokens whose value lies in ``[lo, hi]``, read from its histogram as the
+    quantile bands' edges are (geometric inside a log bin, linear in the bin from 0 and in the overflow bin, which
+    ends at the maximum): SAEDashboard's CONTAINS of an interval, consistent with the interval written beside it."""
+    hist, n = page.get("histogram") or {}, int(page.get("n_tokens") or 0)
+    if not n or not hi >= lo:
+        return 0.0
+    edges = [float("nan") if e is None else float(e) for e in hist.get("edges", [])]
+    top = _finite(page.get("max"))
+    inside = 0.0
+    for a, b, count in zip(edges[:-1], edges[1:], hist.get("counts", [])):
+        if not count or not (a >= 0 and b > 0):
+            continue
+        log_bin = a > 0 and math.isfinite(b)
+        b = min(b, max(a, top))  # no value lies above the maximum (the overflow bin ends there)
+        x0, x1 = max(a, lo), min(b, hi)
+        if x1 < x0:
+            continue
+        if b == a:  # every value of the bin is a
+            inside += count
+        elif log_bin:
+            inside += count * math.log(x1 / x0) / math.log(b / a) if x1 > x0 else 0.0
+        else:
+            inside += count * (x1 - x0) / (b - a)
+    return inside / n
+
+
 def _activation(example: dict, page: dict, where: dict, k: int, bin_range: tuple[float, float, float],
                 tokenizer: Any, scheme: str, dataset: str | None) -> dict:
     values = [_finite(v) for v in example["values"]]
@@ -230,14 +257,13 @@ def _feature_records(page: dict, model_id: str, source_id: str, source_set: str,
     where = {"modelId": model_id, "layer": source_id, "creatorId": creator_id}
     # SAEDashboard's conventions (sae_dashboard/neuronpedia/neuronpedia_converter.py): top activations have
     # binMin -1, binMax the feature's maximum and binContains -1; a quantile interval gives its value range and
-    # the share of all tokens whose value lies in it (sequence_data_generator.py: CONTAINS), here the band's share
-    # of the firing tokens times the density (the band's edges are read from the histogram, and so is this share)
+    # the share of all tokens whose value lies in it (sequence_data_generator.py: CONTAINS), here read from the
+    # histogram as the band's edges are
     acts = [_activation(e, page, where, k, (-1.0, _finite(page["max"]), -1.0), tokenizer, scheme, dataset)
             for k, e in enumerate(page["top"])]
     for b, band in enumerate(page["bands"]):
-        (q0, q1), (v0, v1) = band["quantiles"], band["values"]
-        share = (_finite(q1) - _finite(q0)) * _finite(page["density"])
-        acts += [_activation(e, page, where, f"band{b}.{k}", (_finite(v0), _finite(v1), share),
+        v0, v1 = (_finite(v) for v in band["values"])
+        acts += [_activation(e, page, where, f"band{b}.{k}", (v0, v1, _share_in(page, v0, v1)),
                              tokenizer, scheme, dataset) for k, e in enumerate(band["examples"])]
     note = str(page.get("note") or "").strip()
     explanation = None
