@@ -339,14 +339,14 @@ def estimate(model: Any = None, dataset: Any = None, layers: Any = None, hooks: 
     hook point), ``rows_read``, ``skipped`` ({reason: rows}), ``truncated`` (samples cut) and
     ``truncated_tokens``, ``batches``, ``bytes_on_disk`` (what the store will take on the workspace's disk, as
     ``du`` reads it: its files, as the allocator lays them out, rounded up to the disk's blocks, and its folders),
-    ``file_bytes`` (the files' own bytes, as ``ws.extractions()`` counts them; within a few KB), ``dataset_bytes`` (the dataset's size on disk: a file's, a saved folder's; None for
-    in-memory data and Hub datasets), ``free_disk_bytes`` (the workspace's disk; None if remote), ``peak_device_bytes``
-    (see :func:`peak_device_bytes`), ``device_memory_bytes``, ``seconds`` (with ``probe=True``: the model is
-    loaded and a few batches timed; else None), ``warnings`` (strings) and a one-line ``summary``.
-    ``batch_size="auto"`` is estimated at batch 8 (its choice needs the model: ``auto_batch`` is True and the
-    summary says so). ``preset=`` starts from a saved
-    preset of ``workspace``, as ``ws.submit`` does. Run-only arguments (``timeout_s``, ``auto_retry_on_oom``)
-    are accepted and change nothing.
+    ``file_bytes`` (the files' own bytes, as ``ws.extractions()`` counts them; within a few KB), ``dataset_bytes``
+    (the dataset's size on disk: a file's, a saved folder's; None for in-memory data and Hub datasets),
+    ``free_disk_bytes`` (the workspace's disk; None if remote), ``peak_device_bytes`` (see
+    :func:`peak_device_bytes`), ``device_memory_bytes``, ``seconds`` (with ``probe=True``: the model is loaded and a
+    few batches timed; else None), ``warnings`` (strings) and a one-line ``summary``. ``batch_size="auto"`` is
+    estimated at batch 8 (its choice needs the model: ``auto_batch`` is True and the summary says so).
+    ``preset=`` starts from a saved preset of ``workspace``, as ``ws.submit`` does. Run-only arguments
+    (``timeout_s``, ``auto_retry_on_oom``) are accepted and change nothing.
     """
     if hooks is not None:
         options["hooks"] = hooks

@@ -150,7 +150,7 @@ def test_oov_policies(gpt2_dir, workspace):
     clamped = ms.extract(gpt2_dir, rows, layers=[0], oov_policy="clamp", workspace=workspace, progress=False)
     report = clamped.metadata["dataset"]["report"]
     assert report["n_clamped_tokens"] == 1
-    assert "1 token ids outside the vocabulary clamped to the last id" in report_line(report)  # said wherever shown
+    assert "1 token id outside the vocabulary clamped to the last id" in report_line(report)  # said wherever shown
     assert clamped.sample(1, tokens=False)["input_ids"].tolist() == [4, vocab - 1, 6, 7]
     skipped = ms.extract(gpt2_dir, rows, layers=[0], oov_policy="skip", workspace=workspace, progress=False)
     assert sorted(skipped.rows().tolist()) == [0, 2]

@@ -233,7 +233,8 @@ def _snapshot_shapes() -> tuple[dict[str, tuple[tuple, tuple, int]], dict[str, i
 def snapshot_bytes(d: int, block: int = 1) -> int:
     """Bytes a saved snapshot of ``d`` features takes on a disk of ``block``-byte blocks (1: the files' own
     bytes): each chunk file (edge chunks full size, with their crc32c) and metadata file rounded up to whole
-    blocks (the metadata also consolidated in the store's zarr.json); on a disk, each folder a block (an array's, its ``c/``, a 2-D array's chunk rows' ``c/<i>/``)."""
+    blocks (the metadata also consolidated in the store's zarr.json); on a disk, each folder a block (an array's,
+    its ``c/``, a 2-D array's chunk rows' ``c/<i>/``)."""
     arrays, metadata = _snapshot_shapes()
     rounded = lambda n: -(-n // block) * block  # noqa: E731
     folder = block if block > 1 else 0

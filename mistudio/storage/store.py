@@ -17,8 +17,8 @@ from ..errors import RE_EXTRACT, RETRY_EXTRACTION, InputError, StoreCorrupted, S
 from . import metadata, positions
 from .codec import Damaged, Geometry, check_recorded, fast_layout, record_committed, stored_crcs
 from .files import fsync_dir, write_atomic
-from .layout import CHECKSUM_BYTES, PER_SAMPLE, WRITE_CONFIG, StoreLayout, array_codecs, foreign_encoding, numpy_dtype, \
-    storage_unit, unit_key, unit_name, zarr_dtype
+from .layout import CHECKSUM_BYTES, PER_SAMPLE, WRITE_CONFIG, StoreLayout, array_codecs, foreign_encoding, \
+    numpy_dtype, storage_unit, unit_key, unit_name, zarr_dtype
 from .lease import WriterLease
 from .metadata import ExtractionMeta
 from .reads import DECODE_ERRORS, CheckedArray
