@@ -235,6 +235,18 @@ def test_histogram_bins_match_the_documented_edges():
     assert len(edges) == acc.n_bins - 1 and np.all(np.diff(edges.astype(np.float64)) >= 0)
 
 
+def test_quantiles_of_a_bin_holding_the_maximum_stay_inside_it():
+    """Values in [1, 1.05] all fall in the log bin [1, 2**0.25): interpolated over the whole bin, every quantile from
+    the 30th up read above the maximum and was cut to it (a top band [max, max], holding one token); the bin's range
+    ends at the maximum now."""
+    values = np.linspace(1.0, 1.05, 1001, dtype=np.float32)[:, None]
+    stats = stream(values, np.arange(len(values)), [500]).result()
+    for q in (0.3, 0.5, 0.9, 0.99):
+        want = float(np.quantile(values[:, 0], q))
+        assert abs(stats.quantile(0, q) - want) < 0.003, (q, stats.quantile(0, q), want)
+    assert stats.quantile(0, 0.99) < stats.quantile(0, 1.0) == float(values.max())
+
+
 @pytest.mark.parametrize("cuts", SPLITS)
 @pytest.mark.parametrize("one_per_document", [False, True])
 def test_dense_stream_equals_brute_force(cuts, one_per_document):

@@ -188,8 +188,8 @@ class FeatureStatistics:
 
     def quantile(self, feature: int, q: float) -> float:
         """The value at quantile ``q`` of the feature's firing values, from its histogram (geometric interpolation
-        within a log bin, linear in the underflow bin, ``2**hi`` in the overflow bin; at most the feature's
-        maximum); NaN if it never fired."""
+        within a log bin, which ends at the feature's maximum when that lies inside it; linear in the underflow
+        bin, ``2**hi`` in the overflow bin; at most the maximum); NaN if it never fired."""
         f = self._feature(feature)
         counts, _ = self._positive_counts(f)
         total = counts.sum()
@@ -201,13 +201,15 @@ class FeatureStatistics:
         i = int(filled[np.searchsorted(cum[filled], target, side="left")])  # the first non-empty bin reaching q
         frac = (target - (cum[i] - counts[i])) / counts[i]
         edges = self.edges[len(self.edges) // 2 + 1:]  # 2**lo .. 2**hi
+        top = float(self.max[f])
         if i == 0:
-            value = frac * edges[0]
+            value = frac * min(edges[0], top)
         elif i == len(counts) - 1:
             value = edges[-1]
-        else:
-            value = edges[i - 1] * (edges[i] / edges[i - 1]) ** frac
-        return float(min(value, self.max[f]))
+        else:  # no value of the bin lies above the maximum: the bin's own range ends there
+            low, high = edges[i - 1], max(min(edges[i], top), edges[i - 1])
+            value = high if frac >= 1 else low * (high / low) ** frac
+        return float(min(value, top))
 
     def quantile_examples(self, feature: int, bands: Sequence[tuple[float, float]] = BANDS,
                           per_band: int = 3) -> list[dict]:
