@@ -245,6 +245,13 @@ def test_quantiles_of_a_bin_holding_the_maximum_stay_inside_it():
         want = float(np.quantile(values[:, 0], q))
         assert abs(stats.quantile(0, q) - want) < 0.003, (q, stats.quantile(0, q), want)
     assert stats.quantile(0, 0.99) < stats.quantile(0, 1.0) == float(values.max())
+    # values packed in [1.019, 1.021] (and zeros): the bin's range starts at the smallest sampled firing value, so
+    # the low quantiles are not read near the bin's edge 1.0, where no value lies
+    packed = np.concatenate([np.linspace(1.019, 1.021, 2000), np.zeros(2000)]).astype(np.float32)[:, None]
+    stats = stream(packed, np.arange(len(packed)), [1000]).result()
+    firing = packed[packed > 0]
+    for q in (0.0, 0.5, 0.9):
+        assert abs(stats.quantile(0, q) - float(np.quantile(firing, q))) < 1e-4, (q, stats.quantile(0, q))
 
 
 @pytest.mark.parametrize("cuts", SPLITS)

@@ -208,19 +208,22 @@ def _share_in(page: dict, lo: float, hi: float) -> float:
     if not n or not hi >= lo:
         return 0.0
     edges = [float("nan") if e is None else float(e) for e in hist.get("edges", [])]
-    top = _finite(page.get("max"))
-    inside = 0.0
+    top, floor = _finite(page.get("max")), hist.get("floor")
+    inside, lowest = 0.0, True
     for a, b, count in zip(edges[:-1], edges[1:], hist.get("counts", [])):
         if not count or not (a >= 0 and b > 0):
             continue
         log_bin = a > 0 and math.isfinite(b)
         b = min(b, max(a, top))  # no value lies above the maximum (the overflow bin ends there)
+        if lowest and floor is not None:  # nor below the smallest sampled firing value, as the quantiles read it
+            a = min(max(a, float(floor)), b)
+        lowest = False
         x0, x1 = max(a, lo), min(b, hi)
         if x1 < x0:
             continue
         if b == a:  # every value of the bin is a
             inside += count
-        elif log_bin:
+        elif log_bin and a > 0:
             inside += count * math.log(x1 / x0) / math.log(b / a) if x1 > x0 else 0.0
         else:
             inside += count * (x1 - x0) / (b - a)

@@ -5,8 +5,9 @@ The page is a JSON-able dict (assembled elsewhere from a store's statistics; not
     {"extraction": str, "hook_point": str, "feature": int, "kind": "neuron" | "latent", "d": int,
      "n_tokens": int, "fire_count": int, "density": float,          # fire_count / n_tokens (value > 0)
      "mean": float, "mean_active": float, "max": float,             # mean over all tokens / over firing tokens
-     "histogram": {"edges": [n + 1 floats], "counts": [n ints]} | None,   # log-binned and signed; an edge may
-                                                                   # be ±inf (or None) for under/overflow
+     "histogram": {"edges": [n + 1 floats], "counts": [n ints],      # log-binned and signed; an edge may
+                   "floor"?: float | None} | None,                 # be ±inf (or None) for under/overflow;
+                                                                   # floor: the smallest sampled firing value
      "top": [example, ...],                                        # the top activations, largest first
      "bands": [{"quantiles": [lo, hi], "values": [v_lo, v_hi], "examples": [example, ...]}, ...],
      "token_means": [{"token_id": int, "token": str, "mean": float, "count": int, "special"?: bool}, ...],

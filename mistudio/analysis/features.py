@@ -331,9 +331,10 @@ def cofiring(ext: "Extraction", hook_point: str, stats: FeatureStatistics, featu
 
 # -- the page ------------------------------------------------------------------------------------------------
 def _histogram(stats: FeatureStatistics, feature: int) -> dict:
-    """The feature's signed log-binned histogram with the open under/overflow ends as ±inf edges."""
+    """The feature's signed log-binned histogram with the open under/overflow ends as ±inf edges, and the smallest
+    sampled firing value (``floor``: where the lowest firing bin's values start, as the quantiles read it)."""
     edges = [-math.inf] + [float(e) for e in stats.edges] + [math.inf]
-    return {"edges": edges, "counts": [int(c) for c in stats.hist[feature]]}
+    return {"edges": edges, "counts": [int(c) for c in stats.hist[feature]], "floor": stats.firing_floor(feature)}
 
 
 def _float(value: Any) -> float | None:

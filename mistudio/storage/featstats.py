@@ -186,10 +186,20 @@ class FeatureStatistics:
         return counts, np.bincount(_strata_of_positive_bins(self.bins, self.exponents, self.bands), weights=counts,
                                    minlength=self.sample_rows.shape[1]).astype(np.int64)
 
+    def firing_floor(self, feature: int) -> float | None:
+        """The smallest firing value among the feature's sampled rows (each stratum of values is sampled, the
+        lowest too): where its lowest histogram bin's values start, as far as the samples tell; None if none."""
+        f = self._feature(feature)
+        sampled = self.sample_values[f].ravel()[self.sample_rows[f].ravel() >= 0]
+        sampled = sampled[sampled > 0]
+        return float(sampled.min()) if sampled.size else None
+
     def quantile(self, feature: int, q: float) -> float:
         """The value at quantile ``q`` of the feature's firing values, from its histogram (geometric interpolation
-        within a log bin, which ends at the feature's maximum when that lies inside it; linear in the underflow
-        bin, ``2**hi`` in the overflow bin; at most the maximum); NaN if it never fired."""
+        within a log bin, linear in the underflow bin, ``2**hi`` in the overflow bin; at most the maximum); NaN if
+        it never fired. A bin's range is cut to the values that exist: the bin holding the maximum ends there, and
+        the lowest firing bin starts at the smallest sampled firing value (a feature firing between 1.019 and
+        1.021 is not read as spread over the whole bin [1, 1.19))."""
         f = self._feature(feature)
         counts, _ = self._positive_counts(f)
         total = counts.sum()
@@ -202,13 +212,16 @@ class FeatureStatistics:
         frac = (target - (cum[i] - counts[i])) / counts[i]
         edges = self.edges[len(self.edges) // 2 + 1:]  # 2**lo .. 2**hi
         top = float(self.max[f])
-        if i == 0:
-            value = frac * min(edges[0], top)
-        elif i == len(counts) - 1:
-            value = edges[-1]
-        else:  # no value of the bin lies above the maximum: the bin's own range ends there
-            low, high = edges[i - 1], max(min(edges[i], top), edges[i - 1])
-            value = high if frac >= 1 else low * (high / low) ** frac
+        if i == len(counts) - 1:
+            return float(min(edges[-1], top))
+        low, high = (0.0 if i == 0 else float(edges[i - 1])), float(edges[i])
+        high = max(min(high, top), low)  # no value of the bin lies above the maximum
+        floor = self.firing_floor(f)
+        if i == filled[0] and floor is not None:  # nor, as far as the samples tell, below the smallest firing value
+            low = min(max(low, floor), high)
+        if frac >= 1 or high == low:
+            return float(high)
+        value = low + frac * (high - low) if i == 0 or low == 0 else low * (high / low) ** frac
         return float(min(value, top))
 
     def quantile_examples(self, feature: int, bands: Sequence[tuple[float, float]] = BANDS,
