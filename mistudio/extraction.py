@@ -732,10 +732,12 @@ class CommittedRows(CheckedArray):
                 return self._explicit(tuple(rest))
             return (slice(0, n), *[slice(None)] * (stands_for - 1), *rest), n
         if isinstance(rows, slice):
-            if rows.step is not None and rows.step < 0:  # counted from the committed rows, as a list's would be
-                r = range(*rows.indices(n))
+            if rows.step is not None and rows.step < 0:  # open and negative bounds count from the committed rows
+                start = n - 1 if rows.start is None else int(rows.start) + n if rows.start < 0 else int(rows.start)
+                stop = -1 if rows.stop is None else max(int(rows.stop) + n if rows.stop < 0 else int(rows.stop), -1)
+                r = range(min(start, planned - 1), stop, int(rows.step))  # past the mark: the read refuses it
                 explicit = slice(r.start, r.stop if r.stop >= 0 else None, r.step) if len(r) else slice(0, 0)
-                return (explicit, *rest), (max(r[0], r[-1]) + 1 if len(r) else 0)
+                return (explicit, *rest), (r[0] + 1 if len(r) else 0)
             start, stop = (min(max(bound + n if bound < 0 else bound, 0), planned)
                            for bound in (int(rows.start or 0), n if rows.stop is None else int(rows.stop)))
             return (slice(start, stop, rows.step), *rest), stop if stop > start else 0

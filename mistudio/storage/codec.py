@@ -356,6 +356,13 @@ class Damaged(Exception):
         self.unit, self.what, self.missing = unit, what, missing
 
 
+def _without_ellipsis(cols: tuple, ndim: int) -> tuple:
+    """The column part of a selection without its Ellipsis, when that stands for no axis or the remaining ones (a
+    2-D array's ``a[rows, ...]``, ``a[rows, ..., 3]``); as given otherwise."""
+    plain = tuple(c for c in cols if c is not Ellipsis)
+    return plain if len(cols) - len(plain) <= 1 and len(plain) <= ndim - 1 else cols
+
+
 def check_index(raw: bytes, size: int, g: Geometry) -> list[int | None]:
     """The chunk offsets of a shard from its index (``raw``: the index bytes with their crc32c), every entry
     checked: each chunk whole (``chunk bytes`` long), in chunk order, back to back from byte 0, the index right
@@ -401,8 +408,7 @@ class FastReader:
     def selection(self, key: Any) -> tuple[int, int, Any]:
         """(first row, stop row, column index or None) of a row-slice selection; Fallback for anything else."""
         rows, cols = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
-        if cols and cols[-1] is Ellipsis:  # a[rows, ...] is a[rows]
-            cols = cols[:-1]
+        cols = _without_ellipsis(cols, len(self.shape))
         if rows is Ellipsis and not cols:
             rows = slice(None)
         if not isinstance(rows, slice) or rows.step not in (None, 1) or len(cols) > len(self.shape) - 1:
@@ -433,8 +439,9 @@ class FastReader:
             rows = np.arange(*rows.indices(self.shape[0]))
             key = (rows, *key[1:]) if isinstance(key, tuple) else rows
             if out is not None:
-                out[...] = self._gather(key)
+                out[...] = self._gather(key, grid=True)
                 return out
+            return self._gather(key, grid=True)
         if isinstance(rows, (int, np.integer)) or (not isinstance(rows, slice) and rows is not Ellipsis):
             if out is not None:
                 raise Fallback
@@ -491,12 +498,13 @@ class FastReader:
                 os.close(fd)
         return info.st_size
 
-    def _gather(self, key: Any) -> np.ndarray:
-        """Rows chosen by index (an int, ints, a mask): each chunk holding some is read once, checked."""
+    def _gather(self, key: Any, grid: bool = False) -> np.ndarray:
+        """Rows chosen by index (an int, ints, a mask): each chunk holding some is read once, checked. ``grid``:
+        the rows came from a slice, so a list of columns makes a grid with them (numpy's rule for a slice and an
+        index), read a chunk at a time like the rest."""
         rows, cols = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
-        if cols and cols[-1] is Ellipsis:  # a[rows, ...] is a[rows]
-            cols = cols[:-1]
-        if any(not isinstance(c, (slice, int, np.integer)) for c in cols):
+        cols = _without_ellipsis(cols, len(self.shape))
+        if not grid and any(not isinstance(c, (slice, int, np.integer)) for c in cols):
             raise Fallback  # an index on both axes picks points (numpy's rule): the caller selects whole rows
         scalar = isinstance(rows, (int, np.integer))
         idx = np.asarray([rows] if scalar else rows)
