@@ -383,8 +383,8 @@ def raw_values(spec: Request) -> Iterator[object]:
         yield from (src.to_dict("records") if column is None else src[column].tolist())
     elif kind == "series":
         yield from src.tolist()
-    elif isinstance(src, list):
-        yield from src
+    elif isinstance(src, list):  # texts, token-id lists, or records (their text column, as JSON Lines' are)
+        yield from (v.get(column, v) if column is not None and isinstance(v, dict) else v for v in src)
     elif src == "sample":
         yield from sample_texts()
     else:

@@ -211,3 +211,17 @@ def test_text_whose_tokenizer_outgrew_the_model_says_so(gpt2_dir, tmp_path):
     tokenizer.save_pretrained(model)
     with pytest.raises(ms.InputError, match=rf"row 0 has token id {vocab}, .*tokens the model's embedding lacks"):
         data.tokenize(Request.build(model=str(model), dataset=["a <newtok> b"], **ARGS), tokenizer, vocab)
+
+
+def test_a_list_of_records_reads_its_text_column_as_json_lines_do(gpt2_dir, tmp_path):
+    """[{"text": ...}, ...] in Python is the rows of a JSON Lines file: its text column read (it was refused as
+    'without the text column'); a record without it is skipped and counted, as from a file."""
+    texts = ["The first record.", "A second, longer record of text.", "Third."]
+    records = [{"text": t, "id": i} for i, t in enumerate(texts)] + [{"body": "no text here"}]
+    plain = ms.extract(gpt2_dir, texts, workspace=str(tmp_path / "a"), progress=False, **ARGS)
+    ext = ms.extract(gpt2_dir, records, workspace=str(tmp_path / "b"), progress=False, **ARGS)
+    np.testing.assert_array_equal(ext.store.input_ids(), plain.store.input_ids())
+    assert ext.record.dataset.report.skipped == {"missing": 1}
+    body = ms.extract(gpt2_dir, [{"body": t} for t in texts], text_column="body", workspace=str(tmp_path / "c"),
+                      progress=False, **ARGS)
+    np.testing.assert_array_equal(body.store.input_ids(), plain.store.input_ids())
