@@ -9,6 +9,7 @@ from typing import Any
 from .errors import ExtractionFailed, InputError, JobCancelled, StoreCorrupted, render
 from .extraction import Extraction
 from .jobs import Job
+from .listing import nearest_existing
 from .progress import TqdmListener
 from .request import with_request_keywords
 from .workspace import Workspace
@@ -30,7 +31,7 @@ def extract(model: Any = None, dataset: Any = None, layers: Any = None, hooks: A
     """
     ws = Workspace(workspace, storage_options=storage_options)
     made = os.path.join(ws.root, "extractions")
-    existing = None if ws.remote else _existing_parent(made)  # what a refusal must not remove
+    existing = None if ws.remote else str(nearest_existing(made))  # what a refusal must not remove
     if hooks is not None:
         options["hooks"] = hooks
     job = ws.submit(model, dataset, layers, preset=preset, cluster=cluster, **options)
@@ -54,13 +55,6 @@ def extract(model: Any = None, dataset: Any = None, layers: Any = None, hooks: A
             ws.remove_if_empty(keep=existing)          # the workspace folders this call made
         raise InputError(error.get("error_template") or error["error_message"], param=error.get("param"))
     raise ExtractionFailed(job.id, error)
-
-
-def _existing_parent(path: str) -> str:
-    """``path`` itself if it exists, else its nearest existing parent."""
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
 
 
 def wait_or_cancel(job: Job, ws: Workspace) -> Job:

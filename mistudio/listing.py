@@ -37,6 +37,14 @@ def default_workspace() -> str:
     return os.environ.get("MISTUDIO_WORKSPACE", DEFAULT_WORKSPACE)
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent (a folder that will be made goes there)."""
+    path = Path(path)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def new_id() -> str:
     """Sortable, unique: ``ext_20261129_031502_1a2b3c``."""
     return f"ext_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"

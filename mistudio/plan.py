@@ -25,7 +25,7 @@ from .engine import Latents, forward_batches
 from .extraction import dropped_latents
 from .fingerprints import check_same_model, fingerprint
 from .errors import InputError, counted, human_bytes, render, retry_words
-from .listing import Folder, default_workspace
+from .listing import Folder, default_workspace, nearest_existing
 from .models import (check_placement, describe_model, load_config, load_model, load_tokenizer, max_positions_of,
                      n_layers_of, resolve_device, resolve_dtype)
 from .presets import Presets
@@ -277,10 +277,7 @@ def _local_folder(workspace: str | os.PathLike | None) -> Path | None:
     root = str(workspace if workspace is not None else default_workspace())
     if "://" in root and not root.startswith("file://"):
         return None
-    path = Path(root.removeprefix("file://")).expanduser().resolve()
-    while not path.exists():
-        path = path.parent
-    return path
+    return nearest_existing(Path(root.removeprefix("file://")).expanduser().resolve())
 
 
 def _free_disk(workspace: str | os.PathLike | None) -> int | None:
