@@ -27,7 +27,7 @@ import zarr
 
 from ..errors import InputError
 from .featstats import CSR, FeatureStatsAccumulator
-from .layout import array_codecs
+from .layout import array_codecs, whole_blocks
 from .reads import CheckedArray
 from .store import open_group
 
@@ -236,9 +236,8 @@ def snapshot_bytes(d: int, block: int = 1) -> int:
     blocks (the metadata also consolidated in the store's zarr.json); on a disk, each folder a block (an array's,
     its ``c/``, a 2-D array's chunk rows' ``c/<i>/``)."""
     arrays, metadata = _snapshot_shapes()
-    rounded = lambda n: -(-n // block) * block  # noqa: E731
     folder = block if block > 1 else 0
-    total = sum(rounded(n) for n in metadata.values()) + 3 * folder  # the key's group, the snapshot's, statistics/
+    total = sum(whole_blocks(n, block) for n in metadata.values()) + 3 * folder  # the key's group, the snapshot's, statistics/
     total += sum(metadata.values())  # and again in the store's zarr.json (consolidated): bytes of a file counted there
     for one, two, itemsize in arrays.values():
         shape = (one[0] + (two[0] - one[0]) * (d - 1),) + one[1:]
@@ -246,7 +245,7 @@ def snapshot_bytes(d: int, block: int = 1) -> int:
         per_column = int(np.prod([-(-n // c) for n, c in zip(shape[1:], chunks[1:])], dtype=np.int64))
         rows = max(1, -(-shape[0] // chunks[0]))  # ranges: empty until the first block, then a row or a few
         chunk = itemsize * int(np.prod(chunks, dtype=np.int64)) + 4
-        total += rows * per_column * rounded(chunk) + 2 * folder + (rows * folder if len(shape) > 1 else 0)
+        total += rows * per_column * whole_blocks(chunk, block) + 2 * folder + (rows * folder if len(shape) > 1 else 0)
     return total
 
 
