@@ -216,9 +216,8 @@ class FeatureStatistics:
             return float(min(edges[-1], top))
         low, high = (0.0 if i == 0 else float(edges[i - 1])), float(edges[i])
         high = max(min(high, top), low)  # no value of the bin lies above the maximum
-        floor = self.firing_floor(f)
-        if i == filled[0] and floor is not None:  # nor, as far as the samples tell, below the smallest firing value
-            low = min(max(low, floor), high)
+        if i == filled[0] and (floor := self.firing_floor(f)) is not None:  # nor, as far as the samples tell,
+            low = min(max(low, floor), high)                                # below the smallest firing value
         if frac >= 1 or high == low:
             return float(high)
         value = low + frac * (high - low) if i == 0 or low == 0 else low * (high / low) ** frac
