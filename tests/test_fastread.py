@@ -177,10 +177,14 @@ def test_every_selection_form_reads_as_numpy_on_the_whole_array(stores, name):
         got, want = a[key], full[key]
         assert got.shape == want.shape, (key, got.shape, want.shape)
         np.testing.assert_array_equal(got, want, err_msg=str(key))
-    for key in ([[0, n - 1], ...], [slice(None, None, 2), [5, 1, 5]], [slice(None, None, -1), ..., 3]):
+    from mistudio.storage.reads import CheckedArray
+
+    checked = CheckedArray(ext.store.activations(HP), ext.location, n)  # the view under ext's, Ellipsis as given
+    for view, key in ((a, [[0, n - 1], ...]), (a, [slice(None, None, 2), [5, 1, 5]]),
+                      (a, [slice(None, None, -1), ..., 3]), (checked, [..., 3])):
         tracemalloc.start()
         try:
-            a[tuple(key)]
+            view[tuple(key)]
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()

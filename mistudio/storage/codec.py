@@ -409,7 +409,7 @@ class FastReader:
         """(first row, stop row, column index or None) of a row-slice selection; Fallback for anything else."""
         rows, cols = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         cols = _without_ellipsis(cols, len(self.shape))
-        if rows is Ellipsis and not cols:
+        if rows is Ellipsis and len(cols) <= len(self.shape) - 1:  # a[..., c] is a[:, c]; a[...] is a[:]
             rows = slice(None)
         if not isinstance(rows, slice) or rows.step not in (None, 1) or len(cols) > len(self.shape) - 1:
             raise Fallback
